@@ -1,0 +1,1 @@
+"""Device kernels (Triton) with their pure-torch references. Imported as `mlmtrain.kernels`."""

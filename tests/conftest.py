@@ -1,0 +1,45 @@
+"""Shared fixtures. Everything is built from the bundled sample corpus, once per test session.
+
+Triton kernels run on the CPU through the interpreter when there is no GPU, which must be decided
+before triton is first imported: hence the environment variable here, at collection time."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SMALL_VOCAB = 2000  # small enough to train in ~1 s, big enough to hold every sample character
+
+
+@pytest.fixture(scope="session")
+def sample_corpus():
+    from mlmtrain.data import sample_corpus_path
+
+    return sample_corpus_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, sample_corpus):
+    """A WordPiece tokenizer trained on the sample corpus (vocab ~2000)."""
+    from mlmtrain.tokenizer import TokenizerSettings, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([sample_corpus], out, TokenizerSettings(vocab_size=SMALL_VOCAB))
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, sample_corpus, tokenizer_dir):
+    """Token shards of the sample corpus (train + 5% valid), max_seq_len 128."""
+    from mlmtrain.data import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "data"
+    prepare([sample_corpus], tokenizer_dir, out, valid_fraction=0.05, max_seq_len=128, seed=0)
+    return out
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
