@@ -2,7 +2,8 @@
 
 The repository keeps the folders the design card names (`trainer/`, `kernels/`), but both of those
 names are taken on PyPI (and transformers probes for a package called `kernels`), so they install
-under one import root of our own: `trainer/` -> `mlmtrain`, `kernels/` -> `mlmtrain.kernels`.
+under one import root of our own: `trainer/` -> `mlmtrain`, `kernels/` -> `mlmtrain.kernels`,
+`benchmarks/` -> `mlmtrain.benchmarks` (so `mlmtrain bench` works from an installed package).
 """
 from setuptools import setup
 
@@ -12,8 +13,8 @@ setup(
     description="Packed-sequence BERT MLM pretraining with a fused Triton masking kernel, "
     "exported as a transformers-compatible BertForMaskedLM.",
     python_requires=">=3.11",
-    packages=["mlmtrain", "mlmtrain.kernels"],
-    package_dir={"mlmtrain": "trainer", "mlmtrain.kernels": "kernels"},
+    packages=["mlmtrain", "mlmtrain.kernels", "mlmtrain.benchmarks"],
+    package_dir={"mlmtrain": "trainer", "mlmtrain.kernels": "kernels", "mlmtrain.benchmarks": "benchmarks"},
     package_data={"mlmtrain": ["assets/*", "configs/*.toml"]},
     install_requires=[
         "torch>=2.10",

@@ -1,0 +1,1 @@
+"""Benchmarks, importable as `mlmtrain.benchmarks` (each also runs as a script)."""

@@ -1,0 +1,96 @@
+"""Measurement method shared by every benchmark: warm-up, device-event timing, medians over repeats,
+fresh random inputs per repeat, and the spread (min/median/max) reported with every figure.
+
+A result is a flat dict (one row of results.json) made by `record(...)`; the environment (versions,
+device name, date) is attached once per report by `environment()`."""
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict:
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__}
+    for name in ("triton", "transformers", "tokenizers", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # not installed: say so rather than guess
+            versions[name] = None
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "versions": versions,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(
+    fn: Callable[[], object],
+    device: torch.device,
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    setup: Callable[[], object] | None = None,
+) -> dict:
+    """Time `fn()` (or `fn(setup())` when `setup` is given, so each repeat gets fresh inputs made outside
+    the timed region). Returns seconds as {"min", "median", "max", "repeats"}.
+
+    On CUDA each repeat is bracketed by device events (no host clock in the timed region); on CPU by
+    `time.perf_counter`. Warm-up runs are not recorded (compilation, autotuning, allocator growth)."""
+    times = []
+    for i in range(warmup + repeats):
+        arg = setup() if setup is not None else None
+        run = (lambda: fn(arg)) if setup is not None else fn
+        _sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()  # host waits for the device: the one sync per repeat
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            run()
+            seconds = time.perf_counter() - t0
+        if i >= warmup:
+            times.append(seconds)
+    return {
+        "min": min(times),
+        "median": statistics.median(times),
+        "max": max(times),
+        "repeats": repeats,
+    }
+
+
+def record(benchmark: str, name: str, seconds: dict, *, work: dict | None = None, **fields) -> dict:
+    """One result row. `work` maps a unit to the amount done per call (e.g. {"tokens": 65536,
+    "bytes": 1.2e6, "flops": 3e12}); rates per second are derived from the median and the spread from
+    min/max, so the row states its own arithmetic."""
+    row = {"benchmark": benchmark, "name": name, "seconds": seconds, **fields}
+    for unit, amount in (work or {}).items():
+        row[unit] = amount
+        row[f"{unit}_per_s"] = {
+            "median": amount / seconds["median"],
+            "min": amount / seconds["max"],
+            "max": amount / seconds["min"],
+        }
+    return row
