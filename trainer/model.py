@@ -1,0 +1,456 @@
+"""BERT encoder + masked-only MLM head, read top to bottom.
+
+Post-LayerNorm like BERT, exact GELU, learned absolute positions, token types (all 0: MLM only, no NSP),
+decoder tied to the word embeddings. Every module and parameter carries the Hugging Face name
+(`bert.encoder.layer.{i}.attention.self.query`, `cls.predictions.bias`, ...) so a state dict moves to and
+from `transformers.BertForMaskedLM` with no key mapping.
+
+Two entry points:
+- packed (the training path): flat [T] tokens of whole sentences, `cu_seqlens` marking sentence starts,
+  position ids restarting at 0 per sentence; attention never crosses a sentence boundary. Logits are
+  computed only at `masked_positions` (a fixed-size gathered index), so the C x V projection runs on ~15%
+  of tokens and every shape is static for torch.compile.
+- padded (`forward_padded`): [B, L] ids + attention mask -> [B, L, V], as transformers does it.
+
+Attention in the packed path (chosen once per forward, from device and dtype; `attn_impl` overrides):
+- "varlen": `torch.nn.attention.varlen.varlen_attn` (flash, CUDA, fp16/bf16 only). Its dropout is fixed
+  at 0, so attention-probability dropout is NOT applied on this path (hidden dropout still is).
+- "sdpa": the reference. Gather tokens into a padded [S, L] layout, SDPA with a key-padding mask,
+  gather back. Same math; runs anywhere. Tests compare the two.
+
+Under bf16 autocast the logits come back in bf16 (the decoder matmul runs in bf16); `mlm_loss_sum`
+upcasts to fp32 before the softmax, so the loss is always computed in fp32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mlmtrain.errors import UserError
+
+
+# ----------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class BertConfig:
+    """The BertConfig fields our model uses, with Hugging Face's names and defaults."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise UserError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}: pick a head count that divides it."
+            )
+        if self.vocab_size < 1 or self.max_position_embeddings < 1:
+            raise UserError(
+                f"vocab_size ({self.vocab_size}) and max_position_embeddings ({self.max_position_embeddings}) "
+                "must both be positive."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_size(cls, name: str, vocab_size: int, **overrides) -> "BertConfig":
+        if name not in MODEL_SIZES:
+            raise UserError(f"unknown model size {name!r}: choose one of {', '.join(MODEL_SIZES)}.")
+        return cls(vocab_size=vocab_size, **{**MODEL_SIZES[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        """From a checkpoint's `config.json["model"]` or a transformers config dict: extra keys ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_hf_dict(self) -> dict:
+        """A complete transformers `config.json` for `BertForMaskedLM` (absolute positions, exact GELU)."""
+        return {
+            "architectures": ["BertForMaskedLM"],
+            "model_type": "bert",
+            **dataclasses.asdict(self),
+            "hidden_act": "gelu",
+            "position_embedding_type": "absolute",
+            "tie_word_embeddings": True,
+            "is_decoder": False,
+            "add_cross_attention": False,
+            "classifier_dropout": None,
+            "use_cache": True,
+        }
+
+
+# Named sizes: tiny/mini/small are Google's BERT miniatures (Turc et al. 2019), base/large are BERT's.
+MODEL_SIZES = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+    "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "small": dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
+}
+
+# Tied parameters as transformers declares them (`_tied_weights_keys`): alias -> the tensor it IS.
+# Saved files hold only the right-hand names, as transformers itself writes them.
+TIED_KEYS = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+# Buffers some transformers versions put in state dicts; we derive them, so they are dropped on load.
+HF_BUFFER_KEYS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# attention: three ways to run softmax(QK^T/sqrt(D))V with the same math
+
+
+def padded_attention(q, k, v, key_mask, dropout_p: float):
+    """q, k, v (B, L, H, D); key_mask (B, L) bool, True = real key. Returns (B, L, H, D)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=dropout_p)
+    return out.transpose(1, 2)  # (B, L, H, D)
+
+
+def packed_sdpa_attention(q, k, v, gather_index, key_mask, scatter_index, dropout_p: float):
+    """Reference packed attention. q, k, v (T, H, D) -> gather to (S, L, H, D) -> SDPA -> back to (T, H, D).
+    Indices come from `packed_layout` (computed once per forward, shared by every layer)."""
+    S, L = gather_index.shape
+    q, k, v = (t[gather_index] for t in (q, k, v))  # (S, L, H, D)
+    out = padded_attention(q, k, v, key_mask, dropout_p)  # (S, L, H, D)
+    return out.flatten(0, 1)[scatter_index]  # (S*L, H, D) -> (T, H, D)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int):
+    """Flash varlen attention on (T, H, D). Called with the positional arguments common to torch 2.10-2.13
+    (q, k, v, cu_seq_q, cu_seq_k, max_q, max_k); the default is non-causal with scale 1/sqrt(D)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)  # (T, H, D)
+
+
+def packed_layout(cu_seqlens, max_seqlen: int, num_tokens: int):
+    """Index tensors that move packed tokens into a padded (S, L) grid and back; all shapes static.
+
+    Empty segments (repeated cu_seqlens values) get one unmasked dummy key so softmax never sees an all-masked
+    row (which would be NaN and, through backward, poison the gradients); their outputs are never read.
+    Tokens past cu_seqlens[-1] (not allowed; see preflight.check_batch) are clamped rather than crash."""
+    S, L, T = cu_seqlens.numel() - 1, max_seqlen, num_tokens
+    starts = cu_seqlens[:-1].long()  # (S,)
+    lengths = cu_seqlens[1:].long() - starts  # (S,)
+    slot = torch.arange(L, device=cu_seqlens.device)  # (L,)
+    gather_index = (starts[:, None] + slot[None, :]).clamp(max=T - 1)  # (S, L)
+    key_mask = (slot[None, :] < lengths[:, None]) | (slot[None, :] == 0)  # (S, L)
+    token = torch.arange(T, device=cu_seqlens.device)  # (T,)
+    segment = (torch.searchsorted(cu_seqlens, token.to(cu_seqlens.dtype), right=True) - 1).clamp(0, S - 1)  # (T,)
+    offset = (token - starts[segment]).clamp(0, L - 1)  # (T,)
+    scatter_index = segment * L + offset  # (T,) row in the flattened (S*L) grid
+    return gather_index, key_mask, scatter_index
+
+
+# ----------------------------------------------------------------------------------------------------------
+# modules (names are transformers')
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, position_ids):  # (..., ) -> (..., C)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        x = x + self.token_type_embeddings.weight[0]  # every token is type 0 (no NSP): no gather needed
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    # One (C, 3C) matmul instead of three (C, C) ones; the weights are concatenated at forward time so the
+    # parameters keep transformers' query/key/value names. See docs/BENCHMARKS.md for the measured effect.
+    fused_qkv = True
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        C = config.hidden_size
+        self.query, self.key, self.value = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.attention_dropout = config.attention_probs_dropout_prob  # a float: SDPA applies it
+
+    def forward(self, x, attend):  # x (..., C); attend(q, k, v, dropout_p) on (..., H, D)
+        shape = (self.num_heads, self.head_dim)
+        if self.fused_qkv:
+            w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3C, C)
+            b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3C,)
+            q, k, v = F.linear(x, w, b).unflatten(-1, (3, *shape)).unbind(-3)  # 3 x (..., H, D)
+        else:
+            q, k, v = (lin(x).unflatten(-1, shape) for lin in (self.query, self.key, self.value))  # (..., H, D)
+        out = attend(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)  # (..., H, D)
+        return out.flatten(-2)  # (..., C)
+
+
+class BertSelfOutput(nn.Module):  # attention.output
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)  # post-LN
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x, attend):
+        return self.output(self.self(x, attend), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x):  # (..., C) -> (..., I)
+        return F.gelu(self.dense(x))
+
+
+class BertOutput(nn.Module):  # the MLP's down projection
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):  # (..., I), (..., C) -> (..., C)
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x, attend):
+        x = self.attention(x, attend)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, x, attend):
+        for layer in self.layer:
+            x = layer(x, attend)
+        return x
+
+
+class BertModel(nn.Module):  # `bert.` (no pooler: BertForMaskedLM has none)
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+
+    def forward(self, input_ids, position_ids, attend):
+        return self.encoder(self.embeddings(input_ids, position_ids), attend)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):  # `cls.predictions`
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)  # weight tied by BertForMaskedLM
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias  # one tensor, two names, as transformers
+
+    def forward(self, x):  # (..., C) -> (..., V)
+        return self.decoder(self.transform(x))
+
+
+class BertOnlyMLMHead(nn.Module):  # `cls`
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, x):
+        return self.predictions(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the model
+
+
+class BertForMaskedLM(nn.Module):
+    def __init__(self, config: BertConfig, attn_impl: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.attn_impl = attn_impl  # "auto" | "varlen" | "sdpa"; read at each forward
+        self.bert = BertModel(config)
+        self.cls = BertOnlyMLMHead(config)
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        """BERT's: Linear/Embedding weights ~ N(0, 0.02), biases 0, LayerNorm 1/0, the [PAD] row 0."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BertLMPredictionHead):
+            nn.init.zeros_(module.bias)
+
+    def _choose_attn(self, device: torch.device, dtype: torch.dtype) -> str:
+        if self.attn_impl == "auto":
+            flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            return "varlen" if flash_ok else "sdpa"
+        if self.attn_impl == "varlen" and device.type != "cuda":
+            raise ValueError("attn_impl='varlen' needs a CUDA device; use 'sdpa' (or 'auto') on CPU")
+        if self.attn_impl not in ("varlen", "sdpa"):
+            raise ValueError(f"attn_impl must be 'auto', 'varlen' or 'sdpa', not {self.attn_impl!r}")
+        return self.attn_impl
+
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions):
+        """Packed MLM forward.
+
+        input_ids, position_ids: (T,) int64; cu_seqlens: (S+1,) int32, starting at 0 and ending at T, may end in
+        repeated values (empty segments) so S stays fixed; max_seqlen: python int >= the longest segment;
+        masked_positions: (M,) int64 in [0, T) (padded slots may point at any valid token; their labels are
+        -100). Returns logits (M, V) at the masked positions only: fp32, or bf16 under bf16 autocast."""
+        T = input_ids.shape[0]
+        # Linear outputs take the autocast dtype when autocast is on; the flash path needs fp16/bf16.
+        compute_dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(
+            input_ids.device.type) else self.bert.embeddings.word_embeddings.weight.dtype
+        if self._choose_attn(input_ids.device, compute_dtype) == "varlen":
+            def attend(q, k, v, dropout_p):
+                return varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # dropout_p: not supported by varlen_attn
+        else:
+            gather_index, key_mask, scatter_index = packed_layout(cu_seqlens, max_seqlen, T)
+            attend = functools.partial(packed_sdpa_attention, gather_index=gather_index, key_mask=key_mask,
+                                       scatter_index=scatter_index)
+        hidden = self.bert(input_ids, position_ids, attend)  # (T, C)
+        hidden = hidden.index_select(0, masked_positions)  # (M, C)
+        return self.cls(hidden)  # (M, V)
+
+    def forward_padded(self, input_ids, attention_mask):
+        """(B, L) ids + (B, L) mask (1 = real token) -> logits (B, L, V), as transformers' BertForMaskedLM with
+        right padding (positions 0..L-1 in every row)."""
+        B, L = input_ids.shape
+        position_ids = torch.arange(L, device=input_ids.device).expand(B, L)  # (B, L)
+        key_mask = attention_mask.bool()  # (B, L)
+        attend = functools.partial(padded_attention, key_mask=key_mask)
+        hidden = self.bert(input_ids, position_ids, attend)  # (B, L, C)
+        return self.cls(hidden)  # (B, L, V)
+
+    # ---- state dicts in transformers' layout
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """What transformers writes to model.safetensors: tied aliases stored once, contiguous, detached."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in TIED_KEYS}
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load a transformers-layout state dict (with or without the tied aliases and position buffers).
+        Raises UserError naming the first mismatched keys or shapes, so a wrong checkpoint is a sentence."""
+        sd = {k: v for k, v in state_dict.items() if k not in HF_BUFFER_KEYS}
+        for alias, source in TIED_KEYS.items():
+            if alias not in sd and source in sd:
+                sd[alias] = sd[source]
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        if missing or unexpected:
+            raise UserError(
+                f"the weights do not match a BertForMaskedLM: {len(missing)} missing keys {missing[:3]} and "
+                f"{len(unexpected)} unexpected keys {unexpected[:3]}; pass a checkpoint written by mlmtrain "
+                "or a transformers BertForMaskedLM."
+            )
+        for k, v in sd.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise UserError(
+                    f"weight {k} has shape {tuple(v.shape)} but the config gives {tuple(expected[k].shape)}: "
+                    "the config.json does not belong to these weights (check vocab_size and the model size)."
+                )
+        self.load_state_dict(sd, strict=True)
+
+
+def mlm_loss_sum(logits, masked_labels):
+    """(M, V) logits, (M,) labels with -100 in padded/unused slots -> (summed CE in fp32, number of targets).
+
+    Both are 0-dim tensors (no host sync). Callers divide: with gradient accumulation, by the target count
+    over all micro-batches, so every masked token weighs the same."""
+    loss_sum = F.cross_entropy(logits.float(), masked_labels, ignore_index=-100, reduction="sum")
+    return loss_sum, (masked_labels != -100).sum()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# FLOPs (for MFU)
+
+
+def model_flops_per_token(config: BertConfig, seq_len_stats, head_fraction: float = 1.0) -> float:
+    """Training FLOPs (forward + backward) per real token, counting matmuls only.
+
+    6 x matmul parameters (encoder: 4C^2 + 2CI per layer) + 6 x head_fraction x head parameters (C^2 + CV),
+    plus attention 12 x layers x C x S (QK^T and AV, fwd+bwd, bidirectional so not halved), where S is the
+    context length a token attends over. `seq_len_stats` is either that mean context length (a number) or the
+    segment lengths themselves (then S = sum(len^2) / sum(len), the token-weighted mean). `head_fraction` is
+    the share of tokens the vocab head runs on: 1.0 for a full head (transformers), the masked fraction (about
+    0.15) for our masked-only head."""
+    C, I, V, nl = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    if isinstance(seq_len_stats, (int, float)):
+        context = float(seq_len_stats)
+    else:
+        lengths = torch.as_tensor(seq_len_stats, dtype=torch.float64)
+        context = float((lengths * lengths).sum() / lengths.sum().clamp(min=1))
+    encoder_params = nl * (4 * C * C + 2 * C * I)
+    head_params = C * C + C * V
+    return 6 * encoder_params + 6 * head_fraction * head_params + 12 * nl * C * context
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Unique parameters (the tied decoder counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
