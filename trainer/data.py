@@ -1,0 +1,499 @@
+"""`mlmtrain prepare`: text files -> memory-mapped token shards (the layout is in docs/ARCHITECTURE.md).
+
+The pipeline, and why it looks like this:
+- Read bytes in ~1 MiB blocks and decode a whole block at once; only a block that fails (invalid UTF-8,
+  NUL bytes) is redone line by line. Clean input never pays a per-line Python cost to be checked.
+- A background thread reads and decodes the next block while `encode_batch_fast` (Rust, all cores, GIL
+  released) tokenizes this one, so the tokenizer is the bottleneck, not our code. Threads, not processes:
+  `tokenizers` disables its own parallelism in a process forked after it was used, so we never fork.
+- Tokens go straight to disk (an .npy whose header is rewritten with the real length at the end); memory
+  holds one block and one split unit, whatever the corpus size.
+- Everything is written into a hidden temporary folder that is renamed into place at the end: a folder
+  with meta.json is always complete.
+
+The train/valid split is by *unit*: a document, cut into pieces of at most SPLIT_UNIT_SENTENCES sentences
+(so a corpus without blank lines, i.e. one huge document, still splits). One uniform draw per unit from
+`np.random.default_rng(seed)`, in corpus order: the same input and seed give the same split, whatever the
+block size. Units of one document that land in the same split next to each other stay one document.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import json
+import os
+import queue
+import shutil
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlmtrain.errors import UserError
+from mlmtrain.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid")
+SPLIT_UNIT_SENTENCES = 64  # a split unit is at most this many consecutive sentences of one document
+READ_BLOCK_BYTES = 1 << 20  # bytes decoded (and tokenized) per batch
+MAX_LINE_BYTES = 64 << 20  # a "line" longer than this is not one-sentence-per-line text
+LINE_PROBLEMS = {  # stats key -> (skipped or repaired, what)
+    "invalid_utf8": ("skipped", "invalid UTF-8"),
+    "nul_bytes": ("skipped", "NUL bytes"),
+    "crlf": ("repaired", "CR (Windows/old Mac) line endings"),
+    "bom": ("repaired", "a UTF-8 byte-order mark"),
+}
+
+
+def sample_corpus_path() -> Path:
+    """The bundled sample corpus (Korean + English, public domain; see assets/SOURCES.md)."""
+    return Path(__file__).resolve().parent / "assets" / "sample_corpus.txt"
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def check_inputs(inputs) -> list[Path]:
+    """Every input must be an existing, non-empty regular file: say which one is not, and why."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    paths = [Path(p) for p in inputs]
+    if not paths:
+        raise UserError("no input files given (--input FILE [FILE ...]).")
+    for path in paths:
+        if not path.exists():
+            raise UserError(f"input file {path} does not exist.")
+        if path.is_dir():
+            raise UserError(f"input {path} is a directory; pass the text files inside it (e.g. {path}/*.txt).")
+        if not path.is_file():
+            raise UserError(f"input {path} is not a regular file.")
+        if path.stat().st_size == 0:
+            raise UserError(f"input file {path} is empty.")
+    return paths
+
+
+def _decode_block(block: bytes, stats: dict) -> list[str]:
+    """Bytes ending at a line break -> lines. Fast path: one decode for the whole block."""
+    if b"\r" in block:
+        stats["crlf"] += block.count(b"\r")
+        block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if b"\0" not in block:
+        try:
+            return block.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            pass
+    lines = []  # slow path: find the bad lines, skip them, keep the rest
+    for raw in block.split(b"\n"):
+        if b"\0" in raw:
+            stats["nul_bytes"] += 1
+            continue
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            stats["invalid_utf8"] += 1
+    return lines
+
+
+def _open_binary(path: Path):
+    """(stream of decompressed bytes, raw file for progress). `.gz` is decompressed on the fly."""
+    raw = open(path, "rb")
+    if path.suffix == ".gz":
+        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
+    return raw, raw
+
+
+def iter_line_batches(paths: list[Path], stats: dict, block_bytes: int = READ_BLOCK_BYTES):
+    """Yield (lines, raw_bytes_read) per block. A blank or whitespace-only line is returned as "" (a
+    document break); each file ends with one. Per-line problems are counted in `stats`."""
+    for key in LINE_PROBLEMS:
+        stats.setdefault(key, 0)
+    stats.setdefault("input_lines", 0)
+    for path in paths:
+        stream, raw = _open_binary(path)
+        carry, first, text_lines, pos = b"", True, 0, 0
+        with stream, raw:
+            while True:
+                try:
+                    chunk = stream.read(block_bytes)
+                except (OSError, EOFError, gzip.BadGzipFile) as e:
+                    raise UserError(f"cannot read {path}: {e} (is it really a gzip file?)") from None
+                if first and chunk.startswith(b"\xef\xbb\xbf"):
+                    chunk, stats["bom"] = chunk[3:], stats["bom"] + 1
+                first = False
+                block = carry + chunk
+                cut = block.rfind(b"\n") + 1 if chunk else len(block)
+                block, carry = block[:cut], block[cut:]
+                if len(carry) > MAX_LINE_BYTES:
+                    raise UserError(f"{path} has a line longer than {MAX_LINE_BYTES >> 20} MiB; expected one sentence per line.")
+                if block:
+                    lines = _decode_block(block, stats)
+                    if lines and lines[-1] == "" and block.endswith(b"\n"):
+                        lines.pop()  # the split after the final "\n" is not a line
+                    stats["input_lines"] += len(lines)
+                    lines = ["" if line.isspace() else line for line in lines]
+                    text_lines += sum(1 for line in lines if line)
+                    now = raw.tell()
+                    yield lines, now - pos
+                    pos = now
+                if not chunk:
+                    break
+        if text_lines == 0:
+            bad = stats["invalid_utf8"] + stats["nul_bytes"]
+            why = f" ({bad} unreadable lines so far were skipped)" if bad else ""
+            raise UserError(f"input file {path} contains no text lines{why}; expected UTF-8, one sentence per line.")
+        yield [""], 0  # a file boundary is a document boundary
+
+
+def _prefetch(iterable, depth: int = 4):
+    """Run `iterable` on a background thread, `depth` items ahead (exceptions are re-raised here)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True, name="mlmtrain-prepare-reader")
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+class _NpyWriter:
+    """A 1-D .npy written incrementally: fixed-size header first, rewritten with the real length on close."""
+
+    HEADER_BYTES = 128
+
+    def __init__(self, path: Path, dtype):
+        self.path, self.dtype, self.count = path, np.dtype(dtype), 0
+        self.file = open(path, "wb")
+        self.file.write(b"\0" * self.HEADER_BYTES)
+
+    def write(self, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        self.file.write(array.tobytes())
+        self.count += array.size
+
+    def close(self) -> None:
+        header = f"{{'descr': '{self.dtype.str}', 'fortran_order': False, 'shape': ({self.count},), }}"
+        header = header.ljust(self.HEADER_BYTES - 10 - 1) + "\n"  # magic(6) + version(2) + length(2)
+        self.file.seek(0)
+        self.file.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1"))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+class _SplitWriter:
+    """tokens / offsets / doc_offsets of one split, plus its counts."""
+
+    def __init__(self, folder: Path, dtype):
+        folder.mkdir(parents=True)
+        self.tokens = _NpyWriter(folder / "tokens.npy", dtype)
+        self.offsets = _NpyWriter(folder / "offsets.npy", np.int64)
+        self.doc_offsets = _NpyWriter(folder / "doc_offsets.npy", np.int64)
+        self.offsets.write(np.zeros(1))
+        self.doc_offsets.write(np.zeros(1))
+        self.sentences = self.num_tokens = self.documents = 0
+        self.min_len, self.max_len, self.max_token_id = None, 0, -1
+        self.last_unit = (-1, -1)  # (document, unit index) of the last unit written
+
+    def add_unit(self, doc: int, index: int, pieces: list[list[int]]) -> None:
+        if self.last_unit != (doc, index - 1) and self.sentences > 0:  # a new document starts here
+            self.doc_offsets.write(np.array([self.sentences]))
+        self.documents += self.last_unit != (doc, index - 1)
+        self.last_unit = (doc, index)
+        lengths = np.fromiter(map(len, pieces), np.int64, count=len(pieces))
+        tokens = np.fromiter(itertools.chain.from_iterable(pieces), self.tokens.dtype, count=int(lengths.sum()))
+        self.tokens.write(tokens)
+        self.offsets.write(self.num_tokens + np.cumsum(lengths))
+        self.sentences += len(pieces)
+        self.num_tokens += tokens.size
+        self.min_len = int(lengths.min()) if self.min_len is None else min(self.min_len, int(lengths.min()))
+        self.max_len = max(self.max_len, int(lengths.max()))
+        self.max_token_id = max(self.max_token_id, int(tokens.max()))
+
+    def close(self) -> dict:
+        if self.sentences > 0:
+            self.doc_offsets.write(np.array([self.sentences]))
+        for w in (self.tokens, self.offsets, self.doc_offsets):
+            w.close()
+        return {"sentences": self.sentences, "tokens": self.num_tokens, "documents": self.documents,
+                "max_sentence_len": self.max_len, "min_sentence_len": self.min_len or 0}
+
+
+def split_long(ids: list[int], max_len: int) -> list[list[int]]:
+    """Cut a sentence longer than max_len into the fewest consecutive pieces, of near-equal length (no
+    3-token stub after a full piece)."""
+    n = len(ids)
+    if n <= max_len:
+        return [ids]
+    pieces = -(-n // max_len)
+    bounds = [n * k // pieces for k in range(pieces + 1)]
+    return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise UserError(f"--out {out_dir} is a file, not a folder.")
+        holds_shards = any((out_dir / n).exists() for n in ("meta.json", *SPLITS))
+        if holds_shards and not overwrite:
+            raise UserError(f"{out_dir} already holds token shards; choose another --out or pass --overwrite.")
+        if not holds_shards and any(out_dir.iterdir()):
+            raise UserError(f"--out {out_dir} is not empty and does not hold shards; choose an empty or new folder.")
+
+
+def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished temporary folder into place (the old shards, if replaced, go only after)."""
+    _check_out_dir(out_dir, overwrite)
+    old = None
+    if out_dir.exists() and any(out_dir.iterdir()):
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    elif out_dir.exists():
+        out_dir.rmdir()
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ prepare
+
+
+def prepare(inputs, tokenizer_dir, out_dir, valid_fraction: float = 0.01, max_seq_len: int = 128, seed: int = 0,
+            *, overwrite: bool = False, progress: bool = True, block_bytes: int = READ_BLOCK_BYTES) -> dict:
+    """Tokenize `inputs` into train/valid token shards in `out_dir`; returns meta.json's content."""
+    if not 0.0 <= valid_fraction < 1.0:
+        raise UserError(f"--valid-fraction must be in [0, 1), got {valid_fraction}.")
+    if max_seq_len < 3:
+        raise UserError(f"--max-seq-len must be at least 3 ([CLS] token [SEP]), got {max_seq_len}.")
+    paths = check_inputs(inputs)
+    tok = load_tokenizer(tokenizer_dir)
+    tok.no_truncation()
+    tok.no_padding()
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: faster (tokenizers >= 0.20)
+    vocab_size = tok.get_vocab_size()
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
+    max_piece = max_seq_len - 2
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    stats: dict = {"sentences_split": 0, "lines_empty_after_tokenizing": 0}
+    histogram = np.zeros(max_piece + 1, np.int64)  # histogram[n] = sentences of n tokens
+    rng = np.random.default_rng(seed)  # one draw per split unit, in corpus order
+    total_bytes = sum(p.stat().st_size for p in paths)
+    bar = _progress_bar(total_bytes, progress)
+    t0 = time.perf_counter()
+    try:
+        writers = {name: _SplitWriter(tmp / name, dtype) for name in SPLITS}
+        doc, unit_index, unit = 0, 0, []  # current document, index of the current unit, its pieces
+        held = None  # the last train unit, held back so that valid is never left empty when it should not be
+
+        def close_unit():
+            nonlocal unit, unit_index, held
+            if not unit:
+                return
+            item = (doc, unit_index, unit)
+            histogram[:] += np.bincount([len(p) for p in unit], minlength=max_piece + 1)
+            if rng.random() < valid_fraction:
+                writers["valid"].add_unit(*item)
+            else:
+                if held is not None:
+                    writers["train"].add_unit(*held)
+                held = item
+            unit, unit_index = [], unit_index + 1
+
+        for lines, nbytes in _prefetch(iter_line_batches(paths, stats, block_bytes)):
+            encodings = iter(encode([line for line in lines if line], add_special_tokens=False))
+            for line in lines:
+                if not line:  # document break
+                    close_unit()
+                    doc += 1
+                    continue
+                ids = next(encodings).ids
+                if not ids:  # e.g. only control characters
+                    stats["lines_empty_after_tokenizing"] += 1
+                    continue
+                if len(ids) > max_piece:
+                    stats["sentences_split"] += 1
+                for piece in split_long(ids, max_piece):
+                    unit.append(piece)
+                    if len(unit) == SPLIT_UNIT_SENTENCES:
+                        close_unit()
+            if bar is not None:
+                bar.update(nbytes)
+                bar.set_postfix_str(f"{stats['input_lines'] / (time.perf_counter() - t0):,.0f} lines/s", refresh=False)
+        close_unit()
+        if held is not None:
+            valid_starved = valid_fraction > 0 and writers["valid"].sentences == 0 and writers["train"].sentences > 0
+            writers["valid" if valid_starved else "train"].add_unit(*held)
+        split_meta = {name: w.close() for name, w in writers.items()}
+        if split_meta["train"]["sentences"] == 0:
+            raise UserError("no sentences left after tokenizing; check that the inputs are text in the tokenizer's language.")
+        seconds = time.perf_counter() - t0
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "vocab_size": vocab_size,
+            "dtype": np.dtype(dtype).name,
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
+            "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+            "max_seq_len": max_seq_len,
+            "max_token_id": max(w.max_token_id for w in writers.values()),
+            "seed": seed,
+            "valid_fraction": valid_fraction,
+            **split_meta,
+            "length_histogram": histogram.tolist(),
+            "lines_skipped": stats["invalid_utf8"] + stats["nul_bytes"],
+            "lines_repaired": stats["crlf"] + stats["bom"],
+            "line_problems": {k: stats[k] for k in LINE_PROBLEMS},
+            "input_lines": stats["input_lines"],
+            "sentences_split": stats["sentences_split"],
+            "lines_empty_after_tokenizing": stats["lines_empty_after_tokenizing"],
+            "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths],
+            "seconds": round(seconds, 3),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        _commit(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if progress:
+        _report(meta, out_dir, total_bytes)
+    return meta
+
+
+def _progress_bar(total_bytes: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, mininterval=0.5)
+
+
+def _report(meta: dict, out_dir: Path, total_bytes: int) -> None:
+    tr, va, s = meta["train"], meta["valid"], meta["seconds"]
+    print(f"wrote {out_dir}: train {tr['sentences']:,} sentences / {tr['tokens']:,} tokens, valid "
+          f"{va['sentences']:,} / {va['tokens']:,} ({meta['dtype']}, {total_bytes / 1e6 / s:.1f} MB/s, "
+          f"{meta['input_lines'] / s:,.0f} lines/s)", file=sys.stderr)
+    for key, (verb, what) in LINE_PROBLEMS.items():
+        if meta["line_problems"][key]:
+            print(f"note: {meta['line_problems'][key]} lines with {what} {verb}", file=sys.stderr)
+    if meta["sentences_split"]:
+        print(f"note: {meta['sentences_split']} sentences longer than {meta['max_seq_len'] - 2} tokens were split "
+              "into consecutive pieces", file=sys.stderr)
+    if meta["valid_fraction"] > 0 and va["sentences"] == 0:
+        print("note: the valid split is empty (the corpus has a single split unit)", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+@dataclass
+class TokenShard:
+    """One split, memory-mapped. Sentence i is tokens[offsets[i]:offsets[i+1]]; document j is sentences
+    doc_offsets[j]:doc_offsets[j+1]."""
+
+    tokens: np.ndarray  # (num_tokens,) uint16 | uint32
+    offsets: np.ndarray  # (num_sentences + 1,) int64
+    doc_offsets: np.ndarray  # (num_documents + 1,) int64
+
+    @property
+    def num_sentences(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    def sentence(self, i: int) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+
+def read_meta(data_dir) -> dict:
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{data_dir} holds no token shards (no meta.json); make them with `mlmtrain prepare`.")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{data_dir} has shard format {meta.get('format_version')}, this mlmtrain reads "
+                        f"{FORMAT_VERSION}; run `mlmtrain prepare` again.")
+    return meta
+
+
+def load_split(data_dir, split: str = "train") -> TokenShard:
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {SPLITS}, got {split!r}.")
+    read_meta(data_dir)
+    folder = Path(data_dir) / split
+    arrays = {}
+    for name in ("tokens", "offsets", "doc_offsets"):
+        file = folder / f"{name}.npy"
+        if not file.is_file():
+            raise UserError(f"{file} is missing; run `mlmtrain prepare` again.")
+        arrays[name] = np.load(file, mmap_mode="r") if file.stat().st_size > _NpyWriter.HEADER_BYTES else np.load(file)
+    return TokenShard(**arrays)
+
+
+def check_tokenizer_match(data_dir, tokenizer_dir) -> None:
+    """Refuse shards made with another tokenizer: their ids would mean different tokens."""
+    meta = read_meta(data_dir)
+    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer_dir):
+        raise UserError(f"the shards in {data_dir} were made with another tokenizer than {tokenizer_dir} "
+                        f"(made with {meta.get('tokenizer_dir')}); run `mlmtrain prepare` with this tokenizer.")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="UTF-8 text files, one sentence per line, a blank line between documents (.gz read transparently)")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder from `mlmtrain tokenizer`")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the shards into (created; must not hold shards)")
+    p.add_argument("--valid-fraction", type=float, default=0.01,
+                   help="fraction of split units (documents, cut every 64 sentences) held out for validation (default 0.01)")
+    p.add_argument("--max-seq-len", type=int, default=128,
+                   help="longest model input; sentences over max_seq_len - 2 tokens are split into pieces (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out (only once the new ones are complete)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
+
+
+def main(args) -> int:
+    prepare(args.input, args.tokenizer, args.out, valid_fraction=args.valid_fraction, max_seq_len=args.max_seq_len,
+            seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
+    return 0

@@ -1,0 +1,276 @@
+"""`mlmtrain tokenizer`: train a BERT WordPiece tokenizer with the `tokenizers` library and write a folder
+that `transformers.AutoTokenizer.from_pretrained(DIR)` loads (fast, and the slow/legacy BertTokenizer)
+and that tokenizes exactly like the trained `tokenizers.Tokenizer`.
+
+Defaults are the seed's `BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True,
+strip_accents=False, lowercase=False, wordpieces_prefix="##")`, `vocab_size=30000`, `limit_alphabet=1000`.
+Two Korean traps this file avoids:
+- `strip_accents` runs NFD and drops combining marks; NFD turns every Hangul syllable into conjoining
+  jamo (한 -> ᄒ ᅡ ᆫ), so the vocabulary and every id would be jamo. It is off unless asked for, and the
+  config writes it as an explicit bool (`null` would make BertTokenizer follow `do_lower_case`).
+- `limit_alphabet` keeps only the N most frequent characters; rarer ones become [UNK]. Korean easily has
+  more than 1000 distinct syllables, so training reports how many seen characters did not make it.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from mlmtrain.errors import UserError
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
+NUM_SPECIAL = 5
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+
+
+@dataclass
+class TokenizerSettings:
+    vocab_size: int = 30000
+    limit_alphabet: int = 1000  # keep the N most frequent characters; rarer ones become [UNK]
+    min_frequency: int = 2  # a merge must be seen this often to enter the vocabulary
+    lowercase: bool = False
+    strip_accents: bool = False  # NFD + drop marks: decomposes Hangul into jamo, keep off for Korean
+    clean_text: bool = True  # drop control characters, map whitespace to spaces
+    handle_chinese_chars: bool = True  # put spaces around CJK ideographs (hanja) so each is a word
+    wordpieces_prefix: str = "##"
+    model_max_length: int = 512  # written to tokenizer_config.json; the longest input the model takes
+
+    def validate(self) -> None:
+        if self.vocab_size <= NUM_SPECIAL:
+            raise UserError(f"--vocab-size must be larger than {NUM_SPECIAL} (the special tokens), got {self.vocab_size}.")
+        if self.limit_alphabet < 1:
+            raise UserError(f"--limit-alphabet must be at least 1, got {self.limit_alphabet}.")
+        if self.min_frequency < 1:
+            raise UserError(f"--min-frequency must be at least 1, got {self.min_frequency}.")
+        if not self.wordpieces_prefix or any(c.isspace() for c in self.wordpieces_prefix):
+            raise UserError(f"--wordpieces-prefix must be a non-empty string without spaces, got {self.wordpieces_prefix!r}.")
+        if self.model_max_length < 3:
+            raise UserError(f"--model-max-length must be at least 3 ([CLS] token [SEP]), got {self.model_max_length}.")
+
+
+def build_tokenizer(settings: TokenizerSettings, vocab: dict[str, int] | None = None) -> Tokenizer:
+    """The untrained pipeline, identical to what transformers' BertTokenizer builds from the config."""
+    tok = Tokenizer(models.WordPiece(vocab or {}, unk_token="[UNK]", continuing_subword_prefix=settings.wordpieces_prefix,
+                                     max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=settings.clean_text,
+        handle_chinese_chars=settings.handle_chinese_chars,
+        strip_accents=settings.strip_accents,  # explicit bool: None would mean "same as lowercase"
+        lowercase=settings.lowercase,
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix=settings.wordpieces_prefix)
+    return tok
+
+
+def _add_post_processor(tok: Tokenizer) -> None:
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)],
+    )
+
+
+def train_tokenizer(inputs, out_dir, settings: TokenizerSettings | None = None, *, overwrite: bool = False,
+                    progress: bool = True) -> int:
+    """Train on `inputs` (text files, `.gz` ok; read with the same robust reader as `prepare`) and write the
+    tokenizer folder. Returns the real vocabulary size, which every later step must use (it can be smaller
+    than requested when the corpus is small)."""
+    from mlmtrain.data import check_inputs, iter_line_batches  # data.py imports this module at top
+
+    settings = settings or TokenizerSettings()
+    settings.validate()
+    paths = check_inputs(inputs)
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, overwrite)
+
+    tok = build_tokenizer(settings)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=settings.vocab_size,
+        min_frequency=settings.min_frequency,
+        limit_alphabet=settings.limit_alphabet,
+        special_tokens=SPECIAL_TOKENS,  # in this order: ids 0..4
+        continuing_subword_prefix=settings.wordpieces_prefix,
+        show_progress=progress,
+    )
+    char_counts: collections.Counter = collections.Counter()
+    stats = {}
+
+    def batches():
+        for lines, _ in iter_line_batches(paths, stats):
+            text = [line for line in lines if line]  # "" marks a document break, not text
+            char_counts.update("".join(text))  # Counter.update on a str counts in C
+            yield text
+
+    t0 = time.perf_counter()
+    tok.train_from_iterator(batches(), trainer=trainer)
+    seconds = time.perf_counter() - t0
+    if not char_counts:
+        raise UserError(f"no text found in {', '.join(map(str, paths))}: every line was blank or unreadable.")
+
+    vocab = tok.get_vocab()
+    for i, token in enumerate(SPECIAL_TOKENS):
+        assert vocab.get(token) == i, f"special token {token} is at id {vocab.get(token)}, expected {i}"
+    _add_post_processor(tok)
+    write_tokenizer_dir(tok, out_dir, settings)
+
+    vocab_size = tok.get_vocab_size()
+    missing = unknown_characters(tok, char_counts, settings.wordpieces_prefix)
+    if progress:
+        print(f"trained a WordPiece vocabulary of {vocab_size} tokens in {seconds:.1f} s -> {out_dir}", file=sys.stderr)
+        if vocab_size < settings.vocab_size:
+            print(f"note: the corpus supports only {vocab_size} of the {settings.vocab_size} tokens asked for; "
+                  f"{vocab_size} is the size every later step uses", file=sys.stderr)
+        if missing:
+            n = sum(missing.values())
+            print(f"note: {len(missing)} distinct characters ({n} occurrences) are outside limit_alphabet="
+                  f"{settings.limit_alphabet} and will be [UNK]; raise --limit-alphabet to keep them "
+                  f"(rarest: {''.join(sorted(missing, key=missing.get)[:20])})", file=sys.stderr)
+        _print_line_problems(stats)
+    return vocab_size
+
+
+def unknown_characters(tok: Tokenizer, char_counts: collections.Counter, prefix: str = "##") -> dict[str, int]:
+    """Characters seen in training that the vocabulary cannot spell (neither `c` nor `##c`), with counts.
+    Checked after normalization, since that is what the model sees."""
+    vocab = tok.get_vocab()
+    missing = {}
+    for ch, n in char_counts.items():
+        for c in tok.normalizer.normalize_str(ch):
+            if not c.isspace() and c not in vocab and prefix + c not in vocab:
+                missing[c] = missing.get(c, 0) + n
+    return missing
+
+
+def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
+    """Write the four files. tokenizer_config.json holds only what BertTokenizer needs (no added-token
+    tables or auto_map, which the seed had to trim by hand for the Hub widget)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    vocab = tok.get_vocab()
+    by_id = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in by_id] == list(range(len(by_id))), "vocabulary ids are not contiguous"
+    (out_dir / "vocab.txt").write_text("".join(t + "\n" for t in by_id), encoding="utf-8")
+    specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                "mask_token": "[MASK]"}
+    config = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": settings.lowercase,
+        "strip_accents": settings.strip_accents,
+        "tokenize_chinese_chars": settings.handle_chinese_chars,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": settings.model_max_length,
+        **specials,
+    }
+    _write_json(out_dir / "tokenizer_config.json", config)
+    _write_json(out_dir / "special_tokens_map.json", specials)
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder.")
+    existing = [f for f in TOKENIZER_FILES if (out_dir / f).exists()]
+    if existing and not overwrite:
+        raise UserError(f"{out_dir} already holds a tokenizer ({', '.join(existing)}); choose another --out or pass --overwrite.")
+
+
+def _print_line_problems(stats: dict) -> None:
+    for key, what in (("invalid_utf8", "with invalid UTF-8 skipped"), ("nul_bytes", "with NUL bytes skipped"),
+                      ("crlf", "with CR line endings repaired"), ("bom", "with a byte-order mark repaired")):
+        if stats.get(key):
+            print(f"note: {stats[key]} lines {what}", file=sys.stderr)
+
+
+def _check_tokenizer_dir(tokenizer_dir) -> Path:
+    path = Path(tokenizer_dir)
+    if not path.is_dir():
+        raise UserError(f"tokenizer folder {path} does not exist; make one with `mlmtrain tokenizer`.")
+    for name in ("tokenizer.json", "vocab.txt"):
+        if not (path / name).is_file():
+            raise UserError(f"{path} is not a tokenizer folder: {name} is missing (make one with `mlmtrain tokenizer`).")
+    return path
+
+
+def load_tokenizer(tokenizer_dir) -> Tokenizer:
+    """The fast tokenizer, checked against the fixed special-token ids everything downstream assumes."""
+    path = _check_tokenizer_dir(tokenizer_dir)
+    try:
+        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises a plain Exception on malformed JSON
+        raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
+    for i, token in enumerate(SPECIAL_TOKENS):
+        if tok.token_to_id(token) != i:
+            raise UserError(f"{path} puts {token} at id {tok.token_to_id(token)}, expected {i}; "
+                            "retrain it with `mlmtrain tokenizer`.")
+    return tok
+
+
+def read_vocab(tokenizer_dir) -> list[str]:
+    """vocab.txt as a list: index = token id."""
+    path = _check_tokenizer_dir(tokenizer_dir)
+    return (path / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
+
+
+def tokenizer_fingerprint(tokenizer_dir) -> str:
+    """sha256 of vocab.txt and the normalizer settings: two folders with the same fingerprint map text to
+    the same ids, so shards made with one can be trained with the other (file formatting may differ)."""
+    path = _check_tokenizer_dir(tokenizer_dir)
+    normalizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer")
+    h = hashlib.sha256()
+    h.update((path / "vocab.txt").read_bytes())
+    h.update(json.dumps(normalizer, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_args(p) -> None:
+    d = TokenizerSettings()
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
+                   help="UTF-8 text files, one sentence per line (.gz read transparently)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the tokenizer files into")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help=f"vocabulary size to aim for, specials included (default {d.vocab_size}); the real size can be smaller")
+    p.add_argument("--limit-alphabet", type=int, default=d.limit_alphabet,
+                   help=f"keep only this many most frequent characters; rarer ones become [UNK] (default {d.limit_alphabet})")
+    p.add_argument("--min-frequency", type=int, default=d.min_frequency,
+                   help=f"minimum count for a merged piece to enter the vocabulary (default {d.min_frequency})")
+    p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=d.lowercase,
+                   help="lowercase text before tokenizing (default off)")
+    p.add_argument("--strip-accents", action=argparse.BooleanOptionalAction, default=d.strip_accents,
+                   help="NFD-decompose and drop accents (default off; it also splits Hangul into jamo)")
+    p.add_argument("--clean-text", action=argparse.BooleanOptionalAction, default=d.clean_text,
+                   help="drop control characters and normalize whitespace (default on)")
+    p.add_argument("--handle-chinese-chars", action=argparse.BooleanOptionalAction, default=d.handle_chinese_chars,
+                   help="split CJK ideographs (hanja) into single-character words (default on)")
+    p.add_argument("--wordpieces-prefix", default=d.wordpieces_prefix,
+                   help=f"prefix of word-continuation pieces (default {d.wordpieces_prefix!r})")
+    p.add_argument("--model-max-length", type=int, default=d.model_max_length,
+                   help=f"model_max_length written to tokenizer_config.json (default {d.model_max_length})")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
+
+
+def main(args) -> int:
+    settings = TokenizerSettings(
+        vocab_size=args.vocab_size, limit_alphabet=args.limit_alphabet, min_frequency=args.min_frequency,
+        lowercase=args.lowercase, strip_accents=args.strip_accents, clean_text=args.clean_text,
+        handle_chinese_chars=args.handle_chinese_chars, wordpieces_prefix=args.wordpieces_prefix,
+        model_max_length=args.model_max_length,
+    )
+    print("settings: " + json.dumps(asdict(settings)), file=sys.stderr)
+    train_tokenizer(args.input, args.out, settings, overwrite=args.overwrite)
+    return 0
