@@ -1,0 +1,436 @@
+"""BERT masked-language-model masking in one pass on the device: a fused Triton kernel and its pure-torch reference.
+
+What it computes, for flat token ids [T] (a packed batch):
+  1. selection: each maskable token is selected with probability `mask_prob` (BERT: 15%). Special ids
+     (< num_special, or True in `never_mask`), padding (a special) and ids outside [0, vocab_size) never are.
+     Whole-word mode: a token is selected iff the draw of its word's first piece says so, so every piece
+     of a word (a start piece and its `##` continuations) goes together.
+  2. replacement, per selected token (BERT's 80/10/10): [MASK] with probability mask_frac, a random id with
+     probability random_frac (uniform over the maskable ids), else left unchanged.
+  3. outputs: masked ids [T]; labels [T] (original id where selected, -100 elsewhere); and for the model's
+     masked-only head the selected positions in ascending order, compacted into a fixed [max_masked] buffer
+     with their labels (padded slots: position 0, label -100).
+
+Randomness is counter based: Philox4x32-10 (the generator Triton's tl.randint uses, and CUDA's curand),
+key = seed (64 bit), counter = (global token index = offset + i (64 bit), step (64 bit)). One Philox call
+gives four 32-bit words per token: r0 -> selected?, r1 -> 80/10/10 choice, r2 -> random id. Whole-word mode
+uses r0 of the word's first piece (found inside this call, see below) and r1, r2 of the piece itself, so a
+batch of single-piece words masks exactly as token-level masking does. Nothing is stateful: the same
+(ids, seed, step, offset) gives the same bits on any rank, after any resume, on the kernel and on the
+reference; there is no RNG state to checkpoint and no host-device sync (all scalars are python ints).
+
+Bit-exact thresholds: selected iff (r0 >> 8) < round(mask_prob * 2^24); [MASK] iff (r1 >> 8) <
+round(mask_frac * 2^24), random iff below round((mask_frac + random_frac) * 2^24); random id =
+allowed[(r2 * n_allowed) >> 32] (multiply-shift: bias below n_allowed / 2^32).
+
+Compaction, deterministic, in two kernels: `_mask_count_kernel` draws and counts selections per block;
+a torch cumsum over the [n_blocks] counts gives each block its base; `_mask_apply_kernel` redraws (the
+draw is a pure function of the counter: recomputing is cheaper than storing it) and writes every output,
+the compacted slot of a token being base + its exclusive in-block cumsum. Selections whose slot would be
+>= max_masked are de-selected (id left as is, label -100), so the four outputs always agree.
+
+Whole-word: word start of token i = the last j <= i (within this call) whose id starts a word
+(`word_start_table`); if there is none, index 0 of the call. Inside a block this is a scan; for the tokens
+before a block's first start, the kernel walks back through the preceding ids, LOOKBACK tokens at a time,
+until it meets a start (one short step for real text; a run of k continuation pieces costs k/LOOKBACK loads).
+
+Memory traffic per token (int32 ids; M/T ~ 0.15 + a margin): the minimum any one-pass masking must move is
+read 4 B ids + write 4 B masked ids + 4 B labels + 16 B * M/T positions and masked labels ~ 14.4 B; the
+two-kernel compaction re-reads the ids (4 B, an L2 hit for batches up to ~10M tokens). Dtypes: masked ids
+and labels [T] keep the input's dtype (int32 in, int32 out: 8 B/token less than int64 labels; the trainer
+only feeds masked_labels [M] to cross_entropy, which needs int64); masked_positions and masked_labels are int64.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+
+from mlmtrain.errors import UserError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton wheel for this platform: the torch path below serves every call
+    triton = None
+
+IGNORE_INDEX = -100
+_M32 = 0xFFFFFFFF
+# Philox4x32 constants (Salmon et al., SC'11; identical to triton.language.random and curand).
+PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+PHILOX_ROUNDS = 10
+MAX_TOKENS = 1 << 30  # int32 in-kernel indices with room to spare
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _philox4x32(c0, c1, c2, c3, k0, k1, N_ROUNDS: tl.constexpr):
+        """Philox4x32 on uint32 blocks; written out (not tl.randint4x) so the counter layout and the rounds
+        are ours on every Triton version, matching `philox4x32_torch` below bit for bit."""
+        for _ in tl.static_range(N_ROUNDS):
+            _c0, _c2 = c0, c2
+            c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
+            c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
+            c1 = _c2 * 0xCD9E8D57
+            c3 = _c0 * 0xD2511F53
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        return c0, c1, c2, c3
+
+    @triton.jit
+    def _draw(idx, off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi):
+        """Philox words for int32 call-local indices `idx`: counter (offset + idx as 64 bits, step as 64 bits)."""
+        c0 = off_lo + idx.to(tl.uint32)  # low word of offset + idx, wraps
+        c1 = off_hi + (c0 < off_lo).to(tl.uint32)  # carry into the high word
+        zero = c0 * 0
+        return _philox4x32(c0, c1, zero + step_lo, zero + step_hi, seed_lo, seed_hi, 10)
+
+    @triton.jit
+    def _last_start(a, b):
+        """Scan combine: the rightmost entry that is a word start (>= 0)."""
+        return tl.where(b >= 0, b, a)
+
+    @triton.jit
+    def _select_block(ids_ptr, word_start_ptr, never_mask_ptr, pid, n_tokens, vocab_size, num_special,
+                      off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
+                      BLOCK: tl.constexpr, LOOKBACK: tl.constexpr,
+                      WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
+        """Shared by both kernels so they agree on every bit: load a block, draw, decide selection."""
+        idx = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) int32 call-local token index
+        in_range = idx < n_tokens
+        ids = tl.load(ids_ptr + idx, mask=in_range, other=0)
+        in_vocab = in_range & (ids >= 0) & (ids < vocab_size)
+        maskable = in_vocab & (ids >= num_special)
+        if HAS_NEVER_MASK:
+            maskable = maskable & (tl.load(never_mask_ptr + ids, mask=maskable, other=1) == 0)
+        seed_lo = seed_lo.to(tl.uint32, bitcast=True)
+        seed_hi = seed_hi.to(tl.uint32, bitcast=True)
+        off_lo = off_lo.to(tl.uint32, bitcast=True)
+        off_hi = off_hi.to(tl.uint32, bitcast=True)
+        step_lo = step_lo.to(tl.uint32, bitcast=True)
+        step_hi = step_hi.to(tl.uint32, bitcast=True)
+        r0, r1, r2, _ = _draw(idx, off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi)
+        own = ((r0 >> 8).to(tl.int32) < select_thr).to(tl.int32)  # (BLOCK,) this token's own selection bit
+        if WHOLE_WORD:
+            starts = tl.load(word_start_ptr + ids, mask=in_vocab, other=1) != 0
+            word = tl.associative_scan(tl.where(starts, own, -1), 0, _last_start)  # (BLOCK,) -1 before 1st start
+            # Tokens before this block's first start continue a word begun earlier: walk back to its start.
+            found = tl.where(tl.min(word) < 0, -1, 0)  # 0 = nothing to find (and index 0 is the fallback)
+            end = pid * BLOCK
+            while (found < 0) & (end > 0):
+                j = end - LOOKBACK + tl.arange(0, LOOKBACK)  # (LOOKBACK,) the window just before `end`
+                ok = j >= 0
+                prev = tl.load(ids_ptr + j, mask=ok, other=0)
+                prev_in_vocab = ok & (prev >= 0) & (prev < vocab_size)
+                prev_start = tl.load(word_start_ptr + prev, mask=prev_in_vocab, other=1) != 0
+                found = tl.max(tl.where(ok & prev_start, j, -1))
+                end = end - LOOKBACK
+            carry_r0, _, _, _ = _draw(tl.maximum(found, 0), off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi)
+            carry = ((carry_r0 >> 8).to(tl.int32) < select_thr).to(tl.int32)
+            selected = maskable & (tl.where(word >= 0, word, carry) == 1)
+        else:
+            selected = maskable & (own == 1)
+        return idx, in_range, ids, selected, r1, r2
+
+    # Per-call keys vary every step: never specialise on their values (1, multiples of 16), or each new step
+    # value could compile a new kernel. Shape-like scalars (n_tokens, max_masked) stay specialised.
+    _KEYS = ["vocab_size", "num_special", "off_lo", "off_hi", "step_lo", "step_hi", "seed_lo", "seed_hi", "select_thr"]
+
+    @triton.jit(do_not_specialize=_KEYS)
+    def _mask_count_kernel(ids_ptr, word_start_ptr, never_mask_ptr, counts_ptr, n_tokens, vocab_size, num_special,
+                           off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
+                           BLOCK: tl.constexpr, LOOKBACK: tl.constexpr,
+                           WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
+        """counts[pid + 1] = selections in block pid (counts[0] = 0, so a cumsum gives exclusive bases)."""
+        pid = tl.program_id(0)
+        _, _, _, selected, _, _ = _select_block(
+            ids_ptr, word_start_ptr, never_mask_ptr, pid, n_tokens, vocab_size, num_special,
+            off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr, BLOCK, LOOKBACK, WHOLE_WORD, HAS_NEVER_MASK)
+        tl.store(counts_ptr + pid + 1, tl.sum(selected.to(tl.int32), axis=0))
+        if pid == 0:
+            tl.store(counts_ptr, 0)
+
+    @triton.jit(do_not_specialize=_KEYS + ["mask_id", "mask_thr", "random_thr"])
+    def _mask_apply_kernel(ids_ptr, word_start_ptr, never_mask_ptr, allowed_ptr, n_allowed_ptr, base_ptr,
+                           out_ids_ptr, labels_ptr, positions_ptr, masked_labels_ptr,
+                           n_tokens, n_blocks, max_masked, slots_per_block, vocab_size, num_special, mask_id,
+                           off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr, mask_thr, random_thr,
+                           BLOCK: tl.constexpr, LOOKBACK: tl.constexpr,
+                           WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
+        """Redraw, replace 80/10/10, write ids + labels, scatter selections to base + in-block rank, and fill
+        this block's share of the unused slots of the compacted buffers."""
+        pid = tl.program_id(0)
+        idx, in_range, ids, selected, r1, r2 = _select_block(
+            ids_ptr, word_start_ptr, never_mask_ptr, pid, n_tokens, vocab_size, num_special,
+            off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr, BLOCK, LOOKBACK, WHOLE_WORD, HAS_NEVER_MASK)
+        sel = selected.to(tl.int32)
+        slot = tl.load(base_ptr + pid) + tl.cumsum(sel, axis=0) - sel  # (BLOCK,) exclusive rank in the batch
+        keep = selected & (slot < max_masked)  # past the bound: de-selected, outputs stay consistent
+
+        choice = (r1 >> 8).to(tl.int32)
+        if HAS_NEVER_MASK:
+            n_allowed = tl.load(n_allowed_ptr).to(tl.uint32)
+            random_ids = tl.load(allowed_ptr + tl.umulhi(r2, n_allowed), mask=keep, other=0)
+        else:
+            random_ids = num_special + tl.umulhi(r2, (vocab_size - num_special).to(tl.uint32)).to(tl.int32)
+        out = tl.where(keep & (choice < mask_thr), mask_id,
+                       tl.where(keep & (choice < random_thr), random_ids.to(ids.dtype), ids))
+        tl.store(out_ids_ptr + idx, out.to(ids.dtype), mask=in_range)
+        tl.store(labels_ptr + idx, tl.where(keep, ids, -100).to(ids.dtype), mask=in_range)  # -100: IGNORE_INDEX
+        tl.store(positions_ptr + slot, idx.to(tl.int64), mask=keep)
+        tl.store(masked_labels_ptr + slot, ids.to(tl.int64), mask=keep)
+
+        # Unused slots [min(total, max_masked), max_masked): position 0 (a valid index), label -100.
+        used = tl.minimum(tl.load(base_ptr + n_blocks), max_masked)
+        lo = pid * slots_per_block
+        hi = tl.minimum(lo + slots_per_block, max_masked)
+        for s0 in range(lo, hi, BLOCK):
+            s = s0 + tl.arange(0, BLOCK)  # (BLOCK,) slot index
+            fill = (s < hi) & (s >= used)
+            tl.store(positions_ptr + s, tl.zeros((BLOCK,), tl.int64), mask=fill)
+            tl.store(masked_labels_ptr + s, tl.full((BLOCK,), -100, tl.int64), mask=fill)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launcher
+# ---------------------------------------------------------------------------------------------------
+class MaskOutput(NamedTuple):
+    masked_ids: torch.Tensor  # (T,) input dtype
+    labels: torch.Tensor  # (T,) input dtype, IGNORE_INDEX where not selected
+    masked_positions: torch.Tensor  # (max_masked,) int64, ascending, padded with 0
+    masked_labels: torch.Tensor  # (max_masked,) int64, IGNORE_INDEX in padded slots
+
+
+def _split64(value: int) -> tuple[int, int]:
+    """A 64-bit counter word as two int32 kernel scalars (always i32, so no new signature per value)."""
+    lo, hi = value & _M32, (value >> 32) & _M32
+    return tuple(v - (1 << 32) if v >= 1 << 31 else v for v in (lo, hi))
+
+
+def _thresholds(mask_prob: float, mask_frac: float, random_frac: float) -> tuple[int, int, int]:
+    """24-bit integer thresholds the kernel and the reference compare the top 24 bits of a Philox word to."""
+    one = 1 << 24
+    return round(mask_prob * one), round(mask_frac * one), round((mask_frac + random_frac) * one)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block_size(num_tokens: int, device: torch.device) -> int:
+    """Wide blocks for bandwidth, but enough of them to fill the GPU (~4 per SM) at small batches."""
+    if device.type != "cuda":
+        return 1024  # the interpreter: fewer, wider programs are faster
+    return min(4096, max(1024, triton.next_power_of_2(max(1, num_tokens // (4 * _num_sms(device))))))
+
+
+def mlm_mask_triton(ids, *, vocab_size, mask_id, num_special, never_mask, mask_prob, mask_frac, random_frac,
+                    seed, step, offset, max_masked, word_start, block_size=None, lookback=64) -> MaskOutput:
+    """Launch count kernel -> cumsum -> apply kernel. Arguments already validated by `mlm_mask`."""
+    T = ids.numel()
+    BLOCK = block_size or _block_size(T, ids.device)
+    n_blocks = triton.cdiv(T, BLOCK)
+    select_thr, mask_thr, random_thr = _thresholds(mask_prob, mask_frac, random_frac)
+    keys = (*_split64(offset), *_split64(step), *_split64(seed))
+    whole_word, has_never = word_start is not None, never_mask is not None
+    word_start_u8 = word_start.view(torch.uint8) if whole_word else ids  # unused pointer when not whole-word
+    if has_never:
+        never_u8, allowed, n_allowed = _allowed_ids(never_mask, num_special)
+    else:
+        never_u8 = allowed = n_allowed = ids
+    num_warps = 4 if BLOCK <= 1024 else 8
+    common = dict(BLOCK=BLOCK, LOOKBACK=lookback, WHOLE_WORD=whole_word, HAS_NEVER_MASK=has_never, num_warps=num_warps)
+
+    counts = torch.empty(n_blocks + 1, dtype=torch.int32, device=ids.device)
+    _mask_count_kernel[(n_blocks,)](ids, word_start_u8, never_u8, counts, T, vocab_size, num_special,
+                                    *keys, select_thr, **common)
+    base = torch.cumsum(counts, 0, dtype=torch.int32)  # (n_blocks + 1,) exclusive block bases, then the total
+
+    out_ids, labels = torch.empty_like(ids), torch.empty_like(ids)
+    positions = torch.empty(max_masked, dtype=torch.int64, device=ids.device)
+    masked_labels = torch.empty(max_masked, dtype=torch.int64, device=ids.device)
+    _mask_apply_kernel[(n_blocks,)](ids, word_start_u8, never_u8, allowed, n_allowed, base,
+                                    out_ids, labels, positions, masked_labels,
+                                    T, n_blocks, max_masked, triton.cdiv(max_masked, n_blocks), vocab_size,
+                                    num_special, mask_id, *keys, select_thr, mask_thr, random_thr, **common)
+    return MaskOutput(out_ids, labels, positions, masked_labels)
+
+
+def _allowed_ids(never_mask: torch.Tensor, num_special: int):
+    """(blocked table as uint8 [V], maskable ids ascending then the blocked ones [V], count of maskable [1]).
+    Device-side only (a stable argsort instead of nonzero): no sync, static shapes."""
+    blocked = never_mask.clone()
+    blocked[:num_special] = True
+    blocked_u8 = blocked.view(torch.uint8)
+    allowed = torch.argsort(blocked_u8, stable=True)  # (V,) int64: ids with blocked == 0 first, ascending
+    n_allowed = (~blocked).sum(dtype=torch.int64).reshape(1)
+    return blocked_u8, allowed, n_allowed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Wrapper
+# ---------------------------------------------------------------------------------------------------
+def max_masked_bound(num_tokens: int, mask_prob: float = 0.15, pieces_per_word: float = 1.0) -> int:
+    """Static size of the compacted masked buffers for a batch of `num_tokens`: the mean T*p plus 8 standard
+    deviations of Binomial(T, p), rounded up to a multiple of 128. The number selected exceeds it with
+    probability < 1e-15 per batch (selections past it are de-selected, never out of bounds). Whole-word
+    masking selects words, which widens the spread: pass the batch's E[k^2]/E[k] over word lengths k in
+    pieces as `pieces_per_word` (about 2-4 for Korean) to keep the same margin."""
+    if num_tokens < 0 or not 0.0 <= mask_prob <= 1.0 or pieces_per_word < 1.0:
+        raise UserError(f"max_masked_bound needs num_tokens >= 0, 0 <= mask_prob <= 1 and pieces_per_word >= 1, "
+                        f"got {num_tokens}, {mask_prob}, {pieces_per_word}.")
+    mean = num_tokens * mask_prob
+    spread = 8.0 * math.sqrt(num_tokens * mask_prob * (1.0 - mask_prob) * pieces_per_word)
+    return -(-math.ceil(mean + spread) // 128) * 128
+
+
+def word_start_table(vocab: list[str], prefix: str = "##") -> torch.Tensor:
+    """(V,) bool: True where the id begins a word, i.e. is not a `##` continuation piece (specials included)."""
+    return torch.tensor([not piece.startswith(prefix) for piece in vocab], dtype=torch.bool)
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    if triton is None:
+        return False
+    interpreted = type(_mask_apply_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at import
+    return device.type == "cuda" or (device.type == "cpu" and interpreted)
+
+
+def _check_table(name: str, table, ids: torch.Tensor, vocab_size: int) -> None:
+    if table is None:
+        return
+    if not isinstance(table, torch.Tensor) or table.dtype != torch.bool or table.shape != (vocab_size,):
+        got = f"{tuple(table.shape)} {table.dtype}" if isinstance(table, torch.Tensor) else type(table).__name__
+        raise UserError(f"{name} must be a bool tensor of shape ({vocab_size},) (one entry per id), got {got}.")
+    if table.device != ids.device:
+        raise UserError(f"{name} is on {table.device} but input_ids are on {ids.device}; move it with .to().")
+
+
+def mlm_mask(input_ids: torch.Tensor, *, vocab_size: int, mask_id: int, num_special: int = 5,
+             never_mask: torch.Tensor | None = None, mask_prob: float = 0.15, mask_frac: float = 0.8,
+             random_frac: float = 0.1, seed: int, step: int, offset: int = 0, max_masked: int | None = None,
+             word_start: torch.Tensor | None = None, backend: str = "auto") -> MaskOutput:
+    """Mask a flat batch of token ids [T] for MLM (see the module docstring for the exact function).
+
+    never_mask: optional (V,) bool, True for ids never selected (in addition to ids < num_special); random
+    replacements are then drawn from the other ids. word_start: optional (V,) bool from `word_start_table`;
+    given, masking is whole-word. seed, step, offset: python ints keying the draws (token i uses counter
+    offset + i). max_masked: size of the compacted buffers, default `max_masked_bound(T, mask_prob)`.
+    backend: "triton", "torch" (the reference), or "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch).
+    """
+    ids = input_ids
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise UserError(f"input_ids must be a 1-D int32 or int64 tensor (a flat packed batch), got {got}.")
+    if ids.numel() >= MAX_TOKENS:
+        raise UserError(f"input_ids has {ids.numel()} tokens; one call masks at most {MAX_TOKENS - 1}.")
+    if not 0 <= num_special < vocab_size:
+        raise UserError(f"need 0 <= num_special < vocab_size, got num_special={num_special}, vocab_size={vocab_size}.")
+    if not 0 <= mask_id < vocab_size:
+        raise UserError(f"mask_id {mask_id} is outside the vocabulary [0, {vocab_size}).")
+    if not 0.0 <= mask_prob <= 1.0:
+        raise UserError(f"mask_prob must be in [0, 1], got {mask_prob}.")
+    if mask_frac < 0 or random_frac < 0 or mask_frac + random_frac > 1.0 + 1e-9:
+        raise UserError(f"mask_frac and random_frac must be >= 0 with a sum <= 1, got {mask_frac} and {random_frac}.")
+    for name, value in (("seed", seed), ("step", step), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{name} must be a python int (no tensors: reading one would sync), got {type(value).__name__}.")
+    if not 0 <= step < 1 << 64 or not 0 <= offset <= (1 << 63) - ids.numel():
+        raise UserError(f"step must be in [0, 2^64) and offset in [0, 2^63 - T), got step={step}, offset={offset}.")
+    _check_table("never_mask", never_mask, ids, vocab_size)
+    _check_table("word_start", word_start, ids, vocab_size)
+    max_masked = max_masked_bound(ids.numel(), mask_prob) if max_masked is None else max_masked
+    if isinstance(max_masked, bool) or not isinstance(max_masked, int) or max_masked < 0:
+        raise UserError(f"max_masked must be an int >= 0, got {max_masked!r}.")
+    if backend not in ("auto", "triton", "torch"):
+        raise UserError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}.")
+    if backend == "triton" and not _triton_runs_on(ids.device):
+        raise UserError(f"the Triton masking kernel cannot run on {ids.device} here (needs CUDA, or "
+                        "TRITON_INTERPRET=1 set before triton is imported for CPU); use backend='torch'.")
+    use_triton = backend == "triton" or (backend == "auto" and _triton_runs_on(ids.device))
+    args = dict(vocab_size=vocab_size, mask_id=mask_id, num_special=num_special, never_mask=never_mask,
+                mask_prob=mask_prob, mask_frac=mask_frac, random_frac=random_frac, seed=seed & ((1 << 64) - 1),
+                step=step, offset=offset, max_masked=max_masked, word_start=word_start)
+    if use_triton and ids.numel() > 0:
+        if ids.is_cuda:
+            with torch.cuda.device(ids.device):  # Triton launches on the current device
+                return mlm_mask_triton(ids.contiguous(), **args)
+        return mlm_mask_triton(ids.contiguous(), **args)
+    return mlm_mask_reference(ids, **args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure-torch reference (also the fallback where Triton cannot run; no host sync, so it is CUDA-safe too)
+# ---------------------------------------------------------------------------------------------------
+def _mul32(x: torch.Tensor, constant: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit words of x * constant for x in [0, 2^32) held in int64, without overflowing int64:
+    split the constant in 16-bit halves so each partial product stays below 2^48."""
+    c_hi, c_lo = constant >> 16, constant & 0xFFFF
+    low_part, high_part = x * c_lo, x * c_hi  # < 2^48 each; x * constant = high_part * 2^16 + low_part
+    hi = (high_part + (low_part >> 16)) >> 16
+    lo = (((high_part & 0xFFFF) << 16) + low_part) & _M32
+    return hi, lo
+
+
+def philox4x32_torch(c0, c1, c2, c3, key: int, rounds: int = PHILOX_ROUNDS):
+    """Philox4x32 on int64 tensors holding uint32 values; key is a 64-bit python int. Bit-exact with the kernel."""
+    k0, k1 = key & _M32, (key >> 32) & _M32
+    for _ in range(rounds):
+        hi_b, lo_b = _mul32(c2, PHILOX_ROUND_B)
+        hi_a, lo_a = _mul32(c0, PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + PHILOX_KEY_A) & _M32, (k1 + PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def mlm_mask_reference(ids, *, vocab_size, mask_id, num_special, never_mask, mask_prob, mask_frac, random_frac,
+                       seed, step, offset, max_masked, word_start) -> MaskOutput:
+    """The same function as the kernels, in plain torch ops on whole tensors.
+
+    Traffic (int64 temporaries, ~200 elementwise passes for Philox): read T ids, write T masked ids + T labels
+    + max_masked positions + max_masked labels; the kernel moves only those (plus one re-read of the ids)."""
+    T, device = ids.numel(), ids.device
+    select_thr, mask_thr, random_thr = _thresholds(mask_prob, mask_frac, random_frac)
+    idx = torch.arange(T, device=device, dtype=torch.int64)  # (T,) call-local index
+    counter = idx + offset  # (T,) global token index, < 2^63
+    zero = torch.zeros_like(counter)
+    r0, r1, r2, _ = philox4x32_torch(counter & _M32, counter >> 32, zero + (step & _M32), zero + (step >> 32), seed)
+
+    ids64 = ids.long()
+    in_vocab = (ids64 >= 0) & (ids64 < vocab_size)
+    safe_ids = torch.where(in_vocab, ids64, 0)  # (T,) valid table index everywhere
+    maskable = in_vocab & (ids64 >= num_special)
+    if never_mask is not None:
+        blocked_u8, allowed, n_allowed = _allowed_ids(never_mask, num_special)
+        maskable &= blocked_u8[safe_ids] == 0
+    own = (r0 >> 8) < select_thr  # (T,) each token's own selection draw
+    if word_start is None:
+        selected = maskable & own
+    else:
+        starts = word_start[safe_ids] | ~in_vocab  # ids outside the vocab count as word starts, like specials
+        last_start = torch.cummax(torch.where(starts, idx, -1), 0).values  # (T,) -1 before the first start
+        selected = maskable & own[last_start.clamp(min=0)]
+
+    rank = torch.cumsum(selected, 0) - 1  # (T,) slot of each selected token
+    keep = selected & (rank < max_masked)
+    choice = r1 >> 8
+    if never_mask is not None:
+        random_ids = allowed[(r2 * n_allowed) >> 32]  # n_allowed < 2^31: the product fits int64
+    else:
+        random_ids = num_special + ((r2 * (vocab_size - num_special)) >> 32)
+    out = torch.where(keep & (choice < mask_thr), mask_id, torch.where(keep & (choice < random_thr), random_ids, ids64))
+    labels = torch.where(keep, ids64, IGNORE_INDEX)
+
+    # Compaction by scatter into one spare slot (no nonzero(): that would sync on CUDA).
+    slot = torch.where(keep, rank, max_masked)
+    positions = torch.zeros(max_masked + 1, dtype=torch.int64, device=device).scatter_(0, slot, idx)
+    masked_labels = torch.full((max_masked + 1,), IGNORE_INDEX, dtype=torch.int64, device=device)
+    masked_labels.scatter_(0, slot, ids64)
+    return MaskOutput(out.to(ids.dtype), labels.to(ids.dtype), positions[:max_masked], masked_labels[:max_masked])
