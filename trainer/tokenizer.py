@@ -83,8 +83,8 @@ def _add_post_processor(tok: Tokenizer) -> None:
 def train_tokenizer(inputs, out_dir, settings: TokenizerSettings | None = None, *, overwrite: bool = False,
                     progress: bool = True) -> int:
     """Train on `inputs` (text files, `.gz` ok; read with the same robust reader as `prepare`) and write the
-    tokenizer folder. Returns the real vocabulary size, which every later step must use (it can be smaller
-    than requested when the corpus is small)."""
+    tokenizer folder. Returns the real vocabulary size, which every later step must use: smaller than
+    requested when the corpus has fewer pieces, larger when the kept alphabet alone exceeds the request."""
     from mlmtrain.data import check_inputs, iter_line_batches  # data.py imports this module at top
 
     settings = settings or TokenizerSettings()
@@ -127,8 +127,9 @@ def train_tokenizer(inputs, out_dir, settings: TokenizerSettings | None = None, 
     missing = unknown_characters(tok, char_counts, settings.wordpieces_prefix)
     if progress:
         print(f"trained a WordPiece vocabulary of {vocab_size} tokens in {seconds:.1f} s -> {out_dir}", file=sys.stderr)
-        if vocab_size < settings.vocab_size:
-            print(f"note: the corpus supports only {vocab_size} of the {settings.vocab_size} tokens asked for; "
+        if vocab_size != settings.vocab_size:
+            why = "the corpus supports no more" if vocab_size < settings.vocab_size else "every kept character is a token"
+            print(f"note: the vocabulary has {vocab_size} tokens, not the {settings.vocab_size} asked for ({why}); "
                   f"{vocab_size} is the size every later step uses", file=sys.stderr)
         if missing:
             n = sum(missing.values())
@@ -271,6 +272,7 @@ def main(args) -> int:
         handle_chinese_chars=args.handle_chinese_chars, wordpieces_prefix=args.wordpieces_prefix,
         model_max_length=args.model_max_length,
     )
+    settings.validate()
     print("settings: " + json.dumps(asdict(settings)), file=sys.stderr)
     train_tokenizer(args.input, args.out, settings, overwrite=args.overwrite)
     return 0

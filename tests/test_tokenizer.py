@@ -1,0 +1,184 @@
+"""WordPiece training: settings honoured, files transformers loads (fast and slow) with identical ids,
+Korean kept as Hangul syllables, clear errors for bad input."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from mlmtrain.cli import main as cli_main
+from mlmtrain.errors import UserError
+from mlmtrain.tokenizer import (
+    NUM_SPECIAL,
+    SPECIAL_TOKENS,
+    UNK_ID,
+    TokenizerSettings,
+    load_tokenizer,
+    read_vocab,
+    tokenizer_fingerprint,
+    train_tokenizer,
+)
+
+EXTRA_TEXT = [
+    "대한민국은 민주공화국이다.",
+    "산악 자전거 경기는 상대적으로 새로운 [MASK] 1990년대에 활성화 되었다.",
+    "Café ÉCOLE naïve Ångström",
+    "漢字 한자 混用 test",
+    "control\x07char\ttab  double  space",
+    "  leading and trailing  ",
+    "emoji 😀 and ｆｕｌｌｗｉｄｔｈ",
+    "a" * 150,  # longer than max_input_chars_per_word: one [UNK] in both implementations
+]
+HANGUL = re.compile("[\uac00-\ud7a3]")
+JAMO = re.compile("[\u1100-\u11ff]")  # conjoining jamo: what NFD makes of a syllable
+
+
+def corpus_lines(path):
+    return [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def slow_tokenizer(path):
+    """The pure-Python BertTokenizer: `BertTokenizerLegacy` in transformers 5 (where use_fast=False is
+    ignored), `use_fast=False` before."""
+    try:
+        from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
+    except ImportError:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, use_fast=False)
+    return BertTokenizerLegacy.from_pretrained(path)
+
+
+def assert_parity(path, texts):
+    from transformers import AutoTokenizer
+
+    tok = load_tokenizer(path)
+    fast = AutoTokenizer.from_pretrained(path)
+    slow = slow_tokenizer(path)
+    assert type(fast).__name__ in ("BertTokenizer", "BertTokenizerFast")
+    for text in texts:
+        want = tok.encode(text).ids
+        got_fast, got_slow = fast(text)["input_ids"], slow(text)["input_ids"]
+        assert got_fast == want, f"fast AutoTokenizer differs on {text!r}:\n{got_fast}\n{want}"
+        assert got_slow == want, f"slow BertTokenizer differs on {text!r}:\n{got_slow}\n{want}"
+        assert fast.convert_ids_to_tokens(want) == slow.convert_ids_to_tokens(want)
+
+
+def test_files_and_special_ids(tokenizer_dir):
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tokenizer_dir / name).is_file(), name
+    vocab = read_vocab(tokenizer_dir)
+    assert vocab[:NUM_SPECIAL] == SPECIAL_TOKENS
+    assert len(vocab) == load_tokenizer(tokenizer_dir).get_vocab_size() == len(set(vocab))
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config == {
+        "tokenizer_class": "BertTokenizer", "do_lower_case": False, "strip_accents": False,
+        "tokenize_chinese_chars": True, "clean_up_tokenization_spaces": False, "model_max_length": 512,
+        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
+    }
+
+
+def test_autotokenizer_parity_korean_and_english(tokenizer_dir, sample_corpus):
+    lines = corpus_lines(sample_corpus)
+    korean = [line for line in lines if HANGUL.search(line)]
+    english = [line for line in lines if not HANGUL.search(line)]
+    assert len(korean) > 300 and len(english) > 300
+    assert_parity(tokenizer_dir, korean[::3] + english[::3] + EXTRA_TEXT)
+
+
+def test_hangul_round_trip_without_unk(tokenizer_dir, sample_corpus):
+    tok = load_tokenizer(tokenizer_dir)
+    assert not any(JAMO.search(token) for token in read_vocab(tokenizer_dir)), "vocabulary holds decomposed jamo"
+    korean = [line for line in corpus_lines(sample_corpus) if HANGUL.search(line)]
+    for line, enc in zip(korean, tok.encode_batch(korean, add_special_tokens=False)):
+        assert UNK_ID not in enc.ids, f"[UNK] in {line!r}: {enc.tokens}"
+        decoded = tok.decode(enc.ids)
+        assert "".join(decoded.split()) == "".join(line.split()), f"{line!r} came back as {decoded!r}"
+
+
+SETTINGS_TEXT = "Café ÉCOLE naïve Ångström 한국어 문장이다\n" * 3 + "The CAFÉ was CLOSED.\n한국어 자전거\n"
+
+
+@pytest.mark.parametrize("lowercase, strip_accents", [(False, False), (True, False), (False, True), (True, True)])
+def test_lowercase_and_strip_accents_honoured(tmp_path, lowercase, strip_accents):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(SETTINGS_TEXT, encoding="utf-8")
+    out = tmp_path / "tok"
+    settings = TokenizerSettings(vocab_size=200, min_frequency=1, lowercase=lowercase, strip_accents=strip_accents)
+    train_tokenizer([corpus], out, settings, progress=False)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (config["do_lower_case"], config["strip_accents"]) == (lowercase, strip_accents)
+
+    tok = load_tokenizer(out)
+    text = "".join(tok.decode(tok.encode("Café ÉCOLE 한국어").ids).split())
+    expected = {(False, False): "CaféÉCOLE한국어", (True, False): "caféécole한국어",
+                (False, True): "CafeECOLE", (True, True): "cafeecole"}[(lowercase, strip_accents)]
+    assert text.startswith(expected), f"lowercase={lowercase} strip_accents={strip_accents}: {text!r}"
+    if strip_accents:  # NFD splits every Hangul syllable into jamo: the trap the default avoids
+        assert JAMO.search(text) and not HANGUL.search(text)
+    assert_parity(out, EXTRA_TEXT[:4] + SETTINGS_TEXT.splitlines())
+
+
+def test_real_vocab_size_returned_and_fingerprint(tmp_path, tokenizer_dir):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(SETTINGS_TEXT, encoding="utf-8")
+    size = train_tokenizer([corpus], tmp_path / "tok", TokenizerSettings(vocab_size=30000), progress=False)
+    assert NUM_SPECIAL < size < 30000 and size == len(read_vocab(tmp_path / "tok"))
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tokenizer_dir, copy)
+    assert tokenizer_fingerprint(copy) == tokenizer_fingerprint(tokenizer_dir)
+    assert tokenizer_fingerprint(tmp_path / "tok") != tokenizer_fingerprint(tokenizer_dir)
+    config = json.loads((copy / "tokenizer.json").read_text())
+    config["normalizer"]["lowercase"] = True  # same vocab, other normalization: other ids for the same text
+    (copy / "tokenizer.json").write_text(json.dumps(config))
+    assert tokenizer_fingerprint(copy) != tokenizer_fingerprint(tokenizer_dir)
+
+
+def test_limit_alphabet_reports_dropped_characters(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("가나다라마바사아자차카타파하 " * 5 + "\n희귀\n", encoding="utf-8")
+    train_tokenizer([corpus], tmp_path / "tok", TokenizerSettings(vocab_size=100, limit_alphabet=10))
+    assert "outside limit_alphabet=10" in capsys.readouterr().err
+
+
+def test_bad_input_gives_clear_errors(tmp_path, tokenizer_dir, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n", encoding="utf-8")
+    cases = {
+        "does not exist": [tmp_path / "missing.txt"],
+        "is a directory": [tmp_path],
+        "is empty": [empty],
+        "contains no text lines": [blank],
+    }
+    for message, inputs in cases.items():
+        with pytest.raises(UserError, match=message):
+            train_tokenizer(inputs, tmp_path / "out", TokenizerSettings(vocab_size=100), progress=False)
+    with pytest.raises(UserError, match="already holds a tokenizer"):
+        train_tokenizer([blank], tokenizer_dir, TokenizerSettings(vocab_size=100), progress=False)
+    with pytest.raises(UserError, match="vocab-size"):
+        train_tokenizer([blank], tmp_path / "out", TokenizerSettings(vocab_size=3), progress=False)
+    with pytest.raises(UserError, match="not a tokenizer folder"):
+        load_tokenizer(tmp_path)
+
+    # through the CLI: one line on stderr, exit 2, no traceback
+    assert cli_main(["tokenizer", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "error: input file" in err and "Traceback" not in err
+
+
+def test_cli_trains_with_flags(tmp_path, sample_corpus):
+    out = tmp_path / "tok"
+    rc = cli_main(["tokenizer", "--input", str(sample_corpus), "--out", str(out), "--vocab-size", "1500",
+                   "--lowercase", "--limit-alphabet", "2000"])
+    assert rc == 0
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["do_lower_case"] is True and config["strip_accents"] is False
+    assert len(read_vocab(out)) == 1500
+    # every character of the alphabet is kept even when that overshoots the request: the real size wins
+    size = train_tokenizer([sample_corpus], tmp_path / "small", TokenizerSettings(vocab_size=300), progress=False)
+    assert size > 300 and size == len(read_vocab(tmp_path / "small"))
