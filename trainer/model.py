@@ -331,6 +331,8 @@ class BertForMaskedLM(nn.Module):
     def _init_weights(self, module):
         """BERT's: Linear/Embedding weights ~ N(0, 0.02), biases 0, LayerNorm 1/0, the [PAD] row 0."""
         std = self.config.initializer_range
+        if module is self.cls.predictions.decoder:
+            return  # its weight is the word embedding and its bias cls.predictions.bias: initialised there
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             nn.init.zeros_(module.bias)

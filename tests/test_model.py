@@ -1,0 +1,343 @@
+"""The model against transformers' BertForMaskedLM (fp32, CPU) and against itself across attention paths.
+
+Parity bound from the issue: <= 1e-4 max abs logit difference in fp32. Shapes are deliberately odd (hidden 48,
+3 heads, vocab 97, sentence lengths 1..max) so layout bugs cannot hide behind powers of two."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import requires_cuda
+from mlmtrain.errors import UserError
+from mlmtrain.model import (MODEL_SIZES, TIED_KEYS, BertConfig, BertForMaskedLM, mlm_loss_sum,
+                            model_flops_per_token, num_parameters)
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def odd_config(**overrides) -> BertConfig:
+    return BertConfig(**{**dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                                intermediate_size=80, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                                attention_probs_dropout_prob=0.0), **overrides})
+
+
+def hf_twin(model: BertForMaskedLM):
+    """transformers' BertForMaskedLM with our config and our weights (sdpa attention, eval mode)."""
+    hf_config = transformers.BertConfig(**{k: v for k, v in model.config.to_hf_dict().items() if k != "architectures"})
+    hf = transformers.BertForMaskedLM(hf_config).eval()
+    hf.load_state_dict(model.state_dict(), strict=True)
+    return hf
+
+
+def packed_batch(sentences: list[torch.Tensor], empty_tail: int = 2):
+    """Flat ids, restarting positions, cu_seqlens (int32) with `empty_tail` empty segments at the end."""
+    lengths = torch.tensor([len(s) for s in sentences])
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (S+1,)
+    cu_seqlens = torch.cat([cu_seqlens, cu_seqlens[-1:].repeat(empty_tail)])  # (S+1+empty,)
+    position_ids = torch.cat([torch.arange(n) for n in lengths.tolist()])  # (T,)
+    return torch.cat(sentences), position_ids, cu_seqlens
+
+
+def random_sentences(gen, vocab_size: int, lengths: list[int]) -> list[torch.Tensor]:
+    return [torch.randint(5, vocab_size, (n,), generator=gen) for n in lengths]
+
+
+def report(a, b) -> str:
+    d = (a.float() - b.float()).abs()
+    return f"max abs diff {d.max().item():.3g}, mean {d.mean().item():.3g}"
+
+
+# ---------------------------------------------------------------------------------------------- names, ties
+
+
+def test_state_dict_matches_transformers_keys_and_ties():
+    model = BertForMaskedLM(odd_config())
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(**{
+        k: v for k, v in model.config.to_hf_dict().items() if k != "architectures"}))
+    ours, theirs = model.state_dict(), hf.state_dict()
+    assert set(ours) == set(theirs)
+    assert all(ours[k].shape == theirs[k].shape for k in ours)
+    result = hf.load_state_dict(ours, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert model.cls.predictions.decoder.bias is model.cls.predictions.bias
+    saved = model.hf_state_dict()
+    assert not set(TIED_KEYS) & set(saved) and "bert.embeddings.position_ids" not in saved
+    assert num_parameters(model) == sum(v.numel() for v in saved.values())
+
+
+def test_loads_a_transformers_state_dict():
+    torch.manual_seed(1)
+    config = odd_config()
+    hf = transformers.BertForMaskedLM(transformers.BertConfig(**{
+        k: v for k, v in config.to_hf_dict().items() if k != "architectures"})).eval()
+    sd = hf.state_dict()
+    sd["bert.embeddings.position_ids"] = torch.arange(config.max_position_embeddings)[None]  # older HF files
+    for alias in TIED_KEYS:  # the on-disk form stores ties once
+        sd.pop(alias)
+    model = BertForMaskedLM(config).eval()
+    model.load_hf_state_dict(sd)
+    ids = torch.randint(5, 97, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    with torch.no_grad():
+        ours, theirs = model.forward_padded(ids, mask), hf(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(ours[mask.bool()], theirs[mask.bool()], atol=ATOL[torch.float32]), report(ours, theirs)
+
+
+def test_load_rejects_wrong_weights_with_a_sentence():
+    model = BertForMaskedLM(odd_config())
+    sd = model.hf_state_dict()
+    with pytest.raises(UserError, match="missing keys"):
+        model.load_hf_state_dict({k: v for k, v in sd.items() if "layer.1." not in k})
+    bigger = BertForMaskedLM(odd_config(vocab_size=98)).hf_state_dict()
+    with pytest.raises(UserError, match=r"\(98, 48\).*\(97, 48\)"):
+        model.load_hf_state_dict(bigger)
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_logits_equal_transformers_per_sentence(seed):
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(odd_config()).eval()
+    hf = hf_twin(model)
+    lengths = [1, 7, 37, 2, 23, 13]  # includes a 1-token sentence
+    sentences = random_sentences(gen, 97, lengths)
+    input_ids, position_ids, cu_seqlens = packed_batch(sentences)
+    T = input_ids.numel()
+    masked = torch.randperm(T, generator=gen)[: T // 3]
+    masked_positions = torch.cat([masked, torch.zeros(5, dtype=torch.long)])  # padded slots point at token 0
+    with torch.no_grad():
+        ours = model(input_ids, position_ids, cu_seqlens, max(lengths), masked_positions)  # (M, V)
+        expected = torch.empty(T, 97)
+        pad_to = max(lengths) + 3  # each sentence alone, padded as transformers users do (<= 40 positions)
+        for s, start in zip(sentences, cu_seqlens[:-1].tolist()):
+            ids = F.pad(s, (0, pad_to - len(s)))[None]
+            mask = (torch.arange(pad_to) < len(s)).long()[None]
+            expected[start:start + len(s)] = hf(input_ids=ids, attention_mask=mask).logits[0, : len(s)]
+    assert ours.shape == (masked_positions.numel(), 97)
+    ref = expected[masked_positions]
+    assert torch.allclose(ours, ref, atol=ATOL[torch.float32], rtol=0), report(ours, ref)
+
+
+def test_packed_batch_has_no_cross_contamination():
+    gen = torch.Generator().manual_seed(3)
+    model = BertForMaskedLM(odd_config()).eval()
+    sentences = random_sentences(gen, 97, [5, 17, 1, 30, 9])
+    input_ids, position_ids, cu_seqlens = packed_batch(sentences, empty_tail=3)
+    with torch.no_grad():
+        together = model(input_ids, position_ids, cu_seqlens, 30, torch.arange(input_ids.numel()))
+        alone = torch.cat([model(*packed_batch([s], empty_tail=0), len(s), torch.arange(len(s)))
+                           for s in sentences])
+        # change every other sentence: sentence 1's logits must not move
+        others = [s if i == 1 else torch.randint(5, 97, s.shape, generator=gen) for i, s in enumerate(sentences)]
+        changed = model(packed_batch(others, 3)[0], position_ids, cu_seqlens, 30, torch.arange(input_ids.numel()))
+    assert torch.allclose(together, alone, atol=1e-5, rtol=0), report(together, alone)
+    s1 = slice(5, 22)
+    assert torch.allclose(together[s1], changed[s1], atol=1e-5, rtol=0), report(together[s1], changed[s1])
+
+
+def test_forward_padded_equals_transformers():
+    gen = torch.Generator().manual_seed(4)
+    model = BertForMaskedLM(odd_config()).eval()
+    hf = hf_twin(model)
+    ids = torch.randint(5, 97, (4, 19), generator=gen)
+    mask = (torch.arange(19)[None] < torch.tensor([[19], [3], [11], [1]])).long()
+    with torch.no_grad():
+        ours, theirs = model.forward_padded(ids, mask), hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(ours[real], theirs[real], atol=ATOL[torch.float32], rtol=0), report(ours[real], theirs[real])
+
+
+def test_gradients_equal_transformers_and_are_finite_with_empty_segments():
+    gen = torch.Generator().manual_seed(5)
+    model = BertForMaskedLM(odd_config())
+    hf = hf_twin(model).train()  # dropout is 0 in odd_config: train mode is deterministic
+    lengths = [4, 1, 12]
+    sentences = random_sentences(gen, 97, lengths)
+    input_ids, position_ids, cu_seqlens = packed_batch(sentences, empty_tail=0)
+    cu_seqlens = torch.tensor([0, 4, 4, 5, 5, 17, 17, 17], dtype=torch.int32)  # empty segments in the middle too
+    labels = torch.randint(5, 97, (17,), generator=gen)
+    loss_sum, n = mlm_loss_sum(model(input_ids, position_ids, cu_seqlens, 12, torch.arange(17)), labels)
+    (loss_sum / n).backward()
+    L = max(lengths)
+    ids = torch.stack([F.pad(s, (0, L - len(s))) for s in sentences])
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
+    hf_labels = torch.full((3, L), -100)
+    for i, (start, n_i) in enumerate(zip([0, 4, 5], lengths)):
+        hf_labels[i, :n_i] = labels[start:start + n_i]
+    hf(input_ids=ids, attention_mask=mask, labels=hf_labels).loss.backward()
+    theirs = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+        assert torch.allclose(p.grad, theirs[name].grad, atol=1e-5, rtol=1e-3), f"{name}: {report(p.grad, theirs[name].grad)}"
+
+
+def test_fused_and_separate_qkv_agree(monkeypatch):
+    gen = torch.Generator().manual_seed(6)
+    model = BertForMaskedLM(odd_config()).eval()
+    input_ids, position_ids, cu_seqlens = packed_batch(random_sentences(gen, 97, [8, 3, 21]))
+    args = (input_ids, position_ids, cu_seqlens, 21, torch.arange(32))
+    from mlmtrain.model import BertSelfAttention
+    with torch.no_grad():
+        monkeypatch.setattr(BertSelfAttention, "fused_qkv", True)
+        fused = model(*args)
+        monkeypatch.setattr(BertSelfAttention, "fused_qkv", False)
+        separate = model(*args)
+    assert torch.allclose(fused, separate, atol=1e-5, rtol=0), report(fused, separate)
+
+
+# ---------------------------------------------------------------------------------------------- behaviour
+
+
+def test_init_is_berts():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig.from_size("mini", 1000))
+    q = model.bert.encoder.layer[0].attention.self.query
+    assert abs(q.weight.std().item() - 0.02) < 1e-3 and q.bias.abs().max() == 0
+    assert model.bert.embeddings.word_embeddings.weight[0].abs().max() == 0  # [PAD] row
+    ln = model.bert.embeddings.LayerNorm
+    assert torch.all(ln.weight == 1) and torch.all(ln.bias == 0)
+    assert model.cls.predictions.bias.abs().max() == 0
+
+
+def test_dropout_default_on_and_switchable_off():
+    gen = torch.Generator().manual_seed(7)
+    input_ids, position_ids, cu_seqlens = packed_batch(random_sentences(gen, 97, [9, 6]))
+    args = (input_ids, position_ids, cu_seqlens, 9, torch.arange(15))
+    noisy = BertForMaskedLM(odd_config(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)).train()
+    assert BertConfig().hidden_dropout_prob == 0.1 and BertConfig().attention_probs_dropout_prob == 0.1
+    assert not torch.equal(noisy(*args), noisy(*args))
+    quiet = BertForMaskedLM(odd_config()).train()
+    assert torch.equal(quiet(*args), quiet(*args))
+
+
+def test_mlm_loss_sum_ignores_padding_and_upcasts():
+    logits = torch.randn(6, 11, dtype=torch.bfloat16)
+    labels = torch.tensor([1, 2, -100, 4, -100, 10])
+    loss_sum, n = mlm_loss_sum(logits, labels)
+    assert loss_sum.dtype == torch.float32 and n.item() == 4
+    expected = F.cross_entropy(logits.float()[labels != -100], labels[labels != -100], reduction="sum")
+    assert torch.allclose(loss_sum, expected)
+
+
+def test_bf16_autocast_on_cpu_gives_bf16_logits():
+    gen = torch.Generator().manual_seed(8)
+    model = BertForMaskedLM(odd_config()).eval()
+    input_ids, position_ids, cu_seqlens = packed_batch(random_sentences(gen, 97, [9, 6]))
+    with torch.no_grad():
+        ref = model(input_ids, position_ids, cu_seqlens, 9, torch.arange(15))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(input_ids, position_ids, cu_seqlens, 9, torch.arange(15))
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), ref, atol=ATOL[torch.bfloat16] * 4, rtol=0.05), report(low, ref)
+
+
+def test_attn_impl_override_is_checked():
+    model = BertForMaskedLM(odd_config(), attn_impl="varlen")
+    input_ids, position_ids, cu_seqlens = packed_batch([torch.tensor([5, 6, 7])])
+    with pytest.raises(ValueError, match="CUDA"):
+        model(input_ids, position_ids, cu_seqlens, 3, torch.arange(3))
+
+
+def test_compiles_without_graph_breaks():
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward like inductor would
+    (dynamo + AOTAutograd) without inductor's ~20 s CPU code generation."""
+    gen = torch.Generator().manual_seed(9)
+    model = BertForMaskedLM(odd_config()).eval()
+    input_ids, position_ids, cu_seqlens = packed_batch(random_sentences(gen, 97, [9, 6, 12]))
+    masked, labels = torch.tensor([0, 4, 20, 26, 0]), torch.tensor([5, 6, 7, 8, -100])
+
+    def step(input_ids, position_ids, cu_seqlens, masked, labels):
+        loss_sum, n = mlm_loss_sum(model(input_ids, position_ids, cu_seqlens, 12, masked), labels)
+        return loss_sum / n
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(input_ids, position_ids, cu_seqlens, masked, labels)
+    loss.backward()
+    assert torch.allclose(loss, step(input_ids, position_ids, cu_seqlens, masked, labels), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- config, FLOPs
+
+
+def test_config_sizes_and_errors():
+    assert set(MODEL_SIZES) == {"tiny", "mini", "small", "base", "large"}
+    base = BertConfig.from_size("base", 30000)
+    assert (base.num_hidden_layers, base.hidden_size, base.num_attention_heads, base.intermediate_size) == (12, 768, 12, 3072)
+    large = BertConfig.from_size("large", 30000, hidden_dropout_prob=0.0)
+    assert (large.num_hidden_layers, large.hidden_size, large.num_attention_heads) == (24, 1024, 16)
+    assert large.hidden_dropout_prob == 0.0
+    with pytest.raises(UserError, match="unknown model size 'huge'"):
+        BertConfig.from_size("huge", 100)
+    with pytest.raises(UserError, match="hidden_size 100 is not divisible by num_attention_heads 3"):
+        BertConfig(hidden_size=100, num_attention_heads=3)
+    hf = transformers.BertConfig(**{k: v for k, v in base.to_hf_dict().items() if k != "architectures"})
+    assert BertConfig.from_dict(hf.to_dict()) == base
+
+
+def test_flops_formula():
+    c = BertConfig(vocab_size=100, hidden_size=8, num_hidden_layers=2, intermediate_size=32, num_attention_heads=2)
+    matmul = 2 * (4 * 64 + 2 * 8 * 32)
+    head = 64 + 8 * 100
+    assert model_flops_per_token(c, 10) == 6 * matmul + 6 * head + 12 * 2 * 8 * 10
+    # lengths [2, 4]: tokens of the 4-long segment attend over 4 keys -> token-weighted mean (4 + 16) / 6
+    assert model_flops_per_token(c, [2, 4], head_fraction=0.15) == pytest.approx(
+        6 * matmul + 6 * 0.15 * head + 12 * 2 * 8 * (20 / 6))
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_varlen_matches_fp32_reference_on_gpu(dtype):
+    """Flash varlen forward/backward under autocast vs the fp32 SDPA reference, empty segments included."""
+    gen = torch.Generator().manual_seed(10)
+    torch.manual_seed(10)
+    config = BertConfig.from_size("mini", 1000, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    ref = BertForMaskedLM(config, attn_impl="sdpa").cuda()
+    fast = BertForMaskedLM(config, attn_impl="varlen").cuda()
+    fast.load_state_dict(ref.state_dict())
+    lengths = [1, 128, 37, 2, 64, 5]
+    input_ids, position_ids, cu_seqlens = packed_batch(random_sentences(gen, 1000, lengths), empty_tail=3)
+    T = input_ids.numel()
+    masked = torch.randperm(T, generator=gen)[: T // 4]
+    labels = torch.randint(5, 1000, masked.shape, generator=gen)
+    batch = [t.cuda() for t in (input_ids, position_ids, cu_seqlens)]
+    ref_logits = ref(*batch, 128, masked.cuda())
+    with torch.autocast("cuda", dtype=dtype):
+        fast_logits = fast(*batch, 128, masked.cuda())
+    assert fast_logits.dtype == dtype
+    tol = ATOL[dtype] * max(1.0, ref_logits.abs().max().item())
+    assert torch.allclose(fast_logits.float(), ref_logits, atol=tol, rtol=0), report(fast_logits, ref_logits)
+    for m, logits in ((ref, ref_logits), (fast, fast_logits)):
+        loss_sum, n = mlm_loss_sum(logits, labels.cuda())
+        (loss_sum / n).backward()
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        g, h = p.grad, fast_params[name].grad
+        assert torch.isfinite(h).all(), name
+        scale = g.abs().max().item() + 1e-6
+        assert (g - h.float()).abs().max().item() <= 0.05 * scale, f"{name}: {report(g, h)}"
+
+
+@requires_cuda
+def test_auto_picks_varlen_under_autocast_on_gpu(monkeypatch):
+    import mlmtrain.model as model_module
+
+    calls = []
+    real = model_module.varlen_attention
+    monkeypatch.setattr(model_module, "varlen_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = BertForMaskedLM(odd_config(hidden_size=64, num_attention_heads=4)).cuda().eval()
+    batch = [t.cuda() for t in packed_batch([torch.tensor([5, 6, 7]), torch.tensor([8, 9])])]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(*batch, 3, torch.arange(5, device="cuda"))
+    assert calls
