@@ -1,0 +1,248 @@
+"""Token shards: layout, contents decode back to the input, deterministic split, long sentences split
+not dropped, every kind of bad input handled with a clear message or a counted repair, atomic output."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from mlmtrain import data as data_module
+from mlmtrain.cli import main as cli_main
+from mlmtrain.data import (
+    SPLIT_UNIT_SENTENCES,
+    check_tokenizer_match,
+    load_split,
+    prepare,
+    read_meta,
+    split_long,
+)
+from mlmtrain.errors import UserError
+from mlmtrain.tokenizer import TokenizerSettings, build_tokenizer, load_tokenizer, write_tokenizer_dir
+
+
+def corpus_documents(path):
+    """The sample as a list of documents, each a list of non-blank lines."""
+    docs, cur = [], []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if line.strip():
+            cur.append(line)
+        elif cur:
+            docs.append(cur)
+            cur = []
+    return docs + ([cur] if cur else [])
+
+
+def shard_sentences(shard):
+    return [shard.sentence(i).tolist() for i in range(shard.num_sentences)]
+
+
+def run(inputs, tokenizer_dir, out, **kw):
+    kw.setdefault("progress", False)
+    return prepare(inputs if isinstance(inputs, list) else [inputs], tokenizer_dir, out, **kw)
+
+
+def files_of(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.npy"))}
+
+
+def test_layout_and_meta(data_dir, tokenizer_dir):
+    meta = read_meta(data_dir)
+    vocab_size = load_tokenizer(tokenizer_dir).get_vocab_size()
+    assert meta["vocab_size"] == vocab_size and meta["dtype"] == "uint16" and meta["max_seq_len"] == 128
+    assert meta["max_token_id"] < vocab_size
+    for split in ("train", "valid"):
+        shard = load_split(data_dir, split)
+        assert shard.tokens.dtype == np.uint16 and shard.offsets.dtype == np.int64 and shard.doc_offsets.dtype == np.int64
+        assert isinstance(shard.tokens, np.memmap)
+        lengths = np.diff(shard.offsets)  # (S,)
+        assert shard.offsets[0] == 0 and shard.offsets[-1] == len(shard.tokens)
+        assert lengths.min() >= 1 and lengths.max() <= 126, "every sentence must fit [CLS] s [SEP] in 128"
+        assert shard.doc_offsets[0] == 0 and shard.doc_offsets[-1] == shard.num_sentences
+        assert (np.diff(shard.doc_offsets) > 0).all()
+        assert meta[split]["sentences"] == shard.num_sentences and meta[split]["tokens"] == len(shard.tokens)
+        assert meta[split]["documents"] == shard.num_documents
+        assert meta[split]["max_sentence_len"] == lengths.max() and meta[split]["min_sentence_len"] == lengths.min()
+    assert meta["valid"]["sentences"] > 0
+    assert sum(meta["length_histogram"]) == meta["train"]["sentences"] + meta["valid"]["sentences"]
+    assert meta["lines_skipped"] == 0 and meta["lines_repaired"] == 0
+    check_tokenizer_match(data_dir, tokenizer_dir)
+
+
+def test_shards_decode_back_to_input(tmp_path, sample_corpus, tokenizer_dir):
+    """With no valid split, train holds every line in order: token ids equal the tokenizer's, the text
+    decodes back, and documents are the blank-line-separated blocks."""
+    meta = run(sample_corpus, tokenizer_dir, tmp_path / "d", valid_fraction=0.0, max_seq_len=512)
+    tok = load_tokenizer(tokenizer_dir)
+    docs = corpus_documents(sample_corpus)
+    lines = [line for doc in docs for line in doc]
+    shard = load_split(tmp_path / "d", "train")
+    assert meta["sentences_split"] == 0 and meta["valid"]["sentences"] == 0
+    assert shard.num_sentences == len(lines)
+    assert shard_sentences(shard) == [e.ids for e in tok.encode_batch(lines, add_special_tokens=False)]
+    for i in range(0, len(lines), 7):
+        decoded = tok.decode(shard.sentence(i).tolist())
+        assert "".join(decoded.split()) == "".join(lines[i].split()), f"line {i}: {lines[i]!r} -> {decoded!r}"
+    assert np.diff(shard.doc_offsets).tolist() == [len(d) for d in docs]
+
+
+def test_split_covers_everything_and_is_deterministic(tmp_path, sample_corpus, tokenizer_dir, data_dir):
+    everything = run(sample_corpus, tokenizer_dir, tmp_path / "all", valid_fraction=0.0)
+    meta = read_meta(data_dir)
+    for key in ("sentences", "tokens"):
+        assert meta["train"][key] + meta["valid"][key] == everything["train"][key]
+    all_sentences = sorted(map(tuple, shard_sentences(load_split(tmp_path / "all"))))
+    split_sentences = sorted(map(tuple, shard_sentences(load_split(data_dir, "train")) + shard_sentences(load_split(data_dir, "valid"))))
+    assert split_sentences == all_sentences
+
+    # same seed -> byte-identical shards, whatever the read block size; another seed -> another split
+    run(sample_corpus, tokenizer_dir, tmp_path / "again", valid_fraction=0.05, seed=0, block_bytes=4096)
+    assert files_of(tmp_path / "again") == files_of(data_dir)
+    run(sample_corpus, tokenizer_dir, tmp_path / "seed1", valid_fraction=0.05, seed=1)
+    assert files_of(tmp_path / "seed1") != files_of(data_dir)
+
+
+def test_one_document_corpus_still_splits(tmp_path, tokenizer_dir):
+    """No blank lines at all (the seed's corpus format): split units are 64-sentence pieces."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"대한민국 헌법 제{i}조 문장이다.\n" for i in range(SPLIT_UNIT_SENTENCES * 20)), encoding="utf-8")
+    meta = run(corpus, tokenizer_dir, tmp_path / "d", valid_fraction=0.2, seed=3)
+    assert meta["valid"]["sentences"] > 0 and meta["train"]["sentences"] > 0
+    assert meta["valid"]["sentences"] % SPLIT_UNIT_SENTENCES == 0
+    # a tiny corpus with a valid fraction still gets a non-empty valid split (the last unit moves there)
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("첫 문장이다.\n\n둘째 문장이다.\n", encoding="utf-8")
+    meta = run(tiny, tokenizer_dir, tmp_path / "t", valid_fraction=0.01)
+    assert (meta["train"]["sentences"], meta["valid"]["sentences"]) == (1, 1)
+
+
+def test_long_sentences_split_not_dropped(tmp_path, sample_corpus, tokenizer_dir):
+    meta = run(sample_corpus, tokenizer_dir, tmp_path / "d", valid_fraction=0.0, max_seq_len=10)
+    shard = load_split(tmp_path / "d")
+    assert np.diff(shard.offsets).max() <= 8 and meta["sentences_split"] > 100
+    tok = load_tokenizer(tokenizer_dir)
+    lines = [line for doc in corpus_documents(sample_corpus) for line in doc]
+    whole = np.concatenate([e.ids for e in tok.encode_batch(lines, add_special_tokens=False)])
+    assert np.array_equal(np.asarray(shard.tokens), whole), "pieces must be the consecutive tokens of the sentence"
+    assert [len(p) for p in split_long(list(range(130)), 126)] == [65, 65]
+    assert [len(p) for p in split_long(list(range(9)), 4)] == [3, 3, 3]
+
+
+def test_uint32_when_vocab_exceeds_uint16(tmp_path):
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(70000)])}
+    tok_dir = tmp_path / "big"
+    write_tokenizer_dir(build_tokenizer(TokenizerSettings(), vocab), tok_dir, TokenizerSettings())
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("w69999 w1\nw5\n", encoding="utf-8")
+    meta = run(corpus, tok_dir, tmp_path / "d", valid_fraction=0.0)
+    shard = load_split(tmp_path / "d")
+    assert meta["dtype"] == "uint32" and shard.tokens.dtype == np.uint32
+    assert shard.tokens.tolist() == [70004, 6, 10]
+
+
+def test_messy_lines_are_repaired_or_skipped_and_counted(tmp_path, tokenizer_dir):
+    clean = ["첫 문장이다.", "Second sentence here.", "", "다음 문서의 문장이다.", "last one"]
+    (tmp_path / "clean.txt").write_text("\n".join(clean) + "\n", encoding="utf-8")
+    messy = (b"\xef\xbb\xbf" + "첫 문장이다.\r\n".encode() + b"bad \xff\xfe bytes\r\n" + b"Second sentence here.\r\n"
+             + b"\r\n   \n\t\n\n" + b"nul\x00byte\n" + "다음 문서의 문장이다.\n".encode() + b"last one")  # no final newline
+    (tmp_path / "messy.txt").write_bytes(messy)
+    want = run(tmp_path / "clean.txt", tokenizer_dir, tmp_path / "a", valid_fraction=0.0)
+    got = run(tmp_path / "messy.txt", tokenizer_dir, tmp_path / "b", valid_fraction=0.0, block_bytes=7)
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+    assert got["line_problems"] == {"invalid_utf8": 1, "nul_bytes": 1, "crlf": 4, "bom": 1}
+    assert (got["lines_skipped"], got["lines_repaired"]) == (2, 5)
+    assert got["train"]["documents"] == want["train"]["documents"] == 2
+
+
+def test_gzip_input_matches_plain(tmp_path, sample_corpus, tokenizer_dir, data_dir):
+    gz = tmp_path / "sample.txt.gz"
+    gz.write_bytes(gzip.compress(sample_corpus.read_bytes()))
+    run(gz, tokenizer_dir, tmp_path / "d", valid_fraction=0.05, seed=0)
+    assert files_of(tmp_path / "d") == files_of(data_dir)
+    (tmp_path / "fake.gz").write_bytes(b"not gzip at all\n")
+    with pytest.raises(UserError, match="gzip"):
+        run(tmp_path / "fake.gz", tokenizer_dir, tmp_path / "e")
+
+
+def test_bad_input_gives_clear_errors(tmp_path, sample_corpus, tokenizer_dir, data_dir, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_text("\n \n\r\n", encoding="utf-8")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x01\n\x80\x81\n")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("x")
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        ([tmp_path / "missing.txt"], tmp_path / "o", "does not exist"),
+        ([tmp_path], tmp_path / "o", "is a directory"),
+        ([tmp_path / "empty.txt"], tmp_path / "o", "is empty"),
+        ([tmp_path / "blank.txt"], tmp_path / "o", "contains no text lines"),
+        ([tmp_path / "binary.txt"], tmp_path / "o", r"contains no text lines \(2 unreadable"),
+        ([sample_corpus], data_dir, "already holds token shards"),
+        ([sample_corpus], tmp_path / "other", "is not empty"),
+        ([sample_corpus], tmp_path / "afile", "is a file"),
+        ([], tmp_path / "o", "no input files"),
+    ]
+    for inputs, out, message in cases:
+        with pytest.raises(UserError, match=message):
+            run(inputs, tokenizer_dir, out)
+        assert not (tmp_path / "o").exists()
+    with pytest.raises(UserError, match="valid-fraction"):
+        run([sample_corpus], tokenizer_dir, tmp_path / "o", valid_fraction=1.0)
+    with pytest.raises(UserError, match="max-seq-len"):
+        run([sample_corpus], tokenizer_dir, tmp_path / "o", max_seq_len=2)
+    with pytest.raises(UserError, match="no token shards"):
+        read_meta(tmp_path)
+    assert not list(tmp_path.glob(".o.tmp-*")), "a failed prepare left its temporary folder"
+
+    assert cli_main(["prepare", "--input", str(tmp_path / "empty.txt"), "--tokenizer", str(tokenizer_dir),
+                     "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "prepare: error: input file" in err and "is empty" in err and "Traceback" not in err
+
+
+def test_other_tokenizer_is_refused(tmp_path, sample_corpus, data_dir):
+    from mlmtrain.tokenizer import train_tokenizer
+
+    train_tokenizer([sample_corpus], tmp_path / "tok", TokenizerSettings(vocab_size=1500), progress=False)
+    with pytest.raises(UserError, match="another tokenizer"):
+        check_tokenizer_match(data_dir, tmp_path / "tok")
+
+
+def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, sample_corpus, tokenizer_dir, monkeypatch):
+    out = tmp_path / "d"
+    run(sample_corpus, tokenizer_dir, out)
+    before = files_of(out)
+    calls = {"n": 0}
+    original = data_module._SplitWriter.add_unit
+
+    def add_unit_then_die(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(data_module._SplitWriter, "add_unit", add_unit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(sample_corpus, tokenizer_dir, out, overwrite=True, seed=7)
+    assert files_of(out) == before, "the old shards must survive an interrupted --overwrite"
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        run(sample_corpus, tokenizer_dir, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.undo()
+    run(sample_corpus, tokenizer_dir, out, overwrite=True, seed=7)
+    assert files_of(out) != before
+
+
+def test_cli_prepare(tmp_path, sample_corpus, tokenizer_dir, capsys):
+    out = tmp_path / "d"
+    rc = cli_main(["prepare", "--input", str(sample_corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+                   "--valid-fraction", "0.1", "--max-seq-len", "64", "--seed", "5"])
+    assert rc == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["valid_fraction"], meta["max_seq_len"], meta["seed"]) == (0.1, 64, 5)
+    assert "wrote" in capsys.readouterr().err
+    shutil.rmtree(out)
