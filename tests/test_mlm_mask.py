@@ -1,0 +1,365 @@
+"""The masking kernel against its torch reference (bit for bit), and the reference against BERT's definition
+(statistically). On CPU the kernel runs under TRITON_INTERPRET=1 (set in conftest), so kernel calls stay
+at <= ~8k tokens; the statistical tests use the reference at large T, which the first tests prove identical.
+
+Statistical tests and their false-failure rates (each test below is one such check):
+- rates (selection, whole-word selection): two-sided binomial z-test, |z| < 5.0 -> false failure 5.7e-7.
+- 80/10/10 split: chi-square with 2 degrees of freedom, statistic < 27.63 -> false failure 1e-6.
+- random-id uniformity: chi-square with K-1 degrees of freedom against the Wilson-Hilferty quantile at
+  1e-6 (z = 4.753), accurate to a few percent of the tail probability for K > 30.
+Every draw is a pure function of (seed, step, index), so these are deterministic: they pass or fail the
+same way on every run, and the false-failure rate is the chance a fresh seed choice would fail."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+from mlmtrain.errors import UserError
+from mlmtrain.kernels import mlm_mask as mm
+from mlmtrain.kernels.mlm_mask import (IGNORE_INDEX, max_masked_bound, mlm_mask, mlm_mask_reference, mlm_mask_triton,
+                                       philox4x32_torch, word_start_table)
+
+V, MASK, NSPEC = 69, 4, 5  # 64 maskable ids
+Z_MAX = 5.0  # two-sided normal tail 5.7e-7
+CHI2_DF2_MAX = 2 * math.log(1e6)  # chi-square(2) survival exp(-x/2) = 1e-6
+
+needs_triton = pytest.mark.skipif(not mm._triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
+                                  reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _ids(T, dtype=torch.int32, seed=0, low=0, high=V, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, high, (T,), generator=g).to(dtype=dtype, device=device)
+
+
+def _words(T, seed=0, max_len=6):
+    """Ids laid out as words of 1..max_len pieces: word-start ids in [5, 40), continuation ids in [40, 69)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len + 1, (T,), generator=g)
+    first_piece = torch.cumsum(lengths, 0) - lengths  # (T,) where each word would begin
+    starts = torch.zeros(T, dtype=torch.bool)
+    starts[first_piece[first_piece < T]] = True
+    ids = torch.where(starts, torch.randint(NSPEC, 40, (T,), generator=g), torch.randint(40, V, (T,), generator=g))
+    table = torch.arange(V) < 40  # (V,) specials and [5, 40) start words
+    return ids.to(torch.int32), starts, table
+
+
+def _assert_same(a, b, what=""):
+    for name, x, y in zip(a._fields, a, b):
+        if not torch.equal(x, y):
+            diff = (x.long() - y.long()).abs().float() if x.shape == y.shape else None
+            detail = (f"{int((x != y).sum())} of {x.numel()} differ, max diff {diff.max():.0f}, mean diff "
+                      f"{diff.mean():.3g}, first at {int((x != y).nonzero()[0])}" if diff is not None
+                      else f"shapes {tuple(x.shape)} vs {tuple(y.shape)}")
+            raise AssertionError(f"{what} {name}: {detail}")
+
+
+def _both(ids, **kw):
+    kw = {"vocab_size": V, "mask_id": MASK, "seed": 1234, "step": 7, **kw}
+    return mlm_mask(ids, backend="triton", **kw), mlm_mask(ids, backend="torch", **kw)
+
+
+# ---- the random stream ------------------------------------------------------------------------------
+def test_philox_known_answers():
+    """Random123's published Philox4x32-10 vectors (kat_vectors): counter[4], key[2] -> output[4]."""
+    cases = [((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+             ((0xFFFFFFFF,) * 4, 0xFFFFFFFF_FFFFFFFF, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), 0x299F31D0_A4093822,
+              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    for counter, key, want in cases:
+        got = philox4x32_torch(*[torch.tensor([c]) for c in counter], key)
+        assert tuple(int(x) for x in got) == want, [hex(int(x)) for x in got]
+
+
+@needs_triton
+def test_philox_is_tritons_stream():
+    """At step 0 our counter layout is tl.randint4x's: (offset lo, offset hi, 0, 0), key = seed."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def randint4x_kernel(out_ptr, offsets_ptr, seed, N: tl.constexpr):
+        i = tl.arange(0, N)
+        r0, r1, r2, r3 = tl.randint4x(seed, tl.load(offsets_ptr + i))
+        tl.store(out_ptr + 4 * i, r0.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + 4 * i + 1, r1.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + 4 * i + 2, r2.to(tl.int64) & 0xFFFFFFFF)
+        tl.store(out_ptr + 4 * i + 3, r3.to(tl.int64) & 0xFFFFFFFF)
+
+    offsets = torch.tensor([0, 1, 12345, 2**32 + 5, 2**40 + 7, 2**62, 99, 3], dtype=torch.int64, device=DEVICE)
+    out = torch.empty(32, dtype=torch.int64, device=DEVICE)
+    seed = 0x12_3456_7890
+    randint4x_kernel[(1,)](out, offsets, seed, N=8)
+    zero = torch.zeros_like(offsets)
+    ref = torch.stack(philox4x32_torch(offsets & 0xFFFFFFFF, offsets >> 32, zero, zero, seed), 1).reshape(-1)
+    assert torch.equal(out, ref)
+
+
+# ---- kernel == reference, bit for bit -----------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("T", [1, 127, 1025, 4099])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_kernel_matches_reference(T, dtype):
+    ids = _ids(T, dtype, seed=T)
+    a, b = _both(ids, offset=(3 << 32) - 50, step=(1 << 40) + 3)  # the low counter word wraps mid-batch
+    _assert_same(a, b, f"T={T} {dtype}")
+    assert a.masked_ids.dtype == a.labels.dtype == dtype
+    assert a.masked_positions.dtype == a.masked_labels.dtype == torch.int64
+
+
+@needs_triton
+@pytest.mark.parametrize("T", [127, 1025, 4099])
+def test_kernel_matches_reference_whole_word_and_never_mask(T):
+    ids, _, table = _words(T, seed=T)
+    never = torch.zeros(V, dtype=torch.bool)
+    never[[7, 8, 41, 60]] = True
+    a, b = _both(ids.to(DEVICE), word_start=table.to(DEVICE), never_mask=never.to(DEVICE), mask_prob=0.3)
+    _assert_same(a, b, f"T={T} whole-word + never_mask")
+
+
+@needs_triton
+def test_kernel_words_longer_than_blocks():
+    """Small blocks and a short look-back window: words span several blocks, the call starts mid-word, and
+    the walk-back must step through many windows."""
+    T = 2000
+    ids = torch.full((T,), 50, dtype=torch.int32)  # continuation pieces...
+    ids[[300, 301, 900, 1950]] = 10  # ...with only four word starts
+    table = torch.arange(V) < 40
+    kw = dict(vocab_size=V, mask_id=MASK, num_special=NSPEC, never_mask=None, mask_prob=0.5, mask_frac=0.8,
+              random_frac=0.1, step=3, offset=0, max_masked=T, word_start=table.to(DEVICE))
+    for seed in range(2):
+        ids_d = ids.to(DEVICE)
+        a = mlm_mask_triton(ids_d, seed=seed, block_size=128, lookback=32, **kw)
+        b = mlm_mask_reference(ids_d, seed=seed, **kw)
+        _assert_same(a, b, f"seed {seed}")
+        selected = (a.labels != IGNORE_INDEX).cpu()
+        for lo, hi in [(0, 300), (301, 900), (900, 1950), (1950, T)]:
+            assert selected[lo:hi].all() or not selected[lo:hi].any(), (seed, lo, hi)
+
+
+@needs_triton
+def test_kernel_cap_and_padding_slots():
+    ids = _ids(4000, seed=5)
+    for max_masked in (0, 5, 300, 5000):
+        a, b = _both(ids, mask_prob=0.5, max_masked=max_masked)
+        _assert_same(a, b, f"max_masked={max_masked}")
+
+
+# ---- semantics (checked on the reference; the kernel is identical) -------------------------------------
+def _check_consistent(ids, out, max_masked):
+    """The four outputs describe the same selection."""
+    ids = ids.long().cpu()
+    masked_ids, labels = out.masked_ids.long().cpu(), out.labels.long().cpu()
+    positions, masked_labels = out.masked_positions.cpu(), out.masked_labels.cpu()
+    selected = labels != IGNORE_INDEX
+    n = int(selected.sum())
+    assert positions.shape == masked_labels.shape == (max_masked,)
+    assert n <= max_masked
+    assert torch.equal(labels[selected], ids[selected])
+    assert torch.equal(masked_ids[~selected], ids[~selected])
+    assert torch.equal(positions[:n], selected.nonzero().squeeze(1))  # ascending, compact
+    assert torch.equal(masked_labels[:n], ids[selected])
+    assert (positions[n:] == 0).all() and (masked_labels[n:] == IGNORE_INDEX).all()
+
+
+def test_outputs_consistent_and_cap_deselects_the_tail():
+    ids = _ids(20000, seed=1, device="cpu")
+    kw = dict(vocab_size=V, mask_id=MASK, seed=3, step=4, mask_prob=0.5, backend="torch")
+    full = mlm_mask(ids, **kw)
+    _check_consistent(ids, full, max_masked_bound(20000, 0.5))
+    capped = mlm_mask(ids, max_masked=100, **kw)
+    _check_consistent(ids, capped, 100)
+    assert int((capped.labels != IGNORE_INDEX).sum()) == 100
+    assert torch.equal(capped.masked_positions, full.masked_positions[:100])  # the first 100 selections kept
+    last = int(capped.masked_positions[-1])
+    assert torch.equal(capped.masked_ids[: last + 1], full.masked_ids[: last + 1])
+    assert torch.equal(capped.masked_ids[last + 1:], ids[last + 1:])  # past the bound: untouched
+
+
+def test_specials_padding_and_out_of_vocab_never_selected():
+    ids = _ids(30000, seed=2, low=-3, high=V + 3, device="cpu")
+    ids[:5000] = 0  # a padded tail, at the front for once
+    never = torch.zeros(V, dtype=torch.bool)
+    never[[10, 11, 12]] = True
+    for never_mask in (None, never):
+        out = mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=0, step=0, mask_prob=1.0, never_mask=never_mask,
+                       max_masked=30000, backend="torch")
+        selected = out.labels != IGNORE_INDEX
+        blocked = (ids < NSPEC) | (ids >= V) | (never[ids.clamp(0, V - 1)] if never_mask is not None else False)
+        assert torch.equal(selected, ~blocked)  # p = 1: everything maskable, nothing else
+        replaced = selected & (out.masked_ids != ids) & (out.masked_ids != MASK)
+        assert replaced.sum() > 1000
+        assert (out.masked_ids[replaced] >= NSPEC).all() and (out.masked_ids[replaced] < V).all()
+        if never_mask is not None:
+            assert not never[out.masked_ids[replaced]].any()
+            assert set(out.masked_ids[replaced].tolist()) == set(range(NSPEC, V)) - {10, 11, 12}
+
+
+def test_identical_keys_identical_output_and_each_key_matters():
+    ids = _ids(5000, seed=3, device="cpu")
+    kw = dict(vocab_size=V, mask_id=MASK, backend="torch")
+    base = mlm_mask(ids, seed=1, step=2, offset=3, **kw)
+    _assert_same(base, mlm_mask(ids.clone(), seed=1, step=2, offset=3, **kw), "same keys")
+    for other in (dict(seed=2, step=2, offset=3), dict(seed=1, step=3, offset=3), dict(seed=1, step=2, offset=4)):
+        assert not torch.equal(base.labels, mlm_mask(ids, **other, **kw).labels), other
+
+
+def test_depends_only_on_global_index():
+    """Token-level masking of a slice with offset k equals the slice of the whole: any split across ranks or
+    micro-batches masks each token the same way."""
+    ids = _ids(6000, seed=4, device="cpu")
+    kw = dict(vocab_size=V, mask_id=MASK, seed=9, step=5, max_masked=6000, backend="torch")
+    whole = mlm_mask(ids, **kw)
+    part = mlm_mask(ids[2500:], offset=2500, **kw)
+    assert torch.equal(part.labels, whole.labels[2500:]) and torch.equal(part.masked_ids, whole.masked_ids[2500:])
+
+
+def test_single_piece_words_mask_like_token_level():
+    ids = _ids(5000, seed=5, device="cpu")
+    kw = dict(vocab_size=V, mask_id=MASK, seed=1, step=1, backend="torch")
+    _assert_same(mlm_mask(ids, **kw), mlm_mask(ids, word_start=torch.ones(V, dtype=torch.bool), **kw), "all starts")
+
+
+def test_whole_word_all_or_nothing_and_rate():
+    ids, starts, table = _words(200000, seed=6)
+    out = mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=11, step=0, word_start=table, backend="torch")
+    selected = out.labels != IGNORE_INDEX
+    word = torch.cumsum(starts.long(), 0) - 1  # (T,) word index of each piece
+    n_words = int(word[-1]) + 1
+    per_word = torch.zeros(n_words, dtype=torch.long).index_add_(0, word, selected.long())
+    length = torch.bincount(word, minlength=n_words)
+    assert ((per_word == 0) | (per_word == length)).all(), "a word was partly selected"
+    _assert_binomial(int((per_word > 0).sum()), n_words, _p_select(0.15), "whole-word selection rate")
+
+
+# ---- statistics ------------------------------------------------------------------------------------
+def _p_select(p):
+    return round(p * 2**24) / 2**24  # the exact probability the 24-bit threshold implements
+
+
+def _assert_binomial(k, n, p, what):
+    z = (k - n * p) / math.sqrt(n * p * (1 - p))
+    assert abs(z) < Z_MAX, f"{what}: {k}/{n} = {k / n:.5f}, expected {p:.5f}, z = {z:.2f}"
+
+
+def _chi2_quantile_1e6(df):
+    """Wilson-Hilferty approximation of the chi-square(df) quantile with upper tail 1e-6."""
+    z = 4.7534
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_selection_rate_many_seeds():
+    k = n = 0
+    for seed in range(20):
+        ids = _ids(50000, seed=100 + seed, low=NSPEC, device="cpu")  # all maskable
+        out = mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=seed, step=seed * 7, backend="torch")
+        k, n = k + int((out.labels != IGNORE_INDEX).sum()), n + ids.numel()
+    _assert_binomial(k, n, _p_select(0.15), "selection rate")
+
+
+@needs_triton
+def test_selection_rate_kernel():
+    k = n = 0
+    for seed in range(3):
+        ids = _ids(8000, seed=200 + seed, low=NSPEC)
+        out = mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=seed, step=1, backend="triton")
+        k, n = k + int((out.labels != IGNORE_INDEX).sum()), n + ids.numel()
+    _assert_binomial(k, n, _p_select(0.15), "selection rate (kernel)")
+
+
+def test_80_10_10_split_and_uniform_random_ids():
+    """Input is one repeated id x, every token selected (p = 1): then [MASK], x and any other id tell the three
+    outcomes apart (a random draw equal to x, probability 1/K, counts as unchanged)."""
+    x, K, T = NSPEC, V - NSPEC, 100000
+    outs = []
+    for seed in range(4):
+        ids = torch.full((T,), x, dtype=torch.int32)
+        outs.append(mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=seed, step=3, mask_prob=1.0, max_masked=T,
+                             backend="torch").masked_ids.long())
+    out = torch.cat(outs)
+    n = out.numel()
+    p_mask = _p_select(0.8)
+    p_random = _p_select(0.9) - p_mask
+    expected = torch.tensor([p_mask, 1 - p_mask - p_random + p_random / K, p_random * (K - 1) / K]) * n
+    observed = torch.tensor([(out == MASK).sum(), (out == x).sum(), ((out != MASK) & (out != x)).sum()]).double()
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < CHI2_DF2_MAX, f"80/10/10 split: observed {observed.tolist()}, expected {expected.tolist()}, chi2 {chi2:.1f}"
+
+    changed = out[(out != MASK) & (out != x)]
+    assert changed.min() >= NSPEC and changed.max() < V  # never a special id
+    counts = torch.bincount(changed - NSPEC, minlength=K)[1:].double()  # ids x+1 .. V-1: K-1 categories
+    e = counts.sum() / (K - 1)
+    chi2 = float(((counts - e) ** 2 / e).sum())
+    assert chi2 < _chi2_quantile_1e6(K - 2), f"random ids not uniform: chi2 {chi2:.1f}, counts {counts.tolist()}"
+
+
+# ---- the bound, the table, errors, backends --------------------------------------------------------
+def test_max_masked_bound():
+    assert max_masked_bound(65536, 0.15) == 10624  # ceil(9830.4 + 8 * 91.41) = 10562 -> next multiple of 128
+    for T in (1, 1000, 65536, 10**6):
+        m = max_masked_bound(T, 0.15)
+        assert m % 128 == 0 and m >= T * 0.15 + 8 * math.sqrt(T * 0.15 * 0.85)
+    assert max_masked_bound(0, 0.15) == 0
+    assert max_masked_bound(65536, 0.15, pieces_per_word=3.0) > 10624
+
+
+def test_word_start_table():
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "산악", "##자", "자전거", "##s", "#"]
+    assert word_start_table(vocab).tolist() == [True] * 6 + [False, True, False, True]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(input_ids=torch.zeros(2, 3, dtype=torch.int32)), "1-D"),
+    (dict(input_ids=torch.zeros(4)), "int32 or int64"),
+    (dict(mask_prob=1.5), "mask_prob"),
+    (dict(mask_frac=0.8, random_frac=0.3), "sum <= 1"),
+    (dict(mask_id=V), "mask_id"),
+    (dict(num_special=V), "num_special"),
+    (dict(never_mask=torch.zeros(V - 1, dtype=torch.bool)), "never_mask"),
+    (dict(word_start=torch.zeros(V, dtype=torch.int32)), "word_start"),
+    (dict(seed=torch.tensor(1)), "python int"),
+    (dict(step=-1), "step"),
+    (dict(max_masked=-2), "max_masked"),
+    (dict(backend="cuda"), "backend"),
+])
+def test_bad_input_is_a_user_error(bad, message):
+    kw = {"input_ids": torch.zeros(8, dtype=torch.int32), "vocab_size": V, "mask_id": MASK, "seed": 0, "step": 0, **bad}
+    with pytest.raises(UserError, match=message):
+        mlm_mask(kw.pop("input_ids"), **kw)
+
+
+def test_auto_backend_and_empty_input():
+    ids = _ids(300, seed=7, device="cpu")
+    kw = dict(vocab_size=V, mask_id=MASK, seed=0, step=0)
+    _assert_same(mlm_mask(ids, backend="auto", **kw), mlm_mask(ids, backend="torch", **kw), "auto")
+    empty = mlm_mask(torch.zeros(0, dtype=torch.int64), backend="auto", **kw)
+    assert empty.masked_ids.numel() == 0 and empty.masked_positions.numel() == 0
+
+
+# ---- CUDA only ---------------------------------------------------------------------------------------
+def _compiled_variants(kernel) -> int:
+    return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+@requires_cuda
+def test_cuda_large_batches_match_reference_without_sync_or_recompiles():
+    table = torch.arange(V, device="cuda") < 40
+    ids = _ids(1 << 21, seed=8, device="cuda")
+    variants_before = _compiled_variants(mm._mask_count_kernel) + _compiled_variants(mm._mask_apply_kernel)
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync in either path raises
+    try:
+        for word_start in (None, table):
+            for step in (0, 1, 16, 17, 32, (1 << 40) + 1):
+                kw = dict(vocab_size=V, mask_id=MASK, seed=123, step=step, word_start=word_start)
+                a = mlm_mask(ids, backend="triton", **kw)
+                b = mlm_mask(ids, backend="torch", **kw)
+                _assert_same(a, b, f"cuda step={step} whole_word={word_start is not None}")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # at most one new compiled variant per (kernel, whole-word on/off): new step values never recompile
+    variants = _compiled_variants(mm._mask_count_kernel) + _compiled_variants(mm._mask_apply_kernel)
+    assert variants - variants_before <= 4
