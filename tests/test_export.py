@@ -1,0 +1,159 @@
+"""`mlmtrain export`: a random-initialised model saved as an mlmtrain checkpoint, exported, and loaded back by
+transformers with no hand edits; logits per sentence equal our packed forward (<= 1e-4, fp32)."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlmtrain import cli
+from mlmtrain.checkpoint import save_checkpoint
+from mlmtrain.errors import UserError
+from mlmtrain.export import export_folder, verify_export
+from mlmtrain.model import TIED_KEYS, BertConfig, BertForMaskedLM
+
+transformers = pytest.importorskip("transformers")
+
+WIDGET = "산악 자전거 경기는 상대적으로 새로운 [MASK] 1990년대에 활성화 되었다."
+SENTENCES = ["산악 자전거 경기는 상대적으로 새로운 스포츠로 1990년대에 활성화 되었다.", "안녕하세요.", "가"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tokenizer_dir):
+    """A run folder holding one checkpoint of a random tiny model (as `mlmtrain train` writes it)."""
+    from mlmtrain.tokenizer import read_vocab, tokenizer_fingerprint
+
+    torch.manual_seed(0)
+    config = BertConfig.from_size("tiny", len(read_vocab(tokenizer_dir)), max_position_embeddings=64)
+    model = BertForMaskedLM(config).eval()
+    with torch.no_grad():  # a non-zero bias so a dropped or untied bias would show in the logits
+        model.cls.predictions.bias.normal_(0, 0.5)
+    run_dir = tmp_path_factory.mktemp("run")
+    run_config = {"data": {"tokenizer_dir": str(tokenizer_dir), "data_dir": ""}, "optim": {"lr": 5e-4}}
+    state = {"valid_loss": 4.5, "command": "mlmtrain train --model tiny", "real_tokens": 12345,
+             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir)}
+    save_checkpoint(run_dir, 42, model, run_config, state)
+    return run_dir, model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, trained_run, tokenizer_dir):
+    run_dir, _ = trained_run
+    out = tmp_path_factory.mktemp("export") / "tiny-ko"
+    rc = cli.main(["export", "--checkpoint", str(run_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out),
+                   "--language", "ko", "--widget-text", WIDGET])
+    assert rc == 0
+    return out
+
+
+def test_folder_has_every_file_with_manifest(exported, trained_run):
+    manifest = json.loads((exported / "mlmtrain_export.json").read_text())
+    expected = {"model.safetensors", "config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                "special_tokens_map.json", "README.md"}
+    assert set(manifest["files"]) == expected
+    assert {p.name for p in exported.iterdir()} == expected | {"mlmtrain_export.json"}
+    for name, entry in manifest["files"].items():
+        data = (exported / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    assert manifest["step"] == 42 and manifest["verified"] is True and manifest["mlmtrain_version"]
+    assert manifest["run"] == str(trained_run[0]) and manifest["checkpoint"].endswith("step_00000042")
+    assert manifest["verification"]["max_abs_logit_diff"] <= 1e-4
+    assert manifest["verification"]["fill_mask"][WIDGET]
+
+
+def test_weights_and_config_are_transformers_layout(exported, trained_run):
+    from safetensors import safe_open
+
+    _, model = trained_run
+    with safe_open(str(exported / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        keys = set(f.keys())
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in keys)
+    assert keys == set(model.state_dict()) - set(TIED_KEYS)  # ties stored once, no position_ids buffer
+    config = json.loads((exported / "config.json").read_text())
+    assert config["architectures"] == ["BertForMaskedLM"] and config["model_type"] == "bert"
+    assert config["vocab_size"] == len((exported / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    assert BertConfig.from_dict(config) == model.config
+    tok_config = json.loads((exported / "tokenizer_config.json").read_text())
+    assert tok_config["model_max_length"] == 64 and tok_config["mask_token"] == "[MASK]"
+    assert "added_tokens_decoder" not in tok_config and "auto_map" not in tok_config
+
+
+def test_model_card(exported):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported / "README.md")
+    data = card.data.to_dict()
+    assert data["language"] == "ko" and data["license"] == "apache-2.0"
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "fill-mask"
+    assert data["mask_token"] == "[MASK]" and data["widget"] == [{"text": WIDGET}]
+    assert "4.5000 nats" in card.text and "mlmtrain train --model tiny" in card.text
+    assert "42" in card.text and "12,345" in card.text
+
+
+def test_transformers_logits_equal_our_packed_forward_per_sentence(exported, trained_run):
+    _, model = trained_run
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(str(exported)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(exported))
+    encoded = [torch.tensor(tok(s)["input_ids"]) for s in SENTENCES]
+    lengths = torch.tensor([len(e) for e in encoded])
+    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    position_ids = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    with torch.no_grad():
+        ours = model(torch.cat(encoded), position_ids, cu_seqlens, int(lengths.max()), torch.arange(int(lengths.sum())))
+        for ids, start in zip(encoded, cu_seqlens.tolist()):
+            pad = 5  # alone, with padding, as a transformers user runs it
+            theirs = hf(input_ids=F.pad(ids, (0, pad))[None],
+                        attention_mask=(torch.arange(len(ids) + pad) < len(ids)).long()[None]).logits[0, : len(ids)]
+            diff = (ours[start:start + len(ids)] - theirs).abs()
+            assert diff.max() <= 1e-4, f"max abs diff {diff.max():.3g}, mean {diff.mean():.3g}"
+
+
+def test_verify_catches_a_model_that_differs(exported, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["hidden_act"] = "relu"  # transformers would now compute something else than we trained
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="logits differ from ours by up to"):
+        verify_export(broken, [WIDGET])
+
+
+def test_bf16_export_without_verify(trained_run, tokenizer_dir, tmp_path):
+    from safetensors import safe_open
+
+    run_dir, model = trained_run
+    manifest = export_folder(run_dir, tokenizer_dir, tmp_path / "bf16", dtype="bf16", verify=False)
+    assert manifest["verified"] is False and manifest["dtype"] == "bf16"
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        emb = f.get_tensor("bert.embeddings.word_embeddings.weight")
+    assert emb.dtype == torch.bfloat16
+    assert torch.equal(emb, model.bert.embeddings.word_embeddings.weight.detach().bfloat16())
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    readme = (tmp_path / "bf16" / "README.md").read_text(encoding="utf-8")
+    assert "The capital of France is [MASK]." in readme  # default widget when no language is given
+
+
+def test_user_mistakes_are_sentences(trained_run, tokenizer_dir, tmp_path, sample_corpus, capsys):
+    from mlmtrain.tokenizer import TokenizerSettings, train_tokenizer
+
+    run_dir, _ = trained_run
+    with pytest.raises(UserError, match="has no \\[MASK\\]"):
+        export_folder(run_dir, tokenizer_dir, tmp_path / "a", widget_texts=["no mask here"], verify=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        export_folder(run_dir, tokenizer_dir, tmp_path / "full", verify=False)
+    other = tmp_path / "other_tokenizer"
+    size = train_tokenizer([sample_corpus], other, TokenizerSettings(vocab_size=500), progress=False)
+    with pytest.raises(UserError, match=f"vocab_size {trained_run[1].config.vocab_size} but the tokenizer has {size}"):
+        export_folder(run_dir, other, tmp_path / "b", verify=False)
+    assert not (tmp_path / "b").exists()  # nothing written on a failed check
+    rc = cli.main(["export", "--checkpoint", str(tmp_path / "nope"), "--tokenizer", str(tokenizer_dir),
+                   "--out", str(tmp_path / "c")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
