@@ -1,0 +1,351 @@
+"""`mlmtrain upload`, tested with no network.
+
+Every upload runs the real CLI in a subprocess (so HF_ENDPOINT, HF_TOKEN, HF_HOME and HF_HUB_OFFLINE are read
+by huggingface_hub at import, as for a user) against `tests/fake_hub.py`, a local HTTP server that stands
+in for the real Hub and speaks the subset of its API a small upload uses (repo creation, branch creation,
+the pre-upload check answering "regular", the NDJSON commit, pull requests, whoami, repo info). The export
+folder is built here (a tiny transformers BertForMaskedLM + the shared test tokenizer + a model card +
+the manifest), so these tests do not depend on `mlmtrain export`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fake_hub import FakeHub, Token
+from mlmtrain.hub import EXPORT_MANIFEST, check_export_folder
+
+WRITE_TOKEN = "hf_fakeWriteTokenA1b2C3d4E5f6G7h8I9j0"
+READ_TOKEN = "hf_fakeReadTokenZ9y8X7w6V5u4T3s2R1q0"
+EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                "special_tokens_map.json", "README.md")
+CARD = """---
+language: ko
+license: apache-2.0
+library_name: transformers
+pipeline_tag: fill-mask
+mask_token: "[MASK]"
+tags: [bert, fill-mask, mlmtrain]
+widget:
+  - text: "산악 자전거 경기는 상대적으로 새로운 [MASK] 1990년대에 활성화 되었다."
+---
+# test-run
+
+A tiny BERT for tests.
+"""
+
+
+def write_manifest(folder: Path, run="test-run", step=1234, verified=True) -> None:
+    files = {name: {"size": (folder / name).stat().st_size,
+                    "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()} for name in EXPORT_FILES}
+    manifest = {"files": files, "run": run, "step": step, "verified": verified, "mlmtrain_version": "0.1.0"}
+    (folder / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+@pytest.fixture(scope="module")
+def clean_export(tmp_path_factory, tokenizer_dir) -> Path:
+    """A valid export folder, as `mlmtrain export` promises to write it (docs/ARCHITECTURE.md)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = tmp_path_factory.mktemp("export")
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(Path(tokenizer_dir) / name, folder / name)
+    with open(folder / "vocab.txt", encoding="utf-8") as f:
+        vocab_size = len(f.readlines())
+    config = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    BertForMaskedLM(config).save_pretrained(folder)  # model.safetensors + config.json (~150 KB: goes inline)
+    (folder / "README.md").write_text(CARD, encoding="utf-8")
+    write_manifest(folder)
+    return folder
+
+
+@pytest.fixture
+def export_dir(clean_export, tmp_path) -> Path:
+    """A fresh copy per test, with the strays a run folder collects: none of them may be uploaded."""
+    folder = tmp_path / "export"
+    shutil.copytree(clean_export, folder)
+    (folder / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (folder / "checkpoints" / "step_00000010" / "model.safetensors").write_bytes(b"old weights")
+    (folder / "optimizer.pt").write_bytes(b"optimizer state")
+    (folder / "notes.txt").write_text("stray")
+    return folder
+
+
+@pytest.fixture
+def hub():
+    tokens = {WRITE_TOKEN: Token("alice"), READ_TOKEN: Token("alice", role="read")}
+    with FakeHub(tokens=tokens, orgs={"alice": ["alice-lab"]}) as server:
+        yield server
+
+
+def upload(tmp_path: Path, *args: str, endpoint: str, token: str | None = WRITE_TOKEN, **env: str):
+    """Run `mlmtrain upload ARGS` as a user would, with a private HF_HOME and only the HF_* variables given."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
+    full_env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    if token is not None:
+        full_env["HF_TOKEN"] = token
+    full_env.update(env)
+    cmd = [sys.executable, "-m", "mlmtrain.cli", "upload", *args]
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=60)
+
+
+def assert_clean_error(result, *phrases: str) -> str:
+    """Exit 2 with one `mlmtrain upload: error: ...` sentence and no traceback."""
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    line = next(line for line in result.stderr.splitlines() if line.startswith("mlmtrain upload: error:"))
+    for phrase in phrases:
+        assert phrase in line, line
+    return line
+
+
+def api_requests(hub: FakeHub):
+    return [r for r in hub.requests if r.path != "/api/agent-harnesses"]  # a registry fetch, not ours
+
+
+# -- the upload itself ----------------------------------------------------------------------------
+
+def test_upload_sends_exactly_the_export_and_is_idempotent(hub, export_dir, tmp_path):
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert result.returncode == 0, result.stderr
+
+    assert hub.unknown == []  # the client stayed inside the subset the fake covers
+    assert len(hub.commits) == 1
+    commit = hub.commits[0]
+    assert commit["repo"] == "alice/tiny-bert" and commit["revision"] == "main" and not commit["create_pr"]
+    assert commit["summary"] == "Upload test-run at step 1234 (mlmtrain 0.1.0)"
+    assert sorted(commit["files"]) == sorted(EXPORT_FILES)  # no manifest, checkpoints, optimizer or strays
+    for name, data in commit["files"].items():
+        assert data == (export_dir / name).read_bytes(), f"{name} differs from the export"
+    assert hub.repos["alice/tiny-bert"].private is False
+    create = next(r for r in hub.requests if r.path == "/api/repos/create")
+    assert json.loads(create.body)["name"] == "tiny-bert"
+    for r in api_requests(hub):
+        assert r.headers.get("Authorization") == f"Bearer {WRITE_TOKEN}", (r.method, r.path)
+    oid = hub.repos["alice/tiny-bert"].heads["main"]
+    assert f"{hub.endpoint}/alice/tiny-bert" in result.stdout and f"commit: {oid}" in result.stdout
+
+    # The same command again: the Hub already has every file, so no new commit, and the same commit id.
+    again = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert again.returncode == 0, again.stderr
+    assert len(hub.commits) == 1 and f"commit: {oid}" in again.stdout
+
+
+def test_upload_private_to_a_new_branch_with_a_message(hub, export_dir, tmp_path):
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice-lab/tiny-bert", "--private",
+                    "--revision", "experiment-1", "--commit-message", "step 1234, lr 5e-4", endpoint=hub.endpoint)
+    assert result.returncode == 0, result.stderr
+    repo = hub.repos["alice-lab/tiny-bert"]
+    assert repo.private is True
+    (commit,) = hub.commits
+    assert commit["revision"] == "experiment-1" and commit["summary"] == "step 1234, lr 5e-4"
+    assert repo.refs["main"] == {} and sorted(repo.refs["experiment-1"]) == sorted(EXPORT_FILES)
+    assert f"{hub.endpoint}/alice-lab/tiny-bert/tree/experiment-1" in result.stdout
+    assert f"commit: {repo.heads['experiment-1']}" in result.stdout
+
+
+def test_private_refuses_an_existing_public_repo(hub, export_dir, tmp_path):
+    hub.add_repo("alice/tiny-bert", owner="alice", private=False)
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--private",
+                    endpoint=hub.endpoint)
+    assert_clean_error(result, "already exists and is public")
+    assert hub.commits == []
+
+
+def test_create_pr(hub, export_dir, tmp_path):
+    hub.add_repo("alice/tiny-bert", owner="alice", files={"README.md": b"old card"})
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--create-pr",
+                    endpoint=hub.endpoint)
+    assert result.returncode == 0, result.stderr
+    commit = hub.commits[-1]
+    assert commit["revision"] == "refs/pr/1"
+    assert hub.files("alice/tiny-bert", "main") == {"README.md": b"old card"}  # main untouched
+    assert "pull request:" in result.stdout and "/discussions/1" in result.stdout
+
+
+@pytest.mark.skipif(__import__("huggingface_hub").__version__.startswith("0."),
+                    reason="huggingface_hub < 1.0 does not retry the pre-upload call")
+def test_transient_5xx_is_retried_by_the_library(hub, export_dir, tmp_path):
+    hub.fail_next("preupload", 503)
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert result.returncode == 0, result.stderr
+    assert len([r for r in hub.requests if "/preupload/" in r.path]) == 2 and len(hub.commits) == 1
+
+
+# -- where the token comes from, and that it never leaks -----------------------------------------
+
+@pytest.mark.parametrize("source", ["env", "saved_login", "token_file"])
+def test_token_sources_and_no_leak(source, hub, export_dir, tmp_path):
+    home = tmp_path / "hf_home"
+    home.mkdir()
+    written_by_test = set()
+    args = ["--folder", str(export_dir), "--repo-id", "alice/tiny-bert"]
+    token = WRITE_TOKEN if source == "env" else None
+    if source == "saved_login":  # what `hf auth login` leaves behind
+        (home / "token").write_text(WRITE_TOKEN)
+        written_by_test.add(home / "token")
+    if source == "token_file":
+        (tmp_path / "hf.token").write_text(WRITE_TOKEN + "\n")
+        written_by_test.add(tmp_path / "hf.token")
+        args += ["--token-file", str(tmp_path / "hf.token")]
+    runs = [upload(tmp_path, *args, endpoint=hub.endpoint, token=token),
+            upload(tmp_path, *args, "--dry-run", endpoint=hub.endpoint, token=token)]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    assert [r.headers.get("Authorization") for r in api_requests(hub)] == [f"Bearer {WRITE_TOKEN}"] * len(
+        api_requests(hub))
+    for r in runs:
+        assert WRITE_TOKEN not in r.stdout + r.stderr
+    for path in [*tmp_path.rglob("*"), *export_dir.rglob("*")]:
+        if path.is_file() and path not in written_by_test:
+            assert WRITE_TOKEN.encode() not in path.read_bytes(), f"token written to {path}"
+
+
+def test_token_is_refused_on_the_command_line_without_echoing_it(export_dir, capsys):
+    from mlmtrain.cli import main
+
+    for flag in (["--token", WRITE_TOKEN], [f"--token={WRITE_TOKEN}"]):
+        assert main(["upload", "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", *flag]) == 2
+        out, err = capsys.readouterr()
+        assert "not accepted on the command line" in err and WRITE_TOKEN not in out + err
+
+
+# -- errors a user will meet: one sentence each ---------------------------------------------------
+
+def test_no_token(hub, export_dir, tmp_path):
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint,
+                    token=None)
+    assert_clean_error(result, "no Hugging Face token", "HF_TOKEN", "--token-file")
+    assert api_requests(hub) == []
+
+
+@pytest.mark.parametrize("case", ["read_only", "someone_elses_repo", "someone_elses_namespace",
+                                  "missing_namespace", "bad_token", "server_error"])
+def test_hub_errors(case, hub, export_dir, tmp_path):
+    repo_id, token = "alice/tiny-bert", WRITE_TOKEN
+    if case == "read_only":
+        token, phrases = READ_TOKEN, ["read-only", "403"]
+    elif case == "someone_elses_repo":  # exists and is public: create_repo passes, the upload is refused
+        hub.add_repo("bob/tiny-bert", owner="bob")
+        repo_id, phrases = "bob/tiny-bert", ["neither your account", "alice/tiny-bert"]
+    elif case == "someone_elses_namespace":
+        hub.add_repo("bob/other", owner="bob")
+        repo_id, phrases = "bob/tiny-bert", ["neither your account", "403"]
+    elif case == "missing_namespace":
+        repo_id, phrases = "no-such-org/tiny-bert", ["namespace 'no-such-org' does not exist", "404"]
+    elif case == "bad_token":
+        token, phrases = "hf_revokedToken000000000000000", ["rejected the token", "401"]
+    else:  # repo creation is not retried by the library: the user is told to re-run
+        hub.fail_next("create", 502)
+        phrases = ["502", "run the same command again"]
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", repo_id, endpoint=hub.endpoint, token=token)
+    assert_clean_error(result, *phrases)
+    assert hub.commits == [] and token not in result.stdout + result.stderr
+
+
+def test_network_down(export_dir, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=closed)
+    assert_clean_error(result, "cannot reach the Hub", closed)
+
+
+def test_offline_mode(hub, export_dir, tmp_path):
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint,
+                    HF_HUB_OFFLINE="1")
+    assert_clean_error(result, "HF_HUB_OFFLINE")
+    assert api_requests(hub) == []
+
+
+def test_bad_arguments(export_dir, tmp_path, capsys):
+    from mlmtrain.cli import main
+
+    base = ["upload", "--folder", str(export_dir)]
+    cases = [
+        (["--repo-id", "tiny-bert"], "is not NAME/REPO"),
+        (["--repo-id", "alice/tiny bert"], "is not NAME/REPO"),
+        (["--repo-id", "alice/tiny-bert", "--create-pr", "--revision", "dev"], "cannot be combined with --revision"),
+        (["--repo-id", "alice/tiny-bert", "--token-file", str(tmp_path / "nope")], "does not exist"),
+    ]
+    for extra, phrase in cases:
+        assert main(base + extra) == 2
+        assert phrase in capsys.readouterr().err
+
+
+# -- dry run --------------------------------------------------------------------------------------
+
+def test_dry_run_prints_the_plan_and_sends_nothing(hub, export_dir, tmp_path):
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--private",
+                    "--revision", "dev", "--dry-run", endpoint=hub.endpoint, token=None)
+    assert result.returncode == 0, result.stderr
+    assert hub.requests == []
+    out = result.stdout
+    assert "alice/tiny-bert" in out and "private" in out and "dev (branch created" in out
+    assert "Upload test-run at step 1234" in out and "token:      none found" in out
+    for name in EXPORT_FILES:
+        assert f"{(export_dir / name).stat().st_size:,}  {name}" in out
+    assert "optimizer.pt" in out.split("not sent:")[1].splitlines()[0]  # strays listed as not sent
+    assert "pipeline_tag: fill-mask" in out and "mask_token: \"[MASK]\"" in out
+
+
+# -- refusing broken folders ----------------------------------------------------------------------
+
+def _rewrite_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+BREAKAGES = {  # name -> (how to break the folder, whether to refresh the manifest after, expected problem)
+    "no_weights": (lambda f: (f / "model.safetensors").unlink(), False, "model.safetensors is missing"),
+    "no_card": (lambda f: (f / "README.md").unlink(), False, "README.md is missing"),
+    "no_tokenizer": (lambda f: (f / "tokenizer.json").unlink(), False, "tokenizer.json is missing"),
+    "no_manifest": (lambda f: (f / EXPORT_MANIFEST).unlink(), False, "mlmtrain_export.json is missing"),
+    "edited_after_export": (lambda f: (f / "README.md").write_text(CARD + "edit\n"), False, "changed after export"),
+    "edited_same_size": (lambda f: (f / "README.md").write_text(CARD.replace("tiny", "tinY")), False, "sha256"),
+    "vocab_mismatch": (lambda f: _rewrite_config(f, vocab_size=json.loads((f / "config.json").read_text())[
+        "vocab_size"] + 1), True, "vocab_size is"),
+    "weights_do_not_match_config": (lambda f: _rewrite_config(f, intermediate_size=48), True,
+                                    "intermediate.dense.weight has shape (32, 16), config.json implies (48, 16)"),
+    "truncated_weights": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[
+        :-100]), True, "model.safetensors is unreadable"),
+    "card_without_header": (lambda f: (f / "README.md").write_text("# model\n"), True, "no YAML header"),
+    "card_without_pipeline_tag": (lambda f: (f / "README.md").write_text(CARD.replace(
+        "pipeline_tag: fill-mask\n", "")), True, "lacks pipeline_tag"),
+    "vocab_files_disagree": (lambda f: (f / "vocab.txt").write_text("\n".join(reversed(
+        (f / "vocab.txt").read_text(encoding="utf-8").splitlines())) + "\n", encoding="utf-8"), True, "disagree"),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
+def test_check_export_folder_names_the_problem(breakage, export_dir):
+    assert check_export_folder(export_dir) == []
+    break_it, refresh_manifest, expected = BREAKAGES[breakage]
+    break_it(export_dir)
+    if refresh_manifest:  # a folder that is consistent with its manifest but wrong inside
+        write_manifest(export_dir)
+    problems = check_export_folder(export_dir)
+    assert any(expected in p for p in problems), problems
+
+
+def test_broken_or_unverified_folder_is_refused_and_nothing_sent(hub, export_dir, tmp_path):
+    write_manifest(export_dir, verified=False)
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "not a complete, verified export", "nothing was sent")
+    assert "not verified" in result.stderr
+    _rewrite_config(export_dir, vocab_size=7)
+    (export_dir / "README.md").unlink()
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "not a complete, verified export")
+    assert "README.md is missing" in result.stderr and "config.json is" in result.stderr
+    assert hub.requests == []

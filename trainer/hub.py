@@ -1,0 +1,496 @@
+"""`mlmtrain upload`: publish an exported folder to the Hugging Face Hub in one command.
+
+The seed cloned a repo, installed git-lfs, copied files, pushed, then hand-edited the model card until the
+Hub page worked. Here: check the folder is a complete export (`check_export_folder`, shared with
+`mlmtrain export`), create the repo if missing, create the branch if missing, then one `upload_folder`
+commit that sends exactly the files `mlmtrain_export.json` lists (never the manifest itself, checkpoints,
+optimizer states or strays). Re-running is safe: the Hub reports which files it already has and unchanged
+files are skipped, so a second run makes no new commit.
+
+Only `huggingface_hub` calls that are stable from 0.30 to 2.x are used (`HfApi.create_repo`,
+`create_branch`, `upload_folder`, `repo_info`, `whoami`, `get_token`). The token comes from `HF_TOKEN`,
+the saved login, or `--token-file`; never from a plain argument, and it is never printed or written here.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from mlmtrain import __version__
+from mlmtrain.errors import UserError
+
+EXPORT_MANIFEST = "mlmtrain_export.json"
+REQUIRED_FILES = (
+    "model.safetensors", "config.json", "tokenizer.json", "vocab.txt",
+    "tokenizer_config.json", "special_tokens_map.json", "README.md",
+)
+# What the model card's YAML header must say for the Hub to show a fill-mask model (page, widget, code snippet).
+CARD_REQUIRED = {"library_name": "transformers", "pipeline_tag": "fill-mask", "mask_token": None}  # None: any value
+TOKENS_URL = "https://huggingface.co/settings/tokens"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checking an export folder (no torch, no transformers: runs in a second on a 400 MB model)
+# ---------------------------------------------------------------------------------------------------
+
+def check_export_folder(path: str | Path) -> list[str]:
+    """The problems that make `path` not a complete export; empty means OK.
+
+    Checks: every required file present and listed in the manifest; manifest sizes and sha256 match the
+    files; config vocab size == tokenizer vocab size (vocab.txt and tokenizer.json, which must agree token by
+    token); every tensor in model.safetensors has the shape the config implies (read from the file's JSON
+    header, not loaded); the model card has a YAML header with the keys the Hub needs (CARD_REQUIRED).
+    Whether transformers loaded it (`"verified"` in the manifest) is the upload's check, not this one."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return [f"{folder} is not a folder"]
+    problems = [f"{name} is missing" for name in REQUIRED_FILES if not (folder / name).is_file()]
+    problems += _check_manifest(folder)
+    config = _read_json(folder / "config.json", problems)
+    if config is not None:
+        problems += _check_config(config)
+        problems += _check_vocab(folder, config)
+        if (folder / "model.safetensors").is_file() and not any("config.json" in p for p in problems):
+            problems += _check_weights(folder / "model.safetensors", config)
+    if (folder / "README.md").is_file():
+        problems += _check_card(folder / "README.md")
+    return problems
+
+
+def read_manifest(folder: Path) -> dict:
+    return json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def card_header(readme: Path) -> str | None:
+    """The YAML text between the leading `---` lines of a model card, or None if there is none."""
+    text = readme.read_text(encoding="utf-8")
+    match = re.match(r"\A---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(\r?\n|\Z)", text, re.DOTALL)
+    return None if match is None else (match.group(1) or "")
+
+
+def _read_json(path: Path, problems: list[str]):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        problems.append(f"{path.name} is not valid JSON ({e})")
+        return None
+
+
+def _check_manifest(folder: Path) -> list[str]:
+    path = folder / EXPORT_MANIFEST
+    if not path.is_file():
+        return [f"{EXPORT_MANIFEST} is missing: this folder was not written by `mlmtrain export`"]
+    problems: list[str] = []
+    manifest = _read_json(path, problems)
+    if manifest is None:
+        return problems
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        return [f"{EXPORT_MANIFEST} has no \"files\" table"]
+    problems += [f"{EXPORT_MANIFEST} does not list {name}" for name in REQUIRED_FILES if name not in files]
+    for name, entry in files.items():
+        if name == EXPORT_MANIFEST or "/" in name or "\\" in name or name in ("", ".", ".."):
+            problems.append(f"{EXPORT_MANIFEST} lists {name!r}, which is not a plain file name of the export")
+            continue
+        file = folder / name
+        if not file.is_file():
+            if name not in REQUIRED_FILES:  # required ones are already reported as missing
+                problems.append(f"{name} is listed in {EXPORT_MANIFEST} but missing")
+            continue
+        if not isinstance(entry, dict) or "size" not in entry or "sha256" not in entry:
+            problems.append(f"{EXPORT_MANIFEST} entry for {name} lacks size or sha256")
+        elif file.stat().st_size != entry["size"]:
+            problems.append(f"{name} is {file.stat().st_size} bytes but {EXPORT_MANIFEST} says {entry['size']} "
+                            "(changed after export?)")
+        elif sha256_file(file) != entry["sha256"]:
+            problems.append(f"{name} does not match its sha256 in {EXPORT_MANIFEST} (changed after export?)")
+    return problems
+
+
+def _check_config(config: dict) -> list[str]:
+    if config.get("model_type") != "bert":
+        return [f"config.json model_type is {config.get('model_type')!r}, expected 'bert'"]
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+            "max_position_embeddings", "type_vocab_size")
+    bad = [k for k in keys if not (isinstance(config.get(k), int) and config[k] > 0)]
+    if bad:
+        return [f"config.json lacks a positive integer {', '.join(bad)}"]
+    if config["hidden_size"] % config["num_attention_heads"]:
+        return [f"config.json hidden_size {config['hidden_size']} is not divisible by "
+                f"num_attention_heads {config['num_attention_heads']}"]
+    return []
+
+
+def _check_vocab(folder: Path, config: dict) -> list[str]:
+    """The seed's worst crash (opaque CUDA asserts) was a model vocab size that differed from the tokenizer's."""
+    problems: list[str] = []
+    want = config.get("vocab_size")
+    lines = None
+    if (folder / "vocab.txt").is_file():
+        with open(folder / "vocab.txt", encoding="utf-8") as f:  # read as transformers' BertTokenizer does
+            lines = [line.rstrip("\n") for line in f.readlines()]
+        if len(lines) != want:
+            problems.append(f"config.json vocab_size is {want} but vocab.txt has {len(lines)} tokens")
+    tok = _read_json(folder / "tokenizer.json", problems)
+    if isinstance(tok, dict):
+        vocab = (tok.get("model") or {}).get("vocab")
+        if not isinstance(vocab, dict):
+            return problems + ["tokenizer.json has no model.vocab table (not a WordPiece tokenizer?)"]
+        ids = list(vocab.values()) + [t.get("id", -1) for t in tok.get("added_tokens") or []]
+        size = max(ids) + 1 if ids else 0
+        if size != want:
+            problems.append(f"config.json vocab_size is {want} but tokenizer.json has {size} tokens")
+        if lines is not None:
+            differ = sum(vocab.get(token) != i for i, token in enumerate(lines))
+            if differ:
+                problems.append(f"vocab.txt and tokenizer.json disagree on the id of {differ} tokens")
+    tok_config = _read_json(folder / "tokenizer_config.json", problems)
+    if isinstance(tok_config, dict) and lines is not None:
+        mask = tok_config.get("mask_token")
+        mask = mask.get("content") if isinstance(mask, dict) else mask
+        if mask not in lines:
+            problems.append(f"tokenizer_config.json mask_token {mask!r} is not in vocab.txt")
+    _read_json(folder / "special_tokens_map.json", problems)
+    return problems
+
+
+def expected_tensor_shapes(config: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(required, optional) tensor name -> shape of a transformers BertForMaskedLM for `config`.
+    Optional: the decoder weight (tied to the word embeddings, so usually stored once) and its bias."""
+    V, H, I = config["vocab_size"], config["hidden_size"], config["intermediate_size"]
+    P, TV = config["max_position_embeddings"], config["type_vocab_size"]
+    req = {
+        "bert.embeddings.word_embeddings.weight": (V, H),
+        "bert.embeddings.position_embeddings.weight": (P, H),
+        "bert.embeddings.token_type_embeddings.weight": (TV, H),
+        "bert.embeddings.LayerNorm.weight": (H,), "bert.embeddings.LayerNorm.bias": (H,),
+        "cls.predictions.bias": (V,),
+        "cls.predictions.transform.dense.weight": (H, H), "cls.predictions.transform.dense.bias": (H,),
+        "cls.predictions.transform.LayerNorm.weight": (H,), "cls.predictions.transform.LayerNorm.bias": (H,),
+    }
+    for i in range(config["num_hidden_layers"]):
+        p = f"bert.encoder.layer.{i}."
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
+            req[p + name + ".weight"], req[p + name + ".bias"] = (H, H), (H,)
+        req[p + "intermediate.dense.weight"], req[p + "intermediate.dense.bias"] = (I, H), (I,)
+        req[p + "output.dense.weight"], req[p + "output.dense.bias"] = (H, I), (H,)
+        for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
+            req[p + ln + ".weight"], req[p + ln + ".bias"] = (H,), (H,)
+    opt = {"cls.predictions.decoder.weight": (V, H), "cls.predictions.decoder.bias": (V,),
+           "bert.embeddings.position_ids": (1, P)}
+    if config.get("tie_word_embeddings") is False:  # untied: the decoder has its own weight
+        req["cls.predictions.decoder.weight"] = opt.pop("cls.predictions.decoder.weight")
+    return req, opt
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Tensor name -> {"dtype", "shape", "data_offsets"}, from the 8-byte length + JSON header. Raises ValueError."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n <= 1 or 8 + n > size:
+            raise ValueError("its header length is out of range (truncated or not a safetensors file)")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    end = 0
+    for name, t in header.items():
+        begin, stop = t["data_offsets"]
+        numel = 1
+        for d in t["shape"]:
+            numel *= d
+        if t["dtype"] in _DTYPE_BYTES and stop - begin != numel * _DTYPE_BYTES[t["dtype"]]:
+            raise ValueError(f"tensor {name} has {stop - begin} bytes for shape {t['shape']} {t['dtype']}")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise ValueError(f"the header describes {8 + n + end} bytes but the file has {size} (truncated?)")
+    return header
+
+
+def _check_weights(path: Path, config: dict) -> list[str]:
+    try:
+        header = read_safetensors_header(path)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return [f"model.safetensors is unreadable: {e}"]
+    required, optional = expected_tensor_shapes(config)
+    problems = [f"model.safetensors lacks {name}" for name in required if name not in header]
+    for name, t in header.items():
+        want = required.get(name, optional.get(name))
+        if want is None:
+            problems.append(f"model.safetensors has a tensor BertForMaskedLM does not use: {name}")
+        elif tuple(t["shape"]) != want:
+            problems.append(f"model.safetensors {name} has shape {tuple(t['shape'])}, config.json implies {want}")
+    if len(problems) > 8:  # a wrong config makes every tensor wrong: say so once, not 200 times
+        problems = problems[:8] + [f"... and {len(problems) - 8} more weight problems"]
+    return problems
+
+
+def _check_card(readme: Path) -> list[str]:
+    import yaml  # a dependency of huggingface_hub
+
+    header = card_header(readme)
+    if header is None:
+        return ["README.md (model card) has no YAML header between '---' lines"]
+    try:
+        meta = yaml.safe_load(header) or {}
+    except yaml.YAMLError as e:
+        return [f"README.md YAML header is invalid: {str(e).splitlines()[0]}"]
+    if not isinstance(meta, dict):
+        return ["README.md YAML header is not a mapping of keys to values"]
+    problems = []
+    for key, value in CARD_REQUIRED.items():
+        if key not in meta:
+            problems.append(f"README.md YAML header lacks {key}" + (f": {value}" if value else ""))
+        elif value is not None and meta[key] != value:
+            problems.append(f"README.md YAML header has {key}: {meta[key]}, expected {value}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------------
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--folder", required=True, help="an export folder written by `mlmtrain export`")
+    p.add_argument("--repo-id", required=True, metavar="NAME/REPO",
+                   help="the model repo: your user name or an organization you can write to, then the repo name")
+    p.add_argument("--private", action="store_true",
+                   help="create the repo private (an existing repo keeps its visibility; a public one is refused)")
+    p.add_argument("--revision", default=None, metavar="BRANCH",
+                   help="commit to this branch, created from main if missing (default: main)")
+    p.add_argument("--commit-message", default=None, help="default: names the run and step of the export")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request against main instead of committing")
+    p.add_argument("--token-file", default=None, metavar="PATH",
+                   help="read the token from this file (default: HF_TOKEN, then the saved `hf auth login`)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be created and uploaded, and the model card header; send nothing")
+    p.add_argument("--token", help=argparse.SUPPRESS)  # only to refuse it without echoing it (see main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.token is not None:
+        raise UserError("a token is not accepted on the command line (it would stay in shell history and process "
+                        "lists): set HF_TOKEN, run `hf auth login`, or pass --token-file PATH")
+    folder = Path(args.folder)
+    problems = check_export_folder(folder)
+    if not problems and read_manifest(folder).get("verified") is not True:
+        problems.append(f"{EXPORT_MANIFEST} says the export was not verified by loading it with transformers")
+    if problems:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise UserError(f"{folder} is not a complete, verified export; nothing was sent:\n{listing}")
+    _check_repo_id(args.repo_id)
+    if args.create_pr and args.revision not in (None, "main"):
+        raise UserError("--create-pr opens a pull request against main; it cannot be combined with --revision")
+    manifest = read_manifest(folder)
+    files = sorted(manifest["files"])
+    message = args.commit_message or default_commit_message(manifest)
+    token, source = resolve_token(args.token_file)
+    if args.dry_run:
+        print_plan(folder, files, args, message, source)
+        return 0
+    if token is None:
+        raise UserError(f"no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass --token-file PATH "
+                        f"(make a token with write access at {TOKENS_URL})")
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise UserError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so huggingface_hub will not connect; "
+                        "unset it to upload")
+    try:
+        info = _upload(folder, files, args, message, token)
+    except UserError as e:
+        raise UserError(str(e).replace(token, "***")) from None  # never echo the token, even inside a message
+    model_url = f"{constants.ENDPOINT}/{args.repo_id}"
+    if args.revision not in (None, "main"):
+        model_url += f"/tree/{args.revision}"
+    print(f"done: the {len(files)} files of the export are on {args.repo_id}")  # or already were: then no commit
+    print(f"model:  {model_url}")
+    if getattr(info, "pr_url", None):
+        print(f"pull request: {info.pr_url}")
+    print(f"commit: {info.oid}")
+    return 0
+
+
+def default_commit_message(manifest: dict) -> str:
+    run, step = manifest.get("run"), manifest.get("step")
+    what = f"{run} at step {step}" if run is not None and step is not None else "model"
+    return f"Upload {what} (mlmtrain {manifest.get('mlmtrain_version') or __version__})"
+
+
+def resolve_token(token_file: str | None) -> tuple[str | None, str]:
+    """(token, where it came from). Order: --token-file, then huggingface_hub's own (HF_TOKEN, saved login)."""
+    if token_file is not None:
+        path = Path(token_file)
+        if not path.is_file():
+            raise UserError(f"--token-file {path} does not exist")
+        token = path.read_text(encoding="utf-8").strip()
+        if not token or len(token.split()) != 1:
+            raise UserError(f"--token-file {path} must hold exactly one token")
+        return token, f"--token-file {path}"
+    from huggingface_hub import get_token
+
+    token = get_token()
+    source = "HF_TOKEN" if os.environ.get("HF_TOKEN") else "the saved login (`hf auth login`)"
+    return token, source if token else "none found"
+
+
+def _check_repo_id(repo_id: str) -> None:
+    part = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
+    if not re.fullmatch(f"{part}/{part}", repo_id) or "--" in repo_id or ".." in repo_id:
+        raise UserError(f"--repo-id {repo_id!r} is not NAME/REPO (letters, digits, '-', '_', '.'; "
+                        "NAME is your user name or an organization)")
+
+
+def print_plan(folder: Path, files: list[str], args, message: str, token_source: str) -> None:
+    sizes = {name: (folder / name).stat().st_size for name in files}
+    strays = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+                    and str(p.relative_to(folder)) not in sizes)
+    if args.create_pr:
+        revision = "a pull request against main"
+    elif args.revision in (None, "main"):
+        revision = "main"
+    else:
+        revision = f"{args.revision} (branch created from main if missing)"
+    print("dry run: nothing is sent")
+    print(f"repo:       {args.repo_id} (model repo, created if missing, {'private' if args.private else 'public'})")
+    print(f"revision:   {revision}")
+    print(f"commit:     {message}")
+    print(f"token:      {token_source}")
+    print(f"files:      {len(files)}, {_human(sum(sizes.values()))}")
+    for name in files:
+        print(f"  {sizes[name]:>13,}  {name}")
+    if strays:
+        print(f"not sent:   {', '.join(strays[:10])}" + (f" and {len(strays) - 10} more" if len(strays) > 10 else ""))
+    print("model card header:")
+    print("  ---")
+    for line in (card_header(folder / "README.md") or "").splitlines():
+        print(f"  {line}")
+    print("  ---")
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _upload(folder: Path, files: list[str], args, message: str, token: str):
+    """create_repo -> (visibility check) -> create_branch -> upload_folder, each error turned into one sentence."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    step = "create"
+    try:
+        api.create_repo(args.repo_id, repo_type="model", private=args.private, exist_ok=True)
+        if args.private:
+            step = "info"
+            if not api.repo_info(args.repo_id, repo_type="model").private:
+                raise UserError(f"{args.repo_id} already exists and is public; --private does not change an "
+                                "existing repo (make it private on the Hub first, or drop --private)")
+        if args.revision not in (None, "main"):
+            step = "branch"
+            api.create_branch(args.repo_id, branch=args.revision, repo_type="model", exist_ok=True)
+        step = "upload"
+        return api.upload_folder(
+            repo_id=args.repo_id, folder_path=folder, repo_type="model", allow_patterns=files,
+            commit_message=message, revision=args.revision, create_pr=args.create_pr or None,
+        )
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every library error becomes one sentence, or is re-raised as a bug
+        sentence = explain_error(e, step, args.repo_id, args.revision, api)
+        if sentence is None:
+            raise
+        raise UserError(sentence) from None
+
+
+def explain_error(e: Exception, step: str, repo_id: str, revision: str | None, api) -> str | None:
+    """One sentence for an error a user will meet, or None for one that is a bug (left as a traceback)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    namespace = repo_id.split("/")[0]
+    if isinstance(e, OfflineModeIsEnabled):
+        return "HF_HUB_OFFLINE is set, so huggingface_hub will not connect; unset it to upload"
+    if isinstance(e, HfHubHTTPError) and getattr(e, "response", None) is not None:
+        status = e.response.status_code
+        if status == 401:
+            return f"the Hub rejected the token (401 Unauthorized): it is invalid or expired; make one at {TOKENS_URL}"
+        if status == 403:
+            return _explain_forbidden(repo_id, api)
+        if status == 404 and step == "create":
+            return f"namespace {namespace!r} does not exist on the Hub (404): check the NAME part of --repo-id"
+        if status == 404:
+            return f"{repo_id} (revision {revision or 'main'}) was not found on the Hub (404)"
+        if status == 429:
+            return "the Hub is rate-limiting this account (429 Too Many Requests); wait a few minutes and run again"
+        if status >= 500:
+            return (f"the Hub answered {status} (a server error) during {_STEPS[step]}; nothing is wrong with the "
+                    "export: run the same command again later (unchanged files are skipped)")
+        server = getattr(e, "server_message", None) or str(e).splitlines()[0]
+        return f"the Hub refused {_STEPS[step]} ({status}): {server}"
+    if isinstance(e, _network_errors()):
+        return (f"cannot reach the Hub at {constants.ENDPOINT} ({type(e).__name__}): check the network connection, "
+                "proxy settings or HF_ENDPOINT")
+    if isinstance(e, ValueError):  # the library's own argument checks (repo id, card YAML, ...)
+        return f"huggingface_hub refused the request: {str(e).splitlines()[0]}"
+    return None
+
+
+_STEPS = {"create": "creating the repo", "info": "reading the repo's visibility", "branch": "creating the branch",
+          "upload": "the upload"}
+
+
+def _explain_forbidden(repo_id: str, api) -> str:
+    """A 403 has three usual causes; whoami (which a read token may call) tells them apart."""
+    namespace = repo_id.split("/")[0]
+    try:
+        me = api.whoami()
+    except Exception:  # noqa: BLE001 - diagnosis is best effort
+        me = {}
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        return f"the token is read-only (403 Forbidden): make a token with write access at {TOKENS_URL}"
+    user = me.get("name")
+    if user and namespace != user and namespace not in {o.get("name") for o in me.get("orgs") or []}:
+        return (f"{repo_id} is under {namespace!r}, which is neither your account ({user!r}) nor one of your "
+                f"organizations (403 Forbidden): use --repo-id {user}/{repo_id.split('/')[1]}")
+    return f"the token may not write to {repo_id} (403 Forbidden): check its permissions at {TOKENS_URL}"
+
+
+def _network_errors() -> tuple[type, ...]:
+    """Connection failures of whichever HTTP client this huggingface_hub uses (requests <1.0, httpx 1.x, httpx2 2.x)."""
+    import importlib
+
+    types: list[type] = [ConnectionError, TimeoutError]
+    for module, names in (("requests.exceptions", ("ConnectionError", "Timeout")),
+                          ("httpx", ("TransportError",)), ("httpx2", ("TransportError",))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        types += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return tuple(types)
+
+
+if __name__ == "__main__":
+    from mlmtrain.cli import main as cli_main
+
+    sys.exit(cli_main(["upload", *sys.argv[1:]]))
