@@ -137,6 +137,12 @@ def load_config(toml_path: str | Path | None = None, overrides: dict | None = No
         path = Path(toml_path)
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
+        if path.suffix == ".json":  # a run folder's resolved config.json (e.g. to resume a run)
+            try:
+                cfg = config_from_dict(json.loads(path.read_text(encoding="utf-8")))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise UserError(f"config file {path} is not valid JSON: {e}")
+            return _apply(cfg, overrides, sets)
         try:
             table = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -150,6 +156,10 @@ def load_config(toml_path: str | Path | None = None, overrides: dict | None = No
                     _set(cfg, f"{prefix}{k}", v)
 
         walk("", table)
+    return _apply(cfg, overrides, sets)
+
+
+def _apply(cfg: RunConfig, overrides: dict | None, sets: list[str] | None) -> RunConfig:
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set(cfg, dotted, value)

@@ -1,0 +1,114 @@
+"""Packed batches: fill rate, whole sentences, positions, rank sharding, determinism, document packing."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from mlmtrain.data import load_split, read_meta
+from mlmtrain.packing import Packer
+from mlmtrain.tokenizer import CLS_ID, PAD_ID, SEP_ID
+
+
+def segments(batch):
+    cu = batch.cu_seqlens.numpy()
+    return [(int(a), int(b)) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+
+
+def sentences_of(batch):
+    """The sentences of a batch's real segments, as tuples of token ids."""
+    ids = batch.input_ids.numpy()
+    out = []
+    for a, b in segments(batch)[: batch.num_segments]:
+        seg = ids[a:b]
+        assert seg[0] == CLS_ID and seg[-1] == SEP_ID
+        body, start = seg[1:], 0
+        for end in np.flatnonzero(body == SEP_ID):
+            out.append(tuple(body[start:end]))
+            start = end + 1
+    return out
+
+
+def all_sentences(shard):
+    return [tuple(shard.tokens[shard.offsets[i]:shard.offsets[i + 1]]) for i in range(len(shard.offsets) - 1)]
+
+
+def test_fill_rate_at_64k_on_sample_corpus(data_dir):
+    shard = load_split(data_dir, "train")
+    packer = Packer(shard, 65536, read_meta(data_dir)["max_seq_len"], seed=0)
+    it = packer.batches()
+    fills = [next(it).num_real_tokens / 65536 for _ in range(6)]
+    print("fill rates:", fills)
+    assert min(fills) >= 0.99
+
+
+def test_batches_hold_whole_sentences_with_restarting_positions(data_dir):
+    shard = load_split(data_dir, "train")
+    max_seq_len = read_meta(data_dir)["max_seq_len"]
+    packer = Packer(shard, 2048, max_seq_len, seed=3)
+    known = Counter(all_sentences(shard))
+    it = packer.batches()
+    for _ in range(5):
+        b = next(it)
+        assert b.input_ids.shape == (2048,) and b.cu_seqlens.shape == (packer.segment_capacity + 1,)
+        pos, ids = b.position_ids.numpy(), b.input_ids.numpy()
+        segs = segments(b)
+        assert segs[0][0] == 0 and segs[-1][1] == 2048
+        for a, e in segs:
+            assert e - a <= max_seq_len
+            np.testing.assert_array_equal(pos[a:e], np.arange(e - a))
+        assert (ids[segs[b.num_segments][0]:] == PAD_ID).all() if b.num_segments < len(segs) else True
+        assert b.num_real_tokens == segs[b.num_segments - 1][1]
+        for sentence in sentences_of(b):
+            assert known[sentence] > 0, "a packed sentence is not a whole sentence of the shard"
+
+
+def test_one_epoch_covers_every_sentence_once_across_ranks(data_dir):
+    """3 ranks over one epoch (loop=False): together they hold every sentence exactly once, and each rank
+    gets only its own global batch indices."""
+    shard = load_split(data_dir, "train")
+    max_seq_len = read_meta(data_dir)["max_seq_len"]
+    world, seen, indices = 3, Counter(), []
+    for rank in range(world):
+        for b in Packer(shard, 1024, max_seq_len, seed=7, rank=rank, world_size=world, loop=False).batches():
+            assert b.index % world == rank
+            indices.append(b.index)
+            seen.update(sentences_of(b))
+    assert seen == Counter(all_sentences(shard))
+    assert sorted(indices) == list(range(len(indices)))
+
+
+def test_order_is_deterministic_and_seeded(data_dir):
+    shard = load_split(data_dir, "train")
+    a = next(Packer(shard, 1024, 128, seed=1).batches()).input_ids
+    b = next(Packer(shard, 1024, 128, seed=1).batches()).input_ids
+    c = next(Packer(shard, 1024, 128, seed=2).batches()).input_ids
+    assert a.equal(b) and not a.equal(c)
+
+
+def test_resume_from_cursor_continues_the_stream(data_dir):
+    shard = load_split(data_dir, "train")
+    stream = Packer(shard, 1024, 128, seed=1).batches(batches_per_step=2)
+    first = [next(stream) for _ in range(6)]
+    restarted = Packer(shard, 1024, 128, seed=1).batches(first[3].cursor_after, start_index=4, batches_per_step=2)
+    for expected in first[4:]:
+        got = next(restarted)
+        assert got.index == expected.index and got.input_ids.equal(expected.input_ids)
+
+
+def test_document_packing_joins_neighbours_within_max_seq_len(data_dir):
+    shard = load_split(data_dir, "train")
+    packer = Packer(shard, 4096, 128, seed=0, pack="document")
+    sentence_packer = Packer(shard, 4096, 128, seed=0, pack="sentence")
+    assert len(packer.units) < len(sentence_packer.units)  # neighbours were joined
+    b = next(packer.batches())
+    known = Counter(all_sentences(shard))
+    assert all(e - a <= 128 for a, e in segments(b))
+    assert all(known[s] > 0 for s in sentences_of(b))
+
+
+def test_unit_longer_than_budget_is_refused(data_dir):
+    shard = load_split(data_dir, "train")
+    with pytest.raises(ValueError, match="exceeds"):
+        Packer(shard, 16, 128, seed=0)

@@ -1,0 +1,212 @@
+"""Packed, unpadded batches: a fixed budget of `tokens_per_batch` tokens made of whole segments.
+
+A segment is `[CLS] sentence [SEP]` (pack="sentence"), or consecutive sentences of one document joined as
+`[CLS] s1 [SEP] s2 [SEP] ...` up to `max_seq_len` (pack="document"). A batch is flat:
+
+    input_ids    [T] int32   segments back to back, the tail filled with [PAD]
+    position_ids [T] int32   0, 1, 2, ... restarting in every segment
+    cu_seqlens   [S+1] int32 segment starts; S is a fixed capacity, so unused entries repeat T (empty
+                             segments) and every batch has the same shapes (torch.compile, CUDA graphs);
+                             with static_shapes=False (eager CPU runs) S is just the segments used
+
+The [PAD] tail is cut into segments of at most `max_seq_len`, so no segment is longer than the model's
+positions or the attention kernel's `max_seqlen`. [PAD] is special, so it is never masked, and the
+masked-only MLM head never reads it: padding costs encoder FLOPs on the tail only.
+
+Order: the units (sentences or document chunks) of each epoch are shuffled by a permutation drawn from
+(seed, epoch); batches are cut greedily from that stream and the stream runs on into the next epoch, so
+no batch is short and no unit is split. Global micro-batch b goes to rank b % world_size. The cursor
+(epoch, position of the next unit) is all a resume needs.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from mlmtrain.tokenizer import CLS_ID, PAD_ID, SEP_ID
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [T] int32
+    position_ids: torch.Tensor  # [T] int32
+    cu_seqlens: torch.Tensor  # [S+1] int32
+    num_real_tokens: int  # tokens of real segments ([CLS]/[SEP] included, [PAD] tail not)
+    num_segments: int  # real segments
+    index: int  # global micro-batch index in the stream
+    cursor_after: tuple[int, int]  # (epoch, position) of the next unit after this batch's optimizer step
+
+    def to(self, device: torch.device, non_blocking: bool = True) -> "PackedBatch":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.cu_seqlens),
+                           self.num_real_tokens, self.num_segments, self.index, self.cursor_after)
+
+
+def document_units(offsets: np.ndarray, doc_offsets: np.ndarray, max_seq_len: int) -> np.ndarray:
+    """Greedy chunks of consecutive sentences of one document whose `[CLS] s1 [SEP] s2 [SEP] ...` fits in
+    max_seq_len. Returns int64 [U, 2] (first sentence, end sentence) pairs."""
+    lengths = np.diff(offsets) + 1  # each sentence brings its [SEP]
+    units = []
+    for d in range(len(doc_offsets) - 1):  # one pass per document, done once per run
+        start, used = int(doc_offsets[d]), 1  # [CLS]
+        for s in range(int(doc_offsets[d]), int(doc_offsets[d + 1])):
+            if used + lengths[s] > max_seq_len and s > start:
+                units.append((start, s))
+                start, used = s, 1
+            used += int(lengths[s])
+        if int(doc_offsets[d + 1]) > start:
+            units.append((start, int(doc_offsets[d + 1])))
+    return np.asarray(units, dtype=np.int64).reshape(-1, 2)
+
+
+class Packer:
+    """Cuts the shuffled unit stream of one split into fixed-size packed batches."""
+
+    def __init__(self, shard, tokens_per_batch: int, max_seq_len: int, seed: int, pack: str = "sentence",
+                 rank: int = 0, world_size: int = 1, loop: bool = True, static_shapes: bool = True):
+        self.tokens = shard.tokens  # memory-mapped flat ids
+        self.offsets = np.asarray(shard.offsets, dtype=np.int64)
+        self.T, self.max_seq_len, self.seed = tokens_per_batch, max_seq_len, seed
+        self.rank, self.world_size, self.loop = rank, world_size, loop
+        self.static_shapes = static_shapes  # False: cu_seqlens holds only the used segments (eager CPU path)
+        num_sentences = len(self.offsets) - 1
+        if pack == "sentence":
+            self.units = np.stack([np.arange(num_sentences), np.arange(1, num_sentences + 1)], 1)
+        elif pack == "document":
+            self.units = document_units(self.offsets, np.asarray(shard.doc_offsets), max_seq_len)
+        else:
+            raise ValueError(f"pack must be 'sentence' or 'document', got {pack!r}")
+        sent_lens = np.diff(self.offsets)
+        # unit length = [CLS] + sum(sentence + [SEP]) via a cumsum over sentences
+        csum = np.concatenate([[0], np.cumsum(sent_lens + 1)])
+        self.unit_lens = csum[self.units[:, 1]] - csum[self.units[:, 0]] + 1  # [U]
+        if len(self.units) == 0:
+            raise ValueError("the split holds no sentences")
+        if self.unit_lens.max() > min(max_seq_len, tokens_per_batch):
+            raise ValueError(f"a segment of {self.unit_lens.max()} tokens exceeds max_seq_len={max_seq_len} "
+                             f"or tokens_per_batch={tokens_per_batch}")
+        # fixed segment capacity: as many real segments as the shortest unit allows, plus the [PAD] tail
+        self.segment_capacity = tokens_per_batch // int(self.unit_lens.min()) + -(-tokens_per_batch // max_seq_len)
+        self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
+
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(unit permutation, exclusive cumsum of unit lengths in that order) for one epoch."""
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+            csum = np.concatenate([[0], np.cumsum(self.unit_lens[order])])
+            self._epoch_cache = (epoch, order, csum)
+        return self._epoch_cache[1], self._epoch_cache[2]
+
+    def _cut(self, cursor: tuple[int, int]) -> tuple[list[np.ndarray], tuple[int, int]]:
+        """Units of the batch starting at `cursor` (greedy: as many whole units as fit), and the next cursor."""
+        epoch, pos = cursor
+        parts, space = [], self.T
+        while True:
+            order, csum = self.epoch_order(epoch)
+            end = int(np.searchsorted(csum, csum[pos] + space, side="right")) - 1  # units pos..end-1 fit
+            if end > pos:
+                parts.append(order[pos:end])
+                space -= int(csum[end] - csum[pos])
+            if end < len(order) or not self.loop:
+                return parts, (epoch, end)
+            epoch, pos = epoch + 1, 0  # epoch exhausted: the stream runs on into the next one
+
+    def _build(self, unit_ids: np.ndarray, index: int, cursor_after: tuple[int, int]) -> PackedBatch:
+        T = self.T
+        units = self.units[unit_ids]  # [n, 2]
+        n_sent = units[:, 1] - units[:, 0]  # sentences per unit
+        sent = np.repeat(units[:, 0], n_sent) + (np.arange(n_sent.sum()) - np.repeat(np.cumsum(n_sent) - n_sent, n_sent))
+        sent_len = self.offsets[sent + 1] - self.offsets[sent]  # [N] tokens per sentence
+        unit_len = self.unit_lens[unit_ids]
+        cu = np.zeros(len(units) + 1, dtype=np.int64)
+        np.cumsum(unit_len, out=cu[1:])
+        used = int(cu[-1])
+        # out position of each sentence's first token: its unit's start + [CLS] + earlier sentences (+[SEP]s)
+        step = sent_len + 1
+        excl = np.cumsum(step) - step  # exclusive cumsum over all sentences
+        first_of_unit = np.repeat(np.cumsum(n_sent) - n_sent, n_sent)
+        sent_out = np.repeat(cu[:-1], n_sent) + 1 + excl - excl[first_of_unit]
+        ids = np.full(T, PAD_ID, dtype=np.int32)
+        ids[cu[:-1]] = CLS_ID
+        ids[sent_out + sent_len] = SEP_ID
+        total = int(sent_len.sum())
+        within = np.arange(total) - np.repeat(np.cumsum(sent_len) - sent_len, sent_len)
+        ids[np.repeat(sent_out, sent_len) + within] = self.tokens[np.repeat(self.offsets[sent], sent_len) + within]
+        # [PAD] tail as segments of at most max_seq_len; then repeat T up to the fixed capacity
+        tail = np.arange(used + self.max_seq_len, T, self.max_seq_len) if used < T else np.zeros(0, np.int64)
+        starts = np.concatenate([cu, tail, [T] if used < T else []]).astype(np.int64)
+        capacity = self.segment_capacity if self.static_shapes else len(starts) - 1
+        cu_seqlens = np.full(capacity + 1, T, dtype=np.int32)
+        cu_seqlens[: len(starts)] = starts
+        seg_lens = np.diff(starts)
+        positions = (np.arange(T) - np.repeat(starts[:-1], seg_lens)).astype(np.int32)
+        return PackedBatch(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu_seqlens),
+                           used, len(units), index, cursor_after)
+
+    def batches(self, cursor: tuple[int, int] = (0, 0), start_index: int = 0,
+                batches_per_step: int = 1) -> Iterator[PackedBatch]:
+        """This rank's batches from the global stream, starting at `cursor` (global batch `start_index`).
+        The stream is cut one optimizer step (`batches_per_step` global micro-batches) at a time, so every
+        batch carries the cursor at the end of its step: what a checkpoint after that step records. Every
+        rank cuts the whole stream (a searchsorted per batch) but builds only its own batches."""
+        index = start_index
+        while True:
+            cuts = []
+            for _ in range(batches_per_step):
+                parts, cursor = self._cut(cursor)
+                if not parts:
+                    break
+                cuts.append((index, parts))
+                index += 1
+            for i, parts in cuts:
+                if i % self.world_size == self.rank:
+                    yield self._build(np.concatenate(parts), i, cursor)
+            if len(cuts) < batches_per_step:
+                return  # loop=False and the split is exhausted
+
+
+class Prefetcher:
+    """Builds batches ahead on a background thread (numpy releases the GIL for the heavy parts) into
+    pinned memory, so the host-to-device copy can be asynchronous. `get()` reports how long it waited."""
+
+    def __init__(self, batches: Iterator[PackedBatch], depth: int = 4, pin: bool = False):
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.stop = threading.Event()
+        self.wait_s = 0.0  # total time the consumer waited for data
+        self.thread = threading.Thread(target=self._run, args=(batches, pin), daemon=True, name="mlmtrain-packer")
+        self.thread.start()
+
+    def _run(self, batches: Iterator[PackedBatch], pin: bool) -> None:
+        try:
+            for b in batches:
+                if pin:
+                    b = PackedBatch(b.input_ids.pin_memory(), b.position_ids.pin_memory(), b.cu_seqlens.pin_memory(),
+                                    b.num_real_tokens, b.num_segments, b.index, b.cursor_after)
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(b, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+            self.queue.put(None)
+        except BaseException as e:  # hand the error to the consumer instead of dying silently
+            self.queue.put(e)
+
+    def get(self) -> PackedBatch | None:
+        t0 = time.perf_counter()
+        item = self.queue.get()
+        self.wait_s += time.perf_counter() - t0
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stop.set()
