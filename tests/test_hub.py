@@ -42,7 +42,7 @@ A tiny BERT for tests.
 """
 
 
-def write_manifest(folder: Path, run="test-run", step=1234, verified=True) -> None:
+def write_manifest(folder: Path, run="/home/someone/runs/test-run", step=1234, verified=True) -> None:
     files = {name: {"size": (folder / name).stat().st_size,
                     "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()} for name in EXPORT_FILES}
     manifest = {"files": files, "run": run, "step": step, "verified": verified, "mlmtrain_version": "0.1.0"}
@@ -121,7 +121,7 @@ def test_upload_sends_exactly_the_export_and_is_idempotent(hub, export_dir, tmp_
     assert len(hub.commits) == 1
     commit = hub.commits[0]
     assert commit["repo"] == "alice/tiny-bert" and commit["revision"] == "main" and not commit["create_pr"]
-    assert commit["summary"] == "Upload test-run at step 1234 (mlmtrain 0.1.0)"
+    assert commit["summary"] == "Upload test-run at step 1234 (mlmtrain 0.1.0)"  # the run's name, not its path
     assert sorted(commit["files"]) == sorted(EXPORT_FILES)  # no manifest, checkpoints, optimizer or strays
     for name, data in commit["files"].items():
         assert data == (export_dir / name).read_bytes(), f"{name} differs from the export"

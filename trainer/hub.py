@@ -328,8 +328,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def default_commit_message(manifest: dict) -> str:
-    run, step = manifest.get("run"), manifest.get("step")
-    what = f"{run} at step {step}" if run is not None and step is not None else "model"
+    """Names the run (its folder name only: a local path has no place in a public commit) and the step."""
+    run = Path(manifest["run"]).name if manifest.get("run") else None
+    step = manifest.get("step")
+    what = " at ".join(x for x in (run, None if step is None else f"step {step}") if x) or "model"
     return f"Upload {what} (mlmtrain {manifest.get('mlmtrain_version') or __version__})"
 
 
