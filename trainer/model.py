@@ -34,6 +34,11 @@ import torch.nn.functional as F
 
 from mlmtrain.errors import UserError
 
+try:  # torch >= 2.10 (CUDA flash kernels; the import itself works on CPU builds too)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
 
 # ----------------------------------------------------------------------------------------------------------
 # config
@@ -142,8 +147,6 @@ def packed_sdpa_attention(q, k, v, gather_index, key_mask, scatter_index, dropou
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int):
     """Flash varlen attention on (T, H, D). Called with the positional arguments common to torch 2.10-2.13
     (q, k, v, cu_seq_q, cu_seq_k, max_q, max_k); the default is non-causal with scale 1/sqrt(D)."""
-    from torch.nn.attention.varlen import varlen_attn
-
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)  # (T, H, D)
 
 
@@ -349,10 +352,10 @@ class BertForMaskedLM(nn.Module):
 
     def _choose_attn(self, device: torch.device, dtype: torch.dtype) -> str:
         if self.attn_impl == "auto":
-            flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+            flash_ok = varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
             return "varlen" if flash_ok else "sdpa"
-        if self.attn_impl == "varlen" and device.type != "cuda":
-            raise ValueError("attn_impl='varlen' needs a CUDA device; use 'sdpa' (or 'auto') on CPU")
+        if self.attn_impl == "varlen" and (device.type != "cuda" or varlen_attn is None):
+            raise ValueError("attn_impl='varlen' needs a CUDA device and torch >= 2.10; use 'sdpa' (or 'auto')")
         if self.attn_impl not in ("varlen", "sdpa"):
             raise ValueError(f"attn_impl must be 'auto', 'varlen' or 'sdpa', not {self.attn_impl!r}")
         return self.attn_impl
