@@ -102,7 +102,7 @@ class FakeHub:
     def files(self, repo_id: str, ref: str = "main") -> dict[str, bytes]:
         return dict(self.repos[repo_id].refs[ref])
 
-    # -- state changes ---------------------------------------------------------------------------
+    # -- permissions and state -------------------------------------------------------------------
 
     def namespaces(self) -> set[str]:
         known = set(t.user for t in self.tokens.values()) | {r.owner for r in self.repos.values()}

@@ -89,7 +89,8 @@ def hub():
 def upload(tmp_path: Path, *args: str, endpoint: str, token: str | None = WRITE_TOKEN, **env: str):
     """Run `mlmtrain upload ARGS` as a user would, with a private HF_HOME and only the HF_* variables given."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
-    full_env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    full_env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1",
+                    NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")  # a CI proxy must not intercept
     if token is not None:
         full_env["HF_TOKEN"] = token
     full_env.update(env)
