@@ -189,7 +189,10 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                               enabled=precision != "fp32")
     mask_rest = dict(vocab_size=len(vocab), mask_id=MASK_ID, num_special=NUM_SPECIAL, mask_prob=cfg.mask.mask_prob,
                      mask_frac=cfg.mask.mask_frac, random_frac=cfg.mask.random_frac, max_masked=max_masked,
-                     word_start=word_start_table(vocab).to(device) if cfg.mask.whole_word else None)
+                     word_start=word_start_table(vocab).to(device) if cfg.mask.whole_word else None,
+                     # Triton on CUDA; on CPU the torch path, bit-identical to the kernel (the Triton
+                     # interpreter, which tests use, is far slower)
+                     backend="auto" if device.type == "cuda" else "torch")
     mask_kwargs = {"seed": cfg.train.seed, "rest": mask_rest}
 
     # ---- data: this rank's micro-batches, built ahead on a thread -----------------------------------
@@ -213,6 +216,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     metrics = open(run_dir / "metrics.jsonl", metrics_mode, encoding="utf-8") if is_main else None
     peak_tflops = cfg.train.peak_tflops or peak_tflops_for(device, precision)
     stopper = StopSignal()
+    nan_steps = {int(x) for x in os.environ.get("MLMTRAIN_TEST_NAN_STEPS", "").split(",") if x.strip()}
     profiler, phase_ms = start_profiler(cfg.train.profile_steps, run_dir), {}
 
     # ---- the loop ----------------------------------------------------------------------------------
@@ -255,6 +259,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                     loss_sum, _ = step_fn(model, m.masked_ids, b.position_ids, b.cu_seqlens, max_seqlen,
                                           m.masked_positions, m.masked_labels)
                     loss = loss_sum * world / targets  # DDP averages over ranks: * world restores the sum
+                    if step + 1 in nan_steps:  # test hook (MLMTRAIN_TEST_NAN_STEPS): a numeric fault
+                        loss = loss * float("nan")
                 phase.mark("forward")
                 scaler.scale(loss).backward()
                 phase.mark("backward")
@@ -285,7 +291,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
             if step % cfg.train.log_every == 0 or last or stopper.requested:
                 n_bad = int(bad_flags[:window_steps].sum().item())  # sync: once per log window
                 elapsed = time.perf_counter() - t_window
-                row = {"step": step, "loss": (loss_window / max(window_steps - n_bad, 1)).item(), "lr": lr,
+                good = window_steps - n_bad
+                row = {"step": step, "loss": (loss_window / good).item() if good else None, "lr": lr,
                        "grad_norm": grad_norm.item(), "tokens_per_s": window_tokens / elapsed,
                        "samples_per_s": window_segments / elapsed,
                        "tflops": window_flops / elapsed / 1e12 * world,
@@ -308,9 +315,9 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                 summary_losses.append(row["loss"])
                 real_tokens_total += window_tokens
                 write_metrics(metrics, row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.3g}")
+                bar.set_postfix(loss="nan" if row["loss"] is None else f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.3g}")
                 if is_main and (step % (cfg.train.log_every * 10) == 0 or last):
-                    log(f"step {step}: loss {row['loss']:.4f} lr {lr:.2e} grad_norm {row['grad_norm']:.3f} "
+                    log(f"step {step}: loss {row['loss'] or float('nan'):.4f} lr {lr:.2e} grad_norm {row['grad_norm']:.3f} "
                         f"{row['tokens_per_s']:.0f} tok/s mfu {row['mfu'] if row['mfu'] is None else round(row['mfu'], 3)}")
                 window_tokens, window_segments, window_flops, window_steps = 0, 0, 0.0, 0
                 loss_window.zero_()

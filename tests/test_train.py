@@ -1,0 +1,250 @@
+"""The training loop: stored loss curve, gradient accumulation, precision, and runs that survive
+(resume, preemption, kill -9 mid-checkpoint, damaged checkpoints, numeric faults)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlmtrain import checkpoint as ckpt
+from mlmtrain.config import load_config
+from mlmtrain.errors import UserError
+from mlmtrain.train import train
+
+LOSS_CURVE = Path(__file__).parent / "assets" / "losses" / "tiny_cpu.json"
+
+
+def tiny_config(data_dir, tokenizer_dir, out, **overrides):
+    base = {"out_dir": str(out), "data.data_dir": str(data_dir), "data.tokenizer_dir": str(tokenizer_dir),
+            "model.size": "tiny", "data.tokens_per_batch": 1024, "train.max_steps": 6, "train.log_every": 1,
+            "train.eval_every": 0, "train.eval_batches": 2, "train.device": "cpu", "train.compile": "off",
+            "optim.lr": 1e-3, "optim.warmup_steps": 2}
+    base.update(overrides)
+    return load_config(None, base)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_loss_curve_matches_stored(data_dir, tokenizer_dir, tmp_path):
+    """A short deterministic tiny run against tests/assets/losses/tiny_cpu.json (fp32, CPU).
+    Tolerance 2e-4 relative: the same code on another x86 CPU may round matmuls differently; a real
+    change to data, masking, model or optimizer moves the curve by far more."""
+    summary = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.max_steps": 8}))
+    got = [loss for _, loss in summary["losses"]]
+    if os.environ.get("MLMTRAIN_UPDATE_LOSSES"):
+        LOSS_CURVE.parent.mkdir(parents=True, exist_ok=True)
+        LOSS_CURVE.write_text(json.dumps({"config": "tiny, 1024 tokens/batch, lr 1e-3, seed 0", "losses": got}, indent=1))
+    expected = json.loads(LOSS_CURVE.read_text())["losses"]
+    print("got", got, "\nexpected", expected)
+    np.testing.assert_allclose(got, expected, rtol=2e-4)
+    assert got[-1] < got[0]  # and it learns
+
+
+def equal_length_shard(data_dir, tokenizer_dir, out: Path, sentence_len: int = 14) -> Path:
+    """A shard of equal-length sentences, so batches of T and 2T tokens hold exactly the same
+    segments (T is a multiple of sentence_len + 2) and the two packings are comparable."""
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 512), ("valid", 64)):
+        (out / split).mkdir(parents=True)
+        np.save(out / split / "tokens.npy", rng.integers(5, meta["vocab_size"], n * sentence_len).astype(np.uint16))
+        np.save(out / split / "offsets.npy", np.arange(0, n * sentence_len + 1, sentence_len, dtype=np.int64))
+        np.save(out / split / "doc_offsets.npy", np.array([0, n], dtype=np.int64))
+        meta[split] = {**meta[split], "sentences": n, "tokens": n * sentence_len, "documents": 1,
+                       "max_sentence_len": sentence_len, "min_sentence_len": sentence_len}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def test_gradient_accumulation_equals_one_larger_batch(data_dir, tokenizer_dir, tmp_path):
+    """2 micro-batches of 1024 tokens == 1 batch of 2048 tokens, step by step (fp32, no dropout).
+    Same segments, same masks (keyed by the token's index within the step), the loss divided by the
+    step's total target count in both: only summation order differs, so rtol 1e-5."""
+    data = equal_length_shard(data_dir, tokenizer_dir, tmp_path / "eq")
+    common = {"data.data_dir": str(data), "model.dropout": 0.0, "train.max_steps": 4}
+    accum = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "a", **common, **{"optim.grad_accum": 2}))
+    big = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "b", **common, **{"data.tokens_per_batch": 2048}))
+    a, b = [x for _, x in accum["losses"]], [x for _, x in big["losses"]]
+    print("accum", a, "\nbig  ", b)
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_bf16_autocast_runs_on_cpu(data_dir, tokenizer_dir, tmp_path):
+    summary = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.precision": "bf16",
+                                                                              "train.max_steps": 3}))
+    assert summary["precision"] == "bf16" and all(np.isfinite(x) for _, x in summary["losses"])
+
+
+def test_metrics_and_checkpoint_outputs(data_dir, tokenizer_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 4, "train.eval_every": 2}))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    assert all({"lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s"} <= r.keys() for r in train_rows)
+    evals = [r for r in rows if "valid_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["valid_accuracy"] <= 1 for r in evals)
+    latest = ckpt.latest_checkpoint(run)
+    _, config, state = ckpt.load_checkpoint_model(latest)
+    assert state["step"] == 4 and config["run"]["model"]["size"] == "tiny" and config["model"]["hidden_size"] == 128
+
+
+# ---- runs that survive (issue: checkpoints, resume, preemption, numeric faults) -----------------------
+
+def test_resume_is_bit_exact(data_dir, tokenizer_dir, tmp_path):
+    """6 steps straight == 3 steps, stop, resume for 3 more: every loss equal bit for bit (dropout on,
+    so the RNG state must come back too)."""
+    straight = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "straight"))
+    run = tmp_path / "split"
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 3}))
+    resumed = train(tiny_config(data_dir, tokenizer_dir, run), resume="auto")
+    assert resumed["steps_this_run"] == 3
+    assert losses(run) == straight["losses"], "the resumed run diverged"
+
+
+def test_resume_refuses_other_model_or_data(data_dir, tokenizer_dir, tmp_path):
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 1}))
+    with pytest.raises(UserError, match="hidden_size"):
+        train(tiny_config(data_dir, tokenizer_dir, run, **{"model.size": "mini"}), resume="auto")
+    other = equal_length_shard(data_dir, tokenizer_dir, tmp_path / "other")
+    with pytest.raises(UserError, match="data shards differ"):
+        train(tiny_config(data_dir, tokenizer_dir, run, **{"data.data_dir": str(other)}), resume="auto")
+
+
+def test_damaged_checkpoint_is_skipped(data_dir, tokenizer_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 4, "train.checkpoint_every": 2}))
+    first, newest = ckpt.complete_checkpoints(run)
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # flip a byte
+    weights.write_bytes(bytes(data))
+    assert ckpt.latest_checkpoint(run) == first
+    assert "model.safetensors does not match its sha256" in capsys.readouterr().out
+    os.truncate(first / "optimizer.safetensors", 100)  # truncated
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        ckpt.latest_checkpoint(run)
+
+
+def test_nan_steps_are_skipped_then_stop(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """Injected non-finite losses: the updates are skipped (weights unchanged), the steps are logged,
+    and max_bad_steps consecutive bad steps stop the run with a final checkpoint of the last good state."""
+    monkeypatch.setenv("MLMTRAIN_TEST_NAN_STEPS", "2,3,4,5")
+    run = tmp_path / "run"
+    summary = train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 8, "train.max_bad_steps": 3,
+                                                                 "train.checkpoint_every": 2}))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "bad_steps" in r]
+    assert [r["bad_steps"] for r in rows] == [0, 1, 1, 1] and rows[1]["loss"] is None
+    assert "consecutive non-finite" in (summary["stopped_by"] or "")
+    w_step2 = ckpt.load_checkpoint_model(run / "checkpoints" / "step_00000002")[0]
+    w_final = ckpt.load_checkpoint_model(ckpt.latest_checkpoint(run))[0]
+    assert all(torch.equal(w_step2[k], w_final[k]) for k in w_step2), "a non-finite step changed the weights"
+
+
+def _train_cli(data_dir, tokenizer_dir, run, steps, extra_env=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    cmd = [sys.executable, "-m", "mlmtrain.cli", "train", "--data", str(data_dir), "--tokenizer", str(tokenizer_dir),
+           "--out", str(run), "--model", "tiny", "--tokens-per-batch", "1024", "--max-steps", str(steps),
+           "--seed", "0", "--set", "train.log_every=1", "--set", "train.eval_every=0", "--set", "train.eval_batches=2",
+           "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=2", "--set", "train.device=cpu"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_is_exact(data_dir, tokenizer_dir, tmp_path):
+    """SIGTERM mid-run: the step finishes, a checkpoint is written, the message says how to resume;
+    resuming reproduces the uninterrupted run's losses bit for bit."""
+    straight = tmp_path / "straight"
+    assert _train_cli(data_dir, tokenizer_dir, straight, 40).wait(timeout=300) == 0
+    run = tmp_path / "run"
+    proc = _train_cli(data_dir, tokenizer_dir, run, 40)
+    assert _wait_for(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM received" in out and "--resume" in out
+    stopped_at = ckpt.load_checkpoint_model(ckpt.latest_checkpoint(run))[2]["step"]
+    assert 3 <= stopped_at < 40
+    resumed = subprocess.run([*_train_cli_args(data_dir, tokenizer_dir, run, 40), "--resume"], capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert losses(run) == losses(straight)
+
+
+def _train_cli_args(data_dir, tokenizer_dir, run, steps):
+    return [sys.executable, "-m", "mlmtrain.cli", "train", "--data", str(data_dir), "--tokenizer", str(tokenizer_dir),
+            "--out", str(run), "--model", "tiny", "--tokens-per-batch", "1024", "--max-steps", str(steps),
+            "--seed", "0", "--set", "train.log_every=1", "--set", "train.eval_every=0", "--set", "train.eval_batches=2",
+            "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=2", "--set", "train.device=cpu"]
+
+
+@pytest.mark.slow
+def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(data_dir, tokenizer_dir, tmp_path):
+    """kill -9 while a checkpoint is half written (the test hook pauses after the weights): the partial
+    folder is never taken for a checkpoint, the previous one is used, and the run resumes from it."""
+    run = tmp_path / "run"
+    assert subprocess.run([*_train_cli_args(data_dir, tokenizer_dir, run, 2)], capture_output=True).returncode == 0
+    proc = subprocess.Popen([*_train_cli_args(data_dir, tokenizer_dir, run, 4), "--resume"],
+                            env={**os.environ, ckpt.PAUSE_ENV: "60"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert _wait_for(lambda: any((run / "checkpoints").glob(".tmp_*/model.safetensors")))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert ckpt.latest_checkpoint(run).name == "step_00000002"
+    done = subprocess.run([*_train_cli_args(data_dir, tokenizer_dir, run, 4), "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ckpt.latest_checkpoint(run).name == "step_00000004"
+
+
+def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """A write that fails with ENOSPC (simulated: we run as root, where permissions do not bite) ends
+    the run with one sentence, removes the partial folder and leaves the previous checkpoint intact."""
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 2}))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
+    with pytest.raises(UserError, match="No space left on device; the previous checkpoint step_00000002 is intact"):
+        train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 3}), resume="auto")
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(run).name == "step_00000002"
+    assert not list((run / "checkpoints").glob(".tmp_*"))
+
+
+def test_nothing_we_load_unpickles():
+    """Every load in the package goes through safetensors/JSON, or torch.load(weights_only=True)."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*root.glob("trainer/*.py"), *root.glob("kernels/*.py")]:
+        text = path.read_text(encoding="utf-8")
+        if "pickle" in text.replace("unpickle", "").replace("pickle-free", "").replace("no pickle", "") and \
+                "import pickle" in text:
+            offenders.append(f"{path.name}: imports pickle")
+        for line in text.splitlines():
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path.name}: {line.strip()}")
+    assert not offenders, offenders
