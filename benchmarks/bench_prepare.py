@@ -6,7 +6,8 @@ Corpus: whole sentences of the bundled sample (`mlmtrain.data.sample_corpus_path
 per byte is realistic; but the vocabulary is the sample's (a few thousand distinct words), so WordPiece
 *training*, whose cost grows with the number of distinct words, is faster here than on a real 100 MB corpus.
 
-Rows (each from `common.time_fn`, seconds as min/median/max):
+Rows (each from `common.time_fn`, seconds as min/median/max; plus CPU seconds, user + system over all
+threads, which a shared, loaded machine distorts less than wall time):
 - `tokenizer`: `mlmtrain tokenizer` (default settings, vocab 30000) run as its own process; peak RSS is
   that process's (VmHWM), so it is what a user sees, not this script's.
 - `prepare`: `mlmtrain prepare` (defaults: valid 0.01, max_seq_len 128) as its own process, same RSS rule.
@@ -16,6 +17,9 @@ Rows (each from `common.time_fn`, seconds as min/median/max):
 - `naive_autotokenizer`: `AutoTokenizer.from_pretrained(dir)` then `tok(line)["input_ids"]` per line, on
   the first `--naive-mb` MB of the corpus (it is slow; the rate is per byte, so it compares directly).
 
+Ratios are given on both clocks: wall (what a user waits; the naive path uses one core, ours all of them)
+and CPU (work per byte, whatever the core count and the load). Load averages at start and end are saved.
+
 Run: `python -m mlmtrain.benchmarks.bench_prepare --out DIR [--mb 100] [--naive-mb 10] [--repeats 1]`
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -67,21 +72,41 @@ sys.exit(main(sys.argv[2:]))
 
 
 def run_cli(args: list[str], work: Path) -> dict:
-    """Run `mlmtrain ARGS` as a child process; return its wall seconds and peak RSS (MiB)."""
+    """Run `mlmtrain ARGS` as a child process; return its wall seconds, CPU seconds (user + system, all
+    threads) and peak RSS (MiB)."""
     hwm_file = work / "peak_rss_kib.txt"
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _LAUNCH, str(hwm_file), *args], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(hwm_file), *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so that rusage is ours to read
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"mlmtrain {' '.join(args)} failed:\n{proc.stderr}")
-    return {"seconds": seconds, "peak_rss_mib": int(hwm_file.read_text()) / 1024}
+        raise RuntimeError(f"mlmtrain {' '.join(args)} failed:\n{stderr}")
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mib": int(hwm_file.read_text()) / 1024}
 
 
-def timed_cli(args: list[str], work: Path, repeats: int) -> tuple[dict, list[dict]]:
+def timed_cli(args: list[str], work: Path, repeats: int) -> tuple[dict, dict]:
     runs = []
     seconds = time_fn(lambda: runs.append(run_cli(args, work)), torch.device("cpu"), warmup=0, repeats=repeats)
-    return seconds, runs
+    extra = {"cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
+             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+    return seconds, extra
+
+
+def timed_in_process(fn, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """time_fn, plus the median process CPU time (all threads) of the timed repeats."""
+    cpu = []
+
+    def run():
+        c0 = time.process_time()
+        fn()
+        cpu.append(time.process_time() - c0)
+
+    seconds = time_fn(run, torch.device("cpu"), warmup=warmup, repeats=repeats)
+    return seconds, {"cpu_seconds": statistics.median(cpu[warmup:])}
 
 
 def read_lines(path: Path, max_bytes: float) -> list[str]:
@@ -124,20 +149,18 @@ def main(argv=None) -> int:
     rows = []
 
     tok_dir, data_dir = out / "tokenizer", out / "data"
-    seconds, runs = timed_cli(["tokenizer", "--input", str(corpus), "--out", str(tok_dir), "--overwrite"], out, args.repeats)
+    seconds, extra = timed_cli(["tokenizer", "--input", str(corpus), "--out", str(tok_dir), "--overwrite"], out, args.repeats)
     vocab_size = load_tokenizer(tok_dir).get_vocab_size()
-    rows.append(record("prepare", "tokenizer", seconds, work={"bytes": nbytes}, vocab_size=vocab_size,
-                       peak_rss_mib=max(r["peak_rss_mib"] for r in runs)))
+    rows.append(record("prepare", "tokenizer", seconds, work={"bytes": nbytes}, vocab_size=vocab_size, **extra))
 
-    seconds, runs = timed_cli(["prepare", "--input", str(corpus), "--tokenizer", str(tok_dir), "--out", str(data_dir),
+    seconds, extra = timed_cli(["prepare", "--input", str(corpus), "--tokenizer", str(tok_dir), "--out", str(data_dir),
                                "--overwrite", "--no-progress"], out, args.repeats)
     meta = json.loads((data_dir / "meta.json").read_text())
     rows.append(record("prepare", "prepare", seconds,
                        work={"bytes": nbytes, "lines": meta["input_lines"],
                              "sentences": meta["train"]["sentences"] + meta["valid"]["sentences"],
                              "tokens": meta["train"]["tokens"] + meta["valid"]["tokens"]},
-                       peak_rss_mib=max(r["peak_rss_mib"] for r in runs),
-                       prepare_seconds_inside=meta["seconds"]))
+                       prepare_seconds_inside=meta["seconds"], **extra))
 
     # The tokenizer alone, lines already in memory, same batch size as prepare: the ceiling.
     tok = load_tokenizer(tok_dir)
@@ -145,10 +168,10 @@ def main(argv=None) -> int:
     ceiling_bytes = sum(len(s.encode("utf-8")) + 1 for s in lines)
     per_batch = max(1, int(len(lines) * READ_BLOCK_BYTES / ceiling_bytes))
     batches = [lines[i:i + per_batch] for i in range(0, len(lines), per_batch)]
-    seconds = time_fn(lambda: [tok.encode_batch_fast(b, add_special_tokens=False) for b in batches], cpu,
-                      warmup=1, repeats=max(3, args.repeats))
+    seconds, extra = timed_in_process(lambda: [tok.encode_batch_fast(b, add_special_tokens=False) for b in batches],
+                                      warmup=1, repeats=max(3, args.repeats))
     rows.append(record("prepare", "encode_batch_fast", seconds, work={"bytes": ceiling_bytes, "lines": len(lines)},
-                       batch_lines=per_batch, tokenizers_parallelism=os.environ.get("TOKENIZERS_PARALLELISM")))
+                       batch_lines=per_batch, tokenizers_parallelism=os.environ.get("TOKENIZERS_PARALLELISM"), **extra))
 
     # The seed's way: AutoTokenizer, one call per line.
     from transformers import AutoTokenizer
@@ -156,16 +179,19 @@ def main(argv=None) -> int:
     hf = AutoTokenizer.from_pretrained(tok_dir)
     lines = read_lines(corpus, args.naive_mb * MB)
     naive_bytes = sum(len(s.encode("utf-8")) + 1 for s in lines)
-    seconds = time_fn(lambda: [hf(s)["input_ids"] for s in lines], cpu, warmup=0, repeats=args.repeats)
+    seconds, extra = timed_in_process(lambda: [hf(s)["input_ids"] for s in lines], warmup=0, repeats=args.repeats)
     rows.append(record("prepare", "naive_autotokenizer", seconds, work={"bytes": naive_bytes, "lines": len(lines)},
-                       tokenizer_class=type(hf).__name__))
+                       tokenizer_class=type(hf).__name__, **extra))
 
+    for r in rows:
+        r["bytes_per_cpu_s"] = r["bytes"] / r["cpu_seconds"]
     rate = {r["name"]: r["bytes_per_s"]["median"] for r in rows}
-    summary = {
-        "prepare_vs_naive": rate["prepare"] / rate["naive_autotokenizer"],
-        "prepare_vs_tokenizer_ceiling": rate["prepare"] / rate["encode_batch_fast"],
-        "ceiling_vs_naive": rate["encode_batch_fast"] / rate["naive_autotokenizer"],
-    }
+    cpu_rate = {r["name"]: r["bytes_per_cpu_s"] for r in rows}
+    summary = {}
+    for clock, rates in (("wall", rate), ("cpu", cpu_rate)):
+        summary[f"prepare_vs_naive_{clock}"] = rates["prepare"] / rates["naive_autotokenizer"]
+        summary[f"prepare_vs_tokenizer_ceiling_{clock}"] = rates["prepare"] / rates["encode_batch_fast"]
+        summary[f"ceiling_vs_naive_{clock}"] = rates["encode_batch_fast"] / rates["naive_autotokenizer"]
     env["loadavg_end"] = os.getloadavg()
     result = {"environment": env, "corpus": info, "rows": rows, "summary": summary}
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -174,14 +200,15 @@ def main(argv=None) -> int:
 
 
 def print_table(result: dict) -> None:
-    print("| row | seconds (median, min-max) | MB/s | lines/s | peak RSS |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| row | wall s (median, min-max) | MB/s wall | lines/s wall | CPU s | MB per CPU-s | peak RSS |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in result["rows"]:
         s = r["seconds"]
         lines = f"{r['lines_per_s']['median']:,.0f}" if "lines_per_s" in r else "-"
         rss = f"{r['peak_rss_mib']:,.0f} MiB" if "peak_rss_mib" in r else "-"
         print(f"| {r['name']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | "
-              f"{r['bytes_per_s']['median'] / MB:.2f} | {lines} | {rss} |")
+              f"{r['bytes_per_s']['median'] / MB:.2f} | {lines} | {r['cpu_seconds']:.2f} | "
+              f"{r['bytes_per_cpu_s'] / MB:.2f} | {rss} |")
     print(json.dumps(result["summary"], indent=2))
 
 

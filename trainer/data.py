@@ -317,7 +317,7 @@ def prepare(inputs, tokenizer_dir, out_dir, valid_fraction: float = 0.01, max_se
     t0 = time.perf_counter()
     try:
         writers = {name: _SplitWriter(tmp / name, dtype) for name in SPLITS}
-        doc, unit_index, unit = 0, 0, []  # current document, index of the current unit, its pieces
+        doc, unit_index, unit, lines_done = 0, 0, [], 0  # current document, index of the current unit, its pieces
         held = None  # the last train unit, held back so that valid is never left empty when it should not be
 
         def close_unit():
@@ -351,9 +351,10 @@ def prepare(inputs, tokenizer_dir, out_dir, valid_fraction: float = 0.01, max_se
                     unit.append(piece)
                     if len(unit) == SPLIT_UNIT_SENTENCES:
                         close_unit()
+            lines_done += len(lines)
             if bar is not None:
                 bar.update(nbytes)
-                bar.set_postfix_str(f"{stats['input_lines'] / (time.perf_counter() - t0):,.0f} lines/s", refresh=False)
+                bar.set_postfix_str(f"{lines_done / (time.perf_counter() - t0):,.0f} lines/s", refresh=False)
         close_unit()
         if held is not None:
             valid_starved = valid_fraction > 0 and writers["valid"].sentences == 0 and writers["train"].sentences > 0
