@@ -11,17 +11,21 @@ What it computes, for flat token ids [T] (a packed batch):
      masked-only head the selected positions in ascending order, compacted into a fixed [max_masked] buffer
      with their labels (padded slots: position 0, label -100).
 
-Randomness is counter based: Philox4x32-10 (the generator Triton's tl.randint uses, and CUDA's curand),
-key = seed (64 bit), counter = (global token index = offset + i (64 bit), step (64 bit)). One Philox call
-gives four 32-bit words per token: r0 -> selected?, r1 -> 80/10/10 choice, r2 -> random id. Whole-word mode
-uses r0 of the word's first piece (found inside this call, see below) and r1, r2 of the piece itself, so a
-batch of single-piece words masks exactly as token-level masking does. Nothing is stateful: the same
-(ids, seed, step, offset) gives the same bits on any rank, after any resume, on the kernel and on the
+Randomness is counter based: Philox4x32-10 (the generator of Triton's tl.randint and of curand), key =
+seed (64 bit), counter = (group (64 bit, stream id in its top bit), step (64 bit)), where a group is a run
+of consecutive global token indices g = offset + i. Two streams, so each token costs half a Philox call
+rather than two (Philox is ~60 integer instructions: at memory speed the budget is ~70 per token):
+  - selection stream: group g // 4, word g % 4 of the call: selected iff (word >> 8) < round(mask_prob * 2^24).
+  - replacement stream: group g // 2, words (2 (g % 2), 2 (g % 2) + 1) = (choice, r): [MASK] iff
+    (choice >> 8) < round(mask_frac * 2^24), a random id iff below round((mask_frac + random_frac) * 2^24);
+    random id = allowed[(r * n_allowed) >> 32] (multiply-shift: bias below n_allowed / 2^32).
+At step 0 the selection stream is exactly tl.randint4x(seed, g // 4). Whole-word mode uses the selection
+word of the word's first piece (found inside this call, see below) and the replacement words of the piece
+itself, so a batch of single-piece words masks exactly as token-level masking does. Nothing is stateful: the
+same (ids, seed, step, offset) gives the same bits on any rank, after any resume, on the kernel and on the
 reference; there is no RNG state to checkpoint and no host-device sync (all scalars are python ints).
-
-Bit-exact thresholds: selected iff (r0 >> 8) < round(mask_prob * 2^24); [MASK] iff (r1 >> 8) <
-round(mask_frac * 2^24), random iff below round((mask_frac + random_frac) * 2^24); random id =
-allowed[(r2 * n_allowed) >> 32] (multiply-shift: bias below n_allowed / 2^32).
+Kernel blocks start at global indices divisible by 4 (the first one SHIFT = offset % 4 lanes early), so
+each block computes whole groups.
 
 Compaction, deterministic, in two kernels: `_mask_count_kernel` draws and counts selections per block;
 a torch cumsum over the [n_blocks] counts gives each block its base; `_mask_apply_kernel` redraws (the
@@ -84,10 +88,10 @@ if triton is not None:
         return c0, c1, c2, c3
 
     @triton.jit
-    def _draw(idx, off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi):
-        """Philox words for int32 call-local indices `idx`: counter (offset + idx as 64 bits, step as 64 bits)."""
-        c0 = off_lo + idx.to(tl.uint32)  # low word of offset + idx, wraps
-        c1 = off_hi + (c0 < off_lo).to(tl.uint32)  # carry into the high word
+    def _philox_groups(q_lo, q_hi, k, stream_tag, step_lo, step_hi, seed_lo, seed_hi):
+        """Philox words for counter (q + k as 64 bits with `stream_tag` in the top bit, step as 64 bits)."""
+        c0 = q_lo + k.to(tl.uint32)  # low word of q + k, wraps
+        c1 = (q_hi + (c0 < q_lo).to(tl.uint32)) | stream_tag  # carry into the high word
         zero = c0 * 0
         return _philox4x32(c0, c1, zero + step_lo, zero + step_hi, seed_lo, seed_hi, 10)
 
@@ -98,31 +102,34 @@ if triton is not None:
 
     @triton.jit
     def _select_block(ids_ptr, word_start_ptr, never_mask_ptr, pid, n_tokens, vocab_size, num_special,
-                      off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
-                      BLOCK: tl.constexpr, LOOKBACK: tl.constexpr,
+                      q4_lo, q4_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
+                      BLOCK: tl.constexpr, SHIFT: tl.constexpr, LOOKBACK: tl.constexpr,
                       WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
-        """Shared by both kernels so they agree on every bit: load a block, draw, decide selection."""
-        idx = pid * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) int32 call-local token index
-        in_range = idx < n_tokens
+        """Shared by both kernels so they agree on every bit: load a block, draw, decide selection.
+        Blocks are aligned to the global index (offset + i): block pid holds aligned positions
+        [pid * BLOCK, (pid + 1) * BLOCK), i.e. call-local indices shifted by SHIFT = offset % 4."""
+        idx = pid * BLOCK - SHIFT + tl.arange(0, BLOCK)  # (BLOCK,) int32 call-local token index
+        in_range = (idx >= 0) & (idx < n_tokens)
         ids = tl.load(ids_ptr + idx, mask=in_range, other=0)
         in_vocab = in_range & (ids >= 0) & (ids < vocab_size)
         maskable = in_vocab & (ids >= num_special)
         if HAS_NEVER_MASK:
             maskable = maskable & (tl.load(never_mask_ptr + ids, mask=maskable, other=1) == 0)
-        seed_lo = seed_lo.to(tl.uint32, bitcast=True)
-        seed_hi = seed_hi.to(tl.uint32, bitcast=True)
-        off_lo = off_lo.to(tl.uint32, bitcast=True)
-        off_hi = off_hi.to(tl.uint32, bitcast=True)
-        step_lo = step_lo.to(tl.uint32, bitcast=True)
-        step_hi = step_hi.to(tl.uint32, bitcast=True)
-        r0, r1, r2, _ = _draw(idx, off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi)
-        own = ((r0 >> 8).to(tl.int32) < select_thr).to(tl.int32)  # (BLOCK,) this token's own selection bit
+        # Selection stream: one Philox call per 4 consecutive global indices, one 32-bit word each.
+        k4 = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # (BLOCK/4,) group index past q4
+        w0, w1, w2, w3 = _philox_groups(q4_lo, q4_hi, k4, 0, step_lo, step_hi, seed_lo, seed_hi)
+        lane = tl.arange(0, 4)[None, :]  # (1, 4)
+        words = tl.where(lane == 0, w0[:, None], tl.where(lane == 1, w1[:, None],
+                         tl.where(lane == 2, w2[:, None], w3[:, None])))  # (BLOCK/4, 4)
+        words = tl.reshape(words, (BLOCK,))  # (BLOCK,) token 4g + l gets word l of group g
+        own = ((words >> 8).to(tl.int32) < select_thr).to(tl.int32)  # (BLOCK,) this token's own selection bit
         if WHOLE_WORD:
-            starts = tl.load(word_start_ptr + ids, mask=in_vocab, other=1) != 0
+            starts = (tl.load(word_start_ptr + ids, mask=in_vocab, other=1) != 0) & (idx >= 0)  # ids outside
+            # the vocabulary start words, like specials; the SHIFT lanes before the call start none
             word = tl.associative_scan(tl.where(starts, own, -1), 0, _last_start)  # (BLOCK,) -1 before 1st start
             # Tokens before this block's first start continue a word begun earlier: walk back to its start.
             found = tl.where(tl.min(word) < 0, -1, 0)  # 0 = nothing to find (and index 0 is the fallback)
-            end = pid * BLOCK
+            end = pid * BLOCK - SHIFT
             while (found < 0) & (end > 0):
                 j = end - LOOKBACK + tl.arange(0, LOOKBACK)  # (LOOKBACK,) the window just before `end`
                 ok = j >= 0
@@ -131,54 +138,72 @@ if triton is not None:
                 prev_start = tl.load(word_start_ptr + prev, mask=prev_in_vocab, other=1) != 0
                 found = tl.max(tl.where(ok & prev_start, j, -1))
                 end = end - LOOKBACK
-            carry_r0, _, _, _ = _draw(tl.maximum(found, 0), off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi)
-            carry = ((carry_r0 >> 8).to(tl.int32) < select_thr).to(tl.int32)
+            at = tl.maximum(found, 0) + SHIFT  # aligned position of the word's first piece
+            c0, c1, c2, c3 = _philox_groups(q4_lo, q4_hi, at // 4, 0, step_lo, step_hi, seed_lo, seed_hi)
+            carry_word = tl.where(at % 4 == 0, c0, tl.where(at % 4 == 1, c1, tl.where(at % 4 == 2, c2, c3)))
+            carry = ((carry_word >> 8).to(tl.int32) < select_thr).to(tl.int32)
             selected = maskable & (tl.where(word >= 0, word, carry) == 1)
         else:
             selected = maskable & (own == 1)
-        return idx, in_range, ids, selected, r1, r2
+        return idx, in_range, ids, selected
+
+    @triton.jit
+    def _as_u32(x):
+        return x.to(tl.uint32, bitcast=True)
 
     # Per-call keys vary every step: never specialise on their values (1, multiples of 16), or each new step
     # value could compile a new kernel. Shape-like scalars (n_tokens, max_masked) stay specialised.
-    _KEYS = ["vocab_size", "num_special", "off_lo", "off_hi", "step_lo", "step_hi", "seed_lo", "seed_hi", "select_thr"]
+    _KEYS = ["vocab_size", "num_special", "q4_lo", "q4_hi", "step_lo", "step_hi", "seed_lo", "seed_hi", "select_thr"]
 
     @triton.jit(do_not_specialize=_KEYS)
     def _mask_count_kernel(ids_ptr, word_start_ptr, never_mask_ptr, counts_ptr, n_tokens, vocab_size, num_special,
-                           off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
-                           BLOCK: tl.constexpr, LOOKBACK: tl.constexpr,
+                           q4_lo, q4_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
+                           BLOCK: tl.constexpr, SHIFT: tl.constexpr, LOOKBACK: tl.constexpr,
                            WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
         """counts[pid + 1] = selections in block pid (counts[0] = 0, so a cumsum gives exclusive bases)."""
         pid = tl.program_id(0)
-        _, _, _, selected, _, _ = _select_block(
+        _, _, _, selected = _select_block(
             ids_ptr, word_start_ptr, never_mask_ptr, pid, n_tokens, vocab_size, num_special,
-            off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr, BLOCK, LOOKBACK, WHOLE_WORD, HAS_NEVER_MASK)
+            _as_u32(q4_lo), _as_u32(q4_hi), _as_u32(step_lo), _as_u32(step_hi), _as_u32(seed_lo), _as_u32(seed_hi),
+            select_thr, BLOCK, SHIFT, LOOKBACK, WHOLE_WORD, HAS_NEVER_MASK)
         tl.store(counts_ptr + pid + 1, tl.sum(selected.to(tl.int32), axis=0))
         if pid == 0:
             tl.store(counts_ptr, 0)
 
-    @triton.jit(do_not_specialize=_KEYS + ["mask_id", "mask_thr", "random_thr"])
+    @triton.jit(do_not_specialize=_KEYS + ["q2_lo", "q2_hi", "mask_id", "mask_thr", "random_thr"])
     def _mask_apply_kernel(ids_ptr, word_start_ptr, never_mask_ptr, allowed_ptr, n_allowed_ptr, base_ptr,
                            out_ids_ptr, labels_ptr, positions_ptr, masked_labels_ptr,
                            n_tokens, n_blocks, max_masked, slots_per_block, vocab_size, num_special, mask_id,
-                           off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr, mask_thr, random_thr,
-                           BLOCK: tl.constexpr, LOOKBACK: tl.constexpr,
+                           q4_lo, q4_hi, q2_lo, q2_hi, step_lo, step_hi, seed_lo, seed_hi,
+                           select_thr, mask_thr, random_thr,
+                           BLOCK: tl.constexpr, SHIFT: tl.constexpr, LOOKBACK: tl.constexpr,
                            WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
         """Redraw, replace 80/10/10, write ids + labels, scatter selections to base + in-block rank, and fill
         this block's share of the unused slots of the compacted buffers."""
         pid = tl.program_id(0)
-        idx, in_range, ids, selected, r1, r2 = _select_block(
+        step_lo, step_hi = _as_u32(step_lo), _as_u32(step_hi)
+        seed_lo, seed_hi = _as_u32(seed_lo), _as_u32(seed_hi)
+        idx, in_range, ids, selected = _select_block(
             ids_ptr, word_start_ptr, never_mask_ptr, pid, n_tokens, vocab_size, num_special,
-            off_lo, off_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr, BLOCK, LOOKBACK, WHOLE_WORD, HAS_NEVER_MASK)
+            _as_u32(q4_lo), _as_u32(q4_hi), step_lo, step_hi, seed_lo, seed_hi,
+            select_thr, BLOCK, SHIFT, LOOKBACK, WHOLE_WORD, HAS_NEVER_MASK)
         sel = selected.to(tl.int32)
         slot = tl.load(base_ptr + pid) + tl.cumsum(sel, axis=0) - sel  # (BLOCK,) exclusive rank in the batch
         keep = selected & (slot < max_masked)  # past the bound: de-selected, outputs stay consistent
 
-        choice = (r1 >> 8).to(tl.int32)
+        # Replacement stream: one Philox call per 2 consecutive global indices, two words (choice, random id) each.
+        k2 = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)  # (BLOCK/2,) pair index past q2
+        w0, w1, w2, w3 = _philox_groups(_as_u32(q2_lo), _as_u32(q2_hi), k2, 0x80000000,
+                                        step_lo, step_hi, seed_lo, seed_hi)
+        lane = tl.arange(0, 2)[None, :]  # (1, 2)
+        choice = tl.reshape(tl.where(lane == 0, w0[:, None], w2[:, None]), (BLOCK,))  # (BLOCK,)
+        r = tl.reshape(tl.where(lane == 0, w1[:, None], w3[:, None]), (BLOCK,))  # (BLOCK,)
+        choice = (choice >> 8).to(tl.int32)
         if HAS_NEVER_MASK:
             n_allowed = tl.load(n_allowed_ptr).to(tl.uint32)
-            random_ids = tl.load(allowed_ptr + tl.umulhi(r2, n_allowed), mask=keep, other=0)
+            random_ids = tl.load(allowed_ptr + tl.umulhi(r, n_allowed), mask=keep, other=0)
         else:
-            random_ids = num_special + tl.umulhi(r2, (vocab_size - num_special).to(tl.uint32)).to(tl.int32)
+            random_ids = num_special + tl.umulhi(r, (vocab_size - num_special).to(tl.uint32)).to(tl.int32)
         out = tl.where(keep & (choice < mask_thr), mask_id,
                        tl.where(keep & (choice < random_thr), random_ids.to(ids.dtype), ids))
         tl.store(out_ids_ptr + idx, out.to(ids.dtype), mask=in_range)
@@ -236,9 +261,12 @@ def mlm_mask_triton(ids, *, vocab_size, mask_id, num_special, never_mask, mask_p
     """Launch count kernel -> cumsum -> apply kernel. Arguments already validated by `mlm_mask`."""
     T = ids.numel()
     BLOCK = block_size or _block_size(T, ids.device)
-    n_blocks = triton.cdiv(T, BLOCK)
+    shift = offset % 4  # blocks start at global indices divisible by 4 (whole Philox groups)
+    n_blocks = triton.cdiv(T + shift, BLOCK)
     select_thr, mask_thr, random_thr = _thresholds(mask_prob, mask_frac, random_frac)
-    keys = (*_split64(offset), *_split64(step), *_split64(seed))
+    aligned = offset - shift
+    q4, q2 = _split64(aligned >> 2), _split64(aligned >> 1)  # first selection group, first replacement pair
+    step_seed = (*_split64(step), *_split64(seed))
     whole_word, has_never = word_start is not None, never_mask is not None
     word_start_u8 = word_start.view(torch.uint8) if whole_word else ids  # unused pointer when not whole-word
     if has_never:
@@ -246,11 +274,12 @@ def mlm_mask_triton(ids, *, vocab_size, mask_id, num_special, never_mask, mask_p
     else:
         never_u8 = allowed = n_allowed = ids
     num_warps = 4 if BLOCK <= 1024 else 8
-    common = dict(BLOCK=BLOCK, LOOKBACK=lookback, WHOLE_WORD=whole_word, HAS_NEVER_MASK=has_never, num_warps=num_warps)
+    common = dict(BLOCK=BLOCK, SHIFT=shift, LOOKBACK=lookback, WHOLE_WORD=whole_word, HAS_NEVER_MASK=has_never,
+                  num_warps=num_warps)
 
     counts = torch.empty(n_blocks + 1, dtype=torch.int32, device=ids.device)
     _mask_count_kernel[(n_blocks,)](ids, word_start_u8, never_u8, counts, T, vocab_size, num_special,
-                                    *keys, select_thr, **common)
+                                    *q4, *step_seed, select_thr, **common)
     base = torch.cumsum(counts, 0, dtype=torch.int32)  # (n_blocks + 1,) exclusive block bases, then the total
 
     out_ids, labels = torch.empty_like(ids), torch.empty_like(ids)
@@ -259,7 +288,8 @@ def mlm_mask_triton(ids, *, vocab_size, mask_id, num_special, never_mask, mask_p
     _mask_apply_kernel[(n_blocks,)](ids, word_start_u8, never_u8, allowed, n_allowed, base,
                                     out_ids, labels, positions, masked_labels,
                                     T, n_blocks, max_masked, triton.cdiv(max_masked, n_blocks), vocab_size,
-                                    num_special, mask_id, *keys, select_thr, mask_thr, random_thr, **common)
+                                    num_special, mask_id, *q4, *q2, *step_seed, select_thr, mask_thr, random_thr,
+                                    **common)
     return MaskOutput(out_ids, labels, positions, masked_labels)
 
 
@@ -390,6 +420,19 @@ def philox4x32_torch(c0, c1, c2, c3, key: int, rounds: int = PHILOX_ROUNDS):
     return c0, c1, c2, c3
 
 
+def _stream_words(offset: int, T: int, per_call: int, stream_tag: int, step: int, seed: int, device):
+    """Philox words of global indices offset .. offset + T - 1 for one stream: one call per `per_call`
+    consecutive indices (counter = index // per_call, tag in the top bit of its high word), its four words
+    shared out in order. Returns (T,) for per_call 4, (T, 2) for per_call 2."""
+    first, last = offset // per_call, (offset + T - 1) // per_call
+    group = torch.arange(first, last + 1, device=device, dtype=torch.int64)  # (G,)
+    zero = torch.zeros_like(group)
+    words = philox4x32_torch(group & _M32, (group >> 32) | stream_tag, zero + (step & _M32), zero + (step >> 32), seed)
+    words = torch.stack(words, 1).reshape(-1, 4 // per_call).squeeze(1)  # (G * per_call,) or (G * 2, 2)
+    start = offset % per_call
+    return words[start:start + T]
+
+
 def mlm_mask_reference(ids, *, vocab_size, mask_id, num_special, never_mask, mask_prob, mask_frac, random_frac,
                        seed, step, offset, max_masked, word_start) -> MaskOutput:
     """The same function as the kernels, in plain torch ops on whole tensors.
@@ -399,9 +442,8 @@ def mlm_mask_reference(ids, *, vocab_size, mask_id, num_special, never_mask, mas
     T, device = ids.numel(), ids.device
     select_thr, mask_thr, random_thr = _thresholds(mask_prob, mask_frac, random_frac)
     idx = torch.arange(T, device=device, dtype=torch.int64)  # (T,) call-local index
-    counter = idx + offset  # (T,) global token index, < 2^63
-    zero = torch.zeros_like(counter)
-    r0, r1, r2, _ = philox4x32_torch(counter & _M32, counter >> 32, zero + (step & _M32), zero + (step >> 32), seed)
+    select_word = _stream_words(offset, T, 4, 0, step, seed, device)  # (T,) one word per token
+    choice, random_word = _stream_words(offset, T, 2, 1 << 31, step, seed, device).unbind(1)  # (T,) each
 
     ids64 = ids.long()
     in_vocab = (ids64 >= 0) & (ids64 < vocab_size)
@@ -410,7 +452,7 @@ def mlm_mask_reference(ids, *, vocab_size, mask_id, num_special, never_mask, mas
     if never_mask is not None:
         blocked_u8, allowed, n_allowed = _allowed_ids(never_mask, num_special)
         maskable &= blocked_u8[safe_ids] == 0
-    own = (r0 >> 8) < select_thr  # (T,) each token's own selection draw
+    own = (select_word >> 8) < select_thr  # (T,) each token's own selection draw
     if word_start is None:
         selected = maskable & own
     else:
@@ -420,11 +462,11 @@ def mlm_mask_reference(ids, *, vocab_size, mask_id, num_special, never_mask, mas
 
     rank = torch.cumsum(selected, 0) - 1  # (T,) slot of each selected token
     keep = selected & (rank < max_masked)
-    choice = r1 >> 8
+    choice = choice >> 8
     if never_mask is not None:
-        random_ids = allowed[(r2 * n_allowed) >> 32]  # n_allowed < 2^31: the product fits int64
+        random_ids = allowed[(random_word * n_allowed) >> 32]  # n_allowed < 2^31: the product fits int64
     else:
-        random_ids = num_special + ((r2 * (vocab_size - num_special)) >> 32)
+        random_ids = num_special + ((random_word * (vocab_size - num_special)) >> 32)
     out = torch.where(keep & (choice < mask_thr), mask_id, torch.where(keep & (choice < random_thr), random_ids, ids64))
     labels = torch.where(keep, ids64, IGNORE_INDEX)
 

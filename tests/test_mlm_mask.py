@@ -105,7 +105,7 @@ def test_philox_is_tritons_stream():
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_kernel_matches_reference(T, dtype):
     ids = _ids(T, dtype, seed=T)
-    a, b = _both(ids, offset=(3 << 32) - 50, step=(1 << 40) + 3)  # the low counter word wraps mid-batch
+    a, b = _both(ids, offset=(1 << 34) - T // 2 - 1, step=(1 << 40) + 3)  # low counter words wrap mid-batch
     _assert_same(a, b, f"T={T} {dtype}")
     assert a.masked_ids.dtype == a.labels.dtype == dtype
     assert a.masked_positions.dtype == a.masked_labels.dtype == torch.int64
@@ -117,7 +117,7 @@ def test_kernel_matches_reference_whole_word_and_never_mask(T):
     ids, _, table = _words(T, seed=T)
     never = torch.zeros(V, dtype=torch.bool)
     never[[7, 8, 41, 60]] = True
-    a, b = _both(ids.to(DEVICE), word_start=table.to(DEVICE), never_mask=never.to(DEVICE), mask_prob=0.3)
+    a, b = _both(ids.to(DEVICE), word_start=table.to(DEVICE), never_mask=never.to(DEVICE), mask_prob=0.3, offset=T)
     _assert_same(a, b, f"T={T} whole-word + never_mask")
 
 
@@ -130,7 +130,7 @@ def test_kernel_words_longer_than_blocks():
     ids[[300, 301, 900, 1950]] = 10  # ...with only four word starts
     table = torch.arange(V) < 40
     kw = dict(vocab_size=V, mask_id=MASK, num_special=NSPEC, never_mask=None, mask_prob=0.5, mask_frac=0.8,
-              random_frac=0.1, step=3, offset=0, max_masked=T, word_start=table.to(DEVICE))
+              random_frac=0.1, step=3, offset=6, max_masked=T, word_start=table.to(DEVICE))
     for seed in range(2):
         ids_d = ids.to(DEVICE)
         a = mlm_mask_triton(ids_d, seed=seed, block_size=128, lookback=32, **kw)
@@ -208,14 +208,15 @@ def test_identical_keys_identical_output_and_each_key_matters():
         assert not torch.equal(base.labels, mlm_mask(ids, **other, **kw).labels), other
 
 
-def test_depends_only_on_global_index():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_depends_only_on_global_index(backend):
     """Token-level masking of a slice with offset k equals the slice of the whole: any split across ranks or
-    micro-batches masks each token the same way."""
-    ids = _ids(6000, seed=4, device="cpu")
-    kw = dict(vocab_size=V, mask_id=MASK, seed=9, step=5, max_masked=6000, backend="torch")
+    micro-batches masks each token the same way (k = 1001 is not a multiple of the Philox group of 4)."""
+    ids = _ids(3000, seed=4)
+    kw = dict(vocab_size=V, mask_id=MASK, seed=9, step=5, max_masked=3000, backend=backend)
     whole = mlm_mask(ids, **kw)
-    part = mlm_mask(ids[2500:], offset=2500, **kw)
-    assert torch.equal(part.labels, whole.labels[2500:]) and torch.equal(part.masked_ids, whole.masked_ids[2500:])
+    part = mlm_mask(ids[1001:], offset=1001, **kw)
+    assert torch.equal(part.labels, whole.labels[1001:]) and torch.equal(part.masked_ids, whole.masked_ids[1001:])
 
 
 def test_single_piece_words_mask_like_token_level():
