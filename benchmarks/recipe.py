@@ -177,10 +177,14 @@ def run_recipe(lines: list[str], tokenizer_dir: str | Path, model_config, *, rea
                max_micro_batch: int = 256, warmup_skip: int = 3, eval_batches: list[dict] | None = None) -> dict:
     """Train the seed's recipe on `lines` until `real_tokens` real tokens in `steps` optimizer steps.
 
-    Returns real_tokens, steps, micro_batch, grad_accum, tokens_per_s ({overall: real tokens of the steps
+    Returns real_tokens, steps, micro_batch, grad_accum, achieved_tflops / mfu (spread over steps; MFU
+    against `mlmtrain.flops`'s datasheet peak, None on CPU), tokens_per_s ({overall: real tokens of the steps
     after `warmup_skip` over their time; min/median/max of the per-step rates}), samples_per_s, step_time_s,
     peak_mem_bytes (CUDA only, else None), wall_s (trainer.train()), train_loss, and valid_* from mlm_eval."""
     import accelerate  # noqa: F401  (the Trainer needs it; fail here with a clear ImportError)
+
+    from mlmtrain.flops import peak_tflops_for
+    from mlmtrain.model import model_flops_per_token
 
     tf = _transformers()
     device = torch.device(device)
@@ -191,12 +195,15 @@ def run_recipe(lines: list[str], tokenizer_dir: str | Path, model_config, *, rea
     micro_batch = math.ceil(per_step / grad_accum)
 
     collator = tf.DataCollatorForLanguageModeling(tokenizer, mlm_probability=settings.mlm_probability)
-    batch_real_tokens, batch_sentences = [], []
+    batch_real_tokens, batch_sentences, batch_flops = [], [], []
 
     def counting_collator(features):  # on CPU tensors: counting here costs no device sync
         batch = collator(features)
-        batch_real_tokens.append(int(batch["attention_mask"].sum()))
+        lengths = batch["attention_mask"].sum(1)  # (B,) real tokens per sentence
+        batch_real_tokens.append(int(lengths.sum()))
         batch_sentences.append(len(features))
+        # our FLOPs formula (mlmtrain.flops): credit for the work the model needs, not the padding it does
+        batch_flops.append(model_flops_per_token(model_config, lengths, settings.mlm_probability) * int(lengths.sum()))
         return batch
 
     torch.manual_seed(settings.seed)
@@ -228,10 +235,13 @@ def run_recipe(lines: list[str], tokenizer_dir: str | Path, model_config, *, rea
     # group micro-batches into optimizer steps (the last step may hold fewer)
     step_tokens = [sum(batch_real_tokens[i:i + grad_accum]) for i in range(0, len(batch_real_tokens), grad_accum)]
     step_samples = [sum(batch_sentences[i:i + grad_accum]) for i in range(0, len(batch_sentences), grad_accum)]
+    step_flops = [sum(batch_flops[i:i + grad_accum]) for i in range(0, len(batch_flops), grad_accum)]
     n = min(len(step_seconds), len(step_tokens))
     skip = min(warmup_skip, max(n - 1, 0))
     timed_tokens, timed_samples, timed_s = step_tokens[skip:n], step_samples[skip:n], step_seconds[skip:n]
     rates = sorted(t / s for t, s in zip(timed_tokens, timed_s))  # per-step real tokens/s
+    tflops = sorted(f / s / 1e12 for f, s in zip(step_flops[skip:n], timed_s))
+    peak = peak_tflops_for(device, "bf16" if device.type == "cuda" else "fp32")
     result = {
         "real_tokens": sum(batch_real_tokens),
         "sentences": len(examples),
@@ -241,6 +251,9 @@ def run_recipe(lines: list[str], tokenizer_dir: str | Path, model_config, *, rea
         "tokens_per_s": {"overall": sum(timed_tokens) / sum(timed_s), "min": rates[0],
                          "median": rates[len(rates) // 2], "max": rates[-1]},
         "samples_per_s": sum(timed_samples) / sum(timed_s),
+        "achieved_tflops": {"min": tflops[0], "median": tflops[len(tflops) // 2], "max": tflops[-1]},
+        "mfu": {k: v / peak for k, v in zip(("min", "median", "max"), (tflops[0], tflops[len(tflops) // 2],
+                                                                       tflops[-1]))} if peak else None,
         "step_time_s": {"min": min(timed_s), "median": sorted(timed_s)[len(timed_s) // 2], "max": max(timed_s)},
         "timed_steps": len(timed_s),
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,

@@ -1,0 +1,348 @@
+"""Turn a benchmark run's results into `results.json` + `report.md` + PNG charts in one folder.
+
+results.json (schema "mlmtrain-bench/1"):
+    {"schema", "command", "quick", "device", "environment": {device, versions{torch, triton, transformers, ...},
+     date, ...}, "time_limit_s", "wall_s", "sections": [{"section", "wall_s", "rows": [...]} or
+     {"section", "wall_s", "error", "traceback"?}], "headline": {...}}
+Every row carries "section" and "command". Rates are {"min", "median", "max"} (benchmarks/common.record).
+
+The report states the spread of every figure, names failed or skipped sections instead of dropping them,
+and judges throughput against the ceilings measured in the same run (and the datasheet peak, for MFU).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+SCHEMA = "mlmtrain-bench/1"
+CHARTS = {"throughput": "throughput_vs_batch.png", "tflops": "tflops_vs_ceiling.png",
+          "recipe": "ours_vs_recipe.png"}
+
+
+# ---- numbers --------------------------------------------------------------------------------------------
+
+def _si(x: float | None, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}".rstrip()
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def _spread(d: dict | None, fmt=_si, unit: str = "") -> str:
+    """'median (min–max)' of a {"min","median","max"} dict."""
+    if not isinstance(d, dict) or d.get("median") is None:
+        return "–"
+    return f"{fmt(d['median'], unit)} ({fmt(d['min'], unit)}–{fmt(d['max'], unit)})"
+
+
+def _pct(d: dict | None) -> str:
+    if not isinstance(d, dict) or d.get("median") is None:
+        return "–"
+    return f"{100 * d['median']:.1f}% ({100 * d['min']:.1f}–{100 * d['max']:.1f}%)"
+
+
+def _scale(d: dict | None, k: float) -> dict | None:
+    return {key: v * k for key, v in d.items() if isinstance(v, (int, float))} if isinstance(d, dict) else None
+
+
+def _gib(b) -> str:
+    return "–" if b is None else f"{b / 2 ** 30:.2f} GiB"
+
+
+def section(results: dict, name: str) -> dict | None:
+    return next((s for s in results["sections"] if s["section"] == name), None)
+
+
+def rows_of(results: dict, name: str) -> list[dict]:
+    s = section(results, name)
+    return [r for r in (s or {}).get("rows", []) if "error" not in r]
+
+
+def ceilings(results: dict) -> dict:
+    """{"matmul_bf16": TFLOP/s median, "matmul_fp32": ..., "copy": GB/s median} from the ceilings section."""
+    out = {}
+    for r in rows_of(results, "ceilings"):
+        if r.get("kind") == "matmul_ceiling":
+            out[f"matmul_{r['dtype']}"] = r["tflops"]["median"]
+        elif r.get("kind") == "copy_ceiling":
+            out["copy"] = r["gb_per_s"]["median"]
+    return out
+
+
+def _matmul_ceiling(ceil: dict, precision: str | None) -> float | None:
+    return ceil.get("matmul_float32") if precision == "fp32" else ceil.get("matmul_bfloat16")
+
+
+def headline(results: dict) -> dict:
+    """The figures docs/BENCHMARKS.md quotes: ceilings, ours vs recipe, the mask kernel's share of copy
+    bandwidth, and where the step time goes."""
+    ceil = ceilings(results)
+    h: dict = {"ceilings": ceil}
+    train = rows_of(results, "train")
+    ours = next((r for r in train if r.get("trainer") == "ours"), None)
+    recipe = next((r for r in train if r.get("trainer") == "recipe"), None)
+    cmp = next((r for r in train if r.get("trainer") == "comparison"), None)
+    if ours:
+        mm = _matmul_ceiling(ceil, ours.get("precision"))
+        h["ours"] = {"size": ours.get("size"), "tokens_per_s": ours["tokens_per_s"], "mfu": ours.get("mfu"),
+                     "achieved_tflops": ours.get("achieved_tflops"), "valid_loss": ours.get("valid_loss"),
+                     "fraction_of_matmul_ceiling": _scale(ours.get("achieved_tflops"), 1 / mm) if mm else None,
+                     "phase_ms": ours.get("phase_ms")}
+    if recipe:
+        h["recipe"] = {"tokens_per_s": recipe["tokens_per_s"], "mfu": recipe.get("mfu"),
+                       "valid_loss": recipe.get("valid_loss")}
+    if cmp:
+        h["speedup_tokens_per_s"] = cmp.get("speedup_tokens_per_s")
+    # the masking kernel's share of copy bandwidth: against the copy of the same bytes timed next to it
+    # (bench_mask's summary rows) and against this run's copy ceiling
+    mask = rows_of(results, "mask")
+    h["mask_kernel_fraction_of_copy"] = {r["num_tokens"]: r["kernel_fraction_of_copy"] for r in mask
+                                         if r.get("kind") == "summary" and r.get("kernel_fraction_of_copy")} or None
+    if ceil.get("copy"):
+        h["mask_fraction_of_copy_ceiling"] = {f"{r['name']} @ {r.get('num_tokens')}": r["bytes_per_s"]["median"] / 1e9 / ceil["copy"]
+                                              for r in mask if isinstance(r.get("bytes_per_s"), dict)
+                                              and r.get("path") == "triton"} or None
+    return h
+
+
+# ---- tables ---------------------------------------------------------------------------------------------
+
+def _table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+RATE_UNITS = {"tokens_per_s": (1, "tok/s"), "bytes_per_s": (1, "B/s"), "flops_per_s": (1, "FLOP/s"),
+              "samples_per_s": (1, "samples/s")}
+
+
+def generic_table(rows: list[dict], ceil: dict) -> str:
+    """Rows in benchmarks/common.record layout: time and every rate with its spread, plus the share of the
+    measured ceiling where the rate is bytes (copy) or FLOPs (matmul)."""
+    lines = []
+    for r in rows:
+        rates = [f"{_spread(r[k], unit=u)}" for k, (_, u) in RATE_UNITS.items() if isinstance(r.get(k), dict)]
+        share = []
+        if isinstance(r.get("bytes_per_s"), dict) and ceil.get("copy"):
+            share.append(f"{100 * r['bytes_per_s']['median'] / 1e9 / ceil['copy']:.0f}% of copy")
+        mm = _matmul_ceiling(ceil, r.get("precision") or ("fp32" if "float32" in str(r.get("dtype")) else None))
+        if isinstance(r.get("flops_per_s"), dict) and mm:
+            share.append(f"{100 * r['flops_per_s']['median'] / 1e12 / mm:.0f}% of matmul")
+        if not rates:  # a summary row: its own numbers (ratios, fractions)
+            rates = [f"{k} {v:.3g}" for k, v in r.items() if isinstance(v, float)]
+        secs = r.get("seconds") if isinstance(r.get("seconds"), dict) else None
+        label = r.get("name", "?")
+        if r.get("num_tokens") and r.get("kind") != "summary":
+            label += f" ({r['num_tokens']:,} tokens)"
+        lines.append([label, _spread(secs, unit="s") if secs else "–", "; ".join(rates) or "–",
+                      ", ".join(share) or "–"])
+    return _table(["name", "time per call: median (min–max)", "rates: median (min–max)", "of measured ceiling"],
+                  lines)
+
+
+def train_table(rows: list[dict], ceil: dict) -> str:
+    lines = []
+    for r in rows:
+        if r.get("trainer") == "comparison":
+            continue
+        mm = _matmul_ceiling(ceil, r.get("precision"))
+        batch = (f"{r['tokens_per_batch']:,} tokens" if r.get("tokens_per_batch") else
+                 f"{r.get('micro_batch')} sentences x {r.get('grad_accum')}")
+        lines.append([r["name"], batch, f"{r.get('real_tokens', 0):,}", r.get("steps"),
+                      _si(r["tokens_per_s"].get("overall"), "tok/s"), _spread(r.get("tokens_per_s"), unit="tok/s"), _spread(r.get("achieved_tflops"), fmt=lambda x, u: f"{x:.3g}"),
+                      _pct(r.get("mfu")), _pct(_scale(r.get("achieved_tflops"), 1 / mm)) if mm else "–",
+                      _gib(r.get("peak_mem_bytes")), f"{r['valid_loss']:.4f}" if r.get("valid_loss") is not None else "–",
+                      f"{r.get('wall_s', 0):.1f} s"])
+    return _table(["run", "batch", "real tokens", "steps", "real tokens/s overall", "per window/step: median (min–max)", "TFLOP/s",
+                   "MFU (datasheet peak)", "of measured matmul", "peak memory", "valid MLM loss", "wall"], lines)
+
+
+def sweep_table(rows: list[dict], ceil: dict) -> str:
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append([f"{r.get('tokens_per_batch', '?'):,}", r.get("seq_cap"), "–", r["error"], "", "", "", ""])
+            continue
+        mm = _matmul_ceiling(ceil, r.get("precision"))
+        lines.append([f"{r['tokens_per_batch']:,}", r["seq_cap"], r.get("pack"), _spread(r.get("tokens_per_s"), unit="tok/s"),
+                      _pct(r.get("mfu")), _pct(_scale(r.get("achieved_tflops"), 1 / mm)) if mm else "–",
+                      _gib(r.get("peak_mem_bytes")), _spread(r.get("step_time_s"), unit="s")])
+    return _table(["tokens per batch", "seq cap", "packing", "real tokens/s: median (min–max)", "MFU",
+                   "of measured matmul", "peak memory", "step time"], lines)
+
+
+# ---- charts ---------------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _err(d: dict) -> list[list[float]]:
+    return [[d["median"] - d["min"]], [d["max"] - d["median"]]]
+
+
+def chart_throughput(rows: list[dict], path: Path) -> bool:
+    rows = [r for r in rows if "error" not in r and isinstance(r.get("tokens_per_s"), dict)]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for cap in sorted({r["seq_cap"] for r in rows}):
+        pts = sorted((r for r in rows if r["seq_cap"] == cap), key=lambda r: r["tokens_per_batch"])
+        x = [r["tokens_per_batch"] for r in pts]
+        med = [r["tokens_per_s"]["median"] for r in pts]
+        lo = [m - r["tokens_per_s"]["min"] for m, r in zip(med, pts)]
+        hi = [r["tokens_per_s"]["max"] - m for m, r in zip(med, pts)]
+        ax.errorbar(x, med, yerr=[lo, hi], marker="o", capsize=3, label=f"seq cap {cap} ({pts[0].get('pack')} packing)")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({r["tokens_per_batch"] for r in rows})
+    ax.set_xticks(ticks, [f"{t // 1024}k" if t >= 1024 else str(t) for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("tokens per batch")
+    ax.set_ylabel("real tokens/s (median, bars: min–max)")
+    ax.set_title(f"Our training step: throughput vs batch size ({rows[0].get('size')})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def chart_tflops(results: dict, path: Path, ceil: dict, peak: float | None) -> bool:
+    rows = [r for s in ("model", "train", "sweep") for r in rows_of(results, s)
+            if isinstance(r.get("achieved_tflops"), dict) or isinstance(r.get("flops_per_s"), dict)]
+    if not rows:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.8))
+    names, med, lo, hi = [], [], [], []
+    for r in rows:
+        d = r.get("achieved_tflops") if isinstance(r.get("achieved_tflops"), dict) else _scale(r["flops_per_s"], 1e-12)
+        names.append(f"{r['section']}: {r['name']}")
+        med.append(d["median"])
+        lo.append(d["median"] - d["min"])
+        hi.append(d["max"] - d["median"])
+    y = list(range(len(rows)))
+    ax.barh(y, med, xerr=[lo, hi], capsize=3, color="tab:blue")
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    for key, style, label in (("matmul_bfloat16", "--", "measured bf16 matmul"),
+                              ("matmul_float32", ":", "measured fp32 matmul")):
+        if ceil.get(key):
+            ax.axvline(ceil[key], color="tab:red", linestyle=style, label=f"{label}: {ceil[key]:.3g} TFLOP/s")
+    if peak:
+        ax.axvline(peak, color="black", linestyle="-.", label=f"datasheet peak: {peak:.4g} TFLOP/s")
+    ax.set_xlabel("achieved TFLOP/s (model FLOPs; median, bars: min–max)")
+    ax.set_title("Achieved TFLOP/s against the measured ceiling")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def chart_recipe(rows: list[dict], path: Path) -> bool:
+    pair = [next((r for r in rows if r.get("trainer") == t), None) for t in ("ours", "recipe")]
+    if None in pair:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
+    labels = ["ours", "HF Trainer recipe"]
+    colors = ["tab:blue", "tab:gray"]
+    tps = [r["tokens_per_s"] for r in pair]
+    axes[0].bar(labels, [d["median"] for d in tps], yerr=[[d["median"] - d["min"] for d in tps],
+                                                          [d["max"] - d["median"] for d in tps]], capsize=4, color=colors)
+    axes[0].set_title("real tokens/s")
+    losses = [r.get("valid_loss") or 0.0 for r in pair]
+    axes[1].bar(labels, losses, color=colors)
+    axes[1].set_title(f"valid MLM loss after {pair[0]['real_tokens']:,} tokens", fontsize=9)
+    mem = [(r.get("peak_mem_bytes") or 0) / 2 ** 30 for r in pair]
+    axes[2].set_title("peak memory (GiB)")
+    if any(mem):
+        axes[2].bar(labels, mem, color=colors)
+    else:  # torch reports allocator peaks on CUDA only
+        axes[2].text(0.5, 0.5, "measured on CUDA only", ha="center", va="center", transform=axes[2].transAxes)
+        axes[2].set_xticks([])
+        axes[2].set_yticks([])
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+    fig.suptitle(f"Ours vs the seed's recipe ({pair[0].get('size')}, same sentences, same real tokens)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---- the report -----------------------------------------------------------------------------------------
+
+def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
+    env, ceil = results["environment"], ceilings(results)
+    v = env.get("versions", {})
+    md = [f"# mlmtrain benchmark report{' (quick)' if results.get('quick') else ''}", "",
+          f"- command: `{results['command']}`", f"- date: {env.get('date')}", f"- device: {env.get('device')}",
+          f"- versions: torch {v.get('torch')}, triton {v.get('triton')}, transformers {v.get('transformers')}, "
+          f"tokenizers {v.get('tokenizers')}, python {v.get('python')}",
+          f"- wall time: {results.get('wall_s', 0):.0f} s" + (f" (time limit {results['time_limit_s']:.0f} s)"
+                                                            if results.get("time_limit_s") else ""),
+          "", "Method: warm-up runs dropped, device events on CUDA (perf_counter on CPU), fresh random inputs per "
+          "repeat, every figure as median (min–max) over repeats (training: over log windows or steps after "
+          "warm-up). MFU counts model FLOPs (`mlmtrain.flops`: encoder on real tokens, vocab head on the masked "
+          "share) against the datasheet peak; the measured matmul ceiling of this run is shown beside it.", ""]
+    failed = [s for s in results["sections"] if "error" in s]
+    failed_rows = [(s["section"], r) for s in results["sections"] for r in s.get("rows", []) if "error" in r]
+    if failed or failed_rows:
+        md += ["## Not measured", ""]
+        md += [f"- **{s['section']}**: {s['error']}" for s in failed]
+        md += [f"- {sec}: {r.get('name', '?')}: {r['error']}" for sec, r in failed_rows]
+        md.append("")
+    titles = {"ceilings": "Hardware ceilings (measured now)", "mask": "Masking kernel vs reference vs HF collator",
+              "model": "Model forward + backward", "train": "Training: ours vs the seed's recipe",
+              "sweep": "Sweep: tokens per batch x sequence cap (our step)"}
+    for s in results["sections"]:
+        if "error" in s:
+            continue
+        rows = [r for r in s["rows"] if "error" not in r]
+        md += [f"## {titles.get(s['section'], s['section'])}", "", f"({s['wall_s']:.0f} s)", ""]
+        if s["section"] == "train":
+            md += [train_table(rows, ceil), ""]
+            cmp = next((r for r in rows if r.get("trainer") == "comparison"), None)
+            if cmp and cmp.get("speedup_tokens_per_s"):
+                md += [f"Ours is **{cmp['speedup_tokens_per_s']:.2f}x** the recipe's real tokens/s (overall rates "
+                       "after warm-up: timed real tokens / timed seconds); "
+                       f"validation loss after the same tokens: ours {cmp['valid_loss']['ours']:.4f}, recipe "
+                       f"{cmp['valid_loss']['recipe']:.4f} (same held-out sentences, same masks).", ""]
+            ours = next((r for r in rows if r.get("trainer") == "ours"), None)
+            if ours and ours.get("phase_ms"):
+                md += ["Step profile (ms per step): " + ", ".join(f"{k} {v:.2f}" for k, v in ours["phase_ms"].items()), ""]
+            if chart_recipe(rows, out_dir / CHARTS["recipe"]):
+                md += [f"![ours vs recipe]({CHARTS['recipe']})", ""]
+        elif s["section"] == "sweep":
+            md += [sweep_table(s["rows"], ceil), ""]
+            if chart_throughput(rows, out_dir / CHARTS["throughput"]):
+                md += [f"![throughput vs batch size]({CHARTS['throughput']})", ""]
+        else:
+            md += [generic_table(rows, ceil), ""]
+    if chart_tflops(results, out_dir / CHARTS["tflops"], ceil, peak):
+        md += ["## Achieved TFLOP/s against the ceiling", "", f"![achieved TFLOP/s]({CHARTS['tflops']})", ""]
+    return "\n".join(md)
+
+
+def write(results: dict, out_dir: str | Path, peak: float | None = None) -> tuple[Path, Path]:
+    """Write results.json (with its headline) and report.md (+ charts) into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {**results, "schema": SCHEMA, "headline": headline(results)}
+    json_path, md_path = out_dir / "results.json", out_dir / "report.md"
+    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    md_path.write_text(render(results, out_dir, peak), encoding="utf-8")
+    return json_path, md_path

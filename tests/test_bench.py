@@ -1,0 +1,159 @@
+"""`mlmtrain bench --quick` on the CPU: one run (module-scoped, ~60-90 s on 2 cores) whose results.json is
+checked against the schema the report promises, plus fast checks of argument errors, the time budget and
+the report's handling of failed sections."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+
+from mlmtrain.benchmarks import report
+from mlmtrain.benchmarks.bench_train import steps_for, sweep_points
+from mlmtrain.cli import main
+
+SECTIONS = ["ceilings", "mask", "model", "train", "sweep"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rc = main(["bench", "--out", str(out), "--quick", "--device", "cpu"])
+    return out, rc, json.loads((out / "results.json").read_text(encoding="utf-8"))
+
+
+def spreads(obj):
+    """Every {"min", "median", "max"} dict anywhere in obj."""
+    if isinstance(obj, dict):
+        if {"min", "median", "max"} <= obj.keys():
+            yield obj
+        for v in obj.values():
+            yield from spreads(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from spreads(v)
+
+
+def test_results_json_schema(quick):
+    out, rc, res = quick
+    assert res["schema"] == report.SCHEMA
+    assert res["quick"] is True and res["device"] == "cpu"
+    assert res["command"].startswith("mlmtrain bench") and "--quick" in res["command"]
+    env = res["environment"]
+    for key in ("torch", "triton", "transformers"):
+        assert key in env["versions"], key
+    assert env["device"] and env["date"]
+    assert [s["section"] for s in res["sections"]] == SECTIONS
+    for s in res["sections"]:
+        assert ("rows" in s) != ("error" in s), s["section"]  # measured, or says why not: never silent
+        assert s["wall_s"] >= 0
+        for row in s.get("rows", []):
+            assert row["section"] == s["section"] and row["command"], row.get("name")
+            assert row.get("name") and (row.get("error") or row.get("benchmark"))
+    for d in spreads(res["sections"]):
+        assert d["min"] <= d["median"] <= d["max"], d
+    assert rc == (1 if any("error" in s for s in res["sections"]) else 0)
+    assert "headline" in res and "ceilings" in res["headline"]
+
+
+def test_ceilings_and_training_rows(quick):
+    _, _, res = quick
+    ceil = report.ceilings(res)
+    assert ceil["matmul_bfloat16"] > 0 and ceil["matmul_float32"] > 0 and ceil["copy"] > 0
+    train = report.rows_of(res, "train")
+    ours = next(r for r in train if r.get("trainer") == "ours")
+    assert ours["tokens_per_s"]["median"] > 0 and ours["achieved_tflops"]["median"] > 0
+    assert math.isfinite(ours["valid_loss"]) and ours["valid_targets"] > 0
+    recipe = next((r for r in train if r.get("trainer") == "recipe"), None)
+    if recipe is not None:  # the recipe ran: same tokens (within one sentence), same optimizer steps
+        assert abs(recipe["real_tokens"] - ours["real_tokens"]) <= 128, (recipe["real_tokens"], ours["real_tokens"])
+        assert recipe["steps"] == ours["steps"]
+        assert recipe["tokens_per_s"]["median"] > 0 and math.isfinite(recipe["valid_loss"])
+        assert recipe["valid_targets"] == ours["valid_targets"]  # the very same masked validation tokens
+    sweep = [r for r in report.rows_of(res, "sweep")]
+    assert {(r["tokens_per_batch"], r["seq_cap"]) for r in sweep} == {(512, 128), (1024, 128), (512, 512), (1024, 512)}
+    assert {r["pack"] for r in sweep if r["seq_cap"] == 512} == {"document"}
+
+
+def test_report_files(quick):
+    out, _, res = quick
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert md.startswith("# mlmtrain benchmark report")
+    for needle in ("torch ", "triton ", "transformers ", res["environment"]["device"], "median (min–max)"):
+        assert needle in md, needle
+    for s in res["sections"]:
+        if "error" in s:
+            assert s["error"] in md  # failures are shown, not dropped
+    charts = [line.split("(")[-1].rstrip(")") for line in md.splitlines() if line.startswith("![")]
+    assert report.CHARTS["throughput"] in charts and report.CHARTS["tflops"] in charts
+    for name in charts:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+
+
+def test_quick_run_has_no_errors_once_all_modules_exist(quick):
+    missing = [m for m in ("mlmtrain.benchmarks.bench_mask", "mlmtrain.benchmarks.bench_model", "accelerate")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"not installed yet: {', '.join(missing)}")
+    _, rc, res = quick
+    errors = {s["section"]: s["error"] for s in res["sections"] if "error" in s}
+    errors.update({r["name"]: r["error"] for s in res["sections"] for r in s.get("rows", []) if "error" in r})
+    assert not errors, errors
+    assert rc == 0
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    assert main(["bench", "--out", str(tmp_path), "--sections", "ceilings,warp"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown section(s) warp" in err and "Traceback" not in err
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    assert main(["bench", "--out", str(afile), "--device", "cpu"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["bench", "--out", str(tmp_path), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_time_limit_skips_and_says_so(tmp_path):
+    rc = main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ceilings,model",
+               "--time-limit", "0.5"])
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert rc == 1
+    assert "rows" in res["sections"][0]
+    assert res["sections"][1]["error"].startswith("skipped: the time budget")
+    assert "skipped: the time budget" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_merge_keeps_sections_not_redone(tmp_path):
+    assert main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ceilings"]) == 0
+    main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "model", "--merge",
+          "--time-limit", "1e-9"])
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert [s["section"] for s in res["sections"]] == ["ceilings", "model"]
+    assert "rows" in res["sections"][0] and res["merged_from"]
+
+
+def test_sweep_order_and_steps():
+    pts = sweep_points([16384, 32768, 65536, 131072, 262144], [128, 512])
+    assert pts[:3] == [(16384, 128), (262144, 128), (65536, 512)]  # the curve's shape first
+    assert sorted(pts) == sorted((t, c) for t in [16384, 32768, 65536, 131072, 262144] for c in [128, 512])
+    assert steps_for(16384, 2_000_000, 15, 60) == 60 and steps_for(262144, 2_000_000, 15, 60) == 15
+
+
+def test_report_names_failed_sections(tmp_path):
+    res = {"command": "mlmtrain bench --out x", "quick": True, "device": "cpu", "wall_s": 1.0,
+           "environment": {"device": "CPU", "date": "2026-11-24", "versions": {"torch": "2.13"}},
+           "sections": [{"section": "mask", "wall_s": 0.0, "error": "module mlmtrain.benchmarks.bench_mask is not available"},
+                        {"section": "sweep", "wall_s": 0.0, "rows": [
+                            {"name": "ours tiny T=512 cap=128", "tokens_per_batch": 512, "seq_cap": 128,
+                             "error": "skipped: the time budget (--time-limit) ran out", "section": "sweep"}]}]}
+    json_path, md_path = report.write(res, tmp_path)
+    md = md_path.read_text(encoding="utf-8")
+    assert "**mask**: module mlmtrain.benchmarks.bench_mask is not available" in md
+    assert "ours tiny T=512 cap=128: skipped" in md
+    assert json.loads(json_path.read_text())["schema"] == report.SCHEMA

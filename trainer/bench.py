@@ -1,0 +1,231 @@
+"""`mlmtrain bench`: every benchmark in one go, written to one folder as results.json + report.md + charts.
+
+Sections, run in the order given by --sections:
+    ceilings  bf16 matmul TFLOP/s and device-to-device copy GB/s, measured now (benchmarks/ceilings.py)
+    mask      the masking kernel vs its torch reference vs the HF collator (benchmarks/bench_mask.py)
+    model     forward + backward of the model at base and large (benchmarks/bench_model.py)
+    train     full training steps, ours vs the seed's HF Trainer recipe, same tokens (benchmarks/bench_train.py)
+    sweep     our step over tokens per batch (16k..256k) and sequence caps (128, 512)
+
+A section whose module is missing or that fails is recorded as {"section", "error"} and named in the
+report; the others still run. --time-limit keeps a scripted run inside a wall-clock budget: a section or
+sweep point that would start past it is recorded as skipped, never silently dropped. results.json is
+rewritten after every section, so a run killed from outside still leaves what it measured.
+
+`--quick` is a CPU-sized smoke run (tiny model, small batches, no torch.compile; about a minute and a half
+on 2 cores): CI runs it and checks the report's schema, and users without a GPU can try the tool.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from mlmtrain.errors import UserError
+
+SECTIONS = ("ceilings", "mask", "model", "train", "sweep")
+
+# What each section measures, per mode. Full sizes fit an H200 in < 9 minutes together (scripts/bench_gpu.sh).
+PLANS = {
+    "full": {
+        "mask_sizes": [65536, 262144, 1048576, 4194304], "mask_repeats": 20, "mask_hf_max_tokens": 262144,
+        "model_sizes": ["base", "large"], "model_tokens": 65536, "model_repeats": 10,
+        "train_size": "base", "train_tokens": 65536, "train_steps": 40, "log_every": 5, "recipe_micro_batch": 256,
+        "sweep_tokens": [16384, 32768, 65536, 131072, 262144], "sweep_caps": [128, 512],
+        "sweep_target_tokens": 2_000_000, "sweep_steps": (15, 60), "compile": True,
+    },
+    "quick": {
+        "mask_sizes": [4096, 32768], "mask_repeats": 3, "mask_hf_max_tokens": None,
+        "model_sizes": ["tiny"], "model_tokens": 1024, "model_repeats": 3,
+        "train_size": "tiny", "train_tokens": 1024, "train_steps": 8, "log_every": 2, "recipe_micro_batch": 64,
+        "sweep_tokens": [512, 1024], "sweep_caps": [128, 512],  # >= 512: a document unit fills the 512 cap
+        "sweep_target_tokens": 4096, "sweep_steps": (6, 6), "compile": False,
+    },
+}
+
+
+def add_args(p) -> None:
+    p.add_argument("--out", required=True, help="folder for results.json, report.md and the PNG charts")
+    p.add_argument("--quick", action="store_true",
+                   help="CPU-sized smoke run: tiny model, small batches, no torch.compile (~90 s on 2 cores)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else cpu")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated, run in this order (default {','.join(SECTIONS)})")
+    p.add_argument("--size", help="model size for train and sweep (default base; tiny with --quick)")
+    p.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
+                   help="wall-clock budget: no section starts past it, and no sweep point that the longest "
+                        "point so far says would end past it (0 = none)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the sections of an existing OUT/results.json that this run does not redo; "
+                        "sweep points already measured there are not measured again")
+    p.add_argument("--work", help="folder for data, runs and checkpoints (default: a temporary folder, removed)")
+
+
+def command_line(args) -> str:
+    parts = ["mlmtrain bench", f"--out {args.out}", f"--device {args.device}", f"--sections {args.sections}"]
+    parts += ["--quick"] if args.quick else []
+    parts += [f"--size {args.size}"] if args.size else []
+    parts += [f"--time-limit {args.time_limit:g}"] if args.time_limit else []
+    parts += ["--merge"] if args.merge else []
+    return " ".join(parts)
+
+
+def check_args(args) -> list[str]:
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown or not sections:
+        raise UserError(f"unknown section(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(SECTIONS)}")
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu (with --quick)")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if args.time_limit < 0:
+        raise UserError(f"--time-limit must be >= 0 seconds, got {args.time_limit:g}")
+    return sections
+
+
+class Bench:
+    """State shared by the sections of one run: the plan, the data (made once), rows already measured."""
+
+    def __init__(self, args, sections: list[str], work: Path, previous: dict | None):
+        self.args, self.sections, self.work = args, sections, work
+        self.plan = PLANS["quick" if args.quick else "full"]
+        self.device = torch.device(args.device)
+        self.size = args.size or self.plan["train_size"]
+        self.command = command_line(args)
+        self.deadline: float | None = None  # time.monotonic() past which nothing new starts (main sets it)
+        self.previous = previous or {"sections": []}
+        self.done: dict[str, list[dict]] = {}
+        self._data = None
+
+    def data(self):
+        from mlmtrain.benchmarks.bench_train import make_data
+
+        if self._data is None:
+            caps = sorted({128, *(self.plan["sweep_caps"] if "sweep" in self.sections else [])})
+            self._data = make_data(self.work / "data", seq_caps=caps)
+        return self._data
+
+    # ---- sections: each returns a list of rows ----------------------------------------------------------
+
+    def ceilings(self) -> list[dict]:
+        from mlmtrain.benchmarks import ceilings
+
+        return ceilings.run(self.device, quick=self.args.quick)
+
+    def mask(self) -> list[dict]:
+        bench_mask = importlib.import_module("mlmtrain.benchmarks.bench_mask")  # ModuleNotFoundError if absent
+        # the HF collator runs on the CPU at ~1 s per 256k tokens: capped there so the section stays short
+        return bench_mask.run(self.plan["mask_sizes"], self.device, self.plan["mask_repeats"],
+                              hf_max_tokens=self.plan["mask_hf_max_tokens"])
+
+    def model(self) -> list[dict]:
+        bench_model = importlib.import_module("mlmtrain.benchmarks.bench_model")
+        from mlmtrain.benchmarks.bench_train import _fresh_device_state
+
+        dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        rows = []
+        for size in self.plan["model_sizes"]:
+            _fresh_device_state(self.device)
+            # ours (compiled, as the trainer runs it) and transformers on the same sentences; one compile per
+            # size keeps the section inside the GPU script's budget (bench_model.py alone has more variants)
+            variants = ("ours", "hf") if self.device.type == "cuda" else None
+            for r in bench_model.run(size, self.plan["model_tokens"], str(self.device), dtype, self.plan["model_repeats"],
+                                     compile=self.plan["compile"], variants=variants):
+                rows.append({**r, "name": f"{size} {r['name']}"})
+        return rows
+
+    def train(self) -> list[dict]:
+        from mlmtrain.benchmarks import bench_train
+
+        return bench_train.run(self.work / "train", size=self.size, tokens_per_batch=self.plan["train_tokens"],
+                               steps=self.plan["train_steps"], device=self.args.device, compile=self.plan["compile"],
+                               log_every=self.plan["log_every"], max_micro_batch=self.plan["recipe_micro_batch"],
+                               data=self.data(), command=self.command)
+
+    def sweep(self) -> list[dict]:
+        from mlmtrain.benchmarks import bench_train
+
+        reuse = list(self.done.get("train", []))
+        if self.args.merge:  # points a previous run measured (incremental sweeps under a time limit)
+            reuse += [r for s in self.previous["sections"] if s["section"] in ("train", "sweep")
+                      for r in s.get("rows", []) if "error" not in r]
+        lo, hi = self.plan["sweep_steps"]
+        return bench_train.sweep(self.work / "sweep", self.data(), size=self.size, tokens=self.plan["sweep_tokens"],
+                                 caps=self.plan["sweep_caps"], device=self.args.device, compile=self.plan["compile"],
+                                 target_tokens=self.plan["sweep_target_tokens"], min_steps=lo, max_steps=hi,
+                                 log_every=self.plan["log_every"], deadline=self.deadline, reuse=reuse,
+                                 command=self.command)
+
+    def run_section(self, name: str) -> dict:
+        t0 = time.monotonic()
+        if self.deadline is not None and t0 > self.deadline:
+            return {"section": name, "wall_s": 0.0, "error": "skipped: the time budget (--time-limit) ran out"}
+        try:
+            rows = getattr(self, name)()
+        except ModuleNotFoundError as e:
+            return {"section": name, "wall_s": time.monotonic() - t0,
+                    "error": f"module {e.name} is not available ({e})", "traceback": traceback.format_exc()}
+        except Exception as e:  # a broken section is reported, the others still run
+            return {"section": name, "wall_s": time.monotonic() - t0, "error": f"{type(e).__name__}: {e}"[:1000],
+                    "traceback": traceback.format_exc()}
+        rows = [{**r, "section": name, "command": r.get("command") or self.command} for r in rows]
+        self.done[name] = rows
+        return {"section": name, "wall_s": time.monotonic() - t0, "rows": rows}
+
+
+def main(args) -> int:
+    from mlmtrain.benchmarks import report
+    from mlmtrain.benchmarks.common import environment
+    from mlmtrain.flops import peak_tflops_for
+
+    sections = check_args(args)
+    out = Path(args.out)
+    previous = None
+    if args.merge and (out / "results.json").is_file():
+        previous = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    own_work = args.work is None
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlmtrain_bench_"))
+    bench = Bench(args, sections, work, previous)
+    results = {"command": bench.command, "quick": bool(args.quick), "device": args.device,
+               "environment": environment(bench.device), "time_limit_s": args.time_limit or None,
+               "sections": [], "wall_s": 0.0}
+    peak = peak_tflops_for(bench.device, "bf16" if bench.device.type == "cuda" else "fp32") or None
+    t0 = time.monotonic()
+    bench.deadline = t0 + args.time_limit if args.time_limit else None  # the budget is for the sections
+    print(f"mlmtrain bench: {', '.join(sections)} on {results['environment']['device']} -> {out}", file=sys.stderr)
+    try:
+        for name in sections:
+            print(f"mlmtrain bench: section {name} ...", file=sys.stderr)
+            result = bench.run_section(name)
+            results["sections"].append(result)
+            status = result.get("error") or f"{len(result['rows'])} rows"
+            print(f"mlmtrain bench: section {name}: {status} ({result['wall_s']:.0f} s)", file=sys.stderr)
+            results["wall_s"] = time.monotonic() - t0
+            report.write(_merged(results, previous), out, peak)  # after every section: a kill keeps the rest
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+    json_path, md_path = report.write(_merged(results, previous), out, peak)
+    errors = [s["section"] for s in results["sections"] if "error" in s]
+    print(f"mlmtrain bench: wrote {json_path} and {md_path} in {results['wall_s']:.0f} s"
+          + (f"; not measured: {', '.join(errors)}" if errors else ""), file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _merged(results: dict, previous: dict | None) -> dict:
+    """With --merge: previous sections this run did not redo come first, marked with their own command."""
+    if not previous:
+        return results
+    redone = {s["section"] for s in results["sections"]}
+    kept = [s for s in previous.get("sections", []) if s["section"] not in redone]
+    return {**results, "sections": kept + results["sections"], "merged_from": previous.get("command")}
