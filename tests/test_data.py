@@ -164,6 +164,10 @@ def test_gzip_input_matches_plain(tmp_path, sample_corpus, tokenizer_dir, data_d
     (tmp_path / "fake.gz").write_bytes(b"not gzip at all\n")
     with pytest.raises(UserError, match="gzip"):
         run(tmp_path / "fake.gz", tokenizer_dir, tmp_path / "e")
+    (tmp_path / "cut.gz").write_bytes(gz.read_bytes()[:-100])  # truncated download
+    with pytest.raises(UserError, match="cannot read"):
+        run(tmp_path / "cut.gz", tokenizer_dir, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
 
 
 def test_bad_input_gives_clear_errors(tmp_path, sample_corpus, tokenizer_dir, data_dir, capsys):

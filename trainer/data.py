@@ -28,6 +28,7 @@ import shutil
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def iter_line_batches(paths: list[Path], stats: dict, block_bytes: int = READ_BL
             while True:
                 try:
                     chunk = stream.read(block_bytes)
-                except (OSError, EOFError, gzip.BadGzipFile) as e:
+                except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
                     raise UserError(f"cannot read {path}: {e} (is it really a gzip file?)") from None
                 if first and chunk.startswith(b"\xef\xbb\xbf"):
                     chunk, stats["bom"] = chunk[3:], stats["bom"] + 1
