@@ -130,6 +130,18 @@ def test_long_sentences_split_not_dropped(tmp_path, sample_corpus, tokenizer_dir
     assert [len(p) for p in split_long(list(range(9)), 4)] == [3, 3, 3]
 
 
+def test_joined_encoding_equals_line_by_line(tokenizer_dir, sample_corpus):
+    """encode_lines joins lines with [SEP] for speed: ids must equal encoding each line alone, also when a
+    line holds special-token text (then its group falls back to line by line)."""
+    tok = load_tokenizer(tokenizer_dir)
+    lines = [line for doc in corpus_documents(sample_corpus) for line in doc]
+    tricky = ["a [SEP] inside", "[SEP]", "[MASK] 토큰", "\x07", "[CLS][SEP]", "끝 [sep] lower", " "]
+    for texts in (lines, lines[:300] + tricky + lines[300:700], tricky):
+        got = data_module.encode_lines(tok, texts, np.uint16)
+        want = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        assert [g.tolist() for g in got] == want
+
+
 def test_uint32_when_vocab_exceeds_uint16(tmp_path):
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(70000)])}
     tok_dir = tmp_path / "big"

@@ -4,7 +4,9 @@ The pipeline, and why it looks like this:
 - Read bytes in ~1 MiB blocks and decode a whole block at once; only a block that fails (invalid UTF-8,
   NUL bytes) is redone line by line. Clean input never pays a per-line Python cost to be checked.
 - A background thread reads and decodes the next block while `encode_batch_fast` (Rust, all cores, GIL
-  released) tokenizes this one, so the tokenizer is the bottleneck, not our code. Threads, not processes:
+  released) tokenizes this one, so the tokenizer is the bottleneck, not our code. Lines go to the
+  tokenizer 256 at a time joined by " [SEP] " (`encode_lines`): one Encoding object per group instead of
+  per line saves ~25% of the CPU time on sentence-length lines. Threads, not processes:
   `tokenizers` disables its own parallelism in a process forked after it was used, so we never fork.
 - Tokens go straight to disk (an .npy whose header is rewritten with the real length at the end); memory
   holds one block and one split unit, whatever the corpus size.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import itertools
 import json
 import os
 import queue
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from mlmtrain.errors import UserError
-from mlmtrain.tokenizer import load_tokenizer, tokenizer_fingerprint
+from mlmtrain.tokenizer import SEP_ID, load_tokenizer, tokenizer_fingerprint
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
@@ -226,13 +227,13 @@ class _SplitWriter:
         self.min_len, self.max_len, self.max_token_id = None, 0, -1
         self.last_unit = (-1, -1)  # (document, unit index) of the last unit written
 
-    def add_unit(self, doc: int, index: int, pieces: list[list[int]]) -> None:
+    def add_unit(self, doc: int, index: int, pieces: list[np.ndarray]) -> None:
         if self.last_unit != (doc, index - 1) and self.sentences > 0:  # a new document starts here
             self.doc_offsets.write(np.array([self.sentences]))
         self.documents += self.last_unit != (doc, index - 1)
         self.last_unit = (doc, index)
         lengths = np.fromiter(map(len, pieces), np.int64, count=len(pieces))
-        tokens = np.fromiter(itertools.chain.from_iterable(pieces), self.tokens.dtype, count=int(lengths.sum()))
+        tokens = np.concatenate(pieces)  # (sum(lengths),)
         self.tokens.write(tokens)
         self.offsets.write(self.num_tokens + np.cumsum(lengths))
         self.sentences += len(pieces)
@@ -250,7 +251,34 @@ class _SplitWriter:
                 "max_sentence_len": self.max_len, "min_sentence_len": self.min_len or 0}
 
 
-def split_long(ids: list[int], max_len: int) -> list[list[int]]:
+JOIN_LINES = 256  # lines joined into one tokenizer input (see encode_lines)
+
+
+def encode_lines(tok, lines: list[str], dtype) -> list[np.ndarray]:
+    """Token ids of each line (no [CLS]/[SEP]), as numpy arrays.
+
+    Instead of one `Encoding` object per line (token strings, offsets, masks: ~20% of the CPU time on
+    short sentences), lines are joined JOIN_LINES at a time with " [SEP] " and encoded as one input per
+    group, in one parallel `encode_batch_fast` call; the ids are then cut at the [SEP] ids. [SEP] is a
+    special (added) token, so the text on each side is normalized and pre-tokenized on its own, exactly
+    as if encoded alone (tests compare both ways). A group whose count of [SEP] ids is off (a line that
+    contains the literal text "[SEP]") is encoded line by line instead."""
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: faster (tokenizers >= 0.20)
+    groups = [lines[i:i + JOIN_LINES] for i in range(0, len(lines), JOIN_LINES)]
+    out = []
+    for group, enc in zip(groups, encode([" [SEP] ".join(g) for g in groups], add_special_tokens=False)):
+        ids = np.array(enc.ids, dtype=dtype)  # (tokens of the group + separators,)
+        cuts = np.flatnonzero(ids == SEP_ID)  # (len(group) - 1,) if no line holds "[SEP]"
+        if len(cuts) == len(group) - 1:
+            starts = np.concatenate(([0], cuts + 1))
+            ends = np.concatenate((cuts, [len(ids)]))
+            out.extend(ids[a:b] for a, b in zip(starts.tolist(), ends.tolist()))
+        else:
+            out.extend(np.array(e.ids, dtype=dtype) for e in encode(group, add_special_tokens=False))
+    return out
+
+
+def split_long(ids, max_len: int) -> list:
     """Cut a sentence longer than max_len into the fewest consecutive pieces, of near-equal length (no
     3-token stub after a full piece)."""
     n = len(ids)
@@ -300,7 +328,6 @@ def prepare(inputs, tokenizer_dir, out_dir, valid_fraction: float = 0.01, max_se
     tok = load_tokenizer(tokenizer_dir)
     tok.no_truncation()
     tok.no_padding()
-    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: faster (tokenizers >= 0.20)
     vocab_size = tok.get_vocab_size()
     dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
     max_piece = max_seq_len - 2
@@ -336,14 +363,14 @@ def prepare(inputs, tokenizer_dir, out_dir, valid_fraction: float = 0.01, max_se
             unit, unit_index = [], unit_index + 1
 
         for lines, nbytes in _prefetch(iter_line_batches(paths, stats, block_bytes)):
-            encodings = iter(encode([line for line in lines if line], add_special_tokens=False))
+            encodings = iter(encode_lines(tok, [line for line in lines if line], dtype))
             for line in lines:
                 if not line:  # document break
                     close_unit()
                     doc += 1
                     continue
-                ids = next(encodings).ids
-                if not ids:  # e.g. only control characters
+                ids = next(encodings)
+                if not len(ids):  # e.g. only control characters
                     stats["lines_empty_after_tokenizing"] += 1
                     continue
                 if len(ids) > max_piece:
