@@ -88,8 +88,10 @@ def _fresh_device_state(device: torch.device) -> None:
 
 def run_ours(data: BenchData, out_dir: Path, *, size: str, tokens_per_batch: int, steps: int, device: str,
              seq_cap: int = 128, compile: bool = True, log_every: int = 5, warmup_steps: int = 0,
-             seed: int = 0) -> dict:
-    """One `mlmtrain.train.train` run; returns its summary plus the timed log windows' spread."""
+             seed: int = 0, profile: bool = False) -> dict:
+    """One `mlmtrain.train.train` run; returns its summary plus the timed log windows' spread. With
+    `profile`, the last log window is traced (`train.profile_steps`: per-phase times in summary["phase_ms"])
+    and left out of the timing, as the profiler's syncs slow it down."""
     from mlmtrain.config import load_config
     from mlmtrain.train import train
 
@@ -102,6 +104,7 @@ def run_ours(data: BenchData, out_dir: Path, *, size: str, tokens_per_batch: int
         "train.precision": "bf16" if dev.type == "cuda" else "fp32", "train.compile": "on" if compile else "off",
         "train.device": device, "train.eval_every": 0, "train.log_every": log_every, "train.seed": seed,
         "train.checkpoint_minutes": 1e6, "optim.warmup_steps": warmup_steps,
+        "train.profile_steps": f"{steps - log_every}:{steps}" if profile else "",
     })
     cfg.out_dir = str(out_dir)
     t0 = time.perf_counter()
@@ -109,7 +112,7 @@ def run_ours(data: BenchData, out_dir: Path, *, size: str, tokens_per_batch: int
     wall_s = time.perf_counter() - t0
     windows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [w for w in windows if "tokens_per_s" in w]
-    timed = windows[1:] or windows  # the first window holds compilation and warm-up
+    timed = windows[1:len(windows) - profile] or windows  # the first window holds compilation and warm-up
     # windows hold the same number of steps of (nearly) the same real tokens, so the overall rate (timed
     # tokens / timed seconds) is the harmonic mean of the window rates
     overall = len(timed) / sum(1 / w["tokens_per_s"] for w in timed)
@@ -134,7 +137,8 @@ def ours_row(name: str, result: dict, *, size: str, tokens_per_batch: int, seq_c
         "step_time_s": s.get("step_time_s"), "seconds": s.get("step_time_s"), "peak_mem_bytes": s["peak_mem_bytes"],
         "data_wait_s": s.get("data_wait_s"), "phase_ms": s.get("phase_ms") or None,
         "own_valid_loss": s.get("valid_loss"), "final_train_loss": s.get("final_loss"),
-        "timed": f"{result['timed_windows']} log windows of {result['log_every']} steps (first window dropped)",
+        "timed": f"{result['timed_windows']} log windows of {result['log_every']} steps (first window dropped"
+                 + (", last window profiled and dropped)" if s.get("phase_ms") else ")"),
         "wall_s": result["wall_s"], **fields,
     }
 
@@ -156,7 +160,8 @@ def run(out_dir: str | Path, *, size: str = "base", tokens_per_batch: int = 6553
     common = {"command": command, "vocab_size": data.vocab_size, "valid_sentences": len(data.valid_lines)}
 
     ours = run_ours(data, out_dir / "ours", size=size, tokens_per_batch=tokens_per_batch, steps=steps,
-                    device=device, compile=compile, log_every=log_every, warmup_steps=warmup, seed=seed)
+                    device=device, compile=compile, log_every=log_every, warmup_steps=warmup, seed=seed,
+                    profile=steps >= 3 * log_every)
     ours_eval = mlm_eval(hf_model_from_checkpoint(out_dir / "ours"), eval_batches, dev)
     ours_r = ours_row(f"ours {size} T={tokens_per_batch}", ours, size=size, tokens_per_batch=tokens_per_batch,
                       seq_cap=128, benchmark="train", **ours_eval, **common)
@@ -207,11 +212,12 @@ def steps_for(tokens_per_batch: int, target_tokens: int, lo: int, hi: int) -> in
 
 def sweep(out_dir: str | Path, data: BenchData, *, size: str, tokens: list[int], caps: list[int], device: str,
           compile: bool = True, target_tokens: int = 2_000_000, min_steps: int = 15, max_steps: int = 60,
-          log_every: int = 5, deadline: float | None = None, reuse: list[dict] = (), command: str = "") -> list[dict]:
+          log_every: int = 5, deadline: float | None = None, expected_s: float = 0.0, reuse: list[dict] = (),
+          command: str = "") -> list[dict]:
     """Our step at each (tokens per batch, sequence cap). A point that would end past `deadline`
-    (time.monotonic(); judged by the longest point so far) is recorded as skipped, with the reason; a point
-    `reuse` already measured (same size, T, cap) is copied."""
-    rows, longest = [], 0.0
+    (time.monotonic(); judged by the longest point so far, at first by `expected_s`) is recorded as skipped,
+    with the reason; a point `reuse` already measured (same size, T, cap) is copied."""
+    rows, longest = [], expected_s
     for T, cap in sweep_points(tokens, caps):
         name = f"ours {size} T={T} cap={cap}"
         same = [r for r in reuse if r.get("trainer") == "ours" and r.get("size") == size

@@ -175,6 +175,22 @@ def sweep_table(rows: list[dict], ceil: dict) -> str:
                    "of measured matmul", "peak memory", "step time"], lines)
 
 
+def profile_text(ours: dict, ceil: dict) -> str:
+    """The traced step's phases, and how long its model FLOPs would take at the measured matmul ceiling:
+    the gap between the two is what is left to win."""
+    phases = ours["phase_ms"]
+    total = sum(phases.values())
+    text = ("Step profile (device ms per step, traced window): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+            + f"; total {total:.2f} ms.")
+    mm = _matmul_ceiling(ceil, ours.get("precision"))
+    tf, st = ours.get("achieved_tflops"), ours.get("step_time_s")
+    if mm and isinstance(tf, dict) and isinstance(st, dict):
+        ideal_ms = tf["median"] * st["median"] / mm * 1e3  # the step's model FLOPs at the ceiling
+        text += (f" At the measured matmul ceiling ({mm:.3g} TFLOP/s) the step's model FLOPs take {ideal_ms:.2f} ms, "
+                 f"{100 * ideal_ms / (st['median'] * 1e3):.0f}% of the measured {st['median'] * 1e3:.2f} ms step.")
+    return text
+
+
 # ---- charts ---------------------------------------------------------------------------------------------
 
 def _plt():
@@ -323,7 +339,7 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
                        f"{cmp['valid_loss']['recipe']:.4f} (same held-out sentences, same masks).", ""]
             ours = next((r for r in rows if r.get("trainer") == "ours"), None)
             if ours and ours.get("phase_ms"):
-                md += ["Step profile (ms per step): " + ", ".join(f"{k} {v:.2f}" for k, v in ours["phase_ms"].items()), ""]
+                md += [profile_text(ours, ceil), ""]
             if chart_recipe(rows, out_dir / CHARTS["recipe"]):
                 md += [f"![ours vs recipe]({CHARTS['recipe']})", ""]
         elif s["section"] == "sweep":
@@ -343,6 +359,10 @@ def write(results: dict, out_dir: str | Path, peak: float | None = None) -> tupl
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {**results, "schema": SCHEMA, "headline": headline(results)}
     json_path, md_path = out_dir / "results.json", out_dir / "report.md"
-    json_path.write_text(json.dumps(results, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-    md_path.write_text(render(results, out_dir, peak), encoding="utf-8")
+    # written to a temporary name and renamed: a run killed mid-write keeps the previous complete files
+    for path, text in ((json_path, json.dumps(results, indent=2, ensure_ascii=False, default=str)),
+                       (md_path, render(results, out_dir, peak))):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
     return json_path, md_path

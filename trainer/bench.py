@@ -133,8 +133,13 @@ class Bench:
         from mlmtrain.benchmarks.bench_train import _fresh_device_state
 
         dtype = "bf16" if self.device.type == "cuda" else "fp32"
-        rows = []
+        rows, longest = [], 0.0
         for size in self.plan["model_sizes"]:
+            if self.deadline is not None and time.monotonic() + longest > self.deadline:
+                rows.append({"benchmark": "model", "name": f"{size}", "size": size,
+                             "error": "skipped: the time budget (--time-limit) ran out"})
+                continue
+            t0 = time.monotonic()
             _fresh_device_state(self.device)
             # ours (compiled, as the trainer runs it) and transformers on the same sentences; one compile per
             # size keeps the section inside the GPU script's budget (bench_model.py alone has more variants)
@@ -142,6 +147,7 @@ class Bench:
             for r in bench_model.run(size, self.plan["model_tokens"], str(self.device), dtype, self.plan["model_repeats"],
                                      compile=self.plan["compile"], variants=variants):
                 rows.append({**r, "name": f"{size} {r['name']}"})
+            longest = max(longest, time.monotonic() - t0)
         return rows
 
     def train(self) -> list[dict]:
@@ -160,10 +166,14 @@ class Bench:
             reuse += [r for s in self.previous["sections"] if s["section"] in ("train", "sweep")
                       for r in s.get("rows", []) if "error" not in r]
         lo, hi = self.plan["sweep_steps"]
+        # until a sweep point has run, the train section's own run (same model, one compile) says how long one takes
+        expected = max([r.get("wall_s", 0.0) for r in self.done.get("train", []) if r.get("trainer") == "ours"],
+                       default=0.0)
         return bench_train.sweep(self.work / "sweep", self.data(), size=self.size, tokens=self.plan["sweep_tokens"],
                                  caps=self.plan["sweep_caps"], device=self.args.device, compile=self.plan["compile"],
                                  target_tokens=self.plan["sweep_target_tokens"], min_steps=lo, max_steps=hi,
-                                 log_every=self.plan["log_every"], deadline=self.deadline, reuse=reuse,
+                                 log_every=self.plan["log_every"], deadline=self.deadline, expected_s=expected,
+                                 reuse=reuse,
                                  command=self.command)
 
     def run_section(self, name: str) -> dict:
