@@ -99,8 +99,9 @@ def model_card(*, title: str, config, run_config: dict, state: dict, step: int, 
     tokens = state.get("real_tokens")
     if data_meta:
         train_split = data_meta.get("train") or {}
-        inputs = ", ".join(Path(str(p)).name for p in data_meta.get("inputs") or []) or "not recorded"
-        data_text = (f"{train_split.get('sentences', '?')} sentences / {train_split.get('tokens', '?')} tokens "
+        inputs = ", ".join(Path(str(p.get("path", p) if isinstance(p, dict) else p)).name
+                           for p in data_meta.get("inputs") or []) or "not recorded"
+        data_text = (f"{_count(train_split.get('sentences'))} sentences / {_count(train_split.get('tokens'))} tokens "
                      f"from {inputs}, split into segments of at most {data_meta.get('max_seq_len')} tokens "
                      f"([CLS] sentence [SEP])")
     else:
@@ -137,7 +138,7 @@ def model_card(*, title: str, config, run_config: dict, state: dict, step: int, 
         "Command:",
         "",
         "```bash",
-        str(state.get("command") or "not recorded"),
+        _pretty_command(state.get("command")),
         "```",
         "",
         "## Limits",
@@ -150,6 +151,18 @@ def model_card(*, title: str, config, run_config: dict, state: dict, step: int, 
         "",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _count(n) -> str:
+    return f"{n:,}" if isinstance(n, int) else "?"
+
+
+def _pretty_command(command: str | None) -> str:
+    """The recorded command line, with the console script's install path shortened to `mlmtrain`."""
+    if not command:
+        return "not recorded"
+    first, _, rest = command.partition(" ")
+    return f"mlmtrain {rest}" if Path(first).name == "mlmtrain" else command
 
 
 def _read_data_meta(run_config: dict) -> dict | None:
