@@ -179,6 +179,17 @@ def test_gradients_equal_transformers_and_are_finite_with_empty_segments():
         assert torch.allclose(p.grad, theirs[name].grad, atol=1e-5, rtol=1e-3), f"{name}: {report(p.grad, theirs[name].grad)}"
 
 
+def test_int32_ids_as_the_packer_emits_them():
+    gen = torch.Generator().manual_seed(11)
+    model = BertForMaskedLM(odd_config()).eval()
+    input_ids, position_ids, cu_seqlens = packed_batch(random_sentences(gen, 97, [8, 3, 21]))
+    masked = torch.tensor([0, 9, 31])
+    with torch.no_grad():
+        wide = model(input_ids, position_ids, cu_seqlens, 21, masked)
+        narrow = model(input_ids.int(), position_ids.int(), cu_seqlens, 21, masked.int())
+    assert torch.equal(wide, narrow)
+
+
 def test_fused_and_separate_qkv_agree(monkeypatch):
     gen = torch.Generator().manual_seed(6)
     model = BertForMaskedLM(odd_config()).eval()

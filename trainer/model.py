@@ -363,7 +363,7 @@ class BertForMaskedLM(nn.Module):
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions):
         """Packed MLM forward.
 
-        input_ids, position_ids: (T,) int64; cu_seqlens: (S+1,) int32, starting at 0 and ending at T, may end in
+        input_ids, position_ids: (T,) int64 or int32; cu_seqlens: (S+1,) int32, starting at 0 and ending at T, may end in
         repeated values (empty segments) so S stays fixed; max_seqlen: python int >= the longest segment;
         masked_positions: (M,) int64 in [0, T) (padded slots may point at any valid token; their labels are
         -100). Returns logits (M, V) at the masked positions only: fp32, or bf16 under bf16 autocast."""
