@@ -248,3 +248,15 @@ def test_nothing_we_load_unpickles():
             if "torch.load(" in line and "weights_only=True" not in line:
                 offenders.append(f"{path.name}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_plot_draws_curves(data_dir, tokenizer_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    from mlmtrain.cli import main
+
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 3, "train.eval_every": 2}))
+    assert main(["plot", str(run)]) == 0
+    png = (run / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert main(["plot", str(tmp_path)]) == 2  # not a run folder: a clear error, no traceback
