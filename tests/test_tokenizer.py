@@ -171,6 +171,24 @@ def test_bad_input_gives_clear_errors(tmp_path, tokenizer_dir, capsys):
     assert "error: input file" in err and "Traceback" not in err
 
 
+def test_overwrite_and_no_partial_folder(tmp_path, sample_corpus, monkeypatch):
+    out = tmp_path / "nested" / "tok"
+    train_tokenizer([sample_corpus], out, TokenizerSettings(vocab_size=1200), progress=False)
+    (out / "notes.txt").write_text("kept")  # a user's own file next to the tokenizer survives --overwrite
+    train_tokenizer([sample_corpus], out, TokenizerSettings(vocab_size=1300), overwrite=True, progress=False)
+    assert len(read_vocab(out)) == 1300 and (out / "notes.txt").read_text() == "kept"
+
+    import mlmtrain.tokenizer as tokenizer_module
+
+    def die(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenizer_module, "_write_json", die)  # dies after tokenizer.json, before the rest
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer([sample_corpus], tmp_path / "new", TokenizerSettings(vocab_size=600), progress=False)
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.tmp-*"))
+
+
 def test_cli_trains_with_flags(tmp_path, sample_corpus):
     out = tmp_path / "tok"
     rc = cli_main(["tokenizer", "--input", str(sample_corpus), "--out", str(out), "--vocab-size", "1500",

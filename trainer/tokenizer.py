@@ -17,6 +17,8 @@ import argparse
 import collections
 import hashlib
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -92,6 +94,7 @@ def train_tokenizer(inputs, out_dir, settings: TokenizerSettings | None = None, 
     paths = check_inputs(inputs)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
     tok = build_tokenizer(settings)
     trainer = trainers.WordPieceTrainer(
@@ -121,7 +124,7 @@ def train_tokenizer(inputs, out_dir, settings: TokenizerSettings | None = None, 
     for i, token in enumerate(SPECIAL_TOKENS):
         assert vocab.get(token) == i, f"special token {token} is at id {vocab.get(token)}, expected {i}"
     _add_post_processor(tok)
-    write_tokenizer_dir(tok, out_dir, settings)
+    _write_atomically(tok, out_dir, settings)
 
     vocab_size = tok.get_vocab_size()
     missing = unknown_characters(tok, char_counts, settings.wordpieces_prefix)
@@ -174,6 +177,24 @@ def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettin
     }
     _write_json(out_dir / "tokenizer_config.json", config)
     _write_json(out_dir / "special_tokens_map.json", specials)
+
+
+def _write_atomically(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
+    """Write into a hidden sibling folder, then rename it into place (or, when --out already holds other
+    files, move the four files in): an interrupted run never leaves a half-written tokenizer."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_tokenizer_dir(tok, tmp, settings)
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        if not out_dir.exists():
+            os.replace(tmp, out_dir)
+        else:
+            for name in TOKENIZER_FILES:
+                os.replace(tmp / name, out_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_json(path: Path, obj) -> None:
