@@ -13,10 +13,9 @@ What it computes, for flat token ids [T] (a packed batch):
 
 Randomness is counter based: Philox4x32-10 (the generator of Triton's tl.randint and of curand), key =
 seed (64 bit), counter = (group (64 bit, stream id in its top bit), step (64 bit)), where a group is a run
-of consecutive global token indices g = offset + i. Two streams, so each token costs half a Philox call
-rather than two (Philox is ~60 integer instructions: at memory speed the budget is ~70 per token):
-  - selection stream: group g // 4, word g % 4 of the call: selected iff (word >> 8) < round(mask_prob * 2^24).
-  - replacement stream: group g // 2, words (2 (g % 2), 2 (g % 2) + 1) = (choice, r): [MASK] iff
+of consecutive global token indices g = offset + i. Two streams:
+  - selection: group g // 4, word g % 4 of the call: selected iff (word >> 8) < round(mask_prob * 2^24).
+  - replacement: group g // 2, words (2 (g % 2), 2 (g % 2) + 1) = (choice, r): [MASK] iff
     (choice >> 8) < round(mask_frac * 2^24), a random id iff below round((mask_frac + random_frac) * 2^24);
     random id = allowed[(r * n_allowed) >> 32] (multiply-shift: bias below n_allowed / 2^32).
 At step 0 the selection stream is exactly tl.randint4x(seed, g // 4). Whole-word mode uses the selection
@@ -24,14 +23,22 @@ word of the word's first piece (found inside this call, see below) and the repla
 itself, so a batch of single-piece words masks exactly as token-level masking does. Nothing is stateful: the
 same (ids, seed, step, offset) gives the same bits on any rank, after any resume, on the kernel and on the
 reference; there is no RNG state to checkpoint and no host-device sync (all scalars are python ints).
-Kernel blocks start at global indices divisible by 4 (the first one SHIFT = offset % 4 lanes early), so
-each block computes whole groups.
 
-Compaction, deterministic, in two kernels: `_mask_count_kernel` draws and counts selections per block;
-a torch cumsum over the [n_blocks] counts gives each block its base; `_mask_apply_kernel` redraws (the
-draw is a pure function of the counter: recomputing is cheaper than storing it) and writes every output,
-the compacted slot of a token being base + its exclusive in-block cumsum. Selections whose slot would be
->= max_masked are de-selected (id left as is, label -100), so the four outputs always agree.
+Why this shape (compute, not just bytes, bounds it): one Philox call is ~80 SASS instructions, and at H200
+copy speed a token's time buys only ~100-150 instructions. A call per token per pass (the obvious design)
+would make masking compute bound at well under half of memory speed; here a token costs a quarter call for
+selection and, only if selected (15%), half a call for replacement.
+
+Kernels, deterministic compaction (count -> cumsum -> apply):
+  - `_mask_count_kernel` decides the selection once (Philox, whole-word scan) and writes it as a bitmask
+    (32 tokens per int32) plus a count per block; a torch cumsum over the counts gives each block its base.
+  - `_mask_apply_kernel` reads ids and bits, ranks each selection as base + popcount of the earlier bits,
+    writes ids, labels, positions and masked labels (dense, vectorised, no random draws), then, over its
+    own compacted slots only, draws the replacement and overwrites the ids that change; last, it pads its
+    share of the unused slots (position 0, label -100).
+  Selections whose slot would be >= max_masked are de-selected (id left as is, label -100), so the four
+  outputs always agree. Blocks start at global indices divisible by 4 (the first one SHIFT = offset % 4
+  lanes early), so each block computes whole Philox groups.
 
 Whole-word: word start of token i = the last j <= i (within this call) whose id starts a word
 (`word_start_table`); if there is none, index 0 of the call. Inside a block this is a scan; for the tokens
@@ -39,10 +46,11 @@ before a block's first start, the kernel walks back through the preceding ids, L
 until it meets a start (one short step for real text; a run of k continuation pieces costs k/LOOKBACK loads).
 
 Memory traffic per token (int32 ids; M/T ~ 0.15 + a margin): the minimum any one-pass masking must move is
-read 4 B ids + write 4 B masked ids + 4 B labels + 16 B * M/T positions and masked labels ~ 14.4 B; the
-two-kernel compaction re-reads the ids (4 B, an L2 hit for batches up to ~10M tokens). Dtypes: masked ids
-and labels [T] keep the input's dtype (int32 in, int32 out: 8 B/token less than int64 labels; the trainer
-only feeds masked_labels [M] to cross_entropy, which needs int64); masked_positions and masked_labels are int64.
+read 4 B ids + write 4 B masked ids + 4 B labels + 16 B * M/T positions and masked labels ~ 14.4 B. Ours
+adds a second read of the ids (4 B; an L2 hit for batches up to ~10M tokens), the bitmask (1/8 B written,
+1/8 B read) and the L2-resident read-back of the block's own positions. Dtypes: masked ids and labels [T]
+keep the input's dtype (int32 in, int32 out: 8 B/token less than int64 labels; the trainer only feeds
+masked_labels [M] to cross_entropy, which needs int64); masked_positions and masked_labels are int64.
 """
 from __future__ import annotations
 
@@ -148,6 +156,15 @@ if triton is not None:
         return idx, in_range, ids, selected
 
     @triton.jit
+    def _popcount(x):
+        """Set bits of each int32 (SWAR; Triton has no portable popcount)."""
+        x = x.to(tl.uint32, bitcast=True)
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        return ((x * 0x01010101) >> 24).to(tl.int32)
+
+    @triton.jit
     def _as_u32(x):
         return x.to(tl.uint32, bitcast=True)
 
@@ -156,60 +173,76 @@ if triton is not None:
     _KEYS = ["vocab_size", "num_special", "q4_lo", "q4_hi", "step_lo", "step_hi", "seed_lo", "seed_hi", "select_thr"]
 
     @triton.jit(do_not_specialize=_KEYS)
-    def _mask_count_kernel(ids_ptr, word_start_ptr, never_mask_ptr, counts_ptr, n_tokens, vocab_size, num_special,
-                           q4_lo, q4_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
+    def _mask_count_kernel(ids_ptr, word_start_ptr, never_mask_ptr, counts_ptr, bits_ptr, n_tokens, vocab_size,
+                           num_special, q4_lo, q4_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
                            BLOCK: tl.constexpr, SHIFT: tl.constexpr, LOOKBACK: tl.constexpr,
                            WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
-        """counts[pid + 1] = selections in block pid (counts[0] = 0, so a cumsum gives exclusive bases)."""
+        """Decide the selection once: bits[pid] = the block's selections, 32 per int32 word (token 32w + b is
+        bit b of word w), and counts[pid + 1] = how many (counts[0] = 0, so a cumsum gives exclusive bases)."""
         pid = tl.program_id(0)
         _, _, _, selected = _select_block(
             ids_ptr, word_start_ptr, never_mask_ptr, pid, n_tokens, vocab_size, num_special,
             _as_u32(q4_lo), _as_u32(q4_hi), _as_u32(step_lo), _as_u32(step_hi), _as_u32(seed_lo), _as_u32(seed_hi),
             select_thr, BLOCK, SHIFT, LOOKBACK, WHOLE_WORD, HAS_NEVER_MASK)
-        tl.store(counts_ptr + pid + 1, tl.sum(selected.to(tl.int32), axis=0))
+        sel = selected.to(tl.int32)
+        bits = tl.reshape(sel, (BLOCK // 32, 32)) << tl.arange(0, 32)[None, :]  # (BLOCK/32, 32) disjoint bits
+        tl.store(bits_ptr + pid * (BLOCK // 32) + tl.arange(0, BLOCK // 32), tl.sum(bits, axis=1))
+        tl.store(counts_ptr + pid + 1, tl.sum(sel, axis=0))
         if pid == 0:
             tl.store(counts_ptr, 0)
 
-    @triton.jit(do_not_specialize=_KEYS + ["q2_lo", "q2_hi", "mask_id", "mask_thr", "random_thr"])
-    def _mask_apply_kernel(ids_ptr, word_start_ptr, never_mask_ptr, allowed_ptr, n_allowed_ptr, base_ptr,
+    @triton.jit(do_not_specialize=["vocab_size", "num_special", "mask_id", "q2_lo", "q2_hi", "step_lo", "step_hi",
+                                   "seed_lo", "seed_hi", "mask_thr", "random_thr"])
+    def _mask_apply_kernel(ids_ptr, bits_ptr, base_ptr, allowed_ptr, n_allowed_ptr,
                            out_ids_ptr, labels_ptr, positions_ptr, masked_labels_ptr,
                            n_tokens, n_blocks, max_masked, slots_per_block, vocab_size, num_special, mask_id,
-                           q4_lo, q4_hi, q2_lo, q2_hi, step_lo, step_hi, seed_lo, seed_hi,
-                           select_thr, mask_thr, random_thr,
-                           BLOCK: tl.constexpr, SHIFT: tl.constexpr, LOOKBACK: tl.constexpr,
-                           WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
-        """Redraw, replace 80/10/10, write ids + labels, scatter selections to base + in-block rank, and fill
-        this block's share of the unused slots of the compacted buffers."""
+                           q2_lo, q2_hi, step_lo, step_hi, seed_lo, seed_hi, mask_thr, random_thr,
+                           BLOCK: tl.constexpr, SHIFT: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
+        """Write ids + labels and scatter the selections to base + in-block rank (dense, no random draws);
+        then, over this block's compacted slots only, draw 80/10/10 and overwrite the ids that change; last,
+        fill this block's share of the unused slots of the compacted buffers."""
         pid = tl.program_id(0)
-        step_lo, step_hi = _as_u32(step_lo), _as_u32(step_hi)
-        seed_lo, seed_hi = _as_u32(seed_lo), _as_u32(seed_hi)
-        idx, in_range, ids, selected = _select_block(
-            ids_ptr, word_start_ptr, never_mask_ptr, pid, n_tokens, vocab_size, num_special,
-            _as_u32(q4_lo), _as_u32(q4_hi), step_lo, step_hi, seed_lo, seed_hi,
-            select_thr, BLOCK, SHIFT, LOOKBACK, WHOLE_WORD, HAS_NEVER_MASK)
-        sel = selected.to(tl.int32)
-        slot = tl.load(base_ptr + pid) + tl.cumsum(sel, axis=0) - sel  # (BLOCK,) exclusive rank in the batch
-        keep = selected & (slot < max_masked)  # past the bound: de-selected, outputs stay consistent
-
-        # Replacement stream: one Philox call per 2 consecutive global indices, two words (choice, random id) each.
-        k2 = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)  # (BLOCK/2,) pair index past q2
-        w0, w1, w2, w3 = _philox_groups(_as_u32(q2_lo), _as_u32(q2_hi), k2, 0x80000000,
-                                        step_lo, step_hi, seed_lo, seed_hi)
-        lane = tl.arange(0, 2)[None, :]  # (1, 2)
-        choice = tl.reshape(tl.where(lane == 0, w0[:, None], w2[:, None]), (BLOCK,))  # (BLOCK,)
-        r = tl.reshape(tl.where(lane == 0, w1[:, None], w3[:, None]), (BLOCK,))  # (BLOCK,)
-        choice = (choice >> 8).to(tl.int32)
-        if HAS_NEVER_MASK:
-            n_allowed = tl.load(n_allowed_ptr).to(tl.uint32)
-            random_ids = tl.load(allowed_ptr + tl.umulhi(r, n_allowed), mask=keep, other=0)
-        else:
-            random_ids = num_special + tl.umulhi(r, (vocab_size - num_special).to(tl.uint32)).to(tl.int32)
-        out = tl.where(keep & (choice < mask_thr), mask_id,
-                       tl.where(keep & (choice < random_thr), random_ids.to(ids.dtype), ids))
-        tl.store(out_ids_ptr + idx, out.to(ids.dtype), mask=in_range)
-        tl.store(labels_ptr + idx, tl.where(keep, ids, -100).to(ids.dtype), mask=in_range)  # -100: IGNORE_INDEX
+        idx = pid * BLOCK - SHIFT + tl.arange(0, BLOCK)  # (BLOCK,) call-local index, as in the count kernel
+        in_range = (idx >= 0) & (idx < n_tokens)
+        ids = tl.load(ids_ptr + idx, mask=in_range, other=0)
+        words = tl.load(bits_ptr + pid * (BLOCK // 32) + tl.arange(0, BLOCK // 32))  # (BLOCK/32,)
+        bit = tl.arange(0, 32)[None, :]  # (1, 32)
+        sel = (words[:, None] >> bit) & 1  # (BLOCK/32, 32) 0/1
+        word_count = _popcount(words)
+        before = tl.cumsum(word_count, axis=0) - word_count  # (BLOCK/32,) selections in earlier words
+        rank = before[:, None] + _popcount(words[:, None] & ((1 << bit) - 1))  # (BLOCK/32, 32)
+        sel = tl.reshape(sel, (BLOCK,))  # (BLOCK,)
+        base = tl.load(base_ptr + pid)
+        slot = base + tl.reshape(rank, (BLOCK,))  # (BLOCK,) exclusive rank in the batch
+        keep = (sel == 1) & (slot < max_masked)  # past the bound: de-selected, outputs stay consistent
+        tl.store(out_ids_ptr + idx, ids, mask=in_range)
+        tl.store(labels_ptr + idx, tl.where(keep, ids, -100), mask=in_range)  # -100: IGNORE_INDEX
         tl.store(positions_ptr + slot, idx.to(tl.int64), mask=keep)
         tl.store(masked_labels_ptr + slot, ids.to(tl.int64), mask=keep)
+        tl.debug_barrier()  # this block's positions and ids are now visible to all its threads
+
+        # Replacement, on the ~15% kept tokens only (read back compacted): the Philox pair of global index g is
+        # g // 2 (stream tag in the top bit); (choice, random) are its words (0, 1) for even g, (2, 3) for odd.
+        n_kept = tl.maximum(tl.minimum(tl.load(base_ptr + pid + 1), max_masked) - base, 0)
+        q2_lo, q2_hi = _as_u32(q2_lo), _as_u32(q2_hi)
+        step_lo, step_hi = _as_u32(step_lo), _as_u32(step_hi)
+        seed_lo, seed_hi = _as_u32(seed_lo), _as_u32(seed_hi)
+        for c in range(0, n_kept, BLOCK // 4):
+            k = c + tl.arange(0, BLOCK // 4)  # (BLOCK/4,) rank within the block's kept tokens
+            live = k < n_kept
+            pos = tl.load(positions_ptr + base + k, mask=live, other=0).to(tl.int32)  # (BLOCK/4,) call-local index
+            aligned = pos + SHIFT  # position from the block-aligned start of the call
+            w0, w1, w2, w3 = _philox_groups(q2_lo, q2_hi, aligned // 2, 0x80000000, step_lo, step_hi, seed_lo, seed_hi)
+            odd = (aligned % 2) == 1
+            choice = (tl.where(odd, w2, w0) >> 8).to(tl.int32)
+            r = tl.where(odd, w3, w1)
+            if HAS_NEVER_MASK:
+                n_allowed = tl.load(n_allowed_ptr).to(tl.uint32)
+                random_ids = tl.load(allowed_ptr + tl.umulhi(r, n_allowed), mask=live, other=0).to(tl.int32)
+            else:
+                random_ids = num_special + tl.umulhi(r, (vocab_size - num_special).to(tl.uint32)).to(tl.int32)
+            new = tl.where(choice < mask_thr, mask_id, random_ids)
+            tl.store(out_ids_ptr + pos, new.to(out_ids_ptr.dtype.element_ty), mask=live & (choice < random_thr))
 
         # Unused slots [min(total, max_masked), max_masked): position 0 (a valid index), label -100.
         used = tl.minimum(tl.load(base_ptr + n_blocks), max_masked)
@@ -274,22 +307,21 @@ def mlm_mask_triton(ids, *, vocab_size, mask_id, num_special, never_mask, mask_p
     else:
         never_u8 = allowed = n_allowed = ids
     num_warps = 4 if BLOCK <= 1024 else 8
-    common = dict(BLOCK=BLOCK, SHIFT=shift, LOOKBACK=lookback, WHOLE_WORD=whole_word, HAS_NEVER_MASK=has_never,
-                  num_warps=num_warps)
 
     counts = torch.empty(n_blocks + 1, dtype=torch.int32, device=ids.device)
-    _mask_count_kernel[(n_blocks,)](ids, word_start_u8, never_u8, counts, T, vocab_size, num_special,
-                                    *q4, *step_seed, select_thr, **common)
+    bits = torch.empty(n_blocks * (BLOCK // 32), dtype=torch.int32, device=ids.device)
+    _mask_count_kernel[(n_blocks,)](ids, word_start_u8, never_u8, counts, bits, T, vocab_size, num_special,
+                                    *q4, *step_seed, select_thr, BLOCK=BLOCK, SHIFT=shift, LOOKBACK=lookback,
+                                    WHOLE_WORD=whole_word, HAS_NEVER_MASK=has_never, num_warps=num_warps)
     base = torch.cumsum(counts, 0, dtype=torch.int32)  # (n_blocks + 1,) exclusive block bases, then the total
 
     out_ids, labels = torch.empty_like(ids), torch.empty_like(ids)
     positions = torch.empty(max_masked, dtype=torch.int64, device=ids.device)
     masked_labels = torch.empty(max_masked, dtype=torch.int64, device=ids.device)
-    _mask_apply_kernel[(n_blocks,)](ids, word_start_u8, never_u8, allowed, n_allowed, base,
-                                    out_ids, labels, positions, masked_labels,
+    _mask_apply_kernel[(n_blocks,)](ids, bits, base, allowed, n_allowed, out_ids, labels, positions, masked_labels,
                                     T, n_blocks, max_masked, triton.cdiv(max_masked, n_blocks), vocab_size,
-                                    num_special, mask_id, *q4, *q2, *step_seed, select_thr, mask_thr, random_thr,
-                                    **common)
+                                    num_special, mask_id, *q2, *step_seed, mask_thr, random_thr,
+                                    BLOCK=BLOCK, SHIFT=shift, HAS_NEVER_MASK=has_never, num_warps=num_warps)
     return MaskOutput(out_ids, labels, positions, masked_labels)
 
 
