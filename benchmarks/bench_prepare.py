@@ -14,7 +14,7 @@ threads, which a shared, loaded machine distorts less than wall time):
   Wall time includes process start (~1 s); `prepare_seconds_inside` is prepare's own clock from meta.json.
 - `encode_batch_fast`: the tokenizer alone on lines already in memory, one input per line, in batches of
   the size prepare reads (1 MiB).
-- `encode_lines`: what prepare calls (`mlmtrain.data.encode_lines`: 256 lines joined by [SEP] per input,
+- `encode_lines`: what prepare calls (`mlmtrain.data.encode_lines`: 64 lines joined by [SEP] per input,
   ids cut back apart) on the same in-memory lines: the ceiling `prepare` can reach. prepare / this = how
   close our code (reading, splitting, writing) is to "limited by the tokenizer".
 - `naive_autotokenizer`: `AutoTokenizer.from_pretrained(dir)` then `tok(line)["input_ids"]` per line, on

@@ -5,8 +5,8 @@ The pipeline, and why it looks like this:
   NUL bytes) is redone line by line. Clean input never pays a per-line Python cost to be checked.
 - A background thread reads and decodes the next block while `encode_batch_fast` (Rust, all cores, GIL
   released) tokenizes this one, so the tokenizer is the bottleneck, not our code. Lines go to the
-  tokenizer 256 at a time joined by " [SEP] " (`encode_lines`): one Encoding object per group instead of
-  per line saves ~25% of the CPU time on sentence-length lines. Threads, not processes:
+  tokenizer 64 at a time joined by " [SEP] " (`encode_lines`): one Encoding object per group instead of
+  per line saves a quarter or more of the CPU time on sentence-length lines (docs/BENCHMARKS.md).
   `tokenizers` disables its own parallelism in a process forked after it was used, so we never fork.
 - Tokens go straight to disk (an .npy whose header is rewritten with the real length at the end); memory
   holds one block and one split unit, whatever the corpus size.
@@ -251,7 +251,7 @@ class _SplitWriter:
                 "max_sentence_len": self.max_len, "min_sentence_len": self.min_len or 0}
 
 
-JOIN_LINES = 256  # lines joined into one tokenizer input (see encode_lines)
+JOIN_LINES = 64  # lines per tokenizer input; a 1 MiB block (~8k lines) makes ~128 inputs for the cores
 
 
 def encode_lines(tok, lines: list[str], dtype) -> list[np.ndarray]:
