@@ -7,7 +7,8 @@ The pipeline, and why it looks like this:
   released) tokenizes this one, so the tokenizer is the bottleneck, not our code. Lines go to the
   tokenizer 64 at a time joined by " [SEP] " (`encode_lines`): one Encoding object per group instead of
   per line saves a quarter or more of the CPU time on sentence-length lines (docs/BENCHMARKS.md).
-  `tokenizers` disables its own parallelism in a process forked after it was used, so we never fork.
+  Threads, not processes: `tokenizers` disables its own parallelism in a process forked after it was
+  used, so we never fork.
 - Tokens go straight to disk (an .npy whose header is rewritten with the real length at the end); memory
   holds one block and one split unit, whatever the corpus size.
 - Everything is written into a hidden temporary folder that is renamed into place at the end: a folder
