@@ -10,7 +10,7 @@ The pipeline, and why it looks like this:
   Threads, not processes: `tokenizers` disables its own parallelism in a process forked after it was
   used, so we never fork.
 - Tokens go straight to disk (an .npy whose header is rewritten with the real length at the end); memory
-  holds one block and one split unit, whatever the corpus size.
+  holds a few blocks (the reader runs up to 4 ahead) and two split units, whatever the corpus size.
 - Everything is written into a hidden temporary folder that is renamed into place at the end: a folder
   with meta.json is always complete.
 
