@@ -42,11 +42,13 @@ class PackedBatch:
     num_segments: int  # real segments
     index: int  # global micro-batch index in the stream
     cursor_after: tuple[int, int]  # (epoch, position) of the next unit after this batch's optimizer step
+    max_segment_len: int = 0  # longest segment (the padded tail included): a tighter max_seqlen for eager runs
 
     def to(self, device: torch.device, non_blocking: bool = True) -> "PackedBatch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.cu_seqlens),
-                           self.num_real_tokens, self.num_segments, self.index, self.cursor_after)
+                           self.num_real_tokens, self.num_segments, self.index, self.cursor_after,
+                           self.max_segment_len)
 
 
 def document_units(offsets: np.ndarray, doc_offsets: np.ndarray, max_seq_len: int) -> np.ndarray:
@@ -154,7 +156,7 @@ class Packer:
         seg_lens = np.diff(starts)
         positions = (np.arange(T) - np.repeat(starts[:-1], seg_lens)).astype(np.int32)
         return PackedBatch(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu_seqlens),
-                           used, len(units), index, cursor_after)
+                           used, len(units), index, cursor_after, int(seg_lens.max()))
 
     def batches(self, cursor: tuple[int, int] = (0, 0), start_index: int = 0,
                 batches_per_step: int = 1) -> Iterator[PackedBatch]:
@@ -194,7 +196,7 @@ class Prefetcher:
             for b in batches:
                 if pin:
                     b = PackedBatch(b.input_ids.pin_memory(), b.position_ids.pin_memory(), b.cu_seqlens.pin_memory(),
-                                    b.num_real_tokens, b.num_segments, b.index, b.cursor_after)
+                                    b.num_real_tokens, b.num_segments, b.index, b.cursor_after, b.max_segment_len)
                 while not self.stop.is_set():
                     try:
                         self.queue.put(b, timeout=0.1)

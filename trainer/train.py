@@ -245,18 +245,20 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                 # same mask for any world size or micro-batch split, after a resume, on any rank
                 offset = (host_batch.index - step * cfg.optim.grad_accum) * T
                 m = mlm_mask(b.input_ids, seed=cfg.train.seed, step=step, offset=offset, **mask_rest)
-                micro.append((b, m))
+                # static shapes (CUDA, compile): the fixed cap; eager CPU: this batch's longest segment,
+                # which shrinks the reference attention's padded grid
+                micro.append((b, m, max_seqlen if static else host_batch.max_segment_len))
                 cursor = host_batch.cursor_after
                 window_tokens += host_batch.num_real_tokens
                 window_segments += host_batch.num_segments
                 window_flops += train_flops_per_batch(bert_cfg, host_batch, cfg.mask.mask_prob)
             phase.mark("data")
-            targets = sum((m.masked_labels != -100).sum() for _, m in micro)  # device scalar, no sync
+            targets = sum((m.masked_labels != -100).sum() for _, m, _ in micro)  # device scalar, no sync
             targets = dist.all_reduce_sum(targets).clamp(min=1)  # same denominator on every rank
             step_loss = torch.zeros((), device=device, dtype=torch.float32)
-            for j, (b, m) in enumerate(micro):
+            for j, (b, m, batch_seqlen) in enumerate(micro):
                 with dist.no_sync(model, last=j == local_accum - 1), autocast:
-                    loss_sum, _ = step_fn(model, m.masked_ids, b.position_ids, b.cu_seqlens, max_seqlen,
+                    loss_sum, _ = step_fn(model, m.masked_ids, b.position_ids, b.cu_seqlens, batch_seqlen,
                                           m.masked_positions, m.masked_labels)
                     loss = loss_sum * world / targets  # DDP averages over ranks: * world restores the sum
                     if step + 1 in nan_steps:  # test hook (MLMTRAIN_TEST_NAN_STEPS): a numeric fault
