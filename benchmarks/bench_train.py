@@ -155,6 +155,7 @@ def run(out_dir: str | Path, *, size: str = "base", tokens_per_batch: int = 6553
     out_dir = Path(out_dir)
     dev = torch.device(device)
     data = data or make_data(out_dir / "data", seed=seed)
+    steps = -(-steps // log_every) * log_every  # whole log windows: the timing and the profile use them
     warmup = max(1, int(0.06 * steps))  # set explicitly so both schedules are the same
     eval_batches = valid_batches(data.tokenizer_dir, data.valid_lines, max_length=128, seed=1234)
     common = {"command": command, "vocab_size": data.vocab_size, "valid_sentences": len(data.valid_lines)}

@@ -180,7 +180,8 @@ def run_recipe(lines: list[str], tokenizer_dir: str | Path, model_config, *, rea
     Returns real_tokens, steps, micro_batch, grad_accum, achieved_tflops / mfu (spread over steps; MFU
     against `mlmtrain.flops`'s datasheet peak, None on CPU), tokens_per_s ({overall: real tokens of the steps
     after `warmup_skip` over their time; min/median/max of the per-step rates}), samples_per_s, step_time_s,
-    peak_mem_bytes (CUDA only, else None), wall_s (trainer.train()), train_loss, and valid_* from mlm_eval."""
+    peak_mem_bytes (CUDA only, else None), wall_s (trainer.train()), hf_reported_train_loss, and valid_* from
+    mlm_eval."""
     import accelerate  # noqa: F401  (the Trainer needs it; fail here with a clear ImportError)
 
     from mlmtrain.flops import peak_tflops_for
@@ -258,8 +259,11 @@ def run_recipe(lines: list[str], tokenizer_dir: str | Path, model_config, *, rea
         "timed_steps": len(timed_s),
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "wall_s": wall_s,
-        "train_loss": float(output.training_loss),
-        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        # as transformers reports it: with gradient accumulation, Trainer (5.x) skips its 1/grad_accum for
+        # models whose forward takes **kwargs, and BertForMaskedLM's takes them but averages its own loss,
+        # so this (and the gradient) is grad_accum x the mean; AdamW is nearly invariant to that scale
+        "hf_reported_train_loss": float(output.training_loss),
+        "precision": "bf16" if device.type == "cuda" else "fp32",  # bf16: autocast over fp32 weights, as ours
         "settings": dataclasses.asdict(settings),
     }
     if eval_batches is not None:
