@@ -351,16 +351,20 @@ def test_cuda_large_batches_match_reference_without_sync_or_recompiles():
     table = torch.arange(V, device="cuda") < 40
     ids = _ids(1 << 21, seed=8, device="cuda")
     variants_before = _compiled_variants(mm._mask_count_kernel) + _compiled_variants(mm._mask_apply_kernel)
+    results = []
+    for word_start in (None, table):  # compile outside the check
+        mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=0, step=0, word_start=word_start, backend="triton")
     torch.cuda.set_sync_debug_mode("error")  # any host-device sync in either path raises
     try:
         for word_start in (None, table):
             for step in (0, 1, 16, 17, 32, (1 << 40) + 1):
                 kw = dict(vocab_size=V, mask_id=MASK, seed=123, step=step, word_start=word_start)
-                a = mlm_mask(ids, backend="triton", **kw)
-                b = mlm_mask(ids, backend="torch", **kw)
-                _assert_same(a, b, f"cuda step={step} whole_word={word_start is not None}")
+                results.append((f"cuda step={step} whole_word={word_start is not None}",
+                                mlm_mask(ids, backend="triton", **kw), mlm_mask(ids, backend="torch", **kw)))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    for what, a, b in results:
+        _assert_same(a, b, what)
     # at most one new compiled variant per (kernel, whole-word on/off): new step values never recompile
     variants = _compiled_variants(mm._mask_count_kernel) + _compiled_variants(mm._mask_apply_kernel)
     assert variants - variants_before <= 4
