@@ -15,7 +15,6 @@ set plus one complete new one. Loading never unpickles: safetensors and JSON onl
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mlmtrain.errors import UserError
+from mlmtrain.files import sha256_file, write_json
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -60,8 +60,8 @@ def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: out[k] for k in state if k in out}  # original order
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """optimizer.state_dict() -> (tensors for optimizer.safetensors, the JSON rest)."""
     tensors, scalars = {}, {}
     for param_id, pstate in sd["state"].items():
         for name, value in pstate.items():
@@ -80,14 +80,6 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return rng
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -96,16 +88,14 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
-
-
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, run_config: dict, state: dict,
                     optimizer: torch.optim.Optimizer | None = None, scaler_state: dict | None = None,
-                    keep: int = 0) -> Path:
+                    keep: int = 0, *, model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write checkpoint `step` atomically; keep only the newest `keep` (0 = all). Returns its folder.
     On a write failure (disk full, permissions) the partial folder is removed, earlier checkpoints are
-    untouched, and a UserError says what happened."""
+    untouched, and a UserError says what happened. `model_state` / `optimizer_state` (an
+    `optimizer.state_dict()`-shaped dict) replace reading them from `model` / `optimizer`: FSDP passes
+    the full state it gathered (trainer/distributed.py), so every world size writes the same files."""
     from mlmtrain import __version__
 
     root = Path(run_dir) / CHECKPOINTS
@@ -117,7 +107,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, run_
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_file(model_state_for_saving(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        weights = model_state if model_state is not None else model_state_for_saving(model)
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         full_state = {
             "step": step,
             **state,
@@ -125,19 +116,19 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, run_
             "versions": {"mlmtrain": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
             "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        if optimizer is not None:
-            tensors, rest = _optimizer_tensors(optimizer)
+        if optimizer is not None or optimizer_state is not None:
+            tensors, rest = _optimizer_tensors(optimizer_state or optimizer.state_dict())
             save_file(tensors, tmp / "optimizer.safetensors")
             full_state["optimizer"] = rest
         save_file(_rng_tensors(), tmp / "rng.safetensors")
         model_fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        _write_json(tmp / "config.json", {"model": model_fields, "run": run_config})
-        _write_json(tmp / "state.json", full_state)
+        write_json(tmp / "config.json", {"model": model_fields, "run": run_config})
+        write_json(tmp / "state.json", full_state)
         if os.environ.get(PAUSE_ENV):  # lets a test kill -9 us mid-write
             time.sleep(float(os.environ[PAUSE_ENV]))
         files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-        _write_json(tmp / MANIFEST, {"step": step, "files": manifest})
+        manifest = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
+        write_json(tmp / MANIFEST, {"step": step, "files": manifest})
         for p in tmp.iterdir():
             _fsync(p)
         _fsync(tmp)
@@ -171,7 +162,7 @@ def verify_checkpoint(ckpt: Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != info["size"]:
             return f"{name} has {p.stat().st_size} bytes, the manifest says {info['size']} (truncated?)"
-        if _sha256(p) != info["sha256"]:
+        if sha256_file(p) != info["sha256"]:
             return f"{name} does not match its sha256 checksum (corrupted)"
     return None
 
@@ -223,6 +214,10 @@ def load_model_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tenso
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path, state: dict) -> None:
+    optimizer.load_state_dict(read_optimizer_state(ckpt, state))
+
+
+def read_optimizer_state(ckpt: Path, state: dict) -> dict:
     """Rebuild the optimizer state dict from optimizer.safetensors + state.json, no pickle."""
     tensors = load_file(ckpt / "optimizer.safetensors")
     saved = state["optimizer"]
@@ -233,7 +228,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path, state: di
     for key, value in saved["scalars"].items():
         param_id, name = key.split(".", 1)
         opt_state.setdefault(int(param_id), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": saved["param_groups"]})
+    return {"state": opt_state, "param_groups": saved["param_groups"]}
 
 
 def restore_rng(ckpt: Path) -> None:

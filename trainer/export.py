@@ -19,7 +19,6 @@ so `--out` never holds half an export.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import shutil
 from pathlib import Path
 
 from mlmtrain.errors import UserError
+from mlmtrain.files import sha256_file, write_json
 
 EXPORT_MANIFEST = "mlmtrain_export.json"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -40,18 +40,6 @@ TOKENIZER_CONFIG_KEYS = ("tokenizer_class", "do_lower_case", "strip_accents", "t
                          "pad_token", "cls_token", "mask_token")
 SPECIAL_TOKENS_MAP = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                       "mask_token": "[MASK]"}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,18 +214,18 @@ def export_folder(checkpoint, tokenizer_dir, out_dir, *, language: str | None = 
     tmp.mkdir()
     weights = {k: v.to(getattr(torch, DTYPES[dtype])).contiguous() for k, v in model.hf_state_dict().items()}
     save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-    _write_json(tmp / "config.json", {**config.to_hf_dict(), "torch_dtype": DTYPES[dtype]})
+    write_json(tmp / "config.json", {**config.to_hf_dict(), "torch_dtype": DTYPES[dtype]})
     for name in ("tokenizer.json", "vocab.txt"):
         shutil.copyfile(tokenizer_dir / name, tmp / name)
-    _write_json(tmp / "tokenizer_config.json", tokenizer_config(tokenizer_dir, config.max_position_embeddings))
-    _write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
+    write_json(tmp / "tokenizer_config.json", tokenizer_config(tokenizer_dir, config.max_position_embeddings))
+    write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
     card = model_card(title=out_dir.name, config=config, run_config=run_config, state=state, step=step,
                       language=language, license=license, widgets=widgets, data_meta=_read_data_meta(run_config))
     card.save(tmp / "README.md")
 
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     manifest = {
-        "files": {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())},
+        "files": {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())},
         "run": str(run_dir) if run_dir else None,
         "checkpoint": str(ckpt),
         "step": step,
@@ -253,7 +241,7 @@ def export_folder(checkpoint, tokenizer_dir, out_dir, *, language: str | None = 
         except UserError as e:
             failure = e
             manifest["verification"] = {"error": str(e)}
-    _write_json(tmp / EXPORT_MANIFEST, manifest)
+    write_json(tmp / EXPORT_MANIFEST, manifest)
     try:  # the upload's structural check (files, sizes, shapes, card header), when that module is present
         from mlmtrain.hub import check_export_folder
     except ImportError:

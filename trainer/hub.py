@@ -14,7 +14,6 @@ the saved login, or `--token-file`; never from a plain argument, and it is never
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from mlmtrain import __version__
 from mlmtrain.errors import UserError
+from mlmtrain.files import sha256_file
 
 EXPORT_MANIFEST = "mlmtrain_export.json"
 REQUIRED_FILES = (
@@ -66,14 +66,6 @@ def check_export_folder(path: str | Path) -> list[str]:
 
 def read_manifest(folder: Path) -> dict:
     return json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def card_header(readme: Path) -> str | None:

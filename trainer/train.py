@@ -7,7 +7,6 @@ Every host-device sync is marked `# sync:`; between log steps the loop issues de
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -148,6 +147,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     rank, world = dist.init()  # no-op (0, 1) outside torchrun
     device = pick_device(cfg.train.device)
     precision, use_compile, T = resolve(cfg, device)
+    dist.check_shard(cfg.train.shard, precision)
     is_main = rank == 0
     log = log or (lambda msg: tqdm.write(msg) if is_main else None)
     run_dir = Path(cfg.out_dir)
@@ -171,19 +171,20 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     # ---- model, optimizer, state -------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
     model = BertForMaskedLM(bert_cfg).to(device)
-    optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, cursor, metrics_mode = 0, (0, 0), "w"
     if start_ckpt is not None:
         state_dict, _, state = ckpt.load_checkpoint_model(start_ckpt)
-        ckpt.load_model_weights(model, state_dict)
-        ckpt.load_optimizer_state(optimizer, start_ckpt, state)
+        ckpt.load_model_weights(model, state_dict)  # full weights on every rank; FSDP shards them in wrap
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(start_ckpt)
         step, cursor, metrics_mode = state["step"], tuple(state["cursor"]), "a"
         log(f"resuming from {start_ckpt} at step {step}")
-    model = dist.wrap(model, cfg.train.shard, device)  # DDP / FSDP2 under torchrun, else unchanged
+    model = dist.wrap(model, cfg.train.shard, device, precision)  # DDP / FSDP2 under torchrun, else unchanged
+    optimizer = build_optimizer(model, cfg)  # after wrap: FSDP2 replaces the parameters with sharded ones
+    if start_ckpt is not None:
+        dist.load_optimizer_state(model, optimizer, start_ckpt, state)  # any saved world size
     step_fn = torch.compile(forward_loss) if use_compile else forward_loss
     autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
                               enabled=precision != "fp32")
@@ -217,7 +218,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     peak_tflops = cfg.train.peak_tflops or peak_tflops_for(device, precision)
     stopper = StopSignal()
     nan_steps = {int(x) for x in os.environ.get("MLMTRAIN_TEST_NAN_STEPS", "").split(",") if x.strip()}
-    profiler, phase_ms = start_profiler(cfg.train.profile_steps, run_dir), {}
+    profiler, phase_ms = start_profiler(cfg.train.profile_steps if is_main else "", run_dir), {}
 
     # ---- the loop ----------------------------------------------------------------------------------
     model.train()
@@ -233,6 +234,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     stop_reason = None
     try:
         while step < cfg.train.max_steps:
+            dist.test_crash_hook(step + 1)  # test hook (MLMTRAIN_TEST_CRASH_RANK/_STEP): one rank fails
             phase = PhaseTimer(device, enabled=profiler is not None and profiler.active(step))
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -270,6 +272,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
             step_loss = dist.all_reduce_sum(step_loss)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+            grad_norm = dist.full_tensor(grad_norm)  # FSDP: a replicated DTensor
             bad = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
             if precision != "fp16":  # fused AdamW skips the update on the device when found_inf is 1
                 optimizer.found_inf = bad.float()
@@ -290,21 +293,34 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
 
             # ---- log, eval, checkpoint: the only places the host waits for the device ----------------
             last = step == cfg.train.max_steps
-            if step % cfg.train.log_every == 0 or last or stopper.requested:
+            # every rank must take the same stop/save decisions: with several processes they are taken at
+            # log steps only, from the requests all-reduced there (one process: at any step)
+            stop_now = stopper.requested if world == 1 else None
+            time_due = world == 1 and time.time() - last_save > cfg.train.checkpoint_minutes * 60
+            if step % cfg.train.log_every == 0 or last or stop_now:
                 n_bad = int(bad_flags[:window_steps].sum().item())  # sync: once per log window
+                # sync (several processes): job totals of the window, and whether any rank got a signal
+                # or thinks a timed checkpoint is due
+                totals = dist.sum_over_ranks(device, window_tokens, window_segments, window_flops,
+                                             stopper.requested is not None,
+                                             time.time() - last_save > cfg.train.checkpoint_minutes * 60)
+                window_tokens, window_segments, window_flops = int(totals[0]), int(totals[1]), totals[2]
+                if totals[3] and not stopper.requested:
+                    stopper.requested = "a signal to another rank"
+                stop_now, time_due = stopper.requested, totals[4] > 0
                 elapsed = time.perf_counter() - t_window
                 good = window_steps - n_bad
                 row = {"step": step, "loss": (loss_window / good).item() if good else None, "lr": lr,
-                       "grad_norm": grad_norm.item(), "tokens_per_s": window_tokens / elapsed,
+                       "grad_norm": grad_norm.item(),
+                       "tokens_per_s": window_tokens / elapsed,  # the job's: all ranks
+                       "tokens_per_s_per_gpu": window_tokens / elapsed / world,
                        "samples_per_s": window_segments / elapsed,
-                       "tflops": window_flops / elapsed / 1e12 * world,
-                       "mfu": (window_flops / elapsed / 1e12 / peak_tflops) if peak_tflops else None,
+                       "tflops": window_flops / elapsed / 1e12,  # the job's
+                       "tflops_per_gpu": window_flops / elapsed / 1e12 / world,
+                       "mfu": (window_flops / elapsed / 1e12 / (peak_tflops * world)) if peak_tflops else None,
                        "data_wait_s": prefetch.wait_s - wait_window,
                        "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                        "bad_steps": n_bad, "time": time.time()}
-                if world > 1:
-                    row["tokens_per_s"] *= world  # every rank packs the same budget: job total
-                    row["tokens_per_s_per_gpu"] = window_tokens / elapsed
                 if n_bad:
                     bad_steps = [step - window_steps + i + 1 for i in range(window_steps) if bool(bad_flags[i])]
                     log(f"step {step}: non-finite loss or gradient norm at steps {bad_steps}: update skipped")
@@ -330,9 +346,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                 write_metrics(metrics, {"step": step, **last_eval})
                 log(f"step {step}: valid loss {last_eval['valid_loss']:.4f} accuracy {last_eval['valid_accuracy']:.3f}")
                 t_window = time.perf_counter()  # eval time is not training throughput
-            due = (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or \
-                (time.time() - last_save > cfg.train.checkpoint_minutes * 60)
-            if due or last or stopper.requested or stop_reason:
+            due = (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or time_due
+            if due or last or stop_now or stop_reason:
                 state = {"cursor": list(cursor), "metrics": last_eval,
                          "command": " ".join(sys.argv), "data_fingerprint": data_fingerprint(meta),
                          "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
@@ -344,8 +359,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
             if stop_reason:
                 log(stop_reason)
                 break
-            if stopper.requested:
-                log(f"stopped by {stopper.requested} after step {step}; checkpoint saved. Resume with: "
+            if stop_now:
+                log(f"stopped by {stop_now} after step {step}; checkpoint saved. Resume with: "
                     f"mlmtrain train --config {run_dir / 'config.json'} --resume")
                 break
     finally:
@@ -360,7 +375,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     tokens_per_s = [r["tokens_per_s"] for r in history[1:]] or [r["tokens_per_s"] for r in history]
     summary = {
         "steps": step, "steps_this_run": steps_done, "real_tokens": real_tokens_total,
-        "tokens_per_s": sorted(tokens_per_s)[len(tokens_per_s) // 2] if tokens_per_s else None,
+        "tokens_per_s": sorted(tokens_per_s)[len(tokens_per_s) // 2] if tokens_per_s else None,  # job total
+        "tokens_per_s_per_gpu": sorted(tokens_per_s)[len(tokens_per_s) // 2] / world if tokens_per_s else None,
         "achieved_tflops": history[-1]["tflops"] if history else None,
         "mfu": history[-1]["mfu"] if history else None,
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -530,7 +546,8 @@ def main(args) -> int:
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return dist.exec_torchrun(args.nproc)
     cfg = config_from_args(args)
-    summary = train(cfg, resume=args.resume)
+    with dist.name_failing_rank():
+        summary = train(cfg, resume=args.resume)
     if dist.rank() == 0:
         print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "valid_loss", "tokens_per_s", "mfu")}))
     dist.shutdown()
