@@ -22,7 +22,7 @@ WIDGET_TEXT = "대한민국의 주권은 [MASK]에게 있고, 모든 권력은 �
 
 def add_args(p) -> None:
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes (default: demo_out)")
-    p.add_argument("--steps", type=int, default=0, help="training steps (default: 600 on CPU, 400 on a GPU)")
+    p.add_argument("--steps", type=int, default=0, help="training steps (default: 300 on CPU, 400 on a GPU)")
     p.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary to request (default 8000)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--force", action="store_true", help="start over when --out already holds a demo")
@@ -65,7 +65,7 @@ def main(args) -> int:
     print(f"      {meta['train']['sentences']} train / {meta['valid']['sentences']} valid "
           f"sentences; unigram entropy {entropy:.3f} nats")
 
-    steps = args.steps or (400 if cuda else 600)
+    steps = args.steps or (400 if cuda else 300)
     print(f"[3/6] train: {'small on CUDA' if cuda else 'tiny on CPU'}, {steps} steps")
     cfg = load_config(None, {
         "out_dir": str(out / "run"), "data.data_dir": str(out / "data"), "data.tokenizer_dir": str(out / "tokenizer"),
@@ -74,6 +74,9 @@ def main(args) -> int:
         "train.log_every": 10, "train.device": "cuda" if cuda else "cpu", "train.compile": "off",
     })
     summary = train(cfg)
+    if summary["stopped_by"]:
+        print(f"demo stopped ({summary['stopped_by']}); the run so far is in {out / 'run'}")
+        return 130
     valid_loss = summary["valid_loss"]
     print(f"      validation MLM loss {valid_loss:.3f} nats (unigram entropy {entropy:.3f}), "
           f"accuracy {summary['valid_accuracy']:.3f}, {summary['tokens_per_s']:.0f} tokens/s")
