@@ -108,6 +108,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert main(["bench", "--out", str(tmp_path), "--sections", "ceilings,warp"]) == 2
     err = capsys.readouterr().err
     assert "unknown section(s) warp" in err and "Traceback" not in err
+    assert main(["bench", "--out", str(tmp_path), "--device", "cpu", "--sweep-tokens", "16k"]) == 2
+    assert "--sweep-tokens takes positive integers" in capsys.readouterr().err
     afile = tmp_path / "a_file"
     afile.write_text("x")
     assert main(["bench", "--out", str(afile), "--device", "cpu"]) == 2

@@ -36,14 +36,17 @@ SECTIONS = ("ceilings", "mask", "model", "train", "sweep")
 PLANS = {
     "full": {
         "mask_sizes": [65536, 262144, 1048576, 4194304], "mask_repeats": 20, "mask_hf_max_tokens": 262144,
-        "model_sizes": ["base", "large"], "model_tokens": 65536, "model_repeats": 10,
+        "model_sizes": ["base", "large"], "model_tokens": 65536, "model_repeats": 10, "model_warmup": 2,
+        "model_vocab": 30000,  # the seed's vocabulary size
         "train_size": "base", "train_tokens": 65536, "train_steps": 40, "log_every": 5, "recipe_micro_batch": 256,
-        "sweep_tokens": [16384, 32768, 65536, 131072, 262144], "sweep_caps": [128, 512],
+        # 3 x 2 points, 5 compiles (64k/128 is the train section's run): ~1 min each on an H200
+        "sweep_tokens": [16384, 65536, 262144], "sweep_caps": [128, 512],
         "sweep_target_tokens": 2_000_000, "sweep_steps": (15, 60), "compile": True,
     },
     "quick": {
         "mask_sizes": [4096, 32768], "mask_repeats": 3, "mask_hf_max_tokens": None,
-        "model_sizes": ["tiny"], "model_tokens": 1024, "model_repeats": 3,
+        "model_sizes": ["tiny"], "model_tokens": 1024, "model_repeats": 3, "model_warmup": 1,
+        "model_vocab": 4096,  # about what the sample corpus supports; 30000 makes the CPU run slow
         "train_size": "tiny", "train_tokens": 1024, "train_steps": 8, "log_every": 2, "recipe_micro_batch": 64,
         "sweep_tokens": [512, 1024], "sweep_caps": [128, 512],  # >= 512: a document unit fills the 512 cap
         "sweep_target_tokens": 4096, "sweep_steps": (6, 6), "compile": False,
@@ -59,6 +62,9 @@ def add_args(p) -> None:
     p.add_argument("--sections", default=",".join(SECTIONS),
                    help=f"comma-separated, run in this order (default {','.join(SECTIONS)})")
     p.add_argument("--size", help="model size for train and sweep (default base; tiny with --quick)")
+    p.add_argument("--sweep-tokens", metavar="T1,T2,...",
+                   help="tokens per batch of the sweep (default 16384,65536,262144; 512,1024 with --quick)")
+    p.add_argument("--sweep-caps", metavar="C1,C2", help="sequence caps of the sweep (default 128,512)")
     p.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
                    help="wall-clock budget: no section starts past it, and no sweep point that the longest "
                         "point so far says would end past it (0 = none)")
@@ -72,6 +78,8 @@ def command_line(args) -> str:
     parts = ["mlmtrain bench", f"--out {args.out}", f"--device {args.device}", f"--sections {args.sections}"]
     parts += ["--quick"] if args.quick else []
     parts += [f"--size {args.size}"] if args.size else []
+    parts += [f"--sweep-tokens {','.join(map(str, args.sweep_tokens))}"] if args.sweep_tokens else []
+    parts += [f"--sweep-caps {','.join(map(str, args.sweep_caps))}"] if args.sweep_caps else []
     parts += [f"--time-limit {args.time_limit:g}"] if args.time_limit else []
     parts += ["--merge"] if args.merge else []
     return " ".join(parts)
@@ -88,6 +96,16 @@ def check_args(args) -> list[str]:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    for flag in ("sweep_tokens", "sweep_caps"):
+        text = getattr(args, flag)
+        if text is not None:
+            try:
+                values = [int(v) for v in text.split(",") if v.strip()]
+            except ValueError:
+                values = []
+            if not values or min(values) < 1:
+                raise UserError(f"--{flag.replace('_', '-')} takes positive integers separated by commas, got {text!r}")
+            setattr(args, flag, values)
     if args.time_limit < 0:
         raise UserError(f"--time-limit must be >= 0 seconds, got {args.time_limit:g}")
     return sections
@@ -98,7 +116,9 @@ class Bench:
 
     def __init__(self, args, sections: list[str], work: Path, previous: dict | None):
         self.args, self.sections, self.work = args, sections, work
-        self.plan = PLANS["quick" if args.quick else "full"]
+        self.plan = dict(PLANS["quick" if args.quick else "full"])
+        self.plan["sweep_tokens"] = args.sweep_tokens or self.plan["sweep_tokens"]
+        self.plan["sweep_caps"] = args.sweep_caps or self.plan["sweep_caps"]
         self.device = torch.device(args.device)
         self.size = args.size or self.plan["train_size"]
         self.command = command_line(args)
@@ -145,6 +165,7 @@ class Bench:
             # size keeps the section inside the GPU script's budget (bench_model.py alone has more variants)
             variants = ("ours", "hf") if self.device.type == "cuda" else None
             for r in bench_model.run(size, self.plan["model_tokens"], str(self.device), dtype, self.plan["model_repeats"],
+                                     warmup=self.plan["model_warmup"], vocab_size=self.plan["model_vocab"],
                                      compile=self.plan["compile"], variants=variants):
                 rows.append({**r, "name": f"{size} {r['name']}"})
             longest = max(longest, time.monotonic() - t0)
