@@ -113,8 +113,8 @@ if triton is not None:
                       q4_lo, q4_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
                       BLOCK: tl.constexpr, SHIFT: tl.constexpr, LOOKBACK: tl.constexpr,
                       WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
-        """Shared by both kernels so they agree on every bit: load a block, draw, decide selection.
-        Blocks are aligned to the global index (offset + i): block pid holds aligned positions
+        """Load a block of ids and decide which are selected (the count kernel's body; the apply kernel reads
+        the result as bits, so the two can never disagree). Blocks are aligned to the global index (offset + i): block pid holds aligned positions
         [pid * BLOCK, (pid + 1) * BLOCK), i.e. call-local indices shifted by SHIFT = offset % 4."""
         idx = pid * BLOCK - SHIFT + tl.arange(0, BLOCK)  # (BLOCK,) int32 call-local token index
         in_range = (idx >= 0) & (idx < n_tokens)
@@ -153,12 +153,12 @@ if triton is not None:
             selected = maskable & (tl.where(word >= 0, word, carry) == 1)
         else:
             selected = maskable & (own == 1)
-        return idx, in_range, ids, selected
+        return selected
 
     @triton.jit
     def _popcount(x):
         """Set bits of each int32 (SWAR; Triton has no portable popcount)."""
-        x = x.to(tl.uint32, bitcast=True)
+        x = x.to(tl.uint32, bitcast=True)  # no-op for uint32
         x = x - ((x >> 1) & 0x55555555)
         x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
         x = (x + (x >> 4)) & 0x0F0F0F0F
@@ -180,7 +180,7 @@ if triton is not None:
         """Decide the selection once: bits[pid] = the block's selections, 32 per int32 word (token 32w + b is
         bit b of word w), and counts[pid + 1] = how many (counts[0] = 0, so a cumsum gives exclusive bases)."""
         pid = tl.program_id(0)
-        _, _, _, selected = _select_block(
+        selected = _select_block(
             ids_ptr, word_start_ptr, never_mask_ptr, pid, n_tokens, vocab_size, num_special,
             _as_u32(q4_lo), _as_u32(q4_hi), _as_u32(step_lo), _as_u32(step_hi), _as_u32(seed_lo), _as_u32(seed_hi),
             select_thr, BLOCK, SHIFT, LOOKBACK, WHOLE_WORD, HAS_NEVER_MASK)
@@ -210,7 +210,8 @@ if triton is not None:
         sel = (words[:, None] >> bit) & 1  # (BLOCK/32, 32) 0/1
         word_count = _popcount(words)
         before = tl.cumsum(word_count, axis=0) - word_count  # (BLOCK/32,) selections in earlier words
-        rank = before[:, None] + _popcount(words[:, None] & ((1 << bit) - 1))  # (BLOCK/32, 32)
+        lower = (tl.full((1, 32), 1, tl.uint32) << bit.to(tl.uint32)) - 1  # (1, 32) bits below bit b
+        rank = before[:, None] + _popcount(words.to(tl.uint32, bitcast=True)[:, None] & lower)  # (BLOCK/32, 32)
         sel = tl.reshape(sel, (BLOCK,))  # (BLOCK,)
         base = tl.load(base_ptr + pid)
         slot = base + tl.reshape(rank, (BLOCK,))  # (BLOCK,) exclusive rank in the batch
