@@ -27,9 +27,8 @@ import torch
 
 
 def _transformers():
-    import transformers
+    import transformers  # imported on use: `mlmtrain bench --help` and the other sections do not need it
 
-    transformers.logging.set_verbosity_error()  # the Trainer's per-run banners are not results
     return transformers
 
 
