@@ -10,7 +10,7 @@ What each row times (one call = one batch of T tokens, 15% masking, 80/10/10):
 - `hf collator`: `DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)` called as users run
   it: a list of per-sentence examples (`input_ids`, `token_type_ids`, `attention_mask` lists, sentences of
   8..64 tokens with [CLS]/[SEP]) -> padded [B, L] tensors with masked ids and labels, on the CPU (its only
-  path). Its tokens are real (unpadded) tokens, the same T.
+  path). Its tokens are real (unpadded) tokens, the same T. Run up to 1M tokens by default (--hf-max-tokens).
 - `copy`: `dst.copy_(src)` on the device moving the same number of bytes (read + write).
 
 Bytes: every masking row is credited with the same logical bytes, the minimum any masking that produces
@@ -37,6 +37,7 @@ CONTINUATION_FROM = 20000  # ids >= this are `##` pieces in the whole-word rows 
 GPU_SIZES = (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24)  # 64k .. 16M tokens
 CPU_SIZES = (1 << 16, 1 << 18, 1 << 20)  # capped at 1M on 2 cores so the run takes minutes
 INTERPRETER_MAX_TOKENS = 1 << 16  # the Triton interpreter takes seconds per 64k-token call
+HF_MAX_TOKENS = 1 << 20  # the HF collator takes ~5 s per 1M-token call here; beyond, it would dominate the run
 
 
 def logical_bytes(num_tokens: int, max_masked: int) -> int:
@@ -78,7 +79,7 @@ def run(sizes=None, device: str | torch.device | None = None, repeats: int = 10,
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
-    hf_max_tokens = hf_max_tokens if hf_max_tokens is not None else max(sizes)
+    hf_max_tokens = hf_max_tokens if hf_max_tokens is not None else HF_MAX_TOKENS
     kernel_ok = mm._triton_runs_on(device)
     word_start = (torch.arange(VOCAB_SIZE, device=device) < CONTINUATION_FROM)  # (V,) True: starts a word
     rows = []
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=None,
                    help="tokens per batch (default: 64k..16M on CUDA, 64k..1M on CPU)")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--hf-max-tokens", type=int, default=None, help="skip the HF collator above this size")
+    p.add_argument("--hf-max-tokens", type=int, default=None,
+                   help=f"skip the HF collator above this size (default {HF_MAX_TOKENS})")
     p.add_argument("--no-whole-word", action="store_true", help="skip the whole-word rows")
     p.add_argument("--out", default=None, help="write {environment, rows} as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
