@@ -108,9 +108,8 @@ def run(sizes=None, device: str | torch.device | None = None, repeats: int = 10,
         # the copy ceiling at this size: the same bytes, read + write
         numel = work["bytes"] // 8
         dst = torch.empty(numel, device=device, dtype=torch.float32)
-        add("copy", time_fn(lambda src: dst.copy_(src), device, repeats=repeats,
-                            setup=lambda: torch.rand(numel, device=device)), work={"bytes": 8 * numel}, path="copy")
-        del dst
+        add("copy", time_fn(dst.copy_, device, repeats=repeats, setup=lambda: torch.rand(numel, device=device)),
+            work={"bytes": 8 * numel}, path="copy")
 
         interpreted = device.type == "cpu"
         if kernel_ok and (not interpreted or T <= INTERPRETER_MAX_TOKENS):
