@@ -26,7 +26,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.45", "matplotlib>=3.7"],
+        "test": ["pytest>=7", "transformers>=4.45", "matplotlib>=3.7", "accelerate>=0.26", "psutil>=5.9"],
         "bench": ["transformers>=4.45", "accelerate>=0.26", "matplotlib>=3.7", "psutil>=5.9"],
         "plot": ["matplotlib>=3.7"],
     },

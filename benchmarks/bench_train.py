@@ -103,7 +103,7 @@ def run_ours(data: BenchData, out_dir: Path, *, size: str, tokens_per_batch: int
         "data.pack": "sentence" if seq_cap <= 128 else "document",
         "train.precision": "bf16" if dev.type == "cuda" else "fp32", "train.compile": "on" if compile else "off",
         "train.device": device, "train.eval_every": 0, "train.log_every": log_every, "train.seed": seed,
-        "train.checkpoint_minutes": 1e6, "optim.warmup_steps": warmup_steps,
+        "train.checkpoint_minutes": 1e6, "train.checkpoint_at_end": False, "optim.warmup_steps": warmup_steps,
         "train.profile_steps": f"{steps - log_every}:{steps}" if profile else "",
     })
     cfg.out_dir = str(out_dir)

@@ -62,6 +62,7 @@ class TrainSpec:
     checkpoint_every: int = 0  # steps; 0 = only at the end (and on preemption)
     checkpoint_minutes: float = 30.0  # also save when this much wall time passed since the last save
     keep_checkpoints: int = 3
+    checkpoint_at_end: bool = True  # benchmarks turn it off (a base checkpoint is ~1.3 GB)
     peak_tflops: float = 0.0  # device peak for MFU; 0 = from the built-in table (trainer/flops.py)
     profile_steps: str = ""  # "A:B" records a torch.profiler trace of steps A..B-1
     nan_policy: str = "skip"  # skip: skip the update | stop: final checkpoint and stop
