@@ -88,7 +88,7 @@ def _fresh_device_state(device: torch.device) -> None:
 
 def run_ours(data: BenchData, out_dir: Path, *, size: str, tokens_per_batch: int, steps: int, device: str,
              seq_cap: int = 128, compile: bool = True, log_every: int = 5, warmup_steps: int = 0,
-             seed: int = 0, profile: bool = False) -> dict:
+             seed: int = 0, profile: bool = False, save_final: bool = False) -> dict:
     """One `mlmtrain.train.train` run; returns its summary plus the timed log windows' spread. With
     `profile`, the last log window is traced (`train.profile_steps`: per-phase times in summary["phase_ms"])
     and left out of the timing, as the profiler's syncs slow it down."""
@@ -103,7 +103,7 @@ def run_ours(data: BenchData, out_dir: Path, *, size: str, tokens_per_batch: int
         "data.pack": "sentence" if seq_cap <= 128 else "document",
         "train.precision": "bf16" if dev.type == "cuda" else "fp32", "train.compile": "on" if compile else "off",
         "train.device": device, "train.eval_every": 0, "train.log_every": log_every, "train.seed": seed,
-        "train.checkpoint_minutes": 1e6, "train.checkpoint_at_end": False, "optim.warmup_steps": warmup_steps,
+        "train.checkpoint_minutes": 1e6, "train.checkpoint_at_end": save_final, "optim.warmup_steps": warmup_steps,
         "train.profile_steps": f"{steps - log_every}:{steps}" if profile else "",
     })
     cfg.out_dir = str(out_dir)
@@ -160,7 +160,7 @@ def run(out_dir: str | Path, *, size: str = "base", tokens_per_batch: int = 6553
     eval_batches = valid_batches(data.tokenizer_dir, data.valid_lines, max_length=128, seed=1234)
     common = {"command": command, "vocab_size": data.vocab_size, "valid_sentences": len(data.valid_lines)}
 
-    ours = run_ours(data, out_dir / "ours", size=size, tokens_per_batch=tokens_per_batch, steps=steps,
+    ours = run_ours(data, out_dir / "ours", save_final=True, size=size, tokens_per_batch=tokens_per_batch, steps=steps,
                     device=device, compile=compile, log_every=log_every, warmup_steps=warmup, seed=seed,
                     profile=steps >= 3 * log_every)
     ours_eval = mlm_eval(hf_model_from_checkpoint(out_dir / "ours"), eval_batches, dev)
