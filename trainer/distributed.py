@@ -1,15 +1,24 @@
 """Data-parallel training on PyTorch's own engine, launched by torchrun. Outside torchrun every function
 here is a no-op for one process, so the training loop reads the same either way.
 
+    torchrun --standalone --nproc-per-node N -m mlmtrain.cli train ...   (or: mlmtrain train --nproc N ...)
+
 - DDP (default): each rank holds the model, gradients are all-reduced (NCCL on GPUs, gloo on CPU).
-- FSDP2 (`train.shard = "fsdp"`): `fully_shard` on every encoder layer and the root; checkpoints gather a
-  full state dict to rank 0 and are written as ordinary safetensors, so any world size can resume them.
-Rank 0 alone logs and writes; a failing rank prints its rank with the error, and torchrun ends the others.
+- FSDP2 (`train.shard = "fsdp"`): `fully_shard` on every encoder layer, then the root (embeddings and
+  the tied MLM head stay in the root group, so decoder.weight stays the word-embedding parameter), with a
+  MixedPrecisionPolicy that follows `train.precision` (bf16 compute, fp32 gradient reduction).
+- Checkpoints are world-size independent: rank 0 writes the same files a one-process run writes
+  (full weights in model.safetensors, optimizer state keyed by parameter index); FSDP gathers full state
+  dicts first (`torch.distributed.checkpoint.state_dict`, full_state_dict=True). Any world size, DDP or
+  FSDP, resumes any of them: every rank reads the full files and FSDP re-shards them.
+- Rank 0 alone logs and writes. A failing rank names itself on stderr and in torchrun's error file;
+  torchrun then ends the other workers; a rank stuck in a collective gives up after MLMTRAIN_DIST_TIMEOUT.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import sys
 
@@ -17,8 +26,11 @@ import torch
 import torch.distributed as tdist
 
 from mlmtrain import checkpoint as ckpt
+from mlmtrain.errors import UserError
+from mlmtrain.model import TIED_KEYS
 
-TIMEOUT = datetime.timedelta(seconds=int(os.environ.get("MLMTRAIN_DIST_TIMEOUT", "120")))
+TIMEOUT_ENV = "MLMTRAIN_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 300)
+CRASH_RANK_ENV, CRASH_STEP_ENV = "MLMTRAIN_TEST_CRASH_RANK", "MLMTRAIN_TEST_CRASH_STEP"  # test hook
 
 
 def world_size() -> int:
@@ -33,27 +45,63 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init() -> tuple[int, int]:
-    """Join the process group when launched by torchrun (NCCL with CUDA, else gloo). Returns (rank, world)."""
+def timeout() -> datetime.timedelta:
+    """The process-group timeout: long enough for rank 0 to write a large checkpoint while the others wait
+    at the barrier, short enough that a lost rank ends the job instead of hanging it."""
+    text = os.environ.get(TIMEOUT_ENV, "300")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise UserError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def init(device: torch.device | None = None) -> tuple[int, int]:
+    """Join the process group when launched by torchrun: NCCL for a CUDA device, gloo for the CPU (the
+    default device: CUDA if available). Returns (rank, world)."""
     if world_size() > 1 and not tdist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
+        backend = "nccl" if cuda else "gloo"
         if backend == "nccl":
+            if local_rank() >= torch.cuda.device_count():
+                raise UserError(f"{os.environ.get('LOCAL_WORLD_SIZE', world_size())} processes on this machine "
+                                f"need as many GPUs, but only {torch.cuda.device_count()} are visible; "
+                                f"lower --nproc / --nproc-per-node")
             torch.cuda.set_device(local_rank())
-        tdist.init_process_group(backend, timeout=TIMEOUT)
+        tdist.init_process_group(backend, timeout=timeout())
     return rank(), world_size()
 
 
-def wrap(model: torch.nn.Module, shard: str, device: torch.device) -> torch.nn.Module:
+def is_fsdp(model: torch.nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync") and not hasattr(model, "no_sync")
+
+
+def check_shard(shard: str, precision: str) -> None:
+    if shard not in ("ddp", "fsdp"):
+        raise UserError(f"train.shard must be ddp or fsdp, got {shard!r}")
+    if shard == "fsdp" and precision == "fp16" and world_size() > 1:
+        raise UserError("fp16 loss scaling is not wired for FSDP (its gradients are sharded DTensors); "
+                        "use --precision bf16 (or fp32) with --shard fsdp")
+
+
+def wrap(model: torch.nn.Module, shard: str, device: torch.device, precision: str = "fp32") -> torch.nn.Module:
+    """DDP or FSDP2 around the model under torchrun (unchanged for one process). Build the optimizer
+    AFTER this: fully_shard replaces every parameter with a sharded DTensor parameter."""
     if world_size() == 1:
         return model
     if shard == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                      reduce_dtype=torch.float32)
+        # compute in the run's precision, reduce gradients in fp32; the sharded master weights stay fp32
+        param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for layer in model.bert.encoder.layer:
             fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)  # root: embeddings + MLM head, tied weight managed once
+        if model.cls.predictions.decoder.weight is not model.bert.embeddings.word_embeddings.weight:
+            raise RuntimeError("fully_shard untied decoder.weight from word_embeddings.weight")
         return model
     from torch.nn.parallel import DistributedDataParallel
 
@@ -66,7 +114,7 @@ def no_sync(model: torch.nn.Module, last: bool):
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):  # DDP
         return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: keep unsharded gradients until the last one
 
         @contextlib.contextmanager
         def fsdp_no_sync():
@@ -88,33 +136,134 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def sum_over_ranks(device: torch.device, *values: float) -> list[float]:
+    """Host numbers summed over ranks in one small all-reduce (a sync: call it where every rank is anyway,
+    e.g. at a log step). Used for job-wide throughput and for decisions every rank must take together."""
+    if world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return t.tolist()  # sync
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from a (replicated) DTensor, e.g. FSDP's gradient norm; anything else unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def barrier() -> None:
     if world_size() > 1 and tdist.is_initialized():
         tdist.barrier()
 
 
 def shutdown() -> None:
+    """Free the model, then leave the process group. An FSDP2 model sits in a reference cycle (its hooks
+    and state point back at it) that only the garbage collector frees; left to interpreter teardown, it
+    keeps the gloo process group and its worker threads alive there, and a worker freeing its last tensor
+    then aborts the process ("terminate called without an active exception", seen 2 runs in ~30 on CPU)."""
     if tdist.is_initialized():
+        gc.collect()
         tdist.destroy_process_group()
+
+
+def test_crash_hook(step: int) -> None:
+    """MLMTRAIN_TEST_CRASH_RANK=r MLMTRAIN_TEST_CRASH_STEP=s: rank r raises at the start of step s."""
+    if os.environ.get(CRASH_RANK_ENV) == str(rank()) and os.environ.get(CRASH_STEP_ENV) == str(step):
+        raise RuntimeError(f"test crash ({CRASH_RANK_ENV}={rank()}, {CRASH_STEP_ENV}={step})")
+
+
+@contextlib.contextmanager
+def name_failing_rank():
+    """Under torchrun, an error says which rank raised it: a UserError gets a "rank r of N" prefix (the CLI
+    prints it as one sentence); anything else is printed with the rank and recorded in torchrun's error
+    file, so its failure summary shows this rank's traceback as the root cause."""
+    try:
+        yield
+    except UserError as e:
+        if world_size() > 1:
+            raise UserError(f"rank {rank()} of {world_size()}: {e}") from e
+        raise
+    except Exception as e:
+        if world_size() > 1:
+            print(f"mlmtrain train: rank {rank()} of {world_size()} failed: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+            get_error_handler().record_exception(e)  # no-op outside torchrun (no TORCHELASTIC_ERROR_FILE)
+        raise
+
+
+# ---- checkpoints: one format for every world size ------------------------------------------------------
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Fully qualified name of every optimizer parameter, in the optimizer's order: the order that gives
+    the integer ids of `optimizer.state_dict()`. A tied parameter gets its first name (the embedding)."""
+    names: dict[int, str] = {}
+    for name, p in ckpt.unwrap(model).named_parameters():
+        names.setdefault(id(p), name)
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _fsdp_full_state(model, optimizer) -> tuple[dict, dict] | tuple[None, None]:
+    """Full model and optimizer state of an FSDP model, gathered to rank 0 on the CPU (a collective: every
+    rank calls it). On rank 0: (weights without tied aliases, optimizer.state_dict()-style dict keyed by
+    parameter index); elsewhere (None, None)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by parameter name
+    if rank() != 0:
+        return None, None
+    weights = {k: v.contiguous() for k, v in weights.items() if k not in TIED_KEYS}  # ties stored once
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    groups, first = [], 0
+    for group in optim["param_groups"]:
+        groups.append({**group, "params": list(range(first, first + len(group["params"])))})
+        first += len(group["params"])
+    state = {index[name]: value for name, value in optim["state"].items()}
+    return weights, {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(run_dir, step, model, run_config, state, optimizer, scaler_state, keep) -> None:
     """Rank 0 writes a full, world-size-independent checkpoint; the other ranks wait for it."""
-    if world_size() > 1 and hasattr(model, "set_requires_gradient_sync") and not hasattr(model, "no_sync"):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if world_size() > 1 and is_fsdp(model):
+        weights, optim_state = _fsdp_full_state(model, optimizer)
         if rank() == 0:
-            ckpt.save_full_state(run_dir, step, model, full, run_config, state, keep)
+            ckpt.save_checkpoint(run_dir, step, model, run_config, state, None, scaler_state, keep,
+                                 model_state=weights, optimizer_state=optim_state)
     elif rank() == 0:
         ckpt.save_checkpoint(run_dir, step, model, run_config, state, optimizer, scaler_state, keep)
     barrier()
 
 
-def exec_torchrun(nproc: int) -> int:
-    """`mlmtrain train --nproc N ...` re-runs itself as `torchrun --nproc-per-node N -m mlmtrain.cli train ...`."""
-    argv, skip = [], False
-    for a in sys.argv[1:]:
+def load_optimizer_state(model, optimizer, checkpoint, state: dict) -> None:
+    """Restore the optimizer from a checkpoint written at any world size. Plain/DDP: as saved. FSDP: every
+    rank reads the full state and `set_optimizer_state_dict` keeps its own shard of each tensor."""
+    if not (world_size() > 1 and is_fsdp(model)):
+        ckpt.load_optimizer_state(optimizer, checkpoint, state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    full = ckpt.read_optimizer_state(checkpoint, state)  # keyed by parameter index
+    names = _param_names(model, optimizer)
+    if len(names) != sum(len(g["params"]) for g in full["param_groups"]):
+        raise UserError(f"the optimizer state in {checkpoint} does not fit this model's parameters")
+    by_name = {"state": {names[i]: value for i, value in full["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in full["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+# ---- launching -----------------------------------------------------------------------------------------
+
+def torchrun_command(argv: list[str], nproc: int) -> list[str]:
+    """The torchrun command line for `mlmtrain <argv>` with `--nproc N` taken out. --standalone picks a free
+    port for the rendezvous, so two jobs on one machine do not collide."""
+    if nproc < 1:
+        raise UserError(f"--nproc must be at least 1, got {nproc}")
+    args, skip = [], False
+    for a in argv:
         if skip:
             skip = False
             continue
@@ -123,7 +272,15 @@ def exec_torchrun(nproc: int) -> int:
             continue
         if a.startswith("--nproc="):
             continue
-        argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "mlmtrain.cli", *argv]
+        args.append(a)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            "-m", "mlmtrain.cli", *args]
+
+
+def exec_torchrun(nproc: int) -> int:
+    """`mlmtrain train --nproc N ...` replaces itself with `torchrun --nproc-per-node N -m mlmtrain.cli train ...`."""
+    cmd = torchrun_command(sys.argv[1:], nproc)
+    sys.stdout.flush()
+    sys.stderr.flush()
     os.execv(sys.executable, cmd)
     return 0  # not reached
