@@ -1,0 +1,242 @@
+"""Data-parallel training on CPU with gloo and 2 processes (torchrun), against one process.
+
+Every comparison uses the same global batch: grad_accum=2, so one process runs 2 micro-batches per step
+and each of 2 processes runs 1 (global micro-batch b goes to rank b % 2, masks are keyed by the token's
+index within the step). fp32, dropout 0: only the order of the gradient sums differs, so the losses agree
+to ~1e-7 relative; we assert rtol 1e-5 (the tolerance of the lead's accumulation test).
+
+Each torchrun launch costs a few seconds on 2 cores, so the tests share one 1-process reference run and
+launch 5 jobs in all.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlmtrain import checkpoint as ckpt
+from mlmtrain import distributed as dist
+from mlmtrain.config import load_config
+from mlmtrain.errors import UserError
+from mlmtrain.train import train
+
+RTOL = 1e-5
+STEPS = 4
+# the loss curve needs no launch to be short: 4 steps of a tiny model on 1024-token micro-batches
+SETTINGS = {"model.size": "tiny", "data.tokens_per_batch": 1024, "train.max_steps": STEPS, "train.seed": 0,
+            "train.log_every": 1, "train.eval_every": 0, "train.eval_batches": 2, "train.device": "cpu",
+            "train.compile": "off", "model.dropout": 0.0, "optim.lr": 1e-3, "optim.warmup_steps": 2,
+            "optim.grad_accum": 2, "train.checkpoint_every": 2}
+
+
+def config(data_dir, tokenizer_dir, out, **overrides):
+    return load_config(None, {"out_dir": str(out), "data.data_dir": str(data_dir),
+                              "data.tokenizer_dir": str(tokenizer_dir), **SETTINGS, **overrides})
+
+
+def cli_args(data_dir, tokenizer_dir, out, **overrides) -> list[str]:
+    """`mlmtrain train` arguments for SETTINGS (+ overrides) as --set flags."""
+    settings = {"data.data_dir": data_dir, "data.tokenizer_dir": tokenizer_dir, "out_dir": out,
+                **SETTINGS, **overrides}
+    args = ["train"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def env(**extra) -> dict:
+    # CPU and gloo even on a GPU machine; a short collective timeout bounds any hang
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            dist.TIMEOUT_ENV: "60", **extra}
+
+
+def torchrun(args: list[str], timeout: float = 180, **extra_env) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "mlmtrain.cli", *args]
+    return subprocess.run(cmd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def assert_losses_match(got: dict[int, float], want: dict[int, float], what: str) -> None:
+    steps = sorted(got)
+    assert steps and all(s in want for s in steps), (what, steps, sorted(want))
+    a, b = np.array([got[s] for s in steps]), np.array([want[s] for s in steps])
+    rel = np.abs(a - b) / np.abs(b)
+    assert np.all(rel <= RTOL), (f"{what}: losses differ beyond rtol {RTOL}: max rel {rel.max():.3g}, "
+                                 f"mean rel {rel.mean():.3g}\n got  {a.tolist()}\n want {b.tolist()}")
+
+
+def step_dir(run: Path, step: int) -> Path:
+    return run / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step)
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tokenizer_dir, tmp_path_factory):
+    """The reference: one process, 2 micro-batches per step, checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("one") / "run"
+    summary = train(config(data_dir, tokenizer_dir, run))
+    return run, summary
+
+
+# ---- no launch -------------------------------------------------------------------------------------
+
+def test_torchrun_command_drops_nproc():
+    cmd = dist.torchrun_command(["train", "--nproc", "2", "--data", "d", "--nproc=3", "--out", "o"], 4)
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                       "-m", "mlmtrain.cli", "train", "--data", "d", "--out", "o"]
+    with pytest.raises(UserError, match="at least 1"):
+        dist.torchrun_command(["train"], 0)
+
+
+def test_user_mistakes_are_one_sentence(monkeypatch, data_dir, tokenizer_dir, tmp_path):
+    monkeypatch.setenv(dist.TIMEOUT_ENV, "soon")
+    with pytest.raises(UserError, match="positive number of seconds"):
+        dist.timeout()
+    with pytest.raises(UserError, match="ddp or fsdp"):
+        dist.check_shard("zero3", "fp32")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; checked before joining any group
+    with pytest.raises(UserError, match="fp16 loss scaling"):
+        dist.check_shard("fsdp", "fp16")
+    with pytest.raises(UserError, match="grad_accum=3 must be a multiple of the number of processes"):
+        train(config(data_dir, tokenizer_dir, tmp_path / "run", **{"optim.grad_accum": 3}))
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UserError, match=r"^rank 1 of 2: bad input$"):
+        with dist.name_failing_rank():
+            raise UserError("bad input")
+
+
+# ---- DDP -------------------------------------------------------------------------------------------
+
+def test_ddp_matches_one_process_and_resumes_across_world_sizes(one_process, data_dir, tokenizer_dir, tmp_path):
+    """`mlmtrain train --nproc 2` (execs torchrun) == one process, step by step; a checkpoint written by 2
+    processes resumes in 1 and one written by 1 resumes in 2, both landing on the uninterrupted losses."""
+    ref_run, ref = one_process
+    want = losses(ref_run)
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "mlmtrain.cli", *cli_args(data_dir, tokenizer_dir, two), "--nproc", "2"]
+    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_losses_match(losses(two), want, "2 processes vs 1")
+    # rank 0 alone logs and writes: one config line, one metrics row per step, one summary
+    assert done.stdout.count("config: ") + done.stderr.count("config: ") == 1
+    assert sorted(losses(two)) == list(range(1, STEPS + 1))
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["real_tokens"] == ref["real_tokens"]  # job totals, exactly
+    row = json.loads((two / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["tokens_per_s"] == pytest.approx(2 * row["tokens_per_s_per_gpu"])
+    assert row["tflops"] == pytest.approx(2 * row["tflops_per_gpu"])
+    assert not list(two.glob("**/.tmp_*")) and sorted(p.name for p in (two / "checkpoints").iterdir()) == \
+        ["step_00000002", "step_00000004"]
+
+    # 2 -> 1: resume the 2-process step-2 checkpoint in this process
+    two_to_one = train(config(data_dir, tokenizer_dir, tmp_path / "two_to_one"), resume=str(step_dir(two, 2)))
+    assert two_to_one["steps_this_run"] == 2
+    assert_losses_match(losses(tmp_path / "two_to_one"), want, "resumed 2 -> 1")
+
+    # 1 -> 2: resume the 1-process step-2 checkpoint with 2 processes
+    one_to_two = tmp_path / "one_to_two"
+    done = torchrun([*cli_args(data_dir, tokenizer_dir, one_to_two), "--resume", str(step_dir(ref_run, 2))])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(losses(one_to_two)) == [3, 4]
+    assert_losses_match(losses(one_to_two), want, "resumed 1 -> 2")
+
+
+# ---- FSDP2 -----------------------------------------------------------------------------------------
+
+def test_fsdp_resumes_and_is_resumed_by_any_world_size(one_process, data_dir, tokenizer_dir, tmp_path):
+    """FSDP2 (fully_shard per layer + root) with 2 processes, started from the 1-process step-2
+    checkpoint (full weights sharded, optimizer state set with set_optimizer_state_dict), saving every
+    step (full state gathered to rank 0): losses equal the 1-process run's, the saved files have the
+    1-process layout (tied decoder weight stored once), and one process resumes them exactly."""
+    ref_run, _ = one_process
+    want = losses(ref_run)
+    run = tmp_path / "fsdp"
+    done = torchrun([*cli_args(data_dir, tokenizer_dir, run, **{"train.shard": "fsdp", "train.checkpoint_every": 1}),
+                     "--resume", str(step_dir(ref_run, 2))])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_losses_match(losses(run), want, "FSDP 2 processes vs 1")
+
+    ours, theirs = load_file(step_dir(run, 4) / "model.safetensors"), load_file(step_dir(ref_run, 4) / "model.safetensors")
+    assert list(ours) == list(theirs) and "cls.predictions.decoder.weight" not in ours
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    assert worst < 1e-5, f"FSDP step-4 weights differ from 1 process by {worst:.3g}"
+    opt_ours = load_file(step_dir(run, 4) / "optimizer.safetensors")
+    opt_theirs = load_file(step_dir(ref_run, 4) / "optimizer.safetensors")
+    assert sorted(opt_ours) == sorted(opt_theirs)
+    assert all(opt_ours[k].shape == opt_theirs[k].shape for k in opt_ours)
+
+    back = train(config(data_dir, tokenizer_dir, tmp_path / "fsdp_to_one"), resume=str(step_dir(run, 3)))
+    assert back["steps_this_run"] == 1
+    assert_losses_match(losses(tmp_path / "fsdp_to_one"), want, "FSDP checkpoint resumed by 1 process")
+
+
+# ---- failures --------------------------------------------------------------------------------------
+
+def test_crash_in_one_rank_ends_the_job_naming_it(data_dir, tokenizer_dir, tmp_path):
+    """Rank 1 raises at step 2 while rank 0 waits in the step's all-reduce: the job ends (no hang) well
+    within the collective timeout, non-zero, and the output names rank 1 and its error."""
+    run = tmp_path / "crash"
+    t0 = time.time()
+    done = torchrun(cli_args(data_dir, tokenizer_dir, run, **{"train.max_steps": 20}), timeout=120,
+                    **{dist.CRASH_RANK_ENV: "1", dist.CRASH_STEP_ENV: "2"})
+    elapsed = time.time() - t0
+    out = done.stdout + done.stderr
+    assert done.returncode != 0, out
+    assert "mlmtrain train: rank 1 of 2 failed: RuntimeError: test crash" in out, out
+    assert "rank      : 1 (local_rank: 1)" in out, out  # torchrun's failure summary
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
+    assert not (run / "checkpoints").exists()
+
+
+def _worker_pids(parent: int) -> dict[int, int]:
+    """rank -> pid of torchrun's worker processes (from /proc)."""
+    out = {}
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        ranks = [e.split(b"=", 1)[1] for e in environ if e.startswith(b"RANK=")]
+        if ranks:
+            out[int(ranks[0])] = pid
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_together(data_dir, tokenizer_dir, tmp_path):
+    """SIGTERM to rank 1 alone (e.g. a preempted worker): every rank stops at the same step (agreed at the
+    next log step; without that, rank 0 would wait in the next step's all-reduce until the timeout), rank 0
+    saves one complete checkpoint there, and the job exits 0."""
+    run = tmp_path / "stop"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "mlmtrain.cli", *cli_args(data_dir, tokenizer_dir, run, **{"train.max_steps": 400,
+                                                                             "train.checkpoint_every": 0})]
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 2):
+            time.sleep(0.1)
+        assert len(losses(run)) >= 2, "the job did not start"
+        os.kill(_worker_pids(proc.pid)[1], signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    saved = ckpt.complete_checkpoints(run)
+    assert len(saved) == 1, out
+    stopped_at = ckpt.load_checkpoint_model(saved[0])[2]["step"]
+    assert 2 <= stopped_at < 400 and max(losses(run)) == stopped_at
+    assert "stopped by a signal to another rank" in out  # what rank 0 logs
+    assert ckpt.verify_checkpoint(saved[0]) is None
