@@ -38,7 +38,10 @@ def pick_device(name: str) -> torch.device:
         if torch.cuda.is_available():
             return torch.device("cuda", dist.local_rank())
         return torch.device("cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:  # "cuda" means this rank's GPU
+        device = torch.device("cuda", dist.local_rank())
+    return device
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
@@ -144,8 +147,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     """Pretrain per `cfg`; returns a summary (throughput, MFU, memory, losses). See docs/ARCHITECTURE.md."""
     # ---- inputs, device, precision: every check before any device work ------------------------------
     meta, vocab = check_inputs(cfg)
-    rank, world = dist.init()  # no-op (0, 1) outside torchrun
     device = pick_device(cfg.train.device)
+    rank, world = dist.init(device)  # no-op (0, 1) outside torchrun; NCCL for CUDA, gloo for CPU
     precision, use_compile, T = resolve(cfg, device)
     dist.check_shard(cfg.train.shard, precision)
     is_main = rank == 0
@@ -166,7 +169,10 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
         torch.backends.cudnn.allow_tf32 = cfg.train.tf32
     local_accum = cfg.optim.grad_accum // world  # micro-batches per rank per step
-    max_masked = max_masked_bound(T, cfg.mask.mask_prob)
+    # whole-word masking selects words, which widens the spread of the masked count: widen the bound by
+    # E[k^2]/E[k] over word lengths k in pieces, measured on (the first 1M tokens of) the train shard
+    spread = pieces_per_word(load_split(cfg.data.data_dir, "train").tokens, vocab) if cfg.mask.whole_word else 1.0
+    max_masked = max_masked_bound(T, cfg.mask.mask_prob, pieces_per_word=spread)
 
     # ---- model, optimizer, state -------------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)
@@ -185,7 +191,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     optimizer = build_optimizer(model, cfg)  # after wrap: FSDP2 replaces the parameters with sharded ones
     if start_ckpt is not None:
         dist.load_optimizer_state(model, optimizer, start_ckpt, state)  # any saved world size
-    step_fn = torch.compile(forward_loss) if use_compile else forward_loss
+    # dynamic=False: every shape is static by construction; never let dynamo guess dynamic shapes
+    step_fn = torch.compile(forward_loss, dynamic=False) if use_compile else forward_loss
     autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
                               enabled=precision != "fp32")
     mask_rest = dict(vocab_size=len(vocab), mask_id=MASK_ID, num_special=NUM_SPECIAL, mask_prob=cfg.mask.mask_prob,
@@ -347,7 +354,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                 log(f"step {step}: valid loss {last_eval['valid_loss']:.4f} accuracy {last_eval['valid_accuracy']:.3f}")
                 t_window = time.perf_counter()  # eval time is not training throughput
             due = (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or time_due
-            if due or last or stop_now or stop_reason:
+            if due or (last and cfg.train.checkpoint_at_end) or stop_now or stop_reason:
                 state = {"cursor": list(cursor), "metrics": last_eval,
                          "command": " ".join(sys.argv), "data_fingerprint": data_fingerprint(meta),
                          "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
@@ -391,6 +398,15 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     dist.barrier()
     return summary
+
+
+def pieces_per_word(tokens, vocab: list[str], sample: int = 1 << 20) -> float:
+    """E[k^2]/E[k] of word lengths k (in WordPiece pieces) over a prefix of the shard."""
+    import numpy as np
+
+    is_start = word_start_table(vocab).numpy()[np.asarray(tokens[:sample], dtype=np.int64)]
+    k = np.diff(np.flatnonzero(is_start)).astype(np.float64)
+    return max(1.0, float((k * k).mean() / k.mean())) if k.size else 1.0
 
 
 def data_fingerprint(meta: dict) -> str:
