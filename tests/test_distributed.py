@@ -7,7 +7,7 @@ set_requires_gradient_sync). fp32, dropout 0: only the order of the gradient sum
 agree to ~1e-7 relative; we assert rtol 1e-5 (the tolerance of the lead's accumulation test).
 
 Each torchrun launch costs a few seconds on 2 cores, so the tests share one 1-process reference run and
-launch 6 jobs in all.
+launch 8 jobs in all.
 """
 from __future__ import annotations
 
@@ -205,20 +205,31 @@ def test_fsdp_bf16_from_scratch(one_process, data_dir, tokenizer_dir, tmp_path):
 
 # ---- failures --------------------------------------------------------------------------------------
 
-def test_crash_in_one_rank_ends_the_job_naming_it(data_dir, tokenizer_dir, tmp_path):
-    """Rank 1 raises at step 2 while rank 0 waits in the step's all-reduce: the job ends (no hang) well
-    within the collective timeout, non-zero, and the output names rank 1 and its error."""
+def test_crash_in_one_rank_ends_the_job_naming_it_and_the_job_resumes_exactly(data_dir, tokenizer_dir, tmp_path):
+    """Rank 1 raises at step 3 while rank 0 waits in the step's all-reduce: the job ends (no hang) well
+    within the collective timeout, non-zero, and the output names rank 1 and its error. Resumed from its
+    step-2 checkpoint at the same world size, with dropout on, it continues bit for bit like a job that
+    never crashed (each rank gets its own generator state back)."""
+    dropout = {"model.dropout": 0.1}
+    straight = tmp_path / "straight"
+    done = torchrun(cli_args(data_dir, tokenizer_dir, straight, **dropout))
+    assert done.returncode == 0, done.stdout + done.stderr
+
     run = tmp_path / "crash"
     t0 = time.time()
-    done = torchrun(cli_args(data_dir, tokenizer_dir, run, **{"train.max_steps": 20}), timeout=120,
-                    **{dist.CRASH_RANK_ENV: "1", dist.CRASH_STEP_ENV: "2"})
+    done = torchrun(cli_args(data_dir, tokenizer_dir, run, **dropout), timeout=120,
+                    **{dist.CRASH_RANK_ENV: "1", dist.CRASH_STEP_ENV: "3"})
     elapsed = time.time() - t0
     out = done.stdout + done.stderr
     assert done.returncode != 0, out
     assert "mlmtrain train: rank 1 of 2 failed: RuntimeError: test crash" in out, out
     assert "rank      : 1 (local_rank: 1)" in out, out  # torchrun's failure summary
     assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
-    assert not (run / "checkpoints").exists()
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step_00000002"]
+
+    done = torchrun([*cli_args(data_dir, tokenizer_dir, run, **dropout), "--resume"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert losses(run) == losses(straight), "the resumed job diverged from the uninterrupted one"
 
 
 def _worker_pids(parent: int) -> dict[int, int]:

@@ -90,12 +90,14 @@ def _fsync(path: Path) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, run_config: dict, state: dict,
                     optimizer: torch.optim.Optimizer | None = None, scaler_state: dict | None = None,
-                    keep: int = 0, *, model_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+                    keep: int = 0, *, model_state: dict | None = None, optimizer_state: dict | None = None,
+                    extra_rng: dict[str, torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step` atomically; keep only the newest `keep` (0 = all). Returns its folder.
     On a write failure (disk full, permissions) the partial folder is removed, earlier checkpoints are
     untouched, and a UserError says what happened. `model_state` / `optimizer_state` (an
     `optimizer.state_dict()`-shaped dict) replace reading them from `model` / `optimizer`: FSDP passes
-    the full state it gathered (trainer/distributed.py), so every world size writes the same files."""
+    the full state it gathered (trainer/distributed.py), so every world size writes the same files;
+    `extra_rng` adds tensors to rng.safetensors (every rank's generator states under torchrun)."""
     from mlmtrain import __version__
 
     root = Path(run_dir) / CHECKPOINTS
@@ -120,7 +122,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, run_
             tensors, rest = _optimizer_tensors(optimizer_state or optimizer.state_dict())
             save_file(tensors, tmp / "optimizer.safetensors")
             full_state["optimizer"] = rest
-        save_file(_rng_tensors(), tmp / "rng.safetensors")
+        save_file({**_rng_tensors(), **(extra_rng or {})}, tmp / "rng.safetensors")
         model_fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
         write_json(tmp / "config.json", {"model": model_fields, "run": run_config})
         write_json(tmp / "state.json", full_state)

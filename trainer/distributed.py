@@ -226,16 +226,48 @@ def _fsdp_full_state(model, optimizer) -> tuple[dict, dict] | tuple[None, None]:
     return weights, {"state": state, "param_groups": groups}
 
 
+def _rng_of_every_rank(device: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's CPU generator state (and its own GPU's), gathered to all (a collective), as
+    "rank{r}.cpu" / "rank{r}.cuda": what dropout needs to continue exactly after a resume."""
+    own = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(device)
+    out = {}
+    for name, state in own.items():
+        local = state.to(device)  # NCCL moves CUDA tensors only
+        parts = [torch.empty_like(local) for _ in range(world_size())]
+        tdist.all_gather(parts, local)
+        out.update({f"rank{r}.{name}": part.cpu() for r, part in enumerate(parts)})
+    return out
+
+
 def save_checkpoint(run_dir, step, model, run_config, state, optimizer, scaler_state, keep) -> None:
     """Rank 0 writes a full, world-size-independent checkpoint; the other ranks wait for it."""
-    if world_size() > 1 and is_fsdp(model):
-        weights, optim_state = _fsdp_full_state(model, optimizer)
-        if rank() == 0:
-            ckpt.save_checkpoint(run_dir, step, model, run_config, state, None, scaler_state, keep,
-                                 model_state=weights, optimizer_state=optim_state)
-    elif rank() == 0:
+    state = {**state, "world_size": world_size()}
+    if world_size() == 1:
         ckpt.save_checkpoint(run_dir, step, model, run_config, state, optimizer, scaler_state, keep)
+        return
+    rng = _rng_of_every_rank(next(model.parameters()).device)
+    weights, optim_state = _fsdp_full_state(model, optimizer) if is_fsdp(model) else (None, None)
+    if rank() == 0:
+        ckpt.save_checkpoint(run_dir, step, model, run_config, state, None if is_fsdp(model) else optimizer,
+                             scaler_state, keep, model_state=weights, optimizer_state=optim_state, extra_rng=rng)
     barrier()
+
+
+def restore_rng(checkpoint, state: dict, device: torch.device) -> None:
+    """Every rank takes rank 0's saved generator states; at the world size the checkpoint was written with,
+    each rank then takes its own, so dropout continues exactly as if the run had not stopped."""
+    ckpt.restore_rng(checkpoint)
+    if world_size() == 1 or state.get("world_size") != world_size():
+        return
+    from safetensors.torch import load_file
+
+    rng = load_file(checkpoint / "rng.safetensors")
+    if f"rank{rank()}.cpu" in rng:
+        torch.set_rng_state(rng[f"rank{rank()}.cpu"])
+    if device.type == "cuda" and f"rank{rank()}.cuda" in rng:
+        torch.cuda.set_rng_state(rng[f"rank{rank()}.cuda"], device)
 
 
 def load_optimizer_state(model, optimizer, checkpoint, state: dict) -> None:

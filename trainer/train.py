@@ -184,7 +184,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
         ckpt.load_model_weights(model, state_dict)  # full weights on every rank; FSDP shards them in wrap
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng(start_ckpt)
+        dist.restore_rng(start_ckpt, state, device)  # each rank's own streams at the saved world size
         step, cursor, metrics_mode = state["step"], tuple(state["cursor"]), "a"
         log(f"resuming from {start_ckpt} at step {step}")
     model = dist.wrap(model, cfg.train.shard, device, precision)  # DDP / FSDP2 under torchrun, else unchanged
