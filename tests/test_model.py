@@ -329,13 +329,22 @@ def test_varlen_matches_fp32_reference_on_gpu(dtype):
     assert fast_logits.dtype == dtype
     tol = ATOL[dtype] * max(1.0, ref_logits.abs().max().item())
     assert torch.allclose(fast_logits.float(), ref_logits, atol=tol, rtol=0), report(fast_logits, ref_logits)
+    # fp16 needs loss scaling, as the trainer's GradScaler does: small attention gradients underflow
+    # fp16 otherwise (seen on an H200: 6.7% relative error on layer 0's query weight without it)
+    scale = 1024.0 if dtype == torch.float16 else 1.0
     for m, logits in ((ref, ref_logits), (fast, fast_logits)):
         loss_sum, n = mlm_loss_sum(logits, labels.cuda())
-        (loss_sum / n).backward()
+        (loss_sum / n * scale).backward()
     fast_params = dict(fast.named_parameters())
     for name, p in ref.named_parameters():
         g, h = p.grad, fast_params[name].grad.float()
         assert torch.isfinite(h).all(), name
+        if name.endswith("attention.self.key.bias"):
+            # softmax is shift-invariant per query and the key bias shifts a query's scores by a constant,
+            # so this gradient is exactly 0 in exact arithmetic: both sides hold only rounding noise
+            # (seen on an H200: |g| ~ 1e-11 fp32, |h| ~ 4e-7 bf16), and a relative error is meaningless
+            assert h.abs().max() < 1e-4 and g.abs().max() < 1e-4, report(g, h)
+            continue
         rel = ((g - h).norm() / g.norm().clamp(min=1e-12)).item()  # relative L2 error of the whole tensor
         assert rel <= 0.05, f"{name}: relative error {rel:.3g}, {report(g, h)}"
 
