@@ -109,7 +109,8 @@ def test_user_mistakes_are_one_sentence(monkeypatch, data_dir, tokenizer_dir, tm
         dist.timeout()
     with pytest.raises(UserError, match="ddp or fsdp"):
         dist.check_shard("zero3", "fp32")
-    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; checked before joining any group
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them; checked before joining any group
+    monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(UserError, match="fp16 loss scaling"):
         dist.check_shard("fsdp", "fp16")
     with pytest.raises(UserError, match="grad_accum=3 must be a multiple of the number of processes"):

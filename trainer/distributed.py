@@ -45,6 +45,17 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def launched() -> bool:
+    """Started by torchrun (it sets LOCAL_RANK), even with one process: `--nproc-per-node 1` runs the DDP /
+    FSDP code paths on one GPU, which is how they are checked on a single-GPU machine."""
+    return "LOCAL_RANK" in os.environ
+
+
+def active() -> bool:
+    """In a process group: collectives and wrappers are real (else every function here is a no-op)."""
+    return tdist.is_available() and tdist.is_initialized()
+
+
 def timeout() -> datetime.timedelta:
     """The process-group timeout: long enough for rank 0 to write a large checkpoint while the others wait
     at the barrier, short enough that a lost rank ends the job instead of hanging it."""
@@ -61,7 +72,7 @@ def timeout() -> datetime.timedelta:
 def init(device: torch.device | None = None) -> tuple[int, int]:
     """Join the process group when launched by torchrun: NCCL for a CUDA device, gloo for the CPU (the
     default device: CUDA if available). Returns (rank, world)."""
-    if world_size() > 1 and not tdist.is_initialized():
+    if launched() and not tdist.is_initialized():
         cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
         backend = "nccl" if cuda else "gloo"
         if backend == "nccl":
@@ -81,7 +92,7 @@ def is_fsdp(model: torch.nn.Module) -> bool:
 def check_shard(shard: str, precision: str) -> None:
     if shard not in ("ddp", "fsdp"):
         raise UserError(f"train.shard must be ddp or fsdp, got {shard!r}")
-    if shard == "fsdp" and precision == "fp16" and world_size() > 1:
+    if shard == "fsdp" and precision == "fp16" and launched():
         raise UserError("fp16 loss scaling is not wired for FSDP (its gradients are sharded DTensors); "
                         "use --precision bf16 (or fp32) with --shard fsdp")
 
@@ -89,7 +100,7 @@ def check_shard(shard: str, precision: str) -> None:
 def wrap(model: torch.nn.Module, shard: str, device: torch.device, precision: str = "fp32") -> torch.nn.Module:
     """DDP or FSDP2 around the model under torchrun (unchanged for one process). Build the optimizer
     AFTER this: fully_shard replaces every parameter with a sharded DTensor parameter."""
-    if world_size() == 1:
+    if not active():
         return model
     if shard == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -110,7 +121,7 @@ def wrap(model: torch.nn.Module, shard: str, device: torch.device, precision: st
 
 def no_sync(model: torch.nn.Module, last: bool):
     """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-    if world_size() == 1 or last:
+    if not active() or last:
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):  # DDP
         return model.no_sync()
@@ -130,7 +141,7 @@ def no_sync(model: torch.nn.Module, last: bool):
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, on the device (no host sync)."""
-    if world_size() > 1:
+    if active():
         t = t.clone()
         tdist.all_reduce(t)
     return t
@@ -139,7 +150,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 def sum_over_ranks(device: torch.device, *values: float) -> list[float]:
     """Host numbers summed over ranks in one small all-reduce (a sync: call it where every rank is anyway,
     e.g. at a log step). Used for job-wide throughput and for decisions every rank must take together."""
-    if world_size() == 1:
+    if not active():
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     tdist.all_reduce(t)
@@ -152,7 +163,7 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def barrier() -> None:
-    if world_size() > 1 and tdist.is_initialized():
+    if active():
         tdist.barrier()
 
 
@@ -161,7 +172,7 @@ def shutdown() -> None:
     and state point back at it) that only the garbage collector frees; left to interpreter teardown, it
     keeps the gloo process group and its worker threads alive there, and a worker freeing its last tensor
     then aborts the process ("terminate called without an active exception", seen 2 runs in ~30 on CPU)."""
-    if tdist.is_initialized():
+    if active():
         gc.collect()
         tdist.destroy_process_group()
 
@@ -244,7 +255,7 @@ def _rng_of_every_rank(device: torch.device) -> dict[str, torch.Tensor]:
 def save_checkpoint(run_dir, step, model, run_config, state, optimizer, scaler_state, keep) -> None:
     """Rank 0 writes a full, world-size-independent checkpoint; the other ranks wait for it."""
     state = {**state, "world_size": world_size()}
-    if world_size() == 1:
+    if not active():
         ckpt.save_checkpoint(run_dir, step, model, run_config, state, optimizer, scaler_state, keep)
         return
     rng = _rng_of_every_rank(next(model.parameters()).device)
@@ -259,7 +270,7 @@ def restore_rng(checkpoint, state: dict, device: torch.device) -> None:
     """Every rank takes rank 0's saved generator states; at the world size the checkpoint was written with,
     each rank then takes its own, so dropout continues exactly as if the run had not stopped."""
     ckpt.restore_rng(checkpoint)
-    if world_size() == 1 or state.get("world_size") != world_size():
+    if not active() or state.get("world_size") != world_size():
         return
     from safetensors.torch import load_file
 
@@ -273,7 +284,7 @@ def restore_rng(checkpoint, state: dict, device: torch.device) -> None:
 def load_optimizer_state(model, optimizer, checkpoint, state: dict) -> None:
     """Restore the optimizer from a checkpoint written at any world size. Plain/DDP: as saved. FSDP: every
     rank reads the full state and `set_optimizer_state_dict` keeps its own shard of each tensor."""
-    if not (world_size() > 1 and is_fsdp(model)):
+    if not (active() and is_fsdp(model)):
         ckpt.load_optimizer_state(optimizer, checkpoint, state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
