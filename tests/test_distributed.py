@@ -123,6 +123,7 @@ def test_user_mistakes_are_one_sentence(monkeypatch, data_dir, tokenizer_dir, tm
 
 # ---- DDP -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ddp_matches_one_process_and_resumes_across_world_sizes(one_process, data_dir, tokenizer_dir, tmp_path):
     """`mlmtrain train --nproc 2` (execs torchrun) == one process, step by step; a checkpoint written by 2
     processes resumes in 1 and one written by 1 resumes in 2, both landing on the uninterrupted losses."""
@@ -206,6 +207,7 @@ def test_fsdp_bf16_from_scratch(one_process, data_dir, tokenizer_dir, tmp_path):
 
 # ---- failures --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_crash_in_one_rank_ends_the_job_naming_it_and_the_job_resumes_exactly(data_dir, tokenizer_dir, tmp_path):
     """Rank 1 raises at step 3 while rank 0 waits in the step's all-reduce: the job ends (no hang) well
     within the collective timeout, non-zero, and the output names rank 1 and its error. Resumed from its

@@ -74,14 +74,17 @@ def init(device: torch.device | None = None) -> tuple[int, int]:
     default device: CUDA if available). Returns (rank, world)."""
     if launched() and not tdist.is_initialized():
         cuda = device.type == "cuda" if device is not None else torch.cuda.is_available()
-        backend = "nccl" if cuda else "gloo"
-        if backend == "nccl":
-            if local_rank() >= torch.cuda.device_count():
-                raise UserError(f"{os.environ.get('LOCAL_WORLD_SIZE', world_size())} processes on this machine "
-                                f"need as many GPUs, but only {torch.cuda.device_count()} are visible; "
-                                f"lower --nproc / --nproc-per-node")
-            torch.cuda.set_device(local_rank())
-        tdist.init_process_group(backend, timeout=timeout())
+        if not cuda:
+            tdist.init_process_group("gloo", timeout=timeout())
+            return rank(), world_size()
+        if local_rank() >= torch.cuda.device_count():
+            raise UserError(f"{os.environ.get('LOCAL_WORLD_SIZE', world_size())} processes on this machine "
+                            f"need as many GPUs, but only {torch.cuda.device_count()} are visible; "
+                            f"lower --nproc / --nproc-per-node")
+        gpu = torch.device("cuda", device.index if device is not None and device.index is not None else local_rank())
+        torch.cuda.set_device(gpu)
+        # device_id: NCCL connects at once and knows this rank's GPU (barriers never guess a device)
+        tdist.init_process_group("nccl", timeout=timeout(), device_id=gpu)
     return rank(), world_size()
 
 
