@@ -8,9 +8,10 @@ here is a no-op for one process, so the training loop reads the same either way.
   the tied MLM head stay in the root group, so decoder.weight stays the word-embedding parameter), with a
   MixedPrecisionPolicy that follows `train.precision` (bf16 compute, fp32 gradient reduction).
 - Checkpoints are world-size independent: rank 0 writes the same files a one-process run writes
-  (full weights in model.safetensors, optimizer state keyed by parameter index); FSDP gathers full state
-  dicts first (`torch.distributed.checkpoint.state_dict`, full_state_dict=True). Any world size, DDP or
-  FSDP, resumes any of them: every rank reads the full files and FSDP re-shards them.
+  (full weights in model.safetensors, optimizer state keyed by parameter index) plus every rank's RNG
+  state; FSDP gathers full state dicts first (`torch.distributed.checkpoint.state_dict`,
+  full_state_dict=True). Any world size, DDP or FSDP, resumes any of them: every rank reads the full files
+  and FSDP re-shards them; at the saved world size each rank also gets its own RNG back (exact resume).
 - Rank 0 alone logs and writes. A failing rank names itself on stderr and in torchrun's error file;
   torchrun then ends the other workers; a rank stuck in a collective gives up after MLMTRAIN_DIST_TIMEOUT.
 """
