@@ -330,7 +330,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                        "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                        "bad_steps": n_bad, "time": time.time()}
                 if n_bad:
-                    bad_steps = [step - window_steps + i + 1 for i in range(window_steps) if bool(bad_flags[i])]
+                    flags = bad_flags[:window_steps].tolist()  # one transfer, not one per step of the window
+                    bad_steps = [step - window_steps + i + 1 for i, bad_i in enumerate(flags) if bad_i]
                     log(f"step {step}: non-finite loss or gradient norm at steps {bad_steps}: update skipped")
                     if cfg.train.nan_policy == "stop" or int(max_streak.item()) >= cfg.train.max_bad_steps:
                         stop_reason = (f"stopping: {int(max_streak.item())} consecutive non-finite steps "
