@@ -21,6 +21,7 @@ copy bandwidth is computed on the logical bytes, as the goal states it (>= 80%).
 Timing: `benchmarks/common.time_fn` (warm-up, device events on CUDA, medians with min/max), fresh ids and
 a new `step` key every repeat. Run: `python -m mlmtrain.benchmarks.bench_mask [--device cuda] [--out FILE]`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,13 @@ def _hf_collator_and_examples(num_tokens: int, seed: int = 0):
     vocab += [f"##w{i}" for i in range(CONTINUATION_FROM, VOCAB_SIZE)]
     model = tokenizers.models.WordPiece({piece: i for i, piece in enumerate(vocab)}, unk_token="[UNK]")
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizers.Tokenizer(model), pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-        sep_token="[SEP]", mask_token="[MASK]")
+        tokenizer_object=tokenizers.Tokenizer(model),
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
     rng = random.Random(seed)
     examples, total = [], 0
@@ -86,15 +92,25 @@ def add_graph_row(add, mask_fn, fresh_ids, device, repeats, work, rows) -> None:
     except Exception as e:  # say why instead of dropping the row
         print(f"CUDA-graph capture of the masking call failed: {type(e).__name__}: {e}", flush=True)
         return
-    seconds = time_fn(lambda _: graph.replay(), device, repeats=repeats,
-                      setup=lambda: static_ids.copy_(fresh_ids()[0]))
+    seconds = time_fn(lambda _: graph.replay(), device, repeats=repeats, setup=lambda: static_ids.copy_(fresh_ids()[0]))
     copy = next(r for r in reversed(rows) if r["name"] == "copy")
-    add("triton (CUDA graph, device time)", seconds, path="triton-graph", whole_word=False,
-        fraction_of_copy=work["bytes"] / seconds["median"] / copy["bytes_per_s"]["median"])
+    add(
+        "triton (CUDA graph, device time)",
+        seconds,
+        path="triton-graph",
+        whole_word=False,
+        fraction_of_copy=work["bytes"] / seconds["median"] / copy["bytes_per_s"]["median"],
+    )
 
 
-def run(sizes=None, device: str | torch.device | None = None, repeats: int = 10, *,
-        hf_max_tokens: int | None = None, whole_word: bool = True) -> list[dict]:
+def run(
+    sizes=None,
+    device: str | torch.device | None = None,
+    repeats: int = 10,
+    *,
+    hf_max_tokens: int | None = None,
+    whole_word: bool = True,
+) -> list[dict]:
     """Rows (benchmarks/common.record) per size: copy, triton, torch reference, hf collator; then one
     `summary` row per size with the kernel's fraction of copy bandwidth and its speed-up over the collator."""
     from mlmtrain.kernels import mlm_mask as mm
@@ -103,7 +119,7 @@ def run(sizes=None, device: str | torch.device | None = None, repeats: int = 10,
     sizes = sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
     hf_max_tokens = hf_max_tokens if hf_max_tokens is not None else HF_MAX_TOKENS
     kernel_ok = mm._triton_runs_on(device)
-    word_start = (torch.arange(VOCAB_SIZE, device=device) < CONTINUATION_FROM)  # (V,) True: starts a word
+    word_start = torch.arange(VOCAB_SIZE, device=device) < CONTINUATION_FROM  # (V,) True: starts a word
     rows = []
     for T in sizes:
         M = mm.max_masked_bound(T, 0.15)
@@ -115,46 +131,84 @@ def run(sizes=None, device: str | torch.device | None = None, repeats: int = 10,
 
         def masker(backend, ww):
             table = word_start if ww else None
-            return lambda a: mm.mlm_mask(a[0], vocab_size=VOCAB_SIZE, mask_id=MASK_ID, num_special=NUM_SPECIAL,
-                                         seed=0, step=a[1], max_masked=M, word_start=table, backend=backend)
+            return lambda a: mm.mlm_mask(
+                a[0],
+                vocab_size=VOCAB_SIZE,
+                mask_id=MASK_ID,
+                num_special=NUM_SPECIAL,
+                seed=0,
+                step=a[1],
+                max_masked=M,
+                word_start=table,
+                backend=backend,
+            )
 
         def add(name, seconds, work=work, **fields):
-            rows.append(record("mask", name, seconds, work=work, num_tokens=T, max_masked=M,
-                               device=str(device), **fields))
+            rows.append(
+                record("mask", name, seconds, work=work, num_tokens=T, max_masked=M, device=str(device), **fields)
+            )
             r = rows[-1]
-            print(f"{T:>9} tokens  {name:<28} {r['seconds']['median'] * 1e3:10.3f} ms  "
-                  f"{r.get('tokens_per_s', {'median': 0})['median'] / 1e6:10.2f} Mtok/s  "
-                  f"{r['bytes_per_s']['median'] / 1e9:8.2f} GB/s",
-                  flush=True)
+            print(
+                f"{T:>9} tokens  {name:<28} {r['seconds']['median'] * 1e3:10.3f} ms  "
+                f"{r.get('tokens_per_s', {'median': 0})['median'] / 1e6:10.2f} Mtok/s  "
+                f"{r['bytes_per_s']['median'] / 1e9:8.2f} GB/s",
+                flush=True,
+            )
 
         # the copy ceiling at this size: the same bytes, read + write
         numel = work["bytes"] // 8
         dst = torch.empty(numel, device=device, dtype=torch.float32)
-        add("copy", time_fn(dst.copy_, device, repeats=repeats, setup=lambda: torch.rand(numel, device=device)),
-            work={"bytes": 8 * numel}, path="copy")
+        add(
+            "copy",
+            time_fn(dst.copy_, device, repeats=repeats, setup=lambda: torch.rand(numel, device=device)),
+            work={"bytes": 8 * numel},
+            path="copy",
+        )
 
         interpreted = device.type == "cpu"
         if kernel_ok and (not interpreted or T <= INTERPRETER_MAX_TOKENS):
             label = "triton (interpreter)" if interpreted else "triton"
             r = 1 if interpreted else repeats
-            add(label, time_fn(masker("triton", False), device, warmup=1 if interpreted else 3, repeats=r,
-                               setup=fresh_ids), path="triton", whole_word=False, bytes_moved=work["bytes"] + 4 * T)
+            add(
+                label,
+                time_fn(masker("triton", False), device, warmup=1 if interpreted else 3, repeats=r, setup=fresh_ids),
+                path="triton",
+                whole_word=False,
+                bytes_moved=work["bytes"] + 4 * T,
+            )
             if whole_word and not interpreted:
-                add(label + " whole-word", time_fn(masker("triton", True), device, repeats=r, setup=fresh_ids),
-                    path="triton", whole_word=True, bytes_moved=work["bytes"] + 4 * T)
+                add(
+                    label + " whole-word",
+                    time_fn(masker("triton", True), device, repeats=r, setup=fresh_ids),
+                    path="triton",
+                    whole_word=True,
+                    bytes_moved=work["bytes"] + 4 * T,
+                )
             if not interpreted:
                 add_graph_row(add, masker("triton", False), fresh_ids, device, repeats, work, rows)
         ref_repeats = repeats if device.type == "cuda" else max(1, repeats // 3)
-        add("torch reference", time_fn(masker("torch", False), device, warmup=1, repeats=ref_repeats,
-                                       setup=fresh_ids), path="torch", whole_word=False)
+        add(
+            "torch reference",
+            time_fn(masker("torch", False), device, warmup=1, repeats=ref_repeats, setup=fresh_ids),
+            path="torch",
+            whole_word=False,
+        )
         if whole_word:
-            add("torch reference whole-word", time_fn(masker("torch", True), device, warmup=1, repeats=ref_repeats,
-                                                      setup=fresh_ids), path="torch", whole_word=True)
+            add(
+                "torch reference whole-word",
+                time_fn(masker("torch", True), device, warmup=1, repeats=ref_repeats, setup=fresh_ids),
+                path="torch",
+                whole_word=True,
+            )
         if T <= hf_max_tokens:
             collator, examples = _hf_collator_and_examples(T)
-            add("hf collator (cpu)", time_fn(lambda: collator(examples), torch.device("cpu"), warmup=1,
-                                             repeats=max(1, repeats // 3)),
-                path="hf", whole_word=False, sentences=len(examples))
+            add(
+                "hf collator (cpu)",
+                time_fn(lambda: collator(examples), torch.device("cpu"), warmup=1, repeats=max(1, repeats // 3)),
+                path="hf",
+                whole_word=False,
+                sentences=len(examples),
+            )
             del examples
         rows.append(_summary(rows, T))
     return rows
@@ -183,11 +237,20 @@ def _summary(rows: list[dict], T: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--sizes", type=int, nargs="+", default=None,
-                   help="tokens per batch (default: 64k..16M on CUDA, 64k..1M on CPU)")
+    p.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="tokens per batch (default: 64k..16M on CUDA, 64k..1M on CPU)",
+    )
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--hf-max-tokens", type=int, default=None,
-                   help=f"skip the HF collator above this size (default {HF_MAX_TOKENS})")
+    p.add_argument(
+        "--hf-max-tokens",
+        type=int,
+        default=None,
+        help=f"skip the HF collator above this size (default {HF_MAX_TOKENS})",
+    )
     p.add_argument("--no-whole-word", action="store_true", help="skip the whole-word rows")
     p.add_argument("--out", default=None, help="write {environment, rows} as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -25,6 +25,7 @@ and CPU (work per byte, whatever the core count and the load). Load averages at 
 
 Run: `python -m mlmtrain.benchmarks.bench_prepare --out DIR [--mb 100] [--naive-mb 10] [--repeats 1]`
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,23 +81,32 @@ def run_cli(args: list[str], work: Path) -> dict:
     threads) and peak RSS (MiB)."""
     hwm_file = work / "peak_rss_kib.txt"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, str(hwm_file), *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCH, str(hwm_file), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     stderr = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, so that rusage is ours to read
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"mlmtrain {' '.join(args)} failed:\n{stderr}")
-    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
-            "peak_rss_mib": int(hwm_file.read_text()) / 1024}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mib": int(hwm_file.read_text()) / 1024,
+    }
 
 
 def timed_cli(args: list[str], work: Path, repeats: int) -> tuple[dict, dict]:
     runs = []
     seconds = time_fn(lambda: runs.append(run_cli(args, work)), torch.device("cpu"), warmup=0, repeats=repeats)
-    extra = {"cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
-             "peak_rss_mib": max(r["peak_rss_mib"] for r in runs)}
+    extra = {
+        "cpu_seconds": statistics.median(r["cpu_seconds"] for r in runs),
+        "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+    }
     return seconds, extra
 
 
@@ -153,33 +163,79 @@ def main(argv=None) -> int:
     rows = []
 
     tok_dir, data_dir = out / "tokenizer", out / "data"
-    seconds, extra = timed_cli(["tokenizer", "--input", str(corpus), "--out", str(tok_dir), "--overwrite"], out, args.repeats)
+    seconds, extra = timed_cli(
+        ["tokenizer", "--input", str(corpus), "--out", str(tok_dir), "--overwrite"], out, args.repeats
+    )
     vocab_size = load_tokenizer(tok_dir).get_vocab_size()
     rows.append(record("prepare", "tokenizer", seconds, work={"bytes": nbytes}, vocab_size=vocab_size, **extra))
 
-    seconds, extra = timed_cli(["prepare", "--input", str(corpus), "--tokenizer", str(tok_dir), "--out", str(data_dir),
-                               "--overwrite", "--no-progress"], out, args.repeats)
+    seconds, extra = timed_cli(
+        [
+            "prepare",
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(tok_dir),
+            "--out",
+            str(data_dir),
+            "--overwrite",
+            "--no-progress",
+        ],
+        out,
+        args.repeats,
+    )
     meta = json.loads((data_dir / "meta.json").read_text())
-    rows.append(record("prepare", "prepare", seconds,
-                       work={"bytes": nbytes, "lines": meta["input_lines"],
-                             "sentences": meta["train"]["sentences"] + meta["valid"]["sentences"],
-                             "tokens": meta["train"]["tokens"] + meta["valid"]["tokens"]},
-                       prepare_seconds_inside=meta["seconds"], **extra))
+    rows.append(
+        record(
+            "prepare",
+            "prepare",
+            seconds,
+            work={
+                "bytes": nbytes,
+                "lines": meta["input_lines"],
+                "sentences": meta["train"]["sentences"] + meta["valid"]["sentences"],
+                "tokens": meta["train"]["tokens"] + meta["valid"]["tokens"],
+            },
+            prepare_seconds_inside=meta["seconds"],
+            **extra,
+        )
+    )
 
     # The tokenizer alone, lines already in memory, same batch size as prepare: the ceiling.
     tok = load_tokenizer(tok_dir)
     lines = read_lines(corpus, args.ceiling_mb * MB)
     ceiling_bytes = sum(len(s.encode("utf-8")) + 1 for s in lines)
     per_batch = max(1, int(len(lines) * READ_BLOCK_BYTES / ceiling_bytes))
-    batches = [lines[i:i + per_batch] for i in range(0, len(lines), per_batch)]
-    seconds, extra = timed_in_process(lambda: [tok.encode_batch_fast(b, add_special_tokens=False) for b in batches],
-                                      warmup=1, repeats=max(3, args.repeats))
-    rows.append(record("prepare", "encode_batch_fast", seconds, work={"bytes": ceiling_bytes, "lines": len(lines)},
-                       batch_lines=per_batch, tokenizers_parallelism=os.environ.get("TOKENIZERS_PARALLELISM"), **extra))
-    seconds, extra = timed_in_process(lambda: [encode_lines(tok, b, np.uint16) for b in batches],
-                                      warmup=1, repeats=max(3, args.repeats))
-    rows.append(record("prepare", "encode_lines", seconds, work={"bytes": ceiling_bytes, "lines": len(lines)},
-                       batch_lines=per_batch, **extra))
+    batches = [lines[i : i + per_batch] for i in range(0, len(lines), per_batch)]
+    seconds, extra = timed_in_process(
+        lambda: [tok.encode_batch_fast(b, add_special_tokens=False) for b in batches],
+        warmup=1,
+        repeats=max(3, args.repeats),
+    )
+    rows.append(
+        record(
+            "prepare",
+            "encode_batch_fast",
+            seconds,
+            work={"bytes": ceiling_bytes, "lines": len(lines)},
+            batch_lines=per_batch,
+            tokenizers_parallelism=os.environ.get("TOKENIZERS_PARALLELISM"),
+            **extra,
+        )
+    )
+    seconds, extra = timed_in_process(
+        lambda: [encode_lines(tok, b, np.uint16) for b in batches], warmup=1, repeats=max(3, args.repeats)
+    )
+    rows.append(
+        record(
+            "prepare",
+            "encode_lines",
+            seconds,
+            work={"bytes": ceiling_bytes, "lines": len(lines)},
+            batch_lines=per_batch,
+            **extra,
+        )
+    )
 
     # The seed's way: AutoTokenizer, one call per line.
     from transformers import AutoTokenizer
@@ -188,8 +244,16 @@ def main(argv=None) -> int:
     lines = read_lines(corpus, args.naive_mb * MB)
     naive_bytes = sum(len(s.encode("utf-8")) + 1 for s in lines)
     seconds, extra = timed_in_process(lambda: [hf(s)["input_ids"] for s in lines], warmup=0, repeats=args.repeats)
-    rows.append(record("prepare", "naive_autotokenizer", seconds, work={"bytes": naive_bytes, "lines": len(lines)},
-                       tokenizer_class=type(hf).__name__, **extra))
+    rows.append(
+        record(
+            "prepare",
+            "naive_autotokenizer",
+            seconds,
+            work={"bytes": naive_bytes, "lines": len(lines)},
+            tokenizer_class=type(hf).__name__,
+            **extra,
+        )
+    )
 
     for r in rows:
         r["bytes_per_cpu_s"] = r["bytes"] / r["cpu_seconds"]
@@ -215,9 +279,11 @@ def print_table(result: dict) -> None:
         s = r["seconds"]
         lines = f"{r['lines_per_s']['median']:,.0f}" if "lines_per_s" in r else "-"
         rss = f"{r['peak_rss_mib']:,.0f} MiB" if "peak_rss_mib" in r else "-"
-        print(f"| {r['name']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | "
-              f"{r['bytes_per_s']['median'] / MB:.2f} | {lines} | {r['cpu_seconds']:.2f} | "
-              f"{r['bytes_per_cpu_s'] / MB:.2f} | {rss} |")
+        print(
+            f"| {r['name']} | {s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f}) | "
+            f"{r['bytes_per_s']['median'] / MB:.2f} | {lines} | {r['cpu_seconds']:.2f} | "
+            f"{r['bytes_per_cpu_s'] / MB:.2f} | {rss} |"
+        )
     print(json.dumps(result["summary"], indent=2))
 
 

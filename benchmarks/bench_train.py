@@ -17,6 +17,7 @@ torch.compile, is dropped); the recipe per optimizer step (the first `warmup_ski
 
 Run alone: `python -m mlmtrain.benchmarks.bench_train --out DIR [--device cuda] [--quick]`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,20 +54,35 @@ def make_data(work_dir: str | Path, seq_caps=(128,), vocab_size: int = 30000, se
     work_dir.mkdir(parents=True, exist_ok=True)
     lines = sample_corpus_path().read_text(encoding="utf-8").splitlines()
     distinct = list(dict.fromkeys(s.strip() for s in lines if s.strip()))
-    held_out = set(distinct[HOLDOUT_EVERY - 1::HOLDOUT_EVERY])
+    held_out = set(distinct[HOLDOUT_EVERY - 1 :: HOLDOUT_EVERY])
     kept = [s for s in lines if s.strip() not in held_out]  # blank lines kept: they are document breaks
     train_text = work_dir / "train.txt"
     train_text.write_text("\n".join(kept) + "\n", encoding="utf-8")
     tokenizer_dir = work_dir / "tokenizer"
-    vocab = train_tokenizer([train_text], tokenizer_dir, TokenizerSettings(vocab_size=vocab_size),
-                            overwrite=True, progress=False)
+    vocab = train_tokenizer(
+        [train_text], tokenizer_dir, TokenizerSettings(vocab_size=vocab_size), overwrite=True, progress=False
+    )
     data_dirs = {}
     for cap in seq_caps:
         data_dirs[cap] = work_dir / f"data_{cap}"
-        prepare([train_text], tokenizer_dir, data_dirs[cap], valid_fraction=0.02, max_seq_len=cap, seed=seed,
-                overwrite=True, progress=False)
-    return BenchData(tokenizer_dir, train_text, [s.strip() for s in kept if s.strip()],
-                     [s for s in distinct if s in held_out], data_dirs, vocab)
+        prepare(
+            [train_text],
+            tokenizer_dir,
+            data_dirs[cap],
+            valid_fraction=0.02,
+            max_seq_len=cap,
+            seed=seed,
+            overwrite=True,
+            progress=False,
+        )
+    return BenchData(
+        tokenizer_dir,
+        train_text,
+        [s.strip() for s in kept if s.strip()],
+        [s for s in distinct if s in held_out],
+        data_dirs,
+        vocab,
+    )
 
 
 def spread(values) -> dict | None:
@@ -86,9 +102,22 @@ def _fresh_device_state(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_ours(data: BenchData, out_dir: Path, *, size: str, tokens_per_batch: int, steps: int, device: str,
-             seq_cap: int = 128, compile: bool = True, log_every: int = 5, warmup_steps: int = 0,
-             seed: int = 0, profile: bool = False, save_final: bool = False) -> dict:
+def run_ours(
+    data: BenchData,
+    out_dir: Path,
+    *,
+    size: str,
+    tokens_per_batch: int,
+    steps: int,
+    device: str,
+    seq_cap: int = 128,
+    compile: bool = True,
+    log_every: int = 5,
+    warmup_steps: int = 0,
+    seed: int = 0,
+    profile: bool = False,
+    save_final: bool = False,
+) -> dict:
     """One `mlmtrain.train.train` run; returns its summary plus the timed log windows' spread. With
     `profile`, the last log window is traced (`train.profile_steps`: per-phase times in summary["phase_ms"])
     and left out of the timing, as the profiler's syncs slow it down."""
@@ -97,55 +126,100 @@ def run_ours(data: BenchData, out_dir: Path, *, size: str, tokens_per_batch: int
 
     dev = torch.device(device)
     _fresh_device_state(dev)
-    cfg = load_config(None, {
-        "data.data_dir": str(data.data_dirs[seq_cap]), "data.tokenizer_dir": str(data.tokenizer_dir),
-        "model.size": size, "train.max_steps": steps, "data.tokens_per_batch": tokens_per_batch,
-        "data.pack": "sentence" if seq_cap <= 128 else "document",
-        "train.precision": "bf16" if dev.type == "cuda" else "fp32", "train.compile": "on" if compile else "off",
-        "train.device": device, "train.eval_every": 0, "train.log_every": log_every, "train.seed": seed,
-        "train.checkpoint_minutes": 1e6, "train.checkpoint_at_end": save_final, "optim.warmup_steps": warmup_steps,
-        "train.profile_steps": f"{steps - log_every}:{steps}" if profile else "",
-    })
+    cfg = load_config(
+        None,
+        {
+            "data.data_dir": str(data.data_dirs[seq_cap]),
+            "data.tokenizer_dir": str(data.tokenizer_dir),
+            "model.size": size,
+            "train.max_steps": steps,
+            "data.tokens_per_batch": tokens_per_batch,
+            "data.pack": "sentence" if seq_cap <= 128 else "document",
+            "train.precision": "bf16" if dev.type == "cuda" else "fp32",
+            "train.compile": "on" if compile else "off",
+            "train.device": device,
+            "train.eval_every": 0,
+            "train.log_every": log_every,
+            "train.seed": seed,
+            "train.checkpoint_minutes": 1e6,
+            "train.checkpoint_at_end": save_final,
+            "optim.warmup_steps": warmup_steps,
+            "train.profile_steps": f"{steps - log_every}:{steps}" if profile else "",
+        },
+    )
     cfg.out_dir = str(out_dir)
     t0 = time.perf_counter()
     summary = train(cfg, log=lambda msg: print(msg, file=sys.stderr))
     wall_s = time.perf_counter() - t0
     windows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [w for w in windows if "tokens_per_s" in w]
-    timed = windows[1:len(windows) - profile] or windows  # the first window holds compilation and warm-up
+    timed = windows[1 : len(windows) - profile] or windows  # the first window holds compilation and warm-up
     # windows hold the same number of steps of (nearly) the same real tokens, so the overall rate (timed
     # tokens / timed seconds) is the harmonic mean of the window rates
     overall = len(timed) / sum(1 / w["tokens_per_s"] for w in timed)
     return {
-        "summary": summary, "wall_s": wall_s, "timed_windows": len(timed), "log_every": log_every,
+        "summary": summary,
+        "wall_s": wall_s,
+        "timed_windows": len(timed),
+        "log_every": log_every,
         "tokens_per_s": {"overall": overall, **spread(w["tokens_per_s"] for w in timed)},
         "achieved_tflops": spread(w["tflops"] for w in timed),
         "mfu": spread(w["mfu"] for w in timed),
         "samples_per_s": spread(w["samples_per_s"] for w in timed),
-        "pack": cfg.data.pack, "precision": summary.get("precision"), "compile": summary.get("compile"),
+        "pack": cfg.data.pack,
+        "precision": summary.get("precision"),
+        "compile": summary.get("compile"),
     }
 
 
-def ours_row(name: str, result: dict, *, size: str, tokens_per_batch: int, seq_cap: int, benchmark: str,
-             **fields) -> dict:
+def ours_row(
+    name: str, result: dict, *, size: str, tokens_per_batch: int, seq_cap: int, benchmark: str, **fields
+) -> dict:
     s = result["summary"]
     return {
-        "benchmark": benchmark, "name": name, "trainer": "ours", "size": size, "tokens_per_batch": tokens_per_batch,
-        "seq_cap": seq_cap, "pack": result["pack"], "precision": result["precision"], "compile": result["compile"],
-        "steps": s["steps"], "real_tokens": s["real_tokens"], "tokens_per_s": result["tokens_per_s"],
-        "samples_per_s": result["samples_per_s"], "achieved_tflops": result["achieved_tflops"], "mfu": result["mfu"],
-        "step_time_s": s.get("step_time_s"), "seconds": s.get("step_time_s"), "peak_mem_bytes": s["peak_mem_bytes"],
-        "data_wait_s": s.get("data_wait_s"), "phase_ms": s.get("phase_ms") or None,
-        "own_valid_loss": s.get("valid_loss"), "final_train_loss": s.get("final_loss"),
+        "benchmark": benchmark,
+        "name": name,
+        "trainer": "ours",
+        "size": size,
+        "tokens_per_batch": tokens_per_batch,
+        "seq_cap": seq_cap,
+        "pack": result["pack"],
+        "precision": result["precision"],
+        "compile": result["compile"],
+        "steps": s["steps"],
+        "real_tokens": s["real_tokens"],
+        "tokens_per_s": result["tokens_per_s"],
+        "samples_per_s": result["samples_per_s"],
+        "achieved_tflops": result["achieved_tflops"],
+        "mfu": result["mfu"],
+        "step_time_s": s.get("step_time_s"),
+        "seconds": s.get("step_time_s"),
+        "peak_mem_bytes": s["peak_mem_bytes"],
+        "data_wait_s": s.get("data_wait_s"),
+        "phase_ms": s.get("phase_ms") or None,
+        "own_valid_loss": s.get("valid_loss"),
+        "final_train_loss": s.get("final_loss"),
         "timed": f"{result['timed_windows']} log windows of {result['log_every']} steps (first window dropped"
-                 + (", last window profiled and dropped)" if s.get("phase_ms") else ")"),
-        "wall_s": result["wall_s"], **fields,
+        + (", last window profiled and dropped)" if s.get("phase_ms") else ")"),
+        "wall_s": result["wall_s"],
+        **fields,
     }
 
 
-def run(out_dir: str | Path, *, size: str = "base", tokens_per_batch: int = 65536, steps: int = 30,
-        device: str = "cuda", compile: bool = True, log_every: int = 5, max_micro_batch: int = 256,
-        data: BenchData | None = None, seed: int = 0, command: str = "") -> list[dict]:
+def run(
+    out_dir: str | Path,
+    *,
+    size: str = "base",
+    tokens_per_batch: int = 65536,
+    steps: int = 30,
+    device: str = "cuda",
+    compile: bool = True,
+    log_every: int = 5,
+    max_micro_batch: int = 256,
+    data: BenchData | None = None,
+    seed: int = 0,
+    command: str = "",
+) -> list[dict]:
     """Ours then the recipe, same sentences, same real tokens, same optimizer steps. Three rows: ours,
     recipe, and the comparison (speedup, loss difference, memory ratio)."""
     from mlmtrain.benchmarks.recipe import RecipeSettings, hf_model_from_checkpoint, mlm_eval, run_recipe, valid_batches
@@ -160,39 +234,93 @@ def run(out_dir: str | Path, *, size: str = "base", tokens_per_batch: int = 6553
     eval_batches = valid_batches(data.tokenizer_dir, data.valid_lines, max_length=128, seed=1234)
     common = {"command": command, "vocab_size": data.vocab_size, "valid_sentences": len(data.valid_lines)}
 
-    ours = run_ours(data, out_dir / "ours", save_final=True, size=size, tokens_per_batch=tokens_per_batch, steps=steps,
-                    device=device, compile=compile, log_every=log_every, warmup_steps=warmup, seed=seed,
-                    profile=steps >= 3 * log_every)
+    ours = run_ours(
+        data,
+        out_dir / "ours",
+        save_final=True,
+        size=size,
+        tokens_per_batch=tokens_per_batch,
+        steps=steps,
+        device=device,
+        compile=compile,
+        log_every=log_every,
+        warmup_steps=warmup,
+        seed=seed,
+        profile=steps >= 3 * log_every,
+    )
     ours_eval = mlm_eval(hf_model_from_checkpoint(out_dir / "ours"), eval_batches, dev)
-    ours_r = ours_row(f"ours {size} T={tokens_per_batch}", ours, size=size, tokens_per_batch=tokens_per_batch,
-                      seq_cap=128, benchmark="train", **ours_eval, **common)
+    ours_r = ours_row(
+        f"ours {size} T={tokens_per_batch}",
+        ours,
+        size=size,
+        tokens_per_batch=tokens_per_batch,
+        seq_cap=128,
+        benchmark="train",
+        **ours_eval,
+        **common,
+    )
 
     _fresh_device_state(dev)
     o = OptimSpec()
-    settings = RecipeSettings(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, warmup_steps=warmup,
-                              grad_clip=o.grad_clip, max_length=128, seed=seed)
+    settings = RecipeSettings(
+        lr=o.lr,
+        betas=o.betas,
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        warmup_steps=warmup,
+        grad_clip=o.grad_clip,
+        max_length=128,
+        seed=seed,
+    )
     model_config = BertConfig.from_size(size, vocab_size=data.vocab_size)
     try:
-        rec = run_recipe(data.train_lines, data.tokenizer_dir, model_config, real_tokens=ours_r["real_tokens"],
-                         steps=ours_r["steps"], device=dev, settings=settings, max_micro_batch=max_micro_batch,
-                         eval_batches=eval_batches)
+        rec = run_recipe(
+            data.train_lines,
+            data.tokenizer_dir,
+            model_config,
+            real_tokens=ours_r["real_tokens"],
+            steps=ours_r["steps"],
+            device=dev,
+            settings=settings,
+            max_micro_batch=max_micro_batch,
+            eval_batches=eval_batches,
+        )
     except ImportError as e:  # transformers' Trainer needs accelerate: ours is still worth reporting
-        return [ours_r, {"benchmark": "train", "name": f"recipe {size} (HF Trainer)", "trainer": "recipe",
-                         "error": f"the recipe needs transformers' Trainer, which needs accelerate: {e}", **common}]
+        return [
+            ours_r,
+            {
+                "benchmark": "train",
+                "name": f"recipe {size} (HF Trainer)",
+                "trainer": "recipe",
+                "error": f"the recipe needs transformers' Trainer, which needs accelerate: {e}",
+                **common,
+            },
+        ]
     recipe_r = {
-        "benchmark": "train", "name": f"recipe {size} (HF Trainer)", "trainer": "recipe", "size": size,
-        "seq_cap": 128, "precision": rec["precision"], "compile": False,
-        "seconds": rec["step_time_s"], "timed": f"{rec['timed_steps']} optimizer steps (first 3 dropped)",
-        **{k: v for k, v in rec.items() if k not in ("precision",)}, **common,
+        "benchmark": "train",
+        "name": f"recipe {size} (HF Trainer)",
+        "trainer": "recipe",
+        "size": size,
+        "seq_cap": 128,
+        "precision": rec["precision"],
+        "compile": False,
+        "seconds": rec["step_time_s"],
+        "timed": f"{rec['timed_steps']} optimizer steps (first 3 dropped)",
+        **{k: v for k, v in rec.items() if k not in ("precision",)},
+        **common,
     }
     ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
     compare = {
-        "benchmark": "train", "name": f"ours vs recipe {size}", "trainer": "comparison", "size": size,
+        "benchmark": "train",
+        "name": f"ours vs recipe {size}",
+        "trainer": "comparison",
+        "size": size,
         "speedup_tokens_per_s": ratio(ours_r["tokens_per_s"]["overall"], rec["tokens_per_s"]["overall"]),
         "real_tokens": {"ours": ours_r["real_tokens"], "recipe": rec["real_tokens"]},
         "steps": {"ours": ours_r["steps"], "recipe": rec["steps"]},
         "valid_loss": {"ours": ours_r["valid_loss"], "recipe": rec.get("valid_loss")},
-        "peak_mem_ratio": ratio(ours_r["peak_mem_bytes"], rec["peak_mem_bytes"]), **common,
+        "peak_mem_ratio": ratio(ours_r["peak_mem_bytes"], rec["peak_mem_bytes"]),
+        **common,
     }
     return [ours_r, recipe_r, compare]
 
@@ -211,35 +339,81 @@ def steps_for(tokens_per_batch: int, target_tokens: int, lo: int, hi: int) -> in
     return max(lo, min(hi, math.ceil(target_tokens / tokens_per_batch)))
 
 
-def sweep(out_dir: str | Path, data: BenchData, *, size: str, tokens: list[int], caps: list[int], device: str,
-          compile: bool = True, target_tokens: int = 2_000_000, min_steps: int = 15, max_steps: int = 60,
-          log_every: int = 5, deadline: float | None = None, expected_s: float = 0.0, reuse: list[dict] = (),
-          command: str = "") -> list[dict]:
+def sweep(
+    out_dir: str | Path,
+    data: BenchData,
+    *,
+    size: str,
+    tokens: list[int],
+    caps: list[int],
+    device: str,
+    compile: bool = True,
+    target_tokens: int = 2_000_000,
+    min_steps: int = 15,
+    max_steps: int = 60,
+    log_every: int = 5,
+    deadline: float | None = None,
+    expected_s: float = 0.0,
+    reuse: list[dict] = (),
+    command: str = "",
+) -> list[dict]:
     """Our step at each (tokens per batch, sequence cap). A point that would end past `deadline`
     (time.monotonic(); judged by the longest point so far, at first by `expected_s`) is recorded as skipped,
     with the reason; a point `reuse` already measured (same size, T, cap) is copied."""
     rows, longest = [], expected_s
     for T, cap in sweep_points(tokens, caps):
         name = f"ours {size} T={T} cap={cap}"
-        same = [r for r in reuse if r.get("trainer") == "ours" and r.get("size") == size
-                and r.get("tokens_per_batch") == T and r.get("seq_cap") == cap]
+        same = [
+            r
+            for r in reuse
+            if r.get("trainer") == "ours"
+            and r.get("size") == size
+            and r.get("tokens_per_batch") == T
+            and r.get("seq_cap") == cap
+        ]
         if same:
             rows.append({**same[0], "benchmark": "sweep", "name": name, "reused_from": "train section"})
             continue
         if deadline is not None and time.monotonic() + longest > deadline:
-            rows.append({"benchmark": "sweep", "name": name, "tokens_per_batch": T, "seq_cap": cap,
-                         "error": "skipped: the time budget (--time-limit) ran out", "command": command})
+            rows.append(
+                {
+                    "benchmark": "sweep",
+                    "name": name,
+                    "tokens_per_batch": T,
+                    "seq_cap": cap,
+                    "error": "skipped: the time budget (--time-limit) ran out",
+                    "command": command,
+                }
+            )
             continue
         steps = -(-steps_for(T, target_tokens, min_steps, max_steps) // log_every) * log_every  # whole windows
         t0 = time.monotonic()
         try:
-            res = run_ours(data, Path(out_dir) / f"sweep_T{T}_cap{cap}", size=size, tokens_per_batch=T, steps=steps,
-                           device=device, seq_cap=cap, compile=compile, log_every=log_every)
-            rows.append(ours_row(name, res, size=size, tokens_per_batch=T, seq_cap=cap, benchmark="sweep",
-                                 command=command))
+            res = run_ours(
+                data,
+                Path(out_dir) / f"sweep_T{T}_cap{cap}",
+                size=size,
+                tokens_per_batch=T,
+                steps=steps,
+                device=device,
+                seq_cap=cap,
+                compile=compile,
+                log_every=log_every,
+            )
+            rows.append(
+                ours_row(name, res, size=size, tokens_per_batch=T, seq_cap=cap, benchmark="sweep", command=command)
+            )
         except Exception as e:  # one point failing (e.g. out of memory at 256k) must not hide the others
-            rows.append({"benchmark": "sweep", "name": name, "tokens_per_batch": T, "seq_cap": cap,
-                         "error": f"{type(e).__name__}: {e}"[:500], "command": command})
+            rows.append(
+                {
+                    "benchmark": "sweep",
+                    "name": name,
+                    "tokens_per_batch": T,
+                    "seq_cap": cap,
+                    "error": f"{type(e).__name__}: {e}"[:500],
+                    "command": command,
+                }
+            )
         longest = max(longest, time.monotonic() - t0)
     return rows
 
@@ -254,15 +428,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny model, small batches, no compile (CPU smoke run)")
     args = p.parse_args(argv)
     quick = args.quick or args.device == "cpu"
-    rows = run(args.out, size=args.size or ("tiny" if quick else "base"),
-               tokens_per_batch=args.tokens_per_batch or (1024 if quick else 65536),
-               steps=args.steps or (12 if quick else 30), device=args.device, compile=not quick,
-               log_every=3 if quick else 5, max_micro_batch=64 if quick else 256,
-               command="python -m mlmtrain.benchmarks.bench_train " + " ".join(argv or sys.argv[1:]))
+    rows = run(
+        args.out,
+        size=args.size or ("tiny" if quick else "base"),
+        tokens_per_batch=args.tokens_per_batch or (1024 if quick else 65536),
+        steps=args.steps or (12 if quick else 30),
+        device=args.device,
+        compile=not quick,
+        log_every=3 if quick else 5,
+        max_micro_batch=64 if quick else 256,
+        command="python -m mlmtrain.benchmarks.bench_train " + " ".join(argv or sys.argv[1:]),
+    )
     Path(args.out, "train_results.json").write_text(json.dumps(rows, indent=2, default=str), encoding="utf-8")
     for r in rows:
-        print(json.dumps({k: r.get(k) for k in ("name", "tokens_per_s", "mfu", "valid_loss", "speedup_tokens_per_s")
-                          if r.get(k) is not None}, default=str))
+        print(
+            json.dumps(
+                {
+                    k: r.get(k)
+                    for k in ("name", "tokens_per_s", "mfu", "valid_loss", "speedup_tokens_per_s")
+                    if r.get(k) is not None
+                },
+                default=str,
+            )
+        )
     return 0
 
 

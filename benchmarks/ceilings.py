@@ -11,6 +11,7 @@ from `benchmarks/common.time_fn`.
 
 Run alone: `python -m mlmtrain.benchmarks.ceilings [--device cuda] [--quick]`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,28 +30,46 @@ QUICK = {"matmul_sizes": (256, 512), "copy_mib": (8, 32), "repeats": 5}
 def matmul_rows(device: torch.device, sizes, dtype: torch.dtype, repeats: int) -> list[dict]:
     rows = []
     for n in sizes:
+
         def setup():  # fresh operands every repeat, so no repeat reuses a warm cache
             return (torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype))
 
         seconds = time_fn(lambda ab: torch.mm(*ab), device, warmup=3, repeats=repeats, setup=setup)
-        rows.append(record("ceilings", f"matmul {n}x{n}x{n} {str(dtype).removeprefix('torch.')}", seconds,
-                           work={"flops": 2.0 * n ** 3}, kind="matmul", n=n,
-                           dtype=str(dtype).removeprefix("torch.")))
+        rows.append(
+            record(
+                "ceilings",
+                f"matmul {n}x{n}x{n} {str(dtype).removeprefix('torch.')}",
+                seconds,
+                work={"flops": 2.0 * n**3},
+                kind="matmul",
+                n=n,
+                dtype=str(dtype).removeprefix("torch."),
+            )
+        )
     return rows
 
 
 def copy_rows(device: torch.device, sizes_mib, repeats: int) -> list[dict]:
     rows = []
     for mib in sizes_mib:
-        numel = mib * 2 ** 20 // 4  # float32 elements
+        numel = mib * 2**20 // 4  # float32 elements
         dst = torch.empty(numel, device=device, dtype=torch.float32)
 
         def setup():
             return torch.rand(numel, device=device, dtype=torch.float32)
 
-        seconds = time_fn(lambda src: dst.copy_(src), device, warmup=3, repeats=repeats, setup=setup)
-        rows.append(record("ceilings", f"copy {mib} MiB", seconds, work={"bytes": 2.0 * numel * 4},
-                           kind="copy", mib=mib, note="bytes = read + write"))
+        seconds = time_fn(dst.copy_, device, warmup=3, repeats=repeats, setup=setup)
+        rows.append(
+            record(
+                "ceilings",
+                f"copy {mib} MiB",
+                seconds,
+                work={"bytes": 2.0 * numel * 4},
+                kind="copy",
+                mib=mib,
+                note="bytes = read + write",
+            )
+        )
         del dst
     return rows
 
@@ -65,17 +84,31 @@ def run(device: str | torch.device = "cuda", quick: bool = False, repeats: int |
     rows = []
     for dtype in dtypes:
         rows += matmul_rows(device, plan["matmul_sizes"], dtype, repeats)
-        best = max((r for r in rows if r["kind"] == "matmul" and r["dtype"] == str(dtype).removeprefix("torch.")),
-                   key=lambda r: r["flops_per_s"]["median"])
-        rows.append({**best, "name": f"matmul ceiling {best['dtype']}", "kind": "matmul_ceiling",
-                     "tflops": {k: v / 1e12 for k, v in best["flops_per_s"].items()}})
+        best = max(
+            (r for r in rows if r["kind"] == "matmul" and r["dtype"] == str(dtype).removeprefix("torch.")),
+            key=lambda r: r["flops_per_s"]["median"],
+        )
+        rows.append(
+            {
+                **best,
+                "name": f"matmul ceiling {best['dtype']}",
+                "kind": "matmul_ceiling",
+                "tflops": {k: v / 1e12 for k, v in best["flops_per_s"].items()},
+            }
+        )
     if device.type == "cuda":
         torch.cuda.empty_cache()
     copies = copy_rows(device, plan["copy_mib"], repeats)
     best = max(copies, key=lambda r: r["bytes_per_s"]["median"])
     rows += copies
-    rows.append({**best, "name": "copy ceiling", "kind": "copy_ceiling",
-                 "gb_per_s": {k: v / 1e9 for k, v in best["bytes_per_s"].items()}})
+    rows.append(
+        {
+            **best,
+            "name": "copy ceiling",
+            "kind": "copy_ceiling",
+            "gb_per_s": {k: v / 1e9 for k, v in best["bytes_per_s"].items()},
+        }
+    )
     return rows
 
 

@@ -3,6 +3,7 @@ fresh random inputs per repeat, and the spread (min/median/max) reported with ev
 
 A result is a flat dict (one row of results.json) made by `record(...)`; the environment (versions,
 device name, date) is attached once per report by `environment()`."""
+
 from __future__ import annotations
 
 import datetime
@@ -10,7 +11,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -32,7 +33,7 @@ def environment(device: torch.device) -> dict:
         "device": device_name(device),
         "device_type": device.type,
         "versions": versions,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join(sys.argv),
     }
 

@@ -15,6 +15,7 @@ Fully offline: the model is built from a config (no download), `report_to="none"
 Needs `accelerate` (the Trainer requires it); without it `run_recipe` raises ImportError, which the
 benchmark records as the row's error.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,8 +83,9 @@ def hf_model_from_checkpoint(path: str | Path):
     missing = [k for k in missing if k not in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")]
     unexpected = [k for k in unexpected if k not in ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not load into transformers: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"checkpoint {ckpt} does not load into transformers: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.tie_weights()
     emb, dec = model.bert.embeddings.word_embeddings.weight, model.cls.predictions.decoder.weight
     if emb.data_ptr() != dec.data_ptr() and not torch.equal(emb, dec):
@@ -91,16 +93,24 @@ def hf_model_from_checkpoint(path: str | Path):
     return model
 
 
-def valid_batches(tokenizer_dir: str | Path, lines: list[str], *, batch_size: int = 64, max_length: int = 128,
-                  mlm_probability: float = 0.15, seed: int = 1234) -> list[dict]:
+def valid_batches(
+    tokenizer_dir: str | Path,
+    lines: list[str],
+    *,
+    batch_size: int = 64,
+    max_length: int = 128,
+    mlm_probability: float = 0.15,
+    seed: int = 1234,
+) -> list[dict]:
     """Held-out sentences masked once by the HF collator with a fixed seed: both models see the very same
     masked inputs and labels."""
     tf = _transformers()
     tokenizer = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
     collator = tf.DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability, seed=seed)
-    examples = [{k: list(v) for k, v in tokenizer(line, truncation=True, max_length=max_length).items()}
-                for line in lines]
-    return [dict(collator(examples[i:i + batch_size])) for i in range(0, len(examples), batch_size)]
+    examples = [
+        {k: list(v) for k, v in tokenizer(line, truncation=True, max_length=max_length).items()} for line in lines
+    ]
+    return [dict(collator(examples[i : i + batch_size])) for i in range(0, len(examples), batch_size)]
 
 
 @torch.no_grad()
@@ -119,8 +129,7 @@ def mlm_eval(model, batches: list[dict], device: torch.device) -> dict:
         loss_sum += float(torch.nn.functional.cross_entropy(picked, targets, reduction="sum"))  # .item() syncs
         correct += int((picked.argmax(-1) == targets).sum())
         count += int(keep.sum())
-    return {"valid_loss": loss_sum / max(count, 1), "valid_accuracy": correct / max(count, 1),
-            "valid_targets": count}
+    return {"valid_loss": loss_sum / max(count, 1), "valid_accuracy": correct / max(count, 1), "valid_targets": count}
 
 
 def _step_clock(device: torch.device):
@@ -171,9 +180,19 @@ class RecipeSettings:
     seed: int = 0
 
 
-def run_recipe(lines: list[str], tokenizer_dir: str | Path, model_config, *, real_tokens: int, steps: int,
-               device: str | torch.device, settings: RecipeSettings = RecipeSettings(),
-               max_micro_batch: int = 256, warmup_skip: int = 3, eval_batches: list[dict] | None = None) -> dict:
+def run_recipe(
+    lines: list[str],
+    tokenizer_dir: str | Path,
+    model_config,
+    *,
+    real_tokens: int,
+    steps: int,
+    device: str | torch.device,
+    settings: RecipeSettings | None = None,
+    max_micro_batch: int = 256,
+    warmup_skip: int = 3,
+    eval_batches: list[dict] | None = None,
+) -> dict:
     """Train the seed's recipe on `lines` until `real_tokens` real tokens in `steps` optimizer steps.
 
     Returns real_tokens, steps, micro_batch, grad_accum, achieved_tflops / mfu (spread over steps; MFU
@@ -186,6 +205,7 @@ def run_recipe(lines: list[str], tokenizer_dir: str | Path, model_config, *, rea
     from mlmtrain.flops import peak_tflops_for
     from mlmtrain.model import model_flops_per_token
 
+    settings = settings or RecipeSettings()
     tf = _transformers()
     device = torch.device(device)
     tokenizer = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -211,21 +231,37 @@ def run_recipe(lines: list[str], tokenizer_dir: str | Path, model_config, *, rea
     clock = _step_clock(device)
     with tempfile.TemporaryDirectory(prefix="mlmtrain_recipe_") as tmp:
         wanted = dict(
-            output_dir=tmp, per_device_train_batch_size=micro_batch, gradient_accumulation_steps=grad_accum,
-            num_train_epochs=1, learning_rate=settings.lr, adam_beta1=settings.betas[0],
-            adam_beta2=settings.betas[1], adam_epsilon=settings.eps, weight_decay=settings.weight_decay,
-            warmup_steps=settings.warmup_steps, lr_scheduler_type="linear", max_grad_norm=settings.grad_clip,
-            bf16=device.type == "cuda", use_cpu=device.type == "cpu", seed=settings.seed,
-            report_to="none", save_strategy="no", eval_strategy="no", logging_strategy="no",
-            disable_tqdm=True, group_by_length=False, train_sampling_strategy="random",
+            output_dir=tmp,
+            per_device_train_batch_size=micro_batch,
+            gradient_accumulation_steps=grad_accum,
+            num_train_epochs=1,
+            learning_rate=settings.lr,
+            adam_beta1=settings.betas[0],
+            adam_beta2=settings.betas[1],
+            adam_epsilon=settings.eps,
+            weight_decay=settings.weight_decay,
+            warmup_steps=settings.warmup_steps,
+            lr_scheduler_type="linear",
+            max_grad_norm=settings.grad_clip,
+            bf16=device.type == "cuda",
+            use_cpu=device.type == "cpu",
+            seed=settings.seed,
+            report_to="none",
+            save_strategy="no",
+            eval_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            group_by_length=False,
+            train_sampling_strategy="random",
             remove_unused_columns=False,
         )
         # TrainingArguments' fields move between transformers versions (group_by_length became
         # train_sampling_strategy): pass only the ones this version has.
         known = {f.name for f in dataclasses.fields(tf.TrainingArguments)}
         args = tf.TrainingArguments(**{k: v for k, v in wanted.items() if k in known})
-        trainer = tf.Trainer(model=model, args=args, train_dataset=examples, data_collator=counting_collator,
-                             callbacks=[clock])
+        trainer = tf.Trainer(
+            model=model, args=args, train_dataset=examples, data_collator=counting_collator, callbacks=[clock]
+        )
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -233,9 +269,9 @@ def run_recipe(lines: list[str], tokenizer_dir: str | Path, model_config, *, rea
         wall_s = time.perf_counter() - t0
     step_seconds = clock.seconds()
     # group micro-batches into optimizer steps (the last step may hold fewer)
-    step_tokens = [sum(batch_real_tokens[i:i + grad_accum]) for i in range(0, len(batch_real_tokens), grad_accum)]
-    step_samples = [sum(batch_sentences[i:i + grad_accum]) for i in range(0, len(batch_sentences), grad_accum)]
-    step_flops = [sum(batch_flops[i:i + grad_accum]) for i in range(0, len(batch_flops), grad_accum)]
+    step_tokens = [sum(batch_real_tokens[i : i + grad_accum]) for i in range(0, len(batch_real_tokens), grad_accum)]
+    step_samples = [sum(batch_sentences[i : i + grad_accum]) for i in range(0, len(batch_sentences), grad_accum)]
+    step_flops = [sum(batch_flops[i : i + grad_accum]) for i in range(0, len(batch_flops), grad_accum)]
     n = min(len(step_seconds), len(step_tokens))
     skip = min(warmup_skip, max(n - 1, 0))
     timed_tokens, timed_samples, timed_s = step_tokens[skip:n], step_samples[skip:n], step_seconds[skip:n]
@@ -248,12 +284,19 @@ def run_recipe(lines: list[str], tokenizer_dir: str | Path, model_config, *, rea
         "steps": len(step_tokens),
         "micro_batch": micro_batch,
         "grad_accum": grad_accum,
-        "tokens_per_s": {"overall": sum(timed_tokens) / sum(timed_s), "min": rates[0],
-                         "median": rates[len(rates) // 2], "max": rates[-1]},
+        "tokens_per_s": {
+            "overall": sum(timed_tokens) / sum(timed_s),
+            "min": rates[0],
+            "median": rates[len(rates) // 2],
+            "max": rates[-1],
+        },
         "samples_per_s": sum(timed_samples) / sum(timed_s),
         "achieved_tflops": {"min": tflops[0], "median": tflops[len(tflops) // 2], "max": tflops[-1]},
-        "mfu": {k: v / peak for k, v in zip(("min", "median", "max"), (tflops[0], tflops[len(tflops) // 2],
-                                                                       tflops[-1]))} if peak else None,
+        "mfu": {
+            k: v / peak for k, v in zip(("min", "median", "max"), (tflops[0], tflops[len(tflops) // 2], tflops[-1]))
+        }
+        if peak
+        else None,
         "step_time_s": {"min": min(timed_s), "median": sorted(timed_s)[len(timed_s) // 2], "max": max(timed_s)},
         "timed_steps": len(timed_s),
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,

@@ -9,6 +9,7 @@ Every row carries "section" and "command". Rates are {"min", "median", "max"} (b
 The report states the spread of every figure, names failed or skipped sections instead of dropping them,
 and judges throughput against the ceilings measured in the same run (and the datasheet peak, for MFU).
 """
+
 from __future__ import annotations
 
 import json
@@ -16,11 +17,11 @@ import math
 from pathlib import Path
 
 SCHEMA = "mlmtrain-bench/1"
-CHARTS = {"throughput": "throughput_vs_batch.png", "tflops": "tflops_vs_ceiling.png",
-          "recipe": "ours_vs_recipe.png"}
+CHARTS = {"throughput": "throughput_vs_batch.png", "tflops": "tflops_vs_ceiling.png", "recipe": "ours_vs_recipe.png"}
 
 
 # ---- numbers --------------------------------------------------------------------------------------------
+
 
 def _si(x: float | None, unit: str = "") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -49,7 +50,7 @@ def _scale(d: dict | None, k: float) -> dict | None:
 
 
 def _gib(b) -> str:
-    return "–" if b is None else f"{b / 2 ** 30:.2f} GiB"
+    return "–" if b is None else f"{b / 2**30:.2f} GiB"
 
 
 def section(results: dict, name: str) -> dict | None:
@@ -87,28 +88,42 @@ def headline(results: dict) -> dict:
     cmp = next((r for r in train if r.get("trainer") == "comparison"), None)
     if ours:
         mm = _matmul_ceiling(ceil, ours.get("precision"))
-        h["ours"] = {"size": ours.get("size"), "tokens_per_s": ours["tokens_per_s"], "mfu": ours.get("mfu"),
-                     "achieved_tflops": ours.get("achieved_tflops"), "valid_loss": ours.get("valid_loss"),
-                     "fraction_of_matmul_ceiling": _scale(ours.get("achieved_tflops"), 1 / mm) if mm else None,
-                     "phase_ms": ours.get("phase_ms")}
+        h["ours"] = {
+            "size": ours.get("size"),
+            "tokens_per_s": ours["tokens_per_s"],
+            "mfu": ours.get("mfu"),
+            "achieved_tflops": ours.get("achieved_tflops"),
+            "valid_loss": ours.get("valid_loss"),
+            "fraction_of_matmul_ceiling": _scale(ours.get("achieved_tflops"), 1 / mm) if mm else None,
+            "phase_ms": ours.get("phase_ms"),
+        }
     if recipe:
-        h["recipe"] = {"tokens_per_s": recipe["tokens_per_s"], "mfu": recipe.get("mfu"),
-                       "valid_loss": recipe.get("valid_loss")}
+        h["recipe"] = {
+            "tokens_per_s": recipe["tokens_per_s"],
+            "mfu": recipe.get("mfu"),
+            "valid_loss": recipe.get("valid_loss"),
+        }
     if cmp:
         h["speedup_tokens_per_s"] = cmp.get("speedup_tokens_per_s")
     # the masking kernel's share of copy bandwidth: against the copy of the same bytes timed next to it
     # (bench_mask's summary rows) and against this run's copy ceiling
     mask = rows_of(results, "mask")
-    h["mask_kernel_fraction_of_copy"] = {r["num_tokens"]: r["kernel_fraction_of_copy"] for r in mask
-                                         if r.get("kind") == "summary" and r.get("kernel_fraction_of_copy")} or None
+    h["mask_kernel_fraction_of_copy"] = {
+        r["num_tokens"]: r["kernel_fraction_of_copy"]
+        for r in mask
+        if r.get("kind") == "summary" and r.get("kernel_fraction_of_copy")
+    } or None
     if ceil.get("copy"):
-        h["mask_fraction_of_copy_ceiling"] = {f"{r['name']} @ {r.get('num_tokens')}": r["bytes_per_s"]["median"] / 1e9 / ceil["copy"]
-                                              for r in mask if isinstance(r.get("bytes_per_s"), dict)
-                                              and r.get("path") == "triton"} or None
+        h["mask_fraction_of_copy_ceiling"] = {
+            f"{r['name']} @ {r.get('num_tokens')}": r["bytes_per_s"]["median"] / 1e9 / ceil["copy"]
+            for r in mask
+            if isinstance(r.get("bytes_per_s"), dict) and r.get("path") == "triton"
+        } or None
     return h
 
 
 # ---- tables ---------------------------------------------------------------------------------------------
+
 
 def _table(header: list[str], lines: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -116,8 +131,12 @@ def _table(header: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-RATE_UNITS = {"tokens_per_s": (1, "tok/s"), "bytes_per_s": (1, "B/s"), "flops_per_s": (1, "FLOP/s"),
-              "samples_per_s": (1, "samples/s")}
+RATE_UNITS = {
+    "tokens_per_s": (1, "tok/s"),
+    "bytes_per_s": (1, "B/s"),
+    "flops_per_s": (1, "FLOP/s"),
+    "samples_per_s": (1, "samples/s"),
+}
 
 
 def generic_table(rows: list[dict], ceil: dict) -> str:
@@ -138,10 +157,10 @@ def generic_table(rows: list[dict], ceil: dict) -> str:
         label = r.get("name", "?")
         if r.get("num_tokens") and r.get("kind") != "summary":
             label += f" ({r['num_tokens']:,} tokens)"
-        lines.append([label, _spread(secs, unit="s") if secs else "–", "; ".join(rates) or "–",
-                      ", ".join(share) or "–"])
-    return _table(["name", "time per call: median (min–max)", "rates: median (min–max)", "of measured ceiling"],
-                  lines)
+        lines.append(
+            [label, _spread(secs, unit="s") if secs else "–", "; ".join(rates) or "–", ", ".join(share) or "–"]
+        )
+    return _table(["name", "time per call: median (min–max)", "rates: median (min–max)", "of measured ceiling"], lines)
 
 
 def train_table(rows: list[dict], ceil: dict) -> str:
@@ -150,15 +169,44 @@ def train_table(rows: list[dict], ceil: dict) -> str:
         if r.get("trainer") == "comparison":
             continue
         mm = _matmul_ceiling(ceil, r.get("precision"))
-        batch = (f"{r['tokens_per_batch']:,} tokens" if r.get("tokens_per_batch") else
-                 f"{r.get('micro_batch')} sentences x {r.get('grad_accum')}")
-        lines.append([r["name"], batch, f"{r.get('real_tokens', 0):,}", r.get("steps"),
-                      _si(r["tokens_per_s"].get("overall"), "tok/s"), _spread(r.get("tokens_per_s"), unit="tok/s"), _spread(r.get("achieved_tflops"), fmt=lambda x, u: f"{x:.3g}"),
-                      _pct(r.get("mfu")), _pct(_scale(r.get("achieved_tflops"), 1 / mm)) if mm else "–",
-                      _gib(r.get("peak_mem_bytes")), f"{r['valid_loss']:.4f}" if r.get("valid_loss") is not None else "–",
-                      f"{r.get('wall_s', 0):.1f} s"])
-    return _table(["run", "batch", "real tokens", "steps", "real tokens/s overall", "per window/step: median (min–max)", "TFLOP/s",
-                   "MFU (datasheet peak)", "of measured matmul", "peak memory", "valid MLM loss", "wall"], lines)
+        batch = (
+            f"{r['tokens_per_batch']:,} tokens"
+            if r.get("tokens_per_batch")
+            else f"{r.get('micro_batch')} sentences x {r.get('grad_accum')}"
+        )
+        lines.append(
+            [
+                r["name"],
+                batch,
+                f"{r.get('real_tokens', 0):,}",
+                r.get("steps"),
+                _si(r["tokens_per_s"].get("overall"), "tok/s"),
+                _spread(r.get("tokens_per_s"), unit="tok/s"),
+                _spread(r.get("achieved_tflops"), fmt=lambda x, u: f"{x:.3g}"),
+                _pct(r.get("mfu")),
+                _pct(_scale(r.get("achieved_tflops"), 1 / mm)) if mm else "–",
+                _gib(r.get("peak_mem_bytes")),
+                f"{r['valid_loss']:.4f}" if r.get("valid_loss") is not None else "–",
+                f"{r.get('wall_s', 0):.1f} s",
+            ]
+        )
+    return _table(
+        [
+            "run",
+            "batch",
+            "real tokens",
+            "steps",
+            "real tokens/s overall",
+            "per window/step: median (min–max)",
+            "TFLOP/s",
+            "MFU (datasheet peak)",
+            "of measured matmul",
+            "peak memory",
+            "valid MLM loss",
+            "wall",
+        ],
+        lines,
+    )
 
 
 def sweep_table(rows: list[dict], ceil: dict) -> str:
@@ -168,11 +216,31 @@ def sweep_table(rows: list[dict], ceil: dict) -> str:
             lines.append([f"{r.get('tokens_per_batch', '?'):,}", r.get("seq_cap"), "–", r["error"], "", "", "", ""])
             continue
         mm = _matmul_ceiling(ceil, r.get("precision"))
-        lines.append([f"{r['tokens_per_batch']:,}", r["seq_cap"], r.get("pack"), _spread(r.get("tokens_per_s"), unit="tok/s"),
-                      _pct(r.get("mfu")), _pct(_scale(r.get("achieved_tflops"), 1 / mm)) if mm else "–",
-                      _gib(r.get("peak_mem_bytes")), _spread(r.get("step_time_s"), unit="s")])
-    return _table(["tokens per batch", "seq cap", "packing", "real tokens/s: median (min–max)", "MFU",
-                   "of measured matmul", "peak memory", "step time"], lines)
+        lines.append(
+            [
+                f"{r['tokens_per_batch']:,}",
+                r["seq_cap"],
+                r.get("pack"),
+                _spread(r.get("tokens_per_s"), unit="tok/s"),
+                _pct(r.get("mfu")),
+                _pct(_scale(r.get("achieved_tflops"), 1 / mm)) if mm else "–",
+                _gib(r.get("peak_mem_bytes")),
+                _spread(r.get("step_time_s"), unit="s"),
+            ]
+        )
+    return _table(
+        [
+            "tokens per batch",
+            "seq cap",
+            "packing",
+            "real tokens/s: median (min–max)",
+            "MFU",
+            "of measured matmul",
+            "peak memory",
+            "step time",
+        ],
+        lines,
+    )
 
 
 def profile_text(ours: dict, ceil: dict) -> str:
@@ -180,20 +248,26 @@ def profile_text(ours: dict, ceil: dict) -> str:
     the gap between the two is what is left to win."""
     phases = ours["phase_ms"]
     total = sum(phases.values())
-    text = ("Step profile (device ms per step, traced window): " + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
-            + f"; total {total:.2f} ms.")
+    text = (
+        "Step profile (device ms per step, traced window): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
+        + f"; total {total:.2f} ms."
+    )
     mm = _matmul_ceiling(ceil, ours.get("precision"))
     tf, tps = ours.get("achieved_tflops"), ours.get("tokens_per_s") or {}
     if mm and isinstance(tf, dict) and tps.get("overall") and ours.get("steps"):
         step_ms = ours["real_tokens"] / ours["steps"] / tps["overall"] * 1e3  # timed windows, not profiled
         ideal_ms = step_ms * tf["median"] / mm  # the same model FLOPs at the ceiling
-        text += (f" Timed (unprofiled) step: {step_ms:.2f} ms; its model FLOPs at the measured matmul ceiling "
-                 f"({mm:.3g} TFLOP/s) would take {ideal_ms:.2f} ms ({100 * ideal_ms / step_ms:.0f}%): the rest is "
-                 "what is left between us and the ceiling.")
+        text += (
+            f" Timed (unprofiled) step: {step_ms:.2f} ms; its model FLOPs at the measured matmul ceiling "
+            f"({mm:.3g} TFLOP/s) would take {ideal_ms:.2f} ms ({100 * ideal_ms / step_ms:.0f}%): the rest is "
+            "what is left between us and the ceiling."
+        )
     return text
 
 
 # ---- charts ---------------------------------------------------------------------------------------------
+
 
 def _plt():
     import matplotlib
@@ -237,8 +311,12 @@ def chart_throughput(rows: list[dict], path: Path) -> bool:
 
 
 def chart_tflops(results: dict, path: Path, ceil: dict, peak: float | None) -> bool:
-    rows = [r for s in ("model", "train", "sweep") for r in rows_of(results, s)
-            if isinstance(r.get("achieved_tflops"), dict) or isinstance(r.get("flops_per_s"), dict)]
+    rows = [
+        r
+        for s in ("model", "train", "sweep")
+        for r in rows_of(results, s)
+        if isinstance(r.get("achieved_tflops"), dict) or isinstance(r.get("flops_per_s"), dict)
+    ]
     if not rows:
         return False
     plt = _plt()
@@ -254,8 +332,10 @@ def chart_tflops(results: dict, path: Path, ceil: dict, peak: float | None) -> b
     ax.barh(y, med, xerr=[lo, hi], capsize=3, color="tab:blue")
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
-    for key, style, label in (("matmul_bfloat16", "--", "measured bf16 matmul"),
-                              ("matmul_float32", ":", "measured fp32 matmul")):
+    for key, style, label in (
+        ("matmul_bfloat16", "--", "measured bf16 matmul"),
+        ("matmul_float32", ":", "measured fp32 matmul"),
+    ):
         if ceil.get(key):
             ax.axvline(ceil[key], color="tab:red", linestyle=style, label=f"{label}: {ceil[key]:.3g} TFLOP/s")
     if peak:
@@ -278,13 +358,18 @@ def chart_recipe(rows: list[dict], path: Path) -> bool:
     labels = ["ours", "HF Trainer recipe"]
     colors = ["tab:blue", "tab:gray"]
     tps = [r["tokens_per_s"] for r in pair]
-    axes[0].bar(labels, [d["median"] for d in tps], yerr=[[d["median"] - d["min"] for d in tps],
-                                                          [d["max"] - d["median"] for d in tps]], capsize=4, color=colors)
+    axes[0].bar(
+        labels,
+        [d["median"] for d in tps],
+        yerr=[[d["median"] - d["min"] for d in tps], [d["max"] - d["median"] for d in tps]],
+        capsize=4,
+        color=colors,
+    )
     axes[0].set_title("real tokens/s")
     losses = [r.get("valid_loss") or 0.0 for r in pair]
     axes[1].bar(labels, losses, color=colors)
     axes[1].set_title(f"valid MLM loss after {pair[0]['real_tokens']:,} tokens", fontsize=9)
-    mem = [(r.get("peak_mem_bytes") or 0) / 2 ** 30 for r in pair]
+    mem = [(r.get("peak_mem_bytes") or 0) / 2**30 for r in pair]
     axes[2].set_title("peak memory (GiB)")
     if any(mem):
         axes[2].bar(labels, mem, color=colors)
@@ -303,19 +388,27 @@ def chart_recipe(rows: list[dict], path: Path) -> bool:
 
 # ---- the report -----------------------------------------------------------------------------------------
 
+
 def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
     env, ceil = results["environment"], ceilings(results)
     v = env.get("versions", {})
-    md = [f"# mlmtrain benchmark report{' (quick)' if results.get('quick') else ''}", "",
-          f"- command: `{results['command']}`", f"- date: {env.get('date')}", f"- device: {env.get('device')}",
-          f"- versions: torch {v.get('torch')}, triton {v.get('triton')}, transformers {v.get('transformers')}, "
-          f"tokenizers {v.get('tokenizers')}, python {v.get('python')}",
-          f"- wall time: {results.get('wall_s', 0):.0f} s" + (f" (time limit {results['time_limit_s']:.0f} s)"
-                                                            if results.get("time_limit_s") else ""),
-          "", "Method: warm-up runs dropped, device events on CUDA (perf_counter on CPU), fresh random inputs per "
-          "repeat, every figure as median (min–max) over repeats (training: over log windows or steps after "
-          "warm-up). MFU counts model FLOPs (`mlmtrain.flops`: encoder on real tokens, vocab head on the masked "
-          "share) against the datasheet peak; the measured matmul ceiling of this run is shown beside it.", ""]
+    md = [
+        f"# mlmtrain benchmark report{' (quick)' if results.get('quick') else ''}",
+        "",
+        f"- command: `{results['command']}`",
+        f"- date: {env.get('date')}",
+        f"- device: {env.get('device')}",
+        f"- versions: torch {v.get('torch')}, triton {v.get('triton')}, transformers {v.get('transformers')}, "
+        f"tokenizers {v.get('tokenizers')}, python {v.get('python')}",
+        f"- wall time: {results.get('wall_s', 0):.0f} s"
+        + (f" (time limit {results['time_limit_s']:.0f} s)" if results.get("time_limit_s") else ""),
+        "",
+        "Method: warm-up runs dropped, device events on CUDA (perf_counter on CPU), fresh random inputs per "
+        "repeat, every figure as median (min–max) over repeats (training: over log windows or steps after "
+        "warm-up). MFU counts model FLOPs (`mlmtrain.flops`: encoder on real tokens, vocab head on the masked "
+        "share) against the datasheet peak; the measured matmul ceiling of this run is shown beside it.",
+        "",
+    ]
     failed = [s for s in results["sections"] if "error" in s]
     failed_rows = [(s["section"], r) for s in results["sections"] for r in s.get("rows", []) if "error" in r]
     if failed or failed_rows:
@@ -323,9 +416,13 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
         md += [f"- **{s['section']}**: {s['error']}" for s in failed]
         md += [f"- {sec}: {r.get('name', '?')}: {r['error']}" for sec, r in failed_rows]
         md.append("")
-    titles = {"ceilings": "Hardware ceilings (measured now)", "mask": "Masking kernel vs reference vs HF collator",
-              "model": "Model forward + backward", "train": "Training: ours vs the seed's recipe",
-              "sweep": "Sweep: tokens per batch x sequence cap (our step)"}
+    titles = {
+        "ceilings": "Hardware ceilings (measured now)",
+        "mask": "Masking kernel vs reference vs HF collator",
+        "model": "Model forward + backward",
+        "train": "Training: ours vs the seed's recipe",
+        "sweep": "Sweep: tokens per batch x sequence cap (our step)",
+    }
     for s in results["sections"]:
         if "error" in s:
             continue
@@ -335,10 +432,13 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
             md += [train_table(rows, ceil), ""]
             cmp = next((r for r in rows if r.get("trainer") == "comparison"), None)
             if cmp and cmp.get("speedup_tokens_per_s"):
-                md += [f"Ours is **{cmp['speedup_tokens_per_s']:.2f}x** the recipe's real tokens/s (overall rates "
-                       "after warm-up: timed real tokens / timed seconds); "
-                       f"validation loss after the same tokens: ours {cmp['valid_loss']['ours']:.4f}, recipe "
-                       f"{cmp['valid_loss']['recipe']:.4f} (same held-out sentences, same masks).", ""]
+                md += [
+                    f"Ours is **{cmp['speedup_tokens_per_s']:.2f}x** the recipe's real tokens/s (overall rates "
+                    "after warm-up: timed real tokens / timed seconds); "
+                    f"validation loss after the same tokens: ours {cmp['valid_loss']['ours']:.4f}, recipe "
+                    f"{cmp['valid_loss']['recipe']:.4f} (same held-out sentences, same masks).",
+                    "",
+                ]
             ours = next((r for r in rows if r.get("trainer") == "ours"), None)
             if ours and ours.get("phase_ms"):
                 md += [profile_text(ours, ceil), ""]
@@ -362,8 +462,10 @@ def write(results: dict, out_dir: str | Path, peak: float | None = None) -> tupl
     results = {**results, "schema": SCHEMA, "headline": headline(results)}
     json_path, md_path = out_dir / "results.json", out_dir / "report.md"
     # written to a temporary name and renamed: a run killed mid-write keeps the previous complete files
-    for path, text in ((json_path, json.dumps(results, indent=2, ensure_ascii=False, default=str)),
-                       (md_path, render(results, out_dir, peak))):
+    for path, text in (
+        (json_path, json.dumps(results, indent=2, ensure_ascii=False, default=str)),
+        (md_path, render(results, out_dir, peak)),
+    ):
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path)

@@ -52,6 +52,7 @@ adds a second read of the ids (4 B; an L2 hit for batches up to ~10M tokens), th
 keep the input's dtype (int32 in, int32 out: 8 B/token less than int64 labels; the trainer only feeds
 masked_labels [M] to cross_entropy, which needs int64); masked_positions and masked_labels are int64.
 """
+
 from __future__ import annotations
 
 import functools
@@ -109,13 +110,31 @@ if triton is not None:
         return tl.where(b >= 0, b, a)
 
     @triton.jit
-    def _select_block(ids_ptr, word_start_ptr, never_mask_ptr, pid, n_tokens, vocab_size, num_special,
-                      q4_lo, q4_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
-                      BLOCK: tl.constexpr, SHIFT: tl.constexpr, LOOKBACK: tl.constexpr,
-                      WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
+    def _select_block(
+        ids_ptr,
+        word_start_ptr,
+        never_mask_ptr,
+        pid,
+        n_tokens,
+        vocab_size,
+        num_special,
+        q4_lo,
+        q4_hi,
+        step_lo,
+        step_hi,
+        seed_lo,
+        seed_hi,
+        select_thr,
+        BLOCK: tl.constexpr,
+        SHIFT: tl.constexpr,
+        LOOKBACK: tl.constexpr,
+        WHOLE_WORD: tl.constexpr,
+        HAS_NEVER_MASK: tl.constexpr,
+    ):
         """Load a block of ids and decide which are selected (the count kernel's body; the apply kernel reads
-        the result as bits, so the two can never disagree). Blocks are aligned to the global index (offset + i): block pid holds aligned positions
-        [pid * BLOCK, (pid + 1) * BLOCK), i.e. call-local indices shifted by SHIFT = offset % 4."""
+        the result as bits, so the two can never disagree). Blocks are aligned to the global index (offset + i):
+        block pid holds aligned positions [pid * BLOCK, (pid + 1) * BLOCK), i.e. call-local indices shifted by
+        SHIFT = offset % 4."""
         idx = pid * BLOCK - SHIFT + tl.arange(0, BLOCK)  # (BLOCK,) int32 call-local token index
         in_range = (idx >= 0) & (idx < n_tokens)
         ids = tl.load(ids_ptr + idx, mask=in_range, other=0)
@@ -127,8 +146,9 @@ if triton is not None:
         k4 = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # (BLOCK/4,) group index past q4
         w0, w1, w2, w3 = _philox_groups(q4_lo, q4_hi, k4, 0, step_lo, step_hi, seed_lo, seed_hi)
         lane = tl.arange(0, 4)[None, :]  # (1, 4)
-        words = tl.where(lane == 0, w0[:, None], tl.where(lane == 1, w1[:, None],
-                         tl.where(lane == 2, w2[:, None], w3[:, None])))  # (BLOCK/4, 4)
+        words = tl.where(
+            lane == 0, w0[:, None], tl.where(lane == 1, w1[:, None], tl.where(lane == 2, w2[:, None], w3[:, None]))
+        )  # (BLOCK/4, 4)
         words = tl.reshape(words, (BLOCK,))  # (BLOCK,) token 4g + l gets word l of group g
         own = ((words >> 8).to(tl.int32) < select_thr).to(tl.int32)  # (BLOCK,) this token's own selection bit
         if WHOLE_WORD:
@@ -173,17 +193,52 @@ if triton is not None:
     _KEYS = ["vocab_size", "num_special", "q4_lo", "q4_hi", "step_lo", "step_hi", "seed_lo", "seed_hi", "select_thr"]
 
     @triton.jit(do_not_specialize=_KEYS)
-    def _mask_count_kernel(ids_ptr, word_start_ptr, never_mask_ptr, counts_ptr, bits_ptr, n_tokens, vocab_size,
-                           num_special, q4_lo, q4_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
-                           BLOCK: tl.constexpr, SHIFT: tl.constexpr, LOOKBACK: tl.constexpr,
-                           WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
+    def _mask_count_kernel(
+        ids_ptr,
+        word_start_ptr,
+        never_mask_ptr,
+        counts_ptr,
+        bits_ptr,
+        n_tokens,
+        vocab_size,
+        num_special,
+        q4_lo,
+        q4_hi,
+        step_lo,
+        step_hi,
+        seed_lo,
+        seed_hi,
+        select_thr,
+        BLOCK: tl.constexpr,
+        SHIFT: tl.constexpr,
+        LOOKBACK: tl.constexpr,
+        WHOLE_WORD: tl.constexpr,
+        HAS_NEVER_MASK: tl.constexpr,
+    ):
         """Decide the selection once: bits[pid] = the block's selections, 32 per int32 word (token 32w + b is
         bit b of word w), and counts[pid + 1] = how many (counts[0] = 0, so a cumsum gives exclusive bases)."""
         pid = tl.program_id(0)
         selected = _select_block(
-            ids_ptr, word_start_ptr, never_mask_ptr, pid, n_tokens, vocab_size, num_special,
-            _as_u32(q4_lo), _as_u32(q4_hi), _as_u32(step_lo), _as_u32(step_hi), _as_u32(seed_lo), _as_u32(seed_hi),
-            select_thr, BLOCK, SHIFT, LOOKBACK, WHOLE_WORD, HAS_NEVER_MASK)
+            ids_ptr,
+            word_start_ptr,
+            never_mask_ptr,
+            pid,
+            n_tokens,
+            vocab_size,
+            num_special,
+            _as_u32(q4_lo),
+            _as_u32(q4_hi),
+            _as_u32(step_lo),
+            _as_u32(step_hi),
+            _as_u32(seed_lo),
+            _as_u32(seed_hi),
+            select_thr,
+            BLOCK,
+            SHIFT,
+            LOOKBACK,
+            WHOLE_WORD,
+            HAS_NEVER_MASK,
+        )
         sel = selected.to(tl.int32)
         bits = tl.reshape(sel, (BLOCK // 32, 32)) << tl.arange(0, 32)[None, :]  # (BLOCK/32, 32) disjoint bits
         tl.store(bits_ptr + pid * (BLOCK // 32) + tl.arange(0, BLOCK // 32), tl.sum(bits, axis=1))
@@ -191,13 +246,50 @@ if triton is not None:
         if pid == 0:
             tl.store(counts_ptr, 0)
 
-    @triton.jit(do_not_specialize=["vocab_size", "num_special", "mask_id", "q2_lo", "q2_hi", "step_lo", "step_hi",
-                                   "seed_lo", "seed_hi", "mask_thr", "random_thr"])
-    def _mask_apply_kernel(ids_ptr, bits_ptr, base_ptr, allowed_ptr, n_allowed_ptr,
-                           out_ids_ptr, labels_ptr, positions_ptr, masked_labels_ptr,
-                           n_tokens, n_blocks, max_masked, slots_per_block, vocab_size, num_special, mask_id,
-                           q2_lo, q2_hi, step_lo, step_hi, seed_lo, seed_hi, mask_thr, random_thr,
-                           BLOCK: tl.constexpr, SHIFT: tl.constexpr, HAS_NEVER_MASK: tl.constexpr):
+    @triton.jit(
+        do_not_specialize=[
+            "vocab_size",
+            "num_special",
+            "mask_id",
+            "q2_lo",
+            "q2_hi",
+            "step_lo",
+            "step_hi",
+            "seed_lo",
+            "seed_hi",
+            "mask_thr",
+            "random_thr",
+        ]
+    )
+    def _mask_apply_kernel(
+        ids_ptr,
+        bits_ptr,
+        base_ptr,
+        allowed_ptr,
+        n_allowed_ptr,
+        out_ids_ptr,
+        labels_ptr,
+        positions_ptr,
+        masked_labels_ptr,
+        n_tokens,
+        n_blocks,
+        max_masked,
+        slots_per_block,
+        vocab_size,
+        num_special,
+        mask_id,
+        q2_lo,
+        q2_hi,
+        step_lo,
+        step_hi,
+        seed_lo,
+        seed_hi,
+        mask_thr,
+        random_thr,
+        BLOCK: tl.constexpr,
+        SHIFT: tl.constexpr,
+        HAS_NEVER_MASK: tl.constexpr,
+    ):
         """Write ids + labels and scatter the selections to base + in-block rank (dense, no random draws);
         then, over this block's compacted slots only, draw 80/10/10 and overwrite the ids that change; last,
         fill this block's share of the unused slots of the compacted buffers."""
@@ -278,7 +370,7 @@ def _thresholds(mask_prob: float, mask_frac: float, random_frac: float) -> tuple
     return round(mask_prob * one), round(mask_frac * one), round((mask_frac + random_frac) * one)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
@@ -290,8 +382,24 @@ def _block_size(num_tokens: int, device: torch.device) -> int:
     return min(4096, max(1024, triton.next_power_of_2(max(1, num_tokens // (4 * _num_sms(device))))))
 
 
-def mlm_mask_triton(ids, *, vocab_size, mask_id, num_special, never_mask, mask_prob, mask_frac, random_frac,
-                    seed, step, offset, max_masked, word_start, block_size=None, lookback=64) -> MaskOutput:
+def mlm_mask_triton(
+    ids,
+    *,
+    vocab_size,
+    mask_id,
+    num_special,
+    never_mask,
+    mask_prob,
+    mask_frac,
+    random_frac,
+    seed,
+    step,
+    offset,
+    max_masked,
+    word_start,
+    block_size=None,
+    lookback=64,
+) -> MaskOutput:
     """Launch count kernel -> cumsum -> apply kernel. Arguments already validated by `mlm_mask`."""
     T = ids.numel()
     BLOCK = block_size or _block_size(T, ids.device)
@@ -311,18 +419,56 @@ def mlm_mask_triton(ids, *, vocab_size, mask_id, num_special, never_mask, mask_p
 
     counts = torch.empty(n_blocks + 1, dtype=torch.int32, device=ids.device)
     bits = torch.empty(n_blocks * (BLOCK // 32), dtype=torch.int32, device=ids.device)
-    _mask_count_kernel[(n_blocks,)](ids, word_start_u8, never_u8, counts, bits, T, vocab_size, num_special,
-                                    *q4, *step_seed, select_thr, BLOCK=BLOCK, SHIFT=shift, LOOKBACK=lookback,
-                                    WHOLE_WORD=whole_word, HAS_NEVER_MASK=has_never, num_warps=num_warps)
+    _mask_count_kernel[(n_blocks,)](
+        ids,
+        word_start_u8,
+        never_u8,
+        counts,
+        bits,
+        T,
+        vocab_size,
+        num_special,
+        *q4,
+        *step_seed,
+        select_thr,
+        BLOCK=BLOCK,
+        SHIFT=shift,
+        LOOKBACK=lookback,
+        WHOLE_WORD=whole_word,
+        HAS_NEVER_MASK=has_never,
+        num_warps=num_warps,
+    )
     base = torch.cumsum(counts, 0, dtype=torch.int32)  # (n_blocks + 1,) exclusive block bases, then the total
 
     out_ids, labels = torch.empty_like(ids), torch.empty_like(ids)
     positions = torch.empty(max_masked, dtype=torch.int64, device=ids.device)
     masked_labels = torch.empty(max_masked, dtype=torch.int64, device=ids.device)
-    _mask_apply_kernel[(n_blocks,)](ids, bits, base, allowed, n_allowed, out_ids, labels, positions, masked_labels,
-                                    T, n_blocks, max_masked, triton.cdiv(max_masked, n_blocks), vocab_size,
-                                    num_special, mask_id, *q2, *step_seed, mask_thr, random_thr,
-                                    BLOCK=BLOCK, SHIFT=shift, HAS_NEVER_MASK=has_never, num_warps=num_warps)
+    _mask_apply_kernel[(n_blocks,)](
+        ids,
+        bits,
+        base,
+        allowed,
+        n_allowed,
+        out_ids,
+        labels,
+        positions,
+        masked_labels,
+        T,
+        n_blocks,
+        max_masked,
+        triton.cdiv(max_masked, n_blocks),
+        vocab_size,
+        num_special,
+        mask_id,
+        *q2,
+        *step_seed,
+        mask_thr,
+        random_thr,
+        BLOCK=BLOCK,
+        SHIFT=shift,
+        HAS_NEVER_MASK=has_never,
+        num_warps=num_warps,
+    )
     return MaskOutput(out_ids, labels, positions, masked_labels)
 
 
@@ -347,8 +493,10 @@ def max_masked_bound(num_tokens: int, mask_prob: float = 0.15, pieces_per_word: 
     masking selects words, which widens the spread: pass the batch's E[k^2]/E[k] over word lengths k in
     pieces as `pieces_per_word` (about 2-4 for Korean) to keep the same margin."""
     if num_tokens < 0 or not 0.0 <= mask_prob <= 1.0 or pieces_per_word < 1.0:
-        raise UserError(f"max_masked_bound needs num_tokens >= 0, 0 <= mask_prob <= 1 and pieces_per_word >= 1, "
-                        f"got {num_tokens}, {mask_prob}, {pieces_per_word}.")
+        raise UserError(
+            f"max_masked_bound needs num_tokens >= 0, 0 <= mask_prob <= 1 and pieces_per_word >= 1, "
+            f"got {num_tokens}, {mask_prob}, {pieces_per_word}."
+        )
     mean = num_tokens * mask_prob
     spread = 8.0 * math.sqrt(num_tokens * mask_prob * (1.0 - mask_prob) * pieces_per_word)
     return -(-math.ceil(mean + spread) // 128) * 128
@@ -376,10 +524,23 @@ def _check_table(name: str, table, ids: torch.Tensor, vocab_size: int) -> None:
         raise UserError(f"{name} is on {table.device} but input_ids are on {ids.device}; move it with .to().")
 
 
-def mlm_mask(input_ids: torch.Tensor, *, vocab_size: int, mask_id: int, num_special: int = 5,
-             never_mask: torch.Tensor | None = None, mask_prob: float = 0.15, mask_frac: float = 0.8,
-             random_frac: float = 0.1, seed: int, step: int, offset: int = 0, max_masked: int | None = None,
-             word_start: torch.Tensor | None = None, backend: str = "auto") -> MaskOutput:
+def mlm_mask(
+    input_ids: torch.Tensor,
+    *,
+    vocab_size: int,
+    mask_id: int,
+    num_special: int = 5,
+    never_mask: torch.Tensor | None = None,
+    mask_prob: float = 0.15,
+    mask_frac: float = 0.8,
+    random_frac: float = 0.1,
+    seed: int,
+    step: int,
+    offset: int = 0,
+    max_masked: int | None = None,
+    word_start: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> MaskOutput:
     """Mask a flat batch of token ids [T] for MLM (see the module docstring for the exact function).
 
     never_mask: optional (V,) bool, True for ids never selected (in addition to ids < num_special); random
@@ -404,7 +565,9 @@ def mlm_mask(input_ids: torch.Tensor, *, vocab_size: int, mask_id: int, num_spec
         raise UserError(f"mask_frac and random_frac must be >= 0 with a sum <= 1, got {mask_frac} and {random_frac}.")
     for name, value in (("seed", seed), ("step", step), ("offset", offset)):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"{name} must be a python int (no tensors: reading one would sync), got {type(value).__name__}.")
+            raise UserError(
+                f"{name} must be a python int (no tensors: reading one would sync), got {type(value).__name__}."
+            )
     if not 0 <= step < 1 << 64 or not 0 <= offset <= (1 << 63) - ids.numel():
         raise UserError(f"step must be in [0, 2^64) and offset in [0, 2^63 - T), got step={step}, offset={offset}.")
     _check_table("never_mask", never_mask, ids, vocab_size)
@@ -415,12 +578,25 @@ def mlm_mask(input_ids: torch.Tensor, *, vocab_size: int, mask_id: int, num_spec
     if backend not in ("auto", "triton", "torch"):
         raise UserError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}.")
     if backend == "triton" and not _triton_runs_on(ids.device):
-        raise UserError(f"the Triton masking kernel cannot run on {ids.device} here (needs CUDA, or "
-                        "TRITON_INTERPRET=1 set before triton is imported for CPU); use backend='torch'.")
+        raise UserError(
+            f"the Triton masking kernel cannot run on {ids.device} here (needs CUDA, or "
+            "TRITON_INTERPRET=1 set before triton is imported for CPU); use backend='torch'."
+        )
     use_triton = backend == "triton" or (backend == "auto" and _triton_runs_on(ids.device))
-    args = dict(vocab_size=vocab_size, mask_id=mask_id, num_special=num_special, never_mask=never_mask,
-                mask_prob=mask_prob, mask_frac=mask_frac, random_frac=random_frac, seed=seed & ((1 << 64) - 1),
-                step=step, offset=offset, max_masked=max_masked, word_start=word_start)
+    args = dict(
+        vocab_size=vocab_size,
+        mask_id=mask_id,
+        num_special=num_special,
+        never_mask=never_mask,
+        mask_prob=mask_prob,
+        mask_frac=mask_frac,
+        random_frac=random_frac,
+        seed=seed & ((1 << 64) - 1),
+        step=step,
+        offset=offset,
+        max_masked=max_masked,
+        word_start=word_start,
+    )
     if use_triton and ids.numel() > 0:
         if ids.is_cuda:
             with torch.cuda.device(ids.device):  # Triton launches on the current device
@@ -463,11 +639,25 @@ def _stream_words(offset: int, T: int, per_call: int, stream_tag: int, step: int
     words = philox4x32_torch(group & _M32, (group >> 32) | stream_tag, zero + (step & _M32), zero + (step >> 32), seed)
     words = torch.stack(words, 1).reshape(-1, 4 // per_call).squeeze(1)  # (G * per_call,) or (G * 2, 2)
     start = offset % per_call
-    return words[start:start + T]
+    return words[start : start + T]
 
 
-def mlm_mask_reference(ids, *, vocab_size, mask_id, num_special, never_mask, mask_prob, mask_frac, random_frac,
-                       seed, step, offset, max_masked, word_start) -> MaskOutput:
+def mlm_mask_reference(
+    ids,
+    *,
+    vocab_size,
+    mask_id,
+    num_special,
+    never_mask,
+    mask_prob,
+    mask_frac,
+    random_frac,
+    seed,
+    step,
+    offset,
+    max_masked,
+    word_start,
+) -> MaskOutput:
     """The same function as the kernels, in plain torch ops on whole tensors.
 
     Traffic (int64 temporaries, ~200 elementwise passes for Philox): read T ids, write T masked ids + T labels

@@ -2,6 +2,7 @@
 
 Triton kernels run on the CPU through the interpreter when there is no GPU, which must be decided
 before triton is first imported: hence the environment variable here, at collection time."""
+
 from __future__ import annotations
 
 import os

@@ -25,6 +25,7 @@ a read token -> 403 on every write; writing to a namespace that is neither the u
 orgs -> 403; creating a repo under a namespace that does not exist -> 404. `fail_next(route, status)`
 injects a status for the next request(s) to a route, to test retries and 5xx handling.
 """
+
 from __future__ import annotations
 
 import base64
@@ -82,7 +83,7 @@ class FakeHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -196,8 +197,15 @@ def _make_handler(hub: FakeHub):
             if token is None:
                 return self._error(401, "Invalid credentials in Authorization header")
             orgs = [{"name": o} for o in hub.orgs.get(token.user, [])]
-            self._send(200, {"type": "user", "name": token.user, "orgs": orgs,
-                             "auth": {"type": "access_token", "accessToken": {"role": token.role}}})
+            self._send(
+                200,
+                {
+                    "type": "user",
+                    "name": token.user,
+                    "orgs": orgs,
+                    "auth": {"type": "access_token", "accessToken": {"role": token.role}},
+                },
+            )
 
         def _create(self, req: Request):
             token = self._token(req)
@@ -212,8 +220,9 @@ def _make_handler(hub: FakeHub):
                 return self._error(403, f"You don't have the rights to create a model under the namespace {namespace}")
             if repo_id in hub.repos:  # the real Hub's 409 names the existing repo; exist_ok=True relies on it
                 message = "You already created this model repo"
-                return self._send(409, {"error": message, "url": f"{hub.endpoint}/{repo_id}"},
-                                  {"X-Error-Message": message})
+                return self._send(
+                    409, {"error": message, "url": f"{hub.endpoint}/{repo_id}"}, {"X-Error-Message": message}
+                )
             private = payload.get("visibility", "private" if payload.get("private") else "public") == "private"
             hub.add_repo(repo_id, owner=namespace, private=private)
             self._send(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
@@ -270,10 +279,18 @@ def _make_handler(hub: FakeHub):
             if revision not in repo.refs:
                 return self._error(404, "Invalid rev id", "RevisionNotFound")
             oid = hub._commit(repo_id, revision, header["summary"], files)
-            hub.commits.append({"repo": repo_id, "revision": revision, "summary": header["summary"],
-                                "files": files, "create_pr": create_pr})
-            self._send(200, {"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid,
-                             "pullRequestUrl": pr_url})
+            hub.commits.append(
+                {
+                    "repo": repo_id,
+                    "revision": revision,
+                    "summary": header["summary"],
+                    "files": files,
+                    "create_pr": create_pr,
+                }
+            )
+            self._send(
+                200, {"commitUrl": f"{hub.endpoint}/{repo_id}/commit/{oid}", "commitOid": oid, "pullRequestUrl": pr_url}
+            )
 
         def _branch(self, req: Request, repo_id: str, branch: str):
             if self._writer(req, repo_id) is None:
@@ -295,12 +312,22 @@ def _make_handler(hub: FakeHub):
             self._send(200, {"num": repo.prs, "url": f"{hub.endpoint}/{repo_id}/discussions/{repo.prs}"})
 
         def _pr_details(self, req: Request, repo_id: str, num: str):
-            self._send(200, {
-                "title": "upload", "num": int(num), "author": {"name": "fake"}, "status": "draft",
-                "createdAt": "2026-11-24T00:00:00.000Z", "repo": {"name": repo_id, "type": "model"},
-                "isPullRequest": True, "events": [], "changes": {"base": "refs/heads/main"},
-                "filesWithConflicts": [], "diff": "",
-            })
+            self._send(
+                200,
+                {
+                    "title": "upload",
+                    "num": int(num),
+                    "author": {"name": "fake"},
+                    "status": "draft",
+                    "createdAt": "2026-11-24T00:00:00.000Z",
+                    "repo": {"name": repo_id, "type": "model"},
+                    "isPullRequest": True,
+                    "events": [],
+                    "changes": {"base": "refs/heads/main"},
+                    "filesWithConflicts": [],
+                    "diff": "",
+                },
+            )
 
     return Handler
 

@@ -1,6 +1,7 @@
 """`mlmtrain bench --quick` on the CPU: one run (module-scoped, ~60-90 s on 2 cores) whose results.json is
 checked against the schema the report promises, plus fast checks of argument errors, the time budget and
 the report's handling of failed sections."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -93,8 +94,11 @@ def test_report_files(quick):
 
 
 def test_quick_run_has_no_errors_once_all_modules_exist(quick):
-    missing = [m for m in ("mlmtrain.benchmarks.bench_mask", "mlmtrain.benchmarks.bench_model", "accelerate")
-               if importlib.util.find_spec(m) is None]
+    missing = [
+        m
+        for m in ("mlmtrain.benchmarks.bench_mask", "mlmtrain.benchmarks.bench_model", "accelerate")
+        if importlib.util.find_spec(m) is None
+    ]
     if missing:
         pytest.skip(f"not installed yet: {', '.join(missing)}")
     _, rc, res = quick
@@ -137,8 +141,20 @@ def test_time_limit_skips_and_says_so(tmp_path, monkeypatch):
         return rows
 
     monkeypatch.setattr(Bench, "ceilings", slow_ceilings)
-    rc = main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ceilings,model",
-               "--time-limit", "0.5"])
+    rc = main(
+        [
+            "bench",
+            "--out",
+            str(tmp_path),
+            "--quick",
+            "--device",
+            "cpu",
+            "--sections",
+            "ceilings,model",
+            "--time-limit",
+            "0.5",
+        ]
+    )
     res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert rc == 1
     assert "rows" in res["sections"][0]
@@ -148,8 +164,21 @@ def test_time_limit_skips_and_says_so(tmp_path, monkeypatch):
 
 def test_merge_keeps_sections_not_redone(tmp_path):
     assert main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ceilings"]) == 0
-    main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "model", "--merge",
-          "--time-limit", "1e-9"])
+    main(
+        [
+            "bench",
+            "--out",
+            str(tmp_path),
+            "--quick",
+            "--device",
+            "cpu",
+            "--sections",
+            "model",
+            "--merge",
+            "--time-limit",
+            "1e-9",
+        ]
+    )
     res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert [s["section"] for s in res["sections"]] == ["ceilings", "model"]
     assert "rows" in res["sections"][0] and res["merged_from"]
@@ -163,12 +192,29 @@ def test_sweep_order_and_steps():
 
 
 def test_report_names_failed_sections(tmp_path):
-    res = {"command": "mlmtrain bench --out x", "quick": True, "device": "cpu", "wall_s": 1.0,
-           "environment": {"device": "CPU", "date": "2026-11-24", "versions": {"torch": "2.13"}},
-           "sections": [{"section": "mask", "wall_s": 0.0, "error": "module mlmtrain.benchmarks.bench_mask is not available"},
-                        {"section": "sweep", "wall_s": 0.0, "rows": [
-                            {"name": "ours tiny T=512 cap=128", "tokens_per_batch": 512, "seq_cap": 128,
-                             "error": "skipped: the time budget (--time-limit) ran out", "section": "sweep"}]}]}
+    res = {
+        "command": "mlmtrain bench --out x",
+        "quick": True,
+        "device": "cpu",
+        "wall_s": 1.0,
+        "environment": {"device": "CPU", "date": "2026-11-24", "versions": {"torch": "2.13"}},
+        "sections": [
+            {"section": "mask", "wall_s": 0.0, "error": "module mlmtrain.benchmarks.bench_mask is not available"},
+            {
+                "section": "sweep",
+                "wall_s": 0.0,
+                "rows": [
+                    {
+                        "name": "ours tiny T=512 cap=128",
+                        "tokens_per_batch": 512,
+                        "seq_cap": 128,
+                        "error": "skipped: the time budget (--time-limit) ran out",
+                        "section": "sweep",
+                    }
+                ],
+            },
+        ],
+    }
     json_path, md_path = report.write(res, tmp_path)
     md = md_path.read_text(encoding="utf-8")
     assert "**mask**: module mlmtrain.benchmarks.bench_mask is not available" in md

@@ -1,5 +1,6 @@
 """Token shards: layout, contents decode back to the input, deterministic split, long sentences split
 not dropped, every kind of bad input handled with a clear message or a counted repair, atomic output."""
+
 from __future__ import annotations
 
 import gzip
@@ -55,7 +56,9 @@ def test_layout_and_meta(data_dir, tokenizer_dir):
     assert meta["max_token_id"] < vocab_size
     for split in ("train", "valid"):
         shard = load_split(data_dir, split)
-        assert shard.tokens.dtype == np.uint16 and shard.offsets.dtype == np.int64 and shard.doc_offsets.dtype == np.int64
+        assert (
+            shard.tokens.dtype == np.uint16 and shard.offsets.dtype == np.int64 and shard.doc_offsets.dtype == np.int64
+        )
         assert isinstance(shard.tokens, np.memmap)
         lengths = np.diff(shard.offsets)  # (S,)
         assert shard.offsets[0] == 0 and shard.offsets[-1] == len(shard.tokens)
@@ -94,7 +97,9 @@ def test_split_covers_everything_and_is_deterministic(tmp_path, sample_corpus, t
     for key in ("sentences", "tokens"):
         assert meta["train"][key] + meta["valid"][key] == everything["train"][key]
     all_sentences = sorted(map(tuple, shard_sentences(load_split(tmp_path / "all"))))
-    split_sentences = sorted(map(tuple, shard_sentences(load_split(data_dir, "train")) + shard_sentences(load_split(data_dir, "valid"))))
+    split_sentences = sorted(
+        map(tuple, shard_sentences(load_split(data_dir, "train")) + shard_sentences(load_split(data_dir, "valid")))
+    )
     assert split_sentences == all_sentences
 
     # same seed -> byte-identical shards, whatever the read block size; another seed -> another split
@@ -107,7 +112,9 @@ def test_split_covers_everything_and_is_deterministic(tmp_path, sample_corpus, t
 def test_one_document_corpus_still_splits(tmp_path, tokenizer_dir):
     """No blank lines at all (the seed's corpus format): split units are 64-sentence pieces."""
     corpus = tmp_path / "c.txt"
-    corpus.write_text("".join(f"대한민국 헌법 제{i}조 문장이다.\n" for i in range(SPLIT_UNIT_SENTENCES * 20)), encoding="utf-8")
+    corpus.write_text(
+        "".join(f"대한민국 헌법 제{i}조 문장이다.\n" for i in range(SPLIT_UNIT_SENTENCES * 20)), encoding="utf-8"
+    )
     meta = run(corpus, tokenizer_dir, tmp_path / "d", valid_fraction=0.2, seed=3)
     assert meta["valid"]["sentences"] > 0 and meta["train"]["sentences"] > 0
     assert meta["valid"]["sentences"] % SPLIT_UNIT_SENTENCES == 0
@@ -143,7 +150,9 @@ def test_joined_encoding_equals_line_by_line(tokenizer_dir, sample_corpus):
 
 
 def test_uint32_when_vocab_exceeds_uint16(tmp_path):
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(70000)])}
+    vocab = {
+        t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(70000)])
+    }
     tok_dir = tmp_path / "big"
     write_tokenizer_dir(build_tokenizer(TokenizerSettings(), vocab), tok_dir, TokenizerSettings())
     corpus = tmp_path / "c.txt"
@@ -157,8 +166,16 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
 def test_messy_lines_are_repaired_or_skipped_and_counted(tmp_path, tokenizer_dir):
     clean = ["첫 문장이다.", "Second sentence here.", "", "다음 문서의 문장이다.", "last one"]
     (tmp_path / "clean.txt").write_text("\n".join(clean) + "\n", encoding="utf-8")
-    messy = (b"\xef\xbb\xbf" + "첫 문장이다.\r\n".encode() + b"bad \xff\xfe bytes\r\n" + b"Second sentence here.\r\n"
-             + b"\r\n   \n\t\n\n" + b"nul\x00byte\n" + "다음 문서의 문장이다.\n".encode() + b"last one")  # no final newline
+    messy = (
+        b"\xef\xbb\xbf"
+        + "첫 문장이다.\r\n".encode()
+        + b"bad \xff\xfe bytes\r\n"
+        + b"Second sentence here.\r\n"
+        + b"\r\n   \n\t\n\n"
+        + b"nul\x00byte\n"
+        + "다음 문서의 문장이다.\n".encode()
+        + b"last one"
+    )  # no final newline
     (tmp_path / "messy.txt").write_bytes(messy)
     want = run(tmp_path / "clean.txt", tokenizer_dir, tmp_path / "a", valid_fraction=0.0)
     got = run(tmp_path / "messy.txt", tokenizer_dir, tmp_path / "b", valid_fraction=0.0, block_bytes=7)
@@ -212,8 +229,20 @@ def test_bad_input_gives_clear_errors(tmp_path, sample_corpus, tokenizer_dir, da
         read_meta(tmp_path)
     assert not list(tmp_path.glob(".o.tmp-*")), "a failed prepare left its temporary folder"
 
-    assert cli_main(["prepare", "--input", str(tmp_path / "empty.txt"), "--tokenizer", str(tokenizer_dir),
-                     "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli_main(
+            [
+                "prepare",
+                "--input",
+                str(tmp_path / "empty.txt"),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "prepare: error: input file" in err and "is empty" in err and "Traceback" not in err
 
@@ -255,8 +284,23 @@ def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, sample_co
 
 def test_cli_prepare(tmp_path, sample_corpus, tokenizer_dir, capsys):
     out = tmp_path / "d"
-    rc = cli_main(["prepare", "--input", str(sample_corpus), "--tokenizer", str(tokenizer_dir), "--out", str(out),
-                   "--valid-fraction", "0.1", "--max-seq-len", "64", "--seed", "5"])
+    rc = cli_main(
+        [
+            "prepare",
+            "--input",
+            str(sample_corpus),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--out",
+            str(out),
+            "--valid-fraction",
+            "0.1",
+            "--max-seq-len",
+            "64",
+            "--seed",
+            "5",
+        ]
+    )
     assert rc == 0
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["valid_fraction"], meta["max_seq_len"], meta["seed"]) == (0.1, 64, 5)

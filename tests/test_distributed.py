@@ -9,6 +9,7 @@ agree to ~1e-7 relative; we assert rtol 1e-5 (the tolerance of the lead's accumu
 Each torchrun launch costs a few seconds on 2 cores, so the tests share one 1-process reference run and
 launch 8 jobs in all.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,21 +34,40 @@ from mlmtrain.train import train
 RTOL = 1e-5
 STEPS = 4
 # the loss curve needs no launch to be short: 4 steps of a tiny model on 1024-token micro-batches
-SETTINGS = {"model.size": "tiny", "data.tokens_per_batch": 1024, "train.max_steps": STEPS, "train.seed": 0,
-            "train.log_every": 1, "train.eval_every": 0, "train.eval_batches": 2, "train.device": "cpu",
-            "train.compile": "off", "model.dropout": 0.0, "optim.lr": 1e-3, "optim.warmup_steps": 2,
-            "optim.grad_accum": 4, "train.checkpoint_every": 2}
+SETTINGS = {
+    "model.size": "tiny",
+    "data.tokens_per_batch": 1024,
+    "train.max_steps": STEPS,
+    "train.seed": 0,
+    "train.log_every": 1,
+    "train.eval_every": 0,
+    "train.eval_batches": 2,
+    "train.device": "cpu",
+    "train.compile": "off",
+    "model.dropout": 0.0,
+    "optim.lr": 1e-3,
+    "optim.warmup_steps": 2,
+    "optim.grad_accum": 4,
+    "train.checkpoint_every": 2,
+}
 
 
 def config(data_dir, tokenizer_dir, out, **overrides):
-    return load_config(None, {"out_dir": str(out), "data.data_dir": str(data_dir),
-                              "data.tokenizer_dir": str(tokenizer_dir), **SETTINGS, **overrides})
+    return load_config(
+        None,
+        {
+            "out_dir": str(out),
+            "data.data_dir": str(data_dir),
+            "data.tokenizer_dir": str(tokenizer_dir),
+            **SETTINGS,
+            **overrides,
+        },
+    )
 
 
 def cli_args(data_dir, tokenizer_dir, out, **overrides) -> list[str]:
     """`mlmtrain train` arguments for SETTINGS (+ overrides) as --set flags."""
-    settings = {"data.data_dir": data_dir, "data.tokenizer_dir": tokenizer_dir, "out_dir": out,
-                **SETTINGS, **overrides}
+    settings = {"data.data_dir": data_dir, "data.tokenizer_dir": tokenizer_dir, "out_dir": out, **SETTINGS, **overrides}
     args = ["train"]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
@@ -56,13 +76,28 @@ def cli_args(data_dir, tokenizer_dir, out, **overrides) -> list[str]:
 
 def env(**extra) -> dict:
     # CPU and gloo even on a GPU machine; a short collective timeout bounds any hang
-    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            dist.TIMEOUT_ENV: "60", **extra}
+    return {
+        **os.environ,
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        dist.TIMEOUT_ENV: "60",
+        **extra,
+    }
 
 
 def torchrun(args: list[str], timeout: float = 180, **extra_env) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "mlmtrain.cli", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mlmtrain.cli",
+        *args,
+    ]
     return subprocess.run(cmd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -77,8 +112,10 @@ def assert_match(got: dict[int, float], want: dict[int, float], what: str) -> No
     assert steps and all(s in want for s in steps), (what, steps, sorted(want))
     a, b = np.array([got[s] for s in steps]), np.array([want[s] for s in steps])
     rel = np.abs(a - b) / np.abs(b)
-    assert np.all(rel <= RTOL), (f"{what}: differs beyond rtol {RTOL}: max rel {rel.max():.3g}, "
-                                 f"mean rel {rel.mean():.3g}\n got  {a.tolist()}\n want {b.tolist()}")
+    assert np.all(rel <= RTOL), (
+        f"{what}: differs beyond rtol {RTOL}: max rel {rel.max():.3g}, "
+        f"mean rel {rel.mean():.3g}\n got  {a.tolist()}\n want {b.tolist()}"
+    )
 
 
 def step_dir(run: Path, step: int) -> Path:
@@ -95,10 +132,23 @@ def one_process(data_dir, tokenizer_dir, tmp_path_factory):
 
 # ---- no launch -------------------------------------------------------------------------------------
 
+
 def test_torchrun_command_drops_nproc():
     cmd = dist.torchrun_command(["train", "--nproc", "2", "--data", "d", "--nproc=3", "--out", "o"], 4)
-    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
-                       "-m", "mlmtrain.cli", "train", "--data", "d", "--out", "o"]
+    assert cmd[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "4",
+        "-m",
+        "mlmtrain.cli",
+        "train",
+        "--data",
+        "d",
+        "--out",
+        "o",
+    ]
     with pytest.raises(UserError, match="at least 1"):
         dist.torchrun_command(["train"], 0)
 
@@ -123,6 +173,7 @@ def test_user_mistakes_are_one_sentence(monkeypatch, data_dir, tokenizer_dir, tm
 
 # ---- DDP -------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_ddp_matches_one_process_and_resumes_across_world_sizes(one_process, data_dir, tokenizer_dir, tmp_path):
     """`mlmtrain train --nproc 2` (execs torchrun) == one process, step by step; a checkpoint written by 2
@@ -144,8 +195,10 @@ def test_ddp_matches_one_process_and_resumes_across_world_sizes(one_process, dat
     row = json.loads((two / "metrics.jsonl").read_text().splitlines()[0])
     assert row["tokens_per_s"] == pytest.approx(2 * row["tokens_per_s_per_gpu"])
     assert row["tflops"] == pytest.approx(2 * row["tflops_per_gpu"])
-    assert not list(two.glob("**/.tmp_*")) and sorted(p.name for p in (two / "checkpoints").iterdir()) == \
-        ["step_00000002", "step_00000004"]
+    assert not list(two.glob("**/.tmp_*")) and sorted(p.name for p in (two / "checkpoints").iterdir()) == [
+        "step_00000002",
+        "step_00000004",
+    ]
 
     # 2 -> 1: resume the 2-process step-2 checkpoint in this process
     two_to_one = train(config(data_dir, tokenizer_dir, tmp_path / "two_to_one"), resume=str(step_dir(two, 2)))
@@ -162,6 +215,7 @@ def test_ddp_matches_one_process_and_resumes_across_world_sizes(one_process, dat
 
 # ---- FSDP2 -----------------------------------------------------------------------------------------
 
+
 def test_fsdp_resumes_and_is_resumed_by_any_world_size(one_process, data_dir, tokenizer_dir, tmp_path):
     """FSDP2 (fully_shard per layer + root) with 2 processes, started from the 1-process step-2
     checkpoint (full weights sharded, optimizer state set with set_optimizer_state_dict), saving every
@@ -170,13 +224,21 @@ def test_fsdp_resumes_and_is_resumed_by_any_world_size(one_process, data_dir, to
     ref_run, _ = one_process
     want = losses(ref_run)
     run = tmp_path / "fsdp"
-    done = torchrun([*cli_args(data_dir, tokenizer_dir, run, **{"train.shard": "fsdp", "train.checkpoint_every": 1}),
-                     "--resume", str(step_dir(ref_run, 2))])
+    done = torchrun(
+        [
+            *cli_args(data_dir, tokenizer_dir, run, **{"train.shard": "fsdp", "train.checkpoint_every": 1}),
+            "--resume",
+            str(step_dir(ref_run, 2)),
+        ]
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert_match(losses(run), want, "FSDP 2 processes vs 1")
     assert_match(losses(run, "grad_norm"), losses(ref_run, "grad_norm"), "gradient norm, FSDP vs 1 process")
 
-    ours, theirs = load_file(step_dir(run, 4) / "model.safetensors"), load_file(step_dir(ref_run, 4) / "model.safetensors")
+    ours, theirs = (
+        load_file(step_dir(run, 4) / "model.safetensors"),
+        load_file(step_dir(ref_run, 4) / "model.safetensors"),
+    )
     assert list(ours) == list(theirs) and "cls.predictions.decoder.weight" not in ours
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
     assert worst < 1e-5, f"FSDP step-4 weights differ from 1 process by {worst:.3g}"
@@ -207,6 +269,7 @@ def test_fsdp_bf16_from_scratch(one_process, data_dir, tokenizer_dir, tmp_path):
 
 # ---- failures --------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_crash_in_one_rank_ends_the_job_naming_it_and_the_job_resumes_exactly(data_dir, tokenizer_dir, tmp_path):
     """Rank 1 raises at step 3 while rank 0 waits in the step's all-reduce: the job ends (no hang) well
@@ -220,8 +283,11 @@ def test_crash_in_one_rank_ends_the_job_naming_it_and_the_job_resumes_exactly(da
 
     run = tmp_path / "crash"
     t0 = time.time()
-    done = torchrun(cli_args(data_dir, tokenizer_dir, run, **dropout), timeout=120,
-                    **{dist.CRASH_RANK_ENV: "1", dist.CRASH_STEP_ENV: "3"})
+    done = torchrun(
+        cli_args(data_dir, tokenizer_dir, run, **dropout),
+        timeout=120,
+        **{dist.CRASH_RANK_ENV: "1", dist.CRASH_STEP_ENV: "3"},
+    )
     elapsed = time.time() - t0
     out = done.stdout + done.stderr
     assert done.returncode != 0, out
@@ -253,9 +319,17 @@ def test_sigterm_to_one_rank_stops_every_rank_together(data_dir, tokenizer_dir, 
     next log step; without that, rank 0 would wait in the next step's all-reduce until the timeout), rank 0
     saves one complete checkpoint there, and the job exits 0."""
     run = tmp_path / "stop"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "mlmtrain.cli", *cli_args(data_dir, tokenizer_dir, run, **{"train.max_steps": 400,
-                                                                             "train.checkpoint_every": 0})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "mlmtrain.cli",
+        *cli_args(data_dir, tokenizer_dir, run, **{"train.max_steps": 400, "train.checkpoint_every": 0}),
+    ]
     proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120

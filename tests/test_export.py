@@ -1,5 +1,6 @@
 """`mlmtrain export`: a random-initialised model saved as an mlmtrain checkpoint, exported, and loaded back by
 transformers with no hand edits; logits per sentence equal our packed forward (<= 1e-4, fp32)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,12 @@ def trained_run(tmp_path_factory, tokenizer_dir):
         model.cls.predictions.bias.normal_(0, 0.5)
     run_dir = tmp_path_factory.mktemp("run")
     run_config = {"data": {"tokenizer_dir": str(tokenizer_dir), "data_dir": ""}, "optim": {"lr": 5e-4}}
-    state = {"valid_loss": 4.5, "command": "mlmtrain train --model tiny", "real_tokens": 12345,
-             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir)}
+    state = {
+        "valid_loss": 4.5,
+        "command": "mlmtrain train --model tiny",
+        "real_tokens": 12345,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
+    }
     save_checkpoint(run_dir, 42, model, run_config, state)
     return run_dir, model
 
@@ -43,16 +48,36 @@ def trained_run(tmp_path_factory, tokenizer_dir):
 def exported(tmp_path_factory, trained_run, tokenizer_dir):
     run_dir, _ = trained_run
     out = tmp_path_factory.mktemp("export") / "tiny-ko"
-    rc = cli.main(["export", "--checkpoint", str(run_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out),
-                   "--language", "ko", "--widget-text", WIDGET])
+    rc = cli.main(
+        [
+            "export",
+            "--checkpoint",
+            str(run_dir),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--out",
+            str(out),
+            "--language",
+            "ko",
+            "--widget-text",
+            WIDGET,
+        ]
+    )
     assert rc == 0
     return out
 
 
 def test_folder_has_every_file_with_manifest(exported, trained_run):
     manifest = json.loads((exported / "mlmtrain_export.json").read_text())
-    expected = {"model.safetensors", "config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
-                "special_tokens_map.json", "README.md"}
+    expected = {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "vocab.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "README.md",
+    }
     assert set(manifest["files"]) == expected
     assert {p.name for p in exported.iterdir()} == expected | {"mlmtrain_export.json"}
     for name, entry in manifest["files"].items():
@@ -106,9 +131,11 @@ def test_transformers_logits_equal_our_packed_forward_per_sentence(exported, tra
         ours = model(torch.cat(encoded), position_ids, cu_seqlens, int(lengths.max()), torch.arange(int(lengths.sum())))
         for ids, start in zip(encoded, cu_seqlens.tolist()):
             pad = 5  # alone, with padding, as a transformers user runs it
-            theirs = hf(input_ids=F.pad(ids, (0, pad))[None],
-                        attention_mask=(torch.arange(len(ids) + pad) < len(ids)).long()[None]).logits[0, : len(ids)]
-            diff = (ours[start:start + len(ids)] - theirs).abs()
+            theirs = hf(
+                input_ids=F.pad(ids, (0, pad))[None],
+                attention_mask=(torch.arange(len(ids) + pad) < len(ids)).long()[None],
+            ).logits[0, : len(ids)]
+            diff = (ours[start : start + len(ids)] - theirs).abs()
             assert diff.max() <= 1e-4, f"max abs diff {diff.max():.3g}, mean {diff.mean():.3g}"
 
 
@@ -154,6 +181,15 @@ def test_user_mistakes_are_sentences(trained_run, tokenizer_dir, tmp_path, sampl
     with pytest.raises(UserError, match=f"vocab_size {trained_run[1].config.vocab_size} but the tokenizer has {size}"):
         export_folder(run_dir, other, tmp_path / "b", verify=False)
     assert not (tmp_path / "b").exists()  # nothing written on a failed check
-    rc = cli.main(["export", "--checkpoint", str(tmp_path / "nope"), "--tokenizer", str(tokenizer_dir),
-                   "--out", str(tmp_path / "c")])
+    rc = cli.main(
+        [
+            "export",
+            "--checkpoint",
+            str(tmp_path / "nope"),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--out",
+            str(tmp_path / "c"),
+        ]
+    )
     assert rc == 2 and "does not exist" in capsys.readouterr().err

@@ -7,6 +7,7 @@ the pre-upload check answering "regular", the NDJSON commit, pull requests, whoa
 folder is built here (a tiny transformers BertForMaskedLM + the shared test tokenizer + a model card +
 the manifest), so these tests do not depend on `mlmtrain export`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,14 +19,21 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fake_hub import FakeHub, Token
+
 from mlmtrain.hub import EXPORT_MANIFEST, check_export_folder
 
 WRITE_TOKEN = "hf_fakeWriteTokenA1b2C3d4E5f6G7h8I9j0"
 READ_TOKEN = "hf_fakeReadTokenZ9y8X7w6V5u4T3s2R1q0"
-EXPORT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
-                "special_tokens_map.json", "README.md")
+EXPORT_FILES = (
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "README.md",
+)
 CARD = """---
 language: ko
 license: apache-2.0
@@ -43,8 +51,13 @@ A tiny BERT for tests.
 
 
 def write_manifest(folder: Path, run="/home/someone/runs/test-run", step=1234, verified=True) -> None:
-    files = {name: {"size": (folder / name).stat().st_size,
-                    "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()} for name in EXPORT_FILES}
+    files = {
+        name: {
+            "size": (folder / name).stat().st_size,
+            "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest(),
+        }
+        for name in EXPORT_FILES
+    }
     manifest = {"files": files, "run": run, "step": step, "verified": verified, "mlmtrain_version": "0.1.0"}
     (folder / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
 
@@ -59,8 +72,14 @@ def clean_export(tmp_path_factory, tokenizer_dir) -> Path:
         shutil.copy(Path(tokenizer_dir) / name, folder / name)
     with open(folder / "vocab.txt", encoding="utf-8") as f:
         vocab_size = len(f.readlines())
-    config = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     BertForMaskedLM(config).save_pretrained(folder)  # model.safetensors + config.json (~150 KB: goes inline)
     (folder / "README.md").write_text(CARD, encoding="utf-8")
     write_manifest(folder)
@@ -89,8 +108,13 @@ def hub():
 def upload(tmp_path: Path, *args: str, endpoint: str, token: str | None = WRITE_TOKEN, **env: str):
     """Run `mlmtrain upload ARGS` as a user would, with a private HF_HOME and only the HF_* variables given."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
-    full_env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf_home"), HF_HUB_DISABLE_PROGRESS_BARS="1",
-                    NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")  # a CI proxy must not intercept
+    full_env.update(
+        HF_ENDPOINT=endpoint,
+        HF_HOME=str(tmp_path / "hf_home"),
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        NO_PROXY="127.0.0.1,localhost",
+        no_proxy="127.0.0.1,localhost",
+    )  # a CI proxy must not intercept
     if token is not None:
         full_env["HF_TOKEN"] = token
     full_env.update(env)
@@ -113,6 +137,7 @@ def api_requests(hub: FakeHub):
 
 
 # -- the upload itself ----------------------------------------------------------------------------
+
 
 def test_upload_sends_exactly_the_export_and_is_idempotent(hub, export_dir, tmp_path):
     result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
@@ -141,8 +166,19 @@ def test_upload_sends_exactly_the_export_and_is_idempotent(hub, export_dir, tmp_
 
 
 def test_upload_private_to_a_new_branch_with_a_message(hub, export_dir, tmp_path):
-    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice-lab/tiny-bert", "--private",
-                    "--revision", "experiment-1", "--commit-message", "step 1234, lr 5e-4", endpoint=hub.endpoint)
+    result = upload(
+        tmp_path,
+        "--folder",
+        str(export_dir),
+        "--repo-id",
+        "alice-lab/tiny-bert",
+        "--private",
+        "--revision",
+        "experiment-1",
+        "--commit-message",
+        "step 1234, lr 5e-4",
+        endpoint=hub.endpoint,
+    )
     assert result.returncode == 0, result.stderr
     repo = hub.repos["alice-lab/tiny-bert"]
     assert repo.private is True
@@ -155,16 +191,18 @@ def test_upload_private_to_a_new_branch_with_a_message(hub, export_dir, tmp_path
 
 def test_private_refuses_an_existing_public_repo(hub, export_dir, tmp_path):
     hub.add_repo("alice/tiny-bert", owner="alice", private=False)
-    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--private",
-                    endpoint=hub.endpoint)
+    result = upload(
+        tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--private", endpoint=hub.endpoint
+    )
     assert_clean_error(result, "already exists and is public")
     assert hub.commits == []
 
 
 def test_create_pr(hub, export_dir, tmp_path):
     hub.add_repo("alice/tiny-bert", owner="alice", files={"README.md": b"old card"})
-    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--create-pr",
-                    endpoint=hub.endpoint)
+    result = upload(
+        tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--create-pr", endpoint=hub.endpoint
+    )
     assert result.returncode == 0, result.stderr
     commit = hub.commits[-1]
     assert commit["revision"] == "refs/pr/1"
@@ -172,8 +210,10 @@ def test_create_pr(hub, export_dir, tmp_path):
     assert "pull request:" in result.stdout and "/discussions/1" in result.stdout
 
 
-@pytest.mark.skipif(__import__("huggingface_hub").__version__.startswith("0."),
-                    reason="huggingface_hub < 1.0 does not retry the pre-upload call")
+@pytest.mark.skipif(
+    __import__("huggingface_hub").__version__.startswith("0."),
+    reason="huggingface_hub < 1.0 does not retry the pre-upload call",
+)
 def test_transient_5xx_is_retried_by_the_library(hub, export_dir, tmp_path):
     hub.fail_next("preupload", 503)
     result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
@@ -182,6 +222,7 @@ def test_transient_5xx_is_retried_by_the_library(hub, export_dir, tmp_path):
 
 
 # -- where the token comes from, and that it never leaks -----------------------------------------
+
 
 @pytest.mark.parametrize("source", ["env", "saved_login", "token_file"])
 def test_token_sources_and_no_leak(source, hub, export_dir, tmp_path):
@@ -197,11 +238,14 @@ def test_token_sources_and_no_leak(source, hub, export_dir, tmp_path):
         (tmp_path / "hf.token").write_text(WRITE_TOKEN + "\n")
         written_by_test.add(tmp_path / "hf.token")
         args += ["--token-file", str(tmp_path / "hf.token")]
-    runs = [upload(tmp_path, *args, endpoint=hub.endpoint, token=token),
-            upload(tmp_path, *args, "--dry-run", endpoint=hub.endpoint, token=token)]
+    runs = [
+        upload(tmp_path, *args, endpoint=hub.endpoint, token=token),
+        upload(tmp_path, *args, "--dry-run", endpoint=hub.endpoint, token=token),
+    ]
     assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
     assert [r.headers.get("Authorization") for r in api_requests(hub)] == [f"Bearer {WRITE_TOKEN}"] * len(
-        api_requests(hub))
+        api_requests(hub)
+    )
     for r in runs:
         assert WRITE_TOKEN not in r.stdout + r.stderr
     for path in [*tmp_path.rglob("*"), *export_dir.rglob("*")]:
@@ -220,15 +264,19 @@ def test_token_is_refused_on_the_command_line_without_echoing_it(export_dir, cap
 
 # -- errors a user will meet: one sentence each ---------------------------------------------------
 
+
 def test_no_token(hub, export_dir, tmp_path):
-    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint,
-                    token=None)
+    result = upload(
+        tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint, token=None
+    )
     assert_clean_error(result, "no Hugging Face token", "HF_TOKEN", "--token-file")
     assert api_requests(hub) == []
 
 
-@pytest.mark.parametrize("case", ["read_only", "someone_elses_repo", "someone_elses_namespace",
-                                  "missing_namespace", "bad_token", "server_error"])
+@pytest.mark.parametrize(
+    "case",
+    ["read_only", "someone_elses_repo", "someone_elses_namespace", "missing_namespace", "bad_token", "server_error"],
+)
 def test_hub_errors(case, hub, export_dir, tmp_path):
     repo_id, token = "alice/tiny-bert", WRITE_TOKEN
     if case == "read_only":
@@ -262,8 +310,9 @@ def test_network_down(export_dir, tmp_path):
 
 
 def test_offline_mode(hub, export_dir, tmp_path):
-    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint,
-                    HF_HUB_OFFLINE="1")
+    result = upload(
+        tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint, HF_HUB_OFFLINE="1"
+    )
     assert_clean_error(result, "HF_HUB_OFFLINE")
     assert api_requests(hub) == []
 
@@ -285,9 +334,21 @@ def test_bad_arguments(export_dir, tmp_path, capsys):
 
 # -- dry run --------------------------------------------------------------------------------------
 
+
 def test_dry_run_prints_the_plan_and_sends_nothing(hub, export_dir, tmp_path):
-    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--private",
-                    "--revision", "dev", "--dry-run", endpoint=hub.endpoint, token=None)
+    result = upload(
+        tmp_path,
+        "--folder",
+        str(export_dir),
+        "--repo-id",
+        "alice/tiny-bert",
+        "--private",
+        "--revision",
+        "dev",
+        "--dry-run",
+        endpoint=hub.endpoint,
+        token=None,
+    )
     assert result.returncode == 0, result.stderr
     assert hub.requests == []
     out = result.stdout
@@ -296,10 +357,11 @@ def test_dry_run_prints_the_plan_and_sends_nothing(hub, export_dir, tmp_path):
     for name in EXPORT_FILES:
         assert f"{(export_dir / name).stat().st_size:,}  {name}" in out
     assert "optimizer.pt" in out.split("not sent:")[1].splitlines()[0]  # strays listed as not sent
-    assert "pipeline_tag: fill-mask" in out and "mask_token: \"[MASK]\"" in out
+    assert "pipeline_tag: fill-mask" in out and 'mask_token: "[MASK]"' in out
 
 
 # -- refusing broken folders ----------------------------------------------------------------------
+
 
 def _rewrite_config(folder: Path, **changes) -> None:
     config = json.loads((folder / "config.json").read_text())
@@ -314,17 +376,34 @@ BREAKAGES = {  # name -> (how to break the folder, whether to refresh the manife
     "no_manifest": (lambda f: (f / EXPORT_MANIFEST).unlink(), False, "mlmtrain_export.json is missing"),
     "edited_after_export": (lambda f: (f / "README.md").write_text(CARD + "edit\n"), False, "changed after export"),
     "edited_same_size": (lambda f: (f / "README.md").write_text(CARD.replace("tiny", "tinY")), False, "sha256"),
-    "vocab_mismatch": (lambda f: _rewrite_config(f, vocab_size=json.loads((f / "config.json").read_text())[
-        "vocab_size"] + 1), True, "vocab_size is"),
-    "weights_do_not_match_config": (lambda f: _rewrite_config(f, intermediate_size=48), True,
-                                    "intermediate.dense.weight has shape (32, 16), config.json implies (48, 16)"),
-    "truncated_weights": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[
-        :-100]), True, "model.safetensors is unreadable"),
+    "vocab_mismatch": (
+        lambda f: _rewrite_config(f, vocab_size=json.loads((f / "config.json").read_text())["vocab_size"] + 1),
+        True,
+        "vocab_size is",
+    ),
+    "weights_do_not_match_config": (
+        lambda f: _rewrite_config(f, intermediate_size=48),
+        True,
+        "intermediate.dense.weight has shape (32, 16), config.json implies (48, 16)",
+    ),
+    "truncated_weights": (
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-100]),
+        True,
+        "model.safetensors is unreadable",
+    ),
     "card_without_header": (lambda f: (f / "README.md").write_text("# model\n"), True, "no YAML header"),
-    "card_without_pipeline_tag": (lambda f: (f / "README.md").write_text(CARD.replace(
-        "pipeline_tag: fill-mask\n", "")), True, "lacks pipeline_tag"),
-    "vocab_files_disagree": (lambda f: (f / "vocab.txt").write_text("\n".join(reversed(
-        (f / "vocab.txt").read_text(encoding="utf-8").splitlines())) + "\n", encoding="utf-8"), True, "disagree"),
+    "card_without_pipeline_tag": (
+        lambda f: (f / "README.md").write_text(CARD.replace("pipeline_tag: fill-mask\n", "")),
+        True,
+        "lacks pipeline_tag",
+    ),
+    "vocab_files_disagree": (
+        lambda f: (f / "vocab.txt").write_text(
+            "\n".join(reversed((f / "vocab.txt").read_text(encoding="utf-8").splitlines())) + "\n", encoding="utf-8"
+        ),
+        True,
+        "disagree",
+    ),
 }
 
 

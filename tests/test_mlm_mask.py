@@ -9,6 +9,7 @@ Statistical tests and their false-failure rates (each test below is one such che
   1e-6 (z = 4.753), accurate to a few percent of the tail probability for K > 30.
 Every draw is a pure function of (seed, step, index), so these are deterministic: they pass or fail the
 same way on every run, and the false-failure rate is the chance a fresh seed choice would fail."""
+
 from __future__ import annotations
 
 import math
@@ -19,15 +20,24 @@ from conftest import requires_cuda
 
 from mlmtrain.errors import UserError
 from mlmtrain.kernels import mlm_mask as mm
-from mlmtrain.kernels.mlm_mask import (IGNORE_INDEX, max_masked_bound, mlm_mask, mlm_mask_reference, mlm_mask_triton,
-                                       philox4x32_torch, word_start_table)
+from mlmtrain.kernels.mlm_mask import (
+    IGNORE_INDEX,
+    max_masked_bound,
+    mlm_mask,
+    mlm_mask_reference,
+    mlm_mask_triton,
+    philox4x32_torch,
+    word_start_table,
+)
 
 V, MASK, NSPEC = 69, 4, 5  # 64 maskable ids
 Z_MAX = 5.0  # two-sided normal tail 5.7e-7
 CHI2_DF2_MAX = 2 * math.log(1e6)  # chi-square(2) survival exp(-x/2) = 1e-6
 
-needs_triton = pytest.mark.skipif(not mm._triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
-                                  reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)")
+needs_triton = pytest.mark.skipif(
+    not mm._triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
+    reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)",
+)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -52,9 +62,12 @@ def _assert_same(a, b, what=""):
     for name, x, y in zip(a._fields, a, b):
         if not torch.equal(x, y):
             diff = (x.long() - y.long()).abs().float() if x.shape == y.shape else None
-            detail = (f"{int((x != y).sum())} of {x.numel()} differ, max diff {diff.max():.0f}, mean diff "
-                      f"{diff.mean():.3g}, first at {int((x != y).nonzero()[0])}" if diff is not None
-                      else f"shapes {tuple(x.shape)} vs {tuple(y.shape)}")
+            detail = (
+                f"{int((x != y).sum())} of {x.numel()} differ, max diff {diff.max():.0f}, mean diff "
+                f"{diff.mean():.3g}, first at {int((x != y).nonzero()[0])}"
+                if diff is not None
+                else f"shapes {tuple(x.shape)} vs {tuple(y.shape)}"
+            )
             raise AssertionError(f"{what} {name}: {detail}")
 
 
@@ -66,10 +79,15 @@ def _both(ids, **kw):
 # ---- the random stream ------------------------------------------------------------------------------
 def test_philox_known_answers():
     """Random123's published Philox4x32-10 vectors (kat_vectors): counter[4], key[2] -> output[4]."""
-    cases = [((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-             ((0xFFFFFFFF,) * 4, 0xFFFFFFFF_FFFFFFFF, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-             ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), 0x299F31D0_A4093822,
-              (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1))]
+    cases = [
+        ((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+        ((0xFFFFFFFF,) * 4, 0xFFFFFFFF_FFFFFFFF, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            0x299F31D0_A4093822,
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
+    ]
     for counter, key, want in cases:
         got = philox4x32_torch(*[torch.tensor([c]) for c in counter], key)
         assert tuple(int(x) for x in got) == want, [hex(int(x)) for x in got]
@@ -129,8 +147,19 @@ def test_kernel_words_longer_than_blocks():
     ids = torch.full((T,), 50, dtype=torch.int32)  # continuation pieces...
     ids[[300, 301, 900, 1950]] = 10  # ...with only four word starts
     table = torch.arange(V) < 40
-    kw = dict(vocab_size=V, mask_id=MASK, num_special=NSPEC, never_mask=None, mask_prob=0.5, mask_frac=0.8,
-              random_frac=0.1, step=3, offset=6, max_masked=T, word_start=table.to(DEVICE))
+    kw = dict(
+        vocab_size=V,
+        mask_id=MASK,
+        num_special=NSPEC,
+        never_mask=None,
+        mask_prob=0.5,
+        mask_frac=0.8,
+        random_frac=0.1,
+        step=3,
+        offset=6,
+        max_masked=T,
+        word_start=table.to(DEVICE),
+    )
     for seed in range(2):
         ids_d = ids.to(DEVICE)
         a = mlm_mask_triton(ids_d, seed=seed, block_size=128, lookback=32, **kw)
@@ -177,7 +206,7 @@ def test_outputs_consistent_and_cap_deselects_the_tail():
     assert torch.equal(capped.masked_positions, full.masked_positions[:100])  # the first 100 selections kept
     last = int(capped.masked_positions[-1])
     assert torch.equal(capped.masked_ids[: last + 1], full.masked_ids[: last + 1])
-    assert torch.equal(capped.masked_ids[last + 1:], ids[last + 1:])  # past the bound: untouched
+    assert torch.equal(capped.masked_ids[last + 1 :], ids[last + 1 :])  # past the bound: untouched
 
 
 def test_specials_padding_and_out_of_vocab_never_selected():
@@ -186,8 +215,17 @@ def test_specials_padding_and_out_of_vocab_never_selected():
     never = torch.zeros(V, dtype=torch.bool)
     never[[10, 11, 12]] = True
     for never_mask in (None, never):
-        out = mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=0, step=0, mask_prob=1.0, never_mask=never_mask,
-                       max_masked=30000, backend="torch")
+        out = mlm_mask(
+            ids,
+            vocab_size=V,
+            mask_id=MASK,
+            seed=0,
+            step=0,
+            mask_prob=1.0,
+            never_mask=never_mask,
+            max_masked=30000,
+            backend="torch",
+        )
         selected = out.labels != IGNORE_INDEX
         blocked = (ids < NSPEC) | (ids >= V) | (never[ids.clamp(0, V - 1)] if never_mask is not None else False)
         assert torch.equal(selected, ~blocked)  # p = 1: everything maskable, nothing else
@@ -279,8 +317,11 @@ def test_80_10_10_split_and_uniform_random_ids():
     outs = []
     for seed in range(4):
         ids = torch.full((T,), x, dtype=torch.int32)
-        outs.append(mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=seed, step=3, mask_prob=1.0, max_masked=T,
-                             backend="torch").masked_ids.long())
+        outs.append(
+            mlm_mask(
+                ids, vocab_size=V, mask_id=MASK, seed=seed, step=3, mask_prob=1.0, max_masked=T, backend="torch"
+            ).masked_ids.long()
+        )
     out = torch.cat(outs)
     n = out.numel()
     p_mask = _p_select(0.8)
@@ -288,7 +329,9 @@ def test_80_10_10_split_and_uniform_random_ids():
     expected = torch.tensor([p_mask, 1 - p_mask - p_random + p_random / K, p_random * (K - 1) / K]) * n
     observed = torch.tensor([(out == MASK).sum(), (out == x).sum(), ((out != MASK) & (out != x)).sum()]).double()
     chi2 = float(((observed - expected) ** 2 / expected).sum())
-    assert chi2 < CHI2_DF2_MAX, f"80/10/10 split: observed {observed.tolist()}, expected {expected.tolist()}, chi2 {chi2:.1f}"
+    assert chi2 < CHI2_DF2_MAX, (
+        f"80/10/10 split: observed {observed.tolist()}, expected {expected.tolist()}, chi2 {chi2:.1f}"
+    )
 
     changed = out[(out != MASK) & (out != x)]
     assert changed.min() >= NSPEC and changed.max() < V  # never a special id
@@ -313,20 +356,23 @@ def test_word_start_table():
     assert word_start_table(vocab).tolist() == [True] * 6 + [False, True, False, True]
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(input_ids=torch.zeros(2, 3, dtype=torch.int32)), "1-D"),
-    (dict(input_ids=torch.zeros(4)), "int32 or int64"),
-    (dict(mask_prob=1.5), "mask_prob"),
-    (dict(mask_frac=0.8, random_frac=0.3), "sum <= 1"),
-    (dict(mask_id=V), "mask_id"),
-    (dict(num_special=V), "num_special"),
-    (dict(never_mask=torch.zeros(V - 1, dtype=torch.bool)), "never_mask"),
-    (dict(word_start=torch.zeros(V, dtype=torch.int32)), "word_start"),
-    (dict(seed=torch.tensor(1)), "python int"),
-    (dict(step=-1), "step"),
-    (dict(max_masked=-2), "max_masked"),
-    (dict(backend="cuda"), "backend"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(input_ids=torch.zeros(2, 3, dtype=torch.int32)), "1-D"),
+        (dict(input_ids=torch.zeros(4)), "int32 or int64"),
+        (dict(mask_prob=1.5), "mask_prob"),
+        (dict(mask_frac=0.8, random_frac=0.3), "sum <= 1"),
+        (dict(mask_id=V), "mask_id"),
+        (dict(num_special=V), "num_special"),
+        (dict(never_mask=torch.zeros(V - 1, dtype=torch.bool)), "never_mask"),
+        (dict(word_start=torch.zeros(V, dtype=torch.int32)), "word_start"),
+        (dict(seed=torch.tensor(1)), "python int"),
+        (dict(step=-1), "step"),
+        (dict(max_masked=-2), "max_masked"),
+        (dict(backend="cuda"), "backend"),
+    ],
+)
 def test_bad_input_is_a_user_error(bad, message):
     kw = {"input_ids": torch.zeros(8, dtype=torch.int32), "vocab_size": V, "mask_id": MASK, "seed": 0, "step": 0, **bad}
     with pytest.raises(UserError, match=message):
@@ -359,8 +405,13 @@ def test_cuda_large_batches_match_reference_without_sync_or_recompiles():
         for word_start in (None, table):
             for step in (0, 1, 16, 17, 32, (1 << 40) + 1):
                 kw = dict(vocab_size=V, mask_id=MASK, seed=123, step=step, word_start=word_start)
-                results.append((f"cuda step={step} whole_word={word_start is not None}",
-                                mlm_mask(ids, backend="triton", **kw), mlm_mask(ids, backend="torch", **kw)))
+                results.append(
+                    (
+                        f"cuda step={step} whole_word={word_start is not None}",
+                        mlm_mask(ids, backend="triton", **kw),
+                        mlm_mask(ids, backend="torch", **kw),
+                    )
+                )
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for what, a, b in results:

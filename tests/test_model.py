@@ -2,16 +2,24 @@
 
 Parity bound from the issue: <= 1e-4 max abs logit difference in fp32. Shapes are deliberately odd (hidden 48,
 3 heads, vocab 97, sentence lengths 1..max) so layout bugs cannot hide behind powers of two."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import requires_cuda
+
 from mlmtrain.errors import UserError
-from mlmtrain.model import (MODEL_SIZES, TIED_KEYS, BertConfig, BertForMaskedLM, mlm_loss_sum,
-                            model_flops_per_token, num_parameters)
+from mlmtrain.model import (
+    MODEL_SIZES,
+    TIED_KEYS,
+    BertConfig,
+    BertForMaskedLM,
+    mlm_loss_sum,
+    model_flops_per_token,
+    num_parameters,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -19,9 +27,21 @@ ATOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 def odd_config(**overrides) -> BertConfig:
-    return BertConfig(**{**dict(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                                intermediate_size=80, max_position_embeddings=40, hidden_dropout_prob=0.0,
-                                attention_probs_dropout_prob=0.0), **overrides})
+    return BertConfig(
+        **{
+            **dict(
+                vocab_size=97,
+                hidden_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=3,
+                intermediate_size=80,
+                max_position_embeddings=40,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+            ),
+            **overrides,
+        }
+    )
 
 
 def hf_twin(model: BertForMaskedLM):
@@ -55,8 +75,9 @@ def report(a, b) -> str:
 
 def test_state_dict_matches_transformers_keys_and_ties():
     model = BertForMaskedLM(odd_config())
-    hf = transformers.BertForMaskedLM(transformers.BertConfig(**{
-        k: v for k, v in model.config.to_hf_dict().items() if k != "architectures"}))
+    hf = transformers.BertForMaskedLM(
+        transformers.BertConfig(**{k: v for k, v in model.config.to_hf_dict().items() if k != "architectures"})
+    )
     ours, theirs = model.state_dict(), hf.state_dict()
     assert set(ours) == set(theirs)
     assert all(ours[k].shape == theirs[k].shape for k in ours)
@@ -72,8 +93,9 @@ def test_state_dict_matches_transformers_keys_and_ties():
 def test_loads_a_transformers_state_dict():
     torch.manual_seed(1)
     config = odd_config()
-    hf = transformers.BertForMaskedLM(transformers.BertConfig(**{
-        k: v for k, v in config.to_hf_dict().items() if k != "architectures"})).eval()
+    hf = transformers.BertForMaskedLM(
+        transformers.BertConfig(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+    ).eval()
     sd = hf.state_dict()
     sd["bert.embeddings.position_ids"] = torch.arange(config.max_position_embeddings)[None]  # older HF files
     for alias in TIED_KEYS:  # the on-disk form stores ties once
@@ -120,7 +142,7 @@ def test_packed_logits_equal_transformers_per_sentence(seed):
         for s, start in zip(sentences, cu_seqlens[:-1].tolist()):
             ids = F.pad(s, (0, pad_to - len(s)))[None]
             mask = (torch.arange(pad_to) < len(s)).long()[None]
-            expected[start:start + len(s)] = hf(input_ids=ids, attention_mask=mask).logits[0, : len(s)]
+            expected[start : start + len(s)] = hf(input_ids=ids, attention_mask=mask).logits[0, : len(s)]
     assert ours.shape == (masked_positions.numel(), 97)
     ref = expected[masked_positions]
     assert torch.allclose(ours, ref, atol=ATOL[torch.float32], rtol=0), report(ours, ref)
@@ -133,8 +155,7 @@ def test_packed_batch_has_no_cross_contamination():
     input_ids, position_ids, cu_seqlens = packed_batch(sentences, empty_tail=3)
     with torch.no_grad():
         together = model(input_ids, position_ids, cu_seqlens, 30, torch.arange(input_ids.numel()))
-        alone = torch.cat([model(*packed_batch([s], empty_tail=0), len(s), torch.arange(len(s)))
-                           for s in sentences])
+        alone = torch.cat([model(*packed_batch([s], empty_tail=0), len(s), torch.arange(len(s))) for s in sentences])
         # change every other sentence: sentence 1's logits must not move
         others = [s if i == 1 else torch.randint(5, 97, s.shape, generator=gen) for i, s in enumerate(sentences)]
         changed = model(packed_batch(others, 3)[0], position_ids, cu_seqlens, 30, torch.arange(input_ids.numel()))
@@ -171,12 +192,14 @@ def test_gradients_equal_transformers_and_are_finite_with_empty_segments():
     mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).long()
     hf_labels = torch.full((3, L), -100)
     for i, (start, n_i) in enumerate(zip([0, 4, 5], lengths)):
-        hf_labels[i, :n_i] = labels[start:start + n_i]
+        hf_labels[i, :n_i] = labels[start : start + n_i]
     hf(input_ids=ids, attention_mask=mask, labels=hf_labels).loss.backward()
     theirs = dict(hf.named_parameters())
     for name, p in model.named_parameters():
         assert torch.isfinite(p.grad).all(), name
-        assert torch.allclose(p.grad, theirs[name].grad, atol=1e-5, rtol=1e-3), f"{name}: {report(p.grad, theirs[name].grad)}"
+        assert torch.allclose(p.grad, theirs[name].grad, atol=1e-5, rtol=1e-3), (
+            f"{name}: {report(p.grad, theirs[name].grad)}"
+        )
 
 
 def test_int32_ids_as_the_packer_emits_them():
@@ -196,6 +219,7 @@ def test_fused_and_separate_qkv_agree(monkeypatch):
     input_ids, position_ids, cu_seqlens = packed_batch(random_sentences(gen, 97, [8, 3, 21]))
     args = (input_ids, position_ids, cu_seqlens, 21, torch.arange(32))
     from mlmtrain.model import BertSelfAttention
+
     with torch.no_grad():
         monkeypatch.setattr(BertSelfAttention, "fused_qkv", True)
         fused = model(*args)
@@ -281,7 +305,12 @@ def test_compiles_without_graph_breaks():
 def test_config_sizes_and_errors():
     assert set(MODEL_SIZES) == {"tiny", "mini", "small", "base", "large"}
     base = BertConfig.from_size("base", 30000)
-    assert (base.num_hidden_layers, base.hidden_size, base.num_attention_heads, base.intermediate_size) == (12, 768, 12, 3072)
+    assert (base.num_hidden_layers, base.hidden_size, base.num_attention_heads, base.intermediate_size) == (
+        12,
+        768,
+        12,
+        3072,
+    )
     large = BertConfig.from_size("large", 30000, hidden_dropout_prob=0.0)
     assert (large.num_hidden_layers, large.hidden_size, large.num_attention_heads) == (24, 1024, 16)
     assert large.hidden_dropout_prob == 0.0
@@ -300,7 +329,8 @@ def test_flops_formula():
     assert model_flops_per_token(c, 10) == 6 * matmul + 6 * head + 12 * 2 * 8 * 10
     # lengths [2, 4]: tokens of the 4-long segment attend over 4 keys -> token-weighted mean (4 + 16) / 6
     assert model_flops_per_token(c, [2, 4], head_fraction=0.15) == pytest.approx(
-        6 * matmul + 6 * 0.15 * head + 12 * 2 * 8 * (20 / 6))
+        6 * matmul + 6 * 0.15 * head + 12 * 2 * 8 * (20 / 6)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -312,8 +342,9 @@ def test_varlen_matches_fp32_reference_on_gpu(dtype):
     """Flash varlen forward/backward under autocast vs the fp32 SDPA reference, empty segments included."""
     gen = torch.Generator().manual_seed(10)
     torch.manual_seed(10)
-    config = BertConfig.from_size("mini", 1000, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
+    config = BertConfig.from_size(
+        "mini", 1000, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
     ref = BertForMaskedLM(config, attn_impl="sdpa").cuda()
     fast = BertForMaskedLM(config, attn_impl="varlen").cuda()
     fast.load_state_dict(ref.state_dict())
@@ -332,7 +363,7 @@ def test_varlen_matches_fp32_reference_on_gpu(dtype):
     # fp16 needs loss scaling, as the trainer's GradScaler does: small attention gradients underflow
     # fp16 otherwise (seen on an H200: 6.7% relative error on layer 0's query weight without it)
     scale = 1024.0 if dtype == torch.float16 else 1.0
-    for m, logits in ((ref, ref_logits), (fast, fast_logits)):
+    for logits in (ref_logits, fast_logits):
         loss_sum, n = mlm_loss_sum(logits, labels.cuda())
         (loss_sum / n * scale).backward()
     fast_params = dict(fast.named_parameters())

@@ -1,4 +1,5 @@
 """Packed batches: fill rate, whole sentences, positions, rank sharding, determinism, document packing."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -31,7 +32,7 @@ def sentences_of(batch):
 
 
 def all_sentences(shard):
-    return [tuple(shard.tokens[shard.offsets[i]:shard.offsets[i + 1]]) for i in range(len(shard.offsets) - 1)]
+    return [tuple(shard.tokens[shard.offsets[i] : shard.offsets[i + 1]]) for i in range(len(shard.offsets) - 1)]
 
 
 def test_fill_rate_at_64k_on_sample_corpus(data_dir):
@@ -58,7 +59,7 @@ def test_batches_hold_whole_sentences_with_restarting_positions(data_dir):
         for a, e in segs:
             assert e - a <= max_seq_len
             np.testing.assert_array_equal(pos[a:e], np.arange(e - a))
-        assert (ids[segs[b.num_segments][0]:] == PAD_ID).all() if b.num_segments < len(segs) else True
+        assert (ids[segs[b.num_segments][0] :] == PAD_ID).all() if b.num_segments < len(segs) else True
         assert b.num_real_tokens == segs[b.num_segments - 1][1]
         for sentence in sentences_of(b):
             assert known[sentence] > 0, "a packed sentence is not a whole sentence of the shard"

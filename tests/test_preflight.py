@@ -1,5 +1,6 @@
 """Every pre-flight check: passes on good input, and on bad input raises a UserError whose one sentence names
 both numbers and the fix (the seed got `device-side assert triggered` instead)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,9 +8,16 @@ import pytest
 import torch
 
 from mlmtrain.errors import UserError
-from mlmtrain.preflight import (check_batch, check_data_against_model, check_data_meta, check_positions,
-                                check_token_ids, check_tokenizer_fingerprint, check_tokenizer_vocab,
-                                check_vocab_match)
+from mlmtrain.preflight import (
+    check_batch,
+    check_data_against_model,
+    check_data_meta,
+    check_positions,
+    check_token_ids,
+    check_tokenizer_fingerprint,
+    check_tokenizer_vocab,
+    check_vocab_match,
+)
 
 
 def test_token_ids_below_vocab():
@@ -45,8 +53,13 @@ def test_data_meta_checks_on_real_shards(data_dir, tokenizer_dir):
 
     meta = read_meta(data_dir)
     vocab = len(read_vocab(tokenizer_dir))
-    check_data_meta(meta, vocab_size=vocab, max_position_embeddings=128, tokenizer_vocab_size=vocab,
-                    tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_dir))
+    check_data_meta(
+        meta,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tokenizer_vocab_size=vocab,
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer_dir),
+    )
     with pytest.raises(UserError, match=f"vocab_size {vocab + 1} but the tokenizer has {vocab} tokens"):
         check_data_meta(meta, vocab_size=vocab + 1, max_position_embeddings=128, tokenizer_vocab_size=vocab)
     with pytest.raises(UserError, match=f"token id {meta['max_token_id']} but the model's vocab_size is"):

@@ -1,5 +1,6 @@
 """WordPiece training: settings honoured, files transformers loads (fast and slow) with identical ids,
 Korean kept as Hangul syllables, clear errors for bad input."""
+
 from __future__ import annotations
 
 import json
@@ -74,9 +75,17 @@ def test_files_and_special_ids(tokenizer_dir):
     assert len(vocab) == load_tokenizer(tokenizer_dir).get_vocab_size() == len(set(vocab))
     config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
     assert config == {
-        "tokenizer_class": "BertTokenizer", "do_lower_case": False, "strip_accents": False,
-        "tokenize_chinese_chars": True, "clean_up_tokenization_spaces": False, "model_max_length": 512,
-        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": False,
+        "strip_accents": False,
+        "tokenize_chinese_chars": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 512,
+        "unk_token": "[UNK]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "mask_token": "[MASK]",
     }
 
 
@@ -113,8 +122,12 @@ def test_lowercase_and_strip_accents_honoured(tmp_path, lowercase, strip_accents
 
     tok = load_tokenizer(out)
     text = "".join(tok.decode(tok.encode("Café ÉCOLE 한국어").ids).split())
-    expected = {(False, False): "CaféÉCOLE한국어", (True, False): "caféécole한국어",
-                (False, True): "CafeECOLE", (True, True): "cafeecole"}[(lowercase, strip_accents)]
+    expected = {
+        (False, False): "CaféÉCOLE한국어",
+        (True, False): "caféécole한국어",
+        (False, True): "CafeECOLE",
+        (True, True): "cafeecole",
+    }[(lowercase, strip_accents)]
     assert text.startswith(expected), f"lowercase={lowercase} strip_accents={strip_accents}: {text!r}"
     if strip_accents:  # NFD splits every Hangul syllable into jamo: the trap the default avoids
         assert JAMO.search(text) and not HANGUL.search(text)
@@ -191,8 +204,20 @@ def test_overwrite_and_no_partial_folder(tmp_path, sample_corpus, monkeypatch):
 
 def test_cli_trains_with_flags(tmp_path, sample_corpus):
     out = tmp_path / "tok"
-    rc = cli_main(["tokenizer", "--input", str(sample_corpus), "--out", str(out), "--vocab-size", "1500",
-                   "--lowercase", "--limit-alphabet", "2000"])
+    rc = cli_main(
+        [
+            "tokenizer",
+            "--input",
+            str(sample_corpus),
+            "--out",
+            str(out),
+            "--vocab-size",
+            "1500",
+            "--lowercase",
+            "--limit-alphabet",
+            "2000",
+        ]
+    )
     assert rc == 0
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["do_lower_case"] is True and config["strip_accents"] is False

@@ -1,5 +1,6 @@
 """The training loop: stored loss curve, gradient accumulation, precision, and runs that survive
 (resume, preemption, kill -9 mid-checkpoint, damaged checkpoints, numeric faults)."""
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,21 @@ LOSS_CURVE = Path(__file__).parent / "assets" / "losses" / "tiny_cpu.json"
 
 
 def tiny_config(data_dir, tokenizer_dir, out, **overrides):
-    base = {"out_dir": str(out), "data.data_dir": str(data_dir), "data.tokenizer_dir": str(tokenizer_dir),
-            "model.size": "tiny", "data.tokens_per_batch": 1024, "train.max_steps": 6, "train.log_every": 1,
-            "train.eval_every": 0, "train.eval_batches": 2, "train.device": "cpu", "train.compile": "off",
-            "optim.lr": 1e-3, "optim.warmup_steps": 2}
+    base = {
+        "out_dir": str(out),
+        "data.data_dir": str(data_dir),
+        "data.tokenizer_dir": str(tokenizer_dir),
+        "model.size": "tiny",
+        "data.tokens_per_batch": 1024,
+        "train.max_steps": 6,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.eval_batches": 2,
+        "train.device": "cpu",
+        "train.compile": "off",
+        "optim.lr": 1e-3,
+        "optim.warmup_steps": 2,
+    }
     base.update(overrides)
     return load_config(None, base)
 
@@ -51,7 +63,9 @@ def test_loss_curve_matches_stored(sample_corpus, tmp_path):
     got = [loss for _, loss in summary["losses"]]
     if os.environ.get("MLMTRAIN_UPDATE_LOSSES"):
         LOSS_CURVE.parent.mkdir(parents=True, exist_ok=True)
-        LOSS_CURVE.write_text(json.dumps({"config": "tiny, 1024 tokens/batch, lr 1e-3, seed 0", "losses": got}, indent=1))
+        LOSS_CURVE.write_text(
+            json.dumps({"config": "tiny, 1024 tokens/batch, lr 1e-3, seed 0", "losses": got}, indent=1)
+        )
     expected = json.loads(LOSS_CURVE.read_text())["losses"]
     print("got", got, "\nexpected", expected)
     np.testing.assert_allclose(got, expected, rtol=2e-4)
@@ -68,8 +82,14 @@ def equal_length_shard(data_dir, tokenizer_dir, out: Path, sentence_len: int = 1
         np.save(out / split / "tokens.npy", rng.integers(5, meta["vocab_size"], n * sentence_len).astype(np.uint16))
         np.save(out / split / "offsets.npy", np.arange(0, n * sentence_len + 1, sentence_len, dtype=np.int64))
         np.save(out / split / "doc_offsets.npy", np.array([0, n], dtype=np.int64))
-        meta[split] = {**meta[split], "sentences": n, "tokens": n * sentence_len, "documents": 1,
-                       "max_sentence_len": sentence_len, "min_sentence_len": sentence_len}
+        meta[split] = {
+            **meta[split],
+            "sentences": n,
+            "tokens": n * sentence_len,
+            "documents": 1,
+            "max_sentence_len": sentence_len,
+            "min_sentence_len": sentence_len,
+        }
     (out / "meta.json").write_text(json.dumps(meta))
     return out
 
@@ -88,8 +108,9 @@ def test_gradient_accumulation_equals_one_larger_batch(data_dir, tokenizer_dir, 
 
 
 def test_bf16_autocast_runs_on_cpu(data_dir, tokenizer_dir, tmp_path):
-    summary = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.precision": "bf16",
-                                                                              "train.max_steps": 3}))
+    summary = train(
+        tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.precision": "bf16", "train.max_steps": 3})
+    )
     assert summary["precision"] == "bf16" and all(np.isfinite(x) for _, x in summary["losses"])
 
 
@@ -108,6 +129,7 @@ def test_metrics_and_checkpoint_outputs(data_dir, tokenizer_dir, tmp_path):
 
 
 # ---- runs that survive (issue: checkpoints, resume, preemption, numeric faults) -----------------------
+
 
 def test_resume_is_bit_exact(data_dir, tokenizer_dir, tmp_path):
     """6 steps straight == 3 steps, stop, resume for 3 more: every loss equal bit for bit (dropout on,
@@ -150,8 +172,14 @@ def test_nan_steps_are_skipped_then_stop(data_dir, tokenizer_dir, tmp_path, monk
     and max_bad_steps consecutive bad steps stop the run with a final checkpoint of the last good state."""
     monkeypatch.setenv("MLMTRAIN_TEST_NAN_STEPS", "2,3,4,5")
     run = tmp_path / "run"
-    summary = train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 8, "train.max_bad_steps": 3,
-                                                                 "train.checkpoint_every": 2}))
+    summary = train(
+        tiny_config(
+            data_dir,
+            tokenizer_dir,
+            run,
+            **{"train.max_steps": 8, "train.max_bad_steps": 3, "train.checkpoint_every": 2},
+        )
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "bad_steps" in r]
     assert [r["bad_steps"] for r in rows] == [0, 1, 1, 1] and rows[1]["loss"] is None
@@ -163,10 +191,38 @@ def test_nan_steps_are_skipped_then_stop(data_dir, tokenizer_dir, tmp_path, monk
 
 def _train_cli(data_dir, tokenizer_dir, run, steps, extra_env=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    cmd = [sys.executable, "-m", "mlmtrain.cli", "train", "--data", str(data_dir), "--tokenizer", str(tokenizer_dir),
-           "--out", str(run), "--model", "tiny", "--tokens-per-batch", "1024", "--max-steps", str(steps),
-           "--seed", "0", "--set", "train.log_every=1", "--set", "train.eval_every=0", "--set", "train.eval_batches=2",
-           "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=2", "--set", "train.device=cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlmtrain.cli",
+        "train",
+        "--data",
+        str(data_dir),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(run),
+        "--model",
+        "tiny",
+        "--tokens-per-batch",
+        "1024",
+        "--max-steps",
+        str(steps),
+        "--seed",
+        "0",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.eval_batches=2",
+        "--set",
+        "optim.lr=1e-3",
+        "--set",
+        "optim.warmup_steps=2",
+        "--set",
+        "train.device=cpu",
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -194,17 +250,46 @@ def test_sigterm_saves_and_resume_is_exact(data_dir, tokenizer_dir, tmp_path):
     assert "SIGTERM received" in out and "--resume" in out
     stopped_at = ckpt.load_checkpoint_model(ckpt.latest_checkpoint(run))[2]["step"]
     assert 3 <= stopped_at < 40
-    resumed = subprocess.run([*_train_cli_args(data_dir, tokenizer_dir, run, 40), "--resume"], capture_output=True,
-                             text=True, timeout=300)
+    resumed = subprocess.run(
+        [*_train_cli_args(data_dir, tokenizer_dir, run, 40), "--resume"], capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert losses(run) == losses(straight)
 
 
 def _train_cli_args(data_dir, tokenizer_dir, run, steps):
-    return [sys.executable, "-m", "mlmtrain.cli", "train", "--data", str(data_dir), "--tokenizer", str(tokenizer_dir),
-            "--out", str(run), "--model", "tiny", "--tokens-per-batch", "1024", "--max-steps", str(steps),
-            "--seed", "0", "--set", "train.log_every=1", "--set", "train.eval_every=0", "--set", "train.eval_batches=2",
-            "--set", "optim.lr=1e-3", "--set", "optim.warmup_steps=2", "--set", "train.device=cpu"]
+    return [
+        sys.executable,
+        "-m",
+        "mlmtrain.cli",
+        "train",
+        "--data",
+        str(data_dir),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--out",
+        str(run),
+        "--model",
+        "tiny",
+        "--tokens-per-batch",
+        "1024",
+        "--max-steps",
+        str(steps),
+        "--seed",
+        "0",
+        "--set",
+        "train.log_every=1",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.eval_batches=2",
+        "--set",
+        "optim.lr=1e-3",
+        "--set",
+        "optim.warmup_steps=2",
+        "--set",
+        "train.device=cpu",
+    ]
 
 
 @pytest.mark.slow
@@ -213,13 +298,19 @@ def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(data_dir, tokeniz
     folder is never taken for a checkpoint, the previous one is used, and the run resumes from it."""
     run = tmp_path / "run"
     assert subprocess.run([*_train_cli_args(data_dir, tokenizer_dir, run, 2)], capture_output=True).returncode == 0
-    proc = subprocess.Popen([*_train_cli_args(data_dir, tokenizer_dir, run, 4), "--resume"],
-                            env={**os.environ, ckpt.PAUSE_ENV: "60"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*_train_cli_args(data_dir, tokenizer_dir, run, 4), "--resume"],
+        env={**os.environ, ckpt.PAUSE_ENV: "60"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     assert _wait_for(lambda: any((run / "checkpoints").glob(".tmp_*/model.safetensors")))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert ckpt.latest_checkpoint(run).name == "step_00000002"
-    done = subprocess.run([*_train_cli_args(data_dir, tokenizer_dir, run, 4), "--resume"], capture_output=True, text=True)
+    done = subprocess.run(
+        [*_train_cli_args(data_dir, tokenizer_dir, run, 4), "--resume"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert ckpt.latest_checkpoint(run).name == "step_00000004"
 
@@ -247,8 +338,10 @@ def test_nothing_we_load_unpickles():
     offenders = []
     for path in [*root.glob("trainer/*.py"), *root.glob("kernels/*.py")]:
         text = path.read_text(encoding="utf-8")
-        if "pickle" in text.replace("unpickle", "").replace("pickle-free", "").replace("no pickle", "") and \
-                "import pickle" in text:
+        if (
+            "pickle" in text.replace("unpickle", "").replace("pickle-free", "").replace("no pickle", "")
+            and "import pickle" in text
+        ):
             offenders.append(f"{path.name}: imports pickle")
         for line in text.splitlines():
             if "torch.load(" in line and "weights_only=True" not in line:

@@ -15,6 +15,7 @@ rewritten after every section, so a run killed from outside still leaves what it
 `--quick` is a CPU-sized smoke run (tiny model, small batches, no torch.compile; about a minute and a half
 on 2 cores): CI runs it and checks the report's schema, and users without a GPU can try the tool.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -35,42 +36,83 @@ SECTIONS = ("ceilings", "mask", "model", "train", "sweep")
 # What each section measures, per mode. Full sizes fit an H200 in < 9 minutes together (scripts/bench_gpu.sh).
 PLANS = {
     "full": {
-        "mask_sizes": [65536, 262144, 1048576, 4194304], "mask_repeats": 20, "mask_hf_max_tokens": 262144,
-        "model_sizes": ["base", "large"], "model_tokens": 65536, "model_repeats": 10, "model_warmup": 2,
+        "mask_sizes": [65536, 262144, 1048576, 4194304],
+        "mask_repeats": 20,
+        "mask_hf_max_tokens": 262144,
+        "model_sizes": ["base", "large"],
+        "model_tokens": 65536,
+        "model_repeats": 10,
+        "model_warmup": 2,
         "model_vocab": 30000,  # the seed's vocabulary size
-        "train_size": "base", "train_tokens": 65536, "train_steps": 40, "log_every": 5, "recipe_micro_batch": 256,
+        "train_size": "base",
+        "train_tokens": 65536,
+        "train_steps": 40,
+        "log_every": 5,
+        "recipe_micro_batch": 256,
         # 3 x 2 points, 5 compiles (64k/128 is the train section's run): ~1 min each on an H200
-        "sweep_tokens": [16384, 65536, 262144], "sweep_caps": [128, 512],
-        "sweep_target_tokens": 2_000_000, "sweep_steps": (15, 60), "compile": True,
+        "sweep_tokens": [16384, 65536, 262144],
+        "sweep_caps": [128, 512],
+        "sweep_target_tokens": 2_000_000,
+        "sweep_steps": (15, 60),
+        "compile": True,
     },
     "quick": {
-        "mask_sizes": [4096, 32768], "mask_repeats": 3, "mask_hf_max_tokens": None,
-        "model_sizes": ["tiny"], "model_tokens": 1024, "model_repeats": 3, "model_warmup": 1,
+        "mask_sizes": [4096, 32768],
+        "mask_repeats": 3,
+        "mask_hf_max_tokens": None,
+        "model_sizes": ["tiny"],
+        "model_tokens": 1024,
+        "model_repeats": 3,
+        "model_warmup": 1,
         "model_vocab": 4096,  # about what the sample corpus supports; 30000 makes the CPU run slow
-        "train_size": "tiny", "train_tokens": 1024, "train_steps": 8, "log_every": 2, "recipe_micro_batch": 64,
-        "sweep_tokens": [512, 1024], "sweep_caps": [128, 512],  # >= 512: a document unit fills the 512 cap
-        "sweep_target_tokens": 4096, "sweep_steps": (6, 6), "compile": False,
+        "train_size": "tiny",
+        "train_tokens": 1024,
+        "train_steps": 8,
+        "log_every": 2,
+        "recipe_micro_batch": 64,
+        "sweep_tokens": [512, 1024],
+        "sweep_caps": [128, 512],  # >= 512: a document unit fills the 512 cap
+        "sweep_target_tokens": 4096,
+        "sweep_steps": (6, 6),
+        "compile": False,
     },
 }
 
 
 def add_args(p) -> None:
     p.add_argument("--out", required=True, help="folder for results.json, report.md and the PNG charts")
-    p.add_argument("--quick", action="store_true",
-                   help="CPU-sized smoke run: tiny model, small batches, no torch.compile (~90 s on 2 cores)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU-sized smoke run: tiny model, small batches, no torch.compile (~90 s on 2 cores)",
+    )
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else cpu")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help=f"comma-separated, run in this order (default {','.join(SECTIONS)})")
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated, run in this order (default {','.join(SECTIONS)})",
+    )
     p.add_argument("--size", help="model size for train and sweep (default base; tiny with --quick)")
-    p.add_argument("--sweep-tokens", metavar="T1,T2,...",
-                   help="tokens per batch of the sweep (default 16384,65536,262144; 512,1024 with --quick)")
+    p.add_argument(
+        "--sweep-tokens",
+        metavar="T1,T2,...",
+        help="tokens per batch of the sweep (default 16384,65536,262144; 512,1024 with --quick)",
+    )
     p.add_argument("--sweep-caps", metavar="C1,C2", help="sequence caps of the sweep (default 128,512)")
-    p.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
-                   help="wall-clock budget: no section starts past it, and no sweep point that the longest "
-                        "point so far says would end past it (0 = none)")
-    p.add_argument("--merge", action="store_true",
-                   help="keep the sections of an existing OUT/results.json that this run does not redo; "
-                        "sweep points already measured there are not measured again")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wall-clock budget: no section starts past it, and no sweep point that the longest "
+        "point so far says would end past it (0 = none)",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sections of an existing OUT/results.json that this run does not redo; "
+        "sweep points already measured there are not measured again",
+    )
     p.add_argument("--work", help="folder for data, runs and checkpoints (default: a temporary folder, removed)")
 
 
@@ -145,8 +187,12 @@ class Bench:
     def mask(self) -> list[dict]:
         bench_mask = importlib.import_module("mlmtrain.benchmarks.bench_mask")  # ModuleNotFoundError if absent
         # the HF collator runs on the CPU at ~1 s per 256k tokens: capped there so the section stays short
-        return bench_mask.run(self.plan["mask_sizes"], self.device, self.plan["mask_repeats"],
-                              hf_max_tokens=self.plan["mask_hf_max_tokens"])
+        return bench_mask.run(
+            self.plan["mask_sizes"],
+            self.device,
+            self.plan["mask_repeats"],
+            hf_max_tokens=self.plan["mask_hf_max_tokens"],
+        )
 
     def model(self) -> list[dict]:
         bench_model = importlib.import_module("mlmtrain.benchmarks.bench_model")
@@ -156,17 +202,31 @@ class Bench:
         rows, longest = [], 0.0
         for size in self.plan["model_sizes"]:
             if self.deadline is not None and time.monotonic() + longest > self.deadline:
-                rows.append({"benchmark": "model", "name": f"{size}", "size": size,
-                             "error": "skipped: the time budget (--time-limit) ran out"})
+                rows.append(
+                    {
+                        "benchmark": "model",
+                        "name": f"{size}",
+                        "size": size,
+                        "error": "skipped: the time budget (--time-limit) ran out",
+                    }
+                )
                 continue
             t0 = time.monotonic()
             _fresh_device_state(self.device)
             # ours (compiled, as the trainer runs it) and transformers on the same sentences; one compile per
             # size keeps the section inside the GPU script's budget (bench_model.py alone has more variants)
             variants = ("ours", "hf") if self.device.type == "cuda" else None
-            for r in bench_model.run(size, self.plan["model_tokens"], str(self.device), dtype, self.plan["model_repeats"],
-                                     warmup=self.plan["model_warmup"], vocab_size=self.plan["model_vocab"],
-                                     compile=self.plan["compile"], variants=variants):
+            for r in bench_model.run(
+                size,
+                self.plan["model_tokens"],
+                str(self.device),
+                dtype,
+                self.plan["model_repeats"],
+                warmup=self.plan["model_warmup"],
+                vocab_size=self.plan["model_vocab"],
+                compile=self.plan["compile"],
+                variants=variants,
+            ):
                 rows.append({**r, "name": f"{size} {r['name']}"})
             longest = max(longest, time.monotonic() - t0)
         return rows
@@ -174,28 +234,53 @@ class Bench:
     def train(self) -> list[dict]:
         from mlmtrain.benchmarks import bench_train
 
-        return bench_train.run(self.work / "train", size=self.size, tokens_per_batch=self.plan["train_tokens"],
-                               steps=self.plan["train_steps"], device=self.args.device, compile=self.plan["compile"],
-                               log_every=self.plan["log_every"], max_micro_batch=self.plan["recipe_micro_batch"],
-                               data=self.data(), command=self.command)
+        return bench_train.run(
+            self.work / "train",
+            size=self.size,
+            tokens_per_batch=self.plan["train_tokens"],
+            steps=self.plan["train_steps"],
+            device=self.args.device,
+            compile=self.plan["compile"],
+            log_every=self.plan["log_every"],
+            max_micro_batch=self.plan["recipe_micro_batch"],
+            data=self.data(),
+            command=self.command,
+        )
 
     def sweep(self) -> list[dict]:
         from mlmtrain.benchmarks import bench_train
 
         reuse = list(self.done.get("train", []))
         if self.args.merge:  # points a previous run measured (incremental sweeps under a time limit)
-            reuse += [r for s in self.previous["sections"] if s["section"] in ("train", "sweep")
-                      for r in s.get("rows", []) if "error" not in r]
+            reuse += [
+                r
+                for s in self.previous["sections"]
+                if s["section"] in ("train", "sweep")
+                for r in s.get("rows", [])
+                if "error" not in r
+            ]
         lo, hi = self.plan["sweep_steps"]
         # until a sweep point has run, the train section's own run (same model, one compile) says how long one takes
-        expected = max([r.get("wall_s", 0.0) for r in self.done.get("train", []) if r.get("trainer") == "ours"],
-                       default=0.0)
-        return bench_train.sweep(self.work / "sweep", self.data(), size=self.size, tokens=self.plan["sweep_tokens"],
-                                 caps=self.plan["sweep_caps"], device=self.args.device, compile=self.plan["compile"],
-                                 target_tokens=self.plan["sweep_target_tokens"], min_steps=lo, max_steps=hi,
-                                 log_every=self.plan["log_every"], deadline=self.deadline, expected_s=expected,
-                                 reuse=reuse,
-                                 command=self.command)
+        expected = max(
+            [r.get("wall_s", 0.0) for r in self.done.get("train", []) if r.get("trainer") == "ours"], default=0.0
+        )
+        return bench_train.sweep(
+            self.work / "sweep",
+            self.data(),
+            size=self.size,
+            tokens=self.plan["sweep_tokens"],
+            caps=self.plan["sweep_caps"],
+            device=self.args.device,
+            compile=self.plan["compile"],
+            target_tokens=self.plan["sweep_target_tokens"],
+            min_steps=lo,
+            max_steps=hi,
+            log_every=self.plan["log_every"],
+            deadline=self.deadline,
+            expected_s=expected,
+            reuse=reuse,
+            command=self.command,
+        )
 
     def run_section(self, name: str) -> dict:
         t0 = time.monotonic()
@@ -204,11 +289,19 @@ class Bench:
         try:
             rows = getattr(self, name)()
         except ModuleNotFoundError as e:
-            return {"section": name, "wall_s": time.monotonic() - t0,
-                    "error": f"module {e.name} is not available ({e})", "traceback": traceback.format_exc()}
+            return {
+                "section": name,
+                "wall_s": time.monotonic() - t0,
+                "error": f"module {e.name} is not available ({e})",
+                "traceback": traceback.format_exc(),
+            }
         except Exception as e:  # a broken section is reported, the others still run
-            return {"section": name, "wall_s": time.monotonic() - t0, "error": f"{type(e).__name__}: {e}"[:1000],
-                    "traceback": traceback.format_exc()}
+            return {
+                "section": name,
+                "wall_s": time.monotonic() - t0,
+                "error": f"{type(e).__name__}: {e}"[:1000],
+                "traceback": traceback.format_exc(),
+            }
         rows = [{**r, "section": name, "command": r.get("command") or self.command} for r in rows]
         self.done[name] = rows
         return {"section": name, "wall_s": time.monotonic() - t0, "rows": rows}
@@ -227,9 +320,15 @@ def main(args) -> int:
     own_work = args.work is None
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlmtrain_bench_"))
     bench = Bench(args, sections, work, previous)
-    results = {"command": bench.command, "quick": bool(args.quick), "device": args.device,
-               "environment": environment(bench.device), "time_limit_s": args.time_limit or None,
-               "sections": [], "wall_s": 0.0}
+    results = {
+        "command": bench.command,
+        "quick": bool(args.quick),
+        "device": args.device,
+        "environment": environment(bench.device),
+        "time_limit_s": args.time_limit or None,
+        "sections": [],
+        "wall_s": 0.0,
+    }
     peak = peak_tflops_for(bench.device, "bf16" if bench.device.type == "cuda" else "fp32") or None
     t0 = time.monotonic()
     bench.deadline = t0 + args.time_limit if args.time_limit else None  # the budget is for the sections
@@ -248,8 +347,11 @@ def main(args) -> int:
             shutil.rmtree(work, ignore_errors=True)
     json_path, md_path = report.write(_merged(results, previous), out, peak)
     errors = [s["section"] for s in results["sections"] if "error" in s]
-    print(f"mlmtrain bench: wrote {json_path} and {md_path} in {results['wall_s']:.0f} s"
-          + (f"; not measured: {', '.join(errors)}" if errors else ""), file=sys.stderr)
+    print(
+        f"mlmtrain bench: wrote {json_path} and {md_path} in {results['wall_s']:.0f} s"
+        + (f"; not measured: {', '.join(errors)}" if errors else ""),
+        file=sys.stderr,
+    )
     return 1 if errors else 0
 
 

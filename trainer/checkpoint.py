@@ -12,6 +12,7 @@ A checkpoint is written into a temporary sibling folder, every file fsynced, the
 (rename is atomic on POSIX), so a crash at any moment leaves either the old set of checkpoints or the old
 set plus one complete new one. Loading never unpickles: safetensors and JSON only.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,10 +89,20 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, run_config: dict, state: dict,
-                    optimizer: torch.optim.Optimizer | None = None, scaler_state: dict | None = None,
-                    keep: int = 0, *, model_state: dict | None = None, optimizer_state: dict | None = None,
-                    extra_rng: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    run_config: dict,
+    state: dict,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler_state: dict | None = None,
+    keep: int = 0,
+    *,
+    model_state: dict | None = None,
+    optimizer_state: dict | None = None,
+    extra_rng: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write checkpoint `step` atomically; keep only the newest `keep` (0 = all). Returns its folder.
     On a write failure (disk full, permissions) the partial folder is removed, earlier checkpoints are
     untouched, and a UserError says what happened. `model_state` / `optimizer_state` (an
@@ -194,8 +205,10 @@ def latest_checkpoint(path: str | Path, log=print) -> Path:
         if problem is None:
             return ckpt
         log(f"skipping damaged checkpoint {ckpt}: {problem}")
-    raise UserError(f"no complete checkpoint in {path} (expected {path / CHECKPOINTS}/step_*/ with a "
-                    f"manifest.json); train with `mlmtrain train --out {path}` first")
+    raise UserError(
+        f"no complete checkpoint in {path} (expected {path / CHECKPOINTS}/step_*/ with a "
+        f"manifest.json); train with `mlmtrain train --out {path}` first"
+    )
 
 
 def load_checkpoint_model(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:

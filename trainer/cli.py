@@ -1,5 +1,6 @@
 """The `mlmtrain` command. Each subcommand lives in its own module, which provides
 `add_args(parser)` and `main(args) -> int`; this file only wires them together."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,6 @@
 """Run configuration: one dataclass per concern, read from a TOML file, overridden by flags and
 `--set section.key=value`. The resolved config is logged at start and saved with every checkpoint."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,7 +102,9 @@ def _coerce(value, target_type, name: str):
         try:
             value = json.loads(text) if target_type is not float else float(text)
         except (ValueError, json.JSONDecodeError):
-            raise UserError(f"{name} must be a {getattr(target_type, '__name__', target_type)}, got {value!r}")
+            raise UserError(
+                f"{name} must be a {getattr(target_type, '__name__', target_type)}, got {value!r}"
+            ) from None
     origin = getattr(target_type, "__origin__", None)
     if origin is tuple or target_type is tuple:
         if not isinstance(value, (list, tuple)):
@@ -130,8 +133,9 @@ def _set(cfg: RunConfig, dotted: str, value) -> None:
     setattr(obj, key, _coerce(value, fields[key].type, dotted))
 
 
-def load_config(toml_path: str | Path | None = None, overrides: dict | None = None,
-                sets: list[str] | None = None) -> RunConfig:
+def load_config(
+    toml_path: str | Path | None = None, overrides: dict | None = None, sets: list[str] | None = None
+) -> RunConfig:
     """TOML file, then `overrides` (flag values: dotted key -> value, None = not given), then `--set`."""
     cfg = RunConfig()
     if toml_path:
@@ -142,12 +146,12 @@ def load_config(toml_path: str | Path | None = None, overrides: dict | None = No
             try:
                 cfg = config_from_dict(json.loads(path.read_text(encoding="utf-8")))
             except (ValueError, UnicodeDecodeError) as e:
-                raise UserError(f"config file {path} is not valid JSON: {e}")
+                raise UserError(f"config file {path} is not valid JSON: {e}") from None
             return _apply(cfg, overrides, sets)
         try:
             table = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {path} is not valid TOML: {e}")
+            raise UserError(f"config file {path} is not valid TOML: {e}") from None
 
         def walk(prefix: str, node: dict) -> None:
             for k, v in node.items():

@@ -19,6 +19,7 @@ The train/valid split is by *unit*: a document, cut into pieces of at most SPLIT
 `np.random.default_rng(seed)`, in corpus order: the same input and seed give the same split, whatever the
 block size. Units of one document that land in the same split next to each other stay one document.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -131,7 +132,9 @@ def iter_line_batches(paths: list[Path], stats: dict, block_bytes: int = READ_BL
                 cut = block.rfind(b"\n") + 1 if chunk else len(block)
                 block, carry = block[:cut], block[cut:]
                 if len(carry) > MAX_LINE_BYTES:
-                    raise UserError(f"{path} has a line longer than {MAX_LINE_BYTES >> 20} MiB; expected one sentence per line.")
+                    raise UserError(
+                        f"{path} has a line longer than {MAX_LINE_BYTES >> 20} MiB; expected one sentence per line."
+                    )
                 if block:
                     lines = _decode_block(block, stats)
                     if lines and lines[-1] == "" and block.endswith(b"\n"):
@@ -248,8 +251,13 @@ class _SplitWriter:
             self.doc_offsets.write(np.array([self.sentences]))
         for w in (self.tokens, self.offsets, self.doc_offsets):
             w.close()
-        return {"sentences": self.sentences, "tokens": self.num_tokens, "documents": self.documents,
-                "max_sentence_len": self.max_len, "min_sentence_len": self.min_len or 0}
+        return {
+            "sentences": self.sentences,
+            "tokens": self.num_tokens,
+            "documents": self.documents,
+            "max_sentence_len": self.max_len,
+            "min_sentence_len": self.min_len or 0,
+        }
 
 
 JOIN_LINES = 64  # lines per tokenizer input; a 1 MiB block (~8k lines) makes ~128 inputs for the cores
@@ -265,7 +273,7 @@ def encode_lines(tok, lines: list[str], dtype) -> list[np.ndarray]:
     as if encoded alone (tests compare both ways). A group whose count of [SEP] ids is off (a line that
     contains the literal text "[SEP]") is encoded line by line instead."""
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: faster (tokenizers >= 0.20)
-    groups = [lines[i:i + JOIN_LINES] for i in range(0, len(lines), JOIN_LINES)]
+    groups = [lines[i : i + JOIN_LINES] for i in range(0, len(lines), JOIN_LINES)]
     out = []
     for group, enc in zip(groups, encode([" [SEP] ".join(g) for g in groups], add_special_tokens=False)):
         ids = np.array(enc.ids, dtype=dtype)  # (tokens of the group + separators,)
@@ -318,8 +326,18 @@ def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 # ------------------------------------------------------------------------------------------ prepare
 
 
-def prepare(inputs, tokenizer_dir, out_dir, valid_fraction: float = 0.01, max_seq_len: int = 128, seed: int = 0,
-            *, overwrite: bool = False, progress: bool = True, block_bytes: int = READ_BLOCK_BYTES) -> dict:
+def prepare(
+    inputs,
+    tokenizer_dir,
+    out_dir,
+    valid_fraction: float = 0.01,
+    max_seq_len: int = 128,
+    seed: int = 0,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    block_bytes: int = READ_BLOCK_BYTES,
+) -> dict:
     """Tokenize `inputs` into train/valid token shards in `out_dir`; returns meta.json's content."""
     if not 0.0 <= valid_fraction < 1.0:
         raise UserError(f"--valid-fraction must be in [0, 1), got {valid_fraction}.")
@@ -390,7 +408,9 @@ def prepare(inputs, tokenizer_dir, out_dir, valid_fraction: float = 0.01, max_se
             writers["valid" if valid_starved else "train"].add_unit(*held)
         split_meta = {name: w.close() for name, w in writers.items()}
         if split_meta["train"]["sentences"] == 0:
-            raise UserError("no sentences left after tokenizing; check that the inputs are text in the tokenizer's language.")
+            raise UserError(
+                "no sentences left after tokenizing; check that the inputs are text in the tokenizer's language."
+            )
         seconds = time.perf_counter() - t0
         meta = {
             "format_version": FORMAT_VERSION,
@@ -436,15 +456,21 @@ def _progress_bar(total_bytes: int, enabled: bool):
 
 def _report(meta: dict, out_dir: Path, total_bytes: int) -> None:
     tr, va, s = meta["train"], meta["valid"], meta["seconds"]
-    print(f"wrote {out_dir}: train {tr['sentences']:,} sentences / {tr['tokens']:,} tokens, valid "
-          f"{va['sentences']:,} / {va['tokens']:,} ({meta['dtype']}, {total_bytes / 1e6 / s:.1f} MB/s, "
-          f"{meta['input_lines'] / s:,.0f} lines/s)", file=sys.stderr)
+    print(
+        f"wrote {out_dir}: train {tr['sentences']:,} sentences / {tr['tokens']:,} tokens, valid "
+        f"{va['sentences']:,} / {va['tokens']:,} ({meta['dtype']}, {total_bytes / 1e6 / s:.1f} MB/s, "
+        f"{meta['input_lines'] / s:,.0f} lines/s)",
+        file=sys.stderr,
+    )
     for key, (verb, what) in LINE_PROBLEMS.items():
         if meta["line_problems"][key]:
             print(f"note: {meta['line_problems'][key]} lines with {what} {verb}", file=sys.stderr)
     if meta["sentences_split"]:
-        print(f"note: {meta['sentences_split']} sentences longer than {meta['max_seq_len'] - 2} tokens were split "
-              "into consecutive pieces", file=sys.stderr)
+        print(
+            f"note: {meta['sentences_split']} sentences longer than {meta['max_seq_len'] - 2} tokens were split "
+            "into consecutive pieces",
+            file=sys.stderr,
+        )
     if meta["valid_fraction"] > 0 and va["sentences"] == 0:
         print("note: the valid split is empty (the corpus has a single split unit)", file=sys.stderr)
 
@@ -470,7 +496,7 @@ class TokenShard:
         return len(self.doc_offsets) - 1
 
     def sentence(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 
 def read_meta(data_dir) -> dict:
@@ -479,8 +505,10 @@ def read_meta(data_dir) -> dict:
         raise UserError(f"{data_dir} holds no token shards (no meta.json); make them with `mlmtrain prepare`.")
     meta = json.loads(path.read_text(encoding="utf-8"))
     if meta.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{data_dir} has shard format {meta.get('format_version')}, this mlmtrain reads "
-                        f"{FORMAT_VERSION}; run `mlmtrain prepare` again.")
+        raise UserError(
+            f"{data_dir} has shard format {meta.get('format_version')}, this mlmtrain reads "
+            f"{FORMAT_VERSION}; run `mlmtrain prepare` again."
+        )
     return meta
 
 
@@ -502,28 +530,55 @@ def check_tokenizer_match(data_dir, tokenizer_dir) -> None:
     """Refuse shards made with another tokenizer: their ids would mean different tokens."""
     meta = read_meta(data_dir)
     if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer_dir):
-        raise UserError(f"the shards in {data_dir} were made with another tokenizer than {tokenizer_dir} "
-                        f"(made with {meta.get('tokenizer_dir')}); run `mlmtrain prepare` with this tokenizer.")
+        raise UserError(
+            f"the shards in {data_dir} were made with another tokenizer than {tokenizer_dir} "
+            f"(made with {meta.get('tokenizer_dir')}); run `mlmtrain prepare` with this tokenizer."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="UTF-8 text files, one sentence per line, a blank line between documents (.gz read transparently)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="UTF-8 text files, one sentence per line, a blank line between documents (.gz read transparently)",
+    )
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder from `mlmtrain tokenizer`")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the shards into (created; must not hold shards)")
-    p.add_argument("--valid-fraction", type=float, default=0.01,
-                   help="fraction of split units (documents, cut every 64 sentences) held out for validation (default 0.01)")
-    p.add_argument("--max-seq-len", type=int, default=128,
-                   help="longest model input; sentences over max_seq_len - 2 tokens are split into pieces (default 128)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="folder to write the shards into (created; must not hold shards)"
+    )
+    p.add_argument(
+        "--valid-fraction",
+        type=float,
+        default=0.01,
+        help="fraction of split units (documents, cut every 64 sentences) held out for validation (default 0.01)",
+    )
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=128,
+        help="longest model input; sentences over max_seq_len - 2 tokens are split into pieces (default 128)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split (default 0)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards already in --out (only once the new ones are complete)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace shards already in --out (only once the new ones are complete)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
 
 
 def main(args) -> int:
-    prepare(args.input, args.tokenizer, args.out, valid_fraction=args.valid_fraction, max_seq_len=args.max_seq_len,
-            seed=args.seed, overwrite=args.overwrite, progress=not args.no_progress)
+    prepare(
+        args.input,
+        args.tokenizer,
+        args.out,
+        valid_fraction=args.valid_fraction,
+        max_seq_len=args.max_seq_len,
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     return 0

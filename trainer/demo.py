@@ -6,6 +6,7 @@ It prints the final validation MLM loss next to two unigram numbers: the train c
 and the loss a unigram model fitted on train scores on the same validation split. A model that learned
 nothing beyond token frequencies sits at the latter; a lower loss is learning from context.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,29 +76,57 @@ def main(args) -> int:
     train_tokens = np.asarray(load_split(out / "data", "train").tokens)
     entropy = unigram_entropy(train_tokens, NUM_SPECIAL)
     baseline = unigram_cross_entropy(train_tokens, np.asarray(load_split(out / "data", "valid").tokens), NUM_SPECIAL)
-    print(f"      {meta['train']['sentences']} train / {meta['valid']['sentences']} valid sentences; unigram "
-          f"entropy {entropy:.3f} nats (train), a unigram model's loss on valid {baseline:.3f} nats")
+    print(
+        f"      {meta['train']['sentences']} train / {meta['valid']['sentences']} valid sentences; unigram "
+        f"entropy {entropy:.3f} nats (train), a unigram model's loss on valid {baseline:.3f} nats"
+    )
 
     steps = args.steps or (400 if cuda else 300)
     print(f"[3/6] train: {'small on CUDA' if cuda else 'tiny on CPU'}, {steps} steps")
-    cfg = load_config(None, {
-        "out_dir": str(out / "run"), "data.data_dir": str(out / "data"), "data.tokenizer_dir": str(out / "tokenizer"),
-        "model.size": "small" if cuda else "tiny", "data.tokens_per_batch": 16384 if cuda else 4096,
-        "optim.lr": 1e-3, "optim.warmup_steps": 30, "train.max_steps": steps, "train.eval_every": 100,
-        "train.log_every": 10, "train.device": "cuda" if cuda else "cpu", "train.compile": "off",
-    })
+    cfg = load_config(
+        None,
+        {
+            "out_dir": str(out / "run"),
+            "data.data_dir": str(out / "data"),
+            "data.tokenizer_dir": str(out / "tokenizer"),
+            "model.size": "small" if cuda else "tiny",
+            "data.tokens_per_batch": 16384 if cuda else 4096,
+            "optim.lr": 1e-3,
+            "optim.warmup_steps": 30,
+            "train.max_steps": steps,
+            "train.eval_every": 100,
+            "train.log_every": 10,
+            "train.device": "cuda" if cuda else "cpu",
+            "train.compile": "off",
+        },
+    )
     summary = train(cfg)
     if summary["stopped_by"]:
         print(f"demo stopped ({summary['stopped_by']}); the run so far is in {out / 'run'}")
         return 130
     valid_loss = summary["valid_loss"]
-    print(f"      validation MLM loss {valid_loss:.3f} nats (unigram baseline on valid {baseline:.3f}), "
-          f"accuracy {summary['valid_accuracy']:.3f}, {summary['tokens_per_s']:.0f} tokens/s")
+    print(
+        f"      validation MLM loss {valid_loss:.3f} nats (unigram baseline on valid {baseline:.3f}), "
+        f"accuracy {summary['valid_accuracy']:.3f}, {summary['tokens_per_s']:.0f} tokens/s"
+    )
 
     print("[4/6] export + verify with transformers")
     export_dir = out / "export"
-    rc = cli.main(["export", "--checkpoint", str(out / "run"), "--tokenizer", str(out / "tokenizer"),
-                   "--out", str(export_dir), "--language", "ko", "--widget-text", WIDGET_TEXT])
+    rc = cli.main(
+        [
+            "export",
+            "--checkpoint",
+            str(out / "run"),
+            "--tokenizer",
+            str(out / "tokenizer"),
+            "--out",
+            str(export_dir),
+            "--language",
+            "ko",
+            "--widget-text",
+            WIDGET_TEXT,
+        ]
+    )
     if rc != 0:
         return rc
 
@@ -108,14 +137,24 @@ def main(args) -> int:
 
     print("[6/6] upload dry run (nothing is sent)")
     rc = cli.main(["upload", "--folder", str(export_dir), "--repo-id", "your-name/mlmtrain-demo", "--dry-run"])
-    result = {"vocab_size": vocab_size, "unigram_entropy": entropy, "unigram_valid_loss": baseline, "valid_loss": valid_loss,
-              "valid_accuracy": summary["valid_accuracy"], "steps": steps, "tokens_per_s": summary["tokens_per_s"],
-              "wall_s": round(time.time() - t0, 1), "device": "cuda" if cuda else "cpu"}
+    result = {
+        "vocab_size": vocab_size,
+        "unigram_entropy": entropy,
+        "unigram_valid_loss": baseline,
+        "valid_loss": valid_loss,
+        "valid_accuracy": summary["valid_accuracy"],
+        "steps": steps,
+        "tokens_per_s": summary["tokens_per_s"],
+        "wall_s": round(time.time() - t0, 1),
+        "device": "cuda" if cuda else "cpu",
+    }
     (out / "demo_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     verdict = "below" if valid_loss < baseline else "NOT below"
-    print(f"done in {result['wall_s']:.0f} s: validation MLM loss {valid_loss:.3f} is {verdict} the unigram model's "
-          f"{baseline:.3f} on the same split (perplexity {math.exp(valid_loss):.0f} vs {math.exp(baseline):.0f}; "
-          f"train-corpus unigram entropy {entropy:.3f}); exported model in {export_dir}")
+    print(
+        f"done in {result['wall_s']:.0f} s: validation MLM loss {valid_loss:.3f} is {verdict} the unigram model's "
+        f"{baseline:.3f} on the same split (perplexity {math.exp(valid_loss):.0f} vs {math.exp(baseline):.0f}; "
+        f"train-corpus unigram entropy {entropy:.3f}); exported model in {export_dir}"
+    )
     return rc
 
 

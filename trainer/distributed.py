@@ -15,6 +15,7 @@ here is a no-op for one process, so the training loop reads the same either way.
 - Rank 0 alone logs and writes. A failing rank names itself on stderr and in torchrun's error file;
   torchrun then ends the other workers; a rank stuck in a collective gives up after MLMTRAIN_DIST_TIMEOUT.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,9 +80,11 @@ def init(device: torch.device | None = None) -> tuple[int, int]:
             tdist.init_process_group("gloo", timeout=timeout())
             return rank(), world_size()
         if local_rank() >= torch.cuda.device_count():
-            raise UserError(f"{os.environ.get('LOCAL_WORLD_SIZE', world_size())} processes on this machine "
-                            f"need as many GPUs, but only {torch.cuda.device_count()} are visible; "
-                            f"lower --nproc / --nproc-per-node")
+            raise UserError(
+                f"{os.environ.get('LOCAL_WORLD_SIZE', world_size())} processes on this machine "
+                f"need as many GPUs, but only {torch.cuda.device_count()} are visible; "
+                f"lower --nproc / --nproc-per-node"
+            )
         gpu = torch.device("cuda", device.index if device is not None and device.index is not None else local_rank())
         torch.cuda.set_device(gpu)
         # device_id: NCCL connects at once and knows this rank's GPU (barriers never guess a device)
@@ -97,8 +100,10 @@ def check_shard(shard: str, precision: str) -> None:
     if shard not in ("ddp", "fsdp"):
         raise UserError(f"train.shard must be ddp or fsdp, got {shard!r}")
     if shard == "fsdp" and precision == "fp16" and launched():
-        raise UserError("fp16 loss scaling is not wired for FSDP (its gradients are sharded DTensors); "
-                        "use --precision bf16 (or fp32) with --shard fsdp")
+        raise UserError(
+            "fp16 loss scaling is not wired for FSDP (its gradients are sharded DTensors); "
+            "use --precision bf16 (or fp32) with --shard fsdp"
+        )
 
 
 def wrap(model: torch.nn.Module, shard: str, device: torch.device, precision: str = "fp32") -> torch.nn.Module:
@@ -200,8 +205,11 @@ def name_failing_rank():
         raise
     except Exception as e:
         if world_size() > 1:
-            print(f"mlmtrain train: rank {rank()} of {world_size()} failed: {type(e).__name__}: {e}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"mlmtrain train: rank {rank()} of {world_size()} failed: {type(e).__name__}: {e}",
+                file=sys.stderr,
+                flush=True,
+            )
             from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
             get_error_handler().record_exception(e)  # no-op outside torchrun (no TORCHELASTIC_ERROR_FILE)
@@ -209,6 +217,7 @@ def name_failing_rank():
 
 
 # ---- checkpoints: one format for every world size ------------------------------------------------------
+
 
 def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
     """Fully qualified name of every optimizer parameter, in the optimizer's order: the order that gives
@@ -223,8 +232,7 @@ def _fsdp_full_state(model, optimizer) -> tuple[dict, dict] | tuple[None, None]:
     """Full model and optimizer state of an FSDP model, gathered to rank 0 on the CPU (a collective: every
     rank calls it). On rank 0: (weights without tied aliases, optimizer.state_dict()-style dict keyed by
     parameter index); elsewhere (None, None)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options)
@@ -265,8 +273,19 @@ def save_checkpoint(run_dir, step, model, run_config, state, optimizer, scaler_s
     rng = _rng_of_every_rank(next(model.parameters()).device)
     weights, optim_state = _fsdp_full_state(model, optimizer) if is_fsdp(model) else (None, None)
     if rank() == 0:
-        ckpt.save_checkpoint(run_dir, step, model, run_config, state, None if is_fsdp(model) else optimizer,
-                             scaler_state, keep, model_state=weights, optimizer_state=optim_state, extra_rng=rng)
+        ckpt.save_checkpoint(
+            run_dir,
+            step,
+            model,
+            run_config,
+            state,
+            None if is_fsdp(model) else optimizer,
+            scaler_state,
+            keep,
+            model_state=weights,
+            optimizer_state=optim_state,
+            extra_rng=rng,
+        )
     barrier()
 
 
@@ -297,12 +316,15 @@ def load_optimizer_state(model, optimizer, checkpoint, state: dict) -> None:
     names = _param_names(model, optimizer)
     if len(names) != sum(len(g["params"]) for g in full["param_groups"]):
         raise UserError(f"the optimizer state in {checkpoint} does not fit this model's parameters")
-    by_name = {"state": {names[i]: value for i, value in full["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in full["param_groups"]]}
+    by_name = {
+        "state": {names[i]: value for i, value in full["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in full["param_groups"]],
+    }
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
 # ---- launching -----------------------------------------------------------------------------------------
+
 
 def torchrun_command(argv: list[str], nproc: int) -> list[str]:
     """The torchrun command line for `mlmtrain <argv>` with `--nproc N` taken out. --standalone picks a free
@@ -320,8 +342,17 @@ def torchrun_command(argv: list[str], nproc: int) -> list[str]:
         if a.startswith("--nproc="):
             continue
         args.append(a)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-            "-m", "mlmtrain.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "mlmtrain.cli",
+        *args,
+    ]
 
 
 def exec_torchrun(nproc: int) -> int:

@@ -16,6 +16,7 @@ to our packed forward on a few sentences, the tokenizer splits text exactly like
 `pipeline("fill-mask")` answers every widget text. The folder is built in a temporary sibling and renamed,
 so `--out` never holds half an export.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,26 @@ DEFAULT_WIDGETS = {  # the seed's own widget sentence for Korean
     "en": "The capital of France is [MASK].",
 }
 # What BertTokenizer (slow and fast, transformers 4.45-5.x) reads; anything else is dropped.
-TOKENIZER_CONFIG_KEYS = ("tokenizer_class", "do_lower_case", "strip_accents", "tokenize_chinese_chars",
-                         "clean_up_tokenization_spaces", "model_max_length", "unk_token", "sep_token",
-                         "pad_token", "cls_token", "mask_token")
-SPECIAL_TOKENS_MAP = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                      "mask_token": "[MASK]"}
+TOKENIZER_CONFIG_KEYS = (
+    "tokenizer_class",
+    "do_lower_case",
+    "strip_accents",
+    "tokenize_chinese_chars",
+    "clean_up_tokenization_spaces",
+    "model_max_length",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+SPECIAL_TOKENS_MAP = {
+    "unk_token": "[UNK]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "mask_token": "[MASK]",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -55,19 +71,38 @@ def tokenizer_config(tokenizer_dir: Path, max_position_embeddings: int) -> dict:
     else:  # derive the normalizer flags from tokenizer.json
         norm = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer") or {}
         if norm.get("type") == "BertNormalizer":
-            source = {"do_lower_case": norm.get("lowercase", False), "strip_accents": norm.get("strip_accents"),
-                      "tokenize_chinese_chars": norm.get("handle_chinese_chars", True)}
-    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": False, "strip_accents": False,
-              "tokenize_chinese_chars": True, "clean_up_tokenization_spaces": False}
+            source = {
+                "do_lower_case": norm.get("lowercase", False),
+                "strip_accents": norm.get("strip_accents"),
+                "tokenize_chinese_chars": norm.get("handle_chinese_chars", True),
+            }
+    config = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": False,
+        "strip_accents": False,
+        "tokenize_chinese_chars": True,
+        "clean_up_tokenization_spaces": False,
+    }
     config.update({k: v for k, v in source.items() if k in TOKENIZER_CONFIG_KEYS})
     config.update(SPECIAL_TOKENS_MAP)
-    config["model_max_length"] = min(int(source.get("model_max_length") or max_position_embeddings),
-                                     max_position_embeddings)
+    config["model_max_length"] = min(
+        int(source.get("model_max_length") or max_position_embeddings), max_position_embeddings
+    )
     return config
 
 
-def model_card(*, title: str, config, run_config: dict, state: dict, step: int, language: str | None,
-               license: str, widgets: list[str], data_meta: dict | None):
+def model_card(
+    *,
+    title: str,
+    config,
+    run_config: dict,
+    state: dict,
+    step: int,
+    language: str | None,
+    license: str,
+    widgets: list[str],
+    data_meta: dict | None,
+):
     """The README.md: YAML header the Hub reads (fill-mask widget) + what, on what, how long, how good."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -75,23 +110,37 @@ def model_card(*, title: str, config, run_config: dict, state: dict, step: int, 
     from mlmtrain.model import MODEL_SIZES
 
     card_data = ModelCardData(
-        language=language, license=license, library_name="transformers", pipeline_tag="fill-mask",
-        tags=["bert", "fill-mask", "mlmtrain"], mask_token="[MASK]", widget=[{"text": t} for t in widgets],
+        language=language,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="fill-mask",
+        tags=["bert", "fill-mask", "mlmtrain"],
+        mask_token="[MASK]",
+        widget=[{"text": t} for t in widgets],
     )
     run = run_config.get("run") or {}
     data, mask, optim, train = (run.get(k) or {} for k in ("data", "mask", "optim", "train"))
-    size = next((name for name, dims in MODEL_SIZES.items()
-                 if all(getattr(config, k) == v for k, v in dims.items())), "custom")
+    size = next(
+        (name for name, dims in MODEL_SIZES.items() if all(getattr(config, k) == v for k, v in dims.items())), "custom"
+    )
     valid_loss = state.get("valid_loss")
-    loss_text = "not measured" if valid_loss is None else f"{valid_loss:.4f} nats (perplexity {math.exp(valid_loss):.2f})"
+    loss_text = (
+        "not measured" if valid_loss is None else f"{valid_loss:.4f} nats (perplexity {math.exp(valid_loss):.2f})"
+    )
     tokens = state.get("real_tokens")
     if data_meta:
         train_split = data_meta.get("train") or {}
-        inputs = ", ".join(Path(str(p.get("path", p) if isinstance(p, dict) else p)).name
-                           for p in data_meta.get("inputs") or []) or "not recorded"
-        data_text = (f"{_count(train_split.get('sentences'))} sentences / {_count(train_split.get('tokens'))} tokens "
-                     f"from {inputs}, split into segments of at most {data_meta.get('max_seq_len')} tokens "
-                     f"([CLS] sentence [SEP])")
+        inputs = (
+            ", ".join(
+                Path(str(p.get("path", p) if isinstance(p, dict) else p)).name for p in data_meta.get("inputs") or []
+            )
+            or "not recorded"
+        )
+        data_text = (
+            f"{_count(train_split.get('sentences'))} sentences / {_count(train_split.get('tokens'))} tokens "
+            f"from {inputs}, split into segments of at most {data_meta.get('max_seq_len')} tokens "
+            f"([CLS] sentence [SEP])"
+        )
     else:
         data_text = f"token shards in `{data['data_dir']}`" if data.get("data_dir") else "not recorded"
     lines = [
@@ -118,9 +167,15 @@ def model_card(*, title: str, config, run_config: dict, state: dict, step: int, 
         f"- Masking: {mask.get('mask_prob', 0.15):.0%} of tokens selected"
         + (" (whole words)" if mask.get("whole_word") else "")
         + f", of those {mask.get('mask_frac', 0.8):.0%} [MASK], {mask.get('random_frac', 0.1):.0%} random.",
-        *([f"- Optimiser: AdamW, peak learning rate {optim['lr']}, {optim.get('schedule', 'linear')} decay; "
-           f"{data.get('tokens_per_batch') or 'auto'} tokens per micro-batch x {optim.get('grad_accum', 1)} "
-           f"micro-batches per step; precision {train.get('precision', 'auto')}."] if "lr" in optim else []),
+        *(
+            [
+                f"- Optimiser: AdamW, peak learning rate {optim['lr']}, {optim.get('schedule', 'linear')} decay; "
+                f"{data.get('tokens_per_batch') or 'auto'} tokens per micro-batch x {optim.get('grad_accum', 1)} "
+                f"micro-batches per step; precision {train.get('precision', 'auto')}."
+            ]
+            if "lr" in optim
+            else []
+        ),
         f"- Final validation MLM loss: {loss_text}.",
         "",
         "Command:",
@@ -131,8 +186,12 @@ def model_card(*, title: str, config, run_config: dict, state: dict, step: int, 
         "",
         "## Limits",
         "",
-        (f"Trained on segments of up to {data_meta['max_seq_len']} tokens; position embeddings past that (up "
-         f"to {config.max_position_embeddings}) were never trained. " if data_meta else "")
+        (
+            f"Trained on segments of up to {data_meta['max_seq_len']} tokens; position embeddings past that (up "
+            f"to {config.max_position_embeddings}) were never trained. "
+            if data_meta
+            else ""
+        )
         + "Token type ids are all 0 (no sentence pairs were seen).",
         "",
         f"Exported by mlmtrain {__version__}.",
@@ -168,9 +227,19 @@ def _read_data_meta(run_config: dict) -> dict | None:
 # export
 
 
-def export_folder(checkpoint, tokenizer_dir, out_dir, *, language: str | None = None,
-                  license: str = "apache-2.0", widget_texts: list[str] | None = None, dtype: str = "fp32",
-                  verify: bool = True, overwrite: bool = False, log=print) -> dict:
+def export_folder(
+    checkpoint,
+    tokenizer_dir,
+    out_dir,
+    *,
+    language: str | None = None,
+    license: str = "apache-2.0",
+    widget_texts: list[str] | None = None,
+    dtype: str = "fp32",
+    verify: bool = True,
+    overwrite: bool = False,
+    log=print,
+) -> dict:
     """Write the export folder for `checkpoint` (a checkpoint folder or a run folder: its newest complete
     checkpoint) and return its `mlmtrain_export.json` content. Raises UserError on any user mistake, and when
     verification fails (the folder is then still written, with "verified": false, so it can be inspected)."""
@@ -197,7 +266,7 @@ def export_folder(checkpoint, tokenizer_dir, out_dir, *, language: str | None = 
     ckpt = latest_checkpoint(checkpoint, log=log)
     state_dict, run_config, state = load_checkpoint_model(ckpt)
     if "model" not in run_config:
-        raise UserError(f"{ckpt / 'config.json'} has no \"model\" section: it was not written by mlmtrain.")
+        raise UserError(f'{ckpt / "config.json"} has no "model" section: it was not written by mlmtrain.')
     config = BertConfig.from_dict(run_config["model"])
     tokenizer_dir = Path(tokenizer_dir)
     load_tokenizer(tokenizer_dir)  # checks the files and the special-token ids
@@ -219,8 +288,17 @@ def export_folder(checkpoint, tokenizer_dir, out_dir, *, language: str | None = 
         shutil.copyfile(tokenizer_dir / name, tmp / name)
     write_json(tmp / "tokenizer_config.json", tokenizer_config(tokenizer_dir, config.max_position_embeddings))
     write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
-    card = model_card(title=out_dir.name, config=config, run_config=run_config, state=state, step=step,
-                      language=language, license=license, widgets=widgets, data_meta=_read_data_meta(run_config))
+    card = model_card(
+        title=out_dir.name,
+        config=config,
+        run_config=run_config,
+        state=state,
+        step=step,
+        language=language,
+        license=license,
+        widgets=widgets,
+        data_meta=_read_data_meta(run_config),
+    )
     card.save(tmp / "README.md")
 
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
@@ -308,8 +386,10 @@ def _verify(folder: Path, widget_texts: list[str], atol: float) -> dict:
         want = [cls_id] + raw_tok.encode(text, add_special_tokens=False).ids + [sep_id]
         got = hf_tok(text)["input_ids"]
         if got != want:
-            raise UserError(f"AutoTokenizer splits {text!r} into {got} but tokenizer.json gives {want}: "
-                            "tokenizer_config.json does not match the tokenizer.")
+            raise UserError(
+                f"AutoTokenizer splits {text!r} into {got} but tokenizer.json gives {want}: "
+                "tokenizer_config.json does not match the tokenizer."
+            )
 
     # Logits: our packed forward (the training path) vs BertForMaskedLM on the padded batch.
     config = BertConfig.from_dict(json.loads((folder / "config.json").read_text(encoding="utf-8")))
@@ -323,13 +403,16 @@ def _verify(folder: Path, widget_texts: list[str], atol: float) -> dict:
     input_ids = batch["input_ids"][real]  # (T,)
     with torch.no_grad():
         hf_logits = hf_model(**batch).logits[real]  # (T, V)
-        our_logits = ours(input_ids, position_ids, cu_seqlens, int(lengths.max()),
-                          torch.arange(input_ids.numel()))  # (T, V)
+        our_logits = ours(
+            input_ids, position_ids, cu_seqlens, int(lengths.max()), torch.arange(input_ids.numel())
+        )  # (T, V)
     diff = (hf_logits - our_logits).abs()
     max_diff = float(diff.max())
     if not max_diff <= atol * max(1.0, float(hf_logits.abs().max())):
-        raise UserError(f"transformers' logits differ from ours by up to {max_diff:.3g} (mean "
-                        f"{float(diff.mean()):.3g}) on {len(texts)} sentences.")
+        raise UserError(
+            f"transformers' logits differ from ours by up to {max_diff:.3g} (mean "
+            f"{float(diff.mean()):.3g}) on {len(texts)} sentences."
+        )
 
     # What the Hub widget runs.
     fill = pipeline("fill-mask", model=hf_model, tokenizer=hf_tok, device="cpu")
@@ -340,8 +423,12 @@ def _verify(folder: Path, widget_texts: list[str], atol: float) -> dict:
         if not first or "token_str" not in first[0]:
             raise UserError(f"pipeline('fill-mask') gave no answer for {text!r}.")
         answers[text] = [r["token_str"] for r in first]
-    return {"transformers": transformers.__version__, "max_abs_logit_diff": max_diff,
-            "sentences": len(texts), "fill_mask": answers}
+    return {
+        "transformers": transformers.__version__,
+        "max_abs_logit_diff": max_diff,
+        "sentences": len(texts),
+        "fill_mask": answers,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,15 +436,26 @@ def _verify(folder: Path, widget_texts: list[str], atol: float) -> dict:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True,
-                   help="a checkpoint folder, or a run folder (its newest complete checkpoint is used)")
-    p.add_argument("--tokenizer", default=None,
-                   help="the tokenizer folder the model was trained with (default: the run's data.tokenizer_dir)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint folder, or a run folder (its newest complete checkpoint is used)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="the tokenizer folder the model was trained with (default: the run's data.tokenizer_dir)",
+    )
     p.add_argument("--out", required=True, help="the folder to write (must be new or empty, or pass --overwrite)")
     p.add_argument("--language", default=None, help="model card language code, e.g. ko (default: not stated)")
     p.add_argument("--license", default="apache-2.0", help="model card license identifier (default: apache-2.0)")
-    p.add_argument("--widget-text", action="append", default=None, metavar="TEXT",
-                   help='a fill-mask example with [MASK] for the Hub widget; repeat for several')
+    p.add_argument(
+        "--widget-text",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="a fill-mask example with [MASK] for the Hub widget; repeat for several",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights dtype in model.safetensors")
     p.add_argument("--no-verify", action="store_true", help="skip loading the folder back with transformers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -373,16 +471,26 @@ def main(args) -> int:
         tokenizer_dir = (run.get("data") or {}).get("tokenizer_dir")
         if not tokenizer_dir:
             raise UserError(f"{config_path} does not name the tokenizer: pass --tokenizer DIR.")
-    manifest = export_folder(args.checkpoint, tokenizer_dir, args.out, language=args.language,
-                             license=args.license, widget_texts=args.widget_text, dtype=args.dtype,
-                             verify=not args.no_verify, overwrite=args.overwrite)
+    manifest = export_folder(
+        args.checkpoint,
+        tokenizer_dir,
+        args.out,
+        language=args.language,
+        license=args.license,
+        widget_texts=args.widget_text,
+        dtype=args.dtype,
+        verify=not args.no_verify,
+        overwrite=args.overwrite,
+    )
     size_mb = manifest["files"]["model.safetensors"]["size"] / 1e6
     print(f"exported step {manifest['step']} to {args.out} ({size_mb:.1f} MB weights, {args.dtype})")
     if manifest["verified"]:
         v = manifest["verification"]
         guesses = "; ".join(f"{t} -> {', '.join(a)}" for t, a in v["fill_mask"].items())
-        print(f"verified with transformers {v['transformers']}: no missing/unexpected keys, logits match ours "
-              f"(max abs diff {v['max_abs_logit_diff']:.2g}), fill-mask: {guesses}")
+        print(
+            f"verified with transformers {v['transformers']}: no missing/unexpected keys, logits match ours "
+            f"(max abs diff {v['max_abs_logit_diff']:.2g}), fill-mask: {guesses}"
+        )
     else:
         print("not verified (--no-verify); `mlmtrain upload` refuses unverified exports")
     return 0

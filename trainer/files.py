@@ -1,4 +1,5 @@
 """Small file helpers shared by checkpoints, export and upload (no torch import)."""
+
 from __future__ import annotations
 
 import hashlib

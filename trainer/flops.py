@@ -5,6 +5,7 @@ algorithm must compute: encoder matmuls on real tokens (not the [PAD] tail), bid
 each segment (sum of len^2, not halved), and the vocab head on the masked positions only (the expected
 `mask_prob` share of real tokens), forward + backward = 3 x forward (`model.model_flops_per_token`).
 """
+
 from __future__ import annotations
 
 import numpy as np

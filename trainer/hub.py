@@ -11,6 +11,7 @@ Only `huggingface_hub` calls that are stable from 0.30 to 2.x are used (`HfApi.c
 `create_branch`, `upload_folder`, `repo_info`, `whoami`, `get_token`). The token comes from `HF_TOKEN`,
 the saved login, or `--token-file`; never from a plain argument, and it is never printed or written here.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,19 +27,37 @@ from mlmtrain.files import sha256_file
 
 EXPORT_MANIFEST = "mlmtrain_export.json"
 REQUIRED_FILES = (
-    "model.safetensors", "config.json", "tokenizer.json", "vocab.txt",
-    "tokenizer_config.json", "special_tokens_map.json", "README.md",
+    "model.safetensors",
+    "config.json",
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "README.md",
 )
 # What the model card's YAML header must say for the Hub to show a fill-mask model (page, widget, code snippet).
 CARD_REQUIRED = {"library_name": "transformers", "pipeline_tag": "fill-mask", "mask_token": None}  # None: any value
 TOKENS_URL = "https://huggingface.co/settings/tokens"
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Checking an export folder (no torch, no transformers: runs in a second on a 400 MB model)
 # ---------------------------------------------------------------------------------------------------
+
 
 def check_export_folder(path: str | Path) -> list[str]:
     """The problems that make `path` not a complete export; empty means OK.
@@ -95,7 +114,7 @@ def _check_manifest(folder: Path) -> list[str]:
         return problems
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not files:
-        return [f"{EXPORT_MANIFEST} has no \"files\" table"]
+        return [f'{EXPORT_MANIFEST} has no "files" table']
     problems += [f"{EXPORT_MANIFEST} does not list {name}" for name in REQUIRED_FILES if name not in files]
     for name, entry in files.items():
         if name == EXPORT_MANIFEST or "/" in name or "\\" in name or name in ("", ".", ".."):
@@ -109,8 +128,10 @@ def _check_manifest(folder: Path) -> list[str]:
         if not isinstance(entry, dict) or "size" not in entry or "sha256" not in entry:
             problems.append(f"{EXPORT_MANIFEST} entry for {name} lacks size or sha256")
         elif file.stat().st_size != entry["size"]:
-            problems.append(f"{name} is {file.stat().st_size} bytes but {EXPORT_MANIFEST} says {entry['size']} "
-                            "(changed after export?)")
+            problems.append(
+                f"{name} is {file.stat().st_size} bytes but {EXPORT_MANIFEST} says {entry['size']} "
+                "(changed after export?)"
+            )
         elif sha256_file(file) != entry["sha256"]:
             problems.append(f"{name} does not match its sha256 in {EXPORT_MANIFEST} (changed after export?)")
     return problems
@@ -119,14 +140,23 @@ def _check_manifest(folder: Path) -> list[str]:
 def _check_config(config: dict) -> list[str]:
     if config.get("model_type") != "bert":
         return [f"config.json model_type is {config.get('model_type')!r}, expected 'bert'"]
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "max_position_embeddings", "type_vocab_size")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+    )
     bad = [k for k in keys if not (isinstance(config.get(k), int) and config[k] > 0)]
     if bad:
         return [f"config.json lacks a positive integer {', '.join(bad)}"]
     if config["hidden_size"] % config["num_attention_heads"]:
-        return [f"config.json hidden_size {config['hidden_size']} is not divisible by "
-                f"num_attention_heads {config['num_attention_heads']}"]
+        return [
+            f"config.json hidden_size {config['hidden_size']} is not divisible by "
+            f"num_attention_heads {config['num_attention_heads']}"
+        ]
     return []
 
 
@@ -172,10 +202,13 @@ def expected_tensor_shapes(config: dict) -> tuple[dict[str, tuple], dict[str, tu
         "bert.embeddings.word_embeddings.weight": (V, H),
         "bert.embeddings.position_embeddings.weight": (P, H),
         "bert.embeddings.token_type_embeddings.weight": (TV, H),
-        "bert.embeddings.LayerNorm.weight": (H,), "bert.embeddings.LayerNorm.bias": (H,),
+        "bert.embeddings.LayerNorm.weight": (H,),
+        "bert.embeddings.LayerNorm.bias": (H,),
         "cls.predictions.bias": (V,),
-        "cls.predictions.transform.dense.weight": (H, H), "cls.predictions.transform.dense.bias": (H,),
-        "cls.predictions.transform.LayerNorm.weight": (H,), "cls.predictions.transform.LayerNorm.bias": (H,),
+        "cls.predictions.transform.dense.weight": (H, H),
+        "cls.predictions.transform.dense.bias": (H,),
+        "cls.predictions.transform.LayerNorm.weight": (H,),
+        "cls.predictions.transform.LayerNorm.bias": (H,),
     }
     for i in range(config["num_hidden_layers"]):
         p = f"bert.encoder.layer.{i}."
@@ -185,8 +218,11 @@ def expected_tensor_shapes(config: dict) -> tuple[dict[str, tuple], dict[str, tu
         req[p + "output.dense.weight"], req[p + "output.dense.bias"] = (H, I), (H,)
         for ln in ("attention.output.LayerNorm", "output.LayerNorm"):
             req[p + ln + ".weight"], req[p + ln + ".bias"] = (H,), (H,)
-    opt = {"cls.predictions.decoder.weight": (V, H), "cls.predictions.decoder.bias": (V,),
-           "bert.embeddings.position_ids": (1, P)}
+    opt = {
+        "cls.predictions.decoder.weight": (V, H),
+        "cls.predictions.decoder.bias": (V,),
+        "bert.embeddings.position_ids": (1, P),
+    }
     if config.get("tie_word_embeddings") is False:  # untied: the decoder has its own weight
         req["cls.predictions.decoder.weight"] = opt.pop("cls.predictions.decoder.weight")
     return req, opt
@@ -258,27 +294,48 @@ def _check_card(readme: Path) -> list[str]:
 # The command
 # ---------------------------------------------------------------------------------------------------
 
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folder", required=True, help="an export folder written by `mlmtrain export`")
-    p.add_argument("--repo-id", required=True, metavar="NAME/REPO",
-                   help="the model repo: your user name or an organization you can write to, then the repo name")
-    p.add_argument("--private", action="store_true",
-                   help="create the repo private (an existing repo keeps its visibility; a public one is refused)")
-    p.add_argument("--revision", default=None, metavar="BRANCH",
-                   help="commit to this branch, created from main if missing (default: main)")
+    p.add_argument(
+        "--repo-id",
+        required=True,
+        metavar="NAME/REPO",
+        help="the model repo: your user name or an organization you can write to, then the repo name",
+    )
+    p.add_argument(
+        "--private",
+        action="store_true",
+        help="create the repo private (an existing repo keeps its visibility; a public one is refused)",
+    )
+    p.add_argument(
+        "--revision",
+        default=None,
+        metavar="BRANCH",
+        help="commit to this branch, created from main if missing (default: main)",
+    )
     p.add_argument("--commit-message", default=None, help="default: names the run and step of the export")
     p.add_argument("--create-pr", action="store_true", help="open a pull request against main instead of committing")
-    p.add_argument("--token-file", default=None, metavar="PATH",
-                   help="read the token from this file (default: HF_TOKEN, then the saved `hf auth login`)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print what would be created and uploaded, and the model card header; send nothing")
+    p.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="read the token from this file (default: HF_TOKEN, then the saved `hf auth login`)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print what would be created and uploaded, and the model card header; send nothing",
+    )
     p.add_argument("--token", help=argparse.SUPPRESS)  # only to refuse it without echoing it (see main)
 
 
 def main(args: argparse.Namespace) -> int:
     if args.token is not None:
-        raise UserError("a token is not accepted on the command line (it would stay in shell history and process "
-                        "lists): set HF_TOKEN, run `hf auth login`, or pass --token-file PATH")
+        raise UserError(
+            "a token is not accepted on the command line (it would stay in shell history and process "
+            "lists): set HF_TOKEN, run `hf auth login`, or pass --token-file PATH"
+        )
     folder = Path(args.folder)
     problems = check_export_folder(folder)
     if not problems and read_manifest(folder).get("verified") is not True:
@@ -297,13 +354,16 @@ def main(args: argparse.Namespace) -> int:
         print_plan(folder, files, args, message, source)
         return 0
     if token is None:
-        raise UserError(f"no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass --token-file PATH "
-                        f"(make a token with write access at {TOKENS_URL})")
+        raise UserError(
+            f"no Hugging Face token: set HF_TOKEN, run `hf auth login`, or pass --token-file PATH "
+            f"(make a token with write access at {TOKENS_URL})"
+        )
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
-        raise UserError("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so huggingface_hub will not connect; "
-                        "unset it to upload")
+        raise UserError(
+            "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so huggingface_hub will not connect; unset it to upload"
+        )
     try:
         info = _upload(folder, files, args, message, token)
     except UserError as e:
@@ -347,14 +407,17 @@ def resolve_token(token_file: str | None) -> tuple[str | None, str]:
 def _check_repo_id(repo_id: str) -> None:
     part = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
     if not re.fullmatch(f"{part}/{part}", repo_id) or "--" in repo_id or ".." in repo_id:
-        raise UserError(f"--repo-id {repo_id!r} is not NAME/REPO (letters, digits, '-', '_', '.'; "
-                        "NAME is your user name or an organization)")
+        raise UserError(
+            f"--repo-id {repo_id!r} is not NAME/REPO (letters, digits, '-', '_', '.'; "
+            "NAME is your user name or an organization)"
+        )
 
 
 def print_plan(folder: Path, files: list[str], args, message: str, token_source: str) -> None:
     sizes = {name: (folder / name).stat().st_size for name in files}
-    strays = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
-                    and str(p.relative_to(folder)) not in sizes)
+    strays = sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and str(p.relative_to(folder)) not in sizes
+    )
     if args.create_pr:
         revision = "a pull request against main"
     elif args.revision in (None, "main"):
@@ -396,15 +459,22 @@ def _upload(folder: Path, files: list[str], args, message: str, token: str):
         if args.private:
             step = "info"
             if not api.repo_info(args.repo_id, repo_type="model").private:
-                raise UserError(f"{args.repo_id} already exists and is public; --private does not change an "
-                                "existing repo (make it private on the Hub first, or drop --private)")
+                raise UserError(
+                    f"{args.repo_id} already exists and is public; --private does not change an "
+                    "existing repo (make it private on the Hub first, or drop --private)"
+                )
         if args.revision not in (None, "main"):
             step = "branch"
             api.create_branch(args.repo_id, branch=args.revision, repo_type="model", exist_ok=True)
         step = "upload"
         return api.upload_folder(
-            repo_id=args.repo_id, folder_path=folder, repo_type="model", allow_patterns=files,
-            commit_message=message, revision=args.revision, create_pr=args.create_pr or None,
+            repo_id=args.repo_id,
+            folder_path=folder,
+            repo_type="model",
+            allow_patterns=files,
+            commit_message=message,
+            revision=args.revision,
+            create_pr=args.create_pr or None,
         )
     except UserError:
         raise
@@ -436,20 +506,28 @@ def explain_error(e: Exception, step: str, repo_id: str, revision: str | None, a
         if status == 429:
             return "the Hub is rate-limiting this account (429 Too Many Requests); wait a few minutes and run again"
         if status >= 500:
-            return (f"the Hub answered {status} (a server error) during {_STEPS[step]}; nothing is wrong with the "
-                    "export: run the same command again later (unchanged files are skipped)")
+            return (
+                f"the Hub answered {status} (a server error) during {_STEPS[step]}; nothing is wrong with the "
+                "export: run the same command again later (unchanged files are skipped)"
+            )
         server = getattr(e, "server_message", None) or str(e).splitlines()[0]
         return f"the Hub refused {_STEPS[step]} ({status}): {server}"
     if isinstance(e, _network_errors()):
-        return (f"cannot reach the Hub at {constants.ENDPOINT} ({type(e).__name__}): check the network connection, "
-                "proxy settings or HF_ENDPOINT")
+        return (
+            f"cannot reach the Hub at {constants.ENDPOINT} ({type(e).__name__}): check the network connection, "
+            "proxy settings or HF_ENDPOINT"
+        )
     if isinstance(e, ValueError):  # the library's own argument checks (repo id, card YAML, ...)
         return f"huggingface_hub refused the request: {str(e).splitlines()[0]}"
     return None
 
 
-_STEPS = {"create": "creating the repo", "info": "reading the repo's visibility", "branch": "creating the branch",
-          "upload": "the upload"}
+_STEPS = {
+    "create": "creating the repo",
+    "info": "reading the repo's visibility",
+    "branch": "creating the branch",
+    "upload": "the upload",
+}
 
 
 def _explain_forbidden(repo_id: str, api) -> str:
@@ -464,8 +542,10 @@ def _explain_forbidden(repo_id: str, api) -> str:
         return f"the token is read-only (403 Forbidden): make a token with write access at {TOKENS_URL}"
     user = me.get("name")
     if user and namespace != user and namespace not in {o.get("name") for o in me.get("orgs") or []}:
-        return (f"{repo_id} is under {namespace!r}, which is neither your account ({user!r}) nor one of your "
-                f"organizations (403 Forbidden): use --repo-id {user}/{repo_id.split('/')[1]}")
+        return (
+            f"{repo_id} is under {namespace!r}, which is neither your account ({user!r}) nor one of your "
+            f"organizations (403 Forbidden): use --repo-id {user}/{repo_id.split('/')[1]}"
+        )
     return f"the token may not write to {repo_id} (403 Forbidden): check its permissions at {TOKENS_URL}"
 
 
@@ -474,8 +554,11 @@ def _network_errors() -> tuple[type, ...]:
     import importlib
 
     types: list[type] = [ConnectionError, TimeoutError]
-    for module, names in (("requests.exceptions", ("ConnectionError", "Timeout")),
-                          ("httpx", ("TransportError",)), ("httpx2", ("TransportError",))):
+    for module, names in (
+        ("requests.exceptions", ("ConnectionError", "Timeout")),
+        ("httpx", ("TransportError",)),
+        ("httpx2", ("TransportError",)),
+    ):
         try:
             mod = importlib.import_module(module)
         except ImportError:

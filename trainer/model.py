@@ -21,6 +21,7 @@ Attention in the packed path (chosen once per forward, from device and dtype; `a
 Under bf16 autocast the logits come back in bf16 (the decoder matmul runs in bf16); `mlm_loss_sum`
 upcasts to fp32 before the softmax, so the loss is always computed in fp32.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -77,13 +78,13 @@ class BertConfig:
         return self.hidden_size // self.num_attention_heads
 
     @classmethod
-    def from_size(cls, name: str, vocab_size: int, **overrides) -> "BertConfig":
+    def from_size(cls, name: str, vocab_size: int, **overrides) -> BertConfig:
         if name not in MODEL_SIZES:
             raise UserError(f"unknown model size {name!r}: choose one of {', '.join(MODEL_SIZES)}.")
         return cls(vocab_size=vocab_size, **{**MODEL_SIZES[name], **overrides})
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BertConfig":
+    def from_dict(cls, d: dict) -> BertConfig:
         """From a checkpoint's `config.json["model"]` or a transformers config dict: extra keys ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -362,21 +363,27 @@ class BertForMaskedLM(nn.Module):
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions):
         """Packed MLM forward.
 
-        input_ids, position_ids: (T,) int64 or int32; cu_seqlens: (S+1,) int32, starting at 0 and ending at T, may end in
+        input_ids, position_ids: (T,) int64 or int32; cu_seqlens: (S+1,) int32, starting at 0 and ending at T,
+        may end in
         repeated values (empty segments) so S stays fixed; max_seqlen: python int >= the longest segment;
         masked_positions: (M,) int64 in [0, T) (padded slots may point at any valid token; their labels are
         -100). Returns logits (M, V) at the masked positions only: fp32, or bf16 under bf16 autocast."""
         T = input_ids.shape[0]
         # Linear outputs take the autocast dtype when autocast is on; the flash path needs fp16/bf16.
-        compute_dtype = torch.get_autocast_dtype(input_ids.device.type) if torch.is_autocast_enabled(
-            input_ids.device.type) else self.bert.embeddings.word_embeddings.weight.dtype
+        compute_dtype = (
+            torch.get_autocast_dtype(input_ids.device.type)
+            if torch.is_autocast_enabled(input_ids.device.type)
+            else self.bert.embeddings.word_embeddings.weight.dtype
+        )
         if self._choose_attn(input_ids.device, compute_dtype) == "varlen":
+
             def attend(q, k, v, dropout_p):
                 return varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # dropout_p: not supported by varlen_attn
         else:
             gather_index, key_mask, scatter_index = packed_layout(cu_seqlens, max_seqlen, T)
-            attend = functools.partial(packed_sdpa_attention, gather_index=gather_index, key_mask=key_mask,
-                                       scatter_index=scatter_index)
+            attend = functools.partial(
+                packed_sdpa_attention, gather_index=gather_index, key_mask=key_mask, scatter_index=scatter_index
+            )
         hidden = self.bert(input_ids, position_ids, attend)  # (T, C)
         hidden = hidden.index_select(0, masked_positions)  # (M, C)
         return self.cls(hidden)  # (M, V)

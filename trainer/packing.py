@@ -18,14 +18,15 @@ Order: the units (sentences or document chunks) of each epoch are shuffled by a 
 no batch is short and no unit is split. Global micro-batch b goes to rank b % world_size. The cursor
 (epoch, position of the next unit) is all a resume needs.
 """
+
 from __future__ import annotations
 
 import math
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -44,11 +45,18 @@ class PackedBatch:
     cursor_after: tuple[int, int]  # (epoch, position) of the next unit after this batch's optimizer step
     max_segment_len: int = 0  # longest segment (the padded tail included): a tighter max_seqlen for eager runs
 
-    def to(self, device: torch.device, non_blocking: bool = True) -> "PackedBatch":
+    def to(self, device: torch.device, non_blocking: bool = True) -> PackedBatch:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return PackedBatch(move(self.input_ids), move(self.position_ids), move(self.cu_seqlens),
-                           self.num_real_tokens, self.num_segments, self.index, self.cursor_after,
-                           self.max_segment_len)
+        return PackedBatch(
+            move(self.input_ids),
+            move(self.position_ids),
+            move(self.cu_seqlens),
+            self.num_real_tokens,
+            self.num_segments,
+            self.index,
+            self.cursor_after,
+            self.max_segment_len,
+        )
 
 
 def document_units(offsets: np.ndarray, doc_offsets: np.ndarray, max_seq_len: int) -> np.ndarray:
@@ -71,8 +79,18 @@ def document_units(offsets: np.ndarray, doc_offsets: np.ndarray, max_seq_len: in
 class Packer:
     """Cuts the shuffled unit stream of one split into fixed-size packed batches."""
 
-    def __init__(self, shard, tokens_per_batch: int, max_seq_len: int, seed: int, pack: str = "sentence",
-                 rank: int = 0, world_size: int = 1, loop: bool = True, static_shapes: bool = True):
+    def __init__(
+        self,
+        shard,
+        tokens_per_batch: int,
+        max_seq_len: int,
+        seed: int,
+        pack: str = "sentence",
+        rank: int = 0,
+        world_size: int = 1,
+        loop: bool = True,
+        static_shapes: bool = True,
+    ):
         self.tokens = shard.tokens  # memory-mapped flat ids
         self.offsets = np.asarray(shard.offsets, dtype=np.int64)
         self.T, self.max_seq_len, self.seed = tokens_per_batch, max_seq_len, seed
@@ -92,8 +110,10 @@ class Packer:
         if len(self.units) == 0:
             raise ValueError("the split holds no sentences")
         if self.unit_lens.max() > min(max_seq_len, tokens_per_batch):
-            raise ValueError(f"a segment of {self.unit_lens.max()} tokens exceeds max_seq_len={max_seq_len} "
-                             f"or tokens_per_batch={tokens_per_batch}")
+            raise ValueError(
+                f"a segment of {self.unit_lens.max()} tokens exceeds max_seq_len={max_seq_len} "
+                f"or tokens_per_batch={tokens_per_batch}"
+            )
         # Fixed segment capacity. The varlen attention kernel launches blocks for every entry of cu_seqlens,
         # empty ones included, so a loose bound costs real time (a worst-case T // shortest-unit bound made
         # ~16k mostly-empty segments at 64k tokens). Bound real segments at 1.25x the mean count instead
@@ -130,7 +150,9 @@ class Packer:
         T = self.T
         units = self.units[unit_ids]  # [n, 2]
         n_sent = units[:, 1] - units[:, 0]  # sentences per unit
-        sent = np.repeat(units[:, 0], n_sent) + (np.arange(n_sent.sum()) - np.repeat(np.cumsum(n_sent) - n_sent, n_sent))
+        sent = np.repeat(units[:, 0], n_sent) + (
+            np.arange(n_sent.sum()) - np.repeat(np.cumsum(n_sent) - n_sent, n_sent)
+        )
         sent_len = self.offsets[sent + 1] - self.offsets[sent]  # [N] tokens per sentence
         unit_len = self.unit_lens[unit_ids]
         cu = np.zeros(len(units) + 1, dtype=np.int64)
@@ -155,11 +177,20 @@ class Packer:
         cu_seqlens[: len(starts)] = starts
         seg_lens = np.diff(starts)
         positions = (np.arange(T) - np.repeat(starts[:-1], seg_lens)).astype(np.int32)
-        return PackedBatch(torch.from_numpy(ids), torch.from_numpy(positions), torch.from_numpy(cu_seqlens),
-                           used, len(units), index, cursor_after, int(seg_lens.max()))
+        return PackedBatch(
+            torch.from_numpy(ids),
+            torch.from_numpy(positions),
+            torch.from_numpy(cu_seqlens),
+            used,
+            len(units),
+            index,
+            cursor_after,
+            int(seg_lens.max()),
+        )
 
-    def batches(self, cursor: tuple[int, int] = (0, 0), start_index: int = 0,
-                batches_per_step: int = 1) -> Iterator[PackedBatch]:
+    def batches(
+        self, cursor: tuple[int, int] = (0, 0), start_index: int = 0, batches_per_step: int = 1
+    ) -> Iterator[PackedBatch]:
         """This rank's batches from the global stream, starting at `cursor` (global batch `start_index`).
         The stream is cut one optimizer step (`batches_per_step` global micro-batches) at a time, so every
         batch carries the cursor at the end of its step: what a checkpoint after that step records. Every
@@ -195,8 +226,16 @@ class Prefetcher:
         try:
             for b in batches:
                 if pin:
-                    b = PackedBatch(b.input_ids.pin_memory(), b.position_ids.pin_memory(), b.cu_seqlens.pin_memory(),
-                                    b.num_real_tokens, b.num_segments, b.index, b.cursor_after, b.max_segment_len)
+                    b = PackedBatch(
+                        b.input_ids.pin_memory(),
+                        b.position_ids.pin_memory(),
+                        b.cu_seqlens.pin_memory(),
+                        b.num_real_tokens,
+                        b.num_segments,
+                        b.index,
+                        b.cursor_after,
+                        b.max_segment_len,
+                    )
                 while not self.stop.is_set():
                     try:
                         self.queue.put(b, timeout=0.1)

@@ -1,5 +1,6 @@
 """`mlmtrain plot RUN_DIR`: loss (train and valid), learning rate and throughput curves from
 RUN_DIR/metrics.jsonl, drawn to RUN_DIR/curves.png (matplotlib: `pip install -e ".[plot]"`)."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                raise UserError(f"{path} line {n} is not JSON (was the file edited or truncated?)")
+                raise UserError(f"{path} line {n} is not JSON (was the file edited or truncated?)") from None
     return rows
 
 
@@ -34,7 +35,7 @@ def plot(run_dir: Path, out: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError('plotting needs matplotlib: pip install -e ".[plot]"')
+        raise UserError('plotting needs matplotlib: pip install -e ".[plot]"') from None
     rows = read_metrics(run_dir)
     train = [r for r in rows if r.get("loss") is not None]
     valid = [r for r in rows if "valid_loss" in r]

@@ -6,6 +6,7 @@ cause. Every check here turns such a mismatch into one sentence naming both numb
 
 Imports nothing heavy (no torch): `check_batch` duck-types torch tensors and numpy arrays alike.
 """
+
 from __future__ import annotations
 
 from mlmtrain.errors import UserError
@@ -113,12 +114,15 @@ def check_batch(
         raise UserError("the batch holds no tokens: check tokens_per_batch and the data directory.")
     check_token_ids(_max(input_ids), vocab_size, source="the batch")
     if _min(input_ids) < 0:
-        raise UserError(f"the batch holds a negative token id ({_min(input_ids)}): the data is corrupt; re-run "
-                        "`mlmtrain prepare`.")
+        raise UserError(
+            f"the batch holds a negative token id ({_min(input_ids)}): the data is corrupt; re-run `mlmtrain prepare`."
+        )
     if position_ids is not None:
         if len(position_ids) != T:
-            raise UserError(f"position_ids has {len(position_ids)} entries but input_ids has {T}: the packer "
-                            "must emit one position per token.")
+            raise UserError(
+                f"position_ids has {len(position_ids)} entries but input_ids has {T}: the packer "
+                "must emit one position per token."
+            )
         if max_position_embeddings is not None and _max(position_ids) >= max_position_embeddings:
             raise UserError(
                 f"the batch has position id {_max(position_ids)} but max_position_embeddings is "

@@ -1,5 +1,6 @@
 """`--profile-steps A:B`: a torch.profiler trace of those steps (Chrome/Perfetto JSON) and a per-phase
 device-time table (data, forward, backward, optimizer), read with CUDA events once per profiled step."""
+
 from __future__ import annotations
 
 import json
@@ -86,7 +87,7 @@ def start_profiler(spec: str, run_dir: Path) -> StepProfiler | None:
     try:
         first, end = (int(x) for x in spec.split(":"))
     except ValueError:
-        raise UserError(f"--profile-steps takes A:B (e.g. 10:15), got {spec!r}")
+        raise UserError(f"--profile-steps takes A:B (e.g. 10:15), got {spec!r}") from None
     if not 0 <= first < end:
         raise UserError(f"--profile-steps A:B needs 0 <= A < B, got {spec!r}")
     return StepProfiler(first, end, run_dir / "profile")

@@ -11,6 +11,7 @@ Two Korean traps this file avoids:
 - `limit_alphabet` keeps only the N most frequent characters; rarer ones become [UNK]. Korean easily has
   more than 1000 distinct syllables, so training reports how many seen characters did not make it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,21 +49,31 @@ class TokenizerSettings:
 
     def validate(self) -> None:
         if self.vocab_size <= NUM_SPECIAL:
-            raise UserError(f"--vocab-size must be larger than {NUM_SPECIAL} (the special tokens), got {self.vocab_size}.")
+            raise UserError(
+                f"--vocab-size must be larger than {NUM_SPECIAL} (the special tokens), got {self.vocab_size}."
+            )
         if self.limit_alphabet < 1:
             raise UserError(f"--limit-alphabet must be at least 1, got {self.limit_alphabet}.")
         if self.min_frequency < 1:
             raise UserError(f"--min-frequency must be at least 1, got {self.min_frequency}.")
         if not self.wordpieces_prefix or any(c.isspace() for c in self.wordpieces_prefix):
-            raise UserError(f"--wordpieces-prefix must be a non-empty string without spaces, got {self.wordpieces_prefix!r}.")
+            raise UserError(
+                f"--wordpieces-prefix must be a non-empty string without spaces, got {self.wordpieces_prefix!r}."
+            )
         if self.model_max_length < 3:
             raise UserError(f"--model-max-length must be at least 3 ([CLS] token [SEP]), got {self.model_max_length}.")
 
 
 def build_tokenizer(settings: TokenizerSettings, vocab: dict[str, int] | None = None) -> Tokenizer:
     """The untrained pipeline, identical to what transformers' BertTokenizer builds from the config."""
-    tok = Tokenizer(models.WordPiece(vocab or {}, unk_token="[UNK]", continuing_subword_prefix=settings.wordpieces_prefix,
-                                     max_input_chars_per_word=100))
+    tok = Tokenizer(
+        models.WordPiece(
+            vocab or {},
+            unk_token="[UNK]",
+            continuing_subword_prefix=settings.wordpieces_prefix,
+            max_input_chars_per_word=100,
+        )
+    )
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=settings.clean_text,
         handle_chinese_chars=settings.handle_chinese_chars,
@@ -82,8 +93,9 @@ def _add_post_processor(tok: Tokenizer) -> None:
     )
 
 
-def train_tokenizer(inputs, out_dir, settings: TokenizerSettings | None = None, *, overwrite: bool = False,
-                    progress: bool = True) -> int:
+def train_tokenizer(
+    inputs, out_dir, settings: TokenizerSettings | None = None, *, overwrite: bool = False, progress: bool = True
+) -> int:
     """Train on `inputs` (text files, `.gz` ok; read with the same robust reader as `prepare`) and write the
     tokenizer folder. Returns the real vocabulary size, which every later step must use: smaller than
     requested when the corpus has fewer pieces, larger when the kept alphabet alone exceeds the request."""
@@ -131,14 +143,22 @@ def train_tokenizer(inputs, out_dir, settings: TokenizerSettings | None = None, 
     if progress:
         print(f"trained a WordPiece vocabulary of {vocab_size} tokens in {seconds:.1f} s -> {out_dir}", file=sys.stderr)
         if vocab_size != settings.vocab_size:
-            why = "the corpus supports no more" if vocab_size < settings.vocab_size else "every kept character is a token"
-            print(f"note: the vocabulary has {vocab_size} tokens, not the {settings.vocab_size} asked for ({why}); "
-                  f"{vocab_size} is the size every later step uses", file=sys.stderr)
+            why = (
+                "the corpus supports no more" if vocab_size < settings.vocab_size else "every kept character is a token"
+            )
+            print(
+                f"note: the vocabulary has {vocab_size} tokens, not the {settings.vocab_size} asked for ({why}); "
+                f"{vocab_size} is the size every later step uses",
+                file=sys.stderr,
+            )
         if missing:
             n = sum(missing.values())
-            print(f"note: {len(missing)} distinct characters ({n} occurrences) are outside limit_alphabet="
-                  f"{settings.limit_alphabet} and will be [UNK]; raise --limit-alphabet to keep them "
-                  f"(rarest: {''.join(sorted(missing, key=missing.get)[:20])})", file=sys.stderr)
+            print(
+                f"note: {len(missing)} distinct characters ({n} occurrences) are outside limit_alphabet="
+                f"{settings.limit_alphabet} and will be [UNK]; raise --limit-alphabet to keep them "
+                f"(rarest: {''.join(sorted(missing, key=missing.get)[:20])})",
+                file=sys.stderr,
+            )
         _print_line_problems(stats)
     return vocab_size
 
@@ -164,8 +184,13 @@ def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettin
     by_id = sorted(vocab, key=vocab.get)
     assert [vocab[t] for t in by_id] == list(range(len(by_id))), "vocabulary ids are not contiguous"
     (out_dir / "vocab.txt").write_text("".join(t + "\n" for t in by_id), encoding="utf-8")
-    specials = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                "mask_token": "[MASK]"}
+    specials = {
+        "unk_token": "[UNK]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "mask_token": "[MASK]",
+    }
     config = {
         "tokenizer_class": "BertTokenizer",
         "do_lower_case": settings.lowercase,
@@ -206,12 +231,18 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise UserError(f"--out {out_dir} is a file, not a folder.")
     existing = [f for f in TOKENIZER_FILES if (out_dir / f).exists()]
     if existing and not overwrite:
-        raise UserError(f"{out_dir} already holds a tokenizer ({', '.join(existing)}); choose another --out or pass --overwrite.")
+        raise UserError(
+            f"{out_dir} already holds a tokenizer ({', '.join(existing)}); choose another --out or pass --overwrite."
+        )
 
 
 def _print_line_problems(stats: dict) -> None:
-    for key, what in (("invalid_utf8", "with invalid UTF-8 skipped"), ("nul_bytes", "with NUL bytes skipped"),
-                      ("crlf", "with CR line endings repaired"), ("bom", "with a byte-order mark repaired")):
+    for key, what in (
+        ("invalid_utf8", "with invalid UTF-8 skipped"),
+        ("nul_bytes", "with NUL bytes skipped"),
+        ("crlf", "with CR line endings repaired"),
+        ("bom", "with a byte-order mark repaired"),
+    ):
         if stats.get(key):
             print(f"note: {stats[key]} lines {what}", file=sys.stderr)
 
@@ -222,7 +253,9 @@ def _check_tokenizer_dir(tokenizer_dir) -> Path:
         raise UserError(f"tokenizer folder {path} does not exist; make one with `mlmtrain tokenizer`.")
     for name in ("tokenizer.json", "vocab.txt"):
         if not (path / name).is_file():
-            raise UserError(f"{path} is not a tokenizer folder: {name} is missing (make one with `mlmtrain tokenizer`).")
+            raise UserError(
+                f"{path} is not a tokenizer folder: {name} is missing (make one with `mlmtrain tokenizer`)."
+            )
     return path
 
 
@@ -235,8 +268,10 @@ def load_tokenizer(tokenizer_dir) -> Tokenizer:
         raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
     for i, token in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(token) != i:
-            raise UserError(f"{path} puts {token} at id {tok.token_to_id(token)}, expected {i}; "
-                            "retrain it with `mlmtrain tokenizer`.")
+            raise UserError(
+                f"{path} puts {token} at id {tok.token_to_id(token)}, expected {i}; "
+                "retrain it with `mlmtrain tokenizer`."
+            )
     return tok
 
 
@@ -262,35 +297,80 @@ def tokenizer_fingerprint(tokenizer_dir) -> str:
 
 def add_args(p) -> None:
     d = TokenizerSettings()
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE",
-                   help="UTF-8 text files, one sentence per line (.gz read transparently)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="UTF-8 text files, one sentence per line (.gz read transparently)",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the tokenizer files into")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size,
-                   help=f"vocabulary size to aim for, specials included (default {d.vocab_size}); the real size can be smaller")
-    p.add_argument("--limit-alphabet", type=int, default=d.limit_alphabet,
-                   help=f"keep only this many most frequent characters; rarer ones become [UNK] (default {d.limit_alphabet})")
-    p.add_argument("--min-frequency", type=int, default=d.min_frequency,
-                   help=f"minimum count for a merged piece to enter the vocabulary (default {d.min_frequency})")
-    p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=d.lowercase,
-                   help="lowercase text before tokenizing (default off)")
-    p.add_argument("--strip-accents", action=argparse.BooleanOptionalAction, default=d.strip_accents,
-                   help="NFD-decompose and drop accents (default off; it also splits Hangul into jamo)")
-    p.add_argument("--clean-text", action=argparse.BooleanOptionalAction, default=d.clean_text,
-                   help="drop control characters and normalize whitespace (default on)")
-    p.add_argument("--handle-chinese-chars", action=argparse.BooleanOptionalAction, default=d.handle_chinese_chars,
-                   help="split CJK ideographs (hanja) into single-character words (default on)")
-    p.add_argument("--wordpieces-prefix", default=d.wordpieces_prefix,
-                   help=f"prefix of word-continuation pieces (default {d.wordpieces_prefix!r})")
-    p.add_argument("--model-max-length", type=int, default=d.model_max_length,
-                   help=f"model_max_length written to tokenizer_config.json (default {d.model_max_length})")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        default=d.vocab_size,
+        help=f"vocabulary size to aim for, specials included (default {d.vocab_size}); the real size can be smaller",
+    )
+    p.add_argument(
+        "--limit-alphabet",
+        type=int,
+        default=d.limit_alphabet,
+        help=f"keep only this many most frequent characters; rarer ones become [UNK] (default {d.limit_alphabet})",
+    )
+    p.add_argument(
+        "--min-frequency",
+        type=int,
+        default=d.min_frequency,
+        help=f"minimum count for a merged piece to enter the vocabulary (default {d.min_frequency})",
+    )
+    p.add_argument(
+        "--lowercase",
+        action=argparse.BooleanOptionalAction,
+        default=d.lowercase,
+        help="lowercase text before tokenizing (default off)",
+    )
+    p.add_argument(
+        "--strip-accents",
+        action=argparse.BooleanOptionalAction,
+        default=d.strip_accents,
+        help="NFD-decompose and drop accents (default off; it also splits Hangul into jamo)",
+    )
+    p.add_argument(
+        "--clean-text",
+        action=argparse.BooleanOptionalAction,
+        default=d.clean_text,
+        help="drop control characters and normalize whitespace (default on)",
+    )
+    p.add_argument(
+        "--handle-chinese-chars",
+        action=argparse.BooleanOptionalAction,
+        default=d.handle_chinese_chars,
+        help="split CJK ideographs (hanja) into single-character words (default on)",
+    )
+    p.add_argument(
+        "--wordpieces-prefix",
+        default=d.wordpieces_prefix,
+        help=f"prefix of word-continuation pieces (default {d.wordpieces_prefix!r})",
+    )
+    p.add_argument(
+        "--model-max-length",
+        type=int,
+        default=d.model_max_length,
+        help=f"model_max_length written to tokenizer_config.json (default {d.model_max_length})",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
 
 
 def main(args) -> int:
     settings = TokenizerSettings(
-        vocab_size=args.vocab_size, limit_alphabet=args.limit_alphabet, min_frequency=args.min_frequency,
-        lowercase=args.lowercase, strip_accents=args.strip_accents, clean_text=args.clean_text,
-        handle_chinese_chars=args.handle_chinese_chars, wordpieces_prefix=args.wordpieces_prefix,
+        vocab_size=args.vocab_size,
+        limit_alphabet=args.limit_alphabet,
+        min_frequency=args.min_frequency,
+        lowercase=args.lowercase,
+        strip_accents=args.strip_accents,
+        clean_text=args.clean_text,
+        handle_chinese_chars=args.handle_chinese_chars,
+        wordpieces_prefix=args.wordpieces_prefix,
         model_max_length=args.model_max_length,
     )
     settings.validate()

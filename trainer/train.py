@@ -5,6 +5,7 @@
 
 Every host-device sync is marked `# sync:`; between log steps the loop issues device work only.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,8 @@ from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask, word_start_table
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import Packer, Prefetcher
-from mlmtrain.profiling import PhaseTimer, start_profiler
 from mlmtrain.preflight import check_data_against_model, check_tokenizer_vocab
+from mlmtrain.profiling import PhaseTimer, start_profiler
 from mlmtrain.tokenizer import MASK_ID, NUM_SPECIAL, read_vocab, tokenizer_fingerprint
 
 EVAL_KEY = 1 << 40  # masking keys of eval batches live far from the training micro-batch indices
@@ -83,13 +84,17 @@ def check_inputs(cfg: RunConfig) -> tuple[dict, list[str]]:
     vocab = read_vocab(cfg.data.tokenizer_dir)
     check_tokenizer_vocab(len(vocab), meta["vocab_size"])
     if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(cfg.data.tokenizer_dir):
-        raise UserError(f"the shards in {cfg.data.data_dir} were made with a different tokenizer than "
-                        f"{cfg.data.tokenizer_dir}; run `mlmtrain prepare` again with this tokenizer")
+        raise UserError(
+            f"the shards in {cfg.data.data_dir} were made with a different tokenizer than "
+            f"{cfg.data.tokenizer_dir}; run `mlmtrain prepare` again with this tokenizer"
+        )
     if cfg.data.pack not in ("sentence", "document"):
         raise UserError(f"data.pack must be sentence or document, got {cfg.data.pack!r}")
     if cfg.optim.grad_accum % dist.world_size():
-        raise UserError(f"optim.grad_accum={cfg.optim.grad_accum} must be a multiple of the number of "
-                        f"processes ({dist.world_size()}) so every rank gets the same share of the global batch")
+        raise UserError(
+            f"optim.grad_accum={cfg.optim.grad_accum} must be a multiple of the number of "
+            f"processes ({dist.world_size()}) so every rank gets the same share of the global batch"
+        )
     return meta, vocab
 
 
@@ -118,8 +123,12 @@ def evaluate(model, batches, device, mask_kwargs, max_seqlen, autocast) -> dict:
         correct += ((logits.argmax(-1) == m.masked_labels) & (m.masked_labels != -100)).sum()
     model.train(was_training)
     loss = (loss_sum / targets.clamp(min=1)).item()  # sync: once per eval
-    return {"valid_loss": loss, "valid_accuracy": (correct.double() / targets.clamp(min=1)).item(),
-            "valid_ppl": math.exp(min(loss, 50.0)), "valid_targets": int(targets.item())}
+    return {
+        "valid_loss": loss,
+        "valid_accuracy": (correct.double() / targets.clamp(min=1)).item(),
+        "valid_ppl": math.exp(min(loss, 50.0)),
+        "valid_targets": int(targets.item()),
+    }
 
 
 class StopSignal:
@@ -136,8 +145,10 @@ class StopSignal:
             print(f"\nsecond {signal.Signals(signum).name}: exiting now without a checkpoint", file=sys.stderr)
             os._exit(128 + signum)
         self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested} received: finishing this step and saving a checkpoint "
-              f"(send it again to exit at once)", file=sys.stderr)
+        print(
+            f"\n{self.requested} received: finishing this step and saving a checkpoint (send it again to exit at once)",
+            file=sys.stderr,
+        )
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -156,10 +167,13 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     log = log or (lambda msg: tqdm.write(msg) if is_main else None)
     run_dir = Path(cfg.out_dir)
     max_seqlen = int(meta["max_seq_len"])
-    bert_cfg = BertConfig.from_size(cfg.model.size, vocab_size=len(vocab),
-                                    hidden_dropout_prob=cfg.model.dropout,
-                                    attention_probs_dropout_prob=cfg.model.dropout,
-                                    max_position_embeddings=cfg.model.max_position_embeddings)
+    bert_cfg = BertConfig.from_size(
+        cfg.model.size,
+        vocab_size=len(vocab),
+        hidden_dropout_prob=cfg.model.dropout,
+        attention_probs_dropout_prob=cfg.model.dropout,
+        max_position_embeddings=cfg.model.max_position_embeddings,
+    )
     check_data_against_model(meta, bert_cfg, max_seqlen)
     start_ckpt = None
     if resume:
@@ -194,24 +208,50 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
         dist.load_optimizer_state(model, optimizer, start_ckpt, state)  # any saved world size
     # dynamic=False: every shape is static by construction; never let dynamo guess dynamic shapes
     step_fn = torch.compile(forward_loss, dynamic=False) if use_compile else forward_loss
-    autocast = torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
-                              enabled=precision != "fp32")
-    mask_rest = dict(vocab_size=len(vocab), mask_id=MASK_ID, num_special=NUM_SPECIAL, mask_prob=cfg.mask.mask_prob,
-                     mask_frac=cfg.mask.mask_frac, random_frac=cfg.mask.random_frac, max_masked=max_masked,
-                     word_start=word_start_table(vocab).to(device) if cfg.mask.whole_word else None,
-                     # Triton on CUDA; on CPU the torch path, bit-identical to the kernel (the Triton
-                     # interpreter, which tests use, is far slower)
-                     backend="auto" if device.type == "cuda" else "torch")
+    autocast = torch.autocast(
+        device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision), enabled=precision != "fp32"
+    )
+    mask_rest = dict(
+        vocab_size=len(vocab),
+        mask_id=MASK_ID,
+        num_special=NUM_SPECIAL,
+        mask_prob=cfg.mask.mask_prob,
+        mask_frac=cfg.mask.mask_frac,
+        random_frac=cfg.mask.random_frac,
+        max_masked=max_masked,
+        word_start=word_start_table(vocab).to(device) if cfg.mask.whole_word else None,
+        # Triton on CUDA; on CPU the torch path, bit-identical to the kernel (the Triton
+        # interpreter, which tests use, is far slower)
+        backend="auto" if device.type == "cuda" else "torch",
+    )
     mask_kwargs = {"seed": cfg.train.seed, "rest": mask_rest}
 
     # ---- data: this rank's micro-batches, built ahead on a thread -----------------------------------
     static = use_compile or device.type == "cuda"  # eager CPU: no padding of cu_seqlens to a fixed capacity
-    train_packer = Packer(load_split(cfg.data.data_dir, "train"), T, max_seqlen, cfg.train.seed, cfg.data.pack,
-                          rank=rank, world_size=world, static_shapes=static)
-    prefetch = Prefetcher(train_packer.batches(cursor, step * cfg.optim.grad_accum, cfg.optim.grad_accum),
-                          depth=cfg.data.prefetch, pin=device.type == "cuda")
-    valid_packer = Packer(load_split(cfg.data.data_dir, "valid"), T, max_seqlen, cfg.train.seed, "sentence", loop=False,
-                          static_shapes=static)
+    train_packer = Packer(
+        load_split(cfg.data.data_dir, "train"),
+        T,
+        max_seqlen,
+        cfg.train.seed,
+        cfg.data.pack,
+        rank=rank,
+        world_size=world,
+        static_shapes=static,
+    )
+    prefetch = Prefetcher(
+        train_packer.batches(cursor, step * cfg.optim.grad_accum, cfg.optim.grad_accum),
+        depth=cfg.data.prefetch,
+        pin=device.type == "cuda",
+    )
+    valid_packer = Packer(
+        load_split(cfg.data.data_dir, "valid"),
+        T,
+        max_seqlen,
+        cfg.train.seed,
+        "sentence",
+        loop=False,
+        static_shapes=static,
+    )
     valid_batches = [b for _, b in zip(range(cfg.train.eval_batches), valid_packer.batches())]
 
     resolved = cfg.to_dict()
@@ -219,9 +259,11 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
         log(f"config: {json.dumps(resolved, ensure_ascii=False)}")
-        log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
+        log(
+            f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
             f"{cfg.optim.grad_accum} micro-batches/step, model {cfg.model.size} "
-            f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), {max_masked} masked slots/batch")
+            f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), {max_masked} masked slots/batch"
+        )
     metrics = open(run_dir / "metrics.jsonl", metrics_mode, encoding="utf-8") if is_main else None
     peak_tflops = cfg.train.peak_tflops or peak_tflops_for(device, precision)
     stopper = StopSignal()
@@ -268,8 +310,15 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
             step_loss = torch.zeros((), device=device, dtype=torch.float32)
             for j, (b, m, batch_seqlen) in enumerate(micro):
                 with dist.no_sync(model, last=j == local_accum - 1), autocast:
-                    loss_sum, _ = step_fn(model, m.masked_ids, b.position_ids, b.cu_seqlens, batch_seqlen,
-                                          m.masked_positions, m.masked_labels)
+                    loss_sum, _ = step_fn(
+                        model,
+                        m.masked_ids,
+                        b.position_ids,
+                        b.cu_seqlens,
+                        batch_seqlen,
+                        m.masked_positions,
+                        m.masked_labels,
+                    )
                     loss = loss_sum * world / targets  # DDP averages over ranks: * world restores the sum
                     if step + 1 in nan_steps:  # test hook (MLMTRAIN_TEST_NAN_STEPS): a numeric fault
                         loss = loss * float("nan")
@@ -309,43 +358,60 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                 n_bad = int(bad_flags[:window_steps].sum().item())  # sync: once per log window
                 # sync (several processes): job totals of the window, and whether any rank got a signal
                 # or thinks a timed checkpoint is due
-                totals = dist.sum_over_ranks(device, window_tokens, window_segments, window_flops,
-                                             stopper.requested is not None,
-                                             time.time() - last_save > cfg.train.checkpoint_minutes * 60)
+                totals = dist.sum_over_ranks(
+                    device,
+                    window_tokens,
+                    window_segments,
+                    window_flops,
+                    stopper.requested is not None,
+                    time.time() - last_save > cfg.train.checkpoint_minutes * 60,
+                )
                 window_tokens, window_segments, window_flops = int(totals[0]), int(totals[1]), totals[2]
                 if totals[3] and not stopper.requested:
                     stopper.requested = "a signal to another rank"
                 stop_now, time_due = stopper.requested, totals[4] > 0
                 elapsed = time.perf_counter() - t_window
                 good = window_steps - n_bad
-                row = {"step": step, "loss": (loss_window / good).item() if good else None, "lr": lr,
-                       "grad_norm": grad_norm.item(),
-                       "tokens_per_s": window_tokens / elapsed,  # the job's: all ranks
-                       "tokens_per_s_per_gpu": window_tokens / elapsed / world,
-                       "samples_per_s": window_segments / elapsed,
-                       "tflops": window_flops / elapsed / 1e12,  # the job's
-                       "tflops_per_gpu": window_flops / elapsed / 1e12 / world,
-                       "mfu": (window_flops / elapsed / 1e12 / (peak_tflops * world)) if peak_tflops else None,
-                       "data_wait_s": prefetch.wait_s - wait_window,
-                       "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-                       "bad_steps": n_bad, "time": time.time()}
+                row = {
+                    "step": step,
+                    "loss": (loss_window / good).item() if good else None,
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": window_tokens / elapsed,  # the job's: all ranks
+                    "tokens_per_s_per_gpu": window_tokens / elapsed / world,
+                    "samples_per_s": window_segments / elapsed,
+                    "tflops": window_flops / elapsed / 1e12,  # the job's
+                    "tflops_per_gpu": window_flops / elapsed / 1e12 / world,
+                    "mfu": (window_flops / elapsed / 1e12 / (peak_tflops * world)) if peak_tflops else None,
+                    "data_wait_s": prefetch.wait_s - wait_window,
+                    "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                    "bad_steps": n_bad,
+                    "time": time.time(),
+                }
                 if n_bad:
                     flags = bad_flags[:window_steps].tolist()  # one transfer, not one per step of the window
                     bad_steps = [step - window_steps + i + 1 for i, bad_i in enumerate(flags) if bad_i]
                     log(f"step {step}: non-finite loss or gradient norm at steps {bad_steps}: update skipped")
                     if cfg.train.nan_policy == "stop" or int(max_streak.item()) >= cfg.train.max_bad_steps:
-                        stop_reason = (f"stopping: {int(max_streak.item())} consecutive non-finite steps "
-                                       f"(policy {cfg.train.nan_policy}, max_bad_steps {cfg.train.max_bad_steps})")
+                        stop_reason = (
+                            f"stopping: {int(max_streak.item())} consecutive non-finite steps "
+                            f"(policy {cfg.train.nan_policy}, max_bad_steps {cfg.train.max_bad_steps})"
+                        )
                 if window_steps >= 2 or last:
                     step_times.append(elapsed / window_steps)
                 history.append(row)
                 summary_losses.append(row["loss"])
                 real_tokens_total += window_tokens
                 write_metrics(metrics, row)
-                bar.set_postfix(loss="nan" if row["loss"] is None else f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.3g}")
+                bar.set_postfix(
+                    loss="nan" if row["loss"] is None else f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.3g}"
+                )
                 if is_main and (step % (cfg.train.log_every * 10) == 0 or last):
-                    log(f"step {step}: loss {row['loss'] or float('nan'):.4f} lr {lr:.2e} grad_norm {row['grad_norm']:.3f} "
-                        f"{row['tokens_per_s']:.0f} tok/s mfu {row['mfu'] if row['mfu'] is None else round(row['mfu'], 3)}")
+                    log(
+                        f"step {step}: loss {row['loss'] or float('nan'):.4f} lr {lr:.2e} "
+                        f"grad_norm {row['grad_norm']:.3f} {row['tokens_per_s']:.0f} tok/s "
+                        f"mfu {row['mfu'] if row['mfu'] is None else round(row['mfu'], 3)}"
+                    )
                 window_tokens, window_segments, window_flops, window_steps = 0, 0, 0.0, 0
                 loss_window.zero_()
                 bad_flags.zero_()
@@ -357,20 +423,35 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                 t_window = time.perf_counter()  # eval time is not training throughput
             due = (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) or time_due
             if due or (last and cfg.train.checkpoint_at_end) or stop_now or stop_reason:
-                state = {"cursor": list(cursor), "metrics": last_eval,
-                         "command": " ".join(sys.argv), "data_fingerprint": data_fingerprint(meta),
-                         "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
-                         "valid_loss": last_eval.get("valid_loss"), "real_tokens": real_tokens_total}
-                dist.save_checkpoint(run_dir, step, model, resolved, state, optimizer,
-                                     scaler.state_dict() if precision == "fp16" else None, cfg.train.keep_checkpoints)
+                state = {
+                    "cursor": list(cursor),
+                    "metrics": last_eval,
+                    "command": " ".join(sys.argv),
+                    "data_fingerprint": data_fingerprint(meta),
+                    "tokenizer_fingerprint": meta["tokenizer_fingerprint"],
+                    "valid_loss": last_eval.get("valid_loss"),
+                    "real_tokens": real_tokens_total,
+                }
+                dist.save_checkpoint(
+                    run_dir,
+                    step,
+                    model,
+                    resolved,
+                    state,
+                    optimizer,
+                    scaler.state_dict() if precision == "fp16" else None,
+                    cfg.train.keep_checkpoints,
+                )
                 last_save = time.time()
                 t_window = time.perf_counter()
             if stop_reason:
                 log(stop_reason)
                 break
             if stop_now:
-                log(f"stopped by {stop_now} after step {step}; checkpoint saved. Resume with: "
-                    f"mlmtrain train --config {run_dir / 'config.json'} --resume")
+                log(
+                    f"stopped by {stop_now} after step {step}; checkpoint saved. Resume with: "
+                    f"mlmtrain train --config {run_dir / 'config.json'} --resume"
+                )
                 break
     finally:
         bar.close()
@@ -383,17 +464,27 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     steady = step_times[1:] or step_times
     tokens_per_s = [r["tokens_per_s"] for r in history[1:]] or [r["tokens_per_s"] for r in history]
     summary = {
-        "steps": step, "steps_this_run": steps_done, "real_tokens": real_tokens_total,
+        "steps": step,
+        "steps_this_run": steps_done,
+        "real_tokens": real_tokens_total,
         "tokens_per_s": sorted(tokens_per_s)[len(tokens_per_s) // 2] if tokens_per_s else None,  # job total
         "tokens_per_s_per_gpu": sorted(tokens_per_s)[len(tokens_per_s) // 2] / world if tokens_per_s else None,
         "achieved_tflops": history[-1]["tflops"] if history else None,
         "mfu": history[-1]["mfu"] if history else None,
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "final_loss": summary_losses[-1] if summary_losses else None,
-        "valid_loss": last_eval.get("valid_loss"), "valid_accuracy": last_eval.get("valid_accuracy"),
-        "step_time_s": {"min": min(steady), "median": sorted(steady)[len(steady) // 2], "max": max(steady)} if steady else None,
-        "data_wait_s": prefetch.wait_s, "phase_ms": phase_ms, "stopped_by": stopper.requested or stop_reason,
-        "precision": precision, "compile": use_compile, "tokens_per_batch": T, "world_size": world,
+        "valid_loss": last_eval.get("valid_loss"),
+        "valid_accuracy": last_eval.get("valid_accuracy"),
+        "step_time_s": {"min": min(steady), "median": sorted(steady)[len(steady) // 2], "max": max(steady)}
+        if steady
+        else None,
+        "data_wait_s": prefetch.wait_s,
+        "phase_ms": phase_ms,
+        "stopped_by": stopper.requested or stop_reason,
+        "precision": precision,
+        "compile": use_compile,
+        "tokens_per_batch": T,
+        "world_size": world,
         "losses": [(r["step"], r["loss"]) for r in history],
     }
     if is_main:
@@ -413,7 +504,9 @@ def pieces_per_word(tokens, vocab: list[str], sample: int = 1 << 20) -> float:
 
 def data_fingerprint(meta: dict) -> str:
     keys = ("vocab_size", "tokenizer_fingerprint", "max_seq_len", "seed", "valid_fraction")
-    body = json.dumps({k: meta.get(k) for k in keys} | {"train": meta.get("train"), "valid": meta.get("valid")}, sort_keys=True)
+    body = json.dumps(
+        {k: meta.get(k) for k in keys} | {"train": meta.get("train"), "valid": meta.get("valid")}, sort_keys=True
+    )
     import hashlib
 
     return hashlib.sha256(body.encode()).hexdigest()[:16]
@@ -428,12 +521,21 @@ def check_resume_compatible(start: Path, cfg: RunConfig, meta: dict, bert_cfg: B
     if state.get("tokenizer_fingerprint") != meta["tokenizer_fingerprint"]:
         problems.append("the tokenizer differs")
     saved_model = saved_config.get("model", {})
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings"):
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+    ):
         if saved_model.get(key) != getattr(bert_cfg, key):
             problems.append(f"model {key} is {getattr(bert_cfg, key)} but the checkpoint has {saved_model.get(key)}")
     saved_run = config_from_dict(saved_config.get("run", {}))
-    if (saved_run.data.tokens_per_batch, saved_run.optim.grad_accum) != (cfg.data.tokens_per_batch, cfg.optim.grad_accum):
+    if (saved_run.data.tokens_per_batch, saved_run.optim.grad_accum) != (
+        cfg.data.tokens_per_batch,
+        cfg.optim.grad_accum,
+    ):
         problems.append("tokens_per_batch or grad_accum differ (the data cursor would not line up)")
     if problems:
         raise UserError(f"cannot resume from {start}: " + "; ".join(problems))
@@ -447,34 +549,62 @@ def write_metrics(f, row: dict) -> None:
 
 # ---- command line -----------------------------------------------------------------------------------
 
+
 def add_args(p) -> None:
     p.add_argument("--data", help="token shards from `mlmtrain prepare` (data.data_dir)")
     p.add_argument("--tokenizer", help="tokenizer folder the shards were made with (data.tokenizer_dir)")
     p.add_argument("--out", help="run folder: metrics.jsonl, checkpoints/, config.json (out_dir)")
     p.add_argument("--model", choices=["tiny", "mini", "small", "base", "large"], help="model size (model.size)")
     p.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
-    p.add_argument("--tokens-per-batch", type=int, help="tokens per micro-batch per process (default 65536 on CUDA, 4096 on CPU)")
+    p.add_argument(
+        "--tokens-per-batch", type=int, help="tokens per micro-batch per process (default 65536 on CUDA, 4096 on CPU)"
+    )
     p.add_argument("--seed", type=int, help="seed of initialisation, data order and masking (train.seed)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], help="bf16 (CUDA default), fp16 with loss scaling, fp32 (CPU default)")
-    p.add_argument("--no-compile", action="store_true", help="do not torch.compile the model (compile is on by default on CUDA)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="bf16 (CUDA default), fp16 with loss scaling, fp32 (CPU default)",
+    )
+    p.add_argument(
+        "--no-compile", action="store_true", help="do not torch.compile the model (compile is on by default on CUDA)"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile also on CPU")
     p.add_argument("--whole-word-mask", action="store_true", help="mask all WordPiece pieces of a word together")
-    p.add_argument("--pack", choices=["sentence", "document"], help="segments of one sentence, or document neighbours up to max_seq_len")
-    p.add_argument("--profile-steps", metavar="A:B", help="trace steps A..B-1 with torch.profiler and print a per-phase table")
-    p.add_argument("--resume", nargs="?", const="auto", metavar="PATH",
-                   help="continue from the newest complete checkpoint in --out (or from PATH)")
+    p.add_argument(
+        "--pack",
+        choices=["sentence", "document"],
+        help="segments of one sentence, or document neighbours up to max_seq_len",
+    )
+    p.add_argument(
+        "--profile-steps", metavar="A:B", help="trace steps A..B-1 with torch.profiler and print a per-phase table"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="PATH",
+        help="continue from the newest complete checkpoint in --out (or from PATH)",
+    )
     p.add_argument("--nproc", type=int, help="processes on this machine: re-runs itself under torchrun")
     p.add_argument("--config", help="TOML run config (see trainer/configs/); flags and --set override it")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. optim.lr=3e-4")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. optim.lr=3e-4"
+    )
 
 
 def config_from_args(args) -> RunConfig:
     overrides = {
-        "data.data_dir": args.data, "data.tokenizer_dir": args.tokenizer, "out_dir": args.out,
-        "model.size": args.model, "train.max_steps": args.max_steps, "data.tokens_per_batch": args.tokens_per_batch,
-        "train.seed": args.seed, "train.precision": args.precision,
+        "data.data_dir": args.data,
+        "data.tokenizer_dir": args.tokenizer,
+        "out_dir": args.out,
+        "model.size": args.model,
+        "train.max_steps": args.max_steps,
+        "data.tokens_per_batch": args.tokens_per_batch,
+        "train.seed": args.seed,
+        "train.precision": args.precision,
         "train.compile": "off" if args.no_compile else ("on" if args.compile else None),
-        "mask.whole_word": True if args.whole_word_mask else None, "data.pack": args.pack,
+        "mask.whole_word": True if args.whole_word_mask else None,
+        "data.pack": args.pack,
         "train.profile_steps": args.profile_steps,
     }
     return load_config(args.config, overrides, args.set)
