@@ -31,18 +31,19 @@ import torch
 import torch.nn.functional as F
 
 from mlmtrain.benchmarks.common import environment, record, time_fn
-from mlmtrain.model import BertConfig, BertForMaskedLM, BertSelfAttention, mlm_loss_sum, model_flops_per_token
+from mlmtrain.flops import model_flops_per_token
+from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 
 PAD_ID, CLS_ID, SEP_ID, NUM_SPECIAL = 0, 2, 3, 5
 LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA = 26.0, 0.55  # fitted to the sample corpus (see the docstring)
-VARIANTS = ("ours", "ours-sdpa", "ours-unfused-qkv", "hf")
+VARIANTS = ("ours", "ours-sdpa", "hf")
 
 
 def sentence_lengths(tokens_per_batch: int, max_seq_len: int, seed: int, data: str | None = None) -> list[int]:
     """Lengths (with [CLS]/[SEP]) of whole sentences filling at most tokens_per_batch tokens."""
     rng = np.random.default_rng(seed)
     if data:
-        from mlmtrain.data import load_split
+        from mlmtrain.prepare import load_split
 
         offsets = np.asarray(load_split(data, "train").offsets)
         pool = np.minimum(np.diff(offsets) + 2, max_seq_len)
@@ -106,9 +107,9 @@ def run(
     """One row per variant (see VARIANTS), via benchmarks.common.record; rows carry tokens/s and TFLOP/s."""
     device = torch.device(device)
     if variants is None:
-        variants = VARIANTS if device.type == "cuda" else ("ours", "ours-unfused-qkv", "hf")
+        variants = VARIANTS if device.type == "cuda" else ("ours", "hf")
     if data:
-        from mlmtrain.data import read_meta
+        from mlmtrain.prepare import read_meta
 
         vocab_size = int(read_meta(data)["vocab_size"])
     gen = torch.Generator().manual_seed(seed)
@@ -171,7 +172,6 @@ def run(
             )
             continue
         model.attn_impl = "sdpa" if variant == "ours-sdpa" else "auto"
-        BertSelfAttention.fused_qkv = variant != "ours-unfused-qkv"
         cu, pos = cu_seqlens.to(device), position_ids.to(device)
 
         def step(ids, masked, labels):
@@ -205,7 +205,6 @@ def run(
                 **common,
             )
         )
-    BertSelfAttention.fused_qkv = True
     return rows
 
 

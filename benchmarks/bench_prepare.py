@@ -1,7 +1,7 @@
 """Tokenizer training time and `prepare` throughput on a generated corpus of >= 100 MB, with peak RSS, and
 the naive path (AutoTokenizer called line by line, as the seed's recipe does) measured in the same run.
 
-Corpus: whole sentences of the bundled sample (`mlmtrain.data.sample_corpus_path()`) drawn at random
+Corpus: whole sentences of the bundled sample (`mlmtrain.text.sample_corpus_path()`) drawn at random
 (seeded) into documents of 2-30 sentences until the size is reached. Real sentences, so tokenization cost
 per byte is realistic; but the vocabulary is the sample's (a few thousand distinct words), so WordPiece
 *training*, whose cost grows with the number of distinct words, is faster here than on a real 100 MB corpus.
@@ -14,7 +14,7 @@ threads, which a shared, loaded machine distorts less than wall time):
   Wall time includes process start (~1 s); `prepare_seconds_inside` is prepare's own clock from meta.json.
 - `encode_batch_fast`: the tokenizer alone on lines already in memory, one input per line, in batches of
   the size prepare reads (1 MiB).
-- `encode_lines`: what prepare calls (`mlmtrain.data.encode_lines`: 64 lines joined by [SEP] per input,
+- `encode_lines`: what prepare calls (`mlmtrain.prepare.encode_lines`: 64 lines joined by [SEP] per input,
   ids cut back apart) on the same in-memory lines: the ceiling `prepare` can reach. prepare / this = how
   close our code (reading, splitting, writing) is to "limited by the tokenizer".
 - `naive_autotokenizer`: `AutoTokenizer.from_pretrained(dir)` then `tok(line)["input_ids"]` per line, on
@@ -48,7 +48,7 @@ MB = 1e6
 
 def make_corpus(path: Path, target_bytes: int, seed: int = 0) -> dict:
     """Write documents of 2-30 random sample sentences, a blank line between documents."""
-    from mlmtrain.data import sample_corpus_path
+    from mlmtrain.text import sample_corpus_path
 
     sentences = [s for s in sample_corpus_path().read_text(encoding="utf-8").split("\n") if s.strip()]
     rng = random.Random(seed)
@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed repeats of each row (default 1)")
     args = p.parse_args(argv)
 
-    from mlmtrain.data import READ_BLOCK_BYTES, encode_lines
+    from mlmtrain.prepare import encode_lines
+    from mlmtrain.text import READ_BLOCK_BYTES
     from mlmtrain.tokenizer import load_tokenizer
 
     out = Path(args.out)

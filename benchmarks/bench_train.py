@@ -2,7 +2,7 @@
 sentences, the same model size, the same number of real tokens and optimizer steps; plus a sweep of our
 step over tokens per batch and sequence caps.
 
-Data: the bundled sample corpus (`mlmtrain.data.sample_corpus_path()`, ~1k Korean sentences). Every 10th
+Data: the bundled sample corpus (`mlmtrain.text.sample_corpus_path()`, ~1k Korean sentences). Every 10th
 distinct sentence is held out as the validation set both models are scored on; the rest is the training
 text. It is small, so both trainers cycle through it (ours: the packer's stream runs on into the next
 epoch, reshuffled; the recipe: the lines repeated in order, shuffled by the Trainer's sampler). A WordPiece
@@ -47,7 +47,8 @@ class BenchData:
 
 def make_data(work_dir: str | Path, seq_caps=(128,), vocab_size: int = 30000, seed: int = 0) -> BenchData:
     """Tokenizer + shards (one per sequence cap) from the sample corpus minus the held-out sentences."""
-    from mlmtrain.data import prepare, sample_corpus_path
+    from mlmtrain.prepare import prepare
+    from mlmtrain.text import sample_corpus_path
     from mlmtrain.tokenizer import TokenizerSettings, train_tokenizer
 
     work_dir = Path(work_dir)

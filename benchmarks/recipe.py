@@ -73,15 +73,15 @@ def hf_model(model_config):
 def hf_model_from_checkpoint(path: str | Path):
     """Our checkpoint (run folder or one checkpoint) loaded into transformers' BertForMaskedLM, so both
     models are evaluated by the same code. Only the tied aliases may be missing from the file."""
-    from mlmtrain.checkpoint import latest_checkpoint, load_checkpoint_model
-    from mlmtrain.model import BertConfig
+    from mlmtrain.checkpoint import latest_checkpoint, read_checkpoint
+    from mlmtrain.model import HF_BUFFER_KEYS, TIED_KEYS, BertConfig
 
     ckpt = latest_checkpoint(path, log=lambda *_: None)
-    state_dict, config, _ = load_checkpoint_model(ckpt)
+    state_dict, config, _ = read_checkpoint(ckpt)
     model = hf_model(BertConfig.from_dict(config["model"]))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if k not in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")]
-    unexpected = [k for k in unexpected if k not in ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")]
+    missing = [k for k in missing if k not in TIED_KEYS]
+    unexpected = [k for k in unexpected if k not in HF_BUFFER_KEYS]
     if missing or unexpected:
         raise RuntimeError(
             f"checkpoint {ckpt} does not load into transformers: missing {missing[:3]}, unexpected {unexpected[:3]}"
@@ -202,8 +202,7 @@ def run_recipe(
     mlm_eval."""
     import accelerate  # noqa: F401  (the Trainer needs it; fail here with a clear ImportError)
 
-    from mlmtrain.flops import peak_tflops_for
-    from mlmtrain.model import model_flops_per_token
+    from mlmtrain.flops import model_flops_per_token, peak_tflops_for
 
     settings = settings or RecipeSettings()
     tf = _transformers()

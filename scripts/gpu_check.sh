@@ -25,5 +25,5 @@ cp "$W/run/metrics.jsonl" "$W/run/summary.json" "$OUT/" 2>/dev/null
 cp "$W/run/profile/phases.json" "$OUT/" 2>/dev/null
 
 echo "== benchmarks"
-timeout 150 python3 -m mlmtrain.benchmarks.bench_mask --out "$OUT/bench_mask.json" 2>&1 | tail -15
+timeout 150 python3 -m mlmtrain.benchmarks.bench_mlm_mask --out "$OUT/bench_mlm_mask.json" 2>&1 | tail -15
 timeout 200 python3 -m mlmtrain.benchmarks.bench_model --size base --tokens-per-batch 65536 --compile --out "$OUT/bench_model.json" 2>&1 | tail -15

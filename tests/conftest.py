@@ -6,19 +6,31 @@ before triton is first imported: hence the environment variable here, at collect
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+import mlmtrain
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# `trainer/` installs as `mlmtrain`, so another checkout's editable install would be imported silently.
+CHECKOUT = Path(__file__).resolve().parents[1]
+if Path(mlmtrain.__file__).resolve().parent != CHECKOUT / "trainer":
+    pytest.exit(
+        f"the tests import mlmtrain from {Path(mlmtrain.__file__).parent}, not from this checkout ({CHECKOUT}): "
+        'run `pip install -e ".[test]"` here first',
+        returncode=4,
+    )
 
 SMALL_VOCAB = 2000  # small enough to train in ~1 s, big enough to hold every sample character
 
 
 @pytest.fixture(scope="session")
 def sample_corpus():
-    from mlmtrain.data import sample_corpus_path
+    from mlmtrain.text import sample_corpus_path
 
     return sample_corpus_path()
 
@@ -36,7 +48,7 @@ def tokenizer_dir(tmp_path_factory, sample_corpus):
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, sample_corpus, tokenizer_dir):
     """Token shards of the sample corpus (train + 5% valid), max_seq_len 128."""
-    from mlmtrain.data import prepare
+    from mlmtrain.prepare import prepare
 
     out = tmp_path_factory.mktemp("shards") / "data"
     prepare([sample_corpus], tokenizer_dir, out, valid_fraction=0.05, max_seq_len=128, seed=0)

@@ -96,7 +96,7 @@ def test_report_files(quick):
 def test_quick_run_has_no_errors_once_all_modules_exist(quick):
     missing = [
         m
-        for m in ("mlmtrain.benchmarks.bench_mask", "mlmtrain.benchmarks.bench_model", "accelerate")
+        for m in ("mlmtrain.benchmarks.bench_mlm_mask", "mlmtrain.benchmarks.bench_model", "accelerate")
         if importlib.util.find_spec(m) is None
     ]
     if missing:
@@ -131,7 +131,7 @@ def test_time_limit_skips_and_says_so(tmp_path, monkeypatch):
     this test depend on the machine's load."""
     import time
 
-    from mlmtrain.bench import Bench
+    from mlmtrain.benchmarks.suite import Bench
 
     real_ceilings = Bench.ceilings
 
@@ -199,7 +199,7 @@ def test_report_names_failed_sections(tmp_path):
         "wall_s": 1.0,
         "environment": {"device": "CPU", "date": "2026-11-24", "versions": {"torch": "2.13"}},
         "sections": [
-            {"section": "mask", "wall_s": 0.0, "error": "module mlmtrain.benchmarks.bench_mask is not available"},
+            {"section": "mask", "wall_s": 0.0, "error": "module mlmtrain.benchmarks.bench_mlm_mask is not available"},
             {
                 "section": "sweep",
                 "wall_s": 0.0,
@@ -217,6 +217,6 @@ def test_report_names_failed_sections(tmp_path):
     }
     json_path, md_path = report.write(res, tmp_path)
     md = md_path.read_text(encoding="utf-8")
-    assert "**mask**: module mlmtrain.benchmarks.bench_mask is not available" in md
+    assert "**mask**: module mlmtrain.benchmarks.bench_mlm_mask is not available" in md
     assert "ours tiny T=512 cap=128: skipped" in md
     assert json.loads(json_path.read_text())["schema"] == report.SCHEMA

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlmtrain import checkpoint as ckpt
-from mlmtrain import distributed as dist
+from mlmtrain import parallel
 from mlmtrain.config import load_config
 from mlmtrain.errors import UserError
 from mlmtrain.train import train
@@ -81,23 +81,16 @@ def env(**extra) -> dict:
         "CUDA_VISIBLE_DEVICES": "",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
-        dist.TIMEOUT_ENV: "60",
+        parallel.TIMEOUT_ENV: "60",
         **extra,
     }
 
 
-def torchrun(args: list[str], timeout: float = 180, **extra_env) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "mlmtrain.cli",
-        *args,
-    ]
+def torchrun(args: list[str], timeout: float = 180, script=None, **extra_env) -> subprocess.CompletedProcess:
+    """`mlmtrain <args>` in 2 processes, or `script` (a launcher such as tests/faults.py, with its own
+    arguments) running it."""
+    launch = script or ["-m", "mlmtrain.cli"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *launch, *args]
     return subprocess.run(cmd, env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
 
 
@@ -134,7 +127,7 @@ def one_process(data_dir, tokenizer_dir, tmp_path_factory):
 
 
 def test_torchrun_command_drops_nproc():
-    cmd = dist.torchrun_command(["train", "--nproc", "2", "--data", "d", "--nproc=3", "--out", "o"], 4)
+    cmd = parallel.torchrun_command(["train", "--nproc", "2", "--data", "d", "--nproc=3", "--out", "o"], 4)
     assert cmd[1:] == [
         "-m",
         "torch.distributed.run",
@@ -150,24 +143,24 @@ def test_torchrun_command_drops_nproc():
         "o",
     ]
     with pytest.raises(UserError, match="at least 1"):
-        dist.torchrun_command(["train"], 0)
+        parallel.torchrun_command(["train"], 0)
 
 
 def test_user_mistakes_are_one_sentence(monkeypatch, data_dir, tokenizer_dir, tmp_path):
-    monkeypatch.setenv(dist.TIMEOUT_ENV, "soon")
+    monkeypatch.setenv(parallel.TIMEOUT_ENV, "soon")
     with pytest.raises(UserError, match="positive number of seconds"):
-        dist.timeout()
+        parallel.timeout()
     with pytest.raises(UserError, match="ddp or fsdp"):
-        dist.check_shard("zero3", "fp32")
+        parallel.check_shard("zero3", "fp32")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them; checked before joining any group
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(UserError, match="fp16 loss scaling"):
-        dist.check_shard("fsdp", "fp16")
+        parallel.check_shard("fsdp", "fp16")
     with pytest.raises(UserError, match="grad_accum=3 must be a multiple of the number of processes"):
         train(config(data_dir, tokenizer_dir, tmp_path / "run", **{"optim.grad_accum": 3}))
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(UserError, match=r"^rank 1 of 2: bad input$"):
-        with dist.name_failing_rank():
+        with parallel.name_failing_rank():
             raise UserError("bad input")
 
 
@@ -283,11 +276,8 @@ def test_crash_in_one_rank_ends_the_job_naming_it_and_the_job_resumes_exactly(da
 
     run = tmp_path / "crash"
     t0 = time.time()
-    done = torchrun(
-        cli_args(data_dir, tokenizer_dir, run, **dropout),
-        timeout=120,
-        **{dist.CRASH_RANK_ENV: "1", dist.CRASH_STEP_ENV: "3"},
-    )
+    faults = [str(Path(__file__).with_name("faults.py")), "--crash-rank", "1", "--crash-step", "3", "--"]
+    done = torchrun(cli_args(data_dir, tokenizer_dir, run, **dropout), timeout=120, script=faults)
     elapsed = time.time() - t0
     out = done.stdout + done.stderr
     assert done.returncode != 0, out
@@ -344,7 +334,7 @@ def test_sigterm_to_one_rank_stops_every_rank_together(data_dir, tokenizer_dir, 
     assert proc.returncode == 0, out
     saved = ckpt.complete_checkpoints(run)
     assert len(saved) == 1, out
-    stopped_at = ckpt.load_checkpoint_model(saved[0])[2]["step"]
+    stopped_at = ckpt.read_checkpoint(saved[0])[2]["step"]
     assert 2 <= stopped_at < 400 and max(losses(run)) == stopped_at
     assert "stopped by a signal to another rank" in out  # what rank 0 logs
     assert ckpt.verify_checkpoint(saved[0]) is None

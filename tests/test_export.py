@@ -40,7 +40,7 @@ def trained_run(tmp_path_factory, tokenizer_dir):
         "real_tokens": 12345,
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
     }
-    save_checkpoint(run_dir, 42, model, run_config, state)
+    save_checkpoint(run_dir, 42, model, None, run_config, state)
     return run_dir, model
 
 

@@ -11,14 +11,13 @@ import torch.nn.functional as F
 from conftest import requires_cuda
 
 from mlmtrain.errors import UserError
+from mlmtrain.flops import model_flops_per_token
 from mlmtrain.model import (
     MODEL_SIZES,
     TIED_KEYS,
     BertConfig,
     BertForMaskedLM,
     mlm_loss_sum,
-    model_flops_per_token,
-    num_parameters,
 )
 
 transformers = pytest.importorskip("transformers")
@@ -87,7 +86,8 @@ def test_state_dict_matches_transformers_keys_and_ties():
     assert model.cls.predictions.decoder.bias is model.cls.predictions.bias
     saved = model.hf_state_dict()
     assert not set(TIED_KEYS) & set(saved) and "bert.embeddings.position_ids" not in saved
-    assert num_parameters(model) == sum(v.numel() for v in saved.values())
+    unique = {id(p): p for p in model.parameters()}.values()  # the tied decoder weight counted once
+    assert sum(p.numel() for p in unique) == sum(v.numel() for v in saved.values())
 
 
 def test_loads_a_transformers_state_dict():
@@ -213,19 +213,24 @@ def test_int32_ids_as_the_packer_emits_them():
     assert torch.equal(wide, narrow)
 
 
-def test_fused_and_separate_qkv_agree(monkeypatch):
-    gen = torch.Generator().manual_seed(6)
-    model = BertForMaskedLM(odd_config()).eval()
-    input_ids, position_ids, cu_seqlens = packed_batch(random_sentences(gen, 97, [8, 3, 21]))
-    args = (input_ids, position_ids, cu_seqlens, 21, torch.arange(32))
+def test_fused_qkv_equals_separate_projections():
+    """The one (C, 3C) matmul gives exactly what transformers' three query/key/value Linear layers give."""
     from mlmtrain.model import BertSelfAttention
 
+    config = odd_config()
+    attention = BertSelfAttention(config)
+    x = torch.randn(7, config.hidden_size, generator=torch.Generator().manual_seed(6))
+    seen = {}
+
+    def attend(q, k, v, dropout_p):
+        seen.update(query=q, key=k, value=v)
+        return q
+
     with torch.no_grad():
-        monkeypatch.setattr(BertSelfAttention, "fused_qkv", True)
-        fused = model(*args)
-        monkeypatch.setattr(BertSelfAttention, "fused_qkv", False)
-        separate = model(*args)
-    assert torch.allclose(fused, separate, atol=1e-5, rtol=0), report(fused, separate)
+        attention(x, attend)
+        for name, got in seen.items():
+            want = getattr(attention, name)(x).unflatten(-1, (config.num_attention_heads, config.head_dim))
+            assert torch.allclose(got, want, atol=1e-6, rtol=0), (name, report(got, want))
 
 
 # ---------------------------------------------------------------------------------------------- behaviour
@@ -400,7 +405,7 @@ def test_bench_model_smoke():
 
     rows = run("tiny", 512, "cpu", "fp32", repeats=1, warmup=0, vocab_size=300, hf_batch_size=8)
     by_name = {r["name"]: r for r in rows}
-    assert set(by_name) == {"ours", "ours-unfused-qkv", "hf"}
+    assert set(by_name) == {"ours", "hf"}
     ours, hf = by_name["ours"], by_name["hf"]
     assert ours["real_tokens"] == hf["real_tokens"] <= 512 and ours["padded_tokens"] == 512
     assert hf["padded_tokens"] >= hf["real_tokens"] and ours["flops"] < hf["flops"]  # masked-only head

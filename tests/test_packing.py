@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mlmtrain.data import load_split, read_meta
 from mlmtrain.packing import Packer
+from mlmtrain.prepare import load_split, read_meta
 from mlmtrain.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
 

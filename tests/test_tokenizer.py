@@ -196,7 +196,7 @@ def test_overwrite_and_no_partial_folder(tmp_path, sample_corpus, monkeypatch):
     def die(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tokenizer_module, "_write_json", die)  # dies after tokenizer.json, before the rest
+    monkeypatch.setattr(tokenizer_module, "write_json", die)  # dies after tokenizer.json, before the rest
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer([sample_corpus], tmp_path / "new", TokenizerSettings(vocab_size=600), progress=False)
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.tmp-*"))

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import faults
 import numpy as np
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_loss_curve_matches_stored(sample_corpus, tmp_path):
     reproducible run to run (hash-map order breaks ties; huggingface/tokenizers#1794), so a freshly
     trained vocabulary would move the curve. Tolerance 2e-4 relative: the same code on another x86 CPU
     may round matmuls differently; a real change to data, masking, model or optimizer moves it far more."""
-    from mlmtrain.data import prepare
+    from mlmtrain.prepare import prepare
 
     tokenizer = Path(__file__).parent / "assets" / "tokenizer"
     data = tmp_path / "data"
@@ -124,7 +125,7 @@ def test_metrics_and_checkpoint_outputs(data_dir, tokenizer_dir, tmp_path):
     evals = [r for r in rows if "valid_loss" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["valid_accuracy"] <= 1 for r in evals)
     latest = ckpt.latest_checkpoint(run)
-    _, config, state = ckpt.load_checkpoint_model(latest)
+    _, config, state = ckpt.read_checkpoint(latest)
     assert state["step"] == 4 and config["run"]["model"]["size"] == "tiny" and config["model"]["hidden_size"] == 128
 
 
@@ -170,7 +171,7 @@ def test_damaged_checkpoint_is_skipped(data_dir, tokenizer_dir, tmp_path, capsys
 def test_nan_steps_are_skipped_then_stop(data_dir, tokenizer_dir, tmp_path, monkeypatch):
     """Injected non-finite losses: the updates are skipped (weights unchanged), the steps are logged,
     and max_bad_steps consecutive bad steps stop the run with a final checkpoint of the last good state."""
-    monkeypatch.setenv("MLMTRAIN_TEST_NAN_STEPS", "2,3,4,5")
+    faults.inject_nan(monkeypatch.setattr, {2, 3, 4, 5})
     run = tmp_path / "run"
     summary = train(
         tiny_config(
@@ -184,8 +185,8 @@ def test_nan_steps_are_skipped_then_stop(data_dir, tokenizer_dir, tmp_path, monk
     rows = [r for r in rows if "bad_steps" in r]
     assert [r["bad_steps"] for r in rows] == [0, 1, 1, 1] and rows[1]["loss"] is None
     assert "consecutive non-finite" in (summary["stopped_by"] or "")
-    w_step2 = ckpt.load_checkpoint_model(run / "checkpoints" / "step_00000002")[0]
-    w_final = ckpt.load_checkpoint_model(ckpt.latest_checkpoint(run))[0]
+    w_step2 = ckpt.read_checkpoint(run / "checkpoints" / "step_00000002")[0]
+    w_final = ckpt.read_checkpoint(ckpt.latest_checkpoint(run))[0]
     assert all(torch.equal(w_step2[k], w_final[k]) for k in w_step2), "a non-finite step changed the weights"
 
 
@@ -248,7 +249,7 @@ def test_sigterm_saves_and_resume_is_exact(data_dir, tokenizer_dir, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "SIGTERM received" in out and "--resume" in out
-    stopped_at = ckpt.load_checkpoint_model(ckpt.latest_checkpoint(run))[2]["step"]
+    stopped_at = ckpt.read_checkpoint(ckpt.latest_checkpoint(run))[2]["step"]
     assert 3 <= stopped_at < 40
     resumed = subprocess.run(
         [*_train_cli_args(data_dir, tokenizer_dir, run, 40), "--resume"], capture_output=True, text=True, timeout=300
@@ -294,13 +295,13 @@ def _train_cli_args(data_dir, tokenizer_dir, run, steps):
 
 @pytest.mark.slow
 def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(data_dir, tokenizer_dir, tmp_path):
-    """kill -9 while a checkpoint is half written (the test hook pauses after the weights): the partial
+    """kill -9 while a checkpoint is half written (tests/faults.py pauses it before the manifest): the partial
     folder is never taken for a checkpoint, the previous one is used, and the run resumes from it."""
     run = tmp_path / "run"
     assert subprocess.run([*_train_cli_args(data_dir, tokenizer_dir, run, 2)], capture_output=True).returncode == 0
+    launcher = [sys.executable, str(Path(__file__).with_name("faults.py")), "--pause-in-checkpoint", "60", "--"]
     proc = subprocess.Popen(
-        [*_train_cli_args(data_dir, tokenizer_dir, run, 4), "--resume"],
-        env={**os.environ, ckpt.PAUSE_ENV: "60"},
+        [*launcher, *_train_cli_args(data_dir, tokenizer_dir, run, 4)[3:], "--resume"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

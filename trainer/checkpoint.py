@@ -1,37 +1,45 @@
-"""Checkpoints that survive: atomic writes, checksummed manifests, pickle-free state.
+"""Checkpoints that survive: atomic writes, checksummed manifests, pickle-free state, one format for every
+world size.
 
 Layout of one checkpoint, `RUN_DIR/checkpoints/step_{step:08d}/`:
     model.safetensors      weights, transformers key names, tied decoder weight/bias stored once
-    optimizer.safetensors  optimizer tensors (exp_avg, exp_avg_sq, step) keyed "state.{param}.{name}"
-    rng.safetensors        torch CPU (and CUDA) RNG states, so dropout continues bit-exactly
+    optimizer.safetensors  optimizer tensors (exp_avg, exp_avg_sq, step) keyed "state.{param index}.{name}"
+    rng.safetensors        torch CPU (and CUDA) generator states; under torchrun every rank's, as
+                           "rank{r}.cpu" / "rank{r}.cuda", so dropout continues bit-exactly
     config.json            {"model": BertConfig fields, "run": resolved RunConfig}
-    state.json             step, data cursor, optimizer param groups, grad-scaler state, versions, metrics
+    state.json             step, data cursor, fingerprints, optimizer param groups, grad-scaler state, world size
     manifest.json          size and sha256 of every file above; written last
 
-A checkpoint is written into a temporary sibling folder, every file fsynced, then renamed into place
-(rename is atomic on POSIX), so a crash at any moment leaves either the old set of checkpoints or the old
-set plus one complete new one. Loading never unpickles: safetensors and JSON only.
+A checkpoint is written into a temporary sibling folder, every file fsynced, then renamed into place (rename
+is atomic on POSIX), so a crash at any moment leaves either the old set of checkpoints or the old set plus
+one complete new one. Loading never unpickles: safetensors and JSON only.
+
+Any world size, DDP or FSDP, writes the files a one-process run writes (FSDP first gathers the full state to
+rank 0 with `torch.distributed.checkpoint.state_dict`) and resumes any of them: every rank reads the full
+files and FSDP re-shards them; at the saved world size each rank also gets its own RNG streams back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from mlmtrain import parallel
 from mlmtrain.errors import UserError
-from mlmtrain.files import sha256_file, write_json
+from mlmtrain.files import atomic_dir, file_entries, manifest_problems, write_json
+from mlmtrain.model import BertConfig, drop_tied_aliases
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
-PAUSE_ENV = "MLMTRAIN_TEST_PAUSE_IN_CHECKPOINT"  # test hook: seconds to sleep mid-write (kill -9 tests)
 
 
 def checkpoint_name(step: int) -> str:
@@ -44,24 +52,114 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied tensors stored once, as transformers saves them: of names sharing storage,
-    keep the one that is not under a `.decoder.` (the tied output projection)."""
-    state = unwrap(model).state_dict()
-    names = sorted(state, key=lambda k: (".decoder." in k, list(state).index(k)))
-    seen: set[tuple[int, int]] = set()
+# ---------------------------------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    run_config: dict,
+    state: dict,
+    scaler_state: dict | None = None,
+    keep: int = 0,
+) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep` (0 = all); returns its folder. A
+    collective under torchrun: every rank calls it, rank 0 writes, the others wait. On a write failure (disk
+    full, permissions) the partial folder is removed, earlier checkpoints are untouched, and a UserError
+    says what happened."""
+    rng = _rng_of_every_rank(next(model.parameters()).device) if parallel.active() else {}
+    weights, optimizer_state = _full_state(model, optimizer)
+    final = Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
+    if parallel.rank() == 0:
+        _write(final, step, unwrap(model).config, weights, optimizer_state, rng, run_config, state, scaler_state)
+        if keep > 0:
+            for old in complete_checkpoints(Path(run_dir))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    parallel.barrier()
+    return final
+
+
+def _full_state(model, optimizer) -> tuple[dict | None, dict | None]:
+    """(weights without tied aliases, optimizer.state_dict()-shaped dict keyed by parameter index, or None
+    without an optimizer) on rank 0, (None, None) on the others. FSDP gathers the full state to rank 0's CPU
+    (a collective, so every rank calls this)."""
+    if not parallel.is_fsdp(model):
+        if parallel.rank() != 0:
+            return None, None
+        weights = {
+            k: v.detach().to("cpu").contiguous() for k, v in drop_tied_aliases(unwrap(model).state_dict()).items()
+        }
+        return weights, optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)  # keyed by parameter name
+    if parallel.rank() != 0:
+        return None, None
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    groups, first = [], 0
+    for group in optim["param_groups"]:
+        groups.append({**group, "params": list(range(first, first + len(group["params"])))})
+        first += len(group["params"])
+    state = {index[name]: value for name, value in optim["state"].items()}
+    weights = {k: v.contiguous() for k, v in drop_tied_aliases(weights).items()}
+    return weights, {"state": state, "param_groups": groups}
+
+
+def _rng_of_every_rank(device: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's CPU generator state (and its own GPU's), gathered to all (a collective)."""
+    own = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        own["cuda"] = torch.cuda.get_rng_state(device)
     out = {}
-    for name in names:
-        t = state[name]
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().to("cpu").contiguous()
-    return {k: out[k] for k in state if k in out}  # original order
+    for name, rng_state in own.items():
+        local = rng_state.to(device)  # NCCL moves device tensors only
+        parts = [torch.empty_like(local) for _ in range(parallel.world_size())]
+        dist.all_gather(parts, local)
+        out.update({f"rank{r}.{name}": part.cpu() for r, part in enumerate(parts)})
+    return out
 
 
-def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def _write(final: Path, step, config, weights, optimizer_state, rng, run_config, state, scaler_state) -> None:
+    from mlmtrain import __version__
+
+    try:
+        with atomic_dir(final, replace=True) as tmp:  # the same step saved twice (a signal right after a save)
+            save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+            optimizer_rest = None
+            if optimizer_state is not None:
+                tensors, optimizer_rest = _split_optimizer_state(optimizer_state)
+                save_file(tensors, tmp / "optimizer.safetensors")
+            save_file({**_own_rng(), **rng}, tmp / "rng.safetensors")
+            write_json(tmp / "config.json", {"model": dataclasses.asdict(config), "run": run_config})
+            versions = {"mlmtrain": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+            write_json(
+                tmp / "state.json",
+                {
+                    "step": step,
+                    **state,
+                    "world_size": parallel.world_size(),
+                    "scaler": scaler_state,
+                    "optimizer": optimizer_rest,
+                    "versions": versions,
+                    "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                },
+            )
+            write_json(tmp / MANIFEST, {"step": step, "files": file_entries(tmp)})
+    except OSError as e:
+        previous = [p.name for p in complete_checkpoints(final.parent.parent)]
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise UserError(f"could not write checkpoint {final}: {e.strerror or e}; {kept}") from e
+
+
+def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """optimizer.state_dict() -> (tensors for optimizer.safetensors, the JSON rest)."""
     tensors, scalars = {}, {}
     for param_id, pstate in sd["state"].items():
@@ -73,7 +171,7 @@ def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _rng_tensors() -> dict[str, torch.Tensor]:
+def _own_rng() -> dict[str, torch.Tensor]:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -81,83 +179,16 @@ def _rng_tensors() -> dict[str, torch.Tensor]:
     return rng
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Fully qualified name of every optimizer parameter, in the optimizer's order: the order that gives
+    the integer ids of `optimizer.state_dict()`. A tied parameter gets its first name (the embedding)."""
+    names: dict[int, str] = {}
+    for name, p in unwrap(model).named_parameters():
+        names.setdefault(id(p), name)
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
-def save_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    model: torch.nn.Module,
-    run_config: dict,
-    state: dict,
-    optimizer: torch.optim.Optimizer | None = None,
-    scaler_state: dict | None = None,
-    keep: int = 0,
-    *,
-    model_state: dict | None = None,
-    optimizer_state: dict | None = None,
-    extra_rng: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write checkpoint `step` atomically; keep only the newest `keep` (0 = all). Returns its folder.
-    On a write failure (disk full, permissions) the partial folder is removed, earlier checkpoints are
-    untouched, and a UserError says what happened. `model_state` / `optimizer_state` (an
-    `optimizer.state_dict()`-shaped dict) replace reading them from `model` / `optimizer`: FSDP passes
-    the full state it gathered (trainer/distributed.py), so every world size writes the same files;
-    `extra_rng` adds tensors to rng.safetensors (every rank's generator states under torchrun)."""
-    from mlmtrain import __version__
-
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / checkpoint_name(step)
-    tmp = root / f".tmp_{checkpoint_name(step)}_{os.getpid()}"
-    config = unwrap(model).config
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        weights = model_state if model_state is not None else model_state_for_saving(model)
-        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-        full_state = {
-            "step": step,
-            **state,
-            "scaler": scaler_state,
-            "versions": {"mlmtrain": __version__, "torch": torch.__version__, "python": sys.version.split()[0]},
-            "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-        if optimizer is not None or optimizer_state is not None:
-            tensors, rest = _optimizer_tensors(optimizer_state or optimizer.state_dict())
-            save_file(tensors, tmp / "optimizer.safetensors")
-            full_state["optimizer"] = rest
-        save_file({**_rng_tensors(), **(extra_rng or {})}, tmp / "rng.safetensors")
-        model_fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        write_json(tmp / "config.json", {"model": model_fields, "run": run_config})
-        write_json(tmp / "state.json", full_state)
-        if os.environ.get(PAUSE_ENV):  # lets a test kill -9 us mid-write
-            time.sleep(float(os.environ[PAUSE_ENV]))
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
-        write_json(tmp / MANIFEST, {"step": step, "files": manifest})
-        for p in tmp.iterdir():
-            _fsync(p)
-        _fsync(tmp)
-        if final.exists():  # same step saved twice (e.g. preemption right after a periodic save)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(root)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = [p.name for p in complete_checkpoints(Path(run_dir))]
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(f"could not write checkpoint {final}: {e.strerror or e}; {kept}") from e
-    if keep > 0:
-        for old in complete_checkpoints(Path(run_dir))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+# ---------------------------------------------------------------------------------------------------- finding
 
 
 def verify_checkpoint(ckpt: Path) -> str | None:
@@ -166,18 +197,11 @@ def verify_checkpoint(ckpt: Path) -> str | None:
     if not manifest_path.is_file():
         return "no manifest.json (incomplete write)"
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
-    except (ValueError, KeyError, UnicodeDecodeError):
+        entries = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return "manifest.json is unreadable"
-    for name, info in manifest.items():
-        p = ckpt / name
-        if not p.is_file():
-            return f"{name} is missing"
-        if p.stat().st_size != info["size"]:
-            return f"{name} has {p.stat().st_size} bytes, the manifest says {info['size']} (truncated?)"
-        if sha256_file(p) != info["sha256"]:
-            return f"{name} does not match its sha256 checksum (corrupted)"
-    return None
+    problems = manifest_problems(ckpt, entries, "the checkpoint was saved")
+    return problems[0] if problems else None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -199,8 +223,7 @@ def latest_checkpoint(path: str | Path, log=print) -> Path:
         if problem:
             raise UserError(f"checkpoint {path} is damaged: {problem}")
         return path
-    candidates = complete_checkpoints(path)
-    for ckpt in reversed(candidates):
+    for ckpt in reversed(complete_checkpoints(path)):
         problem = verify_checkpoint(ckpt)
         if problem is None:
             return ckpt
@@ -211,25 +234,16 @@ def latest_checkpoint(path: str | Path, log=print) -> Path:
     )
 
 
-def load_checkpoint_model(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(model state dict, config.json, state.json) of a checkpoint folder; safetensors + JSON only."""
     ckpt = Path(ckpt)
-    state_dict = load_file(ckpt / "model.safetensors")
+    weights = load_file(ckpt / "model.safetensors")
     config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
     state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
-    return state_dict, config, state
-
-
-def load_model_weights(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load saved weights; tied tensors that were stored once are filled through their tie."""
-    missing, unexpected = unwrap(model).load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if ".decoder." not in k]
-    if missing or unexpected:
-        raise UserError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, ckpt: Path, state: dict) -> None:
-    optimizer.load_state_dict(read_optimizer_state(ckpt, state))
+    return weights, config, state
 
 
 def read_optimizer_state(ckpt: Path, state: dict) -> dict:
@@ -246,10 +260,80 @@ def read_optimizer_state(ckpt: Path, state: dict) -> dict:
     return {"state": opt_state, "param_groups": saved["param_groups"]}
 
 
-def restore_rng(ckpt: Path) -> None:
+def load_optimizer_state(model, optimizer, ckpt: Path, state: dict) -> None:
+    """Restore the optimizer from a checkpoint written at any world size. Plain/DDP: as saved. FSDP: every
+    rank reads the full state and `set_optimizer_state_dict` keeps its own shard of each tensor."""
+    full = read_optimizer_state(ckpt, state)  # keyed by parameter index
+    if not parallel.is_fsdp(model):
+        optimizer.load_state_dict(full)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(model, optimizer)
+    if len(names) != sum(len(g["params"]) for g in full["param_groups"]):
+        raise UserError(f"the optimizer state in {ckpt} does not fit this model's parameters")
+    by_name = {
+        "state": {names[i]: value for i, value in full["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in full["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
+
+
+def restore_rng(ckpt: Path, state: dict, device: torch.device) -> None:
+    """Every rank takes rank 0's saved generator states; at the world size the checkpoint was written with,
+    each rank then takes its own, so dropout continues exactly as if the run had not stopped."""
     rng = load_file(ckpt / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
+    if not parallel.active() or state.get("world_size") != parallel.world_size():
+        return
+    r = parallel.rank()
+    if f"rank{r}.cpu" in rng:
+        torch.set_rng_state(rng[f"rank{r}.cpu"])
+    if device.type == "cuda" and f"rank{r}.cuda" in rng:
+        torch.cuda.set_rng_state(rng[f"rank{r}.cuda"], device)
+
+
+# ---------------------------------------------------------------------------------------------------- resuming
+
+
+def data_fingerprint(meta: dict) -> str:
+    """What identifies a set of shards for a resume: vocabulary, tokenizer, split and counts."""
+    keys = ("vocab_size", "tokenizer_fingerprint", "max_seq_len", "seed", "valid_fraction")
+    body = {k: meta.get(k) for k in keys} | {"train": meta.get("train"), "valid": meta.get("valid")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfig) -> None:
+    """Refuse to resume on other data, another tokenizer, another model shape or another batch layout (the
+    data cursor would not line up). `run` is the RunConfig the resumed run uses."""
+    from mlmtrain.config import config_from_dict
+
+    _, saved_config, state = read_checkpoint(ckpt)
+    problems = []
+    if state.get("data_fingerprint") != data_fingerprint(meta):
+        problems.append(f"the data shards differ from those it was trained on ({run.data.data_dir})")
+    if state.get("tokenizer_fingerprint") != meta["tokenizer_fingerprint"]:
+        problems.append("the tokenizer differs")
+    saved_model = saved_config.get("model", {})
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+    ):
+        if saved_model.get(key) != getattr(model_config, key):
+            problems.append(
+                f"model {key} is {getattr(model_config, key)} but the checkpoint has {saved_model.get(key)}"
+            )
+    saved_run = config_from_dict(saved_config.get("run", {}))
+    saved_layout = (saved_run.data.tokens_per_batch, saved_run.optim.grad_accum)
+    if saved_layout != (run.data.tokens_per_batch, run.optim.grad_accum):
+        problems.append("tokens_per_batch or grad_accum differ (the data cursor would not line up)")
+    if problems:
+        raise UserError(f"cannot resume from {ckpt}: " + "; ".join(problems))

@@ -14,13 +14,13 @@ from mlmtrain.errors import UserError
 # subcommand -> (module, one-line help). Modules are imported lazily so `mlmtrain --help` is instant.
 COMMANDS = {
     "tokenizer": ("mlmtrain.tokenizer", "train a WordPiece tokenizer on text files"),
-    "prepare": ("mlmtrain.data", "tokenize text files into memory-mapped token shards"),
+    "prepare": ("mlmtrain.prepare", "tokenize text files into memory-mapped token shards"),
     "train": ("mlmtrain.train", "pretrain a BERT masked-language model on token shards"),
     "export": ("mlmtrain.export", "write a checkpoint as a Hugging Face BertForMaskedLM folder"),
-    "upload": ("mlmtrain.hub", "upload an exported folder to the Hugging Face Hub"),
+    "upload": ("mlmtrain.upload", "upload an exported folder to the Hugging Face Hub"),
     "demo": ("mlmtrain.demo", "run the whole pipeline on the bundled sample corpus"),
     "plot": ("mlmtrain.plot", "draw loss, lr and throughput curves of a run to PNG"),
-    "bench": ("mlmtrain.bench", "measure throughput against the seed's recipe and the hardware"),
+    "bench": ("mlmtrain.benchmarks.suite", "measure throughput against the HF Trainer baseline and the hardware"),
 }
 
 

@@ -1,20 +1,35 @@
-"""Run configuration: one dataclass per concern, read from a TOML file, overridden by flags and
-`--set section.key=value`. The resolved config is logged at start and saved with every checkpoint."""
+"""Run configuration: one dataclass per concern, read from a TOML file (a path, or the name of a packaged one
+in trainer/configs/), overridden by flags and `--set section.key=value`, then validated in one place
+(`validate`). The resolved config is logged at start and saved with every checkpoint. No torch import.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlmtrain.errors import UserError
 
+# Named model sizes: tiny/mini/small are Google's BERT miniatures (Turc et al. 2019), base/large are BERT's.
+MODEL_SIZES = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+    "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "small": dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
+}
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name -> torch dtype attribute
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
 
 @dataclass
 class ModelSpec:
-    size: str = "tiny"  # tiny | mini | small | base | large (trainer/model.py MODEL_SIZES)
+    size: str = "tiny"  # tiny | mini | small | base | large
     dropout: float = 0.1  # hidden and attention-probability dropout, as BERT; 0 turns it off
     max_position_embeddings: int = 512
 
@@ -52,17 +67,17 @@ class OptimSpec:
 @dataclass
 class TrainSpec:
     max_steps: int = 200
-    seed: int = 0
+    seed: int = 0  # of initialisation, data order, masking and dropout
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     compile: str = "auto"  # auto (on for CUDA) | on | off
     tf32: bool = True
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = 10
     eval_every: int = 100  # 0 = only at the end
     eval_batches: int = 8
     checkpoint_every: int = 0  # steps; 0 = only at the end (and on preemption)
     checkpoint_minutes: float = 30.0  # also save when this much wall time passed since the last save
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # 0 = keep all
     checkpoint_at_end: bool = True  # benchmarks turn it off (a base checkpoint is ~1.3 GB)
     peak_tflops: float = 0.0  # device peak for MFU; 0 = from the built-in table (trainer/flops.py)
     profile_steps: str = ""  # "A:B" records a torch.profiler trace of steps A..B-1
@@ -87,36 +102,152 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
 
 
-def _coerce(value, target_type, name: str):
-    """Turn a TOML value or a `--set` string into the field's type, with a clear error."""
-    if isinstance(target_type, str):
-        target_type = eval(target_type, {"tuple": tuple, "float": float, "int": int, "str": str, "bool": bool})
-    if isinstance(value, str) and target_type is not str:
-        text = value.strip()
-        if target_type is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise UserError(f"{name} must be true or false, got {value!r}")
-        try:
-            value = json.loads(text) if target_type is not float else float(text)
-        except (ValueError, json.JSONDecodeError):
-            raise UserError(
-                f"{name} must be a {getattr(target_type, '__name__', target_type)}, got {value!r}"
-            ) from None
-    origin = getattr(target_type, "__origin__", None)
-    if origin is tuple or target_type is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{name} must be a list like [0.9, 0.98], got {value!r}")
-        return tuple(float(v) for v in value)
-    if target_type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if target_type in (int, str, bool) and not isinstance(value, target_type):
-        raise UserError(f"{name} must be a {target_type.__name__}, got {value!r}")
-    if target_type is int and isinstance(value, bool):
-        raise UserError(f"{name} must be an integer, got {value!r}")
-    return value
+SECTIONS = ("model", "data", "mask", "optim", "train")
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Every value checked once, here: one sentence naming the key, the value and what is allowed."""
+    m, d, k, o, t = cfg.model, cfg.data, cfg.mask, cfg.optim, cfg.train
+    _one_of("model.size", m.size, MODEL_SIZES)
+    _within("model.dropout", m.dropout, 0.0, 1.0, "in [0, 1)", high_open=True)
+    _at_least("model.max_position_embeddings", m.max_position_embeddings, 3)
+    _at_least("data.tokens_per_batch", d.tokens_per_batch, 0, "(0 = auto)")
+    _one_of("data.pack", d.pack, ("sentence", "document"))
+    _at_least("data.prefetch", d.prefetch, 1)
+    _within("mask.mask_prob", k.mask_prob, 0.0, 1.0, "in (0, 1)", low_open=True, high_open=True)
+    _within("mask.mask_frac", k.mask_frac, 0.0, 1.0, "in [0, 1]")
+    _within("mask.random_frac", k.random_frac, 0.0, 1.0, "in [0, 1]")
+    if k.mask_frac + k.random_frac > 1.0:
+        raise UserError(f"mask.mask_frac + mask.random_frac must be at most 1, got {k.mask_frac + k.random_frac:g}")
+    _within("optim.lr", o.lr, 0.0, math.inf, "a positive number", low_open=True, high_open=True)
+    for i, beta in enumerate(o.betas):
+        _within(f"optim.betas[{i}]", beta, 0.0, 1.0, "in [0, 1)", high_open=True)
+    if len(o.betas) != 2:
+        raise UserError(f"optim.betas must be two numbers like [0.9, 0.98], got {list(o.betas)}")
+    _within("optim.eps", o.eps, 0.0, math.inf, "a positive number", low_open=True, high_open=True)
+    _within("optim.weight_decay", o.weight_decay, 0.0, math.inf, "at least 0", high_open=True)
+    _at_least("optim.warmup_steps", o.warmup_steps, 0, "(0 = auto)")
+    _one_of("optim.schedule", o.schedule, ("linear", "cosine"))
+    _within("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0, "in [0, 1]")
+    _within("optim.grad_clip", o.grad_clip, 0.0, math.inf, "at least 0 (0 = off)", high_open=True)
+    _at_least("optim.grad_accum", o.grad_accum, 1)
+    _at_least("train.max_steps", t.max_steps, 1)
+    _one_of("train.precision", t.precision, ("auto", *PRECISIONS))
+    _one_of("train.compile", t.compile, ("auto", "on", "off"))
+    if t.device not in ("auto", "cpu", "cuda") and not (t.device.startswith("cuda:") and t.device[5:].isdigit()):
+        raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _at_least("train.log_every", t.log_every, 1)
+    _at_least("train.eval_every", t.eval_every, 0, "(0 = only at the end)")
+    _at_least("train.eval_batches", t.eval_batches, 1)
+    _at_least("train.checkpoint_every", t.checkpoint_every, 0, "(0 = only at the end)")
+    _within("train.checkpoint_minutes", t.checkpoint_minutes, 0.0, math.inf, "a positive number", low_open=True)
+    _at_least("train.keep_checkpoints", t.keep_checkpoints, 0, "(0 = keep all)")
+    _within("train.peak_tflops", t.peak_tflops, 0.0, math.inf, "at least 0 (0 = from the table)", high_open=True)
+    profile_range(t.profile_steps)
+    _one_of("train.nan_policy", t.nan_policy, ("skip", "stop"))
+    _at_least("train.max_bad_steps", t.max_bad_steps, 1)
+    _one_of("train.shard", t.shard, ("ddp", "fsdp"))
+    return cfg
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+    """`train.profile_steps` "A:B" as (A, B), or None when empty."""
+    if not spec:
+        return None
+    try:
+        first, end = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise UserError(f"--profile-steps takes A:B (e.g. 10:15), got {spec!r}") from None
+    if not 0 <= first < end:
+        raise UserError(f"--profile-steps A:B needs 0 <= A < B, got {spec!r}")
+    return first, end
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _at_least(name: str, value: int, low: int, note: str = "") -> None:
+    if value < low:
+        raise UserError(f"{name} must be at least {low}{' ' + note if note else ''}, got {value}")
+
+
+def _within(name, value, low, high, allowed: str, low_open=False, high_open=False) -> None:
+    ok = math.isfinite(value) or (value == math.inf and not high_open)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        raise UserError(f"{name} must be {allowed}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- loading
+
+
+def load_config(
+    toml_path: str | Path | None = None, overrides: dict | None = None, sets: list[str] | None = None
+) -> RunConfig:
+    """TOML file, then `overrides` (flag values: dotted key -> value, None = not given), then `--set`, then
+    `validate`. `toml_path` may be a run folder's config.json (to resume) or a packaged config's name."""
+    cfg = RunConfig()
+    if toml_path:
+        path = resolve_config_path(toml_path)
+        if path.suffix == ".json":  # a run folder's resolved config.json (e.g. to resume a run)
+            try:
+                cfg = config_from_dict(json.loads(path.read_text(encoding="utf-8")))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise UserError(f"config file {path} is not valid JSON: {e}") from None
+        else:
+            try:
+                table = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+                raise UserError(f"config file {path} is not valid TOML: {e}") from None
+            for dotted, value in _flatten(table):
+                _set(cfg, dotted, value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set(cfg, dotted, value)
+    for item in sets or []:
+        if "=" not in item:
+            raise UserError(f"--set takes key=value (e.g. optim.lr=3e-4), got {item!r}")
+        dotted, value = item.split("=", 1)
+        _set(cfg, dotted.strip(), value)
+    return validate(cfg)
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file's path, or the name of a packaged one (`base_gpu` -> trainer/configs/base_gpu.toml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / f"{path.name.removesuffix('.toml')}.toml"
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    known = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.toml")))
+    raise UserError(f"config file {path} does not exist (packaged configs: {known})")
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """Rebuild a RunConfig from its saved dict (`RunConfig.to_dict()`, e.g. from a checkpoint). Keys from newer
+    versions are ignored, missing ones keep their defaults."""
+    cfg = RunConfig(out_dir=d.get("out_dir", ""))
+    for section in SECTIONS:
+        spec = getattr(cfg, section)
+        known = {f.name for f in dataclasses.fields(spec)}
+        for k, v in d.get(section, {}).items():
+            if k in known:
+                setattr(spec, k, tuple(v) if isinstance(v, list) else v)
+    return cfg
+
+
+def _flatten(table: dict, prefix: str = ""):
+    for k, v in table.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
 
 
 def _set(cfg: RunConfig, dotted: str, value) -> None:
@@ -126,63 +257,39 @@ def _set(cfg: RunConfig, dotted: str, value) -> None:
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
             raise UserError(f"unknown config section {part!r} in {dotted!r}")
         obj = getattr(obj, part)
-    fields = {f.name: f for f in dataclasses.fields(obj)}
+    types = typing.get_type_hints(type(obj))
     key = parts[-1]
-    if key not in fields or dataclasses.is_dataclass(getattr(obj, key)):
-        raise UserError(f"unknown config key {dotted!r}; known: {', '.join(sorted(fields))}")
-    setattr(obj, key, _coerce(value, fields[key].type, dotted))
+    if key not in types or dataclasses.is_dataclass(getattr(obj, key)):
+        raise UserError(f"unknown config key {dotted!r}; known: {', '.join(sorted(types))}")
+    setattr(obj, key, _coerce(value, types[key], dotted))
 
 
-def load_config(
-    toml_path: str | Path | None = None, overrides: dict | None = None, sets: list[str] | None = None
-) -> RunConfig:
-    """TOML file, then `overrides` (flag values: dotted key -> value, None = not given), then `--set`."""
-    cfg = RunConfig()
-    if toml_path:
-        path = Path(toml_path)
-        if not path.is_file():
-            raise UserError(f"config file {path} does not exist")
-        if path.suffix == ".json":  # a run folder's resolved config.json (e.g. to resume a run)
-            try:
-                cfg = config_from_dict(json.loads(path.read_text(encoding="utf-8")))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise UserError(f"config file {path} is not valid JSON: {e}") from None
-            return _apply(cfg, overrides, sets)
+def _coerce(value, target_type, name: str):
+    """A TOML value or a `--set` string as the field's type (str, int, float, bool, or a tuple of floats)."""
+    is_tuple = typing.get_origin(target_type) is tuple
+    if isinstance(value, str) and target_type is not str:
+        text = value.strip()
+        if target_type is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"{name} must be true or false, got {value!r}")
         try:
-            table = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {path} is not valid TOML: {e}") from None
-
-        def walk(prefix: str, node: dict) -> None:
-            for k, v in node.items():
-                if isinstance(v, dict):
-                    walk(f"{prefix}{k}.", v)
-                else:
-                    _set(cfg, f"{prefix}{k}", v)
-
-        walk("", table)
-    return _apply(cfg, overrides, sets)
-
-
-def _apply(cfg: RunConfig, overrides: dict | None, sets: list[str] | None) -> RunConfig:
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set(cfg, dotted, value)
-    for item in sets or []:
-        if "=" not in item:
-            raise UserError(f"--set takes key=value (e.g. optim.lr=3e-4), got {item!r}")
-        dotted, value = item.split("=", 1)
-        _set(cfg, dotted.strip(), value)
-    return cfg
+            value = float(text) if target_type is float else json.loads(text)
+        except (ValueError, json.JSONDecodeError):
+            kind = "list like [0.9, 0.98]" if is_tuple else target_type.__name__
+            raise UserError(f"{name} must be a {kind}, got {value!r}") from None
+    if is_tuple:
+        if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
+            raise UserError(f"{name} must be a list like [0.9, 0.98], got {value!r}")
+        return tuple(float(v) for v in value)
+    if target_type is float and _is_number(value):
+        return float(value)
+    if not isinstance(value, target_type) or (target_type is int and isinstance(value, bool)):
+        raise UserError(f"{name} must be a {target_type.__name__}, got {value!r}")
+    return value
 
 
-def config_from_dict(d: dict) -> RunConfig:
-    """Rebuild a RunConfig from its saved dict (`RunConfig.to_dict()`, e.g. from a checkpoint)."""
-    cfg = RunConfig(out_dir=d.get("out_dir", ""))
-    for section in ("model", "data", "mask", "optim", "train"):
-        spec = getattr(cfg, section)
-        known = {f.name for f in dataclasses.fields(spec)}
-        for k, v in d.get(section, {}).items():
-            if k in known:  # keys from newer versions are ignored, missing ones keep defaults
-                setattr(spec, k, tuple(v) if isinstance(v, list) else v)
-    return cfg
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)

@@ -51,7 +51,8 @@ def unigram_cross_entropy(train: np.ndarray, valid: np.ndarray, num_special: int
 def main(args) -> int:
     from mlmtrain import cli
     from mlmtrain.config import load_config
-    from mlmtrain.data import load_split, prepare, sample_corpus_path
+    from mlmtrain.prepare import load_split, prepare
+    from mlmtrain.text import sample_corpus_path
     from mlmtrain.tokenizer import NUM_SPECIAL, TokenizerSettings, train_tokenizer
     from mlmtrain.train import train
 

@@ -1,7 +1,6 @@
 """`mlmtrain export`: a checkpoint + its tokenizer -> a Hugging Face `BertForMaskedLM` folder, verified.
 
-The seed saved with the HF Trainer and then hand-trimmed `tokenizer_config.json` and hand-wrote the model
-card before the Hub widget worked. Here one command writes the folder transformers expects:
+One command writes the folder transformers and the Hub expect, with nothing to trim or write by hand:
 
     model.safetensors        fp32 (or --dtype bf16|fp16), metadata {"format": "pt"}, transformers key names,
                              tied decoder weight/bias stored once, no position_ids buffer
@@ -21,207 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shutil
 from pathlib import Path
 
+from mlmtrain.card import DEFAULT_WIDGETS, model_card, read_data_meta
+from mlmtrain.config import PRECISIONS
 from mlmtrain.errors import UserError
-from mlmtrain.files import sha256_file, write_json
-
-EXPORT_MANIFEST = "mlmtrain_export.json"
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-DEFAULT_WIDGETS = {  # the seed's own widget sentence for Korean
-    "ko": "산악 자전거 경기는 상대적으로 새로운 [MASK] 1990년대에 활성화 되었다.",
-    "en": "The capital of France is [MASK].",
-}
-# What BertTokenizer (slow and fast, transformers 4.45-5.x) reads; anything else is dropped.
-TOKENIZER_CONFIG_KEYS = (
-    "tokenizer_class",
-    "do_lower_case",
-    "strip_accents",
-    "tokenize_chinese_chars",
-    "clean_up_tokenization_spaces",
-    "model_max_length",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-)
-SPECIAL_TOKENS_MAP = {
-    "unk_token": "[UNK]",
-    "sep_token": "[SEP]",
-    "pad_token": "[PAD]",
-    "cls_token": "[CLS]",
-    "mask_token": "[MASK]",
-}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the pieces of the folder
-
-
-def tokenizer_config(tokenizer_dir: Path, max_position_embeddings: int) -> dict:
-    """A clean tokenizer_config.json: the tokenizer folder's settings, only BertTokenizer's keys, and a
-    model_max_length the model can actually take (never more than max_position_embeddings)."""
-    source = {}
-    if (tokenizer_dir / "tokenizer_config.json").is_file():
-        source = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    else:  # derive the normalizer flags from tokenizer.json
-        norm = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer") or {}
-        if norm.get("type") == "BertNormalizer":
-            source = {
-                "do_lower_case": norm.get("lowercase", False),
-                "strip_accents": norm.get("strip_accents"),
-                "tokenize_chinese_chars": norm.get("handle_chinese_chars", True),
-            }
-    config = {
-        "tokenizer_class": "BertTokenizer",
-        "do_lower_case": False,
-        "strip_accents": False,
-        "tokenize_chinese_chars": True,
-        "clean_up_tokenization_spaces": False,
-    }
-    config.update({k: v for k, v in source.items() if k in TOKENIZER_CONFIG_KEYS})
-    config.update(SPECIAL_TOKENS_MAP)
-    config["model_max_length"] = min(
-        int(source.get("model_max_length") or max_position_embeddings), max_position_embeddings
-    )
-    return config
-
-
-def model_card(
-    *,
-    title: str,
-    config,
-    run_config: dict,
-    state: dict,
-    step: int,
-    language: str | None,
-    license: str,
-    widgets: list[str],
-    data_meta: dict | None,
-):
-    """The README.md: YAML header the Hub reads (fill-mask widget) + what, on what, how long, how good."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from mlmtrain import __version__
-    from mlmtrain.model import MODEL_SIZES
-
-    card_data = ModelCardData(
-        language=language,
-        license=license,
-        library_name="transformers",
-        pipeline_tag="fill-mask",
-        tags=["bert", "fill-mask", "mlmtrain"],
-        mask_token="[MASK]",
-        widget=[{"text": t} for t in widgets],
-    )
-    run = run_config.get("run") or {}
-    data, mask, optim, train = (run.get(k) or {} for k in ("data", "mask", "optim", "train"))
-    size = next(
-        (name for name, dims in MODEL_SIZES.items() if all(getattr(config, k) == v for k, v in dims.items())), "custom"
-    )
-    valid_loss = state.get("valid_loss")
-    loss_text = (
-        "not measured" if valid_loss is None else f"{valid_loss:.4f} nats (perplexity {math.exp(valid_loss):.2f})"
-    )
-    tokens = state.get("real_tokens")
-    if data_meta:
-        train_split = data_meta.get("train") or {}
-        inputs = (
-            ", ".join(
-                Path(str(p.get("path", p) if isinstance(p, dict) else p)).name for p in data_meta.get("inputs") or []
-            )
-            or "not recorded"
-        )
-        data_text = (
-            f"{_count(train_split.get('sentences'))} sentences / {_count(train_split.get('tokens'))} tokens "
-            f"from {inputs}, split into segments of at most {data_meta.get('max_seq_len')} tokens "
-            f"([CLS] sentence [SEP])"
-        )
-    else:
-        data_text = f"token shards in `{data['data_dir']}`" if data.get("data_dir") else "not recorded"
-    lines = [
-        f"# {title}",
-        "",
-        f"A BERT masked-language model (`BertForMaskedLM`, size `{size}`: {config.num_hidden_layers} layers, "
-        f"hidden {config.hidden_size}, {config.num_attention_heads} heads, vocabulary {config.vocab_size}) "
-        "pretrained from scratch with mlmtrain on single sentences: masked language "
-        "modelling only, no next-sentence prediction.",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        f'fill = pipeline("fill-mask", model="{title}")  # this folder, or the Hub repo id it was uploaded to',
-        f"print(fill({widgets[0]!r}))",
-        "```",
-        "",
-        "## Training",
-        "",
-        f"- Data: {data_text}.",
-        f"- Steps: {step:,}" + (f", {tokens:,} real (non-padding) tokens seen" if tokens else "") + ".",
-        f"- Masking: {mask.get('mask_prob', 0.15):.0%} of tokens selected"
-        + (" (whole words)" if mask.get("whole_word") else "")
-        + f", of those {mask.get('mask_frac', 0.8):.0%} [MASK], {mask.get('random_frac', 0.1):.0%} random.",
-        *(
-            [
-                f"- Optimiser: AdamW, peak learning rate {optim['lr']}, {optim.get('schedule', 'linear')} decay; "
-                f"{data.get('tokens_per_batch') or 'auto'} tokens per micro-batch x {optim.get('grad_accum', 1)} "
-                f"micro-batches per step; precision {train.get('precision', 'auto')}."
-            ]
-            if "lr" in optim
-            else []
-        ),
-        f"- Final validation MLM loss: {loss_text}.",
-        "",
-        "Command:",
-        "",
-        "```bash",
-        _pretty_command(state.get("command")),
-        "```",
-        "",
-        "## Limits",
-        "",
-        (
-            f"Trained on segments of up to {data_meta['max_seq_len']} tokens; position embeddings past that (up "
-            f"to {config.max_position_embeddings}) were never trained. "
-            if data_meta
-            else ""
-        )
-        + "Token type ids are all 0 (no sentence pairs were seen).",
-        "",
-        f"Exported by mlmtrain {__version__}.",
-        "",
-    ]
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
-
-
-def _count(n) -> str:
-    return f"{n:,}" if isinstance(n, int) else "?"
-
-
-def _pretty_command(command: str | None) -> str:
-    """The recorded command line, with the console script's install path shortened to `mlmtrain`."""
-    if not command:
-        return "not recorded"
-    first, _, rest = command.partition(" ")
-    return f"mlmtrain {rest}" if Path(first).name == "mlmtrain" else command
-
-
-def _read_data_meta(run_config: dict) -> dict | None:
-    data_dir = ((run_config.get("run") or {}).get("data") or {}).get("data_dir")
-    path = Path(data_dir) / "meta.json" if data_dir else None
-    if path is None or not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError):
-        return None
-
+from mlmtrain.export_check import EXPORT_MANIFEST, check_export_folder
+from mlmtrain.files import atomic_dir, file_entries, write_json
+from mlmtrain.preflight import check_vocab_match
+from mlmtrain.prepare import check_tokenizer_match
+from mlmtrain.tokenizer import SPECIAL_TOKENS_MAP, load_tokenizer, read_tokenizer_config, read_vocab
 
 # ---------------------------------------------------------------------------------------------------------
 # export
@@ -247,13 +56,11 @@ def export_folder(
     from safetensors.torch import save_file
 
     from mlmtrain import __version__
-    from mlmtrain.checkpoint import latest_checkpoint, load_checkpoint_model
+    from mlmtrain.checkpoint import latest_checkpoint, read_checkpoint
     from mlmtrain.model import BertConfig, BertForMaskedLM
-    from mlmtrain.preflight import check_tokenizer_fingerprint, check_vocab_match
-    from mlmtrain.tokenizer import load_tokenizer, read_vocab, tokenizer_fingerprint
 
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}.")
+    if dtype not in PRECISIONS:
+        raise UserError(f"--dtype must be one of {', '.join(PRECISIONS)}, not {dtype!r}.")
     widgets = list(widget_texts or [DEFAULT_WIDGETS.get(language or "en", DEFAULT_WIDGETS["en"])])
     for text in widgets:
         if "[MASK]" not in text:
@@ -264,30 +71,20 @@ def export_folder(
 
     # ---- inputs, checked before any work
     ckpt = latest_checkpoint(checkpoint, log=log)
-    state_dict, run_config, state = load_checkpoint_model(ckpt)
+    state_dict, run_config, state = read_checkpoint(ckpt)
     if "model" not in run_config:
         raise UserError(f'{ckpt / "config.json"} has no "model" section: it was not written by mlmtrain.')
     config = BertConfig.from_dict(run_config["model"])
     tokenizer_dir = Path(tokenizer_dir)
     load_tokenizer(tokenizer_dir)  # checks the files and the special-token ids
     check_vocab_match(config.vocab_size, len(read_vocab(tokenizer_dir)))
-    check_tokenizer_fingerprint(state.get("tokenizer_fingerprint"), tokenizer_fingerprint(tokenizer_dir))
+    check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}")
     model = BertForMaskedLM(config)
     model.load_hf_state_dict(state_dict)  # UserError on missing/unexpected keys or wrong shapes
     step = int(state.get("step", 0))
 
     # ---- write into a temporary sibling, rename at the end
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    weights = {k: v.to(getattr(torch, DTYPES[dtype])).contiguous() for k, v in model.hf_state_dict().items()}
-    save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-    write_json(tmp / "config.json", {**config.to_hf_dict(), "torch_dtype": DTYPES[dtype]})
-    for name in ("tokenizer.json", "vocab.txt"):
-        shutil.copyfile(tokenizer_dir / name, tmp / name)
-    write_json(tmp / "tokenizer_config.json", tokenizer_config(tokenizer_dir, config.max_position_embeddings))
-    write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
     card = model_card(
         title=out_dir.name,
         config=config,
@@ -297,38 +94,40 @@ def export_folder(
         language=language,
         license=license,
         widgets=widgets,
-        data_meta=_read_data_meta(run_config),
+        data_meta=read_data_meta(run_config),
     )
-    card.save(tmp / "README.md")
-
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
-    manifest = {
-        "files": {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir())},
-        "run": str(run_dir) if run_dir else None,
-        "checkpoint": str(ckpt),
-        "step": step,
-        "dtype": dtype,
-        "verified": False,
-        "mlmtrain_version": __version__,
-    }
-    failure = None
-    if verify:
-        try:
-            manifest["verification"] = verify_export(tmp, widgets)
-            manifest["verified"] = True
-        except UserError as e:
-            failure = e
-            manifest["verification"] = {"error": str(e)}
-    write_json(tmp / EXPORT_MANIFEST, manifest)
-    try:  # the upload's structural check (files, sizes, shapes, card header), when that module is present
-        from mlmtrain.hub import check_export_folder
-    except ImportError:
-        check_export_folder = None
-    problems = check_export_folder(tmp) if check_export_folder else []
-
-    if out_dir.exists():
-        shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
-    os.replace(tmp, out_dir)
+    tok_config = read_tokenizer_config(tokenizer_dir)
+    tok_config["model_max_length"] = min(
+        tok_config["model_max_length"] or config.max_position_embeddings, config.max_position_embeddings
+    )
+    failure, problems = None, []
+    with atomic_dir(out_dir, replace=overwrite) as tmp:
+        weights = {k: v.to(getattr(torch, PRECISIONS[dtype])).contiguous() for k, v in model.hf_state_dict().items()}
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        write_json(tmp / "config.json", {**config.to_hf_dict(), "torch_dtype": PRECISIONS[dtype]})
+        for name in ("tokenizer.json", "vocab.txt"):
+            shutil.copyfile(tokenizer_dir / name, tmp / name)
+        write_json(tmp / "tokenizer_config.json", tok_config)
+        write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
+        card.save(tmp / "README.md")
+        manifest = {
+            "files": file_entries(tmp),
+            "run": str(run_dir) if run_dir else None,
+            "checkpoint": str(ckpt),
+            "step": step,
+            "dtype": dtype,
+            "verified": False,
+            "mlmtrain_version": __version__,
+        }
+        if verify:
+            try:
+                manifest["verification"] = verify_export(tmp, widgets)
+                manifest["verified"] = True
+            except UserError as e:
+                failure = e
+                manifest["verification"] = {"error": str(e)}
+        write_json(tmp / EXPORT_MANIFEST, manifest)
+        problems = check_export_folder(tmp)  # what the upload checks: files, sizes, shapes, card header
     if failure is not None:
         raise UserError(f"wrote {out_dir} but it failed verification: {failure}")
     if problems:
@@ -456,7 +255,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="a fill-mask example with [MASK] for the Hub widget; repeat for several",
     )
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights dtype in model.safetensors")
+    p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32", help="weights dtype in model.safetensors")
     p.add_argument("--no-verify", action="store_true", help="skip loading the folder back with transformers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 

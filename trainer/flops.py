@@ -3,7 +3,7 @@
 MFU = model FLOPs of the real tokens per second / the device's peak. Model FLOPs count what the
 algorithm must compute: encoder matmuls on real tokens (not the [PAD] tail), bidirectional attention over
 each segment (sum of len^2, not halved), and the vocab head on the masked positions only (the expected
-`mask_prob` share of real tokens), forward + backward = 3 x forward (`model.model_flops_per_token`).
+`mask_prob` share of real tokens), forward + backward = 3 x forward (`model_flops_per_token`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mlmtrain.model import BertConfig, model_flops_per_token
+from mlmtrain.model import BertConfig
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets, by precision. Override
 # with `train.peak_tflops` (e.g. with the matmul rate `mlmtrain bench` measures on your card).
@@ -22,6 +22,26 @@ PEAK_TFLOPS = {
     "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 60.0},
     "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5},
 }
+
+
+def model_flops_per_token(config: BertConfig, seq_len_stats, head_fraction: float = 1.0) -> float:
+    """Training FLOPs (forward + backward) per real token, counting matmuls only.
+
+    6 x matmul parameters (encoder: 4C^2 + 2CI per layer) + 6 x head_fraction x head parameters (C^2 + CV),
+    plus attention 12 x layers x C x S (QK^T and AV, fwd+bwd, bidirectional so not halved), where S is the
+    context length a token attends over. `seq_len_stats` is either that mean context length (a number) or the
+    segment lengths themselves (then S = sum(len^2) / sum(len), the token-weighted mean). `head_fraction` is
+    the share of tokens the vocab head runs on: 1.0 for a full head (transformers), the masked fraction (about
+    0.15) for our masked-only head."""
+    C, I, V, nl = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
+    if isinstance(seq_len_stats, (int, float)):
+        context = float(seq_len_stats)
+    else:
+        lengths = torch.as_tensor(seq_len_stats, dtype=torch.float64)
+        context = float((lengths * lengths).sum() / lengths.sum().clamp(min=1))
+    encoder_params = nl * (4 * C * C + 2 * C * I)
+    head_params = C * C + C * V
+    return 6 * encoder_params + 6 * head_fraction * head_params + 12 * nl * C * context
 
 
 def peak_tflops_for(device: torch.device, precision: str) -> float:

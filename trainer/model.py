@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mlmtrain.config import MODEL_SIZES
 from mlmtrain.errors import UserError
 
 try:  # torch >= 2.10 (CUDA flash kernels; the import itself works on CPU builds too)
@@ -105,15 +106,6 @@ class BertConfig:
         }
 
 
-# Named sizes: tiny/mini/small are Google's BERT miniatures (Turc et al. 2019), base/large are BERT's.
-MODEL_SIZES = {
-    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
-    "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
-    "small": dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
-    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
-    "large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
-}
-
 # Tied parameters as transformers declares them (`_tied_weights_keys`): alias -> the tensor it IS.
 # Saved files hold only the right-hand names, as transformers itself writes them.
 TIED_KEYS = {
@@ -122,6 +114,11 @@ TIED_KEYS = {
 }
 # Buffers some transformers versions put in state dicts; we derive them, so they are dropped on load.
 HF_BUFFER_KEYS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
+
+
+def drop_tied_aliases(state_dict: dict) -> dict:
+    """The state dict as saved: each tied tensor once, under the name transformers stores it by."""
+    return {k: v for k, v in state_dict.items() if k not in TIED_KEYS}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,10 +186,6 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    # One (C, 3C) matmul instead of three (C, C) ones; the weights are concatenated at forward time so the
-    # parameters keep transformers' query/key/value names. See docs/BENCHMARKS.md for the measured effect.
-    fused_qkv = True
-
     def __init__(self, config: BertConfig):
         super().__init__()
         self.num_heads, self.head_dim = config.num_attention_heads, config.head_dim
@@ -201,13 +194,11 @@ class BertSelfAttention(nn.Module):
         self.attention_dropout = config.attention_probs_dropout_prob  # a float: SDPA applies it
 
     def forward(self, x, attend):  # x (..., C); attend(q, k, v, dropout_p) on (..., H, D)
-        shape = (self.num_heads, self.head_dim)
-        if self.fused_qkv:
-            w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3C, C)
-            b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3C,)
-            q, k, v = F.linear(x, w, b).unflatten(-1, (3, *shape)).unbind(-3)  # 3 x (..., H, D)
-        else:
-            q, k, v = (lin(x).unflatten(-1, shape) for lin in (self.query, self.key, self.value))  # (..., H, D)
+        # One (C, 3C) matmul instead of three (C, C) ones (3% of a base step, docs/BENCHMARKS.md); the weights
+        # are concatenated here so the parameters keep transformers' query/key/value names.
+        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3C, C)
+        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3C,)
+        q, k, v = F.linear(x, w, b).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)  # 3 x (..., H, D)
         out = attend(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)  # (..., H, D)
         return out.flatten(-2)  # (..., C)
 
@@ -402,7 +393,7 @@ class BertForMaskedLM(nn.Module):
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """What transformers writes to model.safetensors: tied aliases stored once, contiguous, detached."""
-        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if k not in TIED_KEYS}
+        return {k: v.detach().contiguous() for k, v in drop_tied_aliases(self.state_dict()).items()}
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a transformers-layout state dict (with or without the tied aliases and position buffers).
@@ -438,30 +429,14 @@ def mlm_loss_sum(logits, masked_labels):
     return loss_sum, (masked_labels != -100).sum()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# FLOPs (for MFU)
-
-
-def model_flops_per_token(config: BertConfig, seq_len_stats, head_fraction: float = 1.0) -> float:
-    """Training FLOPs (forward + backward) per real token, counting matmuls only.
-
-    6 x matmul parameters (encoder: 4C^2 + 2CI per layer) + 6 x head_fraction x head parameters (C^2 + CV),
-    plus attention 12 x layers x C x S (QK^T and AV, fwd+bwd, bidirectional so not halved), where S is the
-    context length a token attends over. `seq_len_stats` is either that mean context length (a number) or the
-    segment lengths themselves (then S = sum(len^2) / sum(len), the token-weighted mean). `head_fraction` is
-    the share of tokens the vocab head runs on: 1.0 for a full head (transformers), the masked fraction (about
-    0.15) for our masked-only head."""
-    C, I, V, nl = config.hidden_size, config.intermediate_size, config.vocab_size, config.num_hidden_layers
-    if isinstance(seq_len_stats, (int, float)):
-        context = float(seq_len_stats)
-    else:
-        lengths = torch.as_tensor(seq_len_stats, dtype=torch.float64)
-        context = float((lengths * lengths).sum() / lengths.sum().clamp(min=1))
-    encoder_params = nl * (4 * C * C + 2 * C * I)
-    head_params = C * C + C * V
-    return 6 * encoder_params + 6 * head_fraction * head_params + 12 * nl * C * context
-
-
-def num_parameters(model: nn.Module) -> int:
-    """Unique parameters (the tied decoder counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+def hf_tensor_shapes(config: BertConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """(required, optional): tensor name -> shape of this config's weights in transformers' layout. Required is
+    what `hf_state_dict` saves; optional are the tied aliases and the buffers some transformers versions save.
+    Read off a model built on the meta device, so the model itself is the only source of names and shapes."""
+    with torch.device("meta"):
+        model = BertForMaskedLM(config)
+    required = {k: tuple(v.shape) for k, v in model.hf_state_dict().items()}
+    state = model.state_dict()
+    optional = {k: tuple(state[k].shape) for k in TIED_KEYS}
+    optional |= {k: (1, config.max_position_embeddings) for k in HF_BUFFER_KEYS}
+    return required, optional

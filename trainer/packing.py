@@ -21,10 +21,8 @@ no batch is short and no unit is split. Global micro-batch b goes to rank b % wo
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import queue
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -46,17 +44,15 @@ class PackedBatch:
     max_segment_len: int = 0  # longest segment (the padded tail included): a tighter max_seqlen for eager runs
 
     def to(self, device: torch.device, non_blocking: bool = True) -> PackedBatch:
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return PackedBatch(
-            move(self.input_ids),
-            move(self.position_ids),
-            move(self.cu_seqlens),
-            self.num_real_tokens,
-            self.num_segments,
-            self.index,
-            self.cursor_after,
-            self.max_segment_len,
-        )
+        """The batch on `device`; from pinned memory the copy is asynchronous."""
+        return self._with(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> PackedBatch:
+        return self._with(torch.Tensor.pin_memory)
+
+    def _with(self, fn) -> PackedBatch:
+        tensors = (fn(self.input_ids), fn(self.position_ids), fn(self.cu_seqlens))
+        return dataclasses.replace(self, input_ids=tensors[0], position_ids=tensors[1], cu_seqlens=tensors[2])
 
 
 def document_units(offsets: np.ndarray, doc_offsets: np.ndarray, max_seq_len: int) -> np.ndarray:
@@ -209,52 +205,3 @@ class Packer:
                     yield self._build(np.concatenate(parts), i, cursor)
             if len(cuts) < batches_per_step:
                 return  # loop=False and the split is exhausted
-
-
-class Prefetcher:
-    """Builds batches ahead on a background thread (numpy releases the GIL for the heavy parts) into
-    pinned memory, so the host-to-device copy can be asynchronous. `get()` reports how long it waited."""
-
-    def __init__(self, batches: Iterator[PackedBatch], depth: int = 4, pin: bool = False):
-        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
-        self.stop = threading.Event()
-        self.wait_s = 0.0  # total time the consumer waited for data
-        self.thread = threading.Thread(target=self._run, args=(batches, pin), daemon=True, name="mlmtrain-packer")
-        self.thread.start()
-
-    def _run(self, batches: Iterator[PackedBatch], pin: bool) -> None:
-        try:
-            for b in batches:
-                if pin:
-                    b = PackedBatch(
-                        b.input_ids.pin_memory(),
-                        b.position_ids.pin_memory(),
-                        b.cu_seqlens.pin_memory(),
-                        b.num_real_tokens,
-                        b.num_segments,
-                        b.index,
-                        b.cursor_after,
-                        b.max_segment_len,
-                    )
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(b, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
-                    return
-            self.queue.put(None)
-        except BaseException as e:  # hand the error to the consumer instead of dying silently
-            self.queue.put(e)
-
-    def get(self) -> PackedBatch | None:
-        t0 = time.perf_counter()
-        item = self.queue.get()
-        self.wait_s += time.perf_counter() - t0
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        self.stop.set()

@@ -1,16 +1,24 @@
-"""`--profile-steps A:B`: a torch.profiler trace of those steps (Chrome/Perfetto JSON) and a per-phase
-device-time table (data, forward, backward, optimizer), read with CUDA events once per profiled step."""
+"""How fast the step runs: `--profile-steps A:B` (a torch.profiler trace of those steps, Chrome/Perfetto JSON, and
+a per-phase device-time table: data, forward, backward, optimizer, read with CUDA events once per profiled step),
+and `spread`, the min/median/max every rate is reported with."""
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from mlmtrain.errors import UserError
+from mlmtrain.config import profile_range
+
+
+def spread(values) -> dict | None:
+    """{"min", "median", "max"} of a list of measurements (None for none): how every rate is reported."""
+    values = [v for v in values if v is not None]
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)} if values else None
 
 
 class PhaseTimer:
@@ -82,12 +90,5 @@ class StepProfiler:
 
 
 def start_profiler(spec: str, run_dir: Path) -> StepProfiler | None:
-    if not spec:
-        return None
-    try:
-        first, end = (int(x) for x in spec.split(":"))
-    except ValueError:
-        raise UserError(f"--profile-steps takes A:B (e.g. 10:15), got {spec!r}") from None
-    if not 0 <= first < end:
-        raise UserError(f"--profile-steps A:B needs 0 <= A < B, got {spec!r}")
-    return StepProfiler(first, end, run_dir / "profile")
+    steps = profile_range(spec)
+    return StepProfiler(*steps, run_dir / "profile") if steps else None

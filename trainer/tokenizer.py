@@ -28,11 +28,31 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mlmtrain.errors import UserError
+from mlmtrain.files import atomic_dir, tmp_sibling, write_json
+from mlmtrain.text import check_inputs, iter_line_batches, line_problem_notes
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
 NUM_SPECIAL = 5
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+SPECIAL_TOKENS_MAP = {
+    "unk_token": "[UNK]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "mask_token": "[MASK]",
+}
+# What BertTokenizer (slow and fast, transformers 4.45-5.x) reads from tokenizer_config.json; nothing else is
+# written (no added-token tables or auto_map, which a Hub widget can trip over).
+TOKENIZER_CONFIG_KEYS = (
+    "tokenizer_class",
+    "do_lower_case",
+    "strip_accents",
+    "tokenize_chinese_chars",
+    "clean_up_tokenization_spaces",
+    "model_max_length",
+    *SPECIAL_TOKENS_MAP,
+)
 
 
 @dataclass
@@ -99,8 +119,6 @@ def train_tokenizer(
     """Train on `inputs` (text files, `.gz` ok; read with the same robust reader as `prepare`) and write the
     tokenizer folder. Returns the real vocabulary size, which every later step must use: smaller than
     requested when the corpus has fewer pieces, larger when the kept alphabet alone exceeds the request."""
-    from mlmtrain.data import check_inputs, iter_line_batches  # data.py imports this module at top
-
     settings = settings or TokenizerSettings()
     settings.validate()
     paths = check_inputs(inputs)
@@ -159,7 +177,8 @@ def train_tokenizer(
                 f"(rarest: {''.join(sorted(missing, key=missing.get)[:20])})",
                 file=sys.stderr,
             )
-        _print_line_problems(stats)
+        for note in line_problem_notes(stats):
+            print(f"note: {note}", file=sys.stderr)
     return vocab_size
 
 
@@ -175,55 +194,68 @@ def unknown_characters(tok: Tokenizer, char_counts: collections.Counter, prefix:
     return missing
 
 
-def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
-    """Write the four files. tokenizer_config.json holds only what BertTokenizer needs (no added-token
-    tables or auto_map, which the seed had to trim by hand for the Hub widget)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    vocab = tok.get_vocab()
-    by_id = sorted(vocab, key=vocab.get)
-    assert [vocab[t] for t in by_id] == list(range(len(by_id))), "vocabulary ids are not contiguous"
-    (out_dir / "vocab.txt").write_text("".join(t + "\n" for t in by_id), encoding="utf-8")
-    specials = {
-        "unk_token": "[UNK]",
-        "sep_token": "[SEP]",
-        "pad_token": "[PAD]",
-        "cls_token": "[CLS]",
-        "mask_token": "[MASK]",
-    }
-    config = {
+def tokenizer_config(settings: TokenizerSettings) -> dict:
+    """tokenizer_config.json: exactly what BertTokenizer reads. `strip_accents` is always a bool (`null` would
+    make BertTokenizer follow `do_lower_case`)."""
+    return {
         "tokenizer_class": "BertTokenizer",
         "do_lower_case": settings.lowercase,
         "strip_accents": settings.strip_accents,
         "tokenize_chinese_chars": settings.handle_chinese_chars,
         "clean_up_tokenization_spaces": False,
         "model_max_length": settings.model_max_length,
-        **specials,
+        **SPECIAL_TOKENS_MAP,
     }
-    _write_json(out_dir / "tokenizer_config.json", config)
-    _write_json(out_dir / "special_tokens_map.json", specials)
+
+
+def read_tokenizer_config(tokenizer_dir) -> dict:
+    """The clean tokenizer_config.json of a tokenizer folder: its own file's BertTokenizer keys (or, without
+    one, the normalizer flags of tokenizer.json), completed with the defaults and the special tokens."""
+    path = Path(tokenizer_dir)
+    source = {}
+    if (path / "tokenizer_config.json").is_file():
+        source = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    else:
+        norm = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer") or {}
+        if norm.get("type") == "BertNormalizer":
+            source = {
+                "do_lower_case": norm.get("lowercase", False),
+                "strip_accents": norm.get("strip_accents"),
+                "tokenize_chinese_chars": norm.get("handle_chinese_chars", True),
+            }
+    config = tokenizer_config(TokenizerSettings())
+    config.update({k: v for k, v in source.items() if k in TOKENIZER_CONFIG_KEYS and k not in SPECIAL_TOKENS_MAP})
+    config["model_max_length"] = source.get("model_max_length")  # None: not stated (the exporter decides)
+    return config
+
+
+def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
+    """Write the four files into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_dir / "tokenizer.json"))
+    vocab = tok.get_vocab()
+    by_id = sorted(vocab, key=vocab.get)
+    assert [vocab[t] for t in by_id] == list(range(len(by_id))), "vocabulary ids are not contiguous"
+    (out_dir / "vocab.txt").write_text("".join(t + "\n" for t in by_id), encoding="utf-8")
+    write_json(out_dir / "tokenizer_config.json", tokenizer_config(settings))
+    write_json(out_dir / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
 
 
 def _write_atomically(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
-    """Write into a hidden sibling folder, then rename it into place (or, when --out already holds other
-    files, move the four files in): an interrupted run never leaves a half-written tokenizer."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    """A new (or empty) folder is written whole and renamed into place; a folder that also holds other files
+    gets the four files moved in, each atomically. An interrupted run never leaves a half-written tokenizer."""
+    if not (out_dir.is_dir() and any(out_dir.iterdir())):
+        with atomic_dir(out_dir) as tmp:
+            write_tokenizer_dir(tok, tmp, settings)
+        return
+    tmp = tmp_sibling(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_tokenizer_dir(tok, tmp, settings)
-        if out_dir.is_dir() and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        if not out_dir.exists():
-            os.replace(tmp, out_dir)
-        else:
-            for name in TOKENIZER_FILES:
-                os.replace(tmp / name, out_dir / name)
+        for name in TOKENIZER_FILES:
+            os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -234,17 +266,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         raise UserError(
             f"{out_dir} already holds a tokenizer ({', '.join(existing)}); choose another --out or pass --overwrite."
         )
-
-
-def _print_line_problems(stats: dict) -> None:
-    for key, what in (
-        ("invalid_utf8", "with invalid UTF-8 skipped"),
-        ("nul_bytes", "with NUL bytes skipped"),
-        ("crlf", "with CR line endings repaired"),
-        ("bom", "with a byte-order mark repaired"),
-    ):
-        if stats.get(key):
-            print(f"note: {stats[key]} lines {what}", file=sys.stderr)
 
 
 def _check_tokenizer_dir(tokenizer_dir) -> Path:

@@ -2,7 +2,7 @@
 
 Sections, run in the order given by --sections:
     ceilings  bf16 matmul TFLOP/s and device-to-device copy GB/s, measured now (benchmarks/ceilings.py)
-    mask      the masking kernel vs its torch reference vs the HF collator (benchmarks/bench_mask.py)
+    mask      the masking kernel vs its torch reference vs the HF collator (benchmarks/bench_mlm_mask.py)
     model     forward + backward of the model at base and large (benchmarks/bench_model.py)
     train     full training steps, ours vs the seed's HF Trainer recipe, same tokens (benchmarks/bench_train.py)
     sweep     our step over tokens per batch (16k..256k) and sequence caps (128, 512)
@@ -185,9 +185,9 @@ class Bench:
         return ceilings.run(self.device, quick=self.args.quick)
 
     def mask(self) -> list[dict]:
-        bench_mask = importlib.import_module("mlmtrain.benchmarks.bench_mask")  # ModuleNotFoundError if absent
+        bench_mlm_mask = importlib.import_module("mlmtrain.benchmarks.bench_mlm_mask")  # ModuleNotFoundError if absent
         # the HF collator runs on the CPU at ~1 s per 256k tokens: capped there so the section stays short
-        return bench_mask.run(
+        return bench_mlm_mask.run(
             self.plan["mask_sizes"],
             self.device,
             self.plan["mask_repeats"],

@@ -19,7 +19,7 @@ positions and labels. The kernel's own traffic also re-reads the ids once (`byte
 copy bandwidth is computed on the logical bytes, as the goal states it (>= 80%).
 
 Timing: `benchmarks/common.time_fn` (warm-up, device events on CUDA, medians with min/max), fresh ids and
-a new `step` key every repeat. Run: `python -m mlmtrain.benchmarks.bench_mask [--device cuda] [--out FILE]`.
+a new `step` key every repeat. Run: `python -m mlmtrain.benchmarks.bench_mlm_mask [--device cuda] [--out FILE]`.
 """
 
 from __future__ import annotations

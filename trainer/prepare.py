@@ -23,170 +23,24 @@ block size. Units of one document that land in the same split next to each other
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
-import queue
-import shutil
 import sys
-import threading
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mlmtrain.errors import UserError
+from mlmtrain.files import atomic_dir, write_json
+from mlmtrain.prefetch import Prefetcher
+from mlmtrain.text import LINE_PROBLEMS, READ_BLOCK_BYTES, check_inputs, iter_line_batches, line_problem_notes
 from mlmtrain.tokenizer import SEP_ID, load_tokenizer, tokenizer_fingerprint
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
 SPLIT_UNIT_SENTENCES = 64  # a split unit is at most this many consecutive sentences of one document
-READ_BLOCK_BYTES = 1 << 20  # bytes decoded (and tokenized) per batch
-MAX_LINE_BYTES = 64 << 20  # a "line" longer than this is not one-sentence-per-line text
-LINE_PROBLEMS = {  # stats key -> (skipped or repaired, what)
-    "invalid_utf8": ("skipped", "invalid UTF-8"),
-    "nul_bytes": ("skipped", "NUL bytes"),
-    "crlf": ("repaired", "CR (Windows/old Mac) line endings"),
-    "bom": ("repaired", "a UTF-8 byte-order mark"),
-}
-
-
-def sample_corpus_path() -> Path:
-    """The bundled sample corpus (Korean + English, public domain; see assets/SOURCES.md)."""
-    return Path(__file__).resolve().parent / "assets" / "sample_corpus.txt"
-
-
-# ------------------------------------------------------------------------------------------ reading
-
-
-def check_inputs(inputs) -> list[Path]:
-    """Every input must be an existing, non-empty regular file: say which one is not, and why."""
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    paths = [Path(p) for p in inputs]
-    if not paths:
-        raise UserError("no input files given (--input FILE [FILE ...]).")
-    for path in paths:
-        if not path.exists():
-            raise UserError(f"input file {path} does not exist.")
-        if path.is_dir():
-            raise UserError(f"input {path} is a directory; pass the text files inside it (e.g. {path}/*.txt).")
-        if not path.is_file():
-            raise UserError(f"input {path} is not a regular file.")
-        if path.stat().st_size == 0:
-            raise UserError(f"input file {path} is empty.")
-    return paths
-
-
-def _decode_block(block: bytes, stats: dict) -> list[str]:
-    """Bytes ending at a line break -> lines. Fast path: one decode for the whole block."""
-    if b"\r" in block:
-        stats["crlf"] += block.count(b"\r")
-        block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-    if b"\0" not in block:
-        try:
-            return block.decode("utf-8").split("\n")
-        except UnicodeDecodeError:
-            pass
-    lines = []  # slow path: find the bad lines, skip them, keep the rest
-    for raw in block.split(b"\n"):
-        if b"\0" in raw:
-            stats["nul_bytes"] += 1
-            continue
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            stats["invalid_utf8"] += 1
-    return lines
-
-
-def _open_binary(path: Path):
-    """(stream of decompressed bytes, raw file for progress). `.gz` is decompressed on the fly."""
-    raw = open(path, "rb")
-    if path.suffix == ".gz":
-        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
-    return raw, raw
-
-
-def iter_line_batches(paths: list[Path], stats: dict, block_bytes: int = READ_BLOCK_BYTES):
-    """Yield (lines, raw_bytes_read) per block. A blank or whitespace-only line is returned as "" (a
-    document break); each file ends with one. Per-line problems are counted in `stats`."""
-    for key in LINE_PROBLEMS:
-        stats.setdefault(key, 0)
-    stats.setdefault("input_lines", 0)
-    for path in paths:
-        stream, raw = _open_binary(path)
-        carry, first, text_lines, pos = b"", True, 0, 0
-        with stream, raw:
-            while True:
-                try:
-                    chunk = stream.read(block_bytes)
-                except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-                    raise UserError(f"cannot read {path}: {e} (is it really a gzip file?)") from None
-                if first and chunk.startswith(b"\xef\xbb\xbf"):
-                    chunk, stats["bom"] = chunk[3:], stats["bom"] + 1
-                first = False
-                block = carry + chunk
-                cut = block.rfind(b"\n") + 1 if chunk else len(block)
-                block, carry = block[:cut], block[cut:]
-                if len(carry) > MAX_LINE_BYTES:
-                    raise UserError(
-                        f"{path} has a line longer than {MAX_LINE_BYTES >> 20} MiB; expected one sentence per line."
-                    )
-                if block:
-                    lines = _decode_block(block, stats)
-                    if lines and lines[-1] == "" and block.endswith(b"\n"):
-                        lines.pop()  # the split after the final "\n" is not a line
-                    stats["input_lines"] += len(lines)
-                    lines = ["" if line.isspace() else line for line in lines]
-                    text_lines += sum(1 for line in lines if line)
-                    now = raw.tell()
-                    yield lines, now - pos
-                    pos = now
-                if not chunk:
-                    break
-        if text_lines == 0:
-            bad = stats["invalid_utf8"] + stats["nul_bytes"]
-            why = f" ({bad} unreadable lines so far were skipped)" if bad else ""
-            raise UserError(f"input file {path} contains no text lines{why}; expected UTF-8, one sentence per line.")
-        yield [""], 0  # a file boundary is a document boundary
-
-
-def _prefetch(iterable, depth: int = 4):
-    """Run `iterable` on a background thread, `depth` items ahead (exceptions are re-raised here)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in iterable:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as e:  # handed to the consumer
-            q.put(e)
-
-    thread = threading.Thread(target=work, daemon=True, name="mlmtrain-prepare-reader")
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -309,20 +163,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
             raise UserError(f"--out {out_dir} is not empty and does not hold shards; choose an empty or new folder.")
 
 
-def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished temporary folder into place (the old shards, if replaced, go only after)."""
-    _check_out_dir(out_dir, overwrite)
-    old = None
-    if out_dir.exists() and any(out_dir.iterdir()):
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    elif out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------ prepare
 
 
@@ -347,41 +187,60 @@ def prepare(
     tok = load_tokenizer(tokenizer_dir)
     tok.no_truncation()
     tok.no_padding()
-    vocab_size = tok.get_vocab_size()
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.uint32
-    max_piece = max_seq_len - 2
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    total_bytes = sum(p.stat().st_size for p in paths)
+    t0 = time.perf_counter()
+    with atomic_dir(out_dir, replace=overwrite) as tmp:
+        stats = _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_bytes, total_bytes, progress)
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "vocab_size": tok.get_vocab_size(),
+            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
+            "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+            "max_seq_len": max_seq_len,
+            "seed": seed,
+            "valid_fraction": valid_fraction,
+            **stats,
+            "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths],
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        write_json(tmp / "meta.json", meta)
+        _check_out_dir(out_dir, overwrite)  # nothing appeared there meanwhile
+    if progress:
+        _report(meta, out_dir, total_bytes)
+    return meta
 
+
+def _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_bytes, total_bytes, progress) -> dict:
+    """Stream the inputs through the tokenizer into tmp/train and tmp/valid; returns meta.json's statistics."""
+    dtype = np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32
+    max_piece = max_seq_len - 2
     stats: dict = {"sentences_split": 0, "lines_empty_after_tokenizing": 0}
     histogram = np.zeros(max_piece + 1, np.int64)  # histogram[n] = sentences of n tokens
     rng = np.random.default_rng(seed)  # one draw per split unit, in corpus order
-    total_bytes = sum(p.stat().st_size for p in paths)
+    writers = {name: _SplitWriter(tmp / name, dtype) for name in SPLITS}
+    doc, unit_index, unit, lines_done = 0, 0, [], 0  # current document, index of the current unit, its pieces
+    held = None  # the last train unit, held back so that valid is never left empty when it should not be
+
+    def close_unit():
+        nonlocal unit, unit_index, held
+        if not unit:
+            return
+        item = (doc, unit_index, unit)
+        histogram[:] += np.bincount([len(p) for p in unit], minlength=max_piece + 1)
+        if rng.random() < valid_fraction:
+            writers["valid"].add_unit(*item)
+        else:
+            if held is not None:
+                writers["train"].add_unit(*held)
+            held = item
+        unit, unit_index = [], unit_index + 1
+
     bar = _progress_bar(total_bytes, progress)
     t0 = time.perf_counter()
-    try:
-        writers = {name: _SplitWriter(tmp / name, dtype) for name in SPLITS}
-        doc, unit_index, unit, lines_done = 0, 0, [], 0  # current document, index of the current unit, its pieces
-        held = None  # the last train unit, held back so that valid is never left empty when it should not be
-
-        def close_unit():
-            nonlocal unit, unit_index, held
-            if not unit:
-                return
-            item = (doc, unit_index, unit)
-            histogram[:] += np.bincount([len(p) for p in unit], minlength=max_piece + 1)
-            if rng.random() < valid_fraction:
-                writers["valid"].add_unit(*item)
-            else:
-                if held is not None:
-                    writers["train"].add_unit(*held)
-                held = item
-            unit, unit_index = [], unit_index + 1
-
-        for lines, nbytes in _prefetch(iter_line_batches(paths, stats, block_bytes)):
+    with Prefetcher(iter_line_batches(paths, stats, block_bytes), name="reader") as reader:
+        for lines, nbytes in reader:
             encodings = iter(encode_lines(tok, [line for line in lines if line], dtype))
             for line in lines:
                 if not line:  # document break
@@ -402,48 +261,29 @@ def prepare(
             if bar is not None:
                 bar.update(nbytes)
                 bar.set_postfix_str(f"{lines_done / (time.perf_counter() - t0):,.0f} lines/s", refresh=False)
-        close_unit()
-        if held is not None:
-            valid_starved = valid_fraction > 0 and writers["valid"].sentences == 0 and writers["train"].sentences > 0
-            writers["valid" if valid_starved else "train"].add_unit(*held)
-        split_meta = {name: w.close() for name, w in writers.items()}
-        if split_meta["train"]["sentences"] == 0:
-            raise UserError(
-                "no sentences left after tokenizing; check that the inputs are text in the tokenizer's language."
-            )
-        seconds = time.perf_counter() - t0
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "vocab_size": vocab_size,
-            "dtype": np.dtype(dtype).name,
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
-            "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
-            "max_seq_len": max_seq_len,
-            "max_token_id": max(w.max_token_id for w in writers.values()),
-            "seed": seed,
-            "valid_fraction": valid_fraction,
-            **split_meta,
-            "length_histogram": histogram.tolist(),
-            "lines_skipped": stats["invalid_utf8"] + stats["nul_bytes"],
-            "lines_repaired": stats["crlf"] + stats["bom"],
-            "line_problems": {k: stats[k] for k in LINE_PROBLEMS},
-            "input_lines": stats["input_lines"],
-            "sentences_split": stats["sentences_split"],
-            "lines_empty_after_tokenizing": stats["lines_empty_after_tokenizing"],
-            "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths],
-            "seconds": round(seconds, 3),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        _commit(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    if progress:
-        _report(meta, out_dir, total_bytes)
-    return meta
+    if bar is not None:
+        bar.close()
+    close_unit()
+    if held is not None:
+        valid_starved = valid_fraction > 0 and writers["valid"].sentences == 0 and writers["train"].sentences > 0
+        writers["valid" if valid_starved else "train"].add_unit(*held)
+    split_meta = {name: w.close() for name, w in writers.items()}
+    if split_meta["train"]["sentences"] == 0:
+        raise UserError(
+            "no sentences left after tokenizing; check that the inputs are text in the tokenizer's language."
+        )
+    return {
+        "dtype": np.dtype(dtype).name,
+        "max_token_id": max(w.max_token_id for w in writers.values()),
+        **split_meta,
+        "length_histogram": histogram.tolist(),
+        "lines_skipped": stats["invalid_utf8"] + stats["nul_bytes"],
+        "lines_repaired": stats["crlf"] + stats["bom"],
+        "line_problems": {k: stats[k] for k in LINE_PROBLEMS},
+        "input_lines": stats["input_lines"],
+        "sentences_split": stats["sentences_split"],
+        "lines_empty_after_tokenizing": stats["lines_empty_after_tokenizing"],
+    }
 
 
 def _progress_bar(total_bytes: int, enabled: bool):
@@ -462,9 +302,8 @@ def _report(meta: dict, out_dir: Path, total_bytes: int) -> None:
         f"{meta['input_lines'] / s:,.0f} lines/s)",
         file=sys.stderr,
     )
-    for key, (verb, what) in LINE_PROBLEMS.items():
-        if meta["line_problems"][key]:
-            print(f"note: {meta['line_problems'][key]} lines with {what} {verb}", file=sys.stderr)
+    for note in line_problem_notes(meta["line_problems"]):
+        print(f"note: {note}", file=sys.stderr)
     if meta["sentences_split"]:
         print(
             f"note: {meta['sentences_split']} sentences longer than {meta['max_seq_len'] - 2} tokens were split "
@@ -526,13 +365,13 @@ def load_split(data_dir, split: str = "train") -> TokenShard:
     return TokenShard(**arrays)
 
 
-def check_tokenizer_match(data_dir, tokenizer_dir) -> None:
-    """Refuse shards made with another tokenizer: their ids would mean different tokens."""
-    meta = read_meta(data_dir)
-    if meta["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer_dir):
+def check_tokenizer_match(made_with: str | None, tokenizer_dir, what: str) -> None:
+    """Refuse a tokenizer other than the one `what` was made with (`made_with`: its fingerprint): the same ids
+    would mean other tokens, and the model would decode garbage without any error."""
+    if made_with and made_with != tokenizer_fingerprint(tokenizer_dir):
         raise UserError(
-            f"the shards in {data_dir} were made with another tokenizer than {tokenizer_dir} "
-            f"(made with {meta.get('tokenizer_dir')}); run `mlmtrain prepare` with this tokenizer."
+            f"{what} was made with another tokenizer than {tokenizer_dir} (fingerprint {made_with[:12]}): pass "
+            "the tokenizer folder it was made with, or run `mlmtrain prepare` again with this one."
         )
 
 

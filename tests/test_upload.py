@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from fake_hub import FakeHub, Token
 
-from mlmtrain.hub import EXPORT_MANIFEST, check_export_folder
+from mlmtrain.export_check import EXPORT_MANIFEST, check_export_folder
 
 WRITE_TOKEN = "hf_fakeWriteTokenA1b2C3d4E5f6G7h8I9j0"
 READ_TOKEN = "hf_fakeReadTokenZ9y8X7w6V5u4T3s2R1q0"

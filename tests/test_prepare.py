@@ -10,9 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
-from mlmtrain import data as data_module
+from mlmtrain import prepare as prepare_module
 from mlmtrain.cli import main as cli_main
-from mlmtrain.data import (
+from mlmtrain.errors import UserError
+from mlmtrain.prepare import (
     SPLIT_UNIT_SENTENCES,
     check_tokenizer_match,
     load_split,
@@ -20,7 +21,6 @@ from mlmtrain.data import (
     read_meta,
     split_long,
 )
-from mlmtrain.errors import UserError
 from mlmtrain.tokenizer import TokenizerSettings, build_tokenizer, load_tokenizer, write_tokenizer_dir
 
 
@@ -71,7 +71,7 @@ def test_layout_and_meta(data_dir, tokenizer_dir):
     assert meta["valid"]["sentences"] > 0
     assert sum(meta["length_histogram"]) == meta["train"]["sentences"] + meta["valid"]["sentences"]
     assert meta["lines_skipped"] == 0 and meta["lines_repaired"] == 0
-    check_tokenizer_match(data_dir, tokenizer_dir)
+    check_tokenizer_match(meta["tokenizer_fingerprint"], tokenizer_dir, "the shards")
 
 
 def test_shards_decode_back_to_input(tmp_path, sample_corpus, tokenizer_dir):
@@ -144,7 +144,7 @@ def test_joined_encoding_equals_line_by_line(tokenizer_dir, sample_corpus):
     lines = [line for doc in corpus_documents(sample_corpus) for line in doc]
     tricky = ["a [SEP] inside", "[SEP]", "[MASK] 토큰", "\x07", "[CLS][SEP]", "끝 [sep] lower", " "]
     for texts in (lines, lines[:300] + tricky + lines[300:700], tricky):
-        got = data_module.encode_lines(tok, texts, np.uint16)
+        got = prepare_module.encode_lines(tok, texts, np.uint16)
         want = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
         assert [g.tolist() for g in got] == want
 
@@ -252,7 +252,7 @@ def test_other_tokenizer_is_refused(tmp_path, sample_corpus, data_dir):
 
     train_tokenizer([sample_corpus], tmp_path / "tok", TokenizerSettings(vocab_size=1500), progress=False)
     with pytest.raises(UserError, match="another tokenizer"):
-        check_tokenizer_match(data_dir, tmp_path / "tok")
+        check_tokenizer_match(read_meta(data_dir)["tokenizer_fingerprint"], tmp_path / "tok", "the shards")
 
 
 def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, sample_corpus, tokenizer_dir, monkeypatch):
@@ -260,7 +260,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, sample_co
     run(sample_corpus, tokenizer_dir, out)
     before = files_of(out)
     calls = {"n": 0}
-    original = data_module._SplitWriter.add_unit
+    original = prepare_module._SplitWriter.add_unit
 
     def add_unit_then_die(self, *args):
         calls["n"] += 1
@@ -268,7 +268,7 @@ def test_interrupted_prepare_leaves_nothing_that_looks_valid(tmp_path, sample_co
             raise KeyboardInterrupt
         return original(self, *args)
 
-    monkeypatch.setattr(data_module._SplitWriter, "add_unit", add_unit_then_die)
+    monkeypatch.setattr(prepare_module._SplitWriter, "add_unit", add_unit_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(sample_corpus, tokenizer_dir, out, overwrite=True, seed=7)
     assert files_of(out) == before, "the old shards must survive an interrupted --overwrite"

@@ -1,0 +1,155 @@
+"""What a run reports: the numbers of each log window (one device-to-host transfer per window), the
+metrics.jsonl lines, the progress line, and the summary of the run."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mlmtrain import parallel
+from mlmtrain.profiling import spread
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl, one JSON object per line, flushed per line; appended to when a run resumes. Only
+    rank 0 writes (`path` None elsewhere)."""
+
+    def __init__(self, path: Path | None, append: bool):
+        self.file = open(path, "a" if append else "w", encoding="utf-8") if path is not None else None
+
+    def write(self, row: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class WindowStats:
+    """The numbers of one log window. Device-side ones (loss, non-finite flags, the bad-step streak) accumulate
+    without a sync and reach the host in one transfer when the window closes; host-side ones (tokens, segments,
+    FLOPs) are summed over ranks there, with the stop and timed-save requests every rank must agree on."""
+
+    def __init__(self, device: torch.device, log_every: int, world: int, peak_tflops: float, prefetch):
+        self.device, self.world, self.peak_tflops, self.prefetch = device, world, peak_tflops, prefetch
+        self.bad_flags = torch.zeros(log_every, device=device, dtype=torch.bool)  # per window step
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # over the window's good steps
+        self.bad_streak = torch.zeros((), device=device, dtype=torch.int64)
+        self.max_streak = torch.zeros((), device=device, dtype=torch.int64)  # over this process's steps
+        self.grad_norm = torch.zeros((), device=device)
+        self.steps, self.tokens, self.segments, self.flops = 0, 0, 0, 0.0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self.t0, self.wait0 = time.perf_counter(), self.prefetch.wait_s
+
+    def add_batch(self, batch, flops: float) -> None:
+        self.tokens += batch.num_real_tokens
+        self.segments += batch.num_segments
+        self.flops += flops
+
+    def add_step(self, step_loss, bad, grad_norm) -> None:
+        self.bad_flags[self.steps] = bad
+        self.bad_streak = (self.bad_streak + 1) * bad
+        self.max_streak = torch.maximum(self.max_streak, self.bad_streak)
+        self.loss_sum += torch.where(bad, 0.0, step_loss.double())
+        self.grad_norm = grad_norm
+        self.steps += 1
+
+    def close(self, step: int, lr: float, last: bool, stop_request, time_due: bool) -> tuple[Window, tuple]:
+        """The window's numbers, and (stop request, timed save due) as every rank agrees on them."""
+        n = self.steps
+        scalars = torch.stack([self.loss_sum, self.max_streak.double(), self.grad_norm.double()])
+        values = torch.cat([self.bad_flags[:n].double(), scalars]).tolist()  # sync: once per log window
+        flags, (loss_sum, max_streak, grad_norm) = values[:n], values[n:]
+        # sync (several processes): job totals of the window, and whether any rank got a signal or a timed save
+        tokens, segments, flops, any_stop, any_due = parallel.sum_over_ranks(
+            self.device, self.tokens, self.segments, self.flops, stop_request is not None, time_due
+        )
+        elapsed, world, bad = (
+            time.perf_counter() - self.t0,
+            self.world,
+            [step - n + i + 1 for i, f in enumerate(flags) if f],
+        )
+        row = {
+            "step": step,
+            "loss": loss_sum / (n - len(bad)) if n > len(bad) else None,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens / elapsed,  # the job's: all ranks
+            "tokens_per_s_per_gpu": tokens / elapsed / world,
+            "samples_per_s": segments / elapsed,
+            "tflops": flops / elapsed / 1e12,  # the job's
+            "tflops_per_gpu": flops / elapsed / 1e12 / world,
+            "mfu": (flops / elapsed / 1e12 / (self.peak_tflops * world)) if self.peak_tflops else None,
+            "data_wait_s": self.prefetch.wait_s - self.wait0,
+            "peak_mem_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
+            "bad_steps": len(bad),
+            "time": time.time(),
+        }
+        window = Window(row, int(tokens), n, elapsed, last, int(max_streak), bad)
+        self.bad_flags.zero_()
+        self.loss_sum.zero_()
+        self.steps, self.tokens, self.segments, self.flops = 0, 0, 0, 0.0
+        self.restart_clock()
+        stop = stop_request or ("a signal to another rank" if any_stop else None)
+        return window, (stop, any_due > 0)
+
+
+@dataclass
+class Window:
+    """One closed log window."""
+
+    row: dict  # its metrics.jsonl line
+    real_tokens: int  # the job's
+    steps: int
+    elapsed_s: float
+    last: bool  # closed at max_steps
+    max_bad_streak: int  # the longest run of consecutive non-finite steps so far
+    bad_steps: list[int]  # the window's non-finite steps
+
+
+def progress_line(row: dict, short: bool = False) -> str:
+    loss = "nan" if row["loss"] is None else f"{row['loss']:.4f}"
+    if short:
+        return f"loss={loss}, tok_s={row['tokens_per_s']:.3g}"
+    mfu = "n/a" if row["mfu"] is None else f"{row['mfu']:.3f}"
+    return (
+        f"step {row['step']}: loss {loss} lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3f} "
+        f"{row['tokens_per_s']:.0f} tok/s mfu {mfu}"
+    )
+
+
+def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: dict, stopped_by) -> dict:
+    """Throughput (median over the log windows after the first, which holds the compile), MFU, memory, losses."""
+    history = [w.row for w in windows]
+    tokens_per_s = spread([r["tokens_per_s"] for r in history[1:]] or [r["tokens_per_s"] for r in history])
+    step_times = [w.elapsed_s / w.steps for w in windows if w.steps >= 2 or w.last]
+    return {
+        "steps": step,
+        "steps_this_run": step - run.step,
+        "real_tokens": sum(w.real_tokens for w in windows),
+        "tokens_per_s": tokens_per_s and tokens_per_s["median"],  # the job's total
+        "tokens_per_s_per_gpu": tokens_per_s and tokens_per_s["median"] / run.world,
+        "achieved_tflops": history[-1]["tflops"] if history else None,
+        "mfu": history[-1]["mfu"] if history else None,
+        "peak_mem_bytes": torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "valid_loss": last_eval.get("valid_loss"),
+        "valid_accuracy": last_eval.get("valid_accuracy"),
+        "step_time_s": spread(step_times[1:] or step_times),
+        "data_wait_s": run.prefetch.wait_s,
+        "phase_ms": phase_ms,
+        "stopped_by": stopped_by,
+        "precision": run.precision,
+        "compile": run.compile,
+        "tokens_per_batch": run.tokens_per_batch,
+        "world_size": run.world,
+        "losses": [(r["step"], r["loss"]) for r in history],
+    }
