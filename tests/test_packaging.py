@@ -1,5 +1,5 @@
 """Packaging: one version string, declared dependencies that match the imports, and no Triton in a plain CPU
-install (pyproject.toml holds the metadata; README.md, "Install", says what was run where)."""
+install (pyproject.toml holds the metadata; README.md, "The two commands", says what was run where)."""
 
 from __future__ import annotations
 
@@ -218,3 +218,10 @@ def test_test_extra_pulls_triton(resolve):
     resolved, _ = resolve(".[test]")
     assert resolved["torch"] == torch.__version__
     assert {"triton", "transformers", "pytest", "accelerate", "matplotlib"} <= resolved.keys()
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"Run the tests:\s*```bash\n(.+?)\n```", readme).group(1)
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert command in ci, f".ci/run does not run the README's test command: {command}"
