@@ -164,6 +164,6 @@ def fill_mask(folder: Path, text: str, top_k: int = 5) -> list[dict]:
     try:
         from transformers import pipeline
     except ImportError:
-        return [{"score": float("nan"), "token_str": "(transformers not installed: pip install -e '.[test]')"}]
+        return [{"score": float("nan"), "token_str": "(transformers not installed: pip install -e '.[hf]')"}]
     fill = pipeline("fill-mask", model=str(folder), tokenizer=str(folder), device="cpu")
     return fill(text, top_k=top_k)

@@ -146,7 +146,7 @@ def verify_export(folder, widget_texts: list[str], *, atol: float = 1e-4) -> dic
     try:
         import transformers
     except ImportError:
-        raise UserError("verification needs transformers: pip install -e '.[test]', or pass --no-verify.") from None
+        raise UserError("verification needs transformers: pip install -e '.[hf]', or pass --no-verify.") from None
 
     folder = Path(folder)
     verbosity = transformers.logging.get_verbosity()
