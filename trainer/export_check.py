@@ -206,7 +206,7 @@ def _check_weights(path: Path, config: dict) -> list[str]:
 
 
 def _check_card(readme: Path) -> list[str]:
-    import yaml  # a dependency of huggingface_hub
+    import yaml
 
     header = card_header(readme)
     if header is None:
