@@ -16,7 +16,7 @@ What each row times (one call = one batch of T tokens, 15% masking, 80/10/10):
 Bytes: every masking row is credited with the same logical bytes, the minimum any masking that produces
 these outputs must move (int32 ids): read T*4, write T*4 masked ids + T*4 labels + max_masked*(8 + 8)
 positions and labels. The kernel's own traffic also re-reads the ids once (`bytes_moved`); its fraction of
-copy bandwidth is computed on the logical bytes, as the goal states it (>= 80%).
+copy bandwidth is computed on these logical bytes.
 
 Timing: `benchmarks/common.time_fn` (warm-up, device events on CUDA, medians with min/max), fresh ids and
 a new `step` key every repeat. Run: `python -m mlmtrain.benchmarks.bench_mlm_mask [--device cuda] [--out FILE]`.
@@ -33,7 +33,7 @@ import torch
 
 from mlmtrain.benchmarks.common import environment, record, time_fn
 
-VOCAB_SIZE, MASK_ID, NUM_SPECIAL = 30000, 4, 5  # the seed's vocabulary size, our fixed special ids
+VOCAB_SIZE, MASK_ID, NUM_SPECIAL = 30000, 4, 5  # the blog post's vocabulary size, our fixed special ids
 CONTINUATION_FROM = 20000  # ids >= this are `##` pieces in the whole-word rows (~1/3 of random ids)
 GPU_SIZES = (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24)  # 64k .. 16M tokens
 CPU_SIZES = (1 << 16, 1 << 18, 1 << 20)  # capped at 1M on 2 cores so the run takes minutes

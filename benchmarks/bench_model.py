@@ -295,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-len", type=int, default=128, help="sentence/segment cap (default 128)")
     p.add_argument("--hf-batch-size", type=int, default=256, help="sentences per HF padded micro-batch (default 256)")
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--compile", action="store_true", help="torch.compile our step (HF stays eager, as the seed ran it)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile our step (HF stays eager, as the blog post ran it)"
+    )
     p.add_argument("--out", default=None, help="write {environment, rows} as JSON here")
     args = p.parse_args(argv)
     dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")

@@ -1,5 +1,5 @@
 """Tokenizer training time and `prepare` throughput on a generated corpus of >= 100 MB, with peak RSS, and
-the naive path (AutoTokenizer called line by line, as the seed's recipe does) measured in the same run.
+the naive path (AutoTokenizer called line by line, as the HF Trainer baseline does) measured in the same run.
 
 Corpus: whole sentences of the bundled sample (`mlmtrain.text.sample_corpus_path()`) drawn at random
 (seeded) into documents of 2-30 sentences until the size is reached. Real sentences, so tokenization cost
@@ -238,7 +238,7 @@ def main(argv=None) -> int:
         )
     )
 
-    # The seed's way: AutoTokenizer, one call per line.
+    # The HF Trainer baseline's way: AutoTokenizer, one call per line.
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(tok_dir)

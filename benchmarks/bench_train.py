@@ -1,4 +1,4 @@
-"""Full training steps: our trainer vs the seed's recipe (benchmarks/recipe.py), in one run, on the same
+"""Full training steps: our trainer vs the HF Trainer baseline (benchmarks/recipe.py), in one run, on the same
 sentences, the same model size, the same number of real tokens and optimizer steps; plus a sweep of our
 step over tokens per batch and sequence caps.
 
@@ -420,7 +420,7 @@ def sweep(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Training throughput: ours vs the seed's recipe (HF Trainer).")
+    p = argparse.ArgumentParser(description="Training throughput: ours vs the HF Trainer baseline.")
     p.add_argument("--out", required=True, help="work folder (data, runs) and train_results.json")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", default=None, help="model size (default base on CUDA, tiny with --quick)")

@@ -1,4 +1,4 @@
-"""The seed's recipe, as the blog post runs it: transformers `Trainer` + `BertForMaskedLM` (sdpa attention) +
+"""The HF Trainer baseline, the recipe the blog post runs: transformers `Trainer` + `BertForMaskedLM` (sdpa attention) +
 `DataCollatorForLanguageModeling` (15% masking, 80/10/10), dynamic padding per batch, bf16 autocast on CUDA
 (fp32 on CPU), random sampling (no group_by_length). This is the baseline our trainer is measured against.
 
@@ -193,7 +193,7 @@ def run_recipe(
     warmup_skip: int = 3,
     eval_batches: list[dict] | None = None,
 ) -> dict:
-    """Train the seed's recipe on `lines` until `real_tokens` real tokens in `steps` optimizer steps.
+    """Train the HF Trainer baseline on `lines` until `real_tokens` real tokens in `steps` optimizer steps.
 
     Returns real_tokens, steps, micro_batch, grad_accum, achieved_tflops / mfu (spread over steps; MFU
     against `mlmtrain.flops`'s datasheet peak, None on CPU), tokens_per_s ({overall: real tokens of the steps

@@ -379,7 +379,7 @@ def chart_recipe(rows: list[dict], path: Path) -> bool:
         axes[2].set_yticks([])
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8)
-    fig.suptitle(f"Ours vs the seed's recipe ({pair[0].get('size')}, same sentences, same real tokens)")
+    fig.suptitle(f"Ours vs the HF Trainer baseline ({pair[0].get('size')}, same sentences, same real tokens)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -420,7 +420,7 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
         "ceilings": "Hardware ceilings (measured now)",
         "mask": "Masking kernel vs reference vs HF collator",
         "model": "Model forward + backward",
-        "train": "Training: ours vs the seed's recipe",
+        "train": "Training: ours vs the HF Trainer baseline",
         "sweep": "Sweep: tokens per batch x sequence cap (our step)",
     }
     for s in results["sections"]:

@@ -4,7 +4,7 @@ Sections, run in the order given by --sections:
     ceilings  bf16 matmul TFLOP/s and device-to-device copy GB/s, measured now (benchmarks/ceilings.py)
     mask      the masking kernel vs its torch reference vs the HF collator (benchmarks/bench_mlm_mask.py)
     model     forward + backward of the model at base and large (benchmarks/bench_model.py)
-    train     full training steps, ours vs the seed's HF Trainer recipe, same tokens (benchmarks/bench_train.py)
+    train     full training steps, ours vs the HF Trainer baseline, same tokens (benchmarks/bench_train.py)
     sweep     our step over tokens per batch (16k..256k) and sequence caps (128, 512)
 
 A section whose module is missing or that fails is recorded as {"section", "error"} and named in the
@@ -18,7 +18,6 @@ on 2 cores): CI runs it and checks the report's schema, and users without a GPU 
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import sys
@@ -43,7 +42,7 @@ PLANS = {
         "model_tokens": 65536,
         "model_repeats": 10,
         "model_warmup": 2,
-        "model_vocab": 30000,  # the seed's vocabulary size
+        "model_vocab": 30000,  # the blog post's vocabulary size
         "train_size": "base",
         "train_tokens": 65536,
         "train_steps": 40,
@@ -185,7 +184,8 @@ class Bench:
         return ceilings.run(self.device, quick=self.args.quick)
 
     def mask(self) -> list[dict]:
-        bench_mlm_mask = importlib.import_module("mlmtrain.benchmarks.bench_mlm_mask")  # ModuleNotFoundError if absent
+        from mlmtrain.benchmarks import bench_mlm_mask
+
         # the HF collator runs on the CPU at ~1 s per 256k tokens: capped there so the section stays short
         return bench_mlm_mask.run(
             self.plan["mask_sizes"],
@@ -195,7 +195,7 @@ class Bench:
         )
 
     def model(self) -> list[dict]:
-        bench_model = importlib.import_module("mlmtrain.benchmarks.bench_model")
+        from mlmtrain.benchmarks import bench_model
         from mlmtrain.benchmarks.bench_train import _fresh_device_state
 
         dtype = "bf16" if self.device.type == "cuda" else "fp32"

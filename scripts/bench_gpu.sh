@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU benchmark report in one command, offline, inside 9 minutes on one H100/H200-class GPU:
-#   hardware ceilings -> masking kernel -> ours vs the seed's HF Trainer recipe (base, seq 128, same tokens)
+#   hardware ceilings -> masking kernel -> ours vs the HF Trainer baseline (base, seq 128, same tokens)
 #   -> model forward+backward (base, large) -> sweep of tokens per batch x sequence caps
 # written to OUT_DIR as results.json, report.md and PNG charts (`mlmtrain bench`, trainer/bench.py).
 #

@@ -4,7 +4,7 @@ Every comparison uses the same global batch: grad_accum=4, so one process runs 4
 and each of 2 processes runs 2 (global micro-batch b goes to rank b % 2, masks are keyed by the token's
 index within the step; the first micro-batch of each rank skips the gradient sync: DDP no_sync / FSDP
 set_requires_gradient_sync). fp32, dropout 0: only the order of the gradient sums differs, so the losses
-agree to ~1e-7 relative; we assert rtol 1e-5 (the tolerance of the lead's accumulation test).
+agree to ~1e-7 relative; we assert rtol 1e-5 (the tolerance of the accumulation test in test_train.py).
 
 Each torchrun launch costs a few seconds on 2 cores, so the tests share one 1-process reference run and
 launch 8 jobs in all.

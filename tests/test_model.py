@@ -1,6 +1,6 @@
 """The model against transformers' BertForMaskedLM (fp32, CPU) and against itself across attention paths.
 
-Parity bound from the issue: <= 1e-4 max abs logit difference in fp32. Shapes are deliberately odd (hidden 48,
+Parity bound: <= 1e-4 max abs logit difference in fp32. Shapes are deliberately odd (hidden 48,
 3 heads, vocab 97, sentence lengths 1..max) so layout bugs cannot hide behind powers of two."""
 
 from __future__ import annotations

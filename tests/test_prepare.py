@@ -110,7 +110,7 @@ def test_split_covers_everything_and_is_deterministic(tmp_path, sample_corpus, t
 
 
 def test_one_document_corpus_still_splits(tmp_path, tokenizer_dir):
-    """No blank lines at all (the seed's corpus format): split units are 64-sentence pieces."""
+    """No blank lines at all (the blog post's corpus format): split units are 64-sentence pieces."""
     corpus = tmp_path / "c.txt"
     corpus.write_text(
         "".join(f"대한민국 헌법 제{i}조 문장이다.\n" for i in range(SPLIT_UNIT_SENTENCES * 20)), encoding="utf-8"

@@ -129,7 +129,7 @@ def test_metrics_and_checkpoint_outputs(data_dir, tokenizer_dir, tmp_path):
     assert state["step"] == 4 and config["run"]["model"]["size"] == "tiny" and config["model"]["hidden_size"] == 128
 
 
-# ---- runs that survive (issue: checkpoints, resume, preemption, numeric faults) -----------------------
+# ---- runs that survive (checkpoints, resume, preemption, numeric faults) -----------------------
 
 
 def test_resume_is_bit_exact(data_dir, tokenizer_dir, tmp_path):

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-DEFAULT_WIDGETS = {  # the seed's own widget sentence for Korean
+DEFAULT_WIDGETS = {  # the blog post's widget sentence for Korean
     "ko": "산악 자전거 경기는 상대적으로 새로운 [MASK] 1990년대에 활성화 되었다.",
     "en": "The capital of France is [MASK].",
 }

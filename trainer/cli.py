@@ -36,12 +36,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if wanted is None or wanted == name:
-            try:
-                module = importlib.import_module(module_name)
-            except ModuleNotFoundError as e:
-                if e.name != module_name:
-                    raise
-                continue  # not built yet
+            module = importlib.import_module(module_name)
             module.add_args(p)
             p.set_defaults(_module=module)
     return parser

@@ -130,7 +130,7 @@ def _check_config(config: dict) -> list[str]:
 
 
 def _check_vocab(folder: Path, config: dict) -> list[str]:
-    """The seed's worst crash (opaque CUDA asserts) was a model vocab size that differed from the tokenizer's."""
+    """A model vocab size that differs from the tokenizer's surfaces on a GPU as an opaque CUDA assert."""
     problems: list[str] = []
     want = config.get("vocab_size")
     lines = None

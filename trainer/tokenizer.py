@@ -2,7 +2,7 @@
 that `transformers.AutoTokenizer.from_pretrained(DIR)` loads (fast, and the slow/legacy BertTokenizer)
 and that tokenizes exactly like the trained `tokenizers.Tokenizer`.
 
-Defaults are the seed's `BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True,
+Defaults are the blog post's `BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True,
 strip_accents=False, lowercase=False, wordpieces_prefix="##")`, `vocab_size=30000`, `limit_alphabet=1000`.
 Two Korean traps this file avoids:
 - `strip_accents` runs NFD and drops combining marks; NFD turns every Hangul syllable into conjoining

@@ -1,11 +1,10 @@
 """`mlmtrain upload`: publish an exported folder to the Hugging Face Hub in one command.
 
-The seed cloned a repo, installed git-lfs, copied files, pushed, then hand-edited the model card until the
-Hub page worked. Here: check the folder is a complete export (`check_export_folder`, shared with
-`mlmtrain export`), create the repo if missing, create the branch if missing, then one `upload_folder`
-commit that sends exactly the files `mlmtrain_export.json` lists (never the manifest itself, checkpoints,
-optimizer states or strays). Re-running is safe: the Hub reports which files it already has and unchanged
-files are skipped, so a second run makes no new commit.
+Check the folder is a complete export (`export_check.check_export_folder`, which `mlmtrain export` runs too),
+create the repo if missing, create the branch if missing, then one `upload_folder` commit that sends exactly
+the files `mlmtrain_export.json` lists (never the manifest itself, checkpoints, optimizer states or strays).
+Re-running is safe: the Hub reports which files it already has and unchanged files are skipped, so a second
+run makes no new commit.
 
 Only `huggingface_hub` calls that are stable from 0.30 to 2.x are used (`HfApi.create_repo`,
 `create_branch`, `upload_folder`, `repo_info`, `whoami`, `get_token`). The token comes from `HF_TOKEN`,
