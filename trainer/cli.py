@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from mlmtrain import __version__
-from mlmtrain.errors import UserError
+from mlmtrain.errors import UserError, redact_tokens
 
 # subcommand -> (module, one-line help). Modules are imported lazily so `mlmtrain --help` is instant.
 COMMANDS = {
@@ -24,8 +25,24 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error never echoes a token pasted in the wrong place."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {redact_tokens(message)}\n")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that cleanups run (`mlmtrain train` handles it itself)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mlmtrain",
         description="Train a BERT masked-language model from sentences and publish it to the Hugging Face Hub.",
     )
@@ -49,16 +66,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args._module.main(args) or 0)
     except UserError as e:
-        print(f"mlmtrain {args.command}: error: {e}", file=sys.stderr)
+        print(f"mlmtrain {args.command}: error: {redact_tokens(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"mlmtrain {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"mlmtrain {args.command}: stopped by SIGTERM", file=sys.stderr)
+        return 143
     except BrokenPipeError:
         os._exit(1)
+    except OSError as e:  # a write the system refused, outside a command's own handling: one sentence too
+        from mlmtrain.files import WRITE_ERRNOS, write_failure
+
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"mlmtrain {args.command}: error: {write_failure(e)}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -1,19 +1,44 @@
-"""Writing folders safely, once for every command: a folder is built under a hidden temporary sibling and
-renamed into place, so a reader sees the old folder or the complete new one, never half of one; manifests
-(size + sha256 of every file) let a reader tell a complete folder from a damaged one. No torch import.
+"""Writing folders safely, once for every command.
+
+- A folder is built under a hidden temporary sibling and renamed into place (`atomic_dir`), so a reader sees
+  the old folder or the complete new one, never half of one; a write that fails (disk full, read-only
+  filesystem, no permission) removes the temporary folder and says, in one sentence, what is intact.
+- Every folder mlmtrain makes holds a marker, `.mlmtrain.json`: which command made it (its `Layout`), with
+  which version. A command replaces or deletes only a folder of its own kind, holding only files it writes
+  (`check_out_folder`); anything else is refused. Folders made before markers existed are recognised only by
+  their exact set of files.
+- Temporary siblings are named `.tmp_{name}_{host}_{pid}`, so a later start can tell which ones a killed
+  process left behind (`remove_stale_tmp`).
+- Manifests (size + sha256 of every file) let a reader tell a complete folder from a damaged one.
+
+No torch import.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-TMP_PREFIX = ".tmp_"  # hidden temporary siblings: `.tmp_{name}_{pid}`
+from safetensors import SafetensorError
+
+from mlmtrain.errors import UserError
+
+# a write the system refused (full disk, quota, read-only filesystem, permissions): said in one sentence
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+TMP_PREFIX = ".tmp_"  # hidden temporary siblings: `.tmp_{name}_{host}_{pid}`, `.tmp_{name}_old_{host}_{pid}`
+MARKER = ".mlmtrain.json"  # {"kind", "made_by", "mlmtrain_version", "created"} in every folder mlmtrain makes
+_TMP_NAME = re.compile(r"\.tmp_(?P<name>.+?)(?P<old>_old)?_(?P<host>[A-Za-z0-9.-]+)_(?P<pid>\d+)")
 
 
 def sha256_file(path: Path) -> str:
@@ -25,9 +50,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) all at once: written to a temporary sibling, then renamed, so a full
+    disk or a kill leaves the previous file, never a truncated one."""
+    path = Path(path)
+    tmp = tmp_sibling(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
 def write_json(path: Path, obj) -> None:
-    """Pretty UTF-8 JSON (Hangul stays readable), newline-terminated."""
-    Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    """Pretty UTF-8 JSON (Hangul stays readable), newline-terminated, replacing `path` all at once."""
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 def file_entries(folder: Path, names=None) -> dict[str, dict]:
@@ -41,6 +78,8 @@ def manifest_problems(folder: Path, entries: dict, written: str = "it was writte
     """What differs between `folder` and the manifest `entries` ({name: {"size", "sha256"}}): missing files,
     other sizes (truncated), other checksums (corrupted). Empty = every listed file is intact. `written` names
     the moment the manifest was made, for the messages ("export", "the checkpoint was saved")."""
+    if not isinstance(entries, dict):
+        return ["the manifest has no table of files"]
     problems = []
     for name, entry in entries.items():
         path = Path(folder) / name
@@ -58,6 +97,167 @@ def manifest_problems(folder: Path, entries: dict, written: str = "it was writte
     return problems
 
 
+# ---------------------------------------------------------------------------------------------------- ownership
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A kind of folder an mlmtrain command makes, and which files in it are that command's own."""
+
+    kind: str  # the marker's "kind": tokenizer | shards | run | export | demo
+    what: str  # for messages: "a tokenizer", "token shards", ...
+    command: str  # what makes it: "mlmtrain prepare"
+    owns: tuple[str, ...]  # fnmatch patterns (`*` spans `/`) of the files the command writes, relative
+    legacy: tuple[str, ...]  # files a folder without a marker (an older mlmtrain's) must hold to be this kind
+    parts: tuple[tuple[str, Layout], ...] = ()  # subfolders that are folders of another kind (the demo's)
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of `folder`, or None without one. An unreadable marker reads as a foreign one."""
+    path = Path(folder) / MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        marker = None
+    return marker if isinstance(marker, dict) else {"made_by": f"an unknown program (unreadable {MARKER})"}
+
+
+def write_marker(folder: Path, layout: Layout) -> None:
+    from mlmtrain import __version__
+
+    marker = {"kind": layout.kind, "made_by": layout.command, "mlmtrain_version": __version__}
+    write_json(Path(folder) / MARKER, {**marker, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def folder_state(folder: Path, layout: Layout) -> tuple[str, str]:
+    """(state, made_by) of `folder` for a command that writes `layout`: "absent", "empty", "file", "mine" (its
+    marker, or an older mlmtrain's folder holding exactly this kind's files), "other" (another mlmtrain
+    command's marker; made_by names it) or "foreign" (anything else that is not empty)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return "absent", ""
+    if not folder.is_dir():
+        return "file", ""
+    if not any(folder.iterdir()):
+        return "empty", ""
+    marker = read_marker(folder)
+    if marker is not None:
+        return ("mine", layout.command) if marker.get("kind") == layout.kind else ("other", marker.get("made_by"))
+    if all((folder / name).is_file() for name in layout.legacy) and not foreign_files(folder, layout):
+        return "mine", layout.command
+    return "foreign", ""
+
+
+def foreign_files(folder: Path, layout: Layout) -> list[str]:
+    """Files under `folder` that `layout`'s command does not write (relative paths, a whole foreign subfolder
+    as "name/"): what replacing or deleting the folder would lose. Symbolic links are never followed."""
+    folder, parts, foreign = Path(folder), dict(layout.parts), []
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        if rel == Path("."):
+            for name in [d for d in dirs if d in parts]:
+                dirs.remove(name)
+                if folder_state(folder / name, parts[name])[0] in ("mine", "empty"):
+                    foreign += [f"{name}/{f}" for f in foreign_files(folder / name, parts[name])]
+                else:
+                    foreign.append(f"{name}/")
+        links = [d for d in dirs if (Path(root) / d).is_symlink()]
+        for name in files + links:
+            path = (rel / name).as_posix()
+            if path != MARKER and not any(fnmatch.fnmatchcase(path, p) for p in layout.owns):
+                foreign.append(path)
+    return sorted(foreign)
+
+
+def check_out_folder(folder, layout: Layout, *, replace: bool, flag="--out", replace_flag="--overwrite") -> bool:
+    """May a command that writes `layout` write `folder`? Yes if it is absent or empty (returns False), or
+    holds this kind, made by mlmtrain, with nothing else in it, and `replace` is set (returns True: it will be
+    replaced). Everything else is refused with one sentence; a folder mlmtrain did not make never gets a
+    suggestion to force it."""
+    folder = Path(folder)
+    state, made_by = folder_state(folder, layout)
+    if state in ("absent", "empty"):
+        return False
+    if state == "file":
+        raise UserError(f"{flag} {folder} is a file, not a folder.")
+    if state == "other":
+        raise UserError(f"{flag} {folder} was made by `{made_by}`, not `{layout.command}`: choose another {flag}.")
+    if state == "foreign":
+        raise UserError(
+            f"{flag} {folder} is not empty and was not made by `{layout.command}`: choose a new or empty folder."
+        )
+    if not replace:
+        raise UserError(
+            f"{folder} already holds {layout.what}: choose another {flag}, or pass {replace_flag} to replace it."
+        )
+    extra = foreign_files(folder, layout)
+    if extra:
+        names = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        raise UserError(
+            f"{folder} holds {layout.what} and also files `{layout.command}` did not write ({names}); nothing was "
+            f"replaced: move those files out, or choose another {flag}."
+        )
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- temporary
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
+
+
+def tmp_sibling(final: Path, tag: str = "") -> Path:
+    """The hidden temporary sibling this process writes `final` through."""
+    return final.parent / f"{TMP_PREFIX}{final.name}{tag}_{_host()}_{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Best effort: a cleanup that fails (a read-only filesystem) must not hide the error that called it."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def remove_stale_tmp(parent: Path, name: str | None = None, *, any_host: bool = False) -> list[str]:
+    """Clean up the temporary siblings (of `name` only, if given) that killed processes left in `parent`: a
+    half-written one is removed; a complete folder moved aside to be replaced (`_old`) is put back when nothing
+    took its place. A process still alive on this host keeps its own; with `any_host` (the caller holds the
+    folder's lock, so no other process writes there) every other one is stale. Returns what was done."""
+    done: list[str] = []
+    if not Path(parent).is_dir():
+        return done
+    for entry in sorted(Path(parent).iterdir()):
+        match = _TMP_NAME.fullmatch(entry.name)
+        if match is None or (name is not None and match["name"] != name):
+            continue
+        same_host, pid = match["host"] == _host(), int(match["pid"])
+        if (same_host and pid == os.getpid()) or (not any_host and (not same_host or _alive(pid))):
+            continue
+        final = entry.parent / match["name"]
+        if match["old"] and not final.exists():
+            os.replace(entry, final)
+            done.append(f"put back {final}, which a killed process had moved aside")
+        else:
+            _remove(entry)
+            done.append(f"removed {entry}, left by a killed process")
+    return done
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -66,39 +266,72 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def tmp_sibling(final: Path) -> Path:
-    return final.parent / f"{TMP_PREFIX}{final.name}_{os.getpid()}"
+def write_failure(e: BaseException) -> str | None:
+    """What a failed write says in words ("No space left on device"), or None for an error that is not one."""
+    if isinstance(e, SafetensorError):  # "...: I/O error: No space left on device (os error 28)", or older
+        # 'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        found = re.search(r'message: "([^"]*)"|error: ([^:]+?) \(os error \d+\)', str(e))
+        return (found.group(1) or found.group(2)) if found else str(e)
+    if isinstance(e, OSError):
+        where = Path(e.filename) if e.filename else None
+        while where is not None and TMP_PREFIX in str(where):  # name the folder it was written into instead
+            where = where.parent
+        return f"{e.strerror or e}" + (f" ({where})" if where else "")
+    return None
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, *, replace: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    final: str | Path, *, replace: bool = False, layout: Layout | None = None, kept: str | None = None
+) -> Iterator[Path]:
     """Yield an empty temporary sibling of `final` to write into; when the block ends without an error, fsync
     it and rename it into place. `final` may be absent or an empty folder; with `replace`, an existing `final`
-    is moved aside and deleted only after the new folder is in place. On any error (or a signal's exception)
-    the temporary folder is removed and `final` is untouched."""
+    is moved aside and deleted only after the new folder is in place. With `layout`, `final` must pass
+    `check_out_folder` (at the start, and again just before the rename) and the folder gets its marker.
+
+    On any error (or a signal's exception) the temporary folder is removed and `final` is untouched; a write
+    that fails (disk full, read-only filesystem, no permission) becomes a UserError naming `final` and `kept`,
+    what is intact (by default the previous `final`, or nothing)."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    kept = kept or (f"the previous {final} is unchanged" if final.exists() else "nothing was left behind")
+    tmp = None
     try:
+        if layout is not None:
+            check_out_folder(final, layout, replace=replace)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(final.parent, final.name)
+        tmp = tmp_sibling(final)
+        _remove(tmp)
+        tmp.mkdir()
         yield tmp
-        for p in tmp.iterdir():
-            if p.is_file():
-                fsync_path(p)
-        fsync_path(tmp)
+        if layout is not None:
+            write_marker(tmp, layout)
+        for root, _, names in os.walk(tmp):
+            for n in names:
+                fsync_path(Path(root) / n)
+            fsync_path(Path(root))
+        if layout is not None:
+            check_out_folder(final, layout, replace=replace)  # nothing appeared there meanwhile
         old = None
         if final.is_dir() and not any(final.iterdir()):
             final.rmdir()
         elif final.exists():
             if not replace:
-                raise FileExistsError(f"{final} exists")
-            old = final.parent / f"{TMP_PREFIX}{final.name}_old_{os.getpid()}"
+                raise UserError(f"{final} appeared while it was being written; it was left as it is.")
+            old = tmp_sibling(final, "_old")
             os.replace(final, old)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old is not None:
+                os.replace(old, final)
+            raise
+        tmp = None
         fsync_path(final.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _remove(old)
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"could not write {final}: {write_failure(e)}; {kept}") from None
+    finally:
+        if tmp is not None:
+            _remove(tmp)
