@@ -9,15 +9,15 @@ nothing beyond token frequencies sits at the latter; a lower loss is learning fr
 
 from __future__ import annotations
 
-import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mlmtrain.errors import UserError
+from mlmtrain.files import Layout, check_out_folder, write_json, write_marker
 
 WIDGET_TEXT = "대한민국의 주권은 [MASK]에게 있고, 모든 권력은 국민으로부터 나온다."
 
@@ -27,7 +27,7 @@ def add_args(p) -> None:
     p.add_argument("--steps", type=int, default=0, help="training steps (default: 300 on CPU, 400 on a GPU)")
     p.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary to request (default 8000)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--force", action="store_true", help="start over when --out already holds a demo")
+    p.add_argument("--force", action="store_true", help="start over when --out holds an earlier demo (its files only)")
 
 
 def unigram_entropy(tokens: np.ndarray, num_special: int) -> float:
@@ -48,6 +48,17 @@ def unigram_cross_entropy(train: np.ndarray, valid: np.ndarray, num_special: int
     return float(-(valid_counts * np.log(p)).sum() / valid_counts.sum())
 
 
+def demo_layout():
+    """The demo's folder: its result, and one folder of each kind the pipeline makes."""
+    from mlmtrain.export_check import EXPORT_LAYOUT
+    from mlmtrain.prepare import SHARDS_LAYOUT
+    from mlmtrain.run_folder import RUN_LAYOUT
+    from mlmtrain.tokenizer import TOKENIZER_LAYOUT
+
+    parts = (("tokenizer", TOKENIZER_LAYOUT), ("data", SHARDS_LAYOUT), ("run", RUN_LAYOUT), ("export", EXPORT_LAYOUT))
+    return Layout("demo", "a demo", "mlmtrain demo", ("demo_result.json", ".tmp_*"), ("demo_result.json",), parts)
+
+
 def main(args) -> int:
     from mlmtrain import cli
     from mlmtrain.config import load_config
@@ -57,13 +68,11 @@ def main(args) -> int:
     from mlmtrain.train import train
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        if not args.force:
-            raise UserError(f"{out} already holds files; pass --force to start over or --out to use another folder")
-        import shutil
-
+    # --force deletes an earlier demo only when every file in it is one the demo wrote
+    if check_out_folder(out, demo_layout(), replace=args.force, replace_flag="--force"):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, demo_layout())
     cuda = torch.cuda.is_available() and args.device != "cpu"
     corpus = sample_corpus_path()
     t0 = time.time()
@@ -102,9 +111,9 @@ def main(args) -> int:
         },
     )
     summary = train(cfg)
-    if summary["stopped_by"]:
+    if summary["exit_code"]:
         print(f"demo stopped ({summary['stopped_by']}); the run so far is in {out / 'run'}")
-        return 130
+        return summary["exit_code"]
     valid_loss = summary["valid_loss"]
     print(
         f"      validation MLM loss {valid_loss:.3f} nats (unigram baseline on valid {baseline:.3f}), "
@@ -149,7 +158,7 @@ def main(args) -> int:
         "wall_s": round(time.time() - t0, 1),
         "device": "cuda" if cuda else "cpu",
     }
-    (out / "demo_result.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_json(out / "demo_result.json", result)
     verdict = "below" if valid_loss < baseline else "NOT below"
     print(
         f"done in {result['wall_s']:.0f} s: validation MLM loss {valid_loss:.3f} is {verdict} the unigram model's "

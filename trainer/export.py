@@ -26,8 +26,8 @@ from pathlib import Path
 from mlmtrain.card import DEFAULT_WIDGETS, model_card, read_data_meta
 from mlmtrain.config import PRECISIONS
 from mlmtrain.errors import UserError
-from mlmtrain.export_check import EXPORT_MANIFEST, check_export_folder
-from mlmtrain.files import atomic_dir, file_entries, write_json
+from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_folder
+from mlmtrain.files import atomic_dir, check_out_folder, file_entries, write_json
 from mlmtrain.preflight import check_vocab_match
 from mlmtrain.prepare import check_tokenizer_match
 from mlmtrain.tokenizer import SPECIAL_TOKENS_MAP, load_tokenizer, read_tokenizer_config, read_vocab
@@ -66,8 +66,7 @@ def export_folder(
         if "[MASK]" not in text:
             raise UserError(f"widget text {text!r} has no [MASK]: the fill-mask widget needs one to fill.")
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise UserError(f"{out_dir} already exists and is not empty: choose another --out or pass --overwrite.")
+    check_out_folder(out_dir, EXPORT_LAYOUT, replace=overwrite)
 
     # ---- inputs, checked before any work
     ckpt = latest_checkpoint(checkpoint, log=log)
@@ -101,7 +100,7 @@ def export_folder(
         tok_config["model_max_length"] or config.max_position_embeddings, config.max_position_embeddings
     )
     failure, problems = None, []
-    with atomic_dir(out_dir, replace=overwrite) as tmp:
+    with atomic_dir(out_dir, replace=overwrite, layout=EXPORT_LAYOUT) as tmp:
         weights = {k: v.to(getattr(torch, PRECISIONS[dtype])).contiguous() for k, v in model.hf_state_dict().items()}
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         write_json(tmp / "config.json", {**config.to_hf_dict(), "torch_dtype": PRECISIONS[dtype]})
@@ -245,7 +244,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the tokenizer folder the model was trained with (default: the run's data.tokenizer_dir)",
     )
-    p.add_argument("--out", required=True, help="the folder to write (must be new or empty, or pass --overwrite)")
+    p.add_argument("--out", required=True, help="the folder to write (new or empty, or an export to --overwrite)")
     p.add_argument("--language", default=None, help="model card language code, e.g. ko (default: not stated)")
     p.add_argument("--license", default="apache-2.0", help="model card license identifier (default: apache-2.0)")
     p.add_argument(
@@ -257,7 +256,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32", help="weights dtype in model.safetensors")
     p.add_argument("--no-verify", action="store_true", help="skip loading the folder back with transformers")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an export `mlmtrain export` wrote in --out")
 
 
 def main(args) -> int:

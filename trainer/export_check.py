@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from pathlib import Path
 
-from mlmtrain.files import manifest_problems
+from mlmtrain.files import Layout, manifest_problems
 from mlmtrain.model import BertConfig, hf_tensor_shapes
 
 EXPORT_MANIFEST = "mlmtrain_export.json"
@@ -22,6 +23,10 @@ REQUIRED_FILES = (
     "special_tokens_map.json",
     "README.md",
 )
+EXPORT_LAYOUT = Layout(
+    "export", "an export", "mlmtrain export", (*REQUIRED_FILES, EXPORT_MANIFEST), (*REQUIRED_FILES, EXPORT_MANIFEST)
+)
+WILDCARDS = set("*?[]")  # a listed name holding one would be a pattern when the upload selects its files
 # What the model card's YAML header must say for the Hub to show a fill-mask model (page, widget, code snippet).
 CARD_REQUIRED = {"library_name": "transformers", "pipeline_tag": "fill-mask", "mask_token": None}  # None: any value
 _DTYPE_BYTES = {
@@ -101,6 +106,12 @@ def _check_manifest(folder: Path) -> list[str]:
     for name, entry in files.items():
         if name == EXPORT_MANIFEST or "/" in name or "\\" in name or name in ("", ".", ".."):
             problems.append(f"{EXPORT_MANIFEST} lists {name!r}, which is not a plain file name of the export")
+        elif WILDCARDS & set(name):
+            problems.append(f"{EXPORT_MANIFEST} lists {name!r}, a name with wildcard characters")
+        elif (folder / name).is_symlink():
+            problems.append(f"{name} is a symbolic link; an export holds regular files only")
+        elif (folder / name).exists() and not stat.S_ISREG((folder / name).lstat().st_mode):
+            problems.append(f"{name} is not a regular file")
         elif (folder / name).is_file() or name not in REQUIRED_FILES:  # required ones are reported as missing
             listed[name] = entry
     return problems + [f"{p} ({EXPORT_MANIFEST})" for p in manifest_problems(folder, listed, "export")]

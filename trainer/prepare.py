@@ -27,20 +27,33 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mlmtrain.errors import UserError
-from mlmtrain.files import atomic_dir, write_json
+from mlmtrain.files import Layout, atomic_dir, check_out_folder, write_json
 from mlmtrain.prefetch import Prefetcher
-from mlmtrain.text import LINE_PROBLEMS, READ_BLOCK_BYTES, check_inputs, iter_line_batches, line_problem_notes
+from mlmtrain.text import (
+    LINE_PROBLEMS,
+    LONG_LINE_BYTES,
+    READ_BLOCK_BYTES,
+    check_inputs,
+    iter_line_batches,
+    line_problem_notes,
+)
 from mlmtrain.tokenizer import SEP_ID, load_tokenizer, tokenizer_fingerprint
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
 SPLIT_UNIT_SENTENCES = 64  # a split unit is at most this many consecutive sentences of one document
+SHARD_FILES = ("tokens", "offsets", "doc_offsets")
+SHARDS_LAYOUT = Layout(
+    "shards", "token shards", "mlmtrain prepare", ("meta.json", "train/*.npy", "valid/*.npy"),
+    ("meta.json", *(f"{split}/{name}.npy" for split in SPLITS for name in SHARD_FILES)),
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -152,17 +165,6 @@ def split_long(ids, max_len: int) -> list:
     return [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise UserError(f"--out {out_dir} is a file, not a folder.")
-        holds_shards = any((out_dir / n).exists() for n in ("meta.json", *SPLITS))
-        if holds_shards and not overwrite:
-            raise UserError(f"{out_dir} already holds token shards; choose another --out or pass --overwrite.")
-        if not holds_shards and any(out_dir.iterdir()):
-            raise UserError(f"--out {out_dir} is not empty and does not hold shards; choose an empty or new folder.")
-
-
 # ------------------------------------------------------------------------------------------ prepare
 
 
@@ -188,10 +190,10 @@ def prepare(
     tok.no_truncation()
     tok.no_padding()
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
+    check_out_folder(out_dir, SHARDS_LAYOUT, replace=overwrite)
     total_bytes = sum(p.stat().st_size for p in paths)
     t0 = time.perf_counter()
-    with atomic_dir(out_dir, replace=overwrite) as tmp:
+    with atomic_dir(out_dir, replace=overwrite, layout=SHARDS_LAYOUT) as tmp:
         stats = _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_bytes, total_bytes, progress)
         meta = {
             "format_version": FORMAT_VERSION,
@@ -206,7 +208,6 @@ def prepare(
             "seconds": round(time.perf_counter() - t0, 3),
         }
         write_json(tmp / "meta.json", meta)
-        _check_out_dir(out_dir, overwrite)  # nothing appeared there meanwhile
     if progress:
         _report(meta, out_dir, total_bytes)
     return meta
@@ -239,7 +240,8 @@ def _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_byte
 
     bar = _progress_bar(total_bytes, progress)
     t0 = time.perf_counter()
-    with Prefetcher(iter_line_batches(paths, stats, block_bytes), name="reader") as reader:
+    # the bar closes on an error too, so the error's sentence gets a line of its own
+    with Prefetcher(iter_line_batches(paths, stats, block_bytes), name="reader") as reader, bar or nullcontext():
         for lines, nbytes in reader:
             encodings = iter(encode_lines(tok, [line for line in lines if line], dtype))
             for line in lines:
@@ -261,8 +263,6 @@ def _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_byte
             if bar is not None:
                 bar.update(nbytes)
                 bar.set_postfix_str(f"{lines_done / (time.perf_counter() - t0):,.0f} lines/s", refresh=False)
-    if bar is not None:
-        bar.close()
     close_unit()
     if held is not None:
         valid_starved = valid_fraction > 0 and writers["valid"].sentences == 0 and writers["train"].sentences > 0
@@ -283,6 +283,7 @@ def _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_byte
         "input_lines": stats["input_lines"],
         "sentences_split": stats["sentences_split"],
         "lines_empty_after_tokenizing": stats["lines_empty_after_tokenizing"],
+        "long_lines_cut": stats["long_lines_cut"],
     }
 
 
@@ -304,6 +305,12 @@ def _report(meta: dict, out_dir: Path, total_bytes: int) -> None:
     )
     for note in line_problem_notes(meta["line_problems"]):
         print(f"note: {note}", file=sys.stderr)
+    if meta["long_lines_cut"]:
+        print(
+            f"note: {meta['long_lines_cut']} lines longer than {LONG_LINE_BYTES >> 20} MiB were cut at spaces into "
+            "pieces, each read as a sentence",
+            file=sys.stderr,
+        )
     if meta["sentences_split"]:
         print(
             f"note: {meta['sentences_split']} sentences longer than {meta['max_seq_len'] - 2} tokens were split "
@@ -339,30 +346,100 @@ class TokenShard:
 
 
 def read_meta(data_dir) -> dict:
+    """meta.json of a shard folder, checked for the keys and types every reader relies on."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise UserError(f"{data_dir} holds no token shards (no meta.json); make them with `mlmtrain prepare`.")
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is damaged (not valid JSON: {e}); run `mlmtrain prepare` again.") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is damaged (not a JSON object); run `mlmtrain prepare` again.")
     if meta.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{data_dir} has shard format {meta.get('format_version')}, this mlmtrain reads "
             f"{FORMAT_VERSION}; run `mlmtrain prepare` again."
         )
+    ints = ("vocab_size", "max_seq_len", "max_token_id", *(f"{s}.{k}" for s in SPLITS for k in ("sentences", "tokens")))
+    bad = [k for k in ints if not isinstance(_dotted(meta, k), int) or isinstance(_dotted(meta, k), bool)]
+    bad += [] if meta.get("dtype") in ("uint16", "uint32") else ["dtype"]
+    bad += [] if isinstance(meta.get("tokenizer_fingerprint"), str) else ["tokenizer_fingerprint"]
+    if bad:
+        raise UserError(f"{path} is damaged ({', '.join(bad)} missing or wrong); run `mlmtrain prepare` again.")
     return meta
 
 
-def load_split(data_dir, split: str = "train") -> TokenShard:
+def _dotted(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def load_split(data_dir, split: str = "train", check: bool = True) -> TokenShard:
+    """One split, memory-mapped. With `check` (once per run is enough), the files are checked against their
+    headers, meta.json and each other, cheaply: sizes, offsets (read in full by the packer anyway), and the
+    token ids of 64 blocks spread over the file. One sentence names a damaged file."""
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}.")
-    read_meta(data_dir)
+    meta = read_meta(data_dir)
     folder = Path(data_dir) / split
-    arrays = {}
-    for name in ("tokens", "offsets", "doc_offsets"):
-        file = folder / f"{name}.npy"
-        if not file.is_file():
-            raise UserError(f"{file} is missing; run `mlmtrain prepare` again.")
-        arrays[name] = np.load(file, mmap_mode="r") if file.stat().st_size > _NpyWriter.HEADER_BYTES else np.load(file)
-    return TokenShard(**arrays)
+    dtypes = {"tokens": np.dtype(meta["dtype"]), "offsets": np.dtype(np.int64), "doc_offsets": np.dtype(np.int64)}
+    shard = TokenShard(**{name: _open_npy(folder / f"{name}.npy", dtypes[name]) for name in SHARD_FILES})
+    if check:
+        _check_shard(shard, meta[split], meta["vocab_size"], folder)
+    return shard
+
+
+def _damaged(file: Path, why: str) -> UserError:
+    return UserError(f"{file} is damaged ({why}); run `mlmtrain prepare` again.")
+
+
+def _open_npy(file: Path, dtype: np.dtype) -> np.ndarray:
+    """A 1-D .npy of `dtype`, memory-mapped once its header and size agree (a truncated file is named)."""
+    if not file.is_file():
+        raise UserError(f"{file} is missing; run `mlmtrain prepare` again.")
+    try:
+        with open(file, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, found = read(f)
+            start = f.tell()
+    except (ValueError, OSError, EOFError) as e:
+        raise _damaged(file, f"not a readable .npy: {e}") from None
+    if len(shape) != 1 or found != dtype:
+        raise _damaged(file, f"holds {found} of shape {shape}, expected one row of {dtype}")
+    size, want = file.stat().st_size, start + shape[0] * dtype.itemsize
+    if size != want:
+        raise _damaged(file, f"{size} bytes where its header promises {want}: truncated?")
+    return np.memmap(file, dtype=dtype, mode="r", offset=start, shape=shape) if shape[0] else np.zeros(0, dtype)
+
+
+CHECK_BLOCK = 1 << 16  # tokens per sampled block; offsets are checked 16x this many at a time
+
+
+def _check_shard(shard: TokenShard, counts: dict, vocab_size: int, folder: Path) -> None:
+    if (len(shard.tokens), shard.num_sentences) != (counts["tokens"], counts["sentences"]):
+        raise _damaged(folder, f"{len(shard.tokens)} tokens and {shard.num_sentences} sentences, meta.json says "
+                       f"{counts['tokens']} and {counts['sentences']}")  # fmt: skip
+    _check_increasing(shard.offsets, len(shard.tokens), folder / "offsets.npy")
+    _check_increasing(shard.doc_offsets, shard.num_sentences, folder / "doc_offsets.npy")
+    if len(shard.tokens):
+        starts = np.unique(np.linspace(0, max(len(shard.tokens) - CHECK_BLOCK, 0), 64).astype(np.int64))
+        biggest = max(int(shard.tokens[s : s + CHECK_BLOCK].max()) for s in starts.tolist())
+        if biggest >= vocab_size:
+            raise _damaged(folder / "tokens.npy", f"token id {biggest} is outside the vocabulary of {vocab_size}")
+
+
+def _check_increasing(a: np.ndarray, last: int, file: Path) -> None:
+    """0, strictly increasing (no empty sentence or document), ending at `last` (the end of what it indexes)."""
+    if len(a) == 0 or a[0] != 0 or a[-1] != last:
+        raise _damaged(file, f"it must run from 0 to {last}")
+    step = 16 * CHECK_BLOCK
+    for i in range(0, len(a) - 1, step):
+        part = np.asarray(a[i : i + step + 1])
+        if not (part[1:] > part[:-1]).all():
+            raise _damaged(file, f"it does not increase after position {i + int(np.argmin(part[1:] > part[:-1]))}")
 
 
 def check_tokenizer_match(made_with: str | None, tokenizer_dir, what: str) -> None:

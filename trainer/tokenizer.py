@@ -18,8 +18,6 @@ import argparse
 import collections
 import hashlib
 import json
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +26,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from mlmtrain.errors import UserError
-from mlmtrain.files import atomic_dir, tmp_sibling, write_json
+from mlmtrain.files import Layout, atomic_dir, check_out_folder, write_json
 from mlmtrain.text import check_inputs, iter_line_batches, line_problem_notes
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -53,6 +51,10 @@ TOKENIZER_CONFIG_KEYS = (
     "model_max_length",
     *SPECIAL_TOKENS_MAP,
 )
+TOKENIZER_LAYOUT = Layout("tokenizer", "a tokenizer", "mlmtrain tokenizer", TOKENIZER_FILES, TOKENIZER_FILES)
+# transformers' BertTokenizer rebuilds the WordPiece model from vocab.txt with "##" (transformers 5.x) or splits
+# words with a hard-coded "##" (the pure-Python tokenizer), whatever tokenizer.json says.
+WORDPIECES_PREFIX = "##"
 
 
 @dataclass
@@ -76,9 +78,11 @@ class TokenizerSettings:
             raise UserError(f"--limit-alphabet must be at least 1, got {self.limit_alphabet}.")
         if self.min_frequency < 1:
             raise UserError(f"--min-frequency must be at least 1, got {self.min_frequency}.")
-        if not self.wordpieces_prefix or any(c.isspace() for c in self.wordpieces_prefix):
+        if self.wordpieces_prefix != WORDPIECES_PREFIX:
             raise UserError(
-                f"--wordpieces-prefix must be a non-empty string without spaces, got {self.wordpieces_prefix!r}."
+                f"--wordpieces-prefix {self.wordpieces_prefix!r} is not supported: transformers' BertTokenizer "
+                f"continues words with {WORDPIECES_PREFIX!r} whatever the tokenizer says, so every word of an "
+                f"exported model split into pieces would read as [UNK]; keep {WORDPIECES_PREFIX!r}."
             )
         if self.model_max_length < 3:
             raise UserError(f"--model-max-length must be at least 3 ([CLS] token [SEP]), got {self.model_max_length}.")
@@ -123,8 +127,7 @@ def train_tokenizer(
     settings.validate()
     paths = check_inputs(inputs)
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_out_folder(out_dir, TOKENIZER_LAYOUT, replace=overwrite)
 
     tok = build_tokenizer(settings)
     trainer = trainers.WordPieceTrainer(
@@ -154,7 +157,8 @@ def train_tokenizer(
     for i, token in enumerate(SPECIAL_TOKENS):
         assert vocab.get(token) == i, f"special token {token} is at id {vocab.get(token)}, expected {i}"
     _add_post_processor(tok)
-    _write_atomically(tok, out_dir, settings)
+    with atomic_dir(out_dir, replace=overwrite, layout=TOKENIZER_LAYOUT) as tmp:
+        write_tokenizer_dir(tok, tmp, settings)
 
     vocab_size = tok.get_vocab_size()
     missing = unknown_characters(tok, char_counts, settings.wordpieces_prefix)
@@ -232,40 +236,14 @@ def read_tokenizer_config(tokenizer_dir) -> dict:
 def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
     """Write the four files into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
+    # what tok.save writes, but through Python's file API: a full disk is an OSError, not a bare Exception
+    (out_dir / "tokenizer.json").write_text(tok.to_str(pretty=True), encoding="utf-8")
     vocab = tok.get_vocab()
     by_id = sorted(vocab, key=vocab.get)
     assert [vocab[t] for t in by_id] == list(range(len(by_id))), "vocabulary ids are not contiguous"
     (out_dir / "vocab.txt").write_text("".join(t + "\n" for t in by_id), encoding="utf-8")
     write_json(out_dir / "tokenizer_config.json", tokenizer_config(settings))
     write_json(out_dir / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
-
-
-def _write_atomically(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
-    """A new (or empty) folder is written whole and renamed into place; a folder that also holds other files
-    gets the four files moved in, each atomically. An interrupted run never leaves a half-written tokenizer."""
-    if not (out_dir.is_dir() and any(out_dir.iterdir())):
-        with atomic_dir(out_dir) as tmp:
-            write_tokenizer_dir(tok, tmp, settings)
-        return
-    tmp = tmp_sibling(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write_tokenizer_dir(tok, tmp, settings)
-        for name in TOKENIZER_FILES:
-            os.replace(tmp / name, out_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir} is a file, not a folder.")
-    existing = [f for f in TOKENIZER_FILES if (out_dir / f).exists()]
-    if existing and not overwrite:
-        raise UserError(
-            f"{out_dir} already holds a tokenizer ({', '.join(existing)}); choose another --out or pass --overwrite."
-        )
 
 
 def _check_tokenizer_dir(tokenizer_dir) -> Path:
@@ -293,6 +271,12 @@ def load_tokenizer(tokenizer_dir) -> Tokenizer:
                 f"{path} puts {token} at id {tok.token_to_id(token)}, expected {i}; "
                 "retrain it with `mlmtrain tokenizer`."
             )
+    prefix = getattr(tok.model, "continuing_subword_prefix", WORDPIECES_PREFIX)
+    if prefix != WORDPIECES_PREFIX:
+        raise UserError(
+            f"{path} continues words with {prefix!r}, but transformers' BertTokenizer only reads "
+            f"{WORDPIECES_PREFIX!r}: retrain it with `mlmtrain tokenizer` (which always uses {WORDPIECES_PREFIX!r})."
+        )
     return tok
 
 
@@ -371,7 +355,7 @@ def add_args(p) -> None:
     p.add_argument(
         "--wordpieces-prefix",
         default=d.wordpieces_prefix,
-        help=f"prefix of word-continuation pieces (default {d.wordpieces_prefix!r})",
+        help=f"prefix of word-continuation pieces; only {WORDPIECES_PREFIX!r}, which transformers' BertTokenizer reads",
     )
     p.add_argument(
         "--model-max-length",
@@ -379,7 +363,7 @@ def add_args(p) -> None:
         default=d.model_max_length,
         help=f"model_max_length written to tokenizer_config.json (default {d.model_max_length})",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer `mlmtrain tokenizer` wrote in --out")
 
 
 def main(args) -> int:
