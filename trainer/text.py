@@ -6,6 +6,9 @@ counted, never fatal. Both `mlmtrain tokenizer` and `mlmtrain prepare` read thei
   UTF-8, NUL bytes) is redone line by line, skipping the bad lines. Clean input never pays a per-line
   Python cost to be checked.
 - One sentence per line; a blank line (or the end of a file) ends a document: it is yielded as "".
+- A line longer than LONG_LINE_BYTES (a file without line breaks, say) is cut after a space into pieces of
+  about that size, each yielded as a line: memory stays bounded, and the tokens are the same, since the
+  tokenizer splits words at spaces anyway (only a piece without any space is cut inside a word).
 - CR line endings and a byte-order mark are repaired; invalid UTF-8 and NUL lines are skipped; the counts go
   to `stats` (keys of LINE_PROBLEMS) and `line_problem_notes` says them in words.
 """
@@ -20,7 +23,7 @@ from pathlib import Path
 from mlmtrain.errors import UserError
 
 READ_BLOCK_BYTES = 1 << 20  # bytes decoded (and tokenized) per batch
-MAX_LINE_BYTES = 64 << 20  # a "line" longer than this is not one-sentence-per-line text
+LONG_LINE_BYTES = 1 << 20  # a longer line is cut into pieces of about this size
 LINE_PROBLEMS = {  # stats key -> (skipped or repaired, what)
     "invalid_utf8": ("skipped", "invalid UTF-8"),
     "nul_bytes": ("skipped", "NUL bytes"),
@@ -86,43 +89,67 @@ def _open_binary(path: Path):
     return raw, raw
 
 
+def _long_line_cut(data: bytes) -> int:
+    """Where to cut a line longer than LONG_LINE_BYTES: after its last space or tab in the first LONG_LINE_BYTES
+    (in its second half, so pieces stay large), else at the last character boundary there."""
+    limit = LONG_LINE_BYTES
+    space = max(data.rfind(b" ", 0, limit), data.rfind(b"\t", 0, limit))
+    if space >= limit // 2:
+        return space + 1
+    cut = limit
+    while cut > 1 and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: inside a character
+        cut -= 1
+    return cut
+
+
+def _line_blocks(stream, path: Path, block_bytes: int, stats: dict):
+    """(bytes, ends_line) pieces of a stream: blocks of whole lines, or pieces of a line too long to hold."""
+    carry, first, cutting = b"", True, False
+    while True:
+        try:
+            chunk = stream.read(block_bytes)
+        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+            raise UserError(f"cannot read {path}: {e} (is it really a gzip file?)") from None
+        if first and chunk.startswith(b"\xef\xbb\xbf"):
+            chunk, stats["bom"] = chunk[3:], stats["bom"] + 1
+        first = False
+        if not chunk:
+            if carry:
+                yield carry, True
+            return
+        block = carry + chunk
+        cut = block.rfind(b"\n") + 1
+        if cut:
+            yield block[:cut], True
+            cutting = False
+        carry = block[cut:]
+        while len(carry) > LONG_LINE_BYTES:
+            stats["long_lines_cut"] += not cutting
+            cutting = True
+            piece = _long_line_cut(carry)
+            yield carry[:piece], False
+            carry = carry[piece:]
+
+
 def iter_line_batches(paths: list[Path], stats: dict, block_bytes: int = READ_BLOCK_BYTES):
     """Yield (lines, raw_bytes_read) per block. A blank or whitespace-only line is returned as "" (a
     document break); each file ends with one. Per-line problems are counted in `stats`."""
-    for key in LINE_PROBLEMS:
+    for key in (*LINE_PROBLEMS, "input_lines", "long_lines_cut"):
         stats.setdefault(key, 0)
-    stats.setdefault("input_lines", 0)
     for path in paths:
         stream, raw = _open_binary(path)
-        carry, first, text_lines, pos = b"", True, 0, 0
+        text_lines, pos = 0, 0
         with stream, raw:
-            while True:
-                try:
-                    chunk = stream.read(block_bytes)
-                except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-                    raise UserError(f"cannot read {path}: {e} (is it really a gzip file?)") from None
-                if first and chunk.startswith(b"\xef\xbb\xbf"):
-                    chunk, stats["bom"] = chunk[3:], stats["bom"] + 1
-                first = False
-                block = carry + chunk
-                cut = block.rfind(b"\n") + 1 if chunk else len(block)
-                block, carry = block[:cut], block[cut:]
-                if len(carry) > MAX_LINE_BYTES:
-                    raise UserError(
-                        f"{path} has a line longer than {MAX_LINE_BYTES >> 20} MiB; expected one sentence per line."
-                    )
-                if block:
-                    lines = _decode_block(block, stats)
-                    if lines and lines[-1] == "" and block.endswith(b"\n"):
-                        lines.pop()  # the split after the final "\n" is not a line
-                    stats["input_lines"] += len(lines)
-                    lines = ["" if line.isspace() else line for line in lines]
-                    text_lines += sum(1 for line in lines if line)
-                    now = raw.tell()
-                    yield lines, now - pos
-                    pos = now
-                if not chunk:
-                    break
+            for block, ends_line in _line_blocks(stream, path, block_bytes, stats):
+                lines = _decode_block(block, stats)
+                if lines and lines[-1] == "" and block.endswith(b"\n"):
+                    lines.pop()  # the split after the final "\n" is not a line
+                stats["input_lines"] += len(lines) - (not ends_line)  # a long line's pieces count once
+                lines = ["" if line.isspace() else line for line in lines]
+                text_lines += sum(1 for line in lines if line)
+                now = raw.tell()
+                yield lines, now - pos
+                pos = now
         if text_lines == 0:
             bad = stats["invalid_utf8"] + stats["nul_bytes"]
             why = f" ({bad} unreadable lines so far were skipped)" if bad else ""
