@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mlmtrain import parallel
@@ -128,35 +129,34 @@ def _rng_of_every_rank(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def _write(final: Path, step, config, weights, optimizer_state, rng, run_config, state, scaler_state) -> None:
+    """A failed write (disk full, read-only, no permission) leaves no temporary folder and says which earlier
+    checkpoint is intact."""
     from mlmtrain import __version__
 
-    try:
-        with atomic_dir(final, replace=True) as tmp:  # the same step saved twice (a signal right after a save)
-            save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-            optimizer_rest = None
-            if optimizer_state is not None:
-                tensors, optimizer_rest = _split_optimizer_state(optimizer_state)
-                save_file(tensors, tmp / "optimizer.safetensors")
-            save_file({**_own_rng(), **rng}, tmp / "rng.safetensors")
-            write_json(tmp / "config.json", {"model": dataclasses.asdict(config), "run": run_config})
-            versions = {"mlmtrain": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
-            write_json(
-                tmp / "state.json",
-                {
-                    "step": step,
-                    **state,
-                    "world_size": parallel.world_size(),
-                    "scaler": scaler_state,
-                    "optimizer": optimizer_rest,
-                    "versions": versions,
-                    "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
-                },
-            )
-            write_json(tmp / MANIFEST, {"step": step, "files": file_entries(tmp)})
-    except OSError as e:
-        previous = [p.name for p in complete_checkpoints(final.parent.parent)]
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(f"could not write checkpoint {final}: {e.strerror or e}; {kept}") from e
+    previous = [p.name for p in complete_checkpoints(final.parent.parent) if p.name != final.name]
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    with atomic_dir(final, replace=True, kept=kept) as tmp:  # the same step saved twice (a signal after a save)
+        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
+        optimizer_rest = None
+        if optimizer_state is not None:
+            tensors, optimizer_rest = _split_optimizer_state(optimizer_state)
+            save_file(tensors, tmp / "optimizer.safetensors")
+        save_file({**_own_rng(), **rng}, tmp / "rng.safetensors")
+        write_json(tmp / "config.json", {"model": dataclasses.asdict(config), "run": run_config})
+        versions = {"mlmtrain": __version__, "torch": torch.__version__, "python": sys.version.split()[0]}
+        write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                **state,
+                "world_size": parallel.world_size(),
+                "scaler": scaler_state,
+                "optimizer": optimizer_rest,
+                "versions": versions,
+                "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+        )
+        write_json(tmp / MANIFEST, {"step": step, "files": file_entries(tmp)})
 
 
 def _split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -192,7 +192,8 @@ def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> li
 
 
 def verify_checkpoint(ckpt: Path) -> str | None:
-    """None if every file in the manifest is present with its size and sha256, else what is wrong."""
+    """None if every file in the manifest is present with its size and sha256 and state.json and config.json
+    say what a resume reads, else what is wrong."""
     manifest_path = ckpt / MANIFEST
     if not manifest_path.is_file():
         return "no manifest.json (incomplete write)"
@@ -201,7 +202,16 @@ def verify_checkpoint(ckpt: Path) -> str | None:
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return "manifest.json is unreadable"
     problems = manifest_problems(ckpt, entries, "the checkpoint was saved")
-    return problems[0] if problems else None
+    if problems:
+        return problems[0]
+    missing = [name for name in ("model.safetensors", "config.json", "state.json") if name not in entries]
+    if missing:
+        return f"the manifest does not list {', '.join(missing)}"
+    try:
+        read_state(ckpt)
+    except UserError as e:
+        return str(e).removeprefix(f"checkpoint {ckpt} is damaged: ")
+    return None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -237,27 +247,49 @@ def latest_checkpoint(path: str | Path, log=print) -> Path:
 # ---------------------------------------------------------------------------------------------------- loading
 
 
+def read_state(ckpt: str | Path) -> tuple[dict, dict]:
+    """(config.json, state.json) of a checkpoint folder, checked for what a resume or an export reads; a file
+    that does not say it makes the checkpoint "damaged", in one sentence."""
+    ckpt = Path(ckpt)
+    try:
+        config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint {ckpt} is damaged: {e}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise UserError(f'checkpoint {ckpt} is damaged: config.json has no "model" section')
+    step, cursor = (state.get("step"), state.get("cursor", [0, 0])) if isinstance(state, dict) else (None, None)
+    if not (isinstance(step, int) and step >= 0 and isinstance(cursor, list) and len(cursor) == 2):
+        raise UserError(f"checkpoint {ckpt} is damaged: state.json lacks a step or a data cursor")
+    return config, state
+
+
 def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(model state dict, config.json, state.json) of a checkpoint folder; safetensors + JSON only."""
     ckpt = Path(ckpt)
-    weights = load_file(ckpt / "model.safetensors")
-    config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-    state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
+    config, state = read_state(ckpt)
+    try:
+        weights = load_file(ckpt / "model.safetensors")
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"checkpoint {ckpt} is damaged: model.safetensors is unreadable ({e})") from None
     return weights, config, state
 
 
 def read_optimizer_state(ckpt: Path, state: dict) -> dict:
     """Rebuild the optimizer state dict from optimizer.safetensors + state.json, no pickle."""
-    tensors = load_file(ckpt / "optimizer.safetensors")
-    saved = state["optimizer"]
     opt_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, param_id, name = key.split(".", 2)
-        opt_state.setdefault(int(param_id), {})[name] = value
-    for key, value in saved["scalars"].items():
-        param_id, name = key.split(".", 1)
-        opt_state.setdefault(int(param_id), {})[name] = value
-    return {"state": opt_state, "param_groups": saved["param_groups"]}
+    try:
+        tensors = load_file(ckpt / "optimizer.safetensors")
+        saved = state["optimizer"]
+        for key, value in tensors.items():
+            _, param_id, name = key.split(".", 2)
+            opt_state.setdefault(int(param_id), {})[name] = value
+        for key, value in saved["scalars"].items():
+            param_id, name = key.split(".", 1)
+            opt_state.setdefault(int(param_id), {})[name] = value
+        return {"state": opt_state, "param_groups": list(saved["param_groups"])}
+    except (OSError, SafetensorError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"checkpoint {ckpt} is damaged: its optimizer state is unreadable ({e!r})") from None
 
 
 def load_optimizer_state(model, optimizer, ckpt: Path, state: dict) -> None:
@@ -312,7 +344,7 @@ def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfi
     data cursor would not line up). `run` is the RunConfig the resumed run uses."""
     from mlmtrain.config import config_from_dict
 
-    _, saved_config, state = read_checkpoint(ckpt)
+    saved_config, state = read_state(ckpt)
     problems = []
     if state.get("data_fingerprint") != data_fingerprint(meta):
         problems.append(f"the data shards differ from those it was trained on ({run.data.data_dir})")

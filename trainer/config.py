@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -190,15 +191,15 @@ def load_config(
     toml_path: str | Path | None = None, overrides: dict | None = None, sets: list[str] | None = None
 ) -> RunConfig:
     """TOML file, then `overrides` (flag values: dotted key -> value, None = not given), then `--set`, then
-    `validate`. `toml_path` may be a run folder's config.json (to resume) or a packaged config's name."""
+    `validate`. `toml_path` may be a run folder's config.json (to resume: the run is where that file is, not
+    where the file says it was) or a packaged config's name. Paths are made absolute, so a run's config.json
+    works from any working directory."""
     cfg = RunConfig()
     if toml_path:
         path = resolve_config_path(toml_path)
         if path.suffix == ".json":  # a run folder's resolved config.json (e.g. to resume a run)
-            try:
-                cfg = config_from_dict(json.loads(path.read_text(encoding="utf-8")))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise UserError(f"config file {path} is not valid JSON: {e}") from None
+            cfg = config_from_dict(_read_run_config(path))
+            cfg.out_dir = str(path.resolve().parent)
         else:
             try:
                 table = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -214,7 +215,31 @@ def load_config(
             raise UserError(f"--set takes key=value (e.g. optim.lr=3e-4), got {item!r}")
         dotted, value = item.split("=", 1)
         _set(cfg, dotted.strip(), value)
+    for spec, key in ((cfg, "out_dir"), (cfg.data, "data_dir"), (cfg.data, "tokenizer_dir")):
+        if getattr(spec, key):
+            setattr(spec, key, os.path.abspath(os.path.expanduser(getattr(spec, key))))
     return validate(cfg)
+
+
+def _read_run_config(path: Path) -> dict:
+    """A run's config.json; anything else given as --config is refused, since its keys would be ignored."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid JSON: {e}") from None
+    if isinstance(d, dict) and ("model_type" in d or "architectures" in d):
+        raise UserError(
+            f"{path} is a transformers model config, not an mlmtrain run config: to start from a transformers "
+            "model, pass its folder as --init-from FOLDER; --config takes a TOML file or a run's config.json."
+        )
+    if isinstance(d, dict) and isinstance(d.get("run"), dict) and isinstance(d.get("model"), dict):
+        raise UserError(
+            f"{path} is a checkpoint's config; pass the run's own config.json (RUN/config.json), or the "
+            "checkpoint as --resume CHECKPOINT."
+        )
+    if not isinstance(d, dict) or "out_dir" not in d or not any(isinstance(d.get(s), dict) for s in SECTIONS):
+        raise UserError(f"{path} is not an mlmtrain run config (a run's config.json); --config also takes TOML.")
+    return d
 
 
 def resolve_config_path(name: str | Path) -> Path:

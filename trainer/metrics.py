@@ -4,6 +4,7 @@ metrics.jsonl lines, the progress line, and the summary of the run."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,26 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Cut metrics.jsonl back to its rows of steps up to `step`, so that a run resumed from checkpoint `step`
+    logs the steps it redoes once (a line torn by a kill goes too). One truncate call: the file is never half
+    rewritten. Returns the number of lines dropped."""
+    if not Path(path).is_file():
+        return 0
+    lines = Path(path).read_bytes().splitlines(keepends=True)
+    kept = 0
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if not line.endswith(b"\n") or not isinstance(row, dict) or row.get("step", 0) > step:
+            break
+        kept += 1
+    os.truncate(path, sum(map(len, lines[:kept])))
+    return len(lines) - kept
 
 
 class WindowStats:
@@ -141,6 +162,7 @@ def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: 
         "mfu": history[-1]["mfu"] if history else None,
         "peak_mem_bytes": torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None,
         "final_loss": history[-1]["loss"] if history else None,
+        "bad_steps": sum(len(w.bad_steps) for w in windows),  # non-finite steps of this process's windows
         "valid_loss": last_eval.get("valid_loss"),
         "valid_accuracy": last_eval.get("valid_accuracy"),
         "step_time_s": spread(step_times[1:] or step_times),

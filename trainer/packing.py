@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mlmtrain.errors import UserError
 from mlmtrain.tokenizer import CLS_ID, PAD_ID, SEP_ID
 
 
@@ -205,3 +206,16 @@ class Packer:
                     yield self._build(np.concatenate(parts), i, cursor)
             if len(cuts) < batches_per_step:
                 return  # loop=False and the split is exhausted
+
+
+def checked_batch(batch: PackedBatch, vocab_size: int, source: str, then=None) -> PackedBatch:
+    """`batch` (then `then(batch)`) once every token id is inside the vocabulary. Run on the packer's thread, so
+    every batch is checked at no cost to the loop (the check at start reads only a sample of the shards): an
+    id out of range would fail on the GPU as an opaque device-side assert."""
+    biggest = int(batch.input_ids.max())
+    if biggest >= vocab_size:
+        raise UserError(
+            f"the shards in {source} hold token id {biggest}, outside the vocabulary of {vocab_size}: they are "
+            "damaged; run `mlmtrain prepare` again"
+        )
+    return then(batch) if then is not None else batch

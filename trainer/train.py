@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,26 +22,34 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mlmtrain import checkpoint, parallel
+from mlmtrain import checkpoint, parallel, run_folder
 from mlmtrain.config import PRECISIONS, RunConfig, load_config
 from mlmtrain.errors import UserError
+from mlmtrain.files import write_json
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask, word_start_table
-from mlmtrain.metrics import MetricsLog, WindowStats, progress_line, summarize
+from mlmtrain.metrics import MetricsLog, WindowStats, progress_line, summarize, truncate_metrics
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
-from mlmtrain.packing import PackedBatch, Packer
+from mlmtrain.packing import PackedBatch, Packer, checked_batch
 from mlmtrain.prefetch import Prefetcher
 from mlmtrain.preflight import check_data_against_model, check_tokenizer_vocab
-from mlmtrain.prepare import check_tokenizer_match, load_split, read_meta
+from mlmtrain.prepare import SPLITS, check_tokenizer_match, load_split, read_meta
 from mlmtrain.profiling import PhaseTimer, start_profiler
+from mlmtrain.stop import StopSignal, exit_code
 from mlmtrain.tokenizer import MASK_ID, NUM_SPECIAL, read_vocab
 
 EVAL_KEY = 1 << 40  # masking keys of eval batches live far from the training micro-batch indices
 
 
-def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
-    """Pretrain per `cfg`; returns a summary (throughput, MFU, memory, losses). See docs/ARCHITECTURE.md."""
-    run = setup(cfg, resume, log)
+def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps: bool = False) -> dict:
+    """Pretrain per `cfg`; returns a summary (throughput, MFU, memory, losses, the CLI's exit code). See
+    docs/ARCHITECTURE.md. A run asked to resume that has reached max_steps is left as it is."""
+    try:
+        run = setup(cfg, resume, log, change_max_steps)
+    except run_folder.RunFinished as done:
+        if parallel.rank() == 0:
+            (log or print)(str(done))
+        return done.summary
     t, model, world = cfg.train, run.model, run.world
     window = WindowStats(run.device, t.log_every, world, run.peak_tflops, run.prefetch)
     stopper, profiler = StopSignal(), start_profiler(t.profile_steps if run.is_main else "", run.dir)
@@ -143,8 +150,9 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
         if profiler is not None:
             profiler.close(phase_ms)
     summary = summarize(run, history, step, last_eval, phase_ms, stopper.requested or stop_reason)
+    summary["exit_code"] = exit_code(stopper.requested, stop_reason)
     if run.is_main:
-        (run.dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_json(run.dir / "summary.json", summary)
     parallel.barrier()
     return summary
 
@@ -182,6 +190,7 @@ class Run:
     metrics: MetricsLog
     peak_tflops: float
     log: object
+    folder: run_folder.RunFolder | None = None  # the run folder's lock (rank 0)
 
     @property
     def is_main(self) -> bool:
@@ -212,18 +221,32 @@ class Run:
     def close(self) -> None:
         self.prefetch.close()
         self.metrics.close()
+        if self.folder is not None:
+            self.folder.close()
 
 
-def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
-    """Check every input before any device work, then build the model, optimizer, data and masking."""
+def setup(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps: bool = False) -> Run:
+    """Check every input and take the run folder before any device work, then build the model, optimizer,
+    data and masking."""
     meta, vocab = check_inputs(cfg)
+    log = log or (lambda msg: tqdm.write(msg) if parallel.rank() == 0 else None)
+    folder = run_folder.open_run_folder(cfg, resume, main=parallel.rank() == 0, log=log)
+    try:
+        start_step = run_folder.resume_step(folder.start, cfg, change_max_steps, lr_at, log) if folder.start else 0
+        return _build(cfg, folder, start_step, meta, vocab, log)
+    except BaseException:
+        folder.close()
+        raise
+
+
+def _build(cfg: RunConfig, folder: run_folder.RunFolder, start_step: int, meta: dict, vocab: list[str], log) -> Run:
+    start = folder.start
     device = pick_device(cfg.train.device)
     rank, world = parallel.init(device)  # no-op (0, 1) outside torchrun; NCCL for CUDA, gloo for CPU
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     T = cfg.data.tokens_per_batch or (65536 if device.type == "cuda" else 4096)
     parallel.check_shard(cfg.train.shard, precision)
-    log = log or (lambda msg: tqdm.write(msg) if rank == 0 else None)
     run_dir = Path(cfg.out_dir)
     max_seqlen = int(meta["max_seq_len"])
     model_config = BertConfig.from_size(
@@ -234,9 +257,7 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
         max_position_embeddings=cfg.model.max_position_embeddings,
     )
     check_data_against_model(meta, model_config, max_seqlen)
-    start = None
-    if resume:
-        start = checkpoint.latest_checkpoint(run_dir if resume == "auto" else resume, log=log)
+    if start is not None:
         checkpoint.check_resume_compatible(start, cfg, meta, model_config)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -254,7 +275,7 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         checkpoint.restore_rng(start, state, device)  # each rank's own streams at the saved world size
-        step, cursor = state["step"], tuple(state["cursor"])
+        step, cursor = start_step, tuple(state["cursor"])
         log(f"resuming from {start} at step {step}")
     model = parallel.wrap(model, cfg.train.shard, device, precision)  # DDP / FSDP2 under torchrun
     optimizer = build_optimizer(model, cfg)  # after wrap: FSDP2 replaces the parameters with sharded ones
@@ -268,7 +289,9 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
     # ---- masking: whole-word masking selects words, which widens the spread of the masked count, so the
     # bound on masked slots grows by E[k^2]/E[k] over word lengths k (in pieces) measured on the train shard
     spread_factor = (
-        pieces_per_word(load_split(cfg.data.data_dir, "train").tokens, vocab) if cfg.mask.whole_word else 1.0
+        pieces_per_word(load_split(cfg.data.data_dir, "train", check=False).tokens, vocab)
+        if cfg.mask.whole_word
+        else 1.0
     )
     mask = functools.partial(
         mlm_mask,
@@ -285,46 +308,61 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
         seed=cfg.train.seed,
     )
 
-    # ---- data: this rank's micro-batches, built ahead on a thread
+    # ---- data: this rank's micro-batches, built ahead on a thread (started last: nothing after it can fail)
     static = use_compile or device.type == "cuda"  # eager CPU: cu_seqlens holds only the segments used
-    train_packer = Packer(load_split(cfg.data.data_dir, "train"), T, max_seqlen, cfg.train.seed, cfg.data.pack,
-                          rank=rank, world_size=world, static_shapes=static)  # fmt: skip
-    batches = train_packer.batches(cursor, step * cfg.optim.grad_accum, cfg.optim.grad_accum)
-    pin = PackedBatch.pin_memory if device.type == "cuda" else None
-    prefetch = Prefetcher(batches, depth=cfg.data.prefetch, transform=pin, name="packer")
-    valid_packer = Packer(load_split(cfg.data.data_dir, "valid"), T, max_seqlen, cfg.train.seed, "sentence",
-                          loop=False, static_shapes=static)  # fmt: skip
+    valid_packer = Packer(load_split(cfg.data.data_dir, "valid", check=False), T, max_seqlen, cfg.train.seed,
+                          "sentence", loop=False, static_shapes=static)  # fmt: skip
     valid_batches = [b for _, b in zip(range(cfg.train.eval_batches), valid_packer.batches())]
-
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
+        write_json(run_dir / "config.json", cfg.to_dict())
         log(f"config: {json.dumps(cfg.to_dict(), ensure_ascii=False)}")
         params = sum(p.numel() for p in model.parameters()) / 1e6
         log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
             f"{cfg.optim.grad_accum} micro-batches/step, model {cfg.model.size} ({params:.1f}M params), "
             f"{mask.keywords['max_masked']} masked slots/batch")  # fmt: skip
+        if start is not None and (dropped := truncate_metrics(run_dir / "metrics.jsonl", step)):
+            log(f"metrics.jsonl: dropped {dropped} lines of steps after {step}, which this run redoes")
     metrics = MetricsLog(run_dir / "metrics.jsonl" if rank == 0 else None, append=start is not None)
+    train_packer = Packer(load_split(cfg.data.data_dir, "train", check=False), T, max_seqlen, cfg.train.seed,
+                          cfg.data.pack, rank=rank, world_size=world, static_shapes=static)  # fmt: skip
+    batches = train_packer.batches(cursor, step * cfg.optim.grad_accum, cfg.optim.grad_accum)
+    pin = PackedBatch.pin_memory if device.type == "cuda" else None
+    checked = functools.partial(checked_batch, vocab_size=len(vocab), source=cfg.data.data_dir, then=pin)
+    prefetch = Prefetcher(batches, depth=cfg.data.prefetch, transform=checked, name="packer")
     return Run(
         cfg, run_dir, device, rank, world, precision, use_compile, T, max_seqlen, static,
         cfg.optim.grad_accum // world, model_config, model, optimizer, scaler, step_fn, autocast, mask, prefetch,
         valid_batches, meta, step, cursor, metrics, cfg.train.peak_tflops or peak_tflops_for(device, precision), log,
+        folder,
     )  # fmt: skip
 
 
-def check_inputs(cfg: RunConfig) -> tuple[dict, list[str]]:
-    """Everything that can be wrong with the inputs, found before any device work."""
+def check_inputs(cfg: RunConfig, world: int | None = None) -> tuple[dict, list[str]]:
+    """Everything that can be wrong with the inputs, found before any device work (with `world`, the number
+    of processes `--nproc` asks for, before torchrun starts them)."""
     if not cfg.data.data_dir or not cfg.data.tokenizer_dir or not cfg.out_dir:
         raise UserError("train needs --data DIR (from `mlmtrain prepare`), --tokenizer DIR and --out RUN_DIR")
     meta = read_meta(cfg.data.data_dir)
     vocab = read_vocab(cfg.data.tokenizer_dir)
     check_tokenizer_vocab(len(vocab), meta["vocab_size"])
     check_tokenizer_match(meta["tokenizer_fingerprint"], cfg.data.tokenizer_dir, f"the shards in {cfg.data.data_dir}")
-    if cfg.optim.grad_accum % parallel.world_size():
+    for split in SPLITS:
+        load_split(cfg.data.data_dir, split)  # a damaged file is named here, not by the packer mid-run
+    world = world or parallel.world_size()
+    if cfg.optim.grad_accum % world:
         raise UserError(
             f"optim.grad_accum={cfg.optim.grad_accum} must be a multiple of the number of processes "
-            f"({parallel.world_size()}) so every rank gets the same share of the global batch"
+            f"({world}) so every rank gets the same share of the global batch"
         )
+    if 0 < cfg.data.tokens_per_batch < meta["max_seq_len"]:
+        raise UserError(
+            f"--tokens-per-batch {cfg.data.tokens_per_batch} is below the shards' max_seq_len {meta['max_seq_len']}: "
+            f"a micro-batch must hold the longest segment; use at least {meta['max_seq_len']}"
+        )
+    device = cfg.train.device  # "cuda" means this rank's GPU; "cuda:N" needs N + 1 of them
+    gpus = torch.cuda.device_count() if device.startswith("cuda") and torch.cuda.is_available() else 0
+    if device.startswith("cuda") and gpus <= int(device[5:] or 0):
+        raise UserError(f"train.device is {device} but {gpus} CUDA GPUs are usable here: use --set train.device=cpu")
     return meta, vocab
 
 
@@ -402,26 +440,6 @@ def evaluate(run: Run) -> dict:
     }
 
 
-class StopSignal:
-    """First SIGTERM/SIGINT: finish the step, save, exit. Second: exit at once."""
-
-    def __init__(self):
-        self.requested = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def _handle(self, signum, frame):
-        if self.requested is not None:
-            print(f"\nsecond {signal.Signals(signum).name}: exiting now without a checkpoint", file=sys.stderr)
-            os._exit(128 + signum)
-        self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested} received: finishing this step and saving a checkpoint "
-              "(send it again to exit at once)", file=sys.stderr)  # fmt: skip
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
 # ---------------------------------------------------------------------------------------------------- command line
 
 
@@ -460,6 +478,7 @@ def add_args(p) -> None:
         metavar="PATH",
         help="continue from the newest complete checkpoint in --out (or from PATH)",
     )
+    p.add_argument("--change-max-steps", action="store_true", help="with --resume: accept another --max-steps")
     p.add_argument("--nproc", type=int, help="processes on this machine: re-runs itself under torchrun")
     p.add_argument("--config", help="TOML run config: a path, or a packaged one's name (tiny_cpu, base_gpu, large_gpu)")
     p.add_argument(
@@ -486,12 +505,19 @@ def config_from_args(args) -> RunConfig:
 
 
 def main(args) -> int:
-    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        return parallel.exec_torchrun(args.nproc)
+    """Exit code: 0 trained to max_steps (or already there); 2 refused with one sentence; 3 stopped by
+    non-finite steps; 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint."""
     cfg = config_from_args(args)
-    with parallel.name_failing_rank():
-        summary = train(cfg, resume=args.resume)
+    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
+        if args.nproc < 1:
+            raise UserError(f"--nproc must be at least 1, got {args.nproc}")
+        check_inputs(cfg, world=args.nproc)  # before torchrun starts N processes that would all refuse
+        run_folder.plan_start(Path(cfg.out_dir), args.resume, log=print)
+        if args.nproc > 1:
+            return parallel.exec_torchrun(args.nproc)
+    with parallel.name_failing_rank(), run_folder.write_failures_said(cfg.out_dir):
+        summary = train(cfg, resume=args.resume, change_max_steps=args.change_max_steps)
     if parallel.rank() == 0:
-        print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "valid_loss", "tokens_per_s", "mfu")}))
+        print(json.dumps({k: summary.get(k) for k in ("steps", "final_loss", "valid_loss", "tokens_per_s", "mfu")}))
     parallel.shutdown()
-    return 0
+    return summary["exit_code"]
