@@ -1,8 +1,11 @@
 """`mlmtrain upload`: publish an exported folder to the Hugging Face Hub in one command.
 
-Check the folder is a complete export (`export_check.check_export_folder`, which `mlmtrain export` runs too),
-create the repo if missing, create the branch if missing, then one `upload_folder` commit that sends exactly
-the files `mlmtrain_export.json` lists (never the manifest itself, checkpoints, optimizer states or strays).
+Check the folder is a complete export (`export_check.check_export_folder`, which `mlmtrain export` runs too:
+every file's size and sha256 recomputed against the manifest, regular files only, no symbolic links, no names
+that would be patterns), load it with transformers again (`export.verify_export`: the manifest's "verified"
+is a claim anyone can edit), create the repo if missing, create the branch if missing, then one
+`upload_folder` commit that sends exactly the files `mlmtrain_export.json` lists (never the manifest itself,
+checkpoints, optimizer states or strays).
 Re-running is safe: the Hub reports which files it already has and unchanged files are skipped, so a second
 run makes no new commit.
 
@@ -20,8 +23,9 @@ import sys
 from pathlib import Path
 
 from mlmtrain import __version__
-from mlmtrain.errors import UserError
+from mlmtrain.errors import TOKEN_LIKE, UserError
 from mlmtrain.export_check import EXPORT_MANIFEST, card_header, check_export_folder, read_manifest
+from mlmtrain.files import MARKER
 
 TOKENS_URL = "https://huggingface.co/settings/tokens"
 
@@ -87,6 +91,7 @@ def main(args: argparse.Namespace) -> int:
     message = args.commit_message or default_commit_message(manifest)
     token, source = resolve_token(args.token_file)
     if args.dry_run:
+        verify_again(folder)
         print_plan(folder, files, args, message, source)
         return 0
     if token is None:
@@ -100,6 +105,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(
             "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so huggingface_hub will not connect; unset it to upload"
         )
+    verify_again(folder)
     try:
         info = _upload(folder, files, args, message, token)
     except UserError as e:
@@ -115,6 +121,21 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify_again(folder: Path) -> None:
+    """Load the folder with transformers as `mlmtrain export` did (keys, logits against ours, tokenizer,
+    fill-mask on the card's widget texts): what is sent has passed it, whatever the manifest says."""
+    import yaml
+
+    from mlmtrain.export import verify_export
+
+    widgets = (yaml.safe_load(card_header(folder / "README.md") or "") or {}).get("widget") or []
+    texts = [w["text"] for w in widgets if isinstance(w, dict) and "[MASK]" in str(w.get("text"))]
+    try:
+        verify_export(folder, texts or ["[MASK]"])
+    except UserError as e:
+        raise UserError(f"{folder} does not pass verification with transformers again; nothing was sent: {e}") from None
+
+
 def default_commit_message(manifest: dict) -> str:
     """Names the run (its folder name only: a local path has no place in a public commit) and the step."""
     run = Path(manifest["run"]).name if manifest.get("run") else None
@@ -127,6 +148,11 @@ def resolve_token(token_file: str | None) -> tuple[str | None, str]:
     """(token, where it came from). Order: --token-file, then huggingface_hub's own (HF_TOKEN, saved login)."""
     if token_file is not None:
         path = Path(token_file)
+        if TOKEN_LIKE.search(token_file) and not path.exists():  # said without echoing it
+            raise UserError(
+                "--token-file takes the path of a file holding the token, and this looks like the token itself "
+                "(it would stay in shell history and process lists): write it to a file, or set HF_TOKEN"
+            )
         if not path.is_file():
             raise UserError(f"--token-file {path} does not exist")
         token = path.read_text(encoding="utf-8").strip()
@@ -152,7 +178,9 @@ def _check_repo_id(repo_id: str) -> None:
 def print_plan(folder: Path, files: list[str], args, message: str, token_source: str) -> None:
     sizes = {name: (folder / name).stat().st_size for name in files}
     strays = sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and str(p.relative_to(folder)) not in sizes
+        str(p.relative_to(folder))
+        for p in folder.rglob("*")
+        if p.is_file() and str(p.relative_to(folder)) not in sizes and p.name != MARKER
     )
     if args.create_pr:
         revision = "a pull request against main"
