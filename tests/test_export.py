@@ -79,7 +79,8 @@ def test_folder_has_every_file_with_manifest(exported, trained_run):
         "README.md",
     }
     assert set(manifest["files"]) == expected
-    assert {p.name for p in exported.iterdir()} == expected | {"mlmtrain_export.json"}
+    assert {p.name for p in exported.iterdir()} == expected | {"mlmtrain_export.json", ".mlmtrain.json"}
+    assert json.loads((exported / ".mlmtrain.json").read_text())["made_by"] == "mlmtrain export"
     for name, entry in manifest["files"].items():
         data = (exported / name).read_bytes()
         assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
@@ -174,7 +175,7 @@ def test_user_mistakes_are_sentences(trained_run, tokenizer_dir, tmp_path, sampl
         export_folder(run_dir, tokenizer_dir, tmp_path / "a", widget_texts=["no mask here"], verify=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
-    with pytest.raises(UserError, match="already exists and is not empty"):
+    with pytest.raises(UserError, match="is not empty and was not made by `mlmtrain export`"):
         export_folder(run_dir, tokenizer_dir, tmp_path / "full", verify=False)
     other = tmp_path / "other_tokenizer"
     size = train_tokenizer([sample_corpus], other, TokenizerSettings(vocab_size=500), progress=False)

@@ -227,7 +227,7 @@ def test_bad_input_gives_clear_errors(tmp_path, sample_corpus, tokenizer_dir, da
         run([sample_corpus], tokenizer_dir, tmp_path / "o", max_seq_len=2)
     with pytest.raises(UserError, match="no token shards"):
         read_meta(tmp_path)
-    assert not list(tmp_path.glob(".o.tmp-*")), "a failed prepare left its temporary folder"
+    assert not list(tmp_path.glob(".tmp_*")), "a failed prepare left its temporary folder"
 
     assert (
         cli_main(

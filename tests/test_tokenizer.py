@@ -187,9 +187,13 @@ def test_bad_input_gives_clear_errors(tmp_path, tokenizer_dir, capsys):
 def test_overwrite_and_no_partial_folder(tmp_path, sample_corpus, monkeypatch):
     out = tmp_path / "nested" / "tok"
     train_tokenizer([sample_corpus], out, TokenizerSettings(vocab_size=1200), progress=False)
-    (out / "notes.txt").write_text("kept")  # a user's own file next to the tokenizer survives --overwrite
+    (out / "notes.txt").write_text("kept")  # a user's own file next to the tokenizer: --overwrite is refused
+    with pytest.raises(UserError, match=r"also files `mlmtrain tokenizer` did not write \(notes.txt\)"):
+        train_tokenizer([sample_corpus], out, TokenizerSettings(vocab_size=1300), overwrite=True, progress=False)
+    assert len(read_vocab(out)) == 1200 and (out / "notes.txt").read_text() == "kept"
+    (out / "notes.txt").unlink()
     train_tokenizer([sample_corpus], out, TokenizerSettings(vocab_size=1300), overwrite=True, progress=False)
-    assert len(read_vocab(out)) == 1300 and (out / "notes.txt").read_text() == "kept"
+    assert len(read_vocab(out)) == 1300 and (out / ".mlmtrain.json").is_file()
 
     import mlmtrain.tokenizer as tokenizer_module
 
@@ -199,7 +203,7 @@ def test_overwrite_and_no_partial_folder(tmp_path, sample_corpus, monkeypatch):
     monkeypatch.setattr(tokenizer_module, "write_json", die)  # dies after tokenizer.json, before the rest
     with pytest.raises(KeyboardInterrupt):
         train_tokenizer([sample_corpus], tmp_path / "new", TokenizerSettings(vocab_size=600), progress=False)
-    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".new.tmp-*"))
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".tmp_*"))
 
 
 def test_cli_trains_with_flags(tmp_path, sample_corpus):

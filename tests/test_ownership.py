@@ -1,0 +1,225 @@
+"""Nothing lost, nothing mixed: every folder mlmtrain makes carries a marker; a command replaces or deletes only
+its own kind of folder, holding only files it wrote, and refuses anything else in one sentence without
+suggesting to force it; a write that fails (a real full disk, a read-only filesystem, no permission) leaves
+the previous folder and no temporary one; what a killed process left half-written goes at the next start.
+The real CLI, in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_run import assert_refused, run_cli, snapshot, train_args
+
+import mlmtrain
+from mlmtrain import files
+
+COMMAND = {"tokenizer": "tokenizer", "shards": "prepare", "run": "train", "export": "export"}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, sample_corpus) -> dict[str, Path]:
+    """One folder of each kind, made by the CLI: a tokenizer, shards, a 2-step run, an export of it."""
+    root = tmp_path_factory.mktemp("made")
+    folders = {"tokenizer": root / "tok", "shards": root / "data", "run": root / "run", "export": root / "export"}
+    tok, data, run, export = folders.values()
+    for args in (
+        ["tokenizer", "--input", sample_corpus, "--out", tok, "--vocab-size", 1000],
+        ["prepare", "--input", sample_corpus, "--tokenizer", tok, "--out", data, "--valid-fraction", 0.05],
+        train_args(data, tok, run),
+        ["export", "--checkpoint", run, "--out", export, "--no-verify"],
+    ):
+        done = run_cli(*args)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return folders
+
+
+def copy(folder: Path, to: Path) -> Path:
+    shutil.copytree(folder, to, symlinks=True)
+    return to
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (so a temporary folder named after it is stale)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_every_folder_carries_a_marker_of_what_made_it(made):
+    for kind, folder in made.items():
+        marker = json.loads((folder / files.MARKER).read_text())
+        assert marker["kind"] == kind and marker["made_by"] == f"mlmtrain {COMMAND[kind]}", marker
+        assert marker["mlmtrain_version"] == mlmtrain.__version__
+
+
+def test_overwrite_never_touches_another_kind_or_a_folder_it_did_not_make(made, tmp_path, sample_corpus):
+    """The campaign's cases: `export --overwrite` onto a run folder, a tokenizer folder or `.`; `prepare
+    --overwrite` onto a folder holding `train/` and the input corpus; `demo --force` onto a user's folder."""
+    user = tmp_path / "user"
+    (user / "train").mkdir(parents=True)
+    corpus = shutil.copy(sample_corpus, user / "train" / "corpus.txt")
+    (user / "notes.txt").write_text("my notes")
+    before = {name: snapshot(folder) for name, folder in {**made, "user": user}.items()}
+    tok, data, run = made["tokenizer"], made["shards"], made["run"]
+    cases = [
+        (["export", "--checkpoint", run, "--out", run, "--overwrite", "--no-verify"], None, "made by `mlmtrain train`"),
+        (["export", "--checkpoint", run, "--out", tok, "--overwrite", "--no-verify"], None, "`mlmtrain tokenizer`"),
+        (["export", "--checkpoint", run, "--out", ".", "--overwrite", "--no-verify"], user, "not made by"),
+        (["prepare", "--input", corpus, "--tokenizer", tok, "--out", user, "--overwrite"], None, "not made by"),
+        (["prepare", "--input", corpus, "--tokenizer", tok, "--out", tok, "--overwrite"], None, "`mlmtrain tokenizer`"),
+        (["tokenizer", "--input", corpus, "--out", data, "--overwrite"], None, "made by `mlmtrain prepare`"),
+        (["tokenizer", "--input", corpus, "--out", user, "--overwrite"], None, "not made by"),
+        (["demo", "--out", user, "--force"], None, "not made by `mlmtrain demo`"),
+    ]
+    for args, cwd, phrase in cases:
+        line = assert_refused(run_cli(*args, cwd=cwd), phrase)
+        assert "--overwrite" not in line and "--force" not in line, line  # never a suggestion to force it
+    assert {name: snapshot(folder) for name, folder in {**made, "user": user}.items()} == before
+
+
+def test_a_folder_of_its_own_kind_is_replaced_only_when_it_holds_nothing_else(made, tmp_path, sample_corpus):
+    data = copy(made["shards"], tmp_path / "data")
+    (data / "README.txt").write_text("what these shards are")
+    before = snapshot(data)
+    prepare = ["prepare", "--input", sample_corpus, "--tokenizer", made["tokenizer"], "--out", data, "--seed", 1]
+    assert_refused(run_cli(*prepare), "already holds token shards", "--overwrite")  # ours: --overwrite is the way
+    assert_refused(run_cli(*prepare, "--overwrite"), "did not write (README.txt)", "nothing was replaced")
+    assert snapshot(data) == before
+    (data / "README.txt").unlink()
+    done = run_cli(*prepare, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((data / "meta.json").read_text())["seed"] == 1 and (data / files.MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the old folder went, no temporary left
+
+
+def test_folders_from_before_markers_are_recognised_only_by_their_exact_files(made, tmp_path, sample_corpus):
+    tok = copy(made["tokenizer"], tmp_path / "tok")
+    (tok / files.MARKER).unlink()  # as an older mlmtrain wrote it
+    done = run_cli("tokenizer", "--input", sample_corpus, "--out", tok, "--vocab-size", 900, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tok / files.MARKER).read_text())["kind"] == "tokenizer"
+    data = copy(made["shards"], tmp_path / "data")
+    (data / files.MARKER).unlink()
+    (data / "train" / "extra.npy").write_bytes(b"not ours")  # plausible, but not a file prepare writes
+    (data / "valid" / "offsets.npy").rename(data / "offsets.npy")
+    before = snapshot(data)
+    args = ["prepare", "--input", sample_corpus, "--tokenizer", tok, "--out", data, "--overwrite"]
+    assert_refused(run_cli(*args), "is not empty and was not made by `mlmtrain prepare`")
+    assert snapshot(data) == before
+
+
+def test_demo_force_deletes_only_a_demo_holding_nothing_else(made, tmp_path):
+    from mlmtrain.demo import demo_layout
+
+    demo = tmp_path / "demo"
+    copy(made["tokenizer"], demo / "tokenizer")
+    copy(made["run"], demo / "run")
+    (demo / "demo_result.json").write_text("{}")
+    files.write_marker(demo, demo_layout())
+    (demo / "run" / "notes.txt").write_text("my notes on the demo run")
+    before = snapshot(demo)
+    assert_refused(run_cli("demo", "--out", demo), "already holds a demo", "--force")
+    assert_refused(run_cli("demo", "--out", demo, "--force"), "did not write (run/notes.txt)")
+    assert snapshot(demo) == before
+    (demo / "run" / "notes.txt").unlink()
+    assert files.check_out_folder(demo, demo_layout(), replace=True, replace_flag="--force") is True
+
+
+def test_what_a_killed_process_left_is_cleaned_up_at_the_next_start(made, tmp_path, sample_corpus):
+    """A half-written checkpoint is removed; a complete one a killed process had moved aside (to save the same
+    step again) is put back, never deleted; a killed prepare's half folder goes; a live process's stays."""
+    run = copy(made["run"], tmp_path / "run")
+    host, dead = files._host(), dead_pid()
+    checkpoints = run / "checkpoints"
+    half = checkpoints / f".tmp_step_00000003_{host}_{dead}"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"half a checkpoint")
+    os.replace(checkpoints / "step_00000002", checkpoints / f".tmp_step_00000002_old_{host}_{dead}")
+    done = run_cli(*train_args(made["shards"], made["tokenizer"], run, 3, "--resume", "--change-max-steps"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "put back" in done.stdout and "removed" in done.stdout
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000003"]
+
+    stale = tmp_path / f".tmp_data_{host}_{dead}"
+    live = tmp_path / f".tmp_data_{host}_{os.getpid()}"  # this test process: alive, so not stale
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "meta.json").write_text("{")
+    done = run_cli("prepare", "--input", sample_corpus, "--tokenizer", made["tokenizer"], "--out", tmp_path / "data")
+    assert done.returncode == 0, done.stderr
+    assert not stale.exists() and live.exists()
+
+
+def _namespaces_work() -> bool:
+    try:
+        probe = subprocess.run(["unshare", "-Urm", "true"], capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0 and shutil.which("setpriv") is not None
+
+
+@pytest.mark.skipif(not _namespaces_work(), reason="needs unprivileged user+mount namespaces (unshare -Urm)")
+def test_full_disk_read_only_and_no_permission_fail_cleanly_for_every_command(made, tmp_path, sample_corpus):
+    """On a real 16 MiB tmpfs (tests/tmpfs_driver.py): filled to its last 16 KiB, then read-only, then without
+    permission. Every command exits 2 with one sentence naming the folder and what is intact, leaves the
+    previous folder (for `train`, its checkpoint) exactly as it was, and no temporary file."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    spec = {
+        "mount": str(mount),
+        "copies": {
+            "tok": str(made["tokenizer"]),
+            "data": str(made["shards"]),
+            "run": str(made["run"]),
+            "export": str(made["export"]),
+        },  # fmt: skip
+        "commands": {
+            "tokenizer": [
+                "tok",
+                ["tokenizer", "--input", str(sample_corpus), "--out", "{M}/tok", "--overwrite", "--vocab-size", "1500"],
+            ],  # fmt: skip
+            "prepare": [
+                "data",
+                [
+                    "prepare",
+                    "--input",
+                    str(sample_corpus),
+                    "--tokenizer",
+                    "{M}/tok",
+                    "--out",
+                    "{M}/data",
+                    "--overwrite",
+                    "--seed",
+                    "3",
+                ],
+            ],  # fmt: skip
+            "train": [
+                "run/checkpoints",
+                [str(a) for a in train_args("{M}/data", "{M}/tok", "{M}/run", 3, "--resume", "--change-max-steps")],
+            ],  # fmt: skip
+            "export": [
+                "export",
+                ["export", "--checkpoint", "{M}/run", "--out", "{M}/export", "--overwrite", "--no-verify"],
+            ],  # fmt: skip
+        },
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    driver = Path(__file__).with_name("tmpfs_driver.py")
+    cmd = ["unshare", "-Urm", sys.executable, str(driver), str(tmp_path / "spec.json"), str(tmp_path / "out.json")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "out.json").read_text())
+    reasons = {"full": "No space left on device", "ro": "Read-only file system", "noperm": "Permission denied"}
+    for case, r in results.items():
+        mode, command = case.split("/")
+        line = assert_refused(subprocess.CompletedProcess([], r["rc"], r["stdout"], r["stderr"]), reasons[mode])
+        kept = "is intact" if command == "train" else "is unchanged"
+        assert kept in line and str(mount) in line, (case, line)
+        assert r["unchanged"], (case, line)
+        assert r["temporary"] == [], (case, r["temporary"])
