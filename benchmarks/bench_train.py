@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -123,6 +124,8 @@ def run_ours(
     `profile`, the last log window is traced (`train.profile_steps`: per-phase times in summary["phase_ms"])
     and left out of the timing, as the profiler's syncs slow it down."""
     from mlmtrain.config import load_config
+    from mlmtrain.files import folder_state
+    from mlmtrain.run_folder import RUN_LAYOUT
     from mlmtrain.train import train
 
     dev = torch.device(device)
@@ -149,6 +152,8 @@ def run_ours(
         },
     )
     cfg.out_dir = str(out_dir)
+    if folder_state(out_dir, RUN_LAYOUT)[0] == "mine":  # the bench's own run from an earlier `--work` reuse
+        shutil.rmtree(out_dir)
     t0 = time.perf_counter()
     summary = train(cfg, log=lambda msg: print(msg, file=sys.stderr))
     wall_s = time.perf_counter() - t0

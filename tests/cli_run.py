@@ -15,9 +15,11 @@ TINY = ("--model", "tiny", "--tokens-per-batch", "1024", "--seed", "0", "--set",
         "--set", "train.device=cpu")  # fmt: skip
 
 
-def run_cli(*args, cwd=None, env=None, prefix=(), timeout=300) -> subprocess.CompletedProcess:
-    """`mlmtrain ARGS` (after `prefix`, e.g. a launcher of tests/faults.py's), stdout and stderr captured."""
-    cmd = [*map(str, prefix), sys.executable, "-m", "mlmtrain.cli", *map(str, args)]
+def run_cli(*args, cwd=None, env=None, prefix=(), launcher=None, timeout=300) -> subprocess.CompletedProcess:
+    """`mlmtrain ARGS` as a script runs it, output captured. `launcher`: what runs the CLI instead of `python -m
+    mlmtrain.cli` (tests/faults.py); `prefix`: what runs that (e.g. setpriv)."""
+    launcher = launcher or [sys.executable, "-m", "mlmtrain.cli"]
+    cmd = [*map(str, prefix), *map(str, launcher), *map(str, args)]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
@@ -51,3 +53,14 @@ def snapshot(root) -> dict[str, str]:
         else:
             out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
+
+
+def in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """`mlmtrain ARGS` through the CLI's own entry point in this process (no torch import to pay again), as a
+    CompletedProcess for `assert_refused`."""
+    from mlmtrain.cli import main
+
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)

@@ -307,7 +307,8 @@ def _worker_pids(parent: int) -> dict[int, int]:
 def test_sigterm_to_one_rank_stops_every_rank_together(data_dir, tokenizer_dir, tmp_path):
     """SIGTERM to rank 1 alone (e.g. a preempted worker): every rank stops at the same step (agreed at the
     next log step; without that, rank 0 would wait in the next step's all-reduce until the timeout), rank 0
-    saves one complete checkpoint there, and the job exits 0."""
+    saves one complete checkpoint there, and every rank exits 143 (stopped early and saved), so torchrun's own
+    exit code is not 0: `torchrun ... && mlmtrain export` does not publish a partial model."""
     run = tmp_path / "stop"
     cmd = [
         sys.executable,
@@ -331,7 +332,7 @@ def test_sigterm_to_one_rank_stops_every_rank_together(data_dir, tokenizer_dir, 
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out
+    assert proc.returncode != 0 and "exitcode  : 143" in out, out
     saved = ckpt.complete_checkpoints(run)
     assert len(saved) == 1, out
     stopped_at = ckpt.read_checkpoint(saved[0])[2]["step"]

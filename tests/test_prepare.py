@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -306,3 +307,42 @@ def test_cli_prepare(tmp_path, sample_corpus, tokenizer_dir, capsys):
     assert (meta["valid_fraction"], meta["max_seq_len"], meta["seed"]) == (0.1, 64, 5)
     assert "wrote" in capsys.readouterr().err
     shutil.rmtree(out)
+
+
+def test_a_line_too_long_to_hold_is_cut_at_spaces_into_the_same_tokens(tmp_path, sample_corpus, monkeypatch):
+    """A file without line breaks is read in pieces of about LONG_LINE_BYTES, cut after a space: the tokens are
+    those of the whole line (the tokenizer splits words at spaces anyway); without any space, at a character."""
+    from mlmtrain import text
+
+    tok_dir = Path(__file__).parent / "assets" / "tokenizer"
+    tokenizer = load_tokenizer(tok_dir)
+    monkeypatch.setattr(text, "LONG_LINE_BYTES", 4096)
+    words = sample_corpus.read_text(encoding="utf-8").split()
+    lines = ["첫 문장이다.", " ".join(words[:3000]), "가" * 5000, "마지막 문장이다."]
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    meta = run(tmp_path / "c.txt", tok_dir, tmp_path / "d", valid_fraction=0.0, block_bytes=1000)
+    assert (meta["long_lines_cut"], meta["input_lines"], meta["lines_skipped"]) == (2, 4, 0)
+    got = np.asarray(load_split(tmp_path / "d").tokens).tolist()
+    want = [t for line in lines[:2] for t in tokenizer.encode(line, add_special_tokens=False).ids]
+    assert got[: len(want)] == want  # the long line with spaces: exactly its tokens
+    tail = [t for line in lines[3:] for t in tokenizer.encode(line, add_special_tokens=False).ids]
+    assert got[-len(tail) :] == tail
+
+
+def test_memory_stays_bounded_on_a_20_mb_single_line(tmp_path, tokenizer_dir):
+    """Peak RSS of `mlmtrain prepare` on one 20 MB line (holding it whole took ~2 GB; 50 MB took 4.8 GB)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "one_line.txt").write_text(
+        " ".join(["대한민국의 주권은 국민에게 있고"] * 480_000) + "\n", encoding="utf-8"
+    )
+    prepare_cmd = [sys.executable, "-m", "mlmtrain.cli", "prepare", "--input", str(tmp_path / "one_line.txt"),
+                   "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "d"), "--no-progress"]  # fmt: skip
+    measure = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); " \
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", measure, *prepare_cmd], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    peak_mb = int(done.stdout.split()[-1]) / 1024
+    print(f"peak RSS {peak_mb:.0f} MB")
+    assert peak_mb < 600, peak_mb

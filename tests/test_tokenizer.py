@@ -229,3 +229,26 @@ def test_cli_trains_with_flags(tmp_path, sample_corpus):
     # every character of the alphabet is kept even when that overshoots the request: the real size wins
     size = train_tokenizer([sample_corpus], tmp_path / "small", TokenizerSettings(vocab_size=300), progress=False)
     assert size > 300 and size == len(read_vocab(tmp_path / "small"))
+
+
+def test_a_wordpieces_prefix_transformers_cannot_read_is_refused(tmp_path, sample_corpus, tokenizer_dir, capsys):
+    """transformers' BertTokenizer rebuilds WordPiece from vocab.txt with "##" whatever tokenizer.json says, so a
+    tokenizer trained with "@@" reads every word it splits as [UNK] once exported: refused when training, and
+    an existing one (made some other way) is refused by prepare, train and export (`load_tokenizer`)."""
+    from cli_run import assert_refused, in_process, run_cli
+
+    from mlmtrain.tokenizer import build_tokenizer, write_tokenizer_dir
+
+    done = run_cli("tokenizer", "--input", sample_corpus, "--out", tmp_path / "tok", "--wordpieces-prefix", "@@")
+    assert_refused(done, "--wordpieces-prefix '@@' is not supported")
+    assert not (tmp_path / "tok").exists()
+
+    settings = TokenizerSettings(wordpieces_prefix="@@")
+    vocab = {("@@" + t[2:] if t.startswith("##") else t): i for i, t in enumerate(read_vocab(tokenizer_dir))}
+    write_tokenizer_dir(build_tokenizer(settings, vocab), tmp_path / "at", settings)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "at"))
+    assert UNK_ID in hf("국민으로부터 나온다")["input_ids"]  # why it is refused
+    args = ["prepare", "--input", sample_corpus, "--tokenizer", tmp_path / "at", "--out", tmp_path / "d"]
+    assert_refused(in_process(capsys, *args), "continues words with '@@'")
+    assert not (tmp_path / "d").exists()

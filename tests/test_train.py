@@ -305,7 +305,7 @@ def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(data_dir, tokeniz
     assert subprocess.run([*_train_cli_args(data_dir, tokenizer_dir, run, 2)], capture_output=True).returncode == 0
     launcher = [sys.executable, str(Path(__file__).with_name("faults.py")), "--pause-in-checkpoint", "60", "--"]
     proc = subprocess.Popen(
-        [*launcher, *_train_cli_args(data_dir, tokenizer_dir, run, 4)[3:], "--resume"],
+        [*launcher, *_train_cli_args(data_dir, tokenizer_dir, run, 4)[3:], "--resume", "--change-max-steps"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -314,7 +314,9 @@ def test_kill_9_during_checkpoint_write_leaves_a_resumable_run(data_dir, tokeniz
     proc.wait(timeout=30)
     assert ckpt.latest_checkpoint(run).name == "step_00000002"
     done = subprocess.run(
-        [*_train_cli_args(data_dir, tokenizer_dir, run, 4), "--resume"], capture_output=True, text=True
+        [*_train_cli_args(data_dir, tokenizer_dir, run, 4), "--resume", "--change-max-steps"],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert ckpt.latest_checkpoint(run).name == "step_00000004"

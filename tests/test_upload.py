@@ -429,3 +429,53 @@ def test_broken_or_unverified_folder_is_refused_and_nothing_sent(hub, export_dir
     assert_clean_error(result, "not a complete, verified export")
     assert "README.md is missing" in result.stderr and "config.json is" in result.stderr
     assert hub.requests == []
+
+
+# -- what the upload does not take on trust ---------------------------------------------------------
+
+
+def test_a_token_pasted_in_the_wrong_place_is_never_echoed(export_dir, tmp_path):
+    unreachable = "http://127.0.0.1:9"  # nothing may be sent anyway
+    base = ["--folder", str(export_dir), "--repo-id", "alice/tiny-bert"]
+    cases = [
+        ([*base, "--token-file", WRITE_TOKEN], "looks like the token itself"),
+        ([*base, WRITE_TOKEN], "unrecognized arguments: hf_***"),  # a stray positional: argparse's own error
+        (["--folder", str(export_dir), "--repo-id", WRITE_TOKEN], "is not NAME/REPO"),
+    ]
+    for args, phrase in cases:
+        result = upload(tmp_path, *args, endpoint=unreachable, token=None)
+        assert result.returncode == 2 and phrase in result.stderr, result.stderr
+        assert WRITE_TOKEN not in result.stdout + result.stderr and "Traceback" not in result.stderr
+
+
+def test_only_regular_files_with_plain_names_are_sent(hub, export_dir, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(export_dir / "model.safetensors", outside)
+    (export_dir / "model.safetensors").symlink_to(outside)
+    write_manifest(export_dir)  # consistent with what the link points to
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "not a complete, verified export", "nothing was sent")
+    assert "model.safetensors is a symbolic link" in result.stderr
+
+    (export_dir / "model.safetensors").unlink()
+    shutil.move(outside, export_dir / "model.safetensors")
+    (export_dir / "*.json").write_text("{}")  # as a pattern, it would select every JSON file
+    write_manifest(export_dir)
+    manifest = json.loads((export_dir / EXPORT_MANIFEST).read_text())
+    manifest["files"]["*.json"] = {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()}
+    (export_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "not a complete, verified export")
+    assert "a name with wildcard characters" in result.stderr
+    assert api_requests(hub) == []
+
+
+def test_verified_is_checked_again_not_taken_from_the_manifest(hub, export_dir, tmp_path):
+    """A folder edited after its export, its manifest rewritten to match and to say "verified": the files and
+    shapes are consistent, but transformers no longer computes what we do, so nothing is sent."""
+    _rewrite_config(export_dir, hidden_act="relu")
+    write_manifest(export_dir, verified=True)
+    assert check_export_folder(export_dir) == []
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "does not pass verification with transformers again", "nothing was sent")
+    assert "logits differ" in result.stderr and api_requests(hub) == []

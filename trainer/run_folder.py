@@ -71,12 +71,9 @@ class RunLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(self.fd, 1024, 0).decode("utf-8", "replace").strip() or "it has not said who it is"
+            holder = _holder(self.fd)
             self.release()
-            raise UserError(
-                f"{run_dir} is in use by another training process ({holder}): wait for it to end, or choose "
-                "another --out."
-            ) from None
+            raise in_use(run_dir, holder) from None
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 self.release()
@@ -93,10 +90,39 @@ class RunLock:
             self.fd = None
 
 
+def _holder(fd: int) -> str:
+    return os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "it has not said who it is yet"
+
+
+def in_use(run_dir: Path, holder: str) -> UserError:
+    return UserError(
+        f"{run_dir} is in use by another training process ({holder}): wait for it to end, or choose another --out."
+    )
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds the run folder's lock, or None if no process does. Only looks: a shared lock, taken and
+    dropped at once, conflicts with the holder's exclusive one (and needs no write access, even over NFS)."""
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
+
+
 @dataclass
 class RunFolder:
     dir: Path
     start: Path | None  # the checkpoint the run resumes from; None: from scratch
+    step: int  # its step (0 from scratch)
     lock: RunLock | None = None  # rank 0's
 
     def close(self) -> None:
@@ -104,14 +130,21 @@ class RunFolder:
             self.lock.release()
 
 
-def open_run_folder(cfg: RunConfig, resume: str | None, *, main: bool, log) -> RunFolder:
-    """Refuse every mix-up, then (rank 0, `main`) take the folder: create it, lock it, clean up after killed
-    processes, mark it. Every rank gets the checkpoint to start from."""
+def open_run_folder(cfg: RunConfig, resume: str | None, *, main: bool, log, change_max_steps: bool, lr_at) -> RunFolder:
+    """Refuse every mix-up without writing anything, then (rank 0, `main`) take the folder: create it, lock
+    it, clean up after killed processes, mark it. Every rank gets the checkpoint to start from and its step
+    (`resume_step`, which may raise RunFinished)."""
     run_dir = Path(cfg.out_dir)
     if not main:
-        return RunFolder(run_dir, None if resume is None else latest_checkpoint(_source(run_dir, resume), log=_quiet))
+        start = None if resume is None else latest_checkpoint(_source(run_dir, resume), log=_quiet)
+        return RunFolder(run_dir, start, resume_step(start, cfg, change_max_steps, lr_at, _quiet) if start else 0)
+    holder = lock_holder(run_dir)
+    if holder is not None:  # said first: whatever else is wrong, the other process is the one to wait for
+        raise in_use(run_dir, holder)
     done = remove_stale_tmp(run_dir / CHECKPOINTS) if folder_state(run_dir, RUN_LAYOUT)[0] == "mine" else []
-    plan_start(run_dir, resume, log=_quiet)  # refuse before creating anything
+    start = plan_start(run_dir, resume, log=_quiet)  # refuse before creating anything
+    if start is not None:
+        resume_step(start, cfg, change_max_steps, lr_at, log)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not any(run_dir.iterdir()):
@@ -124,12 +157,21 @@ def open_run_folder(cfg: RunConfig, resume: str | None, *, main: bool, log) -> R
         for note in done:
             log(note)
         start = plan_start(run_dir, resume, log)  # again: now no other process can change the folder
+        step = resume_step(start, cfg, change_max_steps, lr_at, _quiet) if start else 0
         if read_marker(run_dir) is None:
             write_marker(run_dir, RUN_LAYOUT)
     except BaseException:
         lock.release()
         raise
-    return RunFolder(run_dir, start, lock)
+    return RunFolder(run_dir, start, step, lock)
+
+
+def check_run_folder(run_dir: Path, resume: str | None) -> None:
+    """What `open_run_folder` would refuse, found without writing anything (`--nproc`: before torchrun starts)."""
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise in_use(run_dir, holder)
+    plan_start(run_dir, resume, log=_quiet)
 
 
 def plan_start(run_dir: Path, resume: str | None, log) -> Path | None:

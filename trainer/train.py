@@ -143,9 +143,12 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
                     f"mlmtrain train --config {run.dir / 'config.json'} --resume"
                 )
                 break
+    except BaseException:
+        run.close()
+        raise
     finally:
         bar.close()
-        run.close()
+        run.prefetch.close()  # the packer thread ends with the loop, however the loop ends
         stopper.restore()
         if profiler is not None:
             profiler.close(phase_ms)
@@ -153,6 +156,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
     summary["exit_code"] = exit_code(stopper.requested, stop_reason)
     if run.is_main:
         write_json(run.dir / "summary.json", summary)
+    run.close()  # the run folder's lock goes last: summary.json is this run's
     parallel.barrier()
     return summary
 
@@ -230,16 +234,16 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
     data and masking."""
     meta, vocab = check_inputs(cfg)
     log = log or (lambda msg: tqdm.write(msg) if parallel.rank() == 0 else None)
-    folder = run_folder.open_run_folder(cfg, resume, main=parallel.rank() == 0, log=log)
+    main = parallel.rank() == 0
+    folder = run_folder.open_run_folder(cfg, resume, main=main, log=log, change_max_steps=change_max_steps, lr_at=lr_at)
     try:
-        start_step = run_folder.resume_step(folder.start, cfg, change_max_steps, lr_at, log) if folder.start else 0
-        return _build(cfg, folder, start_step, meta, vocab, log)
+        return _build(cfg, folder, meta, vocab, log)
     except BaseException:
         folder.close()
         raise
 
 
-def _build(cfg: RunConfig, folder: run_folder.RunFolder, start_step: int, meta: dict, vocab: list[str], log) -> Run:
+def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list[str], log) -> Run:
     start = folder.start
     device = pick_device(cfg.train.device)
     rank, world = parallel.init(device)  # no-op (0, 1) outside torchrun; NCCL for CUDA, gloo for CPU
@@ -275,7 +279,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, start_step: int, meta: 
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         checkpoint.restore_rng(start, state, device)  # each rank's own streams at the saved world size
-        step, cursor = start_step, tuple(state["cursor"])
+        step, cursor = folder.step, tuple(state["cursor"])
         log(f"resuming from {start} at step {step}")
     model = parallel.wrap(model, cfg.train.shard, device, precision)  # DDP / FSDP2 under torchrun
     optimizer = build_optimizer(model, cfg)  # after wrap: FSDP2 replaces the parameters with sharded ones
@@ -512,7 +516,7 @@ def main(args) -> int:
         if args.nproc < 1:
             raise UserError(f"--nproc must be at least 1, got {args.nproc}")
         check_inputs(cfg, world=args.nproc)  # before torchrun starts N processes that would all refuse
-        run_folder.plan_start(Path(cfg.out_dir), args.resume, log=print)
+        run_folder.check_run_folder(Path(cfg.out_dir), args.resume)
         if args.nproc > 1:
             return parallel.exec_torchrun(args.nproc)
     with parallel.name_failing_rank(), run_folder.write_failures_said(cfg.out_dir):

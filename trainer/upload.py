@@ -193,6 +193,7 @@ def print_plan(folder: Path, files: list[str], args, message: str, token_source:
     print(f"revision:   {revision}")
     print(f"commit:     {message}")
     print(f"token:      {token_source}")
+    print("checked:    every file's size and sha256; loaded again with transformers (keys, logits, fill-mask)")
     print(f"files:      {len(files)}, {_human(sum(sizes.values()))}")
     for name in files:
         print(f"  {sizes[name]:>13,}  {name}")

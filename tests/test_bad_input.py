@@ -1,0 +1,147 @@
+"""Bad shards, bad flags and damaged checkpoints are found before any device work (no run folder is even
+created), each with one sentence: a truncated .npy, ids outside the vocabulary (checked on the data, not
+only meta.json), offsets that do not increase or run past the end, a broken meta.json; --tokens-per-batch
+below max_seq_len, out-of-range or mistyped values, cuda without a GPU, a transformers config.json as
+--config, --nproc against grad_accum before torchrun starts; a malformed manifest or state.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from cli_run import TINY, assert_refused, in_process, run_cli
+
+from mlmtrain import prepare
+from mlmtrain.errors import UserError
+from mlmtrain.files import file_entries
+from mlmtrain.train import train
+
+
+@pytest.fixture
+def shards(data_dir, tmp_path):
+    return shutil.copytree(data_dir, tmp_path / "data")
+
+
+def train_cli(data, tokenizer_dir, out, *extra):
+    return ["train", "--data", data, "--tokenizer", tokenizer_dir, "--out", out, "--max-steps", 2, *TINY, *extra]
+
+
+def poke(path, index: int, value: int) -> None:
+    """Overwrite one element of a .npy in place."""
+    array = np.load(path, mmap_mode="r+")
+    array[index] = value
+    array.flush()
+
+
+def edit_meta(data, change) -> None:
+    meta = json.loads((data / "meta.json").read_text())
+    change(meta)
+    (data / "meta.json").write_text(json.dumps(meta))
+
+
+DAMAGE = {  # name -> (how to damage the shards, what the sentence says)
+    "truncated_tokens": (
+        lambda d: (d / "train" / "tokens.npy").write_bytes((d / "train" / "tokens.npy").read_bytes()[:-10]),
+        "train/tokens.npy is damaged",
+    ),
+    "id_outside_the_vocabulary": (
+        lambda d: poke(d / "train" / "tokens.npy", 3, json.loads((d / "meta.json").read_text())["vocab_size"]),
+        "is outside the vocabulary of",
+    ),
+    "offsets_not_increasing": (lambda d: poke(d / "train" / "offsets.npy", 5, 0), "does not increase after"),
+    "offsets_past_the_end": (lambda d: poke(d / "valid" / "offsets.npy", -1, 10**9), "valid/offsets.npy is damaged"),
+    "meta_not_json": (lambda d: (d / "meta.json").write_text('{"format_version": 1,'), "not valid JSON"),
+    "meta_without_vocab_size": (lambda d: edit_meta(d, lambda m: m.pop("vocab_size")), "vocab_size missing"),
+    "meta_counts_differ": (lambda d: edit_meta(d, lambda m: m["train"].update(tokens=7)), "meta.json says 7"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_shards_are_named_before_any_device_work(damage, shards, tokenizer_dir, tmp_path, capsys):
+    break_it, phrase = DAMAGE[damage]
+    break_it(shards)
+    line = assert_refused(in_process(capsys, *train_cli(shards, tokenizer_dir, tmp_path / "run")), phrase)
+    assert "damaged" in line and "mlmtrain prepare" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_id_the_sample_misses_is_caught_in_the_batch_before_the_device(shards, tokenizer_dir, tmp_path, monkeypatch):
+    """The check at start reads 64 blocks; the packer's thread checks every batch, so no id outside the
+    vocabulary reaches an embedding lookup (a device-side assert on a GPU)."""
+    from test_train import tiny_config
+
+    monkeypatch.setattr(prepare, "CHECK_BLOCK", 1)
+    tokens = np.load(shards / "train" / "tokens.npy", mmap_mode="r+")
+    sampled = np.unique(np.linspace(0, len(tokens) - 1, 64).astype(np.int64))
+    vocab_size = json.loads((shards / "meta.json").read_text())["vocab_size"]
+    tokens[:] = vocab_size
+    tokens[sampled] = 5
+    tokens.flush()
+    with pytest.raises(UserError, match=f"hold token id {vocab_size}, outside the vocabulary"):
+        train(tiny_config(shards, tokenizer_dir, tmp_path / "run"))
+
+
+BAD_FLAGS = {  # name -> (extra arguments, what the sentence says)
+    "tokens_per_batch_below_max_seq_len": (["--tokens-per-batch", "64"], "below the shards' max_seq_len 128"),
+    "log_every_0": (["--set", "train.log_every=0"], "train.log_every must be at least 1"),
+    "grad_accum_0": (["--set", "optim.grad_accum=0"], "optim.grad_accum must be at least 1"),
+    "lr_nan": (["--set", "optim.lr=nan"], "optim.lr must be a positive number"),
+    "dropout_1": (["--set", "model.dropout=1"], "model.dropout must be in [0, 1)"),
+    "schedule_typo": (["--set", "optim.schedule=cosin"], "optim.schedule must be one of linear, cosine"),
+    "nan_policy_typo": (["--set", "train.nan_policy=skp"], "train.nan_policy must be one of skip, stop"),
+    "cuda_without_a_gpu": (["--set", "train.device=cuda"], "train.device is cuda but 0 CUDA GPUs are usable"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FLAGS))
+def test_bad_flags_are_one_sentence_before_any_device_work(case, data_dir, tokenizer_dir, tmp_path, capsys):
+    if case == "cuda_without_a_gpu" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    extra, phrase = BAD_FLAGS[case]
+    assert_refused(in_process(capsys, *train_cli(data_dir, tokenizer_dir, tmp_path / "run", *extra)), phrase)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_that_is_not_a_run_config_is_refused(data_dir, tokenizer_dir, tmp_path, capsys):
+    hf = tmp_path / "bert" / "config.json"  # what a transformers model folder holds
+    hf.parent.mkdir()
+    hf.write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 768}))
+    args = train_cli(data_dir, tokenizer_dir, tmp_path / "run", "--config", hf)
+    assert_refused(in_process(capsys, *args), "is a transformers model config", "--init-from FOLDER")
+    saved = tmp_path / "ckpt_config.json"
+    saved.write_text(json.dumps({"model": {"hidden_size": 128}, "run": {"out_dir": "x"}}))
+    args = train_cli(data_dir, tokenizer_dir, tmp_path / "run", "--config", saved)
+    assert_refused(in_process(capsys, *args), "is a checkpoint's config")
+    assert not (tmp_path / "run").exists()
+
+
+def test_nproc_is_checked_against_grad_accum_before_torchrun_starts(data_dir, tokenizer_dir, tmp_path):
+    args = train_cli(data_dir, tokenizer_dir, tmp_path / "run", "--nproc", 3, "--set", "optim.grad_accum=4")
+    done = run_cli(*args)
+    assert_refused(done, "optim.grad_accum=4 must be a multiple of the number of processes (3)")
+    assert "torch.distributed" not in done.stdout + done.stderr and not (tmp_path / "run").exists()
+    assert_refused(run_cli(*train_cli(data_dir, tokenizer_dir, tmp_path / "run", "--nproc", 0)), "at least 1")
+
+
+def test_a_malformed_manifest_or_state_is_a_damaged_checkpoint(data_dir, tokenizer_dir, tmp_path, capsys):
+    from test_train import tiny_config
+
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 3, "train.checkpoint_every": 1}))
+    step1, step2, step3 = sorted((run / "checkpoints").iterdir())
+    (step3 / "manifest.json").write_text("[]")
+    (step2 / "state.json").write_text(json.dumps({"cursor": [0, 0]}))  # no step; the manifest agrees with it
+    manifest = json.loads((step2 / "manifest.json").read_text())
+    manifest["files"] = file_entries(step2, manifest["files"])
+    (step2 / "manifest.json").write_text(json.dumps(manifest))
+    for ckpt, phrase in ((step3, "manifest.json is unreadable"), (step2, "state.json lacks a step")):
+        args = ["export", "--checkpoint", ckpt, "--tokenizer", tokenizer_dir, "--out", tmp_path / "x", "--no-verify"]
+        assert_refused(in_process(capsys, *args), f"checkpoint {ckpt} is damaged", phrase)
+    args = ["export", "--checkpoint", run, "--tokenizer", tokenizer_dir, "--out", tmp_path / "x", "--no-verify"]
+    done = in_process(capsys, *args)
+    assert done.returncode == 0, done.stderr
+    assert "skipping damaged checkpoint" in done.stdout and "exported step 1" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
