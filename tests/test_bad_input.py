@@ -96,6 +96,13 @@ BAD_FLAGS = {  # name -> (extra arguments, what the sentence says)
 }
 
 
+def test_shards_without_a_valid_split_are_refused(sample_corpus, tokenizer_dir, tmp_path, capsys):
+    prepare.prepare([sample_corpus], tokenizer_dir, tmp_path / "data", valid_fraction=0.0, progress=False)
+    done = in_process(capsys, *train_cli(tmp_path / "data", tokenizer_dir, tmp_path / "run"))
+    assert_refused(done, "have no valid split to evaluate on", "--valid-fraction")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
 def test_bad_flags_are_one_sentence_before_any_device_work(case, data_dir, tokenizer_dir, tmp_path, capsys):
     if case == "cuda_without_a_gpu" and torch.cuda.is_available():

@@ -229,10 +229,11 @@ def resume_step(start: Path, cfg: RunConfig, allow_change: bool, lr_at, log) -> 
         log(f"max_steps {old} -> {new}: from step {step} the learning rate follows the new schedule "
             f"({lr_at(step, saved):.3g} -> {lr_at(step, cfg):.3g} now, decaying until step {new})")  # fmt: skip
     if step >= new:
+        run = start.parent.parent if start.parent.name == CHECKPOINTS else start
         raise RunFinished(
-            f"{cfg.out_dir} is finished (step {step} of {new}): nothing to train. Export it with `mlmtrain export "
-            f"--checkpoint {cfg.out_dir} --out EXPORT`, or train on with --max-steps N --change-max-steps.",
-            Path(cfg.out_dir),
+            f"{run} is finished (step {step} of {new}): nothing to train. Export it with `mlmtrain export "
+            f"--checkpoint {run} --out EXPORT`, or train on with --max-steps N --change-max-steps.",
+            run,
             step,
         )
     return step

@@ -352,6 +352,9 @@ def check_inputs(cfg: RunConfig, world: int | None = None) -> tuple[dict, list[s
     check_tokenizer_match(meta["tokenizer_fingerprint"], cfg.data.tokenizer_dir, f"the shards in {cfg.data.data_dir}")
     for split in SPLITS:
         load_split(cfg.data.data_dir, split)  # a damaged file is named here, not by the packer mid-run
+    if meta["valid"]["sentences"] == 0:
+        raise UserError(f"the shards in {cfg.data.data_dir} have no valid split to evaluate on: run `mlmtrain "
+                        "prepare` again with --valid-fraction above 0")  # fmt: skip
     world = world or parallel.world_size()
     if cfg.optim.grad_accum % world:
         raise UserError(

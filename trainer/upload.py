@@ -124,10 +124,14 @@ def main(args: argparse.Namespace) -> int:
 def verify_again(folder: Path) -> None:
     """Load the folder with transformers as `mlmtrain export` did (keys, logits against ours, tokenizer,
     fill-mask on the card's widget texts): what is sent has passed it, whatever the manifest says."""
+    import importlib.util
+
     import yaml
 
     from mlmtrain.export import verify_export
 
+    if importlib.util.find_spec("transformers") is None:
+        raise UserError("upload loads the export with transformers before sending it: pip install -e '.[hf]'")
     widgets = (yaml.safe_load(card_header(folder / "README.md") or "") or {}).get("widget") or []
     texts = [w["text"] for w in widgets if isinstance(w, dict) and "[MASK]" in str(w.get("text"))]
     try:
