@@ -7,7 +7,10 @@ set -uo pipefail
 OUT=${1:-gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+# trainer/ installs as mlmtrain, so only an editable install of this checkout makes `import mlmtrain` load it
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+here=$(python3 -c "import mlmtrain, os; print(os.path.dirname(os.path.realpath(mlmtrain.__file__)))" 2>/dev/null)
+[ "$here" = "$PWD/trainer" ] || { echo "gpu_check.sh: mlmtrain imports from '$here', not this checkout" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
