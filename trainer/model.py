@@ -106,6 +106,16 @@ class BertConfig:
         }
 
 
+# The config fields that fix the weights' shapes: a checkpoint fits a model iff these agree.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
 # Tied parameters as transformers declares them (`_tied_weights_keys`): alias -> the tensor it IS.
 # Saved files hold only the right-hand names, as transformers itself writes them.
 TIED_KEYS = {
