@@ -245,11 +245,12 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _tile(C: int, block_n: int | None, num_warps: int | None) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, num_warps): whole rows (BLOCK_C >= C, a power of two), ~4096 elements per tile so a
-    program moves tens of KiB. A starting point, not tuned on a GPU yet; the benchmark can sweep both."""
+    """(BLOCK_N, BLOCK_C, num_warps): whole rows (BLOCK_C >= C, a power of two), 2048-element tiles on 8 warps,
+    i.e. 8 elements per thread per tensor. Chosen from ptxas's sm_90 report (no spills; ~64 registers forward,
+    ~100-128 backward, so 4 and 2 blocks fit an SM), not from timings; the benchmark's --sweep times others."""
     block_c = max(triton.next_power_of_2(C), COLS_PER_CALL)
-    block_n = block_n or max(1, min(64, 4096 // block_c))
-    return block_n, block_c, num_warps or (8 if block_n * block_c >= 4096 else 4)
+    block_n = block_n or max(1, min(64, 2048 // block_c))
+    return block_n, block_c, num_warps or (8 if block_n * block_c >= 2048 else 4)
 
 
 def residual_layer_norm_fwd_triton(
