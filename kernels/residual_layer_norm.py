@@ -1,43 +1,35 @@
-"""BERT's post-LN sublayer output, `y = LayerNorm(dropout(x, p) + residual)`, in one pass each way: fused
-Triton kernels (forward, backward) and their pure-torch reference.
+"""BERT's post-LN sublayer output, `y = LayerNorm(dropout(x, p) + residual)`, one pass each way: fused Triton
+kernels (forward, backward) and their pure-torch reference.
 
-Contract, for x, residual [..., C] (flattened to [N, C], rows contiguous), weight, bias [C]:
-  h = dropout(x) + residual             in fp32 (never rounded to the input dtype)
-  y = (h - mean(h)) * rstd * weight + bias, rstd = 1 / sqrt(var(h) + eps)   (biased variance over C, fp32)
-Dtypes: x and residual are fp32, bf16 or fp16, not necessarily the same; y has their promoted dtype (bf16 in,
-bf16 out: a bf16 residual stream). weight and bias are any float dtype, read as fp32. Gradients come back in
-the dtype of what they belong to: dx in x's, dresidual in residual's, dweight and dbias (accumulated in fp32:
-per-program partial sums [P, C], then one torch sum) in weight's and bias's.
-Saved for backward: references to x, residual, weight and seed (no copies) and mean, rstd [N] fp32. The
-backward recomputes h from x and residual instead of saving it: saving h would add an [N, C] write to the
-forward and save one [N, C] read in the backward (h instead of x and residual), the same bytes in all, but h
-would be rounded to the input dtype (the backward's normalised values would then differ from the forward's)
-or stored in fp32 (twice the bytes). Either way one [N, C] tensor stays alive: x here, h there.
+Contract, for x, residual [..., C] (viewed as [N, C], rows contiguous) and weight, bias [C]:
+  h = dropout(x) + residual in fp32 (never rounded to the input dtype);
+  y = (h - mean) * rstd * weight + bias, rstd = 1 / sqrt(var + eps), biased variance over C, in fp32.
+x and residual are fp32, bf16 or fp16 (they may differ); y has their promoted dtype, so bf16 in gives bf16 out
+(a bf16 residual stream). weight and bias are any float dtype, read as fp32. Each gradient comes back in the
+dtype of its input; dweight and dbias are accumulated in fp32 (per-program partial sums [P, C], then a torch sum).
+Saved for backward: references to x, residual, weight and seed (no copies), mean and rstd [N] fp32. The backward
+recomputes h instead of reading a saved one: the same bytes in all (saving h adds an [N, C] write and saves one
+[N, C] read), the same memory held (x instead of h), and h stays fp32 without doubling its bytes.
 
-Dropout: counter-based, nothing stored. Element (row, col) takes 16 bits of Philox4x32-10 (Triton's
-`tl.philox`, curand's generator) with key = seed (64 bit) and counter = (col // 8, row, 0, 0): one call
-feeds 8 consecutive columns, word (col % 8) // 2, low half for even col, high half for odd. It is dropped iff
-those 16 bits < round(p * 2^16) (so p is quantised to 1/65536: p = 0.1 drops with probability 0.1000061),
-and kept values are scaled by 1 / (1 - p_eff), p_eff = round(p * 2^16) / 2^16, which keeps E[dropout(x)] = x
-exactly. The backward regenerates the same bits rather than reading a stored mask, because
-  - a stored mask costs a write and a read and an [N, C / 8] tensor per layer held until backward, while one
-    Philox call per 8 elements (~10 instructions per element) fits inside the memory time of a
-    6-10 byte/element pass; whether a bitmask would measure faster is a GPU question (see the benchmark);
-  - the key is a function of (seed, row, col) only, so activation recomputation, any launch geometry and
-    the reference all give the same mask, and the tests can check the backward against the forward.
-The seed is an int64 tensor of one element on x's device, read by the kernel: no host-device sync, no new
-Triton specialisation or torch.compile guard per value, and under CUDA graphs each replay reads the seed of
-that replay. `residual_layer_norm(..., seed=None)` draws it with `torch.randint` on x's device, i.e. from
-torch's generator for that device: `torch.manual_seed` governs it, checkpointed generator states restore it,
-torch.utils.checkpoint replays it, CUDA graph capture handles it like any torch RNG op. Do not change a seed
-tensor in place between a forward and its backward (autograd's version counter then raises).
+Dropout, counter based: element (row, col) takes 16 bits of Philox4x32-10 (`tl.philox`, curand's generator) with
+key = seed and counter = (col // 8, row, 0, 0): column 8g + 2k + b gets half b (0 low, 1 high) of word k of
+call g. It is dropped iff those bits < round(p * 2^16) (p is quantised to 1/65536: p = 0.1 drops with
+probability 0.1000061) and kept values are scaled by 1 / (1 - p_eff), so E[dropout(x)] = x exactly. No mask
+is stored: the backward draws the same bits again. A stored bitmask would cost an [N, C/8] write, read and
+tensor per layer; regenerating costs ~15 instructions per element (sm_90 SASS of the forward, 8 elements
+per thread: 368 instructions with dropout, 248 without), and the mask is a function of (seed, row, col)
+alone, so recomputation, any launch geometry and the reference draw the same one.
+The seed is one int64 on x's device, read by the kernel: no host-device sync, no recompilation or
+torch.compile guard per value, and a CUDA graph replay reads the seed its tensor holds at replay time.
+`seed=None` draws it with `torch.randint` on x's device (torch's generator for that device): torch.manual_seed,
+checkpointed generator states and torch.utils.checkpoint's replay all cover it, as they cover torch's dropout.
+Do not change a seed tensor in place between a forward and its backward (autograd's version check raises).
 
-torch.compile: the kernels are wrapped as `torch.library.custom_op`s (`mlmtrain::residual_layer_norm_fwd`,
-`mlmtrain::residual_layer_norm_bwd`) with fake (shape) functions and a registered autograd formula, so a
-compiled graph calls them without a graph break (also on the CPU under TRITON_INTERPRET=1, which the tests
-use). Inductor does not fuse into them either way; `torch.library.triton_op` would only skip the dispatcher
-(~microseconds per call, nothing under CUDA graphs), and its body doubles as the fake function, which cannot
-work with the interpreter's kernels.
+torch.compile: the kernels are `torch.library.custom_op`s (`mlmtrain::residual_layer_norm_fwd`, `..._bwd`)
+with fake (shape) functions and a registered autograd formula, so compiled graphs call them without a graph
+break, on the CPU interpreter too. Inductor would not fuse into a hand-written kernel either way; a
+`torch.library.triton_op` would only skip the dispatcher (microseconds, nothing under CUDA graphs), and it
+reuses its body as the fake function, which the interpreter's kernels cannot run under.
 """
 
 from __future__ import annotations
@@ -72,14 +64,13 @@ if triton is not None:
         c0 = zero + groups[None, :].to(tl.uint32)  # (BLOCK_N, G)
         c1 = zero + rows[:, None].to(tl.uint32)  # (BLOCK_N, G) counter word 1: the row
         r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)  # (BLOCK_N, G) uint32 each
-        lane = tl.arange(0, 8)[None, None, :]  # (1, 1, 8) column within the group
-        words = tl.where(
-            lane < 2,
-            r0[:, :, None],
-            tl.where(lane < 4, r1[:, :, None], tl.where(lane < 6, r2[:, :, None], r3[:, :, None])),
-        )  # (BLOCK_N, G, 8)
-        bits = (words >> ((lane % 2) * 16).to(tl.uint32)) & 0xFFFF  # (BLOCK_N, G, 8): even col low half
-        bits = tl.reshape(bits, (BLOCK_N, BLOCK_C))  # (BLOCK_N, BLOCK_C) column 8g + l <- lane l of group g
+        # Column 8g + 2k + half <- half `half` of word k of group g. Built with interleaves (join + reshape of a
+        # last dimension held in registers) rather than a 3-D select, which costs shared-memory layout changes.
+        lo0, lo1, lo2, lo3 = r0 & 0xFFFF, r1 & 0xFFFF, r2 & 0xFFFF, r3 & 0xFFFF  # (BLOCK_N, G) each
+        hi0, hi1, hi2, hi3 = r0 >> 16, r1 >> 16, r2 >> 16, r3 >> 16
+        lo = tl.interleave(tl.interleave(lo0, lo2), tl.interleave(lo1, lo3))  # (BLOCK_N, 4G): 4g + k <- word k
+        hi = tl.interleave(tl.interleave(hi0, hi2), tl.interleave(hi1, hi3))
+        bits = tl.interleave(lo, hi)  # (BLOCK_N, BLOCK_C): 8g + 2k + half
         return bits.to(tl.int32) >= drop_threshold
 
     @triton.jit
@@ -88,8 +79,7 @@ if triton is not None:
         residual_ptr,
         seed_ptr,
         rows,
-        row_ok,
-        cols,
+        row_end,
         C,
         drop_threshold,
         keep_scale,
@@ -97,9 +87,10 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
         HAS_DROPOUT: tl.constexpr,
     ):
-        """h = dropout(x) + residual in fp32 for a (BLOCK_N, BLOCK_C) tile (0 outside the matrix), the keep mask
-        and the tile's offsets and bounds: the one definition the forward and the backward share."""
-        inside = row_ok[:, None] & (cols[None, :] < C)  # (BLOCK_N, BLOCK_C)
+        """h = dropout(x) + residual in fp32 on rows `rows` (those < row_end), 0 outside; with the keep mask, the
+        offsets and the in-bounds mask: the one definition the forward and the backward share."""
+        cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+        inside = (rows < row_end)[:, None] & (cols < C)[None, :]  # (BLOCK_N, BLOCK_C)
         offsets = rows[:, None].to(tl.int64) * C + cols[None, :]  # (BLOCK_N, BLOCK_C): N * C may pass 2^31
         x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
         keep = inside
@@ -107,7 +98,7 @@ if triton is not None:
             keep = _keep_mask(tl.load(seed_ptr), rows, drop_threshold, BLOCK_N, BLOCK_C) & inside
             x = tl.where(keep, x * keep_scale, 0.0)
         h = x + tl.load(residual_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-        return h, keep, offsets
+        return h, keep, offsets, inside
 
     @triton.jit
     def _residual_layer_norm_fwd_kernel(
@@ -130,22 +121,10 @@ if triton is not None:
     ):
         """One (BLOCK_N, BLOCK_C) tile of whole rows per program: load, normalise, store."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-        cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
-        row_ok = rows < N
-        h, keep, offsets = _load_h(
-            x_ptr,
-            residual_ptr,
-            seed_ptr,
-            rows,
-            row_ok,
-            cols,
-            C,
-            drop_threshold,
-            keep_scale,
-            BLOCK_N,
-            BLOCK_C,
-            HAS_DROPOUT,
+        h, _, offsets, inside = _load_h(
+            x_ptr, residual_ptr, seed_ptr, rows, N, C, drop_threshold, keep_scale, BLOCK_N, BLOCK_C, HAS_DROPOUT
         )
+        cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
         col_ok = cols < C
         mean = tl.sum(h, axis=1) / C  # (BLOCK_N,)
         centered = tl.where(col_ok[None, :], h - mean[:, None], 0.0)  # (BLOCK_N, BLOCK_C)
@@ -153,9 +132,9 @@ if triton is not None:
         weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # (BLOCK_C,)
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         y = centered * rstd[:, None] * weight[None, :] + bias[None, :]
-        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-        tl.store(mean_ptr + rows, mean, mask=row_ok)
-        tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
+        tl.store(mean_ptr + rows, mean, mask=rows < N)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < N)
 
     @triton.jit
     def _residual_layer_norm_bwd_kernel(
@@ -193,21 +172,9 @@ if triton is not None:
         for start in range(first, end, BLOCK_N):
             rows = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
             row_ok = rows < end
-            h, keep, offsets = _load_h(
-                x_ptr,
-                residual_ptr,
-                seed_ptr,
-                rows,
-                row_ok,
-                cols,
-                C,
-                drop_threshold,
-                keep_scale,
-                BLOCK_N,
-                BLOCK_C,
-                HAS_DROPOUT,
+            h, keep, offsets, inside = _load_h(
+                x_ptr, residual_ptr, seed_ptr, rows, end, C, drop_threshold, keep_scale, BLOCK_N, BLOCK_C, HAS_DROPOUT
             )
-            inside = row_ok[:, None] & col_ok[None, :]  # (BLOCK_N, BLOCK_C)
             mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)  # (BLOCK_N,)
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
             xhat = tl.where(inside, (h - mean[:, None]) * rstd[:, None], 0.0)  # (BLOCK_N, BLOCK_C)
@@ -237,6 +204,11 @@ def dropout_threshold(p: float) -> tuple[int, float]:
     threshold = round(p * (1 << RANDOM_BITS))
     keep = (1 << RANDOM_BITS) - threshold
     return threshold, ((1 << RANDOM_BITS) / keep if keep else 0.0)
+
+
+def _writes_dx(p: float, x_dtype: torch.dtype, residual_dtype: torch.dtype) -> bool:
+    """Whether the backward writes dx, or dx is dresidual itself (no dropout, same dtype)."""
+    return dropout_threshold(p)[0] > 0 or x_dtype != residual_dtype
 
 
 @functools.cache
@@ -334,50 +306,42 @@ def residual_layer_norm_bwd_triton(
     """
     N, C = x.shape
     threshold, scale = dropout_threshold(p)
-    write_dx = threshold > 0 or x.dtype != residual.dtype
+    write_dx = _writes_dx(p, x.dtype, residual.dtype)
     dresidual = torch.empty((N, C), dtype=residual.dtype, device=x.device)
     dx = torch.empty((N, C) if write_dx else (0,), dtype=x.dtype, device=x.device)
+    if N == 0:
+        return dresidual, dx, weight.new_zeros(C, dtype=torch.float32), weight.new_zeros(C, dtype=torch.float32)
     BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
     n_blocks = triton.cdiv(N, BLOCK_N)
-    P = num_programs or (4 * _num_sms(x.device) if x.is_cuda else 4)
-    P = max(1, min(P, n_blocks))
+    P = max(1, min(num_programs or (4 * _num_sms(x.device) if x.is_cuda else 4), n_blocks))
     rows_per_program = triton.cdiv(n_blocks, P) * BLOCK_N  # whole tiles: no tile straddles two programs
-    P = triton.cdiv(N, rows_per_program) if N else 1
+    P = triton.cdiv(N, rows_per_program)
     dweight_partial = torch.empty((P, C), dtype=torch.float32, device=x.device)
     dbias_partial = torch.empty((P, C), dtype=torch.float32, device=x.device)
-    if N == 0:
-        dweight_partial.zero_()
-        dbias_partial.zero_()
-    else:
-        _residual_layer_norm_bwd_kernel[(P,)](
-            dy,
-            x,
-            residual,
-            weight,
-            seed,
-            mean,
-            rstd,
-            dresidual,
-            dx,
-            dweight_partial,
-            dbias_partial,
-            N,
-            C,
-            rows_per_program,
-            threshold,
-            scale,
-            BLOCK_N=BLOCK_N,
-            BLOCK_C=BLOCK_C,
-            HAS_DROPOUT=threshold > 0,
-            WRITE_DX=write_dx,
-            num_warps=warps,
-        )
+    _residual_layer_norm_bwd_kernel[(P,)](
+        dy,
+        x,
+        residual,
+        weight,
+        seed,
+        mean,
+        rstd,
+        dresidual,
+        dx,
+        dweight_partial,
+        dbias_partial,
+        N,
+        C,
+        rows_per_program,
+        threshold,
+        scale,
+        BLOCK_N=BLOCK_N,
+        BLOCK_C=BLOCK_C,
+        HAS_DROPOUT=threshold > 0,
+        WRITE_DX=write_dx,
+        num_warps=warps,
+    )
     return dresidual, dx, dweight_partial.sum(0), dbias_partial.sum(0)
-
-
-def _writes_dx(p: float, x_dtype: torch.dtype, residual_dtype: torch.dtype) -> bool:
-    """Whether the backward writes dx, or dx is dresidual itself (no dropout, same dtype)."""
-    return dropout_threshold(p)[0] > 0 or x_dtype != residual_dtype
 
 
 # ---------------------------------------------------------------------------------------------------
