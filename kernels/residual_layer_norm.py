@@ -218,8 +218,11 @@ def _num_sms(device: torch.device) -> int:
 
 def _tile(C: int, block_n: int | None, num_warps: int | None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, num_warps): whole rows (BLOCK_C >= C, a power of two), 2048-element tiles on 8 warps,
-    i.e. 8 elements per thread per tensor. Chosen from ptxas's sm_90 report (no spills; ~64 registers forward,
-    ~100-128 backward, so 4 and 2 blocks fit an SM), not from timings; the benchmark's --sweep times others."""
+    i.e. 8 elements per thread per tensor: at C = 768 bf16 ptxas (sm_90) reports 39 registers forward, 80
+    backward, no spills, where 4096-element tiles took 125-255 and spilled. Not tuned by timing yet: the
+    benchmark's --sweep times other tiles through `block_n` / `num_warps`."""
+    if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two, got {block_n}")
     block_c = max(triton.next_power_of_2(C), COLS_PER_CALL)
     block_n = block_n or max(1, min(64, 2048 // block_c))
     return block_n, block_c, num_warps or (8 if block_n * block_c >= 2048 else 4)

@@ -323,3 +323,15 @@ def test_inductor_compile_on_cuda():
     assert torch.equal(y, y_eager)
     for a, b in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_eager, inputs, dy)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_triton
+def test_benchmark_runs_and_credits_every_row_the_same_bytes():
+    from mlmtrain.benchmarks.bench_residual_layer_norm import logical_bytes, run
+
+    rows = run(16, (40,), DEVICE, repeats=5, compile_rows=False, sweep=True)
+    timed = [r for r in rows if "seconds" in r and r["passes"] == "fwd+bwd"]
+    assert {"triton", "triton kernels", "torch eager"} <= {r["name"] for r in timed}
+    assert any(r["name"].startswith("triton kernels ") for r in timed)  # the sweep's tiles
+    assert all(r["bytes"] == logical_bytes(16, 40, 2, 0.1) for r in timed)
+    assert rows[-1]["kind"] == "summary" and rows[-1]["speedup_vs_torch_eager"] > 0
