@@ -165,8 +165,8 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
         col_ok = cols < C
         weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # (BLOCK_C,)
-        dweight = tl.zeros((BLOCK_C,), tl.float32)
-        dbias = tl.zeros((BLOCK_C,), tl.float32)
+        dweight = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)  # reduced over rows once, after the loop
+        dbias = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
         first = pid * rows_per_program
         end = tl.minimum(first + rows_per_program, N)
         for start in range(first, end, BLOCK_N):
@@ -190,10 +190,10 @@ if triton is not None:
                 if HAS_DROPOUT:
                     dx = tl.where(keep, dh * keep_scale, 0.0)
                 tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
-            dweight += tl.sum(dy * xhat, axis=0)
-            dbias += tl.sum(dy, axis=0)
-        tl.store(dweight_partial_ptr + pid * C + cols, dweight, mask=col_ok)
-        tl.store(dbias_partial_ptr + pid * C + cols, dbias, mask=col_ok)
+            dweight += dy * xhat
+            dbias += dy
+        tl.store(dweight_partial_ptr + pid * C + cols, tl.sum(dweight, axis=0), mask=col_ok)
+        tl.store(dbias_partial_ptr + pid * C + cols, tl.sum(dbias, axis=0), mask=col_ok)
 
 
 # ---------------------------------------------------------------------------------------------------

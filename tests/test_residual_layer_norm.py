@@ -9,15 +9,12 @@ bits are a pure function of (seed, row, column), so each check passes or fails t
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
+from hopper_build import assert_builds_for_hopper, build
 
 from mlmtrain.kernels import residual_layer_norm as rln
 from mlmtrain.kernels.residual_layer_norm import (
@@ -251,45 +248,19 @@ def test_compiles_without_graph_break():
         assert torch.equal(a, b)
 
 
-_HOPPER_BUILD = textwrap.dedent(
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from mlmtrain.kernels import residual_layer_norm as rln
-
-    FP32 = {"weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "dweight_partial_ptr", "dbias_partial_ptr"}
-    for fn in (rln._residual_layer_norm_fwd_kernel, rln._residual_layer_norm_bwd_kernel):
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Both kernels at the launcher's tiles, with and without dropout, to an sm_90 cubin (tests/hopper_build.py)."""
+    builds = []
+    for kernel in ("_residual_layer_norm_fwd_kernel", "_residual_layer_norm_bwd_kernel"):
         for C, dtype, dropout in ((768, "bf16", True), (128, "fp32", False)):
             block_n, block_c, warps = rln._tile(C, None, None)
             consts = {"BLOCK_N": block_n, "BLOCK_C": block_c, "HAS_DROPOUT": dropout, "WRITE_DX": dropout}
-            signature = {}
-            for name in fn.arg_names:
-                if name in consts:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = "*i64" if name == "seed_ptr" else "*fp32" if name in FP32 else "*" + dtype
-                else:
-                    signature[name] = "fp32" if name in ("eps", "keep_scale") else "i32"
-            consts = {k: v for k, v in consts.items() if k in fn.arg_names}
-            source = ASTSource(fn=fn, signature=signature, constexprs=consts)
-            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-            assert kernel.asm["cubin"], fn.__name__
-    """
-)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels themselves")
-def test_kernels_compile_for_hopper_without_a_gpu():
-    """The interpreter accepts code the compiler rejects: build both kernels to an sm_90 cubin (Triton's
-    bundled ptxas, no device needed) at the launcher's tiles, in a process without TRITON_INTERPRET."""
-    triton = pytest.importorskip("triton")
-    if "nvidia" not in getattr(triton.backends, "backends", {}):
-        pytest.skip("this Triton has no NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run([sys.executable, "-c", _HOPPER_BUILD], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+            fp32 = ("weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "dweight_partial_ptr", "dbias_partial_ptr")
+            pointers = {"seed_ptr": "i64", **dict.fromkeys(fp32, "fp32")}
+            builds.append(
+                build(rln.__name__, kernel, dtype, consts, warps, pointers=pointers, floats=("eps", "keep_scale"))
+            )
+    assert_builds_for_hopper(builds)
 
 
 @requires_cuda
