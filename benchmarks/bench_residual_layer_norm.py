@@ -44,7 +44,8 @@ from mlmtrain.benchmarks.common import environment, record, time_fn
 
 GPU_TOKENS, GPU_HIDDEN = 65536, (768, 1024)
 QUICK_TOKENS, QUICK_HIDDEN = 256, (128,)  # the interpreter and inductor's CPU compile stay at seconds
-SWEEP = ((1, 4), (2, 4), (2, 8), (4, 8), (8, 8), (4, 16))  # (rows per tile at 1024 columns, warps), scaled to C
+# (rows per tile at 1024 columns (scaled to C), warps, backward programs per SM); None: the launchers' default
+SWEEP = ((1, 4, None), (2, 4, None), (4, 8, None), (8, 8, None), (4, 16, None), (None, None, 1), (None, None, 3))
 EPS = 1e-12
 
 
@@ -119,18 +120,23 @@ def run(
                 compiled = torch.compile(lambda *a: rln.residual_layer_norm(*a, EPS, p, seed), fullgraph=True)
                 both("triton (compiled graph)", compiled, "triton-compiled")
             block_c = rln._tile(C, None, None)[1]
-            configs = [(None, None)] + ([(max(1, bn * 1024 // block_c), w) for bn, w in SWEEP] if sweep else [])
-            for block_n, warps in configs:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
+            detached = [t.detach() for t in inputs]
+            for rows_1024, warps, per_sm in ((None, None, None),) + (SWEEP if sweep else ()):
+                block_n = max(1, rows_1024 * 1024 // block_c) if rows_1024 else None
                 launch = dict(block_n=block_n, num_warps=warps)
-                tile = rln._tile(C, block_n, warps)
+                programs = per_sm * sms if per_sm else None
 
-                def kernels(launch=launch):
+                def kernels(launch=launch, programs=programs):
                     y, mean, rstd = rln.residual_layer_norm_fwd_triton(*detached, seed, EPS, p, **launch)
-                    return rln.residual_layer_norm_bwd_triton(dy, *detached[:3], seed, mean, rstd, p, **launch)
+                    return rln.residual_layer_norm_bwd_triton(
+                        dy, *detached[:3], seed, mean, rstd, p, **launch, num_programs=programs
+                    )
 
-                detached = [t.detach() for t in inputs]
-                label = "triton kernels" if block_n is None else f"triton kernels {tile[0]}x{tile[1]} w{tile[2]}"
-                add(label, kernels, path="triton-kernels", passes="fwd+bwd", tile=list(tile))
+                tile = rln._tile(C, block_n, warps)
+                label = f"triton kernels {tile[0]}x{tile[1]} w{tile[2]}" + (f" bwd {per_sm}/SM" if per_sm else "")
+                label = "triton kernels" if launch == dict(block_n=None, num_warps=None) and not per_sm else label
+                add(label, kernels, path="triton-kernels", passes="fwd+bwd", tile=list(tile), programs_per_sm=per_sm)
         else:
             print(f"Triton cannot run on {device} here: no triton rows (CPU needs TRITON_INTERPRET=1)", flush=True)
 

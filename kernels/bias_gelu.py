@@ -148,6 +148,7 @@ def bias_gelu_bwd_triton(
         return dx, bias.new_zeros(C, dtype=torch.float32)
     BLOCK_N, BLOCK_C, warps = _tile(C)
     col_tiles, row_tiles = triton.cdiv(C, BLOCK_C), triton.cdiv(N, BLOCK_N)
+    # ~4 programs per SM in all, one wave (48 registers at 3072 bf16: 5 programs of 8 warps fit an SM)
     P = num_programs or (triton.cdiv(4 * _num_sms(x.device), col_tiles) if x.is_cuda else 4)
     rows_per_program = triton.cdiv(row_tiles, max(1, min(P, row_tiles))) * BLOCK_N  # whole tiles per program
     P = triton.cdiv(N, rows_per_program)

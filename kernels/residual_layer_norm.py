@@ -301,7 +301,7 @@ def residual_layer_norm_bwd_triton(
     Args:
         dy: (N, C) contiguous, gradient of y. x, residual, weight, seed, p: as given to the forward.
         mean, rstd: (N,) fp32 from the forward.
-        num_programs: P, the number of partial sums (default: 4 per SM on CUDA, few on the interpreter).
+        num_programs: P, the number of partial sums (default: 2 per SM on CUDA, 4 on the interpreter).
     Returns:
         dresidual: (N, C) residual dtype; dx: (N, C) x dtype, or an empty (0,) tensor when it would equal
         dresidual (p == 0 and same dtype: one write saved, the caller passes dresidual for both);
@@ -316,7 +316,9 @@ def residual_layer_norm_bwd_triton(
         return dresidual, dx, weight.new_zeros(C, dtype=torch.float32), weight.new_zeros(C, dtype=torch.float32)
     BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
     n_blocks = triton.cdiv(N, BLOCK_N)
-    P = max(1, min(num_programs or (4 * _num_sms(x.device) if x.is_cuda else 4), n_blocks))
+    # Equal shares in one wave: 2 programs of 8 warps fit an SM at <= 128 registers (80 at C = 768 bf16); a
+    # grid of 1.3 waves would leave most SMs idle while the last third runs.
+    P = max(1, min(num_programs or (2 * _num_sms(x.device) if x.is_cuda else 4), n_blocks))
     rows_per_program = triton.cdiv(n_blocks, P) * BLOCK_N  # whole tiles: no tile straddles two programs
     P = triton.cdiv(N, rows_per_program)
     dweight_partial = torch.empty((P, C), dtype=torch.float32, device=x.device)
