@@ -264,6 +264,22 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
 
 @requires_cuda
+@pytest.mark.parametrize("C", [768, 1024])
+def test_full_batch_on_cuda(C):
+    """A real batch (64k tokens: N * C past 2^25, many backward programs per partial sum) against the reference."""
+    N = 65536
+    inputs = _inputs(N, C, torch.bfloat16)
+    dy = torch.randn(N, C, device=DEVICE, dtype=torch.bfloat16)
+    y, grads = _run("triton", inputs, 0.1, _seed(), dy)
+    y_ref, grads_ref = _run("torch", inputs, 0.1, _seed(), dy)
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads[:2], grads_ref[:2]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=3e-2)
+    for got, want in zip(grads[2:], grads_ref[2:]):  # sums over 64k rows in another order
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
+
+
+@requires_cuda
 def test_cuda_graph_replay_reads_the_new_seed():
     """Captured once, replayed with another seed written into the captured tensor: the replay uses it."""
     inputs = [t.detach() for t in _inputs(4096, 768, torch.bfloat16)]
