@@ -114,11 +114,12 @@ def run(
     """Rows (benchmarks/common.record) per size: copy, triton, torch reference, hf collator; then one
     `summary` row per size with the kernel's fraction of copy bandwidth and its speed-up over the collator."""
     from mlmtrain.kernels import mlm_mask as mm
+    from mlmtrain.kernels import triton_runs_on
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
     hf_max_tokens = hf_max_tokens if hf_max_tokens is not None else HF_MAX_TOKENS
-    kernel_ok = mm._triton_runs_on(device)
+    kernel_ok = triton_runs_on(device)
     word_start = torch.arange(VOCAB_SIZE, device=device) < CONTINUATION_FROM  # (V,) True: starts a word
     rows = []
     for T in sizes:

@@ -78,11 +78,12 @@ def run(
 ) -> list[dict]:
     """Rows (benchmarks/common.record) per hidden size, then one `summary` row per size."""
     from mlmtrain.kernels import residual_layer_norm as rln
+    from mlmtrain.kernels import triton_runs_on
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     N = tokens or (GPU_TOKENS if on_gpu else QUICK_TOKENS)
-    kernel_ok = rln._triton_runs_on(device)
+    kernel_ok = triton_runs_on(device)
     warmup, reps = (3, repeats) if on_gpu else (1, max(1, repeats // 5))
     rows = []
     for C in hidden or (GPU_HIDDEN if on_gpu else QUICK_HIDDEN):

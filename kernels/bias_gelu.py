@@ -25,7 +25,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.kernels.mlm_mask import _triton_runs_on
+from mlmtrain.kernels import triton_runs_on
 
 try:
     import triton
@@ -216,7 +216,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: str = "auto") -> 
         raise TypeError(f"x must be fp32, bf16 or fp16, got {x.dtype}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    runs = _triton_runs_on(x.device)
+    runs = triton_runs_on(x.device)
     if backend == "triton" and not runs:
         raise ValueError(f"the Triton kernels cannot run on {x.device} here (CUDA, or TRITON_INTERPRET=1 on CPU)")
     if backend == "torch" or not runs:

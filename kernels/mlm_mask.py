@@ -50,6 +50,7 @@ from typing import NamedTuple
 import torch
 
 from mlmtrain.errors import UserError
+from mlmtrain.kernels import triton_runs_on
 from mlmtrain.kernels.philox import as_u32, philox_words, split64, stream_words
 
 try:
@@ -328,13 +329,6 @@ def word_start_table(vocab: list[str], prefix: str = "##") -> torch.Tensor:
     return torch.tensor([not piece.startswith(prefix) for piece in vocab], dtype=torch.bool)
 
 
-def _triton_runs_on(device: torch.device) -> bool:
-    if triton is None:
-        return False
-    interpreted = type(_mask_apply_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at import
-    return device.type == "cuda" or (device.type == "cpu" and interpreted)
-
-
 def _check_table(name: str, table, ids: torch.Tensor, vocab_size: int) -> None:
     if table is None:
         return
@@ -398,12 +392,12 @@ def mlm_mask(
         raise UserError(f"max_masked must be an int >= 0, got {max_masked!r}.")
     if backend not in ("auto", "triton", "torch"):
         raise UserError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}.")
-    if backend == "triton" and not _triton_runs_on(ids.device):
+    if backend == "triton" and not triton_runs_on(ids.device):
         raise UserError(
             f"the Triton masking kernel cannot run on {ids.device} here (needs CUDA, or "
             "TRITON_INTERPRET=1 set before triton is imported for CPU); use backend='torch'."
         )
-    use_triton = backend == "triton" or (backend == "auto" and _triton_runs_on(ids.device))
+    use_triton = backend == "triton" or (backend == "auto" and triton_runs_on(ids.device))
     args = dict(vocab_size=vocab_size, mask_id=mask_id, num_special=num_special, never_mask=never_mask,
                 mask_prob=mask_prob, mask_frac=mask_frac, random_frac=random_frac, seed=seed & ((1 << 64) - 1),
                 step=step, offset=offset, max_masked=max_masked, word_start=word_start)  # fmt: skip

@@ -40,7 +40,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.kernels.mlm_mask import _triton_runs_on, philox4x32_torch
+from mlmtrain.kernels import triton_runs_on
+from mlmtrain.kernels.philox import philox4x32_torch
 
 try:
     import triton
@@ -75,18 +76,9 @@ if triton is not None:
 
     @triton.jit
     def _load_h(
-        x_ptr,
-        residual_ptr,
-        seed_ptr,
-        rows,
-        row_end,
-        C,
-        drop_threshold,
-        keep_scale,
-        BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr,
-    ):
+        x_ptr, residual_ptr, seed_ptr, rows, row_end, C, drop_threshold, keep_scale,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ):  # fmt: skip
         """h = dropout(x) + residual in fp32 on rows `rows` (those < row_end), 0 outside; with the keep mask, the
         offsets and the in-bounds mask: the one definition the forward and the backward share."""
         cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
@@ -110,15 +102,9 @@ if triton is not None:
         y_ptr,  # (N, C) promoted dtype, written
         mean_ptr,  # (N,) fp32, written
         rstd_ptr,  # (N,) fp32, written
-        N,
-        C,
-        eps,
-        drop_threshold,
-        keep_scale,
-        BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr,
-    ):
+        N, C, eps, drop_threshold, keep_scale,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ):  # fmt: skip
         """One (BLOCK_N, BLOCK_C) tile of whole rows per program: load, normalise, store."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         h, _, offsets, inside = _load_h(
@@ -149,16 +135,9 @@ if triton is not None:
         dx_ptr,  # (N, C) x dtype, written when WRITE_DX (else dx is dresidual itself)
         dweight_partial_ptr,  # (P, C) fp32, written: this program's rows' sum of dy * xhat
         dbias_partial_ptr,  # (P, C) fp32, written: this program's rows' sum of dy
-        N,
-        C,
-        rows_per_program,
-        drop_threshold,
-        keep_scale,
-        BLOCK_N: tl.constexpr,
-        BLOCK_C: tl.constexpr,
-        HAS_DROPOUT: tl.constexpr,
-        WRITE_DX: tl.constexpr,
-    ):
+        N, C, rows_per_program, drop_threshold, keep_scale,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr,
+    ):  # fmt: skip
         """Rows [pid * rows_per_program, ...) in (BLOCK_N, BLOCK_C) tiles; dweight and dbias accumulate in
         registers and are stored once per program (P programs, a few per SM), so no atomics are needed."""
         pid = tl.program_id(0)
@@ -464,7 +443,7 @@ def residual_layer_norm(
         seed = draw_seed(x.device)
     elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
         raise ValueError(f"seed must be one int64 on {x.device}, got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
-    runs = _triton_runs_on(x.device)
+    runs = triton_runs_on(x.device)
     if backend == "triton" and not runs:
         raise ValueError(f"the Triton kernels cannot run on {x.device} here (CUDA, or TRITON_INTERPRET=1 on CPU)")
     if backend == "torch" or not runs:

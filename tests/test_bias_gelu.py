@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from hopper_build import assert_builds_for_hopper, build
 
 from mlmtrain.kernels import bias_gelu as bg
+from mlmtrain.kernels import triton_runs_on
 from mlmtrain.kernels.bias_gelu import bias_gelu, bias_gelu_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(not bg._triton_runs_on(DEVICE), reason="Triton cannot run here")
+needs_triton = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="Triton cannot run here")
 # (rtol, atol) per dtype: y and dx are rounded once from fp32, so a unit or two in the last place
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}
 

@@ -20,6 +20,7 @@ from conftest import requires_cuda
 
 from mlmtrain.errors import UserError
 from mlmtrain.kernels import mlm_mask as mm
+from mlmtrain.kernels import triton_runs_on
 from mlmtrain.kernels.mlm_mask import (
     IGNORE_INDEX,
     max_masked_bound,
@@ -34,7 +35,7 @@ Z_MAX = 5.0  # two-sided normal tail 5.7e-7
 CHI2_DF2_MAX = 2 * math.log(1e6)  # chi-square(2) survival exp(-x/2) = 1e-6
 
 needs_triton = pytest.mark.skipif(
-    not mm._triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
+    not triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
     reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)",
 )
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

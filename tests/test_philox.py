@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from mlmtrain.kernels import mlm_mask as mm
+from mlmtrain.kernels import triton_runs_on
 from mlmtrain.kernels.philox import philox4x32_torch, stream_words
 
 needs_triton = pytest.mark.skipif(
-    not mm._triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
+    not triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
     reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)",
 )
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

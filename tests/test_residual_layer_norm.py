@@ -17,6 +17,7 @@ from conftest import requires_cuda
 from hopper_build import assert_builds_for_hopper, build
 
 from mlmtrain.kernels import residual_layer_norm as rln
+from mlmtrain.kernels import triton_runs_on
 from mlmtrain.kernels.residual_layer_norm import (
     dropout_keep_mask,
     dropout_threshold,
@@ -25,7 +26,7 @@ from mlmtrain.kernels.residual_layer_norm import (
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(not rln._triton_runs_on(DEVICE), reason="Triton cannot run here")
+needs_triton = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="Triton cannot run here")
 Z_MAX = 5.0
 EPS = 1e-12  # BERT's layer_norm_eps
 # (rtol, atol) per dtype: outputs are rounded once from fp32, so a few units in the last place of the dtype
@@ -111,7 +112,7 @@ def test_no_dropout_is_layer_norm_of_sum(dtype):
     if dtype == torch.float32:
         assert torch.equal(ref, F.layer_norm(x + residual, (200,), weight, bias, EPS))
     assert torch.equal(ref, want)
-    if rln._triton_runs_on(DEVICE):
+    if triton_runs_on(DEVICE):
         got = residual_layer_norm(x, residual, weight, bias, EPS, 0.0, backend="triton")
         torch.testing.assert_close(got, want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
         # training=False turns dropout off, whatever p and seed say
