@@ -34,13 +34,12 @@ Run: `python -m mlmtrain.benchmarks.bench_residual_layer_norm [--device cuda] [-
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.benchmarks.common import environment, record, time_fn
+from mlmtrain.benchmarks.common import print_and_save, record, time_fn
 
 GPU_TOKENS, GPU_HIDDEN = 65536, (768, 1024)
 QUICK_TOKENS, QUICK_HIDDEN = 256, (128,)  # the interpreter and inductor's CPU compile stay at seconds
@@ -193,12 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(
         tokens, hidden, device, p=args.p, dtype=dtype, repeats=args.repeats, compile_rows=compile_rows, sweep=args.sweep
     )
-    for r in rows:
-        if r.get("kind") == "summary":
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"environment": environment(device), "rows": rows}, f, indent=1)
+    print_and_save(rows, device, args.out)
     return 0
 
 
