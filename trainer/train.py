@@ -103,6 +103,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
             # log steps only, from the requests all-reduced there
             stop_now, time_due = (stopper.requested, timed) if world == 1 else (None, False)
             if step % t.log_every == 0 or last or stop_now:
+                # sync: the window's device numbers in one transfer (and, with several processes, one all-reduce)
                 w, (stop_now, time_due) = window.close(step, lr, last, stopper.requested, timed)
                 stopper.requested = stopper.requested or stop_now
                 history.append(w)
@@ -118,7 +119,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                 if step % (t.log_every * 10) == 0 or last:
                     run.log(progress_line(w.row))
             if (t.eval_every and step % t.eval_every == 0) or last or stop_reason:
-                last_eval = evaluate(run)
+                last_eval = evaluate(run)  # sync: once per eval
                 run.metrics.write({"step": step, **last_eval})
                 run.log(
                     f"step {step}: valid loss {last_eval['valid_loss']:.4f} accuracy {last_eval['valid_accuracy']:.3f}"
@@ -126,7 +127,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                 window.restart_clock()  # eval time is not training throughput
             due = (t.checkpoint_every and step % t.checkpoint_every == 0) or time_due
             if due or (last and t.checkpoint_at_end) or stop_now or stop_reason:
-                run.save(step, cursor, last_eval, sum(w.real_tokens for w in history))
+                run.save(step, cursor, last_eval, sum(w.real_tokens for w in history))  # sync: state to the host
                 last_save = time.time()
                 window.restart_clock()
             if stop_reason or stop_now:
