@@ -16,6 +16,7 @@ COMMANDS = {
     "tokenizer": ("mlmtrain.tokenizer", "train a WordPiece tokenizer on text files"),
     "prepare": ("mlmtrain.prepare", "tokenize text files into memory-mapped token shards"),
     "train": ("mlmtrain.train", "pretrain a BERT masked-language model on token shards"),
+    "eval": ("mlmtrain.evaluate", "score models (MLM loss, perplexity, accuracy) on the same masked tokens"),
     "export": ("mlmtrain.export", "write a checkpoint as a Hugging Face BertForMaskedLM folder"),
     "upload": ("mlmtrain.upload", "upload an exported folder to the Hugging Face Hub"),
     "demo": ("mlmtrain.demo", "run the whole pipeline on the bundled sample corpus"),

@@ -29,9 +29,35 @@ PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 @dataclass
 class ModelSpec:
-    size: str = "tiny"  # tiny | mini | small | base | large
+    size: str = "tiny"  # tiny | mini | small | base | large: a preset of the four dimensions below
     dropout: float = 0.1  # hidden and attention-probability dropout, as BERT; 0 turns it off
     max_position_embeddings: int = 512
+    hidden_size: int = 0  # each of these four, when not 0, replaces the preset's value
+    num_hidden_layers: int = 0
+    num_attention_heads: int = 0
+    intermediate_size: int = 0
+    type_vocab_size: int = 2  # token types (only type 0 is trained: no sentence pairs)
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02  # std of the normal initialisation
+    init_from: str = ""  # a transformers BERT folder or Hub id: weights, every dimension above and the tokenizer
+
+    def dims(self) -> dict:
+        """The four preset dimensions after the overrides, with transformers' names."""
+        preset = MODEL_SIZES.get(self.size, MODEL_SIZES["tiny"])
+        return {k: getattr(self, k) or v for k, v in preset.items()}
+
+
+# What `model.init_from` decides: setting one of these as well would be silently ignored, so it is refused.
+SHAPE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "initializer_range",
+)
 
 
 @dataclass
@@ -114,6 +140,25 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of("model.size", m.size, MODEL_SIZES)
     _within("model.dropout", m.dropout, 0.0, 1.0, "in [0, 1)", high_open=True)
     _at_least("model.max_position_embeddings", m.max_position_embeddings, 3)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        _at_least(f"model.{key}", getattr(m, key), 0, "(0 = the preset's)")
+    _at_least("model.type_vocab_size", m.type_vocab_size, 1)
+    _within("model.layer_norm_eps", m.layer_norm_eps, 0.0, 1.0, "in (0, 1)", low_open=True, high_open=True)
+    _within("model.initializer_range", m.initializer_range, 0.0, math.inf, "a positive number", low_open=True)
+    dims = m.dims()
+    if dims["hidden_size"] % dims["num_attention_heads"]:
+        raise UserError(
+            f"model.hidden_size {dims['hidden_size']} is not divisible by model.num_attention_heads "
+            f"{dims['num_attention_heads']}: pick a head count that divides it"
+        )
+    if m.init_from:
+        defaults = ModelSpec()
+        for key in SHAPE_KEYS:
+            if getattr(m, key) != getattr(defaults, key):
+                raise UserError(
+                    f"model.{key}={getattr(m, key)} cannot be combined with model.init_from: the model's "
+                    "dimensions come from its config.json"
+                )
     _at_least("data.tokens_per_batch", d.tokens_per_batch, 0, "(0 = auto)")
     _one_of("data.pack", d.pack, ("sentence", "document"))
     _at_least("data.prefetch", d.prefetch, 1)

@@ -30,27 +30,10 @@ def add_args(p) -> None:
     p.add_argument("--force", action="store_true", help="start over when --out already holds a demo")
 
 
-def unigram_entropy(tokens: np.ndarray, num_special: int) -> float:
-    """Entropy in nats of the token distribution (specials excluded)."""
-    counts = np.bincount(tokens.astype(np.int64))[num_special:].astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def unigram_cross_entropy(train: np.ndarray, valid: np.ndarray, num_special: int) -> float:
-    """Loss in nats of a unigram model fitted on the train tokens (add-one smoothing, so valid tokens
-    unseen in train get a probability) on the valid tokens: what an MLM that learned only token
-    frequencies would score on the validation split. The fair baseline for the validation MLM loss."""
-    size = int(max(train.max(), valid.max())) + 1
-    p = np.bincount(train.astype(np.int64), minlength=size)[num_special:].astype(np.float64) + 1.0
-    p /= p.sum()
-    valid_counts = np.bincount(valid.astype(np.int64), minlength=size)[num_special:]
-    return float(-(valid_counts * np.log(p)).sum() / valid_counts.sum())
-
-
 def main(args) -> int:
     from mlmtrain import cli
     from mlmtrain.config import load_config
+    from mlmtrain.evaluate import unigram_cross_entropy, unigram_entropy
     from mlmtrain.prepare import load_split, prepare
     from mlmtrain.text import sample_corpus_path
     from mlmtrain.tokenizer import NUM_SPECIAL, TokenizerSettings, train_tokenizer

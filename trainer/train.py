@@ -9,6 +9,7 @@ Every host-device sync is marked `# sync:`; between log steps the loop issues de
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -26,18 +27,18 @@ from tqdm import tqdm
 from mlmtrain import checkpoint, parallel
 from mlmtrain.config import PRECISIONS, RunConfig, load_config
 from mlmtrain.errors import UserError
+from mlmtrain.evaluate import masker, score
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
-from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask, word_start_table
+from mlmtrain.kernels.mlm_mask import max_masked_bound, word_start_table
 from mlmtrain.metrics import MetricsLog, WindowStats, progress_line, summarize
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import PackedBatch, Packer
 from mlmtrain.prefetch import Prefetcher
 from mlmtrain.preflight import check_data_against_model, check_tokenizer_vocab
-from mlmtrain.prepare import check_tokenizer_match, load_split, read_meta
+from mlmtrain.prepare import check_tokenizer_match, load_split, read_meta, shard_specials
+from mlmtrain.pretrained import check_tokenizer_fits, hub_id, locate, read_pretrained
 from mlmtrain.profiling import PhaseTimer, start_profiler
-from mlmtrain.tokenizer import MASK_ID, NUM_SPECIAL, read_vocab
-
-EVAL_KEY = 1 << 40  # masking keys of eval batches live far from the training micro-batch indices
+from mlmtrain.tokenizer import read_vocab
 
 
 def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
@@ -197,6 +198,8 @@ class Run:
             "tokenizer_fingerprint": self.meta["tokenizer_fingerprint"],
             "valid_loss": last_eval.get("valid_loss"),
             "real_tokens": real_tokens,
+            "init_from": self.cfg.model.init_from or None,
+            "base_model": hub_id(self.cfg.model.init_from) if self.cfg.model.init_from else None,
         }
         scaler_state = self.scaler.state_dict() if self.precision == "fp16" else None
         checkpoint.save_checkpoint(
@@ -227,17 +230,15 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
     log = log or (lambda msg: tqdm.write(msg) if rank == 0 else None)
     run_dir = Path(cfg.out_dir)
     max_seqlen = int(meta["max_seq_len"])
-    model_config = BertConfig.from_size(
-        cfg.model.size,
-        vocab_size=len(vocab),
-        hidden_dropout_prob=cfg.model.dropout,
-        attention_probs_dropout_prob=cfg.model.dropout,
-        max_position_embeddings=cfg.model.max_position_embeddings,
-    )
-    check_data_against_model(meta, model_config, max_seqlen)
+    specials = shard_specials(meta)
     start = None
     if resume:
         start = checkpoint.latest_checkpoint(run_dir if resume == "auto" else resume, log=log)
+    # a pretrained model's weights and shape are read only to start; a resumed run has them in its checkpoint
+    pretrained = read_pretrained(locate(cfg.model.init_from)) if cfg.model.init_from and start is None else None
+    model_config = model_config_for(cfg, len(vocab), specials, start, pretrained)
+    check_data_against_model(meta, model_config, max_seqlen)
+    if start is not None:
         checkpoint.check_resume_compatible(start, cfg, meta, model_config)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -246,7 +247,11 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
 
     # ---- model, optimizer, state
     torch.manual_seed(cfg.train.seed)
-    model = BertForMaskedLM(model_config).to(device)
+    model = BertForMaskedLM(model_config)
+    if pretrained is not None:  # a fresh optimizer and data cursor: only the weights carry over
+        pretrained.load_into(model)
+        log(f"initialised from {cfg.model.init_from}: {pretrained.describe()}")
+    model = model.to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, cursor = 0, (0, 0)
     if start is not None:
@@ -271,30 +276,25 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
     spread_factor = (
         pieces_per_word(load_split(cfg.data.data_dir, "train").tokens, vocab) if cfg.mask.whole_word else 1.0
     )
-    mask = functools.partial(
-        mlm_mask,
-        vocab_size=len(vocab),
-        mask_id=MASK_ID,
-        num_special=NUM_SPECIAL,
-        mask_prob=cfg.mask.mask_prob,
-        mask_frac=cfg.mask.mask_frac,
-        random_frac=cfg.mask.random_frac,
-        max_masked=max_masked_bound(T, cfg.mask.mask_prob, pieces_per_word=spread_factor),
+    mask = masker(
+        specials,
+        len(vocab),
+        cfg.mask,
+        cfg.train.seed,
+        max_masked_bound(T, cfg.mask.mask_prob, pieces_per_word=spread_factor),
+        device,
         word_start=word_start_table(vocab).to(device) if cfg.mask.whole_word else None,
-        # Triton on CUDA; on CPU the torch path, bit-identical to the kernel and far faster than the interpreter
-        backend="auto" if device.type == "cuda" else "torch",
-        seed=cfg.train.seed,
     )
 
     # ---- data: this rank's micro-batches, built ahead on a thread
     static = use_compile or device.type == "cuda"  # eager CPU: cu_seqlens holds only the segments used
     train_packer = Packer(load_split(cfg.data.data_dir, "train"), T, max_seqlen, cfg.train.seed, cfg.data.pack,
-                          rank=rank, world_size=world, static_shapes=static)  # fmt: skip
+                          rank=rank, world_size=world, static_shapes=static, specials=specials)  # fmt: skip
     batches = train_packer.batches(cursor, step * cfg.optim.grad_accum, cfg.optim.grad_accum)
     pin = PackedBatch.pin_memory if device.type == "cuda" else None
     prefetch = Prefetcher(batches, depth=cfg.data.prefetch, transform=pin, name="packer")
     valid_packer = Packer(load_split(cfg.data.data_dir, "valid"), T, max_seqlen, cfg.train.seed, "sentence",
-                          loop=False, static_shapes=static)  # fmt: skip
+                          loop=False, static_shapes=static, specials=specials)  # fmt: skip
     valid_batches = [b for _, b in zip(range(cfg.train.eval_batches), valid_packer.batches())]
 
     if rank == 0:
@@ -315,6 +315,8 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
 
 def check_inputs(cfg: RunConfig) -> tuple[dict, list[str]]:
     """Everything that can be wrong with the inputs, found before any device work."""
+    if cfg.model.init_from and not cfg.data.tokenizer_dir:  # the pretrained model's own tokenizer
+        cfg.data.tokenizer_dir = str(locate(cfg.model.init_from))
     if not cfg.data.data_dir or not cfg.data.tokenizer_dir or not cfg.out_dir:
         raise UserError("train needs --data DIR (from `mlmtrain prepare`), --tokenizer DIR and --out RUN_DIR")
     meta = read_meta(cfg.data.data_dir)
@@ -327,6 +329,20 @@ def check_inputs(cfg: RunConfig) -> tuple[dict, list[str]]:
             f"({parallel.world_size()}) so every rank gets the same share of the global batch"
         )
     return meta, vocab
+
+
+def model_config_for(cfg: RunConfig, vocab_size: int, specials, start, pretrained) -> BertConfig:
+    """The model's shape: a pretrained model's, a resumed run's own (for a run that started from one), or
+    `cfg.model`'s. Dropout is always the run's: a training setting, not part of the model."""
+    dropout = dict(hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout)
+    if pretrained is not None:
+        config = dataclasses.replace(pretrained.config, **dropout)
+        check_tokenizer_fits(config, specials, vocab_size, pretrained.folder)
+        return config
+    if cfg.model.init_from and start is not None:
+        saved = json.loads((Path(start) / "config.json").read_text(encoding="utf-8"))["model"]
+        return dataclasses.replace(BertConfig.from_dict(saved), **dropout)
+    return BertConfig.from_spec(cfg.model, vocab_size, specials.pad)
 
 
 def pick_device(name: str) -> torch.device:
@@ -373,34 +389,10 @@ def forward_loss(model, input_ids, position_ids, cu_seqlens, max_seqlen: int, ma
     return mlm_loss_sum(logits, masked_labels)
 
 
-@torch.no_grad()
 def evaluate(run: Run) -> dict:
     """MLM loss, masked-token accuracy and perplexity over fixed valid batches (fixed masking keys)."""
-    model, device = run.model, run.device
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    targets = torch.zeros((), device=device, dtype=torch.int64)
-    for i, host_batch in enumerate(run.valid_batches):
-        b = host_batch.to(device)
-        m = run.mask(b.input_ids, step=EVAL_KEY + i)
-        with run.autocast:
-            logits = model(m.masked_ids, b.position_ids, b.cu_seqlens, run.max_seqlen, m.masked_positions)
-        s, n = mlm_loss_sum(logits, m.masked_labels)
-        loss_sum += s.double()
-        targets += n
-        correct += ((logits.argmax(-1) == m.masked_labels) & (m.masked_labels != -100)).sum()
-    model.train(was_training)
-    totals = torch.stack([loss_sum, correct.double(), targets.double()]).tolist()  # sync: once per eval
-    loss_sum, correct, targets = totals[0], totals[1], max(totals[2], 1.0)
-    loss = loss_sum / targets
-    return {
-        "valid_loss": loss,
-        "valid_accuracy": correct / targets,
-        "valid_ppl": math.exp(min(loss, 50.0)),
-        "valid_targets": int(totals[2]),
-    }
+    result = score([run.model], run.valid_batches, run.mask, run.device, run.autocast, run.max_seqlen)[0]
+    return {f"valid_{key}": result[key] for key in ("loss", "accuracy", "ppl", "targets")}
 
 
 class StopSignal:
@@ -431,6 +423,11 @@ def add_args(p) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder the shards were made with (data.tokenizer_dir)")
     p.add_argument("--out", help="run folder: metrics.jsonl, checkpoints/, config.json (out_dir)")
     p.add_argument("--model", choices=["tiny", "mini", "small", "base", "large"], help="model size (model.size)")
+    p.add_argument(
+        "--init-from",
+        metavar="PATH_OR_HUB_ID",
+        help="continue pretraining a transformers BERT: its weights, dimensions and tokenizer (model.init_from)",
+    )
     p.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
     p.add_argument(
         "--tokens-per-batch", type=int, help="tokens per micro-batch per process (default 65536 on CUDA, 4096 on CPU)"
@@ -469,11 +466,14 @@ def add_args(p) -> None:
 
 
 def config_from_args(args) -> RunConfig:
+    if args.model and args.init_from:
+        raise UserError("pass --model SIZE or --init-from MODEL, not both: --init-from brings the model's shape")
     overrides = {
         "data.data_dir": args.data,
         "data.tokenizer_dir": args.tokenizer,
         "out_dir": args.out,
         "model.size": args.model,
+        "model.init_from": args.init_from,
         "train.max_steps": args.max_steps,
         "data.tokens_per_batch": args.tokens_per_batch,
         "train.seed": args.seed,
