@@ -24,8 +24,11 @@ def model_card(
     license: str,
     widgets: list[str],
     data_meta: dict | None,
+    base_model: str | None = None,
 ):
-    """The README.md: YAML header the Hub reads (fill-mask widget) + what, on what, how long, how good."""
+    """The README.md: YAML header the Hub reads (fill-mask widget) + what, on what, how long, how good.
+    `base_model`: the Hub id of the model training started from (`--init-from`), for the header's `base_model`;
+    a run that started from a local folder names that folder in the text only."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from mlmtrain import __version__
@@ -39,8 +42,11 @@ def model_card(
         tags=["bert", "fill-mask", "mlmtrain"],
         mask_token="[MASK]",
         widget=[{"text": t} for t in widgets],
+        base_model=base_model,
     )
     run = run_config.get("run") or {}
+    init_from = base_model or (run.get("model") or {}).get("init_from")
+    origin = f"continued from `{init_from}`" if init_from else "pretrained from scratch"
     data, mask, optim, train = (run.get(k) or {} for k in ("data", "mask", "optim", "train"))
     size = next(
         (name for name, dims in MODEL_SIZES.items() if all(getattr(config, k) == v for k, v in dims.items())), "custom"
@@ -52,12 +58,7 @@ def model_card(
     tokens = state.get("real_tokens")
     if data_meta:
         train_split = data_meta.get("train") or {}
-        inputs = (
-            ", ".join(
-                Path(str(p.get("path", p) if isinstance(p, dict) else p)).name for p in data_meta.get("inputs") or []
-            )
-            or "not recorded"
-        )
+        inputs = ", ".join(_input_name(p) for p in data_meta.get("inputs") or []) or "not recorded"
         data_text = (
             f"{_count(train_split.get('sentences'))} sentences / {_count(train_split.get('tokens'))} tokens "
             f"from {inputs}, split into segments of at most {data_meta.get('max_seq_len')} tokens "
@@ -70,7 +71,7 @@ def model_card(
         "",
         f"A BERT masked-language model (`BertForMaskedLM`, size `{size}`: {config.num_hidden_layers} layers, "
         f"hidden {config.hidden_size}, {config.num_attention_heads} heads, vocabulary {config.vocab_size}) "
-        "pretrained from scratch with mlmtrain on single sentences: masked language "
+        f"{origin} with mlmtrain on single sentences: masked language "
         "modelling only, no next-sentence prediction.",
         "",
         "## Use",
@@ -120,6 +121,13 @@ def model_card(
         "",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _input_name(entry) -> str:
+    """A meta.json input as the card names it: a file's name, or a dataset's name and split."""
+    if isinstance(entry, dict) and entry.get("dataset"):
+        return f"{entry['dataset']} ({entry.get('split')})"
+    return Path(str(entry.get("path", entry) if isinstance(entry, dict) else entry)).name
 
 
 def _count(n) -> str:

@@ -47,11 +47,14 @@ def export_folder(
     dtype: str = "fp32",
     verify: bool = True,
     overwrite: bool = False,
+    base_model: str | None = None,
     log=print,
 ) -> dict:
     """Write the export folder for `checkpoint` (a checkpoint folder or a run folder: its newest complete
-    checkpoint) and return its `mlmtrain_export.json` content. Raises UserError on any user mistake, and when
-    verification fails (the folder is then still written, with "verified": false, so it can be inspected)."""
+    checkpoint) and return its `mlmtrain_export.json` content. `base_model`: the Hub id the run started from, for
+    the card (default: the one the checkpoint records, when it started from a Hub id). Raises UserError on any
+    user mistake, and when verification fails (the folder is then still written, with "verified": false, so it
+    can be inspected)."""
     import torch
     from safetensors.torch import save_file
 
@@ -95,6 +98,7 @@ def export_folder(
         license=license,
         widgets=widgets,
         data_meta=read_data_meta(run_config),
+        base_model=base_model or state.get("base_model"),
     )
     tok_config = read_tokenizer_config(tokenizer_dir)
     tok_config["model_max_length"] = min(
@@ -249,6 +253,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--language", default=None, help="model card language code, e.g. ko (default: not stated)")
     p.add_argument("--license", default="apache-2.0", help="model card license identifier (default: apache-2.0)")
     p.add_argument(
+        "--base-model",
+        metavar="HUB_ID",
+        help="the Hub model training started from, for the card's base_model (default: the run's --init-from "
+        "when it was a Hub id)",
+    )
+    p.add_argument(
         "--widget-text",
         action="append",
         default=None,
@@ -280,6 +290,7 @@ def main(args) -> int:
         dtype=args.dtype,
         verify=not args.no_verify,
         overwrite=args.overwrite,
+        base_model=args.base_model,
     )
     size_mb = manifest["files"]["model.safetensors"]["size"] / 1e6
     print(f"exported step {manifest['step']} to {args.out} ({size_mb:.1f} MB weights, {args.dtype})")
