@@ -213,9 +213,9 @@ def main(args) -> int:
     from mlmtrain.prepare import check_tokenizer_match, load_split, prepare, read_meta, shard_specials
     from mlmtrain.tokenizer import tokenizer_fingerprint
 
-    corpus = corpus_from_args(args)
-    if (corpus is None) == (args.data is None):
+    if (args.data is None) == (not args.input and not args.dataset):
         raise UserError("pass what to score on: --data SHARDS, or a corpus (--input FILE ... or --dataset NAME).")
+    corpus = corpus_from_args(args)
     if args.tokens_per_batch < 8 or args.max_batches < 0 or not 0.0 < args.mask_prob < 1.0:
         raise UserError("need --tokens-per-batch >= 8, --max-batches >= 0 and --mask-prob in (0, 1).")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
