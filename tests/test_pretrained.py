@@ -151,7 +151,11 @@ def test_hub_id_is_downloaded_once_named_and_carried_to_the_card(folder_and_data
     card = (out / "README.md").read_text()
     assert "base_model: tester/tiny-bert" in card.split("---")[1]
 
-    calls.clear()  # prepare takes a Hub id for its tokenizer: the tokenizer files only
+    calls.clear()  # resuming reads the checkpoint and the recorded tokenizer folder: no download
+    resumed = train(load_config(tmp_path / "run" / "config.json", {"train.max_steps": 3}), resume="auto")
+    assert resumed["steps_this_run"] == 1 and not calls
+
+    # prepare takes a Hub id for its tokenizer: the tokenizer files only
     rc = cli.main(["prepare", "--input", str(cli_corpus(tmp_path)), "--tokenizer", "tester/tiny-bert",
                    "--out", str(tmp_path / "d2"), "--no-progress"])  # fmt: skip
     assert rc == 0 and calls and "model.safetensors" not in calls[0][1]
@@ -213,3 +217,27 @@ def test_default_layout_is_what_mlmtrain_tokenizer_writes(tokenizer_dir, data_di
     assert read_special_tokens(tokenizer_dir) == DEFAULT_SPECIALS
     assert DEFAULT_SPECIALS.num_leading == 5 and DEFAULT_SPECIALS.never_mask_ids() == []
     assert shard_specials(read_meta(data_dir)) == DEFAULT_SPECIALS
+
+
+def test_legacy_weights_are_read_like_the_modern_folder(tokenizer_dir, tmp_path):
+    """pytorch_model.bin (read with weights_only) with TF-era LayerNorm gamma/beta names, a pooler and a
+    next-sentence head, as BertForPreTraining checkpoints were saved: the same weights, the extras dropped."""
+    from safetensors.torch import load_file
+
+    from mlmtrain.pretrained import read_pretrained
+
+    modern = make_bert_folder(tmp_path / "modern", tokenizer_dir, "0-4")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        (legacy / name).write_bytes((modern / name).read_bytes())
+    weights = load_file(modern / "model.safetensors")
+    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+           for k, v in weights.items()}  # fmt: skip
+    old["bert.pooler.dense.weight"] = torch.zeros(48, 48)
+    old["cls.seq_relationship.weight"] = torch.zeros(2, 48)
+    torch.save({k: v.half() for k, v in old.items()}, legacy / "pytorch_model.bin")
+    a, b = read_pretrained(modern), read_pretrained(legacy)
+    assert b.dropped == ["bert.pooler.dense.weight", "cls.seq_relationship.weight"] and not b.initialised
+    assert a.weights.keys() == b.weights.keys() and all(b.weights[k].dtype == torch.float32 for k in b.weights)
+    assert all(torch.equal(a.weights[k].half().float(), b.weights[k]) for k in a.weights)

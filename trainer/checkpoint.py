@@ -319,7 +319,7 @@ def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfi
     if state.get("tokenizer_fingerprint") != meta["tokenizer_fingerprint"]:
         problems.append("the tokenizer differs")
     saved_model = saved_config.get("model", {})
-    for key in SHAPE_FIELDS:
+    for key in (*SHAPE_FIELDS, "layer_norm_eps", "pad_token_id"):  # the shapes, and what else the weights mean
         if saved_model.get(key) != getattr(model_config, key):
             problems.append(
                 f"model {key} is {getattr(model_config, key)} but the checkpoint has {saved_model.get(key)}"
