@@ -280,7 +280,8 @@ def main(args) -> int:
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return 0
-    print(f"{report['targets']:,} masked tokens in {report['batches']} batches of {source} (seed {args.seed}, "
+    batches = f"{report['batches']} batch{'es' if report['batches'] != 1 else ''}"
+    print(f"{report['targets']:,} masked tokens in {batches} of {source} (seed {args.seed}, "
           f"{args.mask_prob:.0%} masked, {args.precision})")  # fmt: skip
     width = max(len(m["model"]) for m in report["models"]) + 12
     print(f"{'model':<{width}} {'loss':>8} {'ppl':>10} {'accuracy':>9}")

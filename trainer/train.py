@@ -301,9 +301,9 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
         log(f"config: {json.dumps(cfg.to_dict(), ensure_ascii=False)}")
-        params = sum(p.numel() for p in model.parameters()) / 1e6
+        params, name = sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.init_from or cfg.model.size
         log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
-            f"{cfg.optim.grad_accum} micro-batches/step, model {cfg.model.size} ({params:.1f}M params), "
+            f"{cfg.optim.grad_accum} micro-batches/step, model {name} ({params:.1f}M params), "
             f"{mask.keywords['max_masked']} masked slots/batch")  # fmt: skip
     metrics = MetricsLog(run_dir / "metrics.jsonl" if rank == 0 else None, append=start is not None)
     return Run(
