@@ -260,11 +260,10 @@ def main(args) -> int:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
         results = score([m.to(device) for m in models], batches, mask, device, autocast, None, logp, digest=True)
 
-    source = (
-        f"{'corpus ' + ', '.join(d.get('path') or d.get('dataset') for d in corpus.describe())}"
-        if corpus
-        else (f"{split} split of {data_dir}")
-    )
+    if corpus is not None:
+        source = "corpus " + ", ".join(d.get("path") or d.get("dataset") for d in corpus.describe())
+    else:
+        source = f"{split} split of {data_dir}"
     report = {
         "data": source,
         "batches": results[0]["batches"],
