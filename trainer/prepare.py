@@ -35,6 +35,7 @@ import numpy as np
 from mlmtrain.errors import UserError
 from mlmtrain.files import atomic_dir, write_json
 from mlmtrain.prefetch import Prefetcher
+from mlmtrain.progress import bars_enabled
 from mlmtrain.text import LINE_PROBLEMS, READ_BLOCK_BYTES, check_inputs, iter_line_batches, line_problem_notes
 from mlmtrain.tokenizer import SEP_ID, load_tokenizer, tokenizer_fingerprint
 
@@ -287,7 +288,7 @@ def _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_byte
 
 
 def _progress_bar(total_bytes: int, enabled: bool):
-    if not enabled:
+    if not (enabled and bars_enabled()):
         return None
     from tqdm import tqdm
 
@@ -406,7 +407,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace shards already in --out (only once the new ones are complete)"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
 
 
 def main(args) -> int:
@@ -418,6 +418,6 @@ def main(args) -> int:
         max_seq_len=args.max_seq_len,
         seed=args.seed,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.quiet,
     )
     return 0
