@@ -199,26 +199,34 @@ def _base_name(name: str) -> str:
 
 def kernel_category(name: str, cat: str = "kernel") -> str:
     """The category of one trace event: a CUDA kernel by its (demangled) name, a copy or memset by its `cat`,
-    a host operator (aten::...) by its name. Order matters: attention kernels are often cutlass instances,
-    layer norms are reductions, and inductor names say the kind of fused kernel (triton_tem_ template GEMM,
-    triton_red_/triton_per_ reduction, triton_poi_ pointwise) before the ops it fused."""
+    a host operator (aten::...) by its name. The first rule that matches wins, in this order: NCCL; the
+    optimizer (fused AdamW's multi_tensor_apply, the foreach norm/scale of gradient clipping); inductor's
+    kernels by the kind their name starts with (triton_tem_ a template GEMM, triton_red_/triton_per_ a
+    reduction, triton_poi_ pointwise; a fused layer norm counts as a norm) rather than the ops they fused;
+    attention anywhere in the name (flash attention kernels are cutlass instances); GEMM libraries; norms;
+    reductions; elementwise kernels; copies."""
     if cat in ("gpu_memcpy", "gpu_memset"):
         return "copy"
     full, base = name.lower(), _base_name(name)
+    op = base[6:].strip("_") if base.startswith("aten::") else None  # a host operator's name
     if "nccl" in full:
         return "communication"
     if any(s in base for s in ("multi_tensor_apply", "adam", "lpnorm", "_foreach_")):
-        return "optimizer"  # fused AdamW and the foreach norm/scale of gradient clipping
+        return "optimizer"
+    if base.startswith("triton_"):
+        if base.startswith("triton_tem_"):
+            return "gemm"
+        is_reduction = base.startswith(("triton_red_", "triton_per_")) and not any(s in base for s in _NORM)
+        return "reduction" if is_reduction else "norm_elementwise"
     if any(s in full for s in ("flash", "fmha", "attention", "attn")):
         return "attention"
-    if base.startswith("triton_tem_") or any(s in base for s in _GEMM) or base in _HOST_GEMM:
+    if any(s in base for s in _GEMM) or base in _HOST_GEMM:
         return "gemm"
     if any(s in base for s in _NORM):
         return "norm_elementwise"
-    op = base[6:].strip("_") if base.startswith("aten::") else None  # a host operator's name
-    if base.startswith(("triton_red_", "triton_per_")) or any(s in base for s in _REDUCTION) or op in _HOST_REDUCTION:
+    if any(s in base for s in _REDUCTION) or op in _HOST_REDUCTION:
         return "reduction"
-    if base.startswith("triton_poi_") or any(s in base for s in _ELEMENTWISE) or op in _HOST_POINTWISE:
+    if any(s in base for s in _ELEMENTWISE) or op in _HOST_POINTWISE:
         return "norm_elementwise"
     if "memcpy" in base or "memset" in base:
         return "copy"
@@ -232,7 +240,7 @@ def kernel_categories(trace: dict, source: str = "") -> dict:
     n_steps = max(1, len(steps))
     device = [e for e in events if e.get("cat") in DEVICE_EVENTS]
     if device:
-        timed = [(e, float(e["dur"])) for e in device]
+        timed = [(e, float(e["dur"]), kernel_category(e["name"], e["cat"])) for e in device]
         window_us = sum(b - a for a, b in _extent(device))
         busy_us = _union((e["ts"], e["ts"] + e["dur"]) for e in device)
     else:
@@ -243,8 +251,8 @@ def kernel_categories(trace: dict, source: str = "") -> dict:
         busy_us = _union(filter(None, (_clip(iv, windows) for iv in top_level)))
     step_ms = window_us / 1e3 / n_steps
     table = {c: {"ms": 0.0, "count": 0, "kernels": {}} for c in CATEGORIES}
-    for e, dur_us in timed:
-        entry = table[kernel_category(e["name"], e.get("cat", ""))]
+    for e, dur_us, category in timed:
+        entry = table[category]
         entry["ms"] += dur_us / 1e3
         entry["count"] += 1
         ms, count = entry["kernels"].get(e["name"], (0.0, 0))
@@ -296,9 +304,10 @@ def _pct(ms: float, step_ms: float) -> float:
     return 100.0 * ms / step_ms if step_ms > 0 else 0.0
 
 
-def _self_times(ops: list[dict]) -> tuple[list[tuple[dict, float]], list[tuple[float, float]]]:
-    """Each host operator with its self time (its duration less its direct children's, per thread), and the
-    intervals of the top-level operators."""
+def _self_times(ops: list[dict]):
+    """Each host operator with its self time (its duration less its direct children's, per thread) and its
+    category, and the intervals of the top-level operators. The operators inside an attention operator count
+    as attention (on CPU, SDPA's math path is made of bmm and softmax)."""
     by_thread: dict = {}
     for e in ops:
         by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
@@ -306,6 +315,7 @@ def _self_times(ops: list[dict]) -> tuple[list[tuple[dict, float]], list[tuple[f
     for thread_ops in by_thread.values():
         thread_ops.sort(key=lambda e: (e["ts"], -e["dur"]))
         self_us = [float(e["dur"]) for e in thread_ops]
+        category = [""] * len(thread_ops)
         stack: list[int] = []
         for i, e in enumerate(thread_ops):
             while stack and thread_ops[stack[-1]]["ts"] + thread_ops[stack[-1]]["dur"] <= e["ts"]:
@@ -314,8 +324,10 @@ def _self_times(ops: list[dict]) -> tuple[list[tuple[dict, float]], list[tuple[f
                 self_us[stack[-1]] -= e["dur"]
             else:
                 top_level.append((e["ts"], e["ts"] + e["dur"]))
+            inside_attention = stack and category[stack[-1]] == "attention"
+            category[i] = "attention" if inside_attention else kernel_category(e["name"], "cpu_op")
             stack.append(i)
-        timed += [(e, max(0.0, s)) for e, s in zip(thread_ops, self_us)]
+        timed += [(e, max(0.0, s), c) for e, s, c in zip(thread_ops, self_us, category)]
     return timed, top_level
 
 
