@@ -22,7 +22,7 @@ timeout 300 python3 -m mlmtrain.cli train --data "$W/data" --tokenizer "$W/tok" 
   --max-steps ${STEPS:-60} --set train.log_every=10 --set train.eval_every=0 --profile-steps 40:45 2>&1 \
   | grep -v "step/s" | tail -20 | tee "$OUT/train.txt"
 cp "$W/run/metrics.jsonl" "$W/run/summary.json" "$OUT/" 2>/dev/null
-cp "$W/run/profile/phases.json" "$OUT/" 2>/dev/null
+cp "$W/run/profile/phases.json" "$W/run/profile/categories.json" "$OUT/" 2>/dev/null
 
 echo "== benchmarks"
 timeout 150 python3 -m mlmtrain.benchmarks.bench_mlm_mask --out "$OUT/bench_mlm_mask.json" 2>&1 | tail -15
