@@ -44,13 +44,14 @@ def test_tensorboard_gets_every_row_eval_config_and_summary(data_dir, tokenizer_
 
 
 def test_wandb_offline_run(data_dir, tokenizer_dir, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
     cfg = tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 3, "train.eval_every": 3})
     cfg.train.report_to = "wandb"
     train(cfg)
+    wandb.teardown()  # W&B's service process writes the run's log file; wait for it, as the end of a process does
     run_id = (run / "wandb" / "mlmtrain_run_id").read_text()
     offline = [p for p in (run / "wandb").iterdir() if p.name.startswith("offline-run-") and p.name.endswith(run_id)]
     assert len(offline) == 1

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mlmtrain import parallel
+from mlmtrain.checkpoint import complete_checkpoints
 from mlmtrain.errors import UserError
 from mlmtrain.profiling import spread
 
@@ -273,3 +274,24 @@ def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: 
         "world_size": run.world,
         "losses": [(r["step"], r["loss"]) for r in history],
     }
+
+
+def closing_lines(run_dir: Path, summary: dict) -> str:
+    """What a finished (or stopped) run says last: its numbers, where the checkpoint and summary.json are, and
+    the command to run next."""
+    loss, valid = summary["final_loss"], summary["valid_loss"]
+    numbers = f"{summary['steps']} steps" + (f", loss {loss:.4f}" if loss is not None else "")
+    numbers += f", valid loss {valid:.4f}" if valid is not None else ""
+    numbers += f", {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else ""
+    saved = complete_checkpoints(run_dir)
+    where = f"checkpoint {saved[-1]}" if saved else "no checkpoint saved (train.checkpoint_at_end is off)"
+    lines = [
+        f"{'stopped' if summary['stopped_by'] else 'done'}: {numbers}; {where}; summary {run_dir / 'summary.json'}"
+    ]
+    if summary["stopped_by"]:
+        lines.append(f"next: mlmtrain train --config {run_dir / 'config.json'} --resume")
+    elif saved:
+        lines.append(
+            f"next: mlmtrain export --checkpoint {saved[-1]} --out {run_dir.parent / (run_dir.name + '-export')}"
+        )
+    return "\n".join(lines)

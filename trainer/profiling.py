@@ -93,7 +93,7 @@ class StepProfiler:
         if memory and not self.memory:
             log(f"--profile-memory: no memory snapshot: it records CUDA allocations, and this run is on {device}")
         if self.memory and self.wait == 0:
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
         if self.warmup == 0:
             log(f"profile: no warm-up step before step {self.first}: the first traced step carries the start-up")
 
@@ -111,7 +111,7 @@ class StepProfiler:
             self.prof.step()
         self.steps_done += 1
         if self.memory and self.steps_done == self.wait:  # the warm-up starts: record allocations from here
-            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
 
     def close(self) -> dict:
         """Stop (a run that ended inside the window writes what it traced) and return the per-phase ms."""

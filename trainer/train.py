@@ -28,7 +28,7 @@ from mlmtrain.config import PRECISIONS, RunConfig, format_config, load_config, r
 from mlmtrain.errors import UserError
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask, word_start_table
-from mlmtrain.metrics import MetricsLog, WindowStats, check_report_to, progress_line, summarize
+from mlmtrain.metrics import MetricsLog, WindowStats, check_report_to, closing_lines, progress_line, summarize
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import PackedBatch, Packer
 from mlmtrain.prefetch import Prefetcher
@@ -532,28 +532,6 @@ def main(args) -> int:
     with parallel.name_failing_rank():
         summary = train(cfg, resume=args.resume)
     if parallel.rank() == 0:
-        print(final_lines(cfg, summary))
+        print(closing_lines(Path(cfg.out_dir), summary))
     parallel.shutdown()
     return 0
-
-
-def final_lines(cfg: RunConfig, summary: dict) -> str:
-    """What a finished (or stopped) run says last: its numbers, where the checkpoint and summary.json are, and
-    the command to run next."""
-    run_dir = Path(cfg.out_dir)
-    valid = summary["valid_loss"]
-    numbers = f"{summary['steps']} steps, loss {summary['final_loss']:.4f}" if summary["final_loss"] else ""
-    numbers += f", valid loss {valid:.4f}" if valid is not None else ""
-    numbers += f", {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else ""
-    saved = checkpoint.complete_checkpoints(run_dir)
-    where = f"checkpoint {saved[-1]}" if saved else "no checkpoint saved (train.checkpoint_at_end is off)"
-    lines = [
-        f"{'stopped' if summary['stopped_by'] else 'done'}: {numbers}; {where}; summary {run_dir / 'summary.json'}"
-    ]
-    if summary["stopped_by"]:
-        lines.append(f"next: mlmtrain train --config {run_dir / 'config.json'} --resume")
-    elif saved:
-        lines.append(
-            f"next: mlmtrain export --checkpoint {saved[-1]} --out {run_dir.parent / (run_dir.name + '-export')}"
-        )
-    return "\n".join(lines)
