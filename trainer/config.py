@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import textwrap
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -107,6 +108,11 @@ class TrainSpec:
     checkpoint_at_end: bool = True  # benchmarks turn it off (a base checkpoint is ~1.3 GB)
     peak_tflops: float = 0.0  # device peak for MFU; 0 = from the built-in table (trainer/flops.py)
     profile_steps: str = ""  # "A:B" records a torch.profiler trace of steps A..B-1
+    profile_warmup: int = 1  # profiler warm-up steps before A (its start-up cost lands there, not in the trace)
+    profile_memory: bool = (
+        False  # with profile_steps: a CUDA memory snapshot of the same steps (pytorch.org/memory_viz)
+    )
+    report_to: str = ""  # also log metrics to: tensorboard, wandb, or both comma-separated ("" or none: off)
     nan_policy: str = "skip"  # skip: skip the update | stop: final checkpoint and stop
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps
     shard: str = "ddp"  # ddp | fsdp (only used under torchrun with more than one process)
@@ -192,6 +198,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _at_least("train.keep_checkpoints", t.keep_checkpoints, 0, "(0 = keep all)")
     _within("train.peak_tflops", t.peak_tflops, 0.0, math.inf, "at least 0 (0 = from the table)", high_open=True)
     profile_range(t.profile_steps)
+    _at_least("train.profile_warmup", t.profile_warmup, 0)
+    if t.profile_memory and not t.profile_steps:
+        raise UserError("--profile-memory records the steps --profile-steps A:B traces: give both")
+    report_targets(t.report_to)
     _one_of("train.nan_policy", t.nan_policy, ("skip", "stop"))
     _at_least("train.max_bad_steps", t.max_bad_steps, 1)
     _one_of("train.shard", t.shard, ("ddp", "fsdp"))
@@ -209,6 +219,49 @@ def profile_range(spec: str) -> tuple[int, int] | None:
     if not 0 <= first < end:
         raise UserError(f"--profile-steps A:B needs 0 <= A < B, got {spec!r}")
     return first, end
+
+
+REPORT_TARGETS = ("tensorboard", "wandb")
+
+
+def report_targets(spec: str) -> list[str]:
+    """`train.report_to` ("tensorboard,wandb", "none" or "") as a list of target names."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    for name in names:
+        if name not in REPORT_TARGETS:
+            raise UserError(f"--report-to takes {', '.join(REPORT_TARGETS)} or none (comma-separated), got {name!r}")
+    return list(dict.fromkeys(names))
+
+
+def format_config(cfg: RunConfig, resolved: dict) -> str:
+    """The config as a few readable lines, one per section, with `resolved` ({dotted key: value}) in place of
+    the `auto` (or 0 = auto) settings; those are marked `(auto)`."""
+    lines = ["config (resolved):", f"  out_dir: {cfg.out_dir}"]
+    for section in SECTIONS:
+        items = []
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            dotted = f"{section}.{key}"
+            if dotted in resolved and value != resolved[dotted]:
+                value = f"{_text(resolved[dotted])} (auto)" if value in ("auto", 0, 0.0) else _text(value)
+            else:
+                value = _text(value)
+            items.append(f"{key}={value}")
+        lines += textwrap.wrap(
+            " ".join(items), 116, initial_indent=f"  {section}: ", subsequent_indent=" " * (len(section) + 4)
+        )
+    return "\n".join(lines)
+
+
+def _text(value) -> str:
+    if isinstance(value, str):
+        return value if value and " " not in value else repr(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _one_of(name: str, value, allowed) -> None:

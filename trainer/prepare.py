@@ -36,6 +36,7 @@ import numpy as np
 from mlmtrain.errors import UserError
 from mlmtrain.files import atomic_dir, write_json
 from mlmtrain.prefetch import Prefetcher
+from mlmtrain.progress import bars_enabled
 from mlmtrain.text import (
     LINE_PROBLEMS,
     READ_BLOCK_BYTES,
@@ -310,7 +311,7 @@ def _write_splits(tmp, corpus, tok, sep_id, valid_fraction, max_seq_len, seed, b
 
 
 def _progress_bar(total_bytes: int, enabled: bool):
-    if not enabled:
+    if not (enabled and bars_enabled()):
         return None
     from tqdm import tqdm
 
@@ -434,7 +435,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace shards already in --out (only once the new ones are complete)"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
 
 
 def main(args) -> int:
@@ -448,6 +448,6 @@ def main(args) -> int:
         max_seq_len=args.max_seq_len,
         seed=args.seed,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.quiet,
     )
     return 0

@@ -30,6 +30,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from mlmtrain.errors import UserError
 from mlmtrain.files import atomic_dir, tmp_sibling, write_json
+from mlmtrain.progress import bars_enabled
 from mlmtrain.text import add_corpus_args, check_corpus, corpus_from_args, iter_line_batches, line_problem_notes
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -37,6 +38,9 @@ PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)  # where `mlmtrain tokenizer`
 NUM_SPECIAL = 5
 UNUSED_TOKEN = re.compile(r"\[unused\d+\]")  # placeholder rows of Google's vocabularies
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+# How `mlmtrain tokenizer` trained the folder (settings, inputs, real size), for the model card's commands.
+# Not a tokenizer file: nothing reads it to tokenize, and the export does not copy it.
+TOKENIZER_RECORD = "mlmtrain_tokenizer.json"
 SPECIAL_TOKENS_MAP = {
     "unk_token": "[UNK]",
     "sep_token": "[SEP]",
@@ -181,7 +185,7 @@ def train_tokenizer(
         limit_alphabet=settings.limit_alphabet,
         special_tokens=SPECIAL_TOKENS,  # in this order: ids 0..4
         continuing_subword_prefix=settings.wordpieces_prefix,
-        show_progress=progress,
+        show_progress=progress and bars_enabled(),  # its own (Rust) bar ignores TQDM_DISABLE
     )
     char_counts: collections.Counter = collections.Counter()
     stats = {}
@@ -203,7 +207,12 @@ def train_tokenizer(
     for i, token in enumerate(SPECIAL_TOKENS):
         assert vocab.get(token) == i, f"special token {token} is at id {vocab.get(token)}, expected {i}"
     _add_post_processor(tok)
-    _write_atomically(tok, out_dir, settings)
+    record = {
+        "settings": asdict(settings),
+        "inputs": corpus.describe(),
+        "vocab_size": tok.get_vocab_size(),
+    }
+    _write_atomically(tok, out_dir, settings, record)
 
     vocab_size = tok.get_vocab_size()
     missing = unknown_characters(tok, char_counts, settings.wordpieces_prefix)
@@ -290,21 +299,32 @@ def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettin
     write_json(out_dir / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
 
 
-def _write_atomically(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
+def _write_atomically(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings, record: dict) -> None:
     """A new (or empty) folder is written whole and renamed into place; a folder that also holds other files
     gets the four files moved in, each atomically. An interrupted run never leaves a half-written tokenizer."""
     if not (out_dir.is_dir() and any(out_dir.iterdir())):
         with atomic_dir(out_dir) as tmp:
             write_tokenizer_dir(tok, tmp, settings)
+            write_json(tmp / TOKENIZER_RECORD, record)
         return
     tmp = tmp_sibling(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_tokenizer_dir(tok, tmp, settings)
-        for name in TOKENIZER_FILES:
+        write_json(tmp / TOKENIZER_RECORD, record)
+        for name in (*TOKENIZER_FILES, TOKENIZER_RECORD):
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_tokenizer_record(tokenizer_dir) -> dict | None:
+    """TOKENIZER_RECORD of a folder `mlmtrain tokenizer` wrote; None for other tokenizer folders."""
+    path = Path(tokenizer_dir) / TOKENIZER_RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (ValueError, OSError):
+        return None
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -467,6 +487,7 @@ def main(args) -> int:
         model_max_length=args.model_max_length,
     )
     settings.validate()
-    print("settings: " + json.dumps(asdict(settings)), file=sys.stderr)
-    train_tokenizer(corpus_from_args(args), args.out, settings, overwrite=args.overwrite)
+    if not args.quiet:
+        print("settings: " + json.dumps(asdict(settings)), file=sys.stderr)
+    train_tokenizer(corpus_from_args(args), args.out, settings, overwrite=args.overwrite, progress=not args.quiet)
     return 0

@@ -25,19 +25,20 @@ import torch
 from tqdm import tqdm
 
 from mlmtrain import checkpoint, parallel
-from mlmtrain.config import PRECISIONS, RunConfig, load_config
+from mlmtrain.config import PRECISIONS, RunConfig, format_config, load_config, report_targets
 from mlmtrain.errors import UserError
 from mlmtrain.evaluate import masker, score
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
 from mlmtrain.kernels.mlm_mask import max_masked_bound, word_start_table
-from mlmtrain.metrics import MetricsLog, WindowStats, progress_line, summarize
+from mlmtrain.metrics import MetricsLog, WindowStats, check_report_to, closing_lines, progress_line, summarize
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import PackedBatch, Packer
 from mlmtrain.prefetch import Prefetcher
 from mlmtrain.preflight import check_data_against_model, check_tokenizer_vocab
 from mlmtrain.prepare import check_tokenizer_match, load_split, read_meta, shard_specials
 from mlmtrain.pretrained import check_tokenizer_fits, hub_id, locate, read_pretrained
-from mlmtrain.profiling import PhaseTimer, start_profiler
+from mlmtrain.profiling import no_phase, start_profiler
+from mlmtrain.progress import StepProgress, quiet
 from mlmtrain.tokenizer import read_vocab
 
 
@@ -46,40 +47,43 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     run = setup(cfg, resume, log)
     t, model, world = cfg.train, run.model, run.world
     window = WindowStats(run.device, t.log_every, world, run.peak_tflops, run.prefetch)
-    stopper, profiler = StopSignal(), start_profiler(t.profile_steps if run.is_main else "", run.dir)
+    stopper = StopSignal()
+    profiler = start_profiler(t, run.step, run.dir / "profile", run.device, run.rank, world, run.log)
+    phase = profiler.phase if profiler is not None else no_phase  # record_function ranges, only when profiling
     step, cursor, history, last_eval, stop_reason, phase_ms = run.step, run.cursor, [], {}, None, {}
     last_save = time.time()
-    bar = tqdm(total=t.max_steps, initial=step, disable=not run.is_main, unit="step", dynamic_ncols=True)
+    bar = StepProgress(t.max_steps, step, run.is_main, run.log)  # a bar on a terminal, plain lines elsewhere
     try:
         while step < t.max_steps:
-            phase = PhaseTimer(run.device, enabled=profiler is not None and profiler.active(step))
             lr = lr_at(step, cfg)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             # ---- one optimizer step: mask every micro-batch first, since the loss divides by the step's targets
             micro = []
             for _ in range(run.local_accum):
+                phase("data")
                 host_batch = run.prefetch.get()
                 b = host_batch.to(run.device)  # async copy from pinned memory
                 # key = (seed, optimizer step, global token index within the step): the same tokens get the same
                 # mask for any world size or micro-batch split, after a resume, on any rank
                 offset = (host_batch.index - step * cfg.optim.grad_accum) * run.tokens_per_batch
+                phase("mask")
                 m = run.mask(b.input_ids, step=step, offset=offset)
                 micro.append((b, m, run.max_seqlen if run.static else host_batch.max_segment_len))
                 cursor = host_batch.cursor_after
                 window.add_batch(host_batch, train_flops_per_batch(run.model_config, host_batch, cfg.mask.mask_prob))
-            phase.mark("data")
             targets = sum((m.masked_labels != -100).sum() for _, m, _ in micro)  # device scalar, no sync
             targets = parallel.all_reduce_sum(targets).clamp(min=1)  # the same denominator on every rank
             step_loss = torch.zeros((), device=run.device, dtype=torch.float32)
             for j, (b, m, seqlen) in enumerate(micro):
+                phase("forward")
                 with parallel.no_sync(model, last=j == run.local_accum - 1), run.autocast:
                     args = (m.masked_ids, b.position_ids, b.cu_seqlens, seqlen, m.masked_positions, m.masked_labels)
                     loss = run.step_fn(model, *args)[0] * world / targets  # DDP averages over ranks: * world
-                phase.mark("forward")
+                phase("backward")
                 run.scaler.scale(loss).backward()
-                phase.mark("backward")
                 step_loss += loss.detach().float() / world
+            phase("optimizer")
             step_loss = parallel.all_reduce_sum(step_loss)
             run.scaler.unscale_(run.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
@@ -90,12 +94,11 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
             run.scaler.step(run.optimizer)  # fp16: the GradScaler skips non-finite steps and lowers the scale
             run.scaler.update()
             run.optimizer.zero_grad(set_to_none=True)
-            phase.mark("optimizer")
             window.add_step(step_loss, bad, grad_norm)
             step += 1
-            bar.update(1)
+            bar.update()
             if profiler is not None:
-                profiler.step(step, phase, phase_ms)
+                profiler.step()
 
             # ---- log, eval, checkpoint: the only places the host waits for the device
             last = step == t.max_steps
@@ -109,7 +112,9 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                 stopper.requested = stopper.requested or stop_now
                 history.append(w)
                 run.metrics.write(w.row)
-                bar.set_postfix_str(progress_line(w.row, short=True))
+                bar.window(
+                    progress_line(w.row), progress_line(w.row, short=True), step % (t.log_every * 10) == 0 or last
+                )
                 if w.bad_steps:
                     run.log(f"step {step}: non-finite loss or gradient norm at steps {w.bad_steps}: update skipped")
                     if t.nan_policy == "stop" or w.max_bad_streak >= t.max_bad_steps:
@@ -117,8 +122,6 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
                             f"stopping: {w.max_bad_streak} consecutive non-finite steps "
                             f"(policy {t.nan_policy}, max_bad_steps {t.max_bad_steps})"
                         )
-                if step % (t.log_every * 10) == 0 or last:
-                    run.log(progress_line(w.row))
             if (t.eval_every and step % t.eval_every == 0) or last or stop_reason:
                 last_eval = evaluate(run)  # sync: once per eval
                 run.metrics.write({"step": step, **last_eval})
@@ -143,10 +146,12 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
         run.close()
         stopper.restore()
         if profiler is not None:
-            profiler.close(phase_ms)
+            phase_ms = profiler.close()
     summary = summarize(run, history, step, last_eval, phase_ms, stopper.requested or stop_reason)
     if run.is_main:
-        (run.dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        saved = {**summary, "config": {**run.cfg.to_dict(), "resolved": run.resolved}}
+        (run.dir / "summary.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    run.metrics.finish(summary)
     parallel.barrier()
     return summary
 
@@ -189,6 +194,18 @@ class Run:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def resolved(self) -> dict:
+        """What the settings that can say `auto` (or 0 = auto) came to on this run, by dotted config key."""
+        return {
+            "train.device": str(self.device),
+            "train.precision": self.precision,
+            "train.compile": "on" if self.compile else "off",
+            "data.tokens_per_batch": self.tokens_per_batch,
+            "optim.warmup_steps": warmup_steps(self.cfg),
+            "train.peak_tflops": self.peak_tflops,
+        }
+
     def save(self, step: int, cursor, last_eval: dict, real_tokens: int) -> None:
         state = {
             "cursor": list(cursor),
@@ -200,6 +217,7 @@ class Run:
             "real_tokens": real_tokens,
             "init_from": self.cfg.model.init_from or None,
             "base_model": hub_id(self.cfg.model.init_from) if self.cfg.model.init_from else None,
+            "resolved": self.resolved,
         }
         scaler_state = self.scaler.state_dict() if self.precision == "fp16" else None
         checkpoint.save_checkpoint(
@@ -300,17 +318,21 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
-        log(f"config: {json.dumps(cfg.to_dict(), ensure_ascii=False)}")
-        params, name = sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.init_from or cfg.model.size
-        log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
-            f"{cfg.optim.grad_accum} micro-batches/step, model {name} ({params:.1f}M params), "
-            f"{mask.keywords['max_masked']} masked slots/batch")  # fmt: skip
     metrics = MetricsLog(run_dir / "metrics.jsonl" if rank == 0 else None, append=start is not None)
-    return Run(
+    run = Run(
         cfg, run_dir, device, rank, world, precision, use_compile, T, max_seqlen, static,
         cfg.optim.grad_accum // world, model_config, model, optimizer, scaler, step_fn, autocast, mask, prefetch,
         valid_batches, meta, step, cursor, metrics, cfg.train.peak_tflops or peak_tflops_for(device, precision), log,
     )  # fmt: skip
+    if rank == 0:
+        if not quiet():
+            params, name = sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.init_from or cfg.model.size
+            log(format_config(cfg, run.resolved))
+            log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
+                f"{cfg.optim.grad_accum} micro-batches/step, model {name} ({params:.1f}M params), "
+                f"{mask.keywords['max_masked']} masked slots/batch")  # fmt: skip
+        metrics.open_trackers(report_targets(cfg.train.report_to), {**cfg.to_dict(), "resolved": run.resolved}, step)
+    return run
 
 
 def check_inputs(cfg: RunConfig) -> tuple[dict, list[str]]:
@@ -323,6 +345,7 @@ def check_inputs(cfg: RunConfig) -> tuple[dict, list[str]]:
     vocab = read_vocab(cfg.data.tokenizer_dir)
     check_tokenizer_vocab(len(vocab), meta["vocab_size"])
     check_tokenizer_match(meta["tokenizer_fingerprint"], cfg.data.tokenizer_dir, f"the shards in {cfg.data.data_dir}")
+    check_report_to(report_targets(cfg.train.report_to))
     if cfg.optim.grad_accum % parallel.world_size():
         raise UserError(
             f"optim.grad_accum={cfg.optim.grad_accum} must be a multiple of the number of processes "
@@ -375,12 +398,17 @@ def pieces_per_word(tokens, vocab: list[str], sample: int = 1 << 20) -> float:
 def lr_at(step: int, cfg: RunConfig) -> float:
     """Linear warmup, then linear or cosine decay to min_lr_ratio * lr at max_steps."""
     o, max_steps = cfg.optim, cfg.train.max_steps
-    warmup = o.warmup_steps or max(1, int(0.06 * max_steps))
+    warmup = warmup_steps(cfg)
     if step < warmup:
         return o.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     shape = 1.0 - progress if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape)
+
+
+def warmup_steps(cfg: RunConfig) -> int:
+    """optim.warmup_steps, or 6% of max_steps when it is 0 (auto)."""
+    return cfg.optim.warmup_steps or max(1, int(0.06 * cfg.train.max_steps))
 
 
 def forward_loss(model, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions, masked_labels):
@@ -449,7 +477,17 @@ def add_args(p) -> None:
         help="segments of one sentence, or document neighbours up to max_seq_len",
     )
     p.add_argument(
-        "--profile-steps", metavar="A:B", help="trace steps A..B-1 with torch.profiler and print a per-phase table"
+        "--profile-steps",
+        metavar="A:B",
+        help="trace steps A..B-1 with torch.profiler (after train.profile_warmup warm-up steps); writes RUN/profile/",
+    )
+    p.add_argument(
+        "--profile-memory", action="store_true", help="with --profile-steps: a CUDA memory snapshot of the same steps"
+    )
+    p.add_argument(
+        "--report-to",
+        metavar="NAMES",
+        help="also log metrics, config and summary to tensorboard, wandb or both (comma-separated); default none",
     )
     p.add_argument(
         "--resume",
@@ -482,6 +520,8 @@ def config_from_args(args) -> RunConfig:
         "mask.whole_word": True if args.whole_word_mask else None,
         "data.pack": args.pack,
         "train.profile_steps": args.profile_steps,
+        "train.profile_memory": True if args.profile_memory else None,
+        "train.report_to": args.report_to,
     }
     return load_config(args.config, overrides, args.set)
 
@@ -493,6 +533,6 @@ def main(args) -> int:
     with parallel.name_failing_rank():
         summary = train(cfg, resume=args.resume)
     if parallel.rank() == 0:
-        print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "valid_loss", "tokens_per_s", "mfu")}))
+        print(closing_lines(Path(cfg.out_dir), summary))
     parallel.shutdown()
     return 0
