@@ -85,6 +85,21 @@ class BertConfig:
         return cls(vocab_size=vocab_size, **{**MODEL_SIZES[name], **overrides})
 
     @classmethod
+    def from_spec(cls, spec, vocab_size: int, pad_token_id: int) -> BertConfig:
+        """From the run config's `model` section (a preset size, its overrides) and the tokenizer's sizes."""
+        return cls(
+            vocab_size=vocab_size,
+            **spec.dims(),
+            max_position_embeddings=spec.max_position_embeddings,
+            type_vocab_size=spec.type_vocab_size,
+            layer_norm_eps=spec.layer_norm_eps,
+            hidden_dropout_prob=spec.dropout,
+            attention_probs_dropout_prob=spec.dropout,
+            initializer_range=spec.initializer_range,
+            pad_token_id=pad_token_id,
+        )
+
+    @classmethod
     def from_dict(cls, d: dict) -> BertConfig:
         """From a checkpoint's `config.json["model"]` or a transformers config dict: extra keys ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
@@ -106,6 +121,16 @@ class BertConfig:
         }
 
 
+# The config fields that fix the weights' shapes: a checkpoint fits a model iff these agree.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
 # Tied parameters as transformers declares them (`_tied_weights_keys`): alias -> the tensor it IS.
 # Saved files hold only the right-hand names, as transformers itself writes them.
 TIED_KEYS = {

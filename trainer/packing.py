@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mlmtrain.errors import UserError
-from mlmtrain.tokenizer import CLS_ID, PAD_ID, SEP_ID
+from mlmtrain.tokenizer import DEFAULT_SPECIALS, SpecialTokens
 
 
 @dataclass
@@ -87,8 +87,10 @@ class Packer:
         world_size: int = 1,
         loop: bool = True,
         static_shapes: bool = True,
+        specials: SpecialTokens = DEFAULT_SPECIALS,  # the ids of [PAD] [CLS] [SEP] in the shards' vocabulary
     ):
         self.tokens = shard.tokens  # memory-mapped flat ids
+        self.specials = specials
         self.offsets = np.asarray(shard.offsets, dtype=np.int64)
         self.T, self.max_seq_len, self.seed = tokens_per_batch, max_seq_len, seed
         self.rank, self.world_size, self.loop = rank, world_size, loop
@@ -160,9 +162,9 @@ class Packer:
         excl = np.cumsum(step) - step  # exclusive cumsum over all sentences
         first_of_unit = np.repeat(np.cumsum(n_sent) - n_sent, n_sent)
         sent_out = np.repeat(cu[:-1], n_sent) + 1 + excl - excl[first_of_unit]
-        ids = np.full(T, PAD_ID, dtype=np.int32)
-        ids[cu[:-1]] = CLS_ID
-        ids[sent_out + sent_len] = SEP_ID
+        ids = np.full(T, self.specials.pad, dtype=np.int32)
+        ids[cu[:-1]] = self.specials.cls
+        ids[sent_out + sent_len] = self.specials.sep
         total = int(sent_len.sum())
         within = np.arange(total) - np.repeat(np.cumsum(sent_len) - sent_len, sent_len)
         ids[np.repeat(sent_out, sent_len) + within] = self.tokens[np.repeat(self.offsets[sent], sent_len) + within]

@@ -44,7 +44,8 @@ from mlmtrain.files import (
 )
 
 LOCK = ".mlmtrain.lock"
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoints/*", "profile/*", LOCK)
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoints/*", "profile/*",
+             "tensorboard/*", "wandb/*", LOCK)  # fmt: skip
 RUN_LAYOUT = Layout("run", "a training run", "mlmtrain train", (*RUN_FILES, ".tmp_*"), ("config.json", "metrics.jsonl"))
 
 
