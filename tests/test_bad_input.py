@@ -14,7 +14,7 @@ import pytest
 import torch
 from cli_run import TINY, assert_refused, in_process, run_cli
 
-from mlmtrain import prepare
+from mlmtrain import prepare, shard_check
 from mlmtrain.errors import UserError
 from mlmtrain.files import file_entries
 from mlmtrain.train import train
@@ -73,7 +73,7 @@ def test_an_id_the_sample_misses_is_caught_in_the_batch_before_the_device(shards
     vocabulary reaches an embedding lookup (a device-side assert on a GPU)."""
     from test_train import tiny_config
 
-    monkeypatch.setattr(prepare, "CHECK_BLOCK", 1)
+    monkeypatch.setattr(shard_check, "CHECK_BLOCK", 1)
     tokens = np.load(shards / "train" / "tokens.npy", mmap_mode="r+")
     sampled = np.unique(np.linspace(0, len(tokens) - 1, 64).astype(np.int64))
     vocab_size = json.loads((shards / "meta.json").read_text())["vocab_size"]

@@ -59,3 +59,30 @@ def check_data_against_model(meta: dict, config, max_seqlen: int) -> None:
         check_vocab_match(config.vocab_size, int(meta["vocab_size"]))
     check_token_ids(int(meta["max_token_id"]), config.vocab_size)
     check_positions(config.max_position_embeddings, max(int(meta["max_seq_len"]), int(max_seqlen)))
+
+
+def check_batch_layout(meta: dict, data_dir, tokens_per_batch: int, grad_accum: int, world: int) -> None:
+    """The shards against the batch settings: a valid split to evaluate on, a micro-batch that holds the
+    longest segment (`tokens_per_batch` 0 = auto, decided later), a global batch shared evenly by `world`
+    processes."""
+    if meta["valid"]["sentences"] == 0:
+        raise UserError(
+            f"the shards in {data_dir} have no valid split to evaluate on: run `mlmtrain prepare` again with "
+            "--valid-fraction above 0"
+        )
+    if 0 < tokens_per_batch < meta["max_seq_len"]:
+        raise UserError(
+            f"--tokens-per-batch {tokens_per_batch} is below the shards' max_seq_len {meta['max_seq_len']}: a "
+            f"micro-batch must hold the longest segment; use at least {meta['max_seq_len']}"
+        )
+    if grad_accum % world:
+        raise UserError(
+            f"optim.grad_accum={grad_accum} must be a multiple of the number of processes ({world}) so every rank "
+            "gets the same share of the global batch"
+        )
+
+
+def check_device(device: str, gpus: int) -> None:
+    """`train.device` against the CUDA GPUs usable here: "cuda" means this rank's, "cuda:N" needs N + 1."""
+    if device.startswith("cuda") and gpus <= int(device[5:] or 0):
+        raise UserError(f"train.device is {device} but {gpus} CUDA GPUs are usable here: use --set train.device=cpu")

@@ -38,6 +38,7 @@ from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, atomic_dir, check_out_folder, write_json
 from mlmtrain.prefetch import Prefetcher
 from mlmtrain.progress import bars_enabled
+from mlmtrain.shard_check import check_meta, check_shard, damaged, open_npy
 from mlmtrain.text import (
     LINE_PROBLEMS,
     LONG_LINE_BYTES,
@@ -301,7 +302,7 @@ def _write_splits(tmp, corpus, tok, sep_id, valid_fraction, max_seq_len, seed, b
         "input_lines": stats["input_lines"],
         "sentences_split": stats["sentences_split"],
         "lines_empty_after_tokenizing": stats["lines_empty_after_tokenizing"],
-        "long_lines_cut": stats["long_lines_cut"],
+        "long_line_cuts": stats["long_line_cuts"],
     }
 
 
@@ -323,10 +324,10 @@ def _report(meta: dict, out_dir: Path, total_bytes: int | None) -> None:
     )
     for note in line_problem_notes({**meta["line_problems"], **meta["row_problems"]}):
         print(f"note: {note}", file=sys.stderr)
-    if meta["long_lines_cut"]:
+    if meta["long_line_cuts"]:
         print(
-            f"note: {meta['long_lines_cut']} lines longer than {LONG_LINE_BYTES >> 20} MiB were cut at spaces into "
-            "pieces, each read as a sentence",
+            f"note: lines longer than {LONG_LINE_BYTES >> 20} MiB were cut {meta['long_line_cuts']} times, at spaces "
+            "where there were any; each piece is read as a sentence",
             file=sys.stderr,
         )
     if meta["sentences_split"]:
@@ -377,93 +378,28 @@ def read_meta(data_dir) -> dict:
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is damaged (not valid JSON: {e}); run `mlmtrain prepare` again.") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"{path} is damaged (not a JSON object); run `mlmtrain prepare` again.")
-    if meta.get("format_version") != FORMAT_VERSION:
+        raise damaged(path, f"not valid JSON: {e}") from None
+    if isinstance(meta, dict) and meta.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{data_dir} has shard format {meta.get('format_version')}, this mlmtrain reads "
             f"{FORMAT_VERSION}; run `mlmtrain prepare` again."
         )
-    ints = ("vocab_size", "max_seq_len", "max_token_id", *(f"{s}.{k}" for s in SPLITS for k in ("sentences", "tokens")))
-    bad = [k for k in ints if not isinstance(_dotted(meta, k), int) or isinstance(_dotted(meta, k), bool)]
-    bad += [] if meta.get("dtype") in ("uint16", "uint32") else ["dtype"]
-    bad += [] if isinstance(meta.get("tokenizer_fingerprint"), str) else ["tokenizer_fingerprint"]
-    if bad:
-        raise UserError(f"{path} is damaged ({', '.join(bad)} missing or wrong); run `mlmtrain prepare` again.")
+    check_meta(meta, path, SPLITS)
     return meta
 
 
-def _dotted(d: dict, key: str):
-    for part in key.split("."):
-        d = d.get(part) if isinstance(d, dict) else None
-    return d
-
-
 def load_split(data_dir, split: str = "train", check: bool = True) -> TokenShard:
-    """One split, memory-mapped. With `check` (once per run is enough), the files are checked against their
-    headers, meta.json and each other, cheaply: sizes, offsets (read in full by the packer anyway), and the
-    token ids of 64 blocks spread over the file. One sentence names a damaged file."""
+    """One split, memory-mapped. With `check` (once per run is enough), the files are checked cheaply against
+    their headers, meta.json and each other (`shard_check`); one sentence names a damaged file."""
     if split not in SPLITS:
         raise UserError(f"split must be one of {SPLITS}, got {split!r}.")
     meta = read_meta(data_dir)
     folder = Path(data_dir) / split
     dtypes = {"tokens": np.dtype(meta["dtype"]), "offsets": np.dtype(np.int64), "doc_offsets": np.dtype(np.int64)}
-    shard = TokenShard(**{name: _open_npy(folder / f"{name}.npy", dtypes[name]) for name in SHARD_FILES})
+    shard = TokenShard(**{name: open_npy(folder / f"{name}.npy", dtypes[name]) for name in SHARD_FILES})
     if check:
-        _check_shard(shard, meta[split], meta["vocab_size"], folder)
+        check_shard(shard.tokens, shard.offsets, shard.doc_offsets, meta[split], meta["vocab_size"], folder)
     return shard
-
-
-def _damaged(file: Path, why: str) -> UserError:
-    return UserError(f"{file} is damaged ({why}); run `mlmtrain prepare` again.")
-
-
-def _open_npy(file: Path, dtype: np.dtype) -> np.ndarray:
-    """A 1-D .npy of `dtype`, memory-mapped once its header and size agree (a truncated file is named)."""
-    if not file.is_file():
-        raise UserError(f"{file} is missing; run `mlmtrain prepare` again.")
-    try:
-        with open(file, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, found = read(f)
-            start = f.tell()
-    except (ValueError, OSError, EOFError) as e:
-        raise _damaged(file, f"not a readable .npy: {e}") from None
-    if len(shape) != 1 or found != dtype:
-        raise _damaged(file, f"holds {found} of shape {shape}, expected one row of {dtype}")
-    size, want = file.stat().st_size, start + shape[0] * dtype.itemsize
-    if size != want:
-        raise _damaged(file, f"{size} bytes where its header promises {want}: truncated?")
-    return np.memmap(file, dtype=dtype, mode="r", offset=start, shape=shape) if shape[0] else np.zeros(0, dtype)
-
-
-CHECK_BLOCK = 1 << 16  # tokens per sampled block; offsets are checked 16x this many at a time
-
-
-def _check_shard(shard: TokenShard, counts: dict, vocab_size: int, folder: Path) -> None:
-    if (len(shard.tokens), shard.num_sentences) != (counts["tokens"], counts["sentences"]):
-        raise _damaged(folder, f"{len(shard.tokens)} tokens and {shard.num_sentences} sentences, meta.json says "
-                       f"{counts['tokens']} and {counts['sentences']}")  # fmt: skip
-    _check_increasing(shard.offsets, len(shard.tokens), folder / "offsets.npy")
-    _check_increasing(shard.doc_offsets, shard.num_sentences, folder / "doc_offsets.npy")
-    if len(shard.tokens):
-        starts = np.unique(np.linspace(0, max(len(shard.tokens) - CHECK_BLOCK, 0), 64).astype(np.int64))
-        biggest = max(int(shard.tokens[s : s + CHECK_BLOCK].max()) for s in starts.tolist())
-        if biggest >= vocab_size:
-            raise _damaged(folder / "tokens.npy", f"token id {biggest} is outside the vocabulary of {vocab_size}")
-
-
-def _check_increasing(a: np.ndarray, last: int, file: Path) -> None:
-    """0, strictly increasing (no empty sentence or document), ending at `last` (the end of what it indexes)."""
-    if len(a) == 0 or a[0] != 0 or a[-1] != last:
-        raise _damaged(file, f"it must run from 0 to {last}")
-    step = 16 * CHECK_BLOCK
-    for i in range(0, len(a) - 1, step):
-        part = np.asarray(a[i : i + step + 1])
-        if not (part[1:] > part[:-1]).all():
-            raise _damaged(file, f"it does not increase after position {i + int(np.argmin(part[1:] > part[:-1]))}")
 
 
 def check_tokenizer_match(made_with: str | None, tokenizer_dir, what: str) -> None:

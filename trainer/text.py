@@ -11,7 +11,8 @@ and `mlmtrain prepare` read their input through `iter_line_batches`, so they see
 - A line longer than LONG_LINE_BYTES (a file without line breaks, a row holding a whole book) is cut after a
   space into pieces of about that size, each yielded as a line: memory stays bounded, and the tokens are the
   same, since the tokenizer splits words at spaces anyway (only a piece without any space is cut inside a
-  word). A text file is cut as it is read, so such a line is never held whole.
+  word). A text file is cut as it is read, so such a line is never held whole; where each cut falls depends
+  only on the line, so a text file and the same text as rows still give the same lines.
 - A document break is yielded as "". CR line endings and a byte-order mark are repaired; invalid UTF-8, NUL
   bytes, rows that are not JSON objects, lack the column, or hold a null or a non-string are skipped; the
   counts go to `stats` (keys of LINE_PROBLEMS and ROW_PROBLEMS) and `line_problem_notes` says them in words.
@@ -167,7 +168,7 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
     an empty row is returned as "" (a document break); each file or dataset ends with one. Per-line and
     per-row problems are counted in `stats`."""
     corpus = inputs if isinstance(inputs, Corpus) else Corpus(files=[Path(p) for p in inputs])
-    for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, "input_lines", "long_lines_cut"):
+    for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, "input_lines", "long_line_cuts"):
         stats.setdefault(key, 0)
     sources = [(corpus.dataset, _dataset_batches(corpus))] if corpus.dataset else []
     for path in corpus.files:
@@ -180,8 +181,9 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
     for source, batches in sources:
         text_lines = 0
         for lines, nbytes in batches:
-            if isinstance(lines, _Rows):  # row values: checked, split into lines and long lines cut here
-                lines = _cut_long_texts(lines.to_lines(stats), stats)
+            if isinstance(lines, _Rows):  # row values: checked and split into lines here
+                lines = lines.to_lines(stats)
+            lines = _cut_long_lines(lines, stats)
             stats["input_lines"] += len(lines)
             lines = ["" if line.isspace() else line for line in lines]
             text_lines += sum(1 for line in lines if line)
@@ -217,20 +219,24 @@ def _long_line_cut(data: bytes | str, limit: int) -> int:
     return cut
 
 
-def _cut_long_texts(lines: list[str], stats: dict) -> list[str]:
-    """Rows' lines with any longer than LONG_LINE_BYTES cut into pieces (characters: at most 4 bytes each)."""
-    limit = LONG_LINE_BYTES // 4
-    if all(len(line) <= limit for line in lines):
+def _cut_long_lines(lines: list[str], stats: dict) -> list[str]:
+    """`lines` with each line longer than LONG_LINE_BYTES (UTF-8) cut into pieces by the rule a text file is
+    cut by as it is read (`_text_batches`): the same line gives the same pieces, however it arrived."""
+    if all(len(line) <= LONG_LINE_BYTES // 4 for line in lines):  # no character takes more than 4 bytes
         return lines
     out = []
     for line in lines:
-        stats["long_lines_cut"] += len(line) > limit
-        while len(line) > limit:
-            cut = _long_line_cut(line, limit)
-            out.append(line[:cut])
-            line = line[cut:]
-        out.append(line)
-    stats["input_lines"] -= len(out) - len(lines)  # a line cut into pieces still counts once
+        data = line.encode("utf-8") if len(line) > LONG_LINE_BYTES // 4 else b""
+        if len(data) <= LONG_LINE_BYTES:
+            out.append(line)
+            continue
+        while len(data) > LONG_LINE_BYTES:
+            cut = _long_line_cut(data, LONG_LINE_BYTES)
+            out.append(data[:cut].decode("utf-8"))
+            data = data[cut:]
+            stats["long_line_cuts"] += 1
+            stats["input_lines"] -= 1  # a line cut into pieces still counts once
+        out.append(data.decode("utf-8"))
     return out
 
 
@@ -239,7 +245,7 @@ def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: boo
     longer than LONG_LINE_BYTES comes in pieces, cut as it is read (`cut_long_lines`; a JSON row is kept
     whole, up to MAX_ROW_BYTES)."""
     stream, raw = _open_binary(path)
-    carry, first, pos, cutting = b"", True, 0, False
+    carry, first, pos = b"", True, 0
     with stream, raw:
         while True:
             try:
@@ -252,14 +258,12 @@ def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: boo
             block = carry + chunk
             cut = block.rfind(b"\n") + 1 if chunk else len(block)
             block, carry = block[:cut], block[cut:]
-            if block:
-                cutting = False  # a line ended in this block: what is carried is a new one
-            pieces = []  # of a line too long to hold: each yielded as a line
+            pieces = []  # of a line too long to hold: each yielded as a line (the rest by `_cut_long_lines`)
             while cut_long_lines and len(carry) > LONG_LINE_BYTES:
-                stats["long_lines_cut"] += not cutting
-                cutting, piece = True, _long_line_cut(carry, LONG_LINE_BYTES)
+                piece = _long_line_cut(carry, LONG_LINE_BYTES)
                 pieces.append(carry[:piece])
                 carry = carry[piece:]
+                stats["long_line_cuts"] += 1
             if len(carry) > MAX_ROW_BYTES:
                 raise UserError(f"{path} has a line longer than {MAX_ROW_BYTES >> 20} MiB; expected one row per line.")
             lines = _decode_block(block, stats) if block else []

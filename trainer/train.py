@@ -34,7 +34,7 @@ from mlmtrain.metrics import MetricsLog, WindowStats, check_report_to, closing_l
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import PackedBatch, Packer, checked_batch
 from mlmtrain.prefetch import Prefetcher
-from mlmtrain.preflight import check_data_against_model, check_tokenizer_vocab
+from mlmtrain.preflight import check_batch_layout, check_data_against_model, check_device, check_tokenizer_vocab
 from mlmtrain.prepare import SPLITS, check_tokenizer_match, load_split, read_meta, shard_specials
 from mlmtrain.pretrained import check_tokenizer_fits, hub_id, locate, read_pretrained
 from mlmtrain.profiling import no_phase, start_profiler
@@ -378,24 +378,9 @@ def check_inputs(cfg: RunConfig, world: int | None = None) -> tuple[dict, list[s
     check_report_to(report_targets(cfg.train.report_to))
     for split in SPLITS:
         load_split(cfg.data.data_dir, split)  # a damaged file is named here, not by the packer mid-run
-    if meta["valid"]["sentences"] == 0:
-        raise UserError(f"the shards in {cfg.data.data_dir} have no valid split to evaluate on: run `mlmtrain "
-                        "prepare` again with --valid-fraction above 0")  # fmt: skip
     world = world or parallel.world_size()
-    if cfg.optim.grad_accum % world:
-        raise UserError(
-            f"optim.grad_accum={cfg.optim.grad_accum} must be a multiple of the number of processes "
-            f"({world}) so every rank gets the same share of the global batch"
-        )
-    if 0 < cfg.data.tokens_per_batch < meta["max_seq_len"]:
-        raise UserError(
-            f"--tokens-per-batch {cfg.data.tokens_per_batch} is below the shards' max_seq_len {meta['max_seq_len']}: "
-            f"a micro-batch must hold the longest segment; use at least {meta['max_seq_len']}"
-        )
-    device = cfg.train.device  # "cuda" means this rank's GPU; "cuda:N" needs N + 1 of them
-    gpus = torch.cuda.device_count() if device.startswith("cuda") and torch.cuda.is_available() else 0
-    if device.startswith("cuda") and gpus <= int(device[5:] or 0):
-        raise UserError(f"train.device is {device} but {gpus} CUDA GPUs are usable here: use --set train.device=cpu")
+    check_batch_layout(meta, cfg.data.data_dir, cfg.data.tokens_per_batch, cfg.optim.grad_accum, world)
+    check_device(cfg.train.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     return meta, vocab
 
 
