@@ -1,0 +1,57 @@
+"""How a BERT sublayer's work around the matmuls runs: the same math with less memory traffic, chosen per run
+(`model.residual_dtype`, `model.fused_ops`). None of it changes the parameters, the checkpoints or the export.
+
+Under bf16 autocast the default keeps the residual stream in fp32: autocast runs `layer_norm` in fp32, so every
+LayerNorm output, and with it every residual sum, is fp32, and each next matmul casts it to bf16 again.
+`residual_dtype = "compute"` keeps the statistics and the residual sum in fp32 but hands the LayerNorm output on
+in the autocast dtype. `fused_ops` chooses who fuses dropout + residual + LayerNorm and bias + GELU: inductor,
+from the torch ops below (when compiled), or the hand-written Triton kernels of `mlmtrain.kernels`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mlmtrain.errors import UserError
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    # fp32: under autocast the residual stream stays fp32 (autocast runs layer_norm in fp32, so every LayerNorm
+    # output and residual sum is fp32) | compute: LayerNorm outputs and the residual stream in the autocast
+    # dtype, statistics and the residual sum still in fp32 (half the bytes through every sublayer boundary)
+    residual_dtype: str = "fp32"
+    # torch: torch ops (inductor fuses dropout + residual + LayerNorm and bias + GELU by itself when compiled) |
+    # triton: the hand-written fused kernels of mlmtrain.kernels (residual_layer_norm, bias_gelu)
+    fused_ops: str = "torch"
+
+
+def fused_sublayer_kernels():
+    """The Triton kernels `FastPaths(fused_ops="triton")` runs: `residual_layer_norm(x, residual, weight, bias, eps,
+    p, *, training)` = LayerNorm(dropout(x, p) + residual), the sum and statistics in fp32, output in the promoted
+    dtype; `bias_gelu(x, bias)` = exact GELU(x + bias). A UserError if this build does not have them."""
+    try:
+        from mlmtrain.kernels.bias_gelu import bias_gelu
+        from mlmtrain.kernels.residual_layer_norm import residual_layer_norm
+    except ModuleNotFoundError:
+        raise UserError(
+            "model.fused_ops = triton needs the fused Triton kernels mlmtrain.kernels.residual_layer_norm and "
+            "mlmtrain.kernels.bias_gelu, which this build does not have; use model.fused_ops = torch."
+        ) from None
+    return residual_layer_norm, bias_gelu
+
+
+def post_ln_residual(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fast: FastPaths, kernels=None):
+    """LayerNorm(dropout(x) + residual), BERT's post-LN sublayer output: the sum and the statistics in fp32, the
+    output in the promoted dtype of x and residual (so the residual stream keeps its dtype: fp32 under autocast
+    by default, the compute dtype with `residual_dtype="compute"`). With fp32 inputs it is exactly
+    `norm(dropout(x) + residual)`. `kernels`: `fused_sublayer_kernels()` for fused_ops = "triton"."""
+    if fast.fused_ops == "triton":
+        return kernels[0](x, residual, norm.weight, norm.bias, norm.eps, dropout.p, training=dropout.training)
+    h = dropout(x).float() + residual.float()
+    out = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return out.to(torch.promote_types(x.dtype, residual.dtype))
