@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlmtrain.errors import UserError
+from mlmtrain.fp8 import check_fp8
 
 
 @dataclass(frozen=True)
@@ -55,3 +56,32 @@ def post_ln_residual(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fast:
     h = dropout(x).float() + residual.float()
     out = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     return out.to(torch.promote_types(x.dtype, residual.dtype))
+
+
+def check_speed_options(cfg, L: int, device: torch.device, precision: str, compiled: bool, T: int, world: int):
+    """The speed options a run asks for (`cfg` a RunConfig: data.layout, model.fused_ops, train.cuda_graphs,
+    train.async_log_reads, train.fp8), refused with one sentence where they cannot run, before any device work.
+    L: the shards' max_seq_len; T: tokens per micro-batch; world: the number of processes."""
+    if cfg.data.layout == "rows" and T % L:
+        raise UserError(
+            f"data.layout = rows cuts each batch into rows of max_seq_len = {L} tokens: data.tokens_per_batch = {T} "
+            f"must be a multiple of it (e.g. {max(L, T // L * L)})"
+        )
+    if cfg.train.cuda_graphs:
+        if device.type != "cuda" or not compiled:
+            raise UserError(
+                f"train.cuda_graphs replays the compiled step on a GPU: it needs a CUDA device and compile on "
+                f"(this run: {device}, compile {'on' if compiled else 'off'})"
+            )
+        if world > 1:
+            raise UserError("train.cuda_graphs is not wired for DDP/FSDP (several processes): run without it")
+    if cfg.train.async_log_reads and world > 1:
+        raise UserError(
+            "train.async_log_reads works in one process: several processes agree on stop requests at every log "
+            "step through a collective that waits for the device anyway"
+        )
+    check_fp8(cfg.train.fp8, device, precision)
+    if cfg.train.fp8 != "off" and cfg.train.shard == "fsdp" and world > 1:
+        raise UserError("train.fp8 is not wired for FSDP: use train.shard = ddp")
+    if cfg.model.fused_ops == "triton":
+        fused_sublayer_kernels()  # a UserError when this build does not have them

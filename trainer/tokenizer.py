@@ -105,6 +105,16 @@ def build_tokenizer(settings: TokenizerSettings, vocab: dict[str, int] | None = 
     return tok
 
 
+def tokenizer_from_vocab(vocab: list[str], settings: TokenizerSettings | None = None) -> Tokenizer:
+    """The tokenizer of a given vocabulary (the specials first, at their fixed ids), complete as `train_tokenizer`
+    saves one: for vocabularies made by a program (the benchmarks' synthetic corpus) rather than trained."""
+    if vocab[:NUM_SPECIAL] != SPECIAL_TOKENS:
+        raise ValueError(f"the vocabulary must start with {SPECIAL_TOKENS}, got {vocab[:NUM_SPECIAL]}")
+    tok = build_tokenizer(settings or TokenizerSettings(), {token: i for i, token in enumerate(vocab)})
+    _add_post_processor(tok)
+    return tok
+
+
 def _add_post_processor(tok: Tokenizer) -> None:
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0",

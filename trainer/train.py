@@ -26,11 +26,13 @@ from tqdm import tqdm
 from mlmtrain import checkpoint, parallel
 from mlmtrain.config import PRECISIONS, RunConfig, load_config
 from mlmtrain.errors import UserError
+from mlmtrain.fast_paths import FastPaths, check_speed_options
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
+from mlmtrain.fp8 import convert_to_fp8
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask, word_start_table
-from mlmtrain.metrics import MetricsLog, WindowStats, progress_line, summarize
+from mlmtrain.metrics import MetricsLog, WindowStats, record_window, summarize
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
-from mlmtrain.packing import PackedBatch, Packer
+from mlmtrain.packing import PackedBatch, Packer, RowPacker
 from mlmtrain.prefetch import Prefetcher
 from mlmtrain.preflight import check_data_against_model, check_tokenizer_vocab
 from mlmtrain.prepare import check_tokenizer_match, load_split, read_meta
@@ -44,7 +46,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     """Pretrain per `cfg`; returns a summary (throughput, MFU, memory, losses). See docs/ARCHITECTURE.md."""
     run = setup(cfg, resume, log)
     t, model, world = cfg.train, run.model, run.world
-    window = WindowStats(run.device, t.log_every, world, run.peak_tflops, run.prefetch)
+    window = WindowStats(run.device, t.log_every, world, run.peak_tflops, run.prefetch, deferred=t.async_log_reads)
     stopper, profiler = StopSignal(), start_profiler(t.profile_steps if run.is_main else "", run.dir)
     step, cursor, history, last_eval, stop_reason, phase_ms = run.step, run.cursor, [], {}, None, {}
     last_save = time.time()
@@ -72,9 +74,11 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
             targets = parallel.all_reduce_sum(targets).clamp(min=1)  # the same denominator on every rank
             step_loss = torch.zeros((), device=run.device, dtype=torch.float32)
             for j, (b, m, seqlen) in enumerate(micro):
+                if t.cuda_graphs:  # a new replay may overwrite the last one's outputs: they were used above
+                    torch.compiler.cudagraph_mark_step_begin()
                 with parallel.no_sync(model, last=j == run.local_accum - 1), run.autocast:
                     args = (m.masked_ids, b.position_ids, b.cu_seqlens, seqlen, m.masked_positions, m.masked_labels)
-                    loss = run.step_fn(model, *args)[0] * world / targets  # DDP averages over ranks: * world
+                    loss = run.step_fn(model, *args, b.segment_ids)[0] * world / targets  # DDP averages: * world
                 phase.mark("forward")
                 run.scaler.scale(loss).backward()
                 phase.mark("backward")
@@ -103,29 +107,23 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
             # log steps only, from the requests all-reduced there
             stop_now, time_due = (stopper.requested, timed) if world == 1 else (None, False)
             if step % t.log_every == 0 or last or stop_now:
-                w, (stop_now, time_due) = window.close(step, lr, last, stopper.requested, timed)
+                closed, (stop_now, time_due) = window.close(step, lr, last, stopper.requested, timed)
                 stopper.requested = stopper.requested or stop_now
-                history.append(w)
-                run.metrics.write(w.row)
-                bar.set_postfix_str(progress_line(w.row, short=True))
-                if w.bad_steps:
-                    run.log(f"step {step}: non-finite loss or gradient norm at steps {w.bad_steps}: update skipped")
-                    if t.nan_policy == "stop" or w.max_bad_streak >= t.max_bad_steps:
-                        stop_reason = (
-                            f"stopping: {w.max_bad_streak} consecutive non-finite steps "
-                            f"(policy {t.nan_policy}, max_bad_steps {t.max_bad_steps})"
-                        )
-                if step % (t.log_every * 10) == 0 or last:
-                    run.log(progress_line(w.row))
-            if (t.eval_every and step % t.eval_every == 0) or last or stop_reason:
+                for w in closed:
+                    stop_reason = record_window(run, w, history, bar) or stop_reason
+            eval_cadence = t.eval_every and step % t.eval_every == 0
+            save_cadence = (t.checkpoint_every and step % t.checkpoint_every == 0) or time_due
+            if last or stop_now or stop_reason or eval_cadence or save_cadence:  # the device will be waited for
+                for w in window.flush():  # async_log_reads: the window still in flight is read now
+                    stop_reason = record_window(run, w, history, bar) or stop_reason
+            if eval_cadence or last or stop_reason:
                 last_eval = evaluate(run)
                 run.metrics.write({"step": step, **last_eval})
                 run.log(
                     f"step {step}: valid loss {last_eval['valid_loss']:.4f} accuracy {last_eval['valid_accuracy']:.3f}"
                 )
                 window.restart_clock()  # eval time is not training throughput
-            due = (t.checkpoint_every and step % t.checkpoint_every == 0) or time_due
-            if due or (last and t.checkpoint_at_end) or stop_now or stop_reason:
+            if save_cadence or (last and t.checkpoint_at_end) or stop_now or stop_reason:
                 run.save(step, cursor, last_eval, sum(w.real_tokens for w in history))
                 last_save = time.time()
                 window.restart_clock()
@@ -223,6 +221,7 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     T = cfg.data.tokens_per_batch or (65536 if device.type == "cuda" else 4096)
     parallel.check_shard(cfg.train.shard, precision)
+    check_speed_options(cfg, int(meta["max_seq_len"]), device, precision, use_compile, T, parallel.world_size())
     log = log or (lambda msg: tqdm.write(msg) if rank == 0 else None)
     run_dir = Path(cfg.out_dir)
     max_seqlen = int(meta["max_seq_len"])
@@ -245,7 +244,8 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
 
     # ---- model, optimizer, state
     torch.manual_seed(cfg.train.seed)
-    model = BertForMaskedLM(model_config).to(device)
+    fast = FastPaths(residual_dtype=cfg.model.residual_dtype, fused_ops=cfg.model.fused_ops)
+    model = BertForMaskedLM(model_config, attn_impl=cfg.model.attention, fast=fast).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, cursor = 0, (0, 0)
     if start is not None:
@@ -256,12 +256,16 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
         checkpoint.restore_rng(start, state, device)  # each rank's own streams at the saved world size
         step, cursor = state["step"], tuple(state["cursor"])
         log(f"resuming from {start} at step {step}")
+    if cfg.train.fp8 != "off":  # after loading: the converted layers keep the parameters (and their names)
+        log(f"fp8 ({cfg.train.fp8}): {len(convert_to_fp8(model, cfg.train.fp8))} linear layers converted")
     model = parallel.wrap(model, cfg.train.shard, device, precision)  # DDP / FSDP2 under torchrun
     optimizer = build_optimizer(model, cfg)  # after wrap: FSDP2 replaces the parameters with sharded ones
     if start is not None:
         checkpoint.load_optimizer_state(model, optimizer, start, state)  # any saved world size
-    # dynamic=False: every shape is static by construction; never let dynamo guess dynamic shapes
-    step_fn = torch.compile(forward_loss, dynamic=False) if use_compile else forward_loss
+    # dynamic=False: every shape is static by construction; never let dynamo guess dynamic shapes.
+    # reduce-overhead: forward and backward replayed as CUDA graphs (one launch each instead of hundreds)
+    mode = "reduce-overhead" if cfg.train.cuda_graphs else None
+    step_fn = torch.compile(forward_loss, dynamic=False, mode=mode) if use_compile else forward_loss
     dtype = getattr(torch, PRECISIONS[precision])
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
@@ -287,12 +291,13 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
 
     # ---- data: this rank's micro-batches, built ahead on a thread
     static = use_compile or device.type == "cuda"  # eager CPU: cu_seqlens holds only the segments used
-    train_packer = Packer(load_split(cfg.data.data_dir, "train"), T, max_seqlen, cfg.train.seed, cfg.data.pack,
+    packer = RowPacker if cfg.data.layout == "rows" else Packer
+    train_packer = packer(load_split(cfg.data.data_dir, "train"), T, max_seqlen, cfg.train.seed, cfg.data.pack,
                           rank=rank, world_size=world, static_shapes=static)  # fmt: skip
     batches = train_packer.batches(cursor, step * cfg.optim.grad_accum, cfg.optim.grad_accum)
     pin = PackedBatch.pin_memory if device.type == "cuda" else None
     prefetch = Prefetcher(batches, depth=cfg.data.prefetch, transform=pin, name="packer")
-    valid_packer = Packer(load_split(cfg.data.data_dir, "valid"), T, max_seqlen, cfg.train.seed, "sentence",
+    valid_packer = packer(load_split(cfg.data.data_dir, "valid"), T, max_seqlen, cfg.train.seed, "sentence",
                           loop=False, static_shapes=static)  # fmt: skip
     valid_batches = [b for _, b in zip(range(cfg.train.eval_batches), valid_packer.batches())]
 
@@ -366,9 +371,11 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape)
 
 
-def forward_loss(model, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions, masked_labels):
+def forward_loss(
+    model, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions, masked_labels, segment_ids=None
+):
     """Model + summed MLM loss in one function, so torch.compile fuses the loss into the graph."""
-    logits = model(input_ids, position_ids, cu_seqlens, max_seqlen, masked_positions)  # (M, V)
+    logits = model(input_ids, position_ids, cu_seqlens, max_seqlen, masked_positions, segment_ids)  # (M, V)
     return mlm_loss_sum(logits, masked_labels)
 
 
@@ -385,7 +392,9 @@ def evaluate(run: Run) -> dict:
         b = host_batch.to(device)
         m = run.mask(b.input_ids, step=EVAL_KEY + i)
         with run.autocast:
-            logits = model(m.masked_ids, b.position_ids, b.cu_seqlens, run.max_seqlen, m.masked_positions)
+            logits = model(
+                m.masked_ids, b.position_ids, b.cu_seqlens, run.max_seqlen, m.masked_positions, b.segment_ids
+            )
         s, n = mlm_loss_sum(logits, m.masked_labels)
         loss_sum += s.double()
         targets += n
