@@ -118,10 +118,12 @@ def run_ours(
     seed: int = 0,
     profile: bool = False,
     save_final: bool = False,
+    options: dict | None = None,
 ) -> dict:
     """One `mlmtrain.train.train` run; returns its summary plus the timed log windows' spread. With
-    `profile`, the last log window is traced (`train.profile_steps`: per-phase times in summary["phase_ms"])
-    and left out of the timing, as the profiler's syncs slow it down."""
+    `profile`, the last log window is traced (`train.profile_steps`: per-phase times in summary["phase_ms"], and
+    the kernel categories when the profiler writes profile/categories.json) and left out of the timing, as the
+    profiler's syncs slow it down. `options`: more config keys (dotted, as `--set` takes them)."""
     from mlmtrain.config import load_config
     from mlmtrain.train import train
 
@@ -146,6 +148,7 @@ def run_ours(
             "train.checkpoint_at_end": save_final,
             "optim.warmup_steps": warmup_steps,
             "train.profile_steps": f"{steps - log_every}:{steps}" if profile else "",
+            **(options or {}),
         },
     )
     cfg.out_dir = str(out_dir)
@@ -158,7 +161,9 @@ def run_ours(
     # windows hold the same number of steps of (nearly) the same real tokens, so the overall rate (timed
     # tokens / timed seconds) is the harmonic mean of the window rates
     overall = len(timed) / sum(1 / w["tokens_per_s"] for w in timed)
+    categories = out_dir / "profile" / "categories.json"  # written by profilers that break a step into kernels
     return {
+        "kernel_categories": json.loads(categories.read_text()) if categories.is_file() else None,
         "summary": summary,
         "wall_s": wall_s,
         "timed_windows": len(timed),
@@ -198,6 +203,7 @@ def ours_row(
         "peak_mem_bytes": s["peak_mem_bytes"],
         "data_wait_s": s.get("data_wait_s"),
         "phase_ms": s.get("phase_ms") or None,
+        "kernel_categories": result.get("kernel_categories"),
         "own_valid_loss": s.get("valid_loss"),
         "final_train_loss": s.get("final_loss"),
         "timed": f"{result['timed_windows']} log windows of {result['log_every']} steps (first window dropped"

@@ -105,6 +105,10 @@ def headline(results: dict) -> dict:
         }
     if cmp:
         h["speedup_tokens_per_s"] = cmp.get("speedup_tokens_per_s")
+    if rows_of(results, "ablation"):
+        from mlmtrain.benchmarks.bench_ablation import headline as ablation_headline
+
+        h["ablation"] = ablation_headline(rows_of(results, "ablation"), ceil.get("matmul_bfloat16"))
     # the masking kernel's share of copy bandwidth: against the copy of the same bytes timed next to it
     # (bench_mask's summary rows) and against this run's copy ceiling
     mask = rows_of(results, "mask")
@@ -422,6 +426,7 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
         "model": "Model forward + backward",
         "train": "Training: ours vs the HF Trainer baseline",
         "sweep": "Sweep: tokens per batch x sequence cap (our step)",
+        "ablation": "Speed ablation at the real vocabulary (our step, one option more per row)",
     }
     for s in results["sections"]:
         if "error" in s:
@@ -444,6 +449,10 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
                 md += [profile_text(ours, ceil), ""]
             if chart_recipe(rows, out_dir / CHARTS["recipe"]):
                 md += [f"![ours vs recipe]({CHARTS['recipe']})", ""]
+        elif s["section"] == "ablation":
+            from mlmtrain.benchmarks.bench_ablation import report_markdown
+
+            md += [report_markdown(s["rows"], ceil.get("matmul_bfloat16")), ""]
         elif s["section"] == "sweep":
             md += [sweep_table(s["rows"], ceil), ""]
             if chart_throughput(rows, out_dir / CHARTS["throughput"]):

@@ -94,8 +94,12 @@ class _Writer:
             sentence = ids[start : start + n]
             w = int(np.searchsorted(word_starts, start + n))  # the next sentence starts at the next whole word
             sentences.append(sentence)
-            lines.append("".join((" " + self.vocab[i]) if not self.vocab[i].startswith("##") else self.vocab[i][2:]
-                                 for i in sentence.tolist()).lstrip())  # fmt: skip
+            lines.append(
+                "".join(
+                    (" " + self.vocab[i]) if not self.vocab[i].startswith("##") else self.vocab[i][2:]
+                    for i in sentence.tolist()
+                ).lstrip()
+            )
         return lines, sentences
 
 
@@ -142,10 +146,20 @@ def make_synthetic_data(
     data_dirs = {}
     for cap in seq_caps:
         data_dirs[cap] = work_dir / f"data_{cap}"
-        prepare([train_text], tokenizer_dir, data_dirs[cap], valid_fraction=0.01, max_seq_len=cap, seed=seed,
-                overwrite=True, progress=False)  # fmt: skip
-    log(f"synthetic corpus: {len(train_lines):,} train sentences ({train_tokens / 1e6:.1f}M+ tokens), vocab "
-        f"{vocab_size}, caps {list(seq_caps)}, in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+        prepare(
+            [train_text],
+            tokenizer_dir,
+            data_dirs[cap],
+            valid_fraction=0.01,
+            max_seq_len=cap,
+            seed=seed,
+            overwrite=True,
+            progress=False,
+        )
+    log(
+        f"synthetic corpus: {len(train_lines):,} train sentences ({train_tokens / 1e6:.1f}M+ tokens), vocab "
+        f"{vocab_size}, caps {list(seq_caps)}, in {time.perf_counter() - t0:.1f} s"
+    )
     return BenchData(tokenizer_dir, train_text, train_lines, valid_lines, data_dirs, vocab_size)
 
 
@@ -161,8 +175,9 @@ def measure_sample(tokenizer_dir) -> dict:
     tok.no_truncation()
     encodings = tok.encode_batch(sentences, add_special_tokens=False)
     lengths = np.array([len(e.ids) for e in encodings], dtype=np.float64)
-    pieces = np.concatenate([np.diff([*(i for i, t in enumerate(e.tokens) if not t.startswith("##")), len(e.tokens)])
-                             for e in encodings])  # fmt: skip
+    pieces = np.concatenate(
+        [np.diff([*(i for i, t in enumerate(e.tokens) if not t.startswith("##")), len(e.tokens)]) for e in encodings]
+    )
     documents, n = [], 0
     for line in [*lines, ""]:
         if line.strip():
