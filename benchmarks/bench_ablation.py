@@ -272,7 +272,7 @@ def headline(rows: list[dict], matmul: float | None) -> dict:
 
 
 def report_markdown(rows: list[dict], matmul: float | None) -> str:
-    from mlmtrain.benchmarks.report import _gib, _pct, _scale, _si, _spread, _table
+    from mlmtrain.benchmarks.tables import gib, pct, scale, si, spread_text, table
 
     def line(r, today):
         if "error" in r:
@@ -283,11 +283,11 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
         return [
             r["name"] + (" (reused)" if r.get("reused_from") else ""),
             _options(r),
-            f"{_si(tps['overall'], 'tok/s')}; windows {_spread(tps, unit='tok/s')}",
+            f"{si(tps['overall'], 'tok/s')}; windows {spread_text(tps, unit='tok/s')}",
             vs,
-            _pct(r.get("mfu")),
-            _pct(_scale(r.get("achieved_tflops"), 1 / matmul)) if matmul else "–",
-            _gib(r.get("peak_mem_bytes")),
+            pct(r.get("mfu")),
+            pct(scale(r.get("achieved_tflops"), 1 / matmul)) if matmul else "–",
+            gib(r.get("peak_mem_bytes")),
             " / ".join(f"{phases[k]:.1f}" for k in ("forward", "backward", "optimizer") if k in phases) or "–",
             f"{r.get('real_tokens', 0):,}",
             f"{r['valid_loss']:.4f}" if r.get("valid_loss") is not None else "–",
@@ -316,7 +316,7 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
             f"### {title} ({first.get('size')}, seq {first.get('seq_cap')}, {first.get('tokens_per_batch'):,} "
             f"tokens per batch, vocab {first.get('vocab_size', '30000')})",
             "",
-            _table(header, [line(r, today) for r in mine]),
+            table(header, [line(r, today) for r in mine]),
             "",
         ]
     md += ["### Targets", ""]
@@ -326,9 +326,9 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
         lines.append(
             [
                 workload,
-                f"≥ {_si(target, 'tok/s')} ({h['target_reference']})" if target else "– (no target at this size)",
-                _si(today["tokens_per_s"], "tok/s") if today else "not measured",
-                f"{_si(best['tokens_per_s'], 'tok/s')}: {best['name']}",
+                f"≥ {si(target, 'tok/s')} ({h['target_reference']})" if target else "– (no target at this size)",
+                si(today["tokens_per_s"], "tok/s") if today else "not measured",
+                f"{si(best['tokens_per_s'], 'tok/s')}: {best['name']}",
                 ("met" if best["tokens_per_s"] >= target else "not met") if target else "–",
                 f"{100 * best['mfu']:.1f}%" if best.get("mfu") else "–",
                 f"{100 * best['fraction_of_matmul_ceiling']:.1f}%" if best.get("fraction_of_matmul_ceiling") else "–",
@@ -336,7 +336,7 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
             ]
         )
     header = ["workload", "target", "today", "fastest", "target met", "MFU", "of measured matmul", "valid loss"]
-    md += [_table(header, lines) if lines else "No target row was measured.", ""]
+    md += [table(header, lines) if lines else "No target row was measured.", ""]
     md += [kernel_categories_markdown(rows), ""]
     return "\n".join(md)
 
@@ -363,7 +363,7 @@ def kernel_categories_markdown(rows: list[dict]) -> str:
         v = (c or {}).get("categories", {}).get(n)
         return f"{v['ms']:.2f} ms ({v['pct']:.1f}%)" if v else "–"
 
-    from mlmtrain.benchmarks.report import _table
+    from mlmtrain.benchmarks.tables import table
 
     lines = [[n, cell(pair[0][1], n), cell(pair[1][1], n)] for n in names]
     lines.append(["step", *(f"{c['step_ms']:.2f} ms" if c and c.get("step_ms") else "–" for _, c in pair)])
@@ -371,4 +371,4 @@ def kernel_categories_markdown(rows: list[dict]) -> str:
         f"today ({pair[0][0]['name']})" if pair[0][0] else "today",
         f"fastest ({pair[1][0]['name']})" if pair[1][0] else "fastest",
     ]
-    return "Kernel categories of the traced step, before and after:\n\n" + _table(["category", *heads], lines)
+    return "Kernel categories of the traced step, before and after:\n\n" + table(["category", *heads], lines)

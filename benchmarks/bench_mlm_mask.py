@@ -25,13 +25,12 @@ a new `step` key every repeat. Run: `python -m mlmtrain.benchmarks.bench_mlm_mas
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 
 import torch
 
-from mlmtrain.benchmarks.common import environment, record, time_fn
+from mlmtrain.benchmarks.common import print_and_save, record, time_fn
 
 VOCAB_SIZE, MASK_ID, NUM_SPECIAL = 30000, 4, 5  # the blog post's vocabulary size, our fixed special ids
 CONTINUATION_FROM = 20000  # ids >= this are `##` pieces in the whole-word rows (~1/3 of random ids)
@@ -114,11 +113,12 @@ def run(
     """Rows (benchmarks/common.record) per size: copy, triton, torch reference, hf collator; then one
     `summary` row per size with the kernel's fraction of copy bandwidth and its speed-up over the collator."""
     from mlmtrain.kernels import mlm_mask as mm
+    from mlmtrain.kernels import triton_runs_on
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     sizes = sizes or (GPU_SIZES if device.type == "cuda" else CPU_SIZES)
     hf_max_tokens = hf_max_tokens if hf_max_tokens is not None else HF_MAX_TOKENS
-    kernel_ok = mm._triton_runs_on(device)
+    kernel_ok = triton_runs_on(device)
     word_start = torch.arange(VOCAB_SIZE, device=device) < CONTINUATION_FROM  # (V,) True: starts a word
     rows = []
     for T in sizes:
@@ -261,12 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":  # the kernel on CPU runs in Triton's interpreter, chosen before triton loads
         os.environ.setdefault("TRITON_INTERPRET", "1")
     rows = run(args.sizes, device, args.repeats, hf_max_tokens=args.hf_max_tokens, whole_word=not args.no_whole_word)
-    for r in rows:
-        if r.get("kind") == "summary":
-            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump({"environment": environment(device), "rows": rows}, f, indent=1)
+    print_and_save(rows, device, args.out)
     return 0
 
 

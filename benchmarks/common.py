@@ -7,6 +7,7 @@ device name, date) is attached once per report by `environment()`."""
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import statistics
 import sys
@@ -95,3 +96,13 @@ def record(benchmark: str, name: str, seconds: dict, *, work: dict | None = None
             "max": amount / seconds["min"],
         }
     return row
+
+
+def print_and_save(rows: list[dict], device: torch.device, out: str | None) -> None:
+    """A standalone benchmark's ending: its summary rows on stdout, and every row with the environment in `out`."""
+    for r in rows:
+        if r.get("kind") == "summary":
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump({"environment": environment(device), "rows": rows}, f, indent=1)

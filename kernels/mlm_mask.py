@@ -24,11 +24,6 @@ itself, so a batch of single-piece words masks exactly as token-level masking do
 same (ids, seed, step, offset) gives the same bits on any rank, after any resume, on the kernel and on the
 reference; there is no RNG state to checkpoint and no host-device sync (all scalars are python ints).
 
-Why this shape (compute, not just bytes, bounds it): one Philox call is ~80 SASS instructions, and at H200
-copy speed a token's time buys only ~100-150 instructions. A call per token per pass (the obvious design)
-would make masking compute bound at well under half of memory speed; here a token costs a quarter call for
-selection and, only if selected (15%), half a call for replacement.
-
 Kernels, deterministic compaction (count -> cumsum -> apply):
   - `_mask_count_kernel` decides the selection once (Philox, whole-word scan) and writes it as a bitmask
     (32 tokens per int32) plus a count per block; a torch cumsum over the counts gives each block its base.
@@ -44,13 +39,6 @@ Whole-word: word start of token i = the last j <= i (within this call) whose id 
 (`word_start_table`); if there is none, index 0 of the call. Inside a block this is a scan; for the tokens
 before a block's first start, the kernel walks back through the preceding ids, LOOKBACK tokens at a time,
 until it meets a start (one short step for real text; a run of k continuation pieces costs k/LOOKBACK loads).
-
-Memory traffic per token (int32 ids; M/T ~ 0.15 + a margin): the minimum any one-pass masking must move is
-read 4 B ids + write 4 B masked ids + 4 B labels + 16 B * M/T positions and masked labels ~ 14.4 B. Ours
-adds a second read of the ids (4 B; an L2 hit for batches up to ~10M tokens), the bitmask (1/8 B written,
-1/8 B read) and the L2-resident read-back of the block's own positions. Dtypes: masked ids and labels [T]
-keep the input's dtype (int32 in, int32 out: 8 B/token less than int64 labels; the trainer only feeds
-masked_labels [M] to cross_entropy, which needs int64); masked_positions and masked_labels are int64.
 """
 
 from __future__ import annotations
@@ -62,6 +50,8 @@ from typing import NamedTuple
 import torch
 
 from mlmtrain.errors import UserError
+from mlmtrain.kernels import triton_runs_on
+from mlmtrain.kernels.philox import as_u32, philox_words, split64, stream_words
 
 try:
     import triton
@@ -70,11 +60,6 @@ except ImportError:  # no Triton wheel for this platform: the torch path below s
     triton = None
 
 IGNORE_INDEX = -100
-_M32 = 0xFFFFFFFF
-# Philox4x32 constants (Salmon et al., SC'11; identical to triton.language.random and curand).
-PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
-PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
-PHILOX_ROUNDS = 10
 MAX_TOKENS = 1 << 30  # int32 in-kernel indices with room to spare
 
 # ---------------------------------------------------------------------------------------------------
@@ -83,58 +68,42 @@ MAX_TOKENS = 1 << 30  # int32 in-kernel indices with room to spare
 if triton is not None:
 
     @triton.jit
-    def _philox4x32(c0, c1, c2, c3, k0, k1, N_ROUNDS: tl.constexpr):
-        """Philox4x32 on uint32 blocks; written out (not tl.randint4x) so the counter layout and the rounds
-        are ours on every Triton version, matching `philox4x32_torch` below bit for bit."""
-        for _ in tl.static_range(N_ROUNDS):
-            _c0, _c2 = c0, c2
-            c0 = tl.umulhi(_c2, 0xCD9E8D57) ^ c1 ^ k0
-            c2 = tl.umulhi(_c0, 0xD2511F53) ^ c3 ^ k1
-            c1 = _c2 * 0xCD9E8D57
-            c3 = _c0 * 0xD2511F53
-            k0 = k0 + 0x9E3779B9
-            k1 = k1 + 0xBB67AE85
-        return c0, c1, c2, c3
-
-    @triton.jit
-    def _philox_groups(q_lo, q_hi, k, stream_tag, step_lo, step_hi, seed_lo, seed_hi):
-        """Philox words for counter (q + k as 64 bits with `stream_tag` in the top bit, step as 64 bits)."""
-        c0 = q_lo + k.to(tl.uint32)  # low word of q + k, wraps
-        c1 = (q_hi + (c0 < q_lo).to(tl.uint32)) | stream_tag  # carry into the high word
-        zero = c0 * 0
-        return _philox4x32(c0, c1, zero + step_lo, zero + step_hi, seed_lo, seed_hi, 10)
-
-    @triton.jit
     def _last_start(a, b):
         """Scan combine: the rightmost entry that is a word start (>= 0)."""
         return tl.where(b >= 0, b, a)
 
     @triton.jit
-    def _select_block(
-        ids_ptr,
-        word_start_ptr,
-        never_mask_ptr,
-        pid,
-        n_tokens,
-        vocab_size,
-        num_special,
-        q4_lo,
-        q4_hi,
-        step_lo,
-        step_hi,
-        seed_lo,
-        seed_hi,
-        select_thr,
-        BLOCK: tl.constexpr,
-        SHIFT: tl.constexpr,
-        LOOKBACK: tl.constexpr,
-        WHOLE_WORD: tl.constexpr,
-        HAS_NEVER_MASK: tl.constexpr,
-    ):
-        """Load a block of ids and decide which are selected (the count kernel's body; the apply kernel reads
-        the result as bits, so the two can never disagree). Blocks are aligned to the global index (offset + i):
-        block pid holds aligned positions [pid * BLOCK, (pid + 1) * BLOCK), i.e. call-local indices shifted by
-        SHIFT = offset % 4."""
+    def _popcount(x):
+        """Set bits of each int32 (SWAR; Triton has no portable popcount)."""
+        x = x.to(tl.uint32, bitcast=True)  # no-op for uint32
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        return ((x * 0x01010101) >> 24).to(tl.int32)
+
+    # Per-call keys vary every step: never specialise on their values (1, multiples of 16), or each new step
+    # value could compile a new kernel. Shape-like scalars (n_tokens, max_masked) stay specialised.
+    _KEYS = ["vocab_size", "num_special", "q4_lo", "q4_hi", "step_lo", "step_hi", "seed_lo", "seed_hi", "select_thr"]
+
+    @triton.jit(do_not_specialize=_KEYS)
+    def _mask_count_kernel(
+        ids_ptr,         # (T,) int32 | int64 token ids
+        word_start_ptr,  # (V,) uint8: 1 where an id starts a word (whole-word mode only)
+        never_mask_ptr,  # (V,) uint8: 1 where an id is never selected (HAS_NEVER_MASK only)
+        counts_ptr,      # (n_blocks + 1,) int32 out: selections per block, after a leading 0
+        bits_ptr,        # (n_blocks * BLOCK / 32,) int32 out: the selection bitmask
+        n_tokens, vocab_size, num_special,
+        q4_lo, q4_hi, step_lo, step_hi, seed_lo, seed_hi, select_thr,
+        BLOCK: tl.constexpr, SHIFT: tl.constexpr, LOOKBACK: tl.constexpr,
+        WHOLE_WORD: tl.constexpr, HAS_NEVER_MASK: tl.constexpr,
+    ):  # fmt: skip
+        """Decide the selection once: bits[pid] = the block's selections, 32 per int32 word (token 32w + b is
+        bit b of word w), and counts[pid + 1] = how many (counts[0] = 0, so a cumsum gives exclusive bases)."""
+        pid = tl.program_id(0)
+        q4_lo, q4_hi = as_u32(q4_lo), as_u32(q4_hi)
+        step_lo, step_hi, seed_lo, seed_hi = as_u32(step_lo), as_u32(step_hi), as_u32(seed_lo), as_u32(seed_hi)
+        # Blocks are aligned to the global index (offset + i): block pid holds aligned positions
+        # [pid * BLOCK, (pid + 1) * BLOCK), i.e. call-local indices shifted by SHIFT = offset % 4.
         idx = pid * BLOCK - SHIFT + tl.arange(0, BLOCK)  # (BLOCK,) int32 call-local token index
         in_range = (idx >= 0) & (idx < n_tokens)
         ids = tl.load(ids_ptr + idx, mask=in_range, other=0)
@@ -144,7 +113,7 @@ if triton is not None:
             maskable = maskable & (tl.load(never_mask_ptr + ids, mask=maskable, other=1) == 0)
         # Selection stream: one Philox call per 4 consecutive global indices, one 32-bit word each.
         k4 = pid * (BLOCK // 4) + tl.arange(0, BLOCK // 4)  # (BLOCK/4,) group index past q4
-        w0, w1, w2, w3 = _philox_groups(q4_lo, q4_hi, k4, 0, step_lo, step_hi, seed_lo, seed_hi)
+        w0, w1, w2, w3 = philox_words(q4_lo, q4_hi, k4, 0, step_lo, step_hi, seed_lo, seed_hi)
         lane = tl.arange(0, 4)[None, :]  # (1, 4)
         words = tl.where(
             lane == 0, w0[:, None], tl.where(lane == 1, w1[:, None], tl.where(lane == 2, w2[:, None], w3[:, None]))
@@ -167,78 +136,12 @@ if triton is not None:
                 found = tl.max(tl.where(ok & prev_start, j, -1))
                 end = end - LOOKBACK
             at = tl.maximum(found, 0) + SHIFT  # aligned position of the word's first piece
-            c0, c1, c2, c3 = _philox_groups(q4_lo, q4_hi, at // 4, 0, step_lo, step_hi, seed_lo, seed_hi)
+            c0, c1, c2, c3 = philox_words(q4_lo, q4_hi, at // 4, 0, step_lo, step_hi, seed_lo, seed_hi)
             carry_word = tl.where(at % 4 == 0, c0, tl.where(at % 4 == 1, c1, tl.where(at % 4 == 2, c2, c3)))
             carry = ((carry_word >> 8).to(tl.int32) < select_thr).to(tl.int32)
             selected = maskable & (tl.where(word >= 0, word, carry) == 1)
         else:
             selected = maskable & (own == 1)
-        return selected
-
-    @triton.jit
-    def _popcount(x):
-        """Set bits of each int32 (SWAR; Triton has no portable popcount)."""
-        x = x.to(tl.uint32, bitcast=True)  # no-op for uint32
-        x = x - ((x >> 1) & 0x55555555)
-        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-        x = (x + (x >> 4)) & 0x0F0F0F0F
-        return ((x * 0x01010101) >> 24).to(tl.int32)
-
-    @triton.jit
-    def _as_u32(x):
-        return x.to(tl.uint32, bitcast=True)
-
-    # Per-call keys vary every step: never specialise on their values (1, multiples of 16), or each new step
-    # value could compile a new kernel. Shape-like scalars (n_tokens, max_masked) stay specialised.
-    _KEYS = ["vocab_size", "num_special", "q4_lo", "q4_hi", "step_lo", "step_hi", "seed_lo", "seed_hi", "select_thr"]
-
-    @triton.jit(do_not_specialize=_KEYS)
-    def _mask_count_kernel(
-        ids_ptr,
-        word_start_ptr,
-        never_mask_ptr,
-        counts_ptr,
-        bits_ptr,
-        n_tokens,
-        vocab_size,
-        num_special,
-        q4_lo,
-        q4_hi,
-        step_lo,
-        step_hi,
-        seed_lo,
-        seed_hi,
-        select_thr,
-        BLOCK: tl.constexpr,
-        SHIFT: tl.constexpr,
-        LOOKBACK: tl.constexpr,
-        WHOLE_WORD: tl.constexpr,
-        HAS_NEVER_MASK: tl.constexpr,
-    ):
-        """Decide the selection once: bits[pid] = the block's selections, 32 per int32 word (token 32w + b is
-        bit b of word w), and counts[pid + 1] = how many (counts[0] = 0, so a cumsum gives exclusive bases)."""
-        pid = tl.program_id(0)
-        selected = _select_block(
-            ids_ptr,
-            word_start_ptr,
-            never_mask_ptr,
-            pid,
-            n_tokens,
-            vocab_size,
-            num_special,
-            _as_u32(q4_lo),
-            _as_u32(q4_hi),
-            _as_u32(step_lo),
-            _as_u32(step_hi),
-            _as_u32(seed_lo),
-            _as_u32(seed_hi),
-            select_thr,
-            BLOCK,
-            SHIFT,
-            LOOKBACK,
-            WHOLE_WORD,
-            HAS_NEVER_MASK,
-        )
         sel = selected.to(tl.int32)
         bits = tl.reshape(sel, (BLOCK // 32, 32)) << tl.arange(0, 32)[None, :]  # (BLOCK/32, 32) disjoint bits
         tl.store(bits_ptr + pid * (BLOCK // 32) + tl.arange(0, BLOCK // 32), tl.sum(bits, axis=1))
@@ -246,50 +149,23 @@ if triton is not None:
         if pid == 0:
             tl.store(counts_ptr, 0)
 
-    @triton.jit(
-        do_not_specialize=[
-            "vocab_size",
-            "num_special",
-            "mask_id",
-            "q2_lo",
-            "q2_hi",
-            "step_lo",
-            "step_hi",
-            "seed_lo",
-            "seed_hi",
-            "mask_thr",
-            "random_thr",
-        ]
-    )
+    _APPLY_KEYS = ["vocab_size", "num_special", "mask_id", "q2_lo", "q2_hi", "step_lo", "step_hi", "seed_lo", "seed_hi"]
+
+    @triton.jit(do_not_specialize=[*_APPLY_KEYS, "mask_thr", "random_thr"])
     def _mask_apply_kernel(
-        ids_ptr,
-        bits_ptr,
-        base_ptr,
-        allowed_ptr,
-        n_allowed_ptr,
-        out_ids_ptr,
-        labels_ptr,
-        positions_ptr,
-        masked_labels_ptr,
-        n_tokens,
-        n_blocks,
-        max_masked,
-        slots_per_block,
-        vocab_size,
-        num_special,
-        mask_id,
-        q2_lo,
-        q2_hi,
-        step_lo,
-        step_hi,
-        seed_lo,
-        seed_hi,
-        mask_thr,
-        random_thr,
-        BLOCK: tl.constexpr,
-        SHIFT: tl.constexpr,
-        HAS_NEVER_MASK: tl.constexpr,
-    ):
+        ids_ptr,            # (T,) token ids
+        bits_ptr,           # (n_blocks * BLOCK / 32,) int32: the count kernel's selection bitmask
+        base_ptr,           # (n_blocks + 1,) int32: exclusive cumsum of the counts; base_ptr[n_blocks] = total
+        allowed_ptr,        # (V,) int64: ids a random replacement may take, first (HAS_NEVER_MASK only)
+        n_allowed_ptr,      # (1,) int64: how many of them (HAS_NEVER_MASK only)
+        out_ids_ptr,        # (T,) out: masked ids, the input's dtype
+        labels_ptr,         # (T,) out: original id where selected, -100 elsewhere
+        positions_ptr,      # (max_masked,) int64 out: selected positions, ascending, padded with 0
+        masked_labels_ptr,  # (max_masked,) int64 out: their labels, padded with -100
+        n_tokens, n_blocks, max_masked, slots_per_block, vocab_size, num_special, mask_id,
+        q2_lo, q2_hi, step_lo, step_hi, seed_lo, seed_hi, mask_thr, random_thr,
+        BLOCK: tl.constexpr, SHIFT: tl.constexpr, HAS_NEVER_MASK: tl.constexpr,
+    ):  # fmt: skip
         """Write ids + labels and scatter the selections to base + in-block rank (dense, no random draws);
         then, over this block's compacted slots only, draw 80/10/10 and overwrite the ids that change; last,
         fill this block's share of the unused slots of the compacted buffers."""
@@ -317,15 +193,15 @@ if triton is not None:
         # Replacement, on the ~15% kept tokens only (read back compacted): the Philox pair of global index g is
         # g // 2 (stream tag in the top bit); (choice, random) are its words (0, 1) for even g, (2, 3) for odd.
         n_kept = tl.maximum(tl.minimum(tl.load(base_ptr + pid + 1), max_masked) - base, 0)
-        q2_lo, q2_hi = _as_u32(q2_lo), _as_u32(q2_hi)
-        step_lo, step_hi = _as_u32(step_lo), _as_u32(step_hi)
-        seed_lo, seed_hi = _as_u32(seed_lo), _as_u32(seed_hi)
+        q2_lo, q2_hi = as_u32(q2_lo), as_u32(q2_hi)
+        step_lo, step_hi = as_u32(step_lo), as_u32(step_hi)
+        seed_lo, seed_hi = as_u32(seed_lo), as_u32(seed_hi)
         for c in range(0, n_kept, BLOCK // 4):
             k = c + tl.arange(0, BLOCK // 4)  # (BLOCK/4,) rank within the block's kept tokens
             live = k < n_kept
             pos = tl.load(positions_ptr + base + k, mask=live, other=0).to(tl.int32)  # (BLOCK/4,) call-local index
             aligned = pos + SHIFT  # position from the block-aligned start of the call
-            w0, w1, w2, w3 = _philox_groups(q2_lo, q2_hi, aligned // 2, 0x80000000, step_lo, step_hi, seed_lo, seed_hi)
+            w0, w1, w2, w3 = philox_words(q2_lo, q2_hi, aligned // 2, 0x80000000, step_lo, step_hi, seed_lo, seed_hi)
             odd = (aligned % 2) == 1
             choice = (tl.where(odd, w2, w0) >> 8).to(tl.int32)
             r = tl.where(odd, w3, w1)
@@ -358,12 +234,6 @@ class MaskOutput(NamedTuple):
     masked_labels: torch.Tensor  # (max_masked,) int64, IGNORE_INDEX in padded slots
 
 
-def _split64(value: int) -> tuple[int, int]:
-    """A 64-bit counter word as two int32 kernel scalars (always i32, so no new signature per value)."""
-    lo, hi = value & _M32, (value >> 32) & _M32
-    return tuple(v - (1 << 32) if v >= 1 << 31 else v for v in (lo, hi))
-
-
 def _thresholds(mask_prob: float, mask_frac: float, random_frac: float) -> tuple[int, int, int]:
     """24-bit integer thresholds the kernel and the reference compare the top 24 bits of a Philox word to."""
     one = 1 << 24
@@ -383,23 +253,9 @@ def _block_size(num_tokens: int, device: torch.device) -> int:
 
 
 def mlm_mask_triton(
-    ids,
-    *,
-    vocab_size,
-    mask_id,
-    num_special,
-    never_mask,
-    mask_prob,
-    mask_frac,
-    random_frac,
-    seed,
-    step,
-    offset,
-    max_masked,
-    word_start,
-    block_size=None,
-    lookback=64,
-) -> MaskOutput:
+    ids, *, vocab_size, mask_id, num_special, never_mask, mask_prob, mask_frac, random_frac, seed,
+    step, offset, max_masked, word_start, block_size=None, lookback=64,
+) -> MaskOutput:  # fmt: skip
     """Launch count kernel -> cumsum -> apply kernel. Arguments already validated by `mlm_mask`."""
     T = ids.numel()
     BLOCK = block_size or _block_size(T, ids.device)
@@ -407,8 +263,8 @@ def mlm_mask_triton(
     n_blocks = triton.cdiv(T + shift, BLOCK)
     select_thr, mask_thr, random_thr = _thresholds(mask_prob, mask_frac, random_frac)
     aligned = offset - shift
-    q4, q2 = _split64(aligned >> 2), _split64(aligned >> 1)  # first selection group, first replacement pair
-    step_seed = (*_split64(step), *_split64(seed))
+    q4, q2 = split64(aligned >> 2), split64(aligned >> 1)  # first selection group, first replacement pair
+    step_seed = (*split64(step), *split64(seed))
     whole_word, has_never = word_start is not None, never_mask is not None
     word_start_u8 = word_start.view(torch.uint8) if whole_word else ids  # unused pointer when not whole-word
     if has_never:
@@ -420,55 +276,21 @@ def mlm_mask_triton(
     counts = torch.empty(n_blocks + 1, dtype=torch.int32, device=ids.device)
     bits = torch.empty(n_blocks * (BLOCK // 32), dtype=torch.int32, device=ids.device)
     _mask_count_kernel[(n_blocks,)](
-        ids,
-        word_start_u8,
-        never_u8,
-        counts,
-        bits,
-        T,
-        vocab_size,
-        num_special,
-        *q4,
-        *step_seed,
-        select_thr,
-        BLOCK=BLOCK,
-        SHIFT=shift,
-        LOOKBACK=lookback,
-        WHOLE_WORD=whole_word,
-        HAS_NEVER_MASK=has_never,
+        ids, word_start_u8, never_u8, counts, bits, T, vocab_size, num_special, *q4, *step_seed, select_thr,
+        BLOCK=BLOCK, SHIFT=shift, LOOKBACK=lookback, WHOLE_WORD=whole_word, HAS_NEVER_MASK=has_never,
         num_warps=num_warps,
-    )
+    )  # fmt: skip
     base = torch.cumsum(counts, 0, dtype=torch.int32)  # (n_blocks + 1,) exclusive block bases, then the total
 
     out_ids, labels = torch.empty_like(ids), torch.empty_like(ids)
     positions = torch.empty(max_masked, dtype=torch.int64, device=ids.device)
     masked_labels = torch.empty(max_masked, dtype=torch.int64, device=ids.device)
     _mask_apply_kernel[(n_blocks,)](
-        ids,
-        bits,
-        base,
-        allowed,
-        n_allowed,
-        out_ids,
-        labels,
-        positions,
-        masked_labels,
-        T,
-        n_blocks,
-        max_masked,
-        triton.cdiv(max_masked, n_blocks),
-        vocab_size,
-        num_special,
-        mask_id,
-        *q2,
-        *step_seed,
-        mask_thr,
-        random_thr,
-        BLOCK=BLOCK,
-        SHIFT=shift,
-        HAS_NEVER_MASK=has_never,
-        num_warps=num_warps,
-    )
+        ids, bits, base, allowed, n_allowed, out_ids, labels, positions, masked_labels,
+        T, n_blocks, max_masked, triton.cdiv(max_masked, n_blocks), vocab_size, num_special, mask_id,
+        *q2, *step_seed, mask_thr, random_thr,
+        BLOCK=BLOCK, SHIFT=shift, HAS_NEVER_MASK=has_never, num_warps=num_warps,
+    )  # fmt: skip
     return MaskOutput(out_ids, labels, positions, masked_labels)
 
 
@@ -505,13 +327,6 @@ def max_masked_bound(num_tokens: int, mask_prob: float = 0.15, pieces_per_word: 
 def word_start_table(vocab: list[str], prefix: str = "##") -> torch.Tensor:
     """(V,) bool: True where the id begins a word, i.e. is not a `##` continuation piece (specials included)."""
     return torch.tensor([not piece.startswith(prefix) for piece in vocab], dtype=torch.bool)
-
-
-def _triton_runs_on(device: torch.device) -> bool:
-    if triton is None:
-        return False
-    interpreted = type(_mask_apply_kernel).__name__ == "InterpretedFunction"  # TRITON_INTERPRET=1 at import
-    return device.type == "cuda" or (device.type == "cpu" and interpreted)
 
 
 def _check_table(name: str, table, ids: torch.Tensor, vocab_size: int) -> None:
@@ -577,26 +392,15 @@ def mlm_mask(
         raise UserError(f"max_masked must be an int >= 0, got {max_masked!r}.")
     if backend not in ("auto", "triton", "torch"):
         raise UserError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}.")
-    if backend == "triton" and not _triton_runs_on(ids.device):
+    if backend == "triton" and not triton_runs_on(ids.device):
         raise UserError(
             f"the Triton masking kernel cannot run on {ids.device} here (needs CUDA, or "
             "TRITON_INTERPRET=1 set before triton is imported for CPU); use backend='torch'."
         )
-    use_triton = backend == "triton" or (backend == "auto" and _triton_runs_on(ids.device))
-    args = dict(
-        vocab_size=vocab_size,
-        mask_id=mask_id,
-        num_special=num_special,
-        never_mask=never_mask,
-        mask_prob=mask_prob,
-        mask_frac=mask_frac,
-        random_frac=random_frac,
-        seed=seed & ((1 << 64) - 1),
-        step=step,
-        offset=offset,
-        max_masked=max_masked,
-        word_start=word_start,
-    )
+    use_triton = backend == "triton" or (backend == "auto" and triton_runs_on(ids.device))
+    args = dict(vocab_size=vocab_size, mask_id=mask_id, num_special=num_special, never_mask=never_mask,
+                mask_prob=mask_prob, mask_frac=mask_frac, random_frac=random_frac, seed=seed & ((1 << 64) - 1),
+                step=step, offset=offset, max_masked=max_masked, word_start=word_start)  # fmt: skip
     if use_triton and ids.numel() > 0:
         if ids.is_cuda:
             with torch.cuda.device(ids.device):  # Triton launches on the current device
@@ -608,56 +412,10 @@ def mlm_mask(
 # ---------------------------------------------------------------------------------------------------
 # Pure-torch reference (also the fallback where Triton cannot run; no host sync, so it is CUDA-safe too)
 # ---------------------------------------------------------------------------------------------------
-def _mul32(x: torch.Tensor, constant: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit words of x * constant for x in [0, 2^32) held in int64, without overflowing int64:
-    split the constant in 16-bit halves so each partial product stays below 2^48."""
-    c_hi, c_lo = constant >> 16, constant & 0xFFFF
-    low_part, high_part = x * c_lo, x * c_hi  # < 2^48 each; x * constant = high_part * 2^16 + low_part
-    hi = (high_part + (low_part >> 16)) >> 16
-    lo = (((high_part & 0xFFFF) << 16) + low_part) & _M32
-    return hi, lo
-
-
-def philox4x32_torch(c0, c1, c2, c3, key: int, rounds: int = PHILOX_ROUNDS):
-    """Philox4x32 on int64 tensors holding uint32 values; key is a 64-bit python int. Bit-exact with the kernel."""
-    k0, k1 = key & _M32, (key >> 32) & _M32
-    for _ in range(rounds):
-        hi_b, lo_b = _mul32(c2, PHILOX_ROUND_B)
-        hi_a, lo_a = _mul32(c0, PHILOX_ROUND_A)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + PHILOX_KEY_A) & _M32, (k1 + PHILOX_KEY_B) & _M32
-    return c0, c1, c2, c3
-
-
-def _stream_words(offset: int, T: int, per_call: int, stream_tag: int, step: int, seed: int, device):
-    """Philox words of global indices offset .. offset + T - 1 for one stream: one call per `per_call`
-    consecutive indices (counter = index // per_call, tag in the top bit of its high word), its four words
-    shared out in order. Returns (T,) for per_call 4, (T, 2) for per_call 2."""
-    first, last = offset // per_call, (offset + T - 1) // per_call
-    group = torch.arange(first, last + 1, device=device, dtype=torch.int64)  # (G,)
-    zero = torch.zeros_like(group)
-    words = philox4x32_torch(group & _M32, (group >> 32) | stream_tag, zero + (step & _M32), zero + (step >> 32), seed)
-    words = torch.stack(words, 1).reshape(-1, 4 // per_call).squeeze(1)  # (G * per_call,) or (G * 2, 2)
-    start = offset % per_call
-    return words[start : start + T]
-
-
 def mlm_mask_reference(
-    ids,
-    *,
-    vocab_size,
-    mask_id,
-    num_special,
-    never_mask,
-    mask_prob,
-    mask_frac,
-    random_frac,
-    seed,
-    step,
-    offset,
-    max_masked,
-    word_start,
-) -> MaskOutput:
+    ids, *, vocab_size, mask_id, num_special, never_mask, mask_prob, mask_frac, random_frac, seed,
+    step, offset, max_masked, word_start,
+) -> MaskOutput:  # fmt: skip
     """The same function as the kernels, in plain torch ops on whole tensors.
 
     Traffic (int64 temporaries, ~200 elementwise passes for Philox): read T ids, write T masked ids + T labels
@@ -665,8 +423,8 @@ def mlm_mask_reference(
     T, device = ids.numel(), ids.device
     select_thr, mask_thr, random_thr = _thresholds(mask_prob, mask_frac, random_frac)
     idx = torch.arange(T, device=device, dtype=torch.int64)  # (T,) call-local index
-    select_word = _stream_words(offset, T, 4, 0, step, seed, device)  # (T,) one word per token
-    choice, random_word = _stream_words(offset, T, 2, 1 << 31, step, seed, device).unbind(1)  # (T,) each
+    select_word = stream_words(offset, T, 4, 0, step, seed, device)  # (T,) one word per token
+    choice, random_word = stream_words(offset, T, 2, 1 << 31, step, seed, device).unbind(1)  # (T,) each
 
     ids64 = ids.long()
     in_vocab = (ids64 >= 0) & (ids64 < vocab_size)

@@ -2,7 +2,7 @@
 # The GPU benchmark report in one command, offline, inside 9 minutes on one H100/H200-class GPU:
 #   hardware ceilings -> masking kernel -> ours vs the HF Trainer baseline (base, seq 128, same tokens)
 #   -> model forward+backward (base, large) -> sweep of tokens per batch x sequence caps
-# written to OUT_DIR as results.json, report.md and PNG charts (`mlmtrain bench`, trainer/bench.py).
+# written to OUT_DIR as results.json, report.md and PNG charts (`mlmtrain bench`, benchmarks/suite.py).
 #
 # Usage:  bash scripts/bench_gpu.sh OUT_DIR [extra `mlmtrain bench` flags]
 #   Sweep points that do not fit the time budget are recorded as skipped; measure them in a second call

@@ -7,7 +7,10 @@ set -uo pipefail
 OUT=${1:-gpu_check_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+# trainer/ installs as mlmtrain, so only an editable install of this checkout makes `import mlmtrain` load it
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+here=$(python3 -c "import mlmtrain, os; print(os.path.dirname(os.path.realpath(mlmtrain.__file__)))" 2>/dev/null)
+[ "$here" = "$PWD/trainer" ] || { echo "gpu_check.sh: mlmtrain imports from '$here', not this checkout" >&2; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
@@ -19,10 +22,11 @@ W=$(mktemp -d)
 python3 -m mlmtrain.cli tokenizer --input trainer/assets/sample_corpus.txt --out "$W/tok" --vocab-size 30000 >/dev/null 2>&1
 python3 -m mlmtrain.cli prepare --input trainer/assets/sample_corpus.txt --tokenizer "$W/tok" --out "$W/data" --valid-fraction 0.05 >/dev/null 2>&1
 timeout 300 python3 -m mlmtrain.cli train --data "$W/data" --tokenizer "$W/tok" --out "$W/run" --model base \
-  --max-steps ${STEPS:-60} --set train.log_every=10 --set train.eval_every=0 --profile-steps 40:45 2>&1 \
-  | grep -v "step/s" | tail -20 | tee "$OUT/train.txt"
+  --max-steps ${STEPS:-60} --set train.log_every=10 --set train.eval_every=0 --profile-steps 40:45 --profile-memory 2>&1 \
+  | grep -v "step/s" | tail -45 | tee "$OUT/train.txt"
 cp "$W/run/metrics.jsonl" "$W/run/summary.json" "$OUT/" 2>/dev/null
-cp "$W/run/profile/phases.json" "$OUT/" 2>/dev/null
+cp "$W/run/profile/phases.json" "$W/run/profile/categories.json" "$OUT/" 2>/dev/null
+ls -la "$W/run/profile" | tee "$OUT/profile_files.txt"  # trace.json, categories.json, phases.json, memory_snapshot.pickle
 
 echo "== benchmarks"
 timeout 150 python3 -m mlmtrain.benchmarks.bench_mlm_mask --out "$OUT/bench_mlm_mask.json" 2>&1 | tail -15

@@ -232,16 +232,17 @@ def test_report_names_failed_sections(tmp_path):
 
 
 def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
-    """scripts/speed_gpu.sh --quick: the GPU script's own path on the CPU (tiny model). Rows that cannot run on
-    a CPU (the fused Triton kernels in this build, CUDA graphs, fp8) say why. Then a second call with --merge
-    measures only the rows a first call recorded as skipped (here: marked so by hand) and keeps the others."""
+    """scripts/speed_gpu.sh --quick: the GPU script's own path on the CPU (tiny model; the fused kernels run their
+    torch reference, as on any machine without Triton's interpreter). Rows that cannot run on a CPU (CUDA graphs,
+    fp8) say why. Then a second call with --merge measures only the rows a first call recorded as skipped (here:
+    marked so by hand) and keeps the others."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "speed_gpu.sh"
-    env = {**os.environ, "PYTHON": sys.executable}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHON": sys.executable}
     out = tmp_path / "speed"
     first = subprocess.run(["bash", str(script), str(out), "--quick"], env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -260,15 +261,15 @@ def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
         "dropout off",
     ]
     assert [r["name"] for r in everything if r["benchmark"] == "ablation"] == names
-    measured = [by_name[("ablation", n)] for n in ("today", "+row attention", "+bf16 residual", "dropout off")]
+    measured = [by_name[("ablation", n)] for n in ("today", "+row attention", "+bf16 residual", "+fused kernels")]
+    measured.append(by_name[("ablation", "dropout off")])
     for r in measured:
         assert r["tokens_per_s"]["overall"] > 0 and math.isfinite(r["valid_loss"]) and r["phase_ms"], r["name"]
     assert len({r["real_tokens"] for r in measured}) == 1  # the same real tokens, so the losses compare
     assert by_name[("ablation", "+row attention")]["options"] == {"data.layout": "rows"}
     assert "needs a CUDA device" in by_name[("ablation", "+CUDA graphs")]["error"]
     assert "FP8 tensor cores" in by_name[("ablation", "+fp8 rowwise")]["error"]
-    fused = by_name[("ablation", "+fused kernels")]
-    assert "fused Triton kernels" in fused.get("error", "") or fused["tokens_per_s"]["overall"] > 0
+    assert by_name[("ablation", "+fused kernels")]["tokens_per_s"]["overall"] > 0
     targets = [r for r in everything if r["benchmark"] == "target"]
     assert targets[0]["name"] == "today" and targets[0]["seq_cap"] == 512 and targets[0]["pack"] == "document"
     assert len(targets) >= 2 and "ablation" in res["headline"]

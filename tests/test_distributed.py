@@ -175,13 +175,15 @@ def test_ddp_matches_one_process_and_resumes_across_world_sizes(one_process, dat
     want = losses(ref_run)
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "mlmtrain.cli", *cli_args(data_dir, tokenizer_dir, two), "--nproc", "2"]
-    done = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=180)
+    done = subprocess.run([*cmd, "--profile-steps", "2:3"], env=env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert_match(losses(two), want, "2 processes vs 1")
     # Adam hides a constant gradient scale from the losses; the pre-clip gradient norm does not
     assert_match(losses(two, "grad_norm"), losses(ref_run, "grad_norm"), "gradient norm, 2 processes vs 1")
-    # rank 0 alone logs and writes: one config line, one metrics row per step, one summary
-    assert done.stdout.count("config: ") + done.stderr.count("config: ") == 1
+    # rank 0 alone logs and writes: one config, one metrics row per step, one summary; every rank its own trace
+    assert done.stdout.count("config (resolved):") + done.stderr.count("config (resolved):") == 1
+    assert done.stdout.count("\ndone: ") == 1 and done.stdout.count("profile: traced steps 2..2") == 1
+    assert {p.name for p in (two / "profile").glob("trace_rank*.json")} == {"trace_rank0.json", "trace_rank1.json"}
     assert sorted(losses(two)) == list(range(1, STEPS + 1))
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["real_tokens"] == ref["real_tokens"]  # job totals, exactly

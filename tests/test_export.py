@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -161,7 +162,9 @@ def test_bf16_export_without_verify(trained_run, tokenizer_dir, tmp_path):
         emb = f.get_tensor("bert.embeddings.word_embeddings.weight")
     assert emb.dtype == torch.bfloat16
     assert torch.equal(emb, model.bert.embeddings.word_embeddings.weight.detach().bfloat16())
-    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config  # the key transformers 5 reads
+    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
     readme = (tmp_path / "bf16" / "README.md").read_text(encoding="utf-8")
     assert "The capital of France is [MASK]." in readme  # default widget when no language is given
 
@@ -193,3 +196,69 @@ def test_user_mistakes_are_sentences(trained_run, tokenizer_dir, tmp_path, sampl
         ]
     )
     assert rc == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_card_from_a_real_run(data_dir, tokenizer_dir, tmp_path):
+    """A card made from a training run: title from --name, languages as a YAML list, the user's extra section,
+    values that said `auto` resolved, the tokenizer and prepare commands, data statistics, validation accuracy
+    and the unigram baseline; it round-trips through ModelCard.load and the export check still passes. The
+    files are readable (0644 under umask 022, though safetensors writes 0600)."""
+    import os
+    import stat
+
+    import numpy as np
+    from huggingface_hub import ModelCard
+    from test_train import tiny_config
+
+    from mlmtrain.evaluate import unigram_cross_entropy
+    from mlmtrain.export_check import check_export_folder
+    from mlmtrain.prepare import load_split
+    from mlmtrain.tokenizer import NUM_SPECIAL
+    from mlmtrain.train import train
+
+    run = tmp_path / "run"
+    cfg = tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 2, "optim.warmup_steps": 0})
+    assert cfg.train.precision == "auto"
+    train(cfg)
+    extra = tmp_path / "extra.md"
+    extra.write_text("## Intended use\n\nResearch on Korean MLMs only.\n", encoding="utf-8")
+    out = tmp_path / "export"
+    umask = os.umask(0o022)
+    try:
+        argv = ["export", "--checkpoint", str(run), "--out", str(out), "--no-verify", "--name", "me/ko-tiny"]
+        rc = cli.main([*argv, "--language", "ko", "--language", "en", "--card-extra", str(extra)])
+    finally:
+        os.umask(umask)
+    assert rc == 0 and check_export_folder(out) == []
+    assert {oct(stat.S_IMODE((out / n).stat().st_mode)) for n in os.listdir(out)} == {"0o644"}
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.language == ["ko", "en"]
+    text = card.text
+    assert text.lstrip().startswith("# me/ko-tiny") and 'pipeline("fill-mask", model="me/ko-tiny")' in text
+    assert "## Intended use" in text and "Research on Korean MLMs only." in text
+    assert not re.search(r"\bauto\b", text), "a value the run resolved is shown as auto"
+    assert "precision fp32" in text and "warm-up over 1 steps" in text and "1024 tokens per micro-batch" in text
+    assert "mlmtrain tokenizer --input sample_corpus.txt --out tokenizer --vocab-size 2000" in text
+    assert "mlmtrain prepare --input sample_corpus.txt --tokenizer tokenizer --out data --valid-fraction 0.05" in text
+    meta = json.loads((data_dir / "meta.json").read_text())
+    assert f"| train | {meta['train']['documents']:,} | {meta['train']['sentences']:,} |" in text
+    state = json.loads((sorted((run / "checkpoints").iterdir())[-1] / "state.json").read_text())
+    assert f"| masked-token accuracy | {state['metrics']['valid_accuracy']:.3f} |" in text
+    train_tokens, valid_tokens = (np.asarray(load_split(data_dir, s).tokens) for s in ("train", "valid"))
+    baseline = unigram_cross_entropy(train_tokens, valid_tokens, NUM_SPECIAL)
+    assert f"| unigram baseline loss | {baseline:.4f} nats" in text
+
+
+def test_language_list_forms(trained_run, tokenizer_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    run_dir, _ = trained_run
+    export_folder(run_dir, tokenizer_dir, tmp_path / "a", language="ko,en", verify=False)
+    assert ModelCard.load(tmp_path / "a" / "README.md").data.language == ["ko", "en"]
+    with pytest.raises(UserError, match="ISO 639 codes"):
+        export_folder(run_dir, tokenizer_dir, tmp_path / "b", language="ko en", verify=False)
+    with pytest.raises(UserError, match="starts with a YAML header"):
+        (tmp_path / "x.md").write_text("---\nlicense: mit\n---\n")
+        export_folder(run_dir, tokenizer_dir, tmp_path / "c", card_extra=tmp_path / "x.md", verify=False)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

@@ -20,13 +20,13 @@ from conftest import requires_cuda
 
 from mlmtrain.errors import UserError
 from mlmtrain.kernels import mlm_mask as mm
+from mlmtrain.kernels import triton_runs_on
 from mlmtrain.kernels.mlm_mask import (
     IGNORE_INDEX,
     max_masked_bound,
     mlm_mask,
     mlm_mask_reference,
     mlm_mask_triton,
-    philox4x32_torch,
     word_start_table,
 )
 
@@ -35,7 +35,7 @@ Z_MAX = 5.0  # two-sided normal tail 5.7e-7
 CHI2_DF2_MAX = 2 * math.log(1e6)  # chi-square(2) survival exp(-x/2) = 1e-6
 
 needs_triton = pytest.mark.skipif(
-    not mm._triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
+    not triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
     reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)",
 )
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,47 +74,6 @@ def _assert_same(a, b, what=""):
 def _both(ids, **kw):
     kw = {"vocab_size": V, "mask_id": MASK, "seed": 1234, "step": 7, **kw}
     return mlm_mask(ids, backend="triton", **kw), mlm_mask(ids, backend="torch", **kw)
-
-
-# ---- the random stream ------------------------------------------------------------------------------
-def test_philox_known_answers():
-    """Random123's published Philox4x32-10 vectors (kat_vectors): counter[4], key[2] -> output[4]."""
-    cases = [
-        ((0, 0, 0, 0), 0, (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-        ((0xFFFFFFFF,) * 4, 0xFFFFFFFF_FFFFFFFF, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        (
-            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
-            0x299F31D0_A4093822,
-            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
-        ),
-    ]
-    for counter, key, want in cases:
-        got = philox4x32_torch(*[torch.tensor([c]) for c in counter], key)
-        assert tuple(int(x) for x in got) == want, [hex(int(x)) for x in got]
-
-
-@needs_triton
-def test_philox_is_tritons_stream():
-    """At step 0 our counter layout is tl.randint4x's: (offset lo, offset hi, 0, 0), key = seed."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def randint4x_kernel(out_ptr, offsets_ptr, seed, N: tl.constexpr):
-        i = tl.arange(0, N)
-        r0, r1, r2, r3 = tl.randint4x(seed, tl.load(offsets_ptr + i))
-        tl.store(out_ptr + 4 * i, r0.to(tl.int64) & 0xFFFFFFFF)
-        tl.store(out_ptr + 4 * i + 1, r1.to(tl.int64) & 0xFFFFFFFF)
-        tl.store(out_ptr + 4 * i + 2, r2.to(tl.int64) & 0xFFFFFFFF)
-        tl.store(out_ptr + 4 * i + 3, r3.to(tl.int64) & 0xFFFFFFFF)
-
-    offsets = torch.tensor([0, 1, 12345, 2**32 + 5, 2**40 + 7, 2**62, 99, 3], dtype=torch.int64, device=DEVICE)
-    out = torch.empty(32, dtype=torch.int64, device=DEVICE)
-    seed = 0x12_3456_7890
-    randint4x_kernel[(1,)](out, offsets, seed, N=8)
-    zero = torch.zeros_like(offsets)
-    ref = torch.stack(philox4x32_torch(offsets & 0xFFFFFFFF, offsets >> 32, zero, zero, seed), 1).reshape(-1)
-    assert torch.equal(out, ref)
 
 
 # ---- kernel == reference, bit for bit -----------------------------------------------------------------

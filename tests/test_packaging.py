@@ -129,10 +129,17 @@ def test_tests_need_only_runtime_and_the_test_extra():
     assert not missing, f"the tests import {missing}, which pip install -e '.[test]' does not bring"
 
 
+# Declared for their command, not imported: each must be run by some test (checked below).
+COMMANDS = {"ruff": "tests/test_layout.py"}
+
+
 def test_every_declared_dependency_is_imported():
     imported = set()
     for module in _third_party_imports([*PACKAGE_DIRS, "tests"]):
         imported |= _dists_of(module)
+    for command, test_file in COMMANDS.items():
+        assert f'"{command}"' in (ROOT / test_file).read_text(encoding="utf-8"), f"{test_file} no longer runs {command}"
+        imported.add(command)
     assert not DECLARED - imported, f"declared but imported nowhere: {sorted(DECLARED - imported)}"
 
 

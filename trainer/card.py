@@ -1,76 +1,101 @@
-"""The model card (README.md of an export): the YAML header the Hub reads (fill-mask widget, language, license)
-and what the model is, what it was trained on, for how long and how well, with the exact command."""
+"""The model card (README.md of an export): the YAML header the Hub reads (fill-mask widget, languages, license)
+and what the model is, what it was trained on, for how long and how well, and the commands that made it, with
+the values the run actually used (never "auto"). `--card-extra FILE` appends the user's own section."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
+
+from mlmtrain.errors import UserError
 
 DEFAULT_WIDGETS = {  # the blog post's widget sentence for Korean
     "ko": "산악 자전거 경기는 상대적으로 새로운 [MASK] 1990년대에 활성화 되었다.",
     "en": "The capital of France is [MASK].",
 }
+_LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")  # ISO 639 code, optionally with a region or script
+
+
+def parse_languages(values) -> list[str]:
+    """`--language ko --language en` and `--language ko,en` (or a mix) as ["ko", "en"], checked."""
+    if isinstance(values, str):
+        values = [values]
+    languages = [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+    for code in languages:
+        if not _LANGUAGE.match(code):
+            raise UserError(f"--language takes ISO 639 codes like ko or en (comma-separated or repeated), got {code!r}")
+    return list(dict.fromkeys(languages))
+
+
+def read_card_extra(path) -> str:
+    """The user's own Markdown section for the card, read and checked at export time."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise UserError(f"--card-extra {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--card-extra {path} is not a readable UTF-8 text file ({e})") from None
+    if not text:
+        raise UserError(f"--card-extra {path} is empty")
+    if text.startswith("---"):
+        raise UserError(f"--card-extra {path} starts with a YAML header: the card has one already; give Markdown only")
+    return text
 
 
 def model_card(
     *,
-    title: str,
+    title: str | None,
     config,
     run_config: dict,
     state: dict,
     step: int,
-    language: str | None,
+    language,
     license: str,
     widgets: list[str],
     data_meta: dict | None,
+    tokenizer_record: dict | None = None,
+    unigram: tuple[float | None, str] = (None, "not computed"),
+    extra: str | None = None,
+    base_model: str | None = None,
 ):
-    """The README.md: YAML header the Hub reads (fill-mask widget) + what, on what, how long, how good."""
+    """The README.md: the YAML header the Hub reads + what, on what, how long, how good, how to reproduce.
+    `title` is the Hub repo id (or any name); `unigram` is (loss, how it was measured or why not); `base_model` is
+    the Hub id of the model training started from (`--init-from`), for the header (a run that started from a
+    local folder names that folder in the text only)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from mlmtrain import __version__
     from mlmtrain.config import MODEL_SIZES
 
+    languages = parse_languages(language)
     card_data = ModelCardData(
-        language=language,
+        language=languages[0] if len(languages) == 1 else (languages or None),
         license=license,
         library_name="transformers",
         pipeline_tag="fill-mask",
         tags=["bert", "fill-mask", "mlmtrain"],
         mask_token="[MASK]",
         widget=[{"text": t} for t in widgets],
+        base_model=base_model,
     )
-    run = run_config.get("run") or {}
+    run = _resolved_run(run_config.get("run") or {}, state.get("resolved") or {})
+    init_from = base_model or (run.get("model") or {}).get("init_from")
+    origin = f"continued from `{init_from}`" if init_from else "pretrained from scratch"
     data, mask, optim, train = (run.get(k) or {} for k in ("data", "mask", "optim", "train"))
     size = next(
         (name for name, dims in MODEL_SIZES.items() if all(getattr(config, k) == v for k, v in dims.items())), "custom"
     )
-    valid_loss = state.get("valid_loss")
-    loss_text = (
-        "not measured" if valid_loss is None else f"{valid_loss:.4f} nats (perplexity {math.exp(valid_loss):.2f})"
-    )
+    model_id = title if title and "/" in title else "PATH_OR_REPO_ID"  # this folder, or the repo it went to
     tokens = state.get("real_tokens")
-    if data_meta:
-        train_split = data_meta.get("train") or {}
-        inputs = (
-            ", ".join(
-                Path(str(p.get("path", p) if isinstance(p, dict) else p)).name for p in data_meta.get("inputs") or []
-            )
-            or "not recorded"
-        )
-        data_text = (
-            f"{_count(train_split.get('sentences'))} sentences / {_count(train_split.get('tokens'))} tokens "
-            f"from {inputs}, split into segments of at most {data_meta.get('max_seq_len')} tokens "
-            f"([CLS] sentence [SEP])"
-        )
-    else:
-        data_text = f"token shards in `{data['data_dir']}`" if data.get("data_dir") else "not recorded"
     lines = [
-        f"# {title}",
+        f"# {title or f'BERT {size} masked-language model'}",
         "",
         f"A BERT masked-language model (`BertForMaskedLM`, size `{size}`: {config.num_hidden_layers} layers, "
         f"hidden {config.hidden_size}, {config.num_attention_heads} heads, vocabulary {config.vocab_size}) "
-        "pretrained from scratch with mlmtrain on single sentences: masked language "
+        f"{origin} with mlmtrain on single sentences: masked language "
         "modelling only, no next-sentence prediction.",
         "",
         "## Use",
@@ -78,32 +103,27 @@ def model_card(
         "```python",
         "from transformers import pipeline",
         "",
-        f'fill = pipeline("fill-mask", model="{title}")  # this folder, or the Hub repo id it was uploaded to',
+        f'fill = pipeline("fill-mask", model="{model_id}")',
         f"print(fill({widgets[0]!r}))",
         "```",
         "",
         "## Training",
         "",
-        f"- Data: {data_text}.",
+        f"- Data: {_data_text(data_meta, data)}.",
         f"- Steps: {step:,}" + (f", {tokens:,} real (non-padding) tokens seen" if tokens else "") + ".",
         f"- Masking: {mask.get('mask_prob', 0.15):.0%} of tokens selected"
         + (" (whole words)" if mask.get("whole_word") else "")
         + f", of those {mask.get('mask_frac', 0.8):.0%} [MASK], {mask.get('random_frac', 0.1):.0%} random.",
-        *(
-            [
-                f"- Optimiser: AdamW, peak learning rate {optim['lr']}, {optim.get('schedule', 'linear')} decay; "
-                f"{data.get('tokens_per_batch') or 'auto'} tokens per micro-batch x {optim.get('grad_accum', 1)} "
-                f"micro-batches per step; precision {train.get('precision', 'auto')}."
-            ]
-            if "lr" in optim
-            else []
-        ),
-        f"- Final validation MLM loss: {loss_text}.",
+        *([_optimizer_text(data, optim, train)] if "lr" in optim else []),
         "",
-        "Command:",
+        "## Evaluation",
+        "",
+        *_evaluation_lines(state, unigram),
+        *_data_statistics(data_meta, config.vocab_size),
+        "## Reproduce",
         "",
         "```bash",
-        _pretty_command(state.get("command")),
+        *_commands(tokenizer_record, data_meta, state.get("command")),
         "```",
         "",
         "## Limits",
@@ -116,20 +136,157 @@ def model_card(
         )
         + "Token type ids are all 0 (no sentence pairs were seen).",
         "",
+        *([extra, ""] if extra else []),
         f"Exported by mlmtrain {__version__}.",
         "",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
+def _resolved_run(run: dict, resolved: dict) -> dict:
+    """The run config with the values its `auto` settings took (recorded in the checkpoint since it has them);
+    an `auto` an older checkpoint did not resolve stays None, which the card says is not recorded."""
+    run = {section: dict(values) if isinstance(values, dict) else values for section, values in run.items()}
+    for dotted in ("train.precision", "train.compile", "train.device", "data.tokens_per_batch", "optim.warmup_steps"):
+        section, key = dotted.split(".")
+        if section in run and key in run[section]:
+            value = resolved.get(dotted, run[section][key])
+            run[section][key] = None if value in ("auto", 0) else value
+    return run
+
+
+def _optimizer_text(data: dict, optim: dict, train: dict) -> str:
+    def known(value, unit=""):
+        return f"{value}{unit}" if value is not None else "not recorded"
+
+    return (
+        f"- Optimiser: AdamW, peak learning rate {optim['lr']} after a linear warm-up over "
+        f"{known(optim.get('warmup_steps'))} steps, "
+        f"{optim.get('schedule', 'linear')} decay; {known(data.get('tokens_per_batch'))} tokens per micro-batch x "
+        f"{optim.get('grad_accum', 1)} micro-batches per step; precision {known(train.get('precision'))}."
+    )
+
+
+def _data_text(data_meta: dict | None, data: dict) -> str:
+    if not data_meta:
+        return f"token shards in `{data['data_dir']}`" if data.get("data_dir") else "not recorded"
+    train_split = data_meta.get("train") or {}
+    return (
+        f"{_count(train_split.get('sentences'))} sentences / {_count(train_split.get('tokens'))} tokens from "
+        f"{', '.join(_input_names(data_meta)) or 'not recorded'}, in segments of at most "
+        f"{data_meta.get('max_seq_len')} tokens ([CLS] sentence [SEP])"
+    )
+
+
+def _evaluation_lines(state: dict, unigram: tuple[float | None, str]) -> list[str]:
+    metrics = state.get("metrics") or {}
+    loss, accuracy = state.get("valid_loss"), metrics.get("valid_accuracy")
+    if loss is None:
+        return ["Not measured (the run had no validation split or stopped before its first evaluation).", ""]
+    baseline, how = unigram
+    targets = metrics.get("valid_targets")
+    lines = [
+        f"On held-out sentences (the validation split{f', {targets:,} masked tokens' if targets else ''}):",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+        f"| MLM loss | {loss:.4f} nats (perplexity {math.exp(min(loss, 50.0)):.2f}) |",
+    ]
+    if accuracy is not None:
+        lines.append(f"| masked-token accuracy | {accuracy:.3f} |")
+    lines.append(
+        f"| unigram baseline loss | {baseline:.4f} nats ({how}) |"
+        if baseline is not None
+        else f"| unigram baseline loss | {how} |"
+    )
+    return lines + [
+        "",
+        "The unigram baseline is the loss of a model that knows only how often each token occurs; a lower MLM loss "
+        "is learning from context.",
+        "",
+    ]
+
+
+def _data_statistics(data_meta: dict | None, vocab_size: int) -> list[str]:
+    if not data_meta:
+        return []
+    lines = [
+        "### Data",
+        "",
+        "| split | documents | sentences | tokens | tokens per sentence |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for split in ("train", "valid"):
+        s = data_meta.get(split) or {}
+        mean = s["tokens"] / s["sentences"] if s.get("sentences") else None
+        lines.append(
+            f"| {split} | {_count(s.get('documents'))} | {_count(s.get('sentences'))} | {_count(s.get('tokens'))} | "
+            + (f"{mean:.1f} (max {s.get('max_sentence_len')}) |" if mean else "- |")
+        )
+    skipped, repaired = data_meta.get("lines_skipped"), data_meta.get("lines_repaired")
+    lines += [
+        "",
+        f"Vocabulary {vocab_size:,} WordPiece tokens; sentences longer than {data_meta.get('max_seq_len', 0) - 2} "
+        f"tokens split into pieces: {_count(data_meta.get('sentences_split'))}; input lines skipped (invalid "
+        f"UTF-8, NUL bytes): {_count(skipped)}; repaired (CR endings, byte-order mark): {_count(repaired)}.",
+        "",
+    ]
+    return lines
+
+
+def _commands(tokenizer_record: dict | None, data_meta: dict | None, train_command: str | None) -> list[str]:
+    """The tokenizer, prepare and train commands, with the recorded settings; input files by name only (the
+    card is public: no local paths)."""
+    inputs = " ".join(_input_names(data_meta)) if data_meta else "CORPUS"
+    lines = ["# the WordPiece tokenizer"]
+    if tokenizer_record:
+        s = tokenizer_record.get("settings") or {}
+        names = " ".join(_input_name(p) for p in tokenizer_record.get("inputs") or []) or inputs
+        flags = [
+            f"--vocab-size {s.get('vocab_size')}",
+            f"--limit-alphabet {s.get('limit_alphabet')}",
+            f"--min-frequency {s.get('min_frequency')}",
+            f"--model-max-length {s.get('model_max_length')}",
+        ]
+        for key in ("lowercase", "strip_accents", "clean_text", "handle_chinese_chars"):
+            if key in s:
+                flags.append(f"--{'' if s[key] else 'no-'}{key.replace('_', '-')}")
+        if s.get("wordpieces_prefix", "##") != "##":
+            flags.append(f"--wordpieces-prefix '{s['wordpieces_prefix']}'")
+        lines.append(f"mlmtrain tokenizer --input {names} --out tokenizer {' '.join(flags)}")
+    else:
+        lines.append("# the tokenizer's settings were not recorded (a tokenizer not made by this mlmtrain version)")
+    lines.append("# token shards (train/validation split)")
+    if data_meta:
+        lines.append(
+            f"mlmtrain prepare --input {inputs} --tokenizer tokenizer --out data --valid-fraction "
+            f"{data_meta.get('valid_fraction')} --max-seq-len {data_meta.get('max_seq_len')} "
+            f"--seed {data_meta.get('seed')}"
+        )
+    else:
+        lines.append("# the token shards' settings were not found (their meta.json was not readable at export)")
+    lines.append("# training: the command line the run recorded")
+    lines.append(_pretty_command(train_command) if train_command else "# (not recorded)")
+    return lines
+
+
+def _input_names(data_meta: dict) -> list[str]:
+    return [_input_name(p) for p in data_meta.get("inputs") or []]
+
+
+def _input_name(entry) -> str:
+    """A meta.json input as the card names it: a file's name, or a dataset's name and split."""
+    if isinstance(entry, dict) and entry.get("dataset"):
+        return f"{entry['dataset']} ({entry.get('split')})"
+    return Path(str(entry.get("path", entry) if isinstance(entry, dict) else entry)).name
+
+
 def _count(n) -> str:
     return f"{n:,}" if isinstance(n, int) else "?"
 
 
-def _pretty_command(command: str | None) -> str:
+def _pretty_command(command: str) -> str:
     """The recorded command line, with the console script's install path shortened to `mlmtrain`."""
-    if not command:
-        return "not recorded"
     first, _, rest = command.partition(" ")
     return f"mlmtrain {rest}" if Path(first).name == "mlmtrain" else command
 

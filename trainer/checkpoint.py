@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from mlmtrain import parallel
 from mlmtrain.errors import UserError
 from mlmtrain.files import atomic_dir, file_entries, manifest_problems, write_json
-from mlmtrain.model import BertConfig, drop_tied_aliases
+from mlmtrain.model import SHAPE_FIELDS, BertConfig, drop_tied_aliases
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -319,14 +319,7 @@ def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfi
     if state.get("tokenizer_fingerprint") != meta["tokenizer_fingerprint"]:
         problems.append("the tokenizer differs")
     saved_model = saved_config.get("model", {})
-    for key in (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "max_position_embeddings",
-    ):
+    for key in (*SHAPE_FIELDS, "layer_norm_eps", "pad_token_id"):  # the shapes, and what else the weights mean
         if saved_model.get(key) != getattr(model_config, key):
             problems.append(
                 f"model {key} is {getattr(model_config, key)} but the checkpoint has {saved_model.get(key)}"

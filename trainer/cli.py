@@ -8,7 +8,7 @@ import importlib
 import os
 import sys
 
-from mlmtrain import __version__
+from mlmtrain import __version__, progress
 from mlmtrain.errors import UserError
 
 # subcommand -> (module, one-line help). Modules are imported lazily so `mlmtrain --help` is instant.
@@ -16,6 +16,7 @@ COMMANDS = {
     "tokenizer": ("mlmtrain.tokenizer", "train a WordPiece tokenizer on text files"),
     "prepare": ("mlmtrain.prepare", "tokenize text files into memory-mapped token shards"),
     "train": ("mlmtrain.train", "pretrain a BERT masked-language model on token shards"),
+    "eval": ("mlmtrain.evaluate", "score models (MLM loss, perplexity, accuracy) on the same masked tokens"),
     "export": ("mlmtrain.export", "write a checkpoint as a Hugging Face BertForMaskedLM folder"),
     "upload": ("mlmtrain.upload", "upload an exported folder to the Hugging Face Hub"),
     "demo": ("mlmtrain.demo", "run the whole pipeline on the bundled sample corpus"),
@@ -35,6 +36,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     wanted = next((a for a in argv if a in COMMANDS), None)
     for name, (module_name, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        progress.add_args(p)
         if wanted is None or wanted == name:
             module = importlib.import_module(module_name)
             module.add_args(p)
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    progress.configure(no_progress=args.no_progress, quiet=args.quiet)
     try:
         return int(args._module.main(args) or 0)
     except UserError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import textwrap
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -29,14 +30,40 @@ PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 @dataclass
 class ModelSpec:
-    size: str = "tiny"  # tiny | mini | small | base | large
+    size: str = "tiny"  # tiny | mini | small | base | large: a preset of the four dimensions below
     dropout: float = 0.1  # hidden and attention-probability dropout, as BERT; 0 turns it off
     max_position_embeddings: int = 512
+    hidden_size: int = 0  # each of these four, when not 0, replaces the preset's value
+    num_hidden_layers: int = 0
+    num_attention_heads: int = 0
+    intermediate_size: int = 0
+    type_vocab_size: int = 2  # token types (only type 0 is trained: no sentence pairs)
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02  # std of the normal initialisation
+    init_from: str = ""  # a transformers BERT folder or Hub id: weights, every dimension above and the tokenizer
     # auto (flash varlen on CUDA; FlexAttention per row with data.layout = rows when compiled) | varlen | sdpa
     # (the reference) | flex (rows only)
     attention: str = "auto"
     residual_dtype: str = "fp32"  # fp32 (autocast's default) | compute: LayerNorm outputs in the autocast dtype
     fused_ops: str = "torch"  # torch (inductor fuses them) | triton: the fused residual+LayerNorm, bias+GELU kernels
+
+    def dims(self) -> dict:
+        """The four preset dimensions after the overrides, with transformers' names."""
+        preset = MODEL_SIZES.get(self.size, MODEL_SIZES["tiny"])
+        return {k: getattr(self, k) or v for k, v in preset.items()}
+
+
+# What `model.init_from` decides: setting one of these as well would be silently ignored, so it is refused.
+SHAPE_KEYS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "initializer_range",
+)
 
 
 @dataclass
@@ -89,6 +116,11 @@ class TrainSpec:
     checkpoint_at_end: bool = True  # benchmarks turn it off (a base checkpoint is ~1.3 GB)
     peak_tflops: float = 0.0  # device peak for MFU; 0 = from the built-in table (trainer/flops.py)
     profile_steps: str = ""  # "A:B" records a torch.profiler trace of steps A..B-1
+    profile_warmup: int = 1  # profiler warm-up steps before A (its start-up cost lands there, not in the trace)
+    profile_memory: bool = (
+        False  # with profile_steps: a CUDA memory snapshot of the same steps (pytorch.org/memory_viz)
+    )
+    report_to: str = ""  # also log metrics to: tensorboard, wandb, or both comma-separated ("" or none: off)
     nan_policy: str = "skip"  # skip: skip the update | stop: final checkpoint and stop
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps
     shard: str = "ddp"  # ddp | fsdp (only used under torchrun with more than one process)
@@ -125,6 +157,25 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of("model.size", m.size, MODEL_SIZES)
     _within("model.dropout", m.dropout, 0.0, 1.0, "in [0, 1)", high_open=True)
     _at_least("model.max_position_embeddings", m.max_position_embeddings, 3)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        _at_least(f"model.{key}", getattr(m, key), 0, "(0 = the preset's)")
+    _at_least("model.type_vocab_size", m.type_vocab_size, 1)
+    _within("model.layer_norm_eps", m.layer_norm_eps, 0.0, 1.0, "in (0, 1)", low_open=True, high_open=True)
+    _within("model.initializer_range", m.initializer_range, 0.0, math.inf, "a positive number", low_open=True)
+    dims = m.dims()
+    if dims["hidden_size"] % dims["num_attention_heads"]:
+        raise UserError(
+            f"model.hidden_size {dims['hidden_size']} is not divisible by model.num_attention_heads "
+            f"{dims['num_attention_heads']}: pick a head count that divides it"
+        )
+    if m.init_from:
+        defaults = ModelSpec()
+        for key in SHAPE_KEYS:
+            if getattr(m, key) != getattr(defaults, key):
+                raise UserError(
+                    f"model.{key}={getattr(m, key)} cannot be combined with model.init_from: the model's "
+                    "dimensions come from its config.json"
+                )
     _one_of("model.attention", m.attention, ("auto", "varlen", "sdpa", "flex"))
     _one_of("model.residual_dtype", m.residual_dtype, ("fp32", "compute"))
     _one_of("model.fused_ops", m.fused_ops, ("torch", "triton"))
@@ -164,6 +215,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _at_least("train.keep_checkpoints", t.keep_checkpoints, 0, "(0 = keep all)")
     _within("train.peak_tflops", t.peak_tflops, 0.0, math.inf, "at least 0 (0 = from the table)", high_open=True)
     profile_range(t.profile_steps)
+    _at_least("train.profile_warmup", t.profile_warmup, 0)
+    if t.profile_memory and not t.profile_steps:
+        raise UserError("--profile-memory records the steps --profile-steps A:B traces: give both")
+    report_targets(t.report_to)
     _one_of("train.nan_policy", t.nan_policy, ("skip", "stop"))
     _at_least("train.max_bad_steps", t.max_bad_steps, 1)
     _one_of("train.shard", t.shard, ("ddp", "fsdp"))
@@ -182,6 +237,49 @@ def profile_range(spec: str) -> tuple[int, int] | None:
     if not 0 <= first < end:
         raise UserError(f"--profile-steps A:B needs 0 <= A < B, got {spec!r}")
     return first, end
+
+
+REPORT_TARGETS = ("tensorboard", "wandb")
+
+
+def report_targets(spec: str) -> list[str]:
+    """`train.report_to` ("tensorboard,wandb", "none" or "") as a list of target names."""
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    for name in names:
+        if name not in REPORT_TARGETS:
+            raise UserError(f"--report-to takes {', '.join(REPORT_TARGETS)} or none (comma-separated), got {name!r}")
+    return list(dict.fromkeys(names))
+
+
+def format_config(cfg: RunConfig, resolved: dict) -> str:
+    """The config as a few readable lines, one per section, with `resolved` ({dotted key: value}) in place of
+    the `auto` (or 0 = auto) settings; those are marked `(auto)`."""
+    lines = ["config (resolved):", f"  out_dir: {cfg.out_dir}"]
+    for section in SECTIONS:
+        items = []
+        for key, value in dataclasses.asdict(getattr(cfg, section)).items():
+            dotted = f"{section}.{key}"
+            if dotted in resolved and value != resolved[dotted]:
+                value = f"{_text(resolved[dotted])} (auto)" if value in ("auto", 0, 0.0) else _text(value)
+            else:
+                value = _text(value)
+            items.append(f"{key}={value}")
+        lines += textwrap.wrap(
+            " ".join(items), 116, initial_indent=f"  {section}: ", subsequent_indent=" " * (len(section) + 4)
+        )
+    return "\n".join(lines)
+
+
+def _text(value) -> str:
+    if isinstance(value, str):
+        return value if value and " " not in value else repr(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _one_of(name: str, value, allowed) -> None:

@@ -1,6 +1,7 @@
 """`mlmtrain demo`: the whole job on the bundled sample corpus, end to end, with no network:
 
-    tokenizer -> prepare -> train (tiny on CPU, small on a GPU) -> export -> verify -> fill-mask -> upload dry run
+    tokenizer -> prepare -> train (tiny on CPU, small on a GPU) -> curves.png -> export -> verify -> fill-mask
+    -> upload dry run
 
 It prints the final validation MLM loss next to two unigram numbers: the train corpus's unigram entropy,
 and the loss a unigram model fitted on train scores on the same validation split. A model that learned
@@ -30,27 +31,10 @@ def add_args(p) -> None:
     p.add_argument("--force", action="store_true", help="start over when --out already holds a demo")
 
 
-def unigram_entropy(tokens: np.ndarray, num_special: int) -> float:
-    """Entropy in nats of the token distribution (specials excluded)."""
-    counts = np.bincount(tokens.astype(np.int64))[num_special:].astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def unigram_cross_entropy(train: np.ndarray, valid: np.ndarray, num_special: int) -> float:
-    """Loss in nats of a unigram model fitted on the train tokens (add-one smoothing, so valid tokens
-    unseen in train get a probability) on the valid tokens: what an MLM that learned only token
-    frequencies would score on the validation split. The fair baseline for the validation MLM loss."""
-    size = int(max(train.max(), valid.max())) + 1
-    p = np.bincount(train.astype(np.int64), minlength=size)[num_special:].astype(np.float64) + 1.0
-    p /= p.sum()
-    valid_counts = np.bincount(valid.astype(np.int64), minlength=size)[num_special:]
-    return float(-(valid_counts * np.log(p)).sum() / valid_counts.sum())
-
-
 def main(args) -> int:
-    from mlmtrain import cli
+    from mlmtrain import cli, progress
     from mlmtrain.config import load_config
+    from mlmtrain.evaluate import unigram_cross_entropy, unigram_entropy
     from mlmtrain.prepare import load_split, prepare
     from mlmtrain.text import sample_corpus_path
     from mlmtrain.tokenizer import NUM_SPECIAL, TokenizerSettings, train_tokenizer
@@ -69,11 +53,20 @@ def main(args) -> int:
     t0 = time.time()
 
     print(f"[1/6] tokenizer: WordPiece on {corpus.name}")
-    vocab_size = train_tokenizer([corpus], out / "tokenizer", TokenizerSettings(vocab_size=args.vocab_size))
+    settings = TokenizerSettings(vocab_size=args.vocab_size)
+    vocab_size = train_tokenizer([corpus], out / "tokenizer", settings, progress=not progress.quiet())
     print(f"      {vocab_size} tokens in the vocabulary")
 
     print("[2/6] prepare: token shards")
-    meta = prepare([corpus], out / "tokenizer", out / "data", valid_fraction=0.05, max_seq_len=128, seed=0)
+    meta = prepare(
+        [corpus],
+        out / "tokenizer",
+        out / "data",
+        valid_fraction=0.05,
+        max_seq_len=128,
+        seed=0,
+        progress=not progress.quiet(),
+    )
     train_tokens = np.asarray(load_split(out / "data", "train").tokens)
     entropy = unigram_entropy(train_tokens, NUM_SPECIAL)
     baseline = unigram_cross_entropy(train_tokens, np.asarray(load_split(out / "data", "valid").tokens), NUM_SPECIAL)
@@ -110,6 +103,7 @@ def main(args) -> int:
         f"      validation MLM loss {valid_loss:.3f} nats (unigram baseline on valid {baseline:.3f}), "
         f"accuracy {summary['valid_accuracy']:.3f}, {summary['tokens_per_s']:.0f} tokens/s"
     )
+    print(f"      curves: {draw_curves(out / 'run')}")
 
     print("[4/6] export + verify with transformers")
     export_dir = out / "export"
@@ -126,6 +120,7 @@ def main(args) -> int:
             "ko",
             "--widget-text",
             WIDGET_TEXT,
+            *progress.flags(),
         ]
     )
     if rc != 0:
@@ -137,7 +132,8 @@ def main(args) -> int:
         print(f"      {guess['score']:.3f}  {guess['token_str']}")
 
     print("[6/6] upload dry run (nothing is sent)")
-    rc = cli.main(["upload", "--folder", str(export_dir), "--repo-id", "your-name/mlmtrain-demo", "--dry-run"])
+    upload = ["upload", "--folder", str(export_dir), "--repo-id", "your-name/mlmtrain-demo", "--dry-run"]
+    rc = cli.main([*upload, *progress.flags()])
     result = {
         "vocab_size": vocab_size,
         "unigram_entropy": entropy,
@@ -159,11 +155,22 @@ def main(args) -> int:
     return rc
 
 
+def draw_curves(run_dir: Path) -> str:
+    """RUN/curves.png (loss, lr, throughput), or why it was not drawn."""
+    from mlmtrain.plot import plot
+
+    try:
+        return str(plot(run_dir, run_dir / "curves.png"))
+    except UserError as e:
+        return f"not drawn: {e}"
+
+
 def fill_mask(folder: Path, text: str, top_k: int = 5) -> list[dict]:
     """transformers' fill-mask pipeline on the exported folder (what the Hub widget would run)."""
     try:
-        from transformers import pipeline
+        import transformers
     except ImportError:
         return [{"score": float("nan"), "token_str": "(transformers not installed: pip install -e '.[hf]')"}]
-    fill = pipeline("fill-mask", model=str(folder), tokenizer=str(folder), device="cpu")
+    transformers.logging.disable_progress_bar()  # its weight-loading bar would draw into logs
+    fill = transformers.pipeline("fill-mask", model=str(folder), tokenizer=str(folder), device="cpu")
     return fill(text, top_k=top_k)

@@ -6,31 +6,44 @@ One command writes the folder transformers and the Hub expect, with nothing to t
                              tied decoder weight/bias stored once, no position_ids buffer
     config.json              architectures ["BertForMaskedLM"], model_type bert, every field our model uses
     tokenizer.json, vocab.txt, tokenizer_config.json (clean: only what BertTokenizer reads), special_tokens_map.json
-    README.md                the model card (huggingface_hub ModelCard): language, license, fill-mask widget,
-                             training data, steps/tokens, final validation loss, the exact command
+    README.md                the model card (huggingface_hub ModelCard): languages, license, fill-mask widget,
+                             data statistics, steps/tokens, validation loss and accuracy next to the unigram
+                             baseline, the tokenizer/prepare/train commands, and the user's --card-extra section
     mlmtrain_export.json     not uploaded: size + sha256 of every file above, run, step, verified
 
 then (unless --no-verify) loads it back with transformers and checks: no missing/unexpected keys, logits equal
 to our packed forward on a few sentences, the tokenizer splits text exactly like tokenizer.json, and
 `pipeline("fill-mask")` answers every widget text. The folder is built in a temporary sibling and renamed,
-so `--out` never holds half an export.
+so `--out` never holds half an export. Its files are readable by everyone the umask allows (safetensors alone
+would write the weights 0600).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
-from mlmtrain.card import DEFAULT_WIDGETS, model_card, read_data_meta
+from mlmtrain.card import DEFAULT_WIDGETS, model_card, parse_languages, read_card_extra, read_data_meta
 from mlmtrain.config import PRECISIONS
 from mlmtrain.errors import UserError
 from mlmtrain.export_check import EXPORT_MANIFEST, check_export_folder
-from mlmtrain.files import atomic_dir, file_entries, write_json
+from mlmtrain.files import atomic_dir, file_entries, file_mode, write_json
 from mlmtrain.preflight import check_vocab_match
 from mlmtrain.prepare import check_tokenizer_match
-from mlmtrain.tokenizer import SPECIAL_TOKENS_MAP, load_tokenizer, read_tokenizer_config, read_vocab
+from mlmtrain.tokenizer import (
+    SPECIAL_TOKENS_MAP,
+    load_tokenizer,
+    read_tokenizer_config,
+    read_tokenizer_record,
+    read_vocab,
+)
+
+# The unigram baseline is counted from the shards at export when they hold at most this many tokens (about a
+# second and a few hundred MB); larger corpora get a card that says it was not computed.
+UNIGRAM_MAX_TOKENS = 20_000_000
 
 # ---------------------------------------------------------------------------------------------------------
 # export
@@ -41,17 +54,23 @@ def export_folder(
     tokenizer_dir,
     out_dir,
     *,
-    language: str | None = None,
+    language: str | list[str] | None = None,
+    name: str | None = None,
+    card_extra: str | Path | None = None,
     license: str = "apache-2.0",
     widget_texts: list[str] | None = None,
     dtype: str = "fp32",
     verify: bool = True,
     overwrite: bool = False,
+    base_model: str | None = None,
     log=print,
 ) -> dict:
     """Write the export folder for `checkpoint` (a checkpoint folder or a run folder: its newest complete
-    checkpoint) and return its `mlmtrain_export.json` content. Raises UserError on any user mistake, and when
-    verification fails (the folder is then still written, with "verified": false, so it can be inspected)."""
+    checkpoint) and return its `mlmtrain_export.json` content. `language`: codes (a list, or "ko,en"); `name`:
+    the card's title, e.g. the Hub repo id it will be uploaded to; `card_extra`: a Markdown file appended to the
+    card; `base_model`: the Hub id the run started from, for the card (default: the one the checkpoint records,
+    when it started from a Hub id). Raises UserError on any user mistake, and when verification fails (the
+    folder is then still written, with "verified": false, so it can be inspected)."""
     import torch
     from safetensors.torch import save_file
 
@@ -61,7 +80,9 @@ def export_folder(
 
     if dtype not in PRECISIONS:
         raise UserError(f"--dtype must be one of {', '.join(PRECISIONS)}, not {dtype!r}.")
-    widgets = list(widget_texts or [DEFAULT_WIDGETS.get(language or "en", DEFAULT_WIDGETS["en"])])
+    languages = parse_languages(language)
+    extra = read_card_extra(card_extra) if card_extra else None
+    widgets = list(widget_texts or [DEFAULT_WIDGETS.get((languages or ["en"])[0], DEFAULT_WIDGETS["en"])])
     for text in widgets:
         if "[MASK]" not in text:
             raise UserError(f"widget text {text!r} has no [MASK]: the fill-mask widget needs one to fill.")
@@ -85,16 +106,21 @@ def export_folder(
 
     # ---- write into a temporary sibling, rename at the end
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    data_meta = read_data_meta(run_config)
     card = model_card(
-        title=out_dir.name,
+        title=name,
         config=config,
         run_config=run_config,
         state=state,
         step=step,
-        language=language,
+        language=languages,
         license=license,
         widgets=widgets,
-        data_meta=read_data_meta(run_config),
+        data_meta=data_meta,
+        tokenizer_record=read_tokenizer_record(tokenizer_dir),
+        unigram=unigram_baseline(run_config, data_meta),
+        extra=extra,
+        base_model=base_model or state.get("base_model"),
     )
     tok_config = read_tokenizer_config(tokenizer_dir)
     tok_config["model_max_length"] = min(
@@ -104,18 +130,24 @@ def export_folder(
     with atomic_dir(out_dir, replace=overwrite) as tmp:
         weights = {k: v.to(getattr(torch, PRECISIONS[dtype])).contiguous() for k, v in model.hf_state_dict().items()}
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-        write_json(tmp / "config.json", {**config.to_hf_dict(), "torch_dtype": PRECISIONS[dtype]})
+        # `dtype`: transformers >= 4.56 reads it (5.x calls `torch_dtype` deprecated); older versions ignore it and
+        # take the dtype from the weights under dtype="auto"
+        write_json(tmp / "config.json", {**config.to_hf_dict(), "dtype": PRECISIONS[dtype]})
         for name in ("tokenizer.json", "vocab.txt"):
             shutil.copyfile(tokenizer_dir / name, tmp / name)
         write_json(tmp / "tokenizer_config.json", tok_config)
         write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
         card.save(tmp / "README.md")
+        mode = file_mode()
+        for path in tmp.iterdir():
+            os.chmod(path, mode)
         manifest = {
             "files": file_entries(tmp),
             "run": str(run_dir) if run_dir else None,
             "checkpoint": str(ckpt),
             "step": step,
             "dtype": dtype,
+            "name": name,
             "verified": False,
             "mlmtrain_version": __version__,
         }
@@ -127,12 +159,41 @@ def export_folder(
                 failure = e
                 manifest["verification"] = {"error": str(e)}
         write_json(tmp / EXPORT_MANIFEST, manifest)
+        os.chmod(tmp / EXPORT_MANIFEST, mode)
         problems = check_export_folder(tmp)  # what the upload checks: files, sizes, shapes, card header
     if failure is not None:
         raise UserError(f"wrote {out_dir} but it failed verification: {failure}")
     if problems:
         raise UserError(f"wrote {out_dir} but it is incomplete: {'; '.join(problems)}")
     return manifest
+
+
+def unigram_baseline(run_config: dict, data_meta: dict | None) -> tuple[float | None, str]:
+    """(loss, how it was measured) of a unigram model fitted on the run's train shard, on its validation shard;
+    (None, why not) when the shards are not here, have no validation split or are too large to count here."""
+    import numpy as np
+
+    from mlmtrain.evaluate import unigram_cross_entropy
+    from mlmtrain.prepare import load_split, shard_specials
+
+    if not data_meta:
+        return None, "not computed: the run's token shards were not found at export"
+    n_train, n_valid = (int((data_meta.get(s) or {}).get("tokens") or 0) for s in ("train", "valid"))
+    if not n_valid:
+        return None, "not computed: the validation split is empty"
+    if n_train + n_valid > UNIGRAM_MAX_TOKENS:
+        return (
+            None,
+            f"not computed at export: the shards hold {n_train + n_valid:,} tokens (export counts up to "
+            f"{UNIGRAM_MAX_TOKENS:,})",
+        )
+    data_dir = run_config["run"]["data"]["data_dir"]
+    try:
+        train, valid = (np.asarray(load_split(data_dir, s).tokens) for s in ("train", "valid"))
+    except (UserError, OSError, ValueError) as e:
+        return None, f"not computed: the shards could not be read ({e})"
+    loss = unigram_cross_entropy(train, valid, shard_specials(data_meta).num_leading)
+    return loss, "fitted on the train split, scored on the whole validation split"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,8 +307,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="the tokenizer folder the model was trained with (default: the run's data.tokenizer_dir)",
     )
     p.add_argument("--out", required=True, help="the folder to write (must be new or empty, or pass --overwrite)")
-    p.add_argument("--language", default=None, help="model card language code, e.g. ko (default: not stated)")
+    p.add_argument(
+        "--language",
+        action="append",
+        default=None,
+        help="model card language code(s), e.g. ko; repeat or comma-separate for several (default: not stated)",
+    )
+    p.add_argument("--name", help="the card's title: the Hub repo id it will be uploaded to (NAME/REPO) or any name")
+    p.add_argument(
+        "--card-extra", metavar="FILE", help="a Markdown file appended to the model card as your own section"
+    )
     p.add_argument("--license", default="apache-2.0", help="model card license identifier (default: apache-2.0)")
+    p.add_argument(
+        "--base-model",
+        metavar="HUB_ID",
+        help="the Hub model training started from, for the card's base_model (default: the run's --init-from "
+        "when it was a Hub id)",
+    )
     p.add_argument(
         "--widget-text",
         action="append",
@@ -275,11 +351,14 @@ def main(args) -> int:
         tokenizer_dir,
         args.out,
         language=args.language,
+        name=args.name,
+        card_extra=args.card_extra,
         license=args.license,
         widget_texts=args.widget_text,
         dtype=args.dtype,
         verify=not args.no_verify,
         overwrite=args.overwrite,
+        base_model=args.base_model,
     )
     size_mb = manifest["files"]["model.safetensors"]["size"] / 1e6
     print(f"exported step {manifest['step']} to {args.out} ({size_mb:.1f} MB weights, {args.dtype})")

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from mlmtrain.files import manifest_problems
-from mlmtrain.model import BertConfig, hf_tensor_shapes
+from mlmtrain.model import SHAPE_FIELDS, BertConfig, hf_tensor_shapes
 
 EXPORT_MANIFEST = "mlmtrain_export.json"
 REQUIRED_FILES = (
@@ -109,15 +109,7 @@ def _check_manifest(folder: Path) -> list[str]:
 def _check_config(config: dict) -> list[str]:
     if config.get("model_type") != "bert":
         return [f"config.json model_type is {config.get('model_type')!r}, expected 'bert'"]
-    keys = (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-        "max_position_embeddings",
-        "type_vocab_size",
-    )
+    keys = SHAPE_FIELDS
     bad = [k for k in keys if not (isinstance(config.get(k), int) and config[k] > 0)]
     if bad:
         return [f"config.json lacks a positive integer {', '.join(bad)}"]

@@ -5,7 +5,9 @@ Under bf16 autocast the default keeps the residual stream in fp32: autocast runs
 LayerNorm output, and with it every residual sum, is fp32, and each next matmul casts it to bf16 again.
 `residual_dtype = "compute"` keeps the statistics and the residual sum in fp32 but hands the LayerNorm output on
 in the autocast dtype. `fused_ops` chooses who fuses dropout + residual + LayerNorm and bias + GELU: inductor,
-from the torch ops below (when compiled), or the hand-written Triton kernels of `mlmtrain.kernels`.
+from the torch ops below (when compiled), or the hand-written Triton kernels of `mlmtrain.kernels`
+(`residual_layer_norm`: the sum and statistics in fp32, the output in the promoted dtype, as below; `bias_gelu`:
+exact GELU), which run their torch reference where Triton cannot run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import torch.nn.functional as F
 
 from mlmtrain.errors import UserError
 from mlmtrain.fp8 import check_fp8
+from mlmtrain.kernels.bias_gelu import bias_gelu
+from mlmtrain.kernels.residual_layer_norm import residual_layer_norm
 
 
 @dataclass(frozen=True)
@@ -31,35 +35,38 @@ class FastPaths:
     fused_ops: str = "torch"
 
 
-def fused_sublayer_kernels():
-    """The Triton kernels `FastPaths(fused_ops="triton")` runs: `residual_layer_norm(x, residual, weight, bias, eps,
-    p, *, training)` = LayerNorm(dropout(x, p) + residual), the sum and statistics in fp32, output in the promoted
-    dtype; `bias_gelu(x, bias)` = exact GELU(x + bias). A UserError if this build does not have them."""
-    try:
-        from mlmtrain.kernels.bias_gelu import bias_gelu
-        from mlmtrain.kernels.residual_layer_norm import residual_layer_norm
-    except ModuleNotFoundError:
-        raise UserError(
-            "model.fused_ops = triton needs the fused Triton kernels mlmtrain.kernels.residual_layer_norm and "
-            "mlmtrain.kernels.bias_gelu, which this build does not have; use model.fused_ops = torch."
-        ) from None
-    return residual_layer_norm, bias_gelu
+def set_fast_paths(model: nn.Module, fast: FastPaths) -> FastPaths:
+    """Hand `fast` to every module of `model` that reads it (those with a class attribute `fast`)."""
+    if fast.residual_dtype not in ("fp32", "compute") or fast.fused_ops not in ("torch", "triton"):
+        raise ValueError(f"unknown fast paths {fast}")
+    for module in model.modules():
+        if isinstance(getattr(type(module), "fast", None), FastPaths):
+            module.fast = fast
+    return fast
 
 
-def post_ln_residual(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fast: FastPaths, kernels=None):
+def post_ln_residual(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fast: FastPaths):
     """LayerNorm(dropout(x) + residual), BERT's post-LN sublayer output: the sum and the statistics in fp32, the
     output in the promoted dtype of x and residual (so the residual stream keeps its dtype: fp32 under autocast
     by default, the compute dtype with `residual_dtype="compute"`). With fp32 inputs it is exactly
-    `norm(dropout(x) + residual)`. `kernels`: `fused_sublayer_kernels()` for fused_ops = "triton"."""
+    `norm(dropout(x) + residual)`."""
     if fast.fused_ops == "triton":
-        return kernels[0](x, residual, norm.weight, norm.bias, norm.eps, dropout.p, training=dropout.training)
+        return residual_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout.p, training=dropout.training)
     h = dropout(x).float() + residual.float()
     out = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     return out.to(torch.promote_types(x.dtype, residual.dtype))
 
 
+def bias_then_gelu(x, dense: nn.Linear, fast: FastPaths):
+    """GELU(dense(x)), exact: with fused_ops = "triton" the bias add and GELU are one kernel after the matmul (a
+    Linear swapped for another module, e.g. torchao's Float8Linear, keeps its own bias)."""
+    if fast.fused_ops == "triton" and type(dense) is nn.Linear:
+        return bias_gelu(F.linear(x, dense.weight), dense.bias)
+    return F.gelu(dense(x))
+
+
 def check_speed_options(cfg, L: int, device: torch.device, precision: str, compiled: bool, T: int, world: int):
-    """The speed options a run asks for (`cfg` a RunConfig: data.layout, model.fused_ops, train.cuda_graphs,
+    """The speed options a run asks for (`cfg` a RunConfig: data.layout, train.cuda_graphs,
     train.async_log_reads, train.fp8), refused with one sentence where they cannot run, before any device work.
     L: the shards' max_seq_len; T: tokens per micro-batch; world: the number of processes."""
     if cfg.data.layout == "rows" and T % L:
@@ -83,5 +90,3 @@ def check_speed_options(cfg, L: int, device: torch.device, precision: str, compi
     check_fp8(cfg.train.fp8, device, precision)
     if cfg.train.fp8 != "off" and cfg.train.shard == "fsdp" and world > 1:
         raise UserError("train.fp8 is not wired for FSDP: use train.shard = ddp")
-    if cfg.model.fused_ops == "triton":
-        fused_sublayer_kernels()  # a UserError when this build does not have them

@@ -30,6 +30,14 @@ def write_json(path: Path, obj) -> None:
     Path(path).write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
 
 
+def file_mode() -> int:
+    """The mode a new plain file gets under this process's umask (0644 under the usual 022). Writers that
+    create their files private (safetensors: 0600) get it back with os.chmod where the files are for sharing."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def file_entries(folder: Path, names=None) -> dict[str, dict]:
     """{name: {"size", "sha256"}} of the plain files in `folder` (or of `names`), sorted by name."""
     folder = Path(folder)

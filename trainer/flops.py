@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from mlmtrain.model import BertConfig
-from mlmtrain.tokenizer import PAD_ID
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets, by precision. Override
 # with `train.peak_tflops` (e.g. with the matmul rate `mlmtrain bench` measures on your card).
@@ -57,12 +56,10 @@ def peak_tflops_for(device: torch.device, precision: str) -> float:
 
 
 def train_flops_per_batch(config: BertConfig, batch, mask_prob: float) -> float:
-    """Training FLOPs of one packed batch's real segments (host-side numbers only: no device sync). A real
-    segment starts with a real token, a [PAD] tail segment with [PAD]: in rows the tails sit between them."""
-    cu = batch.cu_seqlens.numpy()
-    starts, lengths = cu[:-1], np.diff(cu)
-    used = lengths > 0
-    real = used & (batch.input_ids.numpy()[np.minimum(starts, len(batch.input_ids) - 1)] != PAD_ID)
-    lengths = lengths[real].astype(np.float64)  # real segment lengths
+    """Training FLOPs of one packed batch's real segments (host-side numbers only: no device sync)."""
+    if batch.segment_lengths is not None:  # rows: the real segments sit between the rows' [PAD] tails
+        lengths = batch.segment_lengths.astype(np.float64)
+    else:
+        lengths = np.diff(batch.cu_seqlens.numpy()[: batch.num_segments + 1]).astype(np.float64)  # real segments
     per_token = model_flops_per_token(config, lengths, head_fraction=mask_prob)
     return per_token * batch.num_real_tokens

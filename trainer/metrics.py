@@ -1,9 +1,12 @@
 """What a run reports: the numbers of each log window (one device-to-host transfer per window), the
-metrics.jsonl lines, the progress line, and the summary of the run."""
+metrics.jsonl lines (the record of the run), their copies to TensorBoard or Weights & Biases (`--report-to`),
+the progress line, and the summary of the run."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,24 +14,142 @@ from pathlib import Path
 import torch
 
 from mlmtrain import parallel
+from mlmtrain.checkpoint import complete_checkpoints
+from mlmtrain.errors import UserError
 from mlmtrain.profiling import spread
 
 
 class MetricsLog:
     """RUN/metrics.jsonl, one JSON object per line, flushed per line; appended to when a run resumes. Only
-    rank 0 writes (`path` None elsewhere)."""
+    rank 0 writes (`path` None elsewhere). Every line also goes to the `report_to` trackers (scalars under
+    train/ or eval/), which get the resolved config at the start and the summary at the end (`finish`);
+    metrics.jsonl stays the record: a tracker only mirrors it."""
 
     def __init__(self, path: Path | None, append: bool):
         self.file = open(path, "a" if append else "w", encoding="utf-8") if path is not None else None
+        self.path, self.append, self.trackers = path, append, []
+
+    def open_trackers(self, names, config: dict, first_step: int) -> None:
+        """Start the `--report-to` trackers (checked by `check_report_to` before any device work)."""
+        if self.path is not None:
+            self.trackers = [TRACKERS[name](self.path.parent, config, self.append, first_step) for name in names]
 
     def write(self, row: dict) -> None:
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+        if self.trackers:
+            prefix = "eval" if any(k.startswith("valid_") for k in row) else "train"
+            scalars = {
+                f"{prefix}/{k}": float(v)
+                for k, v in row.items()
+                if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            for tracker in self.trackers:
+                tracker.log(scalars, row["step"])
 
     def close(self) -> None:
+        """Close metrics.jsonl. The trackers stay open for `finish` (after an error, their own exit handling
+        closes them: TensorBoard's file is flushed at every line, W&B marks the run failed)."""
         if self.file is not None:
             self.file.close()
+            self.file = None
+
+    def finish(self, summary: dict) -> None:
+        """Give the trackers the run's summary and close them."""
+        scalars = {k: float(v) for k, v in _flat(summary).items() if isinstance(v, (int, float))}
+        for tracker in self.trackers:
+            tracker.finish(scalars, summary)
+        self.trackers = []
+
+
+def check_report_to(names) -> None:
+    """Refuse a tracker whose package is missing, before any device work."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            raise UserError(f'--report-to {name} needs the {name} package: pip install -e ".[{name}]"')
+
+
+class TensorBoardTracker:
+    """Event files in RUN/tensorboard (`tensorboard --logdir RUN/tensorboard`), written by torch's
+    SummaryWriter. A resumed run hides what the stopped one logged after its checkpoint (`purge_step`)."""
+
+    def __init__(self, run_dir: Path, config: dict, append: bool, first_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step + 1 if append else None)
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2, ensure_ascii=False) + "\n```", first_step)
+        self.writer.flush()
+
+    def log(self, scalars: dict, step: int) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()  # log steps only: a crash loses nothing metrics.jsonl has
+
+    def finish(self, scalars: dict, summary: dict) -> None:
+        step = int(summary.get("steps") or 0)
+        for tag, value in scalars.items():
+            self.writer.add_scalar(f"summary/{tag}", value, step)
+        self.writer.close()
+
+
+class WandbTracker:
+    """A Weights & Biases run named after the run folder, in project $WANDB_PROJECT (default mlmtrain), files
+    under RUN/wandb. W&B's own settings apply (WANDB_MODE=offline keeps everything local; `wandb sync` uploads
+    later). A resumed run continues the same W&B run (its id is kept in RUN/wandb/mlmtrain_run_id); W&B drops
+    the rows of steps it already has."""
+
+    def __init__(self, run_dir: Path, config: dict, append: bool, first_step: int):
+        import wandb
+
+        id_file = run_dir / "wandb" / "mlmtrain_run_id"
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        run_id = id_file.read_text(encoding="utf-8").strip() if append and id_file.is_file() else None
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "mlmtrain"),
+            name=run_dir.resolve().name,
+            dir=str(run_dir),
+            config=config,
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off"),  # never wrap this process's stdout/stderr
+        )
+        id_file.write_text(self.run.id, encoding="utf-8")
+
+    def log(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def finish(self, scalars: dict, summary: dict) -> None:
+        self.run.summary.update({f"summary/{k}": v for k, v in scalars.items()})
+        self.run.finish()
+
+
+TRACKERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        elif not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def memory_stats(device: torch.device) -> dict:
+    """The caching allocator's peaks and trouble counts (host-side counters: no device sync); None on CPU.
+    `alloc_retries` counts allocations that had to free cached blocks and retry (fragmentation or a tight
+    fit, each one a synchronizing cudaFree); `oom_count` the out-of-memory errors raised (and caught)."""
+    if device.type != "cuda":
+        return {"peak_mem_bytes": None, "peak_reserved_bytes": None, "alloc_retries": None, "oom_count": None}
+    stats = torch.cuda.memory_stats(device)
+    return {
+        "peak_mem_bytes": stats.get("allocated_bytes.all.peak", 0),
+        "peak_reserved_bytes": stats.get("reserved_bytes.all.peak", 0),
+        "alloc_retries": stats.get("num_alloc_retries", 0),
+        "oom_count": stats.get("num_ooms", 0),
+    }
 
 
 class WindowStats:
@@ -89,7 +210,7 @@ class WindowStats:
             "tflops_per_gpu": flops / elapsed / 1e12 / world,
             "mfu": (flops / elapsed / 1e12 / (self.peak_tflops * world)) if self.peak_tflops else None,
             "data_wait_s": self.prefetch.wait_s - self.wait0,
-            "peak_mem_bytes": torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None,
+            **memory_stats(self.device),
         }
         closed = (step, lr, last, n, host, int(tokens), elapsed, time.time())
         if self.deferred:
@@ -149,14 +270,13 @@ class Window:
 
 
 def record_window(run, w: Window, history: list, bar) -> str | None:
-    """Log one closed window (metrics.jsonl, progress); the reason to stop, if its non-finite steps give one."""
+    """Log one closed window (metrics.jsonl, the progress bar or line); the reason to stop, if its non-finite
+    steps give one."""
     t = run.cfg.train
     history.append(w)
     run.metrics.write(w.row)
-    bar.set_postfix_str(progress_line(w.row, short=True))
     step = w.row["step"]
-    if step % (t.log_every * 10) == 0 or w.last:
-        run.log(progress_line(w.row))
+    bar.window(progress_line(w.row), progress_line(w.row, short=True), step % (t.log_every * 10) == 0 or w.last)
     if not w.bad_steps:
         return None
     run.log(f"step {step}: non-finite loss or gradient norm at steps {w.bad_steps}: update skipped")
@@ -192,7 +312,7 @@ def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: 
         "tokens_per_s_per_gpu": tokens_per_s and tokens_per_s["median"] / run.world,
         "achieved_tflops": history[-1]["tflops"] if history else None,
         "mfu": history[-1]["mfu"] if history else None,
-        "peak_mem_bytes": torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None,
+        **memory_stats(run.device),
         "final_loss": history[-1]["loss"] if history else None,
         "valid_loss": last_eval.get("valid_loss"),
         "valid_accuracy": last_eval.get("valid_accuracy"),
@@ -206,3 +326,24 @@ def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: 
         "world_size": run.world,
         "losses": [(r["step"], r["loss"]) for r in history],
     }
+
+
+def closing_lines(run_dir: Path, summary: dict) -> str:
+    """What a finished (or stopped) run says last: its numbers, where the checkpoint and summary.json are, and
+    the command to run next."""
+    loss, valid = summary["final_loss"], summary["valid_loss"]
+    numbers = f"{summary['steps']} steps" + (f", loss {loss:.4f}" if loss is not None else "")
+    numbers += f", valid loss {valid:.4f}" if valid is not None else ""
+    numbers += f", {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else ""
+    saved = complete_checkpoints(run_dir)
+    where = f"checkpoint {saved[-1]}" if saved else "no checkpoint saved (train.checkpoint_at_end is off)"
+    lines = [
+        f"{'stopped' if summary['stopped_by'] else 'done'}: {numbers}; {where}; summary {run_dir / 'summary.json'}"
+    ]
+    if summary["stopped_by"]:
+        lines.append(f"next: mlmtrain train --config {run_dir / 'config.json'} --resume")
+    elif saved:
+        lines.append(
+            f"next: mlmtrain export --checkpoint {saved[-1]} --out {run_dir.parent / (run_dir.name + '-export')}"
+        )
+    return "\n".join(lines)

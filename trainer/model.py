@@ -17,12 +17,10 @@ Attention in the packed path (chosen once per forward, from device and dtype; `a
   at 0, so attention-probability dropout is NOT applied on this path (hidden dropout still is).
 - "sdpa": the reference. Gather tokens into a padded [S, L] layout, SDPA with a key-padding mask,
   gather back. Same math; runs anywhere. Tests compare the two.
-- rows (`segment_ids` given, packing.RowPacker): the tokens are R rows of L whole segments; "flex" runs
-  FlexAttention per row with a block-diagonal mask (auto picks it when compiled on CUDA), "sdpa" the dense-mask
-  reference (mlmtrain/row_attention.py). varlen and the packed SDPA still run on the same batch's cu_seqlens.
-How the work around the matmuls runs (residual stream dtype, who fuses dropout + residual + LayerNorm and
-bias + GELU) is `FastPaths` (mlmtrain/fast_paths.py), set with `set_fast_paths`. A Linear swapped for another
-module (torchao's Float8Linear) is called as that module: q/k/v then run as three matmuls.
+- rows (`segment_ids` given, RowPacker): "flex" (FlexAttention per row, auto when compiled on CUDA) or "sdpa"
+  (the dense-mask reference), mlmtrain/row_attention.py; varlen and packed SDPA still run on its cu_seqlens.
+The work around the matmuls runs as `FastPaths` says (fast_paths.py). A Linear swapped for another module
+(torchao's Float8Linear) runs as itself: q/k/v then run as three matmuls.
 
 Under bf16 autocast the logits come back in bf16 (the decoder matmul runs in bf16); `mlm_loss_sum`
 upcasts to fp32 before the softmax, so the loss is always computed in fp32.
@@ -40,7 +38,7 @@ import torch.nn.functional as F
 
 from mlmtrain.config import MODEL_SIZES
 from mlmtrain.errors import UserError
-from mlmtrain.fast_paths import FastPaths, fused_sublayer_kernels, post_ln_residual
+from mlmtrain.fast_paths import FastPaths, bias_then_gelu, post_ln_residual, set_fast_paths
 from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention
 
 try:  # torch >= 2.10 (CUDA flash kernels; the import itself works on CPU builds too)
@@ -93,6 +91,21 @@ class BertConfig:
         return cls(vocab_size=vocab_size, **{**MODEL_SIZES[name], **overrides})
 
     @classmethod
+    def from_spec(cls, spec, vocab_size: int, pad_token_id: int) -> BertConfig:
+        """From the run config's `model` section (a preset size, its overrides) and the tokenizer's sizes."""
+        return cls(
+            vocab_size=vocab_size,
+            **spec.dims(),
+            max_position_embeddings=spec.max_position_embeddings,
+            type_vocab_size=spec.type_vocab_size,
+            layer_norm_eps=spec.layer_norm_eps,
+            hidden_dropout_prob=spec.dropout,
+            attention_probs_dropout_prob=spec.dropout,
+            initializer_range=spec.initializer_range,
+            pad_token_id=pad_token_id,
+        )
+
+    @classmethod
     def from_dict(cls, d: dict) -> BertConfig:
         """From a checkpoint's `config.json["model"]` or a transformers config dict: extra keys ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
@@ -114,6 +127,16 @@ class BertConfig:
         }
 
 
+# The config fields that fix the weights' shapes: a checkpoint fits a model iff these agree.
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
 # Tied parameters as transformers declares them (`_tied_weights_keys`): alias -> the tensor it IS.
 # Saved files hold only the right-hand names, as transformers itself writes them.
 TIED_KEYS = {
@@ -187,7 +210,7 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    fast = FastPaths()  # set by BertForMaskedLM.set_fast_paths
+    fast = FastPaths()  # set by fast_paths.set_fast_paths
 
     def forward(self, input_ids, position_ids):  # (..., ) -> (..., C)
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
@@ -227,10 +250,10 @@ class BertSelfOutput(nn.Module):  # attention.output
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    fast, kernels = FastPaths(), None  # set by BertForMaskedLM.set_fast_paths
+    fast = FastPaths()  # set by fast_paths.set_fast_paths
 
     def forward(self, h, residual):
-        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast, self.kernels)
+        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast)
 
 
 class BertAttention(nn.Module):
@@ -248,12 +271,10 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
-    fast, kernels = FastPaths(), None  # set by BertForMaskedLM.set_fast_paths
+    fast = FastPaths()  # set by fast_paths.set_fast_paths
 
     def forward(self, x):  # (..., C) -> (..., I)
-        if self.fast.fused_ops == "triton" and type(self.dense) is nn.Linear:
-            return self.kernels[1](F.linear(x, self.dense.weight), self.dense.bias)  # GELU(x W^T + b), one pass
-        return F.gelu(self.dense(x))
+        return bias_then_gelu(x, self.dense, self.fast)
 
 
 class BertOutput(nn.Module):  # the MLP's down projection
@@ -263,10 +284,10 @@ class BertOutput(nn.Module):  # the MLP's down projection
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    fast, kernels = FastPaths(), None  # set by BertForMaskedLM.set_fast_paths
+    fast = FastPaths()  # set by fast_paths.set_fast_paths
 
     def forward(self, h, residual):  # (..., I), (..., C) -> (..., C)
-        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast, self.kernels)
+        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast)
 
 
 class BertLayer(nn.Module):
@@ -346,20 +367,7 @@ class BertForMaskedLM(nn.Module):
         self.cls = BertOnlyMLMHead(config)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied
         self.apply(self._init_weights)
-        self.set_fast_paths(fast or FastPaths())
-
-    def set_fast_paths(self, fast: FastPaths) -> None:
-        """How the sublayers run (FastPaths); parameters and state dict are untouched. A UserError for a value
-        this build cannot run (fused_ops = "triton" without the kernels)."""
-        if fast.residual_dtype not in ("fp32", "compute") or fast.fused_ops not in ("torch", "triton"):
-            raise ValueError(f"unknown fast paths {fast}")
-        kernels = fused_sublayer_kernels() if fast.fused_ops == "triton" else None
-        self.fast = fast
-        for module in self.modules():
-            if isinstance(module, (BertEmbeddings, BertSelfOutput, BertIntermediate, BertOutput)):
-                module.fast = fast
-                if not isinstance(module, BertEmbeddings):
-                    module.kernels = kernels
+        self.fast = set_fast_paths(self, fast or FastPaths())  # how the sublayers run; fast_paths.set_fast_paths
 
     def _init_weights(self, module):
         """BERT's: Linear/Embedding weights ~ N(0, 0.02), biases 0, LayerNorm 1/0, the [PAD] row 0."""
@@ -388,10 +396,8 @@ class BertForMaskedLM(nn.Module):
             return "varlen" if flash_ok else "sdpa"
         if self.attn_impl == "varlen" and (device.type != "cuda" or varlen_attn is None):
             raise ValueError("attn_impl='varlen' needs a CUDA device and torch >= 2.10; use 'sdpa' (or 'auto')")
-        if self.attn_impl == "flex" and not rows:
-            raise ValueError("attn_impl='flex' needs rows: pass segment_ids (data.layout = rows)")
-        if self.attn_impl not in ("varlen", "sdpa", "flex"):
-            raise ValueError(f"attn_impl must be 'auto', 'varlen', 'sdpa' or 'flex', not {self.attn_impl!r}")
+        if self.attn_impl not in ("varlen", "sdpa", "flex") or (self.attn_impl == "flex" and not rows):
+            raise ValueError(f"attn_impl must be auto, varlen, sdpa or flex (with segment_ids), not {self.attn_impl!r}")
         return self.attn_impl
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions, segment_ids=None):
@@ -401,9 +407,8 @@ class BertForMaskedLM(nn.Module):
         may end in
         repeated values (empty segments) so S stays fixed; max_seqlen: python int >= the longest segment;
         masked_positions: (M,) int64 in [0, T) (padded slots may point at any valid token; their labels are
-        -100); segment_ids: (R, L) int32 with R * L = T when the tokens are rows of whole segments (RowPacker):
-        then attention can run per row (flex, or the row SDPA reference). Returns logits (M, V) at the masked
-        positions only: fp32, or bf16 under bf16 autocast."""
+        -100); segment_ids: (R, L) int32, R * L = T, for rows of whole segments (RowPacker). Returns logits (M, V)
+        at the masked positions only: fp32, or bf16 under bf16 autocast."""
         T = input_ids.shape[0]
         # Linear outputs take the autocast dtype when autocast is on; the flash path needs fp16/bf16.
         compute_dtype = (
@@ -416,11 +421,9 @@ class BertForMaskedLM(nn.Module):
 
             def attend(q, k, v, dropout_p):
                 return varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # dropout_p: not supported by varlen_attn
-        elif impl == "flex":
-            block_tables = row_block_tables(*segment_ids.shape, segment_ids.device)  # once per forward, all layers
-
-            def attend(q, k, v, dropout_p):
-                return flex_row_attention(q, k, v, segment_ids, block_tables)  # no dropout in FlexAttention
+        elif impl == "flex":  # the block tables once per forward, for every layer
+            tables = row_block_tables(*segment_ids.shape, segment_ids.device)
+            attend = functools.partial(flex_row_attention, segment_ids=segment_ids, block_tables=tables)
         elif segment_ids is not None:
             attend = functools.partial(row_sdpa_attention, segment_ids=segment_ids)
         else:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlmtrain.tokenizer import CLS_ID, PAD_ID, SEP_ID
+from mlmtrain.tokenizer import DEFAULT_SPECIALS, SpecialTokens
 
 
 @dataclass
@@ -44,6 +44,7 @@ class PackedBatch:
     cursor_after: tuple[int, int]  # (epoch, position) of the next unit after this batch's optimizer step
     max_segment_len: int = 0  # longest segment (the padded tail included): a tighter max_seqlen for eager runs
     segment_ids: torch.Tensor | None = None  # [R, L] int32, layout "rows" only: the segment of every token
+    segment_lengths: np.ndarray | None = None  # rows only: the real segments' lengths (not a prefix of cu_seqlens)
 
     def to(self, device: torch.device, non_blocking: bool = True) -> PackedBatch:
         """The batch on `device`; from pinned memory the copy is asynchronous."""
@@ -91,8 +92,10 @@ class Packer:
         world_size: int = 1,
         loop: bool = True,
         static_shapes: bool = True,
+        specials: SpecialTokens = DEFAULT_SPECIALS,  # the ids of [PAD] [CLS] [SEP] in the shards' vocabulary
     ):
         self.tokens = shard.tokens  # memory-mapped flat ids
+        self.specials = specials
         self.offsets = np.asarray(shard.offsets, dtype=np.int64)
         self.T, self.max_seq_len, self.seed = tokens_per_batch, max_seq_len, seed
         self.rank, self.world_size, self.loop = rank, world_size, loop
@@ -164,9 +167,9 @@ class Packer:
         excl = np.cumsum(step) - step  # exclusive cumsum over all sentences
         first_of_unit = np.repeat(np.cumsum(n_sent) - n_sent, n_sent)
         sent_out = np.repeat(cu[:-1], n_sent) + 1 + excl - excl[first_of_unit]
-        ids = np.full(T, PAD_ID, dtype=np.int32)
-        ids[cu[:-1]] = CLS_ID
-        ids[sent_out + sent_len] = SEP_ID
+        ids = np.full(T, self.specials.pad, dtype=np.int32)
+        ids[cu[:-1]] = self.specials.cls
+        ids[sent_out + sent_len] = self.specials.sep
         total = int(sent_len.sum())
         within = np.arange(total) - np.repeat(np.cumsum(sent_len) - sent_len, sent_len)
         ids[np.repeat(sent_out, sent_len) + within] = self.tokens[np.repeat(self.offsets[sent], sent_len) + within]
@@ -303,7 +306,7 @@ class RowPacker(Packer):
         unit_start = row_of * L + flat_start - flat_start[row_first]  # [n] where it starts in the rows
         used = int(lengths.sum())
         dest = np.arange(used) + np.repeat(unit_start - flat_start, lengths)  # [used] flat position -> row position
-        ids = np.full(R * L, PAD_ID, dtype=np.int32)
+        ids = np.full(R * L, self.specials.pad, dtype=np.int32)
         positions = np.zeros(R * L, dtype=np.int32)
         ids[dest] = flat.input_ids.numpy()[:used]
         positions[dest] = flat.position_ids.numpy()[:used]
@@ -326,4 +329,5 @@ class RowPacker(Packer):
             cu_seqlens=torch.from_numpy(cu_seqlens),
             max_segment_len=int(seg_lens.max()),
             segment_ids=torch.from_numpy(segment_ids),
+            segment_lengths=lengths,
         )

@@ -1,4 +1,5 @@
-"""`mlmtrain prepare`: text files -> memory-mapped token shards (the layout is in docs/ARCHITECTURE.md).
+"""`mlmtrain prepare`: a corpus (text, jsonl or parquet files, or a `datasets` dataset; see text.py) -> memory-mapped
+token shards (the layout is in docs/ARCHITECTURE.md).
 
 The pipeline, and why it looks like this:
 - Read bytes in ~1 MiB blocks and decode a whole block at once; only a block that fails (invalid UTF-8,
@@ -35,8 +36,25 @@ import numpy as np
 from mlmtrain.errors import UserError
 from mlmtrain.files import atomic_dir, write_json
 from mlmtrain.prefetch import Prefetcher
-from mlmtrain.text import LINE_PROBLEMS, READ_BLOCK_BYTES, check_inputs, iter_line_batches, line_problem_notes
-from mlmtrain.tokenizer import SEP_ID, load_tokenizer, tokenizer_fingerprint
+from mlmtrain.progress import bars_enabled
+from mlmtrain.text import (
+    LINE_PROBLEMS,
+    READ_BLOCK_BYTES,
+    ROW_PROBLEMS,
+    add_corpus_args,
+    check_corpus,
+    corpus_from_args,
+    iter_line_batches,
+    line_problem_notes,
+)
+from mlmtrain.tokenizer import (
+    DEFAULT_SPECIALS,
+    SEP_ID,
+    SpecialTokens,
+    load_tokenizer,
+    read_special_tokens,
+    tokenizer_fingerprint,
+)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
@@ -117,7 +135,7 @@ class _SplitWriter:
 JOIN_LINES = 64  # lines per tokenizer input; a 1 MiB block (~8k lines) makes ~128 inputs for the cores
 
 
-def encode_lines(tok, lines: list[str], dtype) -> list[np.ndarray]:
+def encode_lines(tok, lines: list[str], dtype, sep_id: int = SEP_ID) -> list[np.ndarray]:
     """Token ids of each line (no [CLS]/[SEP]), as numpy arrays.
 
     Instead of one `Encoding` object per line (token strings, offsets, masks: ~20% of the CPU time on
@@ -131,7 +149,7 @@ def encode_lines(tok, lines: list[str], dtype) -> list[np.ndarray]:
     out = []
     for group, enc in zip(groups, encode([" [SEP] ".join(g) for g in groups], add_special_tokens=False)):
         ids = np.array(enc.ids, dtype=dtype)  # (tokens of the group + separators,)
-        cuts = np.flatnonzero(ids == SEP_ID)  # (len(group) - 1,) if no line holds "[SEP]"
+        cuts = np.flatnonzero(ids == sep_id)  # (len(group) - 1,) if no line holds "[SEP]"
         if len(cuts) == len(group) - 1:
             starts = np.concatenate(([0], cuts + 1))
             ends = np.concatenate((cuts, [len(ids)]))
@@ -178,31 +196,36 @@ def prepare(
     progress: bool = True,
     block_bytes: int = READ_BLOCK_BYTES,
 ) -> dict:
-    """Tokenize `inputs` into train/valid token shards in `out_dir`; returns meta.json's content."""
+    """Tokenize `inputs` (a Corpus, or text/jsonl/parquet files) into train/valid token shards in `out_dir`;
+    returns meta.json's content."""
     if not 0.0 <= valid_fraction < 1.0:
         raise UserError(f"--valid-fraction must be in [0, 1), got {valid_fraction}.")
     if max_seq_len < 3:
         raise UserError(f"--max-seq-len must be at least 3 ([CLS] token [SEP]), got {max_seq_len}.")
-    paths = check_inputs(inputs)
+    corpus = check_corpus(inputs)
     tok = load_tokenizer(tokenizer_dir)
+    specials = read_special_tokens(tokenizer_dir)
     tok.no_truncation()
     tok.no_padding()
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
-    total_bytes = sum(p.stat().st_size for p in paths)
+    total_bytes = corpus.total_bytes
     t0 = time.perf_counter()
     with atomic_dir(out_dir, replace=overwrite) as tmp:
-        stats = _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_bytes, total_bytes, progress)
+        stats = _write_splits(
+            tmp, corpus, tok, specials.sep, valid_fraction, max_seq_len, seed, block_bytes, total_bytes, progress
+        )
         meta = {
             "format_version": FORMAT_VERSION,
             "vocab_size": tok.get_vocab_size(),
             "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
             "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+            "special_tokens": specials.to_dict(),
             "max_seq_len": max_seq_len,
             "seed": seed,
             "valid_fraction": valid_fraction,
             **stats,
-            "inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in paths],
+            "inputs": corpus.describe(),
             "seconds": round(time.perf_counter() - t0, 3),
         }
         write_json(tmp / "meta.json", meta)
@@ -212,7 +235,7 @@ def prepare(
     return meta
 
 
-def _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_bytes, total_bytes, progress) -> dict:
+def _write_splits(tmp, corpus, tok, sep_id, valid_fraction, max_seq_len, seed, block_bytes, total_bytes, progress):
     """Stream the inputs through the tokenizer into tmp/train and tmp/valid; returns meta.json's statistics."""
     dtype = np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32
     max_piece = max_seq_len - 2
@@ -239,9 +262,9 @@ def _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_byte
 
     bar = _progress_bar(total_bytes, progress)
     t0 = time.perf_counter()
-    with Prefetcher(iter_line_batches(paths, stats, block_bytes), name="reader") as reader:
+    with Prefetcher(iter_line_batches(corpus, stats, block_bytes), name="reader") as reader:
         for lines, nbytes in reader:
-            encodings = iter(encode_lines(tok, [line for line in lines if line], dtype))
+            encodings = iter(encode_lines(tok, [line for line in lines if line], dtype, sep_id))
             for line in lines:
                 if not line:  # document break
                     close_unit()
@@ -277,9 +300,10 @@ def _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_byte
         "max_token_id": max(w.max_token_id for w in writers.values()),
         **split_meta,
         "length_histogram": histogram.tolist(),
-        "lines_skipped": stats["invalid_utf8"] + stats["nul_bytes"],
+        "lines_skipped": stats["invalid_utf8"] + stats["nul_bytes"] + sum(stats[k] for k in ROW_PROBLEMS),
         "lines_repaired": stats["crlf"] + stats["bom"],
         "line_problems": {k: stats[k] for k in LINE_PROBLEMS},
+        "row_problems": {k: stats[k] for k in ROW_PROBLEMS},
         "input_lines": stats["input_lines"],
         "sentences_split": stats["sentences_split"],
         "lines_empty_after_tokenizing": stats["lines_empty_after_tokenizing"],
@@ -287,22 +311,22 @@ def _write_splits(tmp, paths, tok, valid_fraction, max_seq_len, seed, block_byte
 
 
 def _progress_bar(total_bytes: int, enabled: bool):
-    if not enabled:
+    if not (enabled and bars_enabled()):
         return None
     from tqdm import tqdm
 
     return tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, mininterval=0.5)
 
 
-def _report(meta: dict, out_dir: Path, total_bytes: int) -> None:
+def _report(meta: dict, out_dir: Path, total_bytes: int | None) -> None:
     tr, va, s = meta["train"], meta["valid"], meta["seconds"]
+    speed = f"{total_bytes / 1e6 / s:.1f} MB/s, " if total_bytes is not None else ""
     print(
         f"wrote {out_dir}: train {tr['sentences']:,} sentences / {tr['tokens']:,} tokens, valid "
-        f"{va['sentences']:,} / {va['tokens']:,} ({meta['dtype']}, {total_bytes / 1e6 / s:.1f} MB/s, "
-        f"{meta['input_lines'] / s:,.0f} lines/s)",
+        f"{va['sentences']:,} / {va['tokens']:,} ({meta['dtype']}, {speed}{meta['input_lines'] / s:,.0f} lines/s)",
         file=sys.stderr,
     )
-    for note in line_problem_notes(meta["line_problems"]):
+    for note in line_problem_notes({**meta["line_problems"], **meta["row_problems"]}):
         print(f"note: {note}", file=sys.stderr)
     if meta["sentences_split"]:
         print(
@@ -336,6 +360,12 @@ class TokenShard:
 
     def sentence(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+
+def shard_specials(meta: dict) -> SpecialTokens:
+    """The special-token layout the shards were made with (shards that do not record it were made with ids 0-4,
+    the only layout read then)."""
+    return SpecialTokens.from_dict(meta["special_tokens"]) if "special_tokens" in meta else DEFAULT_SPECIALS
 
 
 def read_meta(data_dir) -> dict:
@@ -379,14 +409,13 @@ def check_tokenizer_match(made_with: str | None, tokenizer_dir, what: str) -> No
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    add_corpus_args(p)
     p.add_argument(
-        "--input",
-        nargs="+",
+        "--tokenizer",
         required=True,
-        metavar="FILE",
-        help="UTF-8 text files, one sentence per line, a blank line between documents (.gz read transparently)",
+        metavar="DIR_OR_HUB_ID",
+        help="tokenizer folder from `mlmtrain tokenizer` or of a transformers BERT (a Hub id is downloaded)",
     )
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder from `mlmtrain tokenizer`")
     p.add_argument(
         "--out", required=True, metavar="DIR", help="folder to write the shards into (created; must not hold shards)"
     )
@@ -406,18 +435,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace shards already in --out (only once the new ones are complete)"
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
 
 
 def main(args) -> int:
+    from mlmtrain.pretrained import locate
+
     prepare(
-        args.input,
-        args.tokenizer,
+        corpus_from_args(args),
+        locate(args.tokenizer, "tokenizer", tokenizer_only=True),
         args.out,
         valid_fraction=args.valid_fraction,
         max_seq_len=args.max_seq_len,
         seed=args.seed,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=not args.quiet,
     )
     return 0

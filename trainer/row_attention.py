@@ -39,8 +39,9 @@ def row_block_tables(rows: int, row_len: int, device) -> tuple[torch.Tensor, tor
     return kv_num_blocks, kv_indices
 
 
-def flex_row_attention(q, k, v, segment_ids, block_tables):
-    """Row attention with FlexAttention: q, k, v (T, H, D) -> (T, H, D). The mask function closes over this
+def flex_row_attention(q, k, v, segment_ids, block_tables, dropout_p: float = 0.0):
+    """Row attention with FlexAttention: q, k, v (T, H, D) -> (T, H, D); FlexAttention has no dropout, so
+    `dropout_p` is not applied (as on the flash varlen path). The mask function closes over this
     batch's `segment_ids`; under torch.compile that tensor is an input of the graph (not a constant), so a new
     batch neither rebuilds the block tables nor recompiles (tests/test_model.py counts the graphs)."""
     R, L = segment_ids.shape

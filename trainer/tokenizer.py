@@ -19,6 +19,7 @@ import collections
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -29,12 +30,17 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from mlmtrain.errors import UserError
 from mlmtrain.files import atomic_dir, tmp_sibling, write_json
-from mlmtrain.text import check_inputs, iter_line_batches, line_problem_notes
+from mlmtrain.progress import bars_enabled
+from mlmtrain.text import add_corpus_args, check_corpus, corpus_from_args, iter_line_batches, line_problem_notes
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)  # where `mlmtrain tokenizer` puts them
 NUM_SPECIAL = 5
+UNUSED_TOKEN = re.compile(r"\[unused\d+\]")  # placeholder rows of Google's vocabularies
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
+# How `mlmtrain tokenizer` trained the folder (settings, inputs, real size), for the model card's commands.
+# Not a tokenizer file: nothing reads it to tokenize, and the export does not copy it.
+TOKENIZER_RECORD = "mlmtrain_tokenizer.json"
 SPECIAL_TOKENS_MAP = {
     "unk_token": "[UNK]",
     "sep_token": "[SEP]",
@@ -53,6 +59,52 @@ TOKENIZER_CONFIG_KEYS = (
     "model_max_length",
     *SPECIAL_TOKENS_MAP,
 )
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Where the five BERT specials sit in one vocabulary, and the ids masking must never select: the five,
+    any other special token of tokenizer.json and every `[unused*]` placeholder. `mlmtrain tokenizer` writes
+    ids 0-4; Google's vocabularies (bert-base-*, mBERT) have [PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102,
+    [MASK]=103 among [unused*] rows. Read from a tokenizer folder by `read_special_tokens`; stored in meta.json
+    so packing, masking and the model use the ids the shards were made with."""
+
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+    never_mask: tuple[tuple[int, int], ...]  # ascending, disjoint (first, last) id ranges, both inclusive
+
+    @property
+    def num_leading(self) -> int:
+        """How many ids from 0 up are never masked: the masking kernel's `num_special`."""
+        first = self.never_mask[0] if self.never_mask else (1, 0)
+        return first[1] + 1 if first[0] == 0 else 0
+
+    def never_mask_ids(self) -> list[int]:
+        """The never-masked ids past the leading block (the kernel needs a table only for these)."""
+        return [i for first, last in self.never_mask for i in range(max(first, self.num_leading), last + 1)]
+
+    def to_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in ("pad", "unk", "cls", "sep", "mask")}, "never_mask": self.never_mask}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SpecialTokens:
+        return cls(**{**d, "never_mask": tuple(tuple(r) for r in d["never_mask"])})
+
+
+DEFAULT_SPECIALS = SpecialTokens(PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID, ((0, NUM_SPECIAL - 1),))
+
+
+def _ranges(ids) -> tuple[tuple[int, int], ...]:
+    out: list[list[int]] = []
+    for i in sorted(set(ids)):
+        if out and out[-1][1] == i - 1:
+            out[-1][1] = i
+        else:
+            out.append([i, i])
+    return tuple((a, b) for a, b in out)
 
 
 @dataclass
@@ -106,10 +158,7 @@ def build_tokenizer(settings: TokenizerSettings, vocab: dict[str, int] | None = 
 
 
 def tokenizer_from_vocab(vocab: list[str], settings: TokenizerSettings | None = None) -> Tokenizer:
-    """The tokenizer of a given vocabulary (the specials first, at their fixed ids), complete as `train_tokenizer`
-    saves one: for vocabularies made by a program (the benchmarks' synthetic corpus) rather than trained."""
-    if vocab[:NUM_SPECIAL] != SPECIAL_TOKENS:
-        raise ValueError(f"the vocabulary must start with {SPECIAL_TOKENS}, got {vocab[:NUM_SPECIAL]}")
+    """The tokenizer of a vocabulary made by a program (specials at ids 0-4), complete as training saves one."""
     tok = build_tokenizer(settings or TokenizerSettings(), {token: i for i, token in enumerate(vocab)})
     _add_post_processor(tok)
     return tok
@@ -126,12 +175,12 @@ def _add_post_processor(tok: Tokenizer) -> None:
 def train_tokenizer(
     inputs, out_dir, settings: TokenizerSettings | None = None, *, overwrite: bool = False, progress: bool = True
 ) -> int:
-    """Train on `inputs` (text files, `.gz` ok; read with the same robust reader as `prepare`) and write the
-    tokenizer folder. Returns the real vocabulary size, which every later step must use: smaller than
+    """Train on `inputs` (a Corpus, or text/jsonl/parquet files; read with the same robust reader as `prepare`)
+    and write the tokenizer folder. Returns the real vocabulary size, which every later step must use: smaller than
     requested when the corpus has fewer pieces, larger when the kept alphabet alone exceeds the request."""
     settings = settings or TokenizerSettings()
     settings.validate()
-    paths = check_inputs(inputs)
+    corpus = check_corpus(inputs)
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -143,13 +192,13 @@ def train_tokenizer(
         limit_alphabet=settings.limit_alphabet,
         special_tokens=SPECIAL_TOKENS,  # in this order: ids 0..4
         continuing_subword_prefix=settings.wordpieces_prefix,
-        show_progress=progress,
+        show_progress=progress and bars_enabled(),  # its own (Rust) bar ignores TQDM_DISABLE
     )
     char_counts: collections.Counter = collections.Counter()
     stats = {}
 
     def batches():
-        for lines, _ in iter_line_batches(paths, stats):
+        for lines, _ in iter_line_batches(corpus, stats):
             text = [line for line in lines if line]  # "" marks a document break, not text
             char_counts.update("".join(text))  # Counter.update on a str counts in C
             yield text
@@ -158,13 +207,19 @@ def train_tokenizer(
     tok.train_from_iterator(batches(), trainer=trainer)
     seconds = time.perf_counter() - t0
     if not char_counts:
-        raise UserError(f"no text found in {', '.join(map(str, paths))}: every line was blank or unreadable.")
+        source = corpus.dataset or ", ".join(map(str, corpus.files))
+        raise UserError(f"no text found in {source}: every line was blank or unreadable.")
 
     vocab = tok.get_vocab()
     for i, token in enumerate(SPECIAL_TOKENS):
         assert vocab.get(token) == i, f"special token {token} is at id {vocab.get(token)}, expected {i}"
     _add_post_processor(tok)
-    _write_atomically(tok, out_dir, settings)
+    record = {
+        "settings": asdict(settings),
+        "inputs": corpus.describe(),
+        "vocab_size": tok.get_vocab_size(),
+    }
+    _write_atomically(tok, out_dir, settings, record)
 
     vocab_size = tok.get_vocab_size()
     missing = unknown_characters(tok, char_counts, settings.wordpieces_prefix)
@@ -251,21 +306,32 @@ def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettin
     write_json(out_dir / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
 
 
-def _write_atomically(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
+def _write_atomically(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings, record: dict) -> None:
     """A new (or empty) folder is written whole and renamed into place; a folder that also holds other files
     gets the four files moved in, each atomically. An interrupted run never leaves a half-written tokenizer."""
     if not (out_dir.is_dir() and any(out_dir.iterdir())):
         with atomic_dir(out_dir) as tmp:
             write_tokenizer_dir(tok, tmp, settings)
+            write_json(tmp / TOKENIZER_RECORD, record)
         return
     tmp = tmp_sibling(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write_tokenizer_dir(tok, tmp, settings)
-        for name in TOKENIZER_FILES:
+        write_json(tmp / TOKENIZER_RECORD, record)
+        for name in (*TOKENIZER_FILES, TOKENIZER_RECORD):
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_tokenizer_record(tokenizer_dir) -> dict | None:
+    """TOKENIZER_RECORD of a folder `mlmtrain tokenizer` wrote; None for other tokenizer folders."""
+    path = Path(tokenizer_dir) / TOKENIZER_RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (ValueError, OSError):
+        return None
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -291,19 +357,42 @@ def _check_tokenizer_dir(tokenizer_dir) -> Path:
 
 
 def load_tokenizer(tokenizer_dir) -> Tokenizer:
-    """The fast tokenizer, checked against the fixed special-token ids everything downstream assumes."""
+    """The fast tokenizer, its five specials checked (present, the same ids in vocab.txt and tokenizer.json)."""
     path = _check_tokenizer_dir(tokenizer_dir)
     try:
         tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     except Exception as e:  # tokenizers raises a plain Exception on malformed JSON
         raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
-    for i, token in enumerate(SPECIAL_TOKENS):
-        if tok.token_to_id(token) != i:
-            raise UserError(
-                f"{path} puts {token} at id {tok.token_to_id(token)}, expected {i}; "
-                "retrain it with `mlmtrain tokenizer`."
-            )
+    read_special_tokens(path)
     return tok
+
+
+def read_special_tokens(tokenizer_dir) -> SpecialTokens:
+    """The special-token layout of a tokenizer folder: the ids of [PAD] [UNK] [CLS] [SEP] [MASK] in vocab.txt
+    (tokenizer.json must agree), and the never-masked ids. One sentence if a special is missing."""
+    path = _check_tokenizer_dir(tokenizer_dir)
+    vocab = read_vocab(path)
+    index = {token: i for i, token in reversed(list(enumerate(vocab)))}  # the first row of a repeated token
+    try:
+        tok_json = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
+    json_vocab = (tok_json.get("model") or {}).get("vocab") or {}
+    added = {t.get("content"): t.get("id") for t in tok_json.get("added_tokens") or [] if t.get("special")}
+    ids = []
+    for token in SPECIAL_TOKENS:
+        if token not in index:
+            raise UserError(f"{path / 'vocab.txt'} has no {token}: a BERT vocabulary needs {' '.join(SPECIAL_TOKENS)}.")
+        in_json = added.get(token, json_vocab.get(token))
+        if in_json != index[token]:
+            raise UserError(
+                f"{path} puts {token} at id {index[token]} in vocab.txt but at {in_json} in tokenizer.json; "
+                "the two files must come from the same tokenizer."
+            )
+        ids.append(index[token])
+    extra = [i for i in added.values() if isinstance(i, int) and 0 <= i < len(vocab)]
+    unused = [i for i, token in enumerate(vocab) if UNUSED_TOKEN.fullmatch(token)]
+    return SpecialTokens(*ids, never_mask=_ranges([*ids, *extra, *unused]))
 
 
 def read_vocab(tokenizer_dir) -> list[str]:
@@ -313,13 +402,19 @@ def read_vocab(tokenizer_dir) -> list[str]:
 
 
 def tokenizer_fingerprint(tokenizer_dir) -> str:
-    """sha256 of vocab.txt and the normalizer settings: two folders with the same fingerprint map text to
-    the same ids, so shards made with one can be trained with the other (file formatting may differ)."""
+    """sha256 of vocab.txt, the normalizer settings and the special-token layout: two folders with the same
+    fingerprint map text to the same ids and mask alike, so shards made with one can be trained with the other
+    (file formatting may differ)."""
     path = _check_tokenizer_dir(tokenizer_dir)
     normalizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer")
     h = hashlib.sha256()
     h.update((path / "vocab.txt").read_bytes())
     h.update(json.dumps(normalizer, sort_keys=True).encode())
+    specials = read_special_tokens(path)
+    if specials != DEFAULT_SPECIALS:
+        # tokenizer.json can mark specials that vocab.txt does not show, and they change the masking; the 0-4
+        # layout hashes without them, so the fingerprints its shards and checkpoints already record still match
+        h.update(json.dumps(specials.to_dict()).encode())
     return h.hexdigest()
 
 
@@ -328,13 +423,7 @@ def tokenizer_fingerprint(tokenizer_dir) -> str:
 
 def add_args(p) -> None:
     d = TokenizerSettings()
-    p.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        metavar="FILE",
-        help="UTF-8 text files, one sentence per line (.gz read transparently)",
-    )
+    add_corpus_args(p)
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write the tokenizer files into")
     p.add_argument(
         "--vocab-size",
@@ -405,6 +494,7 @@ def main(args) -> int:
         model_max_length=args.model_max_length,
     )
     settings.validate()
-    print("settings: " + json.dumps(asdict(settings)), file=sys.stderr)
-    train_tokenizer(args.input, args.out, settings, overwrite=args.overwrite)
+    if not args.quiet:
+        print("settings: " + json.dumps(asdict(settings)), file=sys.stderr)
+    train_tokenizer(corpus_from_args(args), args.out, settings, overwrite=args.overwrite, progress=not args.quiet)
     return 0

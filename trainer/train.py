@@ -9,6 +9,7 @@ Every host-device sync is marked `# sync:`; between log steps the loop issues de
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -24,22 +25,23 @@ import torch
 from tqdm import tqdm
 
 from mlmtrain import checkpoint, parallel
-from mlmtrain.config import PRECISIONS, RunConfig, load_config
+from mlmtrain.config import PRECISIONS, RunConfig, format_config, load_config, report_targets
 from mlmtrain.errors import UserError
+from mlmtrain.evaluate import masker, score
 from mlmtrain.fast_paths import FastPaths, check_speed_options
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
 from mlmtrain.fp8 import convert_to_fp8
-from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask, word_start_table
-from mlmtrain.metrics import MetricsLog, WindowStats, record_window, summarize
+from mlmtrain.kernels.mlm_mask import max_masked_bound, word_start_table
+from mlmtrain.metrics import MetricsLog, WindowStats, check_report_to, closing_lines, record_window, summarize
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import PackedBatch, Packer, RowPacker
 from mlmtrain.prefetch import Prefetcher
 from mlmtrain.preflight import check_data_against_model, check_tokenizer_vocab
-from mlmtrain.prepare import check_tokenizer_match, load_split, read_meta
-from mlmtrain.profiling import PhaseTimer, start_profiler
-from mlmtrain.tokenizer import MASK_ID, NUM_SPECIAL, read_vocab
-
-EVAL_KEY = 1 << 40  # masking keys of eval batches live far from the training micro-batch indices
+from mlmtrain.prepare import check_tokenizer_match, load_split, read_meta, shard_specials
+from mlmtrain.pretrained import check_tokenizer_fits, hub_id, locate, read_pretrained
+from mlmtrain.profiling import no_phase, start_profiler
+from mlmtrain.progress import StepProgress, quiet
+from mlmtrain.tokenizer import read_vocab
 
 
 def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
@@ -47,42 +49,45 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
     run = setup(cfg, resume, log)
     t, model, world = cfg.train, run.model, run.world
     window = WindowStats(run.device, t.log_every, world, run.peak_tflops, run.prefetch, deferred=t.async_log_reads)
-    stopper, profiler = StopSignal(), start_profiler(t.profile_steps if run.is_main else "", run.dir)
+    stopper = StopSignal()
+    profiler = start_profiler(t, run.step, run.dir / "profile", run.device, run.rank, world, run.log)
+    phase = profiler.phase if profiler is not None else no_phase  # record_function ranges, only when profiling
     step, cursor, history, last_eval, stop_reason, phase_ms = run.step, run.cursor, [], {}, None, {}
     last_save = time.time()
-    bar = tqdm(total=t.max_steps, initial=step, disable=not run.is_main, unit="step", dynamic_ncols=True)
+    bar = StepProgress(t.max_steps, step, run.is_main, run.log)  # a bar on a terminal, plain lines elsewhere
     try:
         while step < t.max_steps:
-            phase = PhaseTimer(run.device, enabled=profiler is not None and profiler.active(step))
             lr = lr_at(step, cfg)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             # ---- one optimizer step: mask every micro-batch first, since the loss divides by the step's targets
             micro = []
             for _ in range(run.local_accum):
+                phase("data")
                 host_batch = run.prefetch.get()
                 b = host_batch.to(run.device)  # async copy from pinned memory
                 # key = (seed, optimizer step, global token index within the step): the same tokens get the same
                 # mask for any world size or micro-batch split, after a resume, on any rank
                 offset = (host_batch.index - step * cfg.optim.grad_accum) * run.tokens_per_batch
+                phase("mask")
                 m = run.mask(b.input_ids, step=step, offset=offset)
                 micro.append((b, m, run.max_seqlen if run.static else host_batch.max_segment_len))
                 cursor = host_batch.cursor_after
                 window.add_batch(host_batch, train_flops_per_batch(run.model_config, host_batch, cfg.mask.mask_prob))
-            phase.mark("data")
             targets = sum((m.masked_labels != -100).sum() for _, m, _ in micro)  # device scalar, no sync
             targets = parallel.all_reduce_sum(targets).clamp(min=1)  # the same denominator on every rank
             step_loss = torch.zeros((), device=run.device, dtype=torch.float32)
             for j, (b, m, seqlen) in enumerate(micro):
+                phase("forward")
                 if t.cuda_graphs:  # a new replay may overwrite the last one's outputs: they were used above
                     torch.compiler.cudagraph_mark_step_begin()
                 with parallel.no_sync(model, last=j == run.local_accum - 1), run.autocast:
                     args = (m.masked_ids, b.position_ids, b.cu_seqlens, seqlen, m.masked_positions, m.masked_labels)
                     loss = run.step_fn(model, *args, b.segment_ids)[0] * world / targets  # DDP averages: * world
-                phase.mark("forward")
+                phase("backward")
                 run.scaler.scale(loss).backward()
-                phase.mark("backward")
                 step_loss += loss.detach().float() / world
+            phase("optimizer")
             step_loss = parallel.all_reduce_sum(step_loss)
             run.scaler.unscale_(run.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
@@ -93,12 +98,11 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
             run.scaler.step(run.optimizer)  # fp16: the GradScaler skips non-finite steps and lowers the scale
             run.scaler.update()
             run.optimizer.zero_grad(set_to_none=True)
-            phase.mark("optimizer")
             window.add_step(step_loss, bad, grad_norm)
             step += 1
-            bar.update(1)
+            bar.update()
             if profiler is not None:
-                profiler.step(step, phase, phase_ms)
+                profiler.step()
 
             # ---- log, eval, checkpoint: the only places the host waits for the device
             last = step == t.max_steps
@@ -107,6 +111,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
             # log steps only, from the requests all-reduced there
             stop_now, time_due = (stopper.requested, timed) if world == 1 else (None, False)
             if step % t.log_every == 0 or last or stop_now:
+                # sync: the window's device numbers in one transfer (and, with several processes, one all-reduce);
+                # with train.async_log_reads the transfer is read one window later (the window before is logged)
                 closed, (stop_now, time_due) = window.close(step, lr, last, stopper.requested, timed)
                 stopper.requested = stopper.requested or stop_now
                 for w in closed:
@@ -114,17 +120,17 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
             eval_cadence = t.eval_every and step % t.eval_every == 0
             save_cadence = (t.checkpoint_every and step % t.checkpoint_every == 0) or time_due
             if last or stop_now or stop_reason or eval_cadence or save_cadence:  # the device will be waited for
-                for w in window.flush():  # async_log_reads: the window still in flight is read now
+                for w in window.flush():  # async_log_reads: the window still in flight, read now
                     stop_reason = record_window(run, w, history, bar) or stop_reason
             if eval_cadence or last or stop_reason:
-                last_eval = evaluate(run)
+                last_eval = evaluate(run)  # sync: once per eval
                 run.metrics.write({"step": step, **last_eval})
                 run.log(
                     f"step {step}: valid loss {last_eval['valid_loss']:.4f} accuracy {last_eval['valid_accuracy']:.3f}"
                 )
                 window.restart_clock()  # eval time is not training throughput
             if save_cadence or (last and t.checkpoint_at_end) or stop_now or stop_reason:
-                run.save(step, cursor, last_eval, sum(w.real_tokens for w in history))
+                run.save(step, cursor, last_eval, sum(w.real_tokens for w in history))  # sync: state to the host
                 last_save = time.time()
                 window.restart_clock()
             if stop_reason or stop_now:
@@ -139,10 +145,12 @@ def train(cfg: RunConfig, resume: str | None = None, log=None) -> dict:
         run.close()
         stopper.restore()
         if profiler is not None:
-            profiler.close(phase_ms)
+            phase_ms = profiler.close()
     summary = summarize(run, history, step, last_eval, phase_ms, stopper.requested or stop_reason)
     if run.is_main:
-        (run.dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        saved = {**summary, "config": {**run.cfg.to_dict(), "resolved": run.resolved}}
+        (run.dir / "summary.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
+    run.metrics.finish(summary)
     parallel.barrier()
     return summary
 
@@ -185,6 +193,18 @@ class Run:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def resolved(self) -> dict:
+        """What the settings that can say `auto` (or 0 = auto) came to on this run, by dotted config key."""
+        return {
+            "train.device": str(self.device),
+            "train.precision": self.precision,
+            "train.compile": "on" if self.compile else "off",
+            "data.tokens_per_batch": self.tokens_per_batch,
+            "optim.warmup_steps": warmup_steps(self.cfg),
+            "train.peak_tflops": self.peak_tflops,
+        }
+
     def save(self, step: int, cursor, last_eval: dict, real_tokens: int) -> None:
         state = {
             "cursor": list(cursor),
@@ -194,6 +214,9 @@ class Run:
             "tokenizer_fingerprint": self.meta["tokenizer_fingerprint"],
             "valid_loss": last_eval.get("valid_loss"),
             "real_tokens": real_tokens,
+            "init_from": self.cfg.model.init_from or None,
+            "base_model": hub_id(self.cfg.model.init_from) if self.cfg.model.init_from else None,
+            "resolved": self.resolved,
         }
         scaler_state = self.scaler.state_dict() if self.precision == "fp16" else None
         checkpoint.save_checkpoint(
@@ -225,17 +248,15 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
     log = log or (lambda msg: tqdm.write(msg) if rank == 0 else None)
     run_dir = Path(cfg.out_dir)
     max_seqlen = int(meta["max_seq_len"])
-    model_config = BertConfig.from_size(
-        cfg.model.size,
-        vocab_size=len(vocab),
-        hidden_dropout_prob=cfg.model.dropout,
-        attention_probs_dropout_prob=cfg.model.dropout,
-        max_position_embeddings=cfg.model.max_position_embeddings,
-    )
-    check_data_against_model(meta, model_config, max_seqlen)
+    specials = shard_specials(meta)
     start = None
     if resume:
         start = checkpoint.latest_checkpoint(run_dir if resume == "auto" else resume, log=log)
+    # a pretrained model's weights and shape are read only to start; a resumed run has them in its checkpoint
+    pretrained = read_pretrained(locate(cfg.model.init_from)) if cfg.model.init_from and start is None else None
+    model_config = model_config_for(cfg, len(vocab), specials, start, pretrained)
+    check_data_against_model(meta, model_config, max_seqlen)
+    if start is not None:
         checkpoint.check_resume_compatible(start, cfg, meta, model_config)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -245,7 +266,11 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
     # ---- model, optimizer, state
     torch.manual_seed(cfg.train.seed)
     fast = FastPaths(residual_dtype=cfg.model.residual_dtype, fused_ops=cfg.model.fused_ops)
-    model = BertForMaskedLM(model_config, attn_impl=cfg.model.attention, fast=fast).to(device)
+    model = BertForMaskedLM(model_config, attn_impl=cfg.model.attention, fast=fast)
+    if pretrained is not None:  # a fresh optimizer and data cursor: only the weights carry over
+        pretrained.load_into(model)
+        log(f"initialised from {cfg.model.init_from}: {pretrained.describe()}")
+    model = model.to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, cursor = 0, (0, 0)
     if start is not None:
@@ -274,63 +299,79 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None) -> Run:
     spread_factor = (
         pieces_per_word(load_split(cfg.data.data_dir, "train").tokens, vocab) if cfg.mask.whole_word else 1.0
     )
-    mask = functools.partial(
-        mlm_mask,
-        vocab_size=len(vocab),
-        mask_id=MASK_ID,
-        num_special=NUM_SPECIAL,
-        mask_prob=cfg.mask.mask_prob,
-        mask_frac=cfg.mask.mask_frac,
-        random_frac=cfg.mask.random_frac,
-        max_masked=max_masked_bound(T, cfg.mask.mask_prob, pieces_per_word=spread_factor),
+    mask = masker(
+        specials,
+        len(vocab),
+        cfg.mask,
+        cfg.train.seed,
+        max_masked_bound(T, cfg.mask.mask_prob, pieces_per_word=spread_factor),
+        device,
         word_start=word_start_table(vocab).to(device) if cfg.mask.whole_word else None,
-        # Triton on CUDA; on CPU the torch path, bit-identical to the kernel and far faster than the interpreter
-        backend="auto" if device.type == "cuda" else "torch",
-        seed=cfg.train.seed,
     )
 
     # ---- data: this rank's micro-batches, built ahead on a thread
     static = use_compile or device.type == "cuda"  # eager CPU: cu_seqlens holds only the segments used
     packer = RowPacker if cfg.data.layout == "rows" else Packer
     train_packer = packer(load_split(cfg.data.data_dir, "train"), T, max_seqlen, cfg.train.seed, cfg.data.pack,
-                          rank=rank, world_size=world, static_shapes=static)  # fmt: skip
+                          rank=rank, world_size=world, static_shapes=static, specials=specials)  # fmt: skip
     batches = train_packer.batches(cursor, step * cfg.optim.grad_accum, cfg.optim.grad_accum)
     pin = PackedBatch.pin_memory if device.type == "cuda" else None
     prefetch = Prefetcher(batches, depth=cfg.data.prefetch, transform=pin, name="packer")
     valid_packer = packer(load_split(cfg.data.data_dir, "valid"), T, max_seqlen, cfg.train.seed, "sentence",
-                          loop=False, static_shapes=static)  # fmt: skip
+                          loop=False, static_shapes=static, specials=specials)  # fmt: skip
     valid_batches = [b for _, b in zip(range(cfg.train.eval_batches), valid_packer.batches())]
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(cfg.to_json(), encoding="utf-8")
-        log(f"config: {json.dumps(cfg.to_dict(), ensure_ascii=False)}")
-        params = sum(p.numel() for p in model.parameters()) / 1e6
-        log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
-            f"{cfg.optim.grad_accum} micro-batches/step, model {cfg.model.size} ({params:.1f}M params), "
-            f"{mask.keywords['max_masked']} masked slots/batch")  # fmt: skip
     metrics = MetricsLog(run_dir / "metrics.jsonl" if rank == 0 else None, append=start is not None)
-    return Run(
+    run = Run(
         cfg, run_dir, device, rank, world, precision, use_compile, T, max_seqlen, static,
         cfg.optim.grad_accum // world, model_config, model, optimizer, scaler, step_fn, autocast, mask, prefetch,
         valid_batches, meta, step, cursor, metrics, cfg.train.peak_tflops or peak_tflops_for(device, precision), log,
     )  # fmt: skip
+    if rank == 0:
+        if not quiet():
+            params, name = sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.init_from or cfg.model.size
+            log(format_config(cfg, run.resolved))
+            log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
+                f"{cfg.optim.grad_accum} micro-batches/step, model {name} ({params:.1f}M params), "
+                f"{mask.keywords['max_masked']} masked slots/batch")  # fmt: skip
+        metrics.open_trackers(report_targets(cfg.train.report_to), {**cfg.to_dict(), "resolved": run.resolved}, step)
+    return run
 
 
 def check_inputs(cfg: RunConfig) -> tuple[dict, list[str]]:
     """Everything that can be wrong with the inputs, found before any device work."""
+    if cfg.model.init_from and not cfg.data.tokenizer_dir:  # the pretrained model's own tokenizer
+        cfg.data.tokenizer_dir = str(locate(cfg.model.init_from))
     if not cfg.data.data_dir or not cfg.data.tokenizer_dir or not cfg.out_dir:
         raise UserError("train needs --data DIR (from `mlmtrain prepare`), --tokenizer DIR and --out RUN_DIR")
     meta = read_meta(cfg.data.data_dir)
     vocab = read_vocab(cfg.data.tokenizer_dir)
     check_tokenizer_vocab(len(vocab), meta["vocab_size"])
     check_tokenizer_match(meta["tokenizer_fingerprint"], cfg.data.tokenizer_dir, f"the shards in {cfg.data.data_dir}")
+    check_report_to(report_targets(cfg.train.report_to))
     if cfg.optim.grad_accum % parallel.world_size():
         raise UserError(
             f"optim.grad_accum={cfg.optim.grad_accum} must be a multiple of the number of processes "
             f"({parallel.world_size()}) so every rank gets the same share of the global batch"
         )
     return meta, vocab
+
+
+def model_config_for(cfg: RunConfig, vocab_size: int, specials, start, pretrained) -> BertConfig:
+    """The model's shape: a pretrained model's, a resumed run's own (for a run that started from one), or
+    `cfg.model`'s. Dropout is always the run's: a training setting, not part of the model."""
+    dropout = dict(hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout)
+    if pretrained is not None:
+        config = dataclasses.replace(pretrained.config, **dropout)
+        check_tokenizer_fits(config, specials, vocab_size, pretrained.folder)
+        return config
+    if cfg.model.init_from and start is not None:
+        saved = json.loads((Path(start) / "config.json").read_text(encoding="utf-8"))["model"]
+        return dataclasses.replace(BertConfig.from_dict(saved), **dropout)
+    return BertConfig.from_spec(cfg.model, vocab_size, specials.pad)
 
 
 def pick_device(name: str) -> torch.device:
@@ -363,12 +404,17 @@ def pieces_per_word(tokens, vocab: list[str], sample: int = 1 << 20) -> float:
 def lr_at(step: int, cfg: RunConfig) -> float:
     """Linear warmup, then linear or cosine decay to min_lr_ratio * lr at max_steps."""
     o, max_steps = cfg.optim, cfg.train.max_steps
-    warmup = o.warmup_steps or max(1, int(0.06 * max_steps))
+    warmup = warmup_steps(cfg)
     if step < warmup:
         return o.lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     shape = 1.0 - progress if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return o.lr * (o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape)
+
+
+def warmup_steps(cfg: RunConfig) -> int:
+    """optim.warmup_steps, or 6% of max_steps when it is 0 (auto)."""
+    return cfg.optim.warmup_steps or max(1, int(0.06 * cfg.train.max_steps))
 
 
 def forward_loss(
@@ -379,36 +425,10 @@ def forward_loss(
     return mlm_loss_sum(logits, masked_labels)
 
 
-@torch.no_grad()
 def evaluate(run: Run) -> dict:
     """MLM loss, masked-token accuracy and perplexity over fixed valid batches (fixed masking keys)."""
-    model, device = run.model, run.device
-    was_training = model.training
-    model.eval()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    targets = torch.zeros((), device=device, dtype=torch.int64)
-    for i, host_batch in enumerate(run.valid_batches):
-        b = host_batch.to(device)
-        m = run.mask(b.input_ids, step=EVAL_KEY + i)
-        with run.autocast:
-            logits = model(
-                m.masked_ids, b.position_ids, b.cu_seqlens, run.max_seqlen, m.masked_positions, b.segment_ids
-            )
-        s, n = mlm_loss_sum(logits, m.masked_labels)
-        loss_sum += s.double()
-        targets += n
-        correct += ((logits.argmax(-1) == m.masked_labels) & (m.masked_labels != -100)).sum()
-    model.train(was_training)
-    totals = torch.stack([loss_sum, correct.double(), targets.double()]).tolist()  # sync: once per eval
-    loss_sum, correct, targets = totals[0], totals[1], max(totals[2], 1.0)
-    loss = loss_sum / targets
-    return {
-        "valid_loss": loss,
-        "valid_accuracy": correct / targets,
-        "valid_ppl": math.exp(min(loss, 50.0)),
-        "valid_targets": int(totals[2]),
-    }
+    result = score([run.model], run.valid_batches, run.mask, run.device, run.autocast, run.max_seqlen)[0]
+    return {f"valid_{key}": result[key] for key in ("loss", "accuracy", "ppl", "targets")}
 
 
 class StopSignal:
@@ -439,6 +459,11 @@ def add_args(p) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder the shards were made with (data.tokenizer_dir)")
     p.add_argument("--out", help="run folder: metrics.jsonl, checkpoints/, config.json (out_dir)")
     p.add_argument("--model", choices=["tiny", "mini", "small", "base", "large"], help="model size (model.size)")
+    p.add_argument(
+        "--init-from",
+        metavar="PATH_OR_HUB_ID",
+        help="continue pretraining a transformers BERT: its weights, dimensions and tokenizer (model.init_from)",
+    )
     p.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
     p.add_argument(
         "--tokens-per-batch", type=int, help="tokens per micro-batch per process (default 65536 on CUDA, 4096 on CPU)"
@@ -460,7 +485,17 @@ def add_args(p) -> None:
         help="segments of one sentence, or document neighbours up to max_seq_len",
     )
     p.add_argument(
-        "--profile-steps", metavar="A:B", help="trace steps A..B-1 with torch.profiler and print a per-phase table"
+        "--profile-steps",
+        metavar="A:B",
+        help="trace steps A..B-1 with torch.profiler (after train.profile_warmup warm-up steps); writes RUN/profile/",
+    )
+    p.add_argument(
+        "--profile-memory", action="store_true", help="with --profile-steps: a CUDA memory snapshot of the same steps"
+    )
+    p.add_argument(
+        "--report-to",
+        metavar="NAMES",
+        help="also log metrics, config and summary to tensorboard, wandb or both (comma-separated); default none",
     )
     p.add_argument(
         "--resume",
@@ -477,11 +512,14 @@ def add_args(p) -> None:
 
 
 def config_from_args(args) -> RunConfig:
+    if args.model and args.init_from:
+        raise UserError("pass --model SIZE or --init-from MODEL, not both: --init-from brings the model's shape")
     overrides = {
         "data.data_dir": args.data,
         "data.tokenizer_dir": args.tokenizer,
         "out_dir": args.out,
         "model.size": args.model,
+        "model.init_from": args.init_from,
         "train.max_steps": args.max_steps,
         "data.tokens_per_batch": args.tokens_per_batch,
         "train.seed": args.seed,
@@ -490,6 +528,8 @@ def config_from_args(args) -> RunConfig:
         "mask.whole_word": True if args.whole_word_mask else None,
         "data.pack": args.pack,
         "train.profile_steps": args.profile_steps,
+        "train.profile_memory": True if args.profile_memory else None,
+        "train.report_to": args.report_to,
     }
     return load_config(args.config, overrides, args.set)
 
@@ -501,6 +541,6 @@ def main(args) -> int:
     with parallel.name_failing_rank():
         summary = train(cfg, resume=args.resume)
     if parallel.rank() == 0:
-        print(json.dumps({k: summary[k] for k in ("steps", "final_loss", "valid_loss", "tokens_per_s", "mfu")}))
+        print(closing_lines(Path(cfg.out_dir), summary))
     parallel.shutdown()
     return 0

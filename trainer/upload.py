@@ -22,6 +22,7 @@ from pathlib import Path
 from mlmtrain import __version__
 from mlmtrain.errors import UserError
 from mlmtrain.export_check import EXPORT_MANIFEST, card_header, check_export_folder, read_manifest
+from mlmtrain.progress import bars_enabled
 
 TOKENS_URL = "https://huggingface.co/settings/tokens"
 
@@ -95,7 +96,10 @@ def main(args: argparse.Namespace) -> int:
             f"(make a token with write access at {TOKENS_URL})"
         )
     from huggingface_hub import constants
+    from huggingface_hub.utils import disable_progress_bars
 
+    if not bars_enabled():
+        disable_progress_bars()  # its tqdm bars would draw `\r` updates into a log
     if constants.HF_HUB_OFFLINE:
         raise UserError(
             "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so huggingface_hub will not connect; unset it to upload"

@@ -1,0 +1,232 @@
+"""BERT's intermediate activation, `y = gelu(x + bias)` with the exact (erf) GELU: fused Triton kernels (forward,
+backward) and their pure-torch reference, for a matmul run without its bias.
+
+Contract, for x [..., C] (viewed as [N, C], rows contiguous) and bias [C]:
+  h = x + bias in fp32;  y = h * Phi(h) = 0.5 h (1 + erf(h / sqrt 2));  dy/dh = Phi(h) + h * phi(h),
+  phi(h) = exp(-h^2 / 2) / sqrt(2 pi).
+x is fp32, bf16 or fp16 and y has x's dtype (bias is a parameter, fp32 under autocast: its dtype does not
+promote the activation). bias is any float dtype, read as fp32. dx comes back in x's dtype, dbias in bias's,
+summed in fp32 inside the backward (per-program partial sums [P, C], then a torch sum), so the bias gradient
+costs no extra pass over dx. Saved for backward: references to x and bias (h is recomputed, in fp32).
+
+Traffic (s-byte activations): forward reads x and writes y (2 N C s), the same as gelu after a matmul that
+adds its own bias in the epilogue; the backward reads dy and x and writes dx (3 N C s) where unfused torch
+also re-reads dx for dbias (4 N C s). The gain is in the backward only.
+
+torch.compile: custom ops `mlmtrain::bias_gelu_fwd` / `mlmtrain::bias_gelu_bwd` with fake functions and an
+autograd formula, as in residual_layer_norm.py (no graph break, the interpreter included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from mlmtrain.kernels import triton_runs_on
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton wheel for this platform: the torch reference serves every call
+    triton = None
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _load_h(x_ptr, bias, rows, row_end, cols, C):
+        """h = x + bias in fp32 on a (BLOCK_N, BLOCK_C) tile, with its offsets and in-bounds mask."""
+        inside = (rows < row_end)[:, None] & (cols < C)[None, :]  # (BLOCK_N, BLOCK_C)
+        offsets = rows[:, None].to(tl.int64) * C + cols[None, :]  # (BLOCK_N, BLOCK_C): N * C may pass 2^31
+        h = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32) + bias[None, :]
+        return h, offsets, inside
+
+    @triton.jit
+    def _bias_gelu_fwd_kernel(
+        x_ptr,  # (N, C) x dtype
+        bias_ptr,  # (C,)
+        y_ptr,  # (N, C) x dtype, written
+        N,
+        C,
+        BLOCK_N: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """One (BLOCK_N, BLOCK_C) tile per program; grid (row tiles, column tiles)."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+        bias = tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)  # (BLOCK_C,)
+        h, offsets, inside = _load_h(x_ptr, bias, rows, N, cols, C)
+        y = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))  # h * Phi(h); the constant is 1 / sqrt(2)
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
+
+    @triton.jit
+    def _bias_gelu_bwd_kernel(
+        dy_ptr,  # (N, C) x dtype
+        x_ptr,  # (N, C)
+        bias_ptr,  # (C,)
+        dx_ptr,  # (N, C) x dtype, written
+        dbias_partial_ptr,  # (P, C) fp32, written: this program's rows' sum of dx, for its columns
+        N,
+        C,
+        rows_per_program,
+        BLOCK_N: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Grid (P, column tiles): rows [pid * rows_per_program, ...) in (BLOCK_N, BLOCK_C) tiles, dbias summed in
+        registers and stored once per program (no atomics)."""
+        pid = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+        bias = tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)  # (BLOCK_C,)
+        dbias = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)  # reduced over rows once, after the loop
+        first = pid * rows_per_program
+        end = tl.minimum(first + rows_per_program, N)
+        for start in range(first, end, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+            h, offsets, inside = _load_h(x_ptr, bias, rows, end, cols, C)
+            cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))  # Phi(h)
+            pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # phi(h) = exp(-h^2/2) / sqrt(2 pi)
+            dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            dx = dy * (cdf + h * pdf)  # 0 outside the matrix, where dy was loaded as 0
+            tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+            dbias += dx
+        tl.store(dbias_partial_ptr + pid * C + cols, tl.sum(dbias, axis=0), mask=cols < C)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tile(C: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_C, num_warps): 2048-element tiles at most 512 columns wide, 8 elements per thread (the
+    residual LayerNorm's choice; not tuned by timing)."""
+    block_c = min(triton.next_power_of_2(C), 512)
+    block_n = max(1, 2048 // block_c)
+    return block_n, block_c, 8 if block_n * block_c >= 2048 else 4
+
+
+def bias_gelu_fwd_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Launch the forward kernel.
+
+    Args:
+        x: (N, C) contiguous, fp32 / bf16 / fp16. bias: (C,) any float dtype.
+    Returns:
+        y: (N, C) in x's dtype.
+    """
+    N, C = x.shape
+    y = torch.empty_like(x)
+    if N == 0:
+        return y
+    BLOCK_N, BLOCK_C, warps = _tile(C)
+    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(C, BLOCK_C))
+    _bias_gelu_fwd_kernel[grid](x, bias, y, N, C, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=warps)
+    return y
+
+
+def bias_gelu_bwd_triton(
+    dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, *, num_programs: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel, then sum the per-program dbias partials.
+
+    Args:
+        dy: (N, C) contiguous, x's dtype. x, bias: as given to the forward.
+        num_programs: P, row groups per column tile (default: ~4 programs per SM in all on CUDA, 4 otherwise).
+    Returns:
+        dx: (N, C) in x's dtype; dbias: (C,) fp32.
+    """
+    N, C = x.shape
+    dx = torch.empty_like(x)
+    if N == 0:
+        return dx, bias.new_zeros(C, dtype=torch.float32)
+    BLOCK_N, BLOCK_C, warps = _tile(C)
+    col_tiles, row_tiles = triton.cdiv(C, BLOCK_C), triton.cdiv(N, BLOCK_N)
+    # ~4 programs per SM in all, one wave (48 registers at 3072 bf16: 5 programs of 8 warps fit an SM)
+    P = num_programs or (triton.cdiv(4 * _num_sms(x.device), col_tiles) if x.is_cuda else 4)
+    rows_per_program = triton.cdiv(row_tiles, max(1, min(P, row_tiles))) * BLOCK_N  # whole tiles per program
+    P = triton.cdiv(N, rows_per_program)
+    dbias_partial = torch.empty((P, C), dtype=torch.float32, device=x.device)
+    _bias_gelu_bwd_kernel[(P, col_tiles)](
+        dy, x, bias, dx, dbias_partial, N, C, rows_per_program, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=warps
+    )
+    return dx, dbias_partial.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd wrapper: two custom ops (opaque to torch.compile, no graph break) and their autograd formula
+# ---------------------------------------------------------------------------------------------------
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("mlmtrain::bias_gelu_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    with _on_device(x):
+        return bias_gelu_fwd_triton(x, bias)
+
+
+@_fwd_op.register_fake
+def _(x, bias):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("mlmtrain::bias_gelu_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with _on_device(x):
+        return bias_gelu_bwd_triton(dy, x, bias)
+
+
+@_bwd_op.register_fake
+def _(dy, x, bias):
+    return torch.empty_like(x), x.new_empty((x.shape[1],), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias = inputs
+    ctx.save_for_backward(x, bias)
+
+
+def _backward(ctx, dy):
+    x, bias = ctx.saved_tensors
+    dx, dbias = _bwd_op(dy.contiguous(), x, bias)
+    return dx, dbias.to(bias.dtype)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """gelu(x + bias), exact erf GELU, over the last dimension (see the module docstring).
+
+    x: (..., C) fp32 / bf16 / fp16; bias: (C,). Returns y (..., C) in x's dtype, differentiable in x and bias.
+    backend: "triton", "torch" (the reference), or "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch).
+    """
+    C = x.shape[-1]
+    if bias.shape != (C,):
+        raise ValueError(f"bias must be ({C},) for x of shape {tuple(x.shape)}, got {tuple(bias.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"x must be fp32, bf16 or fp16, got {x.dtype}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    runs = triton_runs_on(x.device)
+    if backend == "triton" and not runs:
+        raise ValueError(f"the Triton kernels cannot run on {x.device} here (CUDA, or TRITON_INTERPRET=1 on CPU)")
+    if backend == "torch" or not runs:
+        return bias_gelu_reference(x, bias)
+    return _fwd_op(x.contiguous().view(-1, C), bias).view(x.shape)  # (N, C) -> (..., C)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure-torch reference (also the fallback where Triton cannot run)
+# ---------------------------------------------------------------------------------------------------
+def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The kernels' function in torch ops, differentiable by torch's autograd; exactly F.gelu(x + bias) in fp32."""
+    return F.gelu(x.float() + bias.float()).to(x.dtype)

@@ -1,0 +1,494 @@
+"""BERT's post-LN sublayer output, `y = LayerNorm(dropout(x, p) + residual)`, one pass each way: fused Triton
+kernels (forward, backward) and their pure-torch reference.
+
+Contract, for x, residual [..., C] (viewed as [N, C], rows contiguous) and weight, bias [C]:
+  h = dropout(x) + residual in fp32 (never rounded to the input dtype);
+  y = (h - mean) * rstd * weight + bias, rstd = 1 / sqrt(var + eps), biased variance over C, in fp32.
+x and residual are fp32, bf16 or fp16 (they may differ); y has their promoted dtype, so bf16 in gives bf16 out
+(a bf16 residual stream). weight and bias are any float dtype, read as fp32. Each gradient comes back in the
+dtype of its input; dweight and dbias are accumulated in fp32 (per-program partial sums [P, C], then a torch sum).
+Saved for backward: references to x, residual, weight and seed (no copies), mean and rstd [N] fp32. The backward
+recomputes h instead of reading a saved one: the same bytes in all (saving h adds an [N, C] write and saves one
+[N, C] read), the same memory held (x instead of h), and h stays fp32 without doubling its bytes.
+
+Dropout, counter based: element (row, col) takes 16 bits of Philox4x32-10 (`tl.philox`, curand's generator) with
+key = seed and counter = (col // 8, row, 0, 0): column 8g + 2k + b gets half b (0 low, 1 high) of word k of
+call g. It is dropped iff those bits < round(p * 2^16) (p is quantised to 1/65536: p = 0.1 drops with
+probability 0.1000061) and kept values are scaled by 1 / (1 - p_eff), so E[dropout(x)] = x exactly. No mask
+is stored: the backward draws the same bits again. A stored bitmask would cost an [N, C/8] write, read and
+tensor per layer; regenerating costs ~15 instructions per element (sm_90 SASS of the forward, 8 elements
+per thread: 368 instructions with dropout, 248 without), and the mask is a function of (seed, row, col)
+alone, so recomputation, any launch geometry and the reference draw the same one.
+The seed is one int64 on x's device, read by the kernel: no host-device sync, no recompilation or
+torch.compile guard per value, and a CUDA graph replay reads the seed its tensor holds at replay time.
+`seed=None` draws it with `torch.randint` on x's device (torch's generator for that device): torch.manual_seed,
+checkpointed generator states and torch.utils.checkpoint's replay all cover it, as they cover torch's dropout.
+Do not change a seed tensor in place between a forward and its backward (autograd's version check raises).
+
+torch.compile: the kernels are `torch.library.custom_op`s (`mlmtrain::residual_layer_norm_fwd`, `..._bwd`)
+with fake (shape) functions and a registered autograd formula, so compiled graphs call them without a graph
+break, on the CPU interpreter too. Inductor would not fuse into a hand-written kernel either way; a
+`torch.library.triton_op` would only skip the dispatcher (microseconds, nothing under CUDA graphs), and it
+reuses its body as the fake function, which the interpreter's kernels cannot run under.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from mlmtrain.kernels import triton_runs_on
+from mlmtrain.kernels.philox import philox4x32_torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton wheel for this platform: the torch reference serves every call
+    triton = None
+
+RANDOM_BITS = 16  # bits of a Philox word per element: 8 elements per 4-word call
+COLS_PER_CALL = 4 * 32 // RANDOM_BITS
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _keep_mask(seed, rows, drop_threshold, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+        """(BLOCK_N, BLOCK_C) bool, True where the element survives dropout (module docstring: the bit layout)."""
+        groups = tl.arange(0, BLOCK_C // 8)  # (G,) counter word 0: which 8 columns
+        zero = tl.zeros((BLOCK_N, BLOCK_C // 8), tl.uint32)
+        c0 = zero + groups[None, :].to(tl.uint32)  # (BLOCK_N, G)
+        c1 = zero + rows[:, None].to(tl.uint32)  # (BLOCK_N, G) counter word 1: the row
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)  # (BLOCK_N, G) uint32 each
+        # Column 8g + 2k + half <- half `half` of word k of group g. Built with interleaves (join + reshape of a
+        # last dimension held in registers) rather than a 3-D select, which costs shared-memory layout changes.
+        lo0, lo1, lo2, lo3 = r0 & 0xFFFF, r1 & 0xFFFF, r2 & 0xFFFF, r3 & 0xFFFF  # (BLOCK_N, G) each
+        hi0, hi1, hi2, hi3 = r0 >> 16, r1 >> 16, r2 >> 16, r3 >> 16
+        lo = tl.interleave(tl.interleave(lo0, lo2), tl.interleave(lo1, lo3))  # (BLOCK_N, 4G): 4g + k <- word k
+        hi = tl.interleave(tl.interleave(hi0, hi2), tl.interleave(hi1, hi3))
+        bits = tl.interleave(lo, hi)  # (BLOCK_N, BLOCK_C): 8g + 2k + half
+        return bits.to(tl.int32) >= drop_threshold
+
+    @triton.jit
+    def _load_h(
+        x_ptr, residual_ptr, seed_ptr, rows, row_end, C, drop_threshold, keep_scale,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ):  # fmt: skip
+        """h = dropout(x) + residual in fp32 on rows `rows` (those < row_end), 0 outside; with the keep mask, the
+        offsets and the in-bounds mask: the one definition the forward and the backward share."""
+        cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+        inside = (rows < row_end)[:, None] & (cols < C)[None, :]  # (BLOCK_N, BLOCK_C)
+        offsets = rows[:, None].to(tl.int64) * C + cols[None, :]  # (BLOCK_N, BLOCK_C): N * C may pass 2^31
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        keep = inside
+        if HAS_DROPOUT:
+            keep = _keep_mask(tl.load(seed_ptr), rows, drop_threshold, BLOCK_N, BLOCK_C) & inside
+            x = tl.where(keep, x * keep_scale, 0.0)
+        h = x + tl.load(residual_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        return h, keep, offsets, inside
+
+    @triton.jit
+    def _residual_layer_norm_fwd_kernel(
+        x_ptr,  # (N, C) x dtype
+        residual_ptr,  # (N, C) residual dtype
+        weight_ptr,  # (C,)
+        bias_ptr,  # (C,)
+        seed_ptr,  # (1,) int64
+        y_ptr,  # (N, C) promoted dtype, written
+        mean_ptr,  # (N,) fp32, written
+        rstd_ptr,  # (N,) fp32, written
+        N, C, eps, drop_threshold, keep_scale,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ):  # fmt: skip
+        """One (BLOCK_N, BLOCK_C) tile of whole rows per program: load, normalise, store."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        h, _, offsets, inside = _load_h(
+            x_ptr, residual_ptr, seed_ptr, rows, N, C, drop_threshold, keep_scale, BLOCK_N, BLOCK_C, HAS_DROPOUT
+        )
+        cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+        col_ok = cols < C
+        mean = tl.sum(h, axis=1) / C  # (BLOCK_N,)
+        centered = tl.where(col_ok[None, :], h - mean[:, None], 0.0)  # (BLOCK_N, BLOCK_C)
+        rstd = tl.rsqrt(tl.sum(centered * centered, axis=1) / C + eps)  # (BLOCK_N,)
+        weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # (BLOCK_C,)
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = centered * rstd[:, None] * weight[None, :] + bias[None, :]
+        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
+        tl.store(mean_ptr + rows, mean, mask=rows < N)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < N)
+
+    @triton.jit
+    def _residual_layer_norm_bwd_kernel(
+        dy_ptr,  # (N, C) y dtype
+        x_ptr,  # (N, C)
+        residual_ptr,  # (N, C)
+        weight_ptr,  # (C,)
+        seed_ptr,  # (1,) int64
+        mean_ptr,  # (N,) fp32
+        rstd_ptr,  # (N,) fp32
+        dresidual_ptr,  # (N, C) residual dtype, written: dL/dh
+        dx_ptr,  # (N, C) x dtype, written when WRITE_DX (else dx is dresidual itself)
+        dweight_partial_ptr,  # (P, C) fp32, written: this program's rows' sum of dy * xhat
+        dbias_partial_ptr,  # (P, C) fp32, written: this program's rows' sum of dy
+        N, C, rows_per_program, drop_threshold, keep_scale,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr,
+    ):  # fmt: skip
+        """Rows [pid * rows_per_program, ...) in (BLOCK_N, BLOCK_C) tiles; dweight and dbias accumulate in
+        registers and are stored once per program (P programs, a few per SM), so no atomics are needed."""
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+        col_ok = cols < C
+        weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # (BLOCK_C,)
+        dweight = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)  # reduced over rows once, after the loop
+        dbias = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        first = pid * rows_per_program
+        end = tl.minimum(first + rows_per_program, N)
+        for start in range(first, end, BLOCK_N):
+            rows = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+            row_ok = rows < end
+            h, keep, offsets, inside = _load_h(
+                x_ptr, residual_ptr, seed_ptr, rows, end, C, drop_threshold, keep_scale, BLOCK_N, BLOCK_C, HAS_DROPOUT
+            )
+            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)  # (BLOCK_N,)
+            rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+            xhat = tl.where(inside, (h - mean[:, None]) * rstd[:, None], 0.0)  # (BLOCK_N, BLOCK_C)
+            dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            wdy = dy * weight[None, :]
+            # dL/dh = rstd * (w dy - mean_C(w dy xhat) xhat - mean_C(w dy)): LayerNorm's backward over one row
+            c1 = tl.sum(wdy * xhat, axis=1) / C  # (BLOCK_N,)
+            c2 = tl.sum(wdy, axis=1) / C
+            dh = (wdy - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+            tl.store(dresidual_ptr + offsets, dh.to(dresidual_ptr.dtype.element_ty), mask=inside)
+            if WRITE_DX:
+                dx = dh
+                if HAS_DROPOUT:
+                    dx = tl.where(keep, dh * keep_scale, 0.0)
+                tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=inside)
+            dweight += dy * xhat
+            dbias += dy
+        tl.store(dweight_partial_ptr + pid * C + cols, tl.sum(dweight, axis=0), mask=col_ok)
+        tl.store(dbias_partial_ptr + pid * C + cols, tl.sum(dbias, axis=0), mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+def dropout_threshold(p: float) -> tuple[int, float]:
+    """(drop threshold on 16 random bits, scale of the kept values): element dropped iff bits < threshold."""
+    threshold = round(p * (1 << RANDOM_BITS))
+    keep = (1 << RANDOM_BITS) - threshold
+    return threshold, ((1 << RANDOM_BITS) / keep if keep else 0.0)
+
+
+def _writes_dx(p: float, x_dtype: torch.dtype, residual_dtype: torch.dtype) -> bool:
+    """Whether the backward writes dx, or dx is dresidual itself (no dropout, same dtype)."""
+    return dropout_threshold(p)[0] > 0 or x_dtype != residual_dtype
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tile(C: int, block_n: int | None, num_warps: int | None) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_C, num_warps): whole rows (BLOCK_C >= C, a power of two), 2048-element tiles on 8 warps,
+    i.e. 8 elements per thread per tensor: at C = 768 bf16 ptxas (sm_90) reports 39 registers forward, 80
+    backward, no spills, where 4096-element tiles took 125-255 and spilled. Not tuned by timing yet: the
+    benchmark's --sweep times other tiles through `block_n` / `num_warps`."""
+    if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two, got {block_n}")
+    block_c = max(triton.next_power_of_2(C), COLS_PER_CALL)
+    block_n = block_n or max(1, min(64, 2048 // block_c))
+    return block_n, block_c, num_warps or (8 if block_n * block_c >= 2048 else 4)
+
+
+def residual_layer_norm_fwd_triton(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    seed: torch.Tensor,
+    eps: float,
+    p: float,
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        x: (N, C) contiguous, fp32 / bf16 / fp16.
+        residual: (N, C) contiguous, fp32 / bf16 / fp16.
+        weight, bias: (C,) any float dtype.
+        seed: (1,) int64 on x's device (read only when p > 0).
+        eps: LayerNorm epsilon. p: dropout probability on x, in [0, 1].
+        block_n, num_warps: launch overrides (benchmark sweeps); default from `_tile`.
+    Returns:
+        y: (N, C) in promote_types(x.dtype, residual.dtype); mean, rstd: (N,) fp32.
+    """
+    N, C = x.shape
+    y = torch.empty((N, C), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    mean = torch.empty(N, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    if N == 0:
+        return y, mean, rstd
+    BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
+    threshold, scale = dropout_threshold(p)
+    _residual_layer_norm_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
+        x,
+        residual,
+        weight,
+        bias,
+        seed,
+        y,
+        mean,
+        rstd,
+        N,
+        C,
+        eps,
+        threshold,
+        scale,
+        BLOCK_N=BLOCK_N,
+        BLOCK_C=BLOCK_C,
+        HAS_DROPOUT=threshold > 0,
+        num_warps=warps,
+    )
+    return y, mean, rstd
+
+
+def residual_layer_norm_bwd_triton(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    seed: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    p: float,
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_programs: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel, then sum the per-program dweight / dbias partials.
+
+    Args:
+        dy: (N, C) contiguous, gradient of y. x, residual, weight, seed, p: as given to the forward.
+        mean, rstd: (N,) fp32 from the forward.
+        num_programs: P, the number of partial sums (default: 2 per SM on CUDA, 4 on the interpreter).
+    Returns:
+        dresidual: (N, C) residual dtype; dx: (N, C) x dtype, or an empty (0,) tensor when it would equal
+        dresidual (p == 0 and same dtype: one write saved, the caller passes dresidual for both);
+        dweight: (C,) fp32; dbias: (C,) fp32.
+    """
+    N, C = x.shape
+    threshold, scale = dropout_threshold(p)
+    write_dx = _writes_dx(p, x.dtype, residual.dtype)
+    dresidual = torch.empty((N, C), dtype=residual.dtype, device=x.device)
+    dx = torch.empty((N, C) if write_dx else (0,), dtype=x.dtype, device=x.device)
+    if N == 0:
+        return dresidual, dx, weight.new_zeros(C, dtype=torch.float32), weight.new_zeros(C, dtype=torch.float32)
+    BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
+    n_blocks = triton.cdiv(N, BLOCK_N)
+    # Equal shares in one wave: 2 programs of 8 warps fit an SM at <= 128 registers (80 at C = 768 bf16); a
+    # grid of 1.3 waves would leave most SMs idle while the last third runs.
+    P = max(1, min(num_programs or (2 * _num_sms(x.device) if x.is_cuda else 4), n_blocks))
+    rows_per_program = triton.cdiv(n_blocks, P) * BLOCK_N  # whole tiles: no tile straddles two programs
+    P = triton.cdiv(N, rows_per_program)
+    dweight_partial = torch.empty((P, C), dtype=torch.float32, device=x.device)
+    dbias_partial = torch.empty((P, C), dtype=torch.float32, device=x.device)
+    _residual_layer_norm_bwd_kernel[(P,)](
+        dy,
+        x,
+        residual,
+        weight,
+        seed,
+        mean,
+        rstd,
+        dresidual,
+        dx,
+        dweight_partial,
+        dbias_partial,
+        N,
+        C,
+        rows_per_program,
+        threshold,
+        scale,
+        BLOCK_N=BLOCK_N,
+        BLOCK_C=BLOCK_C,
+        HAS_DROPOUT=threshold > 0,
+        WRITE_DX=write_dx,
+        num_warps=warps,
+    )
+    return dresidual, dx, dweight_partial.sum(0), dbias_partial.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd wrapper: two custom ops (opaque to torch.compile, no graph break) and their autograd formula
+# ---------------------------------------------------------------------------------------------------
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@torch.library.custom_op("mlmtrain::residual_layer_norm_fwd", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    seed: torch.Tensor | None,
+    eps: float,
+    p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _on_device(x):
+        return residual_layer_norm_fwd_triton(x, residual, weight, bias, x if seed is None else seed, eps, p)
+
+
+@_fwd_op.register_fake
+def _(x, residual, weight, bias, seed, eps, p):
+    N, C = x.shape
+    y = x.new_empty((N, C), dtype=torch.promote_types(x.dtype, residual.dtype))
+    return y, x.new_empty((N,), dtype=torch.float32), x.new_empty((N,), dtype=torch.float32)
+
+
+@torch.library.custom_op("mlmtrain::residual_layer_norm_bwd", mutates_args=())
+def _bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    seed: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _on_device(x):
+        return residual_layer_norm_bwd_triton(dy, x, residual, weight, x if seed is None else seed, mean, rstd, p)
+
+
+@_bwd_op.register_fake
+def _(dy, x, residual, weight, seed, mean, rstd, p):
+    N, C = x.shape
+    dx = x.new_empty((N, C) if _writes_dx(p, x.dtype, residual.dtype) else (0,))
+    f32 = torch.float32
+    return residual.new_empty((N, C)), dx, x.new_empty((C,), dtype=f32), x.new_empty((C,), dtype=f32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, seed, eps, p = inputs
+    _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, residual, weight, seed, mean, rstd)
+    ctx.p, ctx.bias_dtype = p, bias.dtype
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, residual, weight, seed, mean, rstd = ctx.saved_tensors
+    dresidual, dx, dweight, dbias = _bwd_op(dy.contiguous(), x, residual, weight, seed, mean, rstd, ctx.p)
+    if not _writes_dx(ctx.p, x.dtype, residual.dtype):
+        dx = dresidual  # h = x + residual: both get dL/dh, as torch's own add returns one tensor twice
+    return dx, dresidual, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def draw_seed(device: torch.device | str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(1,) int64 dropout seed drawn on `device` from torch's generator for it (no sync, CUDA-graph safe)."""
+    return torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=device, generator=generator)
+
+
+def residual_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-12,
+    p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    *,
+    training: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """LayerNorm(dropout(x, p) + residual) over the last dimension (see the module docstring).
+
+    x, residual: (..., C), same shape, fp32 / bf16 / fp16. weight, bias: (C,). Returns y (..., C) in
+    promote_types(x.dtype, residual.dtype). p: dropout on x, applied only when `training`. seed: (1,) int64 on
+    x's device keying the dropout bits; None draws one with `draw_seed` (only when dropout is on).
+    backend: "triton", "torch" (the reference), or "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else
+    torch). Both are differentiable in x, residual, weight and bias and give the same mask for the same seed.
+    """
+    C = x.shape[-1]
+    if x.shape != residual.shape:
+        raise ValueError(f"x and residual must have the same shape, got {tuple(x.shape)} and {tuple(residual.shape)}")
+    if weight.shape != (C,) or bias.shape != (C,):
+        raise ValueError(f"weight and bias must be ({C},), got {tuple(weight.shape)} and {tuple(bias.shape)}")
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if x.dtype not in floats or residual.dtype not in floats:
+        raise TypeError(f"x and residual must be fp32, bf16 or fp16, got {x.dtype} and {residual.dtype}")
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout p must be in [0, 1], got {p}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    p = p if training else 0.0
+    if dropout_threshold(p)[0] == 0:
+        seed = None
+    elif seed is None:
+        seed = draw_seed(x.device)
+    elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
+        raise ValueError(f"seed must be one int64 on {x.device}, got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
+    runs = triton_runs_on(x.device)
+    if backend == "triton" and not runs:
+        raise ValueError(f"the Triton kernels cannot run on {x.device} here (CUDA, or TRITON_INTERPRET=1 on CPU)")
+    if backend == "torch" or not runs:
+        return residual_layer_norm_reference(x, residual, weight, bias, eps, p, seed)
+    x2 = x.contiguous().view(-1, C)  # (N, C)
+    residual2 = residual.contiguous().view(-1, C)  # (N, C)
+    y, _, _ = _fwd_op(x2, residual2, weight, bias, None if seed is None else seed.view(1), eps, p)
+    return y.view(x.shape)  # (..., C)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure-torch reference (also the fallback where Triton cannot run; no host sync, so it is CUDA-safe too)
+# ---------------------------------------------------------------------------------------------------
+def dropout_keep_mask(seed: torch.Tensor, n_rows: int, n_cols: int, p: float) -> torch.Tensor:
+    """(n_rows, n_cols) bool, True where the kernels keep an element: the same Philox bits, in torch ops."""
+    threshold, _ = dropout_threshold(p)
+    groups = -(-n_cols // COLS_PER_CALL)
+    c0 = torch.arange(groups, device=seed.device, dtype=torch.int64)[None, :].expand(n_rows, groups)  # (N, G)
+    c1 = torch.arange(n_rows, device=seed.device, dtype=torch.int64)[:, None].expand(n_rows, groups)  # (N, G)
+    zero = torch.zeros_like(c0)
+    words = torch.stack(philox4x32_torch(c0, c1, zero, zero, seed.reshape(1)), -1)  # (N, G, 4), key a tensor
+    halves = torch.stack((words & 0xFFFF, words >> 16), -1)  # (N, G, 4, 2): column 8g + 2w + half
+    bits = halves.reshape(n_rows, groups * COLS_PER_CALL)[:, :n_cols]  # (N, C)
+    return bits >= threshold
+
+
+def residual_layer_norm_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-12,
+    p: float = 0.0,
+    seed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The kernels' function in torch ops, differentiable by torch's autograd. At p = 0 with fp32 inputs it is
+    exactly F.layer_norm(x + residual, (C,), weight, bias, eps)."""
+    C = x.shape[-1]
+    h = x.float()
+    threshold, scale = dropout_threshold(p)
+    if threshold > 0:
+        if seed is None:
+            raise ValueError("dropout needs a seed tensor")
+        keep = dropout_keep_mask(seed, x.numel() // C, C, p).view(x.shape)  # (..., C)
+        h = torch.where(keep, h * scale, 0.0)
+    h = h + residual.float()
+    y = F.layer_norm(h, (C,), weight.float(), bias.float(), eps)
+    return y.to(torch.promote_types(x.dtype, residual.dtype))

@@ -1,0 +1,132 @@
+"""The fused bias + exact GELU kernels against their torch reference (forward, dx and dbias, shapes x dtypes with
+a tolerance per dtype), the reference against F.gelu, and the custom-op / compile / sm_90 build checks. On CPU
+the kernels run under TRITON_INTERPRET=1 (set in conftest), so sizes stay at a few thousand elements."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hopper_build import assert_builds_for_hopper, build
+
+from mlmtrain.kernels import bias_gelu as bg
+from mlmtrain.kernels import triton_runs_on
+from mlmtrain.kernels.bias_gelu import bias_gelu, bias_gelu_reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="Triton cannot run here")
+# (rtol, atol) per dtype: y and dx are rounded once from fp32, so a unit or two in the last place
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}
+
+
+def _inputs(N, C, dtype=torch.float32, bias_dtype=torch.float32, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (scale * torch.randn(N, C, generator=g)).to(DEVICE, dtype).requires_grad_()  # reaches the tails of erf
+    bias = torch.randn(C, generator=g).to(DEVICE, bias_dtype).requires_grad_()
+    return x, bias
+
+
+def _run(backend, x, bias, dy):
+    y = bias_gelu(x, bias, backend=backend)
+    return y, torch.autograd.grad(y, (x, bias), dy)
+
+
+@needs_triton
+@pytest.mark.parametrize("N,C", [(1, 96), (7, 200), (129, 128), (3, 3072), (5, 13)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_kernel_matches_reference(N, C, dtype):
+    x, bias = _inputs(N, C, dtype, seed=N * C)
+    dy = torch.randn(N, C, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    y, (dx, dbias) = _run("triton", x, bias, dy)
+    y_ref, (dx_ref, dbias_ref) = _run("torch", x, bias, dy)
+    assert y.dtype == dx.dtype == dtype and dbias.dtype == bias.dtype and y.shape == (N, C)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(dx, dx_ref, rtol=rtol, atol=atol)
+    # dbias sums N fp32 rows in another order
+    torch.testing.assert_close(dbias, dbias_ref, rtol=1e-5, atol=1e-5 * math.sqrt(N))
+
+
+def test_reference_is_exact_gelu():
+    """fp32: the reference is F.gelu(x + bias) bit for bit; bf16: the sum stays fp32 and is rounded once."""
+    x, bias = _inputs(33, 200)
+    assert torch.equal(bias_gelu_reference(x, bias), F.gelu(x + bias))
+    assert torch.equal(bias_gelu_reference(x.bfloat16(), bias), F.gelu(x.bfloat16().float() + bias).bfloat16())
+
+
+@needs_triton
+def test_kernel_is_exact_not_tanh_gelu():
+    """Near h = -2 the tanh approximation is off by ~2e-4; the kernel must match erf to fp32 rounding."""
+    x = torch.linspace(-8, 8, 1024, device=DEVICE).view(8, 128)
+    bias = torch.zeros(128, device=DEVICE)
+    y = bias_gelu(x, bias, backend="triton")
+    torch.testing.assert_close(y, F.gelu(x), rtol=1e-6, atol=1e-6)
+    assert (F.gelu(x, approximate="tanh") - y).abs().max() > 1e-4
+
+
+@needs_triton
+def test_mixed_dtypes_leading_dims_and_no_rows():
+    """bf16 activations with an fp32 bias (autocast's pair): y and dx stay bf16, dbias is fp32; (..., C) in,
+    (..., C) out; zero rows work."""
+    x, bias = _inputs(12, 96, torch.bfloat16)
+    x3 = x.detach().view(3, 4, 96).requires_grad_()
+    dy = torch.randn(3, 4, 96, device=DEVICE, dtype=torch.bfloat16)
+    y, (dx, dbias) = _run("triton", x3, bias, dy)
+    y_ref, (dx_ref, dbias_ref) = _run("torch", x3, bias, dy)
+    assert y.shape == dx.shape == (3, 4, 96) and y.dtype == dx.dtype == torch.bfloat16 and dbias.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref, rtol=1.6e-2, atol=1e-2)
+    torch.testing.assert_close(dbias, dbias_ref, rtol=1e-5, atol=1e-4)
+    empty, bias = _inputs(0, 64)
+    y = bias_gelu(empty, bias, backend="triton")
+    dx, dbias = torch.autograd.grad(y, (empty, bias), torch.ones_like(y))
+    assert y.shape == dx.shape == (0, 64) and not dbias.any()
+
+
+def test_bad_arguments():
+    x, bias = _inputs(4, 32)
+    with pytest.raises(ValueError, match="bias must be"):
+        bias_gelu(x, bias[:3])
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
+        bias_gelu(x.double(), bias)
+    with pytest.raises(ValueError, match="backend"):
+        bias_gelu(x, bias, backend="cuda")
+
+
+@needs_triton
+def test_custom_ops_pass_opcheck():
+    x, bias = (t.detach() for t in _inputs(6, 48))
+    torch.library.opcheck(bg._fwd_op, (x, bias))
+    torch.library.opcheck(bg._bwd_op, (torch.randn(6, 48, device=DEVICE), x, bias))
+
+
+@needs_triton
+@pytest.mark.compile
+def test_compiles_without_graph_break():
+    """fullgraph=True fails on any graph break; the graph calls the fused op, and compiled (AOT autograd)
+    forward and backward equal eager."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    x, bias = _inputs(8, 96)
+    dy = torch.randn(8, 96, device=DEVICE)
+    recorder = EagerAndRecordGraphs()
+    torch.compile(bias_gelu, fullgraph=True, backend=recorder)(x, bias)
+    assert "torch.ops.mlmtrain.bias_gelu_fwd.default" in recorder.graphs[0].code
+    y = torch.compile(bias_gelu, fullgraph=True, backend="aot_eager")(x, bias)
+    y_eager = bias_gelu(x, bias)
+    assert torch.equal(y, y_eager)
+    for a, b in zip(torch.autograd.grad(y, (x, bias), dy), torch.autograd.grad(y_eager, (x, bias), dy)):
+        assert torch.equal(a, b)
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Both kernels at the launcher's tiles (BERT-base's 3072 and a small size) to an sm_90 cubin."""
+    builds = []
+    for kernel in ("_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"):
+        for C, dtype in ((3072, "bf16"), (128, "fp32")):
+            block_n, block_c, warps = bg._tile(C)
+            consts = {"BLOCK_N": block_n, "BLOCK_C": block_c}
+            pointers = {"bias_ptr": "fp32", "dbias_partial_ptr": "fp32"}
+            builds.append(build(bg.__name__, kernel, dtype, consts, warps, pointers=pointers))
+    assert_builds_for_hopper(builds)

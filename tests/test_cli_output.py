@@ -1,0 +1,92 @@
+"""What the commands print, for people and for scripts: a progress bar only on a terminal, never with
+TQDM_DISABLE, --no-progress or --quiet; plain lines (no `\\r`) in a pipe or a log file; the resolved config
+printed readably; `train` ending with the checkpoint and the next command.
+
+The terminal is a real pseudo-terminal with output newline translation off, so every `\\r` seen was written
+by the program."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import struct
+import subprocess
+import sys
+import termios
+
+import pytest
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="pseudo-terminals as Linux has them")
+
+
+def run_cli(argv, *, terminal: bool, env: dict | None = None, timeout: float = 300) -> tuple[int, str]:
+    """`python -m mlmtrain.cli ARGV` with stdout and stderr on a terminal (or a pipe); (exit code, output)."""
+    inherited = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    env = {**inherited, "PYTHONUNBUFFERED": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "mlmtrain.cli", *argv]
+    if not terminal:
+        done = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+        return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.ONLCR  # no "\n" -> "\r\n": a "\r" in the output is the program's
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 1 << 16)
+        except OSError:  # EIO: the program closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=timeout), b"".join(chunks).decode(errors="replace")
+
+
+def train_args(data_dir, tokenizer_dir, run, steps=3):
+    return [
+        "train", "--data", str(data_dir), "--tokenizer", str(tokenizer_dir), "--out", str(run), "--model", "tiny",
+        "--tokens-per-batch", "1024", "--max-steps", str(steps), "--set", "train.log_every=1",
+        "--set", "train.eval_every=0", "--set", "train.eval_batches=1", "--set", "train.device=cpu",
+    ]  # fmt: skip
+
+
+def test_a_terminal_gets_bars_and_TQDM_DISABLE_or_no_progress_remove_them(
+    sample_corpus, data_dir, tokenizer_dir, tmp_path
+):
+    commands = {
+        "tokenizer": ["tokenizer", "--input", str(sample_corpus), "--vocab-size", "500", "--out"],
+        "prepare": ["prepare", "--input", str(sample_corpus), "--tokenizer", str(tokenizer_dir), "--out"],
+        "train": [*train_args(data_dir, tokenizer_dir, tmp_path / "unused"), "--out"],  # the last --out wins
+    }
+    for name, argv in commands.items():
+        for how, env, flags in (("bar", {}, []), ("env", {"TQDM_DISABLE": "1"}, []), ("flag", {}, ["--no-progress"])):
+            rc, out = run_cli([*argv, str(tmp_path / name / how), *flags], terminal=True, env=env)
+            assert rc == 0, out
+            if how == "bar":  # the control: on a terminal the bar is there
+                assert "\r" in out, f"{name} drew no bar on a terminal: {out!r}"
+            else:
+                assert "\r" not in out, f"{name} with {how}: {out!r}"
+    assert "step 3: loss" in out  # no bar: a plain line per log window instead
+
+
+def test_a_pipe_gets_plain_lines_the_resolved_config_and_the_next_command(data_dir, tokenizer_dir, tmp_path):
+    run = tmp_path / "run"
+    rc, out = run_cli(train_args(data_dir, tokenizer_dir, run), terminal=False)
+    assert rc == 0 and "\r" not in out, out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("step ")][:3] == [
+        "step 1",
+        "step 2",
+        "step 3",
+    ]
+    assert "config (resolved):" in out and "precision=fp32 (auto)" in out and "compile=off (auto)" in out
+    checkpoint = run / "checkpoints" / "step_00000003"
+    assert f"checkpoint {checkpoint}; summary {run / 'summary.json'}" in out
+    assert out.rstrip().endswith(f"next: mlmtrain export --checkpoint {checkpoint} --out {run}-export")
+    rc, quiet = run_cli([*train_args(data_dir, tokenizer_dir, tmp_path / "quiet"), "--quiet"], terminal=False)
+    assert rc == 0 and "config (resolved)" not in quiet and "step 1:" not in quiet and "done: 3 steps" in quiet

@@ -1,0 +1,138 @@
+"""Corpus formats: the sample corpus as .jsonl, .jsonl.gz, .parquet and a local `datasets` dataset (as rows with
+empty rows between documents, or with a document column) gives shards byte-identical to the same text as .txt;
+bad rows (invalid JSON, missing column, non-string, null) are counted and skipped; whole-file mistakes are one
+sentence."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from mlmtrain.cli import main as cli_main
+from mlmtrain.errors import UserError
+from mlmtrain.prepare import prepare
+from mlmtrain.text import Corpus
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def npy_files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.npy"))}
+
+
+def sample_rows(sample_corpus, with_doc: bool):
+    """The sample's lines as rows: every line a row ("" for a blank line), or with `with_doc` only the text lines,
+    each with the number of the document (blank-line block) it is in."""
+    lines = sample_corpus.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the text after the final newline is not a line
+    if not with_doc:
+        return [{"text": line} for line in lines]
+    rows, doc = [], 0
+    for line in lines:
+        if line.strip():
+            rows.append({"text": line, "doc": doc})
+        else:
+            doc += 1
+    return rows
+
+
+def write_jsonl(path, rows, gz=False):
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path.write_bytes(gzip.compress(text.encode()) if gz else text.encode())
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, sample_corpus, tokenizer_dir):
+    out = tmp_path_factory.mktemp("ref") / "data"
+    prepare([sample_corpus], tokenizer_dir, out, valid_fraction=0.05, seed=0, progress=False)
+    return npy_files(out)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "parquet", "datasets_saved", "datasets_folder"])
+@pytest.mark.parametrize("with_doc", [False, True], ids=["empty_rows", "doc_column"])
+def test_rows_give_byte_identical_shards(tmp_path, sample_corpus, tokenizer_dir, reference, fmt, with_doc):
+    rows = sample_rows(sample_corpus, with_doc)
+    corpus = Corpus(doc_column="doc" if with_doc else None)
+    if fmt.startswith("jsonl"):
+        corpus.files = [write_jsonl(tmp_path / f"c.{fmt}", rows, gz=fmt.endswith(".gz"))]
+    elif fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet", row_group_size=300)  # several groups
+        corpus.files = [tmp_path / "c.parquet"]
+    else:
+        datasets = pytest.importorskip("datasets")
+        if fmt == "datasets_saved":  # `save_to_disk`, read with load_from_disk
+            datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+        else:  # a folder of data files, read with load_dataset(..., streaming=True)
+            (tmp_path / "ds").mkdir()
+            write_jsonl(tmp_path / "ds" / "train.jsonl", rows)
+        corpus.dataset = str(tmp_path / "ds")
+    meta = prepare(corpus, tokenizer_dir, tmp_path / "data", valid_fraction=0.05, seed=0, progress=False)
+    assert npy_files(tmp_path / "data") == reference
+    assert meta["lines_skipped"] == 0 and not any(meta["row_problems"].values())
+    assert meta["inputs"][0]["text_column"] == "text"
+
+
+def test_bad_rows_are_counted_and_skipped(tmp_path, tokenizer_dir, capsys):
+    good = ["대한민국은 민주공화국이다.", "The capital of France is Paris."]
+    lines = [
+        json.dumps({"text": good[0]}, ensure_ascii=False),
+        "{not json",
+        json.dumps(["a list, not an object"]),
+        json.dumps({"body": "no text column"}),
+        json.dumps({"text": 123}),
+        json.dumps({"text": ["a", "b"]}),
+        json.dumps({"text": None}),
+        '{"text": "lone surrogate \\ud800 here"}',
+        json.dumps({"text": "nul\u0000byte"}),
+        json.dumps({"text": good[1] + "\r"}),
+        "",  # a blank line is not a row
+    ]
+    path = tmp_path / "messy.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    meta = prepare([path], tokenizer_dir, tmp_path / "d", valid_fraction=0.0, progress=True)
+    assert meta["row_problems"] == {"invalid_json": 2, "missing_column": 1, "not_a_string": 2, "null_text": 1}
+    assert meta["line_problems"]["invalid_utf8"] == 1 and meta["line_problems"]["nul_bytes"] == 1
+    assert meta["line_problems"]["crlf"] == 1 and meta["lines_skipped"] == 8
+    assert meta["train"]["sentences"] == 2
+    err = capsys.readouterr().err
+    assert "2 rows with not a JSON object skipped" in err and "1 rows with a null text value skipped" in err
+
+    pq.write_table(pa.table({"text": [good[0], None, good[1]]}), tmp_path / "nulls.parquet")
+    meta = prepare([tmp_path / "nulls.parquet"], tokenizer_dir, tmp_path / "p", valid_fraction=0.0, progress=False)
+    assert meta["row_problems"]["null_text"] == 1 and meta["train"]["sentences"] == 2
+
+
+def test_whole_file_mistakes_are_one_sentence(tmp_path, tokenizer_dir, capsys):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "other.parquet")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    write_jsonl(tmp_path / "other.jsonl", [{"body": "x"}, {"body": "y"}])
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    cases = [
+        (["--input", str(tmp_path / "other.parquet")], "has no column 'text' (its columns: body); pass --text-column"),
+        (["--input", str(tmp_path / "ints.parquet")], "column 'text' holds int64, not strings"),
+        (["--input", str(tmp_path / "other.jsonl")], "has no text in a column named 'text' (2 rows lack it)"),
+        (["--input", str(tmp_path / "fake.parquet")], "cannot read"),
+        (["--input", str(tmp_path / "other.parquet"), "--dataset", "x"], "not both"),
+        (["--dataset", str(tmp_path / "missing")], "cannot open dataset"),
+        ([], "pass the corpus"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        rc = cli_main(["prepare", *args, "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / f"o{i}")])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (args, err)
+        assert not (tmp_path / f"o{i}").exists()
+    ok = ["--input", str(tmp_path / "other.parquet"), "--text-column", "body", "--valid-fraction", "0"]
+    assert cli_main(["prepare", *ok, "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "ok")]) == 0
+
+
+def test_tokenizer_trains_on_rows(tmp_path, sample_corpus):
+    path = write_jsonl(tmp_path / "c.jsonl", sample_rows(sample_corpus, with_doc=False))
+    rc = cli_main(["tokenizer", "--input", str(path), "--out", str(tmp_path / "tok"), "--vocab-size", "500"])
+    assert rc == 0 and (tmp_path / "tok" / "vocab.txt").is_file()
+    with pytest.raises(UserError, match="pass either"):
+        prepare(Corpus(files=[path], dataset="x"), tmp_path / "tok", tmp_path / "d")

@@ -1,0 +1,107 @@
+"""`mlmtrain eval`: a checkpoint and its export give the same loss; `--compare` scores two models on identical
+masked positions (the same masks as each scored alone); a corpus is scored as `prepare` would tokenize it; the
+unigram baseline and the training loop's validation numbers come from the same code."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from bert_folders import make_bert_folder
+from test_train import tiny_config
+
+from mlmtrain import cli
+from mlmtrain.evaluate import unigram_cross_entropy, unigram_log_probs
+from mlmtrain.train import train
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def run_and_export(tmp_path_factory, data_dir, tokenizer_dir):
+    root = tmp_path_factory.mktemp("eval")
+    train(tiny_config(data_dir, tokenizer_dir, root / "run", **{"train.max_steps": 4, "train.eval_every": 4}))
+    assert cli.main(["export", "--checkpoint", str(root / "run"), "--out", str(root / "export")]) == 0
+    return root / "run", root / "export"
+
+
+def evaluate_json(capsys, *args) -> dict:
+    assert cli.main(["eval", *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_export_and_checkpoint_give_the_same_loss(run_and_export, data_dir, capsys):
+    run, export = run_and_export
+    from_run = evaluate_json(capsys, "--model", run, "--data", data_dir)
+    from_export = evaluate_json(capsys, "--model", export, "--data", data_dir)
+    a, b = from_run["models"][0], from_export["models"][0]
+    assert a["kind"] == "checkpoint" and a["step"] == 4 and b["kind"] == "export"
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["accuracy"] == b["accuracy"]
+    assert from_run["mask_sha256"] == from_export["mask_sha256"] and from_run["targets"] > 100
+    assert from_run["unigram_loss"] > 0 and from_run["unigram_fit"] == "train split"
+    # the training loop's validation loss is the same computation: its batches (1024 tokens, 2 of them) and masks
+    same_batches = evaluate_json(
+        capsys, "--model", run, "--data", data_dir, "--tokens-per-batch", 1024, "--max-batches", 2
+    )
+    summary = json.loads((run / "summary.json").read_text())
+    assert same_batches["models"][0]["loss"] == pytest.approx(summary["valid_loss"], rel=1e-5)
+    assert same_batches["models"][0]["accuracy"] == summary["valid_accuracy"]
+
+
+def test_compare_uses_identical_masks(run_and_export, data_dir, tokenizer_dir, tmp_path, capsys):
+    run, _ = run_and_export
+    other = make_bert_folder(tmp_path / "other", tokenizer_dir, "0-4", max_position_embeddings=128)
+    common = ("--data", data_dir, "--tokens-per-batch", 2048, "--seed", 3)
+    alone_a = evaluate_json(capsys, "--model", run, *common)
+    alone_b = evaluate_json(capsys, "--model", other, *common, "--tokenizer", tokenizer_dir)
+    both = evaluate_json(capsys, "--model", run, "--compare", other, *common)
+    assert alone_a["mask_sha256"] == alone_b["mask_sha256"] == both["mask_sha256"]
+    assert alone_a["targets"] == alone_b["targets"] == both["targets"]
+    assert [m["loss"] for m in both["models"]] == [alone_a["models"][0]["loss"], alone_b["models"][0]["loss"]]
+    assert both["models"][1]["kind"] == "transformers"
+    other_seed = evaluate_json(capsys, "--model", run, "--data", data_dir, "--tokens-per-batch", 2048)
+    assert other_seed["mask_sha256"] != both["mask_sha256"]  # the digest does see the masks
+
+    assert cli.main(["eval", "--model", str(run), "--data", str(data_dir)]) == 0  # the table
+    out = capsys.readouterr().out
+    assert "loss" in out and "unigram (train split)" in out
+
+
+def test_corpus_is_scored_as_prepare_tokenizes_it(run_and_export, sample_corpus, tmp_path, capsys):
+    run, _ = run_and_export
+    rows = tmp_path / "c.jsonl"
+    lines = [line for line in sample_corpus.read_text(encoding="utf-8").split("\n")][:200]
+    rows.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in lines))
+    text = tmp_path / "c.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    a = evaluate_json(capsys, "--model", run, "--input", text)
+    b = evaluate_json(capsys, "--model", run, "--input", rows)
+    assert a["models"][0]["loss"] == b["models"][0]["loss"] and a["mask_sha256"] == b["mask_sha256"]
+    assert a["unigram_fit"].startswith("the scored text itself")
+
+
+def test_mistakes_are_sentences(run_and_export, data_dir, tmp_path, capsys):
+    run, _ = run_and_export
+    cases = [
+        (["--model", str(run)], "pass what to score on"),
+        (["--model", str(tmp_path / "nothing"), "--data", str(data_dir)], "does not exist"),
+        (["--model", str(run), "--data", str(data_dir), "--input", "x.txt"], "pass what to score on"),
+        (["--model", str(run), "--data", str(data_dir), "--tokenizer", str(tmp_path)], "tokenizer"),
+    ]
+    for args, message in cases:
+        rc = cli.main(["eval", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, (args, err)
+
+
+def test_unigram_baseline_is_shared_with_the_demo():
+    rng = np.random.default_rng(0)
+    train_tokens, valid = rng.integers(0, 50, 2000), rng.integers(0, 60, 500)
+    size, num_special = 60, 5
+    counts = np.bincount(train_tokens, minlength=size)[num_special:] + 1.0
+    p = counts / counts.sum()
+    vc = np.bincount(valid, minlength=size)[num_special:]
+    assert unigram_cross_entropy(train_tokens, valid, num_special) == -(vc * np.log(p)).sum() / vc.sum()
+    logp = unigram_log_probs(train_tokens, size, np.arange(size) < num_special)
+    assert np.isneginf(logp[:num_special]).all() and np.exp(logp[num_special:]).sum() == pytest.approx(1.0)

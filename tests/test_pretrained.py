@@ -1,0 +1,243 @@
+"""Continued pretraining from transformers BERT folders built here (random weights, no download): a 0-4 layout
+with custom dimensions and a Google layout. `--init-from` each: the step-0 loss equals transformers' loss on the
+same masked batch (fp32), 20 steps train, the export loads back in transformers, the card names the base model;
+masking never selects a special or [unused*] id; custom shapes from the config; refusals by name."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from bert_folders import CUSTOM_DIMS, make_bert_folder
+
+from mlmtrain import cli
+from mlmtrain.config import MaskSpec, load_config
+from mlmtrain.errors import UserError
+from mlmtrain.evaluate import masker
+from mlmtrain.kernels.mlm_mask import max_masked_bound
+from mlmtrain.model import BertConfig
+from mlmtrain.packing import Packer
+from mlmtrain.prepare import load_split, prepare, read_meta, shard_specials
+from mlmtrain.pretrained import read_config
+from mlmtrain.tokenizer import DEFAULT_SPECIALS, read_special_tokens, read_vocab
+from mlmtrain.train import setup, train
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", params=["0-4", "google"])
+def folder_and_data(request, tmp_path_factory, tokenizer_dir, sample_corpus):
+    root = tmp_path_factory.mktemp(f"bert_{request.param}")
+    folder = make_bert_folder(root / "bert", tokenizer_dir, request.param)
+    prepare([sample_corpus], folder, root / "data", valid_fraction=0.05, max_seq_len=128, progress=False)
+    return request.param, folder, root / "data"
+
+
+def run_config(folder, data, out, **overrides):
+    base = {
+        "out_dir": str(out),
+        "data.data_dir": str(data),
+        "model.init_from": str(folder),
+        "model.dropout": 0.0,
+        "data.tokens_per_batch": 1024,
+        "train.max_steps": 20,
+        "train.log_every": 1,
+        "train.eval_every": 0,
+        "train.eval_batches": 2,
+        "train.device": "cpu",
+        "train.compile": "off",
+        "optim.lr": 1e-3,
+        "optim.warmup_steps": 2,
+    }
+    return load_config(None, {**base, **overrides})
+
+
+def transformers_loss(folder, batch, masked) -> float:
+    """transformers' BertForMaskedLM loss on the packed batch's real segments, padded one per row."""
+    hf = transformers.BertForMaskedLM.from_pretrained(str(folder)).float().eval()
+    cu = batch.cu_seqlens.tolist()[: batch.num_segments + 1]
+    rows = [(a, b) for a, b in zip(cu[:-1], cu[1:])]
+    L = max(b - a for a, b in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    labels = torch.full((len(rows), L), -100, dtype=torch.long)
+    attention = torch.zeros(len(rows), L, dtype=torch.long)
+    for r, (a, b) in enumerate(rows):
+        ids[r, : b - a] = masked.masked_ids[a:b]
+        labels[r, : b - a] = masked.labels[a:b]
+        attention[r, : b - a] = 1
+    with torch.no_grad():
+        return float(hf(input_ids=ids, attention_mask=attention, labels=labels).loss)
+
+
+def test_init_from_matches_transformers_trains_and_exports(folder_and_data, tmp_path):
+    layout, folder, data = folder_and_data
+    probe = setup(run_config(folder, data, tmp_path / "probe"))
+    try:
+        assert probe.model_config.hidden_size == CUSTOM_DIMS["hidden_size"]
+        assert probe.model_config.layer_norm_eps == CUSTOM_DIMS["layer_norm_eps"]
+        batch = probe.prefetch.get()
+        masked = probe.mask(batch.input_ids, step=0, offset=0)
+    finally:
+        probe.close()
+    want = transformers_loss(folder, batch, masked)
+
+    summary = train(run_config(folder, data, tmp_path / "run"))
+    losses = [loss for _, loss in summary["losses"]]
+    print(layout, "step-0 loss", losses[0], "transformers", want)
+    assert losses[0] == pytest.approx(want, rel=1e-5)
+    assert summary["steps"] == 20 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+    out = tmp_path / "export"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    manifest = json.loads((out / "mlmtrain_export.json").read_text())
+    assert manifest["verified"]  # transformers loaded it: no missing, unexpected or mismatched keys
+    _, info = transformers.AutoModelForMaskedLM.from_pretrained(str(out), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    config = json.loads((out / "config.json").read_text())
+    assert config["pad_token_id"] == 0 and config["hidden_size"] == CUSTOM_DIMS["hidden_size"]
+    card = (out / "README.md").read_text()
+    assert f"continued from `{folder}`" in card
+
+
+def test_google_layout_masking_never_selects_a_special(tokenizer_dir, sample_corpus, tmp_path):
+    folder = make_bert_folder(tmp_path / "bert", tokenizer_dir, "google")
+    prepare([sample_corpus], folder, tmp_path / "data", valid_fraction=0.05, progress=False)
+    meta = read_meta(tmp_path / "data")
+    specials = shard_specials(meta)
+    vocab = read_vocab(folder)
+    never = {i for a, b in specials.never_mask for i in range(a, b + 1)}
+    assert (specials.pad, specials.unk, specials.cls, specials.sep, specials.mask) == (0, 100, 101, 102, 103)
+    assert never == {i for i, t in enumerate(vocab) if t.startswith("[unused")} | {0, 100, 101, 102, 103}
+    assert specials.num_leading == 109 and specials.never_mask_ids() == [len(vocab) - 2, len(vocab) - 1]
+
+    shard = load_split(tmp_path / "data", "train")
+    packer = Packer(shard, 2048, 128, seed=0, loop=False, static_shapes=False, specials=specials)
+    never_t = torch.tensor(sorted(never))
+    # mask half the tokens, every selected one replaced by a random id: the worst case for both rules
+    mask = masker(specials, len(vocab), MaskSpec(0.5, 0.0, 1.0), 0, max_masked_bound(2048, 0.5), "cpu")
+    selected = 0
+    for i, batch in zip(range(10), packer.batches()):
+        ids = batch.input_ids
+        assert ids[batch.cu_seqlens[:-1][: batch.num_segments].long()].eq(101).all()  # [CLS] is 101 here
+        m = mask(ids, step=i)
+        chosen = m.labels != -100
+        selected += int(chosen.sum())
+        assert not torch.isin(m.labels[chosen], never_t).any(), "a special or [unused*] id was selected"
+        assert not torch.isin(m.masked_ids[chosen], never_t).any(), "a random replacement is never-masked"
+    assert selected > 5000
+
+
+def test_hub_id_is_downloaded_once_named_and_carried_to_the_card(folder_and_data, tmp_path, monkeypatch, capsys):
+    """A Hub id goes through huggingface_hub.snapshot_download (faked here: it returns the local folder); the
+    checkpoint records it and the card's header names it as base_model."""
+    import huggingface_hub
+
+    layout, folder, data = folder_and_data
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, tuple(allow_patterns)))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    cfg = run_config("tester/tiny-bert", data, tmp_path / "run", **{"train.max_steps": 2})
+    train(cfg)
+    assert calls and all(c[0] == "tester/tiny-bert" and "model.safetensors" in c[1] for c in calls)
+    assert cfg.data.tokenizer_dir == str(folder)  # the model's own tokenizer, recorded in the run config
+    out = tmp_path / "export"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--no-verify"]) == 0
+    card = (out / "README.md").read_text()
+    assert "base_model: tester/tiny-bert" in card.split("---")[1]
+
+    calls.clear()  # resuming reads the checkpoint and the recorded tokenizer folder: no download
+    resumed = train(load_config(tmp_path / "run" / "config.json", {"train.max_steps": 3}), resume="auto")
+    assert resumed["steps_this_run"] == 1 and not calls
+
+    # prepare takes a Hub id for its tokenizer: the tokenizer files only
+    rc = cli.main(["prepare", "--input", str(cli_corpus(tmp_path)), "--tokenizer", "tester/tiny-bert",
+                   "--out", str(tmp_path / "d2"), "--no-progress"])  # fmt: skip
+    assert rc == 0 and calls and "model.safetensors" not in calls[0][1]
+
+
+def cli_corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("대한민국은 민주공화국이다.\nThe capital of France is Paris.\n", encoding="utf-8")
+    return path
+
+
+def test_missing_mlm_head_is_initialised(tokenizer_dir, sample_corpus, tmp_path, capsys):
+    folder = make_bert_folder(tmp_path / "encoder", tokenizer_dir, "0-4", head=False)
+    prepare([sample_corpus], folder, tmp_path / "data", valid_fraction=0.05, progress=False)
+    logs = []
+    summary = train(run_config(folder, tmp_path / "data", tmp_path / "run", **{"train.max_steps": 2}), log=logs.append)
+    assert summary["steps"] == 2
+    assert any("the MLM head (5 tensors) initialised" in line for line in logs), logs
+    rc = cli.main(["eval", "--model", str(folder), "--data", str(tmp_path / "data")])
+    assert rc == 2 and "has no MLM head" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("hidden_act", "relu"), ("position_embedding_type", "relative_key"), ("model_type", "roberta"),
+     ("tie_word_embeddings", False), ("is_decoder", True)],
+)  # fmt: skip
+def test_unsupported_settings_are_refused_by_name(tmp_path, key, value):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", **BertConfig().to_hf_dict(), key: value}))
+    with pytest.raises(UserError, match=key if key != "model_type" else "roberta"):
+        read_config(tmp_path)
+
+
+def test_init_from_refuses_a_shape_setting_and_the_model_flag(tmp_path, capsys):
+    with pytest.raises(UserError, match="model.hidden_size=64 cannot be combined with model.init_from"):
+        load_config(None, {"model.init_from": "x/y", "model.hidden_size": 64})
+    rc = cli.main(["train", "--init-from", "x/y", "--model", "base", "--data", "d", "--out", str(tmp_path)])
+    assert rc == 2 and "not both" in capsys.readouterr().err
+
+
+def test_custom_shape_from_the_config(data_dir, tokenizer_dir, tmp_path):
+    cfg = load_config(
+        None,
+        {"out_dir": str(tmp_path / "run"), "data.data_dir": str(data_dir), "data.tokenizer_dir": str(tokenizer_dir),
+         "data.tokens_per_batch": 1024, "train.max_steps": 2, "train.device": "cpu", "train.eval_batches": 1},
+        ["model.size=mini", "model.hidden_size=96", "model.num_attention_heads=6", "model.num_hidden_layers=1",
+         "model.layer_norm_eps=1e-6", "model.max_position_embeddings=256"],
+    )  # fmt: skip
+    summary = train(cfg)
+    saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step_*/config.json")).read_text())["model"]
+    assert summary["steps"] == 2
+    assert (saved["hidden_size"], saved["num_attention_heads"], saved["num_hidden_layers"]) == (96, 6, 1)
+    assert saved["intermediate_size"] == 1024 and saved["layer_norm_eps"] == 1e-6  # mini's, and the override
+    with pytest.raises(UserError, match="not divisible"):
+        load_config(None, {"model.hidden_size": 101})
+
+
+def test_default_layout_is_what_mlmtrain_tokenizer_writes(tokenizer_dir, data_dir):
+    assert read_special_tokens(tokenizer_dir) == DEFAULT_SPECIALS
+    assert DEFAULT_SPECIALS.num_leading == 5 and DEFAULT_SPECIALS.never_mask_ids() == []
+    assert shard_specials(read_meta(data_dir)) == DEFAULT_SPECIALS
+
+
+def test_legacy_weights_are_read_like_the_modern_folder(tokenizer_dir, tmp_path):
+    """pytorch_model.bin (read with weights_only) with TF-era LayerNorm gamma/beta names, a pooler and a
+    next-sentence head, as BertForPreTraining checkpoints were saved: the same weights, the extras dropped."""
+    from safetensors.torch import load_file
+
+    from mlmtrain.pretrained import read_pretrained
+
+    modern = make_bert_folder(tmp_path / "modern", tokenizer_dir, "0-4")
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("config.json", "vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        (legacy / name).write_bytes((modern / name).read_bytes())
+    weights = load_file(modern / "model.safetensors")
+    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+           for k, v in weights.items()}  # fmt: skip
+    old["bert.pooler.dense.weight"] = torch.zeros(48, 48)
+    old["cls.seq_relationship.weight"] = torch.zeros(2, 48)
+    torch.save({k: v.half() for k, v in old.items()}, legacy / "pytorch_model.bin")
+    a, b = read_pretrained(modern), read_pretrained(legacy)
+    assert b.dropped == ["bert.pooler.dense.weight", "cls.seq_relationship.weight"] and not b.initialised
+    assert a.weights.keys() == b.weights.keys() and all(b.weights[k].dtype == torch.float32 for k in b.weights)
+    assert all(torch.equal(a.weights[k].half().float(), b.weights[k]) for k in a.weights)

@@ -1,0 +1,210 @@
+"""Profiling on torch's profiler: the scheduled trace of a CPU run with the loop's named ranges, the per-rank file
+names, nothing profiled (no record_function at all) without --profile-steps, and the kernel-category breakdown on
+a synthetic CUDA trace in the format torch.profiler (kineto) exports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_train import tiny_config
+
+from mlmtrain import profiling
+from mlmtrain.config import TrainSpec
+from mlmtrain.profiling import PHASES, StepProfiler, kernel_categories, kernel_category, phase_times
+from mlmtrain.train import train
+
+
+def test_profiled_run_writes_a_trace_with_the_named_ranges(data_dir, tokenizer_dir, tmp_path):
+    run, logged = tmp_path / "run", []
+    cfg = tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 5, "train.profile_steps": "2:4"})
+    cfg.train.profile_memory = True
+    summary = train(cfg, log=logged.append)
+    text = "\n".join(logged)
+    trace = json.loads((run / "profile" / "trace.json").read_text())
+    annotations = [e["name"] for e in trace["traceEvents"] if e.get("cat") == "user_annotation"]
+    assert sorted(n for n in annotations if n.startswith("ProfilerStep#")) == ["ProfilerStep#2", "ProfilerStep#3"]
+    assert set(PHASES) <= set(annotations)  # data, mask, forward, backward, optimizer
+    categories = json.loads((run / "profile" / "categories.json").read_text())
+    assert categories["schema"] == profiling.CATEGORIES_SCHEMA and categories["timeline"] == "host"
+    assert categories["steps"] == 2 and categories["step_ms"] > 0
+    assert set(categories["categories"]) == {*profiling.CATEGORIES, "idle"}
+    assert categories["categories"]["gemm"]["ms"] > 0 and categories["categories"]["optimizer"]["ms"] > 0
+    phases = json.loads((run / "profile" / "phases.json").read_text())
+    assert list(phases) == list(PHASES) and summary["phase_ms"] == phases
+    # where each file went and how to open it; on CPU the memory snapshot is skipped with the reason
+    assert str(run / "profile" / "trace.json") in text and "ui.perfetto.dev" in text and "kernel categories" in text
+    assert "no memory snapshot: it records CUDA allocations, and this run is on cpu" in text
+    assert not (run / "profile" / "memory_snapshot.pickle").exists()
+
+
+def test_no_profiler_no_ranges(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """Without --profile-steps the loop opens none of its ranges (not even disabled ones: `phase` is a no-op).
+    torch's optimizer opens its own, always; those pass through."""
+    opened, record_function = [], torch.profiler.record_function
+
+    def recording(name, *args, **kwargs):
+        opened.append(name)
+        return record_function(name, *args, **kwargs)
+
+    monkeypatch.setattr(torch.profiler, "record_function", recording)
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", recording)
+    train(tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.max_steps": 2}))
+    assert opened and not set(opened) & set(PHASES)
+
+
+def _work(profiler, steps):
+    x = torch.randn(64, 64, requires_grad=True)
+    for _ in range(steps):
+        profiler.phase("forward")
+        y = (x @ x).relu().sum()
+        profiler.phase("backward")
+        y.backward()
+        profiler.step()
+    return profiler.close()
+
+
+def test_each_rank_writes_its_own_files_and_a_late_start_is_clipped(tmp_path):
+    logged = []
+    cpu = torch.device("cpu")
+    # rank 1 of 2, a run resumed at step 3 asked to trace 2..5: steps 3 and 4 are traced, with no warm-up left
+    profiler = StepProfiler(2, 5, 1, 3, tmp_path, cpu, rank=1, world=2, memory=False, log=logged.append)
+    phases = _work(profiler, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "categories_rank1.json",
+        "phases_rank1.json",
+        "trace_rank1.json",
+    ]
+    trace = json.loads((tmp_path / "trace_rank1.json").read_text())
+    assert sum(e["name"].startswith("ProfilerStep#") for e in trace["traceEvents"]) == 2
+    assert set(phases) == {"forward", "backward"}
+    assert "no warm-up step before step 3" in logged[0] and "traced steps 3..4" in logged[-1]
+    # a run resumed past the whole window traces nothing, and says so
+    assert profiling.start_profiler(TrainSpec(profile_steps="2:3"), 5, tmp_path, cpu, 0, 1, logged.append) is None
+    assert "were run before step 5" in logged[-1]
+
+
+# ---- the kernel-category breakdown -----------------------------------------------------------------------
+
+CUDA_KERNELS = {  # names as torch 2.x CUDA traces spell them (demangled, templates and all)
+    "nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT": "gemm",
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_"
+    "cublas": "gemm",
+    "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>"
+    "(cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8::Params)": "gemm",
+    "void cublasLt::splitKreduce_kernel<32, 16, int, float, float, float, float, __nv_bfloat16, float, "
+    "__nv_bfloat16, true, false, false>(cublasLt::cublasSplitKParams<float>, float const*)": "gemm",
+    "triton_tem_fused_addmm_gelu_0": "gemm",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, false, cutlass::bfloat16_t, "
+    "Flash_kernel_traits<64, 128, 64, 4, cutlass::bfloat16_t> >, false, false, false, false, true, true, false, "
+    "false>(pytorch_flash::Flash_fwd_params)": "attention",
+    "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<cute::tuple<>, "
+    "flash::CollectiveMainloopFwdSm90<2, cute::tuple<cute::C<1>, cute::C<1>, cute::C<1> > > > > >"
+    "(flash::FlashAttnFwdSm90::Params)": "attention",
+    "fmha_cutlassB_bf16_aligned_64x64_k64_sm80(PyTorchMemEffAttention::AttentionBackwardKernel<...>::Params)": (
+        "attention"
+    ),
+    "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>(int, float, "
+    "c10::BFloat16 const*, c10::BFloat16 const*, c10::BFloat16 const*, float*, float*, c10::BFloat16*)": (
+        "norm_elementwise"
+    ),
+    "void at::native::(anonymous namespace)::GammaBetaBackwardCUDAKernel_32x32<c10::BFloat16, float>(long, long, "
+    "c10::BFloat16 const*, c10::BFloat16 const*, float const*, float const*, c10::BFloat16*, c10::BFloat16*)": (
+        "norm_elementwise"
+    ),
+    "triton_per_fused_add_native_layer_norm_native_layer_norm_backward_7": "norm_elementwise",
+    "triton_poi_fused_gelu_gelu_backward_5": "norm_elementwise",
+    "triton_poi_fused__scaled_dot_product_flash_attention_clone_3": "norm_elementwise",  # a layout copy
+    "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&, "
+    "at::native::GeluType)::{lambda()#2}::operator()() const::{lambda(c10::BFloat16)#1}, std::array<char*, 2ul> >"
+    "(int, at::native::GeluCUDAKernelImpl(at::TensorIteratorBase&, at::native::GeluType)::{lambda()#2}, "
+    "std::array<char*, 2ul>)": "norm_elementwise",
+    "void at::native::(anonymous namespace)::fused_dropout_kernel_vec<c10::BFloat16, float, unsigned int, 1, 4, "
+    "bool>(at::cuda::detail::TensorInfo<c10::BFloat16 const, unsigned int>, at::PhiloxCudaState)": "norm_elementwise",
+    "triton_red_fused__log_softmax_nll_loss_forward_3": "reduction",
+    "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormTwoOps<float, float, float>, "
+    "unsigned int, float, 4, 4> >(at::native::ReduceOp<float, at::native::NormTwoOps<float, float, float>, unsigned "
+    "int, float, 4, 4>)": "reduction",
+    "void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, at::native::(anonymous "
+    "namespace)::LogSoftMaxForwardEpilogue>(float*, float const*, int)": "reduction",
+    "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+    "TensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor<float, 4, "
+    "(at::native::ADAM_MODE)1, false>, double*, double, double, double, double, double, bool, float*, float*>"
+    "(at::native::(anonymous namespace)::TensorListMetadata<4>, ...)": "optimizer",
+    "void at::native::lpnorm_cleanup<float, (at::native::NormType)1, float, float>(float const*, "
+    "at::native::TensorListAddresses, int)": "optimizer",
+    "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+    "_mask_apply_kernel": "other",
+    "void (anonymous namespace)::indexSelectLargeIndex<c10::BFloat16, long, unsigned int, 2, 2, -2, true>"
+    "(at::cuda::detail::TensorInfo<c10::BFloat16, unsigned int>, long, long)": "other",
+}
+HOST_OPS = {
+    "aten::mm": "gemm",
+    "aten::addmm": "gemm",
+    "aten::scaled_dot_product_attention": "attention",
+    "aten::native_layer_norm": "norm_elementwise",
+    "aten::gelu": "norm_elementwise",
+    "aten::add_": "norm_elementwise",
+    "aten::_log_softmax": "reduction",
+    "aten::sum": "reduction",
+    "aten::_fused_adamw_": "optimizer",
+    "aten::_foreach_norm": "optimizer",
+    "aten::embedding": "other",
+}
+
+
+@pytest.mark.parametrize("name", [*CUDA_KERNELS, *HOST_OPS])
+def test_kernel_category_of_real_names(name):
+    assert kernel_category(name, "cpu_op" if name in HOST_OPS else "kernel") == {**CUDA_KERNELS, **HOST_OPS}[name]
+
+
+def _x(cat, name, ts, dur, tid=7, **args):
+    return {"ph": "X", "cat": cat, "name": name, "pid": 0, "tid": tid, "ts": ts, "dur": dur, "args": args}
+
+
+def test_categories_of_a_cuda_trace():
+    """Two steps of device work on stream 7 (100 us each, 20 us idle in each), an NCCL kernel overlapping
+    compute on stream 20, copies; the host-side events must not count."""
+    gemm, attn = "nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT", "flash_fwd_kernel"
+    events = [_x("user_annotation", f"ProfilerStep#{i}", 1000 + 200 * i, 150, tid=1) for i in (3, 4)]
+    events += [_x("cpu_op", "aten::mm", 1000, 100, tid=1), _x("cuda_runtime", "cudaLaunchKernel", 1001, 5, tid=1)]
+    for start in (2000, 2120):  # one step: memcpy 10, gemm 40, attention 20, [idle 20], layer norm 10
+        events += [
+            _x("gpu_memcpy", "Memcpy HtoD (Pinned -> Device)", start, 10),
+            _x("kernel", gemm, start + 10, 40),
+            _x("kernel", attn, start + 50, 20),
+            _x("kernel", "triton_per_fused_native_layer_norm_0", start + 90, 10),
+            _x("kernel", "ncclDevKernel_AllReduce_Sum_f32_RING_LL", start + 20, 30, tid=20),  # overlaps the gemm
+            _x("gpu_user_annotation", "forward", start + 10, 60),
+            _x("gpu_user_annotation", "backward", start + 70, 30),
+        ]
+    report = kernel_categories({"traceEvents": events}, source="t.json")
+    c = report["categories"]
+    assert report["timeline"] == "device" and report["steps"] == 2
+    assert report["step_ms"] == pytest.approx(0.110)  # 2000 .. 2220 us over 2 steps
+    assert report["busy_ms"] == pytest.approx(0.080)  # 10 + 40 + 20 + 10: the NCCL kernel overlaps the gemm
+    assert c["gemm"]["ms"] == pytest.approx(0.040) and c["gemm"]["pct"] == pytest.approx(100 * 40 / 110)
+    assert c["attention"]["ms"] == pytest.approx(0.020) and c["norm_elementwise"]["ms"] == pytest.approx(0.010)
+    assert c["copy"]["ms"] == pytest.approx(0.010) and c["communication"]["ms"] == pytest.approx(0.030)
+    assert c["idle"]["ms"] == pytest.approx(0.030)  # 20 us in each step + the 20 us between them, over 2 steps
+    assert c["gemm"]["top"] == [{"name": gemm, "ms": pytest.approx(0.040), "count": 1.0}]
+    assert c["reduction"]["ms"] == 0 and c["optimizer"]["ms"] == 0 and c["other"]["ms"] == 0
+    assert phase_times({"traceEvents": events}) == {"forward": pytest.approx(0.060), "backward": pytest.approx(0.030)}
+    assert "GEMM" in profiling.format_categories(report) and "device time" in profiling.format_categories(report)
+
+
+def test_host_self_times_count_nested_operators_once():
+    """aten::linear (10 us) holding aten::addmm (8 us); SDPA (20 us) holding a bmm (15 us) that counts as attention."""
+    events = [
+        _x("user_annotation", "ProfilerStep#0", 0, 50, tid=1),
+        _x("cpu_op", "aten::linear", 0, 10, tid=1),
+        _x("cpu_op", "aten::addmm", 1, 8, tid=1),
+        _x("cpu_op", "aten::scaled_dot_product_attention", 20, 20, tid=1),
+        _x("cpu_op", "aten::bmm", 22, 15, tid=1),
+    ]
+    report = kernel_categories({"traceEvents": events})
+    c = report["categories"]
+    assert report["timeline"] == "host" and report["step_ms"] == pytest.approx(0.050)
+    assert c["gemm"]["ms"] == pytest.approx(0.010) and c["attention"]["ms"] == pytest.approx(0.020)
+    assert c["idle"]["ms"] == pytest.approx(0.020)

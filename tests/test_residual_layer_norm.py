@@ -1,0 +1,325 @@
+"""The fused residual + dropout + LayerNorm kernels against their torch reference (forward and every gradient,
+shapes x dtypes with a tolerance per dtype), the reference against F.layer_norm, and the dropout mask: its
+statistics, its determinism, and that the forward, the backward and the reference draw the same one.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set in conftest), so sizes stay at a few thousand elements.
+Statistical checks are two-sided binomial z-tests with |z| < 5 (false failure 5.7e-7 for a fresh seed); the
+bits are a pure function of (seed, row, column), so each check passes or fails the same way on every run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import requires_cuda
+from hopper_build import assert_builds_for_hopper, build
+
+from mlmtrain.kernels import residual_layer_norm as rln
+from mlmtrain.kernels import triton_runs_on
+from mlmtrain.kernels.residual_layer_norm import (
+    dropout_keep_mask,
+    dropout_threshold,
+    residual_layer_norm,
+    residual_layer_norm_reference,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="Triton cannot run here")
+Z_MAX = 5.0
+EPS = 1e-12  # BERT's layer_norm_eps
+# (rtol, atol) per dtype: outputs are rounded once from fp32, so a few units in the last place of the dtype
+TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
+GRAD_TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 3e-2), torch.float16: (3e-3, 3e-3)}
+
+
+def _inputs(N, C, dtype=torch.float32, residual_dtype=None, param_dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, generator=g).to(DEVICE, dtype).requires_grad_()
+    residual = (3 * torch.randn(N, C, generator=g) + 1).to(DEVICE, residual_dtype or dtype).requires_grad_()
+    weight = (1 + 0.5 * torch.randn(C, generator=g)).to(DEVICE, param_dtype).requires_grad_()
+    bias = (0.1 * torch.randn(C, generator=g)).to(DEVICE, param_dtype).requires_grad_()
+    return x, residual, weight, bias
+
+
+def _seed(value=0x1234_5678_9ABC):
+    return torch.tensor([value], dtype=torch.int64, device=DEVICE)
+
+
+def _run(backend, inputs, p, seed, dy):
+    """y and (dx, dresidual, dweight, dbias) through one backend."""
+    y = residual_layer_norm(*inputs, EPS, p, seed, backend=backend)
+    return y, torch.autograd.grad(y, inputs, dy)
+
+
+# ---- kernel == reference ------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("N,C", [(1, 96), (7, 200), (129, 128), (5, 768), (3, 13)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_kernel_matches_reference(N, C, dtype, p):
+    inputs = _inputs(N, C, dtype, seed=N * C)
+    dy = torch.randn(N, C, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    y, grads = _run("triton", inputs, p, _seed(), dy)
+    y_ref, grads_ref = _run("torch", inputs, p, _seed(), dy)
+    assert y.dtype == dtype and y.shape == (N, C)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    rtol, atol = GRAD_TOL[dtype]
+    for name, got, want, source in zip(("dx", "dresidual", "dweight", "dbias"), grads, grads_ref, inputs):
+        assert got.dtype == source.dtype and got.shape == source.shape, name
+        # dweight, dbias sum N rows in a different order: allow for it
+        scale = math.sqrt(N) if name in ("dweight", "dbias") else 1.0
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_triton
+def test_mixed_dtypes_and_leading_dims():
+    """A bf16 sublayer output onto an fp32 residual stream (what autocast gives today): y is fp32, each
+    gradient comes back in its input's dtype; bf16 parameters give bf16 dweight, dbias."""
+    x, residual, weight, bias = _inputs(
+        12, 96, torch.bfloat16, residual_dtype=torch.float32, param_dtype=torch.bfloat16
+    )
+    inputs = [t.detach().view(3, 4, 96).requires_grad_() for t in (x, residual)] + [weight, bias]
+    dy = torch.randn(3, 4, 96, device=DEVICE)
+    y, grads = _run("triton", inputs, 0.1, _seed(), dy)
+    y_ref, grads_ref = _run("torch", inputs, 0.1, _seed(), dy)
+    assert y.dtype == torch.float32 and y.shape == (3, 4, 96)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want, source in zip(grads, grads_ref, inputs):
+        assert got.dtype == source.dtype
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=3e-2)
+
+
+@needs_triton
+def test_no_rows():
+    inputs = _inputs(0, 64)
+    y = residual_layer_norm(*inputs, EPS, 0.1, _seed(), backend="triton")
+    grads = torch.autograd.grad(y, inputs, torch.ones_like(y))
+    assert y.shape == (0, 64) and all(g.shape == t.shape for g, t in zip(grads, inputs))
+    assert not grads[2].any() and not grads[3].any()
+
+
+# ---- p = 0: plain LayerNorm of the sum ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_dropout_is_layer_norm_of_sum(dtype):
+    """The reference is F.layer_norm(x + residual) itself (bit for bit in fp32); the kernel matches it to
+    rounding. In bf16 the sum is kept in fp32, so compare with F.layer_norm of the fp32 sum."""
+    x, residual, weight, bias = _inputs(33, 200, dtype)
+    want = F.layer_norm(x.float() + residual.float(), (200,), weight, bias, EPS).to(dtype)
+    ref = residual_layer_norm_reference(x, residual, weight, bias, EPS, 0.0)
+    if dtype == torch.float32:
+        assert torch.equal(ref, F.layer_norm(x + residual, (200,), weight, bias, EPS))
+    assert torch.equal(ref, want)
+    if triton_runs_on(DEVICE):
+        got = residual_layer_norm(x, residual, weight, bias, EPS, 0.0, backend="triton")
+        torch.testing.assert_close(got, want, rtol=TOL[dtype][0], atol=TOL[dtype][1])
+        # training=False turns dropout off, whatever p and seed say
+        assert torch.equal(residual_layer_norm(x, residual, weight, bias, EPS, 0.5, _seed(), training=False), got)
+
+
+# ---- the dropout mask -----------------------------------------------------------------------------------
+def _binomial_z(k: int, n: int, q: float) -> float:
+    return (k - n * q) / math.sqrt(n * q * (1 - q))
+
+
+@needs_triton
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_kernel_dropout_rate_and_scale(p):
+    """Read the kernel's own mask off its gradients: dx = dh / (1 - p) where kept, 0 where dropped."""
+    N, C = 64, 256
+    inputs = _inputs(N, C)
+    _, (dx, dresidual, _, _) = _run("triton", inputs, p, _seed(7), torch.randn(N, C, device=DEVICE))
+    kept = dx != 0
+    _, scale = dropout_threshold(p)
+    assert abs(scale * (1 - p) - 1) < 1e-4  # 1 / (1 - p) up to the 2^-16 quantisation of p
+    assert torch.equal(dx[kept], dresidual[kept] * scale)  # fp32: the same single multiply
+    assert abs(_binomial_z(int(kept.sum()), N * C, 1 - p)) < Z_MAX
+
+
+def test_reference_mask_statistics():
+    """At 1M bits: the keep rate overall and in each of the 8 column lanes of a Philox call, and no
+    dependence between neighbouring elements (both halves of one word, and the next word)."""
+    N, C, p = 1024, 1024, 0.1
+    keep = dropout_keep_mask(_seed(99), N, C, p)
+    q = 1 - dropout_threshold(p)[0] / 65536
+    assert abs(_binomial_z(int(keep.sum()), N * C, q)) < Z_MAX
+    lanes = keep.view(N, C // 8, 8).sum((0, 1))  # (8,) kept per column lane
+    for k in lanes.tolist():
+        assert abs(_binomial_z(k, N * C // 8, q)) < Z_MAX, lanes
+    for lag in (1, 2):  # 1: two halves of a word (even columns); 2: neighbouring words
+        a, b = keep[:, 0:-lag:2], keep[:, lag::2]
+        both_dropped = int((~a & ~b).sum())
+        assert abs(_binomial_z(both_dropped, a.numel(), (1 - q) ** 2)) < Z_MAX, lag
+    rows_differ = (keep[0] != keep[1]).float().mean()  # rows are separate counters, not copies
+    assert 0.1 < rows_differ < 0.3
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", [0x1234_5678_9ABC, -1, 0])
+def test_forward_backward_and_reference_share_the_mask(seed):
+    """Dropped elements of x do not reach y (so the forward used the reference's mask), and dx is exactly 0
+    at those elements and only there (so the backward regenerated it)."""
+    N, C, p = 40, 200, 0.3
+    x, residual, weight, bias = _inputs(N, C)
+    keep = dropout_keep_mask(_seed(seed), N, C, p)
+    y = residual_layer_norm(x, residual, weight, bias, EPS, p, _seed(seed), backend="triton")
+    poked = x.detach() + torch.where(keep, 0.0, 100.0)  # change only what should be dropped
+    assert torch.equal(residual_layer_norm(poked, residual, weight, bias, EPS, p, _seed(seed), backend="triton"), y)
+    poked = x.detach() + torch.where(keep, 0.5, 0.0)
+    assert not torch.equal(residual_layer_norm(poked, residual, weight, bias, EPS, p, _seed(seed), backend="triton"), y)
+    (dx,) = torch.autograd.grad(y, x, torch.randn(N, C, device=DEVICE))
+    assert torch.equal(dx != 0, keep)
+
+
+@needs_triton
+def test_same_seed_same_output_other_seed_other_mask():
+    inputs = _inputs(16, 128)
+    a, b = (residual_layer_norm(*inputs, EPS, 0.1, _seed(5), backend="triton") for _ in range(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, residual_layer_norm(*inputs, EPS, 0.1, _seed(6), backend="triton"))
+
+
+def test_seed_none_draws_from_torch_generator():
+    """No seed: one drawn from torch's generator for the device, so torch.manual_seed reproduces the call."""
+    inputs = _inputs(16, 128)
+    outputs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        outputs.append(residual_layer_norm(*inputs, EPS, 0.1))
+    assert torch.equal(*outputs)
+    assert not torch.equal(outputs[0], residual_layer_norm(*inputs, EPS, 0.1))
+
+
+@needs_triton
+def test_p_one_drops_everything():
+    x, residual, weight, bias = _inputs(5, 96)
+    y = residual_layer_norm(x, residual, weight, bias, EPS, 1.0, _seed(), backend="triton")
+    torch.testing.assert_close(y, F.layer_norm(residual, (96,), weight, bias, EPS), rtol=1e-5, atol=1e-5)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert not dx.any()
+
+
+def test_bad_arguments():
+    x, residual, weight, bias = _inputs(4, 32)
+    with pytest.raises(ValueError, match="same shape"):
+        residual_layer_norm(x, residual[:2], weight, bias)
+    with pytest.raises(ValueError, match="weight and bias"):
+        residual_layer_norm(x, residual, weight[:3], bias)
+    with pytest.raises(ValueError, match="p must be"):
+        residual_layer_norm(x, residual, weight, bias, p=1.5)
+    with pytest.raises(ValueError, match="seed must be"):
+        residual_layer_norm(x, residual, weight, bias, p=0.1, seed=torch.tensor([1.0], device=DEVICE))
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
+        residual_layer_norm(x.double(), residual, weight, bias)
+
+
+# ---- torch.compile, custom-op registration, CUDA graphs ---------------------------------------------------
+@needs_triton
+def test_custom_ops_pass_opcheck():
+    """Schema, fake (shape) functions, autograd registration and AOT dispatch, as torch.library checks them."""
+    x, residual, weight, bias = (t.detach() for t in _inputs(6, 48))
+    torch.library.opcheck(rln._fwd_op, (x, residual, weight, bias, _seed(), EPS, 0.1))
+    stats = rln._fwd_op(x, residual, weight, bias, _seed(), EPS, 0.1)
+    dy = torch.randn(6, 48, device=DEVICE)
+    torch.library.opcheck(rln._bwd_op, (dy, x, residual, weight, _seed(), stats[1], stats[2], 0.1))
+
+
+@needs_triton
+@pytest.mark.compile
+def test_compiles_without_graph_break():
+    """fullgraph=True fails on any graph break; the graph calls the fused op (not the reference), and the
+    compiled forward and backward (AOT autograd; inductor's codegen adds ~15 s on CPU) equal eager."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    inputs = _inputs(8, 96)
+    dy = torch.randn(8, 96, device=DEVICE)
+
+    def f(x, residual, weight, bias, seed):
+        return residual_layer_norm(x, residual, weight, bias, EPS, 0.1, seed) * 2
+
+    recorder = EagerAndRecordGraphs()
+    torch.compile(f, fullgraph=True, backend=recorder)(*inputs, _seed())
+    assert "torch.ops.mlmtrain.residual_layer_norm_fwd.default" in recorder.graphs[0].code
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(*inputs, _seed())
+    y_eager = f(*inputs, _seed())
+    assert torch.equal(y, y_eager)
+    for a, b in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_eager, inputs, dy)):
+        assert torch.equal(a, b)
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Both kernels at the launcher's tiles, with and without dropout, to an sm_90 cubin (tests/hopper_build.py)."""
+    builds = []
+    for kernel in ("_residual_layer_norm_fwd_kernel", "_residual_layer_norm_bwd_kernel"):
+        for C, dtype, dropout in ((768, "bf16", True), (128, "fp32", False)):
+            block_n, block_c, warps = rln._tile(C, None, None)
+            consts = {"BLOCK_N": block_n, "BLOCK_C": block_c, "HAS_DROPOUT": dropout, "WRITE_DX": dropout}
+            fp32 = ("weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "dweight_partial_ptr", "dbias_partial_ptr")
+            pointers = {"seed_ptr": "i64", **dict.fromkeys(fp32, "fp32")}
+            builds.append(
+                build(rln.__name__, kernel, dtype, consts, warps, pointers=pointers, floats=("eps", "keep_scale"))
+            )
+    assert_builds_for_hopper(builds)
+
+
+@requires_cuda
+@pytest.mark.parametrize("C", [768, 1024])
+def test_full_batch_on_cuda(C):
+    """A real batch (64k tokens: N * C past 2^25, many backward programs per partial sum) against the reference."""
+    N = 65536
+    inputs = _inputs(N, C, torch.bfloat16)
+    dy = torch.randn(N, C, device=DEVICE, dtype=torch.bfloat16)
+    y, grads = _run("triton", inputs, 0.1, _seed(), dy)
+    y_ref, grads_ref = _run("torch", inputs, 0.1, _seed(), dy)
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads[:2], grads_ref[:2]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=3e-2)
+    for got, want in zip(grads[2:], grads_ref[2:]):  # sums over 64k rows in another order
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
+
+
+@requires_cuda
+def test_cuda_graph_replay_reads_the_new_seed():
+    """Captured once, replayed with another seed written into the captured tensor: the replay uses it."""
+    inputs = [t.detach() for t in _inputs(4096, 768, torch.bfloat16)]
+    seed = _seed(1)
+    residual_layer_norm(*inputs, EPS, 0.1, seed)  # compile the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = residual_layer_norm(*inputs, EPS, 0.1, seed)
+    for value in (2, 3):
+        seed.fill_(value)
+        graph.replay()
+        want = residual_layer_norm_reference(*inputs, EPS, 0.1, seed)
+        torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.compile
+def test_inductor_compile_on_cuda():
+    inputs = _inputs(65536 // 16, 1024, torch.bfloat16)
+    dy = torch.randn(4096, 1024, device=DEVICE, dtype=torch.bfloat16)
+
+    def f(x, residual, weight, bias, seed):
+        return residual_layer_norm(x, residual, weight, bias, EPS, 0.1, seed)
+
+    y = torch.compile(f, fullgraph=True)(*inputs, _seed())
+    y_eager = f(*inputs, _seed())
+    assert torch.equal(y, y_eager)
+    for a, b in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_eager, inputs, dy)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_triton
+def test_benchmark_runs_and_credits_every_row_the_same_bytes():
+    from mlmtrain.benchmarks.bench_residual_layer_norm import logical_bytes, run
+
+    rows = run(16, (40,), DEVICE, repeats=5, compile_rows=False, sweep=True)
+    timed = [r for r in rows if "seconds" in r and r["passes"] == "fwd+bwd"]
+    assert {"triton", "triton kernels", "torch eager"} <= {r["name"] for r in timed}
+    assert any(r["name"].startswith("triton kernels ") for r in timed)  # the sweep's tiles
+    assert all(r["bytes"] == logical_bytes(16, 40, 2, 0.1) for r in timed)
+    assert rows[-1]["kind"] == "summary" and rows[-1]["speedup_vs_torch_eager"] > 0

@@ -1,0 +1,292 @@
+"""Scoring masked-language models on fixed masks: the validation numbers of `mlmtrain train` and the command
+`mlmtrain eval` are one code path, so a loss from either means the same thing.
+
+- `masker`: `mlm_mask` with every setting but the per-call key (step, offset), from the shards' special-token
+  layout; the training loop masks with it too.
+- `score`: per batch, one mask (keyed by EVAL_KEY + the batch's index, so fixed for a given seed, data and
+  batch size), then every model on that masked batch. Two models compared with `--compare` are scored on
+  identical positions by construction; a digest of the masked positions and labels lets separate runs show
+  they masked alike.
+- The unigram baseline: the loss on the same targets of a model that knows only token frequencies (add-one
+  smoothing over the maskable ids), fitted on the train split when there is one.
+- `mlmtrain eval`: a checkpoint, a run folder, an export folder, a transformers BERT folder or a Hub id, on
+  token shards or a corpus (tokenized into a temporary folder exactly as `prepare` does).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlmtrain.errors import UserError
+from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask
+from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
+from mlmtrain.text import add_corpus_args, corpus_from_args
+
+EVAL_KEY = 1 << 40  # masking keys of eval batches live far from the training micro-batch indices
+
+
+def masker(specials, vocab_size: int, mask_spec, seed: int, max_masked: int, device, word_start=None):
+    """`mlm_mask` with every setting but the per-call (step, offset) key. Ids 0..num_leading-1 are excluded by
+    the kernel's `num_special`; a never-mask table is passed only for blocked ids past those (Google's layout
+    with [unused*] rows after the first real token, extra specials), so the 0-4 layout masks exactly as a
+    vocabulary with `num_special=5` and no table always has."""
+    blocked = [i for i in specials.never_mask_ids() if i < vocab_size]
+    table = None
+    if blocked:
+        table = torch.zeros(vocab_size, dtype=torch.bool)
+        table[blocked] = True
+        table = table.to(device)
+    return functools.partial(
+        mlm_mask,
+        vocab_size=vocab_size,
+        mask_id=specials.mask,
+        num_special=specials.num_leading,
+        never_mask=table,
+        mask_prob=mask_spec.mask_prob,
+        mask_frac=mask_spec.mask_frac,
+        random_frac=mask_spec.random_frac,
+        max_masked=max_masked,
+        word_start=word_start,
+        # Triton on CUDA; on CPU the torch path, bit-identical to the kernel and far faster than the interpreter
+        backend="auto" if torch.device(device).type == "cuda" else "torch",
+        seed=seed,
+    )
+
+
+@torch.no_grad()
+def score(models, batches, mask, device, autocast, max_seqlen: int | None, unigram_logp=None, digest=False):
+    """MLM loss, masked-token accuracy, perplexity and target count of each model over `batches` (host
+    PackedBatches), every model on the same masked batch. `max_seqlen` None: each batch's longest segment.
+    `unigram_logp` (V,) float64 log-probabilities: adds the unigram model's loss on the same targets. `digest`:
+    adds a sha256 of the masked positions and labels (one host copy per batch)."""
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
+    zeros = functools.partial(torch.zeros, (), device=device)
+    loss_sums = [zeros(dtype=torch.float64) for _ in models]
+    correct = [zeros(dtype=torch.int64) for _ in models]
+    targets = zeros(dtype=torch.int64)
+    unigram_sum = zeros(dtype=torch.float64)
+    logp = None if unigram_logp is None else torch.as_tensor(unigram_logp, dtype=torch.float64, device=device)
+    sha, count = hashlib.sha256(), 0
+    for i, host_batch in enumerate(batches):
+        count = i + 1
+        b = host_batch.to(device)
+        m = mask(b.input_ids, step=EVAL_KEY + i)
+        seqlen = host_batch.max_segment_len if max_seqlen is None else max_seqlen
+        real = m.masked_labels != -100
+        for j, model in enumerate(models):
+            with autocast:
+                logits = model(m.masked_ids, b.position_ids, b.cu_seqlens, seqlen, m.masked_positions, b.segment_ids)
+            s, n = mlm_loss_sum(logits, m.masked_labels)
+            loss_sums[j] += s.double()
+            correct[j] += ((logits.argmax(-1) == m.masked_labels) & real).sum()
+        targets += real.sum()
+        if logp is not None:
+            unigram_sum -= torch.where(real, logp[m.masked_labels.clamp(min=0)], 0.0).sum()
+        if digest:  # sync: a host copy per batch, only when asked
+            sha.update(m.masked_positions.cpu().numpy().tobytes() + m.masked_labels.cpu().numpy().tobytes())
+    for model, mode in zip(models, was_training):
+        model.train(mode)
+    totals = torch.stack([targets.double(), unigram_sum, *loss_sums, *[c.double() for c in correct]])
+    totals = totals.tolist()  # sync: once per evaluation
+    n, unigram, rest = max(totals[0], 1.0), totals[1], totals[2:]
+    results = []
+    for j in range(len(models)):
+        loss = rest[j] / n
+        results.append(
+            {
+                "loss": loss,
+                "accuracy": rest[len(models) + j] / n,
+                "ppl": math.exp(min(loss, 50.0)),
+                "targets": int(totals[0]),
+                "batches": count,
+                **({"unigram_loss": unigram / n} if logp is not None else {}),
+                **({"mask_sha256": sha.hexdigest()} if digest else {}),
+            }
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- unigram
+
+
+def unigram_log_probs(tokens: np.ndarray, size: int, blocked: np.ndarray) -> np.ndarray:
+    """(size,) float64 log-probabilities of a unigram model fitted on `tokens`: counts plus one (so an id unseen
+    there still gets a probability) over the ids not `blocked`; blocked ids get -inf."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=size)[:size].astype(np.float64)
+    allowed = counts[~blocked] + 1.0
+    logp = np.full(size, -np.inf)
+    logp[~blocked] = np.log(allowed / allowed.sum())
+    return logp
+
+
+def unigram_entropy(tokens: np.ndarray, num_special: int) -> float:
+    """Entropy in nats of the token distribution (specials excluded)."""
+    counts = np.bincount(tokens.astype(np.int64))[num_special:].astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def unigram_cross_entropy(train: np.ndarray, valid: np.ndarray, num_special: int) -> float:
+    """Loss in nats of a unigram model fitted on the train tokens (add-one smoothing, so valid tokens
+    unseen in train get a probability) on the valid tokens: what an MLM that learned only token
+    frequencies would score on the validation split. The fair baseline for the validation MLM loss."""
+    size = int(max(train.max(), valid.max())) + 1
+    logp = unigram_log_probs(train, size, np.arange(size) < num_special)
+    valid_counts = np.bincount(valid.astype(np.int64), minlength=size)[num_special:]
+    return float(-(valid_counts * logp[num_special:]).sum() / valid_counts.sum())
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def load_model(source: str, tokenizer_dir=None):
+    """(model in fp32, its tokenizer folder, a description) for a run folder, a checkpoint folder, an export
+    folder, a transformers BERT folder or a Hub id."""
+    from mlmtrain.checkpoint import CHECKPOINTS, MANIFEST, latest_checkpoint, read_checkpoint
+    from mlmtrain.prepare import check_tokenizer_match
+    from mlmtrain.pretrained import locate, read_pretrained
+
+    path = Path(source).expanduser()
+    if path.is_dir() and ((path / MANIFEST).is_file() or (path / CHECKPOINTS).is_dir()):
+        ckpt = latest_checkpoint(path, log=lambda msg: print(msg, file=sys.stderr))
+        weights, saved, state = read_checkpoint(ckpt)
+        config = BertConfig.from_dict(saved["model"])
+        tokenizer_dir = tokenizer_dir or ((saved.get("run") or {}).get("data") or {}).get("tokenizer_dir")
+        if not tokenizer_dir:
+            raise UserError(f"{ckpt / 'config.json'} does not name the tokenizer: pass --tokenizer DIR.")
+        check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}")
+        info = {"model": str(source), "kind": "checkpoint", "checkpoint": str(ckpt), "step": state.get("step")}
+    else:
+        folder = locate(source, "--model")
+        pretrained = read_pretrained(folder)
+        if pretrained.initialised:
+            raise UserError(f"{folder} has no MLM head ({pretrained.initialised[0]}, ...): there is nothing to score.")
+        config, weights = pretrained.config, pretrained.weights
+        tokenizer_dir = tokenizer_dir or folder
+        kind = "export" if (folder / "mlmtrain_export.json").is_file() else "transformers"
+        info = {"model": str(source), "kind": kind, "folder": str(folder)}
+    model = BertForMaskedLM(config)
+    model.load_hf_state_dict(weights)
+    return model, Path(tokenizer_dir), info
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def add_args(p) -> None:
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="PATH_OR_HUB_ID",
+        help="a run folder (its newest checkpoint), a checkpoint, an export, a transformers BERT folder or a Hub id",
+    )
+    p.add_argument("--compare", metavar="PATH_OR_HUB_ID", help="a second model, scored on the same masked tokens")
+    p.add_argument("--data", metavar="DIR", help="token shards from `mlmtrain prepare` (instead of a corpus)")
+    p.add_argument("--data-split", choices=["valid", "train"], default="valid", help="shard split (default valid)")
+    add_corpus_args(p, required=False)
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the model's)")
+    p.add_argument("--max-seq-len", type=int, default=128, help="corpus: longest segment, as in prepare (128)")
+    p.add_argument("--tokens-per-batch", type=int, default=4096, help="tokens per batch (default 4096)")
+    p.add_argument("--max-batches", type=int, default=0, help="score at most this many batches (default 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks (default 0)")
+    p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of tokens masked (default 0.15)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32 (default) or bf16 autocast")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def main(args) -> int:
+    from mlmtrain.config import MaskSpec
+    from mlmtrain.packing import Packer
+    from mlmtrain.preflight import check_data_against_model
+    from mlmtrain.prepare import check_tokenizer_match, load_split, prepare, read_meta, shard_specials
+    from mlmtrain.tokenizer import tokenizer_fingerprint
+
+    if (args.data is None) == (not args.input and not args.dataset):
+        raise UserError("pass what to score on: --data SHARDS, or a corpus (--input FILE ... or --dataset NAME).")
+    corpus = corpus_from_args(args)
+    if args.tokens_per_batch < 8 or args.max_batches < 0 or not 0.0 < args.mask_prob < 1.0:
+        raise UserError("need --tokens-per-batch >= 8, --max-batches >= 0 and --mask-prob in (0, 1).")
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer_dir, info = load_model(args.model, args.tokenizer)
+    models, infos = [model], [info]
+    if args.compare:
+        other, other_tokenizer, other_info = load_model(args.compare, args.tokenizer)
+        if tokenizer_fingerprint(other_tokenizer) != tokenizer_fingerprint(tokenizer_dir):
+            raise UserError(
+                f"{args.model} and {args.compare} use different tokenizers: the same text would be other tokens, "
+                "so their losses are not comparable."
+            )
+        models.append(other)
+        infos.append(other_info)
+
+    with tempfile.TemporaryDirectory(prefix="mlmtrain_eval_") as tmp:
+        if corpus is not None:  # tokenized exactly as `prepare` would, all into one split
+            data_dir, split = Path(tmp) / "data", "train"
+            prepare(corpus, tokenizer_dir, data_dir, valid_fraction=0.0, max_seq_len=args.max_seq_len, progress=False)
+        else:
+            data_dir, split = Path(args.data), args.data_split
+        meta = read_meta(data_dir)
+        check_tokenizer_match(meta["tokenizer_fingerprint"], tokenizer_dir, f"the shards in {data_dir}")
+        max_seq_len = int(meta["max_seq_len"])
+        for m in models:
+            check_data_against_model(meta, m.config, max_seq_len)
+        shard = load_split(data_dir, split)
+        if shard.num_sentences == 0:
+            raise UserError(f"the {split} split of {data_dir} is empty: pass --data-split train.")
+        specials = shard_specials(meta)
+        vocab_size = int(meta["vocab_size"])
+        T = max(args.tokens_per_batch, max_seq_len)
+        packer = Packer(shard, T, max_seq_len, args.seed, "sentence", loop=False, static_shapes=False,
+                        specials=specials)  # fmt: skip
+        batches = (b for _, b in zip(range(args.max_batches or sys.maxsize), packer.batches()))
+        fit_split = "train" if split == "valid" and meta["train"]["sentences"] else split
+        blocked = np.zeros(vocab_size, dtype=bool)
+        blocked[[i for a, b in specials.never_mask for i in range(a, min(b, vocab_size - 1) + 1)]] = True
+        logp = unigram_log_probs(load_split(data_dir, fit_split).tokens, vocab_size, blocked)
+        mask = masker(specials, vocab_size, MaskSpec(mask_prob=args.mask_prob), args.seed,
+                      max_masked_bound(T, args.mask_prob), device)  # fmt: skip
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+        results = score([m.to(device) for m in models], batches, mask, device, autocast, None, logp, digest=True)
+
+    if corpus is not None:
+        source = "corpus " + ", ".join(d.get("path") or d.get("dataset") for d in corpus.describe())
+    else:
+        source = f"{split} split of {data_dir}"
+    report = {
+        "data": source,
+        "batches": results[0]["batches"],
+        "targets": results[0]["targets"],
+        "seed": args.seed,
+        "mask_prob": args.mask_prob,
+        "precision": args.precision,
+        "unigram_loss": results[0]["unigram_loss"],
+        "unigram_fit": f"{fit_split} split" if corpus is None else "the scored text itself (in-sample)",
+        "mask_sha256": results[0]["mask_sha256"],
+        "models": [{**i, **{k: r[k] for k in ("loss", "ppl", "accuracy")}} for i, r in zip(infos, results)],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2, ensure_ascii=False))
+        return 0
+    batches = f"{report['batches']} batch{'es' if report['batches'] != 1 else ''}"
+    print(f"{report['targets']:,} masked tokens in {batches} of {source} (seed {args.seed}, "
+          f"{args.mask_prob:.0%} masked, {args.precision})")  # fmt: skip
+    width = max(len(m["model"]) for m in report["models"]) + 12
+    print(f"{'model':<{width}} {'loss':>8} {'ppl':>10} {'accuracy':>9}")
+    for m in report["models"]:
+        name = m["model"] + (f" (step {m['step']})" if m.get("step") is not None else "")
+        print(f"{name:<{width}} {m['loss']:>8.4f} {m['ppl']:>10.2f} {m['accuracy']:>9.4f}")
+    uni = report["unigram_loss"]
+    print(f"{'unigram (' + report['unigram_fit'] + ')':<{width}} {uni:>8.4f} {math.exp(min(uni, 50)):>10.2f}")
+    return 0
