@@ -94,8 +94,8 @@ PLANS = {
         "data_tokens": 60_000,
         "valid_tokens": 2_000,  # the evaluator runs transformers' full vocab head: on a CPU that is the cost
         "ablation_tokens": 256,  # two rows of 128
-        "ablation_target_tokens": 1000,  # 4 steps, one log window each: the first dropped, the last profiled
-        "ablation_log_every": 1,
+        "ablation_target_tokens": 1500,  # 6-7 steps in windows of 2: the first dropped, the last profiled
+        "ablation_log_every": 2,  # a profiled window needs 2 steps: one warms the profiler up, one is traced
         "large_size": "tiny",
         "large_tokens": 512,
         "large_target_tokens": 1000,

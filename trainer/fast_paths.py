@@ -48,12 +48,14 @@ def set_fast_paths(model: nn.Module, fast: FastPaths) -> FastPaths:
 def post_ln_residual(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fast: FastPaths):
     """LayerNorm(dropout(x) + residual), BERT's post-LN sublayer output: the sum and the statistics in fp32, the
     output in the promoted dtype of x and residual (so the residual stream keeps its dtype: fp32 under autocast
-    by default, the compute dtype with `residual_dtype="compute"`). With fp32 inputs it is exactly
-    `norm(dropout(x) + residual)`."""
+    by default, the compute dtype with `residual_dtype="compute"`). The default is `norm(dropout(x) + residual)`
+    itself."""
     if fast.fused_ops == "triton":
         return residual_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout.p, training=dropout.training)
-    h = dropout(x).float() + residual.float()
-    out = F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    if fast.residual_dtype == "fp32":  # as BERT writes it: the dtypes are autocast's (or FSDP's parameter dtype)
+        return norm(dropout(x) + residual)
+    h = dropout(x).float() + residual.float()  # the sum in fp32, never rounded to the stream's dtype
+    out = F.layer_norm(h, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
     return out.to(torch.promote_types(x.dtype, residual.dtype))
 
 
