@@ -68,7 +68,7 @@ timeout -k 10 "$left" "$PY" -m mlmtrain.cli bench --out "$OUT" --device cuda --s
   --time-limit $((left - 25)) "$@" 2>&1 | grep -v "step/s" | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
 echo "speed_gpu.sh: report in $OUT/report.md (exit $rc, $SECONDS s)"
-if grep -q "skipped: the time budget" "$OUT/results.json" 2>/dev/null; then
-  echo "speed_gpu.sh: some rows were skipped for time; measure them with: bash scripts/speed_gpu.sh $OUT --merge"
+if [ "$rc" = 124 ] || [ "$rc" = 137 ] || grep -q "skipped: the time budget" "$OUT/results.json" 2>/dev/null; then
+  echo "speed_gpu.sh: some rows did not fit the budget; measure them with: bash scripts/speed_gpu.sh $OUT --merge"
 fi
 exit "$rc"
