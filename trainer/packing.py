@@ -17,6 +17,9 @@ Order: the units (sentences or document chunks) of each epoch are shuffled by a 
 (seed, epoch); batches are cut greedily from that stream and the stream runs on into the next epoch, so
 no batch is short and no unit is split. Global micro-batch b goes to rank b % world_size. The cursor
 (epoch, position of the next unit) is all a resume needs.
+
+`RowPacker` (data.layout = "rows") lays the same stream's units into rows of `max_seq_len` instead: the batch
+also carries `segment_ids` [R, L], for attention per row (see the class).
 """
 
 from __future__ import annotations
