@@ -119,11 +119,12 @@ def run_ours(
     seed: int = 0,
     profile: bool = False,
     save_final: bool = False,
+    options: dict | None = None,
 ) -> dict:
     """One `mlmtrain.train.train` run; returns its summary plus the timed log windows' spread. With
     `profile`, the last log window is profiled (its first step warms the profiler up, the rest are traced:
     per-phase times in summary["phase_ms"], kernel categories in OUT/profile/categories.json) and left out of
-    the timing, as the profiler slows it down."""
+    the timing, as the profiler slows it down. `options`: more config keys (dotted, as `--set` takes them)."""
     from mlmtrain.config import load_config
     from mlmtrain.files import folder_state
     from mlmtrain.run_folder import RUN_LAYOUT
@@ -151,6 +152,7 @@ def run_ours(
             "optim.warmup_steps": warmup_steps,
             "train.profile_steps": f"{steps - log_every + 1}:{steps}" if profile else "",
             "train.profile_warmup": 1,
+            **(options or {}),
         },
     )
     cfg.out_dir = str(out_dir)
@@ -165,7 +167,9 @@ def run_ours(
     # windows hold the same number of steps of (nearly) the same real tokens, so the overall rate (timed
     # tokens / timed seconds) is the harmonic mean of the window rates
     overall = len(timed) / sum(1 / w["tokens_per_s"] for w in timed)
+    categories = out_dir / "profile" / "categories.json"  # written by profilers that break a step into kernels
     return {
+        "kernel_categories": json.loads(categories.read_text()) if categories.is_file() else None,
         "summary": summary,
         "wall_s": wall_s,
         "timed_windows": len(timed),
@@ -205,6 +209,7 @@ def ours_row(
         "peak_mem_bytes": s["peak_mem_bytes"],
         "data_wait_s": s.get("data_wait_s"),
         "phase_ms": s.get("phase_ms") or None,
+        "kernel_categories": result.get("kernel_categories"),
         "own_valid_loss": s.get("valid_loss"),
         "final_train_loss": s.get("final_loss"),
         "timed": f"{result['timed_windows']} log windows of {result['log_every']} steps (first window dropped"

@@ -13,44 +13,12 @@ and judges throughput against the ceilings measured in the same run (and the dat
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
+
+from mlmtrain.benchmarks.tables import gib, pct, scale, si, spread_text, table
 
 SCHEMA = "mlmtrain-bench/1"
 CHARTS = {"throughput": "throughput_vs_batch.png", "tflops": "tflops_vs_ceiling.png", "recipe": "ours_vs_recipe.png"}
-
-
-# ---- numbers --------------------------------------------------------------------------------------------
-
-
-def _si(x: float | None, unit: str = "") -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "–"
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g} {prefix}{unit}".rstrip()
-    return f"{x:.3g} {unit}".rstrip()
-
-
-def _spread(d: dict | None, fmt=_si, unit: str = "") -> str:
-    """'median (min–max)' of a {"min","median","max"} dict."""
-    if not isinstance(d, dict) or d.get("median") is None:
-        return "–"
-    return f"{fmt(d['median'], unit)} ({fmt(d['min'], unit)}–{fmt(d['max'], unit)})"
-
-
-def _pct(d: dict | None) -> str:
-    if not isinstance(d, dict) or d.get("median") is None:
-        return "–"
-    return f"{100 * d['median']:.1f}% ({100 * d['min']:.1f}–{100 * d['max']:.1f}%)"
-
-
-def _scale(d: dict | None, k: float) -> dict | None:
-    return {key: v * k for key, v in d.items() if isinstance(v, (int, float))} if isinstance(d, dict) else None
-
-
-def _gib(b) -> str:
-    return "–" if b is None else f"{b / 2**30:.2f} GiB"
 
 
 def section(results: dict, name: str) -> dict | None:
@@ -94,7 +62,7 @@ def headline(results: dict) -> dict:
             "mfu": ours.get("mfu"),
             "achieved_tflops": ours.get("achieved_tflops"),
             "valid_loss": ours.get("valid_loss"),
-            "fraction_of_matmul_ceiling": _scale(ours.get("achieved_tflops"), 1 / mm) if mm else None,
+            "fraction_of_matmul_ceiling": scale(ours.get("achieved_tflops"), 1 / mm) if mm else None,
             "phase_ms": ours.get("phase_ms"),
         }
     if recipe:
@@ -105,6 +73,10 @@ def headline(results: dict) -> dict:
         }
     if cmp:
         h["speedup_tokens_per_s"] = cmp.get("speedup_tokens_per_s")
+    if rows_of(results, "ablation"):
+        from mlmtrain.benchmarks.bench_ablation import headline as ablation_headline
+
+        h["ablation"] = ablation_headline(rows_of(results, "ablation"), ceil.get("matmul_bfloat16"))
     # the masking kernel's share of copy bandwidth: against the copy of the same bytes timed next to it
     # (bench_mask's summary rows) and against this run's copy ceiling
     mask = rows_of(results, "mask")
@@ -125,12 +97,6 @@ def headline(results: dict) -> dict:
 # ---- tables ---------------------------------------------------------------------------------------------
 
 
-def _table(header: list[str], lines: list[list[str]]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
-    return "\n".join(out)
-
-
 RATE_UNITS = {
     "tokens_per_s": (1, "tok/s"),
     "bytes_per_s": (1, "B/s"),
@@ -144,7 +110,7 @@ def generic_table(rows: list[dict], ceil: dict) -> str:
     measured ceiling where the rate is bytes (copy) or FLOPs (matmul)."""
     lines = []
     for r in rows:
-        rates = [f"{_spread(r[k], unit=u)}" for k, (_, u) in RATE_UNITS.items() if isinstance(r.get(k), dict)]
+        rates = [f"{spread_text(r[k], unit=u)}" for k, (_, u) in RATE_UNITS.items() if isinstance(r.get(k), dict)]
         share = []
         if isinstance(r.get("bytes_per_s"), dict) and ceil.get("copy"):
             share.append(f"{100 * r['bytes_per_s']['median'] / 1e9 / ceil['copy']:.0f}% of copy")
@@ -158,9 +124,9 @@ def generic_table(rows: list[dict], ceil: dict) -> str:
         if r.get("num_tokens") and r.get("kind") != "summary":
             label += f" ({r['num_tokens']:,} tokens)"
         lines.append(
-            [label, _spread(secs, unit="s") if secs else "–", "; ".join(rates) or "–", ", ".join(share) or "–"]
+            [label, spread_text(secs, unit="s") if secs else "–", "; ".join(rates) or "–", ", ".join(share) or "–"]
         )
-    return _table(["name", "time per call: median (min–max)", "rates: median (min–max)", "of measured ceiling"], lines)
+    return table(["name", "time per call: median (min–max)", "rates: median (min–max)", "of measured ceiling"], lines)
 
 
 def train_table(rows: list[dict], ceil: dict) -> str:
@@ -180,17 +146,17 @@ def train_table(rows: list[dict], ceil: dict) -> str:
                 batch,
                 f"{r.get('real_tokens', 0):,}",
                 r.get("steps"),
-                _si(r["tokens_per_s"].get("overall"), "tok/s"),
-                _spread(r.get("tokens_per_s"), unit="tok/s"),
-                _spread(r.get("achieved_tflops"), fmt=lambda x, u: f"{x:.3g}"),
-                _pct(r.get("mfu")),
-                _pct(_scale(r.get("achieved_tflops"), 1 / mm)) if mm else "–",
-                _gib(r.get("peak_mem_bytes")),
+                si(r["tokens_per_s"].get("overall"), "tok/s"),
+                spread_text(r.get("tokens_per_s"), unit="tok/s"),
+                spread_text(r.get("achieved_tflops"), fmt=lambda x, u: f"{x:.3g}"),
+                pct(r.get("mfu")),
+                pct(scale(r.get("achieved_tflops"), 1 / mm)) if mm else "–",
+                gib(r.get("peak_mem_bytes")),
                 f"{r['valid_loss']:.4f}" if r.get("valid_loss") is not None else "–",
                 f"{r.get('wall_s', 0):.1f} s",
             ]
         )
-    return _table(
+    return table(
         [
             "run",
             "batch",
@@ -221,14 +187,14 @@ def sweep_table(rows: list[dict], ceil: dict) -> str:
                 f"{r['tokens_per_batch']:,}",
                 r["seq_cap"],
                 r.get("pack"),
-                _spread(r.get("tokens_per_s"), unit="tok/s"),
-                _pct(r.get("mfu")),
-                _pct(_scale(r.get("achieved_tflops"), 1 / mm)) if mm else "–",
-                _gib(r.get("peak_mem_bytes")),
-                _spread(r.get("step_time_s"), unit="s"),
+                spread_text(r.get("tokens_per_s"), unit="tok/s"),
+                pct(r.get("mfu")),
+                pct(scale(r.get("achieved_tflops"), 1 / mm)) if mm else "–",
+                gib(r.get("peak_mem_bytes")),
+                spread_text(r.get("step_time_s"), unit="s"),
             ]
         )
-    return _table(
+    return table(
         [
             "tokens per batch",
             "seq cap",
@@ -323,7 +289,7 @@ def chart_tflops(results: dict, path: Path, ceil: dict, peak: float | None) -> b
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.8))
     names, med, lo, hi = [], [], [], []
     for r in rows:
-        d = r.get("achieved_tflops") if isinstance(r.get("achieved_tflops"), dict) else _scale(r["flops_per_s"], 1e-12)
+        d = r.get("achieved_tflops") if isinstance(r.get("achieved_tflops"), dict) else scale(r["flops_per_s"], 1e-12)
         names.append(f"{r['section']}: {r['name']}")
         med.append(d["median"])
         lo.append(d["median"] - d["min"])
@@ -422,6 +388,7 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
         "model": "Model forward + backward",
         "train": "Training: ours vs the HF Trainer baseline",
         "sweep": "Sweep: tokens per batch x sequence cap (our step)",
+        "ablation": "Speed ablation at the real vocabulary (our step, one option more per row)",
     }
     for s in results["sections"]:
         if "error" in s:
@@ -444,6 +411,10 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
                 md += [profile_text(ours, ceil), ""]
             if chart_recipe(rows, out_dir / CHARTS["recipe"]):
                 md += [f"![ours vs recipe]({CHARTS['recipe']})", ""]
+        elif s["section"] == "ablation":
+            from mlmtrain.benchmarks.bench_ablation import report_markdown
+
+            md += [report_markdown(s["rows"], ceil.get("matmul_bfloat16")), ""]
         elif s["section"] == "sweep":
             md += [sweep_table(s["rows"], ceil), ""]
             if chart_throughput(rows, out_dir / CHARTS["throughput"]):

@@ -4,8 +4,14 @@ Sections, run in the order given by --sections:
     ceilings  bf16 matmul TFLOP/s and device-to-device copy GB/s, measured now (benchmarks/ceilings.py)
     mask      the masking kernel vs its torch reference vs the HF collator (benchmarks/bench_mlm_mask.py)
     model     forward + backward of the model at base and large (benchmarks/bench_model.py)
-    train     full training steps, ours vs the HF Trainer baseline, same tokens (benchmarks/bench_train.py)
+    train     full training steps, ours vs the HF Trainer baseline, same tokens (benchmarks/bench_train.py), and
+              ours once more at the bundled sample's own vocabulary (the rows before the vocab-30000 corpus)
     sweep     our step over tokens per batch (16k..256k) and sequence caps (128, 512)
+    ablation  the speed options one by one, and the target workloads (benchmarks/bench_ablation.py); not in the
+              default list: scripts/speed_gpu.sh asks for it
+
+train, sweep and ablation run on a synthetic corpus at the real vocabulary, 30,000 pieces (4,096 with --quick),
+with the sentence lengths of Korean text (benchmarks/synthetic_data.py), made once per run through `prepare`.
 
 A section whose module is missing or that fails is recorded as {"section", "error"} and named in the
 report; the others still run. --time-limit keeps a scripted run inside a wall-clock budget: a section or
@@ -31,6 +37,7 @@ import torch
 from mlmtrain.errors import UserError
 
 SECTIONS = ("ceilings", "mask", "model", "train", "sweep")
+OPTIONAL_SECTIONS = ("ablation",)
 
 # What each section measures, per mode. Full sizes fit an H200 in < 9 minutes together (scripts/bench_gpu.sh).
 PLANS = {
@@ -54,6 +61,15 @@ PLANS = {
         "sweep_target_tokens": 2_000_000,
         "sweep_steps": (15, 60),
         "compile": True,
+        "data_vocab": 30000,  # the real vocabulary (the blog post's)
+        "data_tokens": 4_000_000,  # synthetic train text: no epoch repeats in the train section's 2.6M tokens
+        "valid_tokens": 40_000,  # the held-out sentences every train and ablation row is scored on
+        "ablation_tokens": 65536,
+        "ablation_target_tokens": 2_000_000,  # ~31 steps of 64k: 5 timed windows of 5 after compile
+        "ablation_log_every": 5,
+        "large_size": "large",
+        "large_tokens": 65536,
+        "large_target_tokens": 1_500_000,
     },
     "quick": {
         "mask_sizes": [4096, 32768],
@@ -74,6 +90,15 @@ PLANS = {
         "sweep_target_tokens": 4096,
         "sweep_steps": (6, 6),
         "compile": False,
+        "data_vocab": 4096,  # as model_vocab: the same generator, sized for a CPU (30000 makes each step ~5x slower)
+        "data_tokens": 60_000,
+        "valid_tokens": 2_000,  # the evaluator runs transformers' full vocab head: on a CPU that is the cost
+        "ablation_tokens": 256,  # two rows of 128
+        "ablation_target_tokens": 1500,  # 6-7 steps in windows of 2: the first dropped, the last profiled
+        "ablation_log_every": 2,  # a profiled window needs 2 steps: one warms the profiler up, one is traced
+        "large_size": "tiny",
+        "large_tokens": 512,
+        "large_target_tokens": 1000,
     },
 }
 
@@ -89,7 +114,7 @@ def add_args(p) -> None:
     p.add_argument(
         "--sections",
         default=",".join(SECTIONS),
-        help=f"comma-separated, run in this order (default {','.join(SECTIONS)})",
+        help=f"comma-separated, run in this order (default {','.join(SECTIONS)}; also {','.join(OPTIONAL_SECTIONS)})",
     )
     p.add_argument("--size", help="model size for train and sweep (default base; tiny with --quick)")
     p.add_argument(
@@ -128,9 +153,10 @@ def command_line(args) -> str:
 
 def check_args(args) -> list[str]:
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = [s for s in sections if s not in SECTIONS]
+    known = (*SECTIONS, *OPTIONAL_SECTIONS)
+    unknown = [s for s in sections if s not in known]
     if unknown or not sections:
-        raise UserError(f"unknown section(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(SECTIONS)}")
+        raise UserError(f"unknown section(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(known)}")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu (with --quick)")
@@ -166,15 +192,34 @@ class Bench:
         self.deadline: float | None = None  # time.monotonic() past which nothing new starts (main sets it)
         self.previous = previous or {"sections": []}
         self.done: dict[str, list[dict]] = {}
-        self._data = None
+        self._data = self._sample_data = None
+        self.progress = lambda section, rows: None  # main writes the rows of a section still running
 
     def data(self):
-        from mlmtrain.benchmarks.bench_train import make_data
+        """The synthetic vocab-30000 corpus every train, sweep and ablation row runs on (made once)."""
+        from mlmtrain.benchmarks.synthetic_data import make_synthetic_data
 
         if self._data is None:
-            caps = sorted({128, *(self.plan["sweep_caps"] if "sweep" in self.sections else [])})
-            self._data = make_data(self.work / "data", seq_caps=caps)
+            caps = {128, *(self.plan["sweep_caps"] if "sweep" in self.sections else [])}
+            caps |= {512} if "ablation" in self.sections else set()
+            log = lambda msg: print(f"mlmtrain bench: {msg}", file=sys.stderr)  # noqa: E731
+            self._data = make_synthetic_data(
+                self.work / "synthetic",
+                seq_caps=sorted(caps),
+                vocab_size=self.plan["data_vocab"],
+                train_tokens=self.plan["data_tokens"],
+                valid_tokens=self.plan["valid_tokens"],
+                log=log,
+            )
         return self._data
+
+    def sample_data(self):
+        """The bundled sample corpus at its own vocabulary: the one row kept for continuity with earlier reports."""
+        from mlmtrain.benchmarks.bench_train import make_data
+
+        if self._sample_data is None:
+            self._sample_data = make_data(self.work / "sample", seq_caps=[128])
+        return self._sample_data
 
     # ---- sections: each returns a list of rows ----------------------------------------------------------
 
@@ -234,7 +279,7 @@ class Bench:
     def train(self) -> list[dict]:
         from mlmtrain.benchmarks import bench_train
 
-        return bench_train.run(
+        rows = bench_train.run(
             self.work / "train",
             size=self.size,
             tokens_per_batch=self.plan["train_tokens"],
@@ -246,6 +291,32 @@ class Bench:
             data=self.data(),
             command=self.command,
         )
+        rows = [{**r, "data": "synthetic"} for r in rows]
+        sample = self.sample_data()
+        T, steps, log_every = self.plan["train_tokens"], self.plan["train_steps"], self.plan["log_every"]
+        result = bench_train.run_ours(
+            sample,
+            self.work / "train" / "ours_sample_vocab",
+            size=self.size,
+            tokens_per_batch=T,
+            steps=-(-steps // log_every) * log_every,
+            device=self.args.device,
+            compile=self.plan["compile"],
+            log_every=log_every,
+            warmup_steps=max(1, int(0.06 * steps)),
+        )
+        name = f"ours {self.size} T={T} at the sample's vocabulary ({sample.vocab_size})"
+        row = bench_train.ours_row(
+            name,
+            result,
+            size=self.size,
+            tokens_per_batch=T,
+            seq_cap=128,
+            benchmark="train",
+            vocab_size=sample.vocab_size,
+            data="sample",
+        )
+        return rows + [row]
 
     def sweep(self) -> list[dict]:
         from mlmtrain.benchmarks import bench_train
@@ -259,12 +330,13 @@ class Bench:
                 for r in s.get("rows", [])
                 if "error" not in r
             ]
+        reuse = [r for r in reuse if r.get("data") == "synthetic"]  # not the sample-vocabulary rows
         lo, hi = self.plan["sweep_steps"]
         # until a sweep point has run, the train section's own run (same model, one compile) says how long one takes
         expected = max(
             [r.get("wall_s", 0.0) for r in self.done.get("train", []) if r.get("trainer") == "ours"], default=0.0
         )
-        return bench_train.sweep(
+        rows = bench_train.sweep(
             self.work / "sweep",
             self.data(),
             size=self.size,
@@ -280,6 +352,29 @@ class Bench:
             expected_s=expected,
             reuse=reuse,
             command=self.command,
+        )
+        return [{**r, "data": "synthetic"} for r in rows]
+
+    def ablation(self) -> list[dict]:
+        from mlmtrain.benchmarks import bench_ablation
+
+        reuse = [r for s in self.previous["sections"] if s["section"] == "ablation" for r in s.get("rows", [])]
+        return bench_ablation.run(
+            self.work / "ablation",
+            self.data(),
+            size=self.size,
+            tokens_per_batch=self.plan["ablation_tokens"],
+            target_tokens=self.plan["ablation_target_tokens"],
+            device=self.args.device,
+            compile=self.plan["compile"],
+            log_every=self.plan["ablation_log_every"],
+            large_size=self.plan["large_size"],
+            large_tokens_per_batch=self.plan["large_tokens"],
+            large_target_tokens=self.plan["large_target_tokens"],
+            deadline=self.deadline,
+            reuse=reuse if self.args.merge else [],
+            command=self.command,
+            on_row=lambda rows: self.progress("ablation", rows),
         )
 
     def run_section(self, name: str) -> dict:
@@ -332,6 +427,13 @@ def main(args) -> int:
     peak = peak_tflops_for(bench.device, "bf16" if bench.device.type == "cuda" else "fp32") or None
     t0 = time.monotonic()
     bench.deadline = t0 + args.time_limit if args.time_limit else None  # the budget is for the sections
+
+    def progress(section: str, rows: list[dict]) -> None:  # rows so far: a hard stop keeps every finished row
+        rows = [{**r, "section": section, "command": r.get("command") or bench.command} for r in rows]
+        running = {"section": section, "wall_s": time.monotonic() - t0, "rows": rows, "unfinished": True}
+        report.write(_merged({**results, "sections": [*results["sections"], running]}, previous), out, peak)
+
+    bench.progress = progress
     print(f"mlmtrain bench: {', '.join(sections)} on {results['environment']['device']} -> {out}", file=sys.stderr)
     try:
         for name in sections:

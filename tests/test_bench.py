@@ -7,11 +7,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import time
 
 import pytest
 
 from mlmtrain.benchmarks import report
 from mlmtrain.benchmarks.bench_train import steps_for, sweep_points
+from mlmtrain.benchmarks.suite import PLANS
 from mlmtrain.cli import main
 
 SECTIONS = ["ceilings", "mask", "model", "train", "sweep"]
@@ -73,6 +75,13 @@ def test_ceilings_and_training_rows(quick):
         assert recipe["steps"] == ours["steps"]
         assert recipe["tokens_per_s"]["median"] > 0 and math.isfinite(recipe["valid_loss"])
         assert recipe["valid_targets"] == ours["valid_targets"]  # the very same masked validation tokens
+    assert ours["vocab_size"] == PLANS["quick"]["data_vocab"] and ours["data"] == "synthetic"
+    continuity = next(r for r in train if r.get("data") == "sample")
+    assert (
+        continuity["trainer"] == "ours"
+        and continuity["vocab_size"] < 30000
+        and continuity["tokens_per_s"]["median"] > 0
+    )
     sweep = [r for r in report.rows_of(res, "sweep")]
     assert {(r["tokens_per_batch"], r["seq_cap"]) for r in sweep} == {(512, 128), (1024, 128), (512, 512), (1024, 512)}
     assert {r["pack"] for r in sweep if r["seq_cap"] == 512} == {"document"}
@@ -220,3 +229,92 @@ def test_report_names_failed_sections(tmp_path):
     assert "**mask**: module mlmtrain.benchmarks.bench_mlm_mask is not available" in md
     assert "ours tiny T=512 cap=128: skipped" in md
     assert json.loads(json_path.read_text())["schema"] == report.SCHEMA
+
+
+def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
+    """scripts/speed_gpu.sh --quick: the GPU script's own path on the CPU (tiny model; the fused kernels run their
+    torch reference, as on any machine without Triton's interpreter). Rows that cannot run on a CPU (CUDA graphs,
+    fp8) say why. Then a second call with --merge measures only the rows a first call recorded as skipped (here:
+    marked so by hand) and keeps the others."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "speed_gpu.sh"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHON": sys.executable}
+    out = tmp_path / "speed"
+    first = subprocess.run(["bash", str(script), str(out), "--quick"], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert [s["section"] for s in res["sections"]] == ["ceilings", "ablation"]
+    everything = res["sections"][1]["rows"]
+    by_name = {(r["benchmark"], r["name"]): r for r in everything}
+    names = [
+        "today",
+        "+row attention",
+        "+bf16 residual",
+        "+fused kernels",
+        "+CUDA graphs",
+        "+fp8 tensorwise",
+        "+fp8 rowwise",
+        "dropout off",
+    ]
+    assert [r["name"] for r in everything if r["benchmark"] == "ablation"] == names
+    measured = [by_name[("ablation", n)] for n in ("today", "+row attention", "+bf16 residual", "+fused kernels")]
+    measured.append(by_name[("ablation", "dropout off")])
+    for r in measured:
+        assert r["tokens_per_s"]["overall"] > 0 and math.isfinite(r["valid_loss"]) and r["phase_ms"], r["name"]
+    assert len({r["real_tokens"] for r in measured}) == 1  # the same real tokens, so the losses compare
+    assert by_name[("ablation", "+row attention")]["options"] == {"data.layout": "rows"}
+    assert "needs a CUDA device" in by_name[("ablation", "+CUDA graphs")]["error"]
+    assert "FP8 tensor cores" in by_name[("ablation", "+fp8 rowwise")]["error"]
+    assert by_name[("ablation", "+fused kernels")]["tokens_per_s"]["overall"] > 0
+    targets = [r for r in everything if r["benchmark"] == "target"]
+    assert targets[0]["name"] == "today" and targets[0]["seq_cap"] == 512 and targets[0]["pack"] == "document"
+    assert len(targets) >= 2 and "ablation" in res["headline"]
+    md = (out / "report.md").read_text(encoding="utf-8")
+    for needle in ("### Ablation", "### Targets", "Kernel categories", "+CUDA graphs", "valid MLM loss"):
+        assert needle in md, needle
+
+    dropout = by_name[("ablation", "dropout off")]  # as a first call cut short by its budget would leave it
+    cut = {k: dropout[k] for k in ("benchmark", "name", "size", "tokens_per_batch", "seq_cap", "options", "section")}
+    res["sections"][1]["rows"] = [
+        r if r is not dropout else {**cut, "error": "skipped: the time budget (--time-limit) ran out"}
+        for r in everything
+    ]
+    (out / "results.json").write_text(json.dumps(res), encoding="utf-8")
+    second = subprocess.run(
+        ["bash", str(script), str(out), "--quick", "--merge", "--sections", "ablation"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert [s["section"] for s in res["sections"]] == ["ceilings", "ablation"]  # the ceilings kept
+    again = {(r["benchmark"], r["name"]): r for r in res["sections"][1]["rows"]}
+    assert again[("ablation", "dropout off")]["tokens_per_s"]["overall"] > 0
+    assert not again[("ablation", "dropout off")].get("reused_from")
+    assert all(again[k].get("reused_from") for k in (("ablation", "today"), ("target", "today")))
+
+
+def test_ablation_rows_past_the_budget_are_skipped_and_say_so(tmp_path):
+    from mlmtrain.benchmarks.bench_ablation import SKIPPED, Ablation
+    from mlmtrain.benchmarks.synthetic_data import make_synthetic_data
+
+    data = make_synthetic_data(tmp_path / "data", train_tokens=3000, valid_tokens=200, log=lambda msg: None)
+    seen = []
+    bench = Ablation(
+        tmp_path,
+        data,
+        device="cpu",
+        compile=False,
+        log_every=1,
+        deadline=time.monotonic() - 1,
+        reuse=[],
+        command="x",
+        on_row=lambda rows: seen.append(len(rows)),
+    )
+    row = bench.row("ablation", "today", {}, size="tiny", tokens_per_batch=256, cap=128, target_tokens=1000)
+    assert row["error"] == SKIPPED and row["options"] == {} and seen == [1]

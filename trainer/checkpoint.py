@@ -357,8 +357,8 @@ def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfi
                 f"model {key} is {getattr(model_config, key)} but the checkpoint has {saved_model.get(key)}"
             )
     saved_run = config_from_dict(saved_config.get("run", {}))
-    saved_layout = (saved_run.data.tokens_per_batch, saved_run.optim.grad_accum)
-    if saved_layout != (run.data.tokens_per_batch, run.optim.grad_accum):
-        problems.append("tokens_per_batch or grad_accum differ (the data cursor would not line up)")
+    saved_layout = (saved_run.data.tokens_per_batch, saved_run.optim.grad_accum, saved_run.data.layout)
+    if saved_layout != (run.data.tokens_per_batch, run.optim.grad_accum, run.data.layout):
+        problems.append("tokens_per_batch, grad_accum or data.layout differ (the data cursor would not line up)")
     if problems:
         raise UserError(f"cannot resume from {ckpt}: " + "; ".join(problems))

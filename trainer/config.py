@@ -42,6 +42,11 @@ class ModelSpec:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02  # std of the normal initialisation
     init_from: str = ""  # a transformers BERT folder or Hub id: weights, every dimension above and the tokenizer
+    # auto (flash varlen on CUDA; FlexAttention per row with data.layout = rows when compiled) | varlen | sdpa
+    # (the reference) | flex (rows only)
+    attention: str = "auto"
+    residual_dtype: str = "fp32"  # fp32 (autocast's default) | compute: LayerNorm outputs in the autocast dtype
+    fused_ops: str = "torch"  # torch (inductor fuses them) | triton: the fused residual+LayerNorm, bias+GELU kernels
 
     def dims(self) -> dict:
         """The four preset dimensions after the overrides, with transformers' names."""
@@ -68,6 +73,9 @@ class DataSpec:
     tokenizer_dir: str = ""  # the tokenizer the shards were made with
     tokens_per_batch: int = 0  # per micro-batch, per rank; 0 = auto (65536 on CUDA, 4096 on CPU)
     pack: str = "sentence"  # sentence: one sentence per segment | document: neighbours joined up to max_seq_len
+    # flat: segments back to back in one [T] stream | rows: whole segments bin-packed into rows of max_seq_len
+    # (tokens_per_batch must be a multiple of it), attention per row
+    layout: str = "flat"
     prefetch: int = 4  # batches built ahead on the background thread
 
 
@@ -117,6 +125,9 @@ class TrainSpec:
     nan_policy: str = "skip"  # skip: skip the update | stop: final checkpoint and stop
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps
     shard: str = "ddp"  # ddp | fsdp (only used under torchrun with more than one process)
+    cuda_graphs: bool = False  # replay the compiled step as CUDA graphs (torch.compile mode="reduce-overhead")
+    async_log_reads: bool = False  # read a log window's device numbers one window later: no wait for the queue
+    fp8: str = "off"  # off | tensorwise | rowwise: torchao float8 training of the encoder's linear layers (H100+)
 
 
 @dataclass
@@ -166,9 +177,15 @@ def validate(cfg: RunConfig) -> RunConfig:
                     f"model.{key}={getattr(m, key)} cannot be combined with model.init_from: the model's "
                     "dimensions come from its config.json"
                 )
+    _one_of("model.attention", m.attention, ("auto", "varlen", "sdpa", "flex"))
+    _one_of("model.residual_dtype", m.residual_dtype, ("fp32", "compute"))
+    _one_of("model.fused_ops", m.fused_ops, ("torch", "triton"))
     _at_least("data.tokens_per_batch", d.tokens_per_batch, 0, "(0 = auto)")
     _one_of("data.pack", d.pack, ("sentence", "document"))
     _at_least("data.prefetch", d.prefetch, 1)
+    _one_of("data.layout", d.layout, ("flat", "rows"))
+    if m.attention == "flex" and d.layout != "rows":
+        raise UserError("model.attention = flex attends per row: it needs data.layout = rows")
     _within("mask.mask_prob", k.mask_prob, 0.0, 1.0, "in (0, 1)", low_open=True, high_open=True)
     _within("mask.mask_frac", k.mask_frac, 0.0, 1.0, "in [0, 1]")
     _within("mask.random_frac", k.random_frac, 0.0, 1.0, "in [0, 1]")
@@ -206,6 +223,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of("train.nan_policy", t.nan_policy, ("skip", "stop"))
     _at_least("train.max_bad_steps", t.max_bad_steps, 1)
     _one_of("train.shard", t.shard, ("ddp", "fsdp"))
+    _one_of("train.fp8", t.fp8, ("off", "tensorwise", "rowwise"))
     return cfg
 
 

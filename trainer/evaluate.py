@@ -86,7 +86,7 @@ def score(models, batches, mask, device, autocast, max_seqlen: int | None, unigr
         real = m.masked_labels != -100
         for j, model in enumerate(models):
             with autocast:
-                logits = model(m.masked_ids, b.position_ids, b.cu_seqlens, seqlen, m.masked_positions)
+                logits = model(m.masked_ids, b.position_ids, b.cu_seqlens, seqlen, m.masked_positions, b.segment_ids)
             s, n = mlm_loss_sum(logits, m.masked_labels)
             loss_sums[j] += s.double()
             correct[j] += ((logits.argmax(-1) == m.masked_labels) & real).sum()

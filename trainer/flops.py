@@ -57,7 +57,9 @@ def peak_tflops_for(device: torch.device, precision: str) -> float:
 
 def train_flops_per_batch(config: BertConfig, batch, mask_prob: float) -> float:
     """Training FLOPs of one packed batch's real segments (host-side numbers only: no device sync)."""
-    cu = batch.cu_seqlens.numpy()[: batch.num_segments + 1]
-    lengths = np.diff(cu).astype(np.float64)  # real segment lengths
+    if batch.segment_lengths is not None:  # rows: the real segments sit between the rows' [PAD] tails
+        lengths = batch.segment_lengths.astype(np.float64)
+    else:
+        lengths = np.diff(batch.cu_seqlens.numpy()[: batch.num_segments + 1]).astype(np.float64)  # real segments
     per_token = model_flops_per_token(config, lengths, head_fraction=mask_prob)
     return per_token * batch.num_real_tokens

@@ -177,9 +177,14 @@ def truncate_metrics(path: Path, step: int) -> int:
 class WindowStats:
     """The numbers of one log window. Device-side ones (loss, non-finite flags, the bad-step streak) accumulate
     without a sync and reach the host in one transfer when the window closes; host-side ones (tokens, segments,
-    FLOPs) are summed over ranks there, with the stop and timed-save requests every rank must agree on."""
+    FLOPs) are summed over ranks there, with the stop and timed-save requests every rank must agree on.
 
-    def __init__(self, device: torch.device, log_every: int, world: int, peak_tflops: float, prefetch):
+    `deferred` (train.async_log_reads): that transfer is a non-blocking copy into pinned memory, read when the
+    next window closes (or at `flush`). Reading at once makes the host wait until the device has run every step
+    it was given, then the device idles while the host logs and launches the next step; a copy read one window
+    later has long landed, so the queue never drains. The rows are the same; each is written a window later."""
+
+    def __init__(self, device, log_every: int, world: int, peak_tflops: float, prefetch, deferred: bool = False):
         self.device, self.world, self.peak_tflops, self.prefetch = device, world, peak_tflops, prefetch
         self.bad_flags = torch.zeros(log_every, device=device, dtype=torch.bool)  # per window step
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # over the window's good steps
@@ -187,6 +192,8 @@ class WindowStats:
         self.max_streak = torch.zeros((), device=device, dtype=torch.int64)  # over this process's steps
         self.grad_norm = torch.zeros((), device=device)
         self.steps, self.tokens, self.segments, self.flops = 0, 0, 0, 0.0
+        self.deferred, self.pending = deferred, None  # pending: a closed window whose device numbers are in flight
+        self.landing = torch.empty(log_every + 3, dtype=torch.float64, pin_memory=device.type == "cuda")
         self.restart_clock()
 
     def restart_clock(self) -> None:
@@ -205,26 +212,19 @@ class WindowStats:
         self.grad_norm = grad_norm
         self.steps += 1
 
-    def close(self, step: int, lr: float, last: bool, stop_request, time_due: bool) -> tuple[Window, tuple]:
-        """The window's numbers, and (stop request, timed save due) as every rank agrees on them."""
+    def close(self, step: int, lr: float, last: bool, stop_request, time_due: bool) -> tuple[list[Window], tuple]:
+        """The windows ready to log (this one; deferred: the one before, this one's numbers being in flight), and
+        (stop request, timed save due) as every rank agrees on them."""
         n = self.steps
         scalars = torch.stack([self.loss_sum, self.max_streak.double(), self.grad_norm.double()])
-        values = torch.cat([self.bad_flags[:n].double(), scalars]).tolist()  # sync: once per log window
-        flags, (loss_sum, max_streak, grad_norm) = values[:n], values[n:]
+        device_values = torch.cat([self.bad_flags[:n].double(), scalars])  # (n + 3,)
+        ready = self.flush()  # before the landing buffer takes this window's numbers
         # sync (several processes): job totals of the window, and whether any rank got a signal or a timed save
         tokens, segments, flops, any_stop, any_due = parallel.sum_over_ranks(
             self.device, self.tokens, self.segments, self.flops, stop_request is not None, time_due
         )
-        elapsed, world, bad = (
-            time.perf_counter() - self.t0,
-            self.world,
-            [step - n + i + 1 for i, f in enumerate(flags) if f],
-        )
-        row = {
-            "step": step,
-            "loss": loss_sum / (n - len(bad)) if n > len(bad) else None,
-            "lr": lr,
-            "grad_norm": grad_norm,
+        elapsed, world = time.perf_counter() - self.t0, self.world
+        host = {
             "tokens_per_s": tokens / elapsed,  # the job's: all ranks
             "tokens_per_s_per_gpu": tokens / elapsed / world,
             "samples_per_s": segments / elapsed,
@@ -233,16 +233,49 @@ class WindowStats:
             "mfu": (flops / elapsed / 1e12 / (self.peak_tflops * world)) if self.peak_tflops else None,
             "data_wait_s": self.prefetch.wait_s - self.wait0,
             **memory_stats(self.device),
-            "bad_steps": len(bad),
-            "time": time.time(),
         }
-        window = Window(row, int(tokens), n, elapsed, last, int(max_streak), bad)
+        closed = (step, lr, last, n, host, int(tokens), elapsed, time.time())
+        if self.deferred:
+            landing = self.landing[: n + 3]
+            landing.copy_(device_values, non_blocking=True)
+            event = None
+            if self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+            self.pending = (closed, landing, event)
+        else:
+            ready.append(self._window(*closed, device_values.tolist()))  # sync: once per log window
         self.bad_flags.zero_()
         self.loss_sum.zero_()
         self.steps, self.tokens, self.segments, self.flops = 0, 0, 0, 0.0
         self.restart_clock()
         stop = stop_request or ("a signal to another rank" if any_stop else None)
-        return window, (stop, any_due > 0)
+        return ready, (stop, any_due > 0)
+
+    def flush(self) -> list[Window]:
+        """The window whose device numbers are in flight (deferred), read now; [] when there is none."""
+        if self.pending is None:
+            return []
+        closed, landing, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()  # sync: on a copy enqueued a window ago (at eval, checkpoint and the end: this one)
+        return [self._window(*closed, landing.tolist())]
+
+    @staticmethod
+    def _window(step, lr, last, n, host, tokens, elapsed, wall_time, values) -> Window:
+        flags, (loss_sum, max_streak, grad_norm) = values[:n], values[n:]
+        bad = [step - n + i + 1 for i, f in enumerate(flags) if f]
+        row = {
+            "step": step,
+            "loss": loss_sum / (n - len(bad)) if n > len(bad) else None,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            **host,
+            "bad_steps": len(bad),
+            "time": wall_time,
+        }
+        return Window(row, tokens, n, elapsed, last, int(max_streak), bad)
 
 
 @dataclass
@@ -256,6 +289,25 @@ class Window:
     last: bool  # closed at max_steps
     max_bad_streak: int  # the longest run of consecutive non-finite steps so far
     bad_steps: list[int]  # the window's non-finite steps
+
+
+def record_window(run, w: Window, history: list, bar) -> str | None:
+    """Log one closed window (metrics.jsonl, the progress bar or line); the reason to stop, if its non-finite
+    steps give one."""
+    t = run.cfg.train
+    history.append(w)
+    run.metrics.write(w.row)
+    step = w.row["step"]
+    bar.window(progress_line(w.row), progress_line(w.row, short=True), step % (t.log_every * 10) == 0 or w.last)
+    if not w.bad_steps:
+        return None
+    run.log(f"step {step}: non-finite loss or gradient norm at steps {w.bad_steps}: update skipped")
+    if t.nan_policy == "stop" or w.max_bad_streak >= t.max_bad_steps:
+        return (
+            f"stopping: {w.max_bad_streak} consecutive non-finite steps "
+            f"(policy {t.nan_policy}, max_bad_steps {t.max_bad_steps})"
+        )
+    return None
 
 
 def progress_line(row: dict, short: bool = False) -> str:

@@ -17,6 +17,10 @@ Attention in the packed path (chosen once per forward, from device and dtype; `a
   at 0, so attention-probability dropout is NOT applied on this path (hidden dropout still is).
 - "sdpa": the reference. Gather tokens into a padded [S, L] layout, SDPA with a key-padding mask,
   gather back. Same math; runs anywhere. Tests compare the two.
+- rows (`segment_ids` given, RowPacker): "flex" (FlexAttention per row, auto when compiled on CUDA) or "sdpa"
+  (the dense-mask reference), mlmtrain/row_attention.py; varlen and packed SDPA still run on its cu_seqlens.
+The work around the matmuls runs as `FastPaths` says (fast_paths.py). A Linear swapped for another module
+(torchao's Float8Linear) runs as itself: q/k/v then run as three matmuls.
 
 Under bf16 autocast the logits come back in bf16 (the decoder matmul runs in bf16); `mlm_loss_sum`
 upcasts to fp32 before the softmax, so the loss is always computed in fp32.
@@ -34,6 +38,8 @@ import torch.nn.functional as F
 
 from mlmtrain.config import MODEL_SIZES
 from mlmtrain.errors import UserError
+from mlmtrain.fast_paths import FastPaths, bias_then_gelu, post_ln_residual, set_fast_paths
+from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention
 
 try:  # torch >= 2.10 (CUDA flash kernels; the import itself works on CPU builds too)
     from torch.nn.attention.varlen import varlen_attn
@@ -204,10 +210,15 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    fast = FastPaths()  # set by fast_paths.set_fast_paths
+
     def forward(self, input_ids, position_ids):  # (..., ) -> (..., C)
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         x = x + self.token_type_embeddings.weight[0]  # every token is type 0 (no NSP): no gather needed
-        return self.dropout(self.LayerNorm(x))
+        x = self.LayerNorm(x)
+        if self.fast.residual_dtype == "compute" and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # the residual stream starts here
+        return self.dropout(x)
 
 
 class BertSelfAttention(nn.Module):
@@ -219,11 +230,15 @@ class BertSelfAttention(nn.Module):
         self.attention_dropout = config.attention_probs_dropout_prob  # a float: SDPA applies it
 
     def forward(self, x, attend):  # x (..., C); attend(q, k, v, dropout_p) on (..., H, D)
-        # One (C, 3C) matmul instead of three (C, C) ones (3% of a base step, docs/BENCHMARKS.md); the weights
-        # are concatenated here so the parameters keep transformers' query/key/value names.
-        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3C, C)
-        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3C,)
-        q, k, v = F.linear(x, w, b).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)  # 3 x (..., H, D)
+        if type(self.query) is nn.Linear:
+            # One (C, 3C) matmul instead of three (C, C) ones (3% of a base step, docs/BENCHMARKS.md); the weights
+            # are concatenated here so the parameters keep transformers' query/key/value names.
+            w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3C, C)
+            b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3C,)
+            qkv = F.linear(x, w, b).unflatten(-1, (3, self.num_heads, self.head_dim))  # (..., 3, H, D)
+            q, k, v = qkv.unbind(-3)  # 3 x (..., H, D)
+        else:  # a swapped-in Linear (torchao's Float8Linear) must run as itself, or its matmul would be skipped
+            q, k, v = (m(x).unflatten(-1, (self.num_heads, self.head_dim)) for m in (self.query, self.key, self.value))
         out = attend(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)  # (..., H, D)
         return out.flatten(-2)  # (..., C)
 
@@ -235,8 +250,10 @@ class BertSelfOutput(nn.Module):  # attention.output
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    fast = FastPaths()  # set by fast_paths.set_fast_paths
+
     def forward(self, h, residual):
-        return self.LayerNorm(self.dropout(self.dense(h)) + residual)  # post-LN
+        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast)
 
 
 class BertAttention(nn.Module):
@@ -254,8 +271,10 @@ class BertIntermediate(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
 
+    fast = FastPaths()  # set by fast_paths.set_fast_paths
+
     def forward(self, x):  # (..., C) -> (..., I)
-        return F.gelu(self.dense(x))
+        return bias_then_gelu(x, self.dense, self.fast)
 
 
 class BertOutput(nn.Module):  # the MLP's down projection
@@ -265,8 +284,10 @@ class BertOutput(nn.Module):  # the MLP's down projection
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
+    fast = FastPaths()  # set by fast_paths.set_fast_paths
+
     def forward(self, h, residual):  # (..., I), (..., C) -> (..., C)
-        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast)
 
 
 class BertLayer(nn.Module):
@@ -338,14 +359,15 @@ class BertOnlyMLMHead(nn.Module):  # `cls`
 
 
 class BertForMaskedLM(nn.Module):
-    def __init__(self, config: BertConfig, attn_impl: str = "auto"):
+    def __init__(self, config: BertConfig, attn_impl: str = "auto", fast: FastPaths | None = None):
         super().__init__()
         self.config = config
-        self.attn_impl = attn_impl  # "auto" | "varlen" | "sdpa"; read at each forward
+        self.attn_impl = attn_impl  # "auto" | "varlen" | "sdpa" | "flex"; read at each forward
         self.bert = BertModel(config)
         self.cls = BertOnlyMLMHead(config)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied
         self.apply(self._init_weights)
+        self.fast = set_fast_paths(self, fast or FastPaths())  # how the sublayers run; fast_paths.set_fast_paths
 
     def _init_weights(self, module):
         """BERT's: Linear/Embedding weights ~ N(0, 0.02), biases 0, LayerNorm 1/0, the [PAD] row 0."""
@@ -366,24 +388,27 @@ class BertForMaskedLM(nn.Module):
         elif isinstance(module, BertLMPredictionHead):
             nn.init.zeros_(module.bias)
 
-    def _choose_attn(self, device: torch.device, dtype: torch.dtype) -> str:
+    def _choose_attn(self, device: torch.device, dtype: torch.dtype, rows: bool = False) -> str:
         if self.attn_impl == "auto":
+            if rows:  # FlexAttention is a fused kernel only when compiled; eager it would materialize the scores
+                return "flex" if device.type == "cuda" and torch.compiler.is_compiling() else "sdpa"
             flash_ok = varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
             return "varlen" if flash_ok else "sdpa"
         if self.attn_impl == "varlen" and (device.type != "cuda" or varlen_attn is None):
             raise ValueError("attn_impl='varlen' needs a CUDA device and torch >= 2.10; use 'sdpa' (or 'auto')")
-        if self.attn_impl not in ("varlen", "sdpa"):
-            raise ValueError(f"attn_impl must be 'auto', 'varlen' or 'sdpa', not {self.attn_impl!r}")
+        if self.attn_impl not in ("varlen", "sdpa", "flex") or (self.attn_impl == "flex" and not rows):
+            raise ValueError(f"attn_impl must be auto, varlen, sdpa or flex (with segment_ids), not {self.attn_impl!r}")
         return self.attn_impl
 
-    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions):
+    def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions, segment_ids=None):
         """Packed MLM forward.
 
         input_ids, position_ids: (T,) int64 or int32; cu_seqlens: (S+1,) int32, starting at 0 and ending at T,
         may end in
         repeated values (empty segments) so S stays fixed; max_seqlen: python int >= the longest segment;
         masked_positions: (M,) int64 in [0, T) (padded slots may point at any valid token; their labels are
-        -100). Returns logits (M, V) at the masked positions only: fp32, or bf16 under bf16 autocast."""
+        -100); segment_ids: (R, L) int32, R * L = T, for rows of whole segments (RowPacker). Returns logits (M, V)
+        at the masked positions only: fp32, or bf16 under bf16 autocast."""
         T = input_ids.shape[0]
         # Linear outputs take the autocast dtype when autocast is on; the flash path needs fp16/bf16.
         compute_dtype = (
@@ -391,10 +416,16 @@ class BertForMaskedLM(nn.Module):
             if torch.is_autocast_enabled(input_ids.device.type)
             else self.bert.embeddings.word_embeddings.weight.dtype
         )
-        if self._choose_attn(input_ids.device, compute_dtype) == "varlen":
+        impl = self._choose_attn(input_ids.device, compute_dtype, rows=segment_ids is not None)
+        if impl == "varlen":
 
             def attend(q, k, v, dropout_p):
                 return varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # dropout_p: not supported by varlen_attn
+        elif impl == "flex":  # the block tables once per forward, for every layer
+            tables = row_block_tables(*segment_ids.shape, segment_ids.device)
+            attend = functools.partial(flex_row_attention, segment_ids=segment_ids, block_tables=tables)
+        elif segment_ids is not None:
+            attend = functools.partial(row_sdpa_attention, segment_ids=segment_ids)
         else:
             gather_index, key_mask, scatter_index = packed_layout(cu_seqlens, max_seqlen, T)
             attend = functools.partial(

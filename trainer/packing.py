@@ -17,10 +17,14 @@ Order: the units (sentences or document chunks) of each epoch are shuffled by a 
 (seed, epoch); batches are cut greedily from that stream and the stream runs on into the next epoch, so
 no batch is short and no unit is split. Global micro-batch b goes to rank b % world_size. The cursor
 (epoch, position of the next unit) is all a resume needs.
+
+`RowPacker` (data.layout = "rows") lays the same stream's units into rows of `max_seq_len` instead: the batch
+also carries `segment_ids` [R, L], for attention per row (see the class).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -43,6 +47,8 @@ class PackedBatch:
     index: int  # global micro-batch index in the stream
     cursor_after: tuple[int, int]  # (epoch, position) of the next unit after this batch's optimizer step
     max_segment_len: int = 0  # longest segment (the padded tail included): a tighter max_seqlen for eager runs
+    segment_ids: torch.Tensor | None = None  # [R, L] int32, layout "rows" only: the segment of every token
+    segment_lengths: np.ndarray | None = None  # rows only: the real segments' lengths (not a prefix of cu_seqlens)
 
     def to(self, device: torch.device, non_blocking: bool = True) -> PackedBatch:
         """The batch on `device`; from pinned memory the copy is asynchronous."""
@@ -53,7 +59,10 @@ class PackedBatch:
 
     def _with(self, fn) -> PackedBatch:
         tensors = (fn(self.input_ids), fn(self.position_ids), fn(self.cu_seqlens))
-        return dataclasses.replace(self, input_ids=tensors[0], position_ids=tensors[1], cu_seqlens=tensors[2])
+        segment_ids = None if self.segment_ids is None else fn(self.segment_ids)
+        return dataclasses.replace(
+            self, input_ids=tensors[0], position_ids=tensors[1], cu_seqlens=tensors[2], segment_ids=segment_ids
+        )
 
 
 def document_units(offsets: np.ndarray, doc_offsets: np.ndarray, max_seq_len: int) -> np.ndarray:
@@ -208,6 +217,124 @@ class Packer:
                     yield self._build(np.concatenate(parts), i, cursor)
             if len(cuts) < batches_per_step:
                 return  # loop=False and the split is exhausted
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+
+
+def best_fit_decreasing(lengths: list[int], rows: int, row_len: int) -> np.ndarray:
+    """The row each item goes to (-1: it did not fit), items taken longest first (ties in the given order),
+    each into the row it fills most tightly. Rows are bucketed by free space, so an item costs a bisect
+    over at most row_len + 1 distinct free-space values, not a scan of the rows."""
+    free = [[] for _ in range(row_len + 1)]  # free[c]: rows with c tokens left, last one taken first
+    free[row_len] = list(range(rows - 1, -1, -1))  # so row 0 fills first
+    spaces = [row_len] if rows else []  # sorted distinct c with free[c] non-empty
+    row_of = np.full(len(lengths), -1, dtype=np.int64)
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):  # stable: ties keep stream order
+        need = lengths[i]
+        k = bisect.bisect_left(spaces, need)
+        if k == len(spaces):
+            continue
+        space = spaces[k]
+        row = free[space].pop()
+        if not free[space]:
+            del spaces[k]
+        row_of[i] = row
+        left = space - need
+        if left:
+            if not free[left]:
+                bisect.insort(spaces, left)
+            free[left].append(row)
+    return row_of
+
+
+class RowPacker(Packer):
+    """Whole units bin-packed into R = tokens_per_batch / max_seq_len rows of max_seq_len tokens, for attention
+    per row with a block-diagonal segment mask (data.layout = "rows").
+
+    Each batch takes the longest prefix of the same shuffled unit stream that best-fit decreasing places
+    whole into the rows (the greedy prefix, shortened by the units that did not fit until all do), so the
+    cursor stays one position in the stream, as for Packer, and a resume continues it exactly. The tokens
+    are Packer's own layout of those units, moved into their rows; each row's [PAD] tail is one more
+    segment. The batch carries both views: `cu_seqlens` over the flat [R*L] tokens (the varlen and packed
+    SDPA paths still run on it) and `segment_ids` [R, L] (the segment of every token, for the row mask)."""
+
+    def __init__(self, shard, tokens_per_batch: int, max_seq_len: int, seed: int, pack: str = "sentence", **kwargs):
+        if tokens_per_batch % max_seq_len:
+            raise ValueError(f"tokens_per_batch {tokens_per_batch} is not a multiple of max_seq_len {max_seq_len}")
+        super().__init__(shard, tokens_per_batch, max_seq_len, seed, pack, **kwargs)
+        self.rows = tokens_per_batch // max_seq_len
+        self.segment_capacity = self.max_units + self.rows  # units, and at most one [PAD] tail per row
+
+    def _cut(self, cursor: tuple[int, int]) -> tuple[list[np.ndarray], tuple[int, int]]:
+        parts, cursor_after = super()._cut(cursor)  # as many whole units as the token budget holds
+        while parts:
+            lengths = self.unit_lens[np.concatenate(parts)]
+            unplaced = int(lengths[self._place(np.concatenate(parts)) < 0].sum())
+            if not unplaced:
+                break
+            # give back at least as many tokens as did not fit, from the end of the stream: ~2 placements per
+            # batch, 99.6% full at 64k tokens of sentences (dropping one unit per unplaced unit gave 98.7%)
+            n = int(np.searchsorted(np.cumsum(lengths[::-1]), unplaced)) + 1
+            parts, cursor_after = self._drop_last(parts, cursor_after, n)
+        return parts, cursor_after
+
+    def _place(self, unit_ids: np.ndarray) -> np.ndarray:
+        return best_fit_decreasing(self.unit_lens[unit_ids].tolist(), self.rows, self.max_seq_len)
+
+    def _drop_last(self, parts: list[np.ndarray], cursor: tuple[int, int], n: int):
+        """`parts` without its last n units, and the stream position after what is left. Each part is one
+        epoch's run of units; a part emptied from the start of its epoch moves the cursor to the end of the
+        epoch before (which _cut reads as the start of the next)."""
+        epoch, end = cursor
+        parts = list(parts)
+        while n:
+            k = min(n, len(parts[-1]))
+            parts[-1] = parts[-1][: len(parts[-1]) - k]
+            end, n = end - k, n - k
+            if not len(parts[-1]):
+                parts.pop()
+                if end == 0 and parts:
+                    epoch, end = epoch - 1, len(self.units)
+        return parts, (epoch, end)
+
+    def _build(self, unit_ids: np.ndarray, index: int, cursor_after: tuple[int, int]) -> PackedBatch:
+        R, L = self.rows, self.max_seq_len
+        row_of = self._place(unit_ids)
+        by_row = np.lexsort((np.arange(len(unit_ids)), row_of))  # row by row, stream order within a row
+        unit_ids, row_of = unit_ids[by_row], row_of[by_row]
+        flat = super()._build(unit_ids, index, cursor_after)  # the units back to back, in Packer's token layout
+        lengths = self.unit_lens[unit_ids]  # [n]
+        flat_start = np.cumsum(lengths) - lengths  # [n] where each unit starts in `flat`
+        row_first = np.searchsorted(row_of, row_of)  # [n] the first unit of the same row
+        unit_start = row_of * L + flat_start - flat_start[row_first]  # [n] where it starts in the rows
+        used = int(lengths.sum())
+        dest = np.arange(used) + np.repeat(unit_start - flat_start, lengths)  # [used] flat position -> row position
+        ids = np.full(R * L, self.specials.pad, dtype=np.int32)
+        positions = np.zeros(R * L, dtype=np.int32)
+        ids[dest] = flat.input_ids.numpy()[:used]
+        positions[dest] = flat.position_ids.numpy()[:used]
+        # segments: the units, and each row's [PAD] tail (its positions restart at 0, like Packer's tail)
+        row_used = np.bincount(row_of, weights=lengths, minlength=R).astype(np.int64)  # [R]
+        tail_rows = np.flatnonzero(row_used < L)
+        tail_start = tail_rows * L + row_used[tail_rows]
+        starts = np.sort(np.concatenate([unit_start, tail_start]))  # [S]
+        seg_lens = np.diff(np.append(starts, R * L))  # [S]
+        in_tail = np.repeat(np.isin(starts, tail_start), seg_lens)  # [R*L]
+        positions[in_tail] = (np.arange(R * L) - np.repeat(starts, seg_lens))[in_tail]
+        capacity = self.segment_capacity if self.static_shapes else len(starts)
+        cu_seqlens = np.full(capacity + 1, R * L, dtype=np.int32)
+        cu_seqlens[: len(starts)] = starts
+        segment_ids = np.repeat(np.arange(len(starts), dtype=np.int32), seg_lens).reshape(R, L)
+        return dataclasses.replace(
+            flat,
+            input_ids=torch.from_numpy(ids),
+            position_ids=torch.from_numpy(positions),
+            cu_seqlens=torch.from_numpy(cu_seqlens),
+            max_segment_len=int(seg_lens.max()),
+            segment_ids=torch.from_numpy(segment_ids),
+            segment_lengths=lengths,
+        )
 
 
 def checked_batch(batch: PackedBatch, vocab_size: int, source: str, then=None) -> PackedBatch:

@@ -163,6 +163,13 @@ def build_tokenizer(settings: TokenizerSettings, vocab: dict[str, int] | None = 
     return tok
 
 
+def tokenizer_from_vocab(vocab: list[str], settings: TokenizerSettings | None = None) -> Tokenizer:
+    """The tokenizer of a vocabulary made by a program (specials at ids 0-4), complete as training saves one."""
+    tok = build_tokenizer(settings or TokenizerSettings(), {token: i for i, token in enumerate(vocab)})
+    _add_post_processor(tok)
+    return tok
+
+
 def _add_post_processor(tok: Tokenizer) -> None:
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS]:0 $A:0 [SEP]:0",

@@ -27,12 +27,14 @@ from mlmtrain import checkpoint, parallel, run_folder
 from mlmtrain.config import PRECISIONS, RunConfig, format_config, load_config, report_targets
 from mlmtrain.errors import UserError
 from mlmtrain.evaluate import masker, score
+from mlmtrain.fast_paths import FastPaths, check_speed_options
 from mlmtrain.files import write_json
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
+from mlmtrain.fp8 import convert_to_fp8
 from mlmtrain.kernels.mlm_mask import max_masked_bound, word_start_table
-from mlmtrain.metrics import MetricsLog, WindowStats, check_report_to, closing_lines, progress_line, summarize
+from mlmtrain.metrics import MetricsLog, WindowStats, check_report_to, closing_lines, record_window, summarize
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
-from mlmtrain.packing import PackedBatch, Packer, checked_batch
+from mlmtrain.packing import PackedBatch, Packer, RowPacker, checked_batch
 from mlmtrain.prefetch import Prefetcher
 from mlmtrain.preflight import check_batch_layout, check_data_against_model, check_device, check_tokenizer_vocab
 from mlmtrain.prepare import SPLITS, check_tokenizer_match, load_split, read_meta, shard_specials
@@ -53,7 +55,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
             (log or print)(str(done))
         return done.summary
     t, model, world = cfg.train, run.model, run.world
-    window = WindowStats(run.device, t.log_every, world, run.peak_tflops, run.prefetch)
+    window = WindowStats(run.device, t.log_every, world, run.peak_tflops, run.prefetch, deferred=t.async_log_reads)
     stopper = StopSignal()
     profiler = start_profiler(t, run.step, run.dir / "profile", run.device, run.rank, world, run.log)
     phase = profiler.phase if profiler is not None else no_phase  # record_function ranges, only when profiling
@@ -84,9 +86,11 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
             step_loss = torch.zeros((), device=run.device, dtype=torch.float32)
             for j, (b, m, seqlen) in enumerate(micro):
                 phase("forward")
+                if t.cuda_graphs:  # a new replay may overwrite the last one's outputs: they were used above
+                    torch.compiler.cudagraph_mark_step_begin()
                 with parallel.no_sync(model, last=j == run.local_accum - 1), run.autocast:
                     args = (m.masked_ids, b.position_ids, b.cu_seqlens, seqlen, m.masked_positions, m.masked_labels)
-                    loss = run.step_fn(model, *args)[0] * world / targets  # DDP averages over ranks: * world
+                    loss = run.step_fn(model, *args, b.segment_ids)[0] * world / targets  # DDP averages: * world
                 phase("backward")
                 run.scaler.scale(loss).backward()
                 step_loss += loss.detach().float() / world
@@ -114,30 +118,25 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
             # log steps only, from the requests all-reduced there
             stop_now, time_due = (stopper.requested, timed) if world == 1 else (None, False)
             if step % t.log_every == 0 or last or stop_now:
-                # sync: the window's device numbers in one transfer (and, with several processes, one all-reduce)
-                w, (stop_now, time_due) = window.close(step, lr, last, stopper.requested, timed)
+                # sync: the window's device numbers in one transfer (and, with several processes, one all-reduce);
+                # with train.async_log_reads the transfer is read one window later (the window before is logged)
+                closed, (stop_now, time_due) = window.close(step, lr, last, stopper.requested, timed)
                 stopper.requested = stopper.requested or stop_now
-                history.append(w)
-                run.metrics.write(w.row)
-                bar.window(
-                    progress_line(w.row), progress_line(w.row, short=True), step % (t.log_every * 10) == 0 or last
-                )
-                if w.bad_steps:
-                    run.log(f"step {step}: non-finite loss or gradient norm at steps {w.bad_steps}: update skipped")
-                    if t.nan_policy == "stop" or w.max_bad_streak >= t.max_bad_steps:
-                        stop_reason = (
-                            f"stopping: {w.max_bad_streak} consecutive non-finite steps "
-                            f"(policy {t.nan_policy}, max_bad_steps {t.max_bad_steps})"
-                        )
-            if (t.eval_every and step % t.eval_every == 0) or last or stop_reason:
+                for w in closed:
+                    stop_reason = record_window(run, w, history, bar) or stop_reason
+            eval_cadence = t.eval_every and step % t.eval_every == 0
+            save_cadence = (t.checkpoint_every and step % t.checkpoint_every == 0) or time_due
+            if last or stop_now or stop_reason or eval_cadence or save_cadence:  # the device will be waited for
+                for w in window.flush():  # async_log_reads: the window still in flight, read now
+                    stop_reason = record_window(run, w, history, bar) or stop_reason
+            if eval_cadence or last or stop_reason:
                 last_eval = evaluate(run)  # sync: once per eval
                 run.metrics.write({"step": step, **last_eval})
                 run.log(
                     f"step {step}: valid loss {last_eval['valid_loss']:.4f} accuracy {last_eval['valid_accuracy']:.3f}"
                 )
                 window.restart_clock()  # eval time is not training throughput
-            due = (t.checkpoint_every and step % t.checkpoint_every == 0) or time_due
-            if due or (last and t.checkpoint_at_end) or stop_now or stop_reason:
+            if save_cadence or (last and t.checkpoint_at_end) or stop_now or stop_reason:
                 run.save(step, cursor, last_eval, sum(w.real_tokens for w in history))  # sync: state to the host
                 last_save = time.time()
                 window.restart_clock()
@@ -272,6 +271,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     T = cfg.data.tokens_per_batch or (65536 if device.type == "cuda" else 4096)
     parallel.check_shard(cfg.train.shard, precision)
+    check_speed_options(cfg, int(meta["max_seq_len"]), device, precision, use_compile, T, parallel.world_size())
     run_dir = Path(cfg.out_dir)
     max_seqlen = int(meta["max_seq_len"])
     specials = shard_specials(meta)
@@ -288,7 +288,8 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
 
     # ---- model, optimizer, state
     torch.manual_seed(cfg.train.seed)
-    model = BertForMaskedLM(model_config)
+    fast = FastPaths(residual_dtype=cfg.model.residual_dtype, fused_ops=cfg.model.fused_ops)
+    model = BertForMaskedLM(model_config, attn_impl=cfg.model.attention, fast=fast)
     if pretrained is not None:  # a fresh optimizer and data cursor: only the weights carry over
         pretrained.load_into(model)
         log(f"initialised from {cfg.model.init_from}: {pretrained.describe()}")
@@ -303,12 +304,16 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
         checkpoint.restore_rng(start, state, device)  # each rank's own streams at the saved world size
         step, cursor = folder.step, tuple(state["cursor"])
         log(f"resuming from {start} at step {step}")
+    if cfg.train.fp8 != "off":  # after loading: the converted layers keep the parameters (and their names)
+        log(f"fp8 ({cfg.train.fp8}): {len(convert_to_fp8(model, cfg.train.fp8))} linear layers converted")
     model = parallel.wrap(model, cfg.train.shard, device, precision)  # DDP / FSDP2 under torchrun
     optimizer = build_optimizer(model, cfg)  # after wrap: FSDP2 replaces the parameters with sharded ones
     if start is not None:
         checkpoint.load_optimizer_state(model, optimizer, start, state)  # any saved world size
-    # dynamic=False: every shape is static by construction; never let dynamo guess dynamic shapes
-    step_fn = torch.compile(forward_loss, dynamic=False) if use_compile else forward_loss
+    # dynamic=False: every shape is static by construction; never let dynamo guess dynamic shapes.
+    # reduce-overhead: forward and backward replayed as CUDA graphs (one launch each instead of hundreds)
+    mode = "reduce-overhead" if cfg.train.cuda_graphs else None
+    step_fn = torch.compile(forward_loss, dynamic=False, mode=mode) if use_compile else forward_loss
     dtype = getattr(torch, PRECISIONS[precision])
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
@@ -331,7 +336,8 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
 
     # ---- data: this rank's micro-batches, built ahead on a thread (started last: nothing before it may leak it)
     static = use_compile or device.type == "cuda"  # eager CPU: cu_seqlens holds only the segments used
-    valid_packer = Packer(load_split(cfg.data.data_dir, "valid", check=False), T, max_seqlen, cfg.train.seed,
+    packer = RowPacker if cfg.data.layout == "rows" else Packer
+    valid_packer = packer(load_split(cfg.data.data_dir, "valid", check=False), T, max_seqlen, cfg.train.seed,
                           "sentence", loop=False, static_shapes=static, specials=specials)  # fmt: skip
     valid_batches = [b for _, b in zip(range(cfg.train.eval_batches), valid_packer.batches())]
     if rank == 0:
@@ -340,7 +346,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     metrics = MetricsLog(run_dir / "metrics.jsonl" if rank == 0 else None, start is not None, resumed_at)
     if metrics.dropped:
         log(f"metrics.jsonl: dropped {metrics.dropped} lines of steps after {step}, which this run redoes")
-    train_packer = Packer(load_split(cfg.data.data_dir, "train", check=False), T, max_seqlen, cfg.train.seed,
+    train_packer = packer(load_split(cfg.data.data_dir, "train", check=False), T, max_seqlen, cfg.train.seed,
                           cfg.data.pack, rank=rank, world_size=world, static_shapes=static,
                           specials=specials)  # fmt: skip
     batches = train_packer.batches(cursor, step * cfg.optim.grad_accum, cfg.optim.grad_accum)
@@ -441,9 +447,11 @@ def warmup_steps(cfg: RunConfig) -> int:
     return cfg.optim.warmup_steps or max(1, int(0.06 * cfg.train.max_steps))
 
 
-def forward_loss(model, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions, masked_labels):
+def forward_loss(
+    model, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions, masked_labels, segment_ids=None
+):
     """Model + summed MLM loss in one function, so torch.compile fuses the loss into the graph."""
-    logits = model(input_ids, position_ids, cu_seqlens, max_seqlen, masked_positions)  # (M, V)
+    logits = model(input_ids, position_ids, cu_seqlens, max_seqlen, masked_positions, segment_ids)  # (M, V)
     return mlm_loss_sum(logits, masked_labels)
 
 

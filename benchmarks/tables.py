@@ -1,0 +1,42 @@
+"""Numbers and markdown tables of the benchmark reports (report.py, and the sections that render their own part):
+SI prefixes, "median (min–max)" spreads, percentages, GiB, and a markdown table."""
+
+from __future__ import annotations
+
+import math
+
+
+def si(x: float | None, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    for step, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= step:
+            return f"{x / step:.3g} {prefix}{unit}".rstrip()
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def spread_text(d: dict | None, fmt=si, unit: str = "") -> str:
+    """'median (min–max)' of a {"min","median","max"} dict."""
+    if not isinstance(d, dict) or d.get("median") is None:
+        return "–"
+    return f"{fmt(d['median'], unit)} ({fmt(d['min'], unit)}–{fmt(d['max'], unit)})"
+
+
+def pct(d: dict | None) -> str:
+    if not isinstance(d, dict) or d.get("median") is None:
+        return "–"
+    return f"{100 * d['median']:.1f}% ({100 * d['min']:.1f}–{100 * d['max']:.1f}%)"
+
+
+def scale(d: dict | None, k: float) -> dict | None:
+    return {key: v * k for key, v in d.items() if isinstance(v, (int, float))} if isinstance(d, dict) else None
+
+
+def gib(b) -> str:
+    return "–" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def table(header: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return "\n".join(out)

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The speed report of one GPU in one call, offline, inside ~8 minutes on an H100/H200-class GPU:
+#   GPU checks of the new paths (compiled FlexAttention forward and backward against the fp32 reference, flash
+#   varlen) -> hardware ceilings -> the speed ablation at vocab 30,000 (BERT-base, seq 128, sentence packing:
+#   today, +row attention, +bf16 residual, +fused kernels, +CUDA graphs, +fp8 tensorwise / rowwise, dropout off;
+#   each row with real tokens/s, MFU, % of the measured matmul ceiling, peak memory, the traced step's phases or
+#   kernel categories, and validation loss at equal real tokens) -> BERT-large, seq 512, document packing, today
+#   and the fastest configuration
+# written to OUT_DIR as results.json and report.md (`mlmtrain bench --sections ceilings,ablation`).
+#
+# Usage:  bash scripts/speed_gpu.sh OUT_DIR [extra `mlmtrain bench` flags]
+#         bash scripts/speed_gpu.sh OUT_DIR --merge    # a second call: only the rows the first could not finish
+#         bash scripts/speed_gpu.sh OUT_DIR --quick    # the same path on a CPU (tiny model): what the tests run
+# Every row that does not fit the budget is recorded as skipped, with the reason, and the script prints the
+# command that measures the rest. Environment: SPEED_BUDGET (seconds for the whole call, default 470), PYTHON
+# (default python3). Nothing is downloaded: the package is imported from this checkout; torchao (fp8),
+# accelerate and psutil are installed from .whl/ when missing (git-ignored:
+# `pip download --no-deps torchao==0.17.0 accelerate psutil -d .whl`; carry .whl to the GPU machine).
+set -uo pipefail
+OUT=${1:?usage: bash scripts/speed_gpu.sh OUT_DIR [--merge | --quick] [extra mlmtrain bench flags]}
+shift
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BUDGET=${SPEED_BUDGET:-470}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+QUICK=0 MERGE=0
+for arg in "$@"; do
+  [ "$arg" = "--quick" ] && QUICK=1
+  [ "$arg" = "--merge" ] && MERGE=1
+done
+
+if [ "$QUICK" = 1 ]; then  # a CPU smoke run of the same sections: no installs, no GPU checks
+  exec "$PY" -m mlmtrain.cli bench --out "$OUT" --device cpu --sections ceilings,ablation "$@"
+fi
+
+# mlmtrain must import from this checkout (trainer/ installs as mlmtrain, see pyproject.toml)
+here=$("$PY" -c "import mlmtrain, os; print(os.path.dirname(os.path.realpath(mlmtrain.__file__)))" 2>/dev/null)
+if [ "$here" != "$PWD/trainer" ]; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+    || echo "speed_gpu.sh: editable install failed; mlmtrain must already be importable" >&2
+fi
+for pkg in torchao accelerate; do  # fp8 rows need torchao; the evaluator's transformers does not need accelerate
+  if ! "$PY" -c "import $pkg" 2>/dev/null; then
+    wheels=$(ls .whl/$pkg-*.whl 2>/dev/null; [ "$pkg" = accelerate ] && ls .whl/psutil-*.whl 2>/dev/null)
+    [ -n "$wheels" ] && "$PY" -m pip install -q --no-index --no-deps $wheels >/dev/null 2>&1
+    "$PY" -c "import $pkg" 2>/dev/null || echo "speed_gpu.sh: $pkg is not installed: its rows will say so" >&2
+  fi
+done
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+
+SECTIONS=ceilings,ablation
+if [ "$MERGE" = 1 ]; then
+  SECTIONS=ablation  # the first call's ceilings and GPU checks are kept
+else
+  echo "== GPU checks of the new paths" | tee "$OUT/gpu_tests.txt"
+  timeout 150 "$PY" -m pytest -q -x -k gpu tests/test_rows.py tests/test_model.py 2>&1 | tail -15 \
+    | tee -a "$OUT/gpu_tests.txt"
+fi
+
+# --time-limit: no row starts whose expected end (the longest row so far) is past it; `timeout` is the hard stop
+# (results.json is rewritten after every section and every row is kept, so what finished is in the report)
+left=$((BUDGET - SECONDS))
+timeout -k 10 "$left" "$PY" -m mlmtrain.cli bench --out "$OUT" --device cuda --sections "$SECTIONS" \
+  --time-limit $((left - 25)) "$@" 2>&1 | grep -v "step/s" | tee "$OUT/bench.log"
+rc=${PIPESTATUS[0]}
+echo "speed_gpu.sh: report in $OUT/report.md (exit $rc, $SECONDS s)"
+if [ "$rc" = 124 ] || [ "$rc" = 137 ] || grep -q "skipped: the time budget" "$OUT/results.json" 2>/dev/null; then
+  echo "speed_gpu.sh: some rows did not fit the budget; measure them with: bash scripts/speed_gpu.sh $OUT --merge"
+fi
+exit "$rc"

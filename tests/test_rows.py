@@ -1,0 +1,269 @@
+"""data.layout = "rows": the row packer (best-fit decreasing into rows of max_seq_len, whole units, a cursor in
+the same stream as Packer's) and row attention (FlexAttention and its dense-mask SDPA reference) against the
+packed SDPA reference on the very same segments: odd lengths, one-token segments, full rows, an empty tail."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from conftest import requires_cuda
+from test_model import ATOL, odd_config, report
+from test_packing import all_sentences, sentences_of
+
+from mlmtrain.flops import model_flops_per_token, train_flops_per_batch
+from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
+from mlmtrain.packing import PackedBatch, Packer, RowPacker, best_fit_decreasing
+from mlmtrain.prepare import load_split, read_meta
+from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention
+from mlmtrain.tokenizer import PAD_ID
+
+# ---------------------------------------------------------------------------------------------- bin packing
+
+
+def test_best_fit_decreasing_fills_rows_and_never_overflows():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 129, 300).tolist()
+    row_of = best_fit_decreasing(lengths, 40, 128)
+    used = np.bincount(row_of[row_of >= 0], weights=np.asarray(lengths)[row_of >= 0], minlength=40)
+    assert used.max() <= 128 and (row_of >= 0).sum() < 300  # more than fits: some are left out
+    assert used.sum() / (40 * 128) > 0.99
+    assert np.array_equal(row_of, best_fit_decreasing(lengths, 40, 128))  # deterministic
+    assert best_fit_decreasing([128, 1, 127], 2, 128).tolist() == [0, 1, 1]  # a full row, and a tight pair
+    assert best_fit_decreasing([5], 0, 128).tolist() == [-1]
+
+
+# ---------------------------------------------------------------------------------------------- the packer
+
+
+def row_segments(batch):
+    cu = batch.cu_seqlens.numpy()
+    return [(int(a), int(b)) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+
+
+@pytest.mark.parametrize("pack", ["sentence", "document"])
+def test_rows_hold_whole_units_and_agree_with_cu_seqlens(data_dir, pack):
+    shard = load_split(data_dir, "train")
+    L = read_meta(data_dir)["max_seq_len"]
+    known = Counter(all_sentences(shard))
+    it = RowPacker(shard, 2048, L, seed=3, pack=pack).batches()
+    for _ in range(4):
+        b = next(it)
+        assert b.input_ids.shape == (2048,) and b.segment_ids.shape == (16, L)
+        ids, pos, seg = b.input_ids.numpy(), b.position_ids.numpy(), b.segment_ids.numpy().ravel()
+        segs = row_segments(b)
+        assert [a for a, _ in segs] == np.flatnonzero(np.diff(np.r_[-1, seg])).tolist()  # the same segments
+        for a, e in segs:
+            assert a // L == (e - 1) // L, "a segment crosses a row"
+            assert (pos[a:e] == np.arange(e - a)).all()
+        assert sum(ids[a] != PAD_ID for a, _ in segs) == b.num_segments
+        assert (ids != PAD_ID).sum() == b.num_real_tokens
+        for s in sentences_of_rows(b):
+            assert known[s] > 0, "a sentence that is not in the shard"
+
+
+def sentences_of_rows(batch):
+    """The sentences of every real segment, wherever it sits in the rows (a real segment starts with [CLS])."""
+    ids = batch.input_ids.numpy()
+    real = [(a, e) for a, e in row_segments(batch) if ids[a] != PAD_ID]
+    packed = torch.from_numpy(np.concatenate([ids[a:e] for a, e in real]))
+    cu = torch.from_numpy(np.cumsum([0] + [e - a for a, e in real]).astype(np.int32))
+    return sentences_of(PackedBatch(packed, packed, cu, 0, len(real), 0, (0, 0)))
+
+
+def test_one_pass_covers_every_sentence_once_and_resume_continues(data_dir):
+    shard = load_split(data_dir, "train")
+    L = read_meta(data_dir)["max_seq_len"]
+    packer = RowPacker(shard, 1024, L, seed=1, loop=False)
+    batches = list(packer.batches())
+    seen = Counter(s for b in batches for s in sentences_of_rows(b))
+    assert seen == Counter(all_sentences(shard))
+    # the cursor after batch 3 restarts the stream exactly where it was
+    again = list(RowPacker(shard, 1024, L, seed=1, loop=False).batches(batches[2].cursor_after, start_index=3))
+    assert len(again) == len(batches) - 3
+    for a, b in zip(again, batches[3:]):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.segment_ids, b.segment_ids)
+        assert a.index == b.index
+
+
+def test_fill_and_determinism_at_64k(data_dir):
+    shard = load_split(data_dir, "train")
+    L = read_meta(data_dir)["max_seq_len"]
+    first = RowPacker(shard, 65536, L, seed=0).batches()
+    fills = [next(first).num_real_tokens / 65536 for _ in range(4)]
+    print("row fill rates:", fills)
+    assert min(fills) >= 0.98
+    a, b = next(RowPacker(shard, 65536, L, seed=0).batches()), next(RowPacker(shard, 65536, L, seed=0).batches())
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.cu_seqlens, b.cu_seqlens)
+
+
+def test_rows_across_epochs_and_bad_sizes(data_dir):
+    shard = load_split(data_dir, "valid")  # small: every batch runs into the next epoch soon
+    L = read_meta(data_dir)["max_seq_len"]
+    it = RowPacker(shard, 4 * L, L, seed=5).batches()
+    epochs = {next(it).cursor_after[0] for _ in range(40)}
+    assert len(epochs) > 2  # the stream ran on through several epochs, every batch whole units
+    with pytest.raises(ValueError, match="multiple of max_seq_len"):
+        RowPacker(shard, 1000, L, seed=0)
+
+
+def test_flops_count_the_same_segments_in_both_layouts(data_dir):
+    shard = load_split(data_dir, "train")
+    L = read_meta(data_dir)["max_seq_len"]
+    config = odd_config(vocab_size=5000, max_position_embeddings=L)
+    b = next(RowPacker(shard, 2048, L, seed=0).batches())
+    ids = b.input_ids.numpy()
+    lengths = [e - a for a, e in row_segments(b) if ids[a] != PAD_ID]
+    expected = model_flops_per_token(config, lengths, head_fraction=0.15) * b.num_real_tokens
+    assert train_flops_per_batch(config, b, 0.15) == pytest.approx(expected, rel=1e-12)
+    flat = next(Packer(shard, 2048, L, seed=0).batches())
+    lengths = np.diff(flat.cu_seqlens.numpy()[: flat.num_segments + 1])
+    expected = model_flops_per_token(config, lengths, head_fraction=0.15) * flat.num_real_tokens
+    assert train_flops_per_batch(config, flat, 0.15) == pytest.approx(expected, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def rows_batch(rows: list[list[int]], L: int):
+    """Hand-made rows: each a list of segment lengths (a [PAD]-like tail is added where a row is not full).
+    Returns input ids, positions, cu_seqlens (every segment), segment ids (R, L)."""
+    gen = torch.Generator().manual_seed(len(rows))
+    starts, lengths = [], []
+    for r, segs in enumerate(rows):
+        at = r * L
+        for n in [*segs, L - sum(segs)] if sum(segs) < L else segs:
+            starts.append(at)
+            lengths.append(n)
+            at += n
+    T = len(rows) * L
+    cu_seqlens = torch.tensor([*starts, T], dtype=torch.int32)
+    seg_lens = torch.tensor(lengths)
+    segment_ids = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), seg_lens).view(len(rows), L)
+    position_ids = torch.arange(T) - torch.repeat_interleave(cu_seqlens[:-1].long(), seg_lens)
+    input_ids = torch.randint(5, 97, (T,), generator=gen)
+    return input_ids, position_ids, cu_seqlens, segment_ids
+
+
+# odd lengths, one-token segments, a full row of one segment, a full row of several, and an empty last row
+CASES = {
+    "odd": [[7, 1, 13, 2], [37], [1, 1, 1, 5, 11]],
+    "full": [[40], [13, 27], [1, 39]],
+    "empty_tail": [[9, 22], [3], []],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_row_attention_equals_packed_reference(case):
+    torch.manual_seed(0)
+    L = 40
+    model = BertForMaskedLM(odd_config()).eval()
+    input_ids, position_ids, cu_seqlens, segment_ids = rows_batch(CASES[case], L)
+    masked = torch.arange(0, input_ids.numel(), 3)
+    with torch.no_grad():
+        packed = model(input_ids, position_ids, cu_seqlens, L, masked)  # the packed SDPA reference
+        rows = model(input_ids, position_ids, cu_seqlens, L, masked, segment_ids)  # auto on CPU: row SDPA
+        model.attn_impl = "flex"
+        flex = model(input_ids, position_ids, cu_seqlens, L, masked, segment_ids)
+    assert torch.allclose(rows, packed, atol=ATOL[torch.float32], rtol=0), report(rows, packed)
+    assert torch.allclose(flex, packed, atol=ATOL[torch.float32], rtol=0), report(flex, packed)
+
+
+def test_row_sdpa_gradients_equal_packed_reference():
+    """FlexAttention has no backward on the CPU (its CUDA backward is checked on a GPU); the row reference's is."""
+    torch.manual_seed(1)
+    L = 40
+    input_ids, position_ids, cu_seqlens, segment_ids = rows_batch(CASES["odd"] + CASES["empty_tail"], L)
+    masked = torch.arange(0, input_ids.numel(), 2)
+    labels = input_ids[masked]
+    grads = []
+    for seg in (None, segment_ids):
+        torch.manual_seed(1)
+        model = BertForMaskedLM(odd_config())
+        loss, n = mlm_loss_sum(model(input_ids, position_ids, cu_seqlens, L, masked, seg), labels)
+        (loss / n).backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    for k, g in grads[0].items():
+        assert torch.allclose(g, grads[1][k], atol=1e-5, rtol=1e-4), (k, report(g, grads[1][k]))
+
+
+def test_no_cross_contamination_between_row_segments():
+    """Changing one segment's tokens changes no other segment's outputs, on both row paths."""
+    torch.manual_seed(2)
+    L = 40
+    model = BertForMaskedLM(odd_config()).eval()
+    input_ids, position_ids, cu_seqlens, segment_ids = rows_batch(CASES["odd"], L)
+    other = input_ids.clone()
+    other[7:8] = 5  # the one-token segment of row 0
+    everywhere = torch.arange(input_ids.numel())
+    for impl in ("sdpa", "flex"):
+        model.attn_impl = impl
+        with torch.no_grad():
+            a = model(input_ids, position_ids, cu_seqlens, L, everywhere, segment_ids)
+            b = model(other, position_ids, cu_seqlens, L, everywhere, segment_ids)
+        changed = (a - b).abs().amax(-1) > 0
+        assert changed.nonzero().flatten().tolist() == [7], impl
+
+
+def test_flex_mask_reads_the_batch_without_recompiling():
+    """Compiled (dynamo + AOTAutograd, no inductor code generation on the CPU), two batches with different
+    segments are one graph: the segment ids are a graph input, the block tables depend on the shape only."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(flex_row_attention, backend=counter, fullgraph=True, dynamic=False)
+    R, L, H, D = 3, 40, 2, 16
+    for segs in (CASES["odd"], CASES["full"]):
+        *_, segment_ids = rows_batch(segs, L)
+        q, k, v = (torch.randn(R * L, H, D) for _ in range(3))
+        with torch.no_grad():
+            out = compiled(q, k, v, segment_ids, row_block_tables(R, L, "cpu"))
+        ref = row_sdpa_attention(q, k, v, segment_ids, 0.0)
+        assert torch.allclose(out, ref, atol=1e-5), report(out, ref)
+    assert counter.frame_count == 1
+
+
+def test_flex_needs_rows():
+    model = BertForMaskedLM(odd_config(), attn_impl="flex")
+    input_ids = torch.randint(5, 97, (6,))
+    with pytest.raises(ValueError, match="segment_ids"):
+        model(input_ids, torch.arange(6), torch.tensor([0, 6], dtype=torch.int32), 6, torch.arange(6))
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@requires_cuda
+def test_compiled_flex_matches_fp32_reference_on_gpu():
+    """FlexAttention compiled under bf16 autocast (its fused forward and backward kernels) vs the fp32 dense-mask
+    reference on the same rows: logits and every parameter gradient, as the varlen GPU test checks flash."""
+    torch.manual_seed(11)
+    config = BertConfig.from_size(
+        "mini", 1000, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    ref = BertForMaskedLM(config, attn_impl="sdpa").cuda()
+    fast = BertForMaskedLM(config, attn_impl="flex").cuda()
+    fast.load_state_dict(ref.state_dict())
+    input_ids, position_ids, cu_seqlens, segment_ids = rows_batch([[1, 127], [128], [37, 2, 64, 5], []], 128)
+    batch = [t.cuda() for t in (input_ids, position_ids, cu_seqlens)]
+    masked = torch.randperm(input_ids.numel())[:128].cuda()
+    labels = torch.randint(5, 1000, (128,)).cuda()
+    ref_logits = ref(*batch, 128, masked, segment_ids.cuda())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast_logits = torch.compile(fast, dynamic=False)(*batch, 128, masked, segment_ids.cuda())
+    tol = ATOL[torch.bfloat16] * max(1.0, ref_logits.abs().max().item())
+    assert torch.allclose(fast_logits.float(), ref_logits, atol=tol, rtol=0), report(fast_logits, ref_logits)
+    for logits in (ref_logits, fast_logits):
+        loss_sum, n = mlm_loss_sum(logits, labels)
+        (loss_sum / n).backward()
+    fast_params = dict(fast.named_parameters())
+    for name, p in ref.named_parameters():
+        g, h = p.grad, fast_params[name].grad.float()
+        assert torch.isfinite(h).all(), name
+        if name.endswith("attention.self.key.bias"):  # exactly 0 in exact arithmetic (see test_model.py)
+            assert h.abs().max() < 1e-4 and g.abs().max() < 1e-4, report(g, h)
+            continue
+        rel = ((g - h).norm() / g.norm().clamp(min=1e-12)).item()
+        assert rel <= 0.05, f"{name}: relative error {rel:.3g}, {report(g, h)}"

@@ -1,0 +1,94 @@
+"""How a BERT sublayer's work around the matmuls runs: the same math with less memory traffic, chosen per run
+(`model.residual_dtype`, `model.fused_ops`). None of it changes the parameters, the checkpoints or the export.
+
+Under bf16 autocast the default keeps the residual stream in fp32: autocast runs `layer_norm` in fp32, so every
+LayerNorm output, and with it every residual sum, is fp32, and each next matmul casts it to bf16 again.
+`residual_dtype = "compute"` keeps the statistics and the residual sum in fp32 but hands the LayerNorm output on
+in the autocast dtype. `fused_ops` chooses who fuses dropout + residual + LayerNorm and bias + GELU: inductor,
+from the torch ops below (when compiled), or the hand-written Triton kernels of `mlmtrain.kernels`
+(`residual_layer_norm`: the sum and statistics in fp32, the output in the promoted dtype, as below; `bias_gelu`:
+exact GELU), which run their torch reference where Triton cannot run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mlmtrain.errors import UserError
+from mlmtrain.fp8 import check_fp8
+from mlmtrain.kernels.bias_gelu import bias_gelu
+from mlmtrain.kernels.residual_layer_norm import residual_layer_norm
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    # fp32: under autocast the residual stream stays fp32 (autocast runs layer_norm in fp32, so every LayerNorm
+    # output and residual sum is fp32) | compute: LayerNorm outputs and the residual stream in the autocast
+    # dtype, statistics and the residual sum still in fp32 (half the bytes through every sublayer boundary)
+    residual_dtype: str = "fp32"
+    # torch: torch ops (inductor fuses dropout + residual + LayerNorm and bias + GELU by itself when compiled) |
+    # triton: the hand-written fused kernels of mlmtrain.kernels (residual_layer_norm, bias_gelu)
+    fused_ops: str = "torch"
+
+
+def set_fast_paths(model: nn.Module, fast: FastPaths) -> FastPaths:
+    """Hand `fast` to every module of `model` that reads it (those with a class attribute `fast`)."""
+    if fast.residual_dtype not in ("fp32", "compute") or fast.fused_ops not in ("torch", "triton"):
+        raise ValueError(f"unknown fast paths {fast}")
+    for module in model.modules():
+        if isinstance(getattr(type(module), "fast", None), FastPaths):
+            module.fast = fast
+    return fast
+
+
+def post_ln_residual(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fast: FastPaths):
+    """LayerNorm(dropout(x) + residual), BERT's post-LN sublayer output: the sum and the statistics in fp32, the
+    output in the promoted dtype of x and residual (so the residual stream keeps its dtype: fp32 under autocast
+    by default, the compute dtype with `residual_dtype="compute"`). The default is `norm(dropout(x) + residual)`
+    itself."""
+    if fast.fused_ops == "triton":
+        return residual_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout.p, training=dropout.training)
+    if fast.residual_dtype == "fp32":  # as BERT writes it: the dtypes are autocast's (or FSDP's parameter dtype)
+        return norm(dropout(x) + residual)
+    h = dropout(x).float() + residual.float()  # the sum in fp32, never rounded to the stream's dtype
+    out = F.layer_norm(h, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+    return out.to(torch.promote_types(x.dtype, residual.dtype))
+
+
+def bias_then_gelu(x, dense: nn.Linear, fast: FastPaths):
+    """GELU(dense(x)), exact: with fused_ops = "triton" the bias add and GELU are one kernel after the matmul (a
+    Linear swapped for another module, e.g. torchao's Float8Linear, keeps its own bias)."""
+    if fast.fused_ops == "triton" and type(dense) is nn.Linear:
+        return bias_gelu(F.linear(x, dense.weight), dense.bias)
+    return F.gelu(dense(x))
+
+
+def check_speed_options(cfg, L: int, device: torch.device, precision: str, compiled: bool, T: int, world: int):
+    """The speed options a run asks for (`cfg` a RunConfig: data.layout, train.cuda_graphs,
+    train.async_log_reads, train.fp8), refused with one sentence where they cannot run, before any device work.
+    L: the shards' max_seq_len; T: tokens per micro-batch; world: the number of processes."""
+    if cfg.data.layout == "rows" and T % L:
+        raise UserError(
+            f"data.layout = rows cuts each batch into rows of max_seq_len = {L} tokens: data.tokens_per_batch = {T} "
+            f"must be a multiple of it (e.g. {max(L, T // L * L)})"
+        )
+    if cfg.train.cuda_graphs:
+        if device.type != "cuda" or not compiled:
+            raise UserError(
+                f"train.cuda_graphs replays the compiled step on a GPU: it needs a CUDA device and compile on "
+                f"(this run: {device}, compile {'on' if compiled else 'off'})"
+            )
+        if world > 1:
+            raise UserError("train.cuda_graphs is not wired for DDP/FSDP (several processes): run without it")
+    if cfg.train.async_log_reads and world > 1:
+        raise UserError(
+            "train.async_log_reads works in one process: several processes agree on stop requests at every log "
+            "step through a collective that waits for the device anyway"
+        )
+    check_fp8(cfg.train.fp8, device, precision)
+    if cfg.train.fp8 != "off" and cfg.train.shard == "fsdp" and world > 1:
+        raise UserError("train.fp8 is not wired for FSDP: use train.shard = ddp")
