@@ -152,7 +152,8 @@ def test_hub_id_is_downloaded_once_named_and_carried_to_the_card(folder_and_data
     assert "base_model: tester/tiny-bert" in card.split("---")[1]
 
     calls.clear()  # resuming reads the checkpoint and the recorded tokenizer folder: no download
-    resumed = train(load_config(tmp_path / "run" / "config.json", {"train.max_steps": 3}), resume="auto")
+    cfg = load_config(tmp_path / "run" / "config.json", {"train.max_steps": 3})
+    resumed = train(cfg, resume="auto", change_max_steps=True)
     assert resumed["steps_this_run"] == 1 and not calls
 
     # prepare takes a Hub id for its tokenizer: the tokenizer files only

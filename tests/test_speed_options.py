@@ -232,7 +232,7 @@ def test_rows_resume_is_bit_exact_and_another_layout_is_refused(data_dir, tokeni
     straight = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "straight", **rows))
     run = tmp_path / "split"
     train(tiny_config(data_dir, tokenizer_dir, run, **{**rows, "train.max_steps": 2}))
-    train(tiny_config(data_dir, tokenizer_dir, run, **rows), resume="auto")
+    train(tiny_config(data_dir, tokenizer_dir, run, **rows), resume="auto", change_max_steps=True)
     assert losses(run) == straight["losses"], "the resumed rows run diverged"
     with pytest.raises(UserError, match="data.layout differ"):
-        train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 5}), resume="auto")
+        train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 5}), resume="auto", change_max_steps=True)

@@ -34,6 +34,7 @@ from mlmtrain.checkpoint import CHECKPOINTS, complete_checkpoints, latest_checkp
 from mlmtrain.config import RunConfig, config_from_dict
 from mlmtrain.errors import UserError
 from mlmtrain.files import (
+    MARKER,
     WRITE_ERRNOS,
     Layout,
     folder_state,
@@ -60,7 +61,8 @@ class RunFinished(Exception):
             summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         except (OSError, ValueError):
             summary = {}
-        self.summary = {**(summary if isinstance(summary, dict) else {}), "steps": step, "stopped_by": None}
+        empty = {"final_loss": None, "valid_loss": None, "tokens_per_s": None}  # what the closing lines read
+        self.summary = {**empty, **(summary if isinstance(summary, dict) else {}), "steps": step, "stopped_by": None}
         self.summary["exit_code"] = 0
 
 
@@ -125,10 +127,19 @@ class RunFolder:
     start: Path | None  # the checkpoint the run resumes from; None: from scratch
     step: int  # its step (0 from scratch)
     lock: RunLock | None = None  # rank 0's
+    found: str = ""  # what rank 0 found there: "absent" or "empty" (it made the folder a run's), or "mine"
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Release the lock. A start that failed before writing anything (a refusal found on the device, say)
+        takes back what it made: the marker and the lock file, and the folder if it was not there."""
         if self.lock is not None:
             self.lock.release()
+            self.lock = None
+            if failed and self.found in ("absent", "empty") and {p.name for p in self.dir.iterdir()} <= {MARKER, LOCK}:
+                for name in (MARKER, LOCK):
+                    (self.dir / name).unlink(missing_ok=True)
+                if self.found == "absent":
+                    self.dir.rmdir()
 
 
 def open_run_folder(cfg: RunConfig, resume: str | None, *, main: bool, log, change_max_steps: bool, lr_at) -> RunFolder:
@@ -142,7 +153,8 @@ def open_run_folder(cfg: RunConfig, resume: str | None, *, main: bool, log, chan
     holder = lock_holder(run_dir)
     if holder is not None:  # said first: whatever else is wrong, the other process is the one to wait for
         raise in_use(run_dir, holder)
-    done = remove_stale_tmp(run_dir / CHECKPOINTS) if folder_state(run_dir, RUN_LAYOUT)[0] == "mine" else []
+    found = folder_state(run_dir, RUN_LAYOUT)[0]
+    done = remove_stale_tmp(run_dir / CHECKPOINTS) if found == "mine" else []
     start = plan_start(run_dir, resume, log=_quiet)  # refuse before creating anything
     if start is not None:
         resume_step(start, cfg, change_max_steps, lr_at, log)
@@ -152,19 +164,19 @@ def open_run_folder(cfg: RunConfig, resume: str | None, *, main: bool, log, chan
             write_marker(run_dir, RUN_LAYOUT)  # before the lock file, so the folder never looks foreign
     except OSError as e:
         raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
-    lock = RunLock(run_dir, log)
+    folder = RunFolder(run_dir, start, 0, RunLock(run_dir, log), found)
     try:
         done += remove_stale_tmp(run_dir / CHECKPOINTS, any_host=True) + remove_stale_tmp(run_dir, any_host=True)
         for note in done:
             log(note)
-        start = plan_start(run_dir, resume, log)  # again: now no other process can change the folder
-        step = resume_step(start, cfg, change_max_steps, lr_at, _quiet) if start else 0
+        folder.start = plan_start(run_dir, resume, log)  # again: now no other process can change the folder
+        folder.step = resume_step(folder.start, cfg, change_max_steps, lr_at, _quiet) if folder.start else 0
         if read_marker(run_dir) is None:
             write_marker(run_dir, RUN_LAYOUT)
     except BaseException:
-        lock.release()
+        folder.close(failed=True)
         raise
-    return RunFolder(run_dir, start, step, lock)
+    return folder
 
 
 def check_run_folder(run_dir: Path, resume: str | None) -> None:

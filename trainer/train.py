@@ -259,7 +259,7 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
     try:
         return _build(cfg, folder, meta, vocab, log)
     except BaseException:
-        folder.close()
+        folder.close(failed=True)
         raise
 
 
