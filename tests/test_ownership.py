@@ -223,3 +223,21 @@ def test_full_disk_read_only_and_no_permission_fail_cleanly_for_every_command(ma
         assert kept in line and str(mount) in line, (case, line)
         assert r["unchanged"], (case, line)
         assert r["temporary"] == [], (case, r["temporary"])
+
+
+def test_sigterm_to_prepare_exits_143_and_leaves_no_temporary_folder(made, tmp_path):
+    """The CLI turns SIGTERM into an exception in every command, so their cleanups run (`train` saves instead)."""
+    import signal
+    import time
+
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.\n" * 400_000, encoding="utf-8")
+    args = ["prepare", "--input", corpus, "--tokenizer", made["tokenizer"], "--out", tmp_path / "data"]
+    proc = subprocess.Popen([sys.executable, "-m", "mlmtrain.cli", *map(str, args)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".tmp_data_*/train/tokens.npy")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and "stopped by SIGTERM" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
