@@ -103,43 +103,6 @@ PLANS = {
 }
 
 
-def add_args(p) -> None:
-    p.add_argument("--out", required=True, help="folder for results.json, report.md and the PNG charts")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="CPU-sized smoke run: tiny model, small batches, no torch.compile (~90 s on 2 cores)",
-    )
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else cpu")
-    p.add_argument(
-        "--sections",
-        default=",".join(SECTIONS),
-        help=f"comma-separated, run in this order (default {','.join(SECTIONS)}; also {','.join(OPTIONAL_SECTIONS)})",
-    )
-    p.add_argument("--size", help="model size for train and sweep (default base; tiny with --quick)")
-    p.add_argument(
-        "--sweep-tokens",
-        metavar="T1,T2,...",
-        help="tokens per batch of the sweep (default 16384,65536,262144; 512,1024 with --quick)",
-    )
-    p.add_argument("--sweep-caps", metavar="C1,C2", help="sequence caps of the sweep (default 128,512)")
-    p.add_argument(
-        "--time-limit",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="wall-clock budget: no section starts past it, and no sweep point that the longest "
-        "point so far says would end past it (0 = none)",
-    )
-    p.add_argument(
-        "--merge",
-        action="store_true",
-        help="keep the sections of an existing OUT/results.json that this run does not redo; "
-        "sweep points already measured there are not measured again",
-    )
-    p.add_argument("--work", help="folder for data, runs and checkpoints (default: a temporary folder, removed)")
-
-
 def command_line(args) -> str:
     parts = ["mlmtrain bench", f"--out {args.out}", f"--device {args.device}", f"--sections {args.sections}"]
     parts += ["--quick"] if args.quick else []

@@ -31,17 +31,17 @@ PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 @dataclass
 class ModelSpec:
-    size: str = "tiny"  # tiny | mini | small | base | large: a preset of the four dimensions below
+    size: str = "tiny"  # a preset of the four dimensions below: tiny | mini | small | base | large
     dropout: float = 0.1  # hidden and attention-probability dropout, as BERT; 0 turns it off
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = 512  # learned positions: at least the shards' max_seq_len
     hidden_size: int = 0  # each of these four, when not 0, replaces the preset's value
-    num_hidden_layers: int = 0
-    num_attention_heads: int = 0
-    intermediate_size: int = 0
+    num_hidden_layers: int = 0  # encoder layers (0 = the preset's)
+    num_attention_heads: int = 0  # must divide hidden_size (0 = the preset's)
+    intermediate_size: int = 0  # the MLP's width (0 = the preset's)
     type_vocab_size: int = 2  # token types (only type 0 is trained: no sentence pairs)
-    layer_norm_eps: float = 1e-12
+    layer_norm_eps: float = 1e-12  # BERT's
     initializer_range: float = 0.02  # std of the normal initialisation
-    init_from: str = ""  # a transformers BERT folder or Hub id: weights, every dimension above and the tokenizer
+    init_from: str = ""  # continue pretraining a transformers BERT (folder or Hub id): its weights, shape, tokenizer
     # auto (flash varlen on CUDA; FlexAttention per row with data.layout = rows when compiled) | varlen | sdpa
     # (the reference) | flex (rows only)
     attention: str = "auto"
@@ -81,46 +81,44 @@ class DataSpec:
 
 @dataclass
 class MaskSpec:
-    mask_prob: float = 0.15
+    mask_prob: float = 0.15  # share of the non-special tokens selected
     mask_frac: float = 0.8  # of the selected: replaced by [MASK]
     random_frac: float = 0.1  # of the selected: replaced by a random non-special id (the rest stay)
-    whole_word: bool = False
+    whole_word: bool = False  # select whole words: a start piece with its ## continuations
 
 
 @dataclass
 class OptimSpec:
-    lr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
+    lr: float = 5e-4  # peak learning rate (AdamW)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW's, e.g. [0.9, 0.98]
+    eps: float = 1e-6  # AdamW's
     weight_decay: float = 0.01  # not applied to biases and LayerNorm weights
-    warmup_steps: int = 0  # 0 = auto: 6% of max_steps
+    warmup_steps: int = 0  # linear warm-up steps; 0 = auto: 6% of max_steps
     schedule: str = "linear"  # linear | cosine decay to min_lr_ratio * lr after warmup
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = 0.0  # the decay ends at this share of lr
     grad_clip: float = 1.0  # 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step, over all ranks together
 
 
 @dataclass
 class TrainSpec:
-    max_steps: int = 200
-    seed: int = 0  # of initialisation, data order, masking and dropout
+    max_steps: int = 200  # optimizer steps
+    seed: int = 0  # the seed of initialisation, data order, masking and dropout
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
     compile: str = "auto"  # auto (on for CUDA) | on | off
-    tf32: bool = True
+    tf32: bool = True  # TF32 tensor cores for fp32 matmuls on CUDA
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_every: int = 10
-    eval_every: int = 100  # 0 = only at the end
-    eval_batches: int = 8
-    checkpoint_every: int = 0  # steps; 0 = only at the end (and on preemption)
+    log_every: int = 10  # steps per metrics.jsonl line (the host reads the device only then)
+    eval_every: int = 100  # steps between evaluations; 0 = only at the end
+    eval_batches: int = 8  # validation batches per evaluation (fixed masks)
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end (and on a signal)
     checkpoint_minutes: float = 30.0  # also save when this much wall time passed since the last save
     keep_checkpoints: int = 3  # 0 = keep all
     checkpoint_at_end: bool = True  # benchmarks turn it off (a base checkpoint is ~1.3 GB)
     peak_tflops: float = 0.0  # device peak for MFU; 0 = from the built-in table (trainer/flops.py)
     profile_steps: str = ""  # "A:B" records a torch.profiler trace of steps A..B-1
     profile_warmup: int = 1  # profiler warm-up steps before A (its start-up cost lands there, not in the trace)
-    profile_memory: bool = (
-        False  # with profile_steps: a CUDA memory snapshot of the same steps (pytorch.org/memory_viz)
-    )
+    profile_memory: bool = False  # with profile_steps: a CUDA memory snapshot of those steps (memory_viz)
     report_to: str = ""  # also log metrics to: tensorboard, wandb, or both comma-separated ("" or none: off)
     nan_policy: str = "skip"  # skip: skip the update | stop: final checkpoint and stop
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps
@@ -132,7 +130,7 @@ class TrainSpec:
 
 @dataclass
 class RunConfig:
-    out_dir: str = ""
+    out_dir: str = ""  # the run folder: config.json, metrics.jsonl, checkpoints/
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     mask: MaskSpec = field(default_factory=MaskSpec)
@@ -147,6 +145,40 @@ class RunConfig:
 
 
 SECTIONS = ("model", "data", "mask", "optim", "train")
+
+
+def field_docs() -> dict[str, tuple[object, str]]:
+    """Every config key (dotted) -> (its default, its meaning): the comment written beside (or above) the field
+    in this file, the one place each key is described (`mlmtrain train --help-config` and the flags' help)."""
+    import inspect
+    import re
+
+    docs = {"out_dir": (RunConfig.out_dir, _comment(inspect.getsource(RunConfig), "out_dir"))}
+    for section in SECTIONS:
+        spec = type(getattr(RunConfig(), section))
+        source, above = inspect.getsource(spec).splitlines()[1:], []
+        for line in source:
+            text = line.strip()
+            if text.startswith("#"):
+                above.append(text.lstrip("# "))
+                continue
+            match = re.match(r"(\w+): [^=]+= (.*)", text)
+            if match:
+                beside = match.group(2).split("  # ", 1)[1] if "  # " in match.group(2) else ""
+                default = getattr(spec(), match.group(1))
+                docs[f"{section}.{match.group(1)}"] = (default, " ".join([*above, beside]).strip())
+            above = []
+    return docs
+
+
+def _comment(source: str, name: str) -> str:
+    line = next(line for line in source.splitlines() if line.strip().startswith(f"{name}:"))
+    return line.split("  # ", 1)[1] if "  # " in line else ""
+
+
+def flag_overrides(args) -> dict:
+    """The config keys a command line set: the flags whose destination is a dotted key (or out_dir)."""
+    return {k: v for k, v in vars(args).items() if (k == "out_dir" or "." in k) and v is not None}
 
 
 # ---------------------------------------------------------------------------------------------------- validation

@@ -24,14 +24,6 @@ from mlmtrain.files import Layout, check_out_folder, write_json, write_marker
 WIDGET_TEXT = "대한민국의 주권은 [MASK]에게 있고, 모든 권력은 국민으로부터 나온다."
 
 
-def add_args(p) -> None:
-    p.add_argument("--out", default="demo_out", help="folder for everything the demo writes (default: demo_out)")
-    p.add_argument("--steps", type=int, default=0, help="training steps (default: 300 on CPU, 400 on a GPU)")
-    p.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary to request (default 8000)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--force", action="store_true", help="start over when --out holds an earlier demo (its files only)")
-
-
 def demo_layout():
     """The demo's folder: its result, and one folder of each kind the pipeline makes."""
     from mlmtrain.export_check import EXPORT_LAYOUT

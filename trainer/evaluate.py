@@ -29,7 +29,7 @@ import torch
 from mlmtrain.errors import UserError
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
-from mlmtrain.text import add_corpus_args, corpus_from_args
+from mlmtrain.text import corpus_from_args
 
 EVAL_KEY = 1 << 40  # masking keys of eval batches live far from the training micro-batch indices
 
@@ -182,28 +182,6 @@ def load_model(source: str, tokenizer_dir=None):
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
-
-
-def add_args(p) -> None:
-    p.add_argument(
-        "--model",
-        required=True,
-        metavar="PATH_OR_HUB_ID",
-        help="a run folder (its newest checkpoint), a checkpoint, an export, a transformers BERT folder or a Hub id",
-    )
-    p.add_argument("--compare", metavar="PATH_OR_HUB_ID", help="a second model, scored on the same masked tokens")
-    p.add_argument("--data", metavar="DIR", help="token shards from `mlmtrain prepare` (instead of a corpus)")
-    p.add_argument("--data-split", choices=["valid", "train"], default="valid", help="shard split (default valid)")
-    add_corpus_args(p, required=False)
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the model's)")
-    p.add_argument("--max-seq-len", type=int, default=128, help="corpus: longest segment, as in prepare (128)")
-    p.add_argument("--tokens-per-batch", type=int, default=4096, help="tokens per batch (default 4096)")
-    p.add_argument("--max-batches", type=int, default=0, help="score at most this many batches (default 0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the masks (default 0)")
-    p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of tokens masked (default 0.15)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="fp32 (default) or bf16 autocast")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
 def main(args) -> int:

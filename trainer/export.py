@@ -20,7 +20,6 @@ would write the weights 0600).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -292,47 +291,6 @@ def _verify(folder: Path, widget_texts: list[str], atol: float) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 # CLI
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        help="a checkpoint folder, or a run folder (its newest complete checkpoint is used)",
-    )
-    p.add_argument(
-        "--tokenizer",
-        default=None,
-        help="the tokenizer folder the model was trained with (default: the run's data.tokenizer_dir)",
-    )
-    p.add_argument("--out", required=True, help="the folder to write (new or empty, or an export to --overwrite)")
-    p.add_argument(
-        "--language",
-        action="append",
-        default=None,
-        help="model card language code(s), e.g. ko; repeat or comma-separate for several (default: not stated)",
-    )
-    p.add_argument("--name", help="the card's title: the Hub repo id it will be uploaded to (NAME/REPO) or any name")
-    p.add_argument(
-        "--card-extra", metavar="FILE", help="a Markdown file appended to the model card as your own section"
-    )
-    p.add_argument("--license", default="apache-2.0", help="model card license identifier (default: apache-2.0)")
-    p.add_argument(
-        "--base-model",
-        metavar="HUB_ID",
-        help="the Hub model training started from, for the card's base_model (default: the run's --init-from "
-        "when it was a Hub id)",
-    )
-    p.add_argument(
-        "--widget-text",
-        action="append",
-        default=None,
-        metavar="TEXT",
-        help="a fill-mask example with [MASK] for the Hub widget; repeat for several",
-    )
-    p.add_argument("--dtype", choices=list(PRECISIONS), default="fp32", help="weights dtype in model.safetensors")
-    p.add_argument("--no-verify", action="store_true", help="skip loading the folder back with transformers")
-    p.add_argument("--overwrite", action="store_true", help="replace an export `mlmtrain export` wrote in --out")
 
 
 def main(args) -> int:

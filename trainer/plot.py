@@ -9,11 +9,6 @@ from pathlib import Path
 from mlmtrain.errors import UserError
 
 
-def add_args(p) -> None:
-    p.add_argument("run_dir", help="a run folder written by `mlmtrain train` (holds metrics.jsonl)")
-    p.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

@@ -23,7 +23,6 @@ block size. Units of one document that land in the same split next to each other
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -44,7 +43,6 @@ from mlmtrain.text import (
     LONG_LINE_BYTES,
     READ_BLOCK_BYTES,
     ROW_PROBLEMS,
-    add_corpus_args,
     check_corpus,
     corpus_from_args,
     iter_line_batches,
@@ -413,35 +411,6 @@ def check_tokenizer_match(made_with: str | None, tokenizer_dir, what: str) -> No
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    add_corpus_args(p)
-    p.add_argument(
-        "--tokenizer",
-        required=True,
-        metavar="DIR_OR_HUB_ID",
-        help="tokenizer folder from `mlmtrain tokenizer` or of a transformers BERT (a Hub id is downloaded)",
-    )
-    p.add_argument(
-        "--out", required=True, metavar="DIR", help="folder to write the shards into (created; must not hold shards)"
-    )
-    p.add_argument(
-        "--valid-fraction",
-        type=float,
-        default=0.01,
-        help="fraction of split units (documents, cut every 64 sentences) held out for validation (default 0.01)",
-    )
-    p.add_argument(
-        "--max-seq-len",
-        type=int,
-        default=128,
-        help="longest model input; sentences over max_seq_len - 2 tokens are split into pieces (default 128)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/valid split (default 0)")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace shards already in --out (only once the new ones are complete)"
-    )
 
 
 def main(args) -> int:

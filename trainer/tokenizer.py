@@ -14,7 +14,6 @@ Two Korean traps this file avoids:
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import json
@@ -29,7 +28,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, atomic_dir, check_out_folder, write_json
 from mlmtrain.progress import bars_enabled
-from mlmtrain.text import add_corpus_args, check_corpus, corpus_from_args, iter_line_batches, line_problem_notes
+from mlmtrain.text import check_corpus, corpus_from_args, iter_line_batches, line_problem_notes
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)  # where `mlmtrain tokenizer` puts them
@@ -404,66 +403,6 @@ def tokenizer_fingerprint(tokenizer_dir) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-
-
-def add_args(p) -> None:
-    d = TokenizerSettings()
-    add_corpus_args(p)
-    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the tokenizer files into")
-    p.add_argument(
-        "--vocab-size",
-        type=int,
-        default=d.vocab_size,
-        help=f"vocabulary size to aim for, specials included (default {d.vocab_size}); the real size can be smaller",
-    )
-    p.add_argument(
-        "--limit-alphabet",
-        type=int,
-        default=d.limit_alphabet,
-        help=f"keep only this many most frequent characters; rarer ones become [UNK] (default {d.limit_alphabet})",
-    )
-    p.add_argument(
-        "--min-frequency",
-        type=int,
-        default=d.min_frequency,
-        help=f"minimum count for a merged piece to enter the vocabulary (default {d.min_frequency})",
-    )
-    p.add_argument(
-        "--lowercase",
-        action=argparse.BooleanOptionalAction,
-        default=d.lowercase,
-        help="lowercase text before tokenizing (default off)",
-    )
-    p.add_argument(
-        "--strip-accents",
-        action=argparse.BooleanOptionalAction,
-        default=d.strip_accents,
-        help="NFD-decompose and drop accents (default off; it also splits Hangul into jamo)",
-    )
-    p.add_argument(
-        "--clean-text",
-        action=argparse.BooleanOptionalAction,
-        default=d.clean_text,
-        help="drop control characters and normalize whitespace (default on)",
-    )
-    p.add_argument(
-        "--handle-chinese-chars",
-        action=argparse.BooleanOptionalAction,
-        default=d.handle_chinese_chars,
-        help="split CJK ideographs (hanja) into single-character words (default on)",
-    )
-    p.add_argument(
-        "--wordpieces-prefix",
-        default=d.wordpieces_prefix,
-        help=f"prefix of word-continuation pieces; only {WORDPIECES_PREFIX!r}, which transformers' BertTokenizer reads",
-    )
-    p.add_argument(
-        "--model-max-length",
-        type=int,
-        default=d.model_max_length,
-        help=f"model_max_length written to tokenizer_config.json (default {d.model_max_length})",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer `mlmtrain tokenizer` wrote in --out")
 
 
 def main(args) -> int:

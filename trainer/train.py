@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mlmtrain import checkpoint, parallel, run_folder
-from mlmtrain.config import PRECISIONS, RunConfig, format_config, load_config, report_targets
+from mlmtrain.config import PRECISIONS, RunConfig, flag_overrides, format_config, load_config, report_targets
 from mlmtrain.errors import UserError
 from mlmtrain.evaluate import masker, score
 from mlmtrain.fast_paths import FastPaths, check_speed_options
@@ -464,91 +464,13 @@ def evaluate(run: Run) -> dict:
 # ---------------------------------------------------------------------------------------------------- command line
 
 
-def add_args(p) -> None:
-    p.add_argument("--data", help="token shards from `mlmtrain prepare` (data.data_dir)")
-    p.add_argument("--tokenizer", help="tokenizer folder the shards were made with (data.tokenizer_dir)")
-    p.add_argument("--out", help="run folder: metrics.jsonl, checkpoints/, config.json (out_dir)")
-    p.add_argument("--model", choices=["tiny", "mini", "small", "base", "large"], help="model size (model.size)")
-    p.add_argument(
-        "--init-from",
-        metavar="PATH_OR_HUB_ID",
-        help="continue pretraining a transformers BERT: its weights, dimensions and tokenizer (model.init_from)",
-    )
-    p.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
-    p.add_argument(
-        "--tokens-per-batch", type=int, help="tokens per micro-batch per process (default 65536 on CUDA, 4096 on CPU)"
-    )
-    p.add_argument("--seed", type=int, help="seed of initialisation, data order and masking (train.seed)")
-    p.add_argument(
-        "--precision",
-        choices=["auto", "bf16", "fp16", "fp32"],
-        help="bf16 (CUDA default), fp16 with loss scaling, fp32 (CPU default)",
-    )
-    p.add_argument(
-        "--no-compile", action="store_true", help="do not torch.compile the model (compile is on by default on CUDA)"
-    )
-    p.add_argument("--compile", action="store_true", help="torch.compile also on CPU")
-    p.add_argument("--whole-word-mask", action="store_true", help="mask all WordPiece pieces of a word together")
-    p.add_argument(
-        "--pack",
-        choices=["sentence", "document"],
-        help="segments of one sentence, or document neighbours up to max_seq_len",
-    )
-    p.add_argument(
-        "--profile-steps",
-        metavar="A:B",
-        help="trace steps A..B-1 with torch.profiler (after train.profile_warmup warm-up steps); writes RUN/profile/",
-    )
-    p.add_argument(
-        "--profile-memory", action="store_true", help="with --profile-steps: a CUDA memory snapshot of the same steps"
-    )
-    p.add_argument(
-        "--report-to",
-        metavar="NAMES",
-        help="also log metrics, config and summary to tensorboard, wandb or both (comma-separated); default none",
-    )
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        metavar="PATH",
-        help="continue from the newest complete checkpoint in --out (or from PATH)",
-    )
-    p.add_argument("--change-max-steps", action="store_true", help="with --resume: accept another --max-steps")
-    p.add_argument("--nproc", type=int, help="processes on this machine: re-runs itself under torchrun")
-    p.add_argument("--config", help="TOML run config: a path, or a packaged one's name (tiny_cpu, base_gpu, large_gpu)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key, e.g. optim.lr=3e-4"
-    )
-
-
-def config_from_args(args) -> RunConfig:
-    if args.model and args.init_from:
-        raise UserError("pass --model SIZE or --init-from MODEL, not both: --init-from brings the model's shape")
-    overrides = {
-        "data.data_dir": args.data,
-        "data.tokenizer_dir": args.tokenizer,
-        "out_dir": args.out,
-        "model.size": args.model,
-        "model.init_from": args.init_from,
-        "train.max_steps": args.max_steps,
-        "data.tokens_per_batch": args.tokens_per_batch,
-        "train.seed": args.seed,
-        "train.precision": args.precision,
-        "train.compile": "off" if args.no_compile else ("on" if args.compile else None),
-        "mask.whole_word": True if args.whole_word_mask else None,
-        "data.pack": args.pack,
-        "train.profile_steps": args.profile_steps,
-        "train.profile_memory": True if args.profile_memory else None,
-        "train.report_to": args.report_to,
-    }
-    return load_config(args.config, overrides, args.set)
-
-
 def main(args) -> int:
     """Exit code: 0 trained to max_steps (or already there); 2 refused with one sentence; 3 stopped by
     non-finite steps; 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint."""
-    cfg = config_from_args(args)
+    overrides = flag_overrides(args)
+    if "model.size" in overrides and "model.init_from" in overrides:
+        raise UserError("pass --model SIZE or --init-from MODEL, not both: --init-from brings the model's shape")
+    cfg = load_config(args.config, overrides, args.set)
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         if args.nproc < 1:
             raise UserError(f"--nproc must be at least 1, got {args.nproc}")

@@ -36,41 +36,6 @@ TOKENS_URL = "https://huggingface.co/settings/tokens"
 # ---------------------------------------------------------------------------------------------------
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--folder", required=True, help="an export folder written by `mlmtrain export`")
-    p.add_argument(
-        "--repo-id",
-        required=True,
-        metavar="NAME/REPO",
-        help="the model repo: your user name or an organization you can write to, then the repo name",
-    )
-    p.add_argument(
-        "--private",
-        action="store_true",
-        help="create the repo private (an existing repo keeps its visibility; a public one is refused)",
-    )
-    p.add_argument(
-        "--revision",
-        default=None,
-        metavar="BRANCH",
-        help="commit to this branch, created from main if missing (default: main)",
-    )
-    p.add_argument("--commit-message", default=None, help="default: names the run and step of the export")
-    p.add_argument("--create-pr", action="store_true", help="open a pull request against main instead of committing")
-    p.add_argument(
-        "--token-file",
-        default=None,
-        metavar="PATH",
-        help="read the token from this file (default: HF_TOKEN, then the saved `hf auth login`)",
-    )
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print what would be created and uploaded, and the model card header; send nothing",
-    )
-    p.add_argument("--token", help=argparse.SUPPRESS)  # only to refuse it without echoing it (see main)
-
-
 def main(args: argparse.Namespace) -> int:
     if args.token is not None:
         raise UserError(

@@ -1,0 +1,69 @@
+"""The command line answers scripts at once: help, version and argument errors without importing torch; train's
+flags set the config keys they name, and every key is listed with its default and meaning."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mlmtrain.cli import TRAIN_FLAGS, build_parser
+from mlmtrain.config import field_docs, flag_overrides, load_config
+
+NO_TORCH = "import sys; sys.argv = ['mlmtrain', *sys.argv[1:]]; from mlmtrain.cli import main\n" + (
+    "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+    "print('TORCH' if 'torch' in sys.modules else 'NO_TORCH', file=sys.stderr)\nsys.exit(code)"
+)
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [
+        (["--help"], 0),
+        (["--version"], 0),
+        (["train", "--help"], 0),
+        (["train", "--help-config"], 0),
+        (["export", "--help"], 0),
+        (["train", "--lr", "fast"], 2),  # an argument error
+        (["train", "--model", "huge"], 2),
+        (["nonsense"], 2),
+    ],
+)
+def test_help_version_and_argument_errors_do_not_import_torch(argv, code):
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, *argv], capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - t0
+    assert done.returncode == code, done.stdout + done.stderr
+    assert done.stderr.strip().endswith("NO_TORCH"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert seconds < 10, seconds  # well under a second on an idle machine; the bound allows a busy CI box
+
+
+def test_every_train_flag_sets_the_key_it_names():
+    parser = build_parser()
+    args = parser.parse_args(
+        ["train", "--data", "d", "--tokenizer", "t", "--out", "o", "--lr", "3e-4", "--warmup-steps", "7",
+         "--grad-accum", "2", "--eval-every", "5", "--checkpoint-every", "9", "--no-compile", "--whole-word-mask"]
+    )  # fmt: skip
+    overrides = flag_overrides(args)
+    assert overrides["optim.lr"] == 3e-4 and overrides["optim.warmup_steps"] == 7
+    assert overrides["optim.grad_accum"] == 2 and overrides["train.eval_every"] == 5
+    assert overrides["train.checkpoint_every"] == 9 and overrides["train.compile"] == "off"
+    assert overrides["mask.whole_word"] is True and "train.max_steps" not in overrides  # not given: not set
+    cfg = load_config(None, overrides, ["optim.weight_decay=0.1"])
+    assert (cfg.optim.lr, cfg.train.checkpoint_every, cfg.optim.weight_decay) == (3e-4, 9, 0.1)
+    docs = field_docs()
+    assert all(key in docs for key, _ in TRAIN_FLAGS.values())
+
+
+def test_help_config_lists_every_key_with_its_default_and_meaning():
+    done = subprocess.run(
+        [sys.executable, "-m", "mlmtrain.cli", "train", "--help-config"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    docs = field_docs()
+    assert len(docs) > 50 and all(meaning for _, meaning in docs.values())
+    for key, (default, _) in docs.items():
+        assert f"{key} = {default!r}" in done.stdout, key
