@@ -224,7 +224,7 @@ def run(
 
 # ---- the report's part ------------------------------------------------------------------------------------
 
-# the targets for the two workloads, at the sizes they name (other sizes, e.g. --quick's tiny: no target)
+# the speed targets for the two workloads, at the sizes they name (other sizes, e.g. --quick's tiny: no target)
 TARGETS = {
     "ablation": ("base", 850_000, "today: 569k real tokens/s at vocab 4,004, 2026-11-24"),
     "target": ("large", 300_000, "MLPerf Training v4.0: ~253k per H200"),

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mlmtrain.benchmarks.common import environment, record, time_fn
+from mlmtrain.config import torch_dtype
 from mlmtrain.flops import model_flops_per_token
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 
@@ -129,9 +130,7 @@ def run(
     )
     torch.manual_seed(seed)
     model = BertForMaskedLM(config).to(device)
-    autocast = torch.autocast(
-        device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype), enabled=dtype != "fp32"
-    )
+    autocast = torch.autocast(device.type, dtype=torch_dtype(dtype), enabled=dtype != "fp32")
     num_masked = sum(len(m) for m in masked_per_sentence)
     common = dict(
         size=size,

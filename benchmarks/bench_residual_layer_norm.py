@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from mlmtrain.benchmarks.common import print_and_save, record, time_fn
+from mlmtrain.config import torch_dtype
 
 GPU_TOKENS, GPU_HIDDEN = 65536, (768, 1024)
 QUICK_TOKENS, QUICK_HIDDEN = 256, (128,)  # the interpreter and inductor's CPU compile stay at seconds
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":  # the kernels on CPU run in Triton's interpreter, chosen before triton loads
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     tokens = args.tokens or (QUICK_TOKENS if args.quick else None)
     hidden = tuple(args.hidden) if args.hidden else (QUICK_HIDDEN if args.quick else None)
     compile_rows = not args.no_compile

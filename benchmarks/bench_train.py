@@ -25,13 +25,14 @@ import gc
 import json
 import math
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from mlmtrain.profiling import spread
 
 HOLDOUT_EVERY = 10  # every 10th distinct sentence is validation
 
@@ -48,7 +49,6 @@ class BenchData:
 
 def make_data(work_dir: str | Path, seq_caps=(128,), vocab_size: int = 30000, seed: int = 0) -> BenchData:
     """Tokenizer + shards (one per sequence cap) from the sample corpus minus the held-out sentences."""
-    from mlmtrain.prepare import prepare
     from mlmtrain.text import sample_corpus_path
     from mlmtrain.tokenizer import TokenizerSettings, train_tokenizer
 
@@ -64,19 +64,7 @@ def make_data(work_dir: str | Path, seq_caps=(128,), vocab_size: int = 30000, se
     vocab = train_tokenizer(
         [train_text], tokenizer_dir, TokenizerSettings(vocab_size=vocab_size), overwrite=True, progress=False
     )
-    data_dirs = {}
-    for cap in seq_caps:
-        data_dirs[cap] = work_dir / f"data_{cap}"
-        prepare(
-            [train_text],
-            tokenizer_dir,
-            data_dirs[cap],
-            valid_fraction=0.02,
-            max_seq_len=cap,
-            seed=seed,
-            overwrite=True,
-            progress=False,
-        )
+    data_dirs = prepare_at_caps(train_text, tokenizer_dir, work_dir, seq_caps, seed, valid_fraction=0.02)
     return BenchData(
         tokenizer_dir,
         train_text,
@@ -87,11 +75,16 @@ def make_data(work_dir: str | Path, seq_caps=(128,), vocab_size: int = 30000, se
     )
 
 
-def spread(values) -> dict | None:
-    values = [v for v in values if v is not None]
-    if not values:
-        return None
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+def prepare_at_caps(text: Path, tokenizer_dir: Path, work_dir: Path, caps, seed: int, valid_fraction: float) -> dict:
+    """Shards of one text file at each sequence cap (`work_dir/data_{cap}`), through the real `prepare`."""
+    from mlmtrain.prepare import prepare
+
+    data_dirs = {}
+    for cap in caps:
+        data_dirs[cap] = work_dir / f"data_{cap}"
+        prepare([text], tokenizer_dir, data_dirs[cap], valid_fraction, max_seq_len=cap, seed=seed, overwrite=True,
+                progress=False)  # fmt: skip
+    return data_dirs
 
 
 def _fresh_device_state(device: torch.device) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlmtrain.benchmarks.bench_train import BenchData
+from mlmtrain.benchmarks.bench_train import BenchData, prepare_at_caps
 
 # measured on the sample's Korean sentences (module docstring); `measure_sample` recomputes them
 LOG_MEAN_TOKENS, LOG_SD_TOKENS = 2.765, 0.683
@@ -129,7 +129,6 @@ def make_synthetic_data(
     """Tokenizer + shards (one per sequence cap) + the text both trainers read, in `work_dir`. The held-out
     sentences (`valid_lines`) are documents of their own; `prepare` also keeps 1% of the train text as the
     shards' valid split (what the trainer's own evaluation reads)."""
-    from mlmtrain.prepare import prepare
     from mlmtrain.tokenizer import TokenizerSettings, tokenizer_from_vocab, write_tokenizer_dir
 
     t0 = time.perf_counter()
@@ -143,19 +142,7 @@ def make_synthetic_data(
     train_text = work_dir / "train.txt"
     train_lines, _ = write_corpus(train_text, vocab, train_tokens, rng)
     valid_lines, _ = write_corpus(work_dir / "valid.txt", vocab, valid_tokens, rng)
-    data_dirs = {}
-    for cap in seq_caps:
-        data_dirs[cap] = work_dir / f"data_{cap}"
-        prepare(
-            [train_text],
-            tokenizer_dir,
-            data_dirs[cap],
-            valid_fraction=0.01,
-            max_seq_len=cap,
-            seed=seed,
-            overwrite=True,
-            progress=False,
-        )
+    data_dirs = prepare_at_caps(train_text, tokenizer_dir, work_dir, seq_caps, seed, valid_fraction=0.01)
     log(
         f"synthetic corpus: {len(train_lines):,} train sentences ({train_tokens / 1e6:.1f}M+ tokens), vocab "
         f"{vocab_size}, caps {list(seq_caps)}, in {time.perf_counter() - t0:.1f} s"

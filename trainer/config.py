@@ -29,6 +29,13 @@ PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
+def torch_dtype(precision: str):
+    """The torch dtype of a precision name (fp32, bf16, fp16); torch is imported only when this is called."""
+    import torch
+
+    return getattr(torch, PRECISIONS[precision])
+
+
 @dataclass
 class ModelSpec:
     size: str = "tiny"  # a preset of the four dimensions below: tiny | mini | small | base | large
@@ -54,17 +61,17 @@ class ModelSpec:
         return {k: getattr(self, k) or v for k, v in preset.items()}
 
 
-# What `model.init_from` decides: setting one of these as well would be silently ignored, so it is refused.
-SHAPE_KEYS = (
+# The dimensions that, with the tokenizer's vocab_size, fix the weights' shapes (transformers' names).
+SHAPE_DIMS = (
     "hidden_size",
     "num_hidden_layers",
     "num_attention_heads",
     "intermediate_size",
     "max_position_embeddings",
     "type_vocab_size",
-    "layer_norm_eps",
-    "initializer_range",
 )
+# What `model.init_from` decides: setting one of these as well would be silently ignored, so it is refused.
+INIT_FROM_KEYS = (*SHAPE_DIMS, "layer_norm_eps", "initializer_range")
 
 
 @dataclass
@@ -203,7 +210,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     if m.init_from:
         defaults = ModelSpec()
-        for key in SHAPE_KEYS:
+        for key in INIT_FROM_KEYS:
             if getattr(m, key) != getattr(defaults, key):
                 raise UserError(
                     f"model.{key}={getattr(m, key)} cannot be combined with model.init_from: the model's "

@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from mlmtrain.card import DEFAULT_WIDGETS, model_card, parse_languages, read_card_extra, read_data_meta
-from mlmtrain.config import PRECISIONS
+from mlmtrain.config import PRECISIONS, torch_dtype
 from mlmtrain.errors import UserError
 from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_folder
 from mlmtrain.files import atomic_dir, check_out_folder, file_entries, file_mode, write_json
@@ -70,7 +70,6 @@ def export_folder(
     card; `base_model`: the Hub id the run started from, for the card (default: the one the checkpoint records,
     when it started from a Hub id). Raises UserError on any user mistake, and when verification fails (the
     folder is then still written, with "verified": false, so it can be inspected)."""
-    import torch
     from safetensors.torch import save_file
 
     from mlmtrain import __version__
@@ -126,7 +125,7 @@ def export_folder(
     )
     failure, problems = None, []
     with atomic_dir(out_dir, replace=overwrite, layout=EXPORT_LAYOUT) as tmp:
-        weights = {k: v.to(getattr(torch, PRECISIONS[dtype])).contiguous() for k, v in model.hf_state_dict().items()}
+        weights = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in model.hf_state_dict().items()}
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
         # `dtype`: transformers >= 4.56 reads it (5.x calls `torch_dtype` deprecated); older versions ignore it and
         # take the dtype from the weights under dtype="auto"

@@ -179,6 +179,19 @@ def foreign_files(folder: Path, layout: Layout) -> list[str]:
     return sorted(foreign)
 
 
+def refuse_unless_mine(folder: Path, layout: Layout, state: str, made_by, flag: str = "--out") -> None:
+    """One sentence for a folder `layout.command` may not write (a file, another command's folder, or one
+    mlmtrain did not make), from `folder_state`; nothing for one of its own."""
+    if state == "file":
+        raise UserError(f"{flag} {folder} is a file, not a folder.")
+    if state == "other":
+        raise UserError(f"{flag} {folder} was made by `{made_by}`, not `{layout.command}`: choose another {flag}.")
+    if state == "foreign":
+        raise UserError(
+            f"{flag} {folder} is not empty and was not made by `{layout.command}`: choose a new or empty folder."
+        )
+
+
 def check_out_folder(folder, layout: Layout, *, replace: bool, flag="--out", replace_flag="--overwrite") -> bool:
     """May a command that writes `layout` write `folder`? Yes if it is absent or empty (returns False), or
     holds this kind, made by mlmtrain, with nothing else in it, and `replace` is set (returns True: it will be
@@ -188,14 +201,7 @@ def check_out_folder(folder, layout: Layout, *, replace: bool, flag="--out", rep
     state, made_by = folder_state(folder, layout)
     if state in ("absent", "empty"):
         return False
-    if state == "file":
-        raise UserError(f"{flag} {folder} is a file, not a folder.")
-    if state == "other":
-        raise UserError(f"{flag} {folder} was made by `{made_by}`, not `{layout.command}`: choose another {flag}.")
-    if state == "foreign":
-        raise UserError(
-            f"{flag} {folder} is not empty and was not made by `{layout.command}`: choose a new or empty folder."
-        )
+    refuse_unless_mine(folder, layout, state, made_by, flag)
     if not replace:
         raise UserError(
             f"{folder} already holds {layout.what}: choose another {flag}, or pass {replace_flag} to replace it."

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlmtrain.config import MODEL_SIZES
+from mlmtrain.config import MODEL_SIZES, SHAPE_DIMS
 from mlmtrain.errors import UserError
 from mlmtrain.fast_paths import FastPaths, bias_then_gelu, post_ln_residual, set_fast_paths
 from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention
@@ -128,15 +128,7 @@ class BertConfig:
 
 
 # The config fields that fix the weights' shapes: a checkpoint fits a model iff these agree.
-SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "type_vocab_size",
-)
+SHAPE_FIELDS = ("vocab_size", *SHAPE_DIMS)
 # Tied parameters as transformers declares them (`_tied_weights_keys`): alias -> the tensor it IS.
 # Saved files hold only the right-hand names, as transformers itself writes them.
 TIED_KEYS = {

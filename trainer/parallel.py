@@ -23,6 +23,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from mlmtrain.config import torch_dtype
 from mlmtrain.errors import UserError
 
 TIMEOUT_ENV = "MLMTRAIN_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 300)
@@ -108,7 +109,7 @@ def wrap(model: torch.nn.Module, shard: str, device: torch.device, precision: st
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         # compute in the run's precision, reduce gradients in fp32; the sharded master weights stay fp32
-        param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        param_dtype = None if precision == "fp32" else torch_dtype(precision)
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         for layer in model.bert.encoder.layer:
             fully_shard(layer, mp_policy=policy)

@@ -39,6 +39,7 @@ from mlmtrain.files import (
     Layout,
     folder_state,
     read_marker,
+    refuse_unless_mine,
     remove_stale_tmp,
     write_failure,
     write_marker,
@@ -191,14 +192,7 @@ def plan_start(run_dir: Path, resume: str | None, log) -> Path | None:
     """The checkpoint a run in `run_dir` starts from (None: from scratch), or one sentence saying why it
     may not run there. Reads only."""
     state, made_by = folder_state(run_dir, RUN_LAYOUT)
-    if state == "file":
-        raise UserError(f"--out {run_dir} is a file, not a folder.")
-    if state == "other":
-        raise UserError(f"--out {run_dir} was made by `{made_by}`, not `mlmtrain train`: choose another --out.")
-    if state == "foreign":
-        raise UserError(
-            f"--out {run_dir} is not empty and was not made by `mlmtrain train`: choose a new or empty folder."
-        )
+    refuse_unless_mine(run_dir, RUN_LAYOUT, state, made_by)
     saved = sorted((run_dir / CHECKPOINTS).glob("step_*")) if state == "mine" else []
     if resume is None:
         if saved:

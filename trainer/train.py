@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from mlmtrain import checkpoint, parallel, run_folder
-from mlmtrain.config import PRECISIONS, RunConfig, flag_overrides, format_config, load_config, report_targets
+from mlmtrain.config import RunConfig, flag_overrides, format_config, load_config, report_targets, torch_dtype
 from mlmtrain.errors import UserError
 from mlmtrain.evaluate import masker, score
 from mlmtrain.fast_paths import FastPaths, check_speed_options
@@ -314,7 +314,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     # reduce-overhead: forward and backward replayed as CUDA graphs (one launch each instead of hundreds)
     mode = "reduce-overhead" if cfg.train.cuda_graphs else None
     step_fn = torch.compile(forward_loss, dynamic=False, mode=mode) if use_compile else forward_loss
-    dtype = getattr(torch, PRECISIONS[precision])
+    dtype = torch_dtype(precision)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
     # ---- masking: whole-word masking selects words, which widens the spread of the masked count, so the
