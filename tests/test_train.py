@@ -196,38 +196,7 @@ def test_nan_steps_are_skipped_then_stop(data_dir, tokenizer_dir, tmp_path, monk
 
 def _train_cli(data_dir, tokenizer_dir, run, steps, extra_env=None):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlmtrain.cli",
-        "train",
-        "--data",
-        str(data_dir),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--out",
-        str(run),
-        "--model",
-        "tiny",
-        "--tokens-per-batch",
-        "1024",
-        "--max-steps",
-        str(steps),
-        "--seed",
-        "0",
-        "--set",
-        "train.log_every=1",
-        "--set",
-        "train.eval_every=0",
-        "--set",
-        "train.eval_batches=2",
-        "--set",
-        "optim.lr=1e-3",
-        "--set",
-        "optim.warmup_steps=2",
-        "--set",
-        "train.device=cpu",
-    ]
+    cmd = _train_cli_args(data_dir, tokenizer_dir, run, steps)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
