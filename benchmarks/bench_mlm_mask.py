@@ -25,12 +25,11 @@ a new `step` key every repeat. Run: `python -m mlmtrain.benchmarks.bench_mlm_mas
 from __future__ import annotations
 
 import argparse
-import os
 import random
 
 import torch
 
-from mlmtrain.benchmarks.common import print_and_save, record, time_fn
+from mlmtrain.benchmarks.common import kernel_bench_device, print_and_save, record, time_fn
 
 VOCAB_SIZE, MASK_ID, NUM_SPECIAL = 30000, 4, 5  # the blog post's vocabulary size, our fixed special ids
 CONTINUATION_FROM = 20000  # ids >= this are `##` pieces in the whole-word rows (~1/3 of random ids)
@@ -255,11 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write {environment, rows} as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":  # the kernel on CPU runs in Triton's interpreter, chosen before triton loads
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = kernel_bench_device(args.device, args.threads)
     rows = run(args.sizes, device, args.repeats, hf_max_tokens=args.hf_max_tokens, whole_word=not args.no_whole_word)
     print_and_save(rows, device, args.out)
     return 0

@@ -34,12 +34,11 @@ Run: `python -m mlmtrain.benchmarks.bench_residual_layer_norm [--device cuda] [-
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.benchmarks.common import print_and_save, record, time_fn
+from mlmtrain.benchmarks.common import kernel_bench_device, print_and_save, record, time_fn
 from mlmtrain.config import torch_dtype
 
 GPU_TOKENS, GPU_HIDDEN = 65536, (768, 1024)
@@ -181,11 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="write {environment, rows} as JSON here")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":  # the kernels on CPU run in Triton's interpreter, chosen before triton loads
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    device = kernel_bench_device(args.device, args.threads)
     dtype = torch_dtype(args.dtype)
     tokens = args.tokens or (QUICK_TOKENS if args.quick else None)
     hidden = tuple(args.hidden) if args.hidden else (QUICK_HIDDEN if args.quick else None)

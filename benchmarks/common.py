@@ -106,3 +106,16 @@ def print_and_save(rows: list[dict], device: torch.device, out: str | None) -> N
     if out:
         with open(out, "w", encoding="utf-8") as f:
             json.dump({"environment": environment(device), "rows": rows}, f, indent=1)
+
+
+def kernel_bench_device(device: str | None, threads: int | None) -> torch.device:
+    """A kernel benchmark's device: CUDA if asked for or present, else the CPU, where the Triton kernels run in
+    the interpreter (which must be chosen before triton is first imported)."""
+    import os
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return device
