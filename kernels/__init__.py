@@ -4,10 +4,12 @@ from __future__ import annotations
 
 try:
     import triton
+    import triton.language as tl
 
     @triton.jit
-    def _probe():
-        pass
+    def _probe(x_ptr, n):  # (n,) int32: a loop whose bound is a runtime scalar, as the kernels here have
+        for i in range(0, n):
+            tl.store(x_ptr + i, i)
 
     # TRITON_INTERPRET=1 set before triton was first imported makes every kernel run on the CPU interpreter
     INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
@@ -15,7 +17,31 @@ except ImportError:  # no Triton wheel for this platform: every kernel's torch r
     triton, INTERPRETED = None, False
 
 
+def _interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run the kernels here, or None. Triton 3.6's interpreter (torch 2.11's)
+    turns a loop bound into `int(array)`, which numpy >= 2.4 refuses (triton-lang/triton#9171)."""
+    if triton is None:
+        return "triton is not installed"
+    if not INTERPRETED:
+        return "the Triton interpreter is off (set TRITON_INTERPRET=1 before triton is imported)"
+    import numpy
+    import torch
+
+    try:
+        _probe[(1,)](torch.zeros(2, dtype=torch.int32), 2)
+    except Exception as e:  # the interpreter wraps what it hit in its own error type
+        return f"Triton {triton.__version__}'s interpreter fails with numpy {numpy.__version__} ({e}): " + (
+            "pip install 'numpy<2.4', or a newer triton"
+        )
+    return None
+
+
+# why the CPU cannot run the kernels (None: it can, through the interpreter); decided once, at import, since
+# triton_runs_on is also traced inside compiled code
+INTERPRETER_PROBLEM = _interpreter_problem()
+
+
 def triton_runs_on(device) -> bool:
-    """Whether Triton kernels can run on `device`: a CUDA GPU, or the CPU under the interpreter (how the tests run
-    the kernels without a GPU)."""
-    return triton is not None and (device.type == "cuda" or (device.type == "cpu" and INTERPRETED))
+    """Whether Triton kernels can run on `device`: a CUDA GPU, or the CPU under a working interpreter (how the
+    tests run the kernels without a GPU)."""
+    return triton is not None and (device.type == "cuda" or (device.type == "cpu" and INTERPRETER_PROBLEM is None))

@@ -16,6 +16,8 @@ import mlmtrain
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from mlmtrain.kernels import INTERPRETER_PROBLEM, triton_runs_on  # noqa: E402  (after TRITON_INTERPRET)
+
 # `trainer/` installs as `mlmtrain`, so another checkout's editable install would be imported silently.
 CHECKOUT = Path(__file__).resolve().parents[1]
 if Path(mlmtrain.__file__).resolve().parent != CHECKOUT / "trainer":
@@ -56,3 +58,7 @@ def data_dir(tmp_path_factory, sample_corpus, tokenizer_dir):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the kernel tests run
+requires_triton = pytest.mark.skipif(
+    not triton_runs_on(KERNEL_DEVICE), reason=f"Triton cannot run here: {INTERPRETER_PROBLEM}"
+)

@@ -9,14 +9,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import KERNEL_DEVICE as DEVICE
+from conftest import requires_triton
 from hopper_build import assert_builds_for_hopper, build
 
 from mlmtrain.kernels import bias_gelu as bg
-from mlmtrain.kernels import triton_runs_on
 from mlmtrain.kernels.bias_gelu import bias_gelu, bias_gelu_reference
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="Triton cannot run here")
 # (rtol, atol) per dtype: y and dx are rounded once from fp32, so a unit or two in the last place
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}
 
@@ -33,7 +32,7 @@ def _run(backend, x, bias, dy):
     return y, torch.autograd.grad(y, (x, bias), dy)
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.parametrize("N,C", [(1, 96), (7, 200), (129, 128), (3, 3072), (5, 13)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_matches_reference(N, C, dtype):
@@ -56,7 +55,7 @@ def test_reference_is_exact_gelu():
     assert torch.equal(bias_gelu_reference(x.bfloat16(), bias), F.gelu(x.bfloat16().float() + bias).bfloat16())
 
 
-@needs_triton
+@requires_triton
 def test_kernel_is_exact_not_tanh_gelu():
     """Near h = -2 the tanh approximation is off by ~2e-4; the kernel must match erf to fp32 rounding."""
     x = torch.linspace(-8, 8, 1024, device=DEVICE).view(8, 128)
@@ -66,7 +65,7 @@ def test_kernel_is_exact_not_tanh_gelu():
     assert (F.gelu(x, approximate="tanh") - y).abs().max() > 1e-4
 
 
-@needs_triton
+@requires_triton
 def test_mixed_dtypes_leading_dims_and_no_rows():
     """bf16 activations with an fp32 bias (autocast's pair): y and dx stay bf16, dbias is fp32; (..., C) in,
     (..., C) out; zero rows work."""
@@ -94,14 +93,14 @@ def test_bad_arguments():
         bias_gelu(x, bias, backend="cuda")
 
 
-@needs_triton
+@requires_triton
 def test_custom_ops_pass_opcheck():
     x, bias = (t.detach() for t in _inputs(6, 48))
     torch.library.opcheck(bg._fwd_op, (x, bias))
     torch.library.opcheck(bg._bwd_op, (torch.randn(6, 48, device=DEVICE), x, bias))
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.compile
 def test_compiles_without_graph_break():
     """fullgraph=True fails on any graph break; the graph calls the fused op, and compiled (AOT autograd)

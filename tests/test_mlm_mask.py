@@ -16,11 +16,11 @@ import math
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import KERNEL_DEVICE as DEVICE
+from conftest import requires_cuda, requires_triton
 
 from mlmtrain.errors import UserError
 from mlmtrain.kernels import mlm_mask as mm
-from mlmtrain.kernels import triton_runs_on
 from mlmtrain.kernels.mlm_mask import (
     IGNORE_INDEX,
     max_masked_bound,
@@ -33,12 +33,6 @@ from mlmtrain.kernels.mlm_mask import (
 V, MASK, NSPEC = 69, 4, 5  # 64 maskable ids
 Z_MAX = 5.0  # two-sided normal tail 5.7e-7
 CHI2_DF2_MAX = 2 * math.log(1e6)  # chi-square(2) survival exp(-x/2) = 1e-6
-
-needs_triton = pytest.mark.skipif(
-    not triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
-    reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)",
-)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _ids(T, dtype=torch.int32, seed=0, low=0, high=V, device=DEVICE):
@@ -77,7 +71,7 @@ def _both(ids, **kw):
 
 
 # ---- kernel == reference, bit for bit -----------------------------------------------------------------
-@needs_triton
+@requires_triton
 @pytest.mark.parametrize("T", [1, 127, 1025, 4099])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_kernel_matches_reference(T, dtype):
@@ -88,7 +82,7 @@ def test_kernel_matches_reference(T, dtype):
     assert a.masked_positions.dtype == a.masked_labels.dtype == torch.int64
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.parametrize("T", [127, 1025, 4099])
 def test_kernel_matches_reference_whole_word_and_never_mask(T):
     ids, _, table = _words(T, seed=T)
@@ -98,7 +92,7 @@ def test_kernel_matches_reference_whole_word_and_never_mask(T):
     _assert_same(a, b, f"T={T} whole-word + never_mask")
 
 
-@needs_triton
+@requires_triton
 def test_kernel_words_longer_than_blocks():
     """Small blocks and a short look-back window: words span several blocks, the call starts mid-word, and
     the walk-back must step through many windows."""
@@ -129,7 +123,7 @@ def test_kernel_words_longer_than_blocks():
             assert selected[lo:hi].all() or not selected[lo:hi].any(), (seed, lo, hi)
 
 
-@needs_triton
+@requires_triton
 def test_kernel_cap_and_padding_slots():
     ids = _ids(4000, seed=5)
     for max_masked in (0, 5, 300, 5000):
@@ -205,7 +199,7 @@ def test_identical_keys_identical_output_and_each_key_matters():
         assert not torch.equal(base.labels, mlm_mask(ids, **other, **kw).labels), other
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
 def test_depends_only_on_global_index(backend):
     """Token-level masking of a slice with offset k equals the slice of the whole: any split across ranks or
     micro-batches masks each token the same way (k = 1001 is not a multiple of the Philox group of 4)."""
@@ -259,7 +253,7 @@ def test_selection_rate_many_seeds():
     _assert_binomial(k, n, _p_select(0.15), "selection rate")
 
 
-@needs_triton
+@requires_triton
 def test_selection_rate_kernel():
     k = n = 0
     for seed in range(3):

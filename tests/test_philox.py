@@ -5,16 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import KERNEL_DEVICE as DEVICE
+from conftest import requires_triton
 
 from mlmtrain.kernels import mlm_mask as mm
-from mlmtrain.kernels import triton_runs_on
 from mlmtrain.kernels.philox import philox4x32_torch, stream_words
-
-needs_triton = pytest.mark.skipif(
-    not triton_runs_on(torch.device("cpu")) and not torch.cuda.is_available(),
-    reason="Triton cannot run here (no CUDA and no TRITON_INTERPRET=1)",
-)
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_philox_known_answers():
@@ -33,7 +28,7 @@ def test_philox_known_answers():
         assert tuple(int(x) for x in got) == want, [hex(int(x)) for x in got]
 
 
-@needs_triton
+@requires_triton
 def test_philox_is_tritons_stream():
     """At step 0 our counter layout is tl.randint4x's: (offset lo, offset hi, 0, 0), key = seed."""
     import triton
@@ -75,7 +70,7 @@ if mm.triton is not None:
         tl.store(out_ptr + 4 * k + 3, w3.to(tl.int64) & 0xFFFFFFFF)
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.parametrize("per_call, tag", [(4, 0), (2, 1 << 31)])
 def test_triton_stream_equals_torch_stream(per_call, tag):
     """The kernels' `philox_words` (counter q + k with a stream tag, step, seed) gives `stream_words`' bits."""

@@ -13,7 +13,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import requires_cuda
+from conftest import KERNEL_DEVICE as DEVICE
+from conftest import requires_cuda, requires_triton
 from hopper_build import assert_builds_for_hopper, build
 
 from mlmtrain.kernels import residual_layer_norm as rln
@@ -25,8 +26,6 @@ from mlmtrain.kernels.residual_layer_norm import (
     residual_layer_norm_reference,
 )
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(not triton_runs_on(DEVICE), reason="Triton cannot run here")
 Z_MAX = 5.0
 EPS = 1e-12  # BERT's layer_norm_eps
 # (rtol, atol) per dtype: outputs are rounded once from fp32, so a few units in the last place of the dtype
@@ -54,7 +53,7 @@ def _run(backend, inputs, p, seed, dy):
 
 
 # ---- kernel == reference ------------------------------------------------------------------------------
-@needs_triton
+@requires_triton
 @pytest.mark.parametrize("N,C", [(1, 96), (7, 200), (129, 128), (5, 768), (3, 13)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("p", [0.0, 0.1])
@@ -74,7 +73,7 @@ def test_kernel_matches_reference(N, C, dtype, p):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
-@needs_triton
+@requires_triton
 def test_mixed_dtypes_and_leading_dims():
     """A bf16 sublayer output onto an fp32 residual stream (what autocast gives today): y is fp32, each
     gradient comes back in its input's dtype; bf16 parameters give bf16 dweight, dbias."""
@@ -92,7 +91,7 @@ def test_mixed_dtypes_and_leading_dims():
         torch.testing.assert_close(got, want, rtol=2e-2, atol=3e-2)
 
 
-@needs_triton
+@requires_triton
 def test_no_rows():
     inputs = _inputs(0, 64)
     y = residual_layer_norm(*inputs, EPS, 0.1, _seed(), backend="triton")
@@ -124,7 +123,7 @@ def _binomial_z(k: int, n: int, q: float) -> float:
     return (k - n * q) / math.sqrt(n * q * (1 - q))
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_kernel_dropout_rate_and_scale(p):
     """Read the kernel's own mask off its gradients: dx = dh / (1 - p) where kept, 0 where dropped."""
@@ -156,7 +155,7 @@ def test_reference_mask_statistics():
     assert 0.1 < rows_differ < 0.3
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.parametrize("seed", [0x1234_5678_9ABC, -1, 0])
 def test_forward_backward_and_reference_share_the_mask(seed):
     """Dropped elements of x do not reach y (so the forward used the reference's mask), and dx is exactly 0
@@ -173,7 +172,7 @@ def test_forward_backward_and_reference_share_the_mask(seed):
     assert torch.equal(dx != 0, keep)
 
 
-@needs_triton
+@requires_triton
 def test_same_seed_same_output_other_seed_other_mask():
     inputs = _inputs(16, 128)
     a, b = (residual_layer_norm(*inputs, EPS, 0.1, _seed(5), backend="triton") for _ in range(2))
@@ -192,7 +191,7 @@ def test_seed_none_draws_from_torch_generator():
     assert not torch.equal(outputs[0], residual_layer_norm(*inputs, EPS, 0.1))
 
 
-@needs_triton
+@requires_triton
 def test_p_one_drops_everything():
     x, residual, weight, bias = _inputs(5, 96)
     y = residual_layer_norm(x, residual, weight, bias, EPS, 1.0, _seed(), backend="triton")
@@ -216,7 +215,7 @@ def test_bad_arguments():
 
 
 # ---- torch.compile, custom-op registration, CUDA graphs ---------------------------------------------------
-@needs_triton
+@requires_triton
 def test_custom_ops_pass_opcheck():
     """Schema, fake (shape) functions, autograd registration and AOT dispatch, as torch.library checks them."""
     x, residual, weight, bias = (t.detach() for t in _inputs(6, 48))
@@ -226,7 +225,7 @@ def test_custom_ops_pass_opcheck():
     torch.library.opcheck(rln._bwd_op, (dy, x, residual, weight, _seed(), stats[1], stats[2], 0.1))
 
 
-@needs_triton
+@requires_triton
 @pytest.mark.compile
 def test_compiles_without_graph_break():
     """fullgraph=True fails on any graph break; the graph calls the fused op (not the reference), and the
@@ -313,7 +312,7 @@ def test_inductor_compile_on_cuda():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@needs_triton
+@requires_triton
 def test_benchmark_runs_and_credits_every_row_the_same_bytes():
     from mlmtrain.benchmarks.bench_residual_layer_norm import logical_bytes, run
 
