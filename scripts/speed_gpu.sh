@@ -10,12 +10,14 @@
 #
 # Usage:  bash scripts/speed_gpu.sh OUT_DIR [extra `mlmtrain bench` flags]
 #         bash scripts/speed_gpu.sh OUT_DIR --merge    # a second call: only the rows the first could not finish
+#                                                      # (reads OUT_DIR/results.json of the first)
 #         bash scripts/speed_gpu.sh OUT_DIR --quick    # the same path on a CPU (tiny model): what the tests run
 # Every row that does not fit the budget is recorded as skipped, with the reason, and the script prints the
 # command that measures the rest. Environment: SPEED_BUDGET (seconds for the whole call, default 470), PYTHON
 # (default python3). Nothing is downloaded: the package is imported from this checkout; torchao (fp8),
-# accelerate and psutil are installed from .whl/ when missing (git-ignored:
-# `pip download --no-deps torchao==0.17.0 accelerate psutil -d .whl`; carry .whl to the GPU machine).
+# accelerate and psutil are installed from .whl/ into /tmp/site when missing (git-ignored; docs/BENCHMARKS.md,
+# "The GPU command", says how to fetch them and how to call this on a lent machine).
+# OUT_DIR gets five files: gpu.txt, gpu_tests.txt, bench.log, results.json, report.md.
 set -uo pipefail
 OUT=${1:?usage: bash scripts/speed_gpu.sh OUT_DIR [--merge | --quick] [extra mlmtrain bench flags]}
 shift
@@ -41,10 +43,13 @@ if [ "$here" != "$PWD/trainer" ]; then
   "$PY" -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
     || echo "speed_gpu.sh: editable install failed; mlmtrain must already be importable" >&2
 fi
-for pkg in torchao accelerate; do  # fp8 rows need torchao; the evaluator's transformers does not need accelerate
+# fp8 rows need torchao; the HF Trainer baseline needs accelerate (and it psutil). Installed beside the
+# interpreter's own packages (/tmp/site on PYTHONPATH), so a read-only environment is no obstacle.
+export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+for pkg in torchao accelerate; do
   if ! "$PY" -c "import $pkg" 2>/dev/null; then
     wheels=$(ls .whl/$pkg-*.whl 2>/dev/null; [ "$pkg" = accelerate ] && ls .whl/psutil-*.whl 2>/dev/null)
-    [ -n "$wheels" ] && "$PY" -m pip install -q --no-index --no-deps $wheels >/dev/null 2>&1
+    [ -n "$wheels" ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels >/dev/null 2>&1
     "$PY" -c "import $pkg" 2>/dev/null || echo "speed_gpu.sh: $pkg is not installed: its rows will say so" >&2
   fi
 done
@@ -56,9 +61,13 @@ SECTIONS=ceilings,ablation
 if [ "$MERGE" = 1 ]; then
   SECTIONS=ablation  # the first call's ceilings and GPU checks are kept
 else
+  # the kernels' test files run whole on CUDA (every kernel against its reference, CUDA-graph replay, inductor);
+  # of the model files, the compiled bf16 paths against the fp32 reference
   echo "== GPU checks of the new paths" | tee "$OUT/gpu_tests.txt"
-  timeout 150 "$PY" -m pytest -q -x -k gpu tests/test_rows.py tests/test_model.py 2>&1 | tail -15 \
-    | tee -a "$OUT/gpu_tests.txt"
+  timeout 150 "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_residual_layer_norm.py tests/test_bias_gelu.py \
+    tests/test_philox.py tests/test_mlm_mask.py tests/test_rows.py::test_compiled_flex_matches_fp32_reference_on_gpu \
+    tests/test_model.py::test_varlen_matches_fp32_reference_on_gpu \
+    tests/test_model.py::test_auto_picks_varlen_under_autocast_on_gpu 2>&1 | tail -30 | tee -a "$OUT/gpu_tests.txt"
 fi
 
 # --time-limit: no row starts whose expected end (the longest row so far) is past it; `timeout` is the hard stop

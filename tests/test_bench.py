@@ -318,3 +318,18 @@ def test_ablation_rows_past_the_budget_are_skipped_and_say_so(tmp_path):
     )
     row = bench.row("ablation", "today", {}, size="tiny", tokens_per_batch=256, cap=128, target_tokens=1000)
     assert row["error"] == SKIPPED and row["options"] == {} and seen == [1]
+
+
+def test_gpu_scripts_name_tests_that_exist():
+    """The GPU scripts select tests by file and name; a renamed test would drop out of the one GPU call silently."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    named = set()
+    for script in (root / "scripts").glob("*.sh"):
+        named |= set(re.findall(r"(tests/\w+\.py)(?:::(\w+))?", script.read_text(encoding="utf-8")))
+    assert named
+    for path, test in named:
+        assert (root / path).is_file(), path
+        assert not test or re.search(rf"^def {test}\(", (root / path).read_text(encoding="utf-8"), re.M), (path, test)
