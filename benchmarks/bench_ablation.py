@@ -276,7 +276,7 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
 
     def line(r, today):
         if "error" in r:
-            return [r["name"], _options(r), r["error"], "", "", "", "", "", "", ""]
+            return [r["name"], _options(r), r["error"], "", "", "", "", "", "", "", ""]
         tps = r["tokens_per_s"]
         vs = f"{tps['overall'] / today['tokens_per_s']['overall']:.2f}x" if today else "–"
         phases = r.get("phase_ms") or {}
@@ -291,6 +291,7 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
             " / ".join(f"{phases[k]:.1f}" for k in ("forward", "backward", "optimizer") if k in phases) or "–",
             f"{r.get('real_tokens', 0):,}",
             f"{r['valid_loss']:.4f}" if r.get("valid_loss") is not None else "–",
+            _compiled(r),
         ]
 
     header = [
@@ -304,6 +305,7 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
         "fwd / bwd / opt ms (traced)",
         "real tokens",
         "valid MLM loss",
+        "graphs / breaks / CUDA-graph skips",
     ]
     md = []
     for benchmark, title in (("ablation", "Ablation"), ("target", "Target: the larger model, document packing")):
@@ -339,6 +341,12 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
     md += [table(header, lines) if lines else "No target row was measured.", ""]
     md += [kernel_categories_markdown(rows), ""]
     return "\n".join(md)
+
+
+def _compiled(r: dict) -> str:
+    """What torch.compile did in the row's run (bench_train.run_ours): "–" when nothing was compiled."""
+    c = r.get("compiled") or {}
+    return f"{c['graphs']} / {c['graph_breaks']} / {c['cudagraph_skips']}" if c.get("graphs") else "–"
 
 
 def _options(r: dict) -> str:

@@ -118,6 +118,8 @@ def run_ours(
     `profile`, the last log window is profiled (its first step warms the profiler up, the rest are traced:
     per-phase times in summary["phase_ms"], kernel categories in OUT/profile/categories.json) and left out of
     the timing, as the profiler slows it down. `options`: more config keys (dotted, as `--set` takes them)."""
+    from torch._dynamo.utils import counters
+
     from mlmtrain.config import load_config
     from mlmtrain.files import folder_state
     from mlmtrain.run_folder import RUN_LAYOUT
@@ -151,9 +153,17 @@ def run_ours(
     cfg.out_dir = str(out_dir)
     if folder_state(out_dir, RUN_LAYOUT)[0] == "mine":  # the bench's own run from an earlier `--work` reuse
         shutil.rmtree(out_dir)
+    counters.clear()
     t0 = time.perf_counter()
     summary = train(cfg, log=lambda msg: print(msg, file=sys.stderr))
     wall_s = time.perf_counter() - t0
+    # what torch.compile did in this run: more graphs than the step's (and eval's) means it recompiled; a CUDA-graph
+    # skip means the graphs asked for were not used (inductor logs why)
+    compiled = {
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"],
+    }
     windows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [w for w in windows if "tokens_per_s" in w]
     timed = windows[1 : len(windows) - profile] or windows  # the first window holds compilation and warm-up
@@ -174,6 +184,7 @@ def run_ours(
         "pack": cfg.data.pack,
         "precision": summary.get("precision"),
         "compile": summary.get("compile"),
+        "compiled": compiled,
     }
 
 
@@ -203,6 +214,7 @@ def ours_row(
         "data_wait_s": s.get("data_wait_s"),
         "phase_ms": s.get("phase_ms") or None,
         "kernel_categories": result.get("kernel_categories"),
+        "compiled": result.get("compiled"),
         "own_valid_loss": s.get("valid_loss"),
         "final_train_loss": s.get("final_loss"),
         "timed": f"{result['timed_windows']} log windows of {result['log_every']} steps (first window dropped"
