@@ -100,12 +100,13 @@ def cli_train(data_dir, tokenizer_dir, tmp_path, *sets, tokens=1024):
         ("train.fp8=rowwise", "needs a CUDA GPU with FP8 tensor cores"),
         ("train.cuda_graphs=true", "needs a CUDA device and compile on"),
         ("model.attention=flex", "needs data.layout = rows"),
+        ("data.layout=rows model.attention=flex", "FlexAttention has no backward on the CPU"),
         ("data.layout=rows", "must be a multiple of it"),
     ],
 )
 def test_options_refused_with_one_sentence(data_dir, tokenizer_dir, tmp_path, capsys, setting, message):
     tokens = 1000 if setting == "data.layout=rows" else 1024
-    assert cli_train(data_dir, tokenizer_dir, tmp_path, setting, tokens=tokens) == 2
+    assert cli_train(data_dir, tokenizer_dir, tmp_path, *setting.split(), tokens=tokens) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()

@@ -50,7 +50,7 @@ class ModelSpec:
     initializer_range: float = 0.02  # std of the normal initialisation
     init_from: str = ""  # continue pretraining a transformers BERT (folder or Hub id): its weights, shape, tokenizer
     # auto (flash varlen on CUDA; FlexAttention per row with data.layout = rows when compiled) | varlen | sdpa
-    # (the reference) | flex (rows only)
+    # (the reference) | flex (rows, on CUDA: FlexAttention has no CPU backward)
     attention: str = "auto"
     residual_dtype: str = "fp32"  # fp32 (autocast's default) | compute: LayerNorm outputs in the autocast dtype
     fused_ops: str = "torch"  # torch (inductor fuses them) | triton: the fused residual+LayerNorm, bias+GELU kernels

@@ -68,13 +68,18 @@ def bias_then_gelu(x, dense: nn.Linear, fast: FastPaths):
 
 
 def check_speed_options(cfg, L: int, device: torch.device, precision: str, compiled: bool, T: int, world: int):
-    """The speed options a run asks for (`cfg` a RunConfig: data.layout, train.cuda_graphs,
+    """The speed options a run asks for (`cfg` a RunConfig: data.layout, model.attention, train.cuda_graphs,
     train.async_log_reads, train.fp8), refused with one sentence where they cannot run, before any device work.
     L: the shards' max_seq_len; T: tokens per micro-batch; world: the number of processes."""
     if cfg.data.layout == "rows" and T % L:
         raise UserError(
             f"data.layout = rows cuts each batch into rows of max_seq_len = {L} tokens: data.tokens_per_batch = {T} "
             f"must be a multiple of it (e.g. {max(L, T // L * L)})"
+        )
+    if cfg.model.attention == "flex" and device.type != "cuda":
+        raise UserError(
+            f"model.attention = flex trains on a CUDA GPU only (FlexAttention has no backward on the CPU; this run is "
+            f"on {device}): leave model.attention = auto, which takes the row SDPA reference here"
         )
     if cfg.train.cuda_graphs:
         if device.type != "cuda" or not compiled:
