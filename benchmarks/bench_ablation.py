@@ -10,6 +10,8 @@ ran, then the two target workloads.
     +fp8 tensorwise   train.fp8 = tensorwise   } two rows on the same base; the faster one is
     +fp8 rowwise      train.fp8 = rowwise      } what the next row builds on
     dropout off       model.dropout = 0 on the fastest configuration: its speed and its validation loss
+    curves            the fastest configuration (the candidate default) against today's defaults over ~200 steps,
+                      and today's once more at another seed: the noise its loss curve must stay within
 
 A row that cannot run (an option refused where it is unsupported, a module this build does not have) says why
 and the next row builds on the one before it. Every row trains from the same initialisation on the same stream
@@ -98,15 +100,23 @@ class Ablation:
         tokens_per_batch: int,
         cap: int,
         target_tokens: int,
+        seed: int = 0,
     ) -> dict:
         row = self._row(
-            benchmark, name, options, size=size, tokens_per_batch=tokens_per_batch, cap=cap, target_tokens=target_tokens
+            benchmark,
+            name,
+            options,
+            size=size,
+            tokens_per_batch=tokens_per_batch,
+            cap=cap,
+            target_tokens=target_tokens,
+            seed=seed,
         )
         self.done.append(row)
         self.on_row(self.done)
         return row
 
-    def _row(self, benchmark, name, options, *, size, tokens_per_batch, cap, target_tokens) -> dict:
+    def _row(self, benchmark, name, options, *, size, tokens_per_batch, cap, target_tokens, seed) -> dict:
         from mlmtrain.benchmarks.bench_train import ours_row, run_ours
         from mlmtrain.benchmarks.recipe import hf_model_from_checkpoint, mlm_eval
 
@@ -117,6 +127,7 @@ class Ablation:
             "tokens_per_batch": tokens_per_batch,
             "seq_cap": cap,
             "options": options,
+            "seed": seed,
         }
         same = [r for r in self.reuse if all(r.get(k) == v for k, v in key.items()) and "error" not in r]
         if same:
@@ -124,9 +135,9 @@ class Ablation:
         if self.deadline is not None and time.monotonic() + self.longest > self.deadline:
             return {**key, "error": SKIPPED, "command": self.command}
         t0 = time.monotonic()
-        run_dir = self.work / f"{benchmark}_{size}_{cap}_{name.strip('+').replace(' ', '_')}"
+        run_dir = self.work / f"{benchmark}_{size}_{cap}_{seed}_{name.strip('+').replace(' ', '_').replace(',', '')}"
         try:
-            steps = steps_for_tokens(self.data.data_dirs[cap], tokens_per_batch, cap, options, target_tokens)
+            steps = steps_for_tokens(self.data.data_dirs[cap], tokens_per_batch, cap, options, target_tokens, seed)
             result = run_ours(
                 self.data,
                 run_dir,
@@ -138,6 +149,7 @@ class Ablation:
                 compile=self.compile,
                 log_every=self.log_every,
                 warmup_steps=max(1, steps // 10),
+                seed=seed,
                 profile=steps >= 3 * self.log_every,
                 save_final=True,
                 options=options,
@@ -179,13 +191,15 @@ def run(
     large_size: str,
     large_tokens_per_batch: int,
     large_target_tokens: int,
+    curve_target_tokens: int = 0,
     deadline: float | None = None,
     reuse=(),
     command: str = "",
     on_row=None,
 ) -> list[dict]:
-    """The ablation rows, then the large target rows (module docstring). `data`: a BenchData with caps 128 and
-    512 (synthetic_data.make_synthetic_data). `on_row(rows so far)` after every row (results.json rewritten)."""
+    """The ablation rows, then the large target rows, then the loss curves (module docstring; none when
+    `curve_target_tokens` is 0). `data`: a BenchData with caps 128 and 512 (synthetic_data.make_synthetic_data).
+    `on_row(rows so far)` after every row (results.json rewritten)."""
     bench = Ablation(
         Path(work),
         data,
@@ -219,6 +233,12 @@ def run(
         configs.append(("fastest, flat layout", {k: v for k, v in best_options.items() if k != "data.layout"}))
     for name, options in configs:
         bench.row("target", name, options, **large)
+
+    if curve_target_tokens and best and best["options"]:  # a candidate default that is not today's
+        curve = dict(size=size, tokens_per_batch=tokens_per_batch, cap=128, target_tokens=curve_target_tokens)
+        bench.row("curve", "today", {}, **curve)
+        bench.row("curve", "today, seed 1", {}, **curve, seed=1)
+        bench.row("curve", "fastest configuration", best_options, **curve)
     return bench.done
 
 
@@ -339,8 +359,65 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
         )
     header = ["workload", "target", "today", "fastest", "target met", "MFU", "of measured matmul", "valid loss"]
     md += [table(header, lines) if lines else "No target row was measured.", ""]
+    md += [curves_markdown(rows), ""]
     md += [kernel_categories_markdown(rows), ""]
     return "\n".join(md)
+
+
+CURVES = ("today", "today, seed 1", "fastest configuration")
+
+
+def curve_check(rows: list[dict]) -> dict | None:
+    """The candidate default's loss curve against today's, beside today's own seed-to-seed difference (the noise):
+    mean |difference| of the log windows' train loss over the second half of the run (past warm-up and the first
+    fall), and the difference in validation loss. None until all three curve rows are measured."""
+    mine = {r["name"]: r for r in _measured(rows) if r.get("benchmark") == "curve" and r.get("loss_curve")}
+    if any(name not in mine for name in CURVES):
+        return None
+    today, other, fast = ([loss for _, loss in mine[name]["loss_curve"]] for name in CURVES)
+    n = min(len(today), len(other), len(fast))
+    half = range(n // 2, n)
+
+    def mean_gap(a):
+        return sum(abs(a[i] - today[i]) for i in half) / max(len(half), 1)
+
+    valid = {name: mine[name].get("valid_loss") for name in CURVES}
+    seed_gap, fast_gap = mean_gap(other), mean_gap(fast)
+    valid_seed = abs(valid["today, seed 1"] - valid["today"])
+    valid_fast = abs(valid["fastest configuration"] - valid["today"])
+    return {
+        "options": mine["fastest configuration"].get("options"),
+        "steps": mine["today"]["steps"],
+        "train_loss_gap": {"fastest": fast_gap, "seed": seed_gap},
+        "valid_loss": valid,
+        "within_noise": fast_gap <= seed_gap and valid_fast <= valid_seed,
+    }
+
+
+def curves_markdown(rows: list[dict]) -> str:
+    from mlmtrain.benchmarks.tables import table
+
+    mine = {r["name"]: r for r in rows if r.get("benchmark") == "curve"}
+    if not mine:
+        return "Loss curves: not run (no ablation row was faster than today with other options)."
+    check = curve_check(rows)
+    if check is None:
+        why = "; ".join(f"{name}: {r.get('error', 'no loss curve')}" for name, r in mine.items())
+        return f"Loss curves: not complete ({why})."
+    curves = [dict(mine[name]["loss_curve"]) for name in CURVES]
+    steps = sorted(set(curves[0]) & set(curves[1]) & set(curves[2]))
+    steps = sorted({*steps[:: max(1, len(steps) // 20)], *steps[-1:]})  # about 20 lines
+    lines = [[str(step), *(f"{c[step]:.4f}" for c in curves)] for step in steps]
+    lines.append(["valid MLM loss", *(f"{check['valid_loss'][name]:.4f}" for name in CURVES)])
+    gap = check["train_loss_gap"]
+    verdict = "within" if check["within_noise"] else "**outside**"
+    return (
+        f"Loss curves over {check['steps']} steps at seq 128 (the candidate default, "
+        f"{_options(mine['fastest configuration'])}, against today's defaults; today's again at seed 1 is the "
+        f"noise): mean |train-loss difference| over the second half {gap['fastest']:.4f} (fastest vs today) against "
+        f"{gap['seed']:.4f} (seed 1 vs seed 0): {verdict} the noise, validation loss included.\n\n"
+        + table(["step", *CURVES], lines)
+    )
 
 
 def _compiled(r: dict) -> str:

@@ -185,6 +185,7 @@ def run_ours(
         "precision": summary.get("precision"),
         "compile": summary.get("compile"),
         "compiled": compiled,
+        "loss_curve": [[w["step"], w["loss"]] for w in windows],  # every log window's mean train loss
     }
 
 
@@ -215,6 +216,7 @@ def ours_row(
         "phase_ms": s.get("phase_ms") or None,
         "kernel_categories": result.get("kernel_categories"),
         "compiled": result.get("compiled"),
+        "loss_curve": result.get("loss_curve"),
         "own_valid_loss": s.get("valid_loss"),
         "final_train_loss": s.get("final_loss"),
         "timed": f"{result['timed_windows']} log windows of {result['log_every']} steps (first window dropped"

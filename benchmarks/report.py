@@ -74,9 +74,11 @@ def headline(results: dict) -> dict:
     if cmp:
         h["speedup_tokens_per_s"] = cmp.get("speedup_tokens_per_s")
     if rows_of(results, "ablation"):
+        from mlmtrain.benchmarks.bench_ablation import curve_check
         from mlmtrain.benchmarks.bench_ablation import headline as ablation_headline
 
         h["ablation"] = ablation_headline(rows_of(results, "ablation"), ceil.get("matmul_bfloat16"))
+        h["curve"] = curve_check(rows_of(results, "ablation"))
     # the masking kernel's share of copy bandwidth: against the copy of the same bytes timed next to it
     # (bench_mask's summary rows) and against this run's copy ceiling
     mask = rows_of(results, "mask")

@@ -70,6 +70,7 @@ PLANS = {
         "large_size": "large",
         "large_tokens": 65536,
         "large_target_tokens": 1_500_000,
+        "curve_target_tokens": 13_000_000,  # ~200 steps of 64k: the loss curve of the candidate default
     },
     "quick": {
         "mask_sizes": [4096, 32768],
@@ -99,6 +100,7 @@ PLANS = {
         "large_size": "tiny",
         "large_tokens": 512,
         "large_target_tokens": 1000,
+        "curve_target_tokens": 2500,  # ~10 steps of 256
     },
 }
 
@@ -334,6 +336,7 @@ class Bench:
             large_size=self.plan["large_size"],
             large_tokens_per_batch=self.plan["large_tokens"],
             large_target_tokens=self.plan["large_target_tokens"],
+            curve_target_tokens=self.plan["curve_target_tokens"],
             deadline=self.deadline,
             reuse=reuse if self.args.merge else [],
             command=self.command,

@@ -5,7 +5,8 @@
 #   today, +row attention, +bf16 residual, +fused kernels, +CUDA graphs, +fp8 tensorwise / rowwise, dropout off;
 #   each row with real tokens/s, MFU, % of the measured matmul ceiling, peak memory, the traced step's phases or
 #   kernel categories, and validation loss at equal real tokens) -> BERT-large, seq 512, document packing, today
-#   and the fastest configuration
+#   and the fastest configuration -> ~200-step loss curves of the fastest configuration against today's (and
+#   today's at another seed: the noise)
 # written to OUT_DIR as results.json and report.md (`mlmtrain bench --sections ceilings,ablation`).
 #
 # Usage:  bash scripts/speed_gpu.sh OUT_DIR [extra `mlmtrain bench` flags]

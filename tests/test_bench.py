@@ -273,6 +273,14 @@ def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
     targets = [r for r in everything if r["benchmark"] == "target"]
     assert targets[0]["name"] == "today" and targets[0]["seq_cap"] == 512 and targets[0]["pack"] == "document"
     assert len(targets) >= 2 and "ablation" in res["headline"]
+    curves = [r for r in everything if r["benchmark"] == "curve"]
+    if curves:  # run when a configuration other than today's was the fastest on this CPU
+        assert [(r["name"], r["seed"]) for r in curves] == [
+            ("today", 0),
+            ("today, seed 1", 1),
+            ("fastest configuration", 0),
+        ]
+        assert all(len(r["loss_curve"]) >= 3 for r in curves) and res["headline"]["curve"]["steps"] >= 6
     md = (out / "report.md").read_text(encoding="utf-8")
     for needle in ("### Ablation", "### Targets", "Kernel categories", "+CUDA graphs", "valid MLM loss"):
         assert needle in md, needle
@@ -333,3 +341,34 @@ def test_gpu_scripts_name_tests_that_exist():
     for path, test in named:
         assert (root / path).is_file(), path
         assert not test or re.search(rf"^def {test}\(", (root / path).read_text(encoding="utf-8"), re.M), (path, test)
+
+
+def test_curve_check_compares_the_candidate_with_the_seed_noise():
+    from mlmtrain.benchmarks.bench_ablation import curve_check, curves_markdown
+
+    def row(name, losses, valid, seed=0):
+        curve = [[5 * (i + 1), loss] for i, loss in enumerate(losses)]
+        tps = {"overall": 1.0}
+        return {
+            "benchmark": "curve",
+            "name": name,
+            "seed": seed,
+            "steps": 20,
+            "loss_curve": curve,
+            "valid_loss": valid,
+            "tokens_per_s": tps,
+            "options": {} if name.startswith("today") else {"data.layout": "rows"},
+        }
+
+    today = row("today", [9.0, 8.0, 7.0, 6.0], 6.5)
+    seed1 = row("today, seed 1", [9.1, 8.2, 7.1, 6.1], 6.6, seed=1)
+    close = row("fastest configuration", [8.9, 8.1, 7.05, 6.05], 6.55)
+    far = row("fastest configuration", [9.0, 8.0, 7.5, 6.5], 6.9)
+    check = curve_check([today, seed1, close])
+    assert check["within_noise"] and check["train_loss_gap"]["seed"] == pytest.approx(0.1)
+    assert check["train_loss_gap"]["fastest"] == pytest.approx(0.05) and check["options"] == {"data.layout": "rows"}
+    assert not curve_check([today, seed1, far])["within_noise"]
+    assert curve_check([today, seed1]) is None
+    md = curves_markdown([today, seed1, far])
+    assert "**outside** the noise" in md and "| 20 | 6.0000 | 6.1000 | 6.5000 |" in md
+    assert "not complete" in curves_markdown([today, {**seed1, "error": "skipped"}])
