@@ -46,6 +46,10 @@ ABLATION = [
 FP8 = [("+fp8 tensorwise", {"train.fp8": "tensorwise"}), ("+fp8 rowwise", {"train.fp8": "rowwise"})]
 DROPOUT_OFF = ("dropout off", {"model.dropout": 0.0})
 SKIPPED = "skipped: the time budget (--time-limit) ran out"
+# a row that broke the device (an illegal memory access poisons the CUDA context of the whole process): the rows
+# after it are left for a fresh process (`--merge`), which keeps this row as measured and goes on past it
+CRASHED = "the device failed in this row (a fresh process measures the rows after it): "
+NOT_RUN = "not run: the device failed in an earlier row of this process"
 
 
 def steps_for_tokens(data_dir, tokens_per_batch: int, cap: int, options: dict, target_tokens: int, seed: int = 0):
@@ -85,6 +89,7 @@ class Ablation:
         self.work, self.data, self.device, self.compile, self.log_every = work, data, device, compile, log_every
         self.deadline, self.reuse, self.command, self.longest = deadline, list(reuse), command, 0.0
         self.done, self.on_row = [], on_row or (lambda rows: None)  # every row so far, and who is told of each
+        self.crashed = False  # a row broke the device: no other row can run in this process
         self.eval_batches = {
             cap: valid_batches(data.tokenizer_dir, data.valid_lines, max_length=cap, seed=1234)
             for cap in data.data_dirs
@@ -129,9 +134,12 @@ class Ablation:
             "options": options,
             "seed": seed,
         }
-        same = [r for r in self.reuse if all(r.get(k) == v for k, v in key.items()) and "error" not in r]
+        final = [r for r in self.reuse if "error" not in r or r["error"].startswith(CRASHED)]
+        same = [r for r in final if all(r.get(k) == v for k, v in key.items())]
         if same:
             return {**same[0], "reused_from": "an earlier run (--merge)"}
+        if self.crashed:
+            return {**key, "error": NOT_RUN, "command": self.command}
         if self.deadline is not None and time.monotonic() + self.longest > self.deadline:
             return {**key, "error": SKIPPED, "command": self.command}
         t0 = time.monotonic()
@@ -156,7 +164,9 @@ class Ablation:
             )
             scores = mlm_eval(hf_model_from_checkpoint(run_dir), self.eval_batches[cap], torch.device(self.device))
         except Exception as e:  # refused (one sentence) or broken: the row says which, the others still run
-            return {**key, "error": f"{type(e).__name__}: {e}"[:600], "command": self.command}
+            error = f"{type(e).__name__}: {e}"[:600]
+            self.crashed = not device_alive(torch.device(self.device))
+            return {**key, "error": CRASHED + error if self.crashed else error, "command": self.command}
         finally:
             self.longest = max(self.longest, time.monotonic() - t0)
         row = ours_row(
@@ -171,6 +181,18 @@ class Ablation:
             **scores,
         )
         return {**row, **key}
+
+
+def device_alive(device: torch.device) -> bool:
+    """Whether the device still runs work after a row failed (a CUDA error such as an illegal memory access is
+    sticky: every later call in the process fails)."""
+    if device.type != "cuda":
+        return True
+    try:
+        torch.ones(1, device=device).add_(1).item()  # sync: the failed row's queue included
+        return True
+    except Exception:
+        return False
 
 
 def fastest(rows: list[dict]) -> dict | None:

@@ -77,6 +77,15 @@ left=$((BUDGET - SECONDS))
 timeout -k 10 "$left" "$PY" -m mlmtrain.cli bench --out "$OUT" --device cuda --sections "$SECTIONS" \
   --time-limit $((left - 25)) "$@" 2>&1 | grep -v "step/s" | tee "$OUT/bench.log"
 rc=${PIPESTATUS[0]}
+# a row that broke the device (a sticky CUDA error) leaves the rows after it to a fresh process: run them with
+# what the budget has left (each pass gets past at least one row, so this ends)
+while grep -q "not run: the device failed" "$OUT/results.json" 2>/dev/null && [ $((BUDGET - SECONDS)) -gt 90 ]; do
+  left=$((BUDGET - SECONDS))
+  echo "speed_gpu.sh: a row broke the device; the rows after it in a fresh process ($left s left)" | tee -a "$OUT/bench.log"
+  timeout -k 10 "$left" "$PY" -m mlmtrain.cli bench --out "$OUT" --device cuda --sections ablation --merge \
+    --time-limit $((left - 25)) "$@" 2>&1 | grep -v "step/s" | tee -a "$OUT/bench.log"
+  rc=${PIPESTATUS[0]}
+done
 echo "speed_gpu.sh: report in $OUT/report.md (exit $rc, $SECONDS s)"
 if [ "$rc" = 124 ] || [ "$rc" = 137 ] || grep -q "skipped: the time budget" "$OUT/results.json" 2>/dev/null; then
   echo "speed_gpu.sh: some rows did not fit the budget; measure them with: bash scripts/speed_gpu.sh $OUT --merge"

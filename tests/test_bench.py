@@ -372,3 +372,36 @@ def test_curve_check_compares_the_candidate_with_the_seed_noise():
     md = curves_markdown([today, seed1, far])
     assert "**outside** the noise" in md and "| 20 | 6.0000 | 6.1000 | 6.5000 |" in md
     assert "not complete" in curves_markdown([today, {**seed1, "error": "skipped"}])
+
+
+def test_a_row_that_breaks_the_device_leaves_the_rest_to_a_fresh_process(tmp_path, monkeypatch):
+    """An illegal memory access poisons the CUDA context: the rows after it say so instead of failing one by one,
+    and a fresh process (--merge) keeps the broken row as final and runs the rest."""
+    from mlmtrain.benchmarks import bench_ablation
+    from mlmtrain.benchmarks.bench_ablation import CRASHED, NOT_RUN, Ablation
+    from mlmtrain.benchmarks.synthetic_data import make_synthetic_data
+
+    data = make_synthetic_data(tmp_path / "data", train_tokens=3000, valid_tokens=200, log=lambda msg: None)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(bench_ablation, "steps_for_tokens", boom)
+    monkeypatch.setattr(bench_ablation, "device_alive", lambda device: False)
+    common = dict(size="tiny", tokens_per_batch=256, cap=128, target_tokens=1000)
+
+    def bench(reuse):
+        return Ablation(
+            tmp_path, data, device="cpu", compile=False, log_every=1, deadline=None, reuse=reuse, command="x"
+        )
+
+    first = bench([])
+    broken = first.row("ablation", "+fused kernels", {"model.fused_ops": "triton"}, **common)
+    after = first.row("ablation", "+CUDA graphs", {"train.cuda_graphs": True}, **common)
+    assert broken["error"].startswith(CRASHED) and "illegal memory access" in broken["error"]
+    assert after["error"] == NOT_RUN
+    monkeypatch.setattr(bench_ablation, "device_alive", lambda device: True)  # the fresh process's device works
+    second = bench([broken, after])
+    assert second.row("ablation", "+fused kernels", {"model.fused_ops": "triton"}, **common)["reused_from"]
+    rerun = second.row("ablation", "+CUDA graphs", {"train.cuda_graphs": True}, **common)
+    assert rerun["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"  # it ran again
