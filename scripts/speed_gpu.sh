@@ -50,7 +50,8 @@ export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 for pkg in torchao accelerate; do
   if ! "$PY" -c "import $pkg" 2>/dev/null; then
     wheels=$(ls .whl/$pkg-*.whl 2>/dev/null; [ "$pkg" = accelerate ] && ls .whl/psutil-*.whl 2>/dev/null)
-    [ -n "$wheels" ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels >/dev/null 2>&1
+    [ -n "$wheels" ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels \
+      >/dev/null 2>&1
     "$PY" -c "import $pkg" 2>/dev/null || echo "speed_gpu.sh: $pkg is not installed: its rows will say so" >&2
   fi
 done
@@ -65,10 +66,11 @@ else
   # the kernels' test files run whole on CUDA (every kernel against its reference, CUDA-graph replay, inductor);
   # of the model files, the compiled bf16 paths against the fp32 reference
   echo "== GPU checks of the new paths" | tee "$OUT/gpu_tests.txt"
-  timeout 150 "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_residual_layer_norm.py tests/test_bias_gelu.py \
-    tests/test_philox.py tests/test_mlm_mask.py tests/test_rows.py::test_compiled_flex_matches_fp32_reference_on_gpu \
+  timeout 150 "$PY" -m pytest -q -rfEs --durations=8 -p no:cacheprovider tests/test_residual_layer_norm.py \
+    tests/test_bias_gelu.py tests/test_philox.py tests/test_mlm_mask.py \
+    tests/test_rows.py::test_compiled_flex_matches_fp32_reference_on_gpu \
     tests/test_model.py::test_varlen_matches_fp32_reference_on_gpu \
-    tests/test_model.py::test_auto_picks_varlen_under_autocast_on_gpu 2>&1 | tail -30 | tee -a "$OUT/gpu_tests.txt"
+    tests/test_model.py::test_auto_picks_varlen_under_autocast_on_gpu 2>&1 | tail -45 | tee -a "$OUT/gpu_tests.txt"
 fi
 
 # --time-limit: no row starts whose expected end (the longest row so far) is past it; `timeout` is the hard stop
@@ -81,7 +83,8 @@ rc=${PIPESTATUS[0]}
 # what the budget has left (each pass gets past at least one row, so this ends)
 while grep -q "not run: the device failed" "$OUT/results.json" 2>/dev/null && [ $((BUDGET - SECONDS)) -gt 90 ]; do
   left=$((BUDGET - SECONDS))
-  echo "speed_gpu.sh: a row broke the device; the rows after it in a fresh process ($left s left)" | tee -a "$OUT/bench.log"
+  echo "speed_gpu.sh: a row broke the device; the rows after it in a fresh process ($left s left)" \
+    | tee -a "$OUT/bench.log"
   timeout -k 10 "$left" "$PY" -m mlmtrain.cli bench --out "$OUT" --device cuda --sections ablation --merge \
     --time-limit $((left - 25)) "$@" 2>&1 | grep -v "step/s" | tee -a "$OUT/bench.log"
   rc=${PIPESTATUS[0]}
