@@ -64,13 +64,17 @@ if [ "$MERGE" = 1 ]; then
   SECTIONS=ablation  # the first call's ceilings and GPU checks are kept
 else
   # the kernels' test files run whole on CUDA (every kernel against its reference, CUDA-graph replay, inductor);
-  # of the model files, the compiled bf16 paths against the fp32 reference
+  # of the model files, the compiled bf16 paths against the fp32 reference; then the GPU-only options' loss
+  # curves against the compiled default. SIGINT at the limit: pytest still prints what ran and what failed.
   echo "== GPU checks of the new paths" | tee "$OUT/gpu_tests.txt"
-  timeout 150 "$PY" -m pytest -q -rfEs --durations=8 -p no:cacheprovider tests/test_residual_layer_norm.py \
+  timeout -s INT -k 10 150 "$PY" -m pytest -q -rfEs --durations=8 -p no:cacheprovider \
+    tests/test_residual_layer_norm.py \
     tests/test_bias_gelu.py tests/test_philox.py tests/test_mlm_mask.py \
     tests/test_rows.py::test_compiled_flex_matches_fp32_reference_on_gpu \
     tests/test_model.py::test_varlen_matches_fp32_reference_on_gpu \
-    tests/test_model.py::test_auto_picks_varlen_under_autocast_on_gpu 2>&1 | tail -45 | tee -a "$OUT/gpu_tests.txt"
+    tests/test_model.py::test_auto_picks_varlen_under_autocast_on_gpu \
+    tests/test_speed_options.py::test_gpu_options_train_within_tolerance_of_the_compiled_default 2>&1 | tail -45 \
+    | tee -a "$OUT/gpu_tests.txt"
 fi
 
 # --time-limit: no row starts whose expected end (the longest row so far) is past it; `timeout` is the hard stop

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import requires_triton
+from conftest import requires_cuda, requires_triton
 from test_model import odd_config, packed_batch, random_sentences, report
 from test_train import losses, tiny_config
 
@@ -223,13 +223,33 @@ def test_each_option_trains_within_tolerance_of_the_default(data_dir, tokenizer_
     np.testing.assert_allclose(bf16_stream, bf16, rtol=5e-3)
     import mlmtrain.kernels
 
-    monkeypatch.setattr(
-        mlmtrain.kernels, "INTERPRETER_PROBLEM", "off here"
-    )  # the kernels' torch reference: the interpreter
-    fused = curve("fused", **{"model.fused_ops": "triton"})  # would take minutes for a run (the test above: one step)
+    # the kernels' torch reference: the interpreter would take minutes for a run (the test above: one step)
+    monkeypatch.setattr(mlmtrain.kernels, "INTERPRETER_PROBLEM", "off here")
+    fused = curve("fused", **{"model.fused_ops": "triton"})
     np.testing.assert_allclose(fused, flat, rtol=1e-5)
     print("flat", flat, "\nrows", rows, "\nbf16", bf16, "\nbf16 stream", bf16_stream)
     assert flat[-1] < flat[0]
+
+
+@requires_cuda
+def test_gpu_options_train_within_tolerance_of_the_compiled_default(data_dir, tokenizer_dir, tmp_path):
+    """The options only a GPU runs, 4 tiny compiled bf16 steps each against the compiled default (dropout 0):
+    CUDA graphs replay the same kernels (0.1%); rows with FlexAttention see other batches (1%, as on the CPU);
+    the Triton kernels (0.5%: bf16 autocast around them); fp8 rounds every Linear's operands (3%)."""
+
+    def curve(name, **options):
+        fixed = {"model.dropout": 0.0, "train.max_steps": 4, "train.checkpoint_at_end": False}
+        gpu = {"train.device": "cuda", "train.compile": "on", "train.precision": "bf16"}
+        summary = train(tiny_config(data_dir, tokenizer_dir, tmp_path / name, **fixed, **gpu, **options))
+        return [x for _, x in summary["losses"]]
+
+    default = curve("default")
+    np.testing.assert_allclose(curve("graphs", **{"train.cuda_graphs": True}), default, rtol=1e-3)
+    np.testing.assert_allclose(curve("rows", **{"data.layout": "rows", "model.attention": "flex"}), default, rtol=0.01)
+    np.testing.assert_allclose(curve("fused", **{"model.fused_ops": "triton"}), default, rtol=5e-3)
+    if torch.cuda.get_device_capability() >= (8, 9):
+        np.testing.assert_allclose(curve("fp8", **{"train.fp8": "rowwise"}), default, rtol=0.03)
+    assert default[-1] < default[0]
 
 
 def test_rows_resume_is_bit_exact_and_another_layout_is_refused(data_dir, tokenizer_dir, tmp_path):
