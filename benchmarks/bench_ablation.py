@@ -421,7 +421,7 @@ def curves_markdown(rows: list[dict]) -> str:
 
     mine = {r["name"]: r for r in rows if r.get("benchmark") == "curve"}
     if not mine:
-        return "Loss curves: not run (no ablation row was faster than today with other options)."
+        return "Loss curves: not run (they need a measured configuration faster than today's)."
     check = curve_check(rows)
     if check is None:
         why = "; ".join(f"{name}: {r.get('error', 'no loss curve')}" for name, r in mine.items())
