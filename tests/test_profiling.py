@@ -96,6 +96,10 @@ CUDA_KERNELS = {  # names as torch 2.x CUDA traces spell them (demangled, templa
     "void cublasLt::splitKreduce_kernel<32, 16, int, float, float, float, float, __nv_bfloat16, float, "
     "__nv_bfloat16, true, false, false>(cublasLt::cublasSplitKParams<float>, float const*)": "gemm",
     "triton_tem_fused_addmm_gelu_0": "gemm",
+    "triton_tem_fused_flex_attention_0": "attention",  # FlexAttention's forward and backward are inductor templates
+    "triton_tem_fused_flex_attention_backward_zeros_2": "attention",
+    "_residual_layer_norm_bwd_kernel": "norm_elementwise",  # mlmtrain.kernels
+    "_bias_gelu_fwd_kernel": "norm_elementwise",
     "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, false, cutlass::bfloat16_t, "
     "Flash_kernel_traits<64, 128, 64, 4, cutlass::bfloat16_t> >, false, false, false, false, true, true, false, "
     "false>(pytorch_flash::Flash_fwd_params)": "attention",

@@ -201,8 +201,9 @@ def kernel_category(name: str, cat: str = "kernel") -> str:
     """The category of one trace event: a CUDA kernel by its (demangled) name, a copy or memset by its `cat`,
     a host operator (aten::...) by its name. The first rule that matches wins, in this order: NCCL; the
     optimizer (fused AdamW's multi_tensor_apply, the foreach norm/scale of gradient clipping); inductor's
-    kernels by the kind their name starts with (triton_tem_ a template GEMM, triton_red_/triton_per_ a
-    reduction, triton_poi_ pointwise; a fused layer norm counts as a norm) rather than the ops they fused;
+    kernels by the kind their name starts with (triton_tem_ a template: FlexAttention's kernels,
+    triton_tem_fused_flex_attention_0 and ..._backward_2, else a GEMM; triton_red_/triton_per_ a reduction,
+    triton_poi_ pointwise; a fused layer norm counts as a norm) rather than the ops they fused;
     attention anywhere in the name (flash attention kernels are cutlass instances); GEMM libraries; norms;
     reductions; elementwise kernels; copies."""
     if cat in ("gpu_memcpy", "gpu_memset"):
@@ -215,7 +216,7 @@ def kernel_category(name: str, cat: str = "kernel") -> str:
         return "optimizer"
     if base.startswith("triton_"):
         if base.startswith("triton_tem_"):
-            return "gemm"
+            return "attention" if "attention" in base else "gemm"
         is_reduction = base.startswith(("triton_red_", "triton_per_")) and not any(s in base for s in _NORM)
         return "reduction" if is_reduction else "norm_elementwise"
     if any(s in full for s in ("flash", "fmha", "attention", "attn")):
