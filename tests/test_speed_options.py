@@ -128,13 +128,17 @@ def test_fp8_refusals(monkeypatch):
     check_fp8("off", torch.device("cpu"), "fp32")  # off: nothing to check
 
 
-def test_options_that_need_one_process():
+def test_options_that_need_one_process_or_one_micro_batch():
     from mlmtrain.config import load_config
 
     for key in ("train.async_log_reads", "train.cuda_graphs"):
         cfg = load_config(None, {key: True, "train.compile": "on"})
         with pytest.raises(UserError, match="DDP|one process"):
             check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=2)
+    # cudagraph trees hand a replay's gradients to .grad and overwrite them on the next micro-batch's replay
+    cfg = load_config(None, {"train.cuda_graphs": True, "train.compile": "on", "optim.grad_accum": 2})
+    with pytest.raises(UserError, match=r"cannot accumulate gradients \(optim.grad_accum = 2\)"):
+        check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=1)
 
 
 # ---------------------------------------------------------------------------------------------- fp8 (emulated)

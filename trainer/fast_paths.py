@@ -89,6 +89,12 @@ def check_speed_options(cfg, L: int, device: torch.device, precision: str, compi
             )
         if world > 1:
             raise UserError("train.cuda_graphs is not wired for DDP/FSDP (several processes): run without it")
+        if cfg.optim.grad_accum > 1:  # pytorch/pytorch#169545: the next replay overwrites the .grad it handed out
+            raise UserError(
+                f"train.cuda_graphs cannot accumulate gradients (optim.grad_accum = {cfg.optim.grad_accum}): each "
+                f"micro-batch's backward replay reuses the memory of the gradients before it; use optim.grad_accum = "
+                f"1 (raise data.tokens_per_batch instead) or leave train.cuda_graphs off"
+            )
     if cfg.train.async_log_reads and world > 1:
         raise UserError(
             "train.async_log_reads works in one process: several processes agree on stop requests at every log "
