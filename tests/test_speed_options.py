@@ -16,6 +16,7 @@ from test_model import odd_config, packed_batch, random_sentences, report
 from test_train import losses, tiny_config
 
 from mlmtrain.cli import main
+from mlmtrain.config import load_config
 from mlmtrain.errors import UserError
 from mlmtrain.fast_paths import FastPaths, check_speed_options, post_ln_residual, set_fast_paths
 from mlmtrain.fp8 import check_fp8
@@ -121,6 +122,11 @@ def test_fp8_refusals(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with pytest.raises(UserError, match="use --precision bf16"):
         check_fp8("rowwise", cuda, "fp16")
+    # each weight gradient's FP8 matmul runs over the batch's tokens: they must be a multiple of 16
+    cfg = load_config(None, {"train.fp8": "rowwise", "train.precision": "bf16"})
+    with pytest.raises(UserError, match="multiple of 16 .* got 1000: e.g. 992"):
+        check_speed_options(cfg, 128, cuda, "bf16", True, 1000, world=1)
+    check_speed_options(cfg, 128, cuda, "bf16", True, 1024, world=1)
     monkeypatch.setitem(sys.modules, "torchao", None)  # not installed
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     with pytest.raises(UserError, match=r'pip install -e "\.\[fp8\]"'):
@@ -129,8 +135,6 @@ def test_fp8_refusals(monkeypatch):
 
 
 def test_options_that_need_one_process_or_one_micro_batch():
-    from mlmtrain.config import load_config
-
     for key in ("train.async_log_reads", "train.cuda_graphs"):
         cfg = load_config(None, {key: True, "train.compile": "on"})
         with pytest.raises(UserError, match="DDP|one process"):
