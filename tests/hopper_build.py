@@ -29,7 +29,7 @@ for build in json.loads(sys.argv[1]):
         if name.endswith("_ptr"):
             signature[name] = "*" + build["pointers"].get(name, build["dtype"])
         else:
-            signature[name] = "fp32" if name in build["floats"] else "i32"
+            signature[name] = build["scalars"].get(name, "fp32" if name in build["floats"] else "i32")
         if name.endswith("_ptr") or name in build["divisible"]:  # as a launch with aligned tensors specialises
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
@@ -38,9 +38,12 @@ for build in json.loads(sys.argv[1]):
 """
 
 
-def build(module, kernel, dtype, constexprs, num_warps, *, pointers=None, floats=(), divisible=("N", "C")) -> dict:
+def build(
+    module, kernel, dtype, constexprs, num_warps, *, pointers=None, floats=(), scalars=None, divisible=("N", "C")
+) -> dict:
     """One kernel configuration: pointers default to `dtype` ("bf16", "fp32", ...) unless named in `pointers`;
-    scalars are i32 unless named in `floats`."""
+    scalars are i32 unless named in `floats` (fp32) or `scalars` (any type: a launch types a Python int by its
+    value, i32 below 2**31, u32 up to 2**32)."""
     return dict(
         module=module,
         kernel=kernel,
@@ -49,6 +52,7 @@ def build(module, kernel, dtype, constexprs, num_warps, *, pointers=None, floats
         num_warps=num_warps,
         pointers=pointers or {},
         floats=list(floats),
+        scalars=scalars or {},
         divisible=list(divisible),
     )
 

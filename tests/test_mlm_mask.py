@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import KERNEL_DEVICE as DEVICE
 from conftest import requires_cuda, requires_triton
+from hopper_build import assert_builds_for_hopper, build
 
 from mlmtrain.errors import UserError
 from mlmtrain.kernels import mlm_mask as mm
@@ -343,6 +344,32 @@ def test_auto_backend_and_empty_input():
 # ---- CUDA only ---------------------------------------------------------------------------------------
 def _compiled_variants(kernel) -> int:
     return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Both kernels, every mode, at the launcher's block sizes and warps, int64 and int32 ids, the per-call keys
+    typed both ways a launch types them (a key of 2**31 or more is u32), to an sm_90 cubin (tests/hopper_build.py)."""
+    keys = ("q4_lo", "q4_hi", "q2_lo", "q2_hi", "step_lo", "step_hi", "seed_lo", "seed_hi")
+    u8 = {"word_start_ptr": "u8", "never_mask_ptr": "u8", "allowed_ptr": "i64", "n_allowed_ptr": "i64"}
+    i32 = {"counts_ptr": "i32", "bits_ptr": "i32", "base_ptr": "i32", "positions_ptr": "i64"}
+    builds = []
+    for ids, block, whole_word, never, key_type in (
+        ("i64", 1024, True, True, "u32"),
+        ("i32", 4096, False, False, "i32"),
+        ("i64", 2048, True, False, "i32"),
+        ("i64", 1024, False, True, "u32"),
+    ):
+        warps = 4 if block <= 1024 else 8
+        pointers = {**u8, **i32, "masked_labels_ptr": "i64"}
+        scalars = dict.fromkeys(keys, key_type)
+        shift = {"SHIFT": 1}  # offset % 4: 0..3, one build each on the GPU; any shows the code compiles
+        count = {"BLOCK": block, **shift, "LOOKBACK": 64, "WHOLE_WORD": whole_word, "HAS_NEVER_MASK": never}
+        apply = {"BLOCK": block, **shift, "HAS_NEVER_MASK": never}
+        for kernel, consts in (("_mask_count_kernel", count), ("_mask_apply_kernel", apply)):
+            builds.append(
+                build(mm.__name__, kernel, ids, consts, warps, pointers=pointers, scalars=scalars, divisible=())
+            )
+    assert_builds_for_hopper(builds)
 
 
 @requires_cuda
