@@ -363,7 +363,14 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
             table(header, [line(r, today) for r in mine]),
             "",
         ]
-    md += ["### Targets", ""]
+    md += [
+        "MFU: the model FLOPs of the real tokens (flops.py) against the bf16 dense datasheet peak in every row, the "
+        "fp8 rows too (their matmuls have twice that peak; the targets and MLPerf's rate are quoted against bf16). "
+        "Of measured matmul: the same FLOPs against the bf16 GEMM rate the ceilings section measured.",
+        "",
+        "### Targets",
+        "",
+    ]
     lines = []
     for workload, h in headline(rows, matmul).items():
         today, best, target = h["today"], h["fastest"], h["target_tokens_per_s"]
