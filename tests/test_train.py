@@ -335,3 +335,26 @@ def test_plot_draws_curves(data_dir, tokenizer_dir, tmp_path):
     png = (run / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert main(["plot", str(tmp_path)]) == 2  # not a run folder: a clear error, no traceback
+
+
+def test_a_log_window_is_timed_until_the_device_has_run_it(monkeypatch):
+    """The host runs ahead of the device (by whole steps with CUDA graphs): a window's clock stops only once its
+    numbers are read, i.e. once the device has run every step of it, or the work still queued would count in no
+    window. A slow read stands in for the device finishing the window."""
+    from types import SimpleNamespace
+
+    from mlmtrain.metrics import WindowStats
+
+    window = WindowStats(torch.device("cpu"), 2, 1, 0.0, SimpleNamespace(wait_s=0.0))
+    for _ in range(2):
+        window.add_batch(SimpleNamespace(num_real_tokens=100, num_segments=4), 1.0)
+        window.add_step(torch.tensor(2.0), torch.tensor(False), torch.tensor(1.0))
+    tolist = torch.Tensor.tolist
+
+    def device_still_running(self):
+        time.sleep(0.3)
+        return tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", device_still_running)
+    (w,), _ = window.close(2, 1e-3, False, None, False)
+    assert w.elapsed_s >= 0.3 and w.row["tokens_per_s"] <= 200 / 0.3 and w.row["loss"] == 2.0

@@ -219,6 +219,9 @@ class WindowStats:
         scalars = torch.stack([self.loss_sum, self.max_streak.double(), self.grad_norm.double()])
         device_values = torch.cat([self.bad_flags[:n].double(), scalars])  # (n + 3,)
         ready = self.flush()  # before the landing buffer takes this window's numbers
+        # sync: once per log window, before the clock stops, so the window's time is the device's: the host runs
+        # ahead of it (by whole steps with CUDA graphs), and work still queued here would count in no window
+        values = None if self.deferred else device_values.tolist()
         # sync (several processes): job totals of the window, and whether any rank got a signal or a timed save
         tokens, segments, flops, any_stop, any_due = parallel.sum_over_ranks(
             self.device, self.tokens, self.segments, self.flops, stop_request is not None, time_due
@@ -244,7 +247,7 @@ class WindowStats:
                 event.record()
             self.pending = (closed, landing, event)
         else:
-            ready.append(self._window(*closed, device_values.tolist()))  # sync: once per log window
+            ready.append(self._window(*closed, values))
         self.bad_flags.zero_()
         self.loss_sum.zero_()
         self.steps, self.tokens, self.segments, self.flops = 0, 0, 0, 0.0
