@@ -85,6 +85,18 @@ def test_each_rank_writes_its_own_files_and_a_late_start_is_clipped(tmp_path):
     assert "were run before step 5" in logged[-1]
 
 
+@pytest.mark.parametrize("first, warmup", [(3, 1), (2, 0)])
+def test_the_trace_starts_on_a_drained_device(tmp_path, monkeypatch, first, warmup):
+    """The host runs steps ahead of the device: the profiler waits for it once, just before the first traced step
+    (after the warm-up), so no kernel of an untraced step is counted in a traced one."""
+    profiler = StepProfiler(first, first + 2, warmup, 0, tmp_path, torch.device("cpu"), 0, 1, False, lambda m: None)
+    profiler.device = type("CudaDevice", (), {"type": "cuda"})()  # what a CUDA run drains; the trace stays CPU
+    drained = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: drained.append(profiler.steps_done))
+    _work(profiler, first + 2)
+    assert drained == [first - 1]  # after step first - 1 (steps count from 0), before step `first`
+
+
 # ---- the kernel-category breakdown -----------------------------------------------------------------------
 
 CUDA_KERNELS = {  # names as torch 2.x CUDA traces spell them (demangled, templates and all)

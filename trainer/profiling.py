@@ -89,6 +89,8 @@ class StepProfiler:
             warnings.simplefilter("ignore")
             schedule = torch.profiler.schedule(wait=self.wait, warmup=self.warmup, active=end - self.first, repeat=1)
         self.prof = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=self._write)
+        if self.wait + self.warmup == 0:  # the trace starts with the next step
+            self._drain()
         self.prof.start()
         if memory and not self.memory:
             log(f"--profile-memory: no memory snapshot: it records CUDA allocations, and this run is on {device}")
@@ -108,10 +110,18 @@ class StepProfiler:
     def step(self) -> None:
         self.phase(None)
         if self.prof is not None:
+            if self.steps_done + 1 == self.wait + self.warmup:  # the next step is the first one traced
+                self._drain()
             self.prof.step()
         self.steps_done += 1
         if self.memory and self.steps_done == self.wait:  # the warm-up starts: record allocations from here
             torch.cuda.memory._record_memory_history(max_entries=100_000)
+
+    def _drain(self) -> None:
+        """Wait for the device before the trace starts (sync: once per run): the host runs steps ahead of it, and
+        kernels of untraced steps still running then would be counted in the traced ones."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def close(self) -> dict:
         """Stop (a run that ended inside the window writes what it traced) and return the per-phase ms."""
