@@ -17,9 +17,9 @@ A row that cannot run (an option refused where it is unsupported, a module this 
 and the next row builds on the one before it. Every row trains from the same initialisation on the same stream
 until it has seen `target_tokens` real tokens (whole steps: equal within one batch), then its checkpoint is
 scored by one evaluator for all (`recipe.mlm_eval`: transformers' BertForMaskedLM on the same held-out
-sentences with the same masks), so validation loss stands beside every speed. Every row traces its last log
-window (`--profile-steps`): the per-phase times and, where the profiler writes profile/categories.json, the
-kernel-category breakdown, compared between "today" and the fastest row in the report.
+sentences with the same masks), so validation loss stands beside every speed. Every row traces its last log_every
+steps (`--profile-steps`; windows holding them are not timed): the per-phase times and, where the profiler
+writes profile/categories.json, the kernel-category breakdown, compared between "today" and the fastest row.
 
 Targets: BERT-base, seq 128, sentence packing is the ablation itself (its "today" and fastest rows); BERT-large,
 seq 512, document packing runs "today" and the fastest configuration (and that configuration with the flat

@@ -97,6 +97,17 @@ def _fresh_device_state(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
+def timed_windows(windows: list[dict], steps: int, log_every: int, profiled: bool) -> list[dict]:
+    """The metrics.jsonl windows a rate is taken from: whole log windows (`log_every` steps; a run whose steps are
+    not a multiple of it ends in a short one), not the first (compilation and warm-up), and, when the run was
+    profiled, none holding a step the profiler touched (its warm-up step and the traced ones: the last
+    `log_every` steps, see run_ours). All of them when none is left (a run too short to time)."""
+    untraced_end = steps - log_every if profiled else steps  # windows ending here or before are clean
+    ends = [0] + [w["step"] for w in windows]
+    timed = [w for i, w in enumerate(windows) if i and w["step"] - ends[i] == log_every and w["step"] <= untraced_end]
+    return timed or windows
+
+
 def run_ours(
     data: BenchData,
     out_dir: Path,
@@ -115,9 +126,10 @@ def run_ours(
     options: dict | None = None,
 ) -> dict:
     """One `mlmtrain.train.train` run; returns its summary plus the timed log windows' spread. With
-    `profile`, the last log window is profiled (its first step warms the profiler up, the rest are traced:
-    per-phase times in summary["phase_ms"], kernel categories in OUT/profile/categories.json) and left out of
-    the timing, as the profiler slows it down. `options`: more config keys (dotted, as `--set` takes them)."""
+    `profile`, the last `log_every` steps are profiled (the first warms the profiler up, the rest are traced:
+    per-phase times in summary["phase_ms"], kernel categories in OUT/profile/categories.json) and every log
+    window holding one of them is left out of the timing (`timed_windows`), as the profiler slows it down.
+    `options`: more config keys (dotted, as `--set` takes them)."""
     from torch._dynamo.utils import counters
 
     from mlmtrain.config import load_config
@@ -166,7 +178,7 @@ def run_ours(
     }
     windows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [w for w in windows if "tokens_per_s" in w]
-    timed = windows[1 : len(windows) - profile] or windows  # the first window holds compilation and warm-up
+    timed = timed_windows(windows, steps, log_every, profile)
     # windows hold the same number of steps of (nearly) the same real tokens, so the overall rate (timed
     # tokens / timed seconds) is the harmonic mean of the window rates
     overall = len(timed) / sum(1 / w["tokens_per_s"] for w in timed)
@@ -220,7 +232,7 @@ def ours_row(
         "own_valid_loss": s.get("valid_loss"),
         "final_train_loss": s.get("final_loss"),
         "timed": f"{result['timed_windows']} log windows of {result['log_every']} steps (first window dropped"
-        + (", last window profiled and dropped)" if s.get("phase_ms") else ")"),
+        + (", the profiled steps' windows dropped)" if s.get("phase_ms") else ")"),
         "wall_s": result["wall_s"],
         **fields,
     }

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from mlmtrain.benchmarks import report
-from mlmtrain.benchmarks.bench_train import steps_for, sweep_points
+from mlmtrain.benchmarks.bench_train import steps_for, sweep_points, timed_windows
 from mlmtrain.benchmarks.suite import PLANS
 from mlmtrain.cli import main
 
@@ -405,3 +405,17 @@ def test_a_row_that_breaks_the_device_leaves_the_rest_to_a_fresh_process(tmp_pat
     assert second.row("ablation", "+fused kernels", {"model.fused_ops": "triton"}, **common)["reused_from"]
     rerun = second.row("ablation", "+CUDA graphs", {"train.cuda_graphs": True}, **common)
     assert rerun["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"  # it ran again
+
+
+def test_timed_windows_leave_out_compilation_short_windows_and_profiled_steps():
+    """A rate comes from whole log windows after the first, none holding a step the profiler touched: with 31
+    steps in windows of 5, the profiler's last 5 steps (27..31) reach into the window ending at 30."""
+
+    def ends(*steps):
+        return [{"step": s} for s in steps]
+
+    windows = ends(5, 10, 15, 20, 25, 30, 31)
+    assert timed_windows(windows, 31, 5, profiled=True) == ends(10, 15, 20, 25)
+    assert timed_windows(windows, 31, 5, profiled=False) == ends(10, 15, 20, 25, 30)  # 31 is a short window
+    assert timed_windows(ends(5, 10, 15, 20), 20, 5, profiled=True) == ends(10, 15)
+    assert timed_windows(ends(3), 3, 5, profiled=False) == ends(3)  # too short to time: every window
