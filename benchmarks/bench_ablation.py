@@ -481,6 +481,9 @@ def kernel_categories_markdown(rows: list[dict]) -> str:
 
     lines = [[n, cell(pair[0][1], n), cell(pair[1][1], n)] for n in names]
     lines.append(["step", *(f"{c['step_ms']:.2f} ms" if c and c.get("step_ms") else "–" for _, c in pair)])
+    # the clock's step beside the trace's: a trace that lost or doubled kernels (CUPTI under CUDA graphs) shows here
+    clock = [((r or {}).get("step_time_s") or {}).get("median") for r, _ in pair]
+    lines.append(["step by the log windows' clock (median)", *(f"{1e3 * t:.2f} ms" if t else "–" for t in clock)])
     heads = [
         f"today ({pair[0][0]['name']})" if pair[0][0] else "today",
         f"fastest ({pair[1][0]['name']})" if pair[1][0] else "fastest",
