@@ -55,7 +55,7 @@ def make_vocab(vocab_size: int, rng: np.random.Generator) -> list[str]:
     return [*SPECIAL_TOKENS, *starts, *("##" + s for s in syllables[:n_cont])]
 
 
-class _Writer:
+class Lexicon:
     """Sentences as text, one per line, a blank line between documents; and their piece ids, to test against."""
 
     def __init__(self, vocab: list[str], rng: np.random.Generator):
@@ -103,13 +103,14 @@ class _Writer:
         return lines, sentences
 
 
-def write_corpus(path: Path, vocab: list[str], num_tokens: int, rng: np.random.Generator) -> tuple[list, list]:
-    """Documents until `num_tokens` pieces: the text to `path`; returns (lines, piece ids) of every sentence."""
-    writer = _Writer(vocab, rng)
+def write_corpus(path: Path, lexicon: Lexicon, num_tokens: int) -> tuple[list, list]:
+    """Documents of `lexicon`'s words until `num_tokens` pieces: the text to `path`; returns (lines, piece ids) of
+    every sentence. Held-out text must come from the training text's lexicon: another one is another language
+    (other words, other piece frequencies), and its loss would rank models by luck."""
     lines, ids, total = [], [], 0
     with open(path, "w", encoding="utf-8") as f:
         while total < num_tokens:
-            doc_lines, doc_ids = writer.document(int(rng.choice(SENTENCES_PER_DOCUMENT)))
+            doc_lines, doc_ids = lexicon.document(int(lexicon.rng.choice(SENTENCES_PER_DOCUMENT)))
             f.write("\n".join(doc_lines) + "\n\n")
             lines += doc_lines
             ids += doc_ids
@@ -140,8 +141,9 @@ def make_synthetic_data(
     settings = TokenizerSettings(vocab_size=vocab_size)
     write_tokenizer_dir(tokenizer_from_vocab(vocab, settings), tokenizer_dir, settings)
     train_text = work_dir / "train.txt"
-    train_lines, _ = write_corpus(train_text, vocab, train_tokens, rng)
-    valid_lines, _ = write_corpus(work_dir / "valid.txt", vocab, valid_tokens, rng)
+    lexicon = Lexicon(vocab, rng)
+    train_lines, _ = write_corpus(train_text, lexicon, train_tokens)
+    valid_lines, _ = write_corpus(work_dir / "valid.txt", lexicon, valid_tokens)  # other documents, the same words
     data_dirs = prepare_at_caps(train_text, tokenizer_dir, work_dir, seq_caps, seed, valid_fraction=0.01)
     log(
         f"synthetic corpus: {len(train_lines):,} train sentences ({train_tokens / 1e6:.1f}M+ tokens), vocab "

@@ -37,7 +37,7 @@ def test_constants_are_the_korean_sample_measured_again(sample_corpus, tmp_path)
 def test_generated_sentences_follow_the_constants(tmp_path):
     rng = np.random.default_rng(7)
     vocab = sd.make_vocab(30000, rng)
-    _, ids = sd.write_corpus(tmp_path / "text.txt", vocab, 200_000, rng)
+    _, ids = sd.write_corpus(tmp_path / "text.txt", sd.Lexicon(vocab, rng), 200_000)
     st = sd.statistics(ids, vocab)
     print(st)
     assert st["log_mean_tokens"] == pytest.approx(sd.LOG_MEAN_TOKENS, abs=0.05)
@@ -53,7 +53,7 @@ def test_text_reads_back_to_the_pieces_it_was_written_from(corpus, tmp_path):
     transformers = pytest.importorskip("transformers")
     vocab = read_vocab(corpus.tokenizer_dir)
     assert len(vocab) == 30000 and corpus.vocab_size == 30000
-    lines, ids = sd.write_corpus(tmp_path / "more.txt", vocab, 5_000, np.random.default_rng(3))
+    lines, ids = sd.write_corpus(tmp_path / "more.txt", sd.Lexicon(vocab, np.random.default_rng(3)), 5_000)
     ours = load_tokenizer(corpus.tokenizer_dir).encode_batch(lines, add_special_tokens=False)
     assert all(e.ids == s.tolist() for e, s in zip(ours, ids))
     hf = transformers.AutoTokenizer.from_pretrained(str(corpus.tokenizer_dir))
@@ -80,3 +80,15 @@ def test_same_seed_same_corpus(tmp_path):
     assert a.train_text.read_bytes() == b.train_text.read_bytes() and a.valid_lines == b.valid_lines
     for name in ("tokens.npy", "offsets.npy", "doc_offsets.npy"):
         assert (a.data_dirs[128] / "train" / name).read_bytes() == (b.data_dirs[128] / "train" / name).read_bytes()
+
+
+def test_held_out_text_speaks_the_training_texts_words(corpus):
+    """The held-out sentences are other documents of the same lexicon: their commonest pieces are the training
+    text's (a lexicon of its own would be another language, whose loss ranks models by luck)."""
+    tokenizer = load_tokenizer(corpus.tokenizer_dir)
+
+    def top(lines, n):
+        ids = np.concatenate([e.ids for e in tokenizer.encode_batch(lines, add_special_tokens=False)])
+        return set(np.argsort(-np.bincount(ids, minlength=corpus.vocab_size))[:n].tolist())
+
+    assert len(top(corpus.valid_lines, 20) & top(corpus.train_lines, 50)) >= 15
