@@ -74,8 +74,8 @@ def headline(results: dict) -> dict:
     if cmp:
         h["speedup_tokens_per_s"] = cmp.get("speedup_tokens_per_s")
     if rows_of(results, "ablation"):
-        from mlmtrain.benchmarks.bench_ablation import curve_check
-        from mlmtrain.benchmarks.bench_ablation import headline as ablation_headline
+        from mlmtrain.benchmarks.ablation_report import curve_check
+        from mlmtrain.benchmarks.ablation_report import headline as ablation_headline
 
         h["ablation"] = ablation_headline(rows_of(results, "ablation"), ceil.get("matmul_bfloat16"))
         h["curve"] = curve_check(rows_of(results, "ablation"))
@@ -414,7 +414,7 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
             if chart_recipe(rows, out_dir / CHARTS["recipe"]):
                 md += [f"![ours vs recipe]({CHARTS['recipe']})", ""]
         elif s["section"] == "ablation":
-            from mlmtrain.benchmarks.bench_ablation import report_markdown
+            from mlmtrain.benchmarks.ablation_report import report_markdown
 
             md += [report_markdown(s["rows"], ceil.get("matmul_bfloat16")), ""]
         elif s["section"] == "sweep":
