@@ -452,3 +452,16 @@ def test_steps_for_tokens_stops_nearest_the_target(monkeypatch):
     assert steps_for_tokens("data", 128, 128, {}, 1040) == 10  # 1,000 is nearer than 1,100
     assert steps_for_tokens("data", 128, 128, {}, 1060) == 11
     assert steps_for_tokens("data", 128, 128, {}, 30) == 1
+
+
+def test_fastest_counts_rates_within_one_percent_as_one_speed_and_takes_the_fewest_options():
+    from mlmtrain.benchmarks.bench_ablation import fastest
+
+    def row(name, rate, n_options):
+        return {"name": name, "tokens_per_s": {"overall": rate}, "options": {f"k{i}": 1 for i in range(n_options)}}
+
+    rows = [row("today", 100.0, 0), row("+a", 120.0, 1), row("+b", 120.5, 2), row("+c", 119.0, 3)]
+    assert fastest(rows)["name"] == "+a"  # +b's 0.4% is noise: its extra option is not worth a default
+    assert fastest([*rows, row("+d", 125.0, 4)])["name"] == "+d"  # 4% faster: a real gain
+    assert fastest([{"name": "x", "error": "refused"}, row("today", 1.0, 0)])["name"] == "today"
+    assert fastest([]) is None
