@@ -18,7 +18,8 @@
 # (default python3). Nothing is downloaded: the package is imported from this checkout; torchao (fp8),
 # accelerate and psutil are installed from .whl/ into /tmp/site when missing (git-ignored; docs/BENCHMARKS.md,
 # "The GPU command", says how to fetch them and how to call this on a lent machine).
-# OUT_DIR gets five files: gpu.txt, gpu_tests.txt, bench.log, results.json, report.md.
+# OUT_DIR gets five files: gpu.txt, gpu_tests.txt, bench.log, results.json, report.md (a --merge call: gpu.txt,
+# bench_merge.log, results.json, report.md, so copying them beside the first call's keeps both logs).
 set -uo pipefail
 OUT=${1:?usage: bash scripts/speed_gpu.sh OUT_DIR [--merge | --quick] [extra mlmtrain bench flags]}
 shift
@@ -59,9 +60,9 @@ done
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
-SECTIONS=ceilings,ablation
+SECTIONS=ceilings,ablation LOG="$OUT/bench.log"
 if [ "$MERGE" = 1 ]; then
-  SECTIONS=ablation  # the first call's ceilings and GPU checks are kept
+  SECTIONS=ablation LOG="$OUT/bench_merge.log"  # the first call's ceilings, GPU checks and log are kept
 else
   # the kernels' test files run whole on CUDA (every kernel against its reference, CUDA-graph replay, inductor);
   # of the model files, the compiled bf16 paths against the fp32 reference; then the GPU-only options' loss
@@ -81,16 +82,16 @@ fi
 # (results.json is rewritten after every section and every row is kept, so what finished is in the report)
 left=$((BUDGET - SECONDS))
 timeout -k 10 "$left" "$PY" -m mlmtrain.cli bench --out "$OUT" --device cuda --sections "$SECTIONS" \
-  --time-limit $((left - 25)) "$@" 2>&1 | grep -v "step/s" | tee "$OUT/bench.log"
+  --time-limit $((left - 25)) "$@" 2>&1 | grep -v "step/s" | tee "$LOG"
 rc=${PIPESTATUS[0]}
 # a row that broke the device (a sticky CUDA error) leaves the rows after it to a fresh process: run them with
 # what the budget has left (each pass gets past at least one row, so this ends)
 while grep -q "not run: the device failed" "$OUT/results.json" 2>/dev/null && [ $((BUDGET - SECONDS)) -gt 90 ]; do
   left=$((BUDGET - SECONDS))
   echo "speed_gpu.sh: a row broke the device; the rows after it in a fresh process ($left s left)" \
-    | tee -a "$OUT/bench.log"
+    | tee -a "$LOG"
   timeout -k 10 "$left" "$PY" -m mlmtrain.cli bench --out "$OUT" --device cuda --sections ablation --merge \
-    --time-limit $((left - 25)) "$@" 2>&1 | grep -v "step/s" | tee -a "$OUT/bench.log"
+    --time-limit $((left - 25)) "$@" 2>&1 | grep -v "step/s" | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
 done
 echo "speed_gpu.sh: report in $OUT/report.md (exit $rc, $SECONDS s)"
