@@ -118,20 +118,22 @@ def test_fp8_refusals(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(UserError, match=r"8\.9 or newer; NVIDIA A100 has 8\.0"):
-        check_fp8("tensorwise", cuda, "bf16")
+        check_fp8("tensorwise", cuda, "bf16", 1024)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with pytest.raises(UserError, match="use --precision bf16"):
-        check_fp8("rowwise", cuda, "fp16")
+        check_fp8("rowwise", cuda, "fp16", 1024)
     # each weight gradient's FP8 matmul runs over the batch's tokens: they must be a multiple of 16
-    cfg = load_config(None, {"train.fp8": "rowwise", "train.precision": "bf16"})
     with pytest.raises(UserError, match="multiple of 16 .* got 1000: e.g. 992"):
+        check_fp8("rowwise", cuda, "bf16", 1000)
+    cfg = load_config(None, {"train.fp8": "rowwise", "train.precision": "bf16"})  # the run's tokens per batch
+    with pytest.raises(UserError, match="got 1000"):
         check_speed_options(cfg, 128, cuda, "bf16", True, 1000, world=1)
     check_speed_options(cfg, 128, cuda, "bf16", True, 1024, world=1)
     monkeypatch.setitem(sys.modules, "torchao", None)  # not installed
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     with pytest.raises(UserError, match=r'pip install -e "\.\[fp8\]"'):
-        check_fp8("rowwise", cuda, "bf16")
-    check_fp8("off", torch.device("cpu"), "fp32")  # off: nothing to check
+        check_fp8("rowwise", cuda, "bf16", 1024)
+    check_fp8("off", torch.device("cpu"), "fp32", 1000)  # off: nothing to check
 
 
 def test_options_that_need_one_process_or_one_micro_batch():

@@ -100,11 +100,6 @@ def check_speed_options(cfg, L: int, device: torch.device, precision: str, compi
             "train.async_log_reads works in one process: several processes agree on stop requests at every log "
             "step through a collective that waits for the device anyway"
         )
-    check_fp8(cfg.train.fp8, device, precision)
-    if cfg.train.fp8 != "off" and T % 16:  # torchao's Float8LinearConfig.pad_inner_dim is off: no copies
-        raise UserError(
-            f"train.fp8 needs data.tokens_per_batch to be a multiple of 16 (each weight gradient is an FP8 matmul "
-            f"over the batch's tokens, and FP8 GEMMs need aligned sizes), got {T}: e.g. {max(16, T // 16 * 16)}"
-        )
+    check_fp8(cfg.train.fp8, device, precision, T)
     if cfg.train.fp8 != "off" and cfg.train.shard == "fsdp" and world > 1:
         raise UserError("train.fp8 is not wired for FSDP: use train.shard = ddp")

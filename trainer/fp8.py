@@ -20,7 +20,7 @@ from mlmtrain.errors import UserError
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (L4) and Hopper (H100, H200) onwards
 
 
-def check_fp8(recipe: str, device: torch.device, precision: str) -> None:
+def check_fp8(recipe: str, device: torch.device, precision: str, tokens_per_batch: int) -> None:
     """One sentence for each reason this run cannot train in fp8, found before any device work."""
     if recipe == "off":
         return
@@ -37,6 +37,12 @@ def check_fp8(recipe: str, device: torch.device, precision: str) -> None:
         )
     if precision != "bf16":
         raise UserError(f"train.fp8 runs the rest of the model in bf16: use --precision bf16 (got {precision})")
+    T = tokens_per_batch
+    if T % 16:  # each weight gradient's FP8 GEMM runs over the batch's tokens (torchao's pad_inner_dim is off)
+        raise UserError(
+            f"train.fp8 needs data.tokens_per_batch to be a multiple of 16 (each weight gradient is an FP8 matmul "
+            f"over the batch's tokens, and FP8 GEMMs need aligned sizes), got {T}: e.g. {max(16, T // 16 * 16)}"
+        )
     try:
         import torchao.float8  # noqa: F401
     except ImportError:
