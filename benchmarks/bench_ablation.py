@@ -47,7 +47,7 @@ FP8 = [("+fp8 tensorwise", {"train.fp8": "tensorwise"}), ("+fp8 rowwise", {"trai
 DROPOUT_OFF = ("dropout off", {"model.dropout": 0.0})
 # the loss curves' rows: today's and the candidate default's, at seeds 0 and 1 each (ablation_report.curve_check)
 CURVES = ("today", "today, seed 1", "fastest configuration", "fastest configuration, seed 1")
-SAME_SPEED = 0.01  # rates within 1% are one speed: one row's log windows spread 0.3-1.1% at 64k (H200, 2026-11-24)
+SAME_SPEED = 0.01  # rates within 1% are one speed: one row's log windows spread 0.25-1.1% at 64k (H200, 2026-11-24)
 SKIPPED = "skipped: the time budget (--time-limit) ran out"
 # a row that broke the device (an illegal memory access poisons the CUDA context of the whole process): the rows
 # after it are left for a fresh process (`--merge`), which keeps this row as measured and goes on past it
