@@ -56,7 +56,8 @@ def make_vocab(vocab_size: int, rng: np.random.Generator) -> list[str]:
 
 
 class Lexicon:
-    """Sentences as text, one per line, a blank line between documents; and their piece ids, to test against."""
+    """A language's words (a start piece and its `##` continuations each, Zipf-ranked) and the documents written
+    from them: sentences as text and as the piece ids they were written from, to test against."""
 
     def __init__(self, vocab: list[str], rng: np.random.Generator):
         from mlmtrain.tokenizer import NUM_SPECIAL
