@@ -131,6 +131,58 @@ def test_demo_force_deletes_only_a_demo_holding_nothing_else(made, tmp_path):
     assert files.check_out_folder(demo, demo_layout(), replace=True, replace_flag="--force") is True
 
 
+def test_files_named_like_ours_are_not_ours(made, tmp_path):
+    """Names alone never make a folder mlmtrain's: a transformers tokenizer (the four files, no record), a
+    user's config.json + metrics.jsonl, and in a marked run or demo, files under checkpoints/ or profile/
+    that `train` does not write, or a hidden folder that is not one of its temporary siblings."""
+    from mlmtrain.demo import demo_layout
+    from mlmtrain.run_folder import RUN_LAYOUT
+    from mlmtrain.tokenizer import TOKENIZER_LAYOUT, TOKENIZER_RECORD
+
+    hf_tok = copy(made["tokenizer"], tmp_path / "hf_tok")
+    (hf_tok / files.MARKER).unlink()
+    (hf_tok / TOKENIZER_RECORD).unlink()
+    assert files.folder_state(hf_tok, TOKENIZER_LAYOUT)[0] == "foreign"
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "hyperparams"}')
+    (mine / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert files.folder_state(mine, RUN_LAYOUT)[0] == "foreign"
+    (mine / "config.json").write_text((made["run"] / "config.json").read_text())  # an older mlmtrain's run
+    assert files.folder_state(mine, RUN_LAYOUT)[0] == "mine"
+
+    run = copy(made["run"], tmp_path / "run")
+    host, dead = files._host(), dead_pid()
+    user = ["checkpoints/NOTES.txt", "checkpoints/step_00000002/model.bin", "profile/analysis.md", ".tmp_mine/a.txt"]
+    ours = [f"checkpoints/.tmp_step_00000003_{host}_{dead}/model.safetensors", f".tmp_config.json_{host}_{dead}"]
+    for name in user + ours:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    assert files.foreign_files(run, RUN_LAYOUT) == sorted(user)
+    demo = tmp_path / "demo"
+    copy(run, demo / "run")
+    (demo / "demo_result.json").write_text("{}")
+    files.write_marker(demo, demo_layout())
+    assert files.foreign_files(demo, demo_layout()) == sorted(f"run/{name}" for name in user)
+
+
+def test_temporary_sibling_names_are_read_one_way(tmp_path):
+    """`.tmp_data_old_H_P` is the half-written folder `data_old`, never a moved-aside copy of `data`: only a
+    `.old_` sibling is ever put back in place of its folder."""
+    host, dead = files._host(), dead_pid()
+    half = tmp_path / f".tmp_data_old_{host}_{dead}"
+    half.mkdir()
+    assert files.remove_stale_tmp(tmp_path, "data") == [] and half.exists()
+    assert files.remove_stale_tmp(tmp_path, "data_old") == [f"removed {half}, left by a killed process"]
+    aside = tmp_path / f".old_data_{host}_{dead}"
+    aside.mkdir()
+    (aside / "meta.json").write_text("{}")
+    assert files.remove_stale_tmp(tmp_path, "data_old") == [] and aside.exists()
+    assert "put back" in files.remove_stale_tmp(tmp_path, "data")[0]
+    assert (tmp_path / "data" / "meta.json").is_file() and not aside.exists()
+
+
 def test_what_a_killed_process_left_is_cleaned_up_at_the_next_start(made, tmp_path, sample_corpus):
     """A half-written checkpoint is removed; a complete one a killed process had moved aside (to save the same
     step again) is put back, never deleted; a killed prepare's half folder goes; a live process's stays."""
@@ -140,7 +192,7 @@ def test_what_a_killed_process_left_is_cleaned_up_at_the_next_start(made, tmp_pa
     half = checkpoints / f".tmp_step_00000003_{host}_{dead}"
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"half a checkpoint")
-    os.replace(checkpoints / "step_00000002", checkpoints / f".tmp_step_00000002_old_{host}_{dead}")
+    os.replace(checkpoints / "step_00000002", checkpoints / f".old_step_00000002_{host}_{dead}")
     done = run_cli(*train_args(made["shards"], made["tokenizer"], run, 3, "--resume", "--change-max-steps"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "put back" in done.stdout and "removed" in done.stdout

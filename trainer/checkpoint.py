@@ -41,6 +41,14 @@ from mlmtrain.model import SHAPE_FIELDS, BertConfig, drop_tied_aliases
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
+CHECKPOINT_FILES = (
+    "model.safetensors",
+    "optimizer.safetensors",
+    "rng.safetensors",
+    "config.json",
+    "state.json",
+    MANIFEST,
+)
 
 
 def checkpoint_name(step: int) -> str:

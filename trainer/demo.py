@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mlmtrain.errors import UserError
-from mlmtrain.files import Layout, check_out_folder, write_json, write_marker
+from mlmtrain.files import TMP, Layout, check_out_folder, write_json, write_marker
 
 WIDGET_TEXT = "대한민국의 주권은 [MASK]에게 있고, 모든 권력은 국민으로부터 나온다."
 
@@ -32,7 +32,9 @@ def demo_layout():
     from mlmtrain.tokenizer import TOKENIZER_LAYOUT
 
     parts = (("tokenizer", TOKENIZER_LAYOUT), ("data", SHARDS_LAYOUT), ("run", RUN_LAYOUT), ("export", EXPORT_LAYOUT))
-    return Layout("demo", "a demo", "mlmtrain demo", ("demo_result.json", ".tmp_*"), ("demo_result.json",), parts)
+    return Layout(
+        "demo", "a demo", "mlmtrain demo", ("demo_result.json", TMP, f"{TMP}/**"), ("demo_result.json",), parts
+    )
 
 
 def main(args) -> int:

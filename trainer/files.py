@@ -7,8 +7,9 @@
   which version. A command replaces or deletes only a folder of its own kind, holding only files it writes
   (`check_out_folder`); anything else is refused. Folders made before markers existed are recognised only by
   their exact set of files.
-- Temporary siblings are named `.tmp_{name}_{host}_{pid}`, so a later start can tell which ones a killed
-  process left behind (`remove_stale_tmp`).
+- Temporary siblings are named `.tmp_{name}_{host}_{pid}` (a folder being written) and `.old_{name}_{host}_{pid}`
+  (a complete folder moved aside to be replaced), so a later start can tell which ones a killed process left
+  behind and what each one is (`remove_stale_tmp`).
 - Manifests (size + sha256 of every file) let a reader tell a complete folder from a damaged one.
 
 No torch import.
@@ -36,9 +37,11 @@ from mlmtrain.errors import UserError
 
 # a write the system refused (full disk, quota, read-only filesystem, permissions): said in one sentence
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-TMP_PREFIX = ".tmp_"  # hidden temporary siblings: `.tmp_{name}_{host}_{pid}`, `.tmp_{name}_old_{host}_{pid}`
+TMP_PREFIX, OLD_PREFIX = ".tmp_", ".old_"  # hidden siblings: `.tmp_{name}_{host}_{pid}`, `.old_{name}_{host}_{pid}`
 MARKER = ".mlmtrain.json"  # {"kind", "made_by", "mlmtrain_version", "created"} in every folder mlmtrain makes
-_TMP_NAME = re.compile(r"\.tmp_(?P<name>.+?)(?P<old>_old)?_(?P<host>[A-Za-z0-9.-]+)_(?P<pid>\d+)")
+# the host has no "_" (`_host`), so the last two fields are host and pid and the name is all before them
+_TMP_NAME = re.compile(r"\.(?P<kind>tmp|old)_(?P<name>.+)_(?P<host>[A-Za-z0-9.-]+)_(?P<pid>\d+)")
+TMP = "{tmp}"  # in a Layout's `owns`: a name component that is one of the hidden siblings above
 
 
 def sha256_file(path: Path) -> str:
@@ -115,9 +118,33 @@ class Layout:
     kind: str  # the marker's "kind": tokenizer | shards | run | export | demo
     what: str  # for messages: "a tokenizer", "token shards", ...
     command: str  # what makes it: "mlmtrain prepare"
-    owns: tuple[str, ...]  # fnmatch patterns (`*` spans `/`) of the files the command writes, relative
+    owns: tuple[str, ...]  # patterns of the files the command writes, relative: `owned` says how they match
     legacy: tuple[str, ...]  # files a folder without a marker (an older mlmtrain's) must hold to be this kind
     parts: tuple[tuple[str, Layout], ...] = ()  # subfolders that are folders of another kind (the demo's)
+    # (a JSON file of `legacy`, keys it must have): a file named like ours is not ours unless it reads as ours
+    legacy_json: tuple[str, tuple[str, ...]] | None = None
+
+
+def owned(path: str, pattern: str) -> bool:
+    """Does the relative file `path` ("a/b/c") match `pattern`, name by name? Each name is an fnmatch pattern
+    that stays within one name (`*` never spans `/`), or TMP (a hidden sibling mlmtrain writes through); a
+    last name `**` matches everything below."""
+    names, parts = path.split("/"), pattern.split("/")
+    if parts[-1] == "**":
+        parts = parts[:-1]
+        names = names[: len(parts)] if len(names) > len(parts) else []
+    if len(names) != len(parts):
+        return False
+    return all(_TMP_NAME.fullmatch(n) if p == TMP else fnmatch.fnmatchcase(n, p) for n, p in zip(names, parts))
+
+
+def reads_as(path: Path, keys: tuple[str, ...]) -> bool:
+    """Is `path` a JSON object holding every one of `keys`?"""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and all(k in data for k in keys)
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -153,7 +180,8 @@ def folder_state(folder: Path, layout: Layout) -> tuple[str, str]:
     marker = read_marker(folder)
     if marker is not None:
         return ("mine", layout.command) if marker.get("kind") == layout.kind else ("other", marker.get("made_by"))
-    if all((folder / name).is_file() for name in layout.legacy) and not foreign_files(folder, layout):
+    legacy = all((folder / name).is_file() for name in layout.legacy) and not foreign_files(folder, layout)
+    if legacy and (layout.legacy_json is None or reads_as(folder / layout.legacy_json[0], layout.legacy_json[1])):
         return "mine", layout.command
     return "foreign", ""
 
@@ -174,7 +202,7 @@ def foreign_files(folder: Path, layout: Layout) -> list[str]:
         links = [d for d in dirs if (Path(root) / d).is_symlink()]
         for name in files + links:
             path = (rel / name).as_posix()
-            if path != MARKER and not any(fnmatch.fnmatchcase(path, p) for p in layout.owns):
+            if path != MARKER and not any(owned(path, p) for p in layout.owns):
                 foreign.append(path)
     return sorted(foreign)
 
@@ -223,9 +251,9 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
 
 
-def tmp_sibling(final: Path, tag: str = "") -> Path:
-    """The hidden temporary sibling this process writes `final` through."""
-    return final.parent / f"{TMP_PREFIX}{final.name}{tag}_{_host()}_{os.getpid()}"
+def tmp_sibling(final: Path, old: bool = False) -> Path:
+    """The hidden sibling this process writes `final` through (or, `old`, moves the previous `final` to)."""
+    return final.parent / f"{OLD_PREFIX if old else TMP_PREFIX}{final.name}_{_host()}_{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
@@ -249,7 +277,7 @@ def _remove(path: Path) -> None:
 
 def remove_stale_tmp(parent: Path, name: str | None = None, *, any_host: bool = False) -> list[str]:
     """Clean up the temporary siblings (of `name` only, if given) that killed processes left in `parent`: a
-    half-written one is removed; a complete folder moved aside to be replaced (`_old`) is put back when nothing
+    half-written one is removed; a complete folder moved aside to be replaced (`.old_`) is put back when nothing
     took its place. A process still alive on this host keeps its own; with `any_host` (the caller holds the
     folder's lock, so no other process writes there) every other one is stale. Returns what was done."""
     done: list[str] = []
@@ -263,7 +291,7 @@ def remove_stale_tmp(parent: Path, name: str | None = None, *, any_host: bool = 
         if (same_host and pid == os.getpid()) or (not any_host and (not same_host or _alive(pid))):
             continue
         final = entry.parent / match["name"]
-        if match["old"] and not final.exists():
+        if match["kind"] == "old" and not final.exists():
             os.replace(entry, final)
             done.append(f"put back {final}, which a killed process had moved aside")
         else:
@@ -332,7 +360,7 @@ def atomic_dir(
         elif final.exists():
             if not replace:
                 raise UserError(f"{final} appeared while it was being written; it was left as it is.")
-            old = tmp_sibling(final, "_old")
+            old = tmp_sibling(final, old=True)
             os.replace(final, old)
         try:
             os.replace(tmp, final)

@@ -61,10 +61,8 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
 SPLIT_UNIT_SENTENCES = 64  # a split unit is at most this many consecutive sentences of one document
 SHARD_FILES = ("tokens", "offsets", "doc_offsets")
-SHARDS_LAYOUT = Layout(
-    "shards", "token shards", "mlmtrain prepare", ("meta.json", "train/*.npy", "valid/*.npy"),
-    ("meta.json", *(f"{split}/{name}.npy" for split in SPLITS for name in SHARD_FILES)),
-)  # fmt: skip
+SHARDS_FILES = ("meta.json", *(f"{split}/{name}.npy" for split in SPLITS for name in SHARD_FILES))
+SHARDS_LAYOUT = Layout("shards", "token shards", "mlmtrain prepare", SHARDS_FILES, SHARDS_FILES)
 
 
 # ------------------------------------------------------------------------------------------ writing

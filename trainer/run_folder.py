@@ -30,11 +30,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlmtrain.checkpoint import CHECKPOINTS, complete_checkpoints, latest_checkpoint, read_state
+from mlmtrain.checkpoint import CHECKPOINT_FILES, CHECKPOINTS, complete_checkpoints, latest_checkpoint, read_state
 from mlmtrain.config import RunConfig, config_from_dict
 from mlmtrain.errors import UserError
 from mlmtrain.files import (
     MARKER,
+    TMP,
     WRITE_ERRNOS,
     Layout,
     folder_state,
@@ -46,9 +47,17 @@ from mlmtrain.files import (
 )
 
 LOCK = ".mlmtrain.lock"
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "curves.png", "checkpoints/*", "profile/*",
-             "tensorboard/*", "wandb/*", LOCK)  # fmt: skip
-RUN_LAYOUT = Layout("run", "a training run", "mlmtrain train", (*RUN_FILES, ".tmp_*"), ("config.json", "metrics.jsonl"))
+PROFILE_FILES = ("trace*.json", "categories*.json", "phases*.json", "memory_snapshot*.pickle")  # profiling.py
+# what `train` writes in RUN (W&B's folder is all W&B's); a user's file among them makes the folder not ours
+RUN_FILES = (
+    "config.json", "metrics.jsonl", "summary.json", "curves.png", LOCK, TMP,
+    *(f"{CHECKPOINTS}/step_*/{name}" for name in CHECKPOINT_FILES), f"{CHECKPOINTS}/{TMP}/**",
+    *(f"profile/{name}" for name in (*PROFILE_FILES, TMP)), "tensorboard/events.out.tfevents.*", "wandb/**",
+)  # fmt: skip
+RUN_LAYOUT = Layout(
+    "run", "a training run", "mlmtrain train", RUN_FILES, ("config.json", "metrics.jsonl"),
+    legacy_json=("config.json", ("model", "data", "optim", "train")),  # a run's resolved RunConfig
+)  # fmt: skip
 
 
 class RunFinished(Exception):

@@ -57,7 +57,11 @@ TOKENIZER_CONFIG_KEYS = (
     *SPECIAL_TOKENS_MAP,
 )
 TOKENIZER_LAYOUT = Layout(
-    "tokenizer", "a tokenizer", "mlmtrain tokenizer", (*TOKENIZER_FILES, TOKENIZER_RECORD), TOKENIZER_FILES
+    "tokenizer",
+    "a tokenizer",
+    "mlmtrain tokenizer",
+    (*TOKENIZER_FILES, TOKENIZER_RECORD),
+    (*TOKENIZER_FILES, TOKENIZER_RECORD),
 )
 # transformers' BertTokenizer rebuilds the WordPiece model from vocab.txt with "##" (transformers 5.x) or splits
 # words with a hard-coded "##" (the pure-Python tokenizer), whatever tokenizer.json says.
