@@ -16,9 +16,45 @@ import json
 from pathlib import Path
 
 from mlmtrain.benchmarks.tables import gib, pct, scale, si, spread_text, table
+from mlmtrain.errors import UserError
+from mlmtrain.files import (
+    TMP,
+    Layout,
+    folder_state,
+    foreign_files,
+    read_marker,
+    reads_as,
+    refuse_unless_mine,
+    write_json,
+    write_marker,
+    write_text,
+)
 
 SCHEMA = "mlmtrain-bench/1"
 CHARTS = {"throughput": "throughput_vs_batch.png", "tflops": "tflops_vs_ceiling.png", "recipe": "ours_vs_recipe.png"}
+REPORT_FILES = ("results.json", "report.md", *CHARTS.values())  # what `write` replaces
+SCRIPT_FILES = ("gpu.txt", "gpu_tests.txt", "bench.log", "bench_merge.log")  # scripts/*_gpu.sh, beside the report
+BENCH_LAYOUT = Layout("bench", "a benchmark report", "mlmtrain bench", (*REPORT_FILES, *SCRIPT_FILES, TMP), ())
+
+
+def claim_out_folder(out_dir: str | Path) -> None:
+    """Make `out_dir` a report folder, or refuse it in one sentence: it must be new, empty, or hold only a report's
+    and the GPU scripts' files, and where it has no marker (an older mlmtrain's, or a script's logs written just
+    before) a report file is replaced only beside a results.json of this schema. A report is rewritten in place
+    (after every section; `--merge` extends it), so a folder of its own needs no --overwrite."""
+    out_dir = Path(out_dir)
+    state, made_by = folder_state(out_dir, BENCH_LAYOUT)
+    unmarked_report = state == "mine" and read_marker(out_dir) is None
+    if unmarked_report and any((out_dir / n).exists() for n in REPORT_FILES):
+        if not reads_as(out_dir / "results.json", ("schema", "sections")):
+            state = "foreign"
+    refuse_unless_mine(out_dir, BENCH_LAYOUT, state, made_by)
+    extra = foreign_files(out_dir, BENCH_LAYOUT) if state == "mine" else []
+    if extra:
+        raise UserError(f"--out {out_dir} holds files `mlmtrain bench` does not write ({', '.join(extra[:5])}): "
+                        "choose a new or empty folder.")  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(out_dir, BENCH_LAYOUT)
 
 
 def section(results: dict, name: str) -> dict | None:
@@ -434,14 +470,9 @@ def write(results: dict, out_dir: str | Path, peak: float | None = None) -> tupl
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {**results, "schema": SCHEMA, "headline": headline(results)}
     json_path, md_path = out_dir / "results.json", out_dir / "report.md"
-    # written to a temporary name and renamed: a run killed mid-write keeps the previous complete files
-    for path, text in (
-        (json_path, json.dumps(results, indent=2, ensure_ascii=False, default=str)),
-        (md_path, render(results, out_dir, peak)),
-    ):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+    # each written whole and renamed (files.write_text): a run killed mid-write keeps the previous complete files
+    write_json(json_path, results)
+    write_text(md_path, render(results, out_dir, peak))
     return json_path, md_path
 
 

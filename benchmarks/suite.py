@@ -125,9 +125,6 @@ def check_args(args) -> list[str]:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu (with --quick)")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder")
     for flag in ("sweep_tokens", "sweep_caps"):
         text = getattr(args, flag)
         if text is not None:
@@ -375,6 +372,7 @@ def main(args) -> int:
 
     sections = check_args(args)
     out = Path(args.out)
+    report.claim_out_folder(out)  # before any work: a folder that is not a report's is refused, untouched
     previous = None
     if args.merge and (out / "results.json").is_file():
         previous = json.loads((out / "results.json").read_text(encoding="utf-8"))

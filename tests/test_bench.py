@@ -126,12 +126,48 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     afile = tmp_path / "a_file"
     afile.write_text("x")
     assert main(["bench", "--out", str(afile), "--device", "cpu"]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "is a file, not a folder" in capsys.readouterr().err
     import torch
 
     if not torch.cuda.is_available():
         assert main(["bench", "--out", str(tmp_path), "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_out_must_be_a_report_folder(tmp_path):
+    """bench rewrites results.json, report.md and its charts in --out: never a user's files of those names,
+    never a folder holding other files; the GPU scripts' logs written just before it are its own."""
+    from mlmtrain.benchmarks.report import SCHEMA, claim_out_folder
+    from mlmtrain.errors import UserError
+    from mlmtrain.files import read_marker
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "report.md").write_text("# my report")
+    (user / "results.json").write_text('{"mine": 1}')
+    with pytest.raises(UserError, match="is not empty and was not made by `mlmtrain bench`"):
+        claim_out_folder(user)
+    (user / "results.json").unlink()
+    with pytest.raises(UserError, match="was not made by"):
+        claim_out_folder(user)  # a report.md with no results.json of ours beside it
+    assert sorted(p.name for p in user.iterdir()) == ["report.md"] and (user / "report.md").read_text() == "# my report"
+
+    script = tmp_path / "script"
+    script.mkdir()
+    (script / "gpu.txt").write_text("NVIDIA H200")
+    (script / "bench.log").write_text("")
+    claim_out_folder(script)
+    assert read_marker(script)["kind"] == "bench"
+    (script / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"does not write \(notes.txt\)"):
+        claim_out_folder(script)
+
+    older = tmp_path / "older"  # a report from before markers
+    older.mkdir()
+    (older / "results.json").write_text(json.dumps({"schema": SCHEMA, "sections": []}))
+    (older / "report.md").write_text("# mlmtrain benchmark report")
+    claim_out_folder(older)
+    assert read_marker(older)["kind"] == "bench"
 
 
 def test_time_limit_skips_and_says_so(tmp_path, monkeypatch):
