@@ -153,6 +153,27 @@ def test_verify_catches_a_model_that_differs(exported, tmp_path):
         verify_export(broken, [WIDGET])
 
 
+def test_an_export_that_fails_verification_never_replaces_a_good_one(trained_run, tokenizer_dir, tmp_path, monkeypatch):
+    import mlmtrain.export
+
+    run_dir, _ = trained_run
+    good = tmp_path / "good"
+    export_folder(run_dir, tokenizer_dir, good, verify=False)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+
+    def fails(folder, widgets):
+        raise UserError("transformers' logits differ from ours by up to 3")
+
+    monkeypatch.setattr(mlmtrain.export, "verify_export", fails)
+    with pytest.raises(UserError, match="was not written: it failed verification.*previous .* is unchanged"):
+        export_folder(run_dir, tokenizer_dir, good, overwrite=True)
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good"]  # no temporary sibling left
+    with pytest.raises(UserError, match="failed verification"):  # a new folder is written, to be inspected
+        export_folder(run_dir, tokenizer_dir, tmp_path / "new", overwrite=True)
+    assert json.loads((tmp_path / "new" / "mlmtrain_export.json").read_text())["verified"] is False
+
+
 def test_bf16_export_without_verify(trained_run, tokenizer_dir, tmp_path):
     from safetensors import safe_open
 

@@ -68,8 +68,8 @@ def export_folder(
     checkpoint) and return its `mlmtrain_export.json` content. `language`: codes (a list, or "ko,en"); `name`:
     the card's title, e.g. the Hub repo id it will be uploaded to; `card_extra`: a Markdown file appended to the
     card; `base_model`: the Hub id the run started from, for the card (default: the one the checkpoint records,
-    when it started from a Hub id). Raises UserError on any user mistake, and when verification fails (the
-    folder is then still written, with "verified": false, so it can be inspected)."""
+    when it started from a Hub id). Raises UserError on any user mistake, and when verification fails (a new
+    folder is then still written, with "verified": false, so it can be inspected; an existing one is kept)."""
     from safetensors.torch import save_file
 
     from mlmtrain import __version__
@@ -124,6 +124,7 @@ def export_folder(
         tok_config["model_max_length"] or config.max_position_embeddings, config.max_position_embeddings
     )
     failure, problems = None, []
+    replacing = Path(out_dir).is_dir() and any(Path(out_dir).iterdir())
     with atomic_dir(out_dir, replace=overwrite, layout=EXPORT_LAYOUT) as tmp:
         weights = {k: v.to(torch_dtype(dtype)).contiguous() for k, v in model.hf_state_dict().items()}
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -158,6 +159,9 @@ def export_folder(
         write_json(tmp / EXPORT_MANIFEST, manifest)
         os.chmod(tmp / EXPORT_MANIFEST, mode)
         problems = check_export_folder(tmp)  # what the upload checks: files, sizes, shapes, card header
+        if replacing and (failure is not None or problems):  # a failed export never replaces a good one
+            why = f"it failed verification: {failure}" if failure is not None else "; ".join(problems)
+            raise UserError(f"the new export of {out_dir} was not written: {why}; the previous {out_dir} is unchanged")
     if failure is not None:
         raise UserError(f"wrote {out_dir} but it failed verification: {failure}")
     if problems:
