@@ -134,6 +134,18 @@ def test_lowercase_and_strip_accents_honoured(tmp_path, lowercase, strip_accents
     assert_parity(out, EXTRA_TEXT[:4] + SETTINGS_TEXT.splitlines())
 
 
+@pytest.mark.parametrize("edit", ["repeat a row", "drop the last rows"])
+def test_vocab_txt_that_disagrees_with_tokenizer_json_is_refused_on_first_read(edit, tmp_path, tokenizer_dir):
+    """transformers reads ids from vocab.txt, the shards from tokenizer.json: a repeated or missing row would
+    train one mapping and export another (found only at export, after the training, until this check)."""
+    copy = shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    rows = (copy / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    rows = rows[:10] + [rows[9]] + rows[11:] if edit == "repeat a row" else rows[:-5]
+    (copy / "vocab.txt").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match="vocab.txt and tokenizer.json disagree on the id of [1-9]"):
+        load_tokenizer(copy)
+
+
 def test_real_vocab_size_returned_and_fingerprint(tmp_path, tokenizer_dir):
     corpus = tmp_path / "c.txt"
     corpus.write_text(SETTINGS_TEXT, encoding="utf-8")

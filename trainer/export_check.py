@@ -12,6 +12,7 @@ from pathlib import Path
 
 from mlmtrain.files import Layout, manifest_problems
 from mlmtrain.model import SHAPE_FIELDS, BertConfig, hf_tensor_shapes
+from mlmtrain.tokenizer import vocab_disagreements
 
 EXPORT_MANIFEST = "mlmtrain_export.json"
 REQUIRED_FILES = (
@@ -152,7 +153,7 @@ def _check_vocab(folder: Path, config: dict) -> list[str]:
         if size != want:
             problems.append(f"config.json vocab_size is {want} but tokenizer.json has {size} tokens")
         if lines is not None:
-            differ = sum(vocab.get(token) != i for i, token in enumerate(lines))
+            differ = vocab_disagreements(lines, vocab)
             if differ:
                 problems.append(f"vocab.txt and tokenizer.json disagree on the id of {differ} tokens")
     tok_config = _read_json(folder / "tokenizer_config.json", problems)

@@ -366,6 +366,12 @@ def read_special_tokens(tokenizer_dir) -> SpecialTokens:
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
     json_vocab = (tok_json.get("model") or {}).get("vocab") or {}
+    differ = vocab_disagreements(vocab, json_vocab)
+    if differ:  # a repeated or missing vocab.txt row: transformers and the shards would read other ids
+        raise UserError(
+            f"{path}: vocab.txt and tokenizer.json disagree on the id of {differ} tokens; the two files must come "
+            "from the same tokenizer."
+        )
     added = {t.get("content"): t.get("id") for t in tok_json.get("added_tokens") or [] if t.get("special")}
     ids = []
     for token in SPECIAL_TOKENS:
@@ -381,6 +387,13 @@ def read_special_tokens(tokenizer_dir) -> SpecialTokens:
     extra = [i for i in added.values() if isinstance(i, int) and 0 <= i < len(vocab)]
     unused = [i for i, token in enumerate(vocab) if UNUSED_TOKEN.fullmatch(token)]
     return SpecialTokens(*ids, never_mask=_ranges([*ids, *extra, *unused]))
+
+
+def vocab_disagreements(vocab: list[str], json_vocab: dict) -> int:
+    """How many rows of vocab.txt (`vocab`, index = id) tokenizer.json's WordPiece table (`json_vocab`, token ->
+    id) puts at another id, or leaves out, plus the ids it has beyond vocab.txt's rows."""
+    beyond = sum(1 for i in json_vocab.values() if not isinstance(i, int) or not 0 <= i < len(vocab))
+    return sum(json_vocab.get(token) != i for i, token in enumerate(vocab)) + beyond
 
 
 def read_vocab(tokenizer_dir) -> list[str]:
