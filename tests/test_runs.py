@@ -90,6 +90,10 @@ def test_a_checkpoint_of_another_run_starts_a_new_run_in_out_only(data_dir, toke
     # without --out the run is a's own folder, where an older checkpoint would mix two histories
     assert_refused(run_cli("train", "--config", a / "config.json", "--resume", first), "older than this run's newest")
     assert_refused(run_cli("train", "--config", a / "config.json", "--resume", first, "--out", b), "another training")
+    # a's last checkpoint is at its max_steps: a new run from it would train nothing, and says so (not exit 0)
+    last, c = a / "checkpoints" / "step_00000002", tmp_path / "c"
+    assert_refused(run_cli("train", "--config", a / "config.json", "--resume", last, "--out", c), "nothing to train in")
+    assert not c.exists()
     assert snapshot(a) == before
 
 

@@ -231,7 +231,8 @@ def plan_start(run_dir: Path, resume: str | None, log) -> Path | None:
 
 def resume_step(start: Path, cfg: RunConfig, allow_change: bool, lr_at, log) -> int:
     """The step the run resumes at. A max_steps other than the checkpoint's needs `allow_change` and is said
-    with its effect on the learning rate; a run already at max_steps raises RunFinished."""
+    with its effect on the learning rate; a run already at max_steps raises RunFinished, and a new run from
+    another run's checkpoint with nothing left to train is refused."""
     saved_config, state = read_state(start)
     step, saved = state["step"], config_from_dict(saved_config.get("run") or {})
     old, new = saved.train.max_steps, cfg.train.max_steps
@@ -244,8 +245,13 @@ def resume_step(start: Path, cfg: RunConfig, allow_change: bool, lr_at, log) -> 
             )
         log(f"max_steps {old} -> {new}: from step {step} the learning rate follows the new schedule "
             f"({lr_at(step, saved):.3g} -> {lr_at(step, cfg):.3g} now, decaying until step {new})")  # fmt: skip
+    run = start.parent.parent if start.parent.name == CHECKPOINTS else start
+    if step >= new and run.resolve() != Path(cfg.out_dir).resolve():  # a new run in --out, from another's step
+        raise UserError(
+            f"{start} is at step {step} and this run would stop at max_steps {new}: nothing to train in "
+            f"{cfg.out_dir}; pass --max-steps above {step} (and --change-max-steps, as it changes the schedule)."
+        )
     if step >= new:
-        run = start.parent.parent if start.parent.name == CHECKPOINTS else start
         raise RunFinished(
             f"{run} is finished (step {step} of {new}): nothing to train. Export it with `mlmtrain export "
             f"--checkpoint {run} --out EXPORT`, or train on with --max-steps N --change-max-steps.",
