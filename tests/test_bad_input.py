@@ -112,6 +112,21 @@ def test_bad_flags_are_one_sentence_before_any_device_work(case, data_dir, token
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "extra, phrase",
+    [
+        (["--steps", "-1"], "--steps must be at least 1"),
+        (["--vocab-size", "3"], "--vocab-size must be larger than 5"),
+        (["--device", "cuda"], "sees no CUDA device"),
+    ],
+)
+def test_demo_flags_are_checked_before_anything_is_written(extra, phrase, tmp_path, capsys):
+    if extra[-1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert_refused(in_process(capsys, "demo", "--out", str(tmp_path / "demo"), *extra), phrase)
+    assert not (tmp_path / "demo").exists()
+
+
 def test_a_config_that_is_not_a_run_config_is_refused(data_dir, tokenizer_dir, tmp_path, capsys):
     hf = tmp_path / "bert" / "config.json"  # what a transformers model folder holds
     hf.parent.mkdir()

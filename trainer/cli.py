@@ -257,7 +257,7 @@ def demo_args(p) -> None:
     p.add_argument("--out", default="demo_out", help="folder for everything the demo writes (default: demo_out)")
     p.add_argument("--steps", type=int, default=0, help="training steps (default: 300 on CPU, 400 on a GPU)")
     p.add_argument("--vocab-size", type=int, default=8000, help="WordPiece vocabulary to request (default 8000)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto (default), cpu or cuda")
     p.add_argument("--force", action="store_true", help="start over when --out holds an earlier demo (its files only)")
 
 

@@ -47,17 +47,40 @@ def main(args) -> int:
     from mlmtrain.train import train
 
     out = Path(args.out)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device: use --device cpu or auto.")
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    settings = TokenizerSettings(vocab_size=args.vocab_size)
+    settings.validate()
+    if args.steps < 0:
+        raise UserError(f"--steps must be at least 1 (or 0 for the default), got {args.steps}.")
+    steps = args.steps or (400 if cuda else 300)
+    cfg = load_config(  # every flag checked before anything is written
+        None,
+        {
+            "out_dir": str(out / "run"),
+            "data.data_dir": str(out / "data"),
+            "data.tokenizer_dir": str(out / "tokenizer"),
+            "model.size": "small" if cuda else "tiny",
+            "data.tokens_per_batch": 16384 if cuda else 4096,
+            "optim.lr": 1e-3,
+            "optim.warmup_steps": 30,
+            "train.max_steps": steps,
+            "train.eval_every": 100,
+            "train.log_every": 10,
+            "train.device": "cuda" if cuda else "cpu",
+            "train.compile": "off",
+        },
+    )
     # --force deletes an earlier demo only when every file in it is one the demo wrote
     if check_out_folder(out, demo_layout(), replace=args.force, replace_flag="--force"):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, demo_layout())
-    cuda = torch.cuda.is_available() and args.device != "cpu"
     corpus = sample_corpus_path()
     t0 = time.time()
 
     print(f"[1/6] tokenizer: WordPiece on {corpus.name}")
-    settings = TokenizerSettings(vocab_size=args.vocab_size)
     vocab_size = train_tokenizer([corpus], out / "tokenizer", settings, progress=not progress.quiet())
     print(f"      {vocab_size} tokens in the vocabulary")
 
@@ -79,25 +102,7 @@ def main(args) -> int:
         f"entropy {entropy:.3f} nats (train), a unigram model's loss on valid {baseline:.3f} nats"
     )
 
-    steps = args.steps or (400 if cuda else 300)
     print(f"[3/6] train: {'small on CUDA' if cuda else 'tiny on CPU'}, {steps} steps")
-    cfg = load_config(
-        None,
-        {
-            "out_dir": str(out / "run"),
-            "data.data_dir": str(out / "data"),
-            "data.tokenizer_dir": str(out / "tokenizer"),
-            "model.size": "small" if cuda else "tiny",
-            "data.tokens_per_batch": 16384 if cuda else 4096,
-            "optim.lr": 1e-3,
-            "optim.warmup_steps": 30,
-            "train.max_steps": steps,
-            "train.eval_every": 100,
-            "train.log_every": 10,
-            "train.device": "cuda" if cuda else "cpu",
-            "train.compile": "off",
-        },
-    )
     summary = train(cfg)
     if summary["exit_code"]:
         print(f"demo stopped ({summary['stopped_by']}); the run so far is in {out / 'run'}")
