@@ -18,6 +18,7 @@ from cli_run import assert_refused, run_cli, snapshot, train_args
 
 import mlmtrain
 from mlmtrain import files
+from mlmtrain.errors import UserError
 
 COMMAND = {"tokenizer": "tokenizer", "shards": "prepare", "run": "train", "export": "export"}
 
@@ -165,6 +166,19 @@ def test_files_named_like_ours_are_not_ours(made, tmp_path):
     (demo / "demo_result.json").write_text("{}")
     files.write_marker(demo, demo_layout())
     assert files.foreign_files(demo, demo_layout()) == sorted(f"run/{name}" for name in user)
+
+
+def test_a_symbolic_link_as_out_is_refused_before_any_work(tmp_path):
+    from mlmtrain.tokenizer import TOKENIZER_LAYOUT
+
+    target = tmp_path / "target"
+    target.mkdir()
+    for link, to in ((tmp_path / "link", target), (tmp_path / "dangling", tmp_path / "nowhere")):
+        link.symlink_to(to)
+        with pytest.raises(UserError, match="is a symbolic link: pass the folder it points to"):
+            files.check_out_folder(link, TOKENIZER_LAYOUT, replace=True)  # what every command asks before work
+        assert link.is_symlink()
+    assert not any(target.iterdir())
 
 
 def test_temporary_sibling_names_are_read_one_way(tmp_path):

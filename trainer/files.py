@@ -226,6 +226,10 @@ def check_out_folder(folder, layout: Layout, *, replace: bool, flag="--out", rep
     replaced). Everything else is refused with one sentence; a folder mlmtrain did not make never gets a
     suggestion to force it."""
     folder = Path(folder)
+    if folder.is_symlink():  # a rename into place (or a delete) would act on the link, not where it points
+        raise UserError(
+            f"{flag} {folder} is a symbolic link: pass the folder it points to, {os.path.realpath(folder)}."
+        )
     state, made_by = folder_state(folder, layout)
     if state in ("absent", "empty"):
         return False
