@@ -93,6 +93,7 @@ BAD_FLAGS = {  # name -> (extra arguments, what the sentence says)
     "schedule_typo": (["--set", "optim.schedule=cosin"], "optim.schedule must be one of linear, cosine"),
     "nan_policy_typo": (["--set", "train.nan_policy=skp"], "train.nan_policy must be one of skip, stop"),
     "cuda_without_a_gpu": (["--set", "train.device=cuda"], "train.device is cuda but 0 CUDA GPUs are usable"),
+    "seed_negative": (["--seed", "-1"], "train.seed must be from 0 to 2**64 - 1, got -1"),
 }
 
 

@@ -88,6 +88,7 @@ def test_mistakes_are_sentences(run_and_export, data_dir, tmp_path, capsys):
         (["--model", str(tmp_path / "nothing"), "--data", str(data_dir)], "does not exist"),
         (["--model", str(run), "--data", str(data_dir), "--input", "x.txt"], "pass what to score on"),
         (["--model", str(run), "--data", str(data_dir), "--tokenizer", str(tmp_path)], "tokenizer"),
+        (["--model", str(run), "--data", str(data_dir), "--seed", "-1"], "--seed must be from 0 to 2**64 - 1, got -1"),
     ]
     for args, message in cases:
         rc = cli.main(["eval", *args])

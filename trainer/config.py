@@ -27,6 +27,7 @@ MODEL_SIZES = {
 }
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name -> torch dtype attribute
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed (numpy's generators any integer >= 0)
 
 
 def torch_dtype(precision: str):
@@ -243,6 +244,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _within("optim.grad_clip", o.grad_clip, 0.0, math.inf, "at least 0 (0 = off)", high_open=True)
     _at_least("optim.grad_accum", o.grad_accum, 1)
     _at_least("train.max_steps", t.max_steps, 1)
+    check_seed("train.seed", t.seed)
     _one_of("train.precision", t.precision, ("auto", *PRECISIONS))
     _one_of("train.compile", t.compile, ("auto", "on", "off"))
     if t.device not in ("auto", "cpu", "cuda") and not (t.device.startswith("cuda:") and t.device[5:].isdigit()):
@@ -264,6 +266,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of("train.shard", t.shard, ("ddp", "fsdp"))
     _one_of("train.fp8", t.fp8, ("off", "tensorwise", "rowwise"))
     return cfg
+
+
+def check_seed(name: str, seed: int) -> None:
+    """A seed of any command (train.seed, prepare's and eval's --seed): what numpy and torch both take."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{name} must be from 0 to 2**64 - 1, got {seed}")
 
 
 def profile_range(spec: str) -> tuple[int, int] | None:

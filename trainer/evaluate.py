@@ -185,7 +185,7 @@ def load_model(source: str, tokenizer_dir=None):
 
 
 def main(args) -> int:
-    from mlmtrain.config import MaskSpec
+    from mlmtrain.config import MaskSpec, check_seed
     from mlmtrain.packing import Packer
     from mlmtrain.preflight import check_data_against_model
     from mlmtrain.prepare import check_tokenizer_match, load_split, prepare, read_meta, shard_specials
@@ -196,6 +196,7 @@ def main(args) -> int:
     corpus = corpus_from_args(args)
     if args.tokens_per_batch < 8 or args.max_batches < 0 or not 0.0 < args.mask_prob < 1.0:
         raise UserError("need --tokens-per-batch >= 8, --max-batches >= 0 and --mask-prob in (0, 1).")
+    check_seed("--seed", args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer_dir, info = load_model(args.model, args.tokenizer)
     models, infos = [model], [info]

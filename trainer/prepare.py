@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlmtrain.config import check_seed
 from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, atomic_dir, check_out_folder, write_json
 from mlmtrain.prefetch import Prefetcher
@@ -197,6 +198,7 @@ def prepare(
         raise UserError(f"--valid-fraction must be in [0, 1), got {valid_fraction}.")
     if max_seq_len < 3:
         raise UserError(f"--max-seq-len must be at least 3 ([CLS] token [SEP]), got {max_seq_len}.")
+    check_seed("--seed", seed)
     corpus = check_corpus(inputs)
     tok = load_tokenizer(tokenizer_dir)
     specials = read_special_tokens(tokenizer_dir)
