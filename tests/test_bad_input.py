@@ -94,6 +94,7 @@ BAD_FLAGS = {  # name -> (extra arguments, what the sentence says)
     "nan_policy_typo": (["--set", "train.nan_policy=skp"], "train.nan_policy must be one of skip, stop"),
     "cuda_without_a_gpu": (["--set", "train.device=cuda"], "train.device is cuda but 0 CUDA GPUs are usable"),
     "seed_negative": (["--seed", "-1"], "train.seed must be from 0 to 2**64 - 1, got -1"),
+    "tokens_per_batch_huge": (["--tokens-per-batch", "99999999999"], "must be from 0 (auto) to 16,777,216"),
 }
 
 

@@ -28,6 +28,10 @@ MODEL_SIZES = {
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name -> torch dtype attribute
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed (numpy's generators any integer >= 0)
+# A micro-batch's tokens are int32 arrays on the host and the device, so 2**31 is a hard ceiling; 2**24 (16.8M)
+# is far above any real micro-batch (the benchmark sweep tops out at 262,144 on an H200) and its activations
+# fit no GPU even for the tiny model, so a larger value is a typo: refused here, before numpy allocates it.
+MAX_TOKENS_PER_BATCH = 1 << 24
 
 
 def torch_dtype(precision: str):
@@ -220,7 +224,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of("model.attention", m.attention, ("auto", "varlen", "sdpa", "flex"))
     _one_of("model.residual_dtype", m.residual_dtype, ("fp32", "compute"))
     _one_of("model.fused_ops", m.fused_ops, ("torch", "triton"))
-    _at_least("data.tokens_per_batch", d.tokens_per_batch, 0, "(0 = auto)")
+    if not 0 <= d.tokens_per_batch <= MAX_TOKENS_PER_BATCH:
+        raise UserError(
+            f"data.tokens_per_batch must be from 0 (auto) to {MAX_TOKENS_PER_BATCH:,}, got {d.tokens_per_batch}"
+        )
     _one_of("data.pack", d.pack, ("sentence", "document"))
     _at_least("data.prefetch", d.prefetch, 1)
     _one_of("data.layout", d.layout, ("flat", "rows"))

@@ -185,7 +185,7 @@ def load_model(source: str, tokenizer_dir=None):
 
 
 def main(args) -> int:
-    from mlmtrain.config import MaskSpec, check_seed
+    from mlmtrain.config import MAX_TOKENS_PER_BATCH, MaskSpec, check_seed
     from mlmtrain.packing import Packer
     from mlmtrain.preflight import check_data_against_model
     from mlmtrain.prepare import check_tokenizer_match, load_split, prepare, read_meta, shard_specials
@@ -194,8 +194,10 @@ def main(args) -> int:
     if (args.data is None) == (not args.input and not args.dataset):
         raise UserError("pass what to score on: --data SHARDS, or a corpus (--input FILE ... or --dataset NAME).")
     corpus = corpus_from_args(args)
-    if args.tokens_per_batch < 8 or args.max_batches < 0 or not 0.0 < args.mask_prob < 1.0:
-        raise UserError("need --tokens-per-batch >= 8, --max-batches >= 0 and --mask-prob in (0, 1).")
+    if not 8 <= args.tokens_per_batch <= MAX_TOKENS_PER_BATCH or args.max_batches < 0 or not 0 < args.mask_prob < 1:
+        raise UserError(
+            f"need --tokens-per-batch from 8 to {MAX_TOKENS_PER_BATCH:,}, --max-batches >= 0 and --mask-prob in (0, 1)."
+        )
     check_seed("--seed", args.seed)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer_dir, info = load_model(args.model, args.tokenizer)
