@@ -254,8 +254,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     check_seed("train.seed", t.seed)
     _one_of("train.precision", t.precision, ("auto", *PRECISIONS))
     _one_of("train.compile", t.compile, ("auto", "on", "off"))
-    if t.device not in ("auto", "cpu", "cuda") and not (t.device.startswith("cuda:") and t.device[5:].isdigit()):
-        raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    check_device_name("train.device", t.device)
     _at_least("train.log_every", t.log_every, 1)
     _at_least("train.eval_every", t.eval_every, 0, "(0 = only at the end)")
     _at_least("train.eval_batches", t.eval_batches, 1)
@@ -279,6 +278,12 @@ def check_seed(name: str, seed: int) -> None:
     """A seed of any command (train.seed, prepare's and eval's --seed): what numpy and torch both take."""
     if not 0 <= seed <= MAX_SEED:
         raise UserError(f"{name} must be from 0 to 2**64 - 1, got {seed}")
+
+
+def check_device_name(name: str, device: str) -> None:
+    """A device setting (train.device, eval's --device): auto, cpu, cuda or cuda:N."""
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UserError(f"{name} must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def profile_range(spec: str) -> tuple[int, int] | None:

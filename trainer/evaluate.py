@@ -185,9 +185,9 @@ def load_model(source: str, tokenizer_dir=None):
 
 
 def main(args) -> int:
-    from mlmtrain.config import MAX_TOKENS_PER_BATCH, MaskSpec, check_seed
+    from mlmtrain.config import MAX_TOKENS_PER_BATCH, MaskSpec, check_device_name, check_seed
     from mlmtrain.packing import Packer
-    from mlmtrain.preflight import check_data_against_model
+    from mlmtrain.preflight import check_data_against_model, check_device
     from mlmtrain.prepare import check_tokenizer_match, load_split, prepare, read_meta, shard_specials
     from mlmtrain.tokenizer import tokenizer_fingerprint
 
@@ -199,6 +199,8 @@ def main(args) -> int:
             f"need --tokens-per-batch from 8 to {MAX_TOKENS_PER_BATCH:,}, --max-batches >= 0 and --mask-prob in (0, 1)."
         )
     check_seed("--seed", args.seed)
+    check_device_name("--device", args.device)
+    check_device(args.device, torch.cuda.device_count() if torch.cuda.is_available() else 0, "--device", "--device cpu")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer_dir, info = load_model(args.model, args.tokenizer)
     models, infos = [model], [info]
