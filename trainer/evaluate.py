@@ -191,7 +191,10 @@ def main(args) -> int:
     from mlmtrain.prepare import check_tokenizer_match, load_split, prepare, read_meta, shard_specials
     from mlmtrain.tokenizer import tokenizer_fingerprint
 
-    if (args.data is None) == (not args.input and not args.dataset):
+    has_corpus = bool(args.input or args.dataset)
+    if args.data is not None and has_corpus:
+        raise UserError("pass --data SHARDS or a corpus (--input FILE ... or --dataset NAME), not both.")
+    if args.data is None and not has_corpus:
         raise UserError("pass what to score on: --data SHARDS, or a corpus (--input FILE ... or --dataset NAME).")
     corpus = corpus_from_args(args)
     if not 8 <= args.tokens_per_batch <= MAX_TOKENS_PER_BATCH or args.max_batches < 0 or not 0 < args.mask_prob < 1:
