@@ -2,7 +2,8 @@
 created), each with one sentence: a truncated .npy, ids outside the vocabulary (checked on the data, not
 only meta.json), offsets that do not increase or run past the end, a broken meta.json; --tokens-per-batch
 below max_seq_len, out-of-range or mistyped values, cuda without a GPU, a transformers config.json as
---config, --nproc against grad_accum before torchrun starts; a malformed manifest or state.json."""
+--config, a run config.json edited to hold unknown keys or mistyped values, --nproc against grad_accum before
+torchrun starts; a malformed manifest or state.json."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from cli_run import TINY, assert_refused, in_process, run_cli
 
 from mlmtrain import prepare, shard_check
+from mlmtrain.config import load_config
 from mlmtrain.errors import UserError
 from mlmtrain.files import file_entries
 from mlmtrain.train import train
@@ -125,6 +127,33 @@ def test_a_config_that_is_not_a_run_config_is_refused(data_dir, tokenizer_dir, t
     args = train_cli(data_dir, tokenizer_dir, tmp_path / "run", "--config", saved)
     assert_refused(in_process(capsys, *args), "is a checkpoint's config")
     assert not (tmp_path / "run").exists()
+
+
+RUN_CONFIG_EDITS = {  # name -> (a hand edit of a run's config.json, what the sentence says)
+    "lr_not_a_number": (lambda c: c["optim"].update(lr="fast"), "optim.lr must be a float, got 'fast'"),
+    "section_not_a_table": (lambda c: c.update(optim=[]), "config section 'optim' must be a table of its keys"),
+    "max_steps_a_list": (lambda c: c["train"].update(max_steps=[4]), "train.max_steps must be a int, got [4]"),
+    "unknown_key": (lambda c: c["train"].update(max_step=4), "unknown config key 'train.max_step'"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(RUN_CONFIG_EDITS))
+def test_a_run_config_is_checked_as_toml_and_set_are(edit, data_dir, tokenizer_dir, tmp_path, capsys):
+    """A run's config.json passed as --config follows the TOML file's rule: known keys, values of each key's type
+    (a string a TOML file or --set may give, such as "3e-4", is read as the key's type)."""
+    from test_train import tiny_config
+
+    config = json.loads(tiny_config(data_dir, tokenizer_dir, tmp_path / "run").to_json())
+    config["optim"]["lr"], config["train"]["max_steps"] = "3e-4", "4"
+    path = tmp_path / "run" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(config))
+    cfg = load_config(path)
+    assert (cfg.optim.lr, cfg.train.max_steps, cfg.optim.betas) == (3e-4, 4, (0.9, 0.98))
+    change, phrase = RUN_CONFIG_EDITS[edit]
+    change(config)
+    path.write_text(json.dumps(config))
+    assert_refused(in_process(capsys, "train", "--config", path, "--resume"), phrase)
 
 
 def test_nproc_is_checked_against_grad_accum_before_torchrun_starts(data_dir, tokenizer_dir, tmp_path):

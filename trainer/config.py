@@ -372,16 +372,12 @@ def load_config(
     cfg = RunConfig()
     if toml_path:
         path = resolve_config_path(toml_path)
-        if path.suffix == ".json":  # a run folder's resolved config.json (e.g. to resume a run)
-            cfg = config_from_dict(_read_run_config(path))
+        is_run_config = path.suffix == ".json"  # a run folder's resolved config.json (e.g. to resume a run)
+        table = _read_run_config(path) if is_run_config else _read_toml(path)
+        for dotted, value in _flatten(table):  # both checked alike: known keys, values of the key's type
+            _set(cfg, dotted, value)
+        if is_run_config:
             cfg.out_dir = str(path.resolve().parent)
-        else:
-            try:
-                table = tomllib.loads(path.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"config file {path} is not valid TOML: {e}") from None
-            for dotted, value in _flatten(table):
-                _set(cfg, dotted, value)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set(cfg, dotted, value)
@@ -394,6 +390,13 @@ def load_config(
         if getattr(spec, key):
             setattr(spec, key, os.path.abspath(os.path.expanduser(getattr(spec, key))))
     return validate(cfg)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
 
 
 def _read_run_config(path: Path) -> dict:
@@ -430,15 +433,13 @@ def resolve_config_path(name: str | Path) -> Path:
 
 
 def config_from_dict(d: dict) -> RunConfig:
-    """Rebuild a RunConfig from its saved dict (`RunConfig.to_dict()`, e.g. from a checkpoint). Keys from newer
-    versions are ignored, missing ones keep their defaults."""
-    cfg = RunConfig(out_dir=d.get("out_dir", ""))
-    for section in SECTIONS:
-        spec = getattr(cfg, section)
-        known = {f.name for f in dataclasses.fields(spec)}
-        for k, v in d.get(section, {}).items():
-            if k in known:
-                setattr(spec, k, tuple(v) if isinstance(v, list) else v)
+    """Rebuild a RunConfig from its saved dict (`RunConfig.to_dict()`, e.g. a checkpoint's), each value checked
+    as a TOML file's are (`_set`). Keys from other versions are ignored, missing ones keep their defaults."""
+    cfg = RunConfig()
+    known = {"out_dir"} | {f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))}
+    for dotted, value in _flatten(d):
+        if dotted in known:
+            _set(cfg, dotted, value)
     return cfg
 
 
@@ -459,8 +460,10 @@ def _set(cfg: RunConfig, dotted: str, value) -> None:
         obj = getattr(obj, part)
     types = typing.get_type_hints(type(obj))
     key = parts[-1]
-    if key not in types or dataclasses.is_dataclass(getattr(obj, key)):
+    if key not in types:
         raise UserError(f"unknown config key {dotted!r}; known: {', '.join(sorted(types))}")
+    if dataclasses.is_dataclass(getattr(obj, key)):
+        raise UserError(f"config section {dotted!r} must be a table of its keys, got {value!r}")
     setattr(obj, key, _coerce(value, types[key], dotted))
 
 
