@@ -175,6 +175,8 @@ def test_bad_input_gives_clear_errors(tmp_path, tokenizer_dir, capsys):
         train_tokenizer([blank], tokenizer_dir, TokenizerSettings(vocab_size=100), progress=False)
     with pytest.raises(UserError, match="vocab-size"):
         train_tokenizer([blank], tmp_path / "out", TokenizerSettings(vocab_size=3), progress=False)
+    with pytest.raises(UserError, match="--vocab-size must be .* at most 16,777,216, got 2147483648"):
+        train_tokenizer([blank], tmp_path / "out", TokenizerSettings(vocab_size=1 << 31), progress=False)
     with pytest.raises(UserError, match="not a tokenizer folder"):
         load_tokenizer(tmp_path)
 
