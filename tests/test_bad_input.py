@@ -1,9 +1,9 @@
-"""Bad shards, bad flags and damaged checkpoints are found before any device work (no run folder is even
-created), each with one sentence: a truncated .npy, ids outside the vocabulary (checked on the data, not
-only meta.json), offsets that do not increase or run past the end, a broken meta.json; --tokens-per-batch
-below max_seq_len, out-of-range or mistyped values, cuda without a GPU, a transformers config.json as
---config, a run config.json edited to hold unknown keys or mistyped values, --nproc against grad_accum before
-torchrun starts; a malformed manifest or state.json."""
+"""Bad shards, bad flags and damaged checkpoints are found before any device work (no run folder is even created),
+each with one sentence: a truncated .npy, ids outside the vocabulary (checked on the data, not only meta.json),
+offsets that do not increase or run past the end, a broken meta.json (or one whose max_seq_len or special tokens
+the shards contradict); --tokens-per-batch below max_seq_len, out-of-range or mistyped values, cuda without a
+GPU, a transformers config.json as --config, a run config.json edited to hold unknown keys or mistyped values,
+--nproc against grad_accum before torchrun starts; a malformed manifest or state.json."""
 
 from __future__ import annotations
 
@@ -58,6 +58,22 @@ DAMAGE = {  # name -> (how to damage the shards, what the sentence says)
     "meta_not_json": (lambda d: (d / "meta.json").write_text('{"format_version": 1,'), "not valid JSON"),
     "meta_without_vocab_size": (lambda d: edit_meta(d, lambda m: m.pop("vocab_size")), "vocab_size missing"),
     "meta_counts_differ": (lambda d: edit_meta(d, lambda m: m["train"].update(tokens=7)), "meta.json says 7"),
+    "meta_max_seq_len_below_a_sentence": (
+        lambda d: edit_meta(d, lambda m: m.update(max_seq_len=4)),
+        "meta.json's max_seq_len 4 leaves room for 2",
+    ),
+    "meta_never_mask_not_pairs": (
+        lambda d: edit_meta(d, lambda m: m["special_tokens"].update(never_mask=[[0]])),
+        "special_tokens missing or wrong",
+    ),
+    "meta_never_mask_a_string": (
+        lambda d: edit_meta(d, lambda m: m["special_tokens"].update(never_mask="x")),
+        "special_tokens missing or wrong",
+    ),
+    "meta_mask_id_outside_the_vocabulary": (
+        lambda d: edit_meta(d, lambda m: m["special_tokens"].update(mask=10**6)),
+        "special_tokens missing or wrong",
+    ),
 }
 
 

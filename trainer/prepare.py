@@ -398,7 +398,9 @@ def load_split(data_dir, split: str = "train", check: bool = True) -> TokenShard
     dtypes = {"tokens": np.dtype(meta["dtype"]), "offsets": np.dtype(np.int64), "doc_offsets": np.dtype(np.int64)}
     shard = TokenShard(**{name: open_npy(folder / f"{name}.npy", dtypes[name]) for name in SHARD_FILES})
     if check:
-        check_shard(shard.tokens, shard.offsets, shard.doc_offsets, meta[split], meta["vocab_size"], folder)
+        check_shard(
+            shard.tokens, shard.offsets, shard.doc_offsets, meta[split], meta["vocab_size"], meta["max_seq_len"], folder
+        )
     return shard
 
 
