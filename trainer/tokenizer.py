@@ -290,7 +290,7 @@ def read_tokenizer_config(tokenizer_dir) -> dict:
     path = Path(tokenizer_dir)
     source = {}
     if (path / "tokenizer_config.json").is_file():
-        source = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        source = _tokenizer_config_file(path)
     else:
         norm = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer") or {}
         if norm.get("type") == "BertNormalizer":
@@ -303,6 +303,18 @@ def read_tokenizer_config(tokenizer_dir) -> dict:
     config.update({k: v for k, v in source.items() if k in TOKENIZER_CONFIG_KEYS and k not in SPECIAL_TOKENS_MAP})
     config["model_max_length"] = source.get("model_max_length")  # None: not stated (the exporter decides)
     return config
+
+
+def _tokenizer_config_file(path: Path) -> dict:
+    """A folder's own tokenizer_config.json, which must be a JSON object."""
+    file = path / "tokenizer_config.json"
+    try:
+        source = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {file}: {e}") from None
+    if not isinstance(source, dict):
+        raise UserError(f"cannot read {file}: it holds no JSON object of settings")
+    return source
 
 
 def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
@@ -336,6 +348,8 @@ def _check_tokenizer_dir(tokenizer_dir) -> Path:
             raise UserError(
                 f"{path} is not a tokenizer folder: {name} is missing (make one with `mlmtrain tokenizer`)."
             )
+    if (path / "tokenizer_config.json").is_file():  # read only by export: checked here, before any training
+        _tokenizer_config_file(path)
     return path
 
 
