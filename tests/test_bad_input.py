@@ -199,3 +199,6 @@ def test_a_malformed_manifest_or_state_is_a_damaged_checkpoint(data_dir, tokeniz
     assert done.returncode == 0, done.stderr
     assert "skipping damaged checkpoint" in done.stdout and "exported step 1" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+    done = in_process(capsys, "export", "--checkpoint", run, "--out", tmp_path / "y", "--no-verify")  # its tokenizer
+    assert done.returncode == 0 and "exported step 1" in done.stdout, done.stderr
+    assert [done.stdout.count(f"skipping damaged checkpoint {ckpt}:") for ckpt in (step3, step2)] == [1, 1]
