@@ -1,8 +1,9 @@
-"""Bad shards, bad flags and damaged checkpoints are found before any device work (no run folder is even
-created), each with one sentence: a truncated .npy, ids outside the vocabulary (checked on the data, not
-only meta.json), offsets that do not increase or run past the end, a broken meta.json; --tokens-per-batch
-below max_seq_len, out-of-range or mistyped values, cuda without a GPU, a transformers config.json as
---config, --nproc against grad_accum before torchrun starts; a malformed manifest or state.json."""
+"""Bad shards, bad flags and damaged checkpoints are found before any device work (no run folder is even created),
+each with one sentence: a truncated .npy, ids outside the vocabulary (checked on the data, not only meta.json),
+offsets that do not increase or run past the end, a broken meta.json (or one whose max_seq_len or special tokens
+the shards contradict); --tokens-per-batch below max_seq_len, out-of-range or mistyped values, cuda without a
+GPU, a transformers config.json as --config, a run config.json edited to hold unknown keys or mistyped values,
+--nproc against grad_accum before torchrun starts; a malformed manifest or state.json."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from cli_run import TINY, assert_refused, in_process, run_cli
 
 from mlmtrain import prepare, shard_check
+from mlmtrain.config import load_config
 from mlmtrain.errors import UserError
 from mlmtrain.files import file_entries
 from mlmtrain.train import train
@@ -56,6 +58,22 @@ DAMAGE = {  # name -> (how to damage the shards, what the sentence says)
     "meta_not_json": (lambda d: (d / "meta.json").write_text('{"format_version": 1,'), "not valid JSON"),
     "meta_without_vocab_size": (lambda d: edit_meta(d, lambda m: m.pop("vocab_size")), "vocab_size missing"),
     "meta_counts_differ": (lambda d: edit_meta(d, lambda m: m["train"].update(tokens=7)), "meta.json says 7"),
+    "meta_max_seq_len_below_a_sentence": (
+        lambda d: edit_meta(d, lambda m: m.update(max_seq_len=4)),
+        "meta.json's max_seq_len 4 leaves room for 2",
+    ),
+    "meta_never_mask_not_pairs": (
+        lambda d: edit_meta(d, lambda m: m["special_tokens"].update(never_mask=[[0]])),
+        "special_tokens missing or wrong",
+    ),
+    "meta_never_mask_a_string": (
+        lambda d: edit_meta(d, lambda m: m["special_tokens"].update(never_mask="x")),
+        "special_tokens missing or wrong",
+    ),
+    "meta_mask_id_outside_the_vocabulary": (
+        lambda d: edit_meta(d, lambda m: m["special_tokens"].update(mask=10**6)),
+        "special_tokens missing or wrong",
+    ),
 }
 
 
@@ -93,6 +111,8 @@ BAD_FLAGS = {  # name -> (extra arguments, what the sentence says)
     "schedule_typo": (["--set", "optim.schedule=cosin"], "optim.schedule must be one of linear, cosine"),
     "nan_policy_typo": (["--set", "train.nan_policy=skp"], "train.nan_policy must be one of skip, stop"),
     "cuda_without_a_gpu": (["--set", "train.device=cuda"], "train.device is cuda but 0 CUDA GPUs are usable"),
+    "seed_negative": (["--seed", "-1"], "train.seed must be from 0 to 2**64 - 1, got -1"),
+    "tokens_per_batch_huge": (["--tokens-per-batch", "99999999999"], "must be from 0 (auto) to 16,777,216"),
 }
 
 
@@ -140,6 +160,33 @@ def test_a_config_that_is_not_a_run_config_is_refused(data_dir, tokenizer_dir, t
     assert not (tmp_path / "run").exists()
 
 
+RUN_CONFIG_EDITS = {  # name -> (a hand edit of a run's config.json, what the sentence says)
+    "lr_not_a_number": (lambda c: c["optim"].update(lr="fast"), "optim.lr must be a float, got 'fast'"),
+    "section_not_a_table": (lambda c: c.update(optim=[]), "config section 'optim' must be a table of its keys"),
+    "max_steps_a_list": (lambda c: c["train"].update(max_steps=[4]), "train.max_steps must be a int, got [4]"),
+    "unknown_key": (lambda c: c["train"].update(max_step=4), "unknown config key 'train.max_step'"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(RUN_CONFIG_EDITS))
+def test_a_run_config_is_checked_as_toml_and_set_are(edit, data_dir, tokenizer_dir, tmp_path, capsys):
+    """A run's config.json passed as --config follows the TOML file's rule: known keys, values of each key's type
+    (a string a TOML file or --set may give, such as "3e-4", is read as the key's type)."""
+    from test_train import tiny_config
+
+    config = json.loads(tiny_config(data_dir, tokenizer_dir, tmp_path / "run").to_json())
+    config["optim"]["lr"], config["train"]["max_steps"] = "3e-4", "4"
+    path = tmp_path / "run" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(config))
+    cfg = load_config(path)
+    assert (cfg.optim.lr, cfg.train.max_steps, cfg.optim.betas) == (3e-4, 4, (0.9, 0.98))
+    change, phrase = RUN_CONFIG_EDITS[edit]
+    change(config)
+    path.write_text(json.dumps(config))
+    assert_refused(in_process(capsys, "train", "--config", path, "--resume"), phrase)
+
+
 def test_nproc_is_checked_against_grad_accum_before_torchrun_starts(data_dir, tokenizer_dir, tmp_path):
     args = train_cli(data_dir, tokenizer_dir, tmp_path / "run", "--nproc", 3, "--set", "optim.grad_accum=4")
     done = run_cli(*args)
@@ -167,3 +214,6 @@ def test_a_malformed_manifest_or_state_is_a_damaged_checkpoint(data_dir, tokeniz
     assert done.returncode == 0, done.stderr
     assert "skipping damaged checkpoint" in done.stdout and "exported step 1" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+    done = in_process(capsys, "export", "--checkpoint", run, "--out", tmp_path / "y", "--no-verify")  # its tokenizer
+    assert done.returncode == 0 and "exported step 1" in done.stdout, done.stderr
+    assert [done.stdout.count(f"skipping damaged checkpoint {ckpt}:") for ckpt in (step3, step2)] == [1, 1]

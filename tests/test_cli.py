@@ -3,13 +3,14 @@ flags set the config keys they name, and every key is listed with its default an
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 import time
 
 import pytest
 
-from mlmtrain.cli import TRAIN_FLAGS, build_parser
+from mlmtrain.cli import TRAIN_FLAGS, build_parser, main
 from mlmtrain.config import field_docs, flag_overrides, load_config
 
 NO_TORCH = "import sys; sys.argv = ['mlmtrain', *sys.argv[1:]]; from mlmtrain.cli import main\n" + (
@@ -67,3 +68,29 @@ def test_help_config_lists_every_key_with_its_default_and_meaning():
     assert len(docs) > 50 and all(meaning for _, meaning in docs.values())
     for key, (default, _) in docs.items():
         assert f"{key} = {default!r}" in done.stdout, key
+
+
+TOKEN = "hf_FAKEabcdefghijklmnopqrstuvwxyz1234"
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (OSError(errno.EACCES, "Permission denied", f"/runs/{TOKEN}/curves.png"), 2),  # a refused write
+        (FileNotFoundError(errno.ENOENT, "No such file or directory", f"/proc/{TOKEN}.png"), 1),
+        (RuntimeError(f"a bug near {TOKEN}"), 1),
+    ],
+)
+def test_no_message_shows_a_token(error, code, monkeypatch, capsys):
+    """README: every error message of every command shows a token as hf_***; a refused write's sentence and
+    the traceback of a bug too, not only a UserError's sentence."""
+    import mlmtrain.plot
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(mlmtrain.plot, "main", fail)
+    assert main(["plot", "run"]) == code
+    err = capsys.readouterr().err
+    assert TOKEN not in err and "hf_***" in err, err
+    assert ("Traceback" in err) == (code == 1), err

@@ -86,8 +86,15 @@ def test_mistakes_are_sentences(run_and_export, data_dir, tmp_path, capsys):
     cases = [
         (["--model", str(run)], "pass what to score on"),
         (["--model", str(tmp_path / "nothing"), "--data", str(data_dir)], "does not exist"),
-        (["--model", str(run), "--data", str(data_dir), "--input", "x.txt"], "pass what to score on"),
+        (["--model", str(run), "--data", str(data_dir), "--input", "x.txt"], "or --dataset NAME), not both"),
         (["--model", str(run), "--data", str(data_dir), "--tokenizer", str(tmp_path)], "tokenizer"),
+        (["--model", str(run), "--data", str(data_dir), "--seed", "-1"], "--seed must be from 0 to 2**64 - 1, got -1"),
+        (["--model", str(run), "--data", str(data_dir), "--tokens-per-batch", "99999999999"], "from 8 to 16,777,216"),
+        (["--model", str(run), "--data", str(data_dir), "--device", "foo"], "--device must be auto, cpu, cuda or"),
+        (
+            ["--model", str(run), "--data", str(data_dir), "--device", "cuda:99"],
+            "CUDA GPUs are usable here: use --device cpu",
+        ),
     ]
     for args, message in cases:
         rc = cli.main(["eval", *args])

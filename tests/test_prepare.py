@@ -226,6 +226,8 @@ def test_bad_input_gives_clear_errors(tmp_path, sample_corpus, tokenizer_dir, da
         run([sample_corpus], tokenizer_dir, tmp_path / "o", valid_fraction=1.0)
     with pytest.raises(UserError, match="max-seq-len"):
         run([sample_corpus], tokenizer_dir, tmp_path / "o", max_seq_len=2)
+    with pytest.raises(UserError, match=r"--seed must be from 0 to 2\*\*64 - 1, got -1"):
+        run([sample_corpus], tokenizer_dir, tmp_path / "o", seed=-1)
     with pytest.raises(UserError, match="no token shards"):
         read_meta(tmp_path)
     assert not list(tmp_path.glob(".tmp_*")), "a failed prepare left its temporary folder"

@@ -187,6 +187,8 @@ def test_bad_input_gives_clear_errors(tmp_path, tokenizer_dir, capsys):
         train_tokenizer([blank], tokenizer_dir, TokenizerSettings(vocab_size=100), progress=False)
     with pytest.raises(UserError, match="vocab-size"):
         train_tokenizer([blank], tmp_path / "out", TokenizerSettings(vocab_size=3), progress=False)
+    with pytest.raises(UserError, match="--vocab-size must be .* at most 16,777,216, got 2147483648"):
+        train_tokenizer([blank], tmp_path / "out", TokenizerSettings(vocab_size=1 << 31), progress=False)
     with pytest.raises(UserError, match="not a tokenizer folder"):
         load_tokenizer(tmp_path)
 
@@ -264,3 +266,21 @@ def test_a_wordpieces_prefix_transformers_cannot_read_is_refused(tmp_path, sampl
     args = ["prepare", "--input", sample_corpus, "--tokenizer", tmp_path / "at", "--out", tmp_path / "d"]
     assert_refused(in_process(capsys, *args), "continues words with '@@'")
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("text", ['{"do_lower_case": false,', "[]"])
+def test_a_broken_tokenizer_config_is_refused_where_the_folder_is_first_read(
+    text, tmp_path, sample_corpus, tokenizer_dir, capsys
+):
+    """Only export reads tokenizer_config.json, but the folder check finds it broken before prepare or train."""
+    from cli_run import assert_refused, in_process
+
+    from mlmtrain.tokenizer import read_tokenizer_config
+
+    tok = shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    (tok / "tokenizer_config.json").write_text(text)
+    args = ["prepare", "--input", sample_corpus, "--tokenizer", tok, "--out", tmp_path / "d"]
+    assert_refused(in_process(capsys, *args), f"cannot read {tok / 'tokenizer_config.json'}")
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(UserError, match="tokenizer_config.json"):
+        read_tokenizer_config(tok)

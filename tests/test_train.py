@@ -337,6 +337,38 @@ def test_plot_draws_curves(data_dir, tokenizer_dir, tmp_path):
     assert main(["plot", str(tmp_path)]) == 2  # not a run folder: a clear error, no traceback
 
 
+def test_plot_writes_only_the_png_it_says_and_replaces_only_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from cli_run import assert_refused, in_process
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 8.0 - s, "lr": 1e-3, "tokens_per_s": 1000.0} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notes.png").write_text("my notes, not an image")
+    refusals = {
+        "curves.txt": "is not a .png path",
+        "afile/c.png": "afile is a file, not a folder",
+        "run": "is not a .png path",
+        "notes.png": "exists and is not a PNG image",
+    }
+    for out, phrase in refusals.items():
+        assert_refused(in_process(capsys, "plot", run, "--out", tmp_path / out), phrase)
+    assert (tmp_path / "notes.png").read_text() == "my notes, not an image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "notes.png", "run"]  # nothing else written
+    out = tmp_path / "new" / "c.png"
+    for _ in range(2):  # a second run replaces the image it wrote
+        done = in_process(capsys, "plot", run, "--out", out)
+        assert done.returncode == 0 and done.stdout.strip() == f"wrote {out}", done.stdout + done.stderr
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c.png"]  # no temporary file left
+    if Path("/proc").is_dir():  # a folder nothing can be created in: one sentence, the token hidden
+        token = "hf_FAKEabcdefghijklmnopqrstuvwxyz1234"
+        line = assert_refused(in_process(capsys, "plot", run, "--out", f"/proc/{token}.png"), "could not write")
+        assert token not in line and "hf_***" in line
+
+
 def test_a_log_window_is_timed_until_the_device_has_run_it(monkeypatch):
     """The host runs ahead of the device (by whole steps with CUDA graphs): a window's clock stops only once its
     numbers are read, i.e. once the device has run every step of it, or the work still queued would count in no

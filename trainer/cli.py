@@ -1,6 +1,7 @@
 """The `mlmtrain` command: every subcommand's flags, then its module's `main(args) -> int`, imported only to run
 it. Nothing here imports torch, so `--help`, `--version` and argument errors answer at once. A UserError prints
-one sentence and exits 2; README "What can go wrong" lists every exit code.
+one sentence and exits 2; README "What can go wrong" lists every exit code. Nothing it prints, a bug's traceback
+included, shows a token-shaped string: each message passes through `errors.redact_tokens`.
 
 `train` flags write straight into the run config: a flag's destination is the config key it sets (`--lr` ->
 `optim.lr`), its help is that key's comment in config.py, and `--set KEY=VALUE` reaches every other key
@@ -14,6 +15,7 @@ import importlib
 import os
 import signal
 import sys
+import traceback
 
 from mlmtrain import __version__, progress
 from mlmtrain.config import MODEL_SIZES, PRECISIONS, field_docs
@@ -360,13 +362,13 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.main(args) or 0)
     except UserError as e:
-        print(f"mlmtrain {args.command}: error: {redact_tokens(str(e))}", file=sys.stderr)
+        _say(args.command, f"error: {e}")
         return 2
     except KeyboardInterrupt:
-        print(f"mlmtrain {args.command}: interrupted", file=sys.stderr)
+        _say(args.command, "interrupted")
         return 130
     except Terminated:
-        print(f"mlmtrain {args.command}: stopped by SIGTERM", file=sys.stderr)
+        _say(args.command, "stopped by SIGTERM")
         return 143
     except BrokenPipeError:
         os._exit(1)
@@ -374,11 +376,24 @@ def main(argv: list[str] | None = None) -> int:
         from mlmtrain.files import WRITE_ERRNOS, write_failure
 
         if e.errno not in WRITE_ERRNOS:
-            raise
-        print(f"mlmtrain {args.command}: error: {write_failure(e)}", file=sys.stderr)
+            return _crashed()
+        _say(args.command, f"error: {write_failure(e)}")
         return 2
+    except Exception:
+        return _crashed()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _say(command: str, message: str) -> None:
+    """`mlmtrain COMMAND: MESSAGE` on stderr, never showing a token (README: every error shows it as hf_***)."""
+    print(f"mlmtrain {command}: {redact_tokens(message)}", file=sys.stderr)
+
+
+def _crashed() -> int:
+    """A bug, not a user mistake: the traceback Python would print, with any token-shaped text hidden too."""
+    print(redact_tokens(traceback.format_exc()), end="", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ MODEL_SIZES = {
 }
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name -> torch dtype attribute
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed (numpy's generators any integer >= 0)
+# A micro-batch's tokens are int32 arrays on the host and the device, so 2**31 is a hard ceiling; 2**24 (16.8M)
+# is far above any real micro-batch (the benchmark sweep tops out at 262,144 on an H200) and its activations
+# fit no GPU even for the tiny model, so a larger value is a typo: refused here, before numpy allocates it.
+MAX_TOKENS_PER_BATCH = 1 << 24
 
 
 def torch_dtype(precision: str):
@@ -219,7 +224,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of("model.attention", m.attention, ("auto", "varlen", "sdpa", "flex"))
     _one_of("model.residual_dtype", m.residual_dtype, ("fp32", "compute"))
     _one_of("model.fused_ops", m.fused_ops, ("torch", "triton"))
-    _at_least("data.tokens_per_batch", d.tokens_per_batch, 0, "(0 = auto)")
+    if not 0 <= d.tokens_per_batch <= MAX_TOKENS_PER_BATCH:
+        raise UserError(
+            f"data.tokens_per_batch must be from 0 (auto) to {MAX_TOKENS_PER_BATCH:,}, got {d.tokens_per_batch}"
+        )
     _one_of("data.pack", d.pack, ("sentence", "document"))
     _at_least("data.prefetch", d.prefetch, 1)
     _one_of("data.layout", d.layout, ("flat", "rows"))
@@ -243,10 +251,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     _within("optim.grad_clip", o.grad_clip, 0.0, math.inf, "at least 0 (0 = off)", high_open=True)
     _at_least("optim.grad_accum", o.grad_accum, 1)
     _at_least("train.max_steps", t.max_steps, 1)
+    check_seed("train.seed", t.seed)
     _one_of("train.precision", t.precision, ("auto", *PRECISIONS))
     _one_of("train.compile", t.compile, ("auto", "on", "off"))
-    if t.device not in ("auto", "cpu", "cuda") and not (t.device.startswith("cuda:") and t.device[5:].isdigit()):
-        raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    check_device_name("train.device", t.device)
     _at_least("train.log_every", t.log_every, 1)
     _at_least("train.eval_every", t.eval_every, 0, "(0 = only at the end)")
     _at_least("train.eval_batches", t.eval_batches, 1)
@@ -264,6 +272,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of("train.shard", t.shard, ("ddp", "fsdp"))
     _one_of("train.fp8", t.fp8, ("off", "tensorwise", "rowwise"))
     return cfg
+
+
+def check_seed(name: str, seed: int) -> None:
+    """A seed of any command (train.seed, prepare's and eval's --seed): what numpy and torch both take."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"{name} must be from 0 to 2**64 - 1, got {seed}")
+
+
+def check_device_name(name: str, device: str) -> None:
+    """A device setting (train.device, eval's --device): auto, cpu, cuda or cuda:N."""
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UserError(f"{name} must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def profile_range(spec: str) -> tuple[int, int] | None:
@@ -352,16 +372,12 @@ def load_config(
     cfg = RunConfig()
     if toml_path:
         path = resolve_config_path(toml_path)
-        if path.suffix == ".json":  # a run folder's resolved config.json (e.g. to resume a run)
-            cfg = config_from_dict(_read_run_config(path))
+        is_run_config = path.suffix == ".json"  # a run folder's resolved config.json (e.g. to resume a run)
+        table = _read_run_config(path) if is_run_config else _read_toml(path)
+        for dotted, value in _flatten(table):  # both checked alike: known keys, values of the key's type
+            _set(cfg, dotted, value)
+        if is_run_config:
             cfg.out_dir = str(path.resolve().parent)
-        else:
-            try:
-                table = tomllib.loads(path.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise UserError(f"config file {path} is not valid TOML: {e}") from None
-            for dotted, value in _flatten(table):
-                _set(cfg, dotted, value)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set(cfg, dotted, value)
@@ -374,6 +390,13 @@ def load_config(
         if getattr(spec, key):
             setattr(spec, key, os.path.abspath(os.path.expanduser(getattr(spec, key))))
     return validate(cfg)
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} is not valid TOML: {e}") from None
 
 
 def _read_run_config(path: Path) -> dict:
@@ -410,15 +433,13 @@ def resolve_config_path(name: str | Path) -> Path:
 
 
 def config_from_dict(d: dict) -> RunConfig:
-    """Rebuild a RunConfig from its saved dict (`RunConfig.to_dict()`, e.g. from a checkpoint). Keys from newer
-    versions are ignored, missing ones keep their defaults."""
-    cfg = RunConfig(out_dir=d.get("out_dir", ""))
-    for section in SECTIONS:
-        spec = getattr(cfg, section)
-        known = {f.name for f in dataclasses.fields(spec)}
-        for k, v in d.get(section, {}).items():
-            if k in known:
-                setattr(spec, k, tuple(v) if isinstance(v, list) else v)
+    """Rebuild a RunConfig from its saved dict (`RunConfig.to_dict()`, e.g. a checkpoint's), each value checked
+    as a TOML file's are (`_set`). Keys from other versions are ignored, missing ones keep their defaults."""
+    cfg = RunConfig()
+    known = {"out_dir"} | {f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))}
+    for dotted, value in _flatten(d):
+        if dotted in known:
+            _set(cfg, dotted, value)
     return cfg
 
 
@@ -439,8 +460,10 @@ def _set(cfg: RunConfig, dotted: str, value) -> None:
         obj = getattr(obj, part)
     types = typing.get_type_hints(type(obj))
     key = parts[-1]
-    if key not in types or dataclasses.is_dataclass(getattr(obj, key)):
+    if key not in types:
         raise UserError(f"unknown config key {dotted!r}; known: {', '.join(sorted(types))}")
+    if dataclasses.is_dataclass(getattr(obj, key)):
+        raise UserError(f"config section {dotted!r} must be a table of its keys, got {value!r}")
     setattr(obj, key, _coerce(value, types[key], dotted))
 
 

@@ -185,17 +185,25 @@ def load_model(source: str, tokenizer_dir=None):
 
 
 def main(args) -> int:
-    from mlmtrain.config import MaskSpec
+    from mlmtrain.config import MAX_TOKENS_PER_BATCH, MaskSpec, check_device_name, check_seed
     from mlmtrain.packing import Packer
-    from mlmtrain.preflight import check_data_against_model
+    from mlmtrain.preflight import check_data_against_model, check_device
     from mlmtrain.prepare import check_tokenizer_match, load_split, prepare, read_meta, shard_specials
     from mlmtrain.tokenizer import tokenizer_fingerprint
 
-    if (args.data is None) == (not args.input and not args.dataset):
+    has_corpus = bool(args.input or args.dataset)
+    if args.data is not None and has_corpus:
+        raise UserError("pass --data SHARDS or a corpus (--input FILE ... or --dataset NAME), not both.")
+    if args.data is None and not has_corpus:
         raise UserError("pass what to score on: --data SHARDS, or a corpus (--input FILE ... or --dataset NAME).")
     corpus = corpus_from_args(args)
-    if args.tokens_per_batch < 8 or args.max_batches < 0 or not 0.0 < args.mask_prob < 1.0:
-        raise UserError("need --tokens-per-batch >= 8, --max-batches >= 0 and --mask-prob in (0, 1).")
+    if not 8 <= args.tokens_per_batch <= MAX_TOKENS_PER_BATCH or args.max_batches < 0 or not 0 < args.mask_prob < 1:
+        raise UserError(
+            f"need --tokens-per-batch from 8 to {MAX_TOKENS_PER_BATCH:,}, --max-batches >= 0 and --mask-prob in (0, 1)."
+        )
+    check_seed("--seed", args.seed)
+    check_device_name("--device", args.device)
+    check_device(args.device, torch.cuda.device_count() if torch.cuda.is_available() else 0, "--device", "--device cpu")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer_dir, info = load_model(args.model, args.tokenizer)
     models, infos = [model], [info]

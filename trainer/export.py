@@ -297,17 +297,18 @@ def _verify(folder: Path, widget_texts: list[str], atol: float) -> dict:
 
 
 def main(args) -> int:
-    tokenizer_dir = args.tokenizer
+    checkpoint, tokenizer_dir = args.checkpoint, args.tokenizer
     if tokenizer_dir is None:
         from mlmtrain.checkpoint import latest_checkpoint
 
-        config_path = latest_checkpoint(args.checkpoint) / "config.json"
+        checkpoint = latest_checkpoint(checkpoint)  # found once: export_folder would say again what it skipped
+        config_path = checkpoint / "config.json"
         run = json.loads(config_path.read_text(encoding="utf-8")).get("run") or {}
         tokenizer_dir = (run.get("data") or {}).get("tokenizer_dir")
         if not tokenizer_dir:
             raise UserError(f"{config_path} does not name the tokenizer: pass --tokenizer DIR.")
     manifest = export_folder(
-        args.checkpoint,
+        checkpoint,
         tokenizer_dir,
         args.out,
         language=args.language,

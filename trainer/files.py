@@ -53,16 +53,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` (UTF-8) all at once: written to a temporary sibling, then renamed, so a full
-    disk or a kill leaves the previous file, never a truncated one."""
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` all at once: written to a temporary sibling, then renamed, so a full disk or a
+    kill leaves the previous file, never a truncated one."""
     path = Path(path)
     tmp = tmp_sibling(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8) all at once (`write_bytes`)."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, obj) -> None:

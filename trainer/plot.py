@@ -1,12 +1,39 @@
 """`mlmtrain plot RUN_DIR`: loss (train and valid), learning rate and throughput curves from
-RUN_DIR/metrics.jsonl, drawn to RUN_DIR/curves.png (matplotlib: `pip install -e ".[plot]"`)."""
+RUN_DIR/metrics.jsonl, drawn to RUN_DIR/curves.png (matplotlib: `pip install -e ".[plot]"`) or another .png
+path. The image is written all at once, and replaces only a PNG image: never a file plot could not have drawn."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 from mlmtrain.errors import UserError
+from mlmtrain.files import write_bytes, write_failure
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG file
+
+
+def check_out(out: Path) -> None:
+    """The image's path: ending in .png, in a folder (or where one can be made), and not an existing file other
+    than a PNG image."""
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out} is not a .png path: plot draws a PNG image")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: give the path of the .png file to write")
+    if out.exists() and not _is_png(out):
+        raise UserError(f"{out} exists and is not a PNG image: plot replaces only an image; choose another --out")
+    folder = next(p for p in out.absolute().parents if p.exists())
+    if not folder.is_dir():
+        raise UserError(f"cannot write {out}: {folder} is a file, not a folder")
+
+
+def _is_png(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -24,6 +51,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def plot(run_dir: Path, out: Path) -> Path:
+    check_out(out)
     try:
         import matplotlib
 
@@ -51,9 +79,14 @@ def plot(run_dir: Path, out: Path) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(run_dir.name)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes(out, image.getvalue())
+    except OSError as e:
+        raise UserError(f"could not write {out}: {write_failure(e)}") from None
     return out
 
 

@@ -82,7 +82,8 @@ def check_batch_layout(meta: dict, data_dir, tokens_per_batch: int, grad_accum: 
         )
 
 
-def check_device(device: str, gpus: int) -> None:
-    """`train.device` against the CUDA GPUs usable here: "cuda" means this rank's, "cuda:N" needs N + 1."""
+def check_device(device: str, gpus: int, name: str = "train.device", cpu: str = "--set train.device=cpu") -> None:
+    """A device setting (`name`, its CPU choice `cpu`) against the CUDA GPUs usable here: "cuda" means this
+    rank's, "cuda:N" needs N + 1."""
     if device.startswith("cuda") and gpus <= int(device[5:] or 0):
-        raise UserError(f"train.device is {device} but {gpus} CUDA GPUs are usable here: use --set train.device=cpu")
+        raise UserError(f"{name} is {device} but {gpus} CUDA GPUs are usable here: use {cpu}")

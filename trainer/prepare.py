@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlmtrain.config import check_seed
 from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, atomic_dir, check_out_folder, write_json
 from mlmtrain.prefetch import Prefetcher
@@ -195,6 +196,7 @@ def prepare(
         raise UserError(f"--valid-fraction must be in [0, 1), got {valid_fraction}.")
     if max_seq_len < 3:
         raise UserError(f"--max-seq-len must be at least 3 ([CLS] token [SEP]), got {max_seq_len}.")
+    check_seed("--seed", seed)
     corpus = check_corpus(inputs)
     tok = load_tokenizer(tokenizer_dir)
     specials = read_special_tokens(tokenizer_dir)
@@ -394,7 +396,9 @@ def load_split(data_dir, split: str = "train", check: bool = True) -> TokenShard
     dtypes = {"tokens": np.dtype(meta["dtype"]), "offsets": np.dtype(np.int64), "doc_offsets": np.dtype(np.int64)}
     shard = TokenShard(**{name: open_npy(folder / f"{name}.npy", dtypes[name]) for name in SHARD_FILES})
     if check:
-        check_shard(shard.tokens, shard.offsets, shard.doc_offsets, meta[split], meta["vocab_size"], folder)
+        check_shard(
+            shard.tokens, shard.offsets, shard.doc_offsets, meta[split], meta["vocab_size"], meta["max_seq_len"], folder
+        )
     return shard
 
 

@@ -33,6 +33,10 @@ from mlmtrain.text import check_corpus, corpus_from_args, iter_line_batches, lin
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)  # where `mlmtrain tokenizer` puts them
 NUM_SPECIAL = 5
+# Real BERT vocabularies hold 30k-250k tokens. The tokenizers trainer aborts the whole process (a Rust allocation
+# failure, no Python exception) when asked for ~2**30; 2**24 trains, still fits the uint32 ids of prepare's
+# shards, and is 60x the largest real vocabulary, so a larger request is a typo.
+MAX_VOCAB_SIZE = 1 << 24
 UNUSED_TOKEN = re.compile(r"\[unused\d+\]")  # placeholder rows of Google's vocabularies
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
 # How `mlmtrain tokenizer` trained the folder (settings, inputs, real size), for the model card's commands.
@@ -127,9 +131,10 @@ class TokenizerSettings:
     model_max_length: int = 512  # written to tokenizer_config.json; the longest input the model takes
 
     def validate(self) -> None:
-        if self.vocab_size <= NUM_SPECIAL:
+        if not NUM_SPECIAL < self.vocab_size <= MAX_VOCAB_SIZE:
             raise UserError(
-                f"--vocab-size must be larger than {NUM_SPECIAL} (the special tokens), got {self.vocab_size}."
+                f"--vocab-size must be larger than {NUM_SPECIAL} (the special tokens) and at most "
+                f"{MAX_VOCAB_SIZE:,}, got {self.vocab_size}."
             )
         if self.limit_alphabet < 1:
             raise UserError(f"--limit-alphabet must be at least 1, got {self.limit_alphabet}.")
@@ -289,7 +294,7 @@ def read_tokenizer_config(tokenizer_dir) -> dict:
     path = Path(tokenizer_dir)
     source = {}
     if (path / "tokenizer_config.json").is_file():
-        source = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        source = _tokenizer_config_file(path)
     else:
         norm = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer") or {}
         if norm.get("type") == "BertNormalizer":
@@ -302,6 +307,18 @@ def read_tokenizer_config(tokenizer_dir) -> dict:
     config.update({k: v for k, v in source.items() if k in TOKENIZER_CONFIG_KEYS and k not in SPECIAL_TOKENS_MAP})
     config["model_max_length"] = source.get("model_max_length")  # None: not stated (the exporter decides)
     return config
+
+
+def _tokenizer_config_file(path: Path) -> dict:
+    """A folder's own tokenizer_config.json, which must be a JSON object."""
+    file = path / "tokenizer_config.json"
+    try:
+        source = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {file}: {e}") from None
+    if not isinstance(source, dict):
+        raise UserError(f"cannot read {file}: it holds no JSON object of settings")
+    return source
 
 
 def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
@@ -335,6 +352,8 @@ def _check_tokenizer_dir(tokenizer_dir) -> Path:
             raise UserError(
                 f"{path} is not a tokenizer folder: {name} is missing (make one with `mlmtrain tokenizer`)."
             )
+    if (path / "tokenizer_config.json").is_file():  # read only by export: checked here, before any training
+        _tokenizer_config_file(path)
     return path
 
 
