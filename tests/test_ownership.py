@@ -183,13 +183,13 @@ def test_a_symbolic_link_as_out_is_refused_before_any_work(tmp_path):
 
 def test_temporary_sibling_names_are_read_one_way(tmp_path):
     """`.tmp_data_old_H_P` is the half-written folder `data_old`, never a moved-aside copy of `data`: only a
-    `.old_` sibling is ever put back in place of its folder."""
+    `.mlmtrain-old_` sibling is ever put back in place of its folder."""
     host, dead = files._host(), dead_pid()
     half = tmp_path / f".tmp_data_old_{host}_{dead}"
     half.mkdir()
     assert files.remove_stale_tmp(tmp_path, "data") == [] and half.exists()
     assert files.remove_stale_tmp(tmp_path, "data_old") == [f"removed {half}, left by a killed process"]
-    aside = tmp_path / f".old_data_{host}_{dead}"
+    aside = tmp_path / f".mlmtrain-old_data_{host}_{dead}"
     aside.mkdir()
     (aside / "meta.json").write_text("{}")
     assert files.remove_stale_tmp(tmp_path, "data_old") == [] and aside.exists()
@@ -206,7 +206,7 @@ def test_what_a_killed_process_left_is_cleaned_up_at_the_next_start(made, tmp_pa
     half = checkpoints / f".tmp_step_00000003_{host}_{dead}"
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"half a checkpoint")
-    os.replace(checkpoints / "step_00000002", checkpoints / f".old_step_00000002_{host}_{dead}")
+    os.replace(checkpoints / "step_00000002", checkpoints / f".mlmtrain-old_step_00000002_{host}_{dead}")
     done = run_cli(*train_args(made["shards"], made["tokenizer"], run, 3, "--resume", "--change-max-steps"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "put back" in done.stdout and "removed" in done.stdout

@@ -7,9 +7,9 @@
   which version. A command replaces or deletes only a folder of its own kind, holding only files it writes
   (`check_out_folder`); anything else is refused. Folders made before markers existed are recognised only by
   their exact set of files.
-- Temporary siblings are named `.tmp_{name}_{host}_{pid}` (a folder being written) and `.old_{name}_{host}_{pid}`
-  (a complete folder moved aside to be replaced), so a later start can tell which ones a killed process left
-  behind and what each one is (`remove_stale_tmp`).
+- Temporary siblings are named `.tmp_{name}_{host}_{pid}` (a folder being written) and
+  `.mlmtrain-old_{name}_{host}_{pid}` (a complete folder moved aside to be replaced), so a later start can tell
+  which ones a killed process left behind and what each one is (`remove_stale_tmp`).
 - Manifests (size + sha256 of every file) let a reader tell a complete folder from a damaged one.
 
 No torch import.
@@ -37,10 +37,11 @@ from mlmtrain.errors import UserError
 
 # a write the system refused (full disk, quota, read-only filesystem, permissions): said in one sentence
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-TMP_PREFIX, OLD_PREFIX = ".tmp_", ".old_"  # hidden siblings: `.tmp_{name}_{host}_{pid}`, `.old_{name}_{host}_{pid}`
+# hidden siblings: `.tmp_{name}_{host}_{pid}` (being written), `.mlmtrain-old_{name}_{host}_{pid}` (moved aside)
+TMP_PREFIX, OLD_PREFIX = ".tmp_", ".mlmtrain-old_"
 MARKER = ".mlmtrain.json"  # {"kind", "made_by", "mlmtrain_version", "created"} in every folder mlmtrain makes
 # the host has no "_" (`_host`), so the last two fields are host and pid and the name is all before them
-_TMP_NAME = re.compile(r"\.(?P<kind>tmp|old)_(?P<name>.+)_(?P<host>[A-Za-z0-9.-]+)_(?P<pid>\d+)")
+_TMP_NAME = re.compile(r"\.(?P<kind>tmp|mlmtrain-old)_(?P<name>.+)_(?P<host>[A-Za-z0-9.-]+)_(?P<pid>\d+)")
 TMP = "{tmp}"  # in a Layout's `owns`: a name component that is one of the hidden siblings above
 
 
@@ -286,8 +287,8 @@ def _remove(path: Path) -> None:
 
 def remove_stale_tmp(parent: Path, name: str | None = None, *, any_host: bool = False) -> list[str]:
     """Clean up the temporary siblings (of `name` only, if given) that killed processes left in `parent`: a
-    half-written one is removed; a complete folder moved aside to be replaced (`.old_`) is put back when nothing
-    took its place. A process still alive on this host keeps its own; with `any_host` (the caller holds the
+    half-written one is removed; a complete folder moved aside to be replaced (`.mlmtrain-old_`) is put back when
+    nothing took its place. A process still alive on this host keeps its own; with `any_host` (the caller holds the
     folder's lock, so no other process writes there) every other one is stale. Returns what was done."""
     done: list[str] = []
     if not Path(parent).is_dir():
@@ -300,7 +301,7 @@ def remove_stale_tmp(parent: Path, name: str | None = None, *, any_host: bool = 
         if (same_host and pid == os.getpid()) or (not any_host and (not same_host or _alive(pid))):
             continue
         final = entry.parent / match["name"]
-        if match["kind"] == "old" and not final.exists():
+        if match["kind"] == "mlmtrain-old" and not final.exists():
             os.replace(entry, final)
             done.append(f"put back {final}, which a killed process had moved aside")
         else:
