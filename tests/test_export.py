@@ -174,6 +174,15 @@ def test_an_export_that_fails_verification_never_replaces_a_good_one(trained_run
     assert json.loads((tmp_path / "new" / "mlmtrain_export.json").read_text())["verified"] is False
 
 
+def test_a_token_pasted_into_the_card_is_refused_before_anything_is_written(trained_run, tokenizer_dir, tmp_path):
+    token = "hf_fakeWriteTokenA1b2C3d4E5f6G7h8I9j0"
+    run_dir, _ = trained_run
+    for flags in ({"name": f"alice/{token}"}, {"widget_texts": [f"{token} [MASK]"]}):
+        with pytest.raises(UserError, match="looks like a Hugging Face token") as refused:
+            export_folder(run_dir, tokenizer_dir, tmp_path / "export", **flags)
+        assert token not in str(refused.value) and not (tmp_path / "export").exists()
+
+
 def test_bf16_export_without_verify(trained_run, tokenizer_dir, tmp_path):
     from safetensors import safe_open
 

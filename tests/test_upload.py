@@ -440,7 +440,11 @@ def test_a_token_pasted_in_the_wrong_place_is_never_echoed(export_dir, tmp_path)
     cases = [
         ([*base, "--token-file", WRITE_TOKEN], "looks like the token itself"),
         ([*base, WRITE_TOKEN], "unrecognized arguments: hf_***"),  # a stray positional: argparse's own error
-        (["--folder", str(export_dir), "--repo-id", WRITE_TOKEN], "is not NAME/REPO"),
+        # what goes into the repo's public history: refused before anything is sent (tests/test_export.py:
+        # the same for what an export writes into the card)
+        (["--folder", str(export_dir), "--repo-id", WRITE_TOKEN], "looks like a Hugging Face token"),
+        ([*base, "--commit-message", f"release {WRITE_TOKEN}", "--dry-run"], "looks like a Hugging Face token"),
+        ([*base, "--revision", WRITE_TOKEN], "looks like a Hugging Face token"),
     ]
     for args, phrase in cases:
         result = upload(tmp_path, *args, endpoint=unreachable, token=None)

@@ -13,3 +13,15 @@ class UserError(Exception):
 def redact_tokens(text: str) -> str:
     """`text` with every token-shaped word replaced by "hf_***" (a token pasted in the wrong place)."""
     return TOKEN_LIKE.sub("hf_***", text)
+
+
+def refuse_tokens(**texts) -> None:
+    """One sentence if any of `texts` ({flag: text or list of texts}) holds a token-shaped word: what is sent
+    to the Hub or written into a folder is never a token (a token pasted into the wrong flag)."""
+    for flag, text in texts.items():
+        values = text if isinstance(text, (list, tuple)) else [text]
+        if any(isinstance(v, str) and TOKEN_LIKE.search(v) for v in values):
+            raise UserError(
+                f"--{flag.replace('_', '-')} holds what looks like a Hugging Face token (hf_***); it would be "
+                "written where others can read it: take it out (a token goes in HF_TOKEN or --token-file)."
+            )

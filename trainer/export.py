@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mlmtrain.card import DEFAULT_WIDGETS, model_card, parse_languages, read_card_extra, read_data_meta
 from mlmtrain.config import PRECISIONS, torch_dtype
-from mlmtrain.errors import UserError
+from mlmtrain.errors import UserError, refuse_tokens
 from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_folder
 from mlmtrain.files import atomic_dir, check_out_folder, file_entries, file_mode, write_json
 from mlmtrain.preflight import check_vocab_match
@@ -78,8 +78,10 @@ def export_folder(
 
     if dtype not in PRECISIONS:
         raise UserError(f"--dtype must be one of {', '.join(PRECISIONS)}, not {dtype!r}.")
+    refuse_tokens(name=name, language=language, widget_text=widget_texts, license=license, base_model=base_model)
     languages = parse_languages(language)
     extra = read_card_extra(card_extra) if card_extra else None
+    refuse_tokens(card_extra=extra)
     widgets = list(widget_texts or [DEFAULT_WIDGETS.get((languages or ["en"])[0], DEFAULT_WIDGETS["en"])])
     for text in widgets:
         if "[MASK]" not in text:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from mlmtrain import __version__
-from mlmtrain.errors import TOKEN_LIKE, UserError
+from mlmtrain.errors import TOKEN_LIKE, UserError, refuse_tokens
 from mlmtrain.export_check import EXPORT_MANIFEST, card_header, check_export_folder, read_manifest
 from mlmtrain.files import MARKER
 from mlmtrain.progress import bars_enabled
@@ -49,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"{folder} is not a complete, verified export; nothing was sent:\n{listing}")
+    refuse_tokens(repo_id=args.repo_id, revision=args.revision, commit_message=args.commit_message, folder=args.folder)
     _check_repo_id(args.repo_id)
     if args.create_pr and args.revision not in (None, "main"):
         raise UserError("--create-pr opens a pull request against main; it cannot be combined with --revision")
