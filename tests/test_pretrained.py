@@ -242,3 +242,31 @@ def test_legacy_weights_are_read_like_the_modern_folder(tokenizer_dir, tmp_path)
     assert b.dropped == ["bert.pooler.dense.weight", "cls.seq_relationship.weight"] and not b.initialised
     assert a.weights.keys() == b.weights.keys() and all(b.weights[k].dtype == torch.float32 for k in b.weights)
     assert all(torch.equal(a.weights[k].half().float(), b.weights[k]) for k in a.weights)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncated safetensors", "garbage safetensors header", "garbage pytorch_model.bin", "pickled code"],
+)
+def test_damaged_weights_are_one_sentence_naming_the_file(damage, tokenizer_dir, tmp_path):
+    """eval --model and train --init-from read a folder's weights: a truncated or corrupted file is refused
+    naming it, not a SafetensorError or unpickling traceback (exit 1)."""
+    from mlmtrain.pretrained import read_pretrained
+
+    folder = make_bert_folder(tmp_path / "bert", tokenizer_dir, "0-4")
+    weights = folder / "model.safetensors"
+    if damage == "truncated safetensors":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "garbage safetensors header":
+        weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])
+    else:
+        weights.unlink()
+        weights = folder / "pytorch_model.bin"
+        if damage == "garbage pytorch_model.bin":
+            weights.write_bytes(b"not a torch archive at all")
+        else:  # weights_only refuses a pickle that would run code
+            import pickle
+
+            weights.write_bytes(pickle.dumps(print))
+    with pytest.raises(UserError, match=f"{weights.name} is damaged or not a weights file"):
+        read_pretrained(folder)

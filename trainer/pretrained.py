@@ -157,14 +157,21 @@ def read_pretrained(folder: Path) -> Pretrained:
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    if (folder / "model.safetensors").is_file():
-        from safetensors.torch import load_file
+    """The folder's weights; a file that cannot be read whole (truncated, corrupted, not weights) is one
+    sentence naming it, never a traceback."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors.torch import load_file
 
-        return load_file(folder / "model.safetensors")
-    if (folder / "pytorch_model.bin").is_file():
-        import torch
+                    return load_file(folder / name)
+                import torch
 
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+                return torch.load(folder / name, map_location="cpu", weights_only=True)  # never unpickles code
+            except Exception as e:  # SafetensorError, pickle's UnpicklingError, RuntimeError, EOFError, ...
+                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise UserError(f"{folder / name} is damaged or not a weights file ({reason}).") from None
     if (folder / "model.safetensors.index.json").is_file():
         raise UserError(f"{folder} holds sharded weights (model.safetensors.index.json); save them as one file.")
     raise UserError(f"{folder} has no model.safetensors or pytorch_model.bin.")
