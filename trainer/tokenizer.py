@@ -305,12 +305,14 @@ def read_tokenizer_config(tokenizer_dir) -> dict:
             }
     config = tokenizer_config(TokenizerSettings())
     config.update({k: v for k, v in source.items() if k in TOKENIZER_CONFIG_KEYS and k not in SPECIAL_TOKENS_MAP})
-    config["model_max_length"] = source.get("model_max_length")  # None: not stated (the exporter decides)
+    length = source.get("model_max_length")  # None: not stated (the exporter decides)
+    config["model_max_length"] = None if length is None else int(min(length, 1 << 62))  # HF's "no limit": 1e30
     return config
 
 
 def _tokenizer_config_file(path: Path) -> dict:
-    """A folder's own tokenizer_config.json, which must be a JSON object."""
+    """A folder's own tokenizer_config.json: a JSON object whose BertTokenizer keys have the types
+    transformers reads them as (a wrong one fails only when the export is loaded back, after training)."""
     file = path / "tokenizer_config.json"
     try:
         source = json.loads(file.read_text(encoding="utf-8"))
@@ -318,6 +320,16 @@ def _tokenizer_config_file(path: Path) -> dict:
         raise UserError(f"cannot read {file}: {e}") from None
     if not isinstance(source, dict):
         raise UserError(f"cannot read {file}: it holds no JSON object of settings")
+    flags = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "clean_up_tokenization_spaces")
+    bad = [k for k in flags if k in source and not isinstance(source[k], bool)]
+    bad = [k for k in bad if not (k == "strip_accents" and source[k] is None)]  # null: follow do_lower_case
+    length = source.get("model_max_length")
+    is_number = isinstance(length, (int, float)) and not isinstance(length, bool)
+    bad += [] if length is None or (is_number and length >= 1) else ["model_max_length"]
+    bad += [] if isinstance(source.get("tokenizer_class", ""), str) else ["tokenizer_class"]
+    if bad:
+        values = ", ".join(f"{k}={source[k]!r}" for k in bad)
+        raise UserError(f"{file} has {values}: flags must be true, false or null, model_max_length a positive number.")
     return source
 
 
