@@ -183,6 +183,31 @@ def test_a_token_pasted_into_the_card_is_refused_before_anything_is_written(trai
         assert token not in str(refused.value) and not (tmp_path / "export").exists()
 
 
+def test_a_checkpoint_retired_while_it_is_read_is_not_called_damaged(trained_run, tmp_path, monkeypatch, capsys):
+    """Export of a run that is training with keep_checkpoints=1: while the reader checks step 42, step 43
+    lands and 42 is retired. The reader takes 43 and says nothing of damage (it used to see 42 half deleted:
+    "skipping damaged checkpoint ... optimizer.safetensors is missing", then "no complete checkpoint")."""
+    import shutil
+
+    from mlmtrain import checkpoint
+
+    source, model = trained_run
+    run = shutil.copytree(source, tmp_path / "run")
+    saved, state = checkpoint.read_state(run / "checkpoints" / "step_00000042")
+    real = checkpoint.verify_checkpoint
+
+    def training_meanwhile(ckpt):
+        if ckpt.name == "step_00000042" and ckpt.exists():
+            state_43 = {k: v for k, v in state.items() if k != "step"}
+            checkpoint.save_checkpoint(run, 43, model, None, saved["run"], state_43, keep=1)
+        return real(ckpt)
+
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", training_meanwhile)
+    notes = []
+    assert checkpoint.latest_checkpoint(run, log=notes.append).name == "step_00000043"
+    assert notes == [] and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000043"]
+
+
 def test_bf16_export_without_verify(trained_run, tokenizer_dir, tmp_path):
     from safetensors import safe_open
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -36,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from mlmtrain import parallel
 from mlmtrain.errors import UserError
-from mlmtrain.files import atomic_dir, file_entries, manifest_problems, write_json
+from mlmtrain.files import atomic_dir, file_entries, manifest_problems, tmp_sibling, write_json
 from mlmtrain.model import SHAPE_FIELDS, BertConfig, drop_tied_aliases
 
 CHECKPOINTS = "checkpoints"
@@ -85,9 +86,20 @@ def save_checkpoint(
         _write(final, step, unwrap(model).config, weights, optimizer_state, rng, run_config, state, scaler_state)
         if keep > 0:
             for old in complete_checkpoints(Path(run_dir))[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                retire(old)
     parallel.barrier()
     return final
+
+
+def retire(ckpt: Path) -> None:
+    """Delete a checkpoint so that a reader (an export of the run while it trains) never sees half of it: it
+    leaves the step_* names in one rename, then goes (what a kill leaves is a stale temporary folder)."""
+    gone = tmp_sibling(ckpt)
+    try:
+        os.replace(ckpt, gone)
+    except OSError:
+        return
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 def _full_state(model, optimizer) -> tuple[dict | None, dict | None]:
@@ -241,11 +253,21 @@ def latest_checkpoint(path: str | Path, log=print) -> Path:
         if problem:
             raise UserError(f"checkpoint {path} is damaged: {problem}")
         return path
-    for ckpt in reversed(complete_checkpoints(path)):
-        problem = verify_checkpoint(ckpt)
-        if problem is None:
-            return ckpt
-        log(f"skipping damaged checkpoint {ckpt}: {problem}")
+    said = set()
+    for _ in range(3):  # a training process may retire the one being read and add a newer one meanwhile
+        retired = False
+        for ckpt in reversed(complete_checkpoints(path)):
+            problem = verify_checkpoint(ckpt)
+            if problem is None:
+                return ckpt
+            if not ckpt.exists():  # retired while it was read: the newer one it made way for is complete
+                retired = True
+                break
+            if ckpt not in said:
+                said.add(ckpt)
+                log(f"skipping damaged checkpoint {ckpt}: {problem}")
+        if not retired:
+            break
     raise UserError(
         f"no complete checkpoint in {path} (expected {path / CHECKPOINTS}/step_*/ with a "
         f"manifest.json); train with `mlmtrain train --out {path}` first"
