@@ -94,3 +94,20 @@ def test_no_message_shows_a_token(error, code, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert TOKEN not in err and "hf_***" in err, err
     assert ("Traceback" in err) == (code == 1), err
+
+
+def test_a_sigterm_after_the_command_ended_does_not_change_its_exit_code(tmp_path):
+    """The exit code is decided when the command returns; a SIGTERM during the interpreter's shutdown (about a
+    second with torch loaded) turned a finished `export --overwrite` into 143."""
+    code = (
+        "import os, signal, sys, time\n"
+        "from mlmtrain import cli\n"
+        "sys.argv = ['mlmtrain', 'export', '--checkpoint', 'nowhere', '--out', 'x']\n"
+        "rc = cli.main()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.2)\n"
+        "sys.exit(rc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr  # the refusal's code ("nowhere does not exist"), not 143
+    assert "does not exist" in done.stderr

@@ -350,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    program = argv is None  # the `mlmtrain` command itself, not a call from Python
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -382,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         return _crashed()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # as the program (not called in-process), the exit code is decided here: a SIGTERM during the
+        # interpreter's shutdown (about a second with torch loaded) would turn a finished command into 143
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if program else previous)
 
 
 def _say(command: str, message: str) -> None:
