@@ -75,5 +75,5 @@ def test_data_against_model_uses_the_packer_bound():
     check_data_against_model(meta, Config, 128)
     with pytest.raises(UserError, match="up to 200 tokens but max_position_embeddings is 128"):
         check_data_against_model(meta, Config, 200)
-    with pytest.raises(UserError, match="vocab_size 100 but the tokenizer has 101"):
+    with pytest.raises(UserError, match="model has vocab_size 100 but the token shards were made with a vocab of 101"):
         check_data_against_model({**meta, "vocab_size": 101}, Config, 64)

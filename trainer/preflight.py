@@ -55,8 +55,11 @@ def check_tokenizer_vocab(tokenizer_vocab_size: int, data_vocab_size: int) -> No
 def check_data_against_model(meta: dict, config, max_seqlen: int) -> None:
     """Shard meta vs a model config (any object with vocab_size and max_position_embeddings) and the packer's
     segment bound: vocab equal, every id in range, every segment position learned."""
-    if "vocab_size" in meta:
-        check_vocab_match(config.vocab_size, int(meta["vocab_size"]))
+    if "vocab_size" in meta and int(meta["vocab_size"]) != config.vocab_size:
+        raise UserError(
+            f"the model has vocab_size {config.vocab_size} but the token shards were made with a vocab of "
+            f"{meta['vocab_size']}: pass shards prepared with the model's tokenizer, or re-run `mlmtrain prepare`."
+        )
     check_token_ids(int(meta["max_token_id"]), config.vocab_size)
     check_positions(config.max_position_embeddings, max(int(meta["max_seq_len"]), int(max_seqlen)))
 
