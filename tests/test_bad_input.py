@@ -161,10 +161,11 @@ def test_a_config_that_is_not_a_run_config_is_refused(data_dir, tokenizer_dir, t
 
 
 RUN_CONFIG_EDITS = {  # name -> (a hand edit of a run's config.json, what the sentence says)
-    "lr_not_a_number": (lambda c: c["optim"].update(lr="fast"), "optim.lr must be a float, got 'fast'"),
+    "lr_not_a_number": (lambda c: c["optim"].update(lr="fast"), "optim.lr must be a number, got 'fast'"),
     "section_not_a_table": (lambda c: c.update(optim=[]), "config section 'optim' must be a table of its keys"),
-    "max_steps_a_list": (lambda c: c["train"].update(max_steps=[4]), "train.max_steps must be a int, got [4]"),
+    "max_steps_a_list": (lambda c: c["train"].update(max_steps=[4]), "train.max_steps must be an integer, got [4]"),
     "unknown_key": (lambda c: c["train"].update(max_step=4), "unknown config key 'train.max_step'"),
+    "value_a_table": (lambda c: c["optim"].update(lr={"a": 1}), "config key 'optim.lr' takes a value, not a table"),
 }
 
 

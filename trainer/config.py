@@ -458,6 +458,8 @@ def _set(cfg: RunConfig, dotted: str, value) -> None:
         if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
             raise UserError(f"unknown config section {part!r} in {dotted!r}")
         obj = getattr(obj, part)
+    if not dataclasses.is_dataclass(obj):  # "optim.lr.a": a value given a table
+        raise UserError(f"config key {'.'.join(parts[:-1])!r} takes a value, not a table ({dotted!r})")
     types = typing.get_type_hints(type(obj))
     key = parts[-1]
     if key not in types:
@@ -465,6 +467,9 @@ def _set(cfg: RunConfig, dotted: str, value) -> None:
     if dataclasses.is_dataclass(getattr(obj, key)):
         raise UserError(f"config section {dotted!r} must be a table of its keys, got {value!r}")
     setattr(obj, key, _coerce(value, types[key], dotted))
+
+
+_KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}  # for _coerce's messages
 
 
 def _coerce(value, target_type, name: str):
@@ -481,8 +486,8 @@ def _coerce(value, target_type, name: str):
         try:
             value = float(text) if target_type is float else json.loads(text)
         except (ValueError, json.JSONDecodeError):
-            kind = "list like [0.9, 0.98]" if is_tuple else target_type.__name__
-            raise UserError(f"{name} must be a {kind}, got {value!r}") from None
+            kind = "a list like [0.9, 0.98]" if is_tuple else _KINDS[target_type]
+            raise UserError(f"{name} must be {kind}, got {value!r}") from None
     if is_tuple:
         if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
             raise UserError(f"{name} must be a list like [0.9, 0.98], got {value!r}")
@@ -490,7 +495,7 @@ def _coerce(value, target_type, name: str):
     if target_type is float and _is_number(value):
         return float(value)
     if not isinstance(value, target_type) or (target_type is int and isinstance(value, bool)):
-        raise UserError(f"{name} must be a {target_type.__name__}, got {value!r}")
+        raise UserError(f"{name} must be {_KINDS[target_type]}, got {value!r}")
     return value
 
 
