@@ -270,3 +270,14 @@ def test_damaged_weights_are_one_sentence_naming_the_file(damage, tokenizer_dir,
             weights.write_bytes(pickle.dumps(print))
     with pytest.raises(UserError, match=f"{weights.name} is damaged or not a weights file"):
         read_pretrained(folder)
+
+
+def test_init_from_a_run_folder_says_to_export_it(tmp_path):
+    from mlmtrain.pretrained import locate
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    for folder in (run, run / "checkpoints" / "step_00000002"):
+        (run / "checkpoints" / "step_00000002" / "manifest.json").write_text("{}")
+        with pytest.raises(UserError, match="is an mlmtrain run or checkpoint, not a BERT folder: export it"):
+            locate(folder)

@@ -53,6 +53,13 @@ def locate(source, what: str = "--init-from", tokenizer_only: bool = False) -> P
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{what} {path} is a file; pass the folder that holds it.")
+        from mlmtrain.checkpoint import CHECKPOINTS, MANIFEST
+
+        if (path / CHECKPOINTS).is_dir() or (path / MANIFEST).is_file():
+            raise UserError(
+                f"{what} {path} is an mlmtrain run or checkpoint, not a BERT folder: export it (`mlmtrain export "
+                f"--checkpoint {path} --out DIR`) and pass DIR."
+            )
         return path
     if hub_id(source) is None:
         raise UserError(f"{what} {source} does not exist (pass a local folder, or a Hub id like klue/bert-base).")
