@@ -90,3 +90,18 @@ def test_a_pipe_gets_plain_lines_the_resolved_config_and_the_next_command(data_d
     assert out.rstrip().endswith(f"next: mlmtrain export --checkpoint {checkpoint} --out {run}-export")
     rc, quiet = run_cli([*train_args(data_dir, tokenizer_dir, tmp_path / "quiet"), "--quiet"], terminal=False)
     assert rc == 0 and "config (resolved)" not in quiet and "step 1:" not in quiet and "done: 3 steps" in quiet
+
+
+def test_the_next_command_is_one_shell_line_even_with_spaces_in_paths(tmp_path):
+    import shlex
+
+    from mlmtrain.metrics import closing_lines
+
+    run = tmp_path / "my runs" / "ko bert"
+    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000003" / "manifest.json").write_text("{}")
+    summary = {"final_loss": 1.0, "valid_loss": None, "tokens_per_s": 0, "steps": 3, "stopped_by": None}
+    next_line = closing_lines(run, summary).splitlines()[-1]
+    argv = shlex.split(next_line.removeprefix("next: "))
+    assert argv == ["mlmtrain", "export", "--checkpoint", str(run / "checkpoints" / "step_00000003"), "--out",
+                    f"{run}-export"]  # fmt: skip

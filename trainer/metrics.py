@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -366,10 +367,10 @@ def closing_lines(run_dir: Path, summary: dict) -> str:
     lines = [
         f"{'stopped' if summary['stopped_by'] else 'done'}: {numbers}; {where}; summary {run_dir / 'summary.json'}"
     ]
+    q = shlex.quote  # the next command is copied into a shell: a path with a space must stay one argument
     if summary["stopped_by"]:
-        lines.append(f"next: mlmtrain train --config {run_dir / 'config.json'} --resume")
+        lines.append(f"next: mlmtrain train --config {q(str(run_dir / 'config.json'))} --resume")
     elif saved:
-        lines.append(
-            f"next: mlmtrain export --checkpoint {saved[-1]} --out {run_dir.parent / (run_dir.name + '-export')}"
-        )
+        export = run_dir.parent / (run_dir.name + "-export")
+        lines.append(f"next: mlmtrain export --checkpoint {q(str(saved[-1]))} --out {q(str(export))}")
     return "\n".join(lines)
