@@ -28,9 +28,8 @@ MODEL_SIZES = {
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name -> torch dtype attribute
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed (numpy's generators any integer >= 0)
-# A micro-batch's tokens are int32 arrays on the host and the device, so 2**31 is a hard ceiling; 2**24 (16.8M)
-# is far above any real micro-batch (the benchmark sweep tops out at 262,144 on an H200) and its activations
-# fit no GPU even for the tiny model, so a larger value is a typo: refused here, before numpy allocates it.
+# int32 ids cap a micro-batch at 2**31; 2**24 (16.8M, 64x the largest benchmark micro-batch, activations no GPU
+# holds even at tiny) is a typo's mark: refused here, before numpy allocates it
 MAX_TOKENS_PER_BATCH = 1 << 24
 
 
