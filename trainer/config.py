@@ -372,7 +372,10 @@ def load_config(
     if toml_path:
         path = resolve_config_path(toml_path)
         is_run_config = path.suffix == ".json"  # a run folder's resolved config.json (e.g. to resume a run)
-        table = _read_run_config(path) if is_run_config else _read_toml(path)
+        try:
+            table = _read_run_config(path) if is_run_config else tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"config file {path} is not valid TOML: {e}") from None
         for dotted, value in _flatten(table):  # both checked alike: known keys, values of the key's type
             _set(cfg, dotted, value)
         if is_run_config:
@@ -389,13 +392,6 @@ def load_config(
         if getattr(spec, key):
             setattr(spec, key, os.path.abspath(os.path.expanduser(getattr(spec, key))))
     return validate(cfg)
-
-
-def _read_toml(path: Path) -> dict:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} is not valid TOML: {e}") from None
 
 
 def _read_run_config(path: Path) -> dict:
