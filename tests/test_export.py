@@ -208,6 +208,22 @@ def test_a_checkpoint_retired_while_it_is_read_is_not_called_damaged(trained_run
     assert notes == [] and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000043"]
 
 
+def test_an_export_changed_after_it_was_written_is_not_read_as_a_model(exported, tmp_path):
+    """eval --model and train --init-from read exports through read_pretrained: a flipped byte in the weights'
+    data still parses, so the manifest's sha256 is what tells."""
+    import shutil
+
+    from mlmtrain.pretrained import read_pretrained
+
+    assert read_pretrained(exported).weights
+    changed = shutil.copytree(exported, tmp_path / "changed")
+    data = bytearray((changed / "model.safetensors").read_bytes())
+    data[-3] ^= 0x40  # in the last tensor's data, past the JSON header
+    (changed / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="is a damaged export: model.safetensors does not match its sha256"):
+        read_pretrained(changed)
+
+
 def test_bf16_export_without_verify(trained_run, tokenizer_dir, tmp_path):
     from safetensors import safe_open
 

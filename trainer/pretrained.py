@@ -132,6 +132,7 @@ def read_pretrained(folder: Path) -> Pretrained:
     from mlmtrain.model import hf_tensor_shapes
 
     folder = Path(folder)
+    _check_export_files(folder)
     config = read_config(folder)
     raw = _read_weights(folder)
     required, optional = hf_tensor_shapes(config)
@@ -161,6 +162,24 @@ def read_pretrained(folder: Path) -> Pretrained:
         if tuple(tensor.shape) != want:
             raise UserError(f"{folder}: weight {key} has shape {tuple(tensor.shape)} but config.json implies {want}.")
     return Pretrained(folder, config, weights, initialised, sorted(dropped))
+
+
+def _check_export_files(folder: Path) -> None:
+    """An mlmtrain export is read only if the files a model is built from are the ones it wrote (its manifest's
+    sizes and sha256): a changed byte of weights would load and silently score or train something else."""
+    from mlmtrain.export_check import EXPORT_MANIFEST
+    from mlmtrain.files import manifest_problems
+
+    if not (folder / EXPORT_MANIFEST).is_file():
+        return
+    try:
+        entries = json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))["files"]
+        entries = {name: entries[name] for name in ("model.safetensors", "config.json", *TOKENIZER_FILES)}
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{folder / EXPORT_MANIFEST} is unreadable: export the checkpoint again.") from None
+    problems = manifest_problems(folder, entries, "export")
+    if problems:
+        raise UserError(f"{folder} is a damaged export: {problems[0]}; export the checkpoint again.")
 
 
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
