@@ -54,7 +54,8 @@ def claim_out_folder(out_dir: str | Path) -> None:
         raise UserError(f"--out {out_dir} holds files `mlmtrain bench` does not write ({', '.join(extra[:5])}): "
                         "choose a new or empty folder.")  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_marker(out_dir, BENCH_LAYOUT)
+    if read_marker(out_dir) is None:
+        write_marker(out_dir, BENCH_LAYOUT)
 
 
 def section(results: dict, name: str) -> dict | None:

@@ -121,7 +121,7 @@ def manifest_problems(folder: Path, entries: dict, written: str = "it was writte
 class Layout:
     """A kind of folder an mlmtrain command makes, and which files in it are that command's own."""
 
-    kind: str  # the marker's "kind": tokenizer | shards | run | export | demo
+    kind: str  # the marker's "kind": tokenizer | shards | run | export | demo | bench
     what: str  # for messages: "a tokenizer", "token shards", ...
     command: str  # what makes it: "mlmtrain prepare"
     owns: tuple[str, ...]  # patterns of the files the command writes, relative: `owned` says how they match
