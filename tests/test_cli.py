@@ -111,3 +111,19 @@ def test_a_sigterm_after_the_command_ended_does_not_change_its_exit_code(tmp_pat
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr  # the refusal's code ("nowhere does not exist"), not 143
     assert "does not exist" in done.stderr
+
+
+def test_only_token_shaped_words_are_tokens():
+    """A real token is "hf_" + 34 letters and digits; hf_transfer, a path's hf_experiments or a repo named
+    bert-hf_finetuned are not, and are neither refused nor garbled."""
+    from mlmtrain.errors import UserError, redact_tokens, refuse_tokens
+
+    token = "hf_fakeWriteTokenA1b2C3d4E5f6G7h8I9j0"
+    fine = {"repo_id": "acme/bert-small-hf_finetuned", "commit_message": "from run hf_baseline1",
+            "card_extra": "Fetch faster with hf_transfer.", "name": "/data/hf_experiments/export"}  # fmt: skip
+    refuse_tokens(**fine)
+    assert all(redact_tokens(text) == text for text in fine.values())
+    for text in (token, f"release {token}", f"alice/{token}", f"path/{token}.png"):
+        assert redact_tokens(text) == text.replace(token, "hf_***")
+        with pytest.raises(UserError, match="looks like a Hugging Face token"):
+            refuse_tokens(commit_message=text)

@@ -290,7 +290,7 @@ def test_hub_errors(case, hub, export_dir, tmp_path):
     elif case == "missing_namespace":
         repo_id, phrases = "no-such-org/tiny-bert", ["namespace 'no-such-org' does not exist", "404"]
     elif case == "bad_token":
-        token, phrases = "hf_revokedToken000000000000000", ["rejected the token", "401"]
+        token, phrases = "hf_revokedToken0000000000000000000", ["rejected the token", "401"]
     else:  # repo creation is not retried by the library: the user is told to re-run
         hub.fail_next("create", 502)
         phrases = ["502", "run the same command again"]

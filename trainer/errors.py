@@ -3,7 +3,9 @@ the CLI never prints: anything shaped like a Hugging Face token."""
 
 import re
 
-TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{8,}")  # user access tokens are "hf_" + 34 letters and digits
+# user access tokens are "hf_" + 34 letters and digits: a whole word of that shape (not hf_transfer, not a
+# path's hf_experiments, which a refusal would block and a redaction garble)
+TOKEN_LIKE = re.compile(r"(?<![A-Za-z0-9_])hf_[A-Za-z0-9]{30,}(?![A-Za-z0-9_])")
 
 
 class UserError(Exception):

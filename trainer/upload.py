@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"{folder} is not a complete, verified export; nothing was sent:\n{listing}")
-    refuse_tokens(repo_id=args.repo_id, revision=args.revision, commit_message=args.commit_message, folder=args.folder)
+    refuse_tokens(repo_id=args.repo_id, revision=args.revision, commit_message=args.commit_message)
     _check_repo_id(args.repo_id)
     if args.create_pr and args.revision not in (None, "main"):
         raise UserError("--create-pr opens a pull request against main; it cannot be combined with --revision")
