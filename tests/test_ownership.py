@@ -195,6 +195,12 @@ def test_temporary_sibling_names_are_read_one_way(tmp_path):
     assert files.remove_stale_tmp(tmp_path, "data_old") == [] and aside.exists()
     assert "put back" in files.remove_stale_tmp(tmp_path, "data")[0]
     assert (tmp_path / "data" / "meta.json").is_file() and not aside.exists()
+    # an older mlmtrain moved a complete checkpoint aside as .tmp_step_N_old_H_P: it is left, never deleted
+    legacy = tmp_path / "checkpoints" / f".tmp_step_00000004_old_{host}_{dead}"
+    legacy.mkdir(parents=True)
+    (legacy / "manifest.json").write_text("{}")
+    assert "may have moved step_00000004 aside" in files.remove_stale_tmp(legacy.parent, any_host=True)[0]
+    assert (legacy / "manifest.json").is_file()
 
 
 def test_what_a_killed_process_left_is_cleaned_up_at_the_next_start(made, tmp_path, sample_corpus):

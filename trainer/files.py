@@ -304,10 +304,18 @@ def remove_stale_tmp(parent: Path, name: str | None = None, *, any_host: bool = 
         if match["kind"] == "mlmtrain-old" and not final.exists():
             os.replace(entry, final)
             done.append(f"put back {final}, which a killed process had moved aside")
+        elif match["name"].endswith("_old") and _complete(entry):  # an older mlmtrain's .tmp_X_old_HOST_PID
+            # was a complete X moved aside; since .mlmtrain-old_ it reads as X_old half written: never deleted
+            done.append(f"left {entry}: an older mlmtrain may have moved {match['name'][:-4]} aside there")
         else:
             _remove(entry)
             done.append(f"removed {entry}, left by a killed process")
     return done
+
+
+def _complete(folder: Path) -> bool:
+    """A folder mlmtrain finished writing: its marker, or a checkpoint's manifest.json, is written last."""
+    return folder.is_dir() and ((folder / MARKER).is_file() or (folder / "manifest.json").is_file())
 
 
 def fsync_path(path: Path) -> None:
