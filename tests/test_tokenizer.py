@@ -146,6 +146,14 @@ def test_vocab_txt_that_disagrees_with_tokenizer_json_is_refused_on_first_read(e
         load_tokenizer(copy)
 
 
+def test_a_vocab_txt_without_its_last_newline_reads_every_row(tmp_path, tokenizer_dir):
+    copy = shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    text = (copy / "vocab.txt").read_text(encoding="utf-8")
+    (copy / "vocab.txt").write_text(text.removesuffix("\n"), encoding="utf-8")
+    assert read_vocab(copy) == read_vocab(tokenizer_dir)
+    load_tokenizer(copy)  # and vocab.txt agrees with tokenizer.json row for row
+
+
 def test_real_vocab_size_returned_and_fingerprint(tmp_path, tokenizer_dir):
     corpus = tmp_path / "c.txt"
     corpus.write_text(SETTINGS_TEXT, encoding="utf-8")

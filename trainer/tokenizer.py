@@ -430,7 +430,8 @@ def vocab_disagreements(vocab: list[str], json_vocab: dict) -> int:
 def read_vocab(tokenizer_dir) -> list[str]:
     """vocab.txt as a list: index = token id."""
     path = _check_tokenizer_dir(tokenizer_dir)
-    return (path / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    rows = (path / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    return rows[:-1] if rows[-1] == "" else rows  # a last row without its newline is a row (as transformers reads)
 
 
 def tokenizer_fingerprint(tokenizer_dir) -> str:
