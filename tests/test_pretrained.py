@@ -277,7 +277,11 @@ def test_init_from_a_run_folder_says_to_export_it(tmp_path):
 
     run = tmp_path / "run"
     (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    for name in ("manifest.json", "state.json"):
+        (run / "checkpoints" / "step_00000002" / name).write_text("{}")
     for folder in (run, run / "checkpoints" / "step_00000002"):
-        (run / "checkpoints" / "step_00000002" / "manifest.json").write_text("{}")
         with pytest.raises(UserError, match="is an mlmtrain run or checkpoint, not a BERT folder: export it"):
             locate(folder)
+    bert = tmp_path / "bert"  # a BERT folder that happens to hold an empty checkpoints/ is one
+    (bert / "checkpoints").mkdir(parents=True)
+    assert locate(bert) == bert

@@ -54,8 +54,10 @@ def locate(source, what: str = "--init-from", tokenizer_only: bool = False) -> P
         if not path.is_dir():
             raise UserError(f"{what} {path} is a file; pass the folder that holds it.")
         from mlmtrain.checkpoint import CHECKPOINTS, MANIFEST
+        from mlmtrain.files import read_marker
 
-        if (path / CHECKPOINTS).is_dir() or (path / MANIFEST).is_file():
+        is_run = (read_marker(path) or {}).get("kind") == "run" or any((path / CHECKPOINTS).glob(f"step_*/{MANIFEST}"))
+        if is_run or ((path / MANIFEST).is_file() and (path / "state.json").is_file()):  # a run, or a checkpoint
             raise UserError(
                 f"{what} {path} is an mlmtrain run or checkpoint, not a BERT folder: export it (`mlmtrain export "
                 f"--checkpoint {path} --out DIR`) and pass DIR."
