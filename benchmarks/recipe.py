@@ -73,11 +73,10 @@ def hf_model(model_config):
 def hf_model_from_checkpoint(path: str | Path):
     """Our checkpoint (run folder or one checkpoint) loaded into transformers' BertForMaskedLM, so both
     models are evaluated by the same code. Only the tied aliases may be missing from the file."""
-    from mlmtrain.checkpoint import latest_checkpoint, read_checkpoint
+    from mlmtrain.checkpoint import read_latest
     from mlmtrain.model import HF_BUFFER_KEYS, TIED_KEYS, BertConfig
 
-    ckpt = latest_checkpoint(path, log=lambda *_: None)
-    state_dict, config, _ = read_checkpoint(ckpt)
+    ckpt, state_dict, config, _ = read_latest(path, log=lambda *_: None)
     model = hf_model(BertConfig.from_dict(config["model"]))
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if k not in TIED_KEYS]

@@ -208,6 +208,29 @@ def test_a_checkpoint_retired_while_it_is_read_is_not_called_damaged(trained_run
     assert notes == [] and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000043"]
 
 
+def test_a_checkpoint_retired_after_its_check_is_replaced_by_the_newer_one(trained_run, tmp_path, monkeypatch):
+    """The same race one step later: step 42 passes its check, then step 43 lands and 42 is retired before its
+    weights are read. The export reads 43 (it used to fail: "checkpoint step_42 is damaged: ... unreadable")."""
+    import shutil
+
+    from mlmtrain import checkpoint
+
+    source, model = trained_run
+    run = shutil.copytree(source, tmp_path / "run")
+    saved, state = checkpoint.read_state(run / "checkpoints" / "step_00000042")
+    real = checkpoint.read_checkpoint
+
+    def training_meanwhile(ckpt):
+        if ckpt.name == "step_00000042":
+            state_43 = {k: v for k, v in state.items() if k != "step"}
+            checkpoint.save_checkpoint(run, 43, model, None, saved["run"], state_43, keep=1)
+        return real(ckpt)
+
+    monkeypatch.setattr(checkpoint, "read_checkpoint", training_meanwhile)
+    manifest = export_folder(run, None, tmp_path / "export", verify=False)  # the tokenizer: the run's own
+    assert manifest["step"] == 43 and (tmp_path / "export" / "model.safetensors").is_file()
+
+
 def test_an_export_changed_after_it_was_written_is_not_read_as_a_model(exported, tmp_path):
     """eval --model and train --init-from read exports through read_pretrained: a flipped byte in the weights'
     data still parses, so the manifest's sha256 is what tells."""

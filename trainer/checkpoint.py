@@ -305,6 +305,30 @@ def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, di
     return weights, config, state
 
 
+def read_latest(path: str | Path, log=print) -> tuple[Path, dict[str, torch.Tensor], dict, dict]:
+    """(checkpoint folder, weights, config.json, state.json) of `latest_checkpoint(path)`. A training process
+    may retire that checkpoint between its check and its read (keep_checkpoints = 1): then the newer one it
+    made way for is read instead."""
+    for _ in range(3):
+        ckpt = latest_checkpoint(path, log=log)
+        try:
+            return (ckpt, *read_checkpoint(ckpt))
+        except UserError:
+            if ckpt.exists():
+                raise
+    raise UserError(f"the checkpoints of {path} were replaced three times while being read: try again")
+
+
+def run_tokenizer_dir(ckpt: Path, config: dict) -> str:
+    """The tokenizer folder the checkpoint's run trained with (its config.json), for a command given none."""
+    run = config.get("run")
+    data = run.get("data") if isinstance(run, dict) else None
+    tokenizer_dir = data.get("tokenizer_dir") if isinstance(data, dict) else None
+    if not isinstance(tokenizer_dir, str) or not tokenizer_dir:
+        raise UserError(f"{ckpt / 'config.json'} does not name the tokenizer: pass --tokenizer DIR.")
+    return tokenizer_dir
+
+
 def read_optimizer_state(ckpt: Path, state: dict) -> dict:
     """Rebuild the optimizer state dict from optimizer.safetensors + state.json, no pickle."""
     opt_state: dict[int, dict] = {}

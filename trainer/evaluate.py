@@ -153,18 +153,15 @@ def unigram_cross_entropy(train: np.ndarray, valid: np.ndarray, num_special: int
 def load_model(source: str, tokenizer_dir=None):
     """(model in fp32, its tokenizer folder, a description) for a run folder, a checkpoint folder, an export
     folder, a transformers BERT folder or a Hub id."""
-    from mlmtrain.checkpoint import CHECKPOINTS, MANIFEST, latest_checkpoint, read_checkpoint
+    from mlmtrain.checkpoint import CHECKPOINTS, MANIFEST, read_latest, run_tokenizer_dir
     from mlmtrain.prepare import check_tokenizer_match
     from mlmtrain.pretrained import locate, read_pretrained
 
     path = Path(source).expanduser()
     if path.is_dir() and ((path / MANIFEST).is_file() or (path / CHECKPOINTS).is_dir()):
-        ckpt = latest_checkpoint(path, log=lambda msg: print(msg, file=sys.stderr))
-        weights, saved, state = read_checkpoint(ckpt)
+        ckpt, weights, saved, state = read_latest(path, log=lambda msg: print(msg, file=sys.stderr))
         config = BertConfig.from_dict(saved["model"])
-        tokenizer_dir = tokenizer_dir or ((saved.get("run") or {}).get("data") or {}).get("tokenizer_dir")
-        if not tokenizer_dir:
-            raise UserError(f"{ckpt / 'config.json'} does not name the tokenizer: pass --tokenizer DIR.")
+        tokenizer_dir = tokenizer_dir or run_tokenizer_dir(ckpt, saved)
         check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}")
         info = {"model": str(source), "kind": "checkpoint", "checkpoint": str(ckpt), "step": state.get("step")}
     else:

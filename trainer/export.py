@@ -73,7 +73,7 @@ def export_folder(
     from safetensors.torch import save_file
 
     from mlmtrain import __version__
-    from mlmtrain.checkpoint import latest_checkpoint, read_checkpoint
+    from mlmtrain.checkpoint import read_latest, run_tokenizer_dir
     from mlmtrain.model import BertConfig, BertForMaskedLM
 
     if dtype not in PRECISIONS:
@@ -90,12 +90,9 @@ def export_folder(
     check_out_folder(out_dir, EXPORT_LAYOUT, replace=overwrite)
 
     # ---- inputs, checked before any work
-    ckpt = latest_checkpoint(checkpoint, log=log)
-    state_dict, run_config, state = read_checkpoint(ckpt)
-    if "model" not in run_config:
-        raise UserError(f'{ckpt / "config.json"} has no "model" section: it was not written by mlmtrain.')
+    ckpt, state_dict, run_config, state = read_latest(checkpoint, log=log)
     config = BertConfig.from_dict(run_config["model"])
-    tokenizer_dir = Path(tokenizer_dir)
+    tokenizer_dir = Path(tokenizer_dir or run_tokenizer_dir(ckpt, run_config))
     load_tokenizer(tokenizer_dir)  # checks the files and the special-token ids
     check_vocab_match(config.vocab_size, len(read_vocab(tokenizer_dir)))
     check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}")
@@ -299,19 +296,9 @@ def _verify(folder: Path, widget_texts: list[str], atol: float) -> dict:
 
 
 def main(args) -> int:
-    checkpoint, tokenizer_dir = args.checkpoint, args.tokenizer
-    if tokenizer_dir is None:
-        from mlmtrain.checkpoint import latest_checkpoint
-
-        checkpoint = latest_checkpoint(checkpoint)  # found once: export_folder would say again what it skipped
-        config_path = checkpoint / "config.json"
-        run = json.loads(config_path.read_text(encoding="utf-8")).get("run") or {}
-        tokenizer_dir = (run.get("data") or {}).get("tokenizer_dir")
-        if not tokenizer_dir:
-            raise UserError(f"{config_path} does not name the tokenizer: pass --tokenizer DIR.")
     manifest = export_folder(
-        checkpoint,
-        tokenizer_dir,
+        args.checkpoint,
+        args.tokenizer,
         args.out,
         language=args.language,
         name=args.name,
