@@ -251,8 +251,8 @@ def test_bf16_export_without_verify(trained_run, tokenizer_dir, tmp_path):
     from safetensors import safe_open
 
     run_dir, model = trained_run
-    manifest = export_folder(run_dir, tokenizer_dir, tmp_path / "bf16", dtype="bf16", verify=False)
-    assert manifest["verified"] is False and manifest["dtype"] == "bf16"
+    manifest = export_folder(run_dir, tokenizer_dir, tmp_path / "bf16", dtype="bf16", verify=False, name="me/bert")
+    assert manifest["verified"] is False and manifest["dtype"] == "bf16" and manifest["name"] == "me/bert"
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
         emb = f.get_tensor("bert.embeddings.word_embeddings.weight")
     assert emb.dtype == torch.bfloat16

@@ -130,8 +130,8 @@ def export_folder(
         # `dtype`: transformers >= 4.56 reads it (5.x calls `torch_dtype` deprecated); older versions ignore it and
         # take the dtype from the weights under dtype="auto"
         write_json(tmp / "config.json", {**config.to_hf_dict(), "dtype": PRECISIONS[dtype]})
-        for name in ("tokenizer.json", "vocab.txt"):
-            shutil.copyfile(tokenizer_dir / name, tmp / name)
+        for file_name in ("tokenizer.json", "vocab.txt"):
+            shutil.copyfile(tokenizer_dir / file_name, tmp / file_name)
         write_json(tmp / "tokenizer_config.json", tok_config)
         write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
         card.save(tmp / "README.md")
@@ -159,7 +159,7 @@ def export_folder(
         os.chmod(tmp / EXPORT_MANIFEST, mode)
         problems = check_export_folder(tmp)  # what the upload checks: files, sizes, shapes, card header
         if replacing and (failure is not None or problems):  # a failed export never replaces a good one
-            why = f"it failed verification: {failure}" if failure is not None else "; ".join(problems)
+            why = f"it failed verification: {str(failure).rstrip('.')}" if failure is not None else "; ".join(problems)
             raise UserError(f"the new export of {out_dir} was not written: {why}; the previous {out_dir} is unchanged")
     if failure is not None:
         raise UserError(f"wrote {out_dir} but it failed verification: {failure}")
