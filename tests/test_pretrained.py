@@ -285,3 +285,29 @@ def test_init_from_a_run_folder_says_to_export_it(tmp_path):
     bert = tmp_path / "bert"  # a BERT folder that happens to hold an empty checkpoints/ is one
     (bert / "checkpoints").mkdir(parents=True)
     assert locate(bert) == bert
+
+
+def test_a_missing_hidden_act_is_transformers_default_and_a_folder_path_is_stored_absolute(
+    tokenizer_dir, tmp_path, monkeypatch
+):
+    """transformers reads a config.json without hidden_act as "gelu" (it was a KeyError traceback here); a
+    relative --init-from folder is kept absolute, so a resume, export or eval from another directory finds it
+    (and the card never takes the relative path for a Hub id); a Hub id stays as given."""
+    folder = make_bert_folder(tmp_path / "models" / "bert", tokenizer_dir, "0-4")
+    config = json.loads((folder / "config.json").read_text())
+    del config["hidden_act"]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert read_config(folder).hidden_size == CUSTOM_DIMS["hidden_size"]
+    monkeypatch.chdir(tmp_path)
+    assert load_config(None, {"model.init_from": "models/bert"}).model.init_from == str(folder)
+    assert load_config(None, {"model.init_from": "klue/bert-base"}).model.init_from == "klue/bert-base"
+
+
+def test_a_transformers_folder_given_as_a_checkpoint_is_named_for_what_it_is(tokenizer_dir, tmp_path):
+    from mlmtrain.checkpoint import latest_checkpoint
+
+    folder = make_bert_folder(tmp_path / "bert", tokenizer_dir, "0-4")
+    with pytest.raises(
+        UserError, match=f"{folder} holds a transformers model, not an mlmtrain checkpoint .*--init-from"
+    ):
+        latest_checkpoint(folder)

@@ -116,6 +116,21 @@ def test_a_copied_run_resumes_and_exports_where_it_is_from_any_directory(data_di
     assert snapshot(a) == before
 
 
+def test_a_resume_that_would_change_the_data_order_or_the_starting_model_is_refused(data_dir, tokenizer_dir, tmp_path):
+    """The data cursor is a position in the packer's order: another data.pack or seed reads other sentences from
+    it (pack=document crashed the packer thread, and config.json already said document, so even the plain resume
+    crashed after). A resume's weights are its checkpoint's: an --init-from beside it would have been written
+    into the state, and the card, as the base model."""
+    run = tmp_path / "run"
+    assert run_cli(*train_args(data_dir, tokenizer_dir, run)).returncode == 0
+    before = snapshot(run)
+    resume = ("train", "--config", run / "config.json", "--resume", "--max-steps", 3, "--change-max-steps")
+    assert_refused(run_cli(*resume, "--set", "data.pack=document"), "data.pack differ", "cursor would not line up")
+    assert_refused(run_cli(*resume, "--seed", 7), "train.seed differ")
+    assert_refused(run_cli(*resume, "--init-from", "klue/bert-base"), "started from scratch", "drop --init-from")
+    assert snapshot(run) == before
+
+
 def test_max_steps_changes_only_when_asked_and_a_finished_run_is_left_as_it_is(data_dir, tokenizer_dir, tmp_path):
     run = tmp_path / "run"
     assert run_cli(*train_args(data_dir, tokenizer_dir, run)).returncode == 0

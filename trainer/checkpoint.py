@@ -249,6 +249,11 @@ def latest_checkpoint(path: str | Path, log=print) -> Path:
     if not path.exists():
         raise UserError(f"{path} does not exist")
     if (path / MANIFEST).is_file() or (path / "model.safetensors").is_file():
+        if not (path / MANIFEST).is_file() and _is_transformers_folder(path):
+            raise UserError(
+                f"{path} holds a transformers model, not an mlmtrain checkpoint (to train on from its weights: "
+                f"--init-from {path})"
+            )
         problem = verify_checkpoint(path)
         if problem:
             raise UserError(f"checkpoint {path} is damaged: {problem}")
@@ -272,6 +277,14 @@ def latest_checkpoint(path: str | Path, log=print) -> Path:
         f"no complete checkpoint in {path} (expected {path / CHECKPOINTS}/step_*/ with a "
         f"manifest.json); train with `mlmtrain train --out {path}` first"
     )
+
+
+def _is_transformers_folder(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and "model_type" in config
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -393,6 +406,24 @@ def data_fingerprint(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# what the data cursor of a checkpoint is a position in: the packer's batches (their size, their split into
+# micro-batches, the layout and the packing unit) and its shuffles (the seed)
+CURSOR_KEYS = (
+    ("data", "tokens_per_batch"),
+    ("optim", "grad_accum"),
+    ("data", "layout"),
+    ("data", "pack"),
+    ("train", "seed"),
+)
+
+
+def same_source(a: str, b: str | None) -> bool:
+    """Whether two `model.init_from` values name the same model (a local path, as written or absolute)."""
+    if b is None:
+        return False
+    return a == b or os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+
+
 def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfig) -> None:
     """Refuse to resume on other data, another tokenizer, another model shape or another batch layout (the
     data cursor would not line up). `run` is the RunConfig the resumed run uses."""
@@ -411,8 +442,18 @@ def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfi
                 f"model {key} is {getattr(model_config, key)} but the checkpoint has {saved_model.get(key)}"
             )
     saved_run = config_from_dict(saved_config.get("run", {}))
-    saved_layout = (saved_run.data.tokens_per_batch, saved_run.optim.grad_accum, saved_run.data.layout)
-    if saved_layout != (run.data.tokens_per_batch, run.optim.grad_accum, run.data.layout):
-        problems.append("tokens_per_batch, grad_accum or data.layout differ (the data cursor would not line up)")
+    changed = [
+        f"{section}.{key}"
+        for section, key in CURSOR_KEYS
+        if getattr(getattr(saved_run, section), key) != getattr(getattr(run, section), key)
+    ]
+    if changed:  # the packer's order and the masks' key: a cursor means nothing under other values
+        problems.append(f"{', '.join(changed)} differ from the checkpoint's run (the data cursor would not line up)")
+    saved_init = state.get("init_from")
+    if run.model.init_from and not same_source(run.model.init_from, saved_init):
+        problems.append(
+            f"model.init_from is {run.model.init_from} but the checkpoint's run started from {saved_init or 'scratch'} "
+            "(a resume takes its weights from the checkpoint: drop --init-from)"
+        )
     if problems:
         raise UserError(f"cannot resume from {ckpt}: " + "; ".join(problems))

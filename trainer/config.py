@@ -391,6 +391,8 @@ def load_config(
     for spec, key in ((cfg, "out_dir"), (cfg.data, "data_dir"), (cfg.data, "tokenizer_dir")):
         if getattr(spec, key):
             setattr(spec, key, os.path.abspath(os.path.expanduser(getattr(spec, key))))
+    if cfg.model.init_from and os.path.exists(os.path.expanduser(cfg.model.init_from)):  # a folder, not a Hub id
+        cfg.model.init_from = os.path.abspath(os.path.expanduser(cfg.model.init_from))
     return validate(cfg)
 
 

@@ -32,7 +32,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 MLM_HEAD = "cls.predictions."  # what a missing head means: these keys are initialised
 ENCODER_PARTS = ("embeddings.", "encoder.", "pooler.")  # BertModel keys, saved without the `bert.` prefix
 UNSUPPORTED = {  # config.json key -> (values computed exactly here, what to say)
-    "hidden_act": ({"gelu"}, "mlmtrain computes exact GELU ('gelu') only"),
+    "hidden_act": ({"gelu", None}, "mlmtrain computes exact GELU ('gelu', transformers' default) only"),
     "position_embedding_type": ({"absolute", None}, "mlmtrain has learned absolute positions only"),
     "is_decoder": ({False, None}, "mlmtrain trains bidirectional encoders only"),
     "add_cross_attention": ({False, None}, "mlmtrain trains encoders without cross-attention"),
@@ -97,7 +97,7 @@ def read_config(folder: Path) -> BertConfig:
         )
     for key, (allowed, why) in UNSUPPORTED.items():
         if config.get(key) not in allowed:
-            raise UserError(f"{folder} has {key}={config[key]!r} in config.json: {why}.")
+            raise UserError(f"{folder} has {key}={config.get(key)!r} in config.json: {why}.")
     if config.get("pad_token_id") is None:
         config["pad_token_id"] = 0  # transformers' default
     return BertConfig.from_dict(config)

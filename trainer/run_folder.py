@@ -152,13 +152,18 @@ class RunFolder:
                     self.dir.rmdir()
 
 
-def open_run_folder(cfg: RunConfig, resume: str | None, *, main: bool, log, change_max_steps: bool, lr_at) -> RunFolder:
+def open_run_folder(
+    cfg: RunConfig, resume: str | None, *, main: bool, log, change_max_steps: bool, lr_at, check_start
+) -> RunFolder:
     """Refuse every mix-up without writing anything, then (rank 0, `main`) take the folder: create it, lock
     it, clean up after killed processes, mark it. Every rank gets the checkpoint to start from and its step
-    (`resume_step`, which may raise RunFinished)."""
+    (`resume_step`, which may raise RunFinished). `check_start(ckpt)` refuses a checkpoint this run's data,
+    model or data order does not continue."""
     run_dir = Path(cfg.out_dir)
     if not main:
         start = None if resume is None else latest_checkpoint(_source(run_dir, resume), log=_quiet)
+        if start is not None:
+            check_start(start)
         return RunFolder(run_dir, start, resume_step(start, cfg, change_max_steps, lr_at, _quiet) if start else 0)
     holder = lock_holder(run_dir)
     if holder is not None:  # said first: whatever else is wrong, the other process is the one to wait for
@@ -167,6 +172,7 @@ def open_run_folder(cfg: RunConfig, resume: str | None, *, main: bool, log, chan
     done = remove_stale_tmp(run_dir / CHECKPOINTS) if found == "mine" else []
     start = plan_start(run_dir, resume, log=_quiet)  # refuse before creating anything
     if start is not None:
+        check_start(start)
         resume_step(start, cfg, change_max_steps, lr_at, log)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -180,6 +186,8 @@ def open_run_folder(cfg: RunConfig, resume: str | None, *, main: bool, log, chan
         for note in done:
             log(note)
         folder.start = plan_start(run_dir, resume, log)  # again: now no other process can change the folder
+        if folder.start is not None and folder.start != start:
+            check_start(folder.start)
         folder.step = resume_step(folder.start, cfg, change_max_steps, lr_at, _quiet) if folder.start else 0
         if read_marker(run_dir) is None:
             write_marker(run_dir, RUN_LAYOUT)

@@ -255,7 +255,14 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
     meta, vocab = check_inputs(cfg)
     log = log or (lambda msg: tqdm.write(msg) if parallel.rank() == 0 else None)
     main = parallel.rank() == 0
-    folder = run_folder.open_run_folder(cfg, resume, main=main, log=log, change_max_steps=change_max_steps, lr_at=lr_at)
+
+    def check_start(ckpt: Path) -> None:  # a resumed run's model is its checkpoint's: no pretrained folder is read
+        model_config = model_config_for(cfg, len(vocab), shard_specials(meta), ckpt, None)
+        checkpoint.check_resume_compatible(ckpt, cfg, meta, model_config)
+
+    folder = run_folder.open_run_folder(
+        cfg, resume, main=main, log=log, change_max_steps=change_max_steps, lr_at=lr_at, check_start=check_start
+    )
     try:
         return _build(cfg, folder, meta, vocab, log)
     except BaseException:
@@ -278,9 +285,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     # a pretrained model's weights and shape are read only to start; a resumed run has them in its checkpoint
     pretrained = read_pretrained(locate(cfg.model.init_from)) if cfg.model.init_from and start is None else None
     model_config = model_config_for(cfg, len(vocab), specials, start, pretrained)
-    check_data_against_model(meta, model_config, max_seqlen)
-    if start is not None:
-        checkpoint.check_resume_compatible(start, cfg, meta, model_config)
+    check_data_against_model(meta, model_config, max_seqlen)  # a resumed run's start: checked in setup
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
