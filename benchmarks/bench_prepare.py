@@ -146,7 +146,7 @@ def main(argv=None) -> int:
 
     from mlmtrain.prepare import encode_lines
     from mlmtrain.text import READ_BLOCK_BYTES
-    from mlmtrain.tokenizer import load_tokenizer
+    from mlmtrain.tokenizer_folder import load_tokenizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

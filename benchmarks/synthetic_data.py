@@ -157,7 +157,7 @@ def measure_sample(tokenizer_dir) -> dict:
     """The statistics this module's constants come from, measured on the sample's Korean sentences with the
     tokenizer in `tokenizer_dir` (one trained on the sample with vocab_size=30000, for the constants)."""
     from mlmtrain.text import sample_corpus_path
-    from mlmtrain.tokenizer import load_tokenizer, read_vocab
+    from mlmtrain.tokenizer_folder import load_tokenizer, read_vocab
 
     lines = sample_corpus_path().read_text(encoding="utf-8").splitlines()[:KOREAN_LINES]
     sentences = [line for line in lines if line.strip()]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mlmtrain.tokenizer import read_vocab
+from mlmtrain.tokenizer_folder import read_vocab
 
 CUSTOM_DIMS = dict(
     hidden_size=48,

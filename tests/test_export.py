@@ -26,7 +26,7 @@ SENTENCES = ["산악 자전거 경기는 상대적으로 새로운 스포츠로 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tokenizer_dir):
     """A run folder holding one checkpoint of a random tiny model (as `mlmtrain train` writes it)."""
-    from mlmtrain.tokenizer import read_vocab, tokenizer_fingerprint
+    from mlmtrain.tokenizer_folder import read_vocab, tokenizer_fingerprint
 
     torch.manual_seed(0)
     config = BertConfig.from_size("tiny", len(read_vocab(tokenizer_dir)), max_position_embeddings=64)
@@ -229,6 +229,17 @@ def test_a_checkpoint_retired_after_its_check_is_replaced_by_the_newer_one(train
     monkeypatch.setattr(checkpoint, "read_checkpoint", training_meanwhile)
     manifest = export_folder(run, None, tmp_path / "export", verify=False)  # the tokenizer: the run's own
     assert manifest["step"] == 43 and (tmp_path / "export" / "model.safetensors").is_file()
+
+
+def test_a_tokenizer_without_vocab_txt_exports_one(trained_run, tokenizer_dir, tmp_path):
+    """A transformers 5 tokenizer folder (no vocab.txt): the export writes the vocab.txt that older transformers
+    and the slow tokenizer read, and passes its own check."""
+    import shutil
+
+    v5 = shutil.copytree(tokenizer_dir, tmp_path / "v5")
+    (v5 / "vocab.txt").unlink()
+    export_folder(trained_run[0], v5, tmp_path / "export")
+    assert (tmp_path / "export" / "vocab.txt").read_bytes() == (tokenizer_dir / "vocab.txt").read_bytes()
 
 
 def test_an_export_changed_after_it_was_written_is_not_read_as_a_model(exported, tmp_path):

@@ -37,7 +37,8 @@ def test_max_position_covers_longest_segment():
 
 def test_tokenizer_fingerprint(tokenizer_dir, tmp_path, sample_corpus):
     from mlmtrain.prepare import check_tokenizer_match
-    from mlmtrain.tokenizer import TokenizerSettings, tokenizer_fingerprint, train_tokenizer
+    from mlmtrain.tokenizer import TokenizerSettings, train_tokenizer
+    from mlmtrain.tokenizer_folder import tokenizer_fingerprint
 
     check_tokenizer_match(tokenizer_fingerprint(tokenizer_dir), tokenizer_dir, "the shards")
     check_tokenizer_match(None, tokenizer_dir, "the shards")  # unknown: nothing to compare
@@ -48,7 +49,7 @@ def test_tokenizer_fingerprint(tokenizer_dir, tmp_path, sample_corpus):
 
 def test_data_against_real_shards(data_dir, tokenizer_dir):
     from mlmtrain.prepare import read_meta
-    from mlmtrain.tokenizer import read_vocab
+    from mlmtrain.tokenizer_folder import read_vocab
 
     class Config:
         vocab_size, max_position_embeddings = len(read_vocab(tokenizer_dir)), 128

@@ -22,7 +22,8 @@ from mlmtrain.prepare import (
     read_meta,
     split_long,
 )
-from mlmtrain.tokenizer import TokenizerSettings, build_tokenizer, load_tokenizer, write_tokenizer_dir
+from mlmtrain.tokenizer import TokenizerSettings, build_tokenizer, write_tokenizer_dir
+from mlmtrain.tokenizer_folder import load_tokenizer
 
 
 def corpus_documents(path):

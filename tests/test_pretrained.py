@@ -21,7 +21,8 @@ from mlmtrain.model import BertConfig
 from mlmtrain.packing import Packer
 from mlmtrain.prepare import load_split, prepare, read_meta, shard_specials
 from mlmtrain.pretrained import read_config
-from mlmtrain.tokenizer import DEFAULT_SPECIALS, read_special_tokens, read_vocab
+from mlmtrain.tokenizer import DEFAULT_SPECIALS
+from mlmtrain.tokenizer_folder import read_special_tokens, read_vocab
 from mlmtrain.train import setup, train
 
 transformers = pytest.importorskip("transformers")

@@ -10,7 +10,8 @@ import pytest
 from mlmtrain.benchmarks import synthetic_data as sd
 from mlmtrain.kernels.mlm_mask import word_start_table
 from mlmtrain.prepare import check_tokenizer_match, load_split, read_meta
-from mlmtrain.tokenizer import TokenizerSettings, load_tokenizer, read_vocab, train_tokenizer
+from mlmtrain.tokenizer import TokenizerSettings, train_tokenizer
+from mlmtrain.tokenizer_folder import load_tokenizer, read_vocab
 from mlmtrain.train import pieces_per_word
 
 

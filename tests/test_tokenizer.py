@@ -11,16 +11,8 @@ import pytest
 
 from mlmtrain.cli import main as cli_main
 from mlmtrain.errors import UserError
-from mlmtrain.tokenizer import (
-    NUM_SPECIAL,
-    SPECIAL_TOKENS,
-    UNK_ID,
-    TokenizerSettings,
-    load_tokenizer,
-    read_vocab,
-    tokenizer_fingerprint,
-    train_tokenizer,
-)
+from mlmtrain.tokenizer import NUM_SPECIAL, SPECIAL_TOKENS, UNK_ID, TokenizerSettings, train_tokenizer
+from mlmtrain.tokenizer_folder import load_tokenizer, read_vocab, tokenizer_fingerprint
 
 EXTRA_TEXT = [
     "대한민국은 민주공화국이다.",
@@ -167,6 +159,10 @@ def test_real_vocab_size_returned_and_fingerprint(tmp_path, tokenizer_dir):
     config = json.loads((copy / "tokenizer.json").read_text())
     config["normalizer"]["lowercase"] = True  # same vocab, other normalization: other ids for the same text
     (copy / "tokenizer.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="casing from tokenizer_config.json .do_lower_case=false.*has lowercase=true"):
+        tokenizer_fingerprint(copy)  # transformers would not lowercase: the two files must say the same
+    settings = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**settings, "do_lower_case": True}))
     assert tokenizer_fingerprint(copy) != tokenizer_fingerprint(tokenizer_dir)
 
 
@@ -293,7 +289,7 @@ def test_a_broken_tokenizer_config_is_refused_where_the_folder_is_first_read(
     """Only export reads tokenizer_config.json, but the folder check finds it broken before prepare or train."""
     from cli_run import assert_refused, in_process
 
-    from mlmtrain.tokenizer import read_tokenizer_config
+    from mlmtrain.tokenizer_folder import read_tokenizer_config
 
     tok = shutil.copytree(tokenizer_dir, tmp_path / "tok")
     (tok / "tokenizer_config.json").write_text(text)
@@ -302,3 +298,37 @@ def test_a_broken_tokenizer_config_is_refused_where_the_folder_is_first_read(
     assert not (tmp_path / "d").exists()
     with pytest.raises(UserError, match="tokenizer_config.json"):
         read_tokenizer_config(tok)
+
+
+def test_casing_is_what_transformers_will_use_or_the_folder_is_refused(tmp_path, tokenizer_dir):
+    """transformers' BertTokenizer builds its normalizer from tokenizer_config.json (do_lower_case missing:
+    true), not from tokenizer.json: a folder whose two files disagree trained and prepared, then failed export's
+    check after the training (and export filled a missing flag with mlmtrain's default, false)."""
+    from mlmtrain.tokenizer_folder import read_tokenizer_config
+
+    folder = shutil.copytree(tokenizer_dir, tmp_path / "cased")
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    del settings["do_lower_case"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    with pytest.raises(UserError, match=r"\(do_lower_case=true; a missing .* has lowercase=false"):
+        read_vocab(folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["normalizer"]["lowercase"] = True  # now both lowercase
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert read_tokenizer_config(folder)["do_lower_case"] is True  # what the export writes
+
+
+def test_a_folder_saved_by_transformers_5_has_no_vocab_txt_and_reads_the_same(tmp_path, tokenizer_dir):
+    """transformers 5's save_pretrained writes tokenizer.json and tokenizer_config.json only: the vocabulary is
+    tokenizer.json's WordPiece table, the same ids and fingerprint as with vocab.txt (which export writes)."""
+    from mlmtrain.tokenizer_folder import read_special_tokens, vocab_bytes
+
+    folder = shutil.copytree(tokenizer_dir, tmp_path / "v5")
+    (folder / "vocab.txt").unlink()
+    assert read_vocab(folder) == read_vocab(tokenizer_dir)
+    assert read_special_tokens(folder) == read_special_tokens(tokenizer_dir)
+    assert tokenizer_fingerprint(folder) == tokenizer_fingerprint(tokenizer_dir)
+    assert vocab_bytes(folder) == (tokenizer_dir / "vocab.txt").read_bytes()
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(UserError, match="tokenizer.json is missing .make one with `mlmtrain tokenizer`"):
+        read_vocab(folder)

@@ -186,7 +186,7 @@ def main(args) -> int:
     from mlmtrain.packing import Packer
     from mlmtrain.preflight import check_data_against_model, check_device
     from mlmtrain.prepare import check_tokenizer_match, load_split, prepare, read_meta, shard_specials
-    from mlmtrain.tokenizer import tokenizer_fingerprint
+    from mlmtrain.tokenizer_folder import tokenizer_fingerprint
 
     has_corpus = bool(args.input or args.dataset)
     if args.data is not None and has_corpus:

@@ -32,12 +32,13 @@ from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_f
 from mlmtrain.files import atomic_dir, check_out_folder, file_entries, file_mode, write_json
 from mlmtrain.preflight import check_vocab_match
 from mlmtrain.prepare import check_tokenizer_match
-from mlmtrain.tokenizer import (
-    SPECIAL_TOKENS_MAP,
+from mlmtrain.tokenizer import SPECIAL_TOKENS_MAP
+from mlmtrain.tokenizer_folder import (
     load_tokenizer,
     read_tokenizer_config,
     read_tokenizer_record,
     read_vocab,
+    vocab_bytes,
 )
 
 # The unigram baseline is counted from the shards at export when they hold at most this many tokens (about a
@@ -130,8 +131,8 @@ def export_folder(
         # `dtype`: transformers >= 4.56 reads it (5.x calls `torch_dtype` deprecated); older versions ignore it and
         # take the dtype from the weights under dtype="auto"
         write_json(tmp / "config.json", {**config.to_hf_dict(), "dtype": PRECISIONS[dtype]})
-        for file_name in ("tokenizer.json", "vocab.txt"):
-            shutil.copyfile(tokenizer_dir / file_name, tmp / file_name)
+        shutil.copyfile(tokenizer_dir / "tokenizer.json", tmp / "tokenizer.json")
+        (tmp / "vocab.txt").write_bytes(vocab_bytes(tokenizer_dir))  # a transformers 5 folder has none: made
         write_json(tmp / "tokenizer_config.json", tok_config)
         write_json(tmp / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
         card.save(tmp / "README.md")

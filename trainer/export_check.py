@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mlmtrain.files import Layout, manifest_problems
 from mlmtrain.model import SHAPE_FIELDS, BertConfig, hf_tensor_shapes
-from mlmtrain.tokenizer import vocab_disagreements
+from mlmtrain.tokenizer_folder import vocab_disagreements
 
 EXPORT_MANIFEST = "mlmtrain_export.json"
 REQUIRED_FILES = (

@@ -49,14 +49,8 @@ from mlmtrain.text import (
     iter_line_batches,
     line_problem_notes,
 )
-from mlmtrain.tokenizer import (
-    DEFAULT_SPECIALS,
-    SEP_ID,
-    SpecialTokens,
-    load_tokenizer,
-    read_special_tokens,
-    tokenizer_fingerprint,
-)
+from mlmtrain.tokenizer import DEFAULT_SPECIALS, SEP_ID, SpecialTokens
+from mlmtrain.tokenizer_folder import load_tokenizer, read_special_tokens, tokenizer_fingerprint
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")

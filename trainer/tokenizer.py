@@ -15,7 +15,6 @@ Two Korean traps this file avoids:
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import re
 import sys
@@ -106,16 +105,6 @@ class SpecialTokens:
 
 
 DEFAULT_SPECIALS = SpecialTokens(PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID, ((0, NUM_SPECIAL - 1),))
-
-
-def _ranges(ids) -> tuple[tuple[int, int], ...]:
-    out: list[list[int]] = []
-    for i in sorted(set(ids)):
-        if out and out[-1][1] == i - 1:
-            out[-1][1] = i
-        else:
-            out.append([i, i])
-    return tuple((a, b) for a, b in out)
 
 
 @dataclass
@@ -288,51 +277,6 @@ def tokenizer_config(settings: TokenizerSettings) -> dict:
     }
 
 
-def read_tokenizer_config(tokenizer_dir) -> dict:
-    """The clean tokenizer_config.json of a tokenizer folder: its own file's BertTokenizer keys (or, without
-    one, the normalizer flags of tokenizer.json), completed with the defaults and the special tokens."""
-    path = Path(tokenizer_dir)
-    source = {}
-    if (path / "tokenizer_config.json").is_file():
-        source = _tokenizer_config_file(path)
-    else:
-        norm = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer") or {}
-        if norm.get("type") == "BertNormalizer":
-            source = {
-                "do_lower_case": norm.get("lowercase", False),
-                "strip_accents": norm.get("strip_accents"),
-                "tokenize_chinese_chars": norm.get("handle_chinese_chars", True),
-            }
-    config = tokenizer_config(TokenizerSettings())
-    config.update({k: v for k, v in source.items() if k in TOKENIZER_CONFIG_KEYS and k not in SPECIAL_TOKENS_MAP})
-    length = source.get("model_max_length")  # None: not stated (the exporter decides)
-    config["model_max_length"] = None if length is None else int(min(length, 1 << 62))  # HF's "no limit": 1e30
-    return config
-
-
-def _tokenizer_config_file(path: Path) -> dict:
-    """A folder's own tokenizer_config.json: a JSON object whose BertTokenizer keys have the types
-    transformers reads them as (a wrong one fails only when the export is loaded back, after training)."""
-    file = path / "tokenizer_config.json"
-    try:
-        source = json.loads(file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {file}: {e}") from None
-    if not isinstance(source, dict):
-        raise UserError(f"cannot read {file}: it holds no JSON object of settings")
-    flags = ("do_lower_case", "strip_accents", "tokenize_chinese_chars", "clean_up_tokenization_spaces")
-    bad = [k for k in flags if k in source and not isinstance(source[k], bool)]
-    bad = [k for k in bad if not (k == "strip_accents" and source[k] is None)]  # null: follow do_lower_case
-    length = source.get("model_max_length")
-    is_number = isinstance(length, (int, float)) and not isinstance(length, bool)
-    bad += [] if length is None or (is_number and length >= 1) else ["model_max_length"]
-    bad += [] if isinstance(source.get("tokenizer_class", ""), str) else ["tokenizer_class"]
-    if bad:
-        values = ", ".join(f"{k}={source[k]!r}" for k in bad)
-        raise UserError(f"{file} has {values}: flags must be true, false or null, model_max_length a positive number.")
-    return source
-
-
 def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettings) -> None:
     """Write the four files into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -344,111 +288,6 @@ def write_tokenizer_dir(tok: Tokenizer, out_dir: Path, settings: TokenizerSettin
     (out_dir / "vocab.txt").write_text("".join(t + "\n" for t in by_id), encoding="utf-8")
     write_json(out_dir / "tokenizer_config.json", tokenizer_config(settings))
     write_json(out_dir / "special_tokens_map.json", SPECIAL_TOKENS_MAP)
-
-
-def read_tokenizer_record(tokenizer_dir) -> dict | None:
-    """TOKENIZER_RECORD of a folder `mlmtrain tokenizer` wrote; None for other tokenizer folders."""
-    path = Path(tokenizer_dir) / TOKENIZER_RECORD
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (ValueError, OSError):
-        return None
-
-
-def _check_tokenizer_dir(tokenizer_dir) -> Path:
-    path = Path(tokenizer_dir)
-    if not path.is_dir():
-        raise UserError(f"tokenizer folder {path} does not exist; make one with `mlmtrain tokenizer`.")
-    for name in ("tokenizer.json", "vocab.txt"):
-        if not (path / name).is_file():
-            raise UserError(
-                f"{path} is not a tokenizer folder: {name} is missing (make one with `mlmtrain tokenizer`)."
-            )
-    if (path / "tokenizer_config.json").is_file():  # read only by export: checked here, before any training
-        _tokenizer_config_file(path)
-    return path
-
-
-def load_tokenizer(tokenizer_dir) -> Tokenizer:
-    """The fast tokenizer, its five specials checked (present, the same ids in vocab.txt and tokenizer.json)."""
-    path = _check_tokenizer_dir(tokenizer_dir)
-    try:
-        tok = Tokenizer.from_file(str(path / "tokenizer.json"))
-    except Exception as e:  # tokenizers raises a plain Exception on malformed JSON
-        raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
-    read_special_tokens(path)
-    prefix = getattr(tok.model, "continuing_subword_prefix", WORDPIECES_PREFIX)
-    if prefix != WORDPIECES_PREFIX:
-        raise UserError(
-            f"{path} continues words with {prefix!r}, but transformers' BertTokenizer only reads "
-            f"{WORDPIECES_PREFIX!r}: retrain it with `mlmtrain tokenizer` (which always uses {WORDPIECES_PREFIX!r})."
-        )
-    return tok
-
-
-def read_special_tokens(tokenizer_dir) -> SpecialTokens:
-    """The special-token layout of a tokenizer folder: the ids of [PAD] [UNK] [CLS] [SEP] [MASK] in vocab.txt
-    (tokenizer.json must agree), and the never-masked ids. One sentence if a special is missing."""
-    path = _check_tokenizer_dir(tokenizer_dir)
-    vocab = read_vocab(path)
-    index = {token: i for i, token in reversed(list(enumerate(vocab)))}  # the first row of a repeated token
-    try:
-        tok_json = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
-    json_vocab = (tok_json.get("model") or {}).get("vocab") or {}
-    differ = vocab_disagreements(vocab, json_vocab)
-    if differ:  # a repeated or missing vocab.txt row: transformers and the shards would read other ids
-        raise UserError(
-            f"{path}: vocab.txt and tokenizer.json disagree on the id of {differ} tokens; the two files must come "
-            "from the same tokenizer."
-        )
-    added = {t.get("content"): t.get("id") for t in tok_json.get("added_tokens") or [] if t.get("special")}
-    ids = []
-    for token in SPECIAL_TOKENS:
-        if token not in index:
-            raise UserError(f"{path / 'vocab.txt'} has no {token}: a BERT vocabulary needs {' '.join(SPECIAL_TOKENS)}.")
-        in_json = added.get(token, json_vocab.get(token))
-        if in_json != index[token]:
-            raise UserError(
-                f"{path} puts {token} at id {index[token]} in vocab.txt but at {in_json} in tokenizer.json; "
-                "the two files must come from the same tokenizer."
-            )
-        ids.append(index[token])
-    extra = [i for i in added.values() if isinstance(i, int) and 0 <= i < len(vocab)]
-    unused = [i for i, token in enumerate(vocab) if UNUSED_TOKEN.fullmatch(token)]
-    return SpecialTokens(*ids, never_mask=_ranges([*ids, *extra, *unused]))
-
-
-def vocab_disagreements(vocab: list[str], json_vocab: dict) -> int:
-    """How many rows of vocab.txt (`vocab`, index = id) tokenizer.json's WordPiece table (`json_vocab`, token ->
-    id) puts at another id, or leaves out, plus the ids it has beyond vocab.txt's rows."""
-    beyond = sum(1 for i in json_vocab.values() if not isinstance(i, int) or not 0 <= i < len(vocab))
-    return sum(json_vocab.get(token) != i for i, token in enumerate(vocab)) + beyond
-
-
-def read_vocab(tokenizer_dir) -> list[str]:
-    """vocab.txt as a list: index = token id."""
-    path = _check_tokenizer_dir(tokenizer_dir)
-    rows = (path / "vocab.txt").read_text(encoding="utf-8").split("\n")
-    return rows[:-1] if rows[-1] == "" else rows  # a last row without its newline is a row (as transformers reads)
-
-
-def tokenizer_fingerprint(tokenizer_dir) -> str:
-    """sha256 of vocab.txt, the normalizer settings and the special-token layout: two folders with the same
-    fingerprint map text to the same ids and mask alike, so shards made with one can be trained with the other
-    (file formatting may differ)."""
-    path = _check_tokenizer_dir(tokenizer_dir)
-    normalizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer")
-    h = hashlib.sha256()
-    h.update((path / "vocab.txt").read_bytes())
-    h.update(json.dumps(normalizer, sort_keys=True).encode())
-    specials = read_special_tokens(path)
-    if specials != DEFAULT_SPECIALS:
-        # tokenizer.json can mark specials that vocab.txt does not show, and they change the masking; the 0-4
-        # layout hashes without them, so the fingerprints its shards and checkpoints already record still match
-        h.update(json.dumps(specials.to_dict()).encode())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- CLI

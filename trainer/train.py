@@ -42,7 +42,7 @@ from mlmtrain.pretrained import check_tokenizer_fits, hub_id, locate, read_pretr
 from mlmtrain.profiling import no_phase, start_profiler
 from mlmtrain.progress import StepProgress, quiet
 from mlmtrain.stop import StopSignal, exit_code
-from mlmtrain.tokenizer import read_vocab
+from mlmtrain.tokenizer_folder import read_vocab
 
 
 def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps: bool = False) -> dict:
