@@ -448,7 +448,8 @@ def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfi
         if getattr(getattr(saved_run, section), key) != getattr(getattr(run, section), key)
     ]
     if changed:  # the packer's order and the masks' key: a cursor means nothing under other values
-        problems.append(f"{', '.join(changed)} differ from the checkpoint's run (the data cursor would not line up)")
+        verb = "differs" if len(changed) == 1 else "differ"
+        problems.append(f"{', '.join(changed)} {verb} from the checkpoint's run (the data cursor would not line up)")
     saved_init = state.get("init_from")
     if run.model.init_from and not same_source(run.model.init_from, saved_init):
         problems.append(
