@@ -155,12 +155,23 @@ def test_files_named_like_ours_are_not_ours(made, tmp_path):
 
     run = copy(made["run"], tmp_path / "run")
     host, dead = files._host(), dead_pid()
-    user = ["checkpoints/NOTES.txt", "checkpoints/step_00000002/model.bin", "profile/analysis.md", ".tmp_mine/a.txt"]
-    ours = [f"checkpoints/.tmp_step_00000003_{host}_{dead}/model.safetensors", f".tmp_config.json_{host}_{dead}"]
+    user = ["checkpoints/NOTES.txt", "checkpoints/step_00000002/model.bin", "profile/analysis.md", ".tmp_mine/a.txt",
+            f".tmp_notes_{host}_{dead}", f"checkpoints/.tmp_draft_{host}_{dead}/a.txt"]  # fmt: skip
+    ours = [f"checkpoints/.tmp_step_00000003_{host}_{dead}/model.safetensors", f".tmp_config.json_{host}_{dead}",
+            f".tmp_.mlmtrain.json_{host}_{dead}", f"profile/.tmp_phases.json_{host}_{dead}"]  # fmt: skip
     for name in user + ours:
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
     assert files.foreign_files(run, RUN_LAYOUT) == sorted(user)
+    from mlmtrain.run_folder import _ours_in
+
+    files.remove_stale_tmp(run, any_host=True, owns=_ours_in())  # what a run's start cleans up: only its own
+    files.remove_stale_tmp(run / "checkpoints", any_host=True, owns=_ours_in("checkpoints"))
+    assert all((run / name).exists() for name in user)
+    assert not any((run / name).exists() for name in ours if "profile/" not in name)
+    for name in ours:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
     demo = tmp_path / "demo"
     copy(run, demo / "run")
     (demo / "demo_result.json").write_text("{}")

@@ -144,6 +144,32 @@ def owned(path: str, pattern: str) -> bool:
     return all(_TMP_NAME.fullmatch(n) if p == TMP else fnmatch.fnmatchcase(n, p) for n, p in zip(names, parts))
 
 
+def owns_name(layout: Layout, parents: list[str], name: str) -> bool:
+    """Does `layout` own `name` in its folder `parents` ([] for its root): its marker, a part, or a name one of
+    its patterns gives there? A hidden sibling is ours only as the temporary copy of such a name."""
+    if not parents and (name == MARKER or name in dict(layout.parts)):
+        return True
+    depth = len(parents)
+    for pattern in layout.owns:
+        parts = pattern.split("/")
+        if len(parts) <= depth or parts[depth] in (TMP, "**"):
+            continue
+        above = all(p == TMP and _TMP_NAME.fullmatch(n) or fnmatch.fnmatchcase(n, p) for n, p in zip(parents, parts))
+        if above and fnmatch.fnmatchcase(name, parts[depth]):
+            return True
+    return False
+
+
+def _siblings_owned(layout: Layout, path: str) -> bool:
+    """Every hidden sibling along `path` stands for a name `layout` owns there (a user's `.tmp_notes_v_2` is not
+    ours, however it is named)."""
+    names = path.split("/")
+    return all(
+        (match := _TMP_NAME.fullmatch(n)) is None or owns_name(layout, names[:i], match["name"])
+        for i, n in enumerate(names)
+    )
+
+
 def reads_as(path: Path, keys: tuple[str, ...]) -> bool:
     """Is `path` a JSON object holding every one of `keys`?"""
     try:
@@ -208,7 +234,7 @@ def foreign_files(folder: Path, layout: Layout) -> list[str]:
         links = [d for d in dirs if (Path(root) / d).is_symlink()]
         for name in files + links:
             path = (rel / name).as_posix()
-            if path != MARKER and not any(owned(path, p) for p in layout.owns):
+            if path != MARKER and not (any(owned(path, p) for p in layout.owns) and _siblings_owned(layout, path)):
                 foreign.append(path)
     return sorted(foreign)
 
@@ -285,17 +311,18 @@ def _remove(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def remove_stale_tmp(parent: Path, name: str | None = None, *, any_host: bool = False) -> list[str]:
-    """Clean up the temporary siblings (of `name` only, if given) that killed processes left in `parent`: a
-    half-written one is removed; a complete folder moved aside to be replaced (`.mlmtrain-old_`) is put back when
-    nothing took its place. A process still alive on this host keeps its own; with `any_host` (the caller holds the
-    folder's lock, so no other process writes there) every other one is stale. Returns what was done."""
+def remove_stale_tmp(parent: Path, name: str | None = None, *, any_host: bool = False, owns=None) -> list[str]:
+    """Clean up the temporary siblings (of `name` only, if given; of names `owns(name)` accepts, if given) that
+    killed processes left in `parent`: a half-written one is removed; a complete folder moved aside to be replaced
+    (`.mlmtrain-old_`) is put back when nothing took its place. A process still alive on this host keeps its own;
+    with `any_host` (the caller holds the folder's lock, so no other process writes there) every other one is
+    stale. Returns what was done."""
     done: list[str] = []
     if not Path(parent).is_dir():
         return done
     for entry in sorted(Path(parent).iterdir()):
         match = _TMP_NAME.fullmatch(entry.name)
-        if match is None or (name is not None and match["name"] != name):
+        if match is None or (name is not None and match["name"] != name) or (owns and not owns(match["name"])):
             continue
         same_host, pid = match["host"] == _host(), int(match["pid"])
         if (same_host and pid == os.getpid()) or (not any_host and (not same_host or _alive(pid))):

@@ -39,6 +39,7 @@ from mlmtrain.files import (
     WRITE_ERRNOS,
     Layout,
     folder_state,
+    owns_name,
     read_marker,
     refuse_unless_mine,
     remove_stale_tmp,
@@ -169,7 +170,7 @@ def open_run_folder(
     if holder is not None:  # said first: whatever else is wrong, the other process is the one to wait for
         raise in_use(run_dir, holder)
     found = folder_state(run_dir, RUN_LAYOUT)[0]
-    done = remove_stale_tmp(run_dir / CHECKPOINTS) if found == "mine" else []
+    done = remove_stale_tmp(run_dir / CHECKPOINTS, owns=_ours_in(CHECKPOINTS)) if found == "mine" else []
     start = plan_start(run_dir, resume, log=_quiet)  # refuse before creating anything
     if start is not None:
         check_start(start)
@@ -182,7 +183,8 @@ def open_run_folder(
         raise UserError(f"cannot create the run folder {run_dir}: {e.strerror}") from None
     folder = RunFolder(run_dir, start, 0, RunLock(run_dir, log), found)
     try:
-        done += remove_stale_tmp(run_dir / CHECKPOINTS, any_host=True) + remove_stale_tmp(run_dir, any_host=True)
+        done += remove_stale_tmp(run_dir / CHECKPOINTS, any_host=True, owns=_ours_in(CHECKPOINTS))
+        done += remove_stale_tmp(run_dir, any_host=True, owns=_ours_in())
         for note in done:
             log(note)
         folder.start = plan_start(run_dir, resume, log)  # again: now no other process can change the folder
@@ -195,6 +197,11 @@ def open_run_folder(
         folder.close(failed=True)
         raise
     return folder
+
+
+def _ours_in(*parents: str):
+    """Which hidden siblings in the run's folder `parents` may be cleaned up: those of names a run writes there."""
+    return lambda name: owns_name(RUN_LAYOUT, list(parents), name)
 
 
 def check_run_folder(run_dir: Path, resume: str | None) -> None:
