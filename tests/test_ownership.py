@@ -158,7 +158,8 @@ def test_files_named_like_ours_are_not_ours(made, tmp_path):
     user = ["checkpoints/NOTES.txt", "checkpoints/step_00000002/model.bin", "profile/analysis.md", ".tmp_mine/a.txt",
             f".tmp_notes_{host}_{dead}", f"checkpoints/.tmp_draft_{host}_{dead}/a.txt"]  # fmt: skip
     ours = [f"checkpoints/.tmp_step_00000003_{host}_{dead}/model.safetensors", f".tmp_config.json_{host}_{dead}",
-            f".tmp_.mlmtrain.json_{host}_{dead}", f"profile/.tmp_phases.json_{host}_{dead}"]  # fmt: skip
+            f".tmp_.mlmtrain.json_{host}_{dead}", f"profile/.tmp_phases.json_{host}_{dead}",
+            f"checkpoints/.tmp_step_00000004_{host}_{dead}/.tmp_state.json_{host}_{dead}"]  # fmt: skip
     for name in user + ours:
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
@@ -176,6 +177,8 @@ def test_files_named_like_ours_are_not_ours(made, tmp_path):
     copy(run, demo / "run")
     (demo / "demo_result.json").write_text("{}")
     files.write_marker(demo, demo_layout())
+    (demo / f".tmp_export_{host}_{dead}").mkdir()  # a killed demo's export, killed inside a JSON write
+    (demo / f".tmp_export_{host}_{dead}" / f".tmp_config.json_{host}_{dead}").write_text("x")
     assert files.foreign_files(demo, demo_layout()) == sorted(f"run/{name}" for name in user)
 
 

@@ -99,7 +99,7 @@ def test_init_from_matches_transformers_trains_and_exports(folder_and_data, tmp_
     config = json.loads((out / "config.json").read_text())
     assert config["pad_token_id"] == 0 and config["hidden_size"] == CUSTOM_DIMS["hidden_size"]
     card = (out / "README.md").read_text()
-    assert f"continued from `{folder}`" in card
+    assert f"continued from a local model (`{folder.name}`)" in card and str(folder) not in card
 
 
 def test_google_layout_masking_never_selects_a_special(tokenizer_dir, sample_corpus, tmp_path):
@@ -312,3 +312,17 @@ def test_a_transformers_folder_given_as_a_checkpoint_is_named_for_what_it_is(tok
         UserError, match=f"{folder} holds a transformers model, not an mlmtrain checkpoint .*--init-from"
     ):
         latest_checkpoint(folder)
+
+
+def test_a_model_whose_tokenizer_transformers_reads_otherwise_is_refused(tokenizer_dir, sample_corpus, tmp_path):
+    """The model learned text as transformers splits it (tokenizer_config.json's flags); shards made by
+    tokenizer.json's other casing would train and score it on text it never saw that way."""
+    folder = make_bert_folder(tmp_path / "bert", tokenizer_dir, "0-4")
+    prepare([sample_corpus], folder, tmp_path / "data", valid_fraction=0.05, max_seq_len=128, progress=False)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "do_lower_case": True}))
+    with pytest.raises(UserError, match="transformers tokenizes for this model with do_lower_case=true"):
+        setup(run_config(folder, tmp_path / "data", tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    rc = cli.main(["eval", "--model", str(folder), "--data", str(tmp_path / "data")])
+    assert rc == 2

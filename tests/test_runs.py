@@ -125,9 +125,13 @@ def test_a_resume_that_would_change_the_data_order_or_the_starting_model_is_refu
     assert run_cli(*train_args(data_dir, tokenizer_dir, run)).returncode == 0
     before = snapshot(run)
     resume = ("train", "--config", run / "config.json", "--resume", "--max-steps", 3, "--change-max-steps")
-    assert_refused(run_cli(*resume, "--set", "data.pack=document"), "data.pack differ", "cursor would not line up")
-    assert_refused(run_cli(*resume, "--seed", 7), "train.seed differ")
+    pack = ("--set", "data.pack=document")
+    assert_refused(run_cli(*resume, *pack), "data.pack is 'document' here but 'sentence' in the checkpoint's run")
+    assert_refused(run_cli(*resume, "--seed", 7), "train.seed is 7 here but 0")
     assert_refused(run_cli(*resume, "--init-from", "klue/bert-base"), "started from scratch", "drop --init-from")
+    assert_refused(run_cli(*resume, "--tokens-per-batch", 2048), "data.tokens_per_batch is 2048 here but 1024")
+    two = run_cli(*resume, *pack, "--nproc", 2, "--set", "optim.grad_accum=2")  # refused before torchrun starts
+    assert "rank" not in assert_refused(two, "data.pack is 'document'", "optim.grad_accum is 2 here but 1")
     assert snapshot(run) == before
 
 

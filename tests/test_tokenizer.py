@@ -159,10 +159,6 @@ def test_real_vocab_size_returned_and_fingerprint(tmp_path, tokenizer_dir):
     config = json.loads((copy / "tokenizer.json").read_text())
     config["normalizer"]["lowercase"] = True  # same vocab, other normalization: other ids for the same text
     (copy / "tokenizer.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="casing from tokenizer_config.json .do_lower_case=false.*has lowercase=true"):
-        tokenizer_fingerprint(copy)  # transformers would not lowercase: the two files must say the same
-    settings = json.loads((copy / "tokenizer_config.json").read_text())
-    (copy / "tokenizer_config.json").write_text(json.dumps({**settings, "do_lower_case": True}))
     assert tokenizer_fingerprint(copy) != tokenizer_fingerprint(tokenizer_dir)
 
 
@@ -300,22 +296,37 @@ def test_a_broken_tokenizer_config_is_refused_where_the_folder_is_first_read(
         read_tokenizer_config(tok)
 
 
-def test_casing_is_what_transformers_will_use_or_the_folder_is_refused(tmp_path, tokenizer_dir):
-    """transformers' BertTokenizer builds its normalizer from tokenizer_config.json (do_lower_case missing:
-    true), not from tokenizer.json: a folder whose two files disagree trained and prepared, then failed export's
-    check after the training (and export filled a missing flag with mlmtrain's default, false)."""
-    from mlmtrain.tokenizer_folder import read_tokenizer_config
+def test_a_folder_transformers_would_split_otherwise_is_refused_where_it_matters(tmp_path, tokenizer_dir):
+    """transformers' BertTokenizer builds its normalizer and pre-tokenizer itself, from tokenizer_config.json's
+    flags (do_lower_case missing: true), not from tokenizer.json. Flags that disagree: the export writes
+    tokenizer.json's, so a model trained here reads alike; a transformers model's own folder (--init-from,
+    eval --model) is refused, since it learned transformers' split. A normalizer BertTokenizer would replace
+    (an NFKC sequence, no clean_text) is refused at every read: no export could be read like training."""
+    from mlmtrain.tokenizer_folder import read_tokenizer_config, transformers_casing_problem
 
     folder = shutil.copytree(tokenizer_dir, tmp_path / "cased")
     settings = json.loads((folder / "tokenizer_config.json").read_text())
     del settings["do_lower_case"]
     (folder / "tokenizer_config.json").write_text(json.dumps(settings))
-    with pytest.raises(UserError, match=r"\(do_lower_case=true; a missing .* has lowercase=false"):
-        read_vocab(folder)
+    assert read_vocab(folder) == read_vocab(tokenizer_dir)  # it worked before the check: it still does
+    assert read_tokenizer_config(folder)["do_lower_case"] is False  # what the export writes: tokenizer.json's
+    problem = transformers_casing_problem(folder)
+    assert "with do_lower_case=true (tokenizer_config.json; a missing" in problem and "has lowercase=false" in problem
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     tokenizer["normalizer"]["lowercase"] = True  # now both lowercase
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
-    assert read_tokenizer_config(folder)["do_lower_case"] is True  # what the export writes
+    assert transformers_casing_problem(folder) is None and read_tokenizer_config(folder)["do_lower_case"] is True
+
+    nfkc = {"type": "Sequence", "normalizers": [{"type": "NFKC"}, tokenizer["normalizer"]]}
+    (folder / "tokenizer.json").write_text(json.dumps({**tokenizer, "normalizer": nfkc}))
+    with pytest.raises(UserError, match=r"normalizer and pre-tokenizer \(Sequence, BertPreTokenizer\) are not"):
+        read_vocab(folder)
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps({**settings, "tokenizer_class": "PreTrainedTokenizerFast"})
+    )
+    assert read_vocab(folder)  # a class that reads tokenizer.json as it is
+    with pytest.raises(UserError, match="--no-clean-text is not supported"):
+        TokenizerSettings(clean_text=False).validate()
 
 
 def test_a_folder_saved_by_transformers_5_has_no_vocab_txt_and_reads_the_same(tmp_path, tokenizer_dir):

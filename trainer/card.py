@@ -84,6 +84,8 @@ def model_card(
     run = _resolved_run(run_config.get("run") or {}, state.get("resolved") or {})
     init_from = base_model or (run.get("model") or {}).get("init_from")
     origin = f"continued from `{init_from}`" if init_from else "pretrained from scratch"
+    if init_from and not base_model:  # a local folder: its name only (a public card shows no home directory)
+        origin = f"continued from a local model (`{Path(init_from).name}`)"
     data, mask, optim, train = (run.get(k) or {} for k in ("data", "mask", "optim", "train"))
     size = next(
         (name for name, dims in MODEL_SIZES.items() if all(getattr(config, k) == v for k, v in dims.items())), "custom"

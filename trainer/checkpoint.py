@@ -406,28 +406,16 @@ def data_fingerprint(meta: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# what the data cursor of a checkpoint is a position in: the packer's batches (their size, their split into
-# micro-batches, the layout and the packing unit) and its shuffles (the seed)
-CURSOR_KEYS = (
-    ("data", "tokens_per_batch"),
-    ("optim", "grad_accum"),
-    ("data", "layout"),
-    ("data", "pack"),
-    ("train", "seed"),
-)
+# what a resumed run continues only under the same values: its batches and their split into micro-batches, the
+# packer's layout and unit and its shuffles, and the masks (keyed by the seed, the step and the token's index in it)
+CONTINUITY_KEYS = (("optim", "grad_accum"), ("data", "layout"), ("data", "pack"), ("train", "seed"))
 
 
-def same_source(a: str, b: str | None) -> bool:
-    """Whether two `model.init_from` values name the same model (a local path, as written or absolute)."""
-    if b is None:
-        return False
-    return a == b or os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
-
-
-def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfig) -> None:
-    """Refuse to resume on other data, another tokenizer, another model shape or another batch layout (the
-    data cursor would not line up). `run` is the RunConfig the resumed run uses."""
-    from mlmtrain.config import config_from_dict
+def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfig, tokens_per_batch: int) -> None:
+    """Refuse to resume on other data, another tokenizer, another model shape, another starting model, or other
+    batches, data order or masks (CONTINUITY_KEYS, and `tokens_per_batch` as resolved on this device). `run` is the
+    RunConfig the resumed run uses."""
+    from mlmtrain.config import config_from_dict, source_path
 
     saved_config, state = read_state(ckpt)
     problems = []
@@ -442,16 +430,21 @@ def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfi
                 f"model {key} is {getattr(model_config, key)} but the checkpoint has {saved_model.get(key)}"
             )
     saved_run = config_from_dict(saved_config.get("run", {}))
+    resolved = state.get("resolved") if isinstance(state.get("resolved"), dict) else {}
+    saved_tokens = resolved.get("data.tokens_per_batch") or saved_run.data.tokens_per_batch
+    pairs = [("data.tokens_per_batch", tokens_per_batch, saved_tokens)]
+    pairs += [(f"{a}.{b}", getattr(getattr(run, a), b), getattr(getattr(saved_run, a), b)) for a, b in CONTINUITY_KEYS]
     changed = [
-        f"{section}.{key}"
-        for section, key in CURSOR_KEYS
-        if getattr(getattr(saved_run, section), key) != getattr(getattr(run, section), key)
+        f"{key} is {ours!r} here but {theirs!r} in the checkpoint's run"
+        for key, ours, theirs in pairs
+        if ours != theirs
     ]
-    if changed:  # the packer's order and the masks' key: a cursor means nothing under other values
-        verb = "differs" if len(changed) == 1 else "differ"
-        problems.append(f"{', '.join(changed)} {verb} from the checkpoint's run (the data cursor would not line up)")
+    if changed:  # fmt: skip
+        problems.append(
+            ", ".join(changed) + " (a run continues its batches, data order and masks only under the same values)"
+        )
     saved_init = state.get("init_from")
-    if run.model.init_from and not same_source(run.model.init_from, saved_init):
+    if run.model.init_from and source_path(run.model.init_from) != source_path(saved_init or ""):
         problems.append(
             f"model.init_from is {run.model.init_from} but the checkpoint's run started from {saved_init or 'scratch'} "
             "(a resume takes its weights from the checkpoint: drop --init-from)"

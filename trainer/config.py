@@ -66,14 +66,8 @@ class ModelSpec:
 
 
 # The dimensions that, with the tokenizer's vocab_size, fix the weights' shapes (transformers' names).
-SHAPE_DIMS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "type_vocab_size",
-)
+SHAPE_DIMS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "max_position_embeddings", "type_vocab_size")  # fmt: skip
 # What `model.init_from` decides: setting one of these as well would be silently ignored, so it is refused.
 INIT_FROM_KEYS = (*SHAPE_DIMS, "layer_norm_eps", "initializer_range")
 
@@ -391,9 +385,14 @@ def load_config(
     for spec, key in ((cfg, "out_dir"), (cfg.data, "data_dir"), (cfg.data, "tokenizer_dir")):
         if getattr(spec, key):
             setattr(spec, key, os.path.abspath(os.path.expanduser(getattr(spec, key))))
-    if cfg.model.init_from and os.path.exists(os.path.expanduser(cfg.model.init_from)):  # a folder, not a Hub id
-        cfg.model.init_from = os.path.abspath(os.path.expanduser(cfg.model.init_from))
+    cfg.model.init_from = source_path(cfg.model.init_from)  # a folder absolute, a Hub id as given
     return validate(cfg)
+
+
+def source_path(source: str) -> str:
+    """A model source as runs store it: an existing local path made absolute; a Hub id (or "") as given."""
+    path = os.path.expanduser(source)
+    return os.path.abspath(path) if source and os.path.exists(path) else source
 
 
 def _read_run_config(path: Path) -> dict:

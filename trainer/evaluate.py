@@ -156,6 +156,7 @@ def load_model(source: str, tokenizer_dir=None):
     from mlmtrain.checkpoint import CHECKPOINTS, MANIFEST, read_latest, run_tokenizer_dir
     from mlmtrain.prepare import check_tokenizer_match
     from mlmtrain.pretrained import locate, read_pretrained
+    from mlmtrain.tokenizer_folder import transformers_casing_problem
 
     path = Path(source).expanduser()
     if path.is_dir() and ((path / MANIFEST).is_file() or (path / CHECKPOINTS).is_dir()):
@@ -171,6 +172,9 @@ def load_model(source: str, tokenizer_dir=None):
             raise UserError(f"{folder} has no MLM head ({pretrained.initialised[0]}, ...): there is nothing to score.")
         config, weights = pretrained.config, pretrained.weights
         tokenizer_dir = tokenizer_dir or folder
+        problem = transformers_casing_problem(tokenizer_dir)  # scored on text split as in its pretraining
+        if problem:
+            raise UserError(problem)
         kind = "export" if (folder / "mlmtrain_export.json").is_file() else "transformers"
         info = {"model": str(source), "kind": kind, "folder": str(folder)}
     model = BertForMaskedLM(config)

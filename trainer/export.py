@@ -41,6 +41,10 @@ from mlmtrain.tokenizer_folder import (
     vocab_bytes,
 )
 
+# Text whose split depends on every normalizer setting: case, accents (composed and combining), full-width and
+# compatibility forms (NFKC), control and zero-width characters, whitespace, CJK ideographs, Hangul syllables and jamo
+NORMALIZATION_PROBE = "Ünïcode e\u0301 ＡＢＣ ① ㄱㄴ \x07tab\tzero\u200bwidth\u00a0nbsp 漢字 한국어 Ⅻ ﬁ"
+
 # The unigram baseline is counted from the shards at export when they hold at most this many tokens (about a
 # second and a few hundred MB); larger corpora get a card that says it was not computed.
 UNIGRAM_MAX_TOKENS = 20_000_000
@@ -243,13 +247,13 @@ def _verify(folder: Path, widget_texts: list[str], atol: float) -> dict:
     raw_tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     texts = list(widget_texts) + [" ".join(widget_texts)]
     cls_id, sep_id = hf_tok.cls_token_id, hf_tok.sep_token_id
-    for text in texts:
+    for text in [*texts, NORMALIZATION_PROBE]:
         want = [cls_id] + raw_tok.encode(text, add_special_tokens=False).ids + [sep_id]
         got = hf_tok(text)["input_ids"]
         if got != want:
             raise UserError(
                 f"AutoTokenizer splits {text!r} into {got} but tokenizer.json gives {want}: "
-                "tokenizer_config.json does not match the tokenizer."
+                "transformers reads the exported tokenizer unlike the one the model was trained with."
             )
 
     # Logits: our packed forward (the training path) vs BertForMaskedLM on the padded batch.

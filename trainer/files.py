@@ -9,7 +9,8 @@
   their exact set of files.
 - Temporary siblings are named `.tmp_{name}_{host}_{pid}` (a folder being written) and
   `.mlmtrain-old_{name}_{host}_{pid}` (a complete folder moved aside to be replaced), so a later start can tell
-  which ones a killed process left behind and what each one is (`remove_stale_tmp`).
+  which ones a killed process left behind and what each one is (`remove_stale_tmp`). A sibling inside a
+  folder is that folder's own only as the temporary of a name its command writes there (`owns_name`).
 - Manifests (size + sha256 of every file) let a reader tell a complete folder from a damaged one.
 
 No torch import.
@@ -145,29 +146,36 @@ def owned(path: str, pattern: str) -> bool:
 
 
 def owns_name(layout: Layout, parents: list[str], name: str) -> bool:
-    """Does `layout` own `name` in its folder `parents` ([] for its root): its marker, a part, or a name one of
-    its patterns gives there? A hidden sibling is ours only as the temporary copy of such a name."""
-    if not parents and (name == MARKER or name in dict(layout.parts)):
+    """Does `layout` own `name` in its folder `parents` ([] for its root; hidden siblings already read as the
+    names they stand for): its marker, a part's folder or a name in it, a name one of its patterns gives there,
+    or anything below a `**`? A hidden sibling is ours only as the temporary copy of such a name."""
+    parts = dict(layout.parts)
+    if parents and parents[0] in parts:
+        return owns_name(parts[parents[0]], parents[1:], name)
+    if not parents and (name == MARKER or name in parts):
         return True
-    depth = len(parents)
-    for pattern in layout.owns:
-        parts = pattern.split("/")
-        if len(parts) <= depth or parts[depth] in (TMP, "**"):
-            continue
-        above = all(p == TMP and _TMP_NAME.fullmatch(n) or fnmatch.fnmatchcase(n, p) for n, p in zip(parents, parts))
-        if above and fnmatch.fnmatchcase(name, parts[depth]):
-            return True
+    names = [*parents, name]
+    for pattern in (p.split("/") for p in layout.owns):
+        for depth, (n, p) in enumerate(zip(names, pattern)):
+            if p == "**":
+                return True
+            if p == TMP or not fnmatch.fnmatchcase(n, p):
+                break
+            if depth == len(names) - 1:
+                return True
     return False
 
 
 def _siblings_owned(layout: Layout, path: str) -> bool:
     """Every hidden sibling along `path` stands for a name `layout` owns there (a user's `.tmp_notes_v_2` is not
-    ours, however it is named)."""
-    names = path.split("/")
-    return all(
-        (match := _TMP_NAME.fullmatch(n)) is None or owns_name(layout, names[:i], match["name"])
-        for i, n in enumerate(names)
-    )
+    ours, however it is named); below one, names are matched as in the folder it stands for."""
+    resolved = []
+    for n in path.split("/"):
+        match = _TMP_NAME.fullmatch(n)
+        if match is not None and not owns_name(layout, resolved, match["name"]):
+            return False
+        resolved.append(n if match is None else match["name"])
+    return True
 
 
 def reads_as(path: Path, keys: tuple[str, ...]) -> bool:

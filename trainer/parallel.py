@@ -65,6 +65,14 @@ def timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+def rank_device(name: str) -> torch.device:
+    """The device `train.device` names for this process: "auto" and "cuda" mean this rank's GPU."""
+    if name == "auto":
+        return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    return torch.device("cuda", local_rank()) if device.type == "cuda" and device.index is None else device
+
+
 def init(device: torch.device | None = None) -> tuple[int, int]:
     """Join the process group when launched by torchrun: NCCL for a CUDA device, gloo for the CPU (the
     default device: CUDA if available). Returns (rank, world)."""

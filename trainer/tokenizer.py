@@ -135,6 +135,11 @@ class TokenizerSettings:
                 f"continues words with {WORDPIECES_PREFIX!r} whatever the tokenizer says, so every word of an "
                 f"exported model split into pieces would read as [UNK]; keep {WORDPIECES_PREFIX!r}."
             )
+        if not self.clean_text:
+            raise UserError(
+                "--no-clean-text is not supported: transformers' BertTokenizer rebuilds its normalizer with clean_text "
+                "on whatever the tokenizer says (5.x), so an exported model would read text unlike in training."
+            )
         if self.model_max_length < 3:
             raise UserError(f"--model-max-length must be at least 3 ([CLS] token [SEP]), got {self.model_max_length}.")
 

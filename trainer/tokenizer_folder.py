@@ -27,6 +27,13 @@ from mlmtrain.tokenizer import (
     tokenizer_config,
 )
 
+# tokenizer_config.json classes that build BertTokenizer's normalizer and pre-tokenizer from the config's flags
+BERT_CLASSES = ("BertTokenizer", "BertTokenizerFast", "DistilBertTokenizer", "DistilBertTokenizerFast",
+                "ElectraTokenizer", "ElectraTokenizerFast")  # fmt: skip
+REWRITE = (
+    "`AutoTokenizer.from_pretrained(DIR).save_pretrained(NEW_DIR)` writes a folder transformers and mlmtrain read alike"
+)
+
 # ------------------------------------------------------------------------------------------------- the folder
 
 
@@ -35,17 +42,39 @@ def _check_tokenizer_dir(tokenizer_dir) -> Path:
     if not path.is_dir():
         raise UserError(f"tokenizer folder {path} does not exist; make one with `mlmtrain tokenizer`.")
     if not (path / "tokenizer.json").is_file():
-        how = "`AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)` writes it from vocab.txt"
+        how = "transformers writes it: `BertTokenizer.from_pretrained(DIR, do_lower_case=...).save_pretrained(NEW_DIR)`"
         raise UserError(
             f"{path} is not a tokenizer folder: tokenizer.json is missing ("
             + (how if (path / "vocab.txt").is_file() else "make one with `mlmtrain tokenizer`")
             + ")."
         )
-    if (path / "tokenizer_config.json").is_file():  # read only by export: checked here, before any training
-        problem = _casing_disagreement(path, _tokenizer_config_file(path))
-        if problem:
-            raise UserError(problem)
+    source = _tokenizer_config_file(path) if (path / "tokenizer_config.json").is_file() else {}
+    if source.get("tokenizer_class", "BertTokenizer") in BERT_CLASSES:  # export names the class it names
+        tok_json = _tokenizer_json(path)
+        norm, pre = (
+            x if isinstance(x, dict) else {} for x in (tok_json.get("normalizer"), tok_json.get("pre_tokenizer"))
+        )
+        if (
+            norm.get("type") != "BertNormalizer"
+            or not norm.get("clean_text", True)
+            or pre.get("type") != "BertPreTokenizer"
+        ):
+            raise UserError(
+                f"{path}: tokenizer.json's normalizer and pre-tokenizer ({norm.get('type')}, {pre.get('type')}) "
+                "are not transformers' BertTokenizer's (a BertNormalizer that cleans text, the BertPreTokenizer), "
+                f"which it builds in their place: transformers would split text unlike mlmtrain; {REWRITE}."
+            )
     return path
+
+
+def _tokenizer_json(path: Path) -> dict:
+    try:
+        tok_json = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
+    if not isinstance(tok_json, dict):
+        raise UserError(f"cannot read {path / 'tokenizer.json'}: it holds no JSON object")
+    return tok_json
 
 
 def load_tokenizer(tokenizer_dir) -> Tokenizer:
@@ -75,10 +104,7 @@ def read_vocab(tokenizer_dir) -> list[str]:
     if (path / "vocab.txt").is_file():
         rows = (path / "vocab.txt").read_text(encoding="utf-8").split("\n")
         return rows[:-1] if rows[-1] == "" else rows  # a last row without its newline is a row (as transformers reads)
-    try:
-        model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("model") or {}
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
+    model = _tokenizer_json(path).get("model") or {}
     table = model.get("vocab") if model.get("type") == "WordPiece" else None
     by_id = (
         sorted(table, key=table.get) if isinstance(table, dict) and all(type(i) is int for i in table.values()) else []
@@ -109,12 +135,10 @@ def read_special_tokens(tokenizer_dir) -> SpecialTokens:
     path = _check_tokenizer_dir(tokenizer_dir)
     vocab = read_vocab(path)
     index = {token: i for i, token in reversed(list(enumerate(vocab)))}  # the first row of a repeated token
-    try:
-        tok_json = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
+    tok_json = _tokenizer_json(path)
     json_vocab = (tok_json.get("model") or {}).get("vocab") or {}
     differ = vocab_disagreements(vocab, json_vocab)
+    rows = "vocab.txt" if (path / "vocab.txt").is_file() else "tokenizer.json's vocabulary"
     if differ:  # a repeated or missing vocab.txt row: transformers and the shards would read other ids
         raise UserError(
             f"{path}: vocab.txt and tokenizer.json disagree on the id of {differ} tokens; the two files must come "
@@ -124,11 +148,11 @@ def read_special_tokens(tokenizer_dir) -> SpecialTokens:
     ids = []
     for token in SPECIAL_TOKENS:
         if token not in index:
-            raise UserError(f"{path / 'vocab.txt'} has no {token}: a BERT vocabulary needs {' '.join(SPECIAL_TOKENS)}.")
+            raise UserError(f"{path}: {rows} has no {token}: a BERT vocabulary needs {' '.join(SPECIAL_TOKENS)}.")
         in_json = added.get(token, json_vocab.get(token))
         if in_json != index[token]:
             raise UserError(
-                f"{path} puts {token} at id {index[token]} in vocab.txt but at {in_json} in tokenizer.json; "
+                f"{path} puts {token} at id {index[token]} in {rows} but at {in_json} in tokenizer.json; "
                 "the two files must come from the same tokenizer."
             )
         ids.append(index[token])
@@ -151,13 +175,14 @@ def _ranges(ids) -> tuple[tuple[int, int], ...]:
 
 
 CASING_KEYS = ("do_lower_case", "strip_accents", "tokenize_chinese_chars")
+TRANSFORMERS_CASING = (True, None, True)  # BertTokenizer's defaults for CASING_KEYS
 NORMALIZER_KEYS = ("lowercase", "strip_accents", "handle_chinese_chars")  # the same flags in tokenizer.json
 
 
 def read_tokenizer_config(tokenizer_dir) -> dict:
     """The clean tokenizer_config.json of a tokenizer folder: its own file's BertTokenizer keys, the casing flags
-    those of tokenizer.json's normalizer (what the shards were tokenized with; `_check_tokenizer_dir` refused a
-    file that says otherwise), completed with the defaults and the special tokens."""
+    those of tokenizer.json's normalizer (what the shards were tokenized with, whatever the file says), completed
+    with the defaults and the special tokens."""
     path = Path(tokenizer_dir)
     source = _tokenizer_config_file(path) if (path / "tokenizer_config.json").is_file() else {}
     flags = _normalizer_flags(path)
@@ -193,31 +218,29 @@ def _tokenizer_config_file(path: Path) -> dict:
     return source
 
 
-def _casing_disagreement(path: Path, source: dict) -> str | None:
-    """What transformers' BertTokenizer would do differently from tokenizer.json: it builds its normalizer from
-    tokenizer_config.json's flags (a missing do_lower_case is true), not from tokenizer.json."""
-    if source.get("tokenizer_class", "BertTokenizer") not in ("BertTokenizer", "BertTokenizerFast"):
-        return None  # another class reads tokenizer.json as it is
+def transformers_casing_problem(tokenizer_dir) -> str | None:
+    """For a transformers model's tokenizer (`--init-from`, `eval --model`): the model learned text as
+    transformers' BertTokenizer splits it, whose normalizer comes from tokenizer_config.json's flags (a missing
+    do_lower_case is true), not from tokenizer.json, which mlmtrain tokenizes with. What differs, or None."""
+    path = _check_tokenizer_dir(tokenizer_dir)
+    source = _tokenizer_config_file(path) if (path / "tokenizer_config.json").is_file() else {}
     ours = _normalizer_flags(path)
-    theirs = _casing(*(source.get(k, default) for k, default in zip(CASING_KEYS, (True, None, True))))
-    if ours is None or ours == theirs:
+    theirs = _casing(*(source.get(k, default) for k, default in zip(CASING_KEYS, TRANSFORMERS_CASING)))
+    if source.get("tokenizer_class", "BertTokenizer") not in BERT_CLASSES or ours is None or ours == theirs:
         return None
     differ = [i for i in range(3) if ours[i] != theirs[i]]
     said = ", ".join(f"{CASING_KEYS[i]}={str(theirs[i]).lower()}" for i in differ)
     has = ", ".join(f"{NORMALIZER_KEYS[i]}={str(ours[i]).lower()}" for i in differ)
     return (
-        f"{path}: transformers' BertTokenizer takes its casing from tokenizer_config.json ({said}; a missing "
-        f"do_lower_case is true) but tokenizer.json, which mlmtrain tokenizes with, has {has}: the two would split "
-        f"text differently; make tokenizer_config.json's {', '.join(CASING_KEYS)} agree with tokenizer.json."
+        f"{path}: transformers tokenizes for this model with {said} (tokenizer_config.json; a missing "
+        f"do_lower_case is true) but tokenizer.json, which mlmtrain tokenizes with, has {has}: the model would "
+        f"see text split unlike in its pretraining; {REWRITE}, and prepare the shards with it."
     )
 
 
 def _normalizer_flags(path: Path) -> tuple[bool, bool, bool] | None:
     """tokenizer.json's casing, when its normalizer is the BertNormalizer BertTokenizer builds (else None)."""
-    try:
-        norm = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer") or {}
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
+    norm = _tokenizer_json(path).get("normalizer") or {}
     if not isinstance(norm, dict) or norm.get("type") != "BertNormalizer":
         return None
     return _casing(norm.get("lowercase", True), norm.get("strip_accents"), norm.get("handle_chinese_chars", True))
@@ -249,7 +272,7 @@ def tokenizer_fingerprint(tokenizer_dir) -> str:
     fingerprint map text to the same ids and mask alike, so shards made with one can be trained with the other
     (file formatting may differ)."""
     path = _check_tokenizer_dir(tokenizer_dir)
-    normalizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8")).get("normalizer")
+    normalizer = _tokenizer_json(path).get("normalizer")
     h = hashlib.sha256()
     h.update(vocab_bytes(path))
     h.update(json.dumps(normalizer, sort_keys=True).encode())

@@ -42,7 +42,7 @@ from mlmtrain.pretrained import check_tokenizer_fits, hub_id, locate, read_pretr
 from mlmtrain.profiling import no_phase, start_profiler
 from mlmtrain.progress import StepProgress, quiet
 from mlmtrain.stop import StopSignal, exit_code
-from mlmtrain.tokenizer_folder import read_vocab
+from mlmtrain.tokenizer_folder import read_vocab, transformers_casing_problem
 
 
 def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps: bool = False) -> dict:
@@ -256,10 +256,7 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
     log = log or (lambda msg: tqdm.write(msg) if parallel.rank() == 0 else None)
     main = parallel.rank() == 0
 
-    def check_start(ckpt: Path) -> None:  # a resumed run's model is its checkpoint's: no pretrained folder is read
-        model_config = model_config_for(cfg, len(vocab), shard_specials(meta), ckpt, None)
-        checkpoint.check_resume_compatible(ckpt, cfg, meta, model_config)
-
+    check_start = start_check(cfg, meta, vocab)
     folder = run_folder.open_run_folder(
         cfg, resume, main=main, log=log, change_max_steps=change_max_steps, lr_at=lr_at, check_start=check_start
     )
@@ -270,13 +267,28 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
         raise
 
 
+def start_check(cfg: RunConfig, meta: dict, vocab: list[str]):
+    """What refuses a checkpoint this run would not continue (run_folder calls it before taking the folder)."""
+
+    def check(ckpt: Path) -> None:  # a resumed run's model is its checkpoint's: no pretrained folder is read
+        model_config = model_config_for(cfg, len(vocab), shard_specials(meta), ckpt, None)
+        T = tokens_per_batch_on(cfg, parallel.rank_device(cfg.train.device))
+        checkpoint.check_resume_compatible(ckpt, cfg, meta, model_config, T)
+
+    return check
+
+
+def tokens_per_batch_on(cfg: RunConfig, device: torch.device) -> int:
+    return cfg.data.tokens_per_batch or (65536 if device.type == "cuda" else 4096)  # 0: auto
+
+
 def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list[str], log) -> Run:
     start = folder.start
-    device = pick_device(cfg.train.device)
+    device = parallel.rank_device(cfg.train.device)
     rank, world = parallel.init(device)  # no-op (0, 1) outside torchrun; NCCL for CUDA, gloo for CPU
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    T = cfg.data.tokens_per_batch or (65536 if device.type == "cuda" else 4096)
+    T = tokens_per_batch_on(cfg, device)
     parallel.check_shard(cfg.train.shard, precision)
     check_speed_options(cfg, int(meta["max_seq_len"]), device, precision, use_compile, T, parallel.world_size())
     run_dir = Path(cfg.out_dir)
@@ -284,6 +296,10 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     specials = shard_specials(meta)
     # a pretrained model's weights and shape are read only to start; a resumed run has them in its checkpoint
     pretrained = read_pretrained(locate(cfg.model.init_from)) if cfg.model.init_from and start is None else None
+    if pretrained is not None:  # trained on from here only on text split as in its pretraining
+        problem = transformers_casing_problem(cfg.data.tokenizer_dir)
+        if problem:
+            raise UserError(problem)
     model_config = model_config_for(cfg, len(vocab), specials, start, pretrained)
     check_data_against_model(meta, model_config, max_seqlen)  # a resumed run's start: checked in setup
     if device.type == "cuda":
@@ -409,15 +425,6 @@ def model_config_for(cfg: RunConfig, vocab_size: int, specials, start, pretraine
     return BertConfig.from_spec(cfg.model, vocab_size, specials.pad)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda", parallel.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:  # "cuda" means this rank's GPU
-        device = torch.device("cuda", parallel.local_rank())
-    return device
-
-
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     """Fused AdamW; no weight decay on biases and LayerNorm weights (every 1-D parameter)."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -479,8 +486,8 @@ def main(args) -> int:
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         if args.nproc < 1:
             raise UserError(f"--nproc must be at least 1, got {args.nproc}")
-        check_inputs(cfg, world=args.nproc)  # before torchrun starts N processes that would all refuse
-        run_folder.check_run_folder(Path(cfg.out_dir), args.resume)
+        meta, vocab = check_inputs(cfg, world=args.nproc)  # before torchrun starts N processes that would all refuse
+        run_folder.check_run_folder(Path(cfg.out_dir), args.resume, start_check(cfg, meta, vocab))
         if args.nproc > 1:
             return parallel.exec_torchrun(args.nproc)
     with parallel.name_failing_rank(), run_folder.write_failures_said(cfg.out_dir):
