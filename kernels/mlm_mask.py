@@ -329,6 +329,16 @@ def word_start_table(vocab: list[str], prefix: str = "##") -> torch.Tensor:
     return torch.tensor([not piece.startswith(prefix) for piece in vocab], dtype=torch.bool)
 
 
+def pieces_per_word(tokens, vocab: list[str], sample: int = 1 << 20) -> float:
+    """E[k^2]/E[k] of word lengths k (in WordPiece pieces) over a prefix of a token shard: `max_masked_bound`'s
+    `pieces_per_word` for whole-word masking."""
+    import numpy as np
+
+    is_start = word_start_table(vocab).numpy()[np.asarray(tokens[:sample], dtype=np.int64)]
+    k = np.diff(np.flatnonzero(is_start)).astype(np.float64)
+    return max(1.0, float((k * k).mean() / k.mean())) if k.size else 1.0
+
+
 def _check_table(name: str, table, ids: torch.Tensor, vocab_size: int) -> None:
     if table is None:
         return

@@ -104,7 +104,11 @@ def test_an_id_the_sample_misses_is_caught_in_the_batch_before_the_device(shards
 
 BAD_FLAGS = {  # name -> (extra arguments, what the sentence says)
     "tokens_per_batch_below_max_seq_len": (["--tokens-per-batch", "64"], "below the shards' max_seq_len 128"),
-    "log_every_0": (["--set", "train.log_every=0"], "train.log_every must be at least 1"),
+    "log_every_0": (["--set", "train.log_every=0"], "train.log_every must be from 1 to 65536"),
+    "log_every_huge": (
+        ["--set", "train.log_every=100000000000000000000000"],
+        "train.log_every must be from 1 to 65536",
+    ),
     "grad_accum_0": (["--set", "optim.grad_accum=0"], "optim.grad_accum must be at least 1"),
     "lr_nan": (["--set", "optim.lr=nan"], "optim.lr must be a positive number"),
     "dropout_1": (["--set", "model.dropout=1"], "model.dropout must be in [0, 1)"),

@@ -112,3 +112,38 @@ def test_unigram_baseline_is_shared_with_the_demo():
     assert unigram_cross_entropy(train_tokens, valid, num_special) == -(vc * np.log(p)).sum() / vc.sum()
     logp = unigram_log_probs(train_tokens, size, np.arange(size) < num_special)
     assert np.isneginf(logp[:num_special]).all() and np.exp(logp[num_special:]).sum() == pytest.approx(1.0)
+
+
+def test_what_is_not_scored_is_said_and_nothing_masked_is_no_score(run_and_export, sample_corpus, tmp_path, capsys):
+    """eval --input skipped invalid UTF-8 and NUL lines without a word; and text too short to mask anything
+    scored loss 0.0, perplexity 1.0 (a perfect score) where there was none."""
+    run, _ = run_and_export
+    text = tmp_path / "c.txt"
+    good = "\n".join(sample_corpus.read_text(encoding="utf-8").split("\n")[:100]) + "\n"
+    text.write_bytes(good.encode() + b"bad \xff line\nnul\x00line\n")
+    assert cli.main(["eval", "--model", str(run), "--input", str(text), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert sum(json.loads(out)["skipped"].values()) == 2 and err.count("note: ") == 2
+    short = tmp_path / "short.txt"
+    short.write_text("가\n", encoding="utf-8")
+    assert cli.main(["eval", "--model", str(run), "--input", str(short)]) == 2
+    assert "no token was masked in the 1 batch(es)" in capsys.readouterr().err
+    from mlmtrain.metrics import eval_line  # training's validation says so too, and logs null
+
+    assert "masked no token" in eval_line(4, {"valid_loss": None, "valid_accuracy": None})
+
+
+def test_non_finite_numbers_are_null_in_every_json_file(tmp_path):
+    """NaN and Infinity are not JSON: a diverged run's metrics.jsonl and summary.json broke strict readers."""
+    from mlmtrain.files import write_json
+    from mlmtrain.metrics import MetricsLog
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in {text!r}"))
+
+    write_json(tmp_path / "summary.json", {"valid_loss": float("nan"), "spread": [float("inf"), 1.5]})
+    assert strict((tmp_path / "summary.json").read_text()) == {"valid_loss": None, "spread": [None, 1.5]}
+    log = MetricsLog(tmp_path / "metrics.jsonl", False, None)
+    log.write({"step": 1, "loss": None, "grad_norm": float("nan")})
+    log.close()
+    assert strict((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None, "grad_norm": None}

@@ -83,6 +83,16 @@ def test_each_rank_writes_its_own_files_and_a_late_start_is_clipped(tmp_path):
     # a run resumed past the whole window traces nothing, and says so
     assert profiling.start_profiler(TrainSpec(profile_steps="2:3"), 5, tmp_path, cpu, 0, 1, logged.append) is None
     assert "were run before step 5" in logged[-1]
+    # a window past the run's last step ends with it (the final evaluation and save are no traced step), and one
+    # that starts after it traces nothing
+    profiler = profiling.start_profiler(TrainSpec(profile_steps="2:8", max_steps=3), 0, tmp_path, cpu, 0, 1, print)
+    assert profiler.end == 3
+    profiler.close()
+    assert (
+        profiling.start_profiler(TrainSpec(profile_steps="3:4", max_steps=3), 0, tmp_path, cpu, 0, 1, logged.append)
+        is None
+    )
+    assert "nothing traced: steps 3..3 come after the run's last step, 2" in logged[-1]
 
 
 @pytest.mark.parametrize("first, warmup", [(3, 1), (2, 0)])

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 
 from mlmtrain.benchmarks import synthetic_data as sd
-from mlmtrain.kernels.mlm_mask import word_start_table
+from mlmtrain.kernels.mlm_mask import pieces_per_word, word_start_table
 from mlmtrain.prepare import check_tokenizer_match, load_split, read_meta
 from mlmtrain.tokenizer import TokenizerSettings, train_tokenizer
 from mlmtrain.tokenizer_folder import load_tokenizer, read_vocab
-from mlmtrain.train import pieces_per_word
 
 
 @pytest.fixture(scope="module")

@@ -335,6 +335,9 @@ def test_plot_draws_curves(data_dir, tokenizer_dir, tmp_path):
     png = (run / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert main(["plot", str(tmp_path)]) == 2  # not a run folder: a clear error, no traceback
+    with open(run / "metrics.jsonl", "a") as f:  # a line the run is still writing (or a kill cut short)
+        f.write('{"step": 4, "lo')
+    assert main(["plot", str(run)]) == 0
 
 
 def test_plot_writes_only_the_png_it_says_and_replaces_only_a_png(tmp_path, capsys):

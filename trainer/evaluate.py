@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import math
 import sys
 import tempfile
@@ -27,9 +26,10 @@ import numpy as np
 import torch
 
 from mlmtrain.errors import UserError
+from mlmtrain.files import json_text
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
-from mlmtrain.text import corpus_from_args
+from mlmtrain.text import corpus_from_args, line_problem_notes
 
 EVAL_KEY = 1 << 40  # masking keys of eval batches live far from the training micro-batch indices
 
@@ -63,6 +63,11 @@ def masker(specials, vocab_size: int, mask_spec, seed: int, max_masked: int, dev
 
 
 @torch.no_grad()
+def perplexity(loss: float | None) -> float | None:
+    """exp(loss); infinite past what a float holds (JSON: null), None for no score."""
+    return None if loss is None else math.exp(loss) if loss < 700 else math.inf
+
+
 def score(models, batches, mask, device, autocast, max_seqlen: int | None, unigram_logp=None, digest=False):
     """MLM loss, masked-token accuracy, perplexity and target count of each model over `batches` (host
     PackedBatches), every model on the same masked batch. `max_seqlen` None: each batch's longest segment.
@@ -99,18 +104,19 @@ def score(models, batches, mask, device, autocast, max_seqlen: int | None, unigr
         model.train(mode)
     totals = torch.stack([targets.double(), unigram_sum, *loss_sums, *[c.double() for c in correct]])
     totals = totals.tolist()  # sync: once per evaluation
-    n, unigram, rest = max(totals[0], 1.0), totals[1], totals[2:]
+    n, unigram, rest = totals[0], totals[1], totals[2:]
+    mean = (lambda x: x / n) if n else (lambda x: None)  # nothing masked: no score, not a perfect one
     results = []
     for j in range(len(models)):
-        loss = rest[j] / n
+        loss = mean(rest[j])
         results.append(
             {
                 "loss": loss,
-                "accuracy": rest[len(models) + j] / n,
-                "ppl": math.exp(min(loss, 50.0)),
-                "targets": int(totals[0]),
+                "accuracy": mean(rest[len(models) + j]),
+                "ppl": perplexity(loss),
+                "targets": int(n),
                 "batches": count,
-                **({"unigram_loss": unigram / n} if logp is not None else {}),
+                **({"unigram_loss": mean(unigram)} if logp is not None else {}),
                 **({"mask_sha256": sha.hexdigest()} if digest else {}),
             }
         )
@@ -225,6 +231,9 @@ def main(args) -> int:
         else:
             data_dir, split = Path(args.data), args.data_split
         meta = read_meta(data_dir)
+        skipped = {**meta["line_problems"], **meta["row_problems"]} if corpus is not None else {}
+        for note in line_problem_notes(skipped):  # what was not scored, said as prepare says it
+            print(f"note: {note}", file=sys.stderr)
         check_tokenizer_match(meta["tokenizer_fingerprint"], tokenizer_dir, f"the shards in {data_dir}")
         max_seq_len = int(meta["max_seq_len"])
         for m in models:
@@ -261,10 +270,16 @@ def main(args) -> int:
         "unigram_loss": results[0]["unigram_loss"],
         "unigram_fit": f"{fit_split} split" if corpus is None else "the scored text itself (in-sample)",
         "mask_sha256": results[0]["mask_sha256"],
+        **({"skipped": skipped} if corpus is not None else {}),  # lines and rows of --input not scored, by reason
         "models": [{**i, **{k: r[k] for k in ("loss", "ppl", "accuracy")}} for i, r in zip(infos, results)],
     }
+    if report["targets"] == 0:
+        raise UserError(
+            f"no token was masked in the {report['batches']} batch(es) of {source}: too little text to score "
+            "(give more, or another --seed)."
+        )
     if args.json:
-        print(json.dumps(report, indent=2, ensure_ascii=False))
+        print(json_text(report, indent=2, ensure_ascii=False))
         return 0
     batches = f"{report['batches']} batch{'es' if report['batches'] != 1 else ''}"
     print(f"{report['targets']:,} masked tokens in {batches} of {source} (seed {args.seed}, "
@@ -275,5 +290,5 @@ def main(args) -> int:
         name = m["model"] + (f" (step {m['step']})" if m.get("step") is not None else "")
         print(f"{name:<{width}} {m['loss']:>8.4f} {m['ppl']:>10.2f} {m['accuracy']:>9.4f}")
     uni = report["unigram_loss"]
-    print(f"{'unigram (' + report['unigram_fit'] + ')':<{width}} {uni:>8.4f} {math.exp(min(uni, 50)):>10.2f}")
+    print(f"{'unigram (' + report['unigram_fit'] + ')':<{width}} {uni:>8.4f} {perplexity(uni):>10.2f}")
     return 0

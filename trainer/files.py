@@ -23,6 +23,7 @@ import errno
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -74,7 +75,23 @@ def write_text(path: Path, text: str) -> None:
 
 def write_json(path: Path, obj) -> None:
     """Pretty UTF-8 JSON (Hangul stays readable), newline-terminated, replacing `path` all at once."""
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text(path, json_text(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def json_text(obj, **dumps_args) -> str:
+    """Strict JSON: a non-finite float (a diverged loss, an overflowed gradient norm) is null, since NaN and
+    Infinity are not JSON and strict readers (JavaScript, Go, serde) refuse the whole file over one."""
+    return json.dumps(_finite(obj), allow_nan=False, **dumps_args)
+
+
+def _finite(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def file_mode() -> int:

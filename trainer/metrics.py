@@ -17,6 +17,7 @@ import torch
 from mlmtrain import parallel
 from mlmtrain.checkpoint import complete_checkpoints
 from mlmtrain.errors import UserError
+from mlmtrain.files import json_text
 from mlmtrain.profiling import spread
 
 
@@ -39,7 +40,7 @@ class MetricsLog:
 
     def write(self, row: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(row) + "\n")
+            self.file.write(json_text(row) + "\n")
             self.file.flush()
         if self.trackers:
             prefix = "eval" if any(k.startswith("valid_") for k in row) else "train"
@@ -353,6 +354,13 @@ def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: 
         "world_size": run.world,
         "losses": [(r["step"], r["loss"]) for r in history],
     }
+
+
+def eval_line(step: int, result: dict) -> str:
+    """The line an evaluation during training logs."""
+    if result["valid_loss"] is None:
+        return f"step {step}: validation masked no token (the valid split holds too few): no valid loss"
+    return f"step {step}: valid loss {result['valid_loss']:.4f} accuracy {result['valid_accuracy']:.3f}"
 
 
 def closing_lines(run_dir: Path, summary: dict) -> str:

@@ -40,12 +40,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path} does not exist: is {run_dir} a run folder of `mlmtrain train`?")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    rows, lines = [], path.read_text(encoding="utf-8").split("\n")
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
+                if n == len(lines):  # no newline after it: a line a running (or killed) run is still writing
+                    break
                 raise UserError(f"{path} line {n} is not JSON (was the file edited or truncated?)") from None
     return rows
 
@@ -61,7 +63,7 @@ def plot(run_dir: Path, out: Path) -> Path:
         raise UserError('plotting needs matplotlib: pip install -e ".[plot]"') from None
     rows = read_metrics(run_dir)
     train = [r for r in rows if r.get("loss") is not None]
-    valid = [r for r in rows if "valid_loss" in r]
+    valid = [r for r in rows if r.get("valid_loss") is not None]
     if not train:
         raise UserError(f"{run_dir / 'metrics.jsonl'} holds no training steps yet")
     fig, (ax_loss, ax_lr, ax_tok) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)

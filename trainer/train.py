@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -31,8 +30,16 @@ from mlmtrain.fast_paths import FastPaths, check_speed_options
 from mlmtrain.files import write_json
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
 from mlmtrain.fp8 import convert_to_fp8
-from mlmtrain.kernels.mlm_mask import max_masked_bound, word_start_table
-from mlmtrain.metrics import MetricsLog, WindowStats, check_report_to, closing_lines, record_window, summarize
+from mlmtrain.kernels.mlm_mask import max_masked_bound, pieces_per_word, word_start_table
+from mlmtrain.metrics import (
+    MetricsLog,
+    WindowStats,
+    check_report_to,
+    closing_lines,
+    eval_line,
+    record_window,
+    summarize,
+)
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import PackedBatch, Packer, RowPacker, checked_batch
 from mlmtrain.prefetch import Prefetcher
@@ -132,9 +139,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
             if eval_cadence or last or stop_reason:
                 last_eval = evaluate(run)  # sync: once per eval
                 run.metrics.write({"step": step, **last_eval})
-                run.log(
-                    f"step {step}: valid loss {last_eval['valid_loss']:.4f} accuracy {last_eval['valid_accuracy']:.3f}"
-                )
+                run.log(eval_line(step, last_eval))
                 window.restart_clock()  # eval time is not training throughput
             if save_cadence or (last and t.checkpoint_at_end) or stop_now or stop_reason:
                 run.save(step, cursor, last_eval, sum(w.real_tokens for w in history))  # sync: state to the host
@@ -431,13 +436,6 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
-
-
-def pieces_per_word(tokens, vocab: list[str], sample: int = 1 << 20) -> float:
-    """E[k^2]/E[k] of word lengths k (in WordPiece pieces) over a prefix of the shard."""
-    is_start = word_start_table(vocab).numpy()[np.asarray(tokens[:sample], dtype=np.int64)]
-    k = np.diff(np.flatnonzero(is_start)).astype(np.float64)
-    return max(1.0, float((k * k).mean() / k.mean())) if k.size else 1.0
 
 
 # ---------------------------------------------------------------------------------------------------- the step
