@@ -150,7 +150,8 @@ def curve_check(rows: list[dict]) -> dict | None:
         return None
     today, today1, fast, fast1 = ([loss for _, loss in mine[name]["loss_curve"]] for name in CURVES)
     n = min(map(len, (today, today1, fast, fast1)))
-    half = range(n // 2, n)
+    # the second half's windows where all four have a loss (a window of only non-finite steps has none)
+    half = [i for i in range(n // 2, n) if None not in (today[i], today1[i], fast[i], fast1[i])]
 
     def mean(values):
         values = list(values)
@@ -172,6 +173,14 @@ def curve_check(rows: list[dict]) -> dict | None:
     }
 
 
+def _curve_state(row: dict) -> str:
+    if row.get("error"):
+        return row["error"]
+    if not row.get("loss_curve"):
+        return "no loss curve"
+    return "no finite validation loss (diverged)" if row.get("valid_loss") is None else "measured"
+
+
 def curves_markdown(rows: list[dict]) -> str:
     from mlmtrain.benchmarks.tables import table
 
@@ -180,12 +189,12 @@ def curves_markdown(rows: list[dict]) -> str:
         return "Loss curves: not run (they need a measured configuration faster than today's)."
     check = curve_check(rows)
     if check is None:
-        why = "; ".join(f"{name}: {r.get('error', 'no loss curve')}" for name, r in mine.items())
+        why = "; ".join(f"{name}: {_curve_state(r)}" for name, r in mine.items())
         return f"Loss curves: not complete ({why})."
     curves = [dict(mine[name]["loss_curve"]) for name in CURVES]
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     steps = sorted({*steps[:: max(1, len(steps) // 20)], *steps[-1:]})  # about 20 lines
-    lines = [[str(step), *(f"{c[step]:.4f}" for c in curves)] for step in steps]
+    lines = [[str(step), *(f"{c[step]:.4f}" if c[step] is not None else "–" for c in curves)] for step in steps]
     lines.append(["valid MLM loss", *(f"{check['valid_loss'][name]:.4f}" for name in CURVES)])
     verdict = "within" if check["within_noise"] else "**outside**"
     return (
