@@ -269,5 +269,5 @@ def test_rows_resume_is_bit_exact_and_another_layout_is_refused(data_dir, tokeni
     train(tiny_config(data_dir, tokenizer_dir, run, **{**rows, "train.max_steps": 2}))
     train(tiny_config(data_dir, tokenizer_dir, run, **rows), resume="auto", change_max_steps=True)
     assert losses(run) == straight["losses"], "the resumed rows run diverged"
-    with pytest.raises(UserError, match="data.layout differ"):
+    with pytest.raises(UserError, match="data.layout is .flat. here but .rows. in the checkpoint.s run"):
         train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 5}), resume="auto", change_max_steps=True)
