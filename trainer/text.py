@@ -1,6 +1,7 @@
 """Reading corpora: text files (`.gz` decompressed on the fly), JSON lines (`.jsonl`, `.jsonl.gz`), parquet
-files and `datasets` datasets, with every line or row problem counted, never fatal. Both `mlmtrain tokenizer`
-and `mlmtrain prepare` read their input through `iter_line_batches`, so they see the same lines.
+files and `datasets` datasets (the row formats are read by rows.py), with every line or row problem counted,
+never fatal. Both `mlmtrain tokenizer` and `mlmtrain prepare` read their input through `iter_line_batches`, so
+they see the same lines.
 
 - Text: bytes are read in ~1 MiB blocks and a whole block is decoded at once; only a block that fails (invalid
   UTF-8, NUL bytes) is redone line by line, skipping the bad lines. Clean input never pays a per-line Python
@@ -21,16 +22,15 @@ and `mlmtrain prepare` read their input through `iter_line_batches`, so they see
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlmtrain.errors import UserError
+from mlmtrain.rows import ROW_PROBLEMS, Rows, dataset_batches, import_pyarrow, jsonl_batches, parquet_batches
 
 READ_BLOCK_BYTES = 1 << 20  # bytes decoded (and tokenized) per batch
-ROWS_PER_BATCH = 8192  # rows per batch from parquet files and datasets
 LONG_LINE_BYTES = 1 << 20  # a longer line is cut into pieces of about this size
 MAX_ROW_BYTES = 64 << 20  # a JSON line longer than this is not one row per line
 LINE_PROBLEMS = {  # stats key -> (skipped or repaired, what)
@@ -38,12 +38,6 @@ LINE_PROBLEMS = {  # stats key -> (skipped or repaired, what)
     "nul_bytes": ("skipped", "NUL bytes"),
     "crlf": ("repaired", "CR (Windows/old Mac) line endings"),
     "bom": ("repaired", "a UTF-8 byte-order mark"),
-}
-ROW_PROBLEMS = {  # stats key -> what was wrong with a skipped row
-    "invalid_json": "not a JSON object",
-    "missing_column": "no text column",
-    "not_a_string": "a text value that is not a string",
-    "null_text": "a null text value",
 }
 ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 
@@ -106,7 +100,7 @@ def check_inputs(inputs) -> list[Path]:
         if path.stat().st_size == 0:
             raise UserError(f"input file {path} is empty.")
         if path.suffix == ".parquet":
-            _import_pyarrow(path)
+            import_pyarrow(path)
     return paths
 
 
@@ -120,14 +114,6 @@ def check_corpus(inputs) -> Corpus:
     if not corpus.text_column:
         raise UserError("--text-column must name a column, got an empty string.")
     return corpus
-
-
-def _import_pyarrow(path):
-    try:
-        import pyarrow.parquet
-    except ImportError:
-        raise UserError(f"reading {path} needs pyarrow: pip install 'mlmtrain[parquet]'.") from None
-    return pyarrow
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -170,18 +156,20 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
     corpus = inputs if isinstance(inputs, Corpus) else Corpus(files=[Path(p) for p in inputs])
     for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, "input_lines", "long_line_cuts"):
         stats.setdefault(key, 0)
-    sources = [(corpus.dataset, _dataset_batches(corpus))] if corpus.dataset else []
+    sources = [(corpus.dataset, dataset_batches(corpus))] if corpus.dataset else []
     for path in corpus.files:
         if path.suffix == ".parquet":
-            sources.append((path, _parquet_batches(path, corpus)))
+            sources.append((path, parquet_batches(path, corpus)))
         elif _is_rows(path):
-            sources.append((path, _jsonl_batches(path, corpus, stats, block_bytes)))
+            sources.append(
+                (path, jsonl_batches(_text_batches(path, stats, block_bytes, cut_long_lines=False), corpus, stats))
+            )
         else:
             sources.append((path, _text_batches(path, stats, block_bytes)))
     for source, batches in sources:
         text_lines = 0
         for lines, nbytes in batches:
-            if isinstance(lines, _Rows):  # row values: checked and split into lines here
+            if isinstance(lines, Rows):  # row values: checked and split into lines here
                 lines = lines.to_lines(stats)
             lines = _cut_long_lines(lines, stats)
             stats["input_lines"] += len(lines)
@@ -278,155 +266,6 @@ def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: boo
                 pos = now
             if not chunk:
                 break
-
-
-class _Rows:
-    """One batch of row values: texts (anything a row held) and document keys (None without a doc column)."""
-
-    def __init__(self, texts: list, docs: list | None, previous_doc):
-        self.texts, self.docs, self.previous_doc = texts, docs, previous_doc
-
-    def to_lines(self, stats: dict) -> list[str]:
-        lines, last = [], self.previous_doc
-        for i, text in enumerate(self.texts):
-            if self.docs is not None:
-                if self.docs[i] != last and last is not _FIRST_ROW:
-                    lines.append("")  # a new document
-                last = self.docs[i]
-            if text is _MISSING:
-                stats["missing_column"] += 1
-            elif text is None:
-                stats["null_text"] += 1
-            elif not isinstance(text, str):
-                stats["not_a_string"] += 1
-            elif "\0" in text:
-                stats["nul_bytes"] += 1
-            else:
-                if "\r" in text:
-                    stats["crlf"] += text.count("\r")
-                    text = text.replace("\r\n", "\n").replace("\r", "\n")
-                lines.extend(text.split("\n"))
-        return lines
-
-
-_MISSING = object()  # a row without the text column
-_FIRST_ROW = object()  # the doc key before a file's first row
-
-
-def _jsonl_batches(path: Path, corpus: Corpus, stats: dict, block_bytes: int):
-    """(_Rows, raw bytes read) per block of a JSON-lines file: one JSON object per line."""
-    previous = _FIRST_ROW
-    for lines, nbytes in _text_batches(path, stats, block_bytes, cut_long_lines=False):
-        texts, docs = [], [] if corpus.doc_column else None
-        for line in lines:
-            if not line or line.isspace():
-                continue  # not a row
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if not isinstance(row, dict):
-                stats["invalid_json"] += 1
-                continue
-            text = row.get(corpus.text_column, _MISSING)
-            if isinstance(text, str) and "\\ud" in line.lower() and not _encodable(text):
-                stats["invalid_utf8"] += 1  # a lone surrogate escape: not text the tokenizer can take
-                continue
-            texts.append(text)
-            if docs is not None:
-                docs.append(_hashable(row.get(corpus.doc_column)))
-        yield _Rows(texts, docs, previous), nbytes
-        if docs:
-            previous = docs[-1]
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _hashable(value):
-    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
-
-
-def _parquet_batches(path: Path, corpus: Corpus):
-    """(_Rows, approximate bytes read) per batch of rows of a parquet file."""
-    pyarrow = _import_pyarrow(path)
-    try:
-        file = pyarrow.parquet.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as e:
-        raise UserError(f"cannot read {path} as parquet: {e}") from None
-    schema = file.schema_arrow
-    columns = [corpus.text_column] + ([corpus.doc_column] if corpus.doc_column else [])
-    for name in columns:
-        if name not in schema.names:
-            raise UserError(
-                f"{path} has no column {name!r} (its columns: {', '.join(schema.names)}); pass "
-                f"--{'text' if name == corpus.text_column else 'doc'}-column NAME."
-            )
-    kind = schema.field(corpus.text_column).type
-    is_view = getattr(pyarrow.types, "is_string_view", lambda t: False)
-    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind) or is_view(kind)):
-        raise UserError(f"{path} column {corpus.text_column!r} holds {kind}, not strings; pass --text-column NAME.")
-    rows, size, done, previous = max(1, file.metadata.num_rows), path.stat().st_size, 0, _FIRST_ROW
-    for batch in file.iter_batches(batch_size=ROWS_PER_BATCH, columns=columns):
-        texts = batch.column(0).to_pylist()
-        docs = [_hashable(d) for d in batch.column(1).to_pylist()] if corpus.doc_column else None
-        before, done = done, done + len(texts)
-        yield _Rows(texts, docs, previous), size * done // rows - size * before // rows
-        if docs:
-            previous = docs[-1]
-
-
-def _dataset_batches(corpus: Corpus):
-    """(_Rows, characters read) per ROWS_PER_BATCH rows of a `datasets` dataset, streamed."""
-    dataset = open_dataset(corpus)
-    texts, docs, previous, chars = [], [] if corpus.doc_column else None, _FIRST_ROW, 0
-    for row in dataset:
-        text = row.get(corpus.text_column, _MISSING)
-        texts.append(text)
-        chars += len(text) if isinstance(text, str) else 0
-        if docs is not None:
-            docs.append(_hashable(row.get(corpus.doc_column)))
-        if len(texts) == ROWS_PER_BATCH:
-            yield _Rows(texts, docs, previous), chars
-            previous = docs[-1] if docs else previous
-            texts, docs, chars = [], [] if corpus.doc_column else None, 0
-    if texts:
-        yield _Rows(texts, docs, previous), chars
-
-
-def open_dataset(corpus: Corpus):
-    """The split as an iterable of row dicts: a folder written by `save_to_disk`, else `load_dataset` (a local
-    folder of data files, or a Hub name: then it is downloaded) in streaming mode."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("--dataset needs the datasets library: pip install 'mlmtrain[datasets]'.") from None
-    path = Path(corpus.dataset)
-    try:
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # save_to_disk
-            dataset = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                if corpus.split not in dataset:
-                    raise UserError(f"{path} has no split {corpus.split!r} (its splits: {', '.join(dataset)}).")
-                dataset = dataset[corpus.split]
-        else:
-            dataset = datasets.load_dataset(corpus.dataset, corpus.dataset_config, split=corpus.split, streaming=True)
-    except UserError:
-        raise
-    except Exception as e:  # datasets raises many kinds (FileNotFoundError, ValueError, its own) for a bad name
-        raise UserError(f"cannot open dataset {corpus.dataset!r} split {corpus.split!r}: {e}") from None
-    names = getattr(dataset, "column_names", None)
-    if names and corpus.text_column not in names:
-        raise UserError(
-            f"dataset {corpus.dataset!r} has no column {corpus.text_column!r} (its columns: {', '.join(names)}); "
-            "pass --text-column NAME."
-        )
-    return dataset
 
 
 def line_problem_notes(stats: dict) -> list[str]:
