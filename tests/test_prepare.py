@@ -187,6 +187,22 @@ def test_messy_lines_are_repaired_or_skipped_and_counted(tmp_path, tokenizer_dir
     assert got["train"]["documents"] == want["train"]["documents"] == 2
 
 
+def test_cr_line_endings_read_as_lines_in_any_block(tmp_path, sample_corpus, tokenizer_dir, monkeypatch):
+    """Classic-Mac text (CR only) is cut into blocks at its CRs as LF text is at its LFs: the same lines, not
+    one long line cut at spaces. Small blocks and LONG_LINE_BYTES stand in for 1 MiB."""
+    from mlmtrain import text
+
+    monkeypatch.setattr(text, "LONG_LINE_BYTES", 4096)
+    lf = sample_corpus.read_bytes()
+    (tmp_path / "lf.txt").write_bytes(lf)
+    (tmp_path / "cr.txt").write_bytes(lf.replace(b"\n", b"\r"))
+    want = run(tmp_path / "lf.txt", tokenizer_dir, tmp_path / "a", valid_fraction=0.05, block_bytes=1000)
+    got = run(tmp_path / "cr.txt", tokenizer_dir, tmp_path / "b", valid_fraction=0.05, block_bytes=1000)
+    assert files_of(tmp_path / "b") == files_of(tmp_path / "a")
+    assert (got["input_lines"], got["long_line_cuts"]) == (want["input_lines"], 0)
+    assert got["line_problems"]["crlf"] == lf.count(b"\n")
+
+
 def test_gzip_input_matches_plain(tmp_path, sample_corpus, tokenizer_dir, data_dir):
     gz = tmp_path / "sample.txt.gz"
     gz.write_bytes(gzip.compress(sample_corpus.read_bytes()))

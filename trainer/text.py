@@ -228,6 +228,12 @@ def _cut_long_lines(lines: list[str], stats: dict) -> list[str]:
     return out
 
 
+def _last_line_end(block: bytes) -> int:
+    """Where the block's last complete line ends: after its last LF, or after a later CR (classic Mac endings)
+    unless that CR is the block's last byte, where the next block may start with the LF of a CRLF."""
+    return max(block.rfind(b"\n"), block.rfind(b"\r", 0, len(block) - 1)) + 1
+
+
 def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: bool = True):
     """(lines, raw bytes read) per block of a text file; the lines come back decoded and repaired. A line
     longer than LONG_LINE_BYTES comes in pieces, cut as it is read (`cut_long_lines`; a JSON row is kept
@@ -244,7 +250,7 @@ def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: boo
                 chunk, stats["bom"] = chunk[3:], stats["bom"] + 1
             first = False
             block = carry + chunk
-            cut = block.rfind(b"\n") + 1 if chunk else len(block)
+            cut = _last_line_end(block) if chunk else len(block)
             block, carry = block[:cut], block[cut:]
             pieces = []  # of a line too long to hold: each yielded as a line (the rest by `_cut_long_lines`)
             while cut_long_lines and len(carry) > LONG_LINE_BYTES:
@@ -255,7 +261,7 @@ def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: boo
             if len(carry) > MAX_ROW_BYTES:
                 raise UserError(f"{path} has a line longer than {MAX_ROW_BYTES >> 20} MiB; expected one row per line.")
             lines = _decode_block(block, stats) if block else []
-            if lines and lines[-1] == "" and block.endswith(b"\n"):
+            if lines and lines[-1] == "" and block.endswith((b"\n", b"\r")):
                 lines.pop()  # the split after the final "\n" is not a line
             for piece in pieces:
                 lines += _decode_block(piece, stats)
