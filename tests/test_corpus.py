@@ -53,15 +53,18 @@ def reference(tmp_path_factory, sample_corpus, tokenizer_dir):
     return npy_files(out)
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "parquet", "datasets_saved", "datasets_folder"])
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "parquet", "parquet_dict", "datasets_saved", "datasets_folder"])
 @pytest.mark.parametrize("with_doc", [False, True], ids=["empty_rows", "doc_column"])
 def test_rows_give_byte_identical_shards(tmp_path, sample_corpus, tokenizer_dir, reference, fmt, with_doc):
     rows = sample_rows(sample_corpus, with_doc)
     corpus = Corpus(doc_column="doc" if with_doc else None)
     if fmt.startswith("jsonl"):
         corpus.files = [write_jsonl(tmp_path / f"c.{fmt}", rows, gz=fmt.endswith(".gz"))]
-    elif fmt == "parquet":
-        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet", row_group_size=300)  # several groups
+    elif fmt.startswith("parquet"):
+        table = pa.Table.from_pylist(rows)
+        if fmt == "parquet_dict":  # a dictionary-encoded string column, as a pandas Categorical is written
+            table = table.set_column(0, "text", table.column("text").dictionary_encode())
+        pq.write_table(table, tmp_path / "c.parquet", row_group_size=300)  # several groups
         corpus.files = [tmp_path / "c.parquet"]
     else:
         datasets = pytest.importorskip("datasets")

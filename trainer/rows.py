@@ -114,8 +114,7 @@ def parquet_batches(path: Path, corpus):
                 f"--{'text' if name == corpus.text_column else 'doc'}-column NAME."
             )
     kind = schema.field(corpus.text_column).type
-    is_view = getattr(pyarrow.types, "is_string_view", lambda t: False)
-    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind) or is_view(kind)):
+    if not _is_strings(pyarrow, kind):
         raise UserError(f"{path} column {corpus.text_column!r} holds {kind}, not strings; pass --text-column NAME.")
     rows, size, done, previous = max(1, file.metadata.num_rows), path.stat().st_size, 0, FIRST_ROW
     for batch in file.iter_batches(batch_size=ROWS_PER_BATCH, columns=columns):
@@ -125,6 +124,15 @@ def parquet_batches(path: Path, corpus):
         yield Rows(texts, docs, previous), size * done // rows - size * before // rows
         if docs:
             previous = docs[-1]
+
+
+def _is_strings(pyarrow, kind) -> bool:
+    """A column of strings: plain, large, view, or dictionary-encoded strings (a pandas Categorical, a column
+    written with `dictionary_encode`), which read back as the same Python strings."""
+    if pyarrow.types.is_dictionary(kind):
+        kind = kind.value_type
+    is_view = getattr(pyarrow.types, "is_string_view", lambda t: False)
+    return pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind) or is_view(kind)
 
 
 def dataset_batches(corpus):
