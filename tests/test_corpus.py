@@ -80,6 +80,26 @@ def test_rows_give_byte_identical_shards(tmp_path, sample_corpus, tokenizer_dir,
     assert meta["inputs"][0]["text_column"] == "text"
 
 
+def test_each_data_file_of_a_dataset_folder_ends_a_document(tmp_path, sample_corpus, tokenizer_dir):
+    """A folder of data files read with --dataset gives the shards of the same files passed to --input as text:
+    each file ends a document (the folder's files are read in name order, as `datasets` lists them)."""
+    datasets = pytest.importorskip("datasets")
+    rows = sample_rows(sample_corpus, with_doc=False)
+    parts = [rows[:100], rows[100:250], rows[250:]]  # cut inside documents: only the file ends them
+    (tmp_path / "ds").mkdir()
+    for i, part in enumerate(parts):
+        write_jsonl(tmp_path / "ds" / f"part{i}.jsonl", part)
+        (tmp_path / f"part{i}.txt").write_text("".join(r["text"] + "\n" for r in part), encoding="utf-8")
+    assert datasets.load_dataset(str(tmp_path / "ds"), split="train", streaming=True).n_shards == 3
+    texts = [tmp_path / f"part{i}.txt" for i in range(3)]
+    want = prepare(texts, tokenizer_dir, tmp_path / "a", valid_fraction=0.05, progress=False)
+    got = prepare(Corpus(dataset=str(tmp_path / "ds")), tokenizer_dir, tmp_path / "b", valid_fraction=0.05)
+    assert npy_files(tmp_path / "b") == npy_files(tmp_path / "a")
+    assert got["input_lines"] == want["input_lines"] == len(rows)
+    documents = sum(got[split]["documents"] for split in ("train", "valid"))
+    assert documents == sum(want[split]["documents"] for split in ("train", "valid"))
+
+
 def test_bad_rows_are_counted_and_skipped(tmp_path, tokenizer_dir, capsys):
     good = ["대한민국은 민주공화국이다.", "The capital of France is Paris."]
     lines = [

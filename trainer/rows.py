@@ -19,6 +19,7 @@ ROW_PROBLEMS = {  # stats key -> what was wrong with a skipped row
 }
 MISSING = object()  # a row without the text column
 FIRST_ROW = object()  # the doc key before a file's first row
+FILE_END = object()  # in place of a batch: a data file of a dataset ended, and with it a document
 
 
 class Rows:
@@ -136,21 +137,37 @@ def _is_strings(pyarrow, kind) -> bool:
 
 
 def dataset_batches(corpus):
-    """(Rows, characters read) per ROWS_PER_BATCH rows of a `datasets` dataset, streamed."""
-    dataset = open_dataset(corpus)
-    texts, docs, previous, chars = [], [] if corpus.doc_column else None, FIRST_ROW, 0
-    for row in dataset:
-        text = row.get(corpus.text_column, MISSING)
-        texts.append(text)
-        chars += len(text) if isinstance(text, str) else 0
-        if docs is not None:
-            docs.append(_hashable(row.get(corpus.doc_column)))
-        if len(texts) == ROWS_PER_BATCH:
+    """(Rows, characters read) per ROWS_PER_BATCH rows of a `datasets` dataset, streamed; (FILE_END, 0) between
+    two of its data files."""
+    for i, part in enumerate(_data_files(open_dataset(corpus))):
+        if i:
+            yield FILE_END, 0
+        texts, docs, previous, chars = [], [] if corpus.doc_column else None, FIRST_ROW, 0
+        for row in part:
+            text = row.get(corpus.text_column, MISSING)
+            texts.append(text)
+            chars += len(text) if isinstance(text, str) else 0
+            if docs is not None:
+                docs.append(_hashable(row.get(corpus.doc_column)))
+            if len(texts) == ROWS_PER_BATCH:
+                yield Rows(texts, docs, previous), chars
+                previous = docs[-1] if docs else previous
+                texts, docs, chars = [], [] if corpus.doc_column else None, 0
+        if texts:
             yield Rows(texts, docs, previous), chars
-            previous = docs[-1] if docs else previous
-            texts, docs, chars = [], [] if corpus.doc_column else None, 0
-    if texts:
-        yield Rows(texts, docs, previous), chars
+
+
+def _data_files(dataset) -> list:
+    """The dataset's data files in order, each a dataset of its own, so that each ends a document as a file of
+    --input does. A streamed dataset's shards are its data files (the json, csv, parquet and text builders make
+    one per file) and `shard(n, i)` takes them in order. A `save_to_disk` dataset is read whole: its arrow
+    files are where `datasets` cut it for size, not files of the corpus."""
+    import datasets
+
+    if not isinstance(dataset, datasets.IterableDataset):
+        return [dataset]
+    count = getattr(dataset, "num_shards", None) or dataset.n_shards  # n_shards before datasets 4
+    return [dataset.shard(num_shards=count, index=i) for i in range(count)] if count > 1 else [dataset]
 
 
 def open_dataset(corpus):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlmtrain.errors import UserError
-from mlmtrain.rows import ROW_PROBLEMS, Rows, dataset_batches, import_pyarrow, jsonl_batches, parquet_batches
+from mlmtrain.rows import FILE_END, ROW_PROBLEMS, Rows, dataset_batches, import_pyarrow, jsonl_batches, parquet_batches
 
 READ_BLOCK_BYTES = 1 << 20  # bytes decoded (and tokenized) per batch
 LONG_LINE_BYTES = 1 << 20  # a longer line is cut into pieces of about this size
@@ -169,6 +169,9 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
     for source, batches in sources:
         text_lines = 0
         for lines, nbytes in batches:
+            if lines is FILE_END:  # one data file of a dataset: a document boundary, not an input line
+                yield [""], nbytes
+                continue
             if isinstance(lines, Rows):  # row values: checked and split into lines here
                 lines = lines.to_lines(stats)
             lines = _cut_long_lines(lines, stats)
