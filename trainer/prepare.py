@@ -11,7 +11,8 @@ The pipeline, and why it looks like this:
   Threads, not processes: `tokenizers` disables its own parallelism in a process forked after it was
   used, so we never fork.
 - Tokens go straight to disk (an .npy whose header is rewritten with the real length at the end); memory
-  holds a few blocks (the reader runs up to 4 ahead) and two split units, whatever the corpus size.
+  holds a few blocks (the reader runs up to 4 ahead, each batch about a block even when one row holds a
+  book) and two split units, whatever the corpus size.
 - Everything is written into a hidden temporary folder that is renamed into place at the end: a folder
   with meta.json is always complete.
 
@@ -44,6 +45,7 @@ from mlmtrain.text import (
     LONG_LINE_BYTES,
     READ_BLOCK_BYTES,
     ROW_PROBLEMS,
+    batches_of,
     check_corpus,
     corpus_from_args,
     iter_line_batches,
@@ -132,19 +134,21 @@ class _SplitWriter:
 
 
 JOIN_LINES = 64  # lines per tokenizer input; a 1 MiB block (~8k lines) makes ~128 inputs for the cores
+JOIN_CHARS = LONG_LINE_BYTES  # and at most about this many characters: an input's working memory grows with it
 
 
 def encode_lines(tok, lines: list[str], dtype, sep_id: int = SEP_ID) -> list[np.ndarray]:
     """Token ids of each line (no [CLS]/[SEP]), as numpy arrays.
 
     Instead of one `Encoding` object per line (token strings, offsets, masks: ~20% of the CPU time on
-    short sentences), lines are joined JOIN_LINES at a time with " [SEP] " and encoded as one input per
-    group, in one parallel `encode_batch_fast` call; the ids are then cut at the [SEP] ids. [SEP] is a
+    short sentences), lines are joined JOIN_LINES at a time (fewer where that would pass JOIN_CHARS) with
+    " [SEP] " and encoded as one input per group, in one parallel `encode_batch_fast` call; the ids are then
+    cut at the [SEP] ids. [SEP] is a
     special (added) token, so the text on each side is normalized and pre-tokenized on its own, exactly
     as if encoded alone (tests compare both ways). A group whose count of [SEP] ids is off (a line that
     contains the literal text "[SEP]") is encoded line by line instead."""
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: faster (tokenizers >= 0.20)
-    groups = [lines[i : i + JOIN_LINES] for i in range(0, len(lines), JOIN_LINES)]
+    groups = batches_of(lines, JOIN_CHARS, JOIN_LINES) if lines else []
     out = []
     for group, enc in zip(groups, encode([" [SEP] ".join(g) for g in groups], add_special_tokens=False)):
         ids = np.array(enc.ids, dtype=dtype)  # (tokens of the group + separators,)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mlmtrain.errors import UserError
 
-ROWS_PER_BATCH = 8192  # rows per batch from parquet files and datasets
+ROWS_PER_BATCH = 8192  # rows per batch from parquet files and datasets, fewer where they hold more than a block
 ROW_PROBLEMS = {  # stats key -> what was wrong with a skipped row
     "invalid_json": "not a JSON object",
     "missing_column": "no text column",
@@ -99,8 +99,9 @@ def import_pyarrow(path):
     return pyarrow
 
 
-def parquet_batches(path: Path, corpus):
-    """(Rows, approximate bytes read) per batch of rows of a parquet file."""
+def parquet_batches(path: Path, corpus, block_bytes: int):
+    """(Rows, approximate bytes read) per batch of rows of a parquet file: ROWS_PER_BATCH rows, or as many as
+    hold about `block_bytes` by the file's own count of its uncompressed bytes."""
     pyarrow = import_pyarrow(path)
     try:
         file = pyarrow.parquet.ParquetFile(path)
@@ -118,7 +119,9 @@ def parquet_batches(path: Path, corpus):
     if not _is_strings(pyarrow, kind):
         raise UserError(f"{path} column {corpus.text_column!r} holds {kind}, not strings; pass --text-column NAME.")
     rows, size, done, previous = max(1, file.metadata.num_rows), path.stat().st_size, 0, FIRST_ROW
-    for batch in file.iter_batches(batch_size=ROWS_PER_BATCH, columns=columns):
+    data_bytes = sum(file.metadata.row_group(i).total_byte_size for i in range(file.metadata.num_row_groups))
+    batch_rows = max(1, min(ROWS_PER_BATCH, block_bytes * rows // max(1, data_bytes)))
+    for batch in file.iter_batches(batch_size=batch_rows, columns=columns):
         texts = batch.column(0).to_pylist()
         docs = [_hashable(d) for d in batch.column(1).to_pylist()] if corpus.doc_column else None
         before, done = done, done + len(texts)
@@ -136,9 +139,9 @@ def _is_strings(pyarrow, kind) -> bool:
     return pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind) or is_view(kind)
 
 
-def dataset_batches(corpus):
-    """(Rows, characters read) per ROWS_PER_BATCH rows of a `datasets` dataset, streamed; (FILE_END, 0) between
-    two of its data files."""
+def dataset_batches(corpus, block_bytes: int):
+    """(Rows, characters read) per ROWS_PER_BATCH rows or `block_bytes` characters of a `datasets` dataset,
+    streamed; (FILE_END, 0) between two of its data files."""
     for i, part in enumerate(_data_files(open_dataset(corpus))):
         if i:
             yield FILE_END, 0
@@ -149,7 +152,7 @@ def dataset_batches(corpus):
             chars += len(text) if isinstance(text, str) else 0
             if docs is not None:
                 docs.append(_hashable(row.get(corpus.doc_column)))
-            if len(texts) == ROWS_PER_BATCH:
+            if len(texts) == ROWS_PER_BATCH or chars >= block_bytes:
                 yield Rows(texts, docs, previous), chars
                 previous = docs[-1] if docs else previous
                 texts, docs, chars = [], [] if corpus.doc_column else None, 0

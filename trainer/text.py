@@ -156,10 +156,10 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
     corpus = inputs if isinstance(inputs, Corpus) else Corpus(files=[Path(p) for p in inputs])
     for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, "input_lines", "long_line_cuts"):
         stats.setdefault(key, 0)
-    sources = [(corpus.dataset, dataset_batches(corpus))] if corpus.dataset else []
+    sources = [(corpus.dataset, dataset_batches(corpus, block_bytes))] if corpus.dataset else []
     for path in corpus.files:
         if path.suffix == ".parquet":
-            sources.append((path, parquet_batches(path, corpus)))
+            sources.append((path, parquet_batches(path, corpus, block_bytes)))
         elif _is_rows(path):
             sources.append(
                 (path, jsonl_batches(_text_batches(path, stats, block_bytes, cut_long_lines=False), corpus, stats))
@@ -174,14 +174,32 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
                 continue
             if isinstance(lines, Rows):  # row values: checked and split into lines here
                 lines = lines.to_lines(stats)
-            lines = _cut_long_lines(lines, stats)
-            stats["input_lines"] += len(lines)
-            lines = ["" if line.isspace() else line for line in lines]
-            text_lines += sum(1 for line in lines if line)
-            yield lines, nbytes
+            # a batch of rows may hold many blocks' worth of text (a row holding a book, cut into 1 MiB lines):
+            # it goes on in batches of a block's size, so the tokenizer never holds more than a block at once
+            for part in batches_of(_cut_long_lines(lines, stats), block_bytes):
+                stats["input_lines"] += len(part)
+                part = ["" if line.isspace() else line for line in part]
+                text_lines += sum(1 for line in part if line)
+                yield part, nbytes
+                nbytes = 0
         if text_lines == 0:
             raise UserError(_no_text_message(source, corpus, stats))
         yield [""], 0  # a file boundary is a document boundary
+
+
+def batches_of(lines: list[str], max_chars: int, max_lines: int | None = None) -> list[list[str]]:
+    """`lines` as consecutive batches of at most `max_chars` characters (a longer line alone) and `max_lines`
+    lines; no lines are one empty batch."""
+    if sum(map(len, lines)) <= max_chars:  # the common case, without a Python step per line
+        step = max_lines or len(lines) or 1
+        return [lines[i : i + step] for i in range(0, len(lines) or 1, step)]
+    batches, start, size = [], 0, 0
+    for i, line in enumerate(lines):
+        if i > start and (size + len(line) > max_chars or i - start == max_lines):
+            batches.append(lines[start:i])
+            start, size = i, 0
+        size += len(line)
+    return batches + [lines[start:]]
 
 
 def _no_text_message(source, corpus: Corpus, stats: dict) -> str:
