@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import unicodedata
 
+import numpy as np
 import pytest
 
 from mlmtrain.cli import main as cli_main
 from mlmtrain.errors import UserError
 from mlmtrain.prepare import prepare
 from mlmtrain.text import Corpus
+from mlmtrain.tokenizer_folder import load_tokenizer
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -98,6 +101,33 @@ def test_each_data_file_of_a_dataset_folder_ends_a_document(tmp_path, sample_cor
     assert got["input_lines"] == want["input_lines"] == len(rows)
     documents = sum(got[split]["documents"] for split in ("train", "valid"))
     assert documents == sum(want[split]["documents"] for split in ("train", "valid"))
+
+
+def test_unknown_tokens_and_decomposed_hangul_are_counted_and_said(tmp_path, sample_corpus, tokenizer_dir, capsys):
+    """NFD Korean (conjoining jamo) is tokenized as it is, mostly to [UNK] by a tokenizer trained on NFC text:
+    prepare counts the [UNK] tokens per split and says so, and prepare and tokenizer name the cause and the fix."""
+    lines = [line for line in sample_corpus.read_text(encoding="utf-8").split("\n") if line.strip()][:200]
+    nfd = [unicodedata.normalize("NFD", line) for line in lines]
+    (tmp_path / "nfd.txt").write_text("\n".join(nfd) + "\n", encoding="utf-8")
+    decomposed = sum(1 for a, b in zip(lines, nfd) if a != b)
+    assert cli_main(["prepare", "--input", str(tmp_path / "nfd.txt"), "--tokenizer", str(tokenizer_dir), "--out",
+                     str(tmp_path / "d"), "--valid-fraction", "0", "--no-progress"]) == 0  # fmt: skip
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    tokens = np.load(tmp_path / "d" / "train" / "tokens.npy")
+    tok = load_tokenizer(tokenizer_dir)
+    assert tokens.tolist() == [i for e in tok.encode_batch(nfd, add_special_tokens=False) for i in e.ids]
+    assert meta["train"]["unk_tokens"] == int((tokens == tok.token_to_id("[UNK]")).sum()) > 0.1 * len(tokens)
+    assert meta["valid"]["unk_tokens"] == 0 and meta["decomposed_hangul_lines"] == decomposed > 0
+    err = capsys.readouterr().err
+    assert "of the tokens" in err and "are [UNK]" in err and f"{decomposed} lines hold decomposed Hangul" in err
+    assert "normalize it to NFC" in err
+    rc = cli_main(
+        ["tokenizer", "--input", str(tmp_path / "nfd.txt"), "--out", str(tmp_path / "tok"), "--vocab-size", "300"]
+    )
+    assert rc == 0 and "normalize it to NFC" in capsys.readouterr().err
+    clean = prepare([sample_corpus], tokenizer_dir, tmp_path / "c", valid_fraction=0.05, progress=True)
+    assert clean["train"]["unk_tokens"] == clean["valid"]["unk_tokens"] == clean["decomposed_hangul_lines"] == 0
+    assert "[UNK]" not in capsys.readouterr().err
 
 
 def test_bad_rows_are_counted_and_skipped(tmp_path, tokenizer_dir, capsys):

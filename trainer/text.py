@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,9 @@ LINE_PROBLEMS = {  # stats key -> (skipped or repaired, what)
     "bom": ("repaired", "a UTF-8 byte-order mark"),
 }
 ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+# Hangul written as conjoining jamo (NFD: a syllable as 2-3 letters) is other characters than the syllables
+# (NFC) Korean text and tokenizers use; kept as it is (the shards are what the tokenizer gives), but said.
+CONJOINING_JAMO = re.compile("[\u1100-\u11ff]")
 
 
 def sample_corpus_path() -> Path:
@@ -154,7 +158,7 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
     an empty row is returned as "" (a document break); each file or dataset ends with one. Per-line and
     per-row problems are counted in `stats`."""
     corpus = inputs if isinstance(inputs, Corpus) else Corpus(files=[Path(p) for p in inputs])
-    for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, "input_lines", "long_line_cuts"):
+    for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, "input_lines", "long_line_cuts", "decomposed_hangul"):
         stats.setdefault(key, 0)
     sources = [(corpus.dataset, dataset_batches(corpus, block_bytes))] if corpus.dataset else []
     for path in corpus.files:
@@ -178,6 +182,8 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
             # it goes on in batches of a block's size, so the tokenizer never holds more than a block at once
             for part in batches_of(_cut_long_lines(lines, stats), block_bytes):
                 stats["input_lines"] += len(part)
+                if CONJOINING_JAMO.search("".join(part)):  # rare: only then a look at each line
+                    stats["decomposed_hangul"] += sum(1 for line in part if CONJOINING_JAMO.search(line))
                 part = ["" if line.isspace() else line for line in part]
                 text_lines += sum(1 for line in part if line)
                 yield part, nbytes
@@ -298,7 +304,15 @@ def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: boo
 def line_problem_notes(stats: dict) -> list[str]:
     """One line per kind of line or row problem found, e.g. "3 lines with invalid UTF-8 skipped"."""
     notes = [f"{stats[key]} lines with {what} {verb}" for key, (verb, what) in LINE_PROBLEMS.items() if stats.get(key)]
-    return notes + [f"{stats[key]} rows with {what} skipped" for key, what in ROW_PROBLEMS.items() if stats.get(key)]
+    notes += [f"{stats[key]} rows with {what} skipped" for key, what in ROW_PROBLEMS.items() if stats.get(key)]
+    if stats.get("decomposed_hangul"):
+        notes.append(
+            f"{stats['decomposed_hangul']} lines hold decomposed Hangul (conjoining jamo U+1100-U+11FF, as NFD "
+            "text has), read as they are: a tokenizer trained on ordinary (NFC) Korean reads them as [UNK], and "
+            "one trained on them reads NFC Korean as [UNK]; normalize it to NFC (unicodedata.normalize('NFC', "
+            "text)) first"
+        )
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------- CLI
