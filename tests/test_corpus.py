@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import gzip
 import json
+import unicodedata
 
+import numpy as np
 import pytest
 
 from mlmtrain.cli import main as cli_main
 from mlmtrain.errors import UserError
 from mlmtrain.prepare import prepare
 from mlmtrain.text import Corpus
+from mlmtrain.tokenizer_folder import load_tokenizer
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -53,15 +56,18 @@ def reference(tmp_path_factory, sample_corpus, tokenizer_dir):
     return npy_files(out)
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "parquet", "datasets_saved", "datasets_folder"])
+@pytest.mark.parametrize("fmt", ["jsonl", "jsonl.gz", "parquet", "parquet_dict", "datasets_saved", "datasets_folder"])
 @pytest.mark.parametrize("with_doc", [False, True], ids=["empty_rows", "doc_column"])
 def test_rows_give_byte_identical_shards(tmp_path, sample_corpus, tokenizer_dir, reference, fmt, with_doc):
     rows = sample_rows(sample_corpus, with_doc)
     corpus = Corpus(doc_column="doc" if with_doc else None)
     if fmt.startswith("jsonl"):
         corpus.files = [write_jsonl(tmp_path / f"c.{fmt}", rows, gz=fmt.endswith(".gz"))]
-    elif fmt == "parquet":
-        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet", row_group_size=300)  # several groups
+    elif fmt.startswith("parquet"):
+        table = pa.Table.from_pylist(rows)
+        if fmt == "parquet_dict":  # a dictionary-encoded string column, as a pandas Categorical is written
+            table = table.set_column(0, "text", table.column("text").dictionary_encode())
+        pq.write_table(table, tmp_path / "c.parquet", row_group_size=300)  # several groups
         corpus.files = [tmp_path / "c.parquet"]
     else:
         datasets = pytest.importorskip("datasets")
@@ -75,6 +81,53 @@ def test_rows_give_byte_identical_shards(tmp_path, sample_corpus, tokenizer_dir,
     assert npy_files(tmp_path / "data") == reference
     assert meta["lines_skipped"] == 0 and not any(meta["row_problems"].values())
     assert meta["inputs"][0]["text_column"] == "text"
+
+
+def test_each_data_file_of_a_dataset_folder_ends_a_document(tmp_path, sample_corpus, tokenizer_dir):
+    """A folder of data files read with --dataset gives the shards of the same files passed to --input as text:
+    each file ends a document (the folder's files are read in name order, as `datasets` lists them)."""
+    datasets = pytest.importorskip("datasets")
+    rows = sample_rows(sample_corpus, with_doc=False)
+    parts = [rows[:100], rows[100:250], rows[250:]]  # cut inside documents: only the file ends them
+    (tmp_path / "ds").mkdir()
+    for i, part in enumerate(parts):
+        write_jsonl(tmp_path / "ds" / f"part{i}.jsonl", part)
+        (tmp_path / f"part{i}.txt").write_text("".join(r["text"] + "\n" for r in part), encoding="utf-8")
+    assert datasets.load_dataset(str(tmp_path / "ds"), split="train", streaming=True).n_shards == 3
+    texts = [tmp_path / f"part{i}.txt" for i in range(3)]
+    want = prepare(texts, tokenizer_dir, tmp_path / "a", valid_fraction=0.05, progress=False)
+    got = prepare(Corpus(dataset=str(tmp_path / "ds")), tokenizer_dir, tmp_path / "b", valid_fraction=0.05)
+    assert npy_files(tmp_path / "b") == npy_files(tmp_path / "a")
+    assert got["input_lines"] == want["input_lines"] == len(rows)
+    documents = sum(got[split]["documents"] for split in ("train", "valid"))
+    assert documents == sum(want[split]["documents"] for split in ("train", "valid"))
+
+
+def test_unknown_tokens_and_decomposed_hangul_are_counted_and_said(tmp_path, sample_corpus, tokenizer_dir, capsys):
+    """NFD Korean (conjoining jamo) is tokenized as it is, mostly to [UNK] by a tokenizer trained on NFC text:
+    prepare counts the [UNK] tokens per split and says so, and prepare and tokenizer name the cause and the fix."""
+    lines = [line for line in sample_corpus.read_text(encoding="utf-8").split("\n") if line.strip()][:200]
+    nfd = [unicodedata.normalize("NFD", line) for line in lines]
+    (tmp_path / "nfd.txt").write_text("\n".join(nfd) + "\n", encoding="utf-8")
+    decomposed = sum(1 for a, b in zip(lines, nfd) if a != b)
+    assert cli_main(["prepare", "--input", str(tmp_path / "nfd.txt"), "--tokenizer", str(tokenizer_dir), "--out",
+                     str(tmp_path / "d"), "--valid-fraction", "0", "--no-progress"]) == 0  # fmt: skip
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    tokens = np.load(tmp_path / "d" / "train" / "tokens.npy")
+    tok = load_tokenizer(tokenizer_dir)
+    assert tokens.tolist() == [i for e in tok.encode_batch(nfd, add_special_tokens=False) for i in e.ids]
+    assert meta["train"]["unk_tokens"] == int((tokens == tok.token_to_id("[UNK]")).sum()) > 0.1 * len(tokens)
+    assert meta["valid"]["unk_tokens"] == 0 and meta["decomposed_hangul_lines"] == decomposed > 0
+    err = capsys.readouterr().err
+    assert "of the tokens" in err and "are [UNK]" in err and f"{decomposed} lines hold decomposed Hangul" in err
+    assert "normalize it to NFC" in err
+    rc = cli_main(
+        ["tokenizer", "--input", str(tmp_path / "nfd.txt"), "--out", str(tmp_path / "tok"), "--vocab-size", "300"]
+    )
+    assert rc == 0 and "normalize it to NFC" in capsys.readouterr().err
+    clean = prepare([sample_corpus], tokenizer_dir, tmp_path / "c", valid_fraction=0.05, progress=True)
+    assert clean["train"]["unk_tokens"] == clean["valid"]["unk_tokens"] == clean["decomposed_hangul_lines"] == 0
+    assert "[UNK]" not in capsys.readouterr().err
 
 
 def test_bad_rows_are_counted_and_skipped(tmp_path, tokenizer_dir, capsys):

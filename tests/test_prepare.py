@@ -187,6 +187,22 @@ def test_messy_lines_are_repaired_or_skipped_and_counted(tmp_path, tokenizer_dir
     assert got["train"]["documents"] == want["train"]["documents"] == 2
 
 
+def test_cr_line_endings_read_as_lines_in_any_block(tmp_path, sample_corpus, tokenizer_dir, monkeypatch):
+    """Classic-Mac text (CR only) is cut into blocks at its CRs as LF text is at its LFs: the same lines, not
+    one long line cut at spaces. Small blocks and LONG_LINE_BYTES stand in for 1 MiB."""
+    from mlmtrain import text
+
+    monkeypatch.setattr(text, "LONG_LINE_BYTES", 4096)
+    lf = sample_corpus.read_bytes()
+    (tmp_path / "lf.txt").write_bytes(lf)
+    (tmp_path / "cr.txt").write_bytes(lf.replace(b"\n", b"\r"))
+    want = run(tmp_path / "lf.txt", tokenizer_dir, tmp_path / "a", valid_fraction=0.05, block_bytes=1000)
+    got = run(tmp_path / "cr.txt", tokenizer_dir, tmp_path / "b", valid_fraction=0.05, block_bytes=1000)
+    assert files_of(tmp_path / "b") == files_of(tmp_path / "a")
+    assert (got["input_lines"], got["long_line_cuts"]) == (want["input_lines"], 0)
+    assert got["line_problems"]["crlf"] == lf.count(b"\n")
+
+
 def test_gzip_input_matches_plain(tmp_path, sample_corpus, tokenizer_dir, data_dir):
     gz = tmp_path / "sample.txt.gz"
     gz.write_bytes(gzip.compress(sample_corpus.read_bytes()))
@@ -334,6 +350,38 @@ def test_a_line_too_long_to_hold_is_cut_at_spaces_into_the_same_tokens(tmp_path,
     assert got[: len(want)] == want  # the long line with spaces: exactly its tokens
     tail = [t for line in lines[3:] for t in tokenizer.encode(line, add_special_tokens=False).ids]
     assert got[-len(tail) :] == tail
+
+
+def test_a_long_row_reaches_the_tokenizer_a_block_at_a_time(tmp_path, sample_corpus, tokenizer_dir, monkeypatch):
+    """A row holding many blocks of text (a book in one JSON line) is cut into LONG_LINE_BYTES lines like a text
+    file, and those go to the tokenizer a block at a time, never joined into an input past JOIN_CHARS: memory
+    stays what the text file needs (joining 64 such lines made one 64 MiB input). Small sizes stand in for MiB."""
+    from mlmtrain import text
+
+    monkeypatch.setattr(text, "LONG_LINE_BYTES", 4096)
+    monkeypatch.setattr(prepare_module, "JOIN_CHARS", 4096)
+    inputs = []  # the lengths of the tokenizer's inputs, per call
+
+    class Recording:
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __getattr__(self, name):
+            return getattr(self.tok, name)
+
+        def encode_batch_fast(self, texts, **kw):
+            inputs.extend([[len(t) for t in texts]] if texts else [])
+            return self.tok.encode_batch_fast(texts, **kw)
+
+    monkeypatch.setattr(prepare_module, "load_tokenizer", lambda path: Recording(load_tokenizer(path)))
+    book = " ".join(sample_corpus.read_text(encoding="utf-8").split()[:20000])  # ~110 KB, ~30 lines of 4 KB
+    (tmp_path / "book.txt").write_text(book + "\n", encoding="utf-8")
+    (tmp_path / "book.jsonl").write_text(json.dumps({"text": book}, ensure_ascii=False) + "\n", encoding="utf-8")
+    want = run(tmp_path / "book.txt", tokenizer_dir, tmp_path / "a", valid_fraction=0.0, block_bytes=16384)
+    inputs.clear()
+    got = run(tmp_path / "book.jsonl", tokenizer_dir, tmp_path / "b", valid_fraction=0.0, block_bytes=16384)
+    assert files_of(tmp_path / "b") == files_of(tmp_path / "a") and got["long_line_cuts"] == want["long_line_cuts"]
+    assert len(inputs) > 5 and max(map(sum, inputs)) < 2 * 16384 and max(map(max, inputs)) < 2 * 4096, inputs
 
 
 def test_memory_stays_bounded_on_a_20_mb_single_line(tmp_path, tokenizer_dir):

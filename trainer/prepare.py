@@ -11,7 +11,8 @@ The pipeline, and why it looks like this:
   Threads, not processes: `tokenizers` disables its own parallelism in a process forked after it was
   used, so we never fork.
 - Tokens go straight to disk (an .npy whose header is rewritten with the real length at the end); memory
-  holds a few blocks (the reader runs up to 4 ahead) and two split units, whatever the corpus size.
+  holds a few blocks (the reader runs up to 4 ahead, each batch about a block even when one row holds a
+  book) and two split units, whatever the corpus size.
 - Everything is written into a hidden temporary folder that is renamed into place at the end: a folder
   with meta.json is always complete.
 
@@ -44,6 +45,7 @@ from mlmtrain.text import (
     LONG_LINE_BYTES,
     READ_BLOCK_BYTES,
     ROW_PROBLEMS,
+    batches_of,
     check_corpus,
     corpus_from_args,
     iter_line_batches,
@@ -55,6 +57,7 @@ from mlmtrain.tokenizer_folder import load_tokenizer, read_special_tokens, token
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
 SPLIT_UNIT_SENTENCES = 64  # a split unit is at most this many consecutive sentences of one document
+UNK_NOTE_SHARE = 0.01  # a larger share of [UNK] tokens is said: the tokenizer does not fit the text
 SHARD_FILES = ("tokens", "offsets", "doc_offsets")
 SHARDS_FILES = ("meta.json", *(f"{split}/{name}.npy" for split in SPLITS for name in SHARD_FILES))
 SHARDS_LAYOUT = Layout("shards", "token shards", "mlmtrain prepare", SHARDS_FILES, SHARDS_FILES)
@@ -91,14 +94,15 @@ class _NpyWriter:
 class _SplitWriter:
     """tokens / offsets / doc_offsets of one split, plus its counts."""
 
-    def __init__(self, folder: Path, dtype):
+    def __init__(self, folder: Path, dtype, unk_id: int):
         folder.mkdir(parents=True)
         self.tokens = _NpyWriter(folder / "tokens.npy", dtype)
         self.offsets = _NpyWriter(folder / "offsets.npy", np.int64)
         self.doc_offsets = _NpyWriter(folder / "doc_offsets.npy", np.int64)
         self.offsets.write(np.zeros(1))
         self.doc_offsets.write(np.zeros(1))
-        self.sentences = self.num_tokens = self.documents = 0
+        self.sentences = self.num_tokens = self.documents = self.unk_tokens = 0
+        self.unk_id = unk_id
         self.min_len, self.max_len, self.max_token_id = None, 0, -1
         self.last_unit = (-1, -1)  # (document, unit index) of the last unit written
 
@@ -113,6 +117,7 @@ class _SplitWriter:
         self.offsets.write(self.num_tokens + np.cumsum(lengths))
         self.sentences += len(pieces)
         self.num_tokens += tokens.size
+        self.unk_tokens += int(np.count_nonzero(tokens == self.unk_id))
         self.min_len = int(lengths.min()) if self.min_len is None else min(self.min_len, int(lengths.min()))
         self.max_len = max(self.max_len, int(lengths.max()))
         self.max_token_id = max(self.max_token_id, int(tokens.max()))
@@ -128,23 +133,26 @@ class _SplitWriter:
             "documents": self.documents,
             "max_sentence_len": self.max_len,
             "min_sentence_len": self.min_len or 0,
+            "unk_tokens": self.unk_tokens,
         }
 
 
 JOIN_LINES = 64  # lines per tokenizer input; a 1 MiB block (~8k lines) makes ~128 inputs for the cores
+JOIN_CHARS = LONG_LINE_BYTES  # and at most about this many characters: an input's working memory grows with it
 
 
 def encode_lines(tok, lines: list[str], dtype, sep_id: int = SEP_ID) -> list[np.ndarray]:
     """Token ids of each line (no [CLS]/[SEP]), as numpy arrays.
 
     Instead of one `Encoding` object per line (token strings, offsets, masks: ~20% of the CPU time on
-    short sentences), lines are joined JOIN_LINES at a time with " [SEP] " and encoded as one input per
-    group, in one parallel `encode_batch_fast` call; the ids are then cut at the [SEP] ids. [SEP] is a
+    short sentences), lines are joined JOIN_LINES at a time (fewer where that would pass JOIN_CHARS) with
+    " [SEP] " and encoded as one input per group, in one parallel `encode_batch_fast` call; the ids are then
+    cut at the [SEP] ids. [SEP] is a
     special (added) token, so the text on each side is normalized and pre-tokenized on its own, exactly
     as if encoded alone (tests compare both ways). A group whose count of [SEP] ids is off (a line that
     contains the literal text "[SEP]") is encoded line by line instead."""
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)  # no offsets: faster (tokenizers >= 0.20)
-    groups = [lines[i : i + JOIN_LINES] for i in range(0, len(lines), JOIN_LINES)]
+    groups = batches_of(lines, JOIN_CHARS, JOIN_LINES) if lines else []
     out = []
     for group, enc in zip(groups, encode([" [SEP] ".join(g) for g in groups], add_special_tokens=False)):
         ids = np.array(enc.ids, dtype=dtype)  # (tokens of the group + separators,)
@@ -202,7 +210,7 @@ def prepare(
     t0 = time.perf_counter()
     with atomic_dir(out_dir, replace=overwrite, layout=SHARDS_LAYOUT) as tmp:
         stats = _write_splits(
-            tmp, corpus, tok, specials.sep, valid_fraction, max_seq_len, seed, block_bytes, total_bytes, progress
+            tmp, corpus, tok, specials, valid_fraction, max_seq_len, seed, block_bytes, total_bytes, progress
         )
         meta = {
             "format_version": FORMAT_VERSION,
@@ -223,14 +231,14 @@ def prepare(
     return meta
 
 
-def _write_splits(tmp, corpus, tok, sep_id, valid_fraction, max_seq_len, seed, block_bytes, total_bytes, progress):
+def _write_splits(tmp, corpus, tok, specials, valid_fraction, max_seq_len, seed, block_bytes, total_bytes, progress):
     """Stream the inputs through the tokenizer into tmp/train and tmp/valid; returns meta.json's statistics."""
     dtype = np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32
     max_piece = max_seq_len - 2
     stats: dict = {"sentences_split": 0, "lines_empty_after_tokenizing": 0}
     histogram = np.zeros(max_piece + 1, np.int64)  # histogram[n] = sentences of n tokens
     rng = np.random.default_rng(seed)  # one draw per split unit, in corpus order
-    writers = {name: _SplitWriter(tmp / name, dtype) for name in SPLITS}
+    writers = {name: _SplitWriter(tmp / name, dtype, specials.unk) for name in SPLITS}
     doc, unit_index, unit, lines_done = 0, 0, [], 0  # current document, index of the current unit, its pieces
     held = None  # the last train unit, held back so that valid is never left empty when it should not be
 
@@ -253,7 +261,7 @@ def _write_splits(tmp, corpus, tok, sep_id, valid_fraction, max_seq_len, seed, b
     # the bar closes on an error too, so the error's sentence gets a line of its own
     with Prefetcher(iter_line_batches(corpus, stats, block_bytes), name="reader") as reader, bar or nullcontext():
         for lines, nbytes in reader:
-            encodings = iter(encode_lines(tok, [line for line in lines if line], dtype, sep_id))
+            encodings = iter(encode_lines(tok, [line for line in lines if line], dtype, specials.sep))
             for line in lines:
                 if not line:  # document break
                     close_unit()
@@ -295,6 +303,7 @@ def _write_splits(tmp, corpus, tok, sep_id, valid_fraction, max_seq_len, seed, b
         "sentences_split": stats["sentences_split"],
         "lines_empty_after_tokenizing": stats["lines_empty_after_tokenizing"],
         "long_line_cuts": stats["long_line_cuts"],
+        "decomposed_hangul_lines": stats["decomposed_hangul"],
     }
 
 
@@ -314,7 +323,15 @@ def _report(meta: dict, out_dir: Path, total_bytes: int | None) -> None:
         f"{va['sentences']:,} / {va['tokens']:,} ({meta['dtype']}, {speed}{meta['input_lines'] / s:,.0f} lines/s)",
         file=sys.stderr,
     )
-    for note in line_problem_notes({**meta["line_problems"], **meta["row_problems"]}):
+    unk, tokens = tr["unk_tokens"] + va["unk_tokens"], tr["tokens"] + va["tokens"]
+    if unk > UNK_NOTE_SHARE * tokens:
+        print(
+            f"note: {unk / tokens:.1%} of the tokens ({unk:,}) are [UNK]: the tokenizer does not know much of this "
+            "text (another script or language, or another Unicode normalization than it was trained on)",
+            file=sys.stderr,
+        )
+    problems = {**meta["line_problems"], **meta["row_problems"], "decomposed_hangul": meta["decomposed_hangul_lines"]}
+    for note in line_problem_notes(problems):
         print(f"note: {note}", file=sys.stderr)
     if meta["long_line_cuts"]:
         print(

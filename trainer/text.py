@@ -1,6 +1,7 @@
 """Reading corpora: text files (`.gz` decompressed on the fly), JSON lines (`.jsonl`, `.jsonl.gz`), parquet
-files and `datasets` datasets, with every line or row problem counted, never fatal. Both `mlmtrain tokenizer`
-and `mlmtrain prepare` read their input through `iter_line_batches`, so they see the same lines.
+files and `datasets` datasets (the row formats are read by rows.py), with every line or row problem counted,
+never fatal. Both `mlmtrain tokenizer` and `mlmtrain prepare` read their input through `iter_line_batches`, so
+they see the same lines.
 
 - Text: bytes are read in ~1 MiB blocks and a whole block is decoded at once; only a block that fails (invalid
   UTF-8, NUL bytes) is redone line by line, skipping the bad lines. Clean input never pays a per-line Python
@@ -21,16 +22,16 @@ and `mlmtrain prepare` read their input through `iter_line_batches`, so they see
 from __future__ import annotations
 
 import gzip
-import json
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlmtrain.errors import UserError
+from mlmtrain.rows import FILE_END, ROW_PROBLEMS, Rows, dataset_batches, import_pyarrow, jsonl_batches, parquet_batches
 
 READ_BLOCK_BYTES = 1 << 20  # bytes decoded (and tokenized) per batch
-ROWS_PER_BATCH = 8192  # rows per batch from parquet files and datasets
 LONG_LINE_BYTES = 1 << 20  # a longer line is cut into pieces of about this size
 MAX_ROW_BYTES = 64 << 20  # a JSON line longer than this is not one row per line
 LINE_PROBLEMS = {  # stats key -> (skipped or repaired, what)
@@ -39,13 +40,10 @@ LINE_PROBLEMS = {  # stats key -> (skipped or repaired, what)
     "crlf": ("repaired", "CR (Windows/old Mac) line endings"),
     "bom": ("repaired", "a UTF-8 byte-order mark"),
 }
-ROW_PROBLEMS = {  # stats key -> what was wrong with a skipped row
-    "invalid_json": "not a JSON object",
-    "missing_column": "no text column",
-    "not_a_string": "a text value that is not a string",
-    "null_text": "a null text value",
-}
 ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+# Hangul written as conjoining jamo (NFD: a syllable as 2-3 letters) is other characters than the syllables
+# (NFC) Korean text and tokenizers use; kept as it is (the shards are what the tokenizer gives), but said.
+CONJOINING_JAMO = re.compile("[\u1100-\u11ff]")
 
 
 def sample_corpus_path() -> Path:
@@ -106,7 +104,7 @@ def check_inputs(inputs) -> list[Path]:
         if path.stat().st_size == 0:
             raise UserError(f"input file {path} is empty.")
         if path.suffix == ".parquet":
-            _import_pyarrow(path)
+            import_pyarrow(path)
     return paths
 
 
@@ -120,14 +118,6 @@ def check_corpus(inputs) -> Corpus:
     if not corpus.text_column:
         raise UserError("--text-column must name a column, got an empty string.")
     return corpus
-
-
-def _import_pyarrow(path):
-    try:
-        import pyarrow.parquet
-    except ImportError:
-        raise UserError(f"reading {path} needs pyarrow: pip install 'mlmtrain[parquet]'.") from None
-    return pyarrow
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -168,29 +158,54 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
     an empty row is returned as "" (a document break); each file or dataset ends with one. Per-line and
     per-row problems are counted in `stats`."""
     corpus = inputs if isinstance(inputs, Corpus) else Corpus(files=[Path(p) for p in inputs])
-    for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, "input_lines", "long_line_cuts"):
+    for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, "input_lines", "long_line_cuts", "decomposed_hangul"):
         stats.setdefault(key, 0)
-    sources = [(corpus.dataset, _dataset_batches(corpus))] if corpus.dataset else []
+    sources = [(corpus.dataset, dataset_batches(corpus, block_bytes))] if corpus.dataset else []
     for path in corpus.files:
         if path.suffix == ".parquet":
-            sources.append((path, _parquet_batches(path, corpus)))
+            sources.append((path, parquet_batches(path, corpus, block_bytes)))
         elif _is_rows(path):
-            sources.append((path, _jsonl_batches(path, corpus, stats, block_bytes)))
+            sources.append(
+                (path, jsonl_batches(_text_batches(path, stats, block_bytes, cut_long_lines=False), corpus, stats))
+            )
         else:
             sources.append((path, _text_batches(path, stats, block_bytes)))
     for source, batches in sources:
         text_lines = 0
         for lines, nbytes in batches:
-            if isinstance(lines, _Rows):  # row values: checked and split into lines here
+            if lines is FILE_END:  # one data file of a dataset: a document boundary, not an input line
+                yield [""], nbytes
+                continue
+            if isinstance(lines, Rows):  # row values: checked and split into lines here
                 lines = lines.to_lines(stats)
-            lines = _cut_long_lines(lines, stats)
-            stats["input_lines"] += len(lines)
-            lines = ["" if line.isspace() else line for line in lines]
-            text_lines += sum(1 for line in lines if line)
-            yield lines, nbytes
+            # a batch of rows may hold many blocks' worth of text (a row holding a book, cut into 1 MiB lines):
+            # it goes on in batches of a block's size, so the tokenizer never holds more than a block at once
+            for part in batches_of(_cut_long_lines(lines, stats), block_bytes):
+                stats["input_lines"] += len(part)
+                if CONJOINING_JAMO.search("".join(part)):  # rare: only then a look at each line
+                    stats["decomposed_hangul"] += sum(1 for line in part if CONJOINING_JAMO.search(line))
+                part = ["" if line.isspace() else line for line in part]
+                text_lines += sum(1 for line in part if line)
+                yield part, nbytes
+                nbytes = 0
         if text_lines == 0:
             raise UserError(_no_text_message(source, corpus, stats))
         yield [""], 0  # a file boundary is a document boundary
+
+
+def batches_of(lines: list[str], max_chars: int, max_lines: int | None = None) -> list[list[str]]:
+    """`lines` as consecutive batches of at most `max_chars` characters (a longer line alone) and `max_lines`
+    lines; no lines are one empty batch."""
+    if sum(map(len, lines)) <= max_chars:  # the common case, without a Python step per line
+        step = max_lines or len(lines) or 1
+        return [lines[i : i + step] for i in range(0, len(lines) or 1, step)]
+    batches, start, size = [], 0, 0
+    for i, line in enumerate(lines):
+        if i > start and (size + len(line) > max_chars or i - start == max_lines):
+            batches.append(lines[start:i])
+            start, size = i, 0
+        size += len(line)
+    return batches + [lines[start:]]
 
 
 def _no_text_message(source, corpus: Corpus, stats: dict) -> str:
@@ -240,6 +255,12 @@ def _cut_long_lines(lines: list[str], stats: dict) -> list[str]:
     return out
 
 
+def _last_line_end(block: bytes) -> int:
+    """Where the block's last complete line ends: after its last LF, or after a later CR (classic Mac endings)
+    unless that CR is the block's last byte, where the next block may start with the LF of a CRLF."""
+    return max(block.rfind(b"\n"), block.rfind(b"\r", 0, len(block) - 1)) + 1
+
+
 def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: bool = True):
     """(lines, raw bytes read) per block of a text file; the lines come back decoded and repaired. A line
     longer than LONG_LINE_BYTES comes in pieces, cut as it is read (`cut_long_lines`; a JSON row is kept
@@ -256,7 +277,7 @@ def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: boo
                 chunk, stats["bom"] = chunk[3:], stats["bom"] + 1
             first = False
             block = carry + chunk
-            cut = block.rfind(b"\n") + 1 if chunk else len(block)
+            cut = _last_line_end(block) if chunk else len(block)
             block, carry = block[:cut], block[cut:]
             pieces = []  # of a line too long to hold: each yielded as a line (the rest by `_cut_long_lines`)
             while cut_long_lines and len(carry) > LONG_LINE_BYTES:
@@ -267,7 +288,7 @@ def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: boo
             if len(carry) > MAX_ROW_BYTES:
                 raise UserError(f"{path} has a line longer than {MAX_ROW_BYTES >> 20} MiB; expected one row per line.")
             lines = _decode_block(block, stats) if block else []
-            if lines and lines[-1] == "" and block.endswith(b"\n"):
+            if lines and lines[-1] == "" and block.endswith((b"\n", b"\r")):
                 lines.pop()  # the split after the final "\n" is not a line
             for piece in pieces:
                 lines += _decode_block(piece, stats)
@@ -280,159 +301,18 @@ def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: boo
                 break
 
 
-class _Rows:
-    """One batch of row values: texts (anything a row held) and document keys (None without a doc column)."""
-
-    def __init__(self, texts: list, docs: list | None, previous_doc):
-        self.texts, self.docs, self.previous_doc = texts, docs, previous_doc
-
-    def to_lines(self, stats: dict) -> list[str]:
-        lines, last = [], self.previous_doc
-        for i, text in enumerate(self.texts):
-            if self.docs is not None:
-                if self.docs[i] != last and last is not _FIRST_ROW:
-                    lines.append("")  # a new document
-                last = self.docs[i]
-            if text is _MISSING:
-                stats["missing_column"] += 1
-            elif text is None:
-                stats["null_text"] += 1
-            elif not isinstance(text, str):
-                stats["not_a_string"] += 1
-            elif "\0" in text:
-                stats["nul_bytes"] += 1
-            else:
-                if "\r" in text:
-                    stats["crlf"] += text.count("\r")
-                    text = text.replace("\r\n", "\n").replace("\r", "\n")
-                lines.extend(text.split("\n"))
-        return lines
-
-
-_MISSING = object()  # a row without the text column
-_FIRST_ROW = object()  # the doc key before a file's first row
-
-
-def _jsonl_batches(path: Path, corpus: Corpus, stats: dict, block_bytes: int):
-    """(_Rows, raw bytes read) per block of a JSON-lines file: one JSON object per line."""
-    previous = _FIRST_ROW
-    for lines, nbytes in _text_batches(path, stats, block_bytes, cut_long_lines=False):
-        texts, docs = [], [] if corpus.doc_column else None
-        for line in lines:
-            if not line or line.isspace():
-                continue  # not a row
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            if not isinstance(row, dict):
-                stats["invalid_json"] += 1
-                continue
-            text = row.get(corpus.text_column, _MISSING)
-            if isinstance(text, str) and "\\ud" in line.lower() and not _encodable(text):
-                stats["invalid_utf8"] += 1  # a lone surrogate escape: not text the tokenizer can take
-                continue
-            texts.append(text)
-            if docs is not None:
-                docs.append(_hashable(row.get(corpus.doc_column)))
-        yield _Rows(texts, docs, previous), nbytes
-        if docs:
-            previous = docs[-1]
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _hashable(value):
-    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
-
-
-def _parquet_batches(path: Path, corpus: Corpus):
-    """(_Rows, approximate bytes read) per batch of rows of a parquet file."""
-    pyarrow = _import_pyarrow(path)
-    try:
-        file = pyarrow.parquet.ParquetFile(path)
-    except (pyarrow.ArrowException, OSError) as e:
-        raise UserError(f"cannot read {path} as parquet: {e}") from None
-    schema = file.schema_arrow
-    columns = [corpus.text_column] + ([corpus.doc_column] if corpus.doc_column else [])
-    for name in columns:
-        if name not in schema.names:
-            raise UserError(
-                f"{path} has no column {name!r} (its columns: {', '.join(schema.names)}); pass "
-                f"--{'text' if name == corpus.text_column else 'doc'}-column NAME."
-            )
-    kind = schema.field(corpus.text_column).type
-    is_view = getattr(pyarrow.types, "is_string_view", lambda t: False)
-    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind) or is_view(kind)):
-        raise UserError(f"{path} column {corpus.text_column!r} holds {kind}, not strings; pass --text-column NAME.")
-    rows, size, done, previous = max(1, file.metadata.num_rows), path.stat().st_size, 0, _FIRST_ROW
-    for batch in file.iter_batches(batch_size=ROWS_PER_BATCH, columns=columns):
-        texts = batch.column(0).to_pylist()
-        docs = [_hashable(d) for d in batch.column(1).to_pylist()] if corpus.doc_column else None
-        before, done = done, done + len(texts)
-        yield _Rows(texts, docs, previous), size * done // rows - size * before // rows
-        if docs:
-            previous = docs[-1]
-
-
-def _dataset_batches(corpus: Corpus):
-    """(_Rows, characters read) per ROWS_PER_BATCH rows of a `datasets` dataset, streamed."""
-    dataset = open_dataset(corpus)
-    texts, docs, previous, chars = [], [] if corpus.doc_column else None, _FIRST_ROW, 0
-    for row in dataset:
-        text = row.get(corpus.text_column, _MISSING)
-        texts.append(text)
-        chars += len(text) if isinstance(text, str) else 0
-        if docs is not None:
-            docs.append(_hashable(row.get(corpus.doc_column)))
-        if len(texts) == ROWS_PER_BATCH:
-            yield _Rows(texts, docs, previous), chars
-            previous = docs[-1] if docs else previous
-            texts, docs, chars = [], [] if corpus.doc_column else None, 0
-    if texts:
-        yield _Rows(texts, docs, previous), chars
-
-
-def open_dataset(corpus: Corpus):
-    """The split as an iterable of row dicts: a folder written by `save_to_disk`, else `load_dataset` (a local
-    folder of data files, or a Hub name: then it is downloaded) in streaming mode."""
-    try:
-        import datasets
-    except ImportError:
-        raise UserError("--dataset needs the datasets library: pip install 'mlmtrain[datasets]'.") from None
-    path = Path(corpus.dataset)
-    try:
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # save_to_disk
-            dataset = datasets.load_from_disk(str(path))
-            if isinstance(dataset, datasets.DatasetDict):
-                if corpus.split not in dataset:
-                    raise UserError(f"{path} has no split {corpus.split!r} (its splits: {', '.join(dataset)}).")
-                dataset = dataset[corpus.split]
-        else:
-            dataset = datasets.load_dataset(corpus.dataset, corpus.dataset_config, split=corpus.split, streaming=True)
-    except UserError:
-        raise
-    except Exception as e:  # datasets raises many kinds (FileNotFoundError, ValueError, its own) for a bad name
-        raise UserError(f"cannot open dataset {corpus.dataset!r} split {corpus.split!r}: {e}") from None
-    names = getattr(dataset, "column_names", None)
-    if names and corpus.text_column not in names:
-        raise UserError(
-            f"dataset {corpus.dataset!r} has no column {corpus.text_column!r} (its columns: {', '.join(names)}); "
-            "pass --text-column NAME."
-        )
-    return dataset
-
-
 def line_problem_notes(stats: dict) -> list[str]:
     """One line per kind of line or row problem found, e.g. "3 lines with invalid UTF-8 skipped"."""
     notes = [f"{stats[key]} lines with {what} {verb}" for key, (verb, what) in LINE_PROBLEMS.items() if stats.get(key)]
-    return notes + [f"{stats[key]} rows with {what} skipped" for key, what in ROW_PROBLEMS.items() if stats.get(key)]
+    notes += [f"{stats[key]} rows with {what} skipped" for key, what in ROW_PROBLEMS.items() if stats.get(key)]
+    if stats.get("decomposed_hangul"):
+        notes.append(
+            f"{stats['decomposed_hangul']} lines hold decomposed Hangul (conjoining jamo U+1100-U+11FF, as NFD "
+            "text has), read as they are: a tokenizer trained on ordinary (NFC) Korean reads them as [UNK], and "
+            "one trained on them reads NFC Korean as [UNK]; normalize it to NFC (unicodedata.normalize('NFC', "
+            "text)) first"
+        )
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------- CLI

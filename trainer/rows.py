@@ -1,0 +1,203 @@
+"""Reading row corpora: JSON lines, parquet files and `datasets` datasets, as batches of `Rows` (the text and
+document values of consecutive rows). `text.py` turns them into lines and reads text files; this module knows
+only the row formats (`corpus` below is a `text.Corpus`: which columns, which dataset). A bad row is kept as
+what it held and counted when the batch becomes lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlmtrain.errors import UserError
+
+ROWS_PER_BATCH = 8192  # rows per batch from parquet files and datasets, fewer where they hold more than a block
+ROW_PROBLEMS = {  # stats key -> what was wrong with a skipped row
+    "invalid_json": "not a JSON object",
+    "missing_column": "no text column",
+    "not_a_string": "a text value that is not a string",
+    "null_text": "a null text value",
+}
+MISSING = object()  # a row without the text column
+FIRST_ROW = object()  # the doc key before a file's first row
+FILE_END = object()  # in place of a batch: a data file of a dataset ended, and with it a document
+
+
+class Rows:
+    """One batch of row values: texts (anything a row held) and document keys (None without a doc column)."""
+
+    def __init__(self, texts: list, docs: list | None, previous_doc):
+        self.texts, self.docs, self.previous_doc = texts, docs, previous_doc
+
+    def to_lines(self, stats: dict) -> list[str]:
+        lines, last = [], self.previous_doc
+        for i, text in enumerate(self.texts):
+            if self.docs is not None:
+                if self.docs[i] != last and last is not FIRST_ROW:
+                    lines.append("")  # a new document
+                last = self.docs[i]
+            if text is MISSING:
+                stats["missing_column"] += 1
+            elif text is None:
+                stats["null_text"] += 1
+            elif not isinstance(text, str):
+                stats["not_a_string"] += 1
+            elif "\0" in text:
+                stats["nul_bytes"] += 1
+            else:
+                if "\r" in text:
+                    stats["crlf"] += text.count("\r")
+                    text = text.replace("\r\n", "\n").replace("\r", "\n")
+                lines.extend(text.split("\n"))
+        return lines
+
+
+def jsonl_batches(text_batches, corpus, stats: dict):
+    """(Rows, raw bytes read) per batch of a JSON-lines file, from its `text_batches` (lines, raw bytes read):
+    one JSON object per line."""
+    previous = FIRST_ROW
+    for lines, nbytes in text_batches:
+        texts, docs = [], [] if corpus.doc_column else None
+        for line in lines:
+            if not line or line.isspace():
+                continue  # not a row
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                stats["invalid_json"] += 1
+                continue
+            text = row.get(corpus.text_column, MISSING)
+            if isinstance(text, str) and "\\ud" in line.lower() and not _encodable(text):
+                stats["invalid_utf8"] += 1  # a lone surrogate escape: not text the tokenizer can take
+                continue
+            texts.append(text)
+            if docs is not None:
+                docs.append(_hashable(row.get(corpus.doc_column)))
+        yield Rows(texts, docs, previous), nbytes
+        if docs:
+            previous = docs[-1]
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _hashable(value):
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
+
+
+def import_pyarrow(path):
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise UserError(f"reading {path} needs pyarrow: pip install 'mlmtrain[parquet]'.") from None
+    return pyarrow
+
+
+def parquet_batches(path: Path, corpus, block_bytes: int):
+    """(Rows, approximate bytes read) per batch of rows of a parquet file: ROWS_PER_BATCH rows, or as many as
+    hold about `block_bytes` by the file's own count of its uncompressed bytes."""
+    pyarrow = import_pyarrow(path)
+    try:
+        file = pyarrow.parquet.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as e:
+        raise UserError(f"cannot read {path} as parquet: {e}") from None
+    schema = file.schema_arrow
+    columns = [corpus.text_column] + ([corpus.doc_column] if corpus.doc_column else [])
+    for name in columns:
+        if name not in schema.names:
+            raise UserError(
+                f"{path} has no column {name!r} (its columns: {', '.join(schema.names)}); pass "
+                f"--{'text' if name == corpus.text_column else 'doc'}-column NAME."
+            )
+    kind = schema.field(corpus.text_column).type
+    if not _is_strings(pyarrow, kind):
+        raise UserError(f"{path} column {corpus.text_column!r} holds {kind}, not strings; pass --text-column NAME.")
+    rows, size, done, previous = max(1, file.metadata.num_rows), path.stat().st_size, 0, FIRST_ROW
+    data_bytes = sum(file.metadata.row_group(i).total_byte_size for i in range(file.metadata.num_row_groups))
+    batch_rows = max(1, min(ROWS_PER_BATCH, block_bytes * rows // max(1, data_bytes)))
+    for batch in file.iter_batches(batch_size=batch_rows, columns=columns):
+        texts = batch.column(0).to_pylist()
+        docs = [_hashable(d) for d in batch.column(1).to_pylist()] if corpus.doc_column else None
+        before, done = done, done + len(texts)
+        yield Rows(texts, docs, previous), size * done // rows - size * before // rows
+        if docs:
+            previous = docs[-1]
+
+
+def _is_strings(pyarrow, kind) -> bool:
+    """A column of strings: plain, large, view, or dictionary-encoded strings (a pandas Categorical, a column
+    written with `dictionary_encode`), which read back as the same Python strings."""
+    if pyarrow.types.is_dictionary(kind):
+        kind = kind.value_type
+    is_view = getattr(pyarrow.types, "is_string_view", lambda t: False)
+    return pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind) or is_view(kind)
+
+
+def dataset_batches(corpus, block_bytes: int):
+    """(Rows, characters read) per ROWS_PER_BATCH rows or `block_bytes` characters of a `datasets` dataset,
+    streamed; (FILE_END, 0) between two of its data files."""
+    for i, part in enumerate(_data_files(open_dataset(corpus))):
+        if i:
+            yield FILE_END, 0
+        texts, docs, previous, chars = [], [] if corpus.doc_column else None, FIRST_ROW, 0
+        for row in part:
+            text = row.get(corpus.text_column, MISSING)
+            texts.append(text)
+            chars += len(text) if isinstance(text, str) else 0
+            if docs is not None:
+                docs.append(_hashable(row.get(corpus.doc_column)))
+            if len(texts) == ROWS_PER_BATCH or chars >= block_bytes:
+                yield Rows(texts, docs, previous), chars
+                previous = docs[-1] if docs else previous
+                texts, docs, chars = [], [] if corpus.doc_column else None, 0
+        if texts:
+            yield Rows(texts, docs, previous), chars
+
+
+def _data_files(dataset) -> list:
+    """The dataset's data files in order, each a dataset of its own, so that each ends a document as a file of
+    --input does. A streamed dataset's shards are its data files (the json, csv, parquet and text builders make
+    one per file) and `shard(n, i)` takes them in order. A `save_to_disk` dataset is read whole: its arrow
+    files are where `datasets` cut it for size, not files of the corpus."""
+    import datasets
+
+    if not isinstance(dataset, datasets.IterableDataset):
+        return [dataset]
+    count = getattr(dataset, "num_shards", None) or dataset.n_shards  # n_shards before datasets 4
+    return [dataset.shard(num_shards=count, index=i) for i in range(count)] if count > 1 else [dataset]
+
+
+def open_dataset(corpus):
+    """The split as an iterable of row dicts: a folder written by `save_to_disk`, else `load_dataset` (a local
+    folder of data files, or a Hub name: then it is downloaded) in streaming mode."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("--dataset needs the datasets library: pip install 'mlmtrain[datasets]'.") from None
+    path = Path(corpus.dataset)
+    try:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # save_to_disk
+            dataset = datasets.load_from_disk(str(path))
+            if isinstance(dataset, datasets.DatasetDict):
+                if corpus.split not in dataset:
+                    raise UserError(f"{path} has no split {corpus.split!r} (its splits: {', '.join(dataset)}).")
+                dataset = dataset[corpus.split]
+        else:
+            dataset = datasets.load_dataset(corpus.dataset, corpus.dataset_config, split=corpus.split, streaming=True)
+    except UserError:
+        raise
+    except Exception as e:  # datasets raises many kinds (FileNotFoundError, ValueError, its own) for a bad name
+        raise UserError(f"cannot open dataset {corpus.dataset!r} split {corpus.split!r}: {e}") from None
+    names = getattr(dataset, "column_names", None)
+    if names and corpus.text_column not in names:
+        raise UserError(
+            f"dataset {corpus.dataset!r} has no column {corpus.text_column!r} (its columns: {', '.join(names)}); "
+            "pass --text-column NAME."
+        )
+    return dataset
