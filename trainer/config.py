@@ -248,9 +248,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of("train.precision", t.precision, ("auto", *PRECISIONS))
     _one_of("train.compile", t.compile, ("auto", "on", "off"))
     check_device_name("train.device", t.device)
-    _within(
-        "train.log_every", t.log_every, 1, 1 << 16, "from 1 to 65536 (each step of a window keeps a row on the device)"
-    )
+    _within("train.log_every", t.log_every, 1, 1 << 16, "from 1 to 65536 (a window keeps a row per step)")
     _at_least("train.eval_every", t.eval_every, 0, "(0 = only at the end)")
     _at_least("train.eval_batches", t.eval_batches, 1)
     _at_least("train.checkpoint_every", t.checkpoint_every, 0, "(0 = only at the end)")
