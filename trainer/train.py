@@ -260,7 +260,6 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
     meta, vocab = check_inputs(cfg)
     log = log or (lambda msg: tqdm.write(msg) if parallel.rank() == 0 else None)
     main = parallel.rank() == 0
-
     check_start = start_check(cfg, meta, vocab)
     folder = run_folder.open_run_folder(
         cfg, resume, main=main, log=log, change_max_steps=change_max_steps, lr_at=lr_at, check_start=check_start
