@@ -57,6 +57,19 @@ def data_dir(tmp_path_factory, sample_corpus, tokenizer_dir):
     return out
 
 
+@pytest.fixture(scope="session")
+def stored_data(tmp_path_factory, sample_corpus):
+    """(shards, tokenizer) made with the tokenizer stored in tests/assets/tokenizer: WordPiece training in
+    `tokenizers` is not reproducible run to run (hash-map order breaks ties; huggingface/tokenizers#1794), so a
+    test that compares loss values across runs or paths needs this fixed vocabulary to be deterministic."""
+    from mlmtrain.prepare import prepare
+
+    tokenizer = Path(__file__).parent / "assets" / "tokenizer"
+    out = tmp_path_factory.mktemp("stored") / "data"
+    prepare([sample_corpus], tokenizer, out, valid_fraction=0.05, max_seq_len=128, seed=0)
+    return out, tokenizer
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the kernel tests run
 requires_triton = pytest.mark.skipif(

@@ -49,17 +49,12 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def test_loss_curve_matches_stored(sample_corpus, tmp_path):
-    """A short deterministic tiny run against tests/assets/losses/tiny_cpu.json (fp32, CPU).
-    It uses the tokenizer stored in tests/assets/tokenizer: WordPiece training in `tokenizers` is not
-    reproducible run to run (hash-map order breaks ties; huggingface/tokenizers#1794), so a freshly
-    trained vocabulary would move the curve. Tolerance 2e-4 relative: the same code on another x86 CPU
-    may round matmuls differently; a real change to data, masking, model or optimizer moves it far more."""
-    from mlmtrain.prepare import prepare
-
-    tokenizer = Path(__file__).parent / "assets" / "tokenizer"
-    data = tmp_path / "data"
-    prepare([sample_corpus], tokenizer, data, valid_fraction=0.05, max_seq_len=128, seed=0)
+def test_loss_curve_matches_stored(stored_data, tmp_path):
+    """A short deterministic tiny run against tests/assets/losses/tiny_cpu.json (fp32, CPU), on the stored
+    tokenizer (a freshly trained vocabulary would move the curve). Tolerance 2e-4 relative: the same code on
+    another x86 CPU may round matmuls differently; a real change to data, masking, model or optimizer moves it
+    far more."""
+    data, tokenizer = stored_data
     summary = train(tiny_config(data, tokenizer, tmp_path / "run", **{"train.max_steps": 8}))
     got = [loss for _, loss in summary["losses"]]
     if os.environ.get("MLMTRAIN_UPDATE_LOSSES"):
