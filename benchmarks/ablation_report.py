@@ -56,7 +56,7 @@ def headline(rows: list[dict], matmul: float | None) -> dict:
 
 
 def report_markdown(rows: list[dict], matmul: float | None) -> str:
-    from mlmtrain.benchmarks.tables import gib, pct, scale, si, spread_text, table
+    from mlmtrain.benchmarks.tables import gib, loss_text, pct, scale, si, spread_text, table
 
     def line(r, today):
         if "error" in r:
@@ -74,7 +74,7 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
             gib(r.get("peak_mem_bytes")),
             " / ".join(f"{phases[k]:.1f}" for k in ("forward", "backward", "optimizer") if k in phases) or "–",
             f"{r.get('real_tokens', 0):,}",
-            f"{r['valid_loss']:.4f}" if r.get("valid_loss") is not None else "–",
+            loss_text(r.get("valid_loss")),
             _compiled(r),
         ]
 
@@ -125,7 +125,7 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
                 ("met" if best["tokens_per_s"] >= target else "not met") if target else "–",
                 f"{100 * best['mfu']:.1f}%" if best.get("mfu") else "–",
                 f"{100 * best['fraction_of_matmul_ceiling']:.1f}%" if best.get("fraction_of_matmul_ceiling") else "–",
-                f"{best['valid_loss']:.4f}" if best.get("valid_loss") is not None else "–",
+                loss_text(best.get("valid_loss")),
             ]
         )
     header = ["workload", "target", "today", "fastest", "target met", "MFU", "of measured matmul", "valid loss"]
@@ -167,8 +167,8 @@ def curve_check(rows: list[dict]) -> dict | None:
         "valid_difference": difference,  # candidate - today, same seed, mean of the two seeds
         "valid_noise": noise,
         "band": band,
-        "train_loss_difference": mean(fast[i] - today[i] + fast1[i] - today1[i] for i in half) / 2,
-        "train_loss_noise": mean(abs(today1[i] - today[i]) for i in half),
+        "train_loss_difference": mean(fast[i] - today[i] + fast1[i] - today1[i] for i in half) / 2 if half else None,
+        "train_loss_noise": mean(abs(today1[i] - today[i]) for i in half) if half else None,
         "within_noise": difference <= band,
     }
 
@@ -202,9 +202,13 @@ def curves_markdown(rows: list[dict]) -> str:
         f"({_options(mine[CURVES[2]])}) against today's defaults, each at seeds 0 and 1. Validation loss, candidate "
         f"minus today at the same seed, mean of the two seeds: {check['valid_difference']:+.4f} against a band of "
         f"{check['band']:.4f} (today's seed-to-seed difference {check['valid_noise']:.4f}, at least "
-        f"{VALID_TOLERANCE}): {verdict} the noise (one-sided: learning better is no regression). Train loss over "
-        f"the second half, the same difference: {check['train_loss_difference']:+.4f}, beside today's mean "
-        f"seed-to-seed |difference| {check['train_loss_noise']:.4f} (reported, not judged).\n\n"
+        f"{VALID_TOLERANCE}): {verdict} the noise (one-sided: learning better is no regression). "
+        + (
+            f"Train loss over the second half, the same difference: {check['train_loss_difference']:+.4f}, beside "
+            f"today's mean seed-to-seed |difference| {check['train_loss_noise']:.4f} (reported, not judged).\n\n"
+            if check["train_loss_difference"] is not None
+            else "Train loss over the second half: no window where all four curves have a finite loss.\n\n"
+        )
         + table(["step", *CURVES], lines)
     )
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from mlmtrain.files import json_text
 from mlmtrain.profiling import spread
 
 HOLDOUT_EVERY = 10  # every 10th distinct sentence is validation
@@ -471,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         max_micro_batch=64 if quick else 256,
         command="python -m mlmtrain.benchmarks.bench_train " + " ".join(argv or sys.argv[1:]),
     )
-    Path(args.out, "train_results.json").write_text(json.dumps(rows, indent=2, default=str), encoding="utf-8")
+    Path(args.out, "train_results.json").write_text(json_text(rows, indent=2, default=str), encoding="utf-8")
     for r in rows:
         print(
             json.dumps(

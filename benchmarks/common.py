@@ -13,8 +13,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from mlmtrain.files import json_text
 
 
 def device_name(device: torch.device) -> str:
@@ -104,8 +107,7 @@ def print_and_save(rows: list[dict], device: torch.device, out: str | None) -> N
         if r.get("kind") == "summary":
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
     if out:
-        with open(out, "w", encoding="utf-8") as f:
-            json.dump({"environment": environment(device), "rows": rows}, f, indent=1)
+        Path(out).write_text(json_text({"environment": environment(device), "rows": rows}, indent=1), encoding="utf-8")
 
 
 def kernel_bench_device(device: str | None, threads: int | None) -> torch.device:

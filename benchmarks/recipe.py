@@ -128,7 +128,8 @@ def mlm_eval(model, batches: list[dict], device: torch.device) -> dict:
         loss_sum += float(torch.nn.functional.cross_entropy(picked, targets, reduction="sum"))  # .item() syncs
         correct += int((picked.argmax(-1) == targets).sum())
         count += int(keep.sum())
-    return {"valid_loss": loss_sum / max(count, 1), "valid_accuracy": correct / max(count, 1), "valid_targets": count}
+    loss = loss_sum / count if count and math.isfinite(loss_sum) else None  # no score, or a diverged model's
+    return {"valid_loss": loss, "valid_accuracy": correct / count if count else None, "valid_targets": count}
 
 
 def _step_clock(device: torch.device):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlmtrain.benchmarks.tables import gib, pct, scale, si, spread_text, table
+from mlmtrain.benchmarks.tables import gib, loss_text, pct, scale, si, spread_text, table
 from mlmtrain.errors import UserError
 from mlmtrain.files import (
     TMP,
@@ -191,7 +191,7 @@ def train_table(rows: list[dict], ceil: dict) -> str:
                 pct(r.get("mfu")),
                 pct(scale(r.get("achieved_tflops"), 1 / mm)) if mm else "–",
                 gib(r.get("peak_mem_bytes")),
-                f"{r['valid_loss']:.4f}" if r.get("valid_loss") is not None else "–",
+                loss_text(r.get("valid_loss")),
                 f"{r.get('wall_s', 0):.1f} s",
             ]
         )
@@ -441,8 +441,8 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
                 md += [
                     f"Ours is **{cmp['speedup_tokens_per_s']:.2f}x** the recipe's real tokens/s (overall rates "
                     "after warm-up: timed real tokens / timed seconds); "
-                    f"validation loss after the same tokens: ours {cmp['valid_loss']['ours']:.4f}, recipe "
-                    f"{cmp['valid_loss']['recipe']:.4f} (same held-out sentences, same masks).",
+                    f"validation loss after the same tokens: ours {loss_text(cmp['valid_loss']['ours'])}, recipe "
+                    f"{loss_text(cmp['valid_loss']['recipe'])} (same held-out sentences, same masks).",
                     "",
                 ]
             ours = next((r for r in rows if r.get("trainer") == "ours"), None)

@@ -36,6 +36,11 @@ def gib(b) -> str:
     return "–" if b is None else f"{b / 2**30:.2f} GiB"
 
 
+def loss_text(loss: float | None) -> str:
+    """A loss for a table or a sentence: "–" where there is none (a diverged run, or nothing masked)."""
+    return f"{loss:.4f}" if loss is not None else "–"
+
+
 def table(header: list[str], lines: list[list[str]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]

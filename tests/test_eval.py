@@ -114,16 +114,31 @@ def test_unigram_baseline_is_shared_with_the_demo():
     assert np.isneginf(logp[:num_special]).all() and np.exp(logp[num_special:]).sum() == pytest.approx(1.0)
 
 
-def test_what_is_not_scored_is_said_and_nothing_masked_is_no_score(run_and_export, sample_corpus, tmp_path, capsys):
+def test_what_is_not_scored_is_said_and_nothing_masked_is_no_score(
+    run_and_export, sample_corpus, tmp_path, capsys, monkeypatch
+):
     """eval --input skipped invalid UTF-8 and NUL lines without a word; and text too short to mask anything
-    scored loss 0.0, perplexity 1.0 (a perfect score) where there was none."""
+    scored loss 0.0, perplexity 1.0 (a perfect score) where there was none. Scoring runs without autograd (a
+    graph kept across batches grew memory with every one)."""
+    import torch
+
+    from mlmtrain.model import BertForMaskedLM
+
+    grad_modes, forward = [], BertForMaskedLM.forward
+
+    def recorded(self, *args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return forward(self, *args, **kwargs)
+
     run, _ = run_and_export
+    monkeypatch.setattr(BertForMaskedLM, "forward", recorded)
     text = tmp_path / "c.txt"
     good = "\n".join(sample_corpus.read_text(encoding="utf-8").split("\n")[:100]) + "\n"
-    text.write_bytes(good.encode() + b"bad \xff line\nnul\x00line\n")
+    text.write_bytes(good.replace("\n", "\r\n").encode() + b"bad \xff line\nnul\x00line\n")
     assert cli.main(["eval", "--model", str(run), "--input", str(text), "--json"]) == 0
     out, err = capsys.readouterr()
-    assert sum(json.loads(out)["skipped"].values()) == 2 and err.count("note: ") == 2
+    assert json.loads(out)["skipped"] == {"invalid_utf8": 1, "nul_bytes": 1}  # CRLF lines: repaired, scored
+    assert err.count("note: ") == 3 and grad_modes and not any(grad_modes)
     short = tmp_path / "short.txt"
     short.write_text("가\n", encoding="utf-8")
     assert cli.main(["eval", "--model", str(run), "--input", str(short)]) == 2

@@ -5,7 +5,6 @@ the values the run actually used (never "auto"). `--card-extra FILE` appends the
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -181,10 +180,17 @@ def _data_text(data_meta: dict | None, data: dict) -> str:
 
 
 def _evaluation_lines(state: dict, unigram: tuple[float | None, str]) -> list[str]:
+    from mlmtrain.evaluate import perplexity
+
     metrics = state.get("metrics") or {}
     loss, accuracy = state.get("valid_loss"), metrics.get("valid_accuracy")
     if loss is None:
-        return ["Not measured (the run had no validation split or stopped before its first evaluation).", ""]
+        why = (
+            "its validation masked no token"
+            if metrics.get("valid_targets") == 0
+            else "it stopped before its first evaluation"
+        )
+        return [f"Not measured ({why}).", ""]
     baseline, how = unigram
     targets = metrics.get("valid_targets")
     lines = [
@@ -192,7 +198,7 @@ def _evaluation_lines(state: dict, unigram: tuple[float | None, str]) -> list[st
         "",
         "| metric | value |",
         "| --- | --- |",
-        f"| MLM loss | {loss:.4f} nats (perplexity {math.exp(min(loss, 50.0)):.2f}) |",
+        f"| MLM loss | {loss:.4f} nats (perplexity {perplexity(loss):.2f}) |",
     ]
     if accuracy is not None:
         lines.append(f"| masked-token accuracy | {accuracy:.3f} |")

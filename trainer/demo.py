@@ -10,7 +10,6 @@ nothing beyond token frequencies sits at the latter; a lower loss is learning fr
 
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ def demo_layout():
 def main(args) -> int:
     from mlmtrain import cli, progress
     from mlmtrain.config import load_config
-    from mlmtrain.evaluate import unigram_cross_entropy, unigram_entropy
+    from mlmtrain.evaluate import perplexity, unigram_cross_entropy, unigram_entropy
     from mlmtrain.prepare import load_split, prepare
     from mlmtrain.text import sample_corpus_path
     from mlmtrain.tokenizer import NUM_SPECIAL, TokenizerSettings, train_tokenizer
@@ -158,7 +157,7 @@ def main(args) -> int:
     verdict = "below" if valid_loss < baseline else "NOT below"
     print(
         f"done in {result['wall_s']:.0f} s: validation MLM loss {valid_loss:.3f} is {verdict} the unigram model's "
-        f"{baseline:.3f} on the same split (perplexity {math.exp(valid_loss):.0f} vs {math.exp(baseline):.0f}; "
+        f"{baseline:.3f} on the same split (perplexity {perplexity(valid_loss):.0f} vs {perplexity(baseline):.0f}; "
         f"train-corpus unigram entropy {entropy:.3f}); exported model in {export_dir}"
     )
     return rc

@@ -29,7 +29,7 @@ from mlmtrain.errors import UserError
 from mlmtrain.files import json_text
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
-from mlmtrain.text import corpus_from_args, line_problem_notes
+from mlmtrain.text import LINE_PROBLEMS, corpus_from_args, line_problem_notes
 
 EVAL_KEY = 1 << 40  # masking keys of eval batches live far from the training micro-batch indices
 
@@ -62,12 +62,14 @@ def masker(specials, vocab_size: int, mask_spec, seed: int, max_masked: int, dev
     )
 
 
-@torch.no_grad()
 def perplexity(loss: float | None) -> float | None:
-    """exp(loss); infinite past what a float holds (JSON: null), None for no score."""
-    return None if loss is None else math.exp(loss) if loss < 700 else math.inf
+    """exp(loss); infinite past what a float holds (JSON: null), NaN for NaN, None for no score."""
+    if loss is None or math.isnan(loss):
+        return loss
+    return math.exp(loss) if loss < 700 else math.inf
 
 
+@torch.no_grad()
 def score(models, batches, mask, device, autocast, max_seqlen: int | None, unigram_logp=None, digest=False):
     """MLM loss, masked-token accuracy, perplexity and target count of each model over `batches` (host
     PackedBatches), every model on the same masked batch. `max_seqlen` None: each batch's longest segment.
@@ -231,9 +233,10 @@ def main(args) -> int:
         else:
             data_dir, split = Path(args.data), args.data_split
         meta = read_meta(data_dir)
-        skipped = {**meta["line_problems"], **meta["row_problems"]} if corpus is not None else {}
-        for note in line_problem_notes(skipped):  # what was not scored, said as prepare says it
+        problems = {**meta["line_problems"], **meta["row_problems"]} if corpus is not None else {}
+        for note in line_problem_notes(problems):  # what was skipped or repaired, said as prepare says it
             print(f"note: {note}", file=sys.stderr)
+        not_scored = {k: n for k, n in problems.items() if n and LINE_PROBLEMS.get(k, ("skipped",))[0] == "skipped"}
         check_tokenizer_match(meta["tokenizer_fingerprint"], tokenizer_dir, f"the shards in {data_dir}")
         max_seq_len = int(meta["max_seq_len"])
         for m in models:
@@ -270,7 +273,7 @@ def main(args) -> int:
         "unigram_loss": results[0]["unigram_loss"],
         "unigram_fit": f"{fit_split} split" if corpus is None else "the scored text itself (in-sample)",
         "mask_sha256": results[0]["mask_sha256"],
-        **({"skipped": skipped} if corpus is not None else {}),  # lines and rows of --input not scored, by reason
+        **({"skipped": not_scored} if corpus is not None else {}),  # lines and rows of --input not scored, by reason
         "models": [{**i, **{k: r[k] for k in ("loss", "ppl", "accuracy")}} for i, r in zip(infos, results)],
     }
     if report["targets"] == 0:

@@ -171,7 +171,7 @@ def start_profiler(train_spec, start_step: int, out_dir: Path, device, rank: int
     if steps[1] <= start_step:
         log(f"profile: steps {steps[0]}..{steps[1] - 1} were run before step {start_step}, where this run starts")
         return None
-    if steps[0] >= train_spec.max_steps:  # loop steps count from 0: the last one is max_steps - 1
+    if max(steps[0], start_step) >= train_spec.max_steps:  # loop steps count from 0: the last is max_steps - 1
         log(
             f"profile: nothing traced: steps {steps[0]}..{steps[1] - 1} come after the run's last step, "
             f"{train_spec.max_steps - 1} (steps count from 0)"
@@ -179,6 +179,8 @@ def start_profiler(train_spec, start_step: int, out_dir: Path, device, rank: int
         return None
     # the window ends with the run at the latest: a profiler still on when the loop ends would count the final
     # evaluation and checkpoint as one more traced step
+    if steps[1] > train_spec.max_steps:
+        log(f"profile: steps {steps[0]}..{steps[1] - 1} end with the run's last step, {train_spec.max_steps - 1}")
     return StepProfiler(steps[0], min(steps[1], train_spec.max_steps), train_spec.profile_warmup, start_step, out_dir,
                         device, rank, world, train_spec.profile_memory, log)  # fmt: skip
 

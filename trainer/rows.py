@@ -119,7 +119,11 @@ def parquet_batches(path: Path, corpus, block_bytes: int):
     if not _is_strings(pyarrow, kind):
         raise UserError(f"{path} column {corpus.text_column!r} holds {kind}, not strings; pass --text-column NAME.")
     rows, size, done, previous = max(1, file.metadata.num_rows), path.stat().st_size, 0, FIRST_ROW
-    data_bytes = sum(file.metadata.row_group(i).total_byte_size for i in range(file.metadata.num_row_groups))
+    groups = [file.metadata.row_group(i) for i in range(file.metadata.num_row_groups)]
+    data_bytes = sum(  # the text column's bytes alone: other columns (embeddings, say) are not read
+        c.total_uncompressed_size for g in groups for c in map(g.column, range(g.num_columns))
+        if c.path_in_schema == corpus.text_column
+    )  # fmt: skip
     batch_rows = max(1, min(ROWS_PER_BATCH, block_bytes * rows // max(1, data_bytes)))
     for batch in file.iter_batches(batch_size=batch_rows, columns=columns):
         texts = batch.column(0).to_pylist()
