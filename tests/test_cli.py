@@ -42,6 +42,18 @@ def test_help_version_and_argument_errors_do_not_import_torch(argv, code):
     assert seconds < 10, seconds  # well under a second on an idle machine; the bound allows a busy CI box
 
 
+def test_the_data_commands_run_without_torch(tmp_path, sample_corpus, tokenizer_dir):
+    """tokenizer and prepare need no torch: its import costs a data box seconds and (a CUDA build) ~400 MB."""
+    text = tmp_path / "few.txt"
+    text.write_text("".join(sample_corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:40]), "utf-8")
+    for argv in (
+        ["tokenizer", "--input", str(text), "--out", str(tmp_path / "tok"), "--vocab-size", "300"],
+        ["prepare", "--input", str(text), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "data")],
+    ):
+        done = subprocess.run([sys.executable, "-c", NO_TORCH, *argv, "--quiet"], capture_output=True, text=True)
+        assert done.returncode == 0 and done.stderr.strip().endswith("NO_TORCH"), done.stdout + done.stderr
+
+
 def test_every_train_flag_sets_the_key_it_names():
     parser = build_parser()
     args = parser.parse_args(

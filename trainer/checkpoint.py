@@ -37,11 +37,9 @@ from safetensors.torch import load_file, save_file
 
 from mlmtrain import parallel
 from mlmtrain.errors import UserError
-from mlmtrain.files import atomic_dir, file_entries, manifest_problems, tmp_sibling, write_json
+from mlmtrain.files import CHECKPOINTS, MANIFEST, atomic_dir, file_entries, manifest_problems, tmp_sibling, write_json
 from mlmtrain.model import SHAPE_FIELDS, BertConfig, drop_tied_aliases
 
-CHECKPOINTS = "checkpoints"
-MANIFEST = "manifest.json"
 CHECKPOINT_FILES = (
     "model.safetensors",
     "optimizer.safetensors",

@@ -29,7 +29,7 @@ from mlmtrain.card import DEFAULT_WIDGETS, model_card, parse_languages, read_car
 from mlmtrain.config import PRECISIONS, torch_dtype
 from mlmtrain.errors import UserError, refuse_tokens
 from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_folder
-from mlmtrain.files import atomic_dir, check_out_folder, file_entries, file_mode, write_json
+from mlmtrain.files import CHECKPOINTS, atomic_dir, check_out_folder, file_entries, file_mode, write_json
 from mlmtrain.preflight import check_vocab_match
 from mlmtrain.prepare import check_tokenizer_match
 from mlmtrain.tokenizer import SPECIAL_TOKENS_MAP
@@ -106,7 +106,7 @@ def export_folder(
     step = int(state.get("step", 0))
 
     # ---- write into a temporary sibling, rename at the end
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None
+    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else None
     data_meta = read_data_meta(run_config)
     card = model_card(
         title=name,

@@ -37,6 +37,11 @@ from safetensors import SafetensorError
 
 from mlmtrain.errors import UserError
 
+# a run's checkpoint folder and a checkpoint's manifest (trainer/checkpoint.py writes them): named here, so the
+# commands that only recognise a run (prepare, tokenizer) never import torch
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+
 # a write the system refused (full disk, quota, read-only filesystem, permissions): said in one sentence
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 # hidden siblings: `.tmp_{name}_{host}_{pid}` (being written), `.mlmtrain-old_{name}_{host}_{pid}` (moved aside)
@@ -367,7 +372,7 @@ def remove_stale_tmp(parent: Path, name: str | None = None, *, any_host: bool = 
 
 def _complete(folder: Path) -> bool:
     """A folder mlmtrain finished writing: its marker, or a checkpoint's manifest.json, is written last."""
-    return folder.is_dir() and ((folder / MARKER).is_file() or (folder / "manifest.json").is_file())
+    return folder.is_dir() and ((folder / MARKER).is_file() or (folder / MANIFEST).is_file())
 
 
 def fsync_path(path: Path) -> None:

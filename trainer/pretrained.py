@@ -53,8 +53,7 @@ def locate(source, what: str = "--init-from", tokenizer_only: bool = False) -> P
     if path.exists():
         if not path.is_dir():
             raise UserError(f"{what} {path} is a file; pass the folder that holds it.")
-        from mlmtrain.checkpoint import CHECKPOINTS, MANIFEST
-        from mlmtrain.files import read_marker
+        from mlmtrain.files import CHECKPOINTS, MANIFEST, read_marker
 
         is_run = (read_marker(path) or {}).get("kind") == "run" or any((path / CHECKPOINTS).glob(f"step_*/{MANIFEST}"))
         if is_run or ((path / MANIFEST).is_file() and (path / "state.json").is_file()):  # a run, or a checkpoint
