@@ -326,3 +326,33 @@ def test_a_model_whose_tokenizer_transformers_reads_otherwise_is_refused(tokeniz
     assert not (tmp_path / "run").exists()
     rc = cli.main(["eval", "--model", str(folder), "--data", str(tmp_path / "data")])
     assert rc == 2
+
+
+def test_bert_two_phases_short_rows_then_long_through_the_export(tokenizer_dir, sample_corpus, tmp_path):
+    """BERT's recipe: most steps on short rows, the rest on long ones. Phase 2 is a new run started from phase 1's
+    export (weights carry over, optimizer and data cursor start fresh), on shards of the export's own tokenizer
+    at the longer length: its first loss is phase 1's level, far below a fresh model's."""
+    common = ["--tokens-per-batch", "1024", "--eval-every", "0", "--no-compile",
+              "--set", "train.device=cpu", "--set", "train.log_every=1", "--set", "model.dropout=0"]  # fmt: skip
+    assert cli.main(["prepare", "--input", str(sample_corpus), "--tokenizer", str(tokenizer_dir), "--out",
+                     str(tmp_path / "data64"), "--max-seq-len", "64", "--quiet"]) == 0  # fmt: skip
+    assert cli.main(["train", "--data", str(tmp_path / "data64"), "--tokenizer", str(tokenizer_dir), "--model", "tiny",
+                     "--out", str(tmp_path / "phase1"), "--max-steps", "40", "--lr", "2e-3", *common]) == 0  # fmt: skip
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "phase1"), "--out", str(tmp_path / "bert1")]) == 0
+    assert cli.main(["prepare", "--input", str(sample_corpus), "--tokenizer", str(tmp_path / "bert1"), "--out",
+                     str(tmp_path / "data128"), "--max-seq-len", "128", "--quiet"]) == 0  # fmt: skip
+    phase2 = ["train", "--data", str(tmp_path / "data128"), "--max-steps", "5", *common, "--lr", "1e-4"]
+    assert cli.main([*phase2, "--init-from", str(tmp_path / "bert1"), "--out", str(tmp_path / "phase2")]) == 0
+    from_scratch = [*phase2, "--tokenizer", str(tmp_path / "bert1"), "--model", "tiny"]  # the same run, fresh weights
+    assert cli.main([*from_scratch, "--out", str(tmp_path / "fresh")]) == 0
+
+    def losses(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [row["loss"] for row in map(json.loads, lines) if "loss" in row]
+
+    phase1, phase2, fresh = losses("phase1"), losses("phase2"), losses("fresh")
+    print("phase 1", phase1[0], phase1[-1], "phase 2", phase2[0], "fresh", fresh[0])
+    assert phase2[0] < phase1[-1] + 0.5 * (phase1[0] - phase1[-1]) and phase2[0] < fresh[0] - 0.5
+    assert read_meta(tmp_path / "data128")["max_seq_len"] == 128
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "phase2"), "--out", str(tmp_path / "bert2")]) == 0
+    assert "continued from a local model (`bert1`)" in (tmp_path / "bert2" / "README.md").read_text()
