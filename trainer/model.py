@@ -165,7 +165,7 @@ def packed_sdpa_attention(q, k, v, gather_index, key_mask, scatter_index, dropou
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int):
-    """Flash varlen attention on (T, H, D). Called with the positional arguments common to torch 2.10-2.13
+    """Flash varlen attention on (T, H, D). Called with the positional arguments common to torch 2.10-2.15
     (q, k, v, cu_seq_q, cu_seq_k, max_q, max_k); the default is non-causal with scale 1/sqrt(D)."""
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)  # (T, H, D)
 
