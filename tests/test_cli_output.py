@@ -90,6 +90,11 @@ def test_a_pipe_gets_plain_lines_the_resolved_config_and_the_next_command(data_d
     assert out.rstrip().endswith(f"next: mlmtrain export --checkpoint {checkpoint} --out {run}-export")
     rc, quiet = run_cli([*train_args(data_dir, tokenizer_dir, tmp_path / "quiet"), "--quiet"], terminal=False)
     assert rc == 0 and "config (resolved)" not in quiet and "step 1:" not in quiet and "done: 3 steps" in quiet
+    # export says what it wrote and what it verified, and nothing else: not what the libraries it loads log
+    # (transformers imports an installed torchao, which logged four lines of its own here)
+    pytest.importorskip("transformers")
+    rc, out = run_cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")], terminal=False)
+    assert rc == 0 and [line.split()[0] for line in out.splitlines()] == ["exported", "verified"], out
 
 
 def test_the_next_command_is_one_shell_line_even_with_spaces_in_paths(tmp_path):

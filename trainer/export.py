@@ -21,6 +21,7 @@ would write the weights 0600).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -218,11 +219,19 @@ def verify_export(folder, widget_texts: list[str], *, atol: float = 1e-4) -> dic
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # our checks say what matters; keep the output short
     transformers.logging.disable_progress_bar()
+    # transformers' loading imports an installed torchao (the fp8 extra), whose import logs warnings that say
+    # nothing about the export (optional extensions it could not load, deprecations): errors still show
+    others = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in others]
+    for logger in others:
+        logger.setLevel(logging.ERROR)
     try:
         return _verify(folder, list(widget_texts), atol)
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
+        for logger, level in zip(others, levels):
+            logger.setLevel(level)
 
 
 def _verify(folder: Path, widget_texts: list[str], atol: float) -> dict:
