@@ -341,8 +341,9 @@ def _report(meta: dict, out_dir: Path, total_bytes: int | None) -> None:
         )
     if meta["sentences_split"]:
         print(
-            f"note: {meta['sentences_split']} sentences longer than {meta['max_seq_len'] - 2} tokens were split "
-            "into consecutive pieces",
+            f"note: {meta['sentences_split']} {'sentence' if meta['sentences_split'] == 1 else 'sentences'} "
+            f"longer than {meta['max_seq_len'] - 2} tokens {'was' if meta['sentences_split'] == 1 else 'were'} "
+            "split into consecutive pieces",
             file=sys.stderr,
         )
     if meta["valid_fraction"] > 0 and va["sentences"] == 0:
