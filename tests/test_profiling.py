@@ -39,6 +39,34 @@ def test_profiled_run_writes_a_trace_with_the_named_ranges(data_dir, tokenizer_d
     assert not (run / "profile" / "memory_snapshot.pickle").exists()
 
 
+def test_a_run_stopped_inside_the_window_traces_only_the_steps_it_ran(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """SIGTERM after the second traced step: the checkpoint saved on the way out is no traced step."""
+    import os
+    import signal
+
+    step = StepProfiler.step
+
+    def step_then_signal(self):
+        step(self)
+        if self.steps_done == 4:  # steps 0..3 ran: 1 was the warm-up, 2 and 3 traced
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(StepProfiler, "step", step_then_signal)
+    run = tmp_path / "run"
+    cfg = tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 8, "train.profile_steps": "2:6"})
+    summary = train(cfg, log=lambda msg: None)
+    assert summary["steps"] == 4 and summary["exit_code"] == 143
+    trace = json.loads((run / "profile" / "trace.json").read_text())
+    spans = [e for e in trace["traceEvents"] if "dur" in e]
+    steps = sorted((e for e in spans if e["name"].startswith("ProfilerStep#")), key=lambda e: e["ts"])
+    assert [e["name"] for e in steps][:2] == ["ProfilerStep#2", "ProfilerStep#3"]
+    # the range the last step() opened holds the log window's reads only (with the save it was ~47 ms, a third
+    # step in the averages); nothing is traced after it
+    assert all(e["dur"] < 0.1 * steps[1]["dur"] for e in steps[2:]), steps
+    assert not [e for e in spans if e["ts"] >= steps[-1]["ts"] + steps[-1]["dur"]]
+    assert json.loads((run / "profile" / "categories.json").read_text())["steps"] == 2
+
+
 def test_no_profiler_no_ranges(data_dir, tokenizer_dir, tmp_path, monkeypatch):
     """Without --profile-steps the loop opens none of its ranges (not even disabled ones: `phase` is a no-op).
     torch's optimizer opens its own, always; those pass through."""

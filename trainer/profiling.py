@@ -257,7 +257,7 @@ def kernel_category(name: str, cat: str = "kernel") -> str:
 def kernel_categories(trace: dict, source: str = "") -> dict:
     """categories.json (schema in the module docstring) from a Chrome trace as torch.profiler exports it."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
-    steps = [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep#")]
+    steps = _traced_steps(events)
     n_steps = max(1, len(steps))
     device = [e for e in events if e.get("cat") in DEVICE_EVENTS]
     if device:
@@ -304,13 +304,22 @@ def phase_times(trace: dict) -> dict[str, float]:
     """ms per traced step in each of PHASES: on the device timeline where the trace has one (kineto's
     gpu_user_annotation spans the kernels a range launched), else on the host."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
-    n_steps = max(1, sum(e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep#") for e in events))
+    n_steps = max(1, len(_traced_steps(events)))
     on_device = [e for e in events if e.get("cat") == "gpu_user_annotation" and e["name"] in PHASES]
     ranges = on_device or [e for e in events if e.get("cat") == "user_annotation" and e["name"] in PHASES]
     totals = {name: 0.0 for name in PHASES if any(e["name"] == name for e in ranges)}
     for e in ranges:
         totals[e["name"]] += e["dur"] / 1e3 / n_steps
     return totals
+
+
+def _traced_steps(events: list[dict]) -> list[dict]:
+    """The trace's ProfilerStep# ranges that ran a step (hold the loop's forward range), where any does: a run that
+    stops inside the window closes the profiler after its last step, which left one more range opened."""
+    steps = [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith("ProfilerStep#")]
+    forwards = [e["ts"] for e in events if e.get("cat") == "user_annotation" and e["name"] == "forward"]
+    ran = [s for s in steps if any(s["ts"] <= ts < s["ts"] + s["dur"] for ts in forwards)]
+    return ran or steps
 
 
 def format_categories(report: dict) -> str:
