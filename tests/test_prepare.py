@@ -403,4 +403,4 @@ def test_memory_stays_bounded_on_a_20_mb_single_line(tmp_path, tokenizer_dir):
         assert done.returncode == 0, done.stderr
         peak_mb[name] = int(done.stdout.split()[-1]) / 1024
     print(f"peak RSS {peak_mb}")
-    assert peak_mb["long"] - peak_mb["short"] < 400, peak_mb
+    assert peak_mb["long"] - peak_mb["short"] < 300, peak_mb  # 130 MB on the CPU box; holding it whole: ~2 GB
