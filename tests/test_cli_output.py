@@ -8,12 +8,15 @@ by the program."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
 import termios
+from pathlib import Path
 
 import pytest
 
@@ -88,6 +91,14 @@ def test_a_pipe_gets_plain_lines_the_resolved_config_and_the_next_command(data_d
     checkpoint = run / "checkpoints" / "step_00000003"
     assert f"checkpoint {checkpoint}; summary {run / 'summary.json'}" in out
     assert out.rstrip().endswith(f"next: mlmtrain export --checkpoint {checkpoint} --out {run}-export")
+    # summary.json is for scripts: every key it has is in the README, and the README names no other
+    summary = json.loads((run / "summary.json").read_text())
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    start = readme.index("`RUN/summary.json` holds the numbers for scripts")
+    documented = set(re.findall(r"`(\w+)`", readme[start : readme.index("\n\n", start)]))
+    assert summary["schema"] == "mlmtrain.summary/1" and set(summary) <= documented, set(summary) - documented
+    assert documented - set(summary) == {"null", "min", "median", "max", "resolved", "auto"}, documented
+    assert set(summary["step_time_s"]) == {"min", "median", "max"} and "resolved" in summary["config"]
     rc, quiet = run_cli([*train_args(data_dir, tokenizer_dir, tmp_path / "quiet"), "--quiet"], terminal=False)
     assert rc == 0 and "config (resolved)" not in quiet and "step 1:" not in quiet and "done: 3 steps" in quiet
     # export says what it wrote and what it verified, and nothing else: not what the libraries it loads log

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mlmtrain import parallel
+from mlmtrain import __version__, parallel
 from mlmtrain.checkpoint import complete_checkpoints
 from mlmtrain.errors import UserError
 from mlmtrain.files import json_text
@@ -326,12 +326,17 @@ def progress_line(row: dict, short: bool = False) -> str:
     )
 
 
+SUMMARY_SCHEMA = "mlmtrain.summary/1"  # summary.json's keys (README, `mlmtrain train`): a change of meaning bumps it
+
+
 def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: dict, stopped_by) -> dict:
     """Throughput (median over the log windows after the first, which holds the compile), MFU, memory, losses."""
     history = [w.row for w in windows]
     tokens_per_s = spread([r["tokens_per_s"] for r in history[1:]] or [r["tokens_per_s"] for r in history])
     step_times = [w.elapsed_s / w.steps for w in windows if w.steps >= 2 or w.last]
     return {
+        "schema": SUMMARY_SCHEMA,
+        "mlmtrain_version": __version__,
         "steps": step,
         "steps_this_run": step - run.step,
         "real_tokens": sum(w.real_tokens for w in windows),
