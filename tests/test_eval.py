@@ -28,7 +28,9 @@ def run_and_export(tmp_path_factory, data_dir, tokenizer_dir):
 
 def evaluate_json(capsys, *args) -> dict:
     assert cli.main(["eval", *map(str, args), "--json"]) == 0
-    return json.loads(capsys.readouterr().out)
+    report = json.loads(capsys.readouterr().out)
+    assert report["schema"] == "mlmtrain.eval/1"
+    return report
 
 
 def test_export_and_checkpoint_give_the_same_loss(run_and_export, data_dir, capsys):

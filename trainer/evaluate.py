@@ -264,6 +264,7 @@ def main(args) -> int:
     else:
         source = f"{split} split of {data_dir}"
     report = {
+        "schema": "mlmtrain.eval/1",  # a change of any key's meaning changes it
         "data": source,
         "batches": results[0]["batches"],
         "targets": results[0]["targets"],
