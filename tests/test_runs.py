@@ -116,6 +116,24 @@ def test_a_copied_run_resumes_and_exports_where_it_is_from_any_directory(data_di
     assert snapshot(a) == before
 
 
+def test_every_checkpoint_counts_the_real_tokens_its_weights_saw(data_dir, tokenizer_dir, tmp_path):
+    """The count the card states ("N real tokens seen"): a checkpoint between log steps counted none of the open
+    window's tokens (0 at step 2 here), and a resumed run counted only its own."""
+    from test_train import tiny_config
+
+    def seen(run, step):
+        return json.loads((run / "checkpoints" / f"step_{step:08d}" / "state.json").read_text())["real_tokens"]
+
+    settings = {"train.max_steps": 4, "train.log_every": 10, "train.checkpoint_every": 2, "train.keep_checkpoints": 0}
+    full = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "full", **settings), log=lambda msg: None)
+    assert 0 < seen(tmp_path / "full", 2) < seen(tmp_path / "full", 4) == full["real_tokens"]
+    shutil.rmtree(shutil.copytree(tmp_path / "full", tmp_path / "resumed") / "checkpoints" / "step_00000004")
+    resumed_cfg = tiny_config(data_dir, tokenizer_dir, tmp_path / "resumed", **settings)
+    resumed = train(resumed_cfg, resume=str(tmp_path / "resumed"), log=lambda msg: None)
+    assert resumed["real_tokens"] == full["real_tokens"] - seen(tmp_path / "full", 2)  # summary.json: this run's
+    assert seen(tmp_path / "resumed", 4) == seen(tmp_path / "full", 4)
+
+
 def test_a_resume_that_would_change_the_data_order_or_the_starting_model_is_refused(data_dir, tokenizer_dir, tmp_path):
     """The data cursor is a position in the packer's order: another data.pack or seed reads other sentences from
     it (pack=document crashed the packer thread, and config.json already said document, so even the plain resume

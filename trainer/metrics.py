@@ -206,6 +206,11 @@ class WindowStats:
         self.segments += batch.num_segments
         self.flops += flops
 
+    def open_tokens(self) -> int:
+        """The real tokens of the steps since the window opened, the job's (sync, several processes: call it where
+        every rank is, e.g. at a checkpoint)."""
+        return int(parallel.sum_over_ranks(self.device, self.tokens)[0])
+
     def add_step(self, step_loss, bad, grad_norm) -> None:
         self.bad_flags[self.steps] = bad
         self.bad_streak = (self.bad_streak + 1) * bad

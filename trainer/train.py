@@ -144,7 +144,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
                 run.log(eval_line(step, last_eval))
                 window.restart_clock()  # eval time is not training throughput
             if save_cadence or (last and t.checkpoint_at_end) or stop_now or stop_reason:
-                run.save(step, cursor, last_eval, sum(w.real_tokens for w in history))  # sync: state to the host
+                seen = run.tokens_before + sum(w.real_tokens for w in history) + window.open_tokens()  # the job's
+                run.save(step, cursor, last_eval, seen)  # sync: state to the host
                 last_save = time.time()
                 window.restart_clock()
             if stop_reason or stop_now:
@@ -207,6 +208,7 @@ class Run:
     peak_tflops: float
     log: object
     folder: run_folder.RunFolder | None = None  # the run folder's lock (rank 0)
+    tokens_before: int = 0  # real tokens the resumed checkpoint's weights had seen (the job's)
 
     @property
     def is_main(self) -> bool:
@@ -322,14 +324,14 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
         log(f"initialised from {cfg.model.init_from}: {pretrained.describe()}")
     model = model.to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step, cursor = 0, (0, 0)
+    step, cursor, tokens_before = 0, (0, 0), 0
     if start is not None:
         weights, _, state = checkpoint.read_checkpoint(start)
         model.load_hf_state_dict(weights)  # full weights on every rank; FSDP shards them in wrap
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         checkpoint.restore_rng(start, state, device)  # each rank's own streams at the saved world size
-        step, cursor = folder.step, tuple(state["cursor"])
+        step, cursor, tokens_before = folder.step, tuple(state["cursor"]), state.get("real_tokens") or 0
         log(f"resuming from {start} at step {step}")
     if cfg.train.fp8 != "off":  # after loading: the converted layers keep the parameters (and their names)
         log(f"fp8 ({cfg.train.fp8}): {len(convert_to_fp8(model, cfg.train.fp8))} linear layers converted")
@@ -384,7 +386,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
         cfg, run_dir, device, rank, world, precision, use_compile, T, max_seqlen, static,
         cfg.optim.grad_accum // world, model_config, model, optimizer, scaler, step_fn, autocast, mask, prefetch,
         valid_batches, meta, step, cursor, metrics, cfg.train.peak_tflops or peak_tflops_for(device, precision), log,
-        folder,
+        folder, tokens_before,
     )  # fmt: skip
     if rank == 0:
         if not quiet():
@@ -407,7 +409,7 @@ def check_inputs(cfg: RunConfig, world: int | None = None) -> tuple[dict, list[s
     meta = read_meta(cfg.data.data_dir)
     vocab = read_vocab(cfg.data.tokenizer_dir)
     check_tokenizer_vocab(len(vocab), meta["vocab_size"])
-    check_tokenizer_match(meta["tokenizer_fingerprint"], cfg.data.tokenizer_dir, f"the shards in {cfg.data.data_dir}")
+    check_tokenizer_match(meta["tokenizer_fingerprint"], cfg.data.tokenizer_dir, f"the data folder {cfg.data.data_dir}")
     check_report_to(report_targets(cfg.train.report_to))
     for split in SPLITS:
         load_split(cfg.data.data_dir, split)  # a damaged file is named here, not by the packer mid-run
