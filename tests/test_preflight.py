@@ -43,8 +43,10 @@ def test_tokenizer_fingerprint(tokenizer_dir, tmp_path, sample_corpus):
     check_tokenizer_match(tokenizer_fingerprint(tokenizer_dir), tokenizer_dir, "the shards")
     check_tokenizer_match(None, tokenizer_dir, "the shards")  # unknown: nothing to compare
     train_tokenizer([sample_corpus], tmp_path / "other", TokenizerSettings(vocab_size=1500), progress=False)
-    with pytest.raises(UserError, match=r"the shards was made with another tokenizer than .*other \(fingerprint"):
-        check_tokenizer_match(tokenizer_fingerprint(tokenizer_dir), tmp_path / "other", "the shards")
+    with pytest.raises(
+        UserError, match=r"the data folder d was made with another tokenizer than .*other \(fingerprint"
+    ):
+        check_tokenizer_match(tokenizer_fingerprint(tokenizer_dir), tmp_path / "other", "the data folder d")
 
 
 def test_data_against_real_shards(data_dir, tokenizer_dir):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -163,8 +164,13 @@ def test_damaged_checkpoint_is_skipped(data_dir, tokenizer_dir, tmp_path, capsys
     assert ckpt.latest_checkpoint(run) == first
     assert "model.safetensors does not match its sha256" in capsys.readouterr().out
     os.truncate(first / "optimizer.safetensors", 100)  # truncated
-    with pytest.raises(UserError, match="no complete checkpoint"):
+    with pytest.raises(UserError, match="no complete checkpoint.*damaged or incomplete: train again into a new"):
         ckpt.latest_checkpoint(run)
+    # a run that saved nothing yet (killed before its first save) is started again by the command named
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(UserError, match=f"saved none yet: `mlmtrain train --config {run / 'config.json'}` starts"):
+        ckpt.latest_checkpoint(run)
+    assert train(load_config(run / "config.json"))["steps"] == 4
 
 
 def test_nan_steps_are_skipped_then_stop(data_dir, tokenizer_dir, tmp_path, monkeypatch):

@@ -271,9 +271,15 @@ def latest_checkpoint(path: str | Path, log=print) -> Path:
                 log(f"skipping damaged checkpoint {ckpt}: {problem}")
         if not retired:
             break
+    run_config = path / "config.json"
+    if said or any((path / CHECKPOINTS).glob("step_*")):
+        next_step = "every checkpoint there is damaged or incomplete: train again into a new --out"
+    elif run_config.is_file():  # a run killed before its first save starts again from its config (no --resume)
+        next_step = f"the run saved none yet: `mlmtrain train --config {run_config}` starts it again"
+    else:
+        next_step = f"train one first: `mlmtrain train --data DIR --tokenizer DIR --out {path}`"
     raise UserError(
-        f"no complete checkpoint in {path} (expected {path / CHECKPOINTS}/step_*/ with a "
-        f"manifest.json); train with `mlmtrain train --out {path}` first"
+        f"no complete checkpoint in {path} (expected {path / CHECKPOINTS}/step_*/ with a manifest.json); {next_step}"
     )
 
 

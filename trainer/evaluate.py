@@ -237,7 +237,7 @@ def main(args) -> int:
         for note in line_problem_notes(problems):  # what was skipped or repaired, said as prepare says it
             print(f"note: {note}", file=sys.stderr)
         not_scored = {k: n for k, n in problems.items() if n and LINE_PROBLEMS.get(k, ("skipped",))[0] == "skipped"}
-        check_tokenizer_match(meta["tokenizer_fingerprint"], tokenizer_dir, f"the shards in {data_dir}")
+        check_tokenizer_match(meta["tokenizer_fingerprint"], tokenizer_dir, f"the data folder {data_dir}")
         max_seq_len = int(meta["max_seq_len"])
         for m in models:
             check_data_against_model(meta, m.config, max_seq_len)
