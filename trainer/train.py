@@ -144,7 +144,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
                 run.log(eval_line(step, last_eval))
                 window.restart_clock()  # eval time is not training throughput
             if save_cadence or (last and t.checkpoint_at_end) or stop_now or stop_reason:
-                seen = run.tokens_before + sum(w.real_tokens for w in history) + window.open_tokens()  # the job's
+                seen = run.tokens_before + sum(w.real_tokens for w in history) + window.open_tokens()  # sync: all ranks
                 run.save(step, cursor, last_eval, seen)  # sync: state to the host
                 last_save = time.time()
                 window.restart_clock()
