@@ -14,7 +14,8 @@
 #                                                      # (reads OUT_DIR/results.json of the first)
 #         bash scripts/speed_gpu.sh OUT_DIR --quick    # the same path on a CPU (tiny model): what the tests run
 # Every row that does not fit the budget is recorded as skipped, with the reason, and the script prints the
-# command that measures the rest. Environment: SPEED_BUDGET (seconds for the whole call, default 470), PYTHON
+# command that measures the rest. Environment: SPEED_BUDGET (seconds for the whole call, default 470), CHECKS=1
+# (a --merge call runs the GPU checks too, into gpu_tests.txt), PYTHON
 # (default python3). Nothing is downloaded: the package is imported from this checkout; torchao (fp8),
 # accelerate and psutil are installed from .whl/ into /tmp/site when missing (git-ignored; docs/BENCHMARKS.md,
 # "The GPU command", says how to fetch them and how to call this on a lent machine).
@@ -61,12 +62,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 SECTIONS=ceilings,ablation LOG="$OUT/bench.log"
-if [ "$MERGE" = 1 ]; then
-  SECTIONS=ablation LOG="$OUT/bench_merge.log"  # the first call's ceilings, GPU checks and log are kept
+[ "$MERGE" = 1 ] && SECTIONS=ablation LOG="$OUT/bench_merge.log"  # the first call's ceilings and log are kept
+if [ "$MERGE" = 1 ] && [ "${CHECKS:-0}" != 1 ]; then  # CHECKS=1: a --merge call runs the GPU checks again too
+  :
 else
   # the kernels' test files run whole on CUDA (every kernel against its reference, CUDA-graph replay, inductor);
   # of the model files, the compiled bf16 paths against the fp32 reference; then the GPU-only options' loss
   # curves against the compiled default. SIGINT at the limit: pytest still prints what ran and what failed.
+  # The whole output goes to gpu_tests.txt (a tail lost the failures' names once: a KeyboardInterrupt traceback
+  # from pytest's cleanup at the limit filled it); the console gets the short summary.
   echo "== GPU checks of the new paths" | tee "$OUT/gpu_tests.txt"
   timeout -s INT -k 10 150 "$PY" -m pytest -q -rfEs --durations=8 -p no:cacheprovider \
     tests/test_residual_layer_norm.py \
@@ -74,8 +78,9 @@ else
     tests/test_rows.py::test_compiled_flex_matches_fp32_reference_on_gpu \
     tests/test_model.py::test_varlen_matches_fp32_reference_on_gpu \
     tests/test_model.py::test_auto_picks_varlen_under_autocast_on_gpu \
-    tests/test_speed_options.py::test_gpu_options_train_within_tolerance_of_the_compiled_default 2>&1 | tail -45 \
-    | tee -a "$OUT/gpu_tests.txt"
+    tests/test_speed_options.py::test_gpu_options_train_within_tolerance_of_the_compiled_default \
+    >>"$OUT/gpu_tests.txt" 2>&1
+  grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | head -40
 fi
 
 # --time-limit: no row starts whose expected end (the longest row so far) is past it; `timeout` is the hard stop
