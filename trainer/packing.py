@@ -229,23 +229,26 @@ def best_fit_decreasing(lengths: list[int], rows: int, row_len: int) -> np.ndarr
     free = [[] for _ in range(row_len + 1)]  # free[c]: rows with c tokens left, last one taken first
     free[row_len] = list(range(rows - 1, -1, -1))  # so row 0 fills first
     spaces = [row_len] if rows else []  # sorted distinct c with free[c] non-empty
-    row_of = np.full(len(lengths), -1, dtype=np.int64)
-    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):  # stable: ties keep stream order
+    row_of = [-1] * len(lengths)
+    bisect_left, insort = bisect.bisect_left, bisect.insort  # the loop runs per unit: ~3,300 per 64k batch
+    for i in np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist():  # ties keep stream order
         need = lengths[i]
-        k = bisect.bisect_left(spaces, need)
+        k = bisect_left(spaces, need)
         if k == len(spaces):
             continue
         space = spaces[k]
-        row = free[space].pop()
-        if not free[space]:
+        bucket = free[space]
+        row = bucket.pop()
+        if not bucket:
             del spaces[k]
         row_of[i] = row
         left = space - need
         if left:
-            if not free[left]:
-                bisect.insort(spaces, left)
-            free[left].append(row)
-    return row_of
+            bucket = free[left]
+            if not bucket:
+                insort(spaces, left)
+            bucket.append(row)
+    return np.array(row_of, dtype=np.int64)
 
 
 class RowPacker(Packer):
@@ -265,13 +268,17 @@ class RowPacker(Packer):
         super().__init__(shard, tokens_per_batch, max_seq_len, seed, pack, **kwargs)
         self.rows = tokens_per_batch // max_seq_len
         self.segment_capacity = self.max_units + self.rows  # units, and at most one [PAD] tail per row
+        self.placed = None  # (unit ids, their rows) of the last cut: its _build places nothing again
 
     def _cut(self, cursor: tuple[int, int]) -> tuple[list[np.ndarray], tuple[int, int]]:
         parts, cursor_after = super()._cut(cursor)  # as many whole units as the token budget holds
         while parts:
-            lengths = self.unit_lens[np.concatenate(parts)]
-            unplaced = int(lengths[self._place(np.concatenate(parts)) < 0].sum())
+            unit_ids = np.concatenate(parts)
+            row_of = self._place(unit_ids)
+            lengths = self.unit_lens[unit_ids]
+            unplaced = int(lengths[row_of < 0].sum())
             if not unplaced:
+                self.placed = (unit_ids, row_of)
                 break
             # give back at least as many tokens as did not fit, from the end of the stream: ~2 placements per
             # batch, 99.6% full at 64k tokens of sentences (dropping one unit per unplaced unit gave 98.7%)
@@ -300,7 +307,9 @@ class RowPacker(Packer):
 
     def _build(self, unit_ids: np.ndarray, index: int, cursor_after: tuple[int, int]) -> PackedBatch:
         R, L = self.rows, self.max_seq_len
-        row_of = self._place(unit_ids)
+        placed_ids, row_of = self.placed or (None, None)  # the host runs this per batch: place each batch once
+        if placed_ids is None or not np.array_equal(placed_ids, unit_ids):  # several batches per step cut first
+            row_of = self._place(unit_ids)
         by_row = np.lexsort((np.arange(len(unit_ids)), row_of))  # row by row, stream order within a row
         unit_ids, row_of = unit_ids[by_row], row_of[by_row]
         flat = super()._build(unit_ids, index, cursor_after)  # the units back to back, in Packer's token layout
