@@ -63,9 +63,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 
 SECTIONS=ceilings,ablation LOG="$OUT/bench.log"
 [ "$MERGE" = 1 ] && SECTIONS=ablation LOG="$OUT/bench_merge.log"  # the first call's ceilings and log are kept
-if [ "$MERGE" = 1 ] && [ "${CHECKS:-0}" != 1 ]; then  # CHECKS=1: a --merge call runs the GPU checks again too
-  :
-else
+if [ "$MERGE" != 1 ] || [ "${CHECKS:-0}" = 1 ]; then  # CHECKS=1: a --merge call runs the GPU checks again too
   # the kernels' test files run whole on CUDA (every kernel against its reference, CUDA-graph replay, inductor);
   # of the model files, the compiled bf16 paths against the fp32 reference; then the GPU-only options' loss
   # curves against the compiled default. SIGINT at the limit: pytest still prints what ran and what failed.
