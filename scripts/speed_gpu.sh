@@ -2,10 +2,11 @@
 # The speed report of one GPU in one call, offline, inside ~8 minutes on an H100/H200-class GPU:
 #   GPU checks of the new paths (compiled FlexAttention forward and backward against the fp32 reference, flash
 #   varlen) -> hardware ceilings -> the speed ablation at vocab 30,000 (BERT-base, seq 128, sentence packing:
-#   today, +row attention, +bf16 residual, +fused kernels, +CUDA graphs, +fp8 tensorwise / rowwise, dropout off;
-#   each row with real tokens/s, MFU, % of the measured matmul ceiling, peak memory, the traced step's phases or
-#   kernel categories, and validation loss at equal real tokens) -> BERT-large, seq 512, document packing, today
-#   and the fastest configuration -> ~200-step loss curves of the fastest configuration against today's (and
+#   today, +row attention, +bf16 residual, +fused kernels, +CUDA graphs, +fp8 tensorwise / rowwise / tensorwise
+#   with torch ops, +async log reads, dropout off; each row with real tokens/s, MFU, % of the measured matmul
+#   ceiling, peak memory, the traced step's phases or kernel categories, and validation loss at equal real
+#   tokens) -> BERT-large, seq 512, document packing, today, the fastest configuration (with rows and flat) and
+#   it with fp8 -> ~200-step loss curves of the fastest configuration against today's (and
 #   today's at another seed: the noise)
 # written to OUT_DIR as results.json and report.md (`mlmtrain bench --sections ceilings,ablation`).
 #

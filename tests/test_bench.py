@@ -294,17 +294,26 @@ def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
         "+CUDA graphs",
         "+fp8 tensorwise",
         "+fp8 rowwise",
+        "+fp8 tensorwise, torch ops",
+        "+async log reads",
         "dropout off",
     ]
     assert [r["name"] for r in everything if r["benchmark"] == "ablation"] == names
     measured = [by_name[("ablation", n)] for n in ("today", "+row attention", "+bf16 residual", "+fused kernels")]
-    measured.append(by_name[("ablation", "dropout off")])
+    measured += [by_name[("ablation", n)] for n in ("+async log reads", "dropout off")]
     for r in measured:
         assert r["tokens_per_s"]["overall"] > 0 and math.isfinite(r["valid_loss"]) and r["phase_ms"], r["name"]
     assert len({r["real_tokens"] for r in measured}) == 1  # the same real tokens, so the losses compare
     assert by_name[("ablation", "+row attention")]["options"] == {"data.layout": "rows"}
     assert "needs a CUDA device" in by_name[("ablation", "+CUDA graphs")]["error"]
     assert "FP8 tensor cores" in by_name[("ablation", "+fp8 rowwise")]["error"]
+    assert by_name[("ablation", "+fp8 tensorwise, torch ops")]["options"]["model.fused_ops"] == "torch"
+    async_reads = by_name[("ablation", "+async log reads")]  # on the last row that ran (fp8 cannot, here)
+    assert async_reads["options"] == {
+        **by_name[("ablation", "+fused kernels")]["options"],
+        "train.async_log_reads": True,
+    }
+    assert by_name[("ablation", "dropout off")]["options"] == {**async_reads["options"], "model.dropout": 0.0}
     assert by_name[("ablation", "+fused kernels")]["tokens_per_s"]["overall"] > 0
     targets = [r for r in everything if r["benchmark"] == "target"]
     assert targets[0]["name"] == "today" and targets[0]["seq_cap"] == 512 and targets[0]["pack"] == "document"
@@ -501,3 +510,45 @@ def test_fastest_counts_rates_within_one_percent_as_one_speed_and_takes_the_fewe
     assert fastest([*rows, row("+d", 125.0, 4)])["name"] == "+d"  # 4% faster: a real gain
     assert fastest([{"name": "x", "error": "refused"}, row("today", 1.0, 0)])["name"] == "today"
     assert fastest([]) is None
+
+
+def test_ablation_plan_builds_each_row_on_the_right_one_and_tries_fp8_on_the_large_model(tmp_path, monkeypatch):
+    """The rows `run` asks for, from made-up speeds: the fp8 rows are siblings on the last chained row, async log
+    reads and dropout off build on the fastest of those, and the large model gets the fastest fp8 row's options on
+    its fastest configuration (here the flat layout, which is faster at 512 tokens)."""
+    from mlmtrain.benchmarks import bench_ablation
+
+    speed = {"today": 100, "+row attention": 130, "+bf16 residual": 135, "+fused kernels": 140, "+CUDA graphs": 141,
+             "+fp8 tensorwise": 120, "+fp8 rowwise": 110, "+fp8 tensorwise, torch ops": 150, "+async log reads": 152,
+             "dropout off": 160, "fastest base configuration": 50, "fastest, flat layout": 60,
+             "fastest, fp8": 70}  # fmt: skip
+
+    def fake_row(self, benchmark, name, options, **kw):
+        if benchmark == "target" and name == "today":
+            return {"benchmark": benchmark, "name": name, "options": options, "error": "skipped"}
+        return {"benchmark": benchmark, "name": name, "options": options, "tokens_per_s": {"overall": speed[name]}}
+
+    def bare_init(self, *args, **kwargs):  # no data, no evaluator: the plan only
+        self.done, self.on_row = [], lambda rows: None
+
+    monkeypatch.setattr(bench_ablation.Ablation, "__init__", bare_init)
+    monkeypatch.setattr(bench_ablation.Ablation, "_row", fake_row)
+    common = dict(size="base", tokens_per_batch=1, target_tokens=1, device="cpu", compile=False, log_every=1)
+    large = dict(large_size="large", large_tokens_per_batch=1, large_target_tokens=1)
+    rows = {(r["benchmark"], r["name"]): r["options"] for r in bench_ablation.run(tmp_path, None, **common, **large)}
+    chained = {"data.layout": "rows", "model.residual_dtype": "compute", "model.fused_ops": "triton",
+               "train.cuda_graphs": True}  # fmt: skip
+    assert rows[("ablation", "+fp8 rowwise")] == {**chained, "train.fp8": "rowwise"}
+    fp8_torch = {**chained, "model.fused_ops": "torch", "train.fp8": "tensorwise"}
+    assert rows[("ablation", "+fp8 tensorwise, torch ops")] == fp8_torch
+    assert rows[("ablation", "+async log reads")] == {**fp8_torch, "train.async_log_reads": True}
+    assert rows[("ablation", "dropout off")] == {**fp8_torch, "train.async_log_reads": True, "model.dropout": 0.0}
+    best = {**fp8_torch, "train.async_log_reads": True}
+    assert rows[("target", "fastest base configuration")] == best
+    assert ("target", "fastest, fp8") not in rows  # the fastest configuration has fp8 already
+
+    speed["+fp8 tensorwise, torch ops"] = 90  # now fp8 is slower on the base model: the large one still tries it
+    rows = {(r["benchmark"], r["name"]): r["options"] for r in bench_ablation.run(tmp_path, None, **common, **large)}
+    flat = {k: v for k, v in chained.items() if k != "data.layout"} | {"train.async_log_reads": True}
+    assert rows[("target", "fastest, flat layout")] == flat
+    assert rows[("target", "fastest, fp8")] == {**flat, "train.fp8": "tensorwise", "model.fused_ops": "triton"}
