@@ -132,7 +132,22 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
     md += [table(header, lines) if lines else "No target row was measured.", ""]
     md += [curves_markdown(rows), ""]
     md += [kernel_categories_markdown(rows), ""]
+    md += [host_ahead_markdown(rows), ""]
     return "\n".join(md)
+
+
+def host_ahead_markdown(rows: list[dict]) -> str:
+    """How far the host ran ahead of the device in each row: the time it waited at the log step's read (ms per
+    step, median over the timed windows). Near 0, the device waited for the host instead (launches, the packer's
+    thread, Python): what CUDA graphs and fewer kernels remove, and no faster kernel speeds up."""
+    waits = [(r, r.get("device_wait_ms_per_step")) for r in _measured(rows)]
+    parts = [f"{r['benchmark']} {r['name']} {w['median']:.1f}" for r, w in waits if w]
+    if not parts:
+        return "Host ahead of the device: not in this report (rows measured before mlmtrain recorded it)."
+    return (
+        "Host ahead of the device (ms per step it waited at the log step's read, median; near 0: the device "
+        "waited for the host; async log reads wait on a copy a window old instead): " + "; ".join(parts) + "."
+    )
 
 
 def curve_check(rows: list[dict]) -> dict | None:

@@ -194,6 +194,8 @@ def run_ours(
         "achieved_tflops": spread(w["tflops"] for w in timed),
         "mfu": spread(w["mfu"] for w in timed),
         "samples_per_s": spread(w["samples_per_s"] for w in timed),
+        # ms per step the host waited for the device at the log step's read: near 0, the host kept the device waiting
+        "device_wait_ms_per_step": spread(1e3 * w["device_wait_s"] / log_every for w in timed),
         "pack": cfg.data.pack,
         "precision": summary.get("precision"),
         "compile": summary.get("compile"),
@@ -226,6 +228,7 @@ def ours_row(
         "seconds": s.get("step_time_s"),
         "peak_mem_bytes": s["peak_mem_bytes"],
         "data_wait_s": s.get("data_wait_s"),
+        "device_wait_ms_per_step": result.get("device_wait_ms_per_step"),
         "phase_ms": s.get("phase_ms") or None,
         "kernel_categories": result.get("kernel_categories"),
         "compiled": result.get("compiled"),

@@ -328,7 +328,7 @@ def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
         ]
         assert all(len(r["loss_curve"]) >= 3 for r in curves) and res["headline"]["curve"]["steps"] >= 6
     md = (out / "report.md").read_text(encoding="utf-8")
-    for needle in ("### Ablation", "### Targets", "Kernel categories", "+CUDA graphs", "valid MLM loss"):
+    for needle in ("### Ablation", "### Targets", "Kernel categories", "+CUDA graphs", "valid MLM loss", "Host ahead"):
         assert needle in md, needle
 
     dropout = by_name[("ablation", "dropout off")]  # as a first call cut short by its budget would leave it

@@ -118,6 +118,7 @@ def test_metrics_and_checkpoint_outputs(data_dir, tokenizer_dir, tmp_path):
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     assert all({"lr", "grad_norm", "tokens_per_s", "mfu", "data_wait_s"} <= r.keys() for r in train_rows)
+    assert all(0 <= r["device_wait_s"] < 5 for r in train_rows)  # on the CPU each op ran when the loop issued it
     evals = [r for r in rows if "valid_loss" in r]
     assert [r["step"] for r in evals] == [2, 4] and all(0 <= r["valid_accuracy"] <= 1 for r in evals)
     latest = ckpt.latest_checkpoint(run)

@@ -225,10 +225,12 @@ class WindowStats:
         n = self.steps
         scalars = torch.stack([self.loss_sum, self.max_streak.double(), self.grad_norm.double()])
         device_values = torch.cat([self.bad_flags[:n].double(), scalars])  # (n + 3,)
+        t_sync = time.perf_counter()
         ready = self.flush()  # before the landing buffer takes this window's numbers
         # sync: once per log window, before the clock stops, so the window's time is the device's: the host runs
         # ahead of it (by whole steps with CUDA graphs), and work still queued here would count in no window
         values = None if self.deferred else device_values.tolist()
+        device_wait_s = time.perf_counter() - t_sync  # how far the host ran ahead; ~0: the device waited for it
         # sync (several processes): job totals of the window, and whether any rank got a signal or a timed save
         tokens, segments, flops, any_stop, any_due = parallel.sum_over_ranks(
             self.device, self.tokens, self.segments, self.flops, stop_request is not None, time_due
@@ -242,6 +244,7 @@ class WindowStats:
             "tflops_per_gpu": flops / elapsed / 1e12 / world,
             "mfu": (flops / elapsed / 1e12 / (self.peak_tflops * world)) if self.peak_tflops else None,
             "data_wait_s": self.prefetch.wait_s - self.wait0,
+            "device_wait_s": device_wait_s,
             **memory_stats(self.device),
         }
         closed = (step, lr, last, n, host, int(tokens), elapsed, time.time())
@@ -356,6 +359,7 @@ def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: 
         "valid_accuracy": last_eval.get("valid_accuracy"),
         "step_time_s": spread(step_times[1:] or step_times),
         "data_wait_s": run.prefetch.wait_s,
+        "device_wait_s": sum(r["device_wait_s"] for r in history),
         "phase_ms": phase_ms,
         "stopped_by": stopped_by,
         "precision": run.precision,
