@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 try:
     import triton
     import triton.language as tl
@@ -45,3 +47,10 @@ def triton_runs_on(device) -> bool:
     """Whether Triton kernels can run on `device`: a CUDA GPU, or the CPU under a working interpreter (how the
     tests run the kernels without a GPU)."""
     return triton is not None and (device.type == "cuda" or (device.type == "cpu" and INTERPRETER_PROBLEM is None))
+
+
+def on_device(t):
+    """Triton launches on the current CUDA device: make it the tensor's (a no-op context on the CPU)."""
+    import torch
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -19,13 +19,12 @@ autograd formula, as in residual_layer_norm.py (no graph break, the interpreter 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.kernels import triton_runs_on
+from mlmtrain.kernels import on_device, triton_runs_on
 
 try:
     import triton
@@ -162,14 +161,9 @@ def bias_gelu_bwd_triton(
 # ---------------------------------------------------------------------------------------------------
 # Autograd wrapper: two custom ops (opaque to torch.compile, no graph break) and their autograd formula
 # ---------------------------------------------------------------------------------------------------
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensor's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 @torch.library.custom_op("mlmtrain::bias_gelu_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    with _on_device(x):
+    with on_device(x):
         return bias_gelu_fwd_triton(x, bias)
 
 
@@ -180,7 +174,7 @@ def _(x, bias):
 
 @torch.library.custom_op("mlmtrain::bias_gelu_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with _on_device(x):
+    with on_device(x):
         return bias_gelu_bwd_triton(dy, x, bias)
 
 

@@ -34,13 +34,12 @@ reuses its body as the fake function, which the interpreter's kernels cannot run
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.kernels import triton_runs_on
+from mlmtrain.kernels import on_device, triton_runs_on
 from mlmtrain.kernels.philox import philox4x32_torch
 
 try:
@@ -331,11 +330,6 @@ def residual_layer_norm_bwd_triton(
 # ---------------------------------------------------------------------------------------------------
 # Autograd wrapper: two custom ops (opaque to torch.compile, no graph break) and their autograd formula
 # ---------------------------------------------------------------------------------------------------
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensor's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 @torch.library.custom_op("mlmtrain::residual_layer_norm_fwd", mutates_args=())
 def _fwd_op(
     x: torch.Tensor,
@@ -346,7 +340,7 @@ def _fwd_op(
     eps: float,
     p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _on_device(x):
+    with on_device(x):
         return residual_layer_norm_fwd_triton(x, residual, weight, bias, x if seed is None else seed, eps, p)
 
 
@@ -368,7 +362,7 @@ def _bwd_op(
     rstd: torch.Tensor,
     p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _on_device(x):
+    with on_device(x):
         return residual_layer_norm_bwd_triton(dy, x, residual, weight, x if seed is None else seed, mean, rstd, p)
 
 

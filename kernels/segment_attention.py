@@ -1,0 +1,302 @@
+"""Attention within the segments of short rows (data.layout = rows, rows of at most 128 tokens): Triton kernels
+(forward, backward) that give each (row, head) one program holding the row's whole score tile, and their
+pure-torch reference.
+
+Contract, for q, k, v (T, H, D) with T = R * L (row r is tokens r*L .. r*L + L-1; last dim contiguous, any
+token and head strides, e.g. views of the fused qkv projection) and segment_ids (R, L) int32 >= 0: token i of a row
+attends to the tokens j of the same row with segment_ids[r, i] == segment_ids[r, j] (itself always):
+  out[i] = sum_j softmax_j(q_i . k_j / sqrt(D)) v_j,  out (T, H, D) in q's dtype.
+No dropout (as FlexAttention and flash varlen here). L <= 128 and D <= 128; longer rows take FlexAttention.
+
+Why a kernel of its own: at L = 128 a row is one 128 x 128 tile, so the segment mask is one comparison of two
+id vectors, nothing is skipped or tabled, and the backward needs no second pass. Per program the forward loads
+K and V once, then per block of BLOCK_M queries: S = Q K^T (fp32), the mask, softmax in base 2, O = P V, and
+it stores O and the row's log-sum-exp (R, H, L) fp32. The backward loads K and V once, then per query block
+recomputes P from the saved log-sum-exp and forms dV += P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)),
+dQ = dS K (stored), dK += dS^T Q: one pass where FlexAttention's backward runs a dO.O pre-pass and two loops
+(dK/dV over query blocks, dQ over key blocks) that each recompute S. P and dS are rounded to the input dtype
+for their matmuls, as flash attention does; everything else accumulates in fp32. fp32 inputs multiply in full
+fp32 ("ieee"), not TF32.
+
+torch.compile: custom ops `mlmtrain::segment_attention_fwd` / `..._bwd` with fake functions and an autograd
+formula, as in residual_layer_norm.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mlmtrain.kernels import INTERPRETED, on_device, triton_runs_on
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton wheel for this platform: the torch reference serves every call
+    triton = None
+
+MAX_ROW = 128  # tokens per row the kernels hold in one tile
+MAX_HEAD_DIM = 128
+
+# ---------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """a @ b accumulated in fp32. UPCAST: the operands as fp32 first, for Triton's CPU interpreter, whose dot
+        multiplies bf16 values as their raw 16-bit patterns (the launcher sets it there only)."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _offsets(first, index, in_bounds, head, stride_t, stride_h, dims, D):
+        """Offsets (int64: first is) and in-bounds mask of one head's (len(index), BLOCK_D) tile at tokens
+        first + index."""
+        offsets = (first + index)[:, None] * stride_t + head * stride_h + dims[None, :]
+        return offsets, in_bounds[:, None] & (dims < D)[None, :]
+
+    @triton.jit
+    def _tile(ptr, first, index, in_bounds, head, stride_t, stride_h, dims, D):
+        """One head's (len(index), BLOCK_D) tile at tokens first + index, 0 outside."""
+        offsets, inside = _offsets(first, index, in_bounds, head, stride_t, stride_h, dims, D)
+        return tl.load(ptr + offsets, mask=inside, other=0.0)
+
+    @triton.jit
+    def _segment_attention_fwd_kernel(
+        q_ptr,  # (T, H, D), strides (stride_t, stride_h, 1); k_ptr and v_ptr the same
+        k_ptr,
+        v_ptr,
+        segment_ptr,  # (R, L) int32
+        out_ptr,  # (T, H, D) contiguous, written
+        lse_ptr,  # (R, H, L) fp32, written: log2 of each query's softmax denominator, in base-2 score units
+        stride_t,
+        stride_h,
+        H,
+        L,
+        D,
+        scale_log2,  # log2(e) / sqrt(D): scores in base-2 units
+        BLOCK_M: tl.constexpr,  # queries per inner block
+        BLOCK_L: tl.constexpr,  # >= L: the whole row of keys
+        BLOCK_D: tl.constexpr,  # >= D
+        PRECISION: tl.constexpr,  # tl.dot input precision: "ieee" for fp32 inputs
+        UPCAST: tl.constexpr,  # bf16 dots in fp32 (the CPU interpreter)
+    ):
+        """Grid (R, H): one program per row and head."""
+        row, head = tl.program_id(0), tl.program_id(1)
+        first = row.to(tl.int64) * L  # the row's first token
+        keys, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)  # (BLOCK_L,), (BLOCK_D,)
+        key_in = keys < L
+        k = _tile(k_ptr, first, keys, key_in, head, stride_t, stride_h, dims, D)  # (BLOCK_L, BLOCK_D)
+        v = _tile(v_ptr, first, keys, key_in, head, stride_t, stride_h, dims, D)  # (BLOCK_L, BLOCK_D)
+        key_segment = tl.load(segment_ptr + first + keys, mask=key_in, other=-1)  # (BLOCK_L,)
+        for start in range(0, L, BLOCK_M):
+            queries = start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+            query_in = queries < L
+            q = _tile(q_ptr, first, queries, query_in, head, stride_t, stride_h, dims, D)  # (BLOCK_M, BLOCK_D)
+            query_segment = tl.load(segment_ptr + first + queries, mask=query_in, other=-2)  # never a key's id
+            same = query_segment[:, None] == key_segment[None, :]  # (BLOCK_M, BLOCK_L)
+            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2  # (BLOCK_M, BLOCK_L) fp32
+            s = tl.where(same, s, float("-inf"))
+            m = tl.where(query_in, tl.max(s, 1), 0.0)  # (BLOCK_M,): a real query sees itself, so m is finite
+            p = tl.exp2(s - m[:, None])  # 0 where masked
+            denominator = tl.where(query_in, tl.sum(p, 1), 1.0)  # (BLOCK_M,)
+            out = _dot(p.to(v.dtype), v, PRECISION, UPCAST) / denominator[:, None]  # (BLOCK_M, BLOCK_D)
+            out_offsets, out_inside = _offsets(first, queries, query_in, head, H * D, D, dims, D)  # contiguous
+            tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=out_inside)
+            lse_offsets = (row.to(tl.int64) * H + head) * L + queries
+            tl.store(lse_ptr + lse_offsets, m + tl.log2(denominator), mask=query_in)
+
+    @triton.jit
+    def _segment_attention_bwd_kernel(
+        q_ptr,  # (T, H, D), strides (stride_t, stride_h, 1); k_ptr and v_ptr the same
+        k_ptr,
+        v_ptr,
+        out_ptr,  # (T, H, D) contiguous: the forward's output
+        dout_ptr,  # (T, H, D) contiguous
+        lse_ptr,  # (R, H, L) fp32: the forward's
+        segment_ptr,  # (R, L) int32
+        dq_ptr,  # (T, H, D) contiguous, written; dk_ptr and dv_ptr the same
+        dk_ptr,
+        dv_ptr,
+        stride_t,
+        stride_h,
+        H,
+        L,
+        D,
+        scale,  # 1 / sqrt(D)
+        scale_log2,  # log2(e) / sqrt(D)
+        BLOCK_M: tl.constexpr,
+        BLOCK_L: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        """Grid (R, H): one program per row and head; dK and dV accumulate over the query blocks in registers."""
+        row, head = tl.program_id(0), tl.program_id(1)
+        first = row.to(tl.int64) * L
+        keys, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
+        key_in = keys < L
+        k = _tile(k_ptr, first, keys, key_in, head, stride_t, stride_h, dims, D)  # (BLOCK_L, BLOCK_D)
+        v = _tile(v_ptr, first, keys, key_in, head, stride_t, stride_h, dims, D)
+        key_segment = tl.load(segment_ptr + first + keys, mask=key_in, other=-1)
+        dk = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+        dv = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+        for start in range(0, L, BLOCK_M):
+            queries = start + tl.arange(0, BLOCK_M)
+            query_in = queries < L
+            q = _tile(q_ptr, first, queries, query_in, head, stride_t, stride_h, dims, D)  # (BLOCK_M, BLOCK_D)
+            g_offsets, g_inside = _offsets(first, queries, query_in, head, H * D, D, dims, D)  # contiguous (T, H, D)
+            out = tl.load(out_ptr + g_offsets, mask=g_inside, other=0.0)
+            dout = tl.load(dout_ptr + g_offsets, mask=g_inside, other=0.0)
+            query_segment = tl.load(segment_ptr + first + queries, mask=query_in, other=-2)
+            lse = tl.load(lse_ptr + (row.to(tl.int64) * H + head) * L + queries, mask=query_in, other=0.0)
+            same = query_segment[:, None] == key_segment[None, :]  # (BLOCK_M, BLOCK_L)
+            s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2
+            p = tl.where(same, tl.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_L): the forward's softmax
+            dv += _dot(tl.trans(p.to(dout.dtype)), dout, PRECISION, UPCAST)  # (BLOCK_L, BLOCK_D)
+            dp = _dot(dout, tl.trans(v), PRECISION, UPCAST)  # (BLOCK_M, BLOCK_L) fp32
+            delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), 1)  # (BLOCK_M,) = rowsum(P * dP)
+            ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_L): dL/dS, before the scale
+            dq = _dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale  # (BLOCK_M, BLOCK_D)
+            tl.store(dq_ptr + g_offsets, dq.to(dq_ptr.dtype.element_ty), mask=g_inside)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)  # (BLOCK_L, BLOCK_D)
+        kv_offsets, kv_inside = _offsets(first, keys, key_in, head, H * D, D, dims, D)  # contiguous (T, H, D)
+        tl.store(dk_ptr + kv_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_inside)
+        tl.store(dv_ptr + kv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_inside)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------
+def _blocks(L: int, D: int, dtype: torch.dtype) -> dict:
+    """Block sizes and dot precision: the whole row of keys, 64 queries at a time (tl.dot needs >= 16 per side)."""
+    block_l = max(16, triton.next_power_of_2(L))
+    return dict(
+        BLOCK_M=min(64, block_l),
+        BLOCK_L=block_l,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",  # tf32: ignored for 16-bit inputs
+        UPCAST=INTERPRETED and dtype == torch.bfloat16,
+    )
+
+
+def segment_attention_fwd_triton(q, k, v, segment_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        q, k, v: (T, H, D) with equal strides, last dim contiguous. segment_ids: (R, L) int32 contiguous.
+    Returns:
+        out: (T, H, D) contiguous, q's dtype; lse: (R, H, L) fp32 (base-2 units, for the backward).
+    """
+    (T, H, D), (R, L) = q.shape, segment_ids.shape
+    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((R, H, L), dtype=torch.float32, device=q.device)
+    if R:
+        _segment_attention_fwd_kernel[(R, H)](
+            q, k, v, segment_ids, out, lse, q.stride(0), q.stride(1), H, L, D, math.log2(math.e) / math.sqrt(D),
+            **_blocks(L, D, q.dtype), num_warps=4,
+        )  # fmt: skip
+    return out, lse
+
+
+def segment_attention_bwd_triton(dout, q, k, v, out, lse, segment_ids) -> tuple[torch.Tensor, ...]:
+    """Launch the backward kernel. dout and out: (T, H, D) contiguous; the rest as given to the forward.
+    Returns dq, dk, dv: (T, H, D) contiguous, q's dtype."""
+    (T, H, D), (R, L) = q.shape, segment_ids.shape
+    dq, dk, dv = (torch.empty((T, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    if R:
+        _segment_attention_bwd_kernel[(R, H)](
+            q, k, v, out, dout, lse, segment_ids, dq, dk, dv, q.stride(0), q.stride(1), H, L, D,
+            1 / math.sqrt(D), math.log2(math.e) / math.sqrt(D), **_blocks(L, D, q.dtype), num_warps=8,
+        )  # fmt: skip
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------
+# Autograd wrapper: two custom ops (opaque to torch.compile, no graph break) and their autograd formula
+# ---------------------------------------------------------------------------------------------------
+@torch.library.custom_op("mlmtrain::segment_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with on_device(q):
+        return segment_attention_fwd_triton(q, k, v, segment_ids)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, segment_ids):
+    (T, H, D), (R, L) = q.shape, segment_ids.shape
+    return q.new_empty((T, H, D)), q.new_empty((R, H, L), dtype=torch.float32)
+
+
+@torch.library.custom_op("mlmtrain::segment_attention_bwd", mutates_args=())
+def _bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    segment_ids: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with on_device(q):
+        return segment_attention_bwd_triton(dout, q, k, v, out, lse, segment_ids)
+
+
+@_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, segment_ids):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, segment_ids = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, segment_ids)
+
+
+def _backward(ctx, dout, dlse):  # dlse: the log-sum-exp is not an output anyone differentiates
+    q, k, v, out, lse, segment_ids = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(dout.contiguous(), q, k, v, out, lse, segment_ids)
+    return dq, dk, dv, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def segment_attention(q, k, v, segment_ids, *, backend: str = "auto") -> torch.Tensor:
+    """Attention within the segments of each row (module docstring): q, k, v (T, H, D), segment_ids (R, L) with
+    R * L = T. Returns (T, H, D) in q's dtype, differentiable in q, k and v.
+    backend: "triton", "torch" (the reference), or "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch)."""
+    (T, _, D), (R, L) = q.shape, segment_ids.shape
+    if R * L != T or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must be (R*L, H, D) for segment_ids (R, L) = {(R, L)}, got {tuple(q.shape)}")
+    if L > MAX_ROW or D > MAX_HEAD_DIM:
+        raise ValueError(f"rows of at most {MAX_ROW} tokens and heads of at most {MAX_HEAD_DIM}, got L={L}, D={D}")
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    runs = triton_runs_on(q.device)
+    if backend == "triton" and not runs:
+        raise ValueError(f"the Triton kernels cannot run on {q.device} here (CUDA, or TRITON_INTERPRET=1 on CPU)")
+    if backend == "torch" or not runs:
+        return segment_attention_reference(q, k, v, segment_ids)
+    if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _fwd_op(q, k, v, segment_ids.to(torch.int32).contiguous())[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure-torch reference (also the fallback where Triton cannot run)
+# ---------------------------------------------------------------------------------------------------
+def segment_attention_reference(q, k, v, segment_ids) -> torch.Tensor:
+    """The kernels' function in torch ops (fp32 scores and softmax over a dense (R, H, L, L) mask), differentiable
+    by torch's autograd."""
+    (R, L), dtype, D = segment_ids.shape, q.dtype, q.shape[-1]
+    q, k, v = (t.float().unflatten(0, (R, L)) for t in (q, k, v))  # (R, L, H, D)
+    scores = torch.einsum("rihd,rjhd->rhij", q, k) / math.sqrt(D)  # (R, H, L, L)
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (R, 1, L, L)
+    probs = scores.masked_fill(~same, float("-inf")).softmax(-1)
+    return torch.einsum("rhij,rjhd->rihd", probs, v).flatten(0, 1).to(dtype)  # (R, L, H, D) -> (T, H, D)
