@@ -12,7 +12,8 @@ ran, then the two target workloads.
     +fp8 tensorwise,  the same with model.fused_ops = torch  } builds on (with torch ops, inductor can fuse
       torch ops                                            } the float8 casts into the LayerNorm and GELU)
     +async log reads  train.async_log_reads (log-step reads that do not drain the device's queue)
-    dropout off       model.dropout = 0 on the row above: its speed and its validation loss
+    +segment attention kernel  model.attention = triton (kernels/segment_attention.py instead of FlexAttention)
+    dropout off       model.dropout = 0 on the faster of the two rows above: its speed and its validation loss
     curves            the fastest configuration (the candidate default) and today's defaults over ~200 steps, each
                       at seeds 0 and 1: today's seed-to-seed difference is the noise (`curve_check`)
 
@@ -54,6 +55,7 @@ FP8 = [
 ]
 FP8_KEYS = ("train.fp8", "model.fused_ops")  # what an fp8 row changes
 ASYNC_READS = ("+async log reads", {"train.async_log_reads": True})
+KERNEL_ATTENTION = ("+segment attention kernel", {"model.attention": "triton"})  # rows of <= 128 tokens only
 DROPOUT_OFF = ("dropout off", {"model.dropout": 0.0})
 # the loss curves' rows: today's and the candidate default's, at seeds 0 and 1 each (ablation_report.curve_check)
 CURVES = ("today", "today, seed 1", "fastest configuration", "fastest configuration, seed 1")
@@ -271,10 +273,16 @@ def run(
     row = bench.row("ablation", ASYNC_READS[0], {**base, **ASYNC_READS[1]}, **common)
     rows.append(row)
     base = row["options"] if "error" not in row else base
+    kernel = bench.row("ablation", KERNEL_ATTENTION[0], {**base, **KERNEL_ATTENTION[1]}, **common)
+    rows.append(kernel)
+    pick = fastest([r for r in (row, kernel) if "error" not in r])
+    base = pick["options"] if pick else base
     rows.append(bench.row("ablation", DROPOUT_OFF[0], {**base, **DROPOUT_OFF[1]}, **common))
 
     best = fastest([r for r in rows if r["name"] != DROPOUT_OFF[0]])
     best_options = best["options"] if best else base
+    if best_options.get("model.attention") == KERNEL_ATTENTION[1]["model.attention"]:  # it holds <= 128 tokens
+        best_options = {k: v for k, v in best_options.items() if k != "model.attention"}  # seq 512: flex (auto)
     large = dict(size=large_size, tokens_per_batch=large_tokens_per_batch, cap=512, target_tokens=large_target_tokens)
     configs = [("today", {}), ("fastest base configuration", best_options)]
     if best_options.get("data.layout") == "rows":

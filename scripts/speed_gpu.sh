@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The speed report of one GPU in one call, offline, inside ~8 minutes on an H100/H200-class GPU:
-#   GPU checks of the new paths (compiled FlexAttention forward and backward against the fp32 reference, flash
-#   varlen) -> hardware ceilings -> the speed ablation at vocab 30,000 (BERT-base, seq 128, sentence packing:
+#   GPU checks of the new paths (the Triton kernels against their references, compiled FlexAttention forward and
+#   backward against the fp32 reference, flash varlen) -> hardware ceilings -> the speed ablation at vocab 30,000 (BERT-base, seq 128, sentence packing:
 #   today, +row attention, +bf16 residual, +fused kernels, +CUDA graphs, +fp8 tensorwise / rowwise / tensorwise
 #   with torch ops, +async log reads, dropout off; each row with real tokens/s, MFU, % of the measured matmul
 #   ceiling, peak memory, the traced step's phases or kernel categories, and validation loss at equal real
@@ -73,7 +73,7 @@ if [ "$MERGE" != 1 ] || [ "${CHECKS:-0}" = 1 ]; then  # CHECKS=1: a --merge call
   echo "== GPU checks of the new paths" | tee "$OUT/gpu_tests.txt"
   timeout -s INT -k 10 150 "$PY" -m pytest -q -rfEs --durations=8 -p no:cacheprovider \
     tests/test_residual_layer_norm.py \
-    tests/test_bias_gelu.py tests/test_philox.py tests/test_mlm_mask.py \
+    tests/test_bias_gelu.py tests/test_philox.py tests/test_mlm_mask.py tests/test_segment_attention.py \
     tests/test_rows.py::test_compiled_flex_matches_fp32_reference_on_gpu \
     tests/test_model.py::test_varlen_matches_fp32_reference_on_gpu \
     tests/test_model.py::test_auto_picks_varlen_under_autocast_on_gpu \

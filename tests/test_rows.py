@@ -167,30 +167,35 @@ def test_row_attention_equals_packed_reference(case):
         rows = model(input_ids, position_ids, cu_seqlens, L, masked, segment_ids)  # auto on CPU: row SDPA
         model.attn_impl = "flex"
         flex = model(input_ids, position_ids, cu_seqlens, L, masked, segment_ids)
+        model.attn_impl = "triton"  # the segment-attention kernel (Triton's interpreter on the CPU)
+        kernel = model(input_ids, position_ids, cu_seqlens, L, masked, segment_ids)
     assert torch.allclose(rows, packed, atol=ATOL[torch.float32], rtol=0), report(rows, packed)
     assert torch.allclose(flex, packed, atol=ATOL[torch.float32], rtol=0), report(flex, packed)
+    assert torch.allclose(kernel, packed, atol=ATOL[torch.float32], rtol=0), report(kernel, packed)
 
 
-def test_row_sdpa_gradients_equal_packed_reference():
-    """FlexAttention has no backward on the CPU (its CUDA backward is checked on a GPU); the row reference's is."""
+def test_row_gradients_equal_packed_reference():
+    """FlexAttention has no backward on the CPU (its CUDA backward is checked on a GPU); the row reference's and
+    the segment-attention kernel's (interpreted) are."""
     torch.manual_seed(1)
     L = 40
     input_ids, position_ids, cu_seqlens, segment_ids = rows_batch(CASES["odd"] + CASES["empty_tail"], L)
     masked = torch.arange(0, input_ids.numel(), 2)
     labels = input_ids[masked]
     grads = []
-    for seg in (None, segment_ids):
+    for seg, impl in ((None, "auto"), (segment_ids, "sdpa"), (segment_ids, "triton")):
         torch.manual_seed(1)
-        model = BertForMaskedLM(odd_config())
+        model = BertForMaskedLM(odd_config(), attn_impl=impl)
         loss, n = mlm_loss_sum(model(input_ids, position_ids, cu_seqlens, L, masked, seg), labels)
         (loss / n).backward()
         grads.append({k: p.grad for k, p in model.named_parameters()})
     for k, g in grads[0].items():
-        assert torch.allclose(g, grads[1][k], atol=1e-5, rtol=1e-4), (k, report(g, grads[1][k]))
+        for other in grads[1:]:
+            assert torch.allclose(g, other[k], atol=1e-5, rtol=1e-4), (k, report(g, other[k]))
 
 
 def test_no_cross_contamination_between_row_segments():
-    """Changing one segment's tokens changes no other segment's outputs, on both row paths."""
+    """Changing one segment's tokens changes no other segment's outputs, on every row path."""
     torch.manual_seed(2)
     L = 40
     model = BertForMaskedLM(odd_config()).eval()
@@ -198,7 +203,7 @@ def test_no_cross_contamination_between_row_segments():
     other = input_ids.clone()
     other[7:8] = 5  # the one-token segment of row 0
     everywhere = torch.arange(input_ids.numel())
-    for impl in ("sdpa", "flex"):
+    for impl in ("sdpa", "flex", "triton"):
         model.attn_impl = impl
         with torch.no_grad():
             a = model(input_ids, position_ids, cu_seqlens, L, everywhere, segment_ids)
@@ -225,8 +230,9 @@ def test_flex_mask_reads_the_batch_without_recompiling():
     assert counter.frame_count == 1
 
 
-def test_flex_needs_rows():
-    model = BertForMaskedLM(odd_config(), attn_impl="flex")
+@pytest.mark.parametrize("impl", ["flex", "triton"])
+def test_row_attention_needs_rows(impl):
+    model = BertForMaskedLM(odd_config(), attn_impl=impl)
     input_ids = torch.randint(5, 97, (6,))
     with pytest.raises(ValueError, match="segment_ids"):
         model(input_ids, torch.arange(6), torch.tensor([0, 6], dtype=torch.int32), 6, torch.arange(6))

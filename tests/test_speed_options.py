@@ -102,6 +102,7 @@ def cli_train(data_dir, tokenizer_dir, tmp_path, *sets, tokens=1024):
         ("train.cuda_graphs=true", "needs a CUDA device and compile on"),
         ("model.attention=flex", "needs data.layout = rows"),
         ("data.layout=rows model.attention=flex", "FlexAttention has no backward on the CPU"),
+        ("model.attention=triton", "needs data.layout = rows"),
         ("data.layout=rows", "must be a multiple of it"),
     ],
 )
@@ -127,8 +128,8 @@ def test_fp8_refusals(monkeypatch):
         check_fp8("rowwise", cuda, "bf16", 1000)
     cfg = load_config(None, {"train.fp8": "rowwise", "train.precision": "bf16"})  # the run's tokens per batch
     with pytest.raises(UserError, match="got 1000"):
-        check_speed_options(cfg, 128, cuda, "bf16", True, 1000, world=1)
-    check_speed_options(cfg, 128, cuda, "bf16", True, 1024, world=1)
+        check_speed_options(cfg, 128, cuda, "bf16", True, 1000, world=1, head_dim=64)
+    check_speed_options(cfg, 128, cuda, "bf16", True, 1024, world=1, head_dim=64)
     monkeypatch.setitem(sys.modules, "torchao", None)  # not installed
     monkeypatch.setitem(sys.modules, "torchao.float8", None)
     with pytest.raises(UserError, match=r'pip install -e "\.\[fp8\]"'):
@@ -136,15 +137,31 @@ def test_fp8_refusals(monkeypatch):
     check_fp8("off", torch.device("cpu"), "fp32", 1000)  # off: nothing to check
 
 
+def test_segment_attention_refusals(monkeypatch):
+    import mlmtrain.fast_paths as fp
+
+    cfg = load_config(None, {"data.layout": "rows", "model.attention": "triton"})
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(UserError, match="at most 128 tokens .* max_seq_len 512"):
+        check_speed_options(cfg, 512, cuda, "bf16", True, 65536, world=1, head_dim=64)
+    with pytest.raises(UserError, match="head size 256"):
+        check_speed_options(cfg, 128, cuda, "bf16", True, 65536, world=1, head_dim=256)
+    check_speed_options(cfg, 128, cuda, "bf16", True, 65536, world=1, head_dim=64)
+    monkeypatch.setattr(fp, "triton_runs_on", lambda device: False)
+    monkeypatch.setattr(fp, "INTERPRETER_PROBLEM", "the Triton interpreter is off")
+    with pytest.raises(UserError, match="TRITON_INTERPRET=1 \\(the Triton interpreter is off\\)"):
+        check_speed_options(cfg, 128, torch.device("cpu"), "fp32", False, 4096, world=1, head_dim=64)
+
+
 def test_options_that_need_one_process_or_one_micro_batch():
     for key in ("train.async_log_reads", "train.cuda_graphs"):
         cfg = load_config(None, {key: True, "train.compile": "on"})
         with pytest.raises(UserError, match="DDP|one process"):
-            check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=2)
+            check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=2, head_dim=64)
     # cudagraph trees hand a replay's gradients to .grad and overwrite them on the next micro-batch's replay
     cfg = load_config(None, {"train.cuda_graphs": True, "train.compile": "on", "optim.grad_accum": 2})
     with pytest.raises(UserError, match=r"cannot accumulate gradients \(optim.grad_accum = 2\)"):
-        check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=1)
+        check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=1, head_dim=64)
 
 
 # ---------------------------------------------------------------------------------------------- fp8 (emulated)
@@ -230,6 +247,8 @@ def test_each_option_trains_within_tolerance_of_the_default(stored_data, tmp_pat
     flat = curve("flat")
     rows = curve("rows", **{"data.layout": "rows"})
     np.testing.assert_allclose(rows, flat, rtol=0.01)
+    rows_kernel = curve("rows_kernel", **{"data.layout": "rows", "model.attention": "triton"})  # the interpreter
+    np.testing.assert_allclose(rows_kernel, rows, rtol=1e-5)  # the same batches, fp32: the dense-mask SDPA's math
     bf16 = curve("bf16", **{"train.precision": "bf16"})
     bf16_stream = curve("bf16_stream", **{"train.precision": "bf16", "model.residual_dtype": "compute"})
     np.testing.assert_allclose(bf16_stream, bf16, rtol=5e-3)
@@ -247,7 +266,8 @@ def test_each_option_trains_within_tolerance_of_the_default(stored_data, tmp_pat
 def test_gpu_options_train_within_tolerance_of_the_compiled_default(stored_data, tmp_path):
     """The options only a GPU runs, 4 tiny compiled bf16 steps each against the compiled default (dropout 0), on
     the stored tokenizer (deterministic data): CUDA graphs replay the same kernels (0.1%); rows with FlexAttention
-    see other batches (1%, as on the CPU); the Triton kernels (0.5%: bf16 autocast around them); fp8 rounds every
+    see other batches (1%, as on the CPU; FlexAttention or the segment-attention kernel); the Triton kernels (0.5%:
+    bf16 autocast around them); fp8 rounds every
     Linear's operands (3%)."""
     data_dir, tokenizer_dir = stored_data
 
@@ -260,6 +280,8 @@ def test_gpu_options_train_within_tolerance_of_the_compiled_default(stored_data,
     default = curve("default")
     np.testing.assert_allclose(curve("graphs", **{"train.cuda_graphs": True}), default, rtol=1e-3)
     np.testing.assert_allclose(curve("rows", **{"data.layout": "rows", "model.attention": "flex"}), default, rtol=0.01)
+    rows_kernel = curve("rows_kernel", **{"data.layout": "rows", "model.attention": "triton"})
+    np.testing.assert_allclose(rows_kernel, default, rtol=0.01)
     np.testing.assert_allclose(curve("fused", **{"model.fused_ops": "triton"}), default, rtol=5e-3)
     if torch.cuda.get_device_capability() >= (8, 9):
         np.testing.assert_allclose(curve("fp8", **{"train.fp8": "rowwise"}), default, rtol=0.03)

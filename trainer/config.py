@@ -54,7 +54,8 @@ class ModelSpec:
     initializer_range: float = 0.02  # std of the normal initialisation
     init_from: str = ""  # continue pretraining a transformers BERT (folder or Hub id): its weights, shape, tokenizer
     # auto (flash varlen on CUDA; FlexAttention per row with data.layout = rows when compiled) | varlen | sdpa
-    # (the reference) | flex (rows, on CUDA: FlexAttention has no CPU backward)
+    # (the reference) | flex (rows, on CUDA: FlexAttention has no CPU backward) | triton (rows of <= 128 tokens:
+    # the segment-attention kernel)
     attention: str = "auto"
     residual_dtype: str = "fp32"  # fp32 (autocast's default) | compute: LayerNorm outputs in the autocast dtype
     fused_ops: str = "torch"  # torch (inductor fuses them) | triton: the fused residual+LayerNorm, bias+GELU kernels
@@ -214,7 +215,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                     f"model.{key}={getattr(m, key)} cannot be combined with model.init_from: the model's "
                     "dimensions come from its config.json"
                 )
-    _one_of("model.attention", m.attention, ("auto", "varlen", "sdpa", "flex"))
+    _one_of("model.attention", m.attention, ("auto", "varlen", "sdpa", "flex", "triton"))
     _one_of("model.residual_dtype", m.residual_dtype, ("fp32", "compute"))
     _one_of("model.fused_ops", m.fused_ops, ("torch", "triton"))
     if not 0 <= d.tokens_per_batch <= MAX_TOKENS_PER_BATCH:
@@ -224,8 +225,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of("data.pack", d.pack, ("sentence", "document"))
     _at_least("data.prefetch", d.prefetch, 1)
     _one_of("data.layout", d.layout, ("flat", "rows"))
-    if m.attention == "flex" and d.layout != "rows":
-        raise UserError("model.attention = flex attends per row: it needs data.layout = rows")
+    if m.attention in ("flex", "triton") and d.layout != "rows":
+        raise UserError(f"model.attention = {m.attention} attends per row: it needs data.layout = rows")
     _within("mask.mask_prob", k.mask_prob, 0.0, 1.0, "in (0, 1)", low_open=True, high_open=True)
     _within("mask.mask_frac", k.mask_frac, 0.0, 1.0, "in [0, 1]")
     _within("mask.random_frac", k.random_frac, 0.0, 1.0, "in [0, 1]")

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 
 from mlmtrain.errors import UserError
 from mlmtrain.fp8 import check_fp8
+from mlmtrain.kernels import INTERPRETER_PROBLEM, triton_runs_on
 from mlmtrain.kernels.bias_gelu import bias_gelu
 from mlmtrain.kernels.residual_layer_norm import residual_layer_norm
+from mlmtrain.kernels.segment_attention import MAX_HEAD_DIM, MAX_ROW
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,12 @@ def bias_then_gelu(x, dense: nn.Linear, fast: FastPaths):
     return F.gelu(dense(x))
 
 
-def check_speed_options(cfg, L: int, device: torch.device, precision: str, compiled: bool, T: int, world: int):
+def check_speed_options(
+    cfg, L: int, device: torch.device, precision: str, compiled: bool, T: int, world: int, head_dim: int
+):
     """The speed options a run asks for (`cfg` a RunConfig: data.layout, model.attention, train.cuda_graphs,
     train.async_log_reads, train.fp8), refused with one sentence where they cannot run, before any device work.
-    L: the shards' max_seq_len; T: tokens per micro-batch; world: the number of processes."""
+    L: the shards' max_seq_len; T: tokens per micro-batch; world: the number of processes; head_dim: the model's."""
     if cfg.data.layout == "rows" and T % L:
         raise UserError(
             f"data.layout = rows cuts each batch into rows of max_seq_len = {L} tokens: data.tokens_per_batch = {T} "
@@ -81,6 +85,8 @@ def check_speed_options(cfg, L: int, device: torch.device, precision: str, compi
             f"model.attention = flex trains on a CUDA GPU only (FlexAttention has no backward on the CPU; this run is "
             f"on {device}): leave model.attention = auto, which takes the row SDPA reference here"
         )
+    if cfg.model.attention == "triton":
+        check_segment_attention(L, head_dim, device)
     if cfg.train.cuda_graphs:
         if device.type != "cuda" or not compiled:
             raise UserError(
@@ -103,3 +109,17 @@ def check_speed_options(cfg, L: int, device: torch.device, precision: str, compi
     check_fp8(cfg.train.fp8, device, precision, T)
     if cfg.train.fp8 != "off" and cfg.train.shard == "fsdp" and world > 1:
         raise UserError("train.fp8 is not wired for FSDP: use train.shard = ddp")
+
+
+def check_segment_attention(L: int, head_dim: int, device: torch.device) -> None:
+    """model.attention = triton: the kernel holds a row in one tile, and Triton must run on the device."""
+    if L > MAX_ROW or head_dim > MAX_HEAD_DIM:
+        raise UserError(
+            f"model.attention = triton holds a row of at most {MAX_ROW} tokens and heads of at most {MAX_HEAD_DIM} "
+            f"(these shards: max_seq_len {L}; this model: head size {head_dim}): use model.attention = flex or auto"
+        )
+    if not triton_runs_on(device):
+        raise UserError(
+            f"model.attention = triton runs a Triton kernel: on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1 "
+            f"({INTERPRETER_PROBLEM or 'this run is on ' + str(device)}); use model.attention = auto"
+        )

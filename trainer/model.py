@@ -17,8 +17,9 @@ Attention in the packed path (chosen once per forward, from device and dtype; `a
   at 0, so attention-probability dropout is NOT applied on this path (hidden dropout still is).
 - "sdpa": the reference. Gather tokens into a padded [S, L] layout, SDPA with a key-padding mask,
   gather back. Same math; runs anywhere. Tests compare the two.
-- rows (`segment_ids` given, RowPacker): "flex" (FlexAttention per row, auto when compiled on CUDA) or "sdpa"
-  (the dense-mask reference), mlmtrain/row_attention.py; varlen and packed SDPA still run on its cu_seqlens.
+- rows (`segment_ids` given, RowPacker): "flex" (FlexAttention per row, auto when compiled on CUDA), "triton"
+  (the segment-attention kernel, rows of <= 128 tokens) or "sdpa" (the dense-mask reference),
+  mlmtrain/row_attention.py; varlen and packed SDPA still run on its cu_seqlens.
 The work around the matmuls runs as `FastPaths` says (fast_paths.py). A Linear swapped for another module
 (torchao's Float8Linear) runs as itself: q/k/v then run as three matmuls.
 
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from mlmtrain.config import MODEL_SIZES, SHAPE_DIMS
 from mlmtrain.errors import UserError
 from mlmtrain.fast_paths import FastPaths, bias_then_gelu, post_ln_residual, set_fast_paths
-from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention
+from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention, triton_row_attention
 
 try:  # torch >= 2.10 (CUDA flash kernels; the import itself works on CPU builds too)
     from torch.nn.attention.varlen import varlen_attn
@@ -354,7 +355,7 @@ class BertForMaskedLM(nn.Module):
     def __init__(self, config: BertConfig, attn_impl: str = "auto", fast: FastPaths | None = None):
         super().__init__()
         self.config = config
-        self.attn_impl = attn_impl  # "auto" | "varlen" | "sdpa" | "flex"; read at each forward
+        self.attn_impl = attn_impl  # "auto" | "varlen" | "sdpa" | "flex" | "triton"; read at each forward
         self.bert = BertModel(config)
         self.cls = BertOnlyMLMHead(config)
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight  # tied
@@ -388,8 +389,12 @@ class BertForMaskedLM(nn.Module):
             return "varlen" if flash_ok else "sdpa"
         if self.attn_impl == "varlen" and (device.type != "cuda" or varlen_attn is None):
             raise ValueError("attn_impl='varlen' needs a CUDA device and torch >= 2.10; use 'sdpa' (or 'auto')")
-        if self.attn_impl not in ("varlen", "sdpa", "flex") or (self.attn_impl == "flex" and not rows):
-            raise ValueError(f"attn_impl must be auto, varlen, sdpa or flex (with segment_ids), not {self.attn_impl!r}")
+        if self.attn_impl not in ("varlen", "sdpa", "flex", "triton") or (
+            self.attn_impl in ("flex", "triton") and not rows
+        ):
+            raise ValueError(
+                f"attn_impl must be auto, varlen, sdpa, or flex or triton (with segment_ids), not {self.attn_impl!r}"
+            )
         return self.attn_impl
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions, segment_ids=None):
@@ -416,6 +421,8 @@ class BertForMaskedLM(nn.Module):
         elif impl == "flex":  # the block tables once per forward, for every layer
             tables = row_block_tables(*segment_ids.shape, segment_ids.device)
             attend = functools.partial(flex_row_attention, segment_ids=segment_ids, block_tables=tables)
+        elif impl == "triton":
+            attend = functools.partial(triton_row_attention, segment_ids=segment_ids)
         elif segment_ids is not None:
             attend = functools.partial(row_sdpa_attention, segment_ids=segment_ids)
         else:

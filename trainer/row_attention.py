@@ -1,11 +1,13 @@
 """Row attention (data.layout = "rows", packing.RowPacker): the T tokens of a batch are R rows of L, each row
 whole segments back to back and a [PAD] tail; a token attends to the tokens of its own segment, which
-`segment_ids` (R, L) names. Two ways to run it, with the same math as the model's packed attention on the
+`segment_ids` (R, L) names. Three ways to run it, with the same math as the model's packed attention on the
 same segments:
 - `flex_row_attention`: FlexAttention with a block-diagonal mask function. A row of 128 is one 128 x 128 tile
   holding ~4-5 sentences, where flash varlen gives each ~27-token sentence a tile of its own (~5-8% of it
   useful): about 4.7x fewer tiles for the same tokens. Fused only under torch.compile (eager FlexAttention
   materializes the scores; on the CPU it has no backward at all).
+- `triton_row_attention`: the segment-attention Triton kernel (kernels/segment_attention.py) for rows of at
+  most 128 tokens: one program per (row, head) holds the whole tile, and its backward is one pass.
 - `row_sdpa_attention`: the reference, SDPA with the dense (R, 1, L, L) mask; runs anywhere, with dropout.
 """
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from mlmtrain.kernels.segment_attention import segment_attention
 
 
 def row_sdpa_attention(q, k, v, segment_ids, dropout_p: float):
@@ -54,3 +58,9 @@ def flex_row_attention(q, k, v, segment_ids, block_tables, dropout_p: float = 0.
     )
     q, k, v = (t.unflatten(0, (R, L)).transpose(1, 2) for t in (q, k, v))  # (R, H, L, D)
     return flex_attention(q, k, v, block_mask=block_mask).transpose(1, 2).flatten(0, 1)  # (T, H, D)
+
+
+def triton_row_attention(q, k, v, segment_ids, dropout_p: float = 0.0):
+    """Row attention with the segment-attention Triton kernel (kernels/segment_attention.py; rows of at most 128
+    tokens): q, k, v (T, H, D) -> (T, H, D). No dropout, as on the flex and flash varlen paths."""
+    return segment_attention(q, k, v, segment_ids, backend="triton")

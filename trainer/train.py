@@ -298,7 +298,6 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     T = tokens_per_batch_on(cfg, device)
     parallel.check_shard(cfg.train.shard, precision)
-    check_speed_options(cfg, int(meta["max_seq_len"]), device, precision, use_compile, T, parallel.world_size())
     run_dir = Path(cfg.out_dir)
     max_seqlen = int(meta["max_seq_len"])
     specials = shard_specials(meta)
@@ -310,6 +309,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
             raise UserError(problem)
     model_config = model_config_for(cfg, len(vocab), specials, start, pretrained)
     check_data_against_model(meta, model_config, max_seqlen)  # a resumed run's start: checked in setup
+    check_speed_options(cfg, max_seqlen, device, precision, use_compile, T, world, model_config.head_dim)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
