@@ -17,7 +17,7 @@ from mlmtrain.flops import model_flops_per_token, train_flops_per_batch
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import PackedBatch, Packer, RowPacker, best_fit_decreasing
 from mlmtrain.prepare import load_split, read_meta
-from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention
+from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention, triton_row_attention
 from mlmtrain.tokenizer import PAD_ID
 
 # ---------------------------------------------------------------------------------------------- bin packing
@@ -228,6 +228,27 @@ def test_flex_mask_reads_the_batch_without_recompiling():
         ref = row_sdpa_attention(q, k, v, segment_ids, 0.0)
         assert torch.allclose(out, ref, atol=1e-5), report(out, ref)
     assert counter.frame_count == 1
+
+
+@pytest.mark.compile
+def test_segment_attention_kernel_compiles_into_one_graph_with_its_backward():
+    """Compiled (dynamo + AOTAutograd, fullgraph: no break), two batches with other segments are one graph, the
+    kernel's custom ops in it, forward and gradients equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(triton_row_attention, backend=counter, fullgraph=True, dynamic=False)
+    R, L, H, D = 3, 40, 2, 16
+    for segs in (CASES["odd"], CASES["full"]):
+        *_, segment_ids = rows_batch(segs, L)
+        q, k, v = (torch.randn(R * L, H, D, requires_grad=True) for _ in range(3))
+        dout = torch.randn(R * L, H, D)
+        out, eager = compiled(q, k, v, segment_ids), triton_row_attention(q, k, v, segment_ids)
+        assert torch.equal(out, eager)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(eager, (q, k, v), dout)):
+            assert torch.equal(a, b)
+    assert counter.frame_count == 1
+    assert "segment_attention_fwd" in str(counter.graphs[0].code)
 
 
 @pytest.mark.parametrize("impl", ["flex", "triton"])
