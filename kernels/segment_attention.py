@@ -2,10 +2,12 @@
 (forward, backward) that give each (row, head) one program holding the row's whole score tile, and their
 pure-torch reference.
 
-Contract, for q, k, v (T, H, D) with T = R * L (row r is tokens r*L .. r*L + L-1; last dim contiguous, any
-token and head strides, e.g. views of the fused qkv projection) and segment_ids (R, L) int32 >= 0: token i of a row
-attends to the tokens j of the same row with segment_ids[r, i] == segment_ids[r, j] (itself always):
-  out[i] = sum_j softmax_j(q_i . k_j / sqrt(D)) v_j,  out (T, H, D) in q's dtype.
+Contract, for qkv (T, 3, H, D) (the fused q/k/v projection's output; T = R * L, row r is tokens r*L .. r*L + L-1)
+and segment_ids (R, L) int32 >= 0: token i of a row attends to the tokens j of the same row with
+segment_ids[r, i] == segment_ids[r, j] (itself always):
+  out[i] = sum_j softmax_j(q_i . k_j / sqrt(D)) v_j,  out (T, H, D) in qkv's dtype.
+The gradient comes back as one (T, 3, H, D) tensor, written where q, k and v were read: the fused projection's
+backward takes it as it is, where three gradients would first be stacked (a copy of 3 T H D elements per layer).
 No dropout (as FlexAttention and flash varlen here). L <= 128 and D <= 128; longer rows take FlexAttention.
 
 Why a kernel of its own: at L = 128 a row is one 128 x 128 tile, so the segment mask is one comparison of two
@@ -53,28 +55,24 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PRECISION)
 
     @triton.jit
-    def _offsets(first, index, in_bounds, head, stride_t, stride_h, dims, D):
-        """Offsets (int64: first is) and in-bounds mask of one head's (len(index), BLOCK_D) tile at tokens
-        first + index."""
-        offsets = (first + index)[:, None] * stride_t + head * stride_h + dims[None, :]
+    def _offsets(first, index, in_bounds, column, stride_t, dims, D):
+        """Offsets (int64: first is) and in-bounds mask of a (len(index), BLOCK_D) tile: tokens first + index, the
+        D elements from `column` within each token's stride_t."""
+        offsets = (first + index)[:, None] * stride_t + column + dims[None, :]
         return offsets, in_bounds[:, None] & (dims < D)[None, :]
 
     @triton.jit
-    def _tile(ptr, first, index, in_bounds, head, stride_t, stride_h, dims, D):
-        """One head's (len(index), BLOCK_D) tile at tokens first + index, 0 outside."""
-        offsets, inside = _offsets(first, index, in_bounds, head, stride_t, stride_h, dims, D)
+    def _tile(ptr, first, index, in_bounds, column, stride_t, dims, D):
+        """The (len(index), BLOCK_D) tile at those offsets, 0 outside."""
+        offsets, inside = _offsets(first, index, in_bounds, column, stride_t, dims, D)
         return tl.load(ptr + offsets, mask=inside, other=0.0)
 
     @triton.jit
     def _segment_attention_fwd_kernel(
-        q_ptr,  # (T, H, D), strides (stride_t, stride_h, 1); k_ptr and v_ptr the same
-        k_ptr,
-        v_ptr,
+        qkv_ptr,  # (T, 3, H, D) contiguous: q, k, v of every token
         segment_ptr,  # (R, L) int32
         out_ptr,  # (T, H, D) contiguous, written
         lse_ptr,  # (R, H, L) fp32, written: log2 of each query's softmax denominator, in base-2 score units
-        stride_t,
-        stride_h,
         H,
         L,
         D,
@@ -90,13 +88,14 @@ if triton is not None:
         first = row.to(tl.int64) * L  # the row's first token
         keys, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)  # (BLOCK_L,), (BLOCK_D,)
         key_in = keys < L
-        k = _tile(k_ptr, first, keys, key_in, head, stride_t, stride_h, dims, D)  # (BLOCK_L, BLOCK_D)
-        v = _tile(v_ptr, first, keys, key_in, head, stride_t, stride_h, dims, D)  # (BLOCK_L, BLOCK_D)
+        stride_t, q_col = 3 * H * D, head * D  # k and v: one and two H * D further
+        k = _tile(qkv_ptr, first, keys, key_in, q_col + H * D, stride_t, dims, D)  # (BLOCK_L, BLOCK_D)
+        v = _tile(qkv_ptr, first, keys, key_in, q_col + 2 * H * D, stride_t, dims, D)  # (BLOCK_L, BLOCK_D)
         key_segment = tl.load(segment_ptr + first + keys, mask=key_in, other=-1)  # (BLOCK_L,)
         for start in range(0, L, BLOCK_M):
             queries = start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
             query_in = queries < L
-            q = _tile(q_ptr, first, queries, query_in, head, stride_t, stride_h, dims, D)  # (BLOCK_M, BLOCK_D)
+            q = _tile(qkv_ptr, first, queries, query_in, q_col, stride_t, dims, D)  # (BLOCK_M, BLOCK_D)
             query_segment = tl.load(segment_ptr + first + queries, mask=query_in, other=-2)  # never a key's id
             same = query_segment[:, None] == key_segment[None, :]  # (BLOCK_M, BLOCK_L)
             s = _dot(q, tl.trans(k), PRECISION, UPCAST) * scale_log2  # (BLOCK_M, BLOCK_L) fp32
@@ -105,25 +104,19 @@ if triton is not None:
             p = tl.exp2(s - m[:, None])  # 0 where masked
             denominator = tl.where(query_in, tl.sum(p, 1), 1.0)  # (BLOCK_M,)
             out = _dot(p.to(v.dtype), v, PRECISION, UPCAST) / denominator[:, None]  # (BLOCK_M, BLOCK_D)
-            out_offsets, out_inside = _offsets(first, queries, query_in, head, H * D, D, dims, D)  # contiguous
+            out_offsets, out_inside = _offsets(first, queries, query_in, head * D, H * D, dims, D)
             tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=out_inside)
             lse_offsets = (row.to(tl.int64) * H + head) * L + queries
             tl.store(lse_ptr + lse_offsets, m + tl.log2(denominator), mask=query_in)
 
     @triton.jit
     def _segment_attention_bwd_kernel(
-        q_ptr,  # (T, H, D), strides (stride_t, stride_h, 1); k_ptr and v_ptr the same
-        k_ptr,
-        v_ptr,
+        qkv_ptr,  # (T, 3, H, D) contiguous
         out_ptr,  # (T, H, D) contiguous: the forward's output
         dout_ptr,  # (T, H, D) contiguous
         lse_ptr,  # (R, H, L) fp32: the forward's
         segment_ptr,  # (R, L) int32
-        dq_ptr,  # (T, H, D) contiguous, written; dk_ptr and dv_ptr the same
-        dk_ptr,
-        dv_ptr,
-        stride_t,
-        stride_h,
+        dqkv_ptr,  # (T, 3, H, D) contiguous, written: dq, dk, dv where q, k, v are
         H,
         L,
         D,
@@ -140,18 +133,19 @@ if triton is not None:
         first = row.to(tl.int64) * L
         keys, dims = tl.arange(0, BLOCK_L), tl.arange(0, BLOCK_D)
         key_in = keys < L
-        k = _tile(k_ptr, first, keys, key_in, head, stride_t, stride_h, dims, D)  # (BLOCK_L, BLOCK_D)
-        v = _tile(v_ptr, first, keys, key_in, head, stride_t, stride_h, dims, D)
+        stride_t, q_col = 3 * H * D, head * D
+        k = _tile(qkv_ptr, first, keys, key_in, q_col + H * D, stride_t, dims, D)  # (BLOCK_L, BLOCK_D)
+        v = _tile(qkv_ptr, first, keys, key_in, q_col + 2 * H * D, stride_t, dims, D)
         key_segment = tl.load(segment_ptr + first + keys, mask=key_in, other=-1)
         dk = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
         dv = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
         for start in range(0, L, BLOCK_M):
             queries = start + tl.arange(0, BLOCK_M)
             query_in = queries < L
-            q = _tile(q_ptr, first, queries, query_in, head, stride_t, stride_h, dims, D)  # (BLOCK_M, BLOCK_D)
-            g_offsets, g_inside = _offsets(first, queries, query_in, head, H * D, D, dims, D)  # contiguous (T, H, D)
-            out = tl.load(out_ptr + g_offsets, mask=g_inside, other=0.0)
-            dout = tl.load(dout_ptr + g_offsets, mask=g_inside, other=0.0)
+            q_offsets, q_inside = _offsets(first, queries, query_in, q_col, stride_t, dims, D)  # dq's too
+            q = tl.load(qkv_ptr + q_offsets, mask=q_inside, other=0.0)  # (BLOCK_M, BLOCK_D)
+            out = _tile(out_ptr, first, queries, query_in, head * D, H * D, dims, D)
+            dout = _tile(dout_ptr, first, queries, query_in, head * D, H * D, dims, D)
             query_segment = tl.load(segment_ptr + first + queries, mask=query_in, other=-2)
             lse = tl.load(lse_ptr + (row.to(tl.int64) * H + head) * L + queries, mask=query_in, other=0.0)
             same = query_segment[:, None] == key_segment[None, :]  # (BLOCK_M, BLOCK_L)
@@ -162,11 +156,11 @@ if triton is not None:
             delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), 1)  # (BLOCK_M,) = rowsum(P * dP)
             ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_L): dL/dS, before the scale
             dq = _dot(ds.to(k.dtype), k, PRECISION, UPCAST) * scale  # (BLOCK_M, BLOCK_D)
-            tl.store(dq_ptr + g_offsets, dq.to(dq_ptr.dtype.element_ty), mask=g_inside)
+            tl.store(dqkv_ptr + q_offsets, dq.to(dqkv_ptr.dtype.element_ty), mask=q_inside)
             dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)  # (BLOCK_L, BLOCK_D)
-        kv_offsets, kv_inside = _offsets(first, keys, key_in, head, H * D, D, dims, D)  # contiguous (T, H, D)
-        tl.store(dk_ptr + kv_offsets, (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_inside)
-        tl.store(dv_ptr + kv_offsets, dv.to(dv_ptr.dtype.element_ty), mask=kv_inside)
+        k_offsets, kv_inside = _offsets(first, keys, key_in, q_col + H * D, stride_t, dims, D)
+        tl.store(dqkv_ptr + k_offsets, (dk * scale).to(dqkv_ptr.dtype.element_ty), mask=kv_inside)
+        tl.store(dqkv_ptr + k_offsets + H * D, dv.to(dqkv_ptr.dtype.element_ty), mask=kv_inside)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,118 +178,108 @@ def _blocks(L: int, D: int, dtype: torch.dtype) -> dict:
     )
 
 
-def segment_attention_fwd_triton(q, k, v, segment_ids) -> tuple[torch.Tensor, torch.Tensor]:
+def segment_attention_fwd_triton(qkv, segment_ids) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.
 
     Args:
-        q, k, v: (T, H, D) with equal strides, last dim contiguous. segment_ids: (R, L) int32 contiguous.
+        qkv: (T, 3, H, D) contiguous. segment_ids: (R, L) int32 contiguous, R * L = T.
     Returns:
-        out: (T, H, D) contiguous, q's dtype; lse: (R, H, L) fp32 (base-2 units, for the backward).
+        out: (T, H, D) contiguous, qkv's dtype; lse: (R, H, L) fp32 (base-2 units, for the backward).
     """
-    (T, H, D), (R, L) = q.shape, segment_ids.shape
-    out = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((R, H, L), dtype=torch.float32, device=q.device)
+    (T, _, H, D), (R, L) = qkv.shape, segment_ids.shape
+    out = torch.empty((T, H, D), dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty((R, H, L), dtype=torch.float32, device=qkv.device)
     if R:
         _segment_attention_fwd_kernel[(R, H)](
-            q, k, v, segment_ids, out, lse, q.stride(0), q.stride(1), H, L, D, math.log2(math.e) / math.sqrt(D),
-            **_blocks(L, D, q.dtype), num_warps=4,
+            qkv, segment_ids, out, lse, H, L, D, math.log2(math.e) / math.sqrt(D), **_blocks(L, D, qkv.dtype),
+            num_warps=4,
         )  # fmt: skip
     return out, lse
 
 
-def segment_attention_bwd_triton(dout, q, k, v, out, lse, segment_ids) -> tuple[torch.Tensor, ...]:
+def segment_attention_bwd_triton(dout, qkv, out, lse, segment_ids) -> torch.Tensor:
     """Launch the backward kernel. dout and out: (T, H, D) contiguous; the rest as given to the forward.
-    Returns dq, dk, dv: (T, H, D) contiguous, q's dtype."""
-    (T, H, D), (R, L) = q.shape, segment_ids.shape
-    dq, dk, dv = (torch.empty((T, H, D), dtype=q.dtype, device=q.device) for _ in range(3))
+    Returns dqkv: (T, 3, H, D) contiguous, qkv's dtype (dq, dk, dv where q, k, v are: no stacking after)."""
+    (_, _, H, D), (R, L) = qkv.shape, segment_ids.shape
+    dqkv = torch.empty_like(qkv)
     if R:
         _segment_attention_bwd_kernel[(R, H)](
-            q, k, v, out, dout, lse, segment_ids, dq, dk, dv, q.stride(0), q.stride(1), H, L, D,
-            1 / math.sqrt(D), math.log2(math.e) / math.sqrt(D), **_blocks(L, D, q.dtype), num_warps=8,
+            qkv, out, dout, lse, segment_ids, dqkv, H, L, D, 1 / math.sqrt(D), math.log2(math.e) / math.sqrt(D),
+            **_blocks(L, D, qkv.dtype), num_warps=8,
         )  # fmt: skip
-    return dq, dk, dv
+    return dqkv
 
 
 # ---------------------------------------------------------------------------------------------------
 # Autograd wrapper: two custom ops (opaque to torch.compile, no graph break) and their autograd formula
 # ---------------------------------------------------------------------------------------------------
 @torch.library.custom_op("mlmtrain::segment_attention_fwd", mutates_args=())
-def _fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    with on_device(q):
-        return segment_attention_fwd_triton(q, k, v, segment_ids)
+def _fwd_op(qkv: torch.Tensor, segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with on_device(qkv):
+        return segment_attention_fwd_triton(qkv, segment_ids)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, segment_ids):
-    (T, H, D), (R, L) = q.shape, segment_ids.shape
-    return q.new_empty((T, H, D)), q.new_empty((R, H, L), dtype=torch.float32)
+def _(qkv, segment_ids):
+    (T, _, H, D), (R, L) = qkv.shape, segment_ids.shape
+    return qkv.new_empty((T, H, D)), qkv.new_empty((R, H, L), dtype=torch.float32)
 
 
 @torch.library.custom_op("mlmtrain::segment_attention_bwd", mutates_args=())
 def _bwd_op(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    segment_ids: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with on_device(q):
-        return segment_attention_bwd_triton(dout, q, k, v, out, lse, segment_ids)
+    dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, segment_ids: torch.Tensor
+) -> torch.Tensor:
+    with on_device(qkv):
+        return segment_attention_bwd_triton(dout, qkv, out, lse, segment_ids)
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, segment_ids):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+def _(dout, qkv, out, lse, segment_ids):
+    return torch.empty_like(qkv)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, segment_ids = inputs
+    qkv, segment_ids = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, segment_ids)
+    ctx.save_for_backward(qkv, out, lse, segment_ids)
 
 
 def _backward(ctx, dout, dlse):  # dlse: the log-sum-exp is not an output anyone differentiates
-    q, k, v, out, lse, segment_ids = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(dout.contiguous(), q, k, v, out, lse, segment_ids)
-    return dq, dk, dv, None
+    qkv, out, lse, segment_ids = ctx.saved_tensors
+    return _bwd_op(dout.contiguous(), qkv, out, lse, segment_ids), None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def segment_attention(q, k, v, segment_ids, *, backend: str = "auto") -> torch.Tensor:
-    """Attention within the segments of each row (module docstring): q, k, v (T, H, D), segment_ids (R, L) with
-    R * L = T. Returns (T, H, D) in q's dtype, differentiable in q, k and v.
+def segment_attention(qkv, segment_ids, *, backend: str = "auto") -> torch.Tensor:
+    """Attention within the segments of each row (module docstring): qkv (T, 3, H, D) (the fused projection's
+    output: q, k, v of every token), segment_ids (R, L) with R * L = T. Returns (T, H, D) in qkv's dtype,
+    differentiable in qkv (its gradient comes back as one (T, 3, H, D) tensor).
     backend: "triton", "torch" (the reference), or "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else torch)."""
-    (T, _, D), (R, L) = q.shape, segment_ids.shape
-    if R * L != T or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must be (R*L, H, D) for segment_ids (R, L) = {(R, L)}, got {tuple(q.shape)}")
+    (R, L), (T, three, _, D) = segment_ids.shape, qkv.shape
+    if R * L != T or three != 3:
+        raise ValueError(f"qkv must be (R*L, 3, H, D) for segment_ids (R, L) = {(R, L)}, got {tuple(qkv.shape)}")
     if L > MAX_ROW or D > MAX_HEAD_DIM:
         raise ValueError(f"rows of at most {MAX_ROW} tokens and heads of at most {MAX_HEAD_DIM}, got L={L}, D={D}")
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    runs = triton_runs_on(q.device)
+    runs = triton_runs_on(qkv.device)
     if backend == "triton" and not runs:
-        raise ValueError(f"the Triton kernels cannot run on {q.device} here (CUDA, or TRITON_INTERPRET=1 on CPU)")
+        raise ValueError(f"the Triton kernels cannot run on {qkv.device} here (CUDA, or TRITON_INTERPRET=1 on CPU)")
     if backend == "torch" or not runs:
-        return segment_attention_reference(q, k, v, segment_ids)
-    if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return _fwd_op(q, k, v, segment_ids.to(torch.int32).contiguous())[0]
+        return segment_attention_reference(qkv, segment_ids)
+    return _fwd_op(qkv.contiguous(), segment_ids.to(torch.int32).contiguous())[0]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Pure-torch reference (also the fallback where Triton cannot run)
 # ---------------------------------------------------------------------------------------------------
-def segment_attention_reference(q, k, v, segment_ids) -> torch.Tensor:
+def segment_attention_reference(qkv, segment_ids) -> torch.Tensor:
     """The kernels' function in torch ops (fp32 scores and softmax over a dense (R, H, L, L) mask), differentiable
     by torch's autograd."""
-    (R, L), dtype, D = segment_ids.shape, q.dtype, q.shape[-1]
-    q, k, v = (t.float().unflatten(0, (R, L)) for t in (q, k, v))  # (R, L, H, D)
+    (R, L), dtype, D = segment_ids.shape, qkv.dtype, qkv.shape[-1]
+    q, k, v = qkv.float().unflatten(0, (R, L)).unbind(2)  # 3 x (R, L, H, D)
     scores = torch.einsum("rihd,rjhd->rhij", q, k) / math.sqrt(D)  # (R, H, L, L)
     same = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (R, 1, L, L)
     probs = scores.masked_fill(~same, float("-inf")).softmax(-1)

@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from conftest import requires_cuda
 from test_model import ATOL, odd_config, report
 from test_packing import all_sentences, sentences_of
@@ -230,6 +231,34 @@ def test_flex_mask_reads_the_batch_without_recompiling():
     assert counter.frame_count == 1
 
 
+def test_segment_attention_kernel_with_swapped_in_qkv_modules():
+    """q, k and v as three modules of their own (how torchao's Float8Linear runs): the kernel gets them stacked
+    and gives the same logits and gradients as the row SDPA reference."""
+
+    class OwnLinear(nn.Linear):  # not exactly nn.Linear: BertSelfAttention runs it as itself
+        pass
+
+    L = 40
+    input_ids, position_ids, cu_seqlens, segment_ids = rows_batch(CASES["odd"], L)
+    masked = torch.arange(0, input_ids.numel(), 2)
+    results = []
+    for impl in ("sdpa", "triton"):
+        torch.manual_seed(3)
+        model = BertForMaskedLM(odd_config(), attn_impl=impl)
+        for layer in model.bert.encoder.layer:
+            attention = layer.attention.self
+            for name in ("query", "key", "value"):
+                old = getattr(attention, name)
+                new = OwnLinear(old.in_features, old.out_features)
+                new.load_state_dict(old.state_dict())
+                setattr(attention, name, new)
+        logits = model(input_ids, position_ids, cu_seqlens, L, masked, segment_ids)
+        logits.square().mean().backward()
+        results.append((logits, model.bert.encoder.layer[0].attention.self.query.weight.grad))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5), report(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.compile
 def test_segment_attention_kernel_compiles_into_one_graph_with_its_backward():
     """Compiled (dynamo + AOTAutograd, fullgraph: no break), two batches with other segments are one graph, the
@@ -241,12 +270,11 @@ def test_segment_attention_kernel_compiles_into_one_graph_with_its_backward():
     R, L, H, D = 3, 40, 2, 16
     for segs in (CASES["odd"], CASES["full"]):
         *_, segment_ids = rows_batch(segs, L)
-        q, k, v = (torch.randn(R * L, H, D, requires_grad=True) for _ in range(3))
+        qkv = torch.randn(R * L, 3, H, D, requires_grad=True)
         dout = torch.randn(R * L, H, D)
-        out, eager = compiled(q, k, v, segment_ids), triton_row_attention(q, k, v, segment_ids)
+        out, eager = compiled(qkv, segment_ids), triton_row_attention(qkv, segment_ids)
         assert torch.equal(out, eager)
-        for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(eager, (q, k, v), dout)):
-            assert torch.equal(a, b)
+        assert torch.equal(torch.autograd.grad(out, qkv, dout)[0], torch.autograd.grad(eager, qkv, dout)[0])
     assert counter.frame_count == 1
     assert "segment_attention_fwd" in str(counter.graphs[0].code)
 

@@ -54,18 +54,17 @@ def _segments(R, L, kind, g):
 
 
 def _inputs(R, L, H, D, dtype, seed=0):
-    """q, k, v as views of one (T, 3, H, D) tensor, and the leaf to differentiate."""
+    """qkv (T, 3, H, D), the leaf to differentiate, and the generator for what else the test draws."""
     g = torch.Generator().manual_seed(seed)
     qkv = (2 * torch.randn(R * L, 3, H, D, generator=g)).to(DEVICE, dtype).requires_grad_()
     return qkv, g
 
 
 def _run(backend, qkv, segment_ids, dout):
-    q, k, v = qkv.unbind(1)
     if backend == "lowp":
-        out = _lowp_reference(q, k, v, segment_ids)
+        out = _lowp_reference(*qkv.unbind(1), segment_ids)
     else:
-        out = segment_attention(q, k, v, segment_ids, backend=backend)
+        out = segment_attention(qkv, segment_ids, backend=backend)
     return out, torch.autograd.grad(out, qkv, dout)[0]
 
 
@@ -113,33 +112,33 @@ def test_nothing_leaks_across_segments_or_rows():
 def test_reference_is_sdpa_with_the_block_diagonal_mask():
     g = torch.Generator().manual_seed(3)
     R, L, H, D = 2, 20, 2, 8
-    q, k, v = (torch.randn(R * L, H, D, generator=g) for _ in range(3))
+    qkv = torch.randn(R * L, 3, H, D, generator=g)
     segment_ids = torch.repeat_interleave(torch.arange(8), torch.tensor([3, 7, 1, 9, 5, 5, 6, 4])).view(R, L)
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (R, 1, L, L)
-    q4, k4, v4 = (t.unflatten(0, (R, L)).transpose(1, 2) for t in (q, k, v))  # (R, H, L, D)
+    q4, k4, v4 = (t.unflatten(0, (R, L)).transpose(1, 2) for t in qkv.unbind(1))  # (R, H, L, D)
     expected = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask).transpose(1, 2).flatten(0, 1)
-    torch.testing.assert_close(segment_attention_reference(q, k, v, segment_ids), expected)
+    torch.testing.assert_close(segment_attention_reference(qkv, segment_ids), expected)
 
 
 def test_bad_arguments():
-    q = torch.zeros(12, 2, 8)
+    qkv = torch.zeros(12, 3, 2, 8)
     with pytest.raises(ValueError, match="R\\*L"):
-        segment_attention(q, q, q, torch.zeros(2, 5, dtype=torch.int32))
+        segment_attention(qkv, torch.zeros(2, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match="R\\*L"):
+        segment_attention(torch.zeros(12, 2, 2, 8), torch.zeros(2, 6, dtype=torch.int32))  # not q, k, v
     with pytest.raises(ValueError, match="at most 128"):
-        segment_attention(torch.zeros(129, 1, 8), torch.zeros(129, 1, 8), torch.zeros(129, 1, 8),
-                          torch.zeros(1, 129, dtype=torch.int32))  # fmt: skip
+        segment_attention(torch.zeros(129, 3, 1, 8), torch.zeros(1, 129, dtype=torch.int32))
     with pytest.raises(ValueError, match="backend"):
-        segment_attention(q, q, q, torch.zeros(2, 6, dtype=torch.int32), backend="cuda")
+        segment_attention(qkv, torch.zeros(2, 6, dtype=torch.int32), backend="cuda")
 
 
 @requires_triton
 def test_custom_ops_pass_opcheck():
     qkv, g = _inputs(2, 16, 2, 16, torch.float32)
-    q, k, v = (t.detach() for t in qkv.unbind(1))
-    segment_ids = _segments(2, 16, "random", g)
-    torch.library.opcheck(sa._fwd_op, (q, k, v, segment_ids))
-    out, lse = sa._fwd_op(q, k, v, segment_ids)
-    torch.library.opcheck(sa._bwd_op, (torch.randn_like(out), q, k, v, out, lse, segment_ids))
+    qkv, segment_ids = qkv.detach(), _segments(2, 16, "random", g)
+    torch.library.opcheck(sa._fwd_op, (qkv, segment_ids))
+    out, lse = sa._fwd_op(qkv, segment_ids)
+    torch.library.opcheck(sa._bwd_op, (torch.randn_like(out), qkv, out, lse, segment_ids))
 
 
 @requires_cuda
@@ -163,5 +162,5 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             consts = {**sa._blocks(L, D, torch_dtype), "UPCAST": False}
             pointers = {"segment_ptr": "i32", "lse_ptr": "fp32"}
             builds.append(build(sa.__name__, kernel, dtype, consts, warps, pointers=pointers,
-                                floats=("scale", "scale_log2"), divisible=("stride_t", "stride_h")))  # fmt: skip
+                                floats=("scale", "scale_log2"), divisible=("H", "D")))  # fmt: skip
     assert_builds_for_hopper(builds)

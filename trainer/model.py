@@ -222,16 +222,19 @@ class BertSelfAttention(nn.Module):
         self.query, self.key, self.value = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
         self.attention_dropout = config.attention_probs_dropout_prob  # a float: SDPA applies it
 
-    def forward(self, x, attend):  # x (..., C); attend(q, k, v, dropout_p) on (..., H, D)
+    def forward(self, x, attend):  # x (..., C); attend(q, k, v, dropout_p) on (..., H, D); the kernel's: attend(qkv)
         if type(self.query) is nn.Linear:
-            # One (C, 3C) matmul instead of three (C, C) ones (3% of a base step, docs/BENCHMARKS.md); the weights
-            # are concatenated here so the parameters keep transformers' query/key/value names.
+            # one (C, 3C) matmul, not three (C, C) (3% of a base step); the parameters keep transformers' names
             w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3C, C)
             b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3C,)
             qkv = F.linear(x, w, b).unflatten(-1, (3, self.num_heads, self.head_dim))  # (..., 3, H, D)
+            if getattr(attend, "func", None) is triton_row_attention:  # takes qkv whole: one gradient, no stack
+                return attend(qkv).flatten(-2)  # (..., C); it has no dropout
             q, k, v = qkv.unbind(-3)  # 3 x (..., H, D)
         else:  # a swapped-in Linear (torchao's Float8Linear) must run as itself, or its matmul would be skipped
             q, k, v = (m(x).unflatten(-1, (self.num_heads, self.head_dim)) for m in (self.query, self.key, self.value))
+            if getattr(attend, "func", None) is triton_row_attention:
+                return attend(torch.stack([q, k, v], dim=-3)).flatten(-2)
         out = attend(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)  # (..., H, D)
         return out.flatten(-2)  # (..., C)
 
@@ -421,7 +424,7 @@ class BertForMaskedLM(nn.Module):
         elif impl == "flex":  # the block tables once per forward, for every layer
             tables = row_block_tables(*segment_ids.shape, segment_ids.device)
             attend = functools.partial(flex_row_attention, segment_ids=segment_ids, block_tables=tables)
-        elif impl == "triton":
+        elif impl == "triton":  # BertSelfAttention hands it qkv unsplit
             attend = functools.partial(triton_row_attention, segment_ids=segment_ids)
         elif segment_ids is not None:
             attend = functools.partial(row_sdpa_attention, segment_ids=segment_ids)

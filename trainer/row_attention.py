@@ -60,7 +60,8 @@ def flex_row_attention(q, k, v, segment_ids, block_tables, dropout_p: float = 0.
     return flex_attention(q, k, v, block_mask=block_mask).transpose(1, 2).flatten(0, 1)  # (T, H, D)
 
 
-def triton_row_attention(q, k, v, segment_ids, dropout_p: float = 0.0):
+def triton_row_attention(qkv, segment_ids, dropout_p: float = 0.0):
     """Row attention with the segment-attention Triton kernel (kernels/segment_attention.py; rows of at most 128
-    tokens): q, k, v (T, H, D) -> (T, H, D). No dropout, as on the flex and flash varlen paths."""
-    return segment_attention(q, k, v, segment_ids, backend="triton")
+    tokens): qkv (T, 3, H, D), the fused projection's output, -> (T, H, D); its gradient comes back as one
+    (T, 3, H, D) tensor (no stacking of three). No dropout, as on the flex and flash varlen paths."""
+    return segment_attention(qkv, segment_ids, backend="triton")
