@@ -163,8 +163,8 @@ def bias_gelu_bwd_triton(
 # ---------------------------------------------------------------------------------------------------
 @torch.library.custom_op("mlmtrain::bias_gelu_fwd", mutates_args=())
 def _fwd_op(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    with on_device(x):
-        return bias_gelu_fwd_triton(x, bias)
+    with on_device(x):  # the kernels index rows as contiguous: a strided input (from a compiled graph) is copied
+        return bias_gelu_fwd_triton(x.contiguous(), bias)
 
 
 @_fwd_op.register_fake
@@ -175,7 +175,7 @@ def _(x, bias):
 @torch.library.custom_op("mlmtrain::bias_gelu_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with on_device(x):
-        return bias_gelu_bwd_triton(dy, x, bias)
+        return bias_gelu_bwd_triton(dy.contiguous(), x.contiguous(), bias)
 
 
 @_bwd_op.register_fake

@@ -340,7 +340,8 @@ def _fwd_op(
     eps: float,
     p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with on_device(x):
+    with on_device(x):  # the kernels index rows as contiguous: a strided input (from a compiled graph) is copied
+        x, residual = x.contiguous(), residual.contiguous()
         return residual_layer_norm_fwd_triton(x, residual, weight, bias, x if seed is None else seed, eps, p)
 
 
@@ -363,6 +364,7 @@ def _bwd_op(
     p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with on_device(x):
+        dy, x, residual = dy.contiguous(), x.contiguous(), residual.contiguous()
         return residual_layer_norm_bwd_triton(dy, x, residual, weight, x if seed is None else seed, mean, rstd, p)
 
 

@@ -201,7 +201,7 @@ def segment_attention_bwd_triton(dout, qkv, out, lse, segment_ids) -> torch.Tens
     """Launch the backward kernel. dout and out: (T, H, D) contiguous; the rest as given to the forward.
     Returns dqkv: (T, 3, H, D) contiguous, qkv's dtype (dq, dk, dv where q, k, v are: no stacking after)."""
     (_, _, H, D), (R, L) = qkv.shape, segment_ids.shape
-    dqkv = torch.empty_like(qkv)
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)
     if R:
         _segment_attention_bwd_kernel[(R, H)](
             qkv, out, dout, lse, segment_ids, dqkv, H, L, D, 1 / math.sqrt(D), math.log2(math.e) / math.sqrt(D),
@@ -215,8 +215,8 @@ def segment_attention_bwd_triton(dout, qkv, out, lse, segment_ids) -> torch.Tens
 # ---------------------------------------------------------------------------------------------------
 @torch.library.custom_op("mlmtrain::segment_attention_fwd", mutates_args=())
 def _fwd_op(qkv: torch.Tensor, segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with on_device(qkv):
-        return segment_attention_fwd_triton(qkv, segment_ids)
+    with on_device(qkv):  # the kernels index every tensor as contiguous: a strided input is copied
+        return segment_attention_fwd_triton(qkv.contiguous(), segment_ids.contiguous())
 
 
 @_fwd_op.register_fake
@@ -230,7 +230,8 @@ def _bwd_op(
     dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, segment_ids: torch.Tensor
 ) -> torch.Tensor:
     with on_device(qkv):
-        return segment_attention_bwd_triton(dout, qkv, out, lse, segment_ids)
+        tensors = (t.contiguous() for t in (dout, qkv, out, lse, segment_ids))
+        return segment_attention_bwd_triton(*tensors)
 
 
 @_bwd_op.register_fake
@@ -241,12 +242,13 @@ def _(dout, qkv, out, lse, segment_ids):
 def _setup_context(ctx, inputs, output):
     qkv, segment_ids = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(qkv, out, lse, segment_ids)
 
 
-def _backward(ctx, dout, dlse):  # dlse: the log-sum-exp is not an output anyone differentiates
+def _backward(ctx, dout, _dlse):
     qkv, out, lse, segment_ids = ctx.saved_tensors
-    return _bwd_op(dout.contiguous(), qkv, out, lse, segment_ids), None
+    return _bwd_op(dout, qkv, out, lse, segment_ids), None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
