@@ -50,11 +50,14 @@ if triton is not None:
 
     @triton.jit
     def as_u32(x):
-        return x.to(tl.uint32, bitcast=True)
+        """An i32 (or u32) kernel scalar's bits as uint32. tl.cast, not x.to: a launch passes an int equal to 1 as a
+        constant (a Python int, which has no .to) unless the kernel lists it in do_not_specialize."""
+        return tl.cast(x, tl.uint32, bitcast=True)
 
 
 def split64(value: int) -> tuple[int, int]:
-    """A 64-bit counter word as two int32 kernel scalars (always i32, so no new signature per value)."""
+    """A 64-bit counter word as two int32 kernel scalars. A kernel lists them in do_not_specialize, so a new value
+    compiles nothing new (Triton otherwise specialises an int equal to 1, or divisible by 16)."""
     lo, hi = value & M32, (value >> 32) & M32
     return tuple(v - (1 << 32) if v >= 1 << 31 else v for v in (lo, hi))
 

@@ -369,6 +369,11 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             builds.append(
                 build(mm.__name__, kernel, ids, consts, warps, pointers=pointers, scalars=scalars, divisible=())
             )
+    # a key equal to 1 as the constant a launch makes of it where a kernel does not list it in do_not_specialize
+    # (on the H200 that broke a test kernel: philox's as_u32 called .to on the Python int)
+    ones = {"BLOCK": 1024, "SHIFT": 1, "LOOKBACK": 64, "WHOLE_WORD": True, "HAS_NEVER_MASK": False, "step_hi": 1}
+    ones |= {"q4_hi": 1, "seed_hi": 1}
+    builds.append(build(mm.__name__, "_mask_count_kernel", "i32", ones, 4, pointers={**u8, **i32}, divisible=()))
     assert_builds_for_hopper(builds)
 
 

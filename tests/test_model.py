@@ -378,8 +378,9 @@ def test_varlen_matches_fp32_reference_on_gpu(dtype):
         if name.endswith("attention.self.key.bias"):
             # softmax is shift-invariant per query and the key bias shifts a query's scores by a constant,
             # so this gradient is exactly 0 in exact arithmetic: both sides hold only rounding noise
-            # (seen on an H200: |g| ~ 1e-11 fp32, |h| ~ 4e-7 bf16), and a relative error is meaningless
-            assert h.abs().max() < 1e-4 and g.abs().max() < 1e-4, report(g, h)
+            # (seen on an H200: |g| ~ 1e-11 fp32, |h| ~ 4e-7 bf16), and a relative error is meaningless; the
+            # fp16 loss scale multiplies that noise too (4-8e-5 in a CPU emulation of flash's rounding at x1024)
+            assert h.abs().max() < 1e-4 * scale and g.abs().max() < 1e-4 * scale, report(g, h)
             continue
         rel = ((g - h).norm() / g.norm().clamp(min=1e-12)).item()  # relative L2 error of the whole tensor
         assert rel <= 0.05, f"{name}: relative error {rel:.3g}, {report(g, h)}"

@@ -58,7 +58,7 @@ if mm.triton is not None:
 
     from mlmtrain.kernels.philox import as_u32, philox_words
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["q_lo", "q_hi", "step_lo", "step_hi", "seed_lo", "seed_hi"])  # as the kernels
     def _words_kernel(out_ptr, q_lo, q_hi, step_lo, step_hi, seed_lo, seed_hi, TAG: tl.constexpr, N: tl.constexpr):
         k = tl.arange(0, N)  # (N,) groups past q
         w0, w1, w2, w3 = philox_words(
