@@ -75,3 +75,12 @@ KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # 
 requires_triton = pytest.mark.skipif(
     not triton_runs_on(KERNEL_DEVICE), reason=f"Triton cannot run here: {INTERPRETER_PROBLEM}"
 )
+
+
+@pytest.fixture(autouse=True)
+def _fp32_matmuls_stay_fp32():
+    """A training run sets the process's TF32 flags (train.tf32, on by default): give every test the flags it
+    started with, so a GPU test after one does not compare against a TF32 'fp32' reference."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
