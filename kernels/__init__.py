@@ -54,3 +54,17 @@ def on_device(t):
     import torch
 
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def use_triton(backend: str, device, error: type[Exception] = ValueError) -> bool:
+    """Whether a kernel's wrapper runs its Triton kernels for a call: backend "triton" (refused where Triton cannot
+    run), "torch" (the pure-torch reference), or "auto" (Triton where it runs, else the reference)."""
+    if backend not in ("auto", "triton", "torch"):
+        raise error(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}.")
+    runs = triton_runs_on(device)
+    if backend == "triton" and not runs:
+        raise error(
+            f"the Triton kernels cannot run on {device} here (needs CUDA, or TRITON_INTERPRET=1 set before triton "
+            "is imported for the CPU); use backend='torch'."
+        )
+    return runs and backend != "torch"

@@ -24,7 +24,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.kernels import on_device, triton_runs_on
+from mlmtrain.kernels import on_device, use_triton
 
 try:
     import triton
@@ -208,12 +208,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, *, backend: str = "auto") -> 
         raise ValueError(f"bias must be ({C},) for x of shape {tuple(x.shape)}, got {tuple(bias.shape)}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"x must be fp32, bf16 or fp16, got {x.dtype}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    runs = triton_runs_on(x.device)
-    if backend == "triton" and not runs:
-        raise ValueError(f"the Triton kernels cannot run on {x.device} here (CUDA, or TRITON_INTERPRET=1 on CPU)")
-    if backend == "torch" or not runs:
+    if not use_triton(backend, x.device):
         return bias_gelu_reference(x, bias)
     return _fwd_op(x.contiguous().view(-1, C), bias).view(x.shape)  # (N, C) -> (..., C)
 

@@ -50,7 +50,7 @@ from typing import NamedTuple
 import torch
 
 from mlmtrain.errors import UserError
-from mlmtrain.kernels import triton_runs_on
+from mlmtrain.kernels import use_triton
 from mlmtrain.kernels.philox import as_u32, philox_words, split64, stream_words
 
 try:
@@ -400,18 +400,11 @@ def mlm_mask(
     max_masked = max_masked_bound(ids.numel(), mask_prob) if max_masked is None else max_masked
     if isinstance(max_masked, bool) or not isinstance(max_masked, int) or max_masked < 0:
         raise UserError(f"max_masked must be an int >= 0, got {max_masked!r}.")
-    if backend not in ("auto", "triton", "torch"):
-        raise UserError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}.")
-    if backend == "triton" and not triton_runs_on(ids.device):
-        raise UserError(
-            f"the Triton masking kernel cannot run on {ids.device} here (needs CUDA, or "
-            "TRITON_INTERPRET=1 set before triton is imported for CPU); use backend='torch'."
-        )
-    use_triton = backend == "triton" or (backend == "auto" and triton_runs_on(ids.device))
+    triton_call = use_triton(backend, ids.device, UserError)
     args = dict(vocab_size=vocab_size, mask_id=mask_id, num_special=num_special, never_mask=never_mask,
                 mask_prob=mask_prob, mask_frac=mask_frac, random_frac=random_frac, seed=seed & ((1 << 64) - 1),
                 step=step, offset=offset, max_masked=max_masked, word_start=word_start)  # fmt: skip
-    if use_triton and ids.numel() > 0:
+    if triton_call and ids.numel() > 0:
         if ids.is_cuda:
             with torch.cuda.device(ids.device):  # Triton launches on the current device
                 return mlm_mask_triton(ids.contiguous(), **args)

@@ -39,7 +39,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.kernels import on_device, triton_runs_on
+from mlmtrain.kernels import on_device, use_triton
 from mlmtrain.kernels.philox import philox4x32_torch
 
 try:
@@ -430,8 +430,7 @@ def residual_layer_norm(
         raise TypeError(f"x and residual must be fp32, bf16 or fp16, got {x.dtype} and {residual.dtype}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout p must be in [0, 1], got {p}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    triton_call = use_triton(backend, x.device)
     p = p if training else 0.0
     if dropout_threshold(p)[0] == 0:
         seed = None
@@ -439,10 +438,7 @@ def residual_layer_norm(
         seed = draw_seed(x.device)
     elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
         raise ValueError(f"seed must be one int64 on {x.device}, got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
-    runs = triton_runs_on(x.device)
-    if backend == "triton" and not runs:
-        raise ValueError(f"the Triton kernels cannot run on {x.device} here (CUDA, or TRITON_INTERPRET=1 on CPU)")
-    if backend == "torch" or not runs:
+    if not triton_call:
         return residual_layer_norm_reference(x, residual, weight, bias, eps, p, seed)
     x2 = x.contiguous().view(-1, C)  # (N, C)
     residual2 = residual.contiguous().view(-1, C)  # (N, C)

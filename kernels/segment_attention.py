@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from mlmtrain.kernels import INTERPRETED, on_device, triton_runs_on
+from mlmtrain.kernels import INTERPRETED, on_device, use_triton
 
 try:
     import triton
@@ -264,12 +264,7 @@ def segment_attention(qkv, segment_ids, *, backend: str = "auto") -> torch.Tenso
         raise ValueError(f"qkv must be (R*L, 3, H, D) for segment_ids (R, L) = {(R, L)}, got {tuple(qkv.shape)}")
     if L > MAX_ROW or D > MAX_HEAD_DIM:
         raise ValueError(f"rows of at most {MAX_ROW} tokens and heads of at most {MAX_HEAD_DIM}, got L={L}, D={D}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    runs = triton_runs_on(qkv.device)
-    if backend == "triton" and not runs:
-        raise ValueError(f"the Triton kernels cannot run on {qkv.device} here (CUDA, or TRITON_INTERPRET=1 on CPU)")
-    if backend == "torch" or not runs:
+    if not use_triton(backend, qkv.device):
         return segment_attention_reference(qkv, segment_ids)
     return _fwd_op(qkv.contiguous(), segment_ids.to(torch.int32).contiguous())[0]
 
