@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The speed report of one GPU in one call, offline, inside ~8 minutes on an H100/H200-class GPU:
 #   GPU checks of the new paths (the Triton kernels against their references, compiled FlexAttention forward and
-#   backward against the fp32 reference, flash varlen) -> hardware ceilings -> the speed ablation at vocab 30,000 (BERT-base, seq 128, sentence packing:
+#   backward against the fp32 reference, flash varlen) -> attention alone (benchmarks/bench_attention.py: the
+#   segment kernel, FlexAttention, SDPA, flash varlen on one layer of BERT-base rows) -> hardware ceilings -> the speed ablation at vocab 30,000 (BERT-base, seq 128, sentence packing:
 #   today, +row attention, +bf16 residual, +fused kernels, +CUDA graphs, +fp8 tensorwise / rowwise / tensorwise
 #   with torch ops, +async log reads, dropout off; each row with real tokens/s, MFU, % of the measured matmul
 #   ceiling, peak memory, the traced step's phases or kernel categories, and validation loss at equal real
@@ -20,8 +21,9 @@
 # (default python3). Nothing is downloaded: the package is imported from this checkout; torchao (fp8),
 # accelerate and psutil are installed from .whl/ into /tmp/site when missing (git-ignored; docs/BENCHMARKS.md,
 # "The GPU command", says how to fetch them and how to call this on a lent machine).
-# OUT_DIR gets five files: gpu.txt, gpu_tests.txt, bench.log, results.json, report.md (a --merge call: gpu.txt,
-# bench_merge.log, results.json, report.md, so copying them beside the first call's keeps both logs).
+# OUT_DIR gets gpu.txt, gpu_tests.txt, attention.md/.json/.log, bench.log, results.json, report.md (a --merge
+# call: gpu.txt, bench_merge.log, results.json, report.md, and the attention files where OUT_DIR had none, so
+# copying them beside the first call's keeps both logs).
 set -uo pipefail
 OUT=${1:?usage: bash scripts/speed_gpu.sh OUT_DIR [--merge | --quick] [extra mlmtrain bench flags]}
 shift
@@ -81,6 +83,14 @@ if [ "$MERGE" != 1 ] || [ "${CHECKS:-0}" = 1 ]; then  # CHECKS=1: a --merge call
     tests/test_speed_options.py::test_gpu_options_train_within_tolerance_of_the_compiled_default \
     >>"$OUT/gpu_tests.txt" 2>&1
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | head -40
+fi
+
+# attention alone at BERT-base's rows (one layer, ~20 s): the segment kernel against compiled FlexAttention,
+# the dense-mask SDPA and flash varlen on the same segments; skipped once attention.md exists (a --merge call)
+if [ ! -s "$OUT/attention.md" ]; then
+  timeout -k 10 90 "$PY" -m mlmtrain.benchmarks.bench_attention --device cuda --out "$OUT/attention.json" \
+    >"$OUT/attention.md" 2>"$OUT/attention.log" || echo "speed_gpu.sh: bench_attention failed: $OUT/attention.log"
+  cat "$OUT/attention.md"
 fi
 
 # --time-limit: no row starts whose expected end (the longest row so far) is past it; `timeout` is the hard stop

@@ -559,3 +559,23 @@ def test_ablation_plan_builds_each_row_on_the_right_one_and_tries_fp8_on_the_lar
     flat = {k: v for k, v in chained.items() if k != "data.layout"} | {"train.async_log_reads": True}
     assert rows[("target", "fastest, flat layout")] == flat
     assert rows[("target", "fastest, fp8")] == {**flat, "train.fp8": "tensorwise", "model.fused_ops": "triton"}
+
+
+def test_attention_bench_lays_rows_as_the_packer_does_and_times_each_variant(tmp_path):
+    """bench_attention --quick on the CPU: the segment kernel (interpreted) and the SDPA reference timed; its rows
+    are whole segments with a [PAD] tail each, the flat cu_seqlens the same segments, and they fill the rows."""
+    import torch
+
+    from mlmtrain.benchmarks import bench_attention
+
+    segment_ids, cu_seqlens, fill = bench_attention.row_segments(8, 128)
+    flat = segment_ids.flatten()
+    assert fill > 0.97 and cu_seqlens[0] == 0 and cu_seqlens[-1] == flat.numel()
+    lengths = torch.diff(cu_seqlens)
+    assert torch.equal(torch.bincount(flat.long()), lengths.long())  # segment i spans cu_seqlens[i]..[i+1]
+    assert (torch.diff(flat) >= 0).all() and torch.equal(flat[cu_seqlens[:-1].long()], torch.arange(len(lengths)))
+    out = tmp_path / "attention.json"
+    assert bench_attention.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["name"] for r in rows} >= {"segment kernel", "sdpa, dense mask"}
+    assert all(r["forward_backward_s"]["median"] > 0 for r in rows)
