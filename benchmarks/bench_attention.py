@@ -69,7 +69,7 @@ def variants(device: torch.device, compile: bool) -> dict:
         flex = torch.compile(flex_row_attention, dynamic=False) if compile else flex_row_attention
 
         def run_flex(qkv, seg, cu, L):
-            return flex(*qkv.unbind(1), seg, row_block_tables(*seg.shape, seg.device))
+            return flex(*qkv.unbind(1), seg, row_block_tables(seg))
 
         out["flex"] = run_flex
         if varlen_attn is not None:

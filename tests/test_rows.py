@@ -225,7 +225,7 @@ def test_flex_mask_reads_the_batch_without_recompiling():
         *_, segment_ids = rows_batch(segs, L)
         q, k, v = (torch.randn(R * L, H, D) for _ in range(3))
         with torch.no_grad():
-            out = compiled(q, k, v, segment_ids, row_block_tables(R, L, "cpu"))
+            out = compiled(q, k, v, segment_ids, row_block_tables(segment_ids))
         ref = row_sdpa_attention(q, k, v, segment_ids, 0.0)
         assert torch.allclose(out, ref, atol=1e-5), report(out, ref)
     assert counter.frame_count == 1
@@ -277,6 +277,37 @@ def test_segment_attention_kernel_compiles_into_one_graph_with_its_backward():
         assert torch.equal(torch.autograd.grad(out, qkv, dout)[0], torch.autograd.grad(eager, qkv, dout)[0])
     assert counter.frame_count == 1
     assert "segment_attention_fwd" in str(counter.graphs[0].code)
+
+
+# rows of several 128-token blocks (document packing at 300 and 512 tokens): segments within one block, across
+# blocks, a whole row of one segment, one-token segments, and the last block partial (300 = 2 x 128 + 44)
+LONG_ROWS = {300: [[5, 140, 3, 100, 52], [300], [1, 1, 297, 1], [128, 128, 20]], 512: [[512], [200, 300, 12]]}
+
+
+@pytest.mark.parametrize("L", list(LONG_ROWS))
+def test_flex_block_tables_visit_exactly_the_blocks_with_shared_segments(L):
+    """The tables from the segment-id ranges equal the brute-force ones (any same-segment pair in a block pair:
+    visited; every pair: full), and FlexAttention with them equals the dense-mask reference."""
+    from mlmtrain.row_attention import FLEX_BLOCK
+
+    *_, segment_ids = rows_batch(LONG_ROWS[L], L)
+    R, n = segment_ids.shape[0], -(-L // FLEX_BLOCK)
+    count, index, full_count, full_index = row_block_tables(segment_ids)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (R, L, L)
+    for r in range(R):
+        for qb in range(n):
+            q = slice(qb * FLEX_BLOCK, min(L, (qb + 1) * FLEX_BLOCK))
+            want_any = {kb for kb in range(n) if same[r, q, kb * FLEX_BLOCK : (kb + 1) * FLEX_BLOCK].any()}
+            want_full = {kb for kb in range(n) if same[r, q, kb * FLEX_BLOCK : (kb + 1) * FLEX_BLOCK].all()}
+            partial = set(index[r, 0, qb, : count[r, 0, qb]].tolist())
+            whole = set(full_index[r, 0, qb, : full_count[r, 0, qb]].tolist())
+            assert whole == want_full and partial == want_any - want_full, (r, qb)
+    H, D = 2, 16
+    q, k, v = (torch.randn(R * L, H, D, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with torch.no_grad():
+        out = flex_row_attention(q, k, v, segment_ids, (count, index, full_count, full_index))
+    ref = row_sdpa_attention(q, k, v, segment_ids, 0.0)
+    assert torch.allclose(out, ref, atol=1e-5), report(out, ref)
 
 
 @pytest.mark.parametrize("impl", ["flex", "triton"])

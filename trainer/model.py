@@ -422,7 +422,7 @@ class BertForMaskedLM(nn.Module):
             def attend(q, k, v, dropout_p):
                 return varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # dropout_p: not supported by varlen_attn
         elif impl == "flex":  # the block tables once per forward, for every layer
-            tables = row_block_tables(*segment_ids.shape, segment_ids.device)
+            tables = row_block_tables(segment_ids)
             attend = functools.partial(flex_row_attention, segment_ids=segment_ids, block_tables=tables)
         elif impl == "triton":  # BertSelfAttention hands it qkv unsplit
             attend = functools.partial(triton_row_attention, segment_ids=segment_ids)

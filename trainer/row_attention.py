@@ -32,22 +32,36 @@ def row_sdpa_attention(q, k, v, segment_ids, dropout_p: float):
 FLEX_BLOCK = 128  # FlexAttention's default sparse block: a row of L tokens is ceil(L / 128) blocks
 
 
-def row_block_tables(rows: int, row_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The block tables of the row BlockMask, (kv_num_blocks (R, 1, n), kv_indices (R, 1, n, n)): every block of
-    a row is visited and none is marked full, so the mask function decides each element and the tables depend
-    on the shape alone, never on the batch (no create_block_mask per batch, which would evaluate the mask over
-    every block). Compiled, they are constants of the graph; only the segment ids change from batch to batch."""
-    n = -(-row_len // FLEX_BLOCK)
-    kv_num_blocks = torch.full((rows, 1, n), n, dtype=torch.int32, device=device)
-    kv_indices = torch.arange(n, dtype=torch.int32, device=device).expand(rows, 1, n, n).contiguous()
-    return kv_num_blocks, kv_indices
+def row_block_tables(segment_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The block tables of the row BlockMask, from this batch's segment ids (R, L), which the RowPacker lays
+    non-decreasing along each row (one segment after another): the ids of a block of 128 tokens are then the
+    range from its first to its last, and a (query block, key block) pair holds a same-segment pair iff their
+    ranges overlap. Pairs that do not are skipped; pairs inside one segment are full (no mask function); the rest
+    are partial. Returns (kv_num_blocks (R, 1, n), kv_indices (R, 1, n, n), full_kv_num_blocks, full_kv_indices),
+    int32, n = ceil(L / 128): a few (R, n, n) tensor ops per forward, on the device, no sync; under torch.compile
+    they are part of the graph, so a new batch changes values, not shapes (no recompile). At L <= 128 (n = 1)
+    every row is one pair: partial, or full when the row is one segment."""
+    R, L = segment_ids.shape
+    n = -(-L // FLEX_BLOCK)
+    ids = torch.cat([segment_ids, segment_ids[:, -1:].expand(R, n * FLEX_BLOCK - L)], 1)  # the last id repeated
+    blocks = ids.view(R, n, FLEX_BLOCK)
+    first, last = blocks[..., 0], blocks[..., -1]  # (R, n): the id range of each block
+    q_first, q_last, k_first, k_last = first[:, :, None], last[:, :, None], first[:, None, :], last[:, None, :]
+    overlap = (q_first <= k_last) & (k_first <= q_last)  # (R, n, n)
+    full = (q_first == q_last) & (k_first == k_last) & (q_first == k_first)  # one segment on both sides
+    tables = []
+    for visit in (overlap & ~full, full):
+        count = visit.sum(-1, dtype=torch.int32)  # (R, n)
+        order = torch.argsort((~visit).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # visited first
+        tables += [count[:, None], order[:, None]]
+    return tuple(tables)
 
 
 def flex_row_attention(q, k, v, segment_ids, block_tables, dropout_p: float = 0.0):
     """Row attention with FlexAttention: q, k, v (T, H, D) -> (T, H, D); FlexAttention has no dropout, so
-    `dropout_p` is not applied (as on the flash varlen path). The mask function closes over this
-    batch's `segment_ids`; under torch.compile that tensor is an input of the graph (not a constant), so a new
-    batch neither rebuilds the block tables nor recompiles (tests/test_model.py counts the graphs)."""
+    `dropout_p` is not applied (as on the flash varlen path). The mask function closes over this batch's
+    `segment_ids` and `block_tables` come from them (row_block_tables); under torch.compile both are values in the
+    graph, so a new batch does not recompile (tests/test_rows.py counts the graphs)."""
     R, L = segment_ids.shape
 
     def same_segment(b, h, q_idx, kv_idx):
