@@ -322,23 +322,26 @@ def test_row_attention_needs_rows(impl):
 
 
 @requires_cuda
-def test_compiled_flex_matches_fp32_reference_on_gpu():
-    """FlexAttention compiled under bf16 autocast (its fused forward and backward kernels) vs the fp32 dense-mask
-    reference on the same rows: logits and every parameter gradient, as the varlen GPU test checks flash."""
+@pytest.mark.parametrize("impl,L", [("flex", 128), ("flex", 300), ("triton", 128)])
+def test_compiled_flex_matches_fp32_reference_on_gpu(impl, L):
+    """FlexAttention (rows of one block, and of several with skipped and full block pairs) or the segment-attention
+    kernel, compiled under bf16 autocast (fused forward and backward kernels), vs the fp32 dense-mask reference on
+    the same rows: logits and every parameter gradient, as the varlen GPU test checks flash."""
     torch.manual_seed(11)
     config = BertConfig.from_size(
-        "mini", 1000, max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        "mini", 1000, max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
     ref = BertForMaskedLM(config, attn_impl="sdpa").cuda()
-    fast = BertForMaskedLM(config, attn_impl="flex").cuda()
+    fast = BertForMaskedLM(config, attn_impl=impl).cuda()
     fast.load_state_dict(ref.state_dict())
-    input_ids, position_ids, cu_seqlens, segment_ids = rows_batch([[1, 127], [128], [37, 2, 64, 5], []], 128)
+    rows = [[1, 127], [128], [37, 2, 64, 5], []] if L == 128 else LONG_ROWS[L]
+    input_ids, position_ids, cu_seqlens, segment_ids = rows_batch(rows, L)
     batch = [t.cuda() for t in (input_ids, position_ids, cu_seqlens)]
     masked = torch.randperm(input_ids.numel())[:128].cuda()
     labels = torch.randint(5, 1000, (128,)).cuda()
-    ref_logits = ref(*batch, 128, masked, segment_ids.cuda())
+    ref_logits = ref(*batch, L, masked, segment_ids.cuda())
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        fast_logits = torch.compile(fast, dynamic=False)(*batch, 128, masked, segment_ids.cuda())
+        fast_logits = torch.compile(fast, dynamic=False)(*batch, L, masked, segment_ids.cuda())
     tol = ATOL[torch.bfloat16] * max(1.0, ref_logits.abs().max().item())
     assert torch.allclose(fast_logits.float(), ref_logits, atol=tol, rtol=0), report(fast_logits, ref_logits)
     for logits in (ref_logits, fast_logits):
