@@ -119,7 +119,5 @@ def check_segment_attention(L: int, head_dim: int, device: torch.device) -> None
             f"(these shards: max_seq_len {L}; this model: head size {head_dim}): use model.attention = flex or auto"
         )
     if not triton_runs_on(device):
-        raise UserError(
-            f"model.attention = triton runs a Triton kernel: on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1 "
-            f"({INTERPRETER_PROBLEM or 'this run is on ' + str(device)}); use model.attention = auto"
-        )
+        why = INTERPRETER_PROBLEM if device.type == "cpu" else "Triton runs on CUDA GPUs (and the CPU's interpreter)"
+        raise UserError(f"model.attention = triton needs Triton on {device}: {why}; use model.attention = auto")
