@@ -33,13 +33,24 @@ for build in json.loads(sys.argv[1]):
         if name.endswith("_ptr") or name in build["divisible"]:  # as a launch with aligned tensors specialises
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": build["num_warps"]})
+    options = {"num_warps": build["num_warps"], "num_stages": build["num_stages"]}
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     assert kernel.asm["cubin"], build["kernel"]
 """
 
 
 def build(
-    module, kernel, dtype, constexprs, num_warps, *, pointers=None, floats=(), scalars=None, divisible=("N", "C")
+    module,
+    kernel,
+    dtype,
+    constexprs,
+    num_warps,
+    *,
+    pointers=None,
+    floats=(),
+    scalars=None,
+    divisible=("N", "C"),
+    num_stages=3,
 ) -> dict:
     """One kernel configuration: pointers default to `dtype` ("bf16", "fp32", ...) unless named in `pointers`;
     scalars are i32 unless named in `floats` (fp32) or `scalars` (any type: a launch types a Python int by its
@@ -50,6 +61,7 @@ def build(
         dtype=dtype,
         constexprs=constexprs,
         num_warps=num_warps,
+        num_stages=num_stages,
         pointers=pointers or {},
         floats=list(floats),
         scalars=scalars or {},
