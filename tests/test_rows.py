@@ -56,6 +56,7 @@ def test_rows_hold_whole_units_and_agree_with_cu_seqlens(data_dir, pack):
         ids, pos, seg = b.input_ids.numpy(), b.position_ids.numpy(), b.segment_ids.numpy().ravel()
         segs = row_segments(b)
         assert [a for a, _ in segs] == np.flatnonzero(np.diff(np.r_[-1, seg])).tolist()  # the same segments
+        assert (np.diff(seg) >= 0).all()  # ids never decrease along the rows: what the flex block tables rely on
         for a, e in segs:
             assert a // L == (e - 1) // L, "a segment crosses a row"
             assert (pos[a:e] == np.arange(e - a)).all()
