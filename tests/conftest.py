@@ -75,6 +75,10 @@ KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # 
 requires_triton = pytest.mark.skipif(
     not triton_runs_on(KERNEL_DEVICE), reason=f"Triton cannot run here: {INTERPRETER_PROBLEM}"
 )
+# the CPU runs the Triton kernels (the interpreter), for tests whose models stay on the CPU: not on a CUDA machine,
+# where the kernels run compiled and the interpreter is off
+CPU_RUNS_TRITON = triton_runs_on(torch.device("cpu"))
+requires_cpu_triton = pytest.mark.skipif(not CPU_RUNS_TRITON, reason=f"no Triton on the CPU: {INTERPRETER_PROBLEM}")
 
 
 @pytest.fixture(autouse=True)

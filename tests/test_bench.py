@@ -577,5 +577,7 @@ def test_attention_bench_lays_rows_as_the_packer_does_and_times_each_variant(tmp
     out = tmp_path / "attention.json"
     assert bench_attention.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["name"] for r in rows} >= {"segment kernel", "sdpa, dense mask"}
+    from conftest import CPU_RUNS_TRITON
+
+    assert {r["name"] for r in rows} >= {"sdpa, dense mask"} | ({"segment kernel"} if CPU_RUNS_TRITON else set())
     assert all(r["forward_backward_s"]["median"] > 0 for r in rows)

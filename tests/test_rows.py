@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import requires_cuda
+from conftest import CPU_RUNS_TRITON, requires_cpu_triton, requires_cuda
 from test_model import ATOL, odd_config, report
 from test_packing import all_sentences, sentences_of
 
@@ -149,6 +149,10 @@ def rows_batch(rows: list[list[int]], L: int):
     return input_ids, position_ids, cu_seqlens, segment_ids
 
 
+# the row paths besides the SDPA reference that run on the CPU: the segment-attention kernel through Triton's
+# interpreter (off on a CUDA machine)
+ROW_KERNELS = ("flex", "triton") if CPU_RUNS_TRITON else ("flex",)
+
 # odd lengths, one-token segments, a full row of one segment, a full row of several, and an empty last row
 CASES = {
     "odd": [[7, 1, 13, 2], [37], [1, 1, 1, 5, 11]],
@@ -167,13 +171,11 @@ def test_row_attention_equals_packed_reference(case):
     with torch.no_grad():
         packed = model(input_ids, position_ids, cu_seqlens, L, masked)  # the packed SDPA reference
         rows = model(input_ids, position_ids, cu_seqlens, L, masked, segment_ids)  # auto on CPU: row SDPA
-        model.attn_impl = "flex"
-        flex = model(input_ids, position_ids, cu_seqlens, L, masked, segment_ids)
-        model.attn_impl = "triton"  # the segment-attention kernel (Triton's interpreter on the CPU)
-        kernel = model(input_ids, position_ids, cu_seqlens, L, masked, segment_ids)
+        for impl in ROW_KERNELS:
+            model.attn_impl = impl
+            out = model(input_ids, position_ids, cu_seqlens, L, masked, segment_ids)
+            assert torch.allclose(out, packed, atol=ATOL[torch.float32], rtol=0), (impl, report(out, packed))
     assert torch.allclose(rows, packed, atol=ATOL[torch.float32], rtol=0), report(rows, packed)
-    assert torch.allclose(flex, packed, atol=ATOL[torch.float32], rtol=0), report(flex, packed)
-    assert torch.allclose(kernel, packed, atol=ATOL[torch.float32], rtol=0), report(kernel, packed)
 
 
 def test_row_gradients_equal_packed_reference():
@@ -185,7 +187,7 @@ def test_row_gradients_equal_packed_reference():
     masked = torch.arange(0, input_ids.numel(), 2)
     labels = input_ids[masked]
     grads = []
-    for seg, impl in ((None, "auto"), (segment_ids, "sdpa"), (segment_ids, "triton")):
+    for seg, impl in ((None, "auto"), (segment_ids, "sdpa"), *([(segment_ids, "triton")] if CPU_RUNS_TRITON else [])):
         torch.manual_seed(1)
         model = BertForMaskedLM(odd_config(), attn_impl=impl)
         loss, n = mlm_loss_sum(model(input_ids, position_ids, cu_seqlens, L, masked, seg), labels)
@@ -205,7 +207,7 @@ def test_no_cross_contamination_between_row_segments():
     other = input_ids.clone()
     other[7:8] = 5  # the one-token segment of row 0
     everywhere = torch.arange(input_ids.numel())
-    for impl in ("sdpa", "flex", "triton"):
+    for impl in ("sdpa", *ROW_KERNELS):
         model.attn_impl = impl
         with torch.no_grad():
             a = model(input_ids, position_ids, cu_seqlens, L, everywhere, segment_ids)
@@ -232,6 +234,7 @@ def test_flex_mask_reads_the_batch_without_recompiling():
     assert counter.frame_count == 1
 
 
+@requires_cpu_triton
 def test_segment_attention_kernel_with_swapped_in_qkv_modules():
     """q, k and v as three modules of their own (how torchao's Float8Linear runs): the kernel gets them stacked
     and gives the same logits and gradients as the row SDPA reference."""
@@ -260,6 +263,7 @@ def test_segment_attention_kernel_with_swapped_in_qkv_modules():
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6, rtol=1e-4)
 
 
+@requires_cpu_triton
 @pytest.mark.compile
 def test_segment_attention_kernel_compiles_into_one_graph_with_its_backward():
     """Compiled (dynamo + AOTAutograd, fullgraph: no break), two batches with other segments are one graph, the

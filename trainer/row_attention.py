@@ -52,7 +52,8 @@ def row_block_tables(segment_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     tables = []
     for visit in (overlap & ~full, full):
         count = visit.sum(-1, dtype=torch.int32)  # (R, n)
-        order = torch.argsort((~visit).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # visited first
+        keys = (~visit).to(torch.int32) * n + torch.arange(n, device=visit.device, dtype=torch.int32)  # distinct
+        order = torch.argsort(keys, dim=-1).to(torch.int32)  # visited blocks first, each group in block order
         tables += [count[:, None], order[:, None]]
     return tuple(tables)
 
