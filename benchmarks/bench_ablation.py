@@ -12,6 +12,7 @@ ran, then the two target workloads.
     +fp8 tensorwise,  the same with model.fused_ops = torch  } builds on (with torch ops, inductor can fuse
       torch ops                                            } the float8 casts into the LayerNorm and GELU)
     +async log reads  train.async_log_reads (log-step reads that do not drain the device's queue)
+    +packer process   data.packer = process (the packer's Python off the loop's GIL: bench_packing's loop cost)
     +segment attention kernel  model.attention = triton (kernels/segment_attention.py instead of FlexAttention)
     dropout off       model.dropout = 0 on the faster of the two rows above: its speed and its validation loss
     curves            the fastest configuration (the candidate default) and today's defaults over ~200 steps, each
@@ -55,6 +56,7 @@ FP8 = [
 ]
 FP8_KEYS = ("train.fp8", "model.fused_ops")  # what an fp8 row changes
 ASYNC_READS = ("+async log reads", {"train.async_log_reads": True})
+PACKER_PROCESS = ("+packer process", {"data.packer": "process"})
 KERNEL_ATTENTION = ("+segment attention kernel", {"model.attention": "triton"})  # rows of <= 128 tokens only
 DROPOUT_OFF = ("dropout off", {"model.dropout": 0.0})
 # the loss curves' rows: today's and the candidate default's, at seeds 0 and 1 each (ablation_report.curve_check)
@@ -270,9 +272,10 @@ def run(
     rows += fp8_rows
     pick = fastest([r for r in (last, *fp8_rows) if r is not None])
     base = pick["options"] if pick else base
-    row = bench.row("ablation", ASYNC_READS[0], {**base, **ASYNC_READS[1]}, **common)
-    rows.append(row)
-    base = row["options"] if "error" not in row else base
+    for name, added in (ASYNC_READS, PACKER_PROCESS):  # host-side: each on the row before it
+        row = bench.row("ablation", name, {**base, **added}, **common)
+        rows.append(row)
+        base = row["options"] if "error" not in row else base
     kernel = bench.row("ablation", KERNEL_ATTENTION[0], {**base, **KERNEL_ATTENTION[1]}, **common)
     rows.append(kernel)
     pick = fastest([r for r in (row, kernel) if "error" not in r])

@@ -2,16 +2,25 @@
 (data.layout = rows), on the synthetic vocab-30000 corpus, at seq 128 with sentence packing and seq 512 with
 document packing. The packer runs on the trainer's background thread; its time per batch is host time only.
 
-Run: `python -m mlmtrain.benchmarks.bench_packing --out DIR [--tokens 4000000] [--batches 30]`.
+What a packer costs the training loop's thread (`loop_cost`): the loop issues `launches` small torch ops per step
+(each releases and retakes the GIL, as a kernel launch does), then waits `device_ms` with the GIL released (the
+device's share of the step), taking one batch per step from the packer on its thread (data.packer = thread) or
+in its process (data.packer = process); the loop's host ms per step against no packer at all. With two or more
+CPUs the loop is pinned to one and the packer to the others, so what is measured is the GIL, not a shared core.
+
+Run: `python -m mlmtrain.benchmarks.bench_packing --out DIR [--tokens 4000000] [--batches 30] [--steps 40]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
+
+LAUNCHES, DEVICE_MS = 3000, 30.0  # per step: ~the launches of a compiled BERT-base step, and a wait
 
 
 def run(data, tokens_per_batch: int = 65536, batches: int = 30, seed: int = 0) -> list[dict]:
@@ -44,6 +53,55 @@ def run(data, tokens_per_batch: int = 65536, batches: int = 30, seed: int = 0) -
     return rows
 
 
+def loop_cost(data_dir, layout: str, where: str, tokens_per_batch: int = 65536, cap: int = 128, steps: int = 40,
+              launches: int = LAUNCHES, device_ms: float = DEVICE_MS) -> dict:  # fmt: skip
+    """The loop's host ms per step (median, max over `steps` after 5) beside the packer `where` = none | thread |
+    process (see the module docstring)."""
+    import torch
+
+    from mlmtrain.packing import BatchStream
+    from mlmtrain.prefetch import Prefetcher, ProcessPrefetcher
+    from mlmtrain.prepare import read_meta, shard_specials
+
+    meta = read_meta(data_dir)
+    stream = BatchStream(str(data_dir), layout == "rows", tokens_per_batch, cap, 0, "sentence", 0, 1, True,
+                         shard_specials(meta), (0, 0), 0, 1, meta["vocab_size"])  # fmt: skip
+    packer = None
+    if where == "thread":
+        packer = Prefetcher(stream, name="packer")
+    elif where == "process":
+        packer = ProcessPrefetcher(stream, stream.batch_bytes(), name="packer")
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pinned = len(cpus) >= 2
+    if pinned:  # the loop on one CPU, the packer on the others
+        helper = packer._thread.native_id if where == "thread" else packer._process.pid if packer else None
+        if helper is not None:
+            os.sched_setaffinity(helper, cpus[1:])
+        os.sched_setaffinity(0, cpus[:1])
+    a, b, out = torch.zeros(16), torch.ones(16), torch.empty(16)
+    seconds = []
+    try:
+        if packer is not None:
+            packer.get()  # started: the first batch (and the process's imports) are not the loop's cost
+        for _ in range(steps + 5):
+            if packer is not None:
+                packer.get()
+            t0 = time.perf_counter()
+            for _ in range(launches):
+                torch.add(a, b, out=out)
+            seconds.append(time.perf_counter() - t0)
+            time.sleep(device_ms / 1e3)
+    finally:
+        if packer is not None:
+            packer.close()
+        if pinned:
+            os.sched_setaffinity(0, cpus)
+    seconds = seconds[5:]
+    return {"layout": layout, "packer": where, "seq_cap": cap, "pinned": pinned, "launches": launches,
+            "device_ms": device_ms, "loop_ms_median": 1e3 * statistics.median(seconds),
+            "loop_ms_max": 1e3 * max(seconds)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     from mlmtrain.benchmarks.synthetic_data import make_synthetic_data
 
@@ -52,10 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=4_000_000, help="train tokens of the synthetic corpus")
     p.add_argument("--tokens-per-batch", type=int, default=65536)
     p.add_argument("--batches", type=int, default=30)
+    p.add_argument("--steps", type=int, default=40, help="steps of the loop-cost rows")
     args = p.parse_args(argv)
     data = make_synthetic_data(Path(args.out) / "synthetic", seq_caps=(128, 512), train_tokens=args.tokens)
     rows = run(data, args.tokens_per_batch, args.batches)
-    Path(args.out, "packing_results.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    where = [("flat", "none")] + [(layout, w) for layout in ("flat", "rows") for w in ("thread", "process")]
+    loop = [loop_cost(data.data_dirs[128], layout, w, args.tokens_per_batch, steps=args.steps) for layout, w in where]
+    results = {"packing": rows, "loop_cost": loop}
+    Path(args.out, "packing_results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
     print("| layout | seq cap, packing | fill (min / median) | host ms per batch (median / max) |")
     print("| --- | --- | ---: | ---: |")
     for r in rows:
@@ -63,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['layout']} | {r['seq_cap']}, {r['pack']} | {100 * r['fill_min']:.2f}% / "
             f"{100 * r['fill_median']:.2f}% | {r['host_ms_median']:.1f} / {r['host_ms_max']:.1f} |"
         )
+    base = loop[0]["loop_ms_median"]
+    cpus = "loop and packer on separate CPUs" if loop[0]["pinned"] else "not pinned"
+    print(f"\nThe loop's host ms per step ({LAUNCHES} GIL-releasing ops, then {DEVICE_MS:g} ms waiting; seq 128, "
+          f"sentence packing; {cpus}):\n")  # fmt: skip
+    print("| layout | packer | loop ms per step (median / max) | added by the packer |")
+    print("| --- | --- | ---: | ---: |")
+    for r in loop:
+        print(f"| {r['layout'] if r['packer'] != 'none' else '-'} | {r['packer']} | {r['loop_ms_median']:.2f} / "
+              f"{r['loop_ms_max']:.2f} | {r['loop_ms_median'] - base:+.2f} |")  # fmt: skip
     return 0
 
 

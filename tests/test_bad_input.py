@@ -86,9 +86,12 @@ def test_damaged_shards_are_named_before_any_device_work(damage, shards, tokeniz
     assert not (tmp_path / "run").exists()
 
 
-def test_an_id_the_sample_misses_is_caught_in_the_batch_before_the_device(shards, tokenizer_dir, tmp_path, monkeypatch):
-    """The check at start reads 64 blocks; the packer's thread checks every batch, so no id outside the
-    vocabulary reaches an embedding lookup (a device-side assert on a GPU)."""
+@pytest.mark.parametrize("packer", ["thread", "process"])
+def test_an_id_the_sample_misses_is_caught_in_the_batch_before_the_device(
+    shards, tokenizer_dir, tmp_path, monkeypatch, packer
+):
+    """The check at start reads 64 blocks; the packer (its thread, or its process) checks every batch, so no id
+    outside the vocabulary reaches an embedding lookup (a device-side assert on a GPU)."""
     from test_train import tiny_config
 
     monkeypatch.setattr(shard_check, "CHECK_BLOCK", 1)
@@ -99,7 +102,7 @@ def test_an_id_the_sample_misses_is_caught_in_the_batch_before_the_device(shards
     tokens[sampled] = 5
     tokens.flush()
     with pytest.raises(UserError, match=f"hold token id {vocab_size}, outside the vocabulary"):
-        train(tiny_config(shards, tokenizer_dir, tmp_path / "run"))
+        train(tiny_config(shards, tokenizer_dir, tmp_path / "run", **{"data.packer": packer}))
 
 
 BAD_FLAGS = {  # name -> (extra arguments, what the sentence says)
@@ -113,6 +116,7 @@ BAD_FLAGS = {  # name -> (extra arguments, what the sentence says)
     "lr_nan": (["--set", "optim.lr=nan"], "optim.lr must be a positive number"),
     "dropout_1": (["--set", "model.dropout=1"], "model.dropout must be in [0, 1)"),
     "schedule_typo": (["--set", "optim.schedule=cosin"], "optim.schedule must be one of linear, cosine"),
+    "packer_typo": (["--set", "data.packer=proces"], "data.packer must be one of thread, process"),
     "nan_policy_typo": (["--set", "train.nan_policy=skp"], "train.nan_policy must be one of skip, stop"),
     "cuda_without_a_gpu": (["--set", "train.device=cuda"], "train.device is cuda but 0 CUDA GPUs are usable"),
     "seed_negative": (["--seed", "-1"], "train.seed must be from 0 to 2**64 - 1, got -1"),

@@ -311,7 +311,8 @@ def test_disk_full_is_a_clear_error_and_keeps_the_previous_checkpoint(data_dir, 
 
 
 def test_nothing_we_load_unpickles():
-    """Every load in the package goes through safetensors/JSON, or torch.load(weights_only=True)."""
+    """Every load in the package goes through safetensors/JSON, or torch.load(weights_only=True). The one pickle
+    is the packer process's pipe (prefetch.py): bytes between the trainer and the child it spawned, never a file."""
     root = Path(__file__).resolve().parents[1]
     offenders = []
     for path in [*root.glob("trainer/*.py"), *root.glob("kernels/*.py")]:
@@ -319,6 +320,7 @@ def test_nothing_we_load_unpickles():
         if (
             "pickle" in text.replace("unpickle", "").replace("pickle-free", "").replace("no pickle", "")
             and "import pickle" in text
+            and path.name != "prefetch.py"
         ):
             offenders.append(f"{path.name}: imports pickle")
         for line in text.splitlines():

@@ -29,8 +29,7 @@ PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed (numpy's generators any integer >= 0)
 # int32 ids cap a micro-batch at 2**31; 2**24 (16.8M, 64x the largest benchmark micro-batch, activations no GPU
-# holds even at tiny) is a typo's mark: refused here, before numpy allocates it
-MAX_TOKENS_PER_BATCH = 1 << 24
+MAX_TOKENS_PER_BATCH = 1 << 24  # holds even at tiny) is a typo's mark: refused before numpy allocates it
 
 
 def torch_dtype(precision: str):
@@ -54,8 +53,7 @@ class ModelSpec:
     initializer_range: float = 0.02  # std of the normal initialisation
     init_from: str = ""  # continue pretraining a transformers BERT (folder or Hub id): its weights, shape, tokenizer
     # auto (flash varlen on CUDA; FlexAttention per row with data.layout = rows when compiled) | varlen | sdpa
-    # (the reference) | flex (rows, on CUDA: FlexAttention has no CPU backward) | triton (rows of <= 128 tokens:
-    # the segment-attention kernel)
+    # (the reference) | flex (rows, on CUDA: FlexAttention has no CPU backward) | triton (rows of <= 128 tokens)
     attention: str = "auto"
     residual_dtype: str = "fp32"  # fp32 (autocast's default) | compute: LayerNorm outputs in the autocast dtype
     fused_ops: str = "torch"  # torch (inductor fuses them) | triton: the fused residual+LayerNorm, bias+GELU kernels
@@ -82,7 +80,8 @@ class DataSpec:
     # flat: segments back to back in one [T] stream | rows: whole segments bin-packed into rows of max_seq_len
     # (tokens_per_batch must be a multiple of it), attention per row
     layout: str = "flat"
-    prefetch: int = 4  # batches built ahead on the background thread
+    prefetch: int = 4  # batches built ahead
+    packer: str = "thread"  # where they are built: thread | process (its Python holds another process's GIL)
 
 
 @dataclass
@@ -224,6 +223,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         )
     _one_of("data.pack", d.pack, ("sentence", "document"))
     _at_least("data.prefetch", d.prefetch, 1)
+    _one_of("data.packer", d.packer, ("thread", "process"))
     _one_of("data.layout", d.layout, ("flat", "rows"))
     if m.attention in ("flex", "triton") and d.layout != "rows":
         raise UserError(f"model.attention = {m.attention} attends per row: it needs data.layout = rows")

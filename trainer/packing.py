@@ -346,14 +346,46 @@ class RowPacker(Packer):
         )
 
 
-def checked_batch(batch: PackedBatch, vocab_size: int, source: str, then=None) -> PackedBatch:
-    """`batch` (then `then(batch)`) once every token id is inside the vocabulary. Run on the packer's thread, so
-    every batch is checked at no cost to the loop (the check at start reads only a sample of the shards): an
-    id out of range would fail on the GPU as an opaque device-side assert."""
-    biggest = int(batch.input_ids.max())
-    if biggest >= vocab_size:
-        raise UserError(
-            f"the shards in {source} hold token id {biggest}, outside the vocabulary of {vocab_size}: they are "
-            "damaged; run `mlmtrain prepare` again"
-        )
-    return then(batch) if then is not None else batch
+@dataclass(frozen=True)
+class BatchStream:
+    """This rank's training batches from a shard folder, each checked: what the prefetch thread iterates, or a
+    pickled copy of it in the packer process (data.packer = process). Every batch's ids are checked against the
+    vocabulary on the way (the check at start reads only a sample of the shards), so no id out of range reaches
+    the GPU as an opaque device-side assert."""
+
+    data_dir: str
+    rows: bool  # RowPacker (data.layout = rows), else Packer
+    tokens_per_batch: int
+    max_seq_len: int
+    seed: int
+    pack: str
+    rank: int
+    world_size: int
+    static_shapes: bool
+    specials: SpecialTokens
+    cursor: tuple[int, int]  # where the stream starts, and the global micro-batch index there (Packer.batches)
+    start_index: int
+    batches_per_step: int
+    vocab_size: int
+
+    def __iter__(self) -> Iterator[PackedBatch]:
+        from mlmtrain.prepare import load_split
+
+        shard = load_split(self.data_dir, "train", check=False)
+        packer = (RowPacker if self.rows else Packer)(
+            shard, self.tokens_per_batch, self.max_seq_len, self.seed, self.pack, rank=self.rank,
+            world_size=self.world_size, static_shapes=self.static_shapes, specials=self.specials,
+        )  # fmt: skip
+        for batch in packer.batches(self.cursor, self.start_index, self.batches_per_step):
+            biggest = int(batch.input_ids.max())
+            if biggest >= self.vocab_size:
+                raise UserError(
+                    f"the shards in {self.data_dir} hold token id {biggest}, outside the vocabulary of "
+                    f"{self.vocab_size}: they are damaged; run `mlmtrain prepare` again"
+                )
+            yield batch
+
+    def batch_bytes(self) -> int:
+        """A bound on one batch's array bytes: ids, positions, segment ids (T int32 each), cu_seqlens (at most
+        T + 1 int32) and segment lengths (at most T / 2 int64), each rounded up to 64 bytes."""
+        return 20 * self.tokens_per_batch + 5 * 64

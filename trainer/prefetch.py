@@ -1,19 +1,28 @@
-"""The one background thread that runs an iterator ahead of its consumer: prepare's reader (blocks of text
-decoded while the tokenizer works) and the trainer's packer (batches built into pinned memory while the
-device works). Threads, not processes: numpy, file reads and the tokenizers library release the GIL, and
-`tokenizers` turns its own parallelism off in a process forked after it was used.
+"""Running an iterator ahead of its consumer: `Prefetcher` on one background thread (prepare's reader, whose
+numpy, file reads and tokenizer calls release the GIL; the trainer's packer by default), `ProcessPrefetcher` in
+a spawned process (the trainer's packer with data.packer = process: its Python loops then hold another
+process's GIL, not the one the training loop's kernel launches wait for; bench_packing measures the difference).
 
 The consumer sees items in order, the end of the stream, or the producer's exception re-raised in its own
-thread. `close()` stops the producer and joins it, so no thread outlives the object (a daemon thread still
-running inside torch at interpreter exit can abort the process).
+thread. `close()` stops the producer and joins it, so no thread or process outlives the object (a daemon thread
+still running inside torch at interpreter exit can abort the process).
 """
 
 from __future__ import annotations
 
+import atexit
+import io
+import os
+import pickle
 import queue
+import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
 
 _END = object()
 
@@ -81,3 +90,143 @@ class Prefetcher:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------------- process
+
+
+class ProcessPrefetcher:
+    """`items` (picklable) iterated in a spawned process, at most `depth` items ahead. An item's numpy arrays
+    and CPU tensors cross through `depth` shared-memory slots of `slot_bytes` (pickle protocol 5, out of band;
+    what does not fit goes in the message) and are copied out before the slot is handed back, so the consumer
+    owns what it gets; `then` runs on each item in the consumer's process (pinning: page-locked memory is the
+    pinning process's). The producer ignores SIGINT and SIGTERM (the consumer's stop handling decides) and ends
+    when asked, when its parent is gone, or killed by `close()` or at interpreter exit. Same interface as
+    `Prefetcher`, whose thread it replaces where the producer's Python would hold the consumer's GIL."""
+
+    def __init__(self, items: Iterable, slot_bytes: int, depth: int = 4, then: Callable | None = None,
+                 name: str = "prefetch"):  # fmt: skip
+        import torch  # the slots are shared tensors: spawn hands them to the child as file descriptors
+        import torch.multiprocessing
+
+        context = torch.multiprocessing.get_context("spawn")  # never fork a process that holds CUDA and threads
+        slots = [torch.empty(slot_bytes, dtype=torch.uint8).share_memory_() for _ in range(max(depth, 1))]
+        self._slots = [slot.numpy() for slot in slots]  # (slot_bytes,) uint8 views, one per slot
+        self._ready, ready_end = context.Pipe(duplex=False)  # child -> parent: (slot, message) per item
+        free_end, self._free = context.Pipe(duplex=False)  # parent -> child: a slot to fill, or None: stop
+        self._process = context.Process(
+            target=_produce, args=(items, slots, ready_end, free_end, os.getpid()),
+            daemon=True, name=f"mlmtrain-{name}",
+        )  # fmt: skip
+        self._process.start()
+        ready_end.close(), free_end.close()  # the child's ends: only the child holds them now
+        for k in range(len(slots)):
+            self._free.send(k)
+        self._then, self._done = then, False
+        self.wait_s = 0.0
+        atexit.register(self.close)  # runs before multiprocessing's own exit hook joins its children
+
+    def get(self):
+        """The next item, or None at the end of the stream; re-raises the producer's exception."""
+        if self._done:
+            return None
+        t0 = time.perf_counter()
+        try:
+            while not self._ready.poll(1.0):
+                if not self._process.is_alive():
+                    raise EOFError
+            kind, payload = self._ready.recv()
+        except (EOFError, OSError):
+            self._done = True
+            raise RuntimeError(f"the {self._process.name} process ended unexpectedly (exit code "
+                               f"{self._process.exitcode}; killed for memory?)") from None  # fmt: skip
+        self.wait_s += time.perf_counter() - t0
+        if kind == "item":
+            k, message, places = payload
+            buffers = [bytearray(self._slots[k][at : at + n]) if n >= 0 else at for at, n in places]  # copies
+            try:
+                self._free.send(k)
+            except OSError:  # the producer is gone: the next get says so
+                pass
+            item = pickle.loads(message, buffers=buffers)
+            return self._then(item) if self._then else item
+        self._done = True
+        if kind == "error":
+            raise payload
+        return None  # kind == "end"
+
+    def __iter__(self):
+        while (item := self.get()) is not None:
+            yield item
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the producer: ask, read what it is still sending for up to `timeout_s`, then kill it."""
+        atexit.unregister(self.close)
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._free.send(None)
+            while self._process.is_alive() and time.monotonic() < deadline:
+                if self._ready.poll(0.05):
+                    self._ready.recv()  # a producer blocked on a full pipe must get past its send to see the stop
+        except (EOFError, OSError):
+            pass
+        if self._process.is_alive():
+            self._process.kill()
+        self._process.join()
+        self._ready.close(), self._free.close()
+
+    def __enter__(self) -> ProcessPrefetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Pickler(pickle.Pickler):
+    """Protocol 5 with a CPU tensor pickled as its numpy array, so its bytes go out of band as well."""
+
+    def reducer_override(self, obj):
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return torch.from_numpy, (obj.numpy(),)
+        return NotImplemented
+
+
+def _produce(items: Iterable, slots, ready, free, parent: int) -> None:
+    """The child process: fill the slot the parent hands back with the next item's out-of-band buffers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    views = [slot.numpy() for slot in slots]
+    try:
+        for item in items:
+            while not free.poll(1.0):
+                if os.getppid() != parent:
+                    return  # the parent died without closing us
+            k = free.recv()
+            if k is None:
+                return
+            ready.send(("item", (k, *_write(item, views[k]))))
+        ready.send(("end", None))
+    except BaseException as e:  # handed to the consumer, as a thread's would be
+        try:
+            ready.send(("error", e))
+        except Exception:  # not picklable: its text and traceback instead
+            ready.send(("error", RuntimeError("".join(traceback.format_exception(e)))))
+
+
+def _write(item, slot: np.ndarray) -> tuple[bytes, list[tuple]]:
+    """Pickle `item`, its out-of-band buffers into `slot` (64-byte aligned) while they fit, the rest in the
+    message. Returns (message, places): per buffer (offset, length) in the slot, or (bytes, -1)."""
+    buffers: list[pickle.PickleBuffer] = []
+    out = io.BytesIO()
+    _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(item)
+    places, at = [], 0
+    for buffer in buffers:
+        raw = np.frombuffer(buffer.raw(), dtype=np.uint8)  # (n,) no copy
+        if at + raw.size <= slot.size:
+            slot[at : at + raw.size] = raw
+            places.append((at, raw.size))
+            at += -(-raw.size // 64) * 64
+        else:
+            places.append((raw.tobytes(), -1))
+    return out.getvalue(), places

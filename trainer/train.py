@@ -41,8 +41,8 @@ from mlmtrain.metrics import (
     summarize,
 )
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
-from mlmtrain.packing import PackedBatch, Packer, RowPacker, checked_batch
-from mlmtrain.prefetch import Prefetcher
+from mlmtrain.packing import BatchStream, PackedBatch, Packer, RowPacker
+from mlmtrain.prefetch import Prefetcher, ProcessPrefetcher
 from mlmtrain.preflight import check_batch_layout, check_data_against_model, check_device, check_tokenizer_vocab
 from mlmtrain.prepare import SPLITS, check_tokenizer_match, load_split, read_meta, shard_specials
 from mlmtrain.pretrained import check_tokenizer_fits, hub_id, locate, read_pretrained
@@ -199,7 +199,7 @@ class Run:
     step_fn: object  # forward_loss, compiled or not
     autocast: torch.autocast
     mask: functools.partial  # mlm_mask with every setting but the per-call (step, offset) key
-    prefetch: Prefetcher
+    prefetch: Prefetcher | ProcessPrefetcher
     valid_batches: list
     meta: dict
     step: int  # the first step this process runs (a resumed run's saved step)
@@ -375,13 +375,14 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     metrics = MetricsLog(run_dir / "metrics.jsonl" if rank == 0 else None, start is not None, resumed_at)
     if metrics.dropped:
         log(f"metrics.jsonl: dropped {metrics.dropped} lines of steps after {step}, which this run redoes")
-    train_packer = packer(load_split(cfg.data.data_dir, "train", check=False), T, max_seqlen, cfg.train.seed,
-                          cfg.data.pack, rank=rank, world_size=world, static_shapes=static,
-                          specials=specials)  # fmt: skip
-    batches = train_packer.batches(cursor, step * cfg.optim.grad_accum, cfg.optim.grad_accum)
-    pin = PackedBatch.pin_memory if device.type == "cuda" else None
-    checked = functools.partial(checked_batch, vocab_size=len(vocab), source=cfg.data.data_dir, then=pin)
-    prefetch = Prefetcher(batches, depth=cfg.data.prefetch, transform=checked, name="packer")
+    stream = BatchStream(cfg.data.data_dir, cfg.data.layout == "rows", T, max_seqlen, cfg.train.seed, cfg.data.pack,
+                         rank, world, static, specials, cursor, step * cfg.optim.grad_accum, cfg.optim.grad_accum,
+                         len(vocab))  # fmt: skip
+    pin = PackedBatch.pin_memory if device.type == "cuda" else None  # page-locked in the process that copies
+    if cfg.data.packer == "process":
+        prefetch = ProcessPrefetcher(stream, stream.batch_bytes(), cfg.data.prefetch, then=pin, name="packer")
+    else:
+        prefetch = Prefetcher(stream, depth=cfg.data.prefetch, transform=pin, name="packer")
     run = Run(
         cfg, run_dir, device, rank, world, precision, use_compile, T, max_seqlen, static,
         cfg.optim.grad_accum // world, model_config, model, optimizer, scaler, step_fn, autocast, mask, prefetch,
