@@ -5,7 +5,8 @@ document packing. The packer runs on the trainer's background thread; its time p
 What a packer costs the training loop's thread (`loop_cost`): the loop issues `launches` small torch ops per step
 (each releases and retakes the GIL, as a kernel launch does), then waits `device_ms` with the GIL released (the
 device's share of the step), taking one batch per step from the packer on its thread (data.packer = thread) or
-in its process (data.packer = process); the loop's host ms per step against no packer at all. With two or more
+in its process (data.packer = process); the loop's host ms per step (taking the batch and the ops) against no
+packer at all. With two or more
 CPUs the loop is pinned to one and the packer to the others, so what is measured is the GIL, not a shared core.
 
 Run: `python -m mlmtrain.benchmarks.bench_packing --out DIR [--tokens 4000000] [--batches 30] [--steps 40]`.
@@ -84,9 +85,9 @@ def loop_cost(data_dir, layout: str, where: str, tokens_per_batch: int = 65536, 
         if packer is not None:
             packer.get()  # started: the first batch (and the process's imports) are not the loop's cost
         for _ in range(steps + 5):
-            if packer is not None:
-                packer.get()
             t0 = time.perf_counter()
+            if packer is not None:
+                packer.get()  # the batch's hand-over is the loop's too (the process's: a copy out of its slot)
             for _ in range(launches):
                 torch.add(a, b, out=out)
             seconds.append(time.perf_counter() - t0)
