@@ -17,9 +17,10 @@
 #         bash scripts/speed_gpu.sh OUT_DIR --quick    # the same path on a CPU (tiny model): what the tests run
 # Every row that does not fit the budget is recorded as skipped, with the reason, and the script prints the
 # command that measures the rest. Environment: SPEED_BUDGET (seconds for the whole call, default 470), CHECKS=1
-# (a --merge call runs the GPU checks too, into gpu_tests.txt), CHECKS_LIMIT (their seconds, default 300), PYTHON
+# (a --merge call runs the GPU checks too, into gpu_tests.txt), CHECKS_LIMIT (their seconds, default 300),
+# CHECKS_WORKERS (pytest-xdist workers when it is installed or in .whl/, default 8), PYTHON
 # (default python3). Nothing is downloaded: the package is imported from this checkout; torchao (fp8),
-# accelerate and psutil are installed from .whl/ into /tmp/site when missing (git-ignored; docs/BENCHMARKS.md,
+# accelerate and psutil, pytest-xdist and execnet are installed from .whl/ into /tmp/site when missing (git-ignored; docs/BENCHMARKS.md,
 # "The GPU command", says how to fetch them and how to call this on a lent machine).
 # OUT_DIR gets gpu.txt, gpu_tests.txt, attention.md/.json/.log, bench.log, results.json, report.md (a --merge
 # call: gpu.txt, bench_merge.log, results.json, report.md, and the attention files where OUT_DIR had none, so
@@ -52,12 +53,14 @@ fi
 # fp8 rows need torchao; the HF Trainer baseline needs accelerate (and it psutil). Installed beside the
 # interpreter's own packages (/tmp/site on PYTHONPATH), so a read-only environment is no obstacle.
 export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-for pkg in torchao accelerate; do
+for pkg in torchao accelerate xdist; do
   if ! "$PY" -c "import $pkg" 2>/dev/null; then
-    wheels=$(ls .whl/$pkg-*.whl 2>/dev/null; [ "$pkg" = accelerate ] && ls .whl/psutil-*.whl 2>/dev/null)
+    wheels=$(ls .whl/$pkg-*.whl 2>/dev/null; [ "$pkg" = accelerate ] && ls .whl/psutil-*.whl 2>/dev/null
+             [ "$pkg" = xdist ] && ls .whl/pytest_xdist-*.whl .whl/execnet-*.whl 2>/dev/null)
     [ -n "$wheels" ] && "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $wheels \
       >/dev/null 2>&1
-    "$PY" -c "import $pkg" 2>/dev/null || echo "speed_gpu.sh: $pkg is not installed: its rows will say so" >&2
+    why="its rows will say so"; [ "$pkg" = xdist ] && why="the GPU checks run in one process"
+    "$PY" -c "import $pkg" 2>/dev/null || echo "speed_gpu.sh: $pkg is not installed: $why" >&2
   fi
 done
 
@@ -73,8 +76,12 @@ if [ "$MERGE" != 1 ] || [ "${CHECKS:-0}" = 1 ]; then  # CHECKS=1: a --merge call
   # The whole output goes to gpu_tests.txt (a tail lost the failures' names once: a KeyboardInterrupt traceback
   # from pytest's cleanup at the limit filled it); the console gets the short summary.
   echo "== GPU checks of the new paths" | tee "$OUT/gpu_tests.txt"
-  # the newest first (a limit cuts the last); the options' curves (five compiled runs) last
-  timeout -s INT -k 10 "${CHECKS_LIMIT:-300}" "$PY" -m pytest -q -rfEs --durations=8 -p no:cacheprovider \
+  # the newest first (a limit cuts the last); the options' curves (compiled runs) last. With pytest-xdist, 8
+  # workers (the checks are mostly compiling, on the CPU; each worker compiles inductor's kernels on 2 threads)
+  workers=""
+  "$PY" -c "import xdist" 2>/dev/null && workers="-n ${CHECKS_WORKERS:-8}"
+  TORCHINDUCTOR_COMPILE_THREADS=2 timeout -s INT -k 10 "${CHECKS_LIMIT:-300}" "$PY" -m pytest -q -rfEs \
+    --durations=8 -p no:cacheprovider $workers \
     tests/test_segment_attention.py tests/test_philox.py tests/test_residual_layer_norm.py \
     tests/test_bias_gelu.py tests/test_mlm_mask.py \
     tests/test_rows.py::test_compiled_flex_matches_fp32_reference_on_gpu \
