@@ -36,6 +36,36 @@ def test_best_fit_decreasing_fills_rows_and_never_overflows():
     assert best_fit_decreasing([5], 0, 128).tolist() == [-1]
 
 
+def best_fit_decreasing_item_by_item(lengths: list[int], rows: int, row_len: int) -> np.ndarray:
+    """The rule, one item at a time: longest first (ties in order), each into the tightest row with room (the
+    last-emptied of equally tight rows; row 0 first among empty ones)."""
+    free = [row_len] * rows
+    touched = [rows - r for r in range(rows)]  # higher: taken first among equally tight rows
+    clock, row_of = rows, [-1] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        fits = [r for r in range(rows) if free[r] >= lengths[i]]
+        if fits:
+            row = min(fits, key=lambda r: (free[r], -touched[r]))
+            free[row] -= lengths[i]
+            clock += 1
+            touched[row] = clock
+            row_of[i] = row
+    return np.array(row_of, dtype=np.int64)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_fit_decreasing_places_as_item_by_item(seed):
+    """A length's items are placed a row at a time: the same rows as the rule applied item by item, on few
+    lengths (long runs), many lengths, more items than fit, and fewer."""
+    rng = np.random.default_rng(seed)
+    kinds = [rng.integers(1, 129, 400), rng.choice([3, 16, 17, 40, 64], 400), rng.integers(1, 20, 150),
+             np.exp(rng.normal(2.77, 0.68, 600)).clip(3, 128).astype(int)]  # fmt: skip
+    for lengths in kinds:
+        for rows in (1, 7, 40):
+            expect = best_fit_decreasing_item_by_item(lengths.tolist(), rows, 128)
+            assert np.array_equal(best_fit_decreasing(lengths.tolist(), rows, 128), expect), (seed, rows)
+
+
 # ---------------------------------------------------------------------------------------------- the packer
 
 

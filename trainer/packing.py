@@ -224,31 +224,49 @@ class Packer:
 
 def best_fit_decreasing(lengths: list[int], rows: int, row_len: int) -> np.ndarray:
     """The row each item goes to (-1: it did not fit), items taken longest first (ties in the given order),
-    each into the row it fills most tightly. Rows are bucketed by free space, so an item costs a bisect
-    over at most row_len + 1 distinct free-space values, not a scan of the rows."""
+    each into the row it fills most tightly. Rows are bucketed by free space, so a step costs a bisect over at
+    most row_len + 1 distinct free-space values, not a scan of the rows; and items of one length are placed a
+    row at a time: the tightest row that takes one takes as many as fit (what placing them one by one does, as
+    the rows between it and its new free space were empty), so a step places ~row_len / length items, not one
+    (~3x fewer steps on a 64k batch of sentences; `test_rows` checks it against the item-by-item rule)."""
     free = [[] for _ in range(row_len + 1)]  # free[c]: rows with c tokens left, last one taken first
     free[row_len] = list(range(rows - 1, -1, -1))  # so row 0 fills first
     spaces = [row_len] if rows else []  # sorted distinct c with free[c] non-empty
-    row_of = [-1] * len(lengths)
-    bisect_left, insort = bisect.bisect_left, bisect.insort  # the loop runs per unit: ~3,300 per 64k batch
-    for i in np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable").tolist():  # ties keep stream order
-        need = lengths[i]
-        k = bisect_left(spaces, need)
-        if k == len(spaces):
-            continue
-        space = spaces[k]
-        bucket = free[space]
-        row = bucket.pop()
-        if not bucket:
-            del spaces[k]
-        row_of[i] = row
-        left = space - need
-        if left:
-            bucket = free[left]
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")  # longest first, ties in stream order
+    sorted_lengths = lengths[order]
+    run_starts = np.flatnonzero(np.diff(sorted_lengths, prepend=-1))  # where each run of one length begins
+    runs = zip(sorted_lengths[run_starts].tolist(), run_starts.tolist(), [*run_starts[1:].tolist(), len(order)])
+    placed = []  # (first sorted position, count, row): consecutive items of one run that went to one row
+    bisect_left, insort = bisect.bisect_left, bisect.insort
+    for need, first, end in runs:
+        while first < end:
+            k = bisect_left(spaces, need)
+            if k == len(spaces):
+                break  # no row takes this length: nor the rest of its run
+            space = spaces[k]
+            bucket = free[space]
+            row = bucket.pop()
             if not bucket:
-                insort(spaces, left)
-            bucket.append(row)
-    return np.array(row_of, dtype=np.int64)
+                del spaces[k]
+            taken = space // need  # as many of the run as the row takes, in stream order
+            taken = taken if taken < end - first else end - first
+            placed.append((first, taken, row))
+            first += taken
+            left = space - taken * need
+            if left:
+                bucket = free[left]
+                if not bucket:
+                    insort(spaces, left)
+                bucket.append(row)
+    sorted_row = np.full(len(order), -1, dtype=np.int64)
+    if placed:
+        firsts, counts, placed_rows = np.array(placed, dtype=np.int64).T
+        at = np.repeat(firsts - (np.cumsum(counts) - counts), counts) + np.arange(counts.sum())  # sorted positions
+        sorted_row[at] = np.repeat(placed_rows, counts)
+    row_of = np.empty_like(sorted_row)
+    row_of[order] = sorted_row
+    return row_of
 
 
 class RowPacker(Packer):
