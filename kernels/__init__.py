@@ -38,6 +38,12 @@ def _interpreter_problem() -> str | None:
     return None
 
 
+# The persistent backward loops (residual LayerNorm, bias+GELU: a few programs per SM, each walking its rows a
+# tile at a time) software-pipeline their loads: 3 stages keep the next two tiles' loads in flight (cp.async
+# into shared memory on sm_80+) while one tile is computed. Without it a program issued a tile's loads and
+# waited on them, 2-4 programs per SM (sm_90 SASS). Not yet timed on a GPU. (A constexpr: kernels read it.)
+LOOP_STAGES = tl.constexpr(3) if triton is not None else 3
+
 # why the CPU cannot run the kernels (None: it can, through the interpreter); decided once, at import, since
 # triton_runs_on is also traced inside compiled code
 INTERPRETER_PROBLEM = _interpreter_problem()

@@ -39,7 +39,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.kernels import on_device, use_triton
+from mlmtrain.kernels import LOOP_STAGES, on_device, use_triton
 from mlmtrain.kernels.philox import philox4x32_torch
 
 try:
@@ -147,7 +147,7 @@ if triton is not None:
         dbias = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
         first = pid * rows_per_program
         end = tl.minimum(first + rows_per_program, N)
-        for start in range(first, end, BLOCK_N):
+        for start in tl.range(first, end, BLOCK_N, num_stages=LOOP_STAGES):  # loads pipelined
             rows = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
             row_ok = rows < end
             h, keep, offsets, inside = _load_h(
@@ -196,9 +196,9 @@ def _num_sms(device: torch.device) -> int:
 
 def _tile(C: int, block_n: int | None, num_warps: int | None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, num_warps): whole rows (BLOCK_C >= C, a power of two), 2048-element tiles on 8 warps,
-    i.e. 8 elements per thread per tensor: at C = 768 bf16 ptxas (sm_90) reports 39 registers forward, 80
-    backward, no spills, where 4096-element tiles took 125-255 and spilled. Not tuned by timing yet: the
-    benchmark's --sweep times other tiles through `block_n` / `num_warps`."""
+    i.e. 8 elements per thread per tensor: at C = 768 bf16 ptxas (sm_90) reports 39 registers forward, 89-94
+    backward (its loads pipelined; Triton 3.9 / 3.6), no spills, where 4096-element tiles took 125-255 and
+    spilled. Not tuned by timing yet: the benchmark's --sweep times other tiles through `block_n` / `num_warps`."""
     if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
         raise ValueError(f"block_n must be a power of two, got {block_n}")
     block_c = max(triton.next_power_of_2(C), COLS_PER_CALL)
@@ -294,7 +294,7 @@ def residual_layer_norm_bwd_triton(
         return dresidual, dx, weight.new_zeros(C, dtype=torch.float32), weight.new_zeros(C, dtype=torch.float32)
     BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
     n_blocks = triton.cdiv(N, BLOCK_N)
-    # Equal shares in one wave: 2 programs of 8 warps fit an SM at <= 128 registers (80 at C = 768 bf16); a
+    # Equal shares in one wave: 2 programs of 8 warps fit an SM at <= 128 registers (89-94 at C = 768 bf16); a
     # grid of 1.3 waves would leave most SMs idle while the last third runs.
     P = max(1, min(num_programs or (2 * _num_sms(x.device) if x.is_cuda else 4), n_blocks))
     rows_per_program = triton.cdiv(n_blocks, P) * BLOCK_N  # whole tiles: no tile straddles two programs

@@ -2,7 +2,8 @@
 # The speed report of one GPU in one call, offline, inside ~8 minutes on an H100/H200-class GPU:
 #   GPU checks of the new paths (the Triton kernels against their references, compiled FlexAttention forward and
 #   backward against the fp32 reference, flash varlen) -> attention alone (benchmarks/bench_attention.py: the
-#   segment kernel, FlexAttention, SDPA, flash varlen on one layer of BERT-base rows) -> hardware ceilings -> the speed ablation at vocab 30,000 (BERT-base, seq 128, sentence packing:
+#   segment kernel, FlexAttention, SDPA, flash varlen on one layer of BERT-base rows) -> the residual LayerNorm
+#   kernels alone (bench_residual_layer_norm --sweep at C = 768) -> hardware ceilings -> the speed ablation at vocab 30,000 (BERT-base, seq 128, sentence packing:
 #   today, +row attention, +bf16 residual, +fused kernels, +CUDA graphs, +fp8 tensorwise / rowwise / tensorwise
 #   with torch ops, +async log reads, +packer process, +segment attention kernel, dropout off; each row with real tokens/s, MFU, % of the measured matmul
 #   ceiling, peak memory, the traced step's phases or kernel categories, and validation loss at equal real
@@ -22,9 +23,9 @@
 # (default python3). Nothing is downloaded: the package is imported from this checkout; torchao (fp8),
 # accelerate and psutil, pytest-xdist and execnet are installed from .whl/ into /tmp/site when missing (git-ignored; docs/BENCHMARKS.md,
 # "The GPU command", says how to fetch them and how to call this on a lent machine).
-# OUT_DIR gets gpu.txt, gpu_tests.txt, attention.md/.json/.log, bench.log, results.json, report.md (a --merge
-# call: gpu.txt, bench_merge.log, results.json, report.md, and the attention files where OUT_DIR had none, so
-# copying them beside the first call's keeps both logs).
+# OUT_DIR gets gpu.txt, gpu_tests.txt, attention.md/.json/.log, layernorm.md/.json/.log, bench.log, results.json,
+# report.md (a --merge call: gpu.txt, bench_merge.log, results.json, report.md, and the attention and layernorm
+# files where OUT_DIR had none, so copying them beside the first call's keeps both logs).
 set -uo pipefail
 OUT=${1:?usage: bash scripts/speed_gpu.sh OUT_DIR [--merge | --quick] [extra mlmtrain bench flags]}
 shift
@@ -98,6 +99,15 @@ if [ ! -s "$OUT/attention.md" ]; then
   timeout -k 10 90 "$PY" -m mlmtrain.benchmarks.bench_attention --device cuda --out "$OUT/attention.json" \
     >"$OUT/attention.md" 2>"$OUT/attention.log" || echo "speed_gpu.sh: bench_attention failed: $OUT/attention.log"
   cat "$OUT/attention.md"
+fi
+
+# the residual LayerNorm kernels alone at BERT-base's shape (~30 s): against the copy ceiling, and other tiles
+# (--sweep): what the next tuning of them starts from; once per OUT_DIR, like attention.md
+if [ ! -s "$OUT/layernorm.md" ]; then
+  timeout -k 10 60 "$PY" -m mlmtrain.benchmarks.bench_residual_layer_norm --device cuda --hidden 768 --no-compile \
+    --sweep --out "$OUT/layernorm.json" >"$OUT/layernorm.md" 2>"$OUT/layernorm.log" \
+    || echo "speed_gpu.sh: bench_residual_layer_norm failed: $OUT/layernorm.log"
+  tail -12 "$OUT/layernorm.md"
 fi
 
 # --time-limit: no row starts whose expected end (the longest row so far) is past it; `timeout` is the hard stop
