@@ -50,6 +50,8 @@ def test_items_arrive_in_order_as_the_consumers_own():
     with ProcessPrefetcher(Numbered(9), slot_bytes=1024, depth=2) as items:
         got = list(items)
         assert items.get() is None  # the end stays the end
+    assert items._process.exitcode == 0  # it ended on its own: close() had nothing to kill
+    items.close()  # twice is harmless (the loop and the run both close it)
     assert [g["i"] for g in got] == list(range(9))
     for i, g in enumerate(got):  # the slots were reused 4 times: each item kept its own copy
         assert g["ids"].tolist() == list(range(i, i + 7)) and g["ids"].dtype == torch.int32

@@ -165,11 +165,14 @@ class ProcessPrefetcher:
         deadline = time.monotonic() + timeout_s
         try:
             self._free.send(None)
-            while self._process.is_alive() and time.monotonic() < deadline:
+        except OSError:  # it has gone already, or this was closed before
+            pass
+        while self._process.is_alive() and time.monotonic() < deadline:
+            try:
                 if self._ready.poll(0.05):
                     self._ready.recv()  # a producer blocked on a full pipe must get past its send to see the stop
-        except (EOFError, OSError):
-            pass
+            except (EOFError, OSError):  # its end is closed: it is on its way out
+                self._process.join(max(0.0, deadline - time.monotonic()))
         if self._process.is_alive():
             self._process.kill()
         self._process.join()
