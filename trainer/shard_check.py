@@ -2,7 +2,7 @@
 token, so a damaged file is named in one sentence instead of failing later as an index error in the packer or
 a device-side assert on the GPU. Cheap by design: headers against file sizes, meta.json's keys and counts,
 the offsets (which the packer reads in full anyway) in bounded chunks, and the token ids of 64 blocks spread
-over the file; the packer's thread then checks every batch's ids (`packing.checked_batch`). No torch import.
+over the file; the packer then checks every batch's ids (`packing.BatchStream`). No torch import.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`mlmtrain train`: the hand-written pretraining loop. `setup()` checks every input and builds the run;
 `train()` is the loop, read top to bottom:
 
-    shards ─Packer (prefetch thread, pinned)─▶ PackedBatch ─mlm_mask (device)─▶ model ─▶ summed CE / targets
+    shards ─Packer (prefetch thread or process, pinned)─▶ PackedBatch ─mlm_mask (device)─▶ model ─▶ summed CE / targets
            ─backward─▶ clip ─▶ fused AdamW (skips non-finite steps on the device) ─▶ log / eval / save
 
 Every host-device sync is marked `# sync:`; between log steps the loop issues device work only.
@@ -160,7 +160,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
         raise
     finally:
         bar.close()
-        run.prefetch.close()  # the packer thread ends with the loop, however the loop ends
+        run.prefetch.close()  # the packer (thread or process) ends with the loop, however the loop ends
         stopper.restore()
         if profiler is not None:
             phase_ms = profiler.close()
