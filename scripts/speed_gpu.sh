@@ -3,9 +3,10 @@
 #   GPU checks of the new paths (the Triton kernels against their references, compiled FlexAttention forward and
 #   backward against the fp32 reference, flash varlen) -> attention alone (benchmarks/bench_attention.py: the
 #   segment kernel, FlexAttention, SDPA, flash varlen on one layer of BERT-base rows) -> the residual LayerNorm
-#   kernels alone (bench_residual_layer_norm --sweep at C = 768) -> hardware ceilings -> the speed ablation at vocab 30,000 (BERT-base, seq 128, sentence packing:
-#   today, +row attention, +bf16 residual, +fused kernels, +CUDA graphs, +fp8 tensorwise / rowwise / tensorwise
-#   with torch ops, +async log reads, +packer process, +segment attention kernel, dropout off; each row with real tokens/s, MFU, % of the measured matmul
+#   kernels alone (bench_residual_layer_norm --sweep at C = 768) -> hardware ceilings -> the speed ablation at
+#   vocab 30,000 (BERT-base, seq 128, sentence packing: today, +row attention, +bf16 residual, +fused kernels,
+#   +CUDA graphs, +fp8 tensorwise / rowwise / tensorwise with torch ops, +async log reads, +packer process,
+#   +segment attention kernel, dropout off; each row with real tokens/s, MFU, % of the measured matmul
 #   ceiling, peak memory, the traced step's phases or kernel categories, and validation loss at equal real
 #   tokens) -> BERT-large, seq 512, document packing, today, the fastest configuration (with rows and flat) and
 #   it with fp8 -> ~200-step loss curves of the fastest configuration against today's (and
