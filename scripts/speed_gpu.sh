@@ -22,8 +22,9 @@
 # (a --merge call runs the GPU checks too, into gpu_tests.txt), CHECKS_LIMIT (their seconds, default 300),
 # CHECKS_WORKERS (pytest-xdist workers when it is installed or in .whl/, default 8), PYTHON
 # (default python3). Nothing is downloaded: the package is imported from this checkout; torchao (fp8),
-# accelerate and psutil, pytest-xdist and execnet are installed from .whl/ into /tmp/site when missing (git-ignored; docs/BENCHMARKS.md,
-# "The GPU command", says how to fetch them and how to call this on a lent machine).
+# accelerate and psutil, pytest-xdist and execnet are installed from .whl/ into /tmp/site when missing
+# (git-ignored; docs/BENCHMARKS.md, "The GPU command", says how to fetch them and how to call this on a lent
+# machine).
 # OUT_DIR gets gpu.txt, gpu_tests.txt, attention.md/.json/.log, layernorm.md/.json/.log, bench.log, results.json,
 # report.md (a --merge call: gpu.txt, bench_merge.log, results.json, report.md, and the attention and layernorm
 # files where OUT_DIR had none, so copying them beside the first call's keeps both logs).
