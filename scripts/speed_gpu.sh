@@ -81,8 +81,9 @@ if [ "$MERGE" != 1 ] || [ "${CHECKS:-0}" = 1 ]; then  # CHECKS=1: a --merge call
   echo "== GPU checks of the new paths" | tee "$OUT/gpu_tests.txt"
   # the newest first (a limit cuts the last); the options' curves (compiled runs) last. With pytest-xdist, 8
   # workers (the checks are mostly compiling, on the CPU; each worker compiles inductor's kernels on 2 threads)
-  workers=""
-  "$PY" -c "import xdist" 2>/dev/null && workers="-n ${CHECKS_WORKERS:-8}"
+  workers=""  # CHECKS_WORKERS=0: one process; xdist 3.8 needs pytest >= 7
+  xdist_ok="import xdist, pytest; assert int(pytest.__version__.split('.')[0]) >= 7"
+  [ "${CHECKS_WORKERS:-8}" != 0 ] && "$PY" -c "$xdist_ok" 2>/dev/null && workers="-n ${CHECKS_WORKERS:-8}"
   TORCHINDUCTOR_COMPILE_THREADS=2 timeout -s INT -k 10 "${CHECKS_LIMIT:-300}" "$PY" -m pytest -q -rfEs \
     --durations=8 -p no:cacheprovider $workers \
     tests/test_segment_attention.py tests/test_philox.py tests/test_residual_layer_norm.py \
