@@ -46,6 +46,27 @@ class Unpicklable(Exception):
         raise TypeError("no")
 
 
+class TwoArguments(Exception):  # pickles, but cannot be rebuilt from its args
+    def __init__(self, a, b):
+        super().__init__(f"{a} {b}")
+
+
+def two_arguments(message: str) -> TwoArguments:
+    return TwoArguments(message, "b")
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """One item of tensors pickle cannot take as numpy arrays: bf16, one that requires grad, a Parameter."""
+
+    def __iter__(self):
+        yield [
+            torch.ones(3, dtype=torch.bfloat16),
+            torch.ones(2, requires_grad=True),
+            torch.nn.Parameter(torch.ones(2)),
+        ]
+
+
 def test_items_arrive_in_order_as_the_consumers_own():
     with ProcessPrefetcher(Numbered(9), slot_bytes=1024, depth=2) as items:
         got = list(items)
@@ -58,7 +79,15 @@ def test_items_arrive_in_order_as_the_consumers_own():
         assert g["lengths"].tolist() == [i] * 3 and (g["big"] == i).all() and g["name"] == f"item {i}"
         assert g["big"].size == 5000  # 40 kB: past the 1 kB slot, so it came in the message
     got[0]["ids"][0] = 99  # writable, and nobody else's
-    assert got[2]["ids"][0] == 2
+    got[0]["big"][0] = 99  # the one that came in the message too
+    assert got[2]["ids"][0] == 2 and got[2]["big"][0] == 2
+
+
+def test_tensors_without_a_numpy_form_are_pickled_as_torch_pickles_them():
+    with ProcessPrefetcher(Tensors(), slot_bytes=4096) as items:
+        bf16, grad, parameter = items.get()
+    assert bf16.dtype == torch.bfloat16 and bf16.tolist() == [1.0] * 3
+    assert grad.requires_grad and type(parameter) is torch.nn.Parameter
 
 
 def test_then_runs_in_the_consumer():
@@ -75,6 +104,14 @@ def test_the_producers_error_is_the_consumers():
     with ProcessPrefetcher(Numbered(0, (Unpicklable, "odd")), slot_bytes=4096) as items:
         with pytest.raises(RuntimeError, match="Unpicklable: odd"):
             items.get()
+    with ProcessPrefetcher(Numbered(0, (two_arguments, "a")), slot_bytes=4096) as items:
+        with pytest.raises(RuntimeError, match="cannot be read back"):
+            items.get()
+        assert items.get() is None
+    with ProcessPrefetcher(Numbered(0, (ValueError, "a bug")), slot_bytes=4096) as items:
+        with pytest.raises(ValueError, match="a bug") as raised:
+            items.get()
+    assert "in the producer process" in raised.value.__notes__[0] and "__iter__" in raised.value.__notes__[0]
 
 
 def test_close_ends_a_producer_waiting_for_a_slot():

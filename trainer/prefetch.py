@@ -4,7 +4,7 @@ a spawned process (the trainer's packer with data.packer = process: its Python l
 process's GIL, not the one the training loop's kernel launches wait for; bench_packing measures the difference).
 
 The consumer sees items in order, the end of the stream, or the producer's exception re-raised in its own
-thread. `close()` stops the producer and joins it, so no thread or process outlives the object (a daemon thread
+thread. `close()` stops the producer and joins it, so no thread or process outlives its use (a daemon thread
 still running inside torch at interpreter exit can abort the process).
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import io
+import multiprocessing
 import os
 import pickle
 import queue
@@ -23,6 +24,8 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
+
+from mlmtrain.errors import UserError
 
 _END = object()
 
@@ -109,6 +112,10 @@ class ProcessPrefetcher:
         import torch  # the slots are shared tensors: spawn hands them to the child as file descriptors
         import torch.multiprocessing
 
+        if multiprocessing.current_process().daemon:
+            raise UserError(f"the {name} cannot run in a process of its own from this daemonic process (a pool "
+                            "worker's, say): use data.packer = thread")  # fmt: skip
+
         context = torch.multiprocessing.get_context("spawn")  # never fork a process that holds CUDA and threads
         slots = [torch.empty(slot_bytes, dtype=torch.uint8).share_memory_() for _ in range(max(depth, 1))]
         self._slots = [slot.numpy() for slot in slots]  # (slot_bytes,) uint8 views, one per slot
@@ -135,12 +142,18 @@ class ProcessPrefetcher:
             while not self._ready.poll(1.0):
                 if not self._process.is_alive():
                     raise EOFError
-            kind, payload = self._ready.recv()
+            message = self._ready.recv_bytes()
         except (EOFError, OSError):
             self._done = True
+            self._process.join(1.0)  # its exit code, once it has one
             raise RuntimeError(f"the {self._process.name} process ended unexpectedly (exit code "
                                f"{self._process.exitcode}; killed for memory?)") from None  # fmt: skip
         self.wait_s += time.perf_counter() - t0
+        try:
+            kind, payload = pickle.loads(message)
+        except Exception as e:  # an exception of the producer's that cannot be rebuilt here
+            self._done = True
+            raise RuntimeError(f"the {self._process.name} process sent what cannot be read back: {e!r}") from None
         if kind == "item":
             k, message, places = payload
             buffers = [bytearray(self._slots[k][at : at + n]) if n >= 0 else at for at, n in places]  # copies
@@ -170,13 +183,14 @@ class ProcessPrefetcher:
         while self._process.is_alive() and time.monotonic() < deadline:
             try:
                 if self._ready.poll(0.05):
-                    self._ready.recv()  # a producer blocked on a full pipe must get past its send to see the stop
+                    self._ready.recv_bytes()  # a producer blocked on a full pipe must get past its send to see the stop
             except (EOFError, OSError):  # its end is closed: it is on its way out
                 self._process.join(max(0.0, deadline - time.monotonic()))
         if self._process.is_alive():
             self._process.kill()
         self._process.join()
         self._ready.close(), self._free.close()
+        self._slots = []  # the shared memory goes with the last reference
 
     def __enter__(self) -> ProcessPrefetcher:
         return self
@@ -186,35 +200,60 @@ class ProcessPrefetcher:
 
 
 class _Pickler(pickle.Pickler):
-    """Protocol 5 with a CPU tensor pickled as its numpy array, so its bytes go out of band as well."""
+    """Protocol 5 with a plain CPU tensor pickled as its numpy array, so its bytes go out of band as well (any
+    other tensor, e.g. bf16 or one that requires grad, is pickled as torch pickles it)."""
 
     def reducer_override(self, obj):
         torch = sys.modules.get("torch")
-        if torch is not None and isinstance(obj, torch.Tensor):
-            return torch.from_numpy, (obj.numpy(),)
+        if torch is not None and type(obj) is torch.Tensor and obj.device.type == "cpu" and not obj.requires_grad:
+            try:
+                return torch.from_numpy, (obj.numpy(),)
+            except (TypeError, RuntimeError):  # no numpy dtype (bf16), a conjugate bit
+                pass
         return NotImplemented
 
 
 def _produce(items: Iterable, slots, ready, free, parent: int) -> None:
-    """The child process: fill the slot the parent hands back with the next item's out-of-band buffers."""
+    """The child process: fill the slot the parent hands back with the next item's out-of-band buffers. Ends
+    quietly when the parent asks, or is gone (its pipe ends closed, or another process is its parent)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     views = [slot.numpy() for slot in slots]
     try:
         for item in items:
-            while not free.poll(1.0):
-                if os.getppid() != parent:
-                    return  # the parent died without closing us
-            k = free.recv()
-            if k is None:
+            k = _next_slot(free, parent)
+            if k is None or not _send(ready, ("item", (k, *_write(item, views[k])))):
                 return
-            ready.send(("item", (k, *_write(item, views[k]))))
-        ready.send(("end", None))
-    except BaseException as e:  # handed to the consumer, as a thread's would be
+        _send(ready, ("end", None))
+    except BaseException as e:  # handed to the consumer, as a thread's would be, with where it happened
+        where = "".join(traceback.format_exception(e))
         try:
-            ready.send(("error", e))
+            if not isinstance(e, UserError):  # a bug's traceback, not a user's one sentence
+                e.add_note("in the producer process:\n" + where)
+            pickle.dumps(e)
         except Exception:  # not picklable: its text and traceback instead
-            ready.send(("error", RuntimeError("".join(traceback.format_exception(e)))))
+            e = RuntimeError(where)
+        _send(ready, ("error", e))
+
+
+def _next_slot(free, parent: int) -> int | None:
+    """The next slot the parent hands back, or None: asked to stop, or the parent is gone."""
+    while not free.poll(1.0):
+        if os.getppid() != parent:
+            return None
+    try:
+        return free.recv()
+    except (EOFError, OSError):
+        return None
+
+
+def _send(ready, message) -> bool:
+    """Send to the parent; False when it is gone (a closed pipe)."""
+    try:
+        ready.send(message)
+        return True
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        return False
 
 
 def _write(item, slot: np.ndarray) -> tuple[bytes, list[tuple]]:
@@ -231,5 +270,5 @@ def _write(item, slot: np.ndarray) -> tuple[bytes, list[tuple]]:
             places.append((at, raw.size))
             at += -(-raw.size // 64) * 64
         else:
-            places.append((raw.tobytes(), -1))
+            places.append((bytearray(raw), -1))  # writable on the other side, as the slot's copies are
     return out.getvalue(), places
