@@ -155,13 +155,13 @@ class ProcessPrefetcher:
             self._done = True
             raise RuntimeError(f"the {self._process.name} process sent what cannot be read back: {e!r}") from None
         if kind == "item":
-            k, message, places = payload
+            k, pickled, places = payload
             buffers = [bytearray(self._slots[k][at : at + n]) if n >= 0 else at for at, n in places]  # copies
             try:
                 self._free.send(k)
             except OSError:  # the producer is gone: the next get says so
                 pass
-            item = pickle.loads(message, buffers=buffers)
+            item = pickle.loads(pickled, buffers=buffers)
             return self._then(item) if self._then else item
         self._done = True
         if kind == "error":
