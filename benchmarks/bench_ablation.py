@@ -7,10 +7,12 @@ ran, then the two target workloads.
     +bf16 residual    model.residual_dtype = compute
     +fused kernels    model.fused_ops = triton (the Triton residual+LayerNorm and bias+GELU kernels)
     +CUDA graphs      train.cuda_graphs (the compiled step replayed as CUDA graphs)
-    +fp8 tensorwise   train.fp8 = tensorwise   } three rows on the same base; the fastest of them
+    +fp8 tensorwise   train.fp8 = tensorwise   } four rows on the same base; the fastest of them
     +fp8 rowwise      train.fp8 = rowwise      } and the row they build on is what the next row
     +fp8 tensorwise,  the same with model.fused_ops = torch  } builds on (with torch ops, inductor can fuse
       torch ops                                            } the float8 casts into the LayerNorm and GELU)
+    +fp8 rowwise, bf16 weight grads, torch ops   train.fp8 = rowwise_with_gw_hp with torch ops: only per-row
+                      casts, which inductor fuses into their producers; two of three matmuls in float8
     +async log reads  train.async_log_reads (log-step reads that do not drain the device's queue)
     +packer process   data.packer = process (the packer's Python off the loop's GIL: bench_packing's loop cost)
     +segment attention kernel  model.attention = triton (kernels/segment_attention.py instead of FlexAttention)
@@ -53,6 +55,7 @@ FP8 = [
     ("+fp8 tensorwise", {"train.fp8": "tensorwise"}),
     ("+fp8 rowwise", {"train.fp8": "rowwise"}),
     ("+fp8 tensorwise, torch ops", {"train.fp8": "tensorwise", "model.fused_ops": "torch"}),
+    ("+fp8 rowwise, bf16 weight grads, torch ops", {"train.fp8": "rowwise_with_gw_hp", "model.fused_ops": "torch"}),
 ]
 FP8_KEYS = ("train.fp8", "model.fused_ops")  # what an fp8 row changes
 ASYNC_READS = ("+async log reads", {"train.async_log_reads": True})

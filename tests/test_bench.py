@@ -295,6 +295,7 @@ def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
         "+fp8 tensorwise",
         "+fp8 rowwise",
         "+fp8 tensorwise, torch ops",
+        "+fp8 rowwise, bf16 weight grads, torch ops",
         "+async log reads",
         "+packer process",
         "+segment attention kernel",
@@ -308,7 +309,8 @@ def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
     assert len({r["real_tokens"] for r in measured}) == 1  # the same real tokens, so the losses compare
     assert by_name[("ablation", "+row attention")]["options"] == {"data.layout": "rows"}
     assert "needs a CUDA device" in by_name[("ablation", "+CUDA graphs")]["error"]
-    assert "FP8 tensor cores" in by_name[("ablation", "+fp8 rowwise")]["error"]
+    for name in ("+fp8 rowwise", "+fp8 rowwise, bf16 weight grads, torch ops"):
+        assert "FP8 tensor cores" in by_name[("ablation", name)]["error"]
     assert by_name[("ablation", "+fp8 tensorwise, torch ops")]["options"]["model.fused_ops"] == "torch"
     async_reads = by_name[("ablation", "+async log reads")]  # on the last row that ran (fp8 cannot, here)
     assert async_reads["options"] == {
@@ -525,7 +527,8 @@ def test_ablation_plan_builds_each_row_on_the_right_one_and_tries_fp8_on_the_lar
     from mlmtrain.benchmarks import bench_ablation
 
     speed = {"today": 100, "+row attention": 130, "+bf16 residual": 135, "+fused kernels": 140, "+CUDA graphs": 141,
-             "+fp8 tensorwise": 120, "+fp8 rowwise": 110, "+fp8 tensorwise, torch ops": 150, "+async log reads": 152,
+             "+fp8 tensorwise": 120, "+fp8 rowwise": 110, "+fp8 tensorwise, torch ops": 150,
+             "+fp8 rowwise, bf16 weight grads, torch ops": 145, "+async log reads": 152,
              "+packer process": 153, "+segment attention kernel": 155, "dropout off": 160,
              "fastest base configuration": 50, "fastest, flat layout": 60, "fastest, fp8": 70}  # fmt: skip
 
@@ -547,6 +550,8 @@ def test_ablation_plan_builds_each_row_on_the_right_one_and_tries_fp8_on_the_lar
     assert rows[("ablation", "+fp8 rowwise")] == {**chained, "train.fp8": "rowwise"}
     fp8_torch = {**chained, "model.fused_ops": "torch", "train.fp8": "tensorwise"}
     assert rows[("ablation", "+fp8 tensorwise, torch ops")] == fp8_torch
+    gw_hp = {**chained, "model.fused_ops": "torch", "train.fp8": "rowwise_with_gw_hp"}
+    assert rows[("ablation", "+fp8 rowwise, bf16 weight grads, torch ops")] == gw_hp
     assert rows[("ablation", "+async log reads")] == {**fp8_torch, "train.async_log_reads": True}
     host = {"train.async_log_reads": True, "data.packer": "process"}
     assert rows[("ablation", "+packer process")] == {**fp8_torch, **host}
@@ -558,6 +563,7 @@ def test_ablation_plan_builds_each_row_on_the_right_one_and_tries_fp8_on_the_lar
     assert ("target", "fastest, fp8") not in rows  # the fastest configuration has fp8 already
 
     speed["+fp8 tensorwise, torch ops"] = 90  # now fp8 is slower on the base model: the large one still tries it
+    speed["+fp8 rowwise, bf16 weight grads, torch ops"] = 95  # (its fastest fp8 row: tensorwise's 120)
     speed["+segment attention kernel"] = 140  # and the kernel slower than FlexAttention: dropout off builds on flex
     rows = {(r["benchmark"], r["name"]): r["options"] for r in bench_ablation.run(tmp_path, None, **common, **large)}
     assert rows[("ablation", "dropout off")] == {**chained, **host, "model.dropout": 0.0}

@@ -124,7 +124,7 @@ def test_fp8_refusals(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with pytest.raises(UserError, match="use --precision bf16"):
         check_fp8("rowwise", cuda, "fp16", 1024)
-    # each weight gradient's FP8 matmul runs over the batch's tokens: they must be a multiple of 16
+    # the batch's tokens are a size of the FP8 matmuls: they must be a multiple of 16
     with pytest.raises(UserError, match="multiple of 16 .* got 1000: e.g. 992"):
         check_fp8("rowwise", cuda, "bf16", 1000)
     cfg = load_config(None, {"train.fp8": "rowwise", "train.precision": "bf16"})  # the run's tokens per batch
@@ -168,10 +168,13 @@ def test_options_that_need_one_process_or_one_micro_batch():
 # ---------------------------------------------------------------------------------------------- fp8 (emulated)
 
 
-def test_fp8_converts_the_encoder_linears_and_trains_like_bf16():
+@pytest.mark.parametrize("recipe", ["rowwise", "rowwise_with_gw_hp"])
+def test_fp8_converts_the_encoder_linears_and_trains_like_bf16(recipe):
     """torchao's float8 casts with fp32 matmuls (emulate=True: no FP8 tensor cores needed): q/k/v and every
     encoder and head-transform Linear converted, the decoder not, the same state-dict keys, and 5 AdamW steps on
-    one batch within 2% of the bf16 path's loss (the float8 casts cost ~2-3 significant bits)."""
+    one batch within 2% of the bf16 path's loss (the float8 casts cost ~2-3 significant bits). Both models keep
+    the residual stream in bf16 (as the ablation's fp8 rows do): torchao casts a Linear's input to the autocast
+    dtype only under CUDA autocast, and rowwise_with_gw_hp's bf16 weight gradient multiplies the input as it came."""
     pytest.importorskip("torchao.float8")
     from mlmtrain.fp8 import convert_to_fp8
 
@@ -180,7 +183,9 @@ def test_fp8_converts_the_encoder_linears_and_trains_like_bf16():
     ref = BertForMaskedLM(config)
     fp8 = BertForMaskedLM(config)
     fp8.load_state_dict(ref.state_dict())
-    converted = convert_to_fp8(fp8, "rowwise", emulate=True)
+    for model in (ref, fp8):
+        set_fast_paths(model, FastPaths(residual_dtype="compute"))
+    converted = convert_to_fp8(fp8, recipe, emulate=True)
     assert len(converted) == 2 * 6 + 1 and "bert.encoder.layer.1.attention.self.value" in converted
     assert "cls.predictions.decoder" not in converted
     assert set(fp8.state_dict()) == set(ref.state_dict())
@@ -201,6 +206,34 @@ def test_fp8_converts_the_encoder_linears_and_trains_like_bf16():
     print("bf16", curves[0], "\nfp8 ", curves[1])
     assert curves[0][-1] < curves[0][0] - 0.1  # it learns
     np.testing.assert_allclose(curves[1], curves[0], rtol=0.02)
+
+
+def test_fp8_rowwise_with_gw_hp_keeps_only_the_weight_gradient_in_bf16():
+    """The recipe does what its name says: on one converted Linear (bf16, emulated), the weight gradient is the
+    bf16 product of the unscaled operands exactly, where rowwise's is rounded through float8; the input gradient
+    is rounded through float8 in both (it differs from the bf16 product)."""
+    pytest.importorskip("torchao.float8")
+    from mlmtrain.fp8 import convert_to_fp8
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(48, 64, generator=gen).bfloat16().requires_grad_()
+    dy = torch.randn(48, 32, generator=gen).bfloat16()
+    torch.manual_seed(5)
+    plain = nn.Sequential(nn.Linear(64, 32)).bfloat16()
+    grads = {}
+    for recipe in ("rowwise", "rowwise_with_gw_hp"):
+        model = nn.Sequential(nn.Linear(64, 32)).bfloat16()
+        model.load_state_dict(plain.state_dict())
+        assert convert_to_fp8(model, recipe, emulate=True) == ["0"]
+        x.grad = None
+        model(x).backward(dy)
+        grads[recipe] = model[0].weight.grad, x.grad
+    weight_hp, input_hp = dy.t() @ x.detach(), dy @ plain[0].weight.detach()  # (32, 64), (48, 64) bf16
+    assert torch.equal(grads["rowwise_with_gw_hp"][0], weight_hp)
+    assert not torch.equal(grads["rowwise"][0], weight_hp)
+    for recipe, (_, dx) in grads.items():
+        assert not torch.equal(dx, input_hp), recipe
+        torch.testing.assert_close(dx.float(), input_hp.float(), rtol=0.1, atol=0.1)
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -270,6 +303,7 @@ GPU_OPTIONS = {  # name -> (options, rtol of the 4 losses against the compiled d
     "rows_kernel": ({"data.layout": "rows", "model.attention": "triton"}, 0.01),  # the segment-attention kernel
     "fused": ({"model.fused_ops": "triton"}, 5e-3),  # bf16 autocast around the Triton kernels
     "fp8": ({"train.fp8": "rowwise"}, 0.03),  # every Linear's operands rounded to float8
+    "fp8_gw_hp": ({"train.fp8": "rowwise_with_gw_hp"}, 0.03),  # the same but the weight gradients (bf16)
     "packer_process": ({"data.packer": "process"}, 1e-3),  # the same batches, built in another process
 }
 _DEFAULT_CURVE: dict = {}  # per test process: the compiled default's losses (each option compares with it)
@@ -289,7 +323,7 @@ def test_gpu_options_train_within_tolerance_of_the_compiled_default(name, stored
     """The options only a GPU runs, 4 tiny compiled bf16 steps each against the compiled default (dropout 0), on
     the stored tokenizer (deterministic data), within each option's tolerance (GPU_OPTIONS)."""
     options, rtol = GPU_OPTIONS[name]
-    if name == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+    if name.startswith("fp8") and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability 8.9")
     if not _DEFAULT_CURVE:
         _DEFAULT_CURVE["losses"] = _gpu_curve(stored_data, tmp_path_factory.mktemp("default"))

@@ -130,7 +130,7 @@ class TrainSpec:
     shard: str = "ddp"  # ddp | fsdp (only used under torchrun with more than one process)
     cuda_graphs: bool = False  # replay the compiled step as CUDA graphs (torch.compile mode="reduce-overhead")
     async_log_reads: bool = False  # read a log window's device numbers one window later: no wait for the queue
-    fp8: str = "off"  # off | tensorwise | rowwise: torchao float8 training of the encoder's linear layers (H100+)
+    fp8: str = "off"  # off | tensorwise | rowwise | rowwise_with_gw_hp: torchao float8 linear layers (H100+)
 
 
 @dataclass
@@ -264,7 +264,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _one_of("train.nan_policy", t.nan_policy, ("skip", "stop"))
     _at_least("train.max_bad_steps", t.max_bad_steps, 1)
     _one_of("train.shard", t.shard, ("ddp", "fsdp"))
-    _one_of("train.fp8", t.fp8, ("off", "tensorwise", "rowwise"))
+    _one_of("train.fp8", t.fp8, ("off", "tensorwise", "rowwise", "rowwise_with_gw_hp"))
     return cfg
 
 

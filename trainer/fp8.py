@@ -1,7 +1,14 @@
-"""FP8 training of the linear layers with torchao (`train.fp8 = tensorwise | rowwise`): each converted Linear
-casts its input, weight and output gradient to float8 (per tensor, or per row for rowwise) and runs its three
-matmuls on the FP8 tensor cores; everything else stays in bf16 autocast. The parameters stay fp32 master
-weights under their own names, so checkpoints and exports are the same files as without fp8.
+"""FP8 training of the linear layers with torchao (`train.fp8`, one of torchao's recipes): each converted Linear
+casts its operands to float8 and runs its matmuls on the FP8 tensor cores; everything else stays in bf16 autocast.
+- `tensorwise`: one scale per tensor; the forward, the input gradient and the weight gradient all in float8.
+- `rowwise`: one scale per row of each operand (per token, per output channel); all three matmuls in float8, so
+  the weight gradient's operands are cast again along the token dimension (a second pass over each).
+- `rowwise_with_gw_hp`: rowwise forward and input gradient, the weight gradient in bf16 from the unscaled
+  operands: no cast along the token dimension (the casts left are per row, which a row's producer can fuse when
+  compiled: the LayerNorm, GELU and their backwards with `model.fused_ops = torch`), two of the three matmuls in
+  float8, and the weight gradient as accurate as without fp8.
+The parameters stay fp32 master weights under their own names, so checkpoints and exports are the same files as
+without fp8.
 
 Converted: every Linear of the encoder (q, k and v too: the model calls a swapped Linear as itself instead of
 concatenating the three weights) and the head's transform; not the vocab decoder, whose weight is the word
@@ -38,10 +45,10 @@ def check_fp8(recipe: str, device: torch.device, precision: str, tokens_per_batc
     if precision != "bf16":
         raise UserError(f"train.fp8 runs the rest of the model in bf16: use --precision bf16 (got {precision})")
     T = tokens_per_batch
-    if T % 16:  # each weight gradient's FP8 GEMM runs over the batch's tokens (torchao's pad_inner_dim is off)
+    if T % 16:  # the batch's tokens are a size of every FP8 GEMM here (torchao's pad_inner_dim is off)
         raise UserError(
-            f"train.fp8 needs data.tokens_per_batch to be a multiple of 16 (each weight gradient is an FP8 matmul "
-            f"over the batch's tokens, and FP8 GEMMs need aligned sizes), got {T}: e.g. {max(16, T // 16 * 16)}"
+            f"train.fp8 needs data.tokens_per_batch to be a multiple of 16 (the batch's tokens are a size of the FP8 "
+            f"matmuls, and FP8 GEMMs need aligned sizes), got {T}: e.g. {max(16, T // 16 * 16)}"
         )
     try:
         import torchao.float8  # noqa: F401
