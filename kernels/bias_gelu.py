@@ -52,16 +52,22 @@ if triton is not None:
         y_ptr,  # (N, C) x dtype, written
         N,
         C,
+        rows_per_program,
         BLOCK_N: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        STAGES: tl.constexpr,  # 1: one tile per program, as launched by default; > 1: loads pipelined over the loop
     ):
-        """One (BLOCK_N, BLOCK_C) tile per program; grid (row tiles, column tiles)."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        """Grid (P, column tiles): rows [pid * rows_per_program, ...) in (BLOCK_N, BLOCK_C) tiles."""
+        pid = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
         bias = tl.load(bias_ptr + cols, mask=cols < C, other=0.0).to(tl.float32)  # (BLOCK_C,)
-        h, offsets, inside = _load_h(x_ptr, bias, rows, N, cols, C)
-        y = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))  # h * Phi(h); the constant is 1 / sqrt(2)
-        tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
+        first = pid * rows_per_program
+        end = tl.minimum(first + rows_per_program, N)
+        for start in tl.range(first, end, BLOCK_N, num_stages=STAGES):
+            rows = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+            h, offsets, inside = _load_h(x_ptr, bias, rows, end, cols, C)
+            y = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))  # h * Phi(h); the constant is 1 / sqrt(2)
+            tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _bias_gelu_bwd_kernel(
@@ -104,19 +110,39 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _tile(C: int) -> tuple[int, int, int]:
+def _tile(C: int, block_n: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, num_warps): 2048-element tiles at most 512 columns wide, 8 elements per thread (the
-    residual LayerNorm's choice; not tuned by timing)."""
+    residual LayerNorm's choice; not tuned by timing: bench_bias_gelu --sweep times other tiles through `block_n`
+    and `num_warps`)."""
+    if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
+        raise ValueError(f"block_n must be a power of two, got {block_n}")
     block_c = min(triton.next_power_of_2(C), 512)
-    block_n = max(1, 2048 // block_c)
-    return block_n, block_c, 8 if block_n * block_c >= 2048 else 4
+    block_n = block_n or max(1, 2048 // block_c)
+    return block_n, block_c, num_warps or (8 if block_n * block_c >= 2048 else 4)
 
 
-def bias_gelu_fwd_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _rows_per_program(N: int, block_n: int, programs: int) -> tuple[int, int]:
+    """(rows per program, P): whole tiles per program (no tile straddles two), `programs` of them at most."""
+    row_tiles = triton.cdiv(N, block_n)
+    rows = triton.cdiv(row_tiles, max(1, min(programs, row_tiles))) * block_n
+    return rows, triton.cdiv(N, rows)
+
+
+def bias_gelu_fwd_triton(
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_programs: int | None = None,
+    stages: int = 1,
+) -> torch.Tensor:
     """Launch the forward kernel.
 
     Args:
         x: (N, C) contiguous, fp32 / bf16 / fp16. bias: (C,) any float dtype.
+        block_n, num_warps: the tile (default `_tile`). num_programs: P, row groups per column tile (default: one
+        tile each, the grid covering the matrix once); stages > 1 pipelines each program's loads over its tiles.
     Returns:
         y: (N, C) in x's dtype.
     """
@@ -124,19 +150,28 @@ def bias_gelu_fwd_triton(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     y = torch.empty_like(x)
     if N == 0:
         return y
-    BLOCK_N, BLOCK_C, warps = _tile(C)
-    grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(C, BLOCK_C))
-    _bias_gelu_fwd_kernel[grid](x, bias, y, N, C, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=warps)
+    BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
+    rows_per_program, P = _rows_per_program(N, BLOCK_N, num_programs or triton.cdiv(N, BLOCK_N))
+    _bias_gelu_fwd_kernel[(P, triton.cdiv(C, BLOCK_C))](
+        x, bias, y, N, C, rows_per_program, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, STAGES=stages, num_warps=warps
+    )
     return y
 
 
 def bias_gelu_bwd_triton(
-    dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, *, num_programs: int | None = None
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    bias: torch.Tensor,
+    *,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel, then sum the per-program dbias partials.
 
     Args:
         dy: (N, C) contiguous, x's dtype. x, bias: as given to the forward.
+        block_n, num_warps: the tile (default `_tile`).
         num_programs: P, row groups per column tile (default: ~4 programs per SM in all on CUDA, 4 otherwise).
     Returns:
         dx: (N, C) in x's dtype; dbias: (C,) fp32.
@@ -145,13 +180,12 @@ def bias_gelu_bwd_triton(
     dx = torch.empty_like(x)
     if N == 0:
         return dx, bias.new_zeros(C, dtype=torch.float32)
-    BLOCK_N, BLOCK_C, warps = _tile(C)
-    col_tiles, row_tiles = triton.cdiv(C, BLOCK_C), triton.cdiv(N, BLOCK_N)
+    BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
+    col_tiles = triton.cdiv(C, BLOCK_C)
     # ~4 programs per SM in all, one wave (56 registers and 16 KB of pipeline buffers at 3072 bf16, sm_90: 4 programs
     # of 8 warps fit an SM)
-    P = num_programs or (triton.cdiv(4 * _num_sms(x.device), col_tiles) if x.is_cuda else 4)
-    rows_per_program = triton.cdiv(row_tiles, max(1, min(P, row_tiles))) * BLOCK_N  # whole tiles per program
-    P = triton.cdiv(N, rows_per_program)
+    programs = num_programs or (triton.cdiv(4 * _num_sms(x.device), col_tiles) if x.is_cuda else 4)
+    rows_per_program, P = _rows_per_program(N, BLOCK_N, programs)
     dbias_partial = torch.empty((P, C), dtype=torch.float32, device=x.device)
     _bias_gelu_bwd_kernel[(P, col_tiles)](
         dy, x, bias, dx, dbias_partial, N, C, rows_per_program, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=warps

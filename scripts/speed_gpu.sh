@@ -3,9 +3,11 @@
 #   GPU checks of the new paths (the Triton kernels against their references, compiled FlexAttention forward and
 #   backward against the fp32 reference, flash varlen) -> attention alone (benchmarks/bench_attention.py: the
 #   segment kernel, FlexAttention, SDPA, flash varlen on one layer of BERT-base rows) -> the residual LayerNorm
-#   kernels alone (bench_residual_layer_norm --sweep at C = 768) -> hardware ceilings -> the speed ablation at
+#   kernels alone (bench_residual_layer_norm --sweep at C = 768) -> the bias+GELU kernels alone (bench_bias_gelu
+#   --sweep at C = 3072) -> hardware ceilings -> the speed ablation at
 #   vocab 30,000 (BERT-base, seq 128, sentence packing: today, +row attention, +bf16 residual, +fused kernels,
-#   +CUDA graphs, +fp8 tensorwise / rowwise / tensorwise with torch ops, +async log reads, +packer process,
+#   +CUDA graphs, +fp8 tensorwise / rowwise / tensorwise with torch ops / rowwise with bf16 weight gradients and
+#   torch ops, +async log reads, +packer process,
 #   +segment attention kernel, dropout off; each row with real tokens/s, MFU, % of the measured matmul
 #   ceiling, peak memory, the traced step's phases or kernel categories, and validation loss at equal real
 #   tokens) -> BERT-large, seq 512, document packing, today, the fastest configuration (with rows and flat) and
@@ -25,9 +27,10 @@
 # accelerate and psutil, pytest-xdist and execnet are installed from .whl/ into /tmp/site when missing
 # (git-ignored; docs/BENCHMARKS.md, "The GPU command", says how to fetch them and how to call this on a lent
 # machine).
-# OUT_DIR gets gpu.txt, gpu_tests.txt, attention.md/.json/.log, layernorm.md/.json/.log, bench.log, results.json,
-# report.md (a --merge call: gpu.txt, bench_merge.log, results.json, report.md, and the attention and layernorm
-# files where OUT_DIR had none, so copying them beside the first call's keeps both logs).
+# OUT_DIR gets gpu.txt, gpu_tests.txt, attention.md/.json/.log, layernorm.md/.json/.log, gelu.md/.json/.log,
+# bench.log, results.json, report.md (a --merge call: gpu.txt, bench_merge.log, results.json, report.md, and the
+# attention, layernorm and gelu files where OUT_DIR had none, so copying them beside the first call's keeps both
+# logs).
 set -uo pipefail
 OUT=${1:?usage: bash scripts/speed_gpu.sh OUT_DIR [--merge | --quick] [extra mlmtrain bench flags]}
 shift
@@ -111,6 +114,14 @@ if [ ! -s "$OUT/layernorm.md" ]; then
     --sweep --out "$OUT/layernorm.json" >"$OUT/layernorm.md" 2>"$OUT/layernorm.log" \
     || echo "speed_gpu.sh: bench_residual_layer_norm failed: $OUT/layernorm.log"
   tail -12 "$OUT/layernorm.md"
+fi
+
+# the bias+GELU kernels alone at BERT-base's intermediate size (~30 s): against the copy ceiling, and other launches
+# (--sweep: tiles, programs per SM, the forward's loads pipelined); once per OUT_DIR, like layernorm.md
+if [ ! -s "$OUT/gelu.md" ]; then
+  timeout -k 10 60 "$PY" -m mlmtrain.benchmarks.bench_bias_gelu --device cuda --hidden 3072 --no-compile --sweep \
+    --out "$OUT/gelu.json" >"$OUT/gelu.md" 2>"$OUT/gelu.log" || echo "speed_gpu.sh: bench_bias_gelu failed: $OUT/gelu.log"
+  tail -12 "$OUT/gelu.md"
 fi
 
 # --time-limit: no row starts whose expected end (the longest row so far) is past it; `timeout` is the hard stop

@@ -83,6 +83,28 @@ def test_mixed_dtypes_leading_dims_and_no_rows():
     assert y.shape == dx.shape == (0, 64) and not dbias.any()
 
 
+@requires_triton
+@pytest.mark.parametrize(
+    "launch",
+    [dict(num_programs=2, stages=3), dict(block_n=1, num_warps=4, num_programs=3, stages=2), dict(block_n=16)],
+)
+def test_other_launches_give_the_same_bits(launch):
+    """What bench_bias_gelu --sweep times: other tiles, fewer programs looping over several tiles (their loads
+    pipelined), other backward program counts; each element's arithmetic is the same, so y and dx are the default
+    launch's bit for bit and dbias within fp32 summation order (an odd N: partial tiles at every row-group end)."""
+    x, bias = (t.detach() for t in _inputs(37, 200, torch.bfloat16, seed=3))
+    dy = torch.randn(37, 200, generator=torch.Generator().manual_seed(2)).to(DEVICE, torch.bfloat16)
+    y = bg.bias_gelu_fwd_triton(x, bias)
+    dx, dbias = bg.bias_gelu_bwd_triton(dy, x, bias)
+    assert torch.equal(bg.bias_gelu_fwd_triton(x, bias, **launch), y)
+    backward = {k: v for k, v in launch.items() if k != "stages"}
+    dx_other, dbias_other = bg.bias_gelu_bwd_triton(dy, x, bias, **backward)
+    assert torch.equal(dx_other, dx)
+    torch.testing.assert_close(dbias_other, dbias, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="power of two"):
+        bg.bias_gelu_fwd_triton(x, bias, block_n=3)
+
+
 def test_bad_arguments():
     x, bias = _inputs(4, 32)
     with pytest.raises(ValueError, match="bias must be"):
@@ -120,12 +142,32 @@ def test_compiles_without_graph_break():
 
 
 def test_kernels_compile_for_hopper_without_a_gpu():
-    """Both kernels at the launcher's tiles (BERT-base's 3072 and a small size) to an sm_90 cubin."""
+    """Both kernels at the launcher's tiles (BERT-base's 3072 and a small size) to an sm_90 cubin, and the forward
+    with its loads pipelined (bench_bias_gelu --sweep)."""
     builds = []
     for kernel in ("_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"):
         for C, dtype in ((3072, "bf16"), (128, "fp32")):
             block_n, block_c, warps = bg._tile(C)
-            consts = {"BLOCK_N": block_n, "BLOCK_C": block_c}
+            consts = {"BLOCK_N": block_n, "BLOCK_C": block_c} | ({"STAGES": 1} if "fwd" in kernel else {})
             pointers = {"bias_ptr": "fp32", "dbias_partial_ptr": "fp32"}
             builds.append(build(bg.__name__, kernel, dtype, consts, warps, pointers=pointers))
+    block_n, block_c, warps = bg._tile(3072)
+    consts = {"BLOCK_N": block_n, "BLOCK_C": block_c, "STAGES": 3}
+    builds.append(build(bg.__name__, "_bias_gelu_fwd_kernel", "bf16", consts, warps, pointers={"bias_ptr": "fp32"}))
     assert_builds_for_hopper(builds)
+
+
+@requires_triton
+def test_benchmark_times_every_launch_and_credits_each_pass_its_bytes():
+    """bench_bias_gelu --sweep on a tiny matrix: every launch of the sweep is a row, each pass credited the bytes
+    its contract moves (forward 2 N C s, backward 3 N C s), and the summary names the fastest launch per pass."""
+    from mlmtrain.benchmarks.bench_bias_gelu import SWEEP_BWD, SWEEP_FWD, run
+
+    N, C = 16, 40
+    rows = run(N, (C,), DEVICE, repeats=5, compile_rows=False, sweep=True)
+    kernels = [r for r in rows if r.get("path") == "triton-kernels" and r["passes"] in ("fwd", "bwd")]
+    assert len(kernels) == 2 + len(SWEEP_FWD) + len(SWEEP_BWD) == len({r["name"] for r in kernels})
+    assert all(r["bytes"] == (2 if r["passes"] == "fwd" else 3) * N * C * 2 for r in kernels)
+    summary = rows[-1]
+    assert summary["kind"] == "summary" and summary["fwd_fastest_launch"].startswith("triton kernels fwd")
+    assert summary["bwd_fraction_of_copy"] > 0
