@@ -29,7 +29,9 @@ torch.compile: the kernels are `torch.library.custom_op`s (`mlmtrain::residual_l
 with fake (shape) functions and a registered autograd formula, so compiled graphs call them without a graph
 break, on the CPU interpreter too. Inductor would not fuse into a hand-written kernel either way; a
 `torch.library.triton_op` would only skip the dispatcher (microseconds, nothing under CUDA graphs), and it
-reuses its body as the fake function, which the interpreter's kernels cannot run under.
+reuses its body as the fake function, which the interpreter's kernels cannot run under. The forward also returns
+y's gradient port, with which the next LayerNorm's backward hands its residual gradient to this one (the backward
+kernel adds it to dy as it loads them): `residual_layer_norm_routed` says why.
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ if triton is not None:
     @triton.jit
     def _residual_layer_norm_bwd_kernel(
         dy_ptr,  # (N, C) y dtype
+        dy2_ptr,  # (N, C) y dtype, read when HAS_DY2: the gradient that came through the port (added to dy)
         x_ptr,  # (N, C)
         residual_ptr,  # (N, C)
         weight_ptr,  # (C,)
@@ -136,6 +139,7 @@ if triton is not None:
         dbias_partial_ptr,  # (P, C) fp32, written: this program's rows' sum of dy
         N, C, rows_per_program, drop_threshold, keep_scale,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, HAS_DROPOUT: tl.constexpr, WRITE_DX: tl.constexpr,
+        HAS_DY2: tl.constexpr,
     ):  # fmt: skip
         """Rows [pid * rows_per_program, ...) in (BLOCK_N, BLOCK_C) tiles; dweight and dbias accumulate in
         registers and are stored once per program (P programs, a few per SM), so no atomics are needed."""
@@ -157,6 +161,8 @@ if triton is not None:
             rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
             xhat = tl.where(inside, (h - mean[:, None]) * rstd[:, None], 0.0)  # (BLOCK_N, BLOCK_C)
             dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            if HAS_DY2:
+                dy += tl.load(dy2_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             wdy = dy * weight[None, :]
             # dL/dh = rstd * (w dy - mean_C(w dy xhat) xhat - mean_C(w dy)): LayerNorm's backward over one row
             c1 = tl.sum(wdy * xhat, axis=1) / C  # (BLOCK_N,)
@@ -239,24 +245,9 @@ def residual_layer_norm_fwd_triton(
     BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
     threshold, scale = dropout_threshold(p)
     _residual_layer_norm_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
-        x,
-        residual,
-        weight,
-        bias,
-        seed,
-        y,
-        mean,
-        rstd,
-        N,
-        C,
-        eps,
-        threshold,
-        scale,
-        BLOCK_N=BLOCK_N,
-        BLOCK_C=BLOCK_C,
-        HAS_DROPOUT=threshold > 0,
-        num_warps=warps,
-    )
+        x, residual, weight, bias, seed, y, mean, rstd, N, C, eps, threshold, scale,
+        BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, HAS_DROPOUT=threshold > 0, num_warps=warps,
+    )  # fmt: skip
     return y, mean, rstd
 
 
@@ -270,6 +261,7 @@ def residual_layer_norm_bwd_triton(
     rstd: torch.Tensor,
     p: float,
     *,
+    dy2: torch.Tensor | None = None,
     block_n: int | None = None,
     num_warps: int | None = None,
     num_programs: int | None = None,
@@ -278,6 +270,7 @@ def residual_layer_norm_bwd_triton(
 
     Args:
         dy: (N, C) contiguous, gradient of y. x, residual, weight, seed, p: as given to the forward.
+        dy2: (N, C) contiguous or None: the gradient that came through y's port, summed with dy in fp32.
         mean, rstd: (N,) fp32 from the forward.
         num_programs: P, the number of partial sums (default: 2 per SM on CUDA, 4 on the interpreter).
     Returns:
@@ -302,28 +295,11 @@ def residual_layer_norm_bwd_triton(
     dweight_partial = torch.empty((P, C), dtype=torch.float32, device=x.device)
     dbias_partial = torch.empty((P, C), dtype=torch.float32, device=x.device)
     _residual_layer_norm_bwd_kernel[(P,)](
-        dy,
-        x,
-        residual,
-        weight,
-        seed,
-        mean,
-        rstd,
-        dresidual,
-        dx,
-        dweight_partial,
-        dbias_partial,
-        N,
-        C,
-        rows_per_program,
-        threshold,
-        scale,
-        BLOCK_N=BLOCK_N,
-        BLOCK_C=BLOCK_C,
-        HAS_DROPOUT=threshold > 0,
-        WRITE_DX=write_dx,
+        dy, dy if dy2 is None else dy2, x, residual, weight, seed, mean, rstd, dresidual, dx, dweight_partial,
+        dbias_partial, N, C, rows_per_program, threshold, scale,
+        BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, HAS_DROPOUT=threshold > 0, WRITE_DX=write_dx, HAS_DY2=dy2 is not None,
         num_warps=warps,
-    )
+    )  # fmt: skip
     return dresidual, dx, dweight_partial.sum(0), dbias_partial.sum(0)
 
 
@@ -334,27 +310,36 @@ def residual_layer_norm_bwd_triton(
 def _fwd_op(
     x: torch.Tensor,
     residual: torch.Tensor,
+    residual_port: torch.Tensor | None,
     weight: torch.Tensor,
     bias: torch.Tensor,
     seed: torch.Tensor | None,
     eps: float,
     p: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with on_device(x):  # the kernels index rows as contiguous: a strided input (from a compiled graph) is copied
         x, residual = x.contiguous(), residual.contiguous()
-        return residual_layer_norm_fwd_triton(x, residual, weight, bias, x if seed is None else seed, eps, p)
+        y, mean, rstd = residual_layer_norm_fwd_triton(x, residual, weight, bias, x if seed is None else seed, eps, p)
+        return y, mean, rstd, _port(y)
+
+
+def _port(y: torch.Tensor) -> torch.Tensor:
+    """y's gradient port: y's shape and dtype over one zero element (stride 0), never read; residual_layer_norm_routed
+    says why."""
+    return y.new_zeros((1, 1)).expand(y.shape)
 
 
 @_fwd_op.register_fake
-def _(x, residual, weight, bias, seed, eps, p):
+def _(x, residual, residual_port, weight, bias, seed, eps, p):
     N, C = x.shape
     y = x.new_empty((N, C), dtype=torch.promote_types(x.dtype, residual.dtype))
-    return y, x.new_empty((N,), dtype=torch.float32), x.new_empty((N,), dtype=torch.float32)
+    return y, x.new_empty((N,), dtype=torch.float32), x.new_empty((N,), dtype=torch.float32), _port(y)
 
 
 @torch.library.custom_op("mlmtrain::residual_layer_norm_bwd", mutates_args=())
 def _bwd_op(
     dy: torch.Tensor,
+    dy2: torch.Tensor | None,
     x: torch.Tensor,
     residual: torch.Tensor,
     weight: torch.Tensor,
@@ -365,11 +350,13 @@ def _bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with on_device(x):
         dy, x, residual = dy.contiguous(), x.contiguous(), residual.contiguous()
-        return residual_layer_norm_bwd_triton(dy, x, residual, weight, x if seed is None else seed, mean, rstd, p)
+        dy2 = None if dy2 is None else dy2.contiguous()
+        seed = x if seed is None else seed
+        return residual_layer_norm_bwd_triton(dy, x, residual, weight, seed, mean, rstd, p, dy2=dy2)
 
 
 @_bwd_op.register_fake
-def _(dy, x, residual, weight, seed, mean, rstd, p):
+def _(dy, dy2, x, residual, weight, seed, mean, rstd, p):
     N, C = x.shape
     dx = x.new_empty((N, C) if _writes_dx(p, x.dtype, residual.dtype) else (0,))
     f32 = torch.float32
@@ -377,19 +364,24 @@ def _(dy, x, residual, weight, seed, mean, rstd, p):
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, seed, eps, p = inputs
-    _, mean, rstd = output
+    x, residual, residual_port, weight, bias, seed, eps, p = inputs
+    _, mean, rstd, _ = output
     ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused port (the last layer's) brings None, not a tensor of zeros
     ctx.save_for_backward(x, residual, weight, seed, mean, rstd)
-    ctx.p, ctx.bias_dtype = p, bias.dtype
+    ctx.p, ctx.bias_dtype, ctx.routed = p, bias.dtype, residual_port is not None
 
 
-def _backward(ctx, dy, _dmean, _drstd):
+def _backward(ctx, dy, _dmean, _drstd, dport):
     x, residual, weight, seed, mean, rstd = ctx.saved_tensors
-    dresidual, dx, dweight, dbias = _bwd_op(dy.contiguous(), x, residual, weight, seed, mean, rstd, ctx.p)
+    dy = torch.zeros_like(x, dtype=dport.dtype) if dy is None else dy  # y unused: only its port carried a gradient
+    dresidual, dx, dweight, dbias = _bwd_op(dy.contiguous(), dport, x, residual, weight, seed, mean, rstd, ctx.p)
     if not _writes_dx(ctx.p, x.dtype, residual.dtype):
         dx = dresidual  # h = x + residual: both get dL/dh, as torch's own add returns one tensor twice
-    return dx, dresidual, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), None, None, None
+    # the residual's gradient goes back through its port when it came with one (then its producer adds it to the
+    # gradient of its y inside its own backward kernel), else to the residual itself (autograd adds it)
+    to_residual, to_port = (None, dresidual) if ctx.routed else (dresidual, None)
+    return dx, to_residual, to_port, dweight.to(weight.dtype), dbias.to(ctx.bias_dtype), None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -420,6 +412,24 @@ def residual_layer_norm(
     backend: "triton", "torch" (the reference), or "auto" (Triton on CUDA or under TRITON_INTERPRET=1, else
     torch). Both are differentiable in x, residual, weight and bias and give the same mask for the same seed.
     """
+    return residual_layer_norm_routed(
+        x, residual, None, weight, bias, eps, p, seed, training=training, backend=backend
+    )[0]
+
+
+def residual_layer_norm_routed(
+    x, residual, residual_port, weight, bias, eps=1e-12, p=0.0, seed=None, *, training=True, backend="auto"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`residual_layer_norm` that also returns y's gradient port, and takes the residual's (`residual_port`: the
+    port its producer returned, or None). Returns (y, port); port is None on the torch reference.
+
+    Why: y feeds two consumers, the next sublayer's matmul and the next LayerNorm's residual, and autograd adds
+    their two gradients before this backward reads the sum: inductor makes that add an addmm into a new buffer,
+    which copies one gradient first (a (N, C) device-to-device copy per LayerNorm: 1.16 ms per BERT-base step on
+    the H200, 2026-11-30). Through the port the next LayerNorm hands its residual gradient to this backward
+    instead, and the kernel adds the two as it loads them. The port is y's shape over one element: no memory, never
+    read; only its gradient is. Each gradient reaches this backward once, through y or through the port.
+    """
     C = x.shape[-1]
     if x.shape != residual.shape:
         raise ValueError(f"x and residual must have the same shape, got {tuple(x.shape)} and {tuple(residual.shape)}")
@@ -438,12 +448,13 @@ def residual_layer_norm(
         seed = draw_seed(x.device)
     elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
         raise ValueError(f"seed must be one int64 on {x.device}, got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
-    if not triton_call:
-        return residual_layer_norm_reference(x, residual, weight, bias, eps, p, seed)
+    if not triton_call:  # a port from a Triton call then gets no gradient: its producer's y gets the whole sum
+        return residual_layer_norm_reference(x, residual, weight, bias, eps, p, seed), None
     x2 = x.contiguous().view(-1, C)  # (N, C)
     residual2 = residual.contiguous().view(-1, C)  # (N, C)
-    y, _, _ = _fwd_op(x2, residual2, weight, bias, None if seed is None else seed.view(1), eps, p)
-    return y.view(x.shape)  # (..., C)
+    port2 = None if residual_port is None else residual_port.view(-1, C)
+    y, _, _, port = _fwd_op(x2, residual2, port2, weight, bias, None if seed is None else seed.view(1), eps, p)
+    return y.view(x.shape), port.view(x.shape)  # (..., C)
 
 
 # ---------------------------------------------------------------------------------------------------

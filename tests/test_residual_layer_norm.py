@@ -214,15 +214,48 @@ def test_bad_arguments():
         residual_layer_norm(x.double(), residual, weight, bias)
 
 
+@requires_triton
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_gradient_port_routes_the_next_layernorms_residual_gradient(p):
+    """Two chained LayerNorms, the second taking the first's output as its residual: with the first's gradient
+    port (residual_layer_norm_routed) the second hands its residual gradient through the port and the first's
+    backward kernel adds it to dy as it loads them; every input's gradient equals the unrouted chain's (where
+    autograd adds the two), and the port holds no memory (stride 0)."""
+    x1, residual, weight, bias = _inputs(21, 200, seed=1)
+    x2 = torch.randn(21, 200, generator=torch.Generator().manual_seed(2)).to(DEVICE).requires_grad_()
+    w = torch.randn(200, 200, generator=torch.Generator().manual_seed(3)).to(DEVICE)  # the matmul y1 feeds
+    inputs = (x1, residual, weight, bias, x2)
+    grads = []
+    for routed in (False, True):
+        y1, port = rln.residual_layer_norm_routed(x1, residual, None, weight, bias, EPS, p, _seed(1))
+        assert port.shape == y1.shape and port.stride() == (0, 0)
+        y2, _ = rln.residual_layer_norm_routed(
+            x2 + y1 @ w, y1, port if routed else None, weight, bias, EPS, p, _seed(2)
+        )
+        grads.append(torch.autograd.grad((y2 * y2).sum(), inputs))
+    for name, a, b in zip(("x1", "residual", "weight", "bias", "x2"), *grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    # the kernel itself: dy and dy2 summed in fp32 as they load, exactly the backward of their sum
+    x, residual, weight, _ = (t.detach() for t in _inputs(9, 96))
+    _, mean, rstd = rln.residual_layer_norm_fwd_triton(x, residual, weight, weight, _seed(), EPS, p)
+    dy, dy2 = (torch.randn(9, 96, generator=torch.Generator().manual_seed(s)).to(DEVICE) for s in (4, 5))
+    both = rln.residual_layer_norm_bwd_triton(dy, x, residual, weight, _seed(), mean, rstd, p, dy2=dy2)
+    summed = rln.residual_layer_norm_bwd_triton(dy + dy2, x, residual, weight, _seed(), mean, rstd, p)
+    for a, b in zip(both, summed):
+        assert torch.equal(a, b)
+
+
 # ---- torch.compile, custom-op registration, CUDA graphs ---------------------------------------------------
 @requires_triton
 def test_custom_ops_pass_opcheck():
     """Schema, fake (shape) functions, autograd registration and AOT dispatch, as torch.library checks them."""
     x, residual, weight, bias = (t.detach() for t in _inputs(6, 48))
-    torch.library.opcheck(rln._fwd_op, (x, residual, weight, bias, _seed(), EPS, 0.1))
-    stats = rln._fwd_op(x, residual, weight, bias, _seed(), EPS, 0.1)
+    for port in (None, rln._port(residual)):  # with and without the residual's gradient port
+        torch.library.opcheck(rln._fwd_op, (x, residual, port, weight, bias, _seed(), EPS, 0.1))
+    stats = rln._fwd_op(x, residual, None, weight, bias, _seed(), EPS, 0.1)
     dy = torch.randn(6, 48, device=DEVICE)
-    torch.library.opcheck(rln._bwd_op, (dy, x, residual, weight, _seed(), stats[1], stats[2], 0.1))
+    for dy2 in (None, torch.randn(6, 48, device=DEVICE)):
+        torch.library.opcheck(rln._bwd_op, (dy, dy2, x, residual, weight, _seed(), stats[1], stats[2], 0.1))
 
 
 @requires_triton
@@ -254,7 +287,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     for kernel in ("_residual_layer_norm_fwd_kernel", "_residual_layer_norm_bwd_kernel"):
         for C, dtype, dropout in ((768, "bf16", True), (128, "fp32", False)):
             block_n, block_c, warps = rln._tile(C, None, None)
-            consts = {"BLOCK_N": block_n, "BLOCK_C": block_c, "HAS_DROPOUT": dropout, "WRITE_DX": dropout}
+            flags = dict.fromkeys(("HAS_DROPOUT", "WRITE_DX", "HAS_DY2"), dropout)
+            consts = {"BLOCK_N": block_n, "BLOCK_C": block_c, **flags}
             fp32 = ("weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "dweight_partial_ptr", "dbias_partial_ptr")
             pointers = {"seed_ptr": "i64", **dict.fromkeys(fp32, "fp32")}
             builds.append(

@@ -42,7 +42,7 @@ def test_post_ln_residual_is_the_modules_exactly_in_fp32():
     torch.manual_seed(3)
     expected = norm(dropout(x) + residual)
     torch.manual_seed(3)
-    assert torch.equal(post_ln_residual(x, residual, dropout, norm, FastPaths()), expected)
+    assert torch.equal(post_ln_residual(x, residual, dropout, norm, FastPaths())[0], expected)
 
 
 def test_bf16_residual_stream_under_autocast():
@@ -52,7 +52,7 @@ def test_bf16_residual_stream_under_autocast():
     args, _ = odd_batch()
     seen = []
     for layer in model.bert.encoder.layer:
-        layer.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        layer.register_forward_hook(lambda m, i, out: seen.append(out[0].dtype))  # (x, its gradient port)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         default = model(*args).float()
         set_fast_paths(model, FastPaths(residual_dtype="compute"))
@@ -85,6 +85,39 @@ def test_fused_ops_triton_equals_torch_ops():
     assert torch.allclose(logits[0], logits[1], atol=1e-4, rtol=0), report(*logits)
     for k, g in grads[0].items():
         assert torch.allclose(g, grads[1][k], atol=1e-5, rtol=1e-3), (k, report(g, grads[1][k]))
+
+
+@requires_triton
+@pytest.mark.compile
+def test_compiled_fused_ops_add_a_layernorms_two_gradients_in_its_kernel():
+    """Compiled by inductor, each residual LayerNorm's output gradient port (residual_layer_norm_routed) brings the
+    next LayerNorm's residual gradient to its backward kernel, so the matmul's input gradient is no addmm into a
+    copy: two addmm are left (the first LayerNorm's residual, the embeddings' output, has no port; the tied word
+    embedding's two gradients), the last LayerNorm's port has no consumer (None), and the gradients equal the
+    eager model's. Without the ports there are five here (2 per layer + the tied embedding's)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    args, labels = odd_batch(2)
+    torch.manual_seed(2)
+    model = BertForMaskedLM(odd_config(), fast=FastPaths(fused_ops="triton"))
+    grads = []
+    for forward in (model, torch.compile(model)):
+
+        def step(forward=forward):
+            loss, n = mlm_loss_sum(forward(*args), labels)
+            (loss / n).backward()
+
+        model.zero_grad(set_to_none=True)
+        codes = run_and_get_code(step)[1] if forward is not model else step()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    backward = codes[-1]  # the wrapper code of the forward graph, then of the backward graph
+    assert backward.count("extern_kernels.addmm(") == 2
+    dy2 = re.findall(r"residual_layer_norm_bwd\.default\(\w+, (\w+)", backward)  # from the last layer to the first
+    assert len(dy2) == 4 and dy2[0] == "None" and "None" not in dy2[1:], dy2
+    for k, g in grads[0].items():
+        assert torch.allclose(g, grads[1][k], atol=1e-5, rtol=1e-4), (k, report(g, grads[1][k]))
 
 
 # ---------------------------------------------------------------------------------------------- refusals

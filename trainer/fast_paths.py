@@ -22,7 +22,7 @@ from mlmtrain.errors import UserError
 from mlmtrain.fp8 import check_fp8
 from mlmtrain.kernels import INTERPRETER_PROBLEM, triton_runs_on
 from mlmtrain.kernels.bias_gelu import bias_gelu
-from mlmtrain.kernels.residual_layer_norm import residual_layer_norm
+from mlmtrain.kernels.residual_layer_norm import residual_layer_norm_routed
 from mlmtrain.kernels.segment_attention import MAX_HEAD_DIM, MAX_ROW
 
 
@@ -47,18 +47,22 @@ def set_fast_paths(model: nn.Module, fast: FastPaths) -> FastPaths:
     return fast
 
 
-def post_ln_residual(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fast: FastPaths):
+def post_ln_residual(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fast: FastPaths, residual_port=None):
     """LayerNorm(dropout(x) + residual), BERT's post-LN sublayer output: the sum and the statistics in fp32, the
     output in the promoted dtype of x and residual (so the residual stream keeps its dtype: fp32 under autocast
     by default, the compute dtype with `residual_dtype="compute"`). The default is `norm(dropout(x) + residual)`
-    itself."""
+    itself. Returns (y, y's gradient port): with the Triton kernels the next post_ln_residual takes the port with
+    y as its residual, and their backward adds y's two gradients in the kernel
+    (`residual_layer_norm_routed`); elsewhere the port is None."""
     if fast.fused_ops == "triton":
-        return residual_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, dropout.p, training=dropout.training)
+        return residual_layer_norm_routed(
+            x, residual, residual_port, norm.weight, norm.bias, norm.eps, dropout.p, training=dropout.training
+        )
     if fast.residual_dtype == "fp32":  # as BERT writes it: the dtypes are autocast's (or FSDP's parameter dtype)
-        return norm(dropout(x) + residual)
+        return norm(dropout(x) + residual), None
     h = dropout(x).float() + residual.float()  # the sum in fp32, never rounded to the stream's dtype
     out = F.layer_norm(h, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
-    return out.to(torch.promote_types(x.dtype, residual.dtype))
+    return out.to(torch.promote_types(x.dtype, residual.dtype)), None
 
 
 def bias_then_gelu(x, dense: nn.Linear, fast: FastPaths):

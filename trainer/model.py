@@ -23,8 +23,7 @@ Attention in the packed path (chosen once per forward, from device and dtype; `a
 The work around the matmuls runs as `FastPaths` says (fast_paths.py). A Linear swapped for another module
 (torchao's Float8Linear) runs as itself: q/k/v then run as three matmuls.
 
-Under bf16 autocast the logits come back in bf16 (the decoder matmul runs in bf16); `mlm_loss_sum`
-upcasts to fp32 before the softmax, so the loss is always computed in fp32.
+Under bf16 autocast the logits come back in bf16 (a bf16 decoder matmul); `mlm_loss_sum` upcasts to fp32 first.
 """
 
 from __future__ import annotations
@@ -248,8 +247,8 @@ class BertSelfOutput(nn.Module):  # attention.output
 
     fast = FastPaths()  # set by fast_paths.set_fast_paths
 
-    def forward(self, h, residual):
-        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast)
+    def forward(self, h, residual, port=None):  # -> (y, y's gradient port): fast_paths.post_ln_residual
+        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast, port)
 
 
 class BertAttention(nn.Module):
@@ -258,8 +257,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x, attend):
-        return self.output(self.self(x, attend), x)
+    def forward(self, x, attend, port=None):
+        return self.output(self.self(x, attend), x, port)
 
 
 class BertIntermediate(nn.Module):
@@ -282,8 +281,8 @@ class BertOutput(nn.Module):  # the MLP's down projection
 
     fast = FastPaths()  # set by fast_paths.set_fast_paths
 
-    def forward(self, h, residual):  # (..., I), (..., C) -> (..., C)
-        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast)
+    def forward(self, h, residual, port=None):  # (..., I), (..., C) -> (..., C) and its gradient port
+        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast, port)
 
 
 class BertLayer(nn.Module):
@@ -293,9 +292,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x, attend):
-        x = self.attention(x, attend)
-        return self.output(self.intermediate(x), x)
+    def forward(self, x, attend, port=None):  # x and its gradient port -> the same for the layer's output
+        x, port = self.attention(x, attend, port)
+        return self.output(self.intermediate(x), x, port)
 
 
 class BertEncoder(nn.Module):
@@ -304,8 +303,9 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(self, x, attend):
+        port = None  # x's gradient port (fast_paths.post_ln_residual): the embeddings' output has none
         for layer in self.layer:
-            x = layer(x, attend)
+            x, port = layer(x, attend, port)
         return x
 
 
