@@ -74,6 +74,31 @@ def test_kernel_matches_reference(N, C, dtype, p):
 
 
 @requires_triton
+@pytest.mark.parametrize("N,C", [(7, 200), (5, 768)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_x_bias_added_in_the_kernel_and_its_gradient_summed_there(N, C, dtype, p):
+    """x_bias (the sublayer matmul's bias, fp32 as under autocast) added to x before the dropout: y and every
+    gradient, x_bias's included (summed over rows in the backward kernel), match the reference."""
+    x, residual, weight, bias = _inputs(N, C, dtype, seed=N + C)
+    x_bias = torch.randn(C, generator=torch.Generator().manual_seed(6)).to(DEVICE).requires_grad_()
+    dy = torch.randn(N, C, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    inputs = (x, residual, weight, bias, x_bias)
+    out = {}
+    for backend in ("triton", "torch"):
+        y, _ = rln.residual_layer_norm_routed(
+            x, residual, None, weight, bias, EPS, p, _seed(), x_bias=x_bias, backend=backend
+        )
+        out[backend] = (y, *torch.autograd.grad(y, inputs, dy))
+    names = ("y", "dx", "dresidual", "dweight", "dbias", "dx_bias")
+    for name, got, want in zip(names, out["triton"], out["torch"]):
+        rtol, atol = (TOL if name == "y" else GRAD_TOL)[dtype]
+        scale = math.sqrt(N) if name in ("dweight", "dbias", "dx_bias") else 1.0  # sums in another order
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale, msg=lambda m, n=name: f"{n}: {m}")
+    assert out["triton"][-1].dtype == torch.float32
+
+
+@requires_triton
 def test_mixed_dtypes_and_leading_dims():
     """A bf16 sublayer output onto an fp32 residual stream (what autocast gives today): y is fp32, each
     gradient comes back in its input's dtype; bf16 parameters give bf16 dweight, dbias."""
@@ -250,12 +275,13 @@ def test_gradient_port_routes_the_next_layernorms_residual_gradient(p):
 def test_custom_ops_pass_opcheck():
     """Schema, fake (shape) functions, autograd registration and AOT dispatch, as torch.library checks them."""
     x, residual, weight, bias = (t.detach() for t in _inputs(6, 48))
-    for port in (None, rln._port(residual)):  # with and without the residual's gradient port
-        torch.library.opcheck(rln._fwd_op, (x, residual, port, weight, bias, _seed(), EPS, 0.1))
-    stats = rln._fwd_op(x, residual, None, weight, bias, _seed(), EPS, 0.1)
+    x_bias = torch.randn(48, device=DEVICE)
+    for port, xb in ((None, None), (rln._port(residual), x_bias)):  # with and without the port and x's bias
+        torch.library.opcheck(rln._fwd_op, (x, xb, residual, port, weight, bias, _seed(), EPS, 0.1))
+    stats = rln._fwd_op(x, None, residual, None, weight, bias, _seed(), EPS, 0.1)
     dy = torch.randn(6, 48, device=DEVICE)
-    for dy2 in (None, torch.randn(6, 48, device=DEVICE)):
-        torch.library.opcheck(rln._bwd_op, (dy, dy2, x, residual, weight, _seed(), stats[1], stats[2], 0.1))
+    for dy2, xb in ((None, None), (torch.randn(6, 48, device=DEVICE), x_bias)):
+        torch.library.opcheck(rln._bwd_op, (dy, dy2, x, xb, residual, weight, _seed(), stats[1], stats[2], 0.1))
 
 
 @requires_triton

@@ -36,13 +36,13 @@ def odd_batch(seed: int = 0):
 
 
 def test_post_ln_residual_is_the_modules_exactly_in_fp32():
-    norm, dropout = nn.LayerNorm(48, eps=1e-12), nn.Dropout(0.1)
+    dense, norm, dropout = nn.Linear(40, 48), nn.LayerNorm(48, eps=1e-12), nn.Dropout(0.1)
     nn.init.normal_(norm.weight)
-    x, residual = torch.randn(2, 11, 48), torch.randn(2, 11, 48)
+    h, residual = torch.randn(2, 11, 40), torch.randn(2, 11, 48)
     torch.manual_seed(3)
-    expected = norm(dropout(x) + residual)
+    expected = norm(dropout(dense(h)) + residual)
     torch.manual_seed(3)
-    assert torch.equal(post_ln_residual(x, residual, dropout, norm, FastPaths())[0], expected)
+    assert torch.equal(post_ln_residual(h, dense, residual, dropout, norm, FastPaths())[0], expected)
 
 
 def test_bf16_residual_stream_under_autocast():

@@ -47,17 +47,23 @@ def set_fast_paths(model: nn.Module, fast: FastPaths) -> FastPaths:
     return fast
 
 
-def post_ln_residual(x, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fast: FastPaths, residual_port=None):
-    """LayerNorm(dropout(x) + residual), BERT's post-LN sublayer output: the sum and the statistics in fp32, the
-    output in the promoted dtype of x and residual (so the residual stream keeps its dtype: fp32 under autocast
-    by default, the compute dtype with `residual_dtype="compute"`). The default is `norm(dropout(x) + residual)`
-    itself. Returns (y, y's gradient port): with the Triton kernels the next post_ln_residual takes the port with
-    y as its residual, and their backward adds y's two gradients in the kernel
-    (`residual_layer_norm_routed`); elsewhere the port is None."""
+def post_ln_residual(
+    h, dense: nn.Module, residual, dropout: nn.Dropout, norm: nn.LayerNorm, fast: FastPaths, port=None
+):
+    """LayerNorm(dropout(dense(h)) + residual), BERT's post-LN sublayer output: the sum and the statistics in fp32,
+    the output in the promoted dtype of dense(h) and residual (so the residual stream keeps its dtype: fp32 under
+    autocast by default, the compute dtype with `residual_dtype="compute"`). The default is
+    `norm(dropout(dense(h)) + residual)` itself. Returns (y, y's gradient port). With the Triton kernels the dense
+    layer's bias is added in the LayerNorm kernel, which sums its gradient as it goes (a Linear swapped for another
+    module, e.g. torchao's Float8Linear, keeps its own bias), and the next post_ln_residual takes the port with y as
+    its residual, so their backward adds y's two gradients in the kernel (`residual_layer_norm_routed`);
+    elsewhere the port is None."""
     if fast.fused_ops == "triton":
-        return residual_layer_norm_routed(
-            x, residual, residual_port, norm.weight, norm.bias, norm.eps, dropout.p, training=dropout.training
-        )
+        plain = type(dense) is nn.Linear and dense.bias is not None
+        x, x_bias = (F.linear(h, dense.weight), dense.bias) if plain else (dense(h), None)
+        args = (norm.weight, norm.bias, norm.eps, dropout.p)
+        return residual_layer_norm_routed(x, residual, port, *args, x_bias=x_bias, training=dropout.training)
+    x = dense(h)
     if fast.residual_dtype == "fp32":  # as BERT writes it: the dtypes are autocast's (or FSDP's parameter dtype)
         return norm(dropout(x) + residual), None
     h = dropout(x).float() + residual.float()  # the sum in fp32, never rounded to the stream's dtype

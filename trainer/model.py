@@ -248,7 +248,7 @@ class BertSelfOutput(nn.Module):  # attention.output
     fast = FastPaths()  # set by fast_paths.set_fast_paths
 
     def forward(self, h, residual, port=None):  # -> (y, y's gradient port): fast_paths.post_ln_residual
-        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast, port)
+        return post_ln_residual(h, self.dense, residual, self.dropout, self.LayerNorm, self.fast, port)
 
 
 class BertAttention(nn.Module):
@@ -282,7 +282,7 @@ class BertOutput(nn.Module):  # the MLP's down projection
     fast = FastPaths()  # set by fast_paths.set_fast_paths
 
     def forward(self, h, residual, port=None):  # (..., I), (..., C) -> (..., C) and its gradient port
-        return post_ln_residual(self.dense(h), residual, self.dropout, self.LayerNorm, self.fast, port)
+        return post_ln_residual(h, self.dense, residual, self.dropout, self.LayerNorm, self.fast, port)
 
 
 class BertLayer(nn.Module):
