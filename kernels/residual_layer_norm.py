@@ -210,9 +210,9 @@ def _num_sms(device: torch.device) -> int:
 
 def _tile(C: int, block_n: int | None, num_warps: int | None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, num_warps): whole rows (BLOCK_C >= C, a power of two), 2048-element tiles on 8 warps,
-    i.e. 8 elements per thread per tensor: at C = 768 bf16 ptxas (sm_90) reports 39 registers forward, 89-94
-    backward (its loads pipelined; Triton 3.9 / 3.6), no spills, where 4096-element tiles took 125-255 and
-    spilled. Not tuned by timing yet: the benchmark's --sweep times other tiles through `block_n` / `num_warps`."""
+    i.e. 8 elements per thread per tensor: at C = 768 bf16 ptxas (sm_90) reports 39-40 registers forward, 113-119
+    backward with every option on (dropout, x_bias, the port's dy2; its loads pipelined; Triton 3.9 / 3.6), no
+    spills, where 4096-element tiles took 125-255 and spilled. Not tuned by timing yet: the benchmark's --sweep times other tiles through `block_n` / `num_warps`."""
     if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
         raise ValueError(f"block_n must be a power of two, got {block_n}")
     block_c = max(triton.next_power_of_2(C), COLS_PER_CALL)
@@ -280,7 +280,7 @@ def residual_layer_norm_bwd_triton(
         return dresidual, dx, weight.new_zeros((partials, C), dtype=torch.float32)
     BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
     n_blocks = triton.cdiv(N, BLOCK_N)
-    # Equal shares in one wave: 2 programs of 8 warps fit an SM at <= 128 registers (89-94 at C = 768 bf16); a
+    # Equal shares in one wave: 2 programs of 8 warps fit an SM at <= 128 registers (<= 119 at C = 768 bf16); a
     # grid of 1.3 waves would leave most SMs idle while the last third runs.
     P = max(1, min(num_programs or (2 * _num_sms(x.device) if x.is_cuda else 4), n_blocks))
     rows_per_program = triton.cdiv(n_blocks, P) * BLOCK_N  # whole tiles: no tile straddles two programs

@@ -313,7 +313,7 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     for kernel in ("_residual_layer_norm_fwd_kernel", "_residual_layer_norm_bwd_kernel"):
         for C, dtype, dropout in ((768, "bf16", True), (128, "fp32", False)):
             block_n, block_c, warps = rln._tile(C, None, None)
-            flags = dict.fromkeys(("HAS_DROPOUT", "WRITE_DX", "HAS_DY2"), dropout)
+            flags = dict.fromkeys(("HAS_DROPOUT", "WRITE_DX", "HAS_DY2", "HAS_X_BIAS"), dropout)
             consts = {"BLOCK_N": block_n, "BLOCK_C": block_c, **flags}
             fp32 = ("weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "dweight_partial_ptr", "dbias_partial_ptr")
             pointers = {"seed_ptr": "i64", **dict.fromkeys(fp32, "fp32")}
