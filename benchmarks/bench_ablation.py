@@ -64,6 +64,13 @@ KERNEL_ATTENTION = ("+segment attention kernel", {"model.attention": "triton"}) 
 DROPOUT_OFF = ("dropout off", {"model.dropout": 0.0})
 # the loss curves' rows: today's and the candidate default's, at seeds 0 and 1 each (ablation_report.curve_check)
 CURVES = ("today", "today, seed 1", "fastest configuration", "fastest configuration, seed 1")
+TARGETS = ("today", "fastest base configuration", "fastest, flat layout", "fastest, fp8")  # the large model's rows
+ROW_NAMES = tuple(
+    dict.fromkeys(
+        [name for name, _ in (*ABLATION, *FP8, ASYNC_READS, PACKER_PROCESS, KERNEL_ATTENTION, DROPOUT_OFF)]
+        + [*TARGETS, *CURVES]
+    )
+)  # every row's name, once (--remeasure)
 SAME_SPEED = 0.01  # rates within 1% are one speed: one row's log windows spread 0.25-1.1% at 64k (H200, 2026-11-24)
 SKIPPED = "skipped: the time budget (--time-limit) ran out"
 # a row that broke the device (an illegal memory access poisons the CUDA context of the whole process): the rows

@@ -113,6 +113,7 @@ def command_line(args) -> str:
     parts += [f"--sweep-caps {','.join(map(str, args.sweep_caps))}"] if args.sweep_caps else []
     parts += [f"--time-limit {args.time_limit:g}"] if args.time_limit else []
     parts += ["--merge"] if args.merge else []
+    parts += [f"--remeasure {name!r}" for name in args.remeasure or ()]
     return " ".join(parts)
 
 
@@ -137,6 +138,14 @@ def check_args(args) -> list[str]:
             setattr(args, flag, values)
     if args.time_limit < 0:
         raise UserError(f"--time-limit must be >= 0 seconds, got {args.time_limit:g}")
+    if args.remeasure:
+        from mlmtrain.benchmarks.bench_ablation import ROW_NAMES
+
+        if not args.merge or "ablation" not in sections:
+            raise UserError("--remeasure names ablation rows of a --merge run: add --merge and the ablation section")
+        unknown = [name for name in args.remeasure if name not in ROW_NAMES]
+        if unknown:
+            raise UserError(f"--remeasure: no ablation row is called {unknown[0]!r}; rows: {', '.join(ROW_NAMES)}")
     return sections
 
 
@@ -320,7 +329,9 @@ class Bench:
     def ablation(self) -> list[dict]:
         from mlmtrain.benchmarks import bench_ablation
 
-        reuse = [r for s in self.previous["sections"] if s["section"] == "ablation" for r in s.get("rows", [])]
+        again = set(self.args.remeasure or ())  # rows whose code changed since they were measured
+        rows = [r for s in self.previous["sections"] if s["section"] == "ablation" for r in s.get("rows", [])]
+        reuse = [r for r in rows if r.get("name") not in again]
         return bench_ablation.run(
             self.work / "ablation",
             self.data(),

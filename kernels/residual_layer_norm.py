@@ -212,7 +212,8 @@ def _tile(C: int, block_n: int | None, num_warps: int | None) -> tuple[int, int,
     """(BLOCK_N, BLOCK_C, num_warps): whole rows (BLOCK_C >= C, a power of two), 2048-element tiles on 8 warps,
     i.e. 8 elements per thread per tensor: at C = 768 bf16 ptxas (sm_90) reports 39-40 registers forward, 113-119
     backward with every option on (dropout, x_bias, the port's dy2; its loads pipelined; Triton 3.9 / 3.6), no
-    spills, where 4096-element tiles took 125-255 and spilled. Not tuned by timing yet: the benchmark's --sweep times other tiles through `block_n` / `num_warps`."""
+    spills, where 4096-element tiles took 125-255 and spilled. Not tuned by timing yet: the benchmark's --sweep
+    times other tiles through `block_n` / `num_warps`."""
     if block_n is not None and (block_n < 1 or block_n & (block_n - 1)):
         raise ValueError(f"block_n must be a power of two, got {block_n}")
     block_c = max(triton.next_power_of_2(C), COLS_PER_CALL)

@@ -347,7 +347,17 @@ def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
     ]
     (out / "results.json").write_text(json.dumps(res), encoding="utf-8")
     second = subprocess.run(
-        ["bash", str(script), str(out), "--quick", "--merge", "--sections", "ablation"],
+        [
+            "bash",
+            str(script),
+            str(out),
+            "--quick",
+            "--merge",
+            "--sections",
+            "ablation",
+            "--remeasure",
+            "+bf16 residual",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -359,6 +369,24 @@ def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
     assert again[("ablation", "dropout off")]["tokens_per_s"]["overall"] > 0
     assert not again[("ablation", "dropout off")].get("reused_from")
     assert all(again[k].get("reused_from") for k in (("ablation", "today"), ("target", "today")))
+    remeasured = again[("ablation", "+bf16 residual")]  # --remeasure: measured again, the rows after it kept
+    assert not remeasured.get("reused_from") and remeasured["tokens_per_s"]["overall"] > 0
+    assert again[("ablation", "+fused kernels")].get("reused_from")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--remeasure", "+fused kernels"], "add --merge and the ablation section"),
+        (["--merge", "--remeasure", "+fused kernel"], "no ablation row is called '+fused kernel'"),
+    ],
+)
+def test_remeasure_names_rows_of_a_merge(tmp_path, capsys, flags, message):
+    from mlmtrain.cli import main
+
+    assert main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ablation", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 def test_ablation_rows_past_the_budget_are_skipped_and_say_so(tmp_path):
@@ -545,6 +573,7 @@ def test_ablation_plan_builds_each_row_on_the_right_one_and_tries_fp8_on_the_lar
     common = dict(size="base", tokens_per_batch=1, target_tokens=1, device="cpu", compile=False, log_every=1)
     large = dict(large_size="large", large_tokens_per_batch=1, large_target_tokens=1)
     rows = {(r["benchmark"], r["name"]): r["options"] for r in bench_ablation.run(tmp_path, None, **common, **large)}
+    assert {name for _, name in rows} <= set(bench_ablation.ROW_NAMES)  # what --remeasure accepts
     chained = {"data.layout": "rows", "model.residual_dtype": "compute", "model.fused_ops": "triton",
                "train.cuda_graphs": True}  # fmt: skip
     assert rows[("ablation", "+fp8 rowwise")] == {**chained, "train.fp8": "rowwise"}

@@ -302,6 +302,12 @@ def bench_args(p) -> None:
         help="keep the sections of an existing OUT/results.json that this run does not redo; sweep "
         "points already measured there are not measured again",
     )
+    p.add_argument(
+        "--remeasure",
+        action="append",
+        metavar="ROW",
+        help="with --merge: measure this ablation row again rather than keep it (its code changed since); repeatable",
+    )
     p.add_argument("--work", help="folder for data, runs and checkpoints (default: a temporary folder, removed)")
 
 
