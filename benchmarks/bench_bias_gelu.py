@@ -32,7 +32,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.benchmarks.common import kernel_bench_device, print_and_save, record, time_fn
+from mlmtrain.benchmarks.common import kernel_bench_device, kernel_rows, print_and_save
 from mlmtrain.config import torch_dtype
 
 GPU_TOKENS, GPU_HIDDEN = 65536, (3072, 4096)  # BERT-base's and BERT-large's intermediate sizes
@@ -67,7 +67,6 @@ def run(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     N = tokens or (GPU_TOKENS if on_gpu else QUICK_TOKENS)
-    warmup, reps = (3, repeats) if on_gpu else (1, max(1, repeats // 5))
     sms = torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1
     rows = []
     for C in hidden or (GPU_HIDDEN if on_gpu else QUICK_HIDDEN):
@@ -78,16 +77,7 @@ def run(
         s = x.element_size()
         fwd_bytes, bwd_bytes = 2 * N * C * s, 3 * N * C * s
         common = dict(num_tokens=N, hidden=C, dtype=str(dtype).removeprefix("torch."), device=str(device))
-
-        def add(name, fn, work_bytes, **fields):
-            seconds = time_fn(fn, device, warmup=warmup, repeats=reps)
-            rows.append(record("bias_gelu", name, seconds, work={"bytes": work_bytes}, **common, **fields))
-            r = rows[-1]
-            print(
-                f"N={N} C={C} {name:<40} {r['seconds']['median'] * 1e6:10.1f} us  "
-                f"{r['bytes_per_s']['median'] / 1e9:8.1f} GB/s",
-                flush=True,
-            )
+        add = kernel_rows("bias_gelu", device, rows, f"N={N} C={C}", repeats=repeats, **common)
 
         def both(name, forward, path):
             add(name, lambda: torch.autograd.grad(forward(x, bias), (x, bias), dy), fwd_bytes + bwd_bytes,
@@ -95,9 +85,7 @@ def run(
             with torch.no_grad():
                 add(name + " fwd", lambda: forward(x, bias), fwd_bytes, path=path, passes="fwd")
 
-        src = torch.rand((fwd_bytes + bwd_bytes) // 8, device=device)  # fp32: 4 B read + 4 B written per element
-        dst = torch.empty_like(src)
-        add("copy", lambda: dst.copy_(src), fwd_bytes + bwd_bytes, path="copy", passes="copy")
+        add.copy(fwd_bytes + bwd_bytes)
 
         if triton_runs_on(device):
             both("triton", lambda a, b: bg.bias_gelu(a, b, backend="triton"), "triton")

@@ -38,7 +38,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.benchmarks.common import kernel_bench_device, print_and_save, record, time_fn
+from mlmtrain.benchmarks.common import kernel_bench_device, kernel_rows, print_and_save
 from mlmtrain.config import torch_dtype
 
 GPU_TOKENS, GPU_HIDDEN = 65536, (768, 1024)
@@ -56,12 +56,6 @@ def logical_bytes(N: int, C: int, element_size: int, p: float) -> int:
 def torch_sublayer(x, residual, weight, bias, p):
     """The model's post-LN sublayer output as written in torch today."""
     return F.layer_norm(F.dropout(x, p, training=True) + residual, (x.shape[-1],), weight, bias, EPS)
-
-
-def _copier(numel: int, device: torch.device):
-    """dst.copy_(src) over `numel` fp32 elements; the buffers live as long as the returned function."""
-    src, dst = torch.rand(numel, device=device), torch.empty(numel, device=device)
-    return lambda: dst.copy_(src)
 
 
 def run(
@@ -83,7 +77,6 @@ def run(
     on_gpu = device.type == "cuda"
     N = tokens or (GPU_TOKENS if on_gpu else QUICK_TOKENS)
     kernel_ok = triton_runs_on(device)
-    warmup, reps = (3, repeats) if on_gpu else (1, max(1, repeats // 5))
     rows = []
     for C in hidden or (GPU_HIDDEN if on_gpu else QUICK_HIDDEN):
         x = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)  # (N, C)
@@ -95,24 +88,16 @@ def run(
         nbytes = logical_bytes(N, C, x.element_size(), p)
         common = dict(num_tokens=N, hidden=C, dtype=str(dtype).removeprefix("torch."), p=p, device=str(device))
 
-        def add(name, fn, work_bytes=nbytes, **fields):
-            seconds = time_fn(fn, device, warmup=warmup, repeats=reps)
-            rows.append(record("residual_layer_norm", name, seconds, work={"bytes": work_bytes}, **common, **fields))
-            r = rows[-1]
-            print(
-                f"N={N} C={C} {name:<34} {r['seconds']['median'] * 1e6:10.1f} us  "
-                f"{r['bytes_per_s']['median'] / 1e9:8.1f} GB/s",
-                flush=True,
-            )
+        add = kernel_rows("residual_layer_norm", device, rows, f"N={N} C={C}", repeats=repeats, **common)
 
         def both(name, forward, path):
             """A fwd+bwd row (autograd over all four inputs) and a forward-only row of `forward`."""
-            add(name, lambda: torch.autograd.grad(forward(*inputs), inputs, dy), path=path, passes="fwd+bwd")
+            add(name, lambda: torch.autograd.grad(forward(*inputs), inputs, dy), nbytes, path=path, passes="fwd+bwd")
             with torch.no_grad():
                 fwd_bytes = N * C * x.element_size() * 3 + 8 * N
-                add(name + " fwd", lambda: forward(*inputs), work_bytes=fwd_bytes, path=path, passes="fwd")
+                add(name + " fwd", lambda: forward(*inputs), fwd_bytes, path=path, passes="fwd")
 
-        add("copy", _copier(nbytes // 8, device), path="copy", passes="copy")  # 4 B read + 4 B written each
+        add.copy(nbytes)
 
         if kernel_ok:
             both("triton", lambda *a: rln.residual_layer_norm(*a, EPS, p, seed), "triton")
@@ -136,7 +121,8 @@ def run(
                 tile = rln._tile(C, block_n, warps)
                 label = f"triton kernels {tile[0]}x{tile[1]} w{tile[2]}" + (f" bwd {per_sm}/SM" if per_sm else "")
                 label = "triton kernels" if launch == dict(block_n=None, num_warps=None) and not per_sm else label
-                add(label, kernels, path="triton-kernels", passes="fwd+bwd", tile=list(tile), programs_per_sm=per_sm)
+                fields = dict(path="triton-kernels", passes="fwd+bwd", tile=list(tile), programs_per_sm=per_sm)
+                add(label, kernels, nbytes, **fields)
         else:
             print(f"Triton cannot run on {device} here: no triton rows (CPU needs TRITON_INTERPRET=1)", flush=True)
 

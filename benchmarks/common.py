@@ -101,6 +101,30 @@ def record(benchmark: str, name: str, seconds: dict, *, work: dict | None = None
     return row
 
 
+def kernel_rows(benchmark: str, on: torch.device, rows: list, label: str, *, repeats: int, **common):
+    """A kernel benchmark's `add(name, fn, work_bytes, **fields)`: times fn (3 warm-up calls and `repeats` on a
+    GPU; 1 and repeats // 5 on the CPU's interpreter) on device `on`, appends the row (with `common` fields) to
+    `rows`, prints it after `label`. Also `add.copy(work_bytes)`: the copy ceiling moving those bytes (4 read + 4
+    written per fp32 element)."""
+    warmup, reps = (3, repeats) if on.type == "cuda" else (1, max(1, repeats // 5))
+
+    def add(name: str, fn, work_bytes: int, **fields) -> dict:
+        seconds = time_fn(fn, on, warmup=warmup, repeats=reps)
+        rows.append(record(benchmark, name, seconds, work={"bytes": work_bytes}, **common, **fields))
+        r = rows[-1]
+        median_us, gb_s = r["seconds"]["median"] * 1e6, r["bytes_per_s"]["median"] / 1e9
+        print(f"{label} {name:<40} {median_us:10.1f} us  {gb_s:8.1f} GB/s", flush=True)
+        return r
+
+    def copy(work_bytes: int) -> dict:
+        src = torch.rand(work_bytes // 8, device=on)
+        dst = torch.empty_like(src)
+        return add("copy", lambda: dst.copy_(src), work_bytes, path="copy", passes="copy")
+
+    add.copy = copy
+    return add
+
+
 def print_and_save(rows: list[dict], device: torch.device, out: str | None) -> None:
     """A standalone benchmark's ending: its summary rows on stdout, and every row with the environment in `out`."""
     for r in rows:
