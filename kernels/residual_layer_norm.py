@@ -351,6 +351,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dmean, _drstd, dport):
+    if dy is None and dport is None:  # neither y nor its port got a gradient (grads are not materialised)
+        return (None,) * 9
     x, x_bias, residual, weight, seed, mean, rstd = ctx.saved_tensors
     dy = torch.zeros_like(x, dtype=dport.dtype) if dy is None else dy  # y unused: only its port carried a gradient
     dresidual, dx, sums = _bwd_op(dy.contiguous(), dport, x, x_bias, residual, weight, seed, mean, rstd, ctx.p)
@@ -411,7 +413,9 @@ def residual_layer_norm_routed(
     which copies one gradient first (a (N, C) device-to-device copy per LayerNorm: 1.16 ms per BERT-base step on
     the H200, 2026-11-30). Through the port the next LayerNorm hands its residual gradient to this backward
     instead, and the kernel adds the two as it loads them. The port is y's shape over one element: no memory, never
-    read; only its gradient is. Each gradient reaches this backward once, through y or through the port.
+    read; only its gradient is. Each gradient reaches this backward once, through y or through the port, so pass
+    the port that came with this very residual (nothing can check that). A hook on y sees only the gradient that
+    came through y (the next matmul's share).
     """
     C = x.shape[-1]
     if x.shape != residual.shape:
@@ -432,6 +436,10 @@ def residual_layer_norm_routed(
         seed = draw_seed(x.device)
     elif seed.dtype != torch.int64 or seed.numel() != 1 or seed.device != x.device:
         raise ValueError(f"seed must be one int64 on {x.device}, got {tuple(seed.shape)} {seed.dtype} on {seed.device}")
+    if residual_port is not None and residual_port.shape != residual.shape:
+        raise ValueError(f"residual_port must have the residual's shape {tuple(residual.shape)}: it is its port")
+    if not residual.requires_grad:  # a detached residual: its gradient must reach no port
+        residual_port = None
     if not triton_call:  # a port from a Triton call then gets no gradient: its producer's y gets the whole sum
         return residual_layer_norm_reference(x, residual, weight, bias, eps, p, seed, x_bias=x_bias), None
     x2 = x.contiguous().view(-1, C)  # (N, C)

@@ -260,6 +260,16 @@ def test_gradient_port_routes_the_next_layernorms_residual_gradient(p):
         grads.append(torch.autograd.grad((y2 * y2).sum(), inputs))
     for name, a, b in zip(("x1", "residual", "weight", "bias", "x2"), *grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    # a port must come with its own residual's shape, and a detached residual routes nothing through it
+    with pytest.raises(ValueError, match="residual's shape"):
+        rln.residual_layer_norm_routed(x2, y1, port[:3], weight, bias, EPS, p, _seed(2))
+    y1, port = rln.residual_layer_norm_routed(x1, residual, None, weight, bias, EPS, p, _seed(1))
+    y2, _ = rln.residual_layer_norm_routed(x2, y1.detach(), port, weight, bias, EPS, p, _seed(2))
+    (dx1,) = torch.autograd.grad((y1.sum() + y2.sum()), (x1,))  # y1's own gradient only
+    (dx1_alone,) = torch.autograd.grad(
+        rln.residual_layer_norm(x1, residual, weight, bias, EPS, p, _seed(1)).sum(), (x1,)
+    )
+    torch.testing.assert_close(dx1, dx1_alone, rtol=1e-6, atol=1e-6)
     # the kernel itself: dy and dy2 summed in fp32 as they load, exactly the backward of their sum
     x, residual, weight, _ = (t.detach() for t in _inputs(9, 96))
     _, mean, rstd = rln.residual_layer_norm_fwd_triton(x, residual, weight, weight, _seed(), EPS, p)
@@ -268,6 +278,28 @@ def test_gradient_port_routes_the_next_layernorms_residual_gradient(p):
     summed = rln.residual_layer_norm_bwd_triton(dy + dy2, x, residual, weight, _seed(), mean, rstd, p)
     for a, b in zip(both, summed):
         assert torch.equal(a, b)
+
+
+class _NoGradient(torch.autograd.Function):
+    """A consumer whose backward hands back no gradient (None) for its input."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+@requires_triton
+def test_backward_with_no_gradient_for_y_or_its_port():
+    """Gradients are not materialised (an unused port brings None): when y's only consumer returns None too, the
+    backward still runs and gives nothing, as torch's own LayerNorm does."""
+    x, residual, weight, bias = _inputs(4, 16)
+    y = residual_layer_norm(x, residual, weight, bias, EPS, backend="triton")
+    (_NoGradient.apply(y).sum() + x.sum()).backward()
+    assert torch.equal(x.grad, torch.ones_like(x)) and weight.grad is None
 
 
 # ---- torch.compile, custom-op registration, CUDA graphs ---------------------------------------------------
@@ -315,7 +347,8 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             block_n, block_c, warps = rln._tile(C, None, None)
             flags = dict.fromkeys(("HAS_DROPOUT", "WRITE_DX", "HAS_DY2", "HAS_X_BIAS"), dropout)
             consts = {"BLOCK_N": block_n, "BLOCK_C": block_c, **flags}
-            fp32 = ("weight_ptr", "bias_ptr", "mean_ptr", "rstd_ptr", "dweight_partial_ptr", "dbias_partial_ptr")
+            fp32 = ("weight_ptr", "bias_ptr", "x_bias_ptr", "mean_ptr", "rstd_ptr")
+            fp32 += ("dweight_partial_ptr", "dbias_partial_ptr", "dx_bias_partial_ptr")
             pointers = {"seed_ptr": "i64", **dict.fromkeys(fp32, "fp32")}
             builds.append(
                 build(rln.__name__, kernel, dtype, consts, warps, pointers=pointers, floats=("eps", "keep_scale"))

@@ -54,12 +54,12 @@ def post_ln_residual(
     the output in the promoted dtype of dense(h) and residual (so the residual stream keeps its dtype: fp32 under
     autocast by default, the compute dtype with `residual_dtype="compute"`). The default is
     `norm(dropout(dense(h)) + residual)` itself. Returns (y, y's gradient port). With the Triton kernels the dense
-    layer's bias is added in the LayerNorm kernel, which sums its gradient as it goes (a Linear swapped for another
-    module, e.g. torchao's Float8Linear, keeps its own bias), and the next post_ln_residual takes the port with y as
-    its residual, so their backward adds y's two gradients in the kernel (`residual_layer_norm_routed`);
-    elsewhere the port is None."""
+    layer's bias is added in the LayerNorm kernel, which sums its gradient as it goes (unless the layer is not a
+    plain Linear: `_plain_linear`), and the next post_ln_residual takes the port with y as its residual, so their
+    backward adds y's two gradients in the kernel (`residual_layer_norm_routed`: a hook on y then sees only the
+    next matmul's share); elsewhere the port is None."""
     if fast.fused_ops == "triton":
-        plain = type(dense) is nn.Linear and dense.bias is not None
+        plain = _plain_linear(dense) and dense.bias is not None
         x, x_bias = (F.linear(h, dense.weight), dense.bias) if plain else (dense(h), None)
         args = (norm.weight, norm.bias, norm.eps, dropout.p)
         return residual_layer_norm_routed(x, residual, port, *args, x_bias=x_bias, training=dropout.training)
@@ -71,10 +71,16 @@ def post_ln_residual(
     return out.to(torch.promote_types(x.dtype, residual.dtype)), None
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """Whether a fused kernel may take this layer's bias and run its matmul as F.linear: an nn.Linear itself (not
+    a subclass or a swapped-in module such as torchao's Float8Linear), with no hooks that its own call would run."""
+    return type(module) is nn.Linear and not (module._forward_hooks or module._forward_pre_hooks)
+
+
 def bias_then_gelu(x, dense: nn.Linear, fast: FastPaths):
     """GELU(dense(x)), exact: with fused_ops = "triton" the bias add and GELU are one kernel after the matmul (a
-    Linear swapped for another module, e.g. torchao's Float8Linear, keeps its own bias)."""
-    if fast.fused_ops == "triton" and type(dense) is nn.Linear:
+    layer that is not a plain Linear keeps its own bias: `_plain_linear`)."""
+    if fast.fused_ops == "triton" and _plain_linear(dense):
         return bias_gelu(F.linear(x, dense.weight), dense.bias)
     return F.gelu(dense(x))
 
