@@ -43,6 +43,16 @@ def odd_config(**overrides) -> BertConfig:
     )
 
 
+def random_biases(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every Linear bias drawn at random (BERT's init makes them 0, which a dropped bias would not change)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
+    return model
+
+
 def hf_twin(model: BertForMaskedLM):
     """transformers' BertForMaskedLM with our config and our weights (sdpa attention, eval mode)."""
     hf_config = transformers.BertConfig(**{k: v for k, v in model.config.to_hf_dict().items() if k != "architectures"})

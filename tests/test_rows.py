@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import CPU_RUNS_TRITON, requires_cpu_triton, requires_cuda
-from test_model import ATOL, odd_config, report
+from test_model import ATOL, odd_config, random_biases, report
 from test_packing import all_sentences, sentences_of
 
 from mlmtrain.flops import model_flops_per_token, train_flops_per_batch
@@ -195,7 +195,7 @@ CASES = {
 def test_row_attention_equals_packed_reference(case):
     torch.manual_seed(0)
     L = 40
-    model = BertForMaskedLM(odd_config()).eval()
+    model = random_biases(BertForMaskedLM(odd_config()).eval(), 0)
     input_ids, position_ids, cu_seqlens, segment_ids = rows_batch(CASES[case], L)
     masked = torch.arange(0, input_ids.numel(), 3)
     with torch.no_grad():
@@ -219,7 +219,7 @@ def test_row_gradients_equal_packed_reference():
     grads = []
     for seg, impl in ((None, "auto"), (segment_ids, "sdpa"), *([(segment_ids, "triton")] if CPU_RUNS_TRITON else [])):
         torch.manual_seed(1)
-        model = BertForMaskedLM(odd_config(), attn_impl=impl)
+        model = random_biases(BertForMaskedLM(odd_config(), attn_impl=impl), 1)  # the kernel adds q/k/v's itself
         loss, n = mlm_loss_sum(model(input_ids, position_ids, cu_seqlens, L, masked, seg), labels)
         (loss / n).backward()
         grads.append({k: p.grad for k, p in model.named_parameters()})

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import CPU_RUNS_TRITON, requires_cuda, requires_triton
-from test_model import odd_config, packed_batch, random_sentences, report
+from test_model import odd_config, packed_batch, random_biases, random_sentences, report
 from test_train import losses, tiny_config
 
 from mlmtrain.cli import main
@@ -70,16 +70,6 @@ def test_bf16_residual_stream_under_autocast():
 
 
 @requires_triton
-def random_biases(model: nn.Module, seed: int) -> nn.Module:
-    """Every Linear bias drawn at random (BERT's init makes them 0, which a dropped bias would not change)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=gen))
-    return model
-
-
 @requires_triton
 def test_fused_ops_triton_equals_torch_ops():
     """The Triton kernels (the interpreter on the CPU) against torch ops, dropout 0, random biases (two of them
