@@ -131,7 +131,15 @@ timeout -k 10 "$left" "$PY" -m mlmtrain.cli bench --out "$OUT" --device cuda --s
   --time-limit $((left - 25)) "$@" 2>&1 | grep -v "step/s" | tee "$LOG"
 rc=${PIPESTATUS[0]}
 # a row that broke the device (a sticky CUDA error) leaves the rows after it to a fresh process: run them with
-# what the budget has left (each pass gets past at least one row, so this ends)
+# what the budget has left (each pass gets past at least one row, so this ends), keeping every row measured so
+# far: the flags without --remeasure (a remeasured row that broke the device would otherwise run again)
+kept=() skip=0
+for arg in "$@"; do
+  if [ "$skip" = 1 ]; then skip=0; continue; fi
+  if [ "$arg" = "--remeasure" ]; then skip=1; continue; fi
+  kept+=("$arg")
+done
+set -- ${kept[@]+"${kept[@]}"}  # (the guard: an empty array under set -u in old bash)
 while grep -q "not run: the device failed" "$OUT/results.json" 2>/dev/null && [ $((BUDGET - SECONDS)) -gt 90 ]; do
   left=$((BUDGET - SECONDS))
   echo "speed_gpu.sh: a row broke the device; the rows after it in a fresh process ($left s left)" \
