@@ -27,13 +27,10 @@ Run: `python -m mlmtrain.benchmarks.bench_bias_gelu [--device cuda] [--hidden 30
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.benchmarks.common import kernel_bench_device, kernel_rows, print_and_save
-from mlmtrain.config import torch_dtype
+from mlmtrain.benchmarks.common import kernel_bench_main, kernel_rows
 
 GPU_TOKENS, GPU_HIDDEN = 65536, (3072, 4096)  # BERT-base's and BERT-large's intermediate sizes
 QUICK_TOKENS, QUICK_HIDDEN = 64, (200,)  # the interpreter stays at seconds
@@ -136,32 +133,10 @@ def _summary(rows: list[dict], N: int, C: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--tokens", type=int, default=None, help=f"rows N (default {GPU_TOKENS}; --quick {QUICK_TOKENS})")
-    p.add_argument("--hidden", type=int, nargs="+", default=None, help=f"intermediate sizes C (default {GPU_HIDDEN})")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help=f"{QUICK_TOKENS} tokens, C = {QUICK_HIDDEN}: a CPU smoke run")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build on CPU)")
-    p.add_argument("--sweep", action="store_true", help="also time other launches (tiles, programs, stages)")
-    p.add_argument("--out", default=None, help="write {environment, rows} as JSON here")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = p.parse_args(argv)
-    device = kernel_bench_device(args.device, args.threads)
-    tokens = args.tokens or (QUICK_TOKENS if args.quick else None)
-    hidden = tuple(args.hidden) if args.hidden else (QUICK_HIDDEN if args.quick else None)
-    rows = run(
-        tokens,
-        hidden,
-        device,
-        dtype=torch_dtype(args.dtype),
-        repeats=args.repeats,
-        compile_rows=not args.no_compile,
-        sweep=args.sweep,
+    sizes = (GPU_TOKENS, GPU_HIDDEN, QUICK_TOKENS, QUICK_HIDDEN)
+    return kernel_bench_main(
+        argv, __doc__, run, sizes=sizes, sweep_help="also time other launches (tiles, programs, stages)"
     )
-    print_and_save(rows, device, args.out)
-    return 0
 
 
 if __name__ == "__main__":

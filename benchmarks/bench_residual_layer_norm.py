@@ -33,13 +33,10 @@ Run: `python -m mlmtrain.benchmarks.bench_residual_layer_norm [--device cuda] [-
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.benchmarks.common import kernel_bench_device, kernel_rows, print_and_save
-from mlmtrain.config import torch_dtype
+from mlmtrain.benchmarks.common import kernel_bench_main, kernel_rows
 
 GPU_TOKENS, GPU_HIDDEN = 65536, (768, 1024)
 QUICK_TOKENS, QUICK_HIDDEN = 256, (128,)  # the interpreter and inductor's CPU compile stay at seconds
@@ -153,29 +150,13 @@ def _summary(rows: list[dict], N: int, C: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--tokens", type=int, default=None, help=f"rows N (default {GPU_TOKENS}; --quick {QUICK_TOKENS})")
-    p.add_argument("--hidden", type=int, nargs="+", default=None, help=f"hidden sizes C (default {GPU_HIDDEN})")
-    p.add_argument("--p", type=float, default=0.1, help="dropout probability (BERT's hidden dropout: 0.1)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help=f"{QUICK_TOKENS} tokens, C = {QUICK_HIDDEN}: a CPU smoke run")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build on CPU)")
-    p.add_argument("--sweep", action="store_true", help="also time other tiles (rows per tile, warps)")
-    p.add_argument("--out", default=None, help="write {environment, rows} as JSON here")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = p.parse_args(argv)
-    device = kernel_bench_device(args.device, args.threads)
-    dtype = torch_dtype(args.dtype)
-    tokens = args.tokens or (QUICK_TOKENS if args.quick else None)
-    hidden = tuple(args.hidden) if args.hidden else (QUICK_HIDDEN if args.quick else None)
-    compile_rows = not args.no_compile
-    rows = run(
-        tokens, hidden, device, p=args.p, dtype=dtype, repeats=args.repeats, compile_rows=compile_rows, sweep=args.sweep
-    )
-    print_and_save(rows, device, args.out)
-    return 0
+    def dropout_flag(p):
+        p.add_argument("--p", type=float, default=0.1, help="dropout probability (BERT's hidden dropout: 0.1)")
+        return ["p"]
+
+    sizes = (GPU_TOKENS, GPU_HIDDEN, QUICK_TOKENS, QUICK_HIDDEN)
+    sweep_help = "also time other tiles (rows per tile, warps)"
+    return kernel_bench_main(argv, __doc__, run, sizes=sizes, sweep_help=sweep_help, extra=dropout_flag)
 
 
 if __name__ == "__main__":

@@ -145,3 +145,36 @@ def kernel_bench_device(device: str | None, threads: int | None) -> torch.device
     if device.type == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     return device
+
+
+def kernel_bench_main(argv, doc: str, run, *, sizes: tuple, sweep_help: str, extra=None) -> int:
+    """A kernel benchmark's command line: `sizes` = (GPU tokens, GPU sizes, --quick tokens, --quick sizes); `run`
+    takes (tokens, hidden, device, dtype=, repeats=, compile_rows=, sweep=) and the `extra` flags, which `extra`
+    adds to the parser and names: extra(parser) -> [dest, ...]."""
+    import argparse
+
+    from mlmtrain.config import torch_dtype
+
+    gpu_tokens, gpu_hidden, quick_tokens, quick_hidden = sizes
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--tokens", type=int, default=None, help=f"rows N (default {gpu_tokens}; --quick {quick_tokens})")
+    p.add_argument("--hidden", type=int, nargs="+", default=None, help=f"row sizes C (default {gpu_hidden})")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help=f"{quick_tokens} tokens, C = {quick_hidden}: a CPU smoke run")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to build on CPU)")
+    p.add_argument("--sweep", action="store_true", help=sweep_help)
+    p.add_argument("--out", default=None, help="write {environment, rows} as JSON here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    names = extra(p) if extra else []
+    args = p.parse_args(argv)
+    device = kernel_bench_device(args.device, args.threads)
+    tokens = args.tokens or (quick_tokens if args.quick else None)
+    hidden = tuple(args.hidden) if args.hidden else (quick_hidden if args.quick else None)
+    options = dict(
+        dtype=torch_dtype(args.dtype), repeats=args.repeats, compile_rows=not args.no_compile, sweep=args.sweep
+    )
+    rows = run(tokens, hidden, device, **options, **{name: getattr(args, name) for name in names})
+    print_and_save(rows, device, args.out)
+    return 0
