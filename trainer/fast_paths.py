@@ -66,8 +66,8 @@ def post_ln_residual(
     x = dense(h)
     if fast.residual_dtype == "fp32":  # as BERT writes it: the dtypes are autocast's (or FSDP's parameter dtype)
         return norm(dropout(x) + residual), None
-    h = dropout(x).float() + residual.float()  # the sum in fp32, never rounded to the stream's dtype
-    out = F.layer_norm(h, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+    summed = dropout(x).float() + residual.float()  # in fp32, never rounded to the stream's dtype
+    out = F.layer_norm(summed, norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
     return out.to(torch.promote_types(x.dtype, residual.dtype)), None
 
 
