@@ -73,6 +73,7 @@ ROW_NAMES = tuple(
 )  # every row's name, once (--remeasure)
 SAME_SPEED = 0.01  # rates within 1% are one speed: one row's log windows spread 0.25-1.1% at 64k (H200, 2026-11-24)
 SKIPPED = "skipped: the time budget (--time-limit) ran out"
+SKIPPED_BY_FLAG = "skipped: named by --skip (a later --merge measures it)"
 # a row that broke the device (an illegal memory access poisons the CUDA context of the whole process): the rows
 # after it are left for a fresh process (`--merge`), which keeps this row as measured and goes on past it
 CRASHED = "the device failed in this row (a fresh process measures the rows after it): "
@@ -111,11 +112,13 @@ class Ablation:
         reuse,
         command,
         on_row=None,
+        skip=(),
     ):
         from mlmtrain.benchmarks.recipe import valid_batches
 
         self.work, self.data, self.device, self.compile, self.log_every = work, data, device, compile, log_every
         self.deadline, self.reuse, self.command, self.longest = deadline, list(reuse), command, 0.0
+        self.skip = set(skip)  # rows not to measure in this call (--skip), unless an earlier run measured them
         self.done, self.on_row = [], on_row or (lambda rows: None)  # every row so far, and who is told of each
         self.crashed = False  # a row broke the device: no other row can run in this process
         self.eval_batches = {
@@ -170,6 +173,8 @@ class Ablation:
             return {**same[0], "reused_from": "an earlier run (--merge)"}
         if self.crashed:
             return {**key, "error": NOT_RUN, "command": self.command}
+        if name in self.skip:
+            return {**key, "error": SKIPPED_BY_FLAG, "command": self.command}
         if self.deadline is not None and time.monotonic() + self.longest > self.deadline:
             return {**key, "error": SKIPPED, "command": self.command}
         t0 = time.monotonic()
@@ -255,6 +260,7 @@ def run(
     reuse=(),
     command: str = "",
     on_row=None,
+    skip=(),
 ) -> list[dict]:
     """The ablation rows, then the large target rows, then the loss curves (module docstring; none when
     `curve_target_tokens` is 0). `data`: a BenchData with caps 128 and 512 (synthetic_data.make_synthetic_data).
@@ -269,6 +275,7 @@ def run(
         reuse=reuse,
         command=command,
         on_row=on_row,
+        skip=skip,
     )
     common = dict(size=size, tokens_per_batch=tokens_per_batch, cap=128, target_tokens=target_tokens)
     rows, base = [], {}

@@ -114,6 +114,7 @@ def command_line(args) -> str:
     parts += [f"--time-limit {args.time_limit:g}"] if args.time_limit else []
     parts += ["--merge"] if args.merge else []
     parts += [f"--remeasure {name!r}" for name in args.remeasure or ()]
+    parts += [f"--skip {name!r}" for name in args.skip or ()]
     return " ".join(parts)
 
 
@@ -138,14 +139,17 @@ def check_args(args) -> list[str]:
             setattr(args, flag, values)
     if args.time_limit < 0:
         raise UserError(f"--time-limit must be >= 0 seconds, got {args.time_limit:g}")
-    if args.remeasure:
+    if args.remeasure and not args.merge:
+        raise UserError("--remeasure names rows of an earlier report to measure again: add --merge")
+    for flag in ("remeasure", "skip"):
         from mlmtrain.benchmarks.bench_ablation import ROW_NAMES
 
-        if not args.merge or "ablation" not in sections:
-            raise UserError("--remeasure names ablation rows of a --merge run: add --merge and the ablation section")
-        unknown = [name for name in args.remeasure if name not in ROW_NAMES]
+        names = getattr(args, flag) or []
+        if names and "ablation" not in sections:
+            raise UserError(f"--{flag} names ablation rows: add the ablation section (--sections ablation)")
+        unknown = [name for name in names if name not in ROW_NAMES]
         if unknown:
-            raise UserError(f"--remeasure: no ablation row is called {unknown[0]!r}; rows: {', '.join(ROW_NAMES)}")
+            raise UserError(f"--{flag}: no ablation row is called {unknown[0]!r}; rows: {', '.join(ROW_NAMES)}")
     return sections
 
 
@@ -349,6 +353,7 @@ class Bench:
             reuse=reuse if self.args.merge else [],
             command=self.command,
             on_row=lambda rows: self.progress("ablation", rows),
+            skip=self.args.skip or (),
         )
 
     def run_section(self, name: str) -> dict:

@@ -149,7 +149,7 @@ while grep -q "not run: the device failed" "$OUT/results.json" 2>/dev/null && [ 
   rc=${PIPESTATUS[0]}
 done
 echo "speed_gpu.sh: report in $OUT/report.md (exit $rc, $SECONDS s)"
-if [ "$rc" = 124 ] || [ "$rc" = 137 ] || grep -q "skipped: the time budget" "$OUT/results.json" 2>/dev/null; then
+if [ "$rc" = 124 ] || [ "$rc" = 137 ] || grep -q '"skipped: ' "$OUT/results.json" 2>/dev/null; then
   echo "speed_gpu.sh: some rows did not fit the budget; measure them with: bash scripts/speed_gpu.sh $OUT --merge"
 fi
 exit "$rc"

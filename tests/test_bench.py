@@ -377,11 +377,15 @@ def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--remeasure", "+fused kernels"], "add --merge and the ablation section"),
+        (
+            ["--remeasure", "+fused kernels"],
+            "--remeasure names rows of an earlier report to measure again: add --merge",
+        ),
         (["--merge", "--remeasure", "+fused kernel"], "no ablation row is called '+fused kernel'"),
+        (["--skip", "dropout of"], "--skip: no ablation row is called 'dropout of'"),
     ],
 )
-def test_remeasure_names_rows_of_a_merge(tmp_path, capsys, flags, message):
+def test_remeasure_and_skip_name_ablation_rows(tmp_path, capsys, flags, message):
     from mlmtrain.cli import main
 
     assert main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ablation", *flags]) == 2
@@ -390,7 +394,7 @@ def test_remeasure_names_rows_of_a_merge(tmp_path, capsys, flags, message):
 
 
 def test_ablation_rows_past_the_budget_are_skipped_and_say_so(tmp_path):
-    from mlmtrain.benchmarks.bench_ablation import SKIPPED, Ablation
+    from mlmtrain.benchmarks.bench_ablation import SKIPPED, SKIPPED_BY_FLAG, Ablation
     from mlmtrain.benchmarks.synthetic_data import make_synthetic_data
 
     data = make_synthetic_data(tmp_path / "data", train_tokens=3000, valid_tokens=200, log=lambda msg: None)
@@ -408,6 +412,9 @@ def test_ablation_rows_past_the_budget_are_skipped_and_say_so(tmp_path):
     )
     row = bench.row("ablation", "today", {}, size="tiny", tokens_per_batch=256, cap=128, target_tokens=1000)
     assert row["error"] == SKIPPED and row["options"] == {} and seen == [1]
+    bench.deadline, bench.skip = None, {"today"}  # --skip: said so, whatever the budget
+    row = bench.row("ablation", "today", {}, size="tiny", tokens_per_batch=256, cap=128, target_tokens=1000)
+    assert row["error"] == SKIPPED_BY_FLAG and seen == [1, 2]
 
 
 def test_gpu_scripts_name_tests_that_exist():

@@ -308,6 +308,12 @@ def bench_args(p) -> None:
         metavar="ROW",
         help="with --merge: measure this ablation row again rather than keep it (its code changed since); repeatable",
     )
+    p.add_argument(
+        "--skip",
+        action="append",
+        metavar="ROW",
+        help="do not measure this ablation row in this call (it says so; a later --merge measures it); repeatable",
+    )
     p.add_argument("--work", help="folder for data, runs and checkpoints (default: a temporary folder, removed)")
 
 
