@@ -46,6 +46,24 @@ if triton is not None:
         return h, offsets, inside
 
     @triton.jit
+    def _phi(h, ERF: tl.constexpr):
+        """Phi(h) = (1 + erf(h / sqrt 2)) / 2 in fp32. ERF "libdevice": CUDA's erff (the default); "as7128":
+        Abramowitz-Stegun 7.1.28, erfc(z) = 1 / p(z)^16 with one reciprocal, |error| <= 3e-7 on erf (about 1.5 fp32
+        ulp of GELU at worst); sm_90 SASS of the kernels at 3072 bf16: forward 288 instructions against 360, backward
+        568 against 648 (Triton 3.9; 280 / 576 against 360 / 656 on 3.6). A launch option bench_bias_gelu times."""
+        if ERF == "as7128":
+            z = tl.abs(h) * 0.7071067811865476
+            p = 0.0002765672 + z * 0.0000430638  # the polynomial 1 + a1 z + ... + a6 z^6, Horner from a6
+            p = 0.0092705272 + z * (0.0001520143 + z * p)
+            p = 1.0 + z * (0.0705230784 + z * (0.0422820123 + z * p))
+            p2 = p * p
+            p4 = p2 * p2
+            p8 = p4 * p4
+            half_erfc = tl.math.fdiv(0.5, p8 * p8, ieee_rounding=False)  # 0 once p^16 overflows: the limit
+            return tl.where(h >= 0, 1.0 - half_erfc, half_erfc)
+        return 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))  # the constant is 1 / sqrt(2)
+
+    @triton.jit
     def _bias_gelu_fwd_kernel(
         x_ptr,  # (N, C) x dtype
         bias_ptr,  # (C,)
@@ -56,6 +74,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_C: tl.constexpr,
         STAGES: tl.constexpr,  # 1: one tile per program, as launched by default; > 1: loads pipelined over the loop
+        ERF: tl.constexpr,  # _phi's erf
     ):
         """Grid (P, column tiles): rows [pid * rows_per_program, ...) in (BLOCK_N, BLOCK_C) tiles."""
         pid = tl.program_id(0)
@@ -66,7 +85,7 @@ if triton is not None:
         for start in tl.range(first, end, BLOCK_N, num_stages=STAGES):
             rows = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
             h, offsets, inside = _load_h(x_ptr, bias, rows, end, cols, C)
-            y = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))  # h * Phi(h); the constant is 1 / sqrt(2)
+            y = h * _phi(h, ERF)
             tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
@@ -81,6 +100,7 @@ if triton is not None:
         rows_per_program,
         BLOCK_N: tl.constexpr,
         BLOCK_C: tl.constexpr,
+        ERF: tl.constexpr,
     ):
         """Grid (P, column tiles): rows [pid * rows_per_program, ...) in (BLOCK_N, BLOCK_C) tiles, dbias summed in
         registers and stored once per program (no atomics)."""
@@ -93,7 +113,7 @@ if triton is not None:
         for start in tl.range(first, end, BLOCK_N, num_stages=LOOP_STAGES):  # loads pipelined
             rows = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
             h, offsets, inside = _load_h(x_ptr, bias, rows, end, cols, C)
-            cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))  # Phi(h)
+            cdf = _phi(h, ERF)
             pdf = tl.exp(-0.5 * h * h) * 0.3989422804014327  # phi(h) = exp(-h^2/2) / sqrt(2 pi)
             dy = tl.load(dy_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
             dx = dy * (cdf + h * pdf)  # 0 outside the matrix, where dy was loaded as 0
@@ -136,6 +156,7 @@ def bias_gelu_fwd_triton(
     num_warps: int | None = None,
     num_programs: int | None = None,
     stages: int = 1,
+    erf: str = "libdevice",
 ) -> torch.Tensor:
     """Launch the forward kernel.
 
@@ -143,6 +164,7 @@ def bias_gelu_fwd_triton(
         x: (N, C) contiguous, fp32 / bf16 / fp16. bias: (C,) any float dtype.
         block_n, num_warps: the tile (default `_tile`). num_programs: P, row groups per column tile (default: one
         tile each, the grid covering the matrix once); stages > 1 pipelines each program's loads over its tiles.
+        erf: "libdevice" or "as7128" (`_phi`).
     Returns:
         y: (N, C) in x's dtype.
     """
@@ -153,7 +175,7 @@ def bias_gelu_fwd_triton(
     BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
     rows_per_program, P = _rows_per_program(N, BLOCK_N, num_programs or triton.cdiv(N, BLOCK_N))
     _bias_gelu_fwd_kernel[(P, triton.cdiv(C, BLOCK_C))](
-        x, bias, y, N, C, rows_per_program, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, STAGES=stages, num_warps=warps
+        x, bias, y, N, C, rows_per_program, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, STAGES=stages, ERF=erf, num_warps=warps
     )
     return y
 
@@ -166,12 +188,13 @@ def bias_gelu_bwd_triton(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_programs: int | None = None,
+    erf: str = "libdevice",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward kernel, then sum the per-program dbias partials.
 
     Args:
         dy: (N, C) contiguous, x's dtype. x, bias: as given to the forward.
-        block_n, num_warps: the tile (default `_tile`).
+        block_n, num_warps: the tile (default `_tile`). erf: as in the forward.
         num_programs: P, row groups per column tile (default: ~4 programs per SM in all on CUDA, 4 otherwise).
     Returns:
         dx: (N, C) in x's dtype; dbias: (C,) fp32.
@@ -188,7 +211,18 @@ def bias_gelu_bwd_triton(
     rows_per_program, P = _rows_per_program(N, BLOCK_N, programs)
     dbias_partial = torch.empty((P, C), dtype=torch.float32, device=x.device)
     _bias_gelu_bwd_kernel[(P, col_tiles)](
-        dy, x, bias, dx, dbias_partial, N, C, rows_per_program, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, num_warps=warps
+        dy,
+        x,
+        bias,
+        dx,
+        dbias_partial,
+        N,
+        C,
+        rows_per_program,
+        BLOCK_N=BLOCK_N,
+        BLOCK_C=BLOCK_C,
+        ERF=erf,
+        num_warps=warps,
     )
     return dx, dbias_partial.sum(0)
 

@@ -105,6 +105,27 @@ def test_other_launches_give_the_same_bits(launch):
         bg.bias_gelu_fwd_triton(x, bias, block_n=3)
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_abramowitz_stegun_erf_is_gelu_to_fp32_rounding(dtype):
+    """The "as7128" erf (a launch option bench_bias_gelu times): y and dx against exact GELU over [-12, 12] (both
+    tails, the overflow of p^16 included) within the kernels' per-dtype tolerance, and in fp32 within 1e-6, about
+    the libdevice erf's own distance (which the reference test holds to the same tolerance)."""
+    x = torch.linspace(-12, 12, 24 * 96, device=DEVICE).view(24, 96).to(dtype)
+    bias, dy = torch.zeros(96, device=DEVICE), torch.randn(24, 96, generator=torch.Generator().manual_seed(7))
+    dy = dy.to(DEVICE, dtype)
+    y = bg.bias_gelu_fwd_triton(x, bias, erf="as7128")
+    dx, dbias = bg.bias_gelu_bwd_triton(dy, x, bias, erf="as7128")
+    xr = x.double().requires_grad_()
+    y_ref = F.gelu(xr)
+    (dx_ref,) = torch.autograd.grad(y_ref, xr, dy.double())
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(y.double(), y_ref.detach().to(dtype).double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(dx.double(), dx_ref.to(dtype).double(), rtol=rtol, atol=atol)
+    if dtype == torch.float32:
+        assert (y.double() - y_ref).abs().max() < 1e-6 and (dx.double() - dx_ref).abs().max() < 1e-5
+
+
 def test_bad_arguments():
     x, bias = _inputs(4, 32)
     with pytest.raises(ValueError, match="bias must be"):
@@ -148,12 +169,14 @@ def test_kernels_compile_for_hopper_without_a_gpu():
     for kernel in ("_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"):
         for C, dtype in ((3072, "bf16"), (128, "fp32")):
             block_n, block_c, warps = bg._tile(C)
-            consts = {"BLOCK_N": block_n, "BLOCK_C": block_c} | ({"STAGES": 1} if "fwd" in kernel else {})
+            consts = {"BLOCK_N": block_n, "BLOCK_C": block_c, "STAGES": 1, "ERF": "libdevice"}
             pointers = {"bias_ptr": "fp32", "dbias_partial_ptr": "fp32"}
             builds.append(build(bg.__name__, kernel, dtype, consts, warps, pointers=pointers))
     block_n, block_c, warps = bg._tile(3072)
-    consts = {"BLOCK_N": block_n, "BLOCK_C": block_c, "STAGES": 3}
-    builds.append(build(bg.__name__, "_bias_gelu_fwd_kernel", "bf16", consts, warps, pointers={"bias_ptr": "fp32"}))
+    for kernel, consts in (("_bias_gelu_fwd_kernel", {"STAGES": 3}), ("_bias_gelu_bwd_kernel", {"ERF": "as7128"})):
+        consts = {"BLOCK_N": block_n, "BLOCK_C": block_c, "STAGES": 1, "ERF": "as7128", **consts}
+        pointers = {"bias_ptr": "fp32", "dbias_partial_ptr": "fp32"}
+        builds.append(build(bg.__name__, kernel, "bf16", consts, warps, pointers=pointers))
     assert_builds_for_hopper(builds)
 
 
