@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 try:
     import triton
@@ -74,3 +75,19 @@ def use_triton(backend: str, device, error: type[Exception] = ValueError) -> boo
             "is imported for the CPU); use backend='torch'."
         )
     return runs and backend != "torch"
+
+
+@functools.cache
+def num_sms(device) -> int:
+    """The CUDA device's streaming multiprocessors (launch grids size themselves by it)."""
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_rows(N: int, block_n: int, programs: int) -> tuple[int, int]:
+    """(rows per program, P) for a persistent loop over N rows in tiles of block_n: whole tiles per program (no tile
+    straddles two, so each program's partial sums own their rows), `programs` of them at most."""
+    tiles = -(-N // block_n)
+    rows = -(-tiles // max(1, min(programs, tiles))) * block_n
+    return rows, -(-N // rows)

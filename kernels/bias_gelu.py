@@ -19,12 +19,10 @@ autograd formula, as in residual_layer_norm.py (no graph break, the interpreter 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.kernels import LOOP_STAGES, on_device, use_triton
+from mlmtrain.kernels import LOOP_STAGES, num_sms, on_device, split_rows, use_triton
 
 try:
     import triton
@@ -125,11 +123,6 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _tile(C: int, block_n: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, num_warps): 2048-element tiles at most 512 columns wide, 8 elements per thread (the
     residual LayerNorm's choice; not tuned by timing: bench_bias_gelu --sweep times other tiles through `block_n`
@@ -139,13 +132,6 @@ def _tile(C: int, block_n: int | None = None, num_warps: int | None = None) -> t
     block_c = min(triton.next_power_of_2(C), 512)
     block_n = block_n or max(1, 2048 // block_c)
     return block_n, block_c, num_warps or (8 if block_n * block_c >= 2048 else 4)
-
-
-def _rows_per_program(N: int, block_n: int, programs: int) -> tuple[int, int]:
-    """(rows per program, P): whole tiles per program (no tile straddles two), `programs` of them at most."""
-    row_tiles = triton.cdiv(N, block_n)
-    rows = triton.cdiv(row_tiles, max(1, min(programs, row_tiles))) * block_n
-    return rows, triton.cdiv(N, rows)
 
 
 def bias_gelu_fwd_triton(
@@ -173,7 +159,7 @@ def bias_gelu_fwd_triton(
     if N == 0:
         return y
     BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
-    rows_per_program, P = _rows_per_program(N, BLOCK_N, num_programs or triton.cdiv(N, BLOCK_N))
+    rows_per_program, P = split_rows(N, BLOCK_N, num_programs or triton.cdiv(N, BLOCK_N))
     _bias_gelu_fwd_kernel[(P, triton.cdiv(C, BLOCK_C))](
         x, bias, y, N, C, rows_per_program, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, STAGES=stages, ERF=erf, num_warps=warps
     )
@@ -207,8 +193,8 @@ def bias_gelu_bwd_triton(
     col_tiles = triton.cdiv(C, BLOCK_C)
     # ~4 programs per SM in all, one wave (56 registers and 16 KB of pipeline buffers at 3072 bf16, sm_90: 4 programs
     # of 8 warps fit an SM)
-    programs = num_programs or (triton.cdiv(4 * _num_sms(x.device), col_tiles) if x.is_cuda else 4)
-    rows_per_program, P = _rows_per_program(N, BLOCK_N, programs)
+    programs = num_programs or (triton.cdiv(4 * num_sms(x.device), col_tiles) if x.is_cuda else 4)
+    rows_per_program, P = split_rows(N, BLOCK_N, programs)
     dbias_partial = torch.empty((P, C), dtype=torch.float32, device=x.device)
     _bias_gelu_bwd_kernel[(P, col_tiles)](
         dy,

@@ -43,14 +43,13 @@ until it meets a start (one short step for real text; a run of k continuation pi
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import torch
 
 from mlmtrain.errors import UserError
-from mlmtrain.kernels import use_triton
+from mlmtrain.kernels import num_sms, use_triton
 from mlmtrain.kernels.philox import as_u32, philox_words, split64, stream_words
 
 try:
@@ -240,16 +239,11 @@ def _thresholds(mask_prob: float, mask_frac: float, random_frac: float) -> tuple
     return round(mask_prob * one), round(mask_frac * one), round((mask_frac + random_frac) * one)
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _block_size(num_tokens: int, device: torch.device) -> int:
     """Wide blocks for bandwidth, but enough of them to fill the GPU (~4 per SM) at small batches."""
     if device.type != "cuda":
         return 1024  # the interpreter: fewer, wider programs are faster
-    return min(4096, max(1024, triton.next_power_of_2(max(1, num_tokens // (4 * _num_sms(device))))))
+    return min(4096, max(1024, triton.next_power_of_2(max(1, num_tokens // (4 * num_sms(device))))))
 
 
 def mlm_mask_triton(

@@ -31,13 +31,11 @@ LayerNorm's backward hands its residual gradient to this one: `residual_layer_no
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlmtrain.kernels import LOOP_STAGES, on_device, use_triton
+from mlmtrain.kernels import LOOP_STAGES, num_sms, on_device, split_rows, use_triton
 from mlmtrain.kernels.philox import philox4x32_torch
 
 try:
@@ -203,11 +201,6 @@ def _writes_dx(p: float, x_dtype: torch.dtype, residual_dtype: torch.dtype) -> b
     return dropout_threshold(p)[0] > 0 or x_dtype != residual_dtype
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _tile(C: int, block_n: int | None, num_warps: int | None) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, num_warps): whole rows (BLOCK_C >= C, a power of two), 2048-element tiles on 8 warps,
     i.e. 8 elements per thread per tensor: at C = 768 bf16 ptxas (sm_90) reports 39-40 registers forward, 113-119
@@ -280,12 +273,10 @@ def residual_layer_norm_bwd_triton(
     if N == 0:
         return dresidual, dx, weight.new_zeros((partials, C), dtype=torch.float32)
     BLOCK_N, BLOCK_C, warps = _tile(C, block_n, num_warps)
-    n_blocks = triton.cdiv(N, BLOCK_N)
     # Equal shares in one wave: 2 programs of 8 warps fit an SM at <= 128 registers (<= 119 at C = 768 bf16); a
     # grid of 1.3 waves would leave most SMs idle while the last third runs.
-    P = max(1, min(num_programs or (2 * _num_sms(x.device) if x.is_cuda else 4), n_blocks))
-    rows_per_program = triton.cdiv(n_blocks, P) * BLOCK_N  # whole tiles: no tile straddles two programs
-    P = triton.cdiv(N, rows_per_program)
+    programs = num_programs or (2 * num_sms(x.device) if x.is_cuda else 4)
+    rows_per_program, P = split_rows(N, BLOCK_N, programs)
     partial = torch.empty((partials, P, C), dtype=torch.float32, device=x.device)
     _residual_layer_norm_bwd_kernel[(P,)](
         dy, dy if dy2 is None else dy2, x, x if x_bias is None else x_bias, residual, weight, seed, mean, rstd,
