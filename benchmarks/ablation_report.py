@@ -267,4 +267,23 @@ def kernel_categories_markdown(rows: list[dict]) -> str:
         f"today ({pair[0][0]['name']})" if pair[0][0] else "today",
         f"fastest ({pair[1][0]['name']})" if pair[1][0] else "fastest",
     ]
-    return "Kernel categories of the traced step, before and after:\n\n" + table(["category", *heads], lines)
+    text = "Kernel categories of the traced step, before and after:\n\n" + table(["category", *heads], lines)
+    return text + "".join(_gaps_markdown(head, c) for head, (_, c) in zip(heads, pair))
+
+
+def _gaps_markdown(head: str, categories: dict | None) -> str:
+    """The idle gaps of one traced step (categories.json "idle_gaps", mlmtrain/idle_gaps.py) as a list."""
+    from mlmtrain.idle_gaps import describe
+
+    gaps = (categories or {}).get("idle_gaps")
+    if not gaps:
+        return ""
+    items = [f"  - {c['ms']:.2f} ms ({c['count']:.1f} per step): {describe(c)}" for c in gaps["top"]]
+    host = gaps.get("host")
+    if host:
+        items.append(f"  - the loop's thread: {host['step_ms']:.2f} ms per step, {host['waiting_ms']:.2f} ms of it in "
+                     "long runtime calls (waiting for the device or the launch queue)")  # fmt: skip
+    return (
+        f"\n\nIdle gaps of >= {gaps['min_gap_us']:.0f} us, {head}: {gaps['ms']:.2f} ms per step in "
+        f"{gaps['count']:.1f} gaps, by where the host was:\n\n" + "\n".join(items)
+    )

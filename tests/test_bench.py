@@ -629,3 +629,21 @@ def test_attention_bench_lays_rows_as_the_packer_does_and_times_each_variant(tmp
 
     assert {r["name"] for r in rows} >= {"sdpa, dense mask"} | ({"segment kernel"} if CPU_RUNS_TRITON else set())
     assert all(r["forward_backward_s"]["median"] > 0 for r in rows)
+
+
+def test_the_report_lists_the_idle_gaps_of_the_traced_steps():
+    """A device trace's idle gaps (categories.json "idle_gaps") go under the kernel-category table, by cause."""
+    from mlmtrain.benchmarks.ablation_report import kernel_categories_markdown
+
+    gaps = {"min_gap_us": 50.0, "ms": 5.5, "count": 12.0, "host": {"step_ms": 90.0, "waiting_ms": 70.0}, "top": [
+        {"kind": "host late", "phase": "data", "op": "aten::copy_", "waited_in": None, "ms": 3.25, "count": 1.0},
+    ]}  # fmt: skip
+    categories = {"step_ms": 91.4, "categories": {"gemm": {"ms": 47.8, "pct": 52.3}}, "idle_gaps": gaps}
+    rows = [
+        {"benchmark": "ablation", "name": name, "tokens_per_s": {"overall": speed}, "kernel_categories": categories}
+        for name, speed in (("today", 5e5), ("+CUDA graphs", 7e5))
+    ]
+    md = kernel_categories_markdown(rows)
+    assert "Idle gaps of >= 50 us, fastest (+CUDA graphs): 5.50 ms per step in 12.0 gaps" in md
+    assert "- 3.25 ms (1.0 per step): host late in data, launching from aten::copy_" in md
+    assert "the loop's thread: 90.00 ms per step, 70.00 ms of it in long runtime calls" in md

@@ -29,7 +29,7 @@ def test_profiled_run_writes_a_trace_with_the_named_ranges(data_dir, tokenizer_d
     categories = json.loads((run / "profile" / "categories.json").read_text())
     assert categories["schema"] == profiling.CATEGORIES_SCHEMA and categories["timeline"] == "host"
     assert categories["steps"] == 2 and categories["step_ms"] > 0
-    assert set(categories["categories"]) == {*profiling.CATEGORIES, "idle"}
+    assert set(categories["categories"]) == {*profiling.CATEGORIES, "idle"} and categories["idle_gaps"] is None
     assert categories["categories"]["gemm"]["ms"] > 0 and categories["categories"]["optimizer"]["ms"] > 0
     phases = json.loads((run / "profile" / "phases.json").read_text())
     assert list(phases) == list(PHASES) and summary["phase_ms"] == phases
@@ -262,3 +262,57 @@ def test_host_self_times_count_nested_operators_once():
     assert report["timeline"] == "host" and report["step_ms"] == pytest.approx(0.050)
     assert c["gemm"]["ms"] == pytest.approx(0.010) and c["attention"]["ms"] == pytest.approx(0.020)
     assert c["idle"]["ms"] == pytest.approx(0.020)
+
+
+def test_idle_gaps_are_put_down_to_what_the_host_was_doing():
+    """One traced step on the device (stream 7) with four gaps: the host launched late from aten::mm in the
+    forward (100 us), it came out of a cudaStreamSynchronize under aten::item and launched (60 us), the work was
+    launched long before (a device-side wait, 80 us), and the work has no launch in the trace (70 us); a 20 us gap
+    is launch spacing and does not count."""
+
+    def launch(ts, corr, dur=5, name="cudaLaunchKernel", cat="cuda_runtime"):
+        return _x(cat, name, ts, dur, tid=1, correlation=corr)
+
+    def kernel(ts, dur, corr=None):
+        return _x("kernel", "triton_poi_fused_add_0", ts, dur, **({"correlation": corr} if corr else {}), stream=7)
+
+    events = [
+        _x("user_annotation", "ProfilerStep#3", 900, 1600, tid=1),
+        _x("user_annotation", "forward", 900, 700, tid=1),
+        _x("user_annotation", "optimizer", 1600, 900, tid=1),
+        _x("cpu_op", "aten::linear", 1180, 30, tid=1),
+        _x("cpu_op", "aten::mm", 1195, 10, tid=1),  # innermost at the late launch
+        _x("cpu_op", "aten::item", 1700, 120, tid=1),
+        _x("cpu_op", "aten::_local_scalar_dense", 1705, 110, tid=1),
+        _x("cuda_runtime", "cudaStreamSynchronize", 1710, 100, tid=1),  # ends 1810 as the device goes idle
+        _x("cpu_op", "aten::add", 1840, 10, tid=1),
+        _x("cuda_driver", "cuLaunchKernel", 1000, 30, tid=1, correlation=99),  # long, but not near a gap
+        launch(950, 1),
+        launch(1198, 2),
+        launch(1845, 3, name="cuLaunchKernel", cat="cuda_driver"),
+        launch(960, 4),
+        launch(970, 5),
+        kernel(1000, 100, corr=1),  # busy 1000..1100
+        kernel(1200, 100, corr=2),  # gap 100: launched at 1198, after the device went idle at 1100
+        kernel(1320, 490, corr=5),  # gap 20: launch spacing, not counted
+        kernel(1870, 50, corr=3),  # gap 60 after 1810: the host waited in the synchronize, then launched
+        kernel(2000, 50, corr=4),  # gap 80: launched at 960, long before
+        kernel(2120, 30),  # gap 70: no launch
+    ]
+    report = kernel_categories({"traceEvents": events})
+    gaps = report["idle_gaps"]
+    assert gaps["min_gap_us"] == 50 and gaps["count"] == 4 and gaps["ms"] == pytest.approx(0.310)
+    by_kind = {c["kind"]: c for c in gaps["top"]}
+    assert [c["kind"] for c in gaps["top"]] == ["host late", "device wait", "unknown", "host blocked"]  # by ms
+    assert by_kind["host late"] == {"kind": "host late", "phase": "forward", "op": "aten::mm", "waited_in": None,
+                                    "ms": pytest.approx(0.100), "count": 1}  # fmt: skip
+    blocked = by_kind["host blocked"]
+    assert (blocked["phase"], blocked["op"], blocked["ms"]) == ("optimizer", "aten::add", pytest.approx(0.060))
+    assert blocked["waited_in"] == "cudaStreamSynchronize in aten::_local_scalar_dense"
+    assert by_kind["device wait"]["ms"] == pytest.approx(0.080) and by_kind["unknown"]["ms"] == pytest.approx(0.070)
+    # the loop thread: 1600 us per step, of them the synchronize (100) and the long driver call (30)
+    assert gaps["host"] == {"step_ms": pytest.approx(1.6), "waiting_ms": pytest.approx(0.130)}
+    text = profiling.format_categories(report)
+    assert "idle gaps of >= 50 us: 0.31 ms in 4.0 gaps per step" in text
+    assert "host blocked in optimizer, launching from aten::add, after waiting in cudaStreamSynchronize in " in text
+    assert "host late in forward, launching from aten::mm" in text and "1.60 ms per step, 0.13 of them" in text

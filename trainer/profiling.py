@@ -20,7 +20,10 @@ categories.json, schema "mlmtrain.profile.categories/1" (the benchmark suite rea
      "step_ms": mean time of a traced step on that timeline, "busy_ms": mean time with work on it,
      "categories": {name: {"ms": per step, "pct": of step_ms, "count": events per step,
                            "top": [{"name", "ms", "count"}, ...]}  (the 5 largest, names cut at 160 chars)
-                    for every name in CATEGORIES, and "idle": {"ms", "pct"} (step time with no work)}}
+                    for every name in CATEGORIES, and "idle": {"ms", "pct"} (step time with no work)},
+     "idle_gaps": on the device timeline, the gaps of >= 50 us put down to what the host was doing
+                  (idle_gaps.py: {"min_gap_us", "ms", "count", "top": [{"kind", "phase", "op", "waited_in",
+                  "ms", "count"}], "host": {"step_ms", "waiting_ms"}}); null on the host timeline}
 
 A kernel goes to the first category whose rule matches (see `kernel_category`). Device steps are the span
 from the first to the last device event over the traced steps, divided by their number. Kernels on
@@ -38,6 +41,7 @@ from pathlib import Path
 import torch
 
 from mlmtrain.files import write_json
+from mlmtrain.idle_gaps import format_gaps, idle_gaps
 
 PHASES = ("data", "mask", "forward", "backward", "optimizer")
 CATEGORIES = ("gemm", "attention", "norm_elementwise", "reduction", "optimizer", "communication", "copy", "other")
@@ -297,6 +301,7 @@ def kernel_categories(trace: dict, source: str = "") -> dict:
         "step_ms": step_ms,
         "busy_ms": busy_us / 1e3 / n_steps,
         "categories": categories,
+        "idle_gaps": idle_gaps(events, device, steps, PHASES) if device else None,
     }
 
 
@@ -327,7 +332,7 @@ def format_categories(report: dict) -> str:
     lines = [f"kernel categories ({where}; {report['step_ms']:.2f} ms per step over {report['steps']} steps):"]
     for name, entry in report["categories"].items():
         lines.append(f"  {LABELS[name]:<20} {entry['ms']:9.2f} ms {entry['pct']:6.1f}%")
-    return "\n".join(lines)
+    return "\n".join(lines + (format_gaps(report["idle_gaps"]) if report.get("idle_gaps") else []))
 
 
 def _pct(ms: float, step_ms: float) -> float:
