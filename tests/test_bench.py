@@ -636,7 +636,8 @@ def test_the_report_lists_the_idle_gaps_of_the_traced_steps():
     from mlmtrain.benchmarks.ablation_report import kernel_categories_markdown
 
     gaps = {"min_gap_us": 50.0, "ms": 5.5, "count": 12.0, "host": {"step_ms": 90.0, "waiting_ms": 70.0}, "top": [
-        {"kind": "host late", "phase": "data", "op": "aten::copy_", "waited_in": None, "ms": 3.25, "count": 1.0},
+        {"kind": "host late", "phase": "data", "op": "aten::copy_", "call": "cudaMemcpyAsync", "waited_in": None,
+         "ms": 3.25, "count": 1.0},
     ]}  # fmt: skip
     categories = {"step_ms": 91.4, "categories": {"gemm": {"ms": 47.8, "pct": 52.3}}, "idle_gaps": gaps}
     rows = [
@@ -645,5 +646,5 @@ def test_the_report_lists_the_idle_gaps_of_the_traced_steps():
     ]
     md = kernel_categories_markdown(rows)
     assert "Idle gaps of >= 50 us, fastest (+CUDA graphs): 5.50 ms per step in 12.0 gaps" in md
-    assert "- 3.25 ms (1.0 per step): host late in data, launching from aten::copy_" in md
+    assert "- 3.25 ms (1.0 per step): host late in data, cudaMemcpyAsync from aten::copy_" in md
     assert "the loop's thread: 90.00 ms per step, 70.00 ms of it in long runtime calls" in md

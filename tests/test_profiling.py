@@ -265,10 +265,11 @@ def test_host_self_times_count_nested_operators_once():
 
 
 def test_idle_gaps_are_put_down_to_what_the_host_was_doing():
-    """One traced step on the device (stream 7) with four gaps: the host launched late from aten::mm in the
+    """One traced step on the device (stream 7) with five gaps: the host launched late from aten::mm in the
     forward (100 us), it came out of a cudaStreamSynchronize under aten::item and launched (60 us), the work was
-    launched long before (a device-side wait, 80 us), and the work has no launch in the trace (70 us); a 20 us gap
-    is launch spacing and does not count."""
+    launched long before (a device-side wait, 80 us), the work has no launch in the trace (70 us), and two kernels
+    of one CUDA graph replay, which share their cudaGraphLaunch's correlation, have a gap between them (90 us); a
+    20 us gap is launch spacing and does not count, nor is one of 10 us before the replay."""
 
     def launch(ts, corr, dur=5, name="cudaLaunchKernel", cat="cuda_runtime"):
         return _x(cat, name, ts, dur, tid=1, correlation=corr)
@@ -292,27 +293,38 @@ def test_idle_gaps_are_put_down_to_what_the_host_was_doing():
         launch(1845, 3, name="cuLaunchKernel", cat="cuda_driver"),
         launch(960, 4),
         launch(970, 5),
+        launch(2130, 6, name="cudaGraphLaunch"),
         kernel(1000, 100, corr=1),  # busy 1000..1100
         kernel(1200, 100, corr=2),  # gap 100: launched at 1198, after the device went idle at 1100
         kernel(1320, 490, corr=5),  # gap 20: launch spacing, not counted
         kernel(1870, 50, corr=3),  # gap 60 after 1810: the host waited in the synchronize, then launched
         kernel(2000, 50, corr=4),  # gap 80: launched at 960, long before
         kernel(2120, 30),  # gap 70: no launch
+        kernel(2160, 50, corr=6),  # gap 10: the replay's first kernel
+        kernel(2300, 20, corr=6),  # gap 90 inside the replay: launched at 2130, before the gap
     ]
     report = kernel_categories({"traceEvents": events})
     gaps = report["idle_gaps"]
-    assert gaps["min_gap_us"] == 50 and gaps["count"] == 4 and gaps["ms"] == pytest.approx(0.310)
+    assert gaps["min_gap_us"] == 50 and gaps["count"] == 5 and gaps["ms"] == pytest.approx(0.400)
     by_kind = {c["kind"]: c for c in gaps["top"]}
-    assert [c["kind"] for c in gaps["top"]] == ["host late", "device wait", "unknown", "host blocked"]  # by ms
+    kinds = ["host late", "graph replay", "device wait", "unknown", "host blocked"]  # by ms
+    assert [c["kind"] for c in gaps["top"]] == kinds
     assert by_kind["host late"] == {"kind": "host late", "phase": "forward", "op": "aten::mm", "waited_in": None,
-                                    "ms": pytest.approx(0.100), "count": 1}  # fmt: skip
+                                    "call": "cudaLaunchKernel", "ms": pytest.approx(0.100), "count": 1}  # fmt: skip
+    replay = by_kind["graph replay"]
+    assert (replay["phase"], replay["op"], replay["call"], replay["ms"]) == ("optimizer", None, "cudaGraphLaunch",
+                                                                           pytest.approx(0.090))  # fmt: skip
     blocked = by_kind["host blocked"]
     assert (blocked["phase"], blocked["op"], blocked["ms"]) == ("optimizer", "aten::add", pytest.approx(0.060))
     assert blocked["waited_in"] == "cudaStreamSynchronize in aten::_local_scalar_dense"
+    assert blocked["call"] == "cuLaunchKernel" and by_kind["unknown"]["call"] is None
     assert by_kind["device wait"]["ms"] == pytest.approx(0.080) and by_kind["unknown"]["ms"] == pytest.approx(0.070)
     # the loop thread: 1600 us per step, of them the synchronize (100) and the long driver call (30)
     assert gaps["host"] == {"step_ms": pytest.approx(1.6), "waiting_ms": pytest.approx(0.130)}
     text = profiling.format_categories(report)
-    assert "idle gaps of >= 50 us: 0.31 ms in 4.0 gaps per step" in text
-    assert "host blocked in optimizer, launching from aten::add, after waiting in cudaStreamSynchronize in " in text
-    assert "host late in forward, launching from aten::mm" in text and "1.60 ms per step, 0.13 of them" in text
+    assert "idle gaps of >= 50 us: 0.40 ms in 5.0 gaps per step" in text
+    assert (
+        "host blocked in optimizer, cuLaunchKernel from aten::add, after waiting in cudaStreamSynchronize in " in text
+    )
+    assert "host late in forward, cudaLaunchKernel from aten::mm" in text and "1.60 ms per step, 0.13 of them" in text
+    assert "graph replay in optimizer, cudaGraphLaunch from no operator" in text

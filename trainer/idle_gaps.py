@@ -14,12 +14,15 @@ and so the host thread, the time and the operator that ended the gap. Each gap i
                   host was slower than the device (launch overhead, Python, another thread holding the GIL)
     device wait   the next work was launched before the gap began: it waited on the device (an event, another
                   stream's work)
+    graph replay  the same, launched by cudaGraphLaunch: a gap between the kernels of one CUDA graph replay (CUPTI
+                  gives every kernel of a replay its launch's correlation), a dependency inside the graph
 
-Gaps are grouped by (kind, the loop's phase at the launch, the operator that launched, the call waited in) and
-reported per traced step, largest first. `host` is the loop thread's side of the same steps: its time per step and
-how much of it went to runtime calls of at least WAIT_US (waiting for the device, or for room in the launch
-queue). A step whose host time less that wait is near the device's busy time is bound by the host. The profiler
-adds its own cost to every operator, so traced host times run somewhat above an untraced run's.
+Gaps are grouped by (kind, the loop's phase at the launch, the operator that launched, the launching call, the
+call waited in) and reported per traced step, largest first. `host` is the loop thread's side of the same steps:
+its time per step and how much of it went to runtime calls of at least WAIT_US (waiting for the device, or for
+room in the launch queue). A step whose host time less that wait is near the device's busy time is bound by the
+host. The profiler adds its own cost to every operator, so traced host times run somewhat above an untraced
+run's.
 """
 
 from __future__ import annotations
@@ -30,12 +33,13 @@ MIN_GAP_US = 50.0  # smaller gaps are the launch-to-launch spacing of back-to-ba
 WAIT_US = MIN_GAP_US / 2  # a runtime call this long was waiting; a kernel launch takes a few microseconds
 SLACK_US = 10.0  # clock skew between the host and device timelines that a gap's cause may be off by
 HOST_CALLS = ("cuda_runtime", "cuda_driver")
+GRAPH_LAUNCHES = ("cudaGraphLaunch", "cuGraphLaunch")
 TOP = 6  # causes kept per report
 
 
 def idle_gaps(events: list[dict], device: list[dict], steps: list[dict], phases: tuple[str, ...]) -> dict:
     """{"min_gap_us", "ms" and "count" per step of all gaps >= MIN_GAP_US, "top": [{"kind", "phase", "op",
-    "waited_in", "ms", "count"}] (per step, largest first), "host": {"step_ms", "waiting_ms"} or None}.
+    "call", "waited_in", "ms", "count"}] (per step, largest first), "host": {"step_ms", "waiting_ms"} or None}.
     `events`: the trace's complete ("X") events; `device`: those on the device; `steps`: the traced
     ProfilerStep# ranges; `phases`: the loop's range names."""
     n_steps = max(1, len(steps))
@@ -48,15 +52,20 @@ def idle_gaps(events: list[dict], device: list[dict], steps: list[dict], phases:
     for gap_start, gap_end, next_event in _gaps(device):
         launch = launches.get(next_event.get("args", {}).get("correlation"))
         if launch is None:
-            key = ("unknown", None, None, None)
+            key = ("unknown", None, None, None, None)
         else:
             thread, at = (launch.get("pid"), launch.get("tid")), launch["ts"]
             waited = threads.wait_before(thread, gap_start - SLACK_US, at)
-            kind = "host blocked" if waited else ("host late" if at >= gap_start - SLACK_US else "device wait")
+            if waited:
+                kind = "host blocked"
+            elif at >= gap_start - SLACK_US:
+                kind = "host late"
+            else:
+                kind = "graph replay" if launch["name"] in GRAPH_LAUNCHES else "device wait"
             waited_in = (
                 f"{waited['name']} in {threads.op_at(thread, waited['ts']) or 'no operator'}" if waited else None
             )
-            key = (kind, threads.phase_at(thread, at), threads.op_at(thread, at), waited_in)
+            key = (kind, threads.phase_at(thread, at), threads.op_at(thread, at), launch["name"], waited_in)
         entry = causes.setdefault(key, [0.0, 0])
         entry[0] += gap_end - gap_start
         entry[1] += 1
@@ -66,8 +75,16 @@ def idle_gaps(events: list[dict], device: list[dict], steps: list[dict], phases:
         "ms": sum(us for us, _ in causes.values()) / 1e3 / n_steps,
         "count": sum(n for _, n in causes.values()) / n_steps,
         "top": [
-            {"kind": k, "phase": p, "op": op, "waited_in": w, "ms": us / 1e3 / n_steps, "count": n / n_steps}
-            for (k, p, op, w), (us, n) in top
+            {
+                "kind": k,
+                "phase": p,
+                "op": op,
+                "call": call,
+                "waited_in": w,
+                "ms": us / 1e3 / n_steps,
+                "count": n / n_steps,
+            }
+            for (k, p, op, call, w), (us, n) in top
         ],
         "host": _host(steps, threads),
     }
@@ -88,11 +105,11 @@ def format_gaps(gaps: dict) -> list[str]:
 
 
 def describe(cause: dict) -> str:
-    """One cause in words: "host late in forward, launching from aten::mm"."""
+    """One cause in words: "host late in forward, cudaLaunchKernel from aten::mm"."""
     if cause["kind"] == "unknown":
         return "no launch in the trace for the work after the gap"
     where = f" in {cause['phase']}" if cause["phase"] else " outside the loop's phases"
-    text = f"{cause['kind']}{where}, launching from {cause['op'] or 'no operator'}"
+    text = f"{cause['kind']}{where}, {cause.get('call') or 'launched'} from {cause['op'] or 'no operator'}"
     return text + (f", after waiting in {cause['waited_in']}" if cause["waited_in"] else "")
 
 

@@ -22,8 +22,8 @@ categories.json, schema "mlmtrain.profile.categories/1" (the benchmark suite rea
                            "top": [{"name", "ms", "count"}, ...]}  (the 5 largest, names cut at 160 chars)
                     for every name in CATEGORIES, and "idle": {"ms", "pct"} (step time with no work)},
      "idle_gaps": on the device timeline, the gaps of >= 50 us put down to what the host was doing
-                  (idle_gaps.py: {"min_gap_us", "ms", "count", "top": [{"kind", "phase", "op", "waited_in",
-                  "ms", "count"}], "host": {"step_ms", "waiting_ms"}}); null on the host timeline}
+                  (idle_gaps.py: {"min_gap_us", "ms", "count", "top": [{"kind", "phase", "op", "call",
+                  "waited_in", "ms", "count"}], "host": {"step_ms", "waiting_ms"}}); null on the host timeline}
 
 A kernel goes to the first category whose rule matches (see `kernel_category`). Device steps are the span
 from the first to the last device event over the traced steps, divided by their number. Kernels on
