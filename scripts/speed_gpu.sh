@@ -2,9 +2,10 @@
 # The speed report of one GPU in one call, offline, inside ~8 minutes on an H100/H200-class GPU:
 #   GPU checks of the new paths (the Triton kernels against their references, compiled FlexAttention forward and
 #   backward against the fp32 reference, flash varlen) -> attention alone (benchmarks/bench_attention.py: the
-#   segment kernel, FlexAttention, SDPA, flash varlen on one layer of BERT-base rows) -> the residual LayerNorm
-#   kernels alone (bench_residual_layer_norm --sweep at C = 768) -> the bias+GELU kernels alone (bench_bias_gelu
-#   --sweep at C = 3072) -> hardware ceilings -> the speed ablation at
+#   segment kernel, FlexAttention, SDPA, flash varlen and cuDNN's ragged attention on one layer of BERT-base
+#   rows) -> the residual LayerNorm kernels alone (bench_residual_layer_norm --sweep at C = 768) -> the bias+GELU
+#   kernels alone (bench_bias_gelu --sweep at C = 3072) -> attention alone at BERT-large's document rows of 512
+#   -> hardware ceilings -> the speed ablation at
 #   vocab 30,000 (BERT-base, seq 128, sentence packing: today, +row attention, +bf16 residual, +fused kernels,
 #   +CUDA graphs, +fp8 tensorwise / rowwise / tensorwise with torch ops / rowwise with bf16 weight gradients and
 #   torch ops, +async log reads, +packer process,
@@ -27,10 +28,11 @@
 # accelerate and psutil, pytest-xdist and execnet are installed from .whl/ into /tmp/site when missing
 # (git-ignored; docs/BENCHMARKS.md, "The GPU command", says how to fetch them and how to call this on a lent
 # machine).
-# OUT_DIR gets gpu.txt, gpu_tests.txt, attention.md/.json/.log, layernorm.md/.json/.log, gelu.md/.json/.log,
-# bench.log, results.json, report.md (a --merge call: gpu.txt, bench_merge.log, results.json, report.md, and the
-# attention, layernorm and gelu files where OUT_DIR had none, so copying them beside the first call's keeps both
-# logs).
+# OUT_DIR gets gpu.txt, gpu_tests.txt, kernels.tar.gz (the kernel benches' tables, rows and logs:
+# attention.md/.json/.log, attention_large.*, layernorm.*, gelu.*), bench.log, results.json, report.md and the
+# bench's .mlmtrain.json: 7 files, as a lent machine gives back at most 8 (a --merge call: gpu.txt,
+# bench_merge.log, results.json, report.md, and kernels.tar.gz with the benches its OUT_DIR's archive lacked
+# added, so copying the first call's archive into OUT_DIR keeps both calls' kernel files).
 set -uo pipefail
 OUT=${1:?usage: bash scripts/speed_gpu.sh OUT_DIR [--merge | --quick] [extra mlmtrain bench flags]}
 shift
@@ -99,31 +101,40 @@ if [ "$MERGE" != 1 ] || [ "${CHECKS:-0}" = 1 ]; then  # CHECKS=1: a --merge call
   grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | head -40
 fi
 
-# attention alone at BERT-base's rows (one layer, ~20 s): the segment kernel against compiled FlexAttention,
-# the dense-mask SDPA and flash varlen on the same segments; skipped once attention.md exists (a --merge call)
-if [ ! -s "$OUT/attention.md" ]; then
-  timeout -k 10 90 "$PY" -m mlmtrain.benchmarks.bench_attention --device cuda --out "$OUT/attention.json" \
-    >"$OUT/attention.md" 2>"$OUT/attention.log" || echo "speed_gpu.sh: bench_attention failed: $OUT/attention.log"
-  cat "$OUT/attention.md"
-fi
-
+# The kernel benches alone, each once per OUT_DIR: their files go into one archive, kernels.tar.gz, as each ends
+# (a lent machine gives back at most 8 files); a bench whose table the archive holds already (a --merge call with
+# the first call's archive in OUT_DIR) is not run again, and its files stay in the archive.
+KERNELS="$OUT/kernels.tar.gz"
+in_archive() { [ -s "$KERNELS" ] && tar -tzf "$KERNELS" 2>/dev/null | grep -qx "$1"; }
+archive() {  # FILE...: into the archive beside what it holds, then out of OUT_DIR
+  local tmp; tmp=$(mktemp -d)
+  [ -s "$KERNELS" ] && tar -xzf "$KERNELS" -C "$tmp"
+  (cd "$OUT" && cp -- "$@" "$tmp"/ 2>/dev/null)
+  (cd "$tmp" && tar -czf "$KERNELS.part" -- *) && mv "$KERNELS.part" "$KERNELS" && (cd "$OUT" && rm -f -- "$@")
+  rm -rf "$tmp"
+}
+kernel_bench() {  # NAME SECONDS SHOWN_LINES MODULE ARGS...: OUT_DIR/NAME.md (table), .json (rows), .log (stderr)
+  local name=$1 limit=$2 lines=$3; shift 3
+  in_archive "$name.md" && return
+  timeout -k 10 "$limit" "$PY" -m "$@" --out "$OUT/$name.json" >"$OUT/$name.md" 2>"$OUT/$name.log" \
+    || echo "speed_gpu.sh: $name failed: $name.log in $KERNELS"
+  tail -"$lines" "$OUT/$name.md"
+  archive "$name.md" "$name.json" "$name.log"
+}
+# attention alone at BERT-base's rows (one layer, ~20 s): the segment kernel against compiled FlexAttention, the
+# dense-mask SDPA, and flash varlen and cuDNN's ragged attention on the same segments laid flat
+kernel_bench attention 90 20 mlmtrain.benchmarks.bench_attention --device cuda
 # the residual LayerNorm kernels alone at BERT-base's shape (~30 s): against the copy ceiling, and other tiles
-# (--sweep): what the next tuning of them starts from; once per OUT_DIR, like attention.md
-if [ ! -s "$OUT/layernorm.md" ]; then
-  timeout -k 10 60 "$PY" -m mlmtrain.benchmarks.bench_residual_layer_norm --device cuda --hidden 768 --no-compile \
-    --sweep --out "$OUT/layernorm.json" >"$OUT/layernorm.md" 2>"$OUT/layernorm.log" \
-    || echo "speed_gpu.sh: bench_residual_layer_norm failed: $OUT/layernorm.log"
-  tail -12 "$OUT/layernorm.md"
-fi
-
+# (--sweep): what the next tuning of them starts from
+kernel_bench layernorm 60 12 mlmtrain.benchmarks.bench_residual_layer_norm --device cuda --hidden 768 --no-compile \
+  --sweep
 # the bias+GELU kernels alone at BERT-base's intermediate size (~40 s: 15 launches to compile): against the copy
-# ceiling, and other launches (--sweep: tiles, programs per SM, pipelined loads, an erf with one reciprocal); once
-# per OUT_DIR, like layernorm.md
-if [ ! -s "$OUT/gelu.md" ]; then
-  timeout -k 10 90 "$PY" -m mlmtrain.benchmarks.bench_bias_gelu --device cuda --hidden 3072 --no-compile --sweep \
-    --out "$OUT/gelu.json" >"$OUT/gelu.md" 2>"$OUT/gelu.log" || echo "speed_gpu.sh: bench_bias_gelu failed: $OUT/gelu.log"
-  tail -12 "$OUT/gelu.md"
-fi
+# ceiling, and other launches (--sweep: tiles, programs per SM, pipelined loads, an erf with one reciprocal)
+kernel_bench gelu 90 12 mlmtrain.benchmarks.bench_bias_gelu --device cuda --hidden 3072 --no-compile --sweep
+# attention alone at BERT-large's target rows (~30 s): document chunks in rows of 512, 16 heads; FlexAttention
+# against flash varlen and cuDNN's ragged attention laid flat (the large model's flat layout runs flash varlen)
+kernel_bench attention_large 90 20 mlmtrain.benchmarks.bench_attention --device cuda --rows 128 --row-len 512 \
+  --heads 16 --documents
 
 # --time-limit: no row starts whose expected end (the longest row so far) is past it; `timeout` is the hard stop
 # (results.json is rewritten after every section and every row is kept, so what finished is in the report)

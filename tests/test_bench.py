@@ -267,6 +267,87 @@ def test_report_names_failed_sections(tmp_path):
     assert json.loads(json_path.read_text())["schema"] == report.SCHEMA
 
 
+STAND_IN_PYTHON = """
+import json, os, sys
+from pathlib import Path
+
+args = sys.argv[1:]
+with open(os.environ["CALLS"], "a") as calls:
+    calls.write(" ".join(args) + "\\n")
+if args[0] == "-c":  # the script's import checks: mlmtrain from this checkout, every other package there
+    print(os.getcwd() + "/trainer" if "import mlmtrain" in args[1] else "")
+elif args[1] == "pytest":
+    print("3 passed in 1.00s")
+elif args[1].startswith("mlmtrain.benchmarks."):
+    Path(args[args.index("--out") + 1]).write_text("{}")
+    print("| variant | ms |")
+elif args[1] == "mlmtrain.cli":
+    out = Path(args[args.index("--out") + 1])
+    for name in (".mlmtrain.json", "results.json", "report.md"):
+        (out / name).write_text("{}")
+"""
+
+
+def test_the_gpu_call_leaves_at_most_eight_files_and_a_second_call_reuses_the_kernel_benches(tmp_path):
+    """scripts/speed_gpu.sh on a lent machine, with a stand-in interpreter and nvidia-smi (what the script does
+    with its files, not what it measures): a lent machine gives back at most 8 files, so the kernel benches'
+    tables, rows and logs end in one archive and the call leaves 7 files; a --merge call given that archive runs
+    none of those benches again, and one given an archive without the large model's attention runs only that
+    one, adding it to the archive."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "speed_gpu.sh"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f"#!{sys.executable}\n" + STAND_IN_PYTHON)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'name, driver_version'\necho 'NVIDIA H200, 580.95'\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = os.environ | {"PYTHON": str(bin_dir / "python"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                        "CALLS": str(calls), "SPEED_BUDGET": "200"}  # fmt: skip
+    benches = {"attention": 3, "layernorm": 3, "gelu": 3, "attention_large": 3}
+
+    def call(out: Path, *flags: str) -> tuple[set, set, list]:
+        calls.write_text("")
+        done = subprocess.run(["bash", str(script), str(out), *flags], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        with tarfile.open(out / "kernels.tar.gz") as archive:
+            kept = set(archive.getnames())
+        ran = [line.split()[1].rsplit(".", 1)[-1] for line in calls.read_text().splitlines() if "benchmarks." in line]
+        return {f.name for f in out.rglob("*") if f.is_file()}, kept, ran
+
+    every = {f"{b}.{ext}" for b in benches for ext in ("md", "json", "log")}
+    first, kept, ran = call(tmp_path / "first")
+    assert first == {"gpu.txt", "gpu_tests.txt", "kernels.tar.gz", "bench.log", "results.json", "report.md",
+                     ".mlmtrain.json"}  # fmt: skip
+    assert kept == every and ran == ["bench_attention", "bench_residual_layer_norm", "bench_bias_gelu",
+                                     "bench_attention"]  # fmt: skip
+
+    second = tmp_path / "second"  # a fresh machine: the first call's results, marker and archive copied in
+    second.mkdir()
+    for name in ("results.json", ".mlmtrain.json", "kernels.tar.gz"):
+        (second / name).write_bytes((tmp_path / "first" / name).read_bytes())
+    files, kept, ran = call(second, "--merge")
+    assert ran == [] and kept == every and len(files) <= 8 and "bench_merge.log" in files
+
+    older = tmp_path / "older"  # an archive from before the large model's attention bench
+    older.mkdir()
+    (older / "results.json").write_text("{}")
+    with tarfile.open(older / "kernels.tar.gz", "w:gz") as archive:
+        for name in sorted(every - {f"attention_large.{ext}" for ext in ("md", "json", "log")}):
+            (tmp_path / name).write_text("old " + name)
+            archive.add(tmp_path / name, arcname=name)
+    files, kept, ran = call(older, "--merge")
+    assert ran == ["bench_attention"] and kept == every and len(files) <= 8
+    with tarfile.open(older / "kernels.tar.gz") as archive:
+        assert archive.extractfile("gelu.md").read() == b"old gelu.md"  # the earlier call's table kept
+
+
 def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
     """scripts/speed_gpu.sh --quick: the GPU script's own path on the CPU (tiny model; the fused kernels run their
     torch reference, as on any machine without Triton's interpreter). Rows that cannot run on a CPU (CUDA graphs,
@@ -609,26 +690,49 @@ def test_ablation_plan_builds_each_row_on_the_right_one_and_tries_fp8_on_the_lar
     assert rows[("target", "fastest, fp8")] == {**flat, "train.fp8": "tensorwise", "model.fused_ops": "triton"}
 
 
-def test_attention_bench_lays_rows_as_the_packer_does_and_times_each_variant(tmp_path):
-    """bench_attention --quick on the CPU: the segment kernel (interpreted) and the SDPA reference timed; its rows
-    are whole segments with a [PAD] tail each, the flat cu_seqlens the same segments, and they fill the rows."""
+@pytest.mark.parametrize("documents", [False, True])
+def test_attention_bench_lays_rows_as_the_packer_does_and_times_each_variant(tmp_path, monkeypatch, documents):
+    """bench_attention --quick on the CPU: the segment kernel (interpreted) and the SDPA reference timed, each
+    with its error against the fp32 reference; its rows are whole segments (sentences, or document chunks of at
+    most a row) with a [PAD] tail each, the flat cu_seqlens the same segments and then empty ones up to the flat
+    packer's capacity, and they fill the rows. A variant that fails says why in its row; the others still run."""
+    import numpy as np
     import torch
 
     from mlmtrain.benchmarks import bench_attention
 
-    segment_ids, cu_seqlens, fill = bench_attention.row_segments(8, 128)
+    row_len = 512 if documents else 128
+    segment_ids, cu_seqlens, fill = bench_attention.row_segments(8, row_len, documents=documents)
     flat = segment_ids.flatten()
-    assert fill > 0.97 and cu_seqlens[0] == 0 and cu_seqlens[-1] == flat.numel()
+    assert fill > 0.95 and cu_seqlens[0] == 0 and cu_seqlens[-1] == flat.numel()
     lengths = torch.diff(cu_seqlens)
-    assert torch.equal(torch.bincount(flat.long()), lengths.long())  # segment i spans cu_seqlens[i]..[i+1]
-    assert (torch.diff(flat) >= 0).all() and torch.equal(flat[cu_seqlens[:-1].long()], torch.arange(len(lengths)))
+    S = int(flat.max()) + 1
+    assert torch.equal(torch.bincount(flat.long()), lengths[:S].long())  # segment i spans cu_seqlens[i]..[i+1]
+    assert (lengths[S:] == 0).all() and len(lengths) > S  # the capacity's empty segments
+    assert (torch.diff(flat) >= 0).all() and torch.equal(flat[cu_seqlens[:S].long()], torch.arange(S))
+    chunks = bench_attention.document_lengths(np.random.default_rng(0), 20_000, 512)
+    assert chunks.max() <= 512 and chunks.min() >= 3 and chunks.sum() >= 22_000  # [CLS] s [SEP] at the least
+
+    def broken(qkv, seg, cu, L):
+        raise RuntimeError("no kernel for this shape\nsecond line")
+
+    variants = bench_attention.variants
+    monkeypatch.setattr(bench_attention, "variants", lambda *a: {**variants(*a), "broken": broken})
     out = tmp_path / "attention.json"
-    assert bench_attention.main(["--quick", "--device", "cpu", "--out", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    argv = ["--quick", "--device", "cpu", "--out", str(out)] + (
+        ["--documents", "--row-len", "512"] if documents else []
+    )
+    assert bench_attention.main(argv) == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     from conftest import CPU_RUNS_TRITON
 
-    assert {r["name"] for r in rows} >= {"sdpa, dense mask"} | ({"segment kernel"} if CPU_RUNS_TRITON else set())
-    assert all(r["forward_backward_s"]["median"] > 0 for r in rows)
+    kernel = {"segment kernel"} if CPU_RUNS_TRITON and not documents else set()  # rows of <= 128 tokens
+    assert set(rows) == {"sdpa, dense mask", "broken"} | kernel
+    assert rows["broken"]["error"] == "RuntimeError: no kernel for this shape"
+    timed = [r for name, r in rows.items() if name != "broken"]
+    assert all(r["forward_backward_s"]["median"] > 0 and r["documents"] is documents for r in timed)
+    assert rows["sdpa, dense mask"]["max_abs_error"] == {"out": 0.0, "dqkv": 0.0}  # fp32 on the CPU: the reference
+    assert all(r["max_abs_error"]["out"] < 1e-4 and r["max_abs_error"]["dqkv"] < 1e-4 for r in timed)
 
 
 def test_the_report_lists_the_idle_gaps_of_the_traced_steps():
