@@ -21,7 +21,7 @@ from mlmtrain.config import load_config
 from mlmtrain.errors import UserError
 from mlmtrain.fast_paths import FastPaths, check_speed_options, post_ln_residual, set_fast_paths
 from mlmtrain.fp8 import check_fp8
-from mlmtrain.model import BertForMaskedLM, mlm_loss_sum
+from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.train import train
 
 
@@ -153,6 +153,24 @@ def test_options_refused_with_one_sentence(data_dir, tokenizer_dir, tmp_path, ca
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_flex_trains_compiled_on_cuda_only_and_eager_cuda_forwards_take_the_reference(monkeypatch):
+    """FlexAttention is fused only under torch.compile: an uncompiled CUDA run asking for it is refused with one
+    sentence, and an eager CUDA forward of a model set to flex (evaluation's) takes the row SDPA reference, the same
+    math, as auto does; compiled, both take FlexAttention. (No CUDA call is made: the choice is by device type.)"""
+    cuda = torch.device("cuda", 0)
+    cfg = load_config(None, {"data.layout": "rows", "model.attention": "flex"})
+    with pytest.raises(UserError, match="under torch.compile only .* compile off"):
+        check_speed_options(cfg, 128, cuda, "bf16", False, 1024, world=1, head_dim=64)
+    check_speed_options(cfg, 128, cuda, "bf16", True, 1024, world=1, head_dim=64)
+    model = BertForMaskedLM(BertConfig.from_size("tiny", 100), attn_impl="flex")
+    assert model._choose_attn(cuda, torch.bfloat16, rows=True) == "sdpa"
+    assert model._choose_attn(torch.device("cpu"), torch.float32, rows=True) == "flex"  # the CPU tests' eager flex
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert model._choose_attn(cuda, torch.bfloat16, rows=True) == "flex"
+    model.attn_impl = "auto"
+    assert model._choose_attn(cuda, torch.bfloat16, rows=True) == "flex"
 
 
 def test_fp8_refusals(monkeypatch):

@@ -96,10 +96,11 @@ def check_speed_options(
             f"data.layout = rows cuts each batch into rows of max_seq_len = {L} tokens: data.tokens_per_batch = {T} "
             f"must be a multiple of it (e.g. {max(L, T // L * L)})"
         )
-    if cfg.model.attention == "flex" and device.type != "cuda":
+    if cfg.model.attention == "flex" and (device.type != "cuda" or not compiled):
         raise UserError(
-            f"model.attention = flex trains on a CUDA GPU only (FlexAttention has no backward on the CPU; this run is "
-            f"on {device}): leave model.attention = auto, which takes the row SDPA reference here"
+            f"model.attention = flex trains on a CUDA GPU under torch.compile only (FlexAttention has no backward on "
+            f"the CPU and is fused only when compiled; this run: {device}, compile {'on' if compiled else 'off'}): "
+            f"leave model.attention = auto, which takes the row SDPA reference where FlexAttention cannot run"
         )
     if cfg.model.attention == "triton":
         check_segment_attention(L, head_dim, device)

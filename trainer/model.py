@@ -17,13 +17,12 @@ Attention in the packed path (chosen once per forward, from device and dtype; `a
   at 0, so attention-probability dropout is NOT applied on this path (hidden dropout still is).
 - "sdpa": the reference. Gather tokens into a padded [S, L] layout, SDPA with a key-padding mask,
   gather back. Same math; runs anywhere. Tests compare the two.
-- rows (`segment_ids` given, RowPacker): "flex" (FlexAttention per row, auto when compiled on CUDA), "triton"
-  (the segment-attention kernel, rows of <= 128 tokens) or "sdpa" (the dense-mask reference),
-  mlmtrain/row_attention.py; varlen and packed SDPA still run on its cu_seqlens.
+- rows (`segment_ids` given, RowPacker): "flex" (FlexAttention per row, auto when compiled on CUDA; an eager
+  CUDA forward, e.g. evaluation's, takes the reference: eager FlexAttention is unfused), "triton" (the
+  segment-attention kernel, rows of <= 128 tokens) or "sdpa" (the dense-mask reference), row_attention.py.
 The work around the matmuls runs as `FastPaths` says (fast_paths.py). A Linear swapped for another module
-(torchao's Float8Linear) runs as itself: q/k/v then run as three matmuls.
-
-Under bf16 autocast the logits come back in bf16 (a bf16 decoder matmul); `mlm_loss_sum` upcasts to fp32 first.
+(torchao's Float8Linear) runs as itself: q/k/v then run as three matmuls. Under bf16 autocast the logits come
+back in bf16 (a bf16 decoder matmul); `mlm_loss_sum` upcasts to fp32 first.
 """
 
 from __future__ import annotations
@@ -385,9 +384,10 @@ class BertForMaskedLM(nn.Module):
             nn.init.zeros_(module.bias)
 
     def _choose_attn(self, device: torch.device, dtype: torch.dtype, rows: bool = False) -> str:
+        fused_flex = device.type == "cuda" and torch.compiler.is_compiling()  # eager, it materializes the scores
         if self.attn_impl == "auto":
-            if rows:  # FlexAttention is a fused kernel only when compiled; eager it would materialize the scores
-                return "flex" if device.type == "cuda" and torch.compiler.is_compiling() else "sdpa"
+            if rows:
+                return "flex" if fused_flex else "sdpa"
             flash_ok = varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
             return "varlen" if flash_ok else "sdpa"
         if self.attn_impl == "varlen" and (device.type != "cuda" or varlen_attn is None):
@@ -398,7 +398,8 @@ class BertForMaskedLM(nn.Module):
             raise ValueError(
                 f"attn_impl must be auto, varlen, sdpa, or flex or triton (with segment_ids), not {self.attn_impl!r}"
             )
-        return self.attn_impl
+        eager_flex = self.attn_impl == "flex" and device.type == "cuda" and not fused_flex  # e.g. evaluation's
+        return "sdpa" if eager_flex else self.attn_impl  # the reference: the same math, fused
 
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions, segment_ids=None):
         """Packed MLM forward.
