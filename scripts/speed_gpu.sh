@@ -102,8 +102,9 @@ if [ "$MERGE" != 1 ] || [ "${CHECKS:-0}" = 1 ]; then  # CHECKS=1: a --merge call
 fi
 
 # The kernel benches alone, each once per OUT_DIR: their files go into one archive, kernels.tar.gz, as each ends
-# (a lent machine gives back at most 8 files); a bench whose table the archive holds already (a --merge call with
-# the first call's archive in OUT_DIR) is not run again, and its files stay in the archive.
+# (a lent machine gives back at most 8 files); a bench whose table the archive holds already, or OUT_DIR holds
+# loose (a --merge call given the first call's archive, or its unpacked files), is not run again: its files go
+# into the archive as they are.
 KERNELS="$OUT/kernels.tar.gz"
 in_archive() { [ -s "$KERNELS" ] && tar -tzf "$KERNELS" 2>/dev/null | grep -qx "$1"; }
 archive() {  # FILE...: into the archive beside what it holds, then out of OUT_DIR
@@ -115,6 +116,10 @@ archive() {  # FILE...: into the archive beside what it holds, then out of OUT_D
 }
 kernel_bench() {  # NAME SECONDS SHOWN_LINES MODULE ARGS...: OUT_DIR/NAME.md (table), .json (rows), .log (stderr)
   local name=$1 limit=$2 lines=$3; shift 3
+  if [ -s "$OUT/$name.md" ]; then  # copied in unpacked
+    archive $(cd "$OUT" && ls -- "$name.md" "$name.json" "$name.log" 2>/dev/null)
+    return
+  fi
   in_archive "$name.md" && return
   timeout -k 10 "$limit" "$PY" -m "$@" --out "$OUT/$name.json" >"$OUT/$name.md" 2>"$OUT/$name.log" \
     || echo "speed_gpu.sh: $name failed: $name.log in $KERNELS"

@@ -291,9 +291,9 @@ elif args[1] == "mlmtrain.cli":
 def test_the_gpu_call_leaves_at_most_eight_files_and_a_second_call_reuses_the_kernel_benches(tmp_path):
     """scripts/speed_gpu.sh on a lent machine, with a stand-in interpreter and nvidia-smi (what the script does
     with its files, not what it measures): a lent machine gives back at most 8 files, so the kernel benches'
-    tables, rows and logs end in one archive and the call leaves 7 files; a --merge call given that archive runs
-    none of those benches again, and one given an archive without the large model's attention runs only that
-    one, adding it to the archive."""
+    tables, rows and logs end in one archive and the call leaves 7 files; a --merge call given that archive, or
+    its files unpacked, runs none of those benches again, and one given an archive without the large model's
+    attention runs only that one, adding it to the archive."""
     import os
     import subprocess
     import sys
@@ -334,6 +334,15 @@ def test_the_gpu_call_leaves_at_most_eight_files_and_a_second_call_reuses_the_ke
         (second / name).write_bytes((tmp_path / "first" / name).read_bytes())
     files, kept, ran = call(second, "--merge")
     assert ran == [] and kept == every and len(files) <= 8 and "bench_merge.log" in files
+
+    unpacked = tmp_path / "unpacked"  # the same with the archive's files unpacked, as the repository keeps them
+    unpacked.mkdir()
+    for name in ("results.json", ".mlmtrain.json"):
+        (unpacked / name).write_bytes((tmp_path / "first" / name).read_bytes())
+    with tarfile.open(tmp_path / "first" / "kernels.tar.gz") as archive:
+        archive.extractall(unpacked, filter="data")
+    files, kept, ran = call(unpacked, "--merge")
+    assert ran == [] and kept == every and len(files) <= 8
 
     older = tmp_path / "older"  # an archive from before the large model's attention bench
     older.mkdir()
