@@ -6,6 +6,7 @@ masking never selects a special or [unused*] id; custom shapes from the config; 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -89,6 +90,8 @@ def test_init_from_matches_transformers_trains_and_exports(folder_and_data, tmp_
     print(layout, "step-0 loss", losses[0], "transformers", want)
     assert losses[0] == pytest.approx(want, rel=1e-5)
     assert summary["steps"] == 20 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["model"]  # the folder's shape decides:
+    assert saved["init_from"] == str(folder) and not {"size", "hidden_size", "layer_norm_eps"} & set(saved)  # unsaid
 
     out = tmp_path / "export"
     assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
@@ -269,8 +272,65 @@ def test_damaged_weights_are_one_sentence_naming_the_file(damage, tokenizer_dir,
             import pickle
 
             weights.write_bytes(pickle.dumps(print))
-    with pytest.raises(UserError, match=f"{weights.name} is damaged or not a weights file"):
+    unpickled = damage in ("pickled code", "garbage pytorch_model.bin")  # torch's tensors-only unpickler tells
+    refused = r"cannot be read as tensors alone \(damaged, or it pickles" if unpickled else "is damaged or not a"
+    with pytest.raises(UserError, match=f"{weights.name} {refused}") as e:
         read_pretrained(folder)
+    assert "weights_only" not in str(e.value)  # torch's advice to turn the check off is not repeated
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ([1, 2], "holds a JSON list, not an object of settings"),
+        ({"hidden_size": 48}, "names no model_type; mlmtrain continues pretraining BERT models only"),
+        ({"model_type": "bert", "layer_norm_eps": "1e-12"}, "layer_norm_eps='1e-12': a number is expected"),
+        ({"model_type": "bert", "num_hidden_layers": 2.0}, "num_hidden_layers=2.0: a whole number is expected"),
+        ({"model_type": "bert", "type_vocab_size": True}, "type_vocab_size=True: a whole number is expected"),
+        ({"model_type": "bert", "hidden_dropout_prob": None}, "hidden_dropout_prob=None: a number is expected"),
+    ],
+)
+def test_config_json_is_read_as_settings_of_the_right_types(tmp_path, config, message):
+    """A config.json that is not an object, names no model_type, or holds a setting of the wrong type is one
+    sentence before any run starts (a string layer_norm_eps used to fail in the first forward, mid-run)."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=re.escape(message)):
+        read_config(tmp_path)
+
+
+def test_a_tokenizer_with_other_tokens_or_too_few_positions_is_refused_before_the_run(
+    tokenizer_dir, data_dir, sample_corpus, tmp_path, capsys
+):
+    """--tokenizer beside --init-from must hold the folder's own tokens id for id: the same size is not enough
+    (each embedding row would train on as another token). Positions too few for the data can only be fixed by
+    preparing shorter rows: the folder's weights fix max_position_embeddings. Both: one sentence, exit 2, no run
+    folder."""
+    folder = make_bert_folder(tmp_path / "bert", tokenizer_dir, "0-4", max_position_embeddings=64)
+    capsys.readouterr()  # transformers' own progress bars
+    vocab = read_vocab(folder)
+    swapped = [*vocab[:10], vocab[11], vocab[10], *vocab[12:]]  # two pieces trade ids
+    other = tmp_path / "other_tokenizer"
+    other.mkdir()
+    (other / "vocab.txt").write_text("".join(t + "\n" for t in swapped), encoding="utf-8")
+    transformers.BertTokenizer(
+        vocab=str(other / "vocab.txt"), do_lower_case=False, strip_accents=False, tokenize_chinese_chars=True
+    ).save_pretrained(str(other))
+    prepare([sample_corpus], other, tmp_path / "data", valid_fraction=0.05, max_seq_len=64, progress=False)
+    capsys.readouterr()
+    common = ["--init-from", str(folder), "--max-steps", "1", "--set", "train.device=cpu"]
+    rc = cli.main(["train", *common, "--tokenizer", str(other), "--data", str(tmp_path / "data"),
+                   "--out", str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"other tokens than {folder}'s own (id 10: {vocab[11]!r} against {vocab[10]!r})" in err
+    assert not (tmp_path / "run").exists()
+    # the folder's own tokens, shards of 128 tokens against its 64 positions
+    rc = cli.main(["train", *common, "--tokenizer", str(tokenizer_dir), "--data", str(data_dir),
+                   "--out", str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "max_position_embeddings is 64: the model's positions are fixed by its weights: re-run" in err
+    assert "raise max_position_embeddings" not in err and not (tmp_path / "run").exists()
 
 
 def test_init_from_a_run_folder_says_to_export_it(tmp_path):

@@ -142,8 +142,11 @@ class RunConfig:
     optim: OptimSpec = field(default_factory=OptimSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict:  # with init_from, no preset or dimensions: its config.json's decide (not these)
+        d = dataclasses.asdict(self)
+        for key in ("size", *INIT_FROM_KEYS) if self.model.init_from else ():
+            del d["model"][key]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)

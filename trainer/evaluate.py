@@ -240,7 +240,7 @@ def main(args) -> int:
         check_tokenizer_match(meta["tokenizer_fingerprint"], tokenizer_dir, f"the data folder {data_dir}")
         max_seq_len = int(meta["max_seq_len"])
         for m in models:
-            check_data_against_model(meta, m.config, max_seq_len)
+            check_data_against_model(meta, m.config, max_seq_len, fixed=True)
         shard = load_split(data_dir, split)
         if shard.num_sentences == 0:
             raise UserError(f"the {split} split of {data_dir} is empty: pass --data-split train.")

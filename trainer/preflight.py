@@ -33,13 +33,16 @@ def check_vocab_match(config_vocab_size: int, tokenizer_vocab_size: int) -> None
         )
 
 
-def check_positions(max_position_embeddings: int, max_seq_len: int) -> None:
-    """The longest packed segment (a sentence with [CLS] and [SEP]) needs a learned position for each token."""
+def check_positions(max_position_embeddings: int, max_seq_len: int, fixed: bool = False) -> None:
+    """The longest packed segment (a sentence with [CLS] and [SEP]) needs a learned position for each token.
+    `fixed`: the positions are a trained model's (a pretrained folder, a checkpoint), so only the data can change."""
     if max_seq_len > max_position_embeddings:
+        redo = f"re-run `mlmtrain prepare --max-seq-len {max_position_embeddings}`"
+        fix = f"the model's positions are fixed by its weights: {redo}" if fixed else (
+            f"raise max_position_embeddings to at least {max_seq_len}, or {redo}")  # fmt: skip
         raise UserError(
             f"the data has segments of up to {max_seq_len} tokens but max_position_embeddings is "
-            f"{max_position_embeddings}: raise max_position_embeddings to at least {max_seq_len}, or re-run "
-            f"`mlmtrain prepare --max-seq-len {max_position_embeddings}`."
+            f"{max_position_embeddings}: {fix}."
         )
 
 
@@ -52,16 +55,17 @@ def check_tokenizer_vocab(tokenizer_vocab_size: int, data_vocab_size: int) -> No
         )
 
 
-def check_data_against_model(meta: dict, config, max_seqlen: int) -> None:
+def check_data_against_model(meta: dict, config, max_seqlen: int, fixed: bool = False) -> None:
     """Shard meta vs a model config (any object with vocab_size and max_position_embeddings) and the packer's
-    segment bound: vocab equal, every id in range, every segment position learned."""
+    segment bound: vocab equal, every id in range, every segment position learned (`fixed`: a trained model's
+    positions, as check_positions says)."""
     if "vocab_size" in meta and int(meta["vocab_size"]) != config.vocab_size:
         raise UserError(
             f"the model has vocab_size {config.vocab_size} but the token shards were made with a vocab of "
             f"{meta['vocab_size']}: pass shards prepared with the model's tokenizer, or re-run `mlmtrain prepare`."
         )
     check_token_ids(int(meta["max_token_id"]), config.vocab_size)
-    check_positions(config.max_position_embeddings, max(int(meta["max_seq_len"]), int(max_seqlen)))
+    check_positions(config.max_position_embeddings, max(int(meta["max_seq_len"]), int(max_seqlen)), fixed)
 
 
 def check_batch_layout(meta: dict, data_dir, tokens_per_batch: int, grad_accum: int, world: int) -> None:

@@ -13,9 +13,11 @@ layout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,16 +91,21 @@ def read_config(folder: Path) -> BertConfig:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} holds a JSON {type(config).__name__}, not an object of settings.")
     if config.get("model_type") != "bert":
-        raise UserError(
-            f"{folder} holds a {config.get('model_type')!r} model; mlmtrain continues pretraining BERT models "
-            "only (config.json model_type 'bert')."
-        )
+        what = f"a {config['model_type']!r} model" if "model_type" in config else "no model_type"
+        raise UserError(f"{path} names {what}; mlmtrain continues pretraining BERT models only (model_type 'bert').")
     for key, (allowed, why) in UNSUPPORTED.items():
         if config.get(key) not in allowed:
             raise UserError(f"{folder} has {key}={config.get(key)!r} in config.json: {why}.")
     if config.get("pad_token_id") is None:
         config["pad_token_id"] = 0  # transformers' default
+    for field in dataclasses.fields(BertConfig):  # read as they are: a string would fail mid-run, a float resize
+        value = config.get(field.name, field.default)
+        if isinstance(value, bool) or not isinstance(value, int if field.type == "int" else (int, float)):
+            kind = "a whole number" if field.type == "int" else "a number"
+            raise UserError(f"{path} has {field.name}={value!r}: {kind} is expected.")
     return BertConfig.from_dict(config)
 
 
@@ -195,8 +202,16 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
                     return load_file(folder / name)
                 import torch
 
-                return torch.load(folder / name, map_location="cpu", weights_only=True)  # never unpickles code
+                with warnings.catch_warnings():  # torch's own advice about the legacy format is not ours to print
+                    warnings.simplefilter("ignore")
+                    return torch.load(folder / name, map_location="cpu", weights_only=True)  # never unpickles code
             except Exception as e:  # SafetensorError, pickle's UnpicklingError, RuntimeError, EOFError, ...
+                if "Weights only load failed" in str(e):  # torch's tensors-only unpickler stopped (its advice: off)
+                    raise UserError(
+                        f"{folder / name} cannot be read as tensors alone (damaged, or it pickles other objects, "
+                        "which mlmtrain does not load: they can run code): save the model as model.safetensors "
+                        "(transformers' save_pretrained does)."
+                    ) from None
                 reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 raise UserError(f"{folder / name} is damaged or not a weights file ({reason}).") from None
     if (folder / "model.safetensors.index.json").is_file():
@@ -211,8 +226,11 @@ def _our_name(key: str) -> str:
     return key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
 
 
-def check_tokenizer_fits(config: BertConfig, specials, vocab_size: int, folder) -> None:
-    """The model's [PAD] row and vocabulary must be the tokenizer's."""
+def check_tokenizer_fits(config: BertConfig, specials, vocab: list[str], folder) -> None:
+    """The model's [PAD] row and vocabulary must be the tokenizer's (`vocab`: its tokens by id), and where the
+    pretrained folder has a tokenizer of its own, the same tokens id for id: otherwise each embedding row would go
+    on training as another token's."""
+    vocab_size = len(vocab)
     if config.pad_token_id != specials.pad:
         raise UserError(
             f"{folder} has pad_token_id={config.pad_token_id} in config.json but the tokenizer's [PAD] is id "
@@ -223,3 +241,28 @@ def check_tokenizer_fits(config: BertConfig, specials, vocab_size: int, folder) 
             f"{folder} has vocab_size={config.vocab_size} in config.json but the tokenizer has {vocab_size} tokens: "
             "pass the tokenizer the model was trained with."
         )
+    own = _own_vocab(Path(folder))
+    if own is not None and own != vocab:
+        i = next((i for i, (a, b) in enumerate(zip(own, vocab)) if a != b), min(len(own), len(vocab)))
+        raise UserError(
+            f"the tokenizer passed has other tokens than {folder}'s own (id {i}: {_row(vocab, i)} against "
+            f"{_row(own, i)}): pass the tokenizer the model was trained with, or leave --tokenizer out."
+        )
+
+
+def _own_vocab(folder: Path) -> list[str] | None:
+    """The pretrained folder's tokens by id (vocab.txt, else tokenizer.json's table), or None if it has none."""
+    from mlmtrain.tokenizer_folder import read_vocab, vocab_rows
+
+    try:
+        if (folder / "vocab.txt").is_file():
+            return vocab_rows(folder / "vocab.txt")
+        return read_vocab(folder) if (folder / "tokenizer.json").is_file() else None
+    except UnicodeDecodeError:
+        raise UserError(f"{folder / 'vocab.txt'} is not UTF-8 text.") from None
+    except UserError:  # no WordPiece table to compare with
+        return None
+
+
+def _row(vocab: list[str], i: int) -> str:
+    return repr(vocab[i]) if i < len(vocab) else "no token"

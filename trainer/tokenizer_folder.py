@@ -102,8 +102,7 @@ def read_vocab(tokenizer_dir) -> list[str]:
     none): tokenizer.json's WordPiece table in id order, which export writes as the vocab.txt."""
     path = _check_tokenizer_dir(tokenizer_dir)
     if (path / "vocab.txt").is_file():
-        rows = (path / "vocab.txt").read_text(encoding="utf-8").split("\n")
-        return rows[:-1] if rows[-1] == "" else rows  # a last row without its newline is a row (as transformers reads)
+        return vocab_rows(path / "vocab.txt")
     model = _tokenizer_json(path).get("model") or {}
     table = model.get("vocab") if model.get("type") == "WordPiece" else None
     by_id = (
@@ -112,6 +111,12 @@ def read_vocab(tokenizer_dir) -> list[str]:
     if not by_id or [table[t] for t in by_id] != list(range(len(by_id))):
         raise UserError(f"{path} has no vocab.txt, and tokenizer.json holds no WordPiece vocabulary with ids 0..N-1.")
     return by_id
+
+
+def vocab_rows(vocab_txt: Path) -> list[str]:
+    """A vocab.txt's rows: index = token id."""
+    rows = vocab_txt.read_text(encoding="utf-8").split("\n")
+    return rows[:-1] if rows[-1] == "" else rows  # a last row without its newline is a row (as transformers reads)
 
 
 def vocab_bytes(tokenizer_dir) -> bytes:

@@ -279,7 +279,7 @@ def start_check(cfg: RunConfig, meta: dict, vocab: list[str]):
     """What refuses a checkpoint this run would not continue (run_folder calls it before taking the folder)."""
 
     def check(ckpt: Path) -> None:  # a resumed run's model is its checkpoint's: no pretrained folder is read
-        model_config = model_config_for(cfg, len(vocab), shard_specials(meta), ckpt, None)
+        model_config = model_config_for(cfg, vocab, shard_specials(meta), ckpt, None)
         T = tokens_per_batch_on(cfg, parallel.rank_device(cfg.train.device))
         checkpoint.check_resume_compatible(ckpt, cfg, meta, model_config, T)
 
@@ -307,8 +307,9 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
         problem = transformers_casing_problem(cfg.data.tokenizer_dir)
         if problem:
             raise UserError(problem)
-    model_config = model_config_for(cfg, len(vocab), specials, start, pretrained)
-    check_data_against_model(meta, model_config, max_seqlen)  # a resumed run's start: checked in setup
+    model_config = model_config_for(cfg, vocab, specials, start, pretrained)
+    fixed = pretrained is not None or start is not None  # the positions are the weights'
+    check_data_against_model(meta, model_config, max_seqlen, fixed)  # a resumed run's start: checked in setup
     check_speed_options(cfg, max_seqlen, device, precision, use_compile, T, world, model_config.head_dim)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -420,18 +421,18 @@ def check_inputs(cfg: RunConfig, world: int | None = None) -> tuple[dict, list[s
     return meta, vocab
 
 
-def model_config_for(cfg: RunConfig, vocab_size: int, specials, start, pretrained) -> BertConfig:
+def model_config_for(cfg: RunConfig, vocab: list[str], specials, start, pretrained) -> BertConfig:
     """The model's shape: a pretrained model's, a resumed run's own (for a run that started from one), or
     `cfg.model`'s. Dropout is always the run's: a training setting, not part of the model."""
     dropout = dict(hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout)
     if pretrained is not None:
         config = dataclasses.replace(pretrained.config, **dropout)
-        check_tokenizer_fits(config, specials, vocab_size, pretrained.folder)
+        check_tokenizer_fits(config, specials, vocab, pretrained.folder)
         return config
     if cfg.model.init_from and start is not None:
         saved = json.loads((Path(start) / "config.json").read_text(encoding="utf-8"))["model"]
         return dataclasses.replace(BertConfig.from_dict(saved), **dropout)
-    return BertConfig.from_spec(cfg.model, vocab_size, specials.pad)
+    return BertConfig.from_spec(cfg.model, len(vocab), specials.pad)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
