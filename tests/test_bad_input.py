@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -226,3 +227,73 @@ def test_a_malformed_manifest_or_state_is_a_damaged_checkpoint(data_dir, tokeniz
     done = in_process(capsys, "export", "--checkpoint", run, "--out", tmp_path / "y", "--no-verify")  # its tokenizer
     assert done.returncode == 0 and "exported step 1" in done.stdout, done.stderr
     assert [done.stdout.count(f"skipping damaged checkpoint {ckpt}:") for ckpt in (step3, step2)] == [1, 1]
+
+
+def test_eval_checks_every_batch_for_ids_the_sample_missed(data_dir, shards, tokenizer_dir, tmp_path, monkeypatch,
+                                                           capsys):  # fmt: skip
+    """eval --data packs its own batches: each is checked as training's are, so an id outside the vocabulary that
+    the sampled blocks missed is one sentence, not an embedding's IndexError."""
+    from test_train import tiny_config
+
+    train(tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.max_steps": 1}))
+    monkeypatch.setattr(shard_check, "CHECK_BLOCK", 1)
+    tokens = np.load(shards / "train" / "tokens.npy", mmap_mode="r+")
+    vocab_size = json.loads((shards / "meta.json").read_text())["vocab_size"]
+    tokens[:] = vocab_size
+    tokens[np.unique(np.linspace(0, len(tokens) - 1, 64).astype(np.int64))] = 5
+    tokens.flush()
+    result = in_process(capsys, "eval", "--model", tmp_path / "run", "--data", shards, "--data-split", "train")
+    assert_refused(result, f"hold token id {vocab_size}, outside the vocabulary")
+
+
+def test_one_sentence_for_a_bad_flag_a_damaged_checkpoint_config_and_unreadable_text(
+    data_dir, tokenizer_dir, sample_corpus, tmp_path, capsys
+):
+    """Exit 2 and one line on stderr, nothing else: a flag argparse cannot read (no usage block: --help shows
+    it), a tokenizer refusing a folder it does not own (its settings line comes after the checks), a checkpoint
+    whose config.json holds a wrong-typed model field with its manifest updated to match (export and eval, as
+    resume already did), a vocab.txt and a --token-file that are not UTF-8."""
+    from test_train import tiny_config
+
+    from mlmtrain.files import file_entries as entries
+    from mlmtrain.tokenizer_folder import read_vocab
+    from mlmtrain.upload import resolve_token
+
+    def one_line(result, phrase):
+        assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+        assert phrase in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+    def argparse_refusal(*args):  # argparse exits through SystemExit, as the installed command does
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            in_process(capsys, *args)
+        return subprocess.CompletedProcess(args, e.value.code, *capsys.readouterr())
+
+    one_line(argparse_refusal("train", "--data", data_dir, "--max-steps", "1e3"), "invalid int value: '1e3'")
+    one_line(argparse_refusal("export", "--dtype", "fp64"), "(see `mlmtrain export --help`)")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    one_line(in_process(capsys, "tokenizer", "--input", sample_corpus, "--out", user, "--vocab-size", "500"), str(user))
+    assert (user / "notes.txt").read_text() == "mine"
+
+    train(tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.max_steps": 1}))
+    ckpt = next((tmp_path / "run" / "checkpoints").glob("step_*"))
+    config = json.loads((ckpt / "config.json").read_text())
+    config["model"]["hidden_size"] = "x"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"].update(entries(ckpt, ["config.json"]))
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    damaged = f"checkpoint {ckpt} is damaged: its config.json has hidden_size='x': a whole number is expected"
+    one_line(in_process(capsys, "export", "--checkpoint", ckpt, "--out", tmp_path / "export"), damaged)
+    one_line(in_process(capsys, "eval", "--model", ckpt, "--data", data_dir), damaged)
+
+    bad_vocab = shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    with open(bad_vocab / "vocab.txt", "ab") as f:
+        f.write(b"\xff\n")
+    with pytest.raises(UserError, match="vocab.txt is not UTF-8 text"):
+        read_vocab(bad_vocab)
+    (tmp_path / "token").write_bytes(b"\xff\xfe")
+    with pytest.raises(UserError, match="is not UTF-8 text: it must hold exactly one token"):
+        resolve_token(str(tmp_path / "token"))

@@ -288,6 +288,11 @@ def test_damaged_weights_are_one_sentence_naming_the_file(damage, tokenizer_dir,
         ({"model_type": "bert", "num_hidden_layers": 2.0}, "num_hidden_layers=2.0: a whole number is expected"),
         ({"model_type": "bert", "type_vocab_size": True}, "type_vocab_size=True: a whole number is expected"),
         ({"model_type": "bert", "hidden_dropout_prob": None}, "hidden_dropout_prob=None: a number is expected"),
+        ({"model_type": "bert", "num_attention_heads": 0}, "num_attention_heads=0: a whole number >= 1 is expected"),
+        ({"model_type": "bert", "num_hidden_layers": -2}, "num_hidden_layers=-2: a whole number >= 1 is expected"),
+        ({"model_type": "bert", "layer_norm_eps": -1}, "layer_norm_eps=-1: a number > 0.0 is expected"),
+        ({"model_type": "bert", "attention_probs_dropout_prob": 1.0}, "a number >= 0.0 and < 1.0 is expected"),
+        ({"model_type": "bert", "initializer_range": float("nan")}, "initializer_range=nan: a number is expected"),
     ],
 )
 def test_config_json_is_read_as_settings_of_the_right_types(tmp_path, config, message):

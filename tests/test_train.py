@@ -329,7 +329,7 @@ def test_nothing_we_load_unpickles():
     assert not offenders, offenders
 
 
-def test_plot_draws_curves(data_dir, tokenizer_dir, tmp_path):
+def test_plot_draws_curves(data_dir, tokenizer_dir, tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from mlmtrain.cli import main
 
@@ -342,6 +342,17 @@ def test_plot_draws_curves(data_dir, tokenizer_dir, tmp_path):
     with open(run / "metrics.jsonl", "a") as f:  # a line the run is still writing (or a kill cut short)
         f.write('{"step": 4, "lo')
     assert main(["plot", str(run)]) == 0
+    good = (run / "metrics.jsonl").read_bytes()
+    for edit, phrase in (  # an edited file: one sentence naming what is wrong, no traceback
+        (b"\xff\n", "is not UTF-8 text"),
+        (b"[1, 2]\n", "line 6 is not a metrics row with step"),
+        (b'{"step": 9, "loss": 1.0}\n', "line 6 is not a metrics row with step, lr, tokens_per_s"),
+    ):
+        (run / "metrics.jsonl").write_bytes(good.rsplit(b"\n", 1)[0] + b"\n" + edit)
+        capsys.readouterr()
+        assert main(["plot", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert phrase in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_plot_writes_only_the_png_it_says_and_replaces_only_a_png(tmp_path, capsys):

@@ -332,11 +332,11 @@ COMMANDS = {
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, except that a usage error never echoes a token pasted in the wrong place."""
+    """argparse, except that a usage error is one sentence (no usage block: `--help` shows it) and never echoes a
+    token pasted in the wrong place."""
 
     def error(self, message: str):
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {redact_tokens(message)}\n")
+        self.exit(2, f"{self.prog}: error: {redact_tokens(message)} (see `{self.prog} --help`)\n")
 
 
 class Terminated(BaseException):

@@ -169,7 +169,7 @@ def load_model(source: str, tokenizer_dir=None):
     path = Path(source).expanduser()
     if path.is_dir() and ((path / MANIFEST).is_file() or (path / CHECKPOINTS).is_dir()):
         ckpt, weights, saved, state = read_latest(path, log=lambda msg: print(msg, file=sys.stderr))
-        config = BertConfig.from_dict(saved["model"])
+        config = BertConfig.from_dict(saved["model"], f"checkpoint {ckpt} is damaged: its config.json")
         tokenizer_dir = tokenizer_dir or run_tokenizer_dir(ckpt, saved)
         check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}")
         info = {"model": str(source), "kind": "checkpoint", "checkpoint": str(ckpt), "step": state.get("step")}
@@ -195,7 +195,7 @@ def load_model(source: str, tokenizer_dir=None):
 
 def main(args) -> int:
     from mlmtrain.config import MAX_TOKENS_PER_BATCH, MaskSpec, check_device_name, check_seed
-    from mlmtrain.packing import Packer
+    from mlmtrain.packing import Packer, check_ids
     from mlmtrain.preflight import check_data_against_model, check_device
     from mlmtrain.prepare import check_tokenizer_match, load_split, prepare, read_meta, shard_specials
     from mlmtrain.tokenizer_folder import tokenizer_fingerprint
@@ -249,7 +249,9 @@ def main(args) -> int:
         T = max(args.tokens_per_batch, max_seq_len)
         packer = Packer(shard, T, max_seq_len, args.seed, "sentence", loop=False, static_shapes=False,
                         specials=specials)  # fmt: skip
-        batches = (b for _, b in zip(range(args.max_batches or sys.maxsize), packer.batches()))
+        batches = (
+            check_ids(b, vocab_size, data_dir) for _, b in zip(range(args.max_batches or sys.maxsize), packer.batches())
+        )
         fit_split = "train" if split == "valid" and meta["train"]["sentences"] else split
         blocked = np.zeros(vocab_size, dtype=bool)
         blocked[[i for a, b in specials.never_mask for i in range(a, min(b, vocab_size - 1) + 1)]] = True

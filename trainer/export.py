@@ -97,7 +97,7 @@ def export_folder(
 
     # ---- inputs, checked before any work
     ckpt, state_dict, run_config, state = read_latest(checkpoint, log=log)
-    config = BertConfig.from_dict(run_config["model"])
+    config = BertConfig.from_dict(run_config["model"], f"checkpoint {ckpt} is damaged: its config.json")
     tokenizer_dir = Path(tokenizer_dir or run_tokenizer_dir(ckpt, run_config))
     load_tokenizer(tokenizer_dir)  # checks the files and the special-token ids
     check_vocab_match(config.vocab_size, len(read_vocab(tokenizer_dir)))
@@ -266,7 +266,7 @@ def _verify(folder: Path, widget_texts: list[str], atol: float) -> dict:
             )
 
     # Logits: our packed forward (the training path) vs BertForMaskedLM on the padded batch.
-    config = BertConfig.from_dict(json.loads((folder / "config.json").read_text(encoding="utf-8")))
+    config = BertConfig.from_dict(json.loads((folder / "config.json").read_text(encoding="utf-8")), str(folder))
     ours = BertForMaskedLM(config, attn_impl="sdpa").eval()
     ours.load_hf_state_dict({k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()})
     batch = hf_tok(texts, padding=True, return_tensors="pt")

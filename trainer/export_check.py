@@ -10,6 +10,7 @@ import re
 import stat
 from pathlib import Path
 
+from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, manifest_problems
 from mlmtrain.model import SHAPE_FIELDS, BertConfig, hf_tensor_shapes
 from mlmtrain.tokenizer_folder import vocab_disagreements
@@ -194,7 +195,10 @@ def _check_weights(path: Path, config: dict) -> list[str]:
         header = read_safetensors_header(path)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         return [f"model.safetensors is unreadable: {e}"]
-    required, optional = hf_tensor_shapes(BertConfig.from_dict(config))
+    try:
+        required, optional = hf_tensor_shapes(BertConfig.from_dict(config, "config.json"))
+    except UserError as e:
+        return [str(e)]
     if config.get("tie_word_embeddings") is False:  # untied: the decoder has its own weight
         required["cls.predictions.decoder.weight"] = optional.pop("cls.predictions.decoder.weight")
     problems = [f"model.safetensors lacks {name}" for name in required if name not in header]

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from mlmtrain.config import MODEL_SIZES, SHAPE_DIMS
 from mlmtrain.errors import UserError
 from mlmtrain.fast_paths import FastPaths, bias_then_gelu, post_ln_residual, set_fast_paths
+from mlmtrain.preflight import check_model_fields
 from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention, triton_row_attention
 
 try:  # torch >= 2.10 (CUDA flash kernels; the import itself works on CPU builds too)
@@ -105,8 +106,9 @@ class BertConfig:
         )
 
     @classmethod
-    def from_dict(cls, d: dict) -> BertConfig:
-        """From a checkpoint's `config.json["model"]` or a transformers config dict: extra keys ignored."""
+    def from_dict(cls, d: dict, source: str = "the model config") -> BertConfig:
+        """From a checkpoint's or transformers' config dict: extra keys ignored, the rest checked (`source`)."""
+        check_model_fields(d, source)
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 

@@ -364,6 +364,18 @@ class RowPacker(Packer):
         )
 
 
+def check_ids(batch: PackedBatch, vocab_size: int, data_dir) -> PackedBatch:
+    """Every id of a batch inside the vocabulary, before a device sees it (loading a split checks sampled blocks
+    only: an id beyond them would be an index error, or a device-side assert, mid-run)."""
+    biggest = int(batch.input_ids.max())
+    if biggest >= vocab_size:
+        raise UserError(
+            f"the shards in {data_dir} hold token id {biggest}, outside the vocabulary of {vocab_size}: they are "
+            "damaged; run `mlmtrain prepare` again"
+        )
+    return batch
+
+
 @dataclass(frozen=True)
 class BatchStream:
     """This rank's training batches from a shard folder, each checked: what the prefetch thread iterates, or a
@@ -395,13 +407,7 @@ class BatchStream:
             world_size=self.world_size, static_shapes=self.static_shapes, specials=self.specials,
         )  # fmt: skip
         for batch in packer.batches(self.cursor, self.start_index, self.batches_per_step):
-            biggest = int(batch.input_ids.max())
-            if biggest >= self.vocab_size:
-                raise UserError(
-                    f"the shards in {self.data_dir} hold token id {biggest}, outside the vocabulary of "
-                    f"{self.vocab_size}: they are damaged; run `mlmtrain prepare` again"
-                )
-            yield batch
+            yield check_ids(batch, self.vocab_size, self.data_dir)
 
     def batch_bytes(self) -> int:
         """A bound on one batch's array bytes: ids, positions, segment ids (T int32 each), cu_seqlens (at most

@@ -40,15 +40,26 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path} does not exist: is {run_dir} a run folder of `mlmtrain train`?")
-    rows, lines = [], path.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): was the file edited or damaged?") from None
+    rows = []
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 if n == len(lines):  # no newline after it: a line a running (or killed) run is still writing
                     break
                 raise UserError(f"{path} line {n} is not JSON (was the file edited or truncated?)") from None
+            # what the curves read: a training row's step, lr and rate; an evaluation row's step
+            needs = (
+                ("step", "lr", "tokens_per_s") if isinstance(row, dict) and row.get("loss") is not None else ("step",)
+            )
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), int | float) for k in needs):
+                raise UserError(f"{path} line {n} is not a metrics row with {', '.join(needs)} (was it edited?)")
+            rows.append(row)
     return rows
 
 

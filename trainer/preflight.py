@@ -8,7 +8,37 @@ turns such a mismatch into one sentence naming both numbers and the fix. No torc
 
 from __future__ import annotations
 
+from math import isfinite
+
 from mlmtrain.errors import UserError
+
+# A model config's fields (transformers' names) -> (integer, lowest, highest, lowest allowed itself): what a
+# saved config.json may hold; anything else would fail mid-run, or train something else (0 layers, a negative eps)
+MODEL_FIELDS = {
+    "vocab_size": (True, 1, None, True), "hidden_size": (True, 1, None, True),
+    "num_hidden_layers": (True, 1, None, True), "num_attention_heads": (True, 1, None, True),
+    "intermediate_size": (True, 1, None, True), "max_position_embeddings": (True, 1, None, True),
+    "type_vocab_size": (True, 1, None, True), "pad_token_id": (True, 0, None, True),
+    "layer_norm_eps": (False, 0.0, None, False), "initializer_range": (False, 0.0, None, True),
+    "hidden_dropout_prob": (False, 0.0, 1.0, True), "attention_probs_dropout_prob": (False, 0.0, 1.0, True),
+}  # fmt: skip
+
+
+def check_model_fields(config: dict, source: str) -> None:
+    """The model fields a config dict holds (others are not read), by type and range, in one sentence naming
+    `source`: a whole number or a number, a finite one, within MODEL_FIELDS' bounds."""
+    for name, (integer, low, high, closed) in MODEL_FIELDS.items():
+        if name not in config:
+            continue
+        value = config[name]
+        kind = "a whole number" if integer else "a number"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not isfinite(value):
+            raise UserError(f"{source} has {name}={value!r}: {kind} is expected.")
+        if value < low or (value == low and not closed) or (high is not None and value >= high):
+            bound = f">= {low}" if closed else f"> {low}"
+            raise UserError(
+                f"{source} has {name}={value!r}: {kind} {bound}{f' and < {high}' if high else ''} is expected."
+            )
 
 
 def check_token_ids(max_token_id: int, vocab_size: int, *, source: str = "the token shards") -> None:

@@ -13,7 +13,6 @@ layout.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import sys
@@ -101,12 +100,7 @@ def read_config(folder: Path) -> BertConfig:
             raise UserError(f"{folder} has {key}={config.get(key)!r} in config.json: {why}.")
     if config.get("pad_token_id") is None:
         config["pad_token_id"] = 0  # transformers' default
-    for field in dataclasses.fields(BertConfig):  # read as they are: a string would fail mid-run, a float resize
-        value = config.get(field.name, field.default)
-        if isinstance(value, bool) or not isinstance(value, int if field.type == "int" else (int, float)):
-            kind = "a whole number" if field.type == "int" else "a number"
-            raise UserError(f"{path} has {field.name}={value!r}: {kind} is expected.")
-    return BertConfig.from_dict(config)
+    return BertConfig.from_dict(config, str(path))  # types and ranges: a string would fail mid-run
 
 
 @dataclass
@@ -254,12 +248,10 @@ def _own_vocab(folder: Path) -> list[str] | None:
     """The pretrained folder's tokens by id (vocab.txt, else tokenizer.json's table), or None if it has none."""
     from mlmtrain.tokenizer_folder import read_vocab, vocab_rows
 
+    if (folder / "vocab.txt").is_file():
+        return vocab_rows(folder / "vocab.txt")
     try:
-        if (folder / "vocab.txt").is_file():
-            return vocab_rows(folder / "vocab.txt")
         return read_vocab(folder) if (folder / "tokenizer.json").is_file() else None
-    except UnicodeDecodeError:
-        raise UserError(f"{folder / 'vocab.txt'} is not UTF-8 text.") from None
     except UserError:  # no WordPiece table to compare with
         return None
 

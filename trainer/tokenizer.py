@@ -191,6 +191,8 @@ def train_tokenizer(
     corpus = check_corpus(inputs)
     out_dir = Path(out_dir)
     check_out_folder(out_dir, TOKENIZER_LAYOUT, replace=overwrite)
+    if progress:  # after the checks: a refusal is its one sentence alone
+        print("settings: " + json.dumps(asdict(settings)), file=sys.stderr)
 
     tok = build_tokenizer(settings)
     trainer = trainers.WordPieceTrainer(
@@ -311,7 +313,5 @@ def main(args) -> int:
         model_max_length=args.model_max_length,
     )
     settings.validate()
-    if not args.quiet:
-        print("settings: " + json.dumps(asdict(settings)), file=sys.stderr)
     train_tokenizer(corpus_from_args(args), args.out, settings, overwrite=args.overwrite, progress=not args.quiet)
     return 0

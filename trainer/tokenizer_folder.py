@@ -115,7 +115,10 @@ def read_vocab(tokenizer_dir) -> list[str]:
 
 def vocab_rows(vocab_txt: Path) -> list[str]:
     """A vocab.txt's rows: index = token id."""
-    rows = vocab_txt.read_text(encoding="utf-8").split("\n")
+    try:
+        rows = vocab_txt.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{vocab_txt} is not UTF-8 text (byte {e.start}): it is damaged or not a vocab.txt.") from None
     return rows[:-1] if rows[-1] == "" else rows  # a last row without its newline is a row (as transformers reads)
 
 

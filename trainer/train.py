@@ -431,7 +431,8 @@ def model_config_for(cfg: RunConfig, vocab: list[str], specials, start, pretrain
         return config
     if cfg.model.init_from and start is not None:
         saved = json.loads((Path(start) / "config.json").read_text(encoding="utf-8"))["model"]
-        return dataclasses.replace(BertConfig.from_dict(saved), **dropout)
+        damaged = f"checkpoint {start} is damaged: its config.json"
+        return dataclasses.replace(BertConfig.from_dict(saved, damaged), **dropout)
     return BertConfig.from_spec(cfg.model, len(vocab), specials.pad)
 
 

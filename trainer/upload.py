@@ -129,7 +129,10 @@ def resolve_token(token_file: str | None) -> tuple[str | None, str]:
             )
         if not path.is_file():
             raise UserError(f"--token-file {path} does not exist")
-        token = path.read_text(encoding="utf-8").strip()
+        try:
+            token = path.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise UserError(f"--token-file {path} is not UTF-8 text: it must hold exactly one token") from None
         if not token or len(token.split()) != 1:
             raise UserError(f"--token-file {path} must hold exactly one token")
         return token, f"--token-file {path}"
