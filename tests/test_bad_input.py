@@ -184,7 +184,7 @@ def test_a_run_config_is_checked_as_toml_and_set_are(edit, data_dir, tokenizer_d
     (a string a TOML file or --set may give, such as "3e-4", is read as the key's type)."""
     from test_train import tiny_config
 
-    config = json.loads(tiny_config(data_dir, tokenizer_dir, tmp_path / "run").to_json())
+    config = json.loads(json.dumps(tiny_config(data_dir, tokenizer_dir, tmp_path / "run").to_dict()))
     config["optim"]["lr"], config["train"]["max_steps"] = "3e-4", "4"
     path = tmp_path / "run" / "config.json"
     path.parent.mkdir()

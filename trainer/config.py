@@ -148,9 +148,6 @@ class RunConfig:
             del d["model"][key]
         return d
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
-
 
 SECTIONS = ("model", "data", "mask", "optim", "train")
 
