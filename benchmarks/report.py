@@ -33,7 +33,8 @@ from mlmtrain.files import (
 SCHEMA = "mlmtrain-bench/1"
 CHARTS = {"throughput": "throughput_vs_batch.png", "tflops": "tflops_vs_ceiling.png", "recipe": "ours_vs_recipe.png"}
 REPORT_FILES = ("results.json", "report.md", *CHARTS.values())  # what `write` replaces
-SCRIPT_FILES = ("gpu.txt", "gpu_tests.txt", "bench.log", "bench_merge.log")  # scripts/*_gpu.sh, beside the report
+# scripts/*_gpu.sh's files beside the report (kernels.tar.gz: speed_gpu.sh's kernel benches, before the bench runs)
+SCRIPT_FILES = ("gpu.txt", "gpu_tests.txt", "bench.log", "bench_merge.log", "kernels.tar.gz")
 BENCH_LAYOUT = Layout("bench", "a benchmark report", "mlmtrain bench", (*REPORT_FILES, *SCRIPT_FILES, TMP), ())
 
 
@@ -153,7 +154,8 @@ def generic_table(rows: list[dict], ceil: dict) -> str:
         share = []
         if isinstance(r.get("bytes_per_s"), dict) and ceil.get("copy"):
             share.append(f"{100 * r['bytes_per_s']['median'] / 1e9 / ceil['copy']:.0f}% of copy")
-        mm = _matmul_ceiling(ceil, r.get("precision") or ("fp32" if "float32" in str(r.get("dtype")) else None))
+        fp32 = str(r.get("dtype")) in ("fp32", "float32", "torch.float32")  # rows name it either way
+        mm = _matmul_ceiling(ceil, r.get("precision") or ("fp32" if fp32 else None))
         if isinstance(r.get("flops_per_s"), dict) and mm:
             share.append(f"{100 * r['flops_per_s']['median'] / 1e12 / mm:.0f}% of matmul")
         if not rates:  # a summary row: its own numbers (ratios, fractions)

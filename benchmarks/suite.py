@@ -389,9 +389,7 @@ def main(args) -> int:
     sections = check_args(args)
     out = Path(args.out)
     report.claim_out_folder(out)  # before any work: a folder that is not a report's is refused, untouched
-    previous = None
-    if args.merge and (out / "results.json").is_file():
-        previous = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    previous = read_previous(out / "results.json") if args.merge else None
     own_work = args.work is None
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlmtrain_bench_"))
     bench = Bench(args, sections, work, previous)
@@ -435,6 +433,26 @@ def main(args) -> int:
         file=sys.stderr,
     )
     return 1 if errors else 0
+
+
+def read_previous(path: Path) -> dict | None:
+    """--merge: the report to extend, checked before any work (its sections are kept as they are), or None."""
+    from mlmtrain.benchmarks.report import SCHEMA
+
+    if not path.is_file():
+        return None
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"--merge: {path} is not valid JSON ({e}): measure again without --merge.") from None
+    sections = previous.get("sections") if isinstance(previous, dict) else None
+    if (
+        not isinstance(sections, list)
+        or previous.get("schema") != SCHEMA
+        or not all(isinstance(s, dict) and isinstance(s.get("section"), str) for s in sections)
+    ):
+        raise UserError(f"--merge: {path} is not a report of this version ({SCHEMA}): measure again without --merge.")
+    return previous
 
 
 def _merged(results: dict, previous: dict | None) -> dict:

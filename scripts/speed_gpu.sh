@@ -106,7 +106,9 @@ fi
 # loose (a --merge call given the first call's archive, or its unpacked files), is not run again: its files go
 # into the archive as they are.
 KERNELS="$OUT/kernels.tar.gz"
-in_archive() { [ -s "$KERNELS" ] && tar -tzf "$KERNELS" 2>/dev/null | grep -qx "$1"; }
+in_archive() {  # the listing read whole first: grep -q stopping early would SIGPIPE tar, failing the pipeline
+  local names; names=$([ -s "$KERNELS" ] && tar -tzf "$KERNELS" 2>/dev/null) && grep -qx -- "$1" <<<"$names"
+}
 archive() {  # FILE...: into the archive beside what it holds, then out of OUT_DIR
   local tmp; tmp=$(mktemp -d)
   [ -s "$KERNELS" ] && tar -xzf "$KERNELS" -C "$tmp"

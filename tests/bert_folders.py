@@ -55,3 +55,18 @@ def make_bert_folder(out: Path, tokenizer_dir, layout: str = "0-4", *, head: boo
             model.cls.predictions.bias.normal_(0.0, 0.5)
     model.save_pretrained(str(out))
     return out
+
+
+def swapped_tokenizer(folder: Path, out: Path, i: int = 10) -> Path:
+    """A copy of `folder`'s tokenizer with tokens i and i + 1 trading ids: the same size, other tokens."""
+    import transformers
+
+    vocab = read_vocab(folder)
+    out = Path(out)
+    out.mkdir(parents=True)
+    swapped = [*vocab[:i], vocab[i + 1], vocab[i], *vocab[i + 2 :]]
+    (out / "vocab.txt").write_text("".join(t + "\n" for t in swapped), encoding="utf-8")
+    transformers.BertTokenizer(
+        vocab=str(out / "vocab.txt"), do_lower_case=False, strip_accents=False, tokenize_chinese_chars=True
+    ).save_pretrained(str(out))
+    return out

@@ -229,6 +229,40 @@ def test_merge_keeps_sections_not_redone(tmp_path):
     assert "rows" in res["sections"][0] and res["merged_from"]
 
 
+@pytest.mark.parametrize(
+    "results, phrase",
+    [
+        ('{"schema": "mlmtrain-bench/1", "sec', "is not valid JSON"),
+        ("[1, 2, 3]", "is not a report of this version (mlmtrain-bench/1)"),
+        ('{"schema": "x", "sections": "nope"}', "is not a report of this version"),
+        ('{"schema": "mlmtrain-bench/0", "sections": []}', "is not a report of this version"),
+    ],
+)
+def test_merge_refuses_a_results_json_it_cannot_extend_before_any_work(tmp_path, capsys, results, phrase):
+    """--merge reads the report it extends first: a truncated, foreign or older results.json is one sentence and
+    stays as it was, with no section measured (they used to be measured, then a traceback)."""
+    out = tmp_path / "report"
+    assert main(["bench", "--out", str(out), "--quick", "--device", "cpu", "--sections", "ceilings"]) == 0
+    (out / "results.json").write_text(results)
+    capsys.readouterr()
+    rc = main(["bench", "--out", str(out), "--quick", "--device", "cpu", "--sections", "mask", "--merge"])
+    out_text, err = capsys.readouterr()
+    assert rc == 2 and phrase in err and len(err.strip().splitlines()) == 1, err
+    assert "section mask" not in out_text + err and (out / "results.json").read_text() == results
+
+
+def test_model_rows_in_fp32_are_held_against_the_fp32_matmul_ceiling():
+    """A model row names its dtype "fp32" (a kernel row "float32"): both take the fp32 ceiling, not bf16's."""
+    from mlmtrain.benchmarks.report import generic_table
+
+    ceil = {"matmul_float32": 0.210, "matmul_bfloat16": 0.794}
+    rate = {"median": 61.5e9, "min": 61.5e9, "max": 61.5e9}
+    rows = [{"name": n, "dtype": d, "flops_per_s": rate} for n, d in (("model", "fp32"), ("kernel", "float32"))]
+    rows.append({"name": "bf16 model", "dtype": "bf16", "flops_per_s": rate})
+    text = generic_table(rows, ceil)
+    assert text.count("29% of matmul") == 2 and "8% of matmul" in text
+
+
 def test_sweep_order_and_steps():
     pts = sweep_points([16384, 32768, 65536, 131072, 262144], [128, 512])
     assert pts[:3] == [(16384, 128), (262144, 128), (65536, 512)]  # the curve's shape first
@@ -281,19 +315,23 @@ elif args[1] == "pytest":
 elif args[1].startswith("mlmtrain.benchmarks."):
     Path(args[args.index("--out") + 1]).write_text("{}")
     print("| variant | ms |")
-elif args[1] == "mlmtrain.cli":
+elif args[1] == "mlmtrain.cli":  # the bench's own claim on the folder, then its files
+    from mlmtrain.benchmarks.report import claim_out_folder
+
     out = Path(args[args.index("--out") + 1])
-    for name in (".mlmtrain.json", "results.json", "report.md"):
-        (out / name).write_text("{}")
+    claim_out_folder(out)  # refuses a folder holding files it does not know
+    for name in ("results.json", "report.md"):
+        (out / name).write_text(json.dumps({"schema": "mlmtrain-bench/1", "sections": []}))
 """
 
 
 def test_the_gpu_call_leaves_at_most_eight_files_and_a_second_call_reuses_the_kernel_benches(tmp_path):
     """scripts/speed_gpu.sh on a lent machine, with a stand-in interpreter and nvidia-smi (what the script does
-    with its files, not what it measures): a lent machine gives back at most 8 files, so the kernel benches'
-    tables, rows and logs end in one archive and the call leaves 7 files; a --merge call given that archive, or
-    its files unpacked, runs none of those benches again, and one given an archive without the large model's
-    attention runs only that one, adding it to the archive."""
+    with its files, not what it measures; the bench's own claim on --out is the real one, which refuses a folder
+    holding files it does not know): a lent machine gives back at most 8 files, so the kernel benches' tables,
+    rows and logs end in one archive and the call leaves 7 files; a --merge call given that archive, or its files
+    unpacked, runs none of those benches again, and one given an archive without the large model's attention runs
+    only that one, adding it to the archive."""
     import os
     import subprocess
     import sys
@@ -346,7 +384,8 @@ def test_the_gpu_call_leaves_at_most_eight_files_and_a_second_call_reuses_the_ke
 
     older = tmp_path / "older"  # an archive from before the large model's attention bench
     older.mkdir()
-    (older / "results.json").write_text("{}")
+    for name in ("results.json", ".mlmtrain.json"):
+        (older / name).write_bytes((tmp_path / "first" / name).read_bytes())
     with tarfile.open(older / "kernels.tar.gz", "w:gz") as archive:
         for name in sorted(every - {f"attention_large.{ext}" for ext in ("md", "json", "log")}):
             (tmp_path / name).write_text("old " + name)

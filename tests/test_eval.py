@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from bert_folders import make_bert_folder
+from bert_folders import make_bert_folder, swapped_tokenizer
 from test_train import tiny_config
 
 from mlmtrain import cli
@@ -102,6 +102,20 @@ def test_mistakes_are_sentences(run_and_export, data_dir, tmp_path, capsys):
         rc = cli.main(["eval", *args])
         err = capsys.readouterr().err
         assert rc == 2 and message in err and "Traceback" not in err, (args, err)
+
+
+def test_an_export_is_scored_only_on_its_own_tokens(run_and_export, sample_corpus, tmp_path, capsys):
+    """--tokenizer beside an export (or a transformers folder) must hold the folder's own tokens id for id, as a
+    checkpoint's tokenizer fingerprint already must: the same size with two tokens trading ids used to be scored
+    (and compared) on the wrong tokens."""
+    _, export = run_and_export
+    other = swapped_tokenizer(export, tmp_path / "other")
+    rc = cli.main(["eval", "--model", str(export), "--tokenizer", str(other), "--input", str(sample_corpus)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "has other tokens than" in err and len(err.strip().splitlines()) == 1, err
+    rc = cli.main(["eval", "--model", str(export), "--compare", str(export), "--tokenizer", str(other),
+                   "--input", str(sample_corpus)])  # fmt: skip
+    assert rc == 2 and "has other tokens than" in capsys.readouterr().err
 
 
 def test_unigram_baseline_is_shared_with_the_demo():

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from bert_folders import CUSTOM_DIMS, make_bert_folder
+from bert_folders import CUSTOM_DIMS, make_bert_folder, swapped_tokenizer
 
 from mlmtrain import cli
 from mlmtrain.config import MaskSpec, load_config
@@ -313,13 +313,7 @@ def test_a_tokenizer_with_other_tokens_or_too_few_positions_is_refused_before_th
     folder = make_bert_folder(tmp_path / "bert", tokenizer_dir, "0-4", max_position_embeddings=64)
     capsys.readouterr()  # transformers' own progress bars
     vocab = read_vocab(folder)
-    swapped = [*vocab[:10], vocab[11], vocab[10], *vocab[12:]]  # two pieces trade ids
-    other = tmp_path / "other_tokenizer"
-    other.mkdir()
-    (other / "vocab.txt").write_text("".join(t + "\n" for t in swapped), encoding="utf-8")
-    transformers.BertTokenizer(
-        vocab=str(other / "vocab.txt"), do_lower_case=False, strip_accents=False, tokenize_chinese_chars=True
-    ).save_pretrained(str(other))
+    other = swapped_tokenizer(folder, tmp_path / "other_tokenizer")  # ids 10 and 11 trade tokens
     prepare([sample_corpus], other, tmp_path / "data", valid_fraction=0.05, max_seq_len=64, progress=False)
     capsys.readouterr()
     common = ["--init-from", str(folder), "--max-steps", "1", "--set", "train.device=cpu"]

@@ -163,8 +163,8 @@ def load_model(source: str, tokenizer_dir=None):
     folder, a transformers BERT folder or a Hub id."""
     from mlmtrain.checkpoint import CHECKPOINTS, MANIFEST, read_latest, run_tokenizer_dir
     from mlmtrain.prepare import check_tokenizer_match
-    from mlmtrain.pretrained import locate, read_pretrained
-    from mlmtrain.tokenizer_folder import transformers_casing_problem
+    from mlmtrain.pretrained import check_own_tokens, locate, read_pretrained
+    from mlmtrain.tokenizer_folder import read_vocab, transformers_casing_problem
 
     path = Path(source).expanduser()
     if path.is_dir() and ((path / MANIFEST).is_file() or (path / CHECKPOINTS).is_dir()):
@@ -179,6 +179,8 @@ def load_model(source: str, tokenizer_dir=None):
         if pretrained.initialised:
             raise UserError(f"{folder} has no MLM head ({pretrained.initialised[0]}, ...): there is nothing to score.")
         config, weights = pretrained.config, pretrained.weights
+        if tokenizer_dir:  # scored on another tokenizer's ids only if they are the same tokens
+            check_own_tokens(folder, read_vocab(tokenizer_dir))
         tokenizer_dir = tokenizer_dir or folder
         problem = transformers_casing_problem(tokenizer_dir)  # scored on text split as in its pretraining
         if problem:

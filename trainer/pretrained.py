@@ -221,9 +221,8 @@ def _our_name(key: str) -> str:
 
 
 def check_tokenizer_fits(config: BertConfig, specials, vocab: list[str], folder) -> None:
-    """The model's [PAD] row and vocabulary must be the tokenizer's (`vocab`: its tokens by id), and where the
-    pretrained folder has a tokenizer of its own, the same tokens id for id: otherwise each embedding row would go
-    on training as another token's."""
+    """The model's [PAD] row and vocabulary must be the tokenizer's (`vocab`: its tokens by id), and the folder's
+    own tokens its tokens (check_own_tokens): otherwise each embedding row would go on training as another's."""
     vocab_size = len(vocab)
     if config.pad_token_id != specials.pad:
         raise UserError(
@@ -235,7 +234,13 @@ def check_tokenizer_fits(config: BertConfig, specials, vocab: list[str], folder)
             f"{folder} has vocab_size={config.vocab_size} in config.json but the tokenizer has {vocab_size} tokens: "
             "pass the tokenizer the model was trained with."
         )
-    own = _own_vocab(Path(folder))
+    check_own_tokens(Path(folder), vocab)
+
+
+def check_own_tokens(folder: Path, vocab: list[str]) -> None:
+    """A tokenizer given beside a model folder (`vocab`: its tokens by id) must hold the folder's own tokenizer's
+    tokens id for id, where the folder has one: the same ids would be other tokens."""
+    own = _own_vocab(folder)
     if own is not None and own != vocab:
         i = next((i for i, (a, b) in enumerate(zip(own, vocab)) if a != b), min(len(own), len(vocab)))
         raise UserError(
