@@ -33,8 +33,7 @@ from mlmtrain.files import (
 SCHEMA = "mlmtrain-bench/1"
 CHARTS = {"throughput": "throughput_vs_batch.png", "tflops": "tflops_vs_ceiling.png", "recipe": "ours_vs_recipe.png"}
 REPORT_FILES = ("results.json", "report.md", *CHARTS.values())  # what `write` replaces
-# scripts/*_gpu.sh's files beside the report (kernels.tar.gz: speed_gpu.sh's kernel benches, before the bench runs)
-SCRIPT_FILES = ("gpu.txt", "gpu_tests.txt", "bench.log", "bench_merge.log", "kernels.tar.gz")
+SCRIPT_FILES = ("gpu.txt", "gpu_tests.txt", "bench.log", "bench_merge.log", "kernels.tar.gz")  # scripts/*_gpu.sh's
 BENCH_LAYOUT = Layout("bench", "a benchmark report", "mlmtrain bench", (*REPORT_FILES, *SCRIPT_FILES, TMP), ())
 
 

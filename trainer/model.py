@@ -109,8 +109,7 @@ class BertConfig:
     def from_dict(cls, d: dict, source: str = "the model config") -> BertConfig:
         """From a checkpoint's or transformers' config dict: extra keys ignored, the rest checked (`source`)."""
         check_model_fields(d, source)
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return cls(**{k: d[k] for k in (f.name for f in dataclasses.fields(cls)) if k in d})
 
     def to_hf_dict(self) -> dict:
         """A complete transformers `config.json` for `BertForMaskedLM` (absolute positions, exact GELU)."""
@@ -388,10 +387,8 @@ class BertForMaskedLM(nn.Module):
     def _choose_attn(self, device: torch.device, dtype: torch.dtype, rows: bool = False) -> str:
         fused_flex = device.type == "cuda" and torch.compiler.is_compiling()  # eager, it materializes the scores
         if self.attn_impl == "auto":
-            if rows:
-                return "flex" if fused_flex else "sdpa"
             flash_ok = varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            return "varlen" if flash_ok else "sdpa"
+            return ("flex" if fused_flex else "sdpa") if rows else ("varlen" if flash_ok else "sdpa")
         if self.attn_impl == "varlen" and (device.type != "cuda" or varlen_attn is None):
             raise ValueError("attn_impl='varlen' needs a CUDA device and torch >= 2.10; use 'sdpa' (or 'auto')")
         if self.attn_impl not in ("varlen", "sdpa", "flex", "triton") or (

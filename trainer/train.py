@@ -308,8 +308,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
         if problem:
             raise UserError(problem)
     model_config = model_config_for(cfg, vocab, specials, start, pretrained)
-    fixed = pretrained is not None or start is not None  # the positions are the weights'
-    check_data_against_model(meta, model_config, max_seqlen, fixed)  # a resumed run's start: checked in setup
+    check_data_against_model(meta, model_config, max_seqlen, fixed=pretrained is not None or start is not None)
     check_speed_options(cfg, max_seqlen, device, precision, use_compile, T, world, model_config.head_dim)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -431,8 +430,7 @@ def model_config_for(cfg: RunConfig, vocab: list[str], specials, start, pretrain
         return config
     if cfg.model.init_from and start is not None:
         saved = json.loads((Path(start) / "config.json").read_text(encoding="utf-8"))["model"]
-        damaged = f"checkpoint {start} is damaged: its config.json"
-        return dataclasses.replace(BertConfig.from_dict(saved, damaged), **dropout)
+        return dataclasses.replace(BertConfig.from_dict(saved, f"checkpoint {start}'s config.json"), **dropout)
     return BertConfig.from_spec(cfg.model, len(vocab), specials.pad)
 
 
