@@ -99,10 +99,16 @@ def row_segments(
 def variants(device: torch.device, compile: bool, row_len: int, head_dim: int) -> dict:
     """name -> attend(qkv, segment_ids, cu_seqlens, row_len) -> (T, H, D), for the variants this device runs at
     these sizes."""
+    from mlmtrain.attention import (
+        flex_row_attention,
+        row_block_tables,
+        row_sdpa_attention,
+        triton_row_attention,
+        varlen_attention,
+        varlen_attn,
+    )
     from mlmtrain.kernels import triton_runs_on
     from mlmtrain.kernels.segment_attention import MAX_HEAD_DIM, MAX_ROW
-    from mlmtrain.model import varlen_attention, varlen_attn
-    from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention, triton_row_attention
 
     out = {}
     if triton_runs_on(device) and row_len <= MAX_ROW and head_dim <= MAX_HEAD_DIM:
@@ -132,7 +138,7 @@ def cudnn_varlen(qkv, segment_ids, cu_seqlens, row_len: int):
 
 def run(device: torch.device, rows: int, row_len: int, heads: int, head_dim: int, dtype, *, repeats: int = 10,
         compile: bool = True, documents: bool = False) -> list[dict]:  # fmt: skip
-    from mlmtrain.row_attention import row_sdpa_attention
+    from mlmtrain.attention import row_sdpa_attention
 
     segment_ids, cu_seqlens, fill = row_segments(rows, row_len, documents=documents)
     segment_ids, cu_seqlens = segment_ids.to(device), cu_seqlens.to(device)

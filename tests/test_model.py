@@ -398,11 +398,11 @@ def test_varlen_matches_fp32_reference_on_gpu(dtype):
 
 @requires_cuda
 def test_auto_picks_varlen_under_autocast_on_gpu(monkeypatch):
-    import mlmtrain.model as model_module
+    import mlmtrain.attention as attention_module
 
     calls = []
-    real = model_module.varlen_attention
-    monkeypatch.setattr(model_module, "varlen_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = attention_module.varlen_attention
+    monkeypatch.setattr(attention_module, "varlen_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = BertForMaskedLM(odd_config(hidden_size=64, num_attention_heads=4)).cuda().eval()
     batch = [t.cuda() for t in packed_batch([torch.tensor([5, 6, 7]), torch.tensor([8, 9])])]
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

@@ -14,11 +14,11 @@ from conftest import CPU_RUNS_TRITON, requires_cpu_triton, requires_cuda
 from test_model import ATOL, odd_config, random_biases, report
 from test_packing import all_sentences, sentences_of
 
+from mlmtrain.attention import flex_row_attention, row_block_tables, row_sdpa_attention, triton_row_attention
 from mlmtrain.flops import model_flops_per_token, train_flops_per_batch
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import PackedBatch, Packer, RowPacker, best_fit_decreasing
 from mlmtrain.prepare import load_split, read_meta
-from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention, triton_row_attention
 from mlmtrain.tokenizer import PAD_ID
 
 # ---------------------------------------------------------------------------------------------- bin packing
@@ -323,7 +323,7 @@ LONG_ROWS = {300: [[5, 140, 3, 100, 52], [300], [1, 1, 297, 1], [128, 128, 20]],
 def test_flex_block_tables_visit_exactly_the_blocks_with_shared_segments(L):
     """The tables from the segment-id ranges equal the brute-force ones (any same-segment pair in a block pair:
     visited; every pair: full), and FlexAttention with them equals the dense-mask reference."""
-    from mlmtrain.row_attention import FLEX_BLOCK
+    from mlmtrain.attention import FLEX_BLOCK
 
     *_, segment_ids = rows_batch(LONG_ROWS[L], L)
     R, n = segment_ids.shape[0], -(-L // FLEX_BLOCK)

@@ -16,12 +16,13 @@ from conftest import CPU_RUNS_TRITON, requires_cuda, requires_triton
 from test_model import odd_config, packed_batch, random_biases, random_sentences, report
 from test_train import losses, tiny_config
 
+from mlmtrain.attention import choose_impl
 from mlmtrain.cli import main
 from mlmtrain.config import load_config
 from mlmtrain.errors import UserError
 from mlmtrain.fast_paths import FastPaths, check_speed_options, post_ln_residual, set_fast_paths
 from mlmtrain.fp8 import check_fp8
-from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
+from mlmtrain.model import BertForMaskedLM, mlm_loss_sum
 from mlmtrain.train import train
 
 
@@ -164,13 +165,11 @@ def test_flex_trains_compiled_on_cuda_only_and_eager_cuda_forwards_take_the_refe
     with pytest.raises(UserError, match="under torch.compile only .* compile off"):
         check_speed_options(cfg, 128, cuda, "bf16", False, 1024, world=1, head_dim=64)
     check_speed_options(cfg, 128, cuda, "bf16", True, 1024, world=1, head_dim=64)
-    model = BertForMaskedLM(BertConfig.from_size("tiny", 100), attn_impl="flex")
-    assert model._choose_attn(cuda, torch.bfloat16, rows=True) == "sdpa"
-    assert model._choose_attn(torch.device("cpu"), torch.float32, rows=True) == "flex"  # the CPU tests' eager flex
+    assert choose_impl("flex", cuda, torch.bfloat16, rows=True) == "sdpa"
+    assert choose_impl("flex", torch.device("cpu"), torch.float32, rows=True) == "flex"  # the CPU tests' eager flex
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert model._choose_attn(cuda, torch.bfloat16, rows=True) == "flex"
-    model.attn_impl = "auto"
-    assert model._choose_attn(cuda, torch.bfloat16, rows=True) == "flex"
+    assert choose_impl("flex", cuda, torch.bfloat16, rows=True) == "flex"
+    assert choose_impl("auto", cuda, torch.bfloat16, rows=True) == "flex"
 
 
 def test_fp8_refusals(monkeypatch):

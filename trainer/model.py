@@ -12,17 +12,11 @@ Two entry points:
   of tokens and every shape is static for torch.compile.
 - padded (`forward_padded`): [B, L] ids + attention mask -> [B, L, V], as transformers does it.
 
-Attention in the packed path (chosen once per forward, from device and dtype; `attn_impl` overrides):
-- "varlen": `torch.nn.attention.varlen.varlen_attn` (flash, CUDA, fp16/bf16 only). Its dropout is fixed
-  at 0, so attention-probability dropout is NOT applied on this path (hidden dropout still is).
-- "sdpa": the reference. Gather tokens into a padded [S, L] layout, SDPA with a key-padding mask,
-  gather back. Same math; runs anywhere. Tests compare the two.
-- rows (`segment_ids` given, RowPacker): "flex" (FlexAttention per row, auto when compiled on CUDA; an eager
-  CUDA forward, e.g. evaluation's, takes the reference: eager FlexAttention is unfused), "triton" (the
-  segment-attention kernel, rows of <= 128 tokens) or "sdpa" (the dense-mask reference), row_attention.py.
-The work around the matmuls runs as `FastPaths` says (fast_paths.py). A Linear swapped for another module
-(torchao's Float8Linear) runs as itself: q/k/v then run as three matmuls. Under bf16 autocast the logits come
-back in bf16 (a bf16 decoder matmul); `mlm_loss_sum` upcasts to fp32 first.
+Attention (attention.py) is chosen once per forward from `attn_impl`, device and dtype: flash varlen or the
+padded SDPA reference on flat batches; FlexAttention, the segment-attention kernel or the dense-mask reference
+on rows (`segment_ids`). The work around the matmuls runs as `FastPaths` says (fast_paths.py). A Linear swapped
+for another module (torchao's Float8Linear) runs as itself: q/k/v then run as three matmuls. Under bf16
+autocast the logits come back in bf16 (a bf16 decoder matmul); `mlm_loss_sum` upcasts to fp32 first.
 """
 
 from __future__ import annotations
@@ -35,17 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mlmtrain.attention import attention_for, choose_impl, padded_attention, takes_qkv
 from mlmtrain.config import MODEL_SIZES, SHAPE_DIMS
 from mlmtrain.errors import UserError
 from mlmtrain.fast_paths import FastPaths, bias_then_gelu, post_ln_residual, set_fast_paths
 from mlmtrain.preflight import check_model_fields
-from mlmtrain.row_attention import flex_row_attention, row_block_tables, row_sdpa_attention, triton_row_attention
-
-try:  # torch >= 2.10 (CUDA flash kernels; the import itself works on CPU builds too)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
-
 
 # ----------------------------------------------------------------------------------------------------------
 # config
@@ -145,51 +133,6 @@ def drop_tied_aliases(state_dict: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# attention: three ways to run softmax(QK^T/sqrt(D))V with the same math
-
-
-def padded_attention(q, k, v, key_mask, dropout_p: float):
-    """q, k, v (B, L, H, D); key_mask (B, L) bool, True = real key. Returns (B, L, H, D)."""
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :], dropout_p=dropout_p)
-    return out.transpose(1, 2)  # (B, L, H, D)
-
-
-def packed_sdpa_attention(q, k, v, gather_index, key_mask, scatter_index, dropout_p: float):
-    """Reference packed attention. q, k, v (T, H, D) -> gather to (S, L, H, D) -> SDPA -> back to (T, H, D).
-    Indices come from `packed_layout` (computed once per forward, shared by every layer)."""
-    S, L = gather_index.shape
-    q, k, v = (t[gather_index] for t in (q, k, v))  # (S, L, H, D)
-    out = padded_attention(q, k, v, key_mask, dropout_p)  # (S, L, H, D)
-    return out.flatten(0, 1)[scatter_index]  # (S*L, H, D) -> (T, H, D)
-
-
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int):
-    """Flash varlen attention on (T, H, D). Called with the positional arguments common to torch 2.10-2.15
-    (q, k, v, cu_seq_q, cu_seq_k, max_q, max_k); the default is non-causal with scale 1/sqrt(D)."""
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)  # (T, H, D)
-
-
-def packed_layout(cu_seqlens, max_seqlen: int, num_tokens: int):
-    """Index tensors that move packed tokens into a padded (S, L) grid and back; all shapes static.
-
-    Empty segments (repeated cu_seqlens values) get one unmasked dummy key so softmax never sees an all-masked
-    row (which would be NaN and, through backward, poison the gradients); their outputs are never read.
-    Tokens past cu_seqlens[-1] (not allowed; see preflight.check_batch) are clamped rather than crash."""
-    S, L, T = cu_seqlens.numel() - 1, max_seqlen, num_tokens
-    starts = cu_seqlens[:-1].long()  # (S,)
-    lengths = cu_seqlens[1:].long() - starts  # (S,)
-    slot = torch.arange(L, device=cu_seqlens.device)  # (L,)
-    gather_index = (starts[:, None] + slot[None, :]).clamp(max=T - 1)  # (S, L)
-    key_mask = (slot[None, :] < lengths[:, None]) | (slot[None, :] == 0)  # (S, L)
-    token = torch.arange(T, device=cu_seqlens.device)  # (T,)
-    segment = (torch.searchsorted(cu_seqlens, token.to(cu_seqlens.dtype), right=True) - 1).clamp(0, S - 1)  # (T,)
-    offset = (token - starts[segment]).clamp(0, L - 1)  # (T,)
-    scatter_index = segment * L + offset  # (T,) row in the flattened (S*L) grid
-    return gather_index, key_mask, scatter_index
-
-
-# ----------------------------------------------------------------------------------------------------------
 # modules (names are transformers')
 
 
@@ -227,12 +170,12 @@ class BertSelfAttention(nn.Module):
             w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3C, C)
             b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3C,)
             qkv = F.linear(x, w, b).unflatten(-1, (3, self.num_heads, self.head_dim))  # (..., 3, H, D)
-            if getattr(attend, "func", None) is triton_row_attention:  # takes qkv whole: one gradient, no stack
+            if takes_qkv(attend):  # one gradient, no stack
                 return attend(qkv).flatten(-2)  # (..., C); it has no dropout
             q, k, v = qkv.unbind(-3)  # 3 x (..., H, D)
         else:  # a swapped-in Linear (torchao's Float8Linear) must run as itself, or its matmul would be skipped
             q, k, v = (m(x).unflatten(-1, (self.num_heads, self.head_dim)) for m in (self.query, self.key, self.value))
-            if getattr(attend, "func", None) is triton_row_attention:
+            if takes_qkv(attend):
                 return attend(torch.stack([q, k, v], dim=-3)).flatten(-2)
         out = attend(q, k, v, dropout_p=self.attention_dropout if self.training else 0.0)  # (..., H, D)
         return out.flatten(-2)  # (..., C)
@@ -384,22 +327,6 @@ class BertForMaskedLM(nn.Module):
         elif isinstance(module, BertLMPredictionHead):
             nn.init.zeros_(module.bias)
 
-    def _choose_attn(self, device: torch.device, dtype: torch.dtype, rows: bool = False) -> str:
-        fused_flex = device.type == "cuda" and torch.compiler.is_compiling()  # eager, it materializes the scores
-        if self.attn_impl == "auto":
-            flash_ok = varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-            return ("flex" if fused_flex else "sdpa") if rows else ("varlen" if flash_ok else "sdpa")
-        if self.attn_impl == "varlen" and (device.type != "cuda" or varlen_attn is None):
-            raise ValueError("attn_impl='varlen' needs a CUDA device and torch >= 2.10; use 'sdpa' (or 'auto')")
-        if self.attn_impl not in ("varlen", "sdpa", "flex", "triton") or (
-            self.attn_impl in ("flex", "triton") and not rows
-        ):
-            raise ValueError(
-                f"attn_impl must be auto, varlen, sdpa, or flex or triton (with segment_ids), not {self.attn_impl!r}"
-            )
-        eager_flex = self.attn_impl == "flex" and device.type == "cuda" and not fused_flex  # e.g. evaluation's
-        return "sdpa" if eager_flex else self.attn_impl  # the reference: the same math, fused
-
     def forward(self, input_ids, position_ids, cu_seqlens, max_seqlen: int, masked_positions, segment_ids=None):
         """Packed MLM forward.
 
@@ -416,23 +343,8 @@ class BertForMaskedLM(nn.Module):
             if torch.is_autocast_enabled(input_ids.device.type)
             else self.bert.embeddings.word_embeddings.weight.dtype
         )
-        impl = self._choose_attn(input_ids.device, compute_dtype, rows=segment_ids is not None)
-        if impl == "varlen":
-
-            def attend(q, k, v, dropout_p):
-                return varlen_attention(q, k, v, cu_seqlens, max_seqlen)  # dropout_p: not supported by varlen_attn
-        elif impl == "flex":  # the block tables once per forward, for every layer
-            tables = row_block_tables(segment_ids)
-            attend = functools.partial(flex_row_attention, segment_ids=segment_ids, block_tables=tables)
-        elif impl == "triton":  # BertSelfAttention hands it qkv unsplit
-            attend = functools.partial(triton_row_attention, segment_ids=segment_ids)
-        elif segment_ids is not None:
-            attend = functools.partial(row_sdpa_attention, segment_ids=segment_ids)
-        else:
-            gather_index, key_mask, scatter_index = packed_layout(cu_seqlens, max_seqlen, T)
-            attend = functools.partial(
-                packed_sdpa_attention, gather_index=gather_index, key_mask=key_mask, scatter_index=scatter_index
-            )
+        impl = choose_impl(self.attn_impl, input_ids.device, compute_dtype, rows=segment_ids is not None)
+        attend = attention_for(impl, cu_seqlens, max_seqlen, T, segment_ids)  # layout built once, for every layer
         hidden = self.bert(input_ids, position_ids, attend)  # (T, C)
         hidden = hidden.index_select(0, masked_positions)  # (M, C)
         return self.cls(hidden)  # (M, V)
@@ -443,8 +355,7 @@ class BertForMaskedLM(nn.Module):
         B, L = input_ids.shape
         position_ids = torch.arange(L, device=input_ids.device).expand(B, L)  # (B, L)
         key_mask = attention_mask.bool()  # (B, L)
-        attend = functools.partial(padded_attention, key_mask=key_mask)
-        hidden = self.bert(input_ids, position_ids, attend)  # (B, L, C)
+        hidden = self.bert(input_ids, position_ids, functools.partial(padded_attention, key_mask=key_mask))  # (B, L, C)
         return self.cls(hidden)  # (B, L, V)
 
     # ---- state dicts in transformers' layout
