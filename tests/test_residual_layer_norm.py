@@ -143,6 +143,20 @@ def test_no_dropout_is_layer_norm_of_sum(dtype):
         assert torch.equal(residual_layer_norm(x, residual, weight, bias, EPS, 0.5, _seed(), training=False), got)
 
 
+@requires_triton
+def test_leaf_inputs_accumulate_their_own_gradients():
+    """p = 0 and one dtype: x and residual get one gradient, dL/dh. As leaves, each .grad is its own buffer, so a
+    second backward (gradient accumulation) adds each input's gradient once, as torch's add does."""
+    x, residual, weight, bias = _inputs(4, 16)
+    dy = torch.randn(4, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    for _ in range(2):
+        residual_layer_norm(x, residual, weight, bias, EPS, 0.0, backend="triton").backward(dy)
+    assert x.grad.data_ptr() != residual.grad.data_ptr()
+    want = torch.autograd.grad(residual_layer_norm_reference(x, residual, weight, bias, EPS, 0.0), x, dy)[0]
+    torch.testing.assert_close(x.grad, 2 * want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(residual.grad, 2 * want, rtol=1e-4, atol=1e-4)
+
+
 # ---- the dropout mask -----------------------------------------------------------------------------------
 def _binomial_z(k: int, n: int, q: float) -> float:
     return (k - n * q) / math.sqrt(n * q * (1 - q))
