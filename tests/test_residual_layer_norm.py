@@ -117,6 +117,33 @@ def test_mixed_dtypes_and_leading_dims():
 
 
 @requires_triton
+def test_backward_launch_geometry_and_strided_inputs():
+    """The backward's tile and program count change no element of dx or dresidual (each row is one program's) and
+    only the order of the dweight / dbias partial sums; a strided input (a transposed view) and p near 1 match
+    the reference too."""
+    N, C, p = 37, 96, 0.1
+    x, residual, weight, bias = (t.detach() for t in _inputs(N, C))
+    dy = torch.randn(N, C, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    y, mean, rstd = rln.residual_layer_norm_fwd_triton(x, residual, weight, bias, _seed(), EPS, p)
+    runs = [
+        rln.residual_layer_norm_bwd_triton(dy, x, residual, weight, _seed(), mean, rstd, p, block_n=bn, num_programs=P)
+        for bn, P in ((None, None), (1, 1), (2, 3), (16, 7), (64, 200))
+    ]
+    for dresidual, dx, sums in runs[1:]:
+        assert torch.equal(dresidual, runs[0][0]) and torch.equal(dx, runs[0][1])
+        torch.testing.assert_close(sums, runs[0][2], rtol=1e-5, atol=1e-5)
+    dy = dy[:8, :32]
+    strided = [t[:32, :8].t().requires_grad_() for t in (x, residual)] + [
+        t[:32].requires_grad_() for t in (weight, bias)
+    ]
+    for p in (0.1, 0.99):
+        (y, grads), (y_ref, grads_ref) = (_run(b, strided, p, _seed(), dy) for b in ("triton", "torch"))
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        for got, want in zip(grads, grads_ref):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@requires_triton
 def test_no_rows():
     inputs = _inputs(0, 64)
     y = residual_layer_norm(*inputs, EPS, 0.1, _seed(), backend="triton")
