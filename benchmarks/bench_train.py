@@ -133,7 +133,7 @@ def run_ours(
     `options`: more config keys (dotted, as `--set` takes them)."""
     from torch._dynamo.utils import counters
 
-    from mlmtrain.config import load_config
+    from mlmtrain.config_load import load_config
     from mlmtrain.files import folder_state
     from mlmtrain.run_folder import RUN_LAYOUT
     from mlmtrain.train import train

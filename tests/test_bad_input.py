@@ -17,7 +17,7 @@ import torch
 from cli_run import TINY, assert_refused, in_process, run_cli
 
 from mlmtrain import prepare, shard_check
-from mlmtrain.config import load_config
+from mlmtrain.config_load import load_config
 from mlmtrain.errors import UserError
 from mlmtrain.files import file_entries
 from mlmtrain.train import train

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from mlmtrain.cli import TRAIN_FLAGS, build_parser, main
-from mlmtrain.config import field_docs, flag_overrides, load_config
+from mlmtrain.config import field_docs
+from mlmtrain.config_load import flag_overrides, load_config
 
 NO_TORCH = "import sys; sys.argv = ['mlmtrain', *sys.argv[1:]]; from mlmtrain.cli import main\n" + (
     "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 
 from mlmtrain import checkpoint as ckpt
 from mlmtrain import parallel
-from mlmtrain.config import load_config
+from mlmtrain.config_load import load_config
 from mlmtrain.errors import UserError
 from mlmtrain.train import train
 

@@ -51,6 +51,21 @@ def test_export_and_checkpoint_give_the_same_loss(run_and_export, data_dir, caps
     assert same_batches["models"][0]["accuracy"] == summary["valid_accuracy"]
 
 
+def test_a_rows_run_is_scored_in_its_own_rows(data_dir, tokenizer_dir, tmp_path, capsys):
+    """A run trained with data.layout = rows validated on row batches: eval packs its batches so by default (the
+    same loss as the run's validation), and flat when asked; rows need --tokens-per-batch a multiple of the rows."""
+    run = tmp_path / "rows"
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 2, "data.layout": "rows"}))
+    capsys.readouterr()
+    args = ("--model", run, "--data", data_dir, "--tokens-per-batch", 1024, "--max-batches", 2)
+    rows = evaluate_json(capsys, *args)
+    summary = json.loads((run / "summary.json").read_text())
+    assert rows["layout"] == "rows" and rows["models"][0]["loss"] == pytest.approx(summary["valid_loss"], rel=1e-5)
+    assert evaluate_json(capsys, *args, "--layout", "flat")["layout"] == "flat"
+    assert cli.main(["eval", *map(str, args[:4]), "--tokens-per-batch", "1000", "--layout", "rows"]) == 2
+    assert "--tokens-per-batch must be a multiple of it, got 1000" in capsys.readouterr().err
+
+
 def test_compare_uses_identical_masks(run_and_export, data_dir, tokenizer_dir, tmp_path, capsys):
     run, _ = run_and_export
     other = make_bert_folder(tmp_path / "other", tokenizer_dir, "0-4", max_position_embeddings=128)

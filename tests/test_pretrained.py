@@ -14,7 +14,8 @@ import torch
 from bert_folders import CUSTOM_DIMS, make_bert_folder, swapped_tokenizer
 
 from mlmtrain import cli
-from mlmtrain.config import MaskSpec, load_config
+from mlmtrain.config import MaskSpec
+from mlmtrain.config_load import load_config
 from mlmtrain.errors import UserError
 from mlmtrain.evaluate import masker
 from mlmtrain.kernels.mlm_mask import max_masked_bound
@@ -195,10 +196,23 @@ def test_unsupported_settings_are_refused_by_name(tmp_path, key, value):
 
 
 def test_init_from_refuses_a_shape_setting_and_the_model_flag(tmp_path, capsys):
+    """A shape setting beside init_from is refused however it is given, its default value too (it would be
+    ignored); a run's own config.json, which omits them, resumes."""
     with pytest.raises(UserError, match="model.hidden_size=64 cannot be combined with model.init_from"):
         load_config(None, {"model.init_from": "x/y", "model.hidden_size": 64})
+    for sets in (["model.size=tiny"], ["model.type_vocab_size=2"], ["model.layer_norm_eps=1e-12"]):
+        with pytest.raises(UserError, match=f"model.{sets[0].split('=')[0][6:]}=.* cannot be combined"):
+            load_config(None, {"model.init_from": "x/y"}, sets)
+    toml = tmp_path / "run.toml"
+    toml.write_text('[model]\nsize = "tiny"\ninit_from = "x/y"\n')
+    with pytest.raises(UserError, match="model.size=tiny .--model. cannot be combined"):
+        load_config(toml)
+    saved = load_config(None, {"model.init_from": "x/y", "out_dir": str(tmp_path / "run")})
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved.to_dict()))
+    assert load_config(tmp_path / "run" / "config.json").model.init_from == "x/y"
     rc = cli.main(["train", "--init-from", "x/y", "--model", "base", "--data", "d", "--out", str(tmp_path)])
-    assert rc == 2 and "not both" in capsys.readouterr().err
+    assert rc == 2 and "model.size=base (--model) cannot be combined" in capsys.readouterr().err
 
 
 def test_custom_shape_from_the_config(data_dir, tokenizer_dir, tmp_path):
@@ -248,6 +262,22 @@ def test_legacy_weights_are_read_like_the_modern_folder(tokenizer_dir, tmp_path)
     assert all(torch.equal(a.weights[k].half().float(), b.weights[k]) for k in a.weights)
 
 
+def test_an_mlm_bias_stored_under_its_tied_alias_alone_is_the_bias(tokenizer_dir, tmp_path):
+    """transformers loads a folder whose MLM bias is stored only as cls.predictions.decoder.bias (its tied alias):
+    so does mlmtrain, as the head's bias, not as a missing head."""
+    from safetensors.torch import load_file, save_file
+
+    from mlmtrain.pretrained import read_pretrained
+
+    folder = make_bert_folder(tmp_path / "bert", tokenizer_dir, "0-4")
+    weights = load_file(folder / "model.safetensors")
+    bias = weights.pop("cls.predictions.bias")
+    weights.pop("cls.predictions.decoder.bias", None)
+    save_file({**weights, "cls.predictions.decoder.bias": bias}, folder / "model.safetensors")
+    read = read_pretrained(folder)
+    assert not read.initialised and torch.equal(read.weights["cls.predictions.bias"], bias)
+
+
 @pytest.mark.parametrize(
     "damage",
     ["truncated safetensors", "garbage safetensors header", "garbage pytorch_model.bin", "pickled code"],
@@ -293,6 +323,8 @@ def test_damaged_weights_are_one_sentence_naming_the_file(damage, tokenizer_dir,
         ({"model_type": "bert", "layer_norm_eps": -1}, "layer_norm_eps=-1: a number > 0.0 is expected"),
         ({"model_type": "bert", "attention_probs_dropout_prob": 1.0}, "a number >= 0.0 and < 1.0 is expected"),
         ({"model_type": "bert", "initializer_range": float("nan")}, "initializer_range=nan: a number is expected"),
+        ({"model_type": "bert", "hidden_act": {"x": 1}}, "has hidden_act={'x': 1} in config.json"),
+        ({"model_type": "bert", "position_embedding_type": ["absolute"]}, "position_embedding_type=['absolute']"),
     ],
 )
 def test_config_json_is_read_as_settings_of_the_right_types(tmp_path, config, message):

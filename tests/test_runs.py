@@ -21,7 +21,7 @@ import pytest
 from cli_run import TINY, assert_refused, run_cli, snapshot, train_args
 
 from mlmtrain import checkpoint as ckpt
-from mlmtrain.config import load_config
+from mlmtrain.config_load import load_config
 from mlmtrain.train import train
 
 

@@ -18,7 +18,7 @@ from test_train import losses, tiny_config
 
 from mlmtrain.attention import choose_impl
 from mlmtrain.cli import main
-from mlmtrain.config import load_config
+from mlmtrain.config_load import load_config
 from mlmtrain.errors import UserError
 from mlmtrain.fast_paths import FastPaths, check_speed_options, post_ln_residual, set_fast_paths
 from mlmtrain.fp8 import check_fp8

@@ -138,6 +138,20 @@ def test_vocab_txt_that_disagrees_with_tokenizer_json_is_refused_on_first_read(e
         load_tokenizer(copy)
 
 
+def test_tokens_added_past_the_wordpiece_vocabulary_are_refused(tmp_path, tokenizer_dir):
+    """A tokenizer with tokens added past its WordPiece table (transformers' add_tokens, then
+    resize_token_embeddings) would give shards ids that vocab.txt and the model's rows disagree on: one sentence,
+    before prepare tokenizes anything."""
+    from tokenizers import AddedToken, Tokenizer
+
+    folder = shutil.copytree(tokenizer_dir, tmp_path / "added")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.add_tokens([AddedToken("새토큰"), AddedToken("<ent>")])
+    tok.save(str(folder / "tokenizer.json"))
+    with pytest.raises(UserError, match="has 2 tokens added past its WordPiece vocabulary .'새토큰', ...."):
+        load_tokenizer(folder)
+
+
 def test_a_vocab_txt_without_its_last_newline_reads_every_row(tmp_path, tokenizer_dir):
     copy = shutil.copytree(tokenizer_dir, tmp_path / "tok")
     text = (copy / "vocab.txt").read_text(encoding="utf-8")
@@ -311,7 +325,11 @@ def test_a_folder_transformers_would_split_otherwise_is_refused_where_it_matters
     assert read_vocab(folder) == read_vocab(tokenizer_dir)  # it worked before the check: it still does
     assert read_tokenizer_config(folder)["do_lower_case"] is False  # what the export writes: tokenizer.json's
     problem = transformers_casing_problem(folder)
-    assert "with do_lower_case=true (tokenizer_config.json; a missing" in problem and "has lowercase=false" in problem
+    assert "with do_lower_case=true (" in problem and "tokenizer_config.json; a missing" in problem
+    assert "has lowercase=false" in problem
+    # another tokenizer passed for that model (--tokenizer): consistent in itself, but cased where the model is not
+    assert transformers_casing_problem(tokenizer_dir) is None
+    assert "with do_lower_case=true (" in transformers_casing_problem(tokenizer_dir, model_dir=folder)
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
     tokenizer["normalizer"]["lowercase"] = True  # now both lowercase
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mlmtrain import checkpoint as ckpt
-from mlmtrain.config import load_config
+from mlmtrain.config_load import load_config
 from mlmtrain.errors import UserError
 from mlmtrain.train import train
 

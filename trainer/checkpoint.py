@@ -419,7 +419,7 @@ def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfi
     """Refuse to resume on other data, another tokenizer, another model shape, another starting model, or other
     batches, data order or masks (CONTINUITY_KEYS, and `tokens_per_batch` as resolved on this device). `run` is the
     RunConfig the resumed run uses."""
-    from mlmtrain.config import config_from_dict, source_path
+    from mlmtrain.config_load import config_from_dict, source_path
 
     saved_config, state = read_state(ckpt)
     problems = []

@@ -185,6 +185,13 @@ def eval_args(p) -> None:
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the model's)")
     p.add_argument("--max-seq-len", type=int, default=128, help="corpus: longest segment, as in prepare (128)")
     p.add_argument("--tokens-per-batch", type=int, default=4096, help="tokens per batch (default 4096)")
+    p.add_argument(
+        "--layout",
+        choices=["auto", "flat", "rows"],
+        default="auto",
+        help="batches packed flat, or in rows of the shards' max_seq_len (data.layout = rows); auto (default): a "
+        "run's or checkpoint's own, else flat",
+    )
     p.add_argument("--max-batches", type=int, default=0, help="score at most this many batches (default 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks (default 0)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of tokens masked (default 0.15)")

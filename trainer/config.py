@@ -1,17 +1,13 @@
-"""Run configuration: one dataclass per concern, read from a TOML file (a path, or the name of a packaged one
-in trainer/configs/), overridden by flags and `--set section.key=value`, then validated in one place
-(`validate`). The resolved config is logged at start and saved with every checkpoint. No torch import.
+"""Run configuration: one dataclass per concern and the one place every value is checked (`validate`). Where the
+values come from (a TOML file, a run's config.json, flags, `--set`) is config_load.py. The resolved config is
+logged at start and saved with every checkpoint. No torch import.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import textwrap
-import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,16 +177,12 @@ def _comment(source: str, name: str) -> str:
     return line.split("  # ", 1)[1] if "  # " in line else ""
 
 
-def flag_overrides(args) -> dict:
-    """The config keys a command line set: the flags whose destination is a dotted key (or out_dir)."""
-    return {k: v for k, v in vars(args).items() if (k == "out_dir" or "." in k) and v is not None}
-
-
 # ---------------------------------------------------------------------------------------------------- validation
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Every value checked once, here: one sentence naming the key, the value and what is allowed."""
+def validate(cfg: RunConfig, given: set[str] | frozenset = frozenset()) -> RunConfig:
+    """Every value checked once, here: one sentence naming the key, the value and what is allowed. `given`: the
+    dotted keys a file, flag or --set gave (config_load.load_config), so that one given its default still counts."""
     m, d, k, o, t = cfg.model, cfg.data, cfg.mask, cfg.optim, cfg.train
     _one_of("model.size", m.size, MODEL_SIZES)
     _within("model.dropout", m.dropout, 0.0, 1.0, "in [0, 1)", high_open=True)
@@ -206,14 +198,12 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"model.hidden_size {dims['hidden_size']} is not divisible by model.num_attention_heads "
             f"{dims['num_attention_heads']}: pick a head count that divides it"
         )
-    if m.init_from:
-        defaults = ModelSpec()
-        for key in INIT_FROM_KEYS:
-            if getattr(m, key) != getattr(defaults, key):
-                raise UserError(
-                    f"model.{key}={getattr(m, key)} cannot be combined with model.init_from: the model's "
-                    "dimensions come from its config.json"
-                )
+    for key in ("size", *INIT_FROM_KEYS) if m.init_from else ():
+        if f"model.{key}" in given or getattr(m, key) != getattr(ModelSpec, key):
+            raise UserError(
+                f"model.{key}={getattr(m, key)}{' (--model)' if key == 'size' else ''} cannot be combined with "
+                "model.init_from (--init-from): the model's shape comes from its config.json"
+            )
     _one_of("model.attention", m.attention, ("auto", "varlen", "sdpa", "flex", "triton"))
     _one_of("model.residual_dtype", m.residual_dtype, ("fp32", "compute"))
     _one_of("model.fused_ops", m.fused_ops, ("torch", "triton"))
@@ -351,150 +341,3 @@ def _within(name, value, low, high, allowed: str, low_open=False, high_open=Fals
     ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
     if not ok:
         raise UserError(f"{name} must be {allowed}, got {value!r}")
-
-
-# ---------------------------------------------------------------------------------------------------- loading
-
-
-def load_config(
-    toml_path: str | Path | None = None, overrides: dict | None = None, sets: list[str] | None = None
-) -> RunConfig:
-    """TOML file, then `overrides` (flag values: dotted key -> value, None = not given), then `--set`, then
-    `validate`. `toml_path` may be a run folder's config.json (to resume: the run is where that file is, not
-    where the file says it was) or a packaged config's name. Paths are made absolute, so a run's config.json
-    works from any working directory."""
-    cfg = RunConfig()
-    if toml_path:
-        path = resolve_config_path(toml_path)
-        is_run_config = path.suffix == ".json"  # a run folder's resolved config.json (e.g. to resume a run)
-        try:
-            table = _read_run_config(path) if is_run_config else tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"config file {path} is not valid TOML: {e}") from None
-        for dotted, value in _flatten(table):  # both checked alike: known keys, values of the key's type
-            _set(cfg, dotted, value)
-        if is_run_config:
-            cfg.out_dir = str(path.resolve().parent)
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set(cfg, dotted, value)
-    for item in sets or []:
-        if "=" not in item:
-            raise UserError(f"--set takes key=value (e.g. optim.lr=3e-4), got {item!r}")
-        dotted, value = item.split("=", 1)
-        _set(cfg, dotted.strip(), value)
-    for spec, key in ((cfg, "out_dir"), (cfg.data, "data_dir"), (cfg.data, "tokenizer_dir")):
-        if getattr(spec, key):
-            setattr(spec, key, os.path.abspath(os.path.expanduser(getattr(spec, key))))
-    cfg.model.init_from = source_path(cfg.model.init_from)  # a folder absolute, a Hub id as given
-    return validate(cfg)
-
-
-def source_path(source: str) -> str:
-    """A model source as runs store it: an existing local path made absolute; a Hub id (or "") as given."""
-    path = os.path.expanduser(source)
-    return os.path.abspath(path) if source and os.path.exists(path) else source
-
-
-def _read_run_config(path: Path) -> dict:
-    """A run's config.json; anything else given as --config is refused, since its keys would be ignored."""
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} is not valid JSON: {e}") from None
-    if isinstance(d, dict) and ("model_type" in d or "architectures" in d):
-        raise UserError(
-            f"{path} is a transformers model config, not an mlmtrain run config: to start from a transformers "
-            "model, pass its folder as --init-from FOLDER; --config takes a TOML file or a run's config.json."
-        )
-    if isinstance(d, dict) and isinstance(d.get("run"), dict) and isinstance(d.get("model"), dict):
-        raise UserError(
-            f"{path} is a checkpoint's config; pass the run's own config.json (RUN/config.json), or the "
-            "checkpoint as --resume CHECKPOINT."
-        )
-    if not isinstance(d, dict) or "out_dir" not in d or not any(isinstance(d.get(s), dict) for s in SECTIONS):
-        raise UserError(f"{path} is not an mlmtrain run config (a run's config.json); --config also takes TOML.")
-    return d
-
-
-def resolve_config_path(name: str | Path) -> Path:
-    """A config file's path, or the name of a packaged one (`base_gpu` -> trainer/configs/base_gpu.toml)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    packaged = PACKAGED_CONFIGS / f"{path.name.removesuffix('.toml')}.toml"
-    if path.parent == Path(".") and packaged.is_file():
-        return packaged
-    known = ", ".join(sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.toml")))
-    raise UserError(f"config file {path} does not exist (packaged configs: {known})")
-
-
-def config_from_dict(d: dict) -> RunConfig:
-    """Rebuild a RunConfig from its saved dict (`RunConfig.to_dict()`, e.g. a checkpoint's), each value checked
-    as a TOML file's are (`_set`). Keys from other versions are ignored, missing ones keep their defaults."""
-    cfg = RunConfig()
-    known = {"out_dir"} | {f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))}
-    for dotted, value in _flatten(d):
-        if dotted in known:
-            _set(cfg, dotted, value)
-    return cfg
-
-
-def _flatten(table: dict, prefix: str = ""):
-    for k, v in table.items():
-        if isinstance(v, dict):
-            yield from _flatten(v, f"{prefix}{k}.")
-        else:
-            yield f"{prefix}{k}", v
-
-
-def _set(cfg: RunConfig, dotted: str, value) -> None:
-    parts = dotted.split(".")
-    obj = cfg
-    for part in parts[:-1]:
-        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-            raise UserError(f"unknown config section {part!r} in {dotted!r}")
-        obj = getattr(obj, part)
-    if not dataclasses.is_dataclass(obj):  # "optim.lr.a": a value given a table
-        raise UserError(f"config key {'.'.join(parts[:-1])!r} takes a value, not a table ({dotted!r})")
-    types = typing.get_type_hints(type(obj))
-    key = parts[-1]
-    if key not in types:
-        raise UserError(f"unknown config key {dotted!r}; known: {', '.join(sorted(types))}")
-    if dataclasses.is_dataclass(getattr(obj, key)):
-        raise UserError(f"config section {dotted!r} must be a table of its keys, got {value!r}")
-    setattr(obj, key, _coerce(value, types[key], dotted))
-
-
-_KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}  # for _coerce's messages
-
-
-def _coerce(value, target_type, name: str):
-    """A TOML value or a `--set` string as the field's type (str, int, float, bool, or a tuple of floats)."""
-    is_tuple = typing.get_origin(target_type) is tuple
-    if isinstance(value, str) and target_type is not str:
-        text = value.strip()
-        if target_type is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise UserError(f"{name} must be true or false, got {value!r}")
-        try:
-            value = float(text) if target_type is float else json.loads(text)
-        except (ValueError, json.JSONDecodeError):
-            kind = "a list like [0.9, 0.98]" if is_tuple else _KINDS[target_type]
-            raise UserError(f"{name} must be {kind}, got {value!r}") from None
-    if is_tuple:
-        if not isinstance(value, (list, tuple)) or not all(_is_number(v) for v in value):
-            raise UserError(f"{name} must be a list like [0.9, 0.98], got {value!r}")
-        return tuple(float(v) for v in value)
-    if target_type is float and _is_number(value):
-        return float(value)
-    if not isinstance(value, target_type) or (target_type is int and isinstance(value, bool)):
-        raise UserError(f"{name} must be {_KINDS[target_type]}, got {value!r}")
-    return value
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)

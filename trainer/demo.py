@@ -38,7 +38,7 @@ def demo_layout():
 
 def main(args) -> int:
     from mlmtrain import cli, progress
-    from mlmtrain.config import load_config
+    from mlmtrain.config_load import load_config
     from mlmtrain.evaluate import perplexity, unigram_cross_entropy, unigram_entropy
     from mlmtrain.prepare import load_split, prepare
     from mlmtrain.text import sample_corpus_path

@@ -173,6 +173,7 @@ def load_model(source: str, tokenizer_dir=None):
         tokenizer_dir = tokenizer_dir or run_tokenizer_dir(ckpt, saved)
         check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}")
         info = {"model": str(source), "kind": "checkpoint", "checkpoint": str(ckpt), "step": state.get("step")}
+        info["layout"] = ((saved.get("run") or {}).get("data") or {}).get("layout", "flat")  # how it validated
     else:
         folder = locate(source, "--model")
         pretrained = read_pretrained(folder)
@@ -182,7 +183,7 @@ def load_model(source: str, tokenizer_dir=None):
         if tokenizer_dir:  # scored on another tokenizer's ids only if they are the same tokens
             check_own_tokens(folder, read_vocab(tokenizer_dir))
         tokenizer_dir = tokenizer_dir or folder
-        problem = transformers_casing_problem(tokenizer_dir)  # scored on text split as in its pretraining
+        problem = transformers_casing_problem(tokenizer_dir, folder)  # scored on text split as in its pretraining
         if problem:
             raise UserError(problem)
         kind = "export" if (folder / "mlmtrain_export.json").is_file() else "transformers"
@@ -197,7 +198,7 @@ def load_model(source: str, tokenizer_dir=None):
 
 def main(args) -> int:
     from mlmtrain.config import MAX_TOKENS_PER_BATCH, MaskSpec, check_device_name, check_seed
-    from mlmtrain.packing import Packer, check_ids
+    from mlmtrain.packing import Packer, RowPacker, check_ids
     from mlmtrain.preflight import check_data_against_model, check_device
     from mlmtrain.prepare import check_tokenizer_match, load_split, prepare, read_meta, shard_specials
     from mlmtrain.tokenizer_folder import tokenizer_fingerprint
@@ -227,6 +228,8 @@ def main(args) -> int:
             )
         models.append(other)
         infos.append(other_info)
+    run_layouts = [i.pop("layout") for i in infos if "layout" in i]  # the first model's run decides auto
+    layout = args.layout if args.layout != "auto" else (run_layouts or ["flat"])[0]
 
     with tempfile.TemporaryDirectory(prefix="mlmtrain_eval_") as tmp:
         if corpus is not None:  # tokenized exactly as `prepare` would, all into one split
@@ -249,8 +252,13 @@ def main(args) -> int:
         specials = shard_specials(meta)
         vocab_size = int(meta["vocab_size"])
         T = max(args.tokens_per_batch, max_seq_len)
-        packer = Packer(shard, T, max_seq_len, args.seed, "sentence", loop=False, static_shapes=False,
-                        specials=specials)  # fmt: skip
+        if layout == "rows" and T % max_seq_len:
+            raise UserError(
+                f"--layout rows packs rows of the shards' max_seq_len ({max_seq_len}): --tokens-per-batch must be a "
+                f"multiple of it, got {T}"
+            )
+        packer = (RowPacker if layout == "rows" else Packer)(shard, T, max_seq_len, args.seed, "sentence", loop=False,
+                                                             static_shapes=False, specials=specials)  # fmt: skip
         batches = (
             check_ids(b, vocab_size, data_dir) for _, b in zip(range(args.max_batches or sys.maxsize), packer.batches())
         )
@@ -273,6 +281,7 @@ def main(args) -> int:
         "batches": results[0]["batches"],
         "targets": results[0]["targets"],
         "seed": args.seed,
+        "layout": layout,
         "mask_prob": args.mask_prob,
         "precision": args.precision,
         "unigram_loss": results[0]["unigram_loss"],

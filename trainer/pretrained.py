@@ -96,7 +96,7 @@ def read_config(folder: Path) -> BertConfig:
         what = f"a {config['model_type']!r} model" if "model_type" in config else "no model_type"
         raise UserError(f"{path} names {what}; mlmtrain continues pretraining BERT models only (model_type 'bert').")
     for key, (allowed, why) in UNSUPPORTED.items():
-        if config.get(key) not in allowed:
+        if not isinstance(config.get(key), (str, int, float, type(None))) or config.get(key) not in allowed:
             raise UserError(f"{folder} has {key}={config.get(key)!r} in config.json: {why}.")
     if config.get("pad_token_id") is None:
         config["pad_token_id"] = 0  # transformers' default
@@ -131,7 +131,7 @@ def read_pretrained(folder: Path) -> Pretrained:
     """Config and weights of a transformers BERT folder, checked against each other."""
     import torch
 
-    from mlmtrain.model import hf_tensor_shapes
+    from mlmtrain.model import TIED_KEYS, hf_tensor_shapes
 
     folder = Path(folder)
     _check_export_files(folder)
@@ -145,12 +145,11 @@ def read_pretrained(folder: Path) -> Pretrained:
             weights[key] = tensor.float()
         else:
             dropped.append(key)
-    for alias, source in (
-        ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
-        ("cls.predictions.decoder.bias", "cls.predictions.bias"),
-    ):
+    for alias, source in TIED_KEYS.items():
         if alias in weights and source in weights and not torch.equal(weights[alias], weights[source]):
             raise UserError(f"{folder} has a {alias} that differs from {source}: mlmtrain ties the two.")
+        if alias in weights:  # a tensor stored under its alias alone (transformers loads it so) is the tied one
+            weights.setdefault(source, weights[alias])
     missing = [k for k in required if k not in weights]
     initialised = [k for k in missing if k.startswith(MLM_HEAD)]
     if len(initialised) < len(missing):
@@ -232,7 +231,12 @@ def check_tokenizer_fits(config: BertConfig, specials, vocab: list[str], folder)
     if config.vocab_size != vocab_size:
         raise UserError(
             f"{folder} has vocab_size={config.vocab_size} in config.json but the tokenizer has {vocab_size} tokens: "
-            "pass the tokenizer the model was trained with."
+            + (
+                "its embedding has rows past the tokenizer's (padded, or for added tokens), and mlmtrain needs the two "
+                "equal."
+                if config.vocab_size > vocab_size
+                else "pass the tokenizer the model was trained with."
+            )
         )
     check_own_tokens(Path(folder), vocab)
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlmtrain.checkpoint import CHECKPOINT_FILES, CHECKPOINTS, complete_checkpoints, latest_checkpoint, read_state
-from mlmtrain.config import RunConfig, config_from_dict
+from mlmtrain.config import RunConfig
+from mlmtrain.config_load import config_from_dict
 from mlmtrain.errors import UserError
 from mlmtrain.files import (
     MARKER,

@@ -85,6 +85,13 @@ def load_tokenizer(tokenizer_dir) -> Tokenizer:
     except Exception as e:  # tokenizers raises a plain Exception on malformed JSON
         raise UserError(f"cannot read {path / 'tokenizer.json'}: {e}") from None
     read_special_tokens(path)
+    added = tok.get_vocab_size(with_added_tokens=True) - tok.get_vocab_size(with_added_tokens=False)
+    if added > 0:  # ids past the WordPiece table: vocab.txt, the model's rows and the shards would disagree
+        first = tok.id_to_token(tok.get_vocab_size(with_added_tokens=False))
+        raise UserError(
+            f"{path} has {added} tokens added past its WordPiece vocabulary ({first!r}, ...): mlmtrain trains "
+            "WordPiece vocabularies only; train a tokenizer that holds them (`mlmtrain tokenizer`) or leave them out."
+        )
     prefix = getattr(tok.model, "continuing_subword_prefix", WORDPIECES_PREFIX)
     if prefix != WORDPIECES_PREFIX:
         raise UserError(
@@ -226,12 +233,14 @@ def _tokenizer_config_file(path: Path) -> dict:
     return source
 
 
-def transformers_casing_problem(tokenizer_dir) -> str | None:
+def transformers_casing_problem(tokenizer_dir, model_dir=None) -> str | None:
     """For a transformers model's tokenizer (`--init-from`, `eval --model`): the model learned text as
     transformers' BertTokenizer splits it, whose normalizer comes from tokenizer_config.json's flags (a missing
-    do_lower_case is true), not from tokenizer.json, which mlmtrain tokenizes with. What differs, or None."""
+    do_lower_case is true) in the model's folder (`model_dir`, where it has one, else `tokenizer_dir`), not from
+    tokenizer.json, which mlmtrain tokenizes with (`tokenizer_dir`'s). What differs, or None."""
     path = _check_tokenizer_dir(tokenizer_dir)
-    source = _tokenizer_config_file(path) if (path / "tokenizer_config.json").is_file() else {}
+    config_dir = Path(model_dir) if model_dir and (Path(model_dir) / "tokenizer_config.json").is_file() else path
+    source = _tokenizer_config_file(config_dir) if (config_dir / "tokenizer_config.json").is_file() else {}
     ours = _normalizer_flags(path)
     theirs = _casing(*(source.get(k, default) for k, default in zip(CASING_KEYS, TRANSFORMERS_CASING)))
     if source.get("tokenizer_class", "BertTokenizer") not in BERT_CLASSES or ours is None or ours == theirs:
@@ -240,9 +249,9 @@ def transformers_casing_problem(tokenizer_dir) -> str | None:
     said = ", ".join(f"{CASING_KEYS[i]}={str(theirs[i]).lower()}" for i in differ)
     has = ", ".join(f"{NORMALIZER_KEYS[i]}={str(ours[i]).lower()}" for i in differ)
     return (
-        f"{path}: transformers tokenizes for this model with {said} (tokenizer_config.json; a missing "
-        f"do_lower_case is true) but tokenizer.json, which mlmtrain tokenizes with, has {has}: the model would "
-        f"see text split unlike in its pretraining; {REWRITE}, and prepare the shards with it."
+        f"{path}: transformers tokenizes for this model with {said} ({config_dir / 'tokenizer_config.json'}; a "
+        f"missing do_lower_case is true) but {path / 'tokenizer.json'}, which mlmtrain tokenizes with, has {has}: "
+        f"the model would see text split unlike in its pretraining; {REWRITE}, and prepare the shards with it."
     )
 
 

@@ -23,7 +23,8 @@ import torch
 from tqdm import tqdm
 
 from mlmtrain import checkpoint, parallel, run_folder
-from mlmtrain.config import RunConfig, flag_overrides, format_config, load_config, report_targets, torch_dtype
+from mlmtrain.config import RunConfig, format_config, report_targets, torch_dtype
+from mlmtrain.config_load import flag_overrides, load_config
 from mlmtrain.errors import UserError
 from mlmtrain.evaluate import masker, score
 from mlmtrain.fast_paths import FastPaths, check_speed_options
@@ -304,7 +305,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     # a pretrained model's weights and shape are read only to start; a resumed run has them in its checkpoint
     pretrained = read_pretrained(locate(cfg.model.init_from)) if cfg.model.init_from and start is None else None
     if pretrained is not None:  # trained on from here only on text split as in its pretraining
-        problem = transformers_casing_problem(cfg.data.tokenizer_dir)
+        problem = transformers_casing_problem(cfg.data.tokenizer_dir, pretrained.folder)
         if problem:
             raise UserError(problem)
     model_config = model_config_for(cfg, vocab, specials, start, pretrained)
@@ -481,10 +482,7 @@ def evaluate(run: Run) -> dict:
 def main(args) -> int:
     """Exit code: 0 trained to max_steps (or already there); 2 refused with one sentence; 3 stopped by
     non-finite steps; 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint."""
-    overrides = flag_overrides(args)
-    if "model.size" in overrides and "model.init_from" in overrides:
-        raise UserError("pass --model SIZE or --init-from MODEL, not both: --init-from brings the model's shape")
-    cfg = load_config(args.config, overrides, args.set)
+    cfg = load_config(args.config, flag_overrides(args), args.set)
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         if args.nproc < 1:
             raise UserError(f"--nproc must be at least 1, got {args.nproc}")
