@@ -55,7 +55,7 @@ PLANS = {
         "train_steps": 40,
         "log_every": 5,
         "recipe_micro_batch": 256,
-        # 3 x 2 points, 5 compiles (64k/128 is the train section's run): ~1 min each on an H200
+        # 3 x 2 points, 5 compiles (64k/128 is the train section's run): ~20-25 s each for base on an H200
         "sweep_tokens": [16384, 65536, 262144],
         "sweep_caps": [128, 512],
         "sweep_target_tokens": 2_000_000,

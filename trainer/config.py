@@ -38,7 +38,7 @@ def torch_dtype(precision: str):
 @dataclass
 class ModelSpec:
     size: str = "tiny"  # a preset of the four dimensions below: tiny | mini | small | base | large
-    dropout: float = 0.1  # hidden and attention-probability dropout, as BERT; 0 turns it off
+    dropout: float = 0.1  # hidden and attention-probability dropout (the CUDA attention paths have none); 0: off
     max_position_embeddings: int = 512  # learned positions: at least the shards' max_seq_len
     hidden_size: int = 0  # each of these four, when not 0, replaces the preset's value
     num_hidden_layers: int = 0  # encoder layers (0 = the preset's)
@@ -123,10 +123,11 @@ class TrainSpec:
     report_to: str = ""  # also log metrics to: tensorboard, wandb, or both comma-separated ("" or none: off)
     nan_policy: str = "skip"  # skip: skip the update | stop: final checkpoint and stop
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps
-    shard: str = "ddp"  # ddp | fsdp (only used under torchrun with more than one process)
+    shard: str = "ddp"  # ddp | fsdp (used under torchrun, one process included)
     cuda_graphs: bool = False  # replay the compiled step as CUDA graphs (torch.compile mode="reduce-overhead")
     async_log_reads: bool = False  # read a log window's device numbers one window later: no wait for the queue
-    fp8: str = "off"  # off | tensorwise | rowwise | rowwise_with_gw_hp: torchao float8 linear layers (H100+)
+    # off | tensorwise | rowwise | rowwise_with_gw_hp: torchao float8 linear layers (compute capability 8.9+, bf16)
+    fp8: str = "off"
 
 
 @dataclass
