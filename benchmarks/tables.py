@@ -1,9 +1,20 @@
-"""Numbers and markdown tables of the benchmark reports (report.py, and the sections that render their own part):
-SI prefixes, "median (min–max)" spreads, percentages, GiB, and a markdown table."""
+"""Numbers and markdown tables of the benchmark reports (report.py, charts.py, and the sections that render their
+own part): a results.json's sections and their measured rows, SI prefixes, "median (min–max)" spreads,
+percentages, GiB, and a markdown table."""
 
 from __future__ import annotations
 
 import math
+
+
+def section(results: dict, name: str) -> dict | None:
+    return next((s for s in results["sections"] if s["section"] == name), None)
+
+
+def rows_of(results: dict, name: str) -> list[dict]:
+    """The rows of section `name` that measured something (not those with an error)."""
+    s = section(results, name)
+    return [r for r in (s or {}).get("rows", []) if "error" not in r]
 
 
 def si(x: float | None, unit: str = "") -> str:

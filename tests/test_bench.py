@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import time
 
 import pytest
@@ -227,6 +228,9 @@ def test_merge_keeps_sections_not_redone(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert [s["section"] for s in res["sections"]] == ["ceilings", "model"]
     assert "rows" in res["sections"][0] and res["merged_from"]
+    # the report says which call measured a kept section
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert re.search(r"## Hardware ceilings.*\n\n\(\d+ s; kept from an earlier call: `mlmtrain bench --out", report)
 
 
 @pytest.mark.parametrize(
