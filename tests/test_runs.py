@@ -134,6 +134,30 @@ def test_every_checkpoint_counts_the_real_tokens_its_weights_saw(data_dir, token
     assert seen(tmp_path / "resumed", 4) == seen(tmp_path / "full", 4)
 
 
+def test_keep_checkpoints_retires_only_older_checkpoints_of_its_own(data_dir, tokenizer_dir, tmp_path, capsys):
+    """train.keep_checkpoints counts back from the step just saved: a later step's folder (here a damaged copy the
+    resume skipped) is neither counted nor deleted, a checkpoint holding a file of the user's is kept and said, and
+    the closing lines name this run's newest checkpoint."""
+    from test_train import tiny_config
+
+    from mlmtrain.metrics import closing_lines
+
+    settings = {"train.max_steps": 3, "train.log_every": 1, "train.checkpoint_every": 1, "train.keep_checkpoints": 0}
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, tokenizer_dir, run, **settings), log=lambda msg: None)
+    root = run / "checkpoints"
+    later = shutil.copytree(root / "step_00000003", root / "step_00000009")
+    (later / "model.safetensors").write_bytes(b"damaged")
+    (root / "step_00000002" / "eval.txt").write_text("mine")
+    settings = {**settings, "train.max_steps": 5, "train.keep_checkpoints": 1}
+    summary = train(tiny_config(data_dir, tokenizer_dir, run, **settings), resume=str(run), log=lambda msg: None,
+                    change_max_steps=True)  # fmt: skip
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000005", "step_00000009"]
+    assert (root / "step_00000002" / "eval.txt").read_text() == "mine"
+    assert "past train.keep_checkpoints: it holds files mlmtrain did not write (eval.txt)" in capsys.readouterr().err
+    assert f"checkpoint {root / 'step_00000005'};" in closing_lines(run, summary)
+
+
 def test_a_resume_that_would_change_the_data_order_or_the_starting_model_is_refused(data_dir, tokenizer_dir, tmp_path):
     """The data cursor is a position in the packer's order: another data.pack or seed reads other sentences from
     it (pack=document crashed the packer thread, and config.json already said document, so even the plain resume

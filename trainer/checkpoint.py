@@ -54,6 +54,12 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_step(ckpt: Path) -> int | None:
+    """The step a checkpoint folder's name says (None for a step_* name that holds no number)."""
+    digits = Path(ckpt).name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else None
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module under torch.compile / DDP wrappers."""
     model = getattr(model, "_orig_mod", model)
@@ -82,8 +88,9 @@ def save_checkpoint(
     final = Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
     if parallel.rank() == 0:
         _write(final, step, unwrap(model).config, weights, optimizer_state, rng, run_config, state, scaler_state)
-        if keep > 0:
-            for old in complete_checkpoints(Path(run_dir))[:-keep]:
+        if keep > 0:  # the newest `keep` up to this step; a later one (a longer run's, resumed before it) stays
+            older = [p for p in complete_checkpoints(Path(run_dir)) if checkpoint_step(p) < step]
+            for old in older[: max(0, len(older) - keep + 1)]:
                 retire(old)
     parallel.barrier()
     return final
@@ -91,7 +98,13 @@ def save_checkpoint(
 
 def retire(ckpt: Path) -> None:
     """Delete a checkpoint so that a reader (an export of the run while it trains) never sees half of it: it
-    leaves the step_* names in one rename, then goes (what a kill leaves is a stale temporary folder)."""
+    leaves the step_* names in one rename, then goes (what a kill leaves is a stale temporary folder). One that
+    holds files a checkpoint does not write is kept, and said."""
+    extra = sorted(set(os.listdir(ckpt)) - set(CHECKPOINT_FILES))
+    if extra:
+        print(f"kept {ckpt} past train.keep_checkpoints: it holds files mlmtrain did not write ({', '.join(extra)})",
+              file=sys.stderr)  # fmt: skip
+        return
     gone = tmp_sibling(ckpt)
     try:
         os.replace(ckpt, gone)
@@ -233,11 +246,12 @@ def verify_checkpoint(ckpt: Path) -> str | None:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoint folders under RUN_DIR/checkpoints that have a manifest, oldest first (not verified)."""
+    """Checkpoint folders under RUN_DIR/checkpoints that have a manifest, oldest step first (not verified)."""
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file())
+    found = [(checkpoint_step(p), p) for p in root.glob("step_*") if p.is_dir() and (p / MANIFEST).is_file()]
+    return [p for step, p in sorted((s, p) for s, p in found if s is not None)]  # by step: names pass 8 digits
 
 
 def latest_checkpoint(path: str | Path, log=print) -> Path:

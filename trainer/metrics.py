@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mlmtrain import __version__, parallel
-from mlmtrain.checkpoint import complete_checkpoints
+from mlmtrain.checkpoint import checkpoint_step, complete_checkpoints
 from mlmtrain.errors import UserError
 from mlmtrain.files import json_text
 from mlmtrain.profiling import spread
@@ -384,7 +384,7 @@ def closing_lines(run_dir: Path, summary: dict) -> str:
     numbers = f"{summary['steps']} steps" + (f", loss {loss:.4f}" if loss is not None else "")
     numbers += f", valid loss {valid:.4f}" if valid is not None else ""
     numbers += f", {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else ""
-    saved = complete_checkpoints(run_dir)
+    saved = [p for p in complete_checkpoints(run_dir) if checkpoint_step(p) <= summary["steps"]]  # this run's
     where = f"checkpoint {saved[-1]}" if saved else "no checkpoint saved (train.checkpoint_at_end is off)"
     lines = [
         f"{'stopped' if summary['stopped_by'] else 'done'}: {numbers}; {where}; summary {run_dir / 'summary.json'}"
