@@ -130,6 +130,14 @@ def test_demo_force_deletes_only_a_demo_holding_nothing_else(made, tmp_path):
     assert snapshot(demo) == before
     (demo / "run" / "notes.txt").unlink()
     assert files.check_out_folder(demo, demo_layout(), replace=True, replace_flag="--force") is True
+    # a demo still running there holds the folder's lock: --force waits for it rather than delete it under it
+    from mlmtrain.run_folder import RunLock
+
+    lock = RunLock(demo, print)
+    before = snapshot(demo)
+    assert_refused(run_cli("demo", "--out", demo, "--force"), "is in use by another training process")
+    assert snapshot(demo) == before
+    lock.release()
 
 
 def test_files_named_like_ours_are_not_ours(made, tmp_path):

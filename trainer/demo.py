@@ -27,13 +27,12 @@ def demo_layout():
     """The demo's folder: its result, and one folder of each kind the pipeline makes."""
     from mlmtrain.export_check import EXPORT_LAYOUT
     from mlmtrain.prepare import SHARDS_LAYOUT
-    from mlmtrain.run_folder import RUN_LAYOUT
+    from mlmtrain.run_folder import LOCK, RUN_LAYOUT
     from mlmtrain.tokenizer import TOKENIZER_LAYOUT
 
     parts = (("tokenizer", TOKENIZER_LAYOUT), ("data", SHARDS_LAYOUT), ("run", RUN_LAYOUT), ("export", EXPORT_LAYOUT))
-    return Layout(
-        "demo", "a demo", "mlmtrain demo", ("demo_result.json", TMP, f"{TMP}/**"), ("demo_result.json",), parts
-    )
+    files = ("demo_result.json", LOCK, TMP, f"{TMP}/**")  # LOCK: held while a demo runs in the folder
+    return Layout("demo", "a demo", "mlmtrain demo", files, ("demo_result.json",), parts)
 
 
 def main(args) -> int:
@@ -41,6 +40,7 @@ def main(args) -> int:
     from mlmtrain.config_load import load_config
     from mlmtrain.evaluate import perplexity, unigram_cross_entropy, unigram_entropy
     from mlmtrain.prepare import load_split, prepare
+    from mlmtrain.run_folder import LOCK, RunLock
     from mlmtrain.text import sample_corpus_path
     from mlmtrain.tokenizer import NUM_SPECIAL, TokenizerSettings, train_tokenizer
     from mlmtrain.train import train
@@ -71,10 +71,14 @@ def main(args) -> int:
             "train.compile": "off",
         },
     )
-    # --force deletes an earlier demo only when every file in it is one the demo wrote
-    if check_out_folder(out, demo_layout(), replace=args.force, replace_flag="--force"):
-        shutil.rmtree(out)
+    # --force deletes an earlier demo only when every file in it is one the demo wrote, and none runs there: this
+    # process holds the folder's lock until it ends
+    replace = check_out_folder(out, demo_layout(), replace=args.force, replace_flag="--force")
     out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out, print)  # noqa: F841 (held, not used)
+    for child in out.iterdir() if replace else ():
+        if child.name != LOCK:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     write_marker(out, demo_layout())
     corpus = sample_corpus_path()
     t0 = time.time()
