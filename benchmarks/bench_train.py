@@ -134,8 +134,9 @@ def run_ours(
     from torch._dynamo.utils import counters
 
     from mlmtrain.config_load import load_config
-    from mlmtrain.files import folder_state
-    from mlmtrain.run_folder import RUN_LAYOUT
+    from mlmtrain.errors import UserError
+    from mlmtrain.files import folder_state, foreign_files
+    from mlmtrain.run_folder import RUN_LAYOUT, lock_holder
     from mlmtrain.train import train
 
     dev = torch.device(device)
@@ -165,6 +166,8 @@ def run_ours(
     )
     cfg.out_dir = str(out_dir)
     if folder_state(out_dir, RUN_LAYOUT)[0] == "mine":  # the bench's own run from an earlier `--work` reuse
+        if foreign_files(out_dir, RUN_LAYOUT) or lock_holder(out_dir):
+            raise UserError(f"{out_dir} holds files a run does not write, or a process trains in it: it is kept")
         shutil.rmtree(out_dir)
     counters.clear()
     t0 = time.perf_counter()

@@ -34,7 +34,9 @@ from pathlib import Path
 
 import torch
 
+from mlmtrain.config import MODEL_SIZES
 from mlmtrain.errors import UserError
+from mlmtrain.files import Layout, folder_state, read_marker, refuse_unless_mine, write_marker
 
 SECTIONS = ("ceilings", "mask", "model", "train", "sweep")
 OPTIONAL_SECTIONS = ("ablation",)
@@ -118,6 +120,10 @@ def command_line(args) -> str:
     return " ".join(parts)
 
 
+# --work: data, runs and checkpoints the bench makes and remakes; a run in it is deleted only if it holds nothing else
+WORK_LAYOUT = Layout("bench-work", "a benchmark's work folder", "mlmtrain bench --work", ("**",), ())
+
+
 def check_args(args) -> list[str]:
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     known = (*SECTIONS, *OPTIONAL_SECTIONS)
@@ -137,8 +143,12 @@ def check_args(args) -> list[str]:
             if not values or min(values) < 1:
                 raise UserError(f"--{flag.replace('_', '-')} takes positive integers separated by commas, got {text!r}")
             setattr(args, flag, values)
-    if args.time_limit < 0:
-        raise UserError(f"--time-limit must be >= 0 seconds, got {args.time_limit:g}")
+    if not 0 <= args.time_limit < float("inf"):  # nan too
+        raise UserError(f"--time-limit must be a number of seconds >= 0 (0 = none), got {args.time_limit:g}")
+    if args.size is not None and args.size not in MODEL_SIZES:
+        raise UserError(f"--size must be one of {', '.join(MODEL_SIZES)}, got {args.size!r}")
+    if args.sweep_caps and not all(3 <= cap <= 512 for cap in args.sweep_caps):
+        raise UserError(f"--sweep-caps are sequence caps from 3 to 512 (BERT's positions), got {args.sweep_caps}")
     if args.remeasure and not args.merge:
         raise UserError("--remeasure names rows of an earlier report to measure again: add --merge")
     for flag in ("remeasure", "skip"):
@@ -392,6 +402,12 @@ def main(args) -> int:
     previous = read_previous(out / "results.json") if args.merge else None
     own_work = args.work is None
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlmtrain_bench_"))
+    if not own_work:  # new, empty or an earlier bench's --work: the bench deletes and rewrites in it
+        state, made_by = folder_state(work, WORK_LAYOUT)
+        state = "foreign" if state == "mine" and read_marker(work) is None else state  # no unmarked ones: it is new
+        refuse_unless_mine(work, WORK_LAYOUT, state, made_by, "--work")
+        work.mkdir(parents=True, exist_ok=True)
+        write_marker(work, WORK_LAYOUT)
     bench = Bench(args, sections, work, previous)
     results = {
         "command": bench.command,

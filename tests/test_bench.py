@@ -526,6 +526,31 @@ def test_remeasure_and_skip_name_ablation_rows(tmp_path, capsys, flags, message)
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--size", "huge"], "--size must be one of tiny, mini, small, base, large, got 'huge'"),
+        (["--sweep-caps", "2,128"], "--sweep-caps are sequence caps from 3 to 512"),
+        (["--time-limit", "nan"], "--time-limit must be a number of seconds >= 0"),
+        (["--work", "WORK/notes.txt"], "--work WORK/notes.txt is a file, not a folder."),
+        (["--work", "WORK"], "--work WORK is not empty and was not made by `mlmtrain bench --work`"),
+    ],
+)
+def test_bench_flags_and_its_work_folder_are_checked_before_any_work(tmp_path, capsys, flags, message):
+    """--work is a folder the bench deletes runs in: only a new, empty or earlier bench's one (marked) is taken, a
+    user's folder or file never; every flag is one sentence before any section runs (exit 2, no report)."""
+    from mlmtrain.cli import main
+
+    (tmp_path / "WORK").mkdir()
+    (tmp_path / "WORK" / "notes.txt").write_text("mine")
+    flags = [f.replace("WORK", str(tmp_path / "WORK")) for f in flags]
+    out = tmp_path / "out"
+    assert main(["bench", "--out", str(out), "--quick", "--device", "cpu", "--sections", "ceilings", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("WORK", str(tmp_path / "WORK")) in err and "Traceback" not in err
+    assert not (out / "results.json").exists() and (tmp_path / "WORK" / "notes.txt").read_text() == "mine"
+
+
 def test_ablation_rows_past_the_budget_are_skipped_and_say_so(tmp_path):
     from mlmtrain.benchmarks.bench_ablation import SKIPPED, SKIPPED_BY_FLAG, Ablation
     from mlmtrain.benchmarks.synthetic_data import make_synthetic_data
