@@ -190,6 +190,17 @@ def test_files_named_like_ours_are_not_ours(made, tmp_path):
     assert files.foreign_files(demo, demo_layout()) == sorted(f"run/{name}" for name in user)
 
 
+def test_the_current_folder_as_out_is_refused_before_any_work(tmp_path, sample_corpus):
+    """`--out .` (or '') cannot be written by renaming a new folder into its place (the temporary sibling landed
+    inside it, and the tokenizer trained before the refusal): one sentence first, nothing written."""
+    empty = tmp_path / "here"
+    empty.mkdir()
+    for out in (".", ""):
+        done = run_cli("tokenizer", "--input", sample_corpus, "--out", out, cwd=empty)
+        assert_refused(done, "is the current folder: pass a folder in it, e.g. --out out.")
+    assert not any(empty.iterdir())
+
+
 def test_a_symbolic_link_as_out_is_refused_before_any_work(tmp_path):
     from mlmtrain.tokenizer import TOKENIZER_LAYOUT
 

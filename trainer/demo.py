@@ -73,7 +73,7 @@ def main(args) -> int:
     )
     # --force deletes an earlier demo only when every file in it is one the demo wrote, and none runs there: this
     # process holds the folder's lock until it ends
-    replace = check_out_folder(out, demo_layout(), replace=args.force, replace_flag="--force")
+    replace = check_out_folder(out, demo_layout(), replace=args.force, replace_flag="--force", renamed=False)
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out, print)  # noqa: F841 (held, not used)
     for child in out.iterdir() if replace else ():

@@ -282,12 +282,17 @@ def refuse_unless_mine(folder: Path, layout: Layout, state: str, made_by, flag: 
         )
 
 
-def check_out_folder(folder, layout: Layout, *, replace: bool, flag="--out", replace_flag="--overwrite") -> bool:
+def check_out_folder(
+    folder, layout: Layout, *, replace: bool, flag="--out", replace_flag="--overwrite", renamed: bool = True
+) -> bool:
     """May a command that writes `layout` write `folder`? Yes if it is absent or empty (returns False), or
     holds this kind, made by mlmtrain, with nothing else in it, and `replace` is set (returns True: it will be
     replaced). Everything else is refused with one sentence; a folder mlmtrain did not make never gets a
-    suggestion to force it."""
+    suggestion to force it. `renamed`: the command writes `folder` by renaming a new one into its place
+    (`atomic_dir`), so it cannot be the current folder."""
     folder = Path(folder)
+    if renamed and os.path.abspath(folder) == os.getcwd():  # written by a rename: away under the shell in it
+        raise UserError(f"{flag} {str(folder) or '.'} is the current folder: pass a folder in it, e.g. {flag} out.")
     if folder.is_symlink():  # a rename into place (or a delete) would act on the link, not where it points
         raise UserError(
             f"{flag} {folder} is a symbolic link: pass the folder it points to, {os.path.realpath(folder)}."
