@@ -23,7 +23,7 @@ def test_token_ids_below_vocab():
 
 def test_config_vocab_equals_tokenizer_vocab():
     check_vocab_match(2000, 2000)
-    with pytest.raises(UserError, match=r"vocab_size 30000 but the tokenizer has 2000 tokens: set vocab_size to 2000"):
+    with pytest.raises(UserError, match=r"vocab_size 30000 but the tokenizer has 2000 tokens: pass the tokenizer it"):
         check_vocab_match(30000, 2000)
     with pytest.raises(UserError, match=r"tokenizer has 2000 tokens but the token shards .* vocab of 2001"):
         check_tokenizer_vocab(2000, 2001)

@@ -163,7 +163,7 @@ def test_damaged_checkpoint_is_skipped(data_dir, tokenizer_dir, tmp_path, capsys
     data[len(data) // 2] ^= 0xFF  # flip a byte
     weights.write_bytes(bytes(data))
     assert ckpt.latest_checkpoint(run) == first
-    assert "model.safetensors does not match its sha256" in capsys.readouterr().out
+    assert "model.safetensors does not match its sha256" in capsys.readouterr().err
     os.truncate(first / "optimizer.safetensors", 100)  # truncated
     with pytest.raises(UserError, match="no complete checkpoint.*damaged or incomplete: train again into a new"):
         ckpt.latest_checkpoint(run)
@@ -172,6 +172,20 @@ def test_damaged_checkpoint_is_skipped(data_dir, tokenizer_dir, tmp_path, capsys
     with pytest.raises(UserError, match=f"saved none yet: `mlmtrain train --config {run / 'config.json'}` starts"):
         ckpt.latest_checkpoint(run)
     assert train(load_config(run / "config.json"))["steps"] == 4
+    # a training process that has not saved yet, a user's folder and a file are named for what they are
+    from mlmtrain.run_folder import RunLock
+
+    shutil.rmtree(run / "checkpoints")
+    lock = RunLock(run, print)
+    with pytest.raises(UserError, match=r"it is training \(pid \d+ .*first checkpoint comes at train.checkpoint_every"):
+        ckpt.latest_checkpoint(run)
+    lock.release()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(UserError, match="it is not a run folder of `mlmtrain train`"):
+        ckpt.latest_checkpoint(tmp_path / "mine")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="notes.txt is a file, not a run folder or a checkpoint folder"):
+        ckpt.latest_checkpoint(tmp_path / "notes.txt")
 
 
 def test_nan_steps_are_skipped_then_stop(data_dir, tokenizer_dir, tmp_path, monkeypatch):

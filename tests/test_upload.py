@@ -428,6 +428,12 @@ def test_broken_or_unverified_folder_is_refused_and_nothing_sent(hub, export_dir
     result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
     assert_clean_error(result, "not a complete, verified export")
     assert "README.md is missing" in result.stderr and "config.json is" in result.stderr
+    run = tmp_path / "run"  # not an export at all (a run folder, say): one sentence, not a list of every file
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    result = upload(tmp_path, "--folder", str(run), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "is not an export of `mlmtrain export`", "export a checkpoint first")
+    assert "\n  - " not in result.stderr
     assert hub.requests == []
 
 

@@ -254,9 +254,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for step, p in sorted((s, p) for s, p in found if s is not None)]  # by step: names pass 8 digits
 
 
-def latest_checkpoint(path: str | Path, log=print) -> Path:
+def warn(msg: str) -> None:
+    print(msg, file=sys.stderr)  # a warning: stdout is for results
+
+
+def latest_checkpoint(path: str | Path, log=warn) -> Path:
     """Resolve a checkpoint folder, or the newest *verified* checkpoint of a run folder. Damaged ones are
-    skipped with a message naming them."""
+    skipped with a message naming them (`log`, stderr by default)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
@@ -285,13 +289,19 @@ def latest_checkpoint(path: str | Path, log=print) -> Path:
                 log(f"skipping damaged checkpoint {ckpt}: {problem}")
         if not retired:
             break
-    run_config = path / "config.json"
+    from mlmtrain.run_folder import lock_holder
+
+    run_config, holder = path / "config.json", lock_holder(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a run folder or a checkpoint folder")
     if said or any((path / CHECKPOINTS).glob("step_*")):
         next_step = "every checkpoint there is damaged or incomplete: train again into a new --out"
+    elif holder:  # training, before its first save
+        next_step = f"it is training ({holder}): its first checkpoint comes at train.checkpoint_every or its end"
     elif run_config.is_file():  # a run killed before its first save starts again from its config (no --resume)
         next_step = f"the run saved none yet: `mlmtrain train --config {run_config}` starts it again"
     else:
-        next_step = f"train one first: `mlmtrain train --data DIR --tokenizer DIR --out {path}`"
+        next_step = "it is not a run folder of `mlmtrain train` (nor a checkpoint folder)"
     raise UserError(
         f"no complete checkpoint in {path} (expected {path / CHECKPOINTS}/step_*/ with a manifest.json); {next_step}"
     )
@@ -336,7 +346,7 @@ def read_checkpoint(ckpt: str | Path) -> tuple[dict[str, torch.Tensor], dict, di
     return weights, config, state
 
 
-def read_latest(path: str | Path, log=print) -> tuple[Path, dict[str, torch.Tensor], dict, dict]:
+def read_latest(path: str | Path, log=warn) -> tuple[Path, dict[str, torch.Tensor], dict, dict]:
     """(checkpoint folder, weights, config.json, state.json) of `latest_checkpoint(path)`. A training process
     may retire that checkpoint between its check and its read (keep_checkpoints = 1): then the newer one it
     made way for is read instead."""

@@ -168,10 +168,10 @@ def load_model(source: str, tokenizer_dir=None):
 
     path = Path(source).expanduser()
     if path.is_dir() and ((path / MANIFEST).is_file() or (path / CHECKPOINTS).is_dir()):
-        ckpt, weights, saved, state = read_latest(path, log=lambda msg: print(msg, file=sys.stderr))
+        ckpt, weights, saved, state = read_latest(path)
         config = BertConfig.from_dict(saved["model"], f"checkpoint {ckpt} is damaged: its config.json")
         tokenizer_dir = tokenizer_dir or run_tokenizer_dir(ckpt, saved)
-        check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}")
+        check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}", shards=False)
         info = {"model": str(source), "kind": "checkpoint", "checkpoint": str(ckpt), "step": state.get("step")}
         info["layout"] = ((saved.get("run") or {}).get("data") or {}).get("layout", "flat")  # how it validated
     else:

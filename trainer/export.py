@@ -96,12 +96,12 @@ def export_folder(
     check_out_folder(out_dir, EXPORT_LAYOUT, replace=overwrite)
 
     # ---- inputs, checked before any work
-    ckpt, state_dict, run_config, state = read_latest(checkpoint, log=log)
+    ckpt, state_dict, run_config, state = read_latest(checkpoint)  # its warnings on stderr
     config = BertConfig.from_dict(run_config["model"], f"checkpoint {ckpt} is damaged: its config.json")
     tokenizer_dir = Path(tokenizer_dir or run_tokenizer_dir(ckpt, run_config))
     load_tokenizer(tokenizer_dir)  # checks the files and the special-token ids
-    check_vocab_match(config.vocab_size, len(read_vocab(tokenizer_dir)))
-    check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}")
+    check_vocab_match(config.vocab_size, len(read_vocab(tokenizer_dir)), f"checkpoint {ckpt}")
+    check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}", shards=False)
     model = BertForMaskedLM(config)
     model.load_hf_state_dict(state_dict)  # UserError on missing/unexpected keys or wrong shapes
     step = int(state.get("step", 0))

@@ -53,13 +53,13 @@ def check_token_ids(max_token_id: int, vocab_size: int, *, source: str = "the to
         raise UserError(f"{source} hold a negative token id ({max_token_id}): re-run `mlmtrain prepare`.")
 
 
-def check_vocab_match(config_vocab_size: int, tokenizer_vocab_size: int) -> None:
-    """The model's vocab must equal the tokenizer's, so every exported id decodes and no row is dead weight."""
+def check_vocab_match(config_vocab_size: int, tokenizer_vocab_size: int, what: str = "the model") -> None:
+    """The model's vocab must equal the tokenizer's, so every exported id decodes and no row is dead weight
+    (`what`: a trained model, such as a checkpoint, whose vocab_size is fixed)."""
     if config_vocab_size != tokenizer_vocab_size:
         raise UserError(
-            f"the model config has vocab_size {config_vocab_size} but the tokenizer has {tokenizer_vocab_size} "
-            f"tokens: set vocab_size to {tokenizer_vocab_size} (mlmtrain does this for you when the model is "
-            "built from the tokenizer), or pass the tokenizer the model was trained with."
+            f"{what} has vocab_size {config_vocab_size} but the tokenizer has {tokenizer_vocab_size} tokens: pass "
+            "the tokenizer it was trained with."
         )
 
 
@@ -103,10 +103,12 @@ def check_batch_layout(meta: dict, data_dir, tokens_per_batch: int, grad_accum: 
     longest segment (`tokens_per_batch` 0 = auto, decided later), a global batch shared evenly by `world`
     processes."""
     if meta["valid"]["sentences"] == 0:
-        raise UserError(
-            f"the shards in {data_dir} have no valid split to evaluate on: run `mlmtrain prepare` again with "
-            "--valid-fraction above 0"
+        fix = (
+            "give it more text: the corpus is one split unit (one document of a few sentences), all of it train"
+            if meta.get("valid_fraction", 0) > 0
+            else "run `mlmtrain prepare` again with --valid-fraction above 0"
         )
+        raise UserError(f"the shards in {data_dir} have no valid split to evaluate on: {fix}")
     if 0 < tokens_per_batch < meta["max_seq_len"]:
         raise UserError(
             f"--tokens-per-batch {tokens_per_batch} is below the shards' max_seq_len {meta['max_seq_len']}: a "

@@ -383,6 +383,9 @@ def shard_specials(meta: dict) -> SpecialTokens:
 def read_meta(data_dir) -> dict:
     """meta.json of a shard folder, checked for the keys and types every reader relies on."""
     path = Path(data_dir) / "meta.json"
+    if not Path(data_dir).is_dir():
+        raise UserError(f"{data_dir} {'is a file, not' if Path(data_dir).exists() else 'does not exist: pass'} a "
+                        "folder of token shards (`mlmtrain prepare` makes one).")  # fmt: skip
     if not path.is_file():
         raise UserError(f"{data_dir} holds no token shards (no meta.json); make them with `mlmtrain prepare`.")
     try:
@@ -414,13 +417,15 @@ def load_split(data_dir, split: str = "train", check: bool = True) -> TokenShard
     return shard
 
 
-def check_tokenizer_match(made_with: str | None, tokenizer_dir, what: str) -> None:
+def check_tokenizer_match(made_with: str | None, tokenizer_dir, what: str, shards: bool = True) -> None:
     """Refuse a tokenizer other than the one `what` was made with (`made_with`: its fingerprint): the same ids
-    would mean other tokens, and the model would decode garbage without any error."""
+    would mean other tokens, and the model would decode garbage without any error. `shards`: `what` is token
+    shards, which `prepare` can make again with this tokenizer (a trained model cannot be)."""
     if made_with and made_with != tokenizer_fingerprint(tokenizer_dir):
+        redo = ", or run `mlmtrain prepare` again with this one" if shards else ""
         raise UserError(
             f"{what} was made with another tokenizer than {tokenizer_dir} (fingerprint {made_with[:12]}): pass "
-            "the tokenizer folder it was made with, or run `mlmtrain prepare` again with this one."
+            f"the tokenizer folder it was made with{redo}."
         )
 
 

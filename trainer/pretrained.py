@@ -75,7 +75,9 @@ def locate(source, what: str = "--init-from", tokenizer_only: bool = False) -> P
             folder = Path(snapshot_download(source, allow_patterns=[*patterns, "pytorch_model.bin"]))
     except Exception as e:  # huggingface_hub raises its HTTP, not-found and offline errors, all with a message
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot download {source} from the Hugging Face Hub: {first_line}") from None
+        raise UserError(
+            f"{source} is no local folder, and it cannot be downloaded from the Hugging Face Hub: {first_line}"
+        ) from None
     return folder
 
 

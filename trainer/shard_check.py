@@ -62,7 +62,7 @@ def _dotted(d: dict, key: str):
 def open_npy(file: Path, dtype: np.dtype) -> np.ndarray:
     """A 1-D .npy of `dtype`, memory-mapped once its header and size agree (a truncated file is named)."""
     if not file.is_file():
-        raise UserError(f"{file} is missing; run `mlmtrain prepare` again.")
+        raise UserError(f"{file} is {'not a file' if file.exists() else 'missing'}; run `mlmtrain prepare` again.")
     try:
         with open(file, "rb") as f:
             version = np.lib.format.read_magic(f)

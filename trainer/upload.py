@@ -43,6 +43,11 @@ def main(args: argparse.Namespace) -> int:
             "lists): set HF_TOKEN, run `hf auth login`, or pass --token-file PATH"
         )
     folder = Path(args.folder)
+    if folder.is_dir() and not (folder / EXPORT_MANIFEST).is_file():  # not an export at all: one sentence
+        raise UserError(
+            f"{folder} is not an export of `mlmtrain export` (no {EXPORT_MANIFEST}); nothing was sent: export a "
+            f"checkpoint first (`mlmtrain export --checkpoint RUN --out DIR`) and upload DIR."
+        )
     problems = check_export_folder(folder)
     if not problems and read_manifest(folder).get("verified") is not True:
         problems.append(f"{EXPORT_MANIFEST} says the export was not verified by loading it with transformers")
@@ -128,7 +133,7 @@ def resolve_token(token_file: str | None) -> tuple[str | None, str]:
                 "(it would stay in shell history and process lists): write it to a file, or set HF_TOKEN"
             )
         if not path.is_file():
-            raise UserError(f"--token-file {path} does not exist")
+            raise UserError(f"--token-file {path} {'is not a file' if path.exists() else 'does not exist'}")
         try:
             token = path.read_text(encoding="utf-8").strip()
         except UnicodeDecodeError:
