@@ -135,8 +135,8 @@ def run_ours(
 
     from mlmtrain.config_load import load_config
     from mlmtrain.errors import UserError
-    from mlmtrain.files import folder_state, foreign_files
-    from mlmtrain.run_folder import RUN_LAYOUT, lock_holder
+    from mlmtrain.files import folder_state, foreign_files, lock_holder
+    from mlmtrain.run_folder import RUN_LAYOUT
     from mlmtrain.train import train
 
     dev = torch.device(device)

@@ -173,6 +173,10 @@ def test_whole_file_mistakes_are_one_sentence(tmp_path, tokenizer_dir, capsys):
         (["--input", str(tmp_path / "other.parquet"), "--dataset", "x"], "not both"),
         (["--dataset", str(tmp_path / "missing")], "cannot open dataset"),
         ([], "pass the corpus"),
+        (
+            ["--input", str(tmp_path / "other.jsonl"), str(tmp_path / ".." / tmp_path.name / "other.jsonl")],
+            "given twice",
+        ),
     ]
     for i, (args, message) in enumerate(cases):
         rc = cli_main(["prepare", *args, "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / f"o{i}")])

@@ -290,6 +290,10 @@ def test_user_mistakes_are_sentences(trained_run, tokenizer_dir, tmp_path, sampl
     with pytest.raises(UserError, match=f"vocab_size {trained_run[1].config.vocab_size} but the tokenizer has {size}"):
         export_folder(run_dir, other, tmp_path / "b", verify=False)
     assert not (tmp_path / "b").exists()  # nothing written on a failed check
+    with pytest.raises(UserError, match="--base-model takes a Hub model id like klue/bert-base, got 'not a hub id'"):
+        export_folder(run_dir, tokenizer_dir, tmp_path / "b", base_model="not a hub id", verify=False)
+    with pytest.raises(UserError, match="--license takes a license identifier like apache-2.0"):
+        export_folder(run_dir, tokenizer_dir, tmp_path / "b", license="my license", verify=False)
     rc = cli.main(
         [
             "export",

@@ -71,7 +71,7 @@ def test_overwrite_never_touches_another_kind_or_a_folder_it_did_not_make(made, 
     cases = [
         (["export", "--checkpoint", run, "--out", run, "--overwrite", "--no-verify"], None, "made by `mlmtrain train`"),
         (["export", "--checkpoint", run, "--out", tok, "--overwrite", "--no-verify"], None, "`mlmtrain tokenizer`"),
-        (["export", "--checkpoint", run, "--out", ".", "--overwrite", "--no-verify"], user, "not made by"),
+        (["export", "--checkpoint", run, "--out", ".", "--overwrite", "--no-verify"], user, "is the current folder"),
         (["prepare", "--input", corpus, "--tokenizer", tok, "--out", user, "--overwrite"], None, "not made by"),
         (["prepare", "--input", corpus, "--tokenizer", tok, "--out", tok, "--overwrite"], None, "`mlmtrain tokenizer`"),
         (["tokenizer", "--input", corpus, "--out", data, "--overwrite"], None, "made by `mlmtrain prepare`"),

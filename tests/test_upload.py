@@ -326,6 +326,9 @@ def test_bad_arguments(export_dir, tmp_path, capsys):
         (["--repo-id", "alice/tiny bert"], "is not NAME/REPO"),
         (["--repo-id", "alice/tiny-bert", "--create-pr", "--revision", "dev"], "cannot be combined with --revision"),
         (["--repo-id", "alice/tiny-bert", "--token-file", str(tmp_path / "nope")], "does not exist"),
+        (["--repo-id", "alice/tiny-bert", "--token-file", str(tmp_path)], "is not a file"),
+        (["--repo-id", "alice/tiny-bert", "--revision", ""], "--revision '' is not a branch name"),
+        (["--repo-id", "alice/tiny-bert", "--revision", "bad rev.."], "is not a branch name"),
     ]
     for extra, phrase in cases:
         assert main(base + extra) == 2

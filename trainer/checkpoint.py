@@ -37,7 +37,16 @@ from safetensors.torch import load_file, save_file
 
 from mlmtrain import parallel
 from mlmtrain.errors import UserError
-from mlmtrain.files import CHECKPOINTS, MANIFEST, atomic_dir, file_entries, manifest_problems, tmp_sibling, write_json
+from mlmtrain.files import (
+    CHECKPOINTS,
+    MANIFEST,
+    atomic_dir,
+    file_entries,
+    lock_holder,
+    manifest_problems,
+    tmp_sibling,
+    write_json,
+)
 from mlmtrain.model import SHAPE_FIELDS, BertConfig, drop_tied_aliases
 
 CHECKPOINT_FILES = (
@@ -289,8 +298,6 @@ def latest_checkpoint(path: str | Path, log=warn) -> Path:
                 log(f"skipping damaged checkpoint {ckpt}: {problem}")
         if not retired:
             break
-    from mlmtrain.run_folder import lock_holder
-
     run_config, holder = path / "config.json", lock_holder(path)
     if not path.is_dir():
         raise UserError(f"{path} is a file, not a run folder or a checkpoint folder")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mlmtrain.errors import UserError
-from mlmtrain.files import TMP, Layout, check_out_folder, write_json, write_marker
+from mlmtrain.files import LOCK, TMP, Layout, check_out_folder, write_json, write_marker
 
 WIDGET_TEXT = "대한민국의 주권은 [MASK]에게 있고, 모든 권력은 국민으로부터 나온다."
 
@@ -27,7 +27,7 @@ def demo_layout():
     """The demo's folder: its result, and one folder of each kind the pipeline makes."""
     from mlmtrain.export_check import EXPORT_LAYOUT
     from mlmtrain.prepare import SHARDS_LAYOUT
-    from mlmtrain.run_folder import LOCK, RUN_LAYOUT
+    from mlmtrain.run_folder import RUN_LAYOUT
     from mlmtrain.tokenizer import TOKENIZER_LAYOUT
 
     parts = (("tokenizer", TOKENIZER_LAYOUT), ("data", SHARDS_LAYOUT), ("run", RUN_LAYOUT), ("export", EXPORT_LAYOUT))
@@ -40,7 +40,7 @@ def main(args) -> int:
     from mlmtrain.config_load import load_config
     from mlmtrain.evaluate import perplexity, unigram_cross_entropy, unigram_entropy
     from mlmtrain.prepare import load_split, prepare
-    from mlmtrain.run_folder import LOCK, RunLock
+    from mlmtrain.run_folder import RunLock
     from mlmtrain.text import sample_corpus_path
     from mlmtrain.tokenizer import NUM_SPECIAL, TokenizerSettings, train_tokenizer
     from mlmtrain.train import train

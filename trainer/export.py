@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_f
 from mlmtrain.files import CHECKPOINTS, atomic_dir, check_out_folder, file_entries, file_mode, write_json
 from mlmtrain.preflight import check_vocab_match
 from mlmtrain.prepare import check_tokenizer_match
+from mlmtrain.pretrained import HUB_ID
 from mlmtrain.tokenizer import SPECIAL_TOKENS_MAP
 from mlmtrain.tokenizer_folder import (
     load_tokenizer,
@@ -85,6 +87,10 @@ def export_folder(
     if dtype not in PRECISIONS:
         raise UserError(f"--dtype must be one of {', '.join(PRECISIONS)}, not {dtype!r}.")
     refuse_tokens(name=name, language=language, widget_text=widget_texts, license=license, base_model=base_model)
+    if base_model is not None and not HUB_ID.fullmatch(base_model):
+        raise UserError(f"--base-model takes a Hub model id like klue/bert-base, got {base_model!r}")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*", license):
+        raise UserError(f"--license takes a license identifier like apache-2.0, mit or other, got {license!r}")
     languages = parse_languages(language)
     extra = read_card_extra(card_extra) if card_extra else None
     refuse_tokens(card_extra=extra)

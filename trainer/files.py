@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import fnmatch
 import hashlib
 import json
@@ -46,6 +47,7 @@ MANIFEST = "manifest.json"
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 # hidden siblings: `.tmp_{name}_{host}_{pid}` (being written), `.mlmtrain-old_{name}_{host}_{pid}` (moved aside)
 TMP_PREFIX, OLD_PREFIX = ".tmp_", ".mlmtrain-old_"
+LOCK = ".mlmtrain.lock"  # flock-ed by the process that trains (or runs a demo) in the folder (run_folder.RunLock)
 MARKER = ".mlmtrain.json"  # {"kind", "made_by", "mlmtrain_version", "created"} in every folder mlmtrain makes
 # the host has no "_" (`_host`), so the last two fields are host and pid and the name is all before them
 _TMP_NAME = re.compile(r"\.(?P<kind>tmp|mlmtrain-old)_(?P<name>.+)_(?P<host>[A-Za-z0-9.-]+)_(?P<pid>\d+)")
@@ -267,6 +269,29 @@ def foreign_files(folder: Path, layout: Layout) -> list[str]:
             if path != MARKER and not (any(owned(path, p) for p in layout.owns) and _siblings_owned(layout, path)):
                 foreign.append(path)
     return sorted(foreign)
+
+
+def holder_of(fd: int) -> str:
+    """What the lock file open as `fd` says of the process holding it."""
+    return os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "it has not said who it is yet"
+
+
+def lock_holder(run_dir: Path) -> str | None:
+    """Who holds the run folder's lock, or None if no process does. Only looks: a shared lock, taken and
+    dropped at once, conflicts with the holder's exclusive one (and needs no write access, even over NFS)."""
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return holder_of(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
 
 
 def refuse_unless_mine(folder: Path, layout: Layout, state: str, made_by, flag: str = "--out") -> None:

@@ -35,11 +35,14 @@ from mlmtrain.config import RunConfig
 from mlmtrain.config_load import config_from_dict
 from mlmtrain.errors import UserError
 from mlmtrain.files import (
+    LOCK,
     MARKER,
     TMP,
     WRITE_ERRNOS,
     Layout,
     folder_state,
+    holder_of,
+    lock_holder,
     owns_name,
     read_marker,
     refuse_unless_mine,
@@ -48,7 +51,6 @@ from mlmtrain.files import (
     write_marker,
 )
 
-LOCK = ".mlmtrain.lock"
 PROFILE_FILES = ("trace*.json", "categories*.json", "phases*.json", "memory_snapshot*.pickle")  # profiling.py
 # what `train` writes in RUN (W&B's folder is all W&B's); a user's file among them makes the folder not ours
 RUN_FILES = (
@@ -86,7 +88,7 @@ class RunLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = _holder(self.fd)
+            holder = holder_of(self.fd)
             self.release()
             raise in_use(run_dir, holder) from None
         except OSError as e:
@@ -105,32 +107,10 @@ class RunLock:
             self.fd = None
 
 
-def _holder(fd: int) -> str:
-    return os.pread(fd, 1024, 0).decode("utf-8", "replace").strip() or "it has not said who it is yet"
-
-
 def in_use(run_dir: Path, holder: str) -> UserError:
     return UserError(
         f"{run_dir} is in use by another training process ({holder}): wait for it to end, or choose another --out."
     )
-
-
-def lock_holder(run_dir: Path) -> str | None:
-    """Who holds the run folder's lock, or None if no process does. Only looks: a shared lock, taken and
-    dropped at once, conflicts with the holder's exclusive one (and needs no write access, even over NFS)."""
-    try:
-        fd = os.open(run_dir / LOCK, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _holder(fd)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return None
 
 
 @dataclass

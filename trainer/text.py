@@ -105,6 +105,11 @@ def check_inputs(inputs) -> list[Path]:
             raise UserError(f"input file {path} is empty.")
         if path.suffix == ".parquet":
             import_pyarrow(path)
+    firsts = {}
+    for path in paths:  # the same text twice would be counted twice, and could land in train and valid both
+        first = firsts.setdefault(path.resolve(), path)
+        if first is not path:
+            raise UserError(f"input file {path} is given twice (also as {first}); pass each file once.")
     return paths
 
 

@@ -31,6 +31,12 @@ from mlmtrain.progress import bars_enabled
 TOKENS_URL = "https://huggingface.co/settings/tokens"
 
 
+def _branch_name(name: str) -> bool:
+    """A name git takes for a branch, conservatively (no '..', '//', trailing '/', '.' or '.lock')."""
+    plain = re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._/-]*", name) is not None
+    return plain and ".." not in name and "//" not in name and not name.endswith(("/", ".", ".lock"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------
@@ -58,6 +64,8 @@ def main(args: argparse.Namespace) -> int:
     _check_repo_id(args.repo_id)
     if args.create_pr and args.revision not in (None, "main"):
         raise UserError("--create-pr opens a pull request against main; it cannot be combined with --revision")
+    if args.revision is not None and not _branch_name(args.revision):
+        raise UserError(f"--revision {args.revision!r} is not a branch name (letters, digits, '-', '_', '.', '/')")
     manifest = read_manifest(folder)
     files = sorted(manifest["files"])
     message = args.commit_message or default_commit_message(manifest)
