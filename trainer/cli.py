@@ -280,7 +280,7 @@ def bench_args(p) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="CPU-sized smoke run: tiny model, small batches, no torch.compile (~90 s on 2 cores)",
+        help="CPU-sized smoke run: tiny model, small batches, no torch.compile (16 s on 2 CPU cores)",
     )
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available, else cpu")
     p.add_argument(
