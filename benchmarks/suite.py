@@ -18,7 +18,7 @@ report; the others still run. --time-limit keeps a scripted run inside a wall-cl
 sweep point that would start past it is recorded as skipped, never silently dropped. results.json is
 rewritten after every section, so a run killed from outside still leaves what it measured.
 
-`--quick` is a CPU-sized smoke run (tiny model, small batches, no torch.compile; about a minute and a half
+`--quick` is a CPU-sized smoke run (tiny model, small batches, no torch.compile; 16 s
 on 2 cores): CI runs it and checks the report's schema, and users without a GPU can try the tool.
 """
 
