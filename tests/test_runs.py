@@ -231,23 +231,42 @@ def test_the_first_window_after_a_resume_counts_its_non_finite_steps(data_dir, t
     assert summary["exit_code"] == 3 and summary["bad_steps"] == 1 and summary["steps"] == 4
 
 
-def test_metrics_hold_every_step_once_across_a_crash_and_a_resume(data_dir, tokenizer_dir, tmp_path, monkeypatch):
-    """Checkpoints at 2 and 4, a crash at step 6, a line torn by the crash: the resume from step 4 drops rows 5
-    and the torn line, and the file ends as the uninterrupted run's, loss for loss."""
-    settings = {"train.log_every": 1, "train.checkpoint_every": 2, "train.max_steps": 6}
+@pytest.mark.parametrize(
+    "log_every, checkpoint_every, saved, before, logged",
+    [(1, 2, [2, 4], [1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6]), (2, 3, [3], [2, 3, 4], [2, 3, 4, 6])],
+)
+def test_metrics_hold_every_step_once_across_a_crash_and_a_resume(
+    data_dir, tokenizer_dir, tmp_path, monkeypatch, log_every, checkpoint_every, saved, before, logged
+):
+    """A crash at step 6, a line torn by the crash: the resume from the last checkpoint drops the rows after it and
+    the torn line, and the file ends as the uninterrupted run's, loss for loss. A window closes at every save, so
+    a checkpoint between log steps (3 here, logging every 2) has its row: the resume redoes whole windows."""
+    settings = {"train.log_every": log_every, "train.checkpoint_every": checkpoint_every, "train.max_steps": 6}
     straight = train(config(data_dir, tokenizer_dir, tmp_path / "straight", **settings))
     run = tmp_path / "run"
     faults.crash_at(monkeypatch.setattr, 0, 6)
     with pytest.raises(RuntimeError, match="test crash"):
         train(config(data_dir, tokenizer_dir, run, **settings))
     monkeypatch.undo()
-    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows(run)] == before
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "loss": 1.')  # a kill in the middle of a line
-    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step_00000002", "step_00000004"]
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == [f"step_{s:08d}" for s in saved]
     train(config(data_dir, tokenizer_dir, run, **settings), resume="auto")
     assert [(r["step"], r["loss"]) for r in rows(run) if "loss" in r] == straight["losses"]
-    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4, 5, 6, 6]  # the last: the final evaluation
+    assert [r["step"] for r in rows(run)] == [*logged, 6]  # the last: the final evaluation
+
+
+def test_an_eval_or_a_save_closes_the_log_window_so_its_time_is_in_none(data_dir, tokenizer_dir, tmp_path):
+    """A window restarts its clock after an eval or a save: if it did not close first, the steps it held before
+    lost their time but kept their tokens (tokens/s doubled at eval_every 2, log_every 4): so a window closes at
+    every log step, eval and save."""
+    settings = {"train.log_every": 4, "train.eval_every": 2, "train.checkpoint_every": 3, "train.max_steps": 8}
+    train(config(data_dir, tokenizer_dir, tmp_path / "run", **settings))
+    training = [r for r in rows(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in training] == [2, 3, 4, 6, 8]  # log steps 4, 8; evals 2, 4, 6, 8; saves 3, 6
+    evals = [r["step"] for r in rows(tmp_path / "run") if "valid_loss" in r]
+    assert evals == [2, 4, 6, 8]
 
 
 @pytest.mark.slow

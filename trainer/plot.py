@@ -105,6 +105,10 @@ def plot(run_dir: Path, out: Path) -> Path:
 
 def main(args) -> int:
     run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(
+            f"{run_dir} is {'a file' if run_dir.exists() else 'missing'}: pass a run folder of `mlmtrain train`"
+        )
     out = plot(run_dir, Path(args.out) if args.out else run_dir / "curves.png")
     print(f"wrote {out}")
     return 0

@@ -241,8 +241,9 @@ def resume_step(start: Path, cfg: RunConfig, allow_change: bool, lr_at, log) -> 
                 f"learning-rate schedule from step {step} on: pass --change-max-steps to accept it, or --max-steps "
                 f"{old}."
             )
+        rising = "rising through its warmup, then " if lr_at(step + 1, cfg) > lr_at(step, cfg) else ""
         log(f"max_steps {old} -> {new}: from step {step} the learning rate follows the new schedule "
-            f"({lr_at(step, saved):.3g} -> {lr_at(step, cfg):.3g} now, decaying until step {new})")  # fmt: skip
+            f"({lr_at(step, saved):.3g} -> {lr_at(step, cfg):.3g} now, {rising}decaying until step {new})")  # fmt: skip
     run = start.parent.parent if start.parent.name == CHECKPOINTS else start
     if step >= new and run.resolve() != Path(cfg.out_dir).resolve():  # a new run in --out, from another's step
         raise UserError(

@@ -125,15 +125,17 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
             # stop and timed-save decisions: one process takes them at any step; several take them together at
             # log steps only, from the requests all-reduced there
             stop_now, time_due = (stopper.requested, timed) if world == 1 else (None, False)
-            if step % t.log_every == 0 or last or stop_now:
+            eval_cadence = t.eval_every and step % t.eval_every == 0
+            save_every = t.checkpoint_every and step % t.checkpoint_every == 0
+            # windows close at log steps and before evals and saves: those are in no window, a resume redoes whole ones
+            if step % t.log_every == 0 or last or stop_now or eval_cadence or save_every or time_due:
                 # sync: the window's device numbers in one transfer (and, with several processes, one all-reduce);
                 # with train.async_log_reads the transfer is read one window later (the window before is logged)
                 closed, (stop_now, time_due) = window.close(step, lr, last, stopper.requested, timed)
                 stopper.requested = stopper.requested or stop_now
                 for w in closed:
                     stop_reason = record_window(run, w, history, bar) or stop_reason
-            eval_cadence = t.eval_every and step % t.eval_every == 0
-            save_cadence = (t.checkpoint_every and step % t.checkpoint_every == 0) or time_due
+            save_cadence = save_every or time_due
             if last or stop_now or stop_reason or eval_cadence or save_cadence:  # the device will be waited for
                 for w in window.flush():  # async_log_reads: the window still in flight, read now
                     stop_reason = record_window(run, w, history, bar) or stop_reason
