@@ -222,11 +222,11 @@ def test_a_malformed_manifest_or_state_is_a_damaged_checkpoint(data_dir, tokeniz
     args = ["export", "--checkpoint", run, "--tokenizer", tokenizer_dir, "--out", tmp_path / "x", "--no-verify"]
     done = in_process(capsys, *args)
     assert done.returncode == 0, done.stderr
-    assert "skipping damaged checkpoint" in done.stdout and "exported step 1" in done.stdout
+    assert "skipping damaged checkpoint" in done.stderr and "exported step 1" in done.stdout  # a warning: stderr
     assert "Traceback" not in done.stdout + done.stderr
     done = in_process(capsys, "export", "--checkpoint", run, "--out", tmp_path / "y", "--no-verify")  # its tokenizer
     assert done.returncode == 0 and "exported step 1" in done.stdout, done.stderr
-    assert [done.stdout.count(f"skipping damaged checkpoint {ckpt}:") for ckpt in (step3, step2)] == [1, 1]
+    assert [done.stderr.count(f"skipping damaged checkpoint {ckpt}:") for ckpt in (step3, step2)] == [1, 1]
 
 
 def test_eval_checks_every_batch_for_ids_the_sample_missed(data_dir, shards, tokenizer_dir, tmp_path, monkeypatch,
