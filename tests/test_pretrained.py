@@ -198,21 +198,21 @@ def test_unsupported_settings_are_refused_by_name(tmp_path, key, value):
 def test_init_from_refuses_a_shape_setting_and_the_model_flag(tmp_path, capsys):
     """A shape setting beside init_from is refused however it is given, its default value too (it would be
     ignored); a run's own config.json, which omits them, resumes."""
-    with pytest.raises(UserError, match="model.hidden_size=64 cannot be combined with model.init_from"):
+    with pytest.raises(UserError, match="model.hidden_size=64, from a flag, cannot be combined with model.init_from"):
         load_config(None, {"model.init_from": "x/y", "model.hidden_size": 64})
     for sets in (["model.size=tiny"], ["model.type_vocab_size=2"], ["model.layer_norm_eps=1e-12"]):
-        with pytest.raises(UserError, match=f"model.{sets[0].split('=')[0][6:]}=.* cannot be combined"):
+        with pytest.raises(UserError, match=f"model.{sets[0].split('=')[0][6:]}=.*, from --set, cannot be combined"):
             load_config(None, {"model.init_from": "x/y"}, sets)
     toml = tmp_path / "run.toml"
     toml.write_text('[model]\nsize = "tiny"\ninit_from = "x/y"\n')
-    with pytest.raises(UserError, match="model.size=tiny .--model. cannot be combined"):
+    with pytest.raises(UserError, match="model.size=tiny .--model., from the config file .*run.toml, cannot be"):
         load_config(toml)
     saved = load_config(None, {"model.init_from": "x/y", "out_dir": str(tmp_path / "run")})
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved.to_dict()))
     assert load_config(tmp_path / "run" / "config.json").model.init_from == "x/y"
     rc = cli.main(["train", "--init-from", "x/y", "--model", "base", "--data", "d", "--out", str(tmp_path)])
-    assert rc == 2 and "model.size=base (--model) cannot be combined" in capsys.readouterr().err
+    assert rc == 2 and "model.size=base (--model), from a flag, cannot be combined" in capsys.readouterr().err
 
 
 def test_custom_shape_from_the_config(data_dir, tokenizer_dir, tmp_path):

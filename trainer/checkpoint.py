@@ -273,6 +273,8 @@ def latest_checkpoint(path: str | Path, log=warn) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist")
+    if not path.is_dir():
+        raise UserError(f"{path} is a file, not a run folder or a checkpoint folder")
     if (path / MANIFEST).is_file() or (path / "model.safetensors").is_file():
         if not (path / MANIFEST).is_file() and _is_transformers_folder(path):
             raise UserError(
@@ -299,8 +301,6 @@ def latest_checkpoint(path: str | Path, log=warn) -> Path:
         if not retired:
             break
     run_config, holder = path / "config.json", lock_holder(path)
-    if not path.is_dir():
-        raise UserError(f"{path} is a file, not a run folder or a checkpoint folder")
     if said or any((path / CHECKPOINTS).glob("step_*")):
         next_step = "every checkpoint there is damaged or incomplete: train again into a new --out"
     elif holder:  # training, before its first save

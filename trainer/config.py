@@ -181,9 +181,9 @@ def _comment(source: str, name: str) -> str:
 # ---------------------------------------------------------------------------------------------------- validation
 
 
-def validate(cfg: RunConfig, given: set[str] | frozenset = frozenset()) -> RunConfig:
+def validate(cfg: RunConfig, given: dict[str, str] | None = None) -> RunConfig:
     """Every value checked once, here: one sentence naming the key, the value and what is allowed. `given`: the
-    dotted keys a file, flag or --set gave (config_load.load_config), so that one given its default still counts."""
+    dotted keys a file, flag or --set gave, and which (config_load.load_config): one given at its default counts."""
     m, d, k, o, t = cfg.model, cfg.data, cfg.mask, cfg.optim, cfg.train
     _one_of("model.size", m.size, MODEL_SIZES)
     _within("model.dropout", m.dropout, 0.0, 1.0, "in [0, 1)", high_open=True)
@@ -200,10 +200,12 @@ def validate(cfg: RunConfig, given: set[str] | frozenset = frozenset()) -> RunCo
             f"{dims['num_attention_heads']}: pick a head count that divides it"
         )
     for key in ("size", *INIT_FROM_KEYS) if m.init_from else ():
-        if f"model.{key}" in given or getattr(m, key) != getattr(ModelSpec, key):
+        source = (given or {}).get(f"model.{key}", "")
+        if source or getattr(m, key) != getattr(ModelSpec, key):
+            named = f"model.{key}={getattr(m, key)}" + (" (--model)" if key == "size" else "")
             raise UserError(
-                f"model.{key}={getattr(m, key)}{' (--model)' if key == 'size' else ''} cannot be combined with "
-                "model.init_from (--init-from): the model's shape comes from its config.json"
+                f"{named}{f', from {source},' if source else ''} cannot be combined with model.init_from "
+                "(--init-from): the model's shape comes from its config.json"
             )
     _one_of("model.attention", m.attention, ("auto", "varlen", "sdpa", "flex", "triton"))
     _one_of("model.residual_dtype", m.residual_dtype, ("fp32", "compute"))

@@ -28,7 +28,7 @@ def load_config(
     `validate`. `toml_path` may be a run folder's config.json (to resume: the run is where that file is, not
     where the file says it was) or a packaged config's name. Paths are made absolute, so a run's config.json
     works from any working directory."""
-    cfg, given = RunConfig(), set()
+    cfg, given = RunConfig(), {}  # dotted key -> where it was given
     if toml_path:
         path = resolve_config_path(toml_path)
         is_run_config = path.suffix == ".json"  # a run folder's resolved config.json (e.g. to resume a run)
@@ -41,17 +41,17 @@ def load_config(
         if is_run_config:  # what a run saved is its own, not given again (it omits what its init_from decides)
             cfg.out_dir = str(path.resolve().parent)
         else:
-            given |= {dotted for dotted, _ in _flatten(table)}
+            given |= {dotted: f"the config file {path}" for dotted, _ in _flatten(table)}
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set(cfg, dotted, value)
-            given.add(dotted)
+            given[dotted] = "a flag"
     for item in sets or []:
         if "=" not in item:
             raise UserError(f"--set takes key=value (e.g. optim.lr=3e-4), got {item!r}")
         dotted, value = item.split("=", 1)
         _set(cfg, dotted.strip(), value)
-        given.add(dotted.strip())
+        given[dotted.strip()] = "--set"
     for spec, key in ((cfg, "out_dir"), (cfg.data, "data_dir"), (cfg.data, "tokenizer_dir")):
         if getattr(spec, key):
             setattr(spec, key, os.path.abspath(os.path.expanduser(getattr(spec, key))))

@@ -76,9 +76,11 @@ def main(args) -> int:
     replace = check_out_folder(out, demo_layout(), replace=args.force, replace_flag="--force", renamed=False)
     out.mkdir(parents=True, exist_ok=True)
     lock = RunLock(out, print)  # noqa: F841 (held, not used)
-    for child in out.iterdir() if replace else ():
-        if child.name != LOCK:
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    for child in out.iterdir() if replace else ():  # all the demo's own (check_out_folder); the lock stays held
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        elif child.name != LOCK:
+            child.unlink()
     write_marker(out, demo_layout())
     corpus = sample_corpus_path()
     t0 = time.time()
