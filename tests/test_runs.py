@@ -211,6 +211,27 @@ def test_signals_save_and_exit_130_and_a_non_finite_stop_exits_3(data_dir, token
     assert "consecutive non-finite steps" in json.loads((tmp_path / "nan" / "summary.json").read_text())["stopped_by"]
 
 
+def test_a_closed_output_stops_after_the_step_saved_and_exits_141(data_dir, tokenizer_dir, tmp_path):
+    """`mlmtrain train ... | head`: the reader goes away; the run must not die unsaved at its next line."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mlmtrain.cli", *map(str, train_args(data_dir, tokenizer_dir, run, 5000))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not proc.stdout.readline().startswith("step 1:"):
+            pass
+        proc.stdout.close()  # as `head` exits
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 141, err
+    assert "Traceback" not in err and "the output was closed" in err and "exit 141" in err, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["exit_code"] == 141 and summary["stopped_by"] == "SIGPIPE"
+    assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(run)) is None
+    assert summary["steps"] < 5000 and ckpt.latest_checkpoint(run).name == f"step_{summary['steps']:08d}"
+
+
 def config(data_dir, tokenizer_dir, out, **overrides):
     base = {"out_dir": str(out), "data.data_dir": str(data_dir), "data.tokenizer_dir": str(tokenizer_dir),
             "model.size": "tiny", "data.tokens_per_batch": 1024, "train.eval_every": 0, "train.eval_batches": 1,

@@ -6,18 +6,21 @@
          good weights saved
     130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM (or, under torchrun, a signal to another rank): the step
          finished, a checkpoint was saved, `--resume` continues; a second signal exits at once, unsaved
+    141  stopped because its standard output or error was closed (`mlmtrain train ... | head`): the same stop
+         as a signal's, after the step, saved; later lines go nowhere
 
 A second signal exits without cleaning up; the next start removes what it left half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 
 EXIT_NON_FINITE = 3
-EXIT_SIGNAL = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
+EXIT_SIGNAL = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM, "SIGPIPE": 128 + signal.SIGPIPE}
 
 
 def exit_code(stopped_by_signal: str | None, stop_reason: str | None) -> int:
@@ -29,11 +32,13 @@ def exit_code(stopped_by_signal: str | None, stop_reason: str | None) -> int:
 
 
 class StopSignal:
-    """First SIGTERM/SIGINT: finish the step, save, exit. Second: exit at once."""
+    """First SIGTERM/SIGINT, or output closed under `guard_output` ("SIGPIPE"): finish the step, save, exit.
+    Second signal: exit at once."""
 
     def __init__(self):
-        self.requested = None
+        self.requested = "SIGPIPE" if _output["closed"] else None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        _output["listeners"].append(self)
 
     def _handle(self, signum, frame):
         if self.requested is not None:
@@ -46,3 +51,56 @@ class StopSignal:
     def restore(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        _output["listeners"].remove(self)
+
+
+_output = {"closed": False, "listeners": []}  # guard_output's state: listeners are the live StopSignals
+
+
+class _Guarded:
+    """sys.stdout or sys.stderr under `guard_output`: the first BrokenPipeError points the file descriptor at
+    /dev/null (what the stream still buffers, and every later line, goes there) and asks for a stop."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def _closed(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+        first, _output["closed"] = not _output["closed"], True
+        for stopper in _output["listeners"]:
+            stopper.requested = stopper.requested or "SIGPIPE"
+        if first:  # to the other stream, if it is still open (a closed one drops it the same way)
+            other = sys.stderr if self is sys.stdout else sys.stdout
+            print("\nmlmtrain train: the output was closed (the reader of its pipe went away): finishing this step "
+                  "and saving a checkpoint; exit 141", file=other)  # fmt: skip
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's own
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def guard_output():
+    """While inside: a closed stdout or stderr stops a training run as SIGPIPE would stop a plain program, but
+    after the step and with a checkpoint (exit 141), instead of killing it unsaved at its next line."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Guarded(sys.stdout), _Guarded(sys.stderr)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+        _output["closed"] = False

@@ -49,7 +49,7 @@ from mlmtrain.prepare import SPLITS, check_tokenizer_match, load_split, read_met
 from mlmtrain.pretrained import check_tokenizer_fits, hub_id, locate, read_pretrained
 from mlmtrain.profiling import no_phase, start_profiler
 from mlmtrain.progress import StepProgress, quiet
-from mlmtrain.stop import StopSignal, exit_code
+from mlmtrain.stop import StopSignal, exit_code, guard_output
 from mlmtrain.tokenizer_folder import read_vocab, transformers_casing_problem
 
 
@@ -483,7 +483,7 @@ def evaluate(run: Run) -> dict:
 
 def main(args) -> int:
     """Exit code: 0 trained to max_steps (or already there); 2 refused with one sentence; 3 stopped by
-    non-finite steps; 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint."""
+    non-finite steps; 130/143/141 stopped by SIGINT/SIGTERM/a closed output after saving a checkpoint."""
     cfg = load_config(args.config, flag_overrides(args), args.set)
     if args.nproc is not None and "LOCAL_RANK" not in os.environ:
         if args.nproc < 1:
@@ -492,9 +492,9 @@ def main(args) -> int:
         run_folder.check_run_folder(Path(cfg.out_dir), args.resume, start_check(cfg, meta, vocab))
         if args.nproc > 1:
             return parallel.exec_torchrun(args.nproc)
-    with parallel.name_failing_rank(), run_folder.write_failures_said(cfg.out_dir):
+    with parallel.name_failing_rank(), run_folder.write_failures_said(cfg.out_dir), guard_output():
         summary = train(cfg, resume=args.resume, change_max_steps=args.change_max_steps)
-    if parallel.rank() == 0:
-        print(closing_lines(Path(cfg.out_dir), summary))
+        if parallel.rank() == 0:
+            print(closing_lines(Path(cfg.out_dir), summary))
     parallel.shutdown()
     return summary["exit_code"]
