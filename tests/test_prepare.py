@@ -324,7 +324,8 @@ def test_cli_prepare(tmp_path, sample_corpus, tokenizer_dir, capsys):
     assert rc == 0
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["valid_fraction"], meta["max_seq_len"], meta["seed"]) == (0.1, 64, 5)
-    assert "wrote" in capsys.readouterr().err
+    out_text = capsys.readouterr()
+    assert out_text.out.startswith(f"wrote {out}: train ") and "wrote" not in out_text.err  # the result: stdout
     shutil.rmtree(out)
 
 

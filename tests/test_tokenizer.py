@@ -181,6 +181,13 @@ def test_limit_alphabet_reports_dropped_characters(tmp_path, capsys):
     corpus.write_text("가나다라마바사아자차카타파하 " * 5 + "\n희귀\n", encoding="utf-8")
     train_tokenizer([corpus], tmp_path / "tok", TokenizerSettings(vocab_size=100, limit_alphabet=10))
     assert "outside limit_alphabet=10" in capsys.readouterr().err
+    # --quiet drops the bar and the settings line only: the result on stdout, the notes on stderr
+    argv = ["tokenizer", "--input", str(corpus), "--out", str(tmp_path / "q"), "--vocab-size", "100",
+            "--limit-alphabet", "10", "--quiet"]  # fmt: skip
+    assert cli_main(argv) == 0
+    said = capsys.readouterr()
+    assert said.out.startswith("trained a WordPiece vocabulary of ") and "settings:" not in said.err
+    assert "outside limit_alphabet=10" in said.err and "trained" not in said.err
 
 
 def test_bad_input_gives_clear_errors(tmp_path, tokenizer_dir, capsys):

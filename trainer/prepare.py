@@ -316,12 +316,12 @@ def _progress_bar(total_bytes: int, enabled: bool):
 
 
 def _report(meta: dict, out_dir: Path, total_bytes: int | None) -> None:
+    """The result line on stdout, the notes on stderr."""
     tr, va, s = meta["train"], meta["valid"], meta["seconds"]
     speed = f"{total_bytes / 1e6 / s:.1f} MB/s, " if total_bytes is not None else ""
     print(
         f"wrote {out_dir}: train {tr['sentences']:,} sentences / {tr['tokens']:,} tokens, valid "
-        f"{va['sentences']:,} / {va['tokens']:,} ({meta['dtype']}, {speed}{meta['input_lines'] / s:,.0f} lines/s)",
-        file=sys.stderr,
+        f"{va['sentences']:,} / {va['tokens']:,} ({meta['dtype']}, {speed}{meta['input_lines'] / s:,.0f} lines/s)"
     )
     unk, tokens = tr["unk_tokens"] + va["unk_tokens"], tr["tokens"] + va["tokens"]
     if unk > UNK_NOTE_SHARE * tokens:
@@ -443,6 +443,5 @@ def main(args) -> int:
         max_seq_len=args.max_seq_len,
         seed=args.seed,
         overwrite=args.overwrite,
-        progress=not args.quiet,
-    )
+    )  # the result and the notes under --quiet too: it drops the bar (bars_enabled)
     return 0

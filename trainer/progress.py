@@ -5,7 +5,8 @@ and whether the output is a terminal), so that a script or a log file gets plain
                 --quiet or TQDM_DISABLE. tqdm reads TQDM_DISABLE only when `disable=` is not passed, so the
                 decision is taken here and the bar is not created at all when it is off.
     lines       the train loop prints a plain progress line per log window where there is no bar (every tenth
-                window under a bar, which shows the rest); --quiet drops them, and each command's summary notes.
+                window under a bar, which shows the rest); --quiet drops them. A command's result (stdout) and its
+                notes, warnings and errors (stderr) are printed under --quiet too.
 
 No torch import: `mlmtrain --help` and the argument parser use it.
 """

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, atomic_dir, check_out_folder, write_json
-from mlmtrain.progress import bars_enabled
+from mlmtrain.progress import bars_enabled, quiet
 from mlmtrain.text import check_corpus, corpus_from_args, iter_line_batches, line_problem_notes
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -191,7 +191,7 @@ def train_tokenizer(
     corpus = check_corpus(inputs)
     out_dir = Path(out_dir)
     check_out_folder(out_dir, TOKENIZER_LAYOUT, replace=overwrite)
-    if progress:  # after the checks: a refusal is its one sentence alone
+    if progress and not quiet():  # after the checks: a refusal is its one sentence alone
         print("settings: " + json.dumps(asdict(settings)), file=sys.stderr)
 
     tok = build_tokenizer(settings)
@@ -235,7 +235,7 @@ def train_tokenizer(
     vocab_size = tok.get_vocab_size()
     missing = unknown_characters(tok, char_counts, settings.wordpieces_prefix)
     if progress:
-        print(f"trained a WordPiece vocabulary of {vocab_size} tokens in {seconds:.1f} s -> {out_dir}", file=sys.stderr)
+        print(f"trained a WordPiece vocabulary of {vocab_size} tokens in {seconds:.1f} s -> {out_dir}")  # the result
         if vocab_size != settings.vocab_size:
             why = (
                 "the corpus supports no more" if vocab_size < settings.vocab_size else "every kept character is a token"
@@ -313,5 +313,5 @@ def main(args) -> int:
         model_max_length=args.model_max_length,
     )
     settings.validate()
-    train_tokenizer(corpus_from_args(args), args.out, settings, overwrite=args.overwrite, progress=not args.quiet)
+    train_tokenizer(corpus_from_args(args), args.out, settings, overwrite=args.overwrite)  # --quiet: no bar, notes kept
     return 0
