@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from mlmtrain.benchmarks.common import OUT_OF_TIME
+
 ABLATION = [
     ("today", {}),
     ("+row attention", {"data.layout": "rows"}),
@@ -72,7 +74,7 @@ ROW_NAMES = tuple(
     )
 )  # every row's name, once (--remeasure)
 SAME_SPEED = 0.01  # rates within 1% are one speed: one row's log windows spread 0.25-1.1% at 64k (H200, 2026-11-24)
-SKIPPED = "skipped: the time budget (--time-limit) ran out"
+SKIPPED = OUT_OF_TIME
 SKIPPED_BY_FLAG = "skipped: named by --skip (a later --merge measures it)"
 # a row that broke the device (an illegal memory access poisons the CUDA context of the whole process): the rows
 # after it are left for a fresh process (`--merge`), which keeps this row as measured and goes on past it

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from mlmtrain.benchmarks.common import OUT_OF_TIME
 from mlmtrain.files import json_text
 from mlmtrain.profiling import spread
 
@@ -420,7 +421,7 @@ def sweep(
                     "name": name,
                     "tokens_per_batch": T,
                     "seq_cap": cap,
-                    "error": "skipped: the time budget (--time-limit) ran out",
+                    "error": OUT_OF_TIME,
                     "command": command,
                 }
             )

@@ -19,6 +19,8 @@ import torch
 
 from mlmtrain.files import json_text
 
+OUT_OF_TIME = "skipped: the time budget (--time-limit) ran out"  # a row or section's error: not measured yet
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":

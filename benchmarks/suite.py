@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from mlmtrain.benchmarks.common import OUT_OF_TIME
 from mlmtrain.config import MODEL_SIZES
 from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, folder_state, read_marker, refuse_unless_mine, write_marker
@@ -237,7 +238,7 @@ class Bench:
                         "benchmark": "model",
                         "name": f"{size}",
                         "size": size,
-                        "error": "skipped: the time budget (--time-limit) ran out",
+                        "error": OUT_OF_TIME,
                     }
                 )
                 continue
@@ -369,7 +370,7 @@ class Bench:
     def run_section(self, name: str) -> dict:
         t0 = time.monotonic()
         if self.deadline is not None and t0 > self.deadline:
-            return {"section": name, "wall_s": 0.0, "error": "skipped: the time budget (--time-limit) ran out"}
+            return {"section": name, "wall_s": 0.0, "error": OUT_OF_TIME}
         try:
             rows = getattr(self, name)()
         except ModuleNotFoundError as e:
@@ -441,14 +442,21 @@ def main(args) -> int:
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
-    json_path, md_path = report.write(_merged(results, previous), out, peak)
+    merged = _merged(results, previous)
+    json_path, md_path = report.write(merged, out, peak)
     errors = [s["section"] for s in results["sections"] if "error" in s]
-    print(
-        f"mlmtrain bench: wrote {json_path} and {md_path} in {results['wall_s']:.0f} s"
-        + (f"; not measured: {', '.join(errors)}" if errors else ""),
-        file=sys.stderr,
-    )
-    return 1 if errors else 0
+    # rows the budget left out, this call's or an earlier one's kept by --merge: the report is not complete
+    late = [f"{s['section']}: {r.get('name')}" for s in merged["sections"] for r in s.get("rows", [])
+            if str(r.get("error", "")).startswith(OUT_OF_TIME)]  # fmt: skip
+    said = f"mlmtrain bench: wrote {json_path} and {md_path} in {results['wall_s']:.0f} s"
+    if errors:
+        said += f"; not measured: {', '.join(errors)}"
+    if late:
+        named = ", ".join(late[:3]) + (", ..." if len(late) > 3 else "")
+        rows = "row" if len(late) == 1 else "rows"
+        said += f"; {len(late)} {rows} past the time budget ({named}): `--merge` measures them"
+    print(said, file=sys.stderr)
+    return 1 if errors or late else 0
 
 
 def read_previous(path: Path) -> dict | None:

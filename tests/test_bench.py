@@ -14,6 +14,7 @@ import pytest
 
 from mlmtrain.benchmarks import report
 from mlmtrain.benchmarks.bench_train import steps_for, sweep_points, timed_windows
+from mlmtrain.benchmarks.common import OUT_OF_TIME
 from mlmtrain.benchmarks.suite import PLANS
 from mlmtrain.cli import main
 
@@ -231,6 +232,21 @@ def test_merge_keeps_sections_not_redone(tmp_path):
     # the report says which call measured a kept section
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert re.search(r"## Hardware ceilings.*\n\n\(\d+ s; kept from an earlier call: `mlmtrain bench --out", report)
+
+
+def test_a_report_holding_rows_past_the_budget_exits_1_merged_or_not(tmp_path, capsys):
+    """A row the budget left out (this call's, or an earlier call's that --merge kept) leaves the report
+    incomplete: exit 1, naming it, as for a section the budget left out; once measured, 0."""
+    assert main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ceilings"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    late = {"name": "ours tiny T=512 cap=128", "tokens_per_batch": 512, "seq_cap": 128, "error": OUT_OF_TIME}
+    res["sections"].append({"section": "sweep", "wall_s": 0.0, "rows": [late]})
+    (tmp_path / "results.json").write_text(json.dumps(res), encoding="utf-8")
+    capsys.readouterr()
+    argv = ["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ceilings", "--merge"]
+    assert main(argv) == 1
+    assert "1 row past the time budget (sweep: ours tiny T=512 cap=128)" in capsys.readouterr().err
+    assert main(argv[:-1]) == 0  # without --merge the stale row is gone
 
 
 @pytest.mark.parametrize(
