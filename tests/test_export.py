@@ -294,6 +294,8 @@ def test_user_mistakes_are_sentences(trained_run, tokenizer_dir, tmp_path, sampl
         export_folder(run_dir, tokenizer_dir, tmp_path / "b", base_model="not a hub id", verify=False)
     with pytest.raises(UserError, match="--license takes a license identifier like apache-2.0"):
         export_folder(run_dir, tokenizer_dir, tmp_path / "b", license="my license", verify=False)
+    with pytest.raises(UserError, match="was pretrained from scratch .* drop --base-model"):
+        export_folder(run_dir, tokenizer_dir, tmp_path / "b", base_model="klue/bert-base", verify=False)
     rc = cli.main(
         [
             "export",
@@ -355,6 +357,7 @@ def test_card_from_a_real_run(data_dir, tokenizer_dir, tmp_path):
     assert f"| train | {meta['train']['documents']:,} | {meta['train']['sentences']:,} |" in text
     state = json.loads((sorted((run / "checkpoints").iterdir())[-1] / "state.json").read_text())
     assert f"| masked-token accuracy | {state['metrics']['valid_accuracy']:.3f} |" in text
+    assert state["metrics"]["step"] == state["step"] == 2 and "the evaluation at step" not in text
     train_tokens, valid_tokens = (np.asarray(load_split(data_dir, s).tokens) for s in ("train", "valid"))
     baseline = unigram_cross_entropy(train_tokens, valid_tokens, NUM_SPECIAL)
     assert f"| unigram baseline loss | {baseline:.4f} nats" in text
@@ -372,3 +375,32 @@ def test_language_list_forms(trained_run, tokenizer_dir, tmp_path):
         (tmp_path / "x.md").write_text("---\nlicense: mit\n---\n")
         export_folder(run_dir, tokenizer_dir, tmp_path / "c", card_extra=tmp_path / "x.md", verify=False)
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_public_card_shows_no_local_path():
+    """The card's Reproduce block and data line name local paths by their last part only (the shards and the
+    tokenizer as the commands above it make them), whatever started the program; Hub ids stay whole."""
+    from mlmtrain.card import _data_text, _input_name, _pretty_command
+
+    recorded = (
+        "/home/alice/.venv/bin/python /home/alice/mlmtrain/trainer/cli.py train --data /home/alice/ko/data "
+        "--tokenizer=/home/alice/ko/tok --out /home/alice/runs/r1 --init-from klue/bert-base "
+        "--set data.data_dir=/home/alice/x --config ./secret/run.toml --resume ~/runs/r1/checkpoints/step_00000002"
+    )
+    shown = _pretty_command(recorded)
+    assert shown == (
+        "mlmtrain train --data data --tokenizer=tokenizer --out r1 --init-from klue/bert-base "
+        "--set data.data_dir=x --config run.toml --resume step_00000002"
+    )
+    assert _pretty_command("/opt/venv/bin/mlmtrain train --data d") == "mlmtrain train --data d"
+    assert _data_text(None, {"data_dir": "/home/alice/ko/data"}) == "token shards in `data`"
+    assert _input_name({"dataset": "/home/alice/private_ds", "split": "train"}) == "private_ds (train)"
+    assert _input_name({"dataset": "klue/ynat", "split": "train"}) == "klue/ynat (train)"
+
+
+def test_the_card_says_which_step_an_earlier_evaluation_was_at():
+    from mlmtrain.card import _evaluation_lines
+
+    metrics = {"step": 5, "valid_loss": 7.5629, "valid_accuracy": 0.006, "valid_targets": 1200}
+    lines = _evaluation_lines({"step": 6, "valid_loss": 7.5629, "metrics": metrics}, (None, "not computed"))
+    assert "1,200 masked tokens, the evaluation at step 5):" in lines[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from mlmtrain.errors import UserError
 
@@ -170,7 +170,7 @@ def _optimizer_text(data: dict, optim: dict, train: dict) -> str:
 
 def _data_text(data_meta: dict | None, data: dict) -> str:
     if not data_meta:
-        return f"token shards in `{data['data_dir']}`" if data.get("data_dir") else "not recorded"
+        return f"token shards in `{public(data['data_dir'])}`" if data.get("data_dir") else "not recorded"
     train_split = data_meta.get("train") or {}
     return (
         f"{_count(train_split.get('sentences'))} sentences / {_count(train_split.get('tokens'))} tokens from "
@@ -192,9 +192,10 @@ def _evaluation_lines(state: dict, unigram: tuple[float | None, str]) -> list[st
         )
         return [f"Not measured ({why}).", ""]
     baseline, how = unigram
-    targets = metrics.get("valid_targets")
+    targets, at = metrics.get("valid_targets"), metrics.get("step")
+    when = f", the evaluation at step {at:,}" if isinstance(at, int) and at != state.get("step") else ""
     lines = [
-        f"On held-out sentences (the validation split{f', {targets:,} masked tokens' if targets else ''}):",
+        f"On held-out sentences (the validation split{f', {targets:,} masked tokens' if targets else ''}{when}):",
         "",
         "| metric | value |",
         "| --- | --- |",
@@ -285,7 +286,7 @@ def _input_names(data_meta: dict) -> list[str]:
 def _input_name(entry) -> str:
     """A meta.json input as the card names it: a file's name, or a dataset's name and split."""
     if isinstance(entry, dict) and entry.get("dataset"):
-        return f"{entry['dataset']} ({entry.get('split')})"
+        return f"{public(entry['dataset'])} ({entry.get('split')})"
     return Path(str(entry.get("path", entry) if isinstance(entry, dict) else entry)).name
 
 
@@ -293,10 +294,40 @@ def _count(n) -> str:
     return f"{n:,}" if isinstance(n, int) else "?"
 
 
+# the train flags whose local value the Reproduce block names as the commands above it make them
+_MADE_ABOVE = {"--data": "data", "--tokenizer": "tokenizer"}
+
+
 def _pretty_command(command: str) -> str:
-    """The recorded command line, with the console script's install path shortened to `mlmtrain`."""
-    first, _, rest = command.partition(" ")
-    return f"mlmtrain {rest}" if Path(first).name == "mlmtrain" else command
+    """The recorded command line as the card shows it: `mlmtrain` for the program however it was started (its
+    install path, `python -m mlmtrain.cli`), and no local path: the shards and tokenizer as the commands above
+    name them, any other path by its last part (a Hub id stays whole)."""
+    words = command.split(" ")
+    start = next((i for i, w in enumerate(words) if Path(w).name in ("mlmtrain", "cli.py", "mlmtrain.cli")), None)
+    words = ["mlmtrain", *words[start + 1 :]] if start is not None else [public(w) for w in words[:1]] + words[1:]
+    shown = words[:1]
+    for before, word in zip(words, words[1:]):
+        flag, eq, value = word.partition("=")
+        if before in _MADE_ABOVE and is_local_path(word):
+            shown.append(_MADE_ABOVE[before])
+        elif eq and flag in _MADE_ABOVE and is_local_path(value):
+            shown.append(f"{flag}={_MADE_ABOVE[flag]}")
+        else:  # `--out=/x/run`, `--set data.data_dir=/x/data` and plain words alike
+            shown.append(f"{flag}={public(value)}" if eq else public(word))
+    return " ".join(shown)
+
+
+def is_local_path(value: str) -> bool:
+    """A value that names a local file or folder by a path a public card must not show (absolute, from home,
+    from the working folder); a bare name or a Hub id `org/name` is not one."""
+    return value.startswith(("/", "~", "./", "../", "\\")) or re.match(r"^[A-Za-z]:[\\/]", value) is not None
+
+
+def public(value: str) -> str:
+    """`value` as a public card may show it: a local path by its last part, anything else as it is."""
+    if not is_local_path(value):
+        return value
+    return (PureWindowsPath(value) if "\\" in value else Path(value.rstrip("/"))).name or value
 
 
 def read_data_meta(run_config: dict) -> dict | None:

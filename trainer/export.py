@@ -103,6 +103,13 @@ def export_folder(
 
     # ---- inputs, checked before any work
     ckpt, state_dict, run_config, state = read_latest(checkpoint)  # its warnings on stderr
+    if base_model and not (
+        state.get("init_from") or ((run_config.get("run") or {}).get("model") or {}).get("init_from")
+    ):
+        raise UserError(
+            f"--base-model names the model a run continued from, and checkpoint {ckpt} was pretrained from scratch "
+            "(its run had no --init-from): drop --base-model"
+        )
     config = BertConfig.from_dict(run_config["model"], f"checkpoint {ckpt} is damaged: its config.json")
     tokenizer_dir = Path(tokenizer_dir or run_tokenizer_dir(ckpt, run_config))
     load_tokenizer(tokenizer_dir)  # checks the files and the special-token ids

@@ -142,8 +142,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
             if profiler is not None and (last or stop_now or stop_reason):  # the final eval and save are no step
                 phase_ms = profiler.close()
             if eval_cadence or last or stop_reason:
-                last_eval = evaluate(run)  # sync: once per eval
-                run.metrics.write({"step": step, **last_eval})
+                last_eval = {"step": step, **evaluate(run)}  # sync: once per eval; a checkpoint records its step
+                run.metrics.write(last_eval)
                 run.log(eval_line(step, last_eval))
                 window.restart_clock()  # eval time is not training throughput
             if save_cadence or (last and t.checkpoint_at_end) or stop_now or stop_reason:
