@@ -105,8 +105,9 @@ def hub():
         yield server
 
 
-def upload(tmp_path: Path, *args: str, endpoint: str, token: str | None = WRITE_TOKEN, **env: str):
-    """Run `mlmtrain upload ARGS` as a user would, with a private HF_HOME and only the HF_* variables given."""
+def upload(tmp_path: Path, *args: str, endpoint: str, token: str | None = WRITE_TOKEN, code=None, **env: str):
+    """Run `mlmtrain upload ARGS` as a user would, with a private HF_HOME and only the HF_* variables given
+    (`code`: a Python program that runs the CLI instead of `-m mlmtrain.cli`)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_", "TRANSFORMERS_"))}
     full_env.update(
         HF_ENDPOINT=endpoint,
@@ -118,7 +119,7 @@ def upload(tmp_path: Path, *args: str, endpoint: str, token: str | None = WRITE_
     if token is not None:
         full_env["HF_TOKEN"] = token
     full_env.update(env)
-    cmd = [sys.executable, "-m", "mlmtrain.cli", "upload", *args]
+    cmd = [sys.executable, *(["-c", code] if code else ["-m", "mlmtrain.cli"]), "upload", *args]
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=60)
 
 
@@ -208,6 +209,7 @@ def test_create_pr(hub, export_dir, tmp_path):
     assert commit["revision"] == "refs/pr/1"
     assert hub.files("alice/tiny-bert", "main") == {"README.md": b"old card"}  # main untouched
     assert "pull request:" in result.stdout and "/discussions/1" in result.stdout
+    assert "are in a pull request against alice/tiny-bert's main" in result.stdout and "model:" not in result.stdout
 
 
 @pytest.mark.skipif(
@@ -395,6 +397,13 @@ BREAKAGES = {  # name -> (how to break the folder, whether to refresh the manife
         "model.safetensors is unreadable",
     ),
     "card_without_header": (lambda f: (f / "README.md").write_text("# model\n"), True, "no YAML header"),
+    "card_not_utf8": (lambda f: (f / "README.md").write_bytes(CARD.encode("cp949")), True, "is not UTF-8 text"),
+    "vocab_not_utf8": (lambda f: (f / "vocab.txt").write_bytes(b"\xff\xfe[PAD]\n"), True, "vocab.txt is not UTF-8"),
+    "weights_header_not_a_table": (
+        lambda f: (f / "model.safetensors").write_bytes(len(b"[1, 2]").to_bytes(8, "little") + b"[1, 2]"),
+        True,
+        "its header is not a table of tensors",
+    ),
     "card_without_pipeline_tag": (
         lambda f: (f / "README.md").write_text(CARD.replace("pipeline_tag: fill-mask\n", "")),
         True,
@@ -492,3 +501,107 @@ def test_verified_is_checked_again_not_taken_from_the_manifest(hub, export_dir, 
     result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
     assert_clean_error(result, "does not pass verification with transformers again", "nothing was sent")
     assert "logits differ" in result.stderr and api_requests(hub) == []
+
+
+EDITED_DURING_THE_UPLOAD = """
+import pathlib, sys
+import mlmtrain.export as export
+
+real = export.verify_export
+
+
+def verify_then_edit(folder, texts, **kw):  # the user's folder changes once the checks have passed
+    report = real(folder, texts, **kw)
+    original = pathlib.Path(sys.argv[sys.argv.index("--folder") + 1])
+    with open(original / "README.md", "a", encoding="utf-8") as f:
+        f.write("edited during the upload")
+    return report
+
+
+export.verify_export = verify_then_edit
+from mlmtrain.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_what_is_sent_is_what_was_checked_even_if_the_folder_changes(hub, export_dir, tmp_path):
+    card = (export_dir / "README.md").read_bytes()
+    args = ["--folder", str(export_dir), "--repo-id", "alice/tiny-bert"]
+    (tmp_path / "tmp").mkdir()
+    tmpdir = str(tmp_path / "tmp")
+    result = upload(tmp_path, *args, endpoint=hub.endpoint, code=EDITED_DURING_THE_UPLOAD, TMPDIR=tmpdir)
+    assert result.returncode == 0, result.stderr
+    assert b"edited during the upload" in (export_dir / "README.md").read_bytes()
+    assert hub.files("alice/tiny-bert")["README.md"] == card  # the checked copy, not the edited file
+    assert not any(name.startswith("mlmtrain_upload_") for name in os.listdir(tmpdir))  # the copy is gone
+
+
+def test_refused_before_sending(hub, export_dir, tmp_path):
+    """An export made for another repo, a token file with characters no token has, a manifest that lists a file
+    `mlmtrain export` does not write: one sentence each, nothing sent, no token shown."""
+    manifest = json.loads((export_dir / EXPORT_MANIFEST).read_text())
+    (export_dir / EXPORT_MANIFEST).write_text(json.dumps({**manifest, "name": "alice/other-name"}))
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "was exported for alice/other-name", "--name alice/tiny-bert")
+    (export_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+
+    token_file = tmp_path / "token"
+    token_file.write_text("\ufeff" + WRITE_TOKEN + "\n", encoding="utf-8")  # a Windows editor's byte-order mark
+    args = ["--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--token-file", str(token_file)]
+    assert upload(tmp_path, *args, "--dry-run", endpoint=hub.endpoint, token=None).returncode == 0
+    token_file.write_text(WRITE_TOKEN + "\x00", encoding="utf-8")
+    result = upload(tmp_path, *args, endpoint=hub.endpoint, token=None)
+    assert_clean_error(result, "holds characters a token cannot have")
+    assert WRITE_TOKEN not in result.stdout + result.stderr
+
+    (export_dir / "id_rsa").write_text("private key")
+    write_manifest(export_dir)
+    manifest = json.loads((export_dir / EXPORT_MANIFEST).read_text())
+    manifest["files"]["id_rsa"] = {"size": 11, "sha256": hashlib.sha256(b"private key").hexdigest()}
+    (export_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "not a complete, verified export")
+    assert "lists 'id_rsa', which `mlmtrain export` does not write" in result.stderr
+    assert api_requests(hub) == []
+
+
+def test_an_endpoint_that_does_not_answer_as_the_hub_is_one_sentence(export_dir, tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class EmptyJson(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), EmptyJson)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=endpoint)
+    finally:
+        server.shutdown()
+    assert_clean_error(result, "did not answer as the Hugging Face Hub does", "check HF_ENDPOINT")
+
+
+def test_verification_leaves_the_hubs_progress_bars_as_they_were(export_dir):
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from mlmtrain.export import verify_export
+
+    disable_progress_bars()  # as the upload does for a log file or --quiet
+    try:
+        verify_export(export_dir, ["[MASK]"])
+        assert are_progress_bars_disabled()
+    finally:
+        enable_progress_bars()

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 from mlmtrain.card import DEFAULT_WIDGETS, model_card, parse_languages, read_card_extra, read_data_meta
@@ -228,8 +229,11 @@ def verify_export(folder, widget_texts: list[str], *, atol: float = 1e-4) -> dic
     except ImportError:
         raise UserError("verification needs transformers: pip install -e '.[hf]', or pass --no-verify.") from None
 
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+
     folder = Path(folder)
     verbosity = transformers.logging.get_verbosity()
+    bars_on, hub_bars_off = transformers.logging.is_progress_bar_enabled(), are_progress_bars_disabled()
     transformers.logging.set_verbosity_error()  # our checks say what matters; keep the output short
     transformers.logging.disable_progress_bar()
     # transformers' loading imports an installed torchao (the fp8 extra), whose import logs warnings that say
@@ -242,7 +246,12 @@ def verify_export(folder, widget_texts: list[str], *, atol: float = 1e-4) -> dic
         return _verify(folder, list(widget_texts), atol)
     finally:
         transformers.logging.set_verbosity(verbosity)
-        transformers.logging.enable_progress_bar()
+        if bars_on:  # as they were: the upload's bars stay off where it turned them off (a log, --quiet)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # huggingface_hub's note that HF_HUB_DISABLE_PROGRESS_BARS wins
+                transformers.logging.enable_progress_bar()
+        if hub_bars_off:
+            disable_progress_bars()
         for logger, level in zip(others, levels):
             logger.setLevel(level)
 

@@ -114,7 +114,9 @@ def _check_manifest(folder: Path) -> list[str]:
             problems.append(f"{name} is a symbolic link; an export holds regular files only")
         elif (folder / name).exists() and not stat.S_ISREG((folder / name).lstat().st_mode):
             problems.append(f"{name} is not a regular file")
-        elif (folder / name).is_file() or name not in REQUIRED_FILES:  # required ones are reported as missing
+        elif name not in REQUIRED_FILES:  # it would be sent: an export holds these files and no others
+            problems.append(f"{EXPORT_MANIFEST} lists {name!r}, which `mlmtrain export` does not write")
+        elif (folder / name).is_file():  # a missing required one is reported as missing
             listed[name] = entry
     return problems + [f"{p} ({EXPORT_MANIFEST})" for p in manifest_problems(folder, listed, "export")]
 
@@ -140,8 +142,11 @@ def _check_vocab(folder: Path, config: dict) -> list[str]:
     want = config.get("vocab_size")
     lines = None
     if (folder / "vocab.txt").is_file():
-        with open(folder / "vocab.txt", encoding="utf-8") as f:  # read as transformers' BertTokenizer does
-            lines = [line.rstrip("\n") for line in f.readlines()]
+        try:
+            with open(folder / "vocab.txt", encoding="utf-8") as f:  # read as transformers' BertTokenizer does
+                lines = [line.rstrip("\n") for line in f.readlines()]
+        except UnicodeDecodeError:
+            return problems + ["vocab.txt is not UTF-8 text"]
         if len(lines) != want:
             problems.append(f"config.json vocab_size is {want} but vocab.txt has {len(lines)} tokens")
     tok = _read_json(folder / "tokenizer.json", problems)
@@ -175,6 +180,8 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         if size < 8 or n <= 1 or 8 + n > size:
             raise ValueError("its header length is out of range (truncated or not a safetensors file)")
         header = json.loads(f.read(n))
+    if not isinstance(header, dict) or not all(isinstance(t, dict) for t in header.values()):
+        raise ValueError("its header is not a table of tensors")
     header.pop("__metadata__", None)
     end = 0
     for name, t in header.items():
@@ -216,7 +223,10 @@ def _check_weights(path: Path, config: dict) -> list[str]:
 def _check_card(readme: Path) -> list[str]:
     import yaml
 
-    header = card_header(readme)
+    try:
+        header = card_header(readme)
+    except UnicodeDecodeError:
+        return ["README.md (model card) is not UTF-8 text"]
     if header is None:
         return ["README.md (model card) has no YAML header between '---' lines"]
     try:

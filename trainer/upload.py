@@ -2,10 +2,11 @@
 
 Check the folder is a complete export (`export_check.check_export_folder`, which `mlmtrain export` runs too:
 every file's size and sha256 recomputed against the manifest, regular files only, no symbolic links, no names
-that would be patterns), load it with transformers again (`export.verify_export`: the manifest's "verified"
-is a claim anyone can edit), create the repo if missing, create the branch if missing, then one
-`upload_folder` commit that sends exactly the files `mlmtrain_export.json` lists (never the manifest itself,
-checkpoints, optimizer states or strays).
+that would be patterns), copy it into a private temporary folder and check the copy again (what is sent is
+what was checked, even if the export changes meanwhile: an editor, an `export --overwrite`), load the copy
+with transformers (`export.verify_export`: the manifest's "verified" is a claim anyone can edit), create the
+repo if missing, create the branch if missing, then one `upload_folder` commit of the copy that sends exactly
+the files `mlmtrain_export.json` lists (never the manifest itself, checkpoints, optimizer states or strays).
 Re-running is safe: the Hub reports which files it already has and unchanged files are skipped, so a second
 run makes no new commit.
 
@@ -17,9 +18,14 @@ the saved login, or `--token-file`; never from a plain argument, and it is never
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import re
+import shutil
+import stat
 import sys
+import tempfile
 from pathlib import Path
 
 from mlmtrain import __version__
@@ -68,10 +74,17 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--revision {args.revision!r} is not a branch name (letters, digits, '-', '_', '.', '/')")
     manifest = read_manifest(folder)
     files = sorted(manifest["files"])
+    name = manifest.get("name")
+    if isinstance(name, str) and "/" in name and name != args.repo_id:
+        raise UserError(
+            f"{folder} was exported for {name} (its model card's title and usage snippet name it), not "
+            f"{args.repo_id}: export again with --name {args.repo_id}, or upload with --repo-id {name}"
+        )
     message = args.commit_message or default_commit_message(manifest)
     token, source = resolve_token(args.token_file)
     if args.dry_run:
-        verify_again(folder)
+        with private_copy(folder, files) as copy:
+            verify_again(copy, folder)
         print_plan(folder, files, args, message, source)
         return 0
     if token is None:
@@ -88,25 +101,56 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(
             "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so huggingface_hub will not connect; unset it to upload"
         )
-    verify_again(folder)
-    try:
-        info = _upload(folder, files, args, message, token)
-    except UserError as e:
-        raise UserError(str(e).replace(token, "***")) from None  # never echo the token, even inside a message
+    with private_copy(folder, files) as copy:
+        verify_again(copy, folder)
+        try:
+            info = _upload(copy, files, args, message, token)
+        except UserError as e:
+            raise UserError(str(e).replace(token, "***")) from None  # never echo the token, even inside a message
     model_url = f"{constants.ENDPOINT}/{args.repo_id}"
     if args.revision not in (None, "main"):
         model_url += f"/tree/{args.revision}"
-    print(f"done: the {len(files)} files of the export are on {args.repo_id}")  # or already were: then no commit
-    print(f"model:  {model_url}")
     if getattr(info, "pr_url", None):
+        print(f"done: the {len(files)} files of the export are in a pull request against {args.repo_id}'s main")
         print(f"pull request: {info.pr_url}")
+    else:
+        print(f"done: the {len(files)} files of the export are on {args.repo_id}")  # or already were: no commit
+        print(f"model:  {model_url}")
     print(f"commit: {info.oid}")
     return 0
 
 
-def verify_again(folder: Path) -> None:
-    """Load the folder with transformers as `mlmtrain export` did (keys, logits against ours, tokenizer,
-    fill-mask on the card's widget texts): what is sent has passed it, whatever the manifest says."""
+@contextlib.contextmanager
+def private_copy(folder: Path, files: list[str]):
+    """The listed files and the manifest copied into a new private folder (mode 0700, under TMPDIR) and checked
+    there: what is verified and sent cannot change under the upload. Regular files only, never through a link."""
+    names = [*files, EXPORT_MANIFEST]
+    with tempfile.TemporaryDirectory(prefix="mlmtrain_upload_") as tmp:
+        copy = Path(tmp)
+        try:
+            for name in names:
+                fd = os.open(folder / name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+                with os.fdopen(fd, "rb") as src:
+                    if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                        raise UserError(f"{folder / name} is not a regular file; nothing was sent")
+                    with open(copy / name, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+        except OSError as e:
+            need = _human(sum(os.stat(folder / n).st_size for n in names if (folder / n).is_file()))
+            raise UserError(
+                f"could not copy {folder / name} into a private folder under {tempfile.gettempdir()} before sending "
+                f"it ({e.strerror or e}); the copy needs {need}: set TMPDIR to a folder with room"
+            ) from None
+        problems = check_export_folder(copy)
+        if problems or sorted(read_manifest(copy)["files"]) != files:
+            raise UserError(f"{folder} changed while it was being read; nothing was sent: run the command again")
+        yield copy
+
+
+def verify_again(folder: Path, shown: Path) -> None:
+    """Load the folder (the private copy of `shown`) with transformers as `mlmtrain export` did (keys, logits
+    against ours, tokenizer, fill-mask on the card's widget texts): what is sent has passed it, whatever the
+    manifest says."""
     import importlib.util
 
     import yaml
@@ -120,7 +164,10 @@ def verify_again(folder: Path) -> None:
     try:
         verify_export(folder, texts or ["[MASK]"])
     except UserError as e:
-        raise UserError(f"{folder} does not pass verification with transformers again; nothing was sent: {e}") from None
+        message = str(e).replace(str(folder), str(shown))
+        raise UserError(
+            f"{shown} does not pass verification with transformers again; nothing was sent: {message}"
+        ) from None
 
 
 def default_commit_message(manifest: dict) -> str:
@@ -143,16 +190,19 @@ def resolve_token(token_file: str | None) -> tuple[str | None, str]:
         if not path.is_file():
             raise UserError(f"--token-file {path} {'is not a file' if path.exists() else 'does not exist'}")
         try:
-            token = path.read_text(encoding="utf-8").strip()
+            token = path.read_text(encoding="utf-8-sig").strip()  # a byte-order mark (Windows editors) dropped
         except UnicodeDecodeError:
             raise UserError(f"--token-file {path} is not UTF-8 text: it must hold exactly one token") from None
         if not token or len(token.split()) != 1:
             raise UserError(f"--token-file {path} must hold exactly one token")
+        if not re.fullmatch(r"[\x21-\x7e]+", token):  # said without echoing it
+            raise UserError(f"--token-file {path} holds characters a token cannot have (a token is printable ASCII)")
         return token, f"--token-file {path}"
     from huggingface_hub import get_token
 
     token = get_token()
-    source = "HF_TOKEN" if os.environ.get("HF_TOKEN") else "the saved login (`hf auth login`)"
+    env = next((name for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") if os.environ.get(name)), None)
+    source = env or "the saved login (`hf auth login`)"
     return token, source if token else "none found"
 
 
@@ -271,6 +321,11 @@ def explain_error(e: Exception, step: str, repo_id: str, revision: str | None, a
         return (
             f"cannot reach the Hub at {constants.ENDPOINT} ({type(e).__name__}): check the network connection, "
             "proxy settings or HF_ENDPOINT"
+        )
+    if isinstance(e, (KeyError, json.JSONDecodeError)):  # an answer without the Hub's fields, or not JSON
+        return (
+            f"{constants.ENDPOINT} did not answer as the Hugging Face Hub does during {_STEPS[step]} "
+            f"({type(e).__name__}): check HF_ENDPOINT"
         )
     if isinstance(e, ValueError):  # the library's own argument checks (repo id, card YAML, ...)
         return f"huggingface_hub refused the request: {str(e).splitlines()[0]}"
