@@ -126,24 +126,15 @@ def one_process(data_dir, tokenizer_dir, tmp_path_factory):
 # ---- no launch -------------------------------------------------------------------------------------
 
 
-def test_torchrun_command_drops_nproc():
-    cmd = parallel.torchrun_command(["train", "--nproc", "2", "--data", "d", "--nproc=3", "--out", "o"], 4)
-    assert cmd[1:] == [
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "4",
-        "-m",
-        "mlmtrain.cli",
-        "train",
-        "--data",
-        "d",
-        "--out",
-        "o",
-    ]
-    with pytest.raises(UserError, match="at least 1"):
-        parallel.torchrun_command(["train"], 0)
+def test_the_agent_runs_the_command_without_nproc_and_the_ranks_code_is_the_commands():
+    from mlmtrain.launch import ranks_exit_code, torchrun_argv
+
+    argv = torchrun_argv(["train", "--nproc", "2", "--data", "d", "--nproc=3", "--out", "o"], 4)
+    assert argv == ["--standalone", "--nproc-per-node", "4", "-m", "mlmtrain.cli", "train", "--data", "d", "--out", "o"]
+    assert ranks_exit_code({0: 143, 1: 143}, 2) == 143 and ranks_exit_code({0: 3, 1: -15}, 2) == 3
+    assert ranks_exit_code({1: 130}, 2) == 130  # rank 0 ended first, cleanly
+    assert ranks_exit_code({0: 1, 1: 2}, 2) == 2  # rank 1 refused its input; rank 0 lost its peer
+    assert ranks_exit_code({1: 1}, 2) == 1 and ranks_exit_code({0: 143, 1: 1}, 2) == 143
 
 
 def test_user_mistakes_are_one_sentence(monkeypatch, data_dir, tokenizer_dir, tmp_path):
@@ -305,39 +296,50 @@ def _worker_pids(parent: int) -> dict[int, int]:
     return out
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_rank_stops_every_rank_together(data_dir, tokenizer_dir, tmp_path):
-    """SIGTERM to rank 1 alone (e.g. a preempted worker): every rank stops at the same step (agreed at the
-    next log step; without that, rank 0 would wait in the next step's all-reduce until the timeout), rank 0
-    saves one complete checkpoint there, and every rank exits 143 (stopped early and saved), so torchrun's own
-    exit code is not 0: `torchrun ... && mlmtrain export` does not publish a partial model."""
-    run = tmp_path / "stop"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "mlmtrain.cli",
-        *cli_args(data_dir, tokenizer_dir, run, **{"train.max_steps": 400, "train.checkpoint_every": 0}),
-    ]
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _stop_a_two_process_run(run: Path, data_dir, tokenizer_dir, send) -> tuple[subprocess.Popen, str]:
+    """`mlmtrain train --nproc 2` with one log window of 1,000 steps (a stop cannot wait for a log step), signalled
+    by `send(proc)` once the ranks train; (the process, its output)."""
+    settings = {"train.max_steps": 5000, "train.log_every": 1000, "train.checkpoint_every": 0}
+    cmd = [sys.executable, "-m", "mlmtrain.cli", *cli_args(data_dir, tokenizer_dir, run, **settings), "--nproc", "2"]
+    proc = subprocess.Popen(
+        cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not ((run / "metrics.jsonl").exists() and len(losses(run)) >= 2):
+        while time.time() < deadline and len(_worker_pids(proc.pid)) < 2:
             time.sleep(0.1)
-        assert len(losses(run)) >= 2, "the job did not start"
-        os.kill(_worker_pids(proc.pid)[1], signal.SIGTERM)
+        time.sleep(8)  # both ranks past setup and training (a few ms per step here)
+        send(proc)
         out, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0 and "exitcode  : 143" in out, out
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("to", ["rank 1", "every process"])
+def test_a_sigterm_stops_every_rank_at_the_next_step_saved_and_the_command_exits_143(
+    to, data_dir, tokenizer_dir, tmp_path
+):
+    """SIGTERM to rank 1 alone (a preempted worker), or to every process of the job at once (a scheduler's
+    cancel: each rank then gets it twice, from the scheduler and from the agent): every rank stops after the
+    same step, far from a log step, rank 0 saves one complete checkpoint, and `mlmtrain train --nproc 2`
+    exits 143 (torchrun would exit 1), so `... && mlmtrain export` does not publish a partial model."""
+    run = tmp_path / "stop"
+
+    def send(proc):
+        if to == "rank 1":
+            os.kill(_worker_pids(proc.pid)[1], signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    proc, out = _stop_a_two_process_run(run, data_dir, tokenizer_dir, send)
+    assert proc.returncode == 143 and "Traceback" not in out, out
+    assert "second SIGTERM" not in out and "stopped by SIGTERM after step" in out, out
     saved = ckpt.complete_checkpoints(run)
     assert len(saved) == 1, out
     stopped_at = ckpt.read_checkpoint(saved[0])[2]["step"]
-    assert 2 <= stopped_at < 400 and max(losses(run)) == stopped_at
-    assert "stopped by a signal to another rank" in out  # what rank 0 logs
+    assert 2 <= stopped_at < 1000  # before the first log step
     assert ckpt.verify_checkpoint(saved[0]) is None
+    assert json.loads((run / "summary.json").read_text())["exit_code"] == 143

@@ -174,7 +174,19 @@ def test_a_resume_that_would_change_the_data_order_or_the_starting_model_is_refu
     assert_refused(run_cli(*resume, "--tokens-per-batch", 2048), "data.tokens_per_batch is 2048 here but 1024")
     two = run_cli(*resume, *pack, "--nproc", 2, "--set", "optim.grad_accum=2")  # refused before torchrun starts
     assert "rank" not in assert_refused(two, "data.pack is 'document'", "optim.grad_accum is 2 here but 1")
-    assert snapshot(run) == before
+    # what each rank would refuse in its own words, refused once before the processes start
+    on_two = ("--nproc", 2, "--set", "optim.grad_accum=2")
+    more_steps = ("train", "--config", run / "config.json", "--resume", "--max-steps", 4, "--nproc", 1)
+    assert "rank" not in assert_refused(run_cli(*more_steps), "--change-max-steps")
+    timeout = run_cli(
+        *train_args(data_dir, tokenizer_dir, tmp_path / "new"), *on_two, env={"MLMTRAIN_DIST_TIMEOUT": "soon"}
+    )
+    assert "rank" not in assert_refused(timeout, "MLMTRAIN_DIST_TIMEOUT must be a positive number")
+    short = run_cli(
+        *train_args(data_dir, tokenizer_dir, tmp_path / "new"), *on_two, "--set", "model.max_position_embeddings=64"
+    )
+    assert "rank" not in assert_refused(short, "max_position_embeddings")
+    assert not (tmp_path / "new").exists() and snapshot(run) == before
 
 
 def test_max_steps_changes_only_when_asked_and_a_finished_run_is_left_as_it_is(data_dir, tokenizer_dir, tmp_path):

@@ -420,5 +420,5 @@ def test_a_log_window_is_timed_until_the_device_has_run_it(monkeypatch):
         return tolist(self)
 
     monkeypatch.setattr(torch.Tensor, "tolist", device_still_running)
-    (w,), _ = window.close(2, 1e-3, False, None, False)
+    (w,) = window.close(2, 1e-3, False)
     assert w.elapsed_s >= 0.3 and w.row["tokens_per_s"] <= 200 / 0.3 and w.row["loss"] == 2.0

@@ -328,7 +328,7 @@ def bench_args(p) -> None:
 COMMANDS = {
     "tokenizer": ("mlmtrain.tokenizer", "train a WordPiece tokenizer on a corpus", tokenizer_args),
     "prepare": ("mlmtrain.prepare", "tokenize a corpus into memory-mapped token shards", prepare_args),
-    "train": ("mlmtrain.train", "pretrain a BERT masked-language model on token shards", train_args),
+    "train": ("mlmtrain.launch", "pretrain a BERT masked-language model on token shards", train_args),
     "eval": ("mlmtrain.evaluate", "score models (MLM loss, perplexity, accuracy) on the same masked tokens", eval_args),
     "export": ("mlmtrain.export", "write a checkpoint as a Hugging Face BertForMaskedLM folder", export_args),
     "upload": ("mlmtrain.upload", "upload an exported folder to the Hugging Face Hub", upload_args),
@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    args.argv = list(argv)  # as given: `train --nproc` runs the same command in each process
     progress.configure(no_progress=args.no_progress, quiet=args.quiet)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -219,9 +219,8 @@ class WindowStats:
         self.grad_norm = grad_norm
         self.steps += 1
 
-    def close(self, step: int, lr: float, last: bool, stop_request, time_due: bool) -> tuple[list[Window], tuple]:
-        """The windows ready to log (this one; deferred: the one before, this one's numbers being in flight), and
-        (stop request, timed save due) as every rank agrees on them."""
+    def close(self, step: int, lr: float, last: bool) -> list[Window]:
+        """The windows ready to log (this one; deferred: the one before, this one's numbers being in flight)."""
         n = self.steps
         scalars = torch.stack([self.loss_sum, self.max_streak.double(), self.grad_norm.double()])
         device_values = torch.cat([self.bad_flags[:n].double(), scalars])  # (n + 3,)
@@ -231,10 +230,8 @@ class WindowStats:
         # ahead of it (by whole steps with CUDA graphs), and work still queued here would count in no window
         values = None if self.deferred else device_values.tolist()
         device_wait_s = time.perf_counter() - t_sync  # how far the host ran ahead; ~0: the device waited for it
-        # sync (several processes): job totals of the window, and whether any rank got a signal or a timed save
-        tokens, segments, flops, any_stop, any_due = parallel.sum_over_ranks(
-            self.device, self.tokens, self.segments, self.flops, stop_request is not None, time_due
-        )
+        # sync (several processes): job totals of the window
+        tokens, segments, flops = parallel.sum_over_ranks(self.device, self.tokens, self.segments, self.flops)
         elapsed, world = time.perf_counter() - self.t0, self.world
         host = {
             "tokens_per_s": tokens / elapsed,  # the job's: all ranks
@@ -262,8 +259,7 @@ class WindowStats:
         self.loss_sum.zero_()
         self.steps, self.tokens, self.segments, self.flops = 0, 0, 0, 0.0
         self.restart_clock()
-        stop = stop_request or ("a signal to another rank" if any_stop else None)
-        return ready, (stop, any_due > 0)
+        return ready
 
     def flush(self) -> list[Window]:
         """The window whose device numbers are in flight (deferred), read now; [] when there is none."""

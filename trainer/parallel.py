@@ -1,7 +1,7 @@
 """Data-parallel training on PyTorch's own engine, launched by torchrun. Outside torchrun every function
 here is a no-op for one process, so the training loop reads the same either way.
 
-    torchrun --standalone --nproc-per-node N -m mlmtrain.cli train ...   (or: mlmtrain train --nproc N ...)
+    torchrun --standalone --nproc-per-node N -m mlmtrain.cli train ...   (or: mlmtrain train --nproc N ..., launch.py)
 
 - DDP (default): each rank holds the model, gradients are all-reduced (NCCL on GPUs, gloo on CPU).
 - FSDP2 (`train.shard = "fsdp"`): `fully_shard` on every encoder layer, then the root (embeddings and
@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import gc
 import os
+import signal
 import sys
 
 import torch
@@ -27,6 +28,8 @@ from mlmtrain.config import torch_dtype
 from mlmtrain.errors import UserError
 
 TIMEOUT_ENV = "MLMTRAIN_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 300)
+STOPS = ("SIGPIPE", "SIGINT", "SIGTERM")  # stop requests, the later winning where ranks got different ones
+_host = {"group": None}  # the gloo group host-side decisions are all-reduced in (None: the default group)
 
 
 def world_size() -> int:
@@ -91,6 +94,7 @@ def init(device: torch.device | None = None) -> tuple[int, int]:
         torch.cuda.set_device(gpu)
         # device_id: NCCL connects at once and knows this rank's GPU (barriers never guess a device)
         dist.init_process_group("nccl", timeout=timeout(), device_id=gpu)
+        _host["group"] = dist.new_group(backend="gloo", timeout=timeout())  # host numbers: no device sync
     return rank(), world_size()
 
 
@@ -98,13 +102,14 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return hasattr(model, "set_requires_gradient_sync") and not hasattr(model, "no_sync")
 
 
-def check_shard(shard: str, precision: str) -> None:
+def check_shard(shard: str, precision: str, world: int = 1) -> None:
+    """`world`: the processes the run has, or (`--nproc`, before starting them) will have."""
     if shard not in ("ddp", "fsdp"):
         raise UserError(f"train.shard must be ddp or fsdp, got {shard!r}")
-    if shard == "fsdp" and precision == "fp16" and launched():
+    if shard == "fsdp" and precision == "fp16" and (launched() or world > 1):
         raise UserError(
             "fp16 loss scaling is not wired for FSDP (its gradients are sharded DTensors); "
-            "use --precision bf16 (or fp32) with --shard fsdp"
+            "use --precision bf16 (or fp32) with --set train.shard=fsdp"
         )
 
 
@@ -168,6 +173,19 @@ def sum_over_ranks(device: torch.device, *values: float) -> list[float]:
     return t.tolist()  # sync
 
 
+def agree_stop(requested: str | None, due: bool) -> tuple[str | None, bool]:
+    """(stop request, timed save due) as every rank takes them, at the same step: a two-number all-reduce on
+    the host (gloo), no device sync, at every step, so a signal stops the job after the step it arrives in
+    (torchrun kills its workers 30 s after passing one on: a log window may be longer)."""
+    if not active():
+        return requested, due
+    code = 0 if requested is None else (STOPS.index(requested) + 1 if requested in STOPS else len(STOPS))
+    t = torch.tensor([code, int(due)], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host["group"])
+    code, due = t.tolist()
+    return (STOPS[code - 1] if code else None), bool(due)
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a (replicated) DTensor, e.g. FSDP's gradient norm; anything else unchanged."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -178,11 +196,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(final: bool = False) -> None:
     """Free the model, then leave the process group. An FSDP2 model sits in a reference cycle (its hooks
     and state point back at it) that only the garbage collector frees; left to interpreter teardown, it
     keeps the gloo process group and its worker threads alive there, and a worker freeing its last tensor
-    then aborts the process ("terminate called without an active exception", seen 2 runs in ~30 on CPU)."""
+    then aborts the process ("terminate called without an active exception", seen 2 runs in ~30 on CPU).
+    `final`: the command has its exit code; SIGINT and SIGTERM no longer change it."""
+    if final:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     if active():
         gc.collect()
         dist.destroy_process_group()
@@ -200,6 +222,12 @@ def name_failing_rank():
             raise UserError(f"rank {rank()} of {world_size()}: {e}") from e
         raise
     except Exception as e:
+        if world_size() > 1 and peer_left(e):  # a consequence, not a cause: one line, the cause is the other's
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(
+                f"mlmtrain train: rank {rank()} of {world_size()} stopped: another rank left ({first})", file=sys.stderr
+            )
+            raise SystemExit(1) from None
         if world_size() > 1:
             print(
                 f"mlmtrain train: rank {rank()} of {world_size()} failed: {type(e).__name__}: {e}",
@@ -212,42 +240,19 @@ def name_failing_rank():
         raise
 
 
+def peer_left(e: BaseException) -> bool:
+    """A collective failed because another rank is gone (it failed or was stopped first)."""
+    text = str(e)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe")) or (
+        isinstance(e, getattr(dist, "DistNetworkError", ())) and "timed out" not in text
+    )
+
+
 # ---- launching -----------------------------------------------------------------------------------------
 
-
-def torchrun_command(argv: list[str], nproc: int) -> list[str]:
-    """The torchrun command line for `mlmtrain <argv>` with `--nproc N` taken out. --standalone picks a free
-    port for the rendezvous, so two jobs on one machine do not collide."""
-    if nproc < 1:
-        raise UserError(f"--nproc must be at least 1, got {nproc}")
-    args, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a == "--nproc":
-            skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        args.append(a)
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        "mlmtrain.cli",
-        *args,
-    ]
+COMMAND_ENV = "MLMTRAIN_COMMAND"  # `train --nproc` sets it: the command line as typed, for the ranks to record
 
 
-def exec_torchrun(nproc: int) -> int:
-    """`mlmtrain train --nproc N ...` replaces itself with `torchrun --nproc-per-node N -m mlmtrain.cli train ...`."""
-    cmd = torchrun_command(sys.argv[1:], nproc)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, cmd)
-    return 0  # not reached
+def command_line() -> str:
+    """The command that started this run, as the user typed it (under `--nproc`, not the elastic agent's)."""
+    return os.environ.get(COMMAND_ENV) or " ".join(sys.argv)

@@ -185,14 +185,16 @@ def _ours_in(*parents: str):
     return lambda name: owns_name(RUN_LAYOUT, list(parents), name)
 
 
-def check_run_folder(run_dir: Path, resume: str | None, check_start) -> None:
-    """What `open_run_folder` would refuse, found without writing anything (`--nproc`: before torchrun starts)."""
+def check_run_folder(run_dir: Path, resume: str | None, check_start) -> Path | None:
+    """What `open_run_folder` would refuse, found without writing anything (`--nproc`: before the processes
+    start); the checkpoint the run would start from."""
     holder = lock_holder(run_dir)
     if holder is not None:
         raise in_use(run_dir, holder)
     start = plan_start(run_dir, resume, log=_quiet)
     if start is not None:
         check_start(start)
+    return start
 
 
 def plan_start(run_dir: Path, resume: str | None, log) -> Path | None:

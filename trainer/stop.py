@@ -4,8 +4,9 @@
     2    refused before training, or failed to write, with one sentence (any command)
     3    stopped by non-finite losses (`train.nan_policy`, `train.max_bad_steps`), a checkpoint of the last
          good weights saved
-    130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM (or, under torchrun, a signal to another rank): the step
+    130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM (under torchrun, to this rank or another): the step
          finished, a checkpoint was saved, `--resume` continues; a second signal exits at once, unsaved
+         (under torchrun, the same signal again within REPEAT_S is the same request)
     141  stopped because its standard output or error was closed (`mlmtrain train ... | head`): the same stop
          as a signal's, after the step, saved; later lines go nowhere
 
@@ -18,14 +19,16 @@ import contextlib
 import os
 import signal
 import sys
+import time
 
 EXIT_NON_FINITE = 3
+REPEAT_S = 2.0  # under torchrun, the same signal again within this is one delivery, not "exit at once"
 EXIT_SIGNAL = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM, "SIGPIPE": 128 + signal.SIGPIPE}
 
 
 def exit_code(stopped_by_signal: str | None, stop_reason: str | None) -> int:
-    """The exit code of a run that stopped for `stopped_by_signal` (a signal's name, or "a signal to another
-    rank"), or for `stop_reason` (non-finite steps), or ran to the end (both None)."""
+    """The exit code of a run that stopped for `stopped_by_signal` (a signal's name), or for `stop_reason`
+    (non-finite steps), or ran to the end (both None)."""
     if stopped_by_signal is not None:
         return EXIT_SIGNAL.get(stopped_by_signal, EXIT_SIGNAL["SIGTERM"])
     return EXIT_NON_FINITE if stop_reason else 0
@@ -36,17 +39,26 @@ class StopSignal:
     Second signal: exit at once."""
 
     def __init__(self):
-        self.requested = "SIGPIPE" if _output["closed"] else None
+        self.requested, self.at = ("SIGPIPE" if _output["closed"] else None), 0.0
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         _output["listeners"].append(self)
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if name == self.requested and time.monotonic() - self.at < REPEAT_S and "LOCAL_RANK" in os.environ:
+            return  # the same signal twice at once: the job's scheduler sent it to every process, torchrun passed it on
         if self.requested is not None:
             print(f"\nsecond {signal.Signals(signum).name}: exiting now without a checkpoint", file=sys.stderr)
             os._exit(128 + signum)
-        self.requested = signal.Signals(signum).name
+        self.requested, self.at = name, time.monotonic()
         print(f"\n{self.requested} received: finishing this step and saving a checkpoint "
               "(send it again to exit at once)", file=sys.stderr)  # fmt: skip
+
+    def join(self, agreed: str | None) -> None:
+        """Take the stop every rank agreed on (`parallel.agree_stop`): another rank's signal is this one's too,
+        and its own copy of that signal, arriving just after, is the same request."""
+        if agreed is not None and self.requested is None:
+            self.requested, self.at = agreed, time.monotonic()
 
     def restore(self):
         for sig, handler in self.previous.items():

@@ -13,8 +13,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,6 @@ from tqdm import tqdm
 
 from mlmtrain import checkpoint, parallel, run_folder
 from mlmtrain.config import RunConfig, format_config, report_targets, torch_dtype
-from mlmtrain.config_load import flag_overrides, load_config
 from mlmtrain.errors import UserError
 from mlmtrain.evaluate import masker, score
 from mlmtrain.fast_paths import FastPaths, check_speed_options
@@ -36,7 +33,6 @@ from mlmtrain.metrics import (
     MetricsLog,
     WindowStats,
     check_report_to,
-    closing_lines,
     eval_line,
     record_window,
     summarize,
@@ -49,7 +45,7 @@ from mlmtrain.prepare import SPLITS, check_tokenizer_match, load_split, read_met
 from mlmtrain.pretrained import check_tokenizer_fits, hub_id, locate, read_pretrained
 from mlmtrain.profiling import no_phase, start_profiler
 from mlmtrain.progress import StepProgress, quiet
-from mlmtrain.stop import StopSignal, exit_code, guard_output
+from mlmtrain.stop import StopSignal, exit_code
 from mlmtrain.tokenizer_folder import read_vocab, transformers_casing_problem
 
 
@@ -122,18 +118,16 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
             # ---- log, eval, checkpoint: the only places the host waits for the device
             last = step == t.max_steps
             timed = time.time() - last_save > t.checkpoint_minutes * 60
-            # stop and timed-save decisions: one process takes them at any step; several take them together at
-            # log steps only, from the requests all-reduced there
-            stop_now, time_due = (stopper.requested, timed) if world == 1 else (None, False)
+            # stop and timed-save decisions, taken at every step by every rank together (a host-side all-reduce)
+            stop_now, time_due = parallel.agree_stop(stopper.requested, timed)
+            stopper.join(stop_now)  # every rank exits with the code of the signal the job got
             eval_cadence = t.eval_every and step % t.eval_every == 0
             save_every = t.checkpoint_every and step % t.checkpoint_every == 0
             # windows close at log steps and before evals and saves: those are in no window, a resume redoes whole ones
             if step % t.log_every == 0 or last or stop_now or eval_cadence or save_every or time_due:
                 # sync: the window's device numbers in one transfer (and, with several processes, one all-reduce);
                 # with train.async_log_reads the transfer is read one window later (the window before is logged)
-                closed, (stop_now, time_due) = window.close(step, lr, last, stopper.requested, timed)
-                stopper.requested = stopper.requested or stop_now
-                for w in closed:
+                for w in window.close(step, lr, last):
                     stop_reason = record_window(run, w, history, bar) or stop_reason
             save_cadence = save_every or time_due
             if last or stop_now or stop_reason or eval_cadence or save_cadence:  # the device will be waited for
@@ -233,7 +227,7 @@ class Run:
         state = {
             "cursor": list(cursor),
             "metrics": last_eval,
-            "command": " ".join(sys.argv),
+            "command": parallel.command_line(),
             "data_fingerprint": checkpoint.data_fingerprint(self.meta),
             "tokenizer_fingerprint": self.meta["tokenizer_fingerprint"],
             "valid_loss": last_eval.get("valid_loss"),
@@ -293,26 +287,45 @@ def tokens_per_batch_on(cfg: RunConfig, device: torch.device) -> int:
     return cfg.data.tokens_per_batch or (65536 if device.type == "cuda" else 4096)  # 0: auto
 
 
-def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list[str], log) -> Run:
-    start = folder.start
-    device = parallel.rank_device(cfg.train.device)
-    rank, world = parallel.init(device)  # no-op (0, 1) outside torchrun; NCCL for CUDA, gloo for CPU
+@dataclass
+class Plan:
+    """What a run resolves before any device work: its settings on its device and world, its model's shape."""
+
+    precision: str
+    compile: bool
+    tokens_per_batch: int
+    max_seqlen: int  # the longest segment the shards hold ([CLS] and [SEP] included)
+    model_config: BertConfig
+    pretrained: object  # the pretrained model to start from (pretrained.read_pretrained), or None
+
+
+def plan_run(cfg: RunConfig, meta: dict, vocab: list[str], start, device: torch.device, world: int) -> Plan:
+    """Resolve and check what needs no device (`--nproc` runs it for rank 0 before starting the processes)."""
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     T = tokens_per_batch_on(cfg, device)
-    parallel.check_shard(cfg.train.shard, precision)
-    run_dir = Path(cfg.out_dir)
+    parallel.check_shard(cfg.train.shard, precision, world)
+    parallel.timeout()  # a malformed MLMTRAIN_DIST_TIMEOUT refused here, not at the first collective
     max_seqlen = int(meta["max_seq_len"])
-    specials = shard_specials(meta)
     # a pretrained model's weights and shape are read only to start; a resumed run has them in its checkpoint
     pretrained = read_pretrained(locate(cfg.model.init_from)) if cfg.model.init_from and start is None else None
     if pretrained is not None:  # trained on from here only on text split as in its pretraining
         problem = transformers_casing_problem(cfg.data.tokenizer_dir, pretrained.folder)
         if problem:
             raise UserError(problem)
-    model_config = model_config_for(cfg, vocab, specials, start, pretrained)
+    model_config = model_config_for(cfg, vocab, shard_specials(meta), start, pretrained)
     check_data_against_model(meta, model_config, max_seqlen, fixed=pretrained is not None or start is not None)
     check_speed_options(cfg, max_seqlen, device, precision, use_compile, T, world, model_config.head_dim)
+    return Plan(precision, use_compile, T, max_seqlen, model_config, pretrained)
+
+
+def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list[str], log) -> Run:
+    start, run_dir, specials = folder.start, Path(cfg.out_dir), shard_specials(meta)
+    device = parallel.rank_device(cfg.train.device)
+    rank, world = parallel.init(device)  # no-op (0, 1) outside torchrun; NCCL for CUDA, gloo for CPU
+    plan = plan_run(cfg, meta, vocab, start, device, world)
+    precision, use_compile, T, max_seqlen = plan.precision, plan.compile, plan.tokens_per_batch, plan.max_seqlen
+    model_config, pretrained = plan.model_config, plan.pretrained
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
@@ -476,25 +489,3 @@ def evaluate(run: Run) -> dict:
     """MLM loss, masked-token accuracy and perplexity over fixed valid batches (fixed masking keys)."""
     result = score([run.model], run.valid_batches, run.mask, run.device, run.autocast, run.max_seqlen)[0]
     return {f"valid_{key}": result[key] for key in ("loss", "accuracy", "ppl", "targets")}
-
-
-# ---------------------------------------------------------------------------------------------------- command line
-
-
-def main(args) -> int:
-    """Exit code: 0 trained to max_steps (or already there); 2 refused with one sentence; 3 stopped by
-    non-finite steps; 130/143/141 stopped by SIGINT/SIGTERM/a closed output after saving a checkpoint."""
-    cfg = load_config(args.config, flag_overrides(args), args.set)
-    if args.nproc is not None and "LOCAL_RANK" not in os.environ:
-        if args.nproc < 1:
-            raise UserError(f"--nproc must be at least 1, got {args.nproc}")
-        meta, vocab = check_inputs(cfg, world=args.nproc)  # before torchrun starts N processes that would all refuse
-        run_folder.check_run_folder(Path(cfg.out_dir), args.resume, start_check(cfg, meta, vocab))
-        if args.nproc > 1:
-            return parallel.exec_torchrun(args.nproc)
-    with parallel.name_failing_rank(), run_folder.write_failures_said(cfg.out_dir), guard_output():
-        summary = train(cfg, resume=args.resume, change_max_steps=args.change_max_steps)
-        if parallel.rank() == 0:
-            print(closing_lines(Path(cfg.out_dir), summary))
-    parallel.shutdown()
-    return summary["exit_code"]
