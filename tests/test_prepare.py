@@ -229,7 +229,7 @@ def test_bad_input_gives_clear_errors(tmp_path, sample_corpus, tokenizer_dir, da
         ([tmp_path], tmp_path / "o", "is a directory"),
         ([tmp_path / "empty.txt"], tmp_path / "o", "is empty"),
         ([tmp_path / "blank.txt"], tmp_path / "o", "contains no text lines"),
-        ([tmp_path / "binary.txt"], tmp_path / "o", r"contains no text lines \(2 unreadable"),
+        ([tmp_path / "binary.txt"], tmp_path / "o", r"binary.txt are not valid UTF-8 \(and 0 are\)"),
         ([sample_corpus], data_dir, "already holds token shards"),
         ([sample_corpus], tmp_path / "other", "is not empty"),
         ([sample_corpus], tmp_path / "afile", "is a file"),

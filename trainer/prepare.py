@@ -57,6 +57,7 @@ from mlmtrain.tokenizer_folder import load_tokenizer, read_special_tokens, token
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
 SPLIT_UNIT_SENTENCES = 64  # a split unit is at most this many consecutive sentences of one document
+MAX_SEQ_LEN = 1 << 16  # a longer --max-seq-len is a typo: BERT models take 512, long-context ones a few thousand
 UNK_NOTE_SHARE = 0.01  # a larger share of [UNK] tokens is said: the tokenizer does not fit the text
 SHARD_FILES = ("tokens", "offsets", "doc_offsets")
 SHARDS_FILES = ("meta.json", *(f"{split}/{name}.npy" for split in SPLITS for name in SHARD_FILES))
@@ -196,8 +197,8 @@ def prepare(
     returns meta.json's content."""
     if not 0.0 <= valid_fraction < 1.0:
         raise UserError(f"--valid-fraction must be in [0, 1), got {valid_fraction}.")
-    if max_seq_len < 3:
-        raise UserError(f"--max-seq-len must be at least 3 ([CLS] token [SEP]), got {max_seq_len}.")
+    if not 3 <= max_seq_len <= MAX_SEQ_LEN:
+        raise UserError(f"--max-seq-len must be from 3 ([CLS] token [SEP]) to {MAX_SEQ_LEN:,}, got {max_seq_len}.")
     check_seed("--seed", seed)
     corpus = check_corpus(inputs)
     tok = load_tokenizer(tokenizer_dir)
@@ -236,18 +237,19 @@ def _write_splits(tmp, corpus, tok, specials, valid_fraction, max_seq_len, seed,
     dtype = np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32
     max_piece = max_seq_len - 2
     stats: dict = {"sentences_split": 0, "lines_empty_after_tokenizing": 0}
-    histogram = np.zeros(max_piece + 1, np.int64)  # histogram[n] = sentences of n tokens
+    histogram = np.zeros(1, np.int64)  # histogram[n] = sentences of n tokens, up to the longest
     rng = np.random.default_rng(seed)  # one draw per split unit, in corpus order
     writers = {name: _SplitWriter(tmp / name, dtype, specials.unk) for name in SPLITS}
     doc, unit_index, unit, lines_done = 0, 0, [], 0  # current document, index of the current unit, its pieces
     held = None  # the last train unit, held back so that valid is never left empty when it should not be
 
     def close_unit():
-        nonlocal unit, unit_index, held
+        nonlocal unit, unit_index, held, histogram
         if not unit:
             return
         item = (doc, unit_index, unit)
-        histogram[:] += np.bincount([len(p) for p in unit], minlength=max_piece + 1)
+        counts = np.bincount([len(p) for p in unit], minlength=len(histogram))
+        histogram = np.pad(histogram, (0, len(counts) - len(histogram))) + counts
         if rng.random() < valid_fraction:
             writers["valid"].add_unit(*item)
         else:
@@ -286,6 +288,11 @@ def _write_splits(tmp, corpus, tok, specials, valid_fraction, max_seq_len, seed,
         valid_starved = valid_fraction > 0 and writers["valid"].sentences == 0 and writers["train"].sentences > 0
         writers["valid" if valid_starved else "train"].add_unit(*held)
     split_meta = {name: w.close() for name, w in writers.items()}
+    if split_meta["train"]["sentences"] == 0 and split_meta["valid"]["sentences"] > 0:
+        raise UserError(
+            f"every split unit of the corpus ({unit_index:,}) was drawn into valid, leaving train empty: lower "
+            f"--valid-fraction (now {valid_fraction}) or pass more text."
+        )
     if split_meta["train"]["sentences"] == 0:
         raise UserError(
             "no sentences left after tokenizing; check that the inputs are text in the tokenizer's language."

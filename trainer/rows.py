@@ -6,6 +6,7 @@ what it held and counted when the batch becomes lines."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from mlmtrain.errors import UserError
@@ -20,13 +21,15 @@ ROW_PROBLEMS = {  # stats key -> what was wrong with a skipped row
 MISSING = object()  # a row without the text column
 FIRST_ROW = object()  # the doc key before a file's first row
 FILE_END = object()  # in place of a batch: a data file of a dataset ended, and with it a document
+UNFIT = re.compile("[\0\ud800-\udfff]")  # a NUL, or a lone surrogate (only a JSON escape makes one)
 
 
 class Rows:
     """One batch of row values: texts (anything a row held) and document keys (None without a doc column)."""
 
-    def __init__(self, texts: list, docs: list | None, previous_doc):
+    def __init__(self, texts: list, docs: list | None, previous_doc, surrogates: bool = False):
         self.texts, self.docs, self.previous_doc = texts, docs, previous_doc
+        self.surrogates = surrogates  # a text may hold a lone surrogate: look for them (a slower scan)
 
     def to_lines(self, stats: dict) -> list[str]:
         lines, last = [], self.previous_doc
@@ -41,50 +44,79 @@ class Rows:
                 stats["null_text"] += 1
             elif not isinstance(text, str):
                 stats["not_a_string"] += 1
-            elif "\0" in text:
-                stats["nul_bytes"] += 1
             else:
                 if "\r" in text:
                     stats["crlf"] += text.count("\r")
                     text = text.replace("\r\n", "\n").replace("\r", "\n")
-                lines.extend(text.split("\n"))
+                pieces = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")  # as in a text file
+                # a bad line is skipped and counted alone, as in a text file (NUL first, as `_decode_block` does)
+                unfit = "\0" in text or (self.surrogates and UNFIT.search(text))
+                lines += [x for x in pieces if _fit(x, stats)] if unfit else pieces
         return lines
 
 
-def jsonl_batches(text_batches, corpus, stats: dict):
+def _fit(line: str, stats: dict) -> bool:
+    if not UNFIT.search(line):
+        return True
+    stats["nul_bytes" if "\0" in line else "invalid_utf8"] += 1
+    return False
+
+
+def jsonl_batches(text_batches, path: Path, corpus, stats: dict):
     """(Rows, raw bytes read) per batch of a JSON-lines file, from its `text_batches` (lines, raw bytes read):
     one JSON object per line."""
-    previous = FIRST_ROW
+    previous, has_doc = FIRST_ROW, False
     for lines, nbytes in text_batches:
-        texts, docs = [], [] if corpus.doc_column else None
+        texts, docs, surrogates = [], [] if corpus.doc_column else None, False
         for line in lines:
             if not line or line.isspace():
                 continue  # not a row
+            surrogates = surrogates or "\\ud" in line or "\\uD" in line
             try:
                 row = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep
                 row = None
             if not isinstance(row, dict):
                 stats["invalid_json"] += 1
                 continue
-            text = row.get(corpus.text_column, MISSING)
-            if isinstance(text, str) and "\\ud" in line.lower() and not _encodable(text):
-                stats["invalid_utf8"] += 1  # a lone surrogate escape: not text the tokenizer can take
-                continue
-            texts.append(text)
+            texts.append(row.get(corpus.text_column, MISSING))
             if docs is not None:
                 docs.append(_hashable(row.get(corpus.doc_column)))
-        yield Rows(texts, docs, previous), nbytes
+                has_doc = has_doc or corpus.doc_column in row
+        yield Rows(texts, docs, previous, surrogates), nbytes
         if docs:
             previous = docs[-1]
+    if previous is not FIRST_ROW and not has_doc:  # as a parquet file without the column is refused
+        raise UserError(f"no row of {path} has a column {corpus.doc_column!r}; pass --doc-column NAME, or none.")
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+def one_line(e: Exception) -> str:
+    """A library's error message on one line (some span several), not too long."""
+    text = " ".join(str(e).split()).rstrip(". ") or type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def unreadable(path, e: Exception, gz: bool = False) -> UserError:
+    """An input that cannot be opened or read: one sentence (not a failed write, as `files.atomic_dir` says of
+    an OSError)."""
+    why = getattr(e, "strerror", None) or one_line(e)
+    fix = "is it a complete, valid gzip file?" if gz else "check that it is there and that you may read it."
+    return UserError(f"cannot read {path}: {why}; {fix}")
+
+
+def _guarded(items, what: str, fix: str):
+    """`items` with any library error while reading them as one sentence: `cannot read WHAT: ...; FIX.`"""
+    items = iter(items)
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except UserError:
+            raise
+        except Exception as e:  # pyarrow and datasets raise many kinds
+            raise UserError(f"cannot read {what}: {one_line(e)}; {fix}.") from None
+        yield item
 
 
 def _hashable(value):
@@ -108,8 +140,10 @@ def parquet_batches(path: Path, corpus, block_bytes: int):
     except (pyarrow.ArrowException, OSError) as e:
         raise UserError(f"cannot read {path} as parquet: {e}") from None
     schema = file.schema_arrow
-    columns = [corpus.text_column] + ([corpus.doc_column] if corpus.doc_column else [])
+    columns = list(dict.fromkeys([corpus.text_column] + ([corpus.doc_column] if corpus.doc_column else [])))
     for name in columns:
+        if schema.names.count(name) > 1:
+            raise UserError(f"{path} has {schema.names.count(name)} columns named {name!r}; give each its own name.")
         if name not in schema.names:
             raise UserError(
                 f"{path} has no column {name!r} (its columns: {', '.join(schema.names)}); pass "
@@ -125,9 +159,10 @@ def parquet_batches(path: Path, corpus, block_bytes: int):
         if c.path_in_schema == corpus.text_column
     )  # fmt: skip
     batch_rows = max(1, min(ROWS_PER_BATCH, block_bytes * rows // max(1, data_bytes)))
-    for batch in file.iter_batches(batch_size=batch_rows, columns=columns):
-        texts = batch.column(0).to_pylist()
-        docs = [_hashable(d) for d in batch.column(1).to_pylist()] if corpus.doc_column else None
+    batches = file.iter_batches(batch_size=batch_rows, columns=columns)
+    for batch in _guarded(batches, f"{path} as parquet", "the file is damaged: write it again"):
+        texts = batch.column(corpus.text_column).to_pylist()
+        docs = [_hashable(d) for d in batch.column(corpus.doc_column).to_pylist()] if corpus.doc_column else None
         before, done = done, done + len(texts)
         yield Rows(texts, docs, previous), size * done // rows - size * before // rows
         if docs:
@@ -150,7 +185,8 @@ def dataset_batches(corpus, block_bytes: int):
         if i:
             yield FILE_END, 0
         texts, docs, previous, chars = [], [] if corpus.doc_column else None, FIRST_ROW, 0
-        for row in part:
+        fix = "check that its data files are valid and have the same columns"
+        for row in _guarded(part, f"dataset {corpus.dataset}", fix):
             text = row.get(corpus.text_column, MISSING)
             texts.append(text)
             chars += len(text) if isinstance(text, str) else 0
@@ -199,9 +235,10 @@ def open_dataset(corpus):
     except Exception as e:  # datasets raises many kinds (FileNotFoundError, ValueError, its own) for a bad name
         raise UserError(f"cannot open dataset {corpus.dataset!r} split {corpus.split!r}: {e}") from None
     names = getattr(dataset, "column_names", None)
-    if names and corpus.text_column not in names:
-        raise UserError(
-            f"dataset {corpus.dataset!r} has no column {corpus.text_column!r} (its columns: {', '.join(names)}); "
-            "pass --text-column NAME."
-        )
+    for name, flag in ((corpus.text_column, "text"), (corpus.doc_column, "doc")):
+        if names and name and name not in names:
+            raise UserError(
+                f"dataset {corpus.dataset!r} has no column {name!r} (its columns: {', '.join(names)}); pass "
+                f"--{flag}-column NAME."
+            )
     return dataset

@@ -14,9 +14,12 @@ they see the same lines.
   same, since the tokenizer splits words at spaces anyway (only a piece without any space is cut inside a
   word). A text file is cut as it is read, so such a line is never held whole; where each cut falls depends
   only on the line, so a text file and the same text as rows still give the same lines.
-- A document break is yielded as "". CR line endings and a byte-order mark are repaired; invalid UTF-8, NUL
-  bytes, rows that are not JSON objects, lack the column, or hold a null or a non-string are skipped; the
-  counts go to `stats` (keys of LINE_PROBLEMS and ROW_PROBLEMS) and `line_problem_notes` says them in words.
+  A blank piece of a cut line is dropped: only a whole blank line ends a document.
+- A document break is yielded as "". CR line endings and a byte-order mark are repaired; lines with invalid
+  UTF-8 or NUL bytes, rows that are not JSON objects, lack the column, or hold a null or a non-string are
+  skipped; the counts go to `stats` (keys of LINE_PROBLEMS and ROW_PROBLEMS) and `line_problem_notes` says them
+  in words. An input of which half the non-blank lines or more are invalid UTF-8 is refused: it is in another
+  encoding. Compressed and binary formats other than gzip are refused by their first bytes.
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlmtrain.errors import UserError
-from mlmtrain.rows import FILE_END, ROW_PROBLEMS, Rows, dataset_batches, import_pyarrow, jsonl_batches, parquet_batches
+from mlmtrain.rows import (
+    FILE_END,
+    ROW_PROBLEMS,
+    Rows,
+    dataset_batches,
+    import_pyarrow,
+    jsonl_batches,
+    parquet_batches,
+    unreadable,
+)
 
 READ_BLOCK_BYTES = 1 << 20  # bytes decoded (and tokenized) per batch
 LONG_LINE_BYTES = 1 << 20  # a longer line is cut into pieces of about this size
@@ -40,7 +52,15 @@ LINE_PROBLEMS = {  # stats key -> (skipped or repaired, what)
     "crlf": ("repaired", "CR (Windows/old Mac) line endings"),
     "bom": ("repaired", "a UTF-8 byte-order mark"),
 }
-ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # compared in lower case, as every suffix
+GZIP_MAGIC = b"\x1f\x8b"  # read as gzip whatever the file's name
+NOT_TEXT = (  # (first bytes, what the file is, what to do): formats that read as text would give garbage
+    (rb"BZh[1-9](1AY&SY|\x17rE8P\x90)", "bzip2-compressed", "decompress it (bunzip2 -k) or recompress it with gzip"),
+    (rb"\xfd7zXZ\x00", "xz-compressed", "decompress it (unxz -k) or recompress it with gzip"),
+    (rb"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it (zstd -d) or recompress it with gzip"),
+    (rb"PK\x03\x04", "a zip archive", "unzip it and pass the files inside"),
+    (rb"PAR1.*PAR1\Z", "a parquet file", "name it .parquet"),  # its first 16 bytes and last 4 are matched
+)
 # Hangul written as conjoining jamo (NFD: a syllable as 2-3 letters) is other characters than the syllables
 # (NFC) Korean text and tokenizers use; kept as it is (the shards are what the tokenizer gives), but said.
 CONJOINING_JAMO = re.compile("[\u1100-\u11ff]")
@@ -65,14 +85,14 @@ class Corpus:
     @property
     def total_bytes(self) -> int | None:
         """Bytes the progress bar counts to; None for a dataset (its size is not known ahead)."""
-        return None if self.dataset else sum(p.stat().st_size for p in self.files)
+        return None if self.dataset else sum(map(_size, self.files))
 
     def describe(self) -> list[dict]:
         """The inputs as meta.json records them."""
         if self.dataset:
             return [{"dataset": self.dataset, "config": self.dataset_config, "split": self.split, **self._columns()}]
         return [
-            {"path": str(p.resolve()), "bytes": p.stat().st_size, **(self._columns() if _is_rows(p) else {})}
+            {"path": str(p.resolve()), "bytes": _size(p), **(self._columns() if _is_rows(p) else {})}
             for p in self.files
         ]
 
@@ -80,8 +100,19 @@ class Corpus:
         return {"text_column": self.text_column, "doc_column": self.doc_column}
 
 
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as e:  # gone since it was checked
+        raise unreadable(path, e) from None
+
+
 def _is_rows(path: Path) -> bool:
-    return path.name.endswith(ROW_SUFFIXES)
+    return path.name.lower().endswith(ROW_SUFFIXES)
+
+
+def _is_parquet(path: Path) -> bool:
+    return path.name.lower().endswith(".parquet")
 
 
 # ------------------------------------------------------------------------------------------ checking
@@ -89,28 +120,51 @@ def _is_rows(path: Path) -> bool:
 
 def check_inputs(inputs) -> list[Path]:
     """Every input must be an existing, non-empty regular file: say which one is not, and why."""
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     paths = [Path(p) for p in inputs]
     if not paths:
         raise UserError("no input files given (--input FILE [FILE ...]).")
-    for path in paths:
+    firsts = {}
+    for i, (given, path) in enumerate(zip(inputs, paths)):
         if not path.exists():
             raise UserError(f"input file {path} does not exist.")
         if path.is_dir():
             raise UserError(f"input {path} is a directory; pass the text files inside it (e.g. {path}/*.txt).")
         if not path.is_file():
             raise UserError(f"input {path} is not a regular file.")
-        if path.stat().st_size == 0:
+        stat = path.stat()
+        if stat.st_size == 0:
             raise UserError(f"input file {path} is empty.")
-        if path.suffix == ".parquet":
+        if path.name.lower().endswith((".json", ".json.gz", ".ndjson", ".ndjson.gz")):
+            raise UserError(
+                f"input file {path}: .json files are not read; name a JSON-lines file (one object per line) .jsonl "
+                "(a JSON array file is not supported)."
+            )
+        if not os.access(path, os.R_OK):
+            raise unreadable(path, PermissionError("no read permission"))
+        if _is_parquet(path):
             import_pyarrow(path)
-    firsts = {}
-    for path in paths:  # the same text twice would be counted twice, and could land in train and valid both
-        first = firsts.setdefault(path.resolve(), path)
-        if first is not path:
-            raise UserError(f"input file {path} is given twice (also as {first}); pass each file once.")
+        else:
+            _sniff(path, stat.st_size)
+        # the same text twice would be counted twice, and could land in train and valid both (a hard link too)
+        first = firsts.setdefault((stat.st_dev, stat.st_ino), i)
+        if first != i:
+            raise UserError(f"input file {given} is given twice (also as {inputs[first]}); pass each file once.")
     return paths
+
+
+def _sniff(path: Path, size: int) -> None:
+    """Refuse a compressed or binary format that is not read, found by its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            sample = f.read(16)
+            f.seek(max(0, size - 4))
+            sample += f.read(4)
+    except OSError as e:
+        raise unreadable(path, e) from None
+    for magic, what, fix in NOT_TEXT:
+        if re.match(magic, sample, re.DOTALL):
+            raise UserError(f"input file {path} is {what}, which is not read as text: {fix}.")
 
 
 def check_corpus(inputs) -> Corpus:
@@ -151,11 +205,14 @@ def _decode_block(block: bytes, stats: dict) -> list[str]:
 
 
 def _open_binary(path: Path):
-    """(stream of decompressed bytes, raw file for progress). `.gz` is decompressed on the fly."""
-    raw = open(path, "rb")
-    if path.suffix == ".gz":
-        return gzip.GzipFile(fileobj=raw, mode="rb"), raw
-    return raw, raw
+    """(stream of decompressed bytes, raw file for progress). A `.gz` or gzip file is decompressed on the fly."""
+    try:
+        raw = open(path, "rb")
+        gz = path.name.lower().endswith(".gz") or raw.read(2) == GZIP_MAGIC
+        raw.seek(0)
+    except OSError as e:
+        raise unreadable(path, e) from None
+    return (gzip.GzipFile(fileobj=raw, mode="rb"), raw) if gz else (raw, raw)
 
 
 def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
@@ -167,16 +224,15 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
         stats.setdefault(key, 0)
     sources = [(corpus.dataset, dataset_batches(corpus, block_bytes))] if corpus.dataset else []
     for path in corpus.files:
-        if path.suffix == ".parquet":
+        if _is_parquet(path):
             sources.append((path, parquet_batches(path, corpus, block_bytes)))
         elif _is_rows(path):
-            sources.append(
-                (path, jsonl_batches(_text_batches(path, stats, block_bytes, cut_long_lines=False), corpus, stats))
-            )
+            text_batches = _text_batches(path, stats, block_bytes, cut_long_lines=False)
+            sources.append((path, jsonl_batches(text_batches, path, corpus, stats)))
         else:
             sources.append((path, _text_batches(path, stats, block_bytes)))
     for source, batches in sources:
-        text_lines = 0
+        text_lines, invalid_before = 0, stats["invalid_utf8"]
         for lines, nbytes in batches:
             if lines is FILE_END:  # one data file of a dataset: a document boundary, not an input line
                 yield [""], nbytes
@@ -193,6 +249,13 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
                 text_lines += sum(1 for line in part if line)
                 yield part, nbytes
                 nbytes = 0
+        invalid = stats["invalid_utf8"] - invalid_before
+        if invalid and invalid >= text_lines:
+            raise UserError(
+                f"{invalid:,} lines of {source} are not valid UTF-8 (and {text_lines:,} are): it is probably in "
+                "another encoding (CP949/EUC-KR, Latin-1); convert it to UTF-8 first, e.g. `iconv -f cp949 -t utf-8 "
+                "IN > OUT`."
+            )
         if text_lines == 0:
             raise UserError(_no_text_message(source, corpus, stats))
         yield [""], 0  # a file boundary is a document boundary
@@ -250,13 +313,17 @@ def _cut_long_lines(lines: list[str], stats: dict) -> list[str]:
         if len(data) <= LONG_LINE_BYTES:
             out.append(line)
             continue
+        pieces = []
         while len(data) > LONG_LINE_BYTES:
             cut = _long_line_cut(data, LONG_LINE_BYTES)
-            out.append(data[:cut].decode("utf-8"))
+            pieces.append(data[:cut].decode("utf-8"))
             data = data[cut:]
             stats["long_line_cuts"] += 1
-            stats["input_lines"] -= 1  # a line cut into pieces still counts once
-        out.append(data.decode("utf-8"))
+        kept = [piece for piece in pieces if not piece.isspace()]  # blank pieces: no text, and no document break
+        last = data.decode("utf-8")
+        kept += [last] if not last.isspace() or not kept else []
+        stats["input_lines"] -= len(kept) - 1  # a line cut into pieces still counts once
+        out += kept
     return out
 
 
@@ -272,18 +339,22 @@ def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: boo
     whole, up to MAX_ROW_BYTES)."""
     stream, raw = _open_binary(path)
     carry, first, pos = b"", True, 0
+    kept = None  # pieces kept of the line being cut, whose rest (its tail) is the next line to come
     with stream, raw:
         while True:
             try:
                 chunk = stream.read(block_bytes)
             except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-                raise UserError(f"cannot read {path}: {e} (is it really a gzip file?)") from None
+                raise unreadable(path, e, gz=stream is not raw) from None
             if first and chunk.startswith(b"\xef\xbb\xbf"):
                 chunk, stats["bom"] = chunk[3:], stats["bom"] + 1
             first = False
             block = carry + chunk
             cut = _last_line_end(block) if chunk else len(block)
             block, carry = block[:cut], block[cut:]
+            if kept is not None and block:
+                block = _drop_blank_tail(block, kept, stats)
+                kept = None
             pieces = []  # of a line too long to hold: each yielded as a line (the rest by `_cut_long_lines`)
             while cut_long_lines and len(carry) > LONG_LINE_BYTES:
                 piece = _long_line_cut(carry, LONG_LINE_BYTES)
@@ -296,14 +367,29 @@ def _text_batches(path: Path, stats: dict, block_bytes: int, cut_long_lines: boo
             if lines and lines[-1] == "" and block.endswith((b"\n", b"\r")):
                 lines.pop()  # the split after the final "\n" is not a line
             for piece in pieces:
-                lines += _decode_block(piece, stats)
-                stats["input_lines"] -= 1  # the line's pieces count once, with its last one
+                kept = kept or 0
+                for line in _decode_block(piece, stats):
+                    if not line.isspace():  # a blank piece: no text, and no document break
+                        lines.append(line)
+                        kept += 1
+                        stats["input_lines"] -= 1  # the line's pieces count once, with its last one
             if lines or pieces:
                 now = raw.tell()
                 yield lines, now - pos
                 pos = now
             if not chunk:
                 break
+
+
+def _drop_blank_tail(block: bytes, kept: int, stats: dict) -> bytes:
+    """`block` without its first line, the tail of a line cut into pieces, where that tail is blank and a piece
+    was kept: a blank piece is no document break (as `_cut_long_lines` drops it)."""
+    end = min((i for i in (block.find(b"\n"), block.find(b"\r")) if i >= 0), default=len(block))
+    if not kept or block[:end].decode("utf-8", "replace").strip():
+        return block
+    stats["input_lines"] += 1  # the tail was to count the line
+    stats["crlf"] += block[end : end + 1] == b"\r"  # the line break goes with it
+    return block[end + (2 if block[end : end + 2] == b"\r\n" else 1) :]
 
 
 def line_problem_notes(stats: dict) -> list[str]:
@@ -353,7 +439,7 @@ def corpus_from_args(args) -> Corpus | None:
             raise UserError("pass the corpus: --input FILE [FILE ...] or --dataset NAME_OR_PATH.")
         return None
     corpus = Corpus(
-        files=[Path(p) for p in args.input or []],
+        files=list(args.input or []),  # as given, for the messages: check_inputs makes them paths
         dataset=args.dataset,
         dataset_config=args.dataset_config,
         split=args.split,

@@ -1,0 +1,253 @@
+"""Corpus inputs that used to escape as a traceback, be misread or be mislabelled: each is now read as the same
+text elsewhere is, or refused with one sentence naming the file and the fix (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import json
+import lzma
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+from cli_run import assert_refused, in_process, run_cli
+
+from mlmtrain import prepare as prepare_module
+from mlmtrain import text
+from mlmtrain import tokenizer as tokenizer_module
+from mlmtrain.errors import UserError
+from mlmtrain.prepare import prepare
+from mlmtrain.text import Corpus, iter_line_batches
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+
+
+def npy_files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(Path(folder).rglob("*.npy"))}
+
+
+def shards(inputs, tokenizer_dir, out, **kw):
+    """(meta.json, the .npy files) of `prepare` on `inputs` with no valid split unless asked."""
+    kw.setdefault("valid_fraction", 0.0)
+    meta = prepare(inputs, tokenizer_dir, out, progress=False, **kw)
+    return meta, npy_files(out)
+
+
+def jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def refused(capsys, tmp_path, tokenizer_dir, *args, command="prepare"):
+    """The one error line of `mlmtrain prepare ARGS` (or `tokenizer`); checks that nothing was written."""
+    out = tmp_path / "refused_out"
+    tail = ["--tokenizer", tokenizer_dir, "--out", out] if command == "prepare" else ["--out", out]
+    line = assert_refused(in_process(capsys, command, *args, *tail))
+    assert not out.exists()
+    return line
+
+
+def test_deeply_nested_json_line_is_an_invalid_row(tmp_path, tokenizer_dir):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"text": "the cat sat"}\n{"a": ' + "[" * 5000 + "]" * 5000 + "}\n", encoding="utf-8")
+    meta, _ = shards(Corpus(files=[path]), tokenizer_dir, tmp_path / "d")
+    assert meta["row_problems"]["invalid_json"] == 1 and meta["train"]["sentences"] == 1
+
+
+def test_bad_data_file_in_a_dataset_folder_is_one_sentence(tmp_path, tokenizer_dir):
+    """Run as a script runs it: `datasets` logs the failing file's name on stderr first (a handler it set up in
+    an earlier test would write to a closed capsys stream in process)."""
+    pytest.importorskip("datasets")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jsonl").write_text('{"text": "hello world"}\nnot json\n{"text": "the cat"}\n')
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.jsonl").write_text('{"text": "hello world"}\n')
+    (tmp_path / "b" / "y.jsonl").write_text('{"body": "x"}\n')
+    for name, phrase in (("a", "JSON parse error"), ("b", "column names don't match")):
+        args = ("prepare", "--dataset", tmp_path / name, "--tokenizer", tokenizer_dir, "--out", tmp_path / "out")
+        line = assert_refused(run_cli(*args, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}), phrase)
+        assert f"cannot read dataset {tmp_path / name}: " in line and "check that its data files are valid" in line
+        assert not (tmp_path / "out").exists()
+
+
+def test_damaged_parquet_is_a_read_error_not_a_write_error(tmp_path, tokenizer_dir, capsys):
+    path = tmp_path / "damaged.parquet"
+    pq.write_table(pa.table({"text": [f"sentence {i} the cat sat" for i in range(4000)]}), path, row_group_size=1000)
+    data = bytearray(path.read_bytes())
+    start = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
+    data[start : start + 32] = b"\xff" * 32  # the third row group's page header
+    path.write_bytes(bytes(data))
+    for command in ("prepare", "tokenizer"):
+        line = refused(capsys, tmp_path, tokenizer_dir, "--input", path, command=command)
+        assert f"cannot read {path} as parquet: Couldn't deserialize thrift" in line and "write it again" in line
+        assert "could not write" not in line
+
+
+def test_parquet_columns_by_name(tmp_path, tokenizer_dir, capsys):
+    pq.write_table(pa.table({"text": ["hello world", "the cat"]}), tmp_path / "a.parquet")
+    meta, _ = shards(Corpus(files=[tmp_path / "a.parquet"], doc_column="text"), tokenizer_dir, tmp_path / "d")
+    assert meta["train"]["sentences"] == 2 and meta["train"]["documents"] == 2  # each value its own document
+    table = pa.table([pa.array(["hello world"]), pa.array(["the cat"])], names=["text", "text"])
+    pq.write_table(table, tmp_path / "dup.parquet")
+    line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / "dup.parquet")
+    assert "dup.parquet has 2 columns named 'text'; give each its own name" in line
+
+
+def test_compressed_and_binary_formats_are_refused_by_their_first_bytes(tmp_path, tokenizer_dir, capsys):
+    body = b"the cat sat on the mat\nhello world\n" * 50
+    (tmp_path / "c.txt.bz2").write_bytes(bz2.compress(body))
+    (tmp_path / "c.txt.xz").write_bytes(lzma.compress(body))
+    (tmp_path / "c.zst").write_bytes(b"\x28\xb5\x2f\xfd" + body)
+    with zipfile.ZipFile(tmp_path / "c.zip", "w") as z:
+        z.writestr("c.txt", body)
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "rows.dat")
+    cases = {
+        "c.txt.bz2": "is bzip2-compressed, which is not read as text: decompress it (bunzip2 -k)",
+        "c.txt.xz": "is xz-compressed",
+        "c.zst": "is zstd-compressed",
+        "c.zip": "is a zip archive, which is not read as text: unzip it and pass the files inside",
+        "rows.dat": "is a parquet file, which is not read as text: name it .parquet",
+    }
+    for name, phrase in cases.items():
+        line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / name)
+        assert f"input file {tmp_path / name} {phrase}" in line
+    # gzip is read whatever the file's name
+    (tmp_path / "plain.txt").write_bytes(body)
+    (tmp_path / "packed.txt").write_bytes(gzip.compress(body))
+    want = shards([tmp_path / "plain.txt"], tokenizer_dir, tmp_path / "a")[1]
+    assert shards([tmp_path / "packed.txt"], tokenizer_dir, tmp_path / "b")[1] == want
+
+
+def test_a_file_in_another_encoding_is_refused_a_few_bad_lines_are_skipped(tmp_path, tokenizer_dir, capsys):
+    korean = (
+        "대한민국은 민주공화국이다.\nhello world the cat\n대한민국의 주권은 국민에게 있고\nthe cat sat on the mat\n"
+    )
+    (tmp_path / "cp949.txt").write_bytes(korean.encode("cp949"))
+    line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / "cp949.txt")
+    assert f"2 lines of {tmp_path / 'cp949.txt'} are not valid UTF-8 (and 2 are)" in line
+    assert "another encoding (CP949/EUC-KR, Latin-1); convert it to UTF-8 first, e.g. `iconv -f cp949" in line
+    line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / "cp949.txt", command="tokenizer")
+    assert "are not valid UTF-8" in line
+    (tmp_path / "few.txt").write_bytes(korean.encode() + "한국어 문장\n".encode("cp949"))
+    meta, _ = shards([tmp_path / "few.txt"], tokenizer_dir, tmp_path / "d")
+    assert meta["line_problems"]["invalid_utf8"] == 1 and meta["train"]["sentences"] == 4
+
+
+def test_suffixes_in_any_case_and_json_refused(tmp_path, tokenizer_dir, capsys):
+    lines = ["the cat sat on the mat", "hello world again"]
+    want = shards([jsonl(tmp_path / "a.jsonl", lines)], tokenizer_dir, tmp_path / "a")[1]
+    assert shards([jsonl(tmp_path / "A.JSONL", lines)], tokenizer_dir, tmp_path / "b")[1] == want
+    pq.write_table(pa.table({"text": lines}), tmp_path / "A.PARQUET")
+    assert shards([tmp_path / "A.PARQUET"], tokenizer_dir, tmp_path / "c")[1] == want
+    (tmp_path / "A.TXT.GZ").write_bytes(gzip.compress("\n".join(lines).encode()))
+    assert shards([tmp_path / "A.TXT.GZ"], tokenizer_dir, tmp_path / "e")[1] == want
+    for name in ("a.json", "a.json.gz", "a.ndjson"):
+        jsonl(tmp_path / name, lines)
+        line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / name)
+        assert (
+            f"{tmp_path / name}: .json files are not read; name a JSON-lines file (one object per line) .jsonl" in line
+        )
+
+
+def test_a_row_gives_the_lines_of_the_same_text_file(tmp_path, tokenizer_dir):
+    """A bad line (NUL, lone surrogate) inside a row is skipped and counted alone, and a row's final line break
+    ends its last line, not a document: rows and the same text as lines give the same shards and counts."""
+    texts = ["first good line\nsecond has nul \0 here\nthird good line", "next row ok\n", "the cat sat\n"]
+    (tmp_path / "a.txt").write_text("".join(t if t.endswith("\n") else t + "\n" for t in texts), encoding="utf-8")
+    want_meta, want = shards([tmp_path / "a.txt"], tokenizer_dir, tmp_path / "a")
+    got_meta, got = shards([jsonl(tmp_path / "a.jsonl", texts)], tokenizer_dir, tmp_path / "b")
+    assert got == want and got_meta["train"]["sentences"] == 4 and got_meta["train"]["documents"] == 1
+    for key in ("line_problems", "input_lines", "lines_skipped"):
+        assert got_meta[key] == want_meta[key], key
+    (tmp_path / "s.jsonl").write_text('{"text": "the cat\\nlone \\ud800 here\\nhello world"}\n')
+    meta, _ = shards([tmp_path / "s.jsonl"], tokenizer_dir, tmp_path / "s")
+    assert meta["line_problems"]["invalid_utf8"] == 1 and meta["train"]["sentences"] == 2
+
+
+def test_train_left_empty_by_the_split_says_so(tmp_path, tokenizer_dir, capsys):
+    (tmp_path / "a.txt").write_text("a b\n\nc d\n\ne f\n")
+    line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / "a.txt", "--valid-fraction", "0.9")
+    assert "every split unit of the corpus (3) was drawn into valid, leaving train empty: lower --valid" in line
+
+
+def test_max_seq_len_is_capped_and_the_histogram_sized_by_the_longest_sentence(tmp_path, tokenizer_dir, capsys):
+    (tmp_path / "a.txt").write_text("hello world the cat sat\nthe cat\n")
+    line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / "a.txt", "--max-seq-len", 1 << 40)
+    assert "--max-seq-len must be from 3 ([CLS] token [SEP]) to 65,536, got 1099511627776" in line
+    meta, _ = shards([tmp_path / "a.txt"], tokenizer_dir, tmp_path / "d", max_seq_len=65536)
+    histogram = meta["length_histogram"]
+    assert len(histogram) == meta["train"]["max_sentence_len"] + 1 and sum(histogram) == 2 and histogram[-1] == 1
+
+
+def test_an_input_that_cannot_be_read_is_a_read_error(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    """Unreadable at the check, or gone once checked: `cannot read PATH`, never `could not write` the output."""
+    with pytest.raises(UserError, match=f"cannot read {tmp_path / 'gone.txt'}: No such file"):
+        list(iter_line_batches([tmp_path / "gone.txt"], {}))
+    victim = tmp_path / "victim.txt"
+    for module, command in ((prepare_module, "prepare"), (tokenizer_module, "tokenizer")):
+        victim.write_text("hello world\n")
+        checked = module.check_corpus
+        monkeypatch.setattr(
+            module, "check_corpus", lambda inputs, checked=checked: (checked(inputs), victim.unlink())[0]
+        )
+        line = refused(capsys, tmp_path, tokenizer_dir, "--input", victim, command=command)
+        assert f"cannot read {victim}: No such file or directory; check that it is there" in line
+
+
+def test_an_input_without_read_permission_is_refused_before_work(tokenizer_dir):
+    prefix = ()
+    if os.geteuid() == 0:  # root reads any file: run as nobody
+        if not shutil.which("setpriv"):
+            pytest.skip("needs setpriv to drop root")
+        prefix = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+    folder = Path(tempfile.mkdtemp(prefix="mlmtrain-noperm-"))  # where nobody may go, unlike tmp_path
+    try:
+        shutil.copytree(tokenizer_dir, folder / "tok")
+        (folder / "a.txt").write_text("hello world\n")
+        for path in (folder, *folder.rglob("*")):
+            path.chmod(0o777 if path.is_dir() else 0o644)
+        (folder / "a.txt").chmod(0)
+        done = run_cli("prepare", "--input", "a.txt", "--tokenizer", "tok", "--out", "d", cwd=folder, prefix=prefix)
+        assert "cannot read a.txt: no read permission" in assert_refused(done)
+        assert not (folder / "d").exists()
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_the_same_file_twice_and_a_doc_column_that_is_not_there(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    (tmp_path / "a.txt").write_text("hello world\n")
+    os.link(tmp_path / "a.txt", tmp_path / "b.txt")
+    line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / "a.txt", tmp_path / "b.txt")
+    assert f"input file {tmp_path / 'b.txt'} is given twice (also as {tmp_path / 'a.txt'})" in line
+    monkeypatch.chdir(tmp_path)
+    line = refused(capsys, tmp_path, tokenizer_dir, "--input", "./a.txt", "a.txt")
+    assert "input file a.txt is given twice (also as ./a.txt)" in line
+    jsonl(tmp_path / "r.jsonl", ["hello world"])
+    line = refused(capsys, tmp_path, tokenizer_dir, "--input", "r.jsonl", "--doc-column", "nope")
+    assert "no row of r.jsonl has a column 'nope'; pass --doc-column NAME, or none" in line
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"text": ["hello world"]}).save_to_disk(str(tmp_path / "ds"))
+    line = refused(capsys, tmp_path, tokenizer_dir, "--dataset", "ds", "--doc-column", "nope")
+    assert "dataset 'ds' has no column 'nope' (its columns: text); pass --doc-column NAME" in line
+
+
+def test_blank_pieces_of_a_long_line_are_no_document_break(tmp_path, tokenizer_dir, monkeypatch):
+    """A line past LONG_LINE_BYTES (4096 here) that is mostly spaces: its blank pieces are dropped, as a text
+    file and as rows; only a whole blank line, however long, ends a document."""
+    monkeypatch.setattr(text, "LONG_LINE_BYTES", 4096)
+    lines = ["first line here", "the cat sat " + " " * 12000 + " hello world", "a b" + " " * 9000, "last line"]
+    (tmp_path / "a.txt").write_text("\n".join(lines) + "\n")
+    meta, want = shards([tmp_path / "a.txt"], tokenizer_dir, tmp_path / "a", block_bytes=1000)
+    assert meta["train"]["documents"] == 1 and meta["train"]["sentences"] == 5 and meta["input_lines"] == 4
+    got_meta, got = shards([jsonl(tmp_path / "a.jsonl", lines)], tokenizer_dir, tmp_path / "b", block_bytes=1000)
+    assert got == want and (got_meta["input_lines"], got_meta["long_line_cuts"]) == (4, meta["long_line_cuts"])
+    blank = [*lines[:2], " " * 9000, *lines[2:]]  # a whole blank line: a document break
+    (tmp_path / "c.txt").write_text("\n".join(blank) + "\n")
+    meta, want = shards([tmp_path / "c.txt"], tokenizer_dir, tmp_path / "c", block_bytes=1000)
+    assert meta["train"]["documents"] == 2 and meta["input_lines"] == 5
+    assert shards([jsonl(tmp_path / "c.jsonl", blank)], tokenizer_dir, tmp_path / "e", block_bytes=1000)[1] == want
