@@ -12,6 +12,7 @@ import json
 import os
 import pty
 import re
+import statistics
 import struct
 import subprocess
 import sys
@@ -96,9 +97,15 @@ def test_a_pipe_gets_plain_lines_the_resolved_config_and_the_next_command(data_d
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     start = readme.index("`RUN/summary.json` holds the numbers for scripts")
     documented = set(re.findall(r"`(\w+)`", readme[start : readme.index("\n\n", start)]))
-    assert summary["schema"] == "mlmtrain.summary/1" and set(summary) <= documented, set(summary) - documented
+    assert summary["schema"] == "mlmtrain.summary/2" and set(summary) <= documented, set(summary) - documented
     assert documented - set(summary) == {"null", "min", "median", "max", "resolved", "auto"}, documented
     assert set(summary["step_time_s"]) == {"min", "median", "max"} and "resolved" in summary["config"]
+    # one measurement: every rate is the median over the windows after the first (the compile's), here steps 2, 3
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    windows = [r for r in rows if "tokens_per_s" in r][1:]
+    assert len(windows) == 2 and summary["step_time_s"]["min"] < summary["step_time_s"]["max"]
+    for key, summary_key in (("tokens_per_s", "tokens_per_s"), ("tflops", "achieved_tflops")):
+        assert summary[summary_key] == pytest.approx(statistics.median(r[key] for r in windows)), key
     rc, quiet = run_cli([*train_args(data_dir, tokenizer_dir, tmp_path / "quiet"), "--quiet"], terminal=False)
     assert rc == 0 and "config (resolved)" not in quiet and "step 1:" not in quiet and "done: 3 steps" in quiet
     # export says what it wrote and what it verified, and nothing else: not what the libraries it loads log

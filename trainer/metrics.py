@@ -330,14 +330,16 @@ def progress_line(row: dict, short: bool = False) -> str:
     )
 
 
-SUMMARY_SCHEMA = "mlmtrain.summary/1"  # summary.json's keys (README, `mlmtrain train`): a change of meaning bumps it
+SUMMARY_SCHEMA = "mlmtrain.summary/2"  # summary.json's keys (README, `mlmtrain train`): a change of meaning bumps it
 
 
 def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: dict, stopped_by) -> dict:
     """Throughput (median over the log windows after the first, which holds the compile), MFU, memory, losses."""
     history = [w.row for w in windows]
-    tokens_per_s = spread([r["tokens_per_s"] for r in history[1:]] or [r["tokens_per_s"] for r in history])
-    step_times = [w.elapsed_s / w.steps for w in windows if w.steps >= 2 or w.last]
+    timed = history[1:] or history  # the first window holds the compile
+    tokens_per_s, tflops = (spread([r[key] for r in timed]) for key in ("tokens_per_s", "tflops"))
+    mfu = spread([r["mfu"] for r in timed])  # None where the peak is not known
+    step_times = [w.elapsed_s / w.steps for w in windows if w.steps]
     return {
         "schema": SUMMARY_SCHEMA,
         "mlmtrain_version": __version__,
@@ -346,8 +348,8 @@ def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: 
         "real_tokens": sum(w.real_tokens for w in windows),
         "tokens_per_s": tokens_per_s and tokens_per_s["median"],  # the job's total
         "tokens_per_s_per_gpu": tokens_per_s and tokens_per_s["median"] / run.world,
-        "achieved_tflops": history[-1]["tflops"] if history else None,
-        "mfu": history[-1]["mfu"] if history else None,
+        "achieved_tflops": tflops and tflops["median"],  # the same windows' medians: one measurement
+        "mfu": mfu and mfu["median"],
         **memory_stats(run.device),
         "final_loss": history[-1]["loss"] if history else None,
         "bad_steps": sum(len(w.bad_steps) for w in windows),  # non-finite steps of this process's windows
