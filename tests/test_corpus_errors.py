@@ -234,6 +234,8 @@ def test_the_same_file_twice_and_a_doc_column_that_is_not_there(tmp_path, tokeni
     datasets.Dataset.from_dict({"text": ["hello world"]}).save_to_disk(str(tmp_path / "ds"))
     line = refused(capsys, tmp_path, tokenizer_dir, "--dataset", "ds", "--doc-column", "nope")
     assert "dataset 'ds' has no column 'nope' (its columns: text); pass --doc-column NAME" in line
+    line = refused(capsys, tmp_path, tokenizer_dir, "--dataset", "ds", "--split", "test")
+    assert "ds holds one split saved whole (a Dataset, not a DatasetDict): drop --split" in line
 
 
 def test_blank_pieces_of_a_long_line_are_no_document_break(tmp_path, tokenizer_dir, monkeypatch):

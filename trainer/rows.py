@@ -228,6 +228,8 @@ def open_dataset(corpus):
                 if corpus.split not in dataset:
                     raise UserError(f"{path} has no split {corpus.split!r} (its splits: {', '.join(dataset)}).")
                 dataset = dataset[corpus.split]
+            elif corpus.split != "train":  # one Dataset saved whole: it has no splits to choose from
+                raise UserError(f"{path} holds one split saved whole (a Dataset, not a DatasetDict): drop --split.")
         else:
             dataset = datasets.load_dataset(corpus.dataset, corpus.dataset_config, split=corpus.split, streaming=True)
     except UserError:
