@@ -12,6 +12,7 @@ from test_train import tiny_config
 
 from mlmtrain import profiling
 from mlmtrain.config import TrainSpec
+from mlmtrain.errors import UserError
 from mlmtrain.profiling import PHASES, StepProfiler, kernel_categories, kernel_category, phase_times
 from mlmtrain.train import train
 
@@ -47,9 +48,10 @@ def test_a_run_stopped_inside_the_window_traces_only_the_steps_it_ran(data_dir, 
     step = StepProfiler.step
 
     def step_then_signal(self):
-        step(self)
+        spent = step(self)
         if self.steps_done == 4:  # steps 0..3 ran: 1 was the warm-up, 2 and 3 traced
             os.kill(os.getpid(), signal.SIGTERM)
+        return spent
 
     monkeypatch.setattr(StepProfiler, "step", step_then_signal)
     run = tmp_path / "run"
@@ -121,18 +123,38 @@ def test_each_rank_writes_its_own_files_and_a_late_start_is_clipped(tmp_path):
         is None
     )
     assert "nothing traced: steps 3..3 come after the run's last step, 2" in logged[-1]
+    # an evaluation or a save inside the window is said: its work counts in a traced step
+    spec = TrainSpec(profile_steps="2:5", max_steps=9, eval_every=3, checkpoint_every=4)
+    profiling.start_profiler(spec, 0, tmp_path, cpu, 0, 1, logged.append).close()
+    assert (
+        "the evaluation after step 3 (train.eval_every 3) runs in traced step 3; the checkpoint after step 4 "
+        in (logged[-2])
+    )
+
+
+def test_the_trace_export_is_no_training_time():
+    """The seconds the last traced step spends writing the trace leave the log window's time, not its tokens."""
+    from types import SimpleNamespace
+
+    from mlmtrain.metrics import WindowStats
+
+    window = WindowStats(torch.device("cpu"), 2, 1, 0.0, SimpleNamespace(wait_s=0.0))
+    t0 = window.t0
+    window.exclude(2.5)
+    assert window.t0 == t0 + 2.5
 
 
 @pytest.mark.parametrize("first, warmup", [(3, 1), (2, 0)])
 def test_the_trace_starts_on_a_drained_device(tmp_path, monkeypatch, first, warmup):
-    """The host runs steps ahead of the device: the profiler waits for it once, just before the first traced step
-    (after the warm-up), so no kernel of an untraced step is counted in a traced one."""
+    """The host runs steps ahead of the device: the profiler waits for it just before the first traced step
+    (after the warm-up), so no kernel of an untraced step is counted in a traced one, and after the last, so the
+    trace's export that follows is no device time of the log window (which leaves it out)."""
     profiler = StepProfiler(first, first + 2, warmup, 0, tmp_path, torch.device("cpu"), 0, 1, False, lambda m: None)
     profiler.device = type("CudaDevice", (), {"type": "cuda"})()  # what a CUDA run drains; the trace stays CPU
     drained = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: drained.append(profiler.steps_done))
     _work(profiler, first + 2)
-    assert drained == [first - 1]  # after step first - 1 (steps count from 0), before step `first`
+    assert drained == [first - 1, first + 1]  # after step first - 1 (steps count from 0), and after the last
 
 
 # ---- the kernel-category breakdown -----------------------------------------------------------------------
@@ -189,6 +211,7 @@ CUDA_KERNELS = {  # names as torch 2.x CUDA traces spell them (demangled, templa
     "void at::native::lpnorm_cleanup<float, (at::native::NormType)1, float, float>(float const*, "
     "at::native::TensorListAddresses, int)": "optimizer",
     "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+    "cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0": "attention",  # pytorch/kineto#1022
     "_mask_apply_kernel": "other",
     "void (anonymous namespace)::indexSelectLargeIndex<c10::BFloat16, long, unsigned int, 2, 2, -2, true>"
     "(at::cuda::detail::TensorInfo<c10::BFloat16, unsigned int>, long, long)": "other",
@@ -205,6 +228,8 @@ HOST_OPS = {
     "aten::_fused_adamw_": "optimizer",
     "aten::_foreach_norm": "optimizer",
     "aten::embedding": "other",
+    "c10d::allreduce_": "communication",  # gloo's, on the CPU: not a reduction
+    "gloo:all_reduce": "communication",
 }
 
 
@@ -262,6 +287,22 @@ def test_host_self_times_count_nested_operators_once():
     assert report["timeline"] == "host" and report["step_ms"] == pytest.approx(0.050)
     assert c["gemm"]["ms"] == pytest.approx(0.010) and c["attention"]["ms"] == pytest.approx(0.020)
     assert c["idle"]["ms"] == pytest.approx(0.020)
+
+
+def test_idle_gaps_take_the_loop_threads_phase_and_no_instant_splits_a_gap():
+    """Autograd launches the backward from its own thread: the phase is the loop thread's at the launch. A
+    zero-length device event (a memset) inside a 90 us gap does not cut it into two uncounted halves."""
+    events = [
+        _x("user_annotation", "ProfilerStep#0", 0, 1000, tid=1),
+        _x("user_annotation", "backward", 0, 1000, tid=1),
+        _x("cuda_runtime", "cudaLaunchKernel", 240, 5, tid=2, correlation=1),  # the autograd thread
+        _x("kernel", "k", 100, 50, stream=7),
+        _x("gpu_memset", "Memset (Device)", 190, 0, stream=7),
+        _x("kernel", "k", 240 + 10, 50, correlation=1, stream=7),
+    ]
+    gaps = kernel_categories({"traceEvents": events})["idle_gaps"]
+    assert gaps["count"] == 1 and gaps["ms"] == pytest.approx(0.100)
+    assert gaps["top"][0]["phase"] == "backward" and gaps["top"][0]["kind"] == "host late"
 
 
 def test_idle_gaps_are_put_down_to_what_the_host_was_doing():
@@ -328,3 +369,12 @@ def test_idle_gaps_are_put_down_to_what_the_host_was_doing():
     )
     assert "host late in forward, cudaLaunchKernel from aten::mm" in text and "1.60 ms per step, 0.13 of them" in text
     assert "graph replay in optimizer, cudaGraphLaunch from no operator" in text
+
+
+@pytest.mark.parametrize("spec", ["5:3", "5:5", "a:b", "3", "3:", ":3", "2:4:6", " 2:4", "+2:4", "2_0:30", "２:４"])
+def test_profile_steps_are_plain_a_colon_b(spec):
+    from mlmtrain.config import profile_range
+
+    with pytest.raises(UserError, match="--profile-steps"):
+        profile_range(spec)
+    assert profile_range("0:2") == (0, 2) and profile_range("") is None

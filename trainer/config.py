@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,10 +278,10 @@ def profile_range(spec: str) -> tuple[int, int] | None:
     """`train.profile_steps` "A:B" as (A, B), or None when empty."""
     if not spec:
         return None
-    try:
-        first, end = (int(x) for x in spec.split(":"))
-    except ValueError:
-        raise UserError(f"--profile-steps takes A:B (e.g. 10:15), got {spec!r}") from None
+    match = re.fullmatch(r"([0-9]+):([0-9]+)", spec)  # plain digits: int() would also take " 2", "+2", "2_0"
+    if match is None:
+        raise UserError(f"--profile-steps takes A:B (e.g. 10:15), got {spec!r}")
+    first, end = int(match[1]), int(match[2])
     if not 0 <= first < end:
         raise UserError(f"--profile-steps A:B needs 0 <= A < B, got {spec!r}")
     return first, end

@@ -47,7 +47,8 @@ def idle_gaps(events: list[dict], device: list[dict], steps: list[dict], phases:
         e["args"]["correlation"]: e for e in events if e.get("cat") in HOST_CALLS and "correlation" in e.get("args", {})
     }
     threads = _Threads(events, phases)
-    device = sorted(device, key=lambda e: e["ts"])
+    loop = (steps[0].get("pid"), steps[0].get("tid")) if steps else None  # the phases are the loop thread's ranges
+    device = sorted((e for e in device if e["dur"] > 0), key=lambda e: e["ts"])  # an instant splits no gap
     causes: dict[tuple, list[float]] = {}
     for gap_start, gap_end, next_event in _gaps(device):
         launch = launches.get(next_event.get("args", {}).get("correlation"))
@@ -65,7 +66,9 @@ def idle_gaps(events: list[dict], device: list[dict], steps: list[dict], phases:
             waited_in = (
                 f"{waited['name']} in {threads.op_at(thread, waited['ts']) or 'no operator'}" if waited else None
             )
-            key = (kind, threads.phase_at(thread, at), threads.op_at(thread, at), launch["name"], waited_in)
+            # the phase the loop was in at the launch: autograd launches the backward from its own thread
+            phase = threads.phase_at(loop or thread, at)
+            key = (kind, phase, threads.op_at(thread, at), launch["name"], waited_in)
         entry = causes.setdefault(key, [0.0, 0])
         entry[0] += gap_end - gap_start
         entry[1] += 1

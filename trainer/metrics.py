@@ -261,6 +261,10 @@ class WindowStats:
         self.restart_clock()
         return ready
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of host work out of the open window's time (its steps and tokens stay)."""
+        self.t0 += seconds
+
     def flush(self) -> list[Window]:
         """The window whose device numbers are in flight (deferred), read now; [] when there is none."""
         if self.pending is None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import time
 import warnings
 from pathlib import Path
 
@@ -82,6 +83,7 @@ class StepProfiler:
         self.out_dir, self.device, self.rank, self.world, self.log = out_dir, device, rank, world, log
         self.suffix = "" if world == 1 else f"_rank{rank}"
         self.first, self.end = max(first, start_step), end
+        self.active = end - self.first
         self.warmup = min(warmup, self.first - start_step)
         self.wait = self.first - start_step - self.warmup
         self.memory = memory and device.type == "cuda"
@@ -91,7 +93,7 @@ class StepProfiler:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with warnings.catch_warnings():  # no warm-up when A is the first step: the message below says so
             warnings.simplefilter("ignore")
-            schedule = torch.profiler.schedule(wait=self.wait, warmup=self.warmup, active=end - self.first, repeat=1)
+            schedule = torch.profiler.schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=1)
         self.prof = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=self._write)
         if self.wait + self.warmup == 0:  # the trace starts with the next step
             self._drain()
@@ -111,15 +113,24 @@ class StepProfiler:
             self._range = torch.profiler.record_function(name)
             self._range.__enter__()
 
-    def step(self) -> None:
+    def step(self) -> float:
+        """After every optimizer step; returns the seconds it spent writing the trace (no training time: the
+        device is drained first, so its work stays in the log window's time and the export does not)."""
         self.phase(None)
+        spent = 0.0
         if self.prof is not None:
             if self.steps_done + 1 == self.wait + self.warmup:  # the next step is the first one traced
                 self._drain()
+            last = self.steps_done + 1 == self.wait + self.warmup + self.active  # this step ends the trace
+            if last:
+                self._drain()
+            t0 = time.perf_counter()
             self.prof.step()
+            spent = time.perf_counter() - t0 if last else 0.0
         self.steps_done += 1
         if self.memory and self.steps_done == self.wait:  # the warm-up starts: record allocations from here
             torch.cuda.memory._record_memory_history(max_entries=100_000)
+        return spent
 
     def _drain(self) -> None:
         """Wait for the device before the trace starts (sync: once per run): the host runs steps ahead of it, and
@@ -185,6 +196,16 @@ def start_profiler(train_spec, start_step: int, out_dir: Path, device, rank: int
     # evaluation and checkpoint as one more traced step
     if steps[1] > train_spec.max_steps:
         log(f"profile: steps {steps[0]}..{steps[1] - 1} end with the run's last step, {train_spec.max_steps - 1}")
+    # an evaluation or a save after step count c runs in loop step c (after the profiler's step boundary)
+    first, end = max(steps[0], start_step), min(steps[1], train_spec.max_steps)
+    inside = [
+        f"{what} after step {c} (train.{key} {every}) runs in traced step {c}"
+        for what, key, every in (("the evaluation", "eval_every", train_spec.eval_every),
+                                 ("the checkpoint", "checkpoint_every", train_spec.checkpoint_every))
+        if every for c in range(max(first, 1), end) if c % every == 0
+    ]  # fmt: skip
+    if inside:
+        log(f"profile: {'; '.join(inside[:4])}{'; ...' if len(inside) > 4 else ''}: its work counts in that step")
     return StepProfiler(steps[0], min(steps[1], train_spec.max_steps), train_spec.profile_warmup, start_step, out_dir,
                         device, rank, world, train_spec.profile_memory, log)  # fmt: skip
 
@@ -234,7 +255,8 @@ def kernel_category(name: str, cat: str = "kernel") -> str:
         return "copy"
     full, base = name.lower(), _base_name(name)
     op = base[6:].strip("_") if base.startswith("aten::") else None  # a host operator's name
-    if "nccl" in full:
+    if any(s in full for s in ("nccl", "c10d::", "gloo", "allreduce", "all_reduce", "all_gather", "allgather",
+                               "reduce_scatter", "broadcast")):  # fmt: skip
         return "communication"
     if any(s in base for s in ("multi_tensor_apply", "adam", "lpnorm", "_foreach_")):
         return "optimizer"
@@ -243,7 +265,7 @@ def kernel_category(name: str, cat: str = "kernel") -> str:
             return "attention" if "attention" in base else "gemm"
         is_reduction = base.startswith(("triton_red_", "triton_per_")) and not any(s in base for s in _NORM)
         return "reduction" if is_reduction else "norm_elementwise"
-    if any(s in full for s in ("flash", "fmha", "attention", "attn")):
+    if any(s in full for s in ("flash", "fmha", "attention", "attn", "sdpa")):  # sdpa: cuDNN's kernels
         return "attention"
     if any(s in base for s in _GEMM) or base in _HOST_GEMM:
         return "gemm"

@@ -112,8 +112,8 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
             window.add_step(step_loss, bad, grad_norm)
             step += 1
             bar.update()
-            if profiler is not None:
-                profiler.step()
+            if profiler is not None:  # the trace's export, after its last step, is no training time
+                window.exclude(profiler.step())
 
             # ---- log, eval, checkpoint: the only places the host waits for the device
             last = step == t.max_steps
