@@ -247,6 +247,10 @@ def test_a_report_holding_rows_past_the_budget_exits_1_merged_or_not(tmp_path, c
     assert main(argv) == 1
     assert "1 row past the time budget (sweep: ours tiny T=512 cap=128)" in capsys.readouterr().err
     assert main(argv[:-1]) == 0  # without --merge the stale row is gone
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    res["sections"].append({"section": "mask", "wall_s": 0.0, "error": OUT_OF_TIME})  # a whole section, too
+    (tmp_path / "results.json").write_text(json.dumps(res), encoding="utf-8")
+    assert main(argv) == 1
 
 
 @pytest.mark.parametrize(

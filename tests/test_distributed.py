@@ -135,6 +135,41 @@ def test_the_agent_runs_the_command_without_nproc_and_the_ranks_code_is_the_comm
     assert ranks_exit_code({1: 130}, 2) == 130  # rank 0 ended first, cleanly
     assert ranks_exit_code({0: 1, 1: 2}, 2) == 2  # rank 1 refused its input; rank 0 lost its peer
     assert ranks_exit_code({1: 1}, 2) == 1 and ranks_exit_code({0: 143, 1: 1}, 2) == 143
+    # rank 0 lost its peer (exit 1) after rank 1 crashed: the line names rank 1, which recorded its error
+
+
+def test_the_line_after_a_crash_names_the_rank_that_failed_first(capsys):
+    from mlmtrain.launch import ranks_exit_code
+
+    assert ranks_exit_code({0: 1, 1: 1}, 2, culprit=1) == 1
+    assert "rank 1 of 2 exited with 1" in capsys.readouterr().err
+    assert ranks_exit_code({0: 1, 1: -9}, 2, culprit=1) == 1
+    assert "rank 1 of 2 was killed by signal 9" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_nproc_in_process_leaves_the_caller_as_it_was(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """`cli.main([... "--nproc", "2"])` runs the agent in this process: the environment, the signal handlers
+    and the loggers it changes are put back (a later run would otherwise record the first one's command)."""
+    import logging
+
+    from mlmtrain.cli import main
+
+    for key, value in env().items():
+        if key != "PYTHONUNBUFFERED":
+            monkeypatch.setenv(key, value)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    before_env, before_int = dict(os.environ), signal.getsignal(signal.SIGINT)
+    before_levels = {
+        n: lg.level for n, lg in logging.Logger.manager.loggerDict.items() if isinstance(lg, logging.Logger)
+    }
+    run = tmp_path / "two"
+    assert main([*cli_args(data_dir, tokenizer_dir, run, **{"train.max_steps": 2}), "--nproc", "2"]) == 0
+    assert dict(os.environ) == before_env and signal.getsignal(signal.SIGINT) is before_int
+    after = {n: lg.level for n, lg in logging.Logger.manager.loggerDict.items() if isinstance(lg, logging.Logger)}
+    assert {n: after[n] for n in before_levels} == before_levels
+    state = json.loads((ckpt.complete_checkpoints(run)[-1] / "state.json").read_text())
+    assert state["command"].startswith("mlmtrain train ") and state["command"].endswith("--nproc 2")
 
 
 def test_user_mistakes_are_one_sentence(monkeypatch, data_dir, tokenizer_dir, tmp_path):

@@ -13,6 +13,7 @@ from test_train import tiny_config
 
 from mlmtrain import cli
 from mlmtrain.evaluate import unigram_cross_entropy, unigram_log_probs
+from mlmtrain.text import sample_corpus_path
 from mlmtrain.train import train
 
 pytest.importorskip("transformers")
@@ -111,6 +112,10 @@ def test_mistakes_are_sentences(run_and_export, data_dir, tmp_path, capsys):
         (
             ["--model", str(run), "--data", str(data_dir), "--device", "cuda:99"],
             "CUDA GPUs are usable here: use --device cpu",
+        ),
+        (  # eval's own flag is the fix, not `prepare`'s
+            ["--model", str(run), "--input", str(sample_corpus_path()), "--max-seq-len", "100000"],
+            "--max-seq-len 100000 is longer than the model's 512 learned positions: pass --max-seq-len 512 or less",
         ),
     ]
     for args, message in cases:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 
 import pytest
 import torch
@@ -390,9 +391,13 @@ def test_the_public_card_shows_no_local_path():
     shown = _pretty_command(recorded)
     assert shown == (
         "mlmtrain train --data data --tokenizer=tokenizer --out r1 --init-from klue/bert-base "
-        "--set data.data_dir=x --config run.toml --resume step_00000002"
+        "--set data.data_dir=data --config run.toml --resume step_00000002"
     )
-    assert _pretty_command("/opt/venv/bin/mlmtrain train --data d") == "mlmtrain train --data d"
+    # recorded with shlex (since 2026-12-01): a path holding '=' or spaces is one word, shown by its last part
+    words = ["/w/sweep/lr=1e-3/bin/mlmtrain", "train", "--data", "/w/my data/shards", "--out", "/w/lr=1e-3/my run"]
+    assert _pretty_command(shlex.join(words)) == "mlmtrain train --data data --out 'my run'"
+    assert "/w" not in _pretty_command("mlmtrain train --data file:///w/d --set model.init_from=/w/m/bert")
+    assert _pretty_command("/opt/venv/bin/mlmtrain train --data d") == "mlmtrain train --data data"
     assert _data_text(None, {"data_dir": "/home/alice/ko/data"}) == "token shards in `data`"
     assert _input_name({"dataset": "/home/alice/private_ds", "split": "train"}) == "private_ds (train)"
     assert _input_name({"dataset": "klue/ynat", "split": "train"}) == "klue/ynat (train)"

@@ -244,6 +244,36 @@ def test_a_closed_output_stops_after_the_step_saved_and_exits_141(data_dir, toke
     assert summary["steps"] < 5000 and ckpt.latest_checkpoint(run).name == f"step_{summary['steps']:08d}"
 
 
+def test_a_signal_after_the_last_step_stops_nothing(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """SIGTERM while the final checkpoint is written: the run trained to max_steps, so it exits 0, saying it is
+    done (no "stopped", no --resume advice)."""
+    from mlmtrain import train as train_module
+
+    save = train_module.Run.save
+
+    def save_then_signal(self, step, *args):
+        save(self, step, *args)
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(train_module.Run, "save", save_then_signal)
+    logged = []
+    summary = train(config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.max_steps": 3}), log=logged.append)
+    assert summary["exit_code"] == 0 and summary["stopped_by"] is None and summary["steps"] == 3
+    assert not any("stopped by" in line for line in logged), logged
+
+
+def test_a_stdout_closed_before_the_start_is_not_wanted(data_dir, tokenizer_dir, tmp_path):
+    """`mlmtrain train ... >&-`: nothing reads the lines, the run trains to the end (exit 0), and no file the run
+    opens takes the closed descriptor's number."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mlmtrain.cli", *map(str, train_args(data_dir, tokenizer_dir, run, 3))]
+    done = subprocess.run(cmd, preexec_fn=lambda: os.close(1), stderr=subprocess.PIPE, text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert json.loads((run / "summary.json").read_text())["exit_code"] == 0
+    assert all(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines())
+
+
 def config(data_dir, tokenizer_dir, out, **overrides):
     base = {"out_dir": str(out), "data.data_dir": str(data_dir), "data.tokenizer_dir": str(tokenizer_dir),
             "model.size": "tiny", "data.tokens_per_batch": 1024, "train.eval_every": 0, "train.eval_batches": 1,

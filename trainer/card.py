@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path, PureWindowsPath
 
 from mlmtrain.errors import UserError
@@ -294,33 +295,46 @@ def _count(n) -> str:
     return f"{n:,}" if isinstance(n, int) else "?"
 
 
-# the train flags whose local value the Reproduce block names as the commands above it make them
-_MADE_ABOVE = {"--data": "data", "--tokenizer": "tokenizer"}
+# where the Reproduce block's train command shows a local path: by what the commands above it make, or its last part
+_MADE_ABOVE = {"--data": "data", "--tokenizer": "tokenizer", "data.data_dir": "data", "data.tokenizer_dir": "tokenizer"}
+_PATHS = {"--out", "--config", "--resume", "--init-from", "out_dir", "model.init_from", *_MADE_ABOVE}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: --tokenizer and --init-from may name one
 
 
 def _pretty_command(command: str) -> str:
     """The recorded command line as the card shows it: `mlmtrain` for the program however it was started (its
     install path, `python -m mlmtrain.cli`), and no local path: the shards and tokenizer as the commands above
     name them, any other path by its last part (a Hub id stays whole)."""
-    words = command.split(" ")
+    try:
+        words = shlex.split(command)
+    except ValueError:  # recorded before 2026-12-01, joined with spaces
+        words = command.split(" ")
     start = next((i for i, w in enumerate(words) if Path(w).name in ("mlmtrain", "cli.py", "mlmtrain.cli")), None)
-    words = ["mlmtrain", *words[start + 1 :]] if start is not None else [public(w) for w in words[:1]] + words[1:]
+    words = ["mlmtrain", *words[start + 1 :]] if start is not None else [public(words[0]), *words[1:]]
     shown = words[:1]
     for before, word in zip(words, words[1:]):
-        flag, eq, value = word.partition("=")
-        if before in _MADE_ABOVE and is_local_path(word):
-            shown.append(_MADE_ABOVE[before])
-        elif eq and flag in _MADE_ABOVE and is_local_path(value):
-            shown.append(f"{flag}={_MADE_ABOVE[flag]}")
-        else:  # `--out=/x/run`, `--set data.data_dir=/x/data` and plain words alike
-            shown.append(f"{flag}={public(value)}" if eq else public(word))
-    return " ".join(shown)
+        name, eq, value = word.partition("=")
+        if eq and (word.startswith("--") or before == "--set"):  # --out=/x/run, --set data.data_dir=/x/data
+            shown.append(f"{name}={_shown(name, value)}")
+        else:
+            shown.append(_shown(before, word))
+    return shlex.join(shown)
+
+
+def _shown(key: str, value: str) -> str:
+    """`value` given to flag or config key `key`, as a public card shows it."""
+    if key in _PATHS and not (key in ("--tokenizer", "--init-from", "data.tokenizer_dir", "model.init_from")
+                              and _HUB_ID.fullmatch(value)):  # fmt: skip
+        return _MADE_ABOVE.get(key) or Path(value.rstrip("/\\")).name or value
+    return public(value)
 
 
 def is_local_path(value: str) -> bool:
     """A value that names a local file or folder by a path a public card must not show (absolute, from home,
-    from the working folder); a bare name or a Hub id `org/name` is not one."""
-    return value.startswith(("/", "~", "./", "../", "\\")) or re.match(r"^[A-Za-z]:[\\/]", value) is not None
+    from the working folder, a file: URL); a bare name or a Hub id `org/name` is not one."""
+    if value.startswith(("/", "~", "./", "../", "\\", "file:")):
+        return True
+    return re.match(r"^[A-Za-z]:[\\/]", value) is not None
 
 
 def public(value: str) -> str:

@@ -231,6 +231,12 @@ def main(args) -> int:
     run_layouts = [i.pop("layout") for i in infos if "layout" in i]  # the first model's run decides auto
     layout = args.layout if args.layout != "auto" else (run_layouts or ["flat"])[0]
 
+    positions = min(m.config.max_position_embeddings for m in models)
+    if corpus is not None and args.max_seq_len > positions:  # eval's own flag cuts the text: it is the fix
+        raise UserError(
+            f"--max-seq-len {args.max_seq_len} is longer than the model's {positions} learned positions: pass "
+            f"--max-seq-len {positions} or less."
+        )
     with tempfile.TemporaryDirectory(prefix="mlmtrain_eval_") as tmp:
         if corpus is not None:  # tokenized exactly as `prepare` would, all into one split
             data_dir, split = Path(tmp) / "data", "train"

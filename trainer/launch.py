@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -74,35 +75,62 @@ def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
 
 
 def run_ranks(argv: list[str], nproc: int) -> int:
-    """`mlmtrain <argv>` in `nproc` processes under torch's elastic agent in this process, as torchrun runs
-    them (the agent passes SIGINT/SIGTERM on to them and waits for their saves); the ranks' exit code."""
+    """`mlmtrain <argv>` in `nproc` processes under torch's elastic agent in this process, as `torchrun
+    --standalone` runs them (the agent passes SIGINT/SIGTERM on and waits for the ranks' save); the ranks' exit
+    code. The environment, signal handlers and loggers the agent changes are put back after."""
+    import signal
+    import uuid
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
 
-    os.environ[COMMAND_ENV] = " ".join(["mlmtrain", *argv])
+    args = parse_args(torchrun_argv(argv, nproc))
+    args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())  # --standalone
+    args.master_port = args.master_port or 29500
+    environ = dict(os.environ)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    loggers = {name: logger for name, logger in logging.Logger.manager.loggerDict.items()
+               if name.startswith("torch.distributed") and isinstance(logger, logging.Logger)}  # fmt: skip
+    levels = {name: logger.level for name, logger in loggers.items()}
+    os.environ[COMMAND_ENV] = shlex.join(["mlmtrain", *argv])
     # how long the agent waits for the ranks' checkpoint after passing a signal on (torch >= 2.13 reads it;
     # before, 30 s): as long as a collective may wait for rank 0's save
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(parallel.timeout().total_seconds())))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the ranks say what happened
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets for several processes, without its banner
+    for logger in loggers.values():
+        logger.setLevel(logging.CRITICAL)  # the ranks say what happened, and the line below who failed
     try:
-        run(parse_args(torchrun_argv(argv, nproc)))
+        config, entrypoint, entry_args = config_from_args(args)
+        elastic_launch(config, entrypoint)(*entry_args)
     except ChildFailedError as e:
-        return ranks_exit_code({rank: failure.exitcode for rank, failure in e.failures.items()}, nproc)
+        codes = {rank: failure.exitcode for rank, failure in sorted(e.failures.items())}
+        recorded = [rank for rank, failure in e.failures.items() if failure.error_file_data or failure.exitcode < 0]
+        return ranks_exit_code(codes, nproc, culprit=min(recorded) if recorded else None)
     except SignalException as e:  # this process got it: the agent passed it on, the ranks saved and stopped
         return 128 + int(e.sigval)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for name, level in levels.items():
+            loggers[name].setLevel(level)
     return 0
 
 
-def ranks_exit_code(codes: dict[int, int], nproc: int) -> int:
-    """The command's exit code from the failed ranks' (`codes`; the others exited 0)."""
+def ranks_exit_code(codes: dict[int, int], nproc: int, culprit: int | None = None) -> int:
+    """The command's exit code from the failed ranks' (`codes`; the others exited 0). `culprit`: the rank that
+    failed first where known (it recorded its error, or a signal killed it), else the lowest failed rank."""
     if 2 in codes.values():  # a rank refused its input in one sentence; the others stopped because it left
         return 2
     if codes.get(0) in AGREED:
         return codes[0]
     if len(set(codes.values())) == 1 and set(codes.values()) <= AGREED:
         return next(iter(codes.values()))
-    rank, code = min(codes.items())
+    rank = culprit if culprit in codes else min(codes)
+    code = codes[rank]
     how = f"was killed by signal {-code}" if code < 0 else f"exited with {code}"
     print(f"mlmtrain train: rank {rank} of {nproc} {how}; what it said is above", file=sys.stderr)
     return 1

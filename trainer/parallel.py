@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import gc
 import os
+import shlex
 import signal
 import sys
 
@@ -255,4 +256,4 @@ COMMAND_ENV = "MLMTRAIN_COMMAND"  # `train --nproc` sets it: the command line as
 
 def command_line() -> str:
     """The command that started this run, as the user typed it (under `--nproc`, not the elastic agent's)."""
-    return os.environ.get(COMMAND_ENV) or " ".join(sys.argv)
+    return os.environ.get(COMMAND_ENV) or shlex.join(sys.argv)

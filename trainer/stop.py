@@ -39,7 +39,8 @@ class StopSignal:
     Second signal: exit at once."""
 
     def __init__(self):
-        self.requested, self.at = ("SIGPIPE" if _output["closed"] else None), 0.0
+        self.requested, self.at = ("SIGPIPE" if _output["closed"] else None), 0.0  # this process's request
+        self.stop = None  # the stop every rank agreed on (`join`): what the run stops for and exits with
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         _output["listeners"].append(self)
 
@@ -51,12 +52,14 @@ class StopSignal:
             print(f"\nsecond {signal.Signals(signum).name}: exiting now without a checkpoint", file=sys.stderr)
             os._exit(128 + signum)
         self.requested, self.at = name, time.monotonic()
-        print(f"\n{self.requested} received: finishing this step and saving a checkpoint "
-              "(send it again to exit at once)", file=sys.stderr)  # fmt: skip
+        if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for the job
+            print(f"\n{self.requested} received: finishing this step and saving a checkpoint "
+                  "(send it again to exit at once)", file=sys.stderr)  # fmt: skip
 
     def join(self, agreed: str | None) -> None:
-        """Take the stop every rank agreed on (`parallel.agree_stop`): another rank's signal is this one's too,
-        and its own copy of that signal, arriving just after, is the same request."""
+        """Take the stop every rank agreed on (`parallel.agree_stop`): another rank's signal is this one's too
+        (and its own copy of that signal, arriving just after, is the same request)."""
+        self.stop = agreed
         if agreed is not None and self.requested is None:
             self.requested, self.at = agreed, time.monotonic()
 
@@ -105,11 +108,30 @@ class _Guarded:
         return getattr(self._stream, name)
 
 
+def _devnull_on(fd: int) -> None:
+    """/dev/null on a closed standard descriptor, so that no file opened later takes its number (a write meant
+    for the terminal, from C code too, would land in that file)."""
+    try:
+        os.fstat(fd)
+        return  # in use: not ours to replace
+    except OSError:
+        pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull != fd:
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+
 @contextlib.contextmanager
 def guard_output():
-    """While inside: a closed stdout or stderr stops a training run as SIGPIPE would stop a plain program, but
-    after the step and with a checkpoint (exit 141), instead of killing it unsaved at its next line."""
+    """While inside: a stdout or stderr closed while the run writes to it (the reader of a pipe went away) stops
+    the run as SIGPIPE would stop a plain program, but after the step and with a checkpoint (exit 141), instead of
+    killing it unsaved at its next line. One closed before the start is taken as not wanted: /dev/null."""
     saved = sys.stdout, sys.stderr
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:  # closed before the start (`>&-`): its lines are not wanted, they go nowhere
+            _devnull_on(fd)
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - lives with the process
     sys.stdout, sys.stderr = _Guarded(sys.stdout), _Guarded(sys.stderr)
     try:
         yield

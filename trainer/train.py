@@ -145,7 +145,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
                 run.save(step, cursor, last_eval, seen)  # sync: state to the host
                 last_save = time.time()
                 window.restart_clock()
-            if stop_reason or stop_now:
+            if stop_reason or (stop_now and not last):  # a stop at the last step stops nothing: the run is done
                 run.log(
                     stop_reason
                     or f"stopped by {stop_now} after step {step}; checkpoint saved. Resume with: "
@@ -161,8 +161,9 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
         stopper.restore()
         if profiler is not None:
             phase_ms = profiler.close()
-    summary = summarize(run, history, step, last_eval, phase_ms, stopper.requested or stop_reason)
-    summary["exit_code"] = exit_code(stopper.requested, stop_reason)
+    stopped_by = stopper.stop if step < t.max_steps else None  # the agreed stop; one after the last step is none
+    summary = summarize(run, history, step, last_eval, phase_ms, stopped_by or stop_reason)
+    summary["exit_code"] = exit_code(stopped_by, stop_reason)
     if run.is_main:
         write_json(run.dir / "summary.json", {**summary, "config": {**run.cfg.to_dict(), "resolved": run.resolved}})
     run.metrics.finish(summary)
