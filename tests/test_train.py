@@ -353,6 +353,13 @@ def test_plot_draws_curves(data_dir, tokenizer_dir, tmp_path, capsys):
     png = (run / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert main(["plot", str(tmp_path)]) == 2  # not a run folder: a clear error, no traceback
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    diverged = [json.dumps({**json.loads(r), "loss": None}) if '"loss"' in r else r for r in rows]
+    (run / "metrics.jsonl").write_text("\n".join(diverged) + "\n")  # every window non-finite: still plotted
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 0
+    assert "note: 3 of 3 log windows had a non-finite loss" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
     with open(run / "metrics.jsonl", "a") as f:  # a line the run is still writing (or a kill cut short)
         f.write('{"step": 4, "lo')
     assert main(["plot", str(run)]) == 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import sys
 from pathlib import Path
 
 from mlmtrain.errors import UserError
@@ -54,9 +56,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
                     break
                 raise UserError(f"{path} line {n} is not JSON (was the file edited or truncated?)") from None
             # what the curves read: a training row's step, lr and rate; an evaluation row's step
-            needs = (
-                ("step", "lr", "tokens_per_s") if isinstance(row, dict) and row.get("loss") is not None else ("step",)
-            )
+            needs = ("step", "lr", "tokens_per_s") if isinstance(row, dict) and "loss" in row else ("step",)
             if not isinstance(row, dict) or not all(isinstance(row.get(k), int | float) for k in needs):
                 raise UserError(f"{path} line {n} is not a metrics row with {', '.join(needs)} (was it edited?)")
             rows.append(row)
@@ -73,12 +73,19 @@ def plot(run_dir: Path, out: Path) -> Path:
     except ImportError:
         raise UserError('plotting needs matplotlib: pip install -e ".[plot]"') from None
     rows = read_metrics(run_dir)
-    train = [r for r in rows if r.get("loss") is not None]
+    train = [r for r in rows if "loss" in r]  # a log window's row; its loss is null where it was not finite
     valid = [r for r in rows if r.get("valid_loss") is not None]
     if not train:
         raise UserError(f"{run_dir / 'metrics.jsonl'} holds no training steps yet")
+    diverged = sum(r.get("loss") is None for r in train)
+    if diverged:
+        print(
+            f"note: {diverged} of {len(train)} log windows had a non-finite loss: gaps in the loss curve",
+            file=sys.stderr,
+        )
     fig, (ax_loss, ax_lr, ax_tok) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train MLM loss")
+    losses = [math.nan if r.get("loss") is None else r["loss"] for r in train]  # NaN: matplotlib leaves a gap
+    ax_loss.plot([r["step"] for r in train], losses, label="train MLM loss")
     if valid:
         ax_loss.plot([r["step"] for r in valid], [r["valid_loss"] for r in valid], "o-", label="valid MLM loss")
     ax_loss.set_ylabel("loss (nats)")
