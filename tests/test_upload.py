@@ -62,6 +62,15 @@ def write_manifest(folder: Path, run="/home/someone/runs/test-run", step=1234, v
     (folder / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
+def list_another_file(folder: Path, name: str, data: bytes) -> None:
+    """A file beside the export, listed in a manifest consistent with every file: what an edit could make."""
+    (folder / name).write_bytes(data)
+    write_manifest(folder)
+    manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+
+
 @pytest.fixture(scope="module")
 def clean_export(tmp_path_factory, tokenizer_dir) -> Path:
     """A valid export folder, as `mlmtrain export` promises to write it (docs/ARCHITECTURE.md)."""
@@ -481,11 +490,7 @@ def test_only_regular_files_with_plain_names_are_sent(hub, export_dir, tmp_path)
 
     (export_dir / "model.safetensors").unlink()
     shutil.move(outside, export_dir / "model.safetensors")
-    (export_dir / "*.json").write_text("{}")  # as a pattern, it would select every JSON file
-    write_manifest(export_dir)
-    manifest = json.loads((export_dir / EXPORT_MANIFEST).read_text())
-    manifest["files"]["*.json"] = {"size": 2, "sha256": hashlib.sha256(b"{}").hexdigest()}
-    (export_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+    list_another_file(export_dir, "*.json", b"{}")  # as a pattern, it would select every JSON file
     result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
     assert_clean_error(result, "not a complete, verified export")
     assert "a name with wildcard characters" in result.stderr
@@ -555,11 +560,7 @@ def test_refused_before_sending(hub, export_dir, tmp_path):
     assert_clean_error(result, "holds characters a token cannot have")
     assert WRITE_TOKEN not in result.stdout + result.stderr
 
-    (export_dir / "id_rsa").write_text("private key")
-    write_manifest(export_dir)
-    manifest = json.loads((export_dir / EXPORT_MANIFEST).read_text())
-    manifest["files"]["id_rsa"] = {"size": 11, "sha256": hashlib.sha256(b"private key").hexdigest()}
-    (export_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+    list_another_file(export_dir, "id_rsa", b"private key")
     result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
     assert_clean_error(result, "not a complete, verified export")
     assert "lists 'id_rsa', which `mlmtrain export` does not write" in result.stderr
