@@ -251,6 +251,9 @@ def test_a_report_holding_rows_past_the_budget_exits_1_merged_or_not(tmp_path, c
     res["sections"].append({"section": "mask", "wall_s": 0.0, "error": OUT_OF_TIME})  # a whole section, too
     (tmp_path / "results.json").write_text(json.dumps(res), encoding="utf-8")
     assert main(argv) == 1
+    res["sections"][-1]["error"] = "module mlmtrain.benchmarks.bench_mlm_mask is not available"  # kept, failed
+    (tmp_path / "results.json").write_text(json.dumps(res), encoding="utf-8")
+    assert main(argv) == 1
 
 
 @pytest.mark.parametrize(

@@ -138,8 +138,22 @@ def test_the_agent_runs_the_command_without_nproc_and_the_ranks_code_is_the_comm
     # rank 0 lost its peer (exit 1) after rank 1 crashed: the line names rank 1, which recorded its error
 
 
-def test_the_line_after_a_crash_names_the_rank_that_failed_first(capsys):
-    from mlmtrain.launch import ranks_exit_code
+def test_the_line_after_a_crash_names_the_rank_that_failed_first(capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from mlmtrain.launch import finished_code, first_failed, ranks_exit_code
+
+    def failure(code, error_file="<N/A>", timestamp=100):  # as torch fills ProcessFailure without an error file
+        return SimpleNamespace(exitcode=code, error_file=error_file, timestamp=timestamp)
+
+    assert first_failed({0: failure(1), 1: failure(-9)}) == 1  # killed by a signal
+    assert first_failed({0: failure(1), 1: failure(1, error_file="/tmp/r1/error.json")}) == 1  # recorded its error
+    assert first_failed({0: failure(1, timestamp=101), 1: failure(7, timestamp=100)}) == 1  # the earlier one
+    # a signal that reached the launcher after the last step: rank 0's summary says what the run exits with
+    summary = tmp_path / "summary.json"
+    assert finished_code(summary, 0.0) is None
+    summary.write_text(json.dumps({"exit_code": 0}))
+    assert finished_code(summary, 0.0) == 0 and finished_code(summary, time.time() + 60) is None
 
     assert ranks_exit_code({0: 1, 1: 1}, 2, culprit=1) == 1
     assert "rank 1 of 2 exited with 1" in capsys.readouterr().err

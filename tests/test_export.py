@@ -397,6 +397,10 @@ def test_the_public_card_shows_no_local_path():
     words = ["/w/sweep/lr=1e-3/bin/mlmtrain", "train", "--data", "/w/my data/shards", "--out", "/w/lr=1e-3/my run"]
     assert _pretty_command(shlex.join(words)) == "mlmtrain train --data data --out 'my run'"
     assert "/w" not in _pretty_command("mlmtrain train --data file:///w/d --set model.init_from=/w/m/bert")
+    words = ["mlmtrain", "train", "--set=data.data_dir=/w/s=d/my data", "--out", "C:\\Users\\al\\run"]
+    assert _pretty_command(shlex.join(words)) == "mlmtrain train --set data.data_dir=data --out run"
+    old_windows = "C:\\Users\\al\\venv\\Scripts\\mlmtrain.exe train --out C:\\Users\\al\\run --init-from \\\\srv\\b"
+    assert _pretty_command(old_windows) == "mlmtrain.exe train --out run --init-from b"
     assert _pretty_command("/opt/venv/bin/mlmtrain train --data d") == "mlmtrain train --data data"
     assert _data_text(None, {"data_dir": "/home/alice/ko/data"}) == "token shards in `data`"
     assert _input_name({"dataset": "/home/alice/private_ds", "split": "train"}) == "private_ds (train)"

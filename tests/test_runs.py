@@ -263,6 +263,16 @@ def test_a_signal_after_the_last_step_stops_nothing(data_dir, tokenizer_dir, tmp
     assert not any("stopped by" in line for line in logged), logged
 
 
+def test_a_finished_run_gives_its_caller_ctrl_c_back(data_dir, tokenizer_dir, tmp_path):
+    """In-process `cli.main(["train", ...])`: the loop ignores SIGINT once the run is done (its exit code is
+    decided); the caller's handler is back after."""
+    from mlmtrain.cli import main
+
+    before = signal.getsignal(signal.SIGINT)
+    assert main([str(a) for a in train_args(data_dir, tokenizer_dir, tmp_path / "run")]) == 0
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_stdout_closed_before_the_start_is_not_wanted(data_dir, tokenizer_dir, tmp_path):
     """`mlmtrain train ... >&-`: nothing reads the lines, the run trains to the end (exit 0), and no file the run
     opens takes the closed descriptor's number."""

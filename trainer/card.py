@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from pathlib import Path, PureWindowsPath
+from pathlib import Path
 
 from mlmtrain.errors import UserError
 
@@ -307,8 +307,11 @@ def _pretty_command(command: str) -> str:
     name them, any other path by its last part (a Hub id stays whole)."""
     try:
         words = shlex.split(command)
+        if "\\" in command and shlex.join(words) != command:  # a space-joined Windows record: shlex ate the \
+            raise ValueError
     except ValueError:  # recorded before 2026-12-01, joined with spaces
         words = command.split(" ")
+    words = [part for w in words for part in (w.split("=", 1) if w.startswith("--set=") else [w])]  # --set=K=V
     start = next((i for i, w in enumerate(words) if Path(w).name in ("mlmtrain", "cli.py", "mlmtrain.cli")), None)
     words = ["mlmtrain", *words[start + 1 :]] if start is not None else [public(words[0]), *words[1:]]
     shown = words[:1]
@@ -325,7 +328,7 @@ def _shown(key: str, value: str) -> str:
     """`value` given to flag or config key `key`, as a public card shows it."""
     if key in _PATHS and not (key in ("--tokenizer", "--init-from", "data.tokenizer_dir", "model.init_from")
                               and _HUB_ID.fullmatch(value)):  # fmt: skip
-        return _MADE_ABOVE.get(key) or Path(value.rstrip("/\\")).name or value
+        return _MADE_ABOVE.get(key) or last_part(value)
     return public(value)
 
 
@@ -339,9 +342,13 @@ def is_local_path(value: str) -> bool:
 
 def public(value: str) -> str:
     """`value` as a public card may show it: a local path by its last part, anything else as it is."""
-    if not is_local_path(value):
-        return value
-    return (PureWindowsPath(value) if "\\" in value else Path(value.rstrip("/"))).name or value
+    return last_part(value) if is_local_path(value) else value
+
+
+def last_part(path: str) -> str:
+    """The last part of a path, POSIX or Windows (a share's `\\\\server\\name` too)."""
+    parts = [part for part in re.split(r"[\\\\/]+", path) if part]
+    return parts[-1] if parts else path
 
 
 def read_data_meta(run_config: dict) -> dict | None:

@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv)  # as given: `train --nproc` runs the same command in each process
     progress.configure(no_progress=args.no_progress, quiet=args.quiet)
     previous = signal.signal(signal.SIGTERM, _terminate)
+    previous_int = signal.getsignal(signal.SIGINT)  # a finished train ignores it: a caller gets it back
     try:
         module = importlib.import_module(COMMANDS[args.command][0])
         return int(module.main(args) or 0)
@@ -406,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         # as the program (not called in-process), the exit code is decided here: a SIGTERM during the
         # interpreter's shutdown (about a second with torch loaded) would turn a finished command into 143
         signal.signal(signal.SIGTERM, signal.SIG_IGN if program else previous)
+        if not program:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def _say(command: str, message: str) -> None:

@@ -11,10 +11,12 @@ traceback is above). torchrun itself exits 1 for any of them but 0.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from mlmtrain import parallel, run_folder
@@ -37,7 +39,7 @@ def main(args) -> int:
             raise UserError(f"--nproc must be at least 1, got {args.nproc}")
         preflight(cfg, args)
         if args.nproc > 1 or cfg.train.shard == "fsdp":  # FSDP runs under the agent, one process included
-            return run_ranks(args.argv, args.nproc)
+            return run_ranks(args.argv, args.nproc, Path(cfg.out_dir) / "summary.json")
     with parallel.name_failing_rank(), run_folder.write_failures_said(cfg.out_dir), guard_output():
         summary = train(cfg, resume=args.resume, change_max_steps=args.change_max_steps)
         if parallel.rank() == 0:
@@ -74,7 +76,7 @@ def torchrun_argv(argv: list[str], nproc: int) -> list[str]:
     return ["--standalone", "--nproc-per-node", str(nproc), "-m", "mlmtrain.cli", *args]
 
 
-def run_ranks(argv: list[str], nproc: int) -> int:
+def run_ranks(argv: list[str], nproc: int, summary: Path) -> int:
     """`mlmtrain <argv>` in `nproc` processes under torch's elastic agent in this process, as `torchrun
     --standalone` runs them (the agent passes SIGINT/SIGTERM on and waits for the ranks' save); the ranks' exit
     code. The environment, signal handlers and loggers the agent changes are put back after."""
@@ -83,6 +85,7 @@ def run_ranks(argv: list[str], nproc: int) -> int:
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
 
@@ -101,15 +104,17 @@ def run_ranks(argv: list[str], nproc: int) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets for several processes, without its banner
     for logger in loggers.values():
         logger.setLevel(logging.CRITICAL)  # the ranks say what happened, and the line below who failed
+    started = time.time()
     try:
         config, entrypoint, entry_args = config_from_args(args)
         elastic_launch(config, entrypoint)(*entry_args)
     except ChildFailedError as e:
         codes = {rank: failure.exitcode for rank, failure in sorted(e.failures.items())}
-        recorded = [rank for rank, failure in e.failures.items() if failure.error_file_data or failure.exitcode < 0]
-        return ranks_exit_code(codes, nproc, culprit=min(recorded) if recorded else None)
+        return ranks_exit_code(codes, nproc, culprit=first_failed(e.failures))
     except SignalException as e:  # this process got it: the agent passed it on, the ranks saved and stopped
-        return 128 + int(e.sigval)
+        return finished_code(summary, started) or 128 + int(e.sigval)
+    except RendezvousError as e:
+        raise UserError(f"could not start the {nproc} processes (torch's rendezvous failed: {e})") from None
     finally:
         os.environ.clear()
         os.environ.update(environ)
@@ -118,6 +123,26 @@ def run_ranks(argv: list[str], nproc: int) -> int:
         for name, level in levels.items():
             loggers[name].setLevel(level)
     return 0
+
+
+def first_failed(failures: dict) -> int | None:
+    """The rank that failed first, where torch knows it: one that recorded its error (torch's error file) or was
+    killed by a signal; else the earliest failure, ties to the lowest rank."""
+    known = [rank for rank, f in failures.items() if f.exitcode < 0 or f.error_file not in (None, "", "<N/A>")]
+    if known:
+        return min(known)
+    return min(failures, key=lambda rank: (failures[rank].timestamp, rank)) if failures else None
+
+
+def finished_code(summary: Path, since: float) -> int | None:
+    """The exit code rank 0 wrote into this run's summary.json (written after `since`), or None: a signal that
+    reached the launcher after the last step stops nothing, as for one process."""
+    try:
+        if summary.stat().st_mtime >= since:
+            return int(json.loads(summary.read_text(encoding="utf-8"))["exit_code"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def ranks_exit_code(codes: dict[int, int], nproc: int, culprit: int | None = None) -> int:
