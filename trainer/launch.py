@@ -112,7 +112,8 @@ def run_ranks(argv: list[str], nproc: int, summary: Path) -> int:
         codes = {rank: failure.exitcode for rank, failure in sorted(e.failures.items())}
         return ranks_exit_code(codes, nproc, culprit=first_failed(e.failures))
     except SignalException as e:  # this process got it: the agent passed it on, the ranks saved and stopped
-        return finished_code(summary, started) or 128 + int(e.sigval)
+        code = finished_code(summary, started)  # 0 when the run had finished: not `or`, 0 is an answer
+        return 128 + int(e.sigval) if code is None else code
     except RendezvousError as e:
         raise UserError(f"could not start the {nproc} processes (torch's rendezvous failed: {e})") from None
     finally:

@@ -49,7 +49,7 @@ class StopSignal:
         if name == self.requested and time.monotonic() - self.at < REPEAT_S and "LOCAL_RANK" in os.environ:
             return  # the same signal twice at once: the job's scheduler sent it to every process, torchrun passed it on
         if self.requested is not None:
-            print(f"\nsecond {signal.Signals(signum).name}: exiting now without a checkpoint", file=sys.stderr)
+            print(f"\nsecond {name}: exiting now without a checkpoint", file=sys.stderr)
             os._exit(128 + signum)
         self.requested, self.at = name, time.monotonic()
         if os.environ.get("RANK", "0") == "0":  # rank 0 speaks for the job
