@@ -345,14 +345,21 @@ def _worker_pids(parent: int) -> dict[int, int]:
     return out
 
 
-def _stop_a_two_process_run(run: Path, data_dir, tokenizer_dir, send) -> tuple[subprocess.Popen, str]:
+def _stop_a_two_process_run(run: Path, data_dir, tokenizer_dir, send, ignored=()) -> tuple[subprocess.Popen, str]:
     """`mlmtrain train --nproc 2` with one log window of 1,000 steps (a stop cannot wait for a log step), signalled
-    by `send(proc)` once the ranks train; (the process, its output)."""
+    by `send(proc)` once the ranks train; started with the signals `ignored` ignored (as `nohup` starts a command);
+    (the process, its output)."""
     settings = {"train.max_steps": 5000, "train.log_every": 1000, "train.checkpoint_every": 0}
     cmd = [sys.executable, "-m", "mlmtrain.cli", *cli_args(data_dir, tokenizer_dir, run, **settings), "--nproc", "2"]
+
+    def start_ignoring():
+        for sig in ignored:
+            signal.signal(sig, signal.SIG_IGN)
+
     proc = subprocess.Popen(
-        cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
-    )
+        cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=start_ignoring,
+    )  # fmt: skip
     try:
         deadline = time.time() + 120
         while time.time() < deadline and len(_worker_pids(proc.pid)) < 2:
@@ -392,3 +399,29 @@ def test_a_sigterm_stops_every_rank_at_the_next_step_saved_and_the_command_exits
     assert 2 <= stopped_at < 1000  # before the first log step
     assert ckpt.verify_checkpoint(saved[0]) is None
     assert json.loads((run / "summary.json").read_text())["exit_code"] == 143
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nohup", [False, True])
+def test_a_hangup_stops_every_rank_saved_with_129_unless_the_job_was_started_to_outlive_it(
+    nohup, data_dir, tokenizer_dir, tmp_path
+):
+    """A terminal that hangs up sends SIGHUP to every process of its job: the ranks save and the command exits 129
+    (before, each rank died unsaved). Started with SIGHUP ignored (`nohup`), the launcher and the ranks keep it
+    ignored and train on (torch's agent would catch it and pass it on): a SIGTERM later still stops them, saved."""
+    run = tmp_path / "hup"
+
+    def send(proc):
+        os.killpg(proc.pid, signal.SIGHUP)
+        if nohup:
+            time.sleep(3)  # the time the ranks would take to stop
+            assert proc.poll() is None, "a hangup stopped a job started with SIGHUP ignored"
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    proc, out = _stop_a_two_process_run(run, data_dir, tokenizer_dir, send, ignored=[signal.SIGHUP] if nohup else [])
+    code, name = (143, "SIGTERM") if nohup else (129, "SIGHUP")
+    assert proc.returncode == code and "Traceback" not in out, out
+    assert f"stopped by {name} after step" in out and ("SIGHUP" in out) != nohup, out
+    saved = ckpt.complete_checkpoints(run)
+    assert len(saved) == 1 and ckpt.verify_checkpoint(saved[0]) is None, out
+    assert json.loads((run / "summary.json").read_text())["exit_code"] == code

@@ -330,11 +330,14 @@ def test_full_disk_read_only_and_no_permission_fail_cleanly_for_every_command(ma
         assert r["temporary"] == [], (case, r["temporary"])
 
 
-def test_sigterm_to_prepare_exits_143_and_leaves_no_temporary_folder(made, tmp_path):
-    """The CLI turns SIGTERM into an exception in every command, so their cleanups run (`train` saves instead)."""
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_a_signal_to_prepare_exits_128_plus_it_and_leaves_no_temporary_folder(name, made, tmp_path):
+    """The CLI turns SIGTERM (and SIGHUP, a terminal that went away) into an exception in every command, so their
+    cleanups run (`train` saves instead); the exit code is 128 + the signal's number."""
     import signal
     import time
 
+    sig = signal.Signals[name]
     corpus = tmp_path / "big.txt"
     corpus.write_text("대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.\n" * 400_000, encoding="utf-8")
     args = ["prepare", "--input", corpus, "--tokenizer", made["tokenizer"], "--out", tmp_path / "data"]
@@ -342,7 +345,7 @@ def test_sigterm_to_prepare_exits_143_and_leaves_no_temporary_folder(made, tmp_p
     deadline = time.time() + 60
     while not list(tmp_path.glob(".tmp_data_*/train/tokens.npy")) and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and "stopped by SIGTERM" in err and "Traceback" not in err, err
+    assert proc.returncode == 128 + sig and f"stopped by {name}" in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]

@@ -135,11 +135,11 @@ def test_a_killed_producer_is_one_clear_error():
 
 
 def test_the_producer_leaves_interrupts_to_the_consumer():
-    """Ctrl-C reaches the whole process group and SIGTERM may too (a batch scheduler's): the producer keeps
-    going, so the loop can finish its step and save."""
+    """Ctrl-C reaches the whole process group and SIGTERM (a batch scheduler's) and SIGHUP (a terminal that
+    hung up) may too: the producer keeps going, so the loop can finish its step and save."""
     with ProcessPrefetcher(Numbered(4), slot_bytes=4096, depth=1) as items:
         assert items.get()["i"] == 0
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             os.kill(items._process.pid, sig)
         time.sleep(0.5)
         assert [g["i"] for g in items] == [1, 2, 3]

@@ -1,7 +1,7 @@
 """One run, one folder, and exit codes a script can rely on: an existing run is continued only with --resume; a
 second process is refused naming the one that trains there; a checkpoint of another run starts a new run
 in --out only; a copied run resumes where it is, from any directory; max_steps changes only when asked;
-a finished run is left as it is; signals save and exit 130/143, non-finite stops exit 3; metrics.jsonl has
+a finished run is left as it is; signals save and exit 130/143/129, non-finite stops exit 3; metrics.jsonl has
 every step once across a crash and a resume; 30 runs in a row all exit 0. The real CLI, mostly in
 subprocesses."""
 
@@ -221,6 +221,73 @@ def test_signals_save_and_exit_130_and_a_non_finite_stop_exits_3(data_dir, token
                    launcher=launcher)  # fmt: skip
     assert done.returncode == 3, done.stdout + done.stderr
     assert "consecutive non-finite steps" in json.loads((tmp_path / "nan" / "summary.json").read_text())["stopped_by"]
+
+
+def test_a_hangup_saves_and_exits_129_and_nohup_keeps_it_ignored(data_dir, tokenizer_dir, tmp_path):
+    """SIGHUP (the terminal went away) stops a run as SIGTERM does, saved; a run started with it ignored, as
+    `nohup` starts one, trains on."""
+    run = tmp_path / "run"
+    proc = start(*train_args(data_dir, tokenizer_dir, run, 5000))
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(rows(run)) >= 2)
+        proc.send_signal(signal.SIGHUP)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 129 and "SIGHUP received" in out and "Traceback" not in out, out
+    assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(run)) is None
+    assert json.loads((run / "summary.json").read_text())["exit_code"] == 129
+
+    run = tmp_path / "nohup"
+    cmd = [sys.executable, "-m", "mlmtrain.cli", *map(str, train_args(data_dir, tokenizer_dir, run, 5000))]
+    ignore = lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)  # noqa: E731 - what nohup does before exec
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=ignore)  # fmt: skip
+    try:
+        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(rows(run)) >= 2)
+        proc.send_signal(signal.SIGHUP)
+        trained = len(rows(run))
+        wait_for(lambda: len(rows(run)) >= trained + 2)  # still training
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "SIGHUP" not in out, out
+
+
+def test_a_terminal_that_hung_up_is_dropped_without_asking_for_a_stop(monkeypatch):
+    """Lines to a terminal that hung up (EIO) go to /dev/null: the hangup's own SIGHUP asks for the stop, and a
+    run started to outlive it (`nohup`, `setsid`) trains on. EIO from a file (a failing disk) is an error."""
+    import errno
+    import io
+
+    from mlmtrain.stop import StopSignal, guard_output
+
+    main, terminal = os.openpty()
+    stream = os.fdopen(terminal, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", stream)
+    try:
+        with guard_output():
+            stopper = StopSignal()
+            try:
+                print("step 1: before the hangup")
+                os.close(main)  # the terminal hangs up: writes to it fail with EIO
+                print("step 2: after it")
+                print("step 3: and later")
+                assert stopper.requested is None
+            finally:
+                stopper.restore()
+        assert os.path.samestat(os.fstat(terminal), os.stat(os.devnull))
+    finally:
+        stream.close()
+
+    class FailingDisk(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(sys, "stdout", FailingDisk())
+    with guard_output(), pytest.raises(OSError, match="Input/output"):
+        print("step 1")
 
 
 def test_a_closed_output_stops_after_the_step_saved_and_exits_141(data_dir, tokenizer_dir, tmp_path):

@@ -20,6 +20,7 @@ import traceback
 from mlmtrain import __version__, progress
 from mlmtrain.config import MODEL_SIZES, PRECISIONS, field_docs
 from mlmtrain.errors import UserError, redact_tokens
+from mlmtrain.stop import handled
 from mlmtrain.text import add_corpus_args
 from mlmtrain.tokenizer import WORDPIECES_PREFIX, TokenizerSettings
 
@@ -347,11 +348,15 @@ class Parser(argparse.ArgumentParser):
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that cleanups run (`mlmtrain train` handles it itself)."""
+    """SIGTERM or SIGHUP, raised in the main thread so that cleanups run (`mlmtrain train` handles them itself)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
 
 
 def _terminate(signum, frame):
-    raise Terminated
+    raise Terminated(signum)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -378,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.argv = list(argv)  # as given: `train --nproc` runs the same command in each process
     progress.configure(no_progress=args.no_progress, quiet=args.quiet)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM and SIGHUP (not when ignored: `nohup`) end a command through its cleanups, as Ctrl-C does
+    previous = {sig: signal.signal(sig, _terminate) for sig in handled((signal.SIGTERM, signal.SIGHUP))}
     previous_int = signal.getsignal(signal.SIGINT)  # a finished train ignores it: a caller gets it back
     try:
         module = importlib.import_module(COMMANDS[args.command][0])
@@ -389,9 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say(args.command, "interrupted")
         return 130
-    except Terminated:
-        _say(args.command, "stopped by SIGTERM")
-        return 143
+    except Terminated as e:
+        _say(args.command, f"stopped by {e.signal.name}")
+        return 128 + e.signal
     except BrokenPipeError:
         os._exit(1)
     except OSError as e:  # a write the system refused, outside a command's own handling: one sentence too
@@ -406,7 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # as the program (not called in-process), the exit code is decided here: a SIGTERM during the
         # interpreter's shutdown (about a second with torch loaded) would turn a finished command into 143
-        signal.signal(signal.SIGTERM, signal.SIG_IGN if program else previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_IGN if program else handler)
         if not program:
             signal.signal(signal.SIGINT, previous_int)
 

@@ -4,7 +4,7 @@ One process: `train.train` here. `--nproc N` first checks, once, everything that
 N processes, the run folder and the checkpoint a resume takes, the settings and the model's shape as rank 0
 resolves them: a refusal is one sentence, not N), then runs the N processes under torch's elastic agent (what
 `torchrun --standalone` runs) inside this process, and exits with the code the ranks agree on: 0, 3 (stopped by
-non-finite steps), 130 / 143 / 141 (a signal, saved), 2 (a rank refused its input) or 1 (a rank crashed: its
+non-finite steps), 130 / 143 / 129 / 141 (a signal, saved), 2 (a rank refused its input) or 1 (a rank crashed: its
 traceback is above). torchrun itself exits 1 for any of them but 0.
 """
 
@@ -23,7 +23,7 @@ from mlmtrain import parallel, run_folder
 from mlmtrain.config_load import flag_overrides, load_config
 from mlmtrain.errors import UserError
 from mlmtrain.metrics import closing_lines
-from mlmtrain.stop import EXIT_NON_FINITE, EXIT_SIGNAL, guard_output
+from mlmtrain.stop import EXIT_NON_FINITE, EXIT_SIGNAL, guard_output, handled
 from mlmtrain.train import check_inputs, lr_at, plan_run, start_check, train
 
 COMMAND_ENV = "MLMTRAIN_COMMAND"  # the command line as typed, for the ranks to record (the model card shows it)
@@ -32,7 +32,7 @@ AGREED = {EXIT_NON_FINITE, *EXIT_SIGNAL.values()}  # ends every rank takes toget
 
 def main(args) -> int:
     """Exit code: 0 trained to max_steps (or already there); 2 refused with one sentence; 3 stopped by
-    non-finite steps; 130/143/141 stopped by SIGINT/SIGTERM/a closed output after saving a checkpoint."""
+    non-finite steps; 130/143/129/141 stopped by SIGINT/SIGTERM/SIGHUP/a closed output after saving a checkpoint."""
     cfg = load_config(args.config, flag_overrides(args), args.set)
     if args.nproc is not None and not parallel.launched():
         if args.nproc < 1:
@@ -92,6 +92,10 @@ def run_ranks(argv: list[str], nproc: int, summary: Path) -> int:
     args = parse_args(torchrun_argv(argv, nproc))
     args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())  # --standalone
     args.master_port = args.master_port or 29500
+    if hasattr(args, "signals_to_handle"):  # torch >= 2.9: the signals the agent catches and passes on to the ranks
+        # one the launcher was started with ignored (`nohup`'s SIGHUP) stays ignored, here and in the ranks
+        wanted = [signal.Signals[name.strip()] for name in args.signals_to_handle.split(",") if name.strip()]
+        args.signals_to_handle = ",".join(sig.name for sig in handled(wanted))
     environ = dict(os.environ)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
     loggers = {name: logger for name, logger in logging.Logger.manager.loggerDict.items()

@@ -216,8 +216,8 @@ class _Pickler(pickle.Pickler):
 def _produce(items: Iterable, slots, ready, free, parent: int) -> None:
     """The child process: fill the slot the parent hands back with the next item's out-of-band buffers. Ends
     quietly when the parent asks, or is gone (its pipe ends closed, or another process is its parent)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # stop requests: the loop's to answer, saved
+        signal.signal(sig, signal.SIG_IGN)
     views = [slot.numpy() for slot in slots]
     try:
         for item in items:

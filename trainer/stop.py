@@ -4,18 +4,20 @@
     2    refused before training, or failed to write, with one sentence (any command)
     3    stopped by non-finite losses (`train.nan_policy`, `train.max_bad_steps`), a checkpoint of the last
          good weights saved
-    130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM (under torchrun, to this rank or another): the step
-         finished, a checkpoint was saved, `--resume` continues; a second signal exits at once, unsaved
-         (under torchrun, the same signal again within REPEAT_S is the same request)
+    130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM, 129 by SIGHUP (the terminal went away) (under torchrun,
+         to this rank or another): the step finished, a checkpoint was saved, `--resume` continues; a second
+         signal exits at once, unsaved (under torchrun, the same signal again within REPEAT_S is the same request)
     141  stopped because its standard output or error was closed (`mlmtrain train ... | head`): the same stop
          as a signal's, after the step, saved; later lines go nowhere
 
-A second signal exits without cleaning up; the next start removes what it left half-written.
+A second signal exits without cleaning up; the next start removes what it left half-written. A signal the run
+was started with ignored (`nohup` ignores SIGHUP, a shell's background job SIGINT) stays ignored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import sys
@@ -23,7 +25,15 @@ import time
 
 EXIT_NON_FINITE = 3
 REPEAT_S = 2.0  # under torchrun, the same signal again within this is one delivery, not "exit at once"
-EXIT_SIGNAL = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM, "SIGPIPE": 128 + signal.SIGPIPE}
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each asks for a stop after the step, saved
+EXIT_SIGNAL = {sig.name: 128 + sig for sig in (*SIGNALS, signal.SIGPIPE)}
+
+
+def handled(signals=SIGNALS) -> list[signal.Signals]:
+    """The signals of `signals` this process has not been told to ignore: `nohup` starts a command with SIGHUP
+    ignored, a non-interactive shell its background jobs with SIGINT ignored; overriding that would let the
+    hangup or the Ctrl-C they were shielded from stop them."""
+    return [sig for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN]
 
 
 def exit_code(stopped_by_signal: str | None, stop_reason: str | None) -> int:
@@ -35,13 +45,13 @@ def exit_code(stopped_by_signal: str | None, stop_reason: str | None) -> int:
 
 
 class StopSignal:
-    """First SIGTERM/SIGINT, or output closed under `guard_output` ("SIGPIPE"): finish the step, save, exit.
-    Second signal: exit at once."""
+    """First SIGTERM/SIGINT/SIGHUP (those not ignored: `handled`), or output closed under `guard_output`
+    ("SIGPIPE"): finish the step, save, exit. Second signal: exit at once."""
 
     def __init__(self):
         self.requested, self.at = ("SIGPIPE" if _output["closed"] else None), 0.0  # this process's request
         self.stop = None  # the stop every rank agreed on (`join`): what the run stops for and exits with
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in handled()}
         _output["listeners"].append(self)
 
     def _handle(self, signum, frame):
@@ -74,28 +84,38 @@ _output = {"closed": False, "listeners": []}  # guard_output's state: listeners 
 
 class _Guarded:
     """sys.stdout or sys.stderr under `guard_output`: the first BrokenPipeError points the file descriptor at
-    /dev/null (what the stream still buffers, and every later line, goes there) and asks for a stop."""
+    /dev/null (what the stream still buffers, and every later line, goes there) and asks for a stop. A terminal
+    that hung up (EIO) goes to /dev/null the same way without asking: its SIGHUP asks, unless the run was started
+    to outlive it (`nohup`, `setsid`), and then it trains on."""
 
     def __init__(self, stream):
         self._stream = stream
+        self._tty = _isatty(stream)  # asked now: a hung-up terminal may no longer say it is one
 
     def write(self, text):
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._closed()
+        except OSError as e:
+            if not self._gone(e):
+                raise
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._closed()
+        except OSError as e:
+            if not self._gone(e):
+                raise
 
-    def _closed(self):
+    def _gone(self, error: OSError) -> bool:
+        """Whether `error` says the reader is gone (then handled as the class says), not that the write failed."""
+        if error.errno != errno.EPIPE and not (error.errno == errno.EIO and self._tty):
+            return False  # e.g. EIO from a file on a failing disk: a failed write, said as one
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, self._stream.fileno())
         os.close(devnull)
+        if error.errno == errno.EIO:
+            return True
         first, _output["closed"] = not _output["closed"], True
         for stopper in _output["listeners"]:
             stopper.requested = stopper.requested or "SIGPIPE"
@@ -103,9 +123,17 @@ class _Guarded:
             other = sys.stderr if self is sys.stdout else sys.stdout
             print("\nmlmtrain train: the output was closed (the reader of its pipe went away): finishing this step "
                   "and saving a checkpoint; exit 141", file=other)  # fmt: skip
+        return True
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's own
         return getattr(self._stream, name)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):
+        return False
 
 
 def _devnull_on(fd: int) -> None:
