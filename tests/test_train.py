@@ -429,3 +429,48 @@ def test_a_log_window_is_timed_until_the_device_has_run_it(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "tolist", device_still_running)
     (w,) = window.close(2, 1e-3, False)
     assert w.elapsed_s >= 0.3 and w.row["tokens_per_s"] <= 200 / 0.3 and w.row["loss"] == 2.0
+
+
+def test_async_log_reads_time_each_window_on_the_device_clock(monkeypatch):
+    """train.async_log_reads: a window is read one window later, so the host's clock would stop when it had queued
+    the steps, not when they ran: the window after an eval or a save (nothing in flight to wait on) logged the
+    host's queueing rate, 2-20x the real one, and the device's time for the window before one fell into the
+    excluded eval. The window's time is the device's, between two events, less the host work excluded (a trace's
+    export). Events stand in here for CUDA's: each executes at the device time listed."""
+    from types import SimpleNamespace
+
+    from mlmtrain.metrics import WindowStats
+
+    # when each recorded event runs on the device: every close records its window's end and the next one's start
+    device_ms = iter([0.0, 400.0, 400.0, 1000.0, 1000.0, 5000.0, 5300.0, 5300.0])
+
+    class Event:
+        def __init__(self):
+            self.at = next(device_ms)
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    window = WindowStats(torch.device("cpu"), 2, 1, 0.0, SimpleNamespace(wait_s=0.0), deferred=True)
+    monkeypatch.setattr(window, "device_clock", True)
+    monkeypatch.setattr(window, "record_event", Event)
+    window.restart_clock()  # the first window starts on the device at 0 ms
+
+    def two_steps():
+        for _ in range(2):
+            window.add_batch(SimpleNamespace(num_real_tokens=100, num_segments=4), 1.0)
+            window.add_step(torch.tensor(2.0), torch.tensor(False), torch.tensor(1.0))
+
+    two_steps()
+    assert window.close(2, 1e-3, False) == []  # read a window later; its steps ran from 0 to 400 ms
+    two_steps()
+    window.exclude(0.1)  # a trace's export: 100 ms of the 600 the device's clock shows are no training
+    (first,) = window.close(4, 1e-3, False)
+    (second,) = window.flush()  # an eval comes: the window in flight is read now
+    assert first.elapsed_s == pytest.approx(0.4) and first.row["tokens_per_s"] == pytest.approx(500)
+    assert second.elapsed_s == pytest.approx(0.5) and second.row["tokens_per_s"] == pytest.approx(400)
+    window.restart_clock()  # after the eval (device 1000..5000 ms): the next window starts at 5000
+    two_steps()
+    assert window.close(6, 1e-3, True) == []
+    (third,) = window.flush()
+    assert third.elapsed_s == pytest.approx(0.3) and third.row["loss"] == 2.0 and third.last

@@ -184,7 +184,10 @@ class WindowStats:
     `deferred` (train.async_log_reads): that transfer is a non-blocking copy into pinned memory, read when the
     next window closes (or at `flush`). Reading at once makes the host wait until the device has run every step
     it was given, then the device idles while the host logs and launches the next step; a copy read one window
-    later has long landed, so the queue never drains. The rows are the same; each is written a window later."""
+    later has long landed, so the queue never drains. The rows are the same; each is written a window later.
+    A window's time is then the device's, between two CUDA events (the host's clock stops when it has queued the
+    steps, not when they ran: after an eval or a save nothing in flight holds it back); read at once, the
+    host's, stopped after the sync."""
 
     def __init__(self, device, log_every: int, world: int, peak_tflops: float, prefetch, deferred: bool = False):
         self.device, self.world, self.peak_tflops, self.prefetch = device, world, peak_tflops, prefetch
@@ -195,11 +198,21 @@ class WindowStats:
         self.grad_norm = torch.zeros((), device=device)
         self.steps, self.tokens, self.segments, self.flops = 0, 0, 0, 0.0
         self.deferred, self.pending = deferred, None  # pending: a closed window whose device numbers are in flight
+        self.device_clock = deferred and device.type == "cuda"  # the window's time from events (class docstring)
         self.landing = torch.empty(log_every + 3, dtype=torch.float64, pin_memory=device.type == "cuda")
         self.restart_clock()
 
     def restart_clock(self) -> None:
-        self.t0, self.wait0 = time.perf_counter(), self.prefetch.wait_s
+        self.t0, self.wait0, self.excluded = time.perf_counter(), self.prefetch.wait_s, 0.0
+        self.start_event = self.record_event()
+
+    def record_event(self):
+        """A timing event recorded on the device's stream now (on the device clock), else None."""
+        if not self.device_clock:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def add_batch(self, batch, flops: float) -> None:
         self.tokens += batch.num_real_tokens
@@ -224,6 +237,7 @@ class WindowStats:
         n = self.steps
         scalars = torch.stack([self.loss_sum, self.max_streak.double(), self.grad_norm.double()])
         device_values = torch.cat([self.bad_flags[:n].double(), scalars])  # (n + 3,)
+        end_event = self.record_event()  # after the window's steps, before anything the host adds
         t_sync = time.perf_counter()
         ready = self.flush()  # before the landing buffer takes this window's numbers
         # sync: once per log window, before the clock stops, so the window's time is the device's: the host runs
@@ -232,29 +246,22 @@ class WindowStats:
         device_wait_s = time.perf_counter() - t_sync  # how far the host ran ahead; ~0: the device waited for it
         # sync (several processes): job totals of the window
         tokens, segments, flops = parallel.sum_over_ranks(self.device, self.tokens, self.segments, self.flops)
-        elapsed, world = time.perf_counter() - self.t0, self.world
-        host = {
-            "tokens_per_s": tokens / elapsed,  # the job's: all ranks
-            "tokens_per_s_per_gpu": tokens / elapsed / world,
-            "samples_per_s": segments / elapsed,
-            "tflops": flops / elapsed / 1e12,  # the job's
-            "tflops_per_gpu": flops / elapsed / 1e12 / world,
-            "mfu": (flops / elapsed / 1e12 / (self.peak_tflops * world)) if self.peak_tflops else None,
-            "data_wait_s": self.prefetch.wait_s - self.wait0,
-            "device_wait_s": device_wait_s,
-            **memory_stats(self.device),
-        }
-        closed = (step, lr, last, n, host, int(tokens), elapsed, time.time())
+        closed = {
+            "step": step, "lr": lr, "last": last, "n": n, "tokens": int(tokens), "segments": segments,
+            "flops": flops, "elapsed": time.perf_counter() - self.t0, "wall_time": time.time(),
+            "data_wait_s": self.prefetch.wait_s - self.wait0, "device_wait_s": device_wait_s,
+            "memory": memory_stats(self.device),
+        }  # fmt: skip
         if self.deferred:
             landing = self.landing[: n + 3]
             landing.copy_(device_values, non_blocking=True)
-            event = None
+            landed = None
             if self.device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record()
-            self.pending = (closed, landing, event)
+                landed = torch.cuda.Event()
+                landed.record()
+            self.pending = (closed, landing, landed, self.start_event, end_event, self.excluded)
         else:
-            ready.append(self._window(*closed, values))
+            ready.append(self._window(closed, values))
         self.bad_flags.zero_()
         self.loss_sum.zero_()
         self.steps, self.tokens, self.segments, self.flops = 0, 0, 0, 0.0
@@ -264,31 +271,43 @@ class WindowStats:
     def exclude(self, seconds: float) -> None:
         """Leave `seconds` of host work out of the open window's time (its steps and tokens stay)."""
         self.t0 += seconds
+        self.excluded += seconds
 
     def flush(self) -> list[Window]:
         """The window whose device numbers are in flight (deferred), read now; [] when there is none."""
         if self.pending is None:
             return []
-        closed, landing, event = self.pending
+        closed, landing, landed, start_event, end_event, excluded = self.pending
         self.pending = None
-        if event is not None:
-            event.synchronize()  # sync: on a copy enqueued a window ago (at eval, checkpoint and the end: this one)
-        return [self._window(*closed, landing.tolist())]
+        if landed is not None:
+            landed.synchronize()  # sync: on a copy enqueued a window ago (at eval, checkpoint and the end: this one)
+        if start_event is not None:  # the device's time from the window's first step to its last
+            closed["elapsed"] = start_event.elapsed_time(end_event) / 1e3 - excluded
+        return [self._window(closed, landing.tolist())]
 
-    @staticmethod
-    def _window(step, lr, last, n, host, tokens, elapsed, wall_time, values) -> Window:
+    def _window(self, closed: dict, values: list[float]) -> Window:
+        step, n, elapsed, tokens, flops = (closed[k] for k in ("step", "n", "elapsed", "tokens", "flops"))
+        world = self.world
         flags, (loss_sum, max_streak, grad_norm) = values[:n], values[n:]
         bad = [step - n + i + 1 for i, f in enumerate(flags) if f]
         row = {
             "step": step,
             "loss": loss_sum / (n - len(bad)) if n > len(bad) else None,
-            "lr": lr,
+            "lr": closed["lr"],
             "grad_norm": grad_norm,
-            **host,
+            "tokens_per_s": tokens / elapsed,  # the job's: all ranks
+            "tokens_per_s_per_gpu": tokens / elapsed / world,
+            "samples_per_s": closed["segments"] / elapsed,
+            "tflops": flops / elapsed / 1e12,  # the job's
+            "tflops_per_gpu": flops / elapsed / 1e12 / world,
+            "mfu": (flops / elapsed / 1e12 / (self.peak_tflops * world)) if self.peak_tflops else None,
+            "data_wait_s": closed["data_wait_s"],
+            "device_wait_s": closed["device_wait_s"],
+            **closed["memory"],
             "bad_steps": len(bad),
-            "time": wall_time,
+            "time": closed["wall_time"],
         }
-        return Window(row, tokens, n, elapsed, last, int(max_streak), bad)
+        return Window(row, tokens, n, elapsed, closed["last"], int(max_streak), bad)
 
 
 @dataclass
