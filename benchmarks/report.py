@@ -361,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads((Path(args.folder) / "results.json").read_text(encoding="utf-8"))
     peak = None
     if results.get("device") == "cuda":  # the datasheet peak of the GPU named in the results
-        from mlmtrain.flops import PEAK_TFLOPS
+        from mlmtrain.flops import peak_tflops_named
 
-        peak = next((p["bf16"] for k, p in PEAK_TFLOPS.items() if k in results["environment"]["device"]), None)
+        peak = peak_tflops_named(results["environment"]["device"], "bf16") or None
     for path in write(results, args.folder, peak):
         print(path)
     return 0

@@ -421,3 +421,19 @@ def test_bench_model_smoke():
     assert ours["real_tokens"] == hf["real_tokens"] <= 512 and ours["padded_tokens"] == 512
     assert hf["padded_tokens"] >= hf["real_tokens"] and ours["flops"] < hf["flops"]  # masked-only head
     assert all(r["tokens_per_s"]["median"] > 0 for r in rows)
+
+
+def test_a_gpu_gets_its_own_datasheet_peak_or_none():
+    """The peak is looked up by the whole model name: an L40S is no L4 (MFU 3x too high), an H100 PCIe or NVL no
+    SXM H100 (MFU 0.76x / 0.84x), an RTX A1000 no A100; a GPU not in the table gets no MFU, not another card's."""
+    from mlmtrain.flops import peak_tflops_named
+
+    expected = {
+        "NVIDIA H200": 989.4, "NVIDIA H100 80GB HBM3": 989.4, "NVIDIA GH200 480GB": 989.4,
+        "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.5, "NVIDIA H200 NVL": 835.5,
+        "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA L40S": 362.05, "NVIDIA L40": 181.05,
+        "NVIDIA L4": 121.0, "NVIDIA A10": 125.0,
+        "NVIDIA RTX A1000": 0.0, "NVIDIA A10G": 0.0, "NVIDIA GeForce RTX 4090": 0.0,
+    }  # fmt: skip
+    assert {name: peak_tflops_named(name, "bf16") for name in expected} == expected
+    assert peak_tflops_named("NVIDIA L40S", "fp32") == 183.0

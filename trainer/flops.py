@@ -8,17 +8,27 @@ each segment (sum of len^2, not halved), and the vocab head on the masked positi
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
 from mlmtrain.model import BertConfig
 
-# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets, by precision. Override
-# with `train.peak_tflops` (e.g. with the matmul rate `mlmtrain bench` measures on your card).
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' datasheets, by precision (fp32 = TF32
+# tensor cores), for the model names torch.cuda.get_device_name gives: whole words, the first match wins (an
+# "L40S" is no "L4", an "H100 PCIe" no SXM H100, an "RTX A1000" no A100); a GPU not listed gets no MFU rather
+# than another card's. Override with `train.peak_tflops` (e.g. the matmul rate `mlmtrain bench` measures).
 PEAK_TFLOPS = {
-    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},  # fp32 row = TF32 tensor cores
-    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},
+    "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 417.5},
+    "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "fp32": 417.5},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0},
+    "GH200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},  # SXM
+    "H100": {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7},  # SXM ("H100 80GB HBM3")
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0},  # SXM and PCIe alike
+    "L40S": {"bf16": 362.05, "fp16": 362.05, "fp32": 183.0},
+    "L40": {"bf16": 181.05, "fp16": 181.05, "fp32": 90.5},
     "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 60.0},
     "A10": {"bf16": 125.0, "fp16": 125.0, "fp32": 62.5},
 }
@@ -48,9 +58,13 @@ def peak_tflops_for(device: torch.device, precision: str) -> float:
     """The table's peak for this GPU and precision; 0.0 (MFU not reported) for CPUs and unknown GPUs."""
     if device.type != "cuda":
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in name:
+    return peak_tflops_named(torch.cuda.get_device_name(device), precision)
+
+
+def peak_tflops_named(name: str, precision: str) -> float:
+    """The table's peak for the GPU model `name` (as torch.cuda.get_device_name says it), or 0.0."""
+    for model, peaks in PEAK_TFLOPS.items():
+        if re.search(rf"(?<!\w){re.escape(model)}(?!\w)", name, re.IGNORECASE):
             return peaks[precision]
     return 0.0
 
