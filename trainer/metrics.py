@@ -295,6 +295,7 @@ class WindowStats:
             "loss": loss_sum / (n - len(bad)) if n > len(bad) else None,
             "lr": closed["lr"],
             "grad_norm": grad_norm,
+            "elapsed_s": elapsed,  # the window's training time (evals, saves, a trace's export left out)
             "tokens_per_s": tokens / elapsed,  # the job's: all ranks
             "tokens_per_s_per_gpu": tokens / elapsed / world,
             "samples_per_s": closed["segments"] / elapsed,
