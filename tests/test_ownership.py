@@ -97,6 +97,14 @@ def test_a_folder_of_its_own_kind_is_replaced_only_when_it_holds_nothing_else(ma
     assert done.returncode == 0, done.stderr
     assert json.loads((data / "meta.json").read_text())["seed"] == 1 and (data / files.MARKER).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # the old folder went, no temporary left
+    # an --out that passes through itself: `data/..` no longer resolves once data is moved aside, and the new
+    # folder was left hidden with the old one, "unchanged" said of neither
+    done = run_cli(*prepare[:-1], 2, "--out", data / ".." / "data", "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((data / "meta.json").read_text())["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+    (data / "subfolder").mkdir()  # empty, but not the command's: replacing the folder would delete it unsaid
+    assert_refused(run_cli(*prepare, "--overwrite"), "did not write (subfolder/)", "nothing was replaced")
 
 
 def test_folders_from_before_markers_are_recognised_only_by_their_exact_files(made, tmp_path, sample_corpus):
@@ -171,7 +179,27 @@ def test_files_named_like_ours_are_not_ours(made, tmp_path):
     for name in user + ours:
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text("x")
-    assert files.foreign_files(run, RUN_LAYOUT) == sorted(user)
+    # a folder the run makes no file in is listed whole, as are an empty one and one that cannot be listed
+    (run / "checkpoints" / "kept_by_hand").mkdir()
+    locked = run / "checkpoints" / "step_00000009"  # a name the run writes, so only its listing can tell
+    locked.mkdir()
+    (locked / "notes.txt").write_text("x")
+    listed = {".tmp_mine/a.txt": ".tmp_mine/", f"checkpoints/.tmp_draft_{host}_{dead}/a.txt":
+              f"checkpoints/.tmp_draft_{host}_{dead}/"}  # fmt: skip
+    scandir = os.scandir
+
+    def unreadable(path="."):  # chmod 0300, for any user (root reads anything)
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "scandir", unreadable)
+        assert files.foreign_files(run, RUN_LAYOUT) == sorted(
+            [listed.get(name, name) for name in user] + ["checkpoints/kept_by_hand/", "checkpoints/step_00000009/"]
+        )
+    (run / "checkpoints" / "kept_by_hand").rmdir()
+    shutil.rmtree(locked)  # (a folder named as a checkpoint, without one: a resume would skip it as damaged)
     from mlmtrain.run_folder import _ours_in
 
     files.remove_stale_tmp(run, any_host=True, owns=_ours_in())  # what a run's start cleans up: only its own
@@ -187,7 +215,7 @@ def test_files_named_like_ours_are_not_ours(made, tmp_path):
     files.write_marker(demo, demo_layout())
     (demo / f".tmp_export_{host}_{dead}").mkdir()  # a killed demo's export, killed inside a JSON write
     (demo / f".tmp_export_{host}_{dead}" / f".tmp_config.json_{host}_{dead}").write_text("x")
-    assert files.foreign_files(demo, demo_layout()) == sorted(f"run/{name}" for name in user)
+    assert files.foreign_files(demo, demo_layout()) == sorted(f"run/{listed.get(name, name)}" for name in user)
 
 
 def test_the_current_folder_as_out_is_refused_before_any_work(tmp_path, sample_corpus):

@@ -405,3 +405,39 @@ def test_memory_stays_bounded_on_a_20_mb_single_line(tmp_path, tokenizer_dir):
         peak_mb[name] = int(done.stdout.split()[-1]) / 1024
     print(f"peak RSS {peak_mb}")
     assert peak_mb["long"] - peak_mb["short"] < 300, peak_mb  # 130 MB on the CPU box; holding it whole: ~2 GB
+
+
+def replaced_tokenizer(tokenizer_dir, tmp_path):
+    """(a copy of `tokenizer_dir`, and `replace()`, which puts another tokenizer of the same vocabulary in its
+    place, as `mlmtrain tokenizer --out COPY --overwrite --lowercase` would)."""
+    tok = tmp_path / "tok"
+    shutil.copytree(tokenizer_dir, tok)
+    other = tmp_path / "other"
+    shutil.copytree(tokenizer_dir, other)
+    spec = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["normalizer"]["lowercase"] = not spec["normalizer"]["lowercase"]
+    (other / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+
+    def replace():
+        shutil.rmtree(tok)
+        shutil.copytree(other, tok)
+
+    return tok, replace
+
+
+def test_a_tokenizer_replaced_while_prepare_reads_it_leaves_no_shards(
+    tokenizer_dir, sample_corpus, tmp_path, monkeypatch
+):
+    """Shards whose ids came from one tokenizer and whose meta.json names another would train without a word:
+    the fingerprint is taken before the tokenizer is read and again before the shards are kept."""
+    tok, replace = replaced_tokenizer(tokenizer_dir, tmp_path)
+    write_splits = prepare_module._write_splits
+
+    def replaced_meanwhile(*args, **kwargs):
+        replace()
+        return write_splits(*args, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "_write_splits", replaced_meanwhile)
+    with pytest.raises(UserError, match=r"changed while `mlmtrain prepare` read it .* nothing was written"):
+        prepare([sample_corpus], tok, tmp_path / "data", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "tok"]

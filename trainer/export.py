@@ -38,10 +38,12 @@ from mlmtrain.prepare import check_tokenizer_match
 from mlmtrain.pretrained import HUB_ID
 from mlmtrain.tokenizer import SPECIAL_TOKENS_MAP
 from mlmtrain.tokenizer_folder import (
+    check_unchanged,
     load_tokenizer,
     read_tokenizer_config,
     read_tokenizer_record,
     read_vocab,
+    tokenizer_fingerprint,
     vocab_bytes,
 )
 
@@ -113,6 +115,7 @@ def export_folder(
         )
     config = BertConfig.from_dict(run_config["model"], f"checkpoint {ckpt} is damaged: its config.json")
     tokenizer_dir = Path(tokenizer_dir or run_tokenizer_dir(ckpt, run_config))
+    made_with = tokenizer_fingerprint(tokenizer_dir)  # before reading it: taken again before the export is kept
     load_tokenizer(tokenizer_dir)  # checks the files and the special-token ids
     check_vocab_match(config.vocab_size, len(read_vocab(tokenizer_dir)), f"checkpoint {ckpt}")
     check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}", shards=False)
@@ -178,6 +181,7 @@ def export_folder(
         write_json(tmp / EXPORT_MANIFEST, manifest)
         os.chmod(tmp / EXPORT_MANIFEST, mode)
         problems = check_export_folder(tmp)  # what the upload checks: files, sizes, shapes, card header
+        check_unchanged(tokenizer_dir, made_with, "export")
         if replacing and (failure is not None or problems):  # a failed export never replaces a good one
             why = f"it failed verification: {str(failure).rstrip('.')}" if failure is not None else "; ".join(problems)
             raise UserError(f"the new export of {out_dir} was not written: {why}; the previous {out_dir} is unchanged")

@@ -252,9 +252,14 @@ def folder_state(folder: Path, layout: Layout) -> tuple[str, str]:
 
 def foreign_files(folder: Path, layout: Layout) -> list[str]:
     """Files under `folder` that `layout`'s command does not write (relative paths, a whole foreign subfolder
-    as "name/"): what replacing or deleting the folder would lose. Symbolic links are never followed."""
+    as "name/", an empty one too): what replacing or deleting the folder would lose. A subfolder that cannot be
+    listed is foreign (what it holds is unknown). Symbolic links are never followed."""
     folder, parts, foreign = Path(folder), dict(layout.parts), []
-    for root, dirs, files in os.walk(folder):
+
+    def unreadable(error: OSError) -> None:
+        foreign.append(os.path.relpath(error.filename, folder).replace(os.sep, "/") + "/")
+
+    for root, dirs, files in os.walk(folder, onerror=unreadable):
         rel = Path(root).relative_to(folder)
         if rel == Path("."):
             for name in [d for d in dirs if d in parts]:
@@ -264,11 +269,27 @@ def foreign_files(folder: Path, layout: Layout) -> list[str]:
                 else:
                     foreign.append(f"{name}/")
         links = [d for d in dirs if (Path(root) / d).is_symlink()]
+        for name in [d for d in dirs if d not in links and not _dir_owned(layout, (rel / d).as_posix())]:
+            dirs.remove(name)  # a folder the command makes no file in: the user's, empty or not
+            foreign.append(f"{(rel / name).as_posix()}/")
         for name in files + links:
             path = (rel / name).as_posix()
             if path != MARKER and not (any(owned(path, p) for p in layout.owns) and _siblings_owned(layout, path)):
                 foreign.append(path)
     return sorted(foreign)
+
+
+def _dir_owned(layout: Layout, path: str) -> bool:
+    """Is the relative folder `path` one `layout` writes files in (a hidden sibling read as the name it stands
+    for)?"""
+    resolved = []
+    for n in path.split("/"):
+        match = _TMP_NAME.fullmatch(n)
+        name = n if match is None else match["name"]
+        if not owns_name(layout, resolved, name):
+            return False
+        resolved.append(name)
+    return True
 
 
 def holder_of(fd: int) -> str:
@@ -446,8 +467,10 @@ def atomic_dir(
         if layout is not None:
             check_out_folder(final, layout, replace=replace)
         final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(final.parent, final.name)
-        tmp = tmp_sibling(final)
+        # said as given, renamed by its parent's real path: `tok/../tok` would stop resolving once tok moves aside
+        target = Path(os.path.realpath(final.parent)) / final.name
+        remove_stale_tmp(target.parent, target.name)
+        tmp = tmp_sibling(target)
         _remove(tmp)
         tmp.mkdir()
         yield tmp
@@ -460,21 +483,21 @@ def atomic_dir(
         if layout is not None:
             check_out_folder(final, layout, replace=replace)  # nothing appeared there meanwhile
         old = None
-        if final.is_dir() and not any(final.iterdir()):
-            final.rmdir()
-        elif final.exists():
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        elif target.exists():
             if not replace:
                 raise UserError(f"{final} appeared while it was being written; it was left as it is.")
-            old = tmp_sibling(final, old=True)
-            os.replace(final, old)
+            old = tmp_sibling(target, old=True)
+            os.replace(target, old)
         try:
-            os.replace(tmp, final)
-        except OSError:
+            os.replace(tmp, target)
+        except BaseException:  # a failed write, or a signal's exception between the two renames
             if old is not None:
-                os.replace(old, final)
+                os.replace(old, target)
             raise
         tmp = None
-        fsync_path(final.parent)
+        fsync_path(target.parent)
         if old is not None:
             _remove(old)
     except (OSError, SafetensorError) as e:

@@ -52,7 +52,7 @@ from mlmtrain.text import (
     line_problem_notes,
 )
 from mlmtrain.tokenizer import DEFAULT_SPECIALS, SEP_ID, SpecialTokens
-from mlmtrain.tokenizer_folder import load_tokenizer, read_special_tokens, tokenizer_fingerprint
+from mlmtrain.tokenizer_folder import check_unchanged, load_tokenizer, read_special_tokens, tokenizer_fingerprint
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
@@ -201,6 +201,7 @@ def prepare(
         raise UserError(f"--max-seq-len must be from 3 ([CLS] token [SEP]) to {MAX_SEQ_LEN:,}, got {max_seq_len}.")
     check_seed("--seed", seed)
     corpus = check_corpus(inputs)
+    made_with = tokenizer_fingerprint(tokenizer_dir)  # before reading it: taken again before the shards are kept
     tok = load_tokenizer(tokenizer_dir)
     specials = read_special_tokens(tokenizer_dir)
     tok.no_truncation()
@@ -216,7 +217,7 @@ def prepare(
         meta = {
             "format_version": FORMAT_VERSION,
             "vocab_size": tok.get_vocab_size(),
-            "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir),
+            "tokenizer_fingerprint": made_with,
             "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
             "special_tokens": specials.to_dict(),
             "max_seq_len": max_seq_len,
@@ -227,6 +228,7 @@ def prepare(
             "seconds": round(time.perf_counter() - t0, 3),
         }
         write_json(tmp / "meta.json", meta)
+        check_unchanged(tokenizer_dir, made_with, "prepare")
     if progress:
         _report(meta, out_dir, total_bytes)
     return meta

@@ -299,3 +299,14 @@ def tokenizer_fingerprint(tokenizer_dir) -> str:
         # layout hashes without them, so the fingerprints its shards and checkpoints already record still match
         h.update(json.dumps(specials.to_dict()).encode())
     return h.hexdigest()
+
+
+def check_unchanged(tokenizer_dir, fingerprint: str, command: str) -> None:
+    """Refuse when `tokenizer_dir` no longer has `fingerprint` (taken before `command` read it): another command
+    replaced it meanwhile (`mlmtrain tokenizer --overwrite`), so what was read may mix the two tokenizers' files
+    and ids. Called just before the output is renamed into place."""
+    if tokenizer_fingerprint(tokenizer_dir) != fingerprint:
+        raise UserError(
+            f"{tokenizer_dir} changed while `mlmtrain {command}` read it (another command replaced it): nothing was "
+            f"written or replaced; run `mlmtrain {command}` again."
+        )
