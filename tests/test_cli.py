@@ -43,6 +43,30 @@ def test_help_version_and_argument_errors_do_not_import_torch(argv, code):
     assert seconds < 10, seconds  # well under a second on an idle machine; the bound allows a busy CI box
 
 
+def test_a_flag_a_command_does_not_know_is_refused_by_that_command(capsys):
+    """`mlmtrain COMMAND: error: ...` as every other usage error of COMMAND (it said `mlmtrain: error:`)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--bogus", "1"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "mlmtrain train: error: unrecognized arguments: --bogus 1 (see `mlmtrain train --help`)\n"
+    )
+
+
+def test_help_to_a_reader_that_went_away_exits_1_without_a_traceback():
+    """`mlmtrain train --help-config | head -1`: a closed output is no bug to report (README, exit codes)."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, "-m", "mlmtrain.cli", "train", "--help-config"], stdout=write_end,
+                              stderr=subprocess.PIPE, timeout=60)  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1 and done.stderr == b"", done.stderr
+
+
 def test_the_data_commands_run_without_torch(tmp_path, sample_corpus, tokenizer_dir):
     """tokenizer and prepare need no torch: its import costs a data box seconds and (a CUDA build) ~400 MB."""
     text = tmp_path / "few.txt"

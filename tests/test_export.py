@@ -407,6 +407,15 @@ def test_the_public_card_shows_no_local_path():
     assert _input_name({"dataset": "klue/ynat", "split": "train"}) == "klue/ynat (train)"
 
 
+def test_the_card_says_what_a_segment_held():
+    """A document-packed run (the README's phase 2) trained on runs of a document's sentences, not on single ones."""
+    from mlmtrain.card import _data_text
+
+    meta = {"train": {"sentences": 1000, "tokens": 20000}, "inputs": [], "max_seq_len": 512}
+    assert _data_text(meta, {"pack": "sentence"}).endswith("at most 512 tokens ([CLS] sentence [SEP])")
+    assert _data_text(meta, {"pack": "document"}).endswith("([CLS] s1 [SEP] s2 [SEP] ..., sentences of one document)")
+
+
 def test_the_card_says_which_step_an_earlier_evaluation_was_at():
     from mlmtrain.card import _evaluation_lines
 

@@ -97,7 +97,7 @@ def model_card(
         "",
         f"A BERT masked-language model (`BertForMaskedLM`, size `{size}`: {config.num_hidden_layers} layers, "
         f"hidden {config.hidden_size}, {config.num_attention_heads} heads, vocabulary {config.vocab_size}) "
-        f"{origin} with mlmtrain on single sentences: masked language "
+        f"{origin} with mlmtrain on {UNITS[data.get('pack', 'sentence')]}: masked language "
         "modelling only, no next-sentence prediction.",
         "",
         "## Use",
@@ -169,6 +169,11 @@ def _optimizer_text(data: dict, optim: dict, train: dict) -> str:
     )
 
 
+# what a segment held, by `data.pack` (packing.py)
+UNITS = {"sentence": "single sentences", "document": "runs of consecutive sentences of one document"}
+SEGMENTS = {"sentence": "[CLS] sentence [SEP]", "document": "[CLS] s1 [SEP] s2 [SEP] ..., sentences of one document"}
+
+
 def _data_text(data_meta: dict | None, data: dict) -> str:
     if not data_meta:
         return f"token shards in `{public(data['data_dir'])}`" if data.get("data_dir") else "not recorded"
@@ -176,7 +181,7 @@ def _data_text(data_meta: dict | None, data: dict) -> str:
     return (
         f"{_count(train_split.get('sentences'))} sentences / {_count(train_split.get('tokens'))} tokens from "
         f"{', '.join(_input_names(data_meta)) or 'not recorded'}, in segments of at most "
-        f"{data_meta.get('max_seq_len')} tokens ([CLS] sentence [SEP])"
+        f"{data_meta.get('max_seq_len')} tokens ({SEGMENTS[data.get('pack', 'sentence')]})"
     )
 
 

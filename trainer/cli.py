@@ -160,7 +160,9 @@ def train_args(p) -> None:
         help="continue from the newest complete checkpoint in --out (or from PATH)",
     )
     p.add_argument("--change-max-steps", action="store_true", help="with --resume: accept another --max-steps")
-    p.add_argument("--nproc", type=int, help="processes on this machine: re-runs itself under torchrun")
+    p.add_argument(
+        "--nproc", type=int, help="processes on this machine, run under torch's elastic agent (as torchrun runs them)"
+    )
     p.add_argument("--config", help="TOML run config: a path, or a packaged one's name (tiny_cpu, base_gpu, large_gpu)")
     p.add_argument(
         "--set",
@@ -370,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
         progress.add_args(p)
+    parser.commands = sub.choices  # a flag a command does not know is refused by that command's parser
     return parser
 
 
@@ -377,7 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     program = argv is None  # the `mlmtrain` command itself, not a call from Python
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # `mlmtrain train: error: ...`, as the command's other usage errors say
+            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    except BrokenPipeError:  # `mlmtrain --help | head`: the reader went away
+        os._exit(1)
     if args.command is None:
         parser.print_help()
         return 2
