@@ -184,7 +184,7 @@ def run_ours(
     windows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [w for w in windows if "tokens_per_s" in w]
     timed = timed_windows(windows, steps, log_every, profile)
-    steps_in = {w["step"]: w["step"] - end for w, end in zip(windows, [0] + [w["step"] for w in windows])}
+    steps_in = {w["step"]: w["step"] - end for w, end in zip(windows, [0] + [w["step"] for w in windows])}  # per row
     # windows hold the same number of steps of (nearly) the same real tokens, so the overall rate (timed
     # tokens / timed seconds) is the harmonic mean of the window rates
     overall = len(timed) / sum(1 / w["tokens_per_s"] for w in timed)
@@ -196,8 +196,7 @@ def run_ours(
         "timed_windows": len(timed),
         "log_every": log_every,
         "tokens_per_s": {"overall": overall, **spread(w["tokens_per_s"] for w in timed)},
-        # per step, over the same windows as the rates (the summary's spans every window after the first)
-        "step_time_s": spread(w["elapsed_s"] / steps_in[w["step"]] for w in timed),
+        "step_time_s": spread(w["elapsed_s"] / steps_in[w["step"]] for w in timed),  # the rates' windows, not all
         "achieved_tflops": spread(w["tflops"] for w in timed),
         "mfu": spread(w["mfu"] for w in timed),
         "samples_per_s": spread(w["samples_per_s"] for w in timed),

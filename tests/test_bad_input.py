@@ -19,7 +19,7 @@ from cli_run import TINY, assert_refused, in_process, run_cli
 from mlmtrain import prepare, shard_check
 from mlmtrain.config_load import load_config
 from mlmtrain.errors import UserError
-from mlmtrain.files import file_entries
+from mlmtrain.manifest import file_entries
 from mlmtrain.train import train
 
 
@@ -255,7 +255,7 @@ def test_one_sentence_for_a_bad_flag_a_damaged_checkpoint_config_and_unreadable_
     resume already did), a vocab.txt and a --token-file that are not UTF-8."""
     from test_train import tiny_config
 
-    from mlmtrain.files import file_entries as entries
+    from mlmtrain.manifest import file_entries as entries
     from mlmtrain.tokenizer_folder import read_vocab
     from mlmtrain.upload import resolve_token
 

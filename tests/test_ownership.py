@@ -377,3 +377,56 @@ def test_a_signal_to_prepare_exits_128_plus_it_and_leaves_no_temporary_folder(na
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig and f"stopped by {name}" in err and "Traceback" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]
+
+
+NOTE = files.Layout("note", "a note", "mlmtrain note", ("a.txt",), ("a.txt",))  # a command's folder, for the tests
+
+
+def test_a_folder_another_run_replaced_meanwhile_is_not_replaced_again(tmp_path):
+    """Two `--overwrite` runs into one folder: the second to finish would replace the first's output and both
+    would say they wrote it. The folder must still be the one this run found."""
+    final = tmp_path / "out"
+    with files.atomic_dir(final, layout=NOTE) as folder:
+        (folder / "a.txt").write_text("old")
+    with pytest.raises(UserError, match="was replaced by another process while this one wrote it"):
+        with files.atomic_dir(final, replace=True, layout=NOTE) as folder:
+            (folder / "a.txt").write_text("mine")
+            theirs = tmp_path / "theirs"  # another run's: built aside and renamed into place, as atomic_dir does
+            shutil.copytree(final, theirs)
+            (theirs / "a.txt").write_text("theirs")
+            final.rename(tmp_path / "gone")
+            theirs.rename(final)
+    assert (final / "a.txt").read_text() == "theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone", "out"]  # no temporary of this run left
+
+
+def test_a_signal_while_the_output_is_put_in_place_does_not_undo_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the old folder is deleted (seconds, for large shards): the new folder is in place and
+    complete, so the command must not stop saying it was interrupted (exit 130: 'nothing was written')."""
+    import signal
+
+    final = tmp_path / "out"
+    with files.atomic_dir(final, layout=NOTE) as folder:
+        (folder / "a.txt").write_text("old")
+    remove = files._remove
+
+    def interrupted(path):
+        if path.name.startswith(files.OLD_PREFIX):
+            os.kill(os.getpid(), signal.SIGINT)
+        remove(path)
+
+    monkeypatch.setattr(files, "_remove", interrupted)
+    with files.atomic_dir(final, replace=True, layout=NOTE) as folder:
+        (folder / "a.txt").write_text("new")
+    assert (final / "a.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert f"SIGINT came while {final} was put in place: it is complete" in capsys.readouterr().err
+
+
+def test_a_mount_point_as_out_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A mounted volume (`docker -v`) cannot have a folder renamed into its place: the whole output was built
+    first, on the parent's disk, then the rename failed."""
+    mount = tmp_path / "volume"
+    mount.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mount)
+    with pytest.raises(UserError, match=rf"--out {mount} is a mount point: pass a folder in it, e.g. --out {mount}/"):
+        files.check_out_folder(mount, NOTE, replace=False)

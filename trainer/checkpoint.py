@@ -37,16 +37,8 @@ from safetensors.torch import load_file, save_file
 
 from mlmtrain import parallel
 from mlmtrain.errors import UserError
-from mlmtrain.files import (
-    CHECKPOINTS,
-    MANIFEST,
-    atomic_dir,
-    file_entries,
-    lock_holder,
-    manifest_problems,
-    tmp_sibling,
-    write_json,
-)
+from mlmtrain.files import CHECKPOINTS, MANIFEST, atomic_dir, lock_holder, tmp_sibling, write_json
+from mlmtrain.manifest import file_entries, manifest_problems
 from mlmtrain.model import SHAPE_FIELDS, BertConfig, drop_tied_aliases
 
 CHECKPOINT_FILES = (

@@ -422,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         # interpreter's shutdown (about a second with torch loaded) would turn a finished command into 143
         for sig, handler in previous.items():
             signal.signal(sig, signal.SIG_IGN if program else handler)
-        if not program:
+        if program:  # Ctrl-C as well: the command has its exit code, its output is written or not
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        else:
             signal.signal(signal.SIGINT, previous_int)
 
 

@@ -32,7 +32,8 @@ from mlmtrain.card import DEFAULT_WIDGETS, model_card, parse_languages, read_car
 from mlmtrain.config import PRECISIONS, torch_dtype
 from mlmtrain.errors import UserError, refuse_tokens
 from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_folder
-from mlmtrain.files import CHECKPOINTS, atomic_dir, check_out_folder, file_entries, file_mode, write_json
+from mlmtrain.files import CHECKPOINTS, atomic_dir, check_out_folder, file_mode, write_json
+from mlmtrain.manifest import file_entries
 from mlmtrain.preflight import check_vocab_match
 from mlmtrain.prepare import check_tokenizer_match
 from mlmtrain.pretrained import HUB_ID

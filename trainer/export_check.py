@@ -11,7 +11,8 @@ import stat
 from pathlib import Path
 
 from mlmtrain.errors import UserError
-from mlmtrain.files import Layout, manifest_problems
+from mlmtrain.files import Layout
+from mlmtrain.manifest import manifest_problems
 from mlmtrain.model import SHAPE_FIELDS, BertConfig, hf_tensor_shapes
 from mlmtrain.tokenizer_folder import vocab_disagreements
 

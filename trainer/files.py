@@ -11,7 +11,7 @@
   `.mlmtrain-old_{name}_{host}_{pid}` (a complete folder moved aside to be replaced), so a later start can tell
   which ones a killed process left behind and what each one is (`remove_stale_tmp`). A sibling inside a
   folder is that folder's own only as the temporary of a name its command writes there (`owns_name`).
-- Manifests (size + sha256 of every file) let a reader tell a complete folder from a damaged one.
+- Manifests (size + sha256 of every file: manifest.py) let a reader tell a complete folder from a damaged one.
 
 No torch import.
 """
@@ -22,13 +22,13 @@ import contextlib
 import errno
 import fcntl
 import fnmatch
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from mlmtrain.errors import UserError
+from mlmtrain.stop import signals_noted
 
 # a run's checkpoint folder and a checkpoint's manifest (trainer/checkpoint.py writes them): named here, so the
 # commands that only recognise a run (prepare, tokenizer) never import torch
@@ -52,15 +53,6 @@ MARKER = ".mlmtrain.json"  # {"kind", "made_by", "mlmtrain_version", "created"} 
 # the host has no "_" (`_host`), so the last two fields are host and pid and the name is all before them
 _TMP_NAME = re.compile(r"\.(?P<kind>tmp|mlmtrain-old)_(?P<name>.+)_(?P<host>[A-Za-z0-9.-]+)_(?P<pid>\d+)")
 TMP = "{tmp}"  # in a Layout's `owns`: a name component that is one of the hidden siblings above
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 4 MiB blocks (checkpoints and exports can be GBs)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -107,36 +99,6 @@ def file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
-
-
-def file_entries(folder: Path, names=None) -> dict[str, dict]:
-    """{name: {"size", "sha256"}} of the plain files in `folder` (or of `names`), sorted by name."""
-    folder = Path(folder)
-    names = sorted(names) if names is not None else sorted(p.name for p in folder.iterdir() if p.is_file())
-    return {n: {"size": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)} for n in names}
-
-
-def manifest_problems(folder: Path, entries: dict, written: str = "it was written") -> list[str]:
-    """What differs between `folder` and the manifest `entries` ({name: {"size", "sha256"}}): missing files,
-    other sizes (truncated), other checksums (corrupted). Empty = every listed file is intact. `written` names
-    the moment the manifest was made, for the messages ("export", "the checkpoint was saved")."""
-    if not isinstance(entries, dict):
-        return ["the manifest has no table of files"]
-    problems = []
-    for name, entry in entries.items():
-        path = Path(folder) / name
-        if not isinstance(entry, dict) or "size" not in entry or "sha256" not in entry:
-            problems.append(f"the manifest entry for {name} lacks size or sha256")
-        elif not path.is_file():
-            problems.append(f"{name} is missing")
-        elif path.stat().st_size != entry["size"]:
-            problems.append(
-                f"{name} is {path.stat().st_size} bytes but the manifest says {entry['size']} "
-                f"(truncated, or changed after {written}?)"
-            )
-        elif sha256_file(path) != entry["sha256"]:
-            problems.append(f"{name} does not match its sha256 checksum (corrupted, or changed after {written}?)")
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------------- ownership
@@ -339,6 +301,8 @@ def check_out_folder(
     folder = Path(folder)
     if renamed and os.path.abspath(folder) == os.getcwd():  # written by a rename: away under the shell in it
         raise UserError(f"{flag} {str(folder) or '.'} is the current folder: pass a folder in it, e.g. {flag} out.")
+    if renamed and os.path.ismount(folder):  # (a docker -v volume): no folder can be renamed into its place
+        raise UserError(f"{flag} {folder} is a mount point: pass a folder in it, e.g. {flag} {Path(folder) / 'out'}.")
     if folder.is_symlink():  # a rename into place (or a delete) would act on the link, not where it points
         raise UserError(
             f"{flag} {folder} is a symbolic link: pass the folder it points to, {os.path.realpath(folder)}."
@@ -448,6 +412,15 @@ def write_failure(e: BaseException) -> str | None:
     return None
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of `path`, or None when it is absent: a folder renamed into its place is another one."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 @contextlib.contextmanager
 def atomic_dir(
     final: str | Path, *, replace: bool = False, layout: Layout | None = None, kept: str | None = None
@@ -469,6 +442,7 @@ def atomic_dir(
         final.parent.mkdir(parents=True, exist_ok=True)
         # said as given, renamed by its parent's real path: `tok/../tok` would stop resolving once tok moves aside
         target = Path(os.path.realpath(final.parent)) / final.name
+        before = _identity(target)  # what is there now: it must still be there when the new folder replaces it
         remove_stale_tmp(target.parent, target.name)
         tmp = tmp_sibling(target)
         _remove(tmp)
@@ -482,24 +456,29 @@ def atomic_dir(
             fsync_path(Path(root))
         if layout is not None:
             check_out_folder(final, layout, replace=replace)  # nothing appeared there meanwhile
-        old = None
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()
-        elif target.exists():
-            if not replace:
-                raise UserError(f"{final} appeared while it was being written; it was left as it is.")
-            old = tmp_sibling(target, old=True)
-            os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except BaseException:  # a failed write, or a signal's exception between the two renames
+        if before is not None and _identity(target) not in (None, before):  # another process put its own there
+            raise UserError(f"{final} was replaced by another process while this one wrote it; it was left as it is.")
+        with signals_noted(layout is not None) as arrived:  # a command's output: complete once renamed
+            old = None
+            if target.is_dir() and not any(target.iterdir()):
+                target.rmdir()
+            elif target.exists():
+                if not replace:
+                    raise UserError(f"{final} appeared while it was being written; it was left as it is.")
+                old = tmp_sibling(target, old=True)
+                os.replace(target, old)
+            try:
+                os.replace(tmp, target)
+            except BaseException:  # a failed write, or a signal's exception between the two renames
+                if old is not None:
+                    os.replace(old, target)
+                raise
+            tmp = None
+            fsync_path(target.parent)
             if old is not None:
-                os.replace(old, target)
-            raise
-        tmp = None
-        fsync_path(target.parent)
-        if old is not None:
-            _remove(old)
+                _remove(old)
+        if arrived:
+            print(f"{' and '.join(arrived)} came while {final} was put in place: it is complete", file=sys.stderr)
     except (OSError, SafetensorError) as e:
         raise UserError(f"could not write {final}: {write_failure(e)}; {kept}") from None
     finally:

@@ -171,7 +171,7 @@ def _check_export_files(folder: Path) -> None:
     """An mlmtrain export is read only if the files a model is built from are the ones it wrote (its manifest's
     sizes and sha256): a changed byte of weights would load and silently score or train something else."""
     from mlmtrain.export_check import EXPORT_MANIFEST
-    from mlmtrain.files import manifest_problems
+    from mlmtrain.manifest import manifest_problems
 
     if not (folder / EXPORT_MANIFEST).is_file():
         return

@@ -21,7 +21,9 @@ import errno
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 
 EXIT_NON_FINITE = 3
 REPEAT_S = 2.0  # under torchrun, the same signal again within this is one delivery, not "exit at once"
@@ -166,3 +168,28 @@ def guard_output():
     finally:
         sys.stdout, sys.stderr = saved
         _output["closed"] = False
+
+
+@contextlib.contextmanager
+def signals_noted(note: bool) -> Iterator[list[str]]:
+    """With `note`, while a command's output is put in place: SIGINT, SIGTERM and SIGHUP are noted (their names
+    yielded), not acted on. The output is complete once renamed; a stop then (the old folder's removal can take a
+    while) would exit 130 saying it is not. Main thread only (signal handlers are set there)."""
+    arrived: list[str] = []
+    if not note or threading.current_thread() is not threading.main_thread():
+        yield arrived
+        return
+
+    def noted(signum, frame):
+        arrived.append(signal.Signals(signum).name)
+
+    previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    for sig, handler in previous.items():
+        if handler not in (signal.SIG_IGN, None):  # ignored stays ignored; None: not set from Python, left alone
+            signal.signal(sig, noted)
+    try:
+        yield arrived
+    finally:
+        for sig, handler in previous.items():
+            if handler not in (signal.SIG_IGN, None):
+                signal.signal(sig, handler)
