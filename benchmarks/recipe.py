@@ -216,13 +216,20 @@ def run_recipe(
     collator = tf.DataCollatorForLanguageModeling(tokenizer, mlm_probability=settings.mlm_probability)
     batch_real_tokens, batch_sentences, batch_flops = [], [], []
 
+    specials = torch.tensor(tokenizer.all_special_ids)
+
     def counting_collator(features):  # on CPU tensors: counting here costs no device sync
         batch = collator(features)
         lengths = batch["attention_mask"].sum(1)  # (B,) real tokens per sentence
-        batch_real_tokens.append(int(lengths.sum()))
+        real = int(lengths.sum())
+        batch_real_tokens.append(real)
         batch_sentences.append(len(features))
-        # our FLOPs formula (mlmtrain.flops): credit for the work the model needs, not the padding it does
-        batch_flops.append(model_flops_per_token(model_config, lengths, settings.mlm_probability) * int(lengths.sum()))
+        # our FLOPs formula (mlmtrain.flops): credit for the work the model needs, not the padding it does; the
+        # head on the selected share of the tokens the collator may select (no special id, as ours)
+        ids = torch.where(batch["labels"] != -100, batch["labels"], batch["input_ids"])  # (B, L) before masking
+        maskable = int((batch["attention_mask"].bool() & ~torch.isin(ids, specials)).sum())
+        head = settings.mlm_probability * maskable / max(real, 1)
+        batch_flops.append(model_flops_per_token(model_config, lengths, head) * real)
         return batch
 
     torch.manual_seed(settings.seed)

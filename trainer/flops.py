@@ -3,7 +3,8 @@
 MFU = model FLOPs of the real tokens per second / the device's peak. Model FLOPs count what the
 algorithm must compute: encoder matmuls on real tokens (not the [PAD] tail), bidirectional attention over
 each segment (sum of len^2, not halved), and the vocab head on the masked positions only (the expected
-`mask_prob` share of real tokens), forward + backward = 3 x forward (`model_flops_per_token`).
+`mask_prob` share of the tokens the masker may select: no [CLS], [SEP] or [UNK]), forward + backward = 3 x
+forward (`model_flops_per_token`).
 """
 
 from __future__ import annotations
@@ -75,5 +76,6 @@ def train_flops_per_batch(config: BertConfig, batch, mask_prob: float) -> float:
         lengths = batch.segment_lengths.astype(np.float64)
     else:
         lengths = np.diff(batch.cu_seqlens.numpy()[: batch.num_segments + 1]).astype(np.float64)  # real segments
-    per_token = model_flops_per_token(config, lengths, head_fraction=mask_prob)
-    return per_token * batch.num_real_tokens
+    # the head runs on the selected share of the tokens the masker may select ([CLS], [SEP], [UNK] never are)
+    head_fraction = mask_prob * batch.num_maskable_tokens / max(batch.num_real_tokens, 1)
+    return model_flops_per_token(config, lengths, head_fraction=head_fraction) * batch.num_real_tokens

@@ -49,6 +49,7 @@ class PackedBatch:
     max_segment_len: int = 0  # longest segment (the padded tail included): a tighter max_seqlen for eager runs
     segment_ids: torch.Tensor | None = None  # [R, L] int32, layout "rows" only: the segment of every token
     segment_lengths: np.ndarray | None = None  # rows only: the real segments' lengths (not a prefix of cu_seqlens)
+    num_maskable_tokens: int = 0  # real tokens the masker may select (no special id: [CLS], [SEP], [UNK], ...)
 
     def to(self, device: torch.device, non_blocking: bool = True) -> PackedBatch:
         """The batch on `device`; from pinned memory the copy is asynchronous."""
@@ -100,6 +101,7 @@ class Packer:
     ):
         self.tokens = shard.tokens  # memory-mapped flat ids
         self.specials = specials
+        self.never_mask = np.asarray(specials.never_mask_ids(), dtype=np.int64)  # past the leading block of specials
         self.offsets = np.asarray(shard.offsets, dtype=np.int64)
         self.T, self.max_seq_len, self.seed = tokens_per_batch, max_seq_len, seed
         self.rank, self.world_size, self.loop = rank, world_size, loop
@@ -176,7 +178,11 @@ class Packer:
         ids[sent_out + sent_len] = self.specials.sep
         total = int(sent_len.sum())
         within = np.arange(total) - np.repeat(np.cumsum(sent_len) - sent_len, sent_len)
-        ids[np.repeat(sent_out, sent_len) + within] = self.tokens[np.repeat(self.offsets[sent], sent_len) + within]
+        words = self.tokens[np.repeat(self.offsets[sent], sent_len) + within]  # the sentences' ids
+        ids[np.repeat(sent_out, sent_len) + within] = words
+        maskable = words >= self.specials.num_leading  # the masker's rule (kernels/mlm_mask.py), on the host
+        if len(self.never_mask):
+            maskable &= ~np.isin(words, self.never_mask)
         # [PAD] tail as segments of at most max_seq_len; then repeat T up to the fixed capacity
         tail = np.arange(used + self.max_seq_len, T, self.max_seq_len) if used < T else np.zeros(0, np.int64)
         starts = np.concatenate([cu, tail, [T] if used < T else []]).astype(np.int64)
@@ -194,6 +200,7 @@ class Packer:
             index,
             cursor_after,
             int(seg_lens.max()),
+            num_maskable_tokens=int(np.count_nonzero(maskable)),
         )
 
     def batches(
