@@ -94,7 +94,12 @@ class StepProfiler:
         with warnings.catch_warnings():  # no warm-up when A is the first step: the message below says so
             warnings.simplefilter("ignore")
             schedule = torch.profiler.schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=1)
-        self.prof = torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=self._write)
+        # the trace's ProfilerStep#N names the loop's step N, a resumed run's too (torch counts from 0 in each
+        # process): its counter starts at start_step, and the schedule reads it from there
+        self.prof = torch.profiler.profile(
+            activities=activities, schedule=lambda n: schedule(max(n - start_step, 0)), on_trace_ready=self._write
+        )
+        self.prof.step_num = start_step
         if self.wait + self.warmup == 0:  # the trace starts with the next step
             self._drain()
         self.prof.start()
