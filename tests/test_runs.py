@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -332,12 +333,16 @@ def test_a_signal_after_the_last_step_stops_nothing(data_dir, tokenizer_dir, tmp
 
 def test_a_finished_run_gives_its_caller_ctrl_c_back(data_dir, tokenizer_dir, tmp_path):
     """In-process `cli.main(["train", ...])`: the loop ignores SIGINT once the run is done (its exit code is
-    decided); the caller's handler is back after."""
+    decided); the caller's handler is back after, and the run records the command it was given (its card shows
+    it), not the host program's sys.argv."""
     from mlmtrain.cli import main
 
-    before = signal.getsignal(signal.SIGINT)
-    assert main([str(a) for a in train_args(data_dir, tokenizer_dir, tmp_path / "run")]) == 0
-    assert signal.getsignal(signal.SIGINT) is before
+    before = signal.getsignal(signal.SIGINT), {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    args = [str(a) for a in train_args(data_dir, tokenizer_dir, tmp_path / "run")]
+    assert main(args) == 0
+    assert (signal.getsignal(signal.SIGINT), {s: signal.getsignal(s) for s in before[1]}) == before
+    state = json.loads((ckpt.latest_checkpoint(tmp_path / "run") / "state.json").read_text())
+    assert state["command"] == shlex.join(["mlmtrain", *args]) and "MLMTRAIN_COMMAND" not in os.environ
 
 
 def test_a_stdout_closed_before_the_start_is_not_wanted(data_dir, tokenizer_dir, tmp_path):

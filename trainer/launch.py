@@ -26,7 +26,6 @@ from mlmtrain.metrics import closing_lines
 from mlmtrain.stop import EXIT_NON_FINITE, EXIT_SIGNAL, guard_output, handled
 from mlmtrain.train import check_inputs, lr_at, plan_run, start_check, train
 
-COMMAND_ENV = "MLMTRAIN_COMMAND"  # the command line as typed, for the ranks to record (the model card shows it)
 AGREED = {EXIT_NON_FINITE, *EXIT_SIGNAL.values()}  # ends every rank takes together, at one step, after saving
 
 
@@ -40,12 +39,25 @@ def main(args) -> int:
         preflight(cfg, args)
         if args.nproc > 1 or cfg.train.shard == "fsdp":  # FSDP runs under the agent, one process included
             return run_ranks(args.argv, args.nproc, Path(cfg.out_dir) / "summary.json")
-    with parallel.name_failing_rank(), run_folder.write_failures_said(cfg.out_dir), guard_output():
+    with parallel.name_failing_rank(), run_folder.write_failures_said(cfg.out_dir), guard_output(), typed(args.argv):
         summary = train(cfg, resume=args.resume, change_max_steps=args.change_max_steps)
         if parallel.rank() == 0:
             print(closing_lines(Path(cfg.out_dir), summary))
     parallel.shutdown(final=True)
     return summary["exit_code"]
+
+
+@contextlib.contextmanager
+def typed(argv: list[str]):
+    """The command the run records (its card shows it) is `mlmtrain ARGV` as typed, not the host program's
+    sys.argv (a script calling `cli.main`); one the launcher already set for its ranks is kept."""
+    before = os.environ.get(parallel.COMMAND_ENV)
+    os.environ[parallel.COMMAND_ENV] = before or shlex.join(["mlmtrain", *argv])
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(parallel.COMMAND_ENV, None)
 
 
 def preflight(cfg, args) -> None:
@@ -101,7 +113,7 @@ def run_ranks(argv: list[str], nproc: int, summary: Path) -> int:
     loggers = {name: logger for name, logger in logging.Logger.manager.loggerDict.items()
                if name.startswith("torch.distributed") and isinstance(logger, logging.Logger)}  # fmt: skip
     levels = {name: logger.level for name, logger in loggers.items()}
-    os.environ[COMMAND_ENV] = shlex.join(["mlmtrain", *argv])
+    os.environ[parallel.COMMAND_ENV] = shlex.join(["mlmtrain", *argv])
     # how long the agent waits for the ranks' checkpoint after passing a signal on (torch >= 2.13 reads it;
     # before, 30 s): as long as a collective may wait for rank 0's save
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(parallel.timeout().total_seconds())))

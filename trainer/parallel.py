@@ -251,7 +251,7 @@ def peer_left(e: BaseException) -> bool:
 
 # ---- launching -----------------------------------------------------------------------------------------
 
-COMMAND_ENV = "MLMTRAIN_COMMAND"  # `train --nproc` sets it: the command line as typed, for the ranks to record
+COMMAND_ENV = "MLMTRAIN_COMMAND"  # `mlmtrain train` sets it: the command line as typed, for every rank to record
 
 
 def command_line() -> str:
