@@ -73,6 +73,20 @@ def test_bad_data_file_in_a_dataset_folder_is_one_sentence(tmp_path, tokenizer_d
         assert not (tmp_path / "out").exists()
 
 
+def test_an_out_inside_the_dataset_folder_is_refused_before_any_work(tmp_path, tokenizer_dir):
+    """`--dataset ds --out ds/shards`: the shards (or a tokenizer's JSON) would be read as the dataset's data files
+    next time, and that run failed with "No (supported) data files found"."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "x.jsonl").write_text('{"text": "hello world"}\n')
+    corpus = Corpus(dataset=str(tmp_path / "ds"))
+    for out in (tmp_path / "ds" / "shards", tmp_path / "ds" / ".." / "ds" / "tok"):
+        with pytest.raises(UserError, match=r"is inside the --dataset folder .*; choose an --out outside it"):
+            prepare(corpus, tokenizer_dir, out, progress=False)
+        with pytest.raises(UserError, match=r"is inside the --dataset folder .*; choose an --out outside it"):
+            tokenizer_module.train_tokenizer(corpus, out)
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["x.jsonl"]
+
+
 def test_damaged_parquet_is_a_read_error_not_a_write_error(tmp_path, tokenizer_dir, capsys):
     path = tmp_path / "damaged.parquet"
     pq.write_table(pa.table({"text": [f"sentence {i} the cat sat" for i in range(4000)]}), path, row_group_size=1000)

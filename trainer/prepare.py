@@ -200,7 +200,7 @@ def prepare(
     if not 3 <= max_seq_len <= MAX_SEQ_LEN:
         raise UserError(f"--max-seq-len must be from 3 ([CLS] token [SEP]) to {MAX_SEQ_LEN:,}, got {max_seq_len}.")
     check_seed("--seed", seed)
-    corpus = check_corpus(inputs)
+    corpus = check_corpus(inputs, out_dir)
     made_with = tokenizer_fingerprint(tokenizer_dir)  # before reading it: taken again before the shards are kept
     tok = load_tokenizer(tokenizer_dir)
     specials = read_special_tokens(tokenizer_dir)

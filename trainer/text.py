@@ -167,9 +167,14 @@ def _sniff(path: Path, size: int) -> None:
             raise UserError(f"input file {path} is {what}, which is not read as text: {fix}.")
 
 
-def check_corpus(inputs) -> Corpus:
-    """A Corpus whose files all exist (a list of paths is taken as text/jsonl/parquet files)."""
+def check_corpus(inputs, out=None) -> Corpus:
+    """A Corpus whose files all exist (a list of paths is taken as text/jsonl/parquet files), and that an output
+    folder `out` would not join: a local dataset folder reads every data file under it, the next run's too."""
     corpus = inputs if isinstance(inputs, Corpus) else Corpus(files=inputs)
+    local = Path(corpus.dataset) if corpus.dataset and Path(corpus.dataset).is_dir() else None
+    if out is not None and local is not None and Path(os.path.abspath(out)).is_relative_to(os.path.abspath(local)):
+        raise UserError(f"--out {out} is inside the --dataset folder {local}: its files would be read as the "
+                        "dataset's next time; choose an --out outside it.")  # fmt: skip
     if corpus.dataset and corpus.files:
         raise UserError("pass either --input FILE ... or --dataset NAME_OR_PATH, not both.")
     if not corpus.dataset:

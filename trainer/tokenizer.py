@@ -188,7 +188,7 @@ def train_tokenizer(
     requested when the corpus has fewer pieces, larger when the kept alphabet alone exceeds the request."""
     settings = settings or TokenizerSettings()
     settings.validate()
-    corpus = check_corpus(inputs)
+    corpus = check_corpus(inputs, out_dir)
     out_dir = Path(out_dir)
     check_out_folder(out_dir, TOKENIZER_LAYOUT, replace=overwrite)
     if progress and not quiet():  # after the checks: a refusal is its one sentence alone
