@@ -203,57 +203,50 @@ def test_max_steps_changes_only_when_asked_and_a_finished_run_is_left_as_it_is(d
     assert snapshot(run) == before  # decided before taking the folder: not even the lock file was written
 
 
-def test_signals_save_and_exit_130_and_a_non_finite_stop_exits_3(data_dir, tokenizer_dir, tmp_path):
-    run = tmp_path / "run"
-    proc = start(*train_args(data_dir, tokenizer_dir, run, 5000))
+def signalled(run: Path, sig: signal.Signals, data_dir, tokenizer_dir, ignored=()) -> tuple[int, str]:
+    """A long run, sent `sig` once it has logged two windows, started with the signals `ignored` ignored (as
+    `nohup` starts a command): (exit code, output). A run that ignores `sig` is then stopped by SIGINT."""
+    cmd = [sys.executable, "-m", "mlmtrain.cli", *map(str, train_args(data_dir, tokenizer_dir, run, 5000))]
+
+    def start_ignoring():
+        for ignore in ignored:
+            signal.signal(ignore, signal.SIG_IGN)
+
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=start_ignoring)  # fmt: skip
     try:
         wait_for(lambda: (run / "metrics.jsonl").is_file() and len(rows(run)) >= 2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
+        if sig in ignored:
+            trained = len(rows(run))
+            wait_for(lambda: len(rows(run)) >= trained + 2)  # still training
+            proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, out
-    assert "SIGINT received" in out and "--resume" in out
-    assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(run)) is None
-    assert json.loads((run / "summary.json").read_text())["exit_code"] == 130
+    return proc.returncode, out
 
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
+def test_a_signal_saves_and_exits_128_plus_it_unless_started_ignored(sig, data_dir, tokenizer_dir, tmp_path):
+    """Ctrl-C, and SIGHUP (the terminal went away), stop a run after its step with a checkpoint; a run started
+    with SIGHUP ignored, as `nohup` starts one, trains on through it."""
+    run = tmp_path / "run"
+    code, out = signalled(run, sig, data_dir, tokenizer_dir)
+    assert code == 128 + sig and f"{sig.name} received" in out and "--resume" in out and "Traceback" not in out, out
+    assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(run)) is None
+    assert json.loads((run / "summary.json").read_text())["exit_code"] == 128 + sig
+    if sig == signal.SIGHUP:
+        code, out = signalled(tmp_path / "nohup", sig, data_dir, tokenizer_dir, ignored=[sig])
+        assert code == 130 and "SIGHUP" not in out, out
+
+
+def test_a_non_finite_stop_exits_3(data_dir, tokenizer_dir, tmp_path):
     launcher = [sys.executable, Path(__file__).with_name("faults.py"), "--nan-steps", "2", "--"]
     done = run_cli(*train_args(data_dir, tokenizer_dir, tmp_path / "nan", 4, "--set", "train.nan_policy=stop"),
                    launcher=launcher)  # fmt: skip
     assert done.returncode == 3, done.stdout + done.stderr
     assert "consecutive non-finite steps" in json.loads((tmp_path / "nan" / "summary.json").read_text())["stopped_by"]
-
-
-def test_a_hangup_saves_and_exits_129_and_nohup_keeps_it_ignored(data_dir, tokenizer_dir, tmp_path):
-    """SIGHUP (the terminal went away) stops a run as SIGTERM does, saved; a run started with it ignored, as
-    `nohup` starts one, trains on."""
-    run = tmp_path / "run"
-    proc = start(*train_args(data_dir, tokenizer_dir, run, 5000))
-    try:
-        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(rows(run)) >= 2)
-        proc.send_signal(signal.SIGHUP)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 129 and "SIGHUP received" in out and "Traceback" not in out, out
-    assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(run)) is None
-    assert json.loads((run / "summary.json").read_text())["exit_code"] == 129
-
-    run = tmp_path / "nohup"
-    cmd = [sys.executable, "-m", "mlmtrain.cli", *map(str, train_args(data_dir, tokenizer_dir, run, 5000))]
-    ignore = lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)  # noqa: E731 - what nohup does before exec
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, preexec_fn=ignore)  # fmt: skip
-    try:
-        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(rows(run)) >= 2)
-        proc.send_signal(signal.SIGHUP)
-        trained = len(rows(run))
-        wait_for(lambda: len(rows(run)) >= trained + 2)  # still training
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130 and "SIGHUP" not in out, out
 
 
 def test_a_terminal_that_hung_up_is_dropped_without_asking_for_a_stop(monkeypatch):
