@@ -57,14 +57,16 @@ def test_help_to_a_reader_that_went_away_exits_1_without_a_traceback():
     """`mlmtrain train --help-config | head -1`: a closed output is no bug to report (README, exit codes)."""
     import os
 
-    read_end, write_end = os.pipe()
-    os.close(read_end)  # the reader is gone before the first line
-    try:
-        done = subprocess.run([sys.executable, "-m", "mlmtrain.cli", "train", "--help-config"], stdout=write_end,
-                              stderr=subprocess.PIPE, timeout=60)  # fmt: skip
-    finally:
-        os.close(write_end)
-    assert done.returncode == 1 and done.stderr == b"", done.stderr
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # help is buffered, flushed at exit
+    for argv in (["train", "--help-config"], ["--help"], ["tokenizer", "--help"], ["--version"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first line
+        try:
+            done = subprocess.run([sys.executable, "-m", "mlmtrain.cli", *argv], stdout=write_end, env=env,
+                                  stderr=subprocess.PIPE, timeout=60)  # fmt: skip
+        finally:
+            os.close(write_end)
+        assert done.returncode == 1 and done.stderr == b"", (argv, done.returncode, done.stderr)
 
 
 def test_the_data_commands_run_without_torch(tmp_path, sample_corpus, tokenizer_dir):
@@ -133,7 +135,7 @@ def test_no_message_shows_a_token(error, code, monkeypatch, capsys):
     assert ("Traceback" in err) == (code == 1), err
 
 
-def test_a_sigterm_after_the_command_ended_does_not_change_its_exit_code(tmp_path):
+def test_a_signal_after_the_command_ended_does_not_change_its_exit_code(tmp_path):
     """The exit code is decided when the command returns; a SIGTERM during the interpreter's shutdown (about a
     second with torch loaded) turned a finished `export --overwrite` into 143."""
     code = (
@@ -141,12 +143,13 @@ def test_a_sigterm_after_the_command_ended_does_not_change_its_exit_code(tmp_pat
         "from mlmtrain import cli\n"
         "sys.argv = ['mlmtrain', 'export', '--checkpoint', 'nowhere', '--out', 'x']\n"
         "rc = cli.main()\n"
-        "os.kill(os.getpid(), signal.SIGTERM)\n"
-        "time.sleep(0.2)\n"
+        "for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):\n"
+        "    os.kill(os.getpid(), sig)\n"
+        "    time.sleep(0.2)\n"
         "sys.exit(rc)\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr  # the refusal's code ("nowhere does not exist"), not 143
+    assert done.returncode == 2, done.stderr  # the refusal's code ("nowhere does not exist"), not 143/129/130
     assert "does not exist" in done.stderr
 
 

@@ -398,11 +398,17 @@ def test_a_folder_another_run_replaced_meanwhile_is_not_replaced_again(tmp_path)
             theirs.rename(final)
     assert (final / "a.txt").read_text() == "theirs"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gone", "out"]  # no temporary of this run left
+    fresh = tmp_path / "fresh"  # absent when this run started: another run's folder there is never replaced
+    with pytest.raises(UserError, match="appeared while it was being written"):
+        with files.atomic_dir(fresh, replace=True, layout=NOTE) as folder:
+            (folder / "a.txt").write_text("mine")
+            shutil.copytree(final, fresh)
+    assert (fresh / "a.txt").read_text() == "theirs"
 
 
-def test_a_signal_while_the_output_is_put_in_place_does_not_undo_it(tmp_path, monkeypatch, capsys):
-    """Ctrl-C while the old folder is deleted (seconds, for large shards): the new folder is in place and
-    complete, so the command must not stop saying it was interrupted (exit 130: 'nothing was written')."""
+def test_a_signal_while_the_output_is_put_in_place_waits_for_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the old folder is deleted (seconds, for large shards): it waits until the new folder is in
+    place, which is said, then stops as Ctrl-C does (a demo before its next stage; the command exits 130)."""
     import signal
 
     final = tmp_path / "out"
@@ -416,8 +422,9 @@ def test_a_signal_while_the_output_is_put_in_place_does_not_undo_it(tmp_path, mo
         remove(path)
 
     monkeypatch.setattr(files, "_remove", interrupted)
-    with files.atomic_dir(final, replace=True, layout=NOTE) as folder:
-        (folder / "a.txt").write_text("new")
+    with pytest.raises(KeyboardInterrupt):
+        with files.atomic_dir(final, replace=True, layout=NOTE) as folder:
+            (folder / "a.txt").write_text("new")
     assert (final / "a.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert f"SIGINT came while {final} was put in place: it is complete" in capsys.readouterr().err
 

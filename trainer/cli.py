@@ -384,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # `mlmtrain train: error: ...`, as the command's other usage errors say
             parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    except BrokenPipeError:  # `mlmtrain --help | head`: the reader went away
+    except SystemExit:  # --help, --version, a usage error: what they wrote is flushed here, not at exit
+        _flush_or_exit()
+        raise
+    except BrokenPipeError:
         os._exit(1)
     if args.command is None:
         parser.print_help()
@@ -426,6 +429,15 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         else:
             signal.signal(signal.SIGINT, previous_int)
+
+
+def _flush_or_exit() -> None:
+    """Flush stdout; a reader that went away (`mlmtrain --help | head`) exits 1 without a traceback (at the
+    interpreter's exit the same flush would print one and exit 120)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os._exit(1)
 
 
 def _say(command: str, message: str) -> None:

@@ -28,7 +28,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from mlmtrain.errors import UserError
-from mlmtrain.stop import signals_noted
+from mlmtrain.stop import signals_deferred
 
 # a run's checkpoint folder and a checkpoint's manifest (trainer/checkpoint.py writes them): named here, so the
 # commands that only recognise a run (prepare, tokenizer) never import torch
@@ -458,12 +457,13 @@ def atomic_dir(
             check_out_folder(final, layout, replace=replace)  # nothing appeared there meanwhile
         if before is not None and _identity(target) not in (None, before):  # another process put its own there
             raise UserError(f"{final} was replaced by another process while this one wrote it; it was left as it is.")
-        with signals_noted(layout is not None) as arrived:  # a command's output: complete once renamed
+        # a command's output (not a checkpoint: the loop answers stops itself): no stop between the renames
+        with signals_deferred(f"{final} was put in place" if layout is not None else None):
             old = None
             if target.is_dir() and not any(target.iterdir()):
                 target.rmdir()
             elif target.exists():
-                if not replace:
+                if not replace or before is None:  # another process's, made since the start: never replaced
                     raise UserError(f"{final} appeared while it was being written; it was left as it is.")
                 old = tmp_sibling(target, old=True)
                 os.replace(target, old)
@@ -477,8 +477,6 @@ def atomic_dir(
             fsync_path(target.parent)
             if old is not None:
                 _remove(old)
-        if arrived:
-            print(f"{' and '.join(arrived)} came while {final} was put in place: it is complete", file=sys.stderr)
     except (OSError, SafetensorError) as e:
         raise UserError(f"could not write {final}: {write_failure(e)}; {kept}") from None
     finally:

@@ -25,6 +25,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from mlmtrain import stop
 from mlmtrain.config import torch_dtype
 from mlmtrain.errors import UserError
 
@@ -202,9 +203,9 @@ def shutdown(final: bool = False) -> None:
     and state point back at it) that only the garbage collector frees; left to interpreter teardown, it
     keeps the gloo process group and its worker threads alive there, and a worker freeing its last tensor
     then aborts the process ("terminate called without an active exception", seen 2 runs in ~30 on CPU).
-    `final`: the command has its exit code; SIGINT and SIGTERM no longer change it."""
+    `final`: the command has its exit code; no stop signal (SIGINT, SIGTERM, SIGHUP) changes it any more."""
     if final:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in stop.SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
     if active():
         gc.collect()

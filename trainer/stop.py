@@ -23,7 +23,6 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 EXIT_NON_FINITE = 3
 REPEAT_S = 2.0  # under torchrun, the same signal again within this is one delivery, not "exit at once"
@@ -171,25 +170,35 @@ def guard_output():
 
 
 @contextlib.contextmanager
-def signals_noted(note: bool) -> Iterator[list[str]]:
-    """With `note`, while a command's output is put in place: SIGINT, SIGTERM and SIGHUP are noted (their names
-    yielded), not acted on. The output is complete once renamed; a stop then (the old folder's removal can take a
-    while) would exit 130 saying it is not. Main thread only (signal handlers are set there)."""
-    arrived: list[str] = []
-    if not note or threading.current_thread() is not threading.main_thread():
-        yield arrived
+def signals_deferred(what: str | None):
+    """While `what` (a command's finished output) is renamed into place: SIGINT, SIGTERM and SIGHUP wait, so a
+    stop never lands between the renames or says the output is not there; after, each one that came is said
+    ("... came while WHAT: it is complete") and delivered, to whatever handles it then (a command exits 130, a
+    demo stops before its next stage). None: nothing deferred. Main thread only (where handlers are set)."""
+    if what is None or threading.current_thread() is not threading.main_thread():
+        yield
         return
+    arrived: list[int] = []
 
-    def noted(signum, frame):
-        arrived.append(signal.Signals(signum).name)
+    def defer(signum, frame):
+        if signum not in arrived:
+            arrived.append(signum)
 
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig, handler in previous.items():
         if handler not in (signal.SIG_IGN, None):  # ignored stays ignored; None: not set from Python, left alone
-            signal.signal(sig, noted)
+            signal.signal(sig, defer)
+    done = False
     try:
-        yield arrived
+        yield
+        done = True
     finally:
         for sig, handler in previous.items():
             if handler not in (signal.SIG_IGN, None):
                 signal.signal(sig, handler)
+        if arrived and done:
+            names = " and ".join(signal.Signals(sig).name for sig in arrived)
+            with contextlib.suppress(OSError):  # its reader gone (the same Ctrl-C ended a `| tee`): said nowhere
+                print(f"{names} came while {what}: it is complete", file=sys.stderr)
+        for sig in arrived:
+            signal.raise_signal(sig)
