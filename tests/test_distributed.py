@@ -333,6 +333,19 @@ def test_crash_in_one_rank_ends_the_job_naming_it_and_the_job_resumes_exactly(da
     assert losses(run) == losses(straight), "the resumed job diverged from the uninterrupted one"
 
 
+@pytest.mark.slow
+def test_each_rank_draws_dropout_masks_of_its_own(data_dir, tokenizer_dir, tmp_path):
+    """One seed on every rank gave every replica the same dropout masks wherever the draws have the same shapes
+    (rows of a fixed length here; on a GPU, every step): the noise of N ranks was one rank's. The weights are
+    still made the same on every rank; the generator states saved per rank must differ."""
+    run = tmp_path / "rows"
+    settings = {"model.dropout": 0.1, "data.layout": "rows", "train.max_steps": 1, "train.checkpoint_every": 1}
+    done = torchrun(cli_args(data_dir, tokenizer_dir, run, **settings))
+    assert done.returncode == 0, done.stdout + done.stderr
+    rng = load_file(ckpt.latest_checkpoint(run) / "rng.safetensors")
+    assert not torch.equal(rng["rank0.cpu"], rng["rank1.cpu"])
+
+
 def _worker_pids(parent: int) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (from /proc)."""
     out = {}

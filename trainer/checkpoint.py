@@ -405,9 +405,10 @@ def load_optimizer_state(model, optimizer, ckpt: Path, state: dict) -> None:
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
 
-def restore_rng(ckpt: Path, state: dict, device: torch.device) -> None:
+def restore_rng(ckpt: Path, state: dict, device: torch.device) -> bool:
     """Every rank takes rank 0's saved generator states; at the world size the checkpoint was written with,
-    each rank then takes its own, so dropout continues exactly as if the run had not stopped."""
+    each rank then takes its own, so dropout continues exactly as if the run had not stopped. Returns whether
+    this rank got streams of its own (else it holds rank 0's)."""
     rng = load_file(ckpt / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
@@ -415,12 +416,13 @@ def restore_rng(ckpt: Path, state: dict, device: torch.device) -> None:
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
     if not parallel.active() or state.get("world_size") != parallel.world_size():
-        return
+        return not parallel.active()
     r = parallel.rank()
     if f"rank{r}.cpu" in rng:
         torch.set_rng_state(rng[f"rank{r}.cpu"])
     if device.type == "cuda" and f"rank{r}.cuda" in rng:
         torch.cuda.set_rng_state(rng[f"rank{r}.cuda"], device)
+    return f"rank{r}.cpu" in rng
 
 
 # ---------------------------------------------------------------------------------------------------- resuming

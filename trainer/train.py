@@ -341,15 +341,17 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
         log(f"initialised from {cfg.model.init_from}: {pretrained.describe()}")
     model = model.to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step, cursor, tokens_before = 0, (0, 0), 0
+    step, cursor, tokens_before, own_streams = 0, (0, 0), 0, rank == 0
     if start is not None:
         weights, _, state = checkpoint.read_checkpoint(start)
         model.load_hf_state_dict(weights)  # full weights on every rank; FSDP shards them in wrap
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        checkpoint.restore_rng(start, state, device)  # each rank's own streams at the saved world size
+        own_streams = checkpoint.restore_rng(start, state, device) or rank == 0  # each rank's, at the saved world
         step, cursor, tokens_before = folder.step, tuple(state["cursor"]), state.get("real_tokens") or 0
         log(f"resuming from {start} at step {step}")
+    if not own_streams:  # dropout masks of this rank's own (one seed gave every replica the same masks); the
+        torch.manual_seed(cfg.train.seed + 1_000_003 * rank)  # weights were made before, the same on every rank
     if cfg.train.fp8 != "off":  # after loading: the converted layers keep the parameters (and their names)
         log(f"fp8 ({cfg.train.fp8}): {len(convert_to_fp8(model, cfg.train.fp8))} linear layers converted")
     model = parallel.wrap(model, cfg.train.shard, device, precision)  # DDP / FSDP2 under torchrun
