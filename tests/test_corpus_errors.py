@@ -204,9 +204,7 @@ def test_an_input_that_cannot_be_read_is_a_read_error(tmp_path, tokenizer_dir, c
     for module, command in ((prepare_module, "prepare"), (tokenizer_module, "tokenizer")):
         victim.write_text("hello world\n")
         checked = module.check_corpus
-        monkeypatch.setattr(
-            module, "check_corpus", lambda *args, checked=checked: (checked(*args), victim.unlink())[0]
-        )
+        monkeypatch.setattr(module, "check_corpus", lambda *args, checked=checked: (checked(*args), victim.unlink())[0])
         line = refused(capsys, tmp_path, tokenizer_dir, "--input", victim, command=command)
         assert f"cannot read {victim}: No such file or directory; check that it is there" in line
 

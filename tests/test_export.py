@@ -416,6 +416,21 @@ def test_the_card_says_what_a_segment_held():
     assert _data_text(meta, {"pack": "document"}).endswith("([CLS] s1 [SEP] s2 [SEP] ..., sentences of one document)")
 
 
+def test_the_card_says_what_dropout_the_run_applied():
+    """config.json keeps attention_probs_dropout_prob for fine-tuning; the card says what pretraining applied."""
+    from mlmtrain.card import _dropout_lines
+    from mlmtrain.model import BertConfig
+
+    config = BertConfig(vocab_size=100, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    fast = {"attention_dropout": 0.0, "resolved": {"model.attention": "varlen"}}
+    assert _dropout_lines(config, fast) == [
+        "- Dropout: 0.1 on hidden states; on attention probabilities none (varlen attention has none)."
+    ]
+    assert _dropout_lines(config, {"attention_dropout": 0.1})[0].endswith("on attention probabilities 0.1.")
+    assert _dropout_lines(config, {})[0].endswith("on attention probabilities not recorded.")  # an older checkpoint
+    assert _dropout_lines(BertConfig(vocab_size=100, hidden_dropout_prob=0.0), {}) == ["- Dropout: none."]
+
+
 def test_the_card_says_which_step_an_earlier_evaluation_was_at():
     from mlmtrain.card import _evaluation_lines
 

@@ -437,3 +437,26 @@ def test_a_gpu_gets_its_own_datasheet_peak_or_none():
     }  # fmt: skip
     assert {name: peak_tflops_named(name, "bf16") for name in expected} == expected
     assert peak_tflops_named("NVIDIA L40S", "fp32") == 183.0
+
+
+def test_which_attention_applies_dropout_to_its_probabilities():
+    """Only the SDPA paths drop attention probabilities; a run on a fast kernel says so at its start."""
+    from mlmtrain.attention import choose_impl, dropout_note, has_dropout
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # choose_impl reads the device's type only
+    picked = {
+        "cuda bf16 flat": choose_impl("auto", cuda, torch.bfloat16, rows=False, compiled=True),
+        "cuda fp32 flat": choose_impl("auto", cuda, torch.float32, rows=False, compiled=True),
+        "cuda bf16 rows compiled": choose_impl("auto", cuda, torch.bfloat16, rows=True, compiled=True),
+        "cuda bf16 rows eager": choose_impl("auto", cuda, torch.bfloat16, rows=True, compiled=False),
+        "cpu rows": choose_impl("auto", cpu, torch.float32, rows=True, compiled=True),
+        "triton": choose_impl("triton", cuda, torch.bfloat16, rows=True, compiled=True),
+    }
+    flash = "varlen" if picked["cuda bf16 flat"] == "varlen" else "sdpa"  # varlen_attn needs torch >= 2.10
+    assert picked == {"cuda bf16 flat": flash, "cuda fp32 flat": "sdpa", "cuda bf16 rows compiled": "flex",
+                      "cuda bf16 rows eager": "sdpa", "cpu rows": "sdpa", "triton": "triton"}  # fmt: skip
+    assert [has_dropout(impl) for impl in ("sdpa", "varlen", "flex", "triton")] == [True, False, False, False]
+    assert dropout_note("flex", 0.1) == (
+        "dropout 0.1 on hidden states only: flex attention has none on its probabilities (sdpa has)"
+    )
+    assert dropout_note("sdpa", 0.1) is None and dropout_note("flex", 0.0) is None

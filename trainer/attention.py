@@ -152,10 +152,12 @@ def triton_row_attention(qkv, segment_ids, dropout_p: float = 0.0):
 # the choice, once per forward
 
 
-def choose_impl(attn_impl: str, device: torch.device, dtype: torch.dtype, rows: bool) -> str:
+def choose_impl(attn_impl: str, device: torch.device, dtype: torch.dtype, rows: bool, compiled=None) -> str:
     """The attention a forward runs: `attn_impl` ("auto" picks the fastest that is fused here), refused by name
-    where it cannot run. `dtype` is the compute dtype (flash needs fp16/bf16)."""
-    fused_flex = device.type == "cuda" and torch.compiler.is_compiling()  # eager, it materializes the scores
+    where it cannot run. `dtype` is the compute dtype (flash needs fp16/bf16); `compiled`: whether the forward
+    runs under torch.compile (None: as it runs now)."""
+    compiled = torch.compiler.is_compiling() if compiled is None else compiled
+    fused_flex = device.type == "cuda" and compiled  # eager, it materializes the scores
     if attn_impl == "auto":
         flash_ok = varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
         return ("flex" if fused_flex else "sdpa") if rows else ("varlen" if flash_ok else "sdpa")
@@ -167,6 +169,19 @@ def choose_impl(attn_impl: str, device: torch.device, dtype: torch.dtype, rows: 
         )
     eager_flex = attn_impl == "flex" and device.type == "cuda" and not fused_flex  # e.g. evaluation's
     return "sdpa" if eager_flex else attn_impl  # the reference: the same math, fused
+
+
+def has_dropout(impl: str) -> bool:
+    """Whether `impl` applies dropout to the attention probabilities: the SDPA references do; flash varlen
+    (its dropout fixed at 0 here), FlexAttention and the segment kernel have none."""
+    return impl == "sdpa"
+
+
+def dropout_note(impl: str, p: float) -> str | None:
+    """One line for a run whose dropout `p` the attention `impl` applies to the hidden states only."""
+    if p > 0 and not has_dropout(impl):
+        return f"dropout {p} on hidden states only: {impl} attention has none on its probabilities (sdpa has)"
+    return None
 
 
 def attention_for(impl: str, cu_seqlens, max_seqlen: int, num_tokens: int, segment_ids=None):

@@ -117,6 +117,7 @@ def model_card(
         + (" (whole words)" if mask.get("whole_word") else "")
         + f", of those {mask.get('mask_frac', 0.8):.0%} [MASK], {mask.get('random_frac', 0.1):.0%} random.",
         *([_optimizer_text(data, optim, train)] if "lr" in optim else []),
+        *_dropout_lines(config, state),
         "",
         "## Evaluation",
         "",
@@ -155,6 +156,17 @@ def _resolved_run(run: dict, resolved: dict) -> dict:
             value = resolved.get(dotted, run[section][key])
             run[section][key] = None if value in ("auto", 0) else value
     return run
+
+
+def _dropout_lines(config, state: dict) -> list[str]:
+    """What dropout the run applied: config.json says `attention_probs_dropout_prob` (for fine-tuning), but the
+    fast attention kernels apply none while pretraining (the checkpoint records what was applied)."""
+    p, applied = config.hidden_dropout_prob, state.get("attention_dropout")
+    if not p:
+        return ["- Dropout: none."]
+    where = (state.get("resolved") or {}).get("model.attention")
+    probs = "not recorded" if applied is None else (f"{applied}" if applied else f"none ({where} attention has none)")
+    return [f"- Dropout: {p} on hidden states; on attention probabilities {probs}."]
 
 
 def _optimizer_text(data: dict, optim: dict, train: dict) -> str:

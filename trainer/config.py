@@ -39,7 +39,7 @@ def torch_dtype(precision: str):
 @dataclass
 class ModelSpec:
     size: str = "tiny"  # a preset of the four dimensions below: tiny | mini | small | base | large
-    dropout: float = 0.1  # hidden and attention-probability dropout (the CUDA attention paths have none); 0: off
+    dropout: float = 0.1  # hidden and attention-probability dropout (flash varlen, flex, triton: hidden only); 0: off
     max_position_embeddings: int = 512  # learned positions: at least the shards' max_seq_len
     hidden_size: int = 0  # each of these four, when not 0, replaces the preset's value
     num_hidden_layers: int = 0  # encoder layers (0 = the preset's)

@@ -23,8 +23,9 @@ from mlmtrain import parallel, run_folder
 from mlmtrain.config_load import flag_overrides, load_config
 from mlmtrain.errors import UserError
 from mlmtrain.metrics import closing_lines
+from mlmtrain.plan import check_inputs, plan_run, start_check
 from mlmtrain.stop import EXIT_NON_FINITE, EXIT_SIGNAL, guard_output, handled
-from mlmtrain.train import check_inputs, lr_at, plan_run, start_check, train
+from mlmtrain.train import lr_at, train
 
 AGREED = {EXIT_NON_FINITE, *EXIT_SIGNAL.values()}  # ends every rank takes together, at one step, after saving
 

@@ -385,6 +385,7 @@ def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: 
         "phase_ms": phase_ms,
         "stopped_by": stopped_by,
         "precision": run.precision,
+        "attention_dropout": run.attention_dropout,  # the fast attention kernels apply none
         "compile": run.compile,
         "tokens_per_batch": run.tokens_per_batch,
         "world_size": run.world,

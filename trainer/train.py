@@ -9,9 +9,7 @@ Every host-device sync is marked `# sync:`; between log steps the loop issues de
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -21,10 +19,10 @@ import torch
 from tqdm import tqdm
 
 from mlmtrain import checkpoint, parallel, run_folder
+from mlmtrain.attention import choose_impl, dropout_note, has_dropout
 from mlmtrain.config import RunConfig, format_config, report_targets, torch_dtype
-from mlmtrain.errors import UserError
 from mlmtrain.evaluate import masker, score
-from mlmtrain.fast_paths import FastPaths, check_speed_options
+from mlmtrain.fast_paths import FastPaths
 from mlmtrain.files import write_json
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
 from mlmtrain.fp8 import convert_to_fp8
@@ -32,21 +30,19 @@ from mlmtrain.kernels.mlm_mask import max_masked_bound, pieces_per_word, word_st
 from mlmtrain.metrics import (
     MetricsLog,
     WindowStats,
-    check_report_to,
     eval_line,
     record_window,
     summarize,
 )
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import BatchStream, PackedBatch, Packer, RowPacker
+from mlmtrain.plan import check_inputs, plan_run, start_check
 from mlmtrain.prefetch import Prefetcher, ProcessPrefetcher
-from mlmtrain.preflight import check_batch_layout, check_data_against_model, check_device, check_tokenizer_vocab
-from mlmtrain.prepare import SPLITS, check_tokenizer_match, load_split, read_meta, shard_specials
-from mlmtrain.pretrained import check_tokenizer_fits, hub_id, locate, read_pretrained
+from mlmtrain.prepare import load_split, shard_specials
+from mlmtrain.pretrained import hub_id
 from mlmtrain.profiling import no_phase, start_profiler
 from mlmtrain.progress import StepProgress, quiet
 from mlmtrain.stop import StopSignal, exit_code
-from mlmtrain.tokenizer_folder import read_vocab, transformers_casing_problem
 
 
 def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps: bool = False) -> dict:
@@ -213,6 +209,17 @@ class Run:
         return self.rank == 0
 
     @property
+    def attention_dropout(self) -> float:
+        """The dropout on attention probabilities the training forward applies (the fast kernels have none)."""
+        return self.cfg.model.dropout if has_dropout(self.attention) else 0.0
+
+    @property
+    def attention(self) -> str:
+        """The attention the training forward runs (`attention.choose_impl` on this run's settings)."""
+        rows = self.cfg.data.layout == "rows"
+        return choose_impl(self.cfg.model.attention, self.device, torch_dtype(self.precision), rows, self.compile)
+
+    @property
     def resolved(self) -> dict:
         """What the settings that can say `auto` (or 0 = auto) came to on this run, by dotted config key."""
         return {
@@ -222,6 +229,7 @@ class Run:
             "data.tokens_per_batch": self.tokens_per_batch,
             "optim.warmup_steps": warmup_steps(self.cfg),
             "train.peak_tflops": self.peak_tflops,
+            "model.attention": self.attention,  # the training forward's (the card says whether it has dropout)
         }
 
     def save(self, step: int, cursor, last_eval: dict, real_tokens: int) -> None:
@@ -236,6 +244,7 @@ class Run:
             "init_from": self.cfg.model.init_from or None,
             "base_model": hub_id(self.cfg.model.init_from) if self.cfg.model.init_from else None,
             "resolved": self.resolved,
+            "attention_dropout": self.attention_dropout,
         }
         scaler_state = self.scaler.state_dict() if self.precision == "fp16" else None
         checkpoint.save_checkpoint(
@@ -271,53 +280,6 @@ def setup(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
     except BaseException:
         folder.close(failed=True)
         raise
-
-
-def start_check(cfg: RunConfig, meta: dict, vocab: list[str]):
-    """What refuses a checkpoint this run would not continue (run_folder calls it before taking the folder)."""
-
-    def check(ckpt: Path) -> None:  # a resumed run's model is its checkpoint's: no pretrained folder is read
-        model_config = model_config_for(cfg, vocab, shard_specials(meta), ckpt, None)
-        T = tokens_per_batch_on(cfg, parallel.rank_device(cfg.train.device))
-        checkpoint.check_resume_compatible(ckpt, cfg, meta, model_config, T)
-
-    return check
-
-
-def tokens_per_batch_on(cfg: RunConfig, device: torch.device) -> int:
-    return cfg.data.tokens_per_batch or (65536 if device.type == "cuda" else 4096)  # 0: auto
-
-
-@dataclass
-class Plan:
-    """What a run resolves before any device work: its settings on its device and world, its model's shape."""
-
-    precision: str
-    compile: bool
-    tokens_per_batch: int
-    max_seqlen: int  # the longest segment the shards hold ([CLS] and [SEP] included)
-    model_config: BertConfig
-    pretrained: object  # the pretrained model to start from (pretrained.read_pretrained), or None
-
-
-def plan_run(cfg: RunConfig, meta: dict, vocab: list[str], start, device: torch.device, world: int) -> Plan:
-    """Resolve and check what needs no device (`--nproc` runs it for rank 0 before starting the processes)."""
-    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    T = tokens_per_batch_on(cfg, device)
-    parallel.check_shard(cfg.train.shard, precision, world)
-    parallel.timeout()  # a malformed MLMTRAIN_DIST_TIMEOUT refused here, not at the first collective
-    max_seqlen = int(meta["max_seq_len"])
-    # a pretrained model's weights and shape are read only to start; a resumed run has them in its checkpoint
-    pretrained = read_pretrained(locate(cfg.model.init_from)) if cfg.model.init_from and start is None else None
-    if pretrained is not None:  # trained on from here only on text split as in its pretraining
-        problem = transformers_casing_problem(cfg.data.tokenizer_dir, pretrained.folder)
-        if problem:
-            raise UserError(problem)
-    model_config = model_config_for(cfg, vocab, shard_specials(meta), start, pretrained)
-    check_data_against_model(meta, model_config, max_seqlen, fixed=pretrained is not None or start is not None)
-    check_speed_options(cfg, max_seqlen, device, precision, use_compile, T, world, model_config.head_dim)
-    return Plan(precision, use_compile, T, max_seqlen, model_config, pretrained)
 
 
 def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list[str], log) -> Run:
@@ -415,42 +377,10 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
             log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
                 f"{cfg.optim.grad_accum} micro-batches/step, model {name} ({params:.1f}M params), "
                 f"{mask.keywords['max_masked']} masked slots/batch")  # fmt: skip
+        if note := dropout_note(run.attention, cfg.model.dropout):
+            log(note)
         metrics.open_trackers(report_targets(cfg.train.report_to), {**cfg.to_dict(), "resolved": run.resolved}, step)
     return run
-
-
-def check_inputs(cfg: RunConfig, world: int | None = None) -> tuple[dict, list[str]]:
-    """Everything that can be wrong with the inputs, found before any device work (with `world`, the number
-    of processes `--nproc` asks for, before torchrun starts them)."""
-    if cfg.model.init_from and not cfg.data.tokenizer_dir:  # the pretrained model's own tokenizer
-        cfg.data.tokenizer_dir = str(locate(cfg.model.init_from))
-    if not cfg.data.data_dir or not cfg.data.tokenizer_dir or not cfg.out_dir:
-        raise UserError("train needs --data DIR (from `mlmtrain prepare`), --tokenizer DIR and --out RUN_DIR")
-    meta = read_meta(cfg.data.data_dir)
-    vocab = read_vocab(cfg.data.tokenizer_dir)
-    check_tokenizer_vocab(len(vocab), meta["vocab_size"])
-    check_tokenizer_match(meta["tokenizer_fingerprint"], cfg.data.tokenizer_dir, f"the data folder {cfg.data.data_dir}")
-    check_report_to(report_targets(cfg.train.report_to))
-    for split in SPLITS:
-        load_split(cfg.data.data_dir, split)  # a damaged file is named here, not by the packer mid-run
-    world = world or parallel.world_size()
-    check_batch_layout(meta, cfg.data.data_dir, cfg.data.tokens_per_batch, cfg.optim.grad_accum, world)
-    check_device(cfg.train.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    return meta, vocab
-
-
-def model_config_for(cfg: RunConfig, vocab: list[str], specials, start, pretrained) -> BertConfig:
-    """The model's shape: a pretrained model's, a resumed run's own (for a run that started from one), or
-    `cfg.model`'s. Dropout is always the run's: a training setting, not part of the model."""
-    dropout = dict(hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout)
-    if pretrained is not None:
-        config = dataclasses.replace(pretrained.config, **dropout)
-        check_tokenizer_fits(config, specials, vocab, pretrained.folder)
-        return config
-    if cfg.model.init_from and start is not None:
-        saved = json.loads((Path(start) / "config.json").read_text(encoding="utf-8"))["model"]
-        return dataclasses.replace(BertConfig.from_dict(saved, f"checkpoint {start}'s config.json"), **dropout)
-    return BertConfig.from_spec(cfg.model, len(vocab), specials.pad)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:

@@ -1,0 +1,104 @@
+"""What a training run resolves and checks before any device work: its inputs (shards, tokenizer, their fit,
+the batch layout for N processes), the checkpoint a resume would take, the settings on its device and world,
+the model's shape. `setup` runs it in every process; `mlmtrain train --nproc N` once, before starting them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mlmtrain import checkpoint, parallel
+from mlmtrain.config import RunConfig, report_targets
+from mlmtrain.errors import UserError
+from mlmtrain.fast_paths import check_speed_options
+from mlmtrain.metrics import check_report_to
+from mlmtrain.model import BertConfig
+from mlmtrain.preflight import check_batch_layout, check_data_against_model, check_device, check_tokenizer_vocab
+from mlmtrain.prepare import SPLITS, check_tokenizer_match, load_split, read_meta, shard_specials
+from mlmtrain.pretrained import check_tokenizer_fits, locate, read_pretrained
+from mlmtrain.tokenizer_folder import read_vocab, transformers_casing_problem
+
+
+def check_inputs(cfg: RunConfig, world: int | None = None) -> tuple[dict, list[str]]:
+    """Everything that can be wrong with the inputs, found before any device work (with `world`, the number
+    of processes `--nproc` asks for, before torchrun starts them)."""
+    if cfg.model.init_from and not cfg.data.tokenizer_dir:  # the pretrained model's own tokenizer
+        cfg.data.tokenizer_dir = str(locate(cfg.model.init_from))
+    if not cfg.data.data_dir or not cfg.data.tokenizer_dir or not cfg.out_dir:
+        raise UserError("train needs --data DIR (from `mlmtrain prepare`), --tokenizer DIR and --out RUN_DIR")
+    meta = read_meta(cfg.data.data_dir)
+    vocab = read_vocab(cfg.data.tokenizer_dir)
+    check_tokenizer_vocab(len(vocab), meta["vocab_size"])
+    check_tokenizer_match(meta["tokenizer_fingerprint"], cfg.data.tokenizer_dir, f"the data folder {cfg.data.data_dir}")
+    check_report_to(report_targets(cfg.train.report_to))
+    for split in SPLITS:
+        load_split(cfg.data.data_dir, split)  # a damaged file is named here, not by the packer mid-run
+    world = world or parallel.world_size()
+    check_batch_layout(meta, cfg.data.data_dir, cfg.data.tokens_per_batch, cfg.optim.grad_accum, world)
+    check_device(cfg.train.device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    return meta, vocab
+
+
+def model_config_for(cfg: RunConfig, vocab: list[str], specials, start, pretrained) -> BertConfig:
+    """The model's shape: a pretrained model's, a resumed run's own (for a run that started from one), or
+    `cfg.model`'s. Dropout is always the run's: a training setting, not part of the model."""
+    dropout = dict(hidden_dropout_prob=cfg.model.dropout, attention_probs_dropout_prob=cfg.model.dropout)
+    if pretrained is not None:
+        config = dataclasses.replace(pretrained.config, **dropout)
+        check_tokenizer_fits(config, specials, vocab, pretrained.folder)
+        return config
+    if cfg.model.init_from and start is not None:
+        saved = json.loads((Path(start) / "config.json").read_text(encoding="utf-8"))["model"]
+        return dataclasses.replace(BertConfig.from_dict(saved, f"checkpoint {start}'s config.json"), **dropout)
+    return BertConfig.from_spec(cfg.model, len(vocab), specials.pad)
+
+
+def start_check(cfg: RunConfig, meta: dict, vocab: list[str]):
+    """What refuses a checkpoint this run would not continue (run_folder calls it before taking the folder)."""
+
+    def check(ckpt: Path) -> None:  # a resumed run's model is its checkpoint's: no pretrained folder is read
+        model_config = model_config_for(cfg, vocab, shard_specials(meta), ckpt, None)
+        T = tokens_per_batch_on(cfg, parallel.rank_device(cfg.train.device))
+        checkpoint.check_resume_compatible(ckpt, cfg, meta, model_config, T)
+
+    return check
+
+
+def tokens_per_batch_on(cfg: RunConfig, device: torch.device) -> int:
+    return cfg.data.tokens_per_batch or (65536 if device.type == "cuda" else 4096)  # 0: auto
+
+
+@dataclass
+class Plan:
+    """What a run resolves before any device work: its settings on its device and world, its model's shape."""
+
+    precision: str
+    compile: bool
+    tokens_per_batch: int
+    max_seqlen: int  # the longest segment the shards hold ([CLS] and [SEP] included)
+    model_config: BertConfig
+    pretrained: object  # the pretrained model to start from (pretrained.read_pretrained), or None
+
+
+def plan_run(cfg: RunConfig, meta: dict, vocab: list[str], start, device: torch.device, world: int) -> Plan:
+    """Resolve and check what needs no device (`--nproc` runs it for rank 0 before starting the processes)."""
+    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+    T = tokens_per_batch_on(cfg, device)
+    parallel.check_shard(cfg.train.shard, precision, world)
+    parallel.timeout()  # a malformed MLMTRAIN_DIST_TIMEOUT refused here, not at the first collective
+    max_seqlen = int(meta["max_seq_len"])
+    # a pretrained model's weights and shape are read only to start; a resumed run has them in its checkpoint
+    pretrained = read_pretrained(locate(cfg.model.init_from)) if cfg.model.init_from and start is None else None
+    if pretrained is not None:  # trained on from here only on text split as in its pretraining
+        problem = transformers_casing_problem(cfg.data.tokenizer_dir, pretrained.folder)
+        if problem:
+            raise UserError(problem)
+    model_config = model_config_for(cfg, vocab, shard_specials(meta), start, pretrained)
+    check_data_against_model(meta, model_config, max_seqlen, fixed=pretrained is not None or start is not None)
+    check_speed_options(cfg, max_seqlen, device, precision, use_compile, T, world, model_config.head_dim)
+    return Plan(precision, use_compile, T, max_seqlen, model_config, pretrained)
