@@ -69,6 +69,16 @@ def test_help_to_a_reader_that_went_away_exits_1_without_a_traceback():
         assert done.returncode == 1 and done.stderr == b"", (argv, done.returncode, done.stderr)
 
 
+def test_help_and_usage_errors_with_stdout_closed_keep_their_exit_codes():
+    """A daemon or cron job may start a command with its stdout closed (`>&-`): Python's sys.stdout is then None."""
+    import os
+
+    for argv, code in ((["--help"], 0), (["--version"], 0), (["train", "--bogus"], 2)):
+        done = subprocess.run([sys.executable, "-m", "mlmtrain.cli", *argv], preexec_fn=lambda: os.close(1),
+                              stderr=subprocess.PIPE, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == code and "Traceback" not in done.stderr, (argv, done.returncode, done.stderr)
+
+
 def test_the_data_commands_run_without_torch(tmp_path, sample_corpus, tokenizer_dir):
     """tokenizer and prepare need no torch: its import costs a data box seconds and (a CUDA build) ~400 MB."""
     text = tmp_path / "few.txt"

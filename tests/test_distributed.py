@@ -339,11 +339,35 @@ def test_each_rank_draws_dropout_masks_of_its_own(data_dir, tokenizer_dir, tmp_p
     (rows of a fixed length here; on a GPU, every step): the noise of N ranks was one rank's. The weights are
     still made the same on every rank; the generator states saved per rank must differ."""
     run = tmp_path / "rows"
-    settings = {"model.dropout": 0.1, "data.layout": "rows", "train.max_steps": 1, "train.checkpoint_every": 1}
+    settings = {"model.dropout": 0.1, "data.layout": "rows", "train.max_steps": 1, "train.checkpoint_every": 1,
+                "train.seed": 2**64 - 1}  # the largest seed: rank 1's own must not overflow  # fmt: skip
     done = torchrun(cli_args(data_dir, tokenizer_dir, run, **settings))
     assert done.returncode == 0, done.stdout + done.stderr
     rng = load_file(ckpt.latest_checkpoint(run) / "rng.safetensors")
     assert not torch.equal(rng["rank0.cpu"], rng["rank1.cpu"])
+
+
+def test_a_resume_gives_a_rank_its_own_streams_only_if_it_saved_them(tmp_path, monkeypatch):
+    """A checkpoint written on CPUs has no GPU streams, and one written before ranks drew masks of their own holds
+    rank 0's on every rank: either way the rank must draw its own (train re-seeds it), not keep rank 0's."""
+    from safetensors.torch import save_file
+
+    state = torch.get_rng_state()
+    other = torch.Generator().manual_seed(7).get_state()
+    monkeypatch.setattr(parallel, "active", lambda: True)
+    monkeypatch.setattr(parallel, "rank", lambda: 1)
+    monkeypatch.setattr(parallel, "world_size", lambda: 2)
+
+    def restored(rng: dict, device: str) -> bool:
+        save_file({k: v.clone() for k, v in rng.items()}, tmp_path / "rng.safetensors")
+        try:
+            return ckpt.restore_rng(tmp_path, {"world_size": 2}, torch.device(device))
+        finally:
+            torch.set_rng_state(state)
+
+    assert restored({"cpu": state, "rank0.cpu": state, "rank1.cpu": other}, "cpu")
+    assert not restored({"cpu": state, "rank0.cpu": state, "rank1.cpu": state}, "cpu")  # rank 0's: not its own
+    assert not restored({"cpu": state, "rank0.cpu": state, "rank1.cpu": other}, "cuda")  # no GPU stream saved
 
 
 def _worker_pids(parent: int) -> dict[int, int]:

@@ -422,7 +422,11 @@ def restore_rng(ckpt: Path, state: dict, device: torch.device) -> bool:
         torch.set_rng_state(rng[f"rank{r}.cpu"])
     if device.type == "cuda" and f"rank{r}.cuda" in rng:
         torch.cuda.set_rng_state(rng[f"rank{r}.cuda"], device)
-    return f"rank{r}.cpu" in rng
+    # its own only if the generators dropout draws from here were saved by this rank, and differ from rank 0's
+    # (a checkpoint written on CPUs has no GPU streams; one written before ranks drew masks of their own, equal ones)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    own = f"rank{r}.{kind}" in rng
+    return own and (r == 0 or not torch.equal(rng[f"rank{r}.{kind}"], rng[f"rank0.{kind}"]))
 
 
 # ---------------------------------------------------------------------------------------------------- resuming

@@ -434,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
 def _flush_or_exit() -> None:
     """Flush stdout; a reader that went away (`mlmtrain --help | head`) exits 1 without a traceback (at the
     interpreter's exit the same flush would print one and exit 120)."""
+    if sys.stdout is None:  # started with it closed (`>&-`, a daemon): nothing was written
+        return
     try:
         sys.stdout.flush()
     except BrokenPipeError:

@@ -185,17 +185,24 @@ def signals_deferred(what: str | None):
             arrived.append(signum)
 
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
-    for sig, handler in previous.items():
-        if handler not in (signal.SIG_IGN, None):  # ignored stays ignored; None: not set from Python, left alone
-            signal.signal(sig, defer)
+    previous = {sig: handler for sig, handler in previous.items() if handler not in (signal.SIG_IGN, None)}
+
+    def restore():  # ignored stays ignored; None (a handler not set from Python) is left alone
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
     done = False
     try:
+        for sig in previous:
+            signal.signal(sig, defer)
         yield
         done = True
     finally:
-        for sig, handler in previous.items():
-            if handler not in (signal.SIG_IGN, None):
-                signal.signal(sig, handler)
+        try:
+            restore()
+        except BaseException:  # a signal's exception from a handler already back: the others back too, then on
+            restore()
+            raise
         if arrived and done:
             names = " and ".join(signal.Signals(sig).name for sig in arrived)
             with contextlib.suppress(OSError):  # its reader gone (the same Ctrl-C ended a `| tee`): said nowhere

@@ -313,7 +313,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
         step, cursor, tokens_before = folder.step, tuple(state["cursor"]), state.get("real_tokens") or 0
         log(f"resuming from {start} at step {step}")
     if not own_streams:  # dropout masks of this rank's own (one seed gave every replica the same masks); the
-        torch.manual_seed(cfg.train.seed + 1_000_003 * rank)  # weights were made before, the same on every rank
+        torch.manual_seed((cfg.train.seed + 1_000_003 * rank) % 2**64)  # weights were made before, alike on all ranks
     if cfg.train.fp8 != "off":  # after loading: the converted layers keep the parameters (and their names)
         log(f"fp8 ({cfg.train.fp8}): {len(convert_to_fp8(model, cfg.train.fp8))} linear layers converted")
     model = parallel.wrap(model, cfg.train.shard, device, precision)  # DDP / FSDP2 under torchrun
