@@ -6,6 +6,7 @@ before triton is first imported: hence the environment variable here, at collect
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,14 @@ if Path(mlmtrain.__file__).resolve().parent != CHECKOUT / "trainer":
         'run `pip install -e ".[test]"` here first',
         returncode=4,
     )
+
+# The tests send stop signals to the commands they start, which inherit this process's dispositions: a pytest
+# started in the background of a script (SIGINT ignored) or under nohup (SIGHUP ignored) would hand that on, and
+# mlmtrain rightly keeps a signal ignored that it was started with. The tests that want one ignored ask for it.
+for _sig, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGHUP, signal.SIG_DFL),
+                       (signal.SIGTERM, signal.SIG_DFL)):  # fmt: skip
+    if signal.getsignal(_sig) == signal.SIG_IGN:
+        signal.signal(_sig, _default)
 
 SMALL_VOCAB = 2000  # small enough to train in ~1 s, big enough to hold every sample character
 
