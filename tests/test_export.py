@@ -325,8 +325,7 @@ def test_card_from_a_real_run(data_dir, tokenizer_dir, tmp_path):
 
     from mlmtrain.evaluate import unigram_cross_entropy
     from mlmtrain.export_check import check_export_folder
-    from mlmtrain.prepare import load_split
-    from mlmtrain.tokenizer import NUM_SPECIAL
+    from mlmtrain.prepare import load_split, shard_specials
     from mlmtrain.train import train
 
     run = tmp_path / "run"
@@ -360,7 +359,7 @@ def test_card_from_a_real_run(data_dir, tokenizer_dir, tmp_path):
     assert f"| masked-token accuracy | {state['metrics']['valid_accuracy']:.3f} |" in text
     assert state["metrics"]["step"] == state["step"] == 2 and "the evaluation at step" not in text
     train_tokens, valid_tokens = (np.asarray(load_split(data_dir, s).tokens) for s in ("train", "valid"))
-    baseline = unigram_cross_entropy(train_tokens, valid_tokens, NUM_SPECIAL)
+    baseline = unigram_cross_entropy(train_tokens, valid_tokens, meta["vocab_size"], shard_specials(meta))
     assert f"| unigram baseline loss | {baseline:.4f} nats" in text
 
 

@@ -39,7 +39,7 @@ def main(args) -> int:
     from mlmtrain import cli, progress
     from mlmtrain.config_load import load_config
     from mlmtrain.evaluate import perplexity, unigram_cross_entropy, unigram_entropy
-    from mlmtrain.prepare import load_split, prepare
+    from mlmtrain.prepare import load_split, prepare, shard_specials
     from mlmtrain.run_folder import RunLock
     from mlmtrain.text import sample_corpus_path
     from mlmtrain.tokenizer import NUM_SPECIAL, TokenizerSettings, train_tokenizer
@@ -101,7 +101,8 @@ def main(args) -> int:
     )
     train_tokens = np.asarray(load_split(out / "data", "train").tokens)
     entropy = unigram_entropy(train_tokens, NUM_SPECIAL)
-    baseline = unigram_cross_entropy(train_tokens, np.asarray(load_split(out / "data", "valid").tokens), NUM_SPECIAL)
+    valid_tokens = np.asarray(load_split(out / "data", "valid").tokens)
+    baseline = unigram_cross_entropy(train_tokens, valid_tokens, meta["vocab_size"], shard_specials(meta))
     print(
         f"      {meta['train']['sentences']} train / {meta['valid']['sentences']} valid sentences; unigram "
         f"entropy {entropy:.3f} nats (train), a unigram model's loss on valid {baseline:.3f} nats"

@@ -145,14 +145,24 @@ def unigram_entropy(tokens: np.ndarray, num_special: int) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def unigram_cross_entropy(train: np.ndarray, valid: np.ndarray, num_special: int) -> float:
-    """Loss in nats of a unigram model fitted on the train tokens (add-one smoothing, so valid tokens
-    unseen in train get a probability) on the valid tokens: what an MLM that learned only token
-    frequencies would score on the validation split. The fair baseline for the validation MLM loss."""
-    size = int(max(train.max(), valid.max())) + 1
-    logp = unigram_log_probs(train, size, np.arange(size) < num_special)
-    valid_counts = np.bincount(valid.astype(np.int64), minlength=size)[num_special:]
-    return float(-(valid_counts * logp[num_special:]).sum() / valid_counts.sum())
+def never_masked(specials, vocab_size: int) -> np.ndarray:
+    """(vocab_size,) bool: the ids the masker never selects as targets (`specials.never_mask`), so no unigram model
+    gives them probability."""
+    blocked = np.zeros(vocab_size, dtype=bool)
+    for first, last in specials.never_mask:
+        blocked[first : last + 1] = True
+    return blocked
+
+
+def unigram_cross_entropy(train: np.ndarray, valid: np.ndarray, vocab_size: int, specials) -> float:
+    """Loss in nats of a unigram model fitted on the train tokens (add-one smoothing over the vocabulary, so valid
+    tokens unseen in train get a probability) on the valid tokens the masker could select: what an MLM that learned
+    only token frequencies would score on the validation split. The fair baseline for the validation MLM loss; the
+    card, the demo and `mlmtrain eval` (which scores it on the masked targets themselves) all use this model."""
+    blocked = never_masked(specials, vocab_size)
+    logp = unigram_log_probs(train, vocab_size, blocked)
+    counts = np.bincount(np.asarray(valid, dtype=np.int64), minlength=vocab_size)[:vocab_size][~blocked]
+    return float(-(counts * logp[~blocked]).sum() / counts.sum())
 
 
 # ---------------------------------------------------------------------------------------------------- models
@@ -269,9 +279,7 @@ def main(args) -> int:
             check_ids(b, vocab_size, data_dir) for _, b in zip(range(args.max_batches or sys.maxsize), packer.batches())
         )
         fit_split = "train" if split == "valid" and meta["train"]["sentences"] else split
-        blocked = np.zeros(vocab_size, dtype=bool)
-        blocked[[i for a, b in specials.never_mask for i in range(a, min(b, vocab_size - 1) + 1)]] = True
-        logp = unigram_log_probs(load_split(data_dir, fit_split).tokens, vocab_size, blocked)
+        logp = unigram_log_probs(load_split(data_dir, fit_split).tokens, vocab_size, never_masked(specials, vocab_size))
         mask = masker(specials, vocab_size, MaskSpec(mask_prob=args.mask_prob), args.seed,
                       max_masked_bound(T, args.mask_prob), device)  # fmt: skip
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")

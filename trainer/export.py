@@ -199,7 +199,7 @@ def unigram_baseline(run_config: dict, data_meta: dict | None) -> tuple[float | 
     import numpy as np
 
     from mlmtrain.evaluate import unigram_cross_entropy
-    from mlmtrain.prepare import load_split, shard_specials
+    from mlmtrain.prepare import load_split, read_meta, shard_specials
 
     if not data_meta:
         return None, "not computed: the run's token shards were not found at export"
@@ -215,10 +215,10 @@ def unigram_baseline(run_config: dict, data_meta: dict | None) -> tuple[float | 
     data_dir = run_config["run"]["data"]["data_dir"]
     try:
         train, valid = (np.asarray(load_split(data_dir, s).tokens) for s in ("train", "valid"))
-    except (UserError, OSError, ValueError) as e:
+        loss = unigram_cross_entropy(train, valid, read_meta(data_dir)["vocab_size"], shard_specials(data_meta))
+    except (UserError, OSError, ValueError, KeyError, TypeError) as e:
         return None, f"not computed: the shards could not be read ({e})"
-    loss = unigram_cross_entropy(train, valid, shard_specials(data_meta).num_leading)
-    return loss, "fitted on the train split, scored on the whole validation split"
+    return loss, "fitted on the train split, scored on the validation split's maskable tokens"
 
 
 # ---------------------------------------------------------------------------------------------------------
