@@ -230,10 +230,14 @@ def signalled(run: Path, sig: signal.Signals, data_dir, tokenizer_dir, ignored=(
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP])
 def test_a_signal_saves_and_exits_128_plus_it_unless_started_ignored(sig, data_dir, tokenizer_dir, tmp_path):
     """Ctrl-C, and SIGHUP (the terminal went away), stop a run after its step with a checkpoint; a run started
-    with SIGHUP ignored, as `nohup` starts one, trains on through it."""
-    run = tmp_path / "run"
+    with SIGHUP ignored, as `nohup` starts one, trains on through it. The resume commands it prints work when pasted
+    into a shell, in a folder whose name has a space."""
+    run = tmp_path / "a run"
     code, out = signalled(run, sig, data_dir, tokenizer_dir)
-    assert code == 128 + sig and f"{sig.name} received" in out and "--resume" in out and "Traceback" not in out, out
+    assert code == 128 + sig and f"{sig.name} received" in out and "Traceback" not in out, out
+    resumes = [shlex.split(line[line.index("mlmtrain train") :]) for line in out.splitlines() if "--resume" in line]
+    assert len(resumes) == 2 and all(r == ["mlmtrain", "train", "--config", str(run / "config.json"), "--resume"]
+                                      for r in resumes), out  # fmt: skip
     assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(run)) is None
     assert json.loads((run / "summary.json").read_text())["exit_code"] == 128 + sig
     if sig == signal.SIGHUP:

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -49,6 +50,12 @@ CHECKPOINT_FILES = (
     "state.json",
     MANIFEST,
 )
+
+
+def train_command(run_dir, resume: bool = True) -> str:
+    """The command that continues the run in `run_dir` (resume=False: starts it again), quoted for a shell: it is
+    printed to be copied, and a path with a space must stay one argument."""
+    return f"mlmtrain train --config {shlex.quote(str(Path(run_dir) / 'config.json'))}" + (" --resume" * resume)
 
 
 def checkpoint_name(step: int) -> str:
@@ -298,7 +305,7 @@ def latest_checkpoint(path: str | Path, log=warn) -> Path:
     elif holder:  # training, before its first save
         next_step = f"it is training ({holder}): its first checkpoint comes at train.checkpoint_every or its end"
     elif run_config.is_file():  # a run killed before its first save starts again from its config (no --resume)
-        next_step = f"the run saved none yet: `mlmtrain train --config {run_config}` starts it again"
+        next_step = f"the run saved none yet: `{train_command(path, resume=False)}` starts it again"
     else:
         next_step = "it is not a run folder of `mlmtrain train` (nor a checkpoint folder)"
     raise UserError(

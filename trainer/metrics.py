@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from mlmtrain import __version__, parallel
-from mlmtrain.checkpoint import checkpoint_step, complete_checkpoints
+from mlmtrain.checkpoint import checkpoint_step, complete_checkpoints, train_command
 from mlmtrain.errors import UserError
 from mlmtrain.files import json_text
 from mlmtrain.profiling import spread
@@ -414,7 +414,7 @@ def closing_lines(run_dir: Path, summary: dict) -> str:
     ]
     q = shlex.quote  # the next command is copied into a shell: a path with a space must stay one argument
     if summary["stopped_by"]:
-        lines.append(f"next: mlmtrain train --config {q(str(run_dir / 'config.json'))} --resume")
+        lines.append(f"next: {train_command(run_dir)}")
     elif saved:
         export = run_dir.parent / (run_dir.name + "-export")
         lines.append(f"next: mlmtrain export --checkpoint {q(str(saved[-1]))} --out {q(str(export))}")

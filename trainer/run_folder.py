@@ -30,7 +30,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlmtrain.checkpoint import CHECKPOINT_FILES, CHECKPOINTS, complete_checkpoints, latest_checkpoint, read_state
+from mlmtrain.checkpoint import (
+    CHECKPOINT_FILES,
+    CHECKPOINTS,
+    complete_checkpoints,
+    latest_checkpoint,
+    read_state,
+    train_command,
+)
 from mlmtrain.config import RunConfig
 from mlmtrain.config_load import config_from_dict
 from mlmtrain.errors import UserError
@@ -207,7 +214,7 @@ def plan_start(run_dir: Path, resume: str | None, log) -> Path | None:
         if saved:
             raise UserError(
                 f"{run_dir} already holds a training run (checkpoints up to {saved[-1].name}): continue it with "
-                f"`mlmtrain train --config {run_dir / 'config.json'} --resume`, or choose a new --out."
+                f"`{train_command(run_dir)}`, or choose a new --out."
             )
         return None
     if resume == "auto" and state != "mine":

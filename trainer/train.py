@@ -145,7 +145,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
                 run.log(
                     stop_reason
                     or f"stopped by {stop_now} after step {step}; checkpoint saved. Resume with: "
-                    f"mlmtrain train --config {run.dir / 'config.json'} --resume"
+                    f"{checkpoint.train_command(run.dir)}"
                 )
                 break
     except BaseException:
