@@ -17,7 +17,7 @@ try:
     # TRITON_INTERPRET=1 set before triton was first imported makes every kernel run on the CPU interpreter
     INTERPRETED = type(_probe).__name__ == "InterpretedFunction"
 except ImportError:  # no Triton wheel for this platform: every kernel's torch reference serves the calls
-    triton, INTERPRETED = None, False
+    triton, tl, INTERPRETED = None, None, False  # the kernel files import triton and tl from here
 
 
 def _interpreter_problem() -> str | None:

@@ -22,13 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.kernels import LOOP_STAGES, num_sms, on_device, split_rows, use_triton
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton wheel for this platform: the torch reference serves every call
-    triton = None
+from mlmtrain.kernels import LOOP_STAGES, num_sms, on_device, split_rows, tl, triton, use_triton
 
 # ---------------------------------------------------------------------------------------------------
 # Triton kernels

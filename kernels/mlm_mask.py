@@ -49,14 +49,8 @@ from typing import NamedTuple
 import torch
 
 from mlmtrain.errors import UserError
-from mlmtrain.kernels import num_sms, use_triton
-from mlmtrain.kernels.philox import as_u32, philox_words, split64, stream_words
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton wheel for this platform: the torch path below serves every call
-    triton = None
+from mlmtrain.kernels import num_sms, tl, triton, use_triton
+from mlmtrain.kernels.philox import split64, stream_words
 
 IGNORE_INDEX = -100
 MAX_TOKENS = 1 << 30  # int32 in-kernel indices with room to spare
@@ -65,6 +59,7 @@ MAX_TOKENS = 1 << 30  # int32 in-kernel indices with room to spare
 # Triton kernels
 # ---------------------------------------------------------------------------------------------------
 if triton is not None:
+    from mlmtrain.kernels.philox import as_u32, philox_words  # Triton functions: defined where Triton is
 
     @triton.jit
     def _last_start(a, b):

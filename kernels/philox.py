@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton wheel for this platform: only the torch side below is used
-    triton = None
+from mlmtrain.kernels import tl, triton
 
 M32 = 0xFFFFFFFF
 # Philox4x32 constants (Salmon et al., SC'11; identical to triton.language.random and curand).

@@ -35,14 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mlmtrain.kernels import LOOP_STAGES, num_sms, on_device, split_rows, use_triton
+from mlmtrain.kernels import LOOP_STAGES, num_sms, on_device, split_rows, tl, triton, use_triton
 from mlmtrain.kernels.philox import philox4x32_torch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton wheel for this platform: the torch reference serves every call
-    triton = None
 
 RANDOM_BITS = 16  # bits of a Philox word per element: 8 elements per 4-word call
 COLS_PER_CALL = 4 * 32 // RANDOM_BITS

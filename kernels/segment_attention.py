@@ -30,13 +30,7 @@ import math
 
 import torch
 
-from mlmtrain.kernels import INTERPRETED, on_device, use_triton
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # no Triton wheel for this platform: the torch reference serves every call
-    triton = None
+from mlmtrain.kernels import INTERPRETED, on_device, tl, triton, use_triton
 
 MAX_ROW = 128  # tokens per row the kernels hold in one tile
 MAX_HEAD_DIM = 128
