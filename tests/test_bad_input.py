@@ -297,3 +297,19 @@ def test_one_sentence_for_a_bad_flag_a_damaged_checkpoint_config_and_unreadable_
     (tmp_path / "token").write_bytes(b"\xff\xfe")
     with pytest.raises(UserError, match="is not UTF-8 text: it must hold exactly one token"):
         resolve_token(str(tmp_path / "token"))
+
+
+def test_a_missing_optional_package_is_one_sentence_naming_its_extra(monkeypatch, tmp_path):
+    """Every optional package's absence is said one way: what needs which package, and the extra that brings it."""
+    import sys
+
+    from mlmtrain import plot, rows
+
+    for name in ("pyarrow", "pyarrow.parquet", "matplotlib", "datasets"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
+    with pytest.raises(UserError, match=r'^reading x\.parquet needs pyarrow: pip install -e "\.\[parquet\]"\.$'):
+        rows.import_pyarrow("x.parquet")
+    with pytest.raises(UserError, match=r'^plotting needs matplotlib: pip install -e "\.\[plot\]"\.$'):
+        plot.plot(tmp_path, tmp_path / "curves.png")
+    with pytest.raises(UserError, match=r'^--dataset needs the datasets library: pip install -e "\.\[datasets\]"\.$'):
+        rows.open_dataset(None)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlmtrain.errors import UserError
+from mlmtrain.errors import UserError, missing_extra
 from mlmtrain.files import LOCK, TMP, Layout, check_out_folder, write_json, write_marker
 
 WIDGET_TEXT = "대한민국의 주권은 [MASK]에게 있고, 모든 권력은 국민으로부터 나온다."
@@ -185,7 +185,7 @@ def fill_mask(folder: Path, text: str, top_k: int = 5) -> list[dict]:
     try:
         import transformers
     except ImportError:
-        return [{"score": float("nan"), "token_str": "(transformers not installed: pip install -e '.[hf]')"}]
+        return [{"score": float("nan"), "token_str": f"({missing_extra('fill-mask', 'transformers', 'hf')})"}]
     transformers.logging.disable_progress_bar()  # its weight-loading bar would draw into logs
     fill = transformers.pipeline("fill-mask", model=str(folder), tokenizer=str(folder), device="cpu")
     return fill(text, top_k=top_k)

@@ -12,6 +12,12 @@ class UserError(Exception):
     """A problem the user can fix (bad input, wrong flag, mismatched files). The message says how."""
 
 
+def missing_extra(what: str, package: str, extra: str, then: str = "") -> UserError:
+    """The one sentence for an optional package that is not installed: `what` needs `package`, and the extra of
+    pyproject.toml that brings it (as the README installs: from the checkout)."""
+    return UserError(f'{what} needs {package}: pip install -e ".[{extra}]"{then}.')
+
+
 def redact_tokens(text: str) -> str:
     """`text` with every token-shaped word replaced by "hf_***" (a token pasted in the wrong place)."""
     return TOKEN_LIKE.sub("hf_***", text)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from mlmtrain.card import DEFAULT_WIDGETS, model_card, parse_languages, read_card_extra, read_data_meta
 from mlmtrain.config import PRECISIONS, torch_dtype
-from mlmtrain.errors import UserError, refuse_tokens
+from mlmtrain.errors import UserError, missing_extra, refuse_tokens
 from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_folder
 from mlmtrain.files import CHECKPOINTS, atomic_dir, check_out_folder, file_mode, write_json
 from mlmtrain.manifest import file_entries
@@ -74,7 +74,6 @@ def export_folder(
     verify: bool = True,
     overwrite: bool = False,
     base_model: str | None = None,
-    log=print,
 ) -> dict:
     """Write the export folder for `checkpoint` (a checkpoint folder or a run folder: its newest complete
     checkpoint) and return its `mlmtrain_export.json` content. `language`: codes (a list, or "ko,en"); `name`:
@@ -232,7 +231,7 @@ def verify_export(folder, widget_texts: list[str], *, atol: float = 1e-4) -> dic
     try:
         import transformers
     except ImportError:
-        raise UserError("verification needs transformers: pip install -e '.[hf]', or pass --no-verify.") from None
+        raise missing_extra("verification", "transformers", "hf", ", or pass --no-verify") from None
 
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
 

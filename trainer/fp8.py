@@ -22,7 +22,7 @@ import dataclasses
 
 import torch
 
-from mlmtrain.errors import UserError
+from mlmtrain.errors import UserError, missing_extra
 
 MIN_CAPABILITY = (8, 9)  # FP8 tensor cores: Ada (L4) and Hopper (H100, H200) onwards
 
@@ -53,9 +53,8 @@ def check_fp8(recipe: str, device: torch.device, precision: str, tokens_per_batc
     try:
         import torchao.float8  # noqa: F401
     except ImportError:
-        raise UserError(
-            'train.fp8 needs torchao: pip install -e ".[fp8]" (offline: pip install --no-deps .whl/torchao-*.whl)'
-        ) from None
+        offline = " (offline: pip install --no-deps .whl/torchao-*.whl)"
+        raise missing_extra("train.fp8", "torchao", "fp8", offline) from None
 
 
 def fp8_linear_filter(module: torch.nn.Module, name: str) -> bool:

@@ -16,7 +16,7 @@ import torch
 
 from mlmtrain import __version__, parallel
 from mlmtrain.checkpoint import checkpoint_step, complete_checkpoints, train_command
-from mlmtrain.errors import UserError
+from mlmtrain.errors import missing_extra
 from mlmtrain.files import json_text
 from mlmtrain.profiling import spread
 
@@ -71,7 +71,7 @@ def check_report_to(names) -> None:
     """Refuse a tracker whose package is missing, before any device work."""
     for name in names:
         if importlib.util.find_spec(name) is None:
-            raise UserError(f'--report-to {name} needs the {name} package: pip install -e ".[{name}]"')
+            raise missing_extra(f"--report-to {name}", f"the {name} package", name)
 
 
 class TensorBoardTracker:

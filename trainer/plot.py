@@ -10,7 +10,7 @@ import math
 import sys
 from pathlib import Path
 
-from mlmtrain.errors import UserError
+from mlmtrain.errors import UserError, missing_extra
 from mlmtrain.files import write_bytes, write_failure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG file
@@ -71,7 +71,7 @@ def plot(run_dir: Path, out: Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError('plotting needs matplotlib: pip install -e ".[plot]"') from None
+        raise missing_extra("plotting", "matplotlib", "plot") from None
     rows = read_metrics(run_dir)
     train = [r for r in rows if "loss" in r]  # a log window's row; its loss is null where it was not finite
     valid = [r for r in rows if r.get("valid_loss") is not None]

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from mlmtrain.errors import UserError
+from mlmtrain.errors import UserError, missing_extra
 
 ROWS_PER_BATCH = 8192  # rows per batch from parquet files and datasets, fewer where they hold more than a block
 ROW_PROBLEMS = {  # stats key -> what was wrong with a skipped row
@@ -127,7 +127,7 @@ def import_pyarrow(path):
     try:
         import pyarrow.parquet
     except ImportError:
-        raise UserError(f"reading {path} needs pyarrow: pip install 'mlmtrain[parquet]'.") from None
+        raise missing_extra(f"reading {path}", "pyarrow", "parquet") from None
     return pyarrow
 
 
@@ -219,7 +219,7 @@ def open_dataset(corpus):
     try:
         import datasets
     except ImportError:
-        raise UserError("--dataset needs the datasets library: pip install 'mlmtrain[datasets]'.") from None
+        raise missing_extra("--dataset", "the datasets library", "datasets") from None
     path = Path(corpus.dataset)
     try:
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():  # save_to_disk

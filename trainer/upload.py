@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from mlmtrain import __version__
-from mlmtrain.errors import TOKEN_LIKE, UserError, refuse_tokens
+from mlmtrain.errors import TOKEN_LIKE, UserError, missing_extra, refuse_tokens
 from mlmtrain.export_check import EXPORT_MANIFEST, card_header, check_export_folder, read_manifest
 from mlmtrain.files import MARKER
 from mlmtrain.progress import bars_enabled
@@ -158,7 +158,7 @@ def verify_again(folder: Path, shown: Path) -> None:
     from mlmtrain.export import verify_export
 
     if importlib.util.find_spec("transformers") is None:
-        raise UserError("upload loads the export with transformers before sending it: pip install -e '.[hf]'")
+        raise missing_extra("upload (it loads the export before sending it)", "transformers", "hf")
     widgets = (yaml.safe_load(card_header(folder / "README.md") or "") or {}).get("widget") or []
     texts = [w["text"] for w in widgets if isinstance(w, dict) and "[MASK]" in str(w.get("text"))]
     try:
