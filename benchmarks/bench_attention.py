@@ -105,7 +105,6 @@ def variants(device: torch.device, compile: bool, row_len: int, head_dim: int) -
         row_sdpa_attention,
         triton_row_attention,
         varlen_attention,
-        varlen_attn,
     )
     from mlmtrain.kernels import triton_runs_on
     from mlmtrain.kernels.segment_attention import MAX_HEAD_DIM, MAX_ROW
@@ -120,8 +119,7 @@ def variants(device: torch.device, compile: bool, row_len: int, head_dim: int) -
             return flex(*qkv.unbind(1), seg, row_block_tables(seg))
 
         out["flex"] = run_flex
-        if varlen_attn is not None:
-            out["flash varlen (flat)"] = lambda qkv, seg, cu, L: varlen_attention(*qkv.unbind(1), cu, L)
+        out["flash varlen (flat)"] = lambda qkv, seg, cu, L: varlen_attention(*qkv.unbind(1), cu, L)
     out["sdpa, dense mask"] = lambda qkv, seg, cu, L: row_sdpa_attention(*qkv.unbind(1), seg, 0.0)
     if device.type == "cuda":  # last: an error of its that breaks the device ends only this bench
         out["cudnn varlen (flat)"] = cudnn_varlen

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from mlmtrain.benchmarks.common import environment, record, time_fn
-from mlmtrain.config import torch_dtype
+from mlmtrain.config import default_precision, torch_dtype
 from mlmtrain.flops import model_flops_per_token
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default=None, help="write {environment, rows} as JSON here")
     args = p.parse_args(argv)
-    dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    dtype = args.dtype or default_precision(torch.device(args.device).type)
     variants = args.variants.split(",") if args.variants else None
     rows = run(
         args.size,

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from mlmtrain.benchmarks.common import OUT_OF_TIME
+from mlmtrain.config import auto_warmup, default_precision
 from mlmtrain.files import json_text
 from mlmtrain.profiling import spread
 
@@ -42,7 +43,6 @@ HOLDOUT_EVERY = 10  # every 10th distinct sentence is validation
 @dataclass
 class BenchData:
     tokenizer_dir: Path
-    train_text: Path
     train_lines: list[str]
     valid_lines: list[str]
     data_dirs: dict[int, Path]  # sequence cap -> token shards
@@ -67,14 +67,8 @@ def make_data(work_dir: str | Path, seq_caps=(128,), vocab_size: int = 30000, se
         [train_text], tokenizer_dir, TokenizerSettings(vocab_size=vocab_size), overwrite=True, progress=False
     )
     data_dirs = prepare_at_caps(train_text, tokenizer_dir, work_dir, seq_caps, seed, valid_fraction=0.02)
-    return BenchData(
-        tokenizer_dir,
-        train_text,
-        [s.strip() for s in kept if s.strip()],
-        [s for s in distinct if s in held_out],
-        data_dirs,
-        vocab,
-    )
+    train_lines = [s.strip() for s in kept if s.strip()]
+    return BenchData(tokenizer_dir, train_lines, [s for s in distinct if s in held_out], data_dirs, vocab)
 
 
 def prepare_at_caps(text: Path, tokenizer_dir: Path, work_dir: Path, caps, seed: int, valid_fraction: float) -> dict:
@@ -151,7 +145,7 @@ def run_ours(
             "train.max_steps": steps,
             "data.tokens_per_batch": tokens_per_batch,
             "data.pack": "sentence" if seq_cap <= 128 else "document",
-            "train.precision": "bf16" if dev.type == "cuda" else "fp32",
+            "train.precision": default_precision(dev.type),
             "train.compile": "on" if compile else "off",
             "train.device": device,
             "train.eval_every": 0,
@@ -272,7 +266,7 @@ def run(
     dev = torch.device(device)
     data = data or make_data(out_dir / "data", seed=seed)
     steps = -(-steps // log_every) * log_every  # whole log windows: the timing and the profile use them
-    warmup = max(1, int(0.06 * steps))  # set explicitly so both schedules are the same
+    warmup = auto_warmup(steps)  # set explicitly so both schedules are the same
     eval_batches = valid_batches(data.tokenizer_dir, data.valid_lines, max_length=128, seed=1234)
     common = {"command": command, "vocab_size": data.vocab_size, "valid_sentences": len(data.valid_lines)}
 

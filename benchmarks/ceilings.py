@@ -113,14 +113,6 @@ def run(device: str | torch.device = "cuda", quick: bool = False, repeats: int |
     return rows
 
 
-def ceiling(rows: list[dict], kind: str, dtype: str | None = None) -> dict | None:
-    """The summary row of one ceiling from `run`'s rows (None if absent)."""
-    for r in rows:
-        if r.get("kind") == kind and (dtype is None or r.get("dtype") == dtype):
-            return r
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

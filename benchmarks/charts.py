@@ -18,8 +18,9 @@ def _plt():
     return plt
 
 
-def _err(d: dict) -> list[list[float]]:
-    return [[d["median"] - d["min"]], [d["max"] - d["median"]]]
+def _err(spreads: list[dict]) -> list[list[float]]:
+    """matplotlib's yerr/xerr of median (min-max) spreads: [distances down, distances up]."""
+    return [[d["median"] - d["min"] for d in spreads], [d["max"] - d["median"] for d in spreads]]
 
 
 def chart_throughput(rows: list[dict], path: Path) -> bool:
@@ -31,10 +32,15 @@ def chart_throughput(rows: list[dict], path: Path) -> bool:
     for cap in sorted({r["seq_cap"] for r in rows}):
         pts = sorted((r for r in rows if r["seq_cap"] == cap), key=lambda r: r["tokens_per_batch"])
         x = [r["tokens_per_batch"] for r in pts]
-        med = [r["tokens_per_s"]["median"] for r in pts]
-        lo = [m - r["tokens_per_s"]["min"] for m, r in zip(med, pts)]
-        hi = [r["tokens_per_s"]["max"] - m for m, r in zip(med, pts)]
-        ax.errorbar(x, med, yerr=[lo, hi], marker="o", capsize=3, label=f"seq cap {cap} ({pts[0].get('pack')} packing)")
+        spreads = [r["tokens_per_s"] for r in pts]
+        ax.errorbar(
+            x,
+            [d["median"] for d in spreads],
+            yerr=_err(spreads),
+            marker="o",
+            capsize=3,
+            label=f"seq cap {cap} ({pts[0].get('pack')} packing)",
+        )
     ax.set_xscale("log", base=2)
     ticks = sorted({r["tokens_per_batch"] for r in rows})
     ax.set_xticks(ticks, [f"{t // 1024}k" if t >= 1024 else str(t) for t in ticks])
@@ -61,15 +67,11 @@ def chart_tflops(results: dict, path: Path, ceil: dict, peak: float | None) -> b
         return False
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.8))
-    names, med, lo, hi = [], [], [], []
-    for r in rows:
-        d = r.get("achieved_tflops") if isinstance(r.get("achieved_tflops"), dict) else scale(r["flops_per_s"], 1e-12)
-        names.append(f"{r['section']}: {r['name']}")
-        med.append(d["median"])
-        lo.append(d["median"] - d["min"])
-        hi.append(d["max"] - d["median"])
+    names = [f"{r['section']}: {r['name']}" for r in rows]
+    spreads = [r["achieved_tflops"] if isinstance(r.get("achieved_tflops"), dict) else scale(r["flops_per_s"], 1e-12)
+               for r in rows]  # fmt: skip
     y = list(range(len(rows)))
-    ax.barh(y, med, xerr=[lo, hi], capsize=3, color="tab:blue")
+    ax.barh(y, [d["median"] for d in spreads], xerr=_err(spreads), capsize=3, color="tab:blue")
     ax.set_yticks(y, names, fontsize=8)
     ax.invert_yaxis()
     for key, style, label in (
@@ -101,7 +103,7 @@ def chart_recipe(rows: list[dict], path: Path) -> bool:
     axes[0].bar(
         labels,
         [d["median"] for d in tps],
-        yerr=[[d["median"] - d["min"] for d in tps], [d["max"] - d["median"] for d in tps]],
+        yerr=_err(tps),
         capsize=4,
         color=colors,
     )

@@ -33,12 +33,6 @@ def _transformers():
     return transformers
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """Non-empty lines of a utf-8 text file, stripped: the sentences, one per line."""
-    with open(path, encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
 def tokenize_until(tokenizer, lines: list[str], real_tokens: int, max_length: int) -> list[dict]:
     """Tokenize `lines` in order (cycling if needed) until the examples hold at least `real_tokens` real
     tokens; each distinct line is tokenized once (tokenization is deterministic, so repeats reuse it)."""
@@ -202,7 +196,9 @@ def run_recipe(
     mlm_eval."""
     import accelerate  # noqa: F401  (the Trainer needs it; fail here with a clear ImportError)
 
+    from mlmtrain.config import default_precision
     from mlmtrain.flops import model_flops_per_token, peak_tflops_for
+    from mlmtrain.profiling import spread
 
     settings = settings or RecipeSettings()
     tf = _transformers()
@@ -281,29 +277,20 @@ def run_recipe(
     n = min(len(step_seconds), len(step_tokens))
     skip = min(warmup_skip, max(n - 1, 0))
     timed_tokens, timed_samples, timed_s = step_tokens[skip:n], step_samples[skip:n], step_seconds[skip:n]
-    rates = sorted(t / s for t, s in zip(timed_tokens, timed_s))  # per-step real tokens/s
-    tflops = sorted(f / s / 1e12 for f, s in zip(step_flops[skip:n], timed_s))
-    peak = peak_tflops_for(device, "bf16" if device.type == "cuda" else "fp32")
+    rates = spread(t / s for t, s in zip(timed_tokens, timed_s))  # per-step real tokens/s, as ours: median etc.
+    tflops = spread(f / s / 1e12 for f, s in zip(step_flops[skip:n], timed_s))
+    peak = peak_tflops_for(device, default_precision(device.type))
     result = {
         "real_tokens": sum(batch_real_tokens),
         "sentences": len(examples),
         "steps": len(step_tokens),
         "micro_batch": micro_batch,
         "grad_accum": grad_accum,
-        "tokens_per_s": {
-            "overall": sum(timed_tokens) / sum(timed_s),
-            "min": rates[0],
-            "median": rates[len(rates) // 2],
-            "max": rates[-1],
-        },
+        "tokens_per_s": {"overall": sum(timed_tokens) / sum(timed_s), **rates},
         "samples_per_s": sum(timed_samples) / sum(timed_s),
-        "achieved_tflops": {"min": tflops[0], "median": tflops[len(tflops) // 2], "max": tflops[-1]},
-        "mfu": {
-            k: v / peak for k, v in zip(("min", "median", "max"), (tflops[0], tflops[len(tflops) // 2], tflops[-1]))
-        }
-        if peak
-        else None,
-        "step_time_s": {"min": min(timed_s), "median": sorted(timed_s)[len(timed_s) // 2], "max": max(timed_s)},
+        "achieved_tflops": tflops,
+        "mfu": {k: v / peak for k, v in tflops.items()} if peak else None,
+        "step_time_s": spread(timed_s),
         "timed_steps": len(timed_s),
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         "wall_s": wall_s,
@@ -311,7 +298,7 @@ def run_recipe(
         # models whose forward takes **kwargs, and BertForMaskedLM's takes them but averages its own loss,
         # so this (and the gradient) is grad_accum x the mean; AdamW is nearly invariant to that scale
         "hf_reported_train_loss": float(output.training_loss),
-        "precision": "bf16" if device.type == "cuda" else "fp32",  # bf16: autocast over fp32 weights, as ours
+        "precision": default_precision(device.type),  # bf16: autocast over fp32 weights, as ours
         "settings": dataclasses.asdict(settings),
     }
     if eval_batches is not None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from mlmtrain.benchmarks.common import OUT_OF_TIME
-from mlmtrain.config import MODEL_SIZES
+from mlmtrain.config import MODEL_SIZES, auto_warmup, default_precision
 from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, folder_state, read_marker, refuse_unless_mine, write_marker
 
@@ -229,7 +229,7 @@ class Bench:
         from mlmtrain.benchmarks import bench_model
         from mlmtrain.benchmarks.bench_train import _fresh_device_state
 
-        dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        dtype = default_precision(self.device.type)
         rows, longest = [], 0.0
         for size in self.plan["model_sizes"]:
             if self.deadline is not None and time.monotonic() + longest > self.deadline:
@@ -289,7 +289,7 @@ class Bench:
             device=self.args.device,
             compile=self.plan["compile"],
             log_every=log_every,
-            warmup_steps=max(1, int(0.06 * steps)),
+            warmup_steps=auto_warmup(steps),
         )
         name = f"ours {self.size} T={T} at the sample's vocabulary ({sample.vocab_size})"
         row = bench_train.ours_row(
@@ -419,7 +419,7 @@ def main(args) -> int:
         "sections": [],
         "wall_s": 0.0,
     }
-    peak = peak_tflops_for(bench.device, "bf16" if bench.device.type == "cuda" else "fp32") or None
+    peak = peak_tflops_for(bench.device, default_precision(bench.device.type)) or None
     t0 = time.monotonic()
     bench.deadline = t0 + args.time_limit if args.time_limit else None  # the budget is for the sections
 

@@ -150,7 +150,7 @@ def make_synthetic_data(
         f"synthetic corpus: {len(train_lines):,} train sentences ({train_tokens / 1e6:.1f}M+ tokens), vocab "
         f"{vocab_size}, caps {list(seq_caps)}, in {time.perf_counter() - t0:.1f} s"
     )
-    return BenchData(tokenizer_dir, train_text, train_lines, valid_lines, data_dirs, vocab_size)
+    return BenchData(tokenizer_dir, train_lines, valid_lines, data_dirs, vocab_size)
 
 
 def measure_sample(tokenizer_dir) -> dict:

@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-# mlmtrain must import from this checkout (trainer/ installs as mlmtrain, see setup.py)
+# mlmtrain must import from this checkout (trainer/ installs as mlmtrain, see pyproject.toml)
 here=$(python3 -c "import mlmtrain, os; print(os.path.dirname(os.path.realpath(mlmtrain.__file__)))" 2>/dev/null)
 if [ "$here" != "$PWD/trainer" ]; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \

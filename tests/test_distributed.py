@@ -190,8 +190,6 @@ def test_user_mistakes_are_one_sentence(monkeypatch, data_dir, tokenizer_dir, tm
     monkeypatch.setenv(parallel.TIMEOUT_ENV, "soon")
     with pytest.raises(UserError, match="positive number of seconds"):
         parallel.timeout()
-    with pytest.raises(UserError, match="ddp or fsdp"):
-        parallel.check_shard("zero3", "fp32")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them; checked before joining any group
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(UserError, match="fp16 loss scaling"):

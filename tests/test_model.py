@@ -452,7 +452,7 @@ def test_which_attention_applies_dropout_to_its_probabilities():
         "cpu rows": choose_impl("auto", cpu, torch.float32, rows=True, compiled=True),
         "triton": choose_impl("triton", cuda, torch.bfloat16, rows=True, compiled=True),
     }
-    flash = "varlen" if picked["cuda bf16 flat"] == "varlen" else "sdpa"  # varlen_attn needs torch >= 2.10
+    flash = "varlen" if picked["cuda bf16 flat"] == "varlen" else "sdpa"
     assert picked == {"cuda bf16 flat": flash, "cuda fp32 flat": "sdpa", "cuda bf16 rows compiled": "flex",
                       "cuda bf16 rows eager": "sdpa", "cpu rows": "sdpa", "triton": "triton"}  # fmt: skip
     assert [has_dropout(impl) for impl in ("sdpa", "varlen", "flex", "triton")] == [True, False, False, False]

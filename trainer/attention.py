@@ -6,7 +6,7 @@ Flat batches (packing.Packer: T tokens of whole segments back to back, `cu_seqle
   so attention-probability dropout is NOT applied on this path (hidden dropout still is).
 - "sdpa": the reference. Gather tokens into a padded (S, L) grid (`packed_layout`), SDPA with a key-padding
   mask, gather back. Runs anywhere, with dropout. Tests compare the two.
-Rows (data.layout = "rows", rows.RowPacker): the T tokens are R rows of L, each row whole segments back to
+Rows (data.layout = "rows", packing.RowPacker): the T tokens are R rows of L, each row whole segments back to
 back and a [PAD] tail; a token attends to the tokens of its own segment, which `segment_ids` (R, L) names:
 - "flex" (`flex_row_attention`): FlexAttention with a block-diagonal mask function. A row of 128 is one
   128 x 128 tile holding ~4-5 sentences, where flash varlen gives each ~27-token sentence a tile of its own
@@ -27,15 +27,10 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.varlen import varlen_attn  # CUDA flash kernels (the import works on CPU builds too)
 
+from mlmtrain.config import ATTENTION_IMPLS
 from mlmtrain.kernels.segment_attention import segment_attention
-
-try:  # torch >= 2.10 (CUDA flash kernels; the import itself works on CPU builds too)
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
-
-IMPLS = ("auto", "varlen", "sdpa", "flex", "triton")  # `attn_impl` values; flex and triton need rows
 
 # ----------------------------------------------------------------------------------------------------------
 # flat batches
@@ -68,7 +63,7 @@ def packed_layout(cu_seqlens, max_seqlen: int, num_tokens: int):
 
     Empty segments (repeated cu_seqlens values) get one unmasked dummy key so softmax never sees an all-masked
     row (which would be NaN and, through backward, poison the gradients); their outputs are never read.
-    Tokens past cu_seqlens[-1] (not allowed; see preflight.check_batch) are clamped rather than crash."""
+    Tokens past cu_seqlens[-1] (the packers never make them) are clamped rather than crash."""
     S, L, T = cu_seqlens.numel() - 1, max_seqlen, num_tokens
     starts = cu_seqlens[:-1].long()  # (S,)
     lengths = cu_seqlens[1:].long() - starts  # (S,)
@@ -159,11 +154,11 @@ def choose_impl(attn_impl: str, device: torch.device, dtype: torch.dtype, rows: 
     compiled = torch.compiler.is_compiling() if compiled is None else compiled
     fused_flex = device.type == "cuda" and compiled  # eager, it materializes the scores
     if attn_impl == "auto":
-        flash_ok = varlen_attn is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+        flash_ok = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
         return ("flex" if fused_flex else "sdpa") if rows else ("varlen" if flash_ok else "sdpa")
-    if attn_impl == "varlen" and (device.type != "cuda" or varlen_attn is None):
-        raise ValueError("attn_impl='varlen' needs a CUDA device and torch >= 2.10; use 'sdpa' (or 'auto')")
-    if attn_impl not in IMPLS or (attn_impl in ("flex", "triton") and not rows):
+    if attn_impl == "varlen" and device.type != "cuda":
+        raise ValueError("attn_impl='varlen' needs a CUDA device; use 'sdpa' (or 'auto')")
+    if attn_impl not in ATTENTION_IMPLS or (attn_impl in ("flex", "triton") and not rows):
         raise ValueError(
             f"attn_impl must be auto, varlen, sdpa, or flex or triton (with segment_ids), not {attn_impl!r}"
         )

@@ -23,6 +23,21 @@ MODEL_SIZES = {
     "large": dict(num_hidden_layers=24, hidden_size=1024, num_attention_heads=16, intermediate_size=4096),
 }
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # name -> torch dtype attribute
+ATTENTION_IMPLS = ("auto", "varlen", "sdpa", "flex", "triton")  # model.attention (attention.py); flex, triton: rows
+RESIDUAL_DTYPES = ("fp32", "compute")  # model.residual_dtype (fast_paths.py)
+FUSED_OPS = ("torch", "triton")  # model.fused_ops (fast_paths.py)
+
+
+def default_precision(device_type: str) -> str:
+    """train.precision "auto": bf16 autocast on CUDA, fp32 elsewhere."""
+    return "bf16" if device_type == "cuda" else "fp32"
+
+
+def auto_warmup(max_steps: int) -> int:
+    """optim.warmup_steps 0 (auto): 6% of the steps, at least one."""
+    return max(1, int(0.06 * max_steps))
+
+
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 MAX_SEED = 2**64 - 1  # torch.manual_seed takes an unsigned 64-bit seed (numpy's generators any integer >= 0)
 # int32 ids cap a micro-batch at 2**31; 2**24 (16.8M, 64x the largest benchmark micro-batch, activations no GPU
@@ -208,9 +223,9 @@ def validate(cfg: RunConfig, given: dict[str, str] | None = None) -> RunConfig:
                 f"{named}{f', from {source},' if source else ''} cannot be combined with model.init_from "
                 "(--init-from): the model's shape comes from its config.json"
             )
-    _one_of("model.attention", m.attention, ("auto", "varlen", "sdpa", "flex", "triton"))
-    _one_of("model.residual_dtype", m.residual_dtype, ("fp32", "compute"))
-    _one_of("model.fused_ops", m.fused_ops, ("torch", "triton"))
+    _one_of("model.attention", m.attention, ATTENTION_IMPLS)
+    _one_of("model.residual_dtype", m.residual_dtype, RESIDUAL_DTYPES)
+    _one_of("model.fused_ops", m.fused_ops, FUSED_OPS)
     if not 0 <= d.tokens_per_batch <= MAX_TOKENS_PER_BATCH:
         raise UserError(
             f"data.tokens_per_batch must be from 0 (auto) to {MAX_TOKENS_PER_BATCH:,}, got {d.tokens_per_batch}"

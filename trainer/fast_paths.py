@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mlmtrain.config import FUSED_OPS, RESIDUAL_DTYPES
 from mlmtrain.errors import UserError
 from mlmtrain.fp8 import check_fp8
 from mlmtrain.kernels import INTERPRETER_PROBLEM, triton_runs_on
@@ -39,7 +40,7 @@ class FastPaths:
 
 def set_fast_paths(model: nn.Module, fast: FastPaths) -> FastPaths:
     """Hand `fast` to every module of `model` that reads it (those with a class attribute `fast`)."""
-    if fast.residual_dtype not in ("fp32", "compute") or fast.fused_ops not in ("torch", "triton"):
+    if fast.residual_dtype not in RESIDUAL_DTYPES or fast.fused_ops not in FUSED_OPS:
         raise ValueError(f"unknown fast paths {fast}")
     for module in model.modules():
         if isinstance(getattr(type(module), "fast", None), FastPaths):

@@ -105,9 +105,8 @@ def is_fsdp(model: torch.nn.Module) -> bool:
 
 
 def check_shard(shard: str, precision: str, world: int = 1) -> None:
-    """`world`: the processes the run has, or (`--nproc`, before starting them) will have."""
-    if shard not in ("ddp", "fsdp"):
-        raise UserError(f"train.shard must be ddp or fsdp, got {shard!r}")
+    """`world`: the processes the run has, or (`--nproc`, before starting them) will have (`shard` is one of
+    config.validate's)."""
     if shard == "fsdp" and precision == "fp16" and (launched() or world > 1):
         raise UserError(
             "fp16 loss scaling is not wired for FSDP (its gradients are sharded DTensors); "

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from mlmtrain import checkpoint, parallel
-from mlmtrain.config import RunConfig, report_targets
+from mlmtrain.config import RunConfig, default_precision, report_targets
 from mlmtrain.errors import UserError
 from mlmtrain.fast_paths import check_speed_options
 from mlmtrain.metrics import check_report_to
@@ -79,14 +79,14 @@ class Plan:
     precision: str
     compile: bool
     tokens_per_batch: int
-    max_seqlen: int  # the longest segment the shards hold ([CLS] and [SEP] included)
+    max_seqlen: int  # the shards' max_seq_len: the cap on a segment ([CLS] and [SEP] included)
     model_config: BertConfig
     pretrained: object  # the pretrained model to start from (pretrained.read_pretrained), or None
 
 
 def plan_run(cfg: RunConfig, meta: dict, vocab: list[str], start, device: torch.device, world: int) -> Plan:
     """Resolve and check what needs no device (`--nproc` runs it for rank 0 before starting the processes)."""
-    precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    precision = cfg.train.precision if cfg.train.precision != "auto" else default_precision(device.type)
     use_compile = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     T = tokens_per_batch_on(cfg, device)
     parallel.check_shard(cfg.train.shard, precision, world)

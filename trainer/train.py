@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from mlmtrain import checkpoint, parallel, run_folder
 from mlmtrain.attention import choose_impl, dropout_note, has_dropout
-from mlmtrain.config import RunConfig, format_config, report_targets, torch_dtype
+from mlmtrain.config import RunConfig, auto_warmup, format_config, report_targets, torch_dtype
 from mlmtrain.evaluate import masker, score
 from mlmtrain.fast_paths import FastPaths
 from mlmtrain.files import write_json
@@ -183,7 +183,7 @@ class Run:
     precision: str
     compile: bool
     tokens_per_batch: int
-    max_seqlen: int  # the longest segment the shards hold ([CLS] and [SEP] included)
+    max_seqlen: int  # the shards' max_seq_len: the cap on a segment ([CLS] and [SEP] included)
     static: bool  # fixed shapes (CUDA or compile): cu_seqlens padded to a fixed capacity, max_seqlen fixed
     local_accum: int  # micro-batches per optimizer step on this rank
     model_config: BertConfig
@@ -407,7 +407,7 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 
 def warmup_steps(cfg: RunConfig) -> int:
     """optim.warmup_steps, or 6% of max_steps when it is 0 (auto)."""
-    return cfg.optim.warmup_steps or max(1, int(0.06 * cfg.train.max_steps))
+    return cfg.optim.warmup_steps or auto_warmup(cfg.train.max_steps)
 
 
 def forward_loss(
