@@ -31,26 +31,24 @@ import numpy as np
 import torch
 
 from mlmtrain.benchmarks.common import environment, time_fn
-
-LOG_MEAN, LOG_SD = 2.765, 0.683  # the synthetic corpus' sentence lengths (synthetic_data.py)
+from mlmtrain.benchmarks.synthetic_data import LOG_MEAN_TOKENS, LOG_SD_TOKENS, SENTENCES_PER_DOCUMENT
 
 
 def sentence_lengths(rng: np.random.Generator, tokens: int, row_len: int) -> np.ndarray:
     """Segment lengths of pack="sentence" ([CLS] sentence [SEP]) adding up to ~10% more than `tokens`."""
-    n = int(tokens / math.exp(LOG_MEAN + LOG_SD**2 / 2) * 1.1)
-    return np.minimum(np.round(np.exp(rng.normal(LOG_MEAN, LOG_SD, n))).astype(np.int64) + 2, row_len)
+    n = int(tokens / math.exp(LOG_MEAN_TOKENS + LOG_SD_TOKENS**2 / 2) * 1.1)
+    return np.minimum(np.round(np.exp(rng.normal(LOG_MEAN_TOKENS, LOG_SD_TOKENS, n))).astype(np.int64) + 2, row_len)
 
 
 def document_lengths(rng: np.random.Generator, tokens: int, row_len: int) -> np.ndarray:
     """Segment lengths of pack="document": documents of the sample's sentence counts, each cut into greedy chunks
     of at most `row_len` tokens (packing.document_units), shuffled as an epoch is; ~10% more than `tokens`."""
-    from mlmtrain.benchmarks.synthetic_data import SENTENCES_PER_DOCUMENT
     from mlmtrain.packing import document_units
 
     lengths, total = [], 0
     while total < 1.1 * tokens:
         n = int(rng.choice(SENTENCES_PER_DOCUMENT))
-        sentence = np.clip(np.rint(rng.lognormal(LOG_MEAN, LOG_SD, n)), 1, row_len - 2).astype(np.int64)
+        sentence = np.clip(np.rint(rng.lognormal(LOG_MEAN_TOKENS, LOG_SD_TOKENS, n)), 1, row_len - 2).astype(np.int64)
         offsets = np.concatenate([[0], np.cumsum(sentence)])
         units = document_units(offsets, np.array([0, n]), row_len)  # (U, 2) first and end sentence
         chunk = [1 + int(np.sum(sentence[a:b] + 1)) for a, b in units]  # [CLS] s1 [SEP] s2 [SEP] ...

@@ -30,8 +30,9 @@ import random
 import torch
 
 from mlmtrain.benchmarks.common import kernel_bench_device, print_and_save, record, time_fn
+from mlmtrain.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL, SEP_ID
 
-VOCAB_SIZE, MASK_ID, NUM_SPECIAL = 30000, 4, 5  # the blog post's vocabulary size, our fixed special ids
+VOCAB_SIZE = 30000  # the blog post's vocabulary size
 CONTINUATION_FROM = 20000  # ids >= this are `##` pieces in the whole-word rows (~1/3 of random ids)
 GPU_SIZES = (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24)  # 64k .. 16M tokens
 CPU_SIZES = (1 << 16, 1 << 18, 1 << 20)  # capped at 1M on 2 cores so the run takes minutes
@@ -68,7 +69,7 @@ def _hf_collator_and_examples(num_tokens: int, seed: int = 0):
     examples, total = [], 0
     while total < num_tokens:
         n = min(rng.randint(8, 64), num_tokens - total)
-        ids = [2] + [rng.randrange(NUM_SPECIAL, VOCAB_SIZE) for _ in range(max(n - 2, 0))] + [3]
+        ids = [CLS_ID] + [rng.randrange(NUM_SPECIAL, VOCAB_SIZE) for _ in range(max(n - 2, 0))] + [SEP_ID]
         ids = ids[:n]
         examples.append({"input_ids": ids, "token_type_ids": [0] * n, "attention_mask": [1] * n})
         total += n

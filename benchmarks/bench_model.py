@@ -34,8 +34,8 @@ from mlmtrain.benchmarks.common import environment, record, time_fn
 from mlmtrain.config import default_precision, torch_dtype
 from mlmtrain.flops import model_flops_per_token
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
+from mlmtrain.tokenizer import CLS_ID, NUM_SPECIAL, PAD_ID, SEP_ID
 
-PAD_ID, CLS_ID, SEP_ID, NUM_SPECIAL = 0, 2, 3, 5
 LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA = 26.0, 0.55  # fitted to the sample corpus (see the docstring)
 VARIANTS = ("ours", "ours-sdpa", "hf")
 
