@@ -3,7 +3,7 @@ DataCollatorForLanguageModeling, and the device's copy bandwidth measured in the
 
 What each row times (one call = one batch of T tokens, 15% masking, 80/10/10):
 - `triton` / `triton whole-word`: `mlm_mask(ids, backend="triton")` on the device: 2 kernels + a cumsum,
-  every output ([T] masked ids and labels, compacted [max_masked] positions and labels). On a CPU the
+  every output ([T] masked ids, compacted [max_masked] positions and labels). On a CPU the
   kernel runs in Triton's interpreter: a correctness path, timed only at the smallest size, not a speed claim.
 - `torch reference` (/ `whole-word`): `mlm_mask(ids, backend="torch")`, the same function in torch ops; the
   fallback where Triton cannot run, and on a CPU the path the trainer takes.
@@ -14,9 +14,10 @@ What each row times (one call = one batch of T tokens, 15% masking, 80/10/10):
 - `copy`: `dst.copy_(src)` on the device moving the same number of bytes (read + write).
 
 Bytes: every masking row is credited with the same logical bytes, the minimum any masking that produces
-these outputs must move (int32 ids): read T*4, write T*4 masked ids + T*4 labels + max_masked*(8 + 8)
-positions and labels. The kernel's own traffic also re-reads the ids once (`bytes_moved`); its fraction of
-copy bandwidth is computed on these logical bytes.
+these outputs must move (int32 ids): read T*4, write T*4 masked ids + max_masked*(8 + 8) positions and
+labels (until 2026-12-01 the kernel also wrote T*4 dense labels, and the bytes counted them). The kernel's
+own traffic also re-reads the ids once (`bytes_moved`); its fraction of copy bandwidth is computed on these
+logical bytes.
 
 Timing: `benchmarks/common.time_fn` (warm-up, device events on CUDA, medians with min/max), fresh ids and
 a new `step` key every repeat. Run: `python -m mlmtrain.benchmarks.bench_mlm_mask [--device cuda] [--out FILE]`.
@@ -41,8 +42,8 @@ HF_MAX_TOKENS = 1 << 20  # the HF collator takes ~5 s per 1M-token call here; be
 
 
 def logical_bytes(num_tokens: int, max_masked: int) -> int:
-    """Read T int32 ids; write T int32 masked ids + T int32 labels + max_masked int64 positions + labels."""
-    return num_tokens * (4 + 4 + 4) + max_masked * (8 + 8)
+    """Read T int32 ids; write T int32 masked ids + max_masked int64 positions + labels."""
+    return num_tokens * (4 + 4) + max_masked * (8 + 8)
 
 
 def _hf_collator_and_examples(num_tokens: int, seed: int = 0):

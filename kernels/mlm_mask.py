@@ -7,9 +7,9 @@ What it computes, for flat token ids [T] (a packed batch):
      of a word (a start piece and its `##` continuations) goes together.
   2. replacement, per selected token (BERT's 80/10/10): [MASK] with probability mask_frac, a random id with
      probability random_frac (uniform over the maskable ids), else left unchanged.
-  3. outputs: masked ids [T]; labels [T] (original id where selected, -100 elsewhere); and for the model's
-     masked-only head the selected positions in ascending order, compacted into a fixed [max_masked] buffer
-     with their labels (padded slots: position 0, label -100).
+  3. outputs: masked ids [T]; and for the model's masked-only head the selected positions in ascending order,
+     compacted into a fixed [max_masked] buffer with their labels (padded slots: position 0, label -100). No
+     dense [T] labels: nothing reads them (the head and the loss see only the compacted slots).
 
 Randomness is counter based: Philox4x32-10 (the generator of Triton's tl.randint and of curand), key =
 seed (64 bit), counter = (group (64 bit, stream id in its top bit), step (64 bit)), where a group is a run
@@ -28,11 +28,11 @@ Kernels, deterministic compaction (count -> cumsum -> apply):
   - `_mask_count_kernel` decides the selection once (Philox, whole-word scan) and writes it as a bitmask
     (32 tokens per int32) plus a count per block; a torch cumsum over the counts gives each block its base.
   - `_mask_apply_kernel` reads ids and bits, ranks each selection as base + popcount of the earlier bits,
-    writes ids, labels, positions and masked labels (dense, vectorised, no random draws), then, over its
+    writes ids, positions and masked labels (dense, vectorised, no random draws), then, over its
     own compacted slots only, draws the replacement and overwrites the ids that change; last, it pads its
     share of the unused slots (position 0, label -100).
-  Selections whose slot would be >= max_masked are de-selected (id left as is, label -100), so the four
-  outputs always agree. Blocks start at global indices divisible by 4 (the first one SHIFT = offset % 4
+  Selections whose slot would be >= max_masked are de-selected (id left as is), so the three outputs always
+  agree. Blocks start at global indices divisible by 4 (the first one SHIFT = offset % 4
   lanes early), so each block computes whole Philox groups.
 
 Whole-word: word start of token i = the last j <= i (within this call) whose id starts a word
@@ -153,14 +153,13 @@ if triton is not None:
         allowed_ptr,        # (V,) int64: ids a random replacement may take, first (HAS_NEVER_MASK only)
         n_allowed_ptr,      # (1,) int64: how many of them (HAS_NEVER_MASK only)
         out_ids_ptr,        # (T,) out: masked ids, the input's dtype
-        labels_ptr,         # (T,) out: original id where selected, -100 elsewhere
         positions_ptr,      # (max_masked,) int64 out: selected positions, ascending, padded with 0
         masked_labels_ptr,  # (max_masked,) int64 out: their labels, padded with -100
         n_tokens, n_blocks, max_masked, slots_per_block, vocab_size, num_special, mask_id,
         q2_lo, q2_hi, step_lo, step_hi, seed_lo, seed_hi, mask_thr, random_thr,
         BLOCK: tl.constexpr, SHIFT: tl.constexpr, HAS_NEVER_MASK: tl.constexpr,
     ):  # fmt: skip
-        """Write ids + labels and scatter the selections to base + in-block rank (dense, no random draws);
+        """Write the ids and scatter the selections to base + in-block rank (dense, no random draws);
         then, over this block's compacted slots only, draw 80/10/10 and overwrite the ids that change; last,
         fill this block's share of the unused slots of the compacted buffers."""
         pid = tl.program_id(0)
@@ -179,7 +178,6 @@ if triton is not None:
         slot = base + tl.reshape(rank, (BLOCK,))  # (BLOCK,) exclusive rank in the batch
         keep = (sel == 1) & (slot < max_masked)  # past the bound: de-selected, outputs stay consistent
         tl.store(out_ids_ptr + idx, ids, mask=in_range)
-        tl.store(labels_ptr + idx, tl.where(keep, ids, -100), mask=in_range)  # -100: IGNORE_INDEX
         tl.store(positions_ptr + slot, idx.to(tl.int64), mask=keep)
         tl.store(masked_labels_ptr + slot, ids.to(tl.int64), mask=keep)
         tl.debug_barrier()  # this block's positions and ids are now visible to all its threads
@@ -223,7 +221,6 @@ if triton is not None:
 # ---------------------------------------------------------------------------------------------------
 class MaskOutput(NamedTuple):
     masked_ids: torch.Tensor  # (T,) input dtype
-    labels: torch.Tensor  # (T,) input dtype, IGNORE_INDEX where not selected
     masked_positions: torch.Tensor  # (max_masked,) int64, ascending, padded with 0
     masked_labels: torch.Tensor  # (max_masked,) int64, IGNORE_INDEX in padded slots
 
@@ -271,16 +268,16 @@ def mlm_mask_triton(
     )  # fmt: skip
     base = torch.cumsum(counts, 0, dtype=torch.int32)  # (n_blocks + 1,) exclusive block bases, then the total
 
-    out_ids, labels = torch.empty_like(ids), torch.empty_like(ids)
+    out_ids = torch.empty_like(ids)
     positions = torch.empty(max_masked, dtype=torch.int64, device=ids.device)
     masked_labels = torch.empty(max_masked, dtype=torch.int64, device=ids.device)
     _mask_apply_kernel[(n_blocks,)](
-        ids, bits, base, allowed, n_allowed, out_ids, labels, positions, masked_labels,
+        ids, bits, base, allowed, n_allowed, out_ids, positions, masked_labels,
         T, n_blocks, max_masked, triton.cdiv(max_masked, n_blocks), vocab_size, num_special, mask_id,
         *q2, *step_seed, mask_thr, random_thr,
         BLOCK=BLOCK, SHIFT=shift, HAS_NEVER_MASK=has_never, num_warps=num_warps,
     )  # fmt: skip
-    return MaskOutput(out_ids, labels, positions, masked_labels)
+    return MaskOutput(out_ids, positions, masked_labels)
 
 
 def _allowed_ids(never_mask: torch.Tensor, num_special: int):
@@ -411,8 +408,8 @@ def mlm_mask_reference(
 ) -> MaskOutput:  # fmt: skip
     """The same function as the kernels, in plain torch ops on whole tensors.
 
-    Traffic (int64 temporaries, ~200 elementwise passes for Philox): read T ids, write T masked ids + T labels
-    + max_masked positions + max_masked labels; the kernel moves only those (plus one re-read of the ids)."""
+    Traffic (int64 temporaries, ~200 elementwise passes for Philox): read T ids, write T masked ids + max_masked
+    positions + max_masked labels; the kernel moves only those (plus one re-read of the ids)."""
     T, device = ids.numel(), ids.device
     select_thr, mask_thr, random_thr = _thresholds(mask_prob, mask_frac, random_frac)
     idx = torch.arange(T, device=device, dtype=torch.int64)  # (T,) call-local index
@@ -442,11 +439,10 @@ def mlm_mask_reference(
     else:
         random_ids = num_special + ((random_word * (vocab_size - num_special)) >> 32)
     out = torch.where(keep & (choice < mask_thr), mask_id, torch.where(keep & (choice < random_thr), random_ids, ids64))
-    labels = torch.where(keep, ids64, IGNORE_INDEX)
 
     # Compaction by scatter into one spare slot (no nonzero(): that would sync on CUDA).
     slot = torch.where(keep, rank, max_masked)
     positions = torch.zeros(max_masked + 1, dtype=torch.int64, device=device).scatter_(0, slot, idx)
     masked_labels = torch.full((max_masked + 1,), IGNORE_INDEX, dtype=torch.int64, device=device)
     masked_labels.scatter_(0, slot, ids64)
-    return MaskOutput(out.to(ids.dtype), labels.to(ids.dtype), positions[:max_masked], masked_labels[:max_masked])
+    return MaskOutput(out.to(ids.dtype), positions[:max_masked], masked_labels[:max_masked])

@@ -32,6 +32,22 @@ from mlmtrain.kernels.mlm_mask import (
 )
 
 V, MASK, NSPEC = 69, 4, 5  # 64 maskable ids
+
+
+def selected_mask(out, num_tokens: int) -> torch.Tensor:
+    """(T,) bool: the tokens the masker selected, read from its compacted slots."""
+    live = out.masked_labels != IGNORE_INDEX
+    selected = torch.zeros(num_tokens, dtype=torch.bool, device=out.masked_positions.device)
+    return selected.index_fill_(0, out.masked_positions[live], True)
+
+
+def dense_labels(out, num_tokens: int) -> torch.Tensor:
+    """(T,) int64: the original id where selected, IGNORE_INDEX elsewhere (transformers' `labels`)."""
+    live = out.masked_labels != IGNORE_INDEX
+    labels = torch.full((num_tokens,), IGNORE_INDEX, dtype=torch.int64, device=out.masked_positions.device)
+    return labels.index_put_((out.masked_positions[live],), out.masked_labels[live])
+
+
 Z_MAX = 5.0  # two-sided normal tail 5.7e-7
 CHI2_DF2_MAX = 2 * math.log(1e6)  # chi-square(2) survival exp(-x/2) = 1e-6
 
@@ -79,7 +95,7 @@ def test_kernel_matches_reference(T, dtype):
     ids = _ids(T, dtype, seed=T)
     a, b = _both(ids, offset=(1 << 34) - T // 2 - 1, step=(1 << 40) + 3)  # low counter words wrap mid-batch
     _assert_same(a, b, f"T={T} {dtype}")
-    assert a.masked_ids.dtype == a.labels.dtype == dtype
+    assert a.masked_ids.dtype == dtype
     assert a.masked_positions.dtype == a.masked_labels.dtype == torch.int64
 
 
@@ -119,7 +135,7 @@ def test_kernel_words_longer_than_blocks():
         a = mlm_mask_triton(ids_d, seed=seed, block_size=128, lookback=32, **kw)
         b = mlm_mask_reference(ids_d, seed=seed, **kw)
         _assert_same(a, b, f"seed {seed}")
-        selected = (a.labels != IGNORE_INDEX).cpu()
+        selected = selected_mask(a, T).cpu()
         for lo, hi in [(0, 300), (301, 900), (900, 1950), (1950, T)]:
             assert selected[lo:hi].all() or not selected[lo:hi].any(), (seed, lo, hi)
 
@@ -134,18 +150,16 @@ def test_kernel_cap_and_padding_slots():
 
 # ---- semantics (checked on the reference; the kernel is identical) -------------------------------------
 def _check_consistent(ids, out, max_masked):
-    """The four outputs describe the same selection."""
+    """The three outputs describe the same selection: live slots first, positions ascending, each slot's label the
+    id at its position, every token not selected left as it was, the padded slots (position 0, IGNORE_INDEX)."""
     ids = ids.long().cpu()
-    masked_ids, labels = out.masked_ids.long().cpu(), out.labels.long().cpu()
-    positions, masked_labels = out.masked_positions.cpu(), out.masked_labels.cpu()
-    selected = labels != IGNORE_INDEX
-    n = int(selected.sum())
+    masked_ids, positions, masked_labels = (t.long().cpu() for t in out)
     assert positions.shape == masked_labels.shape == (max_masked,)
-    assert n <= max_masked
-    assert torch.equal(labels[selected], ids[selected])
-    assert torch.equal(masked_ids[~selected], ids[~selected])
-    assert torch.equal(positions[:n], selected.nonzero().squeeze(1))  # ascending, compact
-    assert torch.equal(masked_labels[:n], ids[selected])
+    n = int((masked_labels != IGNORE_INDEX).sum())
+    assert (masked_labels[:n] != IGNORE_INDEX).all() and (positions[1:n] > positions[: n - 1]).all()
+    assert torch.equal(masked_labels[:n], ids[positions[:n]])
+    selected = selected_mask(out, ids.numel()).cpu()
+    assert int(selected.sum()) == n and torch.equal(masked_ids[~selected], ids[~selected])
     assert (positions[n:] == 0).all() and (masked_labels[n:] == IGNORE_INDEX).all()
 
 
@@ -156,7 +170,7 @@ def test_outputs_consistent_and_cap_deselects_the_tail():
     _check_consistent(ids, full, max_masked_bound(20000, 0.5))
     capped = mlm_mask(ids, max_masked=100, **kw)
     _check_consistent(ids, capped, 100)
-    assert int((capped.labels != IGNORE_INDEX).sum()) == 100
+    assert int((capped.masked_labels != IGNORE_INDEX).sum()) == 100
     assert torch.equal(capped.masked_positions, full.masked_positions[:100])  # the first 100 selections kept
     last = int(capped.masked_positions[-1])
     assert torch.equal(capped.masked_ids[: last + 1], full.masked_ids[: last + 1])
@@ -180,7 +194,7 @@ def test_specials_padding_and_out_of_vocab_never_selected():
             max_masked=30000,
             backend="torch",
         )
-        selected = out.labels != IGNORE_INDEX
+        selected = selected_mask(out, ids.numel())
         blocked = (ids < NSPEC) | (ids >= V) | (never[ids.clamp(0, V - 1)] if never_mask is not None else False)
         assert torch.equal(selected, ~blocked)  # p = 1: everything maskable, nothing else
         replaced = selected & (out.masked_ids != ids) & (out.masked_ids != MASK)
@@ -197,7 +211,7 @@ def test_identical_keys_identical_output_and_each_key_matters():
     base = mlm_mask(ids, seed=1, step=2, offset=3, **kw)
     _assert_same(base, mlm_mask(ids.clone(), seed=1, step=2, offset=3, **kw), "same keys")
     for other in (dict(seed=2, step=2, offset=3), dict(seed=1, step=3, offset=3), dict(seed=1, step=2, offset=4)):
-        assert not torch.equal(base.labels, mlm_mask(ids, **other, **kw).labels), other
+        assert not torch.equal(base.masked_positions, mlm_mask(ids, **other, **kw).masked_positions), other
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=requires_triton)])
@@ -208,7 +222,8 @@ def test_depends_only_on_global_index(backend):
     kw = dict(vocab_size=V, mask_id=MASK, seed=9, step=5, max_masked=3000, backend=backend)
     whole = mlm_mask(ids, **kw)
     part = mlm_mask(ids[1001:], offset=1001, **kw)
-    assert torch.equal(part.labels, whole.labels[1001:]) and torch.equal(part.masked_ids, whole.masked_ids[1001:])
+    assert torch.equal(dense_labels(part, 1999), dense_labels(whole, 3000)[1001:])
+    assert torch.equal(part.masked_ids, whole.masked_ids[1001:])
 
 
 def test_single_piece_words_mask_like_token_level():
@@ -220,7 +235,7 @@ def test_single_piece_words_mask_like_token_level():
 def test_whole_word_all_or_nothing_and_rate():
     ids, starts, table = _words(200000, seed=6)
     out = mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=11, step=0, word_start=table, backend="torch")
-    selected = out.labels != IGNORE_INDEX
+    selected = selected_mask(out, ids.numel())
     word = torch.cumsum(starts.long(), 0) - 1  # (T,) word index of each piece
     n_words = int(word[-1]) + 1
     per_word = torch.zeros(n_words, dtype=torch.long).index_add_(0, word, selected.long())
@@ -250,7 +265,7 @@ def test_selection_rate_many_seeds():
     for seed in range(20):
         ids = _ids(50000, seed=100 + seed, low=NSPEC, device="cpu")  # all maskable
         out = mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=seed, step=seed * 7, backend="torch")
-        k, n = k + int((out.labels != IGNORE_INDEX).sum()), n + ids.numel()
+        k, n = k + int((out.masked_labels != IGNORE_INDEX).sum()), n + ids.numel()
     _assert_binomial(k, n, _p_select(0.15), "selection rate")
 
 
@@ -260,7 +275,7 @@ def test_selection_rate_kernel():
     for seed in range(3):
         ids = _ids(8000, seed=200 + seed, low=NSPEC)
         out = mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=seed, step=1, backend="triton")
-        k, n = k + int((out.labels != IGNORE_INDEX).sum()), n + ids.numel()
+        k, n = k + int((out.masked_labels != IGNORE_INDEX).sum()), n + ids.numel()
     _assert_binomial(k, n, _p_select(0.15), "selection rate (kernel)")
 
 

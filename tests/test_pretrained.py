@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from bert_folders import CUSTOM_DIMS, make_bert_folder, swapped_tokenizer
+from test_mlm_mask import dense_labels, selected_mask
 
 from mlmtrain import cli
 from mlmtrain.config import MaskSpec
@@ -68,7 +69,7 @@ def transformers_loss(folder, batch, masked) -> float:
     attention = torch.zeros(len(rows), L, dtype=torch.long)
     for r, (a, b) in enumerate(rows):
         ids[r, : b - a] = masked.masked_ids[a:b]
-        labels[r, : b - a] = masked.labels[a:b]
+        labels[r, : b - a] = dense_labels(masked, masked.masked_ids.numel())[a:b]
         attention[r, : b - a] = 1
     with torch.no_grad():
         return float(hf(input_ids=ids, attention_mask=attention, labels=labels).loss)
@@ -127,9 +128,9 @@ def test_google_layout_masking_never_selects_a_special(tokenizer_dir, sample_cor
         ids = batch.input_ids
         assert ids[batch.cu_seqlens[:-1][: batch.num_segments].long()].eq(101).all()  # [CLS] is 101 here
         m = mask(ids, step=i)
-        chosen = m.labels != -100
+        chosen = selected_mask(m, ids.numel())
         selected += int(chosen.sum())
-        assert not torch.isin(m.labels[chosen], never_t).any(), "a special or [unused*] id was selected"
+        assert not torch.isin(ids[chosen], never_t).any(), "a special or [unused*] id was selected"
         assert not torch.isin(m.masked_ids[chosen], never_t).any(), "a random replacement is never-masked"
     assert selected > 5000
 
