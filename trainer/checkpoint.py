@@ -62,6 +62,11 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def run_folder_of(ckpt: Path) -> Path | None:
+    """The run folder a checkpoint folder sits in (RUN/checkpoints/step_*), or None for one copied elsewhere."""
+    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else None
+
+
 def checkpoint_step(ckpt: Path) -> int | None:
     """The step a checkpoint folder's name says (None for a step_* name that holds no number)."""
     digits = Path(ckpt).name.removeprefix("step_")

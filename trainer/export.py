@@ -32,7 +32,7 @@ from mlmtrain.card import DEFAULT_WIDGETS, model_card, parse_languages, read_car
 from mlmtrain.config import PRECISIONS, torch_dtype
 from mlmtrain.errors import UserError, missing_extra, refuse_tokens
 from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_folder
-from mlmtrain.files import CHECKPOINTS, atomic_dir, check_out_folder, file_mode, write_json
+from mlmtrain.files import atomic_dir, check_out_folder, file_mode, write_json
 from mlmtrain.manifest import file_entries
 from mlmtrain.preflight import check_vocab_match
 from mlmtrain.prepare import check_tokenizer_match
@@ -84,7 +84,7 @@ def export_folder(
     from safetensors.torch import save_file
 
     from mlmtrain import __version__
-    from mlmtrain.checkpoint import read_latest, run_tokenizer_dir
+    from mlmtrain.checkpoint import read_latest, run_folder_of, run_tokenizer_dir
     from mlmtrain.model import BertConfig, BertForMaskedLM
 
     if dtype not in PRECISIONS:
@@ -124,7 +124,7 @@ def export_folder(
     step = int(state.get("step", 0))
 
     # ---- write into a temporary sibling, rename at the end
-    run_dir = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else None
+    run_dir = run_folder_of(ckpt)
     data_meta = read_data_meta(run_config)
     card = model_card(
         title=name,

@@ -5,7 +5,6 @@ the model's shape. `setup` runs it in every process; `mlmtrain train --nproc N` 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +51,7 @@ def model_config_for(cfg: RunConfig, vocab: list[str], specials, start, pretrain
         check_tokenizer_fits(config, specials, vocab, pretrained.folder)
         return config
     if cfg.model.init_from and start is not None:
-        saved = json.loads((Path(start) / "config.json").read_text(encoding="utf-8"))["model"]
+        saved = checkpoint.read_state(start)[0]["model"]  # checked: a damaged file is one sentence
         return dataclasses.replace(BertConfig.from_dict(saved, f"checkpoint {start}'s config.json"), **dropout)
     return BertConfig.from_spec(cfg.model, len(vocab), specials.pad)
 

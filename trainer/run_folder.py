@@ -36,6 +36,7 @@ from mlmtrain.checkpoint import (
     complete_checkpoints,
     latest_checkpoint,
     read_state,
+    run_folder_of,
     train_command,
 )
 from mlmtrain.config import RunConfig
@@ -220,7 +221,7 @@ def plan_start(run_dir: Path, resume: str | None, log) -> Path | None:
     if resume == "auto" and state != "mine":
         raise UserError(f"--resume: {run_dir} holds no training run to resume; start one without --resume.")
     ckpt = latest_checkpoint(_source(run_dir, resume), log=log)
-    run_of_ckpt = ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else None
+    run_of_ckpt = run_folder_of(ckpt)
     if run_of_ckpt is not None and run_of_ckpt.resolve() == run_dir.resolve():
         newest = latest_checkpoint(run_dir, log=_quiet)
         if newest.resolve() != ckpt.resolve():
@@ -253,7 +254,7 @@ def resume_step(start: Path, cfg: RunConfig, allow_change: bool, lr_at, log) -> 
         rising = "rising through its warmup, then " if lr_at(step + 1, cfg) > lr_at(step, cfg) else ""
         log(f"max_steps {old} -> {new}: from step {step} the learning rate follows the new schedule "
             f"({lr_at(step, saved):.3g} -> {lr_at(step, cfg):.3g} now, {rising}decaying until step {new})")  # fmt: skip
-    run = start.parent.parent if start.parent.name == CHECKPOINTS else start
+    run = run_folder_of(start) or start
     if step >= new and run.resolve() != Path(cfg.out_dir).resolve():  # a new run in --out, from another's step
         raise UserError(
             f"{start} is at step {step} and this run would stop at max_steps {new}: nothing to train in "
