@@ -10,7 +10,11 @@ from mlmtrain.benchmarks.tables import rows_of, scale
 
 
 def _plt():
-    import matplotlib
+    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed (no charts then)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -28,6 +32,8 @@ def chart_throughput(rows: list[dict], path: Path) -> bool:
     if not rows:
         return False
     plt = _plt()
+    if plt is None:
+        return False
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for cap in sorted({r["seq_cap"] for r in rows}):
         pts = sorted((r for r in rows if r["seq_cap"] == cap), key=lambda r: r["tokens_per_batch"])
@@ -66,6 +72,8 @@ def chart_tflops(results: dict, path: Path, ceil: dict, peak: float | None) -> b
     if not rows:
         return False
     plt = _plt()
+    if plt is None:
+        return False
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.8))
     names = [f"{r['section']}: {r['name']}" for r in rows]
     spreads = [r["achieved_tflops"] if isinstance(r.get("achieved_tflops"), dict) else scale(r["flops_per_s"], 1e-12)
@@ -96,6 +104,8 @@ def chart_recipe(rows: list[dict], path: Path) -> bool:
     if None in pair:
         return False
     plt = _plt()
+    if plt is None:
+        return False
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6))
     labels = ["ours", "HF Trainer recipe"]
     colors = ["tab:blue", "tab:gray"]

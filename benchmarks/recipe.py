@@ -12,8 +12,8 @@ Fairness rules, so the comparison says something:
   both models (ours is loaded into transformers' `BertForMaskedLM` from its checkpoint).
 
 Fully offline: the model is built from a config (no download), `report_to="none"`, nothing saved.
-Needs `accelerate` (the Trainer requires it); without it `run_recipe` raises ImportError, which the
-benchmark records as the row's error.
+Needs `accelerate` (the Trainer requires it): `mlmtrain bench` refuses the train section without it, before any
+work; a direct caller of `run_recipe` gets the ImportError.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ import torch
 
 from mlmtrain.benchmarks.common import OUT_OF_TIME
 from mlmtrain.config import MODEL_SIZES, auto_warmup, default_precision
-from mlmtrain.errors import UserError
+from mlmtrain.errors import UserError, require
 from mlmtrain.files import Layout, folder_state, read_marker, refuse_unless_mine, write_marker
 
 SECTIONS = ("ceilings", "mask", "model", "train", "sweep")
@@ -150,6 +150,10 @@ def check_args(args) -> list[str]:
         raise UserError(f"--size must be one of {', '.join(MODEL_SIZES)}, got {args.size!r}")
     if args.sweep_caps and not all(3 <= cap <= 512 for cap in args.sweep_caps):
         raise UserError(f"--sweep-caps are sequence caps from 3 to 512 (BERT's positions), got {args.sweep_caps}")
+    for module, users in (("transformers", [s for s in sections if s != "ceilings"]),  # the evaluator, HF rows
+                          ("accelerate", [s for s in sections if s == "train"])):  # the HF Trainer  # fmt: skip
+        if users:
+            require(module, f"mlmtrain bench --sections {','.join(users)}", module, "bench")
     if args.remeasure and not args.merge:
         raise UserError("--remeasure names rows of an earlier report to measure again: add --merge")
     for flag in ("remeasure", "skip"):

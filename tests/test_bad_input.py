@@ -313,3 +313,31 @@ def test_a_missing_optional_package_is_one_sentence_naming_its_extra(monkeypatch
         plot.plot(tmp_path, tmp_path / "curves.png")
     with pytest.raises(UserError, match=r'^--dataset needs the datasets library: pip install -e "\.\[datasets\]"\.$'):
         rows.open_dataset(None)
+
+
+def test_a_command_that_needs_a_missing_package_says_so_before_any_work(monkeypatch, capsys, tmp_path):
+    """demo, export (verifying), upload and bench need transformers (and bench's recipe accelerate): without it they
+    refuse before writing anything, not after the training, the export's files or a section's runs."""
+    import sys
+
+    from mlmtrain.benchmarks import charts
+
+    with monkeypatch.context() as blocked:
+        blocked.setitem(sys.modules, "transformers", None)
+        demo = in_process(capsys, "demo", "--out", tmp_path / "demo")
+        assert_refused(demo, "mlmtrain demo", 'pip install -e ".[hf]"')
+        export = in_process(capsys, "export", "--checkpoint", tmp_path / "demo", "--out", tmp_path / "export")
+        assert_refused(export, "verification needs transformers", "or pass --no-verify")
+        upload = in_process(capsys, "upload", "--folder", tmp_path / "export", "--repo-id", "me/x", "--dry-run")
+        assert_refused(upload, "upload (it loads the export before sending it) needs transformers")
+        bench = in_process(capsys, "bench", "--out", tmp_path / "bench", "--quick", "--device", "cpu", "--sections",
+                           "ceilings,mask")  # fmt: skip
+        assert_refused(bench, "mlmtrain bench --sections mask needs transformers", 'pip install -e ".[bench]"')
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    bench = in_process(capsys, "bench", "--out", tmp_path / "bench", "--quick", "--device", "cpu", "--sections",
+                       "train")  # fmt: skip
+    assert_refused(bench, "mlmtrain bench --sections train needs accelerate")
+    assert not any(tmp_path.iterdir())  # nothing written
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the report's charts are optional: tables only
+    rows = [{"seq_cap": 128, "tokens_per_batch": 1024, "tokens_per_s": {"min": 1, "median": 2, "max": 3}}]
+    assert charts.chart_throughput(rows, tmp_path / "chart.png") is False

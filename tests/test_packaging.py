@@ -236,7 +236,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_a_machine_without_triton_trains_on_the_torch_references(data_dir, tokenizer_dir, tmp_path):
     """A CPU install without extras has no Triton (pyproject.toml): the package imports, trains on the kernels'
-    torch references (the fused kernels' too), and refuses the segment-attention kernel, which has no torch twin in
+    torch references (the fused kernels' too, which it says at the start), and refuses the segment-attention kernel, which has no torch twin in
     training, in one sentence. (Importing the masking kernel once failed there: it took Triton functions from
     philox.py by name.)"""
     from cli_run import assert_refused, run_cli, train_args
@@ -246,6 +246,7 @@ def test_a_machine_without_triton_trains_on_the_torch_references(data_dir, token
     done = run_cli(*train_args(data_dir, tokenizer_dir, tmp_path / "run", 2, "--set", "model.fused_ops=triton"),
                    launcher=launcher)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "model.fused_ops = triton: the kernels cannot run on cpu (triton is not installed)" in done.stdout
     refused = run_cli(*train_args(data_dir, tokenizer_dir, tmp_path / "seg", 2, "--set", "data.layout=rows", "--set",
                                   "model.attention=triton"), launcher=launcher)  # fmt: skip
     assert_refused(refused, "model.attention = triton", "triton is not installed")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlmtrain.errors import UserError, missing_extra
+from mlmtrain.errors import UserError, require
 from mlmtrain.files import LOCK, TMP, Layout, check_out_folder, write_json, write_marker
 
 WIDGET_TEXT = "대한민국의 주권은 [MASK]에게 있고, 모든 권력은 국민으로부터 나온다."
@@ -46,6 +46,7 @@ def main(args) -> int:
     from mlmtrain.train import train
 
     out = Path(args.out)
+    require("transformers", "mlmtrain demo (it verifies the export and runs fill-mask)", "transformers", "hf")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA device: use --device cpu or auto.")
     cuda = torch.cuda.is_available() and args.device != "cpu"
@@ -182,10 +183,8 @@ def draw_curves(run_dir: Path) -> str:
 
 def fill_mask(folder: Path, text: str, top_k: int = 5) -> list[dict]:
     """transformers' fill-mask pipeline on the exported folder (what the Hub widget would run)."""
-    try:
-        import transformers
-    except ImportError:
-        return [{"score": float("nan"), "token_str": f"({missing_extra('fill-mask', 'transformers', 'hf')})"}]
+    import transformers
+
     transformers.logging.disable_progress_bar()  # its weight-loading bar would draw into logs
     fill = transformers.pipeline("fill-mask", model=str(folder), tokenizer=str(folder), device="cpu")
     return fill(text, top_k=top_k)

@@ -18,6 +18,14 @@ def missing_extra(what: str, package: str, extra: str, then: str = "") -> UserEr
     return UserError(f'{what} needs {package}: pip install -e ".[{extra}]"{then}.')
 
 
+def require(module: str, what: str, package: str, extra: str, then: str = "") -> None:
+    """Refuse up front, before any long work, where an optional `module` is not installed (`missing_extra`)."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise missing_extra(what, package, extra, then)
+
+
 def redact_tokens(text: str) -> str:
     """`text` with every token-shaped word replaced by "hf_***" (a token pasted in the wrong place)."""
     return TOKEN_LIKE.sub("hf_***", text)

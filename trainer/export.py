@@ -30,7 +30,7 @@ from pathlib import Path
 
 from mlmtrain.card import DEFAULT_WIDGETS, model_card, parse_languages, read_card_extra, read_data_meta
 from mlmtrain.config import PRECISIONS, torch_dtype
-from mlmtrain.errors import UserError, missing_extra, refuse_tokens
+from mlmtrain.errors import UserError, missing_extra, refuse_tokens, require
 from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_folder
 from mlmtrain.files import atomic_dir, check_out_folder, file_mode, write_json
 from mlmtrain.manifest import file_entries
@@ -102,6 +102,8 @@ def export_folder(
         if "[MASK]" not in text:
             raise UserError(f"widget text {text!r} has no [MASK]: the fill-mask widget needs one to fill.")
     out_dir = Path(out_dir)
+    if verify:  # before anything is written: a refusal after it would leave a folder the retry must --overwrite
+        require("transformers", "verification", "transformers", "hf", ", or pass --no-verify")
     check_out_folder(out_dir, EXPORT_LAYOUT, replace=overwrite)
 
     # ---- inputs, checked before any work

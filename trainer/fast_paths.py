@@ -129,6 +129,15 @@ def check_speed_options(
         raise UserError("train.fp8 is not wired for FSDP: use train.shard = ddp")
 
 
+def fused_ops_note(fused_ops: str, device: torch.device) -> str | None:
+    """One line for a run that asks for the Triton kernels where Triton cannot run: their torch references serve
+    (the same math, unfused), so a timing of such a run is not one of the kernels."""
+    if fused_ops != "triton" or triton_runs_on(device):
+        return None
+    why = INTERPRETER_PROBLEM if device.type == "cpu" else "Triton runs on CUDA GPUs (and the CPU's interpreter)"
+    return f"model.fused_ops = triton: the kernels cannot run on {device} ({why}); their torch references run"
+
+
 def check_segment_attention(L: int, head_dim: int, device: torch.device) -> None:
     """model.attention = triton: the kernel holds a row in one tile, and Triton must run on the device."""
     if L > MAX_ROW or head_dim > MAX_HEAD_DIM:

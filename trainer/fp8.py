@@ -53,8 +53,7 @@ def check_fp8(recipe: str, device: torch.device, precision: str, tokens_per_batc
     try:
         import torchao.float8  # noqa: F401
     except ImportError:
-        offline = " (offline: pip install --no-deps .whl/torchao-*.whl)"
-        raise missing_extra("train.fp8", "torchao", "fp8", offline) from None
+        raise missing_extra("train.fp8", "torchao", "fp8") from None
 
 
 def fp8_linear_filter(module: torch.nn.Module, name: str) -> bool:

@@ -22,7 +22,7 @@ from mlmtrain import checkpoint, parallel, run_folder
 from mlmtrain.attention import choose_impl, dropout_note, has_dropout
 from mlmtrain.config import RunConfig, auto_warmup, format_config, report_targets, torch_dtype
 from mlmtrain.evaluate import masker, score
-from mlmtrain.fast_paths import FastPaths
+from mlmtrain.fast_paths import FastPaths, fused_ops_note
 from mlmtrain.files import write_json
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
 from mlmtrain.fp8 import convert_to_fp8
@@ -377,8 +377,9 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
             log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
                 f"{cfg.optim.grad_accum} micro-batches/step, model {name} ({params:.1f}M params), "
                 f"{mask.keywords['max_masked']} masked slots/batch")  # fmt: skip
-        if note := dropout_note(run.attention, cfg.model.dropout):
-            log(note)
+        for note in (dropout_note(run.attention, cfg.model.dropout), fused_ops_note(cfg.model.fused_ops, device)):
+            if note:
+                log(note)
         metrics.open_trackers(report_targets(cfg.train.report_to), {**cfg.to_dict(), "resolved": run.resolved}, step)
     return run
 

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 from mlmtrain import __version__
-from mlmtrain.errors import TOKEN_LIKE, UserError, missing_extra, refuse_tokens
+from mlmtrain.errors import TOKEN_LIKE, UserError, refuse_tokens, require
 from mlmtrain.export_check import EXPORT_MANIFEST, card_header, check_export_folder, read_manifest
 from mlmtrain.files import MARKER
 from mlmtrain.progress import bars_enabled
@@ -49,6 +49,7 @@ def _branch_name(name: str) -> bool:
 
 
 def main(args: argparse.Namespace) -> int:
+    require("transformers", "upload (it loads the export before sending it)", "transformers", "hf")  # before hashing
     if args.token is not None:
         raise UserError(
             "a token is not accepted on the command line (it would stay in shell history and process "
@@ -151,14 +152,10 @@ def verify_again(folder: Path, shown: Path) -> None:
     """Load the folder (the private copy of `shown`) with transformers as `mlmtrain export` did (keys, logits
     against ours, tokenizer, fill-mask on the card's widget texts): what is sent has passed it, whatever the
     manifest says."""
-    import importlib.util
-
     import yaml
 
     from mlmtrain.export import verify_export
 
-    if importlib.util.find_spec("transformers") is None:
-        raise missing_extra("upload (it loads the export before sending it)", "transformers", "hf")
     widgets = (yaml.safe_load(card_header(folder / "README.md") or "") or {}).get("widget") or []
     texts = [w["text"] for w in widgets if isinstance(w, dict) and "[MASK]" in str(w.get("text"))]
     try:
