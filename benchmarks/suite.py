@@ -150,7 +150,7 @@ def check_args(args) -> list[str]:
         raise UserError(f"--size must be one of {', '.join(MODEL_SIZES)}, got {args.size!r}")
     if args.sweep_caps and not all(3 <= cap <= 512 for cap in args.sweep_caps):
         raise UserError(f"--sweep-caps are sequence caps from 3 to 512 (BERT's positions), got {args.sweep_caps}")
-    for module, users in (("transformers", [s for s in sections if s != "ceilings"]),  # the evaluator, HF rows
+    for module, users in (("transformers", [s for s in sections if s not in ("ceilings", "sweep")]),  # evaluator, HF
                           ("accelerate", [s for s in sections if s == "train"])):  # the HF Trainer  # fmt: skip
         if users:
             require(module, f"mlmtrain bench --sections {','.join(users)}", module, "bench")

@@ -50,10 +50,18 @@ LOOP_STAGES = tl.constexpr(3) if triton is not None else 3
 INTERPRETER_PROBLEM = _interpreter_problem()
 
 
+def triton_problem(device) -> str | None:
+    """Why Triton kernels cannot run on `device`, or None: they run on a CUDA GPU, and on the CPU under a working
+    interpreter (how the tests run the kernels without a GPU)."""
+    if triton is None:
+        return "triton is not installed"
+    if device.type == "cpu":
+        return INTERPRETER_PROBLEM
+    return None if device.type == "cuda" else "Triton runs on CUDA GPUs (and the CPU's interpreter)"
+
+
 def triton_runs_on(device) -> bool:
-    """Whether Triton kernels can run on `device`: a CUDA GPU, or the CPU under a working interpreter (how the
-    tests run the kernels without a GPU)."""
-    return triton is not None and (device.type == "cuda" or (device.type == "cpu" and INTERPRETER_PROBLEM is None))
+    return triton_problem(device) is None
 
 
 def on_device(t):

@@ -28,13 +28,21 @@ if Path(mlmtrain.__file__).resolve().parent != CHECKOUT / "trainer":
         returncode=4,
     )
 
-# The tests send stop signals to the commands they start, which inherit this process's dispositions: a pytest
+
+# The tests send stop signals to the commands they start, which inherit this process's ignored signals: a pytest
 # started in the background of a script (SIGINT ignored) or under nohup (SIGHUP ignored) would hand that on, and
-# mlmtrain rightly keeps a signal ignored that it was started with. The tests that want one ignored ask for it.
-for _sig, _default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGHUP, signal.SIG_DFL),
-                       (signal.SIGTERM, signal.SIG_DFL)):  # fmt: skip
+# mlmtrain rightly keeps a signal ignored that it was started with. So SIGINT gets Python's own handler (the
+# in-process tests expect KeyboardInterrupt), and an ignored SIGHUP or SIGTERM a handler that does nothing: this
+# process still ignores them (a nohup'd test run survives the hangup), and the commands it starts get the default,
+# as exec resets caught signals. The tests that want one ignored ask for it.
+def _still_ignored(signum, frame):
+    pass
+
+
+for _sig, _handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGHUP, _still_ignored),
+                       (signal.SIGTERM, _still_ignored)):  # fmt: skip
     if signal.getsignal(_sig) == signal.SIG_IGN:
-        signal.signal(_sig, _default)
+        signal.signal(_sig, _handler)
 
 SMALL_VOCAB = 2000  # small enough to train in ~1 s, big enough to hold every sample character
 

@@ -236,9 +236,9 @@ def test_ci_runs_the_readme_test_command():
 
 def test_a_machine_without_triton_trains_on_the_torch_references(data_dir, tokenizer_dir, tmp_path):
     """A CPU install without extras has no Triton (pyproject.toml): the package imports, trains on the kernels'
-    torch references (the fused kernels' too, which it says at the start), and refuses the segment-attention kernel, which has no torch twin in
-    training, in one sentence. (Importing the masking kernel once failed there: it took Triton functions from
-    philox.py by name.)"""
+    torch references (the fused kernels' too, which it says at the start), and refuses the segment-attention
+    kernel, which has no torch twin in training, in one sentence. (Importing the masking kernel once failed
+    there: it took Triton functions from philox.py by name.)"""
     from cli_run import assert_refused, run_cli, train_args
 
     no_triton = "import sys; sys.modules['triton'] = sys.modules['triton.language'] = None; "

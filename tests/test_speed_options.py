@@ -205,8 +205,7 @@ def test_segment_attention_refusals(monkeypatch):
     with pytest.raises(UserError, match="head size 256"):
         check_speed_options(cfg, 128, cuda, "bf16", True, 65536, world=1, head_dim=256)
     check_speed_options(cfg, 128, cuda, "bf16", True, 65536, world=1, head_dim=64)
-    monkeypatch.setattr(fp, "triton_runs_on", lambda device: False)
-    monkeypatch.setattr(fp, "INTERPRETER_PROBLEM", "the Triton interpreter is off")
+    monkeypatch.setattr(fp, "triton_problem", lambda device: "the Triton interpreter is off")
     with pytest.raises(UserError, match="needs Triton on cpu: the Triton interpreter is off; use model.attention"):
         check_speed_options(cfg, 128, torch.device("cpu"), "fp32", False, 4096, world=1, head_dim=64)
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from mlmtrain.config import FUSED_OPS, RESIDUAL_DTYPES
 from mlmtrain.errors import UserError
 from mlmtrain.fp8 import check_fp8
-from mlmtrain.kernels import INTERPRETER_PROBLEM, triton_runs_on
+from mlmtrain.kernels import triton_problem
 from mlmtrain.kernels.bias_gelu import bias_gelu
 from mlmtrain.kernels.residual_layer_norm import residual_layer_norm_routed
 from mlmtrain.kernels.segment_attention import MAX_HEAD_DIM, MAX_ROW
@@ -132,9 +132,9 @@ def check_speed_options(
 def fused_ops_note(fused_ops: str, device: torch.device) -> str | None:
     """One line for a run that asks for the Triton kernels where Triton cannot run: their torch references serve
     (the same math, unfused), so a timing of such a run is not one of the kernels."""
-    if fused_ops != "triton" or triton_runs_on(device):
+    why = triton_problem(device) if fused_ops == "triton" else None
+    if why is None:
         return None
-    why = INTERPRETER_PROBLEM if device.type == "cpu" else "Triton runs on CUDA GPUs (and the CPU's interpreter)"
     return f"model.fused_ops = triton: the kernels cannot run on {device} ({why}); their torch references run"
 
 
@@ -145,6 +145,5 @@ def check_segment_attention(L: int, head_dim: int, device: torch.device) -> None
             f"model.attention = triton holds a row of at most {MAX_ROW} tokens and heads of at most {MAX_HEAD_DIM} "
             f"(these shards: max_seq_len {L}; this model: head size {head_dim}): use model.attention = flex or auto"
         )
-    if not triton_runs_on(device):
-        why = INTERPRETER_PROBLEM if device.type == "cpu" else "Triton runs on CUDA GPUs (and the CPU's interpreter)"
+    if why := triton_problem(device):
         raise UserError(f"model.attention = triton needs Triton on {device}: {why}; use model.attention = auto")
