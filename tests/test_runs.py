@@ -19,7 +19,7 @@ from pathlib import Path
 
 import faults
 import pytest
-from cli_run import TINY, assert_refused, run_cli, snapshot, train_args
+from cli_run import TINY, assert_refused, in_process, run_cli, snapshot, train_args
 
 from mlmtrain import checkpoint as ckpt
 from mlmtrain.config_load import load_config
@@ -159,32 +159,47 @@ def test_keep_checkpoints_retires_only_older_checkpoints_of_its_own(data_dir, to
     assert f"checkpoint {root / 'step_00000005'};" in closing_lines(run, summary)
 
 
-def test_a_resume_that_would_change_the_data_order_or_the_starting_model_is_refused(data_dir, tokenizer_dir, tmp_path):
+def test_a_resume_that_would_change_the_data_order_or_the_starting_model_is_refused(
+    data_dir, tokenizer_dir, tmp_path, capsys, monkeypatch
+):
     """The data cursor is a position in the packer's order: another data.pack or seed reads other sentences from
     it (pack=document crashed the packer thread, and config.json already said document, so even the plain resume
     crashed after). A resume's weights are its checkpoint's: an --init-from beside it would have been written
-    into the state, and the card, as the base model."""
+    into the state, and the card, as the base model. (The refusals run in this process: they come before any
+    training, and a new interpreter each would cost seconds.)"""
     run = tmp_path / "run"
     assert run_cli(*train_args(data_dir, tokenizer_dir, run)).returncode == 0
     before = snapshot(run)
     resume = ("train", "--config", run / "config.json", "--resume", "--max-steps", 3, "--change-max-steps")
     pack = ("--set", "data.pack=document")
-    assert_refused(run_cli(*resume, *pack), "data.pack is 'document' here but 'sentence' in the checkpoint's run")
-    assert_refused(run_cli(*resume, "--seed", 7), "train.seed is 7 here but 0")
-    assert_refused(run_cli(*resume, "--init-from", "klue/bert-base"), "started from scratch", "drop --init-from")
-    assert_refused(run_cli(*resume, "--tokens-per-batch", 2048), "data.tokens_per_batch is 2048 here but 1024")
-    two = run_cli(*resume, *pack, "--nproc", 2, "--set", "optim.grad_accum=2")  # refused before torchrun starts
+    assert_refused(
+        in_process(capsys, *resume, *pack), "data.pack is 'document' here but 'sentence' in the checkpoint's run"
+    )
+    assert_refused(in_process(capsys, *resume, "--seed", 7), "train.seed is 7 here but 0")
+    assert_refused(
+        in_process(capsys, *resume, "--init-from", "klue/bert-base"), "started from scratch", "drop --init-from"
+    )
+    assert_refused(
+        in_process(capsys, *resume, "--tokens-per-batch", 2048), "data.tokens_per_batch is 2048 here but 1024"
+    )
+    two = in_process(
+        capsys, *resume, *pack, "--nproc", 2, "--set", "optim.grad_accum=2"
+    )  # refused before torchrun starts
     assert "rank" not in assert_refused(two, "data.pack is 'document'", "optim.grad_accum is 2 here but 1")
     # what each rank would refuse in its own words, refused once before the processes start
     on_two = ("--nproc", 2, "--set", "optim.grad_accum=2")
     more_steps = ("train", "--config", run / "config.json", "--resume", "--max-steps", 4, "--nproc", 1)
-    assert "rank" not in assert_refused(run_cli(*more_steps), "--change-max-steps")
-    timeout = run_cli(
-        *train_args(data_dir, tokenizer_dir, tmp_path / "new"), *on_two, env={"MLMTRAIN_DIST_TIMEOUT": "soon"}
-    )
+    assert "rank" not in assert_refused(in_process(capsys, *more_steps), "--change-max-steps")
+    with monkeypatch.context() as env:
+        env.setenv("MLMTRAIN_DIST_TIMEOUT", "soon")
+        timeout = in_process(capsys, *train_args(data_dir, tokenizer_dir, tmp_path / "new"), *on_two)
     assert "rank" not in assert_refused(timeout, "MLMTRAIN_DIST_TIMEOUT must be a positive number")
-    short = run_cli(
-        *train_args(data_dir, tokenizer_dir, tmp_path / "new"), *on_two, "--set", "model.max_position_embeddings=64"
+    short = in_process(
+        capsys,
+        *train_args(data_dir, tokenizer_dir, tmp_path / "new"),
+        *on_two,
+        "--set",
+        "model.max_position_embeddings=64",
     )
     assert "rank" not in assert_refused(short, "max_position_embeddings")
     assert not (tmp_path / "new").exists() and snapshot(run) == before
@@ -412,19 +427,20 @@ def test_an_eval_or_a_save_closes_the_log_window_so_its_time_is_in_none(data_dir
 
 
 @pytest.mark.slow
-def test_thirty_short_trainings_in_a_row_all_exit_0(data_dir, tokenizer_dir, tmp_path):
-    """The packer thread is stopped and joined before exit: a daemon thread still inside torch at interpreter
-    teardown aborted about 1 run in 20-30 ("terminate called without an active exception", exit 134). Two at a
-    time, one step each: nearly all the time is starting Python and torch."""
+def test_short_trainings_in_a_row_all_exit_0(data_dir, tokenizer_dir, tmp_path):
+    """Whole processes end cleanly, one after the other: a daemon packer thread still inside torch at interpreter
+    teardown once aborted about 1 run in 20-30 ("terminate called without an active exception", exit 134). Its
+    cause is checked deterministically (test_train.test_no_helper_of_a_run_outlives_it); these twelve are the
+    smoke test of the exit itself. Two at a time, one step each: nearly all the time is starting Python and torch."""
     codes, running = [], []
-    for i in range(30):
+    for i in range(12):
         args = ["train", "--data", data_dir, "--tokenizer", tokenizer_dir, "--out", tmp_path / f"r{i}",
                 "--max-steps", 1, *TINY, "--set", "train.checkpoint_at_end=false"]  # fmt: skip
         running.append(start(*args))
-        if len(running) == 2 or i == 29:
+        if len(running) == 2 or i == 11:
             for proc in running:
                 out, _ = proc.communicate(timeout=300)
                 codes.append(proc.returncode)
                 assert "terminate called" not in out, out
             running = []
-    assert codes == [0] * 30, codes
+    assert codes == [0] * 12, codes

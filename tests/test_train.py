@@ -474,3 +474,37 @@ def test_async_log_reads_time_each_window_on_the_device_clock(monkeypatch):
     assert window.close(6, 1e-3, True) == []
     (third,) = window.flush()
     assert third.elapsed_s == pytest.approx(0.3) and third.row["loss"] == 2.0 and third.last
+
+
+@pytest.mark.parametrize("packer", ["thread", "process"])
+def test_no_helper_of_a_run_outlives_it(data_dir, tokenizer_dir, tmp_path, monkeypatch, packer):
+    """The packer (a thread, or a process) is stopped and joined before `train` returns, done or failed: a daemon
+    thread still inside torch at interpreter teardown once aborted about 1 run in 20-30 ("terminate called
+    without an active exception", exit 134)."""
+    import multiprocessing
+    import threading
+
+    from mlmtrain import train as train_module
+
+    def ours():
+        return [t.name for t in threading.enumerate() if t.name.startswith("mlmtrain-")] + [
+            p.name for p in multiprocessing.active_children() if p.name.startswith("mlmtrain-")
+        ]
+
+    overrides = {"train.max_steps": 2, "train.checkpoint_at_end": False, "data.packer": packer}
+    train(tiny_config(data_dir, tokenizer_dir, tmp_path / "done", **overrides))
+    assert ours() == []
+    forward_loss = train_module.forward_loss
+
+    calls = []
+
+    def fails_at_step_2(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("a fault at step 2")
+        return forward_loss(*args)
+
+    monkeypatch.setattr(train_module, "forward_loss", fails_at_step_2)
+    with pytest.raises(RuntimeError, match="a fault at step 2"):
+        train(tiny_config(data_dir, tokenizer_dir, tmp_path / "failed", **overrides))
+    assert ours() == []
