@@ -215,9 +215,10 @@ def unigram_baseline(run_config: dict, data_meta: dict | None) -> tuple[float | 
         )
     data_dir = run_config["run"]["data"]["data_dir"]
     try:
+        meta = read_meta(data_dir)  # checked, as load_split reads it: vocab_size and the specials are there
         train, valid = (np.asarray(load_split(data_dir, s).tokens) for s in ("train", "valid"))
-        loss = unigram_cross_entropy(train, valid, read_meta(data_dir)["vocab_size"], shard_specials(data_meta))
-    except (UserError, OSError, ValueError, KeyError, TypeError) as e:
+        loss = unigram_cross_entropy(train, valid, meta["vocab_size"], shard_specials(meta))
+    except (UserError, OSError, ValueError) as e:
         return None, f"not computed: the shards could not be read ({e})"
     return loss, "fitted on the train split, scored on the validation split's maskable tokens"
 
