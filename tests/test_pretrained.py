@@ -79,8 +79,8 @@ def test_init_from_matches_transformers_trains_and_exports(folder_and_data, tmp_
     layout, folder, data = folder_and_data
     probe = setup(run_config(folder, data, tmp_path / "probe"))
     try:
-        assert probe.model_config.hidden_size == CUSTOM_DIMS["hidden_size"]
-        assert probe.model_config.layer_norm_eps == CUSTOM_DIMS["layer_norm_eps"]
+        assert probe.plan.model_config.hidden_size == CUSTOM_DIMS["hidden_size"]
+        assert probe.plan.model_config.layer_norm_eps == CUSTOM_DIMS["layer_norm_eps"]
         batch = probe.prefetch.get()
         masked = probe.mask(batch.input_ids, step=0, offset=0)
     finally:

@@ -384,10 +384,10 @@ def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: 
         "device_wait_s": sum(r["device_wait_s"] for r in history),
         "phase_ms": phase_ms,
         "stopped_by": stopped_by,
-        "precision": run.precision,
+        "precision": run.plan.precision,
         "attention_dropout": run.attention_dropout,  # the fast attention kernels apply none
-        "compile": run.compile,
-        "tokens_per_batch": run.tokens_per_batch,
+        "compile": run.plan.compile,
+        "tokens_per_batch": run.plan.tokens_per_batch,
         "world_size": run.world,
         "losses": [(r["step"], r["loss"]) for r in history],
     }

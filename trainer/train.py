@@ -34,9 +34,9 @@ from mlmtrain.metrics import (
     record_window,
     summarize,
 )
-from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
+from mlmtrain.model import BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import BatchStream, PackedBatch, Packer, RowPacker
-from mlmtrain.plan import check_inputs, plan_run, start_check
+from mlmtrain.plan import Plan, check_inputs, plan_run, start_check
 from mlmtrain.prefetch import Prefetcher, ProcessPrefetcher
 from mlmtrain.prepare import load_split, shard_specials
 from mlmtrain.pretrained import hub_id
@@ -75,12 +75,14 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
                 b = host_batch.to(run.device)  # async copy from pinned memory
                 # key = (seed, optimizer step, global token index within the step): the same tokens get the same
                 # mask for any world size or micro-batch split, after a resume, on any rank
-                offset = (host_batch.index - step * cfg.optim.grad_accum) * run.tokens_per_batch
+                offset = (host_batch.index - step * cfg.optim.grad_accum) * run.plan.tokens_per_batch
                 phase("mask")
                 m = run.mask(b.input_ids, step=step, offset=offset)
-                micro.append((b, m, run.max_seqlen if run.static else host_batch.max_segment_len))
+                micro.append((b, m, run.plan.max_seqlen if run.static else host_batch.max_segment_len))
                 cursor = host_batch.cursor_after
-                window.add_batch(host_batch, train_flops_per_batch(run.model_config, host_batch, cfg.mask.mask_prob))
+                window.add_batch(
+                    host_batch, train_flops_per_batch(run.plan.model_config, host_batch, cfg.mask.mask_prob)
+                )
             targets = sum((m.masked_labels != -100).sum() for _, m, _ in micro)  # device scalar, no sync
             targets = parallel.all_reduce_sum(targets).clamp(min=1)  # the same denominator on every rank
             step_loss = torch.zeros((), device=run.device, dtype=torch.float32)
@@ -100,7 +102,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
             grad_norm = parallel.full_tensor(grad_norm)  # FSDP: a replicated DTensor
             bad = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
-            if run.precision != "fp16":  # fused AdamW skips the update on the device when found_inf is 1
+            if run.plan.precision != "fp16":  # fused AdamW skips the update on the device when found_inf is 1
                 run.optimizer.found_inf = bad.float()
             run.scaler.step(run.optimizer)  # fp16: the GradScaler skips non-finite steps and lowers the scale
             run.scaler.update()
@@ -176,17 +178,13 @@ class Run:
     """Everything `setup` builds for the loop: where it runs, the model and its optimizer, the data, the masking."""
 
     cfg: RunConfig
+    plan: Plan  # precision, compile, tokens per batch, the segment cap, the model's shape (resolved before setup)
     dir: Path
     device: torch.device
     rank: int
     world: int
-    precision: str
-    compile: bool
-    tokens_per_batch: int
-    max_seqlen: int  # the shards' max_seq_len: the cap on a segment ([CLS] and [SEP] included)
     static: bool  # fixed shapes (CUDA or compile): cu_seqlens padded to a fixed capacity, max_seqlen fixed
     local_accum: int  # micro-batches per optimizer step on this rank
-    model_config: BertConfig
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -217,16 +215,18 @@ class Run:
     def attention(self) -> str:
         """The attention the training forward runs (`attention.choose_impl` on this run's settings)."""
         rows = self.cfg.data.layout == "rows"
-        return choose_impl(self.cfg.model.attention, self.device, torch_dtype(self.precision), rows, self.compile)
+        return choose_impl(
+            self.cfg.model.attention, self.device, torch_dtype(self.plan.precision), rows, self.plan.compile
+        )
 
     @property
     def resolved(self) -> dict:
         """What the settings that can say `auto` (or 0 = auto) came to on this run, by dotted config key."""
         return {
             "train.device": str(self.device),
-            "train.precision": self.precision,
-            "train.compile": "on" if self.compile else "off",
-            "data.tokens_per_batch": self.tokens_per_batch,
+            "train.precision": self.plan.precision,
+            "train.compile": "on" if self.plan.compile else "off",
+            "data.tokens_per_batch": self.plan.tokens_per_batch,
             "optim.warmup_steps": warmup_steps(self.cfg),
             "train.peak_tflops": self.peak_tflops,
             "model.attention": self.attention,  # the training forward's (the card says whether it has dropout)
@@ -246,7 +246,7 @@ class Run:
             "resolved": self.resolved,
             "attention_dropout": self.attention_dropout,
         }
-        scaler_state = self.scaler.state_dict() if self.precision == "fp16" else None
+        scaler_state = self.scaler.state_dict() if self.plan.precision == "fp16" else None
         checkpoint.save_checkpoint(
             self.dir,
             step,
@@ -365,11 +365,31 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     else:
         prefetch = Prefetcher(stream, depth=cfg.data.prefetch, transform=pin, name="packer")
     run = Run(
-        cfg, run_dir, device, rank, world, precision, use_compile, T, max_seqlen, static,
-        cfg.optim.grad_accum // world, model_config, model, optimizer, scaler, step_fn, autocast, mask, prefetch,
-        valid_batches, meta, step, cursor, metrics, cfg.train.peak_tflops or peak_tflops_for(device, precision), log,
-        folder, tokens_before,
-    )  # fmt: skip
+        cfg=cfg,
+        plan=plan,
+        dir=run_dir,
+        device=device,
+        rank=rank,
+        world=world,
+        static=static,
+        local_accum=cfg.optim.grad_accum // world,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        step_fn=step_fn,
+        autocast=autocast,
+        mask=mask,
+        prefetch=prefetch,
+        valid_batches=valid_batches,
+        meta=meta,
+        step=step,
+        cursor=cursor,
+        metrics=metrics,
+        peak_tflops=cfg.train.peak_tflops or peak_tflops_for(device, precision),
+        log=log,
+        folder=folder,
+        tokens_before=tokens_before,
+    )
     if rank == 0:
         if not quiet():
             params, name = sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.init_from or cfg.model.size
@@ -421,5 +441,5 @@ def forward_loss(
 
 def evaluate(run: Run) -> dict:
     """MLM loss, masked-token accuracy and perplexity over fixed valid batches (fixed masking keys)."""
-    result = score([run.model], run.valid_batches, run.mask, run.device, run.autocast, run.max_seqlen)[0]
+    result = score([run.model], run.valid_batches, run.mask, run.device, run.autocast, run.plan.max_seqlen)[0]
     return {f"valid_{key}": result[key] for key in ("loss", "accuracy", "ppl", "targets")}
