@@ -40,7 +40,7 @@ from mlmtrain import parallel
 from mlmtrain.errors import UserError
 from mlmtrain.files import CHECKPOINTS, MANIFEST, atomic_dir, lock_holder, tmp_sibling, write_json
 from mlmtrain.manifest import file_entries, manifest_problems
-from mlmtrain.model import SHAPE_FIELDS, BertConfig, drop_tied_aliases
+from mlmtrain.model import BertConfig, BertForMaskedLM, drop_tied_aliases
 
 CHECKPOINT_FILES = (
     "model.safetensors",
@@ -371,6 +371,35 @@ def read_latest(path: str | Path, log=warn) -> tuple[Path, dict[str, torch.Tenso
     raise UserError(f"the checkpoints of {path} were replaced three times while being read: try again")
 
 
+@dataclasses.dataclass
+class Trained:
+    """A run's checkpoint read for export or scoring, with the tokenizer folder its ids are checked against."""
+
+    ckpt: Path
+    model: BertForMaskedLM  # fp32, on the CPU
+    run_config: dict  # its config.json
+    state: dict  # its state.json
+    tokenizer_dir: Path  # the folder passed, else the one its run trained with
+
+
+def read_trained(path: str | Path, tokenizer_dir=None) -> Trained:
+    """The model of `read_latest(path)`, refused in one sentence when the tokenizer folder is damaged, has another
+    vocabulary size or is another tokenizer than the one the run trained with."""
+    from mlmtrain.preflight import check_vocab_match
+    from mlmtrain.prepare import check_tokenizer_match
+    from mlmtrain.tokenizer_folder import load_tokenizer, read_vocab
+
+    ckpt, weights, run_config, state = read_latest(path)  # its warnings on stderr
+    config = BertConfig.from_dict(run_config["model"], f"checkpoint {ckpt} is damaged: its config.json")
+    tokenizer_dir = Path(tokenizer_dir or run_tokenizer_dir(ckpt, run_config))
+    load_tokenizer(tokenizer_dir)  # checks the files and the special-token ids
+    check_vocab_match(config.vocab_size, len(read_vocab(tokenizer_dir)), f"checkpoint {ckpt}")
+    check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}", shards=False)
+    model = BertForMaskedLM(config)
+    model.load_hf_state_dict(weights)  # UserError on missing/unexpected keys or wrong shapes
+    return Trained(ckpt, model, run_config, state, tokenizer_dir)
+
+
 def run_tokenizer_dir(ckpt: Path, config: dict) -> str:
     """The tokenizer folder the checkpoint's run trained with (its config.json), for a command given none."""
     run = config.get("run")
@@ -449,50 +478,3 @@ def data_fingerprint(meta: dict) -> str:
     keys = ("vocab_size", "tokenizer_fingerprint", "max_seq_len", "seed", "valid_fraction")
     body = {k: meta.get(k) for k in keys} | {"train": meta.get("train"), "valid": meta.get("valid")}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# what a resumed run continues only under the same values: its batches and their split into micro-batches, the
-# packer's layout and unit and its shuffles, and the masks (keyed by the seed, the step and the token's index in it)
-CONTINUITY_KEYS = (("optim", "grad_accum"), ("data", "layout"), ("data", "pack"), ("train", "seed"))
-
-
-def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfig, tokens_per_batch: int) -> None:
-    """Refuse to resume on other data, another tokenizer, another model shape, another starting model, or other
-    batches, data order or masks (CONTINUITY_KEYS, and `tokens_per_batch` as resolved on this device). `run` is the
-    RunConfig the resumed run uses."""
-    from mlmtrain.config_load import config_from_dict, source_path
-
-    saved_config, state = read_state(ckpt)
-    problems = []
-    if state.get("data_fingerprint") != data_fingerprint(meta):
-        problems.append(f"the data shards differ from those it was trained on ({run.data.data_dir})")
-    if state.get("tokenizer_fingerprint") != meta["tokenizer_fingerprint"]:
-        problems.append("the tokenizer differs")
-    saved_model = saved_config.get("model", {})
-    for key in (*SHAPE_FIELDS, "layer_norm_eps", "pad_token_id"):  # the shapes, and what else the weights mean
-        if saved_model.get(key) != getattr(model_config, key):
-            problems.append(
-                f"model {key} is {getattr(model_config, key)} but the checkpoint has {saved_model.get(key)}"
-            )
-    saved_run = config_from_dict(saved_config.get("run", {}))
-    resolved = state.get("resolved") if isinstance(state.get("resolved"), dict) else {}
-    saved_tokens = resolved.get("data.tokens_per_batch") or saved_run.data.tokens_per_batch
-    pairs = [("data.tokens_per_batch", tokens_per_batch, saved_tokens)]
-    pairs += [(f"{a}.{b}", getattr(getattr(run, a), b), getattr(getattr(saved_run, a), b)) for a, b in CONTINUITY_KEYS]
-    changed = [
-        f"{key} is {ours!r} here but {theirs!r} in the checkpoint's run"
-        for key, ours, theirs in pairs
-        if ours != theirs
-    ]
-    if changed:  # fmt: skip
-        problems.append(
-            ", ".join(changed) + " (a run continues its batches, data order and masks only under the same values)"
-        )
-    saved_init = state.get("init_from")
-    if run.model.init_from and source_path(run.model.init_from) != source_path(saved_init or ""):
-        problems.append(
-            f"model.init_from is {run.model.init_from} but the checkpoint's run started from {saved_init or 'scratch'} "
-            "(a resume takes its weights from the checkpoint: drop --init-from)"
-        )
-    if problems:
-        raise UserError(f"cannot resume from {ckpt}: " + "; ".join(problems))

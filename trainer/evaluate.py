@@ -28,7 +28,7 @@ import torch
 from mlmtrain.errors import UserError
 from mlmtrain.files import json_text
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask
-from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
+from mlmtrain.model import BertForMaskedLM, mlm_loss_sum
 from mlmtrain.text import LINE_PROBLEMS, corpus_from_args, line_problem_notes
 
 EVAL_KEY = 1 << 40  # masking keys of eval batches live far from the training micro-batch indices
@@ -171,25 +171,22 @@ def unigram_cross_entropy(train: np.ndarray, valid: np.ndarray, vocab_size: int,
 def load_model(source: str, tokenizer_dir=None):
     """(model in fp32, its tokenizer folder, a description) for a run folder, a checkpoint folder, an export
     folder, a transformers BERT folder or a Hub id."""
-    from mlmtrain.checkpoint import CHECKPOINTS, MANIFEST, read_latest, run_tokenizer_dir
-    from mlmtrain.prepare import check_tokenizer_match
+    from mlmtrain.checkpoint import CHECKPOINTS, MANIFEST, read_trained
     from mlmtrain.pretrained import check_own_tokens, locate, read_pretrained
     from mlmtrain.tokenizer_folder import read_vocab, transformers_casing_problem
 
     path = Path(source).expanduser()
     if path.is_dir() and ((path / MANIFEST).is_file() or (path / CHECKPOINTS).is_dir()):
-        ckpt, weights, saved, state = read_latest(path)
-        config = BertConfig.from_dict(saved["model"], f"checkpoint {ckpt} is damaged: its config.json")
-        tokenizer_dir = tokenizer_dir or run_tokenizer_dir(ckpt, saved)
-        check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}", shards=False)
-        info = {"model": str(source), "kind": "checkpoint", "checkpoint": str(ckpt), "step": state.get("step")}
-        info["layout"] = ((saved.get("run") or {}).get("data") or {}).get("layout", "flat")  # how it validated
+        trained = read_trained(path, tokenizer_dir)
+        model, tokenizer_dir, state = trained.model, trained.tokenizer_dir, trained.state
+        info = {"model": str(source), "kind": "checkpoint", "checkpoint": str(trained.ckpt), "step": state.get("step")}
+        run = trained.run_config.get("run") or {}
+        info["layout"] = (run.get("data") or {}).get("layout", "flat")  # how it validated
     else:
         folder = locate(source, "--model")
         pretrained = read_pretrained(folder)
         if pretrained.initialised:
             raise UserError(f"{folder} has no MLM head ({pretrained.initialised[0]}, ...): there is nothing to score.")
-        config, weights = pretrained.config, pretrained.weights
         if tokenizer_dir:  # scored on another tokenizer's ids only if they are the same tokens
             check_own_tokens(folder, read_vocab(tokenizer_dir))
         tokenizer_dir = tokenizer_dir or folder
@@ -198,8 +195,8 @@ def load_model(source: str, tokenizer_dir=None):
             raise UserError(problem)
         kind = "export" if (folder / "mlmtrain_export.json").is_file() else "transformers"
         info = {"model": str(source), "kind": kind, "folder": str(folder)}
-    model = BertForMaskedLM(config)
-    model.load_hf_state_dict(weights)
+        model = BertForMaskedLM(pretrained.config)
+        model.load_hf_state_dict(pretrained.weights)
     return model, Path(tokenizer_dir), info
 
 

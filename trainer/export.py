@@ -34,16 +34,12 @@ from mlmtrain.errors import UserError, missing_extra, refuse_tokens, require
 from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_folder
 from mlmtrain.files import atomic_dir, check_out_folder, file_mode, write_json
 from mlmtrain.manifest import file_entries
-from mlmtrain.preflight import check_vocab_match
-from mlmtrain.prepare import check_tokenizer_match
 from mlmtrain.pretrained import HUB_ID
 from mlmtrain.tokenizer import SPECIAL_TOKENS_MAP
 from mlmtrain.tokenizer_folder import (
     check_unchanged,
-    load_tokenizer,
     read_tokenizer_config,
     read_tokenizer_record,
-    read_vocab,
     tokenizer_fingerprint,
     vocab_bytes,
 )
@@ -84,8 +80,7 @@ def export_folder(
     from safetensors.torch import save_file
 
     from mlmtrain import __version__
-    from mlmtrain.checkpoint import read_latest, run_folder_of, run_tokenizer_dir
-    from mlmtrain.model import BertConfig, BertForMaskedLM
+    from mlmtrain.checkpoint import read_trained, run_folder_of
 
     if dtype not in PRECISIONS:
         raise UserError(f"--dtype must be one of {', '.join(PRECISIONS)}, not {dtype!r}.")
@@ -107,7 +102,10 @@ def export_folder(
     check_out_folder(out_dir, EXPORT_LAYOUT, replace=overwrite)
 
     # ---- inputs, checked before any work
-    ckpt, state_dict, run_config, state = read_latest(checkpoint)  # its warnings on stderr
+    trained = read_trained(checkpoint, tokenizer_dir)
+    ckpt, model, state, tokenizer_dir = trained.ckpt, trained.model, trained.state, trained.tokenizer_dir
+    run_config, config = trained.run_config, trained.model.config
+    made_with = tokenizer_fingerprint(tokenizer_dir)  # before the files are copied: taken again before it is kept
     if base_model and not (
         state.get("init_from") or ((run_config.get("run") or {}).get("model") or {}).get("init_from")
     ):
@@ -115,14 +113,6 @@ def export_folder(
             f"--base-model names the model a run continued from, and checkpoint {ckpt} was pretrained from scratch "
             "(its run had no --init-from): drop --base-model"
         )
-    config = BertConfig.from_dict(run_config["model"], f"checkpoint {ckpt} is damaged: its config.json")
-    tokenizer_dir = Path(tokenizer_dir or run_tokenizer_dir(ckpt, run_config))
-    made_with = tokenizer_fingerprint(tokenizer_dir)  # before reading it: taken again before the export is kept
-    load_tokenizer(tokenizer_dir)  # checks the files and the special-token ids
-    check_vocab_match(config.vocab_size, len(read_vocab(tokenizer_dir)), f"checkpoint {ckpt}")
-    check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}", shards=False)
-    model = BertForMaskedLM(config)
-    model.load_hf_state_dict(state_dict)  # UserError on missing/unexpected keys or wrong shapes
     step = int(state.get("step", 0))
 
     # ---- write into a temporary sibling, rename at the end

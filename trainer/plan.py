@@ -12,10 +12,11 @@ import torch
 
 from mlmtrain import checkpoint, parallel
 from mlmtrain.config import RunConfig, default_precision, report_targets
+from mlmtrain.config_load import config_from_dict, source_path
 from mlmtrain.errors import UserError
 from mlmtrain.fast_paths import check_speed_options
 from mlmtrain.metrics import check_report_to
-from mlmtrain.model import BertConfig
+from mlmtrain.model import SHAPE_FIELDS, BertConfig
 from mlmtrain.preflight import check_batch_layout, check_data_against_model, check_device, check_tokenizer_vocab
 from mlmtrain.prepare import SPLITS, check_tokenizer_match, load_split, read_meta, shard_specials
 from mlmtrain.pretrained import check_tokenizer_fits, locate, read_pretrained
@@ -62,7 +63,7 @@ def start_check(cfg: RunConfig, meta: dict, vocab: list[str]):
     def check(ckpt: Path) -> None:  # a resumed run's model is its checkpoint's: no pretrained folder is read
         model_config = model_config_for(cfg, vocab, shard_specials(meta), ckpt, None)
         T = tokens_per_batch_on(cfg, parallel.rank_device(cfg.train.device))
-        checkpoint.check_resume_compatible(ckpt, cfg, meta, model_config, T)
+        check_resume_compatible(ckpt, cfg, meta, model_config, T)
 
     return check
 
@@ -101,3 +102,48 @@ def plan_run(cfg: RunConfig, meta: dict, vocab: list[str], start, device: torch.
     check_data_against_model(meta, model_config, max_seqlen, fixed=pretrained is not None or start is not None)
     check_speed_options(cfg, max_seqlen, device, precision, use_compile, T, world, model_config.head_dim)
     return Plan(precision, use_compile, T, max_seqlen, model_config, pretrained)
+
+
+# what a resumed run continues only under the same values: its batches and their split into micro-batches, the
+# packer's layout and unit and its shuffles, and the masks (keyed by the seed, the step and the token's index in it)
+CONTINUITY_KEYS = (("optim", "grad_accum"), ("data", "layout"), ("data", "pack"), ("train", "seed"))
+
+
+def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfig, tokens_per_batch: int) -> None:
+    """Refuse to resume on other data, another tokenizer, another model shape, another starting model, or other
+    batches, data order or masks (CONTINUITY_KEYS, and `tokens_per_batch` as resolved on this device). `run` is the
+    RunConfig the resumed run uses."""
+    saved_config, state = checkpoint.read_state(ckpt)
+    problems = []
+    if state.get("data_fingerprint") != checkpoint.data_fingerprint(meta):
+        problems.append(f"the data shards differ from those it was trained on ({run.data.data_dir})")
+    if state.get("tokenizer_fingerprint") != meta["tokenizer_fingerprint"]:
+        problems.append("the tokenizer differs")
+    saved_model = saved_config.get("model", {})
+    for key in (*SHAPE_FIELDS, "layer_norm_eps", "pad_token_id"):  # the shapes, and what else the weights mean
+        if saved_model.get(key) != getattr(model_config, key):
+            problems.append(
+                f"model {key} is {getattr(model_config, key)} but the checkpoint has {saved_model.get(key)}"
+            )
+    saved_run = config_from_dict(saved_config.get("run", {}))
+    resolved = state.get("resolved") if isinstance(state.get("resolved"), dict) else {}
+    saved_tokens = resolved.get("data.tokens_per_batch") or saved_run.data.tokens_per_batch
+    pairs = [("data.tokens_per_batch", tokens_per_batch, saved_tokens)]
+    pairs += [(f"{a}.{b}", getattr(getattr(run, a), b), getattr(getattr(saved_run, a), b)) for a, b in CONTINUITY_KEYS]
+    changed = [
+        f"{key} is {ours!r} here but {theirs!r} in the checkpoint's run"
+        for key, ours, theirs in pairs
+        if ours != theirs
+    ]
+    if changed:  # fmt: skip
+        problems.append(
+            ", ".join(changed) + " (a run continues its batches, data order and masks only under the same values)"
+        )
+    saved_init = state.get("init_from")
+    if run.model.init_from and source_path(run.model.init_from) != source_path(saved_init or ""):
+        problems.append(
+            f"model.init_from is {run.model.init_from} but the checkpoint's run started from {saved_init or 'scratch'} "
+            "(a resume takes its weights from the checkpoint: drop --init-from)"
+        )
+    if problems:
+        raise UserError(f"cannot resume from {ckpt}: " + "; ".join(problems))
