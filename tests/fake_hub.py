@@ -12,7 +12,9 @@ It speaks only the subset of the Hub's HTTP API that `huggingface_hub` (0.30 to 
     POST /api/models/{ns}/{name}/commit/{rev}         the NDJSON commit (`?create_pr=1` on the old path)
     POST /api/models/{ns}/{name}/branch/{branch}      create_branch
     POST /api/models/{ns}/{name}/discussions          open a pull request (the >=1.x xet upload path)
+    GET  /api/models/{ns}/{name}/discussions          list them (`?type=`, `?status=`, `?author=`; one page)
     GET  /api/models/{ns}/{name}/discussions/{num}    its details
+    POST /api/models/{ns}/{name}/paths-info/{rev}     files at a revision: size, git blob oid (no LFS here)
     GET  /api/whoami-v2                               who the token belongs to and its role
     GET  /api/agent-harnesses                         a registry >=2.x fetches for its user agent (empty)
 
@@ -56,7 +58,7 @@ class Repo:
     private: bool = False
     refs: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})  # ref -> {path: bytes}
     heads: dict[str, str] = field(default_factory=lambda: {"main": "0" * 40})  # ref -> commit oid
-    prs: int = 0
+    prs: list[dict] = field(default_factory=list)  # pull request num - 1 -> {"author", "title", "status"}
 
 
 @dataclass
@@ -99,6 +101,9 @@ class FakeHub:
     def fail_next(self, route: str, status: int, times: int = 1) -> None:
         """Answer the next `times` requests to `route` (e.g. "preupload", "create") with `status`."""
         self._failures.setdefault(route, []).extend([status] * times)
+
+    def set_pr_status(self, repo_id: str, num: int, status: str) -> None:
+        self.repos[repo_id].prs[num - 1]["status"] = status
 
     def files(self, repo_id: str, ref: str = "main") -> dict[str, bytes]:
         return dict(self.repos[repo_id].refs[ref])
@@ -190,6 +195,14 @@ def _make_handler(hub: FakeHub):
                 return None
             return token
 
+        def _reader(self, req: Request, repo_id: str) -> Repo | None:
+            """The repo if the request may read it (public, or private and the token's); otherwise answers 404."""
+            repo, token = hub.repos.get(repo_id), self._token(req)
+            if repo is None or (repo.private and (token is None or not hub.can_write(token, repo.owner))):
+                self._error(404, "Repository not found", "RepoNotFound")
+                return None
+            return repo
+
         # -- endpoints -------------------------------------------------------------------------
 
         def _whoami(self, req: Request):
@@ -228,10 +241,9 @@ def _make_handler(hub: FakeHub):
             self._send(200, {"url": f"{hub.endpoint}/{repo_id}", "name": repo_id})
 
         def _info(self, req: Request, repo_id: str, revision: str | None = None):
-            repo = hub.repos.get(repo_id)
-            token = self._token(req)
-            if repo is None or (repo.private and (token is None or not hub.can_write(token, repo.owner))):
-                return self._error(404, "Repository not found", "RepoNotFound")
+            repo = self._reader(req, repo_id)
+            if repo is None:
+                return
             ref = revision or "main"
             if ref not in repo.refs:
                 return self._error(404, "Invalid rev id", "RevisionNotFound")
@@ -257,7 +269,8 @@ def _make_handler(hub: FakeHub):
             self._send(200, {"files": files, "commitOid": hub.repos[repo_id].heads.get(revision)})
 
         def _commit(self, req: Request, repo_id: str, revision: str):
-            if self._writer(req, repo_id) is None:
+            token = self._writer(req, repo_id)
+            if token is None:
                 return
             repo = hub.repos[repo_id]
             lines = [json.loads(line) for line in req.body.splitlines() if line.strip()]
@@ -271,11 +284,10 @@ def _make_handler(hub: FakeHub):
                     return self._error(400, f"fake hub: '{x['key']}' operations are not supported")
             create_pr = req.query.get("create_pr") == ["1"]
             pr_url = None
-            if create_pr:  # the pre-1.0 path: the commit itself opens the pull request
-                repo.prs += 1
-                revision = f"refs/pr/{repo.prs}"
-                repo.refs[revision], repo.heads[revision] = dict(repo.refs["main"]), repo.heads["main"]
-                pr_url = f"{hub.endpoint}/{repo_id}/discussions/{repo.prs}"
+            if create_pr:  # the commit itself opens the pull request
+                num = _open(repo, token.user, header["summary"], "open")
+                revision = f"refs/pr/{num}"
+                pr_url = f"{hub.endpoint}/{repo_id}/discussions/{num}"
             if revision not in repo.refs:
                 return self._error(404, "Invalid rev id", "RevisionNotFound")
             oid = hub._commit(repo_id, revision, header["summary"], files)
@@ -303,13 +315,44 @@ def _make_handler(hub: FakeHub):
             self._send(200, {})
 
         def _open_pr(self, req: Request, repo_id: str):
-            if self._writer(req, repo_id) is None:
+            token = self._writer(req, repo_id)
+            if token is None:
                 return
-            repo = hub.repos[repo_id]
-            repo.prs += 1
-            ref = f"refs/pr/{repo.prs}"
-            repo.refs[ref], repo.heads[ref] = dict(repo.refs["main"]), repo.heads["main"]
-            self._send(200, {"num": repo.prs, "url": f"{hub.endpoint}/{repo_id}/discussions/{repo.prs}"})
+            num = _open(hub.repos[repo_id], token.user, json.loads(req.body or b"{}").get("title", ""), "draft")
+            self._send(200, {"num": num, "url": f"{hub.endpoint}/{repo_id}/discussions/{num}"})
+
+        def _list_prs(self, req: Request, repo_id: str):
+            repo = self._reader(req, repo_id)
+            if repo is None:
+                return
+            want = {k: v[0] for k, v in req.query.items() if k in ("type", "status", "author")}
+            found = [
+                {
+                    "title": pr["title"],
+                    "num": num,
+                    "author": {"name": pr["author"]},
+                    "createdAt": "2026-11-24T00:00:00.000Z",
+                    "status": pr["status"],
+                    "repo": {"name": repo_id, "type": "model"},
+                    "isPullRequest": True,
+                }
+                for num, pr in reversed(list(enumerate(hub.repos[repo_id].prs, 1)))  # newest first
+                if want.get("author") in (None, pr["author"]) and want.get("status") in (None, "all", pr["status"])
+                and want.get("type") in (None, "all", "pull_request")
+            ]  # fmt: skip
+            self._send(200, {"discussions": found, "count": len(found), "start": 0, "numItems": len(found)})
+
+        def _paths_info(self, req: Request, repo_id: str, revision: str):
+            repo = self._reader(req, repo_id)
+            if repo is None:
+                return
+            files = repo.refs.get(revision)
+            if files is None:
+                return self._error(404, "Invalid rev id", "RevisionNotFound")
+            paths = parse_qs(req.body.decode())["paths"]
+            found = [{"type": "file", "path": p, "size": len(files[p]), "oid": git_blob_oid(files[p])} for p in paths
+                     if p in files]  # fmt: skip
+            self._send(200, found)
 
         def _pr_details(self, req: Request, repo_id: str, num: str):
             self._send(
@@ -342,10 +385,20 @@ _ROUTES = [  # (method, regex on the raw path, handler name)
     ("POST", _REPO + r"/commit/(.+)", "commit"),
     ("POST", _REPO + r"/branch/(.+)", "branch"),
     ("POST", _REPO + r"/discussions", "open_pr"),
+    ("GET", _REPO + r"/discussions", "list_prs"),
+    ("POST", _REPO + r"/paths-info/(.+)", "paths_info"),
     ("GET", _REPO + r"/discussions/(\d+)", "pr_details"),
     ("GET", _REPO + r"/revision/(.+)", "info"),
     ("GET", _REPO, "info"),
 ]
+
+
+def _open(repo: Repo, author: str, title: str, status: str) -> int:
+    """A new pull request on `repo`, its ref starting at main's head; returns its number."""
+    repo.prs.append({"author": author, "title": title, "status": status})
+    ref = f"refs/pr/{len(repo.prs)}"
+    repo.refs[ref], repo.heads[ref] = dict(repo.refs["main"]), repo.heads["main"]
+    return len(repo.prs)
 
 
 def _route(method: str, path: str):

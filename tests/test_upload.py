@@ -221,6 +221,29 @@ def test_create_pr(hub, export_dir, tmp_path):
     assert "are in a pull request against alice/tiny-bert's main" in result.stdout and "model:" not in result.stdout
 
 
+def test_create_pr_again_finds_its_open_pull_request(hub, export_dir, tmp_path):
+    """A re-run (a lost reply, a script's retry) opens no second pull request with the same files; a changed,
+    closed or other user's pull request is no reason not to open one."""
+    hub.add_repo("alice/tiny-bert", owner="alice", files={"README.md": b"old card"})
+    args = ("--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--create-pr")
+    first = upload(tmp_path, *args, endpoint=hub.endpoint)
+    again = upload(tmp_path, *args, endpoint=hub.endpoint)
+    assert first.returncode == 0 and again.returncode == 0, first.stderr + again.stderr
+    assert len(hub.commits) == 1 and len(hub.repos["alice/tiny-bert"].prs) == 1
+    assert "already in your open pull request #1 against alice/tiny-bert's main; no new one was opened" in again.stdout
+    assert "/discussions/1" in again.stdout
+    assert f"commit: {hub.repos['alice/tiny-bert'].heads['refs/pr/1']}" in again.stdout
+
+    hub.repos["alice/tiny-bert"].refs["refs/pr/1"]["config.json"] = b"{}"  # its head no longer holds the export
+    assert upload(tmp_path, *args, endpoint=hub.endpoint).returncode == 0
+    hub.set_pr_status("alice/tiny-bert", 2, "closed")
+    assert upload(tmp_path, *args, endpoint=hub.endpoint).returncode == 0
+    hub.repos["alice/tiny-bert"].prs[2]["author"] = "bob"
+    assert upload(tmp_path, *args, endpoint=hub.endpoint).returncode == 0
+    assert [c["revision"] for c in hub.commits] == [f"refs/pr/{n}" for n in (1, 2, 3, 4)]
+    assert hub.unknown == []
+
+
 @pytest.mark.skipif(
     __import__("huggingface_hub").__version__.startswith("0."),
     reason="huggingface_hub < 1.0 does not retry the pre-upload call",

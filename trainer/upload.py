@@ -11,7 +11,9 @@ Re-running is safe: the Hub reports which files it already has and unchanged fil
 run makes no new commit.
 
 Only `huggingface_hub` calls that are stable from 0.30 to 2.x are used (`HfApi.create_repo`,
-`create_branch`, `upload_folder`, `repo_info`, `whoami`, `get_token`). The token comes from `HF_TOKEN`,
+`create_branch`, `upload_folder`, `repo_info`, `whoami`, `get_token`, and for `--create-pr`
+`get_repo_discussions` and `get_paths_info`: a re-run finds its own open pull request with the same files and
+opens no second one). The token comes from `HF_TOKEN`,
 the saved login, or `--token-file`; never from a plain argument, and it is never printed or written here.
 """
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -26,6 +29,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import types
 from pathlib import Path
 
 from mlmtrain import __version__
@@ -111,7 +115,11 @@ def main(args: argparse.Namespace) -> int:
     model_url = f"{constants.ENDPOINT}/{args.repo_id}"
     if args.revision not in (None, "main"):
         model_url += f"/tree/{args.revision}"
-    if getattr(info, "pr_url", None):
+    if getattr(info, "reused", False):
+        print(f"done: the {len(files)} files of the export are already in your open pull request #{info.pr_num} "
+              f"against {args.repo_id}'s main; no new one was opened")  # fmt: skip
+        print(f"pull request: {info.pr_url}")
+    elif getattr(info, "pr_url", None):
         print(f"done: the {len(files)} files of the export are in a pull request against {args.repo_id}'s main")
         print(f"pull request: {info.pr_url}")
     else:
@@ -268,6 +276,12 @@ def _upload(folder: Path, files: list[str], args, message: str, token: str):
         if args.revision not in (None, "main"):
             step = "branch"
             api.create_branch(args.repo_id, branch=args.revision, repo_type="model", exist_ok=True)
+        if args.create_pr:  # a re-run (a lost reply, a script's retry) opens no second pull request
+            step = "prs"
+            pr = open_pull_request_with(api, args.repo_id, folder, files)
+            if pr is not None:
+                head = api.repo_info(args.repo_id, repo_type="model", revision=pr.git_reference).sha
+                return types.SimpleNamespace(oid=head, pr_url=pr.url, pr_num=pr.num, reused=True)
         step = "upload"
         return api.upload_folder(
             repo_id=args.repo_id,
@@ -285,6 +299,41 @@ def _upload(folder: Path, files: list[str], args, message: str, token: str):
         if sentence is None:
             raise
         raise UserError(sentence) from None
+
+
+def open_pull_request_with(api, repo_id: str, folder: Path, files: list[str]):
+    """The first open pull request of the token's user on `repo_id` whose head holds every file of the export
+    (`folder`) as it is, or None. LFS files are compared by the sha256 the manifest lists, others by git's blob
+    id; the head may hold other files too (main's)."""
+    user = api.whoami().get("name")
+    entries = read_manifest(folder)["files"]
+    blob_ids: dict[str, str] = {}
+
+    def holds(remote, name: str) -> bool:
+        if remote is None or getattr(remote, "blob_id", None) is None:  # missing, or a folder of that name
+            return False
+        if remote.lfs is not None:
+            return remote.lfs.sha256 == entries[name]["sha256"]
+        if name not in blob_ids:
+            blob_ids[name] = git_blob_id(folder / name)
+        return remote.blob_id == blob_ids[name]
+
+    for pr in api.get_repo_discussions(repo_id, author=user, discussion_type="pull_request"):
+        if pr.status not in ("open", "draft"):  # the Hub opens an API-made pull request as a draft
+            continue
+        heads = {f.path: f for f in api.get_paths_info(repo_id, files, revision=pr.git_reference)}
+        if all(holds(heads.get(name), name) for name in files):
+            return pr
+    return None
+
+
+def git_blob_id(path: Path) -> str:
+    """git's id of the file's content (sha1 of `blob {size}\\0` + content): what the Hub reports for a non-LFS file."""
+    digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def explain_error(e: Exception, step: str, repo_id: str, revision: str | None, api) -> str | None:
@@ -333,6 +382,7 @@ _STEPS = {
     "create": "creating the repo",
     "info": "reading the repo's visibility",
     "branch": "creating the branch",
+    "prs": "looking for an open pull request with these files",
     "upload": "the upload",
 }
 
