@@ -113,3 +113,56 @@ def test_unit_longer_than_budget_is_refused(data_dir):
     shard = load_split(data_dir, "train")
     with pytest.raises(ValueError, match="exceeds"):
         Packer(shard, 16, 128, seed=0)
+
+
+def synthetic_shard(lengths, first_id=10):
+    """Sentence i holds `lengths[i]` copies of id `first_id + i` (so a packed sentence says which it is); one
+    document per sentence."""
+    from mlmtrain.prepare import TokenShard
+
+    tokens = np.concatenate([np.full(n, first_id + i, dtype=np.uint16) for i, n in enumerate(lengths)])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return TokenShard(tokens, offsets, np.arange(len(lengths) + 1, dtype=np.int64))
+
+
+def test_each_epoch_is_shuffled_anew_and_holds_every_sentence_once():
+    """Over three epochs of a looping stream, every epoch holds each sentence exactly once (none is dropped where
+    one epoch runs into the next), and the epochs are in different orders."""
+    shard = synthetic_shard([5, 9, 3, 14, 7, 2, 11, 6, 8, 4, 10, 13])
+    packer = Packer(shard, 64, 16, seed=5)
+    order, stream, epochs = [], packer.batches(), 3
+    while len(order) < epochs * shard.num_sentences:
+        order += [s[0] - 10 for s in sentences_of(next(stream))]
+    per_epoch = [order[e * shard.num_sentences : (e + 1) * shard.num_sentences] for e in range(epochs)]
+    for e in per_epoch:
+        assert sorted(e) == list(range(shard.num_sentences))
+    assert len({tuple(e) for e in per_epoch}) == epochs
+
+
+def test_segments_never_exceed_max_seq_len_in_a_partly_filled_batch():
+    """The last batch of a non-looping pass (what validation packs) is mostly [PAD]: its tail is cut into
+    segments of at most max_seq_len, each with positions from 0."""
+    shard = synthetic_shard([5, 6])  # 15 real tokens of 256
+    batch = next(Packer(shard, 256, 16, seed=0, loop=False, static_shapes=False).batches())
+    cu, pos = batch.cu_seqlens.numpy(), batch.position_ids.numpy()
+    assert cu[-1] == 256 and batch.num_real_tokens == 15
+    assert max(np.diff(cu)) <= 16 and pos.max() < 16
+    for a, e in segments(batch):
+        np.testing.assert_array_equal(pos[a:e], np.arange(e - a))
+
+
+def test_a_sentence_longer_than_max_seq_len_is_refused_even_when_the_batch_would_hold_it():
+    shard = synthetic_shard([5, 30])  # 32 tokens with [CLS] and [SEP]: over 16, under 256
+    with pytest.raises(ValueError, match="exceeds max_seq_len=16"):
+        Packer(shard, 256, 16, seed=0)
+
+
+def test_never_masked_ids_are_not_counted_as_maskable():
+    """num_maskable_tokens (the FLOPs/MFU figures' masked count) leaves out the leading specials and any
+    never-mask id past them."""
+    from mlmtrain.tokenizer import SpecialTokens
+
+    shard = synthetic_shard([4, 3, 5])  # ids 10 (x4), 11 (x3), 12 (x5)
+    specials = SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4, never_mask=((0, 4), (11, 11)))  # 11 never masked
+    batch = next(Packer(shard, 64, 16, seed=0, loop=False, specials=specials).batches())
+    assert batch.num_maskable_tokens == 4 + 5

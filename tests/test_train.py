@@ -111,6 +111,29 @@ def test_bf16_autocast_runs_on_cpu(data_dir, tokenizer_dir, tmp_path):
     assert summary["precision"] == "bf16" and all(np.isfinite(x) for _, x in summary["losses"])
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_learning_rate_warms_up_then_decays_to_its_floor(schedule):
+    """lr_at: linear warmup to lr over warmup_steps, then the schedule's decay to min_lr_ratio * lr at max_steps."""
+    from mlmtrain.train import lr_at
+
+    sets = {"optim.lr": 1e-3, "optim.warmup_steps": 10, "train.max_steps": 110, "optim.schedule": schedule}
+    cfg = load_config(None, {**sets, "optim.min_lr_ratio": 0.1})
+    assert [lr_at(s, cfg) for s in (0, 4, 9)] == pytest.approx([1e-4, 5e-4, 1e-3])
+    middle = 1e-4 + 9e-4 * 0.5  # half-way through the decay, linear and cosine agree: 0.55 * lr
+    quarter = 1e-4 + 9e-4 * (0.75 if schedule == "linear" else 0.5 * (1 + np.cos(np.pi / 4)))
+    assert lr_at(35, cfg) == pytest.approx(quarter) and lr_at(60, cfg) == pytest.approx(middle)
+    assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(500, cfg) == pytest.approx(1e-4)
+
+
+def test_a_step_that_masks_nothing_is_no_bad_step(data_dir, tokenizer_dir, tmp_path):
+    """A step with no masked token (tiny batches, a tiny mask_prob) has loss 0 over 0 targets: counted as 1
+    target, not 0/0, so it is no non-finite step to skip."""
+    cfg = tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"mask.mask_prob": 1e-6, "train.max_steps": 2})
+    summary = train(cfg)
+    assert summary["exit_code"] == 0 and summary["bad_steps"] == 0
+    assert [loss for _, loss in losses(tmp_path / "run")] == [0.0, 0.0]
+
+
 def test_metrics_and_checkpoint_outputs(data_dir, tokenizer_dir, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 4, "train.eval_every": 2}))
@@ -145,6 +168,10 @@ def test_resume_refuses_other_model_or_data(data_dir, tokenizer_dir, tmp_path):
     train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 1}))
     with pytest.raises(UserError, match="hidden_size"):
         train(tiny_config(data_dir, tokenizer_dir, run, **{"model.size": "mini"}), resume="auto", change_max_steps=True)
+    with pytest.raises(UserError, match="data.layout is 'rows' here but 'flat'"):  # other batches and masks
+        train(
+            tiny_config(data_dir, tokenizer_dir, run, **{"data.layout": "rows"}), resume="auto", change_max_steps=True
+        )
     other = equal_length_shard(data_dir, tokenizer_dir, tmp_path / "other")
     with pytest.raises(UserError, match="data shards differ"):
         train(
