@@ -154,6 +154,18 @@ def test_verify_catches_a_model_that_differs(exported, tmp_path):
         verify_export(broken, [WIDGET])
 
 
+def test_verify_catches_a_tokenizer_transformers_reads_otherwise(exported, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(exported, broken)
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config.update(do_lower_case=True, strip_accents=True)  # transformers would split Hangul into jamo
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="AutoTokenizer splits .* but tokenizer.json gives"):
+        verify_export(broken, [WIDGET])
+
+
 def test_an_export_that_fails_verification_never_replaces_a_good_one(trained_run, tokenizer_dir, tmp_path, monkeypatch):
     import mlmtrain.export
 

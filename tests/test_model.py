@@ -186,6 +186,18 @@ def test_forward_padded_equals_transformers():
     assert torch.allclose(ours[real], theirs[real], atol=ATOL[torch.float32], rtol=0), report(ours[real], theirs[real])
 
 
+def test_every_padded_row_has_a_key_even_for_an_empty_segment():
+    """The padded reference gives each empty segment one dummy key: an all-masked softmax row is NaN on some
+    backends (torch's CPU SDPA returns 0 there, so the gradient test below cannot see its absence)."""
+    from mlmtrain.attention import packed_layout
+
+    cu_seqlens = torch.tensor([0, 4, 4, 5, 5, 17, 17, 17], dtype=torch.int32)
+    gather_index, key_mask, scatter_index = packed_layout(cu_seqlens, 12, 17)  # (S, L), (S, L), (T,)
+    assert key_mask.shape == (7, 12) and key_mask.any(dim=1).all()
+    assert key_mask.sum(dim=1).tolist() == [4, 1, 1, 1, 12, 1, 1]  # real keys, or the one dummy
+    assert sorted(scatter_index.tolist()) == scatter_index.tolist() and scatter_index.unique().numel() == 17
+
+
 def test_gradients_equal_transformers_and_are_finite_with_empty_segments():
     gen = torch.Generator().manual_seed(5)
     model = BertForMaskedLM(odd_config())

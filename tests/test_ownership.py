@@ -123,6 +123,30 @@ def test_folders_from_before_markers_are_recognised_only_by_their_exact_files(ma
     assert snapshot(data) == before
 
 
+def test_a_run_folder_from_before_markers_is_ours_only_while_it_holds_nothing_else(tmp_path):
+    from mlmtrain.run_folder import RUN_LAYOUT
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({k: {} for k in ("model", "data", "optim", "train")}))
+    (run / "metrics.jsonl").write_text("")
+    assert files.folder_state(run, RUN_LAYOUT)[0] == "mine"
+    (run / "notes.txt").write_text("the user's")
+    assert files.folder_state(run, RUN_LAYOUT)[0] == "foreign"
+
+
+def test_a_file_is_replaced_all_at_once(tmp_path):
+    """write_bytes renames a finished temporary into place: a reader that opened the file before reads the old
+    file whole, never a mix, and no temporary is left."""
+    path = tmp_path / "state.json"
+    path.write_bytes(b"old " * 4096)
+    with open(path, "rb") as reader:
+        assert reader.read(4) == b"old "
+        files.write_bytes(path, b"new")
+        assert reader.read() == b"old " * 4095
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
 def test_demo_force_deletes_only_a_demo_holding_nothing_else(made, tmp_path):
     from mlmtrain.demo import demo_layout
 
