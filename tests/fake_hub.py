@@ -14,7 +14,7 @@ It speaks only the subset of the Hub's HTTP API that `huggingface_hub` (0.30 to 
     POST /api/models/{ns}/{name}/discussions          open a pull request (the >=1.x xet upload path)
     GET  /api/models/{ns}/{name}/discussions          list them (`?type=`, `?status=`, `?author=`; one page)
     GET  /api/models/{ns}/{name}/discussions/{num}    its details
-    POST /api/models/{ns}/{name}/paths-info/{rev}     files at a revision: size, git blob oid (no LFS here)
+    POST /api/models/{ns}/{name}/paths-info/{rev}     files at a revision: size, git blob oid, `*.safetensors` as LFS
     GET  /api/whoami-v2                               who the token belongs to and its role
     GET  /api/agent-harnesses                         a registry >=2.x fetches for its user agent (empty)
 
@@ -101,6 +101,14 @@ class FakeHub:
     def fail_next(self, route: str, status: int, times: int = 1) -> None:
         """Answer the next `times` requests to `route` (e.g. "preupload", "create") with `status`."""
         self._failures.setdefault(route, []).extend([status] * times)
+
+    def open_pr(self, repo_id: str, author: str, title: str = "", status: str = "draft") -> int:
+        """A new pull request on `repo_id`, its ref starting at main's head; returns its number."""
+        repo = self.repos[repo_id]
+        repo.prs.append({"author": author, "title": title, "status": status})
+        ref = f"refs/pr/{len(repo.prs)}"
+        repo.refs[ref], repo.heads[ref] = dict(repo.refs["main"]), repo.heads["main"]
+        return len(repo.prs)
 
     def set_pr_status(self, repo_id: str, num: int, status: str) -> None:
         self.repos[repo_id].prs[num - 1]["status"] = status
@@ -285,7 +293,7 @@ def _make_handler(hub: FakeHub):
             create_pr = req.query.get("create_pr") == ["1"]
             pr_url = None
             if create_pr:  # the commit itself opens the pull request
-                num = _open(repo, token.user, header["summary"], "open")
+                num = hub.open_pr(repo_id, token.user, header["summary"], "open")
                 revision = f"refs/pr/{num}"
                 pr_url = f"{hub.endpoint}/{repo_id}/discussions/{num}"
             if revision not in repo.refs:
@@ -318,7 +326,7 @@ def _make_handler(hub: FakeHub):
             token = self._writer(req, repo_id)
             if token is None:
                 return
-            num = _open(hub.repos[repo_id], token.user, json.loads(req.body or b"{}").get("title", ""), "draft")
+            num = hub.open_pr(repo_id, token.user, json.loads(req.body or b"{}").get("title", ""))
             self._send(200, {"num": num, "url": f"{hub.endpoint}/{repo_id}/discussions/{num}"})
 
         def _list_prs(self, req: Request, repo_id: str):
@@ -350,9 +358,7 @@ def _make_handler(hub: FakeHub):
             if files is None:
                 return self._error(404, "Invalid rev id", "RevisionNotFound")
             paths = parse_qs(req.body.decode())["paths"]
-            found = [{"type": "file", "path": p, "size": len(files[p]), "oid": git_blob_oid(files[p])} for p in paths
-                     if p in files]  # fmt: skip
-            self._send(200, found)
+            self._send(200, [_path_info(p, files[p]) for p in paths if p in files])
 
         def _pr_details(self, req: Request, repo_id: str, num: str):
             self._send(
@@ -393,12 +399,14 @@ _ROUTES = [  # (method, regex on the raw path, handler name)
 ]
 
 
-def _open(repo: Repo, author: str, title: str, status: str) -> int:
-    """A new pull request on `repo`, its ref starting at main's head; returns its number."""
-    repo.prs.append({"author": author, "title": title, "status": status})
-    ref = f"refs/pr/{len(repo.prs)}"
-    repo.refs[ref], repo.heads[ref] = dict(repo.refs["main"]), repo.heads["main"]
-    return len(repo.prs)
+def _path_info(path: str, data: bytes) -> dict:
+    """paths-info's entry for a file; `*.safetensors` as the Hub stores them, in LFS (its git blob is the pointer)."""
+    if not path.endswith(".safetensors"):
+        return {"type": "file", "path": path, "size": len(data), "oid": git_blob_oid(data)}
+    sha256 = hashlib.sha256(data).hexdigest()
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n".encode()
+    lfs = {"oid": sha256, "size": len(data), "pointerSize": len(pointer)}
+    return {"type": "file", "path": path, "size": len(data), "oid": git_blob_oid(pointer), "lfs": lfs}
 
 
 def _route(method: str, path: str):

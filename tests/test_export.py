@@ -450,22 +450,25 @@ def test_the_card_says_which_step_an_earlier_evaluation_was_at():
     assert "1,200 masked tokens, the evaluation at step 5):" in lines[0]
 
 
-def test_a_tokenizer_replaced_while_export_reads_it_is_not_exported(trained_run, tokenizer_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["model", "files"])  # while the model loads (after the tokenizer checks), or later
+def test_a_tokenizer_replaced_while_export_reads_it_is_not_exported(
+    when, trained_run, tokenizer_dir, tmp_path, monkeypatch
+):
     """An export whose files come from two tokenizers (or from one the model was not trained with) would load and
-    decode garbage: the fingerprint is taken before the tokenizer is read and again before the export is kept."""
+    decode garbage: the fingerprint is taken before the tokenizer is read (and checked) and again before the export
+    is kept."""
     from test_prepare import replaced_tokenizer
 
     from mlmtrain import export
 
     run_dir, _ = trained_run
     tok, replace = replaced_tokenizer(tokenizer_dir, tmp_path)
-    read_config = export.read_tokenizer_config
-
-    def replaced_meanwhile(folder):
-        replace()
-        return read_config(folder)
-
-    monkeypatch.setattr(export, "read_tokenizer_config", replaced_meanwhile)
+    if when == "model":
+        load = BertForMaskedLM.load_hf_state_dict
+        monkeypatch.setattr(BertForMaskedLM, "load_hf_state_dict", lambda *a: (replace(), load(*a))[1])
+    else:
+        read_config = export.read_tokenizer_config
+        monkeypatch.setattr(export, "read_tokenizer_config", lambda folder: (replace(), read_config(folder))[1])
     with pytest.raises(UserError, match=r"changed while `mlmtrain export` read it"):
         export_folder(run_dir, tok, tmp_path / "export", verify=False)
     assert not (tmp_path / "export").exists()

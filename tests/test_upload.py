@@ -244,6 +244,19 @@ def test_create_pr_again_finds_its_open_pull_request(hub, export_dir, tmp_path):
     assert hub.unknown == []
 
 
+def test_create_pr_when_main_holds_the_export_names_no_pull_request(hub, export_dir, tmp_path):
+    """Every pull request's head holds main's files: with the export on main, an unrelated open pull request of
+    the user's is not "the one with these files", and no commit is made."""
+    hub.add_repo("alice/tiny-bert", owner="alice")
+    args = ("--folder", str(export_dir), "--repo-id", "alice/tiny-bert")
+    assert upload(tmp_path, *args, endpoint=hub.endpoint).returncode == 0
+    hub.open_pr("alice/tiny-bert", "alice", "an unrelated change")
+    again = upload(tmp_path, *args, "--create-pr", endpoint=hub.endpoint)
+    assert again.returncode == 0, again.stderr
+    assert len(hub.commits) == 1 and "pull request" not in again.stdout
+    assert "files of the export are on alice/tiny-bert" in again.stdout
+
+
 @pytest.mark.skipif(
     __import__("huggingface_hub").__version__.startswith("0."),
     reason="huggingface_hub < 1.0 does not retry the pre-upload call",

@@ -380,6 +380,7 @@ class Trained:
     run_config: dict  # its config.json
     state: dict  # its state.json
     tokenizer_dir: Path  # the folder passed, else the one its run trained with
+    tokenizer_fingerprint: str  # of tokenizer_dir, taken before it was read (`check_unchanged` compares it later)
 
 
 def read_trained(path: str | Path, tokenizer_dir=None) -> Trained:
@@ -387,17 +388,18 @@ def read_trained(path: str | Path, tokenizer_dir=None) -> Trained:
     vocabulary size or is another tokenizer than the one the run trained with."""
     from mlmtrain.preflight import check_vocab_match
     from mlmtrain.prepare import check_tokenizer_match
-    from mlmtrain.tokenizer_folder import load_tokenizer, read_vocab
+    from mlmtrain.tokenizer_folder import load_tokenizer, read_vocab, tokenizer_fingerprint
 
     ckpt, weights, run_config, state = read_latest(path)  # its warnings on stderr
     config = BertConfig.from_dict(run_config["model"], f"checkpoint {ckpt} is damaged: its config.json")
     tokenizer_dir = Path(tokenizer_dir or run_tokenizer_dir(ckpt, run_config))
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
     load_tokenizer(tokenizer_dir)  # checks the files and the special-token ids
     check_vocab_match(config.vocab_size, len(read_vocab(tokenizer_dir)), f"checkpoint {ckpt}")
     check_tokenizer_match(state.get("tokenizer_fingerprint"), tokenizer_dir, f"checkpoint {ckpt}", shards=False)
     model = BertForMaskedLM(config)
     model.load_hf_state_dict(weights)  # UserError on missing/unexpected keys or wrong shapes
-    return Trained(ckpt, model, run_config, state, tokenizer_dir)
+    return Trained(ckpt, model, run_config, state, tokenizer_dir, fingerprint)
 
 
 def run_tokenizer_dir(ckpt: Path, config: dict) -> str:

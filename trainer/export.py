@@ -40,7 +40,6 @@ from mlmtrain.tokenizer_folder import (
     check_unchanged,
     read_tokenizer_config,
     read_tokenizer_record,
-    tokenizer_fingerprint,
     vocab_bytes,
 )
 
@@ -105,7 +104,7 @@ def export_folder(
     trained = read_trained(checkpoint, tokenizer_dir)
     ckpt, model, state, tokenizer_dir = trained.ckpt, trained.model, trained.state, trained.tokenizer_dir
     run_config, config = trained.run_config, trained.model.config
-    made_with = tokenizer_fingerprint(tokenizer_dir)  # before the files are copied: taken again before it is kept
+    made_with = trained.tokenizer_fingerprint  # before the tokenizer was read: taken again before the export is kept
     if base_model and not (
         state.get("init_from") or ((run_config.get("run") or {}).get("model") or {}).get("init_from")
     ):

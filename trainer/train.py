@@ -9,6 +9,7 @@ Every host-device sync is marked `# sync:`; between log steps the loop issues de
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -178,7 +179,7 @@ class Run:
     """Everything `setup` builds for the loop: where it runs, the model and its optimizer, the data, the masking."""
 
     cfg: RunConfig
-    plan: Plan  # precision, compile, tokens per batch, the segment cap, the model's shape (resolved before setup)
+    plan: Plan  # precision, compile, tokens per batch, segment cap, model shape: resolved before device work
     dir: Path
     device: torch.device
     rank: int
@@ -301,6 +302,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     if pretrained is not None:  # a fresh optimizer and data cursor: only the weights carry over
         pretrained.load_into(model)
         log(f"initialised from {cfg.model.init_from}: {pretrained.describe()}")
+        plan = dataclasses.replace(plan, pretrained=None)  # its weights are the model's now: the Run keeps no copy
     model = model.to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, cursor, tokens_before, own_streams = 0, (0, 0), 0, rank == 0

@@ -5,10 +5,11 @@ every file's size and sha256 recomputed against the manifest, regular files only
 that would be patterns), copy it into a private temporary folder and check the copy again (what is sent is
 what was checked, even if the export changes meanwhile: an editor, an `export --overwrite`), load the copy
 with transformers (`export.verify_export`: the manifest's "verified" is a claim anyone can edit), create the
-repo if missing, create the branch if missing, then one `upload_folder` commit of the copy that sends exactly
-the files `mlmtrain_export.json` lists (never the manifest itself, checkpoints, optimizer states or strays).
-Re-running is safe: the Hub reports which files it already has and unchanged files are skipped, so a second
-run makes no new commit.
+repo if missing, create the branch if missing (`--create-pr`: look for an open pull request of the user's that
+already holds the files), then one `upload_folder` commit of the copy that sends exactly the files
+`mlmtrain_export.json` lists (never the manifest itself, checkpoints, optimizer states or strays). Re-running is
+safe: the Hub reports which files it already has and unchanged files are skipped, so a second run makes no new
+commit, and a second `--create-pr` run opens no second pull request.
 
 Only `huggingface_hub` calls that are stable from 0.30 to 2.x are used (`HfApi.create_repo`,
 `create_branch`, `upload_folder`, `repo_info`, `whoami`, `get_token`, and for `--create-pr`
@@ -29,8 +30,8 @@ import shutil
 import stat
 import sys
 import tempfile
-import types
 from pathlib import Path
+from types import SimpleNamespace
 
 from mlmtrain import __version__
 from mlmtrain.errors import TOKEN_LIKE, UserError, refuse_tokens, require
@@ -259,7 +260,8 @@ def _human(n: int) -> str:
 
 
 def _upload(folder: Path, files: list[str], args, message: str, token: str):
-    """create_repo -> (visibility check) -> create_branch -> upload_folder, each error turned into one sentence."""
+    """create_repo -> (visibility check) -> create_branch -> (--create-pr: an open pull request with these files)
+    -> upload_folder, each error turned into one sentence."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
@@ -281,7 +283,7 @@ def _upload(folder: Path, files: list[str], args, message: str, token: str):
             pr = open_pull_request_with(api, args.repo_id, folder, files)
             if pr is not None:
                 head = api.repo_info(args.repo_id, repo_type="model", revision=pr.git_reference).sha
-                return types.SimpleNamespace(oid=head, pr_url=pr.url, pr_num=pr.num, reused=True)
+                return SimpleNamespace(oid=head, pr_url=pr.url, pr_num=pr.num, reused=True)
         step = "upload"
         return api.upload_folder(
             repo_id=args.repo_id,
@@ -302,27 +304,35 @@ def _upload(folder: Path, files: list[str], args, message: str, token: str):
 
 
 def open_pull_request_with(api, repo_id: str, folder: Path, files: list[str]):
-    """The first open pull request of the token's user on `repo_id` whose head holds every file of the export
-    (`folder`) as it is, or None. LFS files are compared by the sha256 the manifest lists, others by git's blob
-    id; the head may hold other files too (main's)."""
+    """The first open (or draft) pull request of the token's user on `repo_id` whose head holds every file of the
+    export (`folder`) as it is, or None; None too when `main` holds them all (the upload then makes no commit, and
+    any pull request would hold them through main). LFS files are compared by the sha256 the manifest lists,
+    others by git's blob id."""
     user = api.whoami().get("name")
     entries = read_manifest(folder)["files"]
     blob_ids: dict[str, str] = {}
 
-    def holds(remote, name: str) -> bool:
-        if remote is None or getattr(remote, "blob_id", None) is None:  # missing, or a folder of that name
-            return False
-        if remote.lfs is not None:
-            return remote.lfs.sha256 == entries[name]["sha256"]
-        if name not in blob_ids:
-            blob_ids[name] = git_blob_id(folder / name)
-        return remote.blob_id == blob_ids[name]
+    def holds(revision: str) -> bool:
+        heads = {f.path: f for f in api.get_paths_info(repo_id, files, revision=revision)}
+        for name in files:
+            remote = heads.get(name)
+            if remote is None or getattr(remote, "blob_id", None) is None:  # missing, or a folder of that name
+                return False
+            if remote.lfs is not None:
+                if remote.lfs.sha256 != entries[name]["sha256"]:
+                    return False
+                continue
+            if name not in blob_ids:
+                blob_ids[name] = git_blob_id(folder / name)
+            if remote.blob_id != blob_ids[name]:
+                return False
+        return True
 
+    if not user or holds("main"):
+        return None
     for pr in api.get_repo_discussions(repo_id, author=user, discussion_type="pull_request"):
-        if pr.status not in ("open", "draft"):  # the Hub opens an API-made pull request as a draft
-            continue
-        heads = {f.path: f for f in api.get_paths_info(repo_id, files, revision=pr.git_reference)}
-        if all(holds(heads.get(name), name) for name in files):
+        # the Hub opens an API-made pull request as a draft; the author is checked here too, not only by the filter
+        if pr.author == user and pr.status in ("open", "draft") and holds(pr.git_reference):
             return pr
     return None
 
