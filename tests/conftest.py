@@ -6,6 +6,7 @@ before triton is first imported: hence the environment variable here, at collect
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -96,6 +97,37 @@ requires_triton = pytest.mark.skipif(
 # where the kernels run compiled and the interpreter is off
 CPU_RUNS_TRITON = triton_runs_on(torch.device("cpu"))
 requires_cpu_triton = pytest.mark.skipif(not CPU_RUNS_TRITON, reason=f"no Triton on the CPU: {INTERPRETER_PROBLEM}")
+
+
+@pytest.fixture(scope="session")
+def clean_export(tmp_path_factory, tokenizer_dir):
+    """A valid export folder for the upload tests (upload_env.make_export); copied per test by `export_dir`."""
+    from upload_env import make_export
+
+    return make_export(tmp_path_factory.mktemp("export"), tokenizer_dir)
+
+
+@pytest.fixture
+def export_dir(clean_export, tmp_path) -> Path:
+    """A fresh copy per test, with the strays a run folder collects: none of them may be uploaded."""
+    folder = tmp_path / "export"
+    shutil.copytree(clean_export, folder)
+    (folder / "checkpoints" / "step_00000010").mkdir(parents=True)
+    (folder / "checkpoints" / "step_00000010" / "model.safetensors").write_bytes(b"old weights")
+    (folder / "optimizer.pt").write_bytes(b"optimizer state")
+    (folder / "notes.txt").write_text("stray")
+    return folder
+
+
+@pytest.fixture
+def hub():
+    """A fake Hub (tests/fake_hub.py) that knows alice's write and read tokens, serving for one test."""
+    from fake_hub import FakeHub, Token
+    from upload_env import READ_TOKEN, WRITE_TOKEN
+
+    tokens = {WRITE_TOKEN: Token("alice"), READ_TOKEN: Token("alice", role="read")}
+    with FakeHub(tokens=tokens, orgs={"alice": ["alice-lab"]}) as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)

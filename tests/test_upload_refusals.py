@@ -1,0 +1,247 @@
+"""`mlmtrain upload` refusing what it must not send: broken or unverified folders, tokens in the wrong place,
+files that are not plain, a folder that changes while it is read, an endpoint that is not the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from upload_env import CARD, WRITE_TOKEN, api_requests, assert_clean_error, list_another_file, upload, write_manifest
+
+from mlmtrain.export_check import EXPORT_MANIFEST, check_export_folder
+
+# -- refusing broken folders ----------------------------------------------------------------------
+
+
+def _rewrite_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+BREAKAGES = {  # name -> (how to break the folder, whether to refresh the manifest after, expected problem)
+    "no_weights": (lambda f: (f / "model.safetensors").unlink(), False, "model.safetensors is missing"),
+    "no_card": (lambda f: (f / "README.md").unlink(), False, "README.md is missing"),
+    "no_tokenizer": (lambda f: (f / "tokenizer.json").unlink(), False, "tokenizer.json is missing"),
+    "no_manifest": (lambda f: (f / EXPORT_MANIFEST).unlink(), False, "mlmtrain_export.json is missing"),
+    "edited_after_export": (lambda f: (f / "README.md").write_text(CARD + "edit\n"), False, "changed after export"),
+    "edited_same_size": (lambda f: (f / "README.md").write_text(CARD.replace("tiny", "tinY")), False, "sha256"),
+    "vocab_mismatch": (
+        lambda f: _rewrite_config(f, vocab_size=json.loads((f / "config.json").read_text())["vocab_size"] + 1),
+        True,
+        "vocab_size is",
+    ),
+    "weights_do_not_match_config": (
+        lambda f: _rewrite_config(f, intermediate_size=48),
+        True,
+        "intermediate.dense.weight has shape (32, 16), config.json implies (48, 16)",
+    ),
+    "truncated_weights": (
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-100]),
+        True,
+        "model.safetensors is unreadable",
+    ),
+    "card_without_header": (lambda f: (f / "README.md").write_text("# model\n"), True, "no YAML header"),
+    "card_not_utf8": (lambda f: (f / "README.md").write_bytes(CARD.encode("cp949")), True, "is not UTF-8 text"),
+    "vocab_not_utf8": (lambda f: (f / "vocab.txt").write_bytes(b"\xff\xfe[PAD]\n"), True, "vocab.txt is not UTF-8"),
+    "weights_header_not_a_table": (
+        lambda f: (f / "model.safetensors").write_bytes(len(b"[1, 2]").to_bytes(8, "little") + b"[1, 2]"),
+        True,
+        "its header is not a table of tensors",
+    ),
+    "card_without_pipeline_tag": (
+        lambda f: (f / "README.md").write_text(CARD.replace("pipeline_tag: fill-mask\n", "")),
+        True,
+        "lacks pipeline_tag",
+    ),
+    "vocab_files_disagree": (
+        lambda f: (f / "vocab.txt").write_text(
+            "\n".join(reversed((f / "vocab.txt").read_text(encoding="utf-8").splitlines())) + "\n", encoding="utf-8"
+        ),
+        True,
+        "disagree",
+    ),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
+def test_check_export_folder_names_the_problem(breakage, export_dir):
+    assert check_export_folder(export_dir) == []
+    break_it, refresh_manifest, expected = BREAKAGES[breakage]
+    break_it(export_dir)
+    if refresh_manifest:  # a folder that is consistent with its manifest but wrong inside
+        write_manifest(export_dir)
+    problems = check_export_folder(export_dir)
+    assert any(expected in p for p in problems), problems
+
+
+def test_broken_or_unverified_folder_is_refused_and_nothing_sent(hub, export_dir, tmp_path):
+    write_manifest(export_dir, verified=False)
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "not a complete, verified export", "nothing was sent")
+    assert "not verified" in result.stderr
+    _rewrite_config(export_dir, vocab_size=7)
+    (export_dir / "README.md").unlink()
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "not a complete, verified export")
+    assert "README.md is missing" in result.stderr and "config.json is" in result.stderr
+    run = tmp_path / "run"  # not an export at all (a run folder, say): one sentence, not a list of every file
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    result = upload(tmp_path, "--folder", str(run), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "is not an export of `mlmtrain export`", "export a checkpoint first")
+    assert "\n  - " not in result.stderr
+    assert hub.requests == []
+
+
+# -- what the upload does not take on trust ---------------------------------------------------------
+
+
+def test_a_token_pasted_in_the_wrong_place_is_never_echoed(export_dir, tmp_path):
+    unreachable = "http://127.0.0.1:9"  # nothing may be sent anyway
+    base = ["--folder", str(export_dir), "--repo-id", "alice/tiny-bert"]
+    cases = [
+        ([*base, "--token-file", WRITE_TOKEN], "looks like the token itself"),
+        ([*base, WRITE_TOKEN], "unrecognized arguments: hf_***"),  # a stray positional: argparse's own error
+        # what goes into the repo's public history: refused before anything is sent (tests/test_export.py:
+        # the same for what an export writes into the card)
+        (["--folder", str(export_dir), "--repo-id", WRITE_TOKEN], "looks like a Hugging Face token"),
+        ([*base, "--commit-message", f"release {WRITE_TOKEN}", "--dry-run"], "looks like a Hugging Face token"),
+        ([*base, "--revision", WRITE_TOKEN], "looks like a Hugging Face token"),
+    ]
+    for args, phrase in cases:
+        result = upload(tmp_path, *args, endpoint=unreachable, token=None)
+        assert result.returncode == 2 and phrase in result.stderr, result.stderr
+        assert WRITE_TOKEN not in result.stdout + result.stderr and "Traceback" not in result.stderr
+
+
+def test_only_regular_files_with_plain_names_are_sent(hub, export_dir, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(export_dir / "model.safetensors", outside)
+    (export_dir / "model.safetensors").symlink_to(outside)
+    write_manifest(export_dir)  # consistent with what the link points to
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "not a complete, verified export", "nothing was sent")
+    assert "model.safetensors is a symbolic link" in result.stderr
+
+    (export_dir / "model.safetensors").unlink()
+    shutil.move(outside, export_dir / "model.safetensors")
+    list_another_file(export_dir, "*.json", b"{}")  # as a pattern, it would select every JSON file
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "not a complete, verified export")
+    assert "a name with wildcard characters" in result.stderr
+    assert api_requests(hub) == []
+
+
+def test_verified_is_checked_again_not_taken_from_the_manifest(hub, export_dir, tmp_path):
+    """A folder edited after its export, its manifest rewritten to match and to say "verified": the files and
+    shapes are consistent, but transformers no longer computes what we do, so nothing is sent."""
+    _rewrite_config(export_dir, hidden_act="relu")
+    write_manifest(export_dir, verified=True)
+    assert check_export_folder(export_dir) == []
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "does not pass verification with transformers again", "nothing was sent")
+    assert "logits differ" in result.stderr and api_requests(hub) == []
+
+
+EDITED_DURING_THE_UPLOAD = """
+import pathlib, sys
+import mlmtrain.export as export
+
+real = export.verify_export
+
+
+def verify_then_edit(folder, texts, **kw):  # the user's folder changes once the checks have passed
+    report = real(folder, texts, **kw)
+    original = pathlib.Path(sys.argv[sys.argv.index("--folder") + 1])
+    with open(original / "README.md", "a", encoding="utf-8") as f:
+        f.write("edited during the upload")
+    return report
+
+
+export.verify_export = verify_then_edit
+from mlmtrain.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_what_is_sent_is_what_was_checked_even_if_the_folder_changes(hub, export_dir, tmp_path):
+    card = (export_dir / "README.md").read_bytes()
+    args = ["--folder", str(export_dir), "--repo-id", "alice/tiny-bert"]
+    (tmp_path / "tmp").mkdir()
+    tmpdir = str(tmp_path / "tmp")
+    result = upload(tmp_path, *args, endpoint=hub.endpoint, code=EDITED_DURING_THE_UPLOAD, TMPDIR=tmpdir)
+    assert result.returncode == 0, result.stderr
+    assert b"edited during the upload" in (export_dir / "README.md").read_bytes()
+    assert hub.files("alice/tiny-bert")["README.md"] == card  # the checked copy, not the edited file
+    assert not any(name.startswith("mlmtrain_upload_") for name in os.listdir(tmpdir))  # the copy is gone
+
+
+def test_refused_before_sending(hub, export_dir, tmp_path):
+    """An export made for another repo, a token file with characters no token has, a manifest that lists a file
+    `mlmtrain export` does not write: one sentence each, nothing sent, no token shown."""
+    manifest = json.loads((export_dir / EXPORT_MANIFEST).read_text())
+    (export_dir / EXPORT_MANIFEST).write_text(json.dumps({**manifest, "name": "alice/other-name"}))
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "was exported for alice/other-name", "--name alice/tiny-bert")
+    (export_dir / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+
+    token_file = tmp_path / "token"
+    token_file.write_text("\ufeff" + WRITE_TOKEN + "\n", encoding="utf-8")  # a Windows editor's byte-order mark
+    args = ["--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--token-file", str(token_file)]
+    assert upload(tmp_path, *args, "--dry-run", endpoint=hub.endpoint, token=None).returncode == 0
+    token_file.write_text(WRITE_TOKEN + "\x00", encoding="utf-8")
+    result = upload(tmp_path, *args, endpoint=hub.endpoint, token=None)
+    assert_clean_error(result, "holds characters a token cannot have")
+    assert WRITE_TOKEN not in result.stdout + result.stderr
+
+    list_another_file(export_dir, "id_rsa", b"private key")
+    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    assert_clean_error(result, "not a complete, verified export")
+    assert "lists 'id_rsa', which `mlmtrain export` does not write" in result.stderr
+    assert api_requests(hub) == []
+
+
+def test_an_endpoint_that_does_not_answer_as_the_hub_is_one_sentence(export_dir, tmp_path):
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class EmptyJson(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), EmptyJson)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=endpoint)
+    finally:
+        server.shutdown()
+    assert_clean_error(result, "did not answer as the Hugging Face Hub does", "check HF_ENDPOINT")
+
+
+def test_verification_leaves_the_hubs_progress_bars_as_they_were(export_dir):
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    from mlmtrain.export import verify_export
+
+    disable_progress_bars()  # as the upload does for a log file or --quiet
+    try:
+        verify_export(export_dir, ["[MASK]"])
+        assert are_progress_bars_disabled()
+    finally:
+        enable_progress_bars()
