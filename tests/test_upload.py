@@ -92,8 +92,7 @@ def test_create_pr(hub, export_dir, tmp_path):
 
 
 def test_create_pr_again_finds_its_open_pull_request(hub, export_dir, tmp_path):
-    """A re-run (a lost reply, a script's retry) opens no second pull request with the same files; a changed,
-    closed or other user's pull request is no reason not to open one."""
+    """A re-run (a lost reply, a script's retry) opens no second pull request with the same files."""
     hub.add_repo("alice/tiny-bert", owner="alice", files={"README.md": b"old card"})
     args = ("--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--create-pr")
     first = upload(tmp_path, *args, endpoint=hub.endpoint)
@@ -103,28 +102,37 @@ def test_create_pr_again_finds_its_open_pull_request(hub, export_dir, tmp_path):
     assert "already in your open pull request #1 against alice/tiny-bert's main; no new one was opened" in again.stdout
     assert "/discussions/1" in again.stdout
     assert f"commit: {hub.repos['alice/tiny-bert'].heads['refs/pr/1']}" in again.stdout
-
-    hub.repos["alice/tiny-bert"].refs["refs/pr/1"]["config.json"] = b"{}"  # its head no longer holds the export
-    assert upload(tmp_path, *args, endpoint=hub.endpoint).returncode == 0
-    hub.set_pr_status("alice/tiny-bert", 2, "closed")
-    assert upload(tmp_path, *args, endpoint=hub.endpoint).returncode == 0
-    hub.repos["alice/tiny-bert"].prs[2]["author"] = "bob"
-    assert upload(tmp_path, *args, endpoint=hub.endpoint).returncode == 0
-    assert [c["revision"] for c in hub.commits] == [f"refs/pr/{n}" for n in (1, 2, 3, 4)]
     assert hub.unknown == []
 
 
-def test_create_pr_when_main_holds_the_export_names_no_pull_request(hub, export_dir, tmp_path):
-    """Every pull request's head holds main's files: with the export on main, an unrelated open pull request of
-    the user's is not "the one with these files", and no commit is made."""
-    hub.add_repo("alice/tiny-bert", owner="alice")
-    args = ("--folder", str(export_dir), "--repo-id", "alice/tiny-bert")
-    assert upload(tmp_path, *args, endpoint=hub.endpoint).returncode == 0
-    hub.open_pr("alice/tiny-bert", "alice", "an unrelated change")
-    again = upload(tmp_path, *args, "--create-pr", endpoint=hub.endpoint)
-    assert again.returncode == 0, again.stderr
-    assert len(hub.commits) == 1 and "pull request" not in again.stdout
-    assert "files of the export are on alice/tiny-bert" in again.stdout
+def test_only_an_open_pull_request_of_the_users_holding_every_file_is_taken(hub, export_dir):
+    """What `--create-pr` looks for, asked in-process: not one whose head changed, a closed one, another
+    user's, or any when main already holds the export (every pull request's head holds main's files)."""
+    from huggingface_hub import HfApi
+
+    from mlmtrain.upload import open_pull_request_with
+
+    files = sorted(json.loads((export_dir / "mlmtrain_export.json").read_text())["files"])
+    exported = {name: (export_dir / name).read_bytes() for name in files}
+    hub.add_repo("alice/tiny-bert", owner="alice", files={"README.md": b"old card"})
+    api = HfApi(endpoint=hub.endpoint, token=WRITE_TOKEN)
+
+    def found():
+        pr = open_pull_request_with(api, "alice/tiny-bert", export_dir, files)
+        return pr and pr.num
+
+    assert found() is None
+    for status, author in (("draft", "alice"), ("open", "alice"), ("closed", "alice"), ("open", "bob")):
+        num = hub.open_pr("alice/tiny-bert", author, status=status)
+        hub.repos["alice/tiny-bert"].refs[f"refs/pr/{num}"].update(exported)
+    assert found() == 2  # the newest of alice's open or draft ones (the Hub lists the newest first)
+    hub.repos["alice/tiny-bert"].refs["refs/pr/2"]["config.json"] = b"{}"  # its head no longer holds the export
+    assert found() == 1
+    hub.set_pr_status("alice/tiny-bert", 1, "merged")
+    assert found() is None
+    hub.repos["alice/tiny-bert"].refs["main"].update(exported)
+    hub.open_pr("alice/tiny-bert", "alice")  # holds the export through main
+    assert found() is None and hub.unknown == []
 
 
 @pytest.mark.skipif(
