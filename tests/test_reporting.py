@@ -1,9 +1,11 @@
 """`--report-to`: TensorBoard event files and a W&B run (offline) mirror metrics.jsonl, the resolved config and
-the summary; a missing package is one sentence before any device work; the allocator columns are in every row."""
+the summary; a missing package is one sentence before any device work; the allocator columns are in every row.
+`mlmtrain plot` draws a run's curves."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_train import tiny_config
@@ -75,3 +77,68 @@ def test_a_missing_tracker_package_is_one_sentence_before_device_work(data_dir, 
     assert not (tmp_path / "run").exists()
     with pytest.raises(UserError, match="--report-to takes tensorboard, wandb or none"):
         tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.report_to": "mlflow"})
+
+
+def test_plot_draws_curves(data_dir, tokenizer_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from mlmtrain.cli import main
+
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 3, "train.eval_every": 2}))
+    assert main(["plot", str(run)]) == 0
+    png = (run / "curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert main(["plot", str(tmp_path)]) == 2  # not a run folder: a clear error, no traceback
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    diverged = [json.dumps({**json.loads(r), "loss": None}) if '"loss"' in r else r for r in rows]
+    (run / "metrics.jsonl").write_text("\n".join(diverged) + "\n")  # every window non-finite: still plotted
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 0
+    assert "note: 3 of 3 log windows had a non-finite loss" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    with open(run / "metrics.jsonl", "a") as f:  # a line the run is still writing (or a kill cut short)
+        f.write('{"step": 4, "lo')
+    assert main(["plot", str(run)]) == 0
+    good = (run / "metrics.jsonl").read_bytes()
+    for edit, phrase in (  # an edited file: one sentence naming what is wrong, no traceback
+        (b"\xff\n", "is not UTF-8 text"),
+        (b"[1, 2]\n", "line 6 is not a metrics row with step"),
+        (b'{"step": 9, "loss": 1.0}\n', "line 6 is not a metrics row with step, lr, tokens_per_s"),
+    ):
+        (run / "metrics.jsonl").write_bytes(good.rsplit(b"\n", 1)[0] + b"\n" + edit)
+        capsys.readouterr()
+        assert main(["plot", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert phrase in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_plot_writes_only_the_png_it_says_and_replaces_only_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from cli_run import assert_refused, in_process
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 8.0 - s, "lr": 1e-3, "tokens_per_s": 1000.0} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "notes.png").write_text("my notes, not an image")
+    refusals = {
+        "curves.txt": "is not a .png path",
+        "afile/c.png": "afile is a file, not a folder",
+        "run": "is not a .png path",
+        "notes.png": "exists and is not a PNG image",
+    }
+    for out, phrase in refusals.items():
+        assert_refused(in_process(capsys, "plot", run, "--out", tmp_path / out), phrase)
+    assert (tmp_path / "notes.png").read_text() == "my notes, not an image"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "notes.png", "run"]  # nothing else written
+    out = tmp_path / "new" / "c.png"
+    for _ in range(2):  # a second run replaces the image it wrote
+        done = in_process(capsys, "plot", run, "--out", out)
+        assert done.returncode == 0 and done.stdout.strip() == f"wrote {out}", done.stdout + done.stderr
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c.png"]  # no temporary file left
+    if Path("/proc").is_dir():  # a folder nothing can be created in: one sentence, the token hidden
+        token = "hf_FAKEabcdefghijklmnopqrstuvwxyz1234"
+        line = assert_refused(in_process(capsys, "plot", run, "--out", f"/proc/{token}.png"), "could not write")
+        assert token not in line and "hf_***" in line
