@@ -45,6 +45,32 @@ def test_upload_sends_exactly_the_export_and_is_idempotent(hub, export_dir, tmp_
     assert len(hub.commits) == 1 and f"commit: {oid}" in again.stdout
 
 
+def test_json_output_for_scripts(hub, export_dir, tmp_path):
+    """--json: stdout is one JSON object, for the upload and for its dry run (what would be sent, and what not)."""
+    args = ("--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--json")
+    plan = upload(tmp_path, *args, "--dry-run", endpoint=hub.endpoint)
+    assert plan.returncode == 0, plan.stderr
+    plan = json.loads(plan.stdout)
+    assert plan["schema"] == "mlmtrain.upload/1" and plan["dry_run"] and plan["revision"] == "main"
+    assert plan["files"] == {name: (export_dir / name).stat().st_size for name in sorted(EXPORT_FILES)}
+    assert {"notes.txt", "optimizer.pt", "mlmtrain_export.json"} <= set(plan["not_sent"]) and hub.commits == []
+    assert WRITE_TOKEN not in json.dumps(plan)
+    done = upload(tmp_path, *args, endpoint=hub.endpoint)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result == {
+        "schema": "mlmtrain.upload/1",
+        "dry_run": False,
+        "repo_id": "alice/tiny-bert",
+        "revision": "main",
+        "url": f"{hub.endpoint}/alice/tiny-bert",
+        "pull_request": None,
+        "pull_request_reused": False,
+        "commit": hub.repos["alice/tiny-bert"].heads["main"],
+        "files": sorted(EXPORT_FILES),
+    }
+
+
 def test_upload_private_to_a_new_branch_with_a_message(hub, export_dir, tmp_path):
     result = upload(
         tmp_path,

@@ -262,6 +262,7 @@ def upload_args(p) -> None:
         action="store_true",
         help="print what would be created and uploaded, and the model card header; send nothing",
     )
+    p.add_argument("--json", action="store_true", help="print one JSON object (for scripts) instead of lines")
     p.add_argument("--token", help=argparse.SUPPRESS)  # only to refuse it without echoing it (upload.main)
 
 

@@ -36,7 +36,7 @@ from types import SimpleNamespace
 from mlmtrain import __version__
 from mlmtrain.errors import TOKEN_LIKE, UserError, refuse_tokens, require
 from mlmtrain.export_check import EXPORT_MANIFEST, card_header, check_export_folder, read_manifest
-from mlmtrain.files import MARKER
+from mlmtrain.files import MARKER, json_text
 from mlmtrain.progress import bars_enabled
 
 TOKENS_URL = "https://huggingface.co/settings/tokens"
@@ -91,7 +91,8 @@ def main(args: argparse.Namespace) -> int:
     if args.dry_run:
         with private_copy(folder, files) as copy:
             verify_again(copy, folder)
-        print_plan(folder, files, args, message, source)
+        plan = upload_plan(folder, files, args, message, source)
+        print(json_text(plan, indent=2, ensure_ascii=False) if args.json else plan_text(plan, folder))
         return 0
     if token is None:
         raise UserError(
@@ -116,13 +117,28 @@ def main(args: argparse.Namespace) -> int:
     model_url = f"{constants.ENDPOINT}/{args.repo_id}"
     if args.revision not in (None, "main"):
         model_url += f"/tree/{args.revision}"
-    if getattr(info, "reused", False):
+    pr_url, reused = getattr(info, "pr_url", None), getattr(info, "reused", False)
+    if args.json:  # for scripts: one object on stdout, the same facts as the lines below
+        result = {
+            "schema": "mlmtrain.upload/1",  # a change of any key's meaning changes it
+            "dry_run": False,
+            "repo_id": args.repo_id,
+            "revision": None if pr_url else args.revision or "main",
+            "url": None if pr_url else model_url,
+            "pull_request": pr_url,
+            "pull_request_reused": reused,
+            "commit": info.oid,
+            "files": files,
+        }
+        print(json_text(result, indent=2, ensure_ascii=False))
+        return 0
+    if reused:
         print(f"done: the {len(files)} files of the export are already in your open pull request #{info.pr_num} "
               f"against {args.repo_id}'s main; no new one was opened")  # fmt: skip
-        print(f"pull request: {info.pr_url}")
-    elif getattr(info, "pr_url", None):
+        print(f"pull request: {pr_url}")
+    elif pr_url:
         print(f"done: the {len(files)} files of the export are in a pull request against {args.repo_id}'s main")
-        print(f"pull request: {info.pr_url}")
+        print(f"pull request: {pr_url}")
     else:
         print(f"done: the {len(files)} files of the export are on {args.repo_id}")  # or already were: no commit
         print(f"model:  {model_url}")
@@ -221,35 +237,52 @@ def _check_repo_id(repo_id: str) -> None:
         )
 
 
-def print_plan(folder: Path, files: list[str], args, message: str, token_source: str) -> None:
-    sizes = {name: (folder / name).stat().st_size for name in files}
+def upload_plan(folder: Path, files: list[str], args, message: str, token_source: str) -> dict:
+    """What a run would do (`--dry-run`), as `--json` prints it."""
     strays = sorted(
         str(p.relative_to(folder))
         for p in folder.rglob("*")
-        if p.is_file() and str(p.relative_to(folder)) not in sizes and p.name != MARKER
+        if p.is_file() and str(p.relative_to(folder)) not in files and p.name != MARKER
     )
-    if args.create_pr:
+    return {
+        "schema": "mlmtrain.upload/1",
+        "dry_run": True,
+        "repo_id": args.repo_id,
+        "private": args.private,
+        "revision": None if args.create_pr else args.revision or "main",
+        "create_pr": args.create_pr,
+        "commit_message": message,
+        "token": token_source,  # where it would come from, never the token
+        "files": {name: (folder / name).stat().st_size for name in files},
+        "not_sent": strays,
+    }
+
+
+def plan_text(plan: dict, folder: Path) -> str:
+    """The dry run's plan for a person, with the model card header it would publish."""
+    if plan["create_pr"]:
         revision = "a pull request against main"
-    elif args.revision in (None, "main"):
+    elif plan["revision"] == "main":
         revision = "main"
     else:
-        revision = f"{args.revision} (branch created from main if missing)"
-    print("dry run: nothing is sent")
-    print(f"repo:       {args.repo_id} (model repo, created if missing, {'private' if args.private else 'public'})")
-    print(f"revision:   {revision}")
-    print(f"commit:     {message}")
-    print(f"token:      {token_source}")
-    print("checked:    every file's size and sha256; loaded again with transformers (keys, logits, fill-mask)")
-    print(f"files:      {len(files)}, {_human(sum(sizes.values()))}")
-    for name in files:
-        print(f"  {sizes[name]:>13,}  {name}")
+        revision = f"{plan['revision']} (branch created from main if missing)"
+    sizes, strays = plan["files"], plan["not_sent"]
+    lines = [
+        "dry run: nothing is sent",
+        f"repo:       {plan['repo_id']} (model repo, created if missing, {'private' if plan['private'] else 'public'})",
+        f"revision:   {revision}",
+        f"commit:     {plan['commit_message']}",
+        f"token:      {plan['token']}",
+        "checked:    every file's size and sha256; loaded again with transformers (keys, logits, fill-mask)",
+        f"files:      {len(sizes)}, {_human(sum(sizes.values()))}",
+        *(f"  {size:>13,}  {name}" for name, size in sizes.items()),
+    ]
     if strays:
-        print(f"not sent:   {', '.join(strays[:10])}" + (f" and {len(strays) - 10} more" if len(strays) > 10 else ""))
-    print("model card header:")
-    print("  ---")
-    for line in (card_header(folder / "README.md") or "").splitlines():
-        print(f"  {line}")
-    print("  ---")
+        lines.append(
+            f"not sent:   {', '.join(strays[:10])}" + (f" and {len(strays) - 10} more" if len(strays) > 10 else "")
+        )
+    header = (card_header(folder / "README.md") or "").splitlines()
+    return "\n".join([*lines, "model card header:", "  ---", *(f"  {line}" for line in header), "  ---"])
 
 
 def _human(n: int) -> str:
