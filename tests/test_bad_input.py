@@ -122,6 +122,12 @@ BAD_FLAGS = {  # name -> (extra arguments, what the sentence says)
     "cuda_without_a_gpu": (["--set", "train.device=cuda"], "train.device is cuda but 0 CUDA GPUs are usable"),
     "seed_negative": (["--seed", "-1"], "train.seed must be from 0 to 2**64 - 1, got -1"),
     "tokens_per_batch_huge": (["--tokens-per-batch", "99999999999"], "must be from 0 (auto) to 16,777,216"),
+    "seed_too_large": (["--seed", str(2**64)], "train.seed must be from 0 to 2**64 - 1"),
+    "mask_split_over_1": (
+        ["--set", "mask.mask_frac=0.9", "--set", "mask.random_frac=0.2"],
+        "mask.mask_frac + mask.random_frac",
+    ),
+    "beta_1": (["--set", "optim.betas=[0.9, 1.0]"], "optim.betas"),
 }
 
 

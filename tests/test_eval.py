@@ -208,3 +208,27 @@ def test_non_finite_numbers_are_null_in_every_json_file(tmp_path):
     log.write({"step": 1, "loss": None, "grad_norm": float("nan")})
     log.close()
     assert strict((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "loss": None, "grad_norm": None}
+
+
+def test_perplexity_is_exp_of_the_loss_until_a_float_cannot_hold_it():
+    from mlmtrain.evaluate import perplexity
+
+    assert perplexity(7.5) == pytest.approx(1808.04, rel=1e-5) and perplexity(10.3) == pytest.approx(29732.6, rel=1e-5)
+    assert perplexity(710.0) == float("inf") and perplexity(None) is None and perplexity(float("nan")) != 0
+
+
+def test_the_baseline_scoring_the_valid_split_is_fitted_on_the_train_split(
+    run_and_export, data_dir, capsys, monkeypatch
+):
+    """Fitted on the split it scores, the unigram baseline would be in-sample (too good) while the report says
+    "train split"."""
+    from mlmtrain import evaluate
+
+    run, _ = run_and_export
+    fitted, fit = [], evaluate.unigram_log_probs
+    monkeypatch.setattr(
+        evaluate, "unigram_log_probs", lambda tokens, *a: (fitted.append(len(tokens)), fit(tokens, *a))[1]
+    )
+    report = evaluate_json(capsys, "--model", run, "--data", data_dir, "--max-batches", 1)
+    assert report["unigram_fit"] == "train split"
+    assert fitted == [json.loads((data_dir / "meta.json").read_text())["train"]["tokens"]]

@@ -472,3 +472,17 @@ def test_a_tokenizer_replaced_while_export_reads_it_is_not_exported(
     with pytest.raises(UserError, match=r"changed while `mlmtrain export` read it"):
         export_folder(run_dir, tok, tmp_path / "export", verify=False)
     assert not (tmp_path / "export").exists()
+
+
+def test_the_card_states_the_data_statistics_of_the_shards():
+    from mlmtrain.card import _data_statistics
+
+    meta = {
+        "train": {"documents": 3, "sentences": 40, "tokens": 500, "max_sentence_len": 30},
+        "valid": {"documents": 1, "sentences": 4, "tokens": 60, "max_sentence_len": 20},
+        "max_seq_len": 128, "sentences_split": 2, "lines_skipped": 7, "lines_repaired": 5,
+    }  # fmt: skip
+    text = "\n".join(_data_statistics(meta, 30000))
+    assert "| train | 3 | 40 | 500 | 12.5 (max 30) |" in text and "| valid | 1 | 4 | 60 | 15.0 (max 20) |" in text
+    assert "longer than 126 tokens split into pieces: 2" in text
+    assert "skipped (invalid UTF-8, NUL bytes): 7; repaired (CR endings, byte-order mark): 5." in text

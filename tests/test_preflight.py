@@ -3,6 +3,8 @@ both numbers and the fix (instead of a `device-side assert triggered` on the GPU
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mlmtrain.errors import UserError
@@ -80,3 +82,54 @@ def test_data_against_model_uses_the_packer_bound():
         check_data_against_model(meta, Config, 200)
     with pytest.raises(UserError, match="model has vocab_size 100 but the token shards were made with a vocab of 101"):
         check_data_against_model({**meta, "vocab_size": 101}, Config, 64)
+
+
+def test_shard_checks_hold_at_their_boundaries(tmp_path):
+    """check_shard / check_meta / open_npy refuse, in one sentence, exactly past each limit: an empty sentence
+    (a repeated offset), a sentence one token too long for [CLS] and [SEP], a special id at vocab_size, a file of
+    another dtype of the same width."""
+    import numpy as np
+
+    from mlmtrain.shard_check import check_meta, check_shard, open_npy
+
+    tokens = np.full(12, 7, dtype=np.uint16)
+    counts = {"tokens": 12, "sentences": 3}
+    check_shard(tokens, np.array([0, 4, 8, 12]), np.array([0, 3]), counts, 100, 6, tmp_path)  # 4 = 6 - 2 fits
+    with pytest.raises(UserError, match="it does not increase after position 1"):
+        check_shard(tokens, np.array([0, 4, 4, 12]), np.array([0, 3]), counts, 100, 10, tmp_path)
+    with pytest.raises(UserError, match="a sentence of 5 tokens, where meta.json's max_seq_len 6 leaves room for 4"):
+        check_shard(tokens, np.array([0, 5, 8, 12]), np.array([0, 3]), counts, 100, 6, tmp_path)
+
+    specials = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4, "never_mask": [[0, 4]]}
+    meta = {"vocab_size": 5, "max_seq_len": 3, "max_token_id": 4, "dtype": "uint16", "tokenizer_fingerprint": "f",
+            "train": counts, "special_tokens": specials}  # fmt: skip
+    check_meta(meta, tmp_path / "meta.json", ["train"])
+    for changed, key in (({"mask": 5}, "special_tokens"), ({"never_mask": [[0, 5]]}, "special_tokens")):
+        with pytest.raises(UserError, match=f"{key} missing or wrong"):
+            check_meta({**meta, "special_tokens": {**specials, **changed}}, tmp_path / "meta.json", ["train"])
+    with pytest.raises(UserError, match="max_seq_len missing or wrong"):
+        check_meta({**meta, "max_seq_len": 2}, tmp_path / "meta.json", ["train"])
+
+    np.save(tmp_path / "tokens.npy", np.arange(4, dtype=np.int16))  # as wide as uint16, read as uint16 it lies
+    with pytest.raises(UserError, match="holds int16 of shape"):
+        open_npy(tmp_path / "tokens.npy", np.dtype(np.uint16))
+
+
+def test_the_fingerprint_covers_which_tokens_are_special(tokenizer_dir, tmp_path):
+    """The same vocab.txt and normalizer with one more token marked special masks differently: another
+    fingerprint, so shards or a checkpoint made with one are refused with the other."""
+    import json
+    import shutil
+
+    from mlmtrain.tokenizer_folder import read_special_tokens, tokenizer_fingerprint
+
+    other = tmp_path / "other"
+    shutil.copytree(tokenizer_dir, other)
+    spec = json.loads((other / "tokenizer.json").read_text(encoding="utf-8"))
+    word = next(w for w, i in spec["model"]["vocab"].items() if i == 10)
+    flags = dict(single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    spec["added_tokens"].append({"id": 10, "content": word, **flags})
+    (other / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    assert (other / "vocab.txt").read_bytes() == (Path(tokenizer_dir) / "vocab.txt").read_bytes()
+    assert 10 in read_special_tokens(other).never_mask_ids()
+    assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer_dir)

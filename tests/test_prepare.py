@@ -441,3 +441,12 @@ def test_a_tokenizer_replaced_while_prepare_reads_it_leaves_no_shards(
     with pytest.raises(UserError, match=r"changed while `mlmtrain prepare` read it .* nothing was written"):
         prepare([sample_corpus], tok, tmp_path / "data", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "tok"]
+
+
+def test_a_long_sentence_is_cut_into_the_fewest_near_equal_pieces():
+    from mlmtrain.prepare import split_long
+
+    for n, max_len, pieces in ((10, 10, 1), (20, 10, 2), (21, 10, 3), (126, 126, 1), (252, 126, 2), (253, 126, 3)):
+        parts = split_long(list(range(n)), max_len)
+        assert len(parts) == pieces and sum(parts, []) == list(range(n)), (n, max_len)
+        assert max(map(len, parts)) <= max_len and max(map(len, parts)) - min(map(len, parts)) <= 1

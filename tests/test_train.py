@@ -370,6 +370,26 @@ def test_nothing_we_load_unpickles():
     assert not offenders, offenders
 
 
+def test_a_window_with_skipped_steps_averages_the_good_ones_and_names_the_bad():
+    """Steps 11-16 in windows of 3: the loss is the mean over the window's finite steps, the non-finite ones are
+    named by their step, and the streak counts consecutive ones only (a good step resets it)."""
+    from types import SimpleNamespace
+
+    from mlmtrain.metrics import WindowStats
+
+    window = WindowStats(torch.device("cpu"), 3, 1, 0.0, SimpleNamespace(wait_s=0.0))
+    windows = []
+    for step, (loss, bad) in enumerate([(2.0, False), (9.0, True), (4.0, False), (9.0, True), (1.0, False)], 11):
+        window.add_batch(SimpleNamespace(num_real_tokens=100, num_segments=4), 1.0)
+        window.add_step(torch.tensor(loss), torch.tensor(bad), torch.tensor(1.0))
+        if step in (13, 15):
+            windows += window.close(step, 1e-3, step == 15)
+    first, second = windows
+    assert first.row["loss"] == 3.0 and first.bad_steps == [12] and first.row["bad_steps"] == 1
+    assert second.row["loss"] == 1.0 and second.bad_steps == [14]
+    assert first.max_bad_streak == second.max_bad_streak == 1  # never two in a row
+
+
 def test_a_log_window_is_timed_until_the_device_has_run_it(monkeypatch):
     """The host runs ahead of the device (by whole steps with CUDA graphs): a window's clock stops only once its
     numbers are read, i.e. once the device has run every step of it, or the work still queued would count in no
