@@ -450,3 +450,25 @@ def test_a_long_sentence_is_cut_into_the_fewest_near_equal_pieces():
         parts = split_long(list(range(n)), max_len)
         assert len(parts) == pieces and sum(parts, []) == list(range(n)), (n, max_len)
         assert max(map(len, parts)) <= max_len and max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_a_line_that_tokenizes_to_nothing_is_counted(tmp_path, tokenizer_dir):
+    (tmp_path / "c.txt").write_text("첫 문장이다.\n\x07\x07\nSecond sentence here.\n", encoding="utf-8")
+    meta = run(tmp_path / "c.txt", tokenizer_dir, tmp_path / "d", valid_fraction=0.0)
+    assert meta["lines_empty_after_tokenizing"] == 1 and meta["train"]["sentences"] == 2
+
+
+def test_a_document_split_across_the_splits_is_never_joined_over_its_gap(tmp_path):
+    """A document's 64-sentence units go to train or valid one by one: two units of one document that are not
+    neighbours in a split are two documents there (document packing must not join text across the gap)."""
+    import numpy as np
+
+    from mlmtrain.prepare import _SplitWriter
+
+    writer = _SplitWriter(tmp_path / "train", np.uint16, unk_id=1)
+    piece = [np.array([7, 8, 9], dtype=np.uint16)]
+    for doc, index in ((0, 0), (0, 1), (0, 3), (1, 0)):  # unit 2 of document 0 went to the other split
+        writer.add_unit(doc, index, piece)
+    counts = writer.close()
+    assert counts["documents"] == 3 and counts["sentences"] == 4
+    assert np.load(tmp_path / "train" / "doc_offsets.npy").tolist() == [0, 2, 3, 4]
