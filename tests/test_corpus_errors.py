@@ -253,3 +253,15 @@ def test_blank_pieces_of_a_long_line_are_no_document_break(tmp_path, tokenizer_d
     meta, want = shards([tmp_path / "c.txt"], tokenizer_dir, tmp_path / "c", block_bytes=1000)
     assert meta["train"]["documents"] == 2 and meta["input_lines"] == 5
     assert shards([jsonl(tmp_path / "c.jsonl", blank)], tokenizer_dir, tmp_path / "e", block_bytes=1000)[1] == want
+
+
+def test_a_row_under_a_million_characters_but_over_1_mib_is_cut_like_a_text_line():
+    """Rows (jsonl, parquet, datasets) are cut by the text file's rule, in UTF-8 bytes: 400,000 Hangul
+    syllables are 1.2 MB, so cut, though under LONG_LINE_BYTES characters."""
+    from mlmtrain.text import LONG_LINE_BYTES, _cut_long_lines
+
+    row = "가" * 400_000
+    stats = {"long_line_cuts": 0, "input_lines": 0}
+    pieces = _cut_long_lines([row], stats)
+    assert len(pieces) == 2 and "".join(pieces) == row and stats["long_line_cuts"] == 1
+    assert all(len(p.encode()) <= LONG_LINE_BYTES for p in pieces)
