@@ -372,3 +372,13 @@ def test_a_folder_saved_by_transformers_5_has_no_vocab_txt_and_reads_the_same(tm
     (folder / "tokenizer.json").unlink()
     with pytest.raises(UserError, match="tokenizer.json is missing .make one with `mlmtrain tokenizer`"):
         read_vocab(folder)
+
+
+def test_strip_accents_null_follows_the_lowercasing_as_bert_normalizer_does():
+    """bert-base-uncased's tokenizer_config says strip_accents null: it strips, because it lowercases; a cased
+    one with null keeps accents. The casing check compares these effective flags."""
+    from mlmtrain.tokenizer_folder import _casing
+
+    assert _casing(True, None, True) == (True, True, True)
+    assert _casing(False, None, True) == (False, False, True)
+    assert _casing(True, False, False) == (True, False, False)
