@@ -12,7 +12,7 @@ from bert_folders import make_bert_folder, swapped_tokenizer
 from test_train import tiny_config
 
 from mlmtrain import cli
-from mlmtrain.evaluate import never_masked, unigram_cross_entropy, unigram_log_probs
+from mlmtrain.evaluate import never_masked, unigram_cross_entropy, unigram_entropy, unigram_log_probs
 from mlmtrain.text import sample_corpus_path
 from mlmtrain.train import train
 
@@ -158,6 +158,11 @@ def test_one_unigram_baseline_for_the_card_the_demo_and_eval():
     logp = unigram_log_probs(train_tokens, vocab_size, never_masked(specials, vocab_size))  # what eval scores with
     assert np.isneginf(logp[~maskable]).all() and np.exp(logp[maskable]).sum() == pytest.approx(1.0)
     assert -logp[scored].mean() == pytest.approx(expected, rel=1e-12)
+    # the entropy the demo prints beside it counts the same tokens: the blocked ids, a later block included, are
+    # left out (it once left out only the leading five)
+    counts = np.bincount(train_tokens, minlength=vocab_size)[maskable]
+    q = counts[counts > 0] / counts.sum()
+    assert unigram_entropy(train_tokens, vocab_size, specials) == pytest.approx(-(q * np.log(q)).sum(), rel=1e-12)
 
 
 def test_what_is_not_scored_is_said_and_nothing_masked_is_no_score(

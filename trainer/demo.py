@@ -42,7 +42,7 @@ def main(args) -> int:
     from mlmtrain.prepare import load_split, prepare, shard_specials
     from mlmtrain.run_folder import RunLock
     from mlmtrain.text import sample_corpus_path
-    from mlmtrain.tokenizer import NUM_SPECIAL, TokenizerSettings, train_tokenizer
+    from mlmtrain.tokenizer import TokenizerSettings, train_tokenizer
     from mlmtrain.train import train
 
     out = Path(args.out)
@@ -101,7 +101,7 @@ def main(args) -> int:
         progress=not progress.quiet(),
     )
     train_tokens = np.asarray(load_split(out / "data", "train").tokens)
-    entropy = unigram_entropy(train_tokens, NUM_SPECIAL)
+    entropy = unigram_entropy(train_tokens, meta["vocab_size"], shard_specials(meta))
     valid_tokens = np.asarray(load_split(out / "data", "valid").tokens)
     baseline = unigram_cross_entropy(train_tokens, valid_tokens, meta["vocab_size"], shard_specials(meta))
     print(

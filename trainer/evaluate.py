@@ -138,9 +138,11 @@ def unigram_log_probs(tokens: np.ndarray, size: int, blocked: np.ndarray) -> np.
     return logp
 
 
-def unigram_entropy(tokens: np.ndarray, num_special: int) -> float:
-    """Entropy in nats of the token distribution (specials excluded)."""
-    counts = np.bincount(tokens.astype(np.int64))[num_special:].astype(np.float64)
+def unigram_entropy(tokens: np.ndarray, vocab_size: int, specials) -> float:
+    """Entropy in nats of the distribution of the tokens the masker could select (`never_masked` left out, as in
+    `unigram_cross_entropy`)."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+    counts = counts[~never_masked(specials, vocab_size)].astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
