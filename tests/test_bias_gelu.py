@@ -194,3 +194,15 @@ def test_benchmark_times_every_launch_and_credits_each_pass_its_bytes():
     summary = rows[-1]
     assert summary["kind"] == "summary" and summary["fwd_fastest_launch"].startswith("triton kernels fwd")
     assert summary["bwd_fraction_of_copy"] > 0
+
+
+def test_reference_adds_a_bf16_bias_in_fp32():
+    """The reference adds the bias in fp32 whatever its dtype, as the kernels do: a bf16 bias added to bf16 x in
+    bf16 would round the sum once more (the exactness tests pair bf16 x with an fp32 bias, which promotes)."""
+    import torch.nn.functional as F
+
+    from mlmtrain.kernels.bias_gelu import bias_gelu_reference
+
+    g = torch.Generator().manual_seed(0)
+    x, bias = torch.randn(64, 200, generator=g).bfloat16(), torch.randn(200, generator=g).bfloat16()
+    assert torch.equal(bias_gelu_reference(x, bias), F.gelu(x.float() + bias.float()).bfloat16())

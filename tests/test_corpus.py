@@ -193,3 +193,63 @@ def test_tokenizer_trains_on_rows(tmp_path, sample_corpus):
     assert rc == 0 and (tmp_path / "tok" / "vocab.txt").is_file()
     with pytest.raises(UserError, match="pass either"):
         prepare(Corpus(files=[path], dataset="x"), tmp_path / "tok", tmp_path / "d")
+
+
+def _doc_rows(n=30, per_doc=3):
+    return [{"text": f"sentence number {i} of document {i // per_doc}", "doc": i // per_doc} for i in range(n)]
+
+
+def _lines(corpus, block_bytes):
+    from mlmtrain.text import iter_line_batches
+
+    return [line for part, _ in iter_line_batches(corpus, {}, block_bytes=block_bytes) for line in part]
+
+
+def test_a_jsonl_file_with_a_doc_column_gives_the_lines_of_the_same_text_file(tmp_path):
+    """A jsonl file with a document column gives the lines of the same text as a file (a blank line between
+    documents, none before the first), and meta.json's input_lines counts the same."""
+    import json
+
+    from mlmtrain.text import Corpus, iter_line_batches
+
+    rows = _doc_rows()
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    breaks = [i > 0 and r["doc"] != rows[i - 1]["doc"] for i, r in enumerate(rows)]
+    text = "".join(("\n" if brk else "") + r["text"] + "\n" for brk, r in zip(breaks, rows))
+    (tmp_path / "c.txt").write_text(text, encoding="utf-8")
+    stats_rows, stats_text = {}, {}
+    got = [x for part, _ in iter_line_batches(Corpus(files=[tmp_path / "c.jsonl"], doc_column="doc"), stats_rows)
+           for x in part]  # fmt: skip
+    want = [x for part, _ in iter_line_batches([tmp_path / "c.txt"], stats_text) for x in part]
+    assert got == want and stats_rows["input_lines"] == stats_text["input_lines"]
+
+
+def test_a_dataset_doc_change_at_a_batch_boundary_is_a_document_break(tmp_path):
+    """A `datasets` dataset's document change that falls between two read batches is a break all the same."""
+    import json
+
+    pytest.importorskip("datasets")
+    from mlmtrain.text import Corpus
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _doc_rows()), encoding="utf-8")
+    corpus = Corpus(dataset=str(tmp_path / "ds"), doc_column="doc")
+    whole = _lines(corpus, 1 << 20)
+    assert whole.count("") == 10
+    assert _lines(corpus, 30) == whole  # every row a batch of its own
+
+
+def test_each_of_two_data_files_of_a_dataset_ends_a_document(tmp_path):
+    """A dataset folder of two data files ends a document between them, as the same files given to --input do."""
+    import json
+
+    pytest.importorskip("datasets")
+    from mlmtrain.text import Corpus
+
+    rows = [{"text": f"sentence number {i}"} for i in range(10)]
+    (tmp_path / "ds").mkdir()
+    for k, part in enumerate((rows[:4], rows[4:])):
+        (tmp_path / "ds" / f"part{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    lines = _lines(Corpus(dataset=str(tmp_path / "ds")), 1 << 20)
+    assert [x for x in lines if x] == [r["text"] for r in rows]
+    assert lines[4] == "" and lines[:4] == [r["text"] for r in rows[:4]]

@@ -419,3 +419,26 @@ def test_cuda_large_batches_match_reference_without_sync_or_recompiles():
     # at most one new compiled variant per (kernel, whole-word on/off): new step values never recompile
     variants = _compiled_variants(mm._mask_count_kernel) + _compiled_variants(mm._mask_apply_kernel)
     assert variants - variants_before <= 4
+
+
+@requires_triton
+def test_kernel_matches_reference_whole_word_with_ids_outside_the_vocab():
+    """Kernel == reference for any word-start table, ids outside the vocab included: such an id starts a word in
+    both (the reference once took it through the table, as id 0, where the kernel takes it as a start). With a
+    table from `word_start_table` the two agree either way, id 0 being [PAD], a start; a table without that
+    shows the contract."""
+    from mlmtrain.kernels.mlm_mask import mlm_mask
+
+    V = 69
+    g = torch.Generator().manual_seed(5)
+    starts = torch.rand(2048, generator=g) < 0.2
+    ids = torch.where(starts, torch.randint(5, 40, (2048,), generator=g), torch.randint(40, V, (2048,), generator=g))
+    ids[::9] = V + 3  # outside the vocab, before continuation pieces
+    ids[4::13] = -1
+    ids = ids.to(torch.int32).to(DEVICE)
+    table = torch.arange(V) < 40
+    table[0] = False  # else an id outside the vocab, read as id 0, is a start through the table anyway
+    kw = dict(vocab_size=V, mask_id=4, seed=99, step=3, word_start=table.to(DEVICE), mask_prob=0.5)
+    a, b = mlm_mask(ids, backend="triton", **kw), mlm_mask(ids, backend="torch", **kw)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)

@@ -245,3 +245,24 @@ def test_bench_packing_measures_the_loop_beside_each_packer(data_dir):
         row = loop_cost(data_dir, "rows", where, tokens_per_batch=2048, steps=3, launches=20, device_ms=1.0)
         assert row["packer"] == where and 0 < row["loop_ms_median"] <= row["loop_ms_max"]
         assert os.sched_getaffinity(0) == cpus  # the loop's CPUs are given back
+
+
+def test_the_thread_runs_at_most_depth_items_ahead():
+    """The producer thread runs at most `depth` items ahead of the consumer (plus the one it holds): the packer
+    never holds an epoch's batches in memory."""
+    import time
+
+    from mlmtrain.prefetch import Prefetcher
+
+    made = []
+
+    def items():
+        for i in range(100):
+            made.append(i)
+            yield i
+
+    with Prefetcher(items(), depth=3) as ahead:
+        assert ahead.get() == 0
+        time.sleep(0.5)
+        assert len(made) <= 1 + 3 + 1  # the one handed out, `depth` queued, one waiting to be put
+        assert list(ahead) == list(range(1, 100))

@@ -13,6 +13,7 @@ from test_train import tiny_config
 from mlmtrain import profiling
 from mlmtrain.config import TrainSpec
 from mlmtrain.errors import UserError
+from mlmtrain.idle_gaps import idle_gaps
 from mlmtrain.profiling import PHASES, StepProfiler, kernel_categories, kernel_category, phase_times
 from mlmtrain.train import train
 
@@ -379,3 +380,89 @@ def test_profile_steps_are_plain_a_colon_b(spec):
     with pytest.raises(UserError, match="--profile-steps"):
         profile_range(spec)
     assert profile_range("0:2") == (0, 2) and profile_range("") is None
+
+
+def _gaps(events):
+    from mlmtrain.profiling import kernel_categories
+
+    return kernel_categories({"traceEvents": events})["idle_gaps"]
+
+
+def test_a_gap_of_exactly_min_gap_us_counts():
+    """A gap of exactly MIN_GAP_US counts (the documented ">= 50 us")."""
+    events = [
+        _x("user_annotation", "ProfilerStep#0", 0, 1000, tid=1),
+        _x("user_annotation", "forward", 0, 1000, tid=1),
+        _x("kernel", "k", 100, 100, stream=7),
+        _x("kernel", "k", 250, 100, stream=7),  # idle 200..250: exactly 50 us
+    ]
+    gaps = _gaps(events)
+    assert gaps["count"] == 1 and gaps["ms"] == pytest.approx(0.050)
+
+
+def test_kernels_inside_a_longer_one_on_another_stream_make_no_gap():
+    """Short kernels inside a long one on another stream (NCCL beside compute) leave no gap: the busy interval ends
+    where the longest kernel so far ends."""
+    events = [
+        _x("user_annotation", "ProfilerStep#0", 0, 1000, tid=1),
+        _x("user_annotation", "forward", 0, 1000, tid=1),
+        _x("kernel", "ncclDevKernel_AllReduce_Sum_f32_RING_LL", 0, 1000, stream=20),
+        _x("kernel", "k", 100, 10, stream=7),
+        _x("kernel", "k", 300, 10, stream=7),
+        _x("kernel", "k", 600, 10, stream=7),
+    ]
+    gaps = _gaps(events)
+    assert gaps["count"] == 0 and gaps["ms"] == 0
+
+
+def test_a_launch_within_the_slack_before_the_gap_is_host_late():
+    """A launch a few microseconds before the device went idle (within SLACK_US, the clocks' skew) is the host
+    coming late, not a wait on the device."""
+    events = [
+        _x("user_annotation", "ProfilerStep#0", 0, 1000, tid=1),
+        _x("user_annotation", "forward", 0, 1000, tid=1),
+        _x("kernel", "k", 0, 100, stream=7),  # the device goes idle at 100
+        _x("cuda_runtime", "cudaLaunchKernel", 95, 3, tid=1, correlation=1),  # 5 us before: clock skew
+        _x("kernel", "k", 200, 50, stream=7, correlation=1),
+    ]
+    (cause,) = _gaps(events)["top"]
+    assert cause["kind"] == "host late"
+
+
+def test_host_waiting_counts_only_the_part_of_a_call_inside_the_traced_steps():
+    """A runtime call that straddles the traced step's edges counts only its part inside the step as waiting."""
+    steps = [_x("user_annotation", "ProfilerStep#0", 0, 1000, tid=1)]
+    events = [
+        *steps,
+        _x("cuda_runtime", "cudaStreamSynchronize", 900, 300, tid=1),  # 100 us inside, 200 after the step
+        _x("cuda_runtime", "cudaMemcpyAsync", -50, 100, tid=1),  # 50 us inside, 50 before
+        _x("cuda_runtime", "cudaFree", 400, 40, tid=1),  # wholly inside
+    ]
+    device = [_x("kernel", "k", 0, 10, stream=7)]
+    host = idle_gaps(events, device, steps, PHASES)["host"]
+    assert host == {"step_ms": pytest.approx(1.0), "waiting_ms": pytest.approx(0.190)}
+
+
+def test_busy_time_counts_partly_overlapping_kernels_once():
+    """Two streams' kernels that partly overlap are busy time once: busy_ms and idle are the union's."""
+    from mlmtrain.profiling import kernel_categories
+
+    events = [
+        _x("user_annotation", "ProfilerStep#0", 0, 1000, tid=1),
+        _x("user_annotation", "forward", 0, 1000, tid=1),
+        _x("kernel", "nvjet_tst_128x256", 0, 600, stream=7),
+        _x("kernel", "ncclDevKernel_AllReduce", 400, 600, stream=20),  # overlaps 400..600
+    ]
+    report = kernel_categories({"traceEvents": events})
+    assert report["busy_ms"] == pytest.approx(1.0) and report["categories"]["idle"]["ms"] == pytest.approx(0.0)
+
+
+def test_a_window_from_step_0_names_no_evaluation_after_step_0(tmp_path):
+    """A profile window from step 0 names no evaluation or save "after step 0": none runs before the first step."""
+    from mlmtrain.config import TrainSpec
+    from mlmtrain.profiling import start_profiler
+
+    logged = []
+    spec = TrainSpec(profile_steps="0:2", max_steps=9, eval_every=3, checkpoint_every=4)
+    start_profiler(spec, 0, tmp_path, torch.device("cpu"), 0, 1, logged.append).close()
+    assert not any("after step 0" in line for line in logged), logged

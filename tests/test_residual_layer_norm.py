@@ -456,3 +456,30 @@ def test_benchmark_runs_and_credits_every_row_the_same_bytes():
     assert any(r["name"].startswith("triton kernels ") for r in timed)  # the sweep's tiles
     assert all(r["bytes"] == logical_bytes(16, 40, 2, 0.1) for r in timed)
     assert rows[-1]["kind"] == "summary" and rows[-1]["speedup_vs_torch_eager"] > 0
+
+
+@requires_triton
+def test_an_element_at_the_dropout_threshold_is_kept_by_kernel_and_reference():
+    """An element whose 16 random bits equal the threshold (1 in 65,536; drop iff bits < round(p * 2^16)) is kept
+    by both: seed 20 puts one at row 7, column 61 for p = 0.3 (threshold 19,661), which p one step higher drops."""
+    from mlmtrain.kernels.residual_layer_norm import (
+        dropout_keep_mask,
+        residual_layer_norm,
+        residual_layer_norm_reference,
+    )
+
+    N, C, p = 8, 256, 0.3
+    seed = torch.tensor([20], dtype=torch.int64, device=DEVICE)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C, generator=g).to(DEVICE).requires_grad_()
+    residual, weight, bias = (
+        torch.randn(N, C, generator=g).to(DEVICE),
+        1 + torch.randn(C, generator=g).to(DEVICE),
+        torch.randn(C, generator=g).to(DEVICE),
+    )
+    keep = dropout_keep_mask(seed, N, C, p)
+    assert keep[7, 61] and not dropout_keep_mask(seed, N, C, 19662 / 65536)[7, 61]  # its bits are the threshold
+    y = residual_layer_norm(x, residual, weight, bias, 1e-12, p, seed, backend="triton")
+    (dx,) = torch.autograd.grad(y, x, torch.randn(N, C, generator=g).to(DEVICE))
+    assert torch.equal(dx != 0, keep)  # the kernel's own mask, read back from where its gradient is zero
+    torch.testing.assert_close(y, residual_layer_norm_reference(x, residual, weight, bias, 1e-12, p, seed))

@@ -397,3 +397,33 @@ def test_rows_resume_is_bit_exact_and_another_layout_is_refused(data_dir, tokeni
     assert losses(run) == straight["losses"], "the resumed rows run diverged"
     with pytest.raises(UserError, match="data.layout is .flat. here but .rows. in the checkpoint.s run"):
         train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 5}), resume="auto", change_max_steps=True)
+
+
+@requires_triton
+def test_a_linear_with_a_forward_pre_hook_runs_its_hook_under_the_triton_kernels():
+    """A Linear carrying a forward pre-hook (torch.nn.utils.prune's mask, a quantizer's) is called as itself on the
+    Triton path, never as F.linear on its raw weight: the hook runs."""
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from mlmtrain.fast_paths import FastPaths, bias_then_gelu
+
+    torch.manual_seed(0)
+    dense, x = nn.Linear(16, 32), torch.randn(5, 16)
+    dense.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    got = bias_then_gelu(x, dense, FastPaths(fused_ops="triton"))
+    torch.testing.assert_close(got, F.gelu(dense(x)))
+
+
+def test_compute_residual_path_returns_the_promoted_dtype():
+    """The compute-dtype residual path hands on the promoted dtype of the dense output and the residual, as the
+    Triton path (`residual_layer_norm`) does: bf16 + fp32 gives fp32."""
+    import torch.nn as nn
+
+    from mlmtrain.fast_paths import FastPaths, post_ln_residual
+
+    torch.manual_seed(0)
+    dense, norm, dropout = nn.Linear(8, 8).bfloat16(), nn.LayerNorm(8), nn.Dropout(0.0)
+    h, residual = torch.randn(3, 8).bfloat16(), torch.randn(3, 8)
+    y, _ = post_ln_residual(h, dense, residual, dropout, norm, FastPaths(residual_dtype="compute"))
+    assert y.dtype == torch.float32

@@ -312,3 +312,87 @@ def test_dry_run_prints_the_plan_and_sends_nothing(hub, export_dir, tmp_path):
         assert f"{(export_dir / name).stat().st_size:,}  {name}" in out
     assert "optimizer.pt" in out.split("not sent:")[1].splitlines()[0]  # strays listed as not sent
     assert "pipeline_tag: fill-mask" in out and 'mask_token: "[MASK]"' in out
+
+
+class _StubHub:
+    """Just what `upload.open_pull_request_with` asks: whoami, get_paths_info (per revision), get_repo_discussions
+    (which, unlike the fake Hub, may ignore its author filter, as a proxy or another Hub version may)."""
+
+    def __init__(self, heads, prs):
+        self.heads, self.prs = heads, prs
+
+    def whoami(self):
+        return {"name": "alice"}
+
+    def get_paths_info(self, repo_id, paths, revision):
+        return [f for f in self.heads.get(revision, []) if f.path in paths]
+
+    def get_repo_discussions(self, repo_id, author=None, discussion_type=None):
+        return iter(self.prs)
+
+
+def _export_with_lfs_weights(folder):
+    import hashlib
+    import json
+
+    from mlmtrain.upload import git_blob_id
+
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text("{}")
+    files = {n: {"size": (folder / n).stat().st_size, "sha256": hashlib.sha256((folder / n).read_bytes()).hexdigest()}
+             for n in ("model.safetensors", "config.json")}  # fmt: skip
+    (folder / "mlmtrain_export.json").write_text(json.dumps({"files": files}))
+
+    def head(weights_sha256):
+        from types import SimpleNamespace as NS
+
+        return [NS(path="model.safetensors", blob_id="b1", lfs=NS(sha256=weights_sha256)),
+                NS(path="config.json", blob_id=git_blob_id(folder / "config.json"), lfs=None)]  # fmt: skip
+
+    return sorted(files), files["model.safetensors"]["sha256"], head
+
+
+def _pr(num, author, status="draft"):
+    from types import SimpleNamespace as NS
+
+    return NS(num=num, author=author, status=status, git_reference=f"refs/pr/{num}", url=f"https://hub/pr/{num}")
+
+
+def test_a_pull_request_with_other_lfs_weights_is_not_reused(tmp_path):
+    """A pull request whose head holds other weights (the LFS file's sha256 differs, its pointer's blob id says
+    nothing) is not reused: a re-run of `--create-pr` after a new export sends the new weights."""
+    from mlmtrain.upload import open_pull_request_with
+
+    files, sha, head = _export_with_lfs_weights(tmp_path / "export")
+    assert open_pull_request_with(_StubHub({"refs/pr/1": head(sha)}, [_pr(1, "alice")]), "a/b", tmp_path / "export",
+                                  files).num == 1  # fmt: skip
+    stale = _StubHub({"refs/pr/1": head("0" * 64)}, [_pr(1, "alice")])
+    assert open_pull_request_with(stale, "a/b", tmp_path / "export", files) is None
+
+
+def test_another_users_pull_request_is_not_reused_even_if_listed(tmp_path):
+    """Another user's pull request is never reused, even from a listing that ignores the author filter (a proxy,
+    another Hub version)."""
+    from mlmtrain.upload import open_pull_request_with
+
+    files, sha, head = _export_with_lfs_weights(tmp_path / "export")
+    hub = _StubHub({"refs/pr/4": head(sha)}, [_pr(4, "bob", "open")])
+    assert open_pull_request_with(hub, "a/b", tmp_path / "export", files) is None
+
+
+def test_the_dry_run_lists_the_strays_and_not_the_folders_marker(export_dir):
+    """The dry run's "not sent" (text and --json) lists the strays beside the export, not the folder's own marker."""
+    import json
+    from types import SimpleNamespace
+
+    from mlmtrain.files import MARKER
+    from mlmtrain.upload import upload_plan
+
+    if not (export_dir / MARKER).exists():
+        (export_dir / MARKER).write_text("{}")
+    files = sorted(json.loads((export_dir / "mlmtrain_export.json").read_text())["files"])
+    args = SimpleNamespace(repo_id="alice/tiny-bert", private=False, revision=None, create_pr=False)
+    plan = upload_plan(export_dir, files, args, "message", "none found")
+    assert MARKER not in plan["not_sent"]
+    assert {"optimizer.pt", "notes.txt", "checkpoints/step_00000010/model.safetensors"} <= set(plan["not_sent"])

@@ -245,3 +245,17 @@ def test_verification_leaves_the_hubs_progress_bars_as_they_were(export_dir):
         assert are_progress_bars_disabled()
     finally:
         enable_progress_bars()
+
+
+@pytest.mark.parametrize(
+    "extra, phrase",
+    [(["--repo-id", "alice/tiny--bert"], "is not NAME/REPO"),
+     (["--repo-id", "alice/tiny-bert", "--revision", "dev.lock"], "is not a branch name")],
+)  # fmt: skip
+def test_names_git_or_the_hub_refuse_are_refused_before_anything(extra, phrase, export_dir, capsys):
+    """A branch name git refuses (ending in .lock) and a repo id the Hub refuses ("--") are refused before the
+    copy and the transformers check, in one sentence of ours."""
+    from mlmtrain.cli import main
+
+    assert main(["upload", "--folder", str(export_dir), *extra]) == 2
+    assert phrase in capsys.readouterr().err
