@@ -289,15 +289,16 @@ def run(
     last = next((r for r in reversed(rows) if "error" not in r), None)  # the row the fp8 rows build on
     fp8_rows = [bench.row("ablation", name, {**base, **added}, **common) for name, added in FP8]
     rows += fp8_rows
-    pick = fastest([r for r in (last, *fp8_rows) if r is not None])
-    base = pick["options"] if pick else base
+    built_on = fastest([r for r in (last, *fp8_rows) if r is not None])  # the measured row `base` comes from
+    base = built_on["options"] if built_on else base
     for name, added in (ASYNC_READS, PACKER_PROCESS):  # host-side: each on the row before it
         row = bench.row("ablation", name, {**base, **added}, **common)
         rows.append(row)
-        base = row["options"] if "error" not in row else base
+        if "error" not in row:
+            built_on, base = row, row["options"]
     kernel = bench.row("ablation", KERNEL_ATTENTION[0], {**base, **KERNEL_ATTENTION[1]}, **common)
     rows.append(kernel)
-    pick = fastest([r for r in (row, kernel) if "error" not in r])
+    pick = fastest([r for r in (built_on, kernel) if r is not None])  # against the row it built on, not a refused one
     base = pick["options"] if pick else base
     rows.append(bench.row("ablation", DROPOUT_OFF[0], {**base, **DROPOUT_OFF[1]}, **common))
 

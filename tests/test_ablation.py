@@ -5,6 +5,8 @@ layout, and the report's idle gaps."""
 from __future__ import annotations
 
 import json
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -272,3 +274,171 @@ def test_the_report_lists_the_idle_gaps_of_the_traced_steps():
     assert "Idle gaps of >= 50 us, fastest (+CUDA graphs): 5.50 ms per step in 12.0 gaps" in md
     assert "- 3.25 ms (1.0 per step): host late in data, cudaMemcpyAsync from aten::copy_" in md
     assert "the loop's thread: 90.00 ms per step, 70.00 ms of it in long runtime calls" in md
+
+
+def _cheap_ablation(monkeypatch, tmp_path, **kwargs):
+    """An Ablation with no data and no evaluator: rows that run fail at once (steps_for_tokens patched by the test)."""
+    from mlmtrain.benchmarks import bench_ablation, recipe
+
+    monkeypatch.setattr(recipe, "valid_batches", lambda *args, **kw: [])
+    data = SimpleNamespace(data_dirs={128: tmp_path}, tokenizer_dir=tmp_path, valid_lines=[], vocab_size=100)
+    args = dict(device="cpu", compile=False, log_every=1, deadline=None, reuse=[], command="x") | kwargs
+    return bench_ablation.Ablation(tmp_path, data, **args)
+
+
+COMMON = dict(size="tiny", tokens_per_batch=256, cap=128, target_tokens=1000)
+
+
+def _measured_row(name, options):
+    return {"benchmark": "ablation", "name": name, "size": "tiny", "tokens_per_batch": 256, "seq_cap": 128,
+            "options": options, "seed": 0, "target_tokens": 1000, "log_every": 1,
+            "tokens_per_s": {"overall": 1.0}}  # fmt: skip
+
+
+def test_steps_for_tokens_packs_as_the_rows_trainer_will(monkeypatch):
+    """A row's step count comes from the packer its trainer will run: sentence packing at seq 128 (document
+    packing only above it), and the RowPacker when the row's options set data.layout = rows; another packer
+    fills its batches otherwise, and the rows would stop at different real tokens."""
+    from mlmtrain import packing, prepare
+    from mlmtrain.benchmarks.bench_ablation import steps_for_tokens
+
+    seen = []
+
+    def fake(kind):
+        class Batches:
+            def __init__(self, split, tokens_per_batch, cap, seed, pack):
+                seen.append((kind, cap, pack))
+
+            def batches(self):
+                while True:
+                    yield SimpleNamespace(num_real_tokens=100)
+
+        return Batches
+
+    monkeypatch.setattr(packing, "Packer", fake("flat"))
+    monkeypatch.setattr(packing, "RowPacker", fake("rows"))
+    monkeypatch.setattr(prepare, "load_split", lambda *args: None)
+    steps_for_tokens("data", 128, 128, {}, 1000)
+    steps_for_tokens("data", 512, 512, {}, 1000)
+    steps_for_tokens("data", 128, 128, {"data.layout": "rows"}, 1000)
+    assert seen == [("flat", 128, "sentence"), ("flat", 512, "document"), ("rows", 128, "sentence")]
+
+
+def test_merge_reuses_a_row_only_with_the_same_options(tmp_path, monkeypatch):
+    """--merge copies an earlier row only where everything that sets its speed is the same, its options too: a
+    row whose base changed since (a row before it remeasured, another one now the fastest) is measured again."""
+    from mlmtrain.benchmarks import bench_ablation
+
+    def measured(*args, **kwargs):
+        raise RuntimeError("measured now")
+
+    monkeypatch.setattr(bench_ablation, "steps_for_tokens", measured)
+    earlier = _measured_row("+async log reads", {"train.async_log_reads": True})
+    bench = _cheap_ablation(monkeypatch, tmp_path, reuse=[earlier])
+    assert bench.row("ablation", "+async log reads", {"train.async_log_reads": True}, **COMMON)["reused_from"]
+    moved = bench.row("ablation", "+async log reads", {"data.layout": "rows", "train.async_log_reads": True}, **COMMON)
+    assert "reused_from" not in moved and moved["error"] == "RuntimeError: measured now"
+
+
+def test_skip_keeps_a_row_an_earlier_call_measured(tmp_path, monkeypatch):
+    """--skip leaves a row to a later call; a row an earlier call already measured is kept as measured, not
+    replaced by a "skipped" line (the merged report would lose a GPU measurement)."""
+    from mlmtrain.benchmarks.bench_ablation import SKIPPED_BY_FLAG
+
+    earlier = _measured_row("dropout off", {"model.dropout": 0.0})
+    bench = _cheap_ablation(monkeypatch, tmp_path, reuse=[earlier], skip={"dropout off"})
+    kept = bench.row("ablation", "dropout off", {"model.dropout": 0.0}, **COMMON)
+    assert kept["reused_from"] and kept["tokens_per_s"] == {"overall": 1.0}
+    assert bench.row("ablation", "dropout off", {"model.dropout": 0.1}, **COMMON)["error"] == SKIPPED_BY_FLAG
+
+
+def test_a_row_is_skipped_when_the_longest_row_so_far_would_end_past_the_deadline(tmp_path, monkeypatch):
+    """A row starts only if the longest row so far would still end before --time-limit's deadline: a short row
+    after a long one does not make the next look short, and a row is not started just because time is left."""
+    from mlmtrain.benchmarks import bench_ablation
+    from mlmtrain.benchmarks.bench_ablation import SKIPPED
+
+    ran = []
+
+    def long_then_short(*args, **kwargs):
+        time.sleep(1.0 if not ran else 0.0)
+        ran.append(1)
+        raise RuntimeError("refused")
+
+    monkeypatch.setattr(bench_ablation, "steps_for_tokens", long_then_short)
+    bench = _cheap_ablation(monkeypatch, tmp_path)
+    bench.row("ablation", "today", {}, **COMMON)  # 1 s
+    bench.row("ablation", "+row attention", {"data.layout": "rows"}, **COMMON)  # ~0 s
+    bench.deadline = time.monotonic() + 0.5  # time left, but less than the longest row took
+    row = bench.row("ablation", "+bf16 residual", {"model.residual_dtype": "compute"}, **COMMON)
+    assert row["error"] == SKIPPED and len(ran) == 2
+
+
+def _plan(monkeypatch, tmp_path, speed, errors=(), curve_target_tokens=0):
+    """bench_ablation.run with made-up rows: {(benchmark, name): options} in the order asked."""
+    from mlmtrain.benchmarks import bench_ablation
+
+    def fake_row(self, benchmark, name, options, **kw):
+        if (benchmark, name) in errors or name in errors:
+            return {"benchmark": benchmark, "name": name, "options": options, "error": "refused"}
+        rate = speed.get((benchmark, name), speed.get(name, 1))
+        return {"benchmark": benchmark, "name": name, "options": options, "tokens_per_s": {"overall": rate}}
+
+    def bare_init(self, *args, **kwargs):
+        self.done, self.on_row = [], lambda rows: None
+
+    monkeypatch.setattr(bench_ablation.Ablation, "__init__", bare_init)
+    monkeypatch.setattr(bench_ablation.Ablation, "_row", fake_row)
+    common = dict(size="base", tokens_per_batch=1, target_tokens=1, device="cpu", compile=False, log_every=1)
+    large = dict(large_size="large", large_tokens_per_batch=1, large_target_tokens=1)
+    rows = bench_ablation.run(tmp_path, None, **common, **large, curve_target_tokens=curve_target_tokens)
+    return {(r["benchmark"], r["name"]): r["options"] for r in rows}
+
+
+def test_a_refused_row_is_not_built_on_and_slower_fp8_rows_are_not_picked(tmp_path, monkeypatch):
+    """A chained row that cannot run (CUDA graphs refused) adds nothing to the rows after it: the fp8 rows build
+    on the last row that ran, and when every fp8 row is slower than that row, the host-side rows build on it,
+    not on the fastest fp8 row."""
+    speed = {"today": 100, "+row attention": 130, "+bf16 residual": 135, "+fused kernels": 140,
+             "+fp8 tensorwise": 120, "+fp8 rowwise": 110, "+fp8 tensorwise, torch ops": 125,
+             "+fp8 rowwise, bf16 weight grads, torch ops": 115}  # fmt: skip
+    rows = _plan(monkeypatch, tmp_path, speed, errors={"+CUDA graphs"})
+    fused = {"data.layout": "rows", "model.residual_dtype": "compute", "model.fused_ops": "triton"}
+    assert rows[("ablation", "+CUDA graphs")] == {**fused, "train.cuda_graphs": True}
+    assert rows[("ablation", "+fp8 tensorwise")] == {**fused, "train.fp8": "tensorwise"}
+    assert rows[("ablation", "+async log reads")] == {**fused, "train.async_log_reads": True}
+
+
+def test_the_large_models_fp8_row_builds_on_the_fastest_candidate_not_on_todays_defaults(tmp_path, monkeypatch):
+    """At seq 512 the fp8 row adds the fastest fp8 row's options to the fastest candidate configuration (the
+    fastest base configuration, or it on the flat layout), even where today's defaults ran faster there."""
+    speed = {"today": 100, "+row attention": 130, "+bf16 residual": 135, "+fp8 tensorwise": 90, ("target", "today"): 80,
+             "fastest base configuration": 50, "fastest, flat layout": 60}  # fmt: skip
+    rows = _plan(monkeypatch, tmp_path, speed)
+    flat = {k: v for k, v in rows[("target", "fastest base configuration")].items() if k != "data.layout"}
+    assert rows[("target", "fastest, flat layout")] == flat
+    assert rows[("target", "fastest, fp8")] == {**flat, "train.fp8": "tensorwise", "model.fused_ops": "triton"}
+
+
+def test_no_loss_curves_when_todays_defaults_are_the_fastest(tmp_path, monkeypatch):
+    """The curves compare a candidate default with today's: when today's defaults are the fastest there is no
+    candidate, and the ~200-step curves (minutes of GPU time) are not run."""
+    speed = {"today": 1000}  # every other row at 1 tok/s
+    rows = _plan(monkeypatch, tmp_path, speed, curve_target_tokens=100)
+    assert not [key for key in rows if key[0] == "curve"]
+
+
+def test_fastest_of_equally_few_options_within_one_percent_is_the_faster():
+    """Among rows within 1% of the top with the same number of options, the faster one is the candidate."""
+    from mlmtrain.benchmarks.bench_ablation import fastest
+
+    rows = [{"name": n, "tokens_per_s": {"overall": r}, "options": {n: 1}} for n, r in (("+a", 120.0), ("+b", 120.5))]
+    assert fastest(rows)["name"] == "+b"
+
+
+def test_dropout_off_builds_on_the_faster_of_the_kernel_row_and_the_row_it_was_built_on(tmp_path, monkeypatch):
+    """With "+packer process" refused, the segment kernel row builds on "+async log reads"; "dropout off" then
+    builds on the faster of those two, not on a slower kernel row."""
+    speed = {"today": 100, "+row attention": 130, "+async log reads": 152, "+segment attention kernel": 140}
+    rows = _plan(monkeypatch, tmp_path, speed, errors={"+packer process"})
+    assert "model.attention" not in rows[("ablation", "dropout off")]
