@@ -11,6 +11,7 @@ import re
 import time
 
 import pytest
+from test_ablation_report import _ablation_row
 
 from mlmtrain.benchmarks import report
 from mlmtrain.benchmarks.bench_train import steps_for, sweep_points
@@ -325,3 +326,88 @@ def test_report_names_failed_sections(tmp_path):
     assert "**mask**: module mlmtrain.benchmarks.bench_mlm_mask is not available" in md
     assert "ours tiny T=512 cap=128: skipped" in md
     assert json.loads(json_path.read_text())["schema"] == report.SCHEMA
+
+
+def test_skip_without_the_ablation_section_is_refused(tmp_path, capsys):
+    """--skip and --remeasure name ablation rows: without the ablation section they would do nothing, silently."""
+    from mlmtrain.cli import main
+
+    argv = ["bench", "--out", str(tmp_path / "out"), "--quick", "--device", "cpu", "--sections", "ceilings"]
+    assert main([*argv, "--skip", "dropout off"]) == 2
+    assert "--skip names ablation rows: add the ablation section" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def _results_with_ceilings(*sections):
+    ceilings = {"section": "ceilings", "rows": [
+        {"kind": "matmul_ceiling", "dtype": "float32", "tflops": {"min": 0.2, "median": 0.2, "max": 0.2}},
+        {"kind": "matmul_ceiling", "dtype": "bfloat16", "tflops": {"min": 0.8, "median": 0.8, "max": 0.8}},
+    ]}  # fmt: skip
+    return {"sections": [ceilings, *sections]}
+
+
+def test_the_headline_holds_an_fp32_training_row_against_the_fp32_ceiling():
+    from mlmtrain.benchmarks.report import headline
+
+    ours = {"trainer": "ours", "precision": "fp32", "tokens_per_s": {"overall": 1.0},
+            "achieved_tflops": {"min": 0.1, "median": 0.1, "max": 0.1}}  # fmt: skip
+    h = headline(_results_with_ceilings({"section": "train", "rows": [ours]}))
+    assert h["ours"]["fraction_of_matmul_ceiling"]["median"] == pytest.approx(0.5)
+
+
+def test_the_ablation_headline_holds_its_rows_against_the_bf16_ceiling():
+    """The ablation trains in bf16 (its fp8 rows too): its share of the matmul ceiling is against the bf16 GEMM
+    rate, even where the ceilings section also measured fp32 (a CPU)."""
+    from mlmtrain.benchmarks.report import headline
+
+    row = _ablation_row("today", 500_000.0, 0, achieved_tflops={"min": 0.4, "median": 0.4, "max": 0.4})
+    h = headline(_results_with_ceilings({"section": "ablation", "rows": [row]}))
+    (workload,) = h["ablation"].values()
+    assert workload["today"]["fraction_of_matmul_ceiling"] == pytest.approx(0.5)
+
+
+def test_the_step_profile_says_how_long_the_steps_flops_take_at_the_ceiling():
+    """A step of 1 s at 0.4 TFLOP/s would take 0.5 s at a 0.8 TFLOP/s ceiling: half of it is what is left."""
+    from mlmtrain.benchmarks.report import profile_text
+
+    ours = {"phase_ms": {"forward": 400.0, "backward": 600.0}, "precision": "bf16", "steps": 10,
+            "real_tokens": 10_000, "tokens_per_s": {"overall": 1000.0},
+            "achieved_tflops": {"min": 0.4, "median": 0.4, "max": 0.4}}  # fmt: skip
+    text = profile_text(ours, {"matmul_bfloat16": 0.8})
+    assert "Timed (unprofiled) step: 1000.00 ms" in text and "would take 500.00 ms (50%)" in text
+
+
+def test_si_prefixes_start_at_their_own_power_of_ten():
+    from mlmtrain.benchmarks.tables import si
+
+    assert si(1e6, "tok/s") == "1 Mtok/s" and si(1000.0, "B/s") == "1 kB/s" and si(999.0) == "999"
+
+
+def test_rows_of_leaves_out_rows_that_say_why_they_were_not_measured():
+    from mlmtrain.benchmarks.tables import rows_of
+
+    results = {"sections": [{"section": "sweep", "rows": [{"name": "a"}, {"name": "b", "error": "skipped"}]}]}
+    assert rows_of(results, "sweep") == [{"name": "a"}] and rows_of(results, "mask") == []
+
+
+def test_the_ceilings_are_each_dtypes_best_matmul_and_the_best_copy_counting_read_and_write(monkeypatch):
+    """Each matmul ceiling is the best median of its own dtype's sizes (the fp32 ceiling is not bf16's), and the
+    copy ceiling is the best size's rate, counting the bytes read and the bytes written."""
+    import torch
+
+    from mlmtrain.benchmarks import ceilings
+
+    def fake_time_fn(fn, device, *, warmup, repeats, setup):
+        arg = setup()
+        if isinstance(arg, tuple):  # bf16 4x faster; the larger size the faster per FLOP
+            s = (1e-3 if arg[0].dtype == torch.bfloat16 else 4e-3) * (arg[0].shape[0] / 256) ** 2
+        else:  # the smaller copy is the faster per byte
+            s = 1e-3 if arg.numel() * 4 == 8 * 2**20 else 1e-2
+        return {"min": s, "median": s, "max": s, "repeats": repeats}
+
+    monkeypatch.setattr(ceilings, "time_fn", fake_time_fn)
+    rows = {r["name"]: r for r in ceilings.run("cpu", quick=True)}
+    fp32 = rows["matmul ceiling float32"]
+    assert fp32["dtype"] == "float32" and fp32["tflops"]["median"] == pytest.approx(2 * 512**3 / 16e-3 / 1e12)
+    assert rows["matmul ceiling bfloat16"]["tflops"]["median"] == pytest.approx(2 * 512**3 / 4e-3 / 1e12)
+    assert rows["copy ceiling"]["gb_per_s"]["median"] == pytest.approx(2 * 8 * 2**20 / 1e-3 / 1e9)

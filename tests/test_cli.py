@@ -177,3 +177,27 @@ def test_only_token_shaped_words_are_tokens():
         assert redact_tokens(text) == text.replace(token, "hf_***")
         with pytest.raises(UserError, match="looks like a Hugging Face token"):
             refuse_tokens(commit_message=text)
+
+
+def test_flags_override_the_config_file_and_set_overrides_both(tmp_path):
+    """Precedence: the TOML file, then the flags, then --set."""
+    from mlmtrain.config_load import load_config
+
+    toml = tmp_path / "run.toml"
+    toml.write_text("[optim]\nlr = 1e-3\nweight_decay = 0.05\n")
+    cfg = load_config(toml, {"optim.lr": 5e-4, "optim.weight_decay": None})
+    assert (cfg.optim.lr, cfg.optim.weight_decay) == (5e-4, 0.05)  # a flag not given (None) leaves the file's
+    assert load_config(toml, {"optim.lr": 5e-4}, ["optim.lr=2e-4"]).optim.lr == 2e-4
+
+
+def test_true_is_not_an_integer_setting(tmp_path):
+    """`--set train.max_steps=true` (and `max_steps = true` in TOML) is refused: Python counts True as 1."""
+    from mlmtrain.config_load import load_config
+    from mlmtrain.errors import UserError
+
+    with pytest.raises(UserError, match="train.max_steps must be an integer"):
+        load_config(None, None, ["train.max_steps=true"])
+    toml = tmp_path / "run.toml"
+    toml.write_text("[train]\nmax_steps = true\n")
+    with pytest.raises(UserError, match="train.max_steps must be an integer"):
+        load_config(toml)

@@ -259,3 +259,42 @@ def test_names_git_or_the_hub_refuse_are_refused_before_anything(extra, phrase, 
 
     assert main(["upload", "--folder", str(export_dir), *extra]) == 2
     assert phrase in capsys.readouterr().err
+
+
+def _problems_after(export_dir, edit):
+    from upload_env import write_manifest
+
+    from mlmtrain.export_check import check_export_folder
+
+    assert check_export_folder(export_dir) == []
+    edit(export_dir)
+    write_manifest(export_dir)  # consistent with its manifest, wrong inside
+    return check_export_folder(export_dir)
+
+
+def _edit_json(path, **changes):
+    d = json.loads(path.read_text())
+    d.update(changes)
+    path.write_text(json.dumps(d))
+
+
+def test_an_untied_config_needs_a_decoder_weight_of_its_own(export_dir):
+    """tie_word_embeddings = false makes transformers read cls.predictions.decoder.weight from the file: a file
+    without it would load with a freshly initialised decoder."""
+    problems = _problems_after(export_dir, lambda f: _edit_json(f / "config.json", tie_word_embeddings=False))
+    assert "model.safetensors lacks cls.predictions.decoder.weight" in problems
+
+
+def test_weights_with_bytes_past_the_last_tensor_are_refused(export_dir):
+    """A model.safetensors longer than its header describes (two files concatenated, a botched copy) is not the
+    file that was exported, whatever its manifest says."""
+    problems = _problems_after(
+        export_dir, lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes() + b"\0" * 64)
+    )
+    assert any("model.safetensors is unreadable: the header describes" in p for p in problems), problems
+
+
+def test_a_mask_token_the_vocabulary_lacks_is_refused(export_dir):
+    """The fill-mask widget and pipeline look the card's mask token up in vocab.txt: one it lacks is refused."""
+    problems = _problems_after(export_dir, lambda f: _edit_json(f / "tokenizer_config.json", mask_token="[MASK2]"))
+    assert "tokenizer_config.json mask_token '[MASK2]' is not in vocab.txt" in problems
