@@ -16,7 +16,7 @@ ran, then the two target workloads.
     +async log reads  train.async_log_reads (log-step reads that do not drain the device's queue)
     +packer process   data.packer = process (the packer's Python off the loop's GIL: bench_packing's loop cost)
     +segment attention kernel  model.attention = triton (kernels/segment_attention.py instead of FlexAttention)
-    dropout off       model.dropout = 0 on the faster of the two rows above: its speed and its validation loss
+    dropout off       model.dropout = 0 on the faster of the kernel row and the row it built on: speed and loss
     curves            the fastest configuration (the candidate default) and today's defaults over ~200 steps, each
                       at seeds 0 and 1: today's seed-to-seed difference is the noise (`curve_check`)
 
@@ -30,8 +30,8 @@ writes profile/categories.json, the kernel-category breakdown, compared between 
 
 Targets: BERT-base, seq 128, sentence packing is the ablation itself (its "today" and fastest rows); BERT-large,
 seq 512, document packing runs "today" and the fastest configuration (and that configuration with the flat
-layout when it uses rows: at 512 tokens whole documents leave rows emptier), then the fastest of those with the
-fastest fp8 row's options when it has none: at hidden size 1024 the matmuls may pay for the casts.
+layout when it uses rows: at 512 tokens whole documents leave rows emptier), then the faster of those two (not
+today's) with the fastest fp8 row's options when it has none: at hidden size 1024 the matmuls may pay for the casts.
 
 A row whose expected end (the longest row so far) is past `deadline` is recorded as skipped; `reuse` (rows of an
 earlier results.json, `--merge`) supplies rows already measured, so a second call finishes the table.
