@@ -431,7 +431,8 @@ def test_a_sigterm_stops_every_rank_at_the_next_step_saved_and_the_command_exits
     saved = ckpt.complete_checkpoints(run)
     assert len(saved) == 1, out
     stopped_at = ckpt.read_checkpoint(saved[0])[2]["step"]
-    assert 2 <= stopped_at < 1000  # before the first log step
+    # before the first log step; step 1 where a loaded machine's ranks were still in their first step after 8 s
+    assert 1 <= stopped_at < 1000
     assert ckpt.verify_checkpoint(saved[0]) is None
     assert json.loads((run / "summary.json").read_text())["exit_code"] == 143
 
