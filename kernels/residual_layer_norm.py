@@ -333,13 +333,6 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused port (the last layer's) brings None, not a tensor of zeros
     ctx.save_for_backward(x, x_bias, residual, weight, seed, mean, rstd)
     ctx.p, ctx.bias_dtype, ctx.routed = p, bias.dtype, residual_port is not None
-    ctx.leaf_input = _grad_leaf(x) or _grad_leaf(residual)  # its gradient becomes a .grad, added to in place later
-
-
-def _grad_leaf(t: Tensor) -> bool:
-    """Whether `t` (the wrapper's row view of an input) is, or views, a leaf that requires grad."""
-    base = t if t._base is None else t._base
-    return base.is_leaf and base.requires_grad
 
 
 def _backward(ctx, dy, _dmean, _drstd, dport):
@@ -349,9 +342,12 @@ def _backward(ctx, dy, _dmean, _drstd, dport):
     dy = torch.zeros_like(x, dtype=dport.dtype) if dy is None else dy  # y unused: only its port carried a gradient
     dresidual, dx, sums = _bwd_op(dy.contiguous(), dport, x, x_bias, residual, weight, seed, mean, rstd, ctx.p)
     if not _writes_dx(ctx.p, x.dtype, residual.dtype):  # h = x + residual: both get dL/dh
-        # one tensor for both, as torch's add returns, but never one buffer as two leaves' .grad (AccumulateGrad
-        # keeps it: a second backward would add each gradient into both); in the model neither is a leaf
-        dx = dresidual.clone() if ctx.leaf_input else dresidual
+        # one buffer for both only where the residual's share goes to its port: its producer's backward kernel
+        # reads it and makes its own gradients, so at most x's side can hand it on to a .grad. Else a copy: two
+        # leaves reached through pass-through ops (`a + 0.0`, a view) would keep one buffer as both .grad, and a
+        # second backward (gradient accumulation) would add each gradient into both. In the model every
+        # LayerNorm but the first layer's first takes a port.
+        dx = dresidual if ctx.routed else dresidual.clone()
     dx_bias = None if x_bias is None else sums[2].to(x_bias.dtype)
     # the residual's gradient goes back through its port when it came with one (then its producer adds it to the
     # gradient of its y inside its own backward kernel), else to the residual itself (autograd adds it)

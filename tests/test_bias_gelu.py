@@ -206,3 +206,47 @@ def test_reference_adds_a_bf16_bias_in_fp32():
     g = torch.Generator().manual_seed(0)
     x, bias = torch.randn(64, 200, generator=g).bfloat16(), torch.randn(200, generator=g).bfloat16()
     assert torch.equal(bias_gelu_reference(x, bias), F.gelu(x.float() + bias.float()).bfloat16())
+
+
+@requires_triton
+@pytest.mark.parametrize("num_programs", [2, 3])
+def test_dbias_partials_of_several_programs_at_an_odd_width(num_programs):
+    """The backward's per-program dbias partials (P, C) at C = 200 (BLOCK_C = 256 > C) with P > 1, against the
+    reference's dbias (the other tests compare such launches only with each other, or run one program).
+    Kills: bg_jit_dbias_stride_blockc."""
+    g = torch.Generator().manual_seed(4)
+    x = (3 * torch.randn(37, 200, generator=g)).to(DEVICE)
+    bias = torch.randn(200, generator=g).to(DEVICE).requires_grad_()
+    dy = torch.randn(37, 200, generator=g).to(DEVICE)
+    dx, dbias = bg.bias_gelu_bwd_triton(dy, x, bias.detach(), num_programs=num_programs)
+    xr = x.clone().requires_grad_()
+    dx_ref, dbias_ref = torch.autograd.grad(bg.bias_gelu_reference(xr, bias), (xr, bias), dy)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dbias, dbias_ref, rtol=1e-5, atol=1e-4)
+
+
+@requires_triton
+def test_custom_ops_take_strided_inputs():
+    """The custom ops as a compiled graph may call them: a transposed (strided) x and dy are read as their values.
+    Kills: bg_fwd_op_no_contiguous."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(48, 6, generator=g).to(DEVICE).t()  # (6, 48), strides (1, 6)
+    bias, dy = torch.randn(48, generator=g).to(DEVICE), torch.randn(48, 6, generator=g).to(DEVICE).t()
+    assert not x.is_contiguous()
+    y = torch.ops.mlmtrain.bias_gelu_fwd(x, bias)
+    torch.testing.assert_close(y, bg.bias_gelu_reference(x, bias), rtol=1e-5, atol=1e-5)
+    dx, dbias = torch.ops.mlmtrain.bias_gelu_bwd(dy, x, bias)
+    dx_c, dbias_c = torch.ops.mlmtrain.bias_gelu_bwd(dy.contiguous(), x.contiguous(), bias)
+    assert torch.equal(dx, dx_c) and torch.equal(dbias, dbias_c)
+
+
+@requires_triton
+def test_custom_ops_pass_opcheck_with_bf16_activations():
+    """The backward op's fake function gives dbias fp32 whatever x's dtype, as the kernel does: opcheck with bf16
+    x and dy (autocast's activations), where the existing opcheck's fp32 x cannot tell fp32 from x's dtype.
+    Kills: bg_fake_dbias_dtype (a compiled bf16 graph would be traced with a bf16 dbias)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 48, generator=g).to(DEVICE, torch.bfloat16)
+    bias, dy = torch.randn(48, generator=g).to(DEVICE), torch.randn(6, 48, generator=g).to(DEVICE, torch.bfloat16)
+    torch.library.opcheck(bg._fwd_op, (x, bias))
+    torch.library.opcheck(bg._bwd_op, (dy, x, bias))

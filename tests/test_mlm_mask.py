@@ -442,3 +442,78 @@ def test_kernel_matches_reference_whole_word_with_ids_outside_the_vocab():
     a, b = mlm_mask(ids, backend="triton", **kw), mlm_mask(ids, backend="torch", **kw)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+@requires_triton
+@pytest.mark.parametrize("T, offset", [(1022, 3), (1023, 2), (2045, 3)])
+def test_kernel_matches_reference_when_the_shift_adds_a_block(T, offset):
+    """The first block starts offset % 4 lanes early, so T + shift tokens need one block more than T when T ends
+    just below a block boundary (CPU blocks are 1024): the last tokens must still be masked, as the reference does.
+    Kills: mask_nblocks_ignore_shift."""
+    g = torch.Generator().manual_seed(T)
+    ids = torch.randint(NSPEC, V, (T,), generator=g).to(torch.int32).to(DEVICE)  # all maskable
+    kw = dict(vocab_size=V, mask_id=MASK, seed=5, step=2, offset=offset, mask_prob=1.0, max_masked=T)
+    a, b = mlm_mask(ids, backend="triton", **kw), mlm_mask(ids, backend="torch", **kw)
+    _assert_same(a, b)
+    assert torch.equal(b.masked_positions, torch.arange(T, device=DEVICE))  # p = 1: the tail tokens too
+
+
+@requires_triton
+def test_kernel_reads_strided_ids():
+    """A strided view of ids (every other token of a batch) masks as its contiguous copy does.
+    Kills: mask_cpu_no_contiguous."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (2 * 700,), generator=g).to(torch.int64).to(DEVICE)[::2]
+    assert not ids.is_contiguous()
+    kw = dict(vocab_size=V, mask_id=MASK, seed=3, step=1, mask_prob=0.5)
+    _assert_same(mlm_mask(ids, backend="triton", **kw), mlm_mask(ids.contiguous(), backend="torch", **kw))
+
+
+@requires_triton
+@pytest.mark.parametrize("word_start", [False, True])
+def test_kernel_ignores_the_tokens_before_a_sliced_batch(word_start):
+    """ids a slice of a larger buffer (a micro-batch of a prefetched batch) and offset % 4 = 3: the first block's
+    3 lanes before the call map to the buffer's preceding tokens, which are maskable ids here; they are not the
+    call's and must be neither selected nor written (p = 1: exactly the T tokens of the call are selected).
+    Kills: mask_jit_negative_idx_in_range (the lanes at idx < 0 taken as in range)."""
+    T = 600
+    g = torch.Generator().manual_seed(9)
+    buffer = torch.randint(NSPEC, V, (T + 8,), generator=g).to(torch.int32).to(DEVICE)
+    ids = buffer[5 : 5 + T]  # contiguous, storage offset 5
+    table = (torch.arange(V) < 40).to(DEVICE) if word_start else None
+    kw = dict(vocab_size=V, mask_id=MASK, seed=2, step=4, offset=7, mask_prob=1.0, max_masked=T + 8, word_start=table)
+    a, b = mlm_mask(ids, backend="triton", **kw), mlm_mask(ids, backend="torch", **kw)
+    _assert_same(a, b)
+    assert int((a.masked_labels != -100).sum()) == T
+
+
+@requires_triton
+def test_kernel_walk_back_reaches_a_word_start_in_the_first_window():
+    """Whole-word: the only word start is token 5; every later block walks back window by window (lookback 32,
+    blocks of 128) and must search the first window [0, 32) too, else it falls back to token 0's draw.
+    Kills: mask_jit_walk_skips_first_window."""
+    T = 300
+    ids = torch.full((T,), 50, dtype=torch.int32)  # continuation pieces
+    ids[5] = 10  # one word start
+    table = torch.arange(V) < 40
+    kw = dict(vocab_size=V, mask_id=MASK, num_special=NSPEC, never_mask=None, mask_prob=0.5, mask_frac=0.8,
+              random_frac=0.1, step=1, offset=0, max_masked=T, word_start=table.to(DEVICE))  # fmt: skip
+    for seed in range(6):
+        ids_d = ids.to(DEVICE)
+        a = mlm_mask_triton(ids_d, seed=seed, block_size=128, lookback=32, **kw)
+        _assert_same(a, mlm_mask_reference(ids_d, seed=seed, **kw))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(offset=1 << 63), "offset"),
+        (dict(seed=True), "python int"),
+        (dict(random_frac=-0.1), "random_frac"),
+    ],
+)
+def test_more_bad_input_is_a_user_error(bad, message):
+    """Kills: mask_offset_bound_2p64, mask_bool_seed_accepted, mask_negative_random_frac_accepted."""
+    kw = {"vocab_size": V, "mask_id": MASK, "seed": 0, "step": 0, "backend": "torch", **bad}
+    with pytest.raises(UserError, match=message):
+        mlm_mask(torch.zeros(8, dtype=torch.int32), **kw)

@@ -472,3 +472,85 @@ def test_which_attention_applies_dropout_to_its_probabilities():
         "dropout 0.1 on hidden states only: flex attention has none on its probabilities (sdpa has)"
     )
     assert dropout_note("sdpa", 0.1) is None and dropout_note("flex", 0.0) is None
+
+
+def test_auto_takes_flash_varlen_for_fp16_too():
+    """Flat batches on CUDA take flash varlen in fp16 as in bf16, the SDPA reference in fp32 (choose_impl reads the
+    device's type only: no CUDA call). Kills: att_fp16_not_flash."""
+    from mlmtrain.attention import choose_impl
+
+    cuda = torch.device("cuda")
+    assert choose_impl("auto", cuda, torch.float16, rows=False, compiled=False) == "varlen"
+    assert choose_impl("auto", cuda, torch.bfloat16, rows=False, compiled=False) == "varlen"
+    assert choose_impl("auto", cuda, torch.float32, rows=False, compiled=False) == "sdpa"
+
+
+def test_attention_for_binds_each_impl_to_its_layout():
+    """attention_for: rows (segment_ids given) take the dense-mask row reference, flat batches the packed gather; the
+    kernel path takes qkv whole and nothing else does. Kills: att_rows_sdpa_via_packed (rows through the packed
+    S x max_seqlen gather: the same numbers, not the documented row path)."""
+    from mlmtrain.attention import (
+        attention_for,
+        packed_sdpa_attention,
+        row_sdpa_attention,
+        takes_qkv,
+        triton_row_attention,
+    )
+
+    segment_ids = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 2]], dtype=torch.int32)
+    cu_seqlens = torch.tensor([0, 2, 5, 8], dtype=torch.int32)
+    rows = attention_for("sdpa", cu_seqlens, 3, 8, segment_ids)
+    flat = attention_for("sdpa", cu_seqlens, 3, 8)
+    kernel = attention_for("triton", cu_seqlens, 3, 8, segment_ids)
+    assert rows.func is row_sdpa_attention and flat.func is packed_sdpa_attention
+    assert kernel.func is triton_row_attention
+    assert [takes_qkv(a) for a in (rows, flat, kernel)] == [False, False, True]
+
+
+def test_eval_forward_applies_no_attention_dropout():
+    """In eval mode the SDPA paths get dropout_p = 0 whatever the config says: two forwards of a model with
+    attention dropout 0.1 (hidden dropout 0) give the same logits, flat and in rows.
+    Kills: model_eval_attention_dropout (test_dropout_default_on_and_switchable_off runs train() only)."""
+    from mlmtrain.model import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=97, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+                        intermediate_size=80, max_position_embeddings=40, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.1)  # fmt: skip
+    torch.manual_seed(0)
+    model = BertForMaskedLM(config).eval()
+    ids = torch.randint(5, 97, (16,), generator=torch.Generator().manual_seed(1))
+    positions = torch.cat([torch.arange(9), torch.arange(7)])
+    cu_seqlens = torch.tensor([0, 9, 16], dtype=torch.int32)
+    segment_ids = torch.tensor([[0] * 9 + [1] * 7], dtype=torch.int32)
+    with torch.no_grad():
+        for rows in (None, segment_ids):
+            args = (ids, positions, cu_seqlens, 9, torch.arange(16), rows)
+            assert torch.equal(model(*args), model(*args))
+        model.train()  # the same model in training does drop attention probabilities
+        assert not torch.equal(model(*args), model(*args))
+
+
+def test_forward_chooses_attention_by_the_autocast_dtype(monkeypatch):
+    """The packed forward hands choose_impl the autocast dtype when autocast is on (flash needs fp16/bf16), the
+    parameters' dtype otherwise. Kills: model_compute_dtype_ignores_autocast (on a GPU: bf16 autocast would take
+    the SDPA reference instead of flash; the GPU test test_auto_picks_varlen_under_autocast_on_gpu sees it)."""
+    import mlmtrain.model as model_module
+    from mlmtrain.model import BertConfig, BertForMaskedLM
+
+    seen = []
+    real = model_module.choose_impl
+    monkeypatch.setattr(
+        model_module,
+        "choose_impl",
+        lambda impl, device, dtype, **kw: seen.append(dtype) or real(impl, device, dtype, **kw),
+    )
+    config = BertConfig(vocab_size=97, hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
+                        intermediate_size=80, max_position_embeddings=40)  # fmt: skip
+    model = BertForMaskedLM(config).eval()
+    ids = torch.randint(5, 97, (6,))
+    args = (ids, torch.arange(6), torch.tensor([0, 6], dtype=torch.int32), 6, torch.arange(6))
+    with torch.no_grad():
+        model(*args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(*args)
+    assert seen == [torch.float32, torch.bfloat16]

@@ -483,3 +483,135 @@ def test_an_element_at_the_dropout_threshold_is_kept_by_kernel_and_reference():
     (dx,) = torch.autograd.grad(y, x, torch.randn(N, C, generator=g).to(DEVICE))
     assert torch.equal(dx != 0, keep)  # the kernel's own mask, read back from where its gradient is zero
     torch.testing.assert_close(y, residual_layer_norm_reference(x, residual, weight, bias, 1e-12, p, seed))
+
+
+def test_dropout_scale_is_exact_for_the_quantised_p():
+    """Kept values are scaled by 1 / (1 - p_eff), p_eff = threshold / 2^16, so E[dropout(x)] = x exactly (module
+    docstring); 1 / (1 - p) would bias every kept value by ~6e-6 relative at p = 0.1. Both the kernel and the
+    reference read this one function, so no kernel-vs-reference test can see it.
+    Kills: rln_scale_not_quantised."""
+    for p in (0.1, 0.3, 1 / 3, 0.5, 0.99):
+        threshold, scale = dropout_threshold(p)
+        assert threshold == round(p * 65536)
+        assert scale == 65536 / (65536 - threshold)
+    assert dropout_threshold(0.0) == (0, 1.0) and dropout_threshold(1.0) == (65536, 0.0)
+
+
+@requires_triton
+@pytest.mark.parametrize("C", [1, 4, 6])
+def test_kernel_rows_narrower_than_one_philox_call(C):
+    """C < 8 (one Philox call covers 8 columns): the tile is still 8 columns wide, and y and every gradient
+    match the reference with dropout on. Kills: rln_tile_no_min_cols."""
+    g = torch.Generator().manual_seed(C)
+    x, residual = (torch.randn(9, C, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    weight = (1 + 0.5 * torch.randn(C, generator=g)).to(DEVICE).requires_grad_()
+    bias = (0.1 * torch.randn(C, generator=g)).to(DEVICE).requires_grad_()
+    seed = torch.tensor([77], dtype=torch.int64, device=DEVICE)
+    dy = torch.randn(9, C, generator=g).to(DEVICE)
+    out = []
+    for backend in ("triton", "torch"):
+        y = residual_layer_norm(x, residual, weight, bias, 1e-5, 0.3, seed, backend=backend)
+        out.append((y, *torch.autograd.grad(y, (x, residual, weight, bias), dy)))
+    for got, want in zip(*out):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@requires_triton
+def test_no_dropout_mixed_dtypes_give_x_its_own_precision():
+    """p = 0 with x fp32 onto a bf16 residual: dx is not dresidual (bf16) cast up, but written in fp32 from the fp32
+    dL/dh, so it matches the reference to fp32 rounding (test_mixed_dtypes_and_leading_dims runs p = 0.1 only, where
+    dx is written anyway). Kills: rln_writes_dx_ignores_dtypes."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(12, 96, generator=g).to(DEVICE).requires_grad_()
+    residual = (3 * torch.randn(12, 96, generator=g) + 1).to(DEVICE, torch.bfloat16).requires_grad_()
+    weight = (1 + 0.5 * torch.randn(96, generator=g)).to(DEVICE).requires_grad_()
+    bias = (0.1 * torch.randn(96, generator=g)).to(DEVICE).requires_grad_()
+    dy = torch.randn(12, 96, generator=g).to(DEVICE)
+    grads = []
+    for backend in ("triton", "torch"):
+        y = residual_layer_norm(x, residual, weight, bias, 1e-12, 0.0, backend=backend)
+        grads.append(torch.autograd.grad(y, (x, residual), dy))
+    (dx, dresidual), (dx_ref, dresidual_ref) = grads
+    assert dx.dtype == torch.float32 and dresidual.dtype == torch.bfloat16
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dresidual, dresidual_ref, rtol=2e-2, atol=3e-2)
+
+
+def _accumulate_twice(make_inputs):
+    """Two backward passes (gradient accumulation) through the kernel at p = 0, one dtype (dx is dresidual then):
+    returns the leaves a (under x) and r (under residual), and the reference gradient of one pass."""
+    g = torch.Generator().manual_seed(0)
+    a, r = (torch.randn(4, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    weight, bias = torch.ones(16, device=DEVICE), torch.zeros(16, device=DEVICE)
+    dy = torch.randn(4, 16, generator=g).to(DEVICE)
+    for _ in range(2):
+        x, residual = make_inputs(a, r)
+        residual_layer_norm(x, residual, weight, bias, 1e-12, 0.0, backend="triton").backward(dy)
+    want = torch.autograd.grad(residual_layer_norm_reference(a, r, weight, bias, 1e-12, 0.0), a, dy)[0]
+    return a, r, want
+
+
+@requires_triton
+def test_leaf_residual_under_a_pass_through_x_accumulates_its_own_gradient():
+    """Only the residual a leaf, x a non-leaf whose backward hands its gradient on as it is (a + 0.0): dL/dh must
+    still not become one buffer for two leaves' .grad (test_leaf_inputs_accumulate_their_own_gradients has both
+    leaves, where x alone decides). Kills: rln_leaf_only_x."""
+    a, r, want = _accumulate_twice(lambda a, r: (a + 0.0, r))
+    assert a.grad.data_ptr() != r.grad.data_ptr()
+    torch.testing.assert_close(a.grad, 2 * want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r.grad, 2 * want, rtol=1e-4, atol=1e-4)
+
+
+@requires_triton
+def test_pass_through_inputs_accumulate_their_own_gradients():
+    """Neither input a leaf, both produced by ops whose backward passes the gradient on unchanged: the two leaves
+    must still get their own .grad, as with torch's add (F.layer_norm(x + residual) gives distinct buffers). Before
+    2026-12-01 they shared one (the mutation review's finding): only a residual routed to its port shares now."""
+    a, r, want = _accumulate_twice(lambda a, r: (a + 0.0, r + 0.0))
+    assert a.grad.data_ptr() != r.grad.data_ptr()
+    torch.testing.assert_close(a.grad, 2 * want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r.grad, 2 * want, rtol=1e-4, atol=1e-4)
+
+
+@requires_triton
+def test_custom_ops_pass_opcheck_without_dropout():
+    """The p = 0 branch of the fake functions (no seed, dx an empty (0,) tensor when it would equal dresidual), which
+    the existing opcheck (p = 0.1) never takes. Kills: rln_fake_dx_always_full."""
+    g = torch.Generator().manual_seed(3)
+    x, residual, dy = (torch.randn(6, 48, generator=g).to(DEVICE) for _ in range(3))
+    weight, bias = torch.ones(48, device=DEVICE), torch.zeros(48, device=DEVICE)
+    torch.library.opcheck(rln._fwd_op, (x, None, residual, None, weight, bias, None, 1e-12, 0.0))
+    _, mean, rstd, _ = rln._fwd_op(x, None, residual, None, weight, bias, None, 1e-12, 0.0)
+    torch.library.opcheck(rln._bwd_op, (dy, None, x, None, residual, weight, None, mean, rstd, 0.0))
+
+
+def test_more_bad_arguments():
+    """A seed of more than one element, and an x_bias of the wrong size, are refused by name.
+    Kills: rln_seed_numel_unchecked, rln_xbias_shape_unchecked."""
+    x, residual, weight, bias = torch.randn(4, 32), torch.randn(4, 32), torch.ones(32), torch.zeros(32)
+    with pytest.raises(ValueError, match="seed must be one int64"):
+        rln.residual_layer_norm(x, residual, weight, bias, p=0.1, seed=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"x_bias\) must be \(32,\)"):
+        rln.residual_layer_norm_routed(x, residual, None, weight, bias, x_bias=torch.zeros(31), backend="torch")
+
+
+@requires_triton
+def test_only_a_routed_residual_shares_its_gradient_buffer_with_x(monkeypatch):
+    """p = 0, one dtype: dL/dh is x's gradient and the residual's. Routed to the residual's port, that one buffer is
+    both (the port's reader, the producer's backward kernel, makes its own gradients: no copy per LayerNorm); not
+    routed, x gets its own copy (the residual's may become a leaf's .grad)."""
+    ports = []
+    real = rln._bwd_op
+    monkeypatch.setattr(rln, "_bwd_op", lambda dy, dport, *rest: ports.append(dport) or real(dy, dport, *rest))
+    x1, residual, weight, bias = _inputs(6, 32, seed=1)
+    x2 = torch.randn(6, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE).requires_grad_()
+    for routed in (True, False):
+        ports.clear()
+        y1, port = rln.residual_layer_norm_routed(x1, residual, None, weight, bias, EPS, 0.0)
+        y2, _ = rln.residual_layer_norm_routed(x2 + 0.0, y1, port if routed else None, weight, bias, EPS, 0.0)
+        dx2, _ = torch.autograd.grad(y2.sum() + y1.sum(), (x2, x1))  # x1: the first LayerNorm's backward runs
+        routed_grad = ports[-1]  # the port's gradient, as the first LayerNorm's backward (the last to run) got it
+        if routed:
+            assert routed_grad is not None and dx2.data_ptr() == routed_grad.data_ptr()
+        else:
+            assert routed_grad is None

@@ -171,3 +171,34 @@ def test_kernels_compile_for_hopper_without_a_gpu():
             builds.append(build(sa.__name__, kernel, name, consts, warps, pointers=pointers, num_stages=stages,
                                 floats=("scale", "scale_log2"), divisible=("H", "D")))  # fmt: skip
     assert_builds_for_hopper(builds)
+
+
+def test_heads_wider_than_the_tile_are_refused():
+    """D > 128 is refused (the kernel holds a head in one tile of at most 128), as L > 128 is.
+    Kills: sa_head_dim_unchecked."""
+    with pytest.raises(ValueError, match="heads of at most 128.*D=129"):
+        segment_attention(torch.zeros(16, 3, 1, 129), torch.zeros(1, 16, dtype=torch.int32))
+
+
+@requires_triton
+def test_custom_ops_pass_opcheck_in_bf16():
+    """The backward op's fake function in bf16 (the training dtype): dqkv in qkv's dtype, where the existing fp32
+    opcheck cannot tell qkv's dtype from fp32. Kills: sa_fake_bwd_dtype."""
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(32, 3, 2, 16, generator=g).to(DEVICE, torch.bfloat16)
+    segment_ids = torch.repeat_interleave(torch.arange(6), torch.tensor([5, 3, 8, 7, 1, 8])).view(2, 16)
+    segment_ids = segment_ids.to(DEVICE, torch.int32)
+    torch.library.opcheck(sa._fwd_op, (qkv, segment_ids))
+    out, lse = sa._fwd_op(qkv, segment_ids)
+    torch.library.opcheck(sa._bwd_op, (torch.randn_like(out), qkv, out, lse, segment_ids))
+
+
+@pytest.mark.skipif(sa.triton is None, reason="needs triton")
+def test_launch_tiles_are_at_least_16_for_tl_dot():
+    """tl.dot needs >= 16 per side: short rows and small heads still launch 16-wide tiles (the CPU interpreter
+    runs narrower dots, a GPU build does not). Kills: sa_block_l_no_min16."""
+    for L, D in ((7, 8), (1, 1), (16, 16), (33, 24)):
+        for kernel in (sa.FWD_LAUNCH, sa.BWD_LAUNCH):
+            launch = sa._launch(kernel, L, D, torch.bfloat16)
+            assert launch["BLOCK_L"] >= max(16, L) and launch["BLOCK_D"] >= max(16, D)
+            assert 16 <= launch["BLOCK_M"] <= launch["BLOCK_L"]
