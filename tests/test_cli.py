@@ -4,6 +4,7 @@ flags set the config keys they name, and every key is listed with its default an
 from __future__ import annotations
 
 import errno
+import os
 import subprocess
 import sys
 import time
@@ -201,3 +202,57 @@ def test_true_is_not_an_integer_setting(tmp_path):
     toml.write_text("[train]\nmax_steps = true\n")
     with pytest.raises(UserError, match="train.max_steps must be an integer"):
         load_config(toml)
+
+
+def test_help_config_heads_each_section_once_and_no_top_level_key(capsys):
+    """`--help-config`: one `[section]` heading per config section; out_dir, a top-level key, is no section
+    (kills C16)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help-config"])
+    assert exit_.value.code == 0
+    headings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    sections = list(dict.fromkeys(k.split(".")[0] for k in field_docs() if "." in k))
+    assert headings == [f"[{s}]" for s in sections]
+
+
+def test_a_usage_error_never_echoes_a_token(capsys):
+    """A token pasted where a flag's value goes (`--model hf_...`) or as a stray argument: argparse's error
+    message quotes it; the Parser hides it as hf_*** (kills C02: Parser.error without redact_tokens)."""
+    token = "hf_FAKEabcdefghijklmnopqrstuvwxyz1234"
+    for argv in (["train", "--model", token], ["plot", "run", token]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and token not in err and "hf_***" in err, err
+
+
+def test_help_to_a_reader_that_went_away_exits_1_unbuffered_too():
+    """`python -u` / PYTHONUNBUFFERED=1 (as scripts and CI set it): the help's first write already meets the closed
+    pipe, inside argparse, and still exits 1 with nothing on stderr (kills C18: no BrokenPipeError handler
+    around the parse)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for argv in (["train", "--help-config"],):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            done = subprocess.run([sys.executable, "-m", "mlmtrain.cli", *argv], stdout=write_end, env=env,
+                                  stderr=subprocess.PIPE, timeout=60)  # fmt: skip
+        finally:
+            os.close(write_end)
+        assert done.returncode == 1 and done.stderr == b"", (argv, done.returncode, done.stderr)
+
+
+def test_help_and_version_to_a_reader_that_went_away_exit_1_unbuffered():
+    """README: any command but `train` whose standard output was closed early exits 1. Buffered (the default) it
+    does: the flush in cli._flush_or_exit fails. Unbuffered (`python -u`, PYTHONUNBUFFERED=1) argparse's own write
+    fails first, which argparse ignores (exit 0, before 2026-12-01): Parser._print_message lets it reach main."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for argv in (["--help"], ["tokenizer", "--help"], ["--version"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            done = subprocess.run([sys.executable, "-m", "mlmtrain.cli", *argv], stdout=write_end, env=env,
+                                  stderr=subprocess.PIPE, timeout=60)  # fmt: skip
+        finally:
+            os.close(write_end)
+        assert done.returncode == 1 and done.stderr == b"", (argv, done.returncode, done.stderr)

@@ -129,3 +129,63 @@ def test_the_next_command_is_one_shell_line_even_with_spaces_in_paths(tmp_path):
     argv = shlex.split(next_line.removeprefix("next: "))
     assert argv == ["mlmtrain", "export", "--checkpoint", str(run / "checkpoints" / "step_00000003"), "--out",
                     f"{run}-export"]  # fmt: skip
+
+
+class _Terminal:
+    """A stderr that says it is a terminal (tqdm draws to it)."""
+
+    def __init__(self):
+        self.text = []
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        self.text.append(s)
+
+    def flush(self):
+        pass
+
+
+@pytest.fixture
+def progress_settings(monkeypatch):
+    from mlmtrain import progress
+
+    monkeypatch.setattr(progress, "_settings", {"no_progress": False, "quiet": False})
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    return progress
+
+
+def test_quiet_draws_no_bar_even_on_a_terminal(progress_settings):
+    """--quiet means no bars and no periodic lines, on a terminal too (kills P02: quiet not read by bars_enabled)."""
+    progress = progress_settings
+    assert progress.bars_enabled(_Terminal())
+    progress.configure(quiet=True)
+    assert not progress.bars_enabled(_Terminal())
+    progress.configure(no_progress=True)
+    assert not progress.bars_enabled(_Terminal())
+
+
+def test_under_a_bar_every_tenth_window_is_also_a_line(progress_settings, monkeypatch):
+    """On a terminal the bar shows each window's short form; the full line is printed only on every tenth window,
+    so the scrollback keeps a record (kills P05: never under a bar; P06: the bar's postfix not set)."""
+    progress = progress_settings
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    logged = []
+    bar = progress.StepProgress(100, 0, True, logged.append)
+    assert bar.bar is not None
+    bar.window("step 1: the full line", "loss=1", every_tenth=False)
+    assert logged == [] and "loss=1" in bar.bar.postfix
+    bar.window("step 10: the full line", "loss=2", every_tenth=True)
+    assert logged == ["step 10: the full line"]
+    bar.close()
+
+
+def test_flags_give_a_command_run_by_another_the_same_output_settings(progress_settings):
+    """demo runs export and upload with `progress.flags()`: the flags that are on, and only those (kills P07)."""
+    progress = progress_settings
+    assert progress.flags() == []
+    progress.configure(no_progress=True)
+    assert progress.flags() == ["--no-progress"]
+    progress.configure(quiet=True)
+    assert progress.flags() == ["--quiet"]

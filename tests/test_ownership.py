@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_run import assert_refused, run_cli, snapshot, train_args
+from cli_run import assert_refused, in_process, run_cli, snapshot, train_args
 
 import mlmtrain
 from mlmtrain import files
@@ -461,3 +461,140 @@ def test_a_mount_point_as_out_is_refused_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == mount)
     with pytest.raises(UserError, match=rf"--out {mount} is a mount point: pass a folder in it, e.g. --out {mount}/"):
         files.check_out_folder(mount, NOTE, replace=False)
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_siblings_are_judged_by_host_pid_and_what_stands_in_their_place(tmp_path):
+    """remove_stale_tmp: this process's own temporary is never stale, even with any_host (kills F15); another
+    host's is kept unless the caller holds the folder's lock (any_host) (kills F16); a moved-aside folder whose
+    place was taken since is removed, not put back over the new one (kills F17); an older mlmtrain's
+    `.tmp_X_old_` that is half written (no marker, no manifest) is removed (kills F18)."""
+    host, dead = files._host(), _dead_pid()
+    mine = tmp_path / f".tmp_data_{host}_{os.getpid()}"
+    mine.mkdir()
+    assert files.remove_stale_tmp(tmp_path, any_host=True) == [] and mine.exists()
+    mine.rmdir()
+    elsewhere = tmp_path / f".tmp_data_otherhost_{dead}"
+    elsewhere.mkdir()
+    assert files.remove_stale_tmp(tmp_path, "data") == [] and elsewhere.exists()
+    assert files.remove_stale_tmp(tmp_path, "data", any_host=True) == [f"removed {elsewhere}, left by a killed process"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text("new")
+    aside = tmp_path / f".mlmtrain-old_data_{host}_{dead}"
+    aside.mkdir()
+    (aside / "meta.json").write_text("old")
+    assert files.remove_stale_tmp(tmp_path, "data") == [f"removed {aside}, left by a killed process"]
+    assert (tmp_path / "data" / "meta.json").read_text() == "new" and not aside.exists()
+    half_old = tmp_path / f".tmp_step_00000004_old_{host}_{dead}"
+    half_old.mkdir()
+    (half_old / "model.safetensors").write_bytes(b"half")
+    assert files.remove_stale_tmp(tmp_path, any_host=True) == [f"removed {half_old}, left by a killed process"]
+
+
+def test_a_write_failure_names_the_folder_above_every_temporary(tmp_path):
+    """The sentence names where the user's folder is, never a temporary one however deep the file was in it
+    (kills F20: only one level climbed)."""
+    import errno
+
+    error = OSError(errno.ENOSPC, "No space left on device", "/runs/.tmp_run_h_1/checkpoints/.tmp_step_h_1/x.bin")
+    assert files.write_failure(error) == "No space left on device (/runs)"
+
+
+def test_json_text_writes_every_non_finite_float_as_null():
+    """Infinity too (an overflowed gradient norm), and inside tuples (kills F02: only NaN; F03: tuples kept)."""
+    text = files.json_text({"grad_norm": float("inf"), "pair": (1.5, float("nan")), "low": float("-inf")})
+    assert json.loads(text) == {"grad_norm": None, "pair": [1.5, None], "low": None}
+
+
+def test_a_file_put_in_the_folder_while_it_is_rewritten_is_not_lost(tmp_path):
+    """--overwrite checks the folder again just before the rename: a file of the user's that appeared there
+    meanwhile is refused, not deleted with the old folder (kills F22)."""
+    final = tmp_path / "out"
+    with files.atomic_dir(final, layout=NOTE) as folder:
+        (folder / "a.txt").write_text("old")
+    with pytest.raises(UserError, match="did not write"):
+        with files.atomic_dir(final, replace=True, layout=NOTE) as folder:
+            (folder / "a.txt").write_text("new")
+            (final / "notes.txt").write_text("the user's notes")
+    assert (final / "notes.txt").read_text() == "the user's notes" and (final / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_rename_puts_the_previous_folder_back(tmp_path, monkeypatch):
+    """The new folder cannot be renamed into place after the old one was moved aside: the old one goes back,
+    whole, and the error says it is unchanged (kills F25)."""
+    import errno
+
+    final = tmp_path / "out"
+    with files.atomic_dir(final, layout=NOTE) as folder:
+        (folder / "a.txt").write_text("old")
+    replace = os.replace
+
+    def refuse_the_new_folder(src, dst):  # the folder's rename into place only (not the files written in it)
+        if Path(dst).name == "out" and Path(src).name.startswith(files.TMP_PREFIX):
+            raise OSError(errno.EACCES, "Permission denied", str(src))
+        replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", refuse_the_new_folder)
+    with pytest.raises(UserError, match="the previous .* is unchanged"):
+        with files.atomic_dir(final, replace=True, layout=NOTE) as folder:
+            (folder / "a.txt").write_text("new")
+    assert (final / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _demo_folder(tmp_path: Path) -> Path:
+    from mlmtrain.demo import demo_layout
+
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "demo_result.json").write_text("{}")
+    files.write_marker(demo, demo_layout())
+    return demo
+
+
+def test_demo_force_keeps_the_lock_it_holds_while_it_clears_the_folder(tmp_path, capsys, monkeypatch):
+    """--force deletes the earlier demo's files but not .mlmtrain.lock, which this process holds: deleting it
+    would let a second demo take a new lock file and run in the same folder (kills D05). The pipeline is
+    stopped at its first stage, once the folder is cleared."""
+    pytest.importorskip("transformers")
+    from mlmtrain import text
+
+    demo = _demo_folder(tmp_path)
+    seen = {}
+
+    def first_stage():
+        seen["lock"] = (demo / files.LOCK).is_file()
+        seen["names"] = sorted(p.name for p in demo.iterdir())
+        raise UserError("stopped here by the test")
+
+    monkeypatch.setattr(text, "sample_corpus_path", first_stage)
+    assert_refused(in_process(capsys, "demo", "--out", demo, "--force"), "stopped here by the test")
+    assert seen == {"lock": True, "names": sorted([files.LOCK, files.MARKER])}
+
+
+def test_demo_curves_that_cannot_be_drawn_are_said_not_raised(tmp_path):
+    """A demo whose run has no metrics to plot says why, and goes on to export (kills D08)."""
+    pytest.importorskip("matplotlib")
+    from mlmtrain.demo import draw_curves
+
+    (tmp_path / "run").mkdir()
+    assert draw_curves(tmp_path / "run").startswith("not drawn: ")
+
+
+def test_a_demo_whose_training_stopped_exits_with_the_run_s_code(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the demo's training: the run saved and stopped (exit 130); the demo says so and exits 130,
+    not 0, without exporting (kills D06). The tokenizer and shards are made for real (small vocabulary)."""
+    pytest.importorskip("transformers")
+    from mlmtrain import train as train_module
+
+    monkeypatch.setattr(train_module, "train", lambda cfg: {"exit_code": 130, "stopped_by": "SIGINT"})
+    done = in_process(capsys, "demo", "--out", tmp_path / "demo", "--vocab-size", 1000, "--quiet")
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "demo stopped (SIGINT)" in done.stdout and not (tmp_path / "demo" / "export").exists()

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_run import assert_refused, in_process
 from test_train import tiny_config
 
 from mlmtrain.errors import UserError
@@ -114,7 +115,6 @@ def test_plot_draws_curves(data_dir, tokenizer_dir, tmp_path, capsys):
 
 def test_plot_writes_only_the_png_it_says_and_replaces_only_a_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    from cli_run import assert_refused, in_process
 
     run = tmp_path / "run"
     run.mkdir()
@@ -142,3 +142,55 @@ def test_plot_writes_only_the_png_it_says_and_replaces_only_a_png(tmp_path, caps
         token = "hf_FAKEabcdefghijklmnopqrstuvwxyz1234"
         line = assert_refused(in_process(capsys, "plot", run, "--out", f"/proc/{token}.png"), "could not write")
         assert token not in line and "hf_***" in line
+
+
+def _metrics_run(tmp_path: Path, extra: str = "") -> Path:
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 8.0 - s, "lr": 1e-3, "tokens_per_s": 1000.0} for s in (1, 2, 3)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + extra)
+    return run
+
+
+def test_plot_out_is_checked_by_its_suffix_any_case_its_kind_and_its_whole_signature(tmp_path, capsys):
+    """--out: `X.PNG` is a .png path (kills L01); a folder named `x.png` is refused as a folder (kills L02); a
+    file that begins like a PNG but is not one is not replaced (kills L13: only 4 bytes of the signature read)."""
+    pytest.importorskip("matplotlib")
+    run = _metrics_run(tmp_path)
+    done = in_process(capsys, "plot", run, "--out", tmp_path / "CURVES.PNG")
+    assert done.returncode == 0 and (tmp_path / "CURVES.PNG").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", done.stderr
+    (tmp_path / "pics.png").mkdir()
+    assert_refused(in_process(capsys, "plot", run, "--out", tmp_path / "pics.png"), "is a folder")
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"\x89PNG but my notes after it")
+    assert_refused(in_process(capsys, "plot", run, "--out", fake), "exists and is not a PNG image")
+    assert fake.read_bytes() == b"\x89PNG but my notes after it"
+
+
+def test_plot_refuses_a_damaged_line_before_the_last_and_a_file_without_training_rows(tmp_path, capsys):
+    """Only the last line, with no newline after it, may be cut short (a run still writing it): a damaged line
+    followed by a newline is an edited file (kills L04, L05); metrics with no training row yet say so (L08)."""
+    pytest.importorskip("matplotlib")
+    run = _metrics_run(tmp_path, '{"step": 4, "lo\n')
+    assert_refused(in_process(capsys, "plot", run), "line 4 is not JSON")
+    assert not (run / "curves.png").exists()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "valid_loss": 7.0}) + "\n")
+    assert_refused(in_process(capsys, "plot", run), "holds no training steps yet")
+    assert not (run / "curves.png").exists()
+
+
+def test_plot_replaces_its_image_all_at_once(tmp_path, capsys):
+    """A second plot renames a new image into place: a viewer that opened the old one reads it whole (kills L09:
+    the image written over in place, truncating the file the viewer reads)."""
+    pytest.importorskip("matplotlib")
+    run = _metrics_run(tmp_path)
+    assert in_process(capsys, "plot", run).returncode == 0
+    old = (run / "curves.png").read_bytes()
+    with open(run / "metrics.jsonl", "a") as f:  # a longer run: another image
+        f.write(json.dumps({"step": 4, "loss": 2.0, "lr": 1e-3, "tokens_per_s": 3000.0}) + "\n")
+    with open(run / "curves.png", "rb") as viewer:
+        assert viewer.read(8) == old[:8]
+        assert in_process(capsys, "plot", run).returncode == 0
+        assert viewer.read() == old[8:]
+    assert (run / "curves.png").read_bytes() != old
+    assert sorted(p.name for p in run.iterdir()) == ["curves.png", "metrics.jsonl"]

@@ -7,6 +7,7 @@ subprocesses."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shlex
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import faults
 import pytest
@@ -444,3 +446,112 @@ def test_short_trainings_in_a_row_all_exit_0(data_dir, tokenizer_dir, tmp_path):
                 assert "terminate called" not in out, out
             running = []
     assert codes == [0] * 12, codes
+
+
+def _train_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_timed_checkpoint_is_saved_checkpoint_minutes_after_the_last_save(
+    data_dir, tokenizer_dir, tmp_path, monkeypatch
+):
+    """train.checkpoint_minutes is minutes of wall time since the *last* save (not since the start), and a timed
+    save closes the log window first. The loop's clock is faked: 20 s pass at each reading, the period is 30 s,
+    so saves fall at steps 2 and 4 of 5 (kills T02: minutes read as hours; T16: the clock not restarted at a
+    save; T07: a timed save that does not close the window)."""
+    from mlmtrain import train as train_module
+
+    clock = itertools.count(0.0, 20.0)
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(time=lambda: next(clock)))
+    saved = []
+    save = train_module.Run.save
+    monkeypatch.setattr(train_module.Run, "save", lambda self, step, *a: (saved.append(step), save(self, step, *a)))
+    settings = {"train.max_steps": 5, "train.log_every": 10, "train.checkpoint_minutes": 0.5,
+                "train.checkpoint_at_end": False, "train.keep_checkpoints": 0}  # fmt: skip
+    summary = train_module.train(config(data_dir, tokenizer_dir, tmp_path / "run", **settings), log=lambda m: 0)
+    assert summary["exit_code"] == 0
+    assert saved == [2, 4]
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run")] == ["step_00000002", "step_00000004"]
+    assert [r["step"] for r in _train_rows(tmp_path / "run") if "loss" in r] == [2, 4, 5]
+
+
+def test_the_last_step_closes_its_log_window_between_log_steps(data_dir, tokenizer_dir, tmp_path):
+    """max_steps 3 with log_every 2: the last window (step 3 alone) is logged, and counted in the summary and the
+    final checkpoint (kills T05: the last step not closing the window)."""
+    run = tmp_path / "run"
+    summary = train(config(data_dir, tokenizer_dir, run, **{"train.max_steps": 3, "train.log_every": 2}),
+                    log=lambda m: 0)  # fmt: skip
+    rows = [r for r in _train_rows(run) if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 3]
+    state = json.loads((ckpt.latest_checkpoint(run) / "state.json").read_text())
+    assert summary["real_tokens"] == state["real_tokens"] > 0
+    assert summary["steps"] == 3
+
+
+def test_a_stop_between_log_steps_logs_the_steps_it_saves(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """SIGTERM during step 3 with log_every 10: the run saves step 3 and exits 143, and metrics.jsonl holds the
+    window it closed there (steps 1-3): a resume starts after step 3, so no later run logs them (kills T06: a
+    stop that does not close the log window)."""
+    from mlmtrain import train as train_module
+
+    lr_at = train_module.lr_at
+
+    def signal_in_step_3(step, cfg):
+        if step == 2:  # the lr of step 3 (0-based 2) is set as it starts
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(step, cfg)
+
+    monkeypatch.setattr(train_module, "lr_at", signal_in_step_3)
+    run = tmp_path / "run"
+    settings = {"train.max_steps": 8, "train.log_every": 10}
+    summary = train_module.train(config(data_dir, tokenizer_dir, run, **settings), log=lambda m: 0)
+    assert summary["exit_code"] == 128 + signal.SIGTERM and summary["steps"] == 3
+    assert ckpt.latest_checkpoint(run).name == "step_00000003"
+    rows = [r for r in _train_rows(run) if "loss" in r]
+    assert [r["step"] for r in rows] == [3]
+
+
+def test_a_signal_during_the_last_step_stops_nothing(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """SIGTERM while the last step runs (so the stop is agreed at that step, before the final save): the run is
+    done, exits 0 with no "stopped by" line or resume advice (kills T11: the stop logged at the last step; T12:
+    the agreed stop kept after the last step, exit 143)."""
+    from mlmtrain import train as train_module
+
+    lr_at = train_module.lr_at
+
+    def signal_in_the_last_step(step, cfg):
+        if step == 2:  # step 3 of 3 starts
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(step, cfg)
+
+    monkeypatch.setattr(train_module, "lr_at", signal_in_the_last_step)
+    logged = []
+    summary = train_module.train(config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.max_steps": 3}),
+                                 log=logged.append)  # fmt: skip
+    assert summary["exit_code"] == 0 and summary["stopped_by"] is None and summary["steps"] == 3
+    assert not any("stopped by" in line or "--resume" in line for line in logged), logged
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000003"
+
+
+def test_train_called_from_python_gives_back_the_signal_handlers_it_took(data_dir, tokenizer_dir, tmp_path):
+    """`train()` from Python (a notebook, the demo, the bench; not through cli.main, which restores them itself):
+    Ctrl-C, SIGTERM and SIGHUP have the caller's handlers again after the run, and no finished run is left
+    listening for a closed output (kills T18: no stopper.restore())."""
+    from mlmtrain import stop
+
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {s: signal.getsignal(s) for s in sigs}
+    summary = train(config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.max_steps": 1}), log=lambda m: 0)
+    assert summary["exit_code"] == 0
+    assert {s: signal.getsignal(s) for s in sigs} == before
+    assert stop._output["listeners"] == []
+
+
+def test_checkpoint_at_end_off_saves_nothing_at_the_end(data_dir, tokenizer_dir, tmp_path):
+    """train.checkpoint_at_end = false (the benchmarks' setting: a base checkpoint is ~1.3 GB): a run that ends
+    at max_steps with no cadence saves no checkpoint (kills T09: the last step always saved)."""
+    run = tmp_path / "run"
+    settings = {"train.max_steps": 2, "train.log_every": 1, "train.checkpoint_at_end": False}
+    summary = train(config(data_dir, tokenizer_dir, run, **settings), log=lambda m: 0)
+    assert summary["exit_code"] == 0 and summary["steps"] == 2
+    assert ckpt.complete_checkpoints(run) == []

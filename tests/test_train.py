@@ -490,3 +490,20 @@ def test_no_helper_of_a_run_outlives_it(data_dir, tokenizer_dir, tmp_path, monke
     with pytest.raises(RuntimeError, match="a fault at step 2"):
         train(tiny_config(data_dir, tokenizer_dir, tmp_path / "failed", **overrides))
     assert ours() == []
+
+
+def test_a_non_finite_stop_evaluates_and_saves_where_it_stops(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """nan_policy=stop with no eval or checkpoint cadence: the stop at step 3 still evaluates (its valid loss is in
+    metrics.jsonl, the summary and the checkpoint) and saves step 3, exiting 3 (kills T08: no eval at a stop;
+    T10: no save at a stop)."""
+    faults.inject_nan(monkeypatch.setattr, {3})
+    run = tmp_path / "run"
+    settings = {"train.max_steps": 6, "train.log_every": 1, "train.nan_policy": "stop"}
+    summary = train(tiny_config(data_dir, tokenizer_dir, run, **settings), log=lambda m: 0)
+    assert summary["exit_code"] == 3 and "non-finite" in summary["stopped_by"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "valid_loss" in r]
+    assert [r["step"] for r in evals] == [3] and summary["valid_loss"] == evals[0]["valid_loss"]
+    assert ckpt.latest_checkpoint(run).name == "step_00000003"
+    state = json.loads((ckpt.latest_checkpoint(run) / "state.json").read_text())
+    assert state["valid_loss"] == evals[0]["valid_loss"]

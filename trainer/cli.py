@@ -349,6 +349,19 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {redact_tokens(message)} (see `{self.prog} --help`)\n")
 
+    def _print_message(self, message: str, file=None) -> None:
+        """argparse's, except that a reader gone away (`--help | head` with unbuffered stdout: `python -u`) reaches
+        `main`, which exits 1 as it does for buffered output; argparse ignores every failed write and exits 0."""
+        file = file or sys.stderr
+        if not message or file is None:
+            return
+        try:
+            file.write(message)
+        except BrokenPipeError:
+            raise
+        except OSError:  # as argparse
+            pass
+
 
 class Terminated(BaseException):
     """SIGTERM or SIGHUP, raised in the main thread so that cleanups run (`mlmtrain train` handles them itself)."""
