@@ -406,12 +406,17 @@ def test_a_signal_to_prepare_exits_128_plus_it_and_leaves_no_temporary_folder(na
 NOTE = files.Layout("note", "a note", "mlmtrain note", ("a.txt",), ("a.txt",))  # a command's folder, for the tests
 
 
+def _write_note(final: Path, text: str) -> None:
+    """A NOTE folder at `final` holding a.txt = text, written as the command would."""
+    with files.atomic_dir(final, layout=NOTE) as folder:
+        (folder / "a.txt").write_text(text)
+
+
 def test_a_folder_another_run_replaced_meanwhile_is_not_replaced_again(tmp_path):
     """Two `--overwrite` runs into one folder: the second to finish would replace the first's output and both
     would say they wrote it. The folder must still be the one this run found."""
     final = tmp_path / "out"
-    with files.atomic_dir(final, layout=NOTE) as folder:
-        (folder / "a.txt").write_text("old")
+    _write_note(final, "old")
     with pytest.raises(UserError, match="was replaced by another process while this one wrote it"):
         with files.atomic_dir(final, replace=True, layout=NOTE) as folder:
             (folder / "a.txt").write_text("mine")
@@ -436,8 +441,7 @@ def test_a_signal_while_the_output_is_put_in_place_waits_for_it(tmp_path, monkey
     import signal
 
     final = tmp_path / "out"
-    with files.atomic_dir(final, layout=NOTE) as folder:
-        (folder / "a.txt").write_text("old")
+    _write_note(final, "old")
     remove = files._remove
 
     def interrupted(path):
@@ -517,8 +521,7 @@ def test_a_file_put_in_the_folder_while_it_is_rewritten_is_not_lost(tmp_path):
     """--overwrite checks the folder again just before the rename: a file of the user's that appeared there
     meanwhile is refused, not deleted with the old folder (kills F22)."""
     final = tmp_path / "out"
-    with files.atomic_dir(final, layout=NOTE) as folder:
-        (folder / "a.txt").write_text("old")
+    _write_note(final, "old")
     with pytest.raises(UserError, match="did not write"):
         with files.atomic_dir(final, replace=True, layout=NOTE) as folder:
             (folder / "a.txt").write_text("new")
@@ -533,8 +536,7 @@ def test_a_failed_rename_puts_the_previous_folder_back(tmp_path, monkeypatch):
     import errno
 
     final = tmp_path / "out"
-    with files.atomic_dir(final, layout=NOTE) as folder:
-        (folder / "a.txt").write_text("old")
+    _write_note(final, "old")
     replace = os.replace
 
     def refuse_the_new_folder(src, dst):  # the folder's rename into place only (not the files written in it)
