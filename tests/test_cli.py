@@ -225,3 +225,32 @@ def test_a_usage_error_never_echoes_a_token(capsys):
             main(argv)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and token not in err and "hf_***" in err, err
+
+
+def test_no_command_prints_the_help_and_exits_2(capsys):
+    """`mlmtrain` alone is a usage error a script must see (exit 2), with the commands listed (kills C04: exit 0)."""
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert all(command in out for command in ("tokenizer", "prepare", "train", "export", "upload", "demo"))
+
+
+@pytest.mark.parametrize("raised, code, said", [(KeyboardInterrupt(), 130, "interrupted"), (None, 143, "SIGTERM")])
+def test_a_command_stopped_by_a_signal_exits_128_plus_it(monkeypatch, capsys, raised, code, said):
+    """Ctrl-C (KeyboardInterrupt) or SIGTERM (cli.Terminated) inside any command but train: 130 or 143 and one line,
+    so `... && next` stops (kills C06: Ctrl-C exiting 1)."""
+    import signal
+
+    from mlmtrain import cli, plot
+
+    def stopped(args):
+        raise raised if raised is not None else cli.Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(plot, "main", stopped)
+    assert main(["plot", "run"]) == code
+    assert f"mlmtrain plot: {'stopped by ' if code == 143 else ''}{said}" in capsys.readouterr().err
+
+
+def test_train_flags_show_their_short_metavar():
+    """`--max-steps MAX_STEPS`, not the config key (`TRAIN.MAX_STEPS`) argparse would make from dest (kills C20)."""
+    text = build_parser().commands["train"].format_help()
+    assert "--max-steps MAX_STEPS" in text and "--lr LR" in text and "TRAIN." not in text

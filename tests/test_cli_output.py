@@ -189,3 +189,21 @@ def test_flags_give_a_command_run_by_another_the_same_output_settings(progress_s
     assert progress.flags() == ["--no-progress"]
     progress.configure(quiet=True)
     assert progress.flags() == ["--quiet"]
+
+
+def test_a_resumed_run_s_bar_starts_at_its_step_only_rank_0_draws_it_and_close_ends_it(progress_settings, monkeypatch):
+    """A run resumed at step 40 of 100 shows 40/100, not 0/100; a rank other than 0 (enabled False) draws no bar and
+    prints no lines even on a terminal; close() closes the bar, so the terminal line is finished before the summary
+    (kills P08: initial 0; P09: close does nothing; P10: `enabled` ignored)."""
+    progress = progress_settings
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    logged = []
+    bar = progress.StepProgress(100, 40, True, logged.append)
+    assert bar.bar.n == 40 and bar.bar.total == 100
+    bar.update()
+    assert bar.bar.n == 41
+    bar.close()
+    assert bar.bar.disable  # tqdm's mark of a closed bar
+    other_rank = progress.StepProgress(100, 40, False, logged.append)
+    other_rank.window("step 50: the full line", "loss=1", every_tenth=True)
+    assert other_rank.bar is None and logged == []

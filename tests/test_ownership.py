@@ -600,3 +600,31 @@ def test_a_demo_whose_training_stopped_exits_with_the_run_s_code(tmp_path, capsy
     done = in_process(capsys, "demo", "--out", tmp_path / "demo", "--vocab-size", 1000, "--quiet")
     assert done.returncode == 130, done.stdout + done.stderr
     assert "demo stopped (SIGINT)" in done.stdout and not (tmp_path / "demo" / "export").exists()
+
+
+@pytest.mark.parametrize("count", [5, 7])
+def test_a_replace_refusal_names_five_foreign_files_and_counts_the_rest(tmp_path, count):
+    """The sentence lists at most five of the user's files and says how many more (kills F13: "and 0 more" at
+    exactly five; F14: the rest not counted)."""
+    final = tmp_path / "out"
+    _write_note(final, "old")
+    for i in range(count):
+        (final / f"user{i}.txt").write_text("mine")
+    with pytest.raises(UserError) as refused:
+        files.check_out_folder(final, NOTE, replace=True)
+    message = str(refused.value)
+    assert message.count("user") == 5 and ("and 2 more" in message) == (count == 7) and "and 0 more" not in message
+    assert all((final / f"user{i}.txt").exists() for i in range(count))
+
+
+def test_written_files_take_the_umask_s_mode(tmp_path):
+    """Files mlmtrain writes get 0666 minus the umask, as any tool's new files (0640 under umask 027: a group
+    that should not read them cannot); the export's files, which safetensors creates 0600, are set to that mode,
+    never a fixed 0644 (kills F04)."""
+    old = os.umask(0o027)
+    try:
+        files.write_json(tmp_path / "a.json", {"a": 1})
+        mode = files.file_mode()
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640 and mode == 0o640

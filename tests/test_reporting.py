@@ -194,3 +194,10 @@ def test_plot_replaces_its_image_all_at_once(tmp_path, capsys):
         assert viewer.read() == old[8:]
     assert (run / "curves.png").read_bytes() != old
     assert sorted(p.name for p in run.iterdir()) == ["curves.png", "metrics.jsonl"]
+
+
+def test_plot_says_whether_the_run_folder_is_missing_or_a_file(tmp_path, capsys):
+    """One sentence that names what is wrong with the argument (kills L10: the two words swapped)."""
+    assert_refused(in_process(capsys, "plot", tmp_path / "nowhere"), "nowhere is missing")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert_refused(in_process(capsys, "plot", tmp_path / "notes.txt"), "notes.txt is a file")
