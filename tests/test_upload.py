@@ -1,7 +1,8 @@
 """`mlmtrain upload`, tested with no network.
 
-Every upload runs the real CLI in a subprocess (so HF_ENDPOINT, HF_TOKEN, HF_HOME and HF_HUB_OFFLINE are read
-by huggingface_hub at import, as for a user) against `tests/fake_hub.py`, a local HTTP server that stands
+The uploads run the real CLI in a subprocess (so HF_ENDPOINT, HF_TOKEN, HF_HOME and HF_HUB_OFFLINE are read
+by huggingface_hub at import, as for a user), except the Hub's refusals, whose telling runs in this process
+(`upload_in_process`), against `tests/fake_hub.py`, a local HTTP server that stands
 in for the real Hub and speaks the subset of its API a small upload uses (repo creation, branch creation,
 the pre-upload check answering "regular", the NDJSON commit, pull requests, whoami, repo info). The export
 folder is built by tests/upload_env.py (a tiny transformers BertForMaskedLM + the shared test tokenizer + a
@@ -14,7 +15,15 @@ from __future__ import annotations
 import json
 
 import pytest
-from upload_env import EXPORT_FILES, READ_TOKEN, WRITE_TOKEN, api_requests, assert_clean_error, upload
+from upload_env import (
+    EXPORT_FILES,
+    READ_TOKEN,
+    WRITE_TOKEN,
+    api_requests,
+    assert_clean_error,
+    upload,
+    upload_in_process,
+)
 
 # -- the upload itself ----------------------------------------------------------------------------
 
@@ -95,11 +104,10 @@ def test_upload_private_to_a_new_branch_with_a_message(hub, export_dir, tmp_path
     assert f"commit: {repo.heads['experiment-1']}" in result.stdout
 
 
-def test_private_refuses_an_existing_public_repo(hub, export_dir, tmp_path):
+def test_private_refuses_an_existing_public_repo(hub, export_dir, monkeypatch, capsys):
     hub.add_repo("alice/tiny-bert", owner="alice", private=False)
-    result = upload(
-        tmp_path, "--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--private", endpoint=hub.endpoint
-    )
+    args = ("--folder", str(export_dir), "--repo-id", "alice/tiny-bert", "--private")
+    result = upload_in_process(monkeypatch, capsys, *args, endpoint=hub.endpoint)
     assert_clean_error(result, "already exists and is public")
     assert hub.commits == []
 
@@ -228,7 +236,7 @@ def test_no_token(hub, export_dir, tmp_path):
     "case",
     ["read_only", "someone_elses_repo", "someone_elses_namespace", "missing_namespace", "bad_token", "server_error"],
 )
-def test_hub_errors(case, hub, export_dir, tmp_path):
+def test_hub_errors(case, hub, export_dir, monkeypatch, capsys):
     repo_id, token = "alice/tiny-bert", WRITE_TOKEN
     if case == "read_only":
         token, phrases = READ_TOKEN, ["read-only", "403"]
@@ -245,7 +253,8 @@ def test_hub_errors(case, hub, export_dir, tmp_path):
     else:  # repo creation is not retried by the library: the user is told to re-run
         hub.fail_next("create", 502)
         phrases = ["502", "run the same command again"]
-    result = upload(tmp_path, "--folder", str(export_dir), "--repo-id", repo_id, endpoint=hub.endpoint, token=token)
+    args = ("--folder", str(export_dir), "--repo-id", repo_id)
+    result = upload_in_process(monkeypatch, capsys, *args, endpoint=hub.endpoint, token=token)
     assert_clean_error(result, *phrases)
     assert hub.commits == [] and token not in result.stdout + result.stderr
 

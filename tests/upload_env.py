@@ -104,6 +104,29 @@ def upload(tmp_path: Path, *args: str, endpoint: str, token: str | None = WRITE_
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=60)
 
 
+def upload_in_process(monkeypatch, capsys, *args: str, endpoint: str, token: str | None = WRITE_TOKEN):
+    """`mlmtrain upload ARGS` through the CLI's entry point in this process, for the tests of refusals and of how
+    the Hub's answers are told (the fake Hub's endpoint set where huggingface_hub reads it at each call, the token
+    in HF_TOKEN; None: no HF_TOKEN, which leaves a saved login to count, so give such a test --token-file):
+    a subprocess would pay ~7 s of importing torch and transformers again for each. The hub's progress-bar
+    switch, which the command turns off under pytest's capture, is put back."""
+    from cli_run import in_process
+    from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+
+    bars_off = are_progress_bars_disabled()
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
+    try:
+        return in_process(capsys, "upload", *args)
+    finally:
+        if not bars_off:
+            enable_progress_bars()
+
+
 def assert_clean_error(result, *phrases: str) -> str:
     """Exit 2 with one `mlmtrain upload: error: ...` sentence and no traceback."""
     assert result.returncode == 2, (result.stdout, result.stderr)
