@@ -59,9 +59,12 @@ def test_every_folder_carries_a_marker_of_what_made_it(made):
         assert marker["mlmtrain_version"] == mlmtrain.__version__
 
 
-def test_overwrite_never_touches_another_kind_or_a_folder_it_did_not_make(made, tmp_path, sample_corpus):
+def test_overwrite_never_touches_another_kind_or_a_folder_it_did_not_make(
+    made, tmp_path, sample_corpus, capsys, monkeypatch
+):
     """The campaign's cases: `export --overwrite` onto a run folder, a tokenizer folder or `.`; `prepare
-    --overwrite` onto a folder holding `train/` and the input corpus; `demo --force` onto a user's folder."""
+    --overwrite` onto a folder holding `train/` and the input corpus; `demo --force` onto a user's folder.
+    (The refusals run in this process: they come before any work, and a new interpreter each costs seconds.)"""
     user = tmp_path / "user"
     (user / "train").mkdir(parents=True)
     corpus = shutil.copy(sample_corpus, user / "train" / "corpus.txt")
@@ -79,7 +82,9 @@ def test_overwrite_never_touches_another_kind_or_a_folder_it_did_not_make(made, 
         (["demo", "--out", user, "--force"], None, "not made by `mlmtrain demo`"),
     ]
     for args, cwd, phrase in cases:
-        line = assert_refused(run_cli(*args, cwd=cwd), phrase)
+        with monkeypatch.context() as here:
+            here.chdir(cwd or tmp_path)
+            line = assert_refused(in_process(capsys, *args), phrase)
         assert "--overwrite" not in line and "--force" not in line, line  # never a suggestion to force it
     assert {name: snapshot(folder) for name, folder in {**made, "user": user}.items()} == before
 
@@ -147,7 +152,9 @@ def test_a_file_is_replaced_all_at_once(tmp_path):
     assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
-def test_demo_force_deletes_only_a_demo_holding_nothing_else(made, tmp_path):
+def test_demo_force_deletes_only_a_demo_holding_nothing_else(made, tmp_path, capsys):
+    """(Refused in this process, as above: the lock below is another open file, which flock refuses as it would
+    another process's.)"""
     from mlmtrain.demo import demo_layout
 
     demo = tmp_path / "demo"
@@ -157,8 +164,8 @@ def test_demo_force_deletes_only_a_demo_holding_nothing_else(made, tmp_path):
     files.write_marker(demo, demo_layout())
     (demo / "run" / "notes.txt").write_text("my notes on the demo run")
     before = snapshot(demo)
-    assert_refused(run_cli("demo", "--out", demo), "already holds a demo", "--force")
-    assert_refused(run_cli("demo", "--out", demo, "--force"), "did not write (run/notes.txt)")
+    assert_refused(in_process(capsys, "demo", "--out", demo), "already holds a demo", "--force")
+    assert_refused(in_process(capsys, "demo", "--out", demo, "--force"), "did not write (run/notes.txt)")
     assert snapshot(demo) == before
     (demo / "run" / "notes.txt").unlink()
     assert files.check_out_folder(demo, demo_layout(), replace=True, replace_flag="--force") is True
@@ -167,7 +174,7 @@ def test_demo_force_deletes_only_a_demo_holding_nothing_else(made, tmp_path):
 
     lock = RunLock(demo, print)
     before = snapshot(demo)
-    assert_refused(run_cli("demo", "--out", demo, "--force"), "is in use by another training process")
+    assert_refused(in_process(capsys, "demo", "--out", demo, "--force"), "is in use by another training process")
     assert snapshot(demo) == before
     lock.release()
 
