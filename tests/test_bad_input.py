@@ -14,7 +14,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from cli_run import TINY, assert_refused, in_process, run_cli
+from cli_run import TINY, assert_refused, in_process
 
 from mlmtrain import prepare, shard_check
 from mlmtrain.config_load import load_config
@@ -203,12 +203,14 @@ def test_a_run_config_is_checked_as_toml_and_set_are(edit, data_dir, tokenizer_d
     assert_refused(in_process(capsys, "train", "--config", path, "--resume"), phrase)
 
 
-def test_nproc_is_checked_against_grad_accum_before_torchrun_starts(data_dir, tokenizer_dir, tmp_path):
+def test_nproc_is_checked_against_grad_accum_before_torchrun_starts(data_dir, tokenizer_dir, tmp_path, capsys):
     args = train_cli(data_dir, tokenizer_dir, tmp_path / "run", "--nproc", 3, "--set", "optim.grad_accum=4")
-    done = run_cli(*args)
+    done = in_process(capsys, *args)  # refused before anything starts: no new interpreter needed to show it
     assert_refused(done, "optim.grad_accum=4 must be a multiple of the number of processes (3)")
     assert "torch.distributed" not in done.stdout + done.stderr and not (tmp_path / "run").exists()
-    assert_refused(run_cli(*train_cli(data_dir, tokenizer_dir, tmp_path / "run", "--nproc", 0)), "at least 1")
+    assert_refused(
+        in_process(capsys, *train_cli(data_dir, tokenizer_dir, tmp_path / "run", "--nproc", 0)), "at least 1"
+    )
 
 
 def test_a_malformed_manifest_or_state_is_a_damaged_checkpoint(data_dir, tokenizer_dir, tmp_path, capsys):

@@ -190,23 +190,32 @@ def resolve(tmp_path_factory):
     constraints = tmp / "constraints.txt"
     constraints.write_text(f"torch=={torch.__version__}\n")
     env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
-
-    def run(requirement: str) -> tuple[dict[str, str], dict]:
-        report = tmp / f"report_{len(list(tmp.glob('report_*')))}.json"
+    runs = {}  # requirement -> (pip, its report, its stderr): both started at once, as pip mostly waits on the index
+    for i, requirement in enumerate((".", ".[test]")):
+        report, stderr = tmp / f"report_{i}.json", tmp / f"stderr_{i}.txt"
         cmd = [str(python), "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"]
         cmd += ["--report", str(report), "--constraint", str(constraints), "--timeout", "30", "--retries", "2"]
-        proc = subprocess.run([*cmd, requirement], cwd=src, env=env, capture_output=True, text=True, timeout=600)
-        if proc.returncode != 0:
-            if "No matching distribution found for torch" in proc.stderr:
+        with open(stderr, "w") as err:
+            pip = subprocess.Popen([*cmd, requirement], cwd=src, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        runs[requirement] = pip, report, stderr
+
+    def run(requirement: str) -> tuple[dict[str, str], dict]:
+        pip, report, stderr = runs[requirement]
+        returncode, err = pip.wait(timeout=600), stderr.read_text(errors="replace")
+        if returncode != 0:
+            if "No matching distribution found for torch" in err:
                 pytest.skip(f"pip sees no index that holds the installed torch {torch.__version__}")
             if not _pypi_reachable():
                 pytest.skip("PyPI became unreachable during the dry-run")
-            pytest.fail(f"pip install --dry-run {requirement} failed:\n{proc.stderr[-3000:]}")
+            pytest.fail(f"pip install --dry-run {requirement} failed:\n{err[-3000:]}")
         data = json.loads(report.read_text())
         installs = {_canon(i["metadata"]["name"]): i for i in data["install"]}
         return {name: i["metadata"]["version"] for name, i in installs.items()}, installs["mlmtrain"]["metadata"]
 
-    return run
+    yield run
+    for pip, _, _ in runs.values():  # a test that failed early leaves its pip running
+        pip.kill()
+        pip.wait()
 
 
 def test_cpu_install_without_extras_pulls_no_triton(resolve):
