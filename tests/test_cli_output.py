@@ -79,7 +79,7 @@ def test_a_terminal_gets_bars_and_TQDM_DISABLE_or_no_progress_remove_them(
     assert "step 3: loss" in out  # no bar: a plain line per log window instead
 
 
-def test_a_pipe_gets_plain_lines_the_resolved_config_and_the_next_command(data_dir, tokenizer_dir, tmp_path):
+def test_a_pipe_gets_plain_lines_the_resolved_config_and_the_next_command(data_dir, tokenizer_dir, tmp_path, capsys):
     run = tmp_path / "run"
     rc, out = run_cli(train_args(data_dir, tokenizer_dir, run), terminal=False)
     assert rc == 0 and "\r" not in out, out
@@ -107,8 +107,11 @@ def test_a_pipe_gets_plain_lines_the_resolved_config_and_the_next_command(data_d
     assert len(windows) == 2 and summary["step_time_s"]["min"] < summary["step_time_s"]["max"]
     for key, summary_key in (("tokens_per_s", "tokens_per_s"), ("tflops", "achieved_tflops")):
         assert summary[summary_key] == pytest.approx(statistics.median(r[key] for r in windows)), key
-    rc, quiet = run_cli([*train_args(data_dir, tokenizer_dir, tmp_path / "quiet"), "--quiet"], terminal=False)
-    assert rc == 0 and "config (resolved)" not in quiet and "step 1:" not in quiet and "done: 3 steps" in quiet
+    from cli_run import in_process  # --quiet, in this process (its output captured, as a pipe takes it)
+
+    quiet = in_process(capsys, *train_args(data_dir, tokenizer_dir, tmp_path / "quiet"), "--quiet")
+    assert quiet.returncode == 0 and "done: 3 steps" in quiet.stdout
+    assert "config (resolved)" not in quiet.stdout + quiet.stderr and "step 1:" not in quiet.stdout + quiet.stderr
     # export says what it wrote and what it verified, and nothing else: not what the libraries it loads log
     # (transformers imports an installed torchao, which logged four lines of its own here)
     pytest.importorskip("transformers")
