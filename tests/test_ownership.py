@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from cli_run import assert_refused, in_process, run_cli, snapshot, train_args
@@ -635,3 +636,136 @@ def test_written_files_take_the_umask_s_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640 and mode == 0o640
+
+
+def test_a_file_named_as_a_folder_the_run_owns_whole_is_the_user_s(tmp_path):
+    """`wandb/**` owns everything below a `wandb` folder, not a file named `wandb` beside config.json: replacing
+    the run would delete the user's file (kills F05: a path as deep as the pattern's folder read as below it)."""
+    from mlmtrain.run_folder import RUN_LAYOUT
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "wandb").write_text("my W&B notes")  # a file, where W&B writes a folder
+    assert files.owned("wandb/run-1/files/config.yaml", "wandb/**")
+    assert files.foreign_files(run, RUN_LAYOUT) == ["wandb"]
+
+
+def test_an_empty_folder_as_out_is_written_into(tmp_path):
+    """An empty folder (made by hand before the command) is as good as an absent one: written without
+    --overwrite, nothing refused (kills F06: an empty folder read as one mlmtrain did not make)."""
+    final = tmp_path / "out"
+    final.mkdir()
+    assert files.folder_state(final, NOTE) == ("empty", "")
+    _write_note(final, "new")
+    assert (final / "a.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_link_named_as_a_folder_of_ours_is_the_user_s(tmp_path):
+    """`run/checkpoints` as a symbolic link (the user's checkpoints on another disk) is not a folder the run
+    made: it is listed, as the link, among what replacing the run would lose (kills F09: links read as
+    folders, so an owned name passed unlisted)."""
+    from mlmtrain.run_folder import RUN_LAYOUT
+
+    elsewhere = tmp_path / "bigdisk"
+    (elsewhere / "step_00000002").mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    assert files.foreign_files(run, RUN_LAYOUT) == ["checkpoints"]
+
+
+def test_a_demo_part_made_by_another_command_is_listed_whole(tmp_path):
+    """demo/run holding a tokenizer's marker is not the demo's run, even when every file in it has a name a run
+    writes: `demo --force` must not delete it (kills F11: every part folder judged by its file names alone)."""
+    from mlmtrain.demo import demo_layout
+    from mlmtrain.tokenizer import TOKENIZER_LAYOUT
+
+    demo = _demo_folder(tmp_path)
+    (demo / "run").mkdir()
+    files.write_marker(demo / "run", TOKENIZER_LAYOUT)
+    (demo / "run" / "config.json").write_text("{}")  # a name RUN_LAYOUT owns
+    assert files.foreign_files(demo, demo_layout()) == ["run/"]
+
+
+def test_a_safetensors_write_failure_is_said_in_the_system_s_words():
+    """Both forms safetensors raises a full disk in (its I/O error line, and older versions' Rust debug text)
+    read as the system's sentence, as an OSError does (kills F21: the whole SafetensorError text)."""
+    from safetensors import SafetensorError
+
+    new = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    old = SafetensorError(
+        'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+    assert files.write_failure(new) == files.write_failure(old) == "No space left on device"
+
+
+def test_a_folder_with_the_same_inode_on_another_filesystem_is_another_folder(tmp_path, monkeypatch):
+    """An inode number is unique on one filesystem only: a folder that took `out`'s place from another one (a
+    volume mounted there meanwhile) may carry the same number and is still not the folder this run found, so
+    it is not replaced (kills F32: the inode alone compared). The mount is faked: once "mounted", `out` reads
+    as the same inode on another device."""
+    final = tmp_path / "out"
+    _write_note(final, "old")
+    stat, mounted = Path.stat, []
+
+    def stat_after_mount(path, *, follow_symlinks=True):
+        st = stat(path, follow_symlinks=follow_symlinks)
+        if mounted and path.name == "out":  # (mode, ino, dev, nlink, uid, gid, size, atime, mtime, ctime)
+            return os.stat_result((st.st_mode, st.st_ino, st.st_dev + 1, *st[3:10]))
+        return st
+
+    monkeypatch.setattr(Path, "stat", stat_after_mount)
+    with pytest.raises(UserError, match="was replaced by another process while this one wrote it"):
+        with files.atomic_dir(final, replace=True, layout=NOTE) as folder:
+            (folder / "a.txt").write_text("new")
+            mounted.append(final)
+    assert (final / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _faked_demo(tmp_path, capsys, monkeypatch, *, valid_loss=3.0, baseline=5.0, export_rc=0):
+    """`mlmtrain demo` (through the CLI's entry point) with every stage faked, so none costs seconds: the
+    tokenizer, the shards, the unigram numbers (`baseline`: the unigram model's valid loss), the training
+    (`valid_loss`), the curves, the export and upload (`cli.main`, exit `export_rc` for the export) and
+    fill-mask. Returns (exit code, the stages run after training, stdout)."""
+    pytest.importorskip("transformers")
+    from mlmtrain import cli, demo, evaluate, prepare, tokenizer
+    from mlmtrain import train as train_module
+
+    main, stages = cli.main, []
+    meta = {"vocab_size": 100, "train": {"sentences": 9}, "valid": {"sentences": 1}}
+    monkeypatch.setattr(tokenizer, "train_tokenizer", lambda *a, **k: 100)
+    monkeypatch.setattr(prepare, "prepare", lambda *a, **k: meta)
+    monkeypatch.setattr(prepare, "load_split", lambda *a: SimpleNamespace(tokens=[5, 6]))
+    monkeypatch.setattr(prepare, "shard_specials", lambda m: ())
+    monkeypatch.setattr(evaluate, "unigram_entropy", lambda *a: 4.0)
+    monkeypatch.setattr(evaluate, "unigram_cross_entropy", lambda *a: baseline)
+    summary = {"exit_code": 0, "stopped_by": None, "valid_loss": valid_loss, "valid_accuracy": 0.5,
+               "tokens_per_s": 1000.0}  # fmt: skip
+    monkeypatch.setattr(train_module, "train", lambda cfg: summary)
+    monkeypatch.setattr(demo, "draw_curves", lambda run: "not drawn: faked")
+    monkeypatch.setattr(demo, "fill_mask", lambda folder, text: stages.append("fill-mask") or [])
+    monkeypatch.setattr(cli, "main", lambda argv: stages.append(argv[0]) or (export_rc if argv[0] == "export" else 0))
+    capsys.readouterr()
+    rc = main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "--quiet"])
+    return rc, stages, capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("valid_loss", "verdict"), [(3.0, "is below"), (6.0, "is NOT below")])
+def test_the_demo_says_whether_its_loss_is_below_the_unigram_model_s(
+    valid_loss, verdict, tmp_path, capsys, monkeypatch
+):
+    """The closing line compares the validation loss with the unigram model's on the same split (5.0 here):
+    a lower loss is "below", a higher one "NOT below" (kills D07: the comparison reversed)."""
+    rc, stages, out = _faked_demo(tmp_path, capsys, monkeypatch, valid_loss=valid_loss, baseline=5.0)
+    assert rc == 0 and stages == ["export", "fill-mask", "upload"], out
+    assert f"validation MLM loss {valid_loss:.3f} {verdict} the unigram model's 5.000" in out, out
+
+
+def test_a_demo_whose_export_failed_exits_with_its_code(tmp_path, capsys, monkeypatch):
+    """The export stage refused (exit 2): the demo ends there with 2, runs neither fill-mask nor the upload dry
+    run on an export that is not there, and writes no result (kills D09: the export's exit code ignored)."""
+    rc, stages, out = _faked_demo(tmp_path, capsys, monkeypatch, export_rc=2)
+    assert rc == 2 and stages == ["export"], out
+    assert not (tmp_path / "demo" / "demo_result.json").exists()

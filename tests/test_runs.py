@@ -563,3 +563,20 @@ def test_checkpoint_at_end_off_saves_nothing_at_the_end(data_dir, tokenizer_dir,
     summary = train(config(data_dir, tokenizer_dir, run, **settings), log=lambda m: 0)
     assert summary["exit_code"] == 0 and summary["steps"] == 2
     assert ckpt.complete_checkpoints(run) == []
+
+
+def test_a_resume_says_how_many_metrics_lines_of_redone_steps_it_cut(data_dir, tokenizer_dir, tmp_path):
+    """A run killed after logging step 2 (and tearing a line of step 3) but before saving past step 1: the resume
+    from step 1 cuts those two lines from metrics.jsonl, so each step is logged once, and says so, so the file
+    never shrinks unsaid (kills T26: no line)."""
+    run = tmp_path / "run"
+    train(config(data_dir, tokenizer_dir, run, **{"train.max_steps": 1, "train.log_every": 1}), log=lambda m: 0)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "loss": 9.0}\n{"step": 3, "lo')  # logged after the step-1 checkpoint; torn by the kill
+    logged = []
+    summary = train(config(data_dir, tokenizer_dir, run, **{"train.max_steps": 2, "train.log_every": 1}),
+                    resume=str(run), change_max_steps=True, log=logged.append)  # fmt: skip
+    assert summary["exit_code"] == 0
+    assert "metrics.jsonl: dropped 2 lines of steps after 1, which this run redoes" in logged, logged
+    losses = [(r["step"], r["loss"]) for r in rows(run) if "loss" in r]
+    assert [step for step, _ in losses] == [1, 2] and losses[-1][1] != 9.0
