@@ -32,6 +32,7 @@ NO_TORCH = "import sys; sys.argv = ['mlmtrain', *sys.argv[1:]]; from mlmtrain.cl
         (["train", "--lr", "fast"], 2),  # an argument error
         (["train", "--model", "huge"], 2),
         (["nonsense"], 2),
+        (["upload", "--folder", "no-such-export", "--repo-id", "tiny-bert"], 2),  # a flag upload itself refuses
     ],
 )
 def test_help_version_and_argument_errors_do_not_import_torch(argv, code):

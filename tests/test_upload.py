@@ -295,6 +295,22 @@ def test_bad_arguments(export_dir, tmp_path, capsys):
         assert phrase in capsys.readouterr().err
 
 
+def test_bad_flags_are_refused_before_the_folder_is_read(tmp_path, capsys):
+    """A bad --repo-id or --revision is said at once, before the folder is hashed and loaded (an export of
+    BERT-large is 1.3 GB to hash): here the folder is not even a complete export, and the flag is what is named."""
+    from mlmtrain.cli import main
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "mlmtrain_export.json").write_text("{}")
+    cases = [(["--repo-id", "tiny-bert"], "is not NAME/REPO"),
+             (["--repo-id", "alice/tiny-bert", "--revision", "bad rev.."], "is not a branch name")]  # fmt: skip
+    for extra, phrase in cases:
+        assert main(["upload", "--folder", str(folder), *extra]) == 2
+        err = capsys.readouterr().err
+        assert phrase in err and "complete, verified export" not in err, err
+
+
 # -- dry run --------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from mlmtrain.errors import UserError
 from mlmtrain.files import Layout
 from mlmtrain.manifest import manifest_problems
-from mlmtrain.model import SHAPE_FIELDS, BertConfig, hf_tensor_shapes
 from mlmtrain.tokenizer_folder import vocab_disagreements
 
 EXPORT_MANIFEST = "mlmtrain_export.json"
@@ -125,7 +124,8 @@ def _check_manifest(folder: Path) -> list[str]:
 def _check_config(config: dict) -> list[str]:
     if config.get("model_type") != "bert":
         return [f"config.json model_type is {config.get('model_type')!r}, expected 'bert'"]
-    keys = SHAPE_FIELDS
+    from mlmtrain.model import SHAPE_FIELDS as keys  # here, not at import: `upload`'s refusals need no torch
+
     bad = [k for k in keys if not (isinstance(config.get(k), int) and config[k] > 0)]
     if bad:
         return [f"config.json lacks a positive integer {', '.join(bad)}"]
@@ -203,6 +203,8 @@ def _check_weights(path: Path, config: dict) -> list[str]:
         header = read_safetensors_header(path)
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         return [f"model.safetensors is unreadable: {e}"]
+    from mlmtrain.model import BertConfig, hf_tensor_shapes
+
     try:
         required, optional = hf_tensor_shapes(BertConfig.from_dict(config, "config.json"))
     except UserError as e:

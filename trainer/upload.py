@@ -60,6 +60,12 @@ def main(args: argparse.Namespace) -> int:
             "a token is not accepted on the command line (it would stay in shell history and process "
             "lists): set HF_TOKEN, run `hf auth login`, or pass --token-file PATH"
         )
+    refuse_tokens(repo_id=args.repo_id, revision=args.revision, commit_message=args.commit_message)
+    _check_repo_id(args.repo_id)  # the flags first: an export of BERT-large is 1.3 GB to hash
+    if args.create_pr and args.revision not in (None, "main"):
+        raise UserError("--create-pr opens a pull request against main; it cannot be combined with --revision")
+    if args.revision is not None and not _branch_name(args.revision):
+        raise UserError(f"--revision {args.revision!r} is not a branch name (letters, digits, '-', '_', '.', '/')")
     folder = Path(args.folder)
     if folder.is_dir() and not (folder / EXPORT_MANIFEST).is_file():  # not an export at all: one sentence
         raise UserError(
@@ -72,12 +78,6 @@ def main(args: argparse.Namespace) -> int:
     if problems:
         listing = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"{folder} is not a complete, verified export; nothing was sent:\n{listing}")
-    refuse_tokens(repo_id=args.repo_id, revision=args.revision, commit_message=args.commit_message)
-    _check_repo_id(args.repo_id)
-    if args.create_pr and args.revision not in (None, "main"):
-        raise UserError("--create-pr opens a pull request against main; it cannot be combined with --revision")
-    if args.revision is not None and not _branch_name(args.revision):
-        raise UserError(f"--revision {args.revision!r} is not a branch name (letters, digits, '-', '_', '.', '/')")
     manifest = read_manifest(folder)
     files = sorted(manifest["files"])
     name = manifest.get("name")
