@@ -56,7 +56,8 @@ def test_an_existing_run_is_continued_only_with_resume(data_dir, tokenizer_dir, 
     run = tmp_path / "run"
     assert run_cli(*train_args(data_dir, tokenizer_dir, run)).returncode == 0
     before = snapshot(run)
-    line = assert_refused(in_process(capsys, *train_args(data_dir, tokenizer_dir, run)), "already holds a training")
+    refused = in_process(capsys, *train_args(data_dir, tokenizer_dir, run))
+    line = assert_refused(refused, "already holds a training run")
     assert f"--config {run / 'config.json'} --resume" in line
     assert_refused(
         in_process(capsys, *train_args(data_dir, tokenizer_dir, run, 0)), "train.max_steps must be at least 1"
@@ -72,7 +73,8 @@ def test_a_second_process_is_refused_naming_the_holder_and_a_killed_one_holds_no
     try:
         wait_for(lambda: holds_lock(run, first.pid) and (run / "metrics.jsonl").is_file())
         for extra in ((), ("--resume",)):
-            line = assert_refused(in_process(capsys, *train_args(data_dir, tokenizer_dir, run, 5000, *extra)), "in use")
+            refused = in_process(capsys, *train_args(data_dir, tokenizer_dir, run, 5000, *extra))
+            line = assert_refused(refused, "is in use")
             assert f"pid {first.pid} on " in line and "started " in line
         first.send_signal(signal.SIGKILL)  # no cleanup at all: the kernel still drops the lock
         first.wait(timeout=60)
@@ -218,7 +220,8 @@ def test_max_steps_changes_only_when_asked_and_a_finished_run_is_left_as_it_is(
     run = tmp_path / "run"
     assert run_cli(*train_args(data_dir, tokenizer_dir, run)).returncode == 0
     before = snapshot(run)
-    line = assert_refused(in_process(capsys, *train_args(data_dir, tokenizer_dir, run, 4, "--resume")), "--change-max")
+    refused = in_process(capsys, *train_args(data_dir, tokenizer_dir, run, 4, "--resume"))
+    line = assert_refused(refused, "--change-max-steps")
     assert "set to 2 steps" in line and "asks for 4" in line
     done = in_process(capsys, *train_args(data_dir, tokenizer_dir, run, 2, "--resume"))
     assert done.returncode == 0, done.stdout + done.stderr  # finished: the goal holds, so `&& export` may go on
