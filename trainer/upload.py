@@ -1,6 +1,7 @@
 """`mlmtrain upload`: publish an exported folder to the Hugging Face Hub in one command.
 
-Check the folder is a complete export (`export_check.check_export_folder`, which `mlmtrain export` runs too:
+Check the flags (the repo id, the branch name, no token in any of them) before reading anything, then that the
+folder is a complete export (`export_check.check_export_folder`, which `mlmtrain export` runs too:
 every file's size and sha256 recomputed against the manifest, regular files only, no symbolic links, no names
 that would be patterns), copy it into a private temporary folder and check the copy again (what is sent is
 what was checked, even if the export changes meanwhile: an editor, an `export --overwrite`), load the copy
