@@ -43,8 +43,8 @@ def make_bert_folder(out: Path, tokenizer_dir, layout: str = "0-4", *, head: boo
     out.mkdir(parents=True, exist_ok=True)
     vocab = vocabulary(tokenizer_dir, layout)
     (out / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
-    tok = transformers.BertTokenizer(
-        vocab=str(out / "vocab.txt"), do_lower_case=False, strip_accents=False, tokenize_chinese_chars=True
+    tok = transformers.BertTokenizerFast(
+        str(out / "vocab.txt"), do_lower_case=False, strip_accents=False, tokenize_chinese_chars=True
     )
     tok.save_pretrained(str(out))
     hf_config = transformers.BertConfig(vocab_size=len(vocab), pad_token_id=0, **{**CUSTOM_DIMS, **config})
@@ -66,7 +66,7 @@ def swapped_tokenizer(folder: Path, out: Path, i: int = 10) -> Path:
     out.mkdir(parents=True)
     swapped = [*vocab[:i], vocab[i + 1], vocab[i], *vocab[i + 2 :]]
     (out / "vocab.txt").write_text("".join(t + "\n" for t in swapped), encoding="utf-8")
-    transformers.BertTokenizer(
-        vocab=str(out / "vocab.txt"), do_lower_case=False, strip_accents=False, tokenize_chinese_chars=True
+    transformers.BertTokenizerFast(
+        str(out / "vocab.txt"), do_lower_case=False, strip_accents=False, tokenize_chinese_chars=True
     ).save_pretrained(str(out))
     return out

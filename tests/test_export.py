@@ -283,7 +283,13 @@ def test_bf16_export_without_verify(trained_run, tokenizer_dir, tmp_path):
     assert torch.equal(emb, model.bert.embeddings.word_embeddings.weight.detach().bfloat16())
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and "torch_dtype" not in config  # the key transformers 5 reads
-    assert transformers.AutoConfig.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
+    hf_config = transformers.AutoConfig.from_pretrained(str(tmp_path / "bf16"))
+    if isinstance(hf_config.dtype, str):  # transformers < 4.56 keeps the unknown `dtype` key as a plain string...
+        # ...and loads the weights' dtype under torch_dtype="auto", as export.py says
+        auto = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "bf16"), torch_dtype="auto")
+        assert auto.dtype == torch.bfloat16
+    else:
+        assert hf_config.dtype == torch.bfloat16
     readme = (tmp_path / "bf16" / "README.md").read_text(encoding="utf-8")
     assert "The capital of France is [MASK]." in readme  # default widget when no language is given
 

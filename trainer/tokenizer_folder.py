@@ -42,7 +42,10 @@ def _check_tokenizer_dir(tokenizer_dir) -> Path:
     if not path.is_dir():
         raise UserError(f"tokenizer folder {path} does not exist; make one with `mlmtrain tokenizer`.")
     if not (path / "tokenizer.json").is_file():
-        how = "transformers writes it: `BertTokenizer.from_pretrained(DIR, do_lower_case=...).save_pretrained(NEW_DIR)`"
+        how = (  # the fast class: transformers 4's slow BertTokenizer saves no tokenizer.json
+            "transformers writes it: "
+            "`BertTokenizerFast.from_pretrained(DIR, do_lower_case=...).save_pretrained(NEW_DIR)`"
+        )
         raise UserError(
             f"{path} is not a tokenizer folder: tokenizer.json is missing ("
             + (how if (path / "vocab.txt").is_file() else "make one with `mlmtrain tokenizer`")
