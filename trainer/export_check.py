@@ -124,9 +124,9 @@ def _check_manifest(folder: Path) -> list[str]:
 def _check_config(config: dict) -> list[str]:
     if config.get("model_type") != "bert":
         return [f"config.json model_type is {config.get('model_type')!r}, expected 'bert'"]
-    from mlmtrain.model import SHAPE_FIELDS as keys  # here, not at import: `upload`'s refusals need no torch
+    from mlmtrain.model import SHAPE_FIELDS  # here, not at import: `upload`'s flag refusals import no torch
 
-    bad = [k for k in keys if not (isinstance(config.get(k), int) and config[k] > 0)]
+    bad = [k for k in SHAPE_FIELDS if not (isinstance(config.get(k), int) and config[k] > 0)]
     if bad:
         return [f"config.json lacks a positive integer {', '.join(bad)}"]
     if config["hidden_size"] % config["num_attention_heads"]:
