@@ -311,16 +311,16 @@ def test_a_missing_optional_package_is_one_sentence_naming_its_extra(monkeypatch
     """Every optional package's absence is said one way: what needs which package, and the extra that brings it."""
     import sys
 
-    from mlmtrain import plot, rows
+    from mlmtrain import corpus_rows, plot
 
     for name in ("pyarrow", "pyarrow.parquet", "matplotlib", "datasets"):
         monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
     with pytest.raises(UserError, match=r'^reading x\.parquet needs pyarrow: pip install -e "\.\[parquet\]"\.$'):
-        rows.import_pyarrow("x.parquet")
+        corpus_rows.import_pyarrow("x.parquet")
     with pytest.raises(UserError, match=r'^plotting needs matplotlib: pip install -e "\.\[plot\]"\.$'):
         plot.plot(tmp_path, tmp_path / "curves.png")
     with pytest.raises(UserError, match=r'^--dataset needs the datasets library: pip install -e "\.\[datasets\]"\.$'):
-        rows.open_dataset(None)
+        corpus_rows.open_dataset(None)
 
 
 def test_a_command_that_needs_a_missing_package_says_so_before_any_work(monkeypatch, capsys, tmp_path):

@@ -1,5 +1,5 @@
 """Reading corpora: text files (`.gz` decompressed on the fly), JSON lines (`.jsonl`, `.jsonl.gz`), parquet
-files and `datasets` datasets (the row formats are read by rows.py), with every line or row problem counted,
+files and `datasets` datasets (the row formats are read by corpus_rows.py), with every line or row problem counted,
 never fatal. Both `mlmtrain tokenizer` and `mlmtrain prepare` read their input through `iter_line_batches`, so
 they see the same lines.
 
@@ -31,8 +31,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlmtrain.errors import UserError
-from mlmtrain.rows import (
+from mlmtrain.corpus_rows import (
     FILE_END,
     ROW_PROBLEMS,
     Rows,
@@ -42,6 +41,7 @@ from mlmtrain.rows import (
     parquet_batches,
     unreadable,
 )
+from mlmtrain.errors import UserError
 
 READ_BLOCK_BYTES = 1 << 20  # bytes decoded (and tokenized) per batch
 LONG_LINE_BYTES = 1 << 20  # a longer line is cut into pieces of about this size
