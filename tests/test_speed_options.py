@@ -146,6 +146,8 @@ def cli_train(data_dir, tokenizer_dir, tmp_path, *sets, tokens=1024):
         ("data.layout=rows model.attention=flex", "FlexAttention has no backward on the CPU"),
         ("model.attention=triton", "needs data.layout = rows"),
         ("data.layout=rows", "must be a multiple of it"),
+        ("model.attention=varlen", "is flash attention: it runs on a CUDA GPU in bf16 or fp16"),
+        ("model.attention=varlen train.precision=bf16", "(this run: cpu, bf16)"),
     ],
 )
 def test_options_refused_with_one_sentence(data_dir, tokenizer_dir, tmp_path, capsys, setting, message):
@@ -165,6 +167,10 @@ def test_flex_trains_compiled_on_cuda_only_and_eager_cuda_forwards_take_the_refe
     with pytest.raises(UserError, match="under torch.compile only .* compile off"):
         check_speed_options(cfg, 128, cuda, "bf16", False, 1024, world=1, head_dim=64)
     check_speed_options(cfg, 128, cuda, "bf16", True, 1024, world=1, head_dim=64)
+    varlen = load_config(None, {"model.attention": "varlen"})
+    with pytest.raises(UserError, match=r"this run: cuda:0, fp32\): leave model.attention = auto"):
+        check_speed_options(varlen, 128, cuda, "fp32", True, 1024, world=1, head_dim=64)  # flash has no fp32
+    check_speed_options(varlen, 128, cuda, "bf16", True, 1024, world=1, head_dim=64)
     assert choose_impl("flex", cuda, torch.bfloat16, rows=True) == "sdpa"
     assert choose_impl("flex", torch.device("cpu"), torch.float32, rows=True) == "flex"  # the CPU tests' eager flex
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)

@@ -97,6 +97,11 @@ def check_speed_options(
             f"data.layout = rows cuts each batch into rows of max_seq_len = {L} tokens: data.tokens_per_batch = {T} "
             f"must be a multiple of it (e.g. {max(L, T // L * L)})"
         )
+    if cfg.model.attention == "varlen" and (device.type != "cuda" or precision not in ("bf16", "fp16")):
+        raise UserError(
+            f"model.attention = varlen is flash attention: it runs on a CUDA GPU in bf16 or fp16 (this run: {device}, "
+            f"{precision}): leave model.attention = auto, which takes the SDPA reference where flash cannot run"
+        )
     if cfg.model.attention == "flex" and (device.type != "cuda" or not compiled):
         raise UserError(
             f"model.attention = flex trains on a CUDA GPU under torch.compile only (FlexAttention has no backward on "
