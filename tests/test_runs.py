@@ -214,6 +214,49 @@ def test_a_resume_that_would_change_the_data_order_or_the_starting_model_is_refu
     assert not (tmp_path / "new").exists() and snapshot(run) == before
 
 
+def test_a_resume_keeps_the_runs_settings_in_its_folder_and_a_new_run_from_its_checkpoint_may_change_them(
+    data_dir, tokenizer_dir, tmp_path, capsys
+):
+    """A resume without --config takes the run's own settings (RUN/config.json, found from --out, a run folder or
+    one of its checkpoints), the flags given on top. In the run's folder another learning rate, masking or dropout
+    is refused: the original command run again without its --lr used to go on at the default rate and rewrite
+    config.json, and with it the card, silently. A new run from the checkpoint, in another folder, may change them."""
+    run, copies = tmp_path / "run", [tmp_path / f"copy{i}" for i in range(3)]
+    first = (*train_args(data_dir, tokenizer_dir, run, 4), "--set", "train.checkpoint_every=2")
+    assert run_cli(*first, "--lr", "2e-3").returncode == 0
+    lrs = {r["step"]: r["lr"] for r in rows(run) if "lr" in r}  # steps 1-4 at 2e-3's schedule
+    shutil.rmtree(run / "checkpoints" / "step_00000004")  # as if stopped after step 2
+    for copy in copies:
+        shutil.copytree(run, copy)
+    before = snapshot(run)
+    other = ("--lr", "1e-4", "--set", "mask.mask_prob=0.2", "--set", "model.dropout=0")
+    refused = [("train", "--out", run), ("train", "--config", run / "config.json"), first]
+    for resume in refused:
+        assert_refused(
+            in_process(capsys, *resume, "--resume", *other),
+            "optim.lr is 0.0001 here but 0.002 in the run",
+            "mask.mask_prob is 0.2 here but 0.15 in the run",
+            "model.dropout is 0.0 here but 0.1 in the run",
+            "--out NEW_RUN",
+        )
+    assert snapshot(run) == before
+    # the first command again without its --lr, a run folder, a checkpoint: each goes on at the run's rate
+    resumes = [
+        (*first, "--resume"),
+        ("train", "--resume", copies[0]),
+        ("train", "--resume", copies[1] / "checkpoints" / "step_00000002"),
+    ]
+    for folder, resume in zip((run, *copies[:2]), resumes):
+        assert in_process(capsys, *resume).returncode == 0
+        assert {r["step"]: r["lr"] for r in rows(folder) if "lr" in r} == lrs, folder
+        assert json.loads((folder / "config.json").read_text())["optim"]["lr"] == 2e-3
+    branch = tmp_path / "branch"
+    new_run = ("train", "--resume", copies[2] / "checkpoints" / "step_00000002", "--out", branch, *other)
+    assert in_process(capsys, *new_run).returncode == 0
+    saved = json.loads((branch / "config.json").read_text())
+    assert (saved["optim"]["lr"], saved["mask"]["mask_prob"], saved["model"]["dropout"]) == (1e-4, 0.2, 0.0)
+
+
 def test_max_steps_changes_only_when_asked_and_a_finished_run_is_left_as_it_is(
     data_dir, tokenizer_dir, tmp_path, capsys
 ):

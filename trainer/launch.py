@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from mlmtrain import parallel, run_folder
+from mlmtrain.checkpoint import CHECKPOINTS, run_folder_of
 from mlmtrain.config_load import flag_overrides, load_config
 from mlmtrain.errors import UserError
 from mlmtrain.metrics import closing_lines
@@ -33,7 +34,7 @@ AGREED = {EXIT_NON_FINITE, *EXIT_SIGNAL.values()}  # ends every rank takes toget
 def main(args) -> int:
     """Exit code: 0 trained to max_steps (or already there); 2 refused with one sentence; 3 stopped by
     non-finite steps; 130/143/129/141 stopped by SIGINT/SIGTERM/SIGHUP/a closed output after saving a checkpoint."""
-    cfg = load_config(args.config, flag_overrides(args), args.set)
+    cfg = load_config(args.config or resumed_run_config(args), flag_overrides(args), args.set)
     if args.nproc is not None and not parallel.launched():
         if args.nproc < 1:
             raise UserError(f"--nproc must be at least 1, got {args.nproc}")
@@ -46,6 +47,21 @@ def main(args) -> int:
             print(closing_lines(Path(cfg.out_dir), summary))
     parallel.shutdown(final=True)
     return summary["exit_code"]
+
+
+def resumed_run_config(args) -> Path | None:
+    """The settings a `--resume` without `--config` continues under: the config.json of the run it resumes
+    (`--out RUN --resume`, `--resume RUN`, `--resume RUN/checkpoints/step_N`), the flags given on top of it (a
+    resume in the run's own folder refuses those that change its history: plan.check_resume_compatible). None for
+    any other command line, which starts from the defaults as before."""
+    if args.resume is None or args.config:
+        return None
+    source = getattr(args, "out_dir", None) if args.resume == "auto" else args.resume
+    if not source:
+        return None
+    run = run_folder_of(Path(source)) or Path(source)
+    config = run / "config.json"
+    return config if (run / CHECKPOINTS).is_dir() and config.is_file() else None  # a run folder's, not a checkpoint's
 
 
 @contextlib.contextmanager

@@ -107,12 +107,20 @@ def plan_run(cfg: RunConfig, meta: dict, vocab: list[str], start, device: torch.
 # what a resumed run continues only under the same values: its batches and their split into micro-batches, the
 # packer's layout and unit and its shuffles, and the masks (keyed by the seed, the step and the token's index in it)
 CONTINUITY_KEYS = (("optim", "grad_accum"), ("data", "layout"), ("data", "pack"), ("train", "seed"))
+# what else makes a run's history, which a resume in the run's own folder keeps (a new run from its checkpoint, in
+# another folder, may change them): the optimizer and its schedule (max_steps: --change-max-steps), the masking,
+# the dropout. The rest (cadences, speed options, device, precision, tracking) may change on any resume.
+HISTORY_KEYS = (
+    *(("optim", k) for k in ("lr", "betas", "eps", "weight_decay", "warmup_steps", "schedule", "min_lr_ratio")),
+    ("optim", "grad_clip"), *(("mask", k) for k in ("mask_prob", "mask_frac", "random_frac", "whole_word")),
+    ("model", "dropout"),
+)  # fmt: skip
 
 
 def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfig, tokens_per_batch: int) -> None:
     """Refuse to resume on other data, another tokenizer, another model shape, another starting model, or other
-    batches, data order or masks (CONTINUITY_KEYS, and `tokens_per_batch` as resolved on this device). `run` is the
-    RunConfig the resumed run uses."""
+    batches, data order or masks (CONTINUITY_KEYS, and `tokens_per_batch` as resolved on this device); and, in the
+    run's own folder, under other history settings (HISTORY_KEYS). `run` is the RunConfig the resumed run uses."""
     saved_config, state = checkpoint.read_state(ckpt)
     problems = []
     if state.get("data_fingerprint") != checkpoint.data_fingerprint(meta):
@@ -139,6 +147,15 @@ def check_resume_compatible(ckpt: Path, run, meta: dict, model_config: BertConfi
         problems.append(
             ", ".join(changed) + " (a run continues its batches, data order and masks only under the same values)"
         )
+    if (checkpoint.run_folder_of(ckpt) or ckpt).resolve() == Path(run.out_dir).resolve():  # its own folder
+        pairs = [(f"{a}.{b}", getattr(getattr(run, a), b), getattr(getattr(saved_run, a), b)) for a, b in HISTORY_KEYS]
+        changed = [f"{key} is {ours!r} here but {theirs!r} in the run" for key, ours, theirs in pairs if ours != theirs]
+        if changed:
+            problems.append(
+                ", ".join(changed) + " (a resume in the run's folder continues its history under its settings: drop "
+                "those flags, as a resume without --config takes the run's own; or start a new run from this "
+                f"checkpoint: --resume {ckpt} --out NEW_RUN)"
+            )
     saved_init = state.get("init_from")
     if run.model.init_from and source_path(run.model.init_from) != source_path(saved_init or ""):
         problems.append(
