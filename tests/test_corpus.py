@@ -153,7 +153,7 @@ def test_bad_rows_are_counted_and_skipped(tmp_path, tokenizer_dir, capsys):
     assert meta["line_problems"]["crlf"] == 1 and meta["lines_skipped"] == 8
     assert meta["train"]["sentences"] == 2
     err = capsys.readouterr().err
-    assert "2 rows with not a JSON object skipped" in err and "1 rows with a null text value skipped" in err
+    assert "2 rows with not a JSON object skipped" in err and "1 row with a null text value skipped" in err
 
     pq.write_table(pa.table({"text": [good[0], None, good[1]]}), tmp_path / "nulls.parquet")
     meta = prepare([tmp_path / "nulls.parquet"], tokenizer_dir, tmp_path / "p", valid_fraction=0.0, progress=False)

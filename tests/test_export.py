@@ -368,7 +368,7 @@ def test_card_from_a_real_run(data_dir, tokenizer_dir, tmp_path):
     assert text.lstrip().startswith("# me/ko-tiny") and 'pipeline("fill-mask", model="me/ko-tiny")' in text
     assert "## Intended use" in text and "Research on Korean MLMs only." in text
     assert not re.search(r"\bauto\b", text), "a value the run resolved is shown as auto"
-    assert "precision fp32" in text and "warm-up over 1 steps" in text and "1024 tokens per micro-batch" in text
+    assert "precision fp32" in text and "warm-up over 1 step," in text and "1024 tokens per micro-batch" in text
     assert "mlmtrain tokenizer --input sample_corpus.txt --out tokenizer --vocab-size 2000" in text
     assert "mlmtrain prepare --input sample_corpus.txt --tokenizer tokenizer --out data --valid-fraction 0.05" in text
     meta = json.loads((data_dir / "meta.json").read_text())

@@ -216,6 +216,8 @@ def test_bad_input_gives_clear_errors(tmp_path, tokenizer_dir, capsys):
         train_tokenizer([blank], tmp_path / "out", TokenizerSettings(vocab_size=1 << 31), progress=False)
     with pytest.raises(UserError, match="not a tokenizer folder"):
         load_tokenizer(tmp_path)
+    with pytest.raises(UserError, match=r"tokenizer\.json is a file, not a tokenizer folder: pass the folder that"):
+        load_tokenizer(tokenizer_dir / "tokenizer.json")  # it said the folder did not exist
 
     # through the CLI: one line on stderr, exit 2, no traceback
     assert cli_main(["tokenizer", "--input", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")]) == 2

@@ -175,7 +175,7 @@ def _optimizer_text(data: dict, optim: dict, train: dict) -> str:
 
     return (
         f"- Optimiser: AdamW, peak learning rate {optim['lr']} after a linear warm-up over "
-        f"{known(optim.get('warmup_steps'))} steps, "
+        f"{known(optim.get('warmup_steps'))} step{'s' * (optim.get('warmup_steps') != 1)}, "
         f"{optim.get('schedule', 'linear')} decay; {known(data.get('tokens_per_batch'))} tokens per micro-batch x "
         f"{optim.get('grad_accum', 1)} micro-batches per step; precision {known(train.get('precision'))}."
     )

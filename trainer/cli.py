@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import signal
 import sys
@@ -132,6 +133,15 @@ COMPILE_HELP = {
 }
 
 
+def toml_value(value) -> str:
+    """A default as a TOML file writes it (`true`, `"tiny"`, `[0.9, 0.98]`), so a line of --help-config pastes."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(map(toml_value, value)) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
 class HelpConfig(argparse.Action):
     """`--help-config`: every config key, its default and its meaning, then exit."""
 
@@ -141,7 +151,7 @@ class HelpConfig(argparse.Action):
             if dotted.split(".")[0] != section and "." in dotted:
                 section = dotted.split(".")[0]
                 print(f"\n[{section}]")
-            print(f"  {dotted} = {default!r}\n      {meaning}")
+            print(f"  {dotted} = {toml_value(default)}\n      {meaning}")
         parser.exit()
 
 

@@ -53,7 +53,8 @@ def torch_dtype(precision: str):
 
 @dataclass
 class ModelSpec:
-    size: str = "tiny"  # a preset of the four dimensions below: tiny | mini | small | base | large
+    # a preset of hidden_size, num_hidden_layers, num_attention_heads and intermediate_size:
+    size: str = "tiny"  # tiny | mini | small | base | large
     dropout: float = 0.1  # hidden and attention-probability dropout (flash varlen, flex, triton: hidden only); 0: off
     max_position_embeddings: int = 512  # learned positions: at least the shards' max_seq_len
     hidden_size: int = 0  # each of these four, when not 0, replaces the preset's value

@@ -342,9 +342,9 @@ def _report(meta: dict, out_dir: Path, total_bytes: int | None) -> None:
     problems = {**meta["line_problems"], **meta["row_problems"], "decomposed_hangul": meta["decomposed_hangul_lines"]}
     for note in line_problem_notes(problems):
         print(f"note: {note}", file=sys.stderr)
-    if meta["long_line_cuts"]:
+    if cuts := meta["long_line_cuts"]:
         print(
-            f"note: lines longer than {LONG_LINE_BYTES >> 20} MiB were cut {meta['long_line_cuts']} times, at spaces "
+            f"note: lines longer than {LONG_LINE_BYTES >> 20} MiB were cut {cuts} time{'s' * (cuts != 1)}, at spaces "
             "where there were any; each piece is read as a sentence",
             file=sys.stderr,
         )

@@ -399,11 +399,16 @@ def _drop_blank_tail(block: bytes, kept: int, stats: dict) -> bytes:
 
 def line_problem_notes(stats: dict) -> list[str]:
     """One line per kind of line or row problem found, e.g. "3 lines with invalid UTF-8 skipped"."""
-    notes = [f"{stats[key]} lines with {what} {verb}" for key, (verb, what) in LINE_PROBLEMS.items() if stats.get(key)]
-    notes += [f"{stats[key]} rows with {what} skipped" for key, what in ROW_PROBLEMS.items() if stats.get(key)]
+
+    def lines(n: int, noun: str = "line") -> str:
+        return f"{n} {noun}{'s' * (n != 1)}"
+
+    notes = [f"{lines(stats[k])} with {what} {verb}" for k, (verb, what) in LINE_PROBLEMS.items() if stats.get(k)]
+    notes += [f"{lines(stats[k], 'row')} with {what} skipped" for k, what in ROW_PROBLEMS.items() if stats.get(k)]
     if stats.get("decomposed_hangul"):
+        n = stats["decomposed_hangul"]
         notes.append(
-            f"{stats['decomposed_hangul']} lines hold decomposed Hangul (conjoining jamo U+1100-U+11FF, as NFD "
+            f"{lines(n)} {'holds' if n == 1 else 'hold'} decomposed Hangul (conjoining jamo U+1100-U+11FF, as NFD "
             "text has), read as they are: a tokenizer trained on ordinary (NFC) Korean reads them as [UNK], and "
             "one trained on them reads NFC Korean as [UNK]; normalize it to NFC (unicodedata.normalize('NFC', "
             "text)) first"

@@ -15,7 +15,6 @@ Two Korean traps this file avoids:
 from __future__ import annotations
 
 import collections
-import json
 import re
 import sys
 import time
@@ -192,7 +191,7 @@ def train_tokenizer(
     out_dir = Path(out_dir)
     check_out_folder(out_dir, TOKENIZER_LAYOUT, replace=overwrite)
     if progress and not quiet():  # after the checks: a refusal is its one sentence alone
-        print("settings: " + json.dumps(asdict(settings)), file=sys.stderr)
+        print("settings: " + " ".join(f"{k}={v}" for k, v in asdict(settings).items()), file=sys.stderr)
 
     tok = build_tokenizer(settings)
     trainer = trainers.WordPieceTrainer(

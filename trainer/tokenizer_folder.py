@@ -39,6 +39,8 @@ REWRITE = (
 
 def _check_tokenizer_dir(tokenizer_dir) -> Path:
     path = Path(tokenizer_dir)
+    if path.is_file():
+        raise UserError(f"{path} is a file, not a tokenizer folder: pass the folder that holds it ({path.parent}).")
     if not path.is_dir():
         raise UserError(f"tokenizer folder {path} does not exist; make one with `mlmtrain tokenizer`.")
     if not (path / "tokenizer.json").is_file():
