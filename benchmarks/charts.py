@@ -92,7 +92,8 @@ def chart_tflops(results: dict, path: Path, ceil: dict, peak: float | None) -> b
         ax.axvline(peak, color="black", linestyle="-.", label=f"datasheet peak: {peak:.4g} TFLOP/s")
     ax.set_xlabel("achieved TFLOP/s (model FLOPs; median, bars: min–max)")
     ax.set_title("Achieved TFLOP/s against the measured ceiling")
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # no ceiling and no peak (a CPU run): no legend, and no warning
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

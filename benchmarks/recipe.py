@@ -264,6 +264,7 @@ def run_recipe(
         trainer = tf.Trainer(
             model=model, args=args, train_dataset=examples, data_collator=counting_collator, callbacks=[clock]
         )
+        trainer.remove_callback(tf.PrinterCallback)  # it prints the run's metrics dict on stdout, --quiet or not
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()

@@ -4,16 +4,19 @@ the report's handling of failed sections."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import math
 import re
 import time
+import warnings
 
 import pytest
 from test_ablation_report import _ablation_row
 
-from mlmtrain.benchmarks import report
+from mlmtrain.benchmarks import charts, report
 from mlmtrain.benchmarks.bench_train import steps_for, sweep_points
 from mlmtrain.benchmarks.common import OUT_OF_TIME
 from mlmtrain.benchmarks.suite import PLANS
@@ -26,8 +29,25 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    rc = main(["bench", "--out", str(out), "--quick", "--device", "cpu"])
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        rc = main(["bench", "--out", str(out), "--quick", "--device", "cpu", "--quiet"])
+    QUICK_OUTPUT.update(stdout=stdout.getvalue())
     return out, rc, json.loads((out / "results.json").read_text(encoding="utf-8"))
+
+
+QUICK_OUTPUT = {}  # what the quick run printed on stdout
+
+
+def test_a_quiet_bench_prints_no_trainer_dict_and_draws_no_empty_legend(quick, tmp_path):
+    """The HF Trainer baseline printed its metrics dict ({'train_runtime': ...}) on stdout under --quiet, and the
+    TFLOP/s chart of a report without ceilings and peak (`--sections train` on a CPU) asked matplotlib for a legend
+    of nothing, which warned."""
+    assert "train_runtime" not in QUICK_OUTPUT["stdout"], QUICK_OUTPUT["stdout"][-500:]
+    _, _, results = quick
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert charts.chart_tflops(results, tmp_path / "tflops.png", {}, None)
 
 
 def spreads(obj):
