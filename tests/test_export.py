@@ -424,6 +424,22 @@ def test_the_public_card_shows_no_local_path():
     assert _input_name({"dataset": "klue/ynat", "split": "train"}) == "klue/ynat (train)"
 
 
+def test_the_card_shows_every_command_that_trained_the_weights():
+    """A resumed run's card showed only its last command (`--config config.json --resume`), which reproduces
+    nothing; it shows every recorded command in order, and one alone as before."""
+    from mlmtrain.card import _commands
+
+    first, again = "mlmtrain train --data /d --tokenizer /t --out /r --lr 2e-3", "mlmtrain train --out /r --resume"
+    shown = _commands(None, None, [first, again])
+    at = shown.index("# training: the command lines the run recorded, in order (each after the first resumed it)")
+    assert shown[at + 1 :] == [
+        "mlmtrain train --data data --tokenizer tokenizer --out r --lr 2e-3",
+        "mlmtrain train --out r --resume",
+    ]
+    assert _commands(None, None, [first])[-2:] == ["# training: the command line the run recorded", shown[at + 1]]
+    assert _commands(None, None, [None])[-1] == "# (not recorded)"  # a checkpoint that recorded none
+
+
 def test_the_card_says_what_a_segment_held():
     """A document-packed run (the README's phase 2) trained on runs of a document's sentences, not on single ones."""
     from mlmtrain.card import _data_text

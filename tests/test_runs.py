@@ -250,6 +250,8 @@ def test_a_resume_keeps_the_runs_settings_in_its_folder_and_a_new_run_from_its_c
         assert in_process(capsys, *resume).returncode == 0
         assert {r["step"]: r["lr"] for r in rows(folder) if "lr" in r} == lrs, folder
         assert json.loads((folder / "config.json").read_text())["optim"]["lr"] == 2e-3
+        commands = ckpt.read_state(folder / "checkpoints" / "step_00000004")[1]["commands"]  # the card shows each
+        assert [shlex.split(c)[1:] for c in commands] == [[*map(str, first), "--lr", "2e-3"], [*map(str, resume)]]
     branch = tmp_path / "branch"
     new_run = ("train", "--resume", copies[2] / "checkpoints" / "step_00000002", "--out", branch, *other)
     assert in_process(capsys, *new_run).returncode == 0

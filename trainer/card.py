@@ -126,7 +126,7 @@ def model_card(
         "## Reproduce",
         "",
         "```bash",
-        *_commands(tokenizer_record, data_meta, state.get("command")),
+        *_commands(tokenizer_record, data_meta, state.get("commands") or [state.get("command")]),
         "```",
         "",
         "## Limits",
@@ -261,9 +261,9 @@ def _data_statistics(data_meta: dict | None, vocab_size: int) -> list[str]:
     return lines
 
 
-def _commands(tokenizer_record: dict | None, data_meta: dict | None, train_command: str | None) -> list[str]:
-    """The tokenizer, prepare and train commands, with the recorded settings; input files by name only (the
-    card is public: no local paths)."""
+def _commands(tokenizer_record: dict | None, data_meta: dict | None, train_commands: list) -> list[str]:
+    """The tokenizer, prepare and train commands, with the recorded settings (the train commands: each one that
+    trained these weights, in order); input files by name only (the card is public: no local paths)."""
     inputs = " ".join(_input_names(data_meta)) if data_meta else "CORPUS"
     lines = ["# the WordPiece tokenizer"]
     if tokenizer_record:
@@ -292,8 +292,12 @@ def _commands(tokenizer_record: dict | None, data_meta: dict | None, train_comma
         )
     else:
         lines.append("# the token shards' settings were not found (their meta.json was not readable at export)")
-    lines.append("# training: the command line the run recorded")
-    lines.append(_pretty_command(train_command) if train_command else "# (not recorded)")
+    train_commands = [c for c in train_commands if c]
+    if len(train_commands) > 1:
+        lines.append("# training: the command lines the run recorded, in order (each after the first resumed it)")
+    else:
+        lines.append("# training: the command line the run recorded")
+    lines += [_pretty_command(c) for c in train_commands] or ["# (not recorded)"]
     return lines
 
 

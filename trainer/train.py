@@ -202,6 +202,7 @@ class Run:
     log: object
     folder: run_folder.RunFolder | None = None  # the run folder's lock (rank 0)
     tokens_before: int = 0  # real tokens the resumed checkpoint's weights had seen (the job's)
+    commands_before: tuple[str, ...] = ()  # the command lines that trained the resumed checkpoint, in order
 
     @property
     def is_main(self) -> bool:
@@ -238,6 +239,7 @@ class Run:
             "cursor": list(cursor),
             "metrics": last_eval,
             "command": parallel.command_line(),
+            "commands": [*self.commands_before, parallel.command_line()],  # every command these weights went through
             "data_fingerprint": checkpoint.data_fingerprint(self.meta),
             "tokenizer_fingerprint": self.meta["tokenizer_fingerprint"],
             "valid_loss": last_eval.get("valid_loss"),
@@ -305,7 +307,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
         plan = dataclasses.replace(plan, pretrained=None)  # its weights are the model's now: the Run keeps no copy
     model = model.to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    step, cursor, tokens_before, own_streams = 0, (0, 0), 0, rank == 0
+    step, cursor, tokens_before, own_streams, commands_before = 0, (0, 0), 0, rank == 0, ()
     if start is not None:
         weights, _, state = checkpoint.read_checkpoint(start)
         model.load_hf_state_dict(weights)  # full weights on every rank; FSDP shards them in wrap
@@ -313,6 +315,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
             scaler.load_state_dict(state["scaler"])
         own_streams = checkpoint.restore_rng(start, state, device) or rank == 0  # each rank's, at the saved world
         step, cursor, tokens_before = folder.step, tuple(state["cursor"]), state.get("real_tokens") or 0
+        commands_before = tuple(state.get("commands") or ([state["command"]] if state.get("command") else []))
         log(f"resuming from {start} at step {step}")
     if not own_streams:  # dropout masks of this rank's own (one seed gave every replica the same masks); the
         torch.manual_seed((cfg.train.seed + 1_000_003 * rank) % 2**64)  # weights were made before, alike on all ranks
@@ -391,6 +394,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
         log=log,
         folder=folder,
         tokens_before=tokens_before,
+        commands_before=commands_before,
     )
     if rank == 0:
         if not quiet():
