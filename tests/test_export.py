@@ -440,6 +440,20 @@ def test_the_card_shows_every_command_that_trained_the_weights():
     assert _commands(None, None, [None])[-1] == "# (not recorded)"  # a checkpoint that recorded none
 
 
+def test_the_card_says_which_position_embeddings_the_segments_reached():
+    """A phase-2 card (512-token shards, 512 positions) said the positions past 512 (up to 512) were never trained;
+    a model continued from another may have trained the ones its own shards did not reach."""
+    from mlmtrain.card import _positions_text
+
+    assert (
+        _positions_text({"max_seq_len": 512}, 512, False)
+        == "Trained on segments of up to 512 tokens: every position embedding. "
+    )
+    assert _positions_text({"max_seq_len": 128}, 512, False).endswith("past that (up to 512) were never trained. ")
+    assert _positions_text({"max_seq_len": 128}, 512, True).endswith("(up to 512) were not trained in this run. ")
+    assert _positions_text(None, 512, False) == ""
+
+
 def test_the_card_says_what_a_segment_held():
     """A document-packed run (the README's phase 2) trained on runs of a document's sentences, not on single ones."""
     from mlmtrain.card import _data_text

@@ -131,12 +131,7 @@ def model_card(
         "",
         "## Limits",
         "",
-        (
-            f"Trained on segments of up to {data_meta['max_seq_len']} tokens; position embeddings past that (up "
-            f"to {config.max_position_embeddings}) were never trained. "
-            if data_meta
-            else ""
-        )
+        _positions_text(data_meta, config.max_position_embeddings, bool(state.get("init_from")))
         + "Token type ids are all 0 (no sentence pairs were seen).",
         "",
         *([extra, ""] if extra else []),
@@ -144,6 +139,18 @@ def model_card(
         "",
     ]
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _positions_text(data_meta: dict | None, positions: int, continued: bool) -> str:
+    """Which position embeddings the shards' segments reached (`continued`: the run started from another model,
+    which may have trained the others)."""
+    if not data_meta:
+        return ""
+    cap = data_meta["max_seq_len"]
+    if cap >= positions:
+        return f"Trained on segments of up to {cap} tokens: every position embedding. "
+    untrained = "were not trained in this run" if continued else "were never trained"
+    return f"Trained on segments of up to {cap} tokens; position embeddings past that (up to {positions}) {untrained}. "
 
 
 def _resolved_run(run: dict, resolved: dict) -> dict:
