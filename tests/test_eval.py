@@ -67,6 +67,26 @@ def test_a_rows_run_is_scored_in_its_own_rows(data_dir, tokenizer_dir, tmp_path,
     assert "--tokens-per-batch must be a multiple of it, got 1000" in capsys.readouterr().err
 
 
+def test_a_document_packed_run_is_scored_on_its_own_segments(data_dir, tokenizer_dir, tmp_path, capsys):
+    """A document-packed run (the README's phase 2) validates on runs of a document's sentences; eval packs its
+    segments so by default (the same loss as the run's validation), and single sentences when asked."""
+    run = tmp_path / "documents"
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 2, "data.pack": "document"}))
+    capsys.readouterr()
+    args = ("--model", run, "--data", data_dir, "--tokens-per-batch", 1024, "--max-batches", 2)
+    documents = evaluate_json(capsys, *args)
+    summary = json.loads((run / "summary.json").read_text())
+    assert documents["pack"] == "document" and documents["models"][0]["loss"] == pytest.approx(
+        summary["valid_loss"], rel=1e-5
+    )
+    sentences = evaluate_json(capsys, *args, "--pack", "sentence")
+    assert sentences["pack"] == "sentence" and sentences["models"][0]["loss"] != documents["models"][0]["loss"]
+    assert cli.main(["eval", *map(str, args[:4]), "--tokens-per-batch", "10", "--max-batches", "1"]) == 0
+    assert (
+        "note: --tokens-per-batch 10 is below the shards' max_seq_len: batches of 128 tokens" in capsys.readouterr().err
+    )
+
+
 def test_compare_uses_identical_masks(run_and_export, data_dir, tokenizer_dir, tmp_path, capsys):
     run, _ = run_and_export
     other = make_bert_folder(tmp_path / "other", tokenizer_dir, "0-4", max_position_embeddings=128)
@@ -108,6 +128,14 @@ def test_mistakes_are_sentences(run_and_export, data_dir, tmp_path, capsys):
         (["--model", str(run), "--data", str(data_dir), "--tokenizer", str(tmp_path)], "tokenizer"),
         (["--model", str(run), "--data", str(data_dir), "--seed", "-1"], "--seed must be from 0 to 2**64 - 1, got -1"),
         (["--model", str(run), "--data", str(data_dir), "--tokens-per-batch", "99999999999"], "from 8 to 16,777,216"),
+        (
+            ["--model", str(run), "--data", str(data_dir), "--mask-prob", "0"],
+            "--mask-prob must be above 0 and below 1, got 0.0",
+        ),
+        (
+            ["--model", str(run), "--data", str(data_dir), "--max-batches", "-1"],
+            "--max-batches must be 0 (all) or more, got -1",
+        ),
         (["--model", str(run), "--data", str(data_dir), "--device", "foo"], "--device must be auto, cpu, cuda or"),
         (
             ["--model", str(run), "--data", str(data_dir), "--device", "cuda:99"],

@@ -134,6 +134,25 @@ def test_a_step_that_masks_nothing_is_no_bad_step(data_dir, tokenizer_dir, tmp_p
     assert [loss for _, loss in losses(tmp_path / "run")] == [0.0, 0.0]
 
 
+def test_validation_batches_are_packed_as_the_training_batches(data_dir, tokenizer_dir, tmp_path):
+    """A document-packed run (the README's phase 2) validated on single sentences: its valid loss never saw the
+    long contexts the phase trains. Its validation segments are runs of a document's sentences now."""
+    from mlmtrain.train import setup
+
+    count = {}  # pack -> (segments, real tokens) of the validation batches
+    for pack in ("sentence", "document"):
+        run = setup(tiny_config(data_dir, tokenizer_dir, tmp_path / pack, **{"data.pack": pack}))
+        try:
+            count[pack] = (
+                sum(b.num_segments for b in run.valid_batches),
+                sum(b.num_real_tokens for b in run.valid_batches),
+            )
+        finally:
+            run.close()
+    (sentences, sentence_tokens), (documents, document_tokens) = count["sentence"], count["document"]
+    assert documents < sentences and document_tokens / documents > 2 * sentence_tokens / sentences, count
+
+
 def test_metrics_and_checkpoint_outputs(data_dir, tokenizer_dir, tmp_path):
     run = tmp_path / "run"
     train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 4, "train.eval_every": 2}))

@@ -205,6 +205,13 @@ def eval_args(p) -> None:
         help="batches packed flat, or in rows of the shards' max_seq_len (data.layout = rows); auto (default): a "
         "run's or checkpoint's own, else flat",
     )
+    p.add_argument(
+        "--pack",
+        choices=["auto", "sentence", "document"],
+        default="auto",
+        help="segments of one sentence, or of neighbouring sentences of a document up to max_seq_len (data.pack); "
+        "auto (default): a run's or checkpoint's own, else sentence",
+    )
     p.add_argument("--max-batches", type=int, default=0, help="score at most this many batches (default 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks (default 0)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="fraction of tokens masked (default 0.15)")

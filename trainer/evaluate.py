@@ -184,6 +184,7 @@ def load_model(source: str, tokenizer_dir=None):
         info = {"model": str(source), "kind": "checkpoint", "checkpoint": str(trained.ckpt), "step": state.get("step")}
         run = trained.run_config.get("run") or {}
         info["layout"] = (run.get("data") or {}).get("layout", "flat")  # how it validated
+        info["pack"] = (run.get("data") or {}).get("pack", "sentence")
     else:
         folder = locate(source, "--model")
         pretrained = read_pretrained(folder)
@@ -218,10 +219,12 @@ def main(args) -> int:
     if args.data is None and not has_corpus:
         raise UserError("pass what to score on: --data SHARDS, or a corpus (--input FILE ... or --dataset NAME).")
     corpus = corpus_from_args(args)
-    if not 8 <= args.tokens_per_batch <= MAX_TOKENS_PER_BATCH or args.max_batches < 0 or not 0 < args.mask_prob < 1:
-        raise UserError(
-            f"need --tokens-per-batch from 8 to {MAX_TOKENS_PER_BATCH:,}, --max-batches >= 0 and --mask-prob in (0, 1)."
-        )
+    if not 8 <= args.tokens_per_batch <= MAX_TOKENS_PER_BATCH:
+        raise UserError(f"--tokens-per-batch must be from 8 to {MAX_TOKENS_PER_BATCH:,}, got {args.tokens_per_batch}.")
+    if args.max_batches < 0:
+        raise UserError(f"--max-batches must be 0 (all) or more, got {args.max_batches}.")
+    if not 0 < args.mask_prob < 1:
+        raise UserError(f"--mask-prob must be above 0 and below 1, got {args.mask_prob}.")
     check_seed("--seed", args.seed)
     check_device_name("--device", args.device)
     check_device(args.device, torch.cuda.device_count() if torch.cuda.is_available() else 0, "--device", "--device cpu")
@@ -239,6 +242,8 @@ def main(args) -> int:
         infos.append(other_info)
     run_layouts = [i.pop("layout") for i in infos if "layout" in i]  # the first model's run decides auto
     layout = args.layout if args.layout != "auto" else (run_layouts or ["flat"])[0]
+    run_packs = [i.pop("pack") for i in infos if "pack" in i]
+    pack = args.pack if args.pack != "auto" else (run_packs or ["sentence"])[0]
 
     positions = min(m.config.max_position_embeddings for m in models)
     if corpus is not None and args.max_seq_len > positions:  # eval's own flag cuts the text: it is the fix
@@ -267,12 +272,15 @@ def main(args) -> int:
         specials = shard_specials(meta)
         vocab_size = int(meta["vocab_size"])
         T = max(args.tokens_per_batch, max_seq_len)
+        if T != args.tokens_per_batch:  # a batch holds at least one whole segment
+            print(f"note: --tokens-per-batch {args.tokens_per_batch} is below the shards' max_seq_len: batches of {T} "
+                  "tokens", file=sys.stderr)  # fmt: skip
         if layout == "rows" and T % max_seq_len:
             raise UserError(
                 f"--layout rows packs rows of the shards' max_seq_len ({max_seq_len}): --tokens-per-batch must be a "
                 f"multiple of it, got {T}"
             )
-        packer = (RowPacker if layout == "rows" else Packer)(shard, T, max_seq_len, args.seed, "sentence", loop=False,
+        packer = (RowPacker if layout == "rows" else Packer)(shard, T, max_seq_len, args.seed, pack, loop=False,
                                                              static_shapes=False, specials=specials)  # fmt: skip
         batches = (
             check_ids(b, vocab_size, data_dir) for _, b in zip(range(args.max_batches or sys.maxsize), packer.batches())
@@ -295,6 +303,7 @@ def main(args) -> int:
         "targets": results[0]["targets"],
         "seed": args.seed,
         "layout": layout,
+        "pack": pack,
         "mask_prob": args.mask_prob,
         "precision": args.precision,
         "unigram_loss": results[0]["unigram_loss"],

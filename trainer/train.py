@@ -353,7 +353,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     static = use_compile or device.type == "cuda"  # eager CPU: cu_seqlens holds only the segments used
     packer = RowPacker if cfg.data.layout == "rows" else Packer
     valid_packer = packer(load_split(cfg.data.data_dir, "valid", check=False), T, max_seqlen, cfg.train.seed,
-                          "sentence", loop=False, static_shapes=static, specials=specials)  # fmt: skip
+                          cfg.data.pack, loop=False, static_shapes=static, specials=specials)  # fmt: skip
     valid_batches = [b for _, b in zip(range(cfg.train.eval_batches), valid_packer.batches())]
     if rank == 0:
         write_json(run_dir / "config.json", cfg.to_dict())
