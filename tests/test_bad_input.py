@@ -206,7 +206,9 @@ def test_a_run_config_is_checked_as_toml_and_set_are(edit, data_dir, tokenizer_d
 def test_nproc_is_checked_against_grad_accum_before_torchrun_starts(data_dir, tokenizer_dir, tmp_path, capsys):
     args = train_cli(data_dir, tokenizer_dir, tmp_path / "run", "--nproc", 3, "--set", "optim.grad_accum=4")
     done = in_process(capsys, *args)  # refused before anything starts: no new interpreter needed to show it
-    assert_refused(done, "optim.grad_accum=4 must be a multiple of the number of processes (3)")
+    assert_refused(
+        done, "optim.grad_accum=4 must be a multiple of the number of processes (3)", "--set optim.grad_accum=6"
+    )
     assert "torch.distributed" not in done.stdout + done.stderr and not (tmp_path / "run").exists()
     assert_refused(
         in_process(capsys, *train_cli(data_dir, tokenizer_dir, tmp_path / "run", "--nproc", 0)), "at least 1"

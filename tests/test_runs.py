@@ -272,6 +272,10 @@ def test_max_steps_changes_only_when_asked_and_a_finished_run_is_left_as_it_is(
     assert done.returncode == 0, done.stdout + done.stderr  # finished: the goal holds, so `&& export` may go on
     assert "is finished (step 2 of 2): nothing to train" in done.stdout
     assert "done: 2 steps" in done.stdout and "next: mlmtrain export" in done.stdout
+    # fewer steps than it has: finished too, without a schedule 'decaying until step 1' that nothing trains under
+    fewer = in_process(capsys, *train_args(data_dir, tokenizer_dir, run, 1, "--resume", "--change-max-steps"))
+    assert fewer.returncode == 0 and "is finished (step 2, past --max-steps 1)" in fewer.stdout, fewer
+    assert "max_steps 2 -> 1" not in fewer.stdout + fewer.stderr
     assert snapshot(run) == before  # decided before taking the folder: not even the lock file was written
 
 

@@ -117,7 +117,7 @@ def check_batch_layout(meta: dict, data_dir, tokens_per_batch: int, grad_accum: 
     if grad_accum % world:
         raise UserError(
             f"optim.grad_accum={grad_accum} must be a multiple of the number of processes ({world}) so every rank "
-            "gets the same share of the global batch"
+            f"gets the same share of the global batch: e.g. --set optim.grad_accum={(grad_accum // world + 1) * world}"
         )
 
 

@@ -252,8 +252,10 @@ def resume_step(start: Path, cfg: RunConfig, allow_change: bool, lr_at, log) -> 
                 f"{old}."
             )
         rising = "rising through its warmup, then " if lr_at(step + 1, cfg) > lr_at(step, cfg) else ""
-        log(f"max_steps {old} -> {new}: from step {step} the learning rate follows the new schedule "
-            f"({lr_at(step, saved):.3g} -> {lr_at(step, cfg):.3g} now, {rising}decaying until step {new})")  # fmt: skip
+        now = f"{lr_at(step, saved):.3g} -> {lr_at(step, cfg):.3g} now"
+        if step < new:  # else nothing trains under it: said below
+            log(f"max_steps {old} -> {new}: from step {step} the learning rate follows the new schedule ({now}, "
+                f"{rising}decaying until step {new})")  # fmt: skip
     run = run_folder_of(start) or start
     if step >= new and run.resolve() != Path(cfg.out_dir).resolve():  # a new run in --out, from another's step
         raise UserError(
@@ -261,8 +263,9 @@ def resume_step(start: Path, cfg: RunConfig, allow_change: bool, lr_at, log) -> 
             f"{cfg.out_dir}; pass --max-steps above {step} (and --change-max-steps, as it changes the schedule)."
         )
     if step >= new:
+        reached = f"step {step} of {new}" if step == new else f"step {step}, past --max-steps {new}"
         raise RunFinished(
-            f"{run} is finished (step {step} of {new}): nothing to train. Export it with `mlmtrain export "
+            f"{run} is finished ({reached}): nothing to train. Export it with `mlmtrain export "
             f"--checkpoint {run} --out EXPORT`, or train on with --max-steps N --change-max-steps.",
             run,
             step,
