@@ -103,12 +103,14 @@ SETTINGS_TEXT = "Café ÉCOLE naïve Ångström 한국어 문장이다\n" * 3 + 
 
 
 @pytest.mark.parametrize("lowercase, strip_accents", [(False, False), (True, False), (False, True), (True, True)])
-def test_lowercase_and_strip_accents_honoured(tmp_path, lowercase, strip_accents):
+def test_lowercase_and_strip_accents_honoured(tmp_path, lowercase, strip_accents, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text(SETTINGS_TEXT, encoding="utf-8")
     out = tmp_path / "tok"
     settings = TokenizerSettings(vocab_size=200, min_frequency=1, lowercase=lowercase, strip_accents=strip_accents)
-    train_tokenizer([corpus], out, settings, progress=False)
+    train_tokenizer([corpus], out, settings)
+    said = "the corpus's 27 Hangul syllables became conjoining jamo" in capsys.readouterr().err  # a Korean trap
+    assert said == strip_accents
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert (config["do_lower_case"], config["strip_accents"]) == (lowercase, strip_accents)
 

@@ -125,6 +125,18 @@ def test_learning_rate_warms_up_then_decays_to_its_floor(schedule):
     assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(500, cfg) == pytest.approx(1e-4)
 
 
+def test_a_warmup_as_long_as_the_run_is_said(data_dir, tokenizer_dir, tmp_path):
+    """--warmup-steps 1000 with --max-steps 3 ran without a word, the peak rate never reached."""
+    said = []
+    cfg = tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.max_steps": 2, "optim.warmup_steps": 2})
+    train(cfg, log=said.append)
+    assert any(line.startswith("optim.warmup_steps 2 >= train.max_steps 2: the learning rate never") for line in said)
+    cfg = tiny_config(data_dir, tokenizer_dir, tmp_path / "ok", **{"train.max_steps": 2, "optim.warmup_steps": 1})
+    said.clear()
+    train(cfg, log=said.append)
+    assert not any("optim.warmup_steps" in line for line in said), said
+
+
 def test_a_step_that_masks_nothing_is_no_bad_step(data_dir, tokenizer_dir, tmp_path):
     """A step with no masked token (tiny batches, a tiny mask_prob) has loss 0 over 0 targets: counted as 1
     target, not 0/0, so it is no non-finite step to skip."""

@@ -252,6 +252,14 @@ def train_tokenizer(
                 f"(rarest: {''.join(sorted(missing, key=missing.get)[:20])})",
                 file=sys.stderr,
             )
+        hangul = sum(n for c, n in char_counts.items() if "\uac00" <= c <= "\ud7a3")
+        if settings.strip_accents and hangul:
+            print(
+                f"note: --strip-accents decomposes Hangul (NFD) before it drops marks: the corpus's {hangul:,} Hangul "
+                "syllables became conjoining jamo, so this vocabulary spells Korean letter by letter; leave it off "
+                "for Korean",
+                file=sys.stderr,
+            )
         for note in line_problem_notes(stats):
             print(f"note: {note}", file=sys.stderr)
     return vocab_size

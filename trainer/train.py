@@ -403,7 +403,9 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
             log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
                 f"{cfg.optim.grad_accum} micro-batches/step, model {name} ({params:.1f}M params), "
                 f"{mask.keywords['max_masked']} masked slots/batch")  # fmt: skip
-        for note in (dropout_note(run.attention, cfg.model.dropout), fused_ops_note(cfg.model.fused_ops, device)):
+        notes = (dropout_note(run.attention, cfg.model.dropout), fused_ops_note(cfg.model.fused_ops, device),
+                 warmup_note(cfg))  # fmt: skip
+        for note in notes:
             if note:
                 log(note)
         metrics.open_trackers(report_targets(cfg.train.report_to), {**cfg.to_dict(), "resolved": run.resolved}, step)
@@ -435,6 +437,15 @@ def lr_at(step: int, cfg: RunConfig) -> float:
 def warmup_steps(cfg: RunConfig) -> int:
     """optim.warmup_steps, or 6% of max_steps when it is 0 (auto)."""
     return cfg.optim.warmup_steps or auto_warmup(cfg.train.max_steps)
+
+
+def warmup_note(cfg: RunConfig) -> str | None:
+    """One line for a warm-up as long as the run or longer: the learning rate never reaches optim.lr."""
+    if cfg.optim.warmup_steps < cfg.train.max_steps:
+        return None
+    warmup, steps = cfg.optim.warmup_steps, cfg.train.max_steps
+    return (f"optim.warmup_steps {warmup} >= train.max_steps {steps}: the learning rate never reaches its peak "
+            f"{cfg.optim.lr} (optim.warmup_steps = 0 warms up over 6% of the steps)")  # fmt: skip
 
 
 def forward_loss(
