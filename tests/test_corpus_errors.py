@@ -227,6 +227,10 @@ def test_the_same_file_twice_and_a_doc_column_that_is_not_there(tmp_path, tokeni
     monkeypatch.chdir(tmp_path)
     line = refused(capsys, tmp_path, tokenizer_dir, "--input", "./a.txt", "a.txt")
     assert "input file a.txt is given twice (also as ./a.txt)" in line
+    for command in ("prepare", "tokenizer"):  # a column flag nothing would read was ignored without a word
+        line = refused(capsys, tmp_path, tokenizer_dir, "--input", "a.txt", "--text-column", "body", "--doc-column",
+                       "doc", command=command)  # fmt: skip
+        assert "--text-column and --doc-column name columns of rows" in line and "every input here is a text" in line
     jsonl(tmp_path / "r.jsonl", ["hello world"])
     line = refused(capsys, tmp_path, tokenizer_dir, "--input", "r.jsonl", "--doc-column", "nope")
     assert "no row of r.jsonl has a column 'nope'; pass --doc-column NAME, or none" in line

@@ -181,6 +181,14 @@ def check_corpus(inputs, out=None) -> Corpus:
         corpus.files = check_inputs(corpus.files)
     if not corpus.text_column:
         raise UserError("--text-column must name a column, got an empty string.")
+    given = [
+        f for f, on in (("--text-column", corpus.text_column != "text"), ("--doc-column", corpus.doc_column)) if on
+    ]
+    if given and not corpus.dataset and not any(map(_is_rows, corpus.files)):  # nothing would read it
+        raise UserError(
+            f"{' and '.join(given)} name columns of rows (.jsonl, .jsonl.gz, .parquet, --dataset), and every input "
+            "here is a text file (one sentence per line, a blank line between documents): drop it."
+        )
     return corpus
 
 
