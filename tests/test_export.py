@@ -329,7 +329,7 @@ def test_user_mistakes_are_sentences(trained_run, tokenizer_dir, tmp_path, sampl
     assert rc == 2 and "does not exist" in capsys.readouterr().err
 
 
-def test_card_from_a_real_run(data_dir, tokenizer_dir, tmp_path):
+def test_card_from_a_real_run(data_dir, tokenizer_dir, tmp_path, capsys):
     """A card made from a training run: title from --name, languages as a YAML list, the user's extra section,
     values that said `auto` resolved, the tokenizer and prepare commands, data statistics, validation accuracy
     and the unigram baseline; it round-trips through ModelCard.load and the export check still passes. The
@@ -356,10 +356,14 @@ def test_card_from_a_real_run(data_dir, tokenizer_dir, tmp_path):
     umask = os.umask(0o022)
     try:
         argv = ["export", "--checkpoint", str(run), "--out", str(out), "--no-verify", "--name", "me/ko-tiny"]
+        capsys.readouterr()
         rc = cli.main([*argv, "--language", "ko", "--language", "en", "--card-extra", str(extra)])
     finally:
         os.umask(umask)
     assert rc == 0 and check_export_folder(out) == []
+    assert "PATH_OR_REPO_ID" not in capsys.readouterr().err  # named: the card's usage example loads me/ko-tiny
+    assert cli.main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "unnamed"), "--no-verify"]) == 0
+    assert "note: the model card's usage example loads PATH_OR_REPO_ID" in capsys.readouterr().err
     assert {oct(stat.S_IMODE((out / n).stat().st_mode)) for n in os.listdir(out)} == {"0o644"}
 
     card = ModelCard.load(out / "README.md")

@@ -21,6 +21,7 @@ from mlmtrain.errors import UserError, require
 from mlmtrain.files import LOCK, TMP, Layout, check_out_folder, write_json, write_marker
 
 WIDGET_TEXT = "대한민국의 주권은 [MASK]에게 있고, 모든 권력은 국민으로부터 나온다."
+DEMO_REPO = "your-name/mlmtrain-demo"  # a placeholder: the demo uploads nothing (a dry run)
 
 
 def demo_layout():
@@ -132,6 +133,8 @@ def main(args) -> int:
             str(out / "tokenizer"),
             "--out",
             str(export_dir),
+            "--name",
+            DEMO_REPO,  # the repo of the upload's dry run below: the card's usage example loads it
             "--language",
             "ko",
             "--widget-text",
@@ -148,7 +151,7 @@ def main(args) -> int:
         print(f"      {guess['score']:.3f}  {guess['token_str']}")
 
     print("[6/6] upload dry run (nothing is sent)")
-    upload = ["upload", "--folder", str(export_dir), "--repo-id", "your-name/mlmtrain-demo", "--dry-run"]
+    upload = ["upload", "--folder", str(export_dir), "--repo-id", DEMO_REPO, "--dry-run"]
     rc = cli.main([*upload, *progress.flags()])
     result = {
         "vocab_size": vocab_size,

@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -353,4 +354,7 @@ def main(args) -> int:
         )
     else:
         print("not verified (--no-verify); `mlmtrain upload` refuses unverified exports")
+    if not (args.name and "/" in args.name):  # the card's usage snippet (card.model_card) has no repo to name
+        print("note: the model card's usage example loads PATH_OR_REPO_ID: export with --name OWNER/REPO, the repo "
+              "you will upload to, to name it there", file=sys.stderr)  # fmt: skip
     return 0
