@@ -761,6 +761,7 @@ def test_the_demo_says_whether_its_loss_is_below_the_unigram_model_s(
     rc, stages, out = _faked_demo(tmp_path, capsys, monkeypatch, valid_loss=valid_loss, baseline=5.0)
     assert rc == 0 and stages == ["export", "fill-mask", "upload"], out
     assert f"validation MLM loss {valid_loss:.3f} {verdict} the unigram model's 5.000" in out, out
+    assert "[1/6]" not in out and "[6/6]" not in out, out  # --quiet: the result, not the stages' headers
 
 
 def test_a_demo_whose_export_failed_exits_with_its_code(tmp_path, capsys, monkeypatch):

@@ -24,6 +24,14 @@ WIDGET_TEXT = "대한민국의 주권은 [MASK]에게 있고, 모든 권력은 �
 DEMO_REPO = "your-name/mlmtrain-demo"  # a placeholder: the demo uploads nothing (a dry run)
 
 
+def stage(line: str) -> None:
+    """A stage's header line: progress, which --quiet leaves out (the stages' results are printed)."""
+    from mlmtrain.progress import quiet
+
+    if not quiet():
+        print(line)
+
+
 def demo_layout():
     """The demo's folder: its result, and one folder of each kind the pipeline makes."""
     from mlmtrain.export_check import EXPORT_LAYOUT
@@ -87,11 +95,11 @@ def main(args) -> int:
     corpus = sample_corpus_path()
     t0 = time.time()
 
-    print(f"[1/6] tokenizer: WordPiece on {corpus.name}")
+    stage(f"[1/6] tokenizer: WordPiece on {corpus.name}")
     vocab_size = train_tokenizer([corpus], out / "tokenizer", settings, progress=not progress.quiet())
     print(f"      {vocab_size} tokens in the vocabulary")
 
-    print("[2/6] prepare: token shards")
+    stage("[2/6] prepare: token shards")
     meta = prepare(
         [corpus],
         out / "tokenizer",
@@ -110,7 +118,7 @@ def main(args) -> int:
         f"entropy {entropy:.3f} nats (train), a unigram model's loss on valid {baseline:.3f} nats"
     )
 
-    print(f"[3/6] train: {'small on CUDA' if cuda else 'tiny on CPU'}, {steps} steps")
+    stage(f"[3/6] train: {'small on CUDA' if cuda else 'tiny on CPU'}, {steps} steps")
     summary = train(cfg)
     if summary["exit_code"]:
         print(f"demo stopped ({summary['stopped_by']}); the run so far is in {out / 'run'}")
@@ -122,7 +130,7 @@ def main(args) -> int:
     )
     print(f"      curves: {draw_curves(out / 'run')}")
 
-    print("[4/6] export + verify with transformers")
+    stage("[4/6] export + verify with transformers")
     export_dir = out / "export"
     rc = cli.main(
         [
@@ -145,12 +153,12 @@ def main(args) -> int:
     if rc != 0:
         return rc
 
-    print("[5/6] fill-mask on the widget sentence")
+    stage("[5/6] fill-mask on the widget sentence")
     print(f"      {WIDGET_TEXT}")
     for guess in fill_mask(export_dir, WIDGET_TEXT):
         print(f"      {guess['score']:.3f}  {guess['token_str']}")
 
-    print("[6/6] upload dry run (nothing is sent)")
+    stage("[6/6] upload dry run (nothing is sent)")
     upload = ["upload", "--folder", str(export_dir), "--repo-id", DEMO_REPO, "--dry-run"]
     rc = cli.main([*upload, *progress.flags()])
     result = {
