@@ -53,7 +53,11 @@ def tokenizer_args(p) -> None:
     for flag, help_text in (
         ("lowercase", "lowercase text before tokenizing (default off)"),
         ("strip-accents", "NFD-decompose and drop accents (default off; it also splits Hangul into jamo)"),
-        ("clean-text", "drop control characters and normalize whitespace (default on)"),
+        (
+            "clean-text",
+            "drop control characters and normalize whitespace (always on: transformers' BertTokenizer "
+            "cleans text whatever the folder says, so --no-clean-text is refused)",
+        ),
         ("handle-chinese-chars", "split CJK ideographs (hanja) into single-character words (default on)"),
     ):
         default = getattr(d, flag.replace("-", "_"))
