@@ -5,6 +5,7 @@ unigram baseline and the training loop's validation numbers come from the same c
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -87,7 +88,7 @@ def test_a_document_packed_run_is_scored_on_its_own_segments(data_dir, tokenizer
     )
 
 
-def test_compare_uses_identical_masks(run_and_export, data_dir, tokenizer_dir, tmp_path, capsys):
+def test_compare_uses_identical_masks(run_and_export, data_dir, tokenizer_dir, tmp_path, capsys, monkeypatch):
     run, _ = run_and_export
     other = make_bert_folder(tmp_path / "other", tokenizer_dir, "0-4", max_position_embeddings=128)
     common = ("--data", data_dir, "--tokens-per-batch", 2048, "--seed", 3)
@@ -101,9 +102,13 @@ def test_compare_uses_identical_masks(run_and_export, data_dir, tokenizer_dir, t
     other_seed = evaluate_json(capsys, "--model", run, "--data", data_dir, "--tokens-per-batch", 2048)
     assert other_seed["mask_sha256"] != both["mask_sha256"]  # the digest does see the masks
 
-    assert cli.main(["eval", "--model", str(run), "--data", str(data_dir)]) == 0  # the table
+    monkeypatch.chdir(run.parent)  # a short model name: the unigram row overflowed its column
+    assert cli.main(["eval", "--model", run.name, "--data", str(data_dir)]) == 0  # the table
     out = capsys.readouterr().out
     assert "loss" in out and "unigram (train split)" in out
+    header, *rows = out.splitlines()[1:]
+    end = header.index("loss") + len("loss")
+    assert len(rows) == 2 and all(re.fullmatch(r"\d+\.\d{4}", row[end - 8 : end].strip()) for row in rows), out
 
 
 def test_corpus_is_scored_as_prepare_tokenizes_it(run_and_export, sample_corpus, tmp_path, capsys):

@@ -323,11 +323,12 @@ def main(args) -> int:
     batches = f"{report['batches']} batch{'es' if report['batches'] != 1 else ''}"
     print(f"{report['targets']:,} masked tokens in {batches} of {source} (seed {args.seed}, "
           f"{args.mask_prob:.0%} masked, {args.precision})")  # fmt: skip
-    width = max(len(m["model"]) for m in report["models"]) + 12
+    names = [m["model"] + (f" (step {m['step']})" if m.get("step") is not None else "") for m in report["models"]]
+    unigram = f"unigram ({report['unigram_fit']})"
+    width = max(map(len, [*names, unigram]))  # every row's columns line up
     print(f"{'model':<{width}} {'loss':>8} {'ppl':>10} {'accuracy':>9}")
-    for m in report["models"]:
-        name = m["model"] + (f" (step {m['step']})" if m.get("step") is not None else "")
+    for name, m in zip(names, report["models"]):
         print(f"{name:<{width}} {m['loss']:>8.4f} {m['ppl']:>10.2f} {m['accuracy']:>9.4f}")
     uni = report["unigram_loss"]
-    print(f"{'unigram (' + report['unigram_fit'] + ')':<{width}} {uni:>8.4f} {perplexity(uni):>10.2f}")
+    print(f"{unigram:<{width}} {uni:>8.4f} {perplexity(uni):>10.2f}")
     return 0
