@@ -143,8 +143,10 @@ def main(args) -> int:
             str(export_dir),
             "--name",
             DEMO_REPO,  # the repo of the upload's dry run below: the card's usage example loads it
-            "--language",
+            "--language",  # the sample: Korean constitution and bills, and King James Bible excerpts
             "ko",
+            "--language",
+            "en",
             "--widget-text",
             WIDGET_TEXT,
             *progress.flags(),
