@@ -115,7 +115,8 @@ def test_a_pipe_gets_plain_lines_the_resolved_config_and_the_next_command(data_d
     # export says what it wrote and what it verified, and nothing else: not what the libraries it loads log
     # (transformers imports an installed torchao, which logged four lines of its own here)
     pytest.importorskip("transformers")
-    rc, out = run_cli(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export")], terminal=False)
+    export = ["export", "--checkpoint", str(run), "--out", str(tmp_path / "export"), "--name", "me/tiny"]
+    rc, out = run_cli(export, terminal=False)  # named: no note about the card's usage example
     assert rc == 0 and [line.split()[0] for line in out.splitlines()] == ["exported", "verified"], out
 
 
