@@ -53,39 +53,28 @@ def test_export_and_checkpoint_give_the_same_loss(run_and_export, data_dir, caps
     assert same_batches["models"][0]["accuracy"] == summary["valid_accuracy"]
 
 
-def test_a_rows_run_is_scored_in_its_own_rows(data_dir, tokenizer_dir, tmp_path, capsys):
-    """A run trained with data.layout = rows validated on row batches: eval packs its batches so by default (the
-    same loss as the run's validation), and flat when asked; rows need --tokens-per-batch a multiple of the rows."""
-    run = tmp_path / "rows"
-    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 2, "data.layout": "rows"}))
+@pytest.mark.parametrize(
+    "key, trained, asked", [("layout", "rows", "flat"), ("pack", "document", "sentence")], ids=["rows", "documents"]
+)
+def test_a_run_is_scored_in_its_own_layout_and_segments(data_dir, tokenizer_dir, tmp_path, capsys, key, trained, asked):
+    """A run trained with data.layout = rows validated on row batches, and a document-packed one (the README's
+    phase 2) on runs of a document's sentences: eval packs its batches so by default (the same loss as the run's
+    validation), and as asked otherwise."""
+    run = tmp_path / trained
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 2, f"data.{key}": trained}))
     capsys.readouterr()
     args = ("--model", run, "--data", data_dir, "--tokens-per-batch", 1024, "--max-batches", 2)
-    rows = evaluate_json(capsys, *args)
+    own = evaluate_json(capsys, *args)
     summary = json.loads((run / "summary.json").read_text())
-    assert rows["layout"] == "rows" and rows["models"][0]["loss"] == pytest.approx(summary["valid_loss"], rel=1e-5)
-    assert evaluate_json(capsys, *args, "--layout", "flat")["layout"] == "flat"
-    assert cli.main(["eval", *map(str, args[:4]), "--tokens-per-batch", "1000", "--layout", "rows"]) == 2
-    assert "--tokens-per-batch must be a multiple of it, got 1000" in capsys.readouterr().err
-
-
-def test_a_document_packed_run_is_scored_on_its_own_segments(data_dir, tokenizer_dir, tmp_path, capsys):
-    """A document-packed run (the README's phase 2) validates on runs of a document's sentences; eval packs its
-    segments so by default (the same loss as the run's validation), and single sentences when asked."""
-    run = tmp_path / "documents"
-    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 2, "data.pack": "document"}))
-    capsys.readouterr()
-    args = ("--model", run, "--data", data_dir, "--tokens-per-batch", 1024, "--max-batches", 2)
-    documents = evaluate_json(capsys, *args)
-    summary = json.loads((run / "summary.json").read_text())
-    assert documents["pack"] == "document" and documents["models"][0]["loss"] == pytest.approx(
-        summary["valid_loss"], rel=1e-5
-    )
-    sentences = evaluate_json(capsys, *args, "--pack", "sentence")
-    assert sentences["pack"] == "sentence" and sentences["models"][0]["loss"] != documents["models"][0]["loss"]
-    assert cli.main(["eval", *map(str, args[:4]), "--tokens-per-batch", "10", "--max-batches", "1"]) == 0
-    assert (
-        "note: --tokens-per-batch 10 is below the shards' max_seq_len: batches of 128 tokens" in capsys.readouterr().err
-    )
+    assert own[key] == trained and own["models"][0]["loss"] == pytest.approx(summary["valid_loss"], rel=1e-5)
+    other = evaluate_json(capsys, *args, f"--{key}", asked)
+    assert other[key] == asked and other["models"][0]["loss"] != own["models"][0]["loss"]
+    if key == "layout":  # rows need --tokens-per-batch a multiple of the rows
+        assert cli.main(["eval", *map(str, args[:4]), "--tokens-per-batch", "1000", "--layout", "rows"]) == 2
+        assert "--tokens-per-batch must be a multiple of it, got 1000" in capsys.readouterr().err
+    else:  # a batch below the shards' max_seq_len is raised to it, and said
+        assert cli.main(["eval", *map(str, args[:4]), "--tokens-per-batch", "10", "--max-batches", "1"]) == 0
+        assert "note: --tokens-per-batch 10 is below the shards' max_seq_len: batches of 128" in capsys.readouterr().err
 
 
 def test_compare_uses_identical_masks(run_and_export, data_dir, tokenizer_dir, tmp_path, capsys, monkeypatch):
