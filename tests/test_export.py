@@ -291,7 +291,10 @@ def test_bf16_export_without_verify(trained_run, tokenizer_dir, tmp_path):
     else:
         assert hf_config.dtype == torch.bfloat16
     readme = (tmp_path / "bf16" / "README.md").read_text(encoding="utf-8")
-    assert "The capital of France is [MASK]." in readme  # default widget when no language is given
+    from mlmtrain.card import default_widget
+    from mlmtrain.tokenizer_folder import read_vocab
+
+    assert default_widget([], read_vocab(tokenizer_dir)) in readme  # default widget when no language is given
 
 
 def test_user_mistakes_are_sentences(trained_run, tokenizer_dir, tmp_path, sample_corpus, capsys):
@@ -456,6 +459,20 @@ def test_the_card_says_which_position_embeddings_the_segments_reached():
     assert _positions_text({"max_seq_len": 128}, 512, False).endswith("past that (up to 512) were never trained. ")
     assert _positions_text({"max_seq_len": 128}, 512, True).endswith("(up to 512) were not trained in this run. ")
     assert _positions_text(None, 512, False) == ""
+
+
+def test_the_default_widget_is_the_language_s_or_the_vocabulary_s():
+    """With no --language, the widget sentence (which verification also fills) was English even for a Korean
+    vocabulary; it follows the vocabulary's script now, and the first --language when one is given."""
+    from mlmtrain.card import DEFAULT_WIDGETS, default_widget
+
+    korean, english = ["[PAD]", "한국", "##어", "문장", "the"], ["[PAD]", "the", "##s", "capital", "한"]
+    assert default_widget([], korean) == DEFAULT_WIDGETS["ko"] and default_widget([], english) == DEFAULT_WIDGETS["en"]
+    assert (
+        default_widget(["en"], korean) == DEFAULT_WIDGETS["en"]
+        and default_widget(["ko"], english) == DEFAULT_WIDGETS["ko"]
+    )
+    assert default_widget(["fr"], korean) == DEFAULT_WIDGETS["en"]  # no sentence of its own: English, as before
 
 
 def test_the_card_says_what_a_segment_held():

@@ -15,6 +15,18 @@ DEFAULT_WIDGETS = {  # the blog post's widget sentence for Korean
     "ko": "산악 자전거 경기는 상대적으로 새로운 [MASK] 1990년대에 활성화 되었다.",
     "en": "The capital of France is [MASK].",
 }
+
+
+def default_widget(languages: list[str], vocab: list[str]) -> str:
+    """The fill-mask widget's sentence when none is given: the first --language's (English for one without a
+    sentence here); with no language, Korean for a vocabulary of more Hangul pieces than Latin ones, else English."""
+    if languages:
+        return DEFAULT_WIDGETS.get(languages[0], DEFAULT_WIDGETS["en"])
+    hangul = sum(any("\uac00" <= c <= "\ud7a3" for c in piece) for piece in vocab)
+    latin = sum(any("a" <= c <= "z" for c in piece.lower()) for piece in vocab)
+    return DEFAULT_WIDGETS["ko" if hangul > latin else "en"]
+
+
 _LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")  # ISO 639 code, optionally with a region or script
 
 

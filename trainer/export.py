@@ -29,7 +29,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from mlmtrain.card import DEFAULT_WIDGETS, model_card, parse_languages, read_card_extra, read_data_meta
+from mlmtrain.card import default_widget, model_card, parse_languages, read_card_extra, read_data_meta
 from mlmtrain.config import PRECISIONS, torch_dtype
 from mlmtrain.errors import UserError, missing_extra, refuse_tokens, require
 from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_folder
@@ -41,6 +41,7 @@ from mlmtrain.tokenizer_folder import (
     check_unchanged,
     read_tokenizer_config,
     read_tokenizer_record,
+    read_vocab,
     vocab_bytes,
 )
 
@@ -92,7 +93,7 @@ def export_folder(
     languages = parse_languages(language)
     extra = read_card_extra(card_extra) if card_extra else None
     refuse_tokens(card_extra=extra)
-    widgets = list(widget_texts or [DEFAULT_WIDGETS.get((languages or ["en"])[0], DEFAULT_WIDGETS["en"])])
+    widgets = list(widget_texts or [])  # none given: the default, once the tokenizer is known (below)
     for text in widgets:
         if "[MASK]" not in text:
             raise UserError(f"widget text {text!r} has no [MASK]: the fill-mask widget needs one to fill.")
@@ -114,6 +115,7 @@ def export_folder(
             "(its run had no --init-from): drop --base-model"
         )
     step = int(state.get("step", 0))
+    widgets = widgets or [default_widget(languages, read_vocab(tokenizer_dir))]
 
     # ---- write into a temporary sibling, rename at the end
     run_dir = run_folder_of(ckpt)
