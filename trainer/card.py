@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 
 from mlmtrain.errors import UserError
+from mlmtrain.text import HANGUL_SYLLABLE
 
 DEFAULT_WIDGETS = {  # the blog post's widget sentence for Korean
     "ko": "산악 자전거 경기는 상대적으로 새로운 [MASK] 1990년대에 활성화 되었다.",
@@ -22,7 +23,7 @@ def default_widget(languages: list[str], vocab: list[str]) -> str:
     sentence here); with no language, Korean for a vocabulary of more Hangul pieces than Latin ones, else English."""
     if languages:
         return DEFAULT_WIDGETS.get(languages[0], DEFAULT_WIDGETS["en"])
-    hangul = sum(any("\uac00" <= c <= "\ud7a3" for c in piece) for piece in vocab)
+    hangul = sum(bool(HANGUL_SYLLABLE.search(piece)) for piece in vocab)
     latin = sum(any("a" <= c <= "z" for c in piece.lower()) for piece in vocab)
     return DEFAULT_WIDGETS["ko" if hangul > latin else "en"]
 

@@ -64,6 +64,7 @@ NOT_TEXT = (  # (first bytes, what the file is, what to do): formats that read a
 # Hangul written as conjoining jamo (NFD: a syllable as 2-3 letters) is other characters than the syllables
 # (NFC) Korean text and tokenizers use; kept as it is (the shards are what the tokenizer gives), but said.
 CONJOINING_JAMO = re.compile("[\u1100-\u11ff]")
+HANGUL_SYLLABLE = re.compile("[\uac00-\ud7a3]")  # the composed (NFC) syllables
 
 
 def sample_corpus_path() -> Path:

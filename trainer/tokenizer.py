@@ -26,7 +26,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, atomic_dir, check_out_folder, write_json
 from mlmtrain.progress import bars_enabled, quiet
-from mlmtrain.text import check_corpus, corpus_from_args, iter_line_batches, line_problem_notes
+from mlmtrain.text import HANGUL_SYLLABLE, check_corpus, corpus_from_args, iter_line_batches, line_problem_notes
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)  # where `mlmtrain tokenizer` puts them
@@ -252,7 +252,7 @@ def train_tokenizer(
                 f"(rarest: {''.join(sorted(missing, key=missing.get)[:20])})",
                 file=sys.stderr,
             )
-        hangul = sum(n for c, n in char_counts.items() if "\uac00" <= c <= "\ud7a3")
+        hangul = sum(n for c, n in char_counts.items() if HANGUL_SYLLABLE.match(c))
         if settings.strip_accents and hangul:
             print(
                 f"note: --strip-accents decomposes Hangul (NFD) before it drops marks: the corpus's {hangul:,} Hangul "
