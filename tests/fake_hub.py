@@ -40,6 +40,8 @@ from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+HUB_LICENSES = ("apache-2.0", "mit", "cc-by-4.0", "cc-by-sa-4.0", "other")  # a few of the real Hub's list
+
 
 def git_blob_oid(data: bytes) -> str:
     """The oid the Hub reports for a regular file (git's sha1 of `blob {size}\\0` + content)."""
@@ -261,7 +263,12 @@ def _make_handler(hub: FakeHub):
         def _harnesses(self, req: Request):
             self._send(200, {"standardEnvVars": [], "harnesses": {}})
 
-        def _validate_yaml(self, req: Request):
+        def _validate_yaml(self, req: Request):  # the real Hub checks much more; the license is the likely slip
+            header = json.loads(req.body)["content"].split("---")[1]
+            license = re.search(r"^license: *(\S*)", header, re.M)
+            if license and license[1] not in HUB_LICENSES:
+                message = f'"license" must be one of [{", ".join(HUB_LICENSES)}]'
+                return self._send(400, {"errors": [{"message": message}], "warnings": []})
             self._send(200, {"errors": [], "warnings": []})
 
         def _preupload(self, req: Request, repo_id: str, revision: str):

@@ -227,6 +227,17 @@ def test_refused_before_sending(hub, export_dir, tmp_path, upload_here):
     assert api_requests(hub) == []
 
 
+def test_a_card_the_hub_refuses_leaves_no_empty_repo(hub, export_dir, upload_here):
+    """The Hub checks the card's YAML itself (its license list changes: mlmtrain keeps no copy). upload_folder asks
+    only after create_repo, so asking first is what keeps a refused card from leaving an empty repo."""
+    (export_dir / "README.md").write_text(CARD.replace("license: apache-2.0", "license: apache2"), encoding="utf-8")
+    write_manifest(export_dir)
+    result = upload_here("--folder", str(export_dir), "--repo-id", "alice/tiny-bert", endpoint=hub.endpoint)
+    line = assert_clean_error(result, "refused the export's model card", "nothing was sent", '"license" must be one of')
+    assert "--license" in line and "Invalid metadata" not in line
+    assert hub.repos == {} and hub.commits == []
+
+
 def test_an_endpoint_that_does_not_answer_as_the_hub_is_one_sentence(export_dir, upload_here):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from threading import Thread

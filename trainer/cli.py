@@ -237,7 +237,12 @@ def export_args(p) -> None:
     )
     p.add_argument("--name", help="the card's title: the Hub repo id it will be uploaded to (NAME/REPO) or any name")
     p.add_argument("--card-extra", metavar="FILE", help="a Markdown file appended to the model card as your section")
-    p.add_argument("--license", default="apache-2.0", help="model card license identifier (default: apache-2.0)")
+    p.add_argument(
+        "--license",
+        default="apache-2.0",
+        help="model card license: one of the Hub's identifiers, huggingface.co/docs/hub/repositories-licenses "
+        "(`upload` has the Hub check it; default: apache-2.0)",
+    )
     p.add_argument(
         "--base-model",
         metavar="HUB_ID",

@@ -294,13 +294,17 @@ def _human(n: int) -> str:
 
 
 def _upload(folder: Path, files: list[str], args, message: str, token: str):
-    """create_repo -> (visibility check) -> create_branch -> (--create-pr: an open pull request with these files)
-    -> upload_folder, each error turned into one sentence."""
+    """the card's metadata check -> create_repo -> (visibility check) -> create_branch -> (--create-pr: an open
+    pull request with these files) -> upload_folder, each error turned into one sentence."""
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
-    step = "create"
+    step = "validate"
     try:
+        # The Hub checks README.md's YAML (license, language, ...) itself, and upload_folder asks it only after
+        # create_repo: asked first, a card it refuses leaves no empty repo behind. Private, but in 0.30 to 2.x.
+        api._validate_yaml((folder / "README.md").read_text(encoding="utf-8"), repo_type="model", token=token)
+        step = "create"
         api.create_repo(args.repo_id, repo_type="model", private=args.private, exist_ok=True)
         if args.private:
             step = "info"
@@ -417,12 +421,19 @@ def explain_error(e: Exception, step: str, repo_id: str, revision: str | None, a
             f"{constants.ENDPOINT} did not answer as the Hugging Face Hub does during {_STEPS[step]} "
             f"({type(e).__name__}): check HF_ENDPOINT"
         )
-    if isinstance(e, ValueError):  # the library's own argument checks (repo id, card YAML, ...)
+    if isinstance(e, ValueError) and step == "validate":  # "Invalid metadata in README.md.\n- why\n- why"
+        reasons = "; ".join(line.strip().removeprefix("- ") for line in str(e).splitlines()[1:] if line.strip())
+        return (
+            f"the Hub refused the export's model card (README.md), so nothing was sent: {reasons or str(e)}; "
+            "export again with values it accepts (--license, --language)"
+        )
+    if isinstance(e, ValueError):  # the library's own argument checks (repo id, ...)
         return f"huggingface_hub refused the request: {str(e).splitlines()[0]}"
     return None
 
 
 _STEPS = {
+    "validate": "the check of the model card's metadata",
     "create": "creating the repo",
     "info": "reading the repo's visibility",
     "branch": "creating the branch",
