@@ -227,6 +227,15 @@ def test_options_that_need_one_process_or_one_micro_batch():
         check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=1, head_dim=64)
 
 
+def test_a_gpu_configs_precision_and_compile_on_a_cpu_are_noted():
+    from mlmtrain.fast_paths import cpu_note
+
+    cpu = torch.device("cpu")
+    assert cpu_note(cpu, "bf16", True).startswith("a CPU run with precision bf16 and compile on: ")
+    assert cpu_note(cpu, "fp32", True).startswith("a CPU run with compile on: ")
+    assert cpu_note(cpu, "fp32", False) is None and cpu_note(torch.device("cuda", 0), "bf16", True) is None
+
+
 # ---------------------------------------------------------------------------------------------- fp8 (emulated)
 
 

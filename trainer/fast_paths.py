@@ -143,6 +143,19 @@ def fused_ops_note(fused_ops: str, device: torch.device) -> str | None:
     return f"model.fused_ops = triton: the kernels cannot run on {device} ({why}); their torch references run"
 
 
+def cpu_note(device: torch.device, precision: str, compiled: bool) -> str | None:
+    """One line for a CPU run that asks for a GPU config's bf16/fp16 or compile (base_gpu.toml, say): the CPU
+    defaults (fp32, eager) are what the CPU tests and the demo time."""
+    asked = [f"precision {precision}"] * (precision != "fp32") + ["compile on"] * compiled
+    if device.type != "cpu" or not asked:
+        return None
+    return (
+        f"a CPU run with {' and '.join(asked)}: each compile takes tens of seconds, and bf16 matmuls are slower "
+        "than fp32 on CPUs without AMX (1.5x on the CI box); train.precision = auto and train.compile = auto give "
+        "fp32, eager"
+    )
+
+
 def check_segment_attention(L: int, head_dim: int, device: torch.device) -> None:
     """model.attention = triton: the kernel holds a row in one tile, and Triton must run on the device."""
     if L > MAX_ROW or head_dim > MAX_HEAD_DIM:

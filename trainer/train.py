@@ -23,7 +23,7 @@ from mlmtrain import checkpoint, parallel, run_folder
 from mlmtrain.attention import choose_impl, dropout_note, has_dropout
 from mlmtrain.config import RunConfig, auto_warmup, format_config, report_targets, torch_dtype
 from mlmtrain.evaluate import masker, score
-from mlmtrain.fast_paths import FastPaths, fused_ops_note
+from mlmtrain.fast_paths import FastPaths, cpu_note, fused_ops_note
 from mlmtrain.files import write_json
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
 from mlmtrain.fp8 import convert_to_fp8
@@ -404,7 +404,7 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
                 f"{cfg.optim.grad_accum} micro-batches/step, model {name} ({params:.1f}M params), "
                 f"{mask.keywords['max_masked']} masked slots/batch")  # fmt: skip
         notes = (dropout_note(run.attention, cfg.model.dropout), fused_ops_note(cfg.model.fused_ops, device),
-                 warmup_note(cfg))  # fmt: skip
+                 warmup_note(cfg), cpu_note(device, precision, use_compile))  # fmt: skip
         for note in notes:
             if note:
                 log(note)
