@@ -151,7 +151,7 @@ def cpu_note(device: torch.device, precision: str, compiled: bool) -> str | None
         return None
     return (
         f"a CPU run with {' and '.join(asked)}: each compile takes tens of seconds, and bf16 matmuls are slower "
-        "than fp32 on CPUs without AMX (1.5x on the CI box); train.precision = auto and train.compile = auto give "
+        "than fp32 on CPUs without AMX (docs/BENCHMARKS.md); train.precision = auto and train.compile = auto give "
         "fp32, eager"
     )
 
