@@ -63,6 +63,14 @@ def test_an_existing_run_is_continued_only_with_resume(data_dir, tokenizer_dir, 
         in_process(capsys, *train_args(data_dir, tokenizer_dir, run, 0)), "train.max_steps must be at least 1"
     )
     assert snapshot(run) == before
+    ended = tmp_path / "ended"  # a run that saved no checkpoint but ended is a result, not a start that failed
+    no_end_checkpoint = ("--set", "train.checkpoint_at_end=false")
+    assert in_process(capsys, *train_args(data_dir, tokenizer_dir, ended, 2, *no_end_checkpoint)).returncode == 0
+    before = snapshot(ended)
+    for extra in ((), ("--lr", "1e-3")):
+        refused = in_process(capsys, *train_args(data_dir, tokenizer_dir, ended, 3, *extra))
+        assert_refused(refused, "holds a run that ended (its summary.json) and saved no checkpoint", "new --out")
+    assert snapshot(ended) == before
 
 
 def test_a_second_process_is_refused_naming_the_holder_and_a_killed_one_holds_nothing(

@@ -1,8 +1,8 @@
 """The run folder (`mlmtrain train --out RUN`): one run, one folder, one process at a time.
 
-- A new run needs a new or empty folder, or a run folder with no checkpoint at all (a start that failed). A
-  run with checkpoints continues only with `--resume`; a folder another command made, or one mlmtrain did not
-  make, is refused and left as it is.
+- A new run needs a new or empty folder, or a run folder with no checkpoint and no summary.json (a start that
+  failed). A run with checkpoints continues only with `--resume`; a folder another command made, or one mlmtrain
+  did not make, is refused and left as it is.
 - The training process holds an exclusive `flock` on RUN/.mlmtrain.lock while it runs, and writes into that
   file who it is (pid, host, start time): a second process is refused with one sentence naming the holder.
   The kernel drops the lock when its process ends, however it ends (kill -9 too), so a lock is never stale.
@@ -211,6 +211,11 @@ def plan_start(run_dir: Path, resume: str | None, log) -> Path | None:
     state, made_by = folder_state(run_dir, RUN_LAYOUT)
     refuse_unless_mine(run_dir, RUN_LAYOUT, state, made_by)
     saved = sorted((run_dir / CHECKPOINTS).glob("step_*")) if state == "mine" else []
+    if state == "mine" and not saved and (run_dir / "summary.json").is_file() and resume != "auto":
+        raise UserError(  # a run that ended (train.checkpoint_at_end = false) is a result, not a failed start
+            f"{run_dir} holds a run that ended (its summary.json) and saved no checkpoint: a new run there would "
+            "replace its metrics and summary; choose a new --out."
+        )
     if resume is None:
         if saved:
             raise UserError(
