@@ -71,6 +71,10 @@ def test_an_existing_run_is_continued_only_with_resume(data_dir, tokenizer_dir, 
         refused = in_process(capsys, *train_args(data_dir, tokenizer_dir, ended, 3, *extra))
         assert_refused(refused, "holds a run that ended (its summary.json) and saved no checkpoint", "new --out")
     assert snapshot(ended) == before
+    (ended / "summary.json").unlink()  # now as a start killed before its first checkpoint leaves it
+    for resume in (("--out", ended, "--resume"), ("--resume", ended)):  # the short forms read its config.json
+        line = assert_refused(in_process(capsys, "train", *resume), "the run saved none yet")
+        assert f"--config {ended / 'config.json'}` starts it again" in line
 
 
 def test_a_second_process_is_refused_naming_the_holder_and_a_killed_one_holds_nothing(

@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 
 from mlmtrain import parallel, run_folder
-from mlmtrain.checkpoint import CHECKPOINTS, run_folder_of
+from mlmtrain.checkpoint import run_folder_of
 from mlmtrain.config_load import flag_overrides, load_config
 from mlmtrain.errors import UserError
+from mlmtrain.files import folder_state
 from mlmtrain.metrics import closing_lines
 from mlmtrain.plan import check_inputs, plan_run, start_check
 from mlmtrain.stop import EXIT_NON_FINITE, EXIT_SIGNAL, guard_output, handled
@@ -61,7 +62,8 @@ def resumed_run_config(args) -> Path | None:
         return None
     run = run_folder_of(Path(source)) or Path(source)
     config = run / "config.json"
-    return config if (run / CHECKPOINTS).is_dir() and config.is_file() else None  # a run folder's, not a checkpoint's
+    mine = folder_state(run, run_folder.RUN_LAYOUT)[0] == "mine"  # a run folder's (one with no checkpoint yet too)
+    return config if mine and config.is_file() else None
 
 
 @contextlib.contextmanager
