@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import shlex
+import shutil
 
 import pytest
 import torch
@@ -386,6 +387,26 @@ def test_card_from_a_real_run(data_dir, tokenizer_dir, tmp_path, capsys):
     train_tokens, valid_tokens = (np.asarray(load_split(data_dir, s).tokens) for s in ("train", "valid"))
     baseline = unigram_cross_entropy(train_tokens, valid_tokens, meta["vocab_size"], shard_specials(meta))
     assert f"| unigram baseline loss | {baseline:.4f} nats" in text
+
+
+def test_a_card_leaves_out_shards_rewritten_after_training(data_dir, tokenizer_dir, tmp_path, capsys):
+    """`prepare --overwrite` into the run's data folder after training: the card must not describe those shards
+    (their statistics, prepare command and unigram baseline) as the data the weights saw."""
+    from test_train import tiny_config
+
+    from mlmtrain.train import train
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(data_dir, data)
+    train(tiny_config(data, tokenizer_dir, run, **{"train.max_steps": 1}), log=lambda m: None)
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "seed": meta["seed"] + 1}))  # as another split would
+    capsys.readouterr()
+    assert cli.main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "export"), "--no-verify"]) == 0
+    assert f"note: the run's token shards ({data}) changed after it trained" in capsys.readouterr().err
+    text = (tmp_path / "export" / "README.md").read_text(encoding="utf-8")
+    assert "### Data" not in text and "mlmtrain prepare" not in text and f"--seed {meta['seed'] + 1}" not in text
+    assert "| unigram baseline loss | not computed: the run's token shards were not found, or had changed" in text
 
 
 def test_language_list_forms(trained_run, tokenizer_dir, tmp_path):

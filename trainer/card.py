@@ -311,7 +311,8 @@ def _commands(tokenizer_record: dict | None, data_meta: dict | None, train_comma
             f"--seed {data_meta.get('seed')}"
         )
     else:
-        lines.append("# the token shards' settings were not found (their meta.json was not readable at export)")
+        lines.append("# the token shards' settings are not known (at export their meta.json was missing, unreadable, "
+                     "or written by a later prepare)")  # fmt: skip
     train_commands = [c for c in train_commands if c]
     if len(train_commands) > 1:
         lines.append("# training: the command lines the run recorded, in order (each after the first resumed it)")

@@ -81,7 +81,7 @@ def export_folder(
     from safetensors.torch import save_file
 
     from mlmtrain import __version__
-    from mlmtrain.checkpoint import read_trained, run_folder_of
+    from mlmtrain.checkpoint import data_fingerprint, read_trained, run_folder_of
 
     if dtype not in PRECISIONS:
         raise UserError(f"--dtype must be one of {', '.join(PRECISIONS)}, not {dtype!r}.")
@@ -120,6 +120,11 @@ def export_folder(
     # ---- write into a temporary sibling, rename at the end
     run_dir = run_folder_of(ckpt)
     data_meta = read_data_meta(run_config)
+    if data_meta is not None and state.get("data_fingerprint") not in (None, data_fingerprint(data_meta)):
+        print(f"note: the run's token shards ({run_config['run']['data']['data_dir']}) changed after it trained "
+              "(another `prepare` wrote them): the card leaves out their settings, statistics and unigram baseline",
+              file=sys.stderr)  # fmt: skip
+        data_meta = None  # a card describes the data the weights saw, or none
     card = model_card(
         title=name,
         config=config,
@@ -195,7 +200,7 @@ def unigram_baseline(run_config: dict, data_meta: dict | None) -> tuple[float | 
     from mlmtrain.prepare import load_split, read_meta, shard_specials
 
     if not data_meta:
-        return None, "not computed: the run's token shards were not found at export"
+        return None, "not computed: the run's token shards were not found, or had changed, at export"
     n_train, n_valid = (int((data_meta.get(s) or {}).get("tokens") or 0) for s in ("train", "valid"))
     if not n_valid:
         return None, "not computed: the validation split is empty"
