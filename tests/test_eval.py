@@ -40,7 +40,7 @@ def test_export_and_checkpoint_give_the_same_loss(run_and_export, data_dir, caps
     from_run = evaluate_json(capsys, "--model", run, "--data", data_dir)
     from_export = evaluate_json(capsys, "--model", export, "--data", data_dir)
     a, b = from_run["models"][0], from_export["models"][0]
-    assert a["kind"] == "checkpoint" and a["step"] == 4 and b["kind"] == "export"
+    assert a["kind"] == "checkpoint" and a["step"] == 4 and b["kind"] == "export" and b["step"] == 4
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-6) and a["accuracy"] == b["accuracy"]
     assert from_run["mask_sha256"] == from_export["mask_sha256"] and from_run["targets"] > 100
     assert from_run["unigram_loss"] > 0 and from_run["unigram_fit"] == "train split"
@@ -87,7 +87,7 @@ def test_compare_uses_identical_masks(run_and_export, data_dir, tokenizer_dir, t
     assert alone_a["mask_sha256"] == alone_b["mask_sha256"] == both["mask_sha256"]
     assert alone_a["targets"] == alone_b["targets"] == both["targets"]
     assert [m["loss"] for m in both["models"]] == [alone_a["models"][0]["loss"], alone_b["models"][0]["loss"]]
-    assert both["models"][1]["kind"] == "transformers"
+    assert both["models"][1]["kind"] == "transformers" and both["models"][1]["step"] is None
     other_seed = evaluate_json(capsys, "--model", run, "--data", data_dir, "--tokens-per-batch", 2048)
     assert other_seed["mask_sha256"] != both["mask_sha256"]  # the digest does see the masks
 

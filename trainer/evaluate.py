@@ -15,8 +15,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
 import math
 import sys
 import tempfile
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from mlmtrain.errors import UserError
+from mlmtrain.export_check import EXPORT_MANIFEST
 from mlmtrain.files import json_text
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask
 from mlmtrain.model import BertForMaskedLM, mlm_loss_sum
@@ -196,11 +199,19 @@ def load_model(source: str, tokenizer_dir=None):
         problem = transformers_casing_problem(tokenizer_dir, folder)  # scored on text split as in its pretraining
         if problem:
             raise UserError(problem)
-        kind = "export" if (folder / "mlmtrain_export.json").is_file() else "transformers"
-        info = {"model": str(source), "kind": kind, "folder": str(folder)}
+        kind = "export" if (folder / EXPORT_MANIFEST).is_file() else "transformers"
+        info = {"model": str(source), "kind": kind, "folder": str(folder), "step": _export_step(folder)}
         model = BertForMaskedLM(pretrained.config)
         model.load_hf_state_dict(pretrained.weights)
     return model, Path(tokenizer_dir), info
+
+
+def _export_step(folder: Path) -> int | None:
+    """The training step an export's manifest names; None for a folder mlmtrain did not export."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        step = json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8")).get("step")
+        return step if isinstance(step, int) else None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
