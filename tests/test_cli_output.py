@@ -97,7 +97,7 @@ def test_a_pipe_gets_plain_lines_the_resolved_config_and_the_next_command(data_d
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     start = readme.index("`RUN/summary.json` holds the numbers for scripts")
     documented = set(re.findall(r"`(\w+)`", readme[start : readme.index("\n\n", start)]))
-    assert summary["schema"] == "mlmtrain.summary/2" and set(summary) <= documented, set(summary) - documented
+    assert summary["schema"] == "mlmtrain.summary/3" and set(summary) <= documented, set(summary) - documented
     assert documented - set(summary) == {"null", "min", "median", "max", "resolved", "auto"}, documented
     assert set(summary["step_time_s"]) == {"min", "median", "max"} and "resolved" in summary["config"]
     assert summary["attention_dropout"] == 0.1 and "on hidden states only" not in out  # CPU: SDPA applies it

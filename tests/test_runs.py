@@ -140,7 +140,7 @@ def test_a_copied_run_resumes_and_exports_where_it_is_from_any_directory(data_di
 
 def test_every_checkpoint_counts_the_real_tokens_its_weights_saw(data_dir, tokenizer_dir, tmp_path):
     """The count the card states ("N real tokens seen"): a checkpoint between log steps counted none of the open
-    window's tokens (0 at step 2 here), and a resumed run counted only its own."""
+    window's tokens (0 at step 2 here), and a resumed run adds its own to its checkpoint's."""
     from test_train import tiny_config
 
     def seen(run, step):
@@ -152,7 +152,8 @@ def test_every_checkpoint_counts_the_real_tokens_its_weights_saw(data_dir, token
     shutil.rmtree(shutil.copytree(tmp_path / "full", tmp_path / "resumed") / "checkpoints" / "step_00000004")
     resumed_cfg = tiny_config(data_dir, tokenizer_dir, tmp_path / "resumed", **settings)
     resumed = train(resumed_cfg, resume=str(tmp_path / "resumed"), log=lambda msg: None)
-    assert resumed["real_tokens"] == full["real_tokens"] - seen(tmp_path / "full", 2)  # summary.json: this run's
+    assert resumed["real_tokens"] == full["real_tokens"] == full["real_tokens_this_run"]  # summary.json: the weights'
+    assert resumed["real_tokens_this_run"] == full["real_tokens"] - seen(tmp_path / "full", 2)
     assert seen(tmp_path / "resumed", 4) == seen(tmp_path / "full", 4)
 
 

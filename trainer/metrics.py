@@ -354,7 +354,7 @@ def progress_line(row: dict, short: bool = False) -> str:
     )
 
 
-SUMMARY_SCHEMA = "mlmtrain.summary/2"  # summary.json's keys (README, `mlmtrain train`): a change of meaning bumps it
+SUMMARY_SCHEMA = "mlmtrain.summary/3"  # summary.json's keys (README, `mlmtrain train`): a change of meaning bumps it
 
 
 def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: dict, stopped_by) -> dict:
@@ -369,7 +369,8 @@ def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: 
         "mlmtrain_version": __version__,
         "steps": step,
         "steps_this_run": step - run.step,
-        "real_tokens": sum(w.real_tokens for w in windows),
+        "real_tokens": run.tokens_before + sum(w.real_tokens for w in windows),  # the weights', as state.json's
+        "real_tokens_this_run": sum(w.real_tokens for w in windows),
         "tokens_per_s": tokens_per_s and tokens_per_s["median"],  # the job's total
         "tokens_per_s_per_gpu": tokens_per_s and tokens_per_s["median"] / run.world,
         "achieved_tflops": tflops and tflops["median"],  # the same windows' medians: one measurement
