@@ -4,7 +4,9 @@ flags set the config keys they name, and every key is listed with its default an
 from __future__ import annotations
 
 import errno
+import functools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -119,11 +121,12 @@ def test_help_config_lists_every_key_with_its_default_and_meaning():
     assert done.returncode == 0, done.stderr
     docs = field_docs()
     assert len(docs) > 50 and all(meaning for _, meaning in docs.values())
+    whole = tomllib.loads(done.stdout)  # the whole text is a TOML file of the defaults
     for key, (default, _) in docs.items():  # as a TOML file writes it: each line pastes into one
         line = next(x.strip() for x in done.stdout.splitlines() if x.strip().startswith(f"{key} = "))
-        assert tomllib.loads(line.split(".", 1)[-1])[key.split(".")[-1]] == (
-            list(default) if isinstance(default, tuple) else default
-        ), line
+        expected = list(default) if isinstance(default, tuple) else default
+        assert tomllib.loads(line.split(".", 1)[-1])[key.split(".")[-1]] == expected, line
+        assert functools.reduce(lambda table, part: table[part], key.split("."), whole) == expected, key
 
 
 TOKEN = "hf_FAKEabcdefghijklmnopqrstuvwxyz1234"
@@ -216,9 +219,9 @@ def test_help_config_heads_each_section_once_and_no_top_level_key(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help-config"])
     assert exit_.value.code == 0
-    headings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    headings = [line for line in capsys.readouterr().out.splitlines() if re.fullmatch(r"# \w+", line)]
     sections = list(dict.fromkeys(k.split(".")[0] for k in field_docs() if "." in k))
-    assert headings == [f"[{s}]" for s in sections]
+    assert headings == [f"# {s}" for s in sections]
 
 
 def test_a_usage_error_never_echoes_a_token(capsys):

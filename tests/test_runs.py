@@ -372,9 +372,30 @@ def test_a_terminal_that_hung_up_is_dropped_without_asking_for_a_stop(monkeypatc
         def write(self, text):
             raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(sys, "stdout", FailingDisk())
+    monkeypatch.setattr(sys, "stdout", FailingDisk())  # no file descriptor to point elsewhere: raised
     with guard_output(), pytest.raises(OSError, match="Input/output"):
         print("step 1")
+
+
+def test_an_unwritable_output_stops_the_run_saved_with_exit_2(monkeypatch, capsys):
+    """`mlmtrain train > log` on a full disk (/dev/full answers every write with ENOSPC): the run stops after the
+    step with a checkpoint and exits 2, saying so on stderr; it once died unsaved, blaming the run folder."""
+    from mlmtrain.stop import OUTPUT_FAILED, StopSignal, exit_code, guard_output
+
+    with open("/dev/full", "w", buffering=1) as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        with guard_output():
+            stopper = StopSignal()
+            try:
+                print("step 1: loss 9.9")
+                print("step 2: later lines go nowhere")
+                assert stopper.requested == OUTPUT_FAILED
+            finally:
+                stopper.restore()
+        assert os.path.samestat(os.fstat(full.fileno()), os.stat(os.devnull))
+    err = capsys.readouterr().err
+    assert "standard output could not be written (No space left on device)" in err and "exit 2" in err, err
+    assert exit_code(OUTPUT_FAILED, None) == 2
 
 
 def test_a_closed_output_stops_after_the_step_saved_and_exits_141(data_dir, tokenizer_dir, tmp_path):
@@ -391,7 +412,7 @@ def test_a_closed_output_stops_after_the_step_saved_and_exits_141(data_dir, toke
     finally:
         proc.kill()
     assert proc.returncode == 141, err
-    assert "Traceback" not in err and "the output was closed" in err and "exit 141" in err, err
+    assert "Traceback" not in err and "standard output was closed" in err and "exit 141" in err, err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["exit_code"] == 141 and summary["stopped_by"] == "SIGPIPE"
     assert ckpt.verify_checkpoint(ckpt.latest_checkpoint(run)) is None

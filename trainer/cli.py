@@ -147,15 +147,17 @@ def toml_value(value) -> str:
 
 
 class HelpConfig(argparse.Action):
-    """`--help-config`: every config key, its default and its meaning, then exit."""
+    """`--help-config`: every config key, its default and its meaning, then exit. The whole text is a TOML file
+    of the defaults (dotted keys, meanings and section names as comments), and each key line one `--set` takes."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        section = None
+        section, lines = None, []
         for dotted, (default, meaning) in field_docs().items():
             if dotted.split(".")[0] != section and "." in dotted:
                 section = dotted.split(".")[0]
-                print(f"\n[{section}]")
-            print(f"  {dotted} = {toml_value(default)}\n      {meaning}")
+                lines.append(f"\n# {section}")
+            lines.append(f"{dotted} = {toml_value(default)}\n    # {meaning}")
+        parser._print_message("\n".join(lines) + "\n", sys.stdout)  # as --help writes (a closed reader: exit 1)
         parser.exit()
 
 
@@ -437,9 +439,14 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM and SIGHUP (not when ignored: `nohup`) end a command through its cleanups, as Ctrl-C does
     previous = {sig: signal.signal(sig, _terminate) for sig in handled((signal.SIGTERM, signal.SIGHUP))}
     previous_int = signal.getsignal(signal.SIGINT)  # a finished train ignores it: a caller gets it back
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (s and _Named(s, name) for s, name in zip(streams, STREAM_NAMES))  # None: closed
     try:
         module = importlib.import_module(COMMANDS[args.command][0])
-        return int(module.main(args) or 0)
+        code = int(module.main(args) or 0)
+        if sys.stdout is not None:  # a failed write of what is still buffered is said below, not at the exit
+            sys.stdout.flush()
+        return code
     except UserError as e:
         _say(args.command, f"error: {e}")
         return 2
@@ -454,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a write the system refused, outside a command's own handling: one sentence too
         from mlmtrain.files import WRITE_ERRNOS, write_failure
 
+        if e.filename in STREAM_NAMES:  # `> file` on a full disk: the command's own files are complete or absent
+            _say(args.command, f"error: could not write to {e.filename}: {e.strerror or e}")
+            return 2
         if e.errno not in WRITE_ERRNOS:
             return _crashed()
         _say(args.command, f"error: {write_failure(e)}")
@@ -461,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception:
         return _crashed()
     finally:
+        sys.stdout, sys.stderr = streams
         # as the program (not called in-process), the exit code is decided here: a SIGTERM during the
         # interpreter's shutdown (about a second with torch loaded) would turn a finished command into 143
         for sig, handler in previous.items():
@@ -469,6 +480,36 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         else:
             signal.signal(signal.SIGINT, previous_int)
+
+
+STREAM_NAMES = ("standard output", "standard error")
+
+
+class _Named:
+    """sys.stdout or sys.stderr while a command runs: a failed write (not a reader gone away, which has its own
+    handling) names the stream, so that it is not taken for a write into the command's own files."""
+
+    def __init__(self, stream, name: str):
+        self._stream, self._name = stream, name
+
+    def write(self, text):
+        return self._named(self._stream.write, text)
+
+    def flush(self):
+        return self._named(self._stream.flush)
+
+    def _named(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            if e.filename is None:
+                e.filename = self._name
+            raise
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's own
+        return getattr(self._stream, name)
 
 
 def _flush_or_exit() -> None:

@@ -30,7 +30,7 @@ from mlmtrain.config import torch_dtype
 from mlmtrain.errors import UserError
 
 TIMEOUT_ENV = "MLMTRAIN_DIST_TIMEOUT"  # seconds a collective may wait for the other ranks (default 300)
-STOPS = ("SIGPIPE", "SIGHUP", "SIGINT", "SIGTERM")  # stop requests, the later winning where ranks got different ones
+STOPS = (stop.OUTPUT_FAILED, "SIGPIPE", "SIGHUP", "SIGINT", "SIGTERM")  # stop requests, the later winning
 _host = {"group": None}  # the gloo group host-side decisions are all-reduced in (None: the default group)
 
 

@@ -9,6 +9,8 @@
          signal exits at once, unsaved (under torchrun, the same signal again within REPEAT_S is the same request)
     141  stopped because its standard output or error was closed (`mlmtrain train ... | head`): the same stop
          as a signal's, after the step, saved; later lines go nowhere
+    2    also when a write to its standard output or error failed (`> file` on a full disk): the same stop,
+         saved, said in one sentence on the other stream
 
 A second signal exits without cleaning up; the next start removes what it left half-written. A signal the run
 was started with ignored (`nohup` ignores SIGHUP, a shell's background job SIGINT) stays ignored.
@@ -25,6 +27,7 @@ import threading
 import time
 
 EXIT_NON_FINITE = 3
+OUTPUT_FAILED = "unwritable output"  # the stop request of a failed write to stdout or stderr (exit 2)
 REPEAT_S = 2.0  # under torchrun, the same signal again within this is one delivery, not "exit at once"
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # each asks for a stop after the step, saved
 EXIT_SIGNAL = {sig.name: 128 + sig for sig in (*SIGNALS, signal.SIGPIPE)}
@@ -40,17 +43,19 @@ def handled(signals=SIGNALS) -> list[signal.Signals]:
 def exit_code(stopped_by_signal: str | None, stop_reason: str | None) -> int:
     """The exit code of a run that stopped for `stopped_by_signal` (a signal's name), or for `stop_reason`
     (non-finite steps), or ran to the end (both None)."""
+    if stopped_by_signal == OUTPUT_FAILED:
+        return 2
     if stopped_by_signal is not None:
         return EXIT_SIGNAL.get(stopped_by_signal, EXIT_SIGNAL["SIGTERM"])
     return EXIT_NON_FINITE if stop_reason else 0
 
 
 class StopSignal:
-    """First SIGTERM/SIGINT/SIGHUP (those not ignored: `handled`), or output closed under `guard_output`
-    ("SIGPIPE"): finish the step, save, exit. Second signal: exit at once."""
+    """First SIGTERM/SIGINT/SIGHUP (those not ignored: `handled`), or output closed ("SIGPIPE") or unwritable
+    (OUTPUT_FAILED) under `guard_output`: finish the step, save, exit. Second signal: exit at once."""
 
     def __init__(self):
-        self.requested, self.at = ("SIGPIPE" if _output["closed"] else None), 0.0  # this process's request
+        self.requested, self.at = _output["closed"] or None, 0.0  # this process's request
         self.stop = None  # the stop every rank agreed on (`join`): what the run stops for and exits with
         self.previous = {sig: signal.signal(sig, self._handle) for sig in handled()}
         _output["listeners"].append(self)
@@ -80,14 +85,15 @@ class StopSignal:
         _output["listeners"].remove(self)
 
 
-_output = {"closed": False, "listeners": []}  # guard_output's state: listeners are the live StopSignals
+_output = {"closed": None, "listeners": []}  # guard_output's state: the stop an output asked for; live StopSignals
 
 
 class _Guarded:
     """sys.stdout or sys.stderr under `guard_output`: the first BrokenPipeError points the file descriptor at
     /dev/null (what the stream still buffers, and every later line, goes there) and asks for a stop. A terminal
     that hung up (EIO) goes to /dev/null the same way without asking: its SIGHUP asks, unless the run was started
-    to outlive it (`nohup`, `setsid`), and then it trains on."""
+    to outlive it (`nohup`, `setsid`), and then it trains on. Any other failed write (a full disk under `> log`)
+    goes to /dev/null too and asks for a stop as OUTPUT_FAILED: the run saves, then exits 2."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -109,21 +115,27 @@ class _Guarded:
                 raise
 
     def _gone(self, error: OSError) -> bool:
-        """Whether `error` says the reader is gone (then handled as the class says), not that the write failed."""
-        if error.errno != errno.EPIPE and not (error.errno == errno.EIO and self._tty):
-            return False  # e.g. EIO from a file on a failing disk: a failed write, said as one
+        """Handles `error` as the class says; False for one that is not about the stream (then raised)."""
+        try:
+            fd = self._stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            return False  # not a file descriptor's stream: nothing to point at /dev/null
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())
+        os.dup2(devnull, fd)
         os.close(devnull)
-        if error.errno == errno.EIO:
+        if error.errno == errno.EIO and self._tty:
             return True
-        first, _output["closed"] = not _output["closed"], True
+        stop = "SIGPIPE" if error.errno == errno.EPIPE else OUTPUT_FAILED
+        first, _output["closed"] = _output["closed"] is None, _output["closed"] or stop
         for stopper in _output["listeners"]:
-            stopper.requested = stopper.requested or "SIGPIPE"
+            stopper.requested = stopper.requested or stop
         if first:  # to the other stream, if it is still open (a closed one drops it the same way)
             other = sys.stderr if self is sys.stdout else sys.stdout
-            print("\nmlmtrain train: the output was closed (the reader of its pipe went away): finishing this step "
-                  "and saving a checkpoint; exit 141", file=other)  # fmt: skip
+            name = "standard output" if self is sys.stdout else "standard error"
+            why = ("was closed (the reader of its pipe went away)" if stop == "SIGPIPE"
+                   else f"could not be written ({error.strerror or error})")  # fmt: skip
+            print(f"\nmlmtrain train: {name} {why}: finishing this step and saving a checkpoint; exit "
+                  f"{exit_code(stop, None)}", file=other)  # fmt: skip
         return True
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's own
@@ -166,7 +178,7 @@ def guard_output():
         yield
     finally:
         sys.stdout, sys.stderr = saved
-        _output["closed"] = False
+        _output["closed"] = None
 
 
 @contextlib.contextmanager
