@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 from mlmtrain.benchmarks.common import OUT_OF_TIME
+from mlmtrain.cli import Terminated
 from mlmtrain.config import MODEL_SIZES, auto_warmup, default_precision
 from mlmtrain.errors import UserError, require
 from mlmtrain.files import Layout, folder_state, read_marker, refuse_unless_mine, write_marker
@@ -427,8 +429,11 @@ def main(args) -> int:
     t0 = time.monotonic()
     bench.deadline = t0 + args.time_limit if args.time_limit else None  # the budget is for the sections
 
+    partial = {}  # the running section's rows so far
+
     def progress(section: str, rows: list[dict]) -> None:  # rows so far: a hard stop keeps every finished row
         rows = [{**r, "section": section, "command": r.get("command") or bench.command} for r in rows]
+        partial.update(section=section, rows=rows)
         running = {"section": section, "wall_s": time.monotonic() - t0, "rows": rows, "unfinished": True}
         report.write(_merged({**results, "sections": [*results["sections"], running]}, previous), out, peak)
 
@@ -443,6 +448,16 @@ def main(args) -> int:
             print(f"mlmtrain bench: section {name}: {status} ({result['wall_s']:.0f} s)", file=sys.stderr)
             results["wall_s"] = time.monotonic() - t0
             report.write(_merged(results, previous), out, peak)  # after every section: a kill keeps the rest
+    except (KeyboardInterrupt, Terminated) as stop:  # the report names what the stop left out, as the budget's
+        why = f"not measured: the bench was stopped by {getattr(stop, 'signal', signal.SIGINT).name}"
+        results["wall_s"] = time.monotonic() - t0
+        kept = {s["section"] for s in (previous or {}).get("sections", [])}  # --merge: an earlier call's stays
+        stopped, *after = sections[len(results["sections"]) :]
+        rows = partial["rows"] if partial.get("section") == stopped else []
+        results["sections"].append({"section": stopped, "wall_s": 0.0, "rows": rows, "error": why})
+        results["sections"] += [{"section": n, "wall_s": 0.0, "error": why} for n in after if n not in kept]
+        report.write(_merged(results, previous), out, peak)
+        raise
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)

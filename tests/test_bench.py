@@ -10,6 +10,7 @@ import io
 import json
 import math
 import re
+import signal
 import time
 import warnings
 
@@ -227,6 +228,28 @@ def test_time_limit_skips_and_says_so(tmp_path, monkeypatch):
     assert "rows" in res["sections"][0]
     assert res["sections"][1]["error"].startswith("skipped: the time budget")
     assert "skipped: the time budget" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_stopped_bench_names_what_it_left_out(tmp_path, monkeypatch, capsys):
+    """SIGTERM or Ctrl-C during a section: the report written so far must not look complete. The stopped section
+    and those after it are named as not measured, with the signal; the command exits as for the signal."""
+    from mlmtrain.benchmarks.suite import Bench
+    from mlmtrain.cli import Terminated
+
+    def stopped(self):
+        raise Terminated(signal.SIGTERM)
+
+    monkeypatch.setattr(Bench, "model", stopped)
+    argv = ["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ceilings,model,mask"]
+    assert main(argv) == 143
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert [s["section"] for s in res["sections"]] == ["ceilings", "model", "mask"] and "error" not in res["sections"][
+        0
+    ]
+    why = "not measured: the bench was stopped by SIGTERM"
+    assert res["sections"][1]["error"] == res["sections"][2]["error"] == why
+    report = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert f"- **model**: {why}" in report and f"- **mask**: {why}" in report
 
 
 def test_merge_keeps_sections_not_redone(tmp_path):
