@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 
 import torch
 
@@ -90,7 +91,7 @@ def add_graph_row(add, mask_fn, fresh_ids, device, repeats, work, rows) -> None:
         with torch.cuda.graph(graph):
             mask_fn((static_ids, 1))
     except Exception as e:  # say why instead of dropping the row
-        print(f"CUDA-graph capture of the masking call failed: {type(e).__name__}: {e}", flush=True)
+        print(f"CUDA-graph capture of the masking call failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return
     seconds = time_fn(lambda _: graph.replay(), device, repeats=repeats, setup=lambda: static_ids.copy_(fresh_ids()[0]))
     copy = next(r for r in reversed(rows) if r["name"] == "copy")
@@ -110,9 +111,11 @@ def run(
     *,
     hf_max_tokens: int | None = None,
     whole_word: bool = True,
+    table=None,
 ) -> list[dict]:
     """Rows (benchmarks/common.record) per size: copy, triton, torch reference, hf collator; then one
-    `summary` row per size with the kernel's fraction of copy bandwidth and its speed-up over the collator."""
+    `summary` row per size with the kernel's fraction of copy bandwidth and its speed-up over the collator.
+    Each row is printed as it is measured, to `table` (default stdout; `mlmtrain bench` keeps stdout clean)."""
     from mlmtrain.kernels import mlm_mask as mm
     from mlmtrain.kernels import triton_runs_on
 
@@ -149,10 +152,11 @@ def run(
                 record("mask", name, seconds, work=work, num_tokens=T, max_masked=M, device=str(device), **fields)
             )
             r = rows[-1]
+            rate = f"{r['tokens_per_s']['median'] / 1e6:10.2f}" if "tokens_per_s" in r else f"{'-':>10}"  # copy: none
             print(
-                f"{T:>9} tokens  {name:<28} {r['seconds']['median'] * 1e3:10.3f} ms  "
-                f"{r.get('tokens_per_s', {'median': 0})['median'] / 1e6:10.2f} Mtok/s  "
+                f"{T:>9} tokens  {name:<28} {r['seconds']['median'] * 1e3:10.3f} ms  {rate} Mtok/s  "
                 f"{r['bytes_per_s']['median'] / 1e9:8.2f} GB/s",
+                file=table or sys.stdout,
                 flush=True,
             )
 

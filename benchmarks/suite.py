@@ -229,6 +229,7 @@ class Bench:
             self.device,
             self.plan["mask_repeats"],
             hf_max_tokens=self.plan["mask_hf_max_tokens"],
+            table=sys.stderr,  # as every other line of the bench: stdout stays clean
         )
 
     def model(self) -> list[dict]:

@@ -45,6 +45,7 @@ def test_a_quiet_bench_prints_no_trainer_dict_and_draws_no_empty_legend(quick, t
     TFLOP/s chart of a report without ceilings and peak (`--sections train` on a CPU) asked matplotlib for a legend
     of nothing, which warned."""
     assert "train_runtime" not in QUICK_OUTPUT["stdout"], QUICK_OUTPUT["stdout"][-500:]
+    assert QUICK_OUTPUT["stdout"] == "", QUICK_OUTPUT["stdout"][:500]  # every line on stderr: stdout stays clean
     _, _, results = quick
     with warnings.catch_warnings():
         warnings.simplefilter("error")
