@@ -4,6 +4,8 @@ batch size given as auto, compared as it was resolved)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 
@@ -97,3 +99,48 @@ def test_an_auto_batch_size_is_compared_as_it_was_resolved(tmp_path, monkeypatch
     plan.check_resume_compatible(tmp_path, run, meta, model, 4096)  # auto, resolved the same way: accepted
     with pytest.raises(UserError, match="data.tokens_per_batch is 65536 here but 4096"):
         plan.check_resume_compatible(tmp_path, run, meta, model, 65536)
+
+
+HISTORY = {  # every setting of a run's history (plan.HISTORY_KEYS), with a value other than its default
+    "optim.lr": 1e-4,
+    "optim.betas": [0.9, 0.999],
+    "optim.eps": 1e-8,
+    "optim.weight_decay": 0.1,
+    "optim.warmup_steps": 10,
+    "optim.schedule": "cosine",
+    "optim.min_lr_ratio": 0.1,
+    "optim.grad_clip": 0.5,
+    "mask.mask_prob": 0.2,
+    "mask.mask_frac": 0.7,
+    "mask.random_frac": 0.2,
+    "mask.whole_word": True,
+    "model.dropout": 0.0,
+}
+
+
+@pytest.mark.parametrize("key", HISTORY)
+def test_a_resume_in_its_own_folder_keeps_each_history_setting(tmp_path, monkeypatch, key):
+    """Each optimizer, schedule, masking and dropout setting: another value is refused, named, on a resume in the
+    run's own folder, and taken by a new run from its checkpoint in another folder."""
+    import dataclasses
+
+    from mlmtrain import checkpoint, plan
+    from mlmtrain.config_load import load_config
+    from mlmtrain.errors import UserError
+    from mlmtrain.model import BertConfig
+
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    meta = {"tokenizer_fingerprint": "t", "vocab_size": 100, "max_seq_len": 64}
+    model = BertConfig(vocab_size=100)
+    state = {"data_fingerprint": checkpoint.data_fingerprint(meta), "tokenizer_fingerprint": "t",
+             "resolved": {"data.tokens_per_batch": 4096}}  # fmt: skip
+    config = {"model": dataclasses.asdict(model), "run": load_config(None, {"out_dir": str(run_dir)}).to_dict()}
+    monkeypatch.setattr(checkpoint, "read_state", lambda ckpt: (config, state))
+    same = load_config(None, {"out_dir": str(run_dir), "train.log_every": 7, "train.precision": "bf16"})
+    plan.check_resume_compatible(ckpt, same, meta, model, 4096)  # a cadence, the precision: not its history
+    with pytest.raises(UserError, match=rf"{re.escape(key)} is .* here but .* in the run .*--out NEW_RUN"):
+        plan.check_resume_compatible(ckpt, load_config(None, {"out_dir": str(run_dir), key: HISTORY[key]}), meta,
+                                     model, 4096)  # fmt: skip
+    new_run = load_config(None, {"out_dir": str(tmp_path / "new"), key: HISTORY[key]})
+    plan.check_resume_compatible(ckpt, new_run, meta, model, 4096)

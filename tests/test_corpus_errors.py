@@ -219,6 +219,14 @@ def test_an_input_without_read_permission_is_refused_before_work(tmp_path, token
         assert f"cannot read {tmp_path / 'a.txt'}: no read permission" in line
 
 
+def test_column_flags_are_taken_when_any_input_has_rows(tmp_path):
+    """--text-column/--doc-column are refused only when no input has rows: text files beside a .jsonl are fine."""
+    (tmp_path / "a.txt").write_text("hello world\n")
+    jsonl(tmp_path / "r.jsonl", ["hello world"])
+    corpus = Corpus(files=[tmp_path / "a.txt", tmp_path / "r.jsonl"], text_column="body", doc_column="doc")
+    assert text.check_corpus(corpus).text_column == "body"
+
+
 def test_the_same_file_twice_and_a_doc_column_that_is_not_there(tmp_path, tokenizer_dir, capsys, monkeypatch):
     (tmp_path / "a.txt").write_text("hello world\n")
     os.link(tmp_path / "a.txt", tmp_path / "b.txt")

@@ -113,6 +113,19 @@ def test_corpus_is_scored_as_prepare_tokenizes_it(run_and_export, sample_corpus,
     assert a["unigram_fit"].startswith("the scored text itself")
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--tokens-per-batch", "7", "--tokens-per-batch must be from 8 to 16,777,216, got 7"),
+        ("--mask-prob", "1", "--mask-prob must be above 0 and below 1, got 1.0"),
+    ],
+)
+def test_the_edges_of_evals_numbers_are_refused_before_any_model_is_read(tmp_path, capsys, flag, value, message):
+    """The closed ends: a batch of 7 tokens, every token masked. Checked before the model or the data is read."""
+    assert cli.main(["eval", "--model", str(tmp_path / "none"), "--data", str(tmp_path), flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_mistakes_are_sentences(run_and_export, data_dir, tmp_path, capsys):
     run, _ = run_and_export
     cases = [

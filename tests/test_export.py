@@ -496,6 +496,65 @@ def test_the_default_widget_is_the_language_s_or_the_vocabulary_s():
     assert default_widget(["fr"], korean) == DEFAULT_WIDGETS["en"]  # no sentence of its own: English, as before
 
 
+def test_the_default_widget_takes_the_first_language_and_counts_capitals_as_latin():
+    """Of several --language, the first one's sentence (the card's first language); with none, a piece in capitals
+    (a cased vocabulary's) is a Latin one, and as many Hangul as Latin pieces is not more: English."""
+    from mlmtrain.card import DEFAULT_WIDGETS, default_widget
+
+    english = ["the", "capital", "France"]
+    assert default_widget(["ko", "en"], english) == DEFAULT_WIDGETS["ko"]
+    assert default_widget(["en", "ko"], ["한국", "문장"]) == DEFAULT_WIDGETS["en"]
+    assert default_widget([], ["한국", "##어", "The", "USA", "NASA"]) == DEFAULT_WIDGETS["en"]
+    assert default_widget([], ["한국", "##어", "the", "##s"]) == DEFAULT_WIDGETS["en"]
+
+
+def test_the_card_shows_a_resumed_runs_commands_and_a_continued_models_positions():
+    """model_card reads the checkpoint's `commands` (every command that trained the weights), a checkpoint of an
+    older mlmtrain its one `command`; and a run started from another model (`init_from`) says its shards did not
+    reach the other positions in this run, not that they were never trained."""
+    from mlmtrain.card import model_card
+
+    config = BertConfig.from_size("tiny", 100, max_position_embeddings=512)
+    first, again = "mlmtrain train --out r --lr 2e-3", "mlmtrain train --out r --resume"
+
+    def card(**state):
+        return model_card(title="me/tiny", config=config, run_config={"run": {}}, state=state, step=2,
+                          language=None, license="apache-2.0", widgets=["a [MASK]."],
+                          data_meta={"max_seq_len": 128}).content  # fmt: skip
+
+    text = card(command=again, commands=[first, again])
+    assert "the command lines the run recorded, in order" in text and f"{first}\n{again}\n" in text
+    assert "were never trained" in text
+    old = card(command=first)
+    assert "# training: the command line the run recorded\n" + first in old
+    assert "(up to 512) were not trained in this run" in card(command=first, init_from="/models/ko-bert")
+
+
+def test_a_name_that_is_no_repo_id_gets_the_usage_note(trained_run, tokenizer_dir, tmp_path, capsys):
+    """--name without OWNER/ titles the card but names no repo: its usage example loads PATH_OR_REPO_ID, said."""
+    run_dir, _ = trained_run
+    out = tmp_path / "named"
+    capsys.readouterr()
+    argv = ["export", "--checkpoint", str(run_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out)]
+    assert cli.main([*argv, "--no-verify", "--name", "tiny"]) == 0
+    assert "note: the model card's usage example loads PATH_OR_REPO_ID" in capsys.readouterr().err
+    assert 'model="PATH_OR_REPO_ID"' in (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_an_exports_default_widget_follows_its_language(trained_run, tokenizer_dir, tmp_path):
+    """No --widget-text: the card's widget is the first --language's sentence, whatever the vocabulary's script."""
+    from mlmtrain.card import DEFAULT_WIDGETS, default_widget
+    from mlmtrain.tokenizer_folder import read_vocab
+
+    run_dir, _ = trained_run
+    by_vocab = default_widget([], read_vocab(tokenizer_dir))
+    language = next(code for code, text in DEFAULT_WIDGETS.items() if text != by_vocab)
+    out = tmp_path / "export"
+    argv = ["export", "--checkpoint", str(run_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out)]
+    assert cli.main([*argv, "--no-verify", "--language", language]) == 0
+    assert DEFAULT_WIDGETS[language] in (out / "README.md").read_text(encoding="utf-8")
+
+
 def test_the_card_says_what_a_segment_held():
     """A document-packed run (the README's phase 2) trained on runs of a document's sentences, not on single ones."""
     from mlmtrain.card import _data_text

@@ -88,3 +88,38 @@ def test_one_process_refusal_is_not_prefixed_with_a_rank(monkeypatch):
     with pytest.raises(UserError, match=r"^bad input$"):
         with parallel.name_failing_rank():
             raise UserError("bad input")
+
+
+def test_a_resume_without_config_takes_the_run_folders_config_only(tmp_path):
+    """`--resume` without --config reads RUN/config.json (from --out, the run folder, or one of its checkpoints;
+    a run folder is one with the run's marker, checkpoints or not); a checkpoint copied out of its run, whose
+    config.json is the model's, and a run folder without a config.json give None: the defaults and flags."""
+    from mlmtrain.files import write_marker
+    from mlmtrain.launch import resumed_run_config
+    from mlmtrain.run_folder import RUN_LAYOUT
+
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    write_marker(run, RUN_LAYOUT)  # what makes a folder a run folder, with or without checkpoints yet
+    (run / "config.json").write_text("{}")
+    (ckpt / "config.json").write_text("{}")  # a checkpoint's own config.json: the model and the run it saved
+
+    def args(resume, out_dir=None, config=None):
+        return SimpleNamespace(resume=resume, out_dir=out_dir, config=config)
+
+    for given in (args("auto", out_dir=str(run)), args(str(run)), args(str(ckpt))):
+        assert resumed_run_config(given) == run / "config.json"
+    assert resumed_run_config(args(str(run), config="mine.toml")) is None
+    assert resumed_run_config(args(None, out_dir=str(run))) is None  # no --resume: a new run's defaults
+    copied = tmp_path / "backup" / "step_00000002"
+    copied.mkdir(parents=True)
+    (copied / "config.json").write_text("{}")
+    assert resumed_run_config(args(str(copied), out_dir=str(tmp_path / "new"))) is None
+    killed = tmp_path / "killed"  # a run killed before its first checkpoint: its config.json all the same
+    killed.mkdir()
+    write_marker(killed, RUN_LAYOUT)
+    (killed / "config.json").write_text("{}")
+    assert resumed_run_config(args("auto", out_dir=str(killed))) == killed / "config.json"
+    (run / "config.json").unlink()
+    assert resumed_run_config(args(str(run))) is None

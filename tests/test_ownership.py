@@ -724,11 +724,11 @@ def test_a_folder_with_the_same_inode_on_another_filesystem_is_another_folder(tm
     assert (final / "a.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def _faked_demo(tmp_path, capsys, monkeypatch, *, valid_loss=3.0, baseline=5.0, export_rc=0):
+def _faked_demo(tmp_path, capsys, monkeypatch, *, valid_loss=3.0, baseline=5.0, export_rc=0, argvs=None):
     """`mlmtrain demo` (through the CLI's entry point) with every stage faked, so none costs seconds: the
     tokenizer, the shards, the unigram numbers (`baseline`: the unigram model's valid loss), the training
     (`valid_loss`), the curves, the export and upload (`cli.main`, exit `export_rc` for the export) and
-    fill-mask. Returns (exit code, the stages run after training, stdout)."""
+    fill-mask. Returns (exit code, the stages run after training, stdout); `argvs` (a list) gets their argv."""
     pytest.importorskip("transformers")
     from mlmtrain import cli, demo, evaluate, prepare, tokenizer
     from mlmtrain import train as train_module
@@ -746,7 +746,9 @@ def _faked_demo(tmp_path, capsys, monkeypatch, *, valid_loss=3.0, baseline=5.0, 
     monkeypatch.setattr(train_module, "train", lambda cfg: summary)
     monkeypatch.setattr(demo, "draw_curves", lambda run: "not drawn: faked")
     monkeypatch.setattr(demo, "fill_mask", lambda folder, text: stages.append("fill-mask") or [])
-    monkeypatch.setattr(cli, "main", lambda argv: stages.append(argv[0]) or (export_rc if argv[0] == "export" else 0))
+    calls = argvs if argvs is not None else []
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or stages.append(argv[0]) or
+                        (export_rc if argv[0] == "export" else 0))  # fmt: skip
     capsys.readouterr()
     rc = main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "--quiet"])
     return rc, stages, capsys.readouterr().out
@@ -762,6 +764,16 @@ def test_the_demo_says_whether_its_loss_is_below_the_unigram_model_s(
     assert rc == 0 and stages == ["export", "fill-mask", "upload"], out
     assert f"validation MLM loss {valid_loss:.3f} {verdict} the unigram model's 5.000" in out, out
     assert "[1/6]" not in out and "[6/6]" not in out, out  # --quiet: the result, not the stages' headers
+
+
+def test_the_demos_card_names_the_repo_its_upload_dry_run_goes_to(tmp_path, capsys, monkeypatch):
+    """The export's --name is the upload's --repo-id: the card's usage example loads that repo, not PATH_OR_REPO_ID."""
+    argvs = []
+    rc, stages, out = _faked_demo(tmp_path, capsys, monkeypatch, argvs=argvs)
+    assert rc == 0 and stages == ["export", "fill-mask", "upload"], out
+    export, upload = argvs
+    name, repo_id = export[export.index("--name") + 1], upload[upload.index("--repo-id") + 1]
+    assert "/" in name and name == repo_id, (export, upload)
 
 
 def test_a_demo_whose_export_failed_exits_with_its_code(tmp_path, capsys, monkeypatch):

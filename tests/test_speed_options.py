@@ -236,6 +236,15 @@ def test_a_gpu_configs_precision_and_compile_on_a_cpu_are_noted():
     assert cpu_note(cpu, "fp32", False) is None and cpu_note(torch.device("cuda", 0), "bf16", True) is None
 
 
+def test_fp16_is_a_gpu_precision_too():
+    """fp16, like bf16, is noted on a CPU; and flash attention (model.attention = varlen) takes it on CUDA."""
+    from mlmtrain.fast_paths import cpu_note
+
+    assert cpu_note(torch.device("cpu"), "fp16", False).startswith("a CPU run with precision fp16: ")
+    varlen = load_config(None, {"model.attention": "varlen"})
+    check_speed_options(varlen, 128, torch.device("cuda", 0), "fp16", True, 1024, world=1, head_dim=64)
+
+
 # ---------------------------------------------------------------------------------------------- fp8 (emulated)
 
 

@@ -196,6 +196,14 @@ def test_limit_alphabet_reports_dropped_characters(tmp_path, capsys):
     assert "outside limit_alphabet=10" in said.err and "trained" not in said.err
 
 
+def test_strip_accents_on_a_corpus_without_hangul_says_nothing_of_korean(tmp_path, capsys):
+    """--strip-accents is the usual setting for English: the Hangul note is for a corpus that has Hangul only."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Café naïve Ångström\nthe cat sat on the mat\n" * 3, encoding="utf-8")
+    train_tokenizer([corpus], tmp_path / "tok", TokenizerSettings(vocab_size=200, min_frequency=1, strip_accents=True))
+    assert "Hangul" not in capsys.readouterr().err
+
+
 def test_bad_input_gives_clear_errors(tmp_path, tokenizer_dir, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")

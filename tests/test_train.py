@@ -137,6 +137,36 @@ def test_a_warmup_as_long_as_the_run_is_said(data_dir, tokenizer_dir, tmp_path):
     assert not any("optim.warmup_steps" in line for line in said), said
 
 
+def test_a_gpu_precision_on_a_cpu_run_is_said(data_dir, tokenizer_dir, tmp_path):
+    """train.precision = bf16 (a GPU config's) on a CPU: the run says what it costs there, at its start."""
+    said = []
+    cfg = tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.max_steps": 1, "train.precision": "bf16"})
+    train(cfg, log=said.append)
+    assert any(line.startswith("a CPU run with precision bf16: ") for line in said), said
+
+
+@pytest.mark.parametrize("earlier", [None, ["mlmtrain train --out run --max-steps 1"]], ids=["older", "resumed"])
+def test_a_resume_keeps_the_commands_that_trained_its_checkpoint(data_dir, tokenizer_dir, tmp_path, monkeypatch,
+                                                                 earlier):  # fmt: skip
+    """The resumed run's `commands` start with its checkpoint's: all of them (`earlier`, then its own command) for a
+    checkpoint that was itself resumed, its one `command` for one an older mlmtrain wrote (no `commands`), so the
+    card still shows each command that trained the weights."""
+    run = tmp_path / "run"
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 1}))
+    first = ckpt.read_state(run / "checkpoints" / "step_00000001")[1]["command"]
+    read = ckpt.read_checkpoint
+
+    def saved(path):  # as an older mlmtrain wrote it (no "commands"), or as a resumed run did
+        weights, config, state = read(path)
+        state = {k: v for k, v in state.items() if k != "commands"}
+        return weights, config, {**state, "commands": [*earlier, first]} if earlier else state
+
+    monkeypatch.setattr(ckpt, "read_checkpoint", saved)
+    train(tiny_config(data_dir, tokenizer_dir, run, **{"train.max_steps": 2}), resume="auto", change_max_steps=True)
+    commands = ckpt.read_state(run / "checkpoints" / "step_00000002")[1]["commands"]
+    assert commands[:-1] == [*(earlier or []), first] and len(commands) == len(earlier or []) + 2, commands
+
+
 def test_a_step_that_masks_nothing_is_no_bad_step(data_dir, tokenizer_dir, tmp_path):
     """A step with no masked token (tiny batches, a tiny mask_prob) has loss 0 over 0 targets: counted as 1
     target, not 0/0, so it is no non-finite step to skip."""

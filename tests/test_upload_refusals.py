@@ -238,6 +238,20 @@ def test_a_card_the_hub_refuses_leaves_no_empty_repo(hub, export_dir, upload_her
     assert hub.repos == {} and hub.commits == []
 
 
+def test_only_the_card_checks_refusal_is_said_as_the_cards():
+    """A ValueError at another step (huggingface_hub's own argument checks, after create_repo) is not the card's:
+    it says the library's reason, not that nothing was sent."""
+    from mlmtrain.upload import explain_error
+
+    card = ValueError('Invalid metadata in README.md.\n- "license" must be one of [mit]')
+    assert explain_error(card, "validate", "alice/tiny-bert", None, None).startswith(
+        'the Hub refused the export\'s model card (README.md), so nothing was sent: "license" must be one of [mit]'
+    )
+    for step in ("create", "upload"):
+        line = explain_error(ValueError("Invalid repo id: x\nmore"), step, "alice/tiny-bert", None, None)
+        assert line == "huggingface_hub refused the request: Invalid repo id: x", line
+
+
 def test_an_endpoint_that_does_not_answer_as_the_hub_is_one_sentence(export_dir, upload_here):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from threading import Thread
