@@ -300,7 +300,7 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
         "ablation": "Speed ablation at the real vocabulary (our step, one option more per row)",
     }
     for s in results["sections"]:
-        if "error" in s:
+        if "error" in s and not s.get("rows"):  # a stopped section's finished rows are shown, its error listed above
             continue
         rows = [r for r in s["rows"] if "error" not in r]
         commands = {r.get("command") for r in s["rows"]} - {None}  # --merge keeps the sections it does not redo

@@ -251,6 +251,25 @@ def test_a_stopped_bench_names_what_it_left_out(tmp_path, monkeypatch, capsys):
     assert res["sections"][1]["error"] == res["sections"][2]["error"] == why
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert f"- **model**: {why}" in report and f"- **mask**: {why}" in report
+    assert "## Hardware ceilings" in report and "## Model forward" not in report  # the model section has no row
+
+
+def test_a_stopped_sections_finished_rows_stay_in_the_report(tmp_path, monkeypatch):
+    """A stop in the middle of a section that reports rows as they finish (the ablation): those rows stay, in
+    results.json (a --merge reuses them) and in report.md, beside the section's `not measured` line."""
+    from mlmtrain.benchmarks.suite import Bench
+
+    real_ceilings = Bench.ceilings
+
+    def ceilings_then_stop(self):
+        self.progress("ceilings", real_ceilings(self))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Bench, "ceilings", ceilings_then_stop)
+    assert main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ceilings"]) == 130
+    (section,) = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))["sections"]
+    assert section["error"] == "not measured: the bench was stopped by SIGINT" and section["rows"]
+    assert "## Hardware ceilings" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
 def test_merge_keeps_sections_not_redone(tmp_path):
