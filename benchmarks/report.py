@@ -371,3 +371,30 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def read_previous(path: Path) -> dict | None:
+    """--merge: the report to extend, checked before any work (its sections are kept as they are), or None."""
+    if not path.is_file():
+        return None
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"--merge: {path} is not valid JSON ({e}): measure again without --merge.") from None
+    sections = previous.get("sections") if isinstance(previous, dict) else None
+    if (
+        not isinstance(sections, list)
+        or previous.get("schema") != SCHEMA
+        or not all(isinstance(s, dict) and isinstance(s.get("section"), str) for s in sections)
+    ):
+        raise UserError(f"--merge: {path} is not a report of this version ({SCHEMA}): measure again without --merge.")
+    return previous
+
+
+def merged(results: dict, previous: dict | None) -> dict:
+    """With --merge: previous sections this run did not redo come first, marked with their own command."""
+    if not previous:
+        return results
+    redone = {s["section"] for s in results["sections"]}
+    kept = [s for s in previous.get("sections", []) if s["section"] not in redone]
+    return {**results, "sections": kept + results["sections"], "merged_from": previous.get("command")}

@@ -24,7 +24,6 @@ on 2 cores): CI runs it and checks the report's schema, and users without a GPU 
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import sys
@@ -407,7 +406,7 @@ def main(args) -> int:
     sections = check_args(args)
     out = Path(args.out)
     report.claim_out_folder(out)  # before any work: a folder that is not a report's is refused, untouched
-    previous = read_previous(out / "results.json") if args.merge else None
+    previous = report.read_previous(out / "results.json") if args.merge else None
     own_work = args.work is None
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlmtrain_bench_"))
     if not own_work:  # new, empty or an earlier bench's --work: the bench deletes and rewrites in it
@@ -436,7 +435,7 @@ def main(args) -> int:
         rows = [{**r, "section": section, "command": r.get("command") or bench.command} for r in rows]
         partial.update(section=section, rows=rows)
         running = {"section": section, "wall_s": time.monotonic() - t0, "rows": rows, "unfinished": True}
-        report.write(_merged({**results, "sections": [*results["sections"], running]}, previous), out, peak)
+        report.write(report.merged({**results, "sections": [*results["sections"], running]}, previous), out, peak)
 
     bench.progress = progress
     print(f"mlmtrain bench: {', '.join(sections)} on {results['environment']['device']} -> {out}", file=sys.stderr)
@@ -448,7 +447,7 @@ def main(args) -> int:
             status = result.get("error") or f"{len(result['rows'])} rows"
             print(f"mlmtrain bench: section {name}: {status} ({result['wall_s']:.0f} s)", file=sys.stderr)
             results["wall_s"] = time.monotonic() - t0
-            report.write(_merged(results, previous), out, peak)  # after every section: a kill keeps the rest
+            report.write(report.merged(results, previous), out, peak)  # after every section: a kill keeps the rest
     except (KeyboardInterrupt, Terminated) as stop:  # the report names what the stop left out, as the budget's
         why = f"not measured: the bench was stopped by {getattr(stop, 'signal', signal.SIGINT).name}"
         results["wall_s"] = time.monotonic() - t0
@@ -457,12 +456,12 @@ def main(args) -> int:
         rows = partial["rows"] if partial.get("section") == stopped else []
         results["sections"].append({"section": stopped, "wall_s": 0.0, "rows": rows, "error": why})
         results["sections"] += [{"section": n, "wall_s": 0.0, "error": why} for n in after if n not in kept]
-        report.write(_merged(results, previous), out, peak)
+        report.write(report.merged(results, previous), out, peak)
         raise
     finally:
         if own_work:
             shutil.rmtree(work, ignore_errors=True)
-    merged = _merged(results, previous)
+    merged = report.merged(results, previous)
     json_path, md_path = report.write(merged, out, peak)
     errors = [s["section"] for s in merged["sections"] if "error" in s]  # a kept one too: the report lacks it
     # rows the budget left out, this call's or an earlier one's kept by --merge: the report is not complete
@@ -477,32 +476,3 @@ def main(args) -> int:
         said += f"; {len(late)} {rows} past the time budget ({named}): `--merge` measures them"
     print(said, file=sys.stderr)
     return 1 if errors or late else 0
-
-
-def read_previous(path: Path) -> dict | None:
-    """--merge: the report to extend, checked before any work (its sections are kept as they are), or None."""
-    from mlmtrain.benchmarks.report import SCHEMA
-
-    if not path.is_file():
-        return None
-    try:
-        previous = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"--merge: {path} is not valid JSON ({e}): measure again without --merge.") from None
-    sections = previous.get("sections") if isinstance(previous, dict) else None
-    if (
-        not isinstance(sections, list)
-        or previous.get("schema") != SCHEMA
-        or not all(isinstance(s, dict) and isinstance(s.get("section"), str) for s in sections)
-    ):
-        raise UserError(f"--merge: {path} is not a report of this version ({SCHEMA}): measure again without --merge.")
-    return previous
-
-
-def _merged(results: dict, previous: dict | None) -> dict:
-    """With --merge: previous sections this run did not redo come first, marked with their own command."""
-    if not previous:
-        return results
-    redone = {s["section"] for s in results["sections"]}
-    kept = [s for s in previous.get("sections", []) if s["section"] not in redone]
-    return {**results, "sections": kept + results["sections"], "merged_from": previous.get("command")}

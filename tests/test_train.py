@@ -255,8 +255,12 @@ def test_damaged_checkpoint_is_skipped(data_dir, tokenizer_dir, tmp_path, capsys
     os.truncate(first / "optimizer.safetensors", 100)  # truncated
     with pytest.raises(UserError, match="no complete checkpoint.*damaged or incomplete: train again into a new"):
         ckpt.latest_checkpoint(run)
-    # a run that saved nothing yet (killed before its first save) is started again by the command named
+    # a run that ended without saving (train.checkpoint_at_end = false) has nothing to resume
     shutil.rmtree(run / "checkpoints")
+    with pytest.raises(UserError, match=r"ended without saving one \(train.checkpoint_at_end = false\)"):
+        ckpt.latest_checkpoint(run)
+    # a run that saved nothing yet (killed before its first save: no summary.json) is started again as named
+    (run / "summary.json").unlink()
     with pytest.raises(UserError, match=f"saved none yet: `mlmtrain train --config {run / 'config.json'}` starts"):
         ckpt.latest_checkpoint(run)
     assert train(load_config(run / "config.json"))["steps"] == 4

@@ -309,6 +309,8 @@ def latest_checkpoint(path: str | Path, log=warn) -> Path:
         next_step = "every checkpoint there is damaged or incomplete: train again into a new --out"
     elif holder:  # training, before its first save
         next_step = f"it is training ({holder}): its first checkpoint comes at train.checkpoint_every or its end"
+    elif (path / "summary.json").is_file():  # it ended (train.checkpoint_at_end = false): a result, kept as it is
+        next_step = "the run ended without saving one (train.checkpoint_at_end = false): there is nothing to resume"
     elif run_config.is_file():  # a run killed before its first save starts again from its config (no --resume)
         next_step = f"the run saved none yet: `{train_command(path, resume=False)}` starts it again"
     else:

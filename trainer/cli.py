@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import signal
 import sys
@@ -20,8 +19,9 @@ import traceback
 
 from mlmtrain import __version__, progress
 from mlmtrain.config import MODEL_SIZES, PRECISIONS, field_docs
+from mlmtrain.config_load import defaults_toml
 from mlmtrain.errors import UserError, redact_tokens
-from mlmtrain.stop import handled
+from mlmtrain.stop import STREAM_NAMES, NamedStream, handled
 from mlmtrain.text import add_corpus_args
 from mlmtrain.tokenizer import WORDPIECES_PREFIX, TokenizerSettings
 
@@ -137,27 +137,11 @@ COMPILE_HELP = {
 }
 
 
-def toml_value(value) -> str:
-    """A default as a TOML file writes it (`true`, `"tiny"`, `[0.9, 0.98]`), so a line of --help-config pastes."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(map(toml_value, value)) + "]"
-    return json.dumps(value) if isinstance(value, str) else repr(value)
-
-
 class HelpConfig(argparse.Action):
-    """`--help-config`: every config key, its default and its meaning, then exit. The whole text is a TOML file
-    of the defaults (dotted keys, meanings and section names as comments), and each key line one `--set` takes."""
+    """`--help-config`: every config key, its default and its meaning (config_load.defaults_toml), then exit."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        section, lines = None, []
-        for dotted, (default, meaning) in field_docs().items():
-            if dotted.split(".")[0] != section and "." in dotted:
-                section = dotted.split(".")[0]
-                lines.append(f"\n# {section}")
-            lines.append(f"{dotted} = {toml_value(default)}\n    # {meaning}")
-        parser._print_message("\n".join(lines) + "\n", sys.stdout)  # as --help writes (a closed reader: exit 1)
+        parser._print_message(defaults_toml(), sys.stdout)  # as --help writes (a closed reader: exit 1)
         parser.exit()
 
 
@@ -440,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, _terminate) for sig in handled((signal.SIGTERM, signal.SIGHUP))}
     previous_int = signal.getsignal(signal.SIGINT)  # a finished train ignores it: a caller gets it back
     streams = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = (s and _Named(s, name) for s, name in zip(streams, STREAM_NAMES))  # None: closed
+    sys.stdout, sys.stderr = (s and NamedStream(s, name) for s, name in zip(streams, STREAM_NAMES))  # None: closed
     try:
         module = importlib.import_module(COMMANDS[args.command][0])
         code = int(module.main(args) or 0)
@@ -480,36 +464,6 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         else:
             signal.signal(signal.SIGINT, previous_int)
-
-
-STREAM_NAMES = ("standard output", "standard error")
-
-
-class _Named:
-    """sys.stdout or sys.stderr while a command runs: a failed write (not a reader gone away, which has its own
-    handling) names the stream, so that it is not taken for a write into the command's own files."""
-
-    def __init__(self, stream, name: str):
-        self._stream, self._name = stream, name
-
-    def write(self, text):
-        return self._named(self._stream.write, text)
-
-    def flush(self):
-        return self._named(self._stream.flush)
-
-    def _named(self, call, *args):
-        try:
-            return call(*args)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            if e.filename is None:
-                e.filename = self._name
-            raise
-
-    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's own
-        return getattr(self._stream, name)
 
 
 def _flush_or_exit() -> None:

@@ -167,3 +167,26 @@ def _coerce(value, target_type, name: str):
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def defaults_toml() -> str:
+    """`mlmtrain train --help-config`: every config key with its default and meaning, as a TOML file of the
+    defaults (dotted keys, section names and meanings as comments), each key line one `--set` also takes."""
+    from mlmtrain.config import field_docs
+
+    section, lines = None, []
+    for dotted, (default, meaning) in field_docs().items():
+        if dotted.split(".")[0] != section and "." in dotted:
+            section = dotted.split(".")[0]
+            lines.append(f"\n# {section}")
+        lines.append(f"{dotted} = {toml_value(default)}\n    # {meaning}")
+    return "\n".join(lines) + "\n"
+
+
+def toml_value(value) -> str:
+    """A default as a TOML file writes it (`true`, `"tiny"`, `[0.9, 0.98]`), so a line of --help-config pastes."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(map(toml_value, value)) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)

@@ -88,6 +88,36 @@ class StopSignal:
 _output = {"closed": None, "listeners": []}  # guard_output's state: the stop an output asked for; live StopSignals
 
 
+STREAM_NAMES = ("standard output", "standard error")
+
+
+class NamedStream:
+    """sys.stdout or sys.stderr while a command runs: a failed write (not a reader gone away, which has its own
+    handling) names the stream, so that it is not taken for a write into the command's own files."""
+
+    def __init__(self, stream, name: str):
+        self._stream, self._name = stream, name
+
+    def write(self, text):
+        return self._named(self._stream.write, text)
+
+    def flush(self):
+        return self._named(self._stream.flush)
+
+    def _named(self, call, *args):
+        try:
+            return call(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            if e.filename is None:
+                e.filename = self._name
+            raise
+
+    def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's own
+        return getattr(self._stream, name)
+
+
 class _Guarded:
     """sys.stdout or sys.stderr under `guard_output`: the first BrokenPipeError points the file descriptor at
     /dev/null (what the stream still buffers, and every later line, goes there) and asks for a stop. A terminal
