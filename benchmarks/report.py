@@ -369,10 +369,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def read_previous(path: Path) -> dict | None:
     """--merge: the report to extend, checked before any work (its sections are kept as they are), or None."""
     if not path.is_file():
@@ -398,3 +394,7 @@ def merged(results: dict, previous: dict | None) -> dict:
     redone = {s["section"] for s in results["sections"]}
     kept = [s for s in previous.get("sections", []) if s["section"] not in redone]
     return {**results, "sections": kept + results["sections"], "merged_from": previous.get("command")}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import json
 import math
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from mlmtrain.errors import UserError
-from mlmtrain.export_check import EXPORT_MANIFEST
+from mlmtrain.export_check import EXPORT_MANIFEST, read_manifest
 from mlmtrain.files import json_text
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask
 from mlmtrain.model import BertForMaskedLM, mlm_loss_sum
@@ -209,7 +208,7 @@ def load_model(source: str, tokenizer_dir=None):
 def _export_step(folder: Path) -> int | None:
     """The training step an export's manifest names; None for a folder mlmtrain did not export."""
     with contextlib.suppress(OSError, ValueError, AttributeError):
-        step = json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8")).get("step")
+        step = read_manifest(folder).get("step")
         return step if isinstance(step, int) else None
     return None
 

@@ -161,7 +161,7 @@ class _Guarded:
             stopper.requested = stopper.requested or stop
         if first:  # to the other stream, if it is still open (a closed one drops it the same way)
             other = sys.stderr if self is sys.stdout else sys.stdout
-            name = "standard output" if self is sys.stdout else "standard error"
+            name = STREAM_NAMES[self is not sys.stdout]
             why = ("was closed (the reader of its pipe went away)" if stop == "SIGPIPE"
                    else f"could not be written ({error.strerror or error})")  # fmt: skip
             print(f"\nmlmtrain train: {name} {why}: finishing this step and saving a checkpoint; exit "
