@@ -12,6 +12,7 @@ launch 8 jobs in all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -184,6 +185,28 @@ def test_nproc_in_process_leaves_the_caller_as_it_was(data_dir, tokenizer_dir, t
     assert {n: after[n] for n in before_levels} == before_levels
     state = json.loads((ckpt.complete_checkpoints(run)[-1] / "state.json").read_text())
     assert state["command"].startswith("mlmtrain train ") and state["command"].endswith("--nproc 2")
+
+
+def test_a_micro_batchs_backward_runs_inside_the_gradient_sync_skip(monkeypatch, data_dir, tokenizer_dir, tmp_path):
+    """FSDP2 reads `set_requires_gradient_sync` in its post-backward hook, so a backward run after `no_sync`
+    closed reduce-scattered every micro-batch's gradients (DDP reads its flag in the forward). The skip is
+    spied on in one process: a gradient hook records whether it fires inside it."""
+    inside, seen = [False], []
+
+    @contextlib.contextmanager
+    def spy(model, last):
+        if not seen:
+            p = next(model.parameters())
+            p.register_hook(lambda g: seen.append(inside[0]) or g)
+        inside[0] = not last
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(parallel, "no_sync", spy)
+    train(config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.max_steps": 1, "optim.grad_accum": 2}))
+    assert seen == [True, False]  # micro-batch 0's gradients inside the skip, the last one's outside
 
 
 def test_user_mistakes_are_one_sentence(monkeypatch, data_dir, tokenizer_dir, tmp_path):

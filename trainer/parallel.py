@@ -137,7 +137,8 @@ def wrap(model: torch.nn.Module, shard: str, device: torch.device, precision: st
 
 
 def no_sync(model: torch.nn.Module, last: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    """Skip the gradient all-reduce on all but the last micro-batch of a step: wrap its forward and its backward
+    (DDP reads the flag in the forward, FSDP2 in its post-backward hook)."""
     if not active() or last:
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):  # DDP

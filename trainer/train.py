@@ -91,11 +91,13 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
                 phase("forward")
                 if t.cuda_graphs:  # a new replay may overwrite the last one's outputs: they were used above
                     torch.compiler.cudagraph_mark_step_begin()
-                with parallel.no_sync(model, last=j == run.local_accum - 1), run.autocast:
-                    args = (m.masked_ids, b.position_ids, b.cu_seqlens, seqlen, m.masked_positions, m.masked_labels)
-                    loss = run.step_fn(model, *args, b.segment_ids)[0] * world / targets  # DDP averages: * world
-                phase("backward")
-                run.scaler.scale(loss).backward()
+                # backward inside no_sync too: FSDP2 reads it in its post-backward hook (DDP in the forward)
+                with parallel.no_sync(model, last=j == run.local_accum - 1):
+                    with run.autocast:
+                        args = (m.masked_ids, b.position_ids, b.cu_seqlens, seqlen, m.masked_positions, m.masked_labels)
+                        loss = run.step_fn(model, *args, b.segment_ids)[0] * world / targets  # DDP averages: * world
+                    phase("backward")
+                    run.scaler.scale(loss).backward()
                 step_loss += loss.detach().float() / world
             phase("optimizer")
             step_loss = parallel.all_reduce_sum(step_loss)
