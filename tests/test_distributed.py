@@ -391,6 +391,20 @@ def test_a_resume_gives_a_rank_its_own_streams_only_if_it_saved_them(tmp_path, m
     assert not restored({"cpu": state, "rank0.cpu": state, "rank1.cpu": other}, "cuda")  # no GPU stream saved
 
 
+def test_a_resume_gives_each_gpu_its_own_saved_stream_past_ten_gpus(tmp_path, monkeypatch):
+    """rng.safetensors names GPU streams cuda0 ... cuda11; sorted as strings, cuda10 would go to GPU 2."""
+    from safetensors.torch import save_file
+
+    streams = {f"cuda{i}": torch.full((16,), i, dtype=torch.uint8) for i in range(12)}
+    save_file({"cpu": torch.get_rng_state(), **streams}, tmp_path / "rng.safetensors")
+    got = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", got.extend)
+    ckpt.restore_rng(tmp_path, {}, torch.device("cpu"))
+    assert [int(s[0]) for s in got] == list(range(12))
+
+
 def _worker_pids(parent: int) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (from /proc)."""
     out = {}

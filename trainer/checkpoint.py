@@ -457,7 +457,7 @@ def restore_rng(ckpt: Path, state: dict, device: torch.device) -> bool:
     rng = load_file(ckpt / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
-        states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        states = [rng[f"cuda{i}"] for i in range(sum(k.startswith("cuda") for k in rng))]  # cuda0, cuda1, ..., cuda10
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
     if not parallel.active() or state.get("world_size") != parallel.world_size():
