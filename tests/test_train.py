@@ -575,3 +575,35 @@ def test_a_non_finite_stop_evaluates_and_saves_where_it_stops(data_dir, tokenize
     assert ckpt.latest_checkpoint(run).name == "step_00000003"
     state = json.loads((ckpt.latest_checkpoint(run) / "state.json").read_text())
     assert state["valid_loss"] == evals[0]["valid_loss"]
+
+
+def test_fp16_overflows_the_scaler_backs_off_from_are_not_bad_steps(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """fp16: a step whose scaled gradients overflow is the GradScaler's to skip (it halves the scale), routine at a
+    run's start and after each growth. Such steps used to count as non-finite, so `nan_policy = "stop"` stopped the
+    run at the first one and `max_bad_steps` overflows in a row at the 10th. A scale of 2**40 overflows the first
+    steps here; the run goes on, with the scale lowered and the weights of those steps unchanged."""
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**40))
+    run = tmp_path / "run"
+    settings = {"train.precision": "fp16", "train.nan_policy": "stop", "train.max_steps": 4}
+    summary = train(tiny_config(data_dir, tokenizer_dir, run, **settings))
+    assert summary["stopped_by"] is None and summary["steps"] == 4
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["bad_steps"] for r in rows if "bad_steps" in r] == [0, 0, 0, 0]
+    assert all(r["loss"] is not None and r["grad_norm"] is None for r in rows if "loss" in r)  # None: inf in JSON
+
+
+def test_gradients_are_not_touched_when_clipping_is_off(monkeypatch):
+    """optim.grad_clip = 0: the norm is measured, and no pass multiplies every gradient by 1 (clip_grad_norm_ with
+    an infinite bound does)."""
+    from mlmtrain.train import clip_gradients
+
+    model = torch.nn.Linear(3, 2)
+    model(torch.ones(4, 3)).sum().backward()
+    want = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    calls = []
+    real = torch._foreach_mul_
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.allclose(clip_gradients(model, 0.0), want) and not calls
+    assert torch.allclose(clip_gradients(model, 1.0), want) and calls  # clipping on: scaled by 1 / norm

@@ -102,13 +102,14 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
             phase("optimizer")
             step_loss = parallel.all_reduce_sum(step_loss)
             run.scaler.unscale_(run.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-            grad_norm = parallel.full_tensor(grad_norm)  # FSDP: a replicated DTensor
+            grad_norm = parallel.full_tensor(clip_gradients(model, cfg.optim.grad_clip))  # FSDP: a replicated DTensor
             bad = ~(torch.isfinite(grad_norm) & torch.isfinite(step_loss))
             if run.plan.precision != "fp16":  # fused AdamW skips the update on the device when found_inf is 1
                 run.optimizer.found_inf = bad.float()
             run.scaler.step(run.optimizer)  # fp16: the GradScaler skips non-finite steps and lowers the scale
             run.scaler.update()
+            if run.plan.precision == "fp16":  # an overflow the scaler backed off from is routine, until it is below 1
+                bad = ~torch.isfinite(step_loss) | (bad & (run.scaler._get_scale_async() < 1))
             run.optimizer.zero_grad(set_to_none=True)
             window.add_step(step_loss, bad, grad_norm)
             step += 1
@@ -423,6 +424,14 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW
 
 
 # ---------------------------------------------------------------------------------------------------- the step
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """The gradients' total norm (a device scalar), after scaling them to `max_norm` when it is > 0 (0: no
+    clipping, and no pass over the gradients to multiply them by 1)."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
