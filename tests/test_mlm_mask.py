@@ -109,6 +109,23 @@ def test_kernel_matches_reference_whole_word_and_never_mask(T):
     _assert_same(a, b, f"T={T} whole-word + never_mask")
 
 
+def test_the_never_mask_tables_are_built_once_per_table(monkeypatch):
+    """A run passes one never-mask table at every step: its sorted maskable ids are built at the first call only
+    (they were an argsort over the vocabulary per micro-batch); a table changed in place gets new ones."""
+    ids = _ids(257, torch.int64, seed=3)
+    never = torch.zeros(V, dtype=torch.bool)
+    never[[7, 8]] = True
+    sorts, real = [], torch.argsort
+    monkeypatch.setattr(torch, "argsort", lambda *a, **k: sorts.append(1) or real(*a, **k))
+    kw = {"vocab_size": V, "mask_id": MASK, "seed": 1, "never_mask": never, "mask_prob": 1.0, "backend": "torch"}
+    first = mlm_mask(ids, step=0, **kw)
+    again = mlm_mask(ids, step=1, **kw)
+    assert len(sorts) == 1 and (first.masked_ids == 7).sum() == (again.masked_ids == 7).sum() == (ids == 7).sum()
+    never[7] = False
+    changed = mlm_mask(ids, step=0, **kw)
+    assert len(sorts) == 2 and ((changed.masked_labels == 7).sum() > 0) == bool((ids == 7).any())
+
+
 @requires_triton
 def test_kernel_words_longer_than_blocks():
     """Small blocks and a short look-back window: words span several blocks, the call starts mid-word, and
