@@ -100,6 +100,7 @@ def variants(device: torch.device, compile: bool, row_len: int, head_dim: int) -
     from mlmtrain.attention import (
         flex_row_attention,
         row_block_tables,
+        row_mask,
         row_sdpa_attention,
         triton_row_attention,
         varlen_attention,
@@ -118,7 +119,7 @@ def variants(device: torch.device, compile: bool, row_len: int, head_dim: int) -
 
         out["flex"] = run_flex
         out["flash varlen (flat)"] = lambda qkv, seg, cu, L: varlen_attention(*qkv.unbind(1), cu, L)
-    out["sdpa, dense mask"] = lambda qkv, seg, cu, L: row_sdpa_attention(*qkv.unbind(1), seg, 0.0)
+    out["sdpa, dense mask"] = lambda qkv, seg, cu, L: row_sdpa_attention(*qkv.unbind(1), row_mask(seg), 0.0)
     if device.type == "cuda":  # last: an error of its that breaks the device ends only this bench
         out["cudnn varlen (flat)"] = cudnn_varlen
     return out
@@ -134,7 +135,7 @@ def cudnn_varlen(qkv, segment_ids, cu_seqlens, row_len: int):
 
 def run(device: torch.device, rows: int, row_len: int, heads: int, head_dim: int, dtype, *, repeats: int = 10,
         compile: bool = True, documents: bool = False) -> list[dict]:  # fmt: skip
-    from mlmtrain.attention import row_sdpa_attention
+    from mlmtrain.attention import row_mask, row_sdpa_attention
 
     segment_ids, cu_seqlens, fill = row_segments(rows, row_len, documents=documents)
     segment_ids, cu_seqlens = segment_ids.to(device), cu_seqlens.to(device)
@@ -143,7 +144,7 @@ def run(device: torch.device, rows: int, row_len: int, heads: int, head_dim: int
     qkv = torch.randn(T, 3, heads, head_dim, generator=g).to(device, dtype).requires_grad_()
     dout = torch.randn(T, heads, head_dim, generator=g).to(device, dtype)
     reference = _out_and_grad(
-        lambda x: row_sdpa_attention(*x.unbind(1), segment_ids, 0.0), qkv.detach().float(), dout.float()
+        lambda x: row_sdpa_attention(*x.unbind(1), row_mask(segment_ids), 0.0), qkv.detach().float(), dout.float()
     )
     shape = {"rows": rows, "row_len": row_len, "heads": heads, "head_dim": head_dim, "documents": documents,
              "dtype": str(dtype).removeprefix("torch."), "fill": fill, "segments": int(segment_ids.max()) + 1,

@@ -504,6 +504,8 @@ def test_attention_for_binds_each_impl_to_its_layout():
     kernel = attention_for("triton", cu_seqlens, 3, 8, segment_ids)
     assert rows.func is row_sdpa_attention and flat.func is packed_sdpa_attention
     assert kernel.func is triton_row_attention
+    same = rows.keywords["same_segment"]  # built once per forward, for every layer: (R, 1, L, L)
+    assert same.shape == (1, 1, 8, 8) and same[0, 0].sum() == 2 * 2 + 3 * 3 + 3 * 3 and same[0, 0, 1, 1]
     assert [takes_qkv(a) for a in (rows, flat, kernel)] == [False, False, True]
 
 

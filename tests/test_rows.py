@@ -14,7 +14,13 @@ from conftest import CPU_RUNS_TRITON, requires_cpu_triton, requires_cuda
 from test_model import ATOL, odd_config, random_biases, report
 from test_packing import all_sentences, sentences_of
 
-from mlmtrain.attention import flex_row_attention, row_block_tables, row_sdpa_attention, triton_row_attention
+from mlmtrain.attention import (
+    flex_row_attention,
+    row_block_tables,
+    row_mask,
+    row_sdpa_attention,
+    triton_row_attention,
+)
 from mlmtrain.flops import model_flops_per_token, train_flops_per_batch
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import PackedBatch, Packer, RowPacker, best_fit_decreasing
@@ -264,7 +270,7 @@ def test_flex_mask_reads_the_batch_without_recompiling():
         q, k, v = (torch.randn(R * L, H, D) for _ in range(3))
         with torch.no_grad():
             out = compiled(q, k, v, segment_ids, row_block_tables(segment_ids))
-        ref = row_sdpa_attention(q, k, v, segment_ids, 0.0)
+        ref = row_sdpa_attention(q, k, v, row_mask(segment_ids), 0.0)
         assert torch.allclose(out, ref, atol=1e-5), report(out, ref)
     assert counter.frame_count == 1
 
@@ -346,7 +352,7 @@ def test_flex_block_tables_visit_exactly_the_blocks_with_shared_segments(L):
     q, k, v = (torch.randn(R * L, H, D, generator=torch.Generator().manual_seed(i)) for i in range(3))
     with torch.no_grad():
         out = flex_row_attention(q, k, v, segment_ids, (count, index, full_count, full_index))
-    ref = row_sdpa_attention(q, k, v, segment_ids, 0.0)
+    ref = row_sdpa_attention(q, k, v, row_mask(segment_ids), 0.0)
     assert torch.allclose(out, ref, atol=1e-5), report(out, ref)
 
 

@@ -81,12 +81,17 @@ def packed_layout(cu_seqlens, max_seqlen: int, num_tokens: int):
 # rows
 
 
-def row_sdpa_attention(q, k, v, segment_ids, dropout_p: float):
-    """Reference row attention: q, k, v (T, H, D) as (R, L, H, D), SDPA with the dense block-diagonal mask."""
-    R, L = segment_ids.shape
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]  # (R, L, L)
+def row_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """The dense block-diagonal mask of rows: segment_ids (R, L) -> (R, 1, L, L) bool, True = same segment."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+
+
+def row_sdpa_attention(q, k, v, same_segment, dropout_p: float):
+    """Reference row attention: q, k, v (T, H, D) as (R, L, H, D), SDPA with the dense block-diagonal mask
+    `same_segment` (R, 1, L, L) (`row_mask`)."""
+    R, L = same_segment.shape[0], same_segment.shape[-1]
     q, k, v = (t.unflatten(0, (R, L)).transpose(1, 2) for t in (q, k, v))  # (R, H, L, D)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=same_segment[:, None], dropout_p=dropout_p)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=same_segment, dropout_p=dropout_p)
     return out.transpose(1, 2).flatten(0, 1)  # (R, H, L, D) -> (T, H, D)
 
 
@@ -196,7 +201,7 @@ def attention_for(impl: str, cu_seqlens, max_seqlen: int, num_tokens: int, segme
     if impl == "triton":
         return functools.partial(triton_row_attention, segment_ids=segment_ids)
     if segment_ids is not None:
-        return functools.partial(row_sdpa_attention, segment_ids=segment_ids)
+        return functools.partial(row_sdpa_attention, same_segment=row_mask(segment_ids))
     gather_index, key_mask, scatter_index = packed_layout(cu_seqlens, max_seqlen, num_tokens)
     return functools.partial(
         packed_sdpa_attention, gather_index=gather_index, key_mask=key_mask, scatter_index=scatter_index
