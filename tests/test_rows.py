@@ -4,6 +4,8 @@ packed SDPA reference on the very same segments: odd lengths, one-token segments
 
 from __future__ import annotations
 
+import itertools
+import sys
 from collections import Counter
 
 import numpy as np
@@ -124,6 +126,27 @@ def test_one_pass_covers_every_sentence_once_and_resume_continues(data_dir):
     for a, b in zip(again, batches[3:]):
         assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.segment_ids, b.segment_ids)
         assert a.index == b.index
+
+
+def test_a_batch_is_placed_in_its_rows_once_when_a_step_has_several(data_dir, monkeypatch):
+    """A step's global batches are all cut (placed) before any is built; the build reuses the cut's placement
+    (it used to place every batch but the step's last a second time), on every rank, for the same batches."""
+    shard = load_split(data_dir, "train")
+    L = read_meta(data_dir)["max_seq_len"]
+    builds, real = [], RowPacker._place
+    monkeypatch.setattr(
+        RowPacker, "_place", lambda self, ids: builds.append(sys._getframe(1).f_code.co_name) or real(self, ids)
+    )
+    whole = list(itertools.islice(RowPacker(shard, 1024, L, seed=1).batches(batches_per_step=4), 8))
+    assert builds and "_build" not in builds
+    rank1 = RowPacker(shard, 1024, L, seed=1, rank=1, world_size=2).batches(batches_per_step=4)
+    for mine, want in zip(itertools.islice(rank1, 4), whole[1::2]):
+        assert mine.index == want.index and torch.equal(mine.segment_ids, want.segment_ids)
+        assert torch.equal(mine.input_ids, want.input_ids)
+    assert "_build" not in builds
+    monkeypatch.setattr("mlmtrain.packing.PLACED_CUTS", 2)  # more global batches per step than it keeps
+    again = list(itertools.islice(RowPacker(shard, 1024, L, seed=1).batches(batches_per_step=4), 8))
+    assert "_build" in builds and all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(again, whole))
 
 
 def test_fill_and_determinism_at_64k(data_dir):
