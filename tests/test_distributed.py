@@ -209,6 +209,23 @@ def test_a_micro_batchs_backward_runs_inside_the_gradient_sync_skip(monkeypatch,
     assert seen == [True, False]  # micro-batch 0's gradients inside the skip, the last one's outside
 
 
+def test_window_totals_are_summed_on_the_host_group(monkeypatch):
+    """A log window's job totals go through the host (gloo) group as a CPU tensor: on NCCL they were a device
+    tensor read back with .tolist(), a device sync at every window close that train.async_log_reads avoids."""
+    calls = []
+
+    def all_reduce(t, op=None, group=None):
+        calls.append((t.device.type, group))
+        t.mul_(2)  # two ranks with equal numbers
+
+    host_group = object()
+    monkeypatch.setattr(parallel, "active", lambda: True)
+    monkeypatch.setattr(parallel.dist, "all_reduce", all_reduce)
+    monkeypatch.setitem(parallel._host, "group", host_group)
+    assert parallel.sum_over_ranks(3, 1.5) == [6.0, 3.0]
+    assert calls == [("cpu", host_group)]
+
+
 def test_user_mistakes_are_one_sentence(monkeypatch, data_dir, tokenizer_dir, tmp_path):
     monkeypatch.setenv(parallel.TIMEOUT_ENV, "soon")
     with pytest.raises(UserError, match="positive number of seconds"):

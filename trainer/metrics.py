@@ -220,9 +220,9 @@ class WindowStats:
         self.flops += flops
 
     def open_tokens(self) -> int:
-        """The real tokens of the steps since the window opened, the job's (sync, several processes: call it where
-        every rank is, e.g. at a checkpoint)."""
-        return int(parallel.sum_over_ranks(self.device, self.tokens)[0])
+        """The real tokens of the steps since the window opened, the job's (several processes: a host all-reduce,
+        call it where every rank is, e.g. at a checkpoint)."""
+        return int(parallel.sum_over_ranks(self.tokens)[0])
 
     def add_step(self, step_loss, bad, grad_norm) -> None:
         self.bad_flags[self.steps] = bad
@@ -244,8 +244,8 @@ class WindowStats:
         # ahead of it (by whole steps with CUDA graphs), and work still queued here would count in no window
         values = None if self.deferred else device_values.tolist()
         device_wait_s = time.perf_counter() - t_sync  # how far the host ran ahead; ~0: the device waited for it
-        # sync (several processes): job totals of the window
-        tokens, segments, flops = parallel.sum_over_ranks(self.device, self.tokens, self.segments, self.flops)
+        # several processes: the window's job totals, summed on the host (every rank meets here, no device waits)
+        tokens, segments, flops = parallel.sum_over_ranks(self.tokens, self.segments, self.flops)
         closed = {
             "step": step, "lr": lr, "last": last, "n": n, "tokens": int(tokens), "segments": segments,
             "flops": flops, "elapsed": time.perf_counter() - self.t0, "wall_time": time.time(),

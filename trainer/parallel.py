@@ -165,14 +165,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def sum_over_ranks(device: torch.device, *values: float) -> list[float]:
-    """Host numbers summed over ranks in one small all-reduce (a sync: call it where every rank is anyway,
-    e.g. at a log step). Used for job-wide throughput and for decisions every rank must take together."""
+def sum_over_ranks(*values: float) -> list[float]:
+    """Host numbers summed over ranks in one small all-reduce on the host (gloo): it waits for every rank to
+    reach it (call it where every rank is anyway, e.g. at a log step), not for any device. Used for job-wide
+    throughput and token counts."""
     if not active():
         return [float(v) for v in values]
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()  # sync
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t, group=_host["group"])
+    return t.tolist()
 
 
 def agree_stop(requested: str | None, due: bool) -> tuple[str | None, bool]:
