@@ -8,6 +8,7 @@ import gzip
 import json
 import lzma
 import os
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from mlmtrain import prepare as prepare_module
 from mlmtrain import text
 from mlmtrain import tokenizer as tokenizer_module
 from mlmtrain.errors import UserError
-from mlmtrain.prepare import prepare
+from mlmtrain.prepare import data_notes, prepare
 from mlmtrain.text import Corpus, iter_line_batches
 
 pa = pytest.importorskip("pyarrow")
@@ -125,6 +126,17 @@ def test_compressed_and_binary_formats_are_refused_by_their_first_bytes(tmp_path
         "c.zip": "is a zip archive, which is not read as text: unzip it and pass the files inside",
         "rows.dat": "is a parquet file, which is not read as text: name it .parquet",
     }
+    # a tar archive read as text lost each file's first line (glued to its header) and merged the files
+    for name, mode in (("c.tar", "w"), ("c.tar.gz", "w:gz")):
+        with tarfile.open(tmp_path / name, mode) as t:
+            t.add(tmp_path / "c.zip", arcname="a.txt")
+    iso = "대한민국은 민주공화국이다.\nthe cat sat\n".encode("iso2022_kr")  # 7-bit: valid UTF-8, garbage as text
+    (tmp_path / "iso.txt").write_bytes(iso)
+    cases |= {
+        "c.tar": "is a tar archive, which is not read as text: extract it (tar xf FILE) and pass the files inside",
+        "c.tar.gz": "is a gzip-compressed tar archive, which is not read as text: extract it",
+        "iso.txt": "is ISO-2022-KR text (a 7-bit Korean encoding), which is not read as text: convert it to UTF-8",
+    }
     for name, phrase in cases.items():
         line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / name)
         assert f"input file {tmp_path / name} {phrase}" in line
@@ -142,12 +154,19 @@ def test_a_file_in_another_encoding_is_refused_a_few_bad_lines_are_skipped(tmp_p
     (tmp_path / "cp949.txt").write_bytes(korean.encode("cp949"))
     line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / "cp949.txt")
     assert f"2 lines of {tmp_path / 'cp949.txt'} are not valid UTF-8 (and 2 are)" in line
+    # found from the start of each file, before any work: a large UTF-8 file first is not tokenized first
+    (tmp_path / "big.txt").write_text("the cat sat on the mat\n" * 20_000, encoding="utf-8")
+    (tmp_path / "big_cp949.txt").write_bytes(korean.encode("cp949") * 5_000)
+    line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / "big.txt", tmp_path / "big_cp949.txt")
+    assert "lines of the first 65,5" in line and f"bytes of {tmp_path / 'big_cp949.txt'} are not valid UTF-8" in line
     assert "another encoding (CP949/EUC-KR, Latin-1); convert it to UTF-8 first, e.g. `iconv -f cp949" in line
     line = refused(capsys, tmp_path, tokenizer_dir, "--input", tmp_path / "cp949.txt", command="tokenizer")
     assert "are not valid UTF-8" in line
     (tmp_path / "few.txt").write_bytes(korean.encode() + "한국어 문장\n".encode("cp949"))
     meta, _ = shards([tmp_path / "few.txt"], tokenizer_dir, tmp_path / "d")
     assert meta["line_problems"]["invalid_utf8"] == 1 and meta["train"]["sentences"] == 4
+    assert meta["cp949_lines"] == 1  # a mixed file: said, with what to do
+    assert "1 of the lines skipped for invalid UTF-8 read as Korean in CP949/EUC-KR" in " ".join(data_notes(meta))
 
 
 def test_suffixes_in_any_case_and_json_refused(tmp_path, tokenizer_dir, capsys):

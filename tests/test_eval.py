@@ -224,7 +224,8 @@ def test_what_is_not_scored_is_said_and_nothing_masked_is_no_score(
     assert cli.main(["eval", "--model", str(run), "--input", str(text), "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["skipped"] == {"invalid_utf8": 1, "nul_bytes": 1}  # CRLF lines: repaired, scored
-    assert err.count("note: ") == 3 and grad_modes and not any(grad_modes)
+    assert err.count("note: ") == 4 and grad_modes and not any(grad_modes)  # prepare's notes, the split one too
+    assert "note: 1 sentence longer than 126 tokens was split into consecutive pieces" in err
     short = tmp_path / "short.txt"
     short.write_text("가\n", encoding="utf-8")
     assert cli.main(["eval", "--model", str(run), "--input", str(short)]) == 2

@@ -31,7 +31,7 @@ from mlmtrain.export_check import EXPORT_MANIFEST, read_manifest
 from mlmtrain.files import json_text
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask
 from mlmtrain.model import BertForMaskedLM, mlm_loss_sum
-from mlmtrain.text import LINE_PROBLEMS, corpus_from_args, line_problem_notes
+from mlmtrain.text import LINE_PROBLEMS, corpus_from_args
 
 EVAL_KEY = 1 << 40  # masking keys of eval batches live far from the training micro-batch indices
 
@@ -220,7 +220,7 @@ def main(args) -> int:
     from mlmtrain.config import MAX_TOKENS_PER_BATCH, MaskSpec, check_device_name, check_seed
     from mlmtrain.packing import Packer, RowPacker, check_ids
     from mlmtrain.preflight import check_data_against_model, check_device
-    from mlmtrain.prepare import check_tokenizer_match, load_split, prepare, read_meta, shard_specials
+    from mlmtrain.prepare import check_tokenizer_match, data_notes, load_split, prepare, read_meta, shard_specials
     from mlmtrain.tokenizer_folder import tokenizer_fingerprint
 
     has_corpus = bool(args.input or args.dataset)
@@ -269,7 +269,7 @@ def main(args) -> int:
             data_dir, split = Path(args.data), args.data_split
         meta = read_meta(data_dir)
         problems = {**meta["line_problems"], **meta["row_problems"]} if corpus is not None else {}
-        for note in line_problem_notes(problems):  # what was skipped or repaired, said as prepare says it
+        for note in data_notes(meta) if corpus is not None else []:  # the text's problems, said as prepare says them
             print(f"note: {note}", file=sys.stderr)
         not_scored = {k: n for k, n in problems.items() if n and LINE_PROBLEMS.get(k, ("skipped",))[0] == "skipped"}
         check_tokenizer_match(meta["tokenizer_fingerprint"], tokenizer_dir, f"the data folder {data_dir}")

@@ -313,6 +313,7 @@ def _write_splits(tmp, corpus, tok, specials, valid_fraction, max_seq_len, seed,
         "lines_empty_after_tokenizing": stats["lines_empty_after_tokenizing"],
         "long_line_cuts": stats["long_line_cuts"],
         "decomposed_hangul_lines": stats["decomposed_hangul"],
+        "cp949_lines": stats["cp949"],  # of the lines skipped for invalid UTF-8, those that read as CP949 Korean
     }
 
 
@@ -332,31 +333,37 @@ def _report(meta: dict, out_dir: Path, total_bytes: int | None) -> None:
         f"wrote {out_dir}: train {tr['sentences']:,} sentences / {tr['tokens']:,} tokens, valid "
         f"{va['sentences']:,} / {va['tokens']:,} ({meta['dtype']}, {speed}{meta['input_lines'] / s:,.0f} lines/s)"
     )
+    for note in data_notes(meta):
+        print(f"note: {note}", file=sys.stderr)
+
+
+def data_notes(meta: dict) -> list[str]:
+    """What a user should know of the text behind a shard folder's meta.json: the [UNK] share, the lines skipped,
+    repaired or cut, sentences split (`eval --input` says the same of the text it scores)."""
+    tr, va = meta["train"], meta["valid"]
+    notes = []
     unk, tokens = tr["unk_tokens"] + va["unk_tokens"], tr["tokens"] + va["tokens"]
     if unk > UNK_NOTE_SHARE * tokens:
-        print(
-            f"note: {unk / tokens:.1%} of the tokens ({unk:,}) are [UNK]: the tokenizer does not know much of this "
-            "text (another script or language, or another Unicode normalization than it was trained on)",
-            file=sys.stderr,
+        notes.append(
+            f"{unk / tokens:.1%} of the tokens ({unk:,}) are [UNK]: the tokenizer does not know much of this text "
+            "(another script or language, or another Unicode normalization than it was trained on)"
         )
     problems = {**meta["line_problems"], **meta["row_problems"], "decomposed_hangul": meta["decomposed_hangul_lines"]}
-    for note in line_problem_notes(problems):
-        print(f"note: {note}", file=sys.stderr)
+    notes += line_problem_notes({**problems, "cp949": meta.get("cp949_lines", 0)})
     if cuts := meta["long_line_cuts"]:
-        print(
-            f"note: lines longer than {LONG_LINE_BYTES >> 20} MiB were cut {cuts} time{'s' * (cuts != 1)}, at spaces "
-            "where there were any; each piece is read as a sentence",
-            file=sys.stderr,
+        notes.append(
+            f"lines longer than {LONG_LINE_BYTES >> 20} MiB were cut {cuts} time{'s' * (cuts != 1)}, at spaces where "
+            "there were any; each piece is read as a sentence"
         )
     if meta["sentences_split"]:
-        print(
-            f"note: {meta['sentences_split']} {'sentence' if meta['sentences_split'] == 1 else 'sentences'} "
-            f"longer than {meta['max_seq_len'] - 2} tokens {'was' if meta['sentences_split'] == 1 else 'were'} "
-            "split into consecutive pieces",
-            file=sys.stderr,
+        notes.append(
+            f"{meta['sentences_split']} {'sentence' if meta['sentences_split'] == 1 else 'sentences'} longer than "
+            f"{meta['max_seq_len'] - 2} tokens {'was' if meta['sentences_split'] == 1 else 'were'} split into "
+            "consecutive pieces"
         )
     if meta["valid_fraction"] > 0 and va["sentences"] == 0:
-        print("note: the valid split is empty (the corpus has a single split unit)", file=sys.stderr)
+        notes.append("the valid split is empty (the corpus has a single split unit)")
+    return notes
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -54,13 +54,22 @@ LINE_PROBLEMS = {  # stats key -> (skipped or repaired, what)
 }
 ROW_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")  # compared in lower case, as every suffix
 GZIP_MAGIC = b"\x1f\x8b"  # read as gzip whatever the file's name
+SNIFF_BYTES = 1 << 16  # the (decompressed) start of each input checked before any work: format and encoding
 NOT_TEXT = (  # (first bytes, what the file is, what to do): formats that read as text would give garbage
     (rb"BZh[1-9](1AY&SY|\x17rE8P\x90)", "bzip2-compressed", "decompress it (bunzip2 -k) or recompress it with gzip"),
     (rb"\xfd7zXZ\x00", "xz-compressed", "decompress it (unxz -k) or recompress it with gzip"),
     (rb"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it (zstd -d) or recompress it with gzip"),
     (rb"PK\x03\x04", "a zip archive", "unzip it and pass the files inside"),
     (rb"PAR1.*PAR1\Z", "a parquet file", "name it .parquet"),  # its first 16 bytes and last 4 are matched
+    (rb"\x1b\$\)C", "ISO-2022-KR text (a 7-bit Korean encoding)", "convert it to UTF-8 first, e.g. `iconv -f "
+     "iso-2022-kr -t utf-8 IN > OUT`"),  # the designator every ISO-2022-KR text starts with
+)  # fmt: skip
+NOT_UTF8 = (  # half the lines or more of a file (or of its start) not UTF-8
+    "{invalid:,} lines {where} are not valid UTF-8 (and {valid:,} are): it is probably in another encoding (CP949/"
+    "EUC-KR, Latin-1); convert it to UTF-8 first, e.g. `iconv -f cp949 -t utf-8 IN > OUT` (`gzip -dc IN | iconv ...` "
+    "for a .gz file)."
 )
+TAR_MAGIC = (257, b"ustar")  # offset and bytes of a tar header's magic (POSIX and GNU)
 # Hangul written as conjoining jamo (NFD: a syllable as 2-3 letters) is other characters than the syllables
 # (NFC) Korean text and tokenizers use; kept as it is (the shards are what the tokenizer gives), but said.
 CONJOINING_JAMO = re.compile("[\u1100-\u11ff]")
@@ -155,17 +164,37 @@ def check_inputs(inputs) -> list[Path]:
 
 
 def _sniff(path: Path, size: int) -> None:
-    """Refuse a compressed or binary format that is not read, found by its first bytes."""
+    """Refuse a compressed or binary format that is not read, found by its first bytes (a gzip file's by its
+    decompressed ones too), and a file whose start is in another encoding, before any work reads the rest."""
     try:
         with open(path, "rb") as f:
-            sample = f.read(16)
+            head = f.read(SNIFF_BYTES)
             f.seek(max(0, size - 4))
-            sample += f.read(4)
+            tail = f.read(4)
     except OSError as e:
         raise unreadable(path, e) from None
+    gz = head[:2] == GZIP_MAGIC
+    if gz:
+        try:
+            with gzip.GzipFile(path, "rb") as z:
+                head = z.read(SNIFF_BYTES)
+        except (OSError, EOFError, zlib.error):
+            return  # reading it says what is wrong, with the line it got to
     for magic, what, fix in NOT_TEXT:
-        if re.match(magic, sample, re.DOTALL):
+        if re.match(magic, head[:16] + tail, re.DOTALL):
             raise UserError(f"input file {path} is {what}, which is not read as text: {fix}.")
+    offset, magic = TAR_MAGIC
+    if head[offset : offset + len(magic)] == magic:
+        what = "a gzip-compressed tar archive" if gz else "a tar archive"
+        raise UserError(f"input file {path} is {what}, which is not read as text: extract it (tar xf FILE) and pass "
+                        "the files inside.")  # fmt: skip
+    if len(head) == SNIFF_BYTES:  # the last line may be cut: its last character too
+        head = head[: head.rfind(b"\n") + 1]
+    where = f"of {path}" if len(head) == size else f"of the first {len(head):,} bytes of {path}"
+    stats = dict.fromkeys([*LINE_PROBLEMS, "cp949"], 0)
+    valid = sum(1 for line in _decode_block(head, stats) if line.strip())
+    if stats["invalid_utf8"] and stats["invalid_utf8"] >= valid:  # the rule reading applies to a whole file
+        raise UserError(NOT_UTF8.format(invalid=stats["invalid_utf8"], where=where, valid=valid))
 
 
 def check_corpus(inputs, out=None) -> Corpus:
@@ -215,6 +244,8 @@ def _decode_block(block: bytes, stats: dict) -> list[str]:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
             stats["invalid_utf8"] += 1
+            korean = raw.decode("cp949", "replace")  # the commonest other encoding here, counted for the note
+            stats["cp949"] += "\ufffd" not in korean and HANGUL_SYLLABLE.search(korean) is not None
     return lines
 
 
@@ -234,7 +265,7 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
     an empty row is returned as "" (a document break); each file or dataset ends with one. Per-line and
     per-row problems are counted in `stats`."""
     corpus = inputs if isinstance(inputs, Corpus) else Corpus(files=[Path(p) for p in inputs])
-    for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, "input_lines", "long_line_cuts", "decomposed_hangul"):
+    for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, "input_lines", "long_line_cuts", "decomposed_hangul", "cp949"):
         stats.setdefault(key, 0)
     sources = [(corpus.dataset, dataset_batches(corpus, block_bytes))] if corpus.dataset else []
     for path in corpus.files:
@@ -265,11 +296,7 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
                 nbytes = 0
         invalid = stats["invalid_utf8"] - invalid_before
         if invalid and invalid >= text_lines:
-            raise UserError(
-                f"{invalid:,} lines of {source} are not valid UTF-8 (and {text_lines:,} are): it is probably in "
-                "another encoding (CP949/EUC-KR, Latin-1); convert it to UTF-8 first, e.g. `iconv -f cp949 -t utf-8 "
-                "IN > OUT`."
-            )
+            raise UserError(NOT_UTF8.format(invalid=invalid, where=f"of {source}", valid=text_lines))
         if text_lines == 0:
             raise UserError(_no_text_message(source, corpus, stats))
         yield [""], 0  # a file boundary is a document boundary
@@ -413,6 +440,11 @@ def line_problem_notes(stats: dict) -> list[str]:
         return f"{n} {noun}{'s' * (n != 1)}"
 
     notes = [f"{lines(stats[k])} with {what} {verb}" for k, (verb, what) in LINE_PROBLEMS.items() if stats.get(k)]
+    if stats.get("cp949"):
+        notes.append(
+            f"{stats['cp949']:,} of the lines skipped for invalid UTF-8 read as Korean in CP949/EUC-KR: if the file "
+            "mixes encodings, convert those lines to UTF-8 first (e.g. `iconv -f cp949 -t utf-8`), or they are lost"
+        )
     notes += [f"{lines(stats[k], 'row')} with {what} skipped" for k, what in ROW_PROBLEMS.items() if stats.get(k)]
     if stats.get("decomposed_hangul"):
         n = stats["decomposed_hangul"]
