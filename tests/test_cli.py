@@ -262,3 +262,17 @@ def test_train_flags_show_their_short_metavar():
     """`--max-steps MAX_STEPS`, not the config key (`TRAIN.MAX_STEPS`) argparse would make from dest (kills C20)."""
     text = build_parser().commands["train"].format_help()
     assert "--max-steps MAX_STEPS" in text and "--lr LR" in text and "TRAIN." not in text
+
+
+def test_a_name_in_another_encoding_is_refused_before_any_work(tmp_path, capsys):
+    """A cp949 file name (unzipped from a Windows-made archive) reached the end of the work, then crashed writing
+    meta.json or a tokenizer's settings (lone surrogates are no UTF-8); now one sentence, nothing written."""
+    name = os.fsencode(tmp_path) + b"/\xc7\xd1\xb1\xb9\xbe\xee.txt"  # 한국어 in cp949
+    with open(name, "wb") as f:
+        f.write(b"the cat sat on the mat\n" * 20)
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "--input", os.fsdecode(name), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    shown = name.decode("utf-8", "backslashreplace")  # what can be shown: the bytes that are not UTF-8 as \xNN
+    assert f"error: '{shown}' is not valid UTF-8 (a name in another encoding" in err
+    assert "convmv -f cp949 -t utf-8" in err and err.count("\n") == 1 and not out.exists()

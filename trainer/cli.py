@@ -418,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    # a name in another encoding reaches Python as lone surrogates (os.fsdecode), which no file records: say it now
+    if bad := next((a for a in argv if any("\udc80" <= c <= "\udcff" for c in a)), None):
+        _say(args.command, f"error: '{os.fsencode(bad).decode('utf-8', 'backslashreplace')}' is not valid UTF-8 (a "
+             "name in another encoding, as unzipping a Windows-made archive gives): rename it, e.g. `convmv -f "
+             "cp949 -t utf-8 --notest NAME`")  # fmt: skip
+        return 2
     args.argv = list(argv)  # as given: `train --nproc` runs the same command in each process
     progress.configure(no_progress=args.no_progress, quiet=args.quiet)
     # SIGTERM and SIGHUP (not when ignored: `nohup`) end a command through its cleanups, as Ctrl-C does
