@@ -278,9 +278,10 @@ def test_ddp_matches_one_process_and_resumes_across_world_sizes(one_process, dat
     assert two_to_one["steps_this_run"] == 2
     assert_match(losses(tmp_path / "two_to_one"), want, "resumed 2 -> 1")
 
-    # 1 -> 2: resume the 1-process step-2 checkpoint with 2 processes
+    # 1 -> 2: resume the 1-process step-2 checkpoint with 2 processes, log windows read one window late
     one_to_two = tmp_path / "one_to_two"
-    done = torchrun([*cli_args(data_dir, tokenizer_dir, one_to_two), "--resume", str(step_dir(ref_run, 2))])
+    args = cli_args(data_dir, tokenizer_dir, one_to_two, **{"train.async_log_reads": True})
+    done = torchrun([*args, "--resume", str(step_dir(ref_run, 2))])
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(losses(one_to_two)) == [3, 4]
     assert_match(losses(one_to_two), want, "resumed 1 -> 2")

@@ -217,10 +217,12 @@ def test_segment_attention_refusals(monkeypatch):
 
 
 def test_options_that_need_one_process_or_one_micro_batch():
-    for key in ("train.async_log_reads", "train.cuda_graphs"):
-        cfg = load_config(None, {key: True, "train.compile": "on"})
-        with pytest.raises(UserError, match="DDP|one process"):
-            check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=2, head_dim=64)
+    cfg = load_config(None, {"train.cuda_graphs": True, "train.compile": "on"})
+    with pytest.raises(UserError, match="not wired for DDP/FSDP"):
+        check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=2, head_dim=64)
+    # async log reads take several processes (window totals are summed on the host: tests/test_distributed.py)
+    cfg = load_config(None, {"train.async_log_reads": True, "train.compile": "on"})
+    check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=2, head_dim=64)
     # cudagraph trees hand a replay's gradients to .grad and overwrite them on the next micro-batch's replay
     cfg = load_config(None, {"train.cuda_graphs": True, "train.compile": "on", "optim.grad_accum": 2})
     with pytest.raises(UserError, match=r"cannot accumulate gradients \(optim.grad_accum = 2\)"):

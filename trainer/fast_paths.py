@@ -124,11 +124,6 @@ def check_speed_options(
                 f"micro-batch's backward replay reuses the memory of the gradients before it; use optim.grad_accum = "
                 f"1 (raise data.tokens_per_batch instead) or leave train.cuda_graphs off"
             )
-    if cfg.train.async_log_reads and world > 1:
-        raise UserError(
-            "train.async_log_reads works in one process: several processes agree on stop requests at every log "
-            "step through a collective that waits for the device anyway"
-        )
     check_fp8(cfg.train.fp8, device, precision, T)
     if cfg.train.fp8 != "off" and cfg.train.shard == "fsdp" and world > 1:
         raise UserError("train.fp8 is not wired for FSDP: use train.shard = ddp")
