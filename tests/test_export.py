@@ -433,11 +433,14 @@ def test_the_public_card_shows_no_local_path():
         "--tokenizer=/home/alice/ko/tok --out /home/alice/runs/r1 --init-from klue/bert-base "
         "--set data.data_dir=/home/alice/x --config ./secret/run.toml --resume ~/runs/r1/checkpoints/step_00000002"
     )
-    shown = _pretty_command(recorded)
+    shown = _pretty_command(recorded, "klue/bert-base")  # the run recorded it as a Hub id (its base_model)
     assert shown == (
         "mlmtrain train --data data --tokenizer=tokenizer --out r1 --init-from klue/bert-base "
         "--set data.data_dir=data --config run.toml --resume step_00000002"
     )
+    # a relative dir/name looks like a Hub id: the run's base_model says which it was (train's --tokenizer: a folder)
+    relative = "mlmtrain train --data runs/data --tokenizer demo/tok --init-from work/bert128 --out out/run"
+    assert _pretty_command(relative) == "mlmtrain train --data data --tokenizer tokenizer --init-from bert128 --out run"
     # recorded with shlex (since 2026-12-01): a path holding '=' or spaces is one word, shown by its last part
     words = ["/w/sweep/lr=1e-3/bin/mlmtrain", "train", "--data", "/w/my data/shards", "--out", "/w/lr=1e-3/my run"]
     assert _pretty_command(shlex.join(words)) == "mlmtrain train --data data --out 'my run'"
@@ -458,14 +461,14 @@ def test_the_card_shows_every_command_that_trained_the_weights():
     from mlmtrain.card import _commands
 
     first, again = "mlmtrain train --data /d --tokenizer /t --out /r --lr 2e-3", "mlmtrain train --out /r --resume"
-    shown = _commands(None, None, [first, again])
+    shown = _commands(None, None, [first, again], None)
     at = shown.index("# training: the command lines the run recorded, in order (each after the first resumed it)")
     assert shown[at + 1 :] == [
         "mlmtrain train --data data --tokenizer tokenizer --out r --lr 2e-3",
         "mlmtrain train --out r --resume",
     ]
-    assert _commands(None, None, [first])[-2:] == ["# training: the command line the run recorded", shown[at + 1]]
-    assert _commands(None, None, [None])[-1] == "# (not recorded)"  # a checkpoint that recorded none
+    assert _commands(None, None, [first], None)[-2:] == ["# training: the command line the run recorded", shown[at + 1]]
+    assert _commands(None, None, [None], None)[-1] == "# (not recorded)"  # a checkpoint that recorded none
 
 
 def test_the_card_says_which_position_embeddings_the_segments_reached():

@@ -139,7 +139,7 @@ def model_card(
         "## Reproduce",
         "",
         "```bash",
-        *_commands(tokenizer_record, data_meta, state.get("commands") or [state.get("command")]),
+        *_commands(tokenizer_record, data_meta, state.get("commands") or [state.get("command")], base_model),
         "```",
         "",
         "## Limits",
@@ -281,7 +281,9 @@ def _data_statistics(data_meta: dict | None, vocab_size: int) -> list[str]:
     return lines
 
 
-def _commands(tokenizer_record: dict | None, data_meta: dict | None, train_commands: list) -> list[str]:
+def _commands(
+    tokenizer_record: dict | None, data_meta: dict | None, train_commands: list, base_model: str | None
+) -> list[str]:
     """The tokenizer, prepare and train commands, with the recorded settings (the train commands: each one that
     trained these weights, in order); input files by name only (the card is public: no local paths)."""
     inputs = " ".join(_input_names(data_meta)) if data_meta else "CORPUS"
@@ -318,7 +320,7 @@ def _commands(tokenizer_record: dict | None, data_meta: dict | None, train_comma
         lines.append("# training: the command lines the run recorded, in order (each after the first resumed it)")
     else:
         lines.append("# training: the command line the run recorded")
-    lines += [_pretty_command(c) for c in train_commands] or ["# (not recorded)"]
+    lines += [_pretty_command(c, base_model) for c in train_commands] or ["# (not recorded)"]
     return lines
 
 
@@ -340,13 +342,13 @@ def _count(n) -> str:
 # where the Reproduce block's train command shows a local path: by what the commands above it make, or its last part
 _MADE_ABOVE = {"--data": "data", "--tokenizer": "tokenizer", "data.data_dir": "data", "data.tokenizer_dir": "tokenizer"}
 _PATHS = {"--out", "--config", "--resume", "--init-from", "out_dir", "model.init_from", *_MADE_ABOVE}
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name: --tokenizer and --init-from may name one
 
 
-def _pretty_command(command: str) -> str:
+def _pretty_command(command: str, base_model: str | None = None) -> str:
     """The recorded command line as the card shows it: `mlmtrain` for the program however it was started (its
     install path, `python -m mlmtrain.cli`), and no local path: the shards and tokenizer as the commands above
-    name them, any other path by its last part (a Hub id stays whole)."""
+    name them, any other path by its last part; `--init-from` whole when it was the Hub id `base_model` (a
+    relative `dir/model` looks the same: the run recorded which it was)."""
     try:
         words = shlex.split(command)
         if "\\" in command and shlex.join(words) != command:  # a space-joined Windows record: shlex ate the \
@@ -360,16 +362,15 @@ def _pretty_command(command: str) -> str:
     for before, word in zip(words, words[1:]):
         name, eq, value = word.partition("=")
         if eq and (word.startswith("--") or before == "--set"):  # --out=/x/run, --set data.data_dir=/x/data
-            shown.append(f"{name}={_shown(name, value)}")
+            shown.append(f"{name}={_shown(name, value, base_model)}")
         else:
-            shown.append(_shown(before, word))
+            shown.append(_shown(before, word, base_model))
     return shlex.join(shown)
 
 
-def _shown(key: str, value: str) -> str:
+def _shown(key: str, value: str, base_model: str | None) -> str:
     """`value` given to flag or config key `key`, as a public card shows it."""
-    if key in _PATHS and not (key in ("--tokenizer", "--init-from", "data.tokenizer_dir", "model.init_from")
-                              and _HUB_ID.fullmatch(value)):  # fmt: skip
+    if key in _PATHS and not (key in ("--init-from", "model.init_from") and value == base_model):
         return _MADE_ABOVE.get(key) or last_part(value)
     return public(value)
 
