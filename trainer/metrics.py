@@ -179,7 +179,8 @@ def truncate_metrics(path: Path, step: int) -> int:
 class WindowStats:
     """The numbers of one log window. Device-side ones (loss, non-finite flags, the bad-step streak) accumulate
     without a sync and reach the host in one transfer when the window closes; host-side ones (tokens, segments,
-    FLOPs) are summed over ranks there, with the stop and timed-save requests every rank must agree on.
+    FLOPs) are summed over ranks there, on the host (stop and timed-save requests are agreed at every step, in
+    `parallel.agree_stop`).
 
     `deferred` (train.async_log_reads): that transfer is a non-blocking copy into pinned memory, read when the
     next window closes (or at `flush`). Reading at once makes the host wait until the device has run every step
