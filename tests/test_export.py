@@ -296,6 +296,7 @@ def test_bf16_export_without_verify(trained_run, tokenizer_dir, tmp_path):
     from mlmtrain.tokenizer_folder import read_vocab
 
     assert default_widget([], read_vocab(tokenizer_dir)) in readme  # default widget when no language is given
+    assert "[UNK]" not in readme.split("## Limits")[1]  # a tokenizer that fits its text: no warning
 
 
 def test_user_mistakes_are_sentences(trained_run, tokenizer_dir, tmp_path, sample_corpus, capsys):
@@ -499,6 +500,30 @@ def test_the_default_widget_is_the_language_s_or_the_vocabulary_s():
     assert default_widget(["fr"], korean) == DEFAULT_WIDGETS["en"]  # no sentence of its own: English, as before
 
 
+def test_an_export_says_when_its_tokenizer_does_not_fit_korean_text():
+    """A tokenizer trained on NFD text spells Hangul in jamo: the export verified, its widget went English and the
+    Hub's widget read ordinary Korean as [UNK]; shards that were mostly [UNK] were not said either. Both are
+    notes now, and in the card's Limits; a jamo vocabulary's widget is the Korean one, which shows it."""
+    from mlmtrain.card import DEFAULT_WIDGETS, default_widget, fit_warnings, model_card
+
+    nfd = ["[PAD]", "[UNK]", "\u1112\u1161\u11ab", "##\u1100\u116e\u11a8", "\u1100", "\u1102", "\u1103", "the"]
+    assert default_widget([], nfd) == DEFAULT_WIDGETS["ko"]
+    meta = {"train": {"tokens": 1000, "unk_tokens": 850}, "valid": {"tokens": 100, "unk_tokens": 90}}
+    warnings = fit_warnings(nfd, meta)
+    assert warnings == [
+        "The vocabulary spells Hangul in conjoining jamo (5 such pieces, 0 with syllables): its tokenizer was "
+        "trained on decomposed (NFD) text, so ordinary (NFC) Korean reads as [UNK].",
+        "85.5% of the training text's tokens were [UNK]: the tokenizer does not fit it.",
+    ]
+    fits = {"train": {"tokens": 1000, "unk_tokens": 10}, "valid": {"tokens": 100, "unk_tokens": 1}}  # 1%: said no
+    assert fit_warnings(["[PAD]", "한국", "##어", "\u1100"], fits) == [] and fit_warnings(nfd[:2], None) == []
+    from mlmtrain.model import BertConfig
+
+    settings = dict(title="m", run_config={}, state={}, step=0, language=[], license="mit", widgets=["x [MASK]"])
+    readme = str(model_card(**settings, config=BertConfig.from_size("tiny", 64), data_meta=None, warnings=warnings))
+    assert all(w in readme.split("## Limits")[1] for w in warnings)
+
+
 def test_the_default_widget_takes_the_first_language_and_counts_capitals_as_latin():
     """Of several --language, the first one's sentence (the card's first language); with none, a piece in capitals
     (a cased vocabulary's) is a Latin one, and as many Hangul as Latin pieces is not more: English."""
@@ -542,6 +567,20 @@ def test_a_name_that_is_no_repo_id_gets_the_usage_note(trained_run, tokenizer_di
     assert cli.main([*argv, "--no-verify", "--name", "tiny"]) == 0
     assert "note: the model card's usage example loads PATH_OR_REPO_ID" in capsys.readouterr().err
     assert 'model="PATH_OR_REPO_ID"' in (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_an_export_gives_its_fit_warnings_as_notes_and_in_the_limits(trained_run, tokenizer_dir, tmp_path, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    import mlmtrain.export as export_module
+
+    seen = []
+    monkeypatch.setattr(export_module, "fit_warnings", lambda vocab, meta: seen.append((vocab, meta)) or ["W one."])
+    run_dir, _ = trained_run
+    argv = ["export", "--checkpoint", str(run_dir), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "w")]
+    capsys.readouterr()
+    assert cli.main([*argv, "--no-verify"]) == 0
+    assert "note: W one.\n" in capsys.readouterr().err and "[CLS]" in seen[0][0]  # the tokenizer's vocabulary
+    assert "W one." in (tmp_path / "w" / "README.md").read_text(encoding="utf-8").split("## Limits")[1]
 
 
 def test_an_exports_default_widget_follows_its_language(trained_run, tokenizer_dir, tmp_path):

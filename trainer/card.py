@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 from mlmtrain.errors import UserError
-from mlmtrain.text import HANGUL_SYLLABLE
+from mlmtrain.text import CONJOINING_JAMO, HANGUL_SYLLABLE
 
 DEFAULT_WIDGETS = {  # the blog post's widget sentence for Korean
     "ko": "산악 자전거 경기는 상대적으로 새로운 [MASK] 1990년대에 활성화 되었다.",
@@ -23,9 +23,29 @@ def default_widget(languages: list[str], vocab: list[str]) -> str:
     sentence here); with no language, Korean for a vocabulary of more Hangul pieces than Latin ones, else English."""
     if languages:
         return DEFAULT_WIDGETS.get(languages[0], DEFAULT_WIDGETS["en"])
-    hangul = sum(bool(HANGUL_SYLLABLE.search(piece)) for piece in vocab)
+    hangul = sum(bool(HANGUL_SYLLABLE.search(piece) or CONJOINING_JAMO.search(piece)) for piece in vocab)
     latin = sum(any("a" <= c <= "z" for c in piece.lower()) for piece in vocab)
     return DEFAULT_WIDGETS["ko" if hangul > latin else "en"]
+
+
+def fit_warnings(vocab: list[str], data_meta: dict | None) -> list[str]:
+    """What a user of the model must know of how its tokenizer fits text: a vocabulary that spells Hangul in
+    conjoining jamo (trained on NFD text: ordinary NFC Korean reads as [UNK]), and a share of [UNK] in the
+    training tokens that `prepare` noted. The export says each, and the card's Limits."""
+    from mlmtrain.prepare import UNK_NOTE_SHARE, unk_share
+
+    out = []
+    jamo = sum(bool(CONJOINING_JAMO.search(piece)) for piece in vocab)
+    syllables = sum(bool(HANGUL_SYLLABLE.search(piece)) for piece in vocab)
+    if jamo > syllables:
+        out.append(
+            f"The vocabulary spells Hangul in conjoining jamo ({jamo:,} such pieces, {syllables:,} with syllables): "
+            "its tokenizer was trained on decomposed (NFD) text, so ordinary (NFC) Korean reads as [UNK]."
+        )
+    share, _ = unk_share(data_meta or {})
+    if share > UNK_NOTE_SHARE:
+        out.append(f"{share:.1%} of the training text's tokens were [UNK]: the tokenizer does not fit it.")
+    return out
 
 
 _LANGUAGE = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8})*$")  # ISO 639 code, optionally with a region or script
@@ -73,11 +93,12 @@ def model_card(
     unigram: tuple[float | None, str] = (None, "not computed"),
     extra: str | None = None,
     base_model: str | None = None,
+    warnings: list[str] = (),
 ):
     """The README.md: the YAML header the Hub reads + what, on what, how long, how good, how to reproduce.
     `title` is the Hub repo id (or any name); `unigram` is (loss, how it was measured or why not); `base_model` is
     the Hub id of the model training started from (`--init-from`), for the header (a run that started from a
-    local folder names that folder in the text only)."""
+    local folder names that folder in the text only); `warnings` go to the Limits (`fit_warnings`)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from mlmtrain import __version__
@@ -146,6 +167,7 @@ def model_card(
         "",
         _positions_text(data_meta, config.max_position_embeddings, bool(state.get("init_from")))
         + "Token type ids are all 0 (no sentence pairs were seen).",
+        *(f"{w}" for w in warnings),
         "",
         *([extra, ""] if extra else []),
         f"Exported by mlmtrain {__version__}.",

@@ -29,7 +29,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from mlmtrain.card import default_widget, model_card, parse_languages, read_card_extra, read_data_meta
+from mlmtrain.card import default_widget, fit_warnings, model_card, parse_languages, read_card_extra, read_data_meta
 from mlmtrain.config import PRECISIONS, torch_dtype
 from mlmtrain.errors import UserError, missing_extra, refuse_tokens, require
 from mlmtrain.export_check import EXPORT_LAYOUT, EXPORT_MANIFEST, check_export_folder
@@ -115,7 +115,8 @@ def export_folder(
             "(its run had no --init-from): drop --base-model"
         )
     step = int(state.get("step", 0))
-    widgets = widgets or [default_widget(languages, read_vocab(tokenizer_dir))]
+    vocab = read_vocab(tokenizer_dir)
+    widgets = widgets or [default_widget(languages, vocab)]
 
     # ---- write into a temporary sibling, rename at the end
     run_dir = run_folder_of(ckpt)
@@ -125,6 +126,9 @@ def export_folder(
               "(another `prepare` wrote them): the card leaves out their settings, statistics and unigram baseline",
               file=sys.stderr)  # fmt: skip
         data_meta = None  # a card describes the data the weights saw, or none
+    warnings = fit_warnings(vocab, data_meta)
+    for warning in warnings:  # in the card's Limits too
+        print(f"note: {warning}", file=sys.stderr)
     card = model_card(
         title=name,
         config=config,
@@ -139,6 +143,7 @@ def export_folder(
         unigram=unigram_baseline(run_config, data_meta),
         extra=extra,
         base_model=base_model or state.get("base_model"),
+        warnings=warnings,
     )
     tok_config = read_tokenizer_config(tokenizer_dir)
     tok_config["model_max_length"] = min(

@@ -337,15 +337,21 @@ def _report(meta: dict, out_dir: Path, total_bytes: int | None) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
+def unk_share(meta: dict) -> tuple[float, int]:
+    """(share of [UNK] in a shard folder's tokens, their count), from its meta.json."""
+    splits = [meta.get(k) or {} for k in ("train", "valid")]
+    unk, tokens = (sum(s.get(k) or 0 for s in splits) for k in ("unk_tokens", "tokens"))
+    return (unk / tokens if tokens else 0.0), unk
+
+
 def data_notes(meta: dict) -> list[str]:
     """What a user should know of the text behind a shard folder's meta.json: the [UNK] share, the lines skipped,
     repaired or cut, sentences split (`eval --input` says the same of the text it scores)."""
-    tr, va = meta["train"], meta["valid"]
-    notes = []
-    unk, tokens = tr["unk_tokens"] + va["unk_tokens"], tr["tokens"] + va["tokens"]
-    if unk > UNK_NOTE_SHARE * tokens:
+    va, notes = meta["valid"], []
+    share, unk = unk_share(meta)
+    if share > UNK_NOTE_SHARE:
         notes.append(
-            f"{unk / tokens:.1%} of the tokens ({unk:,}) are [UNK]: the tokenizer does not know much of this text "
+            f"{share:.1%} of the tokens ({unk:,}) are [UNK]: the tokenizer does not know much of this text "
             "(another script or language, or another Unicode normalization than it was trained on)"
         )
     problems = {**meta["line_problems"], **meta["row_problems"], "decomposed_hangul": meta["decomposed_hangul_lines"]}
