@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from cli_run import assert_refused, in_process, run_cli
 
+from mlmtrain import corpus_check, text
 from mlmtrain import prepare as prepare_module
-from mlmtrain import text
 from mlmtrain import tokenizer as tokenizer_module
 from mlmtrain.errors import UserError
 from mlmtrain.prepare import data_notes, prepare
@@ -243,7 +243,7 @@ def test_column_flags_are_taken_when_any_input_has_rows(tmp_path):
     (tmp_path / "a.txt").write_text("hello world\n")
     jsonl(tmp_path / "r.jsonl", ["hello world"])
     corpus = Corpus(files=[tmp_path / "a.txt", tmp_path / "r.jsonl"], text_column="body", doc_column="doc")
-    assert text.check_corpus(corpus).text_column == "body"
+    assert corpus_check.check_corpus(corpus).text_column == "body"
 
 
 def test_the_same_file_twice_and_a_doc_column_that_is_not_there(tmp_path, tokenizer_dir, capsys, monkeypatch):

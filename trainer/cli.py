@@ -20,9 +20,9 @@ import traceback
 from mlmtrain import __version__, progress
 from mlmtrain.config import MODEL_SIZES, PRECISIONS, field_docs
 from mlmtrain.config_load import defaults_toml
+from mlmtrain.corpus_check import add_corpus_args
 from mlmtrain.errors import UserError, redact_tokens
 from mlmtrain.stop import STREAM_NAMES, NamedStream, handled
-from mlmtrain.text import add_corpus_args
 from mlmtrain.tokenizer import WORDPIECES_PREFIX, TokenizerSettings
 
 BENCH_SECTIONS, BENCH_OPTIONAL = "ceilings,mask,model,train,sweep", "ablation"

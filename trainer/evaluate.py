@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlmtrain.corpus_check import corpus_from_args
 from mlmtrain.errors import UserError
 from mlmtrain.export_check import EXPORT_MANIFEST, read_manifest
 from mlmtrain.files import json_text
 from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask
 from mlmtrain.model import BertForMaskedLM, mlm_loss_sum
-from mlmtrain.text import LINE_PROBLEMS, corpus_from_args
+from mlmtrain.text import LINE_PROBLEMS
 
 EVAL_KEY = 1 << 40  # masking keys of eval batches live far from the training micro-batch indices
 

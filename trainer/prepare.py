@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from mlmtrain.config import check_seed
+from mlmtrain.corpus_check import check_corpus, corpus_from_args
 from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, atomic_dir, check_out_folder, write_json
 from mlmtrain.prefetch import Prefetcher
@@ -46,8 +47,6 @@ from mlmtrain.text import (
     READ_BLOCK_BYTES,
     ROW_PROBLEMS,
     batches_of,
-    check_corpus,
-    corpus_from_args,
     iter_line_batches,
     line_problem_notes,
 )

@@ -23,10 +23,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from mlmtrain.corpus_check import check_corpus, corpus_from_args
 from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, atomic_dir, check_out_folder, write_json
 from mlmtrain.progress import bars_enabled, quiet
-from mlmtrain.text import HANGUL_SYLLABLE, check_corpus, corpus_from_args, iter_line_batches, line_problem_notes
+from mlmtrain.text import HANGUL_SYLLABLE, iter_line_batches, line_problem_notes
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)  # where `mlmtrain tokenizer` puts them
