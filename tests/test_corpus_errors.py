@@ -296,3 +296,16 @@ def test_a_row_under_a_million_characters_but_over_1_mib_is_cut_like_a_text_line
     pieces = _cut_long_lines([row], stats)
     assert len(pieces) == 2 and "".join(pieces) == row and stats["long_line_cuts"] == 1
     assert all(len(p.encode()) <= LONG_LINE_BYTES for p in pieces)
+
+
+def test_line_separators_that_are_no_line_break_here_are_counted_and_said(tmp_path, tokenizer_dir):
+    """U+2028 between sentences made one long "line" (cut into pieces across sentences, no valid split) without a
+    word; the lines holding such separators (U+2028, U+2029, NEL, VT, FF) are counted now, with what to do."""
+    seps = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c"]
+    text = "".join(f"the cat sat{sep}hello world\n" for sep in seps) + "a plain line\n"
+    (tmp_path / "u.txt").write_text(text, encoding="utf-8")
+    meta, _ = shards([tmp_path / "u.txt"], tokenizer_dir, tmp_path / "d")
+    assert meta["other_break_lines"] == 5 and meta["train"]["sentences"] == 6  # read as one sentence each
+    assert "5 lines hold line or paragraph separators that are no line break here (U+2028, U+2029, NEL, VT, FF)" in (
+        " ".join(data_notes(meta))
+    )

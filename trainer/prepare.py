@@ -312,6 +312,7 @@ def _write_splits(tmp, corpus, tok, specials, valid_fraction, max_seq_len, seed,
         "lines_empty_after_tokenizing": stats["lines_empty_after_tokenizing"],
         "long_line_cuts": stats["long_line_cuts"],
         "decomposed_hangul_lines": stats["decomposed_hangul"],
+        "other_break_lines": stats["other_breaks"],  # lines holding U+2028, U+2029, NEL, VT or FF: one sentence each
         "cp949_lines": stats["cp949"],  # of the lines skipped for invalid UTF-8, those that read as CP949 Korean
     }
 
@@ -354,7 +355,9 @@ def data_notes(meta: dict) -> list[str]:
             "(another script or language, or another Unicode normalization than it was trained on)"
         )
     problems = {**meta["line_problems"], **meta["row_problems"], "decomposed_hangul": meta["decomposed_hangul_lines"]}
-    notes += line_problem_notes({**problems, "cp949": meta.get("cp949_lines", 0)})
+    notes += line_problem_notes(
+        {**problems, "cp949": meta.get("cp949_lines", 0), "other_breaks": meta.get("other_break_lines", 0)}
+    )
     if cuts := meta["long_line_cuts"]:
         notes.append(
             f"lines longer than {LONG_LINE_BYTES >> 20} MiB were cut {cuts} time{'s' * (cuts != 1)}, at spaces where "

@@ -61,6 +61,8 @@ NOT_UTF8 = (  # half the lines or more of a file (or of its start) not UTF-8
 # (NFC) Korean text and tokenizers use; kept as it is (the shards are what the tokenizer gives), but said.
 CONJOINING_JAMO = re.compile("[\u1100-\u11ff]")
 HANGUL_SYLLABLE = re.compile("[\uac00-\ud7a3]")  # the composed (NFC) syllables
+# Line breaks elsewhere that are not one here: a line holding them is one sentence (the tokenizer reads them as spaces)
+OTHER_BREAKS = re.compile("[\u2028\u2029\x85\x0b\x0c]")  # line and paragraph separators, NEL, VT, FF
 
 
 def sample_corpus_path() -> Path:
@@ -155,7 +157,8 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
     an empty row is returned as "" (a document break); each file or dataset ends with one. Per-line and
     per-row problems are counted in `stats`."""
     corpus = inputs if isinstance(inputs, Corpus) else Corpus(files=[Path(p) for p in inputs])
-    for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, "input_lines", "long_line_cuts", "decomposed_hangul", "cp949"):
+    counts = ("input_lines", "long_line_cuts", "decomposed_hangul", "cp949", "other_breaks")
+    for key in (*LINE_PROBLEMS, *ROW_PROBLEMS, *counts):
         stats.setdefault(key, 0)
     sources = [(corpus.dataset, dataset_batches(corpus, block_bytes))] if corpus.dataset else []
     for path in corpus.files:
@@ -178,8 +181,10 @@ def iter_line_batches(inputs, stats: dict, block_bytes: int = READ_BLOCK_BYTES):
             # it goes on in batches of a block's size, so the tokenizer never holds more than a block at once
             for part in batches_of(_cut_long_lines(lines, stats), block_bytes):
                 stats["input_lines"] += len(part)
-                if CONJOINING_JAMO.search("".join(part)):  # rare: only then a look at each line
-                    stats["decomposed_hangul"] += sum(1 for line in part if CONJOINING_JAMO.search(line))
+                joined = "".join(part)
+                for key, pattern in (("decomposed_hangul", CONJOINING_JAMO), ("other_breaks", OTHER_BREAKS)):
+                    if pattern.search(joined):  # rare: only then a look at each line
+                        stats[key] += sum(1 for line in part if pattern.search(line))
                 part = ["" if line.isspace() else line for line in part]
                 text_lines += sum(1 for line in part if line)
                 yield part, nbytes
@@ -343,5 +348,11 @@ def line_problem_notes(stats: dict) -> list[str]:
             "text has), read as they are: a tokenizer trained on ordinary (NFC) Korean reads them as [UNK], and "
             "one trained on them reads NFC Korean as [UNK]; normalize it to NFC (unicodedata.normalize('NFC', "
             "text)) first"
+        )
+    if n := stats.get("other_breaks"):
+        notes.append(
+            f"{lines(n)} {'holds' if n == 1 else 'hold'} line or paragraph separators that are no line break here "
+            "(U+2028, U+2029, NEL, VT, FF): each such line is read as one sentence; replace them with newlines to "
+            "split it"
         )
     return notes
