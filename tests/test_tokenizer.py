@@ -220,6 +220,11 @@ def test_bad_input_gives_clear_errors(tmp_path, tokenizer_dir, capsys):
             train_tokenizer(inputs, tmp_path / "out", TokenizerSettings(vocab_size=100), progress=False)
     with pytest.raises(UserError, match="already holds a tokenizer"):
         train_tokenizer([blank], tokenizer_dir, TokenizerSettings(vocab_size=100), progress=False)
+    invisible = tmp_path / "invisible.txt"  # lines of zero-width spaces and BEL: a vocabulary of the 5 specials
+    invisible.write_text("\u200b\u200b\n\x07\n\u200b\x07\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"no token but the special ones came out of .*invisible.txt: its text is only"):
+        train_tokenizer([invisible], tmp_path / "none", TokenizerSettings(vocab_size=100), progress=False)
+    assert not (tmp_path / "none").exists()
     with pytest.raises(UserError, match="vocab-size"):
         train_tokenizer([blank], tmp_path / "out", TokenizerSettings(vocab_size=3), progress=False)
     with pytest.raises(UserError, match="--vocab-size must be .* at most 16,777,216, got 2147483648"):

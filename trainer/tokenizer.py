@@ -219,6 +219,12 @@ def train_tokenizer(
         source = corpus.dataset or ", ".join(map(str, corpus.files))
         raise UserError(f"no text found in {source}: every line was blank or unreadable.")
 
+    if tok.get_vocab_size() <= len(SPECIAL_TOKENS):  # every character dropped by the normalizer: nothing to learn
+        source = corpus.dataset or ", ".join(map(str, corpus.files))
+        raise UserError(
+            f"no token but the special ones came out of {source}: its text is only characters the normalizer drops "
+            "(control, zero-width or private-use characters); nothing was written."
+        )
     vocab = tok.get_vocab()
     for i, token in enumerate(SPECIAL_TOKENS):
         assert vocab.get(token) == i, f"special token {token} is at id {vocab.get(token)}, expected {i}"
