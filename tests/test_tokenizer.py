@@ -186,7 +186,7 @@ def test_limit_alphabet_reports_dropped_characters(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("가나다라마바사아자차카타파하 " * 5 + "\n희귀\n", encoding="utf-8")
     train_tokenizer([corpus], tmp_path / "tok", TokenizerSettings(vocab_size=100, limit_alphabet=10))
-    assert "outside limit_alphabet=10" in capsys.readouterr().err
+    assert "outside limit_alphabet=10: each word holding one reads as [UNK] whole" in capsys.readouterr().err
     # --quiet drops the bar and the settings line only: the result on stdout, the notes on stderr
     argv = ["tokenizer", "--input", str(corpus), "--out", str(tmp_path / "q"), "--vocab-size", "100",
             "--limit-alphabet", "10", "--quiet"]  # fmt: skip

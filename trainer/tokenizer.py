@@ -255,7 +255,8 @@ def train_tokenizer(
             n = sum(missing.values())
             print(
                 f"note: {len(missing)} distinct characters ({n} occurrences) are outside limit_alphabet="
-                f"{settings.limit_alphabet} and will be [UNK]; raise --limit-alphabet to keep them "
+                f"{settings.limit_alphabet}: each word holding one reads as [UNK] whole (WordPiece cannot spell it); "
+                "raise --limit-alphabet to keep them "
                 f"(rarest: {''.join(sorted(missing, key=missing.get)[:20])})",
                 file=sys.stderr,
             )
