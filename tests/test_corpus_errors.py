@@ -309,3 +309,19 @@ def test_line_separators_that_are_no_line_break_here_are_counted_and_said(tmp_pa
     assert "5 lines hold line or paragraph separators that are no line break here (U+2028, U+2029, NEL, VT, FF)" in (
         " ".join(data_notes(meta))
     )
+
+
+def test_a_dataset_data_file_in_another_encoding_says_so():
+    """A dataset folder's cp949 text file was "cannot read dataset DS: 'utf-8' codec can't decode byte 0xb4 ...;
+    check that its data files are valid and have the same columns": now what it is, and the fix."""
+    from mlmtrain.corpus_rows import _guarded
+
+    def rows():
+        yield {"text": "hello"}
+        "대한민국".encode("cp949").decode("utf-8")
+
+    with pytest.raises(UserError) as refused_:
+        list(_guarded(rows(), "dataset ds", "check that its data files are valid"))
+    said = str(refused_.value)
+    assert said.startswith("cannot read dataset ds: a data file is not UTF-8 ('utf-8' codec can't decode byte 0xb4")
+    assert "probably in another encoding (CP949/EUC-KR, Latin-1); convert it first, e.g. `iconv -f cp949" in said

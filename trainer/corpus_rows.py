@@ -114,6 +114,10 @@ def _guarded(items, what: str, fix: str):
             return
         except UserError:
             raise
+        except UnicodeDecodeError as e:  # a text or JSON data file in another encoding (a dataset's: whole)
+            raise UserError(f"cannot read {what}: a data file is not UTF-8 ({one_line(e)}): it is probably in another "
+                            "encoding (CP949/EUC-KR, Latin-1); convert it first, e.g. `iconv -f cp949 -t utf-8 IN > "
+                            "OUT`.") from None  # fmt: skip
         except Exception as e:  # pyarrow and datasets raise many kinds
             raise UserError(f"cannot read {what}: {one_line(e)}; {fix}.") from None
         yield item
