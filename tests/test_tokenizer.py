@@ -140,6 +140,15 @@ def test_vocab_txt_that_disagrees_with_tokenizer_json_is_refused_on_first_read(e
         load_tokenizer(copy)
 
 
+def test_a_vocab_txt_saved_with_a_byte_order_mark_is_named(tmp_path, tokenizer_dir):
+    """An editor's UTF-8-with-BOM save: "disagree on the id of 1 tokens" named no cause."""
+    copy = shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    (copy / "vocab.txt").write_bytes(b"\xef\xbb\xbf" + (copy / "vocab.txt").read_bytes())
+    with pytest.raises(UserError, match=r"vocab.txt starts with a byte-order mark") as refused:
+        load_tokenizer(copy)
+    assert "token 0 would be '\\ufeff[PAD]'; save it as plain UTF-8." in str(refused.value)
+
+
 def test_tokens_added_past_the_wordpiece_vocabulary_are_refused(tmp_path, tokenizer_dir):
     """A tokenizer with tokens added past its WordPiece table (transformers' add_tokens, then
     resize_token_embeddings) would give shards ids that vocab.txt and the model's rows disagree on: one sentence,

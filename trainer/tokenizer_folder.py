@@ -131,6 +131,9 @@ def vocab_rows(vocab_txt: Path) -> list[str]:
         rows = vocab_txt.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as e:
         raise UserError(f"{vocab_txt} is not UTF-8 text (byte {e.start}): it is damaged or not a vocab.txt.") from None
+    if rows[0].startswith("\ufeff"):  # transformers reads it as part of token 0's text
+        raise UserError(f"{vocab_txt} starts with a byte-order mark (a UTF-8-with-BOM save): token 0 would be "
+                        f"{rows[0]!r}; save it as plain UTF-8.")  # fmt: skip
     return rows[:-1] if rows[-1] == "" else rows  # a last row without its newline is a row (as transformers reads)
 
 
