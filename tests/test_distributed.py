@@ -409,18 +409,21 @@ def test_a_resume_gives_a_rank_its_own_streams_only_if_it_saved_them(tmp_path, m
     assert not restored({"cpu": state, "rank0.cpu": state, "rank1.cpu": other}, "cuda")  # no GPU stream saved
 
 
-def test_a_resume_gives_each_gpu_its_own_saved_stream_past_ten_gpus(tmp_path, monkeypatch):
-    """rng.safetensors names GPU streams cuda0 ... cuda11; sorted as strings, cuda10 would go to GPU 2."""
+def test_a_resume_draws_from_the_stream_its_gpu_drew_from_whatever_gpus_are_visible(tmp_path, monkeypatch):
+    """rng.safetensors holds every visible GPU's stream (cuda0 ... cuda11). A resume restored them all only when
+    as many GPUs were visible as at the save (else none, silently: dropout no longer as if uninterrupted), and in
+    string order (cuda10 went to GPU 2). It restores the stream of the GPU the run drew from, on the run's GPU."""
     from safetensors.torch import save_file
 
     streams = {f"cuda{i}": torch.full((16,), i, dtype=torch.uint8) for i in range(12)}
     save_file({"cpu": torch.get_rng_state(), **streams}, tmp_path / "rng.safetensors")
     got = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 12)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", got.extend)
-    ckpt.restore_rng(tmp_path, {}, torch.device("cpu"))
-    assert [int(s[0]) for s in got] == list(range(12))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: got.append((int(state[0]), device)))
+    for saved_on in ("cuda:10", "cuda:2"):
+        ckpt.restore_rng(tmp_path, {"resolved": {"train.device": saved_on}}, torch.device("cuda", 0))
+    ckpt.restore_rng(tmp_path, {}, torch.device("cuda", 1))  # a checkpoint without the record: the default GPU's
+    ckpt.restore_rng(tmp_path, {"resolved": {"train.device": "cuda:3"}}, torch.device("cpu"))  # a CPU resume: none
+    assert got == [(10, torch.device("cuda", 0)), (2, torch.device("cuda", 0)), (0, torch.device("cuda", 1))]
 
 
 def _worker_pids(parent: int) -> dict[int, int]:

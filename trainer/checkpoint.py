@@ -456,10 +456,9 @@ def restore_rng(ckpt: Path, state: dict, device: torch.device) -> bool:
     this rank got streams of its own (else it holds rank 0's)."""
     rng = load_file(ckpt / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available():
-        states = [rng[f"cuda{i}"] for i in range(sum(k.startswith("cuda") for k in rng))]  # cuda0, cuda1, ..., cuda10
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
+    saved = torch.device((state.get("resolved") or {}).get("train.device") or "cuda")  # the GPU the run drew from
+    if device.type == "cuda" and saved.type == "cuda" and f"cuda{saved.index or 0}" in rng:
+        torch.cuda.set_rng_state(rng[f"cuda{saved.index or 0}"], device)  # on whichever GPU, of however many, runs now
     if not parallel.active() or state.get("world_size") != parallel.world_size():
         return not parallel.active()
     r = parallel.rank()
