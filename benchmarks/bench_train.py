@@ -104,6 +104,19 @@ def timed_windows(windows: list[dict], steps: int, log_every: int, profiled: boo
     return timed or windows
 
 
+def raise_stop(stopped_by: str | None) -> None:
+    """A signal that stopped a bench's training run (train saves and returns, as for a user) stops the bench: as
+    the signal would have outside the run, so the row is not kept as measured and the command exits for it."""
+    import signal
+
+    from mlmtrain.cli import Terminated
+
+    if stopped_by == "SIGINT":
+        raise KeyboardInterrupt
+    if stopped_by in ("SIGTERM", "SIGHUP", "SIGPIPE"):
+        raise Terminated(signal.Signals[stopped_by])
+
+
 def run_ours(
     data: BenchData,
     out_dir: Path,
@@ -168,6 +181,7 @@ def run_ours(
     t0 = time.perf_counter()
     summary = train(cfg, log=lambda msg: print(msg, file=sys.stderr))
     wall_s = time.perf_counter() - t0
+    raise_stop(summary.get("stopped_by"))
     # what torch.compile did in this run: more graphs than the step's (and eval's) means it recompiled; a CUDA-graph
     # skip means the graphs asked for were not used (inductor logs why)
     compiled = {

@@ -254,6 +254,25 @@ def test_a_stopped_bench_names_what_it_left_out(tmp_path, monkeypatch, capsys):
     assert "## Hardware ceilings" in report and "## Model forward" not in report  # the model section has no row
 
 
+def test_a_signal_during_a_bench_training_run_stops_the_bench(tmp_path, monkeypatch):
+    """train takes SIGTERM itself (finish the step, save, return): the bench kept the cut-short run as a measured
+    row, went on, and exited 0. Now the run's stop is the bench's: the section is not measured, exit 143."""
+    import mlmtrain.train as train_module
+
+    real = train_module.train
+
+    def stopped(cfg, **kw):
+        summary = real(cfg, **kw)
+        return {**summary, "stopped_by": "SIGTERM"}
+
+    monkeypatch.setattr(train_module, "train", stopped)
+    argv = ["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "train,mask"]
+    assert main(argv) == 143
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    why = "not measured: the bench was stopped by SIGTERM"
+    assert [(s["section"], s.get("error")) for s in res["sections"]] == [("train", why), ("mask", why)]
+
+
 def test_a_stopped_sections_finished_rows_stay_in_the_report(tmp_path, monkeypatch):
     """A stop in the middle of a section that reports rows as they finish (the ablation): those rows stay, in
     results.json (a --merge reuses them) and in report.md, beside the section's `not measured` line."""
