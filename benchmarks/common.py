@@ -23,9 +23,15 @@ OUT_OF_TIME = "skipped: the time budget (--time-limit) ran out"  # a row or sect
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name; for a CPU its model (Linux: /proc/cpuinfo), architecture and the threads torch uses."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
+        model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    return f"CPU ({', '.join(filter(None, (model, platform.machine())))}, {torch.get_num_threads()} threads)"
 
 
 def environment(device: torch.device) -> dict:

@@ -369,8 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def read_previous(path: Path) -> dict | None:
-    """--merge: the report to extend, checked before any work (its sections are kept as they are), or None."""
+def read_previous(path: Path, device: str | None = None) -> dict | None:
+    """--merge: the report to extend, checked before any work (its sections are kept as they are), or None; it
+    must have been measured on `device` (the name this call's environment gives), as one report is one machine's."""
     if not path.is_file():
         return None
     try:
@@ -384,6 +385,12 @@ def read_previous(path: Path) -> dict | None:
         or not all(isinstance(s, dict) and isinstance(s.get("section"), str) for s in sections)
     ):
         raise UserError(f"--merge: {path} is not a report of this version ({SCHEMA}): measure again without --merge.")
+    measured_on = (previous.get("environment") or {}).get("device")
+    if device is not None and measured_on != device:
+        raise UserError(
+            f"--merge: {path} was measured on {measured_on}, and this call runs on {device}: one report holds one "
+            "machine's numbers; use another --out, or measure again without --merge."
+        )
     return previous
 
 

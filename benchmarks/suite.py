@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from mlmtrain.benchmarks.common import OUT_OF_TIME
+from mlmtrain.benchmarks.common import OUT_OF_TIME, device_name
 from mlmtrain.cli import Terminated
 from mlmtrain.config import MODEL_SIZES, auto_warmup, default_precision
 from mlmtrain.errors import UserError, require
@@ -406,7 +406,8 @@ def main(args) -> int:
     sections = check_args(args)
     out = Path(args.out)
     report.claim_out_folder(out)  # before any work: a folder that is not a report's is refused, untouched
-    previous = report.read_previous(out / "results.json") if args.merge else None
+    device = device_name(torch.device(args.device))  # one report holds one machine's numbers
+    previous = report.read_previous(out / "results.json", device) if args.merge else None
     own_work = args.work is None
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlmtrain_bench_"))
     if not own_work:  # new, empty or an earlier bench's --work: the bench deletes and rewrites in it

@@ -316,6 +316,22 @@ def test_merge_keeps_sections_not_redone(tmp_path):
     assert re.search(r"## Hardware ceilings.*\n\n\(\d+ s; kept from an earlier call: `mlmtrain bench --out", report)
 
 
+def test_merge_refuses_results_measured_on_another_machine(tmp_path, capsys):
+    """--merge into an H200's results.json from a CPU: the GPU's sections sat under a CPU header, judged against
+    the CPU's ceilings (a training row at 146,703% of the measured matmul ceiling). Refused, nothing changed."""
+    assert main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ceilings"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    res["environment"]["device"] = "NVIDIA H200"
+    (tmp_path / "results.json").write_text(json.dumps(res), encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    argv = ["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "mask", "--merge"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "results.json was measured on NVIDIA H200, and this call runs on CPU (" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 def test_a_report_holding_rows_past_the_budget_exits_1_merged_or_not(tmp_path, capsys):
     """A row the budget left out (this call's, or an earlier call's that --merge kept) leaves the report
     incomplete: exit 1, naming it, as for a section the budget left out; once measured, 0."""
