@@ -62,7 +62,8 @@ def headline(rows: list[dict], matmul: float | None) -> dict:
     return out
 
 
-def report_markdown(rows: list[dict], matmul: float | None) -> str:
+def report_markdown(rows: list[dict], matmul: float | None, finished: bool = True) -> str:
+    """The ablation section's Markdown; `finished` False: a section stopped or killed before its last row."""
     from mlmtrain.benchmarks.tables import gib, loss_text, pct, scale, si, spread_text, table
 
     def line(r, today):
@@ -119,6 +120,7 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
         "",
         "### Targets",
         "",
+        *([] if finished else ["The section did not finish (see Not measured): the targets judge these rows.", ""]),
     ]
     lines = []
     for workload, h in headline(rows, matmul).items():
@@ -139,7 +141,7 @@ def report_markdown(rows: list[dict], matmul: float | None) -> str:
     header = ["workload", "target", "today", "fastest", "target met", "MFU", "of measured matmul", "valid loss",
               "candidate default (fewest options within 1%)"]  # fmt: skip
     md += [table(header, lines) if lines else "No target row was measured.", ""]
-    md += [curves_markdown(rows), ""]
+    md += [curves_markdown(rows, finished), ""]
     md += [kernel_categories_markdown(rows), ""]
     md += [host_ahead_markdown(rows), ""]
     return "\n".join(md)
@@ -206,11 +208,13 @@ def _curve_state(row: dict) -> str:
     return "no finite validation loss (diverged)" if row.get("valid_loss") is None else "measured"
 
 
-def curves_markdown(rows: list[dict]) -> str:
+def curves_markdown(rows: list[dict], finished: bool = True) -> str:
     from mlmtrain.benchmarks.tables import table
 
     mine = {r["name"]: r for r in rows if r.get("benchmark") == "curve"}
     if not mine:
+        if not finished:
+            return "Loss curves: not reached (the section did not finish)."
         return "Loss curves: not run (they need a measured configuration faster than today's)."
     check = curve_check(rows)
     if check is None:

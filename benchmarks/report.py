@@ -327,7 +327,7 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
         elif s["section"] == "ablation":
             from mlmtrain.benchmarks.ablation_report import report_markdown
 
-            md += [report_markdown(s["rows"], ceil.get("matmul_bfloat16")), ""]
+            md += [report_markdown(s["rows"], ceil.get("matmul_bfloat16"), finished="error" not in s), ""]
         elif s["section"] == "sweep":
             md += [sweep_table(s["rows"], ceil), ""]
             if chart_throughput(rows, out_dir / CHARTS["throughput"]):

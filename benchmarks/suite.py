@@ -42,6 +42,9 @@ from mlmtrain.files import Layout, folder_state, read_marker, refuse_unless_mine
 
 SECTIONS = ("ceilings", "mask", "model", "train", "sweep")
 OPTIONAL_SECTIONS = ("ablation",)
+# the running section in the report written after each of its rows: what a bench killed in it leaves (a --merge
+# call naming the section measures it again, reusing the finished rows where the section can)
+UNFINISHED = "not finished: the bench was killed while it ran this section (or still runs it)"
 
 # What each section measures, per mode. Full sizes fit an H200 in < 9 minutes together (scripts/bench_gpu.sh).
 PLANS = {
@@ -435,7 +438,7 @@ def main(args) -> int:
     def progress(section: str, rows: list[dict]) -> None:  # rows so far: a hard stop keeps every finished row
         rows = [{**r, "section": section, "command": r.get("command") or bench.command} for r in rows]
         partial.update(section=section, rows=rows)
-        running = {"section": section, "wall_s": time.monotonic() - t0, "rows": rows, "unfinished": True}
+        running = {"section": section, "wall_s": time.monotonic() - t0, "rows": rows, "error": UNFINISHED}
         report.write(report.merged({**results, "sections": [*results["sections"], running]}, previous), out, peak)
 
     bench.progress = progress

@@ -442,3 +442,14 @@ def test_dropout_off_builds_on_the_faster_of_the_kernel_row_and_the_row_it_was_b
     speed = {"today": 100, "+row attention": 130, "+async log reads": 152, "+segment attention kernel": 140}
     rows = _plan(monkeypatch, tmp_path, speed, errors={"+packer process"})
     assert "model.attention" not in rows[("ablation", "dropout off")]
+
+
+def test_an_unfinished_ablation_does_not_say_why_curves_were_skipped_by_plan():
+    """A killed or stopped section has no curve rows because it did not get there, not because no configuration was
+    faster than today's (what a finished one without them means); its targets judge the rows it has."""
+    from mlmtrain.benchmarks.ablation_report import curves_markdown, report_markdown
+
+    assert curves_markdown([], finished=False) == "Loss curves: not reached (the section did not finish)."
+    assert curves_markdown([]).startswith("Loss curves: not run (they need a measured configuration faster")
+    assert "The section did not finish (see Not measured)" in report_markdown([], None, finished=False)
+    assert "did not finish" not in report_markdown([], None)

@@ -291,6 +291,32 @@ def test_a_stopped_sections_finished_rows_stay_in_the_report(tmp_path, monkeypat
     assert "## Hardware ceilings" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
+def test_a_bench_killed_in_a_section_leaves_a_report_that_says_so(tmp_path, monkeypatch, capsys):
+    """kill -9 (a timeout's) in a section: results.json held its finished rows marked only `unfinished`, which the
+    report never read: it looked complete, and a later --merge kept the section as measured, exit 0."""
+    import shutil
+
+    from mlmtrain.benchmarks.suite import Bench
+
+    real_ceilings, at_kill = Bench.ceilings, tmp_path / "at_kill"
+
+    def ceilings_then_killed(self):
+        rows = real_ceilings(self)
+        self.progress("ceilings", rows[:2])
+        shutil.copytree(tmp_path / "out", at_kill)  # what a kill here leaves
+        return rows
+
+    monkeypatch.setattr(Bench, "ceilings", ceilings_then_killed)
+    assert main(["bench", "--out", str(tmp_path / "out"), "--quick", "--device", "cpu", "--sections", "ceilings"]) == 0
+    monkeypatch.undo()
+    why = "not finished: the bench was killed while it ran this section (or still runs it)"
+    (section,) = json.loads((at_kill / "results.json").read_text(encoding="utf-8"))["sections"]
+    assert section["error"] == why and len(section["rows"]) == 2
+    assert f"- **ceilings**: {why}" in (at_kill / "report.md").read_text(encoding="utf-8")
+    argv = ["bench", "--out", str(at_kill), "--quick", "--device", "cpu", "--sections", "mask", "--merge"]
+    assert main(argv) == 1 and "not measured: ceilings" in capsys.readouterr().err  # kept, and said
+
+
 def test_merge_keeps_sections_not_redone(tmp_path):
     assert main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "ceilings"]) == 0
     main(
