@@ -13,6 +13,7 @@ and judges throughput against the ceilings measured in the same run (and the dat
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from mlmtrain.benchmarks.charts import chart_recipe, chart_tflops, chart_throughput
@@ -35,18 +36,25 @@ SCHEMA = "mlmtrain-bench/1"
 CHARTS = {"throughput": "throughput_vs_batch.png", "tflops": "tflops_vs_ceiling.png", "recipe": "ours_vs_recipe.png"}
 REPORT_FILES = ("results.json", "report.md", *CHARTS.values())  # what `write` replaces
 SCRIPT_FILES = ("gpu.txt", "gpu_tests.txt", "bench.log", "bench_merge.log", "kernels.tar.gz")  # scripts/*_gpu.sh's
-BENCH_LAYOUT = Layout("bench", "a benchmark report", "mlmtrain bench", (*REPORT_FILES, *SCRIPT_FILES, TMP), ())
+# scripts/speed_gpu.sh's kernel benches: a table, rows and log each, put into kernels.tar.gz (loose when unpacked)
+KERNEL_FILES = tuple(
+    f"{n}.{ext}" for n in ("attention", "attention_large", "layernorm", "gelu") for ext in ("md", "json", "log")
+)
+BENCH_LAYOUT = Layout(
+    "bench", "a benchmark report", "mlmtrain bench", (*REPORT_FILES, *SCRIPT_FILES, *KERNEL_FILES, TMP), ()
+)
 
 
 def claim_out_folder(out_dir: str | Path) -> None:
     """Make `out_dir` a report folder, or refuse it in one sentence: it must be new, empty, or hold only a report's
-    and the GPU scripts' files, and where it has no marker (an older mlmtrain's, or a script's logs written just
-    before) a report file is replaced only beside a results.json of this schema. A report is rewritten in place
-    (after every section; `--merge` extends it), so a folder of its own needs no --overwrite."""
+    and the GPU scripts' files, and where it has no marker (an older mlmtrain's) a report's or a script's file is
+    replaced only beside a results.json of this schema (the scripts claim the folder before they write in it). A
+    report is rewritten in place (after every section; `--merge` extends it), so a folder of its own needs no
+    --overwrite."""
     out_dir = Path(out_dir)
     state, made_by = folder_state(out_dir, BENCH_LAYOUT)
     unmarked_report = state == "mine" and read_marker(out_dir) is None
-    if unmarked_report and any((out_dir / n).exists() for n in REPORT_FILES):
+    if unmarked_report and any((out_dir / n).exists() for n in (*REPORT_FILES, *SCRIPT_FILES)):
         if not reads_as(out_dir / "results.json", ("schema", "sections")):
             state = "foreign"
     refuse_unless_mine(out_dir, BENCH_LAYOUT, state, made_by)
@@ -357,8 +365,21 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("folder", help="a folder holding results.json")
+    p.add_argument("--claim", action="store_true", help="only make FOLDER a report's, or refuse it in one sentence "
+                   "(the GPU scripts, before they write their logs in it)")  # fmt: skip
     args = p.parse_args(argv)
-    results = json.loads((Path(args.folder) / "results.json").read_text(encoding="utf-8"))
+    try:
+        if args.claim:
+            claim_out_folder(args.folder)
+            return 0
+        path = Path(args.folder) / "results.json"
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except UserError as e:
+        print(f"mlmtrain report: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"mlmtrain report: error: cannot read {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 2
     peak = None
     if results.get("device") == "cuda":  # the datasheet peak of the GPU named in the results
         from mlmtrain.flops import peak_tflops_named

@@ -32,6 +32,10 @@ if ! python3 -c "import accelerate" 2>/dev/null; then
     $(ls .whl/psutil-*.whl 2>/dev/null) >/dev/null 2>&1
 fi
 
+# OUT_DIR is the report's (new, empty, or an earlier call's), or refused, before anything is written in it
+python3 -m mlmtrain.benchmarks.report "$OUT" --claim || exit 2
+LOG="$OUT/bench.log"
+for arg in "$@"; do [ "$arg" = "--merge" ] && LOG="$OUT/bench_merge.log"; done  # the first call's log is kept
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 
 SECTIONS=${BENCH_SECTIONS:-ceilings,mask,train,model,sweep}  # the headline sections first
@@ -42,7 +46,7 @@ fi
 # --time-limit stops new work from starting; `timeout` is the hard stop under a 10-minute command limit
 # (results.json is rewritten after every section, so what finished is kept)
 timeout -k 10 "${BENCH_HARD_LIMIT:-520}" python3 -m mlmtrain.cli bench --out "$OUT" --device cuda \
-  --sections "$SECTIONS" --time-limit "${BENCH_TIME_LIMIT:-450}" "$@" 2>&1 | grep -v "step/s" | tee "$OUT/bench.log"
+  --sections "$SECTIONS" --time-limit "${BENCH_TIME_LIMIT:-450}" "$@" 2>&1 | grep -v "step/s" | tee "$LOG"
 rc=${PIPESTATUS[0]}
 echo "bench_gpu.sh: report in $OUT/report.md (exit $rc)"
 if grep -q "skipped: the time budget" "$OUT/results.json" 2>/dev/null; then

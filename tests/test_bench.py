@@ -177,10 +177,14 @@ def test_out_must_be_a_report_folder(tmp_path):
         claim_out_folder(user)  # a report.md with no results.json of ours beside it
     assert sorted(p.name for p in user.iterdir()) == ["report.md"] and (user / "report.md").read_text() == "# my report"
 
-    script = tmp_path / "script"
+    script = tmp_path / "script"  # a user's files under the scripts' names: the scripts claim before they write
     script.mkdir()
     (script / "gpu.txt").write_text("NVIDIA H200")
-    (script / "bench.log").write_text("")
+    (script / "bench.log").write_text("my notes")
+    with pytest.raises(UserError, match="was not made by"):
+        claim_out_folder(script)
+    assert (script / "bench.log").read_text() == "my notes" and read_marker(script) is None
+    (script / "bench.log").unlink(), (script / "gpu.txt").unlink()
     claim_out_folder(script)
     assert read_marker(script)["kind"] == "bench"
     (script / "notes.txt").write_text("mine")

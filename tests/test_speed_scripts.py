@@ -22,9 +22,15 @@ with open(os.environ["CALLS"], "a") as calls:
     calls.write(" ".join(args) + "\\n")
 if args[0] == "-c":  # the script's import checks: mlmtrain from this checkout, every other package there
     print(os.getcwd() + "/trainer" if "import mlmtrain" in args[1] else "")
+elif args[1] == "mlmtrain.benchmarks.report":  # the scripts' claim on OUT_DIR before they write in it: the real one
+    from mlmtrain.benchmarks.report import main
+
+    sys.exit(main(args[2:]))
 elif args[1] == "pytest":
     print("3 passed in 1.00s")
 elif args[1].startswith("mlmtrain.benchmarks."):
+    if args[1] == os.environ.get("FAIL"):
+        sys.exit(1)
     Path(args[args.index("--out") + 1]).write_text("{}")
     print("| variant | ms |")
 elif args[1] == "mlmtrain.cli":  # the bench's own claim on the folder, then its files
@@ -62,13 +68,16 @@ def test_the_gpu_call_leaves_at_most_eight_files_and_a_second_call_reuses_the_ke
                         "CALLS": str(calls), "SPEED_BUDGET": "200"}  # fmt: skip
     benches = {"attention": 3, "layernorm": 3, "gelu": 3, "attention_large": 3}
 
-    def call(out: Path, *flags: str) -> tuple[set, set, list]:
+    def call(out: Path, *flags: str, rc: int = 0) -> tuple[set, set, list]:
         calls.write_text("")
         done = subprocess.run(["bash", str(script), str(out), *flags], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        with tarfile.open(out / "kernels.tar.gz") as archive:
-            kept = set(archive.getnames())
-        ran = [line.split()[1].rsplit(".", 1)[-1] for line in calls.read_text().splitlines() if "benchmarks." in line]
+        assert done.returncode == rc, done.stdout[-2000:] + done.stderr[-2000:]
+        kept = set()
+        if (out / "kernels.tar.gz").exists():
+            with tarfile.open(out / "kernels.tar.gz") as archive:
+                kept = set(archive.getnames())
+        ran = [line.split()[1].rsplit(".", 1)[-1] for line in calls.read_text().splitlines()
+               if "benchmarks." in line and "--claim" not in line]  # fmt: skip
         return {f.name for f in out.rglob("*") if f.is_file()}, kept, ran
 
     every = {f"{b}.{ext}" for b in benches for ext in ("md", "json", "log")}
@@ -106,6 +115,20 @@ def test_the_gpu_call_leaves_at_most_eight_files_and_a_second_call_reuses_the_ke
     assert ran == ["bench_attention"] and kept == every and len(files) <= 8
     with tarfile.open(older / "kernels.tar.gz") as archive:
         assert archive.extractfile("gelu.md").read() == b"old gelu.md"  # the earlier call's table kept
+
+    failing = tmp_path / "failing"  # a kernel bench that fails: exit 1, only its log kept, run again by --merge
+    env["FAIL"] = "mlmtrain.benchmarks.bench_bias_gelu"
+    files, kept, ran = call(failing, rc=1)
+    assert kept == every - {"gelu.md", "gelu.json"} and "bench_bias_gelu" in ran
+    del env["FAIL"]
+    files, kept, ran = call(failing, "--merge")
+    assert ran == ["bench_bias_gelu"] and kept == every
+
+    foreign = tmp_path / "foreign"  # a folder of the user's, with a file under a name the script writes
+    foreign.mkdir()
+    (foreign / "bench.log").write_text("my notes")
+    files, kept, ran = call(foreign, rc=2)
+    assert files == {"bench.log"} and (foreign / "bench.log").read_text() == "my notes" and ran == []
 
 
 def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
