@@ -152,6 +152,8 @@ def host_ahead_markdown(rows: list[dict]) -> str:
     step, median over the timed windows). Near 0, the device waited for the host instead (launches, the packer's
     thread, Python): what CUDA graphs and fewer kernels remove, and no faster kernel speeds up."""
     waits = [(r, r.get("device_wait_ms_per_step")) for r in _measured(rows)]
+    if {(r.get("kernel_categories") or {}).get("timeline") for r, _ in waits} - {None} == {"host"}:  # a CPU's rows
+        return "Host ahead of the device: no device (the host runs the step itself)."
     parts = [f"{r['benchmark']} {r['name']} {w['median']:.1f}" for r, w in waits if w]
     if not parts:
         return "Host ahead of the device: not in this report (rows measured before mlmtrain recorded it)."
@@ -249,7 +251,8 @@ def _compiled(r: dict) -> str:
 
 
 def _options(r: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or "(defaults)"
+    text = ", ".join(f"{k}={v}" for k, v in (r.get("options") or {}).items()) or "(defaults)"
+    return f"{text} ({r['note']})" if r.get("note") else text
 
 
 def kernel_categories_markdown(rows: list[dict]) -> str:
@@ -281,7 +284,9 @@ def kernel_categories_markdown(rows: list[dict]) -> str:
         f"today ({pair[0][0]['name']})" if pair[0][0] else "today",
         f"fastest ({pair[1][0]['name']})" if pair[1][0] else "fastest",
     ]
-    text = "Kernel categories of the traced step, before and after:\n\n" + table(["category", *heads], lines)
+    timelines = {c.get("timeline") for _, c in pair if c}
+    where = "device time" if timelines == {"device"} else "host operator self time: no device in the trace"
+    text = f"Kernel categories of the traced step ({where}), before and after:\n\n" + table(["category", *heads], lines)
     return text + "".join(_gaps_markdown(head, c) for head, (_, c) in zip(heads, pair))
 
 

@@ -217,7 +217,10 @@ class Ablation:
             vocab_size=self.data.vocab_size,
             **scores,
         )
-        return {**row, **key}
+        from mlmtrain.fast_paths import fused_ops_note
+
+        note = fused_ops_note(options.get("model.fused_ops", "torch"), torch.device(self.device))
+        return {**row, **key, **({"note": note} if note else {})}  # a row timing the references says so
 
 
 def device_alive(device: torch.device) -> bool:

@@ -249,13 +249,18 @@ def sweep_table(rows: list[dict], ceil: dict) -> str:
     )
 
 
+def _timeline(row: dict) -> str:
+    """Whose clock a row's traced phases are on: the device's where the trace had one, else the host's."""
+    return {"device": "device", "host": "host"}.get((row.get("kernel_categories") or {}).get("timeline"), "traced")
+
+
 def profile_text(ours: dict, ceil: dict) -> str:
     """The traced step's phases, and how long its model FLOPs would take at the measured matmul ceiling:
     the gap between the two is what is left to win."""
     phases = ours["phase_ms"]
     total = sum(phases.values())
     text = (
-        "Step profile (device ms per step, traced window): "
+        f"Step profile ({_timeline(ours)} ms per step, traced window): "
         + ", ".join(f"{k} {v:.2f}" for k, v in phases.items())
         + f"; total {total:.2f} ms."
     )

@@ -453,3 +453,44 @@ def test_an_unfinished_ablation_does_not_say_why_curves_were_skipped_by_plan():
     assert curves_markdown([]).startswith("Loss curves: not run (they need a measured configuration faster")
     assert "The section did not finish (see Not measured)" in report_markdown([], None, finished=False)
     assert "did not finish" not in report_markdown([], None)
+
+
+def test_a_cpu_rows_profile_is_labelled_host_time_not_device_time():
+    """On a CPU the trace has no device timeline: the phases and categories are host operator time, and no device
+    waited for the host. The report called them device time and printed 0.0 ms of the host running ahead."""
+    from mlmtrain.benchmarks.ablation_report import host_ahead_markdown, kernel_categories_markdown
+    from mlmtrain.benchmarks.report import profile_text
+
+    def row(timeline):
+        cats = {"timeline": timeline, "step_ms": 10.0, "categories": {"gemm": {"ms": 5.0, "pct": 50.0}}}
+        return {"benchmark": "ablation", "name": "today", "tokens_per_s": {"overall": 1.0}, "kernel_categories": cats,
+                "device_wait_ms_per_step": {"median": 0.0}, "phase_ms": {"forward": 1.0}}  # fmt: skip
+
+    cpu, gpu = row("host"), row("device")
+    assert host_ahead_markdown([cpu]) == "Host ahead of the device: no device (the host runs the step itself)."
+    assert host_ahead_markdown([gpu]).startswith("Host ahead of the device (ms per step it waited")
+    assert "(host operator self time: no device in the trace)" in kernel_categories_markdown([cpu])
+    assert "(device time)" in kernel_categories_markdown([gpu])
+    assert profile_text(cpu, {}).startswith("Step profile (host ms per step")
+    assert profile_text(gpu, {}).startswith("Step profile (device ms per step")
+
+
+def test_a_fused_kernels_row_that_timed_the_references_says_so(tmp_path, monkeypatch):
+    """On a machine where Triton cannot run, "+fused kernels" times the torch references (the train log says so);
+    the row and its options cell say it too, rather than read as a timing of the kernels."""
+    from mlmtrain import fast_paths
+    from mlmtrain.benchmarks import bench_ablation
+    from mlmtrain.benchmarks.ablation_report import _options
+    from mlmtrain.benchmarks.synthetic_data import make_synthetic_data
+
+    data = make_synthetic_data(tmp_path / "data", train_tokens=3000, valid_tokens=200, log=lambda msg: None)
+    monkeypatch.setattr(fast_paths, "triton_problem", lambda device: "the Triton interpreter is off")
+    monkeypatch.setattr(bench_ablation, "steps_for_tokens", lambda *a, **k: 2)
+    monkeypatch.setattr(bench_ablation, "mlm_eval", lambda *a, **k: {}, raising=False)
+    bench = bench_ablation.Ablation(tmp_path, data, device="cpu", compile=False, log_every=1, deadline=None, reuse=[],
+                                    command="x")  # fmt: skip
+    row = bench.row("ablation", "+fused kernels", {"model.fused_ops": "triton"}, size="tiny", tokens_per_batch=256,
+                    cap=128, target_tokens=500)  # fmt: skip
+    note = "model.fused_ops = triton: the kernels cannot run on cpu (the Triton interpreter is off); their torch"
+    assert row.get("note", "").startswith(note), row.get("error")
+    assert _options(row) == f"model.fused_ops=triton ({row['note']})"
