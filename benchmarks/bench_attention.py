@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlmtrain.benchmarks.common import environment, time_fn
+from mlmtrain.benchmarks.common import description, environment, time_fn
 from mlmtrain.benchmarks.synthetic_data import LOG_MEAN_TOKENS, LOG_SD_TOKENS, SENTENCES_PER_DOCUMENT
 
 
@@ -180,7 +180,7 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rows", type=int, default=512)
     p.add_argument("--row-len", type=int, default=128)

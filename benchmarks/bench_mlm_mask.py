@@ -31,7 +31,7 @@ import sys
 
 import torch
 
-from mlmtrain.benchmarks.common import kernel_bench_device, print_and_save, record, time_fn
+from mlmtrain.benchmarks.common import description, kernel_bench_device, print_and_save, record, time_fn
 from mlmtrain.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL, SEP_ID
 
 VOCAB_SIZE = 30000  # the blog post's vocabulary size
@@ -240,7 +240,7 @@ def _summary(rows: list[dict], T: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument(
         "--sizes",

@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+from mlmtrain.benchmarks.common import description
+
 LAUNCHES, DEVICE_MS = 3000, 30.0  # per step: ~the launches of a compiled BERT-base step, and a wait
 
 
@@ -106,7 +108,7 @@ def loop_cost(data_dir, layout: str, where: str, tokens_per_batch: int = 65536, 
 def main(argv: list[str] | None = None) -> int:
     from mlmtrain.benchmarks.synthetic_data import make_synthetic_data
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--out", required=True, help="work folder (the corpus) and packing_results.json")
     p.add_argument("--tokens", type=int, default=4_000_000, help="train tokens of the synthetic corpus")
     p.add_argument("--tokens-per-batch", type=int, default=65536)

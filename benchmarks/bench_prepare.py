@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlmtrain.benchmarks.common import environment, record, time_fn
+from mlmtrain.benchmarks.common import description, environment, record, time_fn
 
 MB = 1e6
 
@@ -136,7 +136,7 @@ def read_lines(path: Path, max_bytes: float) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--out", required=True, help="work folder (corpus, tokenizer, shards, results.json)")
     p.add_argument("--mb", type=float, default=100, help="corpus size in MB (default 100)")
     p.add_argument("--naive-mb", type=float, default=10, help="MB of the corpus the naive path tokenizes (default 10)")

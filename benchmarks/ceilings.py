@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from mlmtrain.benchmarks.common import record, time_fn
+from mlmtrain.benchmarks.common import description, record, time_fn
 
 # (matmul sizes, copy sizes in MiB, repeats) per mode. On an H200 (2026-11-30) the 16384^3 matmul takes ~12 ms,
 # 8192^3 ~1.4 ms and the copy of 2 GiB ~1.0 ms, so the full set takes seconds; the quick set is sized for 2 CPU
@@ -114,7 +114,7 @@ def run(device: str | torch.device = "cuda", quick: bool = False, repeats: int |
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=description(__doc__))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="small sizes (CPU smoke run)")
     args = p.parse_args(argv)

@@ -135,11 +135,17 @@ def kernel_rows(benchmark: str, on: torch.device, rows: list, label: str, *, rep
 
 def print_and_save(rows: list[dict], device: torch.device, out: str | None) -> None:
     """A standalone benchmark's ending: its summary rows on stdout, and every row with the environment in `out`."""
+    import os
+
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    if interpreted:  # the "triton" rows time Triton's interpreter on the CPU: a smoke test, not the kernels' speed
+        print("(Triton kernels ran in Triton's interpreter on the CPU: their rows time the interpreter)")
     for r in rows:
         if r.get("kind") == "summary":
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}))
     if out:
-        Path(out).write_text(json_text({"environment": environment(device), "rows": rows}, indent=1), encoding="utf-8")
+        env = {**environment(device), "triton_interpreter": interpreted}
+        Path(out).write_text(json_text({"environment": env, "rows": rows}, indent=1), encoding="utf-8")
 
 
 def kernel_bench_device(device: str | None, threads: int | None) -> torch.device:
@@ -155,6 +161,11 @@ def kernel_bench_device(device: str | None, threads: int | None) -> torch.device
     return device
 
 
+def description(doc: str) -> str:
+    """A docstring's first paragraph on one line: a --help description (its first line alone stops mid-sentence)."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def kernel_bench_main(argv, doc: str, run, *, sizes: tuple, sweep_help: str, extra=None) -> int:
     """A kernel benchmark's command line: `sizes` = (GPU tokens, GPU sizes, --quick tokens, --quick sizes); `run`
     takes (tokens, hidden, device, dtype=, repeats=, compile_rows=, sweep=) and the `extra` flags, which `extra`
@@ -164,7 +175,7 @@ def kernel_bench_main(argv, doc: str, run, *, sizes: tuple, sweep_help: str, ext
     from mlmtrain.config import torch_dtype
 
     gpu_tokens, gpu_hidden, quick_tokens, quick_hidden = sizes
-    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p = argparse.ArgumentParser(description=description(doc))
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--tokens", type=int, default=None, help=f"rows N (default {gpu_tokens}; --quick {quick_tokens})")
     p.add_argument("--hidden", type=int, nargs="+", default=None, help=f"row sizes C (default {gpu_hidden})")

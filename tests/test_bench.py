@@ -539,3 +539,17 @@ def test_the_ceilings_are_each_dtypes_best_matmul_and_the_best_copy_counting_rea
     assert fp32["dtype"] == "float32" and fp32["tflops"]["median"] == pytest.approx(2 * 512**3 / 16e-3 / 1e12)
     assert rows["matmul ceiling bfloat16"]["tflops"]["median"] == pytest.approx(2 * 512**3 / 4e-3 / 1e12)
     assert rows["copy ceiling"]["gb_per_s"]["median"] == pytest.approx(2 * 8 * 2**20 / 1e-3 / 1e9)
+
+
+def test_kernel_bench_outputs_say_the_interpreter_ran_and_helps_are_whole(tmp_path, monkeypatch, capsys):
+    """On a CPU the kernel benches' "triton" rows time Triton's interpreter (kernel_bench_device sets it): the
+    JSON's environment and the printed lines say so. Their --help took a docstring's first line, mid-sentence."""
+    import torch
+
+    from mlmtrain.benchmarks.common import description, print_and_save
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    print_and_save([{"kind": "summary", "x": 1.0}], torch.device("cpu"), str(tmp_path / "k.json"))
+    assert json.loads((tmp_path / "k.json").read_text())["environment"]["triton_interpreter"] is True
+    assert "ran in Triton's interpreter on the CPU" in capsys.readouterr().out
+    assert description("The fused Triton\nkernels, timed.\n\nMore text.") == "The fused Triton kernels, timed."
