@@ -276,3 +276,13 @@ def test_a_name_in_another_encoding_is_refused_before_any_work(tmp_path, capsys)
     shown = name.decode("utf-8", "backslashreplace")  # what can be shown: the bytes that are not UTF-8 as \xNN
     assert f"error: '{shown}' is not valid UTF-8 (a name in another encoding" in err
     assert "convmv -f cp949 -t utf-8" in err and err.count("\n") == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("byte", [b"\x80", b"\xff"], ids=["euro_cp1252", "y_diaeresis_latin1"])
+def test_every_byte_that_is_no_utf8_in_a_name_is_refused(tmp_path, capsys, byte):
+    """os.fsdecode turns each byte that is not UTF-8 into U+DC80 ... U+DCFF: both ends are refused (a Windows-1252
+    '€' is 0x80, a Latin-1 'ÿ' 0xFF), in any argument, not only an --input."""
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/tok" + byte)
+    assert main(["tokenizer", "--input", str(tmp_path / "none.txt"), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert f"\\x{byte[0]:x}' is not valid UTF-8 (a name in another encoding" in err and not os.path.exists(out)

@@ -226,6 +226,15 @@ def test_window_totals_are_summed_on_the_host_group(monkeypatch):
     assert calls == [("cpu", host_group)]
 
 
+def test_window_totals_stay_exact_past_float32(monkeypatch):
+    """A window's job token count passes 2**24 (a few steps of 512k-token batches): summed in float64, it is
+    exact to the token (a float32 tensor would round 16,777,217 to 16,777,216)."""
+    monkeypatch.setattr(parallel, "active", lambda: True)
+    monkeypatch.setattr(parallel.dist, "all_reduce", lambda t, op=None, group=None: t.mul_(2))
+    monkeypatch.setitem(parallel._host, "group", object())
+    assert parallel.sum_over_ranks(2**24 + 1, 3 * 10**15 + 1) == [2**25 + 2, 6 * 10**15 + 2]
+
+
 def test_user_mistakes_are_one_sentence(monkeypatch, data_dir, tokenizer_dir, tmp_path):
     monkeypatch.setenv(parallel.TIMEOUT_ENV, "soon")
     with pytest.raises(UserError, match="positive number of seconds"):

@@ -273,3 +273,17 @@ def test_the_baseline_scoring_the_valid_split_is_fitted_on_the_train_split(
     report = evaluate_json(capsys, "--model", run, "--data", data_dir, "--max-batches", 1)
     assert report["unigram_fit"] == "train split"
     assert fitted == [json.loads((data_dir / "meta.json").read_text())["train"]["tokens"]]
+
+
+def test_eval_data_says_nothing_of_the_text_behind_the_shards(run_and_export, data_dir, capsys):
+    """The notes of prepare (data_notes) are said for the text eval --input scores; eval --data scores shards whose
+    text prepare already spoke of when it made them: nothing said again."""
+    from mlmtrain.prepare import data_notes, read_meta
+
+    notes = data_notes(read_meta(data_dir))
+    assert notes  # the sample corpus has sentences longer than a row: a note prepare gave
+    run, _ = run_and_export
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", str(run), "--data", str(data_dir), "--max-batches", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["targets"] > 0 and not any(note in err for note in notes), err

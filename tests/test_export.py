@@ -665,3 +665,21 @@ def test_the_card_states_the_data_statistics_of_the_shards():
     assert "| train | 3 | 40 | 500 | 12.5 (max 30) |" in text and "| valid | 1 | 4 | 60 | 15.0 (max 20) |" in text
     assert "longer than 126 tokens split into pieces: 2" in text
     assert "skipped (invalid UTF-8, NUL bytes): 7; repaired (CR endings, byte-order mark): 5." in text
+
+
+def test_the_cards_reproduce_block_shows_the_runs_hub_base_model_whole():
+    """model_card hands its base_model to the Reproduce block: the train command's --init-from (or --set
+    model.init_from=) that names it stays whole; any other value, a dir/name too, shows its last part only."""
+    from mlmtrain.card import model_card
+
+    config = BertConfig.from_size("tiny", 100, max_position_embeddings=512)
+    command = "mlmtrain train --out /home/al/r --init-from klue/bert-base --set model.init_from=klue/bert-base"
+
+    def card(base_model):
+        return model_card(title="me/tiny", config=config, run_config={"run": {}}, state={"command": command}, step=2,
+                          language=None, license="apache-2.0", widgets=["a [MASK]."], data_meta={"max_seq_len": 128},
+                          base_model=base_model).content  # fmt: skip
+
+    whole = "mlmtrain train --out r --init-from klue/bert-base --set model.init_from=klue/bert-base\n"
+    assert whole in card("klue/bert-base")
+    assert "mlmtrain train --out r --init-from bert-base --set model.init_from=bert-base\n" in card(None)

@@ -149,6 +149,22 @@ def test_a_batch_is_placed_in_its_rows_once_when_a_step_has_several(data_dir, mo
     assert "_build" in builds and all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(again, whole))
 
 
+def test_only_placements_that_fit_are_kept_for_the_build(data_dir, monkeypatch):
+    """A cut is placed ~2 times (units given back until all fit); only the placement that fits is kept, so
+    PLACED_CUTS placements hold PLACED_CUTS batches: a step of exactly that many global batches builds them all
+    without placing any again (keeping the attempts too would push the step's first batches out)."""
+    monkeypatch.setattr("mlmtrain.packing.PLACED_CUTS", 4)
+    shard = load_split(data_dir, "train")
+    L = read_meta(data_dir)["max_seq_len"]
+    calls, real = [], RowPacker._place
+    monkeypatch.setattr(
+        RowPacker, "_place", lambda self, ids: calls.append(sys._getframe(1).f_code.co_name) or real(self, ids)
+    )
+    batches = list(itertools.islice(RowPacker(shard, 1024, L, seed=1).batches(batches_per_step=4), 8))
+    assert len(batches) == 8 and calls.count("_cut") > 8  # some cuts took more than one placement
+    assert "_build" not in calls
+
+
 def test_fill_and_determinism_at_64k(data_dir):
     shard = load_split(data_dir, "train")
     L = read_meta(data_dir)["max_seq_len"]

@@ -607,3 +607,76 @@ def test_gradients_are_not_touched_when_clipping_is_off(monkeypatch):
     monkeypatch.setattr(torch, "_foreach_mul_", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert torch.allclose(clip_gradients(model, 0.0), want) and not calls
     assert torch.allclose(clip_gradients(model, 1.0), want) and calls  # clipping on: scaled by 1 / norm
+
+
+class _InfGrad(torch.autograd.Function):
+    """The identity forward; an infinite gradient backward: a finite loss whose scaled gradients overflow."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+@pytest.mark.parametrize("init_scale, stops", [(2.0, False), (1.0, True)], ids=["scale_1_after", "scale_half_after"])
+def test_an_fp16_overflow_is_a_bad_step_once_the_scale_after_it_is_below_1(
+    data_dir, tokenizer_dir, tmp_path, monkeypatch, init_scale, stops
+):
+    """Step 1's loss is finite and its gradients overflow: the GradScaler skips it and halves its scale. The step
+    is bad only when the halved scale (read after the scaler's update) is below 1: from 2 to 1 it is routine, from
+    1 to 0.5 nan_policy = "stop" stops there."""
+    import functools
+
+    from mlmtrain import train as train_module
+
+    real = train_module.forward_loss
+    calls = []
+
+    def overflowing(*args, **kwargs):
+        loss_sum, targets = real(*args, **kwargs)
+        calls.append(1)
+        return (_InfGrad.apply(loss_sum) if len(calls) == 1 else loss_sum), targets
+
+    monkeypatch.setattr(train_module, "forward_loss", overflowing)
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=init_scale))
+    settings = {"train.precision": "fp16", "train.nan_policy": "stop", "train.max_steps": 2}
+    summary = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **settings), log=lambda m: 0)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["grad_norm"] for r in rows if r.get("step") == 1 and "loss" in r] == [None]  # it overflowed (inf)
+    if stops:
+        assert summary["steps"] == 1 and "non-finite" in summary["stopped_by"]
+    else:
+        assert summary["stopped_by"] is None and summary["steps"] == 2
+
+
+def test_an_fp16_non_finite_loss_is_a_bad_step_whatever_the_scale(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """fp16: a NaN loss is no overflow the scaler backs off from: bad at once (the scale after it: 32768)."""
+    faults.inject_nan(monkeypatch.setattr, {2})
+    settings = {"train.precision": "fp16", "train.nan_policy": "stop", "train.max_steps": 4}
+    summary = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **settings), log=lambda m: 0)
+    assert summary["steps"] == 2 and "non-finite" in summary["stopped_by"]
+
+
+def test_the_steps_clip_to_optim_grad_clip(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """Each step hands optim.grad_clip to clip_gradients (0 measures only: no clipping to compare against)."""
+    from mlmtrain import train as train_module
+
+    seen, real = [], train_module.clip_gradients
+    monkeypatch.setattr(train_module, "clip_gradients", lambda model, c: seen.append(c) or real(model, c))
+    train(tiny_config(data_dir, tokenizer_dir, tmp_path / "run", **{"train.max_steps": 2, "optim.grad_clip": 0.25}))
+    assert seen == [0.25, 0.25]
+
+
+def test_clipping_off_measures_a_model_with_a_parameter_without_gradient():
+    """grad_clip = 0 with a parameter the loss never reached (.grad None, as frozen or unused weights): the norm
+    is that of the gradients there are (get_total_norm takes no None), as clip_grad_norm_ gives with clipping on."""
+    from mlmtrain.train import clip_gradients
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    model[0](torch.ones(4, 3)).sum().backward()  # the second layer takes no part: its .grad stays None
+    assert model[1].weight.grad is None
+    want = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model[0].parameters()]))
+    assert torch.allclose(clip_gradients(model, 0.0), want)
