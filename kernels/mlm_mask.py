@@ -288,8 +288,11 @@ def _allowed_ids(never_mask: torch.Tensor, num_special: int):
     """(blocked table as uint8 [V], maskable ids ascending then the blocked ones [V], count of maskable [1]).
     Device-side only (a stable argsort instead of nonzero): no sync, static shapes. Built once per table (a run
     passes the same one at every call) and kept with it; an in-place change to the table builds them again."""
-    key = (never_mask._version, num_special)
-    cached = _ALLOWED.get(never_mask)
+    try:
+        key = (never_mask._version, num_special)
+    except RuntimeError:  # an inference-mode tensor keeps no version: its tables are built at every call
+        key = None
+    cached = _ALLOWED.get(never_mask) if key else None
     if cached is not None and cached[0] == key:
         return cached[1]
     blocked = never_mask.clone()
@@ -297,7 +300,8 @@ def _allowed_ids(never_mask: torch.Tensor, num_special: int):
     blocked_u8 = blocked.view(torch.uint8)
     allowed = torch.argsort(blocked_u8, stable=True)  # (V,) int64: ids with blocked == 0 first, ascending
     n_allowed = (~blocked).sum(dtype=torch.int64).reshape(1)
-    _ALLOWED[never_mask] = (key, (blocked_u8, allowed, n_allowed))
+    if key:
+        _ALLOWED[never_mask] = (key, (blocked_u8, allowed, n_allowed))
     return blocked_u8, allowed, n_allowed
 
 

@@ -325,3 +325,59 @@ def test_a_dataset_data_file_in_another_encoding_says_so():
     said = str(refused_.value)
     assert said.startswith("cannot read dataset ds: a data file is not UTF-8 ('utf-8' codec can't decode byte 0xb4")
     assert "probably in another encoding (CP949/EUC-KR, Latin-1); convert it first, e.g. `iconv -f cp949" in said
+
+
+def test_the_start_check_reads_whole_lines_and_every_gzip_by_its_bytes(tmp_path):
+    """The encoding check of a file's first 64 KiB drops its last, cut line: a UTF-8 line longer than that (here
+    3-byte Hangul, cut mid-character at 65,536 bytes) is no invalid line. A gzip is sniffed decompressed whatever
+    its name (a .tgz is a tar too); a damaged one is left to the reading, which says what is wrong with it."""
+    long_line = tmp_path / "long.txt"
+    long_line.write_text("가" * 30_000 + "\n" + "the cat\n", encoding="utf-8")
+    corpus_check._sniff(long_line, long_line.stat().st_size)  # not refused
+    (tmp_path / "a.txt").write_bytes(b"the cat sat on the mat\n" * 10)
+    with tarfile.open(tmp_path / "c.tgz", "w:gz") as t:
+        t.add(tmp_path / "a.txt", arcname="a.txt")
+    with pytest.raises(UserError, match="c.tgz is a gzip-compressed tar archive"):
+        corpus_check._sniff(tmp_path / "c.tgz", (tmp_path / "c.tgz").stat().st_size)
+    damaged = tmp_path / "damaged.txt"
+    damaged.write_bytes(text.GZIP_MAGIC + b"\xc7\xd1\xb1\xb9\n")  # not gzip past its magic, not UTF-8 either
+    corpus_check._sniff(damaged, damaged.stat().st_size)  # no "not valid UTF-8": the read error says "gzip"
+
+
+def test_only_lines_that_read_whole_as_korean_in_cp949_are_counted(tmp_path):
+    """cp949_lines counts the invalid UTF-8 lines that decode as CP949 without a replacement character and hold a
+    Hangul syllable: not a Latin-1 line with a pair that reads as Hangul and a byte that reads as nothing, nor one
+    that reads whole as Hanja."""
+    lines = [
+        "한국어 문장".encode("cp949"),  # Korean in CP949: counted
+        b"\xc0\xe9 caf\xe9",  # Latin-1 'Àé café': a Hangul syllable, then a lone byte
+        b"\xe9\xe9 \xe9\xe9",  # Latin-1 'éé éé': Hanja in CP949, no Hangul
+        *[b"the cat sat on the mat"] * 4,
+    ]
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    stats = {}
+    for _ in iter_line_batches([path], stats):
+        pass
+    assert (stats["invalid_utf8"], stats["cp949"]) == (3, 1)
+
+
+def test_a_file_mostly_in_another_encoding_past_its_start_is_refused_by_the_reading(tmp_path):
+    """The start check sees 64 KiB: a file whose start is UTF-8 and whose rest is CP949 passes it, and the reading
+    applies the same rule to the whole file (half its lines or more not UTF-8), with the whole file's counts."""
+    path = tmp_path / "late.txt"
+    path.write_bytes(b"the cat sat on the mat\n" * 6_000 + "대한민국은 민주공화국이다.\n".encode("cp949") * 10_000)
+    corpus_check.check_inputs([path])  # its first 64 KiB are UTF-8
+    with pytest.raises(UserError) as refused:
+        for _ in iter_line_batches([path], {}):
+            pass
+    assert f"10,000 lines of {path} are not valid UTF-8 (and 6,000 are): it is probably" in str(refused.value)
+
+
+def test_a_small_gzip_read_whole_is_named_whole_in_the_encoding_refusal(tmp_path):
+    """The start check compared a gzip's decompressed length with its compressed size: a small .gz read whole was
+    "lines of the first 105 bytes of k.txt.gz"."""
+    path = tmp_path / "k.txt.gz"
+    path.write_bytes(gzip.compress("대한민국은 민주공화국이다.\nthe cat\n".encode("cp949") * 3))
+    with pytest.raises(UserError, match=rf"^3 lines of {path} are not valid UTF-8 \(and 3 are\)"):
+        corpus_check._sniff(path, path.stat().st_size)

@@ -126,6 +126,25 @@ def test_the_never_mask_tables_are_built_once_per_table(monkeypatch):
     assert len(sorts) == 2 and ((changed.masked_labels == 7).sum() > 0) == bool((ids == 7).any())
 
 
+def test_the_never_mask_tables_follow_num_special_and_do_not_keep_the_table_alive():
+    """The tables kept with a never-mask table are built for one num_special (another one builds its own: ids
+    below it are blocked too), and are kept with the table, not beyond it (a run's table freed, its entry goes)."""
+    import gc
+    import weakref
+
+    never = torch.zeros(V, dtype=torch.bool)
+    never[20] = True
+    blocked5, _, n5 = mm._allowed_ids(never, 5)
+    blocked9, allowed9, n9 = mm._allowed_ids(never, 9)
+    assert (int(n5), int(n9)) == (V - 6, V - 10) and blocked9[:9].all() and not blocked5[5:9].any()
+    assert allowed9[: V - 10].tolist() == [i for i in range(9, V) if i != 20]
+    assert int(mm._allowed_ids(never, 5)[2]) == V - 6  # back to 5: not 9's tables
+    gone = weakref.ref(never)
+    del never
+    gc.collect()
+    assert gone() is None
+
+
 @requires_triton
 def test_kernel_words_longer_than_blocks():
     """Small blocks and a short look-back window: words span several blocks, the call starts mid-word, and
@@ -534,3 +553,15 @@ def test_more_bad_input_is_a_user_error(bad, message):
     kw = {"vocab_size": V, "mask_id": MASK, "seed": 0, "step": 0, "backend": "torch", **bad}
     with pytest.raises(UserError, match=message):
         mlm_mask(torch.zeros(8, dtype=torch.int32), **kw)
+
+
+def test_a_never_mask_table_made_in_inference_mode_still_masks():
+    """An inference-mode tensor keeps no version counter: the tables' cache key raised on it (a regression of the
+    cache, for direct callers of the kernel); its tables are built at each call instead, as before the cache."""
+    with torch.inference_mode():
+        never = torch.zeros(V, dtype=torch.bool)
+        never[7] = True
+        ids = _ids(64, torch.int64, seed=5)
+        out = mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=1, step=0, never_mask=never, mask_prob=1.0,
+                       backend="torch")  # fmt: skip
+    assert not ((out.masked_labels == 7).any()) and (out.masked_labels != -100).sum() > 0

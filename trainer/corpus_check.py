@@ -89,9 +89,10 @@ def _sniff(path: Path, size: int) -> None:
         what = "a gzip-compressed tar archive" if gz else "a tar archive"
         raise UserError(f"input file {path} is {what}, which is not read as text: extract it (tar xf FILE) and pass "
                         "the files inside.")  # fmt: skip
-    if len(head) == SNIFF_BYTES:  # the last line may be cut: its last character too
+    whole = len(head) < SNIFF_BYTES  # (decompressed) the whole file was read
+    if not whole:  # the last line may be cut: its last character too
         head = head[: head.rfind(b"\n") + 1]
-    where = f"of {path}" if len(head) == size else f"of the first {len(head):,} bytes of {path}"
+    where = f"of {path}" if whole else f"of the first {len(head):,} bytes of {path}"
     stats = dict.fromkeys([*LINE_PROBLEMS, "cp949"], 0)
     valid = sum(1 for line in _decode_block(head, stats) if line.strip())
     if stats["invalid_utf8"] and stats["invalid_utf8"] >= valid:  # the rule reading applies to a whole file
