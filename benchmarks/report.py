@@ -352,6 +352,13 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
     return "\n".join(md)
 
 
+# report.md when the bench's stop broke drawing it (a signal inside matplotlib's import leaves it half-imported)
+UNDRAWN = (
+    "# mlmtrain benchmark report\n\nNot drawn: the bench was stopped while it drew this report. results.json "
+    "holds every number; `python -m mlmtrain.benchmarks.report {out}` draws it.\n"
+)
+
+
 def write(results: dict, out_dir: str | Path, peak: float | None = None) -> tuple[Path, Path]:
     """Write results.json (with its headline) and report.md (+ charts) into `out_dir`."""
     out_dir = Path(out_dir)

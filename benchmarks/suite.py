@@ -38,7 +38,7 @@ from mlmtrain.benchmarks.common import OUT_OF_TIME, device_name
 from mlmtrain.cli import Terminated
 from mlmtrain.config import MODEL_SIZES, auto_warmup, default_precision
 from mlmtrain.errors import UserError, require
-from mlmtrain.files import Layout, folder_state, read_marker, refuse_unless_mine, write_marker
+from mlmtrain.files import Layout, folder_state, read_marker, refuse_unless_mine, write_marker, write_text
 
 SECTIONS = ("ceilings", "mask", "model", "train", "sweep")
 OPTIONAL_SECTIONS = ("ablation",)
@@ -460,7 +460,10 @@ def main(args) -> int:
         rows = partial["rows"] if partial.get("section") == stopped else []
         results["sections"].append({"section": stopped, "wall_s": 0.0, "rows": rows, "error": why})
         results["sections"] += [{"section": n, "wall_s": 0.0, "error": why} for n in after if n not in kept]
-        report.write(report.merged(results, previous), out, peak)
+        try:
+            report.write(report.merged(results, previous), out, peak)
+        except Exception:  # results.json is written first; the charts' import may be what the signal broke
+            write_text(out / "report.md", report.UNDRAWN.format(out=out))
         raise
     finally:
         if own_work:

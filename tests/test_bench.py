@@ -553,3 +553,24 @@ def test_kernel_bench_outputs_say_the_interpreter_ran_and_helps_are_whole(tmp_pa
     assert json.loads((tmp_path / "k.json").read_text())["environment"]["triton_interpreter"] is True
     assert "ran in Triton's interpreter on the CPU" in capsys.readouterr().out
     assert description("The fused Triton\nkernels, timed.\n\nMore text.") == "The fused Triton kernels, timed."
+
+
+def test_a_stop_that_breaks_the_charts_leaves_the_numbers_and_says_the_report_was_not_drawn(tmp_path, monkeypatch):
+    """Ctrl-C inside matplotlib's import left it half-imported: the stop's own report.md then raised (a traceback,
+    exit 1), and report.md was the previous section's, beside a newer results.json. Now: exit 130, results.json
+    written, report.md says it was not drawn and how to draw it."""
+    from mlmtrain.benchmarks import report
+    from mlmtrain.benchmarks.suite import Bench
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    def broken_render(*args, **kwargs):
+        raise AttributeError("module 'matplotlib' has no attribute 'get_data_path'")
+
+    monkeypatch.setattr(Bench, "mask", stopped)
+    monkeypatch.setattr(report, "render", broken_render)
+    assert main(["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "mask"]) == 130
+    res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert res["sections"][0]["error"] == "not measured: the bench was stopped by SIGINT"
+    assert (tmp_path / "report.md").read_text() == report.UNDRAWN.format(out=tmp_path)
