@@ -135,6 +135,8 @@ def check_args(args) -> list[str]:
     unknown = [s for s in sections if s not in known]
     if unknown or not sections:
         raise UserError(f"unknown section(s) {', '.join(unknown) or '(none given)'}: choose from {', '.join(known)}")
+    if twice := sorted({s for s in sections if sections.count(s) > 1}):  # a report holds a section once
+        raise UserError(f"--sections names {', '.join(twice)} more than once: name each section once")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but torch sees no CUDA device; use --device cpu (with --quick)")
@@ -408,15 +410,16 @@ def main(args) -> int:
 
     sections = check_args(args)
     out = Path(args.out)
-    report.claim_out_folder(out)  # before any work: a folder that is not a report's is refused, untouched
+    own_work = args.work is None
+    if not own_work:  # new, empty or an earlier bench's --work: the bench deletes and rewrites in it
+        state, made_by = folder_state(Path(args.work), WORK_LAYOUT)
+        state = "foreign" if state == "mine" and read_marker(args.work) is None else state  # unmarked ones: new
+        refuse_unless_mine(Path(args.work), WORK_LAYOUT, state, made_by, "--work")
     device = device_name(torch.device(args.device))  # one report holds one machine's numbers
     previous = report.read_previous(out / "results.json", device) if args.merge else None
-    own_work = args.work is None
+    report.claim_out_folder(out)  # before any work, after every check: a folder that is not a report's is refused
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlmtrain_bench_"))
-    if not own_work:  # new, empty or an earlier bench's --work: the bench deletes and rewrites in it
-        state, made_by = folder_state(work, WORK_LAYOUT)
-        state = "foreign" if state == "mine" and read_marker(work) is None else state  # no unmarked ones: it is new
-        refuse_unless_mine(work, WORK_LAYOUT, state, made_by, "--work")
+    if not own_work:
         work.mkdir(parents=True, exist_ok=True)
         write_marker(work, WORK_LAYOUT)
     bench = Bench(args, sections, work, previous)

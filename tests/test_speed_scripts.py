@@ -262,6 +262,7 @@ def test_remeasure_and_skip_name_ablation_rows(tmp_path, capsys, flags, message)
         (["--size", "huge"], "--size must be one of tiny, mini, small, base, large, got 'huge'"),
         (["--sweep-caps", "2,128"], "--sweep-caps are sequence caps from 3 to 512"),
         (["--time-limit", "nan"], "--time-limit must be a number of seconds >= 0"),
+        (["--sections", "ceilings,mask,ceilings"], "--sections names ceilings more than once: name each section once"),
         (["--work", "WORK/notes.txt"], "--work WORK/notes.txt is a file, not a folder."),
         (["--work", "WORK"], "--work WORK is not empty and was not made by `mlmtrain bench --work`"),
     ],
@@ -277,7 +278,7 @@ def test_bench_flags_and_its_work_folder_are_checked_before_any_work(tmp_path, c
     assert main(["bench", "--out", str(out), "--quick", "--device", "cpu", "--sections", "ceilings", *flags]) == 2
     err = capsys.readouterr().err
     assert message.replace("WORK", str(tmp_path / "WORK")) in err and "Traceback" not in err
-    assert not (out / "results.json").exists() and (tmp_path / "WORK" / "notes.txt").read_text() == "mine"
+    assert not out.exists() and (tmp_path / "WORK" / "notes.txt").read_text() == "mine"  # "changes nothing on disk"
 
 
 def test_ablation_rows_past_the_budget_are_skipped_and_say_so(tmp_path):
