@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from mlmtrain import progress as progress_lines
 from mlmtrain.benchmarks.common import OUT_OF_TIME, device_name
 from mlmtrain.cli import Terminated
 from mlmtrain.config import MODEL_SIZES, auto_warmup, default_precision
@@ -198,7 +199,7 @@ class Bench:
         if self._data is None:
             caps = {128, *(self.plan["sweep_caps"] if "sweep" in self.sections else [])}
             caps |= {512} if "ablation" in self.sections else set()
-            log = lambda msg: print(f"mlmtrain bench: {msg}", file=sys.stderr)  # noqa: E731
+            log = lambda msg: progress_lines.quiet() or print(f"mlmtrain bench: {msg}", file=sys.stderr)  # noqa: E731
             self._data = make_synthetic_data(
                 self.work / "synthetic",
                 seq_caps=sorted(caps),
@@ -445,14 +446,17 @@ def main(args) -> int:
         report.write(report.merged({**results, "sections": [*results["sections"], running]}, previous), out, peak)
 
     bench.progress = progress
-    print(f"mlmtrain bench: {', '.join(sections)} on {results['environment']['device']} -> {out}", file=sys.stderr)
+    if not progress_lines.quiet():
+        print(f"mlmtrain bench: {', '.join(sections)} on {results['environment']['device']} -> {out}", file=sys.stderr)
     try:
         for name in sections:
-            print(f"mlmtrain bench: section {name} ...", file=sys.stderr)
+            if not progress_lines.quiet():  # --quiet: warnings, errors and results only
+                print(f"mlmtrain bench: section {name} ...", file=sys.stderr)
             result = bench.run_section(name)
             results["sections"].append(result)
             status = result.get("error") or f"{len(result['rows'])} rows"
-            print(f"mlmtrain bench: section {name}: {status} ({result['wall_s']:.0f} s)", file=sys.stderr)
+            if not progress_lines.quiet() or "error" in result:
+                print(f"mlmtrain bench: section {name}: {status} ({result['wall_s']:.0f} s)", file=sys.stderr)
             results["wall_s"] = time.monotonic() - t0
             report.write(report.merged(results, previous), out, peak)  # after every section: a kill keeps the rest
     except (KeyboardInterrupt, Terminated) as stop:  # the report names what the stop left out, as the budget's

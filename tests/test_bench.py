@@ -30,10 +30,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         rc = main(["bench", "--out", str(out), "--quick", "--device", "cpu", "--quiet"])
-    QUICK_OUTPUT.update(stdout=stdout.getvalue())
+    QUICK_OUTPUT.update(stdout=stdout.getvalue(), stderr=stderr.getvalue())
     return out, rc, json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
@@ -46,6 +46,8 @@ def test_a_quiet_bench_prints_no_trainer_dict_and_draws_no_empty_legend(quick, t
     of nothing, which warned."""
     assert "train_runtime" not in QUICK_OUTPUT["stdout"], QUICK_OUTPUT["stdout"][-500:]
     assert QUICK_OUTPUT["stdout"] == "", QUICK_OUTPUT["stdout"][:500]  # every line on stderr: stdout stays clean
+    said = QUICK_OUTPUT["stderr"]  # --quiet: no progress lines, the result still
+    assert "mlmtrain bench: section" not in said and "mlmtrain bench: wrote " in said, said[-800:]
     _, _, results = quick
     with warnings.catch_warnings():
         warnings.simplefilter("error")
