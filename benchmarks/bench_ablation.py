@@ -327,3 +327,7 @@ def run(
         for seed in (0, 1):
             bench.row("curve", CURVES[2 + seed], best_options, **curve, seed=seed)
     return bench.done
+
+
+if __name__ == "__main__":  # the ablation runs inside the bench, which makes its data and reports its rows
+    raise SystemExit("bench_ablation runs through `mlmtrain bench --sections ablation` (or scripts/speed_gpu.sh)")
