@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from mlmtrain.benchmarks.common import OUT_OF_TIME
+from mlmtrain.benchmarks.common import OUT_OF_TIME, raise_stop
 from mlmtrain.config import auto_warmup, default_precision
 from mlmtrain.files import json_text
 from mlmtrain.profiling import spread
@@ -102,19 +102,6 @@ def timed_windows(windows: list[dict], steps: int, log_every: int, profiled: boo
     ends = [0] + [w["step"] for w in windows]
     timed = [w for i, w in enumerate(windows) if i and w["step"] - ends[i] == log_every and w["step"] <= untraced_end]
     return timed or windows
-
-
-def raise_stop(stopped_by: str | None) -> None:
-    """A signal that stopped a bench's training run (train saves and returns, as for a user) stops the bench: as
-    the signal would have outside the run, so the row is not kept as measured and the command exits for it."""
-    import signal
-
-    from mlmtrain.cli import Terminated
-
-    if stopped_by == "SIGINT":
-        raise KeyboardInterrupt
-    if stopped_by in ("SIGTERM", "SIGHUP", "SIGPIPE"):
-        raise Terminated(signal.Signals[stopped_by])
 
 
 def run_ours(

@@ -197,3 +197,16 @@ def kernel_bench_main(argv, doc: str, run, *, sizes: tuple, sweep_help: str, ext
     rows = run(tokens, hidden, device, **options, **{name: getattr(args, name) for name in names})
     print_and_save(rows, device, args.out)
     return 0
+
+
+def raise_stop(stopped_by: str | None) -> None:
+    """A signal that stopped a bench's training run (train saves and returns, as for a user) stops the bench: as
+    the signal would have outside the run, so the row is not kept as measured and the command exits for it."""
+    import signal
+
+    from mlmtrain.cli import Terminated
+
+    if stopped_by == "SIGINT":
+        raise KeyboardInterrupt
+    if stopped_by in ("SIGTERM", "SIGHUP", "SIGPIPE"):
+        raise Terminated(signal.Signals[stopped_by])
