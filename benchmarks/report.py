@@ -380,17 +380,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--claim", action="store_true", help="only make FOLDER a report's, or refuse it in one sentence "
                    "(the GPU scripts, before they write their logs in it)")  # fmt: skip
     args = p.parse_args(argv)
+    path = Path(args.folder) / "results.json"
     try:
         if args.claim:
             claim_out_folder(args.folder)
             return 0
-        path = Path(args.folder) / "results.json"
         results = json.loads(path.read_text(encoding="utf-8"))
     except UserError as e:
         print(f"mlmtrain report: error: {e}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as e:
-        print(f"mlmtrain report: error: cannot read {path}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        what = f"make {args.folder}" if args.claim else f"read {path}"
+        print(f"mlmtrain report: error: cannot {what}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
         return 2
     peak = None
     if results.get("device") == "cuda":  # the datasheet peak of the GPU named in the results

@@ -154,7 +154,7 @@ kernel_bench attention_large 90 20 mlmtrain.benchmarks.bench_attention --device 
 
 # --time-limit: no row starts whose expected end (the longest row so far) is past it; `timeout` is the hard stop
 # (results.json is rewritten after every section and every row is kept, so what finished is in the report)
-left=$((BUDGET - SECONDS))
+left=$((BUDGET - SECONDS)); left=$((left < 1 ? 1 : left))  # timeout takes no 0 (no limit) or negative budget
 limit() { local l=$(($1 - 25)); echo $((l < 1 ? 1 : l)); }  # seconds new work may start in (0 would be no limit)
 timeout -k 10 "$left" "$PY" -m mlmtrain.cli bench --out "$OUT" --device cuda --sections "$SECTIONS" \
   --time-limit "$(limit "$left")" "$@" 2>&1 | grep -v "step/s" | tee "$LOG"

@@ -452,6 +452,7 @@ def test_an_unfinished_ablation_does_not_say_why_curves_were_skipped_by_plan():
     assert curves_markdown([], finished=False) == "Loss curves: not reached (the section did not finish)."
     assert curves_markdown([]).startswith("Loss curves: not run (they need a measured configuration faster")
     assert "The section did not finish (see Not measured)" in report_markdown([], None, finished=False)
+    assert "Loss curves: not reached (the section did not finish)." in report_markdown([], None, finished=False)
     assert "did not finish" not in report_markdown([], None)
 
 

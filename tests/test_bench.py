@@ -576,3 +576,124 @@ def test_a_stop_that_breaks_the_charts_leaves_the_numbers_and_says_the_report_wa
     res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert res["sections"][0]["error"] == "not measured: the bench was stopped by SIGINT"
     assert (tmp_path / "report.md").read_text() == report.UNDRAWN.format(out=tmp_path)
+
+
+def test_a_cpus_device_name_is_its_model_its_architecture_and_threads(monkeypatch):
+    """--merge compares device names: a CPU's carries its model from /proc/cpuinfo's `model name` (not the `model`
+    number line above it); a cpuinfo without one (some ARM machines) or none at all gives what platform says."""
+    import platform
+
+    import torch
+
+    from mlmtrain.benchmarks import common
+
+    cpuinfo = {"text": "processor\t: 0\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"}
+
+    class FakePath:
+        def __init__(self, path):
+            assert str(path) == "/proc/cpuinfo"
+
+        def read_text(self, **kw):
+            if cpuinfo["text"] is None:
+                raise FileNotFoundError("/proc/cpuinfo")
+            return cpuinfo["text"]
+
+    monkeypatch.setattr(common, "Path", FakePath)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    threads, cpu = torch.get_num_threads(), torch.device("cpu")
+    assert common.device_name(cpu) == f"CPU (Intel(R) Xeon(R) Platinum 8480+, x86_64, {threads} threads)"
+    cpuinfo["text"] = "processor\t: 0\nBogoMIPS\t: 50.00\n"  # no model name: the architecture alone
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert common.device_name(cpu) == f"CPU (aarch64, {threads} threads)"
+    cpuinfo["text"] = None  # no /proc (macOS): platform's processor
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert common.device_name(cpu) == f"CPU (arm, aarch64, {threads} threads)"
+
+
+def test_a_kernel_bench_without_the_interpreter_says_it_did_not_run_there(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from mlmtrain.benchmarks.common import print_and_save
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    print_and_save([{"kind": "summary", "x": 1.0}], torch.device("cpu"), str(tmp_path / "k.json"))
+    assert json.loads((tmp_path / "k.json").read_text())["environment"]["triton_interpreter"] is False
+    assert "interpreter" not in capsys.readouterr().out
+
+
+def test_every_signal_train_stops_for_stops_the_bench():
+    """raise_stop: a run that train stopped for a signal stops the bench as that signal would (SIGINT as Ctrl-C,
+    SIGTERM, SIGHUP and SIGPIPE as Terminated with their number: the exit code says which); a run that finished
+    goes on."""
+    import signal
+
+    from mlmtrain.benchmarks.common import raise_stop
+    from mlmtrain.cli import Terminated
+
+    raise_stop(None)
+    with pytest.raises(KeyboardInterrupt):
+        raise_stop("SIGINT")
+    for name in ("SIGTERM", "SIGHUP", "SIGPIPE"):
+        with pytest.raises(Terminated) as stopped:
+            raise_stop(name)
+        assert stopped.value.signal == getattr(signal, name)
+
+
+def test_the_report_draws_an_unfinished_ablation_section_as_unfinished(tmp_path, monkeypatch):
+    """render passes an ablation section's error on: a section killed or stopped in it says its targets judge the
+    rows it has and its curves were not reached; a finished one does not."""
+    from mlmtrain.benchmarks import ablation_report, report
+    from mlmtrain.benchmarks.suite import UNFINISHED
+
+    seen = []
+    monkeypatch.setattr(ablation_report, "report_markdown", lambda rows, matmul, finished=True: seen.append(finished)
+                        or "")  # fmt: skip
+    row = {"benchmark": "ablation", "name": "today", "options": {}, "tokens_per_s": {"overall": 1.0}}
+    for error in ({"error": UNFINISHED}, {}):
+        section = {"section": "ablation", "wall_s": 1.0, "rows": [row], **error}
+        report.render({"command": "x", "environment": {"device": "CPU"}, "sections": [section]}, tmp_path)
+    assert seen == [False, True]
+
+
+def test_merge_into_an_unmarked_report_of_another_machine_leaves_it_unmarked(tmp_path, capsys):
+    """--merge checks the earlier report's device before the bench claims --out: an older (unmarked) report
+    measured elsewhere is refused as it was, with no marker written into it."""
+    from mlmtrain.benchmarks.report import SCHEMA
+
+    results = {"schema": SCHEMA, "sections": [], "environment": {"device": "NVIDIA H200"}}
+    (tmp_path / "results.json").write_text(json.dumps(results), encoding="utf-8")
+    (tmp_path / "report.md").write_text("# mlmtrain benchmark report", encoding="utf-8")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    argv = ["bench", "--out", str(tmp_path), "--quick", "--device", "cpu", "--sections", "mask", "--merge"]
+    assert main(argv) == 2 and "was measured on NVIDIA H200" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_report_main_says_a_refused_claim_or_an_unreadable_results_json_in_one_sentence(tmp_path, capsys):
+    """`python -m mlmtrain.benchmarks.report FOLDER [--claim]`: a folder it may not claim, a missing or damaged
+    results.json, each one line on stderr and exit 2 (no traceback); a folder it may claim: exit 0, marked."""
+    from mlmtrain.benchmarks import report
+    from mlmtrain.files import read_marker
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "bench.log").write_text("my notes")
+    assert report.main([str(user), "--claim"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlmtrain report: error: ") and "was not made by" in err and err.count("\n") == 1
+    assert report.main([str(tmp_path / "new"), "--claim"]) == 0 and read_marker(tmp_path / "new")["kind"] == "bench"
+    assert report.main([str(tmp_path / "new")]) == 2
+    path = tmp_path / "new" / "results.json"
+    assert capsys.readouterr().err == f"mlmtrain report: error: cannot read {path}: No such file or directory\n"
+    path.write_text("{not json")
+    assert report.main([str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mlmtrain report: error: cannot read {path}: Expecting") and err.count("\n") == 1
+
+
+def test_report_claim_on_a_folder_that_cannot_be_made_is_one_sentence(tmp_path, capsys):
+    """--claim under a file: the handler named a path not yet set (UnboundLocalError, a traceback, exit 1)."""
+    (tmp_path / "f").write_text("x")
+    assert report.main([str(tmp_path / "f" / "sub"), "--claim"]) == 2
+    assert capsys.readouterr().err == f"mlmtrain report: error: cannot make {tmp_path / 'f' / 'sub'}: Not a directory\n"

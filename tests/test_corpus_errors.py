@@ -381,3 +381,15 @@ def test_a_small_gzip_read_whole_is_named_whole_in_the_encoding_refusal(tmp_path
     path.write_bytes(gzip.compress("대한민국은 민주공화국이다.\nthe cat\n".encode("cp949") * 3))
     with pytest.raises(UserError, match=rf"^3 lines of {path} are not valid UTF-8 \(and 3 are\)"):
         corpus_check._sniff(path, path.stat().st_size)
+
+
+def test_the_unk_note_counts_both_splits_tokens_and_names_the_unk_count():
+    """unk_share, shared with the export's fit warnings: the share of [UNK] over train and valid together, and the
+    note gives the [UNK] count (not the token count) beside it."""
+    from mlmtrain.prepare import unk_share
+
+    meta = {"train": {"tokens": 1000, "unk_tokens": 300, "sentences": 10}, "valid": {"tokens": 200, "unk_tokens": 60,
+            "sentences": 2}, "line_problems": {}, "row_problems": {}, "decomposed_hangul_lines": 0,
+            "long_line_cuts": 0, "sentences_split": 0, "max_seq_len": 128, "valid_fraction": 0.1}  # fmt: skip
+    assert unk_share(meta) == (0.3, 360) and unk_share({}) == (0.0, 0)
+    assert data_notes(meta)[0].startswith("30.0% of the tokens (360) are [UNK]: the tokenizer does not know")

@@ -435,6 +435,19 @@ def test_a_resume_draws_from_the_stream_its_gpu_drew_from_whatever_gpus_are_visi
     assert got == [(10, torch.device("cuda", 0)), (2, torch.device("cuda", 0)), (0, torch.device("cuda", 1))]
 
 
+def test_a_run_that_drew_on_the_cpu_restores_no_gpu_stream_when_resumed_on_a_gpu(tmp_path, monkeypatch):
+    """A run trained with train.device=cpu on a machine with GPUs saved their streams, and drew from none of them:
+    resumed on a GPU, none is restored (cuda0's would not be the stream its dropout drew from)."""
+    from safetensors.torch import save_file
+
+    streams = {f"cuda{i}": torch.full((16,), i, dtype=torch.uint8) for i in range(2)}
+    save_file({"cpu": torch.get_rng_state(), **streams}, tmp_path / "rng.safetensors")
+    got = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: got.append((int(state[0]), device)))
+    ckpt.restore_rng(tmp_path, {"resolved": {"train.device": "cpu"}}, torch.device("cuda", 0))
+    assert got == []
+
+
 def _worker_pids(parent: int) -> dict[int, int]:
     """rank -> pid of torchrun's worker processes (from /proc)."""
     out = {}

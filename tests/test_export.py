@@ -583,6 +583,28 @@ def test_an_export_gives_its_fit_warnings_as_notes_and_in_the_limits(trained_run
     assert "W one." in (tmp_path / "w" / "README.md").read_text(encoding="utf-8").split("## Limits")[1]
 
 
+def test_an_exports_fit_warnings_read_the_runs_shard_meta(trained_run, data_dir, tokenizer_dir, tmp_path, capsys,
+                                                          monkeypatch):  # fmt: skip
+    """The [UNK] share fit_warnings judges is the one prepare counted in the run's shards (its meta.json): an
+    export that passed no meta would never say a tokenizer that does not fit its training text."""
+    import mlmtrain.export as export_module
+    from mlmtrain.card import fit_warnings
+    from mlmtrain.tokenizer_folder import tokenizer_fingerprint
+
+    _, model = trained_run
+    run_dir = tmp_path / "run"
+    run_config = {"data": {"tokenizer_dir": str(tokenizer_dir), "data_dir": str(data_dir)}, "optim": {"lr": 5e-4}}
+    state = {"command": "mlmtrain train --model tiny", "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer_dir)}
+    save_checkpoint(run_dir, 1, model, None, run_config, state)
+    seen = []
+    monkeypatch.setattr(
+        export_module, "fit_warnings", lambda vocab, meta: seen.append(meta) or fit_warnings(vocab, meta)
+    )
+    argv = ["export", "--checkpoint", str(run_dir), "--tokenizer", str(tokenizer_dir), "--out", str(tmp_path / "w")]
+    assert cli.main([*argv, "--no-verify"]) == 0
+    assert seen == [json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))]
+
+
 def test_an_exports_default_widget_follows_its_language(trained_run, tokenizer_dir, tmp_path):
     """No --widget-text: the card's widget is the first --language's sentence, whatever the vocabulary's script."""
     from mlmtrain.card import DEFAULT_WIDGETS, default_widget

@@ -29,7 +29,8 @@ elif args[1] == "mlmtrain.benchmarks.report":  # the scripts' claim on OUT_DIR b
 elif args[1] == "pytest":
     print("3 passed in 1.00s")
 elif args[1].startswith("mlmtrain.benchmarks."):
-    if args[1] == os.environ.get("FAIL"):
+    if args[1] == os.environ.get("FAIL"):  # a bench that fails after printing part of its table
+        print("| variant | ms |")
         sys.exit(1)
     Path(args[args.index("--out") + 1]).write_text("{}")
     print("| variant | ms |")
@@ -120,6 +121,7 @@ def test_the_gpu_call_leaves_at_most_eight_files_and_a_second_call_reuses_the_ke
     env["FAIL"] = "mlmtrain.benchmarks.bench_bias_gelu"
     files, kept, ran = call(failing, rc=1)
     assert kept == every - {"gelu.md", "gelu.json"} and "bench_bias_gelu" in ran
+    assert not {"gelu.md", "gelu.json"} & files  # its part of a table is no table a later call would keep
     del env["FAIL"]
     files, kept, ran = call(failing, "--merge")
     assert ran == ["bench_bias_gelu"] and kept == every
@@ -317,3 +319,67 @@ def test_gpu_scripts_name_tests_that_exist():
     for path, test in named:
         assert (root / path).is_file(), path
         assert not test or re.search(rf"^def {test}\(", (root / path).read_text(encoding="utf-8"), re.M), (path, test)
+
+
+def _stand_in_tools(tmp_path, python_names=("python",)):
+    """A bin folder with the stand-in interpreter (under each of `python_names`) and nvidia-smi, and its env."""
+    import os
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in python_names:
+        (bin_dir / name).write_text(f"#!{sys.executable}\n" + STAND_IN_PYTHON)
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'name, driver_version'\necho 'NVIDIA H200, 580.95'\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    env = os.environ | {"PYTHON": str(bin_dir / python_names[0]), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+                        "CALLS": str(calls)}  # fmt: skip
+    return env, calls
+
+
+def test_the_speed_scripts_bench_gets_a_time_limit_of_at_least_one_second(tmp_path):
+    """speed_gpu.sh gives the bench the budget left less 25 s: with less left than that, 1 s (0 or less would be no
+    limit, or refused), not the budget's remainder."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "speed_gpu.sh"
+    env, calls = _stand_in_tools(tmp_path)
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], env=env | {"SPEED_BUDGET": "20"},
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (bench,) = [line.split() for line in calls.read_text().splitlines() if "mlmtrain.cli" in line]
+    assert bench[bench.index("--time-limit") + 1] == "1"
+
+
+def test_bench_gpu_sh_claims_its_folder_first_and_a_merge_call_keeps_the_first_calls_log(tmp_path):
+    """scripts/bench_gpu.sh with a stand-in python3 and nvidia-smi: a user's folder holding a file under a name it
+    writes (bench.log) is refused before anything is written (exit 2, no bench run, the file as it was); a
+    --merge call logs to bench_merge.log and leaves the first call's bench.log as it was."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.sh"
+    env, calls = _stand_in_tools(tmp_path, ("python3",))
+
+    def call(out, *flags):
+        calls.write_text("")
+        return subprocess.run(["bash", str(script), str(out), *flags], env=env, capture_output=True, text=True)
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "bench.log").write_text("my notes")
+    done = call(foreign)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert [f.name for f in foreign.iterdir()] == ["bench.log"] and (foreign / "bench.log").read_text() == "my notes"
+    assert "mlmtrain.cli" not in calls.read_text()
+
+    out = tmp_path / "out"
+    done = call(out)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (out / "bench.log").write_text("the first call's log")
+    done = call(out, "--sections", "sweep", "--merge")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (out / "bench.log").read_text() == "the first call's log" and (out / "bench_merge.log").is_file()

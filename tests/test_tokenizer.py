@@ -249,6 +249,16 @@ def test_bad_input_gives_clear_errors(tmp_path, tokenizer_dir, capsys):
     assert "error: input file" in err and "Traceback" not in err
 
 
+def test_a_corpus_of_one_character_gives_a_vocabulary_of_the_specials_and_that_one(tmp_path):
+    """The refusal of a specials-only vocabulary is for nothing learned: one token past the specials is a
+    vocabulary (a corpus of one letter, beside zero-width spaces the normalizer drops), written."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a\na a\n\u200ba\n", encoding="utf-8")
+    assert train_tokenizer([corpus], tmp_path / "tok", TokenizerSettings(vocab_size=100, min_frequency=1),
+                           progress=False) == len(SPECIAL_TOKENS) + 1  # fmt: skip
+    assert read_vocab(tmp_path / "tok") == [*SPECIAL_TOKENS, "a"]
+
+
 def test_overwrite_and_no_partial_folder(tmp_path, sample_corpus, monkeypatch):
     out = tmp_path / "nested" / "tok"
     train_tokenizer([sample_corpus], out, TokenizerSettings(vocab_size=1200), progress=False)
