@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlmtrain.benchmarks.common import description, environment, time_fn
+from mlmtrain.benchmarks.common import description, time_fn
 from mlmtrain.benchmarks.synthetic_data import LOG_MEAN_TOKENS, LOG_SD_TOKENS, SENTENCES_PER_DOCUMENT
+from mlmtrain.provenance import environment
 
 
 def sentence_lengths(rng: np.random.Generator, tokens: int, row_len: int) -> np.ndarray:

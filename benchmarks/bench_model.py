@@ -30,10 +30,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlmtrain.benchmarks.common import environment, record, time_fn
+from mlmtrain.benchmarks.common import record, time_fn
 from mlmtrain.config import default_precision, torch_dtype
 from mlmtrain.flops import model_flops_per_token
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
+from mlmtrain.provenance import environment
 from mlmtrain.tokenizer import CLS_ID, NUM_SPECIAL, PAD_ID, SEP_ID
 
 LOGNORMAL_MEDIAN, LOGNORMAL_SIGMA = 26.0, 0.55  # fitted to the sample corpus (see the docstring)

@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mlmtrain.benchmarks.common import description, environment, record, time_fn
+from mlmtrain.benchmarks.common import description, record, time_fn
+from mlmtrain.provenance import environment
 
 MB = 1e6
 

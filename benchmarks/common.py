@@ -1,16 +1,13 @@
 """Measurement method shared by every benchmark: warm-up, device-event timing, medians over repeats,
 fresh random inputs per repeat, and the spread (min/median/max) reported with every figure.
 
-A result is a flat dict (one row of results.json) made by `record(...)`; the environment (versions,
-device name, date) is attached once per report by `environment()`."""
+A result is a flat dict (one row of results.json) made by `record(...)`; the environment (device, versions, the
+code's commit, date) is attached once per report by `mlmtrain.provenance.environment()`."""
 
 from __future__ import annotations
 
-import datetime
 import json
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,36 +15,9 @@ from pathlib import Path
 import torch
 
 from mlmtrain.files import json_text
+from mlmtrain.provenance import environment
 
 OUT_OF_TIME = "skipped: the time budget (--time-limit) ran out"  # a row or section's error: not measured yet
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name; for a CPU its model (Linux: /proc/cpuinfo), architecture and the threads torch uses."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = platform.processor()
-    return f"CPU ({', '.join(filter(None, (model, platform.machine())))}, {torch.get_num_threads()} threads)"
-
-
-def environment(device: torch.device) -> dict:
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for name in ("triton", "transformers", "tokenizers", "numpy"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # not installed: say so rather than guess
-            versions[name] = None
-    return {
-        "device": device_name(device),
-        "device_type": device.type,
-        "versions": versions,
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": " ".join(sys.argv),
-    }
 
 
 def _sync(device: torch.device) -> None:

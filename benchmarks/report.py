@@ -12,6 +12,7 @@ and judges throughput against the ceilings measured in the same run (and the dat
 
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from pathlib import Path
@@ -277,6 +278,21 @@ def profile_text(ours: dict, ceil: dict) -> str:
     return text
 
 
+def source_lines(results: dict) -> list[str]:
+    """The code that measured: this call's commit, and the commits of rows kept from earlier calls (--merge)."""
+    from mlmtrain.provenance import describe
+
+    src = results["environment"].get("source")
+    if src is None:  # a report written before reports named their commit
+        return ["- source: not recorded"]
+    now = src.get("commit")
+    earlier = collections.Counter(
+        r.get("commit") for s in results["sections"] for r in s.get("rows", []) if r.get("commit", now) != now
+    )
+    kept = "; ".join(f"{n} at {c[:12] if c else 'a commit not recorded'}" for c, n in earlier.items())
+    return [f"- source: {describe(src)}"] + ([f"- rows kept from earlier calls (--merge): {kept}"] if kept else [])
+
+
 def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
     env, ceil = results["environment"], ceilings(results)
     v = env.get("versions", {})
@@ -287,7 +303,9 @@ def render(results: dict, out_dir: Path, peak: float | None = None) -> str:
         f"- date: {env.get('date')}",
         f"- device: {env.get('device')}",
         f"- versions: torch {v.get('torch')}, triton {v.get('triton')}, transformers {v.get('transformers')}, "
-        f"tokenizers {v.get('tokenizers')}, python {v.get('python')}",
+        f"tokenizers {v.get('tokenizers')}, python {v.get('python')}"
+        + "".join(f", {name} {v[name]}" for name in ("cuda", "cudnn", "torchao") if v.get(name)),
+        *source_lines(results),
         f"- wall time: {results.get('wall_s', 0):.0f} s"
         + (f" (time limit {results['time_limit_s']:.0f} s)" if results.get("time_limit_s") else ""),
         "",

@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from mlmtrain import progress as progress_lines
-from mlmtrain.benchmarks.common import OUT_OF_TIME, device_name
+from mlmtrain import provenance
+from mlmtrain.benchmarks.common import OUT_OF_TIME
 from mlmtrain.cli import Terminated
 from mlmtrain.config import MODEL_SIZES, auto_warmup, default_precision
 from mlmtrain.errors import UserError, require
@@ -186,11 +187,17 @@ class Bench:
         self.device = torch.device(args.device)
         self.size = args.size or self.plan["train_size"]
         self.command = command_line(args)
+        self.commit = provenance.source()["commit"]
         self.deadline: float | None = None  # time.monotonic() past which nothing new starts (main sets it)
         self.previous = previous or {"sections": []}
         self.done: dict[str, list[dict]] = {}
         self._data = self._sample_data = None
         self.progress = lambda section, rows: None  # main writes the rows of a section still running
+
+    def tagged(self, section: str, rows: list[dict]) -> list[dict]:
+        """Rows with their section, command and commit (a row kept from an earlier call keeps its own)."""
+        return [{**r, "section": section, "command": r.get("command") or self.command,
+                 "commit": r.get("commit") if r.get("reused_from") else self.commit} for r in rows]  # fmt: skip
 
     def data(self):
         """The synthetic vocab-30000 corpus every train, sweep and ablation row runs on (made once)."""
@@ -399,14 +406,13 @@ class Bench:
                 "error": f"{type(e).__name__}: {e}"[:1000],
                 "traceback": traceback.format_exc(),
             }
-        rows = [{**r, "section": name, "command": r.get("command") or self.command} for r in rows]
+        rows = self.tagged(name, rows)
         self.done[name] = rows
         return {"section": name, "wall_s": time.monotonic() - t0, "rows": rows}
 
 
 def main(args) -> int:
     from mlmtrain.benchmarks import report
-    from mlmtrain.benchmarks.common import environment
     from mlmtrain.flops import peak_tflops_for
 
     sections = check_args(args)
@@ -416,7 +422,7 @@ def main(args) -> int:
         state, made_by = folder_state(Path(args.work), WORK_LAYOUT)
         state = "foreign" if state == "mine" and read_marker(args.work) is None else state  # unmarked ones: new
         refuse_unless_mine(Path(args.work), WORK_LAYOUT, state, made_by, "--work")
-    device = device_name(torch.device(args.device))  # one report holds one machine's numbers
+    device = provenance.device_name(torch.device(args.device))  # one report holds one machine's numbers
     previous = report.read_previous(out / "results.json", device) if args.merge else None
     report.claim_out_folder(out)  # before any work, after every check: a folder that is not a report's is refused
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="mlmtrain_bench_"))
@@ -428,7 +434,7 @@ def main(args) -> int:
         "command": bench.command,
         "quick": bool(args.quick),
         "device": args.device,
-        "environment": environment(bench.device),
+        "environment": provenance.environment(bench.device),
         "time_limit_s": args.time_limit or None,
         "sections": [],
         "wall_s": 0.0,
@@ -440,7 +446,7 @@ def main(args) -> int:
     partial = {}  # the running section's rows so far
 
     def progress(section: str, rows: list[dict]) -> None:  # rows so far: a hard stop keeps every finished row
-        rows = [{**r, "section": section, "command": r.get("command") or bench.command} for r in rows]
+        rows = bench.tagged(section, rows)
         partial.update(section=section, rows=rows)
         running = {"section": section, "wall_s": time.monotonic() - t0, "rows": rows, "error": UNFINISHED}
         report.write(report.merged({**results, "sections": [*results["sections"], running]}, previous), out, peak)

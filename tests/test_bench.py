@@ -74,7 +74,8 @@ def test_results_json_schema(quick):
     env = res["environment"]
     for key in ("torch", "triton", "transformers"):
         assert key in env["versions"], key
-    assert env["device"] and env["date"]
+    assert env["device"] and env["date"] and env["source"]["mlmtrain"] and "cuda" in env["versions"]
+    assert f"- source: mlmtrain {env['source']['mlmtrain']}, commit " in (out / "report.md").read_text()
     assert [s["section"] for s in res["sections"]] == SECTIONS
     for s in res["sections"]:
         assert ("rows" in s) != ("error" in s), s["section"]  # measured, or says why not: never silent
@@ -585,7 +586,7 @@ def test_a_cpus_device_name_is_its_model_its_architecture_and_threads(monkeypatc
 
     import torch
 
-    from mlmtrain.benchmarks import common
+    from mlmtrain import provenance
 
     cpuinfo = {"text": "processor\t: 0\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"}
 
@@ -598,17 +599,17 @@ def test_a_cpus_device_name_is_its_model_its_architecture_and_threads(monkeypatc
                 raise FileNotFoundError("/proc/cpuinfo")
             return cpuinfo["text"]
 
-    monkeypatch.setattr(common, "Path", FakePath)
+    monkeypatch.setattr(provenance, "Path", FakePath)
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(platform, "processor", lambda: "")
     threads, cpu = torch.get_num_threads(), torch.device("cpu")
-    assert common.device_name(cpu) == f"CPU (Intel(R) Xeon(R) Platinum 8480+, x86_64, {threads} threads)"
+    assert provenance.device_name(cpu) == f"CPU (Intel(R) Xeon(R) Platinum 8480+, x86_64, {threads} threads)"
     cpuinfo["text"] = "processor\t: 0\nBogoMIPS\t: 50.00\n"  # no model name: the architecture alone
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
-    assert common.device_name(cpu) == f"CPU (aarch64, {threads} threads)"
+    assert provenance.device_name(cpu) == f"CPU (aarch64, {threads} threads)"
     cpuinfo["text"] = None  # no /proc (macOS): platform's processor
     monkeypatch.setattr(platform, "processor", lambda: "arm")
-    assert common.device_name(cpu) == f"CPU (arm, aarch64, {threads} threads)"
+    assert provenance.device_name(cpu) == f"CPU (arm, aarch64, {threads} threads)"
 
 
 def test_a_kernel_bench_without_the_interpreter_says_it_did_not_run_there(tmp_path, monkeypatch, capsys):

@@ -100,6 +100,8 @@ def test_a_pipe_gets_plain_lines_the_resolved_config_and_the_next_command(data_d
     assert summary["schema"] == "mlmtrain.summary/3" and set(summary) <= documented, set(summary) - documented
     assert documented - set(summary) == {"null", "min", "median", "max", "resolved", "auto"}, documented
     assert set(summary["step_time_s"]) == {"min", "median", "max"} and "resolved" in summary["config"]
+    assert summary["environment"]["device"].startswith("CPU (") and summary["environment"]["versions"]["torch"]
+    assert set(summary["environment"]) == {"device", "device_type", "versions", "source", "date"}
     assert summary["attention_dropout"] == 0.1 and "on hidden states only" not in out  # CPU: SDPA applies it
     # one measurement: every rate is the median over the windows after the first (the compile's), here steps 2, 3
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

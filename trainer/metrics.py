@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mlmtrain import __version__, parallel
+from mlmtrain import __version__, parallel, provenance
 from mlmtrain.checkpoint import checkpoint_step, complete_checkpoints, train_command
 from mlmtrain.errors import missing_extra
 from mlmtrain.files import json_text
@@ -391,6 +391,7 @@ def summarize(run, windows: list[Window], step: int, last_eval: dict, phase_ms: 
         "compile": run.plan.compile,
         "tokens_per_batch": run.plan.tokens_per_batch,
         "world_size": run.world,
+        "environment": {k: v for k, v in provenance.environment(run.device).items() if k != "command"},
         "losses": [(r["step"], r["loss"]) for r in history],
     }
 
