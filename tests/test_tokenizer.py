@@ -418,3 +418,96 @@ def test_strip_accents_null_follows_the_lowercasing_as_bert_normalizer_does():
     assert _casing(True, None, True) == (True, True, True)
     assert _casing(False, None, True) == (False, False, True)
     assert _casing(True, False, False) == (True, False, False)
+
+
+def _many_words_corpus(path, lines: int, words: int, syllables: int) -> None:
+    """Random words of Hangul syllables, 12 to a line: many lines make tokenizers' reading long, many distinct
+    words its merges."""
+    import random
+
+    rng = random.Random(0)
+    alphabet = [chr(0xAC00 + i) for i in rng.sample(range(11172), syllables)]
+    vocab = ["".join(rng.choices(alphabet, k=rng.choice((1, 2, 3, 3, 4, 5)))) for _ in range(words)]
+    path.write_text("".join(" ".join(rng.choices(vocab, k=12)) + "\n" for _ in range(lines)), encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_tokenizer_training_at_once(name, tmp_path):
+    """tokenizers reads the corpus on its own threads: a signal used to wait for the whole training (minutes on a
+    large corpus). It now ends the command at once, 128 + the signal, nothing written; tokenizers' threads are then
+    still reaching into Python, where an ordinary exit could abort (134, seen on this box)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sig = signal.Signals[name]
+    corpus = tmp_path / "words.txt"
+    _many_words_corpus(corpus, lines=400_000, words=300_000, syllables=600)  # 7 s of training, 5 of them reading
+    args = ["tokenizer", "--input", str(corpus), "--out", str(tmp_path / "tok"), "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "mlmtrain.cli", *args], stderr=subprocess.PIPE, text=True)
+    assert proc.stderr.readline().startswith("settings: ")  # the training starts after this line
+    time.sleep(0.5)
+    assert proc.poll() is None, "the training ended before the signal: make the corpus larger"
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    waited = time.monotonic() - sent
+    said = "interrupted" if sig == signal.SIGINT else f"stopped by {name}"
+    assert proc.returncode == 128 + sig and said in err and "Traceback" not in err, (proc.returncode, err)
+    assert waited < 1.5, f"the stop took {waited:.1f} s"  # the rest of the training: about 6 s on this box
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["words.txt"]  # no tokenizer, no temporary folder
+
+
+MERGING = """
+import sys, time
+import mlmtrain.tokenizer as T
+
+build = T.build_tokenizer
+
+
+class Merging:  # tokenizers' merges: no Python, no GIL, no signal, for longer than the test waits
+    def __init__(self, settings):
+        self.tok = build(settings)
+
+    def train_from_iterator(self, batches, trainer):
+        for _ in batches:
+            pass
+        print("merging", file=sys.stderr, flush=True)
+        time.sleep(120)
+
+
+T.build_tokenizer = Merging
+from mlmtrain.cli import main
+
+sys.argv = ["mlmtrain", "tokenizer", "--input", sys.argv[1], "--out", sys.argv[2], "--no-progress"]
+sys.exit(main())
+"""
+
+
+def test_a_signal_during_the_merges_ends_the_program_without_waiting_for_them(tmp_path, sample_corpus):
+    """The merges cannot be stopped: the command's cleanups run, and the program exits at once with 128 + the
+    signal (`stop.exit_now`) instead of waiting at the interpreter's exit for the thread that computes them.
+    (Python 3.11 marks a thread whose join a signal interrupted as finished, so there the exit would not wait
+    either; it would meet tokenizers' threads during the shutdown instead: 1 abort, exit 134, in 12 stops
+    without `exit_now` on this box, none in 12 with it.)"""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-c", MERGING, str(sample_corpus), str(tmp_path / "tok")]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    lines = [proc.stderr.readline() for _ in range(2)]
+    assert lines[0].startswith("settings: ") and lines[1] == "merging\n", lines
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        err = proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("the program waited for the merges") from None
+    assert proc.returncode == 143 and "stopped by SIGTERM" in err and "Traceback" not in err, (proc.returncode, err)
+    assert time.monotonic() - sent < 1.5
+    assert not (tmp_path / "tok").exists() and not list(tmp_path.glob(".tmp*"))

@@ -22,7 +22,7 @@ from mlmtrain.config import MODEL_SIZES, PRECISIONS, field_docs
 from mlmtrain.config_load import defaults_toml
 from mlmtrain.corpus_check import add_corpus_args
 from mlmtrain.errors import UserError, redact_tokens
-from mlmtrain.stop import STREAM_NAMES, NamedStream, handled
+from mlmtrain.stop import STREAM_NAMES, NamedStream, exit_now, handled
 from mlmtrain.tokenizer import WORDPIECES_PREFIX, TokenizerSettings
 
 BENCH_SECTIONS, BENCH_OPTIONAL = "ceilings,mask,model,train,sweep", "ablation"
@@ -442,10 +442,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         _say(args.command, "interrupted")
-        return 130
+        return exit_now(130) if program else 130
     except Terminated as e:
         _say(args.command, f"stopped by {e.signal.name}")
-        return 128 + e.signal
+        return exit_now(128 + e.signal) if program else 128 + e.signal
     except BrokenPipeError:
         os._exit(1)
     except OSError as e:  # a write the system refused, outside a command's own handling: one sentence too

@@ -251,3 +251,25 @@ def signals_deferred(what: str | None):
                 print(f"{names} came while {what}: it is complete", file=sys.stderr)
         for sig in arrived:
             signal.raise_signal(sig)
+
+
+_left_running: list[threading.Thread] = []  # work a stop could not end (`leave_running`)
+
+
+def leave_running(thread: threading.Thread) -> None:
+    """A stop could not end `thread`: native work that takes no signal (tokenizers' training, whose own threads
+    may still be reading the corpus through Python). The command's cleanups run as for any stop; the program then
+    exits at once (`cli.main`: `exit_now`): the interpreter's shutdown would wait for the thread, or abort the
+    process when one of tokenizers' threads reached for the interpreter during it (exit 134, seen on this box)."""
+    _left_running.append(thread)
+
+
+def exit_now(code: int) -> int:
+    """The stopped program's end: with work left running, its output flushed and the process gone with `code`;
+    otherwise `code`, returned."""
+    if _left_running:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # closed or gone: nothing more can be said
+                stream.flush()
+        os._exit(code)
+    return code

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import re
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from mlmtrain.corpus_check import check_corpus, corpus_from_args
 from mlmtrain.errors import UserError
 from mlmtrain.files import Layout, atomic_dir, check_out_folder, write_json
 from mlmtrain.progress import bars_enabled, quiet
+from mlmtrain.stop import leave_running
 from mlmtrain.text import HANGUL_SYLLABLE, iter_line_batches, line_problem_notes
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -180,6 +182,43 @@ def _add_post_processor(tok: Tokenizer) -> None:
     )
 
 
+class _Stopped(Exception):
+    """Ends tokenizers' reading of the corpus after a stop."""
+
+
+def _train_stoppably(tok: Tokenizer, batches, trainer) -> None:
+    """`tok.train_from_iterator` on a worker thread, waited for in the main thread, where Ctrl-C and SIGTERM act:
+    tokenizers reads the corpus on its own threads and computes the merges without the GIL, so in the main thread
+    a signal would wait for the whole training (minutes on a large corpus). After a stop the reading ends at its
+    next batch; merges under way cannot be stopped: both are left to the program's exit (`stop.leave_running`).
+    Nothing is written while it trains, so nothing is left half-done."""
+    stopped, failed = threading.Event(), []
+
+    def read():
+        for batch in batches:
+            if stopped.is_set():
+                raise _Stopped
+            yield batch
+
+    def work():
+        try:
+            tok.train_from_iterator(read(), trainer=trainer)
+        except BaseException as e:  # the reader's error (an unreadable input: a UserError), given back below
+            failed.append(e)
+
+    worker = threading.Thread(target=work, name="mlmtrain-tokenizer", daemon=False)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.1)
+    except BaseException:  # a stop: the command's cleanups run now, not after the training
+        stopped.set()  # the reading ends at its next batch
+        leave_running(worker)
+        raise
+    if failed:
+        raise failed[0]
+
+
 def train_tokenizer(
     inputs, out_dir, settings: TokenizerSettings | None = None, *, overwrite: bool = False, progress: bool = True
 ) -> int:
@@ -213,7 +252,7 @@ def train_tokenizer(
             yield text
 
     t0 = time.perf_counter()
-    tok.train_from_iterator(batches(), trainer=trainer)
+    _train_stoppably(tok, batches(), trainer)
     seconds = time.perf_counter() - t0
     if not char_counts:
         source = corpus.dataset or ", ".join(map(str, corpus.files))
