@@ -109,6 +109,11 @@ def variants(device: torch.device, compile: bool, row_len: int, head_dim: int) -
     from mlmtrain.kernels import triton_runs_on
     from mlmtrain.kernels.segment_attention import MAX_HEAD_DIM, MAX_ROW
 
+    # the model builds a batch's block tables and dense mask once per forward, for all its layers: here once too
+    row_block_tables, row_mask = (
+        functools.lru_cache(maxsize=1)(row_block_tables),
+        functools.lru_cache(maxsize=1)(row_mask),
+    )
     out = {}
     if triton_runs_on(device) and row_len <= MAX_ROW and head_dim <= MAX_HEAD_DIM:
         out["segment kernel"] = lambda qkv, seg, cu, L: triton_row_attention(qkv, seg)

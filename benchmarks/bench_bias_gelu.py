@@ -105,7 +105,9 @@ def run(
                 ]
             for passes, block_n, warps, per_sm, stages, erf in launches:
                 tile = bg._tile(C, block_n, warps)
-                launch = dict(block_n=block_n, num_warps=warps, num_programs=per_sm * sms if per_sm else None)
+                col_tiles = -(-C // tile[1])  # num_programs counts row groups per column tile: P/SM is of them all
+                programs = -(-per_sm * sms // col_tiles) if per_sm else None
+                launch = dict(block_n=block_n, num_warps=warps, num_programs=programs)
                 launch |= dict(erf=erf) if erf else {}
                 default = block_n is None and warps is None and per_sm is None and stages in (None, 1)
                 label = f"triton kernels {passes}" + ("" if default else f" {tile[0]}x{tile[1]} w{tile[2]}")

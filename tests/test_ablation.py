@@ -257,6 +257,24 @@ def test_attention_bench_lays_rows_as_the_packer_does_and_times_each_variant(tmp
     assert all(r["max_abs_error"]["out"] < 1e-4 and r["max_abs_error"]["dqkv"] < 1e-4 for r in timed)
 
 
+def test_the_attention_bench_builds_a_batchs_mask_once_as_the_model_does(monkeypatch):
+    """The model builds a batch's dense mask (and FlexAttention's block tables) once per forward for all its
+    layers: the per-layer bench times the attention alone, not that setup at every call."""
+    import torch
+
+    from mlmtrain import attention
+    from mlmtrain.benchmarks import bench_attention
+
+    built, real = [], attention.row_mask
+    monkeypatch.setattr(attention, "row_mask", lambda seg: built.append(seg) or real(seg))
+    attend = bench_attention.variants(torch.device("cpu"), False, 8, 4)["sdpa, dense mask"]
+    seg, qkv = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]]), torch.randn(8, 3, 1, 4)
+    outs = [attend(qkv, seg, None, 8) for _ in range(3)]
+    assert len(built) == 1 and all(torch.equal(o, outs[0]) for o in outs)
+    attend(qkv, torch.tensor([[0, 0, 1, 1, 1, 1, 2, 2]]), None, 8)  # another batch: its own mask
+    assert len(built) == 2
+
+
 def test_the_report_lists_the_idle_gaps_of_the_traced_steps():
     """A device trace's idle gaps (categories.json "idle_gaps") go under the kernel-category table, by cause."""
     from mlmtrain.benchmarks.ablation_report import kernel_categories_markdown

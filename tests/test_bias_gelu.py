@@ -196,6 +196,25 @@ def test_benchmark_times_every_launch_and_credits_each_pass_its_bytes():
     assert summary["bwd_fraction_of_copy"] > 0
 
 
+def test_the_sweeps_programs_per_sm_count_every_column_tile(monkeypatch):
+    """The kernels' num_programs counts row groups per column tile: a sweep row's "P/SM" launches that many programs
+    per SM in all, over every column tile (it launched P/SM per column tile: 6x the label at C = 3,072)."""
+    from mlmtrain import kernels
+    from mlmtrain.benchmarks import bench_bias_gelu
+
+    launched = []
+    monkeypatch.setattr(kernels, "triton_runs_on", lambda device: True)
+    monkeypatch.setattr(bg, "bias_gelu", lambda x, b, backend: x + b)
+    monkeypatch.setattr(bg, "bias_gelu_fwd_triton", lambda x, b, **kw: launched.append(("fwd", kw)) or x)
+    monkeypatch.setattr(bg, "bias_gelu_bwd_triton", lambda dy, x, b, **kw: launched.append(("bwd", kw)) or (dy, b))
+    N, C = 16, 1100  # three column tiles of 512
+    rows = bench_bias_gelu.run(N, (C,), torch.device("cpu"), repeats=1, compile_rows=False, sweep=True)
+    per_sm = {r["name"]: r["programs_per_sm"] for r in rows if r.get("programs_per_sm")}
+    assert sorted(set(per_sm.values())) == [2, 4, 8]
+    programs = {kw.get("num_programs") for _, kw in launched} - {None}
+    assert programs == {1, 2, 3}  # ceil(P/SM x 1 SM / 3 tiles): every tile's programs together make P per SM
+
+
 def test_reference_adds_a_bf16_bias_in_fp32():
     """The reference adds the bias in fp32 whatever its dtype, as the kernels do: a bf16 bias added to bf16 x in
     bf16 would round the sum once more (the exactness tests pair bf16 x with an fp32 bias, which promotes)."""

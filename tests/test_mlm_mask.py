@@ -113,7 +113,7 @@ def test_the_never_mask_tables_are_built_once_per_table(monkeypatch):
     """A run passes one never-mask table at every step: its sorted maskable ids are built at the first call only
     (they were an argsort over the vocabulary per micro-batch); a table changed in place gets new ones."""
     ids = _ids(257, torch.int64, seed=3)
-    never = torch.zeros(V, dtype=torch.bool)
+    never = torch.zeros(V, dtype=torch.bool, device=DEVICE)
     never[[7, 8]] = True
     sorts, real = [], torch.argsort
     monkeypatch.setattr(torch, "argsort", lambda *a, **k: sorts.append(1) or real(*a, **k))
@@ -559,7 +559,7 @@ def test_a_never_mask_table_made_in_inference_mode_still_masks():
     """An inference-mode tensor keeps no version counter: the tables' cache key raised on it (a regression of the
     cache, for direct callers of the kernel); its tables are built at each call instead, as before the cache."""
     with torch.inference_mode():
-        never = torch.zeros(V, dtype=torch.bool)
+        never = torch.zeros(V, dtype=torch.bool, device=DEVICE)
         never[7] = True
         ids = _ids(64, torch.int64, seed=5)
         out = mlm_mask(ids, vocab_size=V, mask_id=MASK, seed=1, step=0, never_mask=never, mask_prob=1.0,

@@ -213,6 +213,12 @@ CUDA_KERNELS = {  # names as torch 2.x CUDA traces spell them (demangled, templa
     "void at::native::lpnorm_cleanup<float, (at::native::NormType)1, float, float>(float const*, "
     "at::native::TensorListAddresses, int)": "optimizer",
     "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "communication",
+    # torch's rowwise-scaled fp8 GEMM (train.fp8 = rowwise): its epilogue's template names Sm90RowBroadcast
+    "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int>, cutlass::gemm::"
+    "collective::CollectiveMma<cutlass::gemm::MainloopSm90TmaGmmaWarpSpecializedPingpongFP8FastAccum<4>>, "
+    "cutlass::epilogue::collective::CollectiveEpilogue<cutlass::epilogue::fusion::Sm90EVT<cutlass::epilogue::fusion"
+    "::Sm90ColBroadcast<0, float>, cutlass::epilogue::fusion::Sm90RowBroadcast<0, float> > >, void> >"
+    "(cutlass::gemm::kernel::GemmUniversal<...>::Params)": "gemm",
     "cudnn_generated_fort_native_sdpa_sm90_knob_7_64x128x64_4x1x1_kernel0_0": "attention",  # pytorch/kineto#1022
     "_mask_apply_kernel": "other",
     "void (anonymous namespace)::indexSelectLargeIndex<c10::BFloat16, long, unsigned int, 2, 2, -2, true>"

@@ -66,7 +66,7 @@ def test_the_gpu_call_leaves_at_most_eight_files_and_a_second_call_reuses_the_ke
         tool.chmod(0o755)
     calls = tmp_path / "calls.txt"
     env = os.environ | {"PYTHON": str(bin_dir / "python"), "PATH": f"{bin_dir}:{os.environ['PATH']}",
-                        "CALLS": str(calls), "SPEED_BUDGET": "200"}  # fmt: skip
+                        "CALLS": str(calls), "SPEED_BUDGET": "200", "SPEED_RESERVE": "0"}  # fmt: skip
     benches = {"attention": 3, "layernorm": 3, "gelu": 3, "attention_large": 3}
 
     def call(out: Path, *flags: str, rc: int = 0) -> tuple[set, set, list]:
@@ -349,9 +349,62 @@ def test_the_speed_scripts_bench_gets_a_time_limit_of_at_least_one_second(tmp_pa
     env, calls = _stand_in_tools(tmp_path)
     done = subprocess.run(["bash", str(script), str(tmp_path / "out")], env=env | {"SPEED_BUDGET": "20"},
                           capture_output=True, text=True)  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]  # the checks and benches left over
     (bench,) = [line.split() for line in calls.read_text().splitlines() if "mlmtrain.cli" in line]
     assert bench[bench.index("--time-limit") + 1] == "1"
+
+
+STEPS = ["pytest", *(f"mlmtrain.benchmarks.{b}" for b in ("bench_attention", "bench_residual_layer_norm",
+          "bench_bias_gelu", "bench_attention")), "mlmtrain.cli"]  # fmt: skip
+TIMEOUT = """
+import os, sys
+
+args = sys.argv[1:]
+while args[0] in ("-s", "-k"):
+    args = args[2:]
+with open(os.environ["CALLS"], "a") as calls:
+    calls.write("timeout " + args[0] + " " + " ".join(args[1:4]) + "\\n")
+os.execvp(args[1], args[1:])
+"""
+
+
+def test_the_checks_and_kernel_benches_leave_the_rows_their_reserve(tmp_path):
+    """SPEED_RESERVE seconds of the budget are the bench's rows': the GPU checks and kernel benches before it run
+    only as long as leaves them (their `timeout`s cut to what is left), and where less than 30 s is left for one,
+    it is left to a later call (said, exit 1), which runs it; a relative OUT_DIR is the caller's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "speed_gpu.sh"
+    env, calls = _stand_in_tools(tmp_path)
+    (tmp_path / "bin" / "timeout").write_text(f"#!{sys.executable}\n" + TIMEOUT)
+    (tmp_path / "bin" / "timeout").chmod(0o755)
+
+    def call(budget: int, *flags: str, **extra: str) -> tuple[subprocess.CompletedProcess, list[tuple[int, str]]]:
+        """The call's result, and each `timeout` it ran: (seconds, the module run: `timeout S python -m M`)."""
+        calls.write_text("")
+        done = subprocess.run(["bash", str(script), "out", *flags], cwd=tmp_path, capture_output=True, text=True,
+                              env=env | {"SPEED_BUDGET": str(budget), "SPEED_RESERVE": "240", **extra})  # fmt: skip
+        words = [line.split() for line in calls.read_text().splitlines() if line.startswith("timeout ")]
+        return done, [(int(w[1]), w[4]) for w in words]
+
+    done, limits = call(330)  # 80 s before the reserve: every step runs, none past it
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert (tmp_path / "out" / "results.json").is_file()  # OUT_DIR relative to the caller, not to the script
+    assert [module for _, module in limits] == STEPS, limits
+    (checks, *benches, bench) = [seconds for seconds, _ in limits]
+    assert 70 <= checks <= 80 and all(50 <= s <= 80 for s in benches) and bench >= 320, limits
+    os.remove(tmp_path / "out" / "kernels.tar.gz")
+
+    done, limits = call(270, "--merge", CHECKS="1")  # 20 s: nothing before the rows
+    assert done.returncode == 1 and "no time for the GPU checks" in done.stdout, done.stdout[-2000:]
+    assert "left to a later call for want of time: checks attention layernorm gelu attention_large" in done.stdout
+    assert [module for _, module in limits] == ["mlmtrain.cli"], limits
+
+    done, limits = call(900, "--merge", CHECKS="1")  # the later call
+    assert done.returncode == 0 and [module for _, module in limits] == STEPS, done.stdout[-2000:]
 
 
 def test_bench_gpu_sh_claims_its_folder_first_and_a_merge_call_keeps_the_first_calls_log(tmp_path):
