@@ -60,7 +60,9 @@ def document_lengths(rng: np.random.Generator, tokens: int, row_len: int) -> np.
 
 def flat_capacity(lengths: np.ndarray, tokens: int, row_len: int) -> int:
     """The flat packer's fixed segment count for batches of `tokens` (packing.Packer.segment_capacity)."""
-    return math.ceil(1.25 * tokens / float(lengths.mean())) + -(-tokens // row_len)
+    from mlmtrain.packing import unit_capacity
+
+    return unit_capacity(tokens, float(lengths.mean())) + -(-tokens // row_len)
 
 
 def row_segments(

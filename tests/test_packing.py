@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from mlmtrain.packing import Packer
 from mlmtrain.prepare import load_split, read_meta
@@ -166,3 +167,20 @@ def test_never_masked_ids_are_not_counted_as_maskable():
     specials = SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4, never_mask=((0, 4), (11, 11)))  # 11 never masked
     batch = next(Packer(shard, 64, 16, seed=0, loop=False, specials=specials).batches())
     assert batch.num_maskable_tokens == 4 + 5
+
+
+def test_the_packers_maskable_count_is_what_the_masker_selects_at_mask_prob_one():
+    """The packer counts maskable tokens on the host (for the FLOPs); the masker decides on the device from the
+    table evaluate.masker builds: at mask_prob = 1 they must agree, leading specials and later never-mask ids
+    alike (Google's layout: [unused*] rows past the first real ids)."""
+    from mlmtrain.config import MaskSpec
+    from mlmtrain.evaluate import masker
+    from mlmtrain.kernels.mlm_mask import IGNORE_INDEX
+    from mlmtrain.tokenizer import SpecialTokens
+
+    shard = synthetic_shard([4, 3, 5, 7, 2])  # ids 10, 11, 12, 13, 14
+    specials = SpecialTokens(pad=0, unk=1, cls=2, sep=3, mask=4, never_mask=((0, 4), (11, 11), (13, 14)))
+    batch = next(Packer(shard, 64, 16, seed=0, loop=False, specials=specials).batches())
+    mask = masker(specials, 20, MaskSpec(mask_prob=1.0), seed=0, max_masked=64, device=torch.device("cpu"))
+    out = mask(batch.input_ids, step=0, backend="torch")
+    assert batch.num_maskable_tokens == int((out.masked_labels != IGNORE_INDEX).sum()) == 4 + 5

@@ -9,10 +9,10 @@ Flat batches (packing.Packer: T tokens of whole segments back to back, `cu_seqle
 Rows (data.layout = "rows", packing.RowPacker): the T tokens are R rows of L, each row whole segments back to
 back and a [PAD] tail; a token attends to the tokens of its own segment, which `segment_ids` (R, L) names:
 - "flex" (`flex_row_attention`): FlexAttention with a block-diagonal mask function. A row of 128 is one
-  128 x 128 tile holding ~4-5 sentences, where flash varlen gives each ~27-token sentence a tile of its own
-  (~5-8% of it useful): about 4.7x fewer tiles for the same tokens. Fused only under torch.compile (eager
-  FlexAttention materializes the scores; on the CPU it has no backward at all), so an eager CUDA forward
-  (evaluation's) takes the reference.
+  128 x 128 tile holding ~4-5 sentences (sentence packing), where flash varlen gives each ~27-token sentence a
+  tile of its own (~5-8% of it useful): about 4.7x fewer tiles for the same tokens. Fused only under
+  torch.compile (eager FlexAttention materializes the scores; on the CPU it has no backward at all), so an
+  eager CUDA forward (evaluation's) takes the reference.
 - "triton" (`triton_row_attention`): the segment-attention Triton kernel (kernels/segment_attention.py) for rows
   of at most 128 tokens: one program per (row, head) holds the whole tile, and its backward is one pass.
 - "sdpa" (`row_sdpa_attention`): the reference, SDPA with the dense (R, 1, L, L) mask; runs anywhere.
@@ -141,7 +141,7 @@ def flex_row_attention(q, k, v, segment_ids, block_tables, dropout_p: float = 0.
     return flex_attention(q, k, v, block_mask=block_mask).transpose(1, 2).flatten(0, 1)  # (T, H, D)
 
 
-def triton_row_attention(qkv, segment_ids, dropout_p: float = 0.0):
+def triton_row_attention(qkv, segment_ids):
     """Row attention with the segment-attention Triton kernel (kernels/segment_attention.py; rows of at most 128
     tokens): qkv (T, 3, H, D), the fused projection's output, -> (T, H, D); its gradient comes back as one
     (T, 3, H, D) tensor (no stacking of three). No dropout, as on the flex and flash varlen paths."""

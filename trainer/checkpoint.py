@@ -6,8 +6,9 @@ Layout of one checkpoint, `RUN_DIR/checkpoints/step_{step:08d}/`:
     optimizer.safetensors  optimizer tensors (exp_avg, exp_avg_sq, step) keyed "state.{param index}.{name}"
     rng.safetensors        torch CPU (and CUDA) generator states; under torchrun every rank's, as
                            "rank{r}.cpu" / "rank{r}.cuda", so dropout continues bit-exactly
-    config.json            {"model": BertConfig fields, "run": resolved RunConfig}
-    state.json             step, data cursor, fingerprints, optimizer param groups, grad-scaler state, world size
+    config.json            {"model": BertConfig fields, "run": the RunConfig as given (state.json: what `auto` became)}
+    state.json             step, data cursor, fingerprints, the resolved `auto` values, optimizer param groups,
+                           grad-scaler state, world size
     manifest.json          size and sha256 of every file above; written last
 
 A checkpoint is written into a temporary sibling folder, every file fsynced, then renamed into place (rename

@@ -30,7 +30,7 @@ from mlmtrain.corpus_check import corpus_from_args
 from mlmtrain.errors import UserError
 from mlmtrain.export_check import EXPORT_MANIFEST, read_manifest
 from mlmtrain.files import json_text
-from mlmtrain.kernels.mlm_mask import max_masked_bound, mlm_mask
+from mlmtrain.kernels.mlm_mask import IGNORE_INDEX, max_masked_bound, mlm_mask
 from mlmtrain.model import BertForMaskedLM, mlm_loss_sum
 from mlmtrain.text import LINE_PROBLEMS
 
@@ -93,7 +93,7 @@ def score(models, batches, mask, device, autocast, max_seqlen: int | None, unigr
         b = host_batch.to(device)
         m = mask(b.input_ids, step=EVAL_KEY + i)
         seqlen = host_batch.max_segment_len if max_seqlen is None else max_seqlen
-        real = m.masked_labels != -100
+        real = m.masked_labels != IGNORE_INDEX
         for j, model in enumerate(models):
             with autocast:
                 logits = model(m.masked_ids, b.position_ids, b.cu_seqlens, seqlen, m.masked_positions, b.segment_ids)

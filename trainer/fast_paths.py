@@ -90,7 +90,7 @@ def check_speed_options(
     cfg, L: int, device: torch.device, precision: str, compiled: bool, T: int, world: int, head_dim: int
 ):
     """The speed options a run asks for (`cfg` a RunConfig: data.layout, model.attention, train.cuda_graphs,
-    train.async_log_reads, train.fp8), refused with one sentence where they cannot run, before any device work.
+    train.fp8), refused with one sentence where they cannot run, before any device work.
     L: the shards' max_seq_len; T: tokens per micro-batch; world: the number of processes; head_dim: the model's."""
     if cfg.data.layout == "rows" and T % L:
         raise UserError(

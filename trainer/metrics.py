@@ -220,11 +220,6 @@ class WindowStats:
         self.segments += batch.num_segments
         self.flops += flops
 
-    def open_tokens(self) -> int:
-        """The real tokens of the steps since the window opened, the job's (several processes: a host all-reduce,
-        call it where every rank is, e.g. at a checkpoint)."""
-        return int(parallel.sum_over_ranks(self.tokens)[0])
-
     def add_step(self, step_loss, bad, grad_norm) -> None:
         self.bad_flags[self.steps] = bad
         self.bad_streak = (self.bad_streak + 1) * bad
@@ -242,7 +237,8 @@ class WindowStats:
         t_sync = time.perf_counter()
         ready = self.flush()  # before the landing buffer takes this window's numbers
         # sync: once per log window, before the clock stops, so the window's time is the device's: the host runs
-        # ahead of it (by whole steps with CUDA graphs), and work still queued here would count in no window
+        # ahead of it (by whole steps with CUDA graphs), and work still queued here would count in no window.
+        # Deferred (async_log_reads): no wait here; flush() above waited on the previous window's copy
         values = None if self.deferred else device_values.tolist()
         device_wait_s = time.perf_counter() - t_sync  # how far the host ran ahead; ~0: the device waited for it
         # several processes: the window's job totals, summed on the host (every rank meets here, no device waits)

@@ -6,8 +6,9 @@ decoder tied to the word embeddings. Every module and parameter carries the Hugg
 from `transformers.BertForMaskedLM` with no key mapping.
 
 Two entry points:
-- packed (the training path): flat [T] tokens of whole sentences, `cu_seqlens` marking sentence starts,
-  position ids restarting at 0 per sentence; attention never crosses a sentence boundary. Logits are
+- packed (the training path): flat [T] tokens of whole segments ([CLS] sentence [SEP], or with pack =
+  "document" several sentences of one document), `cu_seqlens` marking segment starts, position ids restarting
+  at 0 per segment; attention never crosses a segment boundary. Logits are
   computed only at `masked_positions` (a fixed-size gathered index), so the C x V projection runs on ~15%
   of tokens and every shape is static for torch.compile.
 - padded (`forward_padded`): [B, L] ids + attention mask -> [B, L, V], as transformers does it.
@@ -331,11 +332,10 @@ class BertForMaskedLM(nn.Module):
         """Packed MLM forward.
 
         input_ids, position_ids: (T,) int64 or int32; cu_seqlens: (S+1,) int32, starting at 0 and ending at T,
-        may end in
-        repeated values (empty segments) so S stays fixed; max_seqlen: python int >= the longest segment;
+        may end in repeated values (empty segments) so S stays fixed; max_seqlen: python int >= the longest segment;
         masked_positions: (M,) int64 in [0, T) (padded slots may point at any valid token; their labels are
         -100); segment_ids: (R, L) int32, R * L = T, for rows of whole segments (RowPacker). Returns logits (M, V)
-        at the masked positions only: fp32, or bf16 under bf16 autocast."""
+        at the masked positions only: fp32, or the autocast dtype under autocast."""
         T = input_ids.shape[0]
         # Linear outputs take the autocast dtype when autocast is on; the flash path needs fp16/bf16.
         compute_dtype = (
@@ -390,7 +390,8 @@ class BertForMaskedLM(nn.Module):
 
 
 def mlm_loss_sum(logits, masked_labels):
-    """(M, V) logits, (M,) labels with -100 in padded/unused slots -> (summed CE in fp32, number of targets).
+    """(M, V) logits, (M,) labels with -100 in padded/unused slots (transformers' ignore label, the masking
+    kernel's IGNORE_INDEX: this module imports no kernel) -> (summed CE in fp32, number of targets).
 
     Both are 0-dim tensors (no host sync). Callers divide: with gradient accumulation, by the target count
     over all micro-batches, so every masked token weighs the same."""

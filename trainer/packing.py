@@ -52,9 +52,9 @@ class PackedBatch:
     segment_lengths: np.ndarray | None = None  # rows only: the real segments' lengths (not a prefix of cu_seqlens)
     num_maskable_tokens: int = 0  # real tokens the masker may select (no special id: [CLS], [SEP], [UNK], ...)
 
-    def to(self, device: torch.device, non_blocking: bool = True) -> PackedBatch:
+    def to(self, device: torch.device) -> PackedBatch:
         """The batch on `device`; from pinned memory the copy is asynchronous."""
-        return self._with(lambda t: t.to(device, non_blocking=non_blocking))
+        return self._with(lambda t: t.to(device, non_blocking=True))
 
     def pin_memory(self) -> PackedBatch:
         return self._with(torch.Tensor.pin_memory)
@@ -82,6 +82,14 @@ def document_units(offsets: np.ndarray, doc_offsets: np.ndarray, max_seq_len: in
         if int(doc_offsets[d + 1]) > start:
             units.append((start, int(doc_offsets[d + 1])))
     return np.asarray(units, dtype=np.int64).reshape(-1, 2)
+
+
+def unit_capacity(tokens_per_batch: int, mean_unit_len: float) -> int:
+    """The real segments a batch may hold, fixed per run: 1.25x the mean count (a batch that would exceed it closes
+    early, slightly less full). The varlen attention kernel launches blocks for every entry of cu_seqlens, empty
+    ones included, so a loose bound costs real time (a worst-case T // shortest-unit bound made ~16k mostly-empty
+    segments at 64k tokens)."""
+    return max(1, math.ceil(1.25 * tokens_per_batch / mean_unit_len))
 
 
 class Packer:
@@ -125,12 +133,8 @@ class Packer:
                 f"a segment of {self.unit_lens.max()} tokens exceeds max_seq_len={max_seq_len} "
                 f"or tokens_per_batch={tokens_per_batch}"
             )
-        # Fixed segment capacity. The varlen attention kernel launches blocks for every entry of cu_seqlens,
-        # empty ones included, so a loose bound costs real time (a worst-case T // shortest-unit bound made
-        # ~16k mostly-empty segments at 64k tokens). Bound real segments at 1.25x the mean count instead
-        # (a batch that would exceed it closes early, slightly less full), plus the [PAD] tail segments.
-        self.max_units = max(1, math.ceil(1.25 * tokens_per_batch / float(self.unit_lens.mean())))
-        self.segment_capacity = self.max_units + -(-tokens_per_batch // max_seq_len)
+        self.max_units = unit_capacity(tokens_per_batch, float(self.unit_lens.mean()))
+        self.segment_capacity = self.max_units + -(-tokens_per_batch // max_seq_len)  # and the [PAD] tail's
         self._epoch_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -289,8 +293,8 @@ class RowPacker(Packer):
     whole into the rows (the greedy prefix, shortened by the units that did not fit until all do), so the
     cursor stays one position in the stream, as for Packer, and a resume continues it exactly. The tokens
     are Packer's own layout of those units, moved into their rows; each row's [PAD] tail is one more
-    segment. The batch carries both views: `cu_seqlens` over the flat [R*L] tokens (the varlen and packed
-    SDPA paths still run on it) and `segment_ids` [R, L] (the segment of every token, for the row mask)."""
+    segment. The batch carries both views: `cu_seqlens` over the flat [R*L] tokens (model.attention = varlen
+    runs on it) and `segment_ids` [R, L] (the segment of every token: every other rows path reads it)."""
 
     def __init__(self, shard, tokens_per_batch: int, max_seq_len: int, seed: int, pack: str = "sentence", **kwargs):
         if tokens_per_batch % max_seq_len:
@@ -407,8 +411,8 @@ class BatchStream:
     world_size: int
     static_shapes: bool
     specials: SpecialTokens
-    cursor: tuple[int, int]  # where the stream starts, and the global micro-batch index there (Packer.batches)
-    start_index: int
+    cursor: tuple[int, int]  # where the stream starts (Packer.batches)
+    start_index: int  # the global micro-batch index there
     batches_per_step: int
     vocab_size: int
 

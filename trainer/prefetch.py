@@ -1,7 +1,8 @@
 """Running an iterator ahead of its consumer: `Prefetcher` on one background thread (prepare's reader, whose
-numpy, file reads and tokenizer calls release the GIL; the trainer's packer by default), `ProcessPrefetcher` in
-a spawned process (the trainer's packer with data.packer = process: its Python loops then hold another
-process's GIL, not the one the training loop's kernel launches wait for; bench_packing measures the difference).
+file reads and decompression release the GIL while the main thread tokenizes; the trainer's packer by
+default), `ProcessPrefetcher` in a spawned process (the trainer's packer with data.packer = process: its
+Python loops then hold another process's GIL, not the one the training loop's kernel launches wait for;
+bench_packing measures the difference).
 
 The consumer sees items in order, the end of the stream, or the producer's exception re-raised in its own
 thread. `close()` stops the producer and joins it, so no thread or process outlives its use (a daemon thread
@@ -103,7 +104,7 @@ class ProcessPrefetcher:
     and CPU tensors cross through `depth` shared-memory slots of `slot_bytes` (pickle protocol 5, out of band;
     what does not fit goes in the message) and are copied out before the slot is handed back, so the consumer
     owns what it gets; `then` runs on each item in the consumer's process (pinning: page-locked memory is the
-    pinning process's). The producer ignores SIGINT and SIGTERM (the consumer's stop handling decides) and ends
+    pinning process's). The producer ignores SIGINT, SIGTERM and SIGHUP (the consumer's stop handling decides) and ends
     when asked, when its parent is gone, or killed by `close()` or at interpreter exit. Same interface as
     `Prefetcher`, whose thread it replaces where the producer's Python would hold the consumer's GIL."""
 

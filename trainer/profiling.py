@@ -138,8 +138,8 @@ class StepProfiler:
         return spent
 
     def _drain(self) -> None:
-        """Wait for the device before the trace starts (sync: once per run): the host runs steps ahead of it, and
-        kernels of untraced steps still running then would be counted in the traced ones."""
+        """Wait for the device (sync: twice per run, before the first traced step and after the last): the host runs
+        steps ahead of it, and kernels of untraced steps still running then would be counted in the traced ones."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

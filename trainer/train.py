@@ -27,7 +27,7 @@ from mlmtrain.fast_paths import FastPaths, cpu_note, fused_ops_note
 from mlmtrain.files import write_json
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
 from mlmtrain.fp8 import convert_to_fp8
-from mlmtrain.kernels.mlm_mask import max_masked_bound, pieces_per_word, word_start_table
+from mlmtrain.kernels.mlm_mask import IGNORE_INDEX, max_masked_bound, pieces_per_word, word_start_table
 from mlmtrain.metrics import (
     MetricsLog,
     WindowStats,
@@ -75,7 +75,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
                 host_batch = run.prefetch.get()
                 b = host_batch.to(run.device)  # async copy from pinned memory
                 # key = (seed, optimizer step, global token index within the step): the same tokens get the same
-                # mask for any world size or micro-batch split, after a resume, on any rank
+                # mask at any world size (the same global micro-batches dealt to other ranks), after a resume
                 offset = (host_batch.index - step * cfg.optim.grad_accum) * run.plan.tokens_per_batch
                 phase("mask")
                 m = run.mask(b.input_ids, step=step, offset=offset)
@@ -84,7 +84,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
                 window.add_batch(
                     host_batch, train_flops_per_batch(run.plan.model_config, host_batch, cfg.mask.mask_prob)
                 )
-            targets = sum((m.masked_labels != -100).sum() for _, m, _ in micro)  # device scalar, no sync
+            targets = sum((m.masked_labels != IGNORE_INDEX).sum() for _, m, _ in micro)  # device scalar, no sync
             targets = parallel.all_reduce_sum(targets).clamp(min=1)  # the same denominator on every rank
             step_loss = torch.zeros((), device=run.device, dtype=torch.float32)
             for j, (b, m, seqlen) in enumerate(micro):
@@ -115,7 +115,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
             step += 1
             bar.update()
             if profiler is not None:  # the trace's export, after its last step, is no training time
-                window.exclude(profiler.step())
+                window.exclude(profiler.step())  # sync: with --profile-steps, twice per run (Profiler._drain)
 
             # ---- log, eval, checkpoint: the only places the host waits for the device
             last = step == t.max_steps
@@ -143,7 +143,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
                 run.log(eval_line(step, last_eval))
                 window.restart_clock()  # eval time is not training throughput
             if save_cadence or (last and t.checkpoint_at_end) or stop_now or stop_reason:
-                seen = run.tokens_before + sum(w.real_tokens for w in history) + window.open_tokens()  # sync: all ranks
+                seen = run.tokens_before + sum(w.real_tokens for w in history)  # a save closed its window above
                 run.save(step, cursor, last_eval, seen)  # sync: state to the host
                 last_save = time.time()
                 window.restart_clock()
