@@ -7,7 +7,7 @@ The pipeline, and why it looks like this:
 - A background thread reads and decodes the next block while `encode_batch_fast` (Rust, all cores, GIL
   released) tokenizes this one, so the tokenizer is the bottleneck, not our code. Lines go to the
   tokenizer 64 at a time joined by " [SEP] " (`encode_lines`): one Encoding object per group instead of
-  per line saves a quarter or more of the CPU time on sentence-length lines (docs/BENCHMARKS.md).
+  per line needs half the CPU time on sentence-length lines (2.0x less: docs/BENCHMARKS.md, bench_prepare).
   Threads, not processes: `tokenizers` disables its own parallelism in a process forked after it was
   used, so we never fork.
 - Tokens go straight to disk (an .npy whose header is rewritten with the real length at the end); memory
@@ -144,8 +144,8 @@ JOIN_CHARS = LONG_LINE_BYTES  # and at most about this many characters: an input
 def encode_lines(tok, lines: list[str], dtype, sep_id: int = SEP_ID) -> list[np.ndarray]:
     """Token ids of each line (no [CLS]/[SEP]), as numpy arrays.
 
-    Instead of one `Encoding` object per line (token strings, offsets, masks: ~20% of the CPU time on
-    short sentences), lines are joined JOIN_LINES at a time (fewer where that would pass JOIN_CHARS) with
+    Instead of one `Encoding` object per line (token strings, offsets, masks: half the CPU time on short
+    sentences, docs/BENCHMARKS.md), lines are joined JOIN_LINES at a time (fewer where that would pass JOIN_CHARS) with
     " [SEP] " and encoded as one input per group, in one parallel `encode_batch_fast` call; the ids are then
     cut at the [SEP] ids. [SEP] is a
     special (added) token, so the text on each side is normalized and pre-tokenized on its own, exactly

@@ -182,7 +182,7 @@ class Run:
     """Everything `setup` builds for the loop: where it runs, the model and its optimizer, the data, the masking."""
 
     cfg: RunConfig
-    plan: Plan  # precision, compile, tokens per batch, segment cap, model shape: resolved before device work
+    plan: Plan  # precision, compile, tokens per batch, max segment length, model shape: resolved before device work
     dir: Path
     device: torch.device
     rank: int
@@ -403,8 +403,8 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
         if not quiet():
             params, name = sum(p.numel() for p in model.parameters()) / 1e6, cfg.model.init_from or cfg.model.size
             log(format_config(cfg, run.resolved))
-            log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} tokens/micro-batch, "
-                f"{cfg.optim.grad_accum} micro-batches/step, model {name} ({params:.1f}M params), "
+            log(f"device {device} x{world}, precision {precision}, compile {use_compile}, {T} token slots/micro-batch "
+                f"([PAD] included), {cfg.optim.grad_accum} micro-batches/step, model {name} ({params:.1f}M params), "
                 f"{mask.keywords['max_masked']} masked slots/batch")  # fmt: skip
         notes = (dropout_note(run.attention, cfg.model.dropout), fused_ops_note(cfg.model.fused_ops, device),
                  warmup_note(cfg), cpu_note(device, precision, use_compile))  # fmt: skip
