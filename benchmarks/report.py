@@ -286,8 +286,9 @@ def source_lines(results: dict) -> list[str]:
     if src is None:  # a report written before reports named their commit
         return ["- source: not recorded"]
     now = src.get("commit")
+    # a row without a "commit" (a section kept from a results.json written before rows named theirs): not recorded
     earlier = collections.Counter(
-        r.get("commit") for s in results["sections"] for r in s.get("rows", []) if r.get("commit", now) != now
+        r.get("commit") for s in results["sections"] for r in s.get("rows", []) if r.get("commit") != now
     )
     kept = "; ".join(f"{n} at {c[:12] if c else 'a commit not recorded'}" for c, n in earlier.items())
     return [f"- source: {describe(src)}"] + ([f"- rows kept from earlier calls (--merge): {kept}"] if kept else [])

@@ -275,6 +275,26 @@ def test_the_attention_bench_builds_a_batchs_mask_once_as_the_model_does(monkeyp
     assert len(built) == 2
 
 
+def test_the_attention_bench_builds_a_batchs_flex_block_tables_once_as_the_model_does(monkeypatch):
+    """FlexAttention's variant (CUDA only: here a stand-in flex_row_attention on a device named cuda, nothing run
+    on it) gets the block tables of a batch built once, whatever number of calls times it; a new batch, its own."""
+    import torch
+
+    from mlmtrain import attention, kernels
+    from mlmtrain.benchmarks import bench_attention
+
+    built, real = [], attention.row_block_tables
+    monkeypatch.setattr(attention, "row_block_tables", lambda seg: built.append(seg) or real(seg))
+    monkeypatch.setattr(attention, "flex_row_attention", lambda q, k, v, seg, tables: (q, tables))
+    monkeypatch.setattr(kernels, "triton_runs_on", lambda device: False)
+    attend = bench_attention.variants(torch.device("cuda"), False, 8, 4)["flex"]
+    seg, qkv = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]]), torch.randn(8, 3, 1, 4)
+    tables = [attend(qkv, seg, None, 8)[1] for _ in range(3)]
+    assert len(built) == 1 and all(t is tables[0] for t in tables)
+    attend(qkv, torch.tensor([[0, 0, 1, 1, 1, 1, 2, 2]]), None, 8)
+    assert len(built) == 2
+
+
 def test_the_report_lists_the_idle_gaps_of_the_traced_steps():
     """A device trace's idle gaps (categories.json "idle_gaps") go under the kernel-category table, by cause."""
     from mlmtrain.benchmarks.ablation_report import kernel_categories_markdown

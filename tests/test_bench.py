@@ -83,6 +83,7 @@ def test_results_json_schema(quick):
         for row in s.get("rows", []):
             assert row["section"] == s["section"] and row["command"], row.get("name")
             assert row.get("name") and (row.get("error") or row.get("benchmark"))
+            assert "commit" in row and row["commit"] == env["source"]["commit"], row.get("name")  # measured now
     for d in spreads(res["sections"]):
         assert d["min"] <= d["median"] <= d["max"], d
     assert rc == (1 if any("error" in s for s in res["sections"]) else 0)
@@ -317,8 +318,11 @@ def test_a_bench_killed_in_a_section_leaves_a_report_that_says_so(tmp_path, monk
     assert main(["bench", "--out", str(tmp_path / "out"), "--quick", "--device", "cpu", "--sections", "ceilings"]) == 0
     monkeypatch.undo()
     why = "not finished: the bench was killed while it ran this section (or still runs it)"
-    (section,) = json.loads((at_kill / "results.json").read_text(encoding="utf-8"))["sections"]
+    res = json.loads((at_kill / "results.json").read_text(encoding="utf-8"))
+    (section,) = res["sections"]
     assert section["error"] == why and len(section["rows"]) == 2
+    commit = res["environment"]["source"]["commit"]  # the rows so far name the commit too, as a finished section's
+    assert all("commit" in r and r["commit"] == commit for r in section["rows"]), section["rows"]
     assert f"- **ceilings**: {why}" in (at_kill / "report.md").read_text(encoding="utf-8")
     argv = ["bench", "--out", str(at_kill), "--quick", "--device", "cpu", "--sections", "mask", "--merge"]
     assert main(argv) == 1 and "not measured: ceilings" in capsys.readouterr().err  # kept, and said

@@ -184,3 +184,17 @@ def test_the_packers_maskable_count_is_what_the_masker_selects_at_mask_prob_one(
     mask = masker(specials, 20, MaskSpec(mask_prob=1.0), seed=0, max_masked=64, device=torch.device("cpu"))
     out = mask(batch.input_ids, step=0, backend="torch")
     assert batch.num_maskable_tokens == int((out.masked_labels != IGNORE_INDEX).sum()) == 4 + 5
+
+
+def test_the_segment_capacity_is_a_quarter_over_the_mean_count_plus_the_pad_tails_and_the_bench_uses_it():
+    """A batch holds at most ceil(1.25 x T / mean unit length) real segments (at least 1), plus one [PAD] tail per
+    row of max_seq_len started (ceil(T / max_seq_len)); the attention bench's flat layout takes the same count."""
+    from mlmtrain.benchmarks.bench_attention import flat_capacity
+    from mlmtrain.packing import unit_capacity
+
+    assert unit_capacity(1000, 10.0) == 125 and unit_capacity(1001, 10.0) == 126  # 125.125: rounded up
+    assert unit_capacity(64, 1000.0) == 1
+    packer = Packer(synthetic_shard([5, 9, 3, 14, 7, 2, 11, 6, 8, 4, 10, 13]), 100, 16, seed=0)
+    assert packer.unit_lens.mean() == pytest.approx(9 + 2 / 3)  # [CLS] and [SEP] on each: 1.25 x 100 / 9.67 = 12.9
+    assert (packer.max_units, packer.segment_capacity) == (13, 13 + 7)  # 100 / 16 = 6.25: 7 rows' tails
+    assert flat_capacity(packer.unit_lens, 100, 16) == packer.segment_capacity

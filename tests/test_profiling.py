@@ -238,6 +238,8 @@ HOST_OPS = {
     "aten::embedding": "other",
     "c10d::allreduce_": "communication",  # gloo's, on the CPU: not a reduction
     "gloo:all_reduce": "communication",
+    "aten::broadcast_tensors": "other",  # shapes made to match: no collective (aten has none: c10d's are c10d::)
+    "aten::broadcast_to": "other",
 }
 
 

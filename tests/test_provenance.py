@@ -110,3 +110,74 @@ def test_the_report_header_lines_come_from_the_results_environment(tmp_path):
     md = report.render({"command": "x", "environment": env, "sections": []}, tmp_path)
     assert f"- source: {provenance.describe(env['source'])}" in md
     assert json.loads(json.dumps(env)) == env  # results.json holds it as it is
+
+
+@needs_git
+def test_a_worktree_of_a_checkout_names_its_commit(tmp_path, monkeypatch):
+    """A `git worktree` (or a submodule) has a .git *file*, not a folder: it is a checkout all the same."""
+    root, commit = checkout(tmp_path)
+    tree = tmp_path / "tree"
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "-q", "--detach", str(tree)], check=True)
+    assert (tree / ".git").is_file()
+    monkeypatch.setattr(provenance, "__file__", str(tree / "trainer" / "provenance.py"))
+    monkeypatch.delenv(provenance.COMMIT_VARIABLE, raising=False)
+    src = provenance.source()
+    assert (src["commit"], src["uncommitted_changes"], src["commit_from"]) == (commit, False, "git")
+
+
+@needs_git
+def test_a_checkout_git_cannot_read_takes_the_commit_it_is_given(tmp_path, monkeypatch):
+    """A .git that git cannot read (here a repository without commits: `rev-parse HEAD` fails) is no error: the
+    commit comes from MLMTRAIN_SOURCE_COMMIT as for a copy without .git, or is not known."""
+    root = tmp_path / "repo"
+    (root / "trainer").mkdir(parents=True)
+    subprocess.run(["git", "-C", str(root), "init", "-q"], check=True)
+    monkeypatch.setattr(provenance, "__file__", str(root / "trainer" / "provenance.py"))
+    monkeypatch.delenv(provenance.COMMIT_VARIABLE, raising=False)
+    assert provenance.source()["commit"] is None
+    monkeypatch.setenv(provenance.COMMIT_VARIABLE, "c" * 40)
+    src = provenance.source()
+    assert (src["commit"], src["uncommitted_changes"]) == ("c" * 40, None)
+    assert src["commit_from"] == provenance.COMMIT_VARIABLE
+
+
+def test_versions_say_none_for_a_library_not_installed_and_give_cudnns_version_where_it_is(monkeypatch):
+    """A library not installed is None (not a guess); a build with cuDNN names its version."""
+    monkeypatch.setattr(provenance, "LIBRARIES", ("numpy", "no_such_library_mlmtrain_test"))
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    found = provenance.versions()
+    assert found["no_such_library_mlmtrain_test"] is None and found["numpy"]
+    assert found["cudnn"] == 91002
+
+
+def test_a_merged_report_counts_rows_from_before_reports_named_commits_as_not_recorded():
+    """A --merge onto a results.json written before rows carried a commit keeps its sections as they are: their
+    rows have no "commit" key, and the header says they were measured at a commit not recorded (not this call's)."""
+    from mlmtrain.benchmarks import report
+
+    src = {"mlmtrain": "0.1.0", "commit": "b" * 40, "uncommitted_changes": False, "commit_from": "git"}
+    old = {"section": "ceilings", "wall_s": 1.0, "rows": [{"benchmark": "x", "name": "old"}] * 3}
+    new = {"section": "train", "wall_s": 1.0, "rows": [{"benchmark": "x", "name": "new", "commit": "b" * 40}]}
+    previous = {"command": "before", "sections": [old]}
+    results = report.merged({"command": "x", "environment": {"device": "CPU", "source": src}, "sections": [new]},
+                            previous)  # fmt: skip
+    assert report.source_lines(results) == [
+        f"- source: mlmtrain 0.1.0, commit {'b' * 12}",
+        "- rows kept from earlier calls (--merge): 3 at a commit not recorded",
+    ]
+
+
+def test_the_report_names_cuda_cudnn_and_torchao_only_where_the_run_had_them(tmp_path):
+    """The versions line adds the CUDA and cuDNN torch was built with and torchao, each only where it is known: a
+    CPU build's None is left out, not printed."""
+    from mlmtrain.benchmarks import report
+
+    v = {"torch": "2.11.0", "python": "3.11.7", "cuda": "12.8", "cudnn": 91002, "torchao": None}
+    md = report.render({"command": "x", "environment": {"device": "GPU", "versions": v}, "sections": []}, tmp_path)
+    (line,) = [line for line in md.splitlines() if line.startswith("- versions: ")]
+    assert line.endswith(", python 3.11.7, cuda 12.8, cudnn 91002"), line
+    v.update(cuda=None, cudnn=None, torchao="0.13.0")
+    md = report.render({"command": "x", "environment": {"device": "CPU", "versions": v}, "sections": []}, tmp_path)
+    (line,) = [line for line in md.splitlines() if line.startswith("- versions: ")]
+    assert line.endswith(", python 3.11.7, torchao 0.13.0") and "None" not in line.split("python")[1], line

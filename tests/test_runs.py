@@ -157,6 +157,46 @@ def test_every_checkpoint_counts_the_real_tokens_its_weights_saw(data_dir, token
     assert seen(tmp_path / "resumed", 4) == seen(tmp_path / "full", 4)
 
 
+def test_a_checkpoint_counts_the_same_real_tokens_with_deferred_log_reads(data_dir, tokenizer_dir, tmp_path):
+    """With train.async_log_reads a window's numbers are read one window later: a save between log steps reads the
+    window still in flight first (a save's count is the closed windows' sum, nothing open): the same count as
+    without, at every checkpoint."""
+    from test_train import tiny_config
+
+    def seen(run, step):
+        return json.loads((run / "checkpoints" / f"step_{step:08d}" / "state.json").read_text())["real_tokens"]
+
+    settings = {"train.max_steps": 4, "train.log_every": 10, "train.checkpoint_every": 2, "train.keep_checkpoints": 0}
+    for name, deferred in (("sync", False), ("deferred", True)):
+        cfg = tiny_config(data_dir, tokenizer_dir, tmp_path / name, **settings, **{"train.async_log_reads": deferred})
+        train(cfg, log=lambda msg: None)
+    assert 0 < seen(tmp_path / "deferred", 2) == seen(tmp_path / "sync", 2) < seen(tmp_path / "deferred", 4)
+    assert seen(tmp_path / "deferred", 4) == seen(tmp_path / "sync", 4)
+
+
+def test_a_stops_checkpoint_counts_the_steps_of_its_open_window(data_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """A stop between log steps closes the open window before its save: the checkpoint counts the real tokens of
+    every step it holds, as one from a run that logs at every step (each window closed at once)."""
+    from test_train import tiny_config
+
+    from mlmtrain import parallel
+
+    def stop_after(steps):
+        calls = []
+        return lambda requested, due: (calls.append(1) or ("SIGTERM" if len(calls) == steps else None), due)
+
+    counts = {}
+    for log_every in (10, 1):
+        monkeypatch.setattr(parallel, "agree_stop", stop_after(3))  # a SIGTERM in step 3, as every rank takes it
+        cfg = tiny_config(data_dir, tokenizer_dir, tmp_path / f"log{log_every}", **{"train.max_steps": 8,
+                          "train.log_every": log_every, "train.checkpoint_every": 0})  # fmt: skip
+        summary = train(cfg, log=lambda msg: None)
+        state = tmp_path / f"log{log_every}" / "checkpoints" / "step_00000003" / "state.json"
+        counts[log_every] = json.loads(state.read_text())["real_tokens"]
+        assert summary["real_tokens"] == counts[log_every]
+    assert counts[10] == counts[1] > 0
+
+
 def test_keep_checkpoints_retires_only_older_checkpoints_of_its_own(data_dir, tokenizer_dir, tmp_path, capsys):
     """train.keep_checkpoints counts back from the step just saved: a later step's folder (here a damaged copy the
     resume skipped) is neither counted nor deleted, a checkpoint holding a file of the user's is kept and said, and

@@ -41,6 +41,7 @@ elif args[1] == "mlmtrain.cli":  # the bench's own claim on the folder, then its
     claim_out_folder(out)  # refuses a folder holding files it does not know
     for name in ("results.json", "report.md"):
         (out / name).write_text(json.dumps({"schema": "mlmtrain-bench/1", "sections": []}))
+    sys.exit(int(os.environ.get("BENCH_RC", "0")))  # a bench that failed: its exit code
 """
 
 
@@ -352,6 +353,10 @@ def test_the_speed_scripts_bench_gets_a_time_limit_of_at_least_one_second(tmp_pa
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]  # the checks and benches left over
     (bench,) = [line.split() for line in calls.read_text().splitlines() if "mlmtrain.cli" in line]
     assert bench[bench.index("--time-limit") + 1] == "1"
+    # a bench that failed keeps its own exit code: what was left over for want of time does not hide it
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True,
+                          env=env | {"SPEED_BUDGET": "20", "BENCH_RC": "3"})  # fmt: skip
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
 
 
 STEPS = ["pytest", *(f"mlmtrain.benchmarks.{b}" for b in ("bench_attention", "bench_residual_layer_norm",
@@ -390,12 +395,15 @@ def test_the_checks_and_kernel_benches_leave_the_rows_their_reserve(tmp_path):
         words = [line.split() for line in calls.read_text().splitlines() if line.startswith("timeout ")]
         return done, [(int(w[1]), w[4]) for w in words]
 
-    done, limits = call(330)  # 80 s before the reserve: every step runs, none past it
+    done, limits = call(330, SPEED_RESERVE="")  # the default reserve, 240 s: 80 s before it, every step runs
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert (tmp_path / "out" / "results.json").is_file()  # OUT_DIR relative to the caller, not to the script
     assert [module for _, module in limits] == STEPS, limits
     (checks, *benches, bench) = [seconds for seconds, _ in limits]
     assert 70 <= checks <= 80 and all(50 <= s <= 80 for s in benches) and bench >= 320, limits
+    done, limits = call(270, "--merge")  # 20 s, every kernel table in the archive already: none is left over
+    assert done.returncode == 0 and "left to a later call" not in done.stdout, done.stdout[-2000:]
+    assert [module for _, module in limits] == ["mlmtrain.cli"], limits
     os.remove(tmp_path / "out" / "kernels.tar.gz")
 
     done, limits = call(270, "--merge", CHECKS="1")  # 20 s: nothing before the rows

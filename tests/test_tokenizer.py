@@ -461,8 +461,11 @@ def test_a_signal_stops_tokenizer_training_at_once(name, tmp_path):
 
 
 MERGING = """
-import sys, time
+import atexit, sys, time
 import mlmtrain.tokenizer as T
+
+atexit.register(lambda: print("interpreter shutdown", file=sys.stderr, flush=True))  # os._exit runs none of it
+print("written before the stop")  # stdout is a pipe: held in its buffer until a flush
 
 build = T.build_tokenizer
 
@@ -486,28 +489,75 @@ sys.exit(main())
 """
 
 
-def test_a_signal_during_the_merges_ends_the_program_without_waiting_for_them(tmp_path, sample_corpus):
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_the_merges_ends_the_program_without_waiting_for_them(name, tmp_path, sample_corpus):
     """The merges cannot be stopped: the command's cleanups run, and the program exits at once with 128 + the
     signal (`stop.exit_now`) instead of waiting at the interpreter's exit for the thread that computes them.
     (Python 3.11 marks a thread whose join a signal interrupted as finished, so there the exit would not wait
     either; it would meet tokenizers' threads during the shutdown instead: 1 abort, exit 134, in 12 stops
-    without `exit_now` on this box, none in 12 with it.)"""
+    without `exit_now` on this box, none in 12 with it. So the test asserts the exit itself: no interpreter
+    shutdown ran (atexit), and what the program had written to stdout was flushed first.)"""
+    import os
     import signal
     import subprocess
     import sys
     import time
 
+    sig = signal.Signals[name]
     cmd = [sys.executable, "-c", MERGING, str(sample_corpus), str(tmp_path / "tok")]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as for a user
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     lines = [proc.stderr.readline() for _ in range(2)]
     assert lines[0].startswith("settings: ") and lines[1] == "merging\n", lines
     sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     try:
-        err = proc.communicate(timeout=30)[1]
+        out, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise AssertionError("the program waited for the merges") from None
-    assert proc.returncode == 143 and "stopped by SIGTERM" in err and "Traceback" not in err, (proc.returncode, err)
+    said = "interrupted" if sig == signal.SIGINT else f"stopped by {name}"
+    assert proc.returncode == 128 + sig and said in err and "Traceback" not in err, (proc.returncode, err)
+    assert "interpreter shutdown" not in err and out == "written before the stop\n", (out, err)  # os._exit, flushed
     assert time.monotonic() - sent < 1.5
     assert not (tmp_path / "tok").exists() and not list(tmp_path.glob(".tmp*"))
+
+
+def test_a_stop_ends_the_tokenizer_reading_at_its_next_batch_and_leaves_the_worker_to_the_exit(monkeypatch):
+    """The stop reaches the main thread while tokenizers trains on the worker: it is raised there at once, the
+    worker's reading of the corpus ends at its next batch (not at the corpus' end), and the worker is handed to
+    `stop.leave_running`, so the program's exit does not wait for it (`stop.exit_now`)."""
+    import signal
+    import threading
+    import time
+
+    from mlmtrain import stop
+    from mlmtrain.tokenizer import _train_stoppably
+
+    monkeypatch.setattr(stop, "_left_running", [])  # an in-process exit_now would otherwise end pytest
+    read, reading_ended = [], threading.Event()
+
+    def batches():
+        for i in range(500):  # 5 s of reading
+            read.append(i)
+            time.sleep(0.01)
+            yield [f"w{i}"]
+
+    class Tokenizer:  # reads as tokenizers does, on the worker thread
+        def train_from_iterator(self, iterator, trainer):
+            try:
+                for _ in iterator:
+                    pass
+            finally:
+                reading_ended.set()
+
+    ctrl_c = threading.Timer(0.3, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    ctrl_c.start()  # 0.3 s into the reading
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _train_stoppably(Tokenizer(), batches(), trainer=None)
+    finally:
+        ctrl_c.cancel()  # a training that returned early must not have pytest take the Ctrl-C
+    assert len(read) < 100 and [t.name for t in stop._left_running] == ["mlmtrain-tokenizer"], len(read)
+    # (not worker.is_alive(): Python 3.11 marks a thread whose join a KeyboardInterrupt cut short as finished)
+    assert reading_ended.wait(timeout=2) and len(read) < 100, len(read)

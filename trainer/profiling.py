@@ -260,9 +260,10 @@ def kernel_category(name: str, cat: str = "kernel") -> str:
         return "copy"
     full, base = name.lower(), _base_name(name)
     op = base[6:].strip("_") if base.startswith("aten::") else None  # a host operator's name
-    # by the function's own name: a GEMM's template arguments can name a *Broadcast* epilogue (rowwise fp8)
-    if any(s in base for s in ("nccl", "c10d::", "gloo", "allreduce", "all_reduce", "all_gather", "allgather",
-                               "reduce_scatter", "broadcast")):  # fmt: skip
+    # by the function's own name: a GEMM's template arguments can name a *Broadcast* epilogue (rowwise fp8); never
+    # a host aten:: operator (aten::broadcast_tensors is shapes; the collectives are c10d::, gloo:, nccl:)
+    if op is None and any(s in base for s in ("nccl", "c10d::", "gloo", "allreduce", "all_reduce", "all_gather",
+                                              "allgather", "reduce_scatter", "broadcast")):  # fmt: skip
         return "communication"
     if any(s in base for s in ("multi_tensor_apply", "adam", "lpnorm", "_foreach_")):
         return "optimizer"
