@@ -1,6 +1,7 @@
 """The speed options against their references on the CPU: the bf16 residual stream, the fused-kernel seam, fp8
-(torchao, emulated here), CUDA graphs and fp8 refused where they cannot run, log reads one window late, and each
-option's loss over a few tiny training steps within a stated tolerance of the default path."""
+(torchao, emulated here), CUDA graphs, autotuning and fp8 refused where they cannot run, autotuning compiled, log
+reads one window late, and each option's loss over a few tiny training steps within a stated tolerance of the
+default path."""
 
 from __future__ import annotations
 
@@ -142,6 +143,7 @@ def cli_train(data_dir, tokenizer_dir, tmp_path, *sets, tokens=1024):
     [
         ("train.fp8=rowwise", "needs a CUDA GPU with FP8 tensor cores"),
         ("train.cuda_graphs=true", "needs a CUDA device and compile on"),
+        ("train.autotune=true", "it needs compile on (this run: cpu, compile off;"),
         ("model.attention=flex", "needs data.layout = rows"),
         ("data.layout=rows model.attention=flex", "FlexAttention has no backward on the CPU"),
         ("model.attention=triton", "needs data.layout = rows"),
@@ -227,6 +229,35 @@ def test_options_that_need_one_process_or_one_micro_batch():
     cfg = load_config(None, {"train.cuda_graphs": True, "train.compile": "on", "optim.grad_accum": 2})
     with pytest.raises(UserError, match=r"cannot accumulate gradients \(optim.grad_accum = 2\)"):
         check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=1, head_dim=64)
+
+
+def test_autotune_compiles_the_step_in_max_autotune_mode_and_trains_as_eager(stored_data, tmp_path, monkeypatch):
+    """train.autotune on the CPU (inductor times its C++ GEMM templates there): the step is compiled in
+    max-autotune mode (without CUDA graphs unless asked), and its 4 fp32 losses equal the eager step's within
+    1e-4 relative (the same math; inductor reorders sums)."""
+    from mlmtrain.fast_paths import compile_mode
+
+    data_dir, tokenizer_dir = stored_data
+    modes, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or real_compile(fn, **kw))
+    fixed = {"model.dropout": 0.0, "train.max_steps": 4, "train.checkpoint_at_end": False}
+    eager = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "eager", **fixed))
+    assert modes == []
+    tuned = train(
+        tiny_config(
+            data_dir, tokenizer_dir, tmp_path / "tuned", **fixed, **{"train.compile": "on", "train.autotune": True}
+        )
+    )
+    assert modes == ["max-autotune-no-cudagraphs"]
+    np.testing.assert_allclose([x for _, x in tuned["losses"]], [x for _, x in eager["losses"]], rtol=1e-4)
+    cfg = load_config(None, {})
+    for graphs, autotune, mode in (
+        (False, False, None),
+        (True, False, "reduce-overhead"),
+        (True, True, "max-autotune"),
+    ):
+        cfg.train.cuda_graphs, cfg.train.autotune = graphs, autotune
+        assert compile_mode(cfg.train) == mode
 
 
 def test_a_gpu_configs_precision_and_compile_on_a_cpu_are_noted():
@@ -384,6 +415,7 @@ GPU_OPTIONS = {  # name -> (options, rtol of the 4 losses against the compiled d
     "rows": ({"data.layout": "rows", "model.attention": "flex"}, 0.01),  # other batches, as on the CPU
     "rows_kernel": ({"data.layout": "rows", "model.attention": "triton"}, 0.01),  # the segment-attention kernel
     "fused": ({"model.fused_ops": "triton"}, 5e-3),  # bf16 autocast around the Triton kernels
+    "autotune": ({"train.autotune": True}, 5e-3),  # other GEMM kernels (bias and GELU in their epilogues): rounding
     "fp8": ({"train.fp8": "rowwise"}, 0.03),  # every Linear's operands rounded to float8
     "fp8_gw_hp": ({"train.fp8": "rowwise_with_gw_hp"}, 0.03),  # the same but the weight gradients (bf16)
     "packer_process": ({"data.packer": "process"}, 1e-3),  # the same batches, built in another process

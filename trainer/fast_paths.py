@@ -90,7 +90,7 @@ def check_speed_options(
     cfg, L: int, device: torch.device, precision: str, compiled: bool, T: int, world: int, head_dim: int
 ):
     """The speed options a run asks for (`cfg` a RunConfig: data.layout, model.attention, train.cuda_graphs,
-    train.fp8), refused with one sentence where they cannot run, before any device work.
+    train.autotune, train.fp8), refused with one sentence where they cannot run, before any device work.
     L: the shards' max_seq_len; T: tokens per micro-batch; world: the number of processes; head_dim: the model's."""
     if cfg.data.layout == "rows" and T % L:
         raise UserError(
@@ -124,9 +124,22 @@ def check_speed_options(
                 f"micro-batch's backward replay reuses the memory of the gradients before it; use optim.grad_accum = "
                 f"1 (raise data.tokens_per_batch instead) or leave train.cuda_graphs off"
             )
+    if cfg.train.autotune and not compiled:
+        raise UserError(
+            f"train.autotune times the compiled step's kernel choices: it needs compile on (this run: {device}, "
+            f"compile off; train.compile = auto compiles on CUDA only)"
+        )
     check_fp8(cfg.train.fp8, device, precision, T)
     if cfg.train.fp8 != "off" and cfg.train.shard == "fsdp" and world > 1:
         raise UserError("train.fp8 is not wired for FSDP: use train.shard = ddp")
+
+
+def compile_mode(train) -> str | None:
+    """torch.compile's mode for a TrainSpec: reduce-overhead replays the compiled step as CUDA graphs (one launch
+    each for forward and backward instead of hundreds); max-autotune also times kernel choices (train.autotune)."""
+    if train.autotune:
+        return "max-autotune" if train.cuda_graphs else "max-autotune-no-cudagraphs"
+    return "reduce-overhead" if train.cuda_graphs else None
 
 
 def fused_ops_note(fused_ops: str, device: torch.device) -> str | None:
