@@ -16,7 +16,11 @@ ran, then the two target workloads.
     +async log reads  train.async_log_reads (log-step reads that do not drain the device's queue)
     +packer process   data.packer = process (the packer's Python off the loop's GIL: bench_packing's loop cost)
     +segment attention kernel  model.attention = triton (kernels/segment_attention.py instead of FlexAttention)
-    dropout off       model.dropout = 0 on the faster of the kernel row and the row it built on: speed and loss
+    +autotune         train.autotune on the faster of the kernel row and the row it built on (torch.compile's
+                      max-autotune: GEMM templates, FlexAttention's tiles and launches timed at the first compile)
+    +autotune, torch ops  the same with model.fused_ops = torch (inductor's GEMM templates can then take the bias
+                      and GELU in their epilogues); not run when that row has torch ops already
+    dropout off       model.dropout = 0 on the fastest of the autotune rows and the row they built on: speed and loss
     curves            the fastest configuration (the candidate default) and today's defaults over ~200 steps, each
                       at seeds 0 and 1: today's seed-to-seed difference is the noise (`curve_check`)
 
@@ -63,13 +67,17 @@ FP8_KEYS = ("train.fp8", "model.fused_ops")  # what an fp8 row changes
 ASYNC_READS = ("+async log reads", {"train.async_log_reads": True})
 PACKER_PROCESS = ("+packer process", {"data.packer": "process"})
 KERNEL_ATTENTION = ("+segment attention kernel", {"model.attention": "triton"})  # rows of <= 128 tokens only
+AUTOTUNE = [
+    ("+autotune", {"train.autotune": True}),
+    ("+autotune, torch ops", {"train.autotune": True, "model.fused_ops": "torch"}),  # on rows with Triton kernels
+]
 DROPOUT_OFF = ("dropout off", {"model.dropout": 0.0})
 # the loss curves' rows: today's and the candidate default's, at seeds 0 and 1 each (ablation_report.curve_check)
 CURVES = ("today", "today, seed 1", "fastest configuration", "fastest configuration, seed 1")
 TARGETS = ("today", "fastest base configuration", "fastest, flat layout", "fastest, fp8")  # the large model's rows
 ROW_NAMES = tuple(
     dict.fromkeys(
-        [name for name, _ in (*ABLATION, *FP8, ASYNC_READS, PACKER_PROCESS, KERNEL_ATTENTION, DROPOUT_OFF)]
+        [name for name, _ in (*ABLATION, *FP8, ASYNC_READS, PACKER_PROCESS, KERNEL_ATTENTION, *AUTOTUNE, DROPOUT_OFF)]
         + [*TARGETS, *CURVES]
     )
 )  # every row's name, once (--remeasure)
@@ -302,6 +310,12 @@ def run(
     kernel = bench.row("ablation", KERNEL_ATTENTION[0], {**base, **KERNEL_ATTENTION[1]}, **common)
     rows.append(kernel)
     pick = fastest([r for r in (built_on, kernel) if r is not None])  # against the row it built on, not a refused one
+    base = pick["options"] if pick else base
+    # the torch-ops variant only where the row has the Triton kernels (otherwise it would be the first row again)
+    autotune = AUTOTUNE if base.get("model.fused_ops") == "triton" else AUTOTUNE[:1]
+    tuned = [bench.row("ablation", name, {**base, **added}, **common) for name, added in autotune]
+    rows += tuned
+    pick = fastest([r for r in (pick, *tuned) if r is not None])
     base = pick["options"] if pick else base
     rows.append(bench.row("ablation", DROPOUT_OFF[0], {**base, **DROPOUT_OFF[1]}, **common))
 

@@ -160,14 +160,17 @@ def test_a_target_is_judged_on_the_fastest_row_measured():
 
 def test_ablation_plan_builds_each_row_on_the_right_one_and_tries_fp8_on_the_large_model(tmp_path, monkeypatch):
     """The rows `run` asks for, from made-up speeds: the fp8 rows are siblings on the last chained row, async log
-    reads and dropout off build on the fastest of those, and the large model gets the fastest fp8 row's options on
-    its fastest configuration (here the flat layout, which is faster at 512 tokens)."""
+    reads build on the fastest of those, the autotune rows on the faster of the kernel row and the row before it
+    (with torch ops only where that row has the Triton kernels), dropout off on the fastest of those, and the
+    large model gets the fastest fp8 row's options on its fastest configuration (here the flat layout, which is
+    faster at 512 tokens)."""
     from mlmtrain.benchmarks import bench_ablation
 
     speed = {"today": 100, "+row attention": 130, "+bf16 residual": 135, "+fused kernels": 140, "+CUDA graphs": 141,
              "+fp8 tensorwise": 120, "+fp8 rowwise": 110, "+fp8 tensorwise, torch ops": 150,
              "+fp8 rowwise, bf16 weight grads, torch ops": 145, "+async log reads": 152,
-             "+packer process": 153, "+segment attention kernel": 155, "dropout off": 160,
+             "+packer process": 153, "+segment attention kernel": 155, "+autotune": 154, "dropout off": 160,
+             "+autotune, torch ops": 150,
              "fastest base configuration": 50, "fastest, flat layout": 60, "fastest, fp8": 70}  # fmt: skip
 
     def fake_row(self, benchmark, name, options, **kw):
@@ -196,20 +199,31 @@ def test_ablation_plan_builds_each_row_on_the_right_one_and_tries_fp8_on_the_lar
     assert rows[("ablation", "+packer process")] == {**fp8_torch, **host}
     kernel = {**fp8_torch, **host, "model.attention": "triton"}
     assert rows[("ablation", "+segment attention kernel")] == kernel
-    assert rows[("ablation", "dropout off")] == {**kernel, "model.dropout": 0.0}
+    assert rows[("ablation", "+autotune")] == {**kernel, "train.autotune": True}
+    assert ("ablation", "+autotune, torch ops") not in rows  # the fp8 torch-ops row won: torch ops already
+    assert rows[("ablation", "dropout off")] == {**kernel, "model.dropout": 0.0}  # autotune within 1%: noise
     best = {**fp8_torch, **host}  # the kernel holds rows of <= 128 tokens: not at 512
     assert rows[("target", "fastest base configuration")] == best
     assert ("target", "fastest, fp8") not in rows  # the fastest configuration has fp8 already
 
     speed["+fp8 tensorwise, torch ops"] = 90  # now fp8 is slower on the base model: the large one still tries it
     speed["+fp8 rowwise, bf16 weight grads, torch ops"] = 95  # (its fastest fp8 row: tensorwise's 120)
-    speed["+segment attention kernel"] = 140  # and the kernel slower than FlexAttention: dropout off builds on flex
+    speed["+segment attention kernel"] = 140  # and the kernel slower than FlexAttention: autotune builds on flex
+    speed["+autotune"] = speed["+autotune, torch ops"] = 150  # autotuning slower: dropout off too
     rows = {(r["benchmark"], r["name"]): r["options"] for r in bench_ablation.run(tmp_path, None, **common, **large)}
+    assert rows[("ablation", "+autotune")] == {**chained, **host, "train.autotune": True}
+    tuned_torch = {**chained, **host, "train.autotune": True, "model.fused_ops": "torch"}
+    assert rows[("ablation", "+autotune, torch ops")] == tuned_torch  # the row has the Triton kernels
     assert rows[("ablation", "dropout off")] == {**chained, **host, "model.dropout": 0.0}
     # the packer process's 153 is within 1% of async reads' 152: noise, so the fastest configuration leaves it out
     flat = {k: v for k, v in chained.items() if k != "data.layout"} | {"train.async_log_reads": True}
     assert rows[("target", "fastest, flat layout")] == flat
     assert rows[("target", "fastest, fp8")] == {**flat, "train.fp8": "tensorwise", "model.fused_ops": "triton"}
+
+    speed["+autotune, torch ops"] = 158  # autotuned with torch ops the fastest: dropout off builds on it
+    rows = {(r["benchmark"], r["name"]): r["options"] for r in bench_ablation.run(tmp_path, None, **common, **large)}
+    assert rows[("ablation", "dropout off")] == {**tuned_torch, "model.dropout": 0.0}
+    assert rows[("target", "fastest base configuration")] == tuned_torch
 
 
 @pytest.mark.parametrize("documents", [False, True])

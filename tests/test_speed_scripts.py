@@ -166,6 +166,8 @@ def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
         "+async log reads",
         "+packer process",
         "+segment attention kernel",
+        "+autotune",
+        "+autotune, torch ops",
         "dropout off",
     ]
     assert [r["name"] for r in everything if r["benchmark"] == "ablation"] == names
@@ -188,6 +190,8 @@ def test_speed_script_quick_path_and_a_second_call_that_completes_it(tmp_path):
     assert packer["options"] == {**async_reads["options"], "data.packer": "process"}
     kernel = by_name[("ablation", "+segment attention kernel")]
     assert kernel["options"] == {**packer["options"], "model.attention": "triton"}
+    for name in ("+autotune", "+autotune, torch ops"):  # the quick path does not compile
+        assert "train.autotune times the compiled step's kernel choices" in by_name[("ablation", name)]["error"]
     assert by_name[("ablation", "dropout off")]["options"]["model.dropout"] == 0.0  # on the faster of those two
     assert by_name[("ablation", "+fused kernels")]["tokens_per_s"]["overall"] > 0
     targets = [r for r in everything if r["benchmark"] == "target"]
