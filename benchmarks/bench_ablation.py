@@ -37,7 +37,8 @@ seq 512, document packing runs "today" and the fastest configuration (and that c
 layout when it uses rows: at 512 tokens whole documents leave rows emptier), then the faster of those two (not
 today's) with the fastest fp8 row's options when it has none: at hidden size 1024 the matmuls may pay for the casts.
 
-A row whose expected end (the longest row so far) is past `deadline` is recorded as skipped; `reuse` (rows of an
+A row whose expected end (the longest row so far; for an autotuning row at least AUTOTUNE_ROW_S) is past `deadline`
+is recorded as skipped; `reuse` (rows of an
 earlier results.json, `--merge`) supplies rows already measured, so a second call finishes the table.
 """
 
@@ -72,6 +73,10 @@ AUTOTUNE = [
     ("+autotune, torch ops", {"train.autotune": True, "model.fused_ops": "torch"}),  # on rows with Triton kernels
 ]
 DROPOUT_OFF = ("dropout off", {"model.dropout": 0.0})
+# seconds an autotuning row is expected to take at least (its first compile times every GEMM shape and kernel
+# launch): a guess, not measured on a GPU yet; it keeps the row from starting where the call's hard stop would cut
+# it off and waste its device time
+AUTOTUNE_ROW_S = 300.0
 # the loss curves' rows: today's and the candidate default's, at seeds 0 and 1 each (ablation_report.curve_check)
 CURVES = ("today", "today, seed 1", "fastest configuration", "fastest configuration, seed 1")
 TARGETS = ("today", "fastest base configuration", "fastest, flat layout", "fastest, fp8")  # the large model's rows
@@ -185,7 +190,8 @@ class Ablation:
             return {**key, "error": NOT_RUN, "command": self.command}
         if name in self.skip:
             return {**key, "error": SKIPPED_BY_FLAG, "command": self.command}
-        if self.deadline is not None and time.monotonic() + self.longest > self.deadline:
+        expected = max(self.longest, AUTOTUNE_ROW_S if options.get("train.autotune") else 0.0)
+        if self.deadline is not None and time.monotonic() + expected > self.deadline:
             return {**key, "error": SKIPPED, "command": self.command}
         t0 = time.monotonic()
         run_dir = self.work / f"{benchmark}_{size}_{cap}_{seed}_{name.strip('+').replace(' ', '_').replace(',', '')}"
