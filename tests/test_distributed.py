@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -475,17 +476,28 @@ def _stop_a_two_process_run(run: Path, data_dir, tokenizer_dir, send, ignored=()
         cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         preexec_fn=start_ignoring,
     )  # fmt: skip
+    lines, started = [], threading.Event()
+
+    def read():  # rank 0 prints its start-up line ("device ...") just before the loop; the ranks meet at step 1
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("device "):
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and len(_worker_pids(proc.pid)) < 2:
-            time.sleep(0.1)
-        time.sleep(8)  # both ranks past setup and training (a few ms per step here)
+        # not a fixed sleep: on a loaded machine the ranks' start-up (imports, gloo) took longer than one
+        assert started.wait(timeout=180), "".join(lines)
+        time.sleep(3)  # both ranks training (a few ms per step here)
+        assert len(_worker_pids(proc.pid)) == 2, "".join(lines)
         send(proc)
-        out, _ = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    return proc, out
+    return proc, "".join(lines)
 
 
 @pytest.mark.slow
