@@ -16,8 +16,8 @@ ran, then the two target workloads.
     +async log reads  train.async_log_reads (log-step reads that do not drain the device's queue)
     +packer process   data.packer = process (the packer's Python off the loop's GIL: bench_packing's loop cost)
     +segment attention kernel  model.attention = triton (kernels/segment_attention.py instead of FlexAttention)
-    +autotune         train.autotune on the faster of the kernel row and the row it built on (torch.compile's
-                      max-autotune: GEMM templates, FlexAttention's tiles and launches timed at the first compile)
+    +autotune         train.autotune on the faster of the kernel row and the row it built on (inductor's
+                      max_autotune: GEMM templates, FlexAttention's tiles and launches timed at the first compile)
     +autotune, torch ops  the same with model.fused_ops = torch (inductor's GEMM templates can then take the bias
                       and GELU in their epilogues); not run when that row has torch ops already
     dropout off       model.dropout = 0 on the fastest of the autotune rows and the row they built on: speed and loss
@@ -37,8 +37,8 @@ seq 512, document packing runs "today" and the fastest configuration (and that c
 layout when it uses rows: at 512 tokens whole documents leave rows emptier), then the faster of those two (not
 today's) with the fastest fp8 row's options when it has none: at hidden size 1024 the matmuls may pay for the casts.
 
-A row whose expected end (the longest row so far; for an autotuning row at least AUTOTUNE_ROW_S) is past `deadline`
-is recorded as skipped; `reuse` (rows of an
+A row whose expected end (the longest row so far; for the first autotuning row at least AUTOTUNE_ROW_S) is past
+`deadline` is recorded as skipped; `reuse` (rows of an
 earlier results.json, `--merge`) supplies rows already measured, so a second call finishes the table.
 """
 
@@ -73,10 +73,11 @@ AUTOTUNE = [
     ("+autotune, torch ops", {"train.autotune": True, "model.fused_ops": "torch"}),  # on rows with Triton kernels
 ]
 DROPOUT_OFF = ("dropout off", {"model.dropout": 0.0})
-# seconds an autotuning row is expected to take at least (its first compile times every GEMM shape and kernel
-# launch): a guess, not measured on a GPU yet; it keeps the row from starting where the call's hard stop would cut
-# it off and waste its device time
-AUTOTUNE_ROW_S = 300.0
+# seconds the first autotuning row of a call is expected to take at least (its first compile times every GEMM
+# shape and kernel launch; later rows find the choices in inductor's cache, and the longest row so far covers
+# them): a guess, not measured on a GPU yet; it keeps the row from starting where the call's hard stop would cut it
+# off and waste its device time
+AUTOTUNE_ROW_S = 240.0
 # the loss curves' rows: today's and the candidate default's, at seeds 0 and 1 each (ablation_report.curve_check)
 CURVES = ("today", "today, seed 1", "fastest configuration", "fastest configuration, seed 1")
 TARGETS = ("today", "fastest base configuration", "fastest, flat layout", "fastest, fp8")  # the large model's rows
@@ -136,6 +137,7 @@ class Ablation:
         self.skip = set(skip)  # rows not to measure in this call (--skip), unless an earlier run measured them
         self.done, self.on_row = [], on_row or (lambda rows: None)  # every row so far, and who is told of each
         self.crashed = False  # a row broke the device: no other row can run in this process
+        self.tuned = False  # an autotuning row ran in this process (its choices are in inductor's cache)
         self.eval_batches = {
             cap: valid_batches(data.tokenizer_dir, data.valid_lines, max_length=cap, seed=1234)
             for cap in data.data_dirs
@@ -190,7 +192,8 @@ class Ablation:
             return {**key, "error": NOT_RUN, "command": self.command}
         if name in self.skip:
             return {**key, "error": SKIPPED_BY_FLAG, "command": self.command}
-        expected = max(self.longest, AUTOTUNE_ROW_S if options.get("train.autotune") else 0.0)
+        first_tuned = options.get("train.autotune") and not self.tuned
+        expected = max(self.longest, AUTOTUNE_ROW_S if first_tuned else 0.0)
         if self.deadline is not None and time.monotonic() + expected > self.deadline:
             return {**key, "error": SKIPPED, "command": self.command}
         t0 = time.monotonic()
@@ -220,6 +223,7 @@ class Ablation:
             return {**key, "error": CRASHED + error if self.crashed else error, "command": self.command}
         finally:
             self.longest = max(self.longest, time.monotonic() - t0)
+            self.tuned = self.tuned or bool(options.get("train.autotune"))
         row = ours_row(
             f"{benchmark} {name}",
             result,

@@ -9,7 +9,7 @@
 #   vocab 30,000 (BERT-base, seq 128, sentence packing: today, +row attention, +bf16 residual, +fused kernels,
 #   +CUDA graphs, +fp8 tensorwise / rowwise / tensorwise with torch ops / rowwise with bf16 weight gradients and
 #   torch ops, +async log reads, +packer process,
-#   +segment attention kernel, +autotune (torch.compile's max-autotune; with the Triton kernels and with torch ops),
+#   +segment attention kernel, +autotune (inductor's max_autotune; with the Triton kernels and with torch ops),
 #   dropout off; each row with real tokens/s, MFU, % of the measured matmul
 #   ceiling, peak memory, the traced step's phases or kernel categories, and validation loss at equal real
 #   tokens) -> BERT-large, seq 512, document packing, today, the fastest configuration (with rows and flat) and

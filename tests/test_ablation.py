@@ -406,8 +406,8 @@ def test_skip_keeps_a_row_an_earlier_call_measured(tmp_path, monkeypatch):
 
 def test_a_row_is_skipped_when_the_longest_row_so_far_would_end_past_the_deadline(tmp_path, monkeypatch):
     """A row starts only if the longest row so far would still end before --time-limit's deadline: a short row
-    after a long one does not make the next look short, a row is not started just because time is left, and an
-    autotuning row expects its compile's minutes."""
+    after a long one does not make the next look short, a row is not started just because time is left, and the
+    first autotuning row expects its compile's minutes."""
     from mlmtrain.benchmarks import bench_ablation
     from mlmtrain.benchmarks.bench_ablation import SKIPPED
 
@@ -425,13 +425,17 @@ def test_a_row_is_skipped_when_the_longest_row_so_far_would_end_past_the_deadlin
     bench.deadline = time.monotonic() + 0.5  # time left, but less than the longest row took
     row = bench.row("ablation", "+bf16 residual", {"model.residual_dtype": "compute"}, **COMMON)
     assert row["error"] == SKIPPED and len(ran) == 2
-    # an autotuning row expects at least AUTOTUNE_ROW_S (its compile), however short the rows before it were
+    # the first autotuning row expects at least AUTOTUNE_ROW_S (its compile), however short the rows before it were;
+    # after it, the longest row so far (its own time) stands for the next
     bench.deadline = time.monotonic() + bench_ablation.AUTOTUNE_ROW_S - 5
     assert bench.row("ablation", "+bf16 residual", {"model.residual_dtype": "compute"}, **COMMON)["error"] != SKIPPED
     row = bench.row("ablation", "+autotune", {"train.autotune": True}, **COMMON)
     assert row["error"] == SKIPPED and len(ran) == 3
     bench.deadline = time.monotonic() + bench_ablation.AUTOTUNE_ROW_S + 5
     assert bench.row("ablation", "+autotune", {"train.autotune": True}, **COMMON)["error"] != SKIPPED
+    bench.deadline = time.monotonic() + 2.0  # more than the longest row (1 s): a second autotuning row starts
+    row = bench.row("ablation", "+autotune, torch ops", {"train.autotune": True, "model.fused_ops": "torch"}, **COMMON)
+    assert row["error"] != SKIPPED and len(ran) == 5
 
 
 def _plan(monkeypatch, tmp_path, speed, errors=(), curve_target_tokens=0):

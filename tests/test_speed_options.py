@@ -231,33 +231,33 @@ def test_options_that_need_one_process_or_one_micro_batch():
         check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=1, head_dim=64)
 
 
-def test_autotune_compiles_the_step_in_max_autotune_mode_and_trains_as_eager(stored_data, tmp_path, monkeypatch):
-    """train.autotune on the CPU (inductor times its C++ GEMM templates there): the step is compiled in
-    max-autotune mode (without CUDA graphs unless asked), and its 4 fp32 losses equal the eager step's within
-    1e-4 relative (the same math; inductor reorders sums)."""
-    from mlmtrain.fast_paths import compile_mode
+def test_autotune_compiles_the_step_with_max_autotune_and_trains_as_eager(stored_data, tmp_path, monkeypatch):
+    """train.autotune on the CPU (inductor autotunes there too): the step is compiled with inductor's
+    max_autotune (CUDA graphs only when asked), and its 4 fp32 losses equal the eager step's within 1e-4 relative
+    (the same math; inductor reorders sums)."""
+    from mlmtrain.fast_paths import compile_kwargs
 
     data_dir, tokenizer_dir = stored_data
-    modes, real_compile = [], torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: modes.append(kw.get("mode")) or real_compile(fn, **kw))
+    settings, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: settings.append(kw) or real_compile(fn, **kw))
     fixed = {"model.dropout": 0.0, "train.max_steps": 4, "train.checkpoint_at_end": False}
     eager = train(tiny_config(data_dir, tokenizer_dir, tmp_path / "eager", **fixed))
-    assert modes == []
+    assert settings == []
     tuned = train(
         tiny_config(
             data_dir, tokenizer_dir, tmp_path / "tuned", **fixed, **{"train.compile": "on", "train.autotune": True}
         )
     )
-    assert modes == ["max-autotune-no-cudagraphs"]
+    assert settings == [{"dynamic": False, "options": {"max_autotune": True, "triton.cudagraphs": False}}]
     np.testing.assert_allclose([x for _, x in tuned["losses"]], [x for _, x in eager["losses"]], rtol=1e-4)
     cfg = load_config(None, {})
-    for graphs, autotune, mode in (
-        (False, False, None),
-        (True, False, "reduce-overhead"),
-        (True, True, "max-autotune"),
-    ):
-        cfg.train.cuda_graphs, cfg.train.autotune = graphs, autotune
-        assert compile_mode(cfg.train) == mode
+    graphs = {"max_autotune": True, "triton.cudagraphs": True}
+    for cuda_graphs, autotune, kwargs in ((0, 0, {}), (1, 0, {"mode": "reduce-overhead"}), (1, 1, {"options": graphs})):
+        cfg.train.cuda_graphs, cfg.train.autotune = bool(cuda_graphs), bool(autotune)
+        assert compile_kwargs(cfg.train) == kwargs
+    from torch._inductor import list_mode_options  # reduce-overhead is CUDA graphs and nothing else
+
+    assert list_mode_options("reduce-overhead") == {"triton.cudagraphs": True}
 
 
 def test_a_gpu_configs_precision_and_compile_on_a_cpu_are_noted():

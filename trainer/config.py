@@ -142,9 +142,9 @@ class TrainSpec:
     max_bad_steps: int = 10  # stop after this many consecutive non-finite steps
     shard: str = "ddp"  # ddp | fsdp (used under torchrun, one process included)
     cuda_graphs: bool = False  # replay the compiled step as CUDA graphs (torch.compile mode="reduce-overhead")
-    # time kernel choices at the first compile (torch.compile mode="max-autotune"): GEMMs against inductor's Triton
-    # templates, whose epilogues can take the bias and GELU (model.fused_ops = torch), FlexAttention's tiles, the
-    # pointwise and reduction kernels' launches; the first compile takes minutes
+    # time kernel choices at the first compile (inductor's max_autotune, without mode="max-autotune"'s coordinate
+    # descent): GEMMs against inductor's Triton templates, whose epilogues can take the bias and GELU
+    # (model.fused_ops = torch), FlexAttention's tiles, the other kernels' launches; the first compile takes minutes
     autotune: bool = False
     async_log_reads: bool = False  # read a log window's device numbers one window later: no wait for the queue
     # off | tensorwise | rowwise | rowwise_with_gw_hp: torchao float8 linear layers (compute capability 8.9+, bf16)

@@ -134,12 +134,16 @@ def check_speed_options(
         raise UserError("train.fp8 is not wired for FSDP: use train.shard = ddp")
 
 
-def compile_mode(train) -> str | None:
-    """torch.compile's mode for a TrainSpec: reduce-overhead replays the compiled step as CUDA graphs (one launch
-    each for forward and backward instead of hundreds); max-autotune also times kernel choices (train.autotune)."""
-    if train.autotune:
-        return "max-autotune" if train.cuda_graphs else "max-autotune-no-cudagraphs"
-    return "reduce-overhead" if train.cuda_graphs else None
+def compile_kwargs(train) -> dict:
+    """torch.compile's settings for a TrainSpec. cuda_graphs: the compiled step replayed as CUDA graphs (one launch
+    each for forward and backward instead of hundreds; mode="reduce-overhead"). autotune: inductor's max_autotune,
+    which times each GEMM's choices (cuBLAS against Triton templates, which can take the bias and GELU in their
+    epilogues), FlexAttention's tiles and the other kernels' launch configs at the first compile. Not
+    mode="max-autotune": its coordinate-descent pass then recompiles every other kernel at neighbouring launch
+    configs until none is faster: compile minutes no GPU run has measured."""
+    if not train.autotune:
+        return {"mode": "reduce-overhead"} if train.cuda_graphs else {}
+    return {"options": {"max_autotune": True, "triton.cudagraphs": train.cuda_graphs}}
 
 
 def fused_ops_note(fused_ops: str, device: torch.device) -> str | None:

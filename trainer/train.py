@@ -23,7 +23,7 @@ from mlmtrain import checkpoint, parallel, run_folder
 from mlmtrain.attention import choose_impl, dropout_note, has_dropout
 from mlmtrain.config import RunConfig, auto_warmup, format_config, report_targets, torch_dtype
 from mlmtrain.evaluate import masker, score
-from mlmtrain.fast_paths import FastPaths, compile_mode, cpu_note, fused_ops_note
+from mlmtrain.fast_paths import FastPaths, compile_kwargs, cpu_note, fused_ops_note
 from mlmtrain.files import write_json
 from mlmtrain.flops import peak_tflops_for, train_flops_per_batch
 from mlmtrain.fp8 import convert_to_fp8
@@ -329,8 +329,8 @@ def _build(cfg: RunConfig, folder: run_folder.RunFolder, meta: dict, vocab: list
     if start is not None:
         checkpoint.load_optimizer_state(model, optimizer, start, state)  # any saved world size
     # dynamic=False: every shape is static by construction; never let dynamo guess dynamic shapes.
-    mode = compile_mode(cfg.train)  # CUDA graphs and/or autotuning
-    step_fn = torch.compile(forward_loss, dynamic=False, mode=mode) if use_compile else forward_loss
+    settings = compile_kwargs(cfg.train)  # CUDA graphs and/or autotuning
+    step_fn = torch.compile(forward_loss, dynamic=False, **settings) if use_compile else forward_loss
     dtype = torch_dtype(precision)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
 
