@@ -231,6 +231,7 @@ def test_options_that_need_one_process_or_one_micro_batch():
         check_speed_options(cfg, 128, torch.device("cuda", 0), "bf16", True, 65536, world=1, head_dim=64)
 
 
+@pytest.mark.compile
 def test_autotune_compiles_the_step_with_max_autotune_and_trains_as_eager(stored_data, tmp_path, monkeypatch):
     """train.autotune on the CPU (inductor autotunes there too): the step is compiled with inductor's
     max_autotune (CUDA graphs only when asked), and its 4 fp32 losses equal the eager step's within 1e-4 relative
