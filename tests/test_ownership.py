@@ -90,6 +90,22 @@ def test_overwrite_never_touches_another_kind_or_a_folder_it_did_not_make(
     assert {name: snapshot(folder) for name, folder in {**made, "user": user}.items()} == before
 
 
+@pytest.mark.parametrize("marker", ['{"kind": "export", "made_by": "mlm', '["export"]'])
+def test_a_folder_whose_marker_is_damaged_is_not_ours(made, tmp_path, capsys, marker):
+    """A marker cut short (a disk that filled, a hand edit) or not an object says nothing of who made the folder:
+    it reads as another program's, so `export --overwrite` and a run's resume refuse it whole, naming the marker."""
+    export, run = copy(made["export"], tmp_path / "export"), copy(made["run"], tmp_path / "run")
+    for folder in (export, run):
+        (folder / files.MARKER).write_text(marker)
+    before = {folder: snapshot(folder) for folder in (export, run)}
+    args = ["export", "--checkpoint", made["run"], "--out", export, "--overwrite", "--no-verify"]
+    assert_refused(in_process(capsys, *args), f"an unknown program (unreadable {files.MARKER})")
+    tok, data = made["tokenizer"], made["shards"]
+    line = assert_refused(in_process(capsys, *train_args(data, tok, run), "--resume", "auto"), "not `mlmtrain train`")
+    assert f"made by `an unknown program (unreadable {files.MARKER})`" in line, line
+    assert {folder: snapshot(folder) for folder in (export, run)} == before
+
+
 def test_a_folder_of_its_own_kind_is_replaced_only_when_it_holds_nothing_else(made, tmp_path, sample_corpus):
     data = copy(made["shards"], tmp_path / "data")
     (data / "README.txt").write_text("what these shards are")
