@@ -239,6 +239,30 @@ def test_a_malformed_manifest_or_state_is_a_damaged_checkpoint(data_dir, tokeniz
     assert [done.stderr.count(f"skipping damaged checkpoint {ckpt}:") for ckpt in (step3, step2)] == [1, 1]
 
 
+@pytest.mark.parametrize("optimizer", [None, {"param_groups": [], "scalars": {"x": 1}}])
+def test_a_checkpoint_whose_optimizer_state_is_malformed_is_refused_at_resume(
+    optimizer, data_dir, tokenizer_dir, tmp_path, capsys
+):
+    """state.json's optimizer section missing, or naming a parameter as no saved one is named, with a manifest
+    that agrees (a hand edit): a resume says the checkpoint is damaged in one sentence, before any step, and the
+    run folder keeps its checkpoint."""
+    from cli_run import train_args
+
+    run = tmp_path / "run"
+    assert in_process(capsys, *train_args(data_dir, tokenizer_dir, run, 2)).returncode == 0
+    (ckpt,) = (run / "checkpoints").iterdir()
+    state = json.loads((ckpt / "state.json").read_text())
+    state["optimizer"] = optimizer
+    (ckpt / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"] = file_entries(ckpt, manifest["files"])
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    args = [*train_args(data_dir, tokenizer_dir, run, 4), "--resume", "--change-max-steps"]
+    assert_refused(in_process(capsys, *args), f"checkpoint {ckpt} is damaged", "optimizer state")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [ckpt.name]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
 def test_eval_checks_every_batch_for_ids_the_sample_missed(data_dir, shards, tokenizer_dir, tmp_path, monkeypatch,
                                                            capsys):  # fmt: skip
     """eval --data packs its own batches: each is checked as training's are, so an id outside the vocabulary that
