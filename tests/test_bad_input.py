@@ -263,6 +263,38 @@ def test_a_checkpoint_whose_optimizer_state_is_malformed_is_refused_at_resume(
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
 
+CONFIG_REFUSALS = {  # name -> (config file text or None, --set items, the sentence's words)
+    "toml": ("[train\nmax_steps = 3\n", [], "is not valid TOML"),
+    "set_without_value": (
+        None,
+        ["train.max_steps"],
+        "--set takes key=value (e.g. optim.lr=3e-4), got 'train.max_steps'",
+    ),
+    "section": (None, ["trainer.max_steps=3"], "unknown config section 'trainer' in 'trainer.max_steps'"),
+    "bool": (None, ["train.tf32=maybe"], "train.tf32 must be true or false, got 'maybe'"),
+    "tuple": (None, ["optim.betas=0.9"], "optim.betas must be a list like [0.9, 0.98]"),
+    "json": ('{"out_dir": "x", "model": {', [], "is not valid JSON"),
+    "json_not_a_run": ('{"vocab_size": 30000}', [], "is not an mlmtrain run config (a run's config.json)"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIG_REFUSALS))
+def test_a_bad_config_file_or_set_is_one_sentence_before_any_work(name, data_dir, tokenizer_dir, tmp_path, capsys):
+    """`mlmtrain train --config FILE --set KEY=VALUE`: a config file that is not TOML (or, named .json, not a
+    run's config.json), a --set without a value, an unknown section, a value of the wrong type: exit 2, one
+    sentence, no run folder."""
+    text, sets, words = CONFIG_REFUSALS[name]
+    args = ["train", "--data", data_dir, "--tokenizer", tokenizer_dir, "--out", tmp_path / "run", *TINY]
+    if text is not None:
+        config = tmp_path / ("config.json" if name.startswith("json") else "run.toml")
+        config.write_text(text)
+        args += ["--config", config]
+    for item in sets:
+        args += ["--set", item]
+    assert_refused(in_process(capsys, *args), words)
+    assert not (tmp_path / "run").exists()
+
+
 def test_eval_checks_every_batch_for_ids_the_sample_missed(data_dir, shards, tokenizer_dir, tmp_path, monkeypatch,
                                                            capsys):  # fmt: skip
     """eval --data packs its own batches: each is checked as training's are, so an id outside the vocabulary that
