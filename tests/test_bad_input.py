@@ -75,6 +75,15 @@ DAMAGE = {  # name -> (how to damage the shards, what the sentence says)
         lambda d: edit_meta(d, lambda m: m["special_tokens"].update(mask=10**6)),
         "special_tokens missing or wrong",
     ),
+    "meta_not_an_object": (lambda d: (d / "meta.json").write_text("[1, 2]"), "not a JSON object"),
+    "meta_special_tokens_a_list": (
+        lambda d: edit_meta(d, lambda m: m.update(special_tokens=[0, 1, 2, 3, 4])),
+        "special_tokens missing or wrong",
+    ),
+    "tokens_header_unreadable": (
+        lambda d: (d / "train" / "tokens.npy").write_bytes(b"\x93NUMPY\x01\x00" + b"\xff" * 100),
+        "not a readable .npy",
+    ),
 }
 
 
@@ -84,6 +93,18 @@ def test_damaged_shards_are_named_before_any_device_work(damage, shards, tokeniz
     break_it(shards)
     line = assert_refused(in_process(capsys, *train_cli(shards, tokenizer_dir, tmp_path / "run")), phrase)
     assert "damaged" in line and "mlmtrain prepare" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("missing", ["file", "folder"])
+def test_a_missing_shard_file_is_named_before_any_device_work(missing, shards, tokenizer_dir, tmp_path, capsys):
+    tokens = shards / "train" / "tokens.npy"
+    tokens.unlink()
+    if missing == "folder":
+        tokens.mkdir()
+    words = "is missing" if missing == "file" else "is not a file"
+    line = assert_refused(in_process(capsys, *train_cli(shards, tokenizer_dir, tmp_path / "run")), str(tokens), words)
+    assert "run `mlmtrain prepare` again" in line
     assert not (tmp_path / "run").exists()
 
 
