@@ -1,5 +1,6 @@
 """What --init-from refuses in a Hugging Face BERT folder, by name, before any device work: cross-attention, a decoder
-bias that differs from the MLM bias, a missing encoder weight, a weight of another shape, another pad id."""
+bias that differs from the MLM bias, a missing encoder weight, a weight of another shape, another pad id, a file
+for a folder, and a folder that is not one readable BERT (its config or weights missing, damaged or sharded)."""
 
 from __future__ import annotations
 
@@ -87,3 +88,39 @@ def test_a_model_whose_pad_id_is_not_the_tokenizers_pad_is_refused(tmp_path):
     vocab = [f"t{i}" for i in range(10)]
     with pytest.raises(UserError, match="pad_token_id=3 in config.json but the tokenizer's \\[PAD\\] is id 0"):
         check_tokenizer_fits(BertConfig(vocab_size=10, pad_token_id=3), SimpleNamespace(pad=0), vocab, tmp_path)
+
+
+FOLDER_REFUSALS = {  # name -> (how to spoil a BERT folder, the sentence's words)
+    "no_config": (lambda f: (f / "config.json").unlink(), "has no config.json: pass a transformers model folder"),
+    "config_not_json": (
+        lambda f: (f / "config.json").write_text('{"model_type": "be'),
+        "config.json is not valid JSON",
+    ),
+    "config_a_list": (lambda f: (f / "config.json").write_text("[]"), "holds a JSON list, not an object of settings"),
+    "weights_truncated": (
+        lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]),
+        "model.safetensors is damaged or not a weights file (",
+    ),
+    "weights_sharded": (
+        lambda f: ((f / "model.safetensors").unlink(), (f / "model.safetensors.index.json").write_text("{}")),
+        "holds sharded weights (model.safetensors.index.json); save them as one file",
+    ),
+    "no_weights": (lambda f: (f / "model.safetensors").unlink(), "has no model.safetensors or pytorch_model.bin"),
+}
+
+
+@pytest.mark.parametrize("name", list(FOLDER_REFUSALS))
+def test_a_folder_that_is_not_one_readable_bert_is_refused_in_one_sentence(name, tokenizer_dir, tmp_path):
+    """A folder without a config.json, with one that is not a JSON object, or with weights that are cut short,
+    sharded or absent: one sentence naming the file, not a traceback from transformers or safetensors."""
+    from mlmtrain.errors import UserError
+    from mlmtrain.pretrained import locate, read_pretrained
+
+    folder = _bert_folder(tokenizer_dir, tmp_path)
+    spoil, words = FOLDER_REFUSALS[name]
+    spoil(folder)
+    with pytest.raises(UserError) as refused:
+        read_pretrained(folder)
+    assert words in str(refused.value) and "\n" not in str(refused.value), refused.value
+    with pytest.raises(UserError, match="is a file; pass the folder that holds it"):
+        locate(folder / "config.json" if (folder / "config.json").is_file() else folder / "vocab.txt")
