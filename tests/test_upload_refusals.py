@@ -40,6 +40,23 @@ def _rewrite_config(folder: Path, **changes) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
+def _add_to_manifest(folder: Path, name: str) -> None:
+    manifest = json.loads((folder / EXPORT_MANIFEST).read_text())
+    manifest["files"][name] = {"size": 1, "sha256": "0" * 64}
+    (folder / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+
+
+def _rewrite_weights_header(folder: Path, change) -> None:
+    """model.safetensors with its JSON header changed by `change(header, its first tensor's name)`, its tensor
+    bytes kept."""
+    data = (folder / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    change(header, next(k for k in header if k != "__metadata__"))
+    text = json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+
+
 BREAKAGES = {  # name -> (how to break the folder, whether to refresh the manifest after, expected problem)
     "no_weights": (lambda f: (f / "model.safetensors").unlink(), False, "model.safetensors is missing"),
     "no_card": (lambda f: (f / "README.md").unlink(), False, "README.md is missing"),
@@ -74,6 +91,52 @@ BREAKAGES = {  # name -> (how to break the folder, whether to refresh the manife
         lambda f: (f / "README.md").write_text(CARD.replace("pipeline_tag: fill-mask\n", "")),
         True,
         "lacks pipeline_tag",
+    ),
+    "config_not_json": (lambda f: (f / "config.json").write_text('{"model_type": "be'), True, "is not valid JSON"),
+    "config_not_bert": (lambda f: _rewrite_config(f, model_type="roberta"), True, "is 'roberta', expected 'bert'"),
+    "config_without_heads": (lambda f: _rewrite_config(f, num_attention_heads=0), True, "positive integer num_att"),
+    "heads_do_not_divide": (lambda f: _rewrite_config(f, num_attention_heads=3), True, "is not divisible by"),
+    "manifest_without_files": (
+        lambda f: (f / EXPORT_MANIFEST).write_text(json.dumps({"files": {}, "verified": True})),
+        False,
+        'has no "files" table',
+    ),
+    "manifest_lists_a_path": (
+        lambda f: _add_to_manifest(f, "../model.safetensors"),
+        False,
+        "which is not a plain file name of the export",
+    ),
+    "tokenizer_json_without_vocab": (
+        lambda f: (f / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}})),
+        True,
+        "has no model.vocab table",
+    ),
+    "weights_header_length_out_of_range": (
+        lambda f: (f / "model.safetensors").write_bytes((10**9).to_bytes(8, "little") + b"{}"),
+        True,
+        "header length is out of range",
+    ),
+    "weights_tensor_of_wrong_bytes": (
+        lambda f: _rewrite_weights_header(f, lambda h, first: h[first].update(shape=[1, 1])),
+        True,
+        "bytes for shape [1, 1]",
+    ),
+    "weights_entry_without_offsets": (
+        lambda f: _rewrite_weights_header(f, lambda h, first: h[first].pop("data_offsets")),
+        True,
+        "in its header lacks a dtype, a shape or its two data offsets",
+    ),
+    "weights_with_a_foreign_tensor": (
+        lambda f: _rewrite_weights_header(f, lambda h, first: h.update(extra=dict(h[first]))),
+        True,
+        "a tensor BertForMaskedLM does not use: extra",
+    ),
+    "card_yaml_invalid": (lambda f: (f / "README.md").write_text("---\nlanguage: [ko\n---\n"), True, "is invalid"),
+    "card_yaml_a_list": (lambda f: (f / "README.md").write_text("---\n- ko\n---\n"), True, "not a mapping"),
+    "card_wrong_library": (
+        lambda f: (f / "README.md").write_text(CARD.replace("library_name: transformers", "library_name: pytorch")),
+        True,
+        "has library_name: pytorch, expected transformers",
     ),
     "vocab_files_disagree": (
         lambda f: (f / "vocab.txt").write_text(

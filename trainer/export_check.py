@@ -186,6 +186,10 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     header.pop("__metadata__", None)
     end = 0
     for name, t in header.items():
+        fields = (t.get("dtype"), t.get("shape"), t.get("data_offsets"))
+        if not (isinstance(fields[0], str) and isinstance(fields[1], list) and isinstance(fields[2], list)
+                and len(fields[2]) == 2 and all(isinstance(v, int) for v in (*fields[1], *fields[2]))):  # fmt: skip
+            raise ValueError(f"tensor {name!r} in its header lacks a dtype, a shape or its two data offsets")
         begin, stop = t["data_offsets"]
         numel = 1
         for d in t["shape"]:
