@@ -691,6 +691,21 @@ def test_checkpoint_at_end_off_saves_nothing_at_the_end(data_dir, tokenizer_dir,
     assert ckpt.complete_checkpoints(run) == []
 
 
+@pytest.mark.parametrize("tail", ['{"step": 3, "lo', "[3]\n", '{"step": 2, "loss": 1.0}'])
+def test_metrics_are_cut_at_the_first_line_that_is_not_a_whole_row(tmp_path, tail):
+    """Right after the checkpoint's last row: a line torn by a kill (not JSON), a line that is not an object, a
+    row without its newline (its write was cut after the text): each is cut with everything after it, in one
+    truncate, and counted."""
+    from mlmtrain.metrics import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    whole = '{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n'
+    path.write_text(whole + tail + ('\n{"step": 4}\n' if tail.endswith("lo") else ""))
+    assert truncate_metrics(path, 2) == (2 if tail.endswith("lo") else 1)
+    assert path.read_text() == whole
+    assert truncate_metrics(tmp_path / "absent.jsonl", 2) == 0
+
+
 def test_a_resume_says_how_many_metrics_lines_of_redone_steps_it_cut(data_dir, tokenizer_dir, tmp_path):
     """A run killed after logging step 2 (and tearing a line of step 3) but before saving past step 1: the resume
     from step 1 cuts those two lines from metrics.jsonl, so each step is logged once, and says so, so the file
