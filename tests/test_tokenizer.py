@@ -149,6 +149,60 @@ def test_a_vocab_txt_saved_with_a_byte_order_mark_is_named(tmp_path, tokenizer_d
     assert "token 0 would be '\\ufeff[PAD]'; save it as plain UTF-8." in str(refused.value)
 
 
+def _edit_json(path, change):
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+FILES_NAMING_MASK = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _leave_a_gap_in_the_ids(tokenizer_json: dict) -> None:
+    vocab = tokenizer_json["model"]["vocab"]
+    vocab[max(vocab, key=vocab.get)] += 10  # ids 0..N-2, then N+9
+
+
+FOLDER_REFUSALS = {  # name -> (how to spoil a copy of a tokenizer folder, what the sentence says)
+    "absent": (lambda t: shutil.rmtree(t), "does not exist; make one with `mlmtrain tokenizer`"),
+    "tokenizer_json_not_json": (lambda t: (t / "tokenizer.json").write_text('{"model": '), "cannot read"),
+    "no_vocab_txt_nor_wordpiece_ids": (
+        lambda t: ((t / "vocab.txt").unlink(), _edit_json(t / "tokenizer.json", _leave_a_gap_in_the_ids)),
+        "has no vocab.txt, and tokenizer.json holds no WordPiece vocabulary with ids 0..N-1",
+    ),
+    "vocab_without_mask": (
+        lambda t: [(t / f).write_text((t / f).read_text().replace("[MASK]", "[MASQUE]")) for f in FILES_NAMING_MASK],
+        "has no [MASK]: a BERT vocabulary needs [PAD] [UNK] [CLS] [SEP] [MASK]",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FOLDER_REFUSALS))
+def test_a_tokenizer_folder_that_cannot_serve_is_one_sentence(name, tmp_path, tokenizer_dir):
+    """A folder that is gone, a tokenizer.json that is not JSON, no vocabulary to read ids from, a vocabulary
+    without one of BERT's five special tokens: each refused where the folder is first read, by name."""
+    copy = shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    spoil, words = FOLDER_REFUSALS[name]
+    spoil(copy)
+    with pytest.raises(UserError) as refused:
+        load_tokenizer(copy)
+    assert words in str(refused.value) and str(copy) in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize(
+    "settings, words",
+    [
+        ({"limit_alphabet": 0}, "--limit-alphabet must be at least 1, got 0"),
+        ({"min_frequency": 0}, "--min-frequency must be at least 1, got 0"),
+        ({"model_max_length": 2}, "--model-max-length must be at least 3 ([CLS] token [SEP]), got 2"),
+    ],
+)
+def test_tokenizer_settings_out_of_range_are_refused_before_reading(settings, words, tmp_path):
+    with pytest.raises(UserError) as refused:
+        train_tokenizer([tmp_path / "never_read.txt"], tmp_path / "tok", TokenizerSettings(vocab_size=100, **settings))
+    assert words in str(refused.value) and not (tmp_path / "tok").exists()
+
+
 def test_tokens_added_past_the_wordpiece_vocabulary_are_refused(tmp_path, tokenizer_dir):
     """A tokenizer with tokens added past its WordPiece table (transformers' add_tokens, then
     resize_token_embeddings) would give shards ids that vocab.txt and the model's rows disagree on: one sentence,
