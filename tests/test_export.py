@@ -424,6 +424,25 @@ def test_language_list_forms(trained_run, tokenizer_dir, tmp_path):
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
+def test_a_card_extra_that_cannot_be_a_section_is_one_sentence(tmp_path):
+    """--card-extra: a file that is absent, not UTF-8 text, empty, or a card of its own (YAML header)."""
+    from mlmtrain.card import read_card_extra
+
+    extra = tmp_path / "extra.md"
+    for content, words in (
+        (None, "does not exist"),
+        ("안녕".encode("cp949"), "is not a readable UTF-8 text file"),
+        (b"  \n\n", "is empty"),
+        (b"---\nlicense: mit\n---\n", "starts with a YAML header"),
+    ):
+        if content is not None:
+            extra.write_bytes(content)
+        with pytest.raises(UserError, match=f"--card-extra {re.escape(str(extra))} {words}"):
+            read_card_extra(extra)
+    extra.write_text("## Limits\n\nTrained on news.\n", encoding="utf-8")
+    assert read_card_extra(extra) == "## Limits\n\nTrained on news."
+
+
 def test_the_public_card_shows_no_local_path():
     """The card's Reproduce block and data line name local paths by their last part only (the shards and the
     tokenizer as the commands above it make them), whatever started the program; Hub ids stay whole."""
