@@ -96,6 +96,26 @@ def test_damaged_shards_are_named_before_any_device_work(damage, shards, tokeniz
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "spoil, words",
+    [
+        (lambda d: edit_meta(d, lambda m: m.update(format_version=99)), "has shard format 99, this mlmtrain reads"),
+        (
+            lambda d: (d / "meta.json").unlink(),
+            "holds no token shards (no meta.json); make them with `mlmtrain prepare`",
+        ),
+        (lambda d: shutil.rmtree(d), "does not exist: pass a folder of token shards (`mlmtrain prepare` makes one)"),
+        (lambda d: (shutil.rmtree(d), d.write_text("x")), "is a file, not a folder of token shards"),
+    ],
+    ids=["format_version", "no_meta", "absent", "a_file"],
+)
+def test_a_data_folder_that_is_not_shards_of_this_format_is_one_sentence(spoil, words, shards, tokenizer_dir, tmp_path,
+                                                                          capsys):  # fmt: skip
+    spoil(shards)
+    assert_refused(in_process(capsys, *train_cli(shards, tokenizer_dir, tmp_path / "run")), str(shards), words)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("missing", ["file", "folder"])
 def test_a_missing_shard_file_is_named_before_any_device_work(missing, shards, tokenizer_dir, tmp_path, capsys):
     tokens = shards / "train" / "tokens.npy"
