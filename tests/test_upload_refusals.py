@@ -315,6 +315,30 @@ def test_only_the_card_checks_refusal_is_said_as_the_cards():
         assert line == "huggingface_hub refused the request: Invalid repo id: x", line
 
 
+@pytest.mark.parametrize(
+    "status, step, words",
+    [
+        (404, "upload", "alice/tiny-bert (revision dev) was not found on the Hub (404)"),
+        (404, "create", "namespace 'alice' does not exist on the Hub (404): check the NAME part of --repo-id"),
+        (429, "upload", "the Hub is rate-limiting this account (429 Too Many Requests); wait a few minutes"),
+        (503, "branch", "the Hub answered 503 (a server error) during creating the branch; nothing is wrong with"),
+        (409, "upload", "the Hub refused the upload (409): a conflict"),
+    ],
+)
+def test_the_hubs_http_errors_are_one_sentence_each(status, step, words):
+    """What the Hub answers a request with, said as one sentence that names the step and what to do."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from mlmtrain.upload import explain_error
+
+    response = SimpleNamespace(status_code=status, headers={}, request=None)  # its HTTP library's, in effect
+    error = HfHubHTTPError("a conflict\nsecond line", response=response, server_message="a conflict")
+    line = explain_error(error, step, "alice/tiny-bert", "dev", None)
+    assert line.startswith(words) and "\n" not in line, line
+
+
 def test_an_endpoint_that_does_not_answer_as_the_hub_is_one_sentence(export_dir, upload_here):
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from threading import Thread
