@@ -116,6 +116,14 @@ def test_a_data_folder_that_is_not_shards_of_this_format_is_one_sentence(spoil, 
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_folder_that_cannot_be_made_is_one_sentence(data_dir, tokenizer_dir, tmp_path, capsys):
+    """--out under a file (a typo, or a path another program took): the system's reason, in one sentence."""
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "run"
+    assert_refused(in_process(capsys, *train_cli(data_dir, tokenizer_dir, out)), f"cannot create the run folder {out}")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("missing", ["file", "folder"])
 def test_a_missing_shard_file_is_named_before_any_device_work(missing, shards, tokenizer_dir, tmp_path, capsys):
     tokens = shards / "train" / "tokens.npy"
