@@ -312,6 +312,20 @@ def test_a_checkpoint_whose_optimizer_state_is_malformed_is_refused_at_resume(
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
 
+def test_a_packaged_config_is_found_by_name_from_any_folder_and_a_missing_one_is_named(tmp_path, monkeypatch, capsys):
+    """`--config base_gpu` (README) reads trainer/configs/base_gpu.toml wherever the command runs; a name that is
+    neither a file nor a packaged config is one sentence listing the packaged ones."""
+    monkeypatch.chdir(tmp_path)
+    sizes = {name: load_config(name).model.size for name in ("tiny_cpu", "base_gpu", "large_gpu")}
+    assert sizes == {"tiny_cpu": "tiny", "base_gpu": "base", "large_gpu": "large"}
+    assert load_config("base_gpu.toml").data.tokens_per_batch == 65536
+    (tmp_path / "base_gpu.toml").write_text('[model]\nsize = "mini"\n')  # a file of that name here is the user's
+    assert load_config("base_gpu.toml").model.size == "mini"
+    with pytest.raises(UserError, match=r"config file base_gpt does not exist \(packaged configs: base_gpu, large_gpu, "
+                                        r"tiny_cpu\)"):  # fmt: skip
+        load_config("base_gpt")
+
+
 CONFIG_REFUSALS = {  # name -> (config file text or None, --set items, the sentence's words)
     "toml": ("[train\nmax_steps = 3\n", [], "is not valid TOML"),
     "set_without_value": (
