@@ -71,7 +71,7 @@ def test_a_run_is_scored_in_its_own_layout_and_segments(data_dir, tokenizer_dir,
     assert other[key] == asked and other["models"][0]["loss"] != own["models"][0]["loss"]
     if key == "layout":  # rows need --tokens-per-batch a multiple of the rows
         assert cli.main(["eval", *map(str, args[:4]), "--tokens-per-batch", "1000", "--layout", "rows"]) == 2
-        assert "--tokens-per-batch must be a multiple of it, got 1000" in capsys.readouterr().err
+        assert "--tokens-per-batch = 1000 must be a multiple of it (e.g. 896)" in capsys.readouterr().err
     else:  # a batch below the shards' max_seq_len is raised to it, and said
         assert cli.main(["eval", *map(str, args[:4]), "--tokens-per-batch", "10", "--max-batches", "1"]) == 0
         assert "note: --tokens-per-batch 10 is below the shards' max_seq_len: batches of 128" in capsys.readouterr().err

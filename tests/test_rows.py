@@ -23,6 +23,7 @@ from mlmtrain.attention import (
     row_sdpa_attention,
     triton_row_attention,
 )
+from mlmtrain.errors import UserError
 from mlmtrain.flops import model_flops_per_token, train_flops_per_batch
 from mlmtrain.model import BertConfig, BertForMaskedLM, mlm_loss_sum
 from mlmtrain.packing import PackedBatch, Packer, RowPacker, best_fit_decreasing
@@ -182,7 +183,7 @@ def test_rows_across_epochs_and_bad_sizes(data_dir):
     it = RowPacker(shard, 4 * L, L, seed=5).batches()
     epochs = {next(it).cursor_after[0] for _ in range(40)}
     assert len(epochs) > 2  # the stream ran on through several epochs, every batch whole units
-    with pytest.raises(ValueError, match="multiple of max_seq_len"):
+    with pytest.raises(UserError, match=f"rows of max_seq_len = {L} tokens: data.tokens_per_batch = 1000 must be"):
         RowPacker(shard, 1000, L, seed=0)
 
 

@@ -219,7 +219,7 @@ def _export_step(folder: Path) -> int | None:
 
 def main(args) -> int:
     from mlmtrain.config import MAX_TOKENS_PER_BATCH, MaskSpec, check_device_name, check_seed
-    from mlmtrain.packing import Packer, RowPacker, check_ids
+    from mlmtrain.packing import Packer, RowPacker, check_ids, check_rows_fit
     from mlmtrain.preflight import check_data_against_model, check_device
     from mlmtrain.prepare import check_tokenizer_match, data_notes, load_split, prepare, read_meta, shard_specials
     from mlmtrain.tokenizer_folder import tokenizer_fingerprint
@@ -286,11 +286,8 @@ def main(args) -> int:
         if T != args.tokens_per_batch:  # a batch holds at least one whole segment
             print(f"note: --tokens-per-batch {args.tokens_per_batch} is below the shards' max_seq_len: batches of {T} "
                   "tokens", file=sys.stderr)  # fmt: skip
-        if layout == "rows" and T % max_seq_len:
-            raise UserError(
-                f"--layout rows packs rows of the shards' max_seq_len ({max_seq_len}): --tokens-per-batch must be a "
-                f"multiple of it, got {T}"
-            )
+        if layout == "rows":
+            check_rows_fit(T, max_seq_len, "--tokens-per-batch")
         packer = (RowPacker if layout == "rows" else Packer)(shard, T, max_seq_len, args.seed, pack, loop=False,
                                                              static_shapes=False, specials=specials)  # fmt: skip
         batches = (

@@ -25,6 +25,7 @@ from mlmtrain.kernels import triton_problem
 from mlmtrain.kernels.bias_gelu import bias_gelu
 from mlmtrain.kernels.residual_layer_norm import residual_layer_norm_routed
 from mlmtrain.kernels.segment_attention import MAX_HEAD_DIM, MAX_ROW
+from mlmtrain.packing import check_rows_fit
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,8 @@ def check_speed_options(
     """The speed options a run asks for (`cfg` a RunConfig: data.layout, model.attention, train.cuda_graphs,
     train.autotune, train.fp8), refused with one sentence where they cannot run, before any device work.
     L: the shards' max_seq_len; T: tokens per micro-batch; world: the number of processes; head_dim: the model's."""
-    if cfg.data.layout == "rows" and T % L:
-        raise UserError(
-            f"data.layout = rows cuts each batch into rows of max_seq_len = {L} tokens: data.tokens_per_batch = {T} "
-            f"must be a multiple of it (e.g. {max(L, T // L * L)})"
-        )
+    if cfg.data.layout == "rows":
+        check_rows_fit(T, L)
     if cfg.model.attention == "varlen" and (device.type != "cuda" or precision not in ("bf16", "fp16")):
         raise UserError(
             f"model.attention = varlen is flash attention: it runs on a CUDA GPU in bf16 or fp16 (this run: {device}, "

@@ -84,6 +84,17 @@ def document_units(offsets: np.ndarray, doc_offsets: np.ndarray, max_seq_len: in
     return np.asarray(units, dtype=np.int64).reshape(-1, 2)
 
 
+def check_rows_fit(tokens_per_batch: int, max_seq_len: int, name: str = "data.tokens_per_batch") -> None:
+    """The rows layout's rule: a batch is whole rows of max_seq_len tokens. `name` is what the user set the batch
+    size with (a config key, a flag), for the one sentence that refuses it."""
+    T, L = tokens_per_batch, max_seq_len
+    if T % L:
+        raise UserError(
+            f"data.layout = rows cuts each batch into rows of max_seq_len = {L} tokens: {name} = {T} must be a "
+            f"multiple of it (e.g. {max(L, T // L * L)})"
+        )
+
+
 def unit_capacity(tokens_per_batch: int, mean_unit_len: float) -> int:
     """The real segments a batch may hold, fixed per run: 1.25x the mean count (a batch that would exceed it closes
     early, slightly less full). The varlen attention kernel launches blocks for every entry of cu_seqlens, empty
@@ -297,8 +308,7 @@ class RowPacker(Packer):
     runs on it) and `segment_ids` [R, L] (the segment of every token: every other rows path reads it)."""
 
     def __init__(self, shard, tokens_per_batch: int, max_seq_len: int, seed: int, pack: str = "sentence", **kwargs):
-        if tokens_per_batch % max_seq_len:
-            raise ValueError(f"tokens_per_batch {tokens_per_batch} is not a multiple of max_seq_len {max_seq_len}")
+        check_rows_fit(tokens_per_batch, max_seq_len)
         super().__init__(shard, tokens_per_batch, max_seq_len, seed, pack, **kwargs)
         self.rows = tokens_per_batch // max_seq_len
         self.segment_capacity = self.max_units + self.rows  # units, and at most one [PAD] tail per row
