@@ -111,6 +111,7 @@ if [ "$MERGE" != 1 ] || [ "${CHECKS:-0}" = 1 ]; then  # CHECKS=1: a --merge call
       tests/test_rows.py::test_compiled_flex_matches_fp32_reference_on_gpu \
       tests/test_model.py::test_varlen_matches_fp32_reference_on_gpu \
       tests/test_model.py::test_auto_picks_varlen_under_autocast_on_gpu \
+      tests/test_host_syncs.py::test_the_loop_syncs_only_where_marked_on_gpu \
       tests/test_speed_options.py::test_gpu_options_train_within_tolerance_of_the_compiled_default \
       >>"$OUT/gpu_tests.txt" 2>&1
     grep -E "^(FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/gpu_tests.txt" | head -40

@@ -133,7 +133,7 @@ def train(cfg: RunConfig, resume: str | None = None, log=None, change_max_steps:
                     stop_reason = record_window(run, w, history, bar) or stop_reason
             save_cadence = save_every or time_due
             if last or stop_now or stop_reason or eval_cadence or save_cadence:  # the device will be waited for
-                for w in window.flush():  # async_log_reads: the window still in flight, read now
+                for w in window.flush():  # sync: with async_log_reads, the window still in flight
                     stop_reason = record_window(run, w, history, bar) or stop_reason
             if profiler is not None and (last or stop_now or stop_reason):  # the final eval and save are no step
                 phase_ms = profiler.close()
