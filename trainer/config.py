@@ -202,6 +202,17 @@ def _comment(source: str, name: str) -> str:
 # ---------------------------------------------------------------------------------------------------- validation
 
 
+def check_rows_fit(tokens_per_batch: int, max_seq_len: int, name: str = "data.tokens_per_batch") -> None:
+    """The rows layout's rule: a batch is whole rows of max_seq_len tokens. `name` is what the user set the batch
+    size with (a config key, a flag), for the one sentence that refuses it."""
+    T, L = tokens_per_batch, max_seq_len
+    if T % L:
+        raise UserError(
+            f"data.layout = rows cuts each batch into rows of max_seq_len = {L} tokens: {name} = {T} must be a "
+            f"multiple of it (e.g. {max(L, T // L * L)})"
+        )
+
+
 def validate(cfg: RunConfig, given: dict[str, str] | None = None) -> RunConfig:
     """Every value checked once, here: one sentence naming the key, the value and what is allowed. `given`: the
     dotted keys a file, flag or --set gave, and which (config_load.load_config): one given at its default counts."""

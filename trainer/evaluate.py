@@ -218,8 +218,8 @@ def _export_step(folder: Path) -> int | None:
 
 
 def main(args) -> int:
-    from mlmtrain.config import MAX_TOKENS_PER_BATCH, MaskSpec, check_device_name, check_seed
-    from mlmtrain.packing import Packer, RowPacker, check_ids, check_rows_fit
+    from mlmtrain.config import MAX_TOKENS_PER_BATCH, MaskSpec, check_device_name, check_rows_fit, check_seed
+    from mlmtrain.packing import Packer, RowPacker, check_ids
     from mlmtrain.preflight import check_data_against_model, check_device
     from mlmtrain.prepare import check_tokenizer_match, data_notes, load_split, prepare, read_meta, shard_specials
     from mlmtrain.tokenizer_folder import tokenizer_fingerprint

@@ -18,14 +18,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlmtrain.config import FUSED_OPS, RESIDUAL_DTYPES
+from mlmtrain.config import FUSED_OPS, RESIDUAL_DTYPES, check_rows_fit
 from mlmtrain.errors import UserError
 from mlmtrain.fp8 import check_fp8
 from mlmtrain.kernels import triton_problem
 from mlmtrain.kernels.bias_gelu import bias_gelu
 from mlmtrain.kernels.residual_layer_norm import residual_layer_norm_routed
 from mlmtrain.kernels.segment_attention import MAX_HEAD_DIM, MAX_ROW
-from mlmtrain.packing import check_rows_fit
 
 
 @dataclass(frozen=True)

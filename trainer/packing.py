@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mlmtrain.config import check_rows_fit
 from mlmtrain.errors import UserError
 from mlmtrain.tokenizer import DEFAULT_SPECIALS, SpecialTokens
 
@@ -82,17 +83,6 @@ def document_units(offsets: np.ndarray, doc_offsets: np.ndarray, max_seq_len: in
         if int(doc_offsets[d + 1]) > start:
             units.append((start, int(doc_offsets[d + 1])))
     return np.asarray(units, dtype=np.int64).reshape(-1, 2)
-
-
-def check_rows_fit(tokens_per_batch: int, max_seq_len: int, name: str = "data.tokens_per_batch") -> None:
-    """The rows layout's rule: a batch is whole rows of max_seq_len tokens. `name` is what the user set the batch
-    size with (a config key, a flag), for the one sentence that refuses it."""
-    T, L = tokens_per_batch, max_seq_len
-    if T % L:
-        raise UserError(
-            f"data.layout = rows cuts each batch into rows of max_seq_len = {L} tokens: {name} = {T} must be a "
-            f"multiple of it (e.g. {max(L, T // L * L)})"
-        )
 
 
 def unit_capacity(tokens_per_batch: int, mean_unit_len: float) -> int:
