@@ -67,7 +67,7 @@ def unmarked(stack: list[traceback.FrameSummary], loop: range, statements: list[
     line = frames[-1].lineno
     if line not in loop:
         return None
-    header, marked = min((s for s in statements if line in s[0]), key=lambda s: len(s[0]))
+    _, marked = min((s for s in statements if line in s[0]), key=lambda s: len(s[0]), default=(None, False))
     return None if marked else f"trainer/train.py:{line} (unmarked)"
 
 
