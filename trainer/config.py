@@ -208,7 +208,7 @@ def check_rows_fit(tokens_per_batch: int, max_seq_len: int, name: str = "data.to
     T, L = tokens_per_batch, max_seq_len
     if T % L:
         raise UserError(
-            f"data.layout = rows cuts each batch into rows of max_seq_len = {L} tokens: {name} = {T} must be a "
+            f"the rows layout cuts each batch into rows of max_seq_len = {L} tokens: {name} = {T} must be a "
             f"multiple of it (e.g. {max(L, T // L * L)})"
         )
 
